@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything lives in ./.venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PLUGINS := $(wildcard plugins/aioproxy-*)
+
+.PHONY: install run test bench bench-smoke clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=25.1"
+	$(PY) -m pip install -q -e . $(addprefix -e ,$(PLUGINS)) --group dev
+	touch $(STAMP)
+
+run: install
+	$(PY) run.py
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run.py
+
+bench-smoke: install
+	$(PY) bench/run.py --smoke
+
+clean:
+	rm -rf $(VENV) *.egg-info plugins/*/*.egg-info

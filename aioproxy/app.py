@@ -1,0 +1,121 @@
+"""``create_app``: an aiohttp Application serving the OpenAI API through aioproxy's hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
+from .errors import error_middleware
+from .gateway import Gateway
+from .handlers import health, make_handlers
+from .keys import config_key, gateway_key, plugin_manager_key, session_key
+from .plugins import make_plugin_manager
+from .providers import ProviderFactory
+from .routes import ALIASES, merge_aliases, route_table
+from .upstream import make_session
+
+__all__ = ["create_app", "resolve_config"]
+
+log = logging.getLogger("aioproxy")
+
+ConfigLike = Config | Mapping[str, Any] | str | os.PathLike[str] | None
+
+
+def resolve_config(config: ConfigLike) -> Config:
+    """A Config from a Config, a mapping shaped like the TOML, a path, or ``None`` (the default)."""
+    if config is None:
+        return load_config(DEFAULT_CONFIG_PATH)
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(config)
+    return load_config(config)
+
+
+def create_app(
+    config: ConfigLike = None,
+    *,
+    plugins: Iterable[object] = (),
+    load_entrypoints: bool = True,
+    strict_plugins: bool | None = None,
+) -> web.Application:
+    """Build an aioproxy app, to run on its own or mount with ``parent.add_subapp(prefix, app)``.
+
+    Args:
+        config: a Config, a mapping shaped like the TOML, a TOML path, or None for the default.
+        plugins: plugins to register besides the built-ins (modules, classes or instances).
+        load_entrypoints: also load the installed plugins of entry-point group ``aioproxy``.
+        strict_plugins: fail if an installed plugin cannot be imported (default: the config's).
+
+    Raises:
+        ConfigError: the config is invalid or names a provider no plugin registers.
+    """
+    config = resolve_config(config)
+    pm = make_plugin_manager(
+        config, plugins, load_entrypoints=load_entrypoints, strict=strict_plugins
+    )
+    factories: dict[str, ProviderFactory] = {}
+
+    def register_provider(name: str, factory: ProviderFactory) -> None:
+        factories[name] = factory
+
+    pm.hook.register_providers(register=register_provider, config=config)
+    _check_providers(config, factories)
+
+    app = web.Application(
+        client_max_size=config.server.max_body_size, middlewares=[error_middleware]
+    )
+    gateway = Gateway(config, pm, factories)
+    app[config_key] = config
+    app[plugin_manager_key] = pm
+    app[gateway_key] = gateway
+
+    aliases = merge_aliases(ALIASES, config.aliases)
+    app.router.add_routes(route_table(aliases, make_handlers()))
+    app.router.add_get("/health", health)
+
+    def register_route(method: str, path: str, handler: web.Handler) -> None:
+        app.router.add_route(method, path, handler)
+
+    pm.hook.register_routes(register=register_route, config=config)
+    app.cleanup_ctx.append(_upstream_context)
+    _warn_if_open(gateway)
+    return app
+
+
+async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
+    """One pooled ClientSession and the providers, for the app's life."""
+    gateway = app[gateway_key]
+    session = make_session(app[config_key])
+    app[session_key] = session
+    try:
+        await gateway.start(session)
+        yield
+    finally:
+        await gateway.close()
+        await session.close()
+
+
+def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
+    for i, entry in enumerate(config.models):
+        if entry.provider not in factories:
+            installed = ", ".join(sorted(factories)) or "none"
+            raise ConfigError(
+                f"model '{entry.name}' names provider '{entry.provider}', which no plugin "
+                f"registers (installed: {installed}) - at `$.models[{i}].provider`"
+            )
+
+
+def _warn_if_open(gateway: Gateway) -> None:
+    auth = gateway.config.auth
+    builtin_only = len(gateway.hooks.authenticate.impls) <= 1
+    if builtin_only and not auth.master_key and not auth.keys:
+        log.warning(
+            "NO AUTHENTICATION: no master key or virtual keys are configured, so anyone who can "
+            "reach this proxy can use every model. Set [auth] master_key in the config."
+        )

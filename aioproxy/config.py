@@ -1,0 +1,188 @@
+"""The configuration: msgspec Structs decoded from TOML, with ``${VAR}`` taken from the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "ModelEntry",
+    "Secret",
+    "ServerConfig",
+    "Timeouts",
+    "UpstreamConfig",
+    "VirtualKey",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.toml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the source, the field and the problem."""
+
+
+class Secret(str):
+    """A key or token: a plain ``str`` to code that uses it, masked wherever it is printed."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+class Base(
+    msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Config tables: keyword-only, immutable, and strict, so a misspelt key is an error, not a no-op."""
+
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+
+
+class VirtualKey(Base):
+    """A client key; ``models`` limits it to those model names (all when absent)."""
+
+    key: Secret
+    name: str | None = None
+    models: list[str] | None = None
+
+
+class AuthConfig(Base):
+    master_key: Secret | None = None
+    keys: list[VirtualKey] = []
+
+
+class Timeouts(Base):
+    """Upstream timeouts in seconds: connecting, each read (the gap between bytes), the whole call."""
+
+    connect: PositiveFloat = 10.0
+    read: PositiveFloat = 600.0
+    total: PositiveFloat | None = None
+
+
+class ModelEntry(Base):
+    """One deployment: the model ``name`` clients send, served by ``provider`` as ``model`` upstream."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    provider: Annotated[str, Meta(min_length=1)]
+    model: str | None = None
+    api_base: str | None = None
+    api_key: Secret | None = None
+    weight: Annotated[float, Meta(ge=0)] = 1.0
+    timeouts: Timeouts | None = None
+    headers: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+
+
+class ServerConfig(Base):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 4000
+    max_body_size: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
+
+
+class UpstreamConfig(Base):
+    timeouts: Timeouts = Timeouts()
+    # Client headers copied to the upstream call; everything else (auth above all) stays behind.
+    forward_headers: list[str] = msgspec.field(
+        default_factory=lambda: ["openai-beta", "x-request-id"]
+    )
+    max_connections: Annotated[int, Meta(ge=0)] = 0
+
+
+class PluginsConfig(Base):
+    strict: bool = False
+    disable: list[str] = []
+
+
+class Config(Base):
+    auth: AuthConfig = AuthConfig()
+    models: list[ModelEntry] = []
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
+    aliases: dict[str, list[str]] = {}
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, where: str, env: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}`` in every string of ``value``; ``where`` is the field path for errors."""
+    if isinstance(value, str):
+        if "${" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(f"environment variable {name} is not set (at `{where}`)")
+            return env[name]
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}", env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret and isinstance(obj, str):
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def parse_config(
+    raw: Mapping[str, Any], source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Build a Config from a decoded TOML/JSON mapping."""
+    try:
+        expanded = _expand(dict(raw), "$", os.environ if env is None else env)
+        config = msgspec.convert(expanded, Config, dec_hook=_dec_hook)
+    except (ConfigError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _check(config, source)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and check the TOML file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(raw, str(path), env)
+
+
+def _check(config: Config, source: str) -> None:
+    """Cross-field checks that msgspec's per-field constraints cannot express."""
+    from .routes import KINDS  # routes does not import config: no cycle at import time
+
+    for kind, paths in config.aliases.items():
+        if kind not in KINDS:
+            raise ConfigError(
+                f"{source}: unknown endpoint kind {kind!r} - at `$.aliases`; "
+                f"expected one of {', '.join(KINDS)}"
+            )
+        for i, path in enumerate(paths):
+            if not path.startswith("/"):
+                raise ConfigError(
+                    f"{source}: alias path must start with '/' - at `$.aliases.{kind}[{i}]`"
+                )

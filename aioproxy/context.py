@@ -1,0 +1,120 @@
+"""What one request carries through the hooks: the caller, the chosen deployment, the body."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .config import Secret, Timeouts
+from .routes import Kind
+
+__all__ = ["Call", "Deployment", "Principal"]
+
+_encode = msgspec.json.Encoder().encode
+_decode_any = msgspec.json.Decoder().decode
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who is calling: the key's name and the model names it may use (``None``: all)."""
+
+    name: str
+    models: frozenset[str] | None = None
+    is_master: bool = False
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+ANONYMOUS = Principal("anonymous")
+
+
+class Deployment(msgspec.Struct, frozen=True, kw_only=True):
+    """A real model behind a name: which provider serves it, as what, where and with which key."""
+
+    name: str
+    provider: str
+    model: str
+    api_base: str | None = None
+    api_key: Secret | None = None
+    weight: float = 1.0
+    timeouts: Timeouts | None = None
+    headers: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+
+    def describe(self) -> str:
+        """How error messages name the deployment: never with its key."""
+        return f"{self.name} ({self.provider}:{self.model})"
+
+
+class Call:
+    """One proxied request, as hooks and providers see it.
+
+    The body is kept as its top-level fields, each the raw JSON bytes the client sent, so that a
+    provider forwarding it re-encodes nothing but ``model``. ``json()`` decodes it all on demand.
+    """
+
+    __slots__ = (
+        "kind",
+        "request",
+        "principal",
+        "model",
+        "deployment",
+        "fields",
+        "stream",
+        "state",
+        "started",
+        "_json",
+    )
+
+    def __init__(
+        self,
+        kind: Kind,
+        request: web.Request,
+        principal: Principal,
+        model: str,
+        fields: dict[str, msgspec.Raw],
+        stream: bool,
+    ) -> None:
+        self.kind = kind
+        self.request = request
+        self.principal = principal
+        self.model = model
+        self.deployment: Deployment | None = None
+        self.fields = fields
+        self.stream = stream
+        self.state: dict[str, Any] = {}  # for plugins to share per-request data
+        self.started = time.monotonic()
+        self._json: dict[str, Any] | None = None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The decoded value of one top-level body field."""
+        raw = self.fields.get(name)
+        return default if raw is None else _decode_any(raw)
+
+    def set(self, name: str, value: Any) -> None:
+        """Replace (or add) one top-level body field."""
+        self.fields[name] = msgspec.Raw(_encode(value))
+        self._json = None
+
+    def pop(self, name: str) -> None:
+        self.fields.pop(name, None)
+        self._json = None
+
+    def json(self) -> dict[str, Any]:
+        """The whole body decoded, with ``model`` as the upstream model id. Cached; do not mutate."""
+        if self._json is None:
+            self._json = _decode_any(self.body())
+        return self._json
+
+    def route_to(self, deployment: Deployment) -> None:
+        """Send this call to ``deployment``: the body's ``model`` becomes its upstream model id."""
+        self.deployment = deployment
+        self.fields["model"] = msgspec.Raw(_encode(deployment.model))
+        self._json = None
+
+    def body(self) -> bytes:
+        """The body to send upstream: the client's fields as sent, bar ``model``."""
+        return _encode(self.fields)

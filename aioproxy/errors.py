@@ -1,0 +1,192 @@
+"""The ProxyError family, the OpenAI error body, and the middleware that renders every failure."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+log = logging.getLogger("aioproxy")
+
+__all__ = [
+    "AuthenticationError",
+    "BadGateway",
+    "BadRequest",
+    "GatewayTimeout",
+    "ModelNotFound",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "ProxyError",
+    "RateLimited",
+    "UpstreamError",
+    "error_body",
+    "error_middleware",
+    "error_response",
+]
+
+
+class ProxyError(Exception):
+    """A failure that the client sees as an OpenAI error object with ``status``."""
+
+    status: int = 500
+    type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(ProxyError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(ProxyError):
+    """The upstream answered with an error; its status and message are passed on."""
+
+    type = "upstream_error"
+
+
+class BadGateway(ProxyError):
+    status = 502
+    type = "upstream_error"
+    default_code = "bad_gateway"
+
+
+class GatewayTimeout(ProxyError):
+    status = 504
+    type = "timeout_error"
+    default_code = "upstream_timeout"
+
+
+class _ErrorDetail(msgspec.Struct, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+
+# aiohttp's own HTTP exceptions (unknown route, wrong method, body too large) in OpenAI terms.
+_HTTP_TYPES = {
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> bytes:
+    """The encoded ``{"error": {...}}`` object that every failure answers with."""
+    return _encode(_ErrorBody(_ErrorDetail(message, type, param, code)))
+
+
+def error_payload(exc: ProxyError) -> bytes:
+    return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
+def error_response(exc: ProxyError) -> web.Response:
+    return web.Response(
+        body=error_payload(exc),
+        status=exc.status,
+        content_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyError:
+    """Translate aiohttp's HTTPException (404, 405, 413, ...) into a ProxyError."""
+    type_, code = _HTTP_TYPES.get(exc.status, ("invalid_request_error", None))
+    if exc.status == 405:
+        message = f"Method {exc.method} not allowed; use {', '.join(sorted(exc.allowed_methods))}"  # type: ignore[attr-defined]
+    elif exc.status == 413:
+        message = f"Request body too large: {exc.text}"
+    elif exc.status == 404:
+        message = f"Unknown route: {request.method} {request.path}"
+    else:
+        message = exc.text or exc.reason
+    headers = None
+    if exc.status == 405:
+        headers = {"Allow": exc.headers.get("Allow", "")}
+    return ProxyError(message, status=exc.status, type=type_, code=code, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render ProxyError, aiohttp HTTP errors and unexpected exceptions as OpenAI error objects."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(from_http_exception(exc, request))
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(
+            ProxyError("The proxy failed unexpectedly; the error was logged.", code="internal_error")
+        )

@@ -1,0 +1,155 @@
+"""Every hook aioproxy calls, declared and documented in one place.
+
+Three kinds of hook:
+
+* ``register_*`` run once at start-up, synchronously, with a ``register`` callback.
+* Decisions (``authenticate``, ``map_model``) run per request; each implementation returns ``None``
+  ("not mine"), a value, or an awaitable of either. The first non-None result wins. Raising a
+  :class:`~aioproxy.errors.ProxyError` refuses the request with that error.
+* Lifecycle hooks (``before_request``, ``after_response``, ``on_error``) run per request; every
+  implementation runs, in pluggy's order, and may be ``async def``.
+
+Per-request hooks are resolved into plain lists of functions when the app starts, so a hook with no
+implementations costs nothing, and pluggy's ``tryfirst``/``trylast`` order holds. Wrappers
+(``wrapper=True``/``hookwrapper=True``) are refused on per-request hooks: pluggy's wrappers are
+synchronous and cannot wrap an ``async def`` implementation.
+
+An implementation may accept any subset of a hook's arguments, by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config import Config
+    from .context import Call, Deployment, Principal
+    from .outcome import Outcome
+    from .providers import ProviderFactory
+    from .routes import Kind
+
+PROJECT = "aioproxy"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+T = TypeVar("T")
+MaybeAwaitable = T | Awaitable[T]
+
+
+class RegisterProvider(Protocol):
+    def __call__(self, name: str, factory: ProviderFactory) -> None: ...
+
+
+class RegisterRoute(Protocol):
+    def __call__(self, method: str, path: str, handler: web.Handler) -> None: ...
+
+
+@hookspec
+def register_providers(register: RegisterProvider, config: Config) -> None:
+    """Register provider implementations.
+
+    Runs once when an app is created. Call ``register(name, factory)`` for each provider this plugin
+    offers; ``name`` is what a config's ``provider = "..."`` names, and ``factory`` is a
+    :class:`~aioproxy.providers.Provider` subclass (or any callable taking ``(session, config)`` and
+    returning a Provider). A later registration of the same name replaces an earlier one, so a plugin
+    can replace a bundled provider. Synchronous.
+    """
+
+
+@hookspec
+def register_routes(register: RegisterRoute, config: Config) -> None:
+    """Add routes to the app.
+
+    Runs once when an app is created, before the route table is frozen. Call
+    ``register(method, path, handler)``; ``handler`` is an ordinary aiohttp handler, and the app's
+    error middleware renders its exceptions as OpenAI errors. Synchronous.
+    """
+
+
+@hookspec
+def authenticate(request: web.Request, kind: Kind) -> MaybeAwaitable[Principal | None]:
+    """Say who is calling.
+
+    Runs first for every API request (not for ``/health``), before the body is read. ``request`` is
+    the aiohttp request (read headers only); ``kind`` is the endpoint kind. Return a
+    :class:`~aioproxy.context.Principal`, ``None`` to defer to the next implementation, or raise
+    :class:`~aioproxy.errors.AuthenticationError` to refuse. The first non-None result wins; when
+    every implementation returns ``None`` the request is refused with 401. Built-in: the config's
+    master and virtual keys (``trylast``). May be ``async def``.
+    """
+
+
+@hookspec
+def map_model(
+    principal: Principal, model: str, kind: Kind, call: Call
+) -> MaybeAwaitable[Deployment | None]:
+    """Choose the deployment that serves ``model`` for ``principal``.
+
+    Runs once per request after ``authenticate`` and the body is read; ``model`` is the name the
+    client sent, ``kind`` the endpoint kind, ``call`` the request so far (``call.deployment`` is still
+    ``None``). Return a :class:`~aioproxy.context.Deployment`, or ``None`` to defer. The first
+    non-None result wins; when none answers, the client gets 404 ``model_not_found``. Built-in: the
+    config's ``[[models]]`` table (``trylast``). May be ``async def``.
+    """
+
+
+@hookspec
+def list_models(principal: Principal) -> Iterable[str] | None:
+    """Model names to show ``principal`` on ``/v1/models``, besides the config's own.
+
+    Runs for every models request; every implementation runs and the names are merged. Only return
+    names that ``map_model`` can serve. Synchronous.
+    """
+
+
+@hookspec
+def before_request(call: Call) -> MaybeAwaitable[None]:
+    """Inspect, change or refuse a request before the provider is called.
+
+    Runs after ``map_model``; ``call.deployment`` is set. Change the body with ``call.set(name,
+    value)`` / ``call.pop(name)``, or re-route by ``call.route_to(deployment)``; raise a ProxyError
+    to refuse (the client gets that error). Every implementation runs. May be ``async def``.
+    """
+
+
+@hookspec
+def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
+    """Observe a finished request: status, timing and usage, for logging, metering or billing.
+
+    Runs after the last byte has gone to the client (for streams, after the stream ended, also when
+    the client went away: see ``outcome.disconnected``). ``outcome.usage()`` decodes the token
+    usage when the upstream reported it. Every implementation runs; exceptions are logged and
+    swallowed, as the response is already sent. May be ``async def``.
+    """
+
+
+@hookspec
+def on_error(request: web.Request, error: Exception, call: Call | None) -> MaybeAwaitable[None]:
+    """Observe a failed request.
+
+    Runs when a request fails with any exception, before the error is rendered; ``call`` is
+    ``None`` when the failure came before the body was read. Observe only: the client gets the
+    error whatever this does, and exceptions raised here are logged and swallowed. Every
+    implementation runs. May be ``async def``.
+    """
+
+
+def _hook_names() -> Iterable[str]:
+    return (name for name, value in globals().items() if hasattr(value, "aioproxy_spec"))
+
+
+HOOK_NAMES: tuple[str, ...] = tuple(_hook_names())
+PER_REQUEST_HOOKS = (
+    "authenticate",
+    "map_model",
+    "list_models",
+    "before_request",
+    "after_response",
+    "on_error",
+)
+

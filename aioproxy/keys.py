@@ -1,0 +1,21 @@
+"""Every AppKey of an aioproxy app, in one place: state lives here, never in module globals."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pluggy
+from aiohttp import web
+
+from .config import Config
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+__all__ = ["config_key", "gateway_key", "plugin_manager_key", "session_key"]
+
+config_key = web.AppKey("aioproxy.config", Config)
+plugin_manager_key = web.AppKey("aioproxy.plugin_manager", pluggy.PluginManager)
+gateway_key: web.AppKey[Gateway] = web.AppKey("aioproxy.gateway")
+session_key = web.AppKey("aioproxy.session", aiohttp.ClientSession)

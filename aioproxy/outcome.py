@@ -1,0 +1,79 @@
+"""What ``after_response`` learns about a finished request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["Outcome", "Usage"]
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Token counts, in chat-completions terms whatever the endpoint kind."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _UsageHolder(msgspec.Struct):
+    usage: dict[str, Any] | None = None
+
+
+class _ResponseEvent(msgspec.Struct):
+    response: _UsageHolder | None = None
+
+
+_decode_holder = msgspec.json.Decoder(_UsageHolder).decode
+_decode_event = msgspec.json.Decoder(_ResponseEvent).decode
+
+
+def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
+    if not raw:
+        return None
+    prompt = raw.get("prompt_tokens", raw.get("input_tokens", 0)) or 0
+    completion = raw.get("completion_tokens", raw.get("output_tokens", 0)) or 0
+    total = raw.get("total_tokens") or prompt + completion
+    return Usage(int(prompt), int(completion), int(total))
+
+
+class Outcome:
+    """A finished request: its status, timing, and what is needed to find its usage."""
+
+    __slots__ = ("status", "stream", "body", "last_events", "events", "ttfb", "elapsed", "disconnected")
+
+    def __init__(self, status: int, stream: bool) -> None:
+        self.status = status
+        self.stream = stream
+        self.body: bytes | None = None  # the whole body of a non-streamed answer
+        self.last_events: tuple[bytes, ...] = ()  # a stream's last events, where usage comes
+        self.events = 0  # events relayed
+        self.ttfb: float | None = None  # seconds from the request to the first byte upstream
+        self.elapsed = 0.0  # seconds from the request to the end of the answer
+        self.disconnected = False  # the client went away before the end
+
+    def usage(self) -> Usage | None:
+        """The token usage the upstream reported, if it did."""
+        try:
+            if self.body is not None:
+                return _usage_from(_decode_holder(self.body).usage)
+            for event in reversed(self.last_events):
+                data = _data_of(event)
+                if not data or data == b"[DONE]":
+                    continue
+                holder = _decode_event(data)
+                if holder.response is not None:  # a Responses API event
+                    return _usage_from(holder.response.usage)
+                usage = _usage_from(_decode_holder(data).usage)
+                if usage is not None:
+                    return usage
+        except msgspec.DecodeError:
+            return None
+        return None
+
+
+def _data_of(event: bytes) -> bytes:
+    """The joined ``data:`` lines of one SSE event."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)

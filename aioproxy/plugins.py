@@ -1,0 +1,151 @@
+"""The plugin manager: built-ins, explicit plugins and entry points; hooks resolved for the hot path."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Config
+
+__all__ = ["DEFAULT_PLUGINS", "Hook", "Hooks", "PluginLoadError", "make_plugin_manager"]
+
+log = logging.getLogger("aioproxy")
+
+ENTRY_POINT_GROUP = "aioproxy"
+
+# Built-in behaviour, registered like any plugin (and trylast), so an installed plugin can replace
+# it. Each is a class taking the Config: per-app state lives on the instance.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "aioproxy.builtins.config_auth:ConfigAuth",
+    "aioproxy.builtins.config_models:ConfigModels",
+)
+
+
+class PluginLoadError(Exception):
+    """A plugin could not be loaded and ``strict`` was set."""
+
+
+def _import(dotted: str) -> Any:
+    module_name, _, attr = dotted.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def _load_entry_points(pm: pluggy.PluginManager, config: Config, strict: bool) -> None:
+    """Register every plugin in entry-point group ``aioproxy``; a broken one is logged and skipped."""
+    disabled = set(config.plugins.disable)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        name = entry_point.name
+        if name in disabled or pm.get_plugin(name) is not None or pm.is_blocked(name):
+            continue
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:
+            if strict:
+                raise PluginLoadError(
+                    f"plugin {name!r} ({entry_point.value}) failed to import: {exc!r}"
+                ) from exc
+            log.error("plugin %r (%s) failed to import and is skipped: %r", name, entry_point.value, exc)
+            continue
+        pm.register(plugin, name=name)
+
+
+def make_plugin_manager(
+    config: Config,
+    plugins: Iterable[object] = (),
+    *,
+    load_entrypoints: bool = True,
+    strict: bool | None = None,
+) -> pluggy.PluginManager:
+    """A PluginManager for one app: hookspecs, built-ins, ``plugins``, then entry points.
+
+    Args:
+        plugins: modules, classes or objects with ``@hookimpl`` functions, registered as given.
+        load_entrypoints: also register installed plugins from entry-point group ``aioproxy``.
+        strict: make a plugin that fails to import fatal (default: ``config.plugins.strict``).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    disabled = set(config.plugins.disable)
+    for dotted in DEFAULT_PLUGINS:
+        name = dotted.rsplit(".", 1)[-1].partition(":")[0]
+        if name in disabled:
+            continue
+        factory = _import(dotted)
+        pm.register(factory(config), name=f"aioproxy.{name}")
+    for plugin in plugins:
+        pm.register(plugin)
+    if load_entrypoints:
+        _load_entry_points(pm, config, config.plugins.strict if strict is None else strict)
+    pm.check_pending()
+    return pm
+
+
+class Hook:
+    """A per-request hook's implementations as plain functions, in pluggy's call order."""
+
+    __slots__ = ("name", "impls")
+
+    def __init__(self, caller: pluggy.HookCaller) -> None:
+        self.name = caller.name
+        impls = caller.get_hookimpls()
+        for impl in impls:
+            if impl.hookwrapper or impl.wrapper:
+                raise TypeError(
+                    f"plugin {impl.plugin_name!r}: hook {caller.name!r} is called per request and "
+                    "takes no wrappers (pluggy's wrappers cannot wrap async implementations)"
+                )
+        # pluggy calls the last-registered first, tryfirst before, trylast after: reversed list.
+        self.impls: tuple[tuple[Callable[..., Any], tuple[str, ...]], ...] = tuple(
+            (impl.function, tuple(impl.argnames)) for impl in reversed(impls)
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.impls)
+
+    async def first(self, **kwargs: Any) -> Any:
+        """The first non-None result, awaiting awaitable results in turn."""
+        for function, argnames in self.impls:
+            result = function(*[kwargs[name] for name in argnames])
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                return result
+        return None
+
+    async def each(self, **kwargs: Any) -> list[Any]:
+        """Run every implementation in turn; the non-None results."""
+        results = []
+        for function, argnames in self.impls:
+            result = function(*[kwargs[name] for name in argnames])
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                results.append(result)
+        return results
+
+    def each_sync(self, **kwargs: Any) -> list[Any]:
+        results = []
+        for function, argnames in self.impls:
+            result = function(*[kwargs[name] for name in argnames])
+            if result is not None:
+                results.append(result)
+        return results
+
+
+class Hooks:
+    """The per-request hooks of one plugin manager, resolved once when the app starts."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.authenticate = Hook(pm.hook.authenticate)
+        self.map_model = Hook(pm.hook.map_model)
+        self.list_models = Hook(pm.hook.list_models)
+        self.before_request = Hook(pm.hook.before_request)
+        self.after_response = Hook(pm.hook.after_response)
+        self.on_error = Hook(pm.hook.on_error)

@@ -1,0 +1,225 @@
+"""Calling upstreams: the app's pooled ClientSession, timeouts, and client errors as ProxyErrors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Mapping
+from functools import lru_cache
+
+import aiohttp
+import msgspec
+
+from .config import Config, Timeouts
+from .context import Call, Deployment
+from .errors import BadGateway, GatewayTimeout, ProxyError
+from .providers import JSONReply, Reply, StreamReply
+from .streaming import iter_sse
+
+__all__ = [
+    "failure_from",
+    "forward",
+    "make_session",
+    "read_capped",
+    "read_upstream_error",
+    "timeout_for",
+]
+
+# Upstream bodies we read whole (answers and error bodies) are capped, so a hostile upstream cannot
+# exhaust memory.
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024
+_ERROR_PREVIEW = 300
+
+_validate_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    """The app's one pooled session; per-call timeouts come from the deployment."""
+    connector = aiohttp.TCPConnector(
+        limit=config.upstream.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout_for(config.upstream.timeouts),
+        # A gateway serves many callers: never carry one caller's cookies into another's call.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        raise_for_status=False,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+@lru_cache(maxsize=256)
+def timeout_for(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=timeouts.total, connect=timeouts.connect, sock_read=timeouts.read
+    )
+
+
+def deployment_timeout(call: Call, config: Config) -> aiohttp.ClientTimeout:
+    deployment = call.deployment
+    assert deployment is not None
+    return timeout_for(deployment.timeouts or config.upstream.timeouts)
+
+
+def failure_from(exc: BaseException, deployment: Deployment | None) -> ProxyError:
+    """An aiohttp client error or timeout as the 502/504 the client should see."""
+    where = deployment.describe() if deployment is not None else "the upstream"
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return GatewayTimeout(f"Deployment {where} did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BadGateway(f"Could not connect to deployment {where}", code="upstream_unreachable")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return BadGateway(
+            f"Deployment {where} closed the connection before answering in full",
+            code="upstream_disconnected",
+        )
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return BadGateway(f"Connection to deployment {where} failed", code="upstream_error")
+    return BadGateway(f"Deployment {where} failed: {type(exc).__name__}", code="upstream_error")
+
+
+_KEYLIKE = re.compile(r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}", re.IGNORECASE)
+
+
+def scrub(text: str, deployment: Deployment) -> str:
+    """Remove anything key-like from upstream text before a client sees it."""
+    if deployment.api_key:
+        text = text.replace(deployment.api_key, "***")
+    return _KEYLIKE.sub("***", text)
+
+
+class _UpstreamErrorBody(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _UpstreamError(msgspec.Struct):
+    error: _UpstreamErrorBody | str | None = None
+    message: str | None = None
+
+
+_decode_error = msgspec.json.Decoder(_UpstreamError).decode
+
+
+def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> ProxyError:
+    """An upstream's error answer as the error the client sees.
+
+    4xx and 5xx statuses pass through with the upstream's message (scrubbed of anything key-like),
+    except 401/403, which mean the *proxy's* upstream key was refused: the client's key is fine, so
+    that is a 502 for the client, without the upstream's words.
+    """
+    where = deployment.describe()
+    if status in (401, 403):
+        return BadGateway(
+            f"Deployment {where} refused the proxy's credentials (upstream status {status})",
+            code="upstream_auth_failed",
+        )
+    message, type_, param, code = None, None, None, None
+    try:
+        parsed = _decode_error(body)
+        if isinstance(parsed.error, _UpstreamErrorBody):
+            message, type_, param = parsed.error.message, parsed.error.type, parsed.error.param
+            code = None if parsed.error.code is None else str(parsed.error.code)
+        elif isinstance(parsed.error, str):
+            message = parsed.error
+        else:
+            message = parsed.message
+    except msgspec.DecodeError:
+        pass
+    if message is None:
+        text = body[:_ERROR_PREVIEW].decode("utf-8", "replace").strip()
+        message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
+    if type_ is None:
+        type_ = "invalid_request_error" if status < 500 else "upstream_error"
+    return ProxyError(scrub(message, deployment), status=status, type=type_, param=param, code=code)
+
+
+async def read_capped(response: aiohttp.ClientResponse, deployment: Deployment) -> bytes:
+    """The whole upstream body, refusing one over MAX_UPSTREAM_BODY."""
+    length = response.content_length
+    if length is not None and length <= MAX_UPSTREAM_BODY:
+        return await response.read()
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_UPSTREAM_BODY:
+            raise BadGateway(
+                f"Deployment {deployment.describe()} sent an answer too large",
+                code="upstream_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_json(body: bytes, deployment: Deployment) -> None:
+    try:
+        _validate_object(body)
+    except msgspec.DecodeError:
+        raise BadGateway(
+            f"Deployment {deployment.describe()} sent an answer that is not a JSON object",
+            code="upstream_invalid_response",
+        ) from None
+
+
+async def forward(
+    call: Call,
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout,
+    body: bytes | None = None,
+) -> Reply:
+    """POST the call's body to an OpenAI-compatible ``url`` and relay the answer.
+
+    A streamed answer (``text/event-stream``) is relayed event by event; anything else is read
+    whole and checked to be a JSON object. Redirects are not followed: a redirecting upstream is a
+    misconfiguration, and following it could leak the key to another host.
+    """
+    deployment = call.deployment
+    assert deployment is not None
+    payload = call.body() if body is None else body
+    try:
+        response = await session.post(
+            url, data=payload, headers=headers, timeout=timeout, allow_redirects=False
+        )
+    except Exception as exc:  # connect errors and timeouts before any answer
+        raise failure_from(exc, deployment) from exc
+    try:
+        if response.status >= 300:
+            error_body = await read_capped(response, deployment)
+            if 300 <= response.status < 400:
+                raise BadGateway(
+                    f"Deployment {deployment.describe()} answered with a redirect "
+                    f"({response.status}); redirects are not followed",
+                    code="upstream_redirect",
+                )
+            raise read_upstream_error(response.status, error_body, deployment)
+        if response.content_type == "text/event-stream":
+            return StreamReply(_relay(response, deployment), close=response.close)
+        data = await read_capped(response, deployment)
+        _check_json(data, deployment)
+    except ProxyError:
+        response.close()
+        raise
+    except Exception as exc:
+        response.close()
+        raise failure_from(exc, deployment) from exc
+    response.release()
+    return JSONReply(data, response.status)
+
+
+async def _relay(response: aiohttp.ClientResponse, deployment: Deployment) -> AsyncIterator[bytes]:
+    try:
+        async for event in iter_sse(response.content):
+            yield event
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise failure_from(exc, deployment) from exc
+    response.release()
