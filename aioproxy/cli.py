@@ -62,11 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    source = args.config or "the default config"
     try:
         config = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        print(f"aioproxy: {exc}", file=sys.stderr)
+        return 2
+    try:
         app = create_app(config, strict_plugins=args.strict_plugins)
     except (ConfigError, PluginLoadError) as exc:
-        print(f"aioproxy: {exc}", file=sys.stderr)
+        print(f"aioproxy: {source}: {exc}", file=sys.stderr)
         return 2
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port

@@ -43,7 +43,15 @@ def decode_request(body: bytes) -> tuple[dict[str, msgspec.Raw], str, bool]:
     if not body:
         raise BadRequest("The request body is empty; expected a JSON object")
     try:
+        body.decode("utf-8")  # msgspec skips over fields it keeps raw; check them all here
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
+        ) from None
+    try:
         fields = _decode_fields(body)
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply", code="invalid_json") from None
     except msgspec.ValidationError:
         raise BadRequest("The request body must be a JSON object", code="invalid_body") from None
     except msgspec.DecodeError as exc:
@@ -111,16 +119,20 @@ class Gateway:
             raise AuthenticationError("No plugin accepted the request's credentials")
         return principal
 
-    async def prepare(self, kind: Kind, request: web.Request, principal: Principal) -> Call:
-        """Read the body and map the model: the Call, routed to a deployment, hooks run."""
+    async def read_call(self, kind: Kind, request: web.Request, principal: Principal) -> Call:
+        """Read the body into a Call, refusing a model the principal may not use."""
         fields, model, stream = decode_request(await request.read())
         if not principal.allows(model):
             raise PermissionDenied(
                 f"This API key may not use the model '{model}'", param="model"
             )
-        call = Call(kind, request, principal, model, fields, stream)
+        return Call(kind, request, principal, model, fields, stream)
+
+    async def route(self, call: Call) -> None:
+        """Map the call's model to a deployment (``map_model``), then run ``before_request``."""
+        principal, model = call.principal, call.model
         deployment: Deployment | None = await self.hooks.map_model.first(
-            principal=principal, model=model, kind=kind, call=call
+            principal=principal, model=model, kind=call.kind, call=call
         )
         if deployment is None:
             raise ModelNotFound(
@@ -129,7 +141,6 @@ class Gateway:
         call.route_to(deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
-        return call
 
     def method_for(self, call: Call) -> ProviderMethod:
         deployment = call.deployment

@@ -38,7 +38,8 @@ def make_provider_handler(kind: Kind) -> web.Handler:
         call: Call | None = None
         try:
             principal = await gateway.authenticate(request, kind)
-            call = await gateway.prepare(kind, request, principal)
+            call = await gateway.read_call(kind, request, principal)
+            await gateway.route(call)
             reply = await gateway.call_provider(call)
             if isinstance(reply, StreamReply):
                 return await _send_stream(request, call, reply)

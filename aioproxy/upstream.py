@@ -137,6 +137,8 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
     if message is None:
         text = body[:_ERROR_PREVIEW].decode("utf-8", "replace").strip()
         message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
+    elif status >= 500:  # the upstream failed, not the request: say which deployment
+        message = f"Deployment {where} answered {status}: {message}"
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "upstream_error"
     return ProxyError(scrub(message, deployment), status=status, type=type_, param=param, code=code)

@@ -1,0 +1,196 @@
+"""Each hook, driven by a throwaway plugin through real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from aioproxy import (
+    BadRequest,
+    Call,
+    Deployment,
+    JSONReply,
+    Outcome,
+    Principal,
+    Provider,
+    RateLimited,
+    hookimpl,
+)
+from aioproxy.hookspecs import HOOK_NAMES
+from tests.conftest import AUTH, StartProxy, gateway_config, sdk
+from tests.fakes.openai_upstream import FakeOpenAI
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_every_hook_has_a_test() -> None:
+    tested = {name.removeprefix("test_hook_") for name in globals() if name.startswith("test_hook_")}
+    assert set(HOOK_NAMES) <= tested, set(HOOK_NAMES) - tested
+
+
+async def test_hook_authenticate(start_proxy: StartProxy, upstream_base: str) -> None:
+    class HeaderAuth:
+        @hookimpl
+        async def authenticate(self, request: web.Request) -> Principal | None:
+            await asyncio.sleep(0)  # async impls are awaited
+            if request.headers.get("X-Team") == "blue":
+                return Principal("blue-team", frozenset({"echo"}))
+            return None  # defer to the config keys
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[HeaderAuth()])
+    async with aiohttp.ClientSession(headers={"X-Team": "blue"}) as http:
+        async with http.get(proxy.make_url("/v1/models")) as response:
+            assert [m["id"] for m in (await response.json())["data"]] == ["echo"]
+    async with sdk(proxy) as client:  # the master key still works through the built-in
+        assert len((await client.models.list()).data) == 2
+
+
+async def test_hook_map_model(start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+    class Prefixed:
+        @hookimpl
+        def map_model(self, model: str) -> Deployment | None:
+            if model.startswith("up/"):
+                return Deployment(name=model, provider="openai", model=model[3:],
+                                  api_base=upstream_base)
+            return None
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Prefixed()])
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="up/gpt-4o", messages=MESSAGES)
+    assert fake.last.body["model"] == "gpt-4o"
+    assert "authorization" not in fake.last.headers  # that deployment has no key
+
+
+async def test_hook_list_models(start_proxy: StartProxy, upstream_base: str) -> None:
+    class Extra:
+        @hookimpl
+        def list_models(self) -> list[str]:
+            return ["extra-model"]
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Extra()])
+    async with sdk(proxy) as client:
+        assert {m.id for m in (await client.models.list()).data} == {"gpt-test", "echo", "extra-model"}
+
+
+async def test_hook_before_request(start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+    class Guard:
+        @hookimpl
+        async def before_request(self, call: Call) -> None:
+            if call.get("user") == "banned":
+                raise RateLimited("You are out of quota")
+            call.set("temperature", 0.0)
+            call.pop("seed")
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Guard()])
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES, seed=3)
+        assert fake.last.body["temperature"] == 0.0 and "seed" not in fake.last.body
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES, user="banned")
+
+
+async def test_hook_after_response(start_proxy: StartProxy, upstream_base: str) -> None:
+    seen: list[tuple[str, Outcome]] = []
+
+    class Meter:
+        @hookimpl
+        def after_response(self, call: Call, outcome: Outcome) -> None:
+            seen.append((call.model, outcome))
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Meter()])
+    async with sdk(proxy) as client:
+        done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        async for _ in stream:
+            pass
+    await asyncio.sleep(0.05)  # the stream's hook runs after its last byte
+    assert [model for model, _ in seen] == ["gpt-test", "gpt-test"]
+    plain, streamed = seen[0][1], seen[1][1]
+    assert plain.status == 200 and not plain.stream
+    assert done.usage is not None
+    assert plain.usage() is not None and plain.usage().total_tokens == done.usage.total_tokens  # type: ignore[union-attr]
+    assert streamed.stream and streamed.events >= 5 and streamed.ttfb is not None
+    assert streamed.usage() is not None and streamed.usage().total_tokens > 0  # type: ignore[union-attr]
+
+
+async def test_hook_on_error(start_proxy: StartProxy, upstream_base: str) -> None:
+    errors: list[tuple[Exception, Call | None]] = []
+
+    class Watcher:
+        @hookimpl
+        def on_error(self, error: Exception, call: Call | None) -> None:
+            errors.append((error, call))
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Watcher()])
+    async with sdk(proxy) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="nope", messages=MESSAGES)
+    async with sdk(proxy, key="wrong") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert [type(e).__name__ for e, _ in errors] == ["ModelNotFound", "AuthenticationError"]
+    assert errors[0][1] is not None and errors[0][1].model == "nope"
+    assert errors[1][1] is None
+
+
+async def test_hook_register_routes(start_proxy: StartProxy, upstream_base: str) -> None:
+    async def usage(request: web.Request) -> web.Response:
+        raise BadRequest("no usage yet", param="day")
+
+    class Routes:
+        @hookimpl
+        def register_routes(self, register: Any) -> None:
+            register("GET", "/v1/usage", usage)
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Routes()])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.make_url("/v1/usage"), headers=AUTH) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "day"
+
+
+async def test_hook_register_providers(start_proxy: StartProxy, upstream_base: str) -> None:
+    class Constant(Provider):
+        name = "constant"
+
+        async def chat_completions(self, call: Call) -> JSONReply:
+            return JSONReply.of({
+                "id": "c1", "object": "chat.completion", "created": 0, "model": call.model,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": "constant"}}],
+            })
+
+    class Plugin:
+        @hookimpl
+        def register_providers(self, register: Any) -> None:
+            register("constant", Constant)
+
+    config = gateway_config(upstream_base)
+    config["models"].append({"name": "const", "provider": "constant"})
+    proxy = await start_proxy(config, plugins=[Plugin()])
+    async with sdk(proxy) as client:
+        done = await client.chat.completions.create(model="const", messages=MESSAGES)
+        assert done.choices[0].message.content == "constant"
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.embeddings.create(model="const", input="x")
+    assert "does not serve embeddings" in caught.value.message
+
+
+async def test_hook_tryfirst_plugin_replaces_builtin(start_proxy: StartProxy, upstream_base: str,
+                                                    fake: FakeOpenAI) -> None:
+    class Everything:
+        @hookimpl(tryfirst=True)
+        def map_model(self) -> Deployment:
+            return Deployment(name="all", provider="openai", model="forced", api_base=upstream_base)
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Everything()])
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="echo", messages=MESSAGES)
+    assert fake.last.body["model"] == "forced"
