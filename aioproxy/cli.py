@@ -78,5 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(dict.fromkeys(entry.name for entry in config.models))
     print(f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
     print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    # handler_cancellation: a client that goes away cancels its upstream call at once, even while
+    # the upstream is still silent (a model thinking before its first token).
+    web.run_app(
+        app, host=host, port=port, print=None, access_log=None, handler_cancellation=True
+    )
     return 0

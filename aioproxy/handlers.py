@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -70,15 +71,14 @@ async def _send_stream(request: web.Request, call: Call, reply: StreamReply) -> 
 
     The first event is awaited before the headers go out, so an error before it still gets its
     own status. After that the status is fixed: a failure becomes one ``data: {"error": ...}``
-    event and the stream ends. When the client goes away, the provider's stream is closed at once,
-    which releases the upstream connection.
+    event and the stream ends. When the client goes away (a failed write, or the handler being
+    cancelled) the provider's stream is closed at once, which releases the upstream connection.
     """
     gateway = request.app[gateway_key]
     outcome = Outcome(200, stream=True)
-    events = reply.events
     try:
         try:
-            first: bytes | None = await anext(events)
+            first: bytes | None = await anext(reply.events)
         except StopAsyncIteration:
             first = None
         except ProxyError:
@@ -90,39 +90,53 @@ async def _send_stream(request: web.Request, call: Call, reply: StreamReply) -> 
         if reply.headers:
             response.headers.update(reply.headers)
         await response.prepare(request)
-        previous = last = first
-        count = 0
         try:
-            if first is not None:
-                await response.write(first)
-                count = 1
-                async for event in events:
-                    await response.write(event)
-                    previous, last = last, event
-                    count += 1
-            await response.write_eof()
+            await _relay(response, first, reply, outcome)
         except ConnectionResetError:
             outcome.disconnected = True
+        except asyncio.CancelledError:
+            outcome.disconnected = True
+            raise
         except Exception as exc:
-            error = exc if isinstance(exc, ProxyError) else failure_from(exc, call.deployment)
-            if not isinstance(exc, ProxyError) and not _is_client_error(exc):
-                log.exception("stream from %s failed", call.deployment and call.deployment.describe())
-            if gateway.hooks.on_error:
-                await gateway.observe_error(request, exc, call)
-            outcome.status = error.status
-            try:
-                await response.write(b"data: " + error_payload(error) + b"\n\n")
-                await response.write_eof()
-            except ConnectionResetError:
-                outcome.disconnected = True
-        outcome.events = count
-        outcome.last_events = tuple(e for e in (previous, last) if e is not None)
+            await _end_with_error(request, response, call, exc, outcome)
     finally:
         await reply.aclose()
-    if gateway.hooks.after_response:
-        outcome.elapsed = time.monotonic() - call.started
-        await gateway.report(call, outcome)
+        if gateway.hooks.after_response and outcome.ttfb is not None:
+            outcome.elapsed = time.monotonic() - call.started
+            await gateway.report(call, outcome)
     return response
+
+
+async def _relay(
+    response: web.StreamResponse, first: bytes | None, reply: StreamReply, outcome: Outcome
+) -> None:
+    if first is not None:
+        await response.write(first)
+        outcome.events = 1
+        outcome.last_events = (first,)
+        async for event in reply.events:
+            await response.write(event)
+            outcome.events += 1
+            outcome.last_events = (outcome.last_events[-1], event)
+    await response.write_eof()
+
+
+async def _end_with_error(
+    request: web.Request, response: web.StreamResponse, call: Call, exc: Exception, outcome: Outcome
+) -> None:
+    """A failure after the headers went out: one error event, then the end of the stream."""
+    gateway = request.app[gateway_key]
+    error = exc if isinstance(exc, ProxyError) else failure_from(exc, call.deployment)
+    if not isinstance(exc, ProxyError) and not _is_client_error(exc):
+        log.exception("stream from %s failed", call.deployment and call.deployment.describe())
+    if gateway.hooks.on_error:
+        await gateway.observe_error(request, exc, call)
+    outcome.status = error.status
+    try:
+        await response.write(b"data: " + error_payload(error) + b"\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        outcome.disconnected = True
 
 
 def _is_client_error(exc: BaseException) -> bool:
