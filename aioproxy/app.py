@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
@@ -79,7 +80,7 @@ def create_app(
     app.router.add_routes(route_table(aliases, make_handlers()))
     app.router.add_get("/health", health)
 
-    def register_route(method: str, path: str, handler: web.Handler) -> None:
+    def register_route(method: str, path: str, handler: Handler) -> None:
         app.router.add_route(method, path, handler)
 
     pm.hook.register_routes(register=register_route, config=config)

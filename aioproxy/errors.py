@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 log = logging.getLogger("aioproxy")
 
@@ -169,9 +169,6 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
     if exc.status == 405:
         headers = {"Allow": exc.headers.get("Allow", "")}
     return ProxyError(message, status=exc.status, type=type_, code=code, headers=headers)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

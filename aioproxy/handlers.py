@@ -9,6 +9,7 @@ import time
 import aiohttp
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .context import Call
 from .errors import ModelNotFound, ProxyError, error_payload
@@ -31,7 +32,7 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-def make_provider_handler(kind: Kind) -> web.Handler:
+def make_provider_handler(kind: Kind) -> Handler:
     """The handler for a kind that calls a provider: auth, model map, hooks, provider, answer."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -168,9 +169,9 @@ async def health(request: web.Request) -> web.Response:
     return _json(_HEALTHY)
 
 
-def make_handlers() -> dict[Kind, web.Handler]:
+def make_handlers() -> dict[Kind, Handler]:
     """A handler for every endpoint kind."""
-    handlers: dict[Kind, web.Handler] = {kind: make_provider_handler(kind) for kind in PROVIDER_KINDS}
+    handlers: dict[Kind, Handler] = {kind: make_provider_handler(kind) for kind in PROVIDER_KINDS}
     handlers[Kind.MODELS] = list_models
     handlers[Kind.MODEL] = get_model
     return handlers

@@ -20,12 +20,13 @@ An implementation may accept any subset of a hook's arguments, by name.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 import pluggy
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from aiohttp.typedefs import Handler
 
     from .config import Config
     from .context import Call, Deployment, Principal
@@ -38,7 +39,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 T = TypeVar("T")
-MaybeAwaitable = T | Awaitable[T]
+MaybeAwaitable: TypeAlias = T | Awaitable[T]
 
 
 class RegisterProvider(Protocol):
@@ -46,7 +47,7 @@ class RegisterProvider(Protocol):
 
 
 class RegisterRoute(Protocol):
-    def __call__(self, method: str, path: str, handler: web.Handler) -> None: ...
+    def __call__(self, method: str, path: str, handler: Handler) -> None: ...
 
 
 @hookspec

@@ -53,6 +53,8 @@ def _load_entry_points(pm: pluggy.PluginManager, config: Config, strict: bool) -
                 ) from exc
             log.error("plugin %r (%s) failed to import and is skipped: %r", name, entry_point.value, exc)
             continue
+        if pm.is_registered(plugin):  # also passed in explicitly
+            continue
         pm.register(plugin, name=name)
 
 

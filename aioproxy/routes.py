@@ -7,6 +7,7 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 __all__ = ["ALIASES", "KINDS", "METHODS", "Kind", "merge_aliases", "route_table"]
 
@@ -61,7 +62,7 @@ def merge_aliases(
 
 
 def route_table(
-    aliases: Mapping[Kind, Iterable[str]], handlers: Mapping[Kind, web.Handler]
+    aliases: Mapping[Kind, Iterable[str]], handlers: Mapping[Kind, Handler]
 ) -> list[web.RouteDef]:
     """One route per path of every kind, all paths of a kind sharing its handler."""
     return [

@@ -1,0 +1,61 @@
+"""What every answer shares: its ids, the usage object, and streaming n choices side by side."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NamedTuple
+
+from aioproxy import Call
+
+from .settings import pace
+from .text import Echo
+
+__all__ = ["Head", "completion_usage", "head_of", "interleave", "request_digest"]
+
+
+def request_digest(call: Call) -> str:
+    """A hash of the request body, for ids: the same request always gets the same ids."""
+    return hashlib.sha256(call.body()).hexdigest()[:24]
+
+
+class Head(NamedTuple):
+    """What every object and chunk of one answer repeats."""
+
+    id: str
+    created: int
+    model: str  # the name the client asked for, not the deployment's
+
+
+def head_of(call: Call, prefix: str) -> Head:
+    return Head(prefix + request_digest(call), int(time.time()), call.model)
+
+
+def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+async def interleave(replies: Sequence[Echo], delay: float) -> AsyncIterator[tuple[int, str]]:
+    """``(choice index, token)`` position by position, as a model generating n choices sends them.
+
+    One ``delay`` per position: the choices are generated side by side, not one after another.
+    """
+    longest = max((len(reply.tokens) for reply in replies), default=0)
+    for position in range(longest):
+        await pace(delay)
+        for index, reply in enumerate(replies):
+            if position < len(reply.tokens):
+                yield index, reply.tokens[position]
