@@ -17,6 +17,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ModelEntry",
+    "ResponsesConfig",
     "Secret",
     "ServerConfig",
     "Timeouts",
@@ -101,6 +102,13 @@ class UpstreamConfig(Base):
     max_connections: Annotated[int, Meta(ge=0)] = 0
 
 
+class ResponsesConfig(Base):
+    """The Responses API bridge's store: where ``store: true`` responses are kept (SQLite)."""
+
+    store_path: str = "aioproxy-responses.sqlite3"  # relative paths: to the working directory
+    store: bool = True  # False: never store, whatever the request says
+
+
 class PluginsConfig(Base):
     strict: bool = False
     disable: list[str] = []
@@ -112,6 +120,7 @@ class Config(Base):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     plugins: PluginsConfig = PluginsConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

@@ -47,6 +47,7 @@ _UNPARSABLE = (
     "not valid JSON.)"
 )
 _FAULT_EVENTS = 2  # events sent before cut_stream / stall_stream strike
+_STOPPING = web.AppKey("fake_openai_stopping", asyncio.Event)
 
 
 @dataclass
@@ -103,6 +104,8 @@ class FakeOpenAI:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=_MAX_BODY)
+        app[_STOPPING] = asyncio.Event()
+        app.on_shutdown.append(_mark_stopping)
         p = self.prefix
         router = app.router
         router.add_post(f"{p}/chat/completions", self._wrap(self._chat))
@@ -335,6 +338,12 @@ def _status_fault(fault: str) -> web.Response:
     return resp
 
 
+async def _mark_stopping(app: web.Application) -> None:
+    # aiohttp waits (60 s by default) for running handlers before closing connections on
+    # shutdown; telling hung handlers to hang up keeps test teardown fast.
+    app[_STOPPING].set()
+
+
 def _gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -355,6 +364,8 @@ async def _idle(request: web.Request, seconds: float) -> None:
     """
     deadline = time.monotonic() + seconds
     while True:
+        if request.app[_STOPPING].is_set():
+            _drop(request)
         if _gone(request):
             raise _ClientGone
         remaining = deadline - time.monotonic()

@@ -392,3 +392,17 @@ async def test_prefix(aiohttp_client: Any) -> None:
     resp = await client.get("/openai/v1/models")
     assert resp.status == 200 and fake.last.path == "/openai/v1/models"
     assert (await client.get("/v1/models")).status == 404
+
+
+async def test_shutdown_hangs_up_on_hung_requests(
+    raw: TestClient, server: TestServer, fake: FakeOpenAI
+) -> None:
+    # Otherwise aiohttp's graceful shutdown would wait a minute for the hung handler.
+    fake.faults.append("hang")
+    pending = asyncio.create_task(raw.post("/v1/embeddings", json={"model": "e", "input": "a"}))
+    while not fake.in_flight:
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(server.close(), 1)
+    assert fake.in_flight == 0
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await pending
