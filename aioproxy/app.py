@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .gateway import Gateway
-from .handlers import health, make_handlers
+from .handlers import health, make_handlers, readiness
 from .keys import config_key, gateway_key, plugin_manager_key, session_key
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory
@@ -79,6 +79,7 @@ def create_app(
     aliases = merge_aliases(ALIASES, config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers()))
     app.router.add_get("/health", health)
+    app.router.add_get("/health/readiness", readiness)
 
     def register_route(method: str, path: str, handler: Handler) -> None:
         app.router.add_route(method, path, handler)

@@ -80,7 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
     # handler_cancellation: a client that goes away cancels its upstream call at once, even while
     # the upstream is still silent (a model thinking before its first token).
+    # shutdown_timeout: on SIGTERM/SIGINT stop accepting, give in-flight requests and streams
+    # this long to finish, then close.
     web.run_app(
-        app, host=host, port=port, print=None, access_log=None, handler_cancellation=True
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=config.server.shutdown_grace,
     )
     return 0

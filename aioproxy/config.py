@@ -7,7 +7,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -17,6 +17,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "ModelEntry",
+    "ModelRouting",
+    "RouterConfig",
     "ResponsesConfig",
     "Secret",
     "ServerConfig",
@@ -66,9 +68,15 @@ class AuthConfig(Base):
 
 
 class Timeouts(Base):
-    """Upstream timeouts in seconds: connecting, each read (the gap between bytes), the whole call."""
+    """Upstream timeouts in seconds.
+
+    ``connect``: opening the connection. ``first_byte``: from sending the request to the answer's
+    first byte (a stream's first event); unset, ``read`` bounds it. ``read``: the longest silence
+    while reading (between a stream's events). ``total``: the whole call, stream included.
+    """
 
     connect: PositiveFloat = 10.0
+    first_byte: PositiveFloat | None = None
     read: PositiveFloat = 600.0
     total: PositiveFloat | None = None
 
@@ -82,6 +90,8 @@ class ModelEntry(Base):
     api_base: str | None = None
     api_key: Secret | None = None
     weight: Annotated[float, Meta(ge=0)] = 1.0
+    rpm: Annotated[int, Meta(ge=1)] | None = None  # requests a minute, over which it is skipped
+    tpm: Annotated[int, Meta(ge=1)] | None = None  # tokens a minute, likewise
     timeouts: Timeouts | None = None
     headers: dict[str, str] = {}
     settings: dict[str, Any] = {}
@@ -91,6 +101,41 @@ class ServerConfig(Base):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 4000
     max_body_size: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
+    body_timeout: PositiveFloat = 60.0  # reading a request body; slower clients get 408
+    # While a stream waits for its first event, send an SSE comment this often (seconds) so that
+    # load balancers' idle timeouts do not cut it; 0 disables.
+    keepalive_interval: Annotated[float, Meta(ge=0)] = 15.0
+    shutdown_grace: Annotated[float, Meta(ge=0)] = 30.0  # for in-flight requests on SIGTERM
+
+
+Strategy = Literal["weighted", "least-busy", "latency"]
+
+
+class ModelRouting(Base):
+    """Per-model overrides of the ``[router]`` defaults."""
+
+    strategy: Strategy | None = None
+    num_retries: Annotated[int, Meta(ge=0, le=10)] | None = None
+    fallbacks: list[str] | None = None
+    context_window_fallbacks: list[str] | None = None
+
+
+class RouterConfig(Base):
+    """Choosing among a model's deployments, retrying, falling back and cooling down."""
+
+    strategy: Strategy = "weighted"
+    num_retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    retry_backoff: Annotated[float, Meta(ge=0)] = 0.05  # seconds before the first retry; doubles
+    retry_backoff_max: Annotated[float, Meta(ge=0)] = 2.0
+    retry_after_max: Annotated[float, Meta(ge=0)] = 10.0  # longest upstream retry-after honoured
+    cooldown_failures: Annotated[int, Meta(ge=1)] = 3  # failures within cooldown_window ...
+    cooldown_window: PositiveFloat = 30.0
+    cooldown_seconds: Annotated[float, Meta(ge=0)] = 30.0  # ... skip the deployment this long
+    # Model name -> other model names to try, in order, when all its deployments fail.
+    fallbacks: dict[str, list[str]] = {}
+    # Likewise, when the request is too long for the model's context window.
+    context_window_fallbacks: dict[str, list[str]] = {}
+    models: dict[str, ModelRouting] = {}
 
 
 class UpstreamConfig(Base):
@@ -119,6 +164,7 @@ class Config(Base):
     models: list[ModelEntry] = []
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    router: RouterConfig = RouterConfig()
     plugins: PluginsConfig = PluginsConfig()
     responses: ResponsesConfig = ResponsesConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].

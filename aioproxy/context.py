@@ -40,9 +40,18 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     api_base: str | None = None
     api_key: Secret | None = None
     weight: float = 1.0
+    rpm: int | None = None
+    tpm: int | None = None
     timeouts: Timeouts | None = None
     headers: dict[str, str] = {}
     settings: dict[str, Any] = {}
+
+    id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"
+
+    @property
+    def key(self) -> str:
+        """What routing state is kept under: ``id``, else what the deployment points at."""
+        return self.id or f"{self.provider}:{self.model}@{self.api_base or ''}"
 
     def describe(self) -> str:
         """How error messages name the deployment: never with its key."""
@@ -66,6 +75,7 @@ class Call:
         "stream",
         "state",
         "started",
+        "lease",
         "_json",
     )
 
@@ -87,6 +97,7 @@ class Call:
         self.stream = stream
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
         self.started = time.monotonic()
+        self.lease: Deployment | None = None  # the deployment answering, while it is in flight
         self._json: dict[str, Any] | None = None
 
     def get(self, name: str, default: Any = None) -> Any:

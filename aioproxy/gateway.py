@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ import msgspec
 import pluggy
 from aiohttp import web
 
+from .builtins.config_models import deployments_from
 from .config import Config
 from .context import Call, Deployment, Principal
 from .errors import (
@@ -19,10 +21,12 @@ from .errors import (
     ModelNotFound,
     PermissionDenied,
     ProxyError,
+    RateLimited,
 )
 from .outcome import Outcome
 from .plugins import Hooks
-from .providers import Provider, ProviderFactory, ProviderMethod
+from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
+from .router import Router, is_context_window_error, is_retryable
 from .routes import Kind
 from .upstream import failure_from
 
@@ -35,7 +39,39 @@ _decode_model = msgspec.json.Decoder(str).decode
 _decode_stream = msgspec.json.Decoder(bool | None).decode
 
 
-def decode_request(body: bytes) -> tuple[dict[str, msgspec.Raw], str, bool]:
+async def _first_event(reply: StreamReply, deployment: Deployment) -> bytes | None:
+    """A stream's first event (None if it is empty), with client errors as ProxyErrors."""
+    try:
+        return await anext(reply.events)
+    except StopAsyncIteration:
+        return None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise failure_from(exc, deployment) from exc
+
+
+def _brief(error: BaseException) -> str:
+    return error.message if isinstance(error, ProxyError) else type(error).__name__
+
+
+_ARRAY, _STRING, _OBJECT = ord("["), ord('"'), ord("{")
+
+# Per kind: the body field that carries the input, whether it is required, and the JSON types
+# (by first byte) it may have. Checked here so that a malformed request never reaches a provider.
+_INPUT_FIELDS: dict[Kind, tuple[str, bool, tuple[int, ...], str]] = {
+    Kind.CHAT_COMPLETIONS: ("messages", True, (_ARRAY,), "an array of messages"),
+    Kind.COMPLETIONS: ("prompt", True, (_STRING, _ARRAY), "a string or an array"),
+    Kind.EMBEDDINGS: ("input", True, (_STRING, _ARRAY), "a string or an array"),
+    Kind.RESPONSES: ("input", False, (_STRING, _ARRAY), "a string or an array of items"),
+}
+
+# Fields that other gateways read to redirect or re-key the upstream call (server-side request
+# forgery). aioproxy never reads them, and drops them so that they never reach an upstream either.
+_DROPPED_FIELDS = ("api_base", "base_url", "api_key", "api_version", "organization", "extra_headers")
+
+
+def decode_request(
+    body: bytes, kind: Kind = Kind.CHAT_COMPLETIONS
+) -> tuple[dict[str, msgspec.Raw], str, bool]:
     """Split a request body into its raw top-level fields, and read ``model`` and ``stream``.
 
     Only what the core needs is decoded; every other field stays as the bytes the client sent.
@@ -76,6 +112,19 @@ def decode_request(body: bytes) -> tuple[dict[str, msgspec.Raw], str, bool]:
             raise BadRequest(
                 "'stream' must be a boolean", param="stream", code="invalid_type"
             ) from None
+    field, required, types, expected = _INPUT_FIELDS[kind]
+    raw_input = fields.get(field)
+    if raw_input is None:
+        if required:
+            raise BadRequest(
+                f"Missing required parameter: '{field}'", param=field,
+                code="missing_required_parameter",
+            )
+    elif memoryview(raw_input)[0] not in types:
+        raise BadRequest(f"'{field}' must be {expected}", param=field, code="invalid_type")
+    for name in _DROPPED_FIELDS:
+        if name in fields:
+            del fields[name]
     return fields, model, stream
 
 
@@ -95,6 +144,8 @@ class Gateway:
         self.providers: dict[str, Provider] = {}
         self.serving: dict[str, dict[Kind, ProviderMethod]] = {}
         self.created = int(time.time())
+        self.router = Router(config.router)
+        self.table = deployments_from(config)  # for /health/readiness
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Create and start one instance of every registered provider."""
@@ -121,26 +172,146 @@ class Gateway:
 
     async def read_call(self, kind: Kind, request: web.Request, principal: Principal) -> Call:
         """Read the body into a Call, refusing a model the principal may not use."""
-        fields, model, stream = decode_request(await request.read())
+        try:
+            async with asyncio.timeout(self.config.server.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise ProxyError(
+                "The request body did not arrive in time", status=408,
+                type="invalid_request_error", code="request_timeout",
+            ) from None
+        fields, model, stream = decode_request(body, kind)
         if not principal.allows(model):
             raise PermissionDenied(
                 f"This API key may not use the model '{model}'", param="model"
             )
         return Call(kind, request, principal, model, fields, stream)
 
-    async def route(self, call: Call) -> None:
-        """Map the call's model to a deployment (``map_model``), then run ``before_request``."""
-        principal, model = call.principal, call.model
-        deployment: Deployment | None = await self.hooks.map_model.first(
-            principal=principal, model=model, kind=call.kind, call=call
+    async def candidates(self, call: Call, model: str) -> tuple[Deployment, ...]:
+        """The deployments ``map_model`` offers for ``model`` (empty: the model is unknown)."""
+        mapped = await self.hooks.map_model.first(
+            principal=call.principal, model=model, kind=call.kind, call=call
+        )
+        if mapped is None:
+            return ()
+        if isinstance(mapped, Deployment):
+            return (mapped,)
+        return tuple(mapped)
+
+    async def route(self, call: Call) -> tuple[Deployment, ...]:
+        """Choose the call's first deployment and run ``before_request``; the model's candidates."""
+        candidates = await self.candidates(call, call.model)
+        if not candidates:
+            raise ModelNotFound(
+                f"The model '{call.model}' does not exist or is not served here", param="model"
+            )
+        deployment = self.router.pick(call.model, candidates) or self.router.pick(
+            call.model, candidates, ignore_cooldown=True
         )
         if deployment is None:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist or is not served here", param="model"
+            raise RateLimited(
+                f"Every deployment of '{call.model}' is at its rpm/tpm limit; try again shortly",
+                headers={"Retry-After": "1"},
             )
         call.route_to(deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
+        return candidates
+
+    async def dispatch(
+        self, call: Call, candidates: tuple[Deployment, ...]
+    ) -> tuple[Reply, bytes | None]:
+        """Call the provider, retrying and falling back as the router says, until an answer starts.
+
+        Returns the reply and, for a stream, its first event (None for an empty stream): once that
+        exists the answer has begun, and nothing is retried after it. The deployment that answers
+        stays acquired (counted in flight) until ``finish``.
+        """
+        router = self.router
+        model = call.model
+        policy = router.policy(model)
+        chain = [(model, candidates)]
+        fallbacks = list(policy.fallbacks)
+        error: BaseException | None = None
+        deployment: Deployment | None = call.deployment
+        while True:
+            model, candidates = chain.pop(0)
+            policy = router.policy(model)
+            tried: set[str] = set()
+            for attempt in range(policy.num_retries + 1):
+                if deployment is None:
+                    deployment = router.pick(model, candidates, tried)
+                    if deployment is None:
+                        break  # all cooling down or capped: on to the fallbacks
+                    if attempt and len(tried) >= len(candidates):
+                        delay = router.backoff(attempt, error) if error else 0
+                        if delay is None:
+                            break
+                        await asyncio.sleep(delay)
+                    call.route_to(deployment)
+                tried.add(deployment.key)
+                try:
+                    return await self._attempt(call, deployment)
+                except Exception as exc:
+                    error = exc
+                    if is_context_window_error(exc) and policy.context_window_fallbacks:
+                        fallbacks = list(policy.context_window_fallbacks)
+                        break
+                    if not is_retryable(exc):
+                        raise
+                    log.warning("%s failed (%s); retrying", deployment.describe(), _brief(exc))
+                finally:
+                    deployment = None
+            while fallbacks and not chain:
+                name = fallbacks.pop(0)
+                more = await self.candidates(call, name)
+                if more:
+                    chain.append((name, more))
+            if not chain:
+                break
+        if error is None:
+            raise RateLimited(
+                f"No deployment of '{call.model}' or its fallbacks is available now",
+                headers={"Retry-After": "1"},
+            )
+        raise error
+
+    async def _attempt(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
+        """One try on one deployment: the reply and a stream's first event, or an exception."""
+        router = self.router
+        router.acquire(deployment)
+        started = time.monotonic()
+        timeouts = deployment.timeouts or self.config.upstream.timeouts
+        reply: Reply | None = None
+        try:
+            async with asyncio.timeout(timeouts.first_byte):
+                reply = await self.call_provider(call)
+                first = await _first_event(reply, deployment) if isinstance(reply, StreamReply) else None
+        except BaseException as exc:
+            router.release(deployment)
+            if reply is not None and isinstance(reply, StreamReply):
+                await reply.aclose()
+            error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
+            if isinstance(error, Exception):
+                router.failed(deployment, error)
+            if error is exc:
+                raise
+            raise error from exc
+        router.succeeded(deployment, time.monotonic() - started)
+        call.lease = deployment
+        return reply, first
+
+    def finish(self, call: Call, outcome: Outcome | None) -> None:
+        """Release the answering deployment, counting the tokens it spent (for tpm caps)."""
+        deployment = call.lease
+        if deployment is None:
+            return
+        call.lease = None
+        tokens = 0
+        if deployment.tpm is not None and outcome is not None:
+            usage = outcome.usage()
+            tokens = usage.total_tokens if usage else 0
+        self.router.release(deployment, tokens)
 
     def method_for(self, call: Call) -> ProviderMethod:
         deployment = call.deployment
@@ -161,13 +332,13 @@ class Gateway:
             )
         return method
 
-    async def call_provider(self, call: Call) -> object:
+    async def call_provider(self, call: Call) -> Reply:
         method = self.method_for(call)
         try:
             return await method(call)
         except ProxyError:
             raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise failure_from(exc, call.deployment) from exc
 
     async def report(self, call: Call, outcome: Outcome) -> None:

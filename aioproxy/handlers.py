@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .context import Call
+from .context import Call, Deployment
 from .errors import ModelNotFound, ProxyError, error_payload
 from .keys import gateway_key
 from .outcome import Outcome
@@ -41,56 +43,119 @@ def make_provider_handler(kind: Kind) -> Handler:
         try:
             principal = await gateway.authenticate(request, kind)
             call = await gateway.read_call(kind, request, principal)
-            await gateway.route(call)
-            reply = await gateway.call_provider(call)
+            candidates = await gateway.route(call)
+            if call.stream and gateway.config.server.keepalive_interval:
+                return await _stream_with_keepalive(request, call, candidates)
+            reply, first = await gateway.dispatch(call, candidates)
             if isinstance(reply, StreamReply):
-                return await _send_stream(request, call, reply)
-            assert isinstance(reply, JSONReply), f"provider returned {type(reply).__name__}"
-            response = web.Response(
-                body=reply.body,
-                status=reply.status,
-                content_type="application/json",
-                headers=reply.headers,
-            )
-            if gateway.hooks.after_response:
-                outcome = Outcome(reply.status, stream=False)
-                outcome.body = reply.body
-                outcome.elapsed = time.monotonic() - call.started
-                await gateway.report(call, outcome)
-            return response
+                return await _send_stream(request, call, reply, first)
+            return await _send_json(request, call, reply)
         except Exception as exc:
             if gateway.hooks.on_error:
                 await gateway.observe_error(request, exc, call)
             raise
+        finally:
+            if call is not None and call.lease is not None:
+                gateway.finish(call, None)
 
     handle.__name__ = f"handle_{kind.value}"
     return handle
 
 
-async def _send_stream(request: web.Request, call: Call, reply: StreamReply) -> web.StreamResponse:
+async def _send_json(request: web.Request, call: Call, reply: JSONReply) -> web.StreamResponse:
+    gateway = request.app[gateway_key]
+    outcome = Outcome(reply.status, stream=False)
+    outcome.body = reply.body
+    gateway.finish(call, outcome)
+    response = web.Response(
+        body=reply.body, status=reply.status, content_type="application/json", headers=reply.headers
+    )
+    if gateway.hooks.after_response:
+        # Send it first, so that the hooks run after the last byte, as they are promised.
+        await response.prepare(request)
+        await response.write_eof()
+        outcome.elapsed = time.monotonic() - call.started
+        await gateway.report(call, outcome)
+    return response
+
+
+async def _stream_with_keepalive(
+    request: web.Request, call: Call, candidates: tuple[Deployment, ...]
+) -> web.StreamResponse:
+    """Dispatch a streaming call, sending SSE comments while it waits for the first event.
+
+    A reasoning model can think for minutes before its first token, and load balancers cut
+    connections that stay silent that long. Until the first comment goes out nothing is
+    committed: a failure still gets its own status. After it, a failure becomes an error event.
+    """
+    gateway = request.app[gateway_key]
+    interval = gateway.config.server.keepalive_interval
+    dispatch = asyncio.ensure_future(gateway.dispatch(call, candidates))
+    response: web.StreamResponse | None = None
+    try:
+        while not (await asyncio.wait((dispatch,), timeout=interval))[0]:
+            if response is None:
+                response = web.StreamResponse(headers=SSE_HEADERS)
+                await response.prepare(request)
+            await response.write(b": keepalive\n\n")
+    except BaseException:  # the client went away (cancelled, or a failed write)
+        dispatch.cancel()
+        await _close_abandoned(dispatch, call, gateway)
+        raise
+    if response is None:
+        reply, first = dispatch.result()
+    else:
+        try:
+            reply, first = dispatch.result()
+        except Exception as exc:
+            await _end_with_error(request, response, call, exc, Outcome(200, stream=True))
+            return response
+    if isinstance(reply, JSONReply):
+        if response is None:
+            return await _send_json(request, call, reply)
+        reply = StreamReply(_single(reply.body))  # headers are out: send it as one event
+        first = await anext(reply.events)
+    return await _send_stream(request, call, reply, first, response)
+
+
+async def _single(body: bytes) -> AsyncIterator[bytes]:
+    yield b"data: " + body + b"\n\n"
+
+
+async def _close_abandoned(dispatch: asyncio.Future[Any], call: Call, gateway: Any) -> None:
+    """After cancelling a dispatch: if it had already got its answer, close that answer."""
+    try:
+        reply, _ = await dispatch
+    except BaseException:
+        return
+    if isinstance(reply, StreamReply):
+        await reply.aclose()
+
+
+async def _send_stream(
+    request: web.Request,
+    call: Call,
+    reply: StreamReply,
+    first: bytes | None,
+    response: web.StreamResponse | None = None,
+) -> web.StreamResponse:
     """Relay a provider's events to the client one by one, as each arrives.
 
-    The first event is awaited before the headers go out, so an error before it still gets its
-    own status. After that the status is fixed: a failure becomes one ``data: {"error": ...}``
-    event and the stream ends. When the client goes away (a failed write, or the handler being
-    cancelled) the provider's stream is closed at once, which releases the upstream connection.
+    ``first`` was pulled before the headers went out (unless keep-alive comments already sent
+    them), so an error before it still got its own status. After that the status is fixed: a
+    failure becomes one ``data: {"error": ...}`` event and the stream ends. When the client goes
+    away (a failed write, or the handler being cancelled) the provider's stream is closed at once,
+    which releases the upstream connection.
     """
     gateway = request.app[gateway_key]
     outcome = Outcome(200, stream=True)
+    outcome.ttfb = time.monotonic() - call.started
     try:
-        try:
-            first: bytes | None = await anext(reply.events)
-        except StopAsyncIteration:
-            first = None
-        except ProxyError:
-            raise
-        except Exception as exc:
-            raise failure_from(exc, call.deployment) from exc
-        outcome.ttfb = time.monotonic() - call.started
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        if reply.headers:
-            response.headers.update(reply.headers)
-        await response.prepare(request)
+        if response is None:
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            if reply.headers:
+                response.headers.update(reply.headers)
+            await response.prepare(request)
         try:
             await _relay(response, first, reply, outcome)
         except ConnectionResetError:
@@ -102,7 +167,8 @@ async def _send_stream(request: web.Request, call: Call, reply: StreamReply) -> 
             await _end_with_error(request, response, call, exc, outcome)
     finally:
         await reply.aclose()
-        if gateway.hooks.after_response and outcome.ttfb is not None:
+        gateway.finish(call, outcome)
+        if gateway.hooks.after_response:
             outcome.elapsed = time.monotonic() - call.started
             await gateway.report(call, outcome)
     return response
@@ -167,6 +233,18 @@ def _model_object(created: int, name: str) -> dict[str, object]:
 async def health(request: web.Request) -> web.Response:
     """Liveness: 200 while the app serves; no auth, no upstream call."""
     return _json(_HEALTHY)
+
+
+async def readiness(request: web.Request) -> web.Response:
+    """Each configured deployment's state (cooldown, in flight, latency); 503 when some model has
+    no deployment available. No auth: it shows no key and no address."""
+    gateway = request.app[gateway_key]
+    rows = gateway.router.snapshot(gateway.table)
+    ready = all(
+        any(row["available"] for row in rows if row["model"] == model) for model in gateway.table
+    )
+    body = {"status": "ready" if ready else "degraded", "deployments": rows}
+    return _json(_encode(body), 200 if ready else 503)
 
 
 def make_handlers() -> dict[Kind, Handler]:

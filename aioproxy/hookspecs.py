@@ -19,7 +19,7 @@ An implementation may accept any subset of a hook's arguments, by name.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 import pluggy
@@ -88,14 +88,16 @@ def authenticate(request: web.Request, kind: Kind) -> MaybeAwaitable[Principal |
 @hookspec
 def map_model(
     principal: Principal, model: str, kind: Kind, call: Call
-) -> MaybeAwaitable[Deployment | None]:
-    """Choose the deployment that serves ``model`` for ``principal``.
+) -> MaybeAwaitable[Deployment | Sequence[Deployment] | None]:
+    """Say which deployments serve ``model`` for ``principal``.
 
-    Runs once per request after ``authenticate`` and the body is read; ``model`` is the name the
-    client sent, ``kind`` the endpoint kind, ``call`` the request so far (``call.deployment`` is still
-    ``None``). Return a :class:`~aioproxy.context.Deployment`, or ``None`` to defer. The first
-    non-None result wins; when none answers, the client gets 404 ``model_not_found``. Built-in: the
-    config's ``[[models]]`` table (``trylast``). May be ``async def``.
+    Runs after ``authenticate`` and the body is read, and again for each fallback model name;
+    ``model`` is the name asked for, ``kind`` the endpoint kind, ``call`` the request so far.
+    Return a :class:`~aioproxy.context.Deployment`, a sequence of them (the router chooses among
+    them by the model's strategy, and retries on another), or ``None`` to defer. Give each
+    deployment a stable ``id`` so its health (latency, cooldown) is tracked across requests. The
+    first non-None result wins; when none answers, the client gets 404 ``model_not_found``.
+    Built-in: the config's ``[[models]]`` table (``trylast``). May be ``async def``.
     """
 
 

@@ -14,6 +14,7 @@ from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .providers import JSONReply, Reply, StreamReply
+from .routes import Kind
 from .streaming import iter_sse
 
 __all__ = [
@@ -203,9 +204,13 @@ async def forward(
                     f"({response.status}); redirects are not followed",
                     code="upstream_redirect",
                 )
-            raise read_upstream_error(response.status, error_body, deployment)
+            error = read_upstream_error(response.status, error_body, deployment)
+            retry_after = response.headers.get("Retry-After")
+            if retry_after is not None and error.status == 429:
+                error.headers = {"Retry-After": retry_after}
+            raise error
         if response.content_type == "text/event-stream":
-            return StreamReply(_relay(response, deployment), close=response.close)
+            return StreamReply(_relay(response, deployment, call.kind), close=response.close)
         data = await read_capped(response, deployment)
         _check_json(data, deployment)
     except ProxyError:
@@ -218,10 +223,29 @@ async def forward(
     return JSONReply(data, response.status)
 
 
-async def _relay(response: aiohttp.ClientResponse, deployment: Deployment) -> AsyncIterator[bytes]:
+# How a complete stream ends, per endpoint kind: without it, the upstream cut the stream short.
+# (Responses events may come with or without an `event:` line: look for the type anywhere.)
+_FINAL_EVENTS: dict[Kind, tuple[bytes, ...]] = {
+    Kind.CHAT_COMPLETIONS: (b"[DONE]",),
+    Kind.COMPLETIONS: (b"[DONE]",),
+    Kind.RESPONSES: (b"response.completed", b"response.incomplete", b"response.failed", b"error"),
+}
+
+
+async def _relay(
+    response: aiohttp.ClientResponse, deployment: Deployment, kind: Kind
+) -> AsyncIterator[bytes]:
+    last = b""
     try:
         async for event in iter_sse(response.content):
+            last = event
             yield event
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
+    final = _FINAL_EVENTS.get(kind)
+    if final is not None and not any(marker in last for marker in final):
+        raise BadGateway(
+            f"Deployment {deployment.describe()} ended its stream before it was complete",
+            code="upstream_stream_incomplete",
+        )
     response.release()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
 
 from ..config import Config
@@ -16,14 +15,18 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
     """Every model name with its deployments, in config order."""
     table: dict[str, list[Deployment]] = {}
     for entry in config.models:
-        table.setdefault(entry.name, []).append(
+        siblings = table.setdefault(entry.name, [])
+        siblings.append(
             Deployment(
+                id=f"{entry.name}#{len(siblings)}",
                 name=entry.name,
                 provider=entry.provider,
                 model=entry.model or entry.name,
                 api_base=entry.api_base,
                 api_key=entry.api_key,
                 weight=entry.weight,
+                rpm=entry.rpm,
+                tpm=entry.tpm,
                 timeouts=entry.timeouts,
                 headers=entry.headers,
                 settings=entry.settings,
@@ -33,27 +36,14 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
 
 
 class ConfigModels:
-    """Maps a model name to one of its configured deployments, at random by ``weight``."""
+    """Maps a model name to its configured deployments; the router chooses among them."""
 
     def __init__(self, config: Config) -> None:
         self.table = deployments_from(config)
-        self._weights = {
-            name: [d.weight for d in deployments]
-            for name, deployments in self.table.items()
-            if len(deployments) > 1
-        }
 
     @hookimpl(trylast=True)
-    def map_model(self, model: str) -> Deployment | None:
-        deployments = self.table.get(model)
-        if deployments is None:
-            return None
-        if len(deployments) == 1:
-            return deployments[0]
-        weights = self._weights[model]
-        if not any(weights):
-            return deployments[0]
-        return random.choices(deployments, weights)[0]
+    def map_model(self, model: str) -> tuple[Deployment, ...] | None:
+        return self.table.get(model)
 
     @hookimpl(trylast=True)
     def list_models(self, principal: Principal) -> Iterable[str]:

@@ -26,6 +26,12 @@ CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture
+async def proxy(start_proxy: StartProxy, upstream_base: str) -> TestServer:
+    """Without retries, so that each upstream failure reaches the client (retries: test_reliability)."""
+    return await start_proxy(gateway_config(upstream_base, router={"num_retries": 0}))
+
+
 async def post(http: aiohttp.ClientSession, server: TestServer, data: bytes | None = None,
                json: Any = None, path: str = CHAT) -> aiohttp.ClientResponse:
     response = await http.post(server.make_url(path), data=data, json=json, headers=AUTH)
@@ -117,7 +123,7 @@ async def test_upstream_4xx_body_passes_through(client: openai.AsyncOpenAI) -> N
 
 
 async def test_upstream_unreachable_is_502(start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(gateway_config("http://127.0.0.1:1/v1"))
+    proxy = await start_proxy(gateway_config("http://127.0.0.1:1/v1", router={"num_retries": 0}))
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
@@ -128,7 +134,9 @@ async def test_upstream_unreachable_is_502(start_proxy: StartProxy) -> None:
 
 async def test_upstream_timeout_is_504(start_proxy: StartProxy, upstream_base: str,
                                        fake: FakeOpenAI) -> None:
-    config = gateway_config(upstream_base, upstream={"timeouts": {"read": 0.3}})
+    config = gateway_config(
+        upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 0}
+    )
     proxy = await start_proxy(config)
     fake.faults.append("hang")
     async with sdk(proxy) as client:

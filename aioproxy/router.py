@@ -1,0 +1,248 @@
+"""Choosing a deployment: strategies, health (in flight, latency, cooldown) and rpm/tpm caps."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RouterConfig, Strategy
+from .context import Deployment
+from .errors import ProxyError
+
+__all__ = ["ModelPolicy", "Router", "is_context_window_error", "is_retryable"]
+
+_LATENCY_SMOOTHING = 0.3  # weight of the newest sample in the moving average
+
+
+class _MinuteCounter:
+    """A sliding one-minute total, in one-second buckets: O(1) to add, O(60) at most to read."""
+
+    __slots__ = ("_buckets", "_seconds")
+
+    def __init__(self) -> None:
+        self._buckets = [0] * 60
+        self._seconds = [0] * 60
+
+    def add(self, amount: int, now: float) -> None:
+        second = int(now)
+        slot = second % 60
+        if self._seconds[slot] != second:
+            self._seconds[slot], self._buckets[slot] = second, 0
+        self._buckets[slot] += amount
+
+    def total(self, now: float) -> int:
+        oldest = int(now) - 59
+        return sum(b for b, s in zip(self._buckets, self._seconds) if s >= oldest)
+
+
+class Health:
+    """What the router knows of one deployment."""
+
+    __slots__ = ("in_flight", "latency", "failures", "cooldown_until", "requests", "tokens",
+                 "served", "failed", "last_error")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.latency: float | None = None  # moving average of time to first byte, seconds
+        self.failures: deque[float] = deque()  # recent failure times, within the window
+        self.cooldown_until = 0.0
+        self.requests = _MinuteCounter()
+        self.tokens = _MinuteCounter()
+        self.served = 0
+        self.failed = 0
+        self.last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """The routing settings of one model name, defaults and overrides merged."""
+
+    strategy: Strategy
+    num_retries: int
+    fallbacks: tuple[str, ...]
+    context_window_fallbacks: tuple[str, ...]
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Worth another try: rate limits, timeouts and upstream (5xx) failures; never other 4xx."""
+    if not isinstance(error, ProxyError):
+        return False
+    if error.code == "internal_error":
+        return False
+    return error.status in (408, 429) or error.status >= 500
+
+
+_CONTEXT_MARKERS = ("context_length_exceeded", "context length", "context window",
+                    "maximum context", "prompt is too long", "too many tokens")
+
+
+def is_context_window_error(error: BaseException) -> bool:
+    """The request does not fit the model's context window (OpenAI's code, or the usual words)."""
+    if not isinstance(error, ProxyError) or error.status != 400:
+        return False
+    if error.code == "context_length_exceeded":
+        return True
+    message = error.message.lower()
+    return any(marker in message for marker in _CONTEXT_MARKERS)
+
+
+class Router:
+    """Per-app routing state; single-threaded (the event loop), so no locks."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self._health: dict[str, Health] = {}
+        self._policies: dict[str, ModelPolicy] = {}
+
+    def policy(self, model: str) -> ModelPolicy:
+        policy = self._policies.get(model)
+        if policy is None:
+            config = self.config
+            override = config.models.get(model)
+
+            def pick(name: str, default: Any) -> Any:
+                value = getattr(override, name, None) if override is not None else None
+                return default if value is None else value
+
+            policy = ModelPolicy(
+                strategy=pick("strategy", config.strategy),
+                num_retries=pick("num_retries", config.num_retries),
+                fallbacks=tuple(pick("fallbacks", config.fallbacks.get(model, ()))),
+                context_window_fallbacks=tuple(
+                    pick("context_window_fallbacks", config.context_window_fallbacks.get(model, ()))
+                ),
+            )
+            self._policies[model] = policy
+        return policy
+
+    def health(self, deployment: Deployment) -> Health:
+        key = deployment.key
+        health = self._health.get(key)
+        if health is None:
+            health = self._health[key] = Health()
+        return health
+
+    def _available(self, deployment: Deployment, now: float, ignore_cooldown: bool) -> bool:
+        health = self.health(deployment)
+        if not ignore_cooldown and health.cooldown_until > now:
+            return False
+        if deployment.rpm is not None and health.requests.total(now) >= deployment.rpm:
+            return False
+        if deployment.tpm is not None and health.tokens.total(now) >= deployment.tpm:
+            return False
+        return True
+
+    def pick(
+        self,
+        model: str,
+        candidates: Sequence[Deployment],
+        tried: set[str] | frozenset[str] = frozenset(),
+        *,
+        ignore_cooldown: bool = False,
+    ) -> Deployment | None:
+        """A deployment of ``model`` by its strategy, preferring ones not ``tried``; None if none is
+        available (all cooling down or over their caps)."""
+        now = time.monotonic()
+        if len(candidates) == 1:
+            only = candidates[0]
+            return only if self._available(only, now, ignore_cooldown) else None
+        available = [d for d in candidates if self._available(d, now, ignore_cooldown)]
+        fresh = [d for d in available if d.key not in tried]
+        choices = fresh or available
+        if not choices:
+            return None
+        if len(choices) == 1:
+            return choices[0]
+        strategy = self.policy(model).strategy
+        if strategy == "least-busy":
+            return min(choices, key=lambda d: self.health(d).in_flight)
+        if strategy == "latency":
+            # Unmeasured deployments count as fastest, so that each gets measured.
+            return min(choices, key=lambda d: self.health(d).latency or 0.0)
+        weights = [d.weight for d in choices]
+        if not any(weights):
+            return choices[0]
+        return random.choices(choices, weights)[0]
+
+    def acquire(self, deployment: Deployment) -> None:
+        health = self.health(deployment)
+        health.in_flight += 1
+        if deployment.rpm is not None:
+            health.requests.add(1, time.monotonic())
+
+    def release(self, deployment: Deployment, tokens: int = 0) -> None:
+        health = self.health(deployment)
+        health.in_flight -= 1
+        if tokens and deployment.tpm is not None:
+            health.tokens.add(tokens, time.monotonic())
+
+    def succeeded(self, deployment: Deployment, ttfb: float) -> None:
+        health = self.health(deployment)
+        health.served += 1
+        health.latency = (
+            ttfb if health.latency is None
+            else health.latency + _LATENCY_SMOOTHING * (ttfb - health.latency)
+        )
+
+    def failed(self, deployment: Deployment, error: BaseException) -> None:
+        """Count a failure; enough of them within the window cool the deployment down."""
+        if isinstance(error, ProxyError) and not is_retryable(error):
+            return  # the request's fault, not the deployment's
+        health = self.health(deployment)
+        health.failed += 1
+        health.last_error = error.message if isinstance(error, ProxyError) else type(error).__name__
+        now = time.monotonic()
+        failures = health.failures
+        failures.append(now)
+        window_start = now - self.config.cooldown_window
+        while failures and failures[0] < window_start:
+            failures.popleft()
+        if len(failures) >= self.config.cooldown_failures and self.config.cooldown_seconds > 0:
+            health.cooldown_until = now + self.config.cooldown_seconds
+            failures.clear()
+
+    def backoff(self, attempt: int, error: BaseException) -> float | None:
+        """Seconds to wait before retry ``attempt`` (1-based); None: the upstream asked for longer
+        than ``retry_after_max``, so do not retry that deployment now."""
+        retry_after = _retry_after(error)
+        if retry_after is not None:
+            return retry_after if retry_after <= self.config.retry_after_max else None
+        base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)  # jitter: retries from many clients spread out
+
+    def snapshot(self, deployments: dict[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
+        """Each deployment's state, for ``/health/readiness``: no keys, no addresses."""
+        now = time.monotonic()
+        rows = []
+        for model, candidates in deployments.items():
+            for deployment in candidates:
+                health = self.health(deployment)
+                cooling = max(0.0, health.cooldown_until - now)
+                rows.append({
+                    "model": model,
+                    "deployment": deployment.key if deployment.id else deployment.describe(),
+                    "provider": deployment.provider,
+                    "upstream_model": deployment.model,
+                    "available": self._available(deployment, now, False),
+                    "cooldown_remaining": round(cooling, 3),
+                    "in_flight": health.in_flight,
+                    "served": health.served,
+                    "failed": health.failed,
+                    "latency_ms": None if health.latency is None else round(health.latency * 1000, 3),
+                })
+        return rows
+
+
+def _retry_after(error: BaseException) -> float | None:
+    headers = getattr(error, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
