@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=25.1"
-	$(PY) -m pip install -q -e . $(addprefix -e ,$(PLUGINS)) --group dev
+	$(PY) -m pip install -q -e ".[uvloop]" $(addprefix -e ,$(PLUGINS)) --group dev
 	touch $(STAMP)
 
 run: install

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 from aiohttp import web
@@ -54,7 +57,81 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="refuse to start when an installed plugin fails to import",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port through SO_REUSEPORT, each with its own loop",
+    )
+    parser.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="event loop: uvloop when installed (auto), or the standard asyncio loop",
+    )
     return parser.parse_args(argv)
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """uvloop when asked for or (``auto``) installed; else the standard loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("aioproxy: --loop uvloop needs uvloop: pip install 'aioproxy[uvloop]'")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def serve(app: web.Application, config: Config, host: str, port: int, loop: str, reuse_port: bool) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
+    # handler_cancellation: a client that goes away cancels its upstream call at once, even while
+    # the upstream is still silent (a model thinking before its first token).
+    # shutdown_timeout: on SIGTERM/SIGINT stop accepting, give in-flight requests and streams
+    # this long to finish, then close.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=config.server.shutdown_grace,
+        reuse_port=reuse_port or None,
+        loop=new_event_loop(loop),
+    )
+
+
+def run_workers(count: int, start: Callable[[], None]) -> int:
+    """Fork ``count`` workers running ``start``; pass SIGTERM/SIGINT on and wait for them all."""
+    children: list[int] = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                start()
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,17 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(dict.fromkeys(entry.name for entry in config.models))
     print(f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
     print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
-    # handler_cancellation: a client that goes away cancels its upstream call at once, even while
-    # the upstream is still silent (a model thinking before its first token).
-    # shutdown_timeout: on SIGTERM/SIGINT stop accepting, give in-flight requests and streams
-    # this long to finish, then close.
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_grace,
-    )
+    if args.workers > 1:
+        # Each worker forks before any loop or socket exists, then binds the port itself.
+        return run_workers(
+            args.workers, lambda: serve(app, config, host, port, args.loop, reuse_port=True)
+        )
+    serve(app, config, host, port, args.loop, reuse_port=False)
     return 0
