@@ -93,7 +93,7 @@ class ModelEntry(Base):
     rpm: Annotated[int, Meta(ge=1)] | None = None  # requests a minute, over which it is skipped
     tpm: Annotated[int, Meta(ge=1)] | None = None  # tokens a minute, likewise
     timeouts: Timeouts | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, Secret] = {}  # may hold tokens: masked when printed
     settings: dict[str, Any] = {}
 
 
@@ -195,8 +195,10 @@ def _expand(value: Any, where: str, env: Mapping[str, str]) -> Any:
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
-    if type_ is Secret and isinstance(obj, str):
-        return Secret(obj)
+    if type_ is Secret:
+        if isinstance(obj, str):
+            return Secret(obj)
+        raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")
     raise NotImplementedError
 
 
@@ -219,6 +221,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -229,6 +233,12 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def _check(config: Config, source: str) -> None:
     """Cross-field checks that msgspec's per-field constraints cannot express."""
     from .routes import KINDS  # routes does not import config: no cycle at import time
+
+    if config.auth.master_key is not None and not config.auth.master_key.strip():
+        raise ConfigError(f"{source}: the master key is empty - at `$.auth.master_key`")
+    for i, vkey in enumerate(config.auth.keys):
+        if not vkey.key.strip():
+            raise ConfigError(f"{source}: the key is empty - at `$.auth.keys[{i}].key`")
 
     for kind, paths in config.aliases.items():
         if kind not in KINDS:

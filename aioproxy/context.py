@@ -43,7 +43,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     rpm: int | None = None
     tpm: int | None = None
     timeouts: Timeouts | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, Secret] = {}
     settings: dict[str, Any] = {}
 
     id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"

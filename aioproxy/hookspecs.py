@@ -66,7 +66,7 @@ def register_providers(register: RegisterProvider, config: Config) -> None:
 def register_routes(register: RegisterRoute, config: Config) -> None:
     """Add routes to the app.
 
-    Runs once when an app is created, before the route table is frozen. Call
+    Runs once when an app is created (with its ``config``), before the route table is frozen. Call
     ``register(method, path, handler)``; ``handler`` is an ordinary aiohttp handler, and the app's
     error middleware renders its exceptions as OpenAI errors. Synchronous.
     """
@@ -124,7 +124,8 @@ def before_request(call: Call) -> MaybeAwaitable[None]:
 def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
     """Observe a finished request: status, timing and usage, for logging, metering or billing.
 
-    Runs after the last byte has gone to the client (for streams, after the stream ended, also when
+    ``call`` is the request as it was served (``call.deployment`` answered it); ``outcome`` holds
+    status, timing and what usage needs. Runs after the last byte has gone to the client (for streams, after the stream ended, also when
     the client went away: see ``outcome.disconnected``). ``outcome.usage()`` decodes the token
     usage when the upstream reported it. Every implementation runs; exceptions are logged and
     swallowed, as the response is already sent. May be ``async def``.

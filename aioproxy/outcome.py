@@ -29,13 +29,29 @@ _decode_holder = msgspec.json.Decoder(_UsageHolder).decode
 _decode_event = msgspec.json.Decoder(_ResponseEvent).decode
 
 
+class _Malformed(Exception):
+    pass
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _Malformed
+
+
 def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
+    """Token counts in either API's names; None when absent or not counts."""
     if not raw:
         return None
-    prompt = raw.get("prompt_tokens", raw.get("input_tokens", 0)) or 0
-    completion = raw.get("completion_tokens", raw.get("output_tokens", 0)) or 0
-    total = raw.get("total_tokens") or prompt + completion
-    return Usage(int(prompt), int(completion), int(total))
+    try:
+        prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
+        completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
+        total = _count(raw.get("total_tokens")) or prompt + completion
+    except _Malformed:
+        return None
+    return Usage(prompt, completion, total)
 
 
 class Outcome:

@@ -41,7 +41,7 @@ async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
     buffer = b""
     async for chunk in content.iter_any():
         buffer = buffer + chunk if buffer else chunk
-        if b"\r" in chunk:
+        if b"\r" in buffer:  # not just in chunk: a \r\n may be split across two chunks
             buffer = buffer.replace(b"\r\n", b"\n")
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:

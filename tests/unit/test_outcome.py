@@ -1,0 +1,148 @@
+"""aioproxy.outcome: the usage an upstream reported, from a body or from a stream's last events."""
+
+from __future__ import annotations
+
+import pytest
+
+from aioproxy.outcome import Outcome, Usage
+from aioproxy.streaming import DONE, sse_data, sse_event
+
+
+def body_outcome(body: bytes) -> Outcome:
+    outcome = Outcome(200, stream=False)
+    outcome.body = body
+    return outcome
+
+
+def stream_outcome(*events: bytes) -> Outcome:
+    outcome = Outcome(200, stream=True)
+    outcome.last_events = events
+    return outcome
+
+
+CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+RESPONSES_USAGE = {"input_tokens": 8, "output_tokens": 3, "total_tokens": 11,
+                   "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def test_defaults() -> None:
+    outcome = Outcome(201, stream=False)
+    assert (outcome.status, outcome.stream) == (201, False)
+    assert outcome.body is None and outcome.last_events == () and outcome.events == 0
+    assert outcome.ttfb is None and outcome.elapsed == 0.0 and outcome.disconnected is False
+    assert outcome.usage() is None
+
+
+def test_usage_from_chat_body() -> None:
+    body = (b'{"id":"c","object":"chat.completion","choices":[{"message":{"content":"hi"}}],'
+            b'"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,'
+            b'"prompt_tokens_details":{"cached_tokens":0}}}')
+    assert body_outcome(body).usage() == Usage(12, 5, 17)
+
+
+def test_usage_from_responses_body() -> None:
+    body = b'{"object":"response","usage":{"input_tokens":8,"output_tokens":3,"total_tokens":11}}'
+    assert body_outcome(body).usage() == Usage(8, 3, 11)
+
+
+def test_usage_from_embeddings_body() -> None:
+    body = b'{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}'
+    assert body_outcome(body).usage() == Usage(4, 0, 4)
+
+
+def test_total_computed_when_missing() -> None:
+    assert body_outcome(b'{"usage":{"prompt_tokens":2,"completion_tokens":3}}').usage() == Usage(
+        2, 3, 5
+    )
+
+
+def test_usage_from_chat_stream() -> None:
+    outcome = stream_outcome(
+        sse_data({"choices": [{"delta": {"content": "x"}}], "usage": None}),
+        sse_data({"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": None}),
+        sse_data({"choices": [], "usage": CHAT_USAGE}),
+        DONE,
+    )
+    assert outcome.usage() == Usage(12, 5, 17)
+
+
+def test_usage_from_responses_stream() -> None:
+    outcome = stream_outcome(
+        sse_event("response.output_text.done", {"type": "response.output_text.done", "text": "x"}),
+        sse_event("response.completed", {"type": "response.completed",
+                                         "response": {"id": "r", "usage": RESPONSES_USAGE}}),
+    )
+    assert outcome.usage() == Usage(8, 3, 11)
+
+
+def test_data_line_without_space() -> None:
+    outcome = stream_outcome(b'data:{"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n',
+                             b"data:[DONE]\n\n")
+    assert outcome.usage() == Usage(1, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        body_outcome(b'{"id":"x","choices":[]}'),
+        body_outcome(b'{"usage":null}'),
+        body_outcome(b'{"usage":{}}'),
+        stream_outcome(),
+        stream_outcome(DONE),
+        stream_outcome(sse_data({"choices": [], "usage": None}), DONE),
+        stream_outcome(b": keep-alive\n\n"),
+        # a Responses stream cut before response.completed: an event with a response, no usage
+        stream_outcome(sse_event("response.in_progress",
+                                 {"type": "response.in_progress", "response": {"usage": None}})),
+    ],
+    ids=["body-no-usage", "body-null", "body-empty", "no-events", "done-only", "chunks-null",
+         "comment", "responses-cut"],
+)
+def test_none_when_absent(outcome: Outcome) -> None:
+    assert outcome.usage() is None
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        body_outcome(b""),
+        body_outcome(b"not json"),
+        body_outcome(b"[1,2]"),
+        body_outcome(b'{"usage":"lots"}'),
+        body_outcome(b'{"usage":{"prompt_tokens":1'),
+        stream_outcome(b"data: {truncated\n\n", DONE),
+        stream_outcome(b"data: [1]\n\n"),
+        stream_outcome(sse_event("response.completed", {"response": "nope"})),
+    ],
+    ids=["empty", "text", "array", "usage-string", "truncated", "bad-event", "array-event",
+         "bad-response"],
+)
+def test_none_when_malformed(outcome: Outcome) -> None:
+    assert outcome.usage() is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"usage":{"prompt_tokens":"abc","completion_tokens":1}}',
+        b'{"usage":{"prompt_tokens":[1],"total_tokens":3}}',
+        b'{"usage":{"total_tokens":"many"}}',
+    ],
+)
+def test_none_when_token_counts_malformed(body: bytes) -> None:
+    assert body_outcome(body).usage() is None
+
+
+def test_body_wins_over_events() -> None:
+    outcome = body_outcome(b'{"usage":{"prompt_tokens":1,"completion_tokens":2}}')
+    outcome.last_events = (sse_data({"usage": CHAT_USAGE}),)
+    assert outcome.usage() == Usage(1, 2, 3)
+
+
+def test_latest_usage_event_wins() -> None:
+    outcome = stream_outcome(
+        sse_data({"usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+        sse_data({"usage": CHAT_USAGE}),
+        DONE,
+    )
+    assert outcome.usage() == Usage(12, 5, 17)
