@@ -179,12 +179,14 @@ async def _relay(
 ) -> None:
     if first is not None:
         await response.write(first)
-        outcome.events = 1
-        outcome.last_events = (first,)
-        async for event in reply.events:
-            await response.write(event)
-            outcome.events += 1
-            outcome.last_events = (outcome.last_events[-1], event)
+        events = first.count(b"\n\n")
+        previous = last = first
+        async for block in reply.events:
+            await response.write(block)
+            events += block.count(b"\n\n")
+            previous, last = last, block
+        outcome.events = events
+        outcome.last_events = (last,) if previous is last else (previous, last)
     await response.write_eof()
 
 

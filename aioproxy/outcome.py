@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 
+from .streaming import split_events
+
 __all__ = ["Outcome", "Usage"]
 
 
@@ -63,7 +65,7 @@ class Outcome:
         self.status = status
         self.stream = stream
         self.body: bytes | None = None  # the whole body of a non-streamed answer
-        self.last_events: tuple[bytes, ...] = ()  # a stream's last events, where usage comes
+        self.last_events: tuple[bytes, ...] = ()  # a stream's last blocks of events (usage is there)
         self.events = 0  # events relayed
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
@@ -74,7 +76,8 @@ class Outcome:
         try:
             if self.body is not None:
                 return _usage_from(_decode_holder(self.body).usage)
-            for event in reversed(self.last_events):
+            events = [e for block in self.last_events for e in split_events(block)]
+            for event in reversed(events):
                 data = _data_of(event)
                 if not data or data == b"[DONE]":
                     continue

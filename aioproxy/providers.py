@@ -41,6 +41,9 @@ class JSONReply:
 class StreamReply:
     """A streamed answer: ``events`` yields complete SSE events (bytes ending in a blank line).
 
+    An item may hold several events (a relay passes on what each network read completed, in
+    one write); use ``aioproxy.streaming.split_events`` to take one apart.
+
     The proxy pulls the first event before it sends the response headers, so a provider that
     raises a ProxyError before its first event still answers with a proper status. ``close`` (if
     given) runs once the stream is over, also when the client went away: release upstream

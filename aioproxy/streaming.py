@@ -7,7 +7,15 @@ from collections.abc import AsyncIterator
 import msgspec
 from aiohttp import StreamReader
 
-__all__ = ["DONE", "SSE_HEADERS", "iter_sse", "sse_data", "sse_event"]
+__all__ = [
+    "DONE",
+    "SSE_HEADERS",
+    "iter_sse",
+    "iter_sse_blocks",
+    "split_events",
+    "sse_data",
+    "sse_event",
+]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -32,21 +40,39 @@ def sse_event(event: str, obj: object) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _encode(obj) + b"\n\n"
 
 
-async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
-    """Yield each complete event of an SSE body (ending in a blank line) as soon as it arrives.
+async def iter_sse_blocks(content: StreamReader) -> AsyncIterator[bytes]:
+    """Yield the complete SSE events of a body as they arrive, several at once when they came so.
 
-    ``\\r\\n`` line ends are normalised to ``\\n``. A trailing event that never got its blank line
-    (the upstream cut the stream) is yielded as it is, terminated, so nothing received is lost.
+    Each chunk read from the network yields what it completes: every whole event (ending in a
+    blank line) it holds, as one block, so that relaying costs one write per chunk, not per
+    event, and nothing that arrived is held back. A partial event waits for the rest of it, so
+    a client never gets half an event. ``\r\n`` line ends become ``\n``. A trailing event that
+    never got its blank line (the upstream cut the stream) is yielded, terminated, at the end.
     """
     buffer = b""
     async for chunk in content.iter_any():
         buffer = buffer + chunk if buffer else chunk
         if b"\r" in buffer:  # not just in chunk: a \r\n may be split across two chunks
             buffer = buffer.replace(b"\r\n", b"\n")
-        start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
-            yield buffer[start : end + 2]
-            start = end + 2
-        buffer = buffer[start:] if start else buffer
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            continue
+        if end + 2 == len(buffer):
+            block, buffer = buffer, b""
+        else:
+            block, buffer = buffer[: end + 2], buffer[end + 2 :]
+        yield block
     if buffer.strip():
         yield buffer.rstrip(b"\n") + b"\n\n"
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """The events of a block from ``iter_sse_blocks``, each ending in a blank line."""
+    return [event + b"\n\n" for event in block.split(b"\n\n") if event.strip(b"\n")]
+
+
+async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
+    """Yield each complete event of an SSE body, one by one, as soon as it arrives."""
+    async for block in iter_sse_blocks(content):
+        for event in split_events(block):
+            yield event

@@ -15,7 +15,7 @@ from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .providers import JSONReply, Reply, StreamReply
 from .routes import Kind
-from .streaming import iter_sse
+from .streaming import iter_sse_blocks
 
 __all__ = [
     "failure_from",
@@ -237,13 +237,14 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     last = b""
     try:
-        async for event in iter_sse(response.content):
-            last = event
-            yield event
+        async for block in iter_sse_blocks(response.content):
+            last = block
+            yield block
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
     final = _FINAL_EVENTS.get(kind)
-    if final is not None and not any(marker in last for marker in final):
+    last_event = last.rstrip(b"\n").rpartition(b"\n\n")[2]
+    if final is not None and not any(marker in last_event for marker in final):
         raise BadGateway(
             f"Deployment {deployment.describe()} ended its stream before it was complete",
             code="upstream_stream_incomplete",

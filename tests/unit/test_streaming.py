@@ -13,7 +13,15 @@ from aiohttp import StreamReader, web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aioproxy.streaming import DONE, SSE_HEADERS, iter_sse, sse_data, sse_event
+from aioproxy.streaming import (
+    DONE,
+    SSE_HEADERS,
+    iter_sse,
+    iter_sse_blocks,
+    split_events,
+    sse_data,
+    sse_event,
+)
 
 EVENTS = [
     b'data: {"id":"1","choices":[{"delta":{"content":"Hel"}}]}\n\n',
@@ -28,13 +36,13 @@ BODY = b"".join(EVENTS)
 PROPERTY = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 
 
-async def sse_from_chunks(chunks: Sequence[bytes]) -> list[bytes]:
+async def sse_from_chunks(chunks: Sequence[bytes], reader_fn: Any = None) -> list[bytes]:
     """Feed ``chunks`` one by one into an aiohttp StreamReader, each read before the next comes."""
     reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
     events: list[bytes] = []
 
     async def consume() -> None:
-        async for event in iter_sse(reader):
+        async for event in (reader_fn or iter_sse)(reader):
             events.append(event)
 
     task = asyncio.create_task(consume())
@@ -241,3 +249,19 @@ def test_done_and_headers() -> None:
     assert SSE_HEADERS["Content-Type"].startswith("text/event-stream")
     assert SSE_HEADERS["Cache-Control"] == "no-cache"
     assert SSE_HEADERS["X-Accel-Buffering"] == "no"
+
+
+async def test_blocks_pass_on_what_each_chunk_completes() -> None:
+    """One write per network read: whole events together, a partial one held until complete."""
+    chunks = [b"data: 1\n\ndata: 2\n\ndata: 3", b"a\n\n", b"data: 4\n", b"\n"]
+    blocks = await sse_from_chunks(chunks, iter_sse_blocks)
+    assert blocks == [b"data: 1\n\ndata: 2\n\n", b"data: 3a\n\n", b"data: 4\n\n"]
+    assert [e for b in blocks for e in split_events(b)] == await sse_from_chunks(chunks)
+
+
+@given(st.lists(st.integers(0, len(BODY)), max_size=8))
+@PROPERTY
+async def test_blocks_join_to_the_same_events_under_any_chunking(cuts: list[int]) -> None:
+    blocks = await sse_from_chunks(split(BODY, cuts), iter_sse_blocks)
+    assert all(block.endswith(b"\n\n") for block in blocks)
+    assert [e for b in blocks for e in split_events(b)] == EVENTS

@@ -1,0 +1,92 @@
+"""What both bridges need: the chat Call they make, and reading the chat provider's stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ..context import Call
+from ..providers import StreamReply
+from ..routes import Kind
+
+__all__ = ["chat_call", "data_of", "events_of", "first_event", "once", "text_of"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def chat_call(call: Call, body: dict[str, Any]) -> Call:
+    """A chat-completions Call carrying ``body``, for the same client, deployment and state."""
+    fields = {name: msgspec.Raw(_encode(value)) for name, value in body.items()}
+    fields["model"] = msgspec.Raw(_encode(call.model))
+    bridged = Call(
+        Kind.CHAT_COMPLETIONS, call.request, call.principal, call.model, fields, call.stream
+    )
+    bridged.state = call.state  # one request: plugins' notes stay shared
+    bridged.started = call.started
+    if call.deployment is not None:
+        bridged.route_to(call.deployment)
+    return bridged
+
+
+def data_of(event: bytes) -> bytes:
+    """The joined ``data:`` lines of one SSE event (comments and ``event:`` lines dropped)."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+def text_of(content: Any) -> str:
+    """A chat message's text: its content string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def once(close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """``close``, made safe to call more than once (the generator's finally and the reply's)."""
+    done = False
+
+    async def close_once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            await close()
+
+    return close_once
+
+
+async def first_event(reply: StreamReply) -> bytes | None:
+    """Pull a stream's first event now, so that a failure before it keeps its own status."""
+    try:
+        return await anext(reply.events)
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await reply.aclose()
+        raise
+
+
+async def events_of(reply: StreamReply, first: bytes | None) -> AsyncIterator[bytes]:
+    """The stream's events one by one, ``first`` (already pulled) included.
+
+    A provider may yield several events in one item (what one network read completed): they
+    are taken apart here, each still handled as soon as its item arrives.
+    """
+    if first is None:
+        return
+    for event in _split(first):
+        yield event
+    async for item in reply.events:
+        for event in _split(item):
+            yield event
+
+
+def _split(item: bytes) -> list[bytes]:
+    if item.count(b"\n\n") <= 1:
+        return [item]
+    return [event + b"\n\n" for event in item.split(b"\n\n") if event.strip(b"\n")]

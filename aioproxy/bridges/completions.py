@@ -1,0 +1,393 @@
+"""Legacy completions (``/v1/completions``) served by a provider that only has chat completions.
+
+Each prompt becomes one user message; a list of prompts becomes one chat call per prompt, their
+choices numbered in prompt order (``n`` per prompt), as OpenAI numbers them. Streams are relayed
+chunk by chunk as they arrive, one prompt after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ..context import Call
+from ..errors import BadGateway, BadRequest
+from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
+from ..streaming import DONE, sse_data
+from .common import chat_call, data_of, events_of, first_event, once, text_of
+
+__all__ = ["chat_body", "completion_from_chat", "make_completions_bridge", "prompts_of"]
+
+# Fields chat takes under the same name and meaning.
+_SAME_NAME = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "seed",
+    "service_tier",
+)
+_FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+
+
+def _unsupported(what: str, param: str) -> BadRequest:
+    return BadRequest(
+        f"{what} not supported by this model: its provider only serves chat completions",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
+def prompts_of(body: dict[str, Any]) -> list[str]:
+    """The request's prompts: a string, or a list of strings (token ids are refused)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    if isinstance(prompt, list) and not prompt:
+        raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
+    raise _unsupported("Prompts as token ids are", "prompt")
+
+
+def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """The chat-completions body (no ``model``) for one prompt of a completions request."""
+    if body.get("suffix"):
+        raise _unsupported("'suffix' is", "suffix")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
+        raise _unsupported("'best_of' is", "best_of")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and body.get("echo"):
+        raise _unsupported(
+            "'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs"
+        )
+    chat: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+    for name in _SAME_NAME:
+        value = body.get(name)
+        if value is not None:
+            chat[name] = value
+    if logprobs is not None:
+        chat["logprobs"] = True
+        chat["top_logprobs"] = logprobs
+    if body.get("stream"):
+        chat["stream"] = True
+        if _wants_usage(body):
+            chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class _Message(msgspec.Struct):
+    content: Any = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    message: _Message | None = None  # a whole answer
+    delta: _Message | None = None  # a stream chunk
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class _ChatAnswer(msgspec.Struct):
+    id: str | None = None
+    created: int | None = None
+    model: str | None = None
+    system_fingerprint: str | None = None
+    choices: list[_Choice] = []
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_decode_answer = msgspec.json.Decoder(_ChatAnswer).decode
+
+
+# One chunk per token: Structs, as msgspec encodes those fastest.
+class _OutChoice(msgspec.Struct):
+    text: str
+    index: int
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class _OutChunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[_OutChoice]
+    usage: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return _FINISH_REASONS.get(reason, "stop")  # tool_calls / function_call: the text stopped
+
+
+class _Logprobs:
+    """Chat token log probabilities in the legacy shape, ``text_offset`` kept per choice."""
+
+    __slots__ = ("offsets",)
+
+    def __init__(self) -> None:
+        self.offsets: dict[int, int] = {}
+
+    def convert(self, index: int, chat: dict[str, Any] | None) -> dict[str, Any] | None:
+        if chat is None:
+            return None
+        tokens: list[str] = []
+        token_logprobs: list[float] = []
+        top: list[dict[str, float]] = []
+        text_offset: list[int] = []
+        offset = self.offsets.get(index, 0)
+        for entry in chat.get("content") or ():
+            token = entry.get("token", "")
+            tokens.append(token)
+            token_logprobs.append(entry.get("logprob", 0.0))
+            top.append(
+                {t.get("token", ""): t.get("logprob", 0.0) for t in entry.get("top_logprobs") or ()}
+            )
+            text_offset.append(offset)
+            offset += len(token)
+        self.offsets[index] = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": text_offset,
+        }
+
+
+def _add_usage(total: dict[str, int], usage: dict[str, Any] | None) -> None:
+    if not usage:
+        return
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(name)
+        if isinstance(value, int):
+            total[name] = total.get(name, 0) + value
+
+
+def completion_from_chat(
+    answers: list[dict[str, Any] | bytes], prompts: list[str], body: dict[str, Any], model: str
+) -> dict[str, Any]:
+    """The text_completion for whole chat completions, one per prompt (in order)."""
+    n = body.get("n") or 1
+    echo = bool(body.get("echo"))
+    logprobs = _Logprobs()
+    choices: list[dict[str, Any]] = []
+    usage: dict[str, int] = {}
+    first: _ChatAnswer | None = None
+    for number, (raw, prompt) in enumerate(zip(answers, prompts, strict=True)):
+        answer = _decode_answer(raw if isinstance(raw, bytes) else msgspec.json.encode(raw))
+        first = first or answer
+        _add_usage(usage, answer.usage)
+        for choice in answer.choices:
+            message = choice.message or choice.delta or _Message()
+            index = number * n + choice.index
+            choices.append(
+                {
+                    "text": (prompt if echo else "") + text_of(message.content),
+                    "index": index,
+                    "logprobs": logprobs.convert(index, choice.logprobs),
+                    "finish_reason": _finish(choice.finish_reason) or "stop",
+                }
+            )
+    choices.sort(key=lambda c: c["index"])
+    completion: dict[str, Any] = {
+        "id": "cmpl-" + secrets.token_hex(16),
+        "object": "text_completion",
+        "created": (first and first.created) or int(time.time()),
+        "model": (first and first.model) or model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+        },
+    }
+    if first is not None and first.system_fingerprint:
+        completion["system_fingerprint"] = first.system_fingerprint
+    return completion
+
+
+def make_completions_bridge(chat: ProviderMethod) -> ProviderMethod:
+    """The ``completions`` method of a provider that only has ``chat`` (its chat_completions)."""
+
+    async def completions(call: Call) -> Reply:
+        body = call.json()
+        prompts = prompts_of(body)
+        bodies = [chat_body(body, prompt) for prompt in prompts]
+        if call.stream:
+            return await _stream_reply(chat, call, body, prompts, bodies)
+        replies = await _all(chat(chat_call(call, b)) for b in bodies)
+        for reply in replies:
+            if isinstance(reply, StreamReply):
+                for other in replies:
+                    if isinstance(other, StreamReply):
+                        await other.aclose()
+                raise BadGateway(
+                    "The chat provider streamed an answer that was not asked to stream"
+                )
+        for reply in replies:
+            if isinstance(reply, JSONReply) and reply.status >= 400:
+                return reply  # a provider's own error answer: pass it on as it is
+        try:
+            completion = completion_from_chat(
+                [reply.body for reply in replies],
+                prompts,
+                body,
+                call.model,  # type: ignore[union-attr]
+            )
+        except msgspec.DecodeError:
+            raise BadGateway(
+                "The chat provider sent a completion the bridge cannot read",
+                code="upstream_invalid_response",
+            ) from None
+        return JSONReply.of(completion)
+
+    return completions
+
+
+async def _all(calls: Any) -> list[Reply]:
+    """Run the chat calls concurrently; the first failure cancels the rest and is raised."""
+    tasks: list[asyncio.Task[Reply]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in calls:
+                tasks.append(group.create_task(coro))
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _stream_reply(
+    chat: ProviderMethod,
+    call: Call,
+    body: dict[str, Any],
+    prompts: list[str],
+    bodies: list[dict[str, Any]],
+) -> Reply:
+    """Start the first prompt's chat stream (so its failure keeps its status), then relay."""
+    reply = await chat(chat_call(call, bodies[0]))
+    if isinstance(reply, JSONReply) and reply.status >= 400:
+        return reply
+    current: list[Callable[[], Awaitable[None]]] = []
+    first: bytes | None = None
+    if isinstance(reply, StreamReply):
+        current.append(once(reply.aclose))
+        first = await first_event(reply)
+
+    async def close() -> None:
+        while current:
+            await current.pop()()
+
+    return StreamReply(
+        _relay(chat, call, body, prompts, bodies, reply, first, current), close=close
+    )
+
+
+async def _relay(
+    chat: ProviderMethod,
+    call: Call,
+    body: dict[str, Any],
+    prompts: list[str],
+    bodies: list[dict[str, Any]],
+    reply: Reply,
+    first: bytes | None,
+    current: list[Callable[[], Awaitable[None]]],
+) -> AsyncIterator[bytes]:
+    n = body.get("n") or 1
+    echo = bool(body.get("echo"))
+    chunk_id = "cmpl-" + secrets.token_hex(16)
+    created = int(time.time())
+    model = call.model
+    logprobs = _Logprobs()
+    usage: dict[str, int] = {}
+    try:
+        for number, prompt in enumerate(prompts):
+            if number:
+                reply = await chat(chat_call(call, bodies[number]))
+                if isinstance(reply, StreamReply):
+                    current.append(once(reply.aclose))
+                    first = await first_event(reply)
+            if isinstance(reply, JSONReply) and reply.status >= 400:
+                yield b"data: " + reply.body + b"\n\n"  # headers are out: as one error event
+                return
+            if echo:
+                choices = [_OutChoice(prompt, number * n + j) for j in range(n)]
+                yield sse_data(
+                    _OutChunk(id=chunk_id, created=created, model=model, choices=choices)
+                )
+            events = events_of(reply, first) if isinstance(reply, StreamReply) else _single(reply)
+            async for event in events:
+                data = data_of(event)
+                if not data:
+                    continue
+                if data == b"[DONE]":
+                    break
+                try:
+                    answer = _decode_answer(data)
+                except msgspec.DecodeError:
+                    raise BadGateway(
+                        "The chat provider sent a chunk the bridge cannot read",
+                        code="upstream_invalid_response",
+                    ) from None
+                if answer.error is not None:
+                    yield b"data: " + data + b"\n\n"  # already an error event: pass it on
+                    return
+                model = answer.model or model
+                _add_usage(usage, answer.usage)
+                choices = []
+                for choice in answer.choices:
+                    message = choice.delta or choice.message or _Message()
+                    text = text_of(message.content)
+                    if not text and choice.finish_reason is None:
+                        continue  # the role chunk, or tool call pieces: nothing legacy can say
+                    index = number * n + choice.index
+                    choices.append(
+                        _OutChoice(
+                            text,
+                            index,
+                            logprobs.convert(index, choice.logprobs),
+                            _finish(choice.finish_reason),
+                        )
+                    )
+                if choices:
+                    yield sse_data(
+                        _OutChunk(id=chunk_id, created=created, model=model, choices=choices)
+                    )
+            while current:
+                await current.pop()()
+        if _wants_usage(body):
+            totals = {
+                name: usage.get(name, 0)
+                for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+            }
+            yield sse_data(
+                _OutChunk(id=chunk_id, created=created, model=model, choices=[], usage=totals)
+            )
+        yield DONE
+    finally:
+        while current:
+            await current.pop()()
+
+
+async def _single(reply: JSONReply) -> AsyncIterator[bytes]:
+    """A whole chat answer (from a provider that did not stream) as one event."""
+    yield b"data: " + reply.body + b"\n\n"

@@ -1,0 +1,148 @@
+"""Stored Responses API answers, for ``previous_response_id`` and ``GET /v1/responses/{id}``.
+
+SQLite in WAL mode, so that several worker processes can share one file. Every query runs on the
+store's single worker thread: the event loop never waits on the disk, and the one connection is
+only ever used from one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["ResponseStore"]
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_response = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_conversation = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    response BLOB NOT NULL,
+    conversation BLOB NOT NULL
+)
+"""
+_BUSY_TIMEOUT_MS = 5000  # another worker process holding the write lock: wait, do not fail
+
+
+class ResponseStore:
+    """Responses kept by id, each readable only by the principal that created it.
+
+    ``conversation`` is the whole exchange up to and including the response, as chat messages
+    (the previous responses' already flattened in), so chaining never walks a list of ids.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        """Open (creating if need be) the database file and its table."""
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
+        try:
+            self._db = await self._run(self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        db, self._db = self._db, None
+        try:
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, db.close)
+        finally:
+            executor.shutdown(wait=True)  # idle by now: returns at once
+
+    async def save(
+        self,
+        response_id: str,
+        principal: str,
+        response: dict[str, Any],
+        conversation: list[dict[str, Any]],
+    ) -> None:
+        row = (
+            response_id,
+            principal,
+            int(time.time()),
+            _encode(response),
+            _encode(conversation),
+        )
+        await self._run(self._save, row)
+
+    async def get(
+        self, response_id: str, principal: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """The response and its conversation, or None if absent or another principal's."""
+        row = await self._run(self._get, response_id, principal)
+        if row is None:
+            return None
+        return _decode_response(row[0]), _decode_conversation(row[1])
+
+    async def delete(self, response_id: str, principal: str) -> bool:
+        """Delete the response; False if absent or another principal's."""
+        return await self._run(self._delete, response_id, principal)
+
+    # -- on the worker thread ------------------------------------------------------------
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        if self._executor is None:
+            raise RuntimeError("the response store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:" and not self.path.startswith("file:"):
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit: each statement is its own transaction, so no lock outlives a call.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
+            db.execute(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the response store is not open")
+        return self._db
+
+    def _save(self, row: tuple[Any, ...]) -> None:
+        self._conn().execute(
+            "INSERT OR REPLACE INTO responses (id, principal, created_at, response, conversation)"
+            " VALUES (?, ?, ?, ?, ?)",
+            row,
+        )
+
+    def _get(self, response_id: str, principal: str) -> tuple[bytes, bytes] | None:
+        cursor = self._conn().execute(
+            "SELECT response, conversation FROM responses WHERE id = ? AND principal = ?",
+            (response_id, principal),
+        )
+        return cursor.fetchone()
+
+    def _delete(self, response_id: str, principal: str) -> bool:
+        cursor = self._conn().execute(
+            "DELETE FROM responses WHERE id = ? AND principal = ?", (response_id, principal)
+        )
+        return cursor.rowcount > 0
