@@ -77,6 +77,7 @@ class Call:
         "started",
         "lease",
         "_json",
+        "_body",
     )
 
     def __init__(
@@ -87,6 +88,7 @@ class Call:
         model: str,
         fields: dict[str, msgspec.Raw],
         stream: bool,
+        body: bytes | None = None,
     ) -> None:
         self.kind = kind
         self.request = request
@@ -99,6 +101,8 @@ class Call:
         self.started = time.monotonic()
         self.lease: Deployment | None = None  # the deployment answering, while it is in flight
         self._json: dict[str, Any] | None = None
+        # The body as received, while it is still what the fields say (forwarded as it is then).
+        self._body = body
 
     def get(self, name: str, default: Any = None) -> Any:
         """The decoded value of one top-level body field."""
@@ -108,11 +112,11 @@ class Call:
     def set(self, name: str, value: Any) -> None:
         """Replace (or add) one top-level body field."""
         self.fields[name] = msgspec.Raw(_encode(value))
-        self._json = None
+        self._json = self._body = None
 
     def pop(self, name: str) -> None:
-        self.fields.pop(name, None)
-        self._json = None
+        if self.fields.pop(name, None) is not None:
+            self._json = self._body = None
 
     def json(self) -> dict[str, Any]:
         """The whole body decoded, with ``model`` as the upstream model id. Cached; do not mutate."""
@@ -123,9 +127,16 @@ class Call:
     def route_to(self, deployment: Deployment) -> None:
         """Send this call to ``deployment``: the body's ``model`` becomes its upstream model id."""
         self.deployment = deployment
-        self.fields["model"] = msgspec.Raw(_encode(deployment.model))
-        self._json = None
+        if deployment.model != self.model or self._body is None:
+            self.fields["model"] = msgspec.Raw(_encode(deployment.model))
+            self._json = self._body = None
 
     def body(self) -> bytes:
-        """The body to send upstream: the client's fields as sent, bar ``model``."""
+        """The body to send upstream: the client's fields as sent, bar ``model``.
+
+        Untouched (the upstream model id is the name asked for, no hook changed a field), it is
+        the very bytes the client sent: nothing to encode.
+        """
+        if self._body is not None:
+            return self._body
         return _encode(self.fields)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping
 
@@ -128,6 +129,16 @@ def decode_request(
     return fields, model, stream
 
 
+# A body may be forwarded as the very bytes received only when re-encoding its fields would
+# change nothing: exactly one "model" key (a duplicate could make the upstream read another
+# model than the one authorised), and none of the dropped fields.
+_MAY_DIFFER = re.compile(rb'"(?:api_|base_url"|organization"|extra_headers")')
+
+
+def _pristine(body: bytes) -> bool:
+    return body.count(b'"model"') == 1 and _MAY_DIFFER.search(body) is None
+
+
 class Gateway:
     """Everything one app needs per request, resolved at start-up (providers once the session is open)."""
 
@@ -185,7 +196,9 @@ class Gateway:
             raise PermissionDenied(
                 f"This API key may not use the model '{model}'", param="model"
             )
-        return Call(kind, request, principal, model, fields, stream)
+        return Call(
+            kind, request, principal, model, fields, stream, body if _pristine(body) else None
+        )
 
     async def candidates(self, call: Call, model: str) -> tuple[Deployment, ...]:
         """The deployments ``map_model`` offers for ``model`` (empty: the model is unknown)."""

@@ -18,11 +18,13 @@ from .routes import Kind
 from .streaming import iter_sse_blocks
 
 __all__ = [
+    "deployment_timeout",
     "failure_from",
     "forward",
     "make_session",
     "read_capped",
     "read_upstream_error",
+    "scrub",
     "timeout_for",
 ]
 

@@ -1,0 +1,142 @@
+"""Anthropic's errors (error answers, stream ``error`` events) as the OpenAI errors clients see."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from aioproxy import BadGateway, Deployment, ProxyError
+from aioproxy.upstream import scrub
+
+__all__ = ["STATUS_OF_TYPE", "error_from", "map_error", "stream_error"]
+
+_PREVIEW = 300  # characters of a non-JSON error body worth showing
+
+# Anthropic's error types and the HTTP status each comes with.
+STATUS_OF_TYPE: Mapping[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+# The router's context-window fallback looks for this code (or these words in the message).
+_CONTEXT_MARKERS = ("prompt is too long", "context window", "context length")
+
+
+class _Detail(msgspec.Struct):
+    type: str | None = None
+    message: str | None = None
+
+
+class _Body(msgspec.Struct):
+    """``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
+
+    error: _Detail | None = None
+    request_id: str | None = None
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
+def error_from(
+    status: int, body: bytes, deployment: Deployment, retry_after: str | None = None
+) -> ProxyError:
+    """An Anthropic error answer (``status`` and its body) as the error the client sees."""
+    try:
+        parsed = _decode_body(body)
+    except msgspec.DecodeError:
+        parsed = _Body()
+    detail = parsed.error or _Detail()
+    message = detail.message
+    if message is None:  # not Anthropic's JSON: a proxy or load balancer in front of it said this
+        text = body[:_PREVIEW].decode("utf-8", "replace").strip()
+        message = text or None
+    return map_error(status, detail.type, message, deployment, retry_after, parsed.request_id)
+
+
+def stream_error(event: Mapping[str, Any], deployment: Deployment) -> ProxyError:
+    """A stream's ``error`` event, mapped as an answer with that error type's status would be."""
+    error = event.get("error")
+    detail = error if isinstance(error, dict) else {}
+    kind = detail.get("type") if isinstance(detail.get("type"), str) else None
+    message = detail.get("message") if isinstance(detail.get("message"), str) else None
+    status = STATUS_OF_TYPE.get(kind or "", 500)
+    return map_error(status, kind, message, deployment)
+
+
+def map_error(
+    status: int,
+    kind: str | None,
+    message: str | None,
+    deployment: Deployment,
+    retry_after: str | None = None,
+    request_id: str | None = None,
+) -> ProxyError:
+    """Anthropic's status, error type and message in OpenAI terms.
+
+    401/403 mean the deployment's key was refused, not the client's: a 502 that repeats nothing
+    Anthropic said. Failures of the upstream (5xx, 529) name the deployment. Every message
+    Anthropic wrote is scrubbed of anything key-like.
+    """
+    where = deployment.describe()
+    if 300 <= status < 400:
+        return BadGateway(
+            f"Deployment {where} answered with a redirect ({status}); redirects are not followed",
+            code="upstream_redirect",
+        )
+    if status in (401, 403):
+        return BadGateway(
+            f"Deployment {where} refused the proxy's credentials (Anthropic answered {status})",
+            code="upstream_auth_failed",
+        )
+    said = scrub(message, deployment) if message else None
+    headers = {"Retry-After": retry_after} if retry_after else None
+    if status == 529 or kind == "overloaded_error":
+        return ProxyError(
+            _upstream_failure(where, "is overloaded (Anthropic 529)", said, request_id),
+            status=503, type="server_error", code="overloaded", headers=headers,
+        )
+    if status == 500:
+        return ProxyError(
+            _upstream_failure(where, "failed (Anthropic 500)", said, request_id),
+            status=500, type="api_error", code=kind,
+        )
+    if status >= 500:  # an edge proxy's 502/503/504: the upstream is unwell, not the request
+        return BadGateway(
+            _upstream_failure(where, f"answered {status}", said, request_id),
+            code="upstream_error",
+        )
+    if status == 429:
+        return ProxyError(
+            said or f"Deployment {where} is rate limited by Anthropic",
+            status=429, type="rate_limit_error", code="rate_limit_exceeded", headers=headers,
+        )
+    if status == 404:  # usually the deployment's model id: name it, the client cannot see it
+        return ProxyError(
+            f"Deployment {where}: {said or 'not found'}",
+            status=404, type="invalid_request_error", code="not_found",
+        )
+    if status == 413:
+        return ProxyError(
+            said or "The request is too large for Anthropic",
+            status=413, type="invalid_request_error", code="request_too_large",
+        )
+    text = said or f"Deployment {where} refused the request ({status})"
+    code = "context_length_exceeded" if any(m in text.lower() for m in _CONTEXT_MARKERS) else None
+    return ProxyError(text, status=status, type="invalid_request_error", code=code)
+
+
+def _upstream_failure(where: str, what: str, said: str | None, request_id: str | None) -> str:
+    message = f"Deployment {where} {what}"
+    if said:
+        message += f": {said}"
+    if request_id:  # what Anthropic's support asks for
+        message += f" (request_id {request_id})"
+    return message

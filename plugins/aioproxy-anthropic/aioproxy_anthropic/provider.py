@@ -1,0 +1,201 @@
+"""The ``anthropic`` provider: chat completions served by Anthropic's Messages API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import aiohttp
+import msgspec
+from msgspec import Meta
+from multidict import CIMultiDict
+
+from aioproxy import (
+    BadGateway,
+    Call,
+    ConfigError,
+    Deployment,
+    JSONReply,
+    Provider,
+    ProxyError,
+    Reply,
+    StreamReply,
+)
+from aioproxy.streaming import DONE, iter_sse, sse_data
+from aioproxy.upstream import deployment_timeout, failure_from, read_capped
+
+from .errors import error_from, stream_error
+from .translate import DEFAULT_MAX_TOKENS, StreamTranslator, messages_url, parse_event
+from .translate import to_anthropic, to_chat_completion
+
+__all__ = ["AnthropicProvider", "AnthropicSettings", "parse_settings"]
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+_encode = msgspec.json.Encoder().encode
+_decode_message = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment's ``settings`` as this provider reads them.
+
+    Keys it does not know are left alone: other plugins may keep their own settings there.
+    """
+
+    anthropic_version: Annotated[str, Meta(min_length=1)] = ANTHROPIC_VERSION
+    default_max_tokens: Annotated[int, Meta(ge=1)] = DEFAULT_MAX_TOKENS
+
+
+def parse_settings(settings: dict[str, Any]) -> AnthropicSettings:
+    """Raises msgspec.ValidationError. Lax, as ``${VAR}`` in the config gives strings ("1024")."""
+    return msgspec.convert(settings, AnthropicSettings, strict=False)
+
+
+class AnthropicProvider(Provider):
+    """Translates chat completions to ``POST {api_base}/v1/messages`` and the answer back."""
+
+    name = "anthropic"
+
+    async def start(self) -> None:
+        """Refuse to start on bad settings, rather than failing each request later."""
+        for i, entry in enumerate(self.config.models):
+            if entry.provider != self.name:
+                continue
+            try:
+                parse_settings(entry.settings)
+            except msgspec.ValidationError as exc:
+                # msgspec says where in the settings (`$.field`): make that a path in the config.
+                where = str(exc).replace("`$", f"`$.models[{i}].settings")
+                raise ConfigError(
+                    f"model '{entry.name}': invalid anthropic settings: {where}"
+                ) from None
+
+    async def chat_completions(self, call: Call) -> Reply:
+        deployment = call.deployment
+        assert deployment is not None
+        settings = _settings_of(deployment)
+        body = to_anthropic(call.json(), default_max_tokens=settings.default_max_tokens)
+        try:
+            response = await self.session.post(
+                messages_url(deployment.api_base),
+                data=_encode(body),
+                headers=_headers(deployment, settings, call.stream),
+                timeout=deployment_timeout(call, self.config),
+                # A redirect is a misconfiguration, and following it could carry the key elsewhere.
+                allow_redirects=False,
+            )
+        except Exception as exc:  # connect errors and timeouts before any answer
+            raise failure_from(exc, deployment) from exc
+        try:
+            if response.status >= 300:
+                error_body = await read_capped(response, deployment)
+                raise error_from(
+                    response.status, error_body, deployment, response.headers.get("retry-after")
+                )
+            if call.stream:
+                _expect(response, "text/event-stream", deployment)
+                translator = StreamTranslator(
+                    model=call.model, created=int(time.time()), include_usage=_include_usage(call)
+                )
+                # close, not release: a client leaving mid-stream must not leave Anthropic writing.
+                return StreamReply(_events(response, translator, deployment), close=response.close)
+            message = _decode(await read_capped(response, deployment), deployment)
+        except ProxyError:
+            response.close()
+            raise
+        except Exception as exc:
+            response.close()
+            raise failure_from(exc, deployment) from exc
+        response.release()
+        return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
+
+
+def _settings_of(deployment: Deployment) -> AnthropicSettings:
+    try:
+        return parse_settings(deployment.settings)
+    except msgspec.ValidationError as exc:  # a plugin's deployment, never checked at start-up
+        raise ProxyError(
+            f"Deployment {deployment.describe()} has invalid anthropic settings: {exc}",
+            code="invalid_settings",
+        ) from None
+
+
+def _headers(deployment: Deployment, settings: AnthropicSettings, stream: bool) -> CIMultiDict[str]:
+    """Built afresh for each call: the client's own key and headers never travel upstream.
+
+    The deployment's extra ``headers`` (``anthropic-beta``, say) come first, so that they cannot
+    replace the key, version or content type.
+    """
+    headers: CIMultiDict[str] = CIMultiDict(deployment.headers)
+    headers["content-type"] = "application/json"
+    headers["anthropic-version"] = settings.anthropic_version
+    if deployment.api_key:
+        headers["x-api-key"] = deployment.api_key
+    if stream:
+        headers["accept"] = "text/event-stream"
+    return headers
+
+
+def _include_usage(call: Call) -> bool:
+    options = call.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _expect(response: aiohttp.ClientResponse, content_type: str, deployment: Deployment) -> None:
+    if response.content_type != content_type:
+        raise BadGateway(
+            f"Deployment {deployment.describe()} answered {response.content_type or 'no body'}"
+            f", not {content_type}",
+            code="upstream_invalid_response",
+        )
+
+
+def _decode(raw: bytes, deployment: Deployment) -> dict[str, Any]:
+    try:
+        message = _decode_message(raw)
+    except msgspec.DecodeError:
+        message = None
+    if message is None or message.get("type") != "message":
+        raise BadGateway(
+            f"Deployment {deployment.describe()} sent an answer that is not an Anthropic message",
+            code="upstream_invalid_response",
+        )
+    return message
+
+
+async def _events(
+    response: aiohttp.ClientResponse, translator: StreamTranslator, deployment: Deployment
+) -> AsyncIterator[bytes]:
+    """Each Anthropic event as it arrives, as the chunks it gives; ``[DONE]`` after message_stop.
+
+    Read on to the end of the body after message_stop, so the connection goes back to the pool.
+    """
+    try:
+        async for raw in iter_sse(response.content):
+            if translator.finished:
+                continue
+            try:
+                event = parse_event(raw)
+            except msgspec.DecodeError:
+                raise BadGateway(
+                    f"Deployment {deployment.describe()} sent a stream event that is not JSON",
+                    code="upstream_invalid_response",
+                ) from None
+            if event is None:
+                continue
+            if event.get("type") == "error":
+                raise stream_error(event, deployment)
+            for chunk in translator.feed(event):
+                yield sse_data(chunk)
+            if translator.finished:
+                yield DONE
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise failure_from(exc, deployment) from exc
+    if not translator.finished:
+        raise BadGateway(
+            f"Deployment {deployment.describe()} ended its stream before message_stop",
+            code="upstream_stream_incomplete",
+        )
+    response.release()
