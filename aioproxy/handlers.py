@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -82,34 +83,27 @@ async def _send_json(request: web.Request, call: Call, reply: JSONReply) -> web.
 async def _stream_with_keepalive(
     request: web.Request, call: Call, candidates: tuple[Deployment, ...]
 ) -> web.StreamResponse:
-    """Dispatch a streaming call, sending SSE comments while it waits for the first event.
+    """Dispatch a streaming call, sending SSE comments if its first event is slow to come.
 
     A reasoning model can think for minutes before its first token, and load balancers cut
     connections that stay silent that long. Until the first comment goes out nothing is
     committed: a failure still gets its own status. After it, a failure becomes an error event.
+    The common case (the first event comes within the interval) costs one timer.
     """
     gateway = request.app[gateway_key]
-    interval = gateway.config.server.keepalive_interval
-    dispatch = asyncio.ensure_future(gateway.dispatch(call, candidates))
-    response: web.StreamResponse | None = None
+    keeper = _KeepAlive(request, gateway.config.server.keepalive_interval)
     try:
-        while not (await asyncio.wait((dispatch,), timeout=interval))[0]:
-            if response is None:
-                response = web.StreamResponse(headers=SSE_HEADERS)
-                await response.prepare(request)
-            await response.write(b": keepalive\n\n")
-    except BaseException:  # the client went away (cancelled, or a failed write)
-        dispatch.cancel()
-        await _close_abandoned(dispatch, call, gateway)
+        reply, first = await gateway.dispatch(call, candidates)
+    except Exception as exc:
+        response = await keeper.stop()
+        if response is None:
+            raise
+        await _end_with_error(request, response, call, exc, Outcome(200, stream=True))
+        return response
+    except BaseException:
+        await keeper.stop()
         raise
-    if response is None:
-        reply, first = dispatch.result()
-    else:
-        try:
-            reply, first = dispatch.result()
-        except Exception as exc:
-            await _end_with_error(request, response, call, exc, Outcome(200, stream=True))
-            return response
+    response = await keeper.stop()
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply)
@@ -118,18 +112,45 @@ async def _stream_with_keepalive(
     return await _send_stream(request, call, reply, first, response)
 
 
+class _KeepAlive:
+    """Once ``interval`` passes, sends the SSE headers and then a comment every ``interval``."""
+
+    def __init__(self, request: web.Request, interval: float) -> None:
+        self.request = request
+        self.interval = interval
+        self.response: web.StreamResponse | None = None
+        self._handler = asyncio.current_task()
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(interval, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            await response.prepare(self.request)
+            self.response = response
+            while not self._done.is_set():
+                await response.write(b": keepalive\n\n")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), self.interval)
+        except (ConnectionResetError, OSError):
+            if self._handler is not None:  # the client is gone: stop waiting for its answer
+                self._handler.cancel()
+
+    async def stop(self) -> web.StreamResponse | None:
+        """Stop sending comments; the response if the headers went out."""
+        self._timer.cancel()
+        if self._task is not None:
+            self._done.set()
+            await self._task
+        return self.response
+
+
 async def _single(body: bytes) -> AsyncIterator[bytes]:
     yield b"data: " + body + b"\n\n"
-
-
-async def _close_abandoned(dispatch: asyncio.Future[Any], call: Call, gateway: Any) -> None:
-    """After cancelling a dispatch: if it had already got its answer, close that answer."""
-    try:
-        reply, _ = await dispatch
-    except BaseException:
-        return
-    if isinstance(reply, StreamReply):
-        await reply.aclose()
 
 
 async def _send_stream(
