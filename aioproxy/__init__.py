@@ -15,7 +15,7 @@ from .errors import (
     ProxyError,
     RateLimited,
 )
-from .hookspecs import hookimpl
+from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
 from .providers import JSONReply, Provider, Reply, StreamReply
 from .routes import ALIASES, Kind
@@ -41,6 +41,8 @@ __all__ = [
     "Provider",
     "ProxyError",
     "RateLimited",
+    "RegisterProvider",
+    "RegisterRoute",
     "Reply",
     "Secret",
     "StreamReply",

@@ -1,18 +1,20 @@
-"""Test kit for provider plugins: aioproxy in front of your fake upstream, checked as clients see it.
+"""Test kit for provider plugins: aioproxy before your fake upstream, checked as clients see it.
 
 Each ``check_*`` sends real HTTP through the proxy, over the raw wire and with the ``openai`` SDK
 (a test-time dependency), and asserts the OpenAI shapes; each ``assert_*`` checks one answer::
 
-    import aioproxy_example
-    from aioproxy.testing import check_cancellation, check_chat, check_chat_stream, start_proxy
+    from aioproxy.testing import (
+        check_cancellation, check_chat, check_chat_stream, check_error_mapping, start_proxy,
+    )
 
-    async def test_provider(aiohttp_server, fake):  # fake: your fake upstream, counting in flight
+    async def test_my_provider(aiohttp_server, fake):  # fake: your fake upstream
         upstream = await aiohttp_server(fake.app())
-        models = [{"name": "toy", "provider": "example", "api_base": str(upstream.make_url("/"))}]
-        proxy = await start_proxy(aiohttp_server, {"models": models}, [aioproxy_example])
-        assert await check_chat(proxy, "toy") == "toy says: Say hello to the kit"
-        await check_chat_stream(proxy, "toy")
-        await check_cancellation(proxy, "toy", lambda: fake.in_flight)
+        model = {"name": "m", "provider": "mine", "api_base": str(upstream.make_url("/"))}
+        proxy = await start_proxy(aiohttp_server, {"models": [model]}, [aioproxy_mine])
+        assert await check_chat(proxy, "m") == "the fake's answer"
+        await check_chat_stream(proxy, "m")
+        await check_error_mapping(proxy, "m", lambda: fake.fail_next(429), 429)
+        await check_cancellation(proxy, "m", lambda: fake.in_flight)
 
 Registered as a pytest plugin (entry point ``pytest11``), it also gives the ``aioproxy_server``
 fixture: ``proxy = await aioproxy_server(config, [plugin])``.
@@ -41,10 +43,11 @@ if TYPE_CHECKING:
     import openai
 
 __all__ = [
-    "DONE",
+    "DONE_DATA",
     "HELLO",
     "KIT_KEY",
     "ProxyUnderTest",
+    "StartProxy",
     "aioproxy_server",
     "assert_chat_chunks",
     "assert_chat_completion",
@@ -69,7 +72,7 @@ __all__ = [
 ]
 
 KIT_KEY = "sk-aioproxy-testing"
-DONE = "[DONE]"  # how read_sse gives the stream's closing `data: [DONE]`
+DONE_DATA = "[DONE]"  # how read_sse gives the stream's closing `data: [DONE]`
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the kit"}]
 
 # What start_proxy adds under a config mapping's own values: a key to present, and no retries or
@@ -82,6 +85,7 @@ _CHAT = "/v1/chat/completions"
 _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 _FINAL_RESPONSE_STATUS = {"response.completed": "completed", "response.incomplete": "incomplete"}
 _decode = msgspec.json.decode
+_TIMEOUT = aiohttp.ClientTimeout(total=10)  # a hung provider fails its test instead of hanging it
 
 Trigger = Callable[[], object]
 """Makes the fake upstream fail its next request; may return an awaitable."""
@@ -119,8 +123,8 @@ class ProxyUnderTest:
         return openai.AsyncOpenAI(base_url=self.url(), api_key=self.api_key or "unused", **options)
 
     def http(self) -> aiohttp.ClientSession:
-        """A raw aiohttp session on the proxy's origin, sending the key; use it with ``async with``."""
-        return aiohttp.ClientSession(base_url=self.url("/"), headers=self.headers)
+        """A raw aiohttp session on the proxy's origin that sends the key; use ``async with``."""
+        return aiohttp.ClientSession(base_url=self.url("/"), headers=self.headers, timeout=_TIMEOUT)
 
     def in_flight(self, model: str) -> int:
         """How many requests the proxy counts in flight on ``model``'s configured deployments."""
@@ -152,7 +156,7 @@ StartProxy = Callable[..., Awaitable[ProxyUnderTest]]
 
 @pytest.fixture
 def aioproxy_server(aiohttp_server: Any) -> StartProxy:
-    """``await aioproxy_server(config, plugins)``: :func:`start_proxy` on pytest-aiohttp's server."""
+    """``await aioproxy_server(config, plugins)``: :func:`start_proxy` on pytest-aiohttp."""
 
     async def start(
         config: Mapping[str, Any] | Config, plugins: Iterable[object] = ()
@@ -184,8 +188,8 @@ def _parse_event(block: str) -> Any:
         assert name is None, f"event {name!r} has no data line"
         return _COMMENT
     payload = "\n".join(data)
-    if payload == DONE:
-        return DONE
+    if payload == DONE_DATA:
+        return DONE_DATA
     try:
         obj = _decode(payload)
     except msgspec.DecodeError:
@@ -197,16 +201,19 @@ def _parse_event(block: str) -> Any:
 
 
 def parse_sse(body: bytes) -> list[Any]:
-    """Each event's data in an SSE body: decoded JSON, or ``DONE``; comments are skipped."""
+    """Each event's data in an SSE body: decoded JSON, or ``DONE_DATA``; comments are skipped."""
     text = body.decode("utf-8")
-    assert not text or text.endswith("\n\n"), f"the stream's end is not a blank line: {text[-200:]!r}"
+    ended = not text or text.endswith("\n\n")
+    assert ended, f"the stream does not end with a blank line: {text[-200:]!r}"
     events = (_parse_event(block) for block in text.split("\n\n")[:-1] if block)
     return [event for event in events if event is not _COMMENT]
 
 
 async def read_sse(response: aiohttp.ClientResponse) -> list[Any]:
     """Read a 200 ``text/event-stream`` answer to its end, as :func:`parse_sse` gives it."""
-    assert response.status == 200, f"expected a 200 stream, got {response.status}: {await response.text()}"
+    if response.status != 200:
+        text = await response.text()
+        raise AssertionError(f"expected a 200 stream, got {response.status}: {text}")
     assert response.content_type == "text/event-stream", f"stream sent as {response.content_type}"
     return parse_sse(await response.read())
 
@@ -225,7 +232,7 @@ async def first_event(response: aiohttp.ClientResponse) -> Any:
 
 
 def _as_dict(obj: Any) -> Any:
-    """An openai SDK object as the JSON it was parsed from; dicts and DONE as they are."""
+    """An openai SDK object as the JSON it was parsed from; dicts and DONE_DATA as they are."""
     to_dict = getattr(obj, "to_dict", None)
     return _integral(to_dict(mode="json", warnings=False)) if to_dict is not None else obj
 
@@ -266,7 +273,7 @@ def _check_usage(usage: Any, where: str, input_key: str, output_key: str) -> Non
         value = usage.get(key)
         assert isinstance(value, int) and value >= 0, f"{where}: usage.{key} is {value!r}"
     total = usage[input_key] + usage[output_key]
-    assert usage["total_tokens"] == total, f"{where}: total_tokens is not {input_key} + {output_key}"
+    assert usage["total_tokens"] == total, f"{where}: total_tokens is not {input_key}+{output_key}"
 
 
 def _choices(body: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
@@ -316,9 +323,9 @@ def _chunks(chunks: Sequence[Any], usage: bool, done: bool) -> list[Any]:
     """The content chunks of a stream, having checked its [DONE] and its usage chunk."""
     items = [_as_dict(chunk) for chunk in chunks]
     if done:
-        assert items and items[-1] == DONE, f"the stream does not end with [DONE]: {items[-1:]}"
+        assert items and items[-1] == DONE_DATA, f"the stream's end is not [DONE]: {items[-1:]}"
         items.pop()
-    assert DONE not in items, "[DONE] comes before the end of the stream"
+    assert DONE_DATA not in items, "[DONE] comes before the end of the stream"
     last = items.pop() if usage and items else None
     assert items, "the stream has no chunks"
     if usage:
@@ -362,7 +369,7 @@ def assert_chat_chunks(chunks: Sequence[Any], *, usage: bool = False, done: bool
 
     Each choice's first chunk alone has ``role: "assistant"``, then content deltas, and exactly
     one ``finish_reason``. With ``usage`` the last chunk has ``choices: []`` and the usage (no
-    other chunk has usage). ``chunks`` as :func:`read_sse` gives them end with ``DONE``; pass
+    other chunk has usage). ``chunks`` as :func:`read_sse` gives them end with ``DONE_DATA``; pass
     ``done=False`` for the SDK's chunk objects (it drops [DONE]).
     """
     items = _chunks(chunks, usage, done)
@@ -386,7 +393,7 @@ def assert_chat_chunks(chunks: Sequence[Any], *, usage: bool = False, done: bool
 def assert_completion_chunks(
     chunks: Sequence[Any], *, usage: bool = False, done: bool = True
 ) -> str:
-    """A legacy ``text_completion`` stream, as :func:`assert_chat_chunks`; returns choice 0's text."""
+    """A legacy ``text_completion`` stream, as :func:`assert_chat_chunks` (without roles)."""
     items = _chunks(chunks, usage, done)
     for n, chunk in enumerate(items):
         _expect(chunk, f"chunk {n}", id=str, object="text_completion", created=int, model=str)
@@ -454,7 +461,7 @@ def assert_response_events(events: Sequence[Any], *, final: str = "response.comp
     """
     items = [_as_dict(event) for event in events]
     assert items, "the stream has no events"
-    assert DONE not in items, "a Responses API stream ends with its final event, not [DONE]"
+    assert DONE_DATA not in items, "a Responses API stream ends with its final event, not [DONE]"
     for n, event in enumerate(items):
         _no_error(event, f"event {n}")
         _expect(event, f"event {n}", type=str, sequence_number=int)
@@ -475,7 +482,7 @@ def assert_response_events(events: Sequence[Any], *, final: str = "response.comp
     assert created["id"] == last["id"], "response.created and the final event differ in id"
     text = "".join(deltas.values())
     final_text = assert_response(last, status=_FINAL_RESPONSE_STATUS.get(final, last.get("status")))
-    assert final_text == text, f"the final response's text {final_text!r} is not the deltas' {text!r}"
+    assert final_text == text, f"the final response's text {final_text!r} is not {text!r}"
     return text
 
 
@@ -493,7 +500,9 @@ def assert_error_object(body: Any, code: str | None = None) -> dict[str, Any]:
     return error
 
 
-async def assert_openai_error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+async def assert_openai_error(
+    response: Any, status: int, code: str | None = None
+) -> dict[str, Any]:
     """An aiohttp response or ``openai.APIStatusError`` is an OpenAI error with ``status``."""
     if isinstance(response, aiohttp.ClientResponse):
         text = await response.text()
@@ -582,15 +591,15 @@ async def check_embeddings(
     inputs: Sequence[str] = ("hello", "kit"),
     dims: int | None = None,
 ) -> list[list[float]]:
-    """Embeddings of ``inputs``, raw (floats, base64) and through the SDK; returns the raw vectors."""
+    """Embeddings of ``inputs``: raw (floats, base64) and through the SDK; returns the vectors."""
     body = {"model": model, "input": list(inputs)}
-    vectors = assert_embeddings(await _post(proxy, "/v1/embeddings", body, False), len(inputs), dims)
+    n = len(inputs)
+    vectors = assert_embeddings(await _post(proxy, "/v1/embeddings", body, False), n, dims)
     dims = len(vectors[0]) if vectors else dims
     as_base64 = {**body, "encoding_format": "base64"}
-    packed = assert_embeddings(await _post(proxy, "/v1/embeddings", as_base64, False), len(inputs), dims)
-    assert len(packed) == len(vectors)
+    assert_embeddings(await _post(proxy, "/v1/embeddings", as_base64, False), n, dims)
     async with proxy.openai() as client:
-        assert_embeddings(await client.embeddings.create(**body), len(inputs), dims)
+        assert_embeddings(await client.embeddings.create(**body), n, dims)
     return vectors
 
 
@@ -639,7 +648,7 @@ async def _settle(count: Callable[[], int], timeout: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while (left := count()) > 0:
-        assert loop.time() < deadline, f"{left} {what} still in flight {timeout} s after the client left"
+        assert loop.time() < deadline, f"{left} {what} in flight {timeout} s after the client left"
         await asyncio.sleep(0.01)
 
 
@@ -664,7 +673,7 @@ async def check_cancellation(
         try:
             assert response.status == 200, f"status {response.status}: {await response.text()}"
             _no_error(await first_event(response), "the first event")
-            assert count() > 0, "the stream was over before the client left; make the upstream slower"
+            assert count() > 0, "the stream ended before the client left: make the upstream slower"
         finally:
             response.close()  # the client goes away mid-stream
     await _settle(count, timeout, "upstream request(s)")

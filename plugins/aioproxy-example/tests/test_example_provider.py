@@ -1,0 +1,92 @@
+"""The example provider, driven through aioproxy against the fake toy API of conftest.py."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import TYPE_CHECKING
+
+import aioproxy_example
+import pytest
+
+from aioproxy import ConfigError
+from aioproxy.testing import (
+    HELLO,
+    ProxyUnderTest,
+    assert_chat_chunks,
+    assert_error_object,
+    check_cancellation,
+    check_chat,
+    check_chat_stream,
+    check_error_mapping,
+    read_sse,
+)
+
+if TYPE_CHECKING:  # conftest is pytest's to import; its fixtures come in by name
+    from conftest import FakeToy, StartToyProxy
+
+
+async def test_chat(proxy: ProxyUnderTest, toy: FakeToy) -> None:
+    assert await check_chat(proxy, "toy") == "toy says: Say hello to the kit"
+    assert toy.requests[-1] == {
+        "model": "toy-1", "prompt": "Say hello to the kit", "max_words": 256, "stream": False
+    }
+
+
+async def test_chat_stream(proxy: ProxyUnderTest) -> None:
+    assert await check_chat_stream(proxy, "toy") == "toy says: Say hello to the kit"
+
+
+@pytest.mark.parametrize(
+    ("status", "seen", "code"),
+    [
+        (429, 429, "rate_limit_exceeded"),
+        (400, 400, None),
+        (401, 502, "upstream_auth_failed"),
+        (503, 502, "bad_gateway"),
+    ],
+)
+async def test_errors(proxy: ProxyUnderTest, toy: FakeToy, status: int, seen: int,
+                      code: str | None) -> None:
+    await check_error_mapping(proxy, "toy", lambda: toy.faults.append(status), seen, code=code)
+
+
+async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, toy: FakeToy) -> None:
+    toy.delay = 0.02
+    long = [{"role": "user", "content": "word " * 200}]
+    await check_cancellation(proxy, "toy", lambda: toy.in_flight, messages=long)
+
+
+async def test_upstream_hanging_up_mid_stream_is_an_error_event(
+    proxy: ProxyUnderTest, toy: FakeToy
+) -> None:
+    toy.faults.append("cut")
+    body = {"model": "toy", "messages": HELLO, "stream": True}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        events = await read_sse(response)
+    assert_error_object(events[-1], code="upstream_disconnected")  # the status was already 200
+    assert [e["choices"][0]["delta"].get("content") for e in events[:-1]] == ["", "toy", " says:"]
+
+
+async def test_settings_cap_the_answer(start_toy_proxy: StartToyProxy) -> None:
+    proxy = await start_toy_proxy(max_words=2)
+    async with proxy.openai() as client:
+        done = await client.chat.completions.create(model="toy", messages=HELLO)
+        assert (done.choices[0].message.content, done.choices[0].finish_reason) == (
+            "toy says:", "length"
+        )
+        stream = await client.chat.completions.create(
+            model="toy", messages=HELLO, max_tokens=1, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert assert_chat_chunks(chunks, done=False) == "toy"
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_bad_settings_fail_at_start_up(start_toy_proxy: StartToyProxy) -> None:
+    with pytest.raises(ConfigError, match=r"model 'toy': invalid example settings: .*max_words"):
+        await start_toy_proxy(max_words=0)
+
+
+def test_installed_under_the_aioproxy_entry_point_group() -> None:
+    (entry,) = importlib.metadata.entry_points(group="aioproxy", name="example")
+    assert entry.load() is aioproxy_example
