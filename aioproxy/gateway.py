@@ -13,6 +13,7 @@ import msgspec
 import pluggy
 from aiohttp import web
 
+from .bridges import ResponseStore, bridge_methods
 from .builtins.config_models import deployments_from
 from .config import Config
 from .context import Call, Deployment, Principal
@@ -157,14 +158,26 @@ class Gateway:
         self.created = int(time.time())
         self.router = Router(config.router)
         self.table = deployments_from(config)  # for /health/readiness
+        self.store: ResponseStore | None = None  # stored responses, for the responses bridge
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        """Create and start one instance of every registered provider."""
+        """Create and start one instance of every registered provider; open the response store.
+
+        A provider that serves chat completions but not responses or legacy completions gets
+        them through the bridges (``aioproxy.bridges``).
+        """
+        store = ResponseStore(self.config.responses.store_path) if self.config.responses.store else None
+        bridged = False
         for name, factory in self.factories.items():
             provider = factory(session, self.config)
             await provider.start()
             self.providers[name] = provider
-            self.serving[name] = provider.methods()
+            native = provider.methods()
+            self.serving[name] = bridge_methods(native, store)
+            bridged |= Kind.RESPONSES not in native and Kind.CHAT_COMPLETIONS in native
+        if store is not None and bridged:  # only the responses bridge keeps responses
+            await store.open()
+            self.store = store
 
     async def close(self) -> None:
         for name, provider in self.providers.items():
@@ -174,6 +187,9 @@ class Gateway:
                 log.exception("provider %r failed to close", name)
         self.providers.clear()
         self.serving.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
 
     async def authenticate(self, request: web.Request, kind: Kind) -> Principal:
         principal = await self.hooks.authenticate.first(request=request, kind=kind)
@@ -183,14 +199,17 @@ class Gateway:
 
     async def read_call(self, kind: Kind, request: web.Request, principal: Principal) -> Call:
         """Read the body into a Call, refusing a model the principal may not use."""
-        try:
-            async with asyncio.timeout(self.config.server.body_timeout):
-                body = await request.read()
-        except TimeoutError:
-            raise ProxyError(
-                "The request body did not arrive in time", status=408,
-                type="invalid_request_error", code="request_timeout",
-            ) from None
+        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+            body = await request.read()
+        else:
+            try:
+                async with asyncio.timeout(self.config.server.body_timeout):
+                    body = await request.read()
+            except TimeoutError:
+                raise ProxyError(
+                    "The request body did not arrive in time", status=408,
+                    type="invalid_request_error", code="request_timeout",
+                ) from None
         fields, model, stream = decode_request(body, kind)
         if not principal.allows(model):
             raise PermissionDenied(
@@ -226,10 +245,17 @@ class Gateway:
                 f"Every deployment of '{call.model}' is at its rpm/tpm limit; try again shortly",
                 headers={"Retry-After": "1"},
             )
-        call.route_to(deployment)
+        self._take(call, deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
         return candidates
+
+    def _take(self, call: Call, deployment: Deployment) -> None:
+        """Route the call to ``deployment``, counted (in flight, rpm) from this moment: picking
+        and counting with no await between them is what keeps concurrent requests within caps."""
+        self.router.acquire(deployment)
+        call.lease = deployment
+        call.route_to(deployment)
 
     async def dispatch(
         self, call: Call, candidates: tuple[Deployment, ...]
@@ -253,15 +279,15 @@ class Gateway:
             tried: set[str] = set()
             for attempt in range(policy.num_retries + 1):
                 if deployment is None:
-                    deployment = router.pick(model, candidates, tried)
-                    if deployment is None:
-                        break  # all cooling down or capped: on to the fallbacks
-                    if attempt and len(tried) >= len(candidates):
+                    if attempt and len(tried) >= len(candidates):  # the same one again: back off
                         delay = router.backoff(attempt, error) if error else 0
                         if delay is None:
                             break
                         await asyncio.sleep(delay)
-                    call.route_to(deployment)
+                    deployment = router.pick(model, candidates, tried)
+                    if deployment is None:
+                        break  # all cooling down or capped: on to the fallbacks
+                    self._take(call, deployment)
                 tried.add(deployment.key)
                 try:
                     return await self._attempt(call, deployment)
@@ -290,18 +316,26 @@ class Gateway:
         raise error
 
     async def _attempt(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
-        """One try on one deployment: the reply and a stream's first event, or an exception."""
+        """One try on the taken deployment: the reply and a stream's first event, or an exception
+        (the deployment released)."""
         router = self.router
-        router.acquire(deployment)
         started = time.monotonic()
         timeouts = deployment.timeouts or self.config.upstream.timeouts
         reply: Reply | None = None
         try:
-            async with asyncio.timeout(timeouts.first_byte):
+            if timeouts.first_byte is None:  # the session's read timeout bounds it
                 reply = await self.call_provider(call)
                 first = await _first_event(reply, deployment) if isinstance(reply, StreamReply) else None
+            else:
+                async with asyncio.timeout(timeouts.first_byte):
+                    reply = await self.call_provider(call)
+                    first = (
+                        await _first_event(reply, deployment)
+                        if isinstance(reply, StreamReply) else None
+                    )
         except BaseException as exc:
             router.release(deployment)
+            call.lease = None
             if reply is not None and isinstance(reply, StreamReply):
                 await reply.aclose()
             error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
@@ -311,7 +345,6 @@ class Gateway:
                 raise
             raise error from exc
         router.succeeded(deployment, time.monotonic() - started)
-        call.lease = deployment
         return reply, first
 
     def finish(self, call: Call, outcome: Outcome | None) -> None:

@@ -72,6 +72,9 @@ def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
         raise _unsupported(
             "'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs"
         )
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise BadRequest("'n' must be an integer of at least 1", param="n", code="invalid_value")
     chat: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
     for name in _SAME_NAME:
         value = body.get(name)

@@ -12,7 +12,7 @@ from ..keys import gateway_key
 from ..routes import Kind
 from .store import ResponseStore
 
-__all__ = ["RESPONSE_PATHS", "delete_response", "get_response", "response_routes"]
+__all__ = ["RESPONSE_PATHS", "delete_response", "get_response"]
 
 RESPONSE_PATHS = ("/v1/responses/{response_id}", "/responses/{response_id}")
 
@@ -30,7 +30,7 @@ def _not_found(response_id: str) -> NotFound:
 async def _store_and_principal(request: web.Request) -> tuple[ResponseStore | None, str]:
     gateway = request.app[gateway_key]
     principal = await gateway.authenticate(request, Kind.RESPONSES)
-    return getattr(gateway, "store", None), principal.name
+    return gateway.store, principal.name
 
 
 async def get_response(request: web.Request) -> web.Response:
@@ -50,12 +50,3 @@ async def delete_response(request: web.Request) -> web.Response:
     if store is None or not await store.delete(response_id, principal):
         raise _not_found(response_id)
     return _json({"id": response_id, "object": "response", "deleted": True})
-
-
-def response_routes() -> list[web.RouteDef]:
-    """GET and DELETE on both path forms, for ``app.router.add_routes``."""
-    return [
-        route
-        for path in RESPONSE_PATHS
-        for route in (web.get(path, get_response), web.delete(path, delete_response))
-    ]

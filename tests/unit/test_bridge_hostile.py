@@ -1,0 +1,125 @@
+"""Any JSON a client sends the bridges is translated or refused with a 400, never a crash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from aioproxy import BadRequest
+from aioproxy.bridges.completions import chat_body, prompts_of
+from aioproxy.bridges.response_events import response_from_chat
+from aioproxy.bridges.response_request import chat_request
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.sampled_from(
+        [
+            "function",
+            "message",
+            "function_call",
+            "function_call_output",
+            "user",
+            "assistant",
+            "developer",
+            "input_text",
+            "input_image",
+            "json_schema",
+            "allowed_tools",
+            "text",
+        ]
+    ),
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "role",
+                    "content",
+                    "text",
+                    "name",
+                    "call_id",
+                    "output",
+                    "arguments",
+                    "image_url",
+                    "file_id",
+                    "format",
+                    "tools",
+                    "mode",
+                    "schema",
+                    "id",
+                    "detail",
+                    "effort",
+                ]
+            ),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
+RESPONSES_KEYS = [
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "text",
+    "reasoning",
+    "max_output_tokens",
+    "parallel_tool_calls",
+    "stream",
+    "background",
+    "metadata",
+]
+COMPLETIONS_KEYS = [
+    "prompt",
+    "suffix",
+    "n",
+    "best_of",
+    "logprobs",
+    "echo",
+    "stream",
+    "stream_options",
+    "max_tokens",
+]
+
+
+def bodies(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(keys), st.one_of(SCALARS, JSON), max_size=5)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body=bodies(RESPONSES_KEYS), with_input=st.booleans())
+@example(body={"tools": 0}, with_input=True)
+@example(body={"input": [{"role": ["user"]}]}, with_input=False)
+def test_responses_requests(body: dict[str, Any], with_input: bool) -> None:
+    if with_input:
+        body.setdefault("input", "hi")  # most random inputs are refused: get past them too
+    try:
+        chat = chat_request(body).body
+    except BadRequest:
+        return
+    assert chat["messages"]
+    response_from_chat({"choices": []}, body, "m")  # whatever was accepted can be echoed
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body=bodies(COMPLETIONS_KEYS), with_prompt=st.booleans())
+@example(body={"n": "2"}, with_prompt=True)
+def test_completions_requests(body: dict[str, Any], with_prompt: bool) -> None:
+    if with_prompt:
+        body.setdefault("prompt", "hi")
+    try:
+        for prompt in prompts_of(body):
+            assert chat_body(body, prompt)["messages"][0]["content"] == prompt
+    except BadRequest:
+        return
