@@ -1,0 +1,1 @@
+"""Pieces of the benchmark harness driven by ``bench/run.py``."""

@@ -1,0 +1,161 @@
+"""Fixed request bodies and the canned upstream responses (for nginx and the fallback alike)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MASTER_KEY = "sk-master"
+UPSTREAM_KEY = "sk-upstream"
+UPSTREAM_MODEL = "gpt-4o-mini"
+MODEL = "bench-model"
+# Streaming goes to its own model names whose api_base is a path prefix on the upstream:
+# nginx cannot look into the body for `"stream": true`, so the route is chosen by path.
+STREAM_MODEL = "bench-model-stream"  # all events in one burst (a static file)
+PACED_MODEL = "bench-model-paced"  # events PACE_MS apart, as tokens arrive from a real model
+API_BASES = {MODEL: "/v1", STREAM_MODEL: "/stream/v1", PACED_MODEL: "/paced/v1"}
+PACE_MS = 1
+
+STREAM_EVENTS = 50  # data events before the closing `data: [DONE]`
+EMBED_DIM = 1536  # text-embedding-3-small's size: a realistic ~20 KB response
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of request: how the client calls a proxy, and where it goes upstream."""
+
+    name: str
+    title: str
+    proxy_path: str  # path on a proxy
+    upstream_path: str  # path on the fake upstream (what "direct" hits)
+    body: bytes
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+_MESSAGES = [{"role": "user", "content": "Say hello to the benchmark."}]
+
+KINDS: dict[str, Kind] = {
+    "chat": Kind(
+        "chat",
+        "chat completions, non-streaming",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        _dumps({"model": MODEL, "messages": _MESSAGES, "max_tokens": 64}),
+    ),
+    "stream": Kind(
+        "stream",
+        f"chat completions, streaming ({STREAM_EVENTS} SSE events)",
+        "/v1/chat/completions",
+        "/stream/v1/chat/completions",
+        _dumps({"model": STREAM_MODEL, "messages": _MESSAGES, "max_tokens": 64, "stream": True}),
+    ),
+    "stream-paced": Kind(
+        "stream-paced",
+        f"chat completions, streaming, {STREAM_EVENTS} SSE events {PACE_MS} ms apart",
+        "/v1/chat/completions",
+        "/paced/v1/chat/completions",
+        _dumps({"model": PACED_MODEL, "messages": _MESSAGES, "max_tokens": 64, "stream": True}),
+    ),
+    "embeddings": Kind(
+        "embeddings",
+        f"embeddings (1 x {EMBED_DIM} floats)",
+        "/v1/embeddings",
+        "/v1/embeddings",
+        _dumps({"model": MODEL, "input": "The quick brown fox jumps over the lazy dog."}),
+    ),
+}
+
+_USAGE = {"prompt_tokens": 12, "completion_tokens": STREAM_EVENTS - 2, "total_tokens": 60}
+
+
+def chat_response() -> bytes:
+    return _dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": UPSTREAM_MODEL,
+            "system_fingerprint": "fp_bench",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello, benchmark! " * 6},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _USAGE,
+        }
+    )
+
+
+def stream_events() -> list[bytes]:
+    """A role event, content events, a finish event carrying usage, then `[DONE]`."""
+
+    def event(delta: dict[str, str], finish: str | None = None, **extra: object) -> bytes:
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": UPSTREAM_MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return b"data: " + _dumps(chunk) + b"\n\n"
+
+    events = [event({"role": "assistant", "content": ""})]
+    events += [event({"content": f" tok{i}"}) for i in range(STREAM_EVENTS - 2)]
+    events.append(event({}, "stop", usage=_USAGE))
+    return [*events, b"data: [DONE]\n\n"]
+
+
+def stream_response() -> bytes:
+    return b"".join(stream_events())
+
+
+def embeddings_response() -> bytes:
+    vector = [round(((i * 7919) % 2000 - 1000) / 1000 * 0.05, 6) for i in range(EMBED_DIM)]
+    return _dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 10, "total_tokens": 10},
+        }
+    )
+
+
+def write_docroot(root: Path) -> None:
+    """Lay the canned responses out as files named by their upstream path (nginx's docroot)."""
+    files = {
+        "/v1/chat/completions": chat_response(),
+        "/stream/v1/chat/completions": stream_response(),
+        "/v1/embeddings": embeddings_response(),
+    }
+    for path, body in files.items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+
+
+def nginx_paced_location() -> str:
+    """nginx echo-module location sending the stream events one by one, PACE_MS apart."""
+
+    def quoted(event: bytes) -> str:  # nginx unescapes \\, \' and \n inside quotes
+        text = event.decode().replace("\\", "\\\\").replace("'", "\\'")
+        return "'" + text.replace("\n", "\\n") + "'"
+
+    pause = f"echo_flush; echo_sleep {PACE_MS / 1000};"
+    steps = f"\n            {pause}\n".join(
+        f"            echo -n {quoted(e)};" for e in stream_events()
+    )
+    return (
+        "location = /paced/v1/chat/completions {\n"
+        "            default_type text/event-stream;\n"
+        f"{steps}\n"
+        "        }"
+    )

@@ -1,0 +1,231 @@
+"""The three things measured: the fake upstream (also the "direct" target) and the two proxies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import payloads
+from .payloads import Kind
+from .procs import Proc, request, spawn, wait_until
+
+BENCH = Path(__file__).resolve().parent.parent
+REPO = BENCH.parent
+# Debian's libnginx-mod-http-echo (a dependency of nginx-light on bookworm).
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+
+@dataclass
+class Target:
+    """Something wrk can hit: its process (for CPU/RSS), port, and how clients call it."""
+
+    name: str
+    proc: Proc
+    port: int
+    auth: str | None
+    direct: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def path(self, kind: Kind) -> str:
+        return kind.upstream_path if self.direct else kind.proxy_path
+
+    def url(self, kind: Kind) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path(kind)}"
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.auth:
+            headers["Authorization"] = f"Bearer {self.auth}"
+        return headers
+
+    def call(self, kind: Kind) -> tuple[int, str, bytes]:
+        return request(self.port, "POST", self.path(kind), kind.body, self.headers())
+
+
+def _chat(target: Target) -> tuple[int, bytes]:
+    status, _, body = target.call(payloads.KINDS["chat"])
+    return status, body
+
+
+def _health(port: int) -> tuple[int, bytes]:
+    status, _, body = request(port, "GET", "/health")
+    return status, body
+
+
+@contextmanager
+def stopped_on_error(proc: Proc) -> Iterator[None]:
+    """A server that fails to come up is stopped before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        proc.stop()
+        raise
+
+
+# --- the fake upstream ---
+
+
+def nginx_version() -> str:
+    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr
+    return out.strip().removeprefix("nginx version: ")
+
+
+def start_upstream(kind: str, workdir: Path, port: int, core: int | None) -> Target:
+    """nginx (``kind="nginx"``) or the asyncio fallback, serving the canned responses."""
+    root = workdir / "www"
+    workdir.chmod(0o755)  # nginx workers run unprivileged (as nobody when started by root)
+    payloads.write_docroot(root)
+    if kind == "nginx":
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (workdir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        echo = ECHO_MODULE.exists()
+        values = {
+            "@DIR@": str(workdir),
+            "@PORT@": str(port),
+            "@LOAD_ECHO@": f"load_module {ECHO_MODULE};" if echo else "",
+            "@PACED@": payloads.nginx_paced_location() if echo else "",
+        }
+        conf_text = (BENCH / "upstream" / "nginx.conf.in").read_text()
+        for key, value in values.items():
+            conf_text = conf_text.replace(key, value)
+        conf = workdir / "nginx.conf"
+        conf.write_text(conf_text)
+        argv = [
+            shutil.which("nginx") or "nginx",
+            "-p",
+            str(workdir),
+            "-c",
+            str(conf),
+            "-e",
+            str(workdir / "error.log"),
+        ]
+        name = f"nginx {nginx_version()}"
+    else:
+        argv = [
+            sys.executable,
+            str(BENCH / "upstream" / "fallback.py"),
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+        ]
+        name = "asyncio fallback upstream"
+    proc = spawn(name, argv, workdir / "upstream.log", core, workdir)
+    target = Target("direct", proc, port, auth=None, direct=True)
+    with stopped_on_error(proc):
+        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+    return target
+
+
+# --- the proxies ---
+
+
+def _loop_flag(loop: str) -> list[str]:
+    # Passed only when asked for, so a default run needs nothing of aioproxy's CLI but the basics.
+    return [] if loop == "auto" else ["--loop", loop]
+
+
+def start_reference(
+    workdir: Path, port: int, upstream_port: int, core: int | None, loop: str = "auto"
+) -> Target:
+    base = f"http://127.0.0.1:{upstream_port}"
+    routes = [f"--route={name}={base}{path}" for name, path in payloads.API_BASES.items()]
+    argv = [
+        sys.executable,
+        str(BENCH / "passthrough.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        f"{base}/v1",
+        *routes,
+        "--api-key",
+        payloads.UPSTREAM_KEY,
+        *_loop_flag(loop),
+    ]
+    proc = spawn("reference", argv, workdir / "reference.log", core, REPO)
+    target = Target("reference", proc, port, auth=payloads.MASTER_KEY)
+    # The reference has no /health: it is ready when it first proxies a request.
+    with stopped_on_error(proc):
+        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+    return target
+
+
+def aioproxy_config(upstream_port: int) -> str:
+    base = f"http://127.0.0.1:{upstream_port}"
+
+    def model(name: str, api_base: str) -> str:
+        return (
+            f'[[models]]\nname = {json.dumps(name)}\nprovider = "openai"\n'
+            f"model = {json.dumps(payloads.UPSTREAM_MODEL)}\napi_base = {json.dumps(api_base)}\n"
+            f"api_key = {json.dumps(payloads.UPSTREAM_KEY)}\n"
+        )
+
+    models = [model(name, base + path) for name, path in payloads.API_BASES.items()]
+    return f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n" + "\n".join(models)
+
+
+def start_aioproxy(
+    workdir: Path, port: int, upstream_port: int, core: int | None, loop: str = "auto"
+) -> Target:
+    config = workdir / "aioproxy.toml"
+    config.write_text(aioproxy_config(upstream_port))
+    argv = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *_loop_flag(loop),
+    ]
+    proc = spawn("aioproxy", argv, workdir / "aioproxy.log", core, REPO)
+    target = Target("aioproxy", proc, port, auth=payloads.MASTER_KEY)
+    with stopped_on_error(proc):
+        proc.ready_ms = wait_until(proc, lambda: _health(port))
+        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+    return target
+
+
+# --- one checked call per kind before any load: a benchmark of wrong answers is worthless ---
+
+
+def check_response(target: Target, kind: Kind) -> None:
+    status, ctype, body = target.call(kind)
+    problem = None
+    if status != 200:
+        problem = f"status {status}"
+    elif kind.name.startswith("stream"):
+        events = [ln for ln in body.split(b"\n") if ln.startswith(b"data:")]
+        if not ctype.startswith("text/event-stream"):
+            problem = f"content-type {ctype!r}"
+        elif not events or events[-1].strip() != b"data: [DONE]":
+            problem = "no closing `data: [DONE]`"
+        elif len(events) < payloads.STREAM_EVENTS + 1:  # a gateway may add events, not drop them
+            problem = f"{len(events)} events, expected {payloads.STREAM_EVENTS + 1}"
+    else:
+        try:
+            data = json.loads(body)
+            if kind.name == "chat":
+                ok = bool(data["choices"][0]["message"]["content"])
+            else:
+                ok = len(data["data"][0]["embedding"]) == payloads.EMBED_DIM
+        except (ValueError, KeyError, IndexError, TypeError):
+            ok = False
+        if not ok:
+            problem = "unexpected JSON"
+    if problem:
+        raise RuntimeError(
+            f"{target.name} answered {kind.name} wrongly ({problem}): {body[:500]!r}\n"
+            f"log {target.proc.log}"
+        )
