@@ -6,6 +6,12 @@ proxy (or the ``openai`` SDK) at ``server.make_url("/v1")``.
 Answers are deterministic ("fake reply to: <last user text>") and shaped like the real
 API (see the OpenAI OpenAPI description), streams are written one SSE event per write so
 proxies see real chunking, and ``faults`` lets a test make the next request(s) misbehave.
+
+Besides the FIFO ``faults``, ``fault_rates`` (fault name -> probability) draws a fault for each
+request that has no queued fault, from a ``random.Random`` seeded with ``seed``, so a load test
+can run with faults "on" at chosen rates and still be reproducible. ``faulted`` counts the faults
+acted on (queued or drawn, by name), ``response_delay`` holds every answer back that long (a slow
+model before its first byte), and ``retry_after`` is the header that 429 faults send.
 """
 
 from __future__ import annotations
@@ -14,17 +20,26 @@ import asyncio
 import base64
 import hashlib
 import math
+import random
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-__all__ = ["MISSING_MODEL", "MODELS", "REDIRECT_LOCATION", "FakeOpenAI", "Recorded"]
+__all__ = [
+    "CONTEXT_LENGTH_MESSAGE",
+    "MISSING_MODEL",
+    "MODELS",
+    "REDIRECT_LOCATION",
+    "FakeOpenAI",
+    "Recorded",
+]
 
 MISSING_MODEL = "missing-model"
 # Port 1: nothing listens there, so a client that follows the redirect fails to connect.
@@ -48,6 +63,11 @@ _UNPARSABLE = (
 )
 _FAULT_EVENTS = 2  # events sent before cut_stream / stall_stream strike
 _STOPPING = web.AppKey("fake_openai_stopping", asyncio.Event)
+# OpenAI's answer to a request longer than the model's context window.
+CONTEXT_LENGTH_MESSAGE = (
+    "This model's maximum context length is 128000 tokens. However, your messages resulted in "
+    "130000 tokens. Please reduce the length of the messages."
+)
 
 
 @dataclass
@@ -59,6 +79,9 @@ class Recorded:
     headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
     body: Any  # parsed JSON, None if there was no body or it was not JSON
     raw: bytes
+    query: str = ""  # the query string, as sent
+    received: float = field(default_factory=time.monotonic)  # when it arrived (monotonic clock)
+    fault: str | None = None  # the fault it got, queued or drawn
 
 
 class _ClientGone(Exception):
@@ -79,14 +102,40 @@ _Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class FakeOpenAI:
     """Fake OpenAI upstream; state is shared by every app built from one instance."""
 
-    def __init__(self, prefix: str = "/v1") -> None:
+    def __init__(
+        self,
+        prefix: str = "/v1",
+        *,
+        fault_rates: Mapping[str, float] | None = None,
+        seed: int | None = 0,
+    ) -> None:
         self.prefix = prefix.rstrip("/")
         self.requests: list[Recorded] = []
         self.in_flight = 0
         self.faults: list[str] = []
+        self.fault_rates: dict[str, float] = dict(fault_rates or {})
+        self.random = random.Random(seed)
+        self.faulted: Counter[str] = Counter()  # faults acted on, queued or drawn
+        _check_rates(self.fault_rates)
+        self.response_delay = 0.0  # seconds before any answer (fault or not) starts
+        self.retry_after = "0"  # the retry-after header of 429 faults
         self.stream_chunks = 5
         self.stream_delay = 0.0
         self._seq = 0
+
+    def _draw_fault(self) -> str | None:
+        """The next queued fault, else one drawn at ``fault_rates``, else None."""
+        if self.faults:
+            return self.faults.pop(0)
+        if not self.fault_rates:
+            return None
+        _check_rates(self.fault_rates)
+        draw = self.random.random()
+        for name, rate in self.fault_rates.items():
+            if draw < rate:
+                return name
+            draw -= rate
+        return None
 
     @property
     def last(self) -> Recorded:
@@ -137,12 +186,19 @@ class FakeOpenAI:
                 raw = await request.read()
                 body = _decode(raw)
                 headers = _headers(request)
-                self.requests.append(Recorded(request.method, request.path, headers, body, raw))
-                fault = self.faults.pop(0) if self.faults else None
+                record = Recorded(
+                    request.method, request.path, headers, body, raw, request.query_string
+                )
+                self.requests.append(record)
+                fault = record.fault = self._draw_fault()
+                if fault is not None:
+                    self.faulted[fault] += 1
+                if self.response_delay > 0:
+                    await _idle(request, self.response_delay)
                 streaming = isinstance(body, dict) and body.get("stream") is True
                 stream_fault = fault if streaming and fault in _STREAM_FAULTS else None
                 if fault is not None and stream_fault is None:
-                    return await _act_on_fault(request, fault)
+                    return await _act_on_fault(request, fault, self.retry_after)
                 if json_body:
                     problem = _check_body(body)
                     if problem is not None:
@@ -280,6 +336,11 @@ class FakeOpenAI:
 
 # -- faults ------------------------------------------------------------------------------
 
+
+def _check_rates(rates: Mapping[str, float]) -> None:
+    if any(not 0 <= rate <= 1 for rate in rates.values()) or sum(rates.values()) > 1 + 1e-9:
+        raise ValueError(f"fault_rates must be in [0, 1] and sum to at most 1: {dict(rates)}")
+
 _INVALID = "invalid_request_error"
 _STATUS_ERRORS: dict[int, tuple[str, str | None, str]] = {
     # status: (type, code, message), worded as OpenAI does
@@ -305,10 +366,14 @@ _STATUS_ERRORS: dict[int, tuple[str, str | None, str]] = {
 }
 
 
-async def _act_on_fault(request: web.Request, fault: str) -> web.StreamResponse:
+async def _act_on_fault(
+    request: web.Request, fault: str, retry_after: str = "0"
+) -> web.StreamResponse:
     """Answer (or refuse to answer) according to a non-stream fault."""
     if fault.startswith("status:"):
-        return _status_fault(fault)
+        return _status_fault(fault, retry_after)
+    if fault == "context_length_exceeded":
+        return _error(400, CONTEXT_LENGTH_MESSAGE, param="messages", code="context_length_exceeded")
     if fault == "garbage":
         return web.Response(body=b"not json at all", content_type="application/json")
     if fault == "redirect":
@@ -321,13 +386,13 @@ async def _act_on_fault(request: web.Request, fault: str) -> web.StreamResponse:
     raise ValueError(f"unknown fault {fault!r}")
 
 
-def _status_fault(fault: str) -> web.Response:
+def _status_fault(fault: str, retry_after: str = "0") -> web.Response:
     parts = fault.split(":")
     as_text = parts[2:] == ["text"]
     if len(parts) != 2 + as_text or not parts[1].isdigit():
         raise ValueError(f"bad status fault {fault!r}; use 'status:NNN' or 'status:NNN:text'")
     status = int(parts[1])
-    headers = {"retry-after": "0"} if status == 429 else {}
+    headers = {"retry-after": retry_after} if status == 429 else {}
     if as_text:
         reason = web.Response(status=status).reason
         return web.Response(status=status, text=f"{status} {reason}".rstrip(), headers=headers)

@@ -406,3 +406,81 @@ async def test_shutdown_hangs_up_on_hung_requests(
     assert fake.in_flight == 0
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await pending
+
+
+# -- fault rates, response delay, retry-after, context-length errors ---------------------
+
+
+async def _statuses(raw: TestClient, n: int) -> list[int]:
+    statuses = []
+    for _ in range(n):
+        resp = await raw.post("/v1/embeddings", json={"model": "e", "input": "a"})
+        await resp.read()
+        statuses.append(resp.status)
+    return statuses
+
+
+async def test_fault_rates_are_drawn_per_request_reproducibly(aiohttp_client: Any) -> None:
+    rates = {"status:500": 0.25, "status:503": 0.15}
+    fake = FakeOpenAI(fault_rates=rates, seed=7)
+    raw = await aiohttp_client(fake.app())
+    statuses = await _statuses(raw, 400)
+    assert 60 <= statuses.count(500) <= 140  # ~100 expected
+    assert 25 <= statuses.count(503) <= 95  # ~60 expected
+    assert set(statuses) == {200, 500, 503}
+    assert fake.faulted == {"status:500": statuses.count(500), "status:503": statuses.count(503)}
+    assert [r.fault for r in fake.requests] == [
+        {500: "status:500", 503: "status:503"}.get(status) for status in statuses]
+
+    # The same seed draws the same faults, in the same order.
+    again = FakeOpenAI(fault_rates=rates, seed=7)
+    assert await _statuses(await aiohttp_client(again.app()), 400) == statuses
+
+    # A queued fault takes precedence over the rates, and is counted too.
+    fake.fault_rates = {}
+    fake.faults = ["status:404"]
+    assert await _statuses(raw, 2) == [404, 200]
+    assert fake.faulted["status:404"] == 1
+
+
+def test_fault_rates_must_be_probabilities() -> None:
+    with pytest.raises(ValueError):
+        FakeOpenAI(fault_rates={"reset": 0.7, "hang": 0.4})
+    with pytest.raises(ValueError):
+        FakeOpenAI(fault_rates={"reset": -0.1})
+
+
+async def test_stream_fault_rates_only_bite_streams(raw: TestClient, fake: FakeOpenAI) -> None:
+    fake.fault_rates = {"cut_stream": 1.0}
+    resp = await raw.post(
+        "/v1/chat/completions", json={"model": "m", "messages": USER, "stream": True}
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    with pytest.raises(aiohttp.ServerDisconnectedError):  # without a stream, a reset
+        await raw.post("/v1/chat/completions", json={"model": "m", "messages": USER})
+    assert fake.faulted == {"cut_stream": 2}
+
+
+async def test_response_delay_retry_after_and_context_length(
+    raw: TestClient, fake: FakeOpenAI
+) -> None:
+    fake.response_delay = 0.2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    resp = await raw.post("/v1/embeddings", json={"model": "e", "input": "a"})
+    assert resp.status == 200 and loop.time() - started >= 0.2
+    assert fake.last.received >= started and fake.last.query == ""
+    fake.response_delay = 0
+
+    fake.retry_after = "1.5"
+    fake.faults = ["status:429", "context_length_exceeded"]
+    resp = await raw.post("/v1/embeddings?api-version=x", json={"model": "e", "input": "a"})
+    assert (resp.status, resp.headers["retry-after"]) == (429, "1.5")
+    assert fake.last.query == "api-version=x"
+    resp = await raw.post("/v1/chat/completions", json={"model": "m", "messages": USER})
+    assert resp.status == 400
+    body = await resp.json()
+    validate("ErrorResponse", body)
+    error = body["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")

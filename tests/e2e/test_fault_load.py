@@ -1,0 +1,230 @@
+"""Fault-injection load (issue #4, item 9): many concurrent requests, half streaming, through two
+deployments that misbehave at chosen rates and a healthy fallback. Every request must end in a
+complete answer or a proper OpenAI error (nothing hung, nothing malformed), retries and fallbacks
+must recover what they can, and afterwards the proxy must hold no upstream connection, task or
+per-request object more than before."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+import aioproxy.context
+import aioproxy.keys
+import aioproxy.providers
+from tests.conftest import AUTH, UPSTREAM_MODEL, StartProxy, gateway_config
+from tests.fakes.openai_upstream import FakeOpenAI
+
+REQUESTS = 360
+CONCURRENCY = 100
+REQUEST_DEADLINE = 15.0  # no request may take longer: a hung one fails the test
+STREAM_FAULTS = ("cut_stream", "stall_stream")
+# About 25% of upstream requests fail, every way we know.
+FAULT_RATES = {
+    "reset": 0.04,
+    "hang": 0.015,
+    "garbage": 0.025,
+    "redirect": 0.01,
+    "cut_stream": 0.03,  # a reset for a request that does not stream
+    "stall_stream": 0.015,  # a hang for a request that does not stream
+    "status:429": 0.04,
+    "status:500": 0.04,
+    "status:502:text": 0.01,
+    "status:503": 0.025,
+}
+
+
+def check_json(i: int, status: int, content_type: str, raw: bytes) -> str:
+    assert content_type == "application/json", (i, status, content_type, raw[:200])
+    body = json.loads(raw)
+    if status == 200:
+        assert body["object"] == "chat.completion", body
+        assert body["choices"][0]["message"]["content"] == f"fake reply to: request {i}", body
+        assert body["model"] == UPSTREAM_MODEL
+        return "ok"
+    check_error(body)
+    return f"error {status}"
+
+
+def check_error(body: Any) -> None:
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["code"] != "internal_error", error
+
+
+def check_stream(i: int, status: int, content_type: str, raw: bytes) -> str:
+    if status != 200:
+        check_error(json.loads(raw))
+        return f"error {status}"
+    assert content_type == "text/event-stream", (i, content_type, raw[:200])
+    assert raw.endswith(b"\n\n"), (i, raw[-200:])
+    data = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        if block == ": keepalive":
+            assert not data, "keep-alive comments only come before the first event"
+            continue
+        assert block.startswith("data: ") and "\n" not in block, (i, block)
+        data.append(block[6:])
+    assert data, (i, raw)
+    if data[-1] == "[DONE]":
+        chunks = [json.loads(d) for d in data[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == f"fake reply to: request {i}", (i, text)
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        return "ok"
+    *chunks, last = (json.loads(d) for d in data)
+    check_error(last)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "[DONE]" not in data
+    return "stream error event"
+
+
+async def one(http: aiohttp.ClientSession, proxy: TestServer, i: int, stream: bool) -> str:
+    body = {"model": "gpt-test", "stream": stream,
+            "messages": [{"role": "user", "content": f"request {i}"}]}
+    async with asyncio.timeout(REQUEST_DEADLINE):
+        async with http.post(proxy.make_url("/v1/chat/completions"), json=body,
+                             headers=AUTH) as response:
+            raw = await response.read()
+            check = check_stream if stream else check_json
+            return check(i, response.status, response.content_type, raw)
+
+
+async def round_of_load(proxy: TestServer) -> tuple[Counter[str], Counter[str]]:
+    """(outcomes of streamed requests, outcomes of the others); raises on any malformed answer."""
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+    streamed: Counter[str] = Counter()
+    plain: Counter[str] = Counter()
+
+    async def limited(http: aiohttp.ClientSession, i: int) -> None:
+        async with semaphore:
+            stream = i % 2 == 0
+            try:
+                outcome = await one(http, proxy, i, stream)
+            except TimeoutError:
+                outcome = "hung"
+            (streamed if stream else plain)[outcome] += 1
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        load = asyncio.gather(*(limited(http, i) for i in range(REQUESTS)))
+        busy = 0
+        while not load.done():  # the most requests the proxy served at once
+            busy = max(busy, sum(1 for t in asyncio.all_tasks() if runs_aioproxy_code(t)))
+            await asyncio.sleep(0.02)
+        await load
+    assert busy >= CONCURRENCY // 2, "the proxy was serving many requests at once"
+    return streamed, plain
+
+
+def live(kind: type, proxy: TestServer) -> int:
+    """Objects of ``kind`` alive; for requests, only the proxy's (a fake's keep-alive connection
+    holds on to its last request until the next one)."""
+    return sum(1 for obj in gc.get_objects() if type(obj) is kind
+               and (kind is not aiohttp.web.Request or obj.app is proxy.app))
+
+
+def runs_aioproxy_code(task: asyncio.Task[Any]) -> bool:
+    """Somewhere down its chain of awaits, the task is in the proxy's code (core or plugins)."""
+    coro: Any = task.get_coro()
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and "aioproxy" in code.co_filename:
+            return True
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return False
+
+
+async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy) -> None:
+    a, b = FakeOpenAI(fault_rates=FAULT_RATES, seed=1), FakeOpenAI(fault_rates=FAULT_RATES, seed=2)
+    backup = FakeOpenAI()
+    fakes = [a, b, backup]
+    servers = [await aiohttp_server(fake.app()) for fake in fakes]
+    bases = [str(server.make_url("/v1")) for server in servers]
+    for fake in fakes:
+        fake.stream_chunks, fake.stream_delay = 6, 0.005
+    config = gateway_config(
+        bases[0],
+        router={
+            "num_retries": 2, "retry_backoff": 0.01, "retry_backoff_max": 0.05,
+            "cooldown_failures": 5, "cooldown_window": 1, "cooldown_seconds": 0.3,
+            "fallbacks": {"gpt-test": ["backup"]},
+        },
+        upstream={"timeouts": {"connect": 2, "first_byte": 0.4, "read": 0.4}},
+        server={"keepalive_interval": 0.1},
+    )
+    config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
+    config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
+    proxy = await start_proxy(config)
+    connector = proxy.app[aioproxy.keys.session_key].connector
+    assert connector is not None
+    gc.collect()
+    baseline_tasks = len(asyncio.all_tasks())
+    per_request = (aiohttp.ClientResponse, aioproxy.context.Call, aioproxy.providers.StreamReply,
+                   aioproxy.providers.JSONReply, aiohttp.web.Request)
+    leftovers = []
+    started = time.monotonic()
+
+    for _ in range(2):
+        for fake in fakes:
+            fake.requests.clear()
+        streamed, plain = await round_of_load(proxy)
+
+        # Nothing hung, nothing malformed (the checks raise), and every request got an answer.
+        assert streamed["hung"] == plain["hung"] == 0
+        assert sum(streamed.values()) == sum(plain.values()) == REQUESTS // 2
+        # The faults really struck, at about their rates.
+        upstream = [r for fake in (a, b) for r in fake.requests]
+        faulted = Counter(r.fault for r in upstream if r.fault)
+        assert 0.15 < sum(faulted.values()) / len(upstream) < 0.35, faulted
+        assert set(faulted) == set(FAULT_RATES), faulted
+        assert backup.requests, "some requests needed the fallback"
+        # What can be recovered was: without streams cut after their first event, all of it.
+        assert plain["ok"] == REQUESTS // 2, plain
+        mid_stream = sum(1 for r in upstream
+                         if r.fault in STREAM_FAULTS and r.body.get("stream") is True)
+        assert streamed["stream error event"] == mid_stream, (streamed, mid_stream)
+        assert streamed["ok"] == REQUESTS // 2 - mid_stream, streamed
+        assert streamed["ok"] + plain["ok"] >= 0.99 * (REQUESTS - mid_stream)
+
+        # And afterwards: no upstream request or connection still held, no task left behind.
+        await wait_for(lambda: all(fake.in_flight == 0 for fake in fakes))
+        await wait_for(lambda: len(connector._acquired) == 0)  # noqa: SLF001
+        await wait_for(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
+        snapshot = proxy.app[aioproxy.keys.gateway_key].router.snapshot(
+            proxy.app[aioproxy.keys.gateway_key].table)
+        assert all(row["in_flight"] == 0 for row in snapshot), snapshot
+        pooled = sum(len(conns) for conns in connector._conns.values())  # noqa: SLF001
+        assert pooled <= 2 * CONCURRENCY + 20
+        upstream_conns = sum(
+            len(s.runner.server.connections) for s in servers  # type: ignore[union-attr]
+        )
+        await asyncio.sleep(0.05)
+        gc.collect()
+        tasks = [t for t in asyncio.all_tasks() if not t.done()]
+        stray = [t for t in tasks if runs_aioproxy_code(t)]
+        assert not stray, stray
+        # One task per open connection into a fake (the proxy's idle pool), and the baseline.
+        assert len(tasks) <= baseline_tasks + upstream_conns, (
+            len(tasks), baseline_tasks, upstream_conns)
+        leftovers.append({kind.__name__: live(kind, proxy) for kind in per_request})
+
+    # No per-request object outlives its request, in either round.
+    assert leftovers[0] == leftovers[1] == {kind.__name__: 0 for kind in per_request}, leftovers
+    assert time.monotonic() - started < 20
