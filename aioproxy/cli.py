@@ -98,7 +98,8 @@ def serve(app: web.Application, config: Config, host: str, port: int, loop: str,
         print=None,
         access_log=None,
         handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_grace,
+        # aiohttp takes a timeout <= 0 as none at all: a grace of 0 must still end.
+        shutdown_timeout=max(config.server.shutdown_grace, 0.001),
         reuse_port=reuse_port or None,
         loop=new_event_loop(loop),
     )

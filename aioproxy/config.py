@@ -22,6 +22,7 @@ __all__ = [
     "ResponsesConfig",
     "Secret",
     "ServerConfig",
+    "TimeoutOverrides",
     "Timeouts",
     "UpstreamConfig",
     "VirtualKey",
@@ -81,6 +82,19 @@ class Timeouts(Base):
     total: PositiveFloat | None = None
 
 
+class TimeoutOverrides(Base):
+    """A deployment's own timeouts; each one left out is ``[upstream.timeouts]``'s."""
+
+    connect: PositiveFloat | None = None
+    first_byte: PositiveFloat | None = None
+    read: PositiveFloat | None = None
+    total: PositiveFloat | None = None
+
+    def over(self, defaults: Timeouts) -> Timeouts:
+        changes = {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
+        return msgspec.structs.replace(defaults, **changes) if changes else defaults
+
+
 class ModelEntry(Base):
     """One deployment: the model ``name`` clients send, served by ``provider`` as ``model`` upstream."""
 
@@ -92,7 +106,7 @@ class ModelEntry(Base):
     weight: Annotated[float, Meta(ge=0)] = 1.0
     rpm: Annotated[int, Meta(ge=1)] | None = None  # requests a minute, over which it is skipped
     tpm: Annotated[int, Meta(ge=1)] | None = None  # tokens a minute, likewise
-    timeouts: Timeouts | None = None
+    timeouts: TimeoutOverrides | None = None
     headers: dict[str, Secret] = {}  # may hold tokens: masked when printed
     settings: dict[str, Any] = {}
 

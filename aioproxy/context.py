@@ -9,12 +9,24 @@ import msgspec
 from aiohttp import web
 
 from .config import Secret, Timeouts
+from .errors import BadRequest
 from .routes import Kind
 
 __all__ = ["Call", "Deployment", "Principal"]
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode
+
+
+def _decode(raw: bytes | msgspec.Raw, field: str | None) -> Any:
+    """Decode what the core kept raw; the values it never looked at can still be out of range
+    (1e999999, 5,000-digit integers) or nested too deep, and that is the client's error."""
+    try:
+        return _decode_any(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        where = f"'{field}'" if field else "the request body"
+        problem = "is nested too deeply" if isinstance(exc, RecursionError) else f"cannot be read: {exc}"
+        raise BadRequest(f"{where} {problem}", param=field, code="invalid_value") from None
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -105,9 +117,9 @@ class Call:
         self._body = body
 
     def get(self, name: str, default: Any = None) -> Any:
-        """The decoded value of one top-level body field."""
+        """The decoded value of one top-level body field (400 if it cannot be decoded)."""
         raw = self.fields.get(name)
-        return default if raw is None else _decode_any(raw)
+        return default if raw is None else _decode(raw, name)
 
     def set(self, name: str, value: Any) -> None:
         """Replace (or add) one top-level body field."""
@@ -121,7 +133,7 @@ class Call:
     def json(self) -> dict[str, Any]:
         """The whole body decoded, with ``model`` as the upstream model id. Cached; do not mutate."""
         if self._json is None:
-            self._json = _decode_any(self.body())
+            self._json = _decode(self.body(), None)
         return self._json
 
     def route_to(self, deployment: Deployment) -> None:

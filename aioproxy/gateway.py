@@ -6,10 +6,12 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 import msgspec
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 import pluggy
 from aiohttp import web
 
@@ -49,6 +51,43 @@ async def _first_event(reply: StreamReply, deployment: Deployment) -> bytes | No
         return None
     except (aiohttp.ClientError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
+
+
+class Plan:
+    """Where a call may go: the model (or fallback) being tried first, then fallback names."""
+
+    __slots__ = ("chain", "fallbacks")
+
+    def __init__(self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str]):
+        self.chain = [(model, candidates)]
+        self.fallbacks = list(fallbacks)
+
+    async def advance(self, gateway: Gateway, call: Call) -> bool:
+        """Move on to the next fallback model that has deployments; False when none is left."""
+        while self.fallbacks:
+            name = self.fallbacks.pop(0)
+            candidates = await gateway.candidates(call, name)
+            if candidates:
+                self.chain = [(name, candidates)]
+                return True
+        return False
+
+
+# Errors that say a deployment is misconfigured (its key refused, a redirect): another
+# deployment may serve, the same one will not.
+_MISCONFIGURED = frozenset({"upstream_auth_failed", "upstream_redirect"})
+
+
+def _move_on_only(error: BaseException | None) -> bool:
+    return isinstance(error, ProxyError) and error.code in _MISCONFIGURED
+
+
+def _estimate_tokens(call: Call, outcome: Outcome) -> int:
+    """Tokens spent when the upstream did not say (a stream without include_usage): about four
+    bytes a token for the prompt, one token an event (or four bytes) for the answer."""
+    prompt = sum(len(raw) for raw in call.fields.values()) // 4
+    answer = outcome.events if outcome.stream else len(outcome.body or b"") // 4
+    return prompt + answer
 
 
 def _brief(error: BaseException) -> str:
@@ -107,7 +146,7 @@ def decode_request(
         raise BadRequest("'model' must not be empty", param="model", code="invalid_value")
     raw_stream = fields.get("stream")
     stream = False
-    if raw_stream is not None:
+    if raw_stream is not None and kind is not Kind.EMBEDDINGS:  # embeddings have no stream
         try:
             stream = bool(_decode_stream(raw_stream))
         except msgspec.DecodeError:
@@ -137,7 +176,10 @@ _MAY_DIFFER = re.compile(rb'"(?:api_|base_url"|organization"|extra_headers")')
 
 
 def _pristine(body: bytes) -> bool:
-    return body.count(b'"model"') == 1 and _MAY_DIFFER.search(body) is None
+    # An escape (\u0065...) could spell a key the byte search cannot see: re-encode then.
+    return (
+        body.count(b'"model"') == 1 and b"\\u" not in body and _MAY_DIFFER.search(body) is None
+    )
 
 
 class Gateway:
@@ -199,17 +241,22 @@ class Gateway:
 
     async def read_call(self, kind: Kind, request: web.Request, principal: Principal) -> Call:
         """Read the body into a Call, refusing a model the principal may not use."""
-        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
-            body = await request.read()
-        else:
-            try:
+        try:
+            if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+                body = await request.read()
+            else:
                 async with asyncio.timeout(self.config.server.body_timeout):
                     body = await request.read()
-            except TimeoutError:
-                raise ProxyError(
-                    "The request body did not arrive in time", status=408,
-                    type="invalid_request_error", code="request_timeout",
-                ) from None
+        except TimeoutError:
+            raise ProxyError(
+                "The request body did not arrive in time", status=408,
+                type="invalid_request_error", code="request_timeout",
+            ) from None
+        except (BadHttpMessage, RequestPayloadError):  # e.g. a Content-Encoding that won't decode
+            raise BadRequest(
+                "The request body could not be read (is its Content-Encoding right?)",
+                code="invalid_encoding",
+            ) from None
         fields, model, stream = decode_request(body, kind)
         if not principal.allows(model):
             raise PermissionDenied(
@@ -230,25 +277,33 @@ class Gateway:
             return (mapped,)
         return tuple(mapped)
 
-    async def route(self, call: Call) -> tuple[Deployment, ...]:
-        """Choose the call's first deployment and run ``before_request``; the model's candidates."""
+    async def route(self, call: Call) -> Plan:
+        """Choose the call's first deployment and run ``before_request``; the plan to dispatch.
+
+        The first deployment comes from the model, else (all cooling down or over their caps)
+        from its fallbacks, else, as a last resort, from the model ignoring cooldown.
+        """
         candidates = await self.candidates(call, call.model)
         if not candidates:
             raise ModelNotFound(
                 f"The model '{call.model}' does not exist or is not served here", param="model"
             )
-        deployment = self.router.pick(call.model, candidates) or self.router.pick(
-            call.model, candidates, ignore_cooldown=True
-        )
-        if deployment is None:
-            raise RateLimited(
-                f"Every deployment of '{call.model}' is at its rpm/tpm limit; try again shortly",
-                headers={"Retry-After": "1"},
-            )
+        plan = Plan(call.model, candidates, self.router.policy(call.model).fallbacks)
+        while (deployment := self.router.pick(*plan.chain[0])) is None:
+            if not await plan.advance(self, call):
+                plan = Plan(call.model, candidates, ())
+                deployment = self.router.pick(call.model, candidates, ignore_cooldown=True)
+                if deployment is None:
+                    raise RateLimited(
+                        f"Every deployment of '{call.model}' is at its rpm/tpm limit; "
+                        "try again shortly",
+                        headers={"Retry-After": "1"},
+                    )
+                break
         self._take(call, deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
-        return candidates
+        return plan
 
     def _take(self, call: Call, deployment: Deployment) -> None:
         """Route the call to ``deployment``, counted (in flight, rpm) from this moment: picking
@@ -257,29 +312,25 @@ class Gateway:
         call.lease = deployment
         call.route_to(deployment)
 
-    async def dispatch(
-        self, call: Call, candidates: tuple[Deployment, ...]
-    ) -> tuple[Reply, bytes | None]:
-        """Call the provider, retrying and falling back as the router says, until an answer starts.
+    async def dispatch(self, call: Call, plan: Plan) -> tuple[Reply, bytes | None]:
+        """Call the provider, retrying and falling back as the plan says, until an answer starts.
 
         Returns the reply and, for a stream, its first event (None for an empty stream): once that
         exists the answer has begun, and nothing is retried after it. The deployment that answers
-        stays acquired (counted in flight) until ``finish``.
+        stays taken (counted in flight) until ``finish``.
         """
         router = self.router
-        model = call.model
-        policy = router.policy(model)
-        chain = [(model, candidates)]
-        fallbacks = list(policy.fallbacks)
         error: BaseException | None = None
         deployment: Deployment | None = call.deployment
         while True:
-            model, candidates = chain.pop(0)
+            model, candidates = plan.chain[0]
             policy = router.policy(model)
             tried: set[str] = set()
             for attempt in range(policy.num_retries + 1):
                 if deployment is None:
-                    if attempt and len(tried) >= len(candidates):  # the same one again: back off
+                    if len(tried) >= len(candidates):  # the same one again
+                        if _move_on_only(error):
+                            break
                         delay = router.backoff(attempt, error) if error else 0
                         if delay is None:
                             break
@@ -294,19 +345,14 @@ class Gateway:
                 except Exception as exc:
                     error = exc
                     if is_context_window_error(exc) and policy.context_window_fallbacks:
-                        fallbacks = list(policy.context_window_fallbacks)
+                        plan.fallbacks = list(policy.context_window_fallbacks)
                         break
                     if not is_retryable(exc):
                         raise
                     log.warning("%s failed (%s); retrying", deployment.describe(), _brief(exc))
                 finally:
                     deployment = None
-            while fallbacks and not chain:
-                name = fallbacks.pop(0)
-                more = await self.candidates(call, name)
-                if more:
-                    chain.append((name, more))
-            if not chain:
+            if not await plan.advance(self, call):
                 break
         if error is None:
             raise RateLimited(
@@ -356,7 +402,7 @@ class Gateway:
         tokens = 0
         if deployment.tpm is not None and outcome is not None:
             usage = outcome.usage()
-            tokens = usage.total_tokens if usage else 0
+            tokens = usage.total_tokens if usage else _estimate_tokens(call, outcome)
         self.router.release(deployment, tokens)
 
     def method_for(self, call: Call) -> ProviderMethod:

@@ -14,13 +14,14 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .context import Call, Deployment
+from .context import Call
+from .gateway import Plan
 from .errors import ModelNotFound, ProxyError, error_payload
 from .keys import gateway_key
 from .outcome import Outcome
 from .providers import JSONReply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
-from .streaming import SSE_HEADERS
+from .streaming import SSE_HEADERS, json_as_sse
 from .upstream import failure_from
 
 __all__ = ["health", "make_handlers"]
@@ -44,10 +45,10 @@ def make_provider_handler(kind: Kind) -> Handler:
         try:
             principal = await gateway.authenticate(request, kind)
             call = await gateway.read_call(kind, request, principal)
-            candidates = await gateway.route(call)
+            plan = await gateway.route(call)
             if call.stream and gateway.config.server.keepalive_interval:
-                return await _stream_with_keepalive(request, call, candidates)
-            reply, first = await gateway.dispatch(call, candidates)
+                return await _stream_with_keepalive(request, call, plan)
+            reply, first = await gateway.dispatch(call, plan)
             if isinstance(reply, StreamReply):
                 return await _send_stream(request, call, reply, first)
             return await _send_json(request, call, reply)
@@ -80,9 +81,7 @@ async def _send_json(request: web.Request, call: Call, reply: JSONReply) -> web.
     return response
 
 
-async def _stream_with_keepalive(
-    request: web.Request, call: Call, candidates: tuple[Deployment, ...]
-) -> web.StreamResponse:
+async def _stream_with_keepalive(request: web.Request, call: Call, plan: Plan) -> web.StreamResponse:
     """Dispatch a streaming call, sending SSE comments if its first event is slow to come.
 
     A reasoning model can think for minutes before its first token, and load balancers cut
@@ -93,7 +92,7 @@ async def _stream_with_keepalive(
     gateway = request.app[gateway_key]
     keeper = _KeepAlive(request, gateway.config.server.keepalive_interval)
     try:
-        reply, first = await gateway.dispatch(call, candidates)
+        reply, first = await gateway.dispatch(call, plan)
     except Exception as exc:
         response = await keeper.stop()
         if response is None:
@@ -107,7 +106,7 @@ async def _stream_with_keepalive(
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply)
-        reply = StreamReply(_single(reply.body))  # headers are out: send it as one event
+        reply = StreamReply(_single(json_as_sse(call.kind.value, reply.body)))  # headers are out
         first = await anext(reply.events)
     return await _send_stream(request, call, reply, first, response)
 
@@ -149,8 +148,8 @@ class _KeepAlive:
         return self.response
 
 
-async def _single(body: bytes) -> AsyncIterator[bytes]:
-    yield b"data: " + body + b"\n\n"
+async def _single(events: bytes) -> AsyncIterator[bytes]:
+    yield events
 
 
 async def _send_stream(

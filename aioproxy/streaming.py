@@ -76,3 +76,29 @@ async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
     async for block in iter_sse_blocks(content):
         for event in split_events(block):
             yield event
+
+
+def json_as_sse(kind: str, body: bytes) -> bytes:
+    """A whole JSON answer as the stream the client asked for, when the stream's headers had to
+    go out (keep-alive comments) before the upstream answered with JSON after all."""
+    try:
+        answer = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        answer = None
+    if not isinstance(answer, dict) or "error" in answer:
+        return b"data: " + body + b"\n\n"
+    if kind == "responses":
+        return sse_event("response.completed", {"type": "response.completed", "response": answer,
+                                                "sequence_number": 0})
+    usage = answer.pop("usage", None)
+    if kind == "chat_completions":
+        answer["object"] = "chat.completion.chunk"
+        for choice in answer.get("choices") or ():
+            delta = choice.pop("message", None) or {}
+            for index, tool_call in enumerate(delta.get("tool_calls") or ()):
+                tool_call.setdefault("index", index)
+            choice["delta"] = delta
+    events = [sse_data(answer)]
+    if usage is not None:
+        events.append(sse_data({**answer, "choices": [], "usage": usage}))
+    return b"".join(events) + DONE

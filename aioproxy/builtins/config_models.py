@@ -27,7 +27,9 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
                 weight=entry.weight,
                 rpm=entry.rpm,
                 tpm=entry.tpm,
-                timeouts=entry.timeouts,
+                timeouts=(
+                    entry.timeouts.over(config.upstream.timeouts) if entry.timeouts else None
+                ),
                 headers=entry.headers,
                 settings=entry.settings,
             )

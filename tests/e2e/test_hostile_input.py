@@ -170,11 +170,6 @@ async def test_absurd_nesting_is_a_400(proxy: TestServer, fake: FakeOpenAI, nest
     assert fake.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: decode_request only proves the body decodes at the handler's stack depth (msgspec "
-    "stops at Python's recursion limit, minus the current depth); Call.get/Call.json decode "
-    "fields again deeper in the stack (the echo provider), where a body a few levels less deep "
-    "than the limit raises RecursionError: 500 internal_error"))
 async def test_nesting_near_the_limit_never_crashes_a_provider(proxy: TestServer) -> None:
     statuses = {}
     async with aiohttp.ClientSession() as http:
@@ -206,18 +201,12 @@ HUGE = [
     ("stream", b"1e999", 400, "stream"),
     ("model", b"1e999", 400, "model"),
 ]
-NUMBER_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: decode_request keeps fields raw without decoding their numbers; Call.get "
-    "(aioproxy/context.py) later raises msgspec.DecodeError 'Number out of range' for a number "
-    "outside what msgspec decodes, and the echo provider's read of max_tokens / n becomes a "
-    "500 internal_error instead of a 400 naming the field"))
 
 
 @pytest.mark.parametrize(
     ("model", "field", "value", "status", "param"),
     [("gpt-test", *case) for case in HUGE] + [
-        pytest.param("echo", *case, marks=NUMBER_BUG if i in (0, 1, 3) else ())
-        for i, case in enumerate(HUGE)
+        pytest.param("echo", *case) for case in HUGE
     ],
 )
 async def test_huge_numbers(proxy: TestServer, fake: FakeOpenAI, field: str, value: bytes,
@@ -307,14 +296,6 @@ async def test_duplicate_keys_last_one_wins_at_the_top_level(proxy: TestServer,
     assert response.status == 400 and json.loads(raw)["error"]["param"] == "messages"
 
 
-ESCAPED_KEY_BUG = (
-    "bug: gateway._pristine() decides whether the client's exact bytes may be forwarded by "
-    "searching them for b'\"model\"' and b'\"api_' etc.; a key spelt with a JSON escape "
-    "(\"api\\u005fbase\", \"mod\\u0065l\") decodes to the same name but escapes the search, so "
-    "the raw body goes upstream with fields decode_request dropped (or a second model)")
-
-
-@pytest.mark.xfail(strict=True, reason=ESCAPED_KEY_BUG)
 async def test_escaped_dropped_fields_never_reach_the_upstream(
         start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     # The deployment's upstream model is the name asked for, so nothing else forces a re-encode.
@@ -332,7 +313,6 @@ async def test_escaped_dropped_fields_never_reach_the_upstream(
         assert name not in fake.last.body, f"{name} reached the upstream"
 
 
-@pytest.mark.xfail(strict=True, reason=ESCAPED_KEY_BUG)
 async def test_escaped_duplicate_model_never_reaches_the_upstream(
         start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     config = gateway_config(upstream_base, auth={"keys": [{"key": "sk-mini-only",
@@ -429,10 +409,6 @@ async def test_body_over_the_limit_is_413(proxy: TestServer, fake: FakeOpenAI) -
     await still_serving(proxy)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a body whose Content-Encoding (gzip/deflate) does not decode makes request.read() "
-    "raise aiohttp's ContentEncodingError in gateway.read_call; the middleware treats it as "
-    "unexpected: 500 internal_error and a logged traceback instead of a 400"))
 async def test_body_that_does_not_decompress_is_a_400(proxy: TestServer) -> None:
     for encoding in ("gzip", "deflate"):
         response, raw = await post(proxy, BODY, headers={"Content-Encoding": encoding})

@@ -302,9 +302,6 @@ async def test_tpm_cap_counts_reported_usage(start_proxy: StartProxy, fake: Fake
     assert len(fake.requests) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: tokens are only counted from usage the upstream reports; a stream without "
-    "stream_options.include_usage reports none, so streams bypass tpm caps"))
 async def test_tpm_cap_counts_streams_without_usage(start_proxy: StartProxy, fake: FakeOpenAI,
                                                     upstream_base: str) -> None:
     proxy = await start_proxy(one_deployment(upstream_base, {"tpm": 8}))
@@ -366,9 +363,6 @@ async def test_other_4xx_are_never_retried(start_proxy: StartProxy, pair: Pair,
     assert len(pair.a.requests) + len(pair.b.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: an upstream 401/403 becomes a 502 upstream_auth_failed before is_retryable looks at it, "
-    "so the refused key is retried num_retries times on the same deployment"))
 async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
         start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
     proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 2,
@@ -566,9 +560,6 @@ async def test_context_window_error_without_its_fallback_passes_through(
     assert pair.c.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: gateway.route() falls back to pick(..., ignore_cooldown=True), so a model whose "
-    "deployments all cool down still sends every request to one of them before its fallbacks"))
 async def test_cooled_down_model_goes_straight_to_its_fallback(
         start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str, pair: Pair) -> None:
     config = one_deployment(upstream_base, router={
@@ -587,10 +578,6 @@ async def test_cooled_down_model_goes_straight_to_its_fallback(
     assert len(fake.requests) == 2, "a deployment in cooldown was still called"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: gateway.route() answers 429 as soon as every deployment is over its rpm/tpm cap, "
-    "before dispatch() (whose comment says capped deployments go 'on to the fallbacks') can "
-    "try the model's fallbacks"))
 async def test_capped_model_goes_to_its_fallback(start_proxy: StartProxy, pair: Pair) -> None:
     config = pair.config(a={"rpm": 1}, backup=True, router={"fallbacks": {"gpt-test": ["backup"]}})
     del config["models"][1]  # gpt-test on a only
@@ -786,10 +773,6 @@ async def test_deployment_timeouts_override_the_global_ones(start_proxy: StartPr
     await pair.b.wait_idle(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a deployment's `timeouts` table replaces the global one whole "
-    "(`deployment.timeouts or config.upstream.timeouts`), so fields it does not set fall back "
-    "to the built-in defaults (read=600), not to [upstream.timeouts]"))
 async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
         start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
     proxy = await start_proxy(one_deployment(
@@ -862,11 +845,6 @@ async def test_failure_after_keepalive_comments_is_an_error_event(start_proxy: S
     assert "gpt-test" in caught.value.message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: handlers.make_provider_handler takes the keep-alive path for any call with "
-    "stream=true, embeddings included; when the (JSON) answer is slower than "
-    "keepalive_interval, _stream_with_keepalive has already sent SSE headers and wraps the "
-    "JSON in one `data:` event, so the answer's format depends on timing"))
 async def test_a_slow_answer_that_does_not_stream_stays_json(start_proxy: StartProxy,
                                                              fake: FakeOpenAI,
                                                              upstream_base: str) -> None:

@@ -179,10 +179,7 @@ async def test_sigterm_lets_a_proxied_upstream_stream_finish(tmp_path: Path,
 
 @pytest.mark.parametrize("grace", [
     0.3,
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: cli.serve passes shutdown_grace straight to web.run_app(shutdown_timeout=...); "
-        "aiohttp's ceil_timeout treats a timeout <= 0 as none at all, so a grace of 0 (which "
-        "the config allows, ge=0) waits for every in-flight request however long it takes"))),
+    0,
 ])
 async def test_tiny_grace_exits_promptly_anyway(tmp_path: Path, grace: float) -> None:
     async with running(write_config(tmp_path / "c.toml", grace=grace)) as (process, port):

@@ -13,6 +13,7 @@ from aioproxy.config import (
     Config,
     ConfigError,
     Secret,
+    TimeoutOverrides,
     Timeouts,
     load_config,
     parse_config,
@@ -89,7 +90,7 @@ def test_load_documented_shape(tmp_path: Path) -> None:
     assert model.api_base == "http://127.0.0.1:9000/v1"
     assert model.api_key == "sk-upstream" and isinstance(model.api_key, Secret)
     assert model.weight == 2.5
-    assert model.timeouts == Timeouts(connect=10.0, read=600.0, total=900.0)
+    assert model.timeouts == TimeoutOverrides(connect=10.0, read=600.0, total=900.0)
     assert model.headers == {"OpenAI-Organization": "org-1"}
     assert model.settings == {"delay": 0.05}
     assert config.server.max_body_size == 33554432
