@@ -98,6 +98,9 @@ def serve(app: web.Application, config: Config, host: str, port: int, loop: str,
         print=None,
         access_log=None,
         handler_cancellation=True,
+        # aiohttp's keep-alive timer also runs from a connection's start until its first
+        # request is complete, so it is the header timeout too.
+        keepalive_timeout=config.server.header_timeout,
         # aiohttp takes a timeout <= 0 as none at all: a grace of 0 must still end.
         shutdown_timeout=max(config.server.shutdown_grace, 0.001),
         reuse_port=reuse_port or None,

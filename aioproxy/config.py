@@ -116,6 +116,9 @@ class ServerConfig(Base):
     port: Annotated[int, Meta(ge=0, le=65535)] = 4000
     max_body_size: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
     body_timeout: PositiveFloat = 60.0  # reading a request body; slower clients get 408
+    # A connection whose request headers are not complete this long after it opened (or after
+    # its last answer) is closed: slow-header clients cannot hold connections open.
+    header_timeout: PositiveFloat = 30.0
     # While a stream waits for its first event, send an SSE comment this often (seconds) so that
     # load balancers' idle timeouts do not cut it; 0 disables.
     keepalive_interval: Annotated[float, Meta(ge=0)] = 15.0

@@ -1,0 +1,49 @@
+"""A client that sends its headers too slowly is cut off, and others are served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.e2e.test_cli import running
+
+
+async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[server]\nheader_timeout = 0.5\n[[models]]\nname = "echo"\nprovider = "echo"\n',
+        encoding="utf-8",
+    )
+    async with running("--config", str(config)) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        closed_after = None
+        for _ in range(40):  # one header line every 0.1 s, never finishing
+            await asyncio.sleep(0.1)
+            try:
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+            except ConnectionError:
+                closed_after = time.monotonic() - started
+                break
+            if reader.at_eof() or (await _peek_closed(reader)):
+                closed_after = time.monotonic() - started
+                break
+        writer.close()
+        assert closed_after is not None, "the slow client was never cut off"
+        assert closed_after < 2.0
+        async with aiohttp.ClientSession() as http:  # and the proxy still serves
+            async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+
+
+async def _peek_closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        data = await asyncio.wait_for(reader.read(1), 0.01)
+    except TimeoutError:
+        return False
+    return data == b""
