@@ -51,7 +51,6 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
         raise_for_status=False,
-        skip_auto_headers=("User-Agent",),
     )
 
 
@@ -179,7 +178,7 @@ async def forward(
     session: aiohttp.ClientSession,
     url: str,
     headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout,
+    timeout: aiohttp.ClientTimeout | None,
     body: bytes | None = None,
 ) -> Reply:
     """POST the call's body to an OpenAI-compatible ``url`` and relay the answer.
