@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping
 
 import aiohttp
-import msgspec
-from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.web_protocol import RequestPayloadError
 import pluggy
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 
 from .bridges import ResponseStore, bridge_methods
 from .builtins.config_models import deployments_from
@@ -28,20 +26,16 @@ from .errors import (
     RateLimited,
 )
 from .outcome import Outcome
+from .payloads import decode_request, pristine
 from .plugins import Hooks
 from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
 from .router import Router, is_context_window_error, is_retryable
 from .routes import Kind
 from .upstream import failure_from
 
-__all__ = ["Gateway", "decode_request"]
+__all__ = ["Gateway", "Plan"]
 
 log = logging.getLogger("aioproxy")
-
-_decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
-_decode_model = msgspec.json.Decoder(str).decode
-_decode_stream = msgspec.json.Decoder(bool | None).decode
-
 
 async def _first_event(reply: StreamReply, deployment: Deployment) -> bytes | None:
     """A stream's first event (None if it is empty), with client errors as ProxyErrors."""
@@ -92,94 +86,6 @@ def _estimate_tokens(call: Call, outcome: Outcome) -> int:
 
 def _brief(error: BaseException) -> str:
     return error.message if isinstance(error, ProxyError) else type(error).__name__
-
-
-_ARRAY, _STRING, _OBJECT = ord("["), ord('"'), ord("{")
-
-# Per kind: the body field that carries the input, whether it is required, and the JSON types
-# (by first byte) it may have. Checked here so that a malformed request never reaches a provider.
-_INPUT_FIELDS: dict[Kind, tuple[str, bool, tuple[int, ...], str]] = {
-    Kind.CHAT_COMPLETIONS: ("messages", True, (_ARRAY,), "an array of messages"),
-    Kind.COMPLETIONS: ("prompt", True, (_STRING, _ARRAY), "a string or an array"),
-    Kind.EMBEDDINGS: ("input", True, (_STRING, _ARRAY), "a string or an array"),
-    Kind.RESPONSES: ("input", False, (_STRING, _ARRAY), "a string or an array of items"),
-}
-
-# Fields that other gateways read to redirect or re-key the upstream call (server-side request
-# forgery). aioproxy never reads them, and drops them so that they never reach an upstream either.
-_DROPPED_FIELDS = ("api_base", "base_url", "api_key", "api_version", "organization", "extra_headers")
-
-
-def decode_request(
-    body: bytes, kind: Kind = Kind.CHAT_COMPLETIONS
-) -> tuple[dict[str, msgspec.Raw], str, bool]:
-    """Split a request body into its raw top-level fields, and read ``model`` and ``stream``.
-
-    Only what the core needs is decoded; every other field stays as the bytes the client sent.
-    """
-    if not body:
-        raise BadRequest("The request body is empty; expected a JSON object")
-    try:
-        body.decode("utf-8")  # msgspec skips over fields it keeps raw; check them all here
-    except UnicodeDecodeError as exc:
-        raise BadRequest(
-            f"The request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding"
-        ) from None
-    try:
-        fields = _decode_fields(body)
-    except RecursionError:
-        raise BadRequest("The request body is nested too deeply", code="invalid_json") from None
-    except msgspec.ValidationError:
-        raise BadRequest("The request body must be a JSON object", code="invalid_body") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    raw_model = fields.get("model")
-    if raw_model is None:
-        raise BadRequest(
-            "Missing required parameter: 'model'", param="model", code="missing_required_parameter"
-        )
-    try:
-        model = _decode_model(raw_model)
-    except msgspec.DecodeError:
-        raise BadRequest("'model' must be a string", param="model", code="invalid_type") from None
-    if not model:
-        raise BadRequest("'model' must not be empty", param="model", code="invalid_value")
-    raw_stream = fields.get("stream")
-    stream = False
-    if raw_stream is not None and kind is not Kind.EMBEDDINGS:  # embeddings have no stream
-        try:
-            stream = bool(_decode_stream(raw_stream))
-        except msgspec.DecodeError:
-            raise BadRequest(
-                "'stream' must be a boolean", param="stream", code="invalid_type"
-            ) from None
-    field, required, types, expected = _INPUT_FIELDS[kind]
-    raw_input = fields.get(field)
-    if raw_input is None:
-        if required:
-            raise BadRequest(
-                f"Missing required parameter: '{field}'", param=field,
-                code="missing_required_parameter",
-            )
-    elif memoryview(raw_input)[0] not in types:
-        raise BadRequest(f"'{field}' must be {expected}", param=field, code="invalid_type")
-    for name in _DROPPED_FIELDS:
-        if name in fields:
-            del fields[name]
-    return fields, model, stream
-
-
-# A body may be forwarded as the very bytes received only when re-encoding its fields would
-# change nothing: exactly one "model" key (a duplicate could make the upstream read another
-# model than the one authorised), and none of the dropped fields.
-_MAY_DIFFER = re.compile(rb'"(?:api_|base_url"|organization"|extra_headers")')
-
-
-def _pristine(body: bytes) -> bool:
-    # An escape (\u0065...) could spell a key the byte search cannot see: re-encode then.
-    return (
-        body.count(b'"model"') == 1 and b"\\u" not in body and _MAY_DIFFER.search(body) is None
-    )
 
 
 class Gateway:
@@ -263,7 +169,7 @@ class Gateway:
                 f"This API key may not use the model '{model}'", param="model"
             )
         return Call(
-            kind, request, principal, model, fields, stream, body if _pristine(body) else None
+            kind, request, principal, model, fields, stream, body if pristine(body) else None
         )
 
     async def candidates(self, call: Call, model: str) -> tuple[Deployment, ...]:

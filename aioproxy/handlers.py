@@ -7,7 +7,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -15,8 +14,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .context import Call
-from .gateway import Plan
 from .errors import ModelNotFound, ProxyError, error_payload
+from .gateway import Plan
 from .keys import gateway_key
 from .outcome import Outcome
 from .providers import JSONReply, StreamReply

@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from aioproxy.config import Secret, Timeouts
 from aioproxy.context import ANONYMOUS, Call, Deployment, Principal
-from aioproxy.gateway import decode_request
+from aioproxy.payloads import decode_request
 from aioproxy.routes import Kind
 
 # Odd spacing, key order, number forms and escapes: what a forwarded body must keep as sent.

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aioproxy.errors import BadRequest
-from aioproxy.gateway import decode_request
+from aioproxy.payloads import decode_request
 from aioproxy.routes import Kind
 
 CHAT = Kind.CHAT_COMPLETIONS
