@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install run test bench bench-smoke clean
+.PHONY: install run test bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ bench: install
 
 bench-smoke: install
 	$(PY) bench/run.py --smoke
+
+# Adds LiteLLM's proxy (installed from PyPI into bench/.peers, outside the project's venv).
+bench-peers: install
+	$(PY) bench/run.py --peers
 
 clean:
 	rm -rf $(VENV) *.egg-info plugins/*/*.egg-info

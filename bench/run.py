@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """aioproxy benchmark: wrk -> {nginx directly, reference pass-through, aioproxy} -> nginx.
+With --peers, LiteLLM's proxy is measured too, in its own venv (bench/peers/).
 
 Measures requests/s, p50/p99 latency and CPU time per request of the process under test for
 non-streaming chat, streaming chat (events in one burst, and paced 1 ms apart) and embeddings,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import os
 import platform
 import re
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from harness import payloads, procs
-from harness.loadgen import LoadError, run_wrk
+from harness.loadgen import LoadError, WrkResult, finish_wrk, run_wrk, start_wrk
 from harness.procs import Cores
 from harness.report import NOISY_PCT, Row, Startup, render
 from harness.servers import (
@@ -38,9 +40,11 @@ from harness.servers import (
     start_reference,
     start_upstream,
 )
+from peers import litellm as litellm_peer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("direct", "reference", "aioproxy")
+TARGETS = ("direct", "reference", "aioproxy", "litellm")
+PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
 # What run.py needs -> the Debian package that brings it.  The echo module (for stream-paced)
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
@@ -81,6 +85,11 @@ def _duration(value: str) -> str:
     return value
 
 
+def _seconds(duration: str) -> float:
+    unit = {"s": 1, "m": 60, "h": 3600}.get(duration[-1], 1)
+    return float(duration.rstrip("smh")) * unit
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,7 +105,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"from {','.join(payloads.KINDS)} (all)",
     )
-    p.add_argument("--targets", type=_csv(TARGETS), default=list(TARGETS))
+    p.add_argument(
+        "--targets",
+        type=_csv(TARGETS),
+        default=[t for t in TARGETS if t not in PEERS],
+        help=f"from {','.join(TARGETS)} (all but the peers)",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help=f"also measure {', '.join(PEERS)} (installed into bench/.peers/ on first use)",
+    )
+    p.add_argument(
+        "--peer-warmup",
+        type=_duration,
+        default="5s",
+        help="peers: the unmeasured start of each wrk run, until the backlog is steady (5s)",
+    )
+    p.add_argument(
+        "--peer-duration",
+        type=_duration,
+        default=None,
+        help="peers: the measured part of each wrk run (the longer of --duration and 10s)",
+    )
     p.add_argument(
         "--repeat",
         type=int,
@@ -137,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.kinds, args.connections, args.targets = ["chat"], [16], ["reference", "aioproxy"]
         args.duration, args.warmup, args.no_save = "3s", "1s", True
         args.repeat, args.max_repeat = 2, 5  # a busy machine gets more rounds, not a false alarm
+    if args.peers and not args.smoke:  # the CI gate never waits for a peer
+        args.targets += [t for t in PEERS if t not in args.targets]
+    if args.peer_duration is None:
+        args.peer_duration = args.duration if _seconds(args.duration) >= 10 else "10s"
     args.kinds_explicit = args.kinds is not None
     args.kinds = args.kinds or list(payloads.KINDS)
     args.max_repeat = max(args.max_repeat or args.repeat, args.repeat)
@@ -231,6 +266,15 @@ def _rounds(args: argparse.Namespace) -> str:
     return f"best of {rounds} rounds (runs free of foreign load first, then lowest CPU/request)"
 
 
+def _peer_python() -> str:
+    cfg = litellm_peer.VENV / "pyvenv.cfg"
+    for line in cfg.read_text().splitlines() if cfg.exists() else []:
+        key, _, value = line.partition("=")
+        if key.strip() in ("version", "version_info"):
+            return value.strip()
+    return "?"
+
+
 def environment(args: argparse.Namespace, upstream: str, cores: Cores) -> dict[str, str]:
     pinning = (
         "none (fewer than 2 cores or no taskset)"
@@ -241,7 +285,7 @@ def environment(args: argparse.Namespace, upstream: str, cores: Cores) -> dict[s
     wrk_version = subprocess.run(
         ["wrk", "-v"], capture_output=True, text=True, check=False
     ).stdout.split(" [")[0]
-    return {
+    env = {
         "commit": _git_commit(),
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}",
         "pinning": pinning,
@@ -252,6 +296,16 @@ def environment(args: argparse.Namespace, upstream: str, cores: Cores) -> dict[s
         "load": f"{wrk_version}, 1 thread; runs of {args.duration} after a {args.warmup} warm-up "
         f"per cell; {_rounds(args)}",
     }
+    if "litellm" in args.targets:
+        env["peers"] = (
+            f"LiteLLM {litellm_peer.installed_version()} (`litellm[proxy]` in its own venv, "
+            f"Python {_peer_python()}; `litellm --config … --num_workers 1`: uvicorn with uvloop, "
+            f"pinned like the proxies; its own defaults otherwise, incl. one access-log line per "
+            f"request); peers are measured in a steady-state window: one wrk run per cell, of "
+            f"which the first {args.peer_warmup} is unmeasured and the next ~{args.peer_duration} "
+            f"counted (p50/p99 span the whole run)"
+        )
+    return env
 
 
 # --- measuring ---
@@ -275,6 +329,51 @@ def _cpu_snapshot(target: Target, others: list[Target]) -> CpuSnapshot:
     )
 
 
+PEER_WRK_TIMEOUT = "30s"  # LiteLLM holds seconds of work in flight at 64 connections
+
+
+def _measure_steady(
+    target: Target,
+    spec: payloads.Kind,
+    conns: int,
+    args: argparse.Namespace,
+    cores: Cores,
+    others: list[Target],
+) -> tuple[WrkResult, CpuSnapshot, CpuSnapshot, int]:
+    """One wrk run; CPU and completed requests are counted from a whole second after the
+    warm-up part on, when the target's backlog is steady.
+
+    A slow target holds up to `conns` requests' worth of work at a window's edges: a fresh
+    5 s wrk run starts with an empty pipeline (and the previous run's abandoned requests still
+    running), which made LiteLLM's CPU/request 20-25% too high.  Mid-run, the work done
+    before the window on requests completed in it balances the work done in it on requests
+    still open at the end.
+    """
+    warm, measured = _seconds(args.peer_warmup), _seconds(args.peer_duration)
+    started = time.time()
+    count_from = math.ceil(started + warm)
+    length = math.ceil(count_from - started + measured)  # wrk takes whole seconds
+    proc = start_wrk(
+        target.url(spec),
+        spec.body,
+        target.auth,
+        conns,
+        f"{length}s",
+        cores.load,
+        PEER_WRK_TIMEOUT,
+        count_from,
+    )
+    time.sleep(max(0.0, count_from - time.time()))
+    wrk_so_far = procs.cpu_seconds(proc.pid)  # not reaped yet, so not in RUSAGE_CHILDREN
+    before = _cpu_snapshot(target, others)
+    before = before._replace(wrk=before.wrk + wrk_so_far)
+    result = finish_wrk(proc, target.url(spec), conns)
+    after = _cpu_snapshot(target, others)
+    if result.counted <= 0:
+        raise LoadError(f"{target.name}: no request completed in the measured window")
+    return result, before, after, result.counted
+
+
 def measure(
     target: Target,
     upstream: Target,
@@ -287,12 +386,16 @@ def measure(
     # The core under test belongs to whatever is measured; nginx moves there only for direct.
     procs.pin(upstream.pid, cores.sut if target.direct else cores.load)
     spec = payloads.KINDS[kind]
-    if warm_up:  # fills connection pools and caches; later rounds find them warm
-        run_wrk(target.url(spec), spec.body, target.auth, conns, args.warmup, cores.load)
     others = [upstream] if upstream is not target else []
-    before = _cpu_snapshot(target, others)
-    result = run_wrk(target.url(spec), spec.body, target.auth, conns, args.duration, cores.load)
-    after = _cpu_snapshot(target, others)
+    if target.peer:
+        result, before, after, requests = _measure_steady(target, spec, conns, args, cores, others)
+    else:
+        if warm_up:  # fills connection pools and caches; later rounds find them warm
+            run_wrk(target.url(spec), spec.body, target.auth, conns, args.warmup, cores.load)
+        before = _cpu_snapshot(target, others)
+        result = run_wrk(target.url(spec), spec.body, target.auth, conns, args.duration, cores.load)
+        after = _cpu_snapshot(target, others)
+        requests = result.requests
     target.proc.check_alive()
     cpu = after.target - before.target
     ours = cpu + (after.others - before.others) + (after.wrk - before.wrk)
@@ -302,13 +405,16 @@ def measure(
         kind=kind,
         connections=conns,
         target=target.name,
-        rps=result.rps,
+        rps=requests / wall if target.peer else result.rps,
         p50_us=result.p50_us,
         p99_us=result.p99_us,
-        cpu_us_per_req=cpu / result.requests * 1e6,
-        requests=result.requests,
+        cpu_us_per_req=cpu / requests * 1e6,
+        requests=requests,
         other_cpu_pct=other_pct,
     )
+    if target.peer:
+        # It goes on with the requests wrk abandoned; the next target must not share its core.
+        procs.wait_idle(target.pid)
     print(
         f"  {kind:<12} c={conns:<3} {target.name:<9} {row.rps:>9,.0f} req/s  "
         f"p50 {row.p50_us / 1000:7.3f} ms  p99 {row.p99_us / 1000:7.3f} ms  "
@@ -361,8 +467,12 @@ def servers(
         upstream_port = procs.free_port()
         started = {"direct": start_upstream(upstream_kind, workdir, upstream_port, cores.load)}
         stack.callback(started["direct"].proc.stop)
-        starters = {"reference": start_reference, "aioproxy": start_aioproxy}
-        for name in ("reference", "aioproxy"):
+        starters = {
+            "reference": start_reference,
+            "aioproxy": start_aioproxy,
+            "litellm": litellm_peer.start_litellm,
+        }
+        for name in ("reference", "aioproxy", "litellm"):
             if name in args.targets:
                 print(f"bench: starting {name}", flush=True)
                 port = procs.free_port()
@@ -376,6 +486,11 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
     upstream_kind = ensure_tools(args)
     if "aioproxy" in args.targets and not (REPO / "run.py").exists():
         raise BenchError(f"{REPO / 'run.py'} does not exist yet; use --targets direct,reference")
+    if "litellm" in args.targets:
+        try:
+            litellm_peer.ensure_installed()  # before any server starts: installs take minutes
+        except (litellm_peer.PeerError, OSError) as exc:
+            raise BenchError(f"LiteLLM cannot be installed: {exc}") from exc
     cores = procs.cpu_layout()
     workdir = Path(tempfile.mkdtemp(prefix="aioproxy-bench-"))
     ok = False

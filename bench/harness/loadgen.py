@@ -20,6 +20,7 @@ class WrkResult:
     p90_us: int
     p99_us: int
     max_us: int
+    counted: int = -1  # responses from BENCH_COUNT_FROM on; -1 when not asked for
 
     @property
     def rps(self) -> float:
@@ -34,9 +35,17 @@ class LoadError(RuntimeError):
     """wrk failed or saw errors: numbers measured on errors are worthless."""
 
 
-def run_wrk(
-    url: str, body: bytes, auth: str | None, connections: int, duration: str, core: int | None
-) -> WrkResult:
+def start_wrk(
+    url: str,
+    body: bytes,
+    auth: str | None,
+    connections: int,
+    duration: str,
+    core: int | None,
+    timeout: str = "10s",
+    count_from: int | None = None,
+) -> subprocess.Popen[str]:
+    """Start wrk; ``count_from`` (a Unix second) also counts the responses from then on."""
     # One thread: wrk is event-driven and cheap, and a second thread would steal the
     # core under test.  The timeout is generous so slowness shows as latency, not errors.
     argv = [
@@ -45,7 +54,7 @@ def run_wrk(
         f"-c{connections}",
         f"-d{duration}",
         "--timeout",
-        "10s",
+        timeout,
         "-s",
         str(LUA),
         url,
@@ -57,10 +66,19 @@ def run_wrk(
         "BENCH_BODY": body.decode(),
         "BENCH_AUTH": f"Bearer {auth}" if auth else "",
     }
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if count_from is not None:
+        env["BENCH_COUNT_FROM"] = str(count_from)
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_wrk(proc: subprocess.Popen[str], url: str, connections: int) -> WrkResult:
+    """Wait for wrk and parse its result; any error raises LoadError."""
+    stdout, stderr = proc.communicate()
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if proc.returncode != 0 or line is None:
-        raise LoadError(f"wrk failed ({proc.returncode}) on {url}:\n{proc.stdout}\n{proc.stderr}")
+        raise LoadError(f"wrk failed ({proc.returncode}) on {url}:\n{stdout}\n{stderr}")
     data = json.loads(line.removeprefix("BENCH_JSON "))
     lat = data["latency_us"]
     result = WrkResult(
@@ -71,10 +89,24 @@ def run_wrk(
         p90_us=lat["p90"],
         p99_us=lat["p99"],
         max_us=lat["max"],
+        counted=data.get("counted", -1),
     )
     if result.error_count or result.requests == 0:
         raise LoadError(
             f"wrk saw errors on {url} with {connections} connections: {result.errors}, "
-            f"{result.requests} requests completed\n{proc.stdout}"
+            f"{result.requests} requests completed\n{stdout}"
         )
     return result
+
+
+def run_wrk(
+    url: str,
+    body: bytes,
+    auth: str | None,
+    connections: int,
+    duration: str,
+    core: int | None,
+    timeout: str = "10s",
+) -> WrkResult:
+    proc = start_wrk(url, body, auth, connections, duration, core, timeout)
+    return finish_wrk(proc, url, connections)

@@ -77,7 +77,15 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def spawn(name: str, argv: list[str], log: Path, core: int | None, cwd: Path) -> Proc:
+def spawn(
+    name: str,
+    argv: list[str],
+    log: Path,
+    core: int | None,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """Start a server in its own session; ``env`` replaces the environment when given."""
     if core is not None:
         argv = ["taskset", "-c", str(core), *argv]  # taskset execs: the pid stays the server's
     out = log.open("wb")
@@ -89,6 +97,7 @@ def spawn(name: str, argv: list[str], log: Path, core: int | None, cwd: Path) ->
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        env=env,
     )
     out.close()
     return Proc(name, popen, log, started)
@@ -169,6 +178,20 @@ def cpu_seconds(pid: int) -> float:
             continue  # exited meanwhile
         ticks += int(fields[11]) + int(fields[12])
     return ticks / CLK_TCK
+
+
+def wait_idle(pid: int, timeout: float = 30.0, quiet: float = 0.25) -> float:
+    """Wait until the tree uses no CPU for ``quiet`` seconds (a gateway may go on working on
+    requests whose client is gone); the seconds waited.  Gives up after ``timeout``."""
+    start = time.perf_counter()
+    last = cpu_seconds(pid)
+    while time.perf_counter() - start < timeout:
+        time.sleep(quiet)
+        now = cpu_seconds(pid)
+        if now - last <= 1 / CLK_TCK:  # one tick of noise is idle
+            break
+        last = now
+    return time.perf_counter() - start
 
 
 def system_busy_seconds() -> float:

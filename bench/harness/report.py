@@ -23,7 +23,7 @@ class Row:
 @dataclass(frozen=True)
 class Startup:
     target: str
-    ready_ms: float | None  # GET /health 200 (aioproxy only)
+    ready_ms: float | None  # health endpoint 200: aioproxy's /health, LiteLLM's /health/liveliness
     first_ok_ms: float | None  # first proxied request answered 200
     rss_idle_kib: int
     rss_after_kib: int
@@ -35,7 +35,9 @@ NOISY_PCT = 10.0
 
 # Ratio pairs: (numerator, denominator) target names.
 PAIRS = [("aioproxy", "reference"), ("aioproxy", "direct"), ("reference", "direct")]
-SHORT = {"aioproxy": "aio", "reference": "ref", "direct": "direct"}
+# Other gateways (--peers) against aioproxy, in a table of their own.
+PEERS = {"litellm": "LiteLLM"}
+SHORT = {"aioproxy": "aio", "reference": "ref", "direct": "direct", "litellm": "litellm"}
 
 
 def _ms(us: float) -> str:
@@ -92,6 +94,53 @@ def results_tables(rows: list[Row]) -> list[str]:
     return out
 
 
+def _factor(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def peer_table(rows: list[Row], peer: str, title: str) -> list[str]:
+    """How many times aioproxy beats a peer on each metric (so above 1: aioproxy is better),
+    and the peer's CPU/request over the reference's (its distance from the minimum)."""
+    by_key = {(r.kind, r.connections, r.target): r for r in rows}
+    body = []
+    for kind, conns in dict.fromkeys((r.kind, r.connections) for r in rows):
+        aio, other = by_key.get((kind, conns, "aioproxy")), by_key.get((kind, conns, peer))
+        if aio is None or other is None:
+            continue
+        ref = by_key.get((kind, conns, "reference"))
+        body.append(
+            [
+                kind,
+                str(conns),
+                _factor(aio.rps / other.rps),
+                _factor(other.p99_us / max(aio.p99_us, 1)),
+                _factor(other.cpu_us_per_req / aio.cpu_us_per_req),
+                _factor(other.cpu_us_per_req / ref.cpu_us_per_req) if ref else "–",
+            ]
+        )
+    if not body:
+        return []
+    header = [
+        "kind",
+        "conns",
+        f"req/s aio÷{peer}",
+        f"p99 {peer}÷aio",
+        f"CPU/req {peer}÷aio",
+        f"CPU/req {peer}÷ref",
+    ]
+    return [
+        "",
+        f"### aioproxy vs {title}",
+        "",
+        (
+            f"How many times aioproxy is better than {title} (above 1: aioproxy is better), and "
+            f"{title}'s CPU/request over the reference pass-through's."
+        ),
+        "",
+        *_table(header, body, text_columns=2),
+    ]
+
+
 def ratio_table(rows: list[Row]) -> list[str]:
     by_key = {(r.kind, r.connections, r.target): r for r in rows}
     targets = {r.target for r in rows}
@@ -129,7 +178,7 @@ def ratio_table(rows: list[Row]) -> list[str]:
 def startup_table(startups: list[Startup]) -> list[str]:
     header = [
         "target",
-        "to /health 200 ms",
+        "to health 200 ms",
         "to first 200 ms",
         "RSS idle MiB",
         "RSS after load MiB",
@@ -146,25 +195,42 @@ def startup_table(startups: list[Startup]) -> list[str]:
         ]
         for s in startups
     ]
-    return ["", "### Start-up and memory", "", *_table(header, body)]
+    return [
+        "",
+        "### Start-up and memory",
+        "",
+        *_table(header, body),
+        "",
+        (
+            "Health: aioproxy's `GET /health`, LiteLLM's `GET /health/liveliness` (the reference has "
+            "none).  RSS of the process tree."
+        ),
+    ]
 
 
 def render(title: str, env: dict[str, str], rows: list[Row], startups: list[Startup]) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in env.items()]
-    lines += results_tables(rows) + ratio_table(rows) + startup_table(startups)
+    lines += results_tables(rows) + ratio_table(rows)
+    for peer, name in PEERS.items():
+        lines += peer_table(rows, peer, name)
+    lines += startup_table(startups)
     lines += [
         "",
-        "CPU µs/req: user+system CPU of the target's process tree during the run "
-        "(for direct: nginx's), divided by requests completed.  other CPU %: what processes "
-        "outside the benchmark used meanwhile, in % of one core.",
+        (
+            "CPU µs/req: user+system CPU of the target's process tree during the run "
+            "(for direct: nginx's), divided by requests completed.  other CPU %: what processes "
+            "outside the benchmark used meanwhile, in % of one core."
+        ),
     ]
     noisy = [r for r in rows if r.other_cpu_pct > NOISY_PCT]
     if noisy:
         worst = max(r.other_cpu_pct for r in noisy)
         lines += [
             "",
-            f"**Warning**: in {len(noisy)} of {len(rows)} runs other processes used more than "
-            f"{NOISY_PCT:.0f}% of a core (up to {worst:.0f}%): those figures are unreliable.",
+            (
+                f"**Warning**: in {len(noisy)} of {len(rows)} runs other processes used more than "
+                f"{NOISY_PCT:.0f}% of a core (up to {worst:.0f}%): those figures are unreliable."
+            ),
         ]
     return "\n".join(lines) + "\n"

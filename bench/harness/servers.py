@@ -1,4 +1,5 @@
-"""The three things measured: the fake upstream (also the "direct" target) and the two proxies."""
+"""The things measured: the fake upstream (also the "direct" target) and the two proxies.
+Peers (other gateways) live in bench/peers/."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Target:
     port: int
     auth: str | None
     direct: bool = False
+    # A peer (another gateway, e.g. LiteLLM) is measured in a steady-state window: see run.py.
+    peer: bool = False
 
     @property
     def pid(self) -> int:

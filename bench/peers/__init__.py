@@ -1,0 +1,1 @@
+"""Other gateways measured next to aioproxy by `bench/run.py --peers`."""
