@@ -182,6 +182,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(from_http_exception(exc, request))
+    except ConnectionResetError:
+        raise  # the client went away: nobody to answer, and aiohttp knows to ignore it
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response(

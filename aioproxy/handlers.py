@@ -174,8 +174,9 @@ async def _send_stream(
             response = web.StreamResponse(headers=SSE_HEADERS)
             if reply.headers:
                 response.headers.update(reply.headers)
-            await response.prepare(request)
         try:
+            if not response.prepared:
+                await response.prepare(request)
             await _relay(response, first, reply, outcome)
         except ConnectionResetError:
             outcome.disconnected = True
