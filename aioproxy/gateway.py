@@ -50,16 +50,20 @@ async def _first_event(reply: StreamReply, deployment: Deployment) -> bytes | No
 class Plan:
     """Where a call may go: the model (or fallback) being tried first, then fallback names."""
 
-    __slots__ = ("chain", "fallbacks")
+    __slots__ = ("chain", "fallbacks", "visited")
 
     def __init__(self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str]):
         self.chain = [(model, candidates)]
         self.fallbacks = list(fallbacks)
+        self.visited = {model}  # each model is tried once, whatever cycles the config has
 
     async def advance(self, gateway: Gateway, call: Call) -> bool:
         """Move on to the next fallback model that has deployments; False when none is left."""
         while self.fallbacks:
             name = self.fallbacks.pop(0)
+            if name in self.visited:
+                continue
+            self.visited.add(name)
             candidates = await gateway.candidates(call, name)
             if candidates:
                 self.chain = [(name, candidates)]
@@ -209,7 +213,17 @@ class Gateway:
         self._take(call, deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
+            if call.deployment is not call.lease:  # a hook re-routed the call: count that one
+                self._release(call)
+                assert call.deployment is not None
+                self._take(call, call.deployment)
+                plan.chain[0] = (plan.chain[0][0], (call.deployment,))
         return plan
+
+    def _release(self, call: Call, tokens: int = 0) -> None:
+        if call.lease is not None:
+            self.router.release(call.lease, tokens)
+            call.lease = None
 
     def _take(self, call: Call, deployment: Deployment) -> None:
         """Route the call to ``deployment``, counted (in flight, rpm) from this moment: picking
@@ -234,14 +248,16 @@ class Gateway:
             tried: set[str] = set()
             for attempt in range(policy.num_retries + 1):
                 if deployment is None:
-                    if len(tried) >= len(candidates):  # the same one again
+                    deployment = router.pick(model, candidates, tried)
+                    if deployment is not None and deployment.key in tried:  # the same again
                         if _move_on_only(error):
                             break
                         delay = router.backoff(attempt, error) if error else 0
                         if delay is None:
                             break
-                        await asyncio.sleep(delay)
-                    deployment = router.pick(model, candidates, tried)
+                        if delay:
+                            await asyncio.sleep(delay)
+                            deployment = router.pick(model, candidates, tried)  # may have changed
                     if deployment is None:
                         break  # all cooling down or capped: on to the fallbacks
                     self._take(call, deployment)
@@ -251,7 +267,7 @@ class Gateway:
                 except Exception as exc:
                     error = exc
                     if is_context_window_error(exc) and policy.context_window_fallbacks:
-                        plan.fallbacks = list(policy.context_window_fallbacks)
+                        plan.fallbacks = [*policy.context_window_fallbacks, *plan.fallbacks]
                         break
                     if not is_retryable(exc):
                         raise
@@ -286,8 +302,7 @@ class Gateway:
                         if isinstance(reply, StreamReply) else None
                     )
         except BaseException as exc:
-            router.release(deployment)
-            call.lease = None
+            self._release(call)
             if reply is not None and isinstance(reply, StreamReply):
                 await reply.aclose()
             error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
@@ -304,12 +319,11 @@ class Gateway:
         deployment = call.lease
         if deployment is None:
             return
-        call.lease = None
         tokens = 0
         if deployment.tpm is not None and outcome is not None:
             usage = outcome.usage()
             tokens = usage.total_tokens if usage else _estimate_tokens(call, outcome)
-        self.router.release(deployment, tokens)
+        self._release(call, tokens)
 
     def method_for(self, call: Call) -> ProviderMethod:
         deployment = call.deployment
@@ -341,18 +355,12 @@ class Gateway:
 
     async def report(self, call: Call, outcome: Outcome) -> None:
         """Run ``after_response``; the answer is already sent, so failures are only logged."""
-        try:
-            await self.hooks.after_response.each(call=call, outcome=outcome)
-        except Exception:
-            log.exception("an after_response hook failed")
+        await self.hooks.after_response.each_logged(call=call, outcome=outcome)
 
     async def observe_error(
         self, request: web.Request, error: BaseException, call: Call | None
     ) -> None:
-        try:
-            await self.hooks.on_error.each(request=request, error=error, call=call)
-        except Exception:
-            log.exception("an on_error hook failed")
+        await self.hooks.on_error.each_logged(request=request, error=error, call=call)
 
     def model_names(self, principal: Principal) -> list[str]:
         """The model names ``principal`` may use, as ``list_models`` implementations give them."""

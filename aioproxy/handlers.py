@@ -101,7 +101,12 @@ async def _stream_with_keepalive(request: web.Request, call: Call, plan: Plan) -
     except BaseException:
         await keeper.stop()
         raise
-    response = await keeper.stop()
+    try:
+        response = await keeper.stop()
+    except BaseException:  # the client left just as the answer began: close it
+        if isinstance(reply, StreamReply):
+            await reply.aclose()
+        raise
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply)
@@ -186,11 +191,13 @@ async def _send_stream(
         except Exception as exc:
             await _end_with_error(request, response, call, exc, outcome)
     finally:
-        await reply.aclose()
-        gateway.finish(call, outcome)
-        if gateway.hooks.after_response:
-            outcome.elapsed = time.monotonic() - call.started
-            await gateway.report(call, outcome)
+        try:
+            await reply.aclose()
+        finally:
+            gateway.finish(call, outcome)
+            if gateway.hooks.after_response:
+                outcome.elapsed = time.monotonic() - call.started
+                await gateway.report(call, outcome)
     return response
 
 

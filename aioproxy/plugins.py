@@ -132,6 +132,16 @@ class Hook:
                 results.append(result)
         return results
 
+    async def each_logged(self, **kwargs: Any) -> None:
+        """Run every implementation; one that raises is logged, and the others still run."""
+        for function, argnames in self.impls:
+            try:
+                result = function(*[kwargs[name] for name in argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function))
+
     def each_sync(self, **kwargs: Any) -> list[Any]:
         results = []
         for function, argnames in self.impls:

@@ -9,6 +9,8 @@ from aiohttp import StreamReader
 
 __all__ = [
     "DONE",
+    "EventTooLarge",
+    "MAX_EVENT",
     "SSE_HEADERS",
     "iter_sse",
     "iter_sse_blocks",
@@ -40,30 +42,43 @@ def sse_event(event: str, obj: object) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _encode(obj) + b"\n\n"
 
 
-async def iter_sse_blocks(content: StreamReader) -> AsyncIterator[bytes]:
+class EventTooLarge(ValueError):
+    """An SSE event grew past MAX_EVENT without ending: a broken or hostile upstream."""
+
+
+MAX_EVENT = 16 * 1024 * 1024
+
+
+async def iter_sse_blocks(content: StreamReader, max_event: int = MAX_EVENT) -> AsyncIterator[bytes]:
     """Yield the complete SSE events of a body as they arrive, several at once when they came so.
 
     Each chunk read from the network yields what it completes: every whole event (ending in a
     blank line) it holds, as one block, so that relaying costs one write per chunk, not per
     event, and nothing that arrived is held back. A partial event waits for the rest of it, so
-    a client never gets half an event. ``\r\n`` line ends become ``\n``. A trailing event that
-    never got its blank line (the upstream cut the stream) is yielded, terminated, at the end.
+    a client never gets half an event (one over ``max_event`` bytes raises EventTooLarge).
+    ``\r\n`` line ends become ``\n``. A trailing event that never got its blank line (the
+    upstream cut the stream) is yielded, terminated, at the end.
     """
-    buffer = b""
+    pending = bytearray()
     async for chunk in content.iter_any():
-        buffer = buffer + chunk if buffer else chunk
-        if b"\r" in buffer:  # not just in chunk: a \r\n may be split across two chunks
-            buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
+        if not pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            yield chunk  # the usual case: whole events, nothing to copy
             continue
-        if end + 2 == len(buffer):
-            block, buffer = buffer, b""
-        else:
-            block, buffer = buffer[: end + 2], buffer[end + 2 :]
-        yield block
-    if buffer.strip():
-        yield buffer.rstrip(b"\n") + b"\n\n"
+        searched = max(0, len(pending) - 1)  # what is already known to hold no event end
+        straddles = pending.endswith(b"\r")  # a \r\n split across two reads
+        pending += chunk
+        if straddles or b"\r" in chunk:
+            pending = bytearray(pending.replace(b"\r\n", b"\n"))
+            searched = 0
+        end = pending.rfind(b"\n\n", searched)
+        if end < 0:
+            if len(pending) > max_event:
+                raise EventTooLarge(f"an event grew past {max_event} bytes without ending")
+            continue
+        yield bytes(pending[: end + 2])
+        del pending[: end + 2]
+    if pending.strip():
+        yield bytes(pending.rstrip(b"\n")) + b"\n\n"
 
 
 def split_events(block: bytes) -> list[bytes]:

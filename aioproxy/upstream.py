@@ -15,7 +15,7 @@ from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .providers import JSONReply, Reply, StreamReply
 from .routes import Kind
-from .streaming import iter_sse_blocks
+from .streaming import EventTooLarge, iter_sse_blocks
 
 __all__ = [
     "deployment_timeout",
@@ -91,8 +91,9 @@ _KEYLIKE = re.compile(r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}", re.IG
 
 def scrub(text: str, deployment: Deployment) -> str:
     """Remove anything key-like from upstream text before a client sees it."""
-    if deployment.api_key:
-        text = text.replace(deployment.api_key, "***")
+    for secret in (deployment.api_key, *deployment.headers.values()):
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
     return _KEYLIKE.sub("***", text)
 
 
@@ -143,7 +144,13 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
         message = f"Deployment {where} answered {status}: {message}"
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "upstream_error"
-    return ProxyError(scrub(message, deployment), status=status, type=type_, param=param, code=code)
+    return ProxyError(
+        scrub(message, deployment),
+        status=status,
+        type=type_,
+        param=param and scrub(param, deployment),
+        code=code and scrub(code, deployment),
+    )
 
 
 async def read_capped(response: aiohttp.ClientResponse, deployment: Deployment) -> bytes:
@@ -220,16 +227,25 @@ async def forward(
     except Exception as exc:
         response.close()
         raise failure_from(exc, deployment) from exc
+    except BaseException:  # cancelled (client gone, first-byte timeout): hang up upstream now
+        response.close()
+        raise
     response.release()
     return JSONReply(data, response.status)
 
 
 # How a complete stream ends, per endpoint kind: without it, the upstream cut the stream short.
-# (Responses events may come with or without an `event:` line: look for the type anywhere.)
-_FINAL_EVENTS: dict[Kind, tuple[bytes, ...]] = {
-    Kind.CHAT_COMPLETIONS: (b"[DONE]",),
-    Kind.COMPLETIONS: (b"[DONE]",),
-    Kind.RESPONSES: (b"response.completed", b"response.incomplete", b"response.failed", b"error"),
+_DONE = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
+# Responses events may come with or without an `event:` line: read the type either way.
+_RESPONSE_END = re.compile(
+    rb'^event: ?(?:response\.(?:completed|incomplete|failed)|error)\s*$'
+    rb'|"type": ?"(?:response\.(?:completed|incomplete|failed)|error)"',
+    re.M,
+)
+_FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
+    Kind.CHAT_COMPLETIONS: _DONE,
+    Kind.COMPLETIONS: _DONE,
+    Kind.RESPONSES: _RESPONSE_END,
 }
 
 
@@ -243,9 +259,11 @@ async def _relay(
             yield block
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
+    except EventTooLarge as exc:
+        raise BadGateway(f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large")
     final = _FINAL_EVENTS.get(kind)
     last_event = last.rstrip(b"\n").rpartition(b"\n\n")[2]
-    if final is not None and not any(marker in last_event for marker in final):
+    if final is not None and final.search(last_event) is None:
         raise BadGateway(
             f"Deployment {deployment.describe()} ended its stream before it was complete",
             code="upstream_stream_incomplete",

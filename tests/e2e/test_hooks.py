@@ -194,3 +194,25 @@ async def test_hook_tryfirst_plugin_replaces_builtin(start_proxy: StartProxy, up
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="echo", messages=MESSAGES)
     assert fake.last.body["model"] == "forced"
+
+
+async def test_a_failing_after_response_hook_does_not_stop_the_others(
+    start_proxy: StartProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+
+    class Broken:
+        @hookimpl(tryfirst=True)
+        def after_response(self) -> None:
+            raise RuntimeError("logging plugin bug")
+
+    class Billing:
+        @hookimpl
+        def after_response(self, call: Call) -> None:
+            seen.append(call.model)
+
+    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Broken(), Billing()])
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert seen == ["gpt-test"]
+    assert any("after_response" in r.getMessage() for r in caplog.records)

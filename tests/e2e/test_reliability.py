@@ -17,6 +17,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
+import aioproxy
 import aioproxy.keys
 from tests.conftest import (
     AUTH,
@@ -925,3 +926,38 @@ async def test_disconnect_during_retry_backoff_sends_no_more_retries(
     assert len(fake.requests) == 2
     _, body, _ = await readiness(proxy)
     assert rows_of(body)[0]["in_flight"] == 0
+
+
+async def test_fallback_cycles_end(start_proxy: StartProxy, pair: Pair) -> None:
+    """A -> B -> A in the config tries each model once, then gives the client the error."""
+    cycle = {"gpt-test": ["backup"], "backup": ["gpt-test"]}
+    proxy = await start_proxy(pair.config(backup=True, router={
+        "context_window_fallbacks": cycle, "fallbacks": cycle}))
+    for fake in (pair.a, pair.b, pair.c):
+        fake.fault_rates = {"context_length_exceeded": 1.0}
+    status, body = await chat(proxy, timeout=5)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert len(pair.a.requests) + len(pair.b.requests) == 1 and len(pair.c.requests) == 1
+
+
+async def test_before_request_reroute_keeps_in_flight_counts_balanced(
+        start_proxy: StartProxy, pair: Pair) -> None:
+    """A hook that re-routes the call: the new deployment is the one counted, and released."""
+    class Reroute:
+        def __init__(self) -> None:
+            self.target: Any = None
+
+        @aioproxy.hookimpl
+        def before_request(self, call: Any) -> None:
+            call.route_to(self.target)
+
+    plugin = Reroute()
+    proxy = await start_proxy(pair.config(backup=True), plugins=[plugin])
+    gateway = proxy.app[aioproxy.keys.gateway_key]
+    plugin.target = gateway.table["backup"][0]
+    pair.c.faults.extend(["status:500"] * 5)  # the re-routed deployment fails, retries included
+    status, _ = await chat(proxy)
+    assert status == 500
+    assert {key: h.in_flight for key, h in gateway.router._health.items()} == dict.fromkeys(
+        gateway.router._health, 0)
+    assert pair.a.requests == pair.b.requests == [] and len(pair.c.requests) >= 1

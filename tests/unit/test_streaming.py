@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 from unittest import mock
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from aioproxy.streaming import (
     DONE,
+    EventTooLarge,
     SSE_HEADERS,
     iter_sse,
     iter_sse_blocks,
@@ -265,3 +267,15 @@ async def test_blocks_join_to_the_same_events_under_any_chunking(cuts: list[int]
     blocks = await sse_from_chunks(split(BODY, cuts), iter_sse_blocks)
     assert all(block.endswith(b"\n\n") for block in blocks)
     assert [e for b in blocks for e in split_events(b)] == EVENTS
+
+
+async def test_an_event_that_never_ends_is_refused() -> None:
+    """A hostile upstream that never sends a blank line cannot grow the buffer without bound."""
+    chunks = [b"data: " + b"x" * 1000] + [b"y" * 1000] * 20
+
+    async def capped(reader: StreamReader) -> AsyncIterator[bytes]:
+        async for block in iter_sse_blocks(reader, max_event=8000):
+            yield block
+
+    with pytest.raises(EventTooLarge):
+        await sse_from_chunks(chunks, capped)
