@@ -123,22 +123,23 @@ class _KeepAlive:
         self.interval = interval
         self.response: web.StreamResponse | None = None
         self._handler = asyncio.current_task()
-        self._done = asyncio.Event()
+        self._done: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer = asyncio.get_running_loop().call_later(interval, self._start)
 
     def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._done = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run(self._done))
 
-    async def _run(self) -> None:
+    async def _run(self, done: asyncio.Event) -> None:
         try:
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(self.request)
             self.response = response
-            while not self._done.is_set():
+            while not done.is_set():
                 await response.write(b": keepalive\n\n")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._done.wait(), self.interval)
+                    await asyncio.wait_for(done.wait(), self.interval)
         except (ConnectionResetError, OSError):
             if self._handler is not None:  # the client is gone: stop waiting for its answer
                 self._handler.cancel()
@@ -146,7 +147,7 @@ class _KeepAlive:
     async def stop(self) -> web.StreamResponse | None:
         """Stop sending comments; the response if the headers went out."""
         self._timer.cancel()
-        if self._task is not None:
+        if self._task is not None and self._done is not None:
             self._done.set()
             await self._task
         return self.response
@@ -201,20 +202,38 @@ async def _send_stream(
     return response
 
 
+_FINAL_EVENT = b"data: [DONE]\n\n"
+_DRAIN_AFTER_DONE = 5.0  # seconds
+
+
 async def _relay(
     response: web.StreamResponse, first: bytes | None, reply: StreamReply, outcome: Outcome
 ) -> None:
-    if first is not None:
-        await response.write(first)
-        events = first.count(b"\n\n")
-        previous = last = first
-        async for block in reply.events:
-            await response.write(block)
-            events += block.count(b"\n\n")
-            previous, last = last, block
-        outcome.events = events
-        outcome.last_events = (last,) if previous is last else (previous, last)
-    await response.write_eof()
+    """Write each block as it comes; the block that ends with ``[DONE]`` goes out together with
+    the end of the response (one write instead of two: the stream is over by the protocol)."""
+    if first is None:
+        await response.write_eof()
+        return
+    block, events, previous, last = first, 0, first, first
+    while True:
+        events += block.count(b"\n\n")
+        if block.endswith(_FINAL_EVENT):
+            await response.write_eof(block)
+            # Let the upstream's answer end too, so that its connection goes back to the pool;
+            # one that lingers past [DONE] is cut (the finally closes it).
+            with contextlib.suppress(Exception):  # the client has it all: nothing to tell it
+                async with asyncio.timeout(_DRAIN_AFTER_DONE):
+                    async for _ in reply.events:
+                        pass
+            break
+        await response.write(block)
+        following = await anext(reply.events, None)
+        if following is None:
+            await response.write_eof()
+            break
+        block, previous, last = following, last, following
+    outcome.events = events
+    outcome.last_events = (last,) if previous is last else (previous, last)
 
 
 async def _end_with_error(
