@@ -27,8 +27,14 @@ from aioproxy.streaming import DONE, iter_sse, sse_data
 from aioproxy.upstream import deployment_timeout, failure_from, read_capped
 
 from .errors import error_from, stream_error
-from .translate import DEFAULT_MAX_TOKENS, StreamTranslator, messages_url, parse_event
-from .translate import to_anthropic, to_chat_completion
+from .translate import (
+    DEFAULT_MAX_TOKENS,
+    StreamTranslator,
+    messages_url,
+    parse_event,
+    to_anthropic,
+    to_chat_completion,
+)
 
 __all__ = ["AnthropicProvider", "AnthropicSettings", "parse_settings"]
 
