@@ -31,6 +31,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+async def wait_healthy(port: int) -> None:
+    """Poll ``/health`` until the process on ``port`` answers 200 (10 s at most)."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("run.py did not become healthy")
+
+
 @asynccontextmanager
 async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[int, list[str]]]:
     """Start run.py, wait for /health, yield (port, stdout lines so far); stop it after."""
@@ -41,16 +55,7 @@ async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterato
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("run.py did not become healthy")
+        await wait_healthy(port)
         lines = [(await process.stdout.readline()).decode() for _ in range(2)]  # type: ignore[union-attr]
         yield port, lines
     finally:

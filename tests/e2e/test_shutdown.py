@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import AUTH, MASTER_KEY, UPSTREAM_KEY
+from tests.e2e.test_cli import wait_healthy
 from tests.fakes.openai_upstream import FakeOpenAI
 
 ROOT = Path(__file__).parents[2]
@@ -68,16 +69,7 @@ async def running(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proces
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("run.py did not become healthy")
+        await wait_healthy(port)
         yield process, port
     finally:
         if process.returncode is None:
