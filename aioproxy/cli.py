@@ -17,6 +17,7 @@ from aiohttp import web
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
 from .plugins import PluginLoadError
+from .server import run
 
 __all__ = ["default_config", "main"]
 
@@ -91,11 +92,12 @@ def serve(app: web.Application, config: Config, host: str, port: int, loop: str,
     # the upstream is still silent (a model thinking before its first token).
     # shutdown_timeout: on SIGTERM/SIGINT stop accepting, give in-flight requests and streams
     # this long to finish, then close.
-    web.run_app(
+    run(
         app,
-        host=host,
-        port=port,
-        print=None,
+        new_event_loop(loop),
+        host,
+        port,
+        reuse_port=reuse_port,
         access_log=None,
         handler_cancellation=True,
         # aiohttp's keep-alive timer also runs from a connection's start until its first
@@ -103,8 +105,6 @@ def serve(app: web.Application, config: Config, host: str, port: int, loop: str,
         keepalive_timeout=config.server.header_timeout,
         # aiohttp takes a timeout <= 0 as none at all: a grace of 0 must still end.
         shutdown_timeout=max(config.server.shutdown_grace, 0.001),
-        reuse_port=reuse_port or None,
-        loop=new_event_loop(loop),
     )
 
 

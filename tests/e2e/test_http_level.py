@@ -1,8 +1,9 @@
-"""A client that sends its headers too slowly is cut off, and others are served meanwhile."""
+"""What run.py does below the API: slow or malformed HTTP, answered and survived."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -47,3 +48,36 @@ async def _peek_closed(reader: asyncio.StreamReader) -> bool:
     except TimeoutError:
         return False
     return data == b""
+
+
+async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, object]]:
+    """Send raw bytes; the status and JSON body of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"application/json" in head, head
+    return status, json.loads(body)
+
+
+async def test_malformed_http_gets_openai_errors_and_no_key_is_echoed(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[[models]]\nname = "echo"\nprovider = "echo"\n', encoding="utf-8")
+    async with running("--config", str(config)) as (port, _):
+        cases = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer sk-secret\x01key\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+            b"NOT-HTTP at all\r\n\r\n",
+        ]
+        for request in cases:
+            status, body = await raw_exchange(port, request)
+            assert 400 <= status < 500
+            error = body["error"]
+            assert set(error) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+            assert "sk-secret" not in json.dumps(body)
+        async with aiohttp.ClientSession() as http:  # and the proxy still serves
+            async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
