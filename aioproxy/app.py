@@ -17,7 +17,7 @@ from .gateway import Gateway
 from .handlers import health, make_handlers, readiness
 from .keys import config_key, gateway_key, plugin_manager_key, session_key
 from .plugins import make_plugin_manager
-from .providers import ProviderFactory
+from .providers import ProviderFactory, check_settings
 from .routes import ALIASES, merge_aliases, route_table
 from .upstream import make_session
 
@@ -68,6 +68,7 @@ def create_app(
 
     pm.hook.register_providers(register=register_provider, config=config)
     _check_providers(config, factories)
+    check_settings(config, factories)
 
     app = web.Application(
         client_max_size=config.server.max_body_size, middlewares=[error_middleware]

@@ -86,7 +86,15 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(app: web.Application, config: Config, host: str, port: int, loop: str, reuse_port: bool) -> None:
+def serve(
+    app: web.Application,
+    config: Config,
+    host: str,
+    port: int,
+    loop: str,
+    reuse_port: bool,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Run one worker until SIGTERM/SIGINT."""
     # handler_cancellation: a client that goes away cancels its upstream call at once, even while
     # the upstream is still silent (a model thinking before its first token).
@@ -98,6 +106,7 @@ def serve(app: web.Application, config: Config, host: str, port: int, loop: str,
         host,
         port,
         reuse_port=reuse_port,
+        on_ready=on_ready,
         access_log=None,
         handler_cancellation=True,
         # aiohttp's keep-alive timer also runs from a connection's start until its first
@@ -157,12 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     names = list(dict.fromkeys(entry.name for entry in config.models))
-    print(f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
-    print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
+
+    def announce() -> None:
+        print(f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
+        print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
+
     if args.workers > 1:
+        announce()
         # Each worker forks before any loop or socket exists, then binds the port itself.
         return run_workers(
             args.workers, lambda: serve(app, config, host, port, args.loop, reuse_port=True)
         )
-    serve(app, config, host, port, args.loop, reuse_port=False)
+    try:
+        serve(app, config, host, port, args.loop, reuse_port=False, on_ready=announce)
+    except ConfigError as exc:  # refused by a provider as the app started
+        print(f"aioproxy: {source}: {exc}", file=sys.stderr)
+        return 2
     return 0

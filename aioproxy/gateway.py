@@ -31,7 +31,7 @@ from .plugins import Hooks
 from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
 from .router import Router, is_context_window_error, is_retryable
 from .routes import Kind
-from .upstream import failure_from
+from .upstream import failure_from, timeouts_of
 
 __all__ = ["Gateway", "Plan"]
 
@@ -288,7 +288,7 @@ class Gateway:
         (the deployment released)."""
         router = self.router
         started = time.monotonic()
-        timeouts = deployment.timeouts or self.config.upstream.timeouts
+        timeouts = timeouts_of(deployment, self.config)
         reply: Reply | None = None
         try:
             if timeouts.first_byte is None:  # the session's read timeout bounds it

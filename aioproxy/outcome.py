@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from .streaming import split_events
+from .streaming import data_of, split_events
 
 __all__ = ["Outcome", "Usage"]
 
@@ -78,7 +78,7 @@ class Outcome:
                 return _usage_from(_decode_holder(self.body).usage)
             events = [e for block in self.last_events for e in split_events(block)]
             for event in reversed(events):
-                data = _data_of(event)
+                data = data_of(event)
                 if not data or data == b"[DONE]":
                     continue
                 holder = _decode_event(data)
@@ -91,8 +91,3 @@ class Outcome:
             return None
         return None
 
-
-def _data_of(event: bytes) -> bytes:
-    """The joined ``data:`` lines of one SSE event."""
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines)

@@ -9,11 +9,20 @@ from typing import Any, ClassVar
 import aiohttp
 import msgspec
 
-from .config import Config
-from .context import Call
+from .config import Config, ConfigError
+from .context import Call, Deployment
+from .errors import ProxyError
 from .routes import PROVIDER_KINDS, Kind
 
-__all__ = ["JSONReply", "Provider", "ProviderFactory", "Reply", "StreamReply"]
+__all__ = [
+    "JSONReply",
+    "Provider",
+    "ProviderFactory",
+    "Reply",
+    "StreamReply",
+    "check_settings",
+    "decode_settings",
+]
 
 log = logging.getLogger("aioproxy")
 
@@ -91,10 +100,39 @@ class Provider:
     """
 
     name: ClassVar[str] = ""
+    # The shape of a deployment's ``settings`` table, as a msgspec Struct (keys it does not name
+    # are left to other plugins). The core checks every configured deployment against it when
+    # the app is created, so a bad value stops start-up with its field path; ``settings()``
+    # gives a request its deployment's settings, decoded once.
+    settings_type: ClassVar[type[msgspec.Struct] | None] = None
 
     def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
         self.session = session
         self.config = config
+        self._settings: dict[int, tuple[dict[str, Any], Any]] = {}
+
+    def settings(self, deployment: Deployment) -> Any:
+        """``deployment.settings`` as ``settings_type``, decoded once per settings table.
+
+        A deployment a plugin made (never checked at start-up) with bad settings is a 500 that
+        names it.
+        """
+        assert self.settings_type is not None, f"{type(self).__name__} has no settings_type"
+        raw = deployment.settings
+        cached = self._settings.get(id(raw))
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        try:
+            decoded = decode_settings(self.settings_type, raw)
+        except msgspec.ValidationError as exc:
+            raise ProxyError(
+                f"Deployment {deployment.describe()} has invalid {self.name} settings: {exc}",
+                code="invalid_settings",
+            ) from None
+        if len(self._settings) >= 1024:  # deployments made per request must not pile up
+            self._settings.clear()
+        self._settings[id(raw)] = (raw, decoded)  # holding raw keeps its id from being reused
+        return decoded
 
     async def start(self) -> None:
         """Called once at app start-up, after ``__init__``."""
@@ -124,3 +162,25 @@ class Provider:
 
 
 ProviderFactory = Callable[[aiohttp.ClientSession, Config], Provider]
+
+
+def decode_settings(settings_type: type[msgspec.Struct], raw: dict[str, Any]) -> Any:
+    """Lax about types, as ``${VAR}`` in a config gives strings ("0.05"). Raises ValidationError."""
+    return msgspec.convert(raw, settings_type, strict=False)
+
+
+def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
+    """Check every configured deployment's settings against its provider's ``settings_type``."""
+    for i, entry in enumerate(config.models):
+        settings_type = getattr(factories.get(entry.provider), "settings_type", None)
+        if settings_type is None:
+            continue
+        try:
+            decode_settings(settings_type, entry.settings)
+        except msgspec.ValidationError as exc:
+            path = f"$.models[{i}].settings"
+            message = str(exc)
+            where = message.replace("`$", f"`{path}") if "`$" in message else f"{message} - at `{path}`"
+            raise ConfigError(
+                f"model '{entry.name}': invalid {entry.provider} settings: {where}"
+            ) from None

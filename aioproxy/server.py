@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -58,7 +59,12 @@ class _OpenAIErrorServer(web.Server):
 
 
 async def _serve(
-    app: web.Application, host: str, port: int, reuse_port: bool, **runner_options: Any
+    app: web.Application,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    on_ready: Callable[[], None] | None,
+    **runner_options: Any,
 ) -> None:
     runner = web.AppRunner(app, handle_signals=True, **runner_options)
     await runner.setup()
@@ -68,6 +74,8 @@ async def _serve(
         runner.server.__class__ = _OpenAIErrorServer
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        if on_ready is not None:
+            on_ready()
         await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
     finally:
         await runner.cleanup()
@@ -80,19 +88,25 @@ def run(
     port: int,
     *,
     reuse_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
     **runner_options: Any,
 ) -> None:
-    """Serve ``app`` on ``loop`` until SIGTERM/SIGINT, then shut down gracefully (as run_app)."""
+    """Serve ``app`` on ``loop`` until SIGTERM/SIGINT, then shut down gracefully (as run_app).
+
+    ``on_ready`` runs once the app has started and the port is listening. A failure to start
+    (a provider refusing its config, say) is raised.
+    """
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, host, port, reuse_port, **runner_options))
+    main = loop.create_task(_serve(app, host, port, reuse_port, on_ready, **runner_options))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
         pass
     finally:
-        main.cancel()
-        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
-            loop.run_until_complete(main)  # runs the runner's graceful cleanup
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
+                loop.run_until_complete(main)  # runs the runner's graceful cleanup
         pending = asyncio.all_tasks(loop)
         for task in pending:
             task.cancel()

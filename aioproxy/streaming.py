@@ -12,6 +12,7 @@ __all__ = [
     "EventTooLarge",
     "MAX_EVENT",
     "SSE_HEADERS",
+    "data_of",
     "iter_sse",
     "iter_sse_blocks",
     "split_events",
@@ -83,7 +84,20 @@ async def iter_sse_blocks(content: StreamReader, max_event: int = MAX_EVENT) -> 
 
 def split_events(block: bytes) -> list[bytes]:
     """The events of a block from ``iter_sse_blocks``, each ending in a blank line."""
+    if (
+        block.count(b"\n\n") == 1
+        and block.endswith(b"\n\n")
+        and not block.endswith(b"\n\n\n")
+        and block[:1] != b"\n"
+    ):
+        return [block]  # the usual case: one event, nothing to copy
     return [event + b"\n\n" for event in block.split(b"\n\n") if event.strip(b"\n")]
+
+
+def data_of(event: bytes) -> bytes:
+    """The joined ``data:`` lines of one SSE event (comments and ``event:`` lines dropped)."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
 
 
 async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:

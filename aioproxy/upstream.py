@@ -26,6 +26,7 @@ __all__ = [
     "read_upstream_error",
     "scrub",
     "timeout_for",
+    "timeouts_of",
 ]
 
 # Upstream bodies we read whole (answers and error bodies) are capped, so a hostile upstream cannot
@@ -61,10 +62,14 @@ def timeout_for(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+def timeouts_of(deployment: Deployment, config: Config) -> Timeouts:
+    """The deployment's timeouts (config ones are already merged over the global ones)."""
+    return deployment.timeouts or config.upstream.timeouts
+
+
 def deployment_timeout(call: Call, config: Config) -> aiohttp.ClientTimeout:
-    deployment = call.deployment
-    assert deployment is not None
-    return timeout_for(deployment.timeouts or config.upstream.timeouts)
+    assert call.deployment is not None
+    return timeout_for(timeouts_of(call.deployment, config))
 
 
 def failure_from(exc: BaseException, deployment: Deployment | None) -> ProxyError:

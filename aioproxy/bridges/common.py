@@ -10,8 +10,9 @@ import msgspec
 from ..context import Call
 from ..providers import StreamReply
 from ..routes import Kind
+from ..streaming import split_events
 
-__all__ = ["chat_call", "data_of", "events_of", "first_event", "once", "text_of"]
+__all__ = ["chat_call", "events_of", "first_event", "once", "text_of"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -28,12 +29,6 @@ def chat_call(call: Call, body: dict[str, Any]) -> Call:
     if call.deployment is not None:
         bridged.route_to(call.deployment)
     return bridged
-
-
-def data_of(event: bytes) -> bytes:
-    """The joined ``data:`` lines of one SSE event (comments and ``event:`` lines dropped)."""
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines)
 
 
 def text_of(content: Any) -> str:
@@ -79,14 +74,9 @@ async def events_of(reply: StreamReply, first: bytes | None) -> AsyncIterator[by
     """
     if first is None:
         return
-    for event in _split(first):
+    for event in split_events(first):
         yield event
     async for item in reply.events:
-        for event in _split(item):
+        for event in split_events(item):
             yield event
 
-
-def _split(item: bytes) -> list[bytes]:
-    if item.count(b"\n\n") <= 1:
-        return [item]
-    return [event + b"\n\n" for event in item.split(b"\n\n") if event.strip(b"\n")]

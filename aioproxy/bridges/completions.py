@@ -18,8 +18,8 @@ import msgspec
 from ..context import Call
 from ..errors import BadGateway, BadRequest
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
-from ..streaming import DONE, sse_data
-from .common import chat_call, data_of, events_of, first_event, once, text_of
+from ..streaming import DONE, data_of, sse_data
+from .common import chat_call, events_of, first_event, once, text_of
 
 __all__ = ["chat_body", "completion_from_chat", "make_completions_bridge", "prompts_of"]
 

@@ -17,8 +17,9 @@ import msgspec
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
+from ..streaming import data_of
 from ..upstream import failure_from
-from .common import chat_call, data_of, events_of, first_event, once
+from .common import chat_call, events_of, first_event, once
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
 from .store import ResponseStore

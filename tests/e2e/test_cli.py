@@ -135,6 +135,10 @@ async def test_bad_configs_do_not_start(tmp_path: Path) -> None:
         "provider.toml": ('[[models]]\nname = "a"\nprovider = "nonesuch"\n',
                           "nonesuch", "$.models[0].provider"),
         "syntax.toml": ("[[models]\n", "invalid TOML", ""),
+        "settings.toml": ('[[models]]\nname = "a"\nprovider = "echo"\nsettings = { delay = "soon" }\n',
+                          "invalid echo settings", "$.models[0].settings.delay"),
+        # Refused by the provider itself as the app starts (the example plugin needs api_base).
+        "start.toml": ('[[models]]\nname = "t"\nprovider = "example"\n', "needs api_base", ""),
     }
     for filename, (text, problem, where) in cases.items():
         path = tmp_path / filename

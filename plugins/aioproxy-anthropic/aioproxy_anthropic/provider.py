@@ -15,7 +15,6 @@ from multidict import CIMultiDict
 from aioproxy import (
     BadGateway,
     Call,
-    ConfigError,
     Deployment,
     JSONReply,
     Provider,
@@ -36,7 +35,7 @@ from .translate import (
     to_chat_completion,
 )
 
-__all__ = ["AnthropicProvider", "AnthropicSettings", "parse_settings"]
+__all__ = ["AnthropicProvider", "AnthropicSettings"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -54,34 +53,16 @@ class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
     default_max_tokens: Annotated[int, Meta(ge=1)] = DEFAULT_MAX_TOKENS
 
 
-def parse_settings(settings: dict[str, Any]) -> AnthropicSettings:
-    """Raises msgspec.ValidationError. Lax, as ``${VAR}`` in the config gives strings ("1024")."""
-    return msgspec.convert(settings, AnthropicSettings, strict=False)
-
-
 class AnthropicProvider(Provider):
     """Translates chat completions to ``POST {api_base}/v1/messages`` and the answer back."""
 
     name = "anthropic"
-
-    async def start(self) -> None:
-        """Refuse to start on bad settings, rather than failing each request later."""
-        for i, entry in enumerate(self.config.models):
-            if entry.provider != self.name:
-                continue
-            try:
-                parse_settings(entry.settings)
-            except msgspec.ValidationError as exc:
-                # msgspec says where in the settings (`$.field`): make that a path in the config.
-                where = str(exc).replace("`$", f"`$.models[{i}].settings")
-                raise ConfigError(
-                    f"model '{entry.name}': invalid anthropic settings: {where}"
-                ) from None
+    settings_type = AnthropicSettings  # checked by the core at start-up
 
     async def chat_completions(self, call: Call) -> Reply:
         deployment = call.deployment
         assert deployment is not None
-        settings = _settings_of(deployment)
+        settings: AnthropicSettings = self.settings(deployment)
         body = to_anthropic(call.json(), default_max_tokens=settings.default_max_tokens)
         try:
             response = await self.session.post(
@@ -116,16 +97,6 @@ class AnthropicProvider(Provider):
             raise failure_from(exc, deployment) from exc
         response.release()
         return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
-
-
-def _settings_of(deployment: Deployment) -> AnthropicSettings:
-    try:
-        return parse_settings(deployment.settings)
-    except msgspec.ValidationError as exc:  # a plugin's deployment, never checked at start-up
-        raise ProxyError(
-            f"Deployment {deployment.describe()} has invalid anthropic settings: {exc}",
-            code="invalid_settings",
-        ) from None
 
 
 def _headers(deployment: Deployment, settings: AnthropicSettings, stream: bool) -> CIMultiDict[str]:

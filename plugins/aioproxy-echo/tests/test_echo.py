@@ -17,7 +17,7 @@ from typing import Any
 import aioproxy_echo
 import openai
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from aioproxy_echo.embeddings import embed
 from aioproxy_echo.text import EMPTY_REPLY, count_words, echo, split_tokens
 
@@ -546,14 +546,9 @@ async def test_sdk_raises_bad_request(sdk: openai.AsyncOpenAI) -> None:
 
 
 async def test_bad_settings_stop_the_app_from_starting() -> None:
-    app = create_app(config(delay="soon"), plugins=[aioproxy_echo], load_entrypoints=False)
-    # A bare TestServer: aiohttp_client would leave its client session open when start-up fails.
-    server = TestServer(app)
-    try:
-        with pytest.raises(ConfigError, match=r"models\[0\]\.settings\.delay"):
-            await server.start_server()
-    finally:
-        await server.close()
+    # The core checks settings against EchoProvider.settings_type when the app is created.
+    with pytest.raises(ConfigError, match=r"models\[0\]\.settings\.delay"):
+        create_app(config(delay="soon"), plugins=[aioproxy_echo], load_entrypoints=False)
 
 
 # -- settings --------------------------------------------------------------------------------------

@@ -46,14 +46,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_words: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
 
 
-def parse_settings(settings: dict[str, Any], model: str) -> Settings:
-    """The settings as a Struct; ConfigError names the model and the field."""
-    try:
-        return msgspec.convert(settings, Settings)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"model '{model}': invalid example settings: {exc}") from None
-
-
 # What the toy API answers, decoded by msgspec straight into Structs.
 class _Answer(msgspec.Struct):
     text: str
@@ -84,19 +76,18 @@ class ExampleProvider(Provider):
     """Serves chat completions from the toy API; every other endpoint kind is a 400."""
 
     name = "example"
+    settings_type = Settings  # the core checks every deployment's settings at start-up
 
     async def start(self) -> None:
-        # Check every deployment at start-up, so that a typo fails now, not at the first request.
+        # Check what the core cannot know, so that a missing api_base fails now, not later.
         for entry in self.config.models:
-            if entry.provider == self.name:
-                if not entry.api_base:
-                    raise ConfigError(f"model '{entry.name}': the example provider needs api_base")
-                parse_settings(entry.settings, entry.name)
+            if entry.provider == self.name and not entry.api_base:
+                raise ConfigError(f"model '{entry.name}': the example provider needs api_base")
 
     async def chat_completions(self, call: Call) -> Reply:
         deployment = call.deployment
         assert deployment is not None
-        settings = parse_settings(deployment.settings, deployment.name)
+        settings: Settings = self.settings(deployment)  # decoded once per deployment
         max_words = call.get("max_completion_tokens") or call.get("max_tokens")
         request = {
             "model": deployment.model,

@@ -1,0 +1,55 @@
+"""Provider.settings_type: checked when the app is created, decoded once per deployment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from aioproxy import ConfigError, Deployment, Provider, ProxyError, create_app, hookimpl
+from aioproxy.config import parse_config
+
+
+class Knobs(msgspec.Struct, frozen=True):
+    level: int = 1
+
+
+class KnobProvider(Provider):
+    name = "knobs"
+    settings_type = Knobs
+
+
+class Plugin:
+    @hookimpl
+    def register_providers(self, register: Any) -> None:
+        register("knobs", KnobProvider)
+
+
+def deployment(**settings: Any) -> Deployment:
+    return Deployment(name="k", provider="knobs", model="k", settings=settings)
+
+
+def test_bad_settings_stop_create_app_with_the_field_path() -> None:
+    config = {"models": [{"name": "ok", "provider": "knobs"},
+                         {"name": "bad", "provider": "knobs", "settings": {"level": "high"}}]}
+    with pytest.raises(ConfigError, match=r"model 'bad': invalid knobs settings: .*"
+                                          r"at `\$\.models\[1\]\.settings\.level`"):
+        create_app(config, plugins=[Plugin()], load_entrypoints=False)
+
+
+def test_settings_are_lax_about_strings_and_decoded_once() -> None:
+    provider = KnobProvider(None, parse_config({}))  # type: ignore[arg-type]
+    made = deployment(level="3")  # as ${VAR} gives it
+    first = provider.settings(made)
+    assert first == Knobs(level=3)
+    assert provider.settings(made) is first  # cached for the same settings table
+    assert provider.settings(deployment(level=4)) == Knobs(level=4)
+
+
+def test_a_plugin_deployment_with_bad_settings_is_a_500_naming_it() -> None:
+    provider = KnobProvider(None, parse_config({}))  # type: ignore[arg-type]
+    with pytest.raises(ProxyError) as caught:
+        provider.settings(deployment(level="high"))
+    assert caught.value.status == 500 and caught.value.code == "invalid_settings"
+    assert "k (knobs:k)" in caught.value.message
