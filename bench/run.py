@@ -4,13 +4,16 @@ With --peers, LiteLLM's proxy is measured too, in its own venv (bench/peers/).
 
 Measures requests/s, p50/p99 latency and CPU time per request of the process under test for
 non-streaming chat, streaming chat (events in one burst, and paced 1 ms apart) and embeddings,
-plus start-up time and RSS, and writes a Markdown report to bench/results/.
-`--smoke` is the quick CI gate on aioproxy's CPU/request.  See bench/README.md.
+plus start-up time and RSS (the "matrix"); aioproxy with `--workers 1` against `--workers 2`
+("workers"); and RSS before and after a long run of requests ("soak").  Writes a Markdown report
+to bench/results/.  `--smoke` is the quick CI gate on aioproxy's CPU/request.
+See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import math
 import os
@@ -26,10 +29,23 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from harness import payloads, procs
+from harness import payloads, procs, soak, workers
 from harness.loadgen import LoadError, WrkResult, finish_wrk, run_wrk, start_wrk
 from harness.procs import Cores
-from harness.report import NOISY_PCT, Row, Startup, render
+from harness.report import (
+    NOISY_PCT,
+    RSS_FLAT_MIB,
+    RSS_IDLE_LIMIT_MIB,
+    WORKERS_SCALING_TARGET,
+    Row,
+    SoakRow,
+    Startup,
+    WorkersRow,
+    render,
+    soak_section,
+    workers_projection,
+    workers_section,
+)
 from harness.servers import (
     ECHO_MODULE,
     REPO,
@@ -45,6 +61,8 @@ from peers import litellm as litellm_peer
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "reference", "aioproxy", "litellm")
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
+PARTS = ("matrix", "workers", "soak")
+SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
 # What run.py needs -> the Debian package that brings it.  The echo module (for stream-paced)
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
@@ -77,6 +95,16 @@ def _connections(value: str) -> list[int]:
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError("connection counts must be >= 1")
     return counts
+
+
+def _count(value: str) -> int:
+    try:
+        count = int(value.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of requests, e.g. 200000") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError("expected 0 or more")
+    return count
 
 
 def _duration(value: str) -> str:
@@ -154,20 +182,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="fake upstream: nginx, or the asyncio fallback when nginx is missing",
     )
+    p.add_argument(
+        "--only",
+        type=_csv(PARTS),
+        default=list(PARTS),
+        metavar="PARTS",
+        help="run only these parts, from matrix (the kinds x connections tables and start-up), "
+        "workers (aioproxy --workers 1 vs 2) and soak (RSS over --soak requests) (all; "
+        "--smoke: matrix)",
+    )
+    p.add_argument(
+        "--soak",
+        type=_count,
+        default=200_000,
+        metavar="N",
+        help="requests in the RSS soak of reference and aioproxy, chat and streaming chat "
+        "alternating at 64 connections (200000; 0 skips the soak)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the Markdown report")
     p.add_argument("--no-save", action="store_true", help="print the report only")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and server logs")
     p.add_argument(
         "--smoke",
         action="store_true",
-        help=f"CI gate: chat, 16 connections, 2-5 rounds of 3s, reference vs aioproxy; exit 1 if "
-        f"aioproxy's CPU/request exceeds {SMOKE_MAX_CPU_RATIO}x the reference's",
+        help=f"CI gate, the matrix only: chat, 16 connections, 2-5 rounds of 3s, reference vs "
+        f"aioproxy; exit 1 if aioproxy's CPU/request exceeds {SMOKE_MAX_CPU_RATIO}x the "
+        f"reference's",
     )
     args = p.parse_args(argv)
     if args.smoke:
+        args.only = ["matrix"]
         args.kinds, args.connections, args.targets = ["chat"], [16], ["reference", "aioproxy"]
         args.duration, args.warmup, args.no_save = "3s", "1s", True
         args.repeat, args.max_repeat = 2, 5  # a busy machine gets more rounds, not a false alarm
+    if args.soak == 0 and "soak" in args.only:
+        args.only.remove("soak")
+        if not args.only:
+            p.error("--soak 0 leaves nothing to run")
     if args.peers and not args.smoke:  # the CI gate never waits for a peer
         args.targets += [t for t in PEERS if t not in args.targets]
     if args.peer_duration is None:
@@ -458,15 +509,13 @@ def measure_all(started: dict[str, Target], args: argparse.Namespace, cores: Cor
 @contextmanager
 def servers(
     args: argparse.Namespace,
-    upstream_kind: str,
+    upstream: Target,
     workdir: Path,
     cores: Cores,
 ) -> Iterator[dict[str, Target]]:
-    """Start the upstream and the proxies one at a time (so start-up is timed alone)."""
+    """Start the proxies one at a time (so start-up is timed alone), next to the upstream."""
     with ExitStack() as stack:
-        upstream_port = procs.free_port()
-        started = {"direct": start_upstream(upstream_kind, workdir, upstream_port, cores.load)}
-        stack.callback(started["direct"].proc.stop)
+        started = {"direct": upstream}
         starters = {
             "reference": start_reference,
             "aioproxy": start_aioproxy,
@@ -476,45 +525,123 @@ def servers(
             if name in args.targets:
                 print(f"bench: starting {name}", flush=True)
                 port = procs.free_port()
-                target = starters[name](workdir, port, upstream_port, cores.sut, args.loop)
+                target = starters[name](workdir, port, upstream.port, cores.sut, args.loop)
                 stack.callback(target.proc.stop)
                 started[name] = target
         yield started
+
+
+def run_matrix(
+    args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
+) -> tuple[list[Row], list[Startup]]:
+    """The kinds x connections tables and the start-up table; the proxies stop afterwards."""
+    with servers(args, upstream, workdir, cores) as started:
+        for target in started.values():
+            for kind in args.kinds:
+                check_response(target, payloads.KINDS[kind])
+            target.proc.rss_idle_kib = procs.memory_kib(target.pid)
+        rows = measure_all(started, args, cores)
+        startups = [
+            Startup(
+                t.name if not t.direct else "direct (upstream)",
+                t.proc.ready_ms,
+                t.proc.first_ok_ms,
+                t.proc.rss_idle_kib or 0,
+                procs.memory_kib(t.pid),
+                procs.memory_kib(t.pid, "VmHWM"),
+            )
+            for t in started.values()
+        ]
+    return rows, startups
+
+
+def run_workers(args: argparse.Namespace, upstream: Target, workdir: Path) -> list[WorkersRow]:
+    if "aioproxy" not in args.targets:
+        print(
+            "bench: skipping the workers comparison: aioproxy is not in --targets", file=sys.stderr
+        )
+        return []
+    print(
+        f"bench: aioproxy --workers 1 vs 2: chat, {workers.CONNECTIONS} connections, unpinned",
+        flush=True,
+    )
+    rows = workers.compare(
+        workdir, upstream, args.loop, args.duration, args.warmup, args.repeat, args.max_repeat
+    )
+    one_core, two_cores, scaling = workers_projection(rows)
+    print(
+        f"bench-workers: measured req/s 2÷1 workers {rows[1].rps / rows[0].rps:.2f}x; projected "
+        f"from CPU/request (load elsewhere, a core per worker): {one_core:,.0f} -> "
+        f"{two_cores:,.0f} req/s, {scaling:.2f}x (target {WORKERS_SCALING_TARGET}x)",
+        flush=True,
+    )
+    return rows
+
+
+def run_soak(
+    args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
+) -> list[SoakRow]:
+    """Each proxy afresh (its idle RSS must not include the matrix's load), one at a time."""
+    starters = {"reference": start_reference, "aioproxy": start_aioproxy}
+    rows = []
+    for name in (n for n in SOAK_TARGETS if n in args.targets):
+        print(f"bench: soak: starting a fresh {name} for {args.soak:,} requests", flush=True)
+        port = procs.free_port()
+        target = starters[name](
+            workdir, port, upstream.port, cores.sut, args.loop, label=f"{name}-soak"
+        )
+        try:
+            procs.pin(upstream.pid, cores.load)  # as in the matrix's proxy runs
+            row = dataclasses.replace(soak.soak(target, args.soak, cores.load), target=name)
+        finally:
+            target.proc.stop()
+        rows.append(row)
+        idle, delta = row.rss_idle_kib / 1024, row.delta_kib / 1024
+        print(
+            f"bench-soak: {name} RSS idle {idle:.1f} MiB (limit {RSS_IDLE_LIMIT_MIB:.0f}), "
+            f"{delta:+.1f} MiB after {row.requests:,} requests and {soak.SETTLE_S:.0f} s "
+            f"(limit ±{RSS_FLAT_MIB:.0f})",
+            flush=True,
+        )
+    return rows
 
 
 def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
     upstream_kind = ensure_tools(args)
     if "aioproxy" in args.targets and not (REPO / "run.py").exists():
         raise BenchError(f"{REPO / 'run.py'} does not exist yet; use --targets direct,reference")
-    if "litellm" in args.targets:
+    if "litellm" in args.targets and "matrix" in args.only:
         try:
             litellm_peer.ensure_installed()  # before any server starts: installs take minutes
         except (litellm_peer.PeerError, OSError) as exc:
             raise BenchError(f"LiteLLM cannot be installed: {exc}") from exc
     cores = procs.cpu_layout()
     workdir = Path(tempfile.mkdtemp(prefix="aioproxy-bench-"))
+    rows: list[Row] = []
+    startups: list[Startup] = []
+    extra: list[str] = []
     ok = False
     try:
-        with servers(args, upstream_kind, workdir, cores) as started:
-            for target in started.values():
-                for kind in args.kinds:
-                    check_response(target, payloads.KINDS[kind])
-                target.proc.rss_idle_kib = procs.memory_kib(target.pid)
-            rows = measure_all(started, args, cores)
-            startups = [
-                Startup(
-                    t.name if not t.direct else "direct (upstream)",
-                    t.proc.ready_ms,
-                    t.proc.first_ok_ms,
-                    t.proc.rss_idle_kib or 0,
-                    procs.memory_kib(t.pid),
-                    procs.memory_kib(t.pid, "VmHWM"),
+        with ExitStack() as stack:
+            upstream = start_upstream(upstream_kind, workdir, procs.free_port(), cores.load)
+            stack.callback(upstream.proc.stop)
+            if "matrix" in args.only:
+                rows, startups = run_matrix(args, upstream, workdir, cores)
+            if "workers" in args.only:
+                extra += workers_section(
+                    run_workers(args, upstream, workdir), workers.CONNECTIONS, args.duration
                 )
-                for t in started.values()
-            ]
+            if "soak" in args.only:
+                extra += soak_section(
+                    run_soak(args, upstream, workdir, cores),
+                    args.soak,
+                    soak.CONNECTIONS,
+                    soak.SETTLE_S,
+                )
         title = f"aioproxy benchmark {time.strftime('%Y-%m-%d %H:%M')}"
+        env = environment(args, upstream_kind, cores)
         ok = True
-        return render(title, environment(args, upstream_kind, cores), rows, startups), rows
+        return render(title, env, rows, startups, extra), rows
     finally:
         if ok and not args.keep_tmp:
             shutil.rmtree(workdir, ignore_errors=True)

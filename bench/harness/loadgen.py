@@ -44,8 +44,10 @@ def start_wrk(
     core: int | None,
     timeout: str = "10s",
     count_from: int | None = None,
+    alt_body: bytes | None = None,
 ) -> subprocess.Popen[str]:
-    """Start wrk; ``count_from`` (a Unix second) also counts the responses from then on."""
+    """Start wrk; ``count_from`` (a Unix second) also counts the responses from then on, and
+    with ``alt_body`` the requests alternate between ``body`` and it (same URL and headers)."""
     # One thread: wrk is event-driven and cheap, and a second thread would steal the
     # core under test.  The timeout is generous so slowness shows as latency, not errors.
     argv = [
@@ -68,6 +70,8 @@ def start_wrk(
     }
     if count_from is not None:
         env["BENCH_COUNT_FROM"] = str(count_from)
+    if alt_body is not None:
+        env["BENCH_BODY_ALT"] = alt_body.decode()
     return subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -107,6 +111,7 @@ def run_wrk(
     duration: str,
     core: int | None,
     timeout: str = "10s",
+    alt_body: bytes | None = None,
 ) -> WrkResult:
-    proc = start_wrk(url, body, auth, connections, duration, core, timeout)
+    proc = start_wrk(url, body, auth, connections, duration, core, timeout, alt_body=alt_body)
     return finish_wrk(proc, url, connections)

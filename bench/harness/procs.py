@@ -168,16 +168,21 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of the whole tree; /proc/PID/stat already sums a process's threads."""
-    ticks = 0
+def cpu_seconds_each(pid: int) -> dict[int, float]:
+    """utime+stime of each process in the tree (e.g. the workers of `run.py --workers N`)."""
+    each = {}
     for p in tree(pid):
         try:
             fields = _stat_fields(p)
         except OSError:
             continue  # exited meanwhile
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLK_TCK
+        each[p] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return each
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of the whole tree; /proc/PID/stat already sums a process's threads."""
+    return sum(cpu_seconds_each(pid).values())
 
 
 def wait_idle(pid: int, timeout: float = 30.0, quiet: float = 0.25) -> float:
@@ -225,3 +230,24 @@ def pin(pid: int, core: int | None) -> None:
     if core is not None:
         for p in tree(pid):
             os.sched_setaffinity(p, {core})
+
+
+def unpin(pid: int) -> None:
+    """Let a running tree use every core we may use (the --workers comparison)."""
+    cores = os.sched_getaffinity(0)
+    for p in tree(pid):
+        os.sched_setaffinity(p, cores)
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on ``port`` (one per worker under SO_REUSEPORT), from /proc/net/tcp*."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port  # 0A: LISTEN
+    return count

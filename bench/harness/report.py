@@ -30,6 +30,53 @@ class Startup:
     rss_peak_kib: int
 
 
+@dataclass(frozen=True)
+class WorkersRow:
+    """One `run.py --workers N` run (bench/harness/workers.py); CPU in % of one core."""
+
+    workers: int
+    rps: float
+    p99_us: int
+    requests: int
+    cpu_us_per_req: float  # the whole tree: the parent and its workers
+    proxy_cpu_pct: float
+    wrk_cpu_pct: float
+    nginx_cpu_pct: float
+    other_cpu_pct: float
+    shares: tuple[float, ...]  # each worker's part of the workers' CPU; () for one process
+
+    @property
+    def capacity(self) -> float:
+        """Requests per CPU-second of the proxy's processes."""
+        return 1e6 / self.cpu_us_per_req
+
+
+@dataclass(frozen=True)
+class SoakRow:
+    """One target's RSS soak (bench/harness/soak.py)."""
+
+    target: str
+    requests: int
+    seconds: float
+    rss_idle_kib: int
+    rss_after_kib: int  # right after the last request
+    rss_settled_kib: int  # SETTLE_S later
+    rss_peak_kib: int
+    trace: tuple[tuple[int, int], ...]  # (requests done, RSS KiB) after each wrk run
+
+    @property
+    def delta_kib(self) -> int:
+        return self.rss_settled_kib - self.rss_idle_kib
+
+
+# Issue #5's memory targets for aioproxy (the reference's figures are shown against them too).
+RSS_IDLE_LIMIT_MIB = 45.0
+RSS_FLAT_MIB = 5.0
+# Issue #5's target for `--workers 2` over one worker, load generator accounted for.
+WORKERS_SCALING_TARGET = 1.7
+# A worker doing less than this part of the workers' CPU is not really serving.
+MIN_WORKER_SHARE = 0.2
+
 # Above this much foreign CPU (in % of one core) during a run, its figures are suspect.
 NOISY_PCT = 10.0
 
@@ -208,21 +255,193 @@ def startup_table(startups: list[Startup]) -> list[str]:
     ]
 
 
-def render(title: str, env: dict[str, str], rows: list[Row], startups: list[Startup]) -> str:
+def workers_projection(rows: list[WorkersRow]) -> tuple[float, float, float]:
+    """(1 worker on 1 core, 2 workers on 2 cores, their ratio): req/s projected from CPU/req,
+    as if each worker had a core of its own and the load came from elsewhere."""
+    one, two = (next(r for r in rows if r.workers == n) for n in (1, 2))
+    one_core, two_cores = one.capacity, 2 * two.capacity
+    return one_core, two_cores, two_cores / one_core
+
+
+def _shares(shares: tuple[float, ...]) -> str:
+    return " / ".join(f"{s * 100:.0f}%" for s in shares) if shares else "– (one process)"
+
+
+def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[str]:
+    if not rows:
+        return []
+    header = [
+        "workers",
+        "req/s",
+        "p99 ms",
+        "CPU µs/req",
+        "req per CPU-s",
+        "proxy CPU %",
+        "wrk CPU %",
+        "nginx CPU %",
+        "other CPU %",
+        "worker CPU shares",
+    ]
+    body = [
+        [
+            str(r.workers),
+            f"{r.rps:,.0f}",
+            _ms(r.p99_us),
+            f"{r.cpu_us_per_req:,.0f}",
+            f"{r.capacity:,.0f}",
+            f"{r.proxy_cpu_pct:.0f}",
+            f"{r.wrk_cpu_pct:.0f}",
+            f"{r.nginx_cpu_pct:.0f}",
+            f"{r.other_cpu_pct:.0f}",
+            _shares(r.shares),
+        ]
+        for r in rows
+    ]
+    out = [
+        "",
+        f"### Workers: `run.py --workers 1` vs `--workers 2` (chat, {conns} connections)",
+        "",
+        (
+            f"**Measured**: one aioproxy started with `--workers 1` and one with `--workers 2` "
+            f"(SO_REUSEPORT), each loaded by wrk for {seconds}.  wrk, nginx and the workers are "
+            "all unpinned in both runs, so the kernel spreads the workers over the cores as in a "
+            "deployment and the worker count is the only difference.  CPU µs/req is the "
+            "user+system CPU of the whole process tree (the parent and its workers) over the "
+            "requests completed; req per CPU-s is its inverse.  CPU % columns are in % of one "
+            "core; worker CPU shares are each worker's part of the workers' CPU."
+        ),
+        "",
+        *_table(header, body, text_columns=1),
+    ]
+    by_n = {r.workers: r for r in rows}
+    if 1 in by_n and 2 in by_n:
+        one_core, two_cores, scaling = workers_projection(rows)
+        met = "met" if scaling >= WORKERS_SCALING_TARGET else "**not met**"
+        out += [
+            "",
+            (
+                f"- **Measured** req/s, 2 workers ÷ 1: **{by_n[2].rps / by_n[1].rps:.2f}×**.  "
+                "wrk and nginx run on the same 2 cores as the workers here, so this is not the "
+                "workers' scaling."
+            ),
+            (
+                f"- **Projected** (load generator and upstream elsewhere, one core per worker, "
+                f"CPU/request as measured above): 1 worker on 1 core = 1e6 / "
+                f"{by_n[1].cpu_us_per_req:,.0f} µs = {one_core:,.0f} req/s; 2 workers on 2 cores "
+                f"= 2 × 1e6 / {by_n[2].cpu_us_per_req:,.0f} µs = {two_cores:,.0f} req/s; "
+                f"scaling **{scaling:.2f}×** (issue #5's target ≥ {WORKERS_SCALING_TARGET}×: "
+                f"{met})."
+            ),
+        ]
+        two = by_n[2]
+        if two.shares and min(two.shares) >= MIN_WORKER_SHARE:
+            out.append(f"- Both workers served requests (CPU shares {_shares(two.shares)}).")
+        else:
+            out.append(
+                f"- **Warning**: with `--workers 2` a worker did less than "
+                f"{MIN_WORKER_SHARE:.0%} of the work (CPU shares {_shares(two.shares)}): the "
+                "2-worker figures do not show two serving workers."
+            )
+    noisy = [r for r in rows if r.other_cpu_pct > NOISY_PCT]
+    if noisy:
+        out.append(
+            f"- **Warning**: other processes used up to {max(r.other_cpu_pct for r in noisy):.0f}% "
+            "of a core during these runs: the figures are unreliable."
+        )
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "**FAIL**"
+
+
+def _k(n: int) -> str:
+    return f"{n / 1000:,.0f}k" if n >= 1000 else str(n)
+
+
+def soak_section(rows: list[SoakRow], requested: int, conns: int, settle_s: float) -> list[str]:
+    if not rows:
+        return []
+    header = [
+        "target",
+        "requests",
+        "req/s",
+        "RSS idle MiB",
+        "after load MiB",
+        f"after {settle_s:.0f} s MiB",
+        "peak MiB",
+        "Δ MiB",
+        f"idle ≤ {RSS_IDLE_LIMIT_MIB:.0f} MiB",
+        f"flat ±{RSS_FLAT_MIB:.0f} MiB",
+    ]
+    body = [
+        [
+            r.target,
+            f"{r.requests:,}",
+            f"{r.requests / r.seconds:,.0f}",
+            _mib(r.rss_idle_kib),
+            _mib(r.rss_after_kib),
+            _mib(r.rss_settled_kib),
+            _mib(r.rss_peak_kib),
+            f"{r.delta_kib / 1024:+.1f}",
+            _verdict(r.rss_idle_kib / 1024 <= RSS_IDLE_LIMIT_MIB),
+            _verdict(abs(r.delta_kib) / 1024 <= RSS_FLAT_MIB),
+        ]
+        for r in rows
+    ]
+    traces = [
+        f"- {r.target}: " + " · ".join(f"{_k(n)} {_mib(kib)}" for n, kib in r.trace) for r in rows
+    ]
+    return [
+        "",
+        (
+            f"### RSS soak: {requested:,} requests, chat and streaming chat alternating, "
+            f"{conns} connections"
+        ),
+        "",
+        (
+            "Each target is started afresh for the soak (pinned like the tables above).  RSS "
+            "idle: after one chat and one streaming request.  Then wrk runs, each request "
+            "alternating between the two bodies, until the requests are done (the first run "
+            f"measures the rate, the others are sized from it); RSS right after, and {settle_s:.0f} s "
+            "later.  Δ is the settled RSS minus the idle RSS.  Limits from issue #5 (they "
+            f"apply to aioproxy; the reference is there for comparison): idle ≤ "
+            f"{RSS_IDLE_LIMIT_MIB:.0f} MiB, and flat within ±{RSS_FLAT_MIB:.0f} MiB after the "
+            "load.  RSS of the process tree, in MiB."
+        ),
+        "",
+        *_table(header, body),
+        "",
+        "RSS (MiB) after each wrk run, by requests done:",
+        "",
+        *traces,
+    ]
+
+
+def render(
+    title: str,
+    env: dict[str, str],
+    rows: list[Row],
+    startups: list[Startup],
+    extra: list[str] | None = None,
+) -> str:
+    """The report; ``extra`` holds the lines of the optional sections (workers, soak)."""
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in env.items()]
     lines += results_tables(rows) + ratio_table(rows)
     for peer, name in PEERS.items():
         lines += peer_table(rows, peer, name)
-    lines += startup_table(startups)
-    lines += [
-        "",
-        (
-            "CPU µs/req: user+system CPU of the target's process tree during the run "
-            "(for direct: nginx's), divided by requests completed.  other CPU %: what processes "
-            "outside the benchmark used meanwhile, in % of one core."
-        ),
-    ]
+    if startups:
+        lines += startup_table(startups)
+    if rows:
+        lines += [
+            "",
+            (
+                "CPU µs/req: user+system CPU of the target's process tree during the run "
+                "(for direct: nginx's), divided by requests completed.  other CPU %: what "
+                "processes outside the benchmark used meanwhile, in % of one core."
+            ),
+        ]
     noisy = [r for r in rows if r.other_cpu_pct > NOISY_PCT]
     if noisy:
         worst = max(r.other_cpu_pct for r in noisy)
@@ -233,4 +452,5 @@ def render(title: str, env: dict[str, str], rows: list[Row], startups: list[Star
                 f"{NOISY_PCT:.0f}% of a core (up to {worst:.0f}%): those figures are unreliable."
             ),
         ]
+    lines += extra or []
     return "\n".join(lines) + "\n"

@@ -138,8 +138,15 @@ def _loop_flag(loop: str) -> list[str]:
 
 
 def start_reference(
-    workdir: Path, port: int, upstream_port: int, core: int | None, loop: str = "auto"
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "reference",
 ) -> Target:
+    """``label`` names the target and its log, so a second instance (the soak) has its own."""
     base = f"http://127.0.0.1:{upstream_port}"
     routes = [f"--route={name}={base}{path}" for name, path in payloads.API_BASES.items()]
     argv = [
@@ -154,8 +161,8 @@ def start_reference(
         payloads.UPSTREAM_KEY,
         *_loop_flag(loop),
     ]
-    proc = spawn("reference", argv, workdir / "reference.log", core, REPO)
-    target = Target("reference", proc, port, auth=payloads.MASTER_KEY)
+    proc = spawn(label, argv, workdir / f"{label}.log", core, REPO)
+    target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     # The reference has no /health: it is ready when it first proxies a request.
     with stopped_on_error(proc):
         proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
@@ -177,9 +184,17 @@ def aioproxy_config(upstream_port: int) -> str:
 
 
 def start_aioproxy(
-    workdir: Path, port: int, upstream_port: int, core: int | None, loop: str = "auto"
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "aioproxy",
+    workers: int | None = None,
 ) -> Target:
-    config = workdir / "aioproxy.toml"
+    """``label`` names the target, its config and log; ``workers`` passes `--workers N`."""
+    config = workdir / f"{label}.toml"
     config.write_text(aioproxy_config(upstream_port))
     argv = [
         sys.executable,
@@ -191,9 +206,10 @@ def start_aioproxy(
         "--port",
         str(port),
         *_loop_flag(loop),
+        *([] if workers is None else ["--workers", str(workers)]),
     ]
-    proc = spawn("aioproxy", argv, workdir / "aioproxy.log", core, REPO)
-    target = Target("aioproxy", proc, port, auth=payloads.MASTER_KEY)
+    proc = spawn(label, argv, workdir / f"{label}.log", core, REPO)
+    target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     with stopped_on_error(proc):
         proc.ready_ms = wait_until(proc, lambda: _health(port))
         proc.first_ok_ms = wait_until(proc, lambda: _chat(target))

@@ -8,6 +8,18 @@ if auth ~= nil and auth ~= "" then
   wrk.headers["Authorization"] = auth
 end
 
+-- Mixed load (the RSS soak): with BENCH_BODY_ALT set, requests alternate between the two bodies
+-- on the same path, e.g. chat and streaming chat, which differ only in the model and "stream".
+local alt = os.getenv("BENCH_BODY_ALT")
+if alt ~= nil and alt ~= "" then
+  local bodies = {wrk.body, alt}
+  local sent = 0
+  function request()
+    sent = sent + 1
+    return wrk.format(nil, nil, nil, bodies[sent % 2 + 1])
+  end
+end
+
 -- Steady-state window (peers): with BENCH_COUNT_FROM set to a Unix second, responses are also
 -- counted from that second on, so run.py can divide the CPU used after the warm-up part of the
 -- same run by the requests completed in it.

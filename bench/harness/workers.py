@@ -1,0 +1,140 @@
+"""`run.py --workers 1` against `--workers 2`: CPU per request of the whole process tree, and
+the 2-core throughput it projects.
+
+On a 2-core machine wrk and nginx share the cores with the workers, so raw req/s cannot show
+how the workers scale; CPU per request can, and the projection divides the cores by it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+from . import payloads, procs
+from .loadgen import run_wrk
+from .report import NOISY_PCT, WorkersRow
+from .servers import Target, start_aioproxy
+
+COUNTS = (1, 2)
+CONNECTIONS = 64
+KIND = "chat"
+
+
+class Snapshot(NamedTuple):
+    wall: float
+    busy: float  # the whole machine
+    each: dict[int, float]  # CPU seconds of each process of the proxy's tree
+    nginx: float
+    wrk: float  # our reaped children: wrk
+
+
+def _snapshot(target: Target, upstream: Target) -> Snapshot:
+    return Snapshot(
+        wall=time.perf_counter(),
+        busy=procs.system_busy_seconds(),
+        each=procs.cpu_seconds_each(target.pid),
+        nginx=procs.cpu_seconds(upstream.pid),
+        wrk=procs.children_cpu_seconds(),
+    )
+
+
+def _wait_listening(target: Target, workers: int, timeout: float = 10.0) -> None:
+    """/health answers once one worker listens; wait for all, or wrk's connections (spread
+    when they connect) would all go to the first."""
+    deadline = time.perf_counter() + timeout
+    while procs.listeners(target.port) < workers:
+        target.proc.check_alive()
+        if time.perf_counter() > deadline:
+            found = procs.listeners(target.port)
+            raise RuntimeError(f"{target.name}: {found} of {workers} workers listening")
+        time.sleep(0.05)
+
+
+@contextmanager
+def started(workdir: Path, upstream: Target, loop: str) -> Iterator[dict[int, Target]]:
+    """One aioproxy per worker count, unpinned: the kernel places the workers."""
+    with ExitStack() as stack:
+        targets = {}
+        for n in COUNTS:
+            print(f"bench: starting aioproxy --workers {n}", flush=True)
+            target = start_aioproxy(
+                workdir,
+                procs.free_port(),
+                upstream.port,
+                None,
+                loop,
+                label=f"aioproxy-workers{n}",
+                workers=n,
+            )
+            stack.callback(target.proc.stop)
+            _wait_listening(target, n)
+            targets[n] = target
+        yield targets
+
+
+def measure(
+    target: Target, upstream: Target, workers: int, duration: str, warmup: str | None
+) -> WorkersRow:
+    spec = payloads.KINDS[KIND]
+    url = target.url(spec)
+    if warmup:
+        run_wrk(url, spec.body, target.auth, CONNECTIONS, warmup, None)
+    before = _snapshot(target, upstream)
+    result = run_wrk(url, spec.body, target.auth, CONNECTIONS, duration, None)
+    after = _snapshot(target, upstream)
+    target.proc.check_alive()
+    grew = {pid: cpu - before.each.get(pid, 0.0) for pid, cpu in after.each.items()}
+    proxy = sum(grew.values())
+    children = [cpu for pid, cpu in grew.items() if pid != target.pid]  # the forked workers
+    nginx, wrk = after.nginx - before.nginx, after.wrk - before.wrk
+    wall = after.wall - before.wall
+    row = WorkersRow(
+        workers=workers,
+        rps=result.rps,
+        p99_us=result.p99_us,
+        requests=result.requests,
+        cpu_us_per_req=proxy / result.requests * 1e6,
+        proxy_cpu_pct=proxy / wall * 100,
+        wrk_cpu_pct=wrk / wall * 100,
+        nginx_cpu_pct=nginx / wall * 100,
+        other_cpu_pct=max(0.0, (after.busy - before.busy - proxy - nginx - wrk) / wall * 100),
+        shares=tuple(c / sum(children) for c in children) if sum(children) > 0 else (),
+    )
+    shares = " / ".join(f"{s * 100:.0f}%" for s in row.shares) or "–"
+    print(
+        f"  workers={workers}  {row.rps:>9,.0f} req/s  CPU {row.cpu_us_per_req:6,.0f} µs/req  "
+        f"proxy {row.proxy_cpu_pct:3.0f}%  wrk {row.wrk_cpu_pct:3.0f}%  "
+        f"nginx {row.nginx_cpu_pct:3.0f}%  other {row.other_cpu_pct:3.0f}%  shares {shares}",
+        flush=True,
+    )
+    return row
+
+
+def _cleanest(row: WorkersRow) -> tuple[bool, float]:
+    return row.other_cpu_pct > NOISY_PCT, row.cpu_us_per_req
+
+
+def compare(
+    workdir: Path,
+    upstream: Target,
+    loop: str,
+    duration: str,
+    warmup: str,
+    repeat: int,
+    max_repeat: int,
+) -> list[WorkersRow]:
+    """Interleaved rounds over the worker counts, like the matrix's cells; the cleanest each."""
+    procs.unpin(upstream.pid)  # nginx too may use either core; the matrix re-pins it per run
+    runs: dict[int, list[WorkersRow]] = {n: [] for n in COUNTS}
+    with started(workdir, upstream, loop) as targets:
+        for round_ in range(max_repeat):
+            clean = all(any(r.other_cpu_pct <= NOISY_PCT for r in runs[n]) for n in COUNTS)
+            if round_ >= repeat and clean:
+                break
+            for n in COUNTS:
+                warm = warmup if round_ == 0 else None
+                runs[n].append(measure(targets[n], upstream, n, duration, warm))
+    return [min(runs[n], key=_cleanest) for n in COUNTS]
