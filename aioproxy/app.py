@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -14,8 +16,9 @@ from .bridges.routes import RESPONSE_PATHS, delete_response, get_response
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .gateway import Gateway
+from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
-from .keys import config_key, gateway_key, plugin_manager_key, session_key
+from .keys import config_key, gateway_key, plugin_manager_key, pool_key, session_key
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings
 from .routes import ALIASES, merge_aliases, route_table
@@ -96,15 +99,20 @@ def create_app(
 
 
 async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession and the providers, for the app's life."""
+    """The upstream connections (a pooled ClientSession for plugins, the lean pool for
+    pass-through calls) and the providers, for the app's life."""
     gateway = app[gateway_key]
-    session = make_session(app[config_key])
+    config = app[config_key]
+    session = make_session(config)
+    pool = H1Pool(asyncio.get_running_loop(), config.upstream.max_connections)
     app[session_key] = session
+    app[pool_key] = pool
     try:
-        await gateway.start(session)
+        await gateway.start(session, pool)
         yield
     finally:
         await gateway.close()
+        await pool.close()
         await session.close()
 
 
@@ -120,7 +128,7 @@ def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -
 
 def _warn_if_open(gateway: Gateway) -> None:
     auth = gateway.config.auth
-    builtin_only = len(gateway.hooks.authenticate.impls) <= 1
+    builtin_only = len(gateway.hooks.authenticate.callers) <= 1
     if builtin_only and not auth.master_key and not auth.keys:
         log.warning(
             "NO AUTHENTICATION: no master key or virtual keys are configured, so anyone who can "

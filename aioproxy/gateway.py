@@ -17,6 +17,7 @@ from .bridges import ResponseStore, bridge_methods
 from .builtins.config_models import deployments_from
 from .config import Config
 from .context import Call, Deployment, Principal
+from .h1client import H1Pool
 from .errors import (
     AuthenticationError,
     BadRequest,
@@ -112,7 +113,7 @@ class Gateway:
         self.table = deployments_from(config)  # for /health/readiness
         self.store: ResponseStore | None = None  # stored responses, for the responses bridge
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession, pool: H1Pool | None = None) -> None:
         """Create and start one instance of every registered provider; open the response store.
 
         A provider that serves chat completions but not responses or legacy completions gets
@@ -122,6 +123,8 @@ class Gateway:
         bridged = False
         for name, factory in self.factories.items():
             provider = factory(session, self.config)
+            if isinstance(provider, Provider):
+                provider.pool = pool
             await provider.start()
             self.providers[name] = provider
             native = provider.methods()

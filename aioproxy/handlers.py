@@ -122,7 +122,6 @@ class _KeepAlive:
         self.request = request
         self.interval = interval
         self.response: web.StreamResponse | None = None
-        self._handler = asyncio.current_task()
         self._done: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer = asyncio.get_running_loop().call_later(interval, self._start)
@@ -141,8 +140,7 @@ class _KeepAlive:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), self.interval)
         except (ConnectionResetError, OSError):
-            if self._handler is not None:  # the client is gone: stop waiting for its answer
-                self._handler.cancel()
+            self.request.task.cancel()  # the client is gone: stop waiting for its answer
 
     async def stop(self) -> web.StreamResponse | None:
         """Stop sending comments; the response if the headers went out."""
@@ -177,7 +175,7 @@ async def _send_stream(
     outcome.ttfb = time.monotonic() - call.started
     try:
         if response is None:
-            response = web.StreamResponse(headers=SSE_HEADERS)
+            response = _EventStream(headers=SSE_HEADERS)
             if reply.headers:
                 response.headers.update(reply.headers)
         try:
@@ -200,6 +198,13 @@ async def _send_stream(
                 outcome.elapsed = time.monotonic() - call.started
                 await gateway.report(call, outcome)
     return response
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response whose headers go out with its first event, in one write (aiohttp's
+    StreamResponse would send them on their own, as soon as it is prepared)."""
+
+    _send_headers_immediately = False
 
 
 _FINAL_EVENT = b"data: [DONE]\n\n"

@@ -12,6 +12,7 @@ import msgspec
 from .config import Config, ConfigError
 from .context import Call, Deployment
 from .errors import ProxyError
+from .h1client import H1Pool
 from .routes import PROVIDER_KINDS, Kind
 
 __all__ = [
@@ -79,7 +80,7 @@ class StreamReply:
         finally:
             if self.close is not None:
                 result = self.close()
-                if isinstance(result, Awaitable):
+                if result is not None and isinstance(result, Awaitable):
                     await result
 
 
@@ -97,6 +98,8 @@ class Provider:
 
     One instance per app, created at start-up with the app's pooled ``session``; ``start`` and
     ``close`` bracket its life. Keep per-app state on the instance, never in module globals.
+    ``pool`` is the app's lean keep-alive client (:mod:`aioproxy.h1client`), set before ``start``:
+    pass it to :func:`aioproxy.upstream.forward` for plain POST pass-through calls.
     """
 
     name: ClassVar[str] = ""
@@ -109,6 +112,7 @@ class Provider:
     def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
         self.session = session
         self.config = config
+        self.pool: H1Pool | None = None
         self._settings: dict[int, tuple[dict[str, Any], Any]] = {}
 
     def settings(self, deployment: Deployment) -> Any:

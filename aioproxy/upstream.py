@@ -13,6 +13,7 @@ import msgspec
 from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
+from .h1client import H1Pool, H1Response, UpstreamConnectError
 from .providers import JSONReply, Reply, StreamReply
 from .routes import Kind
 from .streaming import EventTooLarge, iter_sse_blocks
@@ -34,7 +35,6 @@ __all__ = [
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _ERROR_PREVIEW = 300
 
-_validate_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -79,7 +79,7 @@ def failure_from(exc: BaseException, deployment: Deployment | None) -> ProxyErro
         return exc
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return GatewayTimeout(f"Deployment {where} did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, UpstreamConnectError)):
         return BadGateway(f"Could not connect to deployment {where}", code="upstream_unreachable")
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
         return BadGateway(
@@ -158,7 +158,9 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
     )
 
 
-async def read_capped(response: aiohttp.ClientResponse, deployment: Deployment) -> bytes:
+async def read_capped(
+    response: aiohttp.ClientResponse | H1Response, deployment: Deployment
+) -> bytes:
     """The whole upstream body, refusing one over MAX_UPSTREAM_BODY."""
     length = response.content_length
     if length is not None and length <= MAX_UPSTREAM_BODY:
@@ -176,13 +178,17 @@ async def read_capped(response: aiohttp.ClientResponse, deployment: Deployment) 
 
 
 def _check_json(body: bytes, deployment: Deployment) -> None:
-    try:
-        _validate_object(body)
-    except msgspec.DecodeError:
+    """Refuse an answer that is plainly not a JSON object (an HTML error page, a proxy's banner).
+
+    Only its ends are looked at: the body is relayed as it is, and parsing a large answer (an
+    embeddings list) whole would cost more than the rest of the hop; a client that decodes it
+    still gets a JSON error of its own if its middle is broken.
+    """
+    if body[:64].lstrip()[:1] != b"{" or body[-64:].rstrip()[-1:] != b"}":
         raise BadGateway(
             f"Deployment {deployment.describe()} sent an answer that is not a JSON object",
             code="upstream_invalid_response",
-        ) from None
+        )
 
 
 async def forward(
@@ -192,20 +198,27 @@ async def forward(
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout | None,
     body: bytes | None = None,
+    *,
+    pool: H1Pool | None = None,
 ) -> Reply:
     """POST the call's body to an OpenAI-compatible ``url`` and relay the answer.
 
     A streamed answer (``text/event-stream``) is relayed event by event; anything else is read
     whole and checked to be a JSON object. Redirects are not followed: a redirecting upstream is a
-    misconfiguration, and following it could leak the key to another host.
+    misconfiguration, and following it could leak the key to another host. Given the app's
+    ``pool`` (``Provider.pool``), the call goes through that lean client instead of ``session``.
     """
     deployment = call.deployment
     assert deployment is not None
     payload = call.body() if body is None else body
+    response: aiohttp.ClientResponse | H1Response
     try:
-        response = await session.post(
-            url, data=payload, headers=headers, timeout=timeout, allow_redirects=False
-        )
+        if pool is not None:
+            response = await pool.post(url, payload, headers, timeout or session.timeout)
+        else:
+            response = await session.post(
+                url, data=payload, headers=headers, timeout=timeout, allow_redirects=False
+            )
     except Exception as exc:  # connect errors and timeouts before any answer
         raise failure_from(exc, deployment) from exc
     try:
@@ -255,7 +268,7 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 
 
 async def _relay(
-    response: aiohttp.ClientResponse, deployment: Deployment, kind: Kind
+    response: aiohttp.ClientResponse | H1Response, deployment: Deployment, kind: Kind
 ) -> AsyncIterator[bytes]:
     last = b""
     try:

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 import aioproxy.context
+import aioproxy.h1client
 import aioproxy.keys
 import aioproxy.providers
 from tests.conftest import AUTH, UPSTREAM_MODEL, StartProxy, gateway_config
@@ -172,11 +173,10 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
     proxy = await start_proxy(config)
-    connector = proxy.app[aioproxy.keys.session_key].connector
-    assert connector is not None
+    pool = proxy.app[aioproxy.keys.pool_key]
     gc.collect()
     baseline_tasks = len(asyncio.all_tasks())
-    per_request = (aiohttp.ClientResponse, aioproxy.context.Call, aioproxy.providers.StreamReply,
+    per_request = (aioproxy.h1client.H1Response, aioproxy.context.Call, aioproxy.providers.StreamReply,
                    aioproxy.providers.JSONReply, aiohttp.web.Request)
     leftovers = []
     started = time.monotonic()
@@ -206,13 +206,12 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
 
         # And afterwards: no upstream request or connection still held, no task left behind.
         await wait_for(lambda: all(fake.in_flight == 0 for fake in fakes))
-        await wait_for(lambda: len(connector._acquired) == 0)  # noqa: SLF001
+        await wait_for(lambda: pool.busy_connections == 0)
         await wait_for(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
         snapshot = proxy.app[aioproxy.keys.gateway_key].router.snapshot(
             proxy.app[aioproxy.keys.gateway_key].table)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot
-        pooled = sum(len(conns) for conns in connector._conns.values())  # noqa: SLF001
-        assert pooled <= 2 * CONCURRENCY + 20
+        assert pool.idle_connections <= 2 * CONCURRENCY + 20
         upstream_conns = sum(
             len(s.runner.server.connections) for s in servers  # type: ignore[union-attr]
         )

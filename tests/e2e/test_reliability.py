@@ -159,9 +159,7 @@ async def wait_for(predicate: Any, timeout: float = 2.0) -> None:
 
 def acquired(proxy: TestServer) -> int:
     """Upstream connections the proxy's pool has handed out and not got back."""
-    connector = proxy.app[aioproxy.keys.session_key].connector
-    assert connector is not None
-    return len(connector._acquired)  # noqa: SLF001 - no public counter
+    return proxy.app[aioproxy.keys.pool_key].busy_connections
 
 
 def gaps(fake: FakeOpenAI) -> list[float]:

@@ -250,7 +250,7 @@ def named(name: str, result: Any = None, calls: list[str] | None = None, is_asyn
 
 def test_empty_hook_is_falsy(pm: pluggy.PluginManager) -> None:
     hook = Hook(pm.hook.before_request)
-    assert not hook and hook.impls == () and hook.name == "before_request"
+    assert not hook and hook.callers == () and hook.name == "before_request"
 
 
 async def test_empty_hook_first_is_none_and_each_is_empty(pm: pluggy.PluginManager) -> None:

@@ -41,6 +41,7 @@ class OpenAIProvider(Provider):
             base + path,
             self._headers(call),
             deployment_timeout(call, self.config),
+            pool=self.pool,
         )
 
     def _headers(self, call: Call) -> dict[str, str]:
