@@ -17,7 +17,6 @@ from .bridges import ResponseStore, bridge_methods
 from .builtins.config_models import deployments_from
 from .config import Config
 from .context import Call, Deployment, Principal
-from .h1client import H1Pool
 from .errors import (
     AuthenticationError,
     BadRequest,
@@ -26,6 +25,8 @@ from .errors import (
     ProxyError,
     RateLimited,
 )
+from .h1client import H1Pool
+from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .payloads import decode_request, pristine
 from .plugins import Hooks
@@ -112,6 +113,8 @@ class Gateway:
         self.router = Router(config.router)
         self.table = deployments_from(config)  # for /health/readiness
         self.store: ResponseStore | None = None  # stored responses, for the responses bridge
+        interval = config.server.keepalive_interval
+        self.keepalive = KeepAliveClock(interval) if interval else None
 
     async def start(self, session: aiohttp.ClientSession, pool: H1Pool | None = None) -> None:
         """Create and start one instance of every registered provider; open the response store.

@@ -66,7 +66,7 @@ class Outcome:
         self.stream = stream
         self.body: bytes | None = None  # the whole body of a non-streamed answer
         self.last_events: tuple[bytes, ...] = ()  # a stream's last blocks of events (usage is there)
-        self.events = 0  # events relayed
+        self.events = 0  # events relayed (counted when an after_response hook or a tpm cap is set)
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end

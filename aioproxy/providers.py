@@ -57,20 +57,24 @@ class StreamReply:
     The proxy pulls the first event before it sends the response headers, so a provider that
     raises a ProxyError before its first event still answers with a proper status. ``close`` (if
     given) runs once the stream is over, also when the client went away: release upstream
-    connections there.
+    connections there. ``finished`` (if given) says whether the upstream's answer has ended:
+    after the final event the proxy waits (up to 5 s) for the rest of ``events`` unless it says
+    so, to let the upstream connection go back to its pool whole.
     """
 
-    __slots__ = ("events", "close", "headers")
+    __slots__ = ("events", "close", "headers", "finished")
 
     def __init__(
         self,
         events: AsyncIterator[bytes],
         close: Callable[[], Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        finished: Callable[[], bool] | None = None,
     ) -> None:
         self.events = events
         self.close = close
         self.headers = headers
+        self.finished = finished
 
     async def aclose(self) -> None:
         aclose = getattr(self.events, "aclose", None)

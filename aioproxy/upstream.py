@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
 from functools import lru_cache
@@ -236,7 +237,11 @@ async def forward(
                 error.headers = {"Retry-After": retry_after}
             raise error
         if response.content_type == "text/event-stream":
-            return StreamReply(_relay(response, deployment, call.kind), close=response.close)
+            return StreamReply(
+                _relay(response, deployment, call.kind),
+                close=response.close,
+                finished=response.content.is_eof,
+            )
         data = await read_capped(response, deployment)
         _check_json(data, deployment)
     except ProxyError:
@@ -272,9 +277,12 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     last = b""
     try:
-        async for block in iter_sse_blocks(response.content):
-            last = block
-            yield block
+        # aclosing: when the client leaves (or the proxy stops after the final event), the
+        # inner generator is closed here and then, not later by a task the loop would spawn.
+        async with contextlib.aclosing(iter_sse_blocks(response.content)) as blocks:
+            async for block in blocks:
+                last = block
+                yield block
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
     except EventTooLarge as exc:
