@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["ResponseStore"]
 
@@ -111,6 +113,8 @@ class ResponseStore:
         if self.path != ":memory:" and not self.path.startswith("file:"):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Autocommit: each statement is its own transaction, so no lock outlives a call.
+        import sqlite3  # here, not at the top: ~1 MiB of RSS that apps without the store never use
+
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
