@@ -4,9 +4,10 @@ With --peers, LiteLLM's proxy is measured too, in its own venv (bench/peers/).
 
 Measures requests/s, p50/p99 latency and CPU time per request of the process under test for
 non-streaming chat, streaming chat (events in one burst, and paced 1 ms apart) and embeddings,
-plus start-up time and RSS (the "matrix"); aioproxy with `--workers 1` against `--workers 2`
-("workers"); and RSS before and after a long run of requests ("soak").  Writes a Markdown report
-to bench/results/.  `--smoke` is the quick CI gate on aioproxy's CPU/request.
+plus start-up time and RSS (the "matrix"); each stream event's arrival through each target
+("first-event"); aioproxy with `--workers 1` against `--workers 2` ("workers"); and RSS before
+and after a long run of requests ("soak").  Writes a Markdown report to bench/results/.
+`--smoke` is the quick CI gate on aioproxy's CPU/request.
 See bench/README.md.
 """
 
@@ -29,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from harness import payloads, procs, soak, workers
+from harness import first_event, payloads, procs, soak, workers
 from harness.loadgen import LoadError, WrkResult, finish_wrk, run_wrk, start_wrk
 from harness.procs import Cores
 from harness.report import (
@@ -37,10 +38,13 @@ from harness.report import (
     RSS_FLAT_MIB,
     RSS_IDLE_LIMIT_MIB,
     WORKERS_SCALING_TARGET,
+    FirstEventRow,
     Row,
     SoakRow,
     Startup,
     WorkersRow,
+    first_event_section,
+    first_event_verdict,
     render,
     soak_section,
     workers_projection,
@@ -61,8 +65,9 @@ from peers import litellm as litellm_peer
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "reference", "aioproxy", "litellm")
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
-PARTS = ("matrix", "workers", "soak")
+PARTS = ("matrix", "first-event", "workers", "soak")
 SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
+FIRST_EVENT_PROXIES = ("reference", "aioproxy")  # and always direct: the baseline
 # What run.py needs -> the Debian package that brings it.  The echo module (for stream-paced)
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
@@ -185,11 +190,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         type=_csv(PARTS),
-        default=list(PARTS),
+        default=None,
         metavar="PARTS",
         help="run only these parts, from matrix (the kinds x connections tables and start-up), "
+        "first-event (each stream event's arrival through direct, reference and aioproxy), "
         "workers (aioproxy --workers 1 vs 2) and soak (RSS over --soak requests) (all; "
         "--smoke: matrix)",
+    )
+    p.add_argument(
+        "--first-event",
+        type=_count,
+        default=200,
+        metavar="N",
+        help="streams per target in the first-event part, one at a time (200, ~20 s per target; "
+        "0 skips the part)",
     )
     p.add_argument(
         "--soak",
@@ -210,15 +224,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"reference's",
     )
     args = p.parse_args(argv)
+    args.only_explicit = args.only is not None
+    args.only = args.only or list(PARTS)
     if args.smoke:
         args.only = ["matrix"]
         args.kinds, args.connections, args.targets = ["chat"], [16], ["reference", "aioproxy"]
         args.duration, args.warmup, args.no_save = "3s", "1s", True
         args.repeat, args.max_repeat = 2, 5  # a busy machine gets more rounds, not a false alarm
-    if args.soak == 0 and "soak" in args.only:
-        args.only.remove("soak")
-        if not args.only:
-            p.error("--soak 0 leaves nothing to run")
+    for part, count, flag in (
+        ("soak", args.soak, "--soak"),
+        ("first-event", args.first_event, "--first-event"),
+    ):
+        if count == 0 and part in args.only:
+            args.only.remove(part)
+            if not args.only:
+                p.error(f"{flag} 0 leaves nothing to run")
     if args.peers and not args.smoke:  # the CI gate never waits for a peer
         args.targets += [t for t in PEERS if t not in args.targets]
     if args.peer_duration is None:
@@ -271,6 +291,12 @@ def ensure_tools(args: argparse.Namespace) -> str:
             raise BenchError(why)
         print(f"bench: skipping {why}", file=sys.stderr)
         args.kinds.remove("stream-paced")
+    if "first-event" in args.only and (upstream != "nginx" or str(ECHO_MODULE) in missing):
+        why = f"the first-event part: it needs nginx's echo module ({INSTALL_HINT})"
+        if args.only_explicit:
+            raise BenchError(why)
+        print(f"bench: skipping {why}", file=sys.stderr)
+        args.only.remove("first-event")
     return upstream
 
 
@@ -555,6 +581,42 @@ def run_matrix(
     return rows, startups
 
 
+def run_first_event(
+    args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
+) -> tuple[list[FirstEventRow], float]:
+    """Direct and fresh proxies (pinned like the matrix's, so the part can run alone)."""
+    starters = {"reference": start_reference, "aioproxy": start_aioproxy}
+    with ExitStack() as stack:
+        targets = {"direct": upstream}
+        for name in (n for n in FIRST_EVENT_PROXIES if n in args.targets):
+            print(f"bench: first event: starting {name}", flush=True)
+            target = starters[name](
+                workdir,
+                procs.free_port(),
+                upstream.port,
+                cores.sut,
+                args.loop,
+                label=f"{name}-first-event",
+            )
+            stack.callback(target.proc.stop)
+            targets[name] = target
+        print(
+            f"bench: first event: {args.first_event} streams per target of {payloads.GAPPED.title}",
+            flush=True,
+        )
+        rows, other_pct = first_event.measure(targets, upstream, args.first_event, cores)
+    for r in rows:
+        print(
+            f"  first-event {r.target:<9} p50 {r.ttfe_p50_ms:7.3f} ms  p99 {r.ttfe_p99_ms:7.3f} ms  "
+            f"gap p50 {r.gap_p50_ms:6.3f} ms  reads with > 1 event {r.coalesced}/{r.event_reads}",
+            flush=True,
+        )
+    verdict = first_event_verdict(rows)
+    if verdict:
+        print(f"bench-first-event: {verdict.replace('**', '')}", flush=True)
+    return rows, other_pct
+
+
 def run_workers(args: argparse.Namespace, upstream: Target, workdir: Path) -> list[WorkersRow]:
     if "aioproxy" not in args.targets:
         print(
@@ -627,6 +689,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
             stack.callback(upstream.proc.stop)
             if "matrix" in args.only:
                 rows, startups = run_matrix(args, upstream, workdir, cores)
+            if "first-event" in args.only:
+                extra += first_event_section(*run_first_event(args, upstream, workdir, cores))
             if "workers" in args.only:
                 extra += workers_section(
                     run_workers(args, upstream, workdir), workers.CONNECTIONS, args.duration

@@ -14,8 +14,18 @@ MODEL = "bench-model"
 # nginx cannot look into the body for `"stream": true`, so the route is chosen by path.
 STREAM_MODEL = "bench-model-stream"  # all events in one burst (a static file)
 PACED_MODEL = "bench-model-paced"  # events PACE_MS apart, as tokens arrive from a real model
-API_BASES = {MODEL: "/v1", STREAM_MODEL: "/stream/v1", PACED_MODEL: "/paced/v1"}
+# GAPPED_EVENTS events GAP_MS apart (the first-event part): a gap wide enough that two events in
+# one read can only mean that something held the first back.
+GAPPED_MODEL = "bench-model-gapped"
+API_BASES = {
+    MODEL: "/v1",
+    STREAM_MODEL: "/stream/v1",
+    PACED_MODEL: "/paced/v1",
+    GAPPED_MODEL: "/gapped/v1",
+}
 PACE_MS = 1
+GAP_MS = 10
+GAPPED_EVENTS = 9  # data events before `data: [DONE]`: 10 events, 9 gaps, ~90 ms a stream
 
 STREAM_EVENTS = 50  # data events before the closing `data: [DONE]`
 EMBED_DIM = 1536  # text-embedding-3-small's size: a realistic ~20 KB response
@@ -69,6 +79,15 @@ KINDS: dict[str, Kind] = {
     ),
 }
 
+# Not in KINDS: the matrix does not load it; bench/harness/first_event.py times it event by event.
+GAPPED = Kind(
+    "stream-gapped",
+    f"chat completions, streaming, {GAPPED_EVENTS + 1} SSE events {GAP_MS} ms apart",
+    "/v1/chat/completions",
+    "/gapped/v1/chat/completions",
+    _dumps({"model": GAPPED_MODEL, "messages": _MESSAGES, "max_tokens": 64, "stream": True}),
+)
+
 _USAGE = {"prompt_tokens": 12, "completion_tokens": STREAM_EVENTS - 2, "total_tokens": 60}
 
 
@@ -93,8 +112,9 @@ def chat_response() -> bytes:
     )
 
 
-def stream_events() -> list[bytes]:
-    """A role event, content events, a finish event carrying usage, then `[DONE]`."""
+def stream_events(count: int = STREAM_EVENTS) -> list[bytes]:
+    """A role event, content events, a finish event carrying usage (``count`` data events in
+    all), then `[DONE]`."""
 
     def event(delta: dict[str, str], finish: str | None = None, **extra: object) -> bytes:
         chunk = {
@@ -108,8 +128,9 @@ def stream_events() -> list[bytes]:
         return b"data: " + _dumps(chunk) + b"\n\n"
 
     events = [event({"role": "assistant", "content": ""})]
-    events += [event({"content": f" tok{i}"}) for i in range(STREAM_EVENTS - 2)]
-    events.append(event({}, "stop", usage=_USAGE))
+    events += [event({"content": f" tok{i}"}) for i in range(count - 2)]
+    usage = {**_USAGE, "completion_tokens": count - 2, "total_tokens": 12 + count - 2}
+    events.append(event({}, "stop", usage=usage))
     return [*events, b"data: [DONE]\n\n"]
 
 
@@ -142,20 +163,25 @@ def write_docroot(root: Path) -> None:
         target.write_bytes(body)
 
 
-def nginx_paced_location() -> str:
-    """nginx echo-module location sending the stream events one by one, PACE_MS apart."""
+def nginx_paced_location(
+    path: str = "/paced/v1/chat/completions",
+    count: int = STREAM_EVENTS,
+    pace_ms: float = PACE_MS,
+) -> str:
+    """nginx echo-module location sending ``count`` stream events (and `[DONE]`) one by one,
+    ``pace_ms`` apart."""
 
     def quoted(event: bytes) -> str:  # nginx unescapes \\, \' and \n inside quotes
         text = event.decode().replace("\\", "\\\\").replace("'", "\\'")
         return "'" + text.replace("\n", "\\n") + "'"
 
-    pause = f"echo_flush; echo_sleep {PACE_MS / 1000};"
+    pause = f"echo_flush; echo_sleep {pace_ms / 1000};"
     steps = f"\n            {pause}\n".join(
-        f"            echo -n {quoted(e)};" for e in stream_events()
+        f"            echo -n {quoted(e)};" for e in stream_events(count)
     )
-    return (
-        "location = /paced/v1/chat/completions {\n"
-        "            default_type text/event-stream;\n"
-        f"{steps}\n"
-        "        }"
-    )
+    return f"location = {path} {{\n            default_type text/event-stream;\n{steps}\n        }}"
+
+
+def nginx_gapped_location() -> str:
+    """The first-event part's stream: GAPPED_EVENTS events (and `[DONE]`) GAP_MS apart."""
+    return nginx_paced_location(GAPPED.upstream_path, GAPPED_EVENTS, GAP_MS)

@@ -10,7 +10,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -230,6 +231,20 @@ def pin(pid: int, core: int | None) -> None:
     if core is not None:
         for p in tree(pid):
             os.sched_setaffinity(p, {core})
+
+
+@contextmanager
+def pinned_here(core: int | None) -> Iterator[None]:
+    """Run the calling thread on one core meanwhile (the first-event client, on the load core)."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def unpin(pid: int) -> None:

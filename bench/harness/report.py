@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .payloads import KINDS
+from .payloads import GAP_MS, GAPPED_EVENTS, KINDS
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,23 @@ class SoakRow:
         return self.rss_settled_kib - self.rss_idle_kib
 
 
+@dataclass(frozen=True)
+class FirstEventRow:
+    """One target's streams of the first-event part (bench/harness/first_event.py); times in ms
+    after the request was sent."""
+
+    target: str
+    requests: int
+    ttfe_p50_ms: float  # time to the first event
+    ttfe_p99_ms: float
+    gap_p50_ms: float  # between consecutive events of a stream
+    gap_p99_ms: float
+    events_p50_ms: tuple[float, ...]  # each event's median arrival
+    reads: int
+    event_reads: int  # reads that completed at least one event
+    coalesced: int  # reads that completed more than one event
+
+
 # Issue #5's memory targets for aioproxy (the reference's figures are shown against them too).
 RSS_IDLE_LIMIT_MIB = 45.0
 RSS_FLAT_MIB = 5.0
@@ -76,6 +93,10 @@ RSS_FLAT_MIB = 5.0
 WORKERS_SCALING_TARGET = 1.7
 # A worker doing less than this part of the workers' CPU is not really serving.
 MIN_WORKER_SHARE = 0.2
+
+# Issue #5: the first event within 1 ms of leaving the upstream (here: of direct's), and no
+# event held back (here: none later than direct's same event by more than this, at the median).
+FIRST_EVENT_LIMIT_MS = 1.0
 
 # Above this much foreign CPU (in % of one core) during a run, its figures are suspect.
 NOISY_PCT = 10.0
@@ -416,6 +437,117 @@ def soak_section(rows: list[SoakRow], requested: int, conns: int, settle_s: floa
         "",
         *traces,
     ]
+
+
+def _signed(ms: float) -> str:
+    return f"{ms:+.3f}"
+
+
+def _late(row: FirstEventRow, direct: FirstEventRow) -> tuple[float, int]:
+    """The most an event's median arrival trails direct's same event, and how many events
+    trail it by more than FIRST_EVENT_LIMIT_MS."""
+    lags = [a - b for a, b in zip(row.events_p50_ms, direct.events_p50_ms)]
+    return max(lags), sum(1 for lag in lags if lag > FIRST_EVENT_LIMIT_MS)
+
+
+def _coalesced(row: FirstEventRow) -> str:
+    return f"{row.coalesced:,} of {row.event_reads:,} ({row.coalesced / row.event_reads:.1%})"
+
+
+def first_event_verdict(rows: list[FirstEventRow]) -> str | None:
+    """aioproxy against issue #5: first event within 1 ms of direct's (median), no more reads
+    carrying several events than direct has, no event later than direct's by over 1 ms."""
+    by_name = {r.target: r for r in rows}
+    aio, direct = by_name.get("aioproxy"), by_name.get("direct")
+    if aio is None or direct is None:
+        return None
+    added = aio.ttfe_p50_ms - direct.ttfe_p50_ms
+    lag, late = _late(aio, direct)
+    first_ok = added <= FIRST_EVENT_LIMIT_MS
+    whole_ok = aio.coalesced <= direct.coalesced and late == 0
+    return (
+        f"aioproxy: first event {_signed(added)} ms over direct at the median (limit "
+        f"{FIRST_EVENT_LIMIT_MS:g} ms): {_verdict(first_ok)}; reads carrying more than one event "
+        f"{aio.coalesced:,} (direct {direct.coalesced:,}), events more than "
+        f"{FIRST_EVENT_LIMIT_MS:g} ms behind direct's at the median {late} of "
+        f"{len(aio.events_p50_ms)} (at most {_signed(lag)} ms): {_verdict(whole_ok)}"
+    )
+
+
+def first_event_section(rows: list[FirstEventRow], other_pct: float) -> list[str]:
+    if not rows:
+        return []
+    direct = next((r for r in rows if r.target == "direct"), None)
+    header = [
+        "target",
+        "streams",
+        "1st event p50 ms",
+        "1st event p99 ms",
+        "added p50 ms",
+        "added p99 ms",
+        "gap p50 ms",
+        "gap p99 ms",
+        "reads",
+        "reads with > 1 event",
+        "max event lag ms",
+        f"events > {FIRST_EVENT_LIMIT_MS:g} ms late",
+    ]
+    body = []
+    for r in rows:
+        vs_direct = ["–"] * 4
+        if direct is not None and r is not direct:
+            lag, late = _late(r, direct)
+            vs_direct = [
+                _signed(r.ttfe_p50_ms - direct.ttfe_p50_ms),
+                _signed(r.ttfe_p99_ms - direct.ttfe_p99_ms),
+                _signed(lag),
+                str(late),
+            ]
+        body.append(
+            [
+                r.target,
+                f"{r.requests:,}",
+                f"{r.ttfe_p50_ms:.3f}",
+                f"{r.ttfe_p99_ms:.3f}",
+                *vs_direct[:2],
+                f"{r.gap_p50_ms:.3f}",
+                f"{r.gap_p99_ms:.3f}",
+                f"{r.reads:,}",
+                _coalesced(r),
+                *vs_direct[2:],
+            ]
+        )
+    events = GAPPED_EVENTS + 1
+    out = [
+        "",
+        f"### First event and pacing: streaming chat, {events} SSE events {GAP_MS} ms apart",
+        "",
+        (
+            f"nginx flushes each event on its own, {GAP_MS} ms after the last.  One asyncio "
+            "client on the load core (one keep-alive connection per target, wrk's request) "
+            "times the send and every socket read, and splits the reads into events; targets "
+            "take turns in blocks of requests.  **1st event**: from the send to the read that "
+            "completes the first event.  **added**: the target's percentile minus direct's "
+            "(p50 − p50, p99 − p99: a difference of percentiles, not of paired requests).  "
+            f"**gap**: between consecutive events of a stream (the upstream's pacing is {GAP_MS} "
+            "ms; direct shows what nginx's timers make of it).  **reads with > 1 event**: reads "
+            "that completed more than one event, of those that completed any; with "
+            f"{GAP_MS} ms between events, each means an event was held back.  **max event lag**: "
+            "the most by which an event's median arrival trails direct's same event; **late**: "
+            f"how many of the {events} events trail it by more than {FIRST_EVENT_LIMIT_MS:g} ms."
+        ),
+        "",
+        *_table(header, body),
+    ]
+    verdict = first_event_verdict(rows)
+    if verdict:
+        out += ["", f"- {verdict} (issue #5)."]
+    if other_pct > NOISY_PCT:
+        out.append(
+            f"- **Warning**: other processes used {other_pct:.0f}% of a core during these "
+            "streams: the figures are unreliable."
+        )
+    return out
 
 
 def render(

@@ -96,6 +96,7 @@ def start_upstream(kind: str, workdir: Path, port: int, core: int | None) -> Tar
             "@PORT@": str(port),
             "@LOAD_ECHO@": f"load_module {ECHO_MODULE};" if echo else "",
             "@PACED@": payloads.nginx_paced_location() if echo else "",
+            "@GAPPED@": payloads.nginx_gapped_location() if echo else "",
         }
         conf_text = (BENCH / "upstream" / "nginx.conf.in").read_text()
         for key, value in values.items():
