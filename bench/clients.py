@@ -14,8 +14,9 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from harness import payloads, procs
@@ -67,6 +68,15 @@ async def measure(port: int, requests: int) -> dict[str, float]:
     return results
 
 
+def _run(main: Coroutine[Any, Any, dict[str, float]]) -> dict[str, float]:
+    """On uvloop when installed, as aioproxy and the reference run by default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16000)
@@ -80,7 +90,7 @@ def main() -> None:
         try:
             if cores.sut is not None:
                 os.sched_setaffinity(0, {cores.sut})
-            results = asyncio.run(measure(upstream.port, args.requests))
+            results = _run(measure(upstream.port, args.requests))
         finally:
             upstream.proc.stop()
     for name, micros in results.items():
