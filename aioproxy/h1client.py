@@ -19,7 +19,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp.base_protocol import BaseProtocol
@@ -28,6 +28,12 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 __all__ = ["H1Pool", "H1Response", "UpstreamConnectError", "UpstreamProtocolError"]
+
+# What may stand unescaped in a request target (RFC 3986 pchar, "/" and, in the query, "?"); "%"
+# too, so escapes already in the URL stay as they are. Anything else (a space, a non-ASCII
+# letter) is percent-encoded, as yarl does for ClientSession: a space would split the request line.
+_PATH_SAFE = "/:@!$&'()*+,;=%"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 _READ_LIMIT = 2**16  # the StreamReader's buffer before it pauses the socket (aiohttp's default)
 _DRAIN_ABOVE = 2**16  # a request body bigger than this waits for the socket to take it
@@ -61,9 +67,9 @@ class _Target:
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.key = (self.host, self.port, self.tls)
-        path = parts.path or "/"
+        path = quote(parts.path, safe=_PATH_SAFE) or "/"
         if parts.query:
-            path += "?" + parts.query
+            path += "?" + quote(parts.query, safe=_QUERY_SAFE)
         default_port = self.port == (443 if self.tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         host_header = host if default_port else f"{host}:{self.port}"
@@ -109,41 +115,61 @@ class _Connection(BaseProtocol):
         try:
             messages, _, _ = parser.feed_data(data)
         except Exception as exc:
-            self._fail(UpstreamProtocolError(f"invalid HTTP answer: {type(exc).__name__}"))
+            head = self.head
+            if head is not None and not head.done():
+                self._fail(UpstreamProtocolError(f"invalid HTTP answer: {type(exc).__name__}"))
+            else:  # the head was fine: it is the body that is broken
+                self._fail(aiohttp.ClientPayloadError(f"invalid answer body: {type(exc).__name__}"))
             self.abort()
             return
         for message, payload in messages:
             head = self.head
-            if head is not None and not head.done():
-                head.set_result((message, payload))
+            if head is None or head.done():
+                # A second answer to one request: the connection is out of step with us.
+                self.abort()
+                return
+            if 100 <= message.code < 200 and message.code != 101:
+                continue  # 100 Continue, 103 Early Hints: the answer itself follows
+            self.payload = payload
+            head.set_result((message, payload))
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        by_upstream = not self.closed  # else we aborted it: its EOF ends nothing
         self.closed = True
         super().connection_lost(exc)
         parser, self.parser = self.parser, None
-        if parser is not None and self.head is not None and self.head.done():
+        payload = self.payload
+        if by_upstream and parser is not None and payload is not None:
             try:  # ends a body read until EOF; raises for a truncated one
                 parser.feed_eof()
             except Exception as parse_error:
                 self._fail(aiohttp.ClientPayloadError(f"answer cut short: {type(parse_error).__name__}"))
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(aiohttp.ServerDisconnectedError())
-        if self.payload is not None and not self.payload.is_eof():
-            self.payload.set_exception(
-                aiohttp.ClientPayloadError("the upstream closed the connection mid-answer")
-            )
+        head = self.head
+        if head is not None and not head.done():
+            head.set_exception(aiohttp.ServerDisconnectedError())
+        if payload is not None and not payload.is_eof():
+            self._fail(aiohttp.ClientPayloadError("the connection closed mid-answer"))
         self._stop_timer()
         self.pool.forget(self)
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:  # the wait was our reader's: the upstream's clock starts anew
+            self.last_data = self.pool.loop.time()
+        super().resume_reading(resume_parser)
+
     # --- requests ---
 
-    def send(self, head: bytes, body: bytes, read: float | None, total: float | None) -> None:
+    def send(self, head: bytes, body: bytes, read: float | None, deadline: float | None) -> None:
         loop = self.pool.loop
         self.used += 1
         self.got_bytes = False
         self.head = loop.create_future()
         self.payload = None
         self.response = None
+        transport = self.transport
+        if transport is None or self.closed:  # lost between its connect and now
+            self.head.set_exception(aiohttp.ServerDisconnectedError())
+            return
         self._parser = self.parser = HttpResponseParser(
             self, loop, _READ_LIMIT,
             max_line_size=8190, max_field_size=8190,
@@ -153,10 +179,9 @@ class _Connection(BaseProtocol):
         now = loop.time()
         self.last_data = now
         self.read_timeout = read
-        self.deadline = now + total if total else None
+        self.deadline = deadline
         self._arm(now)
-        assert self.transport is not None
-        self.transport.writelines((head, body))
+        transport.writelines((head, body))
 
     def _arm(self, now: float) -> None:
         when = self.deadline
@@ -168,6 +193,8 @@ class _Connection(BaseProtocol):
     def _on_timer(self) -> None:
         self.timer = None
         now = self.pool.loop.time()
+        if self._reading_paused:  # our reader is behind (flow control): not the upstream's fault
+            self.last_data = now
         expired = (self.deadline is not None and now >= self.deadline) or (
             self.read_timeout is not None and now - self.last_data >= self.read_timeout
         )
@@ -183,10 +210,13 @@ class _Connection(BaseProtocol):
             self.timer = None
 
     def _fail(self, exc: BaseException) -> None:
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(exc)
-        elif self.payload is not None and not self.payload.is_eof():
-            self.payload.set_exception(exc)
+        """Fail the answer in progress with ``exc``, unless it failed already: the first cause
+        (a timeout) is the one to report, not the hang-up that follows it."""
+        head, payload = self.head, self.payload
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif payload is not None and not payload.is_eof() and payload.exception() is None:
+            payload.set_exception(exc)
 
     def answer_ended(self, should_close: bool) -> None:
         """The answer's body is complete: the connection is free for the next request."""
@@ -233,10 +263,20 @@ class H1Response:
             content_type.partition(";")[0].strip().lower() if content_type else "application/octet-stream"
         )
         length = message.headers.get("Content-Length")
-        self.content_length = int(length) if length and length.isdigit() else None
+        # A compressed body is decoded as it comes: its length counts bytes the reader never sees
+        # (and says nothing of how big the decoded body gets).
+        self.content_length = (
+            int(length) if length and length.isdigit() and message.compression is None else None
+        )
 
     async def read(self) -> bytes:
-        return await self.content.read()
+        """The whole body. A read that fails or is cancelled closes the connection: the rest of
+        that body would otherwise stand in the way of the next answer on it."""
+        try:
+            return await self.content.read()
+        except BaseException:
+            self.close()
+            raise
 
     def release(self) -> None:
         """Done with the answer. Its connection goes back to the pool if the body was read to
@@ -274,26 +314,41 @@ class H1Pool:
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
     ) -> H1Response:
-        """POST ``body`` to ``url``; the answer once its status and headers are in."""
+        """POST ``body`` to ``url``; the answer once its status and headers are in.
+
+        As with ClientSession, ``timeout.total`` bounds the whole call (the wait for a
+        connection included), ``connect`` the wait for a connection (a free slot under the cap,
+        then the TCP/TLS connect), ``sock_read`` each silence of the upstream once the request
+        is sent.
+        """
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
         head = _request_head(target, headers, len(body))
-        for _ in range(2):
-            conn = await self._acquire(target, timeout.connect)
+        total = timeout.total
+        deadline = self.loop.time() + total if total else None
+        for retry in (False, True):
+            # The retry goes to a new connection: another pooled one may be as stale.
+            conn = None if retry else self._take_idle(target.key)
+            if conn is None:
+                conn = await self._acquire(target, timeout.connect, deadline, fresh=retry)
             reused = conn.used > 0
             try:
-                conn.send(head, body, timeout.sock_read, timeout.total)
+                conn.send(head, body, timeout.sock_read, deadline)
                 if len(body) > _DRAIN_ABOVE:
-                    await conn._drain_helper()
+                    try:
+                        await conn._drain_helper()
+                    except ConnectionError:
+                        pass  # the connection is lost: the answer's future says how
                 assert conn.head is not None
                 message, payload = await conn.head
             except aiohttp.ServerDisconnectedError:
                 conn.abort()
-                if reused and not conn.got_bytes:
+                if reused and not conn.got_bytes and not retry:
                     continue  # the upstream had closed it while it sat in the pool: once more
                 raise
             except BaseException:
+                conn.head = None  # nobody awaits it any more: its hang-up is nobody's error
                 conn.abort()
                 raise
             response = H1Response(message, payload, conn)
@@ -303,7 +358,6 @@ class H1Pool:
                 response._conn = None
                 conn.answer_ended(should_close)
             else:
-                conn.payload = payload
                 conn.response = response
                 payload.on_eof(lambda: conn.answer_ended(should_close))
             return response
@@ -318,54 +372,86 @@ class H1Pool:
 
     # --- connections ---
 
-    async def _acquire(self, target: _Target, connect_timeout: float | None) -> _Connection:
-        if self._closed:
-            raise RuntimeError("the upstream pool is closed")
-        idle = self._idle.get(target.key)
+    def _take_idle(self, key: tuple[str, int, bool]) -> _Connection | None:
+        """The most recently used idle connection to ``key`` still worth using, if any."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
         now = self.loop.time()
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < _KEEPALIVE:
                 return conn
             conn.abort()
-        while self.limit and len(self._open) >= self.limit:
-            if self._evict_idle():
-                continue
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            idle = self._idle.get(target.key)
-            while idle:  # one may have come back for this very upstream
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn
-        return await self._connect(target, connect_timeout)
+        return None
 
-    async def _connect(self, target: _Target, connect_timeout: float | None) -> _Connection:
+    async def _acquire(
+        self, target: _Target, connect: float | None, deadline: float | None, fresh: bool
+    ) -> _Connection:
+        """A connection for ``target`` with no idle one at hand: a new one, once the cap allows
+        (waiting, then connecting, within ``connect`` seconds and the call's ``deadline``)."""
+        if self._closed:
+            raise RuntimeError("the upstream pool is closed")
+        budget = connect
+        if deadline is not None:
+            left = deadline - self.loop.time()
+            budget = left if budget is None else min(budget, left)
+        try:
+            async with asyncio.timeout(budget):
+                while self.limit and len(self._open) >= self.limit:
+                    if self._evict_idle():
+                        continue
+                    await self._wait_turn()
+                    if self._closed:
+                        raise RuntimeError("the upstream pool is closed")
+                    if not fresh:  # one may have come back for this very upstream
+                        conn = self._take_idle(target.key)
+                        if conn is not None:
+                            return conn
+                return await self._connect(target)
+        except TimeoutError as exc:
+            raise aiohttp.ConnectionTimeoutError(
+                f"no connection to {target.host}:{target.port} in time"
+            ) from exc
+
+    async def _wait_turn(self) -> None:
+        """Wait until a connection closes or comes back to the pool."""
+        waiter = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._wake()  # woken, but cancelled before it could act: the next one goes
+            raise
+
+    async def _connect(self, target: _Target) -> _Connection:
         conn = _Connection(self, target.key)
         self._open.add(conn)
         ssl_context = self._tls() if target.tls else None
         try:
-            async with asyncio.timeout(connect_timeout):
-                await self.loop.create_connection(
-                    lambda: conn, target.host, target.port,
-                    ssl=ssl_context, server_hostname=target.host if ssl_context else None,
-                )
-        except TimeoutError:
-            self.forget(conn)
-            raise aiohttp.ConnectionTimeoutError(
-                f"connecting to {target.host}:{target.port} timed out"
-            ) from None
+            await self.loop.create_connection(
+                lambda: conn, target.host, target.port,
+                ssl=ssl_context, server_hostname=target.host if ssl_context else None,
+            )
         except OSError as exc:  # refused, unreachable, no such host, TLS handshake failed
             self.forget(conn)
+            if isinstance(exc, TimeoutError):  # the system's own connect timeout
+                raise aiohttp.ConnectionTimeoutError(
+                    f"connecting to {target.host}:{target.port} timed out"
+                ) from exc
             raise UpstreamConnectError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
         except BaseException:
             conn.abort()
             raise
+        if self._closed:  # the pool closed while this one was connecting: it has no use
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.abort()
+            self.forget(conn)
+            raise RuntimeError("the upstream pool is closed")
         return conn
 
     def _evict_idle(self) -> bool:
@@ -429,6 +515,7 @@ class H1Pool:
         return self.open_connections - self.idle_connections
 
     async def close(self) -> None:
+        """Close every connection; calls waiting for one fail, later ones too."""
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -436,6 +523,10 @@ class H1Pool:
         for conn in list(self._open):
             conn.abort()
         self._idle.clear()
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:  # they see the pool closed when they wake
+            if not waiter.done():
+                waiter.set_result(None)
         await asyncio.sleep(0)  # let the transports' connection_lost run
 
 
