@@ -6,7 +6,7 @@ gateway makes the same way every time: POST some bytes to a URL it knows, read o
 answer. This client does only that, with aiohttp's own pieces where the work is: its C HTTP
 response parser (chunked bodies, gzip/deflate, limits) and its StreamReader (flow control), so
 responses read exactly as through a ClientSession. Measured on this project's machines, it costs
-~19 µs of CPU per request against ~69 µs for ClientSession (bench/README.md).
+~26 µs of CPU per request against ~69 µs for ClientSession (bench/clients.py).
 
 What it leaves out, on purpose: redirects (a gateway never follows them: it would carry the
 key elsewhere), cookies, HTTP proxies, Expect: 100-continue. Providers that need those use the
