@@ -134,7 +134,7 @@ class Gateway:
             self.serving[name] = bridge_methods(native, store)
             bridged |= Kind.RESPONSES not in native and Kind.CHAT_COMPLETIONS in native
         if store is not None and bridged:  # only the responses bridge keeps responses
-            await store.open()
+            store.check()  # opened by its first use
             self.store = store
 
     async def close(self) -> None:

@@ -99,15 +99,34 @@ async def test_queries_run_off_the_event_loop(store: ResponseStore) -> None:
     assert threads and threads[0] != loop_thread
 
 
-async def test_closed_store_refuses_and_close_is_idempotent(path: Path) -> None:
+async def test_first_use_opens_it_and_a_closed_store_refuses(path: Path) -> None:
     store = ResponseStore(path)
-    with pytest.raises(RuntimeError):
-        await store.get("resp_1", "alice")
-    await store.open()
+    store.check()  # start-up: makes the folder, opens nothing
+    assert path.parent.is_dir() and not path.exists()
+    assert await store.get("resp_1", "alice") is None
+    assert path.exists()
     await store.close()
     await store.close()
     with pytest.raises(RuntimeError):
         await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
+
+
+async def test_concurrent_first_uses_open_it_once(path: Path) -> None:
+    store = ResponseStore(path)
+    try:
+        await asyncio.gather(
+            *(store.save(f"resp_{i}", "alice", RESPONSE, CONVERSATION) for i in range(5))
+        )
+        assert all([await store.get(f"resp_{i}", "alice") for i in range(5)])
+    finally:
+        await store.close()
+
+
+def test_check_refuses_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        ResponseStore(blocker / "responses.sqlite3").check()
 
 
 async def test_in_memory() -> None:
