@@ -39,6 +39,7 @@ _READ_LIMIT = 2**16  # the StreamReader's buffer before it pauses the socket (ai
 _DRAIN_ABOVE = 2**16  # a request body bigger than this waits for the socket to take it
 _KEEPALIVE = 60.0  # seconds an idle connection is kept; upstreams close theirs after ~60-75 s
 _MAX_TARGETS = 1024  # parsed URLs kept; deployments are few, but plugins may make URLs up
+_MAX_HEADS = 256  # serialized header sets kept (a forwarded request id makes each one new)
 _USER_AGENT = f"aioproxy aiohttp/{aiohttp.__version__}"
 # Headers this client writes itself; a caller's are dropped so none is ever sent twice.
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
@@ -305,6 +306,7 @@ class H1Pool:
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._targets: dict[str, _Target] = {}
+        self._heads: dict[tuple[object, ...], bytes] = {}
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -324,7 +326,7 @@ class H1Pool:
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
-        head = _request_head(target, headers, len(body))
+        head = self._request_head(target, headers, len(body))
         total = timeout.total
         deadline = self.loop.time() + total if total else None
         for retry in (False, True):
@@ -362,6 +364,18 @@ class H1Pool:
                 payload.on_eof(lambda: conn.answer_ended(should_close))
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request_head(self, target: _Target, headers: Mapping[str, str], length: int) -> bytes:
+        """The request line and headers. A gateway sends a few header sets over and over (one
+        per deployment, bar a forwarded request id), so each set's bytes are kept and reused."""
+        key = (target.request_line, *headers.items())
+        fixed = self._heads.get(key)
+        if fixed is None:
+            fixed = _serialize(target, headers)
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            self._heads[key] = fixed
+        return b"%sContent-Length: %d\r\n\r\n" % (fixed, length)
 
     def _target(self, url: str) -> _Target:
         target = _Target(url)
@@ -530,7 +544,7 @@ class H1Pool:
         await asyncio.sleep(0)  # let the transports' connection_lost run
 
 
-def _request_head(target: _Target, headers: Mapping[str, str], length: int) -> bytes:
+def _serialize(target: _Target, headers: Mapping[str, str]) -> bytes:
     lines = [target.request_line]
     defaults = dict(_DEFAULT_HEADERS)
     for name, value in headers.items():
@@ -543,6 +557,5 @@ def _request_head(target: _Target, headers: Mapping[str, str], length: int) -> b
         lines.append(f"{name}: {value}\r\n")
     for lowered, value in defaults.items():
         lines.append(f"{lowered}: {value}\r\n")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as they came
 

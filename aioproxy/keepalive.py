@@ -19,36 +19,39 @@ class KeepAliveClock:
 
     It ticks only while some stream waits, ``_TICKS_PER_INTERVAL`` times an interval, and
     starts the comments of each stream whose interval has passed, so the first comment comes
-    between one interval and a quarter more after the request. A stream whose first event
-    comes in time (nearly all) costs a dict insert and delete: a timer of its own would cost
-    more than that, ~1-3 µs to set and cancel (a libuv timer under uvloop).
+    between one interval and a quarter more after the request. Watching a stream whose first
+    event comes in time (nearly all) costs a dict insert and delete, and no clock reading: a
+    timer of its own would cost more, ~1-3 µs to set and cancel (a libuv timer under uvloop).
     """
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._tick = interval / _TICKS_PER_INTERVAL
-        self._waiting: dict[KeepAlive, float] = {}
+        self._waiting: dict[KeepAlive, int] = {}  # each stream: the tick at which it is due
+        self._ticks = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def watch(self, request: web.Request) -> KeepAlive:
         """Start watching a stream; ``KeepAlive.stop`` once its first event (or failure) came."""
-        loop = asyncio.get_running_loop()
         keeper = KeepAlive(self, request)
-        self._waiting[keeper] = loop.time() + self.interval
+        # Due after the tick that completes a whole interval from now (ticks so far don't count).
+        self._waiting[keeper] = self._ticks + _TICKS_PER_INTERVAL + 1
         if self._timer is None:
-            self._timer = loop.call_later(self._tick, self._on_tick, loop)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick, loop)
         return keeper
 
     def forget(self, keeper: KeepAlive) -> None:
         self._waiting.pop(keeper, None)
 
     def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        due = [keeper for keeper, when in self._waiting.items() if when <= now]
+        self._ticks += 1
+        due = [keeper for keeper, tick in self._waiting.items() if tick <= self._ticks]
         for keeper in due:
             del self._waiting[keeper]
             keeper.start()
-        self._timer = loop.call_later(self._tick, self._on_tick, loop) if self._waiting else None
+        self._timer = None
+        if self._waiting:
+            self._timer = loop.call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick, loop)
 
 
 class KeepAlive:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping
 from functools import lru_cache
@@ -276,17 +275,19 @@ async def _relay(
     response: aiohttp.ClientResponse | H1Response, deployment: Deployment, kind: Kind
 ) -> AsyncIterator[bytes]:
     last = b""
+    blocks = iter_sse_blocks(response.content)
     try:
-        # aclosing: when the client leaves (or the proxy stops after the final event), the
-        # inner generator is closed here and then, not later by a task the loop would spawn.
-        async with contextlib.aclosing(iter_sse_blocks(response.content)) as blocks:
-            async for block in blocks:
-                last = block
-                yield block
+        async for block in blocks:
+            last = block
+            yield block
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
     except EventTooLarge as exc:
         raise BadGateway(f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large")
+    finally:
+        # When the client leaves (or the proxy stops after the final event) the inner generator
+        # is closed here and now, not later by a task the loop would spawn to finalize it.
+        await blocks.aclose()
     final = _FINAL_EVENTS.get(kind)
     last_event = last.rstrip(b"\n").rpartition(b"\n\n")[2]
     if final is not None and final.search(last_event) is None:
