@@ -161,6 +161,8 @@ class UpstreamConfig(Base):
     forward_headers: list[str] = msgspec.field(
         default_factory=lambda: ["openai-beta", "x-request-id"]
     )
+    # Open upstream connections at most (0: no cap), for each of the app's two clients: the
+    # lean pool that pass-through calls use, and the ClientSession of the other plugins.
     max_connections: Annotated[int, Meta(ge=0)] = 0
 
 

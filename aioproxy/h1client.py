@@ -16,11 +16,14 @@ app's ClientSession, which stays available to every plugin.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import socket
 import ssl
 from collections.abc import Mapping
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpResponseParser, RawResponseMessage
@@ -38,11 +41,16 @@ _QUERY_SAFE = _PATH_SAFE + "?"
 _READ_LIMIT = 2**16  # the StreamReader's buffer before it pauses the socket (aiohttp's default)
 _DRAIN_ABOVE = 2**16  # a request body bigger than this waits for the socket to take it
 _KEEPALIVE = 60.0  # seconds an idle connection is kept; upstreams close theirs after ~60-75 s
+# A pooled connection lost this soon after a request went out on it was closed by the upstream
+# while idle (it never read the request): the request is sent again, once, on a new connection.
+_STALE_WITHIN = 0.25
+_DNS_TTL = 300.0  # seconds a host's addresses are kept (ClientSession's ttl_dns_cache here)
+_HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address family (as aiohttp)
 _MAX_TARGETS = 1024  # parsed URLs kept; deployments are few, but plugins may make URLs up
 _MAX_HEADS = 256  # serialized header sets kept (a forwarded request id makes each one new)
 _USER_AGENT = f"aioproxy aiohttp/{aiohttp.__version__}"
 # Headers this client writes itself; a caller's are dropped so none is ever sent twice.
-_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "host"})
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 # Sent unless the caller sets them (as aiohttp does): compressed answers are decoded on arrival.
 _DEFAULT_HEADERS = {"user-agent": _USER_AGENT, "accept-encoding": "gzip, deflate"}
 
@@ -56,9 +64,9 @@ class UpstreamProtocolError(aiohttp.ClientError):
 
 
 class _Target:
-    """A URL taken apart once: where to connect, and the request line's start."""
+    """A URL taken apart once: where to connect, the request line, the Host header."""
 
-    __slots__ = ("key", "host", "port", "tls", "request_line")
+    __slots__ = ("key", "host", "port", "tls", "request_line", "host_header", "authorization")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -73,8 +81,13 @@ class _Target:
             path += "?" + quote(parts.query, safe=_QUERY_SAFE)
         default_port = self.port == (443 if self.tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
-        host_header = host if default_port else f"{host}:{self.port}"
-        self.request_line = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n"
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.request_line = f"POST {path} HTTP/1.1\r\n"
+        # user:password in the URL is Basic auth, as ClientSession sends it.
+        self.authorization: str | None = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self.authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
 
 
 class _Connection(BaseProtocol):
@@ -101,6 +114,14 @@ class _Connection(BaseProtocol):
         self.read_timeout: float | None = None
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0
+        self.lost_at: float | None = None
+
+    def lost_soon_after_send(self) -> bool:
+        """Whether the connection was lost within ``_STALE_WITHIN`` of the request going out:
+        an upstream closing an idle connection makes that happen within a round trip, while
+        one that crashed on the request (it did see it) takes longer, and is not sent it twice."""
+        return self.lost_at is not None and self.lost_at - self.sent_at <= _STALE_WITHIN
 
     # --- asyncio.Protocol ---
 
@@ -137,6 +158,7 @@ class _Connection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         by_upstream = not self.closed  # else we aborted it: its EOF ends nothing
         self.closed = True
+        self.lost_at = self.pool.loop.time()
         super().connection_lost(exc)
         parser, self.parser = self.parser, None
         payload = self.payload
@@ -168,6 +190,7 @@ class _Connection(BaseProtocol):
         self.payload = None
         self.response = None
         transport = self.transport
+        self.sent_at = loop.time()
         if transport is None or self.closed:  # lost between its connect and now
             self.head.set_exception(aiohttp.ServerDisconnectedError())
             return
@@ -231,13 +254,8 @@ class _Connection(BaseProtocol):
         if should_close or self.closed:
             self.abort()
             return
-        if self._reading_paused:  # the last read filled the reader: the socket was paused
-            self._reading_paused = False
-            try:
-                assert self.transport is not None
-                self.transport.resume_reading()
-            except (AttributeError, NotImplementedError, RuntimeError):
-                pass
+        # (A socket paused for a full reader was resumed already: StreamReader.feed_eof does that
+        # before it runs the end-of-body callbacks that call this.)
         self.pool.put_back(self)
 
     def abort(self) -> None:
@@ -295,8 +313,11 @@ class H1Pool:
     """Keep-alive connections per (host, port, TLS), reused most-recent first.
 
     ``limit`` caps the open connections (0: no cap); a request beyond it waits for one to free.
-    A request that meets a pooled connection the upstream had just closed is sent again, once,
-    on a new connection, as browsers and curl do: the upstream never saw it.
+    A request that meets a pooled connection the upstream had just closed (it is lost within
+    ``_STALE_WITHIN`` of the send, before any byte of an answer) is sent again, once, on a new
+    connection: a connection lost that fast was closed by the upstream while idle, before it read
+    the request. A connection lost later is an error to the caller,
+    whose retry policy decides; a POST an upstream may have acted on is never resent here.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = 0) -> None:
@@ -306,6 +327,7 @@ class H1Pool:
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._targets: dict[str, _Target] = {}
+        self._addresses: dict[tuple[str, int], tuple[float, list[aiohappyeyeballs.AddrInfoType]]] = {}
         self._heads: dict[tuple[object, ...], bytes] = {}
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -346,7 +368,7 @@ class H1Pool:
                 message, payload = await conn.head
             except aiohttp.ServerDisconnectedError:
                 conn.abort()
-                if reused and not conn.got_bytes and not retry:
+                if reused and not conn.got_bytes and not retry and conn.lost_soon_after_send():
                     continue  # the upstream had closed it while it sat in the pool: once more
                 raise
             except BaseException:
@@ -446,8 +468,13 @@ class H1Pool:
         self._open.add(conn)
         ssl_context = self._tls() if target.tls else None
         try:
+            addresses = await self._resolve(target.host, target.port)
+            # Happy eyeballs, as ClientSession: a dead IPv6 route costs 0.25 s, not the timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, loop=self.loop
+            )
             await self.loop.create_connection(
-                lambda: conn, target.host, target.port,
+                lambda: conn, sock=sock,
                 ssl=ssl_context, server_hostname=target.host if ssl_context else None,
             )
         except OSError as exc:  # refused, unreachable, no such host, TLS handshake failed
@@ -467,6 +494,21 @@ class H1Pool:
             self.forget(conn)
             raise RuntimeError("the upstream pool is closed")
         return conn
+
+    async def _resolve(self, host: str, port: int) -> list[aiohappyeyeballs.AddrInfoType]:
+        """The host's addresses, kept ``_DNS_TTL`` seconds (new connections are rare with
+        keep-alive, but come in bursts: one lookup serves a burst)."""
+        now = self.loop.time()
+        cached = self._addresses.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        if len(self._addresses) >= _MAX_TARGETS:
+            self._addresses.clear()
+        self._addresses[(host, port)] = (now + _DNS_TTL, infos)
+        return infos
 
     def _evict_idle(self) -> bool:
         """Close one idle connection (to another upstream) to make room under the cap."""
@@ -547,15 +589,17 @@ class H1Pool:
 def _serialize(target: _Target, headers: Mapping[str, str]) -> bytes:
     lines = [target.request_line]
     defaults = dict(_DEFAULT_HEADERS)
+    defaults["host"] = target.host_header
+    if target.authorization is not None:
+        defaults["authorization"] = target.authorization
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in _OWN_HEADERS:
             continue
-        defaults.pop(lowered, None)
+        defaults.pop(lowered, None)  # the caller's Host, User-Agent... win, as in ClientSession
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
             raise ValueError(f"header {name!r} holds a line break, or its name a colon")
         lines.append(f"{name}: {value}\r\n")
     for lowered, value in defaults.items():
         lines.append(f"{lowered}: {value}\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as they came
-

@@ -18,8 +18,9 @@ class KeepAliveClock:
     """One timer for all of an app's streams that wait for their first event.
 
     It ticks only while some stream waits, ``_TICKS_PER_INTERVAL`` times an interval, and
-    starts the comments of each stream whose interval has passed, so the first comment comes
-    between one interval and a quarter more after the request. Watching a stream whose first
+    starts the comments of each stream due, so the first comment comes between three quarters
+    of an interval and one interval after the request: early is harmless, late would let a load
+    balancer's idle timeout set just above the interval cut the connection. Watching a stream whose first
     event comes in time (nearly all) costs a dict insert and delete, and no clock reading: a
     timer of its own would cost more, ~1-3 µs to set and cancel (a libuv timer under uvloop).
     """
@@ -33,8 +34,8 @@ class KeepAliveClock:
     def watch(self, request: web.Request) -> KeepAlive:
         """Start watching a stream; ``KeepAlive.stop`` once its first event (or failure) came."""
         keeper = KeepAlive(self, request)
-        # Due after the tick that completes a whole interval from now (ticks so far don't count).
-        self._waiting[keeper] = self._ticks + _TICKS_PER_INTERVAL + 1
+        # Due at the 4th tick from now: 0.75-1 interval away (the next tick is 0-0.25 away).
+        self._waiting[keeper] = self._ticks + _TICKS_PER_INTERVAL
         if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick, loop)
@@ -71,6 +72,8 @@ class KeepAlive:
         self._task = asyncio.ensure_future(self._run(self._done))
 
     async def _run(self, done: asyncio.Event) -> None:
+        if done.is_set():  # the answer came in the same loop turn: its status is still free
+            return
         try:
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(self.request)

@@ -36,7 +36,6 @@ MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 _ERROR_PREVIEW = 300
 
 
-
 def make_session(config: Config) -> aiohttp.ClientSession:
     """The app's one pooled session; per-call timeouts come from the deployment."""
     connector = aiohttp.TCPConnector(

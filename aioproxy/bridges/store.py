@@ -8,6 +8,7 @@ only ever used from one thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,38 +50,51 @@ class ResponseStore:
         self.path = str(path)
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._closed = False
 
     def check(self) -> None:
-        """Fail now, at start-up, if the file could not be created (its folder is made here).
+        """Fail now, at start-up, if the database could not be opened for writing (its folder
+        is made here).
 
         The database itself is opened by its first use: an app that never stores a response
-        never loads SQLite (~1.2 MiB of RSS) nor starts the store's thread.
+        never loads SQLite (~1.2 MiB of RSS), starts the store's thread or creates the file.
         """
         if self.path == ":memory:" or self.path.startswith("file:"):
             return
-        folder = Path(self.path).absolute().parent
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"the response store's folder {folder} is not writable")
+        path = Path(self.path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+                raise PermissionError(f"the response store {path} is not a writable file")
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"the response store's folder {path.parent} is not writable")
 
     async def open(self) -> None:
-        """Open (creating if need be) the database file and its table."""
-        if self._executor is not None:
-            return
+        """Open (creating if need be) the database file and its table; done once, whoever
+        asks first, and not undone if that caller is cancelled (the others still wait on it)."""
         if self._closed:
             raise RuntimeError("the response store is closed")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._opening)
+
+    async def _open(self) -> None:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
         try:
-            # Set on the worker thread: calls queued behind it there find it open.
-            await self._run(self._open_db)
+            await asyncio.get_running_loop().run_in_executor(executor, self._open_db)
         except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            executor.shutdown(wait=False)
+            self._opening = None  # a later call tries again (the file may be fixed by then)
             raise
+        self._executor = executor
 
     async def close(self) -> None:
         self._closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            with contextlib.suppress(Exception):
+                await opening  # an open in flight: let it finish, then close what it opened
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -124,8 +138,9 @@ class ResponseStore:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self._executor is None:
-            await self.open()  # the first use (the worker thread runs calls in order)
-        assert self._executor is not None
+            await self.open()  # the first use opens it
+        if self._executor is None:  # closed meanwhile
+            raise RuntimeError("the response store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open_db(self) -> None:

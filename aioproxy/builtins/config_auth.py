@@ -38,7 +38,7 @@ class ConfigAuth:
     """
 
     def __init__(self, config: Config) -> None:
-        self._principals: dict[Secret, Principal] = {}  # Secret: a repr never shows a key
+        self._principals: dict[str, Principal] = {}  # keys held as Secret: a repr shows none
         auth = config.auth
         if auth.master_key:
             self._principals[Secret(auth.master_key)] = Principal("master", is_master=True)

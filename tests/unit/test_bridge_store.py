@@ -137,3 +137,24 @@ async def test_in_memory() -> None:
         assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
     finally:
         await store.close()
+
+
+def test_check_refuses_a_folder_where_the_file_should_be(tmp_path: Path) -> None:
+    (tmp_path / "responses.sqlite3").mkdir()
+    with pytest.raises(PermissionError):
+        ResponseStore(tmp_path / "responses.sqlite3").check()
+
+
+async def test_a_cancelled_first_use_leaves_the_open_to_the_next(path: Path) -> None:
+    """The first caller gives up (its client left) while the store opens: the open goes on,
+    once, and the next caller uses it."""
+    store = ResponseStore(path)
+    try:
+        first = asyncio.ensure_future(store.get("resp_1", "alice"))
+        await asyncio.sleep(0)  # the open has started
+        first.cancel()
+        await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
+        assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
+        assert sum(t.name.startswith("aioproxy-store") for t in threading.enumerate()) == 1
+    finally:
+        await store.close()

@@ -288,8 +288,8 @@ async def test_request_line_headers_and_body(raw: RawFactory, pool: H1Pool) -> N
 
 
 async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1Pool) -> None:
-    """The caller's Content-Length/Host/Connection/Transfer-Encoding never reach the wire;
-    its User-Agent and Accept-Encoding replace the defaults."""
+    """The caller's Content-Length/Connection/Transfer-Encoding never reach the wire; its
+    Host (a deployment's ingress routing), User-Agent and Accept-Encoding replace the defaults."""
     upstream = await raw(lambda peer: peer.serve())
     caller = {
         "content-length": "9999", "HOST": "evil.example", "Connection": "close",
@@ -302,7 +302,7 @@ async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1
     assert sent == b"abc"
     headers = headers_of(head)
     assert sorted(headers) == sorted([
-        ("host", f"127.0.0.1:{upstream.port}"), ("content-length", "3"),
+        ("host", "evil.example"), ("content-length", "3"),
         ("user-agent", "my-agent/1"), ("accept-encoding", "identity"),
     ])
     # The caller's "Connection: close" was not sent: the connection was kept.
@@ -328,7 +328,21 @@ async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1
 def test_request_line_and_host_header(url: str, request_line: str) -> None:
     """Host carries the port only when it is not the scheme's; IPv6 literals are bracketed; the
     path is percent-encoded where it must be (a space would break the request line)."""
-    assert h1client._Target(url).request_line == request_line
+    target = h1client._Target(url)
+    assert target.request_line + f"Host: {target.host_header}\r\n" == request_line
+
+
+async def test_url_userinfo_is_basic_auth(raw: RawFactory, pool: H1Pool) -> None:
+    """user:password in the URL is sent as Basic auth (as ClientSession does), unless the
+    caller sets Authorization itself; it never appears in the request line."""
+    upstream = await raw(lambda peer: peer.serve())
+    url = upstream.url("/v1").replace("http://", "http://us%40er:p%3Ass@")
+    await post(pool, url, b"{}", {})
+    await post(pool, url, b"{}", {"Authorization": "Bearer sk-own"})
+    (first, _), (second, _) = upstream.requests[:2]
+    assert ("authorization", "Basic dXNAZXI6cDpzcw==") in headers_of(first)  # us@er:p:ss
+    assert b"us%40er" not in first and b"p%3Ass" not in first
+    assert [v for n, v in headers_of(second) if n == "authorization"] == ["Bearer sk-own"]
 
 
 @pytest.mark.parametrize("url", ["ftp://h.example/", "h.example/v1", "http:///v1", "unix:/tmp/s"])
@@ -647,6 +661,27 @@ async def test_stale_pooled_connection_is_retried_once(raw: RawFactory, pool: H1
         assert body == OK
     assert upstream.connections == 3
     assert len(upstream.requests) == 5  # three answered, two dropped (and retried)
+
+
+async def test_a_pooled_connection_lost_late_is_not_resent(
+    raw: RawFactory, pool: H1Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that read the request and hung up later (a crash mid-generation) is not
+    sent the POST again: the loss comes after the stale window, so it is the caller's error."""
+    monkeypatch.setattr(h1client, "_STALE_WITHIN", 0.05)
+
+    async def crash_on_the_second(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(answer())
+        await peer.request()
+        await asyncio.sleep(0.15)  # "generating", then the process dies
+        peer.writer.transport.abort()
+
+    upstream = await raw(crash_on_the_second)
+    await post(pool, upstream.url())
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await post(pool, upstream.url())
+    assert len(upstream.requests) == 2 and upstream.connections == 1  # sent once, never again
 
 
 async def test_retry_goes_to_a_new_connection(raw: RawFactory, pool: H1Pool) -> None:
