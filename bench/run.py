@@ -43,8 +43,10 @@ from harness.report import (
     SoakRow,
     Startup,
     WorkersRow,
+    cleanest,
     first_event_section,
     first_event_verdict,
+    has_clean_run,
     render,
     soak_section,
     workers_projection,
@@ -501,11 +503,6 @@ def measure(
     return row
 
 
-def _cleanest(row: Row) -> tuple[bool, float]:
-    """Best-of order: runs without foreign load first, then the lowest CPU/request."""
-    return row.other_cpu_pct > NOISY_PCT, row.cpu_us_per_req
-
-
 def measure_cell(
     started: dict[str, Target], kind: str, conns: int, args: argparse.Namespace, cores: Cores
 ) -> list[Row]:
@@ -514,13 +511,13 @@ def measure_cell(
     names = [n for n in TARGETS if n in args.targets]
     runs: dict[str, list[Row]] = {n: [] for n in names}
     for round_ in range(args.max_repeat):
-        clean = all(any(r.other_cpu_pct <= NOISY_PCT for r in runs[n]) for n in names)
+        clean = all(has_clean_run(runs[n]) for n in names)
         if round_ >= args.repeat and clean:
             break
         for name in names:
             row = measure(started[name], started["direct"], kind, conns, args, cores, round_ == 0)
             runs[name].append(row)
-    return [min(runs[n], key=_cleanest) for n in names]
+    return [min(runs[n], key=cleanest) for n in names]
 
 
 def measure_all(started: dict[str, Target], args: argparse.Namespace, cores: Cores) -> list[Row]:

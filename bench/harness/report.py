@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .payloads import GAP_MS, GAPPED_EVENTS, KINDS
 
@@ -100,6 +102,22 @@ FIRST_EVENT_LIMIT_MS = 1.0
 
 # Above this much foreign CPU (in % of one core) during a run, its figures are suspect.
 NOISY_PCT = 10.0
+
+
+class Measured(Protocol):
+    """A measured run, as the best-of choice sees it (a matrix Row, a WorkersRow)."""
+
+    other_cpu_pct: float
+    cpu_us_per_req: float
+
+
+def cleanest(row: Measured) -> tuple[bool, float]:
+    """Best-of order: runs without foreign load first, then the lowest CPU/request."""
+    return row.other_cpu_pct > NOISY_PCT, row.cpu_us_per_req
+
+
+def has_clean_run(runs: Iterable[Measured]) -> bool:
+    return any(run.other_cpu_pct <= NOISY_PCT for run in runs)
 
 # Ratio pairs: (numerator, denominator) target names.
 PAIRS = [("aioproxy", "reference"), ("aioproxy", "direct"), ("reference", "direct")]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from . import payloads, procs
 from .loadgen import run_wrk
-from .report import NOISY_PCT, WorkersRow
+from .report import WorkersRow, cleanest, has_clean_run
 from .servers import Target, start_aioproxy
 
 COUNTS = (1, 2)
@@ -113,10 +113,6 @@ def measure(
     return row
 
 
-def _cleanest(row: WorkersRow) -> tuple[bool, float]:
-    return row.other_cpu_pct > NOISY_PCT, row.cpu_us_per_req
-
-
 def compare(
     workdir: Path,
     upstream: Target,
@@ -131,10 +127,10 @@ def compare(
     runs: dict[int, list[WorkersRow]] = {n: [] for n in COUNTS}
     with started(workdir, upstream, loop) as targets:
         for round_ in range(max_repeat):
-            clean = all(any(r.other_cpu_pct <= NOISY_PCT for r in runs[n]) for n in COUNTS)
+            clean = all(has_clean_run(runs[n]) for n in COUNTS)
             if round_ >= repeat and clean:
                 break
             for n in COUNTS:
                 warm = warmup if round_ == 0 else None
                 runs[n].append(measure(targets[n], upstream, n, duration, warm))
-    return [min(runs[n], key=_cleanest) for n in COUNTS]
+    return [min(runs[n], key=cleanest) for n in COUNTS]
