@@ -12,7 +12,7 @@ import msgspec
 from .config import Config, ConfigError
 from .context import Call, Deployment
 from .errors import ProxyError
-from .h1client import H1Pool
+from .h1client import H1Pool, H1Response
 from .routes import PROVIDER_KINDS, Kind
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ProviderFactory",
     "Reply",
     "StreamReply",
+    "UpstreamResponse",
     "check_settings",
     "decode_settings",
 ]
@@ -89,6 +90,8 @@ class StreamReply:
 
 
 Reply = JSONReply | StreamReply
+# An upstream's answer from Provider.post: the app's lean pool's, or the session's.
+UpstreamResponse = aiohttp.ClientResponse | H1Response
 ProviderMethod = Callable[[Call], Awaitable[Reply]]
 
 
@@ -141,6 +144,26 @@ class Provider:
             self._settings.clear()
         self._settings[id(raw)] = (raw, decoded)  # holding raw keeps its id from being reused
         return decoded
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``url`` through the app's lean pool (``self.pool``; the session when
+        there is none, e.g. a provider made outside an app), never following a redirect.
+
+        The answer has what a relay reads, either way: ``status``, ``headers``,
+        ``content_type``, ``content_length``, ``content`` (a StreamReader), ``read()``,
+        ``release()`` and ``close()``. Release or close it on every path.
+        """
+        if self.pool is not None:
+            return await self.pool.post(url, body, headers, timeout)
+        return await self.session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
 
     async def start(self) -> None:
         """Called once at app start-up, after ``__init__``."""

@@ -22,6 +22,7 @@ from aioproxy import (
     Reply,
     StreamReply,
 )
+from aioproxy.providers import UpstreamResponse
 from aioproxy.streaming import DONE, iter_sse, sse_data
 from aioproxy.upstream import deployment_timeout, failure_from, read_capped
 
@@ -65,13 +66,13 @@ class AnthropicProvider(Provider):
         settings: AnthropicSettings = self.settings(deployment)
         body = to_anthropic(call.json(), default_max_tokens=settings.default_max_tokens)
         try:
-            response = await self.session.post(
+            # Through the app's lean pool; redirects are never followed (a redirect is a
+            # misconfiguration, and following it could carry the key elsewhere).
+            response = await self.post(
                 messages_url(deployment.api_base),
-                data=_encode(body),
-                headers=_headers(deployment, settings, call.stream),
-                timeout=deployment_timeout(call, self.config),
-                # A redirect is a misconfiguration, and following it could carry the key elsewhere.
-                allow_redirects=False,
+                _encode(body),
+                _headers(deployment, settings, call.stream),
+                deployment_timeout(call, self.config),
             )
         except Exception as exc:  # connect errors and timeouts before any answer
             raise failure_from(exc, deployment) from exc
@@ -120,7 +121,7 @@ def _include_usage(call: Call) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _expect(response: aiohttp.ClientResponse, content_type: str, deployment: Deployment) -> None:
+def _expect(response: UpstreamResponse, content_type: str, deployment: Deployment) -> None:
     if response.content_type != content_type:
         raise BadGateway(
             f"Deployment {deployment.describe()} answered {response.content_type or 'no body'}"
@@ -143,7 +144,7 @@ def _decode(raw: bytes, deployment: Deployment) -> dict[str, Any]:
 
 
 async def _events(
-    response: aiohttp.ClientResponse, translator: StreamTranslator, deployment: Deployment
+    response: UpstreamResponse, translator: StreamTranslator, deployment: Deployment
 ) -> AsyncIterator[bytes]:
     """Each Anthropic event as it arrives, as the chunks it gives; ``[DONE]`` after message_stop.
 
