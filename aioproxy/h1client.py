@@ -390,7 +390,7 @@ class H1Pool:
     def _request_head(self, target: _Target, headers: Mapping[str, str], length: int) -> bytes:
         """The request line and headers. A gateway sends a few header sets over and over (one
         per deployment, bar a forwarded request id), so each set's bytes are kept and reused."""
-        key = (target.request_line, *headers.items())
+        key = (target, *headers.items())  # the target: its path, Host and URL credentials
         fixed = self._heads.get(key)
         if fixed is None:
             fixed = _serialize(target, headers)

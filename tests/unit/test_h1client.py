@@ -332,6 +332,19 @@ def test_request_line_and_host_header(url: str, request_line: str) -> None:
     assert target.request_line + f"Host: {target.host_header}\r\n" == request_line
 
 
+async def test_each_upstream_gets_its_own_host_header(raw: RawFactory, pool: H1Pool) -> None:
+    """Two upstreams with the same path and headers: each request names its own host (the
+    serialized header set is kept per target, not per path)."""
+    first = await raw(lambda peer: peer.serve())
+    second = await raw(lambda peer: peer.serve())
+    for upstream in (first, second, first):
+        await post(pool, upstream.url("/v1/chat/completions"), b"{}", {"x-same": "1"})
+    hosts = [
+        dict(headers_of(head))["host"] for upstream in (first, second) for head, _ in upstream.requests
+    ]
+    assert hosts == [f"127.0.0.1:{first.port}"] * 2 + [f"127.0.0.1:{second.port}"]
+
+
 async def test_url_userinfo_is_basic_auth(raw: RawFactory, pool: H1Pool) -> None:
     """user:password in the URL is sent as Basic auth (as ClientSession does), unless the
     caller sets Authorization itself; it never appears in the request line."""
