@@ -138,18 +138,30 @@ async def _send_stream(
     gateway = request.app[gateway_key]
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
+    count_events = bool(gateway.hooks.after_response) or (
+        call.lease is not None and call.lease.tpm is not None
+    )
     try:
-        if response is None:
+        if response is None and _is_whole(first, reply):
+            # The upstream's whole stream came in its first read (a short answer, a cache): it
+            # goes out as one body with a Content-Length, with no chunked framing to pay for.
+            assert first is not None
+            response = web.Response(body=first, headers=SSE_HEADERS)
+        elif response is None:
             response = _EventStream(headers=SSE_HEADERS)
-            if reply.headers:
-                response.headers.update(reply.headers)
+        if reply.headers and not response.prepared:
+            response.headers.update(reply.headers)
         try:
-            if not response.prepared:
+            if isinstance(response, web.Response):
                 await response.prepare(request)
-            count_events = bool(gateway.hooks.after_response) or (
-                call.lease is not None and call.lease.tpm is not None
-            )
-            await _relay(response, first, reply, outcome, count_events)
+                await response.write_eof()
+                assert first is not None
+                outcome.events = first.count(b"\n\n") if count_events else 0
+                outcome.last_events = (first,)
+            else:
+                if not response.prepared:
+                    await response.prepare(request)
+                await _relay(response, first, reply, outcome, count_events)
         except ConnectionResetError:
             outcome.disconnected = True
         except asyncio.CancelledError:
@@ -166,6 +178,16 @@ async def _send_stream(
                 outcome.elapsed = time.monotonic() - call.started
                 await gateway.report(call, outcome)
     return response
+
+
+def _is_whole(first: bytes | None, reply: StreamReply) -> bool:
+    """The first block holds the whole stream: it ends with [DONE] and the upstream has ended."""
+    return (
+        first is not None
+        and first.endswith(_FINAL_EVENT)
+        and reply.finished is not None
+        and reply.finished()
+    )
 
 
 class _EventStream(web.StreamResponse):
