@@ -92,6 +92,22 @@ class StreamReply:
 Reply = JSONReply | StreamReply
 # An upstream's answer from Provider.post: the app's lean pool's, or the session's.
 UpstreamResponse = aiohttp.ClientResponse | H1Response
+
+
+async def post_via(
+    session: aiohttp.ClientSession,
+    pool: H1Pool | None,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout | None,
+) -> UpstreamResponse:
+    """POST through ``pool`` when there is one, else ``session``; redirects never followed."""
+    if pool is not None:
+        return await pool.post(url, body, headers, timeout or session.timeout)
+    return await session.post(
+        url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+    )
 ProviderMethod = Callable[[Call], Awaitable[Reply]]
 
 
@@ -157,13 +173,10 @@ class Provider:
 
         The answer has what a relay reads, either way: ``status``, ``headers``,
         ``content_type``, ``content_length``, ``content`` (a StreamReader), ``read()``,
-        ``release()`` and ``close()``. Release or close it on every path.
+        ``release()`` and ``close()``. :func:`aioproxy.upstream.answer_of` turns failures into
+        the client's errors; release or close the answer on every path.
         """
-        if self.pool is not None:
-            return await self.pool.post(url, body, headers, timeout)
-        return await self.session.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-        )
+        return await post_via(self.session, self.pool, url, body, headers, timeout)
 
     async def start(self) -> None:
         """Called once at app start-up, after ``__init__``."""

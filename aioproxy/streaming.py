@@ -101,10 +101,18 @@ def data_of(event: bytes) -> bytes:
 
 
 async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
-    """Yield each complete event of an SSE body, one by one, as soon as it arrives."""
-    async for block in iter_sse_blocks(content):
-        for event in split_events(block):
-            yield event
+    """Yield each complete event of an SSE body, one by one, as soon as it arrives.
+
+    Closed early (``aclose``), it closes the generator it reads from then and there; left to
+    the garbage collector, that would cost a task the event loop spawns to finalize it.
+    """
+    blocks = iter_sse_blocks(content)
+    try:
+        async for block in blocks:
+            for event in split_events(block):
+                yield event
+    finally:
+        await blocks.aclose()
 
 
 def json_as_sse(kind: str, body: bytes) -> bytes:

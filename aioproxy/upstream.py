@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from functools import lru_cache
 
 import aiohttp
@@ -13,16 +14,19 @@ import msgspec
 from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
-from .h1client import H1Pool, H1Response, UpstreamConnectError
-from .providers import JSONReply, Reply, StreamReply
+from .h1client import H1Pool, UpstreamConnectError
+from .providers import JSONReply, Reply, StreamReply, UpstreamResponse, post_via
 from .routes import Kind
 from .streaming import EventTooLarge, iter_sse_blocks
 
 __all__ = [
+    "answer_of",
+    "closed_on_failure",
     "deployment_timeout",
     "failure_from",
     "forward",
     "make_session",
+    "openai_error",
     "read_capped",
     "read_upstream_error",
     "scrub",
@@ -158,7 +162,7 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
 
 
 async def read_capped(
-    response: aiohttp.ClientResponse | H1Response, deployment: Deployment
+    response: UpstreamResponse, deployment: Deployment
 ) -> bytes:
     """The whole upstream body, refusing one over MAX_UPSTREAM_BODY."""
     length = response.content_length
@@ -190,6 +194,64 @@ def _check_json(body: bytes, deployment: Deployment) -> None:
         )
 
 
+ErrorReader = Callable[[int, bytes, Deployment, Mapping[str, str]], ProxyError]
+
+
+def openai_error(
+    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
+) -> ProxyError:
+    """An OpenAI-format error answer as the client's error, with Retry-After kept on a 429."""
+    error = read_upstream_error(status, body, deployment)
+    retry_after = headers.get("Retry-After")
+    if retry_after is not None and error.status == 429:
+        error.headers = {"Retry-After": retry_after}
+    return error
+
+
+async def answer_of(
+    sending: Awaitable[UpstreamResponse],
+    deployment: Deployment,
+    read_error: ErrorReader = openai_error,
+) -> UpstreamResponse:
+    """The upstream's 2xx answer to a POST in flight (``Provider.post(...)``), or the client's
+    error: connect errors and timeouts as 502/504, a redirect as a 502 (never followed: it could
+    carry the key to another host), any other status read (capped) by ``read_error``. The
+    caller owns the answer: read it inside :func:`closed_on_failure`, then release it."""
+    try:
+        response = await sending
+    except Exception as exc:  # connect errors and timeouts before any answer
+        raise failure_from(exc, deployment) from exc
+    if response.status < 300:
+        return response
+    with closed_on_failure(response, deployment):
+        body = await read_capped(response, deployment)
+        if response.status < 400:
+            raise BadGateway(
+                f"Deployment {deployment.describe()} answered with a redirect "
+                f"({response.status}); redirects are not followed",
+                code="upstream_redirect",
+            )
+        raise read_error(response.status, body, deployment, response.headers)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def closed_on_failure(response: UpstreamResponse, deployment: Deployment) -> Iterator[None]:
+    """Close the upstream answer if the block fails (cancelled too: the client left, a
+    first-byte timeout), with client errors as the client's 502/504."""
+    try:
+        yield
+    except ProxyError:
+        response.close()
+        raise
+    except Exception as exc:
+        response.close()
+        raise failure_from(exc, deployment) from exc
+    except BaseException:
+        response.close()
+        raise
+
+
 async def forward(
     call: Call,
     session: aiohttp.ClientSession,
@@ -203,37 +265,16 @@ async def forward(
     """POST the call's body to an OpenAI-compatible ``url`` and relay the answer.
 
     A streamed answer (``text/event-stream``) is relayed event by event; anything else is read
-    whole and checked to be a JSON object. Redirects are not followed: a redirecting upstream is a
-    misconfiguration, and following it could leak the key to another host. Given the app's
-    ``pool`` (``Provider.pool``), the call goes through that lean client instead of ``session``.
+    whole and checked to be a JSON object. Given the app's ``pool`` (``Provider.pool``), the
+    call goes through that lean client instead of ``session``.
     """
     deployment = call.deployment
     assert deployment is not None
     payload = call.body() if body is None else body
-    response: aiohttp.ClientResponse | H1Response
-    try:
-        if pool is not None:
-            response = await pool.post(url, payload, headers, timeout or session.timeout)
-        else:
-            response = await session.post(
-                url, data=payload, headers=headers, timeout=timeout, allow_redirects=False
-            )
-    except Exception as exc:  # connect errors and timeouts before any answer
-        raise failure_from(exc, deployment) from exc
-    try:
-        if response.status >= 300:
-            error_body = await read_capped(response, deployment)
-            if 300 <= response.status < 400:
-                raise BadGateway(
-                    f"Deployment {deployment.describe()} answered with a redirect "
-                    f"({response.status}); redirects are not followed",
-                    code="upstream_redirect",
-                )
-            error = read_upstream_error(response.status, error_body, deployment)
-            retry_after = response.headers.get("Retry-After")
-            if retry_after is not None and error.status == 429:
-                error.headers = {"Retry-After": retry_after}
-            raise error
+    response = await answer_of(
+        post_via(session, pool, url, payload, headers, timeout), deployment
+    )
+    with closed_on_failure(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
                 _relay(response, deployment, call.kind),
@@ -242,15 +283,6 @@ async def forward(
             )
         data = await read_capped(response, deployment)
         _check_json(data, deployment)
-    except ProxyError:
-        response.close()
-        raise
-    except Exception as exc:
-        response.close()
-        raise failure_from(exc, deployment) from exc
-    except BaseException:  # cancelled (client gone, first-byte timeout): hang up upstream now
-        response.close()
-        raise
     response.release()
     return JSONReply(data, response.status)
 
@@ -271,7 +303,7 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 
 
 async def _relay(
-    response: aiohttp.ClientResponse | H1Response, deployment: Deployment, kind: Kind
+    response: UpstreamResponse, deployment: Deployment, kind: Kind
 ) -> AsyncIterator[bytes]:
     last = b""
     blocks = iter_sse_blocks(response.content)

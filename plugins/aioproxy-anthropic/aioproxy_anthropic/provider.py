@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 import aiohttp
@@ -24,7 +24,13 @@ from aioproxy import (
 )
 from aioproxy.providers import UpstreamResponse
 from aioproxy.streaming import DONE, iter_sse, sse_data
-from aioproxy.upstream import deployment_timeout, failure_from, read_capped
+from aioproxy.upstream import (
+    answer_of,
+    closed_on_failure,
+    deployment_timeout,
+    failure_from,
+    read_capped,
+)
 
 from .errors import error_from, stream_error
 from .translate import (
@@ -65,39 +71,39 @@ class AnthropicProvider(Provider):
         assert deployment is not None
         settings: AnthropicSettings = self.settings(deployment)
         body = to_anthropic(call.json(), default_max_tokens=settings.default_max_tokens)
-        try:
-            # Through the app's lean pool; redirects are never followed (a redirect is a
-            # misconfiguration, and following it could carry the key elsewhere).
-            response = await self.post(
+        response = await answer_of(
+            self.post(
                 messages_url(deployment.api_base),
                 _encode(body),
                 _headers(deployment, settings, call.stream),
                 deployment_timeout(call, self.config),
-            )
-        except Exception as exc:  # connect errors and timeouts before any answer
-            raise failure_from(exc, deployment) from exc
-        try:
-            if response.status >= 300:
-                error_body = await read_capped(response, deployment)
-                raise error_from(
-                    response.status, error_body, deployment, response.headers.get("retry-after")
-                )
+            ),
+            deployment,
+            _read_error,
+        )
+        with closed_on_failure(response, deployment):
             if call.stream:
                 _expect(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
                     model=call.model, created=int(time.time()), include_usage=_include_usage(call)
                 )
                 # close, not release: a client leaving mid-stream must not leave Anthropic writing.
-                return StreamReply(_events(response, translator, deployment), close=response.close)
+                return StreamReply(
+                    _events(response, translator, deployment),
+                    close=response.close,
+                    # Over once message_stop is relayed and the body has ended: then the proxy
+                    # need not wait for the rest of the events.
+                    finished=lambda: translator.finished and response.content.is_eof(),
+                )
             message = _decode(await read_capped(response, deployment), deployment)
-        except ProxyError:
-            response.close()
-            raise
-        except Exception as exc:
-            response.close()
-            raise failure_from(exc, deployment) from exc
         response.release()
         return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
+
+
+def _read_error(
+    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
+) -> ProxyError:
+    return error_from(status, body, deployment, headers.get("retry-after"))
 
 
 def _headers(deployment: Deployment, settings: AnthropicSettings, stream: bool) -> CIMultiDict[str]:
@@ -150,8 +156,9 @@ async def _events(
 
     Read on to the end of the body after message_stop, so the connection goes back to the pool.
     """
+    events = iter_sse(response.content)
     try:
-        async for raw in iter_sse(response.content):
+        async for raw in events:
             if translator.finished:
                 continue
             try:
@@ -171,6 +178,8 @@ async def _events(
                 yield DONE
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
+    finally:
+        await events.aclose()  # now, also when the client left: see iter_sse
     if not translator.finished:
         raise BadGateway(
             f"Deployment {deployment.describe()} ended its stream before message_stop",
