@@ -5,8 +5,9 @@ With --peers, LiteLLM's proxy is measured too, in its own venv (bench/peers/).
 Measures requests/s, p50/p99 latency and CPU time per request of the process under test for
 non-streaming chat, streaming chat (events in one burst, and paced 1 ms apart) and embeddings,
 plus start-up time and RSS (the "matrix"); each stream event's arrival through each target
-("first-event"); aioproxy with `--workers 1` against `--workers 2` ("workers"); and RSS before
-and after a long run of requests ("soak").  Writes a Markdown report to bench/results/.
+("first-event"); aioproxy with `--workers 1` against `--workers 2` ("workers"); RSS before
+and after a long run of requests ("soak"); and both proxies under the plain asyncio loop and
+under uvloop ("loops").  Writes a Markdown report to bench/results/.
 `--smoke` is the quick CI gate on aioproxy's CPU/request.
 See bench/README.md.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
@@ -47,6 +49,8 @@ from harness.report import (
     first_event_section,
     first_event_verdict,
     has_clean_run,
+    loops_section,
+    loops_verdict,
     render,
     soak_section,
     workers_projection,
@@ -67,9 +71,15 @@ from peers import litellm as litellm_peer
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "reference", "aioproxy", "litellm")
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
-PARTS = ("matrix", "first-event", "workers", "soak")
+PARTS = ("matrix", "first-event", "workers", "soak", "loops")
 SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
 FIRST_EVENT_PROXIES = ("reference", "aioproxy")  # and always direct: the baseline
+PROXY_STARTERS = {"reference": start_reference, "aioproxy": start_aioproxy}
+# The loops part: the two proxies under each loop, on the cells a deployment leans on most.
+LOOPS = ("asyncio", "uvloop")
+LOOPS_TARGETS = ("reference", "aioproxy")
+LOOPS_KINDS = ("chat", "stream")
+LOOPS_CONNECTIONS = 16
 # What run.py needs -> the Debian package that brings it.  The echo module (for stream-paced)
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
@@ -181,7 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
-        help="event loop of both proxies (auto: uvloop when installed, as aioproxy does)",
+        help="event loop of both proxies (auto: uvloop when installed, as aioproxy does); the "
+        "loops part sets its own",
     )
     p.add_argument(
         "--upstream",
@@ -196,8 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PARTS",
         help="run only these parts, from matrix (the kinds x connections tables and start-up), "
         "first-event (each stream event's arrival through direct, reference and aioproxy), "
-        "workers (aioproxy --workers 1 vs 2) and soak (RSS over --soak requests) (all; "
-        "--smoke: matrix)",
+        "workers (aioproxy --workers 1 vs 2), soak (RSS over --soak requests) and loops "
+        "(reference and aioproxy under --loop asyncio and uvloop: chat and stream at "
+        f"{LOOPS_CONNECTIONS} connections) (all; --smoke: matrix)",
     )
     p.add_argument(
         "--first-event",
@@ -504,28 +516,34 @@ def measure(
 
 
 def measure_cell(
-    started: dict[str, Target], kind: str, conns: int, args: argparse.Namespace, cores: Cores
+    targets: list[Target],
+    upstream: Target,
+    kind: str,
+    conns: int,
+    args: argparse.Namespace,
+    cores: Cores,
 ) -> list[Row]:
     """One (kind, connections) cell: interleaved rounds over the targets, so drift hits them
-    alike; at least --repeat rounds, more (up to --max-repeat) while a target has no clean run."""
-    names = [n for n in TARGETS if n in args.targets]
-    runs: dict[str, list[Row]] = {n: [] for n in names}
+    alike; at least --repeat rounds, more (up to --max-repeat) while a target has no clean run.
+    The rows come in the order of ``targets``."""
+    runs: dict[str, list[Row]] = {t.name: [] for t in targets}
     for round_ in range(args.max_repeat):
-        clean = all(has_clean_run(runs[n]) for n in names)
+        clean = all(has_clean_run(runs[t.name]) for t in targets)
         if round_ >= args.repeat and clean:
             break
-        for name in names:
-            row = measure(started[name], started["direct"], kind, conns, args, cores, round_ == 0)
-            runs[name].append(row)
-    return [min(runs[n], key=cleanest) for n in names]
+        for target in targets:
+            row = measure(target, upstream, kind, conns, args, cores, round_ == 0)
+            runs[target.name].append(row)
+    return [min(runs[t.name], key=cleanest) for t in targets]
 
 
 def measure_all(started: dict[str, Target], args: argparse.Namespace, cores: Cores) -> list[Row]:
+    targets = [started[n] for n in TARGETS if n in args.targets]
     return [
         row
         for kind in args.kinds
         for conns in args.connections
-        for row in measure_cell(started, kind, conns, args, cores)
+        for row in measure_cell(targets, started["direct"], kind, conns, args, cores)
     ]
 
 
@@ -578,25 +596,34 @@ def run_matrix(
     return rows, startups
 
 
+def _start_proxy(
+    stack: ExitStack,
+    name: str,
+    workdir: Path,
+    upstream: Target,
+    cores: Cores,
+    loop: str,
+    label: str,
+) -> Target:
+    """A fresh reference or aioproxy on the core under test, stopped when ``stack`` closes."""
+    target = PROXY_STARTERS[name](
+        workdir, procs.free_port(), upstream.port, cores.sut, loop, label=label
+    )
+    stack.callback(target.proc.stop)
+    return target
+
+
 def run_first_event(
     args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
 ) -> tuple[list[FirstEventRow], float]:
     """Direct and fresh proxies (pinned like the matrix's, so the part can run alone)."""
-    starters = {"reference": start_reference, "aioproxy": start_aioproxy}
     with ExitStack() as stack:
         targets = {"direct": upstream}
         for name in (n for n in FIRST_EVENT_PROXIES if n in args.targets):
             print(f"bench: first event: starting {name}", flush=True)
-            target = starters[name](
-                workdir,
-                procs.free_port(),
-                upstream.port,
-                cores.sut,
-                args.loop,
-                label=f"{name}-first-event",
+            targets[name] = _start_proxy(
+                stack, name, workdir, upstream, cores, args.loop, f"{name}-first-event"
             )
-            stack.callback(target.proc.stop)
-            targets[name] = target
         print(
             f"bench: first event: {args.first_event} streams per target of {payloads.GAPPED.title}",
             flush=True,
@@ -641,12 +668,11 @@ def run_soak(
     args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
 ) -> list[SoakRow]:
     """Each proxy afresh (its idle RSS must not include the matrix's load), one at a time."""
-    starters = {"reference": start_reference, "aioproxy": start_aioproxy}
     rows = []
     for name in (n for n in SOAK_TARGETS if n in args.targets):
         print(f"bench: soak: starting a fresh {name} for {args.soak:,} requests", flush=True)
         port = procs.free_port()
-        target = starters[name](
+        target = PROXY_STARTERS[name](
             workdir, port, upstream.port, cores.sut, args.loop, label=f"{name}-soak"
         )
         try:
@@ -663,6 +689,47 @@ def run_soak(
             flush=True,
         )
     return rows
+
+
+def _loops_available() -> tuple[list[str], str | None]:
+    """The loops to measure, and a note on the one left out (uvloop is an optional extra)."""
+    if importlib.util.find_spec("uvloop") is not None:
+        return list(LOOPS), None
+    return ["asyncio"], "uvloop is not installed (`pip install 'aioproxy[uvloop]'`): not measured."
+
+
+def run_loops(
+    args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
+) -> tuple[dict[str, list[Row]], str | None]:
+    """Each proxy started once per loop, all pinned like the matrix's; in each cell every
+    (loop, proxy) takes its turn, so drift hits the loops alike.  Rows by loop."""
+    names = [n for n in LOOPS_TARGETS if n in args.targets]
+    if not names:
+        print("bench: skipping the loops comparison: no proxy in --targets", file=sys.stderr)
+        return {}, None
+    loops, note = _loops_available()
+    if note:
+        print(f"bench: loops: {note}", flush=True)
+    with ExitStack() as stack:
+        started: dict[tuple[str, str], Target] = {}
+        for loop in loops:
+            for name in names:
+                print(f"bench: loops: starting {name} --loop {loop}", flush=True)
+                target = _start_proxy(stack, name, workdir, upstream, cores, loop, f"{name}-{loop}")
+                for kind in LOOPS_KINDS:
+                    check_response(target, payloads.KINDS[kind])
+                started[loop, name] = target
+        by_loop: dict[str, list[Row]] = {loop: [] for loop in loops}
+        for kind in LOOPS_KINDS:
+            rows = measure_cell(
+                list(started.values()), upstream, kind, LOOPS_CONNECTIONS, args, cores
+            )
+            for (loop, name), row in zip(started, rows):
+                by_loop[loop].append(dataclasses.replace(row, target=name))
+    verdict = loops_verdict(by_loop)
+    if verdict:
+        print(f"bench-loops: {verdict.replace('**', '')}", flush=True)
+    return by_loop, note
 
 
 def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
@@ -686,6 +753,9 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
             stack.callback(upstream.proc.stop)
             if "matrix" in args.only:
                 rows, startups = run_matrix(args, upstream, workdir, cores)
+            if "loops" in args.only:
+                by_loop, note = run_loops(args, upstream, workdir, cores)
+                extra += loops_section(by_loop, LOOPS_CONNECTIONS, note)
             if "first-event" in args.only:
                 extra += first_event_section(*run_first_event(args, upstream, workdir, cores))
             if "workers" in args.only:

@@ -100,6 +100,10 @@ MIN_WORKER_SHARE = 0.2
 # event held back (here: none later than direct's same event by more than this, at the median).
 FIRST_EVENT_LIMIT_MS = 1.0
 
+# Issue #5: uvloop when installed, the plain asyncio loop still supported; under asyncio too,
+# aioproxy should serve at least the reference's req/s at no more than its CPU/request.
+ASYNCIO_PARITY = 1.0
+
 # Above this much foreign CPU (in % of one core) during a run, its figures are suspect.
 NOISY_PCT = 10.0
 
@@ -148,35 +152,27 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
     ]
 
 
+# The measured columns of a matrix Row (the matrix's tables, the loops part's table).
+MEASURED_HEADER = ["req/s", "p50 ms", "p99 ms", "CPU µs/req", "requests", "other CPU %"]
+
+
+def _measured(r: Row) -> list[str]:
+    return [
+        f"{r.rps:,.0f}",
+        _ms(r.p50_us),
+        _ms(r.p99_us),
+        f"{r.cpu_us_per_req:,.0f}",
+        f"{r.requests:,}",
+        f"{r.other_cpu_pct:.0f}",
+    ]
+
+
 def results_tables(rows: list[Row]) -> list[str]:
     out: list[str] = []
     for kind in dict.fromkeys(r.kind for r in rows):
         out += ["", f"### {KINDS[kind].title}", ""]
-        body = [
-            [
-                str(r.connections),
-                r.target,
-                f"{r.rps:,.0f}",
-                _ms(r.p50_us),
-                _ms(r.p99_us),
-                f"{r.cpu_us_per_req:,.0f}",
-                f"{r.requests:,}",
-                f"{r.other_cpu_pct:.0f}",
-            ]
-            for r in rows
-            if r.kind == kind
-        ]
-        header = [
-            "conns",
-            "target",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "CPU µs/req",
-            "requests",
-            "other CPU %",
-        ]
-        out += _table(header, body, text_columns=2)
+        body = [[str(r.connections), r.target, *_measured(r)] for r in rows if r.kind == kind]
+        out += _table(["conns", "target", *MEASURED_HEADER], body, text_columns=2)
     return out
 
 
@@ -227,6 +223,15 @@ def peer_table(rows: list[Row], peer: str, title: str) -> list[str]:
     ]
 
 
+def _ratios(a: Row, b: Row) -> list[str]:
+    """a over b: req/s, p99, CPU/request."""
+    return [
+        f"{a.rps / b.rps:.2f}",
+        f"{a.p99_us / max(b.p99_us, 1):.2f}",
+        f"{a.cpu_us_per_req / b.cpu_us_per_req:.2f}" if b.cpu_us_per_req else "–",
+    ]
+
+
 def ratio_table(rows: list[Row]) -> list[str]:
     by_key = {(r.kind, r.connections, r.target): r for r in rows}
     targets = {r.target for r in rows}
@@ -245,11 +250,7 @@ def ratio_table(rows: list[Row]) -> list[str]:
             if ra is None or rb is None:
                 line += ["–"] * 3
                 continue
-            line += [
-                f"{ra.rps / rb.rps:.2f}",
-                f"{ra.p99_us / max(rb.p99_us, 1):.2f}",
-                f"{ra.cpu_us_per_req / rb.cpu_us_per_req:.2f}" if rb.cpu_us_per_req else "–",
-            ]
+            line += _ratios(ra, rb)
         body.append(line)
     return [
         "",
@@ -304,6 +305,19 @@ def workers_projection(rows: list[WorkersRow]) -> tuple[float, float, float]:
 
 def _shares(shares: tuple[float, ...]) -> str:
     return " / ".join(f"{s * 100:.0f}%" for s in shares) if shares else "– (one process)"
+
+
+def _noise_warning(rows: Iterable[Measured]) -> list[str]:
+    """A section's warning line when other processes loaded the machine during its runs."""
+    noisy = [r.other_cpu_pct for r in rows if r.other_cpu_pct > NOISY_PCT]
+    if not noisy:
+        return []
+    return [
+        (
+            f"- **Warning**: other processes used up to {max(noisy):.0f}% of a core during these "
+            "runs: the figures are unreliable."
+        )
+    ]
 
 
 def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[str]:
@@ -381,13 +395,7 @@ def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[st
                 f"{MIN_WORKER_SHARE:.0%} of the work (CPU shares {_shares(two.shares)}): the "
                 "2-worker figures do not show two serving workers."
             )
-    noisy = [r for r in rows if r.other_cpu_pct > NOISY_PCT]
-    if noisy:
-        out.append(
-            f"- **Warning**: other processes used up to {max(r.other_cpu_pct for r in noisy):.0f}% "
-            "of a core during these runs: the figures are unreliable."
-        )
-    return out
+    return out + _noise_warning(rows)
 
 
 def _verdict(ok: bool) -> str:
@@ -566,6 +574,79 @@ def first_event_section(rows: list[FirstEventRow], other_pct: float) -> list[str
             "streams: the figures are unreliable."
         )
     return out
+
+
+def _aio_ref(rows: list[Row], kind: str) -> tuple[Row, Row] | None:
+    """aioproxy's and the reference's row of one kind, when both were measured."""
+    by_target = {r.target: r for r in rows if r.kind == kind}
+    aio, ref = by_target.get("aioproxy"), by_target.get("reference")
+    return None if aio is None or ref is None else (aio, ref)
+
+
+def loops_verdict(by_loop: dict[str, list[Row]]) -> str | None:
+    """Under the plain asyncio loop, per kind: aioproxy's req/s ≥ the reference's and its
+    CPU/request ≤ the reference's (ASYNCIO_PARITY)."""
+    rows = by_loop.get("asyncio", [])
+    kinds, all_met = [], True
+    for kind in dict.fromkeys(r.kind for r in rows):
+        pair = _aio_ref(rows, kind)
+        if pair is None:
+            continue
+        aio, ref = pair
+        rps, cpu = aio.rps / ref.rps, aio.cpu_us_per_req / ref.cpu_us_per_req
+        met = rps >= ASYNCIO_PARITY and cpu <= ASYNCIO_PARITY
+        all_met = all_met and met
+        kinds.append(
+            f"{kind}: req/s {rps:.2f}×, CPU/request {cpu:.2f}×{'' if met else ' (not met)'}"
+        )
+    if not kinds:
+        return None
+    return (
+        f"Plain asyncio loop: aioproxy ≥ {ASYNCIO_PARITY:.1f}× the reference on req/s and "
+        f"≤ {ASYNCIO_PARITY:.1f}× on CPU/request: {'met' if all_met else '**not met**'} "
+        f"({'; '.join(kinds)})"
+    )
+
+
+def loops_section(by_loop: dict[str, list[Row]], conns: int, note: str | None) -> list[str]:
+    """``by_loop``: the proxies' event loop -> its rows; ``note`` says why a loop is missing."""
+    if not by_loop:
+        return []
+    kinds = list(dict.fromkeys(r.kind for rows in by_loop.values() for r in rows))
+    body, ratios = [], []
+    for kind in kinds:
+        for loop, rows in by_loop.items():
+            body += [[kind, loop, r.target, *_measured(r)] for r in rows if r.kind == kind]
+            pair = _aio_ref(rows, kind)
+            if pair is not None:
+                ratios.append([kind, loop, *_ratios(*pair)])
+    title = f"Event loops: `--loop asyncio` vs `--loop uvloop` ({', '.join(kinds)}, {conns} conns)"
+    out = [
+        "",
+        f"### {title}",
+        "",
+        (
+            "The reference and aioproxy, each started once per loop (`--loop asyncio`, "
+            "`--loop uvloop`) and pinned like the matrix's targets; in each cell they take turns, "
+            "best of the same rounds.  Issue #5: uvloop when installed, the plain asyncio loop "
+            "still supported and benchmarked."
+        ),
+        "",
+        *_table(["kind", "loop", "target", *MEASURED_HEADER], body, text_columns=3),
+    ]
+    if ratios:
+        header = ["kind", "loop", "aio/ref req/s", "aio/ref p99", "aio/ref CPU"]
+        out += [
+            "",
+            "aioproxy ÷ reference under each loop (req/s above 1 is better; p99 and CPU below 1):",
+            "",
+            *_table(header, ratios, text_columns=2),
+        ]
+    verdict = loops_verdict(by_loop)
+    out += [""] if verdict or note else []
+    out += [f"- {verdict}."] if verdict else []
+    out += [f"- {note}"] if note else []
+    return out + _noise_warning([r for rows in by_loop.values() for r in rows])
 
 
 def render(
