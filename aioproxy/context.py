@@ -89,7 +89,6 @@ class Call:
         "started",
         "lease",
         "_json",
-        "_body",
     )
 
     def __init__(
@@ -100,7 +99,6 @@ class Call:
         model: str,
         fields: dict[str, msgspec.Raw],
         stream: bool,
-        body: bytes | None = None,
     ) -> None:
         self.kind = kind
         self.request = request
@@ -113,8 +111,6 @@ class Call:
         self.started = time.monotonic()
         self.lease: Deployment | None = None  # the deployment answering, while it is in flight
         self._json: dict[str, Any] | None = None
-        # The body as received, while it is still what the fields say (forwarded as it is then).
-        self._body = body
 
     def get(self, name: str, default: Any = None) -> Any:
         """The decoded value of one top-level body field (400 if it cannot be decoded)."""
@@ -124,11 +120,11 @@ class Call:
     def set(self, name: str, value: Any) -> None:
         """Replace (or add) one top-level body field."""
         self.fields[name] = msgspec.Raw(_encode(value))
-        self._json = self._body = None
+        self._json = None
 
     def pop(self, name: str) -> None:
         if self.fields.pop(name, None) is not None:
-            self._json = self._body = None
+            self._json = None
 
     def json(self) -> dict[str, Any]:
         """The whole body decoded, with ``model`` as the upstream model id. Cached; do not mutate."""
@@ -139,16 +135,14 @@ class Call:
     def route_to(self, deployment: Deployment) -> None:
         """Send this call to ``deployment``: the body's ``model`` becomes its upstream model id."""
         self.deployment = deployment
-        if deployment.model != self.model or self._body is None:
-            self.fields["model"] = msgspec.Raw(_encode(deployment.model))
-            self._json = self._body = None
+        self.fields["model"] = msgspec.Raw(_encode(deployment.model))
+        self._json = None
 
     def body(self) -> bytes:
         """The body to send upstream: the client's fields as sent, bar ``model``.
 
-        Untouched (the upstream model id is the name asked for, no hook changed a field), it is
-        the very bytes the client sent: nothing to encode.
+        Each value is the client's raw bytes (msgspec.Raw), so encoding is little more than a
+        copy: one ``model`` key and no dropped field, whatever the client's bytes held (a
+        duplicate key, an escaped name), by construction.
         """
-        if self._body is not None:
-            return self._body
         return _encode(self.fields)

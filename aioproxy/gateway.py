@@ -28,7 +28,7 @@ from .errors import (
 from .h1client import H1Pool
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
-from .payloads import decode_request, pristine
+from .payloads import decode_request
 from .plugins import Hooks
 from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
 from .router import Router, is_context_window_error, is_retryable
@@ -178,9 +178,7 @@ class Gateway:
             raise PermissionDenied(
                 f"This API key may not use the model '{model}'", param="model"
             )
-        return Call(
-            kind, request, principal, model, fields, stream, body if pristine(body) else None
-        )
+        return Call(kind, request, principal, model, fields, stream)
 
     async def candidates(self, call: Call, model: str) -> tuple[Deployment, ...]:
         """The deployments ``map_model`` offers for ``model`` (empty: the model is unknown)."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import msgspec
 
 from .errors import BadRequest
 from .routes import Kind
 
-__all__ = ["decode_request", "pristine"]
+__all__ = ["decode_request"]
 
 _decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _decode_model = msgspec.json.Decoder(str).decode
@@ -89,16 +87,3 @@ def decode_request(
         if name in fields:
             del fields[name]
     return fields, model, stream
-
-
-# A body may be forwarded as the very bytes received only when re-encoding its fields would
-# change nothing: exactly one "model" key (a duplicate could make the upstream read another
-# model than the one authorised), and none of the dropped fields.
-_MAY_DIFFER = re.compile(rb'"(?:api_|base_url"|organization"|extra_headers")')
-
-
-def pristine(body: bytes) -> bool:
-    # An escape (\u0065...) could spell a key the byte search cannot see: re-encode then.
-    return (
-        body.count(b'"model"') == 1 and b"\\u" not in body and _MAY_DIFFER.search(body) is None
-    )
