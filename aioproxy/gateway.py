@@ -104,7 +104,6 @@ class Gateway:
         factories: Mapping[str, ProviderFactory],
     ) -> None:
         self.config = config
-        self.pm = pm
         self.hooks = Hooks(pm)
         self.factories = dict(factories)
         self.providers: dict[str, Provider] = {}

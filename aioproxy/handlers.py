@@ -20,7 +20,7 @@ from .keys import gateway_key
 from .outcome import Outcome
 from .providers import JSONReply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
-from .streaming import SSE_HEADERS, json_as_sse
+from .streaming import DONE, SSE_HEADERS, json_as_sse
 from .upstream import failure_from
 
 __all__ = ["health", "make_handlers"]
@@ -184,7 +184,7 @@ def _is_whole(first: bytes | None, reply: StreamReply) -> bool:
     """The first block holds the whole stream: it ends with [DONE] and the upstream has ended."""
     return (
         first is not None
-        and first.endswith(_FINAL_EVENT)
+        and first.endswith(DONE)
         and reply.finished is not None
         and reply.finished()
     )
@@ -197,7 +197,6 @@ class _EventStream(web.StreamResponse):
     _send_headers_immediately = False
 
 
-_FINAL_EVENT = b"data: [DONE]\n\n"
 _DRAIN_AFTER_DONE = 5.0  # seconds
 
 
@@ -218,7 +217,7 @@ async def _relay(
     while True:
         if count_events:
             events += block.count(b"\n\n")
-        if block.endswith(_FINAL_EVENT):
+        if block.endswith(DONE):
             await response.write_eof(block)
             if reply.finished is None or not reply.finished():
                 await _drain(reply)
@@ -247,7 +246,7 @@ async def _end_with_error(
 ) -> None:
     """A failure after the headers went out: one error event, then the end of the stream."""
     gateway = request.app[gateway_key]
-    error = exc if isinstance(exc, ProxyError) else failure_from(exc, call.deployment)
+    error = failure_from(exc, call.deployment)  # a ProxyError comes back as it is
     if not isinstance(exc, ProxyError) and not _is_client_error(exc):
         log.exception("stream from %s failed", call.deployment and call.deployment.describe())
     if gateway.hooks.on_error:

@@ -43,7 +43,7 @@ class Health:
     """What the router knows of one deployment."""
 
     __slots__ = ("in_flight", "latency", "failures", "cooldown_until", "requests", "tokens",
-                 "served", "failed", "last_error")
+                 "served", "failed")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -54,7 +54,6 @@ class Health:
         self.tokens = _MinuteCounter()
         self.served = 0
         self.failed = 0
-        self.last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +193,6 @@ class Router:
             return  # the request's fault, not the deployment's
         health = self.health(deployment)
         health.failed += 1
-        health.last_error = error.message if isinstance(error, ProxyError) else type(error).__name__
         now = time.monotonic()
         failures = health.failures
         failures.append(now)

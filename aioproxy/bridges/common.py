@@ -8,11 +8,12 @@ from typing import Any
 import msgspec
 
 from ..context import Call
+from ..errors import BadRequest
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import split_events
 
-__all__ = ["chat_call", "events_of", "first_event", "once", "text_of"]
+__all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -80,3 +81,11 @@ async def events_of(reply: StreamReply, first: bytes | None) -> AsyncIterator[by
         for event in split_events(item):
             yield event
 
+
+def unsupported(what: str, param: str) -> BadRequest:
+    """The 400 for a request field a chat-only provider cannot honour through a bridge."""
+    return BadRequest(
+        f"{what} not supported by this model: its provider only serves chat completions",
+        param=param,
+        code="unsupported_parameter",
+    )

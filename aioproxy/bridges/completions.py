@@ -19,7 +19,7 @@ from ..context import Call
 from ..errors import BadGateway, BadRequest
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
-from .common import chat_call, events_of, first_event, once, text_of
+from .common import chat_call, events_of, first_event, once, text_of, unsupported
 
 __all__ = ["chat_body", "completion_from_chat", "make_completions_bridge", "prompts_of"]
 
@@ -40,14 +40,6 @@ _SAME_NAME = (
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
-def _unsupported(what: str, param: str) -> BadRequest:
-    return BadRequest(
-        f"{what} not supported by this model: its provider only serves chat completions",
-        param=param,
-        code="unsupported_parameter",
-    )
-
-
 def prompts_of(body: dict[str, Any]) -> list[str]:
     """The request's prompts: a string, or a list of strings (token ids are refused)."""
     prompt = body.get("prompt")
@@ -57,19 +49,19 @@ def prompts_of(body: dict[str, Any]) -> list[str]:
         return prompt
     if isinstance(prompt, list) and not prompt:
         raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
-    raise _unsupported("Prompts as token ids are", "prompt")
+    raise unsupported("Prompts as token ids are", "prompt")
 
 
 def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
     """The chat-completions body (no ``model``) for one prompt of a completions request."""
     if body.get("suffix"):
-        raise _unsupported("'suffix' is", "suffix")
+        raise unsupported("'suffix' is", "suffix")
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
-        raise _unsupported("'best_of' is", "best_of")
+        raise unsupported("'best_of' is", "best_of")
     logprobs = body.get("logprobs")
     if logprobs is not None and body.get("echo"):
-        raise _unsupported(
+        raise unsupported(
             "'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs"
         )
     n = body.get("n")

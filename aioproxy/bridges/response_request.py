@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..errors import BadRequest
+from .common import unsupported
 
 __all__ = ["ChatRequest", "chat_request", "input_messages"]
 
@@ -38,19 +39,11 @@ _REFUSED: dict[str, str] = {
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
-def _unsupported(what: str, param: str) -> BadRequest:
-    return BadRequest(
-        f"{what} not supported by this model: its provider only serves chat completions",
-        param=param,
-        code="unsupported_parameter",
-    )
-
-
 def chat_request(body: dict[str, Any], history: Sequence[dict[str, Any]] = ()) -> ChatRequest:
     """The chat-completions body for a Responses request ``body``, after ``history``."""
     for name, what in _REFUSED.items():
         if body.get(name):
-            raise _unsupported(what.capitalize() + " are", name)
+            raise unsupported(what.capitalize() + " are", name)
 
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
@@ -129,7 +122,7 @@ def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
         elif kind == "reasoning":
             continue  # chat has no way to take reasoning back; the model reasons afresh
         else:
-            raise _unsupported(f"Input items of type '{kind}' are", where)
+            raise unsupported(f"Input items of type '{kind}' are", where)
     return messages
 
 
@@ -165,7 +158,7 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
         texts = []
         for j, part in enumerate(parts):
             if part["type"] != "text":
-                raise _unsupported(
+                raise unsupported(
                     f"'{part['type']}' parts in {role} messages are", f"{where}.content[{j}]"
                 )
             texts.append(part["text"])
@@ -186,7 +179,7 @@ def _part(part: Any, where: str) -> dict[str, Any]:
         url = part.get("image_url")
         if not isinstance(url, str):
             # An image by file_id: chat's image parts take URLs (data: URLs included) only.
-            raise _unsupported(
+            raise unsupported(
                 "Images by 'file_id' are (send 'image_url', a URL or data: URL)", where
             )
         image: dict[str, Any] = {"url": url}
@@ -195,12 +188,12 @@ def _part(part: Any, where: str) -> dict[str, Any]:
         return {"type": "image_url", "image_url": image}
     if kind == "input_file":
         if part.get("file_url") is not None:
-            raise _unsupported("Files by 'file_url' are (send 'file_id' or 'file_data')", where)
+            raise unsupported("Files by 'file_url' are (send 'file_id' or 'file_data')", where)
         file = {k: part[k] for k in ("file_id", "file_data", "filename") if part.get(k) is not None}
         return {"type": "file", "file": file}
     if kind == "input_audio":
         return {"type": "input_audio", "input_audio": _required(part, "input_audio", where, dict)}
-    raise _unsupported(f"Content parts of type '{kind}' are", where)
+    raise unsupported(f"Content parts of type '{kind}' are", where)
 
 
 def _add_tool_call(messages: list[dict[str, Any]], item: dict[str, Any], where: str) -> None:
@@ -229,7 +222,7 @@ def _tool_message(item: dict[str, Any], where: str) -> dict[str, Any]:
         for j, part in enumerate(output):
             converted = _part(part, f"{where}.output[{j}]")
             if converted["type"] != "text":
-                raise _unsupported(
+                raise unsupported(
                     f"'{converted['type']}' parts in function_call_output are",
                     f"{where}.output[{j}]",
                 )
@@ -252,7 +245,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
-            raise _unsupported(f"Tools of type '{kind}' are", where)
+            raise unsupported(f"Tools of type '{kind}' are", where)
         function = {"name": _required(tool, "name", where)}
         for name in ("description", "parameters", "strict"):
             if tool.get(name) is not None:
@@ -275,12 +268,12 @@ def _tool_choice(choice: Any) -> Any:
             allowed = []
             for tool in choice.get("tools") or []:
                 if not isinstance(tool, dict) or tool.get("type") != "function":
-                    raise _unsupported("Allowed tools other than functions are", "tool_choice")
+                    raise unsupported("Allowed tools other than functions are", "tool_choice")
                 allowed.append({"type": "function", "function": {"name": tool.get("name")}})
             mode = choice.get("mode", "auto")
             return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": allowed}}
     kind = choice.get("type") if isinstance(choice, dict) else choice
-    raise _unsupported(f"tool_choice '{kind}' is", "tool_choice")
+    raise unsupported(f"tool_choice '{kind}' is", "tool_choice")
 
 
 def _response_format(fmt: Any) -> dict[str, Any] | None:
@@ -295,4 +288,4 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
             if fmt.get(name) is not None:
                 schema[name] = fmt[name]
         return {"type": "json_schema", "json_schema": schema}
-    raise _unsupported(f"text.format '{kind}' is", "text.format")
+    raise unsupported(f"text.format '{kind}' is", "text.format")
