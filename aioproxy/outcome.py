@@ -23,12 +23,19 @@ class _UsageHolder(msgspec.Struct):
     usage: dict[str, Any] | None = None
 
 
-class _ResponseEvent(msgspec.Struct):
+class _Answer(msgspec.Struct):
+    """An answer or one event of it: chat/completions carry ``usage``, Responses events
+    ``response.usage``; one decode reads either, skipping everything else."""
+
+    usage: dict[str, Any] | None = None
     response: _UsageHolder | None = None
 
 
-_decode_holder = msgspec.json.Decoder(_UsageHolder).decode
-_decode_event = msgspec.json.Decoder(_ResponseEvent).decode
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+# Usage comes in a stream's last data events (the usage chunk, response.completed): only these
+# are looked at, so a long stream without usage is not decoded whole.
+_LAST_DATA_EVENTS = 3
+_UNKNOWN = object()
 
 
 class _Malformed(Exception):
@@ -59,7 +66,10 @@ def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
 class Outcome:
     """A finished request: its status, timing, and what is needed to find its usage."""
 
-    __slots__ = ("status", "stream", "body", "last_events", "events", "ttfb", "elapsed", "disconnected")
+    __slots__ = (
+        "status", "stream", "body", "last_events", "events", "ttfb", "elapsed", "disconnected",
+        "_usage",
+    )
 
     def __init__(self, status: int, stream: bool) -> None:
         self.status = status
@@ -70,24 +80,36 @@ class Outcome:
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end
+        self._usage: Any = _UNKNOWN  # usage() once read (the tpm count and hooks may all ask)
 
     def usage(self) -> Usage | None:
-        """The token usage the upstream reported, if it did."""
+        """The token usage the upstream reported, if it did (read once, then remembered)."""
+        if self._usage is _UNKNOWN:
+            self._usage = self._read_usage()
+        return self._usage  # type: ignore[no-any-return]
+
+    def _read_usage(self) -> Usage | None:
         try:
             if self.body is not None:
-                return _usage_from(_decode_holder(self.body).usage)
-            events = [e for block in self.last_events for e in split_events(block)]
-            for event in reversed(events):
-                data = data_of(event)
-                if not data or data == b"[DONE]":
-                    continue
-                holder = _decode_event(data)
-                if holder.response is not None:  # a Responses API event
-                    return _usage_from(holder.response.usage)
-                usage = _usage_from(_decode_holder(data).usage)
-                if usage is not None:
-                    return usage
+                return _usage_of(_decode_answer(self.body))
+            looked_at = 0
+            for block in reversed(self.last_events):
+                for event in reversed(split_events(block)):
+                    data = data_of(event)
+                    if not data or data == b"[DONE]":
+                        continue
+                    usage = _usage_of(_decode_answer(data))
+                    if usage is not None:
+                        return usage
+                    looked_at += 1
+                    if looked_at == _LAST_DATA_EVENTS:
+                        return None
         except msgspec.DecodeError:
             return None
         return None
 
+
+def _usage_of(answer: _Answer) -> Usage | None:
+    if answer.response is not None:  # a Responses API object or event
+        return _usage_from(answer.response.usage)
+    return _usage_from(answer.usage)

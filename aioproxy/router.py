@@ -19,24 +19,39 @@ _LATENCY_SMOOTHING = 0.3  # weight of the newest sample in the moving average
 
 
 class _MinuteCounter:
-    """A sliding one-minute total, in one-second buckets: O(1) to add, O(60) at most to read."""
+    """A sliding one-minute total in one-second buckets, kept as a running sum: reading it and
+    adding to it cost O(1), bar clearing the seconds that left the window since the last call."""
 
-    __slots__ = ("_buckets", "_seconds")
+    __slots__ = ("_buckets", "_latest", "_total")
 
     def __init__(self) -> None:
         self._buckets = [0] * 60
-        self._seconds = [0] * 60
+        self._latest = 0  # the newest second seen; the buckets hold the 60 up to it
+        self._total = 0
+
+    def _advance(self, now: float) -> int:
+        second = int(now)
+        gone = second - self._latest
+        if gone >= 60:
+            self._buckets = [0] * 60
+            self._total = 0
+        else:
+            for past in range(self._latest + 1, second + 1):  # usually none or one
+                slot = past % 60
+                self._total -= self._buckets[slot]
+                self._buckets[slot] = 0
+        if gone > 0:
+            self._latest = second
+        return self._latest  # a clock reading from just before the last one counts as it
 
     def add(self, amount: int, now: float) -> None:
-        second = int(now)
-        slot = second % 60
-        if self._seconds[slot] != second:
-            self._seconds[slot], self._buckets[slot] = second, 0
+        slot = self._advance(now) % 60  # first: advancing may replace the bucket list
         self._buckets[slot] += amount
+        self._total += amount
 
     def total(self, now: float) -> int:
-        oldest = int(now) - 59
-        return sum(b for b, s in zip(self._buckets, self._seconds) if s >= oldest)
+        self._advance(now)
+        return self._total
 
 
 class Health:
