@@ -14,6 +14,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
 from .bridges import ResponseStore, bridge_methods
+from .bridges.common import first_event
 from .builtins.config_models import deployments_from
 from .config import Config
 from .context import Call, Deployment, Principal
@@ -39,14 +40,6 @@ __all__ = ["Gateway", "Plan"]
 
 log = logging.getLogger("aioproxy")
 
-async def _first_event(reply: StreamReply, deployment: Deployment) -> bytes | None:
-    """A stream's first event (None if it is empty), with client errors as ProxyErrors."""
-    try:
-        return await anext(reply.events)
-    except StopAsyncIteration:
-        return None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise failure_from(exc, deployment) from exc
 
 
 class Plan:
@@ -291,23 +284,15 @@ class Gateway:
         (the deployment released)."""
         router = self.router
         started = time.monotonic()
-        timeouts = timeouts_of(deployment, self.config)
-        reply: Reply | None = None
+        first_byte = timeouts_of(deployment, self.config).first_byte
         try:
-            if timeouts.first_byte is None:  # the session's read timeout bounds it
-                reply = await self.call_provider(call)
-                first = await _first_event(reply, deployment) if isinstance(reply, StreamReply) else None
+            if first_byte is None:  # the upstream client's read timeout bounds it
+                reply, first = await self._answer(call, deployment)
             else:
-                async with asyncio.timeout(timeouts.first_byte):
-                    reply = await self.call_provider(call)
-                    first = (
-                        await _first_event(reply, deployment)
-                        if isinstance(reply, StreamReply) else None
-                    )
+                async with asyncio.timeout(first_byte):
+                    reply, first = await self._answer(call, deployment)
         except BaseException as exc:
             self._release(call)
-            if reply is not None and isinstance(reply, StreamReply):
-                await reply.aclose()
             error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
             if isinstance(error, Exception):
                 router.failed(deployment, error)
@@ -316,6 +301,14 @@ class Gateway:
             raise error from exc
         router.succeeded(deployment, time.monotonic() - started)
         return reply, first
+
+    async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
+        """The provider's reply and, for a stream, its first event (the stream closed if that
+        fails)."""
+        reply = await self.call_provider(call)
+        if isinstance(reply, StreamReply):
+            return reply, await first_event(reply, deployment)
+        return reply, None
 
     def finish(self, call: Call, outcome: Outcome | None) -> None:
         """Release the answering deployment, counting the tokens it spent (for tpm caps)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import msgspec
 
-from ..context import Call
+from ..context import Call, Deployment
 from ..errors import BadRequest
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import split_events
+from ..upstream import failure_from
 
 __all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]
 
@@ -56,14 +58,20 @@ def once(close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
     return close_once
 
 
-async def first_event(reply: StreamReply) -> bytes | None:
-    """Pull a stream's first event now, so that a failure before it keeps its own status."""
+async def first_event(reply: StreamReply, deployment: Deployment | None = None) -> bytes | None:
+    """Pull a stream's first event now, so that a failure before it keeps its own status.
+
+    None for an empty stream. On a failure (cancellation too) the stream is closed, and client
+    errors come out as the client's 502/504.
+    """
     try:
         return await anext(reply.events)
     except StopAsyncIteration:
         return None
-    except BaseException:
+    except BaseException as exc:
         await reply.aclose()
+        if isinstance(exc, (aiohttp.ClientError, OSError)):
+            raise failure_from(exc, deployment) from exc
         raise
 
 
