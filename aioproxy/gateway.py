@@ -45,10 +45,11 @@ log = logging.getLogger("aioproxy")
 class Plan:
     """Where a call may go: the model (or fallback) being tried first, then fallback names."""
 
-    __slots__ = ("chain", "fallbacks", "visited")
+    __slots__ = ("model", "candidates", "fallbacks", "visited")
 
     def __init__(self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str]):
-        self.chain = [(model, candidates)]
+        self.model = model  # the one being tried
+        self.candidates = candidates
         self.fallbacks = list(fallbacks)
         self.visited = {model}  # each model is tried once, whatever cycles the config has
 
@@ -61,7 +62,7 @@ class Plan:
             self.visited.add(name)
             candidates = await gateway.candidates(call, name)
             if candidates:
-                self.chain = [(name, candidates)]
+                self.model, self.candidates = name, candidates
                 return True
         return False
 
@@ -195,7 +196,7 @@ class Gateway:
                 f"The model '{call.model}' does not exist or is not served here", param="model"
             )
         plan = Plan(call.model, candidates, self.router.policy(call.model).fallbacks)
-        while (deployment := self.router.pick(*plan.chain[0])) is None:
+        while (deployment := self.router.pick(plan.model, plan.candidates)) is None:
             if not await plan.advance(self, call):
                 plan = Plan(call.model, candidates, ())
                 deployment = self.router.pick(call.model, candidates, ignore_cooldown=True)
@@ -213,7 +214,7 @@ class Gateway:
                 self._release(call)
                 assert call.deployment is not None
                 self._take(call, call.deployment)
-                plan.chain[0] = (plan.chain[0][0], (call.deployment,))
+                plan.candidates = (call.deployment,)
         return plan
 
     def _release(self, call: Call, tokens: int = 0) -> None:
@@ -239,7 +240,7 @@ class Gateway:
         error: BaseException | None = None
         deployment: Deployment | None = call.deployment
         while True:
-            model, candidates = plan.chain[0]
+            model, candidates = plan.model, plan.candidates
             policy = router.policy(model)
             tried: set[str] = set()
             for attempt in range(policy.num_retries + 1):
