@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import lru_cache
 
 import aiohttp
@@ -235,21 +234,32 @@ async def answer_of(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-@contextlib.contextmanager
-def closed_on_failure(response: UpstreamResponse, deployment: Deployment) -> Iterator[None]:
+class closed_on_failure:  # noqa: N801 - used like a function: `with closed_on_failure(...)`
     """Close the upstream answer if the block fails (cancelled too: the client left, a
-    first-byte timeout), with client errors as the client's 502/504."""
-    try:
-        yield
-    except ProxyError:
-        response.close()
-        raise
-    except Exception as exc:
-        response.close()
-        raise failure_from(exc, deployment) from exc
-    except BaseException:
-        response.close()
-        raise
+    first-byte timeout), with client errors as the client's 502/504.
+
+    A class, not a @contextmanager: it is on every call's path, and a generator-based one
+    costs a generator and a wrapper object each time.
+    """
+
+    __slots__ = ("response", "deployment")
+
+    def __init__(self, response: UpstreamResponse, deployment: Deployment) -> None:
+        self.response = response
+        self.deployment = deployment
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
+    ) -> bool:
+        if exc is None:
+            return False
+        self.response.close()
+        if isinstance(exc, Exception) and not isinstance(exc, ProxyError):
+            raise failure_from(exc, self.deployment) from exc
+        return False
 
 
 async def forward(
