@@ -30,17 +30,22 @@ def _decode(raw: bytes | msgspec.Raw, field: str | None) -> Any:
 
 
 class Principal(msgspec.Struct, frozen=True):
-    """Who is calling: the key's name and the model names it may use (``None``: all)."""
+    """Who is calling: the key's name and the model names it may use (``None``: all).
+
+    ``id`` is the credential's stable identity (a digest of the key): what owns stored data.
+    Names are labels an operator may reuse or renumber, so they never own anything.
+    """
 
     name: str
     models: frozenset[str] | None = None
     is_master: bool = False
+    id: str = ""
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
 
-ANONYMOUS = Principal("anonymous")
+ANONYMOUS = Principal("anonymous", id="anonymous")
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from aiohttp import web
@@ -13,7 +14,7 @@ from ..hookspecs import hookimpl
 
 log = logging.getLogger("aioproxy")
 
-__all__ = ["ConfigAuth", "presented_key"]
+__all__ = ["ConfigAuth", "key_id", "presented_key"]
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -25,6 +26,11 @@ def presented_key(request: web.Request) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     return headers.get("api-key") or headers.get("x-api-key") or None
+
+
+def key_id(key: str) -> str:
+    """A key's stable identity: a digest that names it without revealing it."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class ConfigAuth:
@@ -41,10 +47,14 @@ class ConfigAuth:
         self._principals: dict[str, Principal] = {}  # keys held as Secret: a repr shows none
         auth = config.auth
         if auth.master_key:
-            self._principals[Secret(auth.master_key)] = Principal("master", is_master=True)
+            self._principals[Secret(auth.master_key)] = Principal(
+                "master", is_master=True, id=key_id(auth.master_key)
+            )
         for i, vkey in enumerate(auth.keys):
             models = frozenset(vkey.models) if vkey.models is not None else None
-            self._principals[Secret(vkey.key)] = Principal(vkey.name or f"key-{i}", models)
+            self._principals[Secret(vkey.key)] = Principal(
+                vkey.name or f"key-{i}", models, id=key_id(vkey.key)
+            )
         self.open = not self._principals
 
     @hookimpl(trylast=True)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from aioproxy.builtins.config_auth import ConfigAuth, presented_key
+from aioproxy.builtins.config_auth import ConfigAuth, key_id, presented_key
 from aioproxy.config import Config, Secret, parse_config
 from aioproxy.context import ANONYMOUS, Principal
 from aioproxy.errors import AuthenticationError
@@ -78,7 +78,7 @@ def test_master_key() -> None:
     auth = ConfigAuth(config(master_key="sk-master"))
     assert not auth.open
     principal = auth.authenticate(request({"Authorization": "Bearer sk-master"}))
-    assert principal == Principal("master", None, is_master=True)
+    assert principal == Principal("master", None, is_master=True, id=key_id("sk-master"))
     assert principal.allows("any-model")
 
 
@@ -89,10 +89,11 @@ def test_virtual_keys() -> None:
         {"key": "sk-c", "models": []},
     ]))
     a = auth.authenticate(request({"api-key": "sk-a"}))
-    assert a == Principal("team-a", frozenset({"m1", "m2"}))
+    assert a == Principal("team-a", frozenset({"m1", "m2"}), id=key_id("sk-a"))
     assert not a.is_master and a.allows("m1") and not a.allows("m3")
     b = auth.authenticate(request({"x-api-key": "sk-b"}))
-    assert b == Principal("key-1", None) and b.allows("m3")
+    assert b == Principal("key-1", None, id=key_id("sk-b")) and b.allows("m3")
+    assert a.id != b.id and "sk-" not in a.id
     c = auth.authenticate(request({"Authorization": "Bearer sk-c"}))
     assert c.name == "key-2" and not c.allows("m1")
 
