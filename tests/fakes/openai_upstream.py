@@ -336,10 +336,7 @@ class FakeOpenAI:
             input_tokens=_words(input_text),
         )
         if body.get("store", True) is not False:
-            inputs = [
-                {"id": self._new_id("msg_"), "type": "message", "status": "completed", **i}
-                for i in items
-            ]
+            inputs = [_input_item(self._new_id("msg_"), item) for item in items]
             self.stored[r.id] = (r.response(completed=True), inputs)
         if body.get("stream") is True:
             return await self._stream(call, _response_events(r, self.stream_chunks))
@@ -589,6 +586,14 @@ def _embedding_inputs(value: Any) -> list[str | list[int]]:
     if all(isinstance(v, int) for v in value):
         return [value]  # a single tokenised input
     return [v for v in value if isinstance(v, (str, list))]
+
+
+def _input_item(item_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    """An input message as the API lists it back: with an id, and its text as parts."""
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": item_id, "type": "message", "status": "completed", **item, "content": content}
 
 
 def _responses_items(value: Any) -> list[dict[str, Any]]:
