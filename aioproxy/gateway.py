@@ -143,10 +143,16 @@ class Gateway:
         else:  # nothing serves responses: nothing to keep
             self.natives.store = None
 
-    def _serving_of(self, provider: str, endpoints: frozenset[Kind] | None) -> dict[Kind, ProviderMethod]:
+    def _serving_of(
+        self, provider: str, endpoints: frozenset[Kind] | None
+    ) -> dict[Kind, ProviderMethod]:
+        """What serves each kind for ``provider``'s deployments (limited to ``endpoints``)."""
         return bridge_methods(
-            self.native[provider], self.natives.store, endpoints=endpoints,
-            natives=self.natives, fall_back=self._bridge_from_now_on,
+            self.native[provider],
+            self.natives.store,
+            endpoints=endpoints,
+            natives=self.natives,
+            fall_back=self._bridge_from_now_on,
         )
 
     def _bridge_from_now_on(self, deployment: Deployment, bridge: ProviderMethod) -> None:
@@ -168,7 +174,9 @@ class Gateway:
             except Exception:
                 log.exception("provider %r failed to close", name)
         self.providers.clear()
+        self.native.clear()
         self.serving.clear()
+        self.overrides.clear()
         await self.natives.drain()
         if self.store is not None:
             await self.store.close()

@@ -93,7 +93,9 @@ def item_page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str
     limit_text = query.get("limit", "20")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= _MAX_LIMIT:
         raise BadRequest(
-            f"'limit' must be an integer from 1 to {_MAX_LIMIT}", param="limit", code="invalid_value"
+            f"'limit' must be an integer from 1 to {_MAX_LIMIT}",
+            param="limit",
+            code="invalid_value",
         )
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):

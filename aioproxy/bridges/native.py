@@ -85,6 +85,9 @@ class NativeResponses:
         # made that created one (since start-up).
         self.deployments: dict[str, Deployment] = {d.key: d for d in deployments}
         self._writes: set[asyncio.Task[None]] = set()
+        # Ids being written, by id: (deployment key, owner). Read before the store, so a
+        # request that names an id just created finds it, however slow the write is.
+        self._unwritten: dict[str, tuple[str, str]] = {}
 
     def wrap(
         self, native: ProviderMethod, bridge: ProviderMethod | None, fall_back: FallBack
@@ -122,7 +125,7 @@ class NativeResponses:
         """Who a native response belongs to, or None if the gateway never saw it created."""
         if self.store is None:
             return None
-        found = await self.store.lookup_native(response_id)
+        found = self._unwritten.get(response_id) or await self.store.lookup_native(response_id)
         if found is None:
             return None
         key, principal = found
@@ -195,6 +198,7 @@ class NativeResponses:
             return  # an upstream that keeps nothing has nothing to read back
         key = deployment.key
         self.deployments.setdefault(key, deployment)
+        self._unwritten[created.id] = (key, call.principal.id)
         task = asyncio.ensure_future(self._write(created.id, key, call.principal.id))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -205,3 +209,5 @@ class NativeResponses:
             await self.store.remember_native(response_id, deployment, principal)
         except Exception:  # the answer is out; only reading it back through here will fail
             log.exception("could not record native response %s", response_id)
+        finally:
+            self._unwritten.pop(response_id, None)

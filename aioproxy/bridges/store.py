@@ -204,7 +204,8 @@ class ResponseStore:
 
     async def remember_native(self, response_id: str, deployment: str, principal: str) -> None:
         """Note that ``deployment`` (its key) created ``response_id`` for ``principal``."""
-        await self._run(self._remember_native, (response_id, principal, deployment, int(time.time())))
+        row = (response_id, principal, deployment, int(time.time()))
+        await self._run(self._remember_native, row)
 
     async def lookup_native(self, response_id: str) -> tuple[str, str] | None:
         """The deployment key and owner of a natively created response, or None if unknown."""

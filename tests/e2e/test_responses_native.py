@@ -22,7 +22,7 @@ from tests.fakes.openai_upstream import MISSING_MODEL, FakeOpenAI
 from tests.schemas import validate
 
 ALICE, BOB = "sk-alice-test", "sk-bob-test"
-HEADERS = {name: {"Authorization": f"Bearer {key}"} for name, key in (("alice", ALICE), ("bob", BOB))}
+HEADERS = {"alice": {"Authorization": f"Bearer {ALICE}"}, "bob": {"Authorization": f"Bearer {BOB}"}}
 
 
 def config(api_base: str, store_path: Path, **entry: Any) -> dict[str, Any]:
@@ -115,7 +115,8 @@ async def test_the_fallback_serves_a_first_stream_and_is_logged_once(
     proxy = await start(fake)
     caplog.set_level(logging.WARNING, logger="aioproxy")
     async with sdk(proxy, ALICE) as client:
-        events = [e async for e in await client.responses.create(model="m", input="hi", stream=True)]
+        stream = await client.responses.create(model="m", input="hi", stream=True)
+        events = [event async for event in stream]
         assert events[-1].type == "response.completed"
         assert events[-1].response.output_text == "fake reply to: hi"
         await client.responses.create(model="m", input="again")
@@ -126,6 +127,22 @@ async def test_the_fallback_serves_a_first_stream_and_is_logged_once(
     ]
     fallbacks = [r for r in caplog.records if "no /responses route" in r.getMessage()]
     assert len(fallbacks) == 1 and "m (openai:gpt-4o-mini)" in fallbacks[0].getMessage()
+
+
+@pytest.mark.parametrize("fault", ["status:405", "status:404:text"])
+async def test_a_405_or_a_bare_404_falls_back_too(start: Any, fault: str) -> None:
+    fake = FakeOpenAI()
+    fake.faults.append(fault)  # a server whose 404 is not OpenAI's JSON (FastAPI's, nginx's)
+    proxy = await start(fake)
+    async with sdk(proxy, ALICE) as client:
+        response = await client.responses.create(model="m", input="hi")
+        assert response.output_text == "fake reply to: hi"
+        await client.responses.create(model="m", input="again")
+    assert paths(fake) == [
+        "POST /v1/responses",
+        "POST /v1/chat/completions",
+        "POST /v1/chat/completions",
+    ]
 
 
 async def test_a_missing_model_is_not_taken_for_a_missing_route(
@@ -146,7 +163,9 @@ async def test_endpoints_leave_out_what_the_upstream_lacks(
     fake = FakeOpenAI()
     proxy = await start(fake, endpoints=["chat_completions"])
     async with http.post(
-        proxy.make_url("/v1/embeddings"), json={"model": "m", "input": "x"}, headers=HEADERS["alice"]
+        proxy.make_url("/v1/embeddings"),
+        json={"model": "m", "input": "x"},
+        headers=HEADERS["alice"],
     ) as response:
         await assert_openai_error(response, 400, "unsupported_endpoint")
     async with sdk(proxy, ALICE) as client:  # completions: bridged onto chat
@@ -174,12 +193,14 @@ async def test_native_responses_are_read_back_from_their_upstream(
     proxy = await start(fake)
     async with sdk(proxy, ALICE) as client:
         created = await client.responses.create(model="m", input="keep me")
-        streamed = [e async for e in await client.responses.create(model="m", input="s", stream=True)]
+        stream = await client.responses.create(model="m", input="s", stream=True)
+        streamed = [event async for event in stream]
         stream_id = streamed[0].response.id
         assert (await client.responses.retrieve(created.id)).output_text == created.output_text
         assert (await client.responses.retrieve(stream_id)).id == stream_id
         items = await client.responses.input_items.list(created.id)
-        assert [item.content[0].text for item in items.data] == ["keep me"]  # type: ignore[union-attr]
+        texts = [item.content[0].text for item in items.data]  # type: ignore[union-attr]
+        assert texts == ["keep me"]
         with pytest.raises(openai.BadRequestError, match="synchronous"):
             await client.responses.cancel(created.id)
         chained = await client.responses.create(
@@ -274,7 +295,10 @@ async def test_bridged_input_items_and_cancel(start: Any, http: aiohttp.ClientSe
             previous_response_id=first.id,
         )
         items = await client.responses.input_items.list(second.id, order="asc")
-        texts = [(item.role, item.content[0].text) for item in items.data]  # type: ignore[union-attr]
+        texts = [
+            (item.role, item.content[0].text)  # type: ignore[union-attr]
+            for item in items.data
+        ]
         assert texts == [("user", "one"), ("assistant", first.output_text), ("user", "two")]
         assert items.has_more is False and items.first_id == items.data[0].id
         page = await client.responses.input_items.list(second.id, limit=1)  # newest first
