@@ -137,6 +137,11 @@ class Gateway:
                 self.overrides[deployment.key] = self._serving_of(
                     deployment.provider, deployment.endpoints
                 )
+                if unknown := deployment.endpoints - self.native[deployment.provider].keys():
+                    log.warning(
+                        "%s lists endpoints its provider does not implement: %s",
+                        deployment.describe(), ", ".join(sorted(unknown)),
+                    )
         if store is not None and any(Kind.RESPONSES in m for m in self.serving.values()):
             store.check()  # opened by its first use
             self.store = store

@@ -171,7 +171,7 @@ class NativeResponses:
         try:
             async for block in events:
                 yield block
-                if self._created_in(block, call):
+                if self._first_event_in(block, call):
                     break
             async for block in events:
                 yield block
@@ -180,16 +180,20 @@ class NativeResponses:
             if aclose is not None:
                 await aclose()
 
-    def _created_in(self, block: bytes, call: Call) -> bool:
-        """Whether ``block`` holds the stream's ``response.created`` event (remembered)."""
+    def _first_event_in(self, block: bytes, call: Call) -> bool:
+        """Whether ``block`` holds the stream's first event (comments aside), remembering the
+        response if it is ``response.created``, as it always is: later ones are not read."""
         for event in split_events(block):
+            data = data_of(event)
+            if not data:
+                continue  # a comment (keep-alive)
             try:
-                parsed = _decode_event(data_of(event))
+                parsed = _decode_event(data)
             except msgspec.DecodeError:
-                continue
+                return True
             if parsed.type == "response.created" and parsed.response is not None:
                 self._remember(parsed.response, call)
-                return True
+            return True
         return False
 
     def _remember(self, created: _Created, call: Call) -> None:

@@ -102,6 +102,12 @@ async def _target(request: web.Request) -> _Target:
 async def get_response(request: web.Request) -> web.Response:
     """The Response object, or a 404 (also when another key created it)."""
     target = await _target(request)
+    if request.query.get("stream", "false").lower() not in ("false", "0"):
+        raise BadRequest(
+            "Streaming a response back ('stream' on retrieve) is not supported by this proxy",
+            param="stream",
+            code="unsupported_parameter",
+        )
     if target.deployment is not None:
         return await target.ask_upstream("GET")
     response, _ = await target.stored()

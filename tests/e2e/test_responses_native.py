@@ -211,6 +211,9 @@ async def test_native_responses_are_read_back_from_their_upstream(
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve(created.id)  # the upstream's own 404
     assert chained.previous_response_id == created.id
+    url = proxy.make_url(f"/v1/responses/{stream_id}?stream=true")
+    async with http.get(url, headers=HEADERS["alice"]) as response:
+        await assert_openai_error(response, 400, "unsupported_parameter")
     assert fake.last.path == f"/v1/responses/{created.id}"
     assert fake.last.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
