@@ -15,8 +15,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from aioproxy import create_app
+from aioproxy import Deployment, create_app, hookimpl
 from aioproxy.config import ConfigError, parse_config
+from aioproxy.routes import Kind
 from tests.conftest import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, assert_openai_error, sdk
 from tests.fakes.openai_upstream import MISSING_MODEL, FakeOpenAI
 from tests.schemas import validate
@@ -172,6 +173,43 @@ async def test_endpoints_leave_out_what_the_upstream_lacks(
         completion = await client.completions.create(model="m", prompt="say")
     assert completion.choices[0].text == "fake reply to: say"
     assert paths(fake) == ["POST /v1/chat/completions"]
+
+
+class PluginDeployment:
+    """Maps ``plugin-m`` to a deployment made here, not in the config, with ``endpoints``."""
+
+    def __init__(self, api_base: str) -> None:
+        self.deployment = Deployment(
+            id="plugin-m",
+            name="plugin-m",
+            provider="openai",
+            model=UPSTREAM_MODEL,
+            api_base=api_base,
+            endpoints=frozenset({Kind.CHAT_COMPLETIONS}),
+        )
+
+    @hookimpl
+    def map_model(self, model: str) -> Deployment | None:
+        return self.deployment if model == "plugin-m" else None
+
+
+async def test_endpoints_of_a_deployment_a_plugin_made(
+    aiohttp_server: Any, store_path: Path
+) -> None:
+    fake = FakeOpenAI(responses_route=False)
+    upstream = await aiohttp_server(fake.app())
+    api_base = str(upstream.make_url("/v1"))
+    app = create_app(
+        config(api_base, store_path),
+        plugins=[aioproxy_openai, PluginDeployment(api_base)],
+        load_entrypoints=False,
+    )
+    proxy = await aiohttp_server(app)
+    async with sdk(proxy) as client:
+        for _ in range(2):
+            response = await client.responses.create(model="plugin-m", input="hi")
+            assert response.output_text == "fake reply to: hi"
+    assert paths(fake) == ["POST /v1/chat/completions"] * 2
 
 
 def test_endpoints_are_checked_at_load() -> None:
