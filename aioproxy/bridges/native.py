@@ -57,10 +57,11 @@ class Owner(msgspec.Struct, frozen=True):
 
 
 def route_missing(error: ProxyError) -> bool:
-    """The upstream has no such route: a 405, or a 404 that names no code or parameter (a
-    missing model or previous response names one, and is the client's answer, not a cue)."""
+    """The upstream has no such route: a 405, or a 404 that names no code (bar the status
+    itself, as some servers put it) or parameter. A missing model or previous response names
+    one, and is the client's answer, not a cue to bridge."""
     return error.status == 405 or (
-        error.status == 404 and error.code is None and error.param is None
+        error.status == 404 and error.code in (None, "404") and error.param is None
     )
 
 

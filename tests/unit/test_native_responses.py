@@ -64,6 +64,7 @@ async def test_an_id_is_found_while_its_write_is_still_pending() -> None:
 def test_route_missing() -> None:
     assert route_missing(ProxyError("Invalid URL (POST /v1/responses)", status=404))
     assert route_missing(ProxyError("Method Not Allowed", status=405))
+    assert route_missing(ProxyError("Not Found", status=404, code="404"))
     assert not route_missing(ModelNotFound("no such model", param="model"))
     assert not route_missing(
         NotFound("Previous response with id 'x' not found.", param="previous_response_id")
