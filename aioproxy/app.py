@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .bridges.routes import RESPONSE_PATHS, delete_response, get_response
+from .bridges.routes import response_routes
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .gateway import Gateway
@@ -84,9 +84,7 @@ def create_app(
     app.router.add_routes(route_table(aliases, make_handlers()))
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
-    for path in RESPONSE_PATHS:
-        app.router.add_get(path, get_response)
-        app.router.add_delete(path, delete_response)
+    app.router.add_routes(response_routes())
 
     def register_route(method: str, path: str, handler: Handler) -> None:
         app.router.add_route(method, path, handler)

@@ -95,6 +95,10 @@ class TimeoutOverrides(Base):
         return msgspec.structs.replace(defaults, **changes) if changes else defaults
 
 
+# The endpoint kinds a provider serves (aioproxy.routes.PROVIDER_KINDS), as config spells them.
+EndpointKind = Literal["chat_completions", "responses", "completions", "embeddings"]
+
+
 class ModelEntry(Base):
     """One deployment: the model ``name`` clients send, served by ``provider`` as ``model`` upstream."""
 
@@ -109,6 +113,10 @@ class ModelEntry(Base):
     timeouts: TimeoutOverrides | None = None
     headers: dict[str, Secret] = {}  # may hold tokens: masked when printed
     settings: dict[str, Any] = {}
+    # The endpoint kinds the upstream serves itself (None: all its provider implements). The
+    # rest are bridged onto chat completions where that is native, e.g. for a server without
+    # /v1/responses: ["chat_completions", "embeddings"].
+    endpoints: Annotated[list[EndpointKind], Meta(min_length=1)] | None = None
 
 
 class ServerConfig(Base):

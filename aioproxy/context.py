@@ -62,6 +62,9 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: Timeouts | None = None
     headers: dict[str, Secret] = {}
     settings: dict[str, Any] = {}
+    # The endpoint kinds its upstream serves itself (None: all its provider implements); the
+    # gateway bridges the others onto chat completions.
+    endpoints: frozenset[Kind] | None = None
 
     id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"
 

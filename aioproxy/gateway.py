@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
-from .bridges import ResponseStore, bridge_methods
+from .bridges import NativeResponses, ResponseStore, bridge_methods
 from .bridges.common import first_event
 from .builtins.config_models import deployments_from
 from .config import Config
@@ -101,7 +101,12 @@ class Gateway:
         self.hooks = Hooks(pm)
         self.factories = dict(factories)
         self.providers: dict[str, Provider] = {}
-        self.serving: dict[str, dict[Kind, ProviderMethod]] = {}
+        self.native: dict[str, dict[Kind, ProviderMethod]] = {}  # each provider's own methods
+        self.serving: dict[str, dict[Kind, ProviderMethod]] = {}  # ... with the bridges
+        # By deployment key: the deployments that serve otherwise than their provider (their
+        # ``endpoints``, or a native route found missing). Empty in the common case.
+        self.overrides: dict[str, dict[Kind, ProviderMethod]] = {}
+        self.natives = NativeResponses(None, ())  # native response ids; the store's, once started
         self.created = int(time.time())
         self.router = Router(config.router)
         self.table = deployments_from(config)  # for /health/readiness
@@ -113,22 +118,59 @@ class Gateway:
         """Create and start one instance of every registered provider; open the response store.
 
         A provider that serves chat completions but not responses or legacy completions gets
-        them through the bridges (``aioproxy.bridges``).
+        them through the bridges (``aioproxy.bridges``); so does a deployment whose
+        ``endpoints`` leave them out, or whose upstream turns out to lack ``/v1/responses``.
         """
         store = ResponseStore(self.config.responses.store_path) if self.config.responses.store else None
-        bridged = False
+        configured = [d for deployments in self.table.values() for d in deployments]
+        self.natives = NativeResponses(store, configured)
         for name, factory in self.factories.items():
             provider = factory(session, self.config)
             if isinstance(provider, Provider):
                 provider.pool = pool
             await provider.start()
             self.providers[name] = provider
-            native = provider.methods()
-            self.serving[name] = bridge_methods(native, store)
-            bridged |= Kind.RESPONSES not in native and Kind.CHAT_COMPLETIONS in native
-        if store is not None and bridged:  # only the responses bridge keeps responses
+            self.native[name] = provider.methods()
+            self.serving[name] = self._serving_of(name, None)
+        for deployment in configured:
+            if deployment.endpoints is not None and deployment.provider in self.native:
+                self.overrides[deployment.key] = self._serving_of(
+                    deployment.provider, deployment.endpoints
+                )
+                if unknown := deployment.endpoints - self.native[deployment.provider].keys():
+                    log.warning(
+                        "%s lists endpoints its provider does not implement: %s",
+                        deployment.describe(), ", ".join(sorted(unknown)),
+                    )
+        if store is not None and any(Kind.RESPONSES in m for m in self.serving.values()):
             store.check()  # opened by its first use
             self.store = store
+        else:  # nothing serves responses: nothing to keep
+            self.natives.store = None
+
+    def _serving_of(
+        self, provider: str, endpoints: frozenset[Kind] | None
+    ) -> dict[Kind, ProviderMethod]:
+        """What serves each kind for ``provider``'s deployments (limited to ``endpoints``)."""
+        return bridge_methods(
+            self.native[provider],
+            self.natives.store,
+            endpoints=endpoints,
+            natives=self.natives,
+            fall_back=self._bridge_from_now_on,
+        )
+
+    def _bridge_from_now_on(self, deployment: Deployment, bridge: ProviderMethod) -> None:
+        """Serve ``deployment``'s responses through ``bridge``: its upstream lacks the route."""
+        key = deployment.key
+        methods = self.overrides.get(key) or self.serving[deployment.provider]
+        if methods.get(Kind.RESPONSES) is bridge:
+            return  # a request that was in flight when it was found out
+        log.warning(
+            "%s has no /responses route upstream; bridging its Responses API onto chat "
+            "completions from now on", deployment.describe(),
+        )
+        self.overrides[key] = {**methods, Kind.RESPONSES: bridge}
 
     async def close(self) -> None:
         for name, provider in self.providers.items():
@@ -137,7 +179,10 @@ class Gateway:
             except Exception:
                 log.exception("provider %r failed to close", name)
         self.providers.clear()
+        self.native.clear()
         self.serving.clear()
+        self.overrides.clear()
+        await self.natives.drain()
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -332,6 +377,8 @@ class Gateway:
                 "which is not installed",
                 code="provider_not_found",
             )
+        if self.overrides or deployment.endpoints is not None:
+            methods = self._deployment_methods(deployment, methods)
         method = methods.get(call.kind)
         if method is None:
             raise BadRequest(
@@ -340,6 +387,17 @@ class Gateway:
                 code="unsupported_endpoint",
             )
         return method
+
+    def _deployment_methods(
+        self, deployment: Deployment, methods: dict[Kind, ProviderMethod]
+    ) -> dict[Kind, ProviderMethod]:
+        """The deployment's own serving table, if it has one (made now for a deployment a
+        plugin made with ``endpoints``)."""
+        key = deployment.key
+        own = self.overrides.get(key)
+        if own is None and deployment.endpoints is not None:
+            own = self.overrides[key] = self._serving_of(deployment.provider, deployment.endpoints)
+        return methods if own is None else own
 
     async def call_provider(self, call: Call) -> Reply:
         method = self.method_for(call)

@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from ..providers import ProviderMethod
 from ..routes import Kind
 from .completions import make_completions_bridge
+from .native import FallBack, NativeResponses
 from .responses import make_responses_bridge
 from .store import ResponseStore
 
-__all__ = ["ResponseStore", "bridge_methods", "make_completions_bridge", "make_responses_bridge"]
+__all__ = [
+    "NativeResponses",
+    "ResponseStore",
+    "bridge_methods",
+    "make_completions_bridge",
+    "make_responses_bridge",
+]
 
 
 def bridge_methods(
-    methods: dict[Kind, ProviderMethod], store: ResponseStore | None
+    methods: dict[Kind, ProviderMethod],
+    store: ResponseStore | None,
+    *,
+    endpoints: Collection[Kind] | None = None,
+    natives: NativeResponses | None = None,
+    fall_back: FallBack | None = None,
 ) -> dict[Kind, ProviderMethod]:
     """``methods`` plus responses and completions bridged onto its chat, where it lacks them.
 
-    A provider's own method is never replaced; without chat completions nothing is added.
+    Args:
+        methods: the provider's own methods.
+        store: the response store (None: disabled).
+        endpoints: the kinds the upstream serves itself (None: all of ``methods``); the
+            others are bridged too.
+        natives: the record of native response ids: a native ``responses`` is wrapped to
+            keep it, and to ``fall_back`` onto the bridge when the upstream lacks the route.
+
+    A native method is never replaced; without native chat completions nothing is bridged.
     """
-    served = dict(methods)
+    served = dict(methods) if endpoints is None else {
+        kind: method for kind, method in methods.items() if kind in endpoints
+    }
     chat = served.get(Kind.CHAT_COMPLETIONS)
-    if chat is None:
-        return served
-    if Kind.RESPONSES not in served:
-        served[Kind.RESPONSES] = make_responses_bridge(chat, store)
-    if Kind.COMPLETIONS not in served:
+    bridge = make_responses_bridge(chat, store) if chat is not None else None
+    native = served.get(Kind.RESPONSES)
+    if native is not None:
+        if natives is not None and fall_back is not None:
+            served[Kind.RESPONSES] = natives.wrap(native, bridge, fall_back)
+    elif bridge is not None:
+        served[Kind.RESPONSES] = bridge
+    if chat is not None and Kind.COMPLETIONS not in served:
         served[Kind.COMPLETIONS] = make_completions_bridge(chat)
     return served

@@ -36,6 +36,16 @@ CREATE TABLE IF NOT EXISTS responses (
     conversation BLOB NOT NULL
 )
 """
+# Responses an upstream created natively: which deployment holds each, and whose it is (a
+# Principal.id). Only the ids: the responses themselves stay upstream.
+_NATIVE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS native_responses (
+    id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+)
+"""
 _BUSY_TIMEOUT_MS = 5000  # another worker process holding the write lock: wait, do not fail
 
 
@@ -158,6 +168,7 @@ class ResponseStore:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
             db.execute(_SCHEMA)
+            db.execute(_NATIVE_SCHEMA)
         except BaseException:
             db.close()
             raise
@@ -187,3 +198,28 @@ class ResponseStore:
             "DELETE FROM responses WHERE id = ? AND principal = ?", (response_id, principal)
         )
         return cursor.rowcount > 0
+
+
+    # -- native responses: ids an upstream created, with their deployment and owner ------
+
+    async def remember_native(self, response_id: str, deployment: str, principal: str) -> None:
+        """Note that ``deployment`` (its key) created ``response_id`` for ``principal``."""
+        row = (response_id, principal, deployment, int(time.time()))
+        await self._run(self._remember_native, row)
+
+    async def lookup_native(self, response_id: str) -> tuple[str, str] | None:
+        """The deployment key and owner of a natively created response, or None if unknown."""
+        return await self._run(self._lookup_native, response_id)
+
+    def _remember_native(self, row: tuple[str, str, str, int]) -> None:
+        self._conn().execute(
+            "INSERT OR REPLACE INTO native_responses (id, principal, deployment, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            row,
+        )
+
+    def _lookup_native(self, response_id: str) -> tuple[str, str] | None:
+        cursor = self._conn().execute(
+            "SELECT deployment, principal FROM native_responses WHERE id = ?", (response_id,)
+        )
+        return cursor.fetchone()

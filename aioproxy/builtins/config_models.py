@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from ..config import Config
 from ..context import Deployment, Principal
 from ..hookspecs import hookimpl
+from ..routes import Kind
 
 __all__ = ["ConfigModels", "deployments_from"]
 
@@ -32,6 +33,9 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
                 ),
                 headers=entry.headers,
                 settings=entry.settings,
+                endpoints=(
+                    frozenset(Kind(kind) for kind in entry.endpoints) if entry.endpoints else None
+                ),
             )
         )
     return {name: tuple(deployments) for name, deployments in table.items()}

@@ -108,8 +108,13 @@ class FakeOpenAI:
         *,
         fault_rates: Mapping[str, float] | None = None,
         seed: int | None = 0,
+        responses_route: bool = True,
     ) -> None:
         self.prefix = prefix.rstrip("/")
+        # False: no /responses routes at all, as on many OpenAI-compatible servers.
+        self.responses_route = responses_route
+        # Responses kept (``store`` not false), by id: the Response and its input items.
+        self.stored: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self.requests: list[Recorded] = []
         self.in_flight = 0
         self.faults: list[str] = []
@@ -160,7 +165,13 @@ class FakeOpenAI:
         router.add_post(f"{p}/chat/completions", self._wrap(self._chat))
         router.add_post(f"{p}/completions", self._wrap(self._completions))
         router.add_post(f"{p}/embeddings", self._wrap(self._embeddings))
-        router.add_post(f"{p}/responses", self._wrap(self._responses))
+        if self.responses_route:
+            router.add_post(f"{p}/responses", self._wrap(self._responses))
+            one = f"{p}/responses/{{response_id}}"
+            router.add_get(one, self._wrap(self._get_response, json_body=False))
+            router.add_delete(one, self._wrap(self._delete_response, json_body=False))
+            router.add_get(f"{one}/input_items", self._wrap(self._input_items, json_body=False))
+            router.add_post(f"{one}/cancel", self._wrap(self._cancel_response, json_body=False))
         router.add_get(f"{p}/models", self._wrap(self._list_models, json_body=False))
         router.add_get(f"{p}/models/{{model:.+}}", self._wrap(self._get_model, json_body=False))
         # Last, so wrong paths *and* wrong methods get OpenAI's JSON 404, not aiohttp's text.
@@ -303,6 +314,14 @@ class FakeOpenAI:
         body = call.body
         if "input" not in body:
             return _missing_param("input")
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored:
+            return _error(
+                404,
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         items = _responses_items(body["input"])
         instructions = body.get("instructions")
         input_text = " ".join(_content_text(i.get("content")) for i in items)
@@ -316,9 +335,42 @@ class FakeOpenAI:
             text="fake reply to: " + _last_user_text(items),
             input_tokens=_words(input_text),
         )
+        if body.get("store", True) is not False:
+            inputs = [_input_item(self._new_id("msg_"), item) for item in items]
+            self.stored[r.id] = (r.response(completed=True), inputs)
         if body.get("stream") is True:
             return await self._stream(call, _response_events(r, self.stream_chunks))
         return _json(r.response(completed=True))
+
+    async def _get_response(self, call: _Call) -> web.StreamResponse:
+        found = self.stored.get(call.request.match_info["response_id"])
+        return _json(found[0]) if found else _response_not_found(call.request)
+
+    async def _delete_response(self, call: _Call) -> web.StreamResponse:
+        response_id = call.request.match_info["response_id"]
+        if self.stored.pop(response_id, None) is None:
+            return _response_not_found(call.request)
+        return _json({"id": response_id, "object": "response", "deleted": True})
+
+    async def _input_items(self, call: _Call) -> web.StreamResponse:
+        found = self.stored.get(call.request.match_info["response_id"])
+        if found is None:
+            return _response_not_found(call.request)
+        data = found[1][::-1]  # newest first, as by default
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"],
+                "last_id": data[-1]["id"],
+                "has_more": False,
+            }
+        )
+
+    async def _cancel_response(self, call: _Call) -> web.StreamResponse:
+        if call.request.match_info["response_id"] not in self.stored:
+            return _response_not_found(call.request)
+        return _error(400, "Cannot cancel a synchronous response.")
 
     async def _list_models(self, _call: _Call) -> web.StreamResponse:
         return _json({"object": "list", "data": [_model(m) for m in MODELS]})
@@ -536,6 +588,14 @@ def _embedding_inputs(value: Any) -> list[str | list[int]]:
     return [v for v in value if isinstance(v, (str, list))]
 
 
+def _input_item(item_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    """An input message as the API lists it back: with an id, and its text as parts."""
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": item_id, "type": "message", "status": "completed", **item, "content": content}
+
+
 def _responses_items(value: Any) -> list[dict[str, Any]]:
     """Responses API input: a bare string is one user message."""
     return [{"role": "user", "content": value}] if isinstance(value, str) else _dicts(value)
@@ -593,6 +653,11 @@ def _missing_param(name: str) -> web.Response:
     return _error(
         400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
     )
+
+
+def _response_not_found(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    return _error(404, f"Response with id '{response_id}' not found.", param="response_id")
 
 
 def _model_not_found(model: str) -> web.Response:

@@ -5,9 +5,17 @@ Bodies pass through as the client sent them, bar ``model``; streams pass through
 
 from __future__ import annotations
 
-from aioproxy import Call, Provider, Reply, hookimpl
+from aioproxy import Call, Deployment, JSONReply, Provider, Reply, hookimpl
 from aioproxy.hookspecs import RegisterProvider
-from aioproxy.upstream import deployment_timeout, forward
+from aioproxy.upstream import (
+    answer_of,
+    closed_on_failure,
+    deployment_timeout,
+    forward,
+    read_capped,
+    timeout_for,
+    timeouts_of,
+)
 
 __all__ = ["OpenAIProvider", "register_providers"]
 
@@ -31,14 +39,37 @@ class OpenAIProvider(Provider):
     async def embeddings(self, call: Call) -> Reply:
         return await self._forward(call, "/embeddings")
 
+    async def response_action(self, deployment: Deployment, method: str, path: str) -> JSONReply:
+        """``method`` on ``{api_base}{path}`` for a response ``deployment`` created: the core's
+        ``GET``/``DELETE /v1/responses/{id}``, ``GET .../input_items`` and ``POST .../cancel``.
+
+        ``path`` starts at the API base (``/responses/resp_1/input_items?limit=5``). The
+        upstream's JSON answer comes back as it is; its errors as the client's (a 404 stays a
+        404), with the deployment's key, never the client's.
+        """
+        headers = {"Content-Type": "application/json", **deployment.headers}
+        if deployment.api_key:
+            headers["Authorization"] = "Bearer " + deployment.api_key
+        sending = self.session.request(
+            method,
+            _base(deployment) + path,
+            headers=headers,
+            timeout=timeout_for(timeouts_of(deployment, self.config)),
+            allow_redirects=False,
+        )
+        response = await answer_of(sending, deployment)
+        with closed_on_failure(response, deployment):
+            body = await read_capped(response, deployment)
+        response.release()
+        return JSONReply(body, response.status)
+
     async def _forward(self, call: Call, path: str) -> Reply:
         deployment = call.deployment
         assert deployment is not None
-        base = (deployment.api_base or DEFAULT_API_BASE).rstrip("/")
         return await forward(
             call,
             self.session,
-            base + path,
+            _base(deployment) + path,
             self._headers(call),
             deployment_timeout(call, self.config),
             pool=self.pool,
@@ -60,6 +91,10 @@ class OpenAIProvider(Provider):
         if call.stream:
             headers["Accept"] = "text/event-stream"
         return headers
+
+
+def _base(deployment: Deployment) -> str:
+    return (deployment.api_base or DEFAULT_API_BASE).rstrip("/")
 
 
 @hookimpl
