@@ -115,7 +115,17 @@ class Gateway:
         A provider that serves chat completions but not responses or legacy completions gets
         them through the bridges (``aioproxy.bridges``).
         """
-        store = ResponseStore(self.config.responses.store_path) if self.config.responses.store else None
+        settings = self.config.responses
+        store = (
+            ResponseStore(
+                settings.store_path,
+                ttl=settings.ttl,
+                max_bytes=settings.max_bytes,
+                cleanup_interval=settings.cleanup_interval,
+            )
+            if settings.store
+            else None
+        )
         bridged = False
         for name, factory in self.factories.items():
             provider = factory(session, self.config)
@@ -128,6 +138,7 @@ class Gateway:
             bridged |= Kind.RESPONSES not in native and Kind.CHAT_COMPLETIONS in native
         if store is not None and bridged:  # only the responses bridge keeps responses
             store.check()  # opened by its first use
+            store.start()  # its periodic cleanup
             self.store = store
 
     async def close(self) -> None:

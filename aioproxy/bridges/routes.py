@@ -10,7 +10,7 @@ from aiohttp import web
 from ..errors import NotFound
 from ..keys import gateway_key
 from ..routes import Kind
-from .store import ResponseStore
+from .store import ResponseStore, owner_of
 
 __all__ = ["RESPONSE_PATHS", "delete_response", "get_response"]
 
@@ -30,17 +30,17 @@ def _not_found(response_id: str) -> NotFound:
 async def _store_and_principal(request: web.Request) -> tuple[ResponseStore | None, str]:
     gateway = request.app[gateway_key]
     principal = await gateway.authenticate(request, Kind.RESPONSES)
-    return gateway.store, principal.name
+    return gateway.store, owner_of(principal)  # the key's identity, not its name
 
 
 async def get_response(request: web.Request) -> web.Response:
     """The stored Response object, or a 404 (also when another key created it)."""
     store, principal = await _store_and_principal(request)
     response_id = request.match_info["response_id"]
-    found = await store.get(response_id, principal) if store is not None else None
+    found = await store.response(response_id, principal) if store is not None else None
     if found is None:
         raise _not_found(response_id)
-    return _json(found[0])
+    return _json(found)
 
 
 async def delete_response(request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aioproxy.bridges.store import ResponseStore
+from aioproxy.bridges.store import BrokenChain, ResponseStore, StoreUnavailable
 
 RESPONSE = {"id": "resp_1", "object": "response", "output": [], "model": "m"}
 CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -107,8 +107,9 @@ async def test_first_use_opens_it_and_a_closed_store_refuses(path: Path) -> None
     assert path.exists()
     await store.close()
     await store.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(StoreUnavailable) as caught:
         await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
+    assert caught.value.status == 503
 
 
 async def test_concurrent_first_uses_open_it_once(path: Path) -> None:
