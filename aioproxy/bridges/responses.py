@@ -245,6 +245,7 @@ def _final_event(builder: ResponseBuilder) -> bytes:
     """The stream's last event again, for a response whose ``store`` turned false after it
     was encoded (the store failed to keep it)."""
     assert builder.final is not None
-    type_ = "response.completed" if builder.final["status"] == "completed" else "response.incomplete"
+    completed = builder.final["status"] == "completed"
+    type_ = "response.completed" if completed else "response.incomplete"
     payload = {"type": type_, "sequence_number": builder.sequence - 1, "response": builder.final}
     return sse_event(type_, payload)

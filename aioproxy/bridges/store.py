@@ -272,6 +272,8 @@ class ResponseStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            # Lets cleanup give freed pages back; takes effect only on a new file, so first.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
             _migrate(db, self.path)
@@ -287,7 +289,7 @@ class ResponseStore:
 
     def _save(self, row: tuple[Any, ...]) -> None:
         db = self._conn()
-        response_id, owner, previous_id, now = row[:4]
+        _, owner, previous_id, now = row[:4]
         with _transaction(db):
             db.execute(
                 "INSERT INTO responses (id, owner, previous_id, touched_at, size, response, turn)"
@@ -305,10 +307,14 @@ class ResponseStore:
                 )
 
     def _response(self, response_id: str, owner: str, cutoff: int) -> bytes | None:
-        row = self._conn().execute(
-            "SELECT response FROM responses WHERE id = ? AND owner = ? AND touched_at >= ?",
-            (response_id, owner, cutoff),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT response FROM responses WHERE id = ? AND owner = ? AND touched_at >= ?",
+                (response_id, owner, cutoff),
+            )
+            .fetchone()
+        )
         return None if row is None else row[0]
 
     def _chain(self, response_id: str, owner: str, cutoff: int) -> tuple[bytes, list[bytes]] | None:
@@ -354,7 +360,9 @@ class ResponseStore:
                 (max_bytes,),
             ).rowcount
         if deleted:
-            db.execute("PRAGMA incremental_vacuum")  # give the freed pages back to the disk
+            # Gives the freed pages back to the disk. executescript, as execute() would run one
+            # step of it, which frees one page.
+            db.executescript("PRAGMA incremental_vacuum")
         return deleted
 
 
@@ -399,8 +407,6 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
                 path,
                 count,
             )
-        else:
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new file: takes effect now
         for statement in _SCHEMA:
             db.execute(statement)
         db.execute(f"PRAGMA user_version = {_VERSION}")

@@ -32,13 +32,14 @@ def store_path(tmp_path: Path) -> Path:
 def start(aiohttp_server: Any, upstream_base: str, store_path: Path) -> Any:
     """A bridged proxy on ``store_path``, with ``keys`` as its virtual keys when given."""
 
-    async def start_bridged(keys: list[dict[str, Any]] | None = None, **responses: Any) -> TestServer:
+    async def start_bridged(
+        keys: list[dict[str, Any]] | None = None, **responses: Any
+    ) -> TestServer:
         config = bridged_config(upstream_base, store_path, **responses)
         if keys is not None:
             config["auth"]["keys"] = keys
-        app = create_app(
-            config, plugins=[aioproxy_openai, aioproxy_echo, ChatOnlyPlugin()], load_entrypoints=False
-        )
+        plugins = [aioproxy_openai, aioproxy_echo, ChatOnlyPlugin()]
+        app = create_app(config, plugins=plugins, load_entrypoints=False)
         return await aiohttp_server(app)
 
     return start_bridged
@@ -123,11 +124,11 @@ async def test_chained_requests_store_each_turn_once(
     assert len(fake.last.body["messages"]) == 39  # the whole conversation still goes upstream
 
 
-# -- #9.17: a deleted response leaves every later conversation --------------------------------------
+# -- #9.17: a deleted response leaves every later conversation ------------------------------------
 
 
 async def test_a_deleted_response_is_never_sent_upstream_again(
-    start: Any, fake: FakeOpenAI, http: aiohttp.ClientSession
+    start: Any, fake: FakeOpenAI
 ) -> None:
     proxy = await start()
     async with sdk(proxy, ALICE) as client:
@@ -161,9 +162,7 @@ def break_writes(path: Path) -> None:
     db.close()
 
 
-async def test_an_unwritable_store_answers_store_false(
-    start: Any, store_path: Path, http: aiohttp.ClientSession
-) -> None:
+async def test_an_unwritable_store_answers_store_false(start: Any, store_path: Path) -> None:
     proxy = await start()
     async with sdk(proxy, ALICE) as client:
         await client.responses.create(model="bridged", input="opens the store")
@@ -190,7 +189,7 @@ async def test_an_unreadable_store_answers_503_in_openai_shape(
     async with sdk(proxy, ALICE) as client:
         kept = await client.responses.create(model="bridged", input="x")
     with sqlite3.connect(store_path) as db:
-        db.execute("UPDATE responses SET response = x'00ff', turn = x'00ff'")
+        db.execute("UPDATE responses SET response = x'00ff'")
     db.close()
     headers = {"Authorization": f"Bearer {ALICE}"}
     async with http.get(proxy.make_url(f"/v1/responses/{kept.id}"), headers=headers) as response:
@@ -211,7 +210,8 @@ async def test_echo_stores_its_responses(aiohttp_server: Any, store_path: Path) 
         "models": [{"name": "echo", "provider": "echo"}],
         "responses": {"store_path": str(store_path)},
     }
-    proxy = await aiohttp_server(create_app(config, plugins=[aioproxy_echo], load_entrypoints=False))
+    app = create_app(config, plugins=[aioproxy_echo], load_entrypoints=False)
+    proxy = await aiohttp_server(app)
     async with sdk(proxy, "any") as client:
         with pytest.raises(openai.NotFoundError) as caught:
             await client.responses.create(

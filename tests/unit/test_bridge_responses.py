@@ -30,9 +30,8 @@ def make_call(body: dict[str, Any], principal: str = "alice") -> Call:
     body = {"model": "bridged", **body}
     fields = {k: msgspec.Raw(msgspec.json.encode(v)) for k, v in body.items()}
     request = make_mocked_request("POST", "/v1/responses")
-    call = Call(
-        Kind.RESPONSES, request, Principal(principal, id=f"key:{principal}"), "bridged", fields, bool(body.get("stream"))
-    )
+    caller = Principal(principal, id=f"key:{principal}")
+    call = Call(Kind.RESPONSES, request, caller, "bridged", fields, bool(body.get("stream")))
     call.route_to(DEPLOYMENT)
     return call
 

@@ -194,7 +194,8 @@ def stored_bytes(path: Path) -> int:
 async def save_chain(store: ResponseStore, owner: str, n: int, size: int = 10) -> None:
     for i in range(n):
         previous = f"resp_{i - 1}" if i else None
-        await store.save(f"resp_{i}", owner, {**RESPONSE, "id": f"resp_{i}"}, turn(i, size), previous)
+        response = {**RESPONSE, "id": f"resp_{i}"}
+        await store.save(f"resp_{i}", owner, response, turn(i, size), previous)
 
 
 async def test_a_chain_is_read_back_whole_in_order(store: ResponseStore) -> None:
@@ -351,7 +352,7 @@ async def test_rows_owned_by_a_name_are_dropped_with_a_log_line(
 async def test_an_unreadable_row_is_a_503_not_a_crash(store: ResponseStore, path: Path) -> None:
     await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE responses SET response = x'00ff', turn = x'00ff'")
+        db.execute("UPDATE responses SET response = x'00ff'")
     db.close()
     for read in (store.get, store.response):
         with pytest.raises(StoreUnavailable) as caught:
@@ -370,3 +371,14 @@ async def test_a_failed_write_is_store_unavailable(store: ResponseStore, path: P
         await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
     assert caught.value.code == "response_store_unavailable"
     assert "disk" not in caught.value.message  # the cause goes to the log, not to clients
+
+
+async def test_cleanup_gives_the_space_back_to_the_disk(path: Path) -> None:
+    store = ResponseStore(path, max_bytes=1)
+    try:
+        for i in range(100):
+            await store.save(f"resp_{i}", "alice", RESPONSE, turn(i, 10_000))
+        assert await store.cleanup() == 100
+    finally:
+        await store.close()  # checkpoints the WAL into the file
+    assert path.stat().st_size < 100_000  # not the ~1 MB the rows took

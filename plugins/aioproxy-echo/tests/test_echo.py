@@ -40,7 +40,9 @@ def make_proxy(aiohttp_client: Any, tmp_path: Path) -> MakeProxy:
     async def make(**settings: Any) -> Client:
         # Responses go through the core's bridge, which stores them: not in the working directory.
         store = {"responses": {"store_path": str(tmp_path / "responses.sqlite3")}}
-        app = create_app(config(**settings) | store, plugins=[aioproxy_echo], load_entrypoints=False)
+        app = create_app(
+            config(**settings) | store, plugins=[aioproxy_echo], load_entrypoints=False
+        )
         return await aiohttp_client(app)
 
     return make
