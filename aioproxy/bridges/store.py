@@ -201,20 +201,22 @@ class ResponseStore:
         if found is None:
             return None
         response, turns = found
-        try:
-            conversation = [message for turn in turns for message in _decode_turn(turn)]
-            return _decode_response(response), conversation
-        except msgspec.DecodeError as exc:
-            raise _unavailable(f"The stored response '{response_id}' cannot be read", exc) from None
+        conversation = [m for turn in turns for m in _decoded(_decode_turn, response_id, turn)]
+        return _decoded(_decode_response, response_id, response), conversation
 
     async def response(self, response_id: str, owner: str) -> dict[str, Any] | None:
         """The Response object alone (no walk of the chain), or None if absent, expired or
         another owner's."""
-        row = await self._run(self._response, response_id, owner, self._cutoff())
-        try:
-            return None if row is None else _decode_response(row)
-        except msgspec.DecodeError as exc:
-            raise _unavailable(f"The stored response '{response_id}' cannot be read", exc) from None
+        row = await self._run(self._column, "response", response_id, owner, self._cutoff())
+        return None if row is None else _decoded(_decode_response, response_id, row)
+
+    async def input_messages(self, response_id: str, owner: str) -> list[dict[str, Any]] | None:
+        """The response's own input (not its chain's), as the chat messages the bridge sent,
+        or None if absent, expired or another owner's (for ``input_items``)."""
+        row = await self._run(self._column, "turn", response_id, owner, self._cutoff())
+        if row is None:
+            return None
+        return _decoded(_decode_turn, response_id, row)[:-1]  # the last message is the answer
 
     async def delete(self, response_id: str, owner: str) -> bool:
         """Delete the response; False if absent or another owner's. Responses that chain onto
@@ -306,11 +308,12 @@ class ResponseStore:
                     (previous_id, MAX_CHAIN, now, owner),
                 )
 
-    def _response(self, response_id: str, owner: str, cutoff: int) -> bytes | None:
+    def _column(self, column: str, response_id: str, owner: str, cutoff: int) -> bytes | None:
+        """One column (``response`` or ``turn``) of one row."""
         row = (
             self._conn()
             .execute(
-                "SELECT response FROM responses WHERE id = ? AND owner = ? AND touched_at >= ?",
+                f"SELECT {column} FROM responses WHERE id = ? AND owner = ? AND touched_at >= ?",
                 (response_id, owner, cutoff),
             )
             .fetchone()
@@ -364,6 +367,14 @@ class ResponseStore:
             # step of it, which frees one page.
             db.executescript("PRAGMA incremental_vacuum")
         return deleted
+
+
+def _decoded(decode: Callable[[bytes], Any], response_id: str, raw: bytes) -> Any:
+    """``decode(raw)``; a row that cannot be read is StoreUnavailable (logged), not a 500."""
+    try:
+        return decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _unavailable(f"The stored response '{response_id}' cannot be read", exc) from None
 
 
 def _unavailable(what: str, exc: Exception) -> StoreUnavailable:

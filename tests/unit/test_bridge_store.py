@@ -382,3 +382,9 @@ async def test_cleanup_gives_the_space_back_to_the_disk(path: Path) -> None:
     finally:
         await store.close()  # checkpoints the WAL into the file
     assert path.stat().st_size < 100_000  # not the ~1 MB the rows took
+
+
+async def test_input_messages_are_the_response_s_own(store: ResponseStore) -> None:
+    await save_chain(store, "alice", 2)
+    assert await store.input_messages("resp_1", "alice") == turn(1)[:-1]
+    assert await store.input_messages("resp_1", "bob") is None
