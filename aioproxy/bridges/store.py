@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from ..context import Principal
 
 __all__ = ["BrokenChain", "ResponseStore", "StoreUnavailable", "owner_of"]
+
+# How the store waits for its next cleanup: loop.call_later's signature (tests pass their own).
+Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
 
 log = logging.getLogger("aioproxy")
 
@@ -94,18 +97,20 @@ class ResponseStore:
         max_bytes: int | None = None,
         cleanup_interval: float = 300.0,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        schedule: Schedule | None = None,
     ) -> None:
         self.path = str(path)
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.cleanup_interval = cleanup_interval
         self._clock = clock
-        self._sleep = sleep
+        self._schedule = schedule  # None: the running loop's call_later
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._opening: asyncio.Future[None] | None = None
-        self._cleaner: asyncio.Task[None] | None = None
+        # Between two cleanups only a timer waits, no task: the store holds no task while idle.
+        self._timer: asyncio.Handle | None = None
+        self._cleaning: asyncio.Future[None] | None = None
         self._closed = False
 
     def check(self) -> None:
@@ -127,8 +132,10 @@ class ResponseStore:
 
     def start(self) -> None:
         """Start the periodic cleanup (expiry and size bound), off the request path."""
-        if self._cleaner is None and (self.ttl is not None or self.max_bytes is not None):
-            self._cleaner = asyncio.ensure_future(self._clean_periodically())
+        if self._timer is None and (self.ttl is not None or self.max_bytes is not None):
+            if self._schedule is None:
+                self._schedule = asyncio.get_running_loop().call_later
+            self._plan_cleanup()
 
     async def open(self) -> None:
         """Open (creating if need be) the database file and its table; done once, whoever
@@ -151,11 +158,13 @@ class ResponseStore:
 
     async def close(self) -> None:
         self._closed = True
-        cleaner, self._cleaner = self._cleaner, None
-        if cleaner is not None:
-            cleaner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cleaner
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        cleaning, self._cleaning = self._cleaning, None
+        if cleaning is not None and not cleaning.done():
+            with contextlib.suppress(Exception):
+                await cleaning  # let a cleanup in flight finish its statement
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
             with contextlib.suppress(Exception):
@@ -228,17 +237,26 @@ class ResponseStore:
         number deleted."""
         return await self._run(self._cleanup, self._cutoff(), self.max_bytes)
 
-    async def _clean_periodically(self) -> None:
-        while True:
-            await self._sleep(self.cleanup_interval)
+    def _plan_cleanup(self) -> None:
+        if not self._closed and self._schedule is not None:
+            self._timer = self._schedule(self.cleanup_interval, self._cleanup_due)
+
+    def _cleanup_due(self) -> None:
+        self._timer = None
+        self._cleaning = asyncio.ensure_future(self._clean_then_plan())
+
+    async def _clean_then_plan(self) -> None:
+        try:
             if self._executor is None and (self._in_memory() or not Path(self.path).exists()):
-                continue  # nothing stored yet: do not load SQLite for nothing
-            try:
-                deleted = await self.cleanup()
-            except StoreUnavailable:
-                continue  # logged; the next run tries again
+                return  # nothing stored yet: do not load SQLite for nothing
+            deleted = await self.cleanup()
             if deleted:
                 log.info("response store: %d expired or evicted responses deleted", deleted)
+        except StoreUnavailable:
+            pass  # logged; the next run tries again
+        finally:
+            self._cleaning = None
+            self._plan_cleanup()
 
     def _cutoff(self) -> int:
         """Rows touched before this are expired."""

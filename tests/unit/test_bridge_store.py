@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -286,24 +287,23 @@ async def test_the_size_bound_never_cuts_a_chain_in_its_middle(path: Path) -> No
 
 
 async def test_the_periodic_cleanup_runs_off_the_request_path(path: Path) -> None:
-    """The cleanup task sleeps on an injected sleep; each wake-up runs one cleanup."""
+    """A timer (here a fake one, run by hand) starts each cleanup, which plans the next."""
     clock = FakeClock()
-    asleep: asyncio.Queue[float] = asyncio.Queue()
-    wake = asyncio.Event()
+    planned: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
 
-    async def sleep(seconds: float) -> None:
-        asleep.put_nowait(seconds)
-        await wake.wait()
-        wake.clear()
+    def schedule(delay: float, callback: Any) -> asyncio.Handle:
+        planned.put_nowait((delay, callback))
+        return asyncio.get_running_loop().call_soon(lambda: None)  # a handle close can cancel
 
-    store = ResponseStore(path, ttl=100, cleanup_interval=60, clock=clock, sleep=sleep)
+    store = ResponseStore(path, ttl=100, cleanup_interval=60, clock=clock, schedule=schedule)
     try:
         await store.save("resp_1", "alice", RESPONSE, turn(1))
         store.start()
-        assert await asyncio.wait_for(asleep.get(), 10) == 60
+        delay, due = planned.get_nowait()
+        assert delay == 60
         clock.now += 101
-        wake.set()
-        await asyncio.wait_for(asleep.get(), 10)  # asleep again: the cleanup has run
+        due()
+        await asyncio.wait_for(planned.get(), 10)  # the next one is planned: this one is done
         with sqlite3.connect(path) as db:
             assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
         db.close()
