@@ -179,6 +179,12 @@ class ResponsesConfig(Base):
 
     store_path: str = "aioproxy-responses.sqlite3"  # relative paths: to the working directory
     store: bool = True  # False: never store, whatever the request says
+    # Seconds a response is kept after it was created or last chained onto (OpenAI: 30 days).
+    ttl: PositiveFloat | None = 30 * 24 * 3600.0
+    # Bytes of stored responses beyond which the least recently used are deleted (None: no bound).
+    max_bytes: Annotated[int, Meta(ge=1)] | None = 1 << 30
+    # Seconds between two runs of the cleanup that enforces ttl and max_bytes, off the request path.
+    cleanup_interval: PositiveFloat = 300.0
 
 
 class PluginsConfig(Base):
@@ -257,6 +263,27 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return parse_config(raw, str(path), env)
 
 
+def _check_key_names(auth: AuthConfig, source: str) -> None:
+    """Key names are unique: logs and plugins tell keys apart by them (as config_auth names
+    them: "master", then each key's ``name`` or ``key-<i>``)."""
+    generated = {f"key-{i}" for i, vkey in enumerate(auth.keys) if vkey.name is None}
+    named: set[str] = set()
+    for i, vkey in enumerate(auth.keys):
+        name = vkey.name
+        if name is None:
+            continue
+        if name == "master":
+            problem = "is the master key's"
+        elif name in generated:
+            problem = "is the name of an unnamed key"
+        elif name in named:
+            problem = "is taken by an earlier key"
+        else:
+            named.add(name)
+            continue
+        raise ConfigError(f"{source}: the key name {name!r} {problem} - at `$.auth.keys[{i}].name`")
+
+
 def _check(config: Config, source: str) -> None:
     """Cross-field checks that msgspec's per-field constraints cannot express."""
     from .routes import KINDS  # routes does not import config: no cycle at import time
@@ -266,6 +293,7 @@ def _check(config: Config, source: str) -> None:
     for i, vkey in enumerate(config.auth.keys):
         if not vkey.key.strip():
             raise ConfigError(f"{source}: the key is empty - at `$.auth.keys[{i}].key`")
+    _check_key_names(config.auth, source)
 
     for kind, paths in config.aliases.items():
         if kind not in KINDS:

@@ -121,7 +121,17 @@ class Gateway:
         them through the bridges (``aioproxy.bridges``); so does a deployment whose
         ``endpoints`` leave them out, or whose upstream turns out to lack ``/v1/responses``.
         """
-        store = ResponseStore(self.config.responses.store_path) if self.config.responses.store else None
+        settings = self.config.responses
+        store = (
+            ResponseStore(
+                settings.store_path,
+                ttl=settings.ttl,
+                max_bytes=settings.max_bytes,
+                cleanup_interval=settings.cleanup_interval,
+            )
+            if settings.store
+            else None
+        )
         configured = [d for deployments in self.table.values() for d in deployments]
         self.natives = NativeResponses(store, configured)
         for name, factory in self.factories.items():
@@ -144,6 +154,7 @@ class Gateway:
                     )
         if store is not None and any(Kind.RESPONSES in m for m in self.serving.values()):
             store.check()  # opened by its first use
+            store.start()  # its periodic cleanup
             self.store = store
         else:  # nothing serves responses: nothing to keep
             self.natives.store = None

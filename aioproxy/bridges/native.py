@@ -21,7 +21,7 @@ from ..errors import NotFound, ProxyError
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of, split_events
 from .responses import _history as stored_history
-from .store import ResponseStore
+from .store import ResponseStore, owner_of
 
 __all__ = ["NativeResponses", "Owner", "route_missing"]
 
@@ -147,7 +147,7 @@ class NativeResponses:
         if previous is None:
             return False
         if isinstance(previous, str) and (owner := await self.owner(previous)) is not None:
-            if owner.principal != call.principal.id:
+            if owner.principal != owner_of(call.principal):
                 raise previous_not_found(previous)
             return False
         # Not created natively through here: the bridge's if this key's, else refused, as the
@@ -203,8 +203,9 @@ class NativeResponses:
             return  # an upstream that keeps nothing has nothing to read back
         key = deployment.key
         self.deployments.setdefault(key, deployment)
-        self._unwritten[created.id] = (key, call.principal.id)
-        task = asyncio.ensure_future(self._write(created.id, key, call.principal.id))
+        owner = owner_of(call.principal)
+        self._unwritten[created.id] = (key, owner)
+        task = asyncio.ensure_future(self._write(created.id, key, owner))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

@@ -17,12 +17,12 @@ import msgspec
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
-from ..streaming import data_of
+from ..streaming import data_of, sse_event
 from ..upstream import failure_from
 from .common import chat_call, events_of, first_event, once
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
-from .store import ResponseStore
+from .store import BrokenChain, ResponseStore, StoreUnavailable, owner_of
 
 __all__ = [
     "ChatRequest",
@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("aioproxy")
+
+# A response the store failed to keep still answers (the model's work is done and paid for), as
+# ``"store": false``, which tells a client it cannot chain onto it, and with this header.
+_NOT_STORED = {"Warning": '199 aioproxy "the response was not stored: the store is unavailable"'}
 
 
 def _error_from(payload: Any, call: Call) -> ProxyError:
@@ -63,9 +67,11 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
         builder = ResponseBuilder(body, call.model, store=keep)
         reply = await chat(chat_call(call, request.body))
 
-        async def save() -> None:
+        async def save() -> bool:
+            """Store the response if asked; False if that failed (it then says so)."""
             if keep and store is not None:
-                await _save(store, call, builder, request)
+                return await _save(store, call, builder, request, previous_id)
+            return True
 
         if isinstance(reply, JSONReply):
             if reply.status >= 400:
@@ -88,9 +94,12 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
                 await close()
             if builder.error is not None:
                 raise builder.error
-        await save()
+        stored = await save()
         assert builder.final is not None
-        return JSONReply.of(builder.final)
+        answer = JSONReply.of(builder.final)
+        if not stored:
+            answer.headers = _NOT_STORED
+        return answer
 
     return responses
 
@@ -110,7 +119,17 @@ async def _history(
             param="previous_response_id",
             code="unsupported_parameter",
         )
-    found = await store.get(previous_id, call.principal.name)
+    try:
+        found = await store.get(previous_id, owner_of(call.principal))
+    except BrokenChain as broken:
+        # A deleted (or expired) response is gone from every conversation that went through
+        # it: continuing without it would send the model a conversation with a hole.
+        raise NotFound(
+            f"Previous response with id '{previous_id}' cannot be continued: the response"
+            f" '{broken.missing}' before it was deleted or has expired.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        ) from None
     if found is None:
         raise NotFound(
             f"Previous response with id '{previous_id}' not found.",
@@ -121,14 +140,21 @@ async def _history(
 
 
 async def _save(
-    store: ResponseStore, call: Call, builder: ResponseBuilder, request: ChatRequest
-) -> None:
+    store: ResponseStore,
+    call: Call,
+    builder: ResponseBuilder,
+    request: ChatRequest,
+    previous_id: str | None,
+) -> bool:
+    """Store the response (its turn only: the chain holds the rest); False if it failed."""
     assert builder.final is not None
-    conversation = [*request.history, *request.inputs, builder.chat_message()]
+    turn = [*request.inputs, builder.chat_message()]
     try:
-        await store.save(builder.id, call.principal.name, builder.final, conversation)
-    except Exception:  # the answer is still good; only chaining onto it will fail
-        log.exception("could not store response %s", builder.id)
+        await store.save(builder.id, owner_of(call.principal), builder.final, turn, previous_id)
+    except StoreUnavailable:  # logged; the answer is good, but it says it was not stored
+        builder.final["store"] = False
+        return False
+    return True
 
 
 def _decode(data: bytes, call: Call) -> ChatAnswer:
@@ -154,7 +180,7 @@ async def _translate(
     reply: StreamReply,
     first: bytes | None,
     call: Call,
-    save: Callable[[], Awaitable[None]] | None,
+    save: Callable[[], Awaitable[bool]] | None,
     close: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
     """Chat chunks in, Responses events out, each as soon as its chunk arrives.
@@ -193,8 +219,8 @@ async def _translate(
             return
         final = builder.finish()
         await close()  # release the chat stream's connection before the disk write
-        if save is not None:
-            await save()
+        if save is not None and not await save():
+            final[-1] = _final_event(builder)
         for out in final:
             yield out
     finally:
@@ -202,13 +228,24 @@ async def _translate(
 
 
 async def _whole(
-    builder: ResponseBuilder, reply: JSONReply, call: Call, save: Callable[[], Awaitable[None]]
+    builder: ResponseBuilder, reply: JSONReply, call: Call, save: Callable[[], Awaitable[bool]]
 ) -> AsyncIterator[bytes]:
     """The event sequence for a whole chat answer (a provider that did not stream)."""
     answer = _whole_answer(reply.body, call)
     events = builder.start()
     events += builder.feed(answer)
     events += builder.finish()
-    await save()
+    if not await save():
+        events[-1] = _final_event(builder)
     for event in events:
         yield event
+
+
+def _final_event(builder: ResponseBuilder) -> bytes:
+    """The stream's last event again, for a response whose ``store`` turned false after it
+    was encoded (the store failed to keep it)."""
+    assert builder.final is not None
+    completed = builder.final["status"] == "completed"
+    type_ = "response.completed" if completed else "response.incomplete"
+    payload = {"type": type_, "sequence_number": builder.sequence - 1, "response": builder.final}
+    return sse_event(type_, payload)

@@ -21,6 +21,7 @@ from ..providers import JSONReply
 from ..routes import Kind
 from .input_items import input_items, item_page
 from .native import not_found
+from .store import BrokenChain, owner_of
 
 __all__ = ["ResponseAction", "response_routes"]
 
@@ -71,13 +72,32 @@ class _Target:
         reply = await action(self.deployment, method, path)
         return web.Response(body=reply.body, status=reply.status, content_type="application/json")
 
-    async def stored(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The stored (bridged) response and its conversation; a 404 if there is none."""
+    @property
+    def owner(self) -> str:
+        return owner_of(self.principal)  # the key's identity, never its name
+
+    async def stored(self) -> dict[str, Any]:
+        """The stored (bridged) Response object; a 404 if there is none."""
         store = self.request.app[gateway_key].store
-        found = await store.get(self.response_id, self.principal.name) if store else None
+        found = await store.response(self.response_id, self.owner) if store else None
         if found is None:
             raise not_found(self.response_id)
         return found
+
+    async def conversation(self) -> list[dict[str, Any]]:
+        """The stored response's conversation, its answer last; when an earlier link of its
+        chain was deleted, only its own turn."""
+        store = self.request.app[gateway_key].store
+        try:
+            found = await store.get(self.response_id, self.owner) if store else None
+        except BrokenChain:
+            own = await store.input_messages(self.response_id, self.owner) if store else None
+            if own is None:
+                raise not_found(self.response_id) from None
+            return [*own, {}]  # the answer's place: input_items leaves the last message out
+        if found is None:
+            raise not_found(self.response_id)
+        return found[1]
 
 
 async def _target(request: web.Request) -> _Target:
@@ -88,7 +108,7 @@ async def _target(request: web.Request) -> _Target:
     owner = await gateway.natives.owner(response_id)
     if owner is None:
         return _Target(request, principal, None)
-    if owner.principal != principal.id:
+    if owner.principal != owner_of(principal):
         raise not_found(response_id)
     if owner.deployment is None:
         raise NotFound(
@@ -110,8 +130,7 @@ async def get_response(request: web.Request) -> web.Response:
         )
     if target.deployment is not None:
         return await target.ask_upstream("GET")
-    response, _ = await target.stored()
-    return _json(response)
+    return _json(await target.stored())
 
 
 async def delete_response(request: web.Request) -> web.Response:
@@ -120,7 +139,7 @@ async def delete_response(request: web.Request) -> web.Response:
     if target.deployment is not None:
         return await target.ask_upstream("DELETE")
     store = request.app[gateway_key].store
-    if store is None or not await store.delete(target.response_id, target.principal.name):
+    if store is None or not await store.delete(target.response_id, target.owner):
         raise not_found(target.response_id)
     return _json({"id": target.response_id, "object": "response", "deleted": True})
 
@@ -130,7 +149,7 @@ async def list_input_items(request: web.Request) -> web.Response:
     target = await _target(request)
     if target.deployment is not None:
         return await target.ask_upstream("GET", "/input_items")
-    _, conversation = await target.stored()
+    conversation = await target.conversation()
     return _json(item_page(input_items(conversation, target.response_id), request.query))
 
 

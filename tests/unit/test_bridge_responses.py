@@ -30,9 +30,8 @@ def make_call(body: dict[str, Any], principal: str = "alice") -> Call:
     body = {"model": "bridged", **body}
     fields = {k: msgspec.Raw(msgspec.json.encode(v)) for k, v in body.items()}
     request = make_mocked_request("POST", "/v1/responses")
-    call = Call(
-        Kind.RESPONSES, request, Principal(principal), "bridged", fields, bool(body.get("stream"))
-    )
+    caller = Principal(principal, id=f"key:{principal}")
+    call = Call(Kind.RESPONSES, request, caller, "bridged", fields, bool(body.get("stream")))
     call.route_to(DEPLOYMENT)
     return call
 
@@ -700,7 +699,7 @@ async def test_previous_response_id_prepends_the_stored_conversation(
         (await bridge(make_call({"input": "one", "instructions": "old rules"}))).body
     )
     assert first["store"] is True
-    stored = await store.get(first["id"], "alice")
+    stored = await store.get(first["id"], "key:alice")
     assert stored is not None and stored[0] == first
     second = msgspec.json.decode(
         (
@@ -739,7 +738,7 @@ async def test_a_streamed_response_is_stored_before_its_last_event(store: Respon
     async for raw in reply.events:
         event = parse([raw])[0]
         if event["type"] == "response.completed":
-            stored = await store.get(event["response"]["id"], "alice")
+            stored = await store.get(event["response"]["id"], "key:alice")
             assert stored is not None and stored[0] == event["response"]
             assert stored[1][-1] == {"role": "assistant", "content": "Hello"}
     await reply.aclose()
@@ -759,7 +758,7 @@ async def test_store_false_keeps_nothing(store: ResponseStore) -> None:
     bridge = make_responses_bridge(FakeChat(lambda call: completion()), store)
     response = msgspec.json.decode((await bridge(make_call({"input": "x", "store": False}))).body)
     assert response["store"] is False
-    assert await store.get(response["id"], "alice") is None
+    assert await store.get(response["id"], "key:alice") is None
 
 
 async def test_previous_response_id_without_a_store_is_refused() -> None:

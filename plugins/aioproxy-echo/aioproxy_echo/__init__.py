@@ -2,8 +2,9 @@
 
 Deterministic answers for tests, demos and load runs:
 
-* Chat echoes the last user message, completions each prompt, responses the last user message of
-  ``input`` (``instructions`` are counted, not echoed). Nothing to echo gives "Nothing to echo.".
+* Chat echoes the last user message, completions each prompt. Nothing to echo gives "Nothing to
+  echo.". Responses go through aioproxy's Responses bridge onto chat, like any chat-only
+  provider's: stored, so ``previous_response_id`` and ``GET /v1/responses/{id}`` work.
 * A token is a whitespace-separated word with the whitespace before it, so streamed deltas join
   back to the exact text. ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` cap
   the answer in words (finish_reason ``length``, or status ``incomplete``).

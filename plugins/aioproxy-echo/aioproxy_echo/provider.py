@@ -1,10 +1,15 @@
-"""The ``echo`` provider: every endpoint kind, answered from the request alone."""
+"""The ``echo`` provider: every endpoint kind, answered from the request alone.
+
+It has no ``responses`` method: the core's Responses bridge serves ``/v1/responses`` on its chat,
+storing each response, so that ``previous_response_id`` and ``GET /v1/responses/{id}`` behave
+as they do for any chat-only provider.
+"""
 
 from __future__ import annotations
 
 from aioproxy import Call, Provider, Reply
 
-from . import chat, completions, embeddings, responses
+from . import chat, completions, embeddings
 from .settings import EchoSettings
 
 __all__ = ["EchoProvider"]
@@ -21,9 +26,6 @@ class EchoProvider(Provider):
 
     async def completions(self, call: Call) -> Reply:
         return await completions.answer(call, self._settings_for(call))
-
-    async def responses(self, call: Call) -> Reply:
-        return await responses.answer(call, self._settings_for(call))
 
     async def embeddings(self, call: Call) -> Reply:
         return await embeddings.answer(call, self._settings_for(call))

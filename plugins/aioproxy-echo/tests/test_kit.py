@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aioproxy_echo
@@ -24,12 +25,16 @@ ECHOED = "Say hello to the kit"  # the kit's default message, echoed back
 
 
 @pytest.fixture
-async def proxy(aiohttp_server: Any) -> ProxyUnderTest:
+async def proxy(aiohttp_server: Any, tmp_path: Path) -> ProxyUnderTest:
     models = [
         {"name": "echo", "provider": "echo"},
         {"name": "slow-echo", "provider": "echo", "settings": {"delay": 0.02}},
     ]
-    return await start_proxy(aiohttp_server, {"models": models}, [aioproxy_echo])
+    # Responses go through the core's bridge, which stores them: not in the working directory.
+    responses = {"store_path": str(tmp_path / "responses.sqlite3")}
+    return await start_proxy(
+        aiohttp_server, {"models": models, "responses": responses}, [aioproxy_echo]
+    )
 
 
 async def test_chat(proxy: ProxyUnderTest) -> None:
