@@ -273,10 +273,10 @@ class Gateway:
         router = self.router
         error: BaseException | None = None
         deployment: Deployment | None = call.deployment
+        tried: set[str] = set()  # a model come back to in panic remembers what it tried
+        made = 0  # attempts so far: what the backoff doubles with
         while True:
             model, candidates = plan.model, plan.candidates
-            tried: set[str] = set()
-            made = 0  # attempts on this model so far: what the backoff doubles with
             while plan.attempts:
                 if deployment is None:
                     deployment = router.pick(model, candidates, tried, ignore_cooldown=plan.panic)

@@ -240,7 +240,9 @@ class Router:
         )
 
     def failed(self, deployment: Deployment, error: BaseException) -> None:
-        """Count a failure; enough of them within the window cool the deployment down."""
+        """Count a failure; enough of them within the window cool the deployment down, and so
+        does a 429's Retry-After, for as long as it asks (at most ``cooldown_seconds``): other
+        deployments serve meanwhile, rather than requests waiting for this one."""
         if not counts_toward_cooldown(error):
             return
         health = self.health(deployment)
@@ -251,9 +253,12 @@ class Router:
         window_start = now - self.config.cooldown_window
         while failures and failures[0] < window_start:
             failures.popleft()
-        if len(failures) >= self.config.cooldown_failures and self.config.cooldown_seconds > 0:
-            health.cooldown_until = now + self.config.cooldown_seconds
+        cooldown = self.config.cooldown_seconds
+        if len(failures) >= self.config.cooldown_failures and cooldown > 0:
+            health.cooldown_until = now + cooldown
             failures.clear()
+        elif (retry_after := _retry_after(error)) and cooldown > 0:
+            health.cooldown_until = max(health.cooldown_until, now + min(retry_after, cooldown))
 
     def backoff(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before retry ``attempt`` (1-based); None: the upstream asked for longer

@@ -27,6 +27,7 @@ from tests.conftest import (
     gateway_config,
     sdk,
 )
+from tests.fakes.clock import FakeClock
 from tests.fakes.openai_upstream import FakeOpenAI
 
 CHAT = "/v1/chat/completions"
@@ -959,3 +960,80 @@ async def test_before_request_reroute_keeps_in_flight_counts_balanced(
     assert {key: h.in_flight for key, h in gateway.router._health.items()} == dict.fromkeys(
         gateway.router._health, 0)
     assert pair.a.requests == pair.b.requests == [] and len(pair.c.requests) >= 1
+
+
+# -- cooldown never costs a request its retries (issue #10.1) ---------------------------------
+
+
+def cooling_config(pair: Pair, **routing: Any) -> dict[str, Any]:
+    """gpt-test on a and b, backup on c as its fallback; one failure cools a deployment down."""
+    return pair.config(backup=True, router={
+        "num_retries": 1, "cooldown_failures": 1, "cooldown_seconds": 600,
+        "fallbacks": {"gpt-test": ["backup"]}, **routing})
+
+
+def cool_down(proxy: TestServer, *models: str) -> None:
+    """Cool every deployment of ``models`` down, as one upstream failure each would."""
+    gateway = proxy.app[aioproxy.keys.gateway_key]
+    for model in models:
+        for deployment in gateway.table[model]:
+            gateway.router.failed(deployment, aioproxy.BadGateway("it failed"))
+
+
+async def test_everything_cooling_down_keeps_retries_and_fallbacks(start_proxy: StartProxy,
+                                                                   pair: Pair) -> None:
+    proxy = await start_proxy(cooling_config(pair))
+    clock = FakeClock().install(proxy)
+    cool_down(proxy, "gpt-test", "backup")
+    status, body, _ = await readiness(proxy)
+    assert status == 503
+    assert not any(row["available"] for row in rows_of(body) + rows_of(body, "backup"))
+
+    for fake in (pair.a, pair.b):
+        fake.faults = ["status:500"]
+    status, body = await chat(proxy)  # cooldown ignored for the whole plan, not one attempt
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+    assert [len(f.requests) for f in (pair.a, pair.b, pair.c)] == [1, 1, 1]
+    assert clock.sleeps == []
+
+
+async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
+        start_proxy: StartProxy, pair: Pair) -> None:
+    proxy = await start_proxy(cooling_config(pair))
+    FakeClock().install(proxy)
+    pair.a.faults, pair.c.faults = ["status:500"], ["status:500"]
+    cool_down(proxy, "backup")
+    gateway = proxy.app[aioproxy.keys.gateway_key]
+    gateway.router.failed(gateway.table["gpt-test"][0], aioproxy.BadGateway("a failed"))
+    pair.b.faults = ["status:503"]  # b, the only one available, fails and cools down too
+    status, body = await chat(proxy)
+    assert status == 200, body
+    assert len(pair.b.requests) == 1 and len(pair.a.requests) + len(pair.c.requests) >= 1
+
+
+async def test_a_429_with_retry_after_moves_on_at_once(start_proxy: StartProxy,
+                                                       pair: Pair) -> None:
+    config = cooling_config(pair, cooldown_failures=3, retry_after_max=30)
+    del config["models"][1]  # gpt-test on a only; backup on c
+    proxy = await start_proxy(config)
+    clock = FakeClock().install(proxy)
+    pair.a.retry_after = "20"
+    pair.a.faults = ["status:429"]
+    status, body = await chat(proxy)
+    assert status == 200 and len(pair.c.requests) == 1, body
+    assert clock.sleeps == [], "waited for a deployment while another could serve"
+    status, _ = await chat(proxy)  # a asked for 20 s: the next request does not knock either
+    assert status == 200 and (len(pair.a.requests), len(pair.c.requests)) == (1, 2)
+    clock.advance(21)
+    assert (await chat(proxy))[0] == 200 and len(pair.a.requests) == 2
+
+
+async def test_retry_after_is_waited_for_when_nothing_else_serves(
+        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await start_proxy(one_deployment(upstream_base, router={"retry_after_max": 30}))
+    clock = FakeClock().install(proxy)
+    fake.retry_after = "20"
+    fake.faults = ["status:429"]
+    status, body = await chat(proxy)
+    assert status == 200 and len(fake.requests) == 2, body
+    assert clock.sleeps == [20.0]
