@@ -1037,3 +1037,66 @@ async def test_retry_after_is_waited_for_when_nothing_else_serves(
     status, body = await chat(proxy)
     assert status == 200 and len(fake.requests) == 2, body
     assert clock.sleeps == [20.0]
+
+
+@pytest.mark.parametrize("fault", ["cut_body", "cut_chunked_body"])
+async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
+        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str, fault: str) -> None:
+    """Headers and part of a JSON body, then the connection closes: nothing was sent to the
+    client yet, so it is as retryable as a reset (issue #10.2)."""
+    proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 1}))
+    clock = FakeClock().install(proxy)
+    assert (await chat(proxy))[0] == 200  # the upstream connection is warm: the pool's case
+    fake.requests.clear()
+    fake.faults = [fault]
+    status, body = await chat(proxy)
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER, body
+    assert len(fake.requests) == 2 and fake.faulted[fault] == 1
+    assert len(clock.sleeps) == 1  # the retry's backoff, on the fake clock
+
+
+COMPLETION = json.dumps({
+    "id": "chatcmpl-raw", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                 "message": {"role": "assistant", "content": ANSWER}}],
+}).encode()
+CUT_ANSWERS = {
+    "content-length": b"Content-Length: %d\r\n\r\n" % len(COMPLETION) + COMPLETION[:40],
+    "chunked": b"Transfer-Encoding: chunked\r\n\r\n28\r\n" + COMPLETION[:40] + b"\r\n",
+    "close-delimited": b"Connection: close\r\n\r\n" + COMPLETION[:40],
+}
+
+
+@pytest.mark.parametrize("framing", list(CUT_ANSWERS))
+async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
+        start_proxy: StartProxy, framing: str) -> None:
+    """A raw HTTP/1.1 upstream: the first answer stops partway through its JSON body, whatever
+    its framing, then the connection closes; the second is whole (issue #10.2)."""
+    answers: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        status = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if not answers:
+            answers.append(b"cut")
+            writer.write(status + CUT_ANSWERS[framing])
+        else:
+            answers.append(b"whole")
+            writer.write(status + b"Content-Length: %d\r\n\r\n" % len(COMPLETION) + COMPLETION)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await start_proxy(one_deployment(f"http://127.0.0.1:{port}/v1",
+                                                 router={"num_retries": 1}))
+        FakeClock().install(proxy)
+        status, body = await chat(proxy)
+    finally:
+        server.close()
+    assert answers == [b"cut", b"whole"]
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER, body

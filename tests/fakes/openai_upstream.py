@@ -378,6 +378,14 @@ async def _act_on_fault(
         return web.Response(body=b"not json at all", content_type="application/json")
     if fault == "redirect":
         return web.Response(status=307, headers={"location": REDIRECT_LOCATION})
+    if fault in ("cut_body", "cut_chunked_body"):  # the headers, part of a JSON answer, no more
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        if fault == "cut_body":
+            response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choi')
+        _drop(request)
+        raise _ClientGone
     if fault in ("reset", "cut_stream"):  # without a stream, there is only the line left to cut
         _drop(request)
         raise _ClientGone
