@@ -150,7 +150,7 @@ class Gateway:
             await provider.start()
             self.providers[name] = provider
             native = provider.methods()
-            self.serving[name] = bridge_methods(native, store)
+            self.serving[name] = bridge_methods(native, store, self.config.completions, self)
             bridged |= Kind.RESPONSES not in native and Kind.CHAT_COMPLETIONS in native
         if store is not None and bridged:  # only the responses bridge keeps responses
             store.check()  # opened by its first use
@@ -250,6 +250,23 @@ class Gateway:
                 self._take(call, call.deployment)
                 plan.candidates = (call.deployment,)
         return plan
+
+    def admit(self, call: Call) -> None:
+        """Count a further upstream call of a request (a bridge's next chat call) on its
+        deployment as the request itself was counted; 429 when the deployment is at a cap."""
+        deployment = call.deployment
+        assert deployment is not None
+        if not self.router.within_caps(deployment):
+            refused = RateLimited(
+                f"Deployment {deployment.describe()} is at its rpm/tpm limit; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+            refused.caused_by_upstream = False  # our limit, not the upstream's: no cooldown
+            raise refused
+        self._take(call, deployment)
+
+    def dismiss(self, call: Call) -> None:
+        self._release(call)
 
     def _release(self, call: Call, tokens: int = 0) -> None:
         if call.lease is not None:

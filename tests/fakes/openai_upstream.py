@@ -112,6 +112,7 @@ class FakeOpenAI:
         self.prefix = prefix.rstrip("/")
         self.requests: list[Recorded] = []
         self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it has had in flight at once
         self.faults: list[str] = []
         self.fault_rates: dict[str, float] = dict(fault_rates or {})
         self.random = random.Random(seed)
@@ -182,6 +183,7 @@ class FakeOpenAI:
 
         async def route(request: web.Request) -> web.StreamResponse:
             self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 raw = await request.read()
                 body = _decode(raw)
