@@ -23,6 +23,7 @@ class FakeClock(Clock):
         super().__init__(self._now, self._sleep)
         self.time = start
         self.sleeps: list[float] = []
+        self.cancelled = 0  # sleeps that ended cancelled (the request went away meanwhile)
         self.hold = False
         self.sleeping = asyncio.Event()  # set while a held sleep waits
         self._released = asyncio.Event()
@@ -47,6 +48,9 @@ class FakeClock(Clock):
             self.sleeping.set()
             try:
                 await self._released.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
             finally:
                 self.sleeping.clear()
         self.time += delay

@@ -113,6 +113,8 @@ class FakeOpenAI:
         self.requests: list[Recorded] = []
         self.in_flight = 0
         self.max_in_flight = 0  # the most requests it has had in flight at once
+        # Called with each request as it arrives, e.g. to move a test's fake clock on.
+        self.on_request: Callable[[Recorded], None] | None = None
         self.faults: list[str] = []
         self.fault_rates: dict[str, float] = dict(fault_rates or {})
         self.random = random.Random(seed)
@@ -192,6 +194,8 @@ class FakeOpenAI:
                     request.method, request.path, headers, body, raw, request.query_string
                 )
                 self.requests.append(record)
+                if self.on_request is not None:
+                    self.on_request(record)
                 fault = record.fault = self._draw_fault()
                 if fault is not None:
                     self.faulted[fault] += 1
