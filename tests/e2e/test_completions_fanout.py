@@ -107,3 +107,17 @@ async def test_prompts_of_the_wrong_type_are_refused(start_proxy: StartProxy, fa
         response, error = await complete(proxy, prompt)
         assert response.status == 400 and error["param"] == "prompt", (prompt, error)
     assert fake.requests == []
+
+
+async def test_a_list_the_cap_cannot_take_is_a_429_not_a_cooldown(
+        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await start(start_proxy, upstream_base, {"rpm": 3},
+                        completions={"concurrency": 1}, router={"cooldown_failures": 1})
+    FakeClock().install(proxy)
+    response, error = await complete(proxy, ["a", "b", "c", "d", "e"])
+    assert response.status == 429 and error["code"] == "rate_limit_exceeded", error
+    assert len(fake.requests) == 3  # the calls the cap allowed; none beyond it
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.make_url("/health/readiness")) as health:
+            row = (await health.json())["deployments"][0]
+    assert row["failed"] == 0 and row["cooldown_remaining"] == 0 and row["in_flight"] == 0
