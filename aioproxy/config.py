@@ -175,7 +175,7 @@ class ResponsesConfig(Base):
 
 
 class CompletionsConfig(Base):
-    """Legacy ``/v1/completions`` through the bridge (chat-only providers): a chat call per prompt."""
+    """Legacy ``/v1/completions`` on chat-only providers (the bridge): a chat call per prompt."""
 
     # Prompts one request may carry. OpenAI's spec bounds no prompt list; 2048 is its bound on
     # the other batched input (embeddings ``input``), so no request written for OpenAI is refused.

@@ -32,7 +32,7 @@ from .outcome import Outcome
 from .payloads import decode_request
 from .plugins import Hooks
 from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
-from .router import Router, is_context_window_error, is_retryable
+from .router import Clock, Router, is_context_window_error, is_retryable
 from .routes import Kind
 from .upstream import failure_from, timeouts_of
 
@@ -122,6 +122,7 @@ class Gateway:
         config: Config,
         pm: pluggy.PluginManager,
         factories: Mapping[str, ProviderFactory],
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.hooks = Hooks(pm)
@@ -129,7 +130,7 @@ class Gateway:
         self.providers: dict[str, Provider] = {}
         self.serving: dict[str, dict[Kind, ProviderMethod]] = {}
         self.created = int(time.time())
-        self.router = Router(config.router)
+        self.router = Router(config.router, clock)  # its clock times retries too
         self.table = deployments_from(config)  # for /health/readiness
         self.store: ResponseStore | None = None  # stored responses, for the responses bridge
         interval = config.server.keepalive_interval
