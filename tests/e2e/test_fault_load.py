@@ -261,7 +261,7 @@ async def test_success_rate_under_a_sustained_fault_rate(
         bases[0],
         router={"num_retries": 1, "cooldown_failures": 3, "cooldown_window": 10,
                 "cooldown_seconds": 5, "fallbacks": {"gpt-test": ["backup"]}},
-        upstream={"timeouts": {"connect": 2, "first_byte": 0.1, "read": 2}},
+        upstream={"timeouts": {"connect": 2, "first_byte": 0.25, "read": 2}},
         server={"keepalive_interval": 0},
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
