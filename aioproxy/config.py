@@ -14,6 +14,7 @@ from msgspec import Meta
 
 __all__ = [
     "AuthConfig",
+    "CompletionsConfig",
     "Config",
     "ConfigError",
     "ModelEntry",
@@ -187,6 +188,16 @@ class ResponsesConfig(Base):
     cleanup_interval: PositiveFloat = 300.0
 
 
+class CompletionsConfig(Base):
+    """Legacy ``/v1/completions`` on chat-only providers (the bridge): a chat call per prompt."""
+
+    # Prompts one request may carry. OpenAI's spec bounds no prompt list; 2048 is its bound on
+    # the other batched input (embeddings ``input``), so no request written for OpenAI is refused.
+    max_prompts: Annotated[int, Meta(ge=1)] = 2048
+    # A request's chat calls in flight at once: one large list cannot crowd out other callers.
+    concurrency: Annotated[int, Meta(ge=1)] = 8
+
+
 class PluginsConfig(Base):
     strict: bool = False
     disable: list[str] = []
@@ -200,6 +211,7 @@ class Config(Base):
     router: RouterConfig = RouterConfig()
     plugins: PluginsConfig = PluginsConfig()
     responses: ResponsesConfig = ResponsesConfig()
+    completions: CompletionsConfig = CompletionsConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

@@ -34,6 +34,9 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     default_code: str | None = None
+    # Whether the upstream caused it; None: judged by status (see ``upstream_fault``). The gateway
+    # sets False on the errors it raises itself (a cap reached), which share an upstream status.
+    caused_by_upstream: bool | None = None
 
     def __init__(
         self,
@@ -54,6 +57,16 @@ class ProxyError(Exception):
         if type is not None:
             self.type = type
         self.headers = headers
+
+    @property
+    def upstream_fault(self) -> bool:
+        """The upstream caused it (unreachable, too slow, a 5xx, a 429 or 408 of its own), not
+        the request nor a bug of ours: what counts toward a deployment's cooldown."""
+        if self.caused_by_upstream is not None:
+            return self.caused_by_upstream
+        if self.code == "internal_error":
+            return False
+        return self.status >= 500 or self.status in (408, 429)
 
 
 class BadRequest(ProxyError):

@@ -32,7 +32,7 @@ from .outcome import Outcome
 from .payloads import decode_request
 from .plugins import Hooks
 from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
-from .router import Router, is_context_window_error, is_retryable
+from .router import Clock, Router, is_context_window_error, is_retryable
 from .routes import Kind
 from .upstream import failure_from, timeouts_of
 
@@ -43,28 +43,54 @@ log = logging.getLogger("aioproxy")
 
 
 class Plan:
-    """Where a call may go: the model (or fallback) being tried first, then fallback names."""
+    """Where a call may go: the model (or fallback) being tried, its candidates and the attempts
+    left on it, then fallback names.
 
-    __slots__ = ("model", "candidates", "fallbacks", "visited")
+    Cooldown only orders the plan, it never costs a request an attempt: a model passed over
+    because all its deployments are cooling down is kept in ``skipped``, and once the rest of the
+    plan is spent it is tried after all, cooldown ignored (``panic``, as Envoy does when too few
+    hosts are healthy), with the attempts it had left.
+    """
 
-    def __init__(self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str]):
+    __slots__ = ("model", "candidates", "attempts", "fallbacks", "visited", "panic", "skipped")
+
+    def __init__(
+        self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str],
+        attempts: int,
+    ) -> None:
         self.model = model  # the one being tried
         self.candidates = candidates
+        self.attempts = attempts  # left on ``model``: its num_retries + 1 at first
         self.fallbacks = list(fallbacks)
         self.visited = {model}  # each model is tried once, whatever cycles the config has
+        self.panic = False  # True: cooldown is ignored for the rest of the plan
+        self.skipped: list[tuple[str, tuple[Deployment, ...], int]] = []
 
     async def advance(self, gateway: Gateway, call: Call) -> bool:
-        """Move on to the next fallback model that has deployments; False when none is left."""
+        """Move on to the next fallback model the caller may use that has deployments, else back
+        to the models skipped while cooling down; False when none is left."""
         while self.fallbacks:
             name = self.fallbacks.pop(0)
             if name in self.visited:
                 continue
             self.visited.add(name)
+            if not gateway.allows(call, name):  # never served what it may not ask for
+                continue
             candidates = await gateway.candidates(call, name)
             if candidates:
                 self.model, self.candidates = name, candidates
+                self.attempts = gateway.router.policy(name).num_retries + 1
                 return True
+        if self.skipped:
+            self.model, self.candidates, self.attempts = self.skipped.pop(0)
+            self.panic = True
+            return True
         return False
+
+    def skip(self) -> None:
+        """Pass over the current model (nothing available), to come back to it in panic."""
+        if not self.panic:
+            self.skipped.append((self.model, self.candidates, self.attempts))
 
 
 # Errors that say a deployment is misconfigured (its key refused, a redirect): another
@@ -96,6 +122,7 @@ class Gateway:
         config: Config,
         pm: pluggy.PluginManager,
         factories: Mapping[str, ProviderFactory],
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.hooks = Hooks(pm)
@@ -108,7 +135,7 @@ class Gateway:
         self.overrides: dict[str, dict[Kind, ProviderMethod]] = {}
         self.natives = NativeResponses(None, ())  # native response ids; the store's, once started
         self.created = int(time.time())
-        self.router = Router(config.router)
+        self.router = Router(config.router, clock)  # its clock times retries too
         self.table = deployments_from(config)  # for /health/readiness
         self.store: ResponseStore | None = None  # stored responses, for the responses bridge
         interval = config.server.keepalive_interval
@@ -166,6 +193,8 @@ class Gateway:
         return bridge_methods(
             self.native[provider],
             self.natives.store,
+            self.config.completions,
+            self,
             endpoints=endpoints,
             natives=self.natives,
             fall_back=self._bridge_from_now_on,
@@ -223,11 +252,12 @@ class Gateway:
                 code="invalid_encoding",
             ) from None
         fields, model, stream = decode_request(body, kind)
-        if not principal.allows(model):
+        call = Call(kind, request, principal, model, fields, stream)
+        if not self.allows(call, model):
             raise PermissionDenied(
                 f"This API key may not use the model '{model}'", param="model"
             )
-        return Call(kind, request, principal, model, fields, stream)
+        return call
 
     async def candidates(self, call: Call, model: str) -> tuple[Deployment, ...]:
         """The deployments ``map_model`` offers for ``model`` (empty: the model is unknown)."""
@@ -240,29 +270,36 @@ class Gateway:
             return (mapped,)
         return tuple(mapped)
 
+    def allows(self, call: Call, model: str) -> bool:
+        """May ``call`` use ``model``: the model asked for and every model it may reach
+        (fallbacks, context-window fallbacks, whatever cooldown leads to) pass this one check,
+        where key and team limits belong as they come."""
+        return call.principal.allows(model)
+
     async def route(self, call: Call) -> Plan:
         """Choose the call's first deployment and run ``before_request``; the plan to dispatch.
 
         The first deployment comes from the model, else (all cooling down or over their caps)
-        from its fallbacks, else, as a last resort, from the model ignoring cooldown.
+        from its fallbacks, else from the same plan with cooldown ignored (``Plan.panic``).
         """
         candidates = await self.candidates(call, call.model)
         if not candidates:
             raise ModelNotFound(
                 f"The model '{call.model}' does not exist or is not served here", param="model"
             )
-        plan = Plan(call.model, candidates, self.router.policy(call.model).fallbacks)
-        while (deployment := self.router.pick(plan.model, plan.candidates)) is None:
+        policy = self.router.policy(call.model)
+        plan = Plan(call.model, candidates, policy.fallbacks, policy.num_retries + 1)
+        router = self.router
+        while (
+            deployment := router.pick(plan.model, plan.candidates, ignore_cooldown=plan.panic)
+        ) is None:
+            plan.skip()
             if not await plan.advance(self, call):
-                plan = Plan(call.model, candidates, ())
-                deployment = self.router.pick(call.model, candidates, ignore_cooldown=True)
-                if deployment is None:
-                    raise RateLimited(
-                        f"Every deployment of '{call.model}' is at its rpm/tpm limit; "
-                        "try again shortly",
-                        headers={"Retry-After": "1"},
-                    )
-                break
+                raise RateLimited(
+                    f"Every deployment of '{call.model}' is at its rpm/tpm limit; "
+                    "try again shortly",
+                    headers={"Retry-After": "1"},
+                )
         self._take(call, deployment)
         if self.hooks.before_request:
             await self.hooks.before_request.each(call=call)
@@ -272,6 +309,23 @@ class Gateway:
                 self._take(call, call.deployment)
                 plan.candidates = (call.deployment,)
         return plan
+
+    def admit(self, call: Call) -> None:
+        """Count a further upstream call of a request (a bridge's next chat call) on its
+        deployment as the request itself was counted; 429 when the deployment is at a cap."""
+        deployment = call.deployment
+        assert deployment is not None
+        if not self.router.within_caps(deployment):
+            refused = RateLimited(
+                f"Deployment {deployment.describe()} is at its rpm/tpm limit; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+            refused.caused_by_upstream = False  # our limit, not the upstream's: no cooldown
+            raise refused
+        self._take(call, deployment)
+
+    def dismiss(self, call: Call) -> None:
+        self._release(call)
 
     def _release(self, call: Call, tokens: int = 0) -> None:
         if call.lease is not None:
@@ -295,33 +349,41 @@ class Gateway:
         router = self.router
         error: BaseException | None = None
         deployment: Deployment | None = call.deployment
+        tried: set[str] = set()  # a model come back to in panic remembers what it tried
+        made = 0  # attempts so far: what the backoff doubles with
         while True:
             model, candidates = plan.model, plan.candidates
-            policy = router.policy(model)
-            tried: set[str] = set()
-            for attempt in range(policy.num_retries + 1):
+            while plan.attempts:
                 if deployment is None:
-                    deployment = router.pick(model, candidates, tried)
+                    deployment = router.pick(model, candidates, tried, ignore_cooldown=plan.panic)
                     if deployment is not None and deployment.key in tried:  # the same again
                         if _move_on_only(error):
                             break
-                        delay = router.backoff(attempt, error) if error else 0
+                        delay = router.backoff(made, error) if error else 0
                         if delay is None:
                             break
                         if delay:
-                            await asyncio.sleep(delay)
-                            deployment = router.pick(model, candidates, tried)  # may have changed
+                            await router.clock.sleep(delay)
+                            deployment = router.pick(  # may have changed meanwhile
+                                model, candidates, tried, ignore_cooldown=plan.panic
+                            )
                     if deployment is None:
-                        break  # all cooling down or capped: on to the fallbacks
+                        plan.skip()  # all cooling down (or capped): after the rest of the plan
+                        break
                     self._take(call, deployment)
+                plan.attempts -= 1
+                made += 1
                 tried.add(deployment.key)
                 try:
                     return await self._attempt(call, deployment)
                 except Exception as exc:
                     error = exc
-                    if is_context_window_error(exc) and policy.context_window_fallbacks:
-                        plan.fallbacks = [*policy.context_window_fallbacks, *plan.fallbacks]
-                        break
+                    if is_context_window_error(exc):
+                        plan.attempts = 0  # it will not fit this model however often it is tried
+                        windows = router.policy(model).context_window_fallbacks
+                        if windows:
+                            plan.fallbacks = [*windows, *plan.fallbacks]
+                            break
                     if not is_retryable(exc):
                         raise
                     log.warning("%s failed (%s); retrying", deployment.describe(), _brief(exc))
@@ -340,7 +402,7 @@ class Gateway:
         """One try on the taken deployment: the reply and a stream's first event, or an exception
         (the deployment released)."""
         router = self.router
-        started = time.monotonic()
+        started = router.clock.now()
         first_byte = timeouts_of(deployment, self.config).first_byte
         try:
             if first_byte is None:  # the upstream client's read timeout bounds it
@@ -356,7 +418,7 @@ class Gateway:
             if error is exc:
                 raise
             raise error from exc
-        router.succeeded(deployment, time.monotonic() - started)
+        router.succeeded(deployment, router.clock.now() - started)
         return reply, first
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:

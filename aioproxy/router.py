@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,14 @@ from .config import RouterConfig, Strategy
 from .context import Deployment
 from .errors import ProxyError
 
-__all__ = ["ModelPolicy", "Router", "is_context_window_error", "is_retryable"]
+__all__ = [
+    "Clock",
+    "ModelPolicy",
+    "Router",
+    "counts_toward_cooldown",
+    "is_context_window_error",
+    "is_retryable",
+]
 
 _LATENCY_SMOOTHING = 0.3  # weight of the newest sample in the moving average
 
@@ -81,6 +89,29 @@ class ModelPolicy:
     context_window_fallbacks: tuple[str, ...]
 
 
+class Clock:
+    """Time as a dependency: what routing reads (``now``) and what retries wait with (``sleep``).
+
+    Real time by default; tests pass a fake one and drive retries and cooldown without sleeping.
+    """
+
+    __slots__ = ("now", "sleep")
+
+    def __init__(
+        self,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.now = now
+        self.sleep = sleep
+
+
+def counts_toward_cooldown(error: BaseException) -> bool:
+    """Only failures the upstream caused cool a deployment down: never the request's own fault
+    (a 4xx) nor a bug of ours (any exception that is not a ProxyError, an internal_error)."""
+    return isinstance(error, ProxyError) and error.upstream_fault
+
+
 def is_retryable(error: BaseException) -> bool:
     """Worth another try: rate limits, timeouts and upstream (5xx) failures; never other 4xx."""
     if not isinstance(error, ProxyError):
@@ -107,8 +138,9 @@ def is_context_window_error(error: BaseException) -> bool:
 class Router:
     """Per-app routing state; single-threaded (the event loop), so no locks."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = clock or Clock()
         self._health: dict[str, Health] = {}
         self._policies: dict[str, ModelPolicy] = {}
 
@@ -160,7 +192,7 @@ class Router:
     ) -> Deployment | None:
         """A deployment of ``model`` by its strategy, preferring ones not ``tried``; None if none is
         available (all cooling down or over their caps)."""
-        now = time.monotonic()
+        now = self.clock.now()
         if len(candidates) == 1:
             only = candidates[0]
             return only if self._available(only, now, ignore_cooldown) else None
@@ -182,17 +214,22 @@ class Router:
             return choices[0]
         return random.choices(choices, weights)[0]
 
+    def within_caps(self, deployment: Deployment) -> bool:
+        """Whether ``deployment`` may take one more request now by its rpm/tpm caps (cooldown
+        aside: for the further upstream calls of a call already routed to it)."""
+        return self._available(deployment, self.clock.now(), True)
+
     def acquire(self, deployment: Deployment) -> None:
         health = self.health(deployment)
         health.in_flight += 1
         if deployment.rpm is not None:
-            health.requests.add(1, time.monotonic())
+            health.requests.add(1, self.clock.now())
 
     def release(self, deployment: Deployment, tokens: int = 0) -> None:
         health = self.health(deployment)
         health.in_flight -= 1
         if tokens and deployment.tpm is not None:
-            health.tokens.add(tokens, time.monotonic())
+            health.tokens.add(tokens, self.clock.now())
 
     def succeeded(self, deployment: Deployment, ttfb: float) -> None:
         health = self.health(deployment)
@@ -203,20 +240,25 @@ class Router:
         )
 
     def failed(self, deployment: Deployment, error: BaseException) -> None:
-        """Count a failure; enough of them within the window cool the deployment down."""
-        if isinstance(error, ProxyError) and not is_retryable(error):
-            return  # the request's fault, not the deployment's
+        """Count a failure; enough of them within the window cool the deployment down, and so
+        does a 429's Retry-After, for as long as it asks (at most ``cooldown_seconds``): other
+        deployments serve meanwhile, rather than requests waiting for this one."""
+        if not counts_toward_cooldown(error):
+            return
         health = self.health(deployment)
         health.failed += 1
-        now = time.monotonic()
+        now = self.clock.now()
         failures = health.failures
         failures.append(now)
         window_start = now - self.config.cooldown_window
         while failures and failures[0] < window_start:
             failures.popleft()
-        if len(failures) >= self.config.cooldown_failures and self.config.cooldown_seconds > 0:
-            health.cooldown_until = now + self.config.cooldown_seconds
+        cooldown = self.config.cooldown_seconds
+        if len(failures) >= self.config.cooldown_failures and cooldown > 0:
+            health.cooldown_until = now + cooldown
             failures.clear()
+        elif (retry_after := _retry_after(error)) and cooldown > 0:
+            health.cooldown_until = max(health.cooldown_until, now + min(retry_after, cooldown))
 
     def backoff(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before retry ``attempt`` (1-based); None: the upstream asked for longer
@@ -229,7 +271,7 @@ class Router:
 
     def snapshot(self, deployments: dict[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
         """Each deployment's state, for ``/health/readiness``: no keys, no addresses."""
-        now = time.monotonic()
+        now = self.clock.now()
         rows = []
         for model, candidates in deployments.items():
             for deployment in candidates:

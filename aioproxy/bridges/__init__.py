@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from ..config import CompletionsConfig
 from ..providers import ProviderMethod
 from ..routes import Kind
-from .completions import make_completions_bridge
+from .completions import Admission, make_completions_bridge
 from .native import FallBack, NativeResponses
 from .responses import make_responses_bridge
 from .store import ResponseStore
@@ -23,6 +24,8 @@ __all__ = [
 def bridge_methods(
     methods: dict[Kind, ProviderMethod],
     store: ResponseStore | None,
+    completions: CompletionsConfig = CompletionsConfig(),
+    admission: Admission | None = None,
     *,
     endpoints: Collection[Kind] | None = None,
     natives: NativeResponses | None = None,
@@ -33,6 +36,8 @@ def bridge_methods(
     Args:
         methods: the provider's own methods.
         store: the response store (None: disabled).
+        completions: the completions bridge's limits.
+        admission: counts the completions bridge's further chat calls against the limits.
         endpoints: the kinds the upstream serves itself (None: all of ``methods``); the
             others are bridged too.
         natives: the record of native response ids: a native ``responses`` is wrapped to
@@ -52,5 +57,5 @@ def bridge_methods(
     elif bridge is not None:
         served[Kind.RESPONSES] = bridge
     if chat is not None and Kind.COMPLETIONS not in served:
-        served[Kind.COMPLETIONS] = make_completions_bridge(chat)
+        served[Kind.COMPLETIONS] = make_completions_bridge(chat, completions, admission)
     return served

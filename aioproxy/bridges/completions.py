@@ -3,6 +3,10 @@
 Each prompt becomes one user message; a list of prompts becomes one chat call per prompt, their
 choices numbered in prompt order (``n`` per prompt), as OpenAI numbers them. Streams are relayed
 chunk by chunk as they arrive, one prompt after the other.
+
+A list is bounded (``[completions] max_prompts``), at most ``concurrency`` of its chat calls are
+in flight at once, and each call after the first is counted against the deployment's limits as a
+request of its own (``Admission``), the first being the request's.
 """
 
 from __future__ import annotations
@@ -11,17 +15,24 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
+from ..config import CompletionsConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
 from .common import chat_call, events_of, first_event, once, text_of, unsupported
 
-__all__ = ["chat_body", "completion_from_chat", "make_completions_bridge", "prompts_of"]
+__all__ = [
+    "Admission",
+    "chat_body",
+    "completion_from_chat",
+    "make_completions_bridge",
+    "prompts_of",
+]
 
 # Fields chat takes under the same name and meaning.
 _SAME_NAME = (
@@ -37,19 +48,79 @@ _SAME_NAME = (
     "seed",
     "service_tier",
 )
+# What the bridge reads of a request besides the prompt (decoded one by one, the rest never).
+_READ = (*_SAME_NAME, "suffix", "best_of", "logprobs", "echo", "stream", "stream_options")
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
-def prompts_of(body: dict[str, Any]) -> list[str]:
-    """The request's prompts: a string, or a list of strings (token ids are refused)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    if isinstance(prompt, list) and not prompt:
-        raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
-    raise unsupported("Prompts as token ids are", "prompt")
+class Admission(Protocol):
+    """Counts a request's further upstream calls against the limits its first one passed."""
+
+    def admit(self, call: Call) -> None:
+        """Count ``call`` on its deployment from now on; raise RateLimited over a limit."""
+
+    def dismiss(self, call: Call) -> None:
+        """``call`` is over: no longer in flight."""
+
+
+class _Prompts:
+    """The ``prompt`` field decoded typed, its length bounded as it is decoded: a string or a
+    list of up to ``max_prompts`` strings (token ids are read only to be refused)."""
+
+    def __init__(self, max_prompts: int) -> None:
+        self.max_prompts = max_prompts
+        many = Annotated[list[str | int | list[int]], msgspec.Meta(max_length=max_prompts)]
+        self.type: Any = str | many
+        self._decode = msgspec.json.Decoder(self.type).decode
+
+    def of_raw(self, raw: bytes | None) -> list[str]:
+        if raw is None:
+            raise _missing()
+        try:
+            return self._checked(self._decode(raw))
+        except msgspec.ValidationError as exc:
+            raise self._invalid(exc) from None
+
+    def of_value(self, value: Any) -> list[str]:
+        if value is None:
+            raise _missing()
+        try:
+            return self._checked(msgspec.convert(value, self.type))
+        except msgspec.ValidationError as exc:
+            raise self._invalid(exc) from None
+
+    @staticmethod
+    def _checked(prompt: str | list[Any]) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        raise unsupported("Prompts as token ids are", "prompt")
+
+    def _invalid(self, exc: msgspec.ValidationError) -> BadRequest:
+        if "length <=" in str(exc):
+            return BadRequest(
+                f"'prompt' holds too many prompts: at most {self.max_prompts} a request",
+                param="prompt", code="invalid_value",
+            )
+        return BadRequest(f"'prompt' is invalid: {exc}", param="prompt", code="invalid_value")
+
+
+def _missing() -> BadRequest:
+    return BadRequest(
+        "'prompt' is required", param="prompt", code="missing_required_parameter"
+    )
+
+
+_DEFAULT_PROMPTS = _Prompts(CompletionsConfig().max_prompts)
+
+
+def prompts_of(body: dict[str, Any], prompts: _Prompts = _DEFAULT_PROMPTS) -> list[str]:
+    """The prompts of a decoded request: a string, or a list of strings (token ids are
+    refused), at most ``max_prompts`` of them."""
+    return prompts.of_value(body.get("prompt"))
 
 
 def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
@@ -221,33 +292,46 @@ def completion_from_chat(
     return completion
 
 
-def make_completions_bridge(chat: ProviderMethod) -> ProviderMethod:
-    """The ``completions`` method of a provider that only has ``chat`` (its chat_completions)."""
+def make_completions_bridge(
+    chat: ProviderMethod,
+    config: CompletionsConfig = CompletionsConfig(),
+    admission: Admission | None = None,
+) -> ProviderMethod:
+    """The ``completions`` method of a provider that only has ``chat`` (its chat_completions);
+    ``admission`` counts each chat call after the first against the deployment's limits."""
+    reader = _Prompts(config.max_prompts)
+    concurrency = config.concurrency
 
     async def completions(call: Call) -> Reply:
-        body = call.json()
-        prompts = prompts_of(body)
+        prompts = reader.of_raw(call.fields.get("prompt"))
+        body = {name: call.get(name) for name in _READ if name in call.fields}
         bodies = [chat_body(body, prompt) for prompt in prompts]
         if call.stream:
-            return await _stream_reply(chat, call, body, prompts, bodies)
-        replies = await _all(chat(chat_call(call, b)) for b in bodies)
-        for reply in replies:
-            if isinstance(reply, StreamReply):
-                for other in replies:
-                    if isinstance(other, StreamReply):
-                        await other.aclose()
-                raise BadGateway(
-                    "The chat provider streamed an answer that was not asked to stream"
-                )
+            return await _stream_reply(chat, call, body, prompts, bodies, admission)
+
+        async def answer(number: int) -> Reply:
+            sub = chat_call(call, bodies[number])
+            if number == 0 or admission is None:  # the first is the request's own, counted
+                return await chat(sub)
+            admission.admit(sub)
+            try:
+                return await chat(sub)
+            finally:
+                admission.dismiss(sub)
+
+        replies = await _all(answer, len(bodies), concurrency)
+        if any(isinstance(reply, StreamReply) for reply in replies):
+            await _close(replies)
+            raise BadGateway("The chat provider streamed an answer that was not asked to stream")
         for reply in replies:
             if isinstance(reply, JSONReply) and reply.status >= 400:
                 return reply  # a provider's own error answer: pass it on as it is
         try:
             completion = completion_from_chat(
-                [reply.body for reply in replies],
+                [reply.body for reply in replies],  # type: ignore[union-attr]
                 prompts,
                 body,
-                call.model,  # type: ignore[union-attr]
+                call.model,
             )
         except msgspec.DecodeError:
             raise BadGateway(
@@ -259,16 +343,32 @@ def make_completions_bridge(chat: ProviderMethod) -> ProviderMethod:
     return completions
 
 
-async def _all(calls: Any) -> list[Reply]:
-    """Run the chat calls concurrently; the first failure cancels the rest and is raised."""
-    tasks: list[asyncio.Task[Reply]] = []
+async def _all(
+    answer: Callable[[int], Awaitable[Reply]], count: int, concurrency: int
+) -> list[Reply]:
+    """``answer(0)`` ... ``answer(count - 1)``, at most ``concurrency`` at once, in order; the
+    first failure cancels the rest and is raised."""
+    replies: list[Reply | None] = [None] * count
+    numbers = iter(range(count))
+
+    async def worker() -> None:
+        for number in numbers:  # shared: each number is taken by one worker
+            replies[number] = await answer(number)
+
     try:
         async with asyncio.TaskGroup() as group:
-            for coro in calls:
-                tasks.append(group.create_task(coro))
+            for _ in range(min(concurrency, count)):
+                group.create_task(worker())
     except BaseExceptionGroup as group_error:
+        await _close(replies)
         raise group_error.exceptions[0] from None
-    return [task.result() for task in tasks]
+    return replies  # type: ignore[return-value]
+
+
+async def _close(replies: list[Reply | None]) -> None:
+    for reply in replies:
+        if isinstance(reply, StreamReply):
+            await reply.aclose()
 
 
 async def _stream_reply(
@@ -277,6 +377,7 @@ async def _stream_reply(
     body: dict[str, Any],
     prompts: list[str],
     bodies: list[dict[str, Any]],
+    admission: Admission | None,
 ) -> Reply:
     """Start the first prompt's chat stream (so its failure keeps its status), then relay."""
     reply = await chat(chat_call(call, bodies[0]))
@@ -293,7 +394,7 @@ async def _stream_reply(
             await current.pop()()
 
     return StreamReply(
-        _relay(chat, call, body, prompts, bodies, reply, first, current), close=close
+        _relay(chat, call, body, prompts, bodies, reply, first, current, admission), close=close
     )
 
 
@@ -306,6 +407,7 @@ async def _relay(
     reply: Reply,
     first: bytes | None,
     current: list[Callable[[], Awaitable[None]]],
+    admission: Admission | None,
 ) -> AsyncIterator[bytes]:
     n = body.get("n") or 1
     echo = bool(body.get("echo"))
@@ -317,7 +419,11 @@ async def _relay(
     try:
         for number, prompt in enumerate(prompts):
             if number:
-                reply = await chat(chat_call(call, bodies[number]))
+                sub = chat_call(call, bodies[number])
+                if admission is not None:
+                    admission.admit(sub)
+                    current.append(_dismissing(admission, sub))
+                reply = await chat(sub)
                 if isinstance(reply, StreamReply):
                     current.append(once(reply.aclose))
                     first = await first_event(reply)
@@ -381,6 +487,13 @@ async def _relay(
     finally:
         while current:
             await current.pop()()
+
+
+def _dismissing(admission: Admission, call: Call) -> Callable[[], Awaitable[None]]:
+    async def dismiss() -> None:
+        admission.dismiss(call)
+
+    return dismiss
 
 
 async def _single(reply: JSONReply) -> AsyncIterator[bytes]:

@@ -117,6 +117,9 @@ class FakeOpenAI:
         self.stored: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self.requests: list[Recorded] = []
         self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it has had in flight at once
+        # Called with each request as it arrives, e.g. to move a test's fake clock on.
+        self.on_request: Callable[[Recorded], None] | None = None
         self.faults: list[str] = []
         self.fault_rates: dict[str, float] = dict(fault_rates or {})
         self.random = random.Random(seed)
@@ -193,6 +196,7 @@ class FakeOpenAI:
 
         async def route(request: web.Request) -> web.StreamResponse:
             self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 raw = await request.read()
                 body = _decode(raw)
@@ -201,6 +205,8 @@ class FakeOpenAI:
                     request.method, request.path, headers, body, raw, request.query_string
                 )
                 self.requests.append(record)
+                if self.on_request is not None:
+                    self.on_request(record)
                 fault = record.fault = self._draw_fault()
                 if fault is not None:
                     self.faulted[fault] += 1
@@ -430,6 +436,14 @@ async def _act_on_fault(
         return web.Response(body=b"not json at all", content_type="application/json")
     if fault == "redirect":
         return web.Response(status=307, headers={"location": REDIRECT_LOCATION})
+    if fault in ("cut_body", "cut_chunked_body"):  # the headers, part of a JSON answer, no more
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        if fault == "cut_body":
+            response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choi')
+        _drop(request)
+        raise _ClientGone
     if fault in ("reset", "cut_stream"):  # without a stream, there is only the line left to cut
         _drop(request)
         raise _ClientGone
