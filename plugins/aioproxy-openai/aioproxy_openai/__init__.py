@@ -5,7 +5,10 @@ Bodies pass through as the client sent them, bar ``model``; streams pass through
 
 from __future__ import annotations
 
-from aioproxy import Call, Provider, Reply, hookimpl
+import aiohttp
+
+from aioproxy import Call, Config, Provider, Reply, hookimpl
+from aioproxy.headers import forwarded_names
 from aioproxy.hookspecs import RegisterProvider
 from aioproxy.upstream import deployment_timeout, forward
 
@@ -18,6 +21,11 @@ class OpenAIProvider(Provider):
     """Forwards every endpoint kind to ``{api_base}/<path>`` with the deployment's key."""
 
     name = "openai"
+
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        super().__init__(session, config)
+        # Lower-cased once: each name is sent once, whatever case the config and client use.
+        self._forwarded = forwarded_names(config.upstream.forward_headers)
 
     async def chat_completions(self, call: Call) -> Reply:
         return await self._forward(call, "/chat/completions")
@@ -45,20 +53,25 @@ class OpenAIProvider(Provider):
         )
 
     def _headers(self, call: Call) -> dict[str, str]:
-        """The upstream's headers, built afresh: the client's own key never travels upstream."""
+        """The upstream's headers, built afresh: the client's own key never travels upstream.
+
+        Names are lower case, so that a later one replaces an earlier one of any case: the
+        deployment's headers win over the client's, and its key over both.
+        """
         deployment = call.deployment
         assert deployment is not None
-        headers = {"Content-Type": "application/json"}
+        headers = {"content-type": "application/json"}
         client_headers = call.request.headers
-        for name in self.config.upstream.forward_headers:
+        for name in self._forwarded:
             value = client_headers.get(name)
             if value is not None:
                 headers[name] = value
-        headers.update(deployment.headers)
+        for name, value in deployment.headers.items():
+            headers[name.lower()] = value
         if deployment.api_key:
-            headers["Authorization"] = "Bearer " + deployment.api_key
+            headers["authorization"] = "Bearer " + deployment.api_key
         if call.stream:
-            headers["Accept"] = "text/event-stream"
+            headers["accept"] = "text/event-stream"
         return headers
 
 
