@@ -586,8 +586,8 @@ async def test_client_key_in_other_headers_is_never_forwarded(
     async with aiohttp.ClientSession() as http:
         for header in ({"Authorization": "Bearer sk-virtual-one"}, {"api-key": "sk-virtual-one"},
                        {"x-api-key": "sk-virtual-one"}):
-            async with http.post(proxy.make_url(CHAT), data=BODY,
-                                 headers={**header, "Content-Type": "application/json"}) as response:
+            headers = {**header, "Content-Type": "application/json"}
+            async with http.post(proxy.make_url(CHAT), data=BODY, headers=headers) as response:
                 assert response.status == 200, await response.text()
             assert "sk-virtual-one" not in json.dumps(fake.last.headers)
             assert fake.last.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"

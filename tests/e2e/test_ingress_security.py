@@ -137,7 +137,8 @@ async def test_every_content_encoding_but_identity_is_a_415(
 
 
 async def test_identity_encoding_is_served(proxy: TestServer, http: aiohttp.ClientSession) -> None:
-    response = await post(http, proxy.make_url(CHAT), BODY, {**AUTH, "Content-Encoding": "identity"})
+    response = await post(http, proxy.make_url(CHAT), BODY,
+                          {**AUTH, "Content-Encoding": "identity"})
     assert response.status == 200, await response.text()
 
 
