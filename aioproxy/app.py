@@ -105,7 +105,9 @@ def create_app(
     if open_mode:
         log.warning(
             "NO AUTHENTICATION: no master key or virtual keys are configured, so anyone who can "
-            "reach this proxy can use every model. Set [auth] master_key in the config."
+            "reach this proxy can use every model. Set [auth] master_key in the config. "
+            "(Meanwhile it answers only requests addressed to a loopback name, [server] host "
+            "or [server] allowed_hosts, and no other site's web pages.)"
         )
     return app
 

@@ -357,6 +357,24 @@ async def test_the_checks_hold_when_mounted(aiohttp_server: Any, upstream_base: 
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
 
 
+async def test_a_host_app_that_leaves_bodies_compressed_never_inflates_a_bomb(
+    aiohttp_server: Any, inflated: list[int], one_connection: aiohttp.ClientSession
+) -> None:
+    """The server is the host app's: with the handler_args the README gives, nothing inflates."""
+    import aioproxy_echo
+
+    parent = web.Application(handler_args={"auto_decompress": False})
+    parent.add_subapp("/llm", create_app({"models": [{"name": "echo", "provider": "echo"}]},
+                                         plugins=[aioproxy_echo], load_entrypoints=False))
+    server = await aiohttp_server(parent)
+    response = await post(one_connection, server.make_url("/llm" + CHAT), gzip_bomb(),
+                          {**JSON, "Content-Encoding": "gzip"})
+    await assert_openai_error(response, 415, "unsupported_content_encoding")
+    async with one_connection.get(server.make_url("/llm/health")) as health:
+        assert health.status == 200
+    assert inflated == [0]
+
+
 async def test_run_py_in_open_mode_refuses_pages_and_rebinding() -> None:
     async with running() as (port, _):
         url = f"http://127.0.0.1:{port}{CHAT}"
