@@ -109,6 +109,8 @@ def create_app(
             "(Meanwhile it answers only requests addressed to a loopback name, [server] host "
             "or [server] allowed_hosts, and no other site's web pages.)"
         )
+        if "*" in config.server.cors_origins:
+            log.warning("[server] cors_origins allows every origin: any web page can use it")
     return app
 
 

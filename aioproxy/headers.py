@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 __all__ = ["forwarded_names", "never_forwarded"]
+
+log = logging.getLogger("aioproxy")
 
 # The client's credentials: forwarded, they would reach the upstream or replace the deployment's.
 _CREDENTIALS = frozenset(
@@ -31,6 +34,16 @@ def never_forwarded(name: str) -> str | None:
 
 
 def forwarded_names(names: Iterable[str]) -> tuple[str, ...]:
-    """The configured names once each, lower-cased (header names ignore case); resolved at
-    start-up so that each request only looks them up."""
-    return tuple(dict.fromkeys(name.strip().lower() for name in names))
+    """The configured names once each, lower-cased (header names ignore case), bar those never
+    forwarded; resolved at start-up so that each request only looks them up.
+
+    A loaded config has had them refused already; a Config built in Python has not.
+    """
+    kept: dict[str, None] = {}
+    for name in names:
+        lowered = name.strip().lower()
+        if reason := never_forwarded(lowered):
+            log.warning("forward_headers: '%s' is %s, never forwarded; dropped", name, reason)
+        else:
+            kept[lowered] = None
+    return tuple(kept)

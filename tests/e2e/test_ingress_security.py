@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -426,3 +427,20 @@ async def test_forward_headers_ignore_case_and_send_each_header_once(
     assert sent["openai-beta"] == "assistants=v2"
     assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}"  # the deployment's key wins
     assert sent["content-type"] == "application/json; charset=utf-8"  # the deployment's, once
+
+
+async def test_a_config_built_in_python_never_forwards_credentials(
+    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a loaded config is checked; the provider drops such names whatever the source."""
+    config = parse_config(gateway_config(upstream_base))
+    upstream = msgspec.structs.replace(config.upstream,
+                                       forward_headers=["Cookie", "x-api-key", "x-request-id"])
+    proxy = await start_proxy(msgspec.structs.replace(config, upstream=upstream))
+    assert "'Cookie' is a credential" in caplog.text
+    response = await post(http, proxy.make_url(CHAT), BODY,
+                          {**AUTH, "Cookie": "session=1", "x-api-key": "k", "x-request-id": "r"})
+    assert response.status == 200, await response.text()
+    assert "cookie" not in fake.last.headers and "x-api-key" not in fake.last.headers
+    assert fake.last.headers["x-request-id"] == "r"
