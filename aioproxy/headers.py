@@ -29,7 +29,7 @@ def never_forwarded(name: str) -> str | None:
     if lowered in _CREDENTIALS or any(mark in lowered for mark in _CREDENTIAL_MARKS):
         return "a credential"
     if lowered in _HOP_BY_HOP or lowered.startswith("proxy-"):
-        return "a hop-by-hop header"
+        return "a hop-by-hop or body-framing header"
     return None
 
 
