@@ -17,6 +17,7 @@ from .errors import error_middleware
 from .gateway import Gateway
 from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
+from .ingress import Ingress
 from .keys import config_key, gateway_key, plugin_manager_key, pool_key, session_key
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings
@@ -72,10 +73,18 @@ def create_app(
     _check_providers(config, factories)
     check_settings(config, factories)
 
-    app = web.Application(
-        client_max_size=config.server.max_body_size, middlewares=[error_middleware]
-    )
     gateway = Gateway(config, pm, factories)
+    open_mode = _is_open(gateway)
+    app = web.Application(
+        client_max_size=config.server.max_body_size,
+        middlewares=[error_middleware],
+        # The server aiohttp builds for this app (run.py, run_app, the test server) leaves
+        # request bodies as sent: a compressed one is refused unread (Ingress), never inflated,
+        # not even while aiohttp drains a refused request's body. A host app mounting this one
+        # makes its own server: it should pass the same.
+        handler_args={"auto_decompress": False},
+    )
+    Ingress(config.server, open_mode).install(app)
     app[config_key] = config
     app[plugin_manager_key] = pm
     app[gateway_key] = gateway
@@ -91,7 +100,15 @@ def create_app(
 
     pm.hook.register_routes(register=register_route, config=config)
     app.cleanup_ctx.append(_upstream_context)
-    _warn_if_open(gateway)
+    if open_mode:
+        log.warning(
+            "NO AUTHENTICATION: no master key or virtual keys are configured, so anyone who can "
+            "reach this proxy can use every model. Set [auth] master_key in the config. "
+            "(Meanwhile it answers only requests addressed to a loopback name, [server] host "
+            "or [server] allowed_hosts, and no other site's web pages.)"
+        )
+        if "*" in config.server.cors_origins:
+            log.warning("[server] cors_origins allows every origin: any web page can use it")
     return app
 
 
@@ -123,11 +140,8 @@ def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -
             )
 
 
-def _warn_if_open(gateway: Gateway) -> None:
+def _is_open(gateway: Gateway) -> bool:
+    """No key is needed: only the built-in authentication runs, and it has no keys."""
     auth = gateway.config.auth
     builtin_only = len(gateway.hooks.authenticate.callers) <= 1
-    if builtin_only and not auth.master_key and not auth.keys:
-        log.warning(
-            "NO AUTHENTICATION: no master key or virtual keys are configured, so anyone who can "
-            "reach this proxy can use every model. Set [auth] master_key in the config."
-        )
+    return builtin_only and not auth.master_key and not auth.keys

@@ -158,12 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aioproxy: {exc}", file=sys.stderr)
         return 2
+    if args.host:  # the address served is the config's, for the Host check of open mode
+        config = msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, host=args.host)
+        )
     try:
         app = create_app(config, strict_plugins=args.strict_plugins)
     except (ConfigError, PluginLoadError) as exc:
         print(f"aioproxy: {source}: {exc}", file=sys.stderr)
         return 2
-    host = args.host or config.server.host
+    host = config.server.host
     port = config.server.port if args.port is None else args.port
     names = list(dict.fromkeys(entry.name for entry in config.models))
 

@@ -132,6 +132,13 @@ class ServerConfig(Base):
     # load balancers' idle timeouts do not cut it; 0 disables.
     keepalive_interval: Annotated[float, Meta(ge=0)] = 15.0
     shutdown_grace: Annotated[float, Meta(ge=0)] = 30.0  # for in-flight requests on SIGTERM
+    # Browser origins ("https://app.example.com", or "*") that may call the API from their
+    # pages: they get CORS answers, preflights included. Any other cross-site browser request
+    # (an Origin header naming another site) is refused, so a web page cannot spend the credits.
+    cors_origins: list[str] = []
+    # Open mode (no keys) answers only requests whose Host names a loopback address, `host` or
+    # one of these names ("*": any), so a page cannot reach it by DNS rebinding.
+    allowed_hosts: list[str] = []
 
 
 Strategy = Literal["weighted", "least-busy", "latency"]
@@ -166,7 +173,8 @@ class RouterConfig(Base):
 
 class UpstreamConfig(Base):
     timeouts: Timeouts = Timeouts()
-    # Client headers copied to the upstream call; everything else (auth above all) stays behind.
+    # Client headers copied to the upstream call (any case); everything else stays behind.
+    # Credentials and hop-by-hop headers are refused here (see aioproxy.headers).
     forward_headers: list[str] = msgspec.field(
         default_factory=lambda: ["openai-beta", "x-request-id"]
     )
@@ -298,6 +306,7 @@ def _check_key_names(auth: AuthConfig, source: str) -> None:
 
 def _check(config: Config, source: str) -> None:
     """Cross-field checks that msgspec's per-field constraints cannot express."""
+    from .headers import never_forwarded
     from .routes import KINDS  # routes does not import config: no cycle at import time
 
     if config.auth.master_key is not None and not config.auth.master_key.strip():
@@ -306,6 +315,13 @@ def _check(config: Config, source: str) -> None:
         if not vkey.key.strip():
             raise ConfigError(f"{source}: the key is empty - at `$.auth.keys[{i}].key`")
     _check_key_names(config.auth, source)
+
+    for i, name in enumerate(config.upstream.forward_headers):
+        if reason := never_forwarded(name):
+            raise ConfigError(
+                f"{source}: '{name}' is {reason}, never forwarded to an upstream"
+                f" - at `$.upstream.forward_headers[{i}]`"
+            )
 
     for kind, paths in config.aliases.items():
         if kind not in KINDS:

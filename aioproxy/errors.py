@@ -21,6 +21,7 @@ __all__ = [
     "PermissionDenied",
     "ProxyError",
     "RateLimited",
+    "UnsupportedMediaType",
     "UpstreamError",
     "error_body",
     "error_middleware",
@@ -100,6 +101,14 @@ class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    """A request body the proxy will not read: not JSON, or compressed."""
+
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class RateLimited(ProxyError):

@@ -246,9 +246,10 @@ class Gateway:
                 "The request body did not arrive in time", status=408,
                 type="invalid_request_error", code="request_timeout",
             ) from None
-        except (BadHttpMessage, RequestPayloadError):  # e.g. a Content-Encoding that won't decode
+        except (BadHttpMessage, RequestPayloadError):  # e.g. broken chunked framing (a
+            # compressed body never gets here: aioproxy.ingress refuses it unread)
             raise BadRequest(
-                "The request body could not be read (is its Content-Encoding right?)",
+                "The request body could not be read (its framing is broken)",
                 code="invalid_encoding",
             ) from None
         fields, model, stream = decode_request(body, kind)

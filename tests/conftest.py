@@ -90,7 +90,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+# What the openai SDK sends: its key, and a JSON Content-Type (bodies of any other are refused).
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
 
 
 async def assert_openai_error(

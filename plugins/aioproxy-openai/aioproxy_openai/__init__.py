@@ -5,7 +5,10 @@ Bodies pass through as the client sent them, bar ``model``; streams pass through
 
 from __future__ import annotations
 
-from aioproxy import Call, Deployment, JSONReply, Provider, Reply, hookimpl
+import aiohttp
+
+from aioproxy import Call, Config, Deployment, JSONReply, Provider, Reply, hookimpl
+from aioproxy.headers import forwarded_names
 from aioproxy.hookspecs import RegisterProvider
 from aioproxy.upstream import (
     answer_of,
@@ -27,6 +30,11 @@ class OpenAIProvider(Provider):
 
     name = "openai"
 
+    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
+        super().__init__(session, config)
+        # Lower-cased once: each name is sent once, whatever case the config and client use.
+        self._forwarded = forwarded_names(config.upstream.forward_headers)
+
     async def chat_completions(self, call: Call) -> Reply:
         return await self._forward(call, "/chat/completions")
 
@@ -47,9 +55,7 @@ class OpenAIProvider(Provider):
         upstream's JSON answer comes back as it is; its errors as the client's (a 404 stays a
         404), with the deployment's key, never the client's.
         """
-        headers = {"Content-Type": "application/json", **deployment.headers}
-        if deployment.api_key:
-            headers["Authorization"] = "Bearer " + deployment.api_key
+        headers = _deployment_headers(deployment)
         sending = self.session.request(
             method,
             _base(deployment) + path,
@@ -76,21 +82,32 @@ class OpenAIProvider(Provider):
         )
 
     def _headers(self, call: Call) -> dict[str, str]:
-        """The upstream's headers, built afresh: the client's own key never travels upstream."""
+        """The upstream's headers, built afresh: the client's own key never travels upstream.
+
+        Names are lower case, so that a later one replaces an earlier one of any case: the
+        deployment's headers win over the client's, and its key over both.
+        """
         deployment = call.deployment
         assert deployment is not None
-        headers = {"Content-Type": "application/json"}
         client_headers = call.request.headers
-        for name in self.config.upstream.forward_headers:
-            value = client_headers.get(name)
-            if value is not None:
-                headers[name] = value
-        headers.update(deployment.headers)
-        if deployment.api_key:
-            headers["Authorization"] = "Bearer " + deployment.api_key
+        forwarded = {n: v for n in self._forwarded if (v := client_headers.get(n)) is not None}
+        headers = _deployment_headers(deployment, forwarded)
         if call.stream:
-            headers["Accept"] = "text/event-stream"
+            headers["accept"] = "text/event-stream"
         return headers
+
+
+def _deployment_headers(
+    deployment: Deployment, forwarded: dict[str, str] | None = None
+) -> dict[str, str]:
+    """JSON, then the client's ``forwarded`` headers, the deployment's and its key, in that
+    order of precedence from weakest; lower case, so that each name is sent once."""
+    headers = {"content-type": "application/json", **(forwarded or {})}
+    for name, value in deployment.headers.items():
+        headers[name.lower()] = value
+    if deployment.api_key:
+        headers["authorization"] = "Bearer " + deployment.api_key
+    return headers
 
 
 def _base(deployment: Deployment) -> str:
