@@ -12,11 +12,18 @@ __all__ = ["Outcome", "Usage"]
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """Token counts, in chat-completions terms whatever the endpoint kind."""
+    """Token counts, in chat-completions terms whatever the endpoint kind.
+
+    ``cached_tokens`` are the part of ``prompt_tokens`` read from the provider's prompt cache,
+    and ``reasoning_tokens`` the part of ``completion_tokens`` spent thinking: both are priced
+    differently, so spend and metrics need them apart.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 class _UsageHolder(msgspec.Struct):
@@ -58,9 +65,23 @@ def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
         prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
         completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
         total = _count(raw.get("total_tokens")) or prompt + completion
+        cached = _count(_detail(raw, "prompt_tokens_details", "input_tokens_details", "cached_tokens"))
+        reasoning = _count(
+            _detail(raw, "completion_tokens_details", "output_tokens_details", "reasoning_tokens")
+        )
     except _Malformed:
         return None
-    return Usage(prompt, completion, total)
+    return Usage(prompt, completion, total, cached, reasoning)
+
+
+def _detail(raw: dict[str, Any], chat_name: str, responses_name: str, field: str) -> Any:
+    """``raw[chat_name][field]`` (chat's names) or ``raw[responses_name][field]`` (Responses')."""
+    details = raw.get(chat_name, raw.get(responses_name))
+    if details is None:
+        return None
+    if not isinstance(details, dict):
+        raise _Malformed
+    return details.get(field)
 
 
 class Outcome:
@@ -68,7 +89,7 @@ class Outcome:
 
     __slots__ = (
         "status", "stream", "body", "last_events", "events", "ttfb", "elapsed", "disconnected",
-        "_usage",
+        "cost", "_usage",
     )
 
     def __init__(self, status: int, stream: bool) -> None:
@@ -80,6 +101,9 @@ class Outcome:
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end
+        # USD, set by the spend plugin's after_response (tryfirst), so that the other
+        # after_response implementations can read it; None: not priced.
+        self.cost: float | None = None
         self._usage: Any = _UNKNOWN  # usage() once read (the tpm count and hooks may all ask)
 
     def usage(self) -> Usage | None:
