@@ -41,7 +41,7 @@ __all__ = ["ExampleProvider", "Settings", "register_providers"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """A deployment's ``settings``; keys it does not know are left to other plugins."""
+    """A deployment's ``settings``; a key it does not name stops start-up (a typo, say)."""
 
     max_words: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
 
