@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-PLUGIN = Path(__file__).resolve().parents[1]
-README = PLUGIN.parent / "README.md"
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+PLUGIN = PLUGINS / "aioproxy-example"
+README = PLUGINS / "README.md"
 # A fenced block whose first line is a comment naming a file of the example plugin.
 EXCERPT = re.compile(r"^```(?:python|toml)\n# (?P<path>\S+)\n(?P<code>.*?)^```$", re.M | re.S)
 
