@@ -123,8 +123,10 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
     """An upstream's error answer as the error the client sees.
 
     4xx and 5xx statuses pass through with the upstream's message (scrubbed of anything key-like),
-    except 401/403, which mean the *proxy's* upstream key was refused: the client's key is fine, so
-    that is a 502 for the client, without the upstream's words.
+    except where the proxy's configuration is at fault, not the request: 401/403 mean the
+    *proxy's* upstream key was refused (a 502, without the upstream's words), and a 404
+    ``model_not_found`` means the deployment's upstream model id is wrong (a 502, which the
+    router retries on another deployment).
     """
     where = deployment.describe()
     if status in (401, 403):
@@ -149,6 +151,11 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
         message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
     elif status >= 500:  # the upstream failed, not the request: say which deployment
         message = f"Deployment {where} answered {status}: {message}"
+    if status == 404 and code == "model_not_found":
+        return BadGateway(
+            scrub(f"Deployment {where}: the upstream has no such model: {message}", deployment),
+            code="upstream_model_not_found",
+        )
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "upstream_error"
     return ProxyError(
