@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import importlib
 import inspect
 import math
@@ -159,7 +160,7 @@ async def start_proxy(
     ``KIT_KEY``, no retries, no cooldown, and the Responses store in a temporary folder of its
     own, removed when the server closes. A :class:`~aioproxy.config.Config` is used as it is.
     """
-    scratch = None
+    scratch: Path | None = None
     if not isinstance(config, Config):
         scratch = Path(tempfile.gettempdir(), f"aioproxy-testing-{uuid.uuid4().hex}")
         store = {"store_path": str(scratch / "responses.sqlite3")}  # made on first use
@@ -168,14 +169,13 @@ async def start_proxy(
             merged[table] = {**defaults, **config.get(table, {})}
         config = parse_config(merged, "<aioproxy.testing>")
     app = create_app(config, plugins=plugins, load_entrypoints=False)
-    if scratch is not None:
-        folder = scratch
-
-        async def remove_scratch(_app: web.Application) -> None:  # after the store has closed
-            shutil.rmtree(folder, ignore_errors=True)
-
-        app.on_cleanup.append(remove_scratch)
+    if scratch is not None:  # on_cleanup runs after cleanup_ctx, so after the store has closed
+        app.on_cleanup.append(functools.partial(_remove_folder, scratch))
     return ProxyUnderTest(await aiohttp_server(app), config.auth.master_key)
+
+
+async def _remove_folder(folder: Path, _app: web.Application) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 StartProxy = Callable[..., Awaitable[ProxyUnderTest]]
@@ -804,7 +804,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     A project that set ``asyncio_mode`` (``--asyncio-mode``, ``-o`` or its configuration file)
     or ``asyncio_default_fixture_loop_scope`` keeps its choice; otherwise the kit picks ``auto``
-    (as pytest-aiohttp's README does) and ``function``, so that a plugin needs no pytest set-up.
+    and ``function``, so that a plugin needs no pytest set-up of its own.
     """
     if not config.pluginmanager.hasplugin("asyncio"):
         return  # pytest-asyncio is not installed: pytest_runtest_setup says what to do
