@@ -12,10 +12,13 @@ from typing import Any
 import openai
 import pytest
 
+from aioproxy import Deployment
+from aioproxy.upstream import read_upstream_error
 from tests.conftest import UPSTREAM_KEY, StartProxy, gateway_config, sdk
 from tests.fakes.openai_upstream import MISSING_MODEL, FakeOpenAI
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+DEPLOYMENT = Deployment(name="gpt-test", provider="openai", model="x")
 
 
 def deployment(api_base: str, model: str) -> dict[str, Any]:
@@ -48,3 +51,26 @@ async def test_another_deployment_answers_instead(
         for _ in range(4):  # whichever deployment is picked first, the answer comes
             done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
             assert done.model == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"error": {"message": "The model `x` does not exist or you do not have access to it.",'
+        b' "type": "invalid_request_error", "param": null, "code": "model_not_found"}}',  # OpenAI
+        b'{"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError",'
+        b' "param": null, "code": 404}',  # vLLM
+        b'{"error": {"message": "model \\"x\\" not found, try pulling it first",'
+        b' "type": "api_error", "param": null, "code": null}}',  # Ollama
+    ],
+    ids=["openai", "vllm", "ollama"],
+)
+def test_servers_saying_the_model_is_unknown(body: bytes) -> None:
+    error = read_upstream_error(404, body, DEPLOYMENT)
+    assert (error.status, error.code) == (502, "upstream_model_not_found")
+    assert "gpt-test (openai:x)" in error.message
+
+
+@pytest.mark.parametrize("body", [b'{"error": {"message": "File Not Found"}}', b"404 page not found"])
+def test_a_missing_route_stays_a_404(body: bytes) -> None:
+    assert read_upstream_error(404, body, DEPLOYMENT).status == 404
