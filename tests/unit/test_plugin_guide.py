@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import aioproxy_example
@@ -73,3 +74,9 @@ def test_the_settings_error_shown_is_the_one_start_up_gives() -> None:
 def test_the_lean_clients_answer_is_not_an_async_context_manager_as_the_guide_says() -> None:
     assert "**It\n  is not an async context manager**" in section("Calling the upstream")
     assert not hasattr(H1Response, "__aenter__")
+
+
+def test_the_config_shown_starts_the_example_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = re.findall(r"```toml\n(\[\[models\]\]\n.*?)```", section("The package"), re.S)
+    monkeypatch.setenv("TOY_KEY", "toy-secret")
+    create_app(tomllib.loads(block), plugins=[aioproxy_example], load_entrypoints=False)
