@@ -14,6 +14,7 @@ from .errors import (
     PermissionDenied,
     ProxyError,
     RateLimited,
+    UpstreamError,
 )
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
@@ -46,6 +47,7 @@ __all__ = [
     "Reply",
     "Secret",
     "StreamReply",
+    "UpstreamError",
     "Usage",
     "create_app",
     "hookimpl",

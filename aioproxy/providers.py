@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, ClassVar
@@ -126,11 +127,14 @@ class Provider:
     """
 
     name: ClassVar[str] = ""
-    # The shape of a deployment's ``settings`` table, as a msgspec Struct (keys it does not name
-    # are left to other plugins). The core checks every configured deployment against it when
-    # the app is created, so a bad value stops start-up with its field path; ``settings()``
-    # gives a request its deployment's settings, decoded once.
+    # The shape of a deployment's ``settings`` table, as a msgspec Struct. The core checks every
+    # configured deployment against it when the app is created, so a bad value or a key it does
+    # not name (a typo) stops start-up with its field path; ``settings()`` gives a request its
+    # deployment's settings, decoded once.
     settings_type: ClassVar[type[msgspec.Struct] | None] = None
+    # True: keys ``settings_type`` does not name are left alone, for a provider whose settings
+    # table also carries other plugins' keys (a typo then goes unnoticed).
+    allow_unknown_settings: ClassVar[bool] = False
 
     def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
         self.session = session
@@ -150,7 +154,7 @@ class Provider:
         if cached is not None and cached[0] is raw:
             return cached[1]
         try:
-            decoded = decode_settings(self.settings_type, raw)
+            decoded = decode_settings(self.settings_type, raw, self.allow_unknown_settings)
         except msgspec.ValidationError as exc:
             raise ProxyError(
                 f"Deployment {deployment.describe()} has invalid {self.name} settings: {exc}",
@@ -208,19 +212,42 @@ class Provider:
 ProviderFactory = Callable[[aiohttp.ClientSession, Config], Provider]
 
 
-def decode_settings(settings_type: type[msgspec.Struct], raw: dict[str, Any]) -> Any:
-    """Lax about types, as ``${VAR}`` in a config gives strings ("0.05"). Raises ValidationError."""
+def decode_settings(
+    settings_type: type[msgspec.Struct], raw: dict[str, Any], allow_unknown: bool = False
+) -> Any:
+    """``raw`` as ``settings_type``; a key it does not name is refused unless ``allow_unknown``.
+
+    Lax about types, as ``${VAR}`` in a config gives strings ("0.05"). Raises ValidationError,
+    whose message ends with the field's path (``- at `$.keep_alive```).
+    """
+    if not allow_unknown:
+        _refuse_unknown_keys(settings_type, raw)
     return msgspec.convert(raw, settings_type, strict=False)
+
+
+def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any]) -> None:
+    # Checked here rather than by forbid_unknown_fields, which a plugin's Struct may not set.
+    known = getattr(settings_type, "__struct_encode_fields__", None)
+    if known is None:
+        return
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise msgspec.ValidationError(f"Object contains unknown field `{key}`{hint} - at `$.{key}`")
 
 
 def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
     """Check every configured deployment's settings against its provider's ``settings_type``."""
     for i, entry in enumerate(config.models):
-        settings_type = getattr(factories.get(entry.provider), "settings_type", None)
+        factory = factories.get(entry.provider)
+        settings_type = getattr(factory, "settings_type", None)
         if settings_type is None:
             continue
         try:
-            decode_settings(settings_type, entry.settings)
+            decode_settings(
+                settings_type, entry.settings, getattr(factory, "allow_unknown_settings", False)
+            )
         except msgspec.ValidationError as exc:
             path = f"$.models[{i}].settings"
             message = str(exc)

@@ -17,16 +17,26 @@ Each ``check_*`` sends real HTTP through the proxy, over the raw wire and with t
         await check_cancellation(proxy, "m", lambda: fake.in_flight)
 
 Registered as a pytest plugin (entry point ``pytest11``), it also gives the ``aioproxy_server``
-fixture: ``proxy = await aioproxy_server(config, [plugin])``.
+fixture: ``proxy = await aioproxy_server(config, [plugin])``, and runs ``async def`` tests and
+fixtures with pytest-asyncio in auto mode unless the project chose a mode. ``pip install
+'aioproxy[testing]'`` brings what it needs (pytest, pytest-aiohttp, pytest-asyncio, openai).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import functools
+import importlib
 import inspect
+import math
+import shutil
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -86,6 +96,7 @@ _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "
 _FINAL_RESPONSE_STATUS = {"response.completed": "completed", "response.incomplete": "incomplete"}
 _decode = msgspec.json.decode
 _TIMEOUT = aiohttp.ClientTimeout(total=10)  # a hung provider fails its test instead of hanging it
+_INSTALL = "pip install 'aioproxy[testing]'"  # what the kit needs, beyond aioproxy
 
 Trigger = Callable[[], object]
 """Makes the fake upstream fail its next request; may return an awaitable."""
@@ -115,9 +126,15 @@ class ProxyUnderTest:
         """The absolute URL of ``path`` on the proxy."""
         return str(self.server.make_url(path))
 
+    def answer_models(self, model: str) -> frozenset[str]:
+        """What an answer to ``model`` may name as its ``model``: that name, or the upstream id
+        of one of its configured deployments."""
+        table = self.app[gateway_key].table
+        return frozenset({model, *(d.model for d in table.get(model, ()))})
+
     def openai(self, **options: Any) -> openai.AsyncOpenAI:
         """An ``openai.AsyncOpenAI`` on ``/v1`` that never retries; use it with ``async with``."""
-        import openai
+        openai = _needs("openai")
 
         options = {"max_retries": 0, "timeout": 10.0, **options}
         return openai.AsyncOpenAI(base_url=self.url(), api_key=self.api_key or "unused", **options)
@@ -140,15 +157,25 @@ async def start_proxy(
     """Serve ``config`` with ``plugins`` on 127.0.0.1 (installed plugins are not loaded).
 
     A mapping (the TOML's shape) gets the kit's defaults under its own values: master key
-    ``KIT_KEY``, no retries, no cooldown. A :class:`~aioproxy.config.Config` is used as it is.
+    ``KIT_KEY``, no retries, no cooldown, and the Responses store in a temporary folder of its
+    own, removed when the server closes. A :class:`~aioproxy.config.Config` is used as it is.
     """
+    scratch: Path | None = None
     if not isinstance(config, Config):
+        scratch = Path(tempfile.gettempdir(), f"aioproxy-testing-{uuid.uuid4().hex}")
+        store = {"store_path": str(scratch / "responses.sqlite3")}  # made on first use
         merged = dict(config)
-        for table, defaults in _KIT_DEFAULTS.items():
+        for table, defaults in {**_KIT_DEFAULTS, "responses": store}.items():
             merged[table] = {**defaults, **config.get(table, {})}
         config = parse_config(merged, "<aioproxy.testing>")
     app = create_app(config, plugins=plugins, load_entrypoints=False)
+    if scratch is not None:  # on_cleanup runs after cleanup_ctx, so after the store has closed
+        app.on_cleanup.append(functools.partial(_remove_folder, scratch))
     return ProxyUnderTest(await aiohttp_server(app), config.auth.master_key)
+
+
+async def _remove_folder(folder: Path, _app: web.Application) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 StartProxy = Callable[..., Awaitable[ProxyUnderTest]]
@@ -267,6 +294,21 @@ def _expect(obj: Mapping[str, Any], where: str, **fields: Any) -> None:
             assert value == expected, f"{where}: {name} is {value!r}, expected {expected!r}"
 
 
+Models = str | Collection[str] | None
+"""What an answer may name as its ``model`` (see :meth:`ProxyUnderTest.answer_models`); None:
+any string."""
+
+
+def _check_model(obj: Mapping[str, Any], where: str, model: Models) -> None:
+    if model is None:
+        return
+    allowed = {model} if isinstance(model, str) else set(model)
+    assert obj.get("model") in allowed, (
+        f"{where}: model is {obj.get('model')!r}, expected the requested name or a deployment's "
+        f"upstream id: {sorted(allowed)}"
+    )
+
+
 def _check_usage(usage: Any, where: str, input_key: str, output_key: str) -> None:
     assert isinstance(usage, Mapping), f"{where}: usage is {usage!r}, expected an object"
     for key in (input_key, output_key, "total_tokens"):
@@ -286,12 +328,16 @@ def _choices(body: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
     return choices
 
 
-def assert_chat_completion(obj: Any, *, usage: bool = True) -> str:
-    """A whole ``chat.completion`` (dict or SDK object); returns choice 0's content."""
+def assert_chat_completion(obj: Any, *, usage: bool = True, model: Models = None) -> str:
+    """A whole ``chat.completion`` (dict or SDK object); returns choice 0's content.
+
+    ``model`` (a name or names), if given, is what the answer's ``model`` must be.
+    """
     body = _as_dict(obj)
     where = "the chat completion"
     _no_error(body, where)
     _expect(body, where, id=str, object="chat.completion", created=int, model=str)
+    _check_model(body, where, model)
     for i, choice in enumerate(_choices(body, where)):
         message = choice.get("message")
         assert isinstance(message, Mapping), f"{where} choices[{i}]: message is {message!r}"
@@ -306,12 +352,13 @@ def assert_chat_completion(obj: Any, *, usage: bool = True) -> str:
     return body["choices"][0]["message"].get("content") or ""
 
 
-def assert_completion(obj: Any, *, usage: bool = True) -> str:
+def assert_completion(obj: Any, *, usage: bool = True, model: Models = None) -> str:
     """A whole legacy ``text_completion``; returns choice 0's text."""
     body = _as_dict(obj)
     where = "the completion"
     _no_error(body, where)
     _expect(body, where, id=str, object="text_completion", created=int, model=str)
+    _check_model(body, where, model)
     for i, choice in enumerate(_choices(body, where)):
         _expect(choice, f"{where} choices[{i}]", text=str)
     if usage:
@@ -364,13 +411,16 @@ def _assemble(chunks: list[Any], text_of: Callable[[Mapping[str, Any], str], Any
     return texts[0]
 
 
-def assert_chat_chunks(chunks: Sequence[Any], *, usage: bool = False, done: bool = True) -> str:
+def assert_chat_chunks(
+    chunks: Sequence[Any], *, usage: bool = False, done: bool = True, model: Models = None
+) -> str:
     """A ``chat.completion.chunk`` stream; returns choice 0's text.
 
     Each choice's first chunk alone has ``role: "assistant"``, then content deltas, and exactly
     one ``finish_reason``. With ``usage`` the last chunk has ``choices: []`` and the usage (no
     other chunk has usage). ``chunks`` as :func:`read_sse` gives them end with ``DONE_DATA``; pass
-    ``done=False`` for the SDK's chunk objects (it drops [DONE]).
+    ``done=False`` for the SDK's chunk objects (it drops [DONE]). ``model``: as
+    :func:`assert_chat_completion`, for every chunk.
     """
     items = _chunks(chunks, usage, done)
     roles: set[int] = set()
@@ -387,36 +437,59 @@ def assert_chat_chunks(chunks: Sequence[Any], *, usage: bool = False, done: bool
 
     for n, chunk in enumerate(items):
         _expect(chunk, f"chunk {n}", id=str, object="chat.completion.chunk", created=int, model=str)
+        _check_model(chunk, f"chunk {n}", model)
     return _assemble(items, text_of)
 
 
 def assert_completion_chunks(
-    chunks: Sequence[Any], *, usage: bool = False, done: bool = True
+    chunks: Sequence[Any], *, usage: bool = False, done: bool = True, model: Models = None
 ) -> str:
     """A legacy ``text_completion`` stream, as :func:`assert_chat_chunks` (without roles)."""
     items = _chunks(chunks, usage, done)
     for n, chunk in enumerate(items):
         _expect(chunk, f"chunk {n}", id=str, object="text_completion", created=int, model=str)
+        _check_model(chunk, f"chunk {n}", model)
     return _assemble(items, lambda choice, where: choice.get("text"))
 
 
-def assert_embeddings(obj: Any, n: int, dims: int | None) -> list[list[float]]:
-    """An embeddings ``list`` of ``n`` vectors of ``dims`` floats (any one size if None)."""
+def _float32s(text: str, where: str) -> list[float]:
+    """A base64 embedding as OpenAI sends it: packed little-endian float32s."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise AssertionError(f"{where}: embedding is not base64: {text[:60]!r}") from None
+    assert raw and len(raw) % 4 == 0, f"{where}: {len(raw)} bytes is not a whole number of float32s"
+    values = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    assert all(map(math.isfinite, values)), f"{where}: not little-endian float32s (NaN or inf)"
+    return values
+
+
+def assert_embeddings(
+    obj: Any, n: int, dims: int | None, *, base64: bool = False, model: Models = None
+) -> list[list[float]]:
+    """An embeddings ``list`` of ``n`` vectors of ``dims`` floats (any one size if None).
+
+    Each vector is a list of numbers, or with ``base64`` (the request's ``encoding_format:
+    "base64"``, which the ``openai`` SDK sends by default and decodes itself) a base64 string
+    of little-endian float32s. ``model``: as :func:`assert_chat_completion`.
+    """
     body = _as_dict(obj)
     where = "the embeddings"
     _no_error(body, where)
     _expect(body, where, object="list", model=str, data=list)
+    _check_model(body, where, model)
     assert len(body["data"]) == n, f"{where}: {len(body['data'])} vectors, expected {n}"
     vectors = []
     for i, item in enumerate(body["data"]):
-        _expect(item, f"{where} data[{i}]", object="embedding", index=i)
+        at = f"{where} data[{i}]"
+        _expect(item, at, object="embedding", index=i)
         vector = item.get("embedding")
-        if isinstance(vector, str):  # encoding_format "base64": packed little-endian float32s
-            raw = base64.b64decode(vector)
-            vector = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        if base64:
+            assert isinstance(vector, str), f"{at}: embedding is not a base64 string (asked for)"
+            vector = _float32s(vector, at)
         assert isinstance(vector, list) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector
-        ), f"{where} data[{i}]: embedding is not a list of numbers"
+        ), f"{at}: embedding is not a list of numbers"
         vectors.append(vector)
     sizes = {len(vector) for vector in vectors}
     expected = {dims} if dims is not None else set(list(sizes)[:1])
@@ -428,12 +501,13 @@ def assert_embeddings(obj: Any, n: int, dims: int | None) -> list[list[float]]:
     return vectors
 
 
-def assert_response(obj: Any, *, status: str = "completed") -> str:
+def assert_response(obj: Any, *, status: str = "completed", model: Models = None) -> str:
     """A Responses API ``response`` with ``status``; returns its output text."""
     body = _as_dict(obj)
     where = "the response"
     _no_error(body, where)
     _expect(body, where, id=str, object="response", created_at=int, model=str, status=status)
+    _check_model(body, where, model)
     output = body.get("output")
     assert isinstance(output, list), f"{where}: output is {output!r}"
     texts = []
@@ -452,7 +526,9 @@ def assert_response(obj: Any, *, status: str = "completed") -> str:
     return "".join(texts)
 
 
-def assert_response_events(events: Sequence[Any], *, final: str = "response.completed") -> str:
+def assert_response_events(
+    events: Sequence[Any], *, final: str = "response.completed", model: Models = None
+) -> str:
     """A Responses API event stream; returns the text its deltas add up to.
 
     ``sequence_number`` rises from 0; ``response.created`` comes first and ``final`` last, whose
@@ -481,7 +557,9 @@ def assert_response_events(events: Sequence[Any], *, final: str = "response.comp
     created, last = items[0]["response"], items[-1]["response"]
     assert created["id"] == last["id"], "response.created and the final event differ in id"
     text = "".join(deltas.values())
-    final_text = assert_response(last, status=_FINAL_RESPONSE_STATUS.get(final, last.get("status")))
+    status = _FINAL_RESPONSE_STATUS.get(final, last.get("status"))
+    final_text = assert_response(last, status=status, model=model)
+    _check_model(created, "response.created", model)
     assert final_text == text, f"the final response's text {final_text!r} is not {text!r}"
     return text
 
@@ -535,9 +613,10 @@ async def check_chat(
 ) -> str:
     """A chat completion, raw and through the SDK; returns the raw answer's content."""
     body = {"model": model, "messages": messages, **params}
-    text = assert_chat_completion(await _post(proxy, _CHAT, body, stream=False))
+    names = proxy.answer_models(model)
+    text = assert_chat_completion(await _post(proxy, _CHAT, body, stream=False), model=names)
     async with proxy.openai() as client:
-        assert_chat_completion(await client.chat.completions.create(**body))
+        assert_chat_completion(await client.chat.completions.create(**body), model=names)
     return text
 
 
@@ -550,12 +629,14 @@ async def check_chat_stream(
     the usage chunk comes last. Returns the text of the raw stream without usage.
     """
     body = {"model": model, "messages": messages, "stream": True, **params}
-    text = assert_chat_chunks(await _post(proxy, _CHAT, body, stream=True))
+    names = proxy.answer_models(model)
+    text = assert_chat_chunks(await _post(proxy, _CHAT, body, stream=True), model=names)
     with_usage = {**body, "stream_options": {"include_usage": True}}
-    assert_chat_chunks(await _post(proxy, _CHAT, with_usage, stream=True), usage=True)
+    chunks = await _post(proxy, _CHAT, with_usage, stream=True)
+    assert_chat_chunks(chunks, usage=True, model=names)
     async with proxy.openai() as client:
         stream = await client.chat.completions.create(**body)
-        assert_chat_chunks([chunk async for chunk in stream], done=False)
+        assert_chat_chunks([chunk async for chunk in stream], done=False, model=names)
     return text
 
 
@@ -564,9 +645,11 @@ async def check_completion(
 ) -> str:
     """A legacy completion, whole and streamed with usage; returns the whole answer's text."""
     body = {"model": model, "prompt": prompt, **params}
-    text = assert_completion(await _post(proxy, "/v1/completions", body, stream=False))
+    names = proxy.answer_models(model)
+    text = assert_completion(await _post(proxy, "/v1/completions", body, False), model=names)
     streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    assert_completion_chunks(await _post(proxy, "/v1/completions", streamed, True), usage=True)
+    chunks = await _post(proxy, "/v1/completions", streamed, True)
+    assert_completion_chunks(chunks, usage=True, model=names)
     return text
 
 
@@ -575,12 +658,14 @@ async def check_responses(
 ) -> str:
     """A Responses API call, whole and streamed, raw and through the SDK; returns the raw text."""
     body = {"model": model, "input": input, **params}
-    text = assert_response(await _post(proxy, "/v1/responses", body, stream=False))
-    assert_response_events(await _post(proxy, "/v1/responses", {**body, "stream": True}, True))
+    names = proxy.answer_models(model)
+    text = assert_response(await _post(proxy, "/v1/responses", body, False), model=names)
+    events = await _post(proxy, "/v1/responses", {**body, "stream": True}, True)
+    assert_response_events(events, model=names)
     async with proxy.openai() as client:
-        assert_response(await client.responses.create(**body))
+        assert_response(await client.responses.create(**body), model=names)
         stream = await client.responses.create(**body, stream=True)
-        assert_response_events([event async for event in stream])
+        assert_response_events([event async for event in stream], model=names)
     return text
 
 
@@ -591,15 +676,27 @@ async def check_embeddings(
     inputs: Sequence[str] = ("hello", "kit"),
     dims: int | None = None,
 ) -> list[list[float]]:
-    """Embeddings of ``inputs``: raw (floats, base64) and through the SDK; returns the vectors."""
+    """Embeddings of ``inputs``: raw (floats, base64) and through the SDK; returns the vectors.
+
+    The base64 answer must carry the float answer's vectors, as little-endian float32s.
+    """
     body = {"model": model, "input": list(inputs)}
-    n = len(inputs)
-    vectors = assert_embeddings(await _post(proxy, "/v1/embeddings", body, False), n, dims)
+    n, names = len(inputs), proxy.answer_models(model)
+    answer = await _post(proxy, "/v1/embeddings", body, False)
+    vectors = assert_embeddings(answer, n, dims, model=names)
     dims = len(vectors[0]) if vectors else dims
     as_base64 = {**body, "encoding_format": "base64"}
-    assert_embeddings(await _post(proxy, "/v1/embeddings", as_base64, False), n, dims)
-    async with proxy.openai() as client:
-        assert_embeddings(await client.embeddings.create(**body), n, dims)
+    answer = await _post(proxy, "/v1/embeddings", as_base64, False)
+    packed = assert_embeddings(answer, n, dims, base64=True, model=names)
+    # Close, not equal: float32s, and an upstream need not give the same bits twice.
+    same = all(
+        math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6)
+        for vector, decoded in zip(vectors, packed)
+        for a, b in zip(vector, decoded)
+    )
+    assert same, "the base64 answer's vectors are not the float answer's"
+    async with proxy.openai() as client:  # asks for base64 and decodes it
+        assert_embeddings(await client.embeddings.create(**body), n, dims, model=names)
     return vectors
 
 
@@ -624,8 +721,7 @@ async def check_error_mapping(
     fails before its first event, so it too gets ``status`` and a JSON error, not a 200 stream.
     Nothing may stay in flight. Returns the plain request's error object.
     """
-    import openai
-
+    openai = _needs("openai")
     body = {"model": model, "messages": HELLO}
     async with proxy.http() as http:
         await _fire(trigger)
@@ -678,3 +774,69 @@ async def check_cancellation(
             response.close()  # the client goes away mid-stream
     await _settle(count, timeout, "upstream request(s)")
     await _settle(lambda: proxy.in_flight(model), timeout, "proxy request(s)")
+
+
+# -- pytest set-up -------------------------------------------------------------------------------
+
+
+def _needs(module: str) -> Any:
+    """Import a test-time dependency, saying how to install it when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"aioproxy.testing needs {module}: {_INSTALL}") from exc
+
+
+def _configured(config: pytest.Config, name: str) -> bool:
+    """Whether a configuration file or ``-o`` sets the ini value ``name``."""
+    # pytest has no public way to ask: 9.x keeps file values and -o overrides in _inicfg (its
+    # inicfg is deprecated), 8.x in inicfg and _override_ini.
+    values = getattr(config, "_inicfg", None)
+    if values is not None:
+        return name in values
+    overrides = getattr(config, "_override_ini", ())
+    return name in config.inicfg or any(o.partition("=")[0] == name for o in overrides)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Run ``async def`` tests and fixtures with pytest-asyncio, on a loop per test.
+
+    A project that set ``asyncio_mode`` (``--asyncio-mode``, ``-o`` or its configuration file)
+    or ``asyncio_default_fixture_loop_scope`` keeps its choice; otherwise the kit picks ``auto``
+    and ``function``, so that a plugin needs no pytest set-up of its own.
+    """
+    if not config.pluginmanager.hasplugin("asyncio"):
+        return  # pytest-asyncio is not installed: pytest_runtest_setup says what to do
+    if config.getoption("asyncio_mode", None) is None and not _configured(config, "asyncio_mode"):
+        config.option.asyncio_mode = "auto"
+    if not _configured(config, "asyncio_default_fixture_loop_scope"):
+        # No public setter for an ini value: getini answers from this cache first.
+        config._inicache["asyncio_default_fixture_loop_scope"] = "function"
+
+
+# The fixtures that mark a test as one of the kit's (aiohttp_server under every kit proxy).
+_KIT_FIXTURES = frozenset({"aioproxy_server", "aiohttp_server", "aiohttp_client"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a kit test that nothing will run as a coroutine with the fix, not pytest's riddle."""
+    function = getattr(item, "obj", None)
+    if not inspect.iscoroutinefunction(function):
+        return
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if not fixtures & _KIT_FIXTURES:
+        return  # another project's async test, perhaps run by anyio or trio: not the kit's
+    try:
+        from pytest_asyncio import is_async_test
+    except ImportError:
+        pytest.fail(f"{item.nodeid}: pytest-asyncio is not installed: {_INSTALL}", pytrace=False)
+    if not is_async_test(item):
+        pytest.fail(
+            f"{item.nodeid} is async but pytest-asyncio does not run it: asyncio_mode is "
+            "'strict' here. aioproxy.testing picks 'auto' unless a project sets it; remove "
+            "asyncio_mode from your pytest configuration (or set it to \"auto\"), or mark the "
+            "test @pytest.mark.asyncio and its async fixtures @pytest_asyncio.fixture.",
+            pytrace=False,
+        )

@@ -117,14 +117,19 @@ class _UpstreamError(msgspec.Struct):
 
 
 _decode_error = msgspec.json.Decoder(_UpstreamError).decode
+# A 404 whose words are about the model, as servers without OpenAI's code say it ("The model
+# `x` does not exist.", 'model "x" not found'); a missing route's 404 ("Not Found") is not.
+_ABOUT_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
 
 
 def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> ProxyError:
     """An upstream's error answer as the error the client sees.
 
     4xx and 5xx statuses pass through with the upstream's message (scrubbed of anything key-like),
-    except 401/403, which mean the *proxy's* upstream key was refused: the client's key is fine, so
-    that is a 502 for the client, without the upstream's words.
+    except where the proxy's configuration is at fault, not the request: 401/403 mean the
+    *proxy's* upstream key was refused (a 502, without the upstream's words), and a 404 about
+    the model (OpenAI's ``model_not_found``; vLLM's and Ollama's words) means the deployment's
+    upstream model id is wrong (a 502, which the router retries on another deployment).
     """
     where = deployment.describe()
     if status in (401, 403):
@@ -144,8 +149,14 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
             message = parsed.message
     except msgspec.DecodeError:
         pass
+    said = message if message is not None else body[:_ERROR_PREVIEW].decode("utf-8", "replace")
+    if status == 404 and (code == "model_not_found" or _ABOUT_MODEL.search(said)):
+        return BadGateway(
+            scrub(f"Deployment {where}: the upstream has no such model: {said}", deployment),
+            code="upstream_model_not_found",
+        )
     if message is None:
-        text = body[:_ERROR_PREVIEW].decode("utf-8", "replace").strip()
+        text = said.strip()
         message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
     elif status >= 500:  # the upstream failed, not the request: say which deployment
         message = f"Deployment {where} answered {status}: {message}"

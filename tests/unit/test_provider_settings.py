@@ -53,3 +53,52 @@ def test_a_plugin_deployment_with_bad_settings_is_a_500_naming_it() -> None:
         provider.settings(deployment(level="high"))
     assert caught.value.status == 500 and caught.value.code == "invalid_settings"
     assert "k (knobs:k)" in caught.value.message
+
+
+class Spaced(msgspec.Struct, frozen=True, kw_only=True):
+    keep_alive: str = "1m"
+
+
+class SpacedProvider(Provider):
+    name = "spaced"
+    settings_type = Spaced
+
+
+class SharedProvider(SpacedProvider):
+    allow_unknown_settings = True  # its settings table also holds other plugins' keys
+
+
+def serving(provider: type[Provider]) -> object:
+    class Registers:
+        @hookimpl
+        def register_providers(self, register: Any) -> None:
+            register("spaced", provider)
+
+    return Registers()
+
+
+def test_a_misspelt_setting_stops_create_app_naming_its_path() -> None:
+    config = {"models": [{"name": "m", "provider": "spaced", "settings": {"keepalive": "5m"}}]}
+    with pytest.raises(ConfigError) as caught:
+        create_app(config, plugins=[serving(SpacedProvider)], load_entrypoints=False)
+    assert str(caught.value) == (
+        "model 'm': invalid spaced settings: Object contains unknown field `keepalive` "
+        "(did you mean `keep_alive`?) - at `$.models[0].settings.keepalive`"
+    )
+
+
+def test_a_provider_can_leave_unknown_settings_to_other_plugins() -> None:
+    config = {"models": [{"name": "m", "provider": "spaced",
+                          "settings": {"keep_alive": "5m", "cache_ttl": 3}}]}
+    create_app(config, plugins=[serving(SharedProvider)], load_entrypoints=False)
+    provider = SharedProvider(None, parse_config({}))  # type: ignore[arg-type]
+    made = Deployment(name="m", provider="spaced", model="m", settings={"keep_alive": "5m", "x": 1})
+    assert provider.settings(made) == Spaced(keep_alive="5m")
+
+
+def test_a_plugin_deployment_with_an_unknown_setting_is_a_500_naming_it() -> None:
+    provider = SpacedProvider(None, parse_config({}))  # type: ignore[arg-type]
+    made = Deployment(name="m", provider="spaced", model="m", settings={"keepalive": "5m"})
+    with pytest.raises(ProxyError, match="unknown field `keepalive`") as caught:
+        provider.settings(made)
+    assert caught.value.status == 500 and caught.value.code == "invalid_settings"

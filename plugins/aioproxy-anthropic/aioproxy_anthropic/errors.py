@@ -81,8 +81,11 @@ def map_error(
 ) -> ProxyError:
     """Anthropic's status, error type and message in OpenAI terms.
 
-    401/403 mean the deployment's key was refused, not the client's: a 502 that repeats nothing
-    Anthropic said. Failures of the upstream (5xx, 529) name the deployment. Every message
+    Statuses pass on as they are, as for every provider, except where the proxy's configuration
+    is at fault: 401/403 mean the deployment's key was refused, not the client's (a 502 that
+    repeats nothing Anthropic said), and a 404 means the deployment's model id or api_base is
+    wrong (a 502, which the router retries on another deployment). 529, a status outside HTTP's
+    set, is a 503. Failures of the upstream (5xx, 529) name the deployment. Every message
     Anthropic wrote is scrubbed of anything key-like.
     """
     where = deployment.describe()
@@ -109,19 +112,20 @@ def map_error(
             status=500, type="api_error", code=kind,
         )
     if status >= 500:  # an edge proxy's 502/503/504: the upstream is unwell, not the request
-        return BadGateway(
+        return ProxyError(
             _upstream_failure(where, f"answered {status}", said, request_id),
-            code="upstream_error",
+            status=status, type="upstream_error", code="upstream_error",
         )
     if status == 429:
         return ProxyError(
             said or f"Deployment {where} is rate limited by Anthropic",
             status=429, type="rate_limit_error", code="rate_limit_exceeded", headers=headers,
         )
-    if status == 404:  # usually the deployment's model id: name it, the client cannot see it
-        return ProxyError(
-            f"Deployment {where}: {said or 'not found'}",
-            status=404, type="invalid_request_error", code="not_found",
+    if status == 404:  # the deployment's model id (`model: ...`), or a wrong api_base
+        unknown_model = kind == "not_found_error" and (said or "").startswith("model:")
+        return BadGateway(
+            f"Deployment {where}: Anthropic answered 404: {said or 'not found'}",
+            code="upstream_model_not_found" if unknown_model else "upstream_not_found",
         )
     if status == 413:
         return ProxyError(

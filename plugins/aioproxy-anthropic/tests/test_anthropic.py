@@ -803,12 +803,13 @@ ERROR_CASES = [
     ("status:400", 400, "invalid_request_error", None),
     ("status:401", 502, "upstream_error", "upstream_auth_failed"),
     ("status:403", 502, "upstream_error", "upstream_auth_failed"),
-    ("status:404", 404, "invalid_request_error", "not_found"),
+    ("status:404", 502, "upstream_error", "upstream_model_not_found"),
     ("status:413", 413, "invalid_request_error", "request_too_large"),
     ("status:429", 429, "rate_limit_error", "rate_limit_exceeded"),
     ("status:500", 500, "api_error", "api_error"),
     ("status:529", 503, "server_error", "overloaded"),
     ("status:502:text", 502, "upstream_error", "upstream_error"),
+    ("status:503:text", 503, "upstream_error", "upstream_error"),
 ]
 
 
@@ -832,7 +833,7 @@ async def test_anthropic_errors_become_openai_errors(
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["code"]) == (type_, code)
     assert UPSTREAM_KEY not in error["message"] and CLIENT_KEY not in error["message"]
-    if status >= 500 or status == 404:  # the upstream's trouble: say which deployment
+    if status >= 500:  # the upstream's trouble (or the proxy's config): say which deployment
         assert f"{MODEL} (anthropic:{UPSTREAM_MODEL})" in error["message"]
     if fault in ("status:401", "status:403"):
         assert "x-api-key" not in error["message"] and "permission" not in error["message"]

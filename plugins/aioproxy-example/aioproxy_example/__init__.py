@@ -1,22 +1,24 @@
-"""aioproxy provider ``example``: OpenAI chat completions over a toy JSON API.
+"""aioproxy provider ``example``: OpenAI chat completions and embeddings over a toy JSON API.
 
-The walk-through plugin of plugins/README.md. The toy API has one endpoint, ``POST
-{api_base}/generate`` with ``{"model", "prompt", "max_words", "stream"}`` and the header
-``X-Toy-Key``. It answers ``{"text", "input_words", "output_words", "truncated"}``, or when
+The walk-through plugin of plugins/README.md. The toy API has two endpoints, each with the
+header ``X-Toy-Key``. ``POST {api_base}/generate`` takes ``{"model", "prompt", "max_words",
+"stream"}`` and answers ``{"text", "input_words", "output_words", "truncated"}``, or when
 streaming one JSON object a line: ``{"token": ...}`` for each word, then ``{"end": true, ...}``
-with the counts. Failures have a status and ``{"fault": "..."}``.
+with the counts. ``POST {api_base}/embed`` takes ``{"model", "texts"}`` and answers
+``{"vectors", "input_words"}``. Failures have a status and ``{"fault": "..."}``.
 
 Deployment settings: ``max_words``, the answer's length when a request sets no ``max_tokens``.
 """
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
-import aiohttp
 import msgspec
 
 from aioproxy import (
@@ -31,17 +33,19 @@ from aioproxy import (
     RateLimited,
     Reply,
     StreamReply,
+    UpstreamError,
     hookimpl,
 )
 from aioproxy.hookspecs import RegisterProvider
+from aioproxy.providers import UpstreamResponse
 from aioproxy.streaming import DONE, sse_data
-from aioproxy.upstream import deployment_timeout, read_capped
+from aioproxy.upstream import answer_of, closed_on_failure, deployment_timeout, read_capped
 
 __all__ = ["ExampleProvider", "Settings", "register_providers"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """A deployment's ``settings``; keys it does not know are left to other plugins."""
+    """A deployment's ``settings``; a key it does not name stops start-up (a typo, say)."""
 
     max_words: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
 
@@ -62,6 +66,11 @@ class _Line(msgspec.Struct):
     truncated: bool = False
 
 
+class _Vectors(msgspec.Struct):
+    vectors: list[list[float]]
+    input_words: int
+
+
 class _Fault(msgspec.Struct):
     fault: str
 
@@ -69,11 +78,13 @@ class _Fault(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 _decode_line = msgspec.json.Decoder(_Line).decode
+_decode_vectors = msgspec.json.Decoder(_Vectors).decode
 _decode_fault = msgspec.json.Decoder(_Fault).decode
 
 
 class ExampleProvider(Provider):
-    """Serves chat completions from the toy API; every other endpoint kind is a 400."""
+    """Serves chat completions and embeddings from the toy API; other endpoint kinds: bridged
+    (responses, completions) by the core."""
 
     name = "example"
     settings_type = Settings  # the core checks every deployment's settings at start-up
@@ -95,21 +106,51 @@ class ExampleProvider(Provider):
             "max_words": max_words or settings.max_words,
             "stream": call.stream,
         }
-        response = await self.session.post(
-            f"{(deployment.api_base or '').rstrip('/')}/generate",
-            data=_encode(request),
-            headers=_headers(deployment),
-            timeout=deployment_timeout(call, self.config),
-            allow_redirects=False,
+        response = await self._send(call, "/generate", request)
+        with closed_on_failure(response, deployment):  # closes it if anything here raises
+            if call.stream:
+                # close= drops the upstream connection if the client leaves mid-stream.
+                return StreamReply(
+                    _chunks(call, response),
+                    close=response.close,
+                    finished=response.content.is_eof,  # the toy's answer ends with its last line
+                )
+            body = await read_capped(response, deployment)
+        response.release()  # read whole: the connection goes back to the pool
+        return JSONReply.of(_completion(call, _decode(_decode_answer, body, deployment)))
+
+    async def embeddings(self, call: Call) -> Reply:
+        deployment = call.deployment
+        assert deployment is not None
+        as_base64 = _wants_base64(call)
+        response = await self._send(
+            call, "/embed", {"model": deployment.model, "texts": _texts(call)}
         )
-        if response.status != 200 or not call.stream:
-            async with response:  # read it whole, then the connection goes back to the pool
-                body = await read_capped(response, deployment)
-            if response.status != 200:
-                raise _error(response.status, body, deployment)
-            return JSONReply.of(_completion(call, _decode(_decode_answer, body, deployment)))
-        # Streaming: close=response.close drops the upstream connection if the client leaves.
-        return StreamReply(_chunks(call, response), close=response.close)
+        with closed_on_failure(response, deployment):
+            body = await read_capped(response, deployment)
+        response.release()
+        answer = _decode(_decode_vectors, body, deployment)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _base64(v) if as_base64 else v}
+            for i, v in enumerate(answer.vectors)
+        ]
+        usage = {"prompt_tokens": answer.input_words, "total_tokens": answer.input_words}
+        return JSONReply.of({"object": "list", "data": data, "model": call.model, "usage": usage})
+
+    async def _send(self, call: Call, path: str, request: dict[str, Any]) -> UpstreamResponse:
+        """POST ``request`` to the toy API's ``path``: its 2xx answer, or the client's error."""
+        deployment = call.deployment
+        assert deployment is not None
+        return await answer_of(
+            self.post(  # through the app's lean pool; the answer is not an `async with` one
+                f"{(deployment.api_base or '').rstrip('/')}{path}",
+                _encode(request),
+                _headers(deployment),
+                deployment_timeout(call, self.config),
+            ),
+            deployment,
+            _error,  # reads a failure's status, body and headers
+        )
 
 
 def _headers(deployment: Deployment) -> dict[str, str]:
@@ -131,20 +172,51 @@ def _prompt(call: Call) -> str:
     raise BadRequest("The example provider needs a user message", param="messages")
 
 
-def _error(status: int, body: bytes, deployment: Deployment) -> ProxyError:
-    """The toy API's failure as the error the client sees."""
+def _texts(call: Call) -> list[str]:
+    """``input``: a string or a list of them (the toy API takes no token ids)."""
+    value = call.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRequest("The example provider embeds a string or strings", param="input")
+    return texts
+
+
+def _wants_base64(call: Call) -> bool:
+    """``encoding_format``: "float" (the default) or "base64", which the openai SDK sends."""
+    encoding = call.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+    return encoding == "base64"
+
+
+def _base64(vector: list[float]) -> str:
+    """A vector as ``encoding_format: "base64"`` has it: little-endian float32s, in base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _error(
+    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
+) -> ProxyError:
+    """The toy API's failure (status, body, headers) as the error the client sees."""
     where = deployment.describe()
     try:
         fault = _decode_fault(body).fault
     except msgspec.DecodeError:
         fault = f"status {status}"
     if status == 429:
-        return RateLimited(f"Deployment {where} is rate limited: {fault}")
+        retry_after = headers.get("Retry-After")
+        return RateLimited(
+            f"Deployment {where} is rate limited: {fault}",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        )
     if status in (401, 403):  # the proxy's key was refused: the client is not to blame
         return BadGateway(f"Deployment {where} refused our key", code="upstream_auth_failed")
-    if 400 <= status < 500:
-        return BadRequest(f"Deployment {where} refused the request: {fault}")
-    return BadGateway(f"Deployment {where} failed: {fault}")
+    if status == 404:  # the toy has one route: its model (the proxy's config) is unknown there
+        return BadGateway(f"Deployment {where}: {fault}", code="upstream_model_not_found")
+    if 400 <= status < 500:  # the request's fault: the client gets the toy's status and words
+        return BadRequest(f"Deployment {where} refused the request: {fault}", status=status)
+    # A 5xx passes on with its own status: the router retries it either way.
+    return UpstreamError(f"Deployment {where} failed: {fault}", status=status, code="upstream_error")
 
 
 def _decode(decode: Any, data: bytes, deployment: Deployment) -> Any:
@@ -188,7 +260,7 @@ def _completion(call: Call, answer: _Answer) -> dict[str, Any]:
     }
 
 
-async def _chunks(call: Call, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes]:
     """The toy API's lines as chat chunks: the role, a chunk per word, the finish, usage, [DONE]."""
     assert call.deployment is not None
     head = {

@@ -29,7 +29,28 @@ class FakeToy:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/generate", self.generate)
+        app.router.add_post("/embed", self.embed)
         return app
+
+    def _refusal(self, request: web.Request, fault: int | str | None) -> web.Response | None:
+        if request.headers.get("X-Toy-Key") != TOY_KEY:
+            return web.json_response({"fault": "unknown key"}, status=401)
+        if isinstance(fault, int):
+            headers = {"Retry-After": "7"} if fault == 429 else None
+            return web.json_response({"fault": f"injected {fault}"}, status=fault, headers=headers)
+        return None
+
+    async def embed(self, request: web.Request) -> web.Response:
+        """A vector of three floats per text: its length, its words, 0.5."""
+        body = await request.json()
+        self.requests.append(body)
+        refusal = self._refusal(request, self.faults.pop(0) if self.faults else None)
+        if refusal is not None:
+            return refusal
+        texts = body["texts"]
+        vectors = [[float(len(text)), float(len(text.split())), 0.5] for text in texts]
+        words = sum(len(text.split()) for text in texts)
+        return web.json_response({"vectors": vectors, "input_words": words})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
@@ -37,10 +58,9 @@ class FakeToy:
             body = await request.json()
             self.requests.append(body)
             fault = self.faults.pop(0) if self.faults else None
-            if request.headers.get("X-Toy-Key") != TOY_KEY:
-                return web.json_response({"fault": "unknown key"}, status=401)
-            if isinstance(fault, int):
-                return web.json_response({"fault": f"injected {fault}"}, status=fault)
+            refusal = self._refusal(request, fault)
+            if refusal is not None:
+                return refusal
             words = ("toy says: " + body["prompt"]).split()
             answer = words[: body["max_words"]]
             counts = {

@@ -14,9 +14,11 @@ from aioproxy.testing import (
     ProxyUnderTest,
     assert_chat_chunks,
     assert_error_object,
+    assert_openai_error,
     check_cancellation,
     check_chat,
     check_chat_stream,
+    check_embeddings,
     check_error_mapping,
     read_sse,
 )
@@ -36,18 +38,36 @@ async def test_chat_stream(proxy: ProxyUnderTest) -> None:
     assert await check_chat_stream(proxy, "toy") == "toy says: Say hello to the kit"
 
 
+async def test_embeddings(proxy: ProxyUnderTest, toy: FakeToy) -> None:
+    # Floats, base64 (little-endian float32s) and through the SDK, which asks for base64.
+    vectors = await check_embeddings(proxy, "toy", inputs=["hello", "toy kit"], dims=3)
+    assert vectors == [[5.0, 1.0, 0.5], [7.0, 2.0, 0.5]]
+    assert toy.requests[-1] == {"model": "toy-1", "texts": ["hello", "toy kit"]}
+
+
 @pytest.mark.parametrize(
     ("status", "seen", "code"),
     [
         (429, 429, "rate_limit_exceeded"),
         (400, 400, None),
+        (422, 422, None),
         (401, 502, "upstream_auth_failed"),
-        (503, 502, "bad_gateway"),
+        (404, 502, "upstream_model_not_found"),
+        (500, 500, "upstream_error"),
+        (503, 503, "upstream_error"),
     ],
 )
 async def test_errors(proxy: ProxyUnderTest, toy: FakeToy, status: int, seen: int,
                       code: str | None) -> None:
     await check_error_mapping(proxy, "toy", lambda: toy.faults.append(status), seen, code=code)
+
+
+async def test_a_rate_limit_keeps_its_retry_after(proxy: ProxyUnderTest, toy: FakeToy) -> None:
+    toy.faults.append(429)
+    body = {"model": "toy", "messages": HELLO}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        await assert_openai_error(response, 429, "rate_limit_exceeded")
+        assert response.headers["Retry-After"] == "7"
 
 
 async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, toy: FakeToy) -> None:

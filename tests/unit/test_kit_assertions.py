@@ -6,7 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import aioproxy_example
+import aioproxy_openai
 import pytest
 
 from aioproxy.testing import (
@@ -14,7 +14,6 @@ from aioproxy.testing import (
     HELLO,
     KIT_KEY,
     StartProxy,
-    aioproxy_server,  # noqa: F401  a fixture, here by import until the pytest11 plugin gives it
     assert_chat_chunks,
     assert_chat_completion,
     assert_completion,
@@ -202,13 +201,13 @@ def test_sse_framing() -> None:
             parse_sse(broken)
 
 
-async def test_the_aioproxy_server_fixture(aioproxy_server: StartProxy, toy_base: str) -> None:
-    model = {"name": "toy", "provider": "example", "api_base": toy_base, "api_key": "toy-secret"}
-    proxy = await aioproxy_server({"models": [model]}, [aioproxy_example])
+async def test_the_aioproxy_server_fixture(aioproxy_server: StartProxy, upstream_base: str) -> None:
+    model = {"name": "gpt", "provider": "openai", "api_base": upstream_base, "api_key": "sk-up"}
+    proxy = await aioproxy_server({"models": [model]}, [aioproxy_openai])
     assert proxy.headers == {"Authorization": f"Bearer {KIT_KEY}"}
     async with proxy.http() as http:
         async with http.get("/v1/models") as response:
-            assert [m["id"] for m in (await response.json())["data"]] == ["toy"]
-        async with http.post("/v1/chat/completions", json={"model": "toy", "messages": HELLO},
+            assert [m["id"] for m in (await response.json())["data"]] == ["gpt"]
+        async with http.post("/v1/chat/completions", json={"model": "gpt", "messages": HELLO},
                              headers={"Authorization": "Bearer wrong"}) as response:
             await assert_openai_error(response, 401, "invalid_api_key")
