@@ -60,17 +60,18 @@ async def iter_sse_blocks(content: StreamReader, max_event: int = MAX_EVENT) -> 
     ``\r\n`` line ends become ``\n``. A trailing event that never got its blank line (the
     upstream cut the stream) is yielded, terminated, at the end.
     """
-    pending = bytearray()
+    pending = bytearray()  # the unfinished event, its \r\n already made \n (bar a last \r)
     async for chunk in content.iter_any():
         if not pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
             yield chunk  # the usual case: whole events, nothing to copy
             continue
+        if b"\r" in chunk or pending.endswith(b"\r"):
+            # Only the new bytes are rewritten: pending is normalized already (quadratic if not).
+            if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # a \r\n split across reads
+                del pending[-1]
+            chunk = chunk.replace(b"\r\n", b"\n")
         searched = max(0, len(pending) - 1)  # what is already known to hold no event end
-        straddles = pending.endswith(b"\r")  # a \r\n split across two reads
         pending += chunk
-        if straddles or b"\r" in chunk:
-            pending = bytearray(pending.replace(b"\r\n", b"\n"))
-            searched = 0
         end = pending.rfind(b"\n\n", searched)
         if end < 0:
             if len(pending) > max_event:

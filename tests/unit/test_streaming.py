@@ -279,3 +279,37 @@ async def test_an_event_that_never_ends_is_refused() -> None:
 
     with pytest.raises(EventTooLarge):
         await sse_from_chunks(chunks, capped)
+
+
+class _CountingBuffer(bytearray):
+    """The splitter's buffer, counting the bytes its searches and rewrites go over."""
+
+    scanned = 0
+
+    def rfind(self, sub: Any, start: Any = None, *rest: Any) -> int:
+        _CountingBuffer.scanned += len(self) - (start or 0)
+        return super().rfind(sub, *(() if start is None else (start, *rest)))
+
+    def find(self, sub: Any, start: Any = None, *rest: Any) -> int:
+        _CountingBuffer.scanned += len(self) - (start or 0)
+        return super().find(sub, *(() if start is None else (start, *rest)))
+
+    def replace(self, *args: Any) -> bytearray:
+        _CountingBuffer.scanned += len(self)
+        return super().replace(*args)
+
+
+@pytest.mark.parametrize("chunk", [b"\r", b"x\r\n", b"\r\n\r"], ids=repr)
+async def test_splitting_work_grows_linearly(monkeypatch: pytest.MonkeyPatch, chunk: bytes) -> None:
+    """Small chunks (``\\r`` above all) after a large unfinished event: each chunk costs work in
+    proportion to itself, not to the event so far (16k ``\\r`` after 4 MiB once took 15 s)."""
+    from aioproxy import streaming
+
+    monkeypatch.setattr(streaming, "bytearray", _CountingBuffer, raising=False)
+    start = b"data: " + b"a" * 256 * 1024
+    chunks = [start] + [chunk] * 2000
+    _CountingBuffer.scanned = 0
+    events = await sse_from_chunks(chunks, iter_sse_blocks)
+    fed = sum(map(len, chunks))
+    assert len(events) == 1 and events[0].startswith(b"data: aaa")
+    assert _CountingBuffer.scanned <= 4 * fed  # linear; quadratic was ~2000 times the event
