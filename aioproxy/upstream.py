@@ -14,9 +14,10 @@ from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .h1client import H1Pool, UpstreamConnectError
+from .masking import mask_of
 from .providers import JSONReply, Reply, StreamReply, UpstreamResponse, post_via
 from .routes import Kind
-from .streaming import EventTooLarge, iter_sse_blocks
+from .streaming import EventTooLarge, data_of, iter_sse_blocks, split_events
 
 __all__ = [
     "answer_of",
@@ -29,6 +30,8 @@ __all__ = [
     "read_capped",
     "read_upstream_error",
     "scrub",
+    "scrub_bytes",
+    "stream_error",
     "timeout_for",
     "timeouts_of",
 ]
@@ -93,15 +96,15 @@ def failure_from(exc: BaseException, deployment: Deployment | None) -> ProxyErro
     return BadGateway(f"Deployment {where} failed: {type(exc).__name__}", code="upstream_error")
 
 
-_KEYLIKE = re.compile(r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}", re.IGNORECASE)
-
-
 def scrub(text: str, deployment: Deployment) -> str:
-    """Remove anything key-like from upstream text before a client sees it."""
-    for secret in (deployment.api_key, *deployment.headers.values()):
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-    return _KEYLIKE.sub("***", text)
+    """Mask every form of the deployment's secrets (key, header values, URL credentials; as
+    sent, URL-, JSON- or base64-encoded) and anything key-like in upstream text."""
+    return mask_of(deployment).text(text)
+
+
+def scrub_bytes(data: bytes, deployment: Deployment) -> bytes:
+    """:func:`scrub` for raw bytes, e.g. a relayed event."""
+    return mask_of(deployment).bytes(data)
 
 
 class _UpstreamErrorBody(msgspec.Struct):
@@ -116,7 +119,42 @@ class _UpstreamError(msgspec.Struct):
     message: str | None = None
 
 
+class _AnyError(msgspec.Struct):
+    """Whether a JSON object (an answer, an event) carries an error, whatever its shape."""
+
+    error: object = None
+
+
 _decode_error = msgspec.json.Decoder(_UpstreamError).decode
+_decode_any_error = msgspec.json.Decoder(_AnyError).decode
+_SSE_ERROR_SCAN = 64 * 1024  # bytes of an SSE error body looked through for its error event
+
+ErrorFields = tuple[str | None, str | None, str | None, str | None]  # message, type, param, code
+
+
+def _json_error_fields(body: bytes) -> ErrorFields | None:
+    try:
+        parsed = _decode_error(body)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(parsed.error, _UpstreamErrorBody):
+        error = parsed.error
+        return error.message, error.type, error.param, None if error.code is None else str(error.code)
+    if isinstance(parsed.error, str):
+        return parsed.error, None, None, None
+    return parsed.message, None, None, None
+
+
+def _error_fields(body: bytes) -> ErrorFields | None:
+    """An error body's fields: a JSON error object, or an SSE body's first error event."""
+    fields = _json_error_fields(body)
+    if fields is not None or b"data:" not in body[:_SSE_ERROR_SCAN]:
+        return fields
+    for event in split_events(body[:_SSE_ERROR_SCAN].replace(b"\r\n", b"\n")):
+        fields = _json_error_fields(data_of(event))
+        if fields is not None and fields[0] is not None:
+            return fields
+    return None
 
 
 def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> ProxyError:
@@ -126,38 +164,48 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
     except 401/403, which mean the *proxy's* upstream key was refused: the client's key is fine, so
     that is a 502 for the client, without the upstream's words.
     """
+    return _upstream_error(status, _error_fields(body), body, deployment, f"answered {status}")
+
+
+def _upstream_error(
+    status: int, fields: ErrorFields | None, body: bytes, deployment: Deployment, what: str
+) -> ProxyError:
     where = deployment.describe()
     if status in (401, 403):
         return BadGateway(
             f"Deployment {where} refused the proxy's credentials (upstream status {status})",
             code="upstream_auth_failed",
         )
-    message, type_, param, code = None, None, None, None
-    try:
-        parsed = _decode_error(body)
-        if isinstance(parsed.error, _UpstreamErrorBody):
-            message, type_, param = parsed.error.message, parsed.error.type, parsed.error.param
-            code = None if parsed.error.code is None else str(parsed.error.code)
-        elif isinstance(parsed.error, str):
-            message = parsed.error
-        else:
-            message = parsed.message
-    except msgspec.DecodeError:
-        pass
+    message, type_, param, code = fields or (None, None, None, None)
     if message is None:
         text = body[:_ERROR_PREVIEW].decode("utf-8", "replace").strip()
-        message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
+        message = f"Deployment {where} {what}" + (f": {text}" if text else "")
     elif status >= 500:  # the upstream failed, not the request: say which deployment
-        message = f"Deployment {where} answered {status}: {message}"
+        message = f"Deployment {where} {what}: {message}"
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "upstream_error"
     return ProxyError(
         scrub(message, deployment),
         status=status,
-        type=type_,
+        type=scrub(type_, deployment),
         param=param and scrub(param, deployment),
         code=code and scrub(code, deployment),
     )
+
+
+def stream_error(data: bytes, deployment: Deployment) -> ProxyError | None:
+    """The error an upstream's event (or 2xx answer) carries, as the client's error; None when
+    it carries none (``"error": null``). Its status is the one the error names (vLLM, LiteLLM:
+    ``"code": 429``), else 502."""
+    try:
+        if not _decode_any_error(data).error:
+            return None
+    except msgspec.DecodeError:
+        return None
+    fields = _json_error_fields(data)
+    code = fields[3] if fields is not None else None
+    status = int(code) if code is not None and code.isdigit() and 400 <= int(code) < 600 else 502
+    return _upstream_error(status, fields, data, deployment, "sent an error")
 
 
 async def read_capped(
@@ -293,6 +341,8 @@ async def forward(
             )
         data = await read_capped(response, deployment)
         _check_json(data, deployment)
+        if data.find(b'"error"', 0, 64) >= 0 and (error := stream_error(data, deployment)):
+            raise error  # an error answered with a 2xx status: still the upstream's error
     response.release()
     return JSONReply(data, response.status)
 
@@ -315,10 +365,20 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 async def _relay(
     response: UpstreamResponse, deployment: Deployment, kind: Kind
 ) -> AsyncIterator[bytes]:
+    """The upstream's events as they come. An error event ends the stream as the client's error
+    (raised: the handler sends it as one event, scrubbed); other events naming an error (a
+    Responses ``response.failed``) go out scrubbed. Only blocks holding ``"error"`` are looked
+    into, so the common event costs one search."""
     last = b""
     blocks = iter_sse_blocks(response.content)
     try:
         async for block in blocks:
+            if b'"error"' in block:
+                block, error = _errors_in(block, deployment)
+                if error is not None:
+                    if block:
+                        yield block
+                    raise error
             last = block
             yield block
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -337,3 +397,20 @@ async def _relay(
             code="upstream_stream_incomplete",
         )
     response.release()
+
+
+def _errors_in(block: bytes, deployment: Deployment) -> tuple[bytes, ProxyError | None]:
+    """A block's events up to its first error event (scrubbed), and that event as an error."""
+    kept: list[bytes] = []
+    for event in split_events(block):
+        error = stream_error(data_of(event), deployment) if b'"error"' in event else None
+        if error is not None:
+            return b"".join(kept), error
+        kept.append(scrub_bytes(event, deployment) if _names_an_error(event) else event)
+    return b"".join(kept), None
+
+
+def _names_an_error(event: bytes) -> bool:
+    """Whether an event holds an error (``response.failed``'s), not only ``"error": null``
+    (every Responses event that carries the response object has one)."""
+    return event.count(b'"error"') > event.count(b'"error":null') + event.count(b'"error": null')
