@@ -73,12 +73,14 @@ class Timeouts(Base):
 
     ``connect``: opening the connection. ``first_byte``: from sending the request to the answer's
     first byte (a stream's first event); unset, ``read`` bounds it. ``read``: the longest silence
-    while reading (between a stream's events). ``total``: the whole call, stream included.
+    while reading, and the longest a stream may go without a complete event (progress is counted
+    in events, so an upstream trickling bytes cannot hold a stream). ``total``: the whole call,
+    stream included.
     """
 
     connect: PositiveFloat = 10.0
     first_byte: PositiveFloat | None = None
-    read: PositiveFloat = 600.0
+    read: PositiveFloat = 120.0
     total: PositiveFloat | None = None
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import lru_cache
 
 import aiohttp
+import attr
 import msgspec
 
 from .config import Config, Timeouts
@@ -17,7 +18,7 @@ from .h1client import H1Pool, UpstreamConnectError
 from .masking import mask_of
 from .providers import JSONReply, Reply, StreamReply, UpstreamResponse, post_via
 from .routes import Kind
-from .streaming import EventTooLarge, data_of, iter_sse_blocks, split_events
+from .streaming import EventTooLarge, StreamStalled, data_of, iter_sse_blocks, split_events
 
 __all__ = [
     "answer_of",
@@ -31,6 +32,7 @@ __all__ = [
     "read_upstream_error",
     "scrub",
     "scrub_bytes",
+    "StreamTimeout",
     "stream_error",
     "timeout_for",
     "timeouts_of",
@@ -60,10 +62,22 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+@attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs, aiohttp's dependency)
+class StreamTimeout(aiohttp.ClientTimeout):
+    """aiohttp's timeouts, plus ``event``: the longest a stream may go without a complete event
+    (``read``); the socket's own silence may last until ``first_byte`` when that is longer, for
+    models that think for minutes before their first token."""
+
+    event: float | None = None
+
+
 @lru_cache(maxsize=256)
-def timeout_for(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=timeouts.total, connect=timeouts.connect, sock_read=timeouts.read
+def timeout_for(timeouts: Timeouts) -> StreamTimeout:
+    return StreamTimeout(
+        total=timeouts.total,
+        connect=timeouts.connect,
+        sock_read=max(timeouts.read, timeouts.first_byte or 0),
+        event=timeouts.read,
     )
 
 
@@ -335,7 +349,7 @@ async def forward(
     with closed_on_failure(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
-                _relay(response, deployment, call.kind),
+                _relay(response, deployment, call.kind, getattr(timeout, "event", None)),
                 close=response.close,
                 finished=response.content.is_eof,
             )
@@ -363,14 +377,15 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 
 
 async def _relay(
-    response: UpstreamResponse, deployment: Deployment, kind: Kind
+    response: UpstreamResponse, deployment: Deployment, kind: Kind, idle: float | None
 ) -> AsyncIterator[bytes]:
     """The upstream's events as they come. An error event ends the stream as the client's error
     (raised: the handler sends it as one event, scrubbed); other events naming an error (a
     Responses ``response.failed``) go out scrubbed. Only blocks holding ``"error"`` are looked
-    into, so the common event costs one search."""
+    into, so the common event costs one search. No complete event for ``idle`` seconds is a
+    timeout."""
     last = b""
-    blocks = iter_sse_blocks(response.content)
+    blocks = iter_sse_blocks(response.content, idle=idle)
     try:
         async for block in blocks:
             if b'"error"' in block:
@@ -381,6 +396,8 @@ async def _relay(
                     raise error
             last = block
             yield block
+    except StreamStalled as exc:
+        raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
     except EventTooLarge as exc:
