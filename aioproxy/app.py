@@ -15,6 +15,7 @@ from .bridges.routes import RESPONSE_PATHS, delete_response, get_response
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .gateway import Gateway
+from .budget import BufferBudget
 from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
 from .keys import config_key, gateway_key, plugin_manager_key, pool_key, session_key
@@ -103,7 +104,11 @@ async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
     gateway = app[gateway_key]
     config = app[config_key]
     session = make_session(config)
-    pool = H1Pool(asyncio.get_running_loop(), config.upstream.max_connections)
+    pool = H1Pool(
+        asyncio.get_running_loop(),
+        config.upstream.max_connections,
+        BufferBudget(config.upstream.max_buffered_bytes),
+    )
     app[session_key] = session
     app[pool_key] = pool
     try:

@@ -166,6 +166,10 @@ class UpstreamConfig(Base):
     # Open upstream connections at most (0: no cap), for each of the app's two clients: the
     # lean pool that pass-through calls use, and the ClientSession of the other plugins.
     max_connections: Annotated[int, Meta(ge=0)] = 0
+    # Bytes of upstream answers held in memory at once, gateway-wide (bodies being read,
+    # unfinished stream events): a request that would go past it fails with a 503 while the
+    # others go on (0: no bound). Each answer is also capped on its own (64 MiB, events 16 MiB).
+    max_buffered_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
 class ResponsesConfig(Base):

@@ -31,6 +31,8 @@ from aiohttp.http import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
+from .budget import BufferBudget
+
 __all__ = ["H1Pool", "H1Response", "UpstreamConnectError", "UpstreamProtocolError"]
 
 # What may stand unescaped in a request target (RFC 3986 pchar, "/" and, in the query, "?"); "%"
@@ -286,9 +288,12 @@ class _Connection(BaseProtocol):
 class H1Response:
     """An upstream's answer, with the parts of aiohttp's ClientResponse that a relay reads."""
 
-    __slots__ = ("status", "headers", "content", "content_type", "content_length", "_conn")
+    __slots__ = (
+        "status", "headers", "content", "content_type", "content_length", "budget", "_conn"
+    )
 
     def __init__(self, message: RawResponseMessage, payload: StreamReader, conn: _Connection) -> None:
+        self.budget = conn.pool.budget  # what reading it whole or by events is counted against
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content: StreamReader = payload
@@ -336,9 +341,12 @@ class H1Pool:
     connection is the caller's error, and its retry policy decides.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = 0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, limit: int = 0, budget: BufferBudget | None = None
+    ) -> None:
         self.loop = loop
         self.limit = limit
+        self.budget = budget  # the app's bound on buffered answer bytes, for the answers' readers
         self._idle: dict[tuple[str, int, bool], collections.deque[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()

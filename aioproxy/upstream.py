@@ -11,6 +11,7 @@ import aiohttp
 import attr
 import msgspec
 
+from .budget import BufferBudget
 from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
@@ -225,20 +226,35 @@ def stream_error(data: bytes, deployment: Deployment) -> ProxyError | None:
 async def read_capped(
     response: UpstreamResponse, deployment: Deployment
 ) -> bytes:
-    """The whole upstream body, refusing one over MAX_UPSTREAM_BODY."""
+    """The whole upstream body, refusing one over MAX_UPSTREAM_BODY. While it is read, its
+    bytes count against the app's buffer budget (the lean pool's answers carry it): BufferFull
+    (a 503) when the gateway holds too much already."""
+    budget: BufferBudget | None = getattr(response, "budget", None)
     length = response.content_length
     if length is not None and length <= MAX_UPSTREAM_BODY:
-        return await response.read()
+        if budget is None:
+            return await response.read()
+        budget.take(length)
+        try:
+            return await response.read()
+        finally:
+            budget.give(length)
     chunks, size = [], 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > MAX_UPSTREAM_BODY:
-            raise BadGateway(
-                f"Deployment {deployment.describe()} sent an answer too large",
-                code="upstream_too_large",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in response.content.iter_any():
+            if budget is not None:
+                budget.take(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > MAX_UPSTREAM_BODY:
+                raise BadGateway(
+                    f"Deployment {deployment.describe()} sent an answer too large",
+                    code="upstream_too_large",
+                )
+        return b"".join(chunks)
+    finally:
+        if budget is not None:
+            budget.give(size)
 
 
 def _check_json(body: bytes, deployment: Deployment) -> None:
@@ -385,7 +401,9 @@ async def _relay(
     into, so the common event costs one search. No complete event for ``idle`` seconds is a
     timeout."""
     last = b""
-    blocks = iter_sse_blocks(response.content, idle=idle)
+    blocks = iter_sse_blocks(
+        response.content, idle=idle, budget=getattr(response, "budget", None)
+    )
     try:
         async for block in blocks:
             if b'"error"' in block:
