@@ -87,8 +87,8 @@ def openai_upstream(mode: str) -> web.Application:
         await request.read()
         error = {"error": {"message": f"bad credentials: {echoes(request.headers)}",
                            "type": "server_error", "param": None, "code": None}}
-        if mode == "json":
-            return web.json_response(error, status=500)
+        if mode in ("json", "json-200"):
+            return web.json_response(error, status=500 if mode == "json" else 200)
         if mode == "sse-body":
             body = f"data: {json.dumps(error)}\n\n".encode()
             return web.Response(body=body, status=500, content_type="text/event-stream")
@@ -129,7 +129,7 @@ def sdk_error_text(exc: openai.APIError) -> str:
 
 
 @pytest.mark.parametrize("model", ["keyed", "long", "basic"])
-@pytest.mark.parametrize("mode", ["json", "sse-body", "midstream", "first"])
+@pytest.mark.parametrize("mode", ["json", "json-200", "sse-body", "midstream", "first"])
 async def test_openai_sdk_never_sees_a_credential(
     aiohttp_server: Any, start_proxy: StartProxy, model: str, mode: str
 ) -> None:
@@ -137,7 +137,8 @@ async def test_openai_sdk_never_sees_a_credential(
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIError) as caught:
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "hi"}], stream=mode != "json"
+                model=model, messages=[{"role": "user", "content": "hi"}],
+                stream=not mode.startswith("json"),
             )
             async for _ in stream:  # type: ignore[union-attr]
                 pass
@@ -244,3 +245,22 @@ async def test_anthropic_provider_never_passes_a_credential_on(
     text = sdk_error_text(caught.value)
     assert "bad credentials" in text
     assert_masked(text)
+
+
+def test_mask_covers_every_form_and_spares_other_text() -> None:
+    """The unit under the end-to-end tests: each secret of a deployment, in each form, masked
+    wherever it stands; ordinary text (and a header value too short to be a secret) left as is."""
+    deployment = Deployment(
+        name="d", provider="openai", model="m", api_key=Secret(SHORT_KEY),
+        api_base=f"https://{USER}:{quote(PASSWORD, safe='')}@example.test/v1",
+        headers={"X-Org-Token": Secret(HEADER_TOKEN), "X-Flag": Secret("1")},
+    )
+    from aioproxy.upstream import scrub, scrub_bytes
+
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    text = echoes({"Authorization": f"Bearer {SHORT_KEY}", "X-Org-Token": HEADER_TOKEN,
+                   "X-Basic": f"Basic {basic}", "X-Password": PASSWORD})
+    assert_masked(scrub(text, deployment))
+    assert_masked(scrub_bytes(text.encode(), deployment).decode())
+    ordinary = "The model answered 1 + 1 = 2 in 0.5 s; retry later."
+    assert scrub(ordinary, deployment) == ordinary
