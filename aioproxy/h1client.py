@@ -336,8 +336,8 @@ class H1Pool:
     ``limit`` caps the open connections (0: no cap); a request beyond it waits for one to free.
     A pooled connection is checked before a request is written on it (``_Connection.alive``):
     one the upstream closed while it idled is dropped for another. A request is sent again, once,
-    on a new connection only when none of it was written (the connection was found dead before
-    or at the write); once written, the upstream may have read it and acted on it, so a lost
+    on a new connection only when none of it was written on a pooled one (found dead at the
+    write); once written, the upstream may have read it and acted on it, so a lost
     connection is the caller's error, and its retry policy decides.
     """
 
@@ -380,6 +380,7 @@ class H1Pool:
             conn = None if retry else self._take_idle(target.key)
             if conn is None:
                 conn = await self._acquire(target, timeout.connect, deadline, fresh=retry)
+            reused = conn.used > 0  # a new connection lost at once is the upstream's doing
             try:
                 conn.send(head, body, timeout.sock_read, deadline)
                 if len(body) > _DRAIN_ABOVE:
@@ -391,7 +392,7 @@ class H1Pool:
                 message, payload = await conn.head
             except aiohttp.ServerDisconnectedError:
                 conn.abort()
-                if not conn.written and not retry:
+                if reused and not conn.written and not retry:
                     continue  # it never carried a byte of this request: once more, safely
                 raise
             except BaseException:
