@@ -397,7 +397,7 @@ async def _relay(
 ) -> AsyncIterator[bytes]:
     """The upstream's events as they come. An error event ends the stream as the client's error
     (raised: the handler sends it as one event, scrubbed); other events naming an error (a
-    Responses ``response.failed``) go out scrubbed. Only blocks holding ``"error"`` are looked
+    Responses ``response.failed``) go out scrubbed. Only blocks holding ``error`` are looked
     into, so the common event costs one search. No complete event for ``idle`` seconds is a
     timeout."""
     last = b""
@@ -406,8 +406,8 @@ async def _relay(
     )
     try:
         async for block in blocks:
-            if b'"error"' in block:
-                block, error = _errors_in(block, deployment)
+            if b"error" in block:  # the rare block worth a closer look (measured: ~1 ns a byte)
+                block, error = _errors_in(block, deployment, kind)
                 if error is not None:
                     if block:
                         yield block
@@ -434,14 +434,25 @@ async def _relay(
     response.release()
 
 
-def _errors_in(block: bytes, deployment: Deployment) -> tuple[bytes, ProxyError | None]:
-    """A block's events up to its first error event (scrubbed), and that event as an error."""
+_ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.M)  # an SSE event named "error"
+
+
+def _errors_in(
+    block: bytes, deployment: Deployment, kind: Kind
+) -> tuple[bytes, ProxyError | None]:
+    """A block's events up to its first error event (those naming an error scrubbed), and that
+    event as the client's error. An error event: data with an ``error`` object, or (but in the
+    Responses API, where it is a final event of the protocol) an event named ``error``."""
     kept: list[bytes] = []
     for event in split_events(block):
-        error = stream_error(data_of(event), deployment) if b'"error"' in event else None
+        data = data_of(event) if b'"error"' in event or b"event:" in event else b""
+        error = stream_error(data, deployment) if b'"error"' in data else None
+        named = _ERROR_EVENT.search(event) is not None
+        if error is None and named and kind is not Kind.RESPONSES:
+            error = _upstream_error(502, _json_error_fields(data), data, deployment, "sent an error")
         if error is not None:
             return b"".join(kept), error
-        kept.append(scrub_bytes(event, deployment) if _names_an_error(event) else event)
+        kept.append(scrub_bytes(event, deployment) if named or _names_an_error(event) else event)
     return b"".join(kept), None
 
 

@@ -94,9 +94,12 @@ def openai_upstream(mode: str) -> web.Application:
             return web.Response(body=body, status=500, content_type="text/event-stream")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if mode == "midstream":
+        if mode in ("midstream", "named"):
             await response.write(f"data: {json.dumps(CHUNK)}\n\n".encode())
-        await response.write(f"data: {json.dumps(error)}\n\n".encode())
+        if mode == "named":  # an event named "error", its data plain text
+            await response.write(f"event: error\ndata: {error['error']['message']}\n\n".encode())
+        else:
+            await response.write(f"data: {json.dumps(error)}\n\n".encode())
         return response  # ends without [DONE]
 
     app = web.Application()
@@ -129,7 +132,7 @@ def sdk_error_text(exc: openai.APIError) -> str:
 
 
 @pytest.mark.parametrize("model", ["keyed", "long", "basic"])
-@pytest.mark.parametrize("mode", ["json", "json-200", "sse-body", "midstream", "first"])
+@pytest.mark.parametrize("mode", ["json", "json-200", "sse-body", "midstream", "first", "named"])
 async def test_openai_sdk_never_sees_a_credential(
     aiohttp_server: Any, start_proxy: StartProxy, model: str, mode: str
 ) -> None:
@@ -175,12 +178,13 @@ async def read_events(proxy: TestServer, http: Any, model: str) -> tuple[int, li
     return response.status, [event for event in body.split(b"\n\n") if event.strip()]
 
 
+@pytest.mark.parametrize("mode", ["midstream", "named"])
 async def test_a_mid_stream_error_event_is_the_one_last_event(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+    aiohttp_server: Any, start_proxy: StartProxy, http: Any, mode: str
 ) -> None:
     """The upstream's error event, then its hang-up: the client gets the chunk, one error
     event (masked), and nothing after it (#10.8)."""
-    proxy = await start(aiohttp_server, start_proxy, openai_upstream("midstream"))
+    proxy = await start(aiohttp_server, start_proxy, openai_upstream(mode))
     status, events = await read_events(proxy, http, "keyed")
     assert status == 200
     assert len(events) == 2, events
@@ -264,3 +268,52 @@ def test_mask_covers_every_form_and_spares_other_text() -> None:
     assert_masked(scrub_bytes(text.encode(), deployment).decode())
     ordinary = "The model answered 1 + 1 = 2 in 0.5 s; retry later."
     assert scrub(ordinary, deployment) == ordinary
+
+
+def passing_upstream(events: list[bytes], path: str) -> web.Application:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        return response
+
+    app = web.Application()
+    app.router.add_post(path, handler)
+    return app
+
+
+async def test_events_that_only_mention_error_pass_untouched(
+    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+) -> None:
+    """Model text about errors (and key-like words) is the answer: relayed byte for byte."""
+    chunk = json.loads(json.dumps(CHUNK))
+    chunk["choices"][0]["delta"]["content"] = 'raise KeyError("key_value_store error: sk-example")'
+    events = [f"data: {json.dumps(chunk)}\n\n".encode(), b"data: [DONE]\n\n"]
+    proxy = await start(aiohttp_server, start_proxy,
+                        passing_upstream(events, "/v1/chat/completions"))
+    status, got = await read_events(proxy, http, "long")
+    assert status == 200
+    assert [event + b"\n\n" for event in got] == events
+
+
+async def test_a_responses_failure_is_relayed_masked(
+    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+) -> None:
+    """In the Responses API ``response.failed`` is the stream's own final event: it goes out as
+    such (masked), and nothing follows it."""
+    created = {"type": "response.created", "response": {"id": "r1", "status": "in_progress",
+                                                         "error": None}}
+    failed = {"type": "response.failed", "response": {
+        "id": "r1", "status": "failed",
+        "error": {"code": "server_error", "message": f"upstream key {LONG_KEY} refused"}}}
+    events = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (created, failed)]
+    proxy = await start(aiohttp_server, start_proxy, passing_upstream(events, "/v1/responses"))
+    response = await http.post(proxy.make_url("/v1/responses"), headers=AUTH,
+                               json={"model": "long", "input": "hi", "stream": True})
+    body = await response.read()
+    got = [event for event in body.split(b"\n\n") if event.strip()]
+    assert got[0] + b"\n\n" == events[0]  # "error": null is no error
+    assert len(got) == 2 and got[1].startswith(b"event: response.failed\n")
+    message = json.loads(got[1].partition(b"data: ")[2])["response"]["error"]["message"]
+    assert message == "upstream key *** refused"
