@@ -164,7 +164,8 @@ class _Connection(BaseProtocol):
             if message.code in _INTERIM:
                 continue  # 100 Continue, 103 Early Hints: the answer itself follows
             if message.code < 200 or message.upgrade:  # 101 Switching Protocols and the like
-                self._fail(UpstreamProtocolError(f"unexpected answer {message.code} (an upgrade)"))
+                answer = f"answer {message.code} or an upgrade: not HTTP any more"
+                self._fail(UpstreamProtocolError(answer))
                 self.abort()
                 return
             self.payload = payload

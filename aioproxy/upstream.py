@@ -63,7 +63,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-@attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs, aiohttp's dependency)
+@attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs: its dependency)
 class StreamTimeout(aiohttp.ClientTimeout):
     """aiohttp's timeouts, plus ``event``: the longest a stream may go without a complete event
     (``read``); the socket's own silence may last until ``first_byte`` when that is longer, for
@@ -154,7 +154,8 @@ def _json_error_fields(body: bytes) -> ErrorFields | None:
         return None
     if isinstance(parsed.error, _UpstreamErrorBody):
         error = parsed.error
-        return error.message, error.type, error.param, None if error.code is None else str(error.code)
+        code = None if error.code is None else str(error.code)
+        return error.message, error.type, error.param, code
     if isinstance(parsed.error, str):
         return parsed.error, None, None, None
     return parsed.message, None, None, None
@@ -449,7 +450,8 @@ def _errors_in(
         error = stream_error(data, deployment) if b'"error"' in data else None
         named = _ERROR_EVENT.search(event) is not None
         if error is None and named and kind is not Kind.RESPONSES:
-            error = _upstream_error(502, _json_error_fields(data), data, deployment, "sent an error")
+            fields = _json_error_fields(data)
+            error = _upstream_error(502, fields, data, deployment, "sent an error")
         if error is not None:
             return b"".join(kept), error
         kept.append(scrub_bytes(event, deployment) if named or _names_an_error(event) else event)

@@ -122,7 +122,8 @@ def models(base: str, provider: str = "openai") -> list[dict[str, Any]]:
 async def start(aiohttp_server: Any, start_proxy: StartProxy, upstream: web.Application,
                 provider: str = "openai", plugins: tuple[object, ...] = ()) -> TestServer:
     server = await aiohttp_server(upstream)
-    config = {"auth": {"master_key": MASTER_KEY}, "models": models(str(server.make_url("/v1")), provider),
+    config = {"auth": {"master_key": MASTER_KEY},
+              "models": models(str(server.make_url("/v1")), provider),
               "router": {"num_retries": 0}}
     return await start_proxy(config, plugins)
 
@@ -213,8 +214,8 @@ async def test_an_error_event_first_is_an_error_status(
 def anthropic_upstream(stream: bool) -> web.Application:
     async def messages(request: web.Request) -> web.StreamResponse:
         await request.read()
-        error = {"type": "error", "error": {"type": "api_error",
-                                            "message": f"bad credentials: {echoes(request.headers)}"}}
+        said = f"bad credentials: {echoes(request.headers)}"
+        error = {"type": "error", "error": {"type": "api_error", "message": said}}
         if not stream:
             return web.json_response(error, status=500)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
