@@ -116,6 +116,7 @@ class _Connection(BaseProtocol):
         self.idle_since = 0.0
         self.last_data = 0.0
         self.read_timeout: float | None = None
+        self.read_in_body: float | None = None  # read_timeout once the body has begun, if other
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.written = False  # some of the current request reached the socket
@@ -145,6 +146,8 @@ class _Connection(BaseProtocol):
         if data:
             self.got_bytes = True
             self.last_data = self.pool.loop.time()
+            if self.read_in_body is not None and self.payload is not None:
+                self._body_began()
         try:
             messages, _, _ = parser.feed_data(data)
         except Exception as exc:
@@ -197,8 +200,18 @@ class _Connection(BaseProtocol):
 
     # --- requests ---
 
-    def send(self, head: bytes, body: bytes, read: float | None, deadline: float | None) -> None:
-        """Write the request; ``written`` says whether any of it may have reached the upstream."""
+    def send(
+        self,
+        head: bytes,
+        body: bytes,
+        read: float | None,
+        deadline: float | None,
+        read_in_body: float | None = None,
+    ) -> None:
+        """Write the request; ``written`` says whether any of it may have reached the upstream.
+
+        ``read`` bounds each silence of the upstream; ``read_in_body``, if given, replaces it
+        once the body has begun (a model may think long before its first event, not between)."""
         loop = self.pool.loop
         self.used += 1
         self.got_bytes = False
@@ -219,6 +232,7 @@ class _Connection(BaseProtocol):
         now = loop.time()
         self.last_data = now
         self.read_timeout = read
+        self.read_in_body = read_in_body
         self.deadline = deadline
         self._arm(now)
         transport.writelines((head, body))
@@ -232,6 +246,11 @@ class _Connection(BaseProtocol):
             idle_end = self.last_data + self.read_timeout
             when = idle_end if when is None else min(when, idle_end)
         self.timer = None if when is None else self.pool.loop.call_at(max(when, now), self._on_timer)
+
+    def _body_began(self) -> None:
+        self.read_timeout, self.read_in_body = self.read_in_body, None
+        self._stop_timer()
+        self._arm(self.last_data)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -368,7 +387,7 @@ class H1Pool:
         As with ClientSession, ``timeout.total`` bounds the whole call (the wait for a
         connection included), ``connect`` the wait for a connection (a free slot under the cap,
         then the TCP/TLS connect), ``sock_read`` each silence of the upstream once the request
-        is sent.
+        is sent (an ``event`` attribute, when shorter, each silence once the body has begun).
         """
         target = self._targets.get(url)
         if target is None:
@@ -376,6 +395,10 @@ class H1Pool:
         head = self._request_head(target, headers, len(body))
         total = timeout.total
         deadline = self.loop.time() + total if total else None
+        # A stream's own bound between events (aioproxy.upstream.StreamTimeout), when shorter.
+        read_in_body = getattr(timeout, "event", None)
+        if read_in_body is not None and timeout.sock_read is not None:
+            read_in_body = read_in_body if read_in_body < timeout.sock_read else None
         for retry in (False, True):
             # The retry goes to a new connection: another pooled one may be as stale.
             conn = None if retry else self._take_idle(target.key)
@@ -383,7 +406,7 @@ class H1Pool:
                 conn = await self._acquire(target, timeout.connect, deadline, fresh=retry)
             reused = conn.used > 0  # a new connection lost at once is the upstream's doing
             try:
-                conn.send(head, body, timeout.sock_read, deadline)
+                conn.send(head, body, timeout.sock_read, deadline, read_in_body)
                 if len(body) > _DRAIN_ABOVE:
                     try:
                         await conn._drain_helper()

@@ -981,6 +981,34 @@ async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None
     assert pool.open_connections == 0
 
 
+async def test_a_long_first_wait_then_the_shorter_bound_between_events(
+    raw: RawFactory, pool: H1Pool
+) -> None:
+    """With a stream bound (``event``) shorter than ``sock_read`` (a deployment's first_byte
+    longer than its read): silence before the body begins may last ``sock_read`` (a model
+    thinking), silence once it has begun only ``event``."""
+    from aioproxy.upstream import StreamTimeout
+
+    first_sent = asyncio.Event()
+
+    async def think_then_stall(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.4)  # thinking: longer than `event`
+        await peer.send(b"9\r\ndata: 1\n\n\r\n")
+        first_sent.set()
+        await peer.until_closed()  # then silence, mid-stream
+
+    upstream = await raw(think_then_stall)
+    timeout = StreamTimeout(total=None, connect=5, sock_read=60, event=0.1)
+    response = await pool.post(upstream.url(), b"{}", {}, timeout)
+    assert await asyncio.wait_for(response.content.readany(), 10) == b"data: 1\n\n"
+    assert first_sent.is_set()
+    with pytest.raises(aiohttp.ServerTimeoutError):  # long before sock_read's 60 s
+        await asyncio.wait_for(response.content.readany(), 10)
+
+
 async def test_steady_stream_outlives_sock_read(aiohttp_server: Any, pool: H1Pool) -> None:
     """sock_read bounds the gaps, not the stream: events every 30 ms for 0.4 s go through."""
     seen = Seen()
