@@ -66,8 +66,9 @@ def make_session(config: Config) -> aiohttp.ClientSession:
 @attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs: its dependency)
 class StreamTimeout(aiohttp.ClientTimeout):
     """aiohttp's timeouts, plus ``event``: the longest a stream may go without a complete event
-    (``read``); the socket's own silence may last until ``first_byte`` when that is longer, for
-    models that think for minutes before their first token."""
+    (``read``). Before the answer's body begins, the upstream may stay silent until
+    ``first_byte`` when that is longer (``sock_read``), for models that think for minutes
+    before their first token; the lean pool bounds later silences by ``event``."""
 
     event: float | None = None
 
