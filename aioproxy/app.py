@@ -15,6 +15,7 @@ from .bridges.routes import response_routes
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .gateway import Gateway
+from .budget import BufferBudget
 from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
 from .ingress import Ingress
@@ -118,7 +119,11 @@ async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
     gateway = app[gateway_key]
     config = app[config_key]
     session = make_session(config)
-    pool = H1Pool(asyncio.get_running_loop(), config.upstream.max_connections)
+    pool = H1Pool(
+        asyncio.get_running_loop(),
+        config.upstream.max_connections,
+        BufferBudget(config.upstream.max_buffered_bytes),
+    )
     app[session_key] = session
     app[pool_key] = pool
     try:

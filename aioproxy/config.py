@@ -74,12 +74,14 @@ class Timeouts(Base):
 
     ``connect``: opening the connection. ``first_byte``: from sending the request to the answer's
     first byte (a stream's first event); unset, ``read`` bounds it. ``read``: the longest silence
-    while reading (between a stream's events). ``total``: the whole call, stream included.
+    while reading, and the longest a stream may go without a complete event (progress is counted
+    in events, so an upstream trickling bytes cannot hold a stream). ``total``: the whole call,
+    stream included.
     """
 
     connect: PositiveFloat = 10.0
     first_byte: PositiveFloat | None = None
-    read: PositiveFloat = 600.0
+    read: PositiveFloat = 120.0
     total: PositiveFloat | None = None
 
 
@@ -181,6 +183,10 @@ class UpstreamConfig(Base):
     # Open upstream connections at most (0: no cap), for each of the app's two clients: the
     # lean pool that pass-through calls use, and the ClientSession of the other plugins.
     max_connections: Annotated[int, Meta(ge=0)] = 0
+    # Bytes of upstream answers held in memory at once, gateway-wide (bodies being read,
+    # unfinished stream events): a request that would go past it fails with a 503 while the
+    # others go on (0: no bound). Each answer is also capped on its own (64 MiB, events 16 MiB).
+    max_buffered_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
 class ResponsesConfig(Base):

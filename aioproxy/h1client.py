@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import select
 import socket
 import ssl
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from aiohttp.http import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
+from .budget import BufferBudget
+
 __all__ = ["H1Pool", "H1Response", "UpstreamConnectError", "UpstreamProtocolError"]
 
 # What may stand unescaped in a request target (RFC 3986 pchar, "/" and, in the query, "?"); "%"
@@ -41,9 +44,10 @@ _QUERY_SAFE = _PATH_SAFE + "?"
 _READ_LIMIT = 2**16  # the StreamReader's buffer before it pauses the socket (aiohttp's default)
 _DRAIN_ABOVE = 2**16  # a request body bigger than this waits for the socket to take it
 _KEEPALIVE = 60.0  # seconds an idle connection is kept; upstreams close theirs after ~60-75 s
-# A pooled connection lost this soon after a request went out on it was closed by the upstream
-# while idle (it never read the request): the request is sent again, once, on a new connection.
-_STALE_WITHIN = 0.25
+# Interim answers that the real answer follows; any other 1xx (101 Switching Protocols above
+# all) means the connection no longer speaks HTTP to us.
+_INTERIM = frozenset({100, 103})
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _DNS_TTL = 300.0  # seconds a host's addresses are kept (ClientSession's ttl_dns_cache here)
 _HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address family (as aiohttp)
 _MAX_TARGETS = 1024  # parsed URLs kept; deployments are few, but plugins may make URLs up
@@ -112,16 +116,24 @@ class _Connection(BaseProtocol):
         self.idle_since = 0.0
         self.last_data = 0.0
         self.read_timeout: float | None = None
+        self.read_in_body: float | None = None  # read_timeout once the body has begun, if other
         self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.sent_at = 0.0
-        self.lost_at: float | None = None
+        self.written = False  # some of the current request reached the socket
+        self._poll: select.poll | None = None  # watches the socket while the connection idles
 
-    def lost_soon_after_send(self) -> bool:
-        """Whether the connection was lost within ``_STALE_WITHIN`` of the request going out:
-        an upstream closing an idle connection makes that happen within a round trip, while
-        one that crashed on the request (it did see it) takes longer, and is not sent it twice."""
-        return self.lost_at is not None and self.lost_at - self.sent_at <= _STALE_WITHIN
+    def watch(self) -> None:
+        """Keep an eye on the transport's socket, for ``alive()``."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), _READABLE)
+
+    def alive(self) -> bool:
+        """Whether an idle connection is still worth a request: nothing to read on it, not even
+        an end of file. An upstream that closed it while idle left a FIN that the event loop
+        may not have seen yet; one poll (~1 µs) sees it before the request is written."""
+        return not self.closed and (self._poll is None or not self._poll.poll(0))
 
     # --- asyncio.Protocol ---
 
@@ -134,6 +146,8 @@ class _Connection(BaseProtocol):
         if data:
             self.got_bytes = True
             self.last_data = self.pool.loop.time()
+            if self.read_in_body is not None and self.payload is not None:
+                self._body_began()
         try:
             messages, _, _ = parser.feed_data(data)
         except Exception as exc:
@@ -150,15 +164,19 @@ class _Connection(BaseProtocol):
                 # A second answer to one request: the connection is out of step with us.
                 self.abort()
                 return
-            if 100 <= message.code < 200 and message.code != 101:
+            if message.code in _INTERIM:
                 continue  # 100 Continue, 103 Early Hints: the answer itself follows
+            if message.code < 200 or message.upgrade:  # 101 Switching Protocols and the like
+                answer = f"answer {message.code} or an upgrade: not HTTP any more"
+                self._fail(UpstreamProtocolError(answer))
+                self.abort()
+                return
             self.payload = payload
             head.set_result((message, payload))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         by_upstream = not self.closed  # else we aborted it: its EOF ends nothing
         self.closed = True
-        self.lost_at = self.pool.loop.time()
         super().connection_lost(exc)
         parser, self.parser = self.parser, None
         payload = self.payload
@@ -182,16 +200,27 @@ class _Connection(BaseProtocol):
 
     # --- requests ---
 
-    def send(self, head: bytes, body: bytes, read: float | None, deadline: float | None) -> None:
+    def send(
+        self,
+        head: bytes,
+        body: bytes,
+        read: float | None,
+        deadline: float | None,
+        read_in_body: float | None = None,
+    ) -> None:
+        """Write the request; ``written`` says whether any of it may have reached the upstream.
+
+        ``read`` bounds each silence of the upstream; ``read_in_body``, if given, replaces it
+        once the body has begun (a model may think long before its first event, not between)."""
         loop = self.pool.loop
         self.used += 1
         self.got_bytes = False
+        self.written = False
         self.head = loop.create_future()
         self.payload = None
         self.response = None
         transport = self.transport
-        self.sent_at = loop.time()
-        if transport is None or self.closed:  # lost between its connect and now
+        if transport is None or self.closed or transport.is_closing():  # lost before writing
             self.head.set_exception(aiohttp.ServerDisconnectedError())
             return
         self._parser = self.parser = HttpResponseParser(
@@ -203,9 +232,13 @@ class _Connection(BaseProtocol):
         now = loop.time()
         self.last_data = now
         self.read_timeout = read
+        self.read_in_body = read_in_body
         self.deadline = deadline
         self._arm(now)
         transport.writelines((head, body))
+        # A socket transport's first write goes out at once or fails at once: closing now means
+        # the send failed and not a byte left (a transport that cannot tell counts as sent).
+        self.written = not transport.is_closing()
 
     def _arm(self, now: float) -> None:
         when = self.deadline
@@ -213,6 +246,11 @@ class _Connection(BaseProtocol):
             idle_end = self.last_data + self.read_timeout
             when = idle_end if when is None else min(when, idle_end)
         self.timer = None if when is None else self.pool.loop.call_at(max(when, now), self._on_timer)
+
+    def _body_began(self) -> None:
+        self.read_timeout, self.read_in_body = self.read_in_body, None
+        self._stop_timer()
+        self._arm(self.last_data)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -270,9 +308,12 @@ class _Connection(BaseProtocol):
 class H1Response:
     """An upstream's answer, with the parts of aiohttp's ClientResponse that a relay reads."""
 
-    __slots__ = ("status", "headers", "content", "content_type", "content_length", "_conn")
+    __slots__ = (
+        "status", "headers", "content", "content_type", "content_length", "budget", "_conn"
+    )
 
     def __init__(self, message: RawResponseMessage, payload: StreamReader, conn: _Connection) -> None:
+        self.budget = conn.pool.budget  # what reading it whole or by events is counted against
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content: StreamReader = payload
@@ -313,16 +354,19 @@ class H1Pool:
     """Keep-alive connections per (host, port, TLS), reused most-recent first.
 
     ``limit`` caps the open connections (0: no cap); a request beyond it waits for one to free.
-    A request that meets a pooled connection the upstream had just closed (it is lost within
-    ``_STALE_WITHIN`` of the send, before any byte of an answer) is sent again, once, on a new
-    connection: a connection lost that fast was closed by the upstream while idle, before it read
-    the request. A connection lost later is an error to the caller,
-    whose retry policy decides; a POST an upstream may have acted on is never resent here.
+    A pooled connection is checked before a request is written on it (``_Connection.alive``):
+    one the upstream closed while it idled is dropped for another. A request is sent again, once,
+    on a new connection only when none of it was written on a pooled one (found dead at the
+    write); once written, the upstream may have read it and acted on it, so a lost
+    connection is the caller's error, and its retry policy decides.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = 0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, limit: int = 0, budget: BufferBudget | None = None
+    ) -> None:
         self.loop = loop
         self.limit = limit
+        self.budget = budget  # the app's bound on buffered answer bytes, for the answers' readers
         self._idle: dict[tuple[str, int, bool], collections.deque[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -343,7 +387,7 @@ class H1Pool:
         As with ClientSession, ``timeout.total`` bounds the whole call (the wait for a
         connection included), ``connect`` the wait for a connection (a free slot under the cap,
         then the TCP/TLS connect), ``sock_read`` each silence of the upstream once the request
-        is sent.
+        is sent (an ``event`` attribute, when shorter, each silence once the body has begun).
         """
         target = self._targets.get(url)
         if target is None:
@@ -351,14 +395,18 @@ class H1Pool:
         head = self._request_head(target, headers, len(body))
         total = timeout.total
         deadline = self.loop.time() + total if total else None
+        # A stream's own bound between events (aioproxy.upstream.StreamTimeout), when shorter.
+        read_in_body = getattr(timeout, "event", None)
+        if read_in_body is not None and timeout.sock_read is not None:
+            read_in_body = read_in_body if read_in_body < timeout.sock_read else None
         for retry in (False, True):
             # The retry goes to a new connection: another pooled one may be as stale.
             conn = None if retry else self._take_idle(target.key)
             if conn is None:
                 conn = await self._acquire(target, timeout.connect, deadline, fresh=retry)
-            reused = conn.used > 0
+            reused = conn.used > 0  # a new connection lost at once is the upstream's doing
             try:
-                conn.send(head, body, timeout.sock_read, deadline)
+                conn.send(head, body, timeout.sock_read, deadline, read_in_body)
                 if len(body) > _DRAIN_ABOVE:
                     try:
                         await conn._drain_helper()
@@ -368,8 +416,8 @@ class H1Pool:
                 message, payload = await conn.head
             except aiohttp.ServerDisconnectedError:
                 conn.abort()
-                if reused and not conn.got_bytes and not retry and conn.lost_soon_after_send():
-                    continue  # the upstream had closed it while it sat in the pool: once more
+                if reused and not conn.written and not retry:
+                    continue  # it never carried a byte of this request: once more, safely
                 raise
             except BaseException:
                 conn.head = None  # nobody awaits it any more: its hang-up is nobody's error
@@ -416,7 +464,7 @@ class H1Pool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < _KEEPALIVE:
+            if now - conn.idle_since < _KEEPALIVE and conn.alive():
                 return conn
             conn.abort()
         return None
@@ -477,6 +525,7 @@ class H1Pool:
                 lambda: conn, sock=sock,
                 ssl=ssl_context, server_hostname=target.host if ssl_context else None,
             )
+            conn.watch()
         except OSError as exc:  # refused, unreachable, no such host, TLS handshake failed
             self.forget(conn)
             if isinstance(exc, TimeoutError):  # the system's own connect timeout

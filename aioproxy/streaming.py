@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from aiohttp import StreamReader
+
+from .budget import BufferBudget
 
 __all__ = [
     "DONE",
     "EventTooLarge",
     "MAX_EVENT",
     "SSE_HEADERS",
+    "StreamStalled",
     "data_of",
     "iter_sse",
     "iter_sse_blocks",
@@ -50,7 +54,17 @@ class EventTooLarge(ValueError):
 MAX_EVENT = 16 * 1024 * 1024
 
 
-async def iter_sse_blocks(content: StreamReader, max_event: int = MAX_EVENT) -> AsyncIterator[bytes]:
+class StreamStalled(TimeoutError):
+    """Bytes kept coming, but no event was completed for ``idle`` seconds (a trickling upstream)."""
+
+
+async def iter_sse_blocks(
+    content: StreamReader,
+    max_event: int = MAX_EVENT,
+    idle: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    budget: BufferBudget | None = None,
+) -> AsyncIterator[bytes]:
     """Yield the complete SSE events of a body as they arrive, several at once when they came so.
 
     Each chunk read from the network yields what it completes: every whole event (ending in a
@@ -59,27 +73,55 @@ async def iter_sse_blocks(content: StreamReader, max_event: int = MAX_EVENT) -> 
     a client never gets half an event (one over ``max_event`` bytes raises EventTooLarge).
     ``\r\n`` line ends become ``\n``. A trailing event that never got its blank line (the
     upstream cut the stream) is yielded, terminated, at the end.
+
+    Progress is counted in events, not bytes: bytes that complete no event for ``idle`` seconds
+    raise StreamStalled. (Silence is the socket's read timeout's to catch.) The clock is read
+    only for reads that leave an event unfinished, never on the usual path.
+
+    The unfinished event's bytes are counted against ``budget`` (BufferFull past it) while it
+    is held, and given back as events complete and when the generator ends.
     """
-    pending = bytearray()
-    async for chunk in content.iter_any():
-        if not pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
-            yield chunk  # the usual case: whole events, nothing to copy
-            continue
-        searched = max(0, len(pending) - 1)  # what is already known to hold no event end
-        straddles = pending.endswith(b"\r")  # a \r\n split across two reads
-        pending += chunk
-        if straddles or b"\r" in chunk:
-            pending = bytearray(pending.replace(b"\r\n", b"\n"))
-            searched = 0
-        end = pending.rfind(b"\n\n", searched)
-        if end < 0:
-            if len(pending) > max_event:
-                raise EventTooLarge(f"an event grew past {max_event} bytes without ending")
-            continue
-        yield bytes(pending[: end + 2])
-        del pending[: end + 2]
-    if pending.strip():
-        yield bytes(pending.rstrip(b"\n")) + b"\n\n"
+    pending = bytearray()  # the unfinished event, its \r\n already made \n (bar a last \r)
+    stalled_since: float | None = None  # when bytes of an unfinished event were first seen
+    held = 0  # bytes of pending counted against the budget
+    try:
+        async for chunk in content.iter_any():
+            if not pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+                yield chunk  # the usual case: whole events, nothing to copy or hold
+                continue
+            if b"\r" in chunk or pending.endswith(b"\r"):
+                # Only the new bytes are rewritten: pending is normalized already.
+                if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
+                    del pending[-1]
+                chunk = chunk.replace(b"\r\n", b"\n")
+            searched = max(0, len(pending) - 1)  # what is already known to hold no event end
+            pending += chunk
+            if budget is not None:
+                budget.take(len(pending) - held)
+                held = len(pending)
+            end = pending.rfind(b"\n\n", searched)
+            if end < 0:
+                if len(pending) > max_event:
+                    raise EventTooLarge(f"an event grew past {max_event} bytes without ending")
+                if idle is not None:
+                    now = clock()
+                    if stalled_since is None:
+                        stalled_since = now
+                    elif now - stalled_since >= idle:
+                        raise StreamStalled(f"no complete event in {idle:g} s")
+                continue
+            block = bytes(pending[: end + 2])
+            del pending[: end + 2]
+            stalled_since = None
+            if budget is not None:
+                budget.give(held - len(pending))
+                held = len(pending)
+            yield block
+        if pending.strip():
+            yield bytes(pending.rstrip(b"\n")) + b"\n\n"
+    finally:
+        if budget is not None:
+            budget.give(held)
 
 
 def split_events(block: bytes) -> list[bytes]:
@@ -100,13 +142,16 @@ def data_of(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-async def iter_sse(content: StreamReader) -> AsyncIterator[bytes]:
-    """Yield each complete event of an SSE body, one by one, as soon as it arrives.
+async def iter_sse(
+    content: StreamReader, idle: float | None = None, budget: BufferBudget | None = None
+) -> AsyncIterator[bytes]:
+    """Yield each complete event of an SSE body, one by one, as soon as it arrives (``idle``
+    and ``budget``: as for ``iter_sse_blocks``).
 
     Closed early (``aclose``), it closes the generator it reads from then and there; left to
     the garbage collector, that would cost a task the event loop spawns to finalize it.
     """
-    blocks = iter_sse_blocks(content)
+    blocks = iter_sse_blocks(content, idle=idle, budget=budget)
     try:
         async for block in blocks:
             for event in split_events(block):

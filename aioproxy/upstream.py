@@ -8,15 +8,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import lru_cache
 
 import aiohttp
+import attr
 import msgspec
 
+from .budget import BufferBudget
 from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .h1client import H1Pool, UpstreamConnectError
+from .masking import mask_of
 from .providers import JSONReply, Reply, StreamReply, UpstreamResponse, post_via
 from .routes import Kind
-from .streaming import EventTooLarge, iter_sse_blocks
+from .streaming import EventTooLarge, StreamStalled, data_of, iter_sse_blocks, split_events
 
 __all__ = [
     "answer_of",
@@ -29,6 +32,9 @@ __all__ = [
     "read_capped",
     "read_upstream_error",
     "scrub",
+    "scrub_bytes",
+    "StreamTimeout",
+    "stream_error",
     "timeout_for",
     "timeouts_of",
 ]
@@ -57,10 +63,23 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
+@attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs: its dependency)
+class StreamTimeout(aiohttp.ClientTimeout):
+    """aiohttp's timeouts, plus ``event``: the longest a stream may go without a complete event
+    (``read``). Before the answer's body begins, the upstream may stay silent until
+    ``first_byte`` when that is longer (``sock_read``), for models that think for minutes
+    before their first token; the lean pool bounds later silences by ``event``."""
+
+    event: float | None = None
+
+
 @lru_cache(maxsize=256)
-def timeout_for(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=timeouts.total, connect=timeouts.connect, sock_read=timeouts.read
+def timeout_for(timeouts: Timeouts) -> StreamTimeout:
+    return StreamTimeout(
+        total=timeouts.total,
+        connect=timeouts.connect,
+        sock_read=max(timeouts.read, timeouts.first_byte or 0),
+        event=timeouts.read,
     )
 
 
@@ -93,15 +112,15 @@ def failure_from(exc: BaseException, deployment: Deployment | None) -> ProxyErro
     return BadGateway(f"Deployment {where} failed: {type(exc).__name__}", code="upstream_error")
 
 
-_KEYLIKE = re.compile(r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}", re.IGNORECASE)
-
-
 def scrub(text: str, deployment: Deployment) -> str:
-    """Remove anything key-like from upstream text before a client sees it."""
-    for secret in (deployment.api_key, *deployment.headers.values()):
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-    return _KEYLIKE.sub("***", text)
+    """Mask every form of the deployment's secrets (key, header values, URL credentials; as
+    sent, URL-, JSON- or base64-encoded) and anything key-like in upstream text."""
+    return mask_of(deployment).text(text)
+
+
+def scrub_bytes(data: bytes, deployment: Deployment) -> bytes:
+    """:func:`scrub` for raw bytes, e.g. a relayed event."""
+    return mask_of(deployment).bytes(data)
 
 
 class _UpstreamErrorBody(msgspec.Struct):
@@ -116,7 +135,43 @@ class _UpstreamError(msgspec.Struct):
     message: str | None = None
 
 
+class _AnyError(msgspec.Struct):
+    """Whether a JSON object (an answer, an event) carries an error, whatever its shape."""
+
+    error: object = None
+
+
 _decode_error = msgspec.json.Decoder(_UpstreamError).decode
+_decode_any_error = msgspec.json.Decoder(_AnyError).decode
+_SSE_ERROR_SCAN = 64 * 1024  # bytes of an SSE error body looked through for its error event
+
+ErrorFields = tuple[str | None, str | None, str | None, str | None]  # message, type, param, code
+
+
+def _json_error_fields(body: bytes) -> ErrorFields | None:
+    try:
+        parsed = _decode_error(body)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(parsed.error, _UpstreamErrorBody):
+        error = parsed.error
+        code = None if error.code is None else str(error.code)
+        return error.message, error.type, error.param, code
+    if isinstance(parsed.error, str):
+        return parsed.error, None, None, None
+    return parsed.message, None, None, None
+
+
+def _error_fields(body: bytes) -> ErrorFields | None:
+    """An error body's fields: a JSON error object, or an SSE body's first error event."""
+    fields = _json_error_fields(body)
+    if fields is not None or b"data:" not in body[:_SSE_ERROR_SCAN]:
+        return fields
+    for event in split_events(body[:_SSE_ERROR_SCAN].replace(b"\r\n", b"\n")):
+        fields = _json_error_fields(data_of(event))
+        if fields is not None and fields[0] is not None:
+            return fields
+    return None
 # A 404 whose words are about the model, as servers without OpenAI's code say it ("The model
 # `x` does not exist.", 'model "x" not found'); a missing route's 404 ("Not Found") is not.
 _ABOUT_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
@@ -131,24 +186,19 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
     the model (OpenAI's ``model_not_found``; vLLM's and Ollama's words) means the deployment's
     upstream model id is wrong (a 502, which the router retries on another deployment).
     """
+    return _upstream_error(status, _error_fields(body), body, deployment, f"answered {status}")
+
+
+def _upstream_error(
+    status: int, fields: ErrorFields | None, body: bytes, deployment: Deployment, what: str
+) -> ProxyError:
     where = deployment.describe()
     if status in (401, 403):
         return BadGateway(
             f"Deployment {where} refused the proxy's credentials (upstream status {status})",
             code="upstream_auth_failed",
         )
-    message, type_, param, code = None, None, None, None
-    try:
-        parsed = _decode_error(body)
-        if isinstance(parsed.error, _UpstreamErrorBody):
-            message, type_, param = parsed.error.message, parsed.error.type, parsed.error.param
-            code = None if parsed.error.code is None else str(parsed.error.code)
-        elif isinstance(parsed.error, str):
-            message = parsed.error
-        else:
-            message = parsed.message
-    except msgspec.DecodeError:
-        pass
+    message, type_, param, code = fields or (None, None, None, None)
     said = message if message is not None else body[:_ERROR_PREVIEW].decode("utf-8", "replace")
     if status == 404 and (code == "model_not_found" or _ABOUT_MODEL.search(said)):
         return BadGateway(
@@ -157,37 +207,67 @@ def read_upstream_error(status: int, body: bytes, deployment: Deployment) -> Pro
         )
     if message is None:
         text = said.strip()
-        message = f"Deployment {where} answered {status}" + (f": {text}" if text else "")
+        message = f"Deployment {where} {what}" + (f": {text}" if text else "")
     elif status >= 500:  # the upstream failed, not the request: say which deployment
-        message = f"Deployment {where} answered {status}: {message}"
+        message = f"Deployment {where} {what}: {message}"
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "upstream_error"
     return ProxyError(
         scrub(message, deployment),
         status=status,
-        type=type_,
+        type=scrub(type_, deployment),
         param=param and scrub(param, deployment),
         code=code and scrub(code, deployment),
     )
 
 
+def stream_error(data: bytes, deployment: Deployment) -> ProxyError | None:
+    """The error an upstream's event (or 2xx answer) carries, as the client's error; None when
+    it carries none (``"error": null``). Its status is the one the error names (vLLM, LiteLLM:
+    ``"code": 429``), else 502."""
+    try:
+        if not _decode_any_error(data).error:
+            return None
+    except msgspec.DecodeError:
+        return None
+    fields = _json_error_fields(data)
+    code = fields[3] if fields is not None else None
+    status = int(code) if code is not None and code.isdigit() and 400 <= int(code) < 600 else 502
+    return _upstream_error(status, fields, data, deployment, "sent an error")
+
+
 async def read_capped(
     response: UpstreamResponse, deployment: Deployment
 ) -> bytes:
-    """The whole upstream body, refusing one over MAX_UPSTREAM_BODY."""
+    """The whole upstream body, refusing one over MAX_UPSTREAM_BODY. While it is read, its
+    bytes count against the app's buffer budget (the lean pool's answers carry it): BufferFull
+    (a 503) when the gateway holds too much already."""
+    budget: BufferBudget | None = getattr(response, "budget", None)
     length = response.content_length
     if length is not None and length <= MAX_UPSTREAM_BODY:
-        return await response.read()
+        if budget is None:
+            return await response.read()
+        budget.take(length)
+        try:
+            return await response.read()
+        finally:
+            budget.give(length)
     chunks, size = [], 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > MAX_UPSTREAM_BODY:
-            raise BadGateway(
-                f"Deployment {deployment.describe()} sent an answer too large",
-                code="upstream_too_large",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in response.content.iter_any():
+            if budget is not None:
+                budget.take(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > MAX_UPSTREAM_BODY:
+                raise BadGateway(
+                    f"Deployment {deployment.describe()} sent an answer too large",
+                    code="upstream_too_large",
+                )
+        return b"".join(chunks)
+    finally:
+        if budget is not None:
+            budget.give(size)
 
 
 def _check_json(body: bytes, deployment: Deployment) -> None:
@@ -298,12 +378,14 @@ async def forward(
     with closed_on_failure(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
-                _relay(response, deployment, call.kind),
+                _relay(response, deployment, call.kind, getattr(timeout, "event", None)),
                 close=response.close,
                 finished=response.content.is_eof,
             )
         data = await read_capped(response, deployment)
         _check_json(data, deployment)
+        if data.find(b'"error"', 0, 64) >= 0 and (error := stream_error(data, deployment)):
+            raise error  # an error answered with a 2xx status: still the upstream's error
     response.release()
     return JSONReply(data, response.status)
 
@@ -324,14 +406,29 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 
 
 async def _relay(
-    response: UpstreamResponse, deployment: Deployment, kind: Kind
+    response: UpstreamResponse, deployment: Deployment, kind: Kind, idle: float | None
 ) -> AsyncIterator[bytes]:
+    """The upstream's events as they come. An error event ends the stream as the client's error
+    (raised: the handler sends it as one event, scrubbed); other events naming an error (a
+    Responses ``response.failed``) go out scrubbed. Only blocks holding ``error`` are looked
+    into, so the common event costs one search. No complete event for ``idle`` seconds is a
+    timeout."""
     last = b""
-    blocks = iter_sse_blocks(response.content)
+    blocks = iter_sse_blocks(
+        response.content, idle=idle, budget=getattr(response, "budget", None)
+    )
     try:
         async for block in blocks:
+            if b"error" in block:  # the rare block worth a closer look (measured: ~1 ns a byte)
+                block, error = _errors_in(block, deployment, kind)
+                if error is not None:
+                    if block:
+                        yield block
+                    raise error
             last = block
             yield block
+    except StreamStalled as exc:
+        raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
     except EventTooLarge as exc:
@@ -348,3 +445,32 @@ async def _relay(
             code="upstream_stream_incomplete",
         )
     response.release()
+
+
+_ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.M)  # an SSE event named "error"
+
+
+def _errors_in(
+    block: bytes, deployment: Deployment, kind: Kind
+) -> tuple[bytes, ProxyError | None]:
+    """A block's events up to its first error event (those naming an error scrubbed), and that
+    event as the client's error. An error event: data with an ``error`` object, or (but in the
+    Responses API, where it is a final event of the protocol) an event named ``error``."""
+    kept: list[bytes] = []
+    for event in split_events(block):
+        data = data_of(event) if b'"error"' in event or b"event:" in event else b""
+        error = stream_error(data, deployment) if b'"error"' in data else None
+        named = _ERROR_EVENT.search(event) is not None
+        if error is None and named and kind is not Kind.RESPONSES:
+            fields = _json_error_fields(data)
+            error = _upstream_error(502, fields, data, deployment, "sent an error")
+        if error is not None:
+            return b"".join(kept), error
+        kept.append(scrub_bytes(event, deployment) if named or _names_an_error(event) else event)
+    return b"".join(kept), None
+
+
+def _names_an_error(event: bytes) -> bool:
+    """Whether an event holds an error (``response.failed``'s), not only ``"error": null``
+    (every Responses event that carries the response object has one)."""
+    return event.count(b'"error"') > event.count(b'"error":null') + event.count(b'"error": null')

@@ -107,7 +107,7 @@ def test_defaults() -> None:
     assert config.models == []
     assert (config.server.host, config.server.port) == ("127.0.0.1", 4000)
     assert config.server.max_body_size == 32 * 1024 * 1024
-    assert config.upstream.timeouts == Timeouts(connect=10.0, read=600.0, total=None)
+    assert config.upstream.timeouts == Timeouts(connect=10.0, read=120.0, total=None)
     assert config.upstream.forward_headers == ["openai-beta", "x-request-id"]
     assert config.upstream.max_connections == 0
     assert config.plugins.strict is False and config.plugins.disable == []

@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import hashlib
 import socket
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -602,6 +603,36 @@ async def test_informational_answers_are_skipped(raw: RawFactory, pool: H1Pool) 
     assert upstream.connections == 1
 
 
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 102 Processing\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["101", "102", "200-upgrade"])
+async def test_an_upgrade_breaks_the_connection(raw: RawFactory, pool: H1Pool,
+                                                interim: bytes) -> None:
+    """A 101 (or any 1xx but 100/103, or any upgrade) means the connection no longer speaks
+    HTTP to us: the call fails (a 502 for the client), the connection is closed, never pooled,
+    and the next call is served on a new one."""
+
+    async def upgrade_first(peer: Peer) -> None:
+        if upstream.connections == 1:
+            await peer.request()
+            await peer.send(interim + b"raw upgraded bytes")
+            await peer.until_closed()
+        else:
+            await peer.serve()
+
+    upstream = await raw(upgrade_first)
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await post(pool, upstream.url())
+    assert failure_from(caught.value, None).status == 502
+    await eventually(lambda: upstream.hangups == 1)
+    assert pool.open_connections == 0
+    _, body = await post(pool, upstream.url())
+    assert body == OK
+    assert upstream.connections == 2
+
+
 async def test_error_status_read_whole(raw: RawFactory, pool: H1Pool) -> None:
     upstream = await raw(lambda peer: peer.serve(
         answer(b'{"error":{"message":"slow down"}}', "Retry-After: 3", status="429 Too Many")))
@@ -658,30 +689,85 @@ async def test_idle_connection_closed_by_upstream_is_not_reused(raw: RawFactory,
     assert upstream.connections == 2
 
 
-async def test_stale_pooled_connection_is_retried_once(raw: RawFactory, pool: H1Pool) -> None:
-    """A pooled connection that turns out closed when the request is on it (the upstream closed
-    it as we sent) is retried on a new connection, and the caller never knows."""
+async def test_a_request_the_upstream_read_is_never_resent(raw: RawFactory, pool: H1Pool) -> None:
+    """An upstream that reads a request on a warm connection and hangs up at once may have acted
+    on it: the caller gets the error (its retry policy decides), the upstream gets it once."""
 
-    async def first_request_only(peer: Peer) -> None:
+    async def read_then_hang_up(peer: Peer) -> None:
         await peer.request()
         await peer.send(answer())
-        await peer.request()  # the second request on this connection: hang up without answer
+        await peer.request()  # the second request on this connection: read, then hang up
         peer.writer.transport.abort()
 
-    upstream = await raw(first_request_only)
-    for i in range(3):
+    upstream = await raw(read_then_hang_up)
+    await post(pool, upstream.url())
+    with pytest.raises(aiohttp.ServerDisconnectedError) as caught:
+        await post(pool, upstream.url())
+    assert failure_from(caught.value, None).status == 502
+    assert len(upstream.requests) == 2 and upstream.connections == 1  # received once each
+
+
+class ThreadUpstream:
+    """A blocking TCP server on a thread of its own, so that it acts while the event loop is
+    blocked: each connection answers one request, then closes (a FIN) while idle."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.receptions: list[int] = []  # requests received, per connection
+        self.close_now = threading.Event()  # set by the test: close the idle connection
+        self.closed = threading.Event()  # it did
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    return
+                self.close_now.clear()
+                self.receptions.append(0)
+                with sock:
+                    data = b""
+                    while b"\r\n\r\n{}" not in data:
+                        data += sock.recv(65536)
+                    self.receptions[-1] += 1
+                    sock.sendall(answer())
+                    self.close_now.wait(5)
+                    sock.shutdown(socket.SHUT_WR)  # closes it while the pool keeps it idle
+                    self.closed.set()
+                    while sock.recv(65536):
+                        self.receptions[-1] += 1  # anything more was sent to a dead connection
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+async def test_a_pooled_connection_closed_while_idle_is_not_used(pool: H1Pool) -> None:
+    """The upstream closed the idle connection and the event loop has not seen it yet (it was
+    busy): the pool sees the FIN before writing, and the request goes to a new connection."""
+    upstream = ThreadUpstream()
+    try:
+        await post(pool, upstream.url())
+        assert pool.idle_connections == 1
+        upstream.close_now.set()
+        upstream.closed.wait(5)  # blocks the loop: the FIN waits in the socket, unseen by it
+        time.sleep(0.05)  # for the FIN to land
         _, body = await post(pool, upstream.url())
         assert body == OK
-    assert upstream.connections == 3
-    assert len(upstream.requests) == 5  # three answered, two dropped (and retried)
+        assert upstream.receptions == [1, 1]  # nothing was written on the closed connection
+    finally:
+        upstream.stop()
 
 
-async def test_a_pooled_connection_lost_late_is_not_resent(
-    raw: RawFactory, pool: H1Pool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_pooled_connection_lost_late_is_not_resent(raw: RawFactory, pool: H1Pool) -> None:
     """An upstream that read the request and hung up later (a crash mid-generation) is not
-    sent the POST again: the loss comes after the stale window, so it is the caller's error."""
-    monkeypatch.setattr(h1client, "_STALE_WITHIN", 0.05)
+    sent the POST again: the caller's error."""
 
     async def crash_on_the_second(peer: Peer) -> None:
         await peer.request()
@@ -695,45 +781,6 @@ async def test_a_pooled_connection_lost_late_is_not_resent(
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await post(pool, upstream.url())
     assert len(upstream.requests) == 2 and upstream.connections == 1  # sent once, never again
-
-
-async def test_retry_goes_to_a_new_connection(raw: RawFactory, pool: H1Pool) -> None:
-    """With several stale connections in the pool, the retry does not take another of them."""
-    both_in = asyncio.Event()
-
-    async def first_request_only(peer: Peer) -> None:
-        await peer.request()
-        if upstream.connections == 2:
-            both_in.set()
-        await both_in.wait()  # the first two connections answer together: both end up pooled
-        await peer.send(answer())
-        await peer.request()
-        peer.writer.transport.abort()
-
-    upstream = await raw(first_request_only)
-    await asyncio.gather(post(pool, upstream.url()), post(pool, upstream.url()))
-    assert pool.idle_connections == 2
-    _, body = await post(pool, upstream.url())
-    assert body == OK
-    assert upstream.connections == 3
-
-
-async def test_only_one_retry(raw: RawFactory, pool: H1Pool) -> None:
-    """A retry that fails too is the caller's error: no third attempt."""
-
-    async def answer_once(peer: Peer) -> None:
-        await peer.request()
-        if upstream.connections == 1 and peer.requests == 1:
-            await peer.send(answer())
-            await peer.request()
-        peer.writer.transport.abort()
-
-    upstream = await raw(answer_once)
-    await post(pool, upstream.url())
-    with pytest.raises(aiohttp.ServerDisconnectedError):
-        await post(pool, upstream.url())
-    assert upstream.connections == 2
-    assert pool.open_connections == 0
 
 
 @pytest.mark.parametrize("when", ["on-accept", "after-request", "after-partial-head"])
@@ -932,6 +979,34 @@ async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None
         await asyncio.wait_for(response.read(), 2)
     await eventually(lambda: upstream.hangups == 1)
     assert pool.open_connections == 0
+
+
+async def test_a_long_first_wait_then_the_shorter_bound_between_events(
+    raw: RawFactory, pool: H1Pool
+) -> None:
+    """With a stream bound (``event``) shorter than ``sock_read`` (a deployment's first_byte
+    longer than its read): silence before the body begins may last ``sock_read`` (a model
+    thinking), silence once it has begun only ``event``."""
+    from aioproxy.upstream import StreamTimeout
+
+    first_sent = asyncio.Event()
+
+    async def think_then_stall(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.4)  # thinking: longer than `event`
+        await peer.send(b"9\r\ndata: 1\n\n\r\n")
+        first_sent.set()
+        await peer.until_closed()  # then silence, mid-stream
+
+    upstream = await raw(think_then_stall)
+    timeout = StreamTimeout(total=None, connect=5, sock_read=60, event=0.1)
+    response = await pool.post(upstream.url(), b"{}", {}, timeout)
+    assert await asyncio.wait_for(response.content.readany(), 10) == b"data: 1\n\n"
+    assert first_sent.is_set()
+    with pytest.raises(aiohttp.ServerTimeoutError):  # long before sock_read's 60 s
+        await asyncio.wait_for(response.content.readany(), 10)
 
 
 async def test_steady_stream_outlives_sock_read(aiohttp_server: Any, pool: H1Pool) -> None:

@@ -279,3 +279,77 @@ async def test_an_event_that_never_ends_is_refused() -> None:
 
     with pytest.raises(EventTooLarge):
         await sse_from_chunks(chunks, capped)
+
+
+class _CountingBuffer(bytearray):
+    """The splitter's buffer, counting the bytes its searches and rewrites go over."""
+
+    scanned = 0
+
+    def rfind(self, sub: Any, start: Any = None, *rest: Any) -> int:
+        _CountingBuffer.scanned += len(self) - (start or 0)
+        return super().rfind(sub, *(() if start is None else (start, *rest)))
+
+    def find(self, sub: Any, start: Any = None, *rest: Any) -> int:
+        _CountingBuffer.scanned += len(self) - (start or 0)
+        return super().find(sub, *(() if start is None else (start, *rest)))
+
+    def replace(self, *args: Any) -> bytearray:
+        _CountingBuffer.scanned += len(self)
+        return super().replace(*args)
+
+
+@pytest.mark.parametrize("chunk", [b"\r", b"x\r\n", b"\r\n\r"], ids=repr)
+async def test_splitting_work_grows_linearly(monkeypatch: pytest.MonkeyPatch, chunk: bytes) -> None:
+    """Small chunks (``\\r`` above all) after a large unfinished event: each chunk costs work in
+    proportion to itself, not to the event so far (16k ``\\r`` after 4 MiB once took 15 s)."""
+    from aioproxy import streaming
+
+    monkeypatch.setattr(streaming, "bytearray", _CountingBuffer, raising=False)
+    start = b"data: " + b"a" * 256 * 1024
+    chunks = [start] + [chunk] * 2000
+    _CountingBuffer.scanned = 0
+    events = await sse_from_chunks(chunks, iter_sse_blocks)
+    fed = sum(map(len, chunks))
+    assert len(events) == 1 and events[0].startswith(b"data: aaa")
+    assert _CountingBuffer.scanned <= 4 * fed  # linear; quadratic was ~2000 times the event
+
+
+async def test_bytes_that_complete_no_event_for_idle_seconds_stall() -> None:
+    """Progress is counted in events: an upstream trickling bytes of an event that never ends
+    is stopped once ``idle`` seconds pass without a complete one (the clock is injected)."""
+    from aioproxy.streaming import StreamStalled
+
+    now = [0.0]
+    chunks = [b"data: 1\n\n"] + [b"x"] * 10
+    reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    blocks = iter_sse_blocks(reader, idle=2.0, clock=lambda: now[0])
+    reader.feed_data(chunks[0])
+    assert await anext(blocks) == b"data: 1\n\n"
+    seen = 0
+
+    async def trickle() -> None:
+        nonlocal seen
+        for chunk in chunks[1:]:
+            now[0] += 0.5  # one byte each half second: never silent, never an event
+            seen += 1
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)
+
+    feeding = asyncio.create_task(trickle())
+    with pytest.raises(StreamStalled):
+        await anext(blocks)
+    feeding.cancel()
+    assert seen == 5  # the first byte at 0.5 s starts the clock; at 2.5 s it has run 2 s
+
+
+async def test_events_keep_a_slow_stream_alive() -> None:
+    """Events that keep completing, however slowly, are progress: no stall."""
+    ticks = iter(range(1000))
+
+    def clock() -> float:
+        return next(ticks) * 1.5  # each read that leaves an event unfinished: 1.5 s later
+
+    chunks = [piece for i in range(5) for piece in (b"data: ", b"%d" % i, b"\n\n")]
+    events = await sse_from_chunks(chunks, lambda r: iter_sse_blocks(r, idle=2.0, clock=clock))
+    assert events == [b"data: %d\n\n" % i for i in range(5)]
