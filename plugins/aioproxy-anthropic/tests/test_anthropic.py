@@ -16,13 +16,17 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
+import msgspec
 import aioproxy_anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
 from aioproxy_anthropic.errors import error_from, stream_error
 from aioproxy_anthropic.translate import (
+    Event,
     StreamTranslator,
+    Usage,
+    decode_answer,
     finish_reason,
     image_block,
     messages_url,
@@ -30,10 +34,10 @@ from aioproxy_anthropic.translate import (
     to_anthropic,
     to_chat_completion,
     to_usage,
-    tool_choice,
 )
 
 from aioproxy import BadRequest, ConfigError, Deployment, create_app
+from aioproxy.fields import raw_fields
 from tests.schemas import validate
 
 
@@ -78,6 +82,12 @@ WEATHER_TOOL = {
 }
 
 StartProxy = Callable[..., Awaitable[TestServer]]
+
+
+def translate(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` translated, as the JSON Anthropic is sent."""
+    out: dict[str, Any] = json.loads(msgspec.json.encode(to_anthropic(raw_fields(body))))
+    return out
 
 
 def user(content: Any) -> list[dict[str, Any]]:
@@ -183,7 +193,7 @@ def test_system_and_developer_messages_join_the_top_level_system() -> None:
             {"role": "user", "content": "Hi"},
         ],
     }
-    out = to_anthropic(body)
+    out = translate(body)
 
     assert out["system"] == "Be brief.\n\nAnswer in French."
     assert out["messages"] == [{"role": "user", "content": "Hi"}]
@@ -197,7 +207,7 @@ def test_consecutive_same_role_messages_merge_into_one_turn() -> None:
         {"role": "assistant", "content": ""},  # empty: dropped, Anthropic refuses empty text
         {"role": "assistant", "content": "four"},
     ]
-    out = to_anthropic({"model": "m", "messages": messages})
+    out = translate({"model": "m", "messages": messages})
 
     assert out["messages"] == [
         {"role": "user", "content": [text("one"), text("two")]},
@@ -220,7 +230,7 @@ def test_tool_calls_and_results_become_tool_use_and_one_tool_result_turn() -> No
         {"role": "tool", "tool_call_id": "call_2", "content": [text("21C")]},
         {"role": "user", "content": "Thanks"},
     ]
-    out = to_anthropic({"model": "m", "messages": messages})
+    out = translate({"model": "m", "messages": messages})
 
     assert out["messages"][1] == {
         "role": "assistant",
@@ -255,7 +265,7 @@ def test_image_urls_become_base64_or_url_sources() -> None:
 def test_a_pdf_file_part_becomes_a_document_block() -> None:
     file = {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBER"}
     part = {"type": "file", "file": file}
-    out = to_anthropic({"model": "m", "messages": user([part])})
+    out = translate({"model": "m", "messages": user([part])})
 
     assert out["messages"][0]["content"] == [
         {
@@ -279,7 +289,12 @@ def test_a_pdf_file_part_becomes_a_document_block() -> None:
     ],
 )
 def test_tool_choice(choice: Any, parallel: Any, expected: Any) -> None:
-    assert tool_choice(choice, parallel) == expected
+    body = {"model": "m", "messages": user("hi"), "tools": [WEATHER_TOOL]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    assert translate(body).get("tool_choice") == expected
 
 
 def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None:
@@ -305,7 +320,7 @@ def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None
         "metadata": {"k": "v"},
         "service_tier": "auto",
     }
-    assert to_anthropic(body) == {
+    assert translate(body) == {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 20,
@@ -339,7 +354,7 @@ def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None
 )
 def test_requests_anthropic_cannot_express_are_refused(body: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as raised:
-        to_anthropic({"model": "m", "messages": user("hi"), **body})
+        translate({"model": "m", "messages": user("hi"), **body})
     assert raised.value.param == param
 
 
@@ -384,7 +399,7 @@ def test_usage_counts_cache_reads_and_writes_as_prompt_tokens() -> None:
         "output_tokens": 7,
     }
 
-    assert to_usage(usage) == {
+    assert to_usage(msgspec.convert(usage, Usage)) == {
         "prompt_tokens": 115,
         "completion_tokens": 7,
         "total_tokens": 122,
@@ -407,7 +422,9 @@ def test_a_message_with_text_and_tool_use_becomes_one_choice() -> None:
         "stop_sequence": None,
         "usage": {"input_tokens": 3, "output_tokens": 4},
     }
-    out = to_chat_completion(message, model=MODEL, created=1700000000)
+    out = to_chat_completion(
+        decode_answer(msgspec.json.encode(message)), model=MODEL, created=1700000000
+    )
 
     validate("CreateChatCompletionResponse", out)
     assert out["id"] == "chatcmpl-msg_01" and out["model"] == MODEL
@@ -441,7 +458,7 @@ def test_the_stream_translator_numbers_tool_calls_apart_from_blocks() -> None:
         {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": usage},
         {"type": "message_stop"},
     ]
-    chunks = [[c for c in t.feed(e)] for e in events]
+    chunks = [t.feed(msgspec.json.decode(msgspec.json.encode(e), type=Event)) for e in events]
 
     assert [len(c) for c in chunks] == [1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1]
     assert chunks[5][0]["choices"][0]["delta"]["tool_calls"] == [
@@ -457,7 +474,7 @@ def test_the_stream_translator_numbers_tool_calls_apart_from_blocks() -> None:
 
 
 def test_parse_event_reads_the_data_line() -> None:
-    assert parse_event(b'event: ping\ndata: {"type": "ping"}\n\n') == {"type": "ping"}
+    assert parse_event(b'event: ping\ndata: {"type": "ping"}\n\n') == Event(type="ping")
     assert parse_event(b": comment\n\n") is None
 
 
@@ -480,7 +497,7 @@ def test_a_too_long_prompt_is_a_context_window_error() -> None:
 
 def test_a_stream_error_event_maps_by_its_type() -> None:
     event = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
-    error = stream_error(event, deployment())
+    error = stream_error(msgspec.convert(event, Event).error, deployment())
     assert (error.status, error.type) == (429, "rate_limit_error")
 
 

@@ -1,0 +1,141 @@
+"""Typed decoding of request body fields, for code that translates a request: a 400 that names the
+field (its JSON path) for a value of the wrong type, and arrays counted before they are built.
+
+The body reaches providers as its top-level fields, each the raw bytes the client sent
+(``Call.fields``). A translator decodes the fields it reads straight into Structs (unknown keys
+ignored, never built), never the whole body into dicts: a long array of tiny items (``[{},{},...]``)
+costs dozens of times its size as Python objects.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from .errors import BadRequest
+
+__all__ = [
+    "MAX_CONTENT_PARTS",
+    "MAX_MESSAGES",
+    "MAX_STOP",
+    "MAX_TOOLS",
+    "MAX_TOOL_CALLS",
+    "ArrayOf",
+    "decode_field",
+    "get_field",
+    "raw_fields",
+    "text_or_array",
+]
+
+# Counts a translated request may hold. They bound the objects a request can make the proxy
+# build, not what a model may be sent: the first, second and fourth are OpenAI's own limits, so
+# no request OpenAI takes is refused; the others are far beyond any real request.
+MAX_MESSAGES = 2048  # chat messages; also Responses input items
+MAX_CONTENT_PARTS = 1024  # content parts of one message or item
+MAX_TOOL_CALLS = 1024  # tool calls of one assistant message
+MAX_TOOLS = 128  # tools (and allowed tools)
+MAX_STOP = 4  # stop sequences
+
+T = TypeVar("T")
+
+_encode = msgspec.json.Encoder().encode
+_ARRAY = ord("[")
+# Text, or what text_or_array hands an array to: this decoder never sees one, but its type
+# says what was expected in the error message ("Expected `str | array | null`").
+_TEXT = msgspec.json.Decoder(str | list[Any] | None)
+
+
+def raw_fields(body: Mapping[str, Any]) -> dict[str, msgspec.Raw]:
+    """``body`` as ``Call.fields`` holds a body: each top-level value as its JSON bytes."""
+    return {name: msgspec.Raw(_encode(value)) for name, value in body.items()}
+
+
+def _path(param: str, exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's ``Expected `str`, got `int` - at `$[2].role``` as (``param[2].role``, reason)."""
+    reason, at, where = str(exc).partition(" - at `$")
+    return (param + where.rstrip("`") if at else param), reason
+
+
+def decode_field(raw: msgspec.Raw | bytes, decoder: msgspec.json.Decoder[T], param: str) -> T:
+    """``raw`` decoded by ``decoder``; a 400 naming ``param`` (and the path within it) if it
+    cannot be: a wrong type, a number out of range, nesting too deep."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        where, reason = _path(param, exc)
+        raise BadRequest(f"Invalid '{where}': {reason}", param=where, code="invalid_type") from None
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        problem = "is nested too deeply" if isinstance(exc, RecursionError) else f"cannot be read: {exc}"
+        raise BadRequest(f"'{param}' {problem}", param=param, code="invalid_value") from None
+
+
+def get_field(
+    fields: Mapping[str, msgspec.Raw], name: str, decoder: msgspec.json.Decoder[T]
+) -> T | None:
+    """The top-level body field ``name`` decoded by ``decoder`` (which takes null); None when absent."""
+    raw = fields.get(name)
+    return None if raw is None else decode_field(raw, decoder, name)
+
+
+@functools.cache
+def _counter(limit: int) -> msgspec.json.Decoder[Any]:
+    """Decodes any JSON array of at most ``limit`` items, building nothing but ``limit`` views.
+
+    msgspec checks a list's ``max_length`` only once the list is built; an array-like Struct
+    with ``limit`` fields that forbids more refuses a longer array as it reads it, skipping
+    (not building) the rest.
+    """
+    fields = [(f"_{i}", msgspec.Raw, msgspec.Raw()) for i in range(limit)]
+    counter = msgspec.defstruct(
+        f"AtMost{limit}", fields, array_like=True, forbid_unknown_fields=True, gc=False
+    )
+    return msgspec.json.Decoder(counter)
+
+
+class ArrayOf(Generic[T]):
+    """Decodes a JSON array of ``item`` (a type msgspec decodes), refusing one of more than
+    ``limit`` items with a 400 before any of them is built."""
+
+    __slots__ = ("limit", "_decoder", "_counter")
+
+    def __init__(self, item: Any, limit: int) -> None:
+        self.limit = limit
+        self._decoder: msgspec.json.Decoder[list[T] | None] = msgspec.json.Decoder(
+            list[item] | None
+        )
+        self._counter = _counter(limit)
+
+    def decode(self, raw: msgspec.Raw | bytes, param: str) -> list[T] | None:
+        """The items; None for null, or for an empty ``raw`` (a Struct's default: absent)."""
+        if not raw:
+            return None
+        # An item takes 3 bytes at least ("{}," or '"",'; the element types are objects and
+        # strings, and the decoder stops at the first one of another type), so a short array
+        # cannot be too long: only longer ones are counted, at C speed.
+        if len(raw) > 3 * self.limit + 1 and memoryview(raw)[0] == _ARRAY:
+            try:
+                self._counter.decode(raw)
+            except msgspec.ValidationError:  # only length can fail: any item is a Raw
+                raise BadRequest(
+                    f"Invalid '{param}': array too long; at most {self.limit} items are allowed",
+                    param=param,
+                    code="array_above_max_length",
+                ) from None
+            except (msgspec.DecodeError, RecursionError):
+                pass  # the decoder below says what is wrong, where
+        return decode_field(raw, self._decoder, param)
+
+
+def text_or_array(
+    raw: msgspec.Raw | bytes, array: ArrayOf[T], param: str
+) -> str | list[T] | None:
+    """A string, null or an array decoded by ``array`` (message content, ``stop``, ``input``);
+    None for an empty ``raw`` too (absent)."""
+    if not raw:
+        return None
+    if memoryview(raw)[0] == _ARRAY:
+        return array.decode(raw, param)
+    return decode_field(raw, _TEXT, param)  # type: ignore[return-value]  # never an array
