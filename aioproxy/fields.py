@@ -18,11 +18,17 @@ import msgspec
 from .errors import BadRequest
 
 __all__ = [
+    "ABSENT",
+    "BOOL",
+    "FLOAT",
+    "INT",
     "MAX_CONTENT_PARTS",
     "MAX_MESSAGES",
     "MAX_STOP",
     "MAX_TOOLS",
     "MAX_TOOL_CALLS",
+    "NULL",
+    "STR",
     "ArrayOf",
     "decode_field",
     "get_field",
@@ -40,6 +46,14 @@ MAX_TOOLS = 128  # tools (and allowed tools)
 MAX_STOP = 4  # stop sequences
 
 T = TypeVar("T")
+
+ABSENT = msgspec.Raw()  # the default of a Struct's Raw field: the key was not sent
+NULL = msgspec.Raw(b"null")
+# Scalars, null allowed (a field sent as null is one not sent).
+BOOL = msgspec.json.Decoder(bool | None)
+INT = msgspec.json.Decoder(int | None)
+FLOAT = msgspec.json.Decoder(float | None)
+STR = msgspec.json.Decoder(str | None)
 
 _encode = msgspec.json.Encoder().encode
 _ARRAY = ord("[")

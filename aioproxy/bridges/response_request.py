@@ -14,7 +14,17 @@ from typing import Any, NamedTuple
 import msgspec
 
 from ..errors import BadRequest
-from ..fields import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_TOOLS, ArrayOf, get_field, text_or_array
+from ..fields import (
+    ABSENT,
+    BOOL,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    NULL,
+    ArrayOf,
+    get_field,
+    text_or_array,
+)
 from .common import unsupported
 
 __all__ = ["ChatRequest", "chat_request", "input_messages"]
@@ -29,8 +39,6 @@ class ChatRequest(NamedTuple):
     echo: dict[str, Any]  # the request fields a Response repeats, as read
 
 
-_ABSENT = msgspec.Raw()  # a Raw field's default: the key was not sent
-_NULL = msgspec.Raw(b"null")
 _FALSE = msgspec.Raw(b"false")
 
 
@@ -44,24 +52,24 @@ class _Part(msgspec.Struct):
     file_data: str | None = None
     filename: str | None = None
     file_url: str | None = None
-    input_audio: msgspec.Raw = _ABSENT  # passed on to chat as sent
+    input_audio: msgspec.Raw = ABSENT  # passed on to chat as sent
 
 
 class _Item(msgspec.Struct):
     type: str | None = None
     role: str | None = None
-    content: msgspec.Raw = _ABSENT  # a string or parts
+    content: msgspec.Raw = ABSENT  # a string or parts
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
-    output: msgspec.Raw = _ABSENT  # a string or parts
+    output: msgspec.Raw = ABSENT  # a string or parts
 
 
 class _Tool(msgspec.Struct):
     type: str | None = None
     name: str | None = None
     description: str | None = None
-    parameters: msgspec.Raw = _ABSENT  # a JSON schema, passed on as sent
+    parameters: msgspec.Raw = ABSENT  # a JSON schema, passed on as sent
     strict: bool | None = None
 
 
@@ -74,14 +82,14 @@ class _ToolChoice(msgspec.Struct):
     type: str | None = None
     name: str | None = None
     mode: str = "auto"
-    tools: msgspec.Raw = _ABSENT  # allowed_tools' tools
+    tools: msgspec.Raw = ABSENT  # allowed_tools' tools
 
 
 class _Format(msgspec.Struct):
     type: str | None = None
     name: str | None = None
     description: str | None = None
-    schema: msgspec.Raw = _ABSENT  # passed on as sent
+    schema: msgspec.Raw = ABSENT  # passed on as sent
     strict: bool | None = None
 
 
@@ -98,7 +106,6 @@ _ITEMS: ArrayOf[_Item] = ArrayOf(_Item, MAX_MESSAGES)
 _PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
 _TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
 _ALLOWED_TOOLS: ArrayOf[_AllowedTool] = ArrayOf(_AllowedTool, MAX_TOOLS)
-_BOOL = msgspec.json.Decoder(bool | None)
 _CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
 _TEXT = msgspec.json.Decoder(_Text | None)
 _REASONING = msgspec.json.Decoder(_Reasoning | None)
@@ -146,7 +153,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 def _sent(fields: Mapping[str, msgspec.Raw], name: str) -> msgspec.Raw | None:
     """The field's bytes, unless it is absent or null."""
     raw = fields.get(name)
-    return None if raw is None or raw == _NULL else raw
+    return None if raw is None or raw == NULL else raw
 
 
 def chat_request(
@@ -155,18 +162,18 @@ def chat_request(
     """The chat-completions body for a Responses request (its raw top-level ``fields``), after
     ``history``."""
     for name, what in _REFUSED.items():
-        if fields.get(name, _NULL) not in (_NULL, _FALSE):
+        if fields.get(name, NULL) not in (NULL, _FALSE):
             raise unsupported(what.capitalize() + " are", name)
 
     messages: list[dict[str, Any]] = []
-    instructions = text_or_array(fields.get("instructions", _ABSENT), _ITEMS, "instructions")
+    instructions = text_or_array(fields.get("instructions", ABSENT), _ITEMS, "instructions")
     if isinstance(instructions, str):
         if instructions:
             messages.append({"role": "system", "content": instructions})
     elif instructions is not None:
         messages.extend(_messages(instructions, "instructions"))
     messages.extend(history)
-    inputs = input_messages(fields.get("input", _ABSENT))
+    inputs = input_messages(fields.get("input", ABSENT))
     messages.extend(inputs)
     if not history and not inputs:
         raise BadRequest(
@@ -180,12 +187,12 @@ def chat_request(
             chat[name] = raw
     if (max_output_tokens := _sent(fields, "max_output_tokens")) is not None:
         chat["max_completion_tokens"] = max_output_tokens
-    tools = _tools(_TOOLS.decode(fields.get("tools", _ABSENT), "tools") or [])
+    tools = _tools(_TOOLS.decode(fields.get("tools", ABSENT), "tools") or [])
     echo["tools"] = [_echoed_tool(tool) for tool in tools]
     choice = get_field(fields, "tool_choice", _CHOICE)
     if tools:
         chat["tools"] = tools
-        parallel = get_field(fields, "parallel_tool_calls", _BOOL)
+        parallel = get_field(fields, "parallel_tool_calls", BOOL)
         if parallel is not None:
             chat["parallel_tool_calls"] = parallel
         if choice is not None:
@@ -203,7 +210,7 @@ def chat_request(
     reasoning = get_field(fields, "reasoning", _REASONING)
     if reasoning is not None and reasoning.effort is not None:
         chat["reasoning_effort"] = reasoning.effort
-    if get_field(fields, "stream", _BOOL):
+    if get_field(fields, "stream", BOOL):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
     return ChatRequest(chat, list(history), inputs, echo)
@@ -358,7 +365,7 @@ def _tools(tools: list[_Tool]) -> list[dict[str, Any]]:
         function: dict[str, Any] = {"name": _required(tool.name, "name", where)}
         if tool.description is not None:
             function["description"] = tool.description
-        if tool.parameters and tool.parameters != _NULL:
+        if tool.parameters and tool.parameters != NULL:
             function["parameters"] = tool.parameters
         if tool.strict is not None:
             function["strict"] = tool.strict
@@ -378,7 +385,7 @@ def _echoed_text(text: _Text) -> dict[str, Any]:
     if fmt is not None and fmt.type not in (None, "text"):
         echoed["format"] = {
             "type": fmt.type,
-            **{k: v for k, v in msgspec.structs.asdict(fmt).items() if v is not None and v != _ABSENT},
+            **{k: v for k, v in msgspec.structs.asdict(fmt).items() if v is not None and v != ABSENT},
         }
     if text.verbosity is not None:
         echoed["verbosity"] = text.verbosity
@@ -411,7 +418,7 @@ def _response_format(fmt: _Format | None) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if fmt.type == "json_schema":
         schema: dict[str, Any] = {"name": _required(fmt.name, "name", "text.format")}
-        if fmt.schema and fmt.schema != _NULL:
+        if fmt.schema and fmt.schema != NULL:
             schema["schema"] = fmt.schema
         if fmt.strict is not None:
             schema["strict"] = fmt.strict

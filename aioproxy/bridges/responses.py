@@ -16,7 +16,7 @@ import msgspec
 
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
-from ..fields import get_field
+from ..fields import BOOL, STR, get_field
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of
 from ..upstream import failure_from
@@ -35,9 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("aioproxy")
-
-_STR = msgspec.json.Decoder(str | None)
-_BOOL = msgspec.json.Decoder(bool | None)
 
 
 def _error_from(payload: Any, call: Call) -> ProxyError:
@@ -58,11 +55,11 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
     async def responses(call: Call) -> Reply:
         history: list[dict[str, Any]] = []
-        previous_id = get_field(call.fields, "previous_response_id", _STR)
+        previous_id = get_field(call.fields, "previous_response_id", STR)
         if previous_id is not None:
             history = await _history(store, call, previous_id)
         request = chat_request(call.fields, history)
-        keep = store is not None and get_field(call.fields, "store", _BOOL) is not False
+        keep = store is not None and get_field(call.fields, "store", BOOL) is not False
         builder = ResponseBuilder(request.echo, call.model, store=keep)
         reply = await chat(chat_call(call, request.body))
 

@@ -14,11 +14,17 @@ import msgspec
 
 from aioproxy import BadRequest
 from aioproxy.fields import (
+    ABSENT,
+    BOOL,
+    FLOAT,
+    INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     MAX_STOP,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
+    NULL,
+    STR,
     ArrayOf,
     get_field,
     text_or_array,
@@ -79,8 +85,6 @@ def messages_url(api_base: str | None) -> str:
 # What the translation reads of a request, decoded from each field's bytes straight into these
 # Structs: other keys are skipped, never built. Arrays inside an item stay raw until counted.
 
-_ABSENT = msgspec.Raw()  # a Raw field's default: the key was not sent
-_NULL = msgspec.Raw(b"null")
 _EMPTY_OBJECT = msgspec.Raw(b"{}")
 
 
@@ -97,8 +101,8 @@ class _ToolCall(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     role: str | None = None
-    content: msgspec.Raw = _ABSENT  # a string, null or parts
-    tool_calls: msgspec.Raw = _ABSENT
+    content: msgspec.Raw = ABSENT  # a string, null or parts
+    tool_calls: msgspec.Raw = ABSENT
     tool_call_id: str | None = None
 
 
@@ -121,7 +125,7 @@ class _Part(msgspec.Struct):
 class _FunctionDefinition(msgspec.Struct):
     name: str | None = None
     description: str | None = None
-    parameters: msgspec.Raw = _ABSENT  # a JSON schema: Anthropic's input_schema, as sent
+    parameters: msgspec.Raw = ABSENT  # a JSON schema: Anthropic's input_schema, as sent
 
 
 class _Tool(msgspec.Struct):
@@ -147,16 +151,12 @@ _PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
 _TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
 _TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
 _STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
-_INT = msgspec.json.Decoder(int | None)
-_FLOAT = msgspec.json.Decoder(float | None)
-_BOOL = msgspec.json.Decoder(bool | None)
-_STR = msgspec.json.Decoder(str | None)
 _CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
 _OBJECT = msgspec.json.Decoder(_AnyObject)
 
 # Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
 # written for vLLM & co. send it and Anthropic takes it.
-_SAMPLING = {"temperature": _FLOAT, "top_p": _FLOAT, "top_k": _INT}
+_SAMPLING = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
 
 
 def to_anthropic(
@@ -166,16 +166,16 @@ def to_anthropic(
 
     Built from an allowlist: only fields with a Messages equivalent are carried over.
     """
-    n = get_field(fields, "n", _INT)
+    n = get_field(fields, "n", INT)
     if n is not None and n != 1:
         raise BadRequest("Anthropic models answer with one choice; 'n' must be 1", param="n")
     for legacy in ("functions", "function_call"):
-        if fields.get(legacy, _NULL) != _NULL:
+        if fields.get(legacy, NULL) != NULL:
             raise BadRequest(
                 f"'{legacy}' is deprecated and not translated for Anthropic; use 'tools'",
                 param=legacy,
             )
-    messages = _MESSAGES.decode(fields.get("messages", _ABSENT), "messages")
+    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
     if messages is None:
         raise BadRequest("'messages' must be an array of messages", param="messages")
     system, turns = split_messages(messages)
@@ -184,11 +184,11 @@ def to_anthropic(
     if system:
         out["system"] = system
     out["messages"] = turns
-    max_tokens = get_field(fields, "max_completion_tokens", _INT)
+    max_tokens = get_field(fields, "max_completion_tokens", INT)
     if max_tokens is None:
-        max_tokens = get_field(fields, "max_tokens", _INT)
+        max_tokens = get_field(fields, "max_tokens", INT)
     out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
-    stop = text_or_array(fields.get("stop", _ABSENT), _STOP, "stop")
+    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
     if stop is not None:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
     for name, decoder in _SAMPLING.items():
@@ -196,19 +196,19 @@ def to_anthropic(
         if value is not None:
             out[name] = value
     # OpenAI's newer name for the end user comes first; Anthropic uses it for abuse detection.
-    end_user = get_field(fields, "safety_identifier", _STR) or get_field(fields, "user", _STR)
+    end_user = get_field(fields, "safety_identifier", STR) or get_field(fields, "user", STR)
     if end_user:
         out["metadata"] = {"user_id": end_user}
-    tools = _TOOLS.decode(fields.get("tools", _ABSENT), "tools")
+    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
     if tools:
         out["tools"] = [tool_definition(tool, i) for i, tool in enumerate(tools)]
         choice = tool_choice(
             get_field(fields, "tool_choice", _CHOICE),
-            get_field(fields, "parallel_tool_calls", _BOOL),
+            get_field(fields, "parallel_tool_calls", BOOL),
         )
         if choice is not None:
             out["tool_choice"] = choice
-    if get_field(fields, "stream", _BOOL) is True:
+    if get_field(fields, "stream", BOOL) is True:
         out["stream"] = True
     return out
 
@@ -400,7 +400,7 @@ def tool_definition(tool: _Tool, i: int) -> dict[str, Any]:
         out["description"] = function.description
     # input_schema is required by Anthropic; OpenAI lets a tool without parameters omit it.
     schema = function.parameters
-    empty = not schema or schema == _NULL or schema == _EMPTY_OBJECT
+    empty = not schema or schema == NULL or schema == _EMPTY_OBJECT
     out["input_schema"] = {"type": "object", "properties": {}} if empty else schema
     return out
 
@@ -457,7 +457,7 @@ class Block(msgspec.Struct):
     text: str = ""
     id: str | None = None
     name: str | None = None
-    input: msgspec.Raw = _ABSENT  # a tool's input: the call's arguments, as Anthropic wrote them
+    input: msgspec.Raw = ABSENT  # a tool's input: the call's arguments, as Anthropic wrote them
 
 
 class Answer(msgspec.Struct):
@@ -490,7 +490,7 @@ class Event(msgspec.Struct):
 
 
 class _EventType(msgspec.Struct):
-    type: Any = None
+    type: str = ""
 
 
 decode_answer = msgspec.json.Decoder(Answer).decode
@@ -571,7 +571,7 @@ def _tool_call(block: Block) -> dict[str, Any]:
 
 def _arguments(tool_input: msgspec.Raw) -> str:
     """The tool input as OpenAI's arguments string: the JSON as Anthropic sent it, or ``{}``."""
-    if not tool_input or tool_input == _NULL:
+    if not tool_input or tool_input == NULL:
         return "{}"
     return bytes(tool_input).decode()
 
