@@ -126,10 +126,9 @@ class ArrayOf(Generic[T]):
         """The items; None for null, or for an empty ``raw`` (a Struct's default: absent)."""
         if not raw:
             return None
-        # An item takes 3 bytes at least ("{}," or '"",'; the element types are objects and
-        # strings, and the decoder stops at the first one of another type), so a short array
-        # cannot be too long: only longer ones are counted, at C speed.
-        if len(raw) > 3 * self.limit + 1 and memoryview(raw)[0] == _ARRAY:
+        # Every item takes two bytes at least (itself and a comma): a short array cannot be
+        # too long, so only longer ones are counted (at C speed, building nothing).
+        if len(raw) > 2 * self.limit + 1 and memoryview(raw)[0] == _ARRAY:
             try:
                 self._counter.decode(raw)
             except msgspec.ValidationError:  # only length can fail: any item is a Raw

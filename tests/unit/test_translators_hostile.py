@@ -6,6 +6,8 @@ which the provider turns into a 502)."""
 from __future__ import annotations
 
 from typing import Any
+import tracemalloc
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -19,10 +21,14 @@ from aioproxy_anthropic.translate import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from aioproxy import ProxyError
+from aiohttp.test_utils import make_mocked_request
+from aioproxy_echo.inputs import chat_input, completion_prompts, response_input
+
+from aioproxy import Call, Principal, ProxyError
 from aioproxy.bridges.response_events import response_from_chat
 from aioproxy.bridges.response_request import chat_request
-from aioproxy.fields import raw_fields
+from aioproxy.fields import MAX_MESSAGES, raw_fields
+from aioproxy.routes import Kind
 
 # Names the translators read (or pass on), at any depth, and values they branch on.
 KEYS = [
@@ -187,3 +193,48 @@ def test_a_wrongly_typed_responses_field_is_a_400_naming_its_path(
     with pytest.raises(ProxyError) as raised:
         chat_request(raw_fields({"input": "x", **body}))
     assert (raised.value.status, raised.value.param) == (400, param)
+
+
+def echo_call(fields: dict[str, msgspec.Raw]) -> Call:
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    return Call(Kind.CHAT_COMPLETIONS, request, Principal("p"), "m", fields, False)
+
+
+# Each reader, given the raw fields of a body, and the field that holds the array.
+READERS: list[tuple[str, str, Callable[[dict[str, msgspec.Raw]], Any]]] = [
+    ("anthropic", "messages", to_anthropic),
+    ("responses", "input", chat_request),
+    ("responses instructions", "instructions", lambda f: chat_request({**f, "input": f["model"]})),
+    ("echo chat", "messages", lambda f: chat_input(echo_call(f))),
+    ("echo responses", "input", lambda f: response_input(echo_call(f))),
+    ("echo prompts", "prompt", lambda f: completion_prompts(echo_call(f))),
+]
+
+
+@pytest.mark.parametrize(("field", "read"), [r[1:] for r in READERS], ids=[r[0] for r in READERS])
+@pytest.mark.parametrize("item", [b"{}", b"0", b'""'], ids=["objects", "numbers", "strings"])
+def test_a_huge_array_of_tiny_items_is_refused_before_it_is_built(
+    field: str, read: Callable[[dict[str, msgspec.Raw]], Any], item: bytes
+) -> None:
+    """30 MB of ``[{},{},...]`` once cost 800 MiB as Python objects (issue #9.5)."""
+    raw = b"[" + b",".join([item] * 10_000_000) + b"]"
+    fields = {"model": msgspec.Raw(b'"m"'), field: msgspec.Raw(raw)}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProxyError) as raised:
+            read(fields)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert (raised.value.status, raised.value.param) == (400, field)
+    assert raised.value.code == "array_above_max_length"
+    assert peak < len(raw) // 10  # next to nothing: the array was counted, not built
+
+
+def test_an_array_at_the_limit_is_read() -> None:
+    messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
+    assert to_anthropic(raw_fields({"model": "m", "messages": messages}))["messages"]
+    with pytest.raises(ProxyError) as raised:
+        to_anthropic(raw_fields({"model": "m", "messages": [*messages, {"role": "user"}]}))
+    assert raised.value.code == "array_above_max_length"

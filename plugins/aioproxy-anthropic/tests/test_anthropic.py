@@ -7,9 +7,11 @@ what the client gets and what Anthropic received.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import importlib.util
 import json
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
@@ -803,14 +805,106 @@ async def test_an_error_event_before_any_output_keeps_its_status(
     assert json.loads(raw)["error"]["code"] == "overloaded"
 
 
-async def test_a_cut_stream_ends_with_an_error_event(proxy: TestServer, fake: Any) -> None:
-    fake.faults.append("cut_stream")
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [("cut_stream", "upstream_disconnected"), ("malformed_later", "upstream_invalid_response")],
+)
+async def test_a_broken_stream_ends_with_an_error_event(
+    proxy: TestServer, fake: Any, fault: str, code: str
+) -> None:
+    fake.faults.append(fault)
     status, raw, _ = await post(proxy, {"model": MODEL, "messages": user("Hi"), "stream": True})
 
     assert status == 200
     error = json.loads(sse_data(raw)[-1])["error"]
-    assert error["type"] == "upstream_error"
+    assert (error["type"], error["code"]) == ("upstream_error", code)
     assert MODEL in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream", "code"),
+    [
+        ("malformed", False, "upstream_invalid_response"),
+        ("malformed", True, "upstream_invalid_response"),
+        ("huge_event", True, "upstream_too_large"),
+    ],
+)
+async def test_an_answer_anthropic_broke_is_a_502(
+    proxy: TestServer, fake: Any, fault: str, stream: bool, code: str
+) -> None:
+    """Anthropic's fault, not the proxy's: a 502 with a code that says so, never a 500."""
+    fake.faults.append(fault)
+    body = {"model": MODEL, "messages": user("Hi"), "stream": stream}
+    status, raw, _ = await post(proxy, body)
+
+    assert status == 502
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", code)
+    assert MODEL in error["message"]
+
+
+# -- end to end: requests of the wrong shape -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"stop": 5}, "stop"),
+        ("/v1/chat/completions", {"tools": 5}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"messages": [*user("Hi"), {"role": "assistant", "tool_calls": 5}]},
+            "messages[1].tool_calls",
+        ),
+        ("/v1/responses", {"input": "Hi", "tools": 5}, "tools"),
+        (
+            "/v1/responses",
+            {
+                "input": "Hi",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "allowed_tools", "tools": 5},
+            },
+            "tool_choice.tools",
+        ),
+    ],
+)
+async def test_a_wrongly_typed_field_is_a_400_naming_it(
+    proxy: TestServer, fake: Any, path: str, fields: dict[str, Any], param: str
+) -> None:
+    body = {"model": MODEL, "messages": user("Hi"), **fields}
+    status, raw, _ = await post(proxy, body, path)
+
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert fake.requests == []  # refused before Anthropic was asked
+
+
+@pytest.mark.parametrize(
+    ("path", "field"), [("/v1/chat/completions", "messages"), ("/v1/responses", "input")]
+)
+async def test_a_huge_array_of_tiny_items_is_refused_without_building_it(
+    proxy: TestServer, fake: Any, path: str, field: str
+) -> None:
+    """30 MB of ``[{},{},...]`` once took the proxy's memory from 44 to 847 MiB (issue #9.5)."""
+    count = 10_000_000
+    body = b'{"model": "%s", "%s": [' % (MODEL.encode(), field.encode()) + b"{}," * count + b"{}]}"
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        tracemalloc.start()
+        try:
+            sent = io.BytesIO(body)  # aiohttp warns of a large bytes body, which blocks its loop
+            async with http.post(proxy.make_url(path), data=sent, headers=headers) as response:
+                status, raw = response.status, await response.read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert (error["param"], error["code"]) == (field, "array_above_max_length")
+    assert peak < 4 * len(body)  # the body as read, not dozens of times it as objects
+    assert fake.requests == []
 
 
 # -- end to end: errors ----------------------------------------------------------------------------
