@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
@@ -57,6 +57,10 @@ STR = msgspec.json.Decoder(str | None)
 
 _encode = msgspec.json.Encoder().encode
 _ARRAY = ord("[")
+_SHORT = 32  # items in most arrays: counted first with a counter that size
+# Bytes of an array decoded before it is counted, nested arrays included: as tiny items
+# (``{},``) it makes ~2 MiB of objects at most. Most requests' arrays are smaller.
+_SMALL = 64 * 1024
 # Text, or what text_or_array hands an array to: this decoder never sees one, but its type
 # says what was expected in the error message ("Expected `str | array | null`").
 _TEXT = msgspec.json.Decoder(str | list[Any] | None)
@@ -68,9 +72,11 @@ def raw_fields(body: Mapping[str, Any]) -> dict[str, msgspec.Raw]:
 
 
 def _path(param: str, exc: msgspec.ValidationError) -> tuple[str, str]:
-    """msgspec's ``Expected `str`, got `int` - at `$[2].role``` as (``param[2].role``, reason)."""
+    """msgspec's ``Expected `str`, got `int` - at `$[2].role``` as (``param[2].role``, reason);
+    with no ``param`` (the whole body), ``$.stop`` is ``stop``."""
     reason, at, where = str(exc).partition(" - at `$")
-    return (param + where.rstrip("`") if at else param), reason
+    path = param + where.rstrip("`") if at else param
+    return (path if param else path.removeprefix(".")), reason
 
 
 def decode_field(raw: msgspec.Raw | bytes, decoder: msgspec.json.Decoder[T], param: str) -> T:
@@ -111,44 +117,74 @@ def _counter(limit: int) -> msgspec.json.Decoder[Any]:
 
 class ArrayOf(Generic[T]):
     """Decodes a JSON array of ``item`` (a type msgspec decodes), refusing one of more than
-    ``limit`` items with a 400 before any of them is built."""
+    ``limit`` items with a 400 before many of them are built.
 
-    __slots__ = ("limit", "_decoder", "_counter")
+    A small array costs little even as tiny items: it is decoded at once, then measured, as
+    ``small_item`` if given (the item with the arrays inside it typed too, rather than kept raw:
+    they are small as well). A larger one is counted first, at C speed, building nothing.
+    """
 
-    def __init__(self, item: Any, limit: int) -> None:
+    __slots__ = ("limit", "_decoder", "_small_decoder", "_counters")
+
+    def __init__(self, item: Any, limit: int, small_item: Any = None) -> None:
         self.limit = limit
         self._decoder: msgspec.json.Decoder[list[T] | None] = msgspec.json.Decoder(
             list[item] | None
         )
-        self._counter = _counter(limit)
+        self._small_decoder: msgspec.json.Decoder[list[T] | None] = msgspec.json.Decoder(
+            list[small_item or item] | None
+        )
+        # A counter costs a slot per item it may hold: most arrays are short, so a small one
+        # is tried first.
+        self._counters = tuple(_counter(n) for n in sorted({min(_SHORT, limit), limit}))
 
-    def decode(self, raw: msgspec.Raw | bytes, param: str) -> list[T] | None:
-        """The items; None for null, or for an empty ``raw`` (a Struct's default: absent)."""
-        if not raw:
+    def decode(self, value: msgspec.Raw | bytes | list[T] | None, param: str) -> list[T] | None:
+        """The items of ``value``: its JSON (empty: absent), or a list already decoded (within
+        a small array) to measure. None for null or absent."""
+        if not isinstance(value, (msgspec.Raw, bytes)):
+            if value is not None and len(value) > self.limit:
+                self._too_long(param)
+            return value
+        if not value:
             return None
-        # Every item takes two bytes at least (itself and a comma): a short array cannot be
-        # too long, so only longer ones are counted (at C speed, building nothing).
-        if len(raw) > 2 * self.limit + 1 and memoryview(raw)[0] == _ARRAY:
+        if len(value) <= _SMALL:
+            items = decode_field(value, self._small_decoder, param)
+            if items is not None and len(items) > self.limit:
+                self._too_long(param)
+            return items
+        if memoryview(value)[0] == _ARRAY:
+            self._count(value, param)
+        return decode_field(value, self._decoder, param)
+
+    def _count(self, raw: msgspec.Raw | bytes, param: str) -> None:
+        for counter in self._counters:
             try:
-                self._counter.decode(raw)
+                counter.decode(raw)
+                return
             except msgspec.ValidationError:  # only length can fail: any item is a Raw
-                raise BadRequest(
-                    f"Invalid '{param}': array too long; at most {self.limit} items are allowed",
-                    param=param,
-                    code="array_above_max_length",
-                ) from None
+                continue
             except (msgspec.DecodeError, RecursionError):
-                pass  # the decoder below says what is wrong, where
-        return decode_field(raw, self._decoder, param)
+                return  # the decoder says what is wrong, where
+        self._too_long(param)
+
+    def _too_long(self, param: str) -> NoReturn:
+        raise BadRequest(
+            f"Invalid '{param}': array too long; at most {self.limit} items are allowed",
+            param=param,
+            code="array_above_max_length",
+        )
 
 
 def text_or_array(
-    raw: msgspec.Raw | bytes, array: ArrayOf[T], param: str
+    value: msgspec.Raw | bytes | str | list[T] | None, array: ArrayOf[T], param: str
 ) -> str | list[T] | None:
-    """A string, null or an array decoded by ``array`` (message content, ``stop``, ``input``);
-    None for an empty ``raw`` too (absent)."""
-    if not raw:
-        return None
-    if memoryview(raw)[0] == _ARRAY:
-        return array.decode(raw, param)
-    return decode_field(raw, _TEXT, param)  # type: ignore[return-value]  # never an array
+    """A string, null or an array decoded by ``array`` (message content, ``stop``, ``input``),
+    from its JSON (empty: absent, None) or decoded already (within a small array)."""
+    if isinstance(value, (msgspec.Raw, bytes)):
+        if not value:
+            return None
+        if memoryview(value)[0] != _ARRAY:
+            return decode_field(value, _TEXT, param)  # type: ignore[return-value]  # no array
+    elif not isinstance(value, list):
+        return value
+    return array.decode(value, param)

@@ -56,6 +56,8 @@ class _Part(msgspec.Struct):
 
 
 class _Item(msgspec.Struct):
+    """An input item in a large array: the arrays in it stay raw, to be counted in turn."""
+
     type: str | None = None
     role: str | None = None
     content: msgspec.Raw = ABSENT  # a string or parts
@@ -63,6 +65,18 @@ class _Item(msgspec.Struct):
     name: str | None = None
     arguments: str | None = None
     output: msgspec.Raw = ABSENT  # a string or parts
+
+
+class _SmallItem(msgspec.Struct):
+    """An input item in a small array (see ArrayOf): decoded whole."""
+
+    type: str | None = None
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[_Part] | None = None
 
 
 class _Tool(msgspec.Struct):
@@ -102,7 +116,7 @@ class _Reasoning(msgspec.Struct):
     effort: str | None = None
 
 
-_ITEMS: ArrayOf[_Item] = ArrayOf(_Item, MAX_MESSAGES)
+_ITEMS: ArrayOf[_Item | _SmallItem] = ArrayOf(_Item, MAX_MESSAGES, _SmallItem)
 _PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
 _TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
 _ALLOWED_TOOLS: ArrayOf[_AllowedTool] = ArrayOf(_AllowedTool, MAX_TOOLS)
@@ -226,7 +240,7 @@ def input_messages(value: msgspec.Raw | bytes, param: str = "input") -> list[dic
     return _messages(items, param)
 
 
-def _messages(items: list[_Item], param: str) -> list[dict[str, Any]]:
+def _messages(items: list[_Item | _SmallItem], param: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         where = f"{param}[{i}]"
@@ -252,7 +266,7 @@ def _required(value: Any, name: str, where: str) -> Any:
     return value
 
 
-def _message(item: _Item, where: str) -> dict[str, Any]:
+def _message(item: _Item | _SmallItem, where: str) -> dict[str, Any]:
     role = _ROLES.get(item.role or "")
     if role is None:
         raise BadRequest(
@@ -315,7 +329,9 @@ def _part(part: _Part, where: str) -> dict[str, Any]:
     raise unsupported(f"Content parts of type '{kind}' are", where)
 
 
-def _add_tool_call(messages: list[dict[str, Any]], item: _Item, where: str) -> None:
+def _add_tool_call(
+    messages: list[dict[str, Any]], item: _Item | _SmallItem, where: str
+) -> None:
     """A function_call item joins the assistant message before it, as chat wants them."""
     call = {
         "id": _required(item.call_id, "call_id", where),
@@ -334,7 +350,7 @@ def _add_tool_call(messages: list[dict[str, Any]], item: _Item, where: str) -> N
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
-def _tool_message(item: _Item, where: str) -> dict[str, Any]:
+def _tool_message(item: _Item | _SmallItem, where: str) -> dict[str, Any]:
     output = text_or_array(item.output, _PARTS, f"{where}.output")
     if isinstance(output, list):
         texts = []

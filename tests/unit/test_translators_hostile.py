@@ -232,9 +232,18 @@ def test_a_huge_array_of_tiny_items_is_refused_before_it_is_built(
     assert peak < len(raw) // 10  # next to nothing: the array was counted, not built
 
 
-def test_an_array_at_the_limit_is_read() -> None:
-    messages = [{"role": "user", "content": "x"}] * MAX_MESSAGES
+@pytest.mark.parametrize("content", ["x", "x" * 100], ids=["small array", "large array"])
+def test_an_array_at_the_limit_is_read_and_one_over_it_refused(content: str) -> None:
+    messages = [{"role": "user", "content": content}] * MAX_MESSAGES
     assert to_anthropic(raw_fields({"model": "m", "messages": messages}))["messages"]
     with pytest.raises(ProxyError) as raised:
         to_anthropic(raw_fields({"model": "m", "messages": [*messages, {"role": "user"}]}))
-    assert raised.value.code == "array_above_max_length"
+    assert (raised.value.param, raised.value.code) == ("messages", "array_above_max_length")
+
+
+def test_stop_takes_four_sequences_at_most() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": list("abcd")}
+    assert to_anthropic(raw_fields(body))["stop_sequences"] == list("abcd")
+    with pytest.raises(ProxyError) as raised:
+        to_anthropic(raw_fields({**body, "stop": list("abcde")}))
+    assert (raised.value.param, raised.value.code) == ("stop", "array_above_max_length")

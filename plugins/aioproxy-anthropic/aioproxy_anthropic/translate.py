@@ -100,6 +100,8 @@ class _ToolCall(msgspec.Struct):
 
 
 class _Message(msgspec.Struct):
+    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
+
     role: str | None = None
     content: msgspec.Raw = ABSENT  # a string, null or parts
     tool_calls: msgspec.Raw = ABSENT
@@ -120,6 +122,15 @@ class _Part(msgspec.Struct):
     refusal: str | None = None
     image_url: _ImageURL | str | None = None
     file: _File | None = None
+
+
+class _SmallMessage(msgspec.Struct):
+    """A message in a small array (see ArrayOf): decoded whole."""
+
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class _FunctionDefinition(msgspec.Struct):
@@ -146,7 +157,7 @@ class _AnyObject(msgspec.Struct):
     """Any JSON object, its members skipped: checks tool arguments without building them."""
 
 
-_MESSAGES: ArrayOf[_Message] = ArrayOf(_Message, MAX_MESSAGES)
+_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
 _PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
 _TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
 _TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
@@ -213,7 +224,7 @@ def to_anthropic(
     return out
 
 
-def split_messages(messages: list[_Message]) -> tuple[str, list[dict[str, Any]]]:
+def split_messages(messages: list[_Message | _SmallMessage]) -> tuple[str, list[dict[str, Any]]]:
     """The joined system prompt, and the other messages as alternating Anthropic turns.
 
     Anthropic has no system role: every system/developer message, wherever it stands, joins the
@@ -263,8 +274,8 @@ def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return blocks
 
 
-def content_blocks(content: msgspec.Raw, where: str) -> list[dict[str, Any]]:
-    """OpenAI message content (a string or parts, as sent) as Anthropic content blocks."""
+def content_blocks(content: msgspec.Raw | str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+    """OpenAI message content (a string or parts) as Anthropic content blocks."""
     return _blocks(text_or_array(content, _PARTS, where), where)
 
 
@@ -343,7 +354,7 @@ def _split_data_url(url: str, where: str) -> tuple[str, str]:
     return params[0], data
 
 
-def _plain_text(content: msgspec.Raw, where: str) -> str:
+def _plain_text(content: msgspec.Raw | str | list[_Part] | None, where: str) -> str:
     """The text of system content: a string, or text parts joined by blank lines."""
     blocks = content_blocks(content, where)
     if any(block["type"] != "text" for block in blocks):
@@ -351,7 +362,7 @@ def _plain_text(content: msgspec.Raw, where: str) -> str:
     return "\n\n".join(block["text"] for block in blocks)
 
 
-def _assistant_blocks(message: _Message, where: str) -> list[dict[str, Any]]:
+def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dict[str, Any]]:
     blocks = content_blocks(message.content, f"{where}.content")
     calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
     for j, call in enumerate(calls or ()):
@@ -376,7 +387,7 @@ def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id, "name": function.name, "input": tool_input}
 
 
-def _tool_result(message: _Message, where: str) -> dict[str, Any]:
+def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any]:
     where = f"{where}.content"
     content = text_or_array(message.content, _PARTS, where)
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
