@@ -66,7 +66,8 @@ def stream_error(error: ErrorDetail | None, deployment: Deployment) -> ProxyErro
     """A stream's ``error`` event (its ``error`` member), mapped as an answer with that error
     type's status would be."""
     detail = error or ErrorDetail()
-    status = STATUS_OF_TYPE.get(detail.type or "", 500)
+    # An error of no type this knows: the upstream broke, not the request (502, not 500).
+    status = STATUS_OF_TYPE.get(detail.type or "", 502)
     return map_error(status, detail.type, detail.message, deployment)
 
 

@@ -497,10 +497,20 @@ def test_a_too_long_prompt_is_a_context_window_error() -> None:
     assert error.code == "context_length_exceeded"
 
 
-def test_a_stream_error_event_maps_by_its_type() -> None:
-    event = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
-    error = stream_error(msgspec.convert(event, Event).error, deployment())
-    assert (error.status, error.type) == (429, "rate_limit_error")
+@pytest.mark.parametrize(
+    ("error", "status", "type_"),
+    [
+        ({"type": "rate_limit_error", "message": "slow down"}, 429, "rate_limit_error"),
+        ({"type": "something_new"}, 502, "upstream_error"),
+        ({}, 502, "upstream_error"),
+    ],
+)
+def test_a_stream_error_event_maps_by_its_type(
+    error: dict[str, Any], status: int, type_: str
+) -> None:
+    event = {"type": "error", "error": error}
+    mapped = stream_error(msgspec.convert(event, Event).error, deployment())
+    assert (mapped.status, mapped.type) == (status, type_)
 
 
 # -- end to end: plain chat ------------------------------------------------------------------------
