@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aiohttp.test_utils import make_mocked_request
+from aioproxy_echo import inputs as echo_inputs
 from aioproxy_echo.inputs import chat_input, completion_prompts, response_input
 
 from aioproxy import Call, Principal, ProxyError
@@ -92,8 +93,11 @@ def bodies(names: list[str], lists: list[str]) -> st.SearchStrategy[dict[str, An
 
 
 def assert_400(exc: ProxyError, body: dict[str, Any]) -> None:
+    """A 400 naming a field the body has (or one it lacks and needs)."""
     assert exc.status == 400, exc.message
-    assert exc.param is not None and exc.param.split("[")[0].split(".")[0] in body
+    assert exc.param is not None
+    field = exc.param.split("[")[0].split(".")[0]
+    assert field in body or exc.code == "missing_required_parameter", exc.param
 
 
 _SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -131,6 +135,34 @@ def test_the_responses_bridge(body: dict[str, Any]) -> None:
         return
     msgspec.json.encode(request.body)  # what chat is sent can be sent
     response_from_chat({"choices": []}, request.echo, "m")  # what was read can be echoed
+
+
+ECHO_FIELDS = [
+    "messages", "input", "instructions", "prompt", "n", "max_tokens", "max_completion_tokens",
+    "max_output_tokens", "stream_options", "dimensions", "encoding_format",
+]
+ECHO_READERS: list[Callable[[Call], Any]] = [
+    echo_inputs.chat_input,
+    echo_inputs.response_input,
+    echo_inputs.completion_prompts,
+    echo_inputs.embedding_inputs,
+    echo_inputs.choice_count,
+    echo_inputs.include_usage,
+    echo_inputs.embedding_dimensions,
+    echo_inputs.wants_base64,
+    lambda call: echo_inputs.token_cap(call, "max_completion_tokens", "max_tokens"),
+]
+
+
+@_SETTINGS
+@given(body=bodies(ECHO_FIELDS, ["messages", "input"]))
+def test_the_echo_inputs(body: dict[str, Any]) -> None:
+    call = echo_call(raw_fields(body))
+    for read in ECHO_READERS:
+        try:
+            read(call)
+        except ProxyError as exc:
+            assert_400(exc, body)
 
 
 @_SETTINGS
