@@ -37,8 +37,10 @@ __all__ = [
 ]
 
 # Counts a translated request may hold. They bound the objects a request can make the proxy
-# build, not what a model may be sent: the first, second and fourth are OpenAI's own limits, so
-# no request OpenAI takes is refused; the others are far beyond any real request.
+# build, not what a model may be sent: MAX_MESSAGES, MAX_TOOLS and MAX_STOP are OpenAI's own
+# limits, so no request OpenAI takes is refused; the others are far beyond any real request.
+# Constants, not config: there is little reason to raise them, and the bridges that read
+# them are made without the config.
 MAX_MESSAGES = 2048  # chat messages; also Responses input items
 MAX_CONTENT_PARTS = 1024  # content parts of one message or item
 MAX_TOOL_CALLS = 1024  # tool calls of one assistant message
@@ -72,11 +74,9 @@ def raw_fields(body: Mapping[str, Any]) -> dict[str, msgspec.Raw]:
 
 
 def _path(param: str, exc: msgspec.ValidationError) -> tuple[str, str]:
-    """msgspec's ``Expected `str`, got `int` - at `$[2].role``` as (``param[2].role``, reason);
-    with no ``param`` (the whole body), ``$.stop`` is ``stop``."""
+    """msgspec's ``Expected `str`, got `int` - at `$[2].role``` as (``param[2].role``, reason)."""
     reason, at, where = str(exc).partition(" - at `$")
-    path = param + where.rstrip("`") if at else param
-    return (path if param else path.removeprefix(".")), reason
+    return (param + where.rstrip("`") if at else param), reason
 
 
 def decode_field(raw: msgspec.Raw | bytes, decoder: msgspec.json.Decoder[T], param: str) -> T:
@@ -88,14 +88,16 @@ def decode_field(raw: msgspec.Raw | bytes, decoder: msgspec.json.Decoder[T], par
         where, reason = _path(param, exc)
         raise BadRequest(f"Invalid '{where}': {reason}", param=where, code="invalid_type") from None
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-        problem = "is nested too deeply" if isinstance(exc, RecursionError) else f"cannot be read: {exc}"
+        deep = isinstance(exc, RecursionError)
+        problem = "is nested too deeply" if deep else f"cannot be read: {exc}"
         raise BadRequest(f"'{param}' {problem}", param=param, code="invalid_value") from None
 
 
 def get_field(
     fields: Mapping[str, msgspec.Raw], name: str, decoder: msgspec.json.Decoder[T]
 ) -> T | None:
-    """The top-level body field ``name`` decoded by ``decoder`` (which takes null); None when absent."""
+    """The top-level body field ``name`` decoded by ``decoder`` (which takes null); None when
+    absent."""
     raw = fields.get(name)
     return None if raw is None else decode_field(raw, decoder, name)
 

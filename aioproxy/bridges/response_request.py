@@ -316,8 +316,8 @@ def _part(part: _Part, where: str) -> dict[str, Any]:
     if kind == "input_file":
         if part.file_url is not None:
             raise unsupported("Files by 'file_url' are (send 'file_id' or 'file_data')", where)
-        named = (("file_id", part.file_id), ("file_data", part.file_data), ("filename", part.filename))
-        return {"type": "file", "file": {k: v for k, v in named if v is not None}}
+        file = {"file_id": part.file_id, "file_data": part.file_data, "filename": part.filename}
+        return {"type": "file", "file": {k: v for k, v in file.items() if v is not None}}
     if kind == "input_audio":
         if not part.input_audio or memoryview(part.input_audio)[0] != ord("{"):
             raise BadRequest(
@@ -369,7 +369,8 @@ def _tool_message(item: _Item | _SmallItem, where: str) -> dict[str, Any]:
             param=f"{where}.output",
             code="invalid_type",
         )
-    return {"role": "tool", "tool_call_id": _required(item.call_id, "call_id", where), "content": output}
+    call_id = _required(item.call_id, "call_id", where)
+    return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
 def _tools(tools: list[_Tool]) -> list[dict[str, Any]]:
@@ -399,10 +400,8 @@ def _echoed_text(text: _Text) -> dict[str, Any]:
     fmt = text.format
     echoed: dict[str, Any] = {"format": {"type": "text"}}
     if fmt is not None and fmt.type not in (None, "text"):
-        echoed["format"] = {
-            "type": fmt.type,
-            **{k: v for k, v in msgspec.structs.asdict(fmt).items() if v is not None and v != ABSENT},
-        }
+        sent = msgspec.structs.asdict(fmt).items()
+        echoed["format"] = {k: v for k, v in sent if v is not None and v != ABSENT}
     if text.verbosity is not None:
         echoed["verbosity"] = text.verbosity
     return echoed

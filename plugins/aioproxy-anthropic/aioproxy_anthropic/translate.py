@@ -274,7 +274,9 @@ def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return blocks
 
 
-def content_blocks(content: msgspec.Raw | str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+def content_blocks(
+    content: msgspec.Raw | str | list[_Part] | None, where: str
+) -> list[dict[str, Any]]:
     """OpenAI message content (a string or parts) as Anthropic content blocks."""
     return _blocks(text_or_array(content, _PARTS, where), where)
 

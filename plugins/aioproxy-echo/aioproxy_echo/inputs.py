@@ -187,7 +187,9 @@ def _texts_or_token_lists(call: Call, param: str, what: str) -> list[str | Token
     raw = call.fields.get(param)
     if raw is None:
         raise missing(param)
-    expected = f"{what}: a string, a non-empty array of strings, of token ids, or of token-id arrays"
+    expected = (
+        f"{what}: a string, a non-empty array of strings, of token ids, or of token-id arrays"
+    )
     if memoryview(raw)[0] != _ARRAY:
         text = decode_field(raw, STR, param)
         if text is None:
