@@ -182,11 +182,11 @@ def text_or_array(
 ) -> str | list[T] | None:
     """A string, null or an array decoded by ``array`` (message content, ``stop``, ``input``),
     from its JSON (empty: absent, None) or decoded already (within a small array)."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, (msgspec.Raw, bytes)):
         if not value:
             return None
         if memoryview(value)[0] != _ARRAY:
             return decode_field(value, _TEXT, param)  # type: ignore[return-value]  # no array
-    elif not isinstance(value, list):
-        return value
     return array.decode(value, param)

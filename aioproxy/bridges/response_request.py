@@ -164,12 +164,6 @@ _REFUSED: dict[str, str] = {
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
-def _sent(fields: Mapping[str, msgspec.Raw], name: str) -> msgspec.Raw | None:
-    """The field's bytes, unless it is absent or null."""
-    raw = fields.get(name)
-    return None if raw is None or raw == NULL else raw
-
-
 def chat_request(
     fields: Mapping[str, msgspec.Raw], history: Sequence[dict[str, Any]] = ()
 ) -> ChatRequest:
@@ -195,12 +189,12 @@ def chat_request(
         )
 
     chat: dict[str, Any] = {"messages": messages}
-    echo = {name: raw for name in _ECHOED if (raw := _sent(fields, name)) is not None}
-    for name in _SAME_NAME:
-        if (raw := _sent(fields, name)) is not None:
-            chat[name] = raw
-    if (max_output_tokens := _sent(fields, "max_output_tokens")) is not None:
-        chat["max_completion_tokens"] = max_output_tokens
+    # Absent and null alike are not sent.
+    sent = {name: raw for name, raw in fields.items() if raw != NULL}
+    echo = {name: sent[name] for name in _ECHOED if name in sent}
+    chat.update((name, sent[name]) for name in _SAME_NAME if name in sent)
+    if "max_output_tokens" in sent:
+        chat["max_completion_tokens"] = sent["max_output_tokens"]
     tools = _tools(_TOOLS.decode(fields.get("tools", ABSENT), "tools") or [])
     echo["tools"] = [_echoed_tool(tool) for tool in tools]
     choice = get_field(fields, "tool_choice", _CHOICE)
