@@ -10,6 +10,7 @@ import msgspec
 
 from ..context import Call, Deployment
 from ..errors import BadRequest
+from ..fields import raw_fields
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import split_events
@@ -22,7 +23,7 @@ _encode = msgspec.json.Encoder().encode
 
 def chat_call(call: Call, body: dict[str, Any]) -> Call:
     """A chat-completions Call carrying ``body``, for the same client, deployment and state."""
-    fields = {name: msgspec.Raw(_encode(value)) for name, value in body.items()}
+    fields = raw_fields(body)
     fields["model"] = msgspec.Raw(_encode(call.model))
     bridged = Call(
         Kind.CHAT_COMPLETIONS, call.request, call.principal, call.model, fields, call.stream

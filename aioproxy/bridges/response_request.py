@@ -1,11 +1,30 @@
-"""A Responses API request as a chat-completions request: input items, tools, text format."""
+"""A Responses API request as a chat-completions request: input items, tools, text format.
+
+What the bridge reads of the request is decoded from each field's bytes straight into the
+Structs below (other keys are skipped, never built; arrays are counted before they are built),
+so that a value of the wrong type is a 400 naming its path. Fields chat takes as they are go on
+as the client's bytes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import msgspec
+
 from ..errors import BadRequest
+from ..fields import (
+    ABSENT,
+    BOOL,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    NULL,
+    ArrayOf,
+    get_field,
+    text_or_array,
+)
 from .common import unsupported
 
 __all__ = ["ChatRequest", "chat_request", "input_messages"]
@@ -17,9 +36,95 @@ class ChatRequest(NamedTuple):
     body: dict[str, Any]
     history: list[dict[str, Any]]  # the previous response's conversation, as chat messages
     inputs: list[dict[str, Any]]  # this request's ``input``, as chat messages
+    echo: dict[str, Any]  # the request fields a Response repeats, as read
 
 
-# Fields chat takes under the same name and meaning.
+_FALSE = msgspec.Raw(b"false")
+
+
+class _Part(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    refusal: str | None = None
+    image_url: str | None = None
+    detail: str | None = None
+    file_id: str | None = None
+    file_data: str | None = None
+    filename: str | None = None
+    file_url: str | None = None
+    input_audio: msgspec.Raw = ABSENT  # passed on to chat as sent
+
+
+class _Item(msgspec.Struct):
+    """An input item in a large array: the arrays in it stay raw, to be counted in turn."""
+
+    type: str | None = None
+    role: str | None = None
+    content: msgspec.Raw = ABSENT  # a string or parts
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: msgspec.Raw = ABSENT  # a string or parts
+
+
+class _SmallItem(msgspec.Struct):
+    """An input item in a small array (see ArrayOf): decoded whole."""
+
+    type: str | None = None
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[_Part] | None = None
+
+
+class _Tool(msgspec.Struct):
+    type: str | None = None
+    name: str | None = None
+    description: str | None = None
+    parameters: msgspec.Raw = ABSENT  # a JSON schema, passed on as sent
+    strict: bool | None = None
+
+
+class _AllowedTool(msgspec.Struct):
+    type: str | None = None
+    name: str | None = None
+
+
+class _ToolChoice(msgspec.Struct):
+    type: str | None = None
+    name: str | None = None
+    mode: str = "auto"
+    tools: msgspec.Raw = ABSENT  # allowed_tools' tools
+
+
+class _Format(msgspec.Struct):
+    type: str | None = None
+    name: str | None = None
+    description: str | None = None
+    schema: msgspec.Raw = ABSENT  # passed on as sent
+    strict: bool | None = None
+
+
+class _Text(msgspec.Struct):
+    format: _Format | None = None
+    verbosity: str | None = None
+
+
+class _Reasoning(msgspec.Struct):
+    effort: str | None = None
+
+
+_ITEMS: ArrayOf[_Item | _SmallItem] = ArrayOf(_Item, MAX_MESSAGES, _SmallItem)
+_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
+_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
+_ALLOWED_TOOLS: ArrayOf[_AllowedTool] = ArrayOf(_AllowedTool, MAX_TOOLS)
+_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
+_TEXT = msgspec.json.Decoder(_Text | None)
+_REASONING = msgspec.json.Decoder(_Reasoning | None)
+
+# Fields chat takes under the same name and meaning: passed on as sent, for chat to check.
 _SAME_NAME = (
     "temperature",
     "top_p",
@@ -27,6 +132,26 @@ _SAME_NAME = (
     "safety_identifier",
     "prompt_cache_key",
     "service_tier",
+)
+
+# Request fields a Response repeats, as sent (``tools`` and ``text`` are repeated as read).
+_ECHOED = (
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "metadata",
+    "parallel_tool_calls",
+    "previous_response_id",
+    "reasoning",
+    "service_tier",
+    "temperature",
+    "tool_choice",
+    "top_p",
+    "truncation",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "top_logprobs",
 )
 
 # Requests the bridge cannot honour; refused rather than silently answered otherwise.
@@ -39,25 +164,24 @@ _REFUSED: dict[str, str] = {
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
-def chat_request(body: dict[str, Any], history: Sequence[dict[str, Any]] = ()) -> ChatRequest:
-    """The chat-completions body for a Responses request ``body``, after ``history``."""
+def chat_request(
+    fields: Mapping[str, msgspec.Raw], history: Sequence[dict[str, Any]] = ()
+) -> ChatRequest:
+    """The chat-completions body for a Responses request (its raw top-level ``fields``), after
+    ``history``."""
     for name, what in _REFUSED.items():
-        if body.get(name):
+        if fields.get(name, NULL) not in (NULL, _FALSE):
             raise unsupported(what.capitalize() + " are", name)
 
     messages: list[dict[str, Any]] = []
-    instructions = body.get("instructions")
+    instructions = text_or_array(fields.get("instructions", ABSENT), _ITEMS, "instructions")
     if isinstance(instructions, str):
         if instructions:
             messages.append({"role": "system", "content": instructions})
-    elif isinstance(instructions, list):
-        messages.extend(input_messages(instructions, "instructions"))
     elif instructions is not None:
-        raise BadRequest(
-            "'instructions' must be a string", param="instructions", code="invalid_type"
-        )
+        messages.extend(_messages(instructions, "instructions"))
     messages.extend(history)
-    inputs = input_messages(body.get("input"))
+    inputs = input_messages(fields.get("input", ABSENT))
     messages.extend(inputs)
     if not history and not inputs:
         raise BadRequest(
@@ -65,54 +189,56 @@ def chat_request(body: dict[str, Any], history: Sequence[dict[str, Any]] = ()) -
         )
 
     chat: dict[str, Any] = {"messages": messages}
-    for name in _SAME_NAME:
-        value = body.get(name)
-        if value is not None:
-            chat[name] = value
-    max_output_tokens = body.get("max_output_tokens")
-    if max_output_tokens is not None:
-        chat["max_completion_tokens"] = max_output_tokens
-    tools = _tools(body["tools"]) if body.get("tools") is not None else []
+    # Absent and null alike are not sent.
+    sent = {name: raw for name, raw in fields.items() if raw != NULL}
+    echo = {name: sent[name] for name in _ECHOED if name in sent}
+    chat.update((name, sent[name]) for name in _SAME_NAME if name in sent)
+    if "max_output_tokens" in sent:
+        chat["max_completion_tokens"] = sent["max_output_tokens"]
+    tools = _tools(_TOOLS.decode(fields.get("tools", ABSENT), "tools") or [])
+    echo["tools"] = [_echoed_tool(tool) for tool in tools]
+    choice = get_field(fields, "tool_choice", _CHOICE)
     if tools:
         chat["tools"] = tools
-        if body.get("parallel_tool_calls") is not None:
-            chat["parallel_tool_calls"] = body["parallel_tool_calls"]
-        if body.get("tool_choice") is not None:
-            chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    elif body.get("tool_choice") not in (None, "auto", "none"):
+        parallel = get_field(fields, "parallel_tool_calls", BOOL)
+        if parallel is not None:
+            chat["parallel_tool_calls"] = parallel
+        if choice is not None:
+            chat["tool_choice"] = _tool_choice(choice)
+    elif choice not in (None, "auto", "none"):
         raise BadRequest("'tool_choice' needs 'tools'", param="tool_choice", code="invalid_value")
-    text = body.get("text")
-    if isinstance(text, dict):
-        response_format = _response_format(text.get("format"))
+    text = get_field(fields, "text", _TEXT)
+    if text is not None:
+        response_format = _response_format(text.format)
         if response_format is not None:
             chat["response_format"] = response_format
-        if text.get("verbosity") is not None:
-            chat["verbosity"] = text["verbosity"]
-    reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
-        chat["reasoning_effort"] = reasoning["effort"]
-    if body.get("stream"):
+        if text.verbosity is not None:
+            chat["verbosity"] = text.verbosity
+        echo["text"] = _echoed_text(text)
+    reasoning = get_field(fields, "reasoning", _REASONING)
+    if reasoning is not None and reasoning.effort is not None:
+        chat["reasoning_effort"] = reasoning.effort
+    if get_field(fields, "stream", BOOL):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return ChatRequest(chat, list(history), inputs)
+    return ChatRequest(chat, list(history), inputs, echo)
 
 
-def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
-    """Responses input (a string, or a list of items) as chat messages."""
-    if value is None:
+def input_messages(value: msgspec.Raw | bytes, param: str = "input") -> list[dict[str, Any]]:
+    """Responses input (its JSON: a string, or a list of items) as chat messages."""
+    items = text_or_array(value, _ITEMS, param)
+    if items is None:
         return []
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise BadRequest(
-            f"'{param}' must be a string or an array of items", param=param, code="invalid_type"
-        )
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    return _messages(items, param)
+
+
+def _messages(items: list[_Item | _SmallItem], param: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(items):
         where = f"{param}[{i}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f"'{where}' must be an object", param=where, code="invalid_type")
-        kind = item.get("type") or ("message" if "role" in item else "item_reference")
+        kind = item.type or ("message" if item.role is not None else "item_reference")
         if kind == "message":
             messages.append(_message(item, where))
         elif kind == "function_call":
@@ -126,28 +252,26 @@ def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
     return messages
 
 
-def _required(item: dict[str, Any], name: str, where: str, kind: type = str) -> Any:
-    value = item.get(name)
-    if not isinstance(value, kind):
+def _required(value: Any, name: str, where: str) -> Any:
+    if value is None:
         raise BadRequest(
             f"Missing or invalid '{where}.{name}'", param=f"{where}.{name}", code="invalid_value"
         )
     return value
 
 
-def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    role = item.get("role")
-    role = _ROLES.get(role) if isinstance(role, str) else None
+def _message(item: _Item | _SmallItem, where: str) -> dict[str, Any]:
+    role = _ROLES.get(item.role or "")
     if role is None:
         raise BadRequest(
             f"'{where}.role' must be one of user, assistant, system, developer",
             param=f"{where}.role",
             code="invalid_value",
         )
-    content = item.get("content")
+    content = text_or_array(item.content, _PARTS, f"{where}.content")
     if isinstance(content, str):
         return {"role": role, "content": content}
-    if not isinstance(content, list):
+    if content is None:
         raise BadRequest(
             f"'{where}.content' must be a string or an array of parts",
             param=f"{where}.content",
@@ -166,44 +290,49 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": role, "content": parts}
 
 
-def _part(part: Any, where: str) -> dict[str, Any]:
+def _part(part: _Part, where: str) -> dict[str, Any]:
     """One content part of an input message, as a chat content part."""
-    if not isinstance(part, dict):
-        raise BadRequest(f"'{where}' must be an object", param=where, code="invalid_type")
-    kind = part.get("type")
+    kind = part.type
     if kind in ("input_text", "output_text", "text"):
-        return {"type": "text", "text": _required(part, "text", where)}
+        return {"type": "text", "text": _required(part.text, "text", where)}
     if kind == "refusal":
-        return {"type": "text", "text": _required(part, "refusal", where)}
+        return {"type": "text", "text": _required(part.refusal, "refusal", where)}
     if kind == "input_image":
-        url = part.get("image_url")
-        if not isinstance(url, str):
+        if part.image_url is None:
             # An image by file_id: chat's image parts take URLs (data: URLs included) only.
             raise unsupported(
                 "Images by 'file_id' are (send 'image_url', a URL or data: URL)", where
             )
-        image: dict[str, Any] = {"url": url}
-        if part.get("detail") is not None:
-            image["detail"] = part["detail"]
+        image: dict[str, Any] = {"url": part.image_url}
+        if part.detail is not None:
+            image["detail"] = part.detail
         return {"type": "image_url", "image_url": image}
     if kind == "input_file":
-        if part.get("file_url") is not None:
+        if part.file_url is not None:
             raise unsupported("Files by 'file_url' are (send 'file_id' or 'file_data')", where)
-        file = {k: part[k] for k in ("file_id", "file_data", "filename") if part.get(k) is not None}
-        return {"type": "file", "file": file}
+        file = {"file_id": part.file_id, "file_data": part.file_data, "filename": part.filename}
+        return {"type": "file", "file": {k: v for k, v in file.items() if v is not None}}
     if kind == "input_audio":
-        return {"type": "input_audio", "input_audio": _required(part, "input_audio", where, dict)}
+        if not part.input_audio or memoryview(part.input_audio)[0] != ord("{"):
+            raise BadRequest(
+                f"Missing or invalid '{where}.input_audio'",
+                param=f"{where}.input_audio",
+                code="invalid_value",
+            )
+        return {"type": "input_audio", "input_audio": part.input_audio}
     raise unsupported(f"Content parts of type '{kind}' are", where)
 
 
-def _add_tool_call(messages: list[dict[str, Any]], item: dict[str, Any], where: str) -> None:
+def _add_tool_call(
+    messages: list[dict[str, Any]], item: _Item | _SmallItem, where: str
+) -> None:
     """A function_call item joins the assistant message before it, as chat wants them."""
     call = {
-        "id": _required(item, "call_id", where),
+        "id": _required(item.call_id, "call_id", where),
         "type": "function",
         "function": {
-            "name": _required(item, "name", where),
-            "arguments": item.get("arguments") or "",
+            "name": _required(item.name, "name", where),
+            "arguments": item.arguments or "",
         },
     }
     last = messages[-1] if messages else None
@@ -215,8 +344,8 @@ def _add_tool_call(messages: list[dict[str, Any]], item: dict[str, Any], where: 
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
-def _tool_message(item: dict[str, Any], where: str) -> dict[str, Any]:
-    output = item.get("output")
+def _tool_message(item: _Item | _SmallItem, where: str) -> dict[str, Any]:
+    output = text_or_array(item.output, _PARTS, f"{where}.output")
     if isinstance(output, list):
         texts = []
         for j, part in enumerate(output):
@@ -228,64 +357,81 @@ def _tool_message(item: dict[str, Any], where: str) -> dict[str, Any]:
                 )
             texts.append(converted["text"])
         output = "".join(texts)
-    elif not isinstance(output, str):
+    elif output is None:
         raise BadRequest(
             f"'{where}.output' must be a string or an array of parts",
             param=f"{where}.output",
             code="invalid_type",
         )
-    return {"role": "tool", "tool_call_id": _required(item, "call_id", where), "content": output}
+    call_id = _required(item.call_id, "call_id", where)
+    return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise BadRequest("'tools' must be an array", param="tools", code="invalid_type")
+def _tools(tools: list[_Tool]) -> list[dict[str, Any]]:
     converted = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
-            raise unsupported(f"Tools of type '{kind}' are", where)
-        function = {"name": _required(tool, "name", where)}
-        for name in ("description", "parameters", "strict"):
-            if tool.get(name) is not None:
-                function[name] = tool[name]
+        if tool.type != "function":
+            raise unsupported(f"Tools of type '{tool.type}' are", where)
+        function: dict[str, Any] = {"name": _required(tool.name, "name", where)}
+        if tool.description is not None:
+            function["description"] = tool.description
+        if tool.parameters and tool.parameters != NULL:
+            function["parameters"] = tool.parameters
+        if tool.strict is not None:
+            function["strict"] = tool.strict
         converted.append({"type": "function", "function": function})
     return converted
 
 
-def _tool_choice(choice: Any) -> Any:
+def _echoed_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool as a Response lists it: ``parameters`` and ``strict`` always there (null: not
+    sent, and so not enforced, as chat does not by default)."""
+    return {"type": "function", "parameters": None, "strict": None, **tool["function"]}
+
+
+def _echoed_text(text: _Text) -> dict[str, Any]:
+    fmt = text.format
+    echoed: dict[str, Any] = {"format": {"type": "text"}}
+    if fmt is not None and fmt.type not in (None, "text"):
+        sent = msgspec.structs.asdict(fmt).items()
+        echoed["format"] = {k: v for k, v in sent if v is not None and v != ABSENT}
+    if text.verbosity is not None:
+        echoed["verbosity"] = text.verbosity
+    return echoed
+
+
+def _tool_choice(choice: str | _ToolChoice) -> Any:
     if isinstance(choice, str):
         return choice
-    if isinstance(choice, dict):
-        kind = choice.get("type")
-        if kind == "function":
-            return {
-                "type": "function",
-                "function": {"name": _required(choice, "name", "tool_choice")},
-            }
-        if kind == "allowed_tools":
-            allowed = []
-            for tool in choice.get("tools") or []:
-                if not isinstance(tool, dict) or tool.get("type") != "function":
-                    raise unsupported("Allowed tools other than functions are", "tool_choice")
-                allowed.append({"type": "function", "function": {"name": tool.get("name")}})
-            mode = choice.get("mode", "auto")
-            return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": allowed}}
-    kind = choice.get("type") if isinstance(choice, dict) else choice
-    raise unsupported(f"tool_choice '{kind}' is", "tool_choice")
+    if choice.type == "function":
+        return {
+            "type": "function",
+            "function": {"name": _required(choice.name, "name", "tool_choice")},
+        }
+    if choice.type == "allowed_tools":
+        allowed = []
+        tools = _ALLOWED_TOOLS.decode(choice.tools, "tool_choice.tools") or []
+        for tool in tools:
+            if tool.type != "function":
+                raise unsupported("Allowed tools other than functions are", "tool_choice")
+            allowed.append({"type": "function", "function": {"name": tool.name}})
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.mode, "tools": allowed}}
+    raise unsupported(f"tool_choice '{choice.type}' is", "tool_choice")
 
 
-def _response_format(fmt: Any) -> dict[str, Any] | None:
-    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+def _response_format(fmt: _Format | None) -> dict[str, Any] | None:
+    if fmt is None or fmt.type in (None, "text"):
         return None
-    kind = fmt["type"]
-    if kind == "json_object":
+    if fmt.type == "json_object":
         return {"type": "json_object"}
-    if kind == "json_schema":
-        schema = {"name": _required(fmt, "name", "text.format")}
-        for name in ("schema", "strict", "description"):
-            if fmt.get(name) is not None:
-                schema[name] = fmt[name]
+    if fmt.type == "json_schema":
+        schema: dict[str, Any] = {"name": _required(fmt.name, "name", "text.format")}
+        if fmt.schema and fmt.schema != NULL:
+            schema["schema"] = fmt.schema
+        if fmt.strict is not None:
+            schema["strict"] = fmt.strict
+        if fmt.description is not None:
+            schema["description"] = fmt.description
         return {"type": "json_schema", "json_schema": schema}
-    raise unsupported(f"text.format '{kind}' is", "text.format")
+    raise unsupported(f"text.format '{fmt.type}' is", "text.format")

@@ -16,6 +16,7 @@ import msgspec
 
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
+from ..fields import BOOL, STR, get_field
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of, sse_event
 from ..upstream import failure_from
@@ -57,14 +58,13 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
     """The ``responses`` method of a provider that only has ``chat`` (its chat_completions)."""
 
     async def responses(call: Call) -> Reply:
-        body = call.json()
         history: list[dict[str, Any]] = []
-        previous_id = body.get("previous_response_id")
+        previous_id = get_field(call.fields, "previous_response_id", STR)
         if previous_id is not None:
             history = await _history(store, call, previous_id)
-        request = chat_request(body, history)
-        keep = store is not None and body.get("store") is not False
-        builder = ResponseBuilder(body, call.model, store=keep)
+        request = chat_request(call.fields, history)
+        keep = store is not None and get_field(call.fields, "store", BOOL) is not False
+        builder = ResponseBuilder(request.echo, call.model, store=keep)
         reply = await chat(chat_call(call, request.body))
 
         async def save() -> bool:
@@ -105,14 +105,8 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
 
 async def _history(
-    store: ResponseStore | None, call: Call, previous_id: Any
+    store: ResponseStore | None, call: Call, previous_id: str
 ) -> list[dict[str, Any]]:
-    if not isinstance(previous_id, str):
-        raise BadRequest(
-            "'previous_response_id' must be a string",
-            param="previous_response_id",
-            code="invalid_type",
-        )
     if store is None:
         raise BadRequest(
             "'previous_response_id' needs the response store, which is disabled on this proxy",

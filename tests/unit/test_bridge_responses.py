@@ -12,18 +12,30 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from aioproxy import BadRequest, Call, Deployment, JSONReply, NotFound, Principal, StreamReply
-from aioproxy.bridges.responses import (
-    ResponseBuilder,
-    chat_request,
-    input_messages,
-    make_responses_bridge,
-    response_from_chat,
-)
+from aioproxy.bridges.response_request import ChatRequest
+from aioproxy.bridges.response_request import chat_request as chat_request_of
+from aioproxy.bridges.response_request import input_messages as input_messages_of
+from aioproxy.bridges.responses import ResponseBuilder, make_responses_bridge, response_from_chat
+from aioproxy.fields import raw_fields
 from aioproxy.bridges.store import ResponseStore
 from aioproxy.routes import Kind
 from tests.schemas import validate
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON reads it back (the bridge passes fields it does not read on as bytes)."""
+    return msgspec.json.decode(msgspec.json.encode(value))
+
+
+def chat_request(body: dict[str, Any], history: list[dict[str, Any]] | None = None) -> ChatRequest:
+    request = chat_request_of(raw_fields(body), history or [])
+    return request._replace(body=plain(request.body), inputs=plain(request.inputs))
+
+
+def input_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return plain(input_messages_of(msgspec.json.encode(items)))  # type: ignore[no-any-return]
 
 
 def make_call(body: dict[str, Any], principal: str = "alice") -> Call:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import msgspec
 
 from aioproxy import BadGateway, Deployment, ProxyError
 from aioproxy.upstream import scrub
 
-__all__ = ["STATUS_OF_TYPE", "error_from", "map_error", "stream_error"]
+__all__ = ["STATUS_OF_TYPE", "ErrorDetail", "error_from", "map_error", "stream_error"]
 
 _PREVIEW = 300  # characters of a non-JSON error body worth showing
 
@@ -30,7 +29,9 @@ STATUS_OF_TYPE: Mapping[str, int] = {
 _CONTEXT_MARKERS = ("prompt is too long", "context window", "context length")
 
 
-class _Detail(msgspec.Struct):
+class ErrorDetail(msgspec.Struct):
+    """An error's ``type`` and ``message``, in an answer or a stream's ``error`` event."""
+
     type: str | None = None
     message: str | None = None
 
@@ -38,7 +39,7 @@ class _Detail(msgspec.Struct):
 class _Body(msgspec.Struct):
     """``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
 
-    error: _Detail | None = None
+    error: ErrorDetail | None = None
     request_id: str | None = None
 
 
@@ -53,7 +54,7 @@ def error_from(
         parsed = _decode_body(body)
     except msgspec.DecodeError:
         parsed = _Body()
-    detail = parsed.error or _Detail()
+    detail = parsed.error or ErrorDetail()
     message = detail.message
     if message is None:  # not Anthropic's JSON: a proxy or load balancer in front of it said this
         text = body[:_PREVIEW].decode("utf-8", "replace").strip()
@@ -61,14 +62,13 @@ def error_from(
     return map_error(status, detail.type, message, deployment, retry_after, parsed.request_id)
 
 
-def stream_error(event: Mapping[str, Any], deployment: Deployment) -> ProxyError:
-    """A stream's ``error`` event, mapped as an answer with that error type's status would be."""
-    error = event.get("error")
-    detail = error if isinstance(error, dict) else {}
-    kind = detail.get("type") if isinstance(detail.get("type"), str) else None
-    message = detail.get("message") if isinstance(detail.get("message"), str) else None
-    status = STATUS_OF_TYPE.get(kind or "", 500)
-    return map_error(status, kind, message, deployment)
+def stream_error(error: ErrorDetail | None, deployment: Deployment) -> ProxyError:
+    """A stream's ``error`` event (its ``error`` member), mapped as an answer with that error
+    type's status would be."""
+    detail = error or ErrorDetail()
+    # An error of no type this knows: the upstream broke, not the request (502, not 500).
+    status = STATUS_OF_TYPE.get(detail.type or "", 502)
+    return map_error(status, detail.type, detail.message, deployment)
 
 
 def map_error(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Annotated, Any
+from typing import Annotated
 
 import aiohttp
 import msgspec
@@ -22,8 +22,9 @@ from aioproxy import (
     Reply,
     StreamReply,
 )
+from aioproxy.fields import get_field
 from aioproxy.providers import UpstreamResponse
-from aioproxy.streaming import DONE, iter_sse, sse_data
+from aioproxy.streaming import DONE, EventTooLarge, iter_sse, sse_data
 from aioproxy.upstream import (
     answer_of,
     closed_on_failure,
@@ -35,7 +36,9 @@ from aioproxy.upstream import (
 from .errors import error_from, stream_error
 from .translate import (
     DEFAULT_MAX_TOKENS,
+    Answer,
     StreamTranslator,
+    decode_answer,
     messages_url,
     parse_event,
     to_anthropic,
@@ -47,7 +50,13 @@ __all__ = ["AnthropicProvider", "AnthropicSettings"]
 ANTHROPIC_VERSION = "2023-06-01"
 
 _encode = msgspec.json.Encoder().encode
-_decode_message = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
 
 
 class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,7 +79,7 @@ class AnthropicProvider(Provider):
         deployment = call.deployment
         assert deployment is not None
         settings: AnthropicSettings = self.settings(deployment)
-        body = to_anthropic(call.json(), default_max_tokens=settings.default_max_tokens)
+        body = to_anthropic(call.fields, default_max_tokens=settings.default_max_tokens)
         response = await answer_of(
             self.post(
                 messages_url(deployment.api_base),
@@ -123,8 +132,8 @@ def _headers(deployment: Deployment, settings: AnthropicSettings, stream: bool) 
 
 
 def _include_usage(call: Call) -> bool:
-    options = call.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+    options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)
+    return options is not None and options.include_usage is True
 
 
 def _expect(response: UpstreamResponse, content_type: str, deployment: Deployment) -> None:
@@ -136,12 +145,12 @@ def _expect(response: UpstreamResponse, content_type: str, deployment: Deploymen
         )
 
 
-def _decode(raw: bytes, deployment: Deployment) -> dict[str, Any]:
+def _decode(raw: bytes, deployment: Deployment) -> Answer:
     try:
-        message = _decode_message(raw)
-    except msgspec.DecodeError:
+        message = decode_answer(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         message = None
-    if message is None or message.get("type") != "message":
+    if message is None or message.type != "message":
         raise BadGateway(
             f"Deployment {deployment.describe()} sent an answer that is not an Anthropic message",
             code="upstream_invalid_response",
@@ -163,21 +172,26 @@ async def _events(
                 continue
             try:
                 event = parse_event(raw)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
                 raise BadGateway(
-                    f"Deployment {deployment.describe()} sent a stream event that is not JSON",
+                    f"Deployment {deployment.describe()} sent a stream event that is not JSON"
+                    " of an Anthropic event's shape",
                     code="upstream_invalid_response",
                 ) from None
             if event is None:
                 continue
-            if event.get("type") == "error":
-                raise stream_error(event, deployment)
+            if event.type == "error":
+                raise stream_error(event.error, deployment)
             for chunk in translator.feed(event):
                 yield sse_data(chunk)
             if translator.finished:
                 yield DONE
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise failure_from(exc, deployment) from exc
+    except EventTooLarge as exc:
+        raise BadGateway(
+            f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large"
+        ) from None
     finally:
         await events.aclose()  # now, also when the client left: see iter_sse
     if not translator.finished:

@@ -7,18 +7,40 @@ refuses unknown fields.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from aioproxy import BadRequest
+from aioproxy.fields import (
+    ABSENT,
+    BOOL,
+    FLOAT,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NULL,
+    STR,
+    ArrayOf,
+    get_field,
+    text_or_array,
+)
+
+from .errors import ErrorDetail
 
 __all__ = [
     "DEFAULT_API_BASE",
     "DEFAULT_MAX_TOKENS",
+    "Answer",
+    "Block",
+    "Event",
     "StreamTranslator",
+    "Usage",
+    "decode_answer",
     "content_blocks",
     "finish_reason",
     "image_block",
@@ -49,8 +71,6 @@ _FINISH_REASONS = {
 
 _SYSTEM_ROLES = ("system", "developer")
 
-_encode = msgspec.json.Encoder().encode
-_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 def messages_url(api_base: str | None) -> str:
@@ -62,60 +82,149 @@ def messages_url(api_base: str | None) -> str:
 
 
 # -- request ---------------------------------------------------------------------------------
+# What the translation reads of a request, decoded from each field's bytes straight into these
+# Structs: other keys are skipped, never built. Arrays inside an item stay raw until counted.
+
+_EMPTY_OBJECT = msgspec.Raw(b"{}")
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    id: str | None = None
+    type: str = "function"
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
+
+    role: str | None = None
+    content: msgspec.Raw = ABSENT  # a string, null or parts
+    tool_calls: msgspec.Raw = ABSENT
+    tool_call_id: str | None = None
+
+
+class _ImageURL(msgspec.Struct):
+    url: str
+
+
+class _File(msgspec.Struct):
+    file_data: str | None = None
+
+
+class _Part(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    refusal: str | None = None
+    image_url: _ImageURL | str | None = None
+    file: _File | None = None
+
+
+class _SmallMessage(msgspec.Struct):
+    """A message in a small array (see ArrayOf): decoded whole."""
+
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class _FunctionDefinition(msgspec.Struct):
+    name: str | None = None
+    description: str | None = None
+    parameters: msgspec.Raw = ABSENT  # a JSON schema: Anthropic's input_schema, as sent
+
+
+class _Tool(msgspec.Struct):
+    type: str | None = None
+    function: _FunctionDefinition | None = None
+
+
+class _Named(msgspec.Struct):
+    name: str
+
+
+class _ToolChoice(msgspec.Struct):
+    type: str | None = None
+    function: _Named | None = None
+
+
+class _AnyObject(msgspec.Struct):
+    """Any JSON object, its members skipped: checks tool arguments without building them."""
+
+
+_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
+_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
+_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
+_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
+_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
+_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
+_OBJECT = msgspec.json.Decoder(_AnyObject)
+
+# Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
+# written for vLLM & co. send it and Anthropic takes it.
+_SAMPLING = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
 
 
 def to_anthropic(
-    body: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS
+    fields: Mapping[str, msgspec.Raw], *, default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> dict[str, Any]:
-    """A chat completions request body as a Messages API request body.
+    """A chat completions request (its raw top-level fields) as a Messages API request body.
 
     Built from an allowlist: only fields with a Messages equivalent are carried over.
     """
-    n = body.get("n")
+    n = get_field(fields, "n", INT)
     if n is not None and n != 1:
         raise BadRequest("Anthropic models answer with one choice; 'n' must be 1", param="n")
     for legacy in ("functions", "function_call"):
-        if body.get(legacy) is not None:
+        if fields.get(legacy, NULL) != NULL:
             raise BadRequest(
                 f"'{legacy}' is deprecated and not translated for Anthropic; use 'tools'",
                 param=legacy,
             )
-    messages = body.get("messages")
-    if not isinstance(messages, list):
+    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    if messages is None:
         raise BadRequest("'messages' must be an array of messages", param="messages")
     system, turns = split_messages(messages)
 
-    out: dict[str, Any] = {"model": body["model"]}
+    out: dict[str, Any] = {"model": fields["model"]}
     if system:
         out["system"] = system
     out["messages"] = turns
-    max_tokens = body.get("max_completion_tokens")
+    max_tokens = get_field(fields, "max_completion_tokens", INT)
     if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+        max_tokens = get_field(fields, "max_tokens", INT)
     out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
-    stop = body.get("stop")
+    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
     if stop is not None:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    # top_k is not OpenAI's, but clients written for vLLM & co. send it and Anthropic takes it.
-    for name in ("temperature", "top_p", "top_k"):
-        if body.get(name) is not None:
-            out[name] = body[name]
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+    for name, decoder in _SAMPLING.items():
+        value = get_field(fields, name, decoder)
+        if value is not None:
+            out[name] = value
     # OpenAI's newer name for the end user comes first; Anthropic uses it for abuse detection.
-    end_user = body.get("safety_identifier") or body.get("user")
-    if isinstance(end_user, str) and end_user:
+    end_user = get_field(fields, "safety_identifier", STR) or get_field(fields, "user", STR)
+    if end_user:
         out["metadata"] = {"user_id": end_user}
-    tools = body.get("tools")
+    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
     if tools:
         out["tools"] = [tool_definition(tool, i) for i, tool in enumerate(tools)]
-        choice = tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        choice = tool_choice(
+            get_field(fields, "tool_choice", _CHOICE),
+            get_field(fields, "parallel_tool_calls", BOOL),
+        )
         if choice is not None:
             out["tool_choice"] = choice
-    if body.get("stream") is True:
+    if get_field(fields, "stream", BOOL) is True:
         out["stream"] = True
     return out
 
 
-def split_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
+def split_messages(messages: list[_Message | _SmallMessage]) -> tuple[str, list[dict[str, Any]]]:
     """The joined system prompt, and the other messages as alternating Anthropic turns.
 
     Anthropic has no system role: every system/developer message, wherever it stands, joins the
@@ -125,28 +234,27 @@ def split_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
-        role = message.get("role")
+        where = f"messages[{i}]"
+        role = message.role
         if role in _SYSTEM_ROLES:
-            text = _plain_text(message.get("content"), f"messages[{i}].content")
+            text = _plain_text(message.content, f"{where}.content")
             if text:
                 system.append(text)
             continue
         if role == "user":
-            blocks = content_blocks(message.get("content"), f"messages[{i}].content")
+            blocks = content_blocks(message.content, f"{where}.content")
             turn_role = "user"
         elif role == "assistant":
-            blocks = _assistant_blocks(message, i)
+            blocks = _assistant_blocks(message, where)
             turn_role = "assistant"
         elif role == "tool":
-            blocks = [_tool_result(message, i)]
+            blocks = [_tool_result(message, where)]
             turn_role = "user"
         else:
             raise BadRequest(
-                f"Role {role!r} of 'messages[{i}]' cannot be sent to Anthropic; use system, "
+                f"Role {role!r} of '{where}' cannot be sent to Anthropic; use system, "
                 "developer, user, assistant or tool",
-                param=f"messages[{i}].role",
+                param=f"{where}.role",
             )
         if not blocks:
             continue  # Anthropic refuses empty turns; an empty message says nothing anyway
@@ -166,14 +274,18 @@ def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return blocks
 
 
-def content_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+def content_blocks(
+    content: msgspec.Raw | str | list[_Part] | None, where: str
+) -> list[dict[str, Any]]:
     """OpenAI message content (a string or parts) as Anthropic content blocks."""
+    return _blocks(text_or_array(content, _PARTS, where), where)
+
+
+def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise BadRequest(f"'{where}' must be a string or an array of parts", param=where)
     blocks = []
     for j, part in enumerate(content):
         block = _part_block(part, f"{where}[{j}]")
@@ -182,24 +294,22 @@ def content_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return blocks
 
 
-def _part_block(part: Any, where: str) -> dict[str, Any] | None:
-    if not isinstance(part, dict):
-        raise BadRequest(f"'{where}' must be an object", param=where)
-    kind = part.get("type")
+def _part_block(part: _Part, where: str) -> dict[str, Any] | None:
+    kind = part.type
     if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
-        text = part.get(kind)
-        if not isinstance(text, str):
+        text = part.text if kind == "text" else part.refusal
+        if text is None:
             raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
         return {"type": "text", "text": text} if text else None
     if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str):
+        image = part.image_url
+        url = image.url if isinstance(image, _ImageURL) else image
+        if url is None:
             where = f"{where}.image_url"
             raise BadRequest(f"'{where}.url' must be a string", param=where)
         return image_block(url, f"{where}.image_url.url")
     if kind == "file":
-        return _document_block(part.get("file"), f"{where}.file")
+        return _document_block(part.file, f"{where}.file")
     if kind == "input_audio":
         raise BadRequest("Anthropic models do not take audio input", param=where)
     raise BadRequest(
@@ -217,10 +327,10 @@ def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
     raise BadRequest(f"'{where}' must be an http(s) URL or a base64 data URL", param=where)
 
 
-def _document_block(file: Any, where: str) -> dict[str, Any]:
+def _document_block(file: _File | None, where: str) -> dict[str, Any]:
     """An OpenAI ``file`` part with inline data (a PDF, say) as an Anthropic document block."""
-    data = file.get("file_data") if isinstance(file, dict) else None
-    if not isinstance(data, str):
+    data = file.file_data if file is not None else None
+    if data is None:
         raise BadRequest(
             f"'{where}' must carry 'file_data'; uploaded file ids mean nothing to Anthropic",
             param=where,
@@ -246,7 +356,7 @@ def _split_data_url(url: str, where: str) -> tuple[str, str]:
     return params[0], data
 
 
-def _plain_text(content: Any, where: str) -> str:
+def _plain_text(content: msgspec.Raw | str | list[_Part] | None, where: str) -> str:
     """The text of system content: a string, or text parts joined by blank lines."""
     blocks = content_blocks(content, where)
     if any(block["type"] != "text" for block in blocks):
@@ -254,60 +364,63 @@ def _plain_text(content: Any, where: str) -> str:
     return "\n\n".join(block["text"] for block in blocks)
 
 
-def _assistant_blocks(message: Mapping[str, Any], i: int) -> list[dict[str, Any]]:
-    blocks = content_blocks(message.get("content"), f"messages[{i}].content")
-    for j, call in enumerate(message.get("tool_calls") or ()):
-        blocks.append(_tool_use(call, f"messages[{i}].tool_calls[{j}]"))
+def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dict[str, Any]]:
+    blocks = content_blocks(message.content, f"{where}.content")
+    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    for j, call in enumerate(calls or ()):
+        blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
     return blocks
 
 
-def _tool_use(call: Any, where: str) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or call.get("type", "function") != "function":
+def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
+    function = call.function
+    if function is None or call.type != "function":
         raise BadRequest(f"'{where}' must be a function tool call", param=where)
-    arguments = function.get("arguments") or "{}"  # "" is how some clients say "no arguments"
+    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
     try:
-        tool_input = json.loads(arguments)
-    except (TypeError, ValueError):
-        tool_input = None
-    if not isinstance(tool_input, dict):
+        _OBJECT.decode(arguments)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         raise BadRequest(
             f"'{where}.function.arguments' must be a JSON object, as Anthropic takes tool input",
             param=f"{where}.function.arguments",
-        )
-    return {
-        "type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": tool_input,
-    }
+        ) from None
+    # Checked as one JSON object: passed on as the client wrote it, never built.
+    tool_input = msgspec.Raw(arguments.encode())
+    return {"type": "tool_use", "id": call.id, "name": function.name, "input": tool_input}
 
 
-def _tool_result(message: Mapping[str, Any], i: int) -> dict[str, Any]:
-    where = f"messages[{i}].content"
-    content = message.get("content")
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
+def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any]:
+    where = f"{where}.content"
+    content = text_or_array(message.content, _PARTS, where)
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
     if isinstance(content, str):
         result["content"] = content
     else:
-        blocks = content_blocks(content, where)
+        blocks = _blocks(content, where)
         if blocks:
             result["content"] = blocks
     return result
 
 
-def tool_definition(tool: Any, i: int) -> dict[str, Any]:
+def tool_definition(tool: _Tool, i: int) -> dict[str, Any]:
     """An OpenAI function tool as an Anthropic custom tool."""
     where = f"tools[{i}]"
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or tool.get("type") != "function":
+    function = tool.function
+    if function is None or tool.type != "function":
         raise BadRequest(f"'{where}' must be a function tool for Anthropic", param=where)
-    out: dict[str, Any] = {"name": function.get("name")}
-    if function.get("description"):
-        out["description"] = function["description"]
+    out: dict[str, Any] = {"name": function.name}
+    if function.description:
+        out["description"] = function.description
     # input_schema is required by Anthropic; OpenAI lets a tool without parameters omit it.
-    out["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
+    schema = function.parameters
+    empty = not schema or schema == NULL or schema == _EMPTY_OBJECT
+    out["input_schema"] = {"type": "object", "properties": {}} if empty else schema
     return out
 
 
-def tool_choice(choice: Any, parallel_tool_calls: Any = None) -> dict[str, Any] | None:
+def tool_choice(
+    choice: str | _ToolChoice | None, parallel_tool_calls: bool | None = None
+) -> dict[str, Any] | None:
     """OpenAI's ``tool_choice`` (and ``parallel_tool_calls``) as Anthropic's ``tool_choice``."""
     if choice is None or choice == "auto":
         out: dict[str, Any] = {"type": "auto"}
@@ -315,11 +428,10 @@ def tool_choice(choice: Any, parallel_tool_calls: Any = None) -> dict[str, Any] 
         out = {"type": "any"}
     elif choice == "none":
         return {"type": "none"}  # tools stay defined: earlier tool_use blocks refer to them
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if not isinstance(name, str):
+    elif isinstance(choice, _ToolChoice) and choice.type == "function":
+        if choice.function is None:
             raise BadRequest("'tool_choice.function.name' must be a string", param="tool_choice")
-        out = {"type": "tool", "name": name}
+        out = {"type": "tool", "name": choice.function.name}
     else:
         raise BadRequest(
             "'tool_choice' must be auto, required, none or a function for Anthropic",
@@ -333,23 +445,94 @@ def tool_choice(choice: Any, parallel_tool_calls: Any = None) -> dict[str, Any] 
 
 
 # -- response --------------------------------------------------------------------------------
+# What is read of Anthropic's answers, typed: an answer of another shape is the upstream's
+# fault (a 502), never a crash of ours. Fields a newer API version may add are skipped.
+
+
+class Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+    def updated(self, other: Usage | None) -> Usage:
+        """These counts, with those ``other`` gives (a stream's later, cumulative ones) instead."""
+        if other is None:
+            return self
+        changes = {f: v for f in other.__struct_fields__ if (v := getattr(other, f)) is not None}
+        return msgspec.structs.replace(self, **changes)
+
+
+class Block(msgspec.Struct):
+    """A content block (text, tool_use; thinking and others are skipped)."""
+
+    type: str = ""
+    text: str = ""
+    id: str | None = None
+    name: str | None = None
+    input: msgspec.Raw = ABSENT  # a tool's input: the call's arguments, as Anthropic wrote them
+
+
+class Answer(msgspec.Struct):
+    """A ``message``: the whole answer, or a stream's message_start (with no content yet)."""
+
+    type: str = ""
+    id: str = ""
+    content: list[Block] = []
+    stop_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Delta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+    stop_reason: str | None = None
+
+
+class Event(msgspec.Struct):
+    """One stream event, whatever its type: each type fills the fields it has."""
+
+    type: str = ""
+    index: int | None = None
+    message: Answer | None = None
+    content_block: Block | None = None
+    delta: Delta | None = None
+    usage: Usage | None = None
+    error: ErrorDetail | None = None
+
+
+class _EventType(msgspec.Struct):
+    type: str = ""
+
+
+decode_answer = msgspec.json.Decoder(Answer).decode
+_decode_event = msgspec.json.Decoder(Event).decode
+_decode_event_type = msgspec.json.Decoder(_EventType).decode
+
+# The event types the translation reads; one of these in another shape is a broken answer.
+# Others (ping, content_block_stop, types added after this was written) are skipped unread.
+_READ_EVENTS = frozenset(
+    {"message_start", "content_block_start", "content_block_delta", "message_delta",
+     "message_stop", "error"}
+)
 
 
 def finish_reason(stop_reason: str | None) -> str:
     return _FINISH_REASONS.get(stop_reason or "", "stop")
 
 
-def to_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+def to_usage(usage: Usage | None) -> dict[str, Any]:
     """Anthropic usage in OpenAI terms: cache reads and writes are prompt tokens too.
 
     Anthropic's ``input_tokens`` counts only the uncached tokens after the last cache breakpoint,
     so the prompt is all three added up.
     """
-    usage = usage or {}
-    cache_read = _count(usage.get("cache_read_input_tokens"))
-    cache_write = _count(usage.get("cache_creation_input_tokens"))
-    prompt = _count(usage.get("input_tokens")) + cache_read + cache_write
-    completion = _count(usage.get("output_tokens"))
+    usage = usage or Usage()
+    cache_read = _count(usage.cache_read_input_tokens)
+    cache_write = _count(usage.cache_creation_input_tokens)
+    prompt = _count(usage.input_tokens) + cache_read + cache_write
+    completion = _count(usage.output_tokens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -358,15 +541,14 @@ def to_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _count(value: int | None) -> int:
+    return value if value is not None and value > 0 else 0
 
 
-def to_chat_completion(message: Mapping[str, Any], *, model: str, created: int) -> dict[str, Any]:
+def to_chat_completion(message: Answer, *, model: str, created: int) -> dict[str, Any]:
     """An Anthropic ``message`` as a ``chat.completion``; ``model`` is the client's model name."""
-    blocks = [b for b in message.get("content") or () if isinstance(b, dict)]
-    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
-    tool_calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    text = "".join(b.text for b in message.content if b.type == "text")
+    tool_calls = [_tool_call(b) for b in message.content if b.type == "tool_use"]
     reply: dict[str, Any] = {
         "role": "assistant",
         # OpenAI sends null content beside tool calls when the model said nothing.
@@ -380,28 +562,31 @@ def to_chat_completion(message: Mapping[str, Any], *, model: str, created: int) 
         "index": 0,
         "message": reply,
         "logprobs": None,
-        "finish_reason": finish_reason(message.get("stop_reason")),
+        "finish_reason": finish_reason(message.stop_reason),
     }
     return {
-        "id": "chatcmpl-" + str(message.get("id", "")),
+        "id": "chatcmpl-" + message.id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": to_usage(message.get("usage")),
+        "usage": to_usage(message.usage),
     }
 
 
-def _tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
+def _tool_call(block: Block) -> dict[str, Any]:
     return {
-        "id": block.get("id"),
+        "id": block.id,
         "type": "function",
-        "function": {"name": block.get("name"), "arguments": _arguments(block.get("input"))},
+        "function": {"name": block.name, "arguments": _arguments(block.input)},
     }
 
 
-def _arguments(tool_input: Any) -> str:
-    return _encode(tool_input if tool_input is not None else {}).decode()
+def _arguments(tool_input: msgspec.Raw) -> str:
+    """The tool input as OpenAI's arguments string: the JSON as Anthropic sent it, or ``{}``."""
+    if not tool_input or tool_input == NULL:
+        return "{}"
+    return bytes(tool_input).decode()
 
 
 # -- stream ----------------------------------------------------------------------------------
@@ -420,26 +605,26 @@ class StreamTranslator:
         self.created = created
         self.include_usage = include_usage
         self.id = "chatcmpl-"
-        self.usage: dict[str, Any] = {}
+        self.usage = Usage()
         self.finished = False  # message_stop seen: the stream is complete
-        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
+        self._tools: dict[int | None, int] = {}  # Anthropic block index -> OpenAI tool call index
 
-    def feed(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, event: Event) -> list[dict[str, Any]]:
         """The chunks one event gives (often none: ping, block stops, thinking)."""
-        kind = event.get("type")
+        kind = event.type
         if kind == "message_start":
-            message = event.get("message") or {}
-            self.id = "chatcmpl-" + str(message.get("id", ""))
-            self.usage.update(message.get("usage") or {})
+            message = event.message or Answer()
+            self.id = "chatcmpl-" + message.id
+            self.usage = self.usage.updated(message.usage)
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
-            return self._block_start(event.get("index"), event.get("content_block") or {})
+            return self._block_start(event.index, event.content_block or Block())
         if kind == "content_block_delta":
-            return self._block_delta(event.get("index"), event.get("delta") or {})
+            return self._block_delta(event.index, event.delta or Delta())
         if kind == "message_delta":
             # Its usage is cumulative: output_tokens is the total so far, not an increment.
-            self.usage.update(event.get("usage") or {})
-            reason = finish_reason((event.get("delta") or {}).get("stop_reason"))
+            self.usage = self.usage.updated(event.usage)
+            reason = finish_reason(event.delta.stop_reason if event.delta else None)
             return [self._chunk({}, reason)]
         if kind == "message_stop":
             self.finished = True
@@ -447,26 +632,26 @@ class StreamTranslator:
                 return [{**self._chunk({}), "choices": [], "usage": to_usage(self.usage)}]
         return []  # ping, content_block_stop, and event types added after this was written
 
-    def _block_start(self, index: Any, block: Mapping[str, Any]) -> list[dict[str, Any]]:
-        if block.get("type") == "text" and block.get("text"):
-            return [self._chunk({"content": block["text"]})]
-        if block.get("type") == "tool_use":
+    def _block_start(self, index: int | None, block: Block) -> list[dict[str, Any]]:
+        if block.type == "text" and block.text:
+            return [self._chunk({"content": block.text})]
+        if block.type == "tool_use":
             position = self._tools[index] = len(self._tools)
             call = {
                 "index": position,
-                "id": block.get("id"),
+                "id": block.id,
                 "type": "function",
-                "function": {"name": block.get("name"), "arguments": ""},
+                "function": {"name": block.name, "arguments": ""},
             }
             return [self._chunk({"tool_calls": [call]})]
         return []
 
-    def _block_delta(self, index: Any, delta: Mapping[str, Any]) -> list[dict[str, Any]]:
-        kind = delta.get("type")
-        if kind == "text_delta" and delta.get("text"):
-            return [self._chunk({"content": delta["text"]})]
-        if kind == "input_json_delta" and delta.get("partial_json") and index in self._tools:
-            call = {"index": self._tools[index], "function": {"arguments": delta["partial_json"]}}
+    def _block_delta(self, index: int | None, delta: Delta) -> list[dict[str, Any]]:
+        kind = delta.type
+        if kind == "text_delta" and delta.text:
+            return [self._chunk({"content": delta.text})]
+        if kind == "input_json_delta" and delta.partial_json and index in self._tools:
+            call = {"index": self._tools[index], "function": {"arguments": delta.partial_json}}
             return [self._chunk({"tool_calls": [call]})]
         return []  # thinking, signature and citation deltas have no chat completions form
 
@@ -483,12 +668,19 @@ class StreamTranslator:
         return chunk
 
 
-def parse_event(raw: bytes) -> dict[str, Any] | None:
-    """The JSON ``data`` of one SSE event (the ``event:`` line repeats its ``type``); None if none.
+def parse_event(raw: bytes) -> Event | None:
+    """The JSON ``data`` of one SSE event (the ``event:`` line repeats its ``type``); None if it
+    has none, or is of a type the translation does not read.
 
-    Raises msgspec.DecodeError when the data is not a JSON object.
+    Raises msgspec.DecodeError when the data is not JSON, or an event read is not of its shape.
     """
     lines = [line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:")]
     if not lines:
         return None  # a comment or a bare event line
-    return _decode_event(b"\n".join(lines))
+    data = b"\n".join(lines)
+    try:
+        return _decode_event(data)
+    except msgspec.ValidationError:
+        if _decode_event_type(data).type in _READ_EVENTS:
+            raise
+        return None  # a type added after this was written, in a shape of its own

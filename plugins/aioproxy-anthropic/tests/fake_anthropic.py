@@ -22,6 +22,10 @@ consecutive same-role turns; today's merge them), so that tests see the proxy al
 * ``stream_error`` - a stream that sends ``event: error`` (overloaded_error) after its first delta;
   ``error_first`` - a stream whose first event is that error.
 * ``cut_stream`` - a stream cut (connection closed) after three events.
+* ``malformed`` - an answer of another shape: a message whose ``content`` is a number; in a
+  stream, a first event whose ``message`` is a string. ``malformed_later``: a stream whose
+  first content block is a number.
+* ``huge_event`` - a stream whose first event never ends (over the proxy's 16 MiB per event).
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ class FakeAnthropic:
             message = self._answer(body)
             if body.get("stream") is True:
                 return await self._stream(request, message, fault)
+            if fault == "malformed":
+                message["content"] = 5
             return web.json_response(message, headers=self._headers())
         finally:
             self.in_flight -= 1
@@ -247,7 +253,14 @@ class FakeAnthropic:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         events = list(_events(message))
-        if fault == "error_first":
+        if fault == "huge_event":
+            await response.write(b"event: message_start\ndata: " + b" " * (17 * 1024 * 1024))
+            return response
+        if fault == "malformed":
+            events[0]["message"] = "not a message"
+        elif fault == "malformed_later":
+            events[1]["content_block"] = 5
+        elif fault == "error_first":
             events = [_overloaded()]
         elif fault == "stream_error":
             first = next(i for i, e in enumerate(events) if e["type"] == "content_block_delta")

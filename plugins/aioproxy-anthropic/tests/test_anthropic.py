@@ -7,22 +7,28 @@ what the client gets and what Anthropic received.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import importlib.util
 import json
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import aiohttp
+import msgspec
 import aioproxy_anthropic
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
 from aioproxy_anthropic.errors import error_from, stream_error
 from aioproxy_anthropic.translate import (
+    Event,
     StreamTranslator,
+    Usage,
+    decode_answer,
     finish_reason,
     image_block,
     messages_url,
@@ -30,10 +36,10 @@ from aioproxy_anthropic.translate import (
     to_anthropic,
     to_chat_completion,
     to_usage,
-    tool_choice,
 )
 
 from aioproxy import BadRequest, ConfigError, Deployment, create_app
+from aioproxy.fields import raw_fields
 from tests.schemas import validate
 
 
@@ -78,6 +84,12 @@ WEATHER_TOOL = {
 }
 
 StartProxy = Callable[..., Awaitable[TestServer]]
+
+
+def translate(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` translated, as the JSON Anthropic is sent."""
+    out: dict[str, Any] = json.loads(msgspec.json.encode(to_anthropic(raw_fields(body))))
+    return out
 
 
 def user(content: Any) -> list[dict[str, Any]]:
@@ -183,7 +195,7 @@ def test_system_and_developer_messages_join_the_top_level_system() -> None:
             {"role": "user", "content": "Hi"},
         ],
     }
-    out = to_anthropic(body)
+    out = translate(body)
 
     assert out["system"] == "Be brief.\n\nAnswer in French."
     assert out["messages"] == [{"role": "user", "content": "Hi"}]
@@ -197,7 +209,7 @@ def test_consecutive_same_role_messages_merge_into_one_turn() -> None:
         {"role": "assistant", "content": ""},  # empty: dropped, Anthropic refuses empty text
         {"role": "assistant", "content": "four"},
     ]
-    out = to_anthropic({"model": "m", "messages": messages})
+    out = translate({"model": "m", "messages": messages})
 
     assert out["messages"] == [
         {"role": "user", "content": [text("one"), text("two")]},
@@ -220,7 +232,7 @@ def test_tool_calls_and_results_become_tool_use_and_one_tool_result_turn() -> No
         {"role": "tool", "tool_call_id": "call_2", "content": [text("21C")]},
         {"role": "user", "content": "Thanks"},
     ]
-    out = to_anthropic({"model": "m", "messages": messages})
+    out = translate({"model": "m", "messages": messages})
 
     assert out["messages"][1] == {
         "role": "assistant",
@@ -255,7 +267,7 @@ def test_image_urls_become_base64_or_url_sources() -> None:
 def test_a_pdf_file_part_becomes_a_document_block() -> None:
     file = {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBER"}
     part = {"type": "file", "file": file}
-    out = to_anthropic({"model": "m", "messages": user([part])})
+    out = translate({"model": "m", "messages": user([part])})
 
     assert out["messages"][0]["content"] == [
         {
@@ -279,7 +291,12 @@ def test_a_pdf_file_part_becomes_a_document_block() -> None:
     ],
 )
 def test_tool_choice(choice: Any, parallel: Any, expected: Any) -> None:
-    assert tool_choice(choice, parallel) == expected
+    body = {"model": "m", "messages": user("hi"), "tools": [WEATHER_TOOL]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    assert translate(body).get("tool_choice") == expected
 
 
 def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None:
@@ -305,7 +322,7 @@ def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None
         "metadata": {"k": "v"},
         "service_tier": "auto",
     }
-    assert to_anthropic(body) == {
+    assert translate(body) == {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 20,
@@ -339,7 +356,7 @@ def test_tools_and_sampling_fields_translate_and_openai_only_fields_go() -> None
 )
 def test_requests_anthropic_cannot_express_are_refused(body: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as raised:
-        to_anthropic({"model": "m", "messages": user("hi"), **body})
+        translate({"model": "m", "messages": user("hi"), **body})
     assert raised.value.param == param
 
 
@@ -384,7 +401,7 @@ def test_usage_counts_cache_reads_and_writes_as_prompt_tokens() -> None:
         "output_tokens": 7,
     }
 
-    assert to_usage(usage) == {
+    assert to_usage(msgspec.convert(usage, Usage)) == {
         "prompt_tokens": 115,
         "completion_tokens": 7,
         "total_tokens": 122,
@@ -407,7 +424,9 @@ def test_a_message_with_text_and_tool_use_becomes_one_choice() -> None:
         "stop_sequence": None,
         "usage": {"input_tokens": 3, "output_tokens": 4},
     }
-    out = to_chat_completion(message, model=MODEL, created=1700000000)
+    out = to_chat_completion(
+        decode_answer(msgspec.json.encode(message)), model=MODEL, created=1700000000
+    )
 
     validate("CreateChatCompletionResponse", out)
     assert out["id"] == "chatcmpl-msg_01" and out["model"] == MODEL
@@ -441,7 +460,7 @@ def test_the_stream_translator_numbers_tool_calls_apart_from_blocks() -> None:
         {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": usage},
         {"type": "message_stop"},
     ]
-    chunks = [[c for c in t.feed(e)] for e in events]
+    chunks = [t.feed(msgspec.json.decode(msgspec.json.encode(e), type=Event)) for e in events]
 
     assert [len(c) for c in chunks] == [1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1]
     assert chunks[5][0]["choices"][0]["delta"]["tool_calls"] == [
@@ -457,7 +476,7 @@ def test_the_stream_translator_numbers_tool_calls_apart_from_blocks() -> None:
 
 
 def test_parse_event_reads_the_data_line() -> None:
-    assert parse_event(b'event: ping\ndata: {"type": "ping"}\n\n') == {"type": "ping"}
+    assert parse_event(b'event: ping\ndata: {"type": "ping"}\n\n') == Event(type="ping")
     assert parse_event(b": comment\n\n") is None
 
 
@@ -478,10 +497,20 @@ def test_a_too_long_prompt_is_a_context_window_error() -> None:
     assert error.code == "context_length_exceeded"
 
 
-def test_a_stream_error_event_maps_by_its_type() -> None:
-    event = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
-    error = stream_error(event, deployment())
-    assert (error.status, error.type) == (429, "rate_limit_error")
+@pytest.mark.parametrize(
+    ("error", "status", "type_"),
+    [
+        ({"type": "rate_limit_error", "message": "slow down"}, 429, "rate_limit_error"),
+        ({"type": "something_new"}, 502, "upstream_error"),
+        ({}, 502, "upstream_error"),
+    ],
+)
+def test_a_stream_error_event_maps_by_its_type(
+    error: dict[str, Any], status: int, type_: str
+) -> None:
+    event = {"type": "error", "error": error}
+    mapped = stream_error(msgspec.convert(event, Event).error, deployment())
+    assert (mapped.status, mapped.type) == (status, type_)
 
 
 # -- end to end: plain chat ------------------------------------------------------------------------
@@ -786,14 +815,106 @@ async def test_an_error_event_before_any_output_keeps_its_status(
     assert json.loads(raw)["error"]["code"] == "overloaded"
 
 
-async def test_a_cut_stream_ends_with_an_error_event(proxy: TestServer, fake: Any) -> None:
-    fake.faults.append("cut_stream")
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [("cut_stream", "upstream_disconnected"), ("malformed_later", "upstream_invalid_response")],
+)
+async def test_a_broken_stream_ends_with_an_error_event(
+    proxy: TestServer, fake: Any, fault: str, code: str
+) -> None:
+    fake.faults.append(fault)
     status, raw, _ = await post(proxy, {"model": MODEL, "messages": user("Hi"), "stream": True})
 
     assert status == 200
     error = json.loads(sse_data(raw)[-1])["error"]
-    assert error["type"] == "upstream_error"
+    assert (error["type"], error["code"]) == ("upstream_error", code)
     assert MODEL in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream", "code"),
+    [
+        ("malformed", False, "upstream_invalid_response"),
+        ("malformed", True, "upstream_invalid_response"),
+        ("huge_event", True, "upstream_too_large"),
+    ],
+)
+async def test_an_answer_anthropic_broke_is_a_502(
+    proxy: TestServer, fake: Any, fault: str, stream: bool, code: str
+) -> None:
+    """Anthropic's fault, not the proxy's: a 502 with a code that says so, never a 500."""
+    fake.faults.append(fault)
+    body = {"model": MODEL, "messages": user("Hi"), "stream": stream}
+    status, raw, _ = await post(proxy, body)
+
+    assert status == 502
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", code)
+    assert MODEL in error["message"]
+
+
+# -- end to end: requests of the wrong shape -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"stop": 5}, "stop"),
+        ("/v1/chat/completions", {"tools": 5}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"messages": [*user("Hi"), {"role": "assistant", "tool_calls": 5}]},
+            "messages[1].tool_calls",
+        ),
+        ("/v1/responses", {"input": "Hi", "tools": 5}, "tools"),
+        (
+            "/v1/responses",
+            {
+                "input": "Hi",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "allowed_tools", "tools": 5},
+            },
+            "tool_choice.tools",
+        ),
+    ],
+)
+async def test_a_wrongly_typed_field_is_a_400_naming_it(
+    proxy: TestServer, fake: Any, path: str, fields: dict[str, Any], param: str
+) -> None:
+    body = {"model": MODEL, "messages": user("Hi"), **fields}
+    status, raw, _ = await post(proxy, body, path)
+
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert fake.requests == []  # refused before Anthropic was asked
+
+
+@pytest.mark.parametrize(
+    ("path", "field"), [("/v1/chat/completions", "messages"), ("/v1/responses", "input")]
+)
+async def test_a_huge_array_of_tiny_items_is_refused_without_building_it(
+    proxy: TestServer, fake: Any, path: str, field: str
+) -> None:
+    """30 MB of ``[{},{},...]`` once took the proxy's memory from 44 to 847 MiB (issue #9.5)."""
+    count = 10_000_000
+    body = b'{"model": "%s", "%s": [' % (MODEL.encode(), field.encode()) + b"{}," * count + b"{}]}"
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        tracemalloc.start()
+        try:
+            sent = io.BytesIO(body)  # aiohttp warns of a large bytes body, which blocks its loop
+            async with http.post(proxy.make_url(path), data=sent, headers=headers) as response:
+                status, raw = response.status, await response.read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert (error["param"], error["code"]) == (field, "array_above_max_length")
+    assert peak < 4 * len(body)  # the body as read, not dozens of times it as objects
+    assert fake.requests == []
 
 
 # -- end to end: errors ----------------------------------------------------------------------------

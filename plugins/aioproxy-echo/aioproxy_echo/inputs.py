@@ -1,13 +1,25 @@
 """Reading the request body: each field the echo uses, checked, with a 400 that names the field.
 
-Only the fields the echo needs are decoded (``call.get``); everything else is accepted and ignored.
+Only the fields the echo needs are decoded, from their bytes straight into typed values (arrays
+counted before they are built: ``aioproxy.fields``); everything else is accepted and ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeGuard
+import msgspec
 
 from aioproxy import BadRequest, Call
+from aioproxy.fields import (
+    ABSENT,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    STR,
+    ArrayOf,
+    decode_field,
+    get_field,
+    text_or_array,
+)
 
 from .text import count_words
 
@@ -28,6 +40,8 @@ __all__ = [
 
 MAX_CHOICES = 128  # OpenAI's own limit on ``n``
 MAX_DIMENSIONS = 65536  # far beyond any real model; only guards memory
+MAX_INPUTS = 2048  # prompts or inputs to embed: OpenAI's own limit
+MAX_TOKEN_IDS = 65536  # in one prompt or input given as token ids; only guards memory
 
 # Content parts whose text the echo reads; any other part (images, audio, files) is skipped.
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
@@ -45,17 +59,35 @@ def invalid(param: str, expected: str, code: str = "invalid_type") -> BadRequest
     return BadRequest(f"'{param}' must be {expected}", param=param, code=code)
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    # JSON true/false decode to bool, which is an int subclass; they are not numbers here.
-    return isinstance(value, int) and not isinstance(value, bool)
+class _Part(msgspec.Struct):
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+class _Message(msgspec.Struct):
+    type: str = "message"  # Responses input items: only messages are read
+    role: str | None = None
+    content: msgspec.Raw = ABSENT  # a string, null or parts
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+_MESSAGES: ArrayOf[_Message] = ArrayOf(_Message, MAX_MESSAGES)
+_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
+_PIECES: ArrayOf[msgspec.Raw] = ArrayOf(msgspec.Raw, MAX_INPUTS)
+_TOKEN_IDS: ArrayOf[int] = ArrayOf(int, MAX_TOKEN_IDS)
+_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
+_TEXT_OR_ID = msgspec.json.Decoder(str | int)
+_ARRAY = ord("[")
 
 
 def _bounded_int(call: Call, name: str, low: int, high: int | None = None) -> int | None:
-    value = call.get(name)
+    value = get_field(call.fields, name, INT)
     if value is None:
         return None
-    if not _is_int(value):
-        raise invalid(name, "an integer")
     if value < low or (high is not None and value > high):
         limit = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise invalid(name, f"an integer {limit}, got {value}", code="invalid_value")
@@ -79,57 +111,43 @@ def choice_count(call: Call) -> int:
 
 def include_usage(call: Call) -> bool:
     """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
-    options = call.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise invalid("stream_options", "an object")
-    value = options.get("include_usage")
-    if value is not None and not isinstance(value, bool):
-        raise invalid("stream_options.include_usage", "a boolean")
-    return bool(value)
+    options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)
+    return options is not None and bool(options.include_usage)
 
 
-def content_text(content: Any, param: str) -> str:
-    """The text of a message's ``content``: a string, null, or parts (their text, one per line)."""
-    if content is None:
+def content_text(content: msgspec.Raw, param: str) -> str:
+    """The text of a message's ``content`` (as sent): a string, null, or parts (their text, one
+    per line)."""
+    value = text_or_array(content, _PARTS, param)
+    if value is None:
         return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(param, "a string or an array of content parts")
+    if isinstance(value, str):
+        return value
     texts = []
-    for i, part in enumerate(content):
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise invalid(f"{param}[{i}]", "a content part object with a 'type'")
-        key = _TEXT_PARTS.get(part["type"])
+    for i, part in enumerate(value):
+        key = _TEXT_PARTS.get(part.type)
         if key is None:
             continue
-        text = part.get(key)
-        if not isinstance(text, str):
+        text = part.text if key == "text" else part.refusal
+        if text is None:
             raise invalid(f"{param}[{i}].{key}", "a string")
         texts.append(text)
     return "\n".join(texts)
 
 
-def _message(item: Any, param: str) -> tuple[str, str]:
+def _message(item: _Message, param: str) -> tuple[str, str]:
     """A message's role and text."""
-    if not isinstance(item, dict):
-        raise invalid(param, "an object")
-    role = item.get("role")
-    if role is None:
+    if item.role is None:
         raise missing(f"{param}.role")
-    if not isinstance(role, str):
-        raise invalid(f"{param}.role", "a string")
-    return role, content_text(item.get("content"), f"{param}.content")
+    return item.role, content_text(item.content, f"{param}.content")
 
 
 def chat_input(call: Call) -> tuple[str, int]:
     """The last user message's text, and the words in every message (the prompt tokens)."""
-    messages = call.get("messages")
+    messages = _MESSAGES.decode(call.fields.get("messages", ABSENT), "messages")
     if messages is None:
         raise missing("messages")
-    if not isinstance(messages, list) or not messages:
+    if not messages:
         raise invalid("messages", "a non-empty array of messages")
     last_user, words = "", 0
     for i, message in enumerate(messages):
@@ -146,20 +164,16 @@ def response_input(call: Call) -> tuple[str, int]:
     ``input`` is a string (a user message) or a list of items; the last user message item is
     echoed. Items that are not messages (tool calls and outputs, reasoning) count for nothing.
     """
-    instructions = call.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise invalid("instructions", "a string")
+    instructions = get_field(call.fields, "instructions", STR)
     words = count_words(instructions or "")
-    value = call.get("input")
+    value = text_or_array(call.fields.get("input", ABSENT), _MESSAGES, "input")
     if value is None:
         raise missing("input")
     if isinstance(value, str):
         return value, words + count_words(value)
-    if not isinstance(value, list):
-        raise invalid("input", "a string or an array of input items")
     last_user = ""
     for i, item in enumerate(value):
-        if isinstance(item, dict) and item.get("type", "message") != "message":
+        if item.type != "message":
             continue
         role, text = _message(item, f"input[{i}]")
         words += count_words(text)
@@ -168,47 +182,45 @@ def response_input(call: Call) -> tuple[str, int]:
     return last_user, words
 
 
-def _token_ids(value: Any) -> TokenIds | None:
-    """``value`` as a non-empty list of token ids, or ``None`` if it is not one."""
-    if isinstance(value, list) and value and all(_is_int(token) for token in value):
-        return value
-    return None
-
-
-def _texts_or_token_lists(value: Any, param: str, what: str) -> list[str | TokenIds]:
+def _texts_or_token_lists(call: Call, param: str, what: str) -> list[str | TokenIds]:
     """A string, a list of strings, a list of token ids or a list of token-id lists, as a list."""
-    if isinstance(value, str):
-        return [value]
-    ids = _token_ids(value)
-    if ids is not None:
-        return [ids]
-    if isinstance(value, list) and value:
-        if all(isinstance(item, str) for item in value):
-            return list(value)
-        lists: list[str | TokenIds] = [ids for item in value if (ids := _token_ids(item))]
-        if len(lists) == len(value):
-            return lists
-    raise invalid(
-        param,
-        f"{what}: a string, a non-empty array of strings, of token ids, or of token-id arrays",
+    raw = call.fields.get(param)
+    if raw is None:
+        raise missing(param)
+    expected = (
+        f"{what}: a string, a non-empty array of strings, of token ids, or of token-id arrays"
     )
+    if memoryview(raw)[0] != _ARRAY:
+        text = decode_field(raw, STR, param)
+        if text is None:
+            raise missing(param)
+        return [text]
+    pieces = _PIECES.decode(raw, param) or []
+    values = [_piece(piece, f"{param}[{i}]") for i, piece in enumerate(pieces)]
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [values]  # type: ignore[list-item]  # one prompt, as token ids
+    if values and all(isinstance(v, str) for v in values):
+        return values  # type: ignore[return-value]
+    if values and all(isinstance(v, list) and v for v in values):
+        return values  # type: ignore[return-value]
+    raise invalid(param, expected)
+
+
+def _piece(raw: msgspec.Raw, param: str) -> str | int | TokenIds:
+    if memoryview(raw)[0] == _ARRAY:
+        return _TOKEN_IDS.decode(raw, param) or []
+    return decode_field(raw, _TEXT_OR_ID, param)
 
 
 def completion_prompts(call: Call) -> list[str]:
     """Every prompt as text; token ids are echoed as their numbers, one word per token."""
-    prompt = call.get("prompt")
-    if prompt is None:
-        raise missing("prompt")
-    pieces = _texts_or_token_lists(prompt, "prompt", "the prompt")
+    pieces = _texts_or_token_lists(call, "prompt", "the prompt")
     return [p if isinstance(p, str) else " ".join(map(str, p)) for p in pieces]
 
 
 def embedding_inputs(call: Call) -> list[str | TokenIds]:
     """Every input to embed, as a string or a list of token ids."""
-    value = call.get("input")
-    if value is None:
-        raise missing("input")
-    return _texts_or_token_lists(value, "input", "the input to embed")
+    return _texts_or_token_lists(call, "input", "the input to embed")
 
 
 def embedding_dimensions(call: Call) -> int | None:
@@ -217,7 +229,7 @@ def embedding_dimensions(call: Call) -> int | None:
 
 def wants_base64(call: Call) -> bool:
     """``encoding_format``: "float" (the default) or "base64"."""
-    value = call.get("encoding_format")
+    value = get_field(call.fields, "encoding_format", STR)
     if value is None or value == "float":
         return False
     if value == "base64":
