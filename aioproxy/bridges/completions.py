@@ -15,13 +15,14 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from ..config import CompletionsConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest
+from ..fields import ArrayOf, decode_field, text_or_array
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
 from .common import chat_call, events_of, first_event, once, text_of, unsupported
@@ -64,48 +65,37 @@ class Admission(Protocol):
 
 
 class _Prompts:
-    """The ``prompt`` field decoded typed, its length bounded as it is decoded: a string or a
-    list of up to ``max_prompts`` strings (token ids are read only to be refused)."""
+    """The ``prompt`` field decoded typed: a string or a list of up to ``max_prompts`` strings,
+    its length checked before its items are built (token ids are looked at only to be refused).
+    """
 
     def __init__(self, max_prompts: int) -> None:
         self.max_prompts = max_prompts
-        many = Annotated[list[str | int | list[int]], msgspec.Meta(max_length=max_prompts)]
-        self.type: Any = str | many
-        self._decode = msgspec.json.Decoder(self.type).decode
+        self._array: ArrayOf[msgspec.Raw] = ArrayOf(msgspec.Raw, max_prompts)
 
-    def of_raw(self, raw: bytes | None) -> list[str]:
+    def of_raw(self, raw: bytes | msgspec.Raw | None) -> list[str]:
         if raw is None:
             raise _missing()
-        try:
-            return self._checked(self._decode(raw))
-        except msgspec.ValidationError as exc:
-            raise self._invalid(exc) from None
-
-    def of_value(self, value: Any) -> list[str]:
-        if value is None:
+        prompt = text_or_array(raw, self._array, "prompt")
+        if prompt is None:
             raise _missing()
-        try:
-            return self._checked(msgspec.convert(value, self.type))
-        except msgspec.ValidationError as exc:
-            raise self._invalid(exc) from None
-
-    @staticmethod
-    def _checked(prompt: str | list[Any]) -> list[str]:
         if isinstance(prompt, str):
             return [prompt]
         if not prompt:
             raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
-        if all(isinstance(p, str) for p in prompt):
-            return prompt
-        raise unsupported("Prompts as token ids are", "prompt")
+        texts = []
+        for i, item in enumerate(prompt):
+            if memoryview(item)[:1] != b'"':  # a token id, or a list of them: never built
+                raise unsupported("Prompts as token ids are", "prompt")
+            texts.append(decode_field(item, _TEXT, f"prompt[{i}]"))
+        return texts
 
-    def _invalid(self, exc: msgspec.ValidationError) -> BadRequest:
-        if "length <=" in str(exc):
-            return BadRequest(
-                f"'prompt' holds too many prompts: at most {self.max_prompts} a request",
-                param="prompt", code="invalid_value",
-            )
-        return BadRequest(f"'prompt' is invalid: {exc}", param="prompt", code="invalid_value")
+    def of_value(self, value: Any) -> list[str]:
+        return self.of_raw(None if value is None else _encode(value))
+
+
+_TEXT = msgspec.json.Decoder(str)
+_encode = msgspec.json.Encoder().encode
 
 
 def _missing() -> BadRequest:
