@@ -1,4 +1,4 @@
-"""The Provider base class, what a provider answers with, and the per-app provider registry."""
+"""The Provider base class, what it is given (ProviderConfig, an Upstream), and its settings."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ class Provider:
     ``close`` bracket its life. Keep per-app state on the instance, never in module globals.
     ``pool`` is the app's lean keep-alive client (:mod:`aioproxy.h1client`), set before ``start``:
     pass it to :func:`aioproxy.upstream.forward` for plain POST pass-through calls.
+    ``upstream`` (an :class:`~aioproxy.Upstream`, set by ``make_provider``) is the one way to
+    call an upstream that the others give way to: ``post``/``guard``/``read``/``events``, or
+    ``forward`` for OpenAI-compatible pass-through.
     """
 
     name: ClassVar[str] = ""
