@@ -1,4 +1,8 @@
-"""aioproxy: a lightweight, fast, OpenAI-compatible LLM gateway."""
+"""aioproxy: a lightweight, fast, OpenAI-compatible LLM gateway.
+
+Everything a plugin may use is imported here and listed in ``__all__``; every submodule is
+internal and may change without notice (the test kit, ``aioproxy.testing``, is public too).
+"""
 
 from .app import create_app
 from .config import Config, ConfigError, Secret, load_config, parse_config
@@ -18,39 +22,61 @@ from .errors import (
 )
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
-from .providers import JSONReply, Provider, Reply, StreamReply
+from .providers import Provider, ProviderConfig
+from .replies import JSONReply, Reply, StreamReply
 from .routes import ALIASES, Kind
+from .streaming import DONE, data_of, iter_sse, split_events, sse_data, sse_event
+from .transport import UpstreamResponse
+from .upstream import ErrorReader, Upstream, openai_error, scrub
 
 __all__ = [
+    # app and config
     "ALIASES",
+    "Config",
+    "ConfigError",
+    "Kind",
+    "Secret",
+    "create_app",
+    "load_config",
+    "parse_config",
+    # hooks
+    "RegisterProvider",
+    "RegisterRoute",
+    "hookimpl",
+    # what hooks and providers see
+    "Call",
+    "Deployment",
+    "Outcome",
+    "Principal",
+    "Usage",
+    # providers
+    "ErrorReader",
+    "JSONReply",
+    "Provider",
+    "ProviderConfig",
+    "Reply",
+    "StreamReply",
+    "Upstream",
+    "UpstreamResponse",
+    "openai_error",
+    "scrub",
+    # SSE helpers
+    "DONE",
+    "data_of",
+    "iter_sse",
+    "split_events",
+    "sse_data",
+    "sse_event",
+    # errors
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
-    "Call",
-    "Config",
-    "ConfigError",
-    "Deployment",
     "GatewayTimeout",
-    "JSONReply",
-    "Kind",
     "ModelNotFound",
     "NotFound",
-    "Outcome",
     "PayloadTooLarge",
     "PermissionDenied",
-    "Principal",
-    "Provider",
     "ProxyError",
     "RateLimited",
-    "RegisterProvider",
-    "RegisterRoute",
-    "Reply",
-    "Secret",
-    "StreamReply",
     "UpstreamError",
-    "Usage",
-    "create_app",
-    "hookimpl",
-    "load_config",
-    "parse_config",
 ]

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import Secret, Timeouts
 from .errors import BadRequest
+from .fields import raw_fields
 from .routes import Kind
 
 __all__ = ["Call", "Deployment", "Principal"]
@@ -90,7 +91,7 @@ class Call:
         "request",
         "principal",
         "model",
-        "deployment",
+        "_deployment",
         "fields",
         "stream",
         "state",
@@ -112,13 +113,46 @@ class Call:
         self.request = request
         self.principal = principal
         self.model = model
-        self.deployment: Deployment | None = None
+        self._deployment: Deployment | None = None
         self.fields = fields
         self.stream = stream
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
         self.started = time.monotonic()
         self.lease: Deployment | None = None  # the deployment answering, while it is in flight
         self._json: dict[str, Any] | None = None
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment answering the call: set before any provider or ``before_request``
+        hook sees it. RuntimeError before routing (see :attr:`routed`)."""
+        deployment = self._deployment
+        if deployment is None:
+            raise RuntimeError("call not routed yet")
+        return deployment
+
+    @property
+    def routed(self) -> bool:
+        """Whether a deployment was chosen: hooks that may see an unrouted call (``map_model``,
+        ``on_error``) check it before reading :attr:`deployment`."""
+        return self._deployment is not None
+
+    def for_chat(self, body: dict[str, Any]) -> Call:
+        """A chat-completions Call carrying ``body``, for the same client, deployment and state
+        (what the Responses and legacy completions bridges send on)."""
+        fields = raw_fields(body)
+        fields["model"] = msgspec.Raw(_encode(self.model))
+        bridged = Call(
+            Kind.CHAT_COMPLETIONS, self.request, self.principal, self.model, fields, self.stream
+        )
+        bridged.state = self.state  # one request: plugins' notes stay shared
+        bridged.started = self.started
+        if self._deployment is not None:
+            bridged.route_to(self._deployment)
+        return bridged
+
+    def body_size(self) -> int:
+        """The body's size in bytes, about (its fields' raw bytes, without the keys)."""
+        return sum(len(raw) for raw in self.fields.values())
 
     def get(self, name: str, default: Any = None) -> Any:
         """The decoded value of one top-level body field (400 if it cannot be decoded)."""
@@ -142,7 +176,7 @@ class Call:
 
     def route_to(self, deployment: Deployment) -> None:
         """Send this call to ``deployment``: the body's ``model`` becomes its upstream model id."""
-        self.deployment = deployment
+        self._deployment = deployment
         self.fields["model"] = msgspec.Raw(_encode(deployment.model))
         self._json = None
 

@@ -31,10 +31,19 @@ from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .payloads import decode_request
 from .plugins import Hooks
-from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
+from .providers import (
+    Provider,
+    ProviderConfig,
+    ProviderFactory,
+    ProviderMethod,
+    Reply,
+    StreamReply,
+    make_provider,
+)
 from .router import Clock, Router, is_context_window_error, is_retryable
 from .routes import Kind
-from .upstream import failure_from, timeouts_of
+from .transport import SessionTransport
+from .upstream import Upstream, failure_from, timeouts_of
 
 __all__ = ["Gateway", "Plan"]
 
@@ -105,7 +114,7 @@ def _move_on_only(error: BaseException | None) -> bool:
 def _estimate_tokens(call: Call, outcome: Outcome) -> int:
     """Tokens spent when the upstream did not say (a stream without include_usage): about four
     bytes a token for the prompt, one token an event (or four bytes) for the answer."""
-    prompt = sum(len(raw) for raw in call.fields.values()) // 4
+    prompt = call.body_size() // 4
     answer = outcome.events if outcome.stream else len(outcome.body or b"") // 4
     return prompt + answer
 
@@ -161,10 +170,11 @@ class Gateway:
         )
         configured = [d for deployments in self.table.values() for d in deployments]
         self.natives = NativeResponses(store, configured)
+        transport = pool if pool is not None else SessionTransport(session)
+        upstream = Upstream(transport, self.config, session)
         for name, factory in self.factories.items():
-            provider = factory(session, self.config)
-            if isinstance(provider, Provider):
-                provider.pool = pool
+            config = ProviderConfig.of(name, self.config, self.table)
+            provider = make_provider(factory, upstream, config)
             await provider.start()
             self.providers[name] = provider
             self.native[name] = provider.methods()
@@ -306,7 +316,6 @@ class Gateway:
             await self.hooks.before_request.each(call=call)
             if call.deployment is not call.lease:  # a hook re-routed the call: count that one
                 self._release(call)
-                assert call.deployment is not None
                 self._take(call, call.deployment)
                 plan.candidates = (call.deployment,)
         return plan
@@ -315,7 +324,6 @@ class Gateway:
         """Count a further upstream call of a request (a bridge's next chat call) on its
         deployment as the request itself was counted; 429 when the deployment is at a cap."""
         deployment = call.deployment
-        assert deployment is not None
         if not self.router.within_caps(deployment):
             refused = RateLimited(
                 f"Deployment {deployment.describe()} is at its rpm/tpm limit; try again shortly",
@@ -349,7 +357,7 @@ class Gateway:
         """
         router = self.router
         error: BaseException | None = None
-        deployment: Deployment | None = call.deployment
+        deployment: Deployment | None = call.deployment if call.routed else None
         tried: set[str] = set()  # a model come back to in panic remembers what it tried
         made = 0  # attempts so far: what the backoff doubles with
         while True:
@@ -443,7 +451,6 @@ class Gateway:
 
     def method_for(self, call: Call) -> ProviderMethod:
         deployment = call.deployment
-        assert deployment is not None
         methods = self.serving.get(deployment.provider)
         if methods is None:
             raise ProxyError(
@@ -480,7 +487,7 @@ class Gateway:
         except ProxyError:
             raise
         except (aiohttp.ClientError, OSError) as exc:
-            raise failure_from(exc, call.deployment) from exc
+            raise failure_from(exc, call.deployment if call.routed else None) from exc
 
     async def report(self, call: Call, outcome: Outcome) -> None:
         """Run ``after_response``; the answer is already sent, so failures are only logged."""

@@ -32,6 +32,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
 from .budget import BufferBudget
+from .config import Timeouts
+from .transport import client_timeout
 
 __all__ = ["H1Pool", "H1Response", "UpstreamConnectError", "UpstreamProtocolError"]
 
@@ -380,7 +382,11 @@ class H1Pool:
     # --- the call ---
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: Timeouts | aiohttp.ClientTimeout,
     ) -> H1Response:
         """POST ``body`` to ``url``; the answer once its status and headers are in.
 
@@ -389,13 +395,15 @@ class H1Pool:
         then the TCP/TLS connect), ``sock_read`` each silence of the upstream once the request
         is sent (an ``event`` attribute, when shorter, each silence once the body has begun).
         """
+        if isinstance(timeout, Timeouts):  # the Transport form (aioproxy.transport)
+            timeout = client_timeout(timeout)
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
         head = self._request_head(target, headers, len(body))
         total = timeout.total
         deadline = self.loop.time() + total if total else None
-        # A stream's own bound between events (aioproxy.upstream.StreamTimeout), when shorter.
+        # A stream's own bound between events (aioproxy.transport.StreamTimeout), when shorter.
         read_in_body = getattr(timeout, "event", None)
         if read_in_body is not None and timeout.sock_read is not None:
             read_in_body = read_in_body if read_in_body < timeout.sock_read else None

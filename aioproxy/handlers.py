@@ -246,9 +246,9 @@ async def _end_with_error(
 ) -> None:
     """A failure after the headers went out: one error event, then the end of the stream."""
     gateway = request.app[gateway_key]
-    error = failure_from(exc, call.deployment)  # a ProxyError comes back as it is
+    error = failure_from(exc, call.deployment if call.routed else None)  # a ProxyError comes back as it is
     if not isinstance(exc, ProxyError) and not _is_client_error(exc):
-        log.exception("stream from %s failed", call.deployment and call.deployment.describe())
+        log.exception("stream from %s failed", call.routed and call.deployment.describe())
     if gateway.hooks.on_error:
         await gateway.observe_error(request, exc, call)
     outcome.status = error.status

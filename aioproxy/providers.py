@@ -1,114 +1,62 @@
-"""The Provider base class, what a provider answers with, and the per-app provider registry."""
+"""The Provider base class, what it is given (ProviderConfig, an Upstream), and its settings."""
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import aiohttp
 import msgspec
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, Timeouts
 from .context import Call, Deployment
 from .errors import ProxyError
-from .h1client import H1Pool, H1Response
+from .h1client import H1Pool
+from .replies import JSONReply, Reply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
+from .transport import SessionTransport, UpstreamResponse
+from .upstream import Upstream, forwardable, post_via
 
 __all__ = [
     "JSONReply",
     "Provider",
+    "ProviderConfig",
     "ProviderFactory",
     "Reply",
     "StreamReply",
     "UpstreamResponse",
     "check_settings",
     "decode_settings",
+    "make_provider",
+    "post_via",
 ]
 
 log = logging.getLogger("aioproxy")
 
-_encode = msgspec.json.Encoder().encode
 
+class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What one provider may read of the config: never ``[auth]``."""
 
-class JSONReply:
-    """A whole JSON answer: encoded ``body`` bytes, sent with ``status``."""
-
-    __slots__ = ("body", "status", "headers")
-
-    def __init__(
-        self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
-    ) -> None:
-        self.body = body
-        self.status = status
-        self.headers = headers
+    name: str  # the provider name deployments use
+    deployments: tuple[Deployment, ...]  # the configured ones naming this provider
+    forward_headers: tuple[str, ...]  # [upstream] forward_headers, sanitised (headers.py)
+    timeouts: Timeouts  # [upstream] timeouts, the default
 
     @classmethod
-    def of(cls, obj: object, status: int = 200) -> JSONReply:
-        """Encode ``obj`` (dict, list, msgspec Struct, ...) as the answer."""
-        return cls(_encode(obj), status)
+    def of(
+        cls, name: str, config: Config, table: Mapping[str, tuple[Deployment, ...]]
+    ) -> ProviderConfig:
+        """``name``'s part of ``config``; ``table``: the configured deployments by model name."""
+        return cls(
+            name=name,
+            deployments=tuple(d for ds in table.values() for d in ds if d.provider == name),
+            forward_headers=forwardable(config.upstream.forward_headers),
+            timeouts=config.upstream.timeouts,
+        )
 
 
-class StreamReply:
-    """A streamed answer: ``events`` yields complete SSE events (bytes ending in a blank line).
-
-    An item may hold several events (a relay passes on what each network read completed, in
-    one write); use ``aioproxy.streaming.split_events`` to take one apart.
-
-    The proxy pulls the first event before it sends the response headers, so a provider that
-    raises a ProxyError before its first event still answers with a proper status. ``close`` (if
-    given) runs once the stream is over, also when the client went away: release upstream
-    connections there. ``finished`` (if given) says whether the upstream's answer has ended:
-    after the final event the proxy waits (up to 5 s) for the rest of ``events`` unless it says
-    so, to let the upstream connection go back to its pool whole.
-    """
-
-    __slots__ = ("events", "close", "headers", "finished")
-
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        close: Callable[[], Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        finished: Callable[[], bool] | None = None,
-    ) -> None:
-        self.events = events
-        self.close = close
-        self.headers = headers
-        self.finished = finished
-
-    async def aclose(self) -> None:
-        aclose = getattr(self.events, "aclose", None)
-        try:
-            if aclose is not None:
-                await aclose()
-        finally:
-            if self.close is not None:
-                result = self.close()
-                if result is not None and isinstance(result, Awaitable):
-                    await result
-
-
-Reply = JSONReply | StreamReply
-# An upstream's answer from Provider.post: the app's lean pool's, or the session's.
-UpstreamResponse = aiohttp.ClientResponse | H1Response
-
-
-async def post_via(
-    session: aiohttp.ClientSession,
-    pool: H1Pool | None,
-    url: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout | None,
-) -> UpstreamResponse:
-    """POST through ``pool`` when there is one, else ``session``; redirects never followed."""
-    if pool is not None:
-        return await pool.post(url, body, headers, timeout or session.timeout)
-    return await session.post(
-        url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-    )
 ProviderMethod = Callable[[Call], Awaitable[Reply]]
 
 
@@ -124,6 +72,9 @@ class Provider:
     ``close`` bracket its life. Keep per-app state on the instance, never in module globals.
     ``pool`` is the app's lean keep-alive client (:mod:`aioproxy.h1client`), set before ``start``:
     pass it to :func:`aioproxy.upstream.forward` for plain POST pass-through calls.
+    ``upstream`` (an :class:`~aioproxy.Upstream`, set by ``make_provider``) is the one way to
+    call an upstream that the others give way to: ``post``/``guard``/``read``/``events``, or
+    ``forward`` for OpenAI-compatible pass-through.
     """
 
     name: ClassVar[str] = ""
@@ -140,7 +91,20 @@ class Provider:
         self.session = session
         self.config = config
         self.pool: H1Pool | None = None
+        self._upstream: Upstream | None = None
         self._settings: dict[int, tuple[dict[str, Any], Any]] = {}
+
+    @property
+    def upstream(self) -> Upstream:
+        """The one way to call an upstream: the app's (set by make_provider), else one over
+        ``session`` made on first use (a provider made outside an app)."""
+        if self._upstream is None:
+            self._upstream = Upstream(SessionTransport(self.session), self.config)
+        return self._upstream
+
+    @upstream.setter
+    def upstream(self, upstream: Upstream) -> None:
+        self._upstream = upstream
 
     def settings(self, deployment: Deployment) -> Any:
         """``deployment.settings`` as ``settings_type``, decoded once per settings table.
@@ -210,6 +174,22 @@ class Provider:
 
 
 ProviderFactory = Callable[[aiohttp.ClientSession, Config], Provider]
+
+
+def make_provider(factory: ProviderFactory, upstream: Upstream, config: ProviderConfig) -> Provider:
+    """The one place a provider is built, on ``upstream`` (not started yet).
+
+    ``config`` is what the provider will get instead of the whole Config; meanwhile factories
+    still take ``(session, config)``, the Config ``upstream`` was made from.
+    """
+    session = upstream.session
+    if session is None:
+        raise TypeError("make_provider needs an Upstream with a session (Upstream(..., session=))")
+    provider = factory(session, upstream._config)  # noqa: SLF001 - until factories take config
+    if isinstance(provider, Provider):
+        provider.pool = upstream.pool
+        provider.upstream = upstream
+    return provider
 
 
 def decode_settings(

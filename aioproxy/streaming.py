@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 from aiohttp import StreamReader
@@ -64,7 +64,7 @@ async def iter_sse_blocks(
     idle: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     budget: BufferBudget | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the complete SSE events of a body as they arrive, several at once when they came so.
 
     Each chunk read from the network yields what it completes: every whole event (ending in a
@@ -144,7 +144,7 @@ def data_of(event: bytes) -> bytes:
 
 async def iter_sse(
     content: StreamReader, idle: float | None = None, budget: BufferBudget | None = None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield each complete event of an SSE body, one by one, as soon as it arrives (``idle``
     and ``budget``: as for ``iter_sse_blocks``).
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from functools import lru_cache
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import NoReturn
 
 import aiohttp
-import attr
 import msgspec
 
 from .budget import BufferBudget
@@ -16,19 +16,33 @@ from .config import Config, Timeouts
 from .context import Call, Deployment
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .h1client import H1Pool, UpstreamConnectError
+from .headers import never_forwarded
 from .masking import mask_of
-from .providers import JSONReply, Reply, StreamReply, UpstreamResponse, post_via
+from .replies import JSONReply, Reply, StreamReply
 from .routes import Kind
-from .streaming import EventTooLarge, StreamStalled, data_of, iter_sse_blocks, split_events
+from .streaming import (
+    EventTooLarge,
+    StreamStalled,
+    data_of,
+    iter_sse,
+    iter_sse_blocks,
+    split_events,
+)
+from .transport import SessionTransport, StreamTimeout, Transport, UpstreamResponse
+from .transport import client_timeout as timeout_for
 
 __all__ = [
+    "ErrorReader",
+    "Upstream",
     "answer_of",
     "closed_on_failure",
     "deployment_timeout",
     "failure_from",
     "forward",
+    "forwardable",
     "make_session",
     "openai_error",
+    "post_via",
     "read_capped",
     "read_upstream_error",
     "scrub",
@@ -63,23 +77,19 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-@attr.s(auto_attribs=True, frozen=True, slots=True)  # as aiohttp's own (attrs: its dependency)
-class StreamTimeout(aiohttp.ClientTimeout):
-    """aiohttp's timeouts, plus ``event``: the longest a stream may go without a complete event
-    (``read``). Before the answer's body begins, the upstream may stay silent until
-    ``first_byte`` when that is longer (``sock_read``), for models that think for minutes
-    before their first token; the lean pool bounds later silences by ``event``."""
-
-    event: float | None = None
-
-
-@lru_cache(maxsize=256)
-def timeout_for(timeouts: Timeouts) -> StreamTimeout:
-    return StreamTimeout(
-        total=timeouts.total,
-        connect=timeouts.connect,
-        sock_read=max(timeouts.read, timeouts.first_byte or 0),
-        event=timeouts.read,
+async def post_via(
+    session: aiohttp.ClientSession,
+    pool: H1Pool | None,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: aiohttp.ClientTimeout | None,
+) -> UpstreamResponse:
+    """POST through ``pool`` when there is one, else ``session``; redirects never followed."""
+    if pool is not None:
+        return await pool.post(url, body, headers, timeout or session.timeout)
+    return await session.post(
+        url, data=body, headers=headers, timeout=timeout, allow_redirects=False
     )
 
 
@@ -89,7 +99,6 @@ def timeouts_of(deployment: Deployment, config: Config) -> Timeouts:
 
 
 def deployment_timeout(call: Call, config: Config) -> aiohttp.ClientTimeout:
-    assert call.deployment is not None
     return timeout_for(timeouts_of(call.deployment, config))
 
 
@@ -344,13 +353,12 @@ class closed_on_failure:  # noqa: N801 - used like a function: `with closed_on_f
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
-    ) -> bool:
+    ) -> None:
         if exc is None:
-            return False
+            return
         self.response.close()
         if isinstance(exc, Exception) and not isinstance(exc, ProxyError):
             raise failure_from(exc, self.deployment) from exc
-        return False
 
 
 async def forward(
@@ -369,16 +377,22 @@ async def forward(
     whole and checked to be a JSON object. Given the app's ``pool`` (``Provider.pool``), the
     call goes through that lean client instead of ``session``.
     """
-    deployment = call.deployment
-    assert deployment is not None
     payload = call.body() if body is None else body
-    response = await answer_of(
-        post_via(session, pool, url, payload, headers, timeout), deployment
-    )
+    sending = post_via(session, pool, url, payload, headers, timeout)
+    return await _relay_answer(call, sending, getattr(timeout, "event", None))
+
+
+async def _relay_answer(
+    call: Call, sending: Awaitable[UpstreamResponse], idle: float | None
+) -> Reply:
+    """The answer to a pass-through POST in flight: :func:`forward`'s relay (``idle``: the
+    longest a stream may go without a complete event)."""
+    deployment = call.deployment
+    response = await answer_of(sending, deployment)
     with closed_on_failure(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
-                _relay(response, deployment, call.kind, getattr(timeout, "event", None)),
+                _relay(response, deployment, call.kind, idle),
                 close=response.close,
                 finished=response.content.is_eof,
             )
@@ -427,12 +441,8 @@ async def _relay(
                     raise error
             last = block
             yield block
-    except StreamStalled as exc:
-        raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from exc
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise failure_from(exc, deployment) from exc
-    except EventTooLarge as exc:
-        raise BadGateway(f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large")
+    except Exception as exc:
+        _raise_stream_failure(exc, deployment)
     finally:
         # When the client leaves (or the proxy stops after the final event) the inner generator
         # is closed here and now, not later by a task the loop would spawn to finalize it.
@@ -445,6 +455,17 @@ async def _relay(
             code="upstream_stream_incomplete",
         )
     response.release()
+
+
+def _raise_stream_failure(exc: Exception, deployment: Deployment) -> NoReturn:
+    """Raise a failure met while a stream is read as the client's error (others as they are)."""
+    if isinstance(exc, StreamStalled):
+        raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from exc
+    if isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+        raise failure_from(exc, deployment) from exc
+    if isinstance(exc, EventTooLarge):
+        raise BadGateway(f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large")
+    raise exc
 
 
 _ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.M)  # an SSE event named "error"
@@ -474,3 +495,92 @@ def _names_an_error(event: bytes) -> bool:
     """Whether an event holds an error (``response.failed``'s), not only ``"error": null``
     (every Responses event that carries the response object has one)."""
     return event.count(b'"error"') > event.count(b'"error":null') + event.count(b'"error": null')
+
+
+def forwardable(names: Iterable[str]) -> tuple[str, ...]:
+    """``headers.forwarded_names`` without its warnings: those come where names are configured."""
+    return tuple(dict.fromkeys(n.strip().lower() for n in names if never_forwarded(n) is None))
+
+
+class Upstream:
+    """The app's upstream client as providers use it: ``provider.upstream``. Every transport
+    failure comes out as the client's ProxyError (502/504, naming the deployment); redirects
+    are never followed. Timeouts are the call's deployment's (else ``[upstream] timeouts``)."""
+
+    __slots__ = ("transport", "session", "pool", "_config", "_timeouts", "_forwarded")
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: Config,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.transport = transport
+        # For providers still built the old way (factory(session, config), provider.pool).
+        if session is None and isinstance(transport, SessionTransport):
+            session = transport.session
+        self.session = session
+        self.pool = transport if isinstance(transport, H1Pool) else None
+        self._config = config
+        self._timeouts = config.upstream.timeouts
+        self._forwarded = forwardable(config.upstream.forward_headers)
+
+    def timeouts(self, deployment: Deployment) -> Timeouts:
+        return deployment.timeouts or self._timeouts
+
+    def _send(
+        self, call: Call, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> Awaitable[UpstreamResponse]:
+        return self.transport.post(url, body, headers, self.timeouts(call.deployment))
+
+    async def post(
+        self,
+        call: Call,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        read_error: ErrorReader = openai_error,
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``url``: its 2xx answer, or the client's error (connect errors and
+        timeouts as 502/504, a redirect as a 502, other statuses read by ``read_error``).
+        The caller owns the answer: read it inside :meth:`guard`, then release it."""
+        return await answer_of(self._send(call, url, body, headers), call.deployment, read_error)
+
+    def guard(self, response: UpstreamResponse, call: Call) -> AbstractContextManager[None]:
+        """Close ``response`` if the block fails (cancelled too), with transport errors as
+        the client's 502/504."""
+        return closed_on_failure(response, call.deployment)
+
+    async def read(self, response: UpstreamResponse, call: Call) -> bytes:
+        """The whole body, refusing one over 64 MiB, counted against the buffer budget."""
+        return await read_capped(response, call.deployment)
+
+    async def events(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
+        """The answer's SSE events one by one; transport errors, a stall longer than the
+        deployment's ``read`` timeout and an oversized event as the client's errors."""
+        deployment = call.deployment
+        budget = getattr(response, "budget", None)
+        events = iter_sse(response.content, idle=self.timeouts(deployment).read, budget=budget)
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:
+            _raise_stream_failure(exc, deployment)
+        finally:
+            await events.aclose()  # now, also when the client left: see iter_sse
+
+    async def forward(
+        self, call: Call, url: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Reply:
+        """POST the call's body (or ``body``) to an OpenAI-compatible ``url`` and relay the
+        answer: a stream event by event, anything else read whole and checked to be JSON."""
+        payload = call.body() if body is None else body
+        sending = self._send(call, url, payload, headers)
+        return await _relay_answer(call, sending, self.timeouts(call.deployment).read)
+
+    def client_headers(self, call: Call) -> dict[str, str]:
+        """The configured ``forward_headers`` the client sent, lower-cased (never a
+        credential or hop-by-hop header: headers.py)."""
+        sent = call.request.headers
+        return {name: value for name in self._forwarded if (value := sent.get(name)) is not None}

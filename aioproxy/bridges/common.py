@@ -6,33 +6,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import msgspec
 
 from ..context import Call, Deployment
 from ..errors import BadRequest
-from ..fields import raw_fields
 from ..providers import StreamReply
-from ..routes import Kind
 from ..streaming import split_events
 from ..upstream import failure_from
 
 __all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]
 
-_encode = msgspec.json.Encoder().encode
-
 
 def chat_call(call: Call, body: dict[str, Any]) -> Call:
-    """A chat-completions Call carrying ``body``, for the same client, deployment and state."""
-    fields = raw_fields(body)
-    fields["model"] = msgspec.Raw(_encode(call.model))
-    bridged = Call(
-        Kind.CHAT_COMPLETIONS, call.request, call.principal, call.model, fields, call.stream
-    )
-    bridged.state = call.state  # one request: plugins' notes stay shared
-    bridged.started = call.started
-    if call.deployment is not None:
-        bridged.route_to(call.deployment)
-    return bridged
+    """A chat-completions Call carrying ``body``: :meth:`Call.for_chat`."""
+    return call.for_chat(body)
 
 
 def text_of(content: Any) -> str:

@@ -105,9 +105,7 @@ class NativeResponses:
             except ProxyError as exc:
                 if bridge is None or not route_missing(exc):
                     raise
-                deployment = call.deployment
-                assert deployment is not None
-                fall_back(deployment, bridge)
+                fall_back(call.deployment, bridge)
                 return await bridge(call)
             if self.store is None:
                 return reply

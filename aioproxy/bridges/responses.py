@@ -155,7 +155,7 @@ def _decode(data: bytes, call: Call) -> ChatAnswer:
     try:
         return decode_chat_answer(data)
     except msgspec.DecodeError:
-        where = call.deployment.describe() if call.deployment else "the upstream"
+        where = call.deployment.describe() if call.routed else "the upstream"
         raise BadGateway(
             f"Deployment {where} sent a chat completion the bridge cannot read",
             code="upstream_invalid_response",
@@ -200,7 +200,7 @@ async def _translate(
                 for out in builder.feed(answer):
                     yield out
             if not done and builder.finish_reason is None:
-                where = call.deployment.describe() if call.deployment else "the upstream"
+                where = call.deployment.describe() if call.routed else "the upstream"
                 raise BadGateway(
                     f"Deployment {where} ended its stream before it was complete",
                     code="upstream_stream_incomplete",
@@ -208,7 +208,7 @@ async def _translate(
         except Exception as exc:
             if not isinstance(exc, ProxyError):
                 log.warning("the chat stream of a bridged response failed: %r", exc)
-            for out in builder.fail(failure_from(exc, call.deployment)):
+            for out in builder.fail(failure_from(exc, call.deployment if call.routed else None)):
                 yield out
             return
         final = builder.finish()

@@ -35,7 +35,7 @@ def test_call_from_decoded_body() -> None:
     call = make_call()
     assert call.model == "alias" and call.stream is False
     assert call.kind is Kind.CHAT_COMPLETIONS
-    assert call.deployment is None and call.state == {}
+    assert not call.routed and call.state == {}
     assert call.started > 0
 
 
