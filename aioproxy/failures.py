@@ -186,6 +186,8 @@ def _upstream_error(
         type=scrub(type_, deployment),
         param=param and scrub(param, deployment),
         code=code and scrub(code, deployment),
+        # The upstream's own failure, whatever code it chose (even "internal_error").
+        caused_by_upstream=True if status >= 500 else None,
     )
 
 
