@@ -20,6 +20,24 @@ from .errors import (
     RateLimited,
     UpstreamError,
 )
+from .fields import (
+    ABSENT,
+    BOOL,
+    FLOAT,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NULL,
+    STR,
+    ArrayOf,
+    decode_field,
+    get_field,
+    raw_fields,
+    text_or_array,
+)
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
 from .providers import Provider, ProviderConfig
@@ -60,6 +78,23 @@ __all__ = [
     "UpstreamResponse",
     "openai_error",
     "scrub",
+    # reading request fields (each decoded from its bytes, arrays counted first)
+    "ABSENT",
+    "BOOL",
+    "FLOAT",
+    "INT",
+    "MAX_CONTENT_PARTS",
+    "MAX_MESSAGES",
+    "MAX_STOP",
+    "MAX_TOOLS",
+    "MAX_TOOL_CALLS",
+    "NULL",
+    "STR",
+    "ArrayOf",
+    "decode_field",
+    "get_field",
+    "raw_fields",
+    "text_or_array",
     # SSE helpers
     "DONE",
     "data_of",

@@ -23,7 +23,7 @@ class KnobProvider(Provider):
 class Plugin:
     @hookimpl
     def register_providers(self, register: Any) -> None:
-        register("knobs", KnobProvider)
+        register(KnobProvider, "knobs")
 
 
 def deployment(**settings: Any) -> Deployment:
@@ -72,7 +72,7 @@ def serving(provider: type[Provider]) -> object:
     class Registers:
         @hookimpl
         def register_providers(self, register: Any) -> None:
-            register("spaced", provider)
+            register(provider, "spaced")
 
     return Registers()
 

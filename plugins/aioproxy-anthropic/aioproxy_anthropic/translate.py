@@ -12,20 +12,20 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import BadRequest
-from aioproxy.fields import (
+from aioproxy import (
     ABSENT,
+    ArrayOf,
     BOOL,
+    BadRequest,
     FLOAT,
     INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     MAX_STOP,
-    MAX_TOOL_CALLS,
     MAX_TOOLS,
+    MAX_TOOL_CALLS,
     NULL,
     STR,
-    ArrayOf,
     get_field,
     text_or_array,
 )

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import msgspec
 
-from aioproxy import BadRequest, Call
-from aioproxy.fields import (
+from aioproxy import (
     ABSENT,
+    ArrayOf,
+    BadRequest,
+    Call,
     INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     STR,
-    ArrayOf,
     decode_field,
     get_field,
     text_or_array,
