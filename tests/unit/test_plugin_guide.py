@@ -72,7 +72,7 @@ def test_the_settings_error_shown_is_the_one_start_up_gives() -> None:
 
 
 def test_the_lean_clients_answer_is_not_an_async_context_manager_as_the_guide_says() -> None:
-    assert "**It\n  is not an async context manager**" in section("Calling the upstream")
+    assert "**It is not an async context manager**" in section("Calling the upstream")
     assert not hasattr(H1Response, "__aenter__")
 
 
