@@ -16,6 +16,7 @@ from .config import Config, ConfigError, Timeouts
 from .context import Call, Deployment
 from .errors import ProxyError
 from .h1client import H1Pool
+from .headers import forwarded_names
 from .replies import JSONReply, Reply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
 from .transport import SessionTransport, UpstreamResponse, client_timeout
@@ -108,7 +109,7 @@ class Provider:
                 DeprecationWarning,
                 stacklevel=2,
             )
-            upstream = Upstream(SessionTransport(upstream), config, upstream)  # type: ignore[arg-type]
+            upstream = Upstream(SessionTransport(upstream), config, upstream)
         self.upstream = upstream
         # A ProviderConfig; the whole Config for a provider still made the deprecated way.
         self.config = config
@@ -242,7 +243,7 @@ def make_provider(factory: ProviderFactory, upstream: Upstream, config: Provider
     legacy: Callable[[Any, Config], Provider] = factory  # type: ignore[assignment]
     with warnings.catch_warnings():  # warned once, above, not again by Provider.__init__
         warnings.simplefilter("ignore", DeprecationWarning)
-        provider = legacy(upstream.session, upstream._config)  # noqa: SLF001 - legacy form only
+        provider = legacy(upstream.session, upstream._config)  # the legacy form only
     if isinstance(provider, Provider):
         provider.upstream = upstream
     return provider
@@ -274,12 +275,14 @@ def registrar(factories: dict[str, ProviderFactory]) -> Callable[..., None]:
                 DeprecationWarning,
                 stacklevel=2,
             )
-            provider, name = name, provider
+            factory, name = name, provider
+        else:
+            factory = provider
         if name is None:
-            name = getattr(provider, "name", "")
+            name = getattr(factory, "name", "")
             if not name:
-                raise TypeError(f"{provider!r} has no provider name: register(factory, name)")
-        factories[name] = provider
+                raise TypeError(f"{factory!r} has no provider name: register(factory, name)")
+        factories[name] = factory
 
     return register
 
@@ -310,7 +313,10 @@ def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any
 
 
 def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
-    """Check every configured deployment's settings against its provider's ``settings_type``."""
+    """Check every configured deployment's settings against its provider's ``settings_type``;
+    log the ``forward_headers`` that are never forwarded (once per app: ProviderConfig and the
+    Upstream drop them silently)."""
+    forwarded_names(config.upstream.forward_headers)
     for i, entry in enumerate(config.models):
         factory = factories.get(entry.provider)
         settings_type = getattr(factory, "settings_type", None)

@@ -30,13 +30,20 @@ def _aioproxy_imports(path: Path) -> list[str]:
 
 def test_the_scan_sees_the_bundled_plugins() -> None:
     packages = {path.relative_to(ROOT).parts[1] for path in PLUGIN_SOURCES}
-    assert {"aioproxy-anthropic", "aioproxy-echo", "aioproxy-example", "aioproxy-openai"} <= packages
+    assert {
+        "aioproxy-anthropic",
+        "aioproxy-echo",
+        "aioproxy-example",
+        "aioproxy-openai",
+    } <= packages
 
 
 @pytest.mark.parametrize("path", PLUGIN_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_plugins_import_only_the_public_api(path: Path) -> None:
     internal = [m for m in _aioproxy_imports(path) if m != "aioproxy"]
-    assert not internal, f"{path.name} imports internal modules {internal}: use `from aioproxy import`"
+    assert not internal, (
+        f"{path.name} imports internal modules {internal}: use `from aioproxy import`"
+    )
 
 
 def test_every_public_name_is_documented() -> None:
@@ -47,7 +54,14 @@ def test_every_public_name_is_documented() -> None:
     assert not missing, f"not documented in plugins/README.md or README.md: {missing}"
 
 
-def test_all_is_importable_and_unique() -> None:
+def _isort_style(name: str) -> tuple[int, str]:
+    """ruff's RUF022 order: CONSTANTS, then Classes, then functions, each alphabetical."""
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_all_is_sorted_importable_and_unique() -> None:
+    own = [name for name in aioproxy.__all__ if name not in aioproxy.fields.__all__]
+    assert own == sorted(set(own), key=_isort_style)  # fields' names come from fields.__all__
     assert len(set(aioproxy.__all__)) == len(aioproxy.__all__)
     for name in aioproxy.__all__:
         assert getattr(aioproxy, name) is not None, name

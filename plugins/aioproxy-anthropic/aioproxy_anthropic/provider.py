@@ -11,9 +11,9 @@ from msgspec import Meta
 from multidict import CIMultiDict
 
 from aioproxy import (
+    DONE,
     BadGateway,
     Call,
-    DONE,
     Deployment,
     JSONReply,
     Provider,

@@ -14,18 +14,18 @@ import msgspec
 
 from aioproxy import (
     ABSENT,
-    ArrayOf,
     BOOL,
-    BadRequest,
     FLOAT,
     INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     MAX_STOP,
-    MAX_TOOLS,
     MAX_TOOL_CALLS,
+    MAX_TOOLS,
     NULL,
     STR,
+    ArrayOf,
+    BadRequest,
     get_field,
     text_or_array,
 )
@@ -40,8 +40,8 @@ __all__ = [
     "Event",
     "StreamTranslator",
     "Usage",
-    "decode_answer",
     "content_blocks",
+    "decode_answer",
     "finish_reason",
     "image_block",
     "messages_url",
@@ -76,8 +76,7 @@ _SYSTEM_ROLES = ("system", "developer")
 def messages_url(api_base: str | None) -> str:
     """``{api_base}/v1/messages``, whether or not ``api_base`` already ends in ``/v1``."""
     base = (api_base or DEFAULT_API_BASE).rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
+    base = base.removesuffix("/v1")
     return base + "/v1/messages"
 
 
@@ -167,7 +166,7 @@ _OBJECT = msgspec.json.Decoder(_AnyObject)
 
 # Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
 # written for vLLM & co. send it and Anthropic takes it.
-_SAMPLING = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
+_SAMPLING: dict[str, msgspec.json.Decoder[Any]] = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
 
 
 def to_anthropic(

@@ -10,13 +10,13 @@ import msgspec
 
 from aioproxy import (
     ABSENT,
-    ArrayOf,
-    BadRequest,
-    Call,
     INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     STR,
+    ArrayOf,
+    BadRequest,
+    Call,
     decode_field,
     get_field,
     text_or_array,

@@ -22,11 +22,11 @@ from typing import Annotated, Any
 import msgspec
 
 from aioproxy import (
+    DONE,
     BadGateway,
     BadRequest,
     Call,
     ConfigError,
-    DONE,
     Deployment,
     JSONReply,
     Provider,
@@ -179,7 +179,7 @@ def _wants_base64(call: Call) -> bool:
     encoding = call.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    return encoding == "base64"
+    return bool(encoding == "base64")
 
 
 def _base64(vector: list[float]) -> str:

@@ -40,9 +40,7 @@ class OpenAIProvider(Provider):
         )
 
     async def _forward(self, call: Call, path: str) -> Reply:
-        return await self.upstream.forward(
-            call, _base(call.deployment) + path, self._headers(call)
-        )
+        return await self.upstream.forward(call, _base(call.deployment) + path, self._headers(call))
 
     def _headers(self, call: Call) -> dict[str, str]:
         """The upstream's headers, built afresh: the client's own key never travels upstream.
