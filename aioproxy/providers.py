@@ -102,7 +102,7 @@ class Provider:
             cls.name = cls.__name__.removesuffix("Provider").lower()
 
     def __init__(self, upstream: Upstream, config: ProviderConfig) -> None:
-        if isinstance(upstream, aiohttp.ClientSession):  # the deprecated (session, Config) form
+        if not isinstance(upstream, Upstream):  # the deprecated (session, Config) form
             warnings.warn(
                 f"{type(self).__name__}(session, config) is deprecated: a provider takes "
                 "(upstream, provider_config)",

@@ -176,10 +176,10 @@ def _texts(call: Call) -> list[str]:
 
 def _wants_base64(call: Call) -> bool:
     """``encoding_format``: "float" (the default) or "base64", which the openai SDK sends."""
-    encoding = call.get("encoding_format", "float")
+    encoding: str = call.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    return bool(encoding == "base64")
+    return encoding == "base64"
 
 
 def _base64(vector: list[float]) -> str:
