@@ -2,8 +2,10 @@
 
 Everything a plugin may use is imported here and listed in ``__all__``; every submodule is
 internal and may change without notice (the test kit, ``aioproxy.testing``, is public too).
+plugins/README.md (section 9) says what each name is for.
 """
 
+from . import fields
 from .app import create_app
 from .config import Config, ConfigError, Secret, load_config, parse_config
 from .context import Call, Deployment, Principal
@@ -20,6 +22,7 @@ from .errors import (
     RateLimited,
     UpstreamError,
 )
+from .fields import *  # reading request fields: their names are fields.__all__
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
 from .providers import Provider, ProviderConfig
@@ -30,53 +33,48 @@ from .transport import UpstreamResponse
 from .upstream import ErrorReader, Upstream, openai_error, scrub
 
 __all__ = [
-    # app and config
     "ALIASES",
-    "Config",
-    "ConfigError",
-    "Kind",
-    "Secret",
-    "create_app",
-    "load_config",
-    "parse_config",
-    # hooks
-    "RegisterProvider",
-    "RegisterRoute",
-    "hookimpl",
-    # what hooks and providers see
-    "Call",
-    "Deployment",
-    "Outcome",
-    "Principal",
-    "Usage",
-    # providers
-    "ErrorReader",
-    "JSONReply",
-    "Provider",
-    "ProviderConfig",
-    "Reply",
-    "StreamReply",
-    "Upstream",
-    "UpstreamResponse",
-    "openai_error",
-    "scrub",
-    # SSE helpers
     "DONE",
-    "data_of",
-    "iter_sse",
-    "split_events",
-    "sse_data",
-    "sse_event",
-    # errors
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
+    "Call",
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "ErrorReader",
     "GatewayTimeout",
+    "JSONReply",
+    "Kind",
     "ModelNotFound",
     "NotFound",
+    "Outcome",
     "PayloadTooLarge",
     "PermissionDenied",
+    "Principal",
+    "Provider",
+    "ProviderConfig",
     "ProxyError",
     "RateLimited",
+    "RegisterProvider",
+    "RegisterRoute",
+    "Reply",
+    "Secret",
+    "StreamReply",
+    "Upstream",
     "UpstreamError",
+    "UpstreamResponse",
+    "Usage",
+    "create_app",
+    "data_of",
+    "hookimpl",
+    "iter_sse",
+    "load_config",
+    "openai_error",
+    "parse_config",
+    "scrub",
+    "split_events",
+    "sse_data",
+    "sse_event",
 ]
+__all__ += fields.__all__

@@ -21,7 +21,7 @@ from .handlers import health, make_handlers, readiness
 from .ingress import Ingress
 from .keys import config_key, gateway_key, plugin_manager_key, pool_key, session_key
 from .plugins import make_plugin_manager
-from .providers import ProviderFactory, check_settings
+from .providers import ProviderFactory, check_settings, registrar
 from .routes import ALIASES, merge_aliases, route_table
 from .upstream import make_session
 
@@ -67,10 +67,7 @@ def create_app(
     )
     factories: dict[str, ProviderFactory] = {}
 
-    def register_provider(name: str, factory: ProviderFactory) -> None:
-        factories[name] = factory
-
-    pm.hook.register_providers(register=register_provider, config=config)
+    pm.hook.register_providers(register=registrar(factories), config=config)
     _check_providers(config, factories)
     check_settings(config, factories)
 

@@ -20,7 +20,7 @@ An implementation may accept any subset of a hook's arguments, by name.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 import pluggy
 
@@ -43,7 +43,13 @@ MaybeAwaitable: TypeAlias = T | Awaitable[T]
 
 
 class RegisterProvider(Protocol):
-    def __call__(self, name: str, factory: ProviderFactory) -> None: ...
+    """``register(OpenAIProvider)``: under the class's ``name``; ``register(cls, "other")``: under
+    another name too. ``register("openai", cls)`` is the deprecated older form."""
+
+    @overload
+    def __call__(self, provider: ProviderFactory, name: str | None = None) -> None: ...
+    @overload
+    def __call__(self, provider: str, name: ProviderFactory) -> None: ...
 
 
 class RegisterRoute(Protocol):
@@ -54,11 +60,12 @@ class RegisterRoute(Protocol):
 def register_providers(register: RegisterProvider, config: Config) -> None:
     """Register provider implementations.
 
-    Runs once when an app is created. Call ``register(name, factory)`` for each provider this plugin
-    offers; ``name`` is what a config's ``provider = "..."`` names, and ``factory`` is a
-    :class:`~aioproxy.providers.Provider` subclass (or any callable taking ``(session, config)`` and
-    returning a Provider). A later registration of the same name replaces an earlier one, so a plugin
-    can replace a bundled provider. Synchronous.
+    Runs once when an app is created. Call ``register(factory)`` for each provider this plugin
+    offers: ``factory`` is a :class:`~aioproxy.Provider` subclass, registered under its ``name``
+    (what a config's ``provider = "..."`` names), or any callable taking ``(upstream,
+    provider_config)`` and returning a Provider, with ``register(factory, name)``. A later
+    registration of the same name replaces an earlier one, so a plugin can replace a bundled
+    provider. Synchronous.
     """
 
 

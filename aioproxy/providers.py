@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
@@ -14,10 +16,18 @@ from .config import Config, ConfigError, Timeouts
 from .context import Call, Deployment
 from .errors import ProxyError
 from .h1client import H1Pool
+from .headers import forwarded_names
 from .replies import JSONReply, Reply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
-from .transport import SessionTransport, UpstreamResponse
-from .upstream import Upstream, forwardable, post_via
+from .transport import SessionTransport, UpstreamResponse, client_timeout
+from .upstream import (
+    Upstream,
+    answer_of,
+    closed_on_failure,
+    forwardable,
+    post_via,
+    read_capped,
+)
 
 __all__ = [
     "JSONReply",
@@ -31,6 +41,7 @@ __all__ = [
     "decode_settings",
     "make_provider",
     "post_via",
+    "registrar",
 ]
 
 log = logging.getLogger("aioproxy")
@@ -64,19 +75,17 @@ class Provider:
     """Serves deployments of one provider name.
 
     Subclass it and implement the endpoint kinds the provider supports, each an ``async def`` that
-    takes the :class:`~aioproxy.context.Call` and returns a :class:`JSONReply` or (when
-    ``call.stream``) a :class:`StreamReply`. Raise :class:`~aioproxy.errors.ProxyError` subclasses
-    for failures; aiohttp client errors and timeouts are turned into 502/504 for you.
+    takes the :class:`~aioproxy.Call` and returns a :class:`JSONReply` or (when ``call.stream``)
+    a :class:`StreamReply`. Raise :class:`~aioproxy.ProxyError` subclasses for failures.
 
-    One instance per app, created at start-up with the app's pooled ``session``; ``start`` and
-    ``close`` bracket its life. Keep per-app state on the instance, never in module globals.
-    ``pool`` is the app's lean keep-alive client (:mod:`aioproxy.h1client`), set before ``start``:
-    pass it to :func:`aioproxy.upstream.forward` for plain POST pass-through calls.
-    ``upstream`` (an :class:`~aioproxy.Upstream`, set by ``make_provider``) is the one way to
-    call an upstream that the others give way to: ``post``/``guard``/``read``/``events``, or
-    ``forward`` for OpenAI-compatible pass-through.
+    One instance per app, made at start-up by the core with the app's :class:`~aioproxy.Upstream`
+    (``self.upstream``: the one way to call an upstream, whose transport errors come out as the
+    client's 502/504) and its :class:`ProviderConfig` (``self.config``); ``start`` and ``close``
+    bracket its life. Keep per-app state on the instance, never in module globals.
     """
 
+    # What a config's ``provider = "..."`` names: the class name without "Provider", lower case
+    # ("OpenAIProvider" -> "openai"), unless the class sets it.
     name: ClassVar[str] = ""
     # The shape of a deployment's ``settings`` table, as a msgspec Struct. The core checks every
     # configured deployment against it when the app is created, so a bad value or a key it does
@@ -87,24 +96,38 @@ class Provider:
     # table also carries other plugins' keys (a typo then goes unnoticed).
     allow_unknown_settings: ClassVar[bool] = False
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
-        self.session = session
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__.removesuffix("Provider").lower()
+
+    def __init__(self, upstream: Upstream, config: ProviderConfig) -> None:
+        if not isinstance(upstream, Upstream):  # the deprecated (session, Config) form
+            warnings.warn(
+                f"{type(self).__name__}(session, config) is deprecated: a provider takes "
+                "(upstream, provider_config)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            upstream = Upstream(SessionTransport(upstream), config, upstream)
+        self.upstream = upstream
+        # A ProviderConfig; the whole Config for a provider still made the deprecated way.
         self.config = config
-        self.pool: H1Pool | None = None
-        self._upstream: Upstream | None = None
         self._settings: dict[int, tuple[dict[str, Any], Any]] = {}
 
     @property
-    def upstream(self) -> Upstream:
-        """The one way to call an upstream: the app's (set by make_provider), else one over
-        ``session`` made on first use (a provider made outside an app)."""
-        if self._upstream is None:
-            self._upstream = Upstream(SessionTransport(self.session), self.config)
-        return self._upstream
+    def session(self) -> aiohttp.ClientSession | None:
+        """Deprecated: use ``self.upstream``. The app's ClientSession."""
+        return self.upstream.session
 
-    @upstream.setter
-    def upstream(self, upstream: Upstream) -> None:
-        self._upstream = upstream
+    @property
+    def pool(self) -> H1Pool | None:
+        """Deprecated: use ``self.upstream``. The app's lean keep-alive pool, if it has one."""
+        return self.upstream.pool
+
+    @pool.setter
+    def pool(self, pool: H1Pool | None) -> None:
+        self.upstream.pool = pool
 
     def settings(self, deployment: Deployment) -> Any:
         """``deployment.settings`` as ``settings_type``, decoded once per settings table.
@@ -136,15 +159,41 @@ class Provider:
         headers: Mapping[str, str],
         timeout: aiohttp.ClientTimeout,
     ) -> UpstreamResponse:
-        """POST ``body`` to ``url`` through the app's lean pool (``self.pool``; the session when
-        there is none, e.g. a provider made outside an app), never following a redirect.
+        """Deprecated: use ``self.upstream.post``. POST ``body`` to ``url`` through the app's
+        lean pool (``self.pool``; the session when there is none), never following a redirect.
 
         The answer has what a relay reads, either way: ``status``, ``headers``,
         ``content_type``, ``content_length``, ``content`` (a StreamReader), ``read()``,
         ``release()`` and ``close()``. :func:`aioproxy.upstream.answer_of` turns failures into
         the client's errors; release or close the answer on every path.
         """
-        return await post_via(self.session, self.pool, url, body, headers, timeout)
+        session = self.session
+        assert session is not None, "Provider.post needs an Upstream with a session"
+        return await post_via(session, self.pool, url, body, headers, timeout)
+
+    async def request(
+        self, deployment: Deployment, method: str, url: str, headers: Mapping[str, str]
+    ) -> JSONReply:
+        """``method`` (``GET``, ``DELETE``, ...) on ``url`` for ``deployment``, no body: the
+        upstream's 2xx JSON answer as it is, its errors as the client's (as ``upstream.post``).
+
+        For calls outside a request, such as the Responses API's retrieve and delete. Goes
+        through the app's ClientSession, since the transport only POSTs.
+        """
+        session = self.session
+        assert session is not None, "Provider.request needs an Upstream with a session"
+        sending = session.request(
+            method,
+            url,
+            headers=headers,
+            timeout=client_timeout(self.upstream.timeouts(deployment)),
+            allow_redirects=False,
+        )
+        response = await answer_of(sending, deployment)
+        with closed_on_failure(response, deployment):
+            body = await read_capped(response, deployment)
+        response.release()
+        return JSONReply(body, response.status)
 
     async def start(self) -> None:
         """Called once at app start-up, after ``__init__``."""
@@ -173,23 +222,69 @@ class Provider:
         return served
 
 
-ProviderFactory = Callable[[aiohttp.ClientSession, Config], Provider]
+# What ``register`` takes: a Provider subclass, or any callable of the same arguments.
+ProviderFactory = Callable[[Upstream, ProviderConfig], Provider]
 
 
 def make_provider(factory: ProviderFactory, upstream: Upstream, config: ProviderConfig) -> Provider:
     """The one place a provider is built, on ``upstream`` (not started yet).
 
-    ``config`` is what the provider will get instead of the whole Config; meanwhile factories
-    still take ``(session, config)``, the Config ``upstream`` was made from.
+    A factory of the deprecated form ``(session, config)`` (its first parameter named
+    ``session``) still gets the app's session and whole Config, with a DeprecationWarning.
     """
-    session = upstream.session
-    if session is None:
-        raise TypeError("make_provider needs an Upstream with a session (Upstream(..., session=))")
-    provider = factory(session, upstream._config)  # noqa: SLF001 - until factories take config
+    if not _is_legacy(factory):
+        return factory(upstream, config)
+    warnings.warn(
+        f"provider factory {getattr(factory, '__name__', factory)!r} takes (session, config): "
+        "deprecated, take (upstream, provider_config)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    legacy: Callable[[Any, Config], Provider] = factory  # type: ignore[assignment]
+    with warnings.catch_warnings():  # warned once, above, not again by Provider.__init__
+        warnings.simplefilter("ignore", DeprecationWarning)
+        provider = legacy(upstream.session, upstream._config)  # the legacy form only
     if isinstance(provider, Provider):
-        provider.pool = upstream.pool
         provider.upstream = upstream
     return provider
+
+
+def _is_legacy(factory: ProviderFactory) -> bool:
+    """Whether ``factory`` takes the deprecated ``(session, config)``: by its first parameter's
+    name (start-up only)."""
+    try:
+        parameters = list(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a builtin or a callable with no signature
+        return False
+    return bool(parameters) and parameters[0] == "session"
+
+
+def registrar(factories: dict[str, ProviderFactory]) -> Callable[..., None]:
+    """The ``register`` callback of ``register_providers``, filling ``factories`` by name.
+
+    ``register(OpenAIProvider)`` registers under the class's ``name``; ``register(cls, "other")``
+    under another name. The deprecated ``register("openai", cls)`` still works, with a
+    DeprecationWarning.
+    """
+
+    def register(provider: ProviderFactory | str, name: Any = None) -> None:
+        if isinstance(provider, str):
+            warnings.warn(
+                f"register({provider!r}, factory) is deprecated: register(factory) takes the "
+                "name from the class (or register(factory, name))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            factory, name = name, provider
+        else:
+            factory = provider
+        if name is None:
+            name = getattr(factory, "name", "")
+            if not name:
+                raise TypeError(f"{factory!r} has no provider name: register(factory, name)")
+        factories[name] = factory
+
+    return register
 
 
 def decode_settings(
@@ -218,7 +313,10 @@ def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any
 
 
 def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
-    """Check every configured deployment's settings against its provider's ``settings_type``."""
+    """Check every configured deployment's settings against its provider's ``settings_type``;
+    log the ``forward_headers`` that are never forwarded (once per app: ProviderConfig and the
+    Upstream drop them silently)."""
+    forwarded_names(config.upstream.forward_headers)
     for i, entry in enumerate(config.models):
         factory = factories.get(entry.provider)
         settings_type = getattr(factory, "settings_type", None)

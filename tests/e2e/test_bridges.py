@@ -45,8 +45,8 @@ class ChatOnlyEcho(aioproxy_echo.EchoProvider):
 class ChatOnlyPlugin:
     @hookimpl
     def register_providers(self, register: RegisterProvider) -> None:
-        register("chatonly", ChatOnlyOpenAI)
-        register("chatonly-echo", ChatOnlyEcho)
+        register(ChatOnlyOpenAI, "chatonly")
+        register(ChatOnlyEcho, "chatonly-echo")
 
 
 def bridged_config(api_base: str, store_path: Path, **responses: Any) -> dict[str, Any]:

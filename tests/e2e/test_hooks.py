@@ -170,7 +170,7 @@ async def test_hook_register_providers(start_proxy: StartProxy, upstream_base: s
     class Plugin:
         @hookimpl
         def register_providers(self, register: Any) -> None:
-            register("constant", Constant)
+            register(Constant)
 
     config = gateway_config(upstream_base)
     config["models"].append({"name": "const", "provider": "constant"})

@@ -53,7 +53,7 @@ def plugin(flaw: str = "") -> object:
     class Registers:
         @hookimpl
         def register_providers(self, register: Any) -> None:
-            register("sloppy", provider)
+            register(provider, "sloppy")
 
     return Registers()
 

@@ -139,7 +139,7 @@ class Fragile(OpenAIProvider):
 class FragilePlugin:
     @hookimpl
     def register_providers(self, register: Any) -> None:
-        register("fragile", Fragile)
+        register(Fragile)
 
 
 @pytest.mark.parametrize(("field", "status"), [("stop", 500), ("tools", 400)])

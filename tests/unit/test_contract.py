@@ -192,7 +192,8 @@ async def test_make_provider_gives_the_provider_its_upstream() -> None:
         upstream = Upstream(pool, CONFIG, session)
         table = {"m": (DEPLOYMENT,), "e": (Deployment(name="e", provider="echo", model="e1"),)}
         config = ProviderConfig.of("openai", CONFIG, table)
-        provider = make_provider(factory, upstream, config)
+        with pytest.warns(DeprecationWarning):  # (session, config) factories: deprecated (WP3)
+            provider = make_provider(factory, upstream, config)
         assert made == [(session, CONFIG)]
         assert provider.upstream is upstream and provider.pool is pool
         assert config.deployments == (DEPLOYMENT,) and config.forward_headers == ("openai-beta",)
@@ -201,7 +202,8 @@ async def test_make_provider_gives_the_provider_its_upstream() -> None:
 
 
 def test_a_provider_made_outside_an_app_has_a_session_upstream() -> None:
-    provider = Provider(None, CONFIG)  # type: ignore[arg-type]
+    with pytest.warns(DeprecationWarning):  # Provider(session, config): deprecated (WP3)
+        provider = Provider(None, CONFIG)  # type: ignore[arg-type]
     assert isinstance(provider.upstream.transport, SessionTransport)
     assert provider.upstream is provider.upstream  # made once
 

@@ -9,14 +9,18 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pluggy
 import pytest
 
-from aioproxy import hookspecs
+from aioproxy import Provider, ProviderConfig, Upstream, hookspecs
+from aioproxy.builtins.config_models import deployments_from
 from aioproxy.config import Config, parse_config
 from aioproxy.context import Principal
 from aioproxy.hookspecs import PER_REQUEST_HOOKS, hookimpl
 from aioproxy.plugins import Hook, Hooks, PluginLoadError, make_plugin_manager
+from aioproxy.providers import make_provider, registrar
+from aioproxy.transport import SessionTransport
 
 GOOD_MODULE = "aioproxy_unit_fake_plugin"
 MISSING_MODULE = "aioproxy_unit_no_such_module"
@@ -366,3 +370,71 @@ def test_hook_is_a_snapshot(pm: pluggy.PluginManager) -> None:
     pm.register(named("late", "x"))
     assert not hook  # resolved once; later registrations need a new Hook
     assert Hook(pm.hook.map_model)
+
+
+# --- providers: registration, construction, ProviderConfig ---------------------------------------
+
+
+class ToyProvider(Provider):
+    pass
+
+
+class NamedProvider(Provider):
+    name = "azure-toy"
+
+
+def test_a_provider_name_comes_from_its_class() -> None:
+    assert (ToyProvider.name, NamedProvider.name) == ("toy", "azure-toy")
+    assert type("Plain", (ToyProvider,), {}).name == "plain"  # each subclass gets its own
+
+
+def test_register_takes_the_class_and_an_optional_second_name() -> None:
+    factories: dict[str, Any] = {}
+    register = registrar(factories)
+    register(ToyProvider)
+    register(ToyProvider, "toy2")
+    assert factories == {"toy": ToyProvider, "toy2": ToyProvider}
+    with pytest.raises(TypeError, match="no provider name"):
+        register(lambda upstream, config: ToyProvider(upstream, config))
+
+
+def test_the_old_register_form_still_works_with_a_deprecation_warning() -> None:
+    factories: dict[str, Any] = {}
+    with pytest.warns(DeprecationWarning, match="register"):
+        registrar(factories)("old", ToyProvider)
+    assert factories == {"old": ToyProvider}
+
+
+async def test_make_provider_gives_the_upstream_and_only_the_provider_config() -> None:
+    cfg = config(
+        auth={"master_key": "sk-master"},
+        models=[
+            {"name": "a", "provider": "toy", "model": "m"},
+            {"name": "b", "provider": "other", "model": "m"},
+        ],
+    )
+    async with aiohttp.ClientSession() as session:
+        upstream = Upstream(SessionTransport(session), cfg, session)
+        provider_config = ProviderConfig.of("toy", cfg, deployments_from(cfg))
+        provider = make_provider(ToyProvider, upstream, provider_config)
+    assert provider.upstream is upstream
+    assert provider.config is provider_config
+    assert [d.name for d in provider_config.deployments] == ["a"]
+    assert not hasattr(provider_config, "auth")
+
+
+async def test_make_provider_still_takes_a_session_config_factory_with_a_warning() -> None:
+    made: list[tuple[Any, Any]] = []
+
+    def old_factory(session: aiohttp.ClientSession, config: Config) -> Provider:
+        made.append((session, config))
+        return ToyProvider(session, config)  # type: ignore[arg-type]
+
+    cfg = config()
+    async with aiohttp.ClientSession() as session:
+        upstream = Upstream(SessionTransport(session), cfg, session)
+        with pytest.warns(DeprecationWarning, match="takes \\(session, config\\)") as warned:
+            provider = make_provider(old_factory, upstream, ProviderConfig.of("toy", cfg, {}))
+    assert len(warned) == 1  # once, not again from Provider.__init__
+    assert made == [(session, cfg)]
+    assert provider.upstream is upstream

@@ -13,6 +13,9 @@ from aioproxy.config import parse_config
 from aioproxy.h1client import H1Pool, H1Response
 from aioproxy.providers import Provider
 
+# Provider(session, config) and Provider.post are deprecated shims (issue 11): still tested.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 

@@ -7,8 +7,36 @@ from typing import Any
 import msgspec
 import pytest
 
-from aioproxy import ConfigError, Deployment, Provider, ProxyError, create_app, hookimpl
-from aioproxy.config import parse_config
+from aioproxy import (
+    ConfigError,
+    Deployment,
+    Provider,
+    ProviderConfig,
+    ProxyError,
+    Upstream,
+    UpstreamResponse,
+    create_app,
+    hookimpl,
+)
+from aioproxy.config import Timeouts, parse_config
+
+
+class _NoTransport:
+    """A Transport for providers that these tests never let call an upstream."""
+
+    async def post(
+        self, url: str, body: bytes, headers: Any, timeouts: Timeouts
+    ) -> UpstreamResponse:
+        raise AssertionError("no upstream call expected")
+
+    async def close(self) -> None:
+        pass
+
+
+def built(cls: type[Provider]) -> Any:
+    """``cls`` as the core makes it, outside an app."""
+    config = parse_config({})
+    return cls(Upstream(_NoTransport(), config), ProviderConfig.of(cls.name, config, {}))
 
 
 class Knobs(msgspec.Struct, frozen=True):
@@ -23,7 +51,7 @@ class KnobProvider(Provider):
 class Plugin:
     @hookimpl
     def register_providers(self, register: Any) -> None:
-        register("knobs", KnobProvider)
+        register(KnobProvider, "knobs")
 
 
 def deployment(**settings: Any) -> Deployment:
@@ -39,7 +67,7 @@ def test_bad_settings_stop_create_app_with_the_field_path() -> None:
 
 
 def test_settings_are_lax_about_strings_and_decoded_once() -> None:
-    provider = KnobProvider(None, parse_config({}))  # type: ignore[arg-type]
+    provider = built(KnobProvider)
     made = deployment(level="3")  # as ${VAR} gives it
     first = provider.settings(made)
     assert first == Knobs(level=3)
@@ -48,7 +76,7 @@ def test_settings_are_lax_about_strings_and_decoded_once() -> None:
 
 
 def test_a_plugin_deployment_with_bad_settings_is_a_500_naming_it() -> None:
-    provider = KnobProvider(None, parse_config({}))  # type: ignore[arg-type]
+    provider = built(KnobProvider)
     with pytest.raises(ProxyError) as caught:
         provider.settings(deployment(level="high"))
     assert caught.value.status == 500 and caught.value.code == "invalid_settings"
@@ -72,7 +100,7 @@ def serving(provider: type[Provider]) -> object:
     class Registers:
         @hookimpl
         def register_providers(self, register: Any) -> None:
-            register("spaced", provider)
+            register(provider, "spaced")
 
     return Registers()
 
@@ -91,13 +119,13 @@ def test_a_provider_can_leave_unknown_settings_to_other_plugins() -> None:
     config = {"models": [{"name": "m", "provider": "spaced",
                           "settings": {"keep_alive": "5m", "cache_ttl": 3}}]}
     create_app(config, plugins=[serving(SharedProvider)], load_entrypoints=False)
-    provider = SharedProvider(None, parse_config({}))  # type: ignore[arg-type]
+    provider = built(SharedProvider)
     made = Deployment(name="m", provider="spaced", model="m", settings={"keep_alive": "5m", "x": 1})
     assert provider.settings(made) == Spaced(keep_alive="5m")
 
 
 def test_a_plugin_deployment_with_an_unknown_setting_is_a_500_naming_it() -> None:
-    provider = SpacedProvider(None, parse_config({}))  # type: ignore[arg-type]
+    provider = built(SpacedProvider)
     made = Deployment(name="m", provider="spaced", model="m", settings={"keepalive": "5m"})
     with pytest.raises(ProxyError, match="unknown field `keepalive`") as caught:
         provider.settings(made)

@@ -8,8 +8,7 @@ gives none, default 4096). The other endpoint kinds reach it through the core's 
 
 from __future__ import annotations
 
-from aioproxy import hookimpl
-from aioproxy.hookspecs import RegisterProvider
+from aioproxy import RegisterProvider, hookimpl
 
 from .provider import AnthropicProvider
 
@@ -18,4 +17,4 @@ __all__ = ["AnthropicProvider", "register_providers"]
 
 @hookimpl
 def register_providers(register: RegisterProvider) -> None:
-    register("anthropic", AnthropicProvider)
+    register(AnthropicProvider)

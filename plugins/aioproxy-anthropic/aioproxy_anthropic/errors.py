@@ -6,8 +6,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from aioproxy import BadGateway, Deployment, ProxyError
-from aioproxy.upstream import scrub
+from aioproxy import BadGateway, Deployment, ProxyError, scrub
 
 __all__ = ["STATUS_OF_TYPE", "ErrorDetail", "error_from", "map_error", "stream_error"]
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Annotated
 
-import aiohttp
 import msgspec
 from msgspec import Meta
 from multidict import CIMultiDict
 
 from aioproxy import (
+    DONE,
     BadGateway,
     Call,
     Deployment,
@@ -21,16 +20,9 @@ from aioproxy import (
     ProxyError,
     Reply,
     StreamReply,
-)
-from aioproxy.fields import get_field
-from aioproxy.providers import UpstreamResponse
-from aioproxy.streaming import DONE, EventTooLarge, iter_sse, sse_data
-from aioproxy.upstream import (
-    answer_of,
-    closed_on_failure,
-    deployment_timeout,
-    failure_from,
-    read_capped,
+    UpstreamResponse,
+    get_field,
+    sse_data,
 )
 
 from .errors import error_from, stream_error
@@ -72,25 +64,20 @@ class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
 class AnthropicProvider(Provider):
     """Translates chat completions to ``POST {api_base}/v1/messages`` and the answer back."""
 
-    name = "anthropic"
     settings_type = AnthropicSettings  # checked by the core at start-up
 
     async def chat_completions(self, call: Call) -> Reply:
         deployment = call.deployment
-        assert deployment is not None
         settings: AnthropicSettings = self.settings(deployment)
         body = to_anthropic(call.fields, default_max_tokens=settings.default_max_tokens)
-        response = await answer_of(
-            self.post(
-                messages_url(deployment.api_base),
-                _encode(body),
-                _headers(deployment, settings, call.stream),
-                deployment_timeout(call, self.config),
-            ),
-            deployment,
-            _read_error,
+        response = await self.upstream.post(
+            call,
+            messages_url(deployment.api_base),
+            _encode(body),
+            _headers(deployment, settings, call.stream),
+            read_error=_read_error,
         )
-        with closed_on_failure(response, deployment):
+        with self.upstream.guard(response, call):
             if call.stream:
                 _expect(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
@@ -98,13 +85,13 @@ class AnthropicProvider(Provider):
                 )
                 # close, not release: a client leaving mid-stream must not leave Anthropic writing.
                 return StreamReply(
-                    _events(response, translator, deployment),
+                    _events(self.upstream.events(response, call), response, translator, deployment),
                     close=response.close,
                     # Over once message_stop is relayed and the body has ended: then the proxy
                     # need not wait for the rest of the events.
                     finished=lambda: translator.finished and response.content.is_eof(),
                 )
-            message = _decode(await read_capped(response, deployment), deployment)
+            message = _decode(await self.upstream.read(response, call), deployment)
         response.release()
         return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
 
@@ -159,13 +146,16 @@ def _decode(raw: bytes, deployment: Deployment) -> Answer:
 
 
 async def _events(
-    response: UpstreamResponse, translator: StreamTranslator, deployment: Deployment
+    events: AsyncGenerator[bytes, None],
+    response: UpstreamResponse,
+    translator: StreamTranslator,
+    deployment: Deployment,
 ) -> AsyncIterator[bytes]:
-    """Each Anthropic event as it arrives, as the chunks it gives; ``[DONE]`` after message_stop.
+    """Each Anthropic event of ``events`` (``upstream.events``: transport errors, stalls and
+    oversized events already mapped) as the chunks it gives; ``[DONE]`` after message_stop.
 
     Read on to the end of the body after message_stop, so the connection goes back to the pool.
     """
-    events = iter_sse(response.content)
     try:
         async for raw in events:
             if translator.finished:
@@ -186,12 +176,6 @@ async def _events(
                 yield sse_data(chunk)
             if translator.finished:
                 yield DONE
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise failure_from(exc, deployment) from exc
-    except EventTooLarge as exc:
-        raise BadGateway(
-            f"Deployment {deployment.describe()}: {exc}", code="upstream_too_large"
-        ) from None
     finally:
         await events.aclose()  # now, also when the client left: see iter_sse
     if not translator.finished:

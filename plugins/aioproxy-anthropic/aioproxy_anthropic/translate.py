@@ -12,8 +12,7 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import BadRequest
-from aioproxy.fields import (
+from aioproxy import (
     ABSENT,
     BOOL,
     FLOAT,
@@ -26,6 +25,7 @@ from aioproxy.fields import (
     NULL,
     STR,
     ArrayOf,
+    BadRequest,
     get_field,
     text_or_array,
 )
@@ -40,8 +40,8 @@ __all__ = [
     "Event",
     "StreamTranslator",
     "Usage",
-    "decode_answer",
     "content_blocks",
+    "decode_answer",
     "finish_reason",
     "image_block",
     "messages_url",
@@ -76,8 +76,7 @@ _SYSTEM_ROLES = ("system", "developer")
 def messages_url(api_base: str | None) -> str:
     """``{api_base}/v1/messages``, whether or not ``api_base`` already ends in ``/v1``."""
     base = (api_base or DEFAULT_API_BASE).rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
+    base = base.removesuffix("/v1")
     return base + "/v1/messages"
 
 
@@ -167,7 +166,7 @@ _OBJECT = msgspec.json.Decoder(_AnyObject)
 
 # Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
 # written for vLLM & co. send it and Anthropic takes it.
-_SAMPLING = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
+_SAMPLING: dict[str, msgspec.json.Decoder[Any]] = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
 
 
 def to_anthropic(

@@ -267,6 +267,12 @@ class FakeAnthropic:
             events = [*events[: first + 1], _overloaded()]
         try:
             for i, event in enumerate(events):
+                if fault == "trickle" and i == 1:  # bytes keep coming, the event never ends
+                    await response.write(b"event: ping\ndata: {")
+                    for _ in range(1200):  # a minute at most
+                        await asyncio.sleep(0.05)
+                        await response.write(b" ")
+                    return response
                 if fault == "cut_stream" and i == _FAULT_EVENTS:
                     if request.transport is not None:
                         request.transport.close()

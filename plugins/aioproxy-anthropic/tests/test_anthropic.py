@@ -6,9 +6,10 @@ what the client gets and what Anthropic received.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
-import io
 import importlib.util
+import io
 import json
 import sys
 import tracemalloc
@@ -18,8 +19,8 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
-import msgspec
 import aioproxy_anthropic
+import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
@@ -828,6 +829,27 @@ async def test_a_broken_stream_ends_with_an_error_event(
     assert status == 200
     error = json.loads(sse_data(raw)[-1])["error"]
     assert (error["type"], error["code"]) == ("upstream_error", code)
+    assert MODEL in error["message"]
+
+
+async def test_a_stream_whose_event_never_ends_times_out_at_the_read_timeout(
+    aiohttp_server: Any, upstream: TestServer, fake: Any
+) -> None:
+    """The provider reads its stream through upstream.events, which counts progress in events:
+    bytes that complete no event for the deployment's ``read`` timeout end the stream."""
+    fake.faults.append("trickle")  # a byte every 50 ms: the socket never goes quiet
+    config = gateway_config(str(upstream.make_url("/")))
+    config["models"][0]["timeouts"] = {"read": 0.5, "first_byte": 120, "total": 120}
+    app = create_app(config, plugins=[aioproxy_anthropic], load_entrypoints=False)
+    proxy = await aiohttp_server(app)
+    body = {"model": MODEL, "messages": user("Hi"), "stream": True}
+    # A safety net only: without the event-progress timeout the trickle lasts a minute.
+    status, raw, _ = await asyncio.wait_for(post(proxy, body), 30)
+
+    assert status == 200  # the role chunk went out: the failure is the stream's last event
+    error = json.loads(sse_data(raw)[-1])["error"]
+    assert (error["type"], error["code"]) == ("timeout_error", "upstream_timeout")
+    assert "no complete event in 0.5 s" in error["message"]
     assert MODEL in error["message"]
 
 

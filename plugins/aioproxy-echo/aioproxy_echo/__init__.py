@@ -16,8 +16,7 @@ Deterministic answers for tests, demos and load runs:
 
 from __future__ import annotations
 
-from aioproxy import hookimpl
-from aioproxy.hookspecs import RegisterProvider
+from aioproxy import RegisterProvider, hookimpl
 
 from .provider import EchoProvider
 
@@ -26,4 +25,4 @@ __all__ = ["EchoProvider", "register_providers"]
 
 @hookimpl
 def register_providers(register: RegisterProvider) -> None:
-    register("echo", EchoProvider)
+    register(EchoProvider)

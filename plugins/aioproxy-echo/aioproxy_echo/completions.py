@@ -7,8 +7,7 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import Call, JSONReply, Reply, StreamReply
-from aioproxy.streaming import DONE, sse_data
+from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, sse_data
 
 from .common import Head, completion_usage, head_of, interleave
 from .inputs import choice_count, completion_prompts, include_usage, token_cap

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import msgspec
 
-from aioproxy import BadRequest, Call
-from aioproxy.fields import (
+from aioproxy import (
     ABSENT,
     INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     STR,
     ArrayOf,
+    BadRequest,
+    Call,
     decode_field,
     get_field,
     text_or_array,

@@ -18,7 +18,6 @@ __all__ = ["EchoProvider"]
 class EchoProvider(Provider):
     """Echoes the input back, word by word; no network, so it needs no ``api_base`` or key."""
 
-    name = "echo"
     settings_type = EchoSettings  # checked by the core at start-up, decoded once per deployment
 
     async def chat_completions(self, call: Call) -> Reply:
@@ -31,6 +30,5 @@ class EchoProvider(Provider):
         return await embeddings.answer(call, self._settings_for(call))
 
     def _settings_for(self, call: Call) -> EchoSettings:
-        assert call.deployment is not None
         settings: EchoSettings = self.settings(call.deployment)
         return settings

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import msgspec
 
 from aioproxy import (
+    DONE,
     BadGateway,
     BadRequest,
     Call,
@@ -31,15 +32,14 @@ from aioproxy import (
     Provider,
     ProxyError,
     RateLimited,
+    RegisterProvider,
     Reply,
     StreamReply,
     UpstreamError,
+    UpstreamResponse,
     hookimpl,
+    sse_data,
 )
-from aioproxy.hookspecs import RegisterProvider
-from aioproxy.providers import UpstreamResponse
-from aioproxy.streaming import DONE, sse_data
-from aioproxy.upstream import answer_of, closed_on_failure, deployment_timeout, read_capped
 
 __all__ = ["ExampleProvider", "Settings", "register_providers"]
 
@@ -86,18 +86,16 @@ class ExampleProvider(Provider):
     """Serves chat completions and embeddings from the toy API; other endpoint kinds: bridged
     (responses, completions) by the core."""
 
-    name = "example"
     settings_type = Settings  # the core checks every deployment's settings at start-up
 
     async def start(self) -> None:
         # Check what the core cannot know, so that a missing api_base fails now, not later.
-        for entry in self.config.models:
-            if entry.provider == self.name and not entry.api_base:
-                raise ConfigError(f"model '{entry.name}': the example provider needs api_base")
+        for deployment in self.config.deployments:  # only the ones naming this provider
+            if not deployment.api_base:
+                raise ConfigError(f"model '{deployment.name}': the example provider needs api_base")
 
     async def chat_completions(self, call: Call) -> Reply:
         deployment = call.deployment
-        assert deployment is not None
         settings: Settings = self.settings(deployment)  # decoded once per deployment
         max_words = call.get("max_completion_tokens") or call.get("max_tokens")
         request = {
@@ -107,7 +105,7 @@ class ExampleProvider(Provider):
             "stream": call.stream,
         }
         response = await self._send(call, "/generate", request)
-        with closed_on_failure(response, deployment):  # closes it if anything here raises
+        with self.upstream.guard(response, call):  # closes it if anything here raises
             if call.stream:
                 # close= drops the upstream connection if the client leaves mid-stream.
                 return StreamReply(
@@ -115,19 +113,18 @@ class ExampleProvider(Provider):
                     close=response.close,
                     finished=response.content.is_eof,  # the toy's answer ends with its last line
                 )
-            body = await read_capped(response, deployment)
+            body = await self.upstream.read(response, call)  # capped at 64 MiB
         response.release()  # read whole: the connection goes back to the pool
         return JSONReply.of(_completion(call, _decode(_decode_answer, body, deployment)))
 
     async def embeddings(self, call: Call) -> Reply:
         deployment = call.deployment
-        assert deployment is not None
         as_base64 = _wants_base64(call)
         response = await self._send(
             call, "/embed", {"model": deployment.model, "texts": _texts(call)}
         )
-        with closed_on_failure(response, deployment):
-            body = await read_capped(response, deployment)
+        with self.upstream.guard(response, call):
+            body = await self.upstream.read(response, call)
         response.release()
         answer = _decode(_decode_vectors, body, deployment)
         data = [
@@ -140,16 +137,12 @@ class ExampleProvider(Provider):
     async def _send(self, call: Call, path: str, request: dict[str, Any]) -> UpstreamResponse:
         """POST ``request`` to the toy API's ``path``: its 2xx answer, or the client's error."""
         deployment = call.deployment
-        assert deployment is not None
-        return await answer_of(
-            self.post(  # through the app's lean pool; the answer is not an `async with` one
-                f"{(deployment.api_base or '').rstrip('/')}{path}",
-                _encode(request),
-                _headers(deployment),
-                deployment_timeout(call, self.config),
-            ),
-            deployment,
-            _error,  # reads a failure's status, body and headers
+        return await self.upstream.post(  # with the deployment's timeouts; not `async with`
+            call,
+            f"{(deployment.api_base or '').rstrip('/')}{path}",
+            _encode(request),
+            _headers(deployment),
+            read_error=_error,  # reads a failure's status, body and headers
         )
 
 
@@ -183,7 +176,7 @@ def _texts(call: Call) -> list[str]:
 
 def _wants_base64(call: Call) -> bool:
     """``encoding_format``: "float" (the default) or "base64", which the openai SDK sends."""
-    encoding = call.get("encoding_format", "float")
+    encoding: str = call.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise BadRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
     return encoding == "base64"
@@ -262,7 +255,6 @@ def _completion(call: Call, answer: _Answer) -> dict[str, Any]:
 
 async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes]:
     """The toy API's lines as chat chunks: the role, a chunk per word, the finish, usage, [DONE]."""
-    assert call.deployment is not None
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -297,4 +289,4 @@ async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes
 
 @hookimpl
 def register_providers(register: RegisterProvider) -> None:
-    register("example", ExampleProvider)
+    register(ExampleProvider)

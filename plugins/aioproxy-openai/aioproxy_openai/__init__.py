@@ -5,20 +5,7 @@ Bodies pass through as the client sent them, bar ``model``; streams pass through
 
 from __future__ import annotations
 
-import aiohttp
-
-from aioproxy import Call, Config, Deployment, JSONReply, Provider, Reply, hookimpl
-from aioproxy.headers import forwarded_names
-from aioproxy.hookspecs import RegisterProvider
-from aioproxy.upstream import (
-    answer_of,
-    closed_on_failure,
-    deployment_timeout,
-    forward,
-    read_capped,
-    timeout_for,
-    timeouts_of,
-)
+from aioproxy import Call, Deployment, JSONReply, Provider, RegisterProvider, Reply, hookimpl
 
 __all__ = ["OpenAIProvider", "register_providers"]
 
@@ -27,13 +14,6 @@ DEFAULT_API_BASE = "https://api.openai.com/v1"
 
 class OpenAIProvider(Provider):
     """Forwards every endpoint kind to ``{api_base}/<path>`` with the deployment's key."""
-
-    name = "openai"
-
-    def __init__(self, session: aiohttp.ClientSession, config: Config) -> None:
-        super().__init__(session, config)
-        # Lower-cased once: each name is sent once, whatever case the config and client use.
-        self._forwarded = forwarded_names(config.upstream.forward_headers)
 
     async def chat_completions(self, call: Call) -> Reply:
         return await self._forward(call, "/chat/completions")
@@ -55,31 +35,12 @@ class OpenAIProvider(Provider):
         upstream's JSON answer comes back as it is; its errors as the client's (a 404 stays a
         404), with the deployment's key, never the client's.
         """
-        headers = _deployment_headers(deployment)
-        sending = self.session.request(
-            method,
-            _base(deployment) + path,
-            headers=headers,
-            timeout=timeout_for(timeouts_of(deployment, self.config)),
-            allow_redirects=False,
+        return await self.request(
+            deployment, method, _base(deployment) + path, _deployment_headers(deployment)
         )
-        response = await answer_of(sending, deployment)
-        with closed_on_failure(response, deployment):
-            body = await read_capped(response, deployment)
-        response.release()
-        return JSONReply(body, response.status)
 
     async def _forward(self, call: Call, path: str) -> Reply:
-        deployment = call.deployment
-        assert deployment is not None
-        return await forward(
-            call,
-            self.session,
-            _base(deployment) + path,
-            self._headers(call),
-            deployment_timeout(call, self.config),
-            pool=self.pool,
-        )
+        return await self.upstream.forward(call, _base(call.deployment) + path, self._headers(call))
 
     def _headers(self, call: Call) -> dict[str, str]:
         """The upstream's headers, built afresh: the client's own key never travels upstream.
@@ -87,11 +48,7 @@ class OpenAIProvider(Provider):
         Names are lower case, so that a later one replaces an earlier one of any case: the
         deployment's headers win over the client's, and its key over both.
         """
-        deployment = call.deployment
-        assert deployment is not None
-        client_headers = call.request.headers
-        forwarded = {n: v for n in self._forwarded if (v := client_headers.get(n)) is not None}
-        headers = _deployment_headers(deployment, forwarded)
+        headers = _deployment_headers(call.deployment, self.upstream.client_headers(call))
         if call.stream:
             headers["accept"] = "text/event-stream"
         return headers
@@ -116,4 +73,4 @@ def _base(deployment: Deployment) -> str:
 
 @hookimpl
 def register_providers(register: RegisterProvider) -> None:
-    register("openai", OpenAIProvider)
+    register(OpenAIProvider)
