@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,7 +269,7 @@ class Router:
         base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2 ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)  # jitter: retries from many clients spread out
 
-    def snapshot(self, deployments: dict[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
+    def snapshot(self, deployments: Mapping[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
         """Each deployment's state, for ``/health/readiness``: no keys, no addresses."""
         now = self.clock.now()
         rows = []
