@@ -12,9 +12,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .bridges.routes import response_routes
+from .budget import BufferBudget
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
-from .budget import BufferBudget
 from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
 from .ingress import Ingress

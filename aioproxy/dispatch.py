@@ -40,7 +40,7 @@ class Lease:
     sent, failure, retry, re-route, cancellation) reaches it first; later calls do nothing.
     """
 
-    __slots__ = ("deployment", "_router")
+    __slots__ = ("_router", "deployment")
 
     def __init__(self, router: Router, deployment: Deployment) -> None:
         router.acquire(deployment)
@@ -77,10 +77,13 @@ class Plan:
     hosts are healthy), with the attempts it had left.
     """
 
-    __slots__ = ("model", "candidates", "attempts", "fallbacks", "visited", "panic", "skipped")
+    __slots__ = ("attempts", "candidates", "fallbacks", "model", "panic", "skipped", "visited")
 
     def __init__(
-        self, model: str, candidates: tuple[Deployment, ...], fallbacks: Iterable[str],
+        self,
+        model: str,
+        candidates: tuple[Deployment, ...],
+        fallbacks: Iterable[str],
         attempts: int,
     ) -> None:
         self.model = model  # the one being tried

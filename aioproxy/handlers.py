@@ -8,8 +8,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .context import Call
-from .errors import ModelNotFound
 from .dispatch import Lease
+from .errors import ModelNotFound
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
@@ -41,11 +41,15 @@ def make_provider_handler(kind: Kind) -> Handler:
             plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:
                 return await send_with_keepalive(
-                    request, call, dispatcher.dispatch(call, plan, lease), runtime.keepalive,
+                    request,
+                    call,
+                    dispatcher.dispatch(call, plan, lease),
+                    runtime.keepalive,
                     runtime.hooks,
                 )
-            return await send(request, call, await dispatcher.dispatch(call, plan, lease),
-                              runtime.hooks)
+            return await send(
+                request, call, await dispatcher.dispatch(call, plan, lease), runtime.hooks
+            )
         except Exception as exc:
             if runtime.hooks.on_error:
                 await runtime.hooks.on_error.each_logged(request=request, error=exc, call=call)
@@ -70,7 +74,9 @@ async def get_model(request: web.Request) -> web.Response:
     principal = await runtime.authenticate(request, Kind.MODEL)
     name = request.match_info["model"]
     if name not in runtime.model_names(principal):
-        raise ModelNotFound(f"The model '{name}' does not exist or is not served here", param="model")
+        raise ModelNotFound(
+            f"The model '{name}' does not exist or is not served here", param="model"
+        )
     return _json(_encode(_model_object(runtime.created, name)))
 
 

@@ -69,7 +69,8 @@ class Registry:
                 if unknown := deployment.endpoints - self.native[deployment.provider].keys():
                     log.warning(
                         "%s lists endpoints its provider does not implement: %s",
-                        deployment.describe(), ", ".join(sorted(unknown)),
+                        deployment.describe(),
+                        ", ".join(sorted(unknown)),
                     )
 
     def serves(self, kind: Kind) -> bool:
@@ -132,7 +133,8 @@ class Registry:
             return  # a request that was in flight when it was found out
         log.warning(
             "%s has no /responses route upstream; bridging its Responses API onto chat "
-            "completions from now on", deployment.describe(),
+            "completions from now on",
+            deployment.describe(),
         )
         self.overrides[key] = {**methods, Kind.RESPONSES: bridge}
 

@@ -157,7 +157,7 @@ async def _send_stream(
         except asyncio.CancelledError:
             outcome.disconnected = True
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one event
             await end_with_error(request, response, call, exc, outcome, hooks)
     finally:
         try:
@@ -240,7 +240,9 @@ async def end_with_error(
     hooks: Hooks,
 ) -> None:
     """A failure after the headers went out: one error event, then the end of the stream."""
-    error = failure_from(exc, call.deployment if call.routed else None)  # a ProxyError comes back as it is
+    error = failure_from(
+        exc, call.deployment if call.routed else None
+    )  # a ProxyError comes back as it is
     if not isinstance(exc, ProxyError) and not _is_client_error(exc):
         log.exception("stream from %s failed", call.routed and call.deployment.describe())
     if hooks.on_error:

@@ -266,7 +266,7 @@ class Router:
         retry_after = _retry_after(error)
         if retry_after is not None:
             return retry_after if retry_after <= self.config.retry_after_max else None
-        base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2 ** (attempt - 1))
+        base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2.0 ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)  # jitter: retries from many clients spread out
 
     def snapshot(self, deployments: Mapping[str, Sequence[Deployment]]) -> list[dict[str, Any]]:

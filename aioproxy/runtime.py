@@ -81,7 +81,8 @@ class Runtime:
             self.store = None
 
     async def authenticate(self, request: web.Request, kind: Kind) -> Principal:
-        principal = await self.hooks.authenticate.first(request=request, kind=kind)
+        hook = self.hooks.authenticate
+        principal: Principal | None = await hook.first(request=request, kind=kind)
         if principal is None:
             raise AuthenticationError("No plugin accepted the request's credentials")
         return principal
