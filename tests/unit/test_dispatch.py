@@ -5,7 +5,7 @@ mode, ``before_request`` re-routes, admission, and the lease released exactly on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 import pytest
@@ -349,22 +349,20 @@ async def test_cancelled_during_the_backoff_sends_no_retry_and_holds_nothing() -
 async def test_a_stream_failing_before_its_first_event_is_retried_and_closed() -> None:
     closed: list[str] = []
 
-    def stream(name: str, *events: bytes | BaseException) -> StreamReply:
-        async def gen() -> Any:
-            for event in events:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
+    async def refused() -> AsyncGenerator[bytes, None]:
+        raise failure()
+        yield b""  # (an async generator that fails before its first event)
 
-        async def close() -> None:
-            closed.append(name)
+    async def answered() -> AsyncGenerator[bytes, None]:
+        yield b"data: 1\n\n"
 
-        return StreamReply(gen(), close=close)
+    async def close_refused() -> None:
+        closed.append("refused")
 
-    provider = Provider(a=[stream("first", failure()), stream("second", b"data: 1\n\n")])
+    provider = Provider(a=[StreamReply(refused(), close=close_refused), StreamReply(answered())])
     setup = Setup(provider, [entry("m", "a")], num_retries=1)
     answer = await setup.answer(make_call())
-    assert answer.first == b"data: 1\n\n" and closed == ["first"]
+    assert answer.first == b"data: 1\n\n" and closed == ["refused"]
     assert setup.in_flight() == {"a": 1}
 
 
