@@ -26,7 +26,13 @@ from aioproxy.router import Router
 from aioproxy.routes import Kind
 from tests.fakes.clock import FakeClock
 
-OK = JSONReply(b'{"ok": true}')
+OK = b'{"ok": true}'
+
+
+def ok() -> JSONReply:
+    """A fresh answer each time: a JSONReply kept alive at module level would count as one a
+    request leaked (tests/e2e/test_fault_load.py counts the live ones)."""
+    return JSONReply(OK)
 
 
 def failure(status: int = 503) -> ProxyError:
@@ -122,12 +128,12 @@ def test_a_lease_releases_exactly_once() -> None:
 
 
 async def test_a_retryable_failure_is_retried_after_a_backoff_on_the_clock() -> None:
-    provider = Provider(a=[failure(503), failure(502), OK])
+    provider = Provider(a=[failure(503), failure(502), ok()])
     setup = Setup(
         provider, [entry("m", "a")], num_retries=2, retry_backoff=1.0, retry_backoff_max=10.0
     )
     answer = await setup.answer(make_call())
-    assert answer.reply is OK and answer.first is None
+    assert isinstance(answer.reply, JSONReply) and answer.reply.body == OK and answer.first is None
     assert provider.calls == ["a", "a", "a"]
     assert len(setup.clock.sleeps) == 2  # jittered: 1 s then 2 s, each times 0.5-1
     assert 0.5 <= setup.clock.sleeps[0] <= 1.0 and 1.0 <= setup.clock.sleeps[1] <= 2.0
@@ -167,7 +173,7 @@ async def test_retries_spent_raise_the_last_error_with_every_lease_released() ->
 
 
 async def test_a_failed_model_falls_back_in_order() -> None:
-    provider = Provider(a=[failure()], f=[failure()], g=[OK])
+    provider = Provider(a=[failure()], f=[failure()], g=[ok()])
     setup = Setup(
         provider,
         [entry("m", "a"), entry("f", "f"), entry("g", "g")],
@@ -191,7 +197,7 @@ class MapRecorder:
 
 async def test_a_fallback_the_key_may_not_use_is_never_asked_for() -> None:
     recorder = MapRecorder()
-    provider = Provider(a=[failure()], secret=[OK], open=[OK])
+    provider = Provider(a=[failure()], secret=[ok()], open=[ok()])
     setup = Setup(
         provider,
         [entry("m", "a"), entry("secret", "secret"), entry("open", "open")],
@@ -208,7 +214,7 @@ async def test_a_fallback_the_key_may_not_use_is_never_asked_for() -> None:
 
 async def test_a_context_window_error_goes_to_its_fallbacks_at_once() -> None:
     too_long = ProxyError("too long", status=400, code="context_length_exceeded")
-    provider = Provider(a=[too_long], big=[OK])
+    provider = Provider(a=[too_long], big=[ok()])
     setup = Setup(
         provider,
         [entry("m", "a"), entry("big", "big")],
@@ -216,7 +222,11 @@ async def test_a_context_window_error_goes_to_its_fallbacks_at_once() -> None:
         context_window_fallbacks={"m": ["big"]},
     )
     answer = await setup.answer(make_call())
-    assert provider.calls == ["a", "big"] and answer.reply is OK
+    assert (
+        provider.calls == ["a", "big"]
+        and isinstance(answer.reply, JSONReply)
+        and answer.reply.body == OK
+    )
     assert setup.clock.sleeps == []
 
 
@@ -231,7 +241,7 @@ async def test_an_unknown_model_is_a_404_with_nothing_taken() -> None:
 
 
 async def test_a_model_all_cooling_down_is_served_in_panic_after_its_fallbacks() -> None:
-    provider = Provider(a=[OK], f=[failure()])
+    provider = Provider(a=[ok()], f=[failure()])
     setup = Setup(
         provider,
         [entry("m", "a"), entry("f", "f")],
@@ -286,7 +296,7 @@ class Reroute:
 
 
 async def test_a_before_request_reroute_moves_the_lease() -> None:
-    provider = Provider(b=[OK])
+    provider = Provider(b=[ok()])
     models = [entry("m", "a"), entry("backup", "b")]
     setup = Setup(provider, models)
     setup.dispatcher.hooks = Hooks(
@@ -333,7 +343,7 @@ async def test_cancelled_during_the_provider_call_releases_the_lease() -> None:
 
 
 async def test_cancelled_during_the_backoff_sends_no_retry_and_holds_nothing() -> None:
-    provider = Provider(a=[failure(), OK])
+    provider = Provider(a=[failure(), ok()])
     setup = Setup(provider, [entry("m", "a")], num_retries=1)
     setup.clock.hold = True
     task = asyncio.ensure_future(setup.answer(make_call()))
