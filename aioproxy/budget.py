@@ -13,6 +13,7 @@ class BufferFull(ProxyError):
     status = 503
     type = "server_error"
     default_code = "gateway_buffers_full"
+    caused_by_upstream = False  # the gateway's own trouble: no cooldown, no paid retry
 
 
 class BufferBudget:

@@ -35,8 +35,10 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     default_code: str | None = None
-    # Whether the upstream caused it; None: judged by status (see ``upstream_fault``). The gateway
-    # sets False on the errors it raises itself (a cap reached), which share an upstream status.
+    # Whether the upstream caused it; None: judged by status (see ``upstream_fault``). Errors
+    # made from an upstream's own failing answer say True (its code may be anything, even
+    # "internal_error"); the gateway's own failures that share an upstream status (a cap
+    # reached, its buffers or store unavailable) say False.
     caused_by_upstream: bool | None = None
 
     def __init__(
@@ -48,6 +50,7 @@ class ProxyError(Exception):
         status: int | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        caused_by_upstream: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -58,6 +61,8 @@ class ProxyError(Exception):
         if type is not None:
             self.type = type
         self.headers = headers
+        if caused_by_upstream is not None:
+            self.caused_by_upstream = caused_by_upstream
 
     @property
     def upstream_fault(self) -> bool:
@@ -65,9 +70,18 @@ class ProxyError(Exception):
         the request nor a bug of ours: what counts toward a deployment's cooldown."""
         if self.caused_by_upstream is not None:
             return self.caused_by_upstream
-        if self.code == "internal_error":
+        if self.status == 500:  # ours (a bug, a misconfiguration) unless marked the upstream's
             return False
         return self.status >= 500 or self.status in (408, 429)
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another try, on another deployment if there is one: the upstream's faults,
+        and the gateway's own rate caps (another deployment may have room); never the
+        request's own 4xx, a bug of ours, or the gateway's other troubles."""
+        if self.caused_by_upstream is False:
+            return self.status == 429
+        return self.upstream_fault
 
 
 class BadRequest(ProxyError):

@@ -26,14 +26,12 @@ from urllib.parse import quote, unquote, urlsplit
 
 import aiohappyeyeballs
 import aiohttp
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpResponseParser, RawResponseMessage
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp import StreamReader
 from multidict import CIMultiDictProxy
 
+from ._aiohttp import EMPTY_PAYLOAD, BaseProtocol, HttpResponseParser, RawResponseMessage
 from .budget import BufferBudget
 from .config import Timeouts
-from .transport import client_timeout
 
 __all__ = ["H1Pool", "H1Response", "UpstreamConnectError", "UpstreamProtocolError"]
 
@@ -382,39 +380,36 @@ class H1Pool:
     # --- the call ---
 
     async def post(
-        self,
-        url: str,
-        body: bytes,
-        headers: Mapping[str, str],
-        timeout: Timeouts | aiohttp.ClientTimeout,
+        self, url: str, body: bytes, headers: Mapping[str, str], timeouts: Timeouts
     ) -> H1Response:
         """POST ``body`` to ``url``; the answer once its status and headers are in.
 
-        As with ClientSession, ``timeout.total`` bounds the whole call (the wait for a
-        connection included), ``connect`` the wait for a connection (a free slot under the cap,
-        then the TCP/TLS connect), ``sock_read`` each silence of the upstream once the request
-        is sent (an ``event`` attribute, when shorter, each silence once the body has begun).
+        ``timeouts.total`` bounds the whole call (the wait for a connection included),
+        ``connect`` the wait for a connection (a free slot under the cap, then the TCP/TLS
+        connect). Once the request is sent, the upstream may stay silent for ``read`` (or
+        ``first_byte`` when longer: models that think before their first token) until the
+        body begins, then for ``read`` at most each time.
         """
-        if isinstance(timeout, Timeouts):  # the Transport form (aioproxy.transport)
-            timeout = client_timeout(timeout)
         target = self._targets.get(url)
         if target is None:
             target = self._target(url)
         head = self._request_head(target, headers, len(body))
-        total = timeout.total
+        total = timeouts.total
         deadline = self.loop.time() + total if total else None
-        # A stream's own bound between events (aioproxy.transport.StreamTimeout), when shorter.
-        read_in_body = getattr(timeout, "event", None)
-        if read_in_body is not None and timeout.sock_read is not None:
-            read_in_body = read_in_body if read_in_body < timeout.sock_read else None
+        read = timeouts.read
+        first_byte = timeouts.first_byte
+        # The bound on silences until the body begins, and after (None: the same).
+        sock_read, read_in_body = (read, None)
+        if first_byte is not None and first_byte > read:
+            sock_read, read_in_body = first_byte, read
         for retry in (False, True):
             # The retry goes to a new connection: another pooled one may be as stale.
             conn = None if retry else self._take_idle(target.key)
             if conn is None:
-                conn = await self._acquire(target, timeout.connect, deadline, fresh=retry)
+                conn = await self._acquire(target, timeouts.connect, deadline, fresh=retry)
             reused = conn.used > 0  # a new connection lost at once is the upstream's doing
             try:
-                conn.send(head, body, timeout.sock_read, deadline, read_in_body)
+                conn.send(head, body, sock_read, deadline, read_in_body)
                 if len(body) > _DRAIN_ABOVE:
                     try:
                         await conn._drain_helper()

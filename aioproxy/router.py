@@ -114,11 +114,7 @@ def counts_toward_cooldown(error: BaseException) -> bool:
 
 def is_retryable(error: BaseException) -> bool:
     """Worth another try: rate limits, timeouts and upstream (5xx) failures; never other 4xx."""
-    if not isinstance(error, ProxyError):
-        return False
-    if error.code == "internal_error":
-        return False
-    return error.status in (408, 429) or error.status >= 500
+    return isinstance(error, ProxyError) and error.retryable
 
 
 _CONTEXT_MARKERS = ("context_length_exceeded", "context length", "context window",

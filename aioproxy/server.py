@@ -15,9 +15,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-
+from ._aiohttp import BaseRequest, RequestHandler
 from .errors import error_body
 
 __all__ = ["run"]

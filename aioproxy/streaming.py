@@ -9,6 +9,7 @@ import msgspec
 from aiohttp import StreamReader
 
 from .budget import BufferBudget
+from .replies import StreamReply
 
 __all__ = [
     "DONE",
@@ -17,6 +18,7 @@ __all__ = [
     "SSE_HEADERS",
     "StreamStalled",
     "data_of",
+    "first_event",
     "iter_sse",
     "iter_sse_blocks",
     "split_events",
@@ -158,6 +160,21 @@ async def iter_sse(
                 yield event
     finally:
         await blocks.aclose()
+
+
+async def first_event(reply: StreamReply) -> bytes | None:
+    """Pull a stream's first event now, so that a failure before it keeps its own status.
+
+    None for an empty stream. On a failure (cancellation too) the stream is closed and the
+    failure raised as it is: mapping it is the caller's job.
+    """
+    try:
+        return await anext(reply.events)
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await reply.aclose()
+        raise
 
 
 def json_as_sse(kind: str, body: bytes) -> bytes:

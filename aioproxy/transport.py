@@ -11,9 +11,16 @@ import aiohttp
 import attr
 from multidict import CIMultiDictProxy
 
-from .config import Timeouts
+from .config import Config, Timeouts
 
-__all__ = ["SessionTransport", "StreamTimeout", "Transport", "UpstreamResponse", "client_timeout"]
+__all__ = [
+    "SessionTransport",
+    "StreamTimeout",
+    "Transport",
+    "UpstreamResponse",
+    "client_timeout",
+    "make_session",
+]
 
 
 @runtime_checkable
@@ -85,3 +92,21 @@ class SessionTransport:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def make_session(config: Config) -> aiohttp.ClientSession:
+    """The app's one pooled session; per-call timeouts come from the deployment."""
+    connector = aiohttp.TCPConnector(
+        limit=config.upstream.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=client_timeout(config.upstream.timeouts),
+        # A gateway serves many callers: never carry one caller's cookies into another's call.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        raise_for_status=False,
+    )

@@ -22,6 +22,7 @@ import aiohttp
 from harness import payloads, procs
 from harness.servers import start_upstream
 
+from aioproxy.config import Timeouts
 from aioproxy.h1client import H1Pool
 
 CALLERS = 16
@@ -44,7 +45,7 @@ async def measure(port: int, requests: int) -> dict[str, float]:
     kind = payloads.KINDS["chat"]
     url = f"http://127.0.0.1:{port}{kind.upstream_path}"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600, connect=10)
+    timeouts = Timeouts(connect=10, read=600)
     results: dict[str, float] = {}
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
 
@@ -56,7 +57,7 @@ async def measure(port: int, requests: int) -> dict[str, float]:
     pool = H1Pool(asyncio.get_running_loop())
 
     async def via_pool() -> bytes:
-        response = await pool.post(url, kind.body, headers, timeout)
+        response = await pool.post(url, kind.body, headers, timeouts)
         body = await response.read()
         response.release()
         return body

@@ -7,11 +7,12 @@ from typing import Any
 
 import aiohttp
 
+from .. import streaming
 from ..context import Call, Deployment
 from ..errors import BadRequest
 from ..providers import StreamReply
+from ..failures import as_proxy_error
 from ..streaming import split_events
-from ..upstream import failure_from
 
 __all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]
 
@@ -46,20 +47,12 @@ def once(close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
 
 
 async def first_event(reply: StreamReply, deployment: Deployment | None = None) -> bytes | None:
-    """Pull a stream's first event now, so that a failure before it keeps its own status.
-
-    None for an empty stream. On a failure (cancellation too) the stream is closed, and client
-    errors come out as the client's 502/504.
-    """
+    """Deprecated (issue 11): :func:`aioproxy.streaming.first_event`, with transport errors as
+    the client's 502/504, for callers that do not map them themselves yet."""
     try:
-        return await anext(reply.events)
-    except StopAsyncIteration:
-        return None
-    except BaseException as exc:
-        await reply.aclose()
-        if isinstance(exc, (aiohttp.ClientError, OSError)):
-            raise failure_from(exc, deployment) from exc
-        raise
+        return await streaming.first_event(reply)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise as_proxy_error(exc, deployment) from exc
 
 
 async def events_of(reply: StreamReply, first: bytes | None) -> AsyncIterator[bytes]:

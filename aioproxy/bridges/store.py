@@ -87,6 +87,7 @@ class StoreUnavailable(ProxyError):
 
     status = 503
     default_code = "response_store_unavailable"
+    caused_by_upstream = False  # the gateway's own trouble: no cooldown, no paid retry
 
 
 class ResponseStore:

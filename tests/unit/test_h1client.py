@@ -22,11 +22,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from aioproxy import h1client
+from aioproxy.config import Timeouts
+from aioproxy.failures import as_proxy_error
 from aioproxy.h1client import H1Pool, H1Response, UpstreamConnectError, UpstreamProtocolError
-from aioproxy.upstream import failure_from
+from aioproxy.transport import SessionTransport, Transport, UpstreamResponse
 
 # Far longer than any test takes: a timer firing must never be what makes a test pass.
-TIMEOUT = aiohttp.ClientTimeout(total=20, connect=5, sock_read=10)
+TIMEOUT = Timeouts(total=20, connect=5, read=10)
 OK = b'{"ok":true}'
 
 
@@ -174,6 +176,19 @@ async def pool() -> AsyncIterator[H1Pool]:
     await pool.close()
 
 
+@pytest.fixture(params=["h1", "session"])
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+    """Either Transport: the behaviour tests take this and run against both, so the lean pool
+    is checked against ClientSession's answers (tests of the pool's own workings take ``pool``)."""
+    made: Transport
+    if request.param == "h1":
+        made = H1Pool(asyncio.get_running_loop())
+    else:
+        made = SessionTransport(aiohttp.ClientSession())
+    yield made
+    await made.close()
+
+
 class Seen:
     """What an aiohttp test server saw: the client address of each request (one per connection)."""
 
@@ -204,11 +219,11 @@ async def echo(request: web.Request) -> web.Response:
     return web.Response(body=await request.read(), content_type="application/json")
 
 
-async def post(pool: H1Pool, url: str, body: bytes = b"{}",
+async def post(transport: Transport, url: str, body: bytes = b"{}",
                headers: dict[str, str] | None = None,
-               timeout: aiohttp.ClientTimeout = TIMEOUT) -> tuple[H1Response, bytes]:
+               timeout: Timeouts = TIMEOUT) -> tuple[UpstreamResponse, bytes]:
     """One call, read whole; a hang fails the test instead of stalling the suite."""
-    response = await asyncio.wait_for(pool.post(url, body, headers or {}, timeout), 5)
+    response = await asyncio.wait_for(transport.post(url, body, headers or {}, timeout), 5)
     return response, await asyncio.wait_for(response.read(), 5)
 
 
@@ -432,7 +447,7 @@ async def test_large_request_body_arrives_whole(aiohttp_server: Any, pool: H1Poo
 # -- answers -----------------------------------------------------------------------------------
 
 
-async def test_chunked_answer(aiohttp_server: Any, pool: H1Pool) -> None:
+async def test_chunked_answer(aiohttp_server: Any, transport: Transport) -> None:
     seen = Seen()
 
     async def chunked(request: web.Request) -> web.StreamResponse:
@@ -446,7 +461,7 @@ async def test_chunked_answer(aiohttp_server: Any, pool: H1Pool) -> None:
 
     server = await app_server(aiohttp_server, seen, chunked)
     for _ in range(2):
-        response, body = await post(pool, str(server.make_url("/")))
+        response, body = await post(transport, str(server.make_url("/")))
         assert response.headers["Transfer-Encoding"] == "chunked"
         assert response.content_length is None
         assert response.content_type == "application/json"
@@ -469,7 +484,7 @@ async def test_compressed_answer_is_decoded(raw: RawFactory, pool: H1Pool, encod
     assert upstream.connections == 1
 
 
-async def test_compressed_answer_from_aiohttp(aiohttp_server: Any, pool: H1Pool) -> None:
+async def test_compressed_answer_from_aiohttp(aiohttp_server: Any, transport: Transport) -> None:
     """aiohttp's own gzip encoding (chunked, compressed on the fly) reads decoded."""
     seen = Seen()
     data = b"[" + b"1," * 50000 + b"1]"
@@ -480,7 +495,7 @@ async def test_compressed_answer_from_aiohttp(aiohttp_server: Any, pool: H1Pool)
         return response
 
     server = await app_server(aiohttp_server, seen, compressed)
-    response, body = await post(pool, str(server.make_url("/")))
+    response, body = await post(transport, str(server.make_url("/")))
     assert response.headers["Content-Encoding"] == "gzip"
     assert body == data
 
@@ -539,7 +554,7 @@ async def test_large_answer_read_slowly(aiohttp_server: Any, pool: H1Pool) -> No
         return web.Response(body=data, content_type="application/octet-stream")
 
     server = await app_server(aiohttp_server, seen, big)
-    timeout = aiohttp.ClientTimeout(total=5, sock_read=0.1)
+    timeout = Timeouts(total=5, read=0.1)
     response = await pool.post(str(server.make_url("/")), b"", {}, timeout)
     assert response.content_length == len(data)
     received = []
@@ -555,7 +570,7 @@ async def test_large_answer_read_slowly(aiohttp_server: Any, pool: H1Pool) -> No
     assert seen.connections == 1
 
 
-async def test_sse_pieces_come_as_they_are_sent(aiohttp_server: Any, pool: H1Pool) -> None:
+async def test_sse_pieces_come_as_they_are_sent(aiohttp_server: Any, transport: Transport) -> None:
     """Each event reaches iter_any() before the upstream sends the next one."""
     seen = Seen()
     got = asyncio.Queue[bytes]()
@@ -575,7 +590,7 @@ async def test_sse_pieces_come_as_they_are_sent(aiohttp_server: Any, pool: H1Poo
         return response
 
     server = await app_server(aiohttp_server, seen, sse)
-    response = await pool.post(str(server.make_url("/")), b"{}", {}, TIMEOUT)
+    response = await transport.post(str(server.make_url("/")), b"{}", {}, TIMEOUT)
     assert response.content_type == "text/event-stream"
     received = []
     async for chunk in response.content.iter_any():
@@ -583,11 +598,11 @@ async def test_sse_pieces_come_as_they_are_sent(aiohttp_server: Any, pool: H1Poo
         got.put_nowait(chunk)
     assert received == events
     response.release()
-    await post(pool, str(server.make_url("/")), b"{}")
+    await post(transport, str(server.make_url("/")), b"{}")
     assert seen.connections == 1
 
 
-async def test_informational_answers_are_skipped(raw: RawFactory, pool: H1Pool) -> None:
+async def test_informational_answers_are_skipped(raw: RawFactory, transport: Transport) -> None:
     """A 100 Continue or 103 Early Hints before the answer is not the answer."""
 
     async def hints(peer: Peer) -> None:
@@ -598,7 +613,7 @@ async def test_informational_answers_are_skipped(raw: RawFactory, pool: H1Pool) 
 
     upstream = await raw(hints)
     for _ in range(2):
-        response, body = await post(pool, upstream.url())
+        response, body = await post(transport, upstream.url())
         assert (response.status, body) == (200, b"{}")
     assert upstream.connections == 1
 
@@ -625,7 +640,7 @@ async def test_an_upgrade_breaks_the_connection(raw: RawFactory, pool: H1Pool,
     upstream = await raw(upgrade_first)
     with pytest.raises(UpstreamProtocolError) as caught:
         await post(pool, upstream.url())
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     await eventually(lambda: upstream.hangups == 1)
     assert pool.open_connections == 0
     _, body = await post(pool, upstream.url())
@@ -703,7 +718,7 @@ async def test_a_request_the_upstream_read_is_never_resent(raw: RawFactory, pool
     await post(pool, upstream.url())
     with pytest.raises(aiohttp.ServerDisconnectedError) as caught:
         await post(pool, upstream.url())
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     assert len(upstream.requests) == 2 and upstream.connections == 1  # received once each
 
 
@@ -799,7 +814,7 @@ async def test_fresh_connection_closed_before_answer(raw: RawFactory, pool: H1Po
     upstream = await raw(hang_up)
     with pytest.raises(aiohttp.ServerDisconnectedError) as caught:
         await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     assert upstream.connections == 1
     assert pool.open_connections == 0
 
@@ -835,7 +850,7 @@ async def test_truncated_answer(raw: RawFactory, pool: H1Pool, head: bytes, part
     assert response.status == 200
     with pytest.raises(aiohttp.ClientPayloadError) as caught:
         await asyncio.wait_for(response.read(), 2)
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     await eventually(lambda: pool.open_connections == 0)
 
 
@@ -887,7 +902,7 @@ async def test_garbage_answer(raw: RawFactory, pool: H1Pool, garbage: bytes) -> 
     with pytest.raises(UpstreamProtocolError) as caught:
         await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
     assert isinstance(caught.value, aiohttp.ClientError)
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     await eventually(lambda: upstream.hangups == 1)
     assert pool.open_connections == 0
 
@@ -957,9 +972,9 @@ async def test_no_answer_within_sock_read(raw: RawFactory, pool: H1Pool) -> None
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError) as caught:
         await asyncio.wait_for(
-            pool.post(upstream.url(), b"{}", {}, aiohttp.ClientTimeout(sock_read=0.1)), 2)
+            pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
     assert 0.09 < time.monotonic() - started < 1
-    assert failure_from(caught.value, None).status == 504
+    assert as_proxy_error(caught.value, None).status == 504
     await eventually(lambda: upstream.hangups == 1)
     assert pool.open_connections == 0
 
@@ -973,7 +988,7 @@ async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None
         await peer.until_closed()
 
     upstream = await raw(stall)
-    response = await pool.post(upstream.url(), b"{}", {}, aiohttp.ClientTimeout(sock_read=0.1))
+    response = await pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1))
     await asyncio.sleep(0.3)  # the timeout passes while nobody reads
     with pytest.raises(aiohttp.ServerTimeoutError):
         await asyncio.wait_for(response.read(), 2)
@@ -984,11 +999,8 @@ async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None
 async def test_a_long_first_wait_then_the_shorter_bound_between_events(
     raw: RawFactory, pool: H1Pool
 ) -> None:
-    """With a stream bound (``event``) shorter than ``sock_read`` (a deployment's first_byte
-    longer than its read): silence before the body begins may last ``sock_read`` (a model
-    thinking), silence once it has begun only ``event``."""
-    from aioproxy.upstream import StreamTimeout
-
+    """With ``first_byte`` longer than ``read``: silence before the body begins may last
+    ``first_byte`` (a model thinking), silence once it has begun only ``read``."""
     first_sent = asyncio.Event()
 
     async def think_then_stall(peer: Peer) -> None:
@@ -1001,11 +1013,11 @@ async def test_a_long_first_wait_then_the_shorter_bound_between_events(
         await peer.until_closed()  # then silence, mid-stream
 
     upstream = await raw(think_then_stall)
-    timeout = StreamTimeout(total=None, connect=5, sock_read=60, event=0.1)
+    timeout = Timeouts(connect=5, first_byte=60, read=0.1)
     response = await pool.post(upstream.url(), b"{}", {}, timeout)
     assert await asyncio.wait_for(response.content.readany(), 10) == b"data: 1\n\n"
     assert first_sent.is_set()
-    with pytest.raises(aiohttp.ServerTimeoutError):  # long before sock_read's 60 s
+    with pytest.raises(aiohttp.ServerTimeoutError):  # long before first_byte's 60 s
         await asyncio.wait_for(response.content.readany(), 10)
 
 
@@ -1024,7 +1036,7 @@ async def test_steady_stream_outlives_sock_read(aiohttp_server: Any, pool: H1Poo
 
     server = await app_server(aiohttp_server, seen, steady)
     response = await pool.post(str(server.make_url("/")), b"{}", {},
-                               aiohttp.ClientTimeout(sock_read=0.15))
+                               Timeouts(read=0.15))
     body = await response.read()
     assert body == b"".join(b"data: %d\n\n" % i for i in range(12))
     assert pool.idle_connections == 1
@@ -1048,7 +1060,7 @@ async def test_total_bounds_a_steady_stream(aiohttp_server: Any, pool: H1Pool) -
     server = await app_server(aiohttp_server, seen, endless)
     started = time.monotonic()
     response = await pool.post(str(server.make_url("/")), b"{}", {},
-                               aiohttp.ClientTimeout(total=0.3, sock_read=0.1))
+                               Timeouts(total=0.3, read=0.1))
     received = 0
 
     async def consume() -> None:
@@ -1073,7 +1085,7 @@ async def test_total_bounds_the_wait_for_headers(raw: RawFactory, pool: H1Pool) 
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError):
         await asyncio.wait_for(
-            pool.post(upstream.url(), b"{}", {}, aiohttp.ClientTimeout(total=0.15)), 2)
+            pool.post(upstream.url(), b"{}", {}, Timeouts(total=0.15)), 2)
     assert time.monotonic() - started < 1
 
 
@@ -1083,7 +1095,7 @@ async def test_connect_refused(pool: H1Pool) -> None:
         await pool.post(f"http://127.0.0.1:{port}/v1", b"{}", {}, TIMEOUT)
     assert isinstance(caught.value, aiohttp.ClientConnectionError)
     assert str(port) in str(caught.value)
-    assert failure_from(caught.value, None).status == 502
+    assert as_proxy_error(caught.value, None).status == 502
     assert pool.open_connections == 0
 
 
@@ -1110,9 +1122,9 @@ async def test_connect_timeout_covers_the_wait_for_a_free_connection(raw: RawFac
         started = time.monotonic()
         with pytest.raises(aiohttp.ServerTimeoutError) as caught:
             await asyncio.wait_for(
-                pool.post(upstream.url(), b"", {}, aiohttp.ClientTimeout(connect=0.1)), 2)
+                pool.post(upstream.url(), b"", {}, Timeouts(connect=0.1)), 2)
         assert time.monotonic() - started < 1
-        assert failure_from(caught.value, None).status == 504
+        assert as_proxy_error(caught.value, None).status == 504
         assert upstream.connections == 1
         first.cancel()
         with pytest.raises(asyncio.CancelledError):

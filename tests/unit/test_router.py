@@ -13,7 +13,10 @@ from aioproxy.errors import (
     ProxyError,
     RateLimited,
 )
-from aioproxy.router import Router, counts_toward_cooldown
+from aioproxy.bridges.store import StoreUnavailable
+from aioproxy.budget import BufferFull
+from aioproxy.failures import read_upstream_error
+from aioproxy.router import Router, counts_toward_cooldown, is_retryable
 from tests.fakes.clock import FakeClock
 
 A = Deployment(name="m", provider="p", model="a", id="m#0", rpm=2)
@@ -44,6 +47,13 @@ def ours() -> RateLimited:
         (TypeError("'int' object is not iterable"), False),  # a bug of ours, not a ProxyError
         (KeyError("choices"), False),
         (ours(), False),  # our own cap, though a 429
+        # The gateway's own troubles, though 5xx: its buffers, its store, its configuration.
+        (BufferFull("buffers full", headers={"Retry-After": "1"}), False),
+        (StoreUnavailable("store down"), False),
+        (ProxyError("provider 'x' is not installed", code="provider_not_found"), False),
+        (ProxyError("invalid settings", code="invalid_settings"), False),
+        # An upstream's own 500 counts whatever code it chose, even ours.
+        (read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A), True),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
 )
@@ -86,3 +96,26 @@ def test_within_caps_ignores_cooldown_but_not_rpm() -> None:
     assert not routing.within_caps(A)  # rpm = 2
     clock.advance(61)
     assert routing.within_caps(A)
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A), True),
+        (read_upstream_error(503, b"busy", A), True),
+        (read_upstream_error(400, b'{"error": {"message": "bad"}}', A), False),
+        (BufferFull("buffers full", headers={"Retry-After": "1"}), False),  # a paid call again
+        (StoreUnavailable("store down"), False),
+        (ProxyError("a bug", code="internal_error"), False),
+        (ours(), True),  # our cap on one deployment: another may have room
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_what_is_retried(error: ProxyError, retried: bool) -> None:
+    assert is_retryable(error) is retried
+
+
+def test_the_gateways_own_503_never_cools_a_deployment() -> None:
+    routing, _ = router(cooldown_failures=1, cooldown_seconds=30)
+    routing.failed(A, BufferFull("buffers full", headers={"Retry-After": "1"}))
+    assert routing.pick("m", [A]) is A

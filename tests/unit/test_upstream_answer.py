@@ -1,4 +1,5 @@
-"""answer_of / closed_on_failure: the one place a provider's POST becomes an answer or an error."""
+"""Upstream.post / guard: the one place a provider's POST becomes an answer or an error, over
+both transports."""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from aioproxy.context import Deployment
+from aioproxy.config import Timeouts, parse_config
+from aioproxy.context import Call, Deployment, Principal
 from aioproxy.errors import BadGateway, ProxyError
 from aioproxy.h1client import H1Pool
-from aioproxy.upstream import answer_of, closed_on_failure
+from aioproxy.routes import Kind
+from aioproxy.transport import Transport
+from aioproxy.upstream import Upstream
+from tests.unit.test_h1client import transport  # noqa: F401 - the fixture: both transports
 
-DEPLOYMENT = Deployment(name="m", provider="p", model="m")
-TIMEOUT = aiohttp.ClientTimeout(total=5)
+DEPLOYMENT = Deployment(name="m", provider="p", model="m", timeouts=Timeouts(total=5))
+CONFIG = parse_config({})
+
+
+def routed_call() -> Call:
+    request = make_mocked_request("POST", "/v1/chat/completions")
+    call = Call(Kind.CHAT_COMPLETIONS, request, Principal("t"), "m", {}, stream=False)
+    call.route_to(DEPLOYMENT)
+    return call
 
 
 @pytest.fixture
@@ -37,14 +50,9 @@ async def base(aiohttp_server: Any) -> str:
     return str((await aiohttp_server(app)).make_url("/"))
 
 
-@pytest.fixture
-async def pool() -> AsyncIterator[H1Pool]:
-    pool = H1Pool(asyncio.get_running_loop())
-    yield pool
-    await pool.close()
-
-
-async def test_an_error_status_goes_through_the_providers_reader(base: str, pool: H1Pool) -> None:
+async def test_an_error_status_goes_through_the_providers_reader(
+    base: str, transport: Transport
+) -> None:
     seen: list[tuple[int, bytes, str | None]] = []
 
     def read_error(
@@ -53,27 +61,33 @@ async def test_an_error_status_goes_through_the_providers_reader(base: str, pool
         seen.append((status, body, headers.get("Retry-After")))
         return ProxyError("mapped", status=status)
 
+    upstream = Upstream(transport, CONFIG)
     with pytest.raises(ProxyError) as caught:
-        await answer_of(pool.post(base + "429", b"{}", {}, TIMEOUT), DEPLOYMENT, read_error)
+        await upstream.post(routed_call(), base + "429", b"{}", {}, read_error=read_error)
     assert caught.value.message == "mapped"
     assert seen == [(429, b'{"error": {"message": "nope"}}', "7")]
 
 
-async def test_openai_errors_by_default_and_redirects_refused(base: str, pool: H1Pool) -> None:
+async def test_openai_errors_by_default_and_redirects_refused(
+    base: str, transport: Transport
+) -> None:
+    upstream, call = Upstream(transport, CONFIG), routed_call()
     with pytest.raises(ProxyError) as caught:
-        await answer_of(pool.post(base + "429", b"{}", {}, TIMEOUT), DEPLOYMENT)
+        await upstream.post(call, base + "429", b"{}", {})
     assert (caught.value.status, caught.value.message) == (429, "nope")
     assert caught.value.headers == {"Retry-After": "7"}
     with pytest.raises(BadGateway) as redirect:
-        await answer_of(pool.post(base + "302", b"{}", {}, TIMEOUT), DEPLOYMENT)
+        await upstream.post(call, base + "302", b"{}", {})
     assert redirect.value.code == "upstream_redirect"
 
 
-async def test_a_cancelled_read_closes_the_answer(base: str, pool: H1Pool) -> None:
-    response = await answer_of(pool.post(base + "200", b"{}", {}, TIMEOUT), DEPLOYMENT)
+async def test_a_cancelled_read_closes_the_answer(base: str) -> None:
+    pool = H1Pool(asyncio.get_running_loop())
+    upstream, call = Upstream(pool, CONFIG), routed_call()
+    response = await upstream.post(call, base + "200", b"{}", {})
 
     async def read() -> None:
-        with closed_on_failure(response, DEPLOYMENT):
+        with upstream.guard(response, call):
             await response.content.read()
 
     reading = asyncio.ensure_future(read())
@@ -82,3 +96,4 @@ async def test_a_cancelled_read_closes_the_answer(base: str, pool: H1Pool) -> No
     with pytest.raises(asyncio.CancelledError):
         await reading
     assert pool.open_connections == 0  # hung up, not left busy or pooled
+    await pool.close()

@@ -1,4 +1,5 @@
-"""aioproxy.upstream: client errors as 502/504, upstream error bodies relayed, keys scrubbed."""
+"""aioproxy.failures and Upstream.read: client errors as 502/504, upstream error bodies relayed,
+keys scrubbed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from aioproxy import upstream
-from aioproxy.config import Secret, Timeouts
-from aioproxy.context import Deployment
+from aioproxy.config import Secret, Timeouts, parse_config
+from aioproxy.context import Call, Deployment, Principal
 from aioproxy.errors import BadGateway, GatewayTimeout, ProxyError, RateLimited
-from aioproxy.upstream import failure_from, read_capped, read_upstream_error, scrub, timeout_for
+from aioproxy.failures import as_proxy_error, read_upstream_error, scrub
+from aioproxy.routes import Kind
+from aioproxy.transport import SessionTransport
+from aioproxy.transport import client_timeout as timeout_for
 
 KEY = "sk-proj-Upstr3amS3cretKey0000"
 DEPLOYMENT = Deployment(
@@ -50,26 +55,26 @@ def os_error() -> OSError:
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
 )
-def test_failure_from(exc: BaseException, status: int, code: str) -> None:
-    error = failure_from(exc, DEPLOYMENT)
+def test_as_proxy_error(exc: BaseException, status: int, code: str) -> None:
+    error = as_proxy_error(exc, DEPLOYMENT)
     assert isinstance(error, GatewayTimeout if status == 504 else BadGateway)
     assert (error.status, error.code) == (status, code)
     assert WHERE in error.message
     assert KEY not in error.message
 
 
-def test_failure_from_unknown_exception_names_its_type_only() -> None:
-    error = failure_from(KeyError(f"contains {KEY}"), DEPLOYMENT)
+def test_as_proxy_error_unknown_exception_names_its_type_only() -> None:
+    error = as_proxy_error(KeyError(f"contains {KEY}"), DEPLOYMENT)
     assert error.message == f"Deployment {WHERE} failed: KeyError"
 
 
-def test_failure_from_keeps_proxy_errors() -> None:
+def test_as_proxy_error_keeps_proxy_errors() -> None:
     original = RateLimited("slow")
-    assert failure_from(original, DEPLOYMENT) is original
+    assert as_proxy_error(original, DEPLOYMENT) is original
 
 
-def test_failure_from_without_deployment() -> None:
-    error = failure_from(aiohttp.ServerDisconnectedError(), None)
+def test_as_proxy_error_without_deployment() -> None:
+    error = as_proxy_error(aiohttp.ServerDisconnectedError(), None)
     assert "the upstream" in error.message and error.status == 502
 
 
@@ -218,10 +223,18 @@ async def body_server(aiohttp_client: Any) -> Any:
     return await aiohttp_client(app)
 
 
+async def read_capped(response: Any) -> bytes:
+    """Upstream.read on a call routed to DEPLOYMENT."""
+    call = Call(Kind.CHAT_COMPLETIONS, make_mocked_request("POST", "/"), Principal("t"), "m", {}, False)
+    call.route_to(DEPLOYMENT)
+    reader = upstream.Upstream(SessionTransport(None), parse_config({}))  # type: ignore[arg-type]
+    return await reader.read(response, call)
+
+
 @pytest.mark.parametrize("path", ["/chunked", "/sized"])
 async def test_read_capped_reads_whole_body(body_server: Any, path: str) -> None:
     async with body_server.session.get(body_server.make_url(path)) as response:
-        assert len(await read_capped(response, DEPLOYMENT)) == 40
+        assert len(await read_capped(response)) == 40
 
 
 @pytest.mark.parametrize("path", ["/chunked", "/sized"])
@@ -230,5 +243,5 @@ async def test_read_capped_refuses_too_large(body_server: Any, path: str,
     monkeypatch.setattr(upstream, "MAX_UPSTREAM_BODY", 25)
     async with body_server.session.get(body_server.make_url(path)) as response:
         with pytest.raises(BadGateway) as caught:
-            await read_capped(response, DEPLOYMENT)
+            await read_capped(response)
     assert caught.value.code == "upstream_too_large" and WHERE in caught.value.message

@@ -103,17 +103,18 @@ def map_error(
     headers = {"Retry-After": retry_after} if retry_after else None
     if status == 529 or kind == "overloaded_error":
         return ProxyError(
-            _upstream_failure(where, "is overloaded (Anthropic 529)", said, request_id),
+            _upstream_failure(where, "is overloaded (Anthropic 529)", said, request_id, deployment),
             status=503, type="server_error", code="overloaded", headers=headers,
         )
     if status == 500:
         return ProxyError(
-            _upstream_failure(where, "failed (Anthropic 500)", said, request_id),
-            status=500, type="api_error", code=kind,
+            _upstream_failure(where, "failed (Anthropic 500)", said, request_id, deployment),
+            status=500, type="api_error", code=kind and scrub(kind, deployment),
+            caused_by_upstream=True,
         )
     if status >= 500:  # an edge proxy's 502/503/504: the upstream is unwell, not the request
         return ProxyError(
-            _upstream_failure(where, f"answered {status}", said, request_id),
+            _upstream_failure(where, f"answered {status}", said, request_id, deployment),
             status=status, type="upstream_error", code="upstream_error",
         )
     if status == 429:
@@ -137,10 +138,12 @@ def map_error(
     return ProxyError(text, status=status, type="invalid_request_error", code=code)
 
 
-def _upstream_failure(where: str, what: str, said: str | None, request_id: str | None) -> str:
+def _upstream_failure(
+    where: str, what: str, said: str | None, request_id: str | None, deployment: Deployment
+) -> str:
     message = f"Deployment {where} {what}"
     if said:
         message += f": {said}"
-    if request_id:  # what Anthropic's support asks for
-        message += f" (request_id {request_id})"
+    if request_id:  # what Anthropic's support asks for; upstream text too, so scrubbed
+        message += f" (request_id {scrub(request_id, deployment)})"
     return message

@@ -1,0 +1,25 @@
+"""Every aiohttp-internal import of aioproxy, in one place.
+
+These names are not aiohttp's documented API: they may move between minor releases, which is
+why pyproject pins ``aiohttp>=3.14,<3.15``. Upgrading aiohttp means checking this module (and
+the tests of h1client.py and server.py) first. Elsewhere, import only ``aiohttp`` and
+``aiohttp.web`` (plus the documented ``aiohttp.typedefs`` and ``aiohttp.test_utils``).
+"""
+
+from aiohttp.base_protocol import BaseProtocol  # h1client: the connection's flow control
+from aiohttp.http import HttpResponseParser, RawResponseMessage  # h1client: the C parser
+from aiohttp.http_exceptions import BadHttpMessage  # the body read: a malformed body
+from aiohttp.streams import EMPTY_PAYLOAD  # h1client: an answer without a body
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError  # server, the body read
+from aiohttp.web_request import BaseRequest  # server: malformed-request answers
+
+__all__ = [
+    "EMPTY_PAYLOAD",
+    "BadHttpMessage",
+    "BaseProtocol",
+    "BaseRequest",
+    "HttpResponseParser",
+    "RawResponseMessage",
+    "RequestHandler",
+    "RequestPayloadError",
+]
