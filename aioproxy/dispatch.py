@@ -14,16 +14,16 @@ from typing import NamedTuple
 
 import aiohttp
 
-from .bridges.common import first_event
 from .config import Config
 from .context import Call, Deployment
 from .errors import ModelNotFound, ProxyError, RateLimited
+from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
 from .providers import Reply, StreamReply
 from .registry import Registry
 from .router import Router, is_context_window_error, is_retryable
-from .upstream import failure_from, timeouts_of
+from .streaming import first_event
 
 __all__ = ["Answer", "Candidates", "Dispatcher", "Lease", "Plan", "tokens_spent"]
 
@@ -316,7 +316,7 @@ class Dispatcher:
         router = self.router
         deployment = lease.deployment
         started = router.clock.now()
-        first_byte = timeouts_of(deployment, self.config).first_byte
+        first_byte = (deployment.timeouts or self.config.upstream.timeouts).first_byte
         try:
             if first_byte is None:  # the upstream client's read timeout bounds it
                 reply, first = await self._answer(call, deployment)
@@ -325,7 +325,7 @@ class Dispatcher:
                     reply, first = await self._answer(call, deployment)
         except BaseException as exc:
             lease.release()
-            error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
+            error = as_proxy_error(exc, deployment) if isinstance(exc, TimeoutError) else exc
             if isinstance(error, Exception):
                 router.failed(deployment, error)
             if error is exc:
@@ -340,10 +340,9 @@ class Dispatcher:
         method = self.registry.method_for(call)
         try:
             reply = await method(call)
+            first = await first_event(reply) if isinstance(reply, StreamReply) else None
         except ProxyError:
             raise
-        except (aiohttp.ClientError, OSError) as exc:
-            raise failure_from(exc, deployment) from exc
-        if isinstance(reply, StreamReply):
-            return reply, await first_event(reply, deployment)
-        return reply, None
+        except (aiohttp.ClientError, OSError) as exc:  # a transport error the provider let out
+            raise as_proxy_error(exc, deployment) from exc
+        return reply, first

@@ -7,9 +7,8 @@ from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.web_protocol import RequestPayloadError
 
+from ._aiohttp import BadHttpMessage, RequestPayloadError
 from .context import Call, Principal
 from .errors import BadRequest, PermissionDenied, ProxyError
 from .routes import Kind

@@ -13,18 +13,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 
-import aiohttp
 from aiohttp import web
 
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
 from .errors import ProxyError, error_payload
+from .failures import as_proxy_error, is_transport_error
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .plugins import Hooks
 from .providers import JSONReply, StreamReply
 from .streaming import DONE, SSE_HEADERS, json_as_sse
-from .upstream import failure_from
 
 __all__ = ["end_with_error", "send", "send_with_keepalive"]
 
@@ -240,10 +239,9 @@ async def end_with_error(
     hooks: Hooks,
 ) -> None:
     """A failure after the headers went out: one error event, then the end of the stream."""
-    error = failure_from(
-        exc, call.deployment if call.routed else None
-    )  # a ProxyError comes back as it is
-    if not isinstance(exc, ProxyError) and not _is_client_error(exc):
+    # A ProxyError comes back as it is; a transport error as the client's 502/504.
+    error = as_proxy_error(exc, call.deployment if call.routed else None)
+    if not isinstance(exc, ProxyError) and not is_transport_error(exc):
         log.exception("stream from %s failed", call.routed and call.deployment.describe())
     if hooks.on_error:
         await hooks.on_error.each_logged(request=request, error=exc, call=call)
@@ -253,7 +251,3 @@ async def end_with_error(
         await response.write_eof()
     except ConnectionResetError:
         outcome.disconnected = True
-
-
-def _is_client_error(exc: BaseException) -> bool:
-    return isinstance(exc, (aiohttp.ClientError, TimeoutError, OSError))

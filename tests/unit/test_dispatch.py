@@ -161,7 +161,7 @@ async def test_a_request_error_is_not_retried_and_releases_its_lease() -> None:
 
 
 async def test_retries_spent_raise_the_last_error_with_every_lease_released() -> None:
-    provider = Provider(a=[failure(500), failure(503)])
+    provider = Provider(a=[failure(502), failure(503)])
     setup = Setup(provider, [entry("m", "a")], num_retries=1, cooldown_failures=10)
     with pytest.raises(ProxyError) as caught:
         await setup.answer(make_call())
