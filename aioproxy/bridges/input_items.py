@@ -91,7 +91,8 @@ def item_page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str
     """One page of ``items`` as OpenAI's list object, by the ``limit``, ``order`` (default
     ``desc``) and ``after`` query parameters."""
     limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= _MAX_LIMIT:
+    # isascii: str.isdigit() takes "²" and other digits int() refuses.
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= _MAX_LIMIT:
         raise BadRequest(
             f"'limit' must be an integer from 1 to {_MAX_LIMIT}",
             param="limit",

@@ -53,6 +53,6 @@ def test_pages() -> None:
     rest = item_page(items, {"order": "asc", "after": first["last_id"]})
     assert rest["data"] == items[3:] and not rest["has_more"]
     assert item_page(items, {})["data"] == items[::-1]  # newest first by default
-    for query in ({"limit": "101"}, {"order": "up"}, {"after": "msg_nope"}):
+    for query in ({"limit": "101"}, {"limit": "²"}, {"order": "up"}, {"after": "msg_nope"}):
         with pytest.raises(BadRequest):
             item_page(items, query)

@@ -13,6 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from aioproxy import upstream
+from aioproxy.errors import ProxyError
+from aioproxy.passthrough import check_answer
 from aioproxy.config import Secret, Timeouts, parse_config
 from aioproxy.context import Call, Deployment, Principal
 from aioproxy.errors import BadGateway, GatewayTimeout, ProxyError, RateLimited
@@ -245,3 +247,18 @@ async def test_read_capped_refuses_too_large(body_server: Any, path: str,
         with pytest.raises(BadGateway) as caught:
             await read_capped(response)
     assert caught.value.code == "upstream_too_large" and WHERE in caught.value.message
+
+
+def test_an_error_after_other_fields_of_a_2xx_answer_is_the_upstreams_error() -> None:
+    """A 200 whose error object follows a long id is still an error, and masked."""
+    deployment = Deployment(
+        name="m", provider="openai", model="m", api_key=Secret("sk-secret-123456")
+    )
+    body = (
+        b'{"id": "' + b"x" * 200 + b'", "object": "chat.completion",'
+        b' "error": {"message": "bad key sk-secret-123456", "code": "invalid_key"}}'
+    )
+    with pytest.raises(ProxyError) as caught:
+        check_answer(body, deployment)
+    assert "sk-secret-123456" not in caught.value.message
+    check_answer(b'{"id": "x", "choices": [{"finish_reason": "error"}]}', deployment)  # no error
