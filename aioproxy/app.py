@@ -12,18 +12,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .bridges.routes import response_routes
+from .budget import BufferBudget
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
-from .gateway import Gateway
-from .budget import BufferBudget
 from .h1client import H1Pool
 from .handlers import health, make_handlers, readiness
 from .ingress import Ingress
-from .keys import config_key, gateway_key, plugin_manager_key, pool_key, session_key
+from .keys import config_key, plugin_manager_key, pool_key, runtime_key, session_key
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings, registrar
 from .routes import ALIASES, merge_aliases, route_table
-from .upstream import make_session
+from .runtime import Runtime
+from .upstream import Upstream, make_session
 
 __all__ = ["create_app", "resolve_config"]
 
@@ -71,8 +71,8 @@ def create_app(
     _check_providers(config, factories)
     check_settings(config, factories)
 
-    gateway = Gateway(config, pm, factories)
-    open_mode = _is_open(gateway)
+    runtime = Runtime(config, pm, factories)
+    open_mode = _is_open(runtime)
     app = web.Application(
         client_max_size=config.server.max_body_size,
         middlewares=[error_middleware],
@@ -85,7 +85,7 @@ def create_app(
     Ingress(config.server, open_mode).install(app)
     app[config_key] = config
     app[plugin_manager_key] = pm
-    app[gateway_key] = gateway
+    app[runtime_key] = runtime
 
     aliases = merge_aliases(ALIASES, config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers()))
@@ -113,7 +113,7 @@ def create_app(
 async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
     """The upstream connections (a pooled ClientSession for plugins, the lean pool for
     pass-through calls) and the providers, for the app's life."""
-    gateway = app[gateway_key]
+    runtime = app[runtime_key]
     config = app[config_key]
     session = make_session(config)
     pool = H1Pool(
@@ -124,10 +124,10 @@ async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
     app[session_key] = session
     app[pool_key] = pool
     try:
-        await gateway.start(session, pool)
+        await runtime.start(Upstream(pool, config, session))
         yield
     finally:
-        await gateway.close()
+        await runtime.close()
         await pool.close()
         await session.close()
 
@@ -142,8 +142,8 @@ def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -
             )
 
 
-def _is_open(gateway: Gateway) -> bool:
+def _is_open(runtime: Runtime) -> bool:
     """No key is needed: only the built-in authentication runs, and it has no keys."""
-    auth = gateway.config.auth
-    builtin_only = len(gateway.hooks.authenticate.callers) <= 1
+    auth = runtime.config.auth
+    builtin_only = len(runtime.hooks.authenticate.callers) <= 1
     return builtin_only and not auth.master_key and not auth.keys

@@ -96,7 +96,6 @@ class Call:
         "stream",
         "state",
         "started",
-        "lease",
         "_json",
     )
 
@@ -118,7 +117,6 @@ class Call:
         self.stream = stream
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
         self.started = time.monotonic()
-        self.lease: Deployment | None = None  # the deployment answering, while it is in flight
         self._json: dict[str, Any] | None = None
 
     @property

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import msgspec
+import asyncio
+from collections.abc import Callable
 
-from .errors import BadRequest
+import msgspec
+from aiohttp import web
+
+from ._aiohttp import BadHttpMessage, RequestPayloadError
+from .context import Call, Principal
+from .errors import BadRequest, PermissionDenied, ProxyError
 from .routes import Kind
 
-__all__ = ["decode_request"]
+__all__ = ["decode_request", "read_call"]
 
 _decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _decode_model = msgspec.json.Decoder(str).decode
@@ -87,3 +93,37 @@ def decode_request(
         if name in fields:
             del fields[name]
     return fields, model, stream
+
+
+async def read_call(
+    request: web.Request,
+    kind: Kind,
+    principal: Principal,
+    body_timeout: float,
+    allows: Callable[[Call, str], bool],
+) -> Call:
+    """Read the body into a Call (408 if it does not arrive within ``body_timeout``, 400 if its
+    framing is broken), refusing a model the principal may not use (``allows``: the one check
+    every model a call reaches passes, see ``Dispatcher.allows``)."""
+    try:
+        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+            body = await request.read()
+        else:
+            async with asyncio.timeout(body_timeout):
+                body = await request.read()
+    except TimeoutError:
+        raise ProxyError(
+            "The request body did not arrive in time", status=408,
+            type="invalid_request_error", code="request_timeout",
+        ) from None
+    except (BadHttpMessage, RequestPayloadError):  # e.g. broken chunked framing (a
+        # compressed body never gets here: aioproxy.ingress refuses it unread)
+        raise BadRequest(
+            "The request body could not be read (its framing is broken)",
+            code="invalid_encoding",
+        ) from None
+    fields, model, stream = decode_request(body, kind)
+    call = Call(kind, request, principal, model, fields, stream)
+    if not allows(call, model):
+        raise PermissionDenied(f"This API key may not use the model '{model}'", param="model")
+    return call

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,10 +262,10 @@ class Router:
         retry_after = _retry_after(error)
         if retry_after is not None:
             return retry_after if retry_after <= self.config.retry_after_max else None
-        base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2 ** (attempt - 1))
+        base = min(self.config.retry_backoff_max, self.config.retry_backoff * 2.0 ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)  # jitter: retries from many clients spread out
 
-    def snapshot(self, deployments: dict[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
+    def snapshot(self, deployments: Mapping[str, Sequence[Deployment]]) -> list[dict[str, Any]]:
         """Each deployment's state, for ``/health/readiness``: no keys, no addresses."""
         now = self.clock.now()
         rows = []

@@ -78,7 +78,7 @@ def previous_not_found(response_id: str) -> NotFound:
 
 
 class NativeResponses:
-    """The record of native response ids, for one app's gateway."""
+    """The record of native response ids, for one app's registry."""
 
     def __init__(self, store: ResponseStore | None, deployments: Iterable[Deployment]) -> None:
         self.store = store

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..context import Deployment, Principal
 from ..errors import BadRequest, NotFound
-from ..keys import gateway_key
+from ..keys import runtime_key
 from ..providers import JSONReply
 from ..routes import Kind
 from .input_items import input_items, item_page
@@ -57,8 +57,8 @@ class _Target:
     async def ask_upstream(self, method: str, suffix: str = "") -> web.Response:
         """Relay ``method`` on the response's upstream path (``suffix`` after its id)."""
         assert self.deployment is not None
-        gateway = self.request.app[gateway_key]
-        provider = gateway.providers.get(self.deployment.provider)
+        registry = self.request.app[runtime_key].registry
+        provider = registry.providers.get(self.deployment.provider)
         action: ResponseAction | None = getattr(provider, "response_action", None)
         if action is None:
             raise NotFound(
@@ -78,7 +78,7 @@ class _Target:
 
     async def stored(self) -> dict[str, Any]:
         """The stored (bridged) Response object; a 404 if there is none."""
-        store = self.request.app[gateway_key].store
+        store = self.request.app[runtime_key].store
         found = await store.response(self.response_id, self.owner) if store else None
         if found is None:
             raise not_found(self.response_id)
@@ -87,7 +87,7 @@ class _Target:
     async def conversation(self) -> list[dict[str, Any]]:
         """The stored response's conversation, its answer last; when an earlier link of its
         chain was deleted, only its own turn."""
-        store = self.request.app[gateway_key].store
+        store = self.request.app[runtime_key].store
         try:
             found = await store.get(self.response_id, self.owner) if store else None
         except BrokenChain:
@@ -102,10 +102,10 @@ class _Target:
 
 async def _target(request: web.Request) -> _Target:
     """Authenticate, and find the named response's deployment if an upstream created it."""
-    gateway = request.app[gateway_key]
-    principal = await gateway.authenticate(request, Kind.RESPONSES)
+    runtime = request.app[runtime_key]
+    principal = await runtime.authenticate(request, Kind.RESPONSES)
     response_id = request.match_info["response_id"]
-    owner = await gateway.natives.owner(response_id)
+    owner = await runtime.registry.natives.owner(response_id)
     if owner is None:
         return _Target(request, principal, None)
     if owner.principal != owner_of(principal):
@@ -138,7 +138,7 @@ async def delete_response(request: web.Request) -> web.Response:
     target = await _target(request)
     if target.deployment is not None:
         return await target.ask_upstream("DELETE")
-    store = request.app[gateway_key].store
+    store = request.app[runtime_key].store
     if store is None or not await store.delete(target.response_id, target.owner):
         raise not_found(target.response_id)
     return _json({"id": target.response_id, "object": "response", "deleted": True})

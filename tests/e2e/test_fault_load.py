@@ -210,8 +210,8 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
         await wait_for(lambda: all(fake.in_flight == 0 for fake in fakes))
         await wait_for(lambda: pool.busy_connections == 0)
         await wait_for(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
-        snapshot = proxy.app[aioproxy.keys.gateway_key].router.snapshot(
-            proxy.app[aioproxy.keys.gateway_key].table)
+        snapshot = proxy.app[aioproxy.keys.runtime_key].router.snapshot(
+            proxy.app[aioproxy.keys.runtime_key].deployments)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot
         assert pool.idle_connections <= 2 * CONCURRENCY + 20
         upstream_conns = sum(

@@ -955,13 +955,13 @@ async def test_before_request_reroute_keeps_in_flight_counts_balanced(
 
     plugin = Reroute()
     proxy = await start_proxy(pair.config(backup=True), plugins=[plugin])
-    gateway = proxy.app[aioproxy.keys.gateway_key]
-    plugin.target = gateway.table["backup"][0]
+    runtime = proxy.app[aioproxy.keys.runtime_key]
+    plugin.target = runtime.deployments["backup"][0]
     pair.c.faults.extend(["status:500"] * 5)  # the re-routed deployment fails, retries included
     status, _ = await chat(proxy)
     assert status == 500
-    assert {key: h.in_flight for key, h in gateway.router._health.items()} == dict.fromkeys(
-        gateway.router._health, 0)
+    assert {key: h.in_flight for key, h in runtime.router._health.items()} == dict.fromkeys(
+        runtime.router._health, 0)
     assert pair.a.requests == pair.b.requests == [] and len(pair.c.requests) >= 1
 
 
@@ -977,10 +977,10 @@ def cooling_config(pair: Pair, **routing: Any) -> dict[str, Any]:
 
 def cool_down(proxy: TestServer, *models: str) -> None:
     """Cool every deployment of ``models`` down, as one upstream failure each would."""
-    gateway = proxy.app[aioproxy.keys.gateway_key]
+    runtime = proxy.app[aioproxy.keys.runtime_key]
     for model in models:
-        for deployment in gateway.table[model]:
-            gateway.router.failed(deployment, aioproxy.BadGateway("it failed"))
+        for deployment in runtime.deployments[model]:
+            runtime.router.failed(deployment, aioproxy.BadGateway("it failed"))
 
 
 async def test_everything_cooling_down_keeps_retries_and_fallbacks(start_proxy: StartProxy,
@@ -1006,8 +1006,8 @@ async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
     FakeClock().install(proxy)
     pair.a.faults, pair.c.faults = ["status:500"], ["status:500"]
     cool_down(proxy, "backup")
-    gateway = proxy.app[aioproxy.keys.gateway_key]
-    gateway.router.failed(gateway.table["gpt-test"][0], aioproxy.BadGateway("a failed"))
+    runtime = proxy.app[aioproxy.keys.runtime_key]
+    runtime.router.failed(runtime.deployments["gpt-test"][0], aioproxy.BadGateway("a failed"))
     pair.b.faults = ["status:503"]  # b, the only one available, fails and cools down too
     status, body = await chat(proxy)
     assert status == 200, body

@@ -1,4 +1,4 @@
-"""aioproxy.gateway.decode_request: every 400 a body can earn, and the fields kept as sent."""
+"""aioproxy.payloads.decode_request: every 400 a body can earn, and the fields kept as sent."""
 
 from __future__ import annotations
 
