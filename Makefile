@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install run test bench bench-smoke bench-peers clean
+.PHONY: install run test check bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -18,8 +18,18 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 run: install
 	$(PY) run.py
 
+# PYTHONDONTWRITEBYTECODE unset: pytest caches its rewritten test modules (collection 8-14 s -> 1-2 s).
+# xdist spreads the tests over the cores; the wall-clock ones share one worker (xdist_group).
+PYTEST_ARGS ?= $(if $(filter 1,$(shell nproc 2>/dev/null || echo 1)),,-n auto --dist loadgroup)
+
 test: install
-	$(PY) -m pytest -q
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Lint, format and strict types on the package and the plugins (config in pyproject.toml).
+check: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) bench/run.py

@@ -8,8 +8,8 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import AUTH, StartProxy, gateway_config, sdk
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI
+from tests.support import AUTH, ServeProxy, gateway_config, sdk
 
 MESSAGES = [{"role": "user", "content": "many at once"}]
 
@@ -69,13 +69,13 @@ async def test_client_leaving_before_first_token_cancels_upstream(
     await wait_for(lambda: fake.in_flight == 0, timeout=1.0)
 
 
-async def test_config_aliases_reach_the_same_handler(start_proxy: StartProxy, upstream_base: str,
+async def test_config_aliases_reach_the_same_handler(serve_proxy: ServeProxy, upstream_base: str,
                                                      fake: FakeOpenAI) -> None:
     config = gateway_config(upstream_base, aliases={
         "chat_completions": ["/openai/v1/chat/completions"],
         "models": ["/openai/v1/models"],
     })
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     async with sdk(proxy, prefix="/openai/v1") as client:
         done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
         assert done.choices[0].message.content == "fake reply to: many at once"

@@ -22,9 +22,8 @@ import aioproxy.h1client
 import aioproxy.keys
 import aioproxy.providers
 import aioproxy.router
-from tests.conftest import AUTH, UPSTREAM_MODEL, StartProxy, gateway_config
-from tests.fakes.clock import FakeClock
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeClock, FakeOpenAI
+from tests.support import AUTH, UPSTREAM_MODEL, ServeProxy, gateway_config
 
 REQUESTS = 360
 CONCURRENCY = 100
@@ -155,7 +154,7 @@ async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy) -> None:
+async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy) -> None:
     a, b = FakeOpenAI(fault_rates=FAULT_RATES, seed=1), FakeOpenAI(fault_rates=FAULT_RATES, seed=2)
     backup = FakeOpenAI()
     fakes = [a, b, backup]
@@ -175,7 +174,7 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     pool = proxy.app[aioproxy.keys.pool_key]
     gc.collect()
     baseline_tasks = len(asyncio.all_tasks())
@@ -249,7 +248,7 @@ REQUEST_INTERVAL = 0.1  # fake seconds between requests: cooldowns start and end
 
 
 async def test_success_rate_under_a_sustained_fault_rate(
-        aiohttp_server: Any, start_proxy: StartProxy, monkeypatch: Any) -> None:
+        aiohttp_server: Any, serve_proxy: ServeProxy, monkeypatch: Any) -> None:
     """Two deployments, a fallback model and one retry, every upstream failing 20% of the time:
     at least 97% of requests succeed. Deterministic: the requests go one at a time, the faults,
     the router's choices and its clock are seeded or fake, hangs end at a small first-byte
@@ -266,7 +265,7 @@ async def test_success_rate_under_a_sustained_fault_rate(
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     clock = FakeClock().install(proxy)
     outcomes: Counter[str] = Counter()
     async with aiohttp.ClientSession() as http:

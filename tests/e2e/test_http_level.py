@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.e2e.test_cli import running
+from tests.support import running
 
 
 async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:

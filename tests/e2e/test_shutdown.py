@@ -19,9 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import AUTH, MASTER_KEY, UPSTREAM_KEY
-from tests.e2e.test_cli import wait_healthy
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI
+from tests.support import AUTH, MASTER_KEY, UPSTREAM_KEY, wait_healthy
 
 ROOT = Path(__file__).parents[2]
 WORDS = [f"w{i}" for i in range(40)]

@@ -14,7 +14,7 @@ from aioproxy.errors import (
     RateLimited,
 )
 from aioproxy.router import Router, counts_toward_cooldown
-from tests.fakes.clock import FakeClock
+from aioproxy.testing import FakeClock
 
 A = Deployment(name="m", provider="p", model="a", id="m#0", rpm=2)
 
