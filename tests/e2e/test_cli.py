@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import openai
+import pytest
 
 from aioproxy.testing import FakeOpenAI
 from tests.support import ROOT, clean_env, running
+
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
 
 MESSAGES = [{"role": "user", "content": "hello from the cli test"}]
 

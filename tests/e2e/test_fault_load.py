@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 import aioproxy.context
@@ -24,6 +25,9 @@ import aioproxy.providers
 import aioproxy.router
 from aioproxy.testing import FakeClock, FakeOpenAI
 from tests.support import AUTH, UPSTREAM_MODEL, ServeProxy, gateway_config
+
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
 
 REQUESTS = 360
 CONCURRENCY = 100

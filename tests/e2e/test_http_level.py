@@ -8,8 +8,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support import running
+
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
 
 
 async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:

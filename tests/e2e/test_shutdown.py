@@ -22,6 +22,9 @@ import pytest
 from aioproxy.testing import FakeOpenAI
 from tests.support import AUTH, MASTER_KEY, UPSTREAM_KEY, wait_healthy
 
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
+
 ROOT = Path(__file__).parents[2]
 WORDS = [f"w{i}" for i in range(40)]
 PROMPT = " ".join(WORDS)
