@@ -87,7 +87,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 async def wait_healthy(port: int) -> None:
-    """Wait until the process on ``port`` answers ``/health`` with 200 (10 s safety net)."""
+    """Wait until the process on ``port`` answers ``/health`` with 200 (30 s safety net)."""
     async with aiohttp.ClientSession() as http:
 
         async def healthy() -> bool:
@@ -97,7 +97,7 @@ async def wait_healthy(port: int) -> None:
             except aiohttp.ClientConnectionError:
                 return False
 
-        await eventually(healthy, within=10, interval=0.05, what=f"run.py healthy on {port}")
+        await eventually(healthy, within=30, interval=0.05, what=f"run.py healthy on {port}")
 
 
 @asynccontextmanager
