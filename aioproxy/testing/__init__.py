@@ -37,6 +37,7 @@ import pytest
 
 from ..config import Config
 from .assertions import (
+    assert_chat_chunk,
     assert_chat_chunks,
     assert_chat_completion,
     assert_completion,
@@ -77,6 +78,7 @@ __all__ = [
     "StartProxy",
     "Trigger",
     "aioproxy_server",
+    "assert_chat_chunk",
     "assert_chat_chunks",
     "assert_chat_completion",
     "assert_completion",

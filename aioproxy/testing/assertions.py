@@ -18,6 +18,7 @@ from .sse import DONE_DATA
 
 __all__ = [
     "Models",
+    "assert_chat_chunk",
     "assert_chat_chunks",
     "assert_chat_completion",
     "assert_completion",
@@ -188,6 +189,27 @@ def _assemble(chunks: list[Any], text_of: Callable[[Mapping[str, Any], str], Any
     missing = set(texts) - finished
     assert not missing, f"choice(s) {sorted(missing)} never got a finish_reason"
     return texts[0]
+
+
+def assert_chat_chunk(obj: Any, *, model: Models = None) -> None:
+    """One ``chat.completion.chunk`` on its own (:func:`assert_chat_chunks` checks a stream): its
+    fields, each choice's index and delta, or ``choices: []`` and the usage of a usage chunk."""
+    chunk = _as_dict(obj)
+    no_error(chunk, "the chunk")
+    _expect(chunk, "the chunk", id=str, object="chat.completion.chunk", created=int, model=str)
+    _check_model(chunk, "the chunk", model)
+    choices = chunk.get("choices")
+    assert isinstance(choices, list), f"the chunk: choices is {choices!r}"
+    if not choices:
+        _check_usage(chunk.get("usage"), "the usage chunk", "prompt_tokens", "completion_tokens")
+    for i, choice in enumerate(choices):
+        where = f"the chunk's choices[{i}]"
+        _expect(choice, where, index=int)
+        assert isinstance(choice.get("delta"), Mapping), (
+            f"{where}: delta is {choice.get('delta')!r}"
+        )
+        finish = choice.get("finish_reason")
+        assert finish is None or finish in _FINISH_REASONS, f"{where}: finish_reason is {finish!r}"
 
 
 def assert_chat_chunks(

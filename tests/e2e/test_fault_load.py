@@ -10,7 +10,6 @@ import asyncio
 import gc
 import json
 import random
-import time
 from collections import Counter
 from typing import Any
 
@@ -23,7 +22,7 @@ import aioproxy.h1client
 import aioproxy.keys
 import aioproxy.providers
 import aioproxy.router
-from aioproxy.testing import FakeClock, FakeOpenAI
+from aioproxy.testing import FakeClock, FakeOpenAI, eventually
 from tests.support import AUTH, UPSTREAM_MODEL, ServeProxy, gateway_config
 
 # Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
@@ -151,13 +150,6 @@ def runs_aioproxy_code(task: asyncio.Task[Any]) -> bool:
     return False
 
 
-async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
-
-
 async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy) -> None:
     a, b = FakeOpenAI(fault_rates=FAULT_RATES, seed=1), FakeOpenAI(fault_rates=FAULT_RATES, seed=2)
     backup = FakeOpenAI()
@@ -210,9 +202,9 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert streamed["ok"] + plain["ok"] >= 0.99 * (REQUESTS - mid_stream)
 
         # And afterwards: no upstream request or connection still held, no task left behind.
-        await wait_for(lambda: all(fake.in_flight == 0 for fake in fakes))
-        await wait_for(lambda: pool.busy_connections == 0)
-        await wait_for(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
+        await eventually(lambda: all(fake.in_flight == 0 for fake in fakes), within=3.0)
+        await eventually(lambda: pool.busy_connections == 0, within=3.0)
+        await eventually(lambda: not proxy.runner.server.connections, within=3.0)  # type: ignore[union-attr]
         snapshot = proxy.app[aioproxy.keys.gateway_key].router.snapshot(
             proxy.app[aioproxy.keys.gateway_key].table)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot

@@ -423,7 +423,7 @@ async def test_slow_body_is_408_and_others_are_served_meanwhile(proxy: TestServe
     dribbler = asyncio.create_task(dribble())
     try:
         await still_serving(proxy)  # the slow client holds nobody else up
-        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         elapsed = time.monotonic() - started
         length = int(status_line.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         body = await reader.readexactly(length)
@@ -431,18 +431,19 @@ async def test_slow_body_is_408_and_others_are_served_meanwhile(proxy: TestServe
         dribbler.cancel()
         writer.close()
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
-    assert 0.25 <= elapsed < 1.0
+    # A 408 is the body timeout's answer (a whole body gets a 200); not before body_timeout, a
+    # lower bound that load cannot break.
+    assert elapsed >= 0.25
     assert error_of(408, "application/json", body)["code"] == "request_timeout"
     assert len(fake.requests) == 1  # only the other client's
     await still_serving(proxy)
 
 
 async def test_slow_body_before_authentication_is_a_401_at_once(proxy: TestServer) -> None:
-    started = time.monotonic()
-    answer = await raw_request(proxy, request_bytes([HOST], body=BODY)[:-20], timeout=1.0)
+    # The body never ends: had the proxy waited for it, the answer would be body_timeout's 408.
+    answer = await raw_request(proxy, request_bytes([HOST], body=BODY)[:-20], timeout=30)
     status, headers, body = parse_response(answer)
     assert status == 401 and error_of(status, headers["content-type"], body)
-    assert time.monotonic() - started < 0.25  # not after body_timeout
 
 
 # -- routes and methods ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ import json
 import random
 import socket
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +20,7 @@ from aiohttp.test_utils import TestServer
 import aioproxy
 import aioproxy.keys
 import aioproxy.router
-from aioproxy.testing import FakeClock, FakeOpenAI, assert_openai_error
+from aioproxy.testing import FakeClock, FakeOpenAI, assert_openai_error, eventually
 from tests.support import AUTH, CHAT, MESSAGES, UPSTREAM_KEY, ServeProxy, gateway_config, sdk
 
 ANSWER = "fake reply to: hi"
@@ -146,14 +145,6 @@ def rows_of(body: dict[str, Any], model: str = "gpt-test") -> list[dict[str, Any
 SAFETY_NET = aiohttp.ClientTimeout(total=10)  # only ever reached when the test fails
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll until ``predicate()``; the timeout is a safety net, not what the test measures."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
-
-
 def acquired(proxy: TestServer) -> int:
     """Upstream connections the proxy's pool has handed out and not got back."""
     return proxy.app[aioproxy.keys.pool_key].busy_connections
@@ -213,7 +204,7 @@ async def test_least_busy_balances_requests_in_flight(serve_proxy: ServeProxy, p
         finally:
             for response in held:
                 response.close()
-    await wait_for(lambda: pair.a.in_flight == pair.b.in_flight == 0)
+    await eventually(lambda: pair.a.in_flight == pair.b.in_flight == 0, within=10.0)
 
 
 @pytest.mark.parametrize(
@@ -872,8 +863,8 @@ async def test_disconnect_mid_stream_cancels_upstream_at_once(
         assert acquired(proxy) == 4
         for response in responses:
             response.close()
-        await wait_for(lambda: pair.a.in_flight + pair.b.in_flight == 0)
-    await wait_for(lambda: acquired(proxy) == 0)
+        await eventually(lambda: pair.a.in_flight + pair.b.in_flight == 0, within=10.0)
+    await eventually(lambda: acquired(proxy) == 0, within=10.0)
     _, body, _ = await readiness(proxy)
     assert all(row["in_flight"] == 0 for row in body["deployments"])
     assert (await chat(proxy))[0] == 200  # and it still serves
@@ -888,8 +879,8 @@ async def test_disconnect_before_the_first_event_cancels_upstream(
         response = await held_stream(proxy, http)  # a keep-alive comment came
         assert fake.in_flight == 1
         response.close()
-        await wait_for(lambda: fake.in_flight == 0)
-    await wait_for(lambda: acquired(proxy) == 0)
+        await eventually(lambda: fake.in_flight == 0, within=10.0)
+    await eventually(lambda: acquired(proxy) == 0, within=10.0)
 
 
 async def test_disconnect_during_retry_backoff_sends_no_more_retries(
@@ -906,15 +897,15 @@ async def test_disconnect_during_retry_backoff_sends_no_more_retries(
         leaving = asyncio.create_task(http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH))
         await asyncio.wait_for(clock.sleeping.wait(), 10)  # in the backoff
         leaving.cancel()  # the client leaves
-        await wait_for(lambda: clock.cancelled == 1, timeout=10)
+        await eventually(lambda: clock.cancelled == 1, within=10)
         # A stream has its headers (and keep-alive comments) out while it waits.
         response = await held_stream(proxy, http)
         assert await response.content.readuntil(b"\n\n") == b": keepalive\n\n"
         await asyncio.wait_for(clock.sleeping.wait(), 10)
         response.close()
-        await wait_for(lambda: clock.cancelled == 2, timeout=10)
+        await eventually(lambda: clock.cancelled == 2, within=10)
     clock.release()  # had a retry been left waiting, it would be sent now
-    await wait_for(lambda: acquired(proxy) == 0, timeout=10)
+    await eventually(lambda: acquired(proxy) == 0, within=10)
     assert clock.sleeps == [0.5, 0.5] and len(fake.requests) == 2
     _, body, _ = await readiness(proxy)
     assert rows_of(body)[0]["in_flight"] == 0

@@ -33,11 +33,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from aioproxy.testing import FakeUpstream, Recorded
+from aioproxy.testing import (
+    FakeUpstream,
+    Recorded,
+    assert_chat_chunk,
+    assert_chat_completion,
+    assert_completion,
+    assert_response,
+)
 
 __all__ = [
     "ERRORS",
@@ -47,6 +55,7 @@ __all__ = [
     "FakeAnthropic",
     "Recorded",
     "split_tokens",
+    "validate",
 ]
 
 VERSION = "2023-06-01"
@@ -388,3 +397,18 @@ def _cut(text: str, body: dict[str, Any]) -> tuple[str, str, str | None]:
     if len(tokens) > body["max_tokens"]:
         return "".join(tokens[: body["max_tokens"]]), "max_tokens", None
     return text, stop_reason, stop_sequence
+
+
+# The OpenAI shapes by their name in OpenAI's OpenAPI description, checked with the test kit (the
+# JSON schemas stay in the root tests: a plugin's tests run outside the repository too).
+_SHAPES: dict[str, Callable[[Any], object]] = {
+    "CreateChatCompletionResponse": assert_chat_completion,
+    "CreateChatCompletionStreamResponse": assert_chat_chunk,
+    "CreateCompletionResponse": assert_completion,
+    "Response": assert_response,
+}
+
+
+def validate(schema: str, obj: Any) -> None:
+    """``obj`` has the OpenAI shape ``schema`` names."""
+    _SHAPES[schema](obj)
