@@ -16,21 +16,6 @@ import msgspec
 
 from .sse import DONE_DATA
 
-__all__ = [
-    "Models",
-    "assert_chat_chunk",
-    "assert_chat_chunks",
-    "assert_chat_completion",
-    "assert_completion",
-    "assert_completion_chunks",
-    "assert_embeddings",
-    "assert_error_object",
-    "assert_openai_error",
-    "assert_response",
-    "assert_response_events",
-    "no_error",
-]
-
 _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 _FINAL_RESPONSE_STATUS = {"response.completed": "completed", "response.incomplete": "incomplete"}
 _decode = msgspec.json.decode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -25,18 +26,6 @@ from .assertions import (
 from .proxy import ProxyUnderTest, needs
 from .sse import first_event, read_sse
 from .waiting import eventually
-
-__all__ = [
-    "HELLO",
-    "Trigger",
-    "check_cancellation",
-    "check_chat",
-    "check_chat_stream",
-    "check_completion",
-    "check_embeddings",
-    "check_error_mapping",
-    "check_responses",
-]
 
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the kit"}]
 _CHAT = "/v1/chat/completions"
@@ -90,17 +79,33 @@ async def check_chat_stream(
     return text
 
 
+async def _whole_and_streamed(
+    proxy: ProxyUnderTest,
+    path: str,
+    body: dict[str, Any],
+    assert_whole: Callable[..., str],
+    assert_stream: Callable[..., object],
+    **stream_fields: Any,
+) -> str:
+    """``body`` answered whole and streamed (with ``stream_fields``), each checked; the whole
+    answer's text."""
+    names = proxy.answer_models(body["model"])
+    text = assert_whole(await _post(proxy, path, body, stream=False), model=names)
+    streamed = {**body, "stream": True, **stream_fields}
+    assert_stream(await _post(proxy, path, streamed, stream=True), model=names)
+    return text
+
+
 async def check_completion(
     proxy: ProxyUnderTest, model: str, *, prompt: str = "Say hello to the kit", **params: Any
 ) -> str:
     """A legacy completion, whole and streamed with usage; returns the whole answer's text."""
     body = {"model": model, "prompt": prompt, **params}
-    names = proxy.answer_models(model)
-    text = assert_completion(await _post(proxy, "/v1/completions", body, False), model=names)
-    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    chunks = await _post(proxy, "/v1/completions", streamed, True)
-    assert_completion_chunks(chunks, usage=True, model=names)
-    return text
+    with_usage = functools.partial(assert_completion_chunks, usage=True)
+    include_usage = {"include_usage": True}
+    return await _whole_and_streamed(
+        proxy, "/v1/completions", body, assert_completion, with_usage, stream_options=include_usage
+    )
 
 
 async def check_responses(
@@ -108,10 +113,9 @@ async def check_responses(
 ) -> str:
     """A Responses API call, whole and streamed, raw and through the SDK; returns the raw text."""
     body = {"model": model, "input": input, **params}
+    path = "/v1/responses"
+    text = await _whole_and_streamed(proxy, path, body, assert_response, assert_response_events)
     names = proxy.answer_models(model)
-    text = assert_response(await _post(proxy, "/v1/responses", body, False), model=names)
-    events = await _post(proxy, "/v1/responses", {**body, "stream": True}, True)
-    assert_response_events(events, model=names)
     async with proxy.openai() as client:
         assert_response(await client.responses.create(**body), model=names)
         stream = await client.responses.create(**body, stream=True)

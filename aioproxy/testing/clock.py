@@ -16,8 +16,6 @@ from aiohttp import web
 from ..keys import gateway_key
 from ..router import Clock
 
-__all__ = ["FakeClock"]
-
 
 class _Serving(Protocol):
     """A running proxy: the kit's ProxyUnderTest or pytest-aiohttp's TestServer."""

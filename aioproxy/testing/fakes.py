@@ -28,8 +28,6 @@ from aiohttp.typedefs import Handler
 
 from .waiting import eventually
 
-__all__ = ["FakeUpstream", "Recorded"]
-
 _MAX_BODY = 64 * 1024 * 1024  # way above aiohttp's 1 MiB default: a fake never limits a proxy
 
 

@@ -23,7 +23,6 @@ from ..keys import gateway_key
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["KIT_KEY", "ProxyUnderTest", "StartProxy", "needs", "start_proxy"]
 
 KIT_KEY = "sk-aioproxy-testing"
 

@@ -7,8 +7,6 @@ from typing import Any
 import aiohttp
 import msgspec
 
-__all__ = ["DONE_DATA", "first_event", "parse_sse", "read_sse"]
-
 DONE_DATA = "[DONE]"  # how read_sse gives the stream's closing `data: [DONE]`
 _COMMENT = object()
 _decode = msgspec.json.decode

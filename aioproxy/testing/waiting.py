@@ -11,8 +11,6 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 
-__all__ = ["eventually"]
-
 
 async def eventually(
     check: Callable[[], bool | Awaitable[bool]],
