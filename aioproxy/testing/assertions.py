@@ -91,16 +91,22 @@ def _choices(body: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
     return choices
 
 
+def _answer(obj: Any, where: str, kind: str, model: Models) -> Any:
+    """A whole answer of ``object`` ``kind``, as a dict: no error, its id, created and model."""
+    body = _as_dict(obj)
+    no_error(body, where)
+    _expect(body, where, id=str, object=kind, created=int, model=str)
+    _check_model(body, where, model)
+    return body
+
+
 def assert_chat_completion(obj: Any, *, usage: bool = True, model: Models = None) -> str:
     """A whole ``chat.completion`` (dict or SDK object); returns choice 0's content.
 
     ``model`` (a name or names), if given, is what the answer's ``model`` must be.
     """
-    body = _as_dict(obj)
     where = "the chat completion"
-    no_error(body, where)
-    _expect(body, where, id=str, object="chat.completion", created=int, model=str)
-    _check_model(body, where, model)
+    body = _answer(obj, where, "chat.completion", model)
     for i, choice in enumerate(_choices(body, where)):
         message = choice.get("message")
         assert isinstance(message, Mapping), f"{where} choices[{i}]: message is {message!r}"
@@ -117,11 +123,8 @@ def assert_chat_completion(obj: Any, *, usage: bool = True, model: Models = None
 
 def assert_completion(obj: Any, *, usage: bool = True, model: Models = None) -> str:
     """A whole legacy ``text_completion``; returns choice 0's text."""
-    body = _as_dict(obj)
     where = "the completion"
-    no_error(body, where)
-    _expect(body, where, id=str, object="text_completion", created=int, model=str)
-    _check_model(body, where, model)
+    body = _answer(obj, where, "text_completion", model)
     for i, choice in enumerate(_choices(body, where)):
         _expect(choice, f"{where} choices[{i}]", text=str)
     if usage:
