@@ -15,12 +15,11 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 __all__ = [
-    "config_key", "gateway_key", "plugin_manager_key", "pool_key", "runtime_key", "session_key",
+    "config_key", "plugin_manager_key", "pool_key", "runtime_key", "session_key",
 ]
 
 config_key = web.AppKey("aioproxy.config", Config)
 plugin_manager_key = web.AppKey("aioproxy.plugin_manager", pluggy.PluginManager)
 runtime_key: web.AppKey[Runtime] = web.AppKey("aioproxy.runtime")
-gateway_key = runtime_key  # its former name, which the test kit still reads
 session_key = web.AppKey("aioproxy.session", aiohttp.ClientSession)
 pool_key = web.AppKey("aioproxy.pool", H1Pool)

@@ -47,11 +47,6 @@ class Runtime:
         interval = config.server.keepalive_interval
         self.keepalive = KeepAliveClock(interval) if interval else None
 
-    @property
-    def table(self) -> Mapping[str, tuple[Deployment, ...]]:
-        """The configured deployments by model name (the name the test kit reads)."""
-        return self.deployments
-
     async def start(self, upstream: Upstream) -> None:
         """Start the providers on ``upstream``; keep the response store if something serves
         responses (it is opened by its first use)."""

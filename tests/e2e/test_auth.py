@@ -9,13 +9,12 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import MASTER_KEY, StartProxy, assert_openai_error, gateway_config, sdk
-
-MESSAGES = [{"role": "user", "content": "hi"}]
+from aioproxy.testing import assert_openai_error
+from tests.support import MASTER_KEY, MESSAGES, ServeProxy, gateway_config, sdk
 
 
 @pytest.fixture
-async def keyed_proxy(start_proxy: StartProxy, upstream_base: str) -> TestServer:
+async def keyed_proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
     config = gateway_config(
         upstream_base,
         auth={
@@ -26,7 +25,7 @@ async def keyed_proxy(start_proxy: StartProxy, upstream_base: str) -> TestServer
             ],
         },
     )
-    return await start_proxy(config)
+    return await serve_proxy(config)
 
 
 @pytest.mark.parametrize(
@@ -92,10 +91,10 @@ async def test_health_needs_no_key(keyed_proxy: TestServer) -> None:
 
 
 async def test_no_auth_configured_is_open_and_loud(
-    start_proxy: StartProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
+    serve_proxy: ServeProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="aioproxy"):
-        proxy = await start_proxy(gateway_config(upstream_base, auth={}))
+        proxy = await serve_proxy(gateway_config(upstream_base, auth={}))
     assert any("NO AUTHENTICATION" in r.message for r in caplog.records)
     async with sdk(proxy, key="anything") as client:
         completion = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)

@@ -14,9 +14,10 @@ from aiohttp.test_utils import TestServer
 
 from aioproxy import Provider, create_app, hookimpl
 from aioproxy.hookspecs import RegisterProvider
-from tests.conftest import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, assert_openai_error, sdk
-from tests.fakes.openai_upstream import TOOL_ARGUMENTS, FakeOpenAI
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from aioproxy.testing.openai_upstream import TOOL_ARGUMENTS
 from tests.schemas import validate
+from tests.support import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
 
 FORMS = pytest.mark.parametrize("prefix", ["/v1", ""], ids=["openai-form", "alias"])
 ALICE, BOB = "sk-alice-test", "sk-bob-test"

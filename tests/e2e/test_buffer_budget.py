@@ -13,7 +13,8 @@ from aiohttp import web
 
 from aioproxy.budget import BufferBudget, BufferFull
 from aioproxy.keys import pool_key
-from tests.conftest import AUTH, MASTER_KEY, StartProxy, assert_openai_error
+from aioproxy.testing import assert_openai_error
+from tests.support import AUTH, MASTER_KEY, ServeProxy
 
 HALF = 400 * 1024  # each answer's one event comes in two halves of this size
 BUDGET = 1024 * 1024  # room for the first halves of both, not for a whole second event
@@ -37,7 +38,7 @@ def config(base: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["events", "bodies"])
 async def test_two_large_answers_one_fails_the_other_is_served(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any, stream: bool
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any, stream: bool
 ) -> None:
     budget: BufferBudget | None = None
     both_held = asyncio.Event()
@@ -67,7 +68,7 @@ async def test_two_large_answers_one_fails_the_other_is_served(
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     upstream = await aiohttp_server(app)
-    proxy = await start_proxy(config(str(upstream.make_url("/v1"))))
+    proxy = await serve_proxy(config(str(upstream.make_url("/v1"))))
     budget = proxy.app[pool_key].budget
     body = {"model": "big", "messages": [], "stream": stream}
 

@@ -3,64 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import openai
+import pytest
 
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI
+from tests.support import ROOT, clean_env, running
 
-ROOT = Path(__file__).parents[2]
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
+
 MESSAGES = [{"role": "user", "content": "hello from the cli test"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    env.update(extra)
-    return env
-
-
-async def wait_healthy(port: int) -> None:
-    """Poll ``/health`` until the process on ``port`` answers 200 (10 s at most)."""
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("run.py did not become healthy")
-
-
-@asynccontextmanager
-async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[int, list[str]]]:
-    """Start run.py, wait for /health, yield (port, stdout lines so far); stop it after."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "run.py", "--port", str(port), *args,
-        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        await wait_healthy(port)
-        lines = [(await process.stdout.readline()).decode() for _ in range(2)]  # type: ignore[union-attr]
-        yield port, lines
-    finally:
-        process.terminate()
-        await process.wait()
 
 
 async def test_default_config_serves_echo_without_keys_or_network() -> None:

@@ -9,17 +9,16 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import AUTH, StartProxy, assert_openai_error, gateway_config
+from aioproxy.testing import FakeClock, FakeOpenAI, assert_openai_error
 from tests.e2e.test_bridges import ChatOnlyPlugin  # "chatonly": openai with chat only
-from tests.fakes.clock import FakeClock
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.support import AUTH, ServeProxy, gateway_config
 
 
-async def start(start_proxy: StartProxy, base: str, entry: dict[str, Any] | None = None,
+async def start(serve_proxy: ServeProxy, base: str, entry: dict[str, Any] | None = None,
                 **overrides: Any) -> TestServer:
     config = gateway_config(base, **overrides)
     config["models"][0].update({"provider": "chatonly", **(entry or {})})
-    return await start_proxy(config, plugins=[ChatOnlyPlugin()])
+    return await serve_proxy(config, plugins=[ChatOnlyPlugin()])
 
 
 async def complete(proxy: TestServer, prompt: Any,
@@ -39,9 +38,9 @@ async def in_flight(proxy: TestServer) -> list[int]:
     return [row["in_flight"] for row in rows]
 
 
-async def test_many_prompts_are_sent_a_few_at_a_time(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_many_prompts_are_sent_a_few_at_a_time(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                     upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base)
+    proxy = await start(serve_proxy, upstream_base)
     fake.response_delay = 0.02  # long enough for the calls in flight to overlap
     prompts = [f"prompt {i}" for i in range(150)]
     response, body = await complete(proxy, prompts)
@@ -52,18 +51,18 @@ async def test_many_prompts_are_sent_a_few_at_a_time(start_proxy: StartProxy, fa
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_concurrency_is_configurable(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_concurrency_is_configurable(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                            upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base, completions={"concurrency": 1})
+    proxy = await start(serve_proxy, upstream_base, completions={"concurrency": 1})
     fake.response_delay = 0.01
     response, body = await complete(proxy, ["a", "b", "c", "d"], stream=False)
     assert response.status == 200 and len(body["choices"]) == 4
     assert fake.max_in_flight == 1
 
 
-async def test_each_prompt_counts_against_the_rpm_cap(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_each_prompt_counts_against_the_rpm_cap(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                       upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base, {"rpm": 5})
+    proxy = await start(serve_proxy, upstream_base, {"rpm": 5})
     FakeClock().install(proxy)
     response, _ = await complete(proxy, ["a", "b", "c", "d", "e"])
     assert response.status == 200 and len(fake.requests) == 5
@@ -73,10 +72,10 @@ async def test_each_prompt_counts_against_the_rpm_cap(start_proxy: StartProxy, f
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_streamed_prompts_count_against_the_rpm_cap(start_proxy: StartProxy,
+async def test_streamed_prompts_count_against_the_rpm_cap(serve_proxy: ServeProxy,
                                                           fake: FakeOpenAI,
                                                           upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base, {"rpm": 3})
+    proxy = await start(serve_proxy, upstream_base, {"rpm": 3})
     FakeClock().install(proxy)
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.make_url("/v1/completions"), headers=AUTH, json={
@@ -89,9 +88,9 @@ async def test_streamed_prompts_count_against_the_rpm_cap(start_proxy: StartProx
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_a_list_over_the_cap_is_refused(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_a_list_over_the_cap_is_refused(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                               upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base, completions={"max_prompts": 4})
+    proxy = await start(serve_proxy, upstream_base, completions={"max_prompts": 4})
     response, error = await complete(proxy, ["p"] * 5)
     assert response.status == 400 and error["param"] == "prompt"
     assert "at most 4" in error["message"]
@@ -100,9 +99,9 @@ async def test_a_list_over_the_cap_is_refused(start_proxy: StartProxy, fake: Fak
     assert len(fake.requests) == 4
 
 
-async def test_prompts_of_the_wrong_type_are_refused(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_prompts_of_the_wrong_type_are_refused(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                      upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base)
+    proxy = await start(serve_proxy, upstream_base)
     for prompt in (5, [], [{"x": 1}], [[1, 2], 3]):
         response, error = await complete(proxy, prompt)
         assert response.status == 400 and error["param"] == "prompt", (prompt, error)
@@ -110,8 +109,8 @@ async def test_prompts_of_the_wrong_type_are_refused(start_proxy: StartProxy, fa
 
 
 async def test_a_list_the_cap_cannot_take_is_a_429_not_a_cooldown(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start(start_proxy, upstream_base, {"rpm": 3},
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await start(serve_proxy, upstream_base, {"rpm": 3},
                         completions={"concurrency": 1}, router={"cooldown_failures": 1})
     FakeClock().install(proxy)
     response, error = await complete(proxy, ["a", "b", "c", "d", "e"])

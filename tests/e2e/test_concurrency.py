@@ -8,8 +8,8 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import AUTH, StartProxy, gateway_config, sdk
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, eventually
+from tests.support import AUTH, ServeProxy, gateway_config, sdk
 
 MESSAGES = [{"role": "user", "content": "many at once"}]
 
@@ -32,14 +32,6 @@ async def test_concurrent_requests_all_complete(proxy: TestServer, fake: FakeOpe
     assert len(fake.requests) == 60
 
 
-async def wait_for(predicate: object, timeout: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def test_client_leaving_mid_stream_cancels_upstream(proxy: TestServer, fake: FakeOpenAI) -> None:
     fake.stream_delay = 0.2
     fake.stream_chunks = 50  # ten seconds of stream, were it left to run
@@ -49,7 +41,7 @@ async def test_client_leaving_mid_stream_cancels_upstream(proxy: TestServer, fak
         await response.content.readline()  # the first event has arrived
         assert fake.in_flight == 1
         response.close()  # the client goes away
-    await wait_for(lambda: fake.in_flight == 0, timeout=1.0)
+    await eventually(lambda: fake.in_flight == 0, within=5.0)
     async with sdk(proxy) as client:  # and the proxy still serves
         assert (await client.chat.completions.create(model="gpt-test", messages=MESSAGES)).choices
 
@@ -66,16 +58,16 @@ async def test_client_leaving_before_first_token_cancels_upstream(
                             timeout=with_timeout)
         except asyncio.TimeoutError:
             pass
-    await wait_for(lambda: fake.in_flight == 0, timeout=1.0)
+    await eventually(lambda: fake.in_flight == 0, within=5.0)
 
 
-async def test_config_aliases_reach_the_same_handler(start_proxy: StartProxy, upstream_base: str,
+async def test_config_aliases_reach_the_same_handler(serve_proxy: ServeProxy, upstream_base: str,
                                                      fake: FakeOpenAI) -> None:
     config = gateway_config(upstream_base, aliases={
         "chat_completions": ["/openai/v1/chat/completions"],
         "models": ["/openai/v1/models"],
     })
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     async with sdk(proxy, prefix="/openai/v1") as client:
         done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
         assert done.choices[0].message.content == "fake reply to: many at once"

@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from aioproxy import create_app
-from tests.conftest import StartProxy, gateway_config, sdk
+from tests.support import ServeProxy, gateway_config, sdk
 
 README = Path(__file__).parents[2] / "README.md"
 MESSAGES = [{"role": "user", "content": "hello sub app"}]
@@ -43,10 +43,10 @@ async def test_readme_embedding_example_runs(aiohttp_server: Any) -> None:
     assert done.choices[0].message.content == streamed != ""
 
 
-async def test_two_apps_in_one_process_share_nothing(start_proxy: StartProxy, upstream_base: str,
+async def test_two_apps_in_one_process_share_nothing(serve_proxy: ServeProxy, upstream_base: str,
                                                      aiohttp_server: Any) -> None:
-    first = await start_proxy(gateway_config(upstream_base))
-    second = await start_proxy(
+    first = await serve_proxy(gateway_config(upstream_base))
+    second = await serve_proxy(
         {"auth": {"master_key": "sk-second"}, "models": [{"name": "only-echo", "provider": "echo"}]}
     )
     async with sdk(first) as client:

@@ -11,25 +11,23 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import hookimpl
-from tests.conftest import (
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from tests.support import (
     AUTH,
+    CHAT,
     MASTER_KEY,
+    MESSAGES,
     UPSTREAM_KEY,
-    StartProxy,
-    assert_openai_error,
+    ServeProxy,
     gateway_config,
     sdk,
 )
-from tests.fakes.openai_upstream import FakeOpenAI
-
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-async def proxy(start_proxy: StartProxy, upstream_base: str) -> TestServer:
+async def proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
     """Without retries, so that each upstream failure reaches the client (retries: test_reliability)."""
-    return await start_proxy(gateway_config(upstream_base, router={"num_retries": 0}))
+    return await serve_proxy(gateway_config(upstream_base, router={"num_retries": 0}))
 
 
 async def post(http: aiohttp.ClientSession, server: TestServer, data: bytes | None = None,
@@ -76,9 +74,9 @@ async def test_unknown_model_is_404(client: openai.AsyncOpenAI) -> None:
     assert "gpt-nope" in caught.value.message
 
 
-async def test_body_over_the_limit_is_413(start_proxy: StartProxy, upstream_base: str,
+async def test_body_over_the_limit_is_413(serve_proxy: ServeProxy, upstream_base: str,
                                           http: aiohttp.ClientSession) -> None:
-    proxy = await start_proxy(gateway_config(upstream_base, server={"max_body_size": 4096}))
+    proxy = await serve_proxy(gateway_config(upstream_base, server={"max_body_size": 4096}))
     big = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 10_000}]}
     await assert_openai_error(await post(http, proxy, json=big), 413, "request_too_large")
     await still_serving(proxy)
@@ -122,8 +120,8 @@ async def test_upstream_4xx_body_passes_through(client: openai.AsyncOpenAI) -> N
     assert caught.value.code == "model_not_found"
 
 
-async def test_upstream_unreachable_is_502(start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(gateway_config("http://127.0.0.1:1/v1", router={"num_retries": 0}))
+async def test_upstream_unreachable_is_502(serve_proxy: ServeProxy) -> None:
+    proxy = await serve_proxy(gateway_config("http://127.0.0.1:1/v1", router={"num_retries": 0}))
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
@@ -132,12 +130,12 @@ async def test_upstream_unreachable_is_502(start_proxy: StartProxy) -> None:
     assert "gpt-test" in caught.value.message
 
 
-async def test_upstream_timeout_is_504(start_proxy: StartProxy, upstream_base: str,
+async def test_upstream_timeout_is_504(serve_proxy: ServeProxy, upstream_base: str,
                                        fake: FakeOpenAI) -> None:
     config = gateway_config(
         upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 0}
     )
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     fake.faults.append("hang")
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
@@ -164,9 +162,9 @@ class Boom:
         raise RuntimeError("plugin bug with secret sk-should-not-leak")
 
 
-async def test_unexpected_exception_is_logged_500(start_proxy: StartProxy, upstream_base: str,
+async def test_unexpected_exception_is_logged_500(serve_proxy: ServeProxy, upstream_base: str,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Boom()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Boom()])
     async with aiohttp.ClientSession() as http:
         with caplog.at_level(logging.ERROR, logger="aioproxy"):
             response = await post(http, proxy, json={"model": "gpt-test", "messages": MESSAGES})

@@ -10,11 +10,11 @@ import asyncio
 import gc
 import json
 import random
-import time
 from collections import Counter
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 import aioproxy.context
@@ -22,9 +22,11 @@ import aioproxy.h1client
 import aioproxy.keys
 import aioproxy.providers
 import aioproxy.router
-from tests.conftest import AUTH, UPSTREAM_MODEL, StartProxy, gateway_config
-from tests.fakes.clock import FakeClock
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeClock, FakeOpenAI, eventually
+from tests.support import AUTH, UPSTREAM_MODEL, ServeProxy, gateway_config
+
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
 
 REQUESTS = 360
 CONCURRENCY = 100
@@ -148,14 +150,7 @@ def runs_aioproxy_code(task: asyncio.Task[Any]) -> bool:
     return False
 
 
-async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.02)
-
-
-async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy) -> None:
+async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy) -> None:
     a, b = FakeOpenAI(fault_rates=FAULT_RATES, seed=1), FakeOpenAI(fault_rates=FAULT_RATES, seed=2)
     backup = FakeOpenAI()
     fakes = [a, b, backup]
@@ -175,7 +170,7 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     pool = proxy.app[aioproxy.keys.pool_key]
     gc.collect()
     baseline_tasks = len(asyncio.all_tasks())
@@ -207,11 +202,11 @@ async def test_load_with_faults_on(aiohttp_server: Any, start_proxy: StartProxy)
         assert streamed["ok"] + plain["ok"] >= 0.99 * (REQUESTS - mid_stream)
 
         # And afterwards: no upstream request or connection still held, no task left behind.
-        await wait_for(lambda: all(fake.in_flight == 0 for fake in fakes))
-        await wait_for(lambda: pool.busy_connections == 0)
-        await wait_for(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
-        snapshot = proxy.app[aioproxy.keys.runtime_key].router.snapshot(
-            proxy.app[aioproxy.keys.runtime_key].deployments)
+        await eventually(lambda: all(fake.in_flight == 0 for fake in fakes), within=3.0)
+        await eventually(lambda: pool.busy_connections == 0, within=3.0)
+        await eventually(lambda: not proxy.runner.server.connections, within=3.0)  # type: ignore[union-attr]
+        runtime = proxy.app[aioproxy.keys.runtime_key]
+        snapshot = runtime.router.snapshot(runtime.deployments)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot
         assert pool.idle_connections <= 2 * CONCURRENCY + 20
         upstream_conns = sum(
@@ -249,7 +244,7 @@ REQUEST_INTERVAL = 0.1  # fake seconds between requests: cooldowns start and end
 
 
 async def test_success_rate_under_a_sustained_fault_rate(
-        aiohttp_server: Any, start_proxy: StartProxy, monkeypatch: Any) -> None:
+        aiohttp_server: Any, serve_proxy: ServeProxy, monkeypatch: Any) -> None:
     """Two deployments, a fallback model and one retry, every upstream failing 20% of the time:
     at least 97% of requests succeed. Deterministic: the requests go one at a time, the faults,
     the router's choices and its clock are seeded or fake, hangs end at a small first-byte
@@ -266,7 +261,7 @@ async def test_success_rate_under_a_sustained_fault_rate(
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     clock = FakeClock().install(proxy)
     outcomes: Counter[str] = Counter()
     async with aiohttp.ClientSession() as http:

@@ -22,10 +22,8 @@ from aioproxy import (
     hookimpl,
 )
 from aioproxy.hookspecs import HOOK_NAMES
-from tests.conftest import AUTH, StartProxy, gateway_config, sdk
-from tests.fakes.openai_upstream import FakeOpenAI
-
-MESSAGES = [{"role": "user", "content": "hi"}]
+from aioproxy.testing import FakeOpenAI
+from tests.support import AUTH, MESSAGES, ServeProxy, gateway_config, sdk
 
 
 def test_every_hook_has_a_test() -> None:
@@ -33,7 +31,7 @@ def test_every_hook_has_a_test() -> None:
     assert set(HOOK_NAMES) <= tested, set(HOOK_NAMES) - tested
 
 
-async def test_hook_authenticate(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_authenticate(serve_proxy: ServeProxy, upstream_base: str) -> None:
     class HeaderAuth:
         @hookimpl
         async def authenticate(self, request: web.Request) -> Principal | None:
@@ -42,7 +40,7 @@ async def test_hook_authenticate(start_proxy: StartProxy, upstream_base: str) ->
                 return Principal("blue-team", frozenset({"echo"}))
             return None  # defer to the config keys
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[HeaderAuth()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[HeaderAuth()])
     async with aiohttp.ClientSession(headers={"X-Team": "blue"}) as http:
         async with http.get(proxy.make_url("/v1/models")) as response:
             assert [m["id"] for m in (await response.json())["data"]] == ["echo"]
@@ -50,7 +48,7 @@ async def test_hook_authenticate(start_proxy: StartProxy, upstream_base: str) ->
         assert len((await client.models.list()).data) == 2
 
 
-async def test_hook_map_model(start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+async def test_hook_map_model(serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     class Prefixed:
         @hookimpl
         def map_model(self, model: str) -> Deployment | None:
@@ -59,25 +57,25 @@ async def test_hook_map_model(start_proxy: StartProxy, upstream_base: str, fake:
                                   api_base=upstream_base)
             return None
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Prefixed()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Prefixed()])
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="up/gpt-4o", messages=MESSAGES)
     assert fake.last.body["model"] == "gpt-4o"
     assert "authorization" not in fake.last.headers  # that deployment has no key
 
 
-async def test_hook_list_models(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_list_models(serve_proxy: ServeProxy, upstream_base: str) -> None:
     class Extra:
         @hookimpl
         def list_models(self) -> list[str]:
             return ["extra-model"]
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Extra()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Extra()])
     async with sdk(proxy) as client:
         assert {m.id for m in (await client.models.list()).data} == {"gpt-test", "echo", "extra-model"}
 
 
-async def test_hook_before_request(start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+async def test_hook_before_request(serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     class Guard:
         @hookimpl
         async def before_request(self, call: Call) -> None:
@@ -86,7 +84,7 @@ async def test_hook_before_request(start_proxy: StartProxy, upstream_base: str, 
             call.set("temperature", 0.0)
             call.pop("seed")
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Guard()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Guard()])
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES, seed=3)
         assert fake.last.body["temperature"] == 0.0 and "seed" not in fake.last.body
@@ -94,7 +92,7 @@ async def test_hook_before_request(start_proxy: StartProxy, upstream_base: str, 
             await client.chat.completions.create(model="gpt-test", messages=MESSAGES, user="banned")
 
 
-async def test_hook_after_response(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_after_response(serve_proxy: ServeProxy, upstream_base: str) -> None:
     seen: list[tuple[str, Outcome]] = []
 
     class Meter:
@@ -102,7 +100,7 @@ async def test_hook_after_response(start_proxy: StartProxy, upstream_base: str) 
         def after_response(self, call: Call, outcome: Outcome) -> None:
             seen.append((call.model, outcome))
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Meter()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Meter()])
     async with sdk(proxy) as client:
         done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
         stream = await client.chat.completions.create(
@@ -120,7 +118,7 @@ async def test_hook_after_response(start_proxy: StartProxy, upstream_base: str) 
     assert streamed.usage() is not None and streamed.usage().total_tokens > 0  # type: ignore[union-attr]
 
 
-async def test_hook_on_error(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_on_error(serve_proxy: ServeProxy, upstream_base: str) -> None:
     errors: list[tuple[Exception, Call | None]] = []
 
     class Watcher:
@@ -128,7 +126,7 @@ async def test_hook_on_error(start_proxy: StartProxy, upstream_base: str) -> Non
         def on_error(self, error: Exception, call: Call | None) -> None:
             errors.append((error, call))
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Watcher()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Watcher()])
     async with sdk(proxy) as client:
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="nope", messages=MESSAGES)
@@ -140,7 +138,7 @@ async def test_hook_on_error(start_proxy: StartProxy, upstream_base: str) -> Non
     assert errors[1][1] is None
 
 
-async def test_hook_register_routes(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_register_routes(serve_proxy: ServeProxy, upstream_base: str) -> None:
     async def usage(request: web.Request) -> web.Response:
         raise BadRequest("no usage yet", param="day")
 
@@ -149,14 +147,14 @@ async def test_hook_register_routes(start_proxy: StartProxy, upstream_base: str)
         def register_routes(self, register: Any) -> None:
             register("GET", "/v1/usage", usage)
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Routes()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Routes()])
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy.make_url("/v1/usage"), headers=AUTH) as response:
             assert response.status == 400
             assert (await response.json())["error"]["param"] == "day"
 
 
-async def test_hook_register_providers(start_proxy: StartProxy, upstream_base: str) -> None:
+async def test_hook_register_providers(serve_proxy: ServeProxy, upstream_base: str) -> None:
     class Constant(Provider):
         name = "constant"
 
@@ -174,7 +172,7 @@ async def test_hook_register_providers(start_proxy: StartProxy, upstream_base: s
 
     config = gateway_config(upstream_base)
     config["models"].append({"name": "const", "provider": "constant"})
-    proxy = await start_proxy(config, plugins=[Plugin()])
+    proxy = await serve_proxy(config, plugins=[Plugin()])
     async with sdk(proxy) as client:
         done = await client.chat.completions.create(model="const", messages=MESSAGES)
         assert done.choices[0].message.content == "constant"
@@ -183,21 +181,21 @@ async def test_hook_register_providers(start_proxy: StartProxy, upstream_base: s
     assert "does not serve embeddings" in caught.value.message
 
 
-async def test_hook_tryfirst_plugin_replaces_builtin(start_proxy: StartProxy, upstream_base: str,
+async def test_hook_tryfirst_plugin_replaces_builtin(serve_proxy: ServeProxy, upstream_base: str,
                                                     fake: FakeOpenAI) -> None:
     class Everything:
         @hookimpl(tryfirst=True)
         def map_model(self) -> Deployment:
             return Deployment(name="all", provider="openai", model="forced", api_base=upstream_base)
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Everything()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Everything()])
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="echo", messages=MESSAGES)
     assert fake.last.body["model"] == "forced"
 
 
 async def test_a_failing_after_response_hook_does_not_stop_the_others(
-    start_proxy: StartProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
+    serve_proxy: ServeProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen: list[str] = []
 
@@ -211,7 +209,7 @@ async def test_a_failing_after_response_hook_does_not_stop_the_others(
         def after_response(self, call: Call) -> None:
             seen.append(call.model)
 
-    proxy = await start_proxy(gateway_config(upstream_base), plugins=[Broken(), Billing()])
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Broken(), Billing()])
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert seen == ["gpt-test"]

@@ -16,20 +16,19 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import (
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from tests.support import (
     AUTH,
+    CHAT,
     MASTER_KEY,
+    MESSAGES,
     UPSTREAM_KEY,
     UPSTREAM_MODEL,
-    StartProxy,
-    assert_openai_error,
+    ServeProxy,
     gateway_config,
     sdk,
 )
-from tests.fakes.openai_upstream import FakeOpenAI
 
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
 BODY = b'{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}'
 
 # Endpoint path -> (required input field and a good value, the object a JSON answer has).
@@ -42,12 +41,12 @@ KINDS: dict[str, tuple[str, Any, str]] = {
 
 
 @pytest.fixture
-async def proxy(start_proxy: StartProxy, upstream_base: str) -> TestServer:
+async def proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
     """No retries (so one upstream request per call) and small limits, to reach them quickly.
 
     Keep-alive comments are off the table here (5 s): with them, whether a slow answer comes
     as JSON or as SSE depends on timing (see test_reliability's keep-alive tests)."""
-    return await start_proxy(gateway_config(
+    return await serve_proxy(gateway_config(
         upstream_base, router={"num_retries": 0},
         server={"max_body_size": 64 * 1024, "body_timeout": 0.3, "keepalive_interval": 5},
     ))
@@ -296,11 +295,11 @@ async def test_duplicate_keys_last_one_wins_at_the_top_level(proxy: TestServer,
 
 
 async def test_escaped_dropped_fields_never_reach_the_upstream(
-        start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     # The deployment's upstream model is the name asked for, so nothing else forces a re-encode.
     config = gateway_config(upstream_base)
     config["models"][0].update(name="gpt-4o-mini", model=None)
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     body = (rb'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
             rb'"api\u005fbase": "http://127.0.0.1:1/v1", "api\u005fkey": "sk-attacker", '
             rb'"base\u005furl": "http://127.0.0.1:1/v1", "extra\u005fheaders": {"x": "y"}}')
@@ -313,11 +312,11 @@ async def test_escaped_dropped_fields_never_reach_the_upstream(
 
 
 async def test_escaped_duplicate_model_never_reaches_the_upstream(
-        start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     config = gateway_config(upstream_base, auth={"keys": [{"key": "sk-mini-only",
                                                            "models": ["gpt-4o-mini"]}]})
     config["models"][0].update(name="gpt-4o-mini", model=None)
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     # The proxy authorises the last "model" (gpt-4o-mini); an upstream that keeps the first of
     # two keys would serve o1-pro on the proxy's key.
     body = (rb'{"model": "o1-pro", "mod\u0065l": "gpt-4o-mini", '
@@ -424,7 +423,7 @@ async def test_slow_body_is_408_and_others_are_served_meanwhile(proxy: TestServe
     dribbler = asyncio.create_task(dribble())
     try:
         await still_serving(proxy)  # the slow client holds nobody else up
-        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        status_line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         elapsed = time.monotonic() - started
         length = int(status_line.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         body = await reader.readexactly(length)
@@ -432,18 +431,19 @@ async def test_slow_body_is_408_and_others_are_served_meanwhile(proxy: TestServe
         dribbler.cancel()
         writer.close()
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
-    assert 0.25 <= elapsed < 1.0
+    # A 408 is the body timeout's answer (a whole body gets a 200); not before body_timeout, a
+    # lower bound that load cannot break.
+    assert elapsed >= 0.25
     assert error_of(408, "application/json", body)["code"] == "request_timeout"
     assert len(fake.requests) == 1  # only the other client's
     await still_serving(proxy)
 
 
 async def test_slow_body_before_authentication_is_a_401_at_once(proxy: TestServer) -> None:
-    started = time.monotonic()
-    answer = await raw_request(proxy, request_bytes([HOST], body=BODY)[:-20], timeout=1.0)
+    # The body never ends: had the proxy waited for it, the answer would be body_timeout's 408.
+    answer = await raw_request(proxy, request_bytes([HOST], body=BODY)[:-20], timeout=30)
     status, headers, body = parse_response(answer)
     assert status == 401 and error_of(status, headers["content-type"], body)
-    assert time.monotonic() - started < 0.25  # not after body_timeout
 
 
 # -- routes and methods ----------------------------------------------------------------------
@@ -579,9 +579,9 @@ async def test_client_cannot_redirect_or_rekey_the_upstream(
 
 
 async def test_client_key_in_other_headers_is_never_forwarded(
-        start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
     """With virtual keys, the key a client presents (any of its three headers) stays here."""
-    proxy = await start_proxy(gateway_config(upstream_base, auth={
+    proxy = await serve_proxy(gateway_config(upstream_base, auth={
         "master_key": MASTER_KEY, "keys": [{"key": "sk-virtual-one", "name": "one"}]}))
     async with aiohttp.ClientSession() as http:
         for header in ({"Authorization": "Bearer sk-virtual-one"}, {"api-key": "sk-virtual-one"},

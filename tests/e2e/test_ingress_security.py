@@ -26,21 +26,20 @@ from aiohttp.test_utils import TestServer
 
 from aioproxy import ConfigError, create_app
 from aioproxy.config import parse_config
-from tests.conftest import (
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from tests.support import (
     AUTH,
+    CHAT,
     MASTER_KEY,
+    MESSAGES,
     UPSTREAM_KEY,
-    StartProxy,
-    assert_openai_error,
+    ServeProxy,
     gateway_config,
+    running,
     sdk,
 )
-from tests.e2e.test_cli import running
-from tests.fakes.openai_upstream import FakeOpenAI
 
-CHAT = "/v1/chat/completions"
 BODY = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
-MESSAGES = [{"role": "user", "content": "hi"}]
 KEY_ONLY = {"Authorization": f"Bearer {MASTER_KEY}"}
 JSON = {"Content-Type": "application/json"}
 # Every body-carrying route, in both forms.
@@ -202,12 +201,12 @@ async def test_json_with_parameters_is_served(
 
 
 async def test_the_sdk_is_served_on_every_kind_and_bodyless_routes_still_work(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession
 ) -> None:
     """Open mode, where every check applies: the SDK's requests all pass."""
     config = gateway_config(upstream_base)
     del config["auth"]
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     async with sdk(proxy) as client:
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
         await client.completions.create(model="gpt-test", prompt="hi")
@@ -224,19 +223,19 @@ async def test_the_sdk_is_served_on_every_kind_and_bodyless_routes_still_work(
 # -- 9.9: Host in open mode ------------------------------------------------------------------
 
 
-async def open_proxy(start_proxy: StartProxy, upstream_base: str, **server: Any) -> TestServer:
+async def open_proxy(serve_proxy: ServeProxy, upstream_base: str, **server: Any) -> TestServer:
     config = gateway_config(upstream_base, server=server)
     del config["auth"]
-    return await start_proxy(config)
+    return await serve_proxy(config)
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io",
                                   "192.168.1.20:{port}", "localhost.evil.example"])
 async def test_open_mode_refuses_other_host_names(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
     host: str,
 ) -> None:
-    proxy = await open_proxy(start_proxy, upstream_base)
+    proxy = await open_proxy(serve_proxy, upstream_base)
     for method, path in (("POST", CHAT), ("GET", "/v1/models")):
         async with http.request(method, proxy.make_url(path), data=BODY,
                                 headers={**JSON, "Host": host.format(port=proxy.port)}) as response:
@@ -247,19 +246,19 @@ async def test_open_mode_refuses_other_host_names(
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST",
                                   "[::1]:{port}", "localhost.", "proxy.internal:{port}"])
 async def test_open_mode_serves_loopback_and_allowed_names(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, host: str
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, host: str
 ) -> None:
-    proxy = await open_proxy(start_proxy, upstream_base, allowed_hosts=["Proxy.Internal"])
+    proxy = await open_proxy(serve_proxy, upstream_base, allowed_hosts=["Proxy.Internal"])
     response = await post(http, proxy.make_url(CHAT), BODY,
                           {**JSON, "Host": host.format(port=proxy.port)})
     assert response.status == 200, await response.text()
 
 
 async def test_open_mode_serves_its_configured_host_and_any_with_a_star(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession
 ) -> None:
-    named = await open_proxy(start_proxy, upstream_base, host="gateway.lan")
-    starred = await open_proxy(start_proxy, upstream_base, allowed_hosts=["*"])
+    named = await open_proxy(serve_proxy, upstream_base, host="gateway.lan")
+    starred = await open_proxy(serve_proxy, upstream_base, allowed_hosts=["*"])
     for proxy, host in ((named, "gateway.lan:4000"), (starred, "anything.example")):
         response = await post(http, proxy.make_url(CHAT), BODY, {**JSON, "Host": host})
         assert response.status == 200, await response.text()
@@ -276,30 +275,30 @@ async def test_with_keys_any_host_is_served(proxy: TestServer, http: aiohttp.Cli
 @pytest.mark.parametrize("keyed", [True, False], ids=["keys", "open"])
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:1"])
 async def test_cross_site_origins_are_refused(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
     keyed: bool, origin: str,
 ) -> None:
-    proxy = (await start_proxy(gateway_config(upstream_base)) if keyed
-             else await open_proxy(start_proxy, upstream_base))
+    proxy = (await serve_proxy(gateway_config(upstream_base)) if keyed
+             else await open_proxy(serve_proxy, upstream_base))
     response = await post(http, proxy.make_url(CHAT), BODY, {**AUTH, "Origin": origin})
     await assert_openai_error(response, 403, "origin_not_allowed")
     assert fake.requests == []
 
 
 async def test_a_same_origin_request_is_served(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await open_proxy(start_proxy, upstream_base)
+    proxy = await open_proxy(serve_proxy, upstream_base)
     origin = f"http://127.0.0.1:{proxy.port}"
     response = await post(http, proxy.make_url(CHAT), BODY, {**JSON, "Origin": origin})
     assert response.status == 200, await response.text()
 
 
 async def test_cors_origins_get_cors_answers_and_preflights(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession
 ) -> None:
     allowed = "https://app.example"
-    proxy = await start_proxy(gateway_config(upstream_base, server={"cors_origins": [allowed]}))
+    proxy = await serve_proxy(gateway_config(upstream_base, server={"cors_origins": [allowed]}))
     async with http.options(proxy.make_url(CHAT), headers={
         "Origin": allowed, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
@@ -412,13 +411,13 @@ def test_credentials_and_hop_by_hop_headers_cannot_be_forwarded(name: str) -> No
 
 
 async def test_forward_headers_ignore_case_and_send_each_header_once(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI
 ) -> None:
     config = gateway_config(upstream_base, upstream={
         "forward_headers": ["X-Request-ID", "x-request-id", "OpenAI-Beta"]})
     config["models"][0]["headers"] = {"AUTHORIZATION": "Bearer wrong",
                                       "content-type": "application/json; charset=utf-8"}
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     response = await post(http, proxy.make_url(CHAT), BODY,
                           {**AUTH, "x-request-id": "req-1", "openai-beta": "assistants=v2"})
     assert response.status == 200, await response.text()
@@ -430,14 +429,14 @@ async def test_forward_headers_ignore_case_and_send_each_header_once(
 
 
 async def test_a_config_built_in_python_never_forwards_credentials(
-    start_proxy: StartProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Only a loaded config is checked; the provider drops such names whatever the source."""
     config = parse_config(gateway_config(upstream_base))
     upstream = msgspec.structs.replace(config.upstream,
                                        forward_headers=["Cookie", "x-api-key", "x-request-id"])
-    proxy = await start_proxy(msgspec.structs.replace(config, upstream=upstream))
+    proxy = await serve_proxy(msgspec.structs.replace(config, upstream=upstream))
     assert "'Cookie' is a credential" in caplog.text
     response = await post(http, proxy.make_url(CHAT), BODY,
                           {**AUTH, "Cookie": "session=1", "x-api-key": "k", "x-request-id": "r"})

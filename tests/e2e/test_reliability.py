@@ -8,7 +8,6 @@ import json
 import random
 import socket
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,19 +20,9 @@ from aiohttp.test_utils import TestServer
 import aioproxy
 import aioproxy.keys
 import aioproxy.router
-from tests.conftest import (
-    AUTH,
-    UPSTREAM_KEY,
-    StartProxy,
-    assert_openai_error,
-    gateway_config,
-    sdk,
-)
-from tests.fakes.clock import FakeClock
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeClock, FakeOpenAI, assert_openai_error, eventually
+from tests.support import AUTH, CHAT, MESSAGES, UPSTREAM_KEY, ServeProxy, gateway_config, sdk
 
-CHAT = "/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
 ANSWER = "fake reply to: hi"
 BODY = {"model": "gpt-test", "messages": MESSAGES}
 STREAM_BODY = {**BODY, "stream": True}
@@ -156,14 +145,6 @@ def rows_of(body: dict[str, Any], model: str = "gpt-test") -> list[dict[str, Any
 SAFETY_NET = aiohttp.ClientTimeout(total=10)  # only ever reached when the test fails
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll until ``predicate()``; the timeout is a safety net, not what the test measures."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
-
-
 def acquired(proxy: TestServer) -> int:
     """Upstream connections the proxy's pool has handed out and not got back."""
     return proxy.app[aioproxy.keys.pool_key].busy_connections
@@ -172,10 +153,10 @@ def acquired(proxy: TestServer) -> int:
 # -- strategies ------------------------------------------------------------------------------
 
 
-async def test_weighted_split_follows_the_weights(start_proxy: StartProxy, pair: Pair,
+async def test_weighted_split_follows_the_weights(serve_proxy: ServeProxy, pair: Pair,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(5))  # the weighted draws
-    proxy = await start_proxy(pair.config(a={"weight": 3}, b={"weight": 1}))
+    proxy = await serve_proxy(pair.config(a={"weight": 3}, b={"weight": 1}))
     async with sdk(proxy) as client:
         for _ in range(8):
             done = await asyncio.gather(*(
@@ -188,9 +169,9 @@ async def test_weighted_split_follows_the_weights(start_proxy: StartProxy, pair:
     assert 125 <= a <= 175, (a, b)  # 150 expected; sd ~6
 
 
-async def test_zero_weight_is_a_standby_used_only_on_failure(start_proxy: StartProxy,
+async def test_zero_weight_is_a_standby_used_only_on_failure(serve_proxy: ServeProxy,
                                                              pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(a={"weight": 1}, b={"weight": 0},
+    proxy = await serve_proxy(pair.config(a={"weight": 1}, b={"weight": 0},
                                           router={"cooldown_seconds": 0}))
     for _ in range(20):
         assert (await chat(proxy))[0] == 200
@@ -203,11 +184,11 @@ async def test_zero_weight_is_a_standby_used_only_on_failure(start_proxy: StartP
 
 
 @pytest.mark.parametrize("where", ["router", "model"])
-async def test_least_busy_balances_requests_in_flight(start_proxy: StartProxy, pair: Pair,
+async def test_least_busy_balances_requests_in_flight(serve_proxy: ServeProxy, pair: Pair,
                                                       where: str) -> None:
     routing = ({"strategy": "least-busy"} if where == "router"
                else {"models": {"gpt-test": {"strategy": "least-busy"}}})
-    proxy = await start_proxy(pair.config(router=routing))
+    proxy = await serve_proxy(pair.config(router=routing))
     for fake in (pair.a, pair.b):
         fake.stream_delay, fake.stream_chunks = 0.1, 50  # streams that stay open
     async with aiohttp.ClientSession() as http:
@@ -223,7 +204,7 @@ async def test_least_busy_balances_requests_in_flight(start_proxy: StartProxy, p
         finally:
             for response in held:
                 response.close()
-    await wait_for(lambda: pair.a.in_flight == pair.b.in_flight == 0)
+    await eventually(lambda: pair.a.in_flight == pair.b.in_flight == 0, within=10.0)
 
 
 @pytest.mark.parametrize(
@@ -237,11 +218,11 @@ async def test_least_busy_balances_requests_in_flight(start_proxy: StartProxy, p
     ids=["router", "model", "model-overrides-router"],
 )
 async def test_latency_strategy_prefers_the_faster_deployment(
-    start_proxy: StartProxy, pair: Pair, routing: dict[str, Any], latency_wins: bool,
+    serve_proxy: ServeProxy, pair: Pair, routing: dict[str, Any], latency_wins: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(5))
-    proxy = await start_proxy(pair.config(router=routing))
+    proxy = await serve_proxy(pair.config(router=routing))
     clock = FakeClock().install(proxy)
     pair.a.on_request = lambda _: clock.advance(0.05)  # a is slow, on the router's clock
     for _ in range(20):
@@ -257,9 +238,9 @@ async def test_latency_strategy_prefers_the_faster_deployment(
 # -- rpm / tpm caps --------------------------------------------------------------------------
 
 
-async def test_rpm_caps_move_traffic_then_answer_429(start_proxy: StartProxy, pair: Pair) -> None:
+async def test_rpm_caps_move_traffic_then_answer_429(serve_proxy: ServeProxy, pair: Pair) -> None:
     # least-busy is deterministic for sequential requests: the first eligible deployment.
-    proxy = await start_proxy(pair.config(a={"rpm": 2}, b={"rpm": 3},
+    proxy = await serve_proxy(pair.config(a={"rpm": 2}, b={"rpm": 3},
                                           router={"strategy": "least-busy"}))
     for _ in range(5):
         assert (await chat(proxy))[0] == 200
@@ -277,28 +258,28 @@ async def test_rpm_caps_move_traffic_then_answer_429(start_proxy: StartProxy, pa
     assert [row["available"] for row in rows_of(body)] == [False, False]
 
 
-async def test_rpm_cap_holds_for_concurrent_streams(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_rpm_cap_holds_for_concurrent_streams(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                     upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, {"rpm": 2}))
+    proxy = await serve_proxy(one_deployment(upstream_base, {"rpm": 2}))
     results = await asyncio.gather(*(stream_raw(proxy) for _ in range(6)))
     statuses = sorted(status for status, _, _ in results)
     assert len(fake.requests) <= 2, f"rpm=2 but the upstream got {len(fake.requests)} requests"
     assert statuses == [200, 200, 429, 429, 429, 429]
 
 
-async def test_rpm_cap_holds_for_concurrent_non_streams(start_proxy: StartProxy,
+async def test_rpm_cap_holds_for_concurrent_non_streams(serve_proxy: ServeProxy,
                                                         fake: FakeOpenAI,
                                                         upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, {"rpm": 2}))
+    proxy = await serve_proxy(one_deployment(upstream_base, {"rpm": 2}))
     results = await asyncio.gather(*(chat(proxy) for _ in range(6)))
     assert sorted(status for status, _ in results) == [200, 200, 429, 429, 429, 429]
     assert len(fake.requests) == 2
 
 
-async def test_tpm_cap_counts_reported_usage(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_tpm_cap_counts_reported_usage(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                              upstream_base: str) -> None:
     # Each answer to "hi" costs 5 tokens (1 prompt + 4 completion): 8 allows two answers.
-    proxy = await start_proxy(one_deployment(upstream_base, {"tpm": 8}))
+    proxy = await serve_proxy(one_deployment(upstream_base, {"tpm": 8}))
     assert (await chat(proxy))[0] == 200
     status, _, blocks = await stream_raw(
         proxy, {**STREAM_BODY, "stream_options": {"include_usage": True}})
@@ -308,9 +289,9 @@ async def test_tpm_cap_counts_reported_usage(start_proxy: StartProxy, fake: Fake
     assert len(fake.requests) == 2
 
 
-async def test_tpm_cap_counts_streams_without_usage(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_tpm_cap_counts_streams_without_usage(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                     upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, {"tpm": 8}))
+    proxy = await serve_proxy(one_deployment(upstream_base, {"tpm": 8}))
     for _ in range(4):
         status, _, _ = await stream_raw(proxy)
         if status == 429:
@@ -327,7 +308,7 @@ RETRYABLE = ["status:500", "status:502:text", "status:503", "status:429", "reset
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("fault", RETRYABLE)
-async def test_retryable_failures_are_retried(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_retryable_failures_are_retried(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                               upstream_base: str, fault: str,
                                               stream: bool) -> None:
     config = one_deployment(
@@ -335,7 +316,7 @@ async def test_retryable_failures_are_retried(start_proxy: StartProxy, fake: Fak
         router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0},
         server={"keepalive_interval": 0},
     )
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     fake.faults = [fault, fault]
     if stream:
         status, _, blocks = await stream_raw(proxy)
@@ -346,9 +327,9 @@ async def test_retryable_failures_are_retried(start_proxy: StartProxy, fake: Fak
     assert len(fake.requests) == 3 and fake.faults == []
 
 
-async def test_retries_give_up_after_num_retries(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_retries_give_up_after_num_retries(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                  upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(
+    proxy = await serve_proxy(one_deployment(
         upstream_base, router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0}))
     fake.faults = ["status:503"] * 5
     status, body = await chat(proxy)
@@ -358,9 +339,9 @@ async def test_retries_give_up_after_num_retries(start_proxy: StartProxy, fake: 
 
 @pytest.mark.parametrize("fault", ["status:400", "status:404", "status:422",
                                    "context_length_exceeded"])
-async def test_other_4xx_are_never_retried(start_proxy: StartProxy, pair: Pair,
+async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair,
                                            fault: str) -> None:
-    proxy = await start_proxy(pair.config(router={"num_retries": 3}))
+    proxy = await serve_proxy(pair.config(router={"num_retries": 3}))
     pair.a.fault_rates = pair.b.fault_rates = {fault: 1.0}
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH) as response:
@@ -370,8 +351,8 @@ async def test_other_4xx_are_never_retried(start_proxy: StartProxy, pair: Pair,
 
 
 async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 2,
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 2,
                                                                     "retry_backoff": 0.01}))
     fake.fault_rates = {"status:401": 1.0}
     status, body = await chat(proxy)
@@ -379,9 +360,9 @@ async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
     assert len(fake.requests) == 1
 
 
-async def test_retry_after_is_honoured(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_retry_after_is_honoured(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                        upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"retry_backoff": 0.01}))
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_backoff": 0.01}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "0.4"
     fake.faults = ["status:429"]
@@ -391,10 +372,10 @@ async def test_retry_after_is_honoured(start_proxy: StartProxy, fake: FakeOpenAI
     assert clock.sleeps == [0.4]  # the upstream's wait, not the backoff
 
 
-async def test_retry_after_longer_than_the_max_is_passed_on(start_proxy: StartProxy,
+async def test_retry_after_longer_than_the_max_is_passed_on(serve_proxy: ServeProxy,
                                                             fake: FakeOpenAI,
                                                             upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"retry_after_max": 5}))
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 5}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "30"
     fake.faults = ["status:429"]
@@ -405,11 +386,11 @@ async def test_retry_after_longer_than_the_max_is_passed_on(start_proxy: StartPr
     assert clock.sleeps == [] and len(fake.requests) == 1
 
 
-async def test_backoff_is_exponential_and_jittered(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_backoff_is_exponential_and_jittered(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                    upstream_base: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(3))  # the jitter's draws
-    proxy = await start_proxy(one_deployment(upstream_base, router={
+    proxy = await serve_proxy(one_deployment(upstream_base, router={
         "num_retries": 2, "retry_backoff": 0.04, "retry_backoff_max": 1, "cooldown_seconds": 0}))
     clock = FakeClock().install(proxy)
     for _ in range(8):
@@ -424,8 +405,8 @@ async def test_backoff_is_exponential_and_jittered(start_proxy: StartProxy, fake
     assert len(set(first)) == 8, f"no jitter: {first}"
 
 
-async def test_retry_moves_to_another_deployment(start_proxy: StartProxy, pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(router={"num_retries": 1, "cooldown_seconds": 0,
+async def test_retry_moves_to_another_deployment(serve_proxy: ServeProxy, pair: Pair) -> None:
+    proxy = await serve_proxy(pair.config(router={"num_retries": 1, "cooldown_seconds": 0,
                                                   "retry_backoff": 5}))
     clock = FakeClock().install(proxy)
     pair.a.fault_rates = {"status:500": 1.0}
@@ -437,19 +418,19 @@ async def test_retry_moves_to_another_deployment(start_proxy: StartProxy, pair: 
     assert clock.sleeps == []
 
 
-async def test_connect_errors_are_retried_on_another_deployment(start_proxy: StartProxy,
+async def test_connect_errors_are_retried_on_another_deployment(serve_proxy: ServeProxy,
                                                                 pair: Pair) -> None:
     config = pair.config(router={"num_retries": 1, "cooldown_seconds": 0})
     config["models"][0]["api_base"] = "http://127.0.0.1:1/v1"  # nothing listens there
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     for _ in range(8):
         assert (await chat(proxy))[0] == 200
     assert len(pair.b.requests) == 8
 
 
-async def test_never_retried_after_the_first_event(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_never_retried_after_the_first_event(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                    upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(
+    proxy = await serve_proxy(one_deployment(
         upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 3}))
     for fault in ("cut_stream", "stall_stream"):
         fake.requests.clear()
@@ -473,11 +454,11 @@ async def test_never_retried_after_the_first_event(start_proxy: StartProxy, fake
     ],
     ids=["global-0", "model-3", "model-1-over-global-3", "global-3"],
 )
-async def test_num_retries_globally_and_per_model(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_num_retries_globally_and_per_model(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                                   upstream_base: str, routing: dict[str, Any],
                                                   requests: int, status: int) -> None:
     routing = {"retry_backoff": 0.005, "cooldown_seconds": 0, **routing}
-    proxy = await start_proxy(one_deployment(upstream_base, router=routing))
+    proxy = await serve_proxy(one_deployment(upstream_base, router=routing))
     fake.faults = ["status:500"] * 3
     assert (await chat(proxy))[0] == status
     assert len(fake.requests) == requests
@@ -488,14 +469,14 @@ async def test_num_retries_globally_and_per_model(start_proxy: StartProxy, fake:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("where", ["router", "model"])
-async def test_fallback_when_every_deployment_fails(start_proxy: StartProxy, pair: Pair,
+async def test_fallback_when_every_deployment_fails(serve_proxy: ServeProxy, pair: Pair,
                                                     stream: bool, where: str) -> None:
     routing: dict[str, Any] = {"num_retries": 1, "retry_backoff": 0.005, "cooldown_seconds": 0}
     if where == "router":
         routing["fallbacks"] = {"gpt-test": ["backup"]}
     else:
         routing["models"] = {"gpt-test": {"fallbacks": ["backup"]}}
-    proxy = await start_proxy(pair.config(backup=True, router=routing))
+    proxy = await serve_proxy(pair.config(backup=True, router=routing))
     pair.a.fault_rates = pair.b.fault_rates = {"status:503": 1.0}
     if stream:
         status, _, blocks = await stream_raw(proxy)
@@ -509,25 +490,25 @@ async def test_fallback_when_every_deployment_fails(start_proxy: StartProxy, pai
     assert pair.c.last.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 
-async def test_fallback_to_another_provider(start_proxy: StartProxy, pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(router={"fallbacks": {"gpt-test": ["echo"]},
+async def test_fallback_to_another_provider(serve_proxy: ServeProxy, pair: Pair) -> None:
+    proxy = await serve_proxy(pair.config(router={"fallbacks": {"gpt-test": ["echo"]},
                                                   "num_retries": 0}))
     pair.a.fault_rates = pair.b.fault_rates = {"reset": 1.0}
     status, body = await chat(proxy)
     assert status == 200 and "hi" in body["choices"][0]["message"]["content"]
 
 
-async def test_no_fallback_on_client_errors(start_proxy: StartProxy, pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(backup=True,
+async def test_no_fallback_on_client_errors(serve_proxy: ServeProxy, pair: Pair) -> None:
+    proxy = await serve_proxy(pair.config(backup=True,
                                           router={"fallbacks": {"gpt-test": ["backup"]}}))
     pair.a.fault_rates = pair.b.fault_rates = {"status:400": 1.0}
     assert (await chat(proxy))[0] == 400
     assert pair.c.requests == []
 
 
-async def test_exhausted_fallbacks_answer_the_last_error(start_proxy: StartProxy,
+async def test_exhausted_fallbacks_answer_the_last_error(serve_proxy: ServeProxy,
                                                          pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(backup=True, router={
+    proxy = await serve_proxy(pair.config(backup=True, router={
         "fallbacks": {"gpt-test": ["backup"]}, "num_retries": 0, "cooldown_seconds": 0}))
     pair.a.fault_rates = pair.b.fault_rates = {"status:500": 1.0}
     pair.c.fault_rates = {"status:503": 1.0}
@@ -539,13 +520,13 @@ async def test_exhausted_fallbacks_answer_the_last_error(start_proxy: StartProxy
 
 
 @pytest.mark.parametrize("where", ["router", "model"])
-async def test_context_window_fallback(start_proxy: StartProxy, pair: Pair, where: str) -> None:
+async def test_context_window_fallback(serve_proxy: ServeProxy, pair: Pair, where: str) -> None:
     routing: dict[str, Any] = {"num_retries": 2, "fallbacks": {"gpt-test": ["echo"]}}
     if where == "router":
         routing["context_window_fallbacks"] = {"gpt-test": ["backup"]}
     else:
         routing["models"] = {"gpt-test": {"context_window_fallbacks": ["backup"]}}
-    proxy = await start_proxy(pair.config(backup=True, router=routing))
+    proxy = await serve_proxy(pair.config(backup=True, router=routing))
     pair.a.fault_rates = pair.b.fault_rates = {"context_length_exceeded": 1.0}
     status, body = await chat(proxy)
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
@@ -554,9 +535,9 @@ async def test_context_window_fallback(start_proxy: StartProxy, pair: Pair, wher
 
 
 async def test_context_window_error_without_its_fallback_passes_through(
-        start_proxy: StartProxy, pair: Pair) -> None:
+        serve_proxy: ServeProxy, pair: Pair) -> None:
     # Only ordinary fallbacks: those are for failures, not for a request that is too long.
-    proxy = await start_proxy(pair.config(backup=True,
+    proxy = await serve_proxy(pair.config(backup=True,
                                           router={"fallbacks": {"gpt-test": ["backup"]}}))
     pair.a.fault_rates = pair.b.fault_rates = {"context_length_exceeded": 1.0}
     async with aiohttp.ClientSession() as http:
@@ -567,12 +548,12 @@ async def test_context_window_error_without_its_fallback_passes_through(
 
 
 async def test_cooled_down_model_goes_straight_to_its_fallback(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str, pair: Pair) -> None:
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, pair: Pair) -> None:
     config = one_deployment(upstream_base, router={
         "fallbacks": {"gpt-test": ["backup"]}, "num_retries": 0,
         "cooldown_failures": 2, "cooldown_seconds": 30})
     config["models"].append({**config["models"][0], "name": "backup", "api_base": pair.base_c})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     fake.fault_rates = {"status:500": 1.0}
     for _ in range(2):
         assert (await chat(proxy))[0] == 200  # from the backup
@@ -584,10 +565,10 @@ async def test_cooled_down_model_goes_straight_to_its_fallback(
     assert len(fake.requests) == 2, "a deployment in cooldown was still called"
 
 
-async def test_capped_model_goes_to_its_fallback(start_proxy: StartProxy, pair: Pair) -> None:
+async def test_capped_model_goes_to_its_fallback(serve_proxy: ServeProxy, pair: Pair) -> None:
     config = pair.config(a={"rpm": 1}, backup=True, router={"fallbacks": {"gpt-test": ["backup"]}})
     del config["models"][1]  # gpt-test on a only
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     assert (await chat(proxy))[0] == 200
     status, body = await chat(proxy)
     assert status == 200, body
@@ -598,8 +579,8 @@ async def test_capped_model_goes_to_its_fallback(start_proxy: StartProxy, pair: 
 
 
 async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
-        start_proxy: StartProxy, pair: Pair) -> None:
-    proxy = await start_proxy(pair.config(router={
+        serve_proxy: ServeProxy, pair: Pair) -> None:
+    proxy = await serve_proxy(pair.config(router={
         "strategy": "least-busy", "num_retries": 1, "cooldown_failures": 2,
         "cooldown_window": 10, "cooldown_seconds": 0.5}))
     clock = FakeClock().install(proxy)
@@ -632,10 +613,10 @@ async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
     assert status == 200 and all(row["available"] for row in body["deployments"])
 
 
-async def test_every_deployment_cooling_down_is_degraded(start_proxy: StartProxy,
+async def test_every_deployment_cooling_down_is_degraded(serve_proxy: ServeProxy,
                                                          fake: FakeOpenAI,
                                                          upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={
+    proxy = await serve_proxy(one_deployment(upstream_base, router={
         "num_retries": 0, "cooldown_failures": 2, "cooldown_seconds": 0.4}))
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:502": 1.0}
@@ -652,10 +633,10 @@ async def test_every_deployment_cooling_down_is_degraded(start_proxy: StartProxy
     assert status == 200 and rows_of(body)[0]["available"] is True
 
 
-async def test_failures_outside_the_window_do_not_cool_down(start_proxy: StartProxy,
+async def test_failures_outside_the_window_do_not_cool_down(serve_proxy: ServeProxy,
                                                             fake: FakeOpenAI,
                                                             upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={
+    proxy = await serve_proxy(one_deployment(upstream_base, router={
         "num_retries": 0, "cooldown_failures": 2, "cooldown_window": 0.2,
         "cooldown_seconds": 30}))
     clock = FakeClock().install(proxy)
@@ -667,9 +648,9 @@ async def test_failures_outside_the_window_do_not_cool_down(start_proxy: StartPr
     assert rows_of(body)[0]["available"] is True and rows_of(body)[0]["failed"] == 3
 
 
-async def test_client_errors_do_not_cool_down(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_client_errors_do_not_cool_down(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                               upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"cooldown_failures": 1}))
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"cooldown_failures": 1}))
     fake.fault_rates = {"status:400": 0.5, "status:404": 0.5}
     for _ in range(5):
         assert (await chat(proxy))[0] in (400, 404)
@@ -701,9 +682,9 @@ def blackhole() -> Iterator[int]:
         server.close()
 
 
-async def test_connect_timeout(start_proxy: StartProxy) -> None:
+async def test_connect_timeout(serve_proxy: ServeProxy) -> None:
     with blackhole() as port:
-        proxy = await start_proxy(gateway_config(
+        proxy = await serve_proxy(gateway_config(
             f"http://127.0.0.1:{port}/v1", router={"num_retries": 0},
             upstream={"timeouts": {"connect": 0.3, "read": 30}}))
         async with aiohttp.ClientSession(timeout=SAFETY_NET) as http:
@@ -712,9 +693,9 @@ async def test_connect_timeout(start_proxy: StartProxy) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_first_byte_timeout(start_proxy: StartProxy, fake: FakeOpenAI,
+async def test_first_byte_timeout(serve_proxy: ServeProxy, fake: FakeOpenAI,
                                   upstream_base: str, stream: bool) -> None:
-    proxy = await start_proxy(one_deployment(
+    proxy = await serve_proxy(one_deployment(
         upstream_base, {"timeouts": {"first_byte": 0.3, "read": 30}},
         router={"num_retries": 0}, server={"keepalive_interval": 0}))
     fake.response_delay = 60
@@ -726,8 +707,8 @@ async def test_first_byte_timeout(start_proxy: StartProxy, fake: FakeOpenAI,
 
 
 async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              upstream={"timeouts": {"read": 0.3}}))
     fake.faults = ["stall_stream"]
     status, _, blocks = await stream_raw(proxy)  # stalled for ever, but for the read timeout
@@ -746,8 +727,8 @@ async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
 
 
 async def test_total_timeout_ends_a_long_stream_with_an_error_event(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              upstream={"timeouts": {"total": 0.4}}))
     fake.stream_chunks, fake.stream_delay = 40, 0.05  # two seconds of stream
     status, _, blocks = await stream_raw(proxy)
@@ -756,12 +737,12 @@ async def test_total_timeout_ends_a_long_stream_with_an_error_event(
     await fake.wait_idle(5)
 
 
-async def test_deployment_timeouts_override_the_global_ones(start_proxy: StartProxy,
+async def test_deployment_timeouts_override_the_global_ones(serve_proxy: ServeProxy,
                                                             pair: Pair) -> None:
     config = pair.config(a={"timeouts": {"read": 0.3}}, upstream={"timeouts": {"read": 30}},
                          router={"strategy": "least-busy", "num_retries": 0})
     config["models"][1]["name"] = "gpt-other"  # b: global timeouts
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     pair.a.faults = ["stall_stream"]
     status, _, blocks = await stream_raw(proxy)  # 0.3 s, well within the client's 10 s
     assert stream_error(blocks)["code"] == "upstream_timeout"
@@ -773,8 +754,8 @@ async def test_deployment_timeouts_override_the_global_ones(start_proxy: StartPr
 
 
 async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(
         upstream_base, {"timeouts": {"connect": 5}}, upstream={"timeouts": {"read": 0.3}}))
     fake.faults = ["stall_stream"]
     try:
@@ -787,10 +768,10 @@ async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
 # -- keep-alive comments ---------------------------------------------------------------------
 
 
-async def test_keepalive_comments_before_the_first_event(start_proxy: StartProxy,
+async def test_keepalive_comments_before_the_first_event(serve_proxy: ServeProxy,
                                                          fake: FakeOpenAI,
                                                          upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              server={"keepalive_interval": 0.05}))
     fake.response_delay = 0.4  # a model thinking before its first token
     status, content_type, blocks = await stream_raw(proxy)
@@ -809,10 +790,10 @@ async def test_keepalive_comments_before_the_first_event(start_proxy: StartProxy
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
 
 
-async def test_no_keepalive_when_the_first_event_is_quick(start_proxy: StartProxy,
+async def test_no_keepalive_when_the_first_event_is_quick(serve_proxy: ServeProxy,
                                                           fake: FakeOpenAI,
                                                           upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              server={"keepalive_interval": 5}))
     status, _, blocks = await stream_raw(proxy)
     assert status == 200 and all(kind == "data" for kind, _ in blocks)
@@ -821,10 +802,10 @@ async def test_no_keepalive_when_the_first_event_is_quick(start_proxy: StartProx
     assert (status, content_type) == (400, "application/json")
 
 
-async def test_failure_after_keepalive_comments_is_an_error_event(start_proxy: StartProxy,
+async def test_failure_after_keepalive_comments_is_an_error_event(serve_proxy: ServeProxy,
                                                                   fake: FakeOpenAI,
                                                                   upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 0},
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 0},
                                              server={"keepalive_interval": 0.05}))
     fake.response_delay = 0.3
     fake.faults = ["status:500"]
@@ -844,10 +825,10 @@ async def test_failure_after_keepalive_comments_is_an_error_event(start_proxy: S
     assert "gpt-test" in caught.value.message
 
 
-async def test_a_slow_answer_that_does_not_stream_stays_json(start_proxy: StartProxy,
+async def test_a_slow_answer_that_does_not_stream_stays_json(serve_proxy: ServeProxy,
                                                              fake: FakeOpenAI,
                                                              upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              server={"keepalive_interval": 0.05}))
     fake.response_delay = 0.3
     async with aiohttp.ClientSession() as http:
@@ -872,8 +853,8 @@ async def held_stream(proxy: TestServer, http: aiohttp.ClientSession,
 
 @pytest.mark.parametrize("keepalive", [0, 0.05])
 async def test_disconnect_mid_stream_cancels_upstream_at_once(
-        start_proxy: StartProxy, pair: Pair, keepalive: float) -> None:
-    proxy = await start_proxy(pair.config(server={"keepalive_interval": keepalive}))
+        serve_proxy: ServeProxy, pair: Pair, keepalive: float) -> None:
+    proxy = await serve_proxy(pair.config(server={"keepalive_interval": keepalive}))
     for fake in (pair.a, pair.b):
         fake.stream_chunks, fake.stream_delay = 600, 0.1  # a minute, were it left to run
     async with aiohttp.ClientSession() as http:
@@ -882,31 +863,31 @@ async def test_disconnect_mid_stream_cancels_upstream_at_once(
         assert acquired(proxy) == 4
         for response in responses:
             response.close()
-        await wait_for(lambda: pair.a.in_flight + pair.b.in_flight == 0)
-    await wait_for(lambda: acquired(proxy) == 0)
+        await eventually(lambda: pair.a.in_flight + pair.b.in_flight == 0, within=10.0)
+    await eventually(lambda: acquired(proxy) == 0, within=10.0)
     _, body, _ = await readiness(proxy)
     assert all(row["in_flight"] == 0 for row in body["deployments"])
     assert (await chat(proxy))[0] == 200  # and it still serves
 
 
 async def test_disconnect_before_the_first_event_cancels_upstream(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base,
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base,
                                              server={"keepalive_interval": 0.05}))
     fake.response_delay = 60  # still thinking
     async with aiohttp.ClientSession() as http:
         response = await held_stream(proxy, http)  # a keep-alive comment came
         assert fake.in_flight == 1
         response.close()
-        await wait_for(lambda: fake.in_flight == 0)
-    await wait_for(lambda: acquired(proxy) == 0)
+        await eventually(lambda: fake.in_flight == 0, within=10.0)
+    await eventually(lambda: acquired(proxy) == 0, within=10.0)
 
 
 async def test_disconnect_during_retry_backoff_sends_no_more_retries(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
     """Driven by event order: the retry's backoff is held on a fake clock until the client has
     gone, then released; the backoff ends cancelled and no retry is sent (issue #10.3)."""
-    proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 2},
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 2},
                                              server={"keepalive_interval": 0.05}))
     clock = FakeClock().install(proxy)
     clock.hold = True
@@ -916,24 +897,24 @@ async def test_disconnect_during_retry_backoff_sends_no_more_retries(
         leaving = asyncio.create_task(http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH))
         await asyncio.wait_for(clock.sleeping.wait(), 10)  # in the backoff
         leaving.cancel()  # the client leaves
-        await wait_for(lambda: clock.cancelled == 1, timeout=10)
+        await eventually(lambda: clock.cancelled == 1, within=10)
         # A stream has its headers (and keep-alive comments) out while it waits.
         response = await held_stream(proxy, http)
         assert await response.content.readuntil(b"\n\n") == b": keepalive\n\n"
         await asyncio.wait_for(clock.sleeping.wait(), 10)
         response.close()
-        await wait_for(lambda: clock.cancelled == 2, timeout=10)
+        await eventually(lambda: clock.cancelled == 2, within=10)
     clock.release()  # had a retry been left waiting, it would be sent now
-    await wait_for(lambda: acquired(proxy) == 0, timeout=10)
+    await eventually(lambda: acquired(proxy) == 0, within=10)
     assert clock.sleeps == [0.5, 0.5] and len(fake.requests) == 2
     _, body, _ = await readiness(proxy)
     assert rows_of(body)[0]["in_flight"] == 0
 
 
-async def test_fallback_cycles_end(start_proxy: StartProxy, pair: Pair) -> None:
+async def test_fallback_cycles_end(serve_proxy: ServeProxy, pair: Pair) -> None:
     """A -> B -> A in the config tries each model once, then gives the client the error."""
     cycle = {"gpt-test": ["backup"], "backup": ["gpt-test"]}
-    proxy = await start_proxy(pair.config(backup=True, router={
+    proxy = await serve_proxy(pair.config(backup=True, router={
         "context_window_fallbacks": cycle, "fallbacks": cycle}))
     for fake in (pair.a, pair.b, pair.c):
         fake.fault_rates = {"context_length_exceeded": 1.0}
@@ -943,7 +924,7 @@ async def test_fallback_cycles_end(start_proxy: StartProxy, pair: Pair) -> None:
 
 
 async def test_before_request_reroute_keeps_in_flight_counts_balanced(
-        start_proxy: StartProxy, pair: Pair) -> None:
+        serve_proxy: ServeProxy, pair: Pair) -> None:
     """A hook that re-routes the call: the new deployment is the one counted, and released."""
     class Reroute:
         def __init__(self) -> None:
@@ -954,7 +935,7 @@ async def test_before_request_reroute_keeps_in_flight_counts_balanced(
             call.route_to(self.target)
 
     plugin = Reroute()
-    proxy = await start_proxy(pair.config(backup=True), plugins=[plugin])
+    proxy = await serve_proxy(pair.config(backup=True), plugins=[plugin])
     runtime = proxy.app[aioproxy.keys.runtime_key]
     plugin.target = runtime.deployments["backup"][0]
     pair.c.faults.extend(["status:500"] * 5)  # the re-routed deployment fails, retries included
@@ -983,9 +964,9 @@ def cool_down(proxy: TestServer, *models: str) -> None:
             runtime.router.failed(deployment, aioproxy.BadGateway("it failed"))
 
 
-async def test_everything_cooling_down_keeps_retries_and_fallbacks(start_proxy: StartProxy,
+async def test_everything_cooling_down_keeps_retries_and_fallbacks(serve_proxy: ServeProxy,
                                                                    pair: Pair) -> None:
-    proxy = await start_proxy(cooling_config(pair))
+    proxy = await serve_proxy(cooling_config(pair))
     clock = FakeClock().install(proxy)
     cool_down(proxy, "gpt-test", "backup")
     status, body, _ = await readiness(proxy)
@@ -1001,8 +982,8 @@ async def test_everything_cooling_down_keeps_retries_and_fallbacks(start_proxy: 
 
 
 async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
-        start_proxy: StartProxy, pair: Pair) -> None:
-    proxy = await start_proxy(cooling_config(pair))
+        serve_proxy: ServeProxy, pair: Pair) -> None:
+    proxy = await serve_proxy(cooling_config(pair))
     FakeClock().install(proxy)
     pair.a.faults, pair.c.faults = ["status:500"], ["status:500"]
     cool_down(proxy, "backup")
@@ -1014,11 +995,11 @@ async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
     assert len(pair.b.requests) == 1 and len(pair.a.requests) + len(pair.c.requests) >= 1
 
 
-async def test_a_429_with_retry_after_moves_on_at_once(start_proxy: StartProxy,
+async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy,
                                                        pair: Pair) -> None:
     config = cooling_config(pair, cooldown_failures=3, retry_after_max=30)
     del config["models"][1]  # gpt-test on a only; backup on c
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     clock = FakeClock().install(proxy)
     pair.a.retry_after = "20"
     pair.a.faults = ["status:429"]
@@ -1032,8 +1013,8 @@ async def test_a_429_with_retry_after_moves_on_at_once(start_proxy: StartProxy,
 
 
 async def test_retry_after_is_waited_for_when_nothing_else_serves(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start_proxy(one_deployment(upstream_base, router={"retry_after_max": 30}))
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 30}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "20"
     fake.faults = ["status:429"]
@@ -1044,10 +1025,10 @@ async def test_retry_after_is_waited_for_when_nothing_else_serves(
 
 @pytest.mark.parametrize("fault", ["cut_body", "cut_chunked_body"])
 async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
-        start_proxy: StartProxy, fake: FakeOpenAI, upstream_base: str, fault: str) -> None:
+        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str) -> None:
     """Headers and part of a JSON body, then the connection closes: nothing was sent to the
     client yet, so it is as retryable as a reset (issue #10.2)."""
-    proxy = await start_proxy(one_deployment(upstream_base, router={"num_retries": 1}))
+    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 1}))
     clock = FakeClock().install(proxy)
     assert (await chat(proxy))[0] == 200  # the upstream connection is warm: the pool's case
     fake.requests.clear()
@@ -1072,7 +1053,7 @@ CUT_ANSWERS = {
 
 @pytest.mark.parametrize("framing", list(CUT_ANSWERS))
 async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
-        start_proxy: StartProxy, framing: str) -> None:
+        serve_proxy: ServeProxy, framing: str) -> None:
     """A raw HTTP/1.1 upstream: the first answer stops partway through its JSON body, whatever
     its framing, then the connection closes; the second is whole (issue #10.2)."""
     answers: list[bytes] = []
@@ -1095,7 +1076,7 @@ async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        proxy = await start_proxy(one_deployment(f"http://127.0.0.1:{port}/v1",
+        proxy = await serve_proxy(one_deployment(f"http://127.0.0.1:{port}/v1",
                                                  router={"num_retries": 1}))
         FakeClock().install(proxy)
         status, body = await chat(proxy)

@@ -16,9 +16,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import create_app
-from tests.conftest import assert_openai_error, sdk
+from aioproxy.testing import FakeOpenAI, assert_openai_error
 from tests.e2e.test_bridges import ALICE, BOB, ChatOnlyPlugin, bridged_config
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.support import sdk
 
 CAROL = "sk-carol-test"
 

@@ -18,9 +18,10 @@ from aiohttp.test_utils import TestServer
 from aioproxy import Deployment, create_app, hookimpl
 from aioproxy.config import ConfigError, parse_config
 from aioproxy.routes import Kind
-from tests.conftest import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, assert_openai_error, sdk
-from tests.fakes.openai_upstream import MISSING_MODEL, FakeOpenAI
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from aioproxy.testing.openai_upstream import MISSING_MODEL
 from tests.schemas import validate
+from tests.support import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
 
 ALICE, BOB = "sk-alice-test", "sk-bob-test"
 HEADERS = {"alice": {"Authorization": f"Bearer {ALICE}"}, "bob": {"Authorization": f"Bearer {BOB}"}}
@@ -53,7 +54,7 @@ def store_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start(aiohttp_server: Any, store_path: Path) -> Any:
-    async def start_proxy(fake: FakeOpenAI, **entry: Any) -> TestServer:
+    async def serve_proxy(fake: FakeOpenAI, **entry: Any) -> TestServer:
         upstream = await aiohttp_server(fake.app())
         app = create_app(
             config(str(upstream.make_url("/v1")), store_path, **entry),
@@ -62,7 +63,7 @@ def start(aiohttp_server: Any, store_path: Path) -> Any:
         )
         return await aiohttp_server(app)
 
-    return start_proxy
+    return serve_proxy
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy.routes import ALIASES, Kind
-from tests.conftest import AUTH, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI
 from tests.schemas import validate
+from tests.support import AUTH, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
 
 # The SDK's base URL for each form: "/v1" reaches /v1/chat/completions, "" reaches /chat/completions.
 FORMS = pytest.mark.parametrize("prefix", ["/v1", ""], ids=["openai-form", "alias"])

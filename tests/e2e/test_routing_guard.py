@@ -9,16 +9,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aioproxy_openai import OpenAIProvider
 from aiohttp.test_utils import TestServer
+from aioproxy_openai import OpenAIProvider
 
 from aioproxy import BadRequest, hookimpl
 from aioproxy.context import Call
 from aioproxy.providers import Reply
-from tests.conftest import MASTER_KEY, StartProxy, assert_openai_error, gateway_config
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, assert_openai_error
+from tests.support import CHAT, MASTER_KEY, ServeProxy, gateway_config
 
-CHAT = "/v1/chat/completions"
 LIMITED = "sk-limited-to-gpt-a"
 OTHER = "sk-another-team"
 EXPENSIVE_UPSTREAM = "gpt-4.1-mini"  # what gpt-expensive is upstream: no message may name it either
@@ -73,9 +72,9 @@ def assert_unnamed(raw: bytes) -> None:
 
 
 async def test_the_limited_key_may_not_ask_for_the_fallback(
-        start_proxy: StartProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
+        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
     a, e, base_a, base_e = two
-    proxy = await start_proxy(limited_config(base_a, base_e))
+    proxy = await serve_proxy(limited_config(base_a, base_e))
     status, _ = await post(proxy, LIMITED, body_for("gpt-expensive"))
     assert status == 403 and e.requests == []
 
@@ -83,10 +82,10 @@ async def test_the_limited_key_may_not_ask_for_the_fallback(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("fault", ["status:500", "reset", "context_length_exceeded"])
 async def test_fallbacks_the_key_may_not_use_are_skipped(
-        start_proxy: StartProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
+        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
         fault: str, stream: bool) -> None:
     a, e, base_a, base_e = two
-    proxy = await start_proxy(limited_config(base_a, base_e, cooldown_seconds=0))
+    proxy = await serve_proxy(limited_config(base_a, base_e, cooldown_seconds=0))
     a.fault_rates = {fault: 1.0}
     status, raw = await post(proxy, LIMITED, body_for(stream=stream))
     assert status == (400 if fault == "context_length_exceeded" else 500 if fault == "status:500"
@@ -99,9 +98,9 @@ async def test_fallbacks_the_key_may_not_use_are_skipped(
 
 
 async def test_a_cooling_model_is_not_a_way_to_its_fallbacks(
-        start_proxy: StartProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
+        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
     a, e, base_a, base_e = two
-    proxy = await start_proxy(limited_config(
+    proxy = await serve_proxy(limited_config(
         base_a, base_e, num_retries=0, cooldown_failures=1, cooldown_seconds=600))
     a.faults = ["status:500"]
     status, raw = await post(proxy, LIMITED, body_for())  # gpt-a now cools down
@@ -144,7 +143,7 @@ class FragilePlugin:
 
 @pytest.mark.parametrize(("field", "status"), [("stop", 500), ("tools", 400)])
 async def test_requests_that_break_a_translator_do_not_cool_it_down(
-        start_proxy: StartProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
+        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
         field: str, status: int) -> None:
     a, backup, base_a, base_backup = two
     config = gateway_config(base_a, router={"num_retries": 0, "cooldown_failures": 3,
@@ -152,7 +151,7 @@ async def test_requests_that_break_a_translator_do_not_cool_it_down(
     config["models"][0]["provider"] = "fragile"
     config["models"].append({**config["models"][0], "name": "backup", "api_base": base_backup})
     config["auth"]["keys"] = [{"key": LIMITED, "name": "attacker"}, {"key": OTHER, "name": "other"}]
-    proxy = await start_proxy(config, plugins=[FragilePlugin()])
+    proxy = await serve_proxy(config, plugins=[FragilePlugin()])
     for _ in range(4):
         answer, raw = await post(proxy, LIMITED, {**body_for("gpt-test"), field: 5})
         assert answer == status, raw

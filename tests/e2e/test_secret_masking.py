@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestServer
 
 from aioproxy.config import Secret
 from aioproxy.context import Deployment
+from aioproxy.testing import assert_openai_error
 from aioproxy.upstream import read_upstream_error
-from tests.conftest import AUTH, MASTER_KEY, StartProxy, assert_openai_error, sdk
+from tests.support import AUTH, MASTER_KEY, ServeProxy, sdk
 
 SHORT_KEY = "k3Y9z"  # shorter than 8 characters
 LONG_KEY = "sk-proj-Abc/def+ghi_jkl-0123456789"  # base64 alphabet characters, and a "/"
@@ -119,13 +120,13 @@ def models(base: str, provider: str = "openai") -> list[dict[str, Any]]:
     ]
 
 
-async def start(aiohttp_server: Any, start_proxy: StartProxy, upstream: web.Application,
+async def start(aiohttp_server: Any, serve_proxy: ServeProxy, upstream: web.Application,
                 provider: str = "openai", plugins: tuple[object, ...] = ()) -> TestServer:
     server = await aiohttp_server(upstream)
     config = {"auth": {"master_key": MASTER_KEY},
               "models": models(str(server.make_url("/v1")), provider),
               "router": {"num_retries": 0}}
-    return await start_proxy(config, plugins)
+    return await serve_proxy(config, plugins)
 
 
 def sdk_error_text(exc: openai.APIError) -> str:
@@ -135,9 +136,9 @@ def sdk_error_text(exc: openai.APIError) -> str:
 @pytest.mark.parametrize("model", ["keyed", "long", "basic"])
 @pytest.mark.parametrize("mode", ["json", "json-200", "sse-body", "midstream", "first", "named"])
 async def test_openai_sdk_never_sees_a_credential(
-    aiohttp_server: Any, start_proxy: StartProxy, model: str, mode: str
+    aiohttp_server: Any, serve_proxy: ServeProxy, model: str, mode: str
 ) -> None:
-    proxy = await start(aiohttp_server, start_proxy, openai_upstream(mode))
+    proxy = await start(aiohttp_server, serve_proxy, openai_upstream(mode))
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIError) as caught:
             stream = await client.chat.completions.create(
@@ -151,11 +152,11 @@ async def test_openai_sdk_never_sees_a_credential(
     assert_masked(text)
 
 
-async def test_an_sse_error_body_gives_its_message(aiohttp_server: Any, start_proxy: StartProxy,
+async def test_an_sse_error_body_gives_its_message(aiohttp_server: Any, serve_proxy: ServeProxy,
                                                    http: Any) -> None:
     """A 5xx whose body is an event stream: the client reads the error event's message, not
     the raw ``data: ...`` text (#10.7)."""
-    proxy = await start(aiohttp_server, start_proxy, openai_upstream("sse-body"))
+    proxy = await start(aiohttp_server, serve_proxy, openai_upstream("sse-body"))
     response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
                                json={"model": "long", "messages": []})
     error = await assert_openai_error(response, 500)
@@ -181,11 +182,11 @@ async def read_events(proxy: TestServer, http: Any, model: str) -> tuple[int, li
 
 @pytest.mark.parametrize("mode", ["midstream", "named"])
 async def test_a_mid_stream_error_event_is_the_one_last_event(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any, mode: str
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any, mode: str
 ) -> None:
     """The upstream's error event, then its hang-up: the client gets the chunk, one error
     event (masked), and nothing after it (#10.8)."""
-    proxy = await start(aiohttp_server, start_proxy, openai_upstream(mode))
+    proxy = await start(aiohttp_server, serve_proxy, openai_upstream(mode))
     status, events = await read_events(proxy, http, "keyed")
     assert status == 200
     assert len(events) == 2, events
@@ -197,11 +198,11 @@ async def test_a_mid_stream_error_event_is_the_one_last_event(
 
 
 async def test_an_error_event_first_is_an_error_status(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
 ) -> None:
     """Before any event went out, the upstream's error event is an error answer with a status
     (so the router may retry it), not a 200 stream."""
-    proxy = await start(aiohttp_server, start_proxy, openai_upstream("first"))
+    proxy = await start(aiohttp_server, serve_proxy, openai_upstream("first"))
     response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
                                json={"model": "basic", "messages": [], "stream": True})
     error = await assert_openai_error(response, 502)
@@ -235,9 +236,9 @@ def anthropic_upstream(stream: bool) -> web.Application:
 @pytest.mark.parametrize("model", ["keyed", "long", "basic"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_anthropic_provider_never_passes_a_credential_on(
-    aiohttp_server: Any, start_proxy: StartProxy, model: str, stream: bool
+    aiohttp_server: Any, serve_proxy: ServeProxy, model: str, stream: bool
 ) -> None:
-    proxy = await start(aiohttp_server, start_proxy, anthropic_upstream(stream),
+    proxy = await start(aiohttp_server, serve_proxy, anthropic_upstream(stream),
                         provider="anthropic", plugins=(aioproxy_anthropic,))
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIError) as caught:
@@ -285,13 +286,13 @@ def passing_upstream(events: list[bytes], path: str) -> web.Application:
 
 
 async def test_events_that_only_mention_error_pass_untouched(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
 ) -> None:
     """Model text about errors (and key-like words) is the answer: relayed byte for byte."""
     chunk = json.loads(json.dumps(CHUNK))
     chunk["choices"][0]["delta"]["content"] = 'raise KeyError("key_value_store error: sk-example")'
     events = [f"data: {json.dumps(chunk)}\n\n".encode(), b"data: [DONE]\n\n"]
-    proxy = await start(aiohttp_server, start_proxy,
+    proxy = await start(aiohttp_server, serve_proxy,
                         passing_upstream(events, "/v1/chat/completions"))
     status, got = await read_events(proxy, http, "long")
     assert status == 200
@@ -299,7 +300,7 @@ async def test_events_that_only_mention_error_pass_untouched(
 
 
 async def test_a_responses_failure_is_relayed_masked(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
 ) -> None:
     """In the Responses API ``response.failed`` is the stream's own final event: it goes out as
     such (masked), and nothing follows it."""
@@ -309,7 +310,7 @@ async def test_a_responses_failure_is_relayed_masked(
         "id": "r1", "status": "failed",
         "error": {"code": "server_error", "message": f"upstream key {LONG_KEY} refused"}}}
     events = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (created, failed)]
-    proxy = await start(aiohttp_server, start_proxy, passing_upstream(events, "/v1/responses"))
+    proxy = await start(aiohttp_server, serve_proxy, passing_upstream(events, "/v1/responses"))
     response = await http.post(proxy.make_url("/v1/responses"), headers=AUTH,
                                json={"model": "long", "input": "hi", "stream": True})
     body = await response.read()

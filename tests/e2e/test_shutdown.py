@@ -8,9 +8,7 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,20 +17,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import AUTH, MASTER_KEY, UPSTREAM_KEY
-from tests.e2e.test_cli import wait_healthy
-from tests.fakes.openai_upstream import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, eventually
+from tests.support import AUTH, MASTER_KEY, ROOT, UPSTREAM_KEY, free_port, wait_healthy
 
-ROOT = Path(__file__).parents[2]
+# Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
+pytestmark = pytest.mark.xdist_group("wallclock")
+
 WORDS = [f"w{i}" for i in range(40)]
 PROMPT = " ".join(WORDS)
 DELAY = 0.04  # seconds per echoed token: a 40-token stream takes 1.6 s
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(path: Path, grace: float, upstream: str = "http://127.0.0.1:1/v1") -> Path:
@@ -86,13 +79,10 @@ async def refused(port: int) -> bool:
     return False
 
 
-async def wait_refused(port: int, timeout: float = 1.0) -> float:
-    """Seconds until a new connection to ``port`` is refused."""
-    started = time.monotonic()
-    while not await refused(port):
-        assert time.monotonic() - started < timeout, "still accepting connections"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
+async def wait_refused(port: int) -> None:
+    """Until a new connection to ``port`` is refused (what the tests assert is the order of
+    events around it; the 10 s is a safety net)."""
+    await eventually(lambda: refused(port), within=10, what="new connections refused")
 
 
 def stream_body(model: str) -> dict[str, Any]:
@@ -118,7 +108,7 @@ def chat_text(events: list[str]) -> str:
 
 async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
         tmp_path: Path) -> None:
-    async with running(write_config(tmp_path / "c.toml", grace=10)) as (process, port):
+    async with running(write_config(tmp_path / "c.toml", grace=60)) as (process, port):
         async with aiohttp.ClientSession() as idle, aiohttp.ClientSession() as http:
             # An idle keep-alive connection must not hold the shutdown up.
             async with idle.get(f"http://127.0.0.1:{port}/health") as response:
@@ -130,21 +120,19 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
                 assert any(line.startswith(b"data: ") for line in first)
 
                 process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                assert await wait_refused(port) < 1.0
+                await wait_refused(port)
                 assert process.returncode is None, "still running for the stream in flight"
 
                 events = [line[6:].decode().strip() for line in first
                           if line.startswith(b"data: ")]
-                events += await read_events(response)
-                finished = time.monotonic()
-        code = await asyncio.wait_for(process.wait(), 10)
-        exited = time.monotonic()
+                after_refusal = await read_events(response)
+                events += after_refusal
+        # The grace is 60 s: an exit within the 30 s safety net is an exit once the stream is done.
+        code = await asyncio.wait_for(process.wait(), 30)
     assert events[-1] == "[DONE]", events[-3:]
     assert chat_text(events) == PROMPT  # the whole answer, none of it lost
-    assert finished - signalled > 0.5, "the stream really was in flight at the signal"
+    assert len(after_refusal) > 1, "the stream really was in flight after new ones were refused"
     assert code == 0
-    assert exited - finished < 2.0, "exits once the stream is done, well before the grace"
 
 
 async def test_sigterm_lets_a_proxied_upstream_stream_finish(tmp_path: Path,
@@ -180,19 +168,15 @@ async def test_tiny_grace_exits_promptly_anyway(tmp_path: Path, grace: float) ->
                                  json=stream_body("slow-echo"), headers=AUTH) as response:
                 await response.content.readline()
                 process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                code = await asyncio.wait_for(process.wait(), 5)
-                exited = time.monotonic()
+                code = await asyncio.wait_for(process.wait(), 30)
                 events = await read_events(response)
     assert code == 0
-    assert exited - signalled < grace + 1.0
-    assert "[DONE]" not in events, "cut short: the stream could not have finished"
+    assert "[DONE]" not in events, "cut short: it did not wait for the stream to finish"
 
 
 async def test_sigterm_when_idle_exits_at_once(tmp_path: Path) -> None:
     async with running(write_config(tmp_path / "c.toml", grace=30)) as (process, port):
         process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert await asyncio.wait_for(process.wait(), 5) == 0
-        assert time.monotonic() - signalled < 1.0
+        # The grace is 30 s: exiting within the 10 s safety net is exiting without waiting for it.
+        assert await asyncio.wait_for(process.wait(), 10) == 0
         assert await refused(port)

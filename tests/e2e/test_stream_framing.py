@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import AUTH, StartProxy, gateway_config, sdk
+from tests.support import AUTH, ServeProxy, gateway_config, sdk
 
 EVENTS = [
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
@@ -40,9 +40,9 @@ async def _upstream(aiohttp_server: Any, gap: float) -> str:
 
 
 async def test_a_whole_stream_goes_out_with_a_length(
-    aiohttp_server: Any, start_proxy: StartProxy
+    aiohttp_server: Any, serve_proxy: ServeProxy
 ) -> None:
-    proxy = await start_proxy(gateway_config(await _upstream(aiohttp_server, gap=0)))
+    proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0)))
     async with aiohttp.ClientSession() as http, http.post(
         proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH
     ) as response:
@@ -58,9 +58,9 @@ async def test_a_whole_stream_goes_out_with_a_length(
 
 
 async def test_a_stream_still_coming_goes_out_event_by_event(
-    aiohttp_server: Any, start_proxy: StartProxy
+    aiohttp_server: Any, serve_proxy: ServeProxy
 ) -> None:
-    proxy = await start_proxy(gateway_config(await _upstream(aiohttp_server, gap=0.05)))
+    proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0.05)))
     async with aiohttp.ClientSession() as http, http.post(
         proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH
     ) as response:

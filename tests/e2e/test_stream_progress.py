@@ -11,7 +11,7 @@ from aiohttp import web
 
 from aioproxy.config import Timeouts
 from aioproxy.upstream import timeout_for
-from tests.conftest import AUTH, MASTER_KEY, StartProxy
+from tests.support import AUTH, MASTER_KEY, ServeProxy
 
 FIRST = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
          "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
@@ -37,7 +37,7 @@ def trickling_upstream() -> web.Application:
 
 
 async def test_a_trickling_stream_ends_with_a_timeout_event(
-    aiohttp_server: Any, start_proxy: StartProxy, http: Any
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
 ) -> None:
     upstream = await aiohttp_server(trickling_upstream())
     config = {
@@ -46,7 +46,7 @@ async def test_a_trickling_stream_ends_with_a_timeout_event(
                     "api_base": str(upstream.make_url("/v1")), "api_key": "sk-up"}],
         "upstream": {"timeouts": {"read": 0.2}},
     }
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
                                json={"model": "slow", "messages": [], "stream": True})
     assert response.status == 200

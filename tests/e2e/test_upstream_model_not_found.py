@@ -13,9 +13,10 @@ import openai
 import pytest
 
 from aioproxy import Deployment
+from aioproxy.testing import FakeOpenAI
+from aioproxy.testing.openai_upstream import MISSING_MODEL
 from aioproxy.upstream import read_upstream_error
-from tests.conftest import UPSTREAM_KEY, StartProxy, gateway_config, sdk
-from tests.fakes.openai_upstream import MISSING_MODEL, FakeOpenAI
+from tests.support import UPSTREAM_KEY, ServeProxy, gateway_config, sdk
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 DEPLOYMENT = Deployment(name="gpt-test", provider="openai", model="x")
@@ -27,11 +28,11 @@ def deployment(api_base: str, model: str) -> dict[str, Any]:
 
 
 async def test_an_unknown_upstream_model_is_a_502_naming_the_deployment(
-    start_proxy: StartProxy, upstream_base: str
+    serve_proxy: ServeProxy, upstream_base: str
 ) -> None:
     config = gateway_config(upstream_base, models=[deployment(upstream_base, MISSING_MODEL)],
                             router={"num_retries": 0})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
@@ -41,12 +42,12 @@ async def test_an_unknown_upstream_model_is_a_502_naming_the_deployment(
 
 
 async def test_another_deployment_answers_instead(
-    start_proxy: StartProxy, upstream_base: str, fake: FakeOpenAI
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
 ) -> None:
     models = [deployment(upstream_base, MISSING_MODEL), deployment(upstream_base, "gpt-4o-mini")]
     config = gateway_config(upstream_base, models=models,
                             router={"num_retries": 1, "retry_backoff": 0, "strategy": "least-busy"})
-    proxy = await start_proxy(config)
+    proxy = await serve_proxy(config)
     async with sdk(proxy) as client:
         for _ in range(4):  # whichever deployment is picked first, the answer comes
             done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)

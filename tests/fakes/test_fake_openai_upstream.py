@@ -12,7 +12,8 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.fakes.openai_upstream import MODELS, REDIRECT_LOCATION, FakeOpenAI
+from aioproxy.testing import FakeOpenAI
+from aioproxy.testing.openai_upstream import MODELS, REDIRECT_LOCATION
 from tests.schemas import validate
 
 USER = [{"role": "user", "content": "hello there world"}]
@@ -329,7 +330,7 @@ async def test_hang_ends_when_client_gives_up(sdk: openai.AsyncOpenAI, fake: Fak
     fake.faults.append("hang")
     with pytest.raises(openai.APITimeoutError):
         await sdk.chat.completions.create(model="m", messages=USER, timeout=0.1)
-    await fake.wait_idle(timeout=1)
+    await fake.wait_idle(within=1)
 
 
 async def test_cut_stream(sdk: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
@@ -340,7 +341,7 @@ async def test_cut_stream(sdk: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
         async for chunk in stream:
             received.append(chunk)
     assert len(received) == 2  # the role chunk and one content chunk, then the line drops
-    await fake.wait_idle(timeout=1)
+    await fake.wait_idle(within=1)
 
 
 async def test_cut_stream_without_stream_resets(raw: TestClient, fake: FakeOpenAI) -> None:
@@ -360,7 +361,7 @@ async def test_stall_stream_ends_when_client_leaves(raw: TestClient, fake: FakeO
         await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 0.1)
     assert fake.in_flight == 1
     resp.close()  # drops the connection, as a proxy does when its own client goes away
-    await fake.wait_idle(timeout=1)
+    await fake.wait_idle(within=1)
 
 
 async def test_slow_stream_counts_as_in_flight(raw: TestClient, fake: FakeOpenAI) -> None:
@@ -371,7 +372,7 @@ async def test_slow_stream_counts_as_in_flight(raw: TestClient, fake: FakeOpenAI
     await resp.content.readuntil(b"\n\n")
     assert fake.in_flight == 1
     resp.close()
-    await fake.wait_idle(timeout=1)
+    await fake.wait_idle(within=1)
 
 
 async def test_redirect(raw: TestClient, sdk: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:

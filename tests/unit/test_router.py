@@ -17,7 +17,7 @@ from aioproxy.bridges.store import StoreUnavailable
 from aioproxy.budget import BufferFull
 from aioproxy.failures import read_upstream_error
 from aioproxy.router import Router, counts_toward_cooldown, is_retryable
-from tests.fakes.clock import FakeClock
+from aioproxy.testing import FakeClock
 
 A = Deployment(name="m", provider="p", model="a", id="m#0", rpm=2)
 

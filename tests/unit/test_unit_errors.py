@@ -25,7 +25,7 @@ from aioproxy.errors import (
     error_middleware,
     error_response,
 )
-from tests.conftest import assert_openai_error
+from aioproxy.testing import assert_openai_error
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from aioproxy.testing import (
+    FakeUpstream,
+    Recorded,
+    assert_chat_chunk,
+    assert_chat_completion,
+    assert_completion,
+    assert_response,
+)
 
 __all__ = [
     "ERRORS",
@@ -46,6 +55,7 @@ __all__ = [
     "FakeAnthropic",
     "Recorded",
     "split_tokens",
+    "validate",
 ]
 
 VERSION = "2023-06-01"
@@ -74,9 +84,24 @@ ERRORS: dict[int, tuple[str, str]] = {
 # The Messages API's top-level fields: anything else is refused, as Anthropic does.
 _FIELDS = frozenset(
     {
-        "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
-        "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier",
-        "container", "mcp_servers", "context_management", "output_format",
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+        "context_management",
+        "output_format",
     }
 )
 _BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result"})
@@ -84,17 +109,7 @@ _FAULT_EVENTS = 3  # events sent before cut_stream strikes
 _TOKEN = re.compile(r"\s*\S+")
 
 
-@dataclass
-class Recorded:
-    """One request the fake received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-cased names
-    body: Any  # parsed JSON; None if it was not JSON
-
-
-class _Refused(Exception):
+class _RefusedError(Exception):
     """A request Anthropic would refuse with 400 invalid_request_error."""
 
 
@@ -103,31 +118,23 @@ def split_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeUpstream):
     """Fake Anthropic upstream; state is shared by every app built from one instance."""
 
     def __init__(self, api_key: str | None = None) -> None:
+        super().__init__()
         self.api_key = api_key
-        self.requests: list[Recorded] = []
-        self.faults: list[str] = []
-        self.in_flight = 0
         self.stream_delay = 0.0  # seconds between stream events
         # What usage reports beside input_tokens, to test prompt-caching accounting.
         self.cache_read_input_tokens = 0
         self.cache_creation_input_tokens = 0
         self._seq = 0
 
-    @property
-    def last(self) -> Recorded:
-        if not self.requests:
-            raise LookupError("the fake Anthropic has not received any request")
-        return self.requests[-1]
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self._messages)
-        app.router.add_route("*", "/{tail:.*}", self._unknown)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/messages", self._messages),
+            web.route("*", "/{tail:.*}", self._unknown),
+        ]
 
     def _id(self, prefix: str) -> str:
         self._seq += 1
@@ -136,35 +143,26 @@ class FakeAnthropic:
     # -- routes ----------------------------------------------------------------------------
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        self.in_flight += 1
+        record = await self.record(request)
+        body, headers = record.body, record.headers
+        fault = self.next_fault()
+        if fault is not None and fault.startswith("status:"):
+            return self._status_fault(fault)
+        if self.api_key is not None and headers.get("x-api-key") != self.api_key:
+            return self._error(401, "authentication_error", "invalid x-api-key")
+        if "anthropic-version" not in headers:
+            message = "anthropic-version: header is required"
+            return self._error(400, "invalid_request_error", message)
         try:
-            raw = await request.read()
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-            headers = {name.lower(): value for name, value in request.headers.items()}
-            self.requests.append(Recorded(request.method, request.path, headers, body))
-            fault = self.faults.pop(0) if self.faults else None
-            if fault is not None and fault.startswith("status:"):
-                return self._status_fault(fault)
-            if self.api_key is not None and headers.get("x-api-key") != self.api_key:
-                return self._error(401, "authentication_error", "invalid x-api-key")
-            if "anthropic-version" not in headers:
-                message = "anthropic-version: header is required"
-                return self._error(400, "invalid_request_error", message)
-            try:
-                _check(body)
-            except _Refused as exc:
-                return self._error(400, "invalid_request_error", str(exc))
-            message = self._answer(body)
-            if body.get("stream") is True:
-                return await self._stream(request, message, fault)
-            if fault == "malformed":
-                message["content"] = 5
-            return web.json_response(message, headers=self._headers())
-        finally:
-            self.in_flight -= 1
+            _check(body)
+        except _RefusedError as exc:
+            return self._error(400, "invalid_request_error", str(exc))
+        message = self._answer(body)
+        if body.get("stream") is True:
+            return await self._stream(request, message, fault)
+        if fault == "malformed":
+            message["content"] = 5
+        return web.json_response(message, headers=self._headers())
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         return self._error(404, "not_found_error", "Not Found")
@@ -326,41 +324,45 @@ def _overloaded() -> dict[str, Any]:
 
 
 def _check(body: Any) -> None:
-    """Raise _Refused for what Anthropic refuses, in its words where known."""
+    """Raise _RefusedError for what Anthropic refuses, in its words where known."""
     if not isinstance(body, dict):
-        raise _Refused("The request body is not valid JSON.")
+        raise _RefusedError("The request body is not valid JSON.")
     for field in sorted(set(body) - _FIELDS):
-        raise _Refused(f"{field}: Extra inputs are not permitted")
+        raise _RefusedError(f"{field}: Extra inputs are not permitted")
     if not isinstance(body.get("model"), str):
-        raise _Refused("model: Field required")
+        raise _RefusedError("model: Field required")
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise _Refused("max_tokens: Field required")
+        raise _RefusedError("max_tokens: Field required")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _Refused("messages: at least one message is required")
+        raise _RefusedError("messages: at least one message is required")
     if body.get("tool_choice") is not None and not body.get("tools"):
-        raise _Refused("tool_choice: tool_choice may only be specified while providing tools.")
+        raise _RefusedError("tool_choice: tool_choice may only be specified while providing tools.")
     system = body.get("system")
     if system is not None and not isinstance(system, (str, list)):
-        raise _Refused("system: Input should be a valid string")
+        raise _RefusedError("system: Input should be a valid string")
     previous_uses: set[str] = set()
     for i, message in enumerate(messages):
         role = message.get("role")
         if role not in ("user", "assistant"):
-            raise _Refused(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+            raise _RefusedError(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         if i and messages[i - 1].get("role") == role:
-            raise _Refused("messages: roles must alternate between \"user\" and \"assistant\"")
+            raise _RefusedError('messages: roles must alternate between "user" and "assistant"')
         blocks = _blocks(message.get("content"))
         if not blocks:
-            raise _Refused(f"messages.{i}: all messages must have non-empty content")
+            raise _RefusedError(f"messages.{i}: all messages must have non-empty content")
         for j, block in enumerate(blocks):
             if block.get("type") not in _BLOCKS:
-                raise _Refused(f"messages.{i}.content.{j}.type: Input tag is not a valid block")
+                raise _RefusedError(
+                    f"messages.{i}.content.{j}.type: Input tag is not a valid block"
+                )
             if block["type"] == "text" and not block.get("text"):
-                raise _Refused(f"messages.{i}.content.{j}: text content blocks must be non-empty")
+                raise _RefusedError(
+                    f"messages.{i}.content.{j}: text content blocks must be non-empty"
+                )
             if block["type"] == "tool_result" and block.get("tool_use_id") not in previous_uses:
-                raise _Refused(
+                raise _RefusedError(
                     f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` "
                     "blocks. Each `tool_result` block must have a corresponding `tool_use` block "
                     "in the previous message."
@@ -401,3 +403,18 @@ def _cut(text: str, body: dict[str, Any]) -> tuple[str, str, str | None]:
     if len(tokens) > body["max_tokens"]:
         return "".join(tokens[: body["max_tokens"]]), "max_tokens", None
     return text, stop_reason, stop_sequence
+
+
+# The OpenAI shapes by their name in OpenAI's OpenAPI description, checked with the test kit (the
+# JSON schemas stay in the root tests: a plugin's tests run outside the repository too).
+_SHAPES: dict[str, Callable[[Any], object]] = {
+    "CreateChatCompletionResponse": assert_chat_completion,
+    "CreateChatCompletionStreamResponse": assert_chat_chunk,
+    "CreateCompletionResponse": assert_completion,
+    "Response": assert_response,
+}
+
+
+def validate(schema: str, obj: Any) -> None:
+    """``obj`` has the OpenAI shape ``schema`` names."""
+    _SHAPES[schema](obj)

@@ -41,7 +41,6 @@ from aioproxy_anthropic.translate import (
 
 from aioproxy import BadRequest, ConfigError, Deployment, create_app
 from aioproxy.fields import raw_fields
-from tests.schemas import validate
 
 
 def _sibling(name: str) -> ModuleType:
@@ -59,6 +58,7 @@ def _sibling(name: str) -> ModuleType:
 
 fake_anthropic = _sibling("fake_anthropic")
 FakeAnthropic = fake_anthropic.FakeAnthropic
+validate = fake_anthropic.validate  # the OpenAI shapes, checked by the kit
 TOOL_INPUT = fake_anthropic.TOOL_INPUT
 TOOL_PREAMBLE = fake_anthropic.TOOL_PREAMBLE
 VERSION = fake_anthropic.VERSION

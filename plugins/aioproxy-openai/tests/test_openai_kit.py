@@ -8,6 +8,7 @@ import aioproxy_openai
 import pytest
 
 from aioproxy.testing import (
+    FakeOpenAI,
     ProxyUnderTest,
     check_cancellation,
     check_chat,
@@ -18,7 +19,6 @@ from aioproxy.testing import (
     check_responses,
     start_proxy,
 )
-from tests.fakes.openai_upstream import FakeOpenAI
 
 REPLY = "fake reply to: Say hello to the kit"
 

@@ -9,13 +9,19 @@ is "waiting" without any wall-clock bound.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 
-from aioproxy.keys import gateway_key
-from aioproxy.router import Clock
+from ..keys import runtime_key
+from ..router import Clock
 
-__all__ = ["FakeClock"]
+
+class _Serving(Protocol):
+    """A running proxy: the kit's ProxyUnderTest or pytest-aiohttp's TestServer."""
+
+    @property
+    def app(self) -> web.Application: ...
 
 
 class FakeClock(Clock):
@@ -28,8 +34,8 @@ class FakeClock(Clock):
         self.sleeping = asyncio.Event()  # set while a held sleep waits
         self._released = asyncio.Event()
 
-    def install(self, proxy: TestServer) -> FakeClock:
-        proxy.app[gateway_key].router.clock = self
+    def install(self, proxy: _Serving) -> FakeClock:
+        proxy.app[runtime_key].router.clock = self
         return self
 
     def advance(self, seconds: float) -> None:

@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible upstream for tests.
 
 Start it with pytest-aiohttp: ``server = await aiohttp_server(fake.app())`` and point the
-proxy (or the ``openai`` SDK) at ``server.make_url("/v1")``.
+proxy (or the ``openai`` SDK) at ``server.make_url("/v1")``. The ``openai`` plugin's tests use it,
+and so can any plugin for an OpenAI-compatible API.
 
 Answers are deterministic ("fake reply to: <last user text>") and shaped like the real
 API (see the OpenAI OpenAPI description), streams are written one SSE event per write so
@@ -26,11 +27,13 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
+
+from .fakes import FakeUpstream, Recorded
 
 __all__ = [
     "CONTEXT_LENGTH_MESSAGE",
@@ -54,7 +57,6 @@ MODELS = (
 DEFAULT_EMBEDDING_DIMENSIONS = 8
 TOOL_ARGUMENTS = '{"x": 1}'
 _POLL_INTERVAL = 0.01
-_MAX_BODY = 64 * 1024 * 1024  # way above aiohttp's 1 MiB default: the fake never limits a proxy
 _STREAM_FAULTS = ("cut_stream", "stall_stream")
 _UNPARSABLE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -70,21 +72,7 @@ CONTEXT_LENGTH_MESSAGE = (
 )
 
 
-@dataclass
-class Recorded:
-    """One request the fake received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
-    body: Any  # parsed JSON, None if there was no body or it was not JSON
-    raw: bytes
-    query: str = ""  # the query string, as sent
-    received: float = field(default_factory=time.monotonic)  # when it arrived (monotonic clock)
-    fault: str | None = None  # the fault it got, queued or drawn
-
-
-class _ClientGone(Exception):
+class _ClientGoneError(Exception):
     """The client disconnected (or a fault dropped it); there is nobody left to answer."""
 
 
@@ -99,7 +87,7 @@ _Handler = Callable[[_Call], Awaitable[web.StreamResponse]]
 _Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeUpstream):
     """Fake OpenAI upstream; state is shared by every app built from one instance."""
 
     def __init__(
@@ -110,17 +98,14 @@ class FakeOpenAI:
         seed: int | None = 0,
         responses_route: bool = True,
     ) -> None:
+        super().__init__()
         self.prefix = prefix.rstrip("/")
         # False: no /responses routes at all, as on many OpenAI-compatible servers.
         self.responses_route = responses_route
         # Responses kept (``store`` not false), by id: the Response and its input items.
         self.stored: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-        self.requests: list[Recorded] = []
-        self.in_flight = 0
-        self.max_in_flight = 0  # the most requests it has had in flight at once
         # Called with each request as it arrives, e.g. to move a test's fake clock on.
         self.on_request: Callable[[Recorded], None] | None = None
-        self.faults: list[str] = []
         self.fault_rates: dict[str, float] = dict(fault_rates or {})
         self.random = random.Random(seed)
         self.faulted: Counter[str] = Counter()  # faults acted on, queued or drawn
@@ -134,7 +119,7 @@ class FakeOpenAI:
     def _draw_fault(self) -> str | None:
         """The next queued fault, else one drawn at ``fault_rates``, else None."""
         if self.faults:
-            return self.faults.pop(0)
+            return str(self.faults.pop(0))
         if not self.fault_rates:
             return None
         _check_rates(self.fault_rates)
@@ -145,42 +130,36 @@ class FakeOpenAI:
             draw -= rate
         return None
 
-    @property
-    def last(self) -> Recorded:
-        if not self.requests:
-            raise LookupError("the fake upstream has not received any request")
-        return self.requests[-1]
-
-    async def wait_idle(self, timeout: float = 2.0) -> None:
-        """Wait until no request is in flight, e.g. after the proxy's client went away."""
-        deadline = time.monotonic() + timeout
-        while self.in_flight:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.in_flight} upstream request(s) still in flight")
-            await asyncio.sleep(_POLL_INTERVAL)
-
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_BODY)
+        app = super().app()
         app[_STOPPING] = asyncio.Event()
         app.on_shutdown.append(_mark_stopping)
-        p = self.prefix
-        router = app.router
-        router.add_post(f"{p}/chat/completions", self._wrap(self._chat))
-        router.add_post(f"{p}/completions", self._wrap(self._completions))
-        router.add_post(f"{p}/embeddings", self._wrap(self._embeddings))
-        if self.responses_route:
-            router.add_post(f"{p}/responses", self._wrap(self._responses))
-            one = f"{p}/responses/{{response_id}}"
-            router.add_get(one, self._wrap(self._get_response, json_body=False))
-            router.add_delete(one, self._wrap(self._delete_response, json_body=False))
-            router.add_get(f"{one}/input_items", self._wrap(self._input_items, json_body=False))
-            router.add_post(f"{one}/cancel", self._wrap(self._cancel_response, json_body=False))
-        router.add_get(f"{p}/models", self._wrap(self._list_models, json_body=False))
-        router.add_get(f"{p}/models/{{model:.+}}", self._wrap(self._get_model, json_body=False))
-        # Last, so wrong paths *and* wrong methods get OpenAI's JSON 404, not aiohttp's text.
-        router.add_route("*", f"{p}/{{tail:.*}}", self._wrap(self._unknown, json_body=False))
         app.on_response_prepare.append(self._add_request_id)
         return app
+
+    def routes(self) -> list[web.RouteDef]:
+        p, wrap = self.prefix, self._wrap
+        routes = [
+            web.post(f"{p}/chat/completions", wrap(self._chat)),
+            web.post(f"{p}/completions", wrap(self._completions)),
+            web.post(f"{p}/embeddings", wrap(self._embeddings)),
+        ]
+        if self.responses_route:
+            one = f"{p}/responses/{{response_id}}"
+            routes += [
+                web.post(f"{p}/responses", wrap(self._responses)),
+                web.get(one, wrap(self._get_response, json_body=False)),
+                web.delete(one, wrap(self._delete_response, json_body=False)),
+                web.get(f"{one}/input_items", wrap(self._input_items, json_body=False)),
+                web.post(f"{one}/cancel", wrap(self._cancel_response, json_body=False)),
+            ]
+        return [
+            *routes,
+            web.get(f"{p}/models", wrap(self._list_models, json_body=False)),
+            web.get(f"{p}/models/{{model:.+}}", wrap(self._get_model, json_body=False)),
+            # Last, so wrong paths *and* wrong methods get OpenAI's JSON 404, not aiohttp's text.
+            web.route("*", f"{p}/{{tail:.*}}", wrap(self._unknown, json_body=False)),
+        ]
 
     # -- plumbing shared by all routes ---------------------------------------------------
 
@@ -192,19 +171,12 @@ class FakeOpenAI:
         response.headers.setdefault("x-request-id", self._new_id("req_"))
 
     def _wrap(self, handler: _Handler, *, json_body: bool = True) -> _Route:
-        """Record, count and fault-inject around a route handler."""
+        """Record and fault-inject around a route handler (the base counts it in flight)."""
 
         async def route(request: web.Request) -> web.StreamResponse:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                raw = await request.read()
-                body = _decode(raw)
-                headers = _headers(request)
-                record = Recorded(
-                    request.method, request.path, headers, body, raw, request.query_string
-                )
-                self.requests.append(record)
+                record = await self.record(request)
+                body = record.body
                 if self.on_request is not None:
                     self.on_request(record)
                 fault = record.fault = self._draw_fault()
@@ -222,11 +194,9 @@ class FakeOpenAI:
                         return problem
                 call = _Call(request, body if isinstance(body, dict) else {}, stream_fault)
                 return await handler(call)
-            except (_ClientGone, ConnectionError):
+            except (_ClientGoneError, ConnectionError):
                 # Nobody is listening; aiohttp's attempt to send this fails quietly.
                 return web.Response(status=499)
-            finally:
-                self.in_flight -= 1
 
         return route
 
@@ -248,7 +218,7 @@ class FakeOpenAI:
                 await resp.write(event)
             # Finish the body here so in_flight drops only once the stream is fully written.
             await resp.write_eof()
-        except (_ClientGone, ConnectionError):
+        except (_ClientGoneError, ConnectionError):
             pass
         return resp
 
@@ -399,6 +369,7 @@ def _check_rates(rates: Mapping[str, float]) -> None:
     if any(not 0 <= rate <= 1 for rate in rates.values()) or sum(rates.values()) > 1 + 1e-9:
         raise ValueError(f"fault_rates must be in [0, 1] and sum to at most 1: {dict(rates)}")
 
+
 _INVALID = "invalid_request_error"
 _STATUS_ERRORS: dict[int, tuple[str, str | None, str]] = {
     # status: (type, code, message), worded as OpenAI does
@@ -443,12 +414,12 @@ async def _act_on_fault(
         await response.prepare(request)
         await response.write(b'{"id": "chatcmpl-cut", "object": "chat.completion", "choi')
         _drop(request)
-        raise _ClientGone
+        raise _ClientGoneError
     if fault in ("reset", "cut_stream"):  # without a stream, there is only the line left to cut
         _drop(request)
-        raise _ClientGone
+        raise _ClientGoneError
     if fault in ("hang", "stall_stream"):
-        await _idle(request, math.inf)  # only ever ends by raising _ClientGone
+        await _idle(request, math.inf)  # only ever ends by raising _ClientGoneError
     raise ValueError(f"unknown fault {fault!r}")
 
 
@@ -498,7 +469,7 @@ async def _idle(request: web.Request, seconds: float) -> None:
         if request.app[_STOPPING].is_set():
             _drop(request)
         if _gone(request):
-            raise _ClientGone
+            raise _ClientGoneError
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
@@ -506,23 +477,6 @@ async def _idle(request: web.Request, seconds: float) -> None:
 
 
 # -- request parsing ---------------------------------------------------------------------
-
-
-def _decode(raw: bytes) -> Any:
-    if not raw:
-        return None
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-
-
-def _headers(request: web.Request) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        out[key] = f"{out[key]}, {value}" if key in out else value
-    return out
 
 
 def _check_body(body: Any) -> web.Response | None:
@@ -573,7 +527,7 @@ def _pick_tool(body: dict[str, Any]) -> str | None:
             return named
     first = tools[0] if isinstance(tools[0], dict) else {}
     function = first.get("function") if isinstance(first.get("function"), dict) else first
-    name = function.get("name")
+    name = function.get("name") if isinstance(function, dict) else None
     return name if isinstance(name, str) else "tool"
 
 

@@ -1,0 +1,121 @@
+"""What the root tests share besides fixtures (those are in conftest.py): keys, the config of a
+proxy in front of the fake upstream, SDK clients, and run.py started as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+from aiohttp.test_utils import TestServer
+
+from aioproxy.testing import eventually
+
+__all__ = [
+    "AUTH",
+    "CHAT",
+    "MASTER_KEY",
+    "MESSAGES",
+    "ROOT",
+    "UPSTREAM_KEY",
+    "UPSTREAM_MODEL",
+    "ServeProxy",
+    "clean_env",
+    "free_port",
+    "gateway_config",
+    "running",
+    "sdk",
+    "wait_healthy",
+]
+
+ROOT = Path(__file__).parents[1]
+MASTER_KEY = "sk-master-test"
+UPSTREAM_KEY = "sk-upstream-secret"
+UPSTREAM_MODEL = "gpt-4o-mini"
+# What the openai SDK sends: its key, and a JSON Content-Type (bodies of any other are refused).
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+ServeProxy = Callable[..., Awaitable[TestServer]]
+"""conftest's ``serve_proxy`` fixture: ``await serve_proxy(config, plugins)``."""
+
+
+def gateway_config(api_base: str, **overrides: Any) -> dict[str, Any]:
+    """The issue's TOML shape, as a mapping: one model `gpt-test` on the fake upstream."""
+    config: dict[str, Any] = {
+        "auth": {"master_key": MASTER_KEY},
+        "models": [
+            {
+                "name": "gpt-test",
+                "provider": "openai",
+                "model": UPSTREAM_MODEL,
+                "api_base": api_base,
+                "api_key": UPSTREAM_KEY,
+            },
+            {"name": "echo", "provider": "echo"},
+        ],
+    }
+    config.update(overrides)
+    return config
+
+
+def sdk(server: TestServer, key: str = MASTER_KEY, prefix: str = "/v1") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(server.make_url(prefix)), api_key=key, max_retries=0)
+
+
+# -- run.py as a process -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(port: int) -> None:
+    """Wait until the process on ``port`` answers ``/health`` with 200 (30 s safety net)."""
+    async with aiohttp.ClientSession() as http:
+
+        async def healthy() -> bool:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(healthy, within=30, interval=0.05, what=f"run.py healthy on {port}")
+
+
+@asynccontextmanager
+async def running(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, list[str]]]:
+    """Start run.py, wait for /health, yield (port, stdout lines so far); stop it after."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "run.py", "--port", str(port), *args,
+        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await wait_healthy(port)
+        assert process.stdout is not None
+        lines = [(await process.stdout.readline()).decode() for _ in range(2)]
+        yield port, lines
+    finally:
+        process.terminate()
+        await process.wait()
