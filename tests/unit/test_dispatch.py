@@ -24,7 +24,7 @@ from aioproxy.providers import JSONReply, Reply, StreamReply
 from aioproxy.registry import Registry
 from aioproxy.router import Router
 from aioproxy.routes import Kind
-from tests.fakes.clock import FakeClock
+from aioproxy.testing import FakeClock
 
 OK = b'{"ok": true}'
 

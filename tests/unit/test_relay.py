@@ -24,7 +24,7 @@ from aioproxy.providers import JSONReply, Reply, StreamReply
 from aioproxy.relay import send, send_with_keepalive
 from aioproxy.router import Router
 from aioproxy.routes import Kind
-from tests.fakes.clock import FakeClock
+from aioproxy.testing import FakeClock
 
 CAPPED = Deployment(name="m", provider="p", model="a", id="m#0", tpm=10_000)
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
