@@ -80,7 +80,9 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
             import uvloop
         except ImportError:
             if choice == "uvloop":
-                raise SystemExit("aioproxy: --loop uvloop needs uvloop: pip install 'aioproxy[uvloop]'")
+                raise SystemExit(
+                    "aioproxy: --loop uvloop needs uvloop: pip install 'aioproxy[uvloop]'"
+                )
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
@@ -172,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(dict.fromkeys(entry.name for entry in config.models))
 
     def announce() -> None:
-        print(f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
+        print(
+            f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)"
+        )
         print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
 
     if args.workers > 1:

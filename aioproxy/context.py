@@ -26,7 +26,9 @@ def _decode(raw: bytes | msgspec.Raw, field: str | None) -> Any:
         return _decode_any(raw)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         where = f"'{field}'" if field else "the request body"
-        problem = "is nested too deeply" if isinstance(exc, RecursionError) else f"cannot be read: {exc}"
+        problem = (
+            "is nested too deeply" if isinstance(exc, RecursionError) else f"cannot be read: {exc}"
+        )
         raise BadRequest(f"{where} {problem}", param=field, code="invalid_value") from None
 
 
@@ -87,16 +89,16 @@ class Call:
     """
 
     __slots__ = (
-        "kind",
-        "request",
-        "principal",
-        "model",
         "_deployment",
-        "fields",
-        "stream",
-        "state",
-        "started",
         "_json",
+        "fields",
+        "kind",
+        "model",
+        "principal",
+        "request",
+        "started",
+        "state",
+        "stream",
     )
 
     def __init__(

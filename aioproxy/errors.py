@@ -170,9 +170,7 @@ _HTTP_TYPES = {
 }
 
 
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> bytes:
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> bytes:
     """The encoded ``{"error": {...}}`` object that every failure answers with."""
     return _encode(_ErrorBody(_ErrorDetail(message, type, param, code)))
 
@@ -223,5 +221,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response(
-            ProxyError("The proxy failed unexpectedly; the error was logged.", code="internal_error")
+            ProxyError(
+                "The proxy failed unexpectedly; the error was logged.", code="internal_error"
+            )
         )

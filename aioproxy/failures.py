@@ -140,6 +140,8 @@ def _error_fields(body: bytes) -> ErrorFields | None:
         if fields is not None and fields[0] is not None:
             return fields
     return None
+
+
 # A 404 whose words are about the model, as servers without OpenAI's code say it ("The model
 # `x` does not exist.", 'model "x" not found'); a missing route's 404 ("Not Found") is not.
 _ABOUT_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)

@@ -126,7 +126,7 @@ class ArrayOf(Generic[T]):
     they are small as well). A larger one is counted first, at C speed, building nothing.
     """
 
-    __slots__ = ("limit", "_decoder", "_small_decoder", "_counters")
+    __slots__ = ("_counters", "_decoder", "_small_decoder", "limit")
 
     def __init__(self, item: Any, limit: int, small_item: Any = None) -> None:
         self.limit = limit

@@ -70,7 +70,7 @@ class UpstreamProtocolError(aiohttp.ClientError):
 class _Target:
     """A URL taken apart once: where to connect, the request line, the Host header."""
 
-    __slots__ = ("key", "host", "port", "tls", "request_line", "host_header", "authorization")
+    __slots__ = ("authorization", "host", "host_header", "key", "port", "request_line", "tls")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -184,7 +184,9 @@ class _Connection(BaseProtocol):
             try:  # ends a body read until EOF; raises for a truncated one
                 parser.feed_eof()
             except Exception as parse_error:
-                self._fail(aiohttp.ClientPayloadError(f"answer cut short: {type(parse_error).__name__}"))
+                self._fail(
+                    aiohttp.ClientPayloadError(f"answer cut short: {type(parse_error).__name__}")
+                )
         head = self.head
         if head is not None and not head.done():
             head.set_exception(aiohttp.ServerDisconnectedError())
@@ -224,10 +226,15 @@ class _Connection(BaseProtocol):
             self.head.set_exception(aiohttp.ServerDisconnectedError())
             return
         self._parser = self.parser = HttpResponseParser(
-            self, loop, _READ_LIMIT,
-            max_line_size=8190, max_field_size=8190,
+            self,
+            loop,
+            _READ_LIMIT,
+            max_line_size=8190,
+            max_field_size=8190,
             payload_exception=aiohttp.ClientPayloadError,
-            response_with_body=True, read_until_eof=True, auto_decompress=True,
+            response_with_body=True,
+            read_until_eof=True,
+            auto_decompress=True,
         )
         now = loop.time()
         self.last_data = now
@@ -245,7 +252,9 @@ class _Connection(BaseProtocol):
         if self.read_timeout is not None:
             idle_end = self.last_data + self.read_timeout
             when = idle_end if when is None else min(when, idle_end)
-        self.timer = None if when is None else self.pool.loop.call_at(max(when, now), self._on_timer)
+        self.timer = (
+            None if when is None else self.pool.loop.call_at(max(when, now), self._on_timer)
+        )
 
     def _body_began(self) -> None:
         self.read_timeout, self.read_in_body = self.read_in_body, None
@@ -309,10 +318,18 @@ class H1Response:
     """An upstream's answer, with the parts of aiohttp's ClientResponse that a relay reads."""
 
     __slots__ = (
-        "status", "headers", "content", "content_type", "content_length", "budget", "_conn"
+        "_conn",
+        "budget",
+        "content",
+        "content_length",
+        "content_type",
+        "headers",
+        "status",
     )
 
-    def __init__(self, message: RawResponseMessage, payload: StreamReader, conn: _Connection) -> None:
+    def __init__(
+        self, message: RawResponseMessage, payload: StreamReader, conn: _Connection
+    ) -> None:
         self.budget = conn.pool.budget  # what reading it whole or by events is counted against
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
@@ -320,7 +337,9 @@ class H1Response:
         self._conn: _Connection | None = conn
         content_type = message.headers.get("Content-Type")
         self.content_type = (
-            content_type.partition(";")[0].strip().lower() if content_type else "application/octet-stream"
+            content_type.partition(";")[0].strip().lower()
+            if content_type
+            else "application/octet-stream"
         )
         length = message.headers.get("Content-Length")
         # A compressed body is decoded as it comes: its length counts bytes the reader never sees
@@ -371,7 +390,9 @@ class H1Pool:
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._targets: dict[str, _Target] = {}
-        self._addresses: dict[tuple[str, int], tuple[float, list[aiohappyeyeballs.AddrInfoType]]] = {}
+        self._addresses: dict[
+            tuple[str, int], tuple[float, list[aiohappyeyeballs.AddrInfoType]]
+        ] = {}
         self._heads: dict[tuple[object, ...], bytes] = {}
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -525,8 +546,10 @@ class H1Pool:
                 addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, loop=self.loop
             )
             await self.loop.create_connection(
-                lambda: conn, sock=sock,
-                ssl=ssl_context, server_hostname=target.host if ssl_context else None,
+                lambda: conn,
+                sock=sock,
+                ssl=ssl_context,
+                server_hostname=target.host if ssl_context else None,
             )
             conn.watch()
         except OSError as exc:  # refused, unreachable, no such host, TLS handshake failed
@@ -535,7 +558,9 @@ class H1Pool:
                 raise aiohttp.ConnectionTimeoutError(
                     f"connecting to {target.host}:{target.port} timed out"
                 ) from exc
-            raise UpstreamConnectError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+            raise UpstreamConnectError(
+                f"cannot connect to {target.host}:{target.port}: {exc}"
+            ) from exc
         except BaseException:
             conn.abort()
             raise

@@ -14,12 +14,34 @@ _CREDENTIALS = frozenset(
     {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
 )
 # Parts of a name that mark a credential whatever its spelling (x-auth-token, x-goog-api-key...).
-_CREDENTIAL_MARKS = ("auth", "token", "secret", "password", "credential", "cookie", "api-key",
-                     "apikey", "access-key", "subscription-key", "session")
+_CREDENTIAL_MARKS = (
+    "auth",
+    "token",
+    "secret",
+    "password",
+    "credential",
+    "cookie",
+    "api-key",
+    "apikey",
+    "access-key",
+    "subscription-key",
+    "session",
+)
 # Hop-by-hop headers (RFC 9110 7.6.1) and those framing the body, which the proxy sets itself.
 _HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host",
-     "content-length", "content-encoding", "accept-encoding", "expect"}
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
+        "expect",
+    }
 )
 
 

@@ -163,4 +163,3 @@ PER_REQUEST_HOOKS = (
     "after_response",
     "on_error",
 )
-

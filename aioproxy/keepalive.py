@@ -58,7 +58,7 @@ class KeepAliveClock:
 class KeepAlive:
     """Once started, sends the SSE headers and then a comment every interval, until stopped."""
 
-    __slots__ = ("clock", "request", "response", "_done", "_task")
+    __slots__ = ("_done", "_task", "clock", "request", "response")
 
     def __init__(self, clock: KeepAliveClock, request: web.Request) -> None:
         self.clock = clock

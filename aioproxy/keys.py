@@ -15,7 +15,11 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 __all__ = [
-    "config_key", "plugin_manager_key", "pool_key", "runtime_key", "session_key",
+    "config_key",
+    "plugin_manager_key",
+    "pool_key",
+    "runtime_key",
+    "session_key",
 ]
 
 config_key = web.AppKey("aioproxy.config", Config)

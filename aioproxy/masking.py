@@ -70,7 +70,7 @@ def _secrets(api_key: str | None, api_base: str | None, header_values: Iterable[
 class Mask:
     """One deployment's secrets, in all their forms, as a pattern for text and one for bytes."""
 
-    __slots__ = ("_text", "_bytes")
+    __slots__ = ("_bytes", "_text")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         forms: set[str] = set()

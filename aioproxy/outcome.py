@@ -65,7 +65,9 @@ def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
         prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
         completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
         total = _count(raw.get("total_tokens")) or prompt + completion
-        cached = _count(_detail(raw, "prompt_tokens_details", "input_tokens_details", "cached_tokens"))
+        cached = _count(
+            _detail(raw, "prompt_tokens_details", "input_tokens_details", "cached_tokens")
+        )
         reasoning = _count(
             _detail(raw, "completion_tokens_details", "output_tokens_details", "reasoning_tokens")
         )
@@ -88,15 +90,25 @@ class Outcome:
     """A finished request: its status, timing, and what is needed to find its usage."""
 
     __slots__ = (
-        "status", "stream", "body", "last_events", "events", "ttfb", "elapsed", "disconnected",
-        "cost", "_usage",
+        "_usage",
+        "body",
+        "cost",
+        "disconnected",
+        "elapsed",
+        "events",
+        "last_events",
+        "status",
+        "stream",
+        "ttfb",
     )
 
     def __init__(self, status: int, stream: bool) -> None:
         self.status = status
         self.stream = stream
         self.body: bytes | None = None  # the whole body of a non-streamed answer
-        self.last_events: tuple[bytes, ...] = ()  # a stream's last blocks of events (usage is there)
+        self.last_events: tuple[
+            bytes, ...
+        ] = ()  # a stream's last blocks of events (usage is there)
         self.events = 0  # events relayed (counted when an after_response hook or a tpm cap is set)
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer

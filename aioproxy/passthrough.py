@@ -37,12 +37,12 @@ def check_answer(data: bytes, deployment: Deployment) -> None:
 
 
 # How a complete stream ends, per endpoint kind: without it, the upstream cut the stream short.
-_DONE = re.compile(rb"^data: ?\[DONE\]\s*$", re.M)
+_DONE = re.compile(rb"^data: ?\[DONE\]\s*$", re.MULTILINE)
 # Responses events may come with or without an `event:` line: read the type either way.
 _RESPONSE_END = re.compile(
-    rb'^event: ?(?:response\.(?:completed|incomplete|failed)|error)\s*$'
+    rb"^event: ?(?:response\.(?:completed|incomplete|failed)|error)\s*$"
     rb'|"type": ?"(?:response\.(?:completed|incomplete|failed)|error)"',
-    re.M,
+    re.MULTILINE,
 )
 _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
     Kind.CHAT_COMPLETIONS: _DONE,
@@ -60,9 +60,7 @@ async def events(
     into, so the common event costs one search. No complete event for ``idle`` seconds is a
     timeout."""
     last = b""
-    blocks = iter_sse_blocks(
-        response.content, idle=idle, budget=getattr(response, "budget", None)
-    )
+    blocks = iter_sse_blocks(response.content, idle=idle, budget=getattr(response, "budget", None))
     try:
         async for block in blocks:
             if b"error" in block:  # the rare block worth a closer look (measured: ~1 ns a byte)
@@ -89,12 +87,10 @@ async def events(
     response.release()
 
 
-_ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.M)  # an SSE event named "error"
+_ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.MULTILINE)  # an SSE event named "error"
 
 
-def _errors_in(
-    block: bytes, deployment: Deployment, kind: Kind
-) -> tuple[bytes, ProxyError | None]:
+def _errors_in(block: bytes, deployment: Deployment, kind: Kind) -> tuple[bytes, ProxyError | None]:
     """A block's events up to its first error event (those naming an error scrubbed), and that
     event as the client's error. An error event: data with an ``error`` object, or (but in the
     Responses API, where it is a final event of the protocol) an event named ``error``."""

@@ -33,7 +33,14 @@ _INPUT_FIELDS: dict[Kind, tuple[str, bool, tuple[int, ...], str]] = {
 
 # Fields that other gateways read to redirect or re-key the upstream call (server-side request
 # forgery). aioproxy never reads them, and drops them so that they never reach an upstream either.
-_DROPPED_FIELDS = ("api_base", "base_url", "api_key", "api_version", "organization", "extra_headers")
+_DROPPED_FIELDS = (
+    "api_base",
+    "base_url",
+    "api_key",
+    "api_version",
+    "organization",
+    "extra_headers",
+)
 
 
 def decode_request(
@@ -58,7 +65,9 @@ def decode_request(
     except msgspec.ValidationError:
         raise BadRequest("The request body must be a JSON object", code="invalid_body") from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        raise BadRequest(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     raw_model = fields.get("model")
     if raw_model is None:
         raise BadRequest(
@@ -84,7 +93,8 @@ def decode_request(
     if raw_input is None:
         if required:
             raise BadRequest(
-                f"Missing required parameter: '{field}'", param=field,
+                f"Missing required parameter: '{field}'",
+                param=field,
                 code="missing_required_parameter",
             )
     elif memoryview(raw_input)[0] not in types:
@@ -113,8 +123,10 @@ async def read_call(
                 body = await request.read()
     except TimeoutError:
         raise ProxyError(
-            "The request body did not arrive in time", status=408,
-            type="invalid_request_error", code="request_timeout",
+            "The request body did not arrive in time",
+            status=408,
+            type="invalid_request_error",
+            code="request_timeout",
         ) from None
     except (BadHttpMessage, RequestPayloadError):  # e.g. broken chunked framing (a
         # compressed body never gets here: aioproxy.ingress refuses it unread)

@@ -52,7 +52,9 @@ def _load_entry_points(pm: pluggy.PluginManager, config: Config, strict: bool) -
                 raise PluginLoadError(
                     f"plugin {name!r} ({entry_point.value}) failed to import: {exc!r}"
                 ) from exc
-            log.error("plugin %r (%s) failed to import and is skipped: %r", name, entry_point.value, exc)
+            log.error(
+                "plugin %r (%s) failed to import and is skipped: %r", name, entry_point.value, exc
+            )
             continue
         if pm.is_registered(plugin):  # also passed in explicitly
             continue
@@ -90,7 +92,9 @@ def make_plugin_manager(
     return pm
 
 
-def _caller(function: Callable[..., Any], argnames: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+def _caller(
+    function: Callable[..., Any], argnames: tuple[str, ...]
+) -> Callable[[dict[str, Any]], Any]:
     """``function`` called with the named arguments picked out of a kwargs dict, built once."""
     if not argnames:
         return lambda kwargs: function()
@@ -114,7 +118,7 @@ class Hook:
     call's keyword arguments, so that a request pays for calling the functions and nothing else.
     """
 
-    __slots__ = ("name", "callers", "functions")
+    __slots__ = ("callers", "functions", "name")
 
     def __init__(self, caller: pluggy.HookCaller) -> None:
         self.name = caller.name
@@ -162,7 +166,9 @@ class Hook:
                 if result is not None and _is_awaitable(result):
                     await result
             except Exception:
-                log.exception("a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function))
+                log.exception(
+                    "a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function)
+                )
 
     def each_sync(self, **kwargs: Any) -> list[Any]:
         results = []

@@ -309,7 +309,9 @@ def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise msgspec.ValidationError(f"Object contains unknown field `{key}`{hint} - at `$.{key}`")
+            raise msgspec.ValidationError(
+                f"Object contains unknown field `{key}`{hint} - at `$.{key}`"
+            )
 
 
 def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
@@ -329,7 +331,9 @@ def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> 
         except msgspec.ValidationError as exc:
             path = f"$.models[{i}].settings"
             message = str(exc)
-            where = message.replace("`$", f"`{path}") if "`$" in message else f"{message} - at `{path}`"
+            where = (
+                message.replace("`$", f"`{path}") if "`$" in message else f"{message} - at `{path}`"
+            )
             raise ConfigError(
                 f"model '{entry.name}': invalid {entry.provider} settings: {where}"
             ) from None

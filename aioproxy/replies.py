@@ -15,7 +15,7 @@ _encode = msgspec.json.Encoder().encode
 class JSONReply:
     """A whole JSON answer: encoded ``body`` bytes, sent with ``status``."""
 
-    __slots__ = ("body", "status", "headers")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(
         self, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
@@ -44,7 +44,7 @@ class StreamReply:
     so, to let the upstream connection go back to its pool whole.
     """
 
-    __slots__ = ("events", "close", "headers", "finished")
+    __slots__ = ("close", "events", "finished", "headers")
 
     def __init__(
         self,

@@ -65,8 +65,16 @@ class _MinuteCounter:
 class Health:
     """What the router knows of one deployment."""
 
-    __slots__ = ("in_flight", "latency", "failures", "cooldown_until", "requests", "tokens",
-                 "served", "failed")
+    __slots__ = (
+        "cooldown_until",
+        "failed",
+        "failures",
+        "in_flight",
+        "latency",
+        "requests",
+        "served",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -117,8 +125,14 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, ProxyError) and error.retryable
 
 
-_CONTEXT_MARKERS = ("context_length_exceeded", "context length", "context window",
-                    "maximum context", "prompt is too long", "too many tokens")
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "context length",
+    "context window",
+    "maximum context",
+    "prompt is too long",
+    "too many tokens",
+)
 
 
 def is_context_window_error(error: BaseException) -> bool:
@@ -231,7 +245,8 @@ class Router:
         health = self.health(deployment)
         health.served += 1
         health.latency = (
-            ttfb if health.latency is None
+            ttfb
+            if health.latency is None
             else health.latency + _LATENCY_SMOOTHING * (ttfb - health.latency)
         )
 
@@ -273,18 +288,22 @@ class Router:
             for deployment in candidates:
                 health = self.health(deployment)
                 cooling = max(0.0, health.cooldown_until - now)
-                rows.append({
-                    "model": model,
-                    "deployment": deployment.key if deployment.id else deployment.describe(),
-                    "provider": deployment.provider,
-                    "upstream_model": deployment.model,
-                    "available": self._available(deployment, now, False),
-                    "cooldown_remaining": round(cooling, 3),
-                    "in_flight": health.in_flight,
-                    "served": health.served,
-                    "failed": health.failed,
-                    "latency_ms": None if health.latency is None else round(health.latency * 1000, 3),
-                })
+                rows.append(
+                    {
+                        "model": model,
+                        "deployment": deployment.key if deployment.id else deployment.describe(),
+                        "provider": deployment.provider,
+                        "upstream_model": deployment.model,
+                        "available": self._available(deployment, now, False),
+                        "cooldown_remaining": round(cooling, 3),
+                        "in_flight": health.in_flight,
+                        "served": health.served,
+                        "failed": health.failed,
+                        "latency_ms": None
+                        if health.latency is None
+                        else round(health.latency * 1000, 3),
+                    }
+                )
         return rows
 
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .bridges import ResponseStore
 from .config import Config
-from .context import Deployment, Principal
+from .context import Principal
 from .deployments import deployments_from
 from .dispatch import Dispatcher
 from .errors import AuthenticationError

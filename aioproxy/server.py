@@ -15,6 +15,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+
 from ._aiohttp import BaseRequest, RequestHandler
 from .errors import error_body
 
@@ -41,7 +42,9 @@ class _OpenAIErrorHandler(RequestHandler):
         response = web.Response(
             status=status,
             body=error_body(
-                f"The proxy failed: {phrase}" if server_side else f"Malformed HTTP request: {phrase}",
+                f"The proxy failed: {phrase}"
+                if server_side
+                else f"Malformed HTTP request: {phrase}",
                 "server_error" if server_side else "invalid_request_error",
                 code="internal_error" if server_side else "malformed_request",
             ),

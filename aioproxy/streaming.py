@@ -13,9 +13,9 @@ from .replies import StreamReply
 
 __all__ = [
     "DONE",
-    "EventTooLarge",
     "MAX_EVENT",
     "SSE_HEADERS",
+    "EventTooLarge",
     "StreamStalled",
     "data_of",
     "first_event",
@@ -187,8 +187,10 @@ def json_as_sse(kind: str, body: bytes) -> bytes:
     if not isinstance(answer, dict) or "error" in answer:
         return b"data: " + body + b"\n\n"
     if kind == "responses":
-        return sse_event("response.completed", {"type": "response.completed", "response": answer,
-                                                "sequence_number": 0})
+        return sse_event(
+            "response.completed",
+            {"type": "response.completed", "response": answer, "sequence_number": 0},
+        )
     usage = answer.pop("usage", None)
     if kind == "chat_completions":
         answer["object"] = "chat.completion.chunk"

@@ -150,9 +150,7 @@ class _Guard:
             raise as_proxy_error(exc, self.deployment) from exc
 
 
-async def _forwarded(
-    call: Call, sending: Awaitable[UpstreamResponse], idle: float | None
-) -> Reply:
+async def _forwarded(call: Call, sending: Awaitable[UpstreamResponse], idle: float | None) -> Reply:
     """A pass-through POST's answer in flight as the client's reply: a stream relayed event by
     event (``idle``: the longest it may go without a complete event), anything else read whole
     and checked (passthrough.py)."""

@@ -45,9 +45,11 @@ def bridge_methods(
 
     A native method is never replaced; without native chat completions nothing is bridged.
     """
-    served = dict(methods) if endpoints is None else {
-        kind: method for kind, method in methods.items() if kind in endpoints
-    }
+    served = (
+        dict(methods)
+        if endpoints is None
+        else {kind: method for kind, method in methods.items() if kind in endpoints}
+    )
     chat = served.get(Kind.CHAT_COMPLETIONS)
     bridge = make_responses_bridge(chat, store) if chat is not None else None
     native = served.get(Kind.RESPONSES)

@@ -10,8 +10,8 @@ import aiohttp
 from .. import streaming
 from ..context import Call, Deployment
 from ..errors import BadRequest
-from ..providers import StreamReply
 from ..failures import as_proxy_error
+from ..providers import StreamReply
 from ..streaming import split_events
 
 __all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]

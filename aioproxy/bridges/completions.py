@@ -99,9 +99,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def _missing() -> BadRequest:
-    return BadRequest(
-        "'prompt' is required", param="prompt", code="missing_required_parameter"
-    )
+    return BadRequest("'prompt' is required", param="prompt", code="missing_required_parameter")
 
 
 _DEFAULT_PROMPTS = _Prompts(CompletionsConfig().max_prompts)
@@ -122,9 +120,7 @@ def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
         raise unsupported("'best_of' is", "best_of")
     logprobs = body.get("logprobs")
     if logprobs is not None and body.get("echo"):
-        raise unsupported(
-            "'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs"
-        )
+        raise unsupported("'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs")
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise BadRequest("'n' must be an integer of at least 1", param="n", code="invalid_value")

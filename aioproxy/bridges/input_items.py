@@ -92,7 +92,10 @@ def item_page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str
     ``desc``) and ``after`` query parameters."""
     limit_text = query.get("limit", "20")
     # isascii: str.isdigit() takes "²" and other digits int() refuses.
-    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= _MAX_LIMIT:
+    if (
+        not (limit_text.isascii() and limit_text.isdigit())
+        or not 1 <= int(limit_text) <= _MAX_LIMIT
+    ):
         raise BadRequest(
             f"'limit' must be an integer from 1 to {_MAX_LIMIT}",
             param="limit",
@@ -107,7 +110,8 @@ def item_page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str
         ids = [item["id"] for item in ordered]
         if after not in ids:
             raise BadRequest(
-                f"No item with id '{after}' in this response's input", param="after",
+                f"No item with id '{after}' in this response's input",
+                param="after",
                 code="invalid_value",
             )
         ordered = ordered[ids.index(after) + 1 :]

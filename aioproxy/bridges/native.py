@@ -114,7 +114,9 @@ class NativeResponses:
                     self._remember_body(reply.body, call)
                 return reply
             return StreamReply(
-                self._remember_stream(reply.events, call), reply.close, reply.headers,
+                self._remember_stream(reply.events, call),
+                reply.close,
+                reply.headers,
                 reply.finished,
             )
 

@@ -137,7 +137,7 @@ def response_usage(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Part:
-    __slots__ = ("kind", "chunks")
+    __slots__ = ("chunks", "kind")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind  # "output_text" or "refusal"
@@ -172,7 +172,7 @@ class _MessageItem:
 
 
 class _CallItem:
-    __slots__ = ("id", "output_index", "call_id", "name", "chunks", "status")
+    __slots__ = ("call_id", "chunks", "id", "name", "output_index", "status")
 
     def __init__(self, output_index: int, call_id: str, name: str) -> None:
         self.id = new_id("fc_")

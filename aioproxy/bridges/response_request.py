@@ -323,9 +323,7 @@ def _part(part: _Part, where: str) -> dict[str, Any]:
     raise unsupported(f"Content parts of type '{kind}' are", where)
 
 
-def _add_tool_call(
-    messages: list[dict[str, Any]], item: _Item | _SmallItem, where: str
-) -> None:
+def _add_tool_call(messages: list[dict[str, Any]], item: _Item | _SmallItem, where: str) -> None:
     """A function_call item joins the assistant message before it, as chat wants them."""
     call = {
         "id": _required(item.call_id, "call_id", where),

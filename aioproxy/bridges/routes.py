@@ -44,7 +44,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 class _Target:
     """The response a request names, for the principal asking: upstream or stored."""
 
-    __slots__ = ("request", "principal", "response_id", "deployment")
+    __slots__ = ("deployment", "principal", "request", "response_id")
 
     def __init__(
         self, request: web.Request, principal: Principal, deployment: Deployment | None

@@ -123,6 +123,7 @@ def cleanest(row: Measured) -> tuple[bool, float]:
 def has_clean_run(runs: Iterable[Measured]) -> bool:
     return any(run.other_cpu_pct <= NOISY_PCT for run in runs)
 
+
 # Ratio pairs: (numerator, denominator) target names.
 PAIRS = [("aioproxy", "reference"), ("aioproxy", "direct"), ("reference", "direct")]
 # Other gateways (--peers) against aioproxy, in a table of their own.

@@ -40,8 +40,11 @@ async def keyed_proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer
 )
 async def test_key_headers(keyed_proxy: TestServer, headers: dict[str, str]) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.post(keyed_proxy.make_url("/v1/chat/completions"), headers=headers,
-                             json={"model": "gpt-test", "messages": MESSAGES}) as response:
+        async with http.post(
+            keyed_proxy.make_url("/v1/chat/completions"),
+            headers=headers,
+            json={"model": "gpt-test", "messages": MESSAGES},
+        ) as response:
             assert response.status == 200
 
 
@@ -54,13 +57,18 @@ async def test_key_headers(keyed_proxy: TestServer, headers: dict[str, str]) -> 
         ({"x-api-key": "sk-bo"}, "invalid_api_key"),
     ],
 )
-async def test_missing_or_wrong_key_is_401(keyed_proxy: TestServer, headers: dict[str, str],
-                                           code: str) -> None:
+async def test_missing_or_wrong_key_is_401(
+    keyed_proxy: TestServer, headers: dict[str, str], code: str
+) -> None:
     async with aiohttp.ClientSession() as http:
-        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                             ("POST", "/embeddings")):
-            async with http.request(method, keyed_proxy.make_url(path), headers=headers,
-                                    json={"model": "gpt-test"}) as response:
+        for method, path in (
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("POST", "/embeddings"),
+        ):
+            async with http.request(
+                method, keyed_proxy.make_url(path), headers=headers, json={"model": "gpt-test"}
+            ) as response:
                 await assert_openai_error(response, 401, code)
 
 

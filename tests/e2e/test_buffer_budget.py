@@ -29,8 +29,15 @@ async def until(check: Any) -> None:
 def config(base: str) -> dict[str, Any]:
     return {
         "auth": {"master_key": MASTER_KEY},
-        "models": [{"name": "big", "provider": "openai", "model": "m", "api_base": base,
-                    "api_key": "sk-up"}],
+        "models": [
+            {
+                "name": "big",
+                "provider": "openai",
+                "model": "m",
+                "api_base": base,
+                "api_key": "sk-up",
+            }
+        ],
         "router": {"num_retries": 0},
         "upstream": {"max_buffered_bytes": BUDGET},
     }
@@ -43,18 +50,34 @@ async def test_two_large_answers_one_fails_the_other_is_served(
     budget: BufferBudget | None = None
     both_held = asyncio.Event()
     content = "x" * (2 * HALF)
-    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
-    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
-              "choices": [{"index": 0, "finish_reason": "stop",
-                           "message": {"role": "assistant", "content": content}}]}
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+    answer = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+    }
 
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
         data = (f"data: {json.dumps(chunk)}\n\n" if stream else json.dumps(answer)).encode()
         # Chunked, so that a body is counted as it comes, like an event.
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream" if stream else "application/json"})
+            headers={"Content-Type": "text/event-stream" if stream else "application/json"}
+        )
         response.enable_chunked_encoding()
         await response.prepare(request)
         await response.write(data[:HALF])

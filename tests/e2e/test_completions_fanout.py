@@ -14,18 +14,23 @@ from tests.e2e.test_bridges import ChatOnlyPlugin  # "chatonly": openai with cha
 from tests.support import AUTH, ServeProxy, gateway_config
 
 
-async def start(serve_proxy: ServeProxy, base: str, entry: dict[str, Any] | None = None,
-                **overrides: Any) -> TestServer:
+async def start(
+    serve_proxy: ServeProxy, base: str, entry: dict[str, Any] | None = None, **overrides: Any
+) -> TestServer:
     config = gateway_config(base, **overrides)
     config["models"][0].update({"provider": "chatonly", **(entry or {})})
     return await serve_proxy(config, plugins=[ChatOnlyPlugin()])
 
 
-async def complete(proxy: TestServer, prompt: Any,
-                   **body: Any) -> tuple[aiohttp.ClientResponse, Any]:
+async def complete(
+    proxy: TestServer, prompt: Any, **body: Any
+) -> tuple[aiohttp.ClientResponse, Any]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url("/v1/completions"), headers=AUTH,
-                             json={"model": "gpt-test", "prompt": prompt, **body}) as response:
+        async with http.post(
+            proxy.make_url("/v1/completions"),
+            headers=AUTH,
+            json={"model": "gpt-test", "prompt": prompt, **body},
+        ) as response:
             if response.status != 200:
                 return response, await assert_openai_error(response, response.status)
             return response, await response.json()
@@ -38,8 +43,9 @@ async def in_flight(proxy: TestServer) -> list[int]:
     return [row["in_flight"] for row in rows]
 
 
-async def test_many_prompts_are_sent_a_few_at_a_time(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                    upstream_base: str) -> None:
+async def test_many_prompts_are_sent_a_few_at_a_time(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base)
     fake.response_delay = 0.02  # long enough for the calls in flight to overlap
     prompts = [f"prompt {i}" for i in range(150)]
@@ -51,8 +57,9 @@ async def test_many_prompts_are_sent_a_few_at_a_time(serve_proxy: ServeProxy, fa
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_concurrency_is_configurable(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                           upstream_base: str) -> None:
+async def test_concurrency_is_configurable(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base, completions={"concurrency": 1})
     fake.response_delay = 0.01
     response, body = await complete(proxy, ["a", "b", "c", "d"], stream=False)
@@ -60,8 +67,9 @@ async def test_concurrency_is_configurable(serve_proxy: ServeProxy, fake: FakeOp
     assert fake.max_in_flight == 1
 
 
-async def test_each_prompt_counts_against_the_rpm_cap(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                      upstream_base: str) -> None:
+async def test_each_prompt_counts_against_the_rpm_cap(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base, {"rpm": 5})
     FakeClock().install(proxy)
     response, _ = await complete(proxy, ["a", "b", "c", "d", "e"])
@@ -72,14 +80,17 @@ async def test_each_prompt_counts_against_the_rpm_cap(serve_proxy: ServeProxy, f
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_streamed_prompts_count_against_the_rpm_cap(serve_proxy: ServeProxy,
-                                                          fake: FakeOpenAI,
-                                                          upstream_base: str) -> None:
+async def test_streamed_prompts_count_against_the_rpm_cap(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base, {"rpm": 3})
     FakeClock().install(proxy)
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url("/v1/completions"), headers=AUTH, json={
-                "model": "gpt-test", "prompt": ["a", "b", "c"], "stream": True}) as response:
+        async with http.post(
+            proxy.make_url("/v1/completions"),
+            headers=AUTH,
+            json={"model": "gpt-test", "prompt": ["a", "b", "c"], "stream": True},
+        ) as response:
             assert response.status == 200
             assert (await response.read()).endswith(b"data: [DONE]\n\n")
     assert len(fake.requests) == 3
@@ -88,8 +99,9 @@ async def test_streamed_prompts_count_against_the_rpm_cap(serve_proxy: ServeProx
     assert await in_flight(proxy) == [0, 0]
 
 
-async def test_a_list_over_the_cap_is_refused(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                              upstream_base: str) -> None:
+async def test_a_list_over_the_cap_is_refused(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base, completions={"max_prompts": 4})
     response, error = await complete(proxy, ["p"] * 5)
     assert response.status == 400 and error["param"] == "prompt"
@@ -99,8 +111,9 @@ async def test_a_list_over_the_cap_is_refused(serve_proxy: ServeProxy, fake: Fak
     assert len(fake.requests) == 4
 
 
-async def test_prompts_of_the_wrong_type_are_refused(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                     upstream_base: str) -> None:
+async def test_prompts_of_the_wrong_type_are_refused(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await start(serve_proxy, upstream_base)
     for prompt in (5, [], [{"x": 1}], [[1, 2], 3]):
         response, error = await complete(proxy, prompt)
@@ -109,9 +122,15 @@ async def test_prompts_of_the_wrong_type_are_refused(serve_proxy: ServeProxy, fa
 
 
 async def test_a_list_the_cap_cannot_take_is_a_429_not_a_cooldown(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await start(serve_proxy, upstream_base, {"rpm": 3},
-                        completions={"concurrency": 1}, router={"cooldown_failures": 1})
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await start(
+        serve_proxy,
+        upstream_base,
+        {"rpm": 3},
+        completions={"concurrency": 1},
+        router={"cooldown_failures": 1},
+    )
     FakeClock().install(proxy)
     response, error = await complete(proxy, ["a", "b", "c", "d", "e"])
     assert response.status == 429 and error["code"] == "rate_limit_exceeded", error

@@ -32,7 +32,9 @@ async def test_concurrent_requests_all_complete(proxy: TestServer, fake: FakeOpe
     assert len(fake.requests) == 60
 
 
-async def test_client_leaving_mid_stream_cancels_upstream(proxy: TestServer, fake: FakeOpenAI) -> None:
+async def test_client_leaving_mid_stream_cancels_upstream(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
     fake.stream_delay = 0.2
     fake.stream_chunks = 50  # ten seconds of stream, were it left to run
     body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
@@ -54,19 +56,27 @@ async def test_client_leaving_before_first_token_cancels_upstream(
     async with aiohttp.ClientSession() as http:
         with_timeout = aiohttp.ClientTimeout(total=0.3)
         try:
-            await http.post(proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH,
-                            timeout=with_timeout)
-        except asyncio.TimeoutError:
+            await http.post(
+                proxy.make_url("/v1/chat/completions"),
+                json=body,
+                headers=AUTH,
+                timeout=with_timeout,
+            )
+        except TimeoutError:
             pass
     await eventually(lambda: fake.in_flight == 0, within=5.0)
 
 
-async def test_config_aliases_reach_the_same_handler(serve_proxy: ServeProxy, upstream_base: str,
-                                                     fake: FakeOpenAI) -> None:
-    config = gateway_config(upstream_base, aliases={
-        "chat_completions": ["/openai/v1/chat/completions"],
-        "models": ["/openai/v1/models"],
-    })
+async def test_config_aliases_reach_the_same_handler(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    config = gateway_config(
+        upstream_base,
+        aliases={
+            "chat_completions": ["/openai/v1/chat/completions"],
+            "models": ["/openai/v1/models"],
+        },
+    )
     proxy = await serve_proxy(config)
     async with sdk(proxy, prefix="/openai/v1") as client:
         done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)

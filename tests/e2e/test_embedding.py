@@ -19,7 +19,7 @@ MESSAGES = [{"role": "user", "content": "hello sub app"}]
 def readme_example() -> str:
     """The Python block after the README's ``<!-- embedding-example -->`` marker."""
     text = README.read_text(encoding="utf-8")
-    match = re.search(r"<!-- embedding-example -->\s*```python\n(.*?)```", text, re.S)
+    match = re.search(r"<!-- embedding-example -->\s*```python\n(.*?)```", text, re.DOTALL)
     assert match, "README.md lost its embedding example"
     return match.group(1)
 
@@ -43,8 +43,9 @@ async def test_readme_embedding_example_runs(aiohttp_server: Any) -> None:
     assert done.choices[0].message.content == streamed != ""
 
 
-async def test_two_apps_in_one_process_share_nothing(serve_proxy: ServeProxy, upstream_base: str,
-                                                     aiohttp_server: Any) -> None:
+async def test_two_apps_in_one_process_share_nothing(
+    serve_proxy: ServeProxy, upstream_base: str, aiohttp_server: Any
+) -> None:
     first = await serve_proxy(gateway_config(upstream_base))
     second = await serve_proxy(
         {"auth": {"master_key": "sk-second"}, "models": [{"name": "only-echo", "provider": "echo"}]}
@@ -55,8 +56,9 @@ async def test_two_apps_in_one_process_share_nothing(serve_proxy: ServeProxy, up
         assert [m.id for m in (await client.models.list()).data] == ["only-echo"]
     async with sdk(second) as client:  # the first app's key means nothing to the second
         async with aiohttp.ClientSession() as http:
-            async with http.get(second.make_url("/v1/models"),
-                                headers={"Authorization": "Bearer sk-master-test"}) as response:
+            async with http.get(
+                second.make_url("/v1/models"), headers={"Authorization": "Bearer sk-master-test"}
+            ) as response:
                 assert response.status == 401
     await second.close()  # closing one app's session leaves the other serving
     async with sdk(first) as client:

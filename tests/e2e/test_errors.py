@@ -30,8 +30,13 @@ async def proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
     return await serve_proxy(gateway_config(upstream_base, router={"num_retries": 0}))
 
 
-async def post(http: aiohttp.ClientSession, server: TestServer, data: bytes | None = None,
-               json: Any = None, path: str = CHAT) -> aiohttp.ClientResponse:
+async def post(
+    http: aiohttp.ClientSession,
+    server: TestServer,
+    data: bytes | None = None,
+    json: Any = None,
+    path: str = CHAT,
+) -> aiohttp.ClientResponse:
     response = await http.post(server.make_url(path), data=data, json=json, headers=AUTH)
     await response.read()
     return response
@@ -57,11 +62,22 @@ async def still_serving(server: TestServer) -> None:
         (b'{"model": "gpt-test", "x": "\xff\xfe"}', "invalid_encoding", None),
         (b'{"model": "gpt-test", "x": ' + b"[" * 50000 + b"]" * 50000 + b"}", "invalid_json", None),
     ],
-    ids=["malformed", "empty", "array", "string", "no-model", "int-model", "null-model",
-         "bad-stream", "bad-utf8", "deep-nesting"],
+    ids=[
+        "malformed",
+        "empty",
+        "array",
+        "string",
+        "no-model",
+        "int-model",
+        "null-model",
+        "bad-stream",
+        "bad-utf8",
+        "deep-nesting",
+    ],
 )
-async def test_bad_request_bodies(proxy: TestServer, http: aiohttp.ClientSession, data: bytes,
-                                  code: str | None, param: str | None) -> None:
+async def test_bad_request_bodies(
+    proxy: TestServer, http: aiohttp.ClientSession, data: bytes, code: str | None, param: str | None
+) -> None:
     error = await assert_openai_error(await post(http, proxy, data=data), 400, code)
     assert error["param"] == param
     await still_serving(proxy)
@@ -74,15 +90,18 @@ async def test_unknown_model_is_404(client: openai.AsyncOpenAI) -> None:
     assert "gpt-nope" in caught.value.message
 
 
-async def test_body_over_the_limit_is_413(serve_proxy: ServeProxy, upstream_base: str,
-                                          http: aiohttp.ClientSession) -> None:
+async def test_body_over_the_limit_is_413(
+    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession
+) -> None:
     proxy = await serve_proxy(gateway_config(upstream_base, server={"max_body_size": 4096}))
     big = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 10_000}]}
     await assert_openai_error(await post(http, proxy, json=big), 413, "request_too_large")
     await still_serving(proxy)
 
 
-async def test_unknown_route_and_wrong_method(proxy: TestServer, http: aiohttp.ClientSession) -> None:
+async def test_unknown_route_and_wrong_method(
+    proxy: TestServer, http: aiohttp.ClientSession
+) -> None:
     async with http.get(proxy.make_url("/v1/nothing-here"), headers=AUTH) as response:
         await assert_openai_error(response, 404, "not_found")
     async with http.get(proxy.make_url(CHAT), headers=AUTH) as response:
@@ -103,8 +122,14 @@ async def test_unknown_route_and_wrong_method(proxy: TestServer, http: aiohttp.C
         ("status:401", 502, "upstream_auth_failed"),
     ],
 )
-async def test_upstream_failures(proxy: TestServer, fake: FakeOpenAI, http: aiohttp.ClientSession,
-                                 fault: str, status: int, code: str | None) -> None:
+async def test_upstream_failures(
+    proxy: TestServer,
+    fake: FakeOpenAI,
+    http: aiohttp.ClientSession,
+    fault: str,
+    status: int,
+    code: str | None,
+) -> None:
     fake.faults.append(fault)
     error = await assert_openai_error(
         await post(http, proxy, json={"model": "gpt-test", "messages": MESSAGES}), status, code
@@ -130,8 +155,9 @@ async def test_upstream_unreachable_is_502(serve_proxy: ServeProxy) -> None:
     assert "gpt-test" in caught.value.message
 
 
-async def test_upstream_timeout_is_504(serve_proxy: ServeProxy, upstream_base: str,
-                                       fake: FakeOpenAI) -> None:
+async def test_upstream_timeout_is_504(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     config = gateway_config(
         upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 0}
     )
@@ -144,8 +170,9 @@ async def test_upstream_timeout_is_504(serve_proxy: ServeProxy, upstream_base: s
     await still_serving(proxy)
 
 
-async def test_stream_cut_midway_ends_with_an_error_event(client: openai.AsyncOpenAI,
-                                                          fake: FakeOpenAI) -> None:
+async def test_stream_cut_midway_ends_with_an_error_event(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
     fake.faults.append("cut_stream")
     stream = await client.chat.completions.create(model="gpt-test", messages=MESSAGES, stream=True)
     received = []
@@ -162,8 +189,9 @@ class Boom:
         raise RuntimeError("plugin bug with secret sk-should-not-leak")
 
 
-async def test_unexpected_exception_is_logged_500(serve_proxy: ServeProxy, upstream_base: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_exception_is_logged_500(
+    serve_proxy: ServeProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
+) -> None:
     proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Boom()])
     async with aiohttp.ClientSession() as http:
         with caplog.at_level(logging.ERROR, logger="aioproxy"):
@@ -176,8 +204,9 @@ async def test_unexpected_exception_is_logged_500(serve_proxy: ServeProxy, upstr
             assert health.status == 200
 
 
-async def test_errors_never_show_keys(proxy: TestServer, fake: FakeOpenAI,
-                                      http: aiohttp.ClientSession) -> None:
+async def test_errors_never_show_keys(
+    proxy: TestServer, fake: FakeOpenAI, http: aiohttp.ClientSession
+) -> None:
     fake.faults.append("status:400")
     response = await post(http, proxy, json={"model": "gpt-test", "messages": MESSAGES})
     text = await response.text()

@@ -95,11 +95,15 @@ def check_stream(i: int, status: int, content_type: str, raw: bytes) -> str:
 
 
 async def one(http: aiohttp.ClientSession, proxy: TestServer, i: int, stream: bool) -> str:
-    body = {"model": "gpt-test", "stream": stream,
-            "messages": [{"role": "user", "content": f"request {i}"}]}
+    body = {
+        "model": "gpt-test",
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"request {i}"}],
+    }
     async with asyncio.timeout(REQUEST_DEADLINE):
-        async with http.post(proxy.make_url("/v1/chat/completions"), json=body,
-                             headers=AUTH) as response:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
+        ) as response:
             raw = await response.read()
             check = check_stream if stream else check_json
             return check(i, response.status, response.content_type, raw)
@@ -135,8 +139,11 @@ async def round_of_load(proxy: TestServer) -> tuple[Counter[str], Counter[str]]:
 def live(kind: type, proxy: TestServer) -> int:
     """Objects of ``kind`` alive; for requests, only the proxy's (a fake's keep-alive connection
     holds on to its last request until the next one)."""
-    return sum(1 for obj in gc.get_objects() if type(obj) is kind
-               and (kind is not aiohttp.web.Request or obj.app is proxy.app))
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if type(obj) is kind and (kind is not aiohttp.web.Request or obj.app is proxy.app)
+    )
 
 
 def runs_aioproxy_code(task: asyncio.Task[Any]) -> bool:
@@ -161,8 +168,12 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
     config = gateway_config(
         bases[0],
         router={
-            "num_retries": 2, "retry_backoff": 0.01, "retry_backoff_max": 0.05,
-            "cooldown_failures": 5, "cooldown_window": 1, "cooldown_seconds": 0.3,
+            "num_retries": 2,
+            "retry_backoff": 0.01,
+            "retry_backoff_max": 0.05,
+            "cooldown_failures": 5,
+            "cooldown_window": 1,
+            "cooldown_seconds": 0.3,
             "fallbacks": {"gpt-test": ["backup"]},
         },
         upstream={"timeouts": {"connect": 2, "first_byte": 0.4, "read": 0.4}},
@@ -174,8 +185,13 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
     pool = proxy.app[aioproxy.keys.pool_key]
     gc.collect()
     baseline_tasks = len(asyncio.all_tasks())
-    per_request = (aioproxy.h1client.H1Response, aioproxy.context.Call, aioproxy.providers.StreamReply,
-                   aioproxy.providers.JSONReply, aiohttp.web.Request)
+    per_request = (
+        aioproxy.h1client.H1Response,
+        aioproxy.context.Call,
+        aioproxy.providers.StreamReply,
+        aioproxy.providers.JSONReply,
+        aiohttp.web.Request,
+    )
     leftovers = []
 
     for _ in range(2):
@@ -195,8 +211,9 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert backup.requests, "some requests needed the fallback"
         # What can be recovered was: without streams cut after their first event, all of it.
         assert plain["ok"] == REQUESTS // 2, plain
-        mid_stream = sum(1 for r in upstream
-                         if r.fault in STREAM_FAULTS and r.body.get("stream") is True)
+        mid_stream = sum(
+            1 for r in upstream if r.fault in STREAM_FAULTS and r.body.get("stream") is True
+        )
         assert streamed["stream error event"] == mid_stream, (streamed, mid_stream)
         assert streamed["ok"] == REQUESTS // 2 - mid_stream, streamed
         assert streamed["ok"] + plain["ok"] >= 0.99 * (REQUESTS - mid_stream)
@@ -210,7 +227,8 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot
         assert pool.idle_connections <= 2 * CONCURRENCY + 20
         upstream_conns = sum(
-            len(s.runner.server.connections) for s in servers  # type: ignore[union-attr]
+            len(s.runner.server.connections)
+            for s in servers  # type: ignore[union-attr]
         )
         await asyncio.sleep(0.05)
         gc.collect()
@@ -219,7 +237,10 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert not stray, stray
         # One task per open connection into a fake (the proxy's idle pool), and the baseline.
         assert len(tasks) <= baseline_tasks + upstream_conns, (
-            len(tasks), baseline_tasks, upstream_conns)
+            len(tasks),
+            baseline_tasks,
+            upstream_conns,
+        )
         leftovers.append({kind.__name__: live(kind, proxy) for kind in per_request})
 
     # No per-request object outlives its request, in either round.
@@ -244,7 +265,8 @@ REQUEST_INTERVAL = 0.1  # fake seconds between requests: cooldowns start and end
 
 
 async def test_success_rate_under_a_sustained_fault_rate(
-        aiohttp_server: Any, serve_proxy: ServeProxy, monkeypatch: Any) -> None:
+    aiohttp_server: Any, serve_proxy: ServeProxy, monkeypatch: Any
+) -> None:
     """Two deployments, a fallback model and one retry, every upstream failing 20% of the time:
     at least 97% of requests succeed. Deterministic: the requests go one at a time, the faults,
     the router's choices and its clock are seeded or fake, hangs end at a small first-byte
@@ -254,8 +276,13 @@ async def test_success_rate_under_a_sustained_fault_rate(
     bases = [str((await aiohttp_server(fake.app())).make_url("/v1")) for fake in fakes]
     config = gateway_config(
         bases[0],
-        router={"num_retries": 1, "cooldown_failures": 3, "cooldown_window": 10,
-                "cooldown_seconds": 5, "fallbacks": {"gpt-test": ["backup"]}},
+        router={
+            "num_retries": 1,
+            "cooldown_failures": 3,
+            "cooldown_window": 10,
+            "cooldown_seconds": 5,
+            "fallbacks": {"gpt-test": ["backup"]},
+        },
         upstream={"timeouts": {"connect": 2, "first_byte": 0.25, "read": 2}},
         server={"keepalive_interval": 0},
     )

@@ -27,7 +27,9 @@ from tests.support import AUTH, MESSAGES, ServeProxy, gateway_config, sdk
 
 
 def test_every_hook_has_a_test() -> None:
-    tested = {name.removeprefix("test_hook_") for name in globals() if name.startswith("test_hook_")}
+    tested = {
+        name.removeprefix("test_hook_") for name in globals() if name.startswith("test_hook_")
+    }
     assert set(HOOK_NAMES) <= tested, set(HOOK_NAMES) - tested
 
 
@@ -48,13 +50,16 @@ async def test_hook_authenticate(serve_proxy: ServeProxy, upstream_base: str) ->
         assert len((await client.models.list()).data) == 2
 
 
-async def test_hook_map_model(serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+async def test_hook_map_model(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     class Prefixed:
         @hookimpl
         def map_model(self, model: str) -> Deployment | None:
             if model.startswith("up/"):
-                return Deployment(name=model, provider="openai", model=model[3:],
-                                  api_base=upstream_base)
+                return Deployment(
+                    name=model, provider="openai", model=model[3:], api_base=upstream_base
+                )
             return None
 
     proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Prefixed()])
@@ -72,10 +77,16 @@ async def test_hook_list_models(serve_proxy: ServeProxy, upstream_base: str) -> 
 
     proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Extra()])
     async with sdk(proxy) as client:
-        assert {m.id for m in (await client.models.list()).data} == {"gpt-test", "echo", "extra-model"}
+        assert {m.id for m in (await client.models.list()).data} == {
+            "gpt-test",
+            "echo",
+            "extra-model",
+        }
 
 
-async def test_hook_before_request(serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+async def test_hook_before_request(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     class Guard:
         @hookimpl
         async def before_request(self, call: Call) -> None:
@@ -159,11 +170,22 @@ async def test_hook_register_providers(serve_proxy: ServeProxy, upstream_base: s
         name = "constant"
 
         async def chat_completions(self, call: Call) -> JSONReply:
-            return JSONReply.of({
-                "id": "c1", "object": "chat.completion", "created": 0, "model": call.model,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": "constant"}}],
-            })
+            return JSONReply.of(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": call.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                            "message": {"role": "assistant", "content": "constant"},
+                        }
+                    ],
+                }
+            )
 
     class Plugin:
         @hookimpl
@@ -181,8 +203,9 @@ async def test_hook_register_providers(serve_proxy: ServeProxy, upstream_base: s
     assert "does not serve embeddings" in caught.value.message
 
 
-async def test_hook_tryfirst_plugin_replaces_builtin(serve_proxy: ServeProxy, upstream_base: str,
-                                                    fake: FakeOpenAI) -> None:
+async def test_hook_tryfirst_plugin_replaces_builtin(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     class Everything:
         @hookimpl(tryfirst=True)
         def map_model(self) -> Deployment:

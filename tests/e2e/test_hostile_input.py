@@ -46,18 +46,24 @@ async def proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
 
     Keep-alive comments are off the table here (5 s): with them, whether a slow answer comes
     as JSON or as SSE depends on timing (see test_reliability's keep-alive tests)."""
-    return await serve_proxy(gateway_config(
-        upstream_base, router={"num_retries": 0},
-        server={"max_body_size": 64 * 1024, "body_timeout": 0.3, "keepalive_interval": 5},
-    ))
+    return await serve_proxy(
+        gateway_config(
+            upstream_base,
+            router={"num_retries": 0},
+            server={"max_body_size": 64 * 1024, "body_timeout": 0.3, "keepalive_interval": 5},
+        )
+    )
 
 
-async def post(proxy: TestServer, data: bytes, path: str = CHAT,
-               headers: dict[str, str] | None = None) -> tuple[aiohttp.ClientResponse, bytes]:
+async def post(
+    proxy: TestServer, data: bytes, path: str = CHAT, headers: dict[str, str] | None = None
+) -> tuple[aiohttp.ClientResponse, bytes]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url(path), data=data,
-                             headers={**AUTH, "Content-Type": "application/json",
-                                      **(headers or {})}) as response:
+        async with http.post(
+            proxy.make_url(path),
+            data=data,
+            headers={**AUTH, "Content-Type": "application/json", **(headers or {})},
+        ) as response:
             return response, await response.read()
 
 
@@ -96,7 +102,8 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> str:
             continue  # a keep-alive comment
         payloads = [line[6:] for line in lines if line.startswith("data: ")]
         assert len(payloads) == 1 and all(
-            line.startswith(("data: ", "event: ")) for line in lines), block
+            line.startswith(("data: ", "event: ")) for line in lines
+        ), block
         data.append(payloads[0])
     assert data, raw
     last = data[-1]
@@ -106,8 +113,12 @@ def check_answer(path: str, status: int, content_type: str, raw: bytes) -> str:
             error_of(400, "application/json", last.encode())
             return "stream-error"
         assert path == "/v1/responses", last
-        assert decoded["type"] in ("response.completed", "response.incomplete",
-                                   "response.failed", "error"), decoded
+        assert decoded["type"] in (
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+            "error",
+        ), decoded
     for payload in data[:-1] if last == "[DONE]" else data:
         assert isinstance(json.loads(payload), dict)
     return "stream"
@@ -137,8 +148,19 @@ async def still_serving(proxy: TestServer) -> None:
         b"\xef\xbb\xbf" + BODY,  # a byte order mark
         b"\xff\xfe" + BODY.decode().encode("utf-16-le"),
     ],
-    ids=["model", "truncated", "overlong", "utf8-surrogate", "above-max", "key",
-         "escaped-lone-high", "escaped-lone-low", "raw-nul", "bom", "utf-16"],
+    ids=[
+        "model",
+        "truncated",
+        "overlong",
+        "utf8-surrogate",
+        "above-max",
+        "key",
+        "escaped-lone-high",
+        "escaped-lone-low",
+        "raw-nul",
+        "bom",
+        "utf-16",
+    ],
 )
 async def test_invalid_text_is_a_400(proxy: TestServer, fake: FakeOpenAI, data: bytes) -> None:
     response, raw = await post(proxy, data)
@@ -159,8 +181,9 @@ async def test_invalid_text_is_a_400(proxy: TestServer, fake: FakeOpenAI, data: 
     ids=["arrays", "objects", "unclosed", "mixed"],
 )
 @pytest.mark.parametrize("field", ["messages", "metadata", "model"])
-async def test_absurd_nesting_is_a_400(proxy: TestServer, fake: FakeOpenAI, nested: bytes,
-                                       field: str) -> None:
+async def test_absurd_nesting_is_a_400(
+    proxy: TestServer, fake: FakeOpenAI, nested: bytes, field: str
+) -> None:
     body = b'{"model": "gpt-test", "messages": [], "' + field.encode() + b'": ' + nested + b"}"
     response, raw = await post(proxy, body)
     assert response.status == 400
@@ -172,8 +195,7 @@ async def test_nesting_near_the_limit_never_crashes_a_provider(proxy: TestServer
     statuses = {}
     async with aiohttp.ClientSession() as http:
         for depth in range(880, 1000):
-            body = (b'{"model": "echo", "messages": ' + b"[" * depth + b'"x"' + b"]" * depth
-                    + b"}")
+            body = b'{"model": "echo", "messages": ' + b"[" * depth + b'"x"' + b"]" * depth + b"}"
             async with http.post(proxy.make_url(CHAT), data=body, headers=AUTH) as response:
                 raw = await response.read()
                 statuses[depth] = response.status
@@ -181,8 +203,9 @@ async def test_nesting_near_the_limit_never_crashes_a_provider(proxy: TestServer
                 error_of(response.status, response.content_type, raw)
 
 
-async def test_reasonable_nesting_passes_through_untouched(proxy: TestServer,
-                                                           fake: FakeOpenAI) -> None:
+async def test_reasonable_nesting_passes_through_untouched(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
     nested = b'{"a":' * 200 + b"[1, 2.50, 1e3]" + b"}" * 200
     body = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "metadata": '
     response, raw = await post(proxy, body + nested + b"}")
@@ -203,14 +226,21 @@ HUGE = [
 
 @pytest.mark.parametrize(
     ("model", "field", "value", "status", "param"),
-    [("gpt-test", *case) for case in HUGE] + [
-        pytest.param("echo", *case) for case in HUGE
-    ],
+    [("gpt-test", *case) for case in HUGE] + [pytest.param("echo", *case) for case in HUGE],
 )
-async def test_huge_numbers(proxy: TestServer, fake: FakeOpenAI, field: str, value: bytes,
-                            status: int | None, param: str | None, model: str) -> None:
-    body = (b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "hi"}]'
-            b', "' + field.encode() + b'": ' + value + b"}")
+async def test_huge_numbers(
+    proxy: TestServer,
+    fake: FakeOpenAI,
+    field: str,
+    value: bytes,
+    status: int | None,
+    param: str | None,
+    model: str,
+) -> None:
+    body = (
+        b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "hi"}]'
+        b', "' + field.encode() + b'": ' + value + b"}"
+    )
     if field == "model":
         body = b'{"messages": [], "model": ' + value + b"}"
     response, raw = await post(proxy, body)
@@ -243,8 +273,9 @@ async def test_wrong_type_for_stream(proxy: TestServer, fake: FakeOpenAI, value:
 
 @pytest.mark.parametrize("path", list(KINDS))
 @pytest.mark.parametrize("value", [b"1", b"true", b"null", b"{}", b"1.5", b'{"role": "user"}'])
-async def test_wrong_type_for_the_input(proxy: TestServer, fake: FakeOpenAI, path: str,
-                                        value: bytes) -> None:
+async def test_wrong_type_for_the_input(
+    proxy: TestServer, fake: FakeOpenAI, path: str, value: bytes
+) -> None:
     field = KINDS[path][0]
     body = b'{"model": "gpt-test", "' + field.encode() + b'": ' + value + b"}"
     response, raw = await post(proxy, body, path=path)
@@ -269,16 +300,20 @@ async def test_bodies_that_are_not_objects(proxy: TestServer, fake: FakeOpenAI) 
     assert fake.requests == []
 
 
-async def test_duplicate_keys_last_one_wins_at_the_top_level(proxy: TestServer,
-                                                             fake: FakeOpenAI) -> None:
+async def test_duplicate_keys_last_one_wins_at_the_top_level(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
     """Documented behaviour: the proxy splits the top level into fields, so a repeated key
     keeps its last value and reaches the upstream once; nested objects go upstream as sent."""
-    response, raw = await post(proxy, b'{"model": "nope", "model": "gpt-test", '
-                                      b'"messages": "not a list", '
-                                      b'"messages": [{"role": "user", "content": "hi"}], '
-                                      b'"stream": true, "stream": false, '
-                                      b'"api_base": "http://evil.example", "api_base": "x", '
-                                      b'"metadata": {"k": "1", "k": "2"}}')
+    response, raw = await post(
+        proxy,
+        b'{"model": "nope", "model": "gpt-test", '
+        b'"messages": "not a list", '
+        b'"messages": [{"role": "user", "content": "hi"}], '
+        b'"stream": true, "stream": false, '
+        b'"api_base": "http://evil.example", "api_base": "x", '
+        b'"metadata": {"k": "1", "k": "2"}}',
+    )
     assert response.status == 200 and json.loads(raw)["object"] == "chat.completion"
     sent = fake.last.raw
     assert sent.count(b'"model"') == 1 and fake.last.body["model"] == UPSTREAM_MODEL
@@ -295,14 +330,17 @@ async def test_duplicate_keys_last_one_wins_at_the_top_level(proxy: TestServer,
 
 
 async def test_escaped_dropped_fields_never_reach_the_upstream(
-        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     # The deployment's upstream model is the name asked for, so nothing else forces a re-encode.
     config = gateway_config(upstream_base)
     config["models"][0].update(name="gpt-4o-mini", model=None)
     proxy = await serve_proxy(config)
-    body = (rb'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
-            rb'"api\u005fbase": "http://127.0.0.1:1/v1", "api\u005fkey": "sk-attacker", '
-            rb'"base\u005furl": "http://127.0.0.1:1/v1", "extra\u005fheaders": {"x": "y"}}')
+    body = (
+        rb'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
+        rb'"api\u005fbase": "http://127.0.0.1:1/v1", "api\u005fkey": "sk-attacker", '
+        rb'"base\u005furl": "http://127.0.0.1:1/v1", "extra\u005fheaders": {"x": "y"}}'
+    )
     async with aiohttp.ClientSession() as http:
         url = str(proxy.make_url(CHAT))
         async with http.post(url, data=body, headers=AUTH) as response:
@@ -312,19 +350,25 @@ async def test_escaped_dropped_fields_never_reach_the_upstream(
 
 
 async def test_escaped_duplicate_model_never_reaches_the_upstream(
-        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
-    config = gateway_config(upstream_base, auth={"keys": [{"key": "sk-mini-only",
-                                                           "models": ["gpt-4o-mini"]}]})
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    config = gateway_config(
+        upstream_base, auth={"keys": [{"key": "sk-mini-only", "models": ["gpt-4o-mini"]}]}
+    )
     config["models"][0].update(name="gpt-4o-mini", model=None)
     proxy = await serve_proxy(config)
     # The proxy authorises the last "model" (gpt-4o-mini); an upstream that keeps the first of
     # two keys would serve o1-pro on the proxy's key.
-    body = (rb'{"model": "o1-pro", "mod\u0065l": "gpt-4o-mini", '
-            rb'"messages": [{"role": "user", "content": "hi"}]}')
+    body = (
+        rb'{"model": "o1-pro", "mod\u0065l": "gpt-4o-mini", '
+        rb'"messages": [{"role": "user", "content": "hi"}]}'
+    )
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url(CHAT), data=body,
-                             headers={"Authorization": "Bearer sk-mini-only",
-                                      "Content-Type": "application/json"}) as response:
+        async with http.post(
+            proxy.make_url(CHAT),
+            data=body,
+            headers={"Authorization": "Bearer sk-mini-only", "Content-Type": "application/json"},
+        ) as response:
             assert response.status == 200, await response.text()
     assert b"o1-pro" not in fake.last.raw, fake.last.raw
 
@@ -368,13 +412,17 @@ def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
             size = int(size_line, 16)
             if size == 0:
                 break
-            out, rest = out + rest[:size], rest[size + 2:]
+            out, rest = out + rest[:size], rest[size + 2 :]
         body = out
     return int(status_line.split()[1]), headers, body
 
 
-def request_bytes(headers: list[tuple[bytes, bytes]], body: bytes = BODY,
-                  path: bytes = b"/v1/chat/completions", method: bytes = b"POST") -> bytes:
+def request_bytes(
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = BODY,
+    path: bytes = b"/v1/chat/completions",
+    method: bytes = b"POST",
+) -> bytes:
     lines = [method + b" " + path + b" HTTP/1.1", b"Connection: close"]
     if not any(name.lower() == b"content-type" for name, _ in headers):
         lines.append(b"Content-Type: application/json")
@@ -396,9 +444,15 @@ async def test_body_over_the_limit_is_413(proxy: TestServer, fake: FakeOpenAI) -
     # Chunked, with no length announced: the same, once the limit is crossed.
     chunks = b"".join(b"%x\r\n" % 8000 + b"x" * 8000 + b"\r\n" for _ in range(10)) + b"0\r\n\r\n"
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-    answer = await raw_request(proxy, head + b"Authorization: Bearer " + MASTER_KEY.encode()
-                               + b"\r\nContent-Type: application/json"
-                               + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+    answer = await raw_request(
+        proxy,
+        head
+        + b"Authorization: Bearer "
+        + MASTER_KEY.encode()
+        + b"\r\nContent-Type: application/json"
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks,
+    )
     status, headers, body = parse_response(answer)
     assert status == 413 and error_of(status, headers["content-type"], body)
     # Compressed bodies are refused unread: tests/e2e/test_ingress_security.py.
@@ -406,13 +460,15 @@ async def test_body_over_the_limit_is_413(proxy: TestServer, fake: FakeOpenAI) -
     await still_serving(proxy)
 
 
-async def test_slow_body_is_408_and_others_are_served_meanwhile(proxy: TestServer,
-                                                                fake: FakeOpenAI) -> None:
+async def test_slow_body_is_408_and_others_are_served_meanwhile(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
-                 + BODY[:10])
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY[:10]
+    )
 
     async def dribble() -> None:
         for byte in BODY[10:]:
@@ -449,16 +505,30 @@ async def test_slow_body_before_authentication_is_a_401_at_once(proxy: TestServe
 # -- routes and methods ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [
-    "/", "/v1", "/v1/", "/v2/chat/completions", "/v1/chat/completions/extra",
-    "/v1/chat%2Fcompletions", "/v1/engines/davinci/completions", "/v1/models/",
-    "/v1/../v1/secret", "/%00", "/" + "a" * 4000, "/v1/fine_tuning/jobs", "/admin",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v2/chat/completions",
+        "/v1/chat/completions/extra",
+        "/v1/chat%2Fcompletions",
+        "/v1/engines/davinci/completions",
+        "/v1/models/",
+        "/v1/../v1/secret",
+        "/%00",
+        "/" + "a" * 4000,
+        "/v1/fine_tuning/jobs",
+        "/admin",
+    ],
+)
 async def test_unknown_routes_are_openai_404s(proxy: TestServer, path: str) -> None:
     async with aiohttp.ClientSession() as http:
         for method in ("GET", "POST"):
-            async with http.request(method, str(proxy.make_url("/")).rstrip("/") + path,
-                                    headers=AUTH, data=BODY) as response:
+            async with http.request(
+                method, str(proxy.make_url("/")).rstrip("/") + path, headers=AUTH, data=BODY
+            ) as response:
                 error = await assert_openai_error(response, 404, "not_found")
                 assert error["type"] == "invalid_request_error"
 
@@ -478,16 +548,18 @@ async def test_unknown_routes_are_openai_404s(proxy: TestServer, path: str) -> N
         ("PUT", "/health/readiness", "GET"),
     ],
 )
-async def test_wrong_methods_are_openai_405s(proxy: TestServer, method: str, path: str,
-                                             allowed: str) -> None:
+async def test_wrong_methods_are_openai_405s(
+    proxy: TestServer, method: str, path: str, allowed: str
+) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.request(method, proxy.make_url(path), headers=AUTH) as response:
             error = await assert_openai_error(response, 405, "method_not_allowed")
             assert allowed in response.headers["Allow"] and method in error["message"]
 
 
-async def test_malformed_http_gets_a_400_and_the_proxy_keeps_serving(proxy: TestServer,
-                                                                     fake: FakeOpenAI) -> None:
+async def test_malformed_http_gets_a_400_and_the_proxy_keeps_serving(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
     """Requests aiohttp's parser refuses never reach the app: aiohttp answers a plain-text 400
     itself (a known weakness: not the OpenAI error shape). What matters here: no crash."""
     cases = [
@@ -538,19 +610,33 @@ HOSTILE_HEADERS = {
 }
 
 
-@pytest.mark.parametrize(("path", "stream"), [
-    (path, stream) for path in KINDS for stream in (False, True)
-    if not (stream and path == "/v1/embeddings")  # embeddings do not stream
-])
+@pytest.mark.parametrize(
+    ("path", "stream"),
+    [
+        (path, stream)
+        for path in KINDS
+        for stream in (False, True)
+        if not (stream and path == "/v1/embeddings")  # embeddings do not stream
+    ],
+)
 async def test_client_cannot_redirect_or_rekey_the_upstream(
-        proxy: TestServer, fake: FakeOpenAI, upstream: TestServer,
-        attacker: tuple[FakeOpenAI, str], path: str, stream: bool) -> None:
+    proxy: TestServer,
+    fake: FakeOpenAI,
+    upstream: TestServer,
+    attacker: tuple[FakeOpenAI, str],
+    path: str,
+    stream: bool,
+) -> None:
     evil, evil_base = attacker
     field, value, _ = KINDS[path]
     body = {
-        "model": "gpt-test", field: value,
-        "api_base": evil_base, "base_url": evil_base, "api_key": "sk-attacker-body",
-        "api_version": "2099-01-01", "organization": "org-attacker",
+        "model": "gpt-test",
+        field: value,
+        "api_base": evil_base,
+        "base_url": evil_base,
+        "api_key": "sk-attacker-body",
+        "api_version": "2099-01-01",
+        "organization": "org-attacker",
         "extra_headers": {"Authorization": "Bearer sk-attacker-body", "Host": "evil.example"},
     }
     if stream:
@@ -561,7 +647,9 @@ async def test_client_cannot_redirect_or_rekey_the_upstream(
         async with http.post(url, data=json.dumps(body), headers={**AUTH, **headers}) as response:
             raw = await response.read()
             assert check_answer(path, response.status, response.content_type, raw) in (
-                "json", "stream")
+                "json",
+                "stream",
+            )
     assert evil.requests == []
     (sent,) = fake.requests
     assert sent.path == path and sent.query == ""
@@ -570,8 +658,7 @@ async def test_client_cannot_redirect_or_rekey_the_upstream(
     for name in HOSTILE_HEADERS:
         if name.lower() != "host":
             assert name.lower() not in sent.headers, name
-    for name in ("api_base", "base_url", "api_key", "api_version", "organization",
-                 "extra_headers"):
+    for name in ("api_base", "base_url", "api_key", "api_version", "organization", "extra_headers"):
         assert name not in sent.body, name
     everything = json.dumps(sent.headers) + sent.raw.decode()
     for word in ("attacker", "evil", MASTER_KEY, "6.6.6.6"):
@@ -579,13 +666,21 @@ async def test_client_cannot_redirect_or_rekey_the_upstream(
 
 
 async def test_client_key_in_other_headers_is_never_forwarded(
-        serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
     """With virtual keys, the key a client presents (any of its three headers) stays here."""
-    proxy = await serve_proxy(gateway_config(upstream_base, auth={
-        "master_key": MASTER_KEY, "keys": [{"key": "sk-virtual-one", "name": "one"}]}))
+    proxy = await serve_proxy(
+        gateway_config(
+            upstream_base,
+            auth={"master_key": MASTER_KEY, "keys": [{"key": "sk-virtual-one", "name": "one"}]},
+        )
+    )
     async with aiohttp.ClientSession() as http:
-        for header in ({"Authorization": "Bearer sk-virtual-one"}, {"api-key": "sk-virtual-one"},
-                       {"x-api-key": "sk-virtual-one"}):
+        for header in (
+            {"Authorization": "Bearer sk-virtual-one"},
+            {"api-key": "sk-virtual-one"},
+            {"x-api-key": "sk-virtual-one"},
+        ):
             headers = {**header, "Content-Type": "application/json"}
             async with http.post(proxy.make_url(CHAT), data=BODY, headers=headers) as response:
                 assert response.status == 200, await response.text()
@@ -595,29 +690,41 @@ async def test_client_key_in_other_headers_is_never_forwarded(
 
 # -- property-based --------------------------------------------------------------------------
 
-SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-(10**30), 10**30)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
 JSON = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 TEXT = st.text(min_size=1, max_size=30)
-PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "input_text", "image_url"]),
-                              "text": TEXT})
+PART = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "input_text", "image_url"]), "text": TEXT}
+)
 MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "developer"]),
-     "content": st.one_of(TEXT, TEXT, st.lists(PART, min_size=1, max_size=2))},
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "developer"]),
+        "content": st.one_of(TEXT, TEXT, st.lists(PART, min_size=1, max_size=2)),
+    },
     optional={"name": st.text(max_size=8)},
 )
 # Per input field: values that are mostly right, so that bodies get past validation.
 INPUTS = {
     "messages": st.lists(MESSAGE, min_size=1, max_size=3),
-    "prompt": TEXT | st.lists(TEXT, min_size=1, max_size=3)
+    "prompt": TEXT
+    | st.lists(TEXT, min_size=1, max_size=3)
     | st.lists(st.integers(0, 50000), min_size=1, max_size=5),
-    "input": TEXT | st.lists(TEXT, min_size=1, max_size=3) | st.lists(MESSAGE, min_size=1,
-                                                                       max_size=2),
+    "input": TEXT
+    | st.lists(TEXT, min_size=1, max_size=3)
+    | st.lists(MESSAGE, min_size=1, max_size=2),
 }
 # Optional fields, with values in range and out of it.
 OPTIONAL = {
@@ -635,9 +742,18 @@ OPTIONAL = {
     "api_base": st.just("http://127.0.0.1:1/v1"),
     "api_key": st.just("sk-client"),
 }
-WILD_NAMES = st.sampled_from([*INPUTS, *OPTIONAL, "model", "tools", "tool_choice",
-                              "instructions", "previous_response_id", "store"]) | st.text(
-    max_size=8)
+WILD_NAMES = st.sampled_from(
+    [
+        *INPUTS,
+        *OPTIONAL,
+        "model",
+        "tools",
+        "tool_choice",
+        "instructions",
+        "previous_response_id",
+        "store",
+    ]
+) | st.text(max_size=8)
 
 
 @st.composite
@@ -655,8 +771,6 @@ def plausible(draw: st.DrawFn, path: str) -> dict[str, Any]:
     return body
 
 
-
-
 @pytest.fixture
 async def served(proxy: TestServer) -> Any:
     """The proxy for a property test, checked to still serve once every example has run."""
@@ -664,36 +778,58 @@ async def served(proxy: TestServer) -> Any:
     await still_serving(proxy)
 
 
-PROPERTY = settings(max_examples=150, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @PROPERTY
 @given(data=st.data(), path=st.sampled_from(list(KINDS)))
-async def test_any_json_body_gets_a_valid_answer(served: TestServer, fake: FakeOpenAI,
-                                                 data: st.DataObject, path: str) -> None:
+async def test_any_json_body_gets_a_valid_answer(
+    served: TestServer, fake: FakeOpenAI, data: st.DataObject, path: str
+) -> None:
     body = data.draw(st.one_of(plausible(path), plausible(path), plausible(path), JSON), "body")
     async with aiohttp.ClientSession() as http:
-        async with http.post(served.make_url(path), data=json.dumps(body), headers=AUTH,
-                             timeout=aiohttp.ClientTimeout(total=10)) as response:
+        async with http.post(
+            served.make_url(path),
+            data=json.dumps(body),
+            headers=AUTH,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as response:
             raw = await response.read()
-            event(f"{check_answer(path, response.status, response.content_type, raw)} "
-                  f"{response.status}")
+            event(
+                f"{check_answer(path, response.status, response.content_type, raw)} "
+                f"{response.status}"
+            )
     assert fake.in_flight == 0
 
 
 @PROPERTY
-@given(data=st.binary(max_size=400) | st.builds(
-    lambda head, tail: head + tail,
-    st.sampled_from([b'{"model": "gpt-test", "messages": [', b'{"model": "echo", "prompt": ',
-                     b'{"model": "gpt-test", "stream": true, "input": "', b"{", b"["]),
-    st.binary(max_size=200)),
-    path=st.sampled_from(list(KINDS)))
+@given(
+    data=st.binary(max_size=400)
+    | st.builds(
+        lambda head, tail: head + tail,
+        st.sampled_from(
+            [
+                b'{"model": "gpt-test", "messages": [',
+                b'{"model": "echo", "prompt": ',
+                b'{"model": "gpt-test", "stream": true, "input": "',
+                b"{",
+                b"[",
+            ]
+        ),
+        st.binary(max_size=200),
+    ),
+    path=st.sampled_from(list(KINDS)),
+)
 async def test_any_bytes_get_a_valid_answer(served: TestServer, data: bytes, path: str) -> None:
     async with aiohttp.ClientSession() as http:
-        async with http.post(served.make_url(path), data=data, headers=AUTH,
-                             timeout=aiohttp.ClientTimeout(total=10)) as response:
+        async with http.post(
+            served.make_url(path), data=data, headers=AUTH, timeout=aiohttp.ClientTimeout(total=10)
+        ) as response:
             raw = await response.read()
             check_answer(path, response.status, response.content_type, raw)
 
@@ -703,22 +839,50 @@ VALUE_BYTES = [9, *range(0x20, 0x7F), *range(0x80, 0x100)]
 TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 # Framing headers are left out: a wrong Content-Length or Transfer-Encoding makes another request.
 # So are Content-Type and Origin, which decide before the key does (test_ingress_security.py).
-NAMES = st.sampled_from([
-    b"Authorization", b"Host", b"Accept", b"Accept-Encoding", b"api-key",
-    b"x-api-key", b"x-request-id", b"openai-beta", b"X-Forwarded-Host", b"Forwarded",
-    b"User-Agent", b"Cookie", b"Range", b"If-None-Match", b"Upgrade", b"TE",
-]) | st.text(TOKEN, min_size=1, max_size=20).map(str.encode).filter(
-    lambda n: n.lower() not in (b"content-length", b"transfer-encoding", b"connection",
-                                b"expect", b"content-encoding", b"content-type", b"origin"))
+NAMES = st.sampled_from(
+    [
+        b"Authorization",
+        b"Host",
+        b"Accept",
+        b"Accept-Encoding",
+        b"api-key",
+        b"x-api-key",
+        b"x-request-id",
+        b"openai-beta",
+        b"X-Forwarded-Host",
+        b"Forwarded",
+        b"User-Agent",
+        b"Cookie",
+        b"Range",
+        b"If-None-Match",
+        b"Upgrade",
+        b"TE",
+    ]
+) | st.text(TOKEN, min_size=1, max_size=20).map(str.encode).filter(
+    lambda n: (
+        n.lower()
+        not in (
+            b"content-length",
+            b"transfer-encoding",
+            b"connection",
+            b"expect",
+            b"content-encoding",
+            b"content-type",
+            b"origin",
+        )
+    )
+)
 VALUES = st.lists(st.sampled_from(VALUE_BYTES), max_size=60).map(bytes)
 
 
 @PROPERTY
-@given(headers=st.lists(st.tuples(NAMES, VALUES), max_size=6, unique_by=lambda h: h[0].lower()),
-       keyed=st.booleans())
-async def test_any_header_values_get_a_valid_answer(served: TestServer, fake: FakeOpenAI,
-                                                    headers: list[tuple[bytes, bytes]],
-                                                    keyed: bool) -> None:
+@given(
+    headers=st.lists(st.tuples(NAMES, VALUES), max_size=6, unique_by=lambda h: h[0].lower()),
+    keyed=st.booleans(),
+)
+async def test_any_header_values_get_a_valid_answer(
+    served: TestServer, fake: FakeOpenAI, headers: list[tuple[bytes, bytes]], keyed: bool
+) -> None:
     names = {name.lower() for name, _ in headers}
     sent = ([HOST] if b"host" not in names else []) + ([BEARER] if keyed else []) + headers
     answer = await raw_request(served, request_bytes(sent), timeout=10)
@@ -730,4 +894,3 @@ async def test_any_header_values_get_a_valid_answer(served: TestServer, fake: Fa
         assert fake.last.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     else:
         error_of(status, response_headers.get("content-type", ""), body)
-

@@ -44,8 +44,14 @@ KEY_ONLY = {"Authorization": f"Bearer {MASTER_KEY}"}
 JSON = {"Content-Type": "application/json"}
 # Every body-carrying route, in both forms.
 POST_ROUTES = [
-    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-    "/v1/embeddings", "/embeddings", "/v1/responses", "/responses",
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/v1/completions",
+    "/completions",
+    "/v1/embeddings",
+    "/embeddings",
+    "/v1/responses",
+    "/responses",
 ]
 BOMB_INFLATED = 256 * 1024 * 1024
 
@@ -82,8 +88,9 @@ async def one_connection() -> AsyncIterator[aiohttp.ClientSession]:
         yield http
 
 
-async def post(http: aiohttp.ClientSession, url: Any, data: bytes = BODY,
-               headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+async def post(
+    http: aiohttp.ClientSession, url: Any, data: bytes = BODY, headers: dict[str, str] | None = None
+) -> aiohttp.ClientResponse:
     # A large body goes as a stream: aiohttp warns about sending it in one piece.
     payload = io.BytesIO(data) if len(data) > 64 * 1024 else data
     response = await http.post(url, data=payload, headers=headers)
@@ -101,12 +108,16 @@ async def assert_healthy(http: aiohttp.ClientSession, server: TestServer) -> Non
 
 @pytest.mark.parametrize("headers", [{}, KEY_ONLY], ids=["no-key", "master-key"])
 async def test_gzip_bomb_is_refused_and_never_inflated(
-    proxy: TestServer, fake: FakeOpenAI, inflated: list[int],
-    one_connection: aiohttp.ClientSession, headers: dict[str, str],
+    proxy: TestServer,
+    fake: FakeOpenAI,
+    inflated: list[int],
+    one_connection: aiohttp.ClientSession,
+    headers: dict[str, str],
 ) -> None:
     bomb = gzip_bomb()
-    response = await post(one_connection, proxy.make_url(CHAT), bomb,
-                          {**headers, **JSON, "Content-Encoding": "gzip"})
+    response = await post(
+        one_connection, proxy.make_url(CHAT), bomb, {**headers, **JSON, "Content-Encoding": "gzip"}
+    )
     await assert_openai_error(response, 415, "unsupported_content_encoding")
     # Served on the same connection: aiohttp has drained the bomb's body by now.
     await assert_healthy(one_connection, proxy)
@@ -118,8 +129,12 @@ async def test_a_bomb_to_an_unknown_route_is_never_inflated(
     proxy: TestServer, inflated: list[int], one_connection: aiohttp.ClientSession
 ) -> None:
     """A 404 leaves the body unread, for aiohttp to drain; draining must not inflate it."""
-    response = await post(one_connection, proxy.make_url("/v1/nowhere"), gzip_bomb(),
-                          {**AUTH, "Content-Encoding": "gzip"})
+    response = await post(
+        one_connection,
+        proxy.make_url("/v1/nowhere"),
+        gzip_bomb(),
+        {**AUTH, "Content-Encoding": "gzip"},
+    )
     await assert_openai_error(response, 404, "not_found")
     await assert_healthy(one_connection, proxy)
     assert inflated == [0]
@@ -129,16 +144,18 @@ async def test_a_bomb_to_an_unknown_route_is_never_inflated(
 async def test_every_content_encoding_but_identity_is_a_415(
     proxy: TestServer, http: aiohttp.ClientSession, fake: FakeOpenAI, encoding: str
 ) -> None:
-    response = await post(http, proxy.make_url(CHAT), zlib.compress(BODY),
-                          {**AUTH, "Content-Encoding": encoding})
+    response = await post(
+        http, proxy.make_url(CHAT), zlib.compress(BODY), {**AUTH, "Content-Encoding": encoding}
+    )
     error = await assert_openai_error(response, 415, "unsupported_content_encoding")
     assert encoding in error["message"]
     assert fake.requests == []
 
 
 async def test_identity_encoding_is_served(proxy: TestServer, http: aiohttp.ClientSession) -> None:
-    response = await post(http, proxy.make_url(CHAT), BODY,
-                          {**AUTH, "Content-Encoding": "identity"})
+    response = await post(
+        http, proxy.make_url(CHAT), BODY, {**AUTH, "Content-Encoding": "identity"}
+    )
     assert response.status == 200, await response.text()
 
 
@@ -152,8 +169,9 @@ async def test_run_py_refuses_a_gzip_bomb_before_authentication(tmp_path: Path) 
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
             for headers in ({}, KEY_ONLY):
-                response = await post(http, base + CHAT, gzip_bomb(),
-                                      {**headers, **JSON, "Content-Encoding": "gzip"})
+                response = await post(
+                    http, base + CHAT, gzip_bomb(), {**headers, **JSON, "Content-Encoding": "gzip"}
+                )
                 await assert_openai_error(response, 415, "unsupported_content_encoding")
                 async with http.get(base + "/health") as health:
                     assert health.status == 200
@@ -166,15 +184,23 @@ async def test_run_py_refuses_a_gzip_bomb_before_authentication(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("path", POST_ROUTES)
-@pytest.mark.parametrize("content_type", [
-    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-    "application/octet-stream", "application/jsonx", "text/json",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/octet-stream",
+        "application/jsonx",
+        "text/json",
+    ],
+)
 async def test_bodies_that_are_not_json_are_a_415(
     proxy: TestServer, http: aiohttp.ClientSession, fake: FakeOpenAI, path: str, content_type: str
 ) -> None:
-    response = await post(http, proxy.make_url(path), BODY,
-                          {**KEY_ONLY, "Content-Type": content_type})
+    response = await post(
+        http, proxy.make_url(path), BODY, {**KEY_ONLY, "Content-Type": content_type}
+    )
     await assert_openai_error(response, 415, "unsupported_media_type")
     assert fake.requests == []
 
@@ -183,20 +209,27 @@ async def test_a_body_without_content_type_is_a_415(
     proxy: TestServer, http: aiohttp.ClientSession
 ) -> None:
     # skip_auto_headers: aiohttp would otherwise add application/octet-stream itself.
-    async with http.post(proxy.make_url(CHAT), data=BODY, headers=KEY_ONLY,
-                         skip_auto_headers=["Content-Type"]) as response:
+    async with http.post(
+        proxy.make_url(CHAT), data=BODY, headers=KEY_ONLY, skip_auto_headers=["Content-Type"]
+    ) as response:
         assert "Content-Type" not in response.request_info.headers
         await assert_openai_error(response, 415, "unsupported_media_type")
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/json", "application/json; charset=utf-8", "Application/JSON; charset=UTF-8",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON; charset=UTF-8",
+    ],
+)
 async def test_json_with_parameters_is_served(
     proxy: TestServer, http: aiohttp.ClientSession, content_type: str
 ) -> None:
-    response = await post(http, proxy.make_url(CHAT), BODY,
-                          {**KEY_ONLY, "Content-Type": content_type})
+    response = await post(
+        http, proxy.make_url(CHAT), BODY, {**KEY_ONLY, "Content-Type": content_type}
+    )
     assert response.status == 200, await response.text()
 
 
@@ -229,28 +262,53 @@ async def open_proxy(serve_proxy: ServeProxy, upstream_base: str, **server: Any)
     return await serve_proxy(config)
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io",
-                                  "192.168.1.20:{port}", "localhost.evil.example"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example",
+        "evil.example:{port}",
+        "127.0.0.1.nip.io",
+        "192.168.1.20:{port}",
+        "localhost.evil.example",
+    ],
+)
 async def test_open_mode_refuses_other_host_names(
-    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    http: aiohttp.ClientSession,
+    fake: FakeOpenAI,
     host: str,
 ) -> None:
     proxy = await open_proxy(serve_proxy, upstream_base)
     for method, path in (("POST", CHAT), ("GET", "/v1/models")):
-        async with http.request(method, proxy.make_url(path), data=BODY,
-                                headers={**JSON, "Host": host.format(port=proxy.port)}) as response:
+        async with http.request(
+            method,
+            proxy.make_url(path),
+            data=BODY,
+            headers={**JSON, "Host": host.format(port=proxy.port)},
+        ) as response:
             await assert_openai_error(response, 403, "host_not_allowed")
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST",
-                                  "[::1]:{port}", "localhost.", "proxy.internal:{port}"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "LOCALHOST",
+        "[::1]:{port}",
+        "localhost.",
+        "proxy.internal:{port}",
+    ],
+)
 async def test_open_mode_serves_loopback_and_allowed_names(
     serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, host: str
 ) -> None:
     proxy = await open_proxy(serve_proxy, upstream_base, allowed_hosts=["Proxy.Internal"])
-    response = await post(http, proxy.make_url(CHAT), BODY,
-                          {**JSON, "Host": host.format(port=proxy.port)})
+    response = await post(
+        http, proxy.make_url(CHAT), BODY, {**JSON, "Host": host.format(port=proxy.port)}
+    )
     assert response.status == 200, await response.text()
 
 
@@ -275,11 +333,18 @@ async def test_with_keys_any_host_is_served(proxy: TestServer, http: aiohttp.Cli
 @pytest.mark.parametrize("keyed", [True, False], ids=["keys", "open"])
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:1"])
 async def test_cross_site_origins_are_refused(
-    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
-    keyed: bool, origin: str,
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    http: aiohttp.ClientSession,
+    fake: FakeOpenAI,
+    keyed: bool,
+    origin: str,
 ) -> None:
-    proxy = (await serve_proxy(gateway_config(upstream_base)) if keyed
-             else await open_proxy(serve_proxy, upstream_base))
+    proxy = (
+        await serve_proxy(gateway_config(upstream_base))
+        if keyed
+        else await open_proxy(serve_proxy, upstream_base)
+    )
     response = await post(http, proxy.make_url(CHAT), BODY, {**AUTH, "Origin": origin})
     await assert_openai_error(response, 403, "origin_not_allowed")
     assert fake.requests == []
@@ -299,10 +364,14 @@ async def test_cors_origins_get_cors_answers_and_preflights(
 ) -> None:
     allowed = "https://app.example"
     proxy = await serve_proxy(gateway_config(upstream_base, server={"cors_origins": [allowed]}))
-    async with http.options(proxy.make_url(CHAT), headers={
-        "Origin": allowed, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
-    }) as preflight:
+    async with http.options(
+        proxy.make_url(CHAT),
+        headers={
+            "Origin": allowed,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+        },
+    ) as preflight:
         assert preflight.status == 204
         assert preflight.headers["Access-Control-Allow-Origin"] == allowed
         assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
@@ -318,9 +387,13 @@ async def test_cors_origins_get_cors_answers_and_preflights(
     await assert_openai_error(response, 401)
     assert response.headers["Access-Control-Allow-Origin"] == allowed
     # Another origin gets neither.
-    async with http.options(proxy.make_url(CHAT), headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-    }) as preflight:
+    async with http.options(
+        proxy.make_url(CHAT),
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+        },
+    ) as preflight:
         await assert_openai_error(preflight, 403, "origin_not_allowed")
         assert "Access-Control-Allow-Origin" not in preflight.headers
     # No Origin (the SDK, curl): no CORS headers.
@@ -338,20 +411,29 @@ async def test_the_checks_hold_when_mounted(aiohttp_server: Any, upstream_base: 
     config = gateway_config(upstream_base)
     del config["auth"]
     parent = web.Application()
-    parent.add_subapp("/llm", create_app(config, plugins=[aioproxy_openai, aioproxy_echo],
-                                         load_entrypoints=False))
+    parent.add_subapp(
+        "/llm", create_app(config, plugins=[aioproxy_openai, aioproxy_echo], load_entrypoints=False)
+    )
     server = await aiohttp_server(parent)
     url = server.make_url("/llm" + CHAT)
     async with aiohttp.ClientSession() as http:
-        await assert_openai_error(await post(http, url, BODY, {"Content-Type": "text/plain"}),
-                                  415, "unsupported_media_type")
-        await assert_openai_error(await post(http, url, BODY, {**JSON, "Origin": "https://e.x"}),
-                                  403, "origin_not_allowed")
-        await assert_openai_error(await post(http, url, BODY, {**JSON, "Host": "evil.example"}),
-                                  403, "host_not_allowed")
+        await assert_openai_error(
+            await post(http, url, BODY, {"Content-Type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        )
+        await assert_openai_error(
+            await post(http, url, BODY, {**JSON, "Origin": "https://e.x"}),
+            403,
+            "origin_not_allowed",
+        )
+        await assert_openai_error(
+            await post(http, url, BODY, {**JSON, "Host": "evil.example"}), 403, "host_not_allowed"
+        )
         await assert_openai_error(
             await post(http, url, BODY, {**JSON, "Content-Encoding": "gzip"}),
-            415, "unsupported_content_encoding",
+            415,
+            "unsupported_content_encoding",
         )
     async with sdk(server, prefix="/llm/v1") as client:
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
@@ -364,11 +446,21 @@ async def test_a_host_app_that_leaves_bodies_compressed_never_inflates_a_bomb(
     import aioproxy_echo
 
     parent = web.Application(handler_args={"auto_decompress": False})
-    parent.add_subapp("/llm", create_app({"models": [{"name": "echo", "provider": "echo"}]},
-                                         plugins=[aioproxy_echo], load_entrypoints=False))
+    parent.add_subapp(
+        "/llm",
+        create_app(
+            {"models": [{"name": "echo", "provider": "echo"}]},
+            plugins=[aioproxy_echo],
+            load_entrypoints=False,
+        ),
+    )
     server = await aiohttp_server(parent)
-    response = await post(one_connection, server.make_url("/llm" + CHAT), gzip_bomb(),
-                          {**JSON, "Content-Encoding": "gzip"})
+    response = await post(
+        one_connection,
+        server.make_url("/llm" + CHAT),
+        gzip_bomb(),
+        {**JSON, "Content-Encoding": "gzip"},
+    )
     await assert_openai_error(response, 415, "unsupported_content_encoding")
     async with one_connection.get(server.make_url("/llm/health")) as health:
         assert health.status == 200
@@ -380,29 +472,52 @@ async def test_run_py_in_open_mode_refuses_pages_and_rebinding() -> None:
         url = f"http://127.0.0.1:{port}{CHAT}"
         body = b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}'
         async with aiohttp.ClientSession() as http:
-            await assert_openai_error(await post(http, url, body, {"Content-Type": "text/plain"}),
-                                      415, "unsupported_media_type")
+            await assert_openai_error(
+                await post(http, url, body, {"Content-Type": "text/plain"}),
+                415,
+                "unsupported_media_type",
+            )
             await assert_openai_error(
                 await post(http, url, body, {**JSON, "Host": f"evil.example:{port}"}),
-                403, "host_not_allowed",
+                403,
+                "host_not_allowed",
             )
             await assert_openai_error(
                 await post(http, url, body, {**JSON, "Origin": "https://evil.example"}),
-                403, "origin_not_allowed",
+                403,
+                "origin_not_allowed",
             )
-        async with openai.AsyncOpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
-                                      max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"http://localhost:{port}/v1", api_key="x", max_retries=0
+        ) as client:
             await client.chat.completions.create(model="echo", messages=MESSAGES)
 
 
 # -- 9.10: forward_headers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [
-    "Authorization", "api-key", "X-Api-Key", "cookie", "Proxy-Authorization", "x-auth-token",
-    "x-goog-api-key", "Connection", "keep-alive", "TE", "trailer", "Transfer-Encoding",
-    "upgrade", "Host", "content-length", "proxy-connection", "Content-Encoding",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "api-key",
+        "X-Api-Key",
+        "cookie",
+        "Proxy-Authorization",
+        "x-auth-token",
+        "x-goog-api-key",
+        "Connection",
+        "keep-alive",
+        "TE",
+        "trailer",
+        "Transfer-Encoding",
+        "upgrade",
+        "Host",
+        "content-length",
+        "proxy-connection",
+        "Content-Encoding",
+    ],
+)
 def test_credentials_and_hop_by_hop_headers_cannot_be_forwarded(name: str) -> None:
     raw = {"upstream": {"forward_headers": ["openai-beta", name]}}
     with pytest.raises(ConfigError, match=r"\$\.upstream\.forward_headers\[1\]") as caught:
@@ -413,13 +528,20 @@ def test_credentials_and_hop_by_hop_headers_cannot_be_forwarded(name: str) -> No
 async def test_forward_headers_ignore_case_and_send_each_header_once(
     serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI
 ) -> None:
-    config = gateway_config(upstream_base, upstream={
-        "forward_headers": ["X-Request-ID", "x-request-id", "OpenAI-Beta"]})
-    config["models"][0]["headers"] = {"AUTHORIZATION": "Bearer wrong",
-                                      "content-type": "application/json; charset=utf-8"}
+    config = gateway_config(
+        upstream_base, upstream={"forward_headers": ["X-Request-ID", "x-request-id", "OpenAI-Beta"]}
+    )
+    config["models"][0]["headers"] = {
+        "AUTHORIZATION": "Bearer wrong",
+        "content-type": "application/json; charset=utf-8",
+    }
     proxy = await serve_proxy(config)
-    response = await post(http, proxy.make_url(CHAT), BODY,
-                          {**AUTH, "x-request-id": "req-1", "openai-beta": "assistants=v2"})
+    response = await post(
+        http,
+        proxy.make_url(CHAT),
+        BODY,
+        {**AUTH, "x-request-id": "req-1", "openai-beta": "assistants=v2"},
+    )
     assert response.status == 200, await response.text()
     sent = fake.last.headers  # repeated headers would come joined with ", "
     assert sent["x-request-id"] == "req-1"
@@ -429,17 +551,25 @@ async def test_forward_headers_ignore_case_and_send_each_header_once(
 
 
 async def test_a_config_built_in_python_never_forwards_credentials(
-    serve_proxy: ServeProxy, upstream_base: str, http: aiohttp.ClientSession, fake: FakeOpenAI,
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    http: aiohttp.ClientSession,
+    fake: FakeOpenAI,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Only a loaded config is checked; the provider drops such names whatever the source."""
     config = parse_config(gateway_config(upstream_base))
-    upstream = msgspec.structs.replace(config.upstream,
-                                       forward_headers=["Cookie", "x-api-key", "x-request-id"])
+    upstream = msgspec.structs.replace(
+        config.upstream, forward_headers=["Cookie", "x-api-key", "x-request-id"]
+    )
     proxy = await serve_proxy(msgspec.structs.replace(config, upstream=upstream))
     assert "'Cookie' is a credential" in caplog.text
-    response = await post(http, proxy.make_url(CHAT), BODY,
-                          {**AUTH, "Cookie": "session=1", "x-api-key": "k", "x-request-id": "r"})
+    response = await post(
+        http,
+        proxy.make_url(CHAT),
+        BODY,
+        {**AUTH, "Cookie": "session=1", "x-api-key": "k", "x-request-id": "r"},
+    )
     assert response.status == 200, await response.text()
     assert "cookie" not in fake.last.headers and "x-api-key" not in fake.last.headers
     assert fake.last.headers["x-request-id"] == "r"

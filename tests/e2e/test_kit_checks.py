@@ -27,8 +27,16 @@ class Sloppy(Provider):
         message = {"role": "assistant", "content": "hi"}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-        return JSONReply.of({"id": "c1", "object": "chat.completion", "created": int(time.time()),
-                             "model": call.model, "choices": [choice], "usage": usage})
+        return JSONReply.of(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": call.model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
 
     async def embeddings(self, call: Call) -> Reply:
         packed = base64.b64encode(struct.pack(f"<{len(VECTOR)}f", *VECTOR)).decode()
@@ -39,12 +47,14 @@ class Sloppy(Provider):
             packed = base64.b64encode(struct.pack(f">{len(VECTOR)}f", *VECTOR)).decode()
         vector: Any = packed if wanted else VECTOR
         model = "someone-else" if self.flaw == "another model" else call.model
-        return JSONReply.of({
-            "object": "list",
-            "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
-            "usage": {"prompt_tokens": 1, "total_tokens": 1},
-        })
+        return JSONReply.of(
+            {
+                "object": "list",
+                "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
 
 
 def plugin(flaw: str = "") -> object:
@@ -95,7 +105,9 @@ async def test_the_responses_store_is_a_temporary_file_of_its_own(
     other = await start_proxy(aiohttp_server, config(), [plugin()])
     await check_responses(proxy, "m")  # through the bridge, which stores each response
     store = Path(proxy.app[config_key].responses.store_path)
-    assert store.exists() and store.parent != Path(other.app[config_key].responses.store_path).parent
+    assert (
+        store.exists() and store.parent != Path(other.app[config_key].responses.store_path).parent
+    )
     assert list(tmp_path.iterdir()) == []  # nothing in the working directory
     await proxy.server.close()
     assert not store.parent.exists()  # removed with the server

@@ -23,7 +23,11 @@ def run_pytest(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(folder)]
     return subprocess.run(
         [*command, "-W", "error", *args],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=600,  # a safety net only
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a safety net only
     )
 
 
@@ -43,14 +47,14 @@ def test_the_example_plugin_passes_from_a_copy_outside_the_repository(tmp_path: 
     assert not list(copy.rglob("*.sqlite3")), "the kit wrote a store into the plugin's folder"
 
 
-KIT_TEST = '''
+KIT_TEST = """
 from aioproxy.testing import start_proxy
 
 async def test_a_proxy(aiohttp_server):
     proxy = await start_proxy(aiohttp_server, {})
     async with proxy.http() as http, http.get("/v1/models") as response:
         assert response.status == 200
-'''
+"""
 
 
 def test_a_project_that_chose_strict_mode_keeps_it_and_is_told_the_fix(tmp_path: Path) -> None:

@@ -41,8 +41,13 @@ class Pair:
         self.base_c = str(server_c.make_url("/v1"))
         self.hosts = [f"{s.host}:{s.port}" for s in (server_a, server_b, server_c)]
 
-    def config(self, a: dict[str, Any] | None = None, b: dict[str, Any] | None = None,
-               backup: bool = False, **overrides: Any) -> dict[str, Any]:
+    def config(
+        self,
+        a: dict[str, Any] | None = None,
+        b: dict[str, Any] | None = None,
+        backup: bool = False,
+        **overrides: Any,
+    ) -> dict[str, Any]:
         """gpt-test on fakes a and b (entries updated with ``a``/``b``); `backup` on fake c."""
         config = gateway_config(self.base_a, **overrides)
         first = config["models"][0]
@@ -74,12 +79,17 @@ def one_deployment(base: str, entry: dict[str, Any] | None = None, **overrides: 
     return config
 
 
-async def chat(proxy: TestServer, body: dict[str, Any] | None = None,
-               timeout: float = 10) -> tuple[int, Any]:
+async def chat(
+    proxy: TestServer, body: dict[str, Any] | None = None, timeout: float = 10
+) -> tuple[int, Any]:
     """POST a chat completion; (status, decoded JSON body)."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url(CHAT), json=body or BODY, headers=AUTH,
-                             timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.post(
+            proxy.make_url(CHAT),
+            json=body or BODY,
+            headers=AUTH,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
             return response.status, await response.json(content_type=None)
 
 
@@ -99,12 +109,17 @@ def sse_blocks(raw: bytes) -> list[tuple[str, str]]:
     return blocks
 
 
-async def stream_raw(proxy: TestServer, body: dict[str, Any] | None = None,
-                     timeout: float = 10) -> tuple[int, str, list[tuple[str, str]]]:
+async def stream_raw(
+    proxy: TestServer, body: dict[str, Any] | None = None, timeout: float = 10
+) -> tuple[int, str, list[tuple[str, str]]]:
     """POST a streaming request; (status, content type, SSE blocks of the whole body)."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url(CHAT), json=body or STREAM_BODY, headers=AUTH,
-                             timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with http.post(
+            proxy.make_url(CHAT),
+            json=body or STREAM_BODY,
+            headers=AUTH,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
             raw = await response.read()
             if response.content_type != "text/event-stream":
                 return response.status, response.content_type, [("body", raw.decode())]
@@ -153,26 +168,31 @@ def acquired(proxy: TestServer) -> int:
 # -- strategies ------------------------------------------------------------------------------
 
 
-async def test_weighted_split_follows_the_weights(serve_proxy: ServeProxy, pair: Pair,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_weighted_split_follows_the_weights(
+    serve_proxy: ServeProxy, pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(5))  # the weighted draws
     proxy = await serve_proxy(pair.config(a={"weight": 3}, b={"weight": 1}))
     async with sdk(proxy) as client:
         for _ in range(8):
-            done = await asyncio.gather(*(
-                client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-                for _ in range(25)
-            ))
+            done = await asyncio.gather(
+                *(
+                    client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+                    for _ in range(25)
+                )
+            )
             assert all(d.choices[0].message.content == ANSWER for d in done)
     a, b = len(pair.a.requests), len(pair.b.requests)
     assert a + b == 200
     assert 125 <= a <= 175, (a, b)  # 150 expected; sd ~6
 
 
-async def test_zero_weight_is_a_standby_used_only_on_failure(serve_proxy: ServeProxy,
-                                                             pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(a={"weight": 1}, b={"weight": 0},
-                                          router={"cooldown_seconds": 0}))
+async def test_zero_weight_is_a_standby_used_only_on_failure(
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
+    proxy = await serve_proxy(
+        pair.config(a={"weight": 1}, b={"weight": 0}, router={"cooldown_seconds": 0})
+    )
     for _ in range(20):
         assert (await chat(proxy))[0] == 200
     assert (len(pair.a.requests), len(pair.b.requests)) == (20, 0)
@@ -184,10 +204,14 @@ async def test_zero_weight_is_a_standby_used_only_on_failure(serve_proxy: ServeP
 
 
 @pytest.mark.parametrize("where", ["router", "model"])
-async def test_least_busy_balances_requests_in_flight(serve_proxy: ServeProxy, pair: Pair,
-                                                      where: str) -> None:
-    routing = ({"strategy": "least-busy"} if where == "router"
-               else {"models": {"gpt-test": {"strategy": "least-busy"}}})
+async def test_least_busy_balances_requests_in_flight(
+    serve_proxy: ServeProxy, pair: Pair, where: str
+) -> None:
+    routing = (
+        {"strategy": "least-busy"}
+        if where == "router"
+        else {"models": {"gpt-test": {"strategy": "least-busy"}}}
+    )
     proxy = await serve_proxy(pair.config(router=routing))
     for fake in (pair.a, pair.b):
         fake.stream_delay, fake.stream_chunks = 0.1, 50  # streams that stay open
@@ -199,7 +223,9 @@ async def test_least_busy_balances_requests_in_flight(serve_proxy: ServeProxy, p
                 held.append(response)
                 await response.content.readuntil(b"\n\n")  # its first event: it is in flight
                 assert abs(pair.a.in_flight - pair.b.in_flight) <= 1, (
-                    pair.a.in_flight, pair.b.in_flight)
+                    pair.a.in_flight,
+                    pair.b.in_flight,
+                )
             assert pair.a.in_flight == pair.b.in_flight == 5
         finally:
             for response in held:
@@ -218,7 +244,10 @@ async def test_least_busy_balances_requests_in_flight(serve_proxy: ServeProxy, p
     ids=["router", "model", "model-overrides-router"],
 )
 async def test_latency_strategy_prefers_the_faster_deployment(
-    serve_proxy: ServeProxy, pair: Pair, routing: dict[str, Any], latency_wins: bool,
+    serve_proxy: ServeProxy,
+    pair: Pair,
+    routing: dict[str, Any],
+    latency_wins: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(5))
@@ -240,8 +269,9 @@ async def test_latency_strategy_prefers_the_faster_deployment(
 
 async def test_rpm_caps_move_traffic_then_answer_429(serve_proxy: ServeProxy, pair: Pair) -> None:
     # least-busy is deterministic for sequential requests: the first eligible deployment.
-    proxy = await serve_proxy(pair.config(a={"rpm": 2}, b={"rpm": 3},
-                                          router={"strategy": "least-busy"}))
+    proxy = await serve_proxy(
+        pair.config(a={"rpm": 2}, b={"rpm": 3}, router={"strategy": "least-busy"})
+    )
     for _ in range(5):
         assert (await chat(proxy))[0] == 200
     assert (len(pair.a.requests), len(pair.b.requests)) == (2, 3)
@@ -258,8 +288,9 @@ async def test_rpm_caps_move_traffic_then_answer_429(serve_proxy: ServeProxy, pa
     assert [row["available"] for row in rows_of(body)] == [False, False]
 
 
-async def test_rpm_cap_holds_for_concurrent_streams(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                    upstream_base: str) -> None:
+async def test_rpm_cap_holds_for_concurrent_streams(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, {"rpm": 2}))
     results = await asyncio.gather(*(stream_raw(proxy) for _ in range(6)))
     statuses = sorted(status for status, _, _ in results)
@@ -267,30 +298,33 @@ async def test_rpm_cap_holds_for_concurrent_streams(serve_proxy: ServeProxy, fak
     assert statuses == [200, 200, 429, 429, 429, 429]
 
 
-async def test_rpm_cap_holds_for_concurrent_non_streams(serve_proxy: ServeProxy,
-                                                        fake: FakeOpenAI,
-                                                        upstream_base: str) -> None:
+async def test_rpm_cap_holds_for_concurrent_non_streams(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, {"rpm": 2}))
     results = await asyncio.gather(*(chat(proxy) for _ in range(6)))
     assert sorted(status for status, _ in results) == [200, 200, 429, 429, 429, 429]
     assert len(fake.requests) == 2
 
 
-async def test_tpm_cap_counts_reported_usage(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                             upstream_base: str) -> None:
+async def test_tpm_cap_counts_reported_usage(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     # Each answer to "hi" costs 5 tokens (1 prompt + 4 completion): 8 allows two answers.
     proxy = await serve_proxy(one_deployment(upstream_base, {"tpm": 8}))
     assert (await chat(proxy))[0] == 200
     status, _, blocks = await stream_raw(
-        proxy, {**STREAM_BODY, "stream_options": {"include_usage": True}})
+        proxy, {**STREAM_BODY, "stream_options": {"include_usage": True}}
+    )
     assert status == 200 and stream_text(blocks) == ANSWER
     status, body = await chat(proxy)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
     assert len(fake.requests) == 2
 
 
-async def test_tpm_cap_counts_streams_without_usage(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                    upstream_base: str) -> None:
+async def test_tpm_cap_counts_streams_without_usage(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, {"tpm": 8}))
     for _ in range(4):
         status, _, _ = await stream_raw(proxy)
@@ -302,17 +336,25 @@ async def test_tpm_cap_counts_streams_without_usage(serve_proxy: ServeProxy, fak
 # -- retries ---------------------------------------------------------------------------------
 
 
-RETRYABLE = ["status:500", "status:502:text", "status:503", "status:429", "reset", "garbage",
-             "hang"]
+RETRYABLE = [
+    "status:500",
+    "status:502:text",
+    "status:503",
+    "status:429",
+    "reset",
+    "garbage",
+    "hang",
+]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("fault", RETRYABLE)
-async def test_retryable_failures_are_retried(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                              upstream_base: str, fault: str,
-                                              stream: bool) -> None:
+async def test_retryable_failures_are_retried(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str, stream: bool
+) -> None:
     config = one_deployment(
-        upstream_base, {"timeouts": {"first_byte": 0.2, "read": 5}},
+        upstream_base,
+        {"timeouts": {"first_byte": 0.2, "read": 5}},
         router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0},
         server={"keepalive_interval": 0},
     )
@@ -327,20 +369,24 @@ async def test_retryable_failures_are_retried(serve_proxy: ServeProxy, fake: Fak
     assert len(fake.requests) == 3 and fake.faults == []
 
 
-async def test_retries_give_up_after_num_retries(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                 upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(
-        upstream_base, router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0}))
+async def test_retries_give_up_after_num_retries(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base, router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0}
+        )
+    )
     fake.faults = ["status:503"] * 5
     status, body = await chat(proxy)
     assert status == 503 and set(body) == {"error"}
     assert len(fake.requests) == 3
 
 
-@pytest.mark.parametrize("fault", ["status:400", "status:404", "status:422",
-                                   "context_length_exceeded"])
-async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair,
-                                           fault: str) -> None:
+@pytest.mark.parametrize(
+    "fault", ["status:400", "status:404", "status:422", "context_length_exceeded"]
+)
+async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair, fault: str) -> None:
     proxy = await serve_proxy(pair.config(router={"num_retries": 3}))
     pair.a.fault_rates = pair.b.fault_rates = {fault: 1.0}
     async with aiohttp.ClientSession() as http:
@@ -351,17 +397,20 @@ async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair,
 
 
 async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 2,
-                                                                    "retry_backoff": 0.01}))
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(upstream_base, router={"num_retries": 2, "retry_backoff": 0.01})
+    )
     fake.fault_rates = {"status:401": 1.0}
     status, body = await chat(proxy)
     assert status == 502 and body["error"]["code"] == "upstream_auth_failed"
     assert len(fake.requests) == 1
 
 
-async def test_retry_after_is_honoured(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                       upstream_base: str) -> None:
+async def test_retry_after_is_honoured(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_backoff": 0.01}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "0.4"
@@ -372,9 +421,9 @@ async def test_retry_after_is_honoured(serve_proxy: ServeProxy, fake: FakeOpenAI
     assert clock.sleeps == [0.4]  # the upstream's wait, not the backoff
 
 
-async def test_retry_after_longer_than_the_max_is_passed_on(serve_proxy: ServeProxy,
-                                                            fake: FakeOpenAI,
-                                                            upstream_base: str) -> None:
+async def test_retry_after_longer_than_the_max_is_passed_on(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 5}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "30"
@@ -386,12 +435,21 @@ async def test_retry_after_longer_than_the_max_is_passed_on(serve_proxy: ServePr
     assert clock.sleeps == [] and len(fake.requests) == 1
 
 
-async def test_backoff_is_exponential_and_jittered(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                   upstream_base: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_backoff_is_exponential_and_jittered(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(3))  # the jitter's draws
-    proxy = await serve_proxy(one_deployment(upstream_base, router={
-        "num_retries": 2, "retry_backoff": 0.04, "retry_backoff_max": 1, "cooldown_seconds": 0}))
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base,
+            router={
+                "num_retries": 2,
+                "retry_backoff": 0.04,
+                "retry_backoff_max": 1,
+                "cooldown_seconds": 0,
+            },
+        )
+    )
     clock = FakeClock().install(proxy)
     for _ in range(8):
         fake.faults = ["status:500", "status:500"]
@@ -406,8 +464,9 @@ async def test_backoff_is_exponential_and_jittered(serve_proxy: ServeProxy, fake
 
 
 async def test_retry_moves_to_another_deployment(serve_proxy: ServeProxy, pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(router={"num_retries": 1, "cooldown_seconds": 0,
-                                                  "retry_backoff": 5}))
+    proxy = await serve_proxy(
+        pair.config(router={"num_retries": 1, "cooldown_seconds": 0, "retry_backoff": 5})
+    )
     clock = FakeClock().install(proxy)
     pair.a.fault_rates = {"status:500": 1.0}
     for _ in range(12):
@@ -418,8 +477,9 @@ async def test_retry_moves_to_another_deployment(serve_proxy: ServeProxy, pair: 
     assert clock.sleeps == []
 
 
-async def test_connect_errors_are_retried_on_another_deployment(serve_proxy: ServeProxy,
-                                                                pair: Pair) -> None:
+async def test_connect_errors_are_retried_on_another_deployment(
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
     config = pair.config(router={"num_retries": 1, "cooldown_seconds": 0})
     config["models"][0]["api_base"] = "http://127.0.0.1:1/v1"  # nothing listens there
     proxy = await serve_proxy(config)
@@ -428,10 +488,14 @@ async def test_connect_errors_are_retried_on_another_deployment(serve_proxy: Ser
     assert len(pair.b.requests) == 8
 
 
-async def test_never_retried_after_the_first_event(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                   upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(
-        upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 3}))
+async def test_never_retried_after_the_first_event(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base, upstream={"timeouts": {"read": 0.3}}, router={"num_retries": 3}
+        )
+    )
     for fault in ("cut_stream", "stall_stream"):
         fake.requests.clear()
         fake.faults = [fault] * 4
@@ -454,9 +518,14 @@ async def test_never_retried_after_the_first_event(serve_proxy: ServeProxy, fake
     ],
     ids=["global-0", "model-3", "model-1-over-global-3", "global-3"],
 )
-async def test_num_retries_globally_and_per_model(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                                  upstream_base: str, routing: dict[str, Any],
-                                                  requests: int, status: int) -> None:
+async def test_num_retries_globally_and_per_model(
+    serve_proxy: ServeProxy,
+    fake: FakeOpenAI,
+    upstream_base: str,
+    routing: dict[str, Any],
+    requests: int,
+    status: int,
+) -> None:
     routing = {"retry_backoff": 0.005, "cooldown_seconds": 0, **routing}
     proxy = await serve_proxy(one_deployment(upstream_base, router=routing))
     fake.faults = ["status:500"] * 3
@@ -469,8 +538,9 @@ async def test_num_retries_globally_and_per_model(serve_proxy: ServeProxy, fake:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("where", ["router", "model"])
-async def test_fallback_when_every_deployment_fails(serve_proxy: ServeProxy, pair: Pair,
-                                                    stream: bool, where: str) -> None:
+async def test_fallback_when_every_deployment_fails(
+    serve_proxy: ServeProxy, pair: Pair, stream: bool, where: str
+) -> None:
     routing: dict[str, Any] = {"num_retries": 1, "retry_backoff": 0.005, "cooldown_seconds": 0}
     if where == "router":
         routing["fallbacks"] = {"gpt-test": ["backup"]}
@@ -491,25 +561,32 @@ async def test_fallback_when_every_deployment_fails(serve_proxy: ServeProxy, pai
 
 
 async def test_fallback_to_another_provider(serve_proxy: ServeProxy, pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(router={"fallbacks": {"gpt-test": ["echo"]},
-                                                  "num_retries": 0}))
+    proxy = await serve_proxy(
+        pair.config(router={"fallbacks": {"gpt-test": ["echo"]}, "num_retries": 0})
+    )
     pair.a.fault_rates = pair.b.fault_rates = {"reset": 1.0}
     status, body = await chat(proxy)
     assert status == 200 and "hi" in body["choices"][0]["message"]["content"]
 
 
 async def test_no_fallback_on_client_errors(serve_proxy: ServeProxy, pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(backup=True,
-                                          router={"fallbacks": {"gpt-test": ["backup"]}}))
+    proxy = await serve_proxy(
+        pair.config(backup=True, router={"fallbacks": {"gpt-test": ["backup"]}})
+    )
     pair.a.fault_rates = pair.b.fault_rates = {"status:400": 1.0}
     assert (await chat(proxy))[0] == 400
     assert pair.c.requests == []
 
 
-async def test_exhausted_fallbacks_answer_the_last_error(serve_proxy: ServeProxy,
-                                                         pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(backup=True, router={
-        "fallbacks": {"gpt-test": ["backup"]}, "num_retries": 0, "cooldown_seconds": 0}))
+async def test_exhausted_fallbacks_answer_the_last_error(
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
+    proxy = await serve_proxy(
+        pair.config(
+            backup=True,
+            router={"fallbacks": {"gpt-test": ["backup"]}, "num_retries": 0, "cooldown_seconds": 0},
+        )
+    )
     pair.a.fault_rates = pair.b.fault_rates = {"status:500": 1.0}
     pair.c.fault_rates = {"status:503": 1.0}
     async with aiohttp.ClientSession() as http:
@@ -535,10 +612,12 @@ async def test_context_window_fallback(serve_proxy: ServeProxy, pair: Pair, wher
 
 
 async def test_context_window_error_without_its_fallback_passes_through(
-        serve_proxy: ServeProxy, pair: Pair) -> None:
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
     # Only ordinary fallbacks: those are for failures, not for a request that is too long.
-    proxy = await serve_proxy(pair.config(backup=True,
-                                          router={"fallbacks": {"gpt-test": ["backup"]}}))
+    proxy = await serve_proxy(
+        pair.config(backup=True, router={"fallbacks": {"gpt-test": ["backup"]}})
+    )
     pair.a.fault_rates = pair.b.fault_rates = {"context_length_exceeded": 1.0}
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH) as response:
@@ -548,10 +627,17 @@ async def test_context_window_error_without_its_fallback_passes_through(
 
 
 async def test_cooled_down_model_goes_straight_to_its_fallback(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, pair: Pair) -> None:
-    config = one_deployment(upstream_base, router={
-        "fallbacks": {"gpt-test": ["backup"]}, "num_retries": 0,
-        "cooldown_failures": 2, "cooldown_seconds": 30})
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, pair: Pair
+) -> None:
+    config = one_deployment(
+        upstream_base,
+        router={
+            "fallbacks": {"gpt-test": ["backup"]},
+            "num_retries": 0,
+            "cooldown_failures": 2,
+            "cooldown_seconds": 30,
+        },
+    )
     config["models"].append({**config["models"][0], "name": "backup", "api_base": pair.base_c})
     proxy = await serve_proxy(config)
     fake.fault_rates = {"status:500": 1.0}
@@ -579,10 +665,19 @@ async def test_capped_model_goes_to_its_fallback(serve_proxy: ServeProxy, pair: 
 
 
 async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
-        serve_proxy: ServeProxy, pair: Pair) -> None:
-    proxy = await serve_proxy(pair.config(router={
-        "strategy": "least-busy", "num_retries": 1, "cooldown_failures": 2,
-        "cooldown_window": 10, "cooldown_seconds": 0.5}))
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
+    proxy = await serve_proxy(
+        pair.config(
+            router={
+                "strategy": "least-busy",
+                "num_retries": 1,
+                "cooldown_failures": 2,
+                "cooldown_window": 10,
+                "cooldown_seconds": 0.5,
+            }
+        )
+    )
     clock = FakeClock().install(proxy)
     pair.a.fault_rates = {"status:500": 1.0}
     for _ in range(2):  # a (first by least-busy) fails, b answers
@@ -613,11 +708,15 @@ async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
     assert status == 200 and all(row["available"] for row in body["deployments"])
 
 
-async def test_every_deployment_cooling_down_is_degraded(serve_proxy: ServeProxy,
-                                                         fake: FakeOpenAI,
-                                                         upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={
-        "num_retries": 0, "cooldown_failures": 2, "cooldown_seconds": 0.4}))
+async def test_every_deployment_cooling_down_is_degraded(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base,
+            router={"num_retries": 0, "cooldown_failures": 2, "cooldown_seconds": 0.4},
+        )
+    )
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:502": 1.0}
     for _ in range(2):
@@ -633,12 +732,20 @@ async def test_every_deployment_cooling_down_is_degraded(serve_proxy: ServeProxy
     assert status == 200 and rows_of(body)[0]["available"] is True
 
 
-async def test_failures_outside_the_window_do_not_cool_down(serve_proxy: ServeProxy,
-                                                            fake: FakeOpenAI,
-                                                            upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={
-        "num_retries": 0, "cooldown_failures": 2, "cooldown_window": 0.2,
-        "cooldown_seconds": 30}))
+async def test_failures_outside_the_window_do_not_cool_down(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base,
+            router={
+                "num_retries": 0,
+                "cooldown_failures": 2,
+                "cooldown_window": 0.2,
+                "cooldown_seconds": 30,
+            },
+        )
+    )
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:500": 1.0}
     for _ in range(3):
@@ -648,8 +755,9 @@ async def test_failures_outside_the_window_do_not_cool_down(serve_proxy: ServePr
     assert rows_of(body)[0]["available"] is True and rows_of(body)[0]["failed"] == 3
 
 
-async def test_client_errors_do_not_cool_down(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                              upstream_base: str) -> None:
+async def test_client_errors_do_not_cool_down(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, router={"cooldown_failures": 1}))
     fake.fault_rates = {"status:400": 0.5, "status:404": 0.5}
     for _ in range(5):
@@ -684,32 +792,43 @@ def blackhole() -> Iterator[int]:
 
 async def test_connect_timeout(serve_proxy: ServeProxy) -> None:
     with blackhole() as port:
-        proxy = await serve_proxy(gateway_config(
-            f"http://127.0.0.1:{port}/v1", router={"num_retries": 0},
-            upstream={"timeouts": {"connect": 0.3, "read": 30}}))
+        proxy = await serve_proxy(
+            gateway_config(
+                f"http://127.0.0.1:{port}/v1",
+                router={"num_retries": 0},
+                upstream={"timeouts": {"connect": 0.3, "read": 30}},
+            )
+        )
         async with aiohttp.ClientSession(timeout=SAFETY_NET) as http:
             async with http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH) as response:
                 await assert_openai_error(response, 504, "upstream_timeout")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_first_byte_timeout(serve_proxy: ServeProxy, fake: FakeOpenAI,
-                                  upstream_base: str, stream: bool) -> None:
-    proxy = await serve_proxy(one_deployment(
-        upstream_base, {"timeouts": {"first_byte": 0.3, "read": 30}},
-        router={"num_retries": 0}, server={"keepalive_interval": 0}))
+async def test_first_byte_timeout(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, stream: bool
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base,
+            {"timeouts": {"first_byte": 0.3, "read": 30}},
+            router={"num_retries": 0},
+            server={"keepalive_interval": 0},
+        )
+    )
     fake.response_delay = 60
     async with aiohttp.ClientSession(timeout=SAFETY_NET) as http:
-        async with http.post(proxy.make_url(CHAT), json=STREAM_BODY if stream else BODY,
-                             headers=AUTH) as response:
+        async with http.post(
+            proxy.make_url(CHAT), json=STREAM_BODY if stream else BODY, headers=AUTH
+        ) as response:
             await assert_openai_error(response, 504, "upstream_timeout")
     await fake.wait_idle(5)  # the timed-out upstream request was hung up on
 
 
 async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             upstream={"timeouts": {"read": 0.3}}))
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, upstream={"timeouts": {"read": 0.3}}))
     fake.faults = ["stall_stream"]
     status, _, blocks = await stream_raw(proxy)  # stalled for ever, but for the read timeout
     assert status == 200
@@ -717,8 +836,9 @@ async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
     # The SDK sees it too.
     fake.faults = ["stall_stream"]
     async with sdk(proxy) as client:
-        stream = await client.chat.completions.create(model="gpt-test", messages=MESSAGES,
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True
+        )
         with pytest.raises(openai.APIError) as caught:
             async for _ in stream:
                 pass
@@ -727,9 +847,9 @@ async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
 
 
 async def test_total_timeout_ends_a_long_stream_with_an_error_event(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             upstream={"timeouts": {"total": 0.4}}))
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, upstream={"timeouts": {"total": 0.4}}))
     fake.stream_chunks, fake.stream_delay = 40, 0.05  # two seconds of stream
     status, _, blocks = await stream_raw(proxy)
     assert status == 200 and stream_error(blocks)["code"] == "upstream_timeout"
@@ -737,10 +857,14 @@ async def test_total_timeout_ends_a_long_stream_with_an_error_event(
     await fake.wait_idle(5)
 
 
-async def test_deployment_timeouts_override_the_global_ones(serve_proxy: ServeProxy,
-                                                            pair: Pair) -> None:
-    config = pair.config(a={"timeouts": {"read": 0.3}}, upstream={"timeouts": {"read": 30}},
-                         router={"strategy": "least-busy", "num_retries": 0})
+async def test_deployment_timeouts_override_the_global_ones(
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
+    config = pair.config(
+        a={"timeouts": {"read": 0.3}},
+        upstream={"timeouts": {"read": 30}},
+        router={"strategy": "least-busy", "num_retries": 0},
+    )
     config["models"][1]["name"] = "gpt-other"  # b: global timeouts
     proxy = await serve_proxy(config)
     pair.a.faults = ["stall_stream"]
@@ -754,9 +878,13 @@ async def test_deployment_timeouts_override_the_global_ones(serve_proxy: ServePr
 
 
 async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(
-        upstream_base, {"timeouts": {"connect": 5}}, upstream={"timeouts": {"read": 0.3}}))
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base, {"timeouts": {"connect": 5}}, upstream={"timeouts": {"read": 0.3}}
+        )
+    )
     fake.faults = ["stall_stream"]
     try:
         status, _, blocks = await stream_raw(proxy)
@@ -768,11 +896,10 @@ async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
 # -- keep-alive comments ---------------------------------------------------------------------
 
 
-async def test_keepalive_comments_before_the_first_event(serve_proxy: ServeProxy,
-                                                         fake: FakeOpenAI,
-                                                         upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             server={"keepalive_interval": 0.05}))
+async def test_keepalive_comments_before_the_first_event(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, server={"keepalive_interval": 0.05}))
     fake.response_delay = 0.4  # a model thinking before its first token
     status, content_type, blocks = await stream_raw(proxy)
     assert (status, content_type) == (200, "text/event-stream")
@@ -784,17 +911,17 @@ async def test_keepalive_comments_before_the_first_event(serve_proxy: ServeProxy
     assert stream_text(blocks) == ANSWER
 
     async with sdk(proxy) as client:  # the SDK ignores the comments
-        stream = await client.chat.completions.create(model="gpt-test", messages=MESSAGES,
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True
+        )
         chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
 
 
-async def test_no_keepalive_when_the_first_event_is_quick(serve_proxy: ServeProxy,
-                                                          fake: FakeOpenAI,
-                                                          upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             server={"keepalive_interval": 5}))
+async def test_no_keepalive_when_the_first_event_is_quick(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, server={"keepalive_interval": 5}))
     status, _, blocks = await stream_raw(proxy)
     assert status == 200 and all(kind == "data" for kind, _ in blocks)
     fake.faults = ["status:400"]  # nothing sent yet: a failure still has its own status
@@ -802,11 +929,14 @@ async def test_no_keepalive_when_the_first_event_is_quick(serve_proxy: ServeProx
     assert (status, content_type) == (400, "application/json")
 
 
-async def test_failure_after_keepalive_comments_is_an_error_event(serve_proxy: ServeProxy,
-                                                                  fake: FakeOpenAI,
-                                                                  upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 0},
-                                             server={"keepalive_interval": 0.05}))
+async def test_failure_after_keepalive_comments_is_an_error_event(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base, router={"num_retries": 0}, server={"keepalive_interval": 0.05}
+        )
+    )
     fake.response_delay = 0.3
     fake.faults = ["status:500"]
     status, _, blocks = await stream_raw(proxy)
@@ -817,23 +947,26 @@ async def test_failure_after_keepalive_comments_is_an_error_event(serve_proxy: S
 
     fake.faults = ["status:500"]
     async with sdk(proxy) as client:
-        stream = await client.chat.completions.create(model="gpt-test", messages=MESSAGES,
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True
+        )
         with pytest.raises(openai.APIError) as caught:
             async for _ in stream:
                 pass
     assert "gpt-test" in caught.value.message
 
 
-async def test_a_slow_answer_that_does_not_stream_stays_json(serve_proxy: ServeProxy,
-                                                             fake: FakeOpenAI,
-                                                             upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             server={"keepalive_interval": 0.05}))
+async def test_a_slow_answer_that_does_not_stream_stays_json(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, server={"keepalive_interval": 0.05}))
     fake.response_delay = 0.3
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url("/v1/embeddings"), headers=AUTH,
-                             json={"model": "gpt-test", "input": "hi", "stream": True}) as response:
+        async with http.post(
+            proxy.make_url("/v1/embeddings"),
+            headers=AUTH,
+            json={"model": "gpt-test", "input": "hi", "stream": True},
+        ) as response:
             assert response.status == 200
             body = await response.read()
             assert response.content_type == "application/json", body[:200]
@@ -843,8 +976,9 @@ async def test_a_slow_answer_that_does_not_stream_stays_json(serve_proxy: ServeP
 # -- client disconnects ----------------------------------------------------------------------
 
 
-async def held_stream(proxy: TestServer, http: aiohttp.ClientSession,
-                      body: dict[str, Any] | None = None) -> aiohttp.ClientResponse:
+async def held_stream(
+    proxy: TestServer, http: aiohttp.ClientSession, body: dict[str, Any] | None = None
+) -> aiohttp.ClientResponse:
     response = await http.post(proxy.make_url(CHAT), json=body or STREAM_BODY, headers=AUTH)
     assert response.status == 200
     await response.content.readuntil(b"\n\n")
@@ -853,7 +987,8 @@ async def held_stream(proxy: TestServer, http: aiohttp.ClientSession,
 
 @pytest.mark.parametrize("keepalive", [0, 0.05])
 async def test_disconnect_mid_stream_cancels_upstream_at_once(
-        serve_proxy: ServeProxy, pair: Pair, keepalive: float) -> None:
+    serve_proxy: ServeProxy, pair: Pair, keepalive: float
+) -> None:
     proxy = await serve_proxy(pair.config(server={"keepalive_interval": keepalive}))
     for fake in (pair.a, pair.b):
         fake.stream_chunks, fake.stream_delay = 600, 0.1  # a minute, were it left to run
@@ -871,9 +1006,9 @@ async def test_disconnect_mid_stream_cancels_upstream_at_once(
 
 
 async def test_disconnect_before_the_first_event_cancels_upstream(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base,
-                                             server={"keepalive_interval": 0.05}))
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    proxy = await serve_proxy(one_deployment(upstream_base, server={"keepalive_interval": 0.05}))
     fake.response_delay = 60  # still thinking
     async with aiohttp.ClientSession() as http:
         response = await held_stream(proxy, http)  # a keep-alive comment came
@@ -884,11 +1019,15 @@ async def test_disconnect_before_the_first_event_cancels_upstream(
 
 
 async def test_disconnect_during_retry_backoff_sends_no_more_retries(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     """Driven by event order: the retry's backoff is held on a fake clock until the client has
     gone, then released; the backoff ends cancelled and no retry is sent (issue #10.3)."""
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 2},
-                                             server={"keepalive_interval": 0.05}))
+    proxy = await serve_proxy(
+        one_deployment(
+            upstream_base, router={"num_retries": 2}, server={"keepalive_interval": 0.05}
+        )
+    )
     clock = FakeClock().install(proxy)
     clock.hold = True
     fake.retry_after = "0.5"
@@ -914,8 +1053,9 @@ async def test_disconnect_during_retry_backoff_sends_no_more_retries(
 async def test_fallback_cycles_end(serve_proxy: ServeProxy, pair: Pair) -> None:
     """A -> B -> A in the config tries each model once, then gives the client the error."""
     cycle = {"gpt-test": ["backup"], "backup": ["gpt-test"]}
-    proxy = await serve_proxy(pair.config(backup=True, router={
-        "context_window_fallbacks": cycle, "fallbacks": cycle}))
+    proxy = await serve_proxy(
+        pair.config(backup=True, router={"context_window_fallbacks": cycle, "fallbacks": cycle})
+    )
     for fake in (pair.a, pair.b, pair.c):
         fake.fault_rates = {"context_length_exceeded": 1.0}
     status, body = await chat(proxy, timeout=5)
@@ -924,8 +1064,10 @@ async def test_fallback_cycles_end(serve_proxy: ServeProxy, pair: Pair) -> None:
 
 
 async def test_before_request_reroute_keeps_in_flight_counts_balanced(
-        serve_proxy: ServeProxy, pair: Pair) -> None:
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
     """A hook that re-routes the call: the new deployment is the one counted, and released."""
+
     class Reroute:
         def __init__(self) -> None:
             self.target: Any = None
@@ -942,7 +1084,8 @@ async def test_before_request_reroute_keeps_in_flight_counts_balanced(
     status, _ = await chat(proxy)
     assert status == 500
     assert {key: h.in_flight for key, h in runtime.router._health.items()} == dict.fromkeys(
-        runtime.router._health, 0)
+        runtime.router._health, 0
+    )
     assert pair.a.requests == pair.b.requests == [] and len(pair.c.requests) >= 1
 
 
@@ -951,9 +1094,16 @@ async def test_before_request_reroute_keeps_in_flight_counts_balanced(
 
 def cooling_config(pair: Pair, **routing: Any) -> dict[str, Any]:
     """gpt-test on a and b, backup on c as its fallback; one failure cools a deployment down."""
-    return pair.config(backup=True, router={
-        "num_retries": 1, "cooldown_failures": 1, "cooldown_seconds": 600,
-        "fallbacks": {"gpt-test": ["backup"]}, **routing})
+    return pair.config(
+        backup=True,
+        router={
+            "num_retries": 1,
+            "cooldown_failures": 1,
+            "cooldown_seconds": 600,
+            "fallbacks": {"gpt-test": ["backup"]},
+            **routing,
+        },
+    )
 
 
 def cool_down(proxy: TestServer, *models: str) -> None:
@@ -964,8 +1114,9 @@ def cool_down(proxy: TestServer, *models: str) -> None:
             runtime.router.failed(deployment, aioproxy.BadGateway("it failed"))
 
 
-async def test_everything_cooling_down_keeps_retries_and_fallbacks(serve_proxy: ServeProxy,
-                                                                   pair: Pair) -> None:
+async def test_everything_cooling_down_keeps_retries_and_fallbacks(
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
     proxy = await serve_proxy(cooling_config(pair))
     clock = FakeClock().install(proxy)
     cool_down(proxy, "gpt-test", "backup")
@@ -982,7 +1133,8 @@ async def test_everything_cooling_down_keeps_retries_and_fallbacks(serve_proxy: 
 
 
 async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
-        serve_proxy: ServeProxy, pair: Pair) -> None:
+    serve_proxy: ServeProxy, pair: Pair
+) -> None:
     proxy = await serve_proxy(cooling_config(pair))
     FakeClock().install(proxy)
     pair.a.faults, pair.c.faults = ["status:500"], ["status:500"]
@@ -995,8 +1147,7 @@ async def test_a_failure_that_cools_the_last_deployment_still_gets_its_retry(
     assert len(pair.b.requests) == 1 and len(pair.a.requests) + len(pair.c.requests) >= 1
 
 
-async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy,
-                                                       pair: Pair) -> None:
+async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy, pair: Pair) -> None:
     config = cooling_config(pair, cooldown_failures=3, retry_after_max=30)
     del config["models"][1]  # gpt-test on a only; backup on c
     proxy = await serve_proxy(config)
@@ -1013,7 +1164,8 @@ async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy,
 
 
 async def test_retry_after_is_waited_for_when_nothing_else_serves(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str) -> None:
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
     proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 30}))
     clock = FakeClock().install(proxy)
     fake.retry_after = "20"
@@ -1025,7 +1177,8 @@ async def test_retry_after_is_waited_for_when_nothing_else_serves(
 
 @pytest.mark.parametrize("fault", ["cut_body", "cut_chunked_body"])
 async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
-        serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str) -> None:
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str
+) -> None:
     """Headers and part of a JSON body, then the connection closes: nothing was sent to the
     client yet, so it is as retryable as a reset (issue #10.2)."""
     proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 1}))
@@ -1039,11 +1192,22 @@ async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
     assert len(clock.sleeps) == 1  # the retry's backoff, on the fake clock
 
 
-COMPLETION = json.dumps({
-    "id": "chatcmpl-raw", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                 "message": {"role": "assistant", "content": ANSWER}}],
-}).encode()
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": ANSWER},
+            }
+        ],
+    }
+).encode()
 CUT_ANSWERS = {
     "content-length": b"Content-Length: %d\r\n\r\n" % len(COMPLETION) + COMPLETION[:40],
     "chunked": b"Transfer-Encoding: chunked\r\n\r\n28\r\n" + COMPLETION[:40] + b"\r\n",
@@ -1053,15 +1217,19 @@ CUT_ANSWERS = {
 
 @pytest.mark.parametrize("framing", list(CUT_ANSWERS))
 async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
-        serve_proxy: ServeProxy, framing: str) -> None:
+    serve_proxy: ServeProxy, framing: str
+) -> None:
     """A raw HTTP/1.1 upstream: the first answer stops partway through its JSON body, whatever
     its framing, then the connection closes; the second is whole (issue #10.2)."""
     answers: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
         await reader.readexactly(length)
         status = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
         if not answers:
@@ -1076,8 +1244,9 @@ async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        proxy = await serve_proxy(one_deployment(f"http://127.0.0.1:{port}/v1",
-                                                 router={"num_retries": 1}))
+        proxy = await serve_proxy(
+            one_deployment(f"http://127.0.0.1:{port}/v1", router={"num_retries": 1})
+        )
         FakeClock().install(proxy)
         status, body = await chat(proxy)
     finally:

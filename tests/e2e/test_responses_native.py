@@ -270,8 +270,12 @@ async def test_another_keys_native_responses_are_not_there(
     one = f"/v1/responses/{created.id}"
     bob = HEADERS["bob"]
     for method, path in (
-        ("GET", one), ("DELETE", one), ("GET", one + "/input_items"), ("POST", one + "/cancel"),
-        ("GET", "/v1/responses/resp_never_seen"), ("GET", "/responses/resp_never_seen/input_items"),
+        ("GET", one),
+        ("DELETE", one),
+        ("GET", one + "/input_items"),
+        ("POST", one + "/cancel"),
+        ("GET", "/v1/responses/resp_never_seen"),
+        ("GET", "/responses/resp_never_seen/input_items"),
     ):
         async with http.request(method, proxy.make_url(path), headers=bob) as response:
             await assert_openai_error(response, 404)

@@ -117,11 +117,17 @@ async def test_every_alias_path_is_routed(proxy: TestServer, http: aiohttp.Clien
 async def test_upstream_sees_configured_key_and_model_never_the_clients(
     proxy: TestServer, fake: FakeOpenAI, http: aiohttp.ClientSession
 ) -> None:
-    for key_header in ({"Authorization": "Bearer sk-master-test"}, {"api-key": "sk-master-test"},
-                       {"x-api-key": "sk-master-test"}):
+    for key_header in (
+        {"Authorization": "Bearer sk-master-test"},
+        {"api-key": "sk-master-test"},
+        {"x-api-key": "sk-master-test"},
+    ):
         body = {"model": "gpt-test", "messages": MESSAGES, "api_key": "sk-evil"}
-        async with http.post(proxy.make_url("/v1/chat/completions"), json=body,
-                             headers={**key_header, "X-Custom": "1"}) as response:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"),
+            json=body,
+            headers={**key_header, "X-Custom": "1"},
+        ) as response:
             assert response.status == 200
         seen = fake.last
         assert seen.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
@@ -138,7 +144,9 @@ async def test_unknown_fields_reach_upstream_untouched(
         "response_format": {"type": "json_object"},
         "seed": 7,
         "metadata": {"team": "a"},
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        ],
         "logit_bias": {"50256": -100},
     }
     await client.chat.completions.create(model="gpt-test", messages=MESSAGES, **extra)  # type: ignore[arg-type]
@@ -169,15 +177,24 @@ async def test_stream_events_pass_through_one_by_one(
 async def test_tool_calls_round_trip(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
     tools = [{"type": "function", "function": {"name": "get_x", "parameters": {"type": "object"}}}]
     completion = await client.chat.completions.create(
-        model="gpt-test", messages=MESSAGES, tools=tools  # type: ignore[arg-type]
+        model="gpt-test",
+        messages=MESSAGES,
+        tools=tools,  # type: ignore[arg-type]
     )
     call = completion.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert call.function.name == "get_x" and completion.choices[0].finish_reason == "tool_calls"
     stream = await client.chat.completions.create(
-        model="gpt-test", messages=MESSAGES, tools=tools, stream=True  # type: ignore[arg-type]
+        model="gpt-test",
+        messages=MESSAGES,
+        tools=tools,
+        stream=True,  # type: ignore[arg-type]
     )
     arguments = "".join(
-        [d.function.arguments or "" async for c in stream if c.choices
-         for d in (c.choices[0].delta.tool_calls or [])]
+        [
+            d.function.arguments or ""
+            async for c in stream
+            if c.choices
+            for d in (c.choices[0].delta.tool_calls or [])
+        ]
     )
     assert arguments == '{"x": 1}'

@@ -30,13 +30,18 @@ def limited_config(base_a: str, base_e: str, **router: Any) -> dict[str, Any]:
     config = gateway_config(base_a)
     config["models"][0]["name"] = "gpt-a"
     config["models"] += [
-        {**config["models"][0], "name": "gpt-expensive", "api_base": base_e,
-         "model": EXPENSIVE_UPSTREAM},
+        {
+            **config["models"][0],
+            "name": "gpt-expensive",
+            "api_base": base_e,
+            "model": EXPENSIVE_UPSTREAM,
+        },
         {"name": "echo-expensive", "provider": "echo"},
     ]
     config["auth"]["keys"] = [{"key": LIMITED, "name": "limited", "models": ["gpt-a"]}]
     config["router"] = {
-        "num_retries": 1, "retry_backoff": 0,
+        "num_retries": 1,
+        "retry_backoff": 0,
         "fallbacks": {"gpt-a": ["gpt-expensive", "echo-expensive"]},
         "context_window_fallbacks": {"gpt-a": ["gpt-expensive", "echo-expensive"]},
         **router,
@@ -46,8 +51,9 @@ def limited_config(base_a: str, base_e: str, **router: Any) -> dict[str, Any]:
 
 async def post(proxy: TestServer, key: str, body: dict[str, Any]) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.make_url(CHAT), json=body,
-                             headers={"Authorization": f"Bearer {key}"}) as response:
+        async with http.post(
+            proxy.make_url(CHAT), json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
             raw = await response.read()
             if response.status != 200:
                 await assert_openai_error(response, response.status)
@@ -72,7 +78,8 @@ def assert_unnamed(raw: bytes) -> None:
 
 
 async def test_the_limited_key_may_not_ask_for_the_fallback(
-        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
+    serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]
+) -> None:
     a, e, base_a, base_e = two
     proxy = await serve_proxy(limited_config(base_a, base_e))
     status, _ = await post(proxy, LIMITED, body_for("gpt-expensive"))
@@ -82,14 +89,15 @@ async def test_the_limited_key_may_not_ask_for_the_fallback(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("fault", ["status:500", "reset", "context_length_exceeded"])
 async def test_fallbacks_the_key_may_not_use_are_skipped(
-        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
-        fault: str, stream: bool) -> None:
+    serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str], fault: str, stream: bool
+) -> None:
     a, e, base_a, base_e = two
     proxy = await serve_proxy(limited_config(base_a, base_e, cooldown_seconds=0))
     a.fault_rates = {fault: 1.0}
     status, raw = await post(proxy, LIMITED, body_for(stream=stream))
-    assert status == (400 if fault == "context_length_exceeded" else 500 if fault == "status:500"
-                      else 502), raw
+    assert status == (
+        400 if fault == "context_length_exceeded" else 500 if fault == "status:500" else 502
+    ), raw
     assert e.requests == [], "served by a model the key may not use"
     assert_unnamed(raw)
     # The master key may use them all: the same failure is served by the fallback.
@@ -98,10 +106,12 @@ async def test_fallbacks_the_key_may_not_use_are_skipped(
 
 
 async def test_a_cooling_model_is_not_a_way_to_its_fallbacks(
-        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]) -> None:
+    serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]
+) -> None:
     a, e, base_a, base_e = two
-    proxy = await serve_proxy(limited_config(
-        base_a, base_e, num_retries=0, cooldown_failures=1, cooldown_seconds=600))
+    proxy = await serve_proxy(
+        limited_config(base_a, base_e, num_retries=0, cooldown_failures=1, cooldown_seconds=600)
+    )
     a.faults = ["status:500"]
     status, raw = await post(proxy, LIMITED, body_for())  # gpt-a now cools down
     assert status == 500 and e.requests == []
@@ -143,11 +153,13 @@ class FragilePlugin:
 
 @pytest.mark.parametrize(("field", "status"), [("stop", 500), ("tools", 400)])
 async def test_requests_that_break_a_translator_do_not_cool_it_down(
-        serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str],
-        field: str, status: int) -> None:
+    serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str], field: str, status: int
+) -> None:
     a, backup, base_a, base_backup = two
-    config = gateway_config(base_a, router={"num_retries": 0, "cooldown_failures": 3,
-                                            "fallbacks": {"gpt-test": ["backup"]}})
+    config = gateway_config(
+        base_a,
+        router={"num_retries": 0, "cooldown_failures": 3, "fallbacks": {"gpt-test": ["backup"]}},
+    )
     config["models"][0]["provider"] = "fragile"
     config["models"].append({**config["models"][0], "name": "backup", "api_base": base_backup})
     config["auth"]["keys"] = [{"key": LIMITED, "name": "attacker"}, {"key": OTHER, "name": "other"}]

@@ -75,8 +75,13 @@ def test_recoverable_finds_every_echo() -> None:
     assert recoverable(text, SHORT_KEY) and recoverable(text, HEADER_TOKEN)
 
 
-CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-         "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+CHUNK = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+}
 
 
 def openai_upstream(mode: str) -> web.Application:
@@ -86,8 +91,14 @@ def openai_upstream(mode: str) -> web.Application:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
-        error = {"error": {"message": f"bad credentials: {echoes(request.headers)}",
-                           "type": "server_error", "param": None, "code": None}}
+        error = {
+            "error": {
+                "message": f"bad credentials: {echoes(request.headers)}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
         if mode in ("json", "json-200"):
             return web.json_response(error, status=500 if mode == "json" else 200)
         if mode == "sse-body":
@@ -111,21 +122,43 @@ def openai_upstream(mode: str) -> web.Application:
 def models(base: str, provider: str = "openai") -> list[dict[str, Any]]:
     host = base.split("://", 1)[1]
     return [
-        {"name": "keyed", "provider": provider, "model": "m", "api_base": f"http://{host}",
-         "api_key": SHORT_KEY, "headers": {"X-Org-Token": HEADER_TOKEN}},
-        {"name": "long", "provider": provider, "model": "m", "api_base": f"http://{host}",
-         "api_key": LONG_KEY},
-        {"name": "basic", "provider": provider, "model": "m",
-         "api_base": f"http://{USER}:{quote(PASSWORD, safe='')}@{host}"},
+        {
+            "name": "keyed",
+            "provider": provider,
+            "model": "m",
+            "api_base": f"http://{host}",
+            "api_key": SHORT_KEY,
+            "headers": {"X-Org-Token": HEADER_TOKEN},
+        },
+        {
+            "name": "long",
+            "provider": provider,
+            "model": "m",
+            "api_base": f"http://{host}",
+            "api_key": LONG_KEY,
+        },
+        {
+            "name": "basic",
+            "provider": provider,
+            "model": "m",
+            "api_base": f"http://{USER}:{quote(PASSWORD, safe='')}@{host}",
+        },
     ]
 
 
-async def start(aiohttp_server: Any, serve_proxy: ServeProxy, upstream: web.Application,
-                provider: str = "openai", plugins: tuple[object, ...] = ()) -> TestServer:
+async def start(
+    aiohttp_server: Any,
+    serve_proxy: ServeProxy,
+    upstream: web.Application,
+    provider: str = "openai",
+    plugins: tuple[object, ...] = (),
+) -> TestServer:
     server = await aiohttp_server(upstream)
-    config = {"auth": {"master_key": MASTER_KEY},
-              "models": models(str(server.make_url("/v1")), provider),
-              "router": {"num_retries": 0}}
+    config = {
+        "auth": {"master_key": MASTER_KEY},
+        "models": models(str(server.make_url("/v1")), provider),
+        "router": {"num_retries": 0},
+    }
     return await serve_proxy(config, plugins)
 
 
@@ -142,7 +175,8 @@ async def test_openai_sdk_never_sees_a_credential(
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIError) as caught:
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "hi"}],
+                model=model,
+                messages=[{"role": "user", "content": "hi"}],
                 stream=not mode.startswith("json"),
             )
             async for _ in stream:  # type: ignore[union-attr]
@@ -152,13 +186,15 @@ async def test_openai_sdk_never_sees_a_credential(
     assert_masked(text)
 
 
-async def test_an_sse_error_body_gives_its_message(aiohttp_server: Any, serve_proxy: ServeProxy,
-                                                   http: Any) -> None:
+async def test_an_sse_error_body_gives_its_message(
+    aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
+) -> None:
     """A 5xx whose body is an event stream: the client reads the error event's message, not
     the raw ``data: ...`` text (#10.7)."""
     proxy = await start(aiohttp_server, serve_proxy, openai_upstream("sse-body"))
-    response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
-                               json={"model": "long", "messages": []})
+    response = await http.post(
+        proxy.make_url("/v1/chat/completions"), headers=AUTH, json={"model": "long", "messages": []}
+    )
     error = await assert_openai_error(response, 500)
     assert error["message"].startswith("Deployment long (openai:m) answered 500: bad credentials")
     assert "data:" not in error["message"]
@@ -166,16 +202,24 @@ async def test_an_sse_error_body_gives_its_message(aiohttp_server: Any, serve_pr
 
 def test_read_upstream_error_of_an_sse_body() -> None:
     deployment = Deployment(name="d", provider="openai", model="m", api_key=Secret(LONG_KEY))
-    body = (b"event: message\r\ndata: {\"choices\": []}\r\n\r\n"
-            b"data: {\"error\": {\"message\": \"overloaded\", \"code\": \"busy\"}}\r\n\r\n")
+    body = (
+        b'event: message\r\ndata: {"choices": []}\r\n\r\n'
+        b'data: {"error": {"message": "overloaded", "code": "busy"}}\r\n\r\n'
+    )
     error = read_upstream_error(503, body, deployment)
     assert (error.status, error.message, error.code) == (
-        503, "Deployment d (openai:m) answered 503: overloaded", "busy")
+        503,
+        "Deployment d (openai:m) answered 503: overloaded",
+        "busy",
+    )
 
 
 async def read_events(proxy: TestServer, http: Any, model: str) -> tuple[int, list[bytes]]:
-    response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
-                               json={"model": model, "messages": [], "stream": True})
+    response = await http.post(
+        proxy.make_url("/v1/chat/completions"),
+        headers=AUTH,
+        json={"model": model, "messages": [], "stream": True},
+    )
     body = await response.read()
     return response.status, [event for event in body.split(b"\n\n") if event.strip()]
 
@@ -190,8 +234,8 @@ async def test_a_mid_stream_error_event_is_the_one_last_event(
     status, events = await read_events(proxy, http, "keyed")
     assert status == 200
     assert len(events) == 2, events
-    assert json.loads(events[0][len(b"data: "):]) == CHUNK
-    error = json.loads(events[1][len(b"data: "):])["error"]
+    assert json.loads(events[0][len(b"data: ") :]) == CHUNK
+    error = json.loads(events[1][len(b"data: ") :])["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"].startswith("Deployment keyed (openai:m) sent an error: bad credentials")
     assert_masked(events[1].decode())
@@ -203,8 +247,11 @@ async def test_an_error_event_first_is_an_error_status(
     """Before any event went out, the upstream's error event is an error answer with a status
     (so the router may retry it), not a 200 stream."""
     proxy = await start(aiohttp_server, serve_proxy, openai_upstream("first"))
-    response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
-                               json={"model": "basic", "messages": [], "stream": True})
+    response = await http.post(
+        proxy.make_url("/v1/chat/completions"),
+        headers=AUTH,
+        json={"model": "basic", "messages": [], "stream": True},
+    )
     error = await assert_openai_error(response, 502)
     assert_masked(error["message"])
 
@@ -221,9 +268,18 @@ def anthropic_upstream(stream: bool) -> web.Application:
             return web.json_response(error, status=500)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        start = {"type": "message_start", "message": {
-            "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
-            "stop_reason": None, "usage": {"input_tokens": 1, "output_tokens": 0}}}
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "m",
+                "content": [],
+                "stop_reason": None,
+                "usage": {"input_tokens": 1, "output_tokens": 0},
+            },
+        }
         await response.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
         await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
         return response
@@ -238,8 +294,13 @@ def anthropic_upstream(stream: bool) -> web.Application:
 async def test_anthropic_provider_never_passes_a_credential_on(
     aiohttp_server: Any, serve_proxy: ServeProxy, model: str, stream: bool
 ) -> None:
-    proxy = await start(aiohttp_server, serve_proxy, anthropic_upstream(stream),
-                        provider="anthropic", plugins=(aioproxy_anthropic,))
+    proxy = await start(
+        aiohttp_server,
+        serve_proxy,
+        anthropic_upstream(stream),
+        provider="anthropic",
+        plugins=(aioproxy_anthropic,),
+    )
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIError) as caught:
             answer = await client.chat.completions.create(
@@ -257,15 +318,24 @@ def test_mask_covers_every_form_and_spares_other_text() -> None:
     """The unit under the end-to-end tests: each secret of a deployment, in each form, masked
     wherever it stands; ordinary text (and a header value too short to be a secret) left as is."""
     deployment = Deployment(
-        name="d", provider="openai", model="m", api_key=Secret(SHORT_KEY),
+        name="d",
+        provider="openai",
+        model="m",
+        api_key=Secret(SHORT_KEY),
         api_base=f"https://{USER}:{quote(PASSWORD, safe='')}@example.test/v1",
         headers={"X-Org-Token": Secret(HEADER_TOKEN), "X-Flag": Secret("1")},
     )
     from aioproxy.upstream import scrub, scrub_bytes
 
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    text = echoes({"Authorization": f"Bearer {SHORT_KEY}", "X-Org-Token": HEADER_TOKEN,
-                   "X-Basic": f"Basic {basic}", "X-Password": PASSWORD})
+    text = echoes(
+        {
+            "Authorization": f"Bearer {SHORT_KEY}",
+            "X-Org-Token": HEADER_TOKEN,
+            "X-Basic": f"Basic {basic}",
+            "X-Password": PASSWORD,
+        }
+    )
     assert_masked(scrub(text, deployment))
     assert_masked(scrub_bytes(text.encode(), deployment).decode())
     ordinary = "The model answered 1 + 1 = 2 in 0.5 s; retry later."
@@ -292,8 +362,9 @@ async def test_events_that_only_mention_error_pass_untouched(
     chunk = json.loads(json.dumps(CHUNK))
     chunk["choices"][0]["delta"]["content"] = 'raise KeyError("key_value_store error: sk-example")'
     events = [f"data: {json.dumps(chunk)}\n\n".encode(), b"data: [DONE]\n\n"]
-    proxy = await start(aiohttp_server, serve_proxy,
-                        passing_upstream(events, "/v1/chat/completions"))
+    proxy = await start(
+        aiohttp_server, serve_proxy, passing_upstream(events, "/v1/chat/completions")
+    )
     status, got = await read_events(proxy, http, "long")
     assert status == 200
     assert [event + b"\n\n" for event in got] == events
@@ -304,15 +375,25 @@ async def test_a_responses_failure_is_relayed_masked(
 ) -> None:
     """In the Responses API ``response.failed`` is the stream's own final event: it goes out as
     such (masked), and nothing follows it."""
-    created = {"type": "response.created", "response": {"id": "r1", "status": "in_progress",
-                                                         "error": None}}
-    failed = {"type": "response.failed", "response": {
-        "id": "r1", "status": "failed",
-        "error": {"code": "server_error", "message": f"upstream key {LONG_KEY} refused"}}}
+    created = {
+        "type": "response.created",
+        "response": {"id": "r1", "status": "in_progress", "error": None},
+    }
+    failed = {
+        "type": "response.failed",
+        "response": {
+            "id": "r1",
+            "status": "failed",
+            "error": {"code": "server_error", "message": f"upstream key {LONG_KEY} refused"},
+        },
+    }
     events = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (created, failed)]
     proxy = await start(aiohttp_server, serve_proxy, passing_upstream(events, "/v1/responses"))
-    response = await http.post(proxy.make_url("/v1/responses"), headers=AUTH,
-                               json={"model": "long", "input": "hi", "stream": True})
+    response = await http.post(
+        proxy.make_url("/v1/responses"),
+        headers=AUTH,
+        json={"model": "long", "input": "hi", "stream": True},
+    )
     body = await response.read()
     got = [event for event in body.split(b"\n\n") if event.strip()]
     assert got[0] + b"\n\n" == events[0]  # "error": null is no error

@@ -57,9 +57,18 @@ async def running(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Proces
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "run.py", "--config", str(config), "--port", str(port),
-        "--log-level", "warning", cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "run.py",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         await wait_healthy(port)
@@ -106,15 +115,17 @@ def chat_text(events: list[str]) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
-async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
-        tmp_path: Path) -> None:
+async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(tmp_path: Path) -> None:
     async with running(write_config(tmp_path / "c.toml", grace=60)) as (process, port):
         async with aiohttp.ClientSession() as idle, aiohttp.ClientSession() as http:
             # An idle keep-alive connection must not hold the shutdown up.
             async with idle.get(f"http://127.0.0.1:{port}/health") as response:
                 assert response.status == 200
-            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                 json=stream_body("slow-echo"), headers=AUTH) as response:
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json=stream_body("slow-echo"),
+                headers=AUTH,
+            ) as response:
                 assert response.status == 200
                 first = [await response.content.readline() for _ in range(6)]  # a few events
                 assert any(line.startswith(b"data: ") for line in first)
@@ -123,8 +134,7 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
                 await wait_refused(port)
                 assert process.returncode is None, "still running for the stream in flight"
 
-                events = [line[6:].decode().strip() for line in first
-                          if line.startswith(b"data: ")]
+                events = [line[6:].decode().strip() for line in first if line.startswith(b"data: ")]
                 after_refusal = await read_events(response)
                 events += after_refusal
         # The grace is 60 s: an exit within the 30 s safety net is an exit once the stream is done.
@@ -135,8 +145,9 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(
     assert code == 0
 
 
-async def test_sigterm_lets_a_proxied_upstream_stream_finish(tmp_path: Path,
-                                                            aiohttp_server: Any) -> None:
+async def test_sigterm_lets_a_proxied_upstream_stream_finish(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
     """The upstream session stays open until the in-flight streams through it are over."""
     fake = FakeOpenAI()
     fake.stream_chunks, fake.stream_delay = 20, 0.05  # one second of stream
@@ -144,8 +155,11 @@ async def test_sigterm_lets_a_proxied_upstream_stream_finish(tmp_path: Path,
     config = write_config(tmp_path / "c.toml", grace=10, upstream=str(upstream.make_url("/v1")))
     async with running(config) as (process, port):
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                 json=stream_body("gpt-test"), headers=AUTH) as response:
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json=stream_body("gpt-test"),
+                headers=AUTH,
+            ) as response:
                 first = await response.content.readline()
                 assert first.startswith(b"data: ")
                 process.send_signal(signal.SIGTERM)
@@ -157,15 +171,21 @@ async def test_sigterm_lets_a_proxied_upstream_stream_finish(tmp_path: Path,
     assert fake.in_flight == 0
 
 
-@pytest.mark.parametrize("grace", [
-    0.3,
-    0,
-])
+@pytest.mark.parametrize(
+    "grace",
+    [
+        0.3,
+        0,
+    ],
+)
 async def test_tiny_grace_exits_promptly_anyway(tmp_path: Path, grace: float) -> None:
     async with running(write_config(tmp_path / "c.toml", grace=grace)) as (process, port):
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                 json=stream_body("slow-echo"), headers=AUTH) as response:
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json=stream_body("slow-echo"),
+                headers=AUTH,
+            ) as response:
                 await response.content.readline()
                 process.send_signal(signal.SIGTERM)
                 code = await asyncio.wait_for(process.wait(), 30)

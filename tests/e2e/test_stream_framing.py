@@ -13,7 +13,9 @@ from tests.support import AUTH, ServeProxy, gateway_config, sdk
 
 EVENTS = [
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
-    b'[{"index":0,"delta":{"role":"assistant","content":"' + word + b'"},"finish_reason":null}]}\n\n'
+    b'[{"index":0,"delta":{"role":"assistant","content":"'
+    + word
+    + b'"},"finish_reason":null}]}\n\n'
     for word in (b"Hel", b"lo", b"!")
 ] + [b"data: [DONE]\n\n"]
 REQUEST = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -43,9 +45,10 @@ async def test_a_whole_stream_goes_out_with_a_length(
     aiohttp_server: Any, serve_proxy: ServeProxy
 ) -> None:
     proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0)))
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH) as response,
+    ):
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert response.headers["Content-Length"] == str(len(b"".join(EVENTS)))
@@ -61,9 +64,10 @@ async def test_a_stream_still_coming_goes_out_event_by_event(
     aiohttp_server: Any, serve_proxy: ServeProxy
 ) -> None:
     proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0.05)))
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH) as response,
+    ):
         assert response.headers.get("Transfer-Encoding") == "chunked"
         assert "Content-Length" not in response.headers
         received = [chunk async for chunk in response.content.iter_any()]

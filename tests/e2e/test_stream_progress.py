@@ -13,8 +13,13 @@ from aioproxy.config import Timeouts
 from aioproxy.upstream import timeout_for
 from tests.support import AUTH, MASTER_KEY, ServeProxy
 
-FIRST = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-         "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+FIRST = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+}
 
 
 def trickling_upstream() -> web.Application:
@@ -42,19 +47,29 @@ async def test_a_trickling_stream_ends_with_a_timeout_event(
     upstream = await aiohttp_server(trickling_upstream())
     config = {
         "auth": {"master_key": MASTER_KEY},
-        "models": [{"name": "slow", "provider": "openai", "model": "m",
-                    "api_base": str(upstream.make_url("/v1")), "api_key": "sk-up"}],
+        "models": [
+            {
+                "name": "slow",
+                "provider": "openai",
+                "model": "m",
+                "api_base": str(upstream.make_url("/v1")),
+                "api_key": "sk-up",
+            }
+        ],
         "upstream": {"timeouts": {"read": 0.2}},
     }
     proxy = await serve_proxy(config)
-    response = await http.post(proxy.make_url("/v1/chat/completions"), headers=AUTH,
-                               json={"model": "slow", "messages": [], "stream": True})
+    response = await http.post(
+        proxy.make_url("/v1/chat/completions"),
+        headers=AUTH,
+        json={"model": "slow", "messages": [], "stream": True},
+    )
     assert response.status == 200
     body = await asyncio.wait_for(response.read(), 30)  # a safety net: it ends by itself
     events = [event for event in body.split(b"\n\n") if event.strip()]
-    assert json.loads(events[0][len(b"data: "):]) == FIRST
+    assert json.loads(events[0][len(b"data: ") :]) == FIRST
     assert len(events) == 2
-    error = json.loads(events[1][len(b"data: "):])["error"]
+    error = json.loads(events[1][len(b"data: ") :])["error"]
     assert (error["type"], error["code"]) == ("timeout_error", "upstream_timeout")
 
 

@@ -23,15 +23,21 @@ DEPLOYMENT = Deployment(name="gpt-test", provider="openai", model="x")
 
 
 def deployment(api_base: str, model: str) -> dict[str, Any]:
-    return {"name": "gpt-test", "provider": "openai", "model": model, "api_base": api_base,
-            "api_key": UPSTREAM_KEY}
+    return {
+        "name": "gpt-test",
+        "provider": "openai",
+        "model": model,
+        "api_base": api_base,
+        "api_key": UPSTREAM_KEY,
+    }
 
 
 async def test_an_unknown_upstream_model_is_a_502_naming_the_deployment(
     serve_proxy: ServeProxy, upstream_base: str
 ) -> None:
-    config = gateway_config(upstream_base, models=[deployment(upstream_base, MISSING_MODEL)],
-                            router={"num_retries": 0})
+    config = gateway_config(
+        upstream_base, models=[deployment(upstream_base, MISSING_MODEL)], router={"num_retries": 0}
+    )
     proxy = await serve_proxy(config)
     async with sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as caught:
@@ -45,8 +51,11 @@ async def test_another_deployment_answers_instead(
     serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
 ) -> None:
     models = [deployment(upstream_base, MISSING_MODEL), deployment(upstream_base, "gpt-4o-mini")]
-    config = gateway_config(upstream_base, models=models,
-                            router={"num_retries": 1, "retry_backoff": 0, "strategy": "least-busy"})
+    config = gateway_config(
+        upstream_base,
+        models=models,
+        router={"num_retries": 1, "retry_backoff": 0, "strategy": "least-busy"},
+    )
     proxy = await serve_proxy(config)
     async with sdk(proxy) as client:
         for _ in range(4):  # whichever deployment is picked first, the answer comes
@@ -72,6 +81,8 @@ def test_servers_saying_the_model_is_unknown(body: bytes) -> None:
     assert "gpt-test (openai:x)" in error.message
 
 
-@pytest.mark.parametrize("body", [b'{"error": {"message": "File Not Found"}}', b"404 page not found"])
+@pytest.mark.parametrize(
+    "body", [b'{"error": {"message": "File Not Found"}}', b"404 page not found"]
+)
 def test_a_missing_route_stays_a_404(body: bytes) -> None:
     assert read_upstream_error(404, body, DEPLOYMENT).status == 404

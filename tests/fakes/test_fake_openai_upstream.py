@@ -431,7 +431,8 @@ async def test_fault_rates_are_drawn_per_request_reproducibly(aiohttp_client: An
     assert set(statuses) == {200, 500, 503}
     assert fake.faulted == {"status:500": statuses.count(500), "status:503": statuses.count(503)}
     assert [r.fault for r in fake.requests] == [
-        {500: "status:500", 503: "status:503"}.get(status) for status in statuses]
+        {500: "status:500", 503: "status:503"}.get(status) for status in statuses
+    ]
 
     # The same seed draws the same faults, in the same order.
     again = FakeOpenAI(fault_rates=rates, seed=7)

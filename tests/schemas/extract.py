@@ -75,13 +75,20 @@ REF_PREFIX = "#/components/schemas/"
 # Keywords whose value is a schema / a list of schemas / a map of schemas.
 # Used to walk only schema positions (not e.g. a property *named* "nullable").
 SCHEMA_ONE = {
-    "items", "additionalProperties", "not", "if", "then", "else", "contains",
-    "propertyNames", "unevaluatedItems", "unevaluatedProperties",
+    "items",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
     "additionalItems",
 }
 SCHEMA_LIST = {"anyOf", "oneOf", "allOf", "prefixItems"}
-SCHEMA_MAP = {"properties", "patternProperties", "$defs", "definitions",
-              "dependentSchemas"}
+SCHEMA_MAP = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
 
 
 def load_yaml(path: Path) -> dict:
@@ -118,7 +125,7 @@ def closure(schemas: dict, roots: list[str]) -> list[str]:
         for ref in iter_refs(schemas[name]):
             if not ref.startswith(REF_PREFIX):
                 raise ValueError(f"{name}: unsupported $ref {ref!r}")
-            stack.append(ref[len(REF_PREFIX):])
+            stack.append(ref[len(REF_PREFIX) :])
     return sorted(seen)
 
 
@@ -133,8 +140,7 @@ def normalise(schema, component: str, stats: dict):
         elif key in SCHEMA_LIST:
             out[key] = [normalise(v, component, stats) for v in value]
         elif key in SCHEMA_MAP:
-            out[key] = {k: normalise(v, component, stats)
-                        for k, v in value.items()}
+            out[key] = {k: normalise(v, component, stats) for k, v in value.items()}
         else:
             out[key] = copy.deepcopy(value)
 
@@ -166,9 +172,12 @@ def normalise(schema, component: str, stats: dict):
                 out["enum"] = out["enum"] + [None]
         else:
             # e.g. {"$ref": ..., "nullable": true}: wrap the constraints.
-            keep = {k: out.pop(k) for k in list(out)
-                    if k in ("description", "title", "default", "deprecated",
-                             "example") or k.startswith("x-")}
+            keep = {
+                k: out.pop(k)
+                for k in list(out)
+                if k in ("description", "title", "default", "deprecated", "example")
+                or k.startswith("x-")
+            }
             out = {**keep, "anyOf": [out, {"type": "null"}]}
     return out
 
@@ -177,8 +186,7 @@ def check_schemas(schemas: dict) -> None:
     try:
         from jsonschema import Draft202012Validator
     except ImportError:  # pragma: no cover - optional sanity check
-        print("jsonschema not importable: skipping meta-schema check",
-              file=sys.stderr)
+        print("jsonschema not importable: skipping meta-schema check", file=sys.stderr)
         return
     for name, schema in schemas.items():
         Draft202012Validator.check_schema(schema)
@@ -186,8 +194,13 @@ def check_schemas(schemas: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE,
-                        help=f"OpenAPI YAML (default: {DEFAULT_SOURCE})")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help=f"OpenAPI YAML (default: {DEFAULT_SOURCE})",
+    )
     parser.add_argument("-o", "--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
 
@@ -195,25 +208,22 @@ def main(argv=None) -> int:
     all_schemas = spec["components"]["schemas"]
     names = closure(all_schemas, ROOTS)
 
-    stats = {"nullable": 0, "recursiveRef": 0, "recursiveAnchor": 0,
-             "oneOf": 0}
-    schemas = {name: normalise(all_schemas[name], name, stats)
-               for name in names}
+    stats = {"nullable": 0, "recursiveRef": 0, "recursiveAnchor": 0, "oneOf": 0}
+    schemas = {name: normalise(all_schemas[name], name, stats) for name in names}
     for name in names:  # normalisation must not introduce new references
         for ref in iter_refs(schemas[name]):
-            assert ref[len(REF_PREFIX):] in schemas, (name, ref)
+            assert ref[len(REF_PREFIX) :] in schemas, (name, ref)
     check_schemas(schemas)
 
     doc = {"components": {"schemas": schemas}}
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     args.output.write_text(text + "\n", encoding="utf-8")
 
     info = spec.get("info", {})
-    print(f"source: {args.source} (OpenAPI {spec.get('openapi')}, "
-          f"API version {info.get('version')})")
-    print(f"wrote {args.output}: {len(names)} schemas, "
-          f"{len(text.encode()) + 1} bytes")
+    print(
+        f"source: {args.source} (OpenAPI {spec.get('openapi')}, API version {info.get('version')})"
+    )
+    print(f"wrote {args.output}: {len(names)} schemas, {len(text.encode()) + 1} bytes")
     print("normalised: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 

@@ -31,15 +31,24 @@ CONVERSATION = [
 def test_messages_tool_calls_and_outputs_become_items() -> None:
     items = input_items(CONVERSATION, "resp_abc")
     assert [item["type"] for item in items] == [
-        "message", "message", "function_call", "function_call_output"
+        "message",
+        "message",
+        "function_call",
+        "function_call_output",
     ]
     assert items[0]["content"] == [{"type": "input_text", "text": "be brief"}]
     assert items[1]["content"][1] == {
-        "type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"
+        "type": "input_image",
+        "image_url": "data:image/png;base64,AA",
+        "detail": "auto",
     }
     assert items[2] == {
-        "id": "fc_abc_2_0", "type": "function_call", "call_id": "call_1", "name": "w",
-        "arguments": "{}", "status": "completed",
+        "id": "fc_abc_2_0",
+        "type": "function_call",
+        "call_id": "call_1",
+        "name": "w",
+        "arguments": "{}",
+        "status": "completed",
     }
     assert items[3]["output"] == "sunny" and items[3]["call_id"] == "call_1"
     assert len({item["id"] for item in items}) == 4

@@ -16,8 +16,8 @@ from aioproxy.bridges.response_request import ChatRequest
 from aioproxy.bridges.response_request import chat_request as chat_request_of
 from aioproxy.bridges.response_request import input_messages as input_messages_of
 from aioproxy.bridges.responses import ResponseBuilder, make_responses_bridge, response_from_chat
-from aioproxy.fields import raw_fields
 from aioproxy.bridges.store import ResponseStore
+from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
 

@@ -179,12 +179,23 @@ def test_expansion_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) 
     ("raw", "path"),
     [
         ({"auth": {"master_key": "${MISSING}"}}, "$.auth.master_key"),
-        ({"models": [{"name": "m", "provider": "p"}, {"name": "n", "provider": "p",
-                                                       "api_key": "Bearer ${MISSING}"}]},
-         "$.models[1].api_key"),
-        ({"models": [{"name": "m", "provider": "p",
-                      "settings": {"a": {"b": ["x", "${MISSING}"]}}}]},
-         "$.models[0].settings.a.b[1]"),
+        (
+            {
+                "models": [
+                    {"name": "m", "provider": "p"},
+                    {"name": "n", "provider": "p", "api_key": "Bearer ${MISSING}"},
+                ]
+            },
+            "$.models[1].api_key",
+        ),
+        (
+            {
+                "models": [
+                    {"name": "m", "provider": "p", "settings": {"a": {"b": ["x", "${MISSING}"]}}}
+                ]
+            },
+            "$.models[0].settings.a.b[1]",
+        ),
         ({"upstream": {"forward_headers": ["${MISSING}"]}}, "$.upstream.forward_headers[0]"),
     ],
 )
@@ -210,8 +221,11 @@ def test_missing_variable_in_file_names_file(tmp_path: Path) -> None:
     ("raw", "path", "field"),
     [
         ({"models": [{"name": "m", "provider": "p", "modle": "x"}]}, "$.models[0]", "modle"),
-        ({"models": [{"name": "m", "provider": "p", "timeouts": {"conect": 1}}]},
-         "$.models[0].timeouts", "conect"),
+        (
+            {"models": [{"name": "m", "provider": "p", "timeouts": {"conect": 1}}]},
+            "$.models[0].timeouts",
+            "conect",
+        ),
         ({"auth": {"keys": [{"key": "k", "model": ["a"]}]}}, "$.auth.keys[0]", "model"),
     ],
 )
@@ -234,8 +248,10 @@ def test_unknown_top_level_table() -> None:
         ({"models": {"name": "m"}}, "$.models"),
         ({"models": [{"name": 1, "provider": "p"}]}, "$.models[0].name"),
         ({"models": [{"provider": "p"}]}, "$.models[0]"),
-        ({"models": [{"name": "m", "provider": "p", "headers": {"x": 1}}]},
-         "$.models[0].headers[...]"),  # msgspec does not name dict keys
+        (
+            {"models": [{"name": "m", "provider": "p", "headers": {"x": 1}}]},
+            "$.models[0].headers[...]",
+        ),  # msgspec does not name dict keys
         ({"plugins": {"strict": "yes"}}, "$.plugins.strict"),
         ({"aliases": {"chat_completions": "/x"}}, "$.aliases[...]"),
     ],
@@ -261,8 +277,10 @@ def test_non_string_secret_is_a_config_error(raw: dict[str, Any], path: str) -> 
         ({"models": [{"name": "m", "provider": "p", "weight": -1}]}, "$.models[0].weight"),
         ({"models": [{"name": "", "provider": "p"}]}, "$.models[0].name"),
         ({"models": [{"name": "m", "provider": ""}]}, "$.models[0].provider"),
-        ({"models": [{"name": "m", "provider": "p", "timeouts": {"read": 0}}]},
-         "$.models[0].timeouts.read"),
+        (
+            {"models": [{"name": "m", "provider": "p", "timeouts": {"read": 0}}]},
+            "$.models[0].timeouts.read",
+        ),
         ({"server": {"port": 65536}}, "$.server.port"),
         ({"server": {"port": -1}}, "$.server.port"),
         ({"server": {"max_body_size": 1023}}, "$.server.max_body_size"),
@@ -376,8 +394,11 @@ def test_config_repr_never_shows_a_key() -> None:
 
 def test_config_repr_hides_expanded_header_key() -> None:
     config = parse(
-        {"models": [{"name": "m", "provider": "p",
-                     "headers": {"Authorization": "Bearer ${TOKEN}"}}]},
+        {
+            "models": [
+                {"name": "m", "provider": "p", "headers": {"Authorization": "Bearer ${TOKEN}"}}
+            ]
+        },
         {"TOKEN": "sk-header-secret"},
     )
     assert "sk-header-secret" not in repr(config)

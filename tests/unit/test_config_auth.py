@@ -51,8 +51,15 @@ def test_presented_key(headers: dict[str, str], key: str) -> None:
         {"api-key": ""},
         {"x-api-key": ""},
     ],
-    ids=["none", "bearer-no-token", "bearer-spaces", "basic", "no-scheme", "empty-api-key",
-         "empty-x-api-key"],
+    ids=[
+        "none",
+        "bearer-no-token",
+        "bearer-spaces",
+        "basic",
+        "no-scheme",
+        "empty-api-key",
+        "empty-x-api-key",
+    ],
 )
 def test_no_key_presented(headers: dict[str, str]) -> None:
     assert presented_key(request(headers)) is None
@@ -83,11 +90,15 @@ def test_master_key() -> None:
 
 
 def test_virtual_keys() -> None:
-    auth = ConfigAuth(config(keys=[
-        {"key": "sk-a", "name": "team-a", "models": ["m1", "m2"]},
-        {"key": "sk-b"},
-        {"key": "sk-c", "models": []},
-    ]))
+    auth = ConfigAuth(
+        config(
+            keys=[
+                {"key": "sk-a", "name": "team-a", "models": ["m1", "m2"]},
+                {"key": "sk-b"},
+                {"key": "sk-c", "models": []},
+            ]
+        )
+    )
     a = auth.authenticate(request({"api-key": "sk-a"}))
     assert a == Principal("team-a", frozenset({"m1", "m2"}), id=key_id("sk-a"))
     assert not a.is_master and a.allows("m1") and not a.allows("m3")

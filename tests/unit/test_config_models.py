@@ -28,16 +28,29 @@ def rng(monkeypatch: pytest.MonkeyPatch) -> random.Random:
 
 
 def test_deployments_from_full_entry() -> None:
-    table = deployments_from(config({
-        "name": "gpt", "provider": "openai", "model": "gpt-4o-mini", "api_base": "http://u/v1",
-        "api_key": "sk-u", "weight": 2, "timeouts": {"read": 5}, "headers": {"X-A": "1"},
-        "settings": {"s": 1},
-    }))
+    table = deployments_from(
+        config(
+            {
+                "name": "gpt",
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "api_base": "http://u/v1",
+                "api_key": "sk-u",
+                "weight": 2,
+                "timeouts": {"read": 5},
+                "headers": {"X-A": "1"},
+                "settings": {"s": 1},
+            }
+        )
+    )
     assert list(table) == ["gpt"]
     [deployment] = table["gpt"]
     assert isinstance(deployment, Deployment)
-    assert (deployment.name, deployment.provider, deployment.model) == ("gpt", "openai",
-                                                                       "gpt-4o-mini")
+    assert (deployment.name, deployment.provider, deployment.model) == (
+        "gpt",
+        "openai",
+        "gpt-4o-mini",
+    )
     assert deployment.api_base == "http://u/v1"
     assert deployment.api_key == "sk-u" and isinstance(deployment.api_key, Secret)
     assert deployment.weight == 2.0
@@ -52,22 +65,26 @@ def test_model_defaults_to_name() -> None:
 
 
 def test_groups_by_name_in_config_order() -> None:
-    table = deployments_from(config(
-        {"name": "b", "provider": "p", "model": "b1"},
-        {"name": "a", "provider": "p", "model": "a1"},
-        {"name": "b", "provider": "q", "model": "b2"},
-    ))
+    table = deployments_from(
+        config(
+            {"name": "b", "provider": "p", "model": "b1"},
+            {"name": "a", "provider": "p", "model": "a1"},
+            {"name": "b", "provider": "q", "model": "b2"},
+        )
+    )
     assert list(table) == ["b", "a"]
     assert [d.model for d in table["b"]] == ["b1", "b2"]
     assert [d.provider for d in table["b"]] == ["p", "q"]
 
 
 def test_deployment_ids_unique_per_name() -> None:
-    table = deployments_from(config(
-        {"name": "a", "provider": "p"},
-        {"name": "a", "provider": "p"},
-        {"name": "b", "provider": "p"},
-    ))
+    table = deployments_from(
+        config(
+            {"name": "a", "provider": "p"},
+            {"name": "a", "provider": "p"},
+            {"name": "b", "provider": "p"},
+        )
+    )
     ids = [d.id for ds in table.values() for d in ds]
     assert len(set(ids)) == len(ids) == 3
     # identical entries stay distinct deployments (routing state is kept per deployment)
@@ -84,11 +101,13 @@ def test_unknown_model_is_none() -> None:
 
 
 def test_map_model_offers_every_deployment_in_order() -> None:
-    models = ConfigModels(config(
-        {"name": "m", "provider": "p", "model": "x"},
-        {"name": "other", "provider": "p"},
-        {"name": "m", "provider": "q", "model": "y"},
-    ))
+    models = ConfigModels(
+        config(
+            {"name": "m", "provider": "p", "model": "x"},
+            {"name": "other", "provider": "p"},
+            {"name": "m", "provider": "q", "model": "y"},
+        )
+    )
     offered = models.map_model("m")
     assert [(d.provider, d.model) for d in offered] == [("p", "x"), ("q", "y")]
     assert offered == models.table["m"]
@@ -124,29 +143,39 @@ def test_weighted_choice_follows_weights(rng: random.Random) -> None:
 
 
 def test_zero_weight_never_chosen_between_others(rng: random.Random) -> None:
-    counts = pick_many(config(
-        {"name": "m", "provider": "p", "model": "a", "weight": 1},
-        {"name": "m", "provider": "p", "model": "zero", "weight": 0},
-        {"name": "m", "provider": "p", "model": "b", "weight": 1},
-    ), "m", 2000)
+    counts = pick_many(
+        config(
+            {"name": "m", "provider": "p", "model": "a", "weight": 1},
+            {"name": "m", "provider": "p", "model": "zero", "weight": 0},
+            {"name": "m", "provider": "p", "model": "b", "weight": 1},
+        ),
+        "m",
+        2000,
+    )
     assert counts["zero"] == 0 and counts["a"] > 800 and counts["b"] > 800
 
 
 def test_all_zero_weights_pick_the_first(rng: random.Random) -> None:
-    counts = pick_many(config(
-        {"name": "m", "provider": "p", "model": "first", "weight": 0},
-        {"name": "m", "provider": "p", "model": "second", "weight": 0},
-    ), "m", 50)
+    counts = pick_many(
+        config(
+            {"name": "m", "provider": "p", "model": "first", "weight": 0},
+            {"name": "m", "provider": "p", "model": "second", "weight": 0},
+        ),
+        "m",
+        50,
+    )
     assert counts == {"first": 50}
 
 
 def test_list_models_filtered_by_principal() -> None:
-    models = ConfigModels(config(
-        {"name": "b", "provider": "p"},
-        {"name": "a", "provider": "p"},
-        {"name": "b", "provider": "p"},
-        {"name": "c", "provider": "p"},
-    ))
+    models = ConfigModels(
+        config(
+            {"name": "b", "provider": "p"},
+            {"name": "a", "provider": "p"},
+            {"name": "b", "provider": "p"},
+            {"name": "c", "provider": "p"},
+        )
+    )
     assert list(models.list_models(Principal("all"))) == ["b", "a", "c"]
     assert list(models.list_models(Principal("team", frozenset({"c", "a", "zzz"})))) == ["a", "c"]
     assert list(models.list_models(Principal("none", frozenset()))) == []

@@ -50,7 +50,9 @@ CONFIG = parse_config(
         ],
     }
 )
-DEPLOYMENT = Deployment(name="m", provider="openai", model="up-m", api_key=Secret("sk-secret-key-123"))
+DEPLOYMENT = Deployment(
+    name="m", provider="openai", model="up-m", api_key=Secret("sk-secret-key-123")
+)
 SSE = b'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: [DONE]\n\n'
 
 
@@ -153,7 +155,8 @@ async def test_forward_relays_json_and_streams(server: Any, upstream: Upstream) 
 def test_client_headers_are_the_configured_ones_only() -> None:
     upstream = Upstream(SessionTransport(None), CONFIG)  # type: ignore[arg-type]
     call = routed_call(
-        {"model": "m"}, {"OpenAI-Beta": "assistants=v2", "Authorization": "Bearer client", "X-o": "1"}
+        {"model": "m"},
+        {"OpenAI-Beta": "assistants=v2", "Authorization": "Bearer client", "X-o": "1"},
     )
     assert upstream.client_headers(call) == {"openai-beta": "assistants=v2"}
 

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from aioproxy import h1client
 from aioproxy.config import Timeouts
 from aioproxy.failures import as_proxy_error
-from aioproxy.h1client import H1Pool, H1Response, UpstreamConnectError, UpstreamProtocolError
+from aioproxy.h1client import H1Pool, UpstreamConnectError, UpstreamProtocolError
 from aioproxy.transport import SessionTransport, Transport, UpstreamResponse
 
 # Far longer than any test takes: a timer firing must never be what makes a test pass.
@@ -46,8 +46,12 @@ async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
 
 def answer(body: bytes = OK, *extra: str, status: str = "200 OK") -> bytes:
     """An HTTP/1.1 answer with a Content-Length body."""
-    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json", *extra,
-             f"Content-Length: {len(body)}"]
+    lines = [
+        f"HTTP/1.1 {status}",
+        "Content-Type: application/json",
+        *extra,
+        f"Content-Length: {len(body)}",
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -64,8 +68,9 @@ def headers_of(head: bytes) -> list[tuple[str, str]]:
 class Peer:
     """One accepted connection of a RawUpstream."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 server: RawUpstream) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: RawUpstream
+    ) -> None:
         self.reader, self.writer, self.server = reader, writer, server
         self.requests = 0
 
@@ -204,8 +209,9 @@ class Seen:
         return len(set(self.peers))
 
 
-async def app_server(aiohttp_server: Any, seen: Seen,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> TestServer:
+async def app_server(
+    aiohttp_server: Any, seen: Seen, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> TestServer:
     async def noted(request: web.Request) -> web.StreamResponse:
         seen.note(request)
         return await handler(request)
@@ -219,9 +225,13 @@ async def echo(request: web.Request) -> web.Response:
     return web.Response(body=await request.read(), content_type="application/json")
 
 
-async def post(transport: Transport, url: str, body: bytes = b"{}",
-               headers: dict[str, str] | None = None,
-               timeout: Timeouts = TIMEOUT) -> tuple[UpstreamResponse, bytes]:
+async def post(
+    transport: Transport,
+    url: str,
+    body: bytes = b"{}",
+    headers: dict[str, str] | None = None,
+    timeout: Timeouts = TIMEOUT,
+) -> tuple[UpstreamResponse, bytes]:
     """One call, read whole; a hang fails the test instead of stalling the suite."""
     response = await asyncio.wait_for(transport.post(url, body, headers or {}, timeout), 5)
     return response, await asyncio.wait_for(response.read(), 5)
@@ -263,8 +273,9 @@ async def test_concurrent_requests_open_several(aiohttp_server: Any, pool: H1Poo
         return await echo(request)
 
     server = await app_server(aiohttp_server, seen, held)
-    calls = [asyncio.create_task(post(pool, str(server.make_url("/")), b"[%d]" % i))
-             for i in range(3)]
+    calls = [
+        asyncio.create_task(post(pool, str(server.make_url("/")), b"[%d]" % i)) for i in range(3)
+    ]
     await asyncio.wait_for(arrived.wait(), 2)
     assert (pool.open_connections, pool.idle_connections, pool.busy_connections) == (3, 0, 3)
     go.set()
@@ -308,8 +319,12 @@ async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1
     Host (a deployment's ingress routing), User-Agent and Accept-Encoding replace the defaults."""
     upstream = await raw(lambda peer: peer.serve())
     caller = {
-        "content-length": "9999", "HOST": "evil.example", "Connection": "close",
-        "Transfer-Encoding": "chunked", "User-Agent": "my-agent/1", "accept-encoding": "identity",
+        "content-length": "9999",
+        "HOST": "evil.example",
+        "Connection": "close",
+        "Transfer-Encoding": "chunked",
+        "User-Agent": "my-agent/1",
+        "accept-encoding": "identity",
     }
     for _ in range(2):
         _, body = await post(pool, upstream.url("/"), b"abc", caller)
@@ -317,10 +332,14 @@ async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1
     head, sent = upstream.requests[0]
     assert sent == b"abc"
     headers = headers_of(head)
-    assert sorted(headers) == sorted([
-        ("host", "evil.example"), ("content-length", "3"),
-        ("user-agent", "my-agent/1"), ("accept-encoding", "identity"),
-    ])
+    assert sorted(headers) == sorted(
+        [
+            ("host", "evil.example"),
+            ("content-length", "3"),
+            ("user-agent", "my-agent/1"),
+            ("accept-encoding", "identity"),
+        ]
+    )
     # The caller's "Connection: close" was not sent: the connection was kept.
     assert upstream.connections == 1
 
@@ -337,8 +356,10 @@ async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1
         ("https://[2001:db8::1]/v1", "POST /v1 HTTP/1.1\r\nHost: [2001:db8::1]\r\n"),
         ("http://API.Example.com/a b", "POST /a%20b HTTP/1.1\r\nHost: api.example.com\r\n"),
         ("http://h.example/d/é?q=ü", "POST /d/%C3%A9?q=%C3%BC HTTP/1.1\r\nHost: h.example\r\n"),
-        ("http://h.example/keep%2Fescapes?x=a%20b",
-         "POST /keep%2Fescapes?x=a%20b HTTP/1.1\r\nHost: h.example\r\n"),
+        (
+            "http://h.example/keep%2Fescapes?x=a%20b",
+            "POST /keep%2Fescapes?x=a%20b HTTP/1.1\r\nHost: h.example\r\n",
+        ),
     ],
 )
 def test_request_line_and_host_header(url: str, request_line: str) -> None:
@@ -356,7 +377,9 @@ async def test_each_upstream_gets_its_own_host_header(raw: RawFactory, pool: H1P
     for upstream in (first, second, first):
         await post(pool, upstream.url("/v1/chat/completions"), b"{}", {"x-same": "1"})
     hosts = [
-        dict(headers_of(head))["host"] for upstream in (first, second) for head, _ in upstream.requests
+        dict(headers_of(head))["host"]
+        for upstream in (first, second)
+        for head, _ in upstream.requests
     ]
     assert hosts == [f"127.0.0.1:{first.port}"] * 2 + [f"127.0.0.1:{second.port}"]
 
@@ -415,8 +438,9 @@ async def test_ipv6_literal(pool: H1Pool) -> None:
         {"X-Bad: Evil": "1"},
     ],
 )
-async def test_line_breaks_in_headers_are_refused(raw: RawFactory, pool: H1Pool,
-                                                  headers: dict[str, str]) -> None:
+async def test_line_breaks_in_headers_are_refused(
+    raw: RawFactory, pool: H1Pool, headers: dict[str, str]
+) -> None:
     """A header that would split the request is a ValueError, and nothing is sent."""
     upstream = await raw(lambda peer: peer.serve())
     with pytest.raises(ValueError):
@@ -439,8 +463,9 @@ async def test_large_request_body_arrives_whole(aiohttp_server: Any, pool: H1Poo
     for _ in range(2):
         response = await pool.post(str(server.make_url("/")), body, {}, TIMEOUT)
         reply = await response.read()
-        assert reply == (b'{"size": %d, "sha": "%s"}'
-                         % (len(body), hashlib.sha256(body).hexdigest().encode()))
+        assert reply == (
+            b'{"size": %d, "sha": "%s"}' % (len(body), hashlib.sha256(body).hexdigest().encode())
+        )
     assert seen.connections == 1
 
 
@@ -618,13 +643,18 @@ async def test_informational_answers_are_skipped(raw: RawFactory, transport: Tra
     assert upstream.connections == 1
 
 
-@pytest.mark.parametrize("interim", [
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-    b"HTTP/1.1 102 Processing\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\n{}",
-], ids=["101", "102", "200-upgrade"])
-async def test_an_upgrade_breaks_the_connection(raw: RawFactory, pool: H1Pool,
-                                                interim: bytes) -> None:
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["101", "102", "200-upgrade"],
+)
+async def test_an_upgrade_breaks_the_connection(
+    raw: RawFactory, pool: H1Pool, interim: bytes
+) -> None:
     """A 101 (or any 1xx but 100/103, or any upgrade) means the connection no longer speaks
     HTTP to us: the call fails (a 502 for the client), the connection is closed, never pooled,
     and the next call is served on a new one."""
@@ -649,8 +679,11 @@ async def test_an_upgrade_breaks_the_connection(raw: RawFactory, pool: H1Pool,
 
 
 async def test_error_status_read_whole(raw: RawFactory, pool: H1Pool) -> None:
-    upstream = await raw(lambda peer: peer.serve(
-        answer(b'{"error":{"message":"slow down"}}', "Retry-After: 3", status="429 Too Many")))
+    upstream = await raw(
+        lambda peer: peer.serve(
+            answer(b'{"error":{"message":"slow down"}}', "Retry-After: 3", status="429 Too Many")
+        )
+    )
     response, body = await post(pool, upstream.url())
     assert (response.status, response.headers["Retry-After"]) == (429, "3")
     assert body == b'{"error":{"message":"slow down"}}'
@@ -679,16 +712,16 @@ async def test_connection_close_from_upstream(aiohttp_server: Any, pool: H1Pool)
 
 
 async def test_http10_answer_is_not_kept(raw: RawFactory, pool: H1Pool) -> None:
-    upstream = await raw(lambda peer: peer.serve(
-        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"))
+    upstream = await raw(lambda peer: peer.serve(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"))
     for _ in range(2):
         _, body = await post(pool, upstream.url())
         assert body == b"{}"
     assert upstream.connections == 2
 
 
-async def test_idle_connection_closed_by_upstream_is_not_reused(raw: RawFactory,
-                                                                 pool: H1Pool) -> None:
+async def test_idle_connection_closed_by_upstream_is_not_reused(
+    raw: RawFactory, pool: H1Pool
+) -> None:
     """An upstream that closes an idle connection: the pool notices, the next call opens anew."""
 
     async def one_then_close(peer: Peer) -> None:
@@ -799,8 +832,9 @@ async def test_a_pooled_connection_lost_late_is_not_resent(raw: RawFactory, pool
 
 
 @pytest.mark.parametrize("when", ["on-accept", "after-request", "after-partial-head"])
-async def test_fresh_connection_closed_before_answer(raw: RawFactory, pool: H1Pool,
-                                                     when: str) -> None:
+async def test_fresh_connection_closed_before_answer(
+    raw: RawFactory, pool: H1Pool, when: str
+) -> None:
     """An upstream that hangs up on a new connection before answering: ServerDisconnectedError,
     no retry (the upstream may have acted on the request)."""
 
@@ -825,13 +859,16 @@ async def test_fresh_connection_closed_before_answer(raw: RawFactory, pool: H1Po
     [
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b'{"partial":'),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b'5\r\n{"a":\r\n'),
-        (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 500\r\n\r\n",
-         gzip.compress(b"x" * 10000)[:40]),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 500\r\n\r\n",
+            gzip.compress(b"x" * 10000)[:40],
+        ),
     ],
     ids=["length", "chunked", "gzip"],
 )
-async def test_truncated_answer(raw: RawFactory, pool: H1Pool, head: bytes, part: bytes,
-                                pause: bool) -> None:
+async def test_truncated_answer(
+    raw: RawFactory, pool: H1Pool, head: bytes, part: bytes, pause: bool
+) -> None:
     """A body cut short by a hang-up is a ClientPayloadError when read, never a short success."""
 
     async def truncated(peer: Peer) -> None:
@@ -859,9 +896,11 @@ async def test_truncated_answer_while_iterating(raw: RawFactory, pool: H1Pool) -
 
     async def cut(peer: Peer) -> None:
         await peer.request()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n")
-        await peer.send(b"f\r\ndata: {\"n\":1}\n\n\r\n")
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await peer.send(b'f\r\ndata: {"n":1}\n\n\r\n')
         await asyncio.sleep(0.03)
         peer.writer.transport.abort()
 
@@ -971,8 +1010,7 @@ async def test_no_answer_within_sock_read(raw: RawFactory, pool: H1Pool) -> None
     upstream = await raw(silent)
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError) as caught:
-        await asyncio.wait_for(
-            pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
+        await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
     assert 0.09 < time.monotonic() - started < 1
     assert as_proxy_error(caught.value, None).status == 504
     await eventually(lambda: upstream.hangups == 1)
@@ -1005,8 +1043,10 @@ async def test_a_long_first_wait_then_the_shorter_bound_between_events(
 
     async def think_then_stall(peer: Peer) -> None:
         await peer.request()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         await asyncio.sleep(0.4)  # thinking: longer than `event`
         await peer.send(b"9\r\ndata: 1\n\n\r\n")
         first_sent.set()
@@ -1035,8 +1075,7 @@ async def test_steady_stream_outlives_sock_read(aiohttp_server: Any, pool: H1Poo
         return response
 
     server = await app_server(aiohttp_server, seen, steady)
-    response = await pool.post(str(server.make_url("/")), b"{}", {},
-                               Timeouts(read=0.15))
+    response = await pool.post(str(server.make_url("/")), b"{}", {}, Timeouts(read=0.15))
     body = await response.read()
     assert body == b"".join(b"data: %d\n\n" % i for i in range(12))
     assert pool.idle_connections == 1
@@ -1059,8 +1098,7 @@ async def test_total_bounds_a_steady_stream(aiohttp_server: Any, pool: H1Pool) -
 
     server = await app_server(aiohttp_server, seen, endless)
     started = time.monotonic()
-    response = await pool.post(str(server.make_url("/")), b"{}", {},
-                               Timeouts(total=0.3, read=0.1))
+    response = await pool.post(str(server.make_url("/")), b"{}", {}, Timeouts(total=0.3, read=0.1))
     received = 0
 
     async def consume() -> None:
@@ -1084,8 +1122,7 @@ async def test_total_bounds_the_wait_for_headers(raw: RawFactory, pool: H1Pool) 
     upstream = await raw(silent)
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError):
-        await asyncio.wait_for(
-            pool.post(upstream.url(), b"{}", {}, Timeouts(total=0.15)), 2)
+        await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(total=0.15)), 2)
     assert time.monotonic() - started < 1
 
 
@@ -1121,8 +1158,7 @@ async def test_connect_timeout_covers_the_wait_for_a_free_connection(raw: RawFac
         await asyncio.wait_for(held.wait(), 2)
         started = time.monotonic()
         with pytest.raises(aiohttp.ServerTimeoutError) as caught:
-            await asyncio.wait_for(
-                pool.post(upstream.url(), b"", {}, Timeouts(connect=0.1)), 2)
+            await asyncio.wait_for(pool.post(upstream.url(), b"", {}, Timeouts(connect=0.1)), 2)
         assert time.monotonic() - started < 1
         assert as_proxy_error(caught.value, None).status == 504
         assert upstream.connections == 1
@@ -1185,8 +1221,10 @@ async def test_cancelled_relay_closes_its_response(raw: RawFactory, pool: H1Pool
 
     async def sse(peer: Peer) -> None:
         await peer.request()
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n"
+        )
         streaming.set()
         await peer.until_closed()
 
@@ -1300,8 +1338,9 @@ async def test_limit_evicts_an_idle_connection_for_another_host(raw: RawFactory)
 
 async def test_cancelled_waiter_passes_its_turn_on(raw: RawFactory) -> None:
     """A call cancelled just as a connection freed up for it hands the turn to the next one."""
-    upstream = await raw(lambda peer: peer.serve(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"))  # answers that never end
+    upstream = await raw(
+        lambda peer: peer.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{")
+    )  # answers that never end
     pool = H1Pool(asyncio.get_running_loop(), limit=1)
     try:
         holder = await pool.post(upstream.url(), b"", {}, TIMEOUT)
@@ -1324,8 +1363,7 @@ async def test_cancelled_waiter_passes_its_turn_on(raw: RawFactory) -> None:
 
 
 async def test_close_hangs_up_everything(raw: RawFactory) -> None:
-    upstream = await raw(lambda peer: peer.serve(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"))
+    upstream = await raw(lambda peer: peer.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"))
     idle_upstream = await raw(lambda peer: peer.serve())
     pool = H1Pool(asyncio.get_running_loop())
     await asyncio.gather(post(pool, idle_upstream.url()), post(pool, idle_upstream.url()))
@@ -1343,8 +1381,7 @@ async def test_close_hangs_up_everything(raw: RawFactory) -> None:
 
 async def test_close_fails_calls_waiting_for_a_connection(raw: RawFactory) -> None:
     """Calls queued at the cap fail when the pool closes, and open nothing."""
-    upstream = await raw(lambda peer: peer.serve(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"))
+    upstream = await raw(lambda peer: peer.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{"))
     pool = H1Pool(asyncio.get_running_loop(), limit=1)
     holder = await pool.post(upstream.url(), b"", {}, TIMEOUT)
     waiting = [asyncio.create_task(pool.post(upstream.url(), b"", {}, TIMEOUT)) for _ in range(2)]
@@ -1376,8 +1413,9 @@ async def test_close_during_connect(raw: RawFactory) -> None:
 # -- keep-alive expiry -------------------------------------------------------------------------
 
 
-async def test_idle_connections_expire(raw: RawFactory, pool: H1Pool,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_idle_connections_expire(
+    raw: RawFactory, pool: H1Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Connections idle past the keep-alive time are closed (the upstream would close them)."""
     monkeypatch.setattr(h1client, "_KEEPALIVE", 0.1)
     upstream = await raw(lambda peer: peer.serve())
@@ -1390,8 +1428,9 @@ async def test_idle_connections_expire(raw: RawFactory, pool: H1Pool,
     assert upstream.connections == 2
 
 
-async def test_expired_connection_is_not_taken(raw: RawFactory, pool: H1Pool,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_expired_connection_is_not_taken(
+    raw: RawFactory, pool: H1Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One past its time is not reused even before the sweep gets to it."""
     upstream = await raw(lambda peer: peer.serve())
     await post(pool, upstream.url())

@@ -20,12 +20,19 @@ def arguments(name: str) -> list[str]:
 
 def test_hook_names() -> None:
     assert set(hookspecs.HOOK_NAMES) == {
-        "register_providers", "register_routes", "authenticate", "map_model", "list_models",
-        "before_request", "after_response", "on_error",
+        "register_providers",
+        "register_routes",
+        "authenticate",
+        "map_model",
+        "list_models",
+        "before_request",
+        "after_response",
+        "on_error",
     }
     assert set(hookspecs.PER_REQUEST_HOOKS) <= set(hookspecs.HOOK_NAMES)
     assert set(hookspecs.HOOK_NAMES) - set(hookspecs.PER_REQUEST_HOOKS) == {
-        "register_providers", "register_routes"
+        "register_providers",
+        "register_routes",
     }
 
 
@@ -51,9 +58,11 @@ def _cases() -> list[object]:
         for arg in arguments(name):
             marks = []
             if (name, arg) in UNDOCUMENTED:
-                marks.append(pytest.mark.xfail(
-                    strict=True, reason=f"doc bug: the {name} docstring never names `{arg}`"
-                ))
+                marks.append(
+                    pytest.mark.xfail(
+                        strict=True, reason=f"doc bug: the {name} docstring never names `{arg}`"
+                    )
+                )
             cases.append(pytest.param(name, arg, id=f"{name}-{arg}", marks=marks))
     return cases
 

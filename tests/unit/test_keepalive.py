@@ -21,7 +21,7 @@ async def _started_at(keeper: KeepAlive, within: float) -> float | None:
     """When the keeper began sending (its task exists), polling every 2 ms; None if not within."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if keeper._task is not None:  # noqa: SLF001
+        if keeper._task is not None:
             return time.monotonic()
         await asyncio.sleep(0.002)
     return None
@@ -43,10 +43,10 @@ async def test_a_waiting_stream_starts_within_three_quarters_to_one_interval() -
 async def test_a_stream_stopped_in_time_never_starts_and_the_timer_stops() -> None:
     clock = KeepAliveClock(INTERVAL)
     keeper = clock.watch(_request())
-    assert clock._timer is not None  # noqa: SLF001
+    assert clock._timer is not None
     assert await keeper.stop() is None  # nothing was sent: no response to go on with
     assert await _started_at(keeper, INTERVAL * 1.6) is None
-    assert clock._timer is None  # noqa: SLF001 - nothing waits: no more ticks
+    assert clock._timer is None
 
 
 async def test_streams_watched_later_wait_their_own_interval() -> None:

@@ -60,22 +60,29 @@ BROKEN_CHAT_STREAMS: dict[str, tuple[Callable[[], list[Any]], bool]] = {
     "role twice": (lambda: [chat_stream()[0], *chat_stream()], False),
     "no finish_reason": (lambda: _without(chat_stream(), 3), False),
     "content after finish": (
-        lambda: [*chat_stream()[:4], chunk({"content": "!"}), DONE_DATA], False
+        lambda: [*chat_stream()[:4], chunk({"content": "!"}), DONE_DATA],
+        False,
     ),
     "two finish_reasons": (lambda: [*chat_stream()[:4], chunk({}, "stop"), DONE_DATA], False),
     "an error event": (lambda: [*chat_stream()[:2], {"error": {"message": "x"}}, DONE_DATA], False),
     "no usage chunk": (lambda: chat_stream(), True),
     "usage not asked for": (lambda: chat_stream(usage=True), False),
     "usage chunk with choices": (
-        lambda: [*chat_stream()[:3], {**chunk({}, "stop"), "usage": USAGE}, DONE_DATA], True
-    ),
-    "usage that does not add up": (
-        lambda: [*chat_stream()[:4], {**HEAD, "choices": [], "usage": {**USAGE, "total_tokens": 9}},
-                 DONE_DATA],
+        lambda: [*chat_stream()[:3], {**chunk({}, "stop"), "usage": USAGE}, DONE_DATA],
         True,
     ),
-    "ids differ": (lambda: [*chat_stream()[:2], {**chunk({"content": "x"}), "id": "c2"},
-                            *chat_stream()[2:]], False),
+    "usage that does not add up": (
+        lambda: [
+            *chat_stream()[:4],
+            {**HEAD, "choices": [], "usage": {**USAGE, "total_tokens": 9}},
+            DONE_DATA,
+        ],
+        True,
+    ),
+    "ids differ": (
+        lambda: [*chat_stream()[:2], {**chunk({"content": "x"}), "id": "c2"}, *chat_stream()[2:]],
+        False,
+    ),
 }
 
 
@@ -91,8 +98,9 @@ COMPLETION = {
     "object": "chat.completion",
     "created": 1,
     "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
-                 "finish_reason": "stop"}],
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+    ],
     "usage": USAGE,
 }
 
@@ -122,8 +130,12 @@ def test_completion_is_not_a_chat_completion() -> None:
 
 def test_embeddings_count_and_size() -> None:
     data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.5]} for i in range(2)]
-    body = {"object": "list", "model": "m", "data": data, "usage": {"prompt_tokens": 2,
-                                                                    "total_tokens": 2}}
+    body = {
+        "object": "list",
+        "model": "m",
+        "data": data,
+        "usage": {"prompt_tokens": 2, "total_tokens": 2},
+    }
     assert assert_embeddings(body, 2, 2) == [[0.5, -0.5], [0.5, -0.5]]
     with pytest.raises(AssertionError):
         assert_embeddings(body, 3, 2)
@@ -160,8 +172,10 @@ def renumber(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_response_events() -> None:
     assert assert_response_events(response_events()) == "Hi there"
-    assert assert_response_events(response_events("response.incomplete"),
-                                  final="response.incomplete") == "Hi there"
+    assert (
+        assert_response_events(response_events("response.incomplete"), final="response.incomplete")
+        == "Hi there"
+    )
     broken = response_events()
     broken[2]["sequence_number"] = 1
     for events in (
@@ -189,8 +203,10 @@ def test_error_object() -> None:
 
 
 def test_sse_framing() -> None:
-    body = (b': keepalive\n\nevent: response.created\ndata: {"type": "response.created"}\n\n'
-            b"data: [DONE]\n\n")
+    body = (
+        b': keepalive\n\nevent: response.created\ndata: {"type": "response.created"}\n\n'
+        b"data: [DONE]\n\n"
+    )
     assert parse_sse(body) == [{"type": "response.created"}, DONE_DATA]
     for broken in (
         b'data: {"a": 1}\n',  # no blank line at the end
@@ -208,6 +224,9 @@ async def test_the_aioproxy_server_fixture(aioproxy_server: StartProxy, upstream
     async with proxy.http() as http:
         async with http.get("/v1/models") as response:
             assert [m["id"] for m in (await response.json())["data"]] == ["gpt"]
-        async with http.post("/v1/chat/completions", json={"model": "gpt", "messages": HELLO},
-                             headers={"Authorization": "Bearer wrong"}) as response:
+        async with http.post(
+            "/v1/chat/completions",
+            json={"model": "gpt", "messages": HELLO},
+            headers={"Authorization": "Bearer wrong"},
+        ) as response:
             await assert_openai_error(response, 401, "invalid_api_key")

@@ -21,8 +21,12 @@ def stream_outcome(*events: bytes) -> Outcome:
 
 
 CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
-RESPONSES_USAGE = {"input_tokens": 8, "output_tokens": 3, "total_tokens": 11,
-                   "output_tokens_details": {"reasoning_tokens": 0}}
+RESPONSES_USAGE = {
+    "input_tokens": 8,
+    "output_tokens": 3,
+    "total_tokens": 11,
+    "output_tokens_details": {"reasoning_tokens": 0},
+}
 
 
 def test_defaults() -> None:
@@ -34,9 +38,11 @@ def test_defaults() -> None:
 
 
 def test_usage_from_chat_body() -> None:
-    body = (b'{"id":"c","object":"chat.completion","choices":[{"message":{"content":"hi"}}],'
-            b'"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,'
-            b'"prompt_tokens_details":{"cached_tokens":0}}}')
+    body = (
+        b'{"id":"c","object":"chat.completion","choices":[{"message":{"content":"hi"}}],'
+        b'"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,'
+        b'"prompt_tokens_details":{"cached_tokens":0}}}'
+    )
     assert body_outcome(body).usage() == Usage(12, 5, 17)
 
 
@@ -69,15 +75,18 @@ def test_usage_from_chat_stream() -> None:
 def test_usage_from_responses_stream() -> None:
     outcome = stream_outcome(
         sse_event("response.output_text.done", {"type": "response.output_text.done", "text": "x"}),
-        sse_event("response.completed", {"type": "response.completed",
-                                         "response": {"id": "r", "usage": RESPONSES_USAGE}}),
+        sse_event(
+            "response.completed",
+            {"type": "response.completed", "response": {"id": "r", "usage": RESPONSES_USAGE}},
+        ),
     )
     assert outcome.usage() == Usage(8, 3, 11)
 
 
 def test_data_line_without_space() -> None:
-    outcome = stream_outcome(b'data:{"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n',
-                             b"data:[DONE]\n\n")
+    outcome = stream_outcome(
+        b'data:{"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n', b"data:[DONE]\n\n"
+    )
     assert outcome.usage() == Usage(1, 1, 2)
 
 
@@ -92,11 +101,23 @@ def test_data_line_without_space() -> None:
         stream_outcome(sse_data({"choices": [], "usage": None}), DONE),
         stream_outcome(b": keep-alive\n\n"),
         # a Responses stream cut before response.completed: an event with a response, no usage
-        stream_outcome(sse_event("response.in_progress",
-                                 {"type": "response.in_progress", "response": {"usage": None}})),
+        stream_outcome(
+            sse_event(
+                "response.in_progress",
+                {"type": "response.in_progress", "response": {"usage": None}},
+            )
+        ),
     ],
-    ids=["body-no-usage", "body-null", "body-empty", "no-events", "done-only", "chunks-null",
-         "comment", "responses-cut"],
+    ids=[
+        "body-no-usage",
+        "body-null",
+        "body-empty",
+        "no-events",
+        "done-only",
+        "chunks-null",
+        "comment",
+        "responses-cut",
+    ],
 )
 def test_none_when_absent(outcome: Outcome) -> None:
     assert outcome.usage() is None
@@ -114,8 +135,16 @@ def test_none_when_absent(outcome: Outcome) -> None:
         stream_outcome(b"data: [1]\n\n"),
         stream_outcome(sse_event("response.completed", {"response": "nope"})),
     ],
-    ids=["empty", "text", "array", "usage-string", "truncated", "bad-event", "array-event",
-         "bad-response"],
+    ids=[
+        "empty",
+        "text",
+        "array",
+        "usage-string",
+        "truncated",
+        "bad-event",
+        "array-event",
+        "bad-response",
+    ],
 )
 def test_none_when_malformed(outcome: Outcome) -> None:
     assert outcome.usage() is None

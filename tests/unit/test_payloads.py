@@ -45,8 +45,11 @@ M = b'"messages": []'
         (b'{"model": "m", ' + M + b', "x": "\xff"}', "invalid_encoding", None),
         (b'{"model": "\xc3\x28", ' + M + b"}", "invalid_encoding", None),
         (b'{"model": "m", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "invalid_json", None),
-        (b'{"model": "m", "x": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_000 + b"}",
-         "invalid_json", None),
+        (
+            b'{"model": "m", "x": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_000 + b"}",
+            "invalid_json",
+            None,
+        ),
         (b"[1, 2]", "invalid_body", None),
         (b'"a string"', "invalid_body", None),
         (b"null", "invalid_body", None),
@@ -62,10 +65,30 @@ M = b'"messages": []'
         (b'{"model": "m", "stream": 1, ' + M + b"}", "invalid_type", "stream"),
         (b'{"model": "m", "stream": {}, ' + M + b"}", "invalid_type", "stream"),
     ],
-    ids=["empty", "malformed", "trailing-comma", "trailing-garbage", "bad-utf8-field",
-         "bad-utf8-model", "deep-arrays", "deep-objects", "array", "string", "null", "number",
-         "no-model", "empty-object", "int-model", "null-model", "list-model", "object-model",
-         "empty-model", "string-stream", "int-stream", "object-stream"],
+    ids=[
+        "empty",
+        "malformed",
+        "trailing-comma",
+        "trailing-garbage",
+        "bad-utf8-field",
+        "bad-utf8-model",
+        "deep-arrays",
+        "deep-objects",
+        "array",
+        "string",
+        "null",
+        "number",
+        "no-model",
+        "empty-object",
+        "int-model",
+        "null-model",
+        "list-model",
+        "object-model",
+        "empty-model",
+        "string-stream",
+        "int-stream",
+        "object-stream",
+    ],
 )
 def test_bad_bodies(body: bytes, code: str | None, param: str | None) -> None:
     error = bad(body)
@@ -75,8 +98,7 @@ def test_bad_bodies(body: bytes, code: str | None, param: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "field"),
-    [(Kind.CHAT_COMPLETIONS, "messages"), (Kind.COMPLETIONS, "prompt"),
-     (Kind.EMBEDDINGS, "input")],
+    [(Kind.CHAT_COMPLETIONS, "messages"), (Kind.COMPLETIONS, "prompt"), (Kind.EMBEDDINGS, "input")],
 )
 def test_required_input_missing(kind: Kind, field: str) -> None:
     error = bad(b'{"model": "m"}', kind)
@@ -85,8 +107,9 @@ def test_required_input_missing(kind: Kind, field: str) -> None:
 
 
 def test_responses_input_is_optional() -> None:
-    fields, model, _ = decode_request(b'{"model": "m", "previous_response_id": "r"}',
-                                      Kind.RESPONSES)
+    fields, model, _ = decode_request(
+        b'{"model": "m", "previous_response_id": "r"}', Kind.RESPONSES
+    )
     assert model == "m" and "input" not in fields
 
 
@@ -109,8 +132,14 @@ def test_input_of_wrong_type(kind: Kind, field: str, value: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "value"),
-    [(Kind.CHAT_COMPLETIONS, b"[]"), (Kind.COMPLETIONS, b'"p"'), (Kind.COMPLETIONS, b"[1, 2]"),
-     (Kind.EMBEDDINGS, b'"x"'), (Kind.EMBEDDINGS, b"[[1, 2]]"), (Kind.RESPONSES, b"[]")],
+    [
+        (Kind.CHAT_COMPLETIONS, b"[]"),
+        (Kind.COMPLETIONS, b'"p"'),
+        (Kind.COMPLETIONS, b"[1, 2]"),
+        (Kind.EMBEDDINGS, b'"x"'),
+        (Kind.EMBEDDINGS, b"[[1, 2]]"),
+        (Kind.RESPONSES, b"[]"),
+    ],
 )
 def test_input_of_right_type(kind: Kind, value: bytes) -> None:
     field = INPUTS[kind][0]
@@ -119,8 +148,12 @@ def test_input_of_right_type(kind: Kind, value: bytes) -> None:
 
 
 def test_fields_that_could_redirect_the_upstream_are_dropped() -> None:
-    body = {"model": "m", "messages": [], **{name: "http://evil.test" for name in DROPPED},
-            "user": "u"}
+    body = {
+        "model": "m",
+        "messages": [],
+        **{name: "http://evil.test" for name in DROPPED},
+        "user": "u",
+    }
     fields, _, _ = decode_request(json.dumps(body).encode())
     assert list(fields) == ["model", "messages", "user"]
 
@@ -153,7 +186,9 @@ def test_fields_kept_as_sent() -> None:
     fields, model, _ = decode_request(body)
     assert model == "mé"
     assert {k: bytes(v) for k, v in fields.items()} == {
-        "model": b'"m\\u00e9"', "messages": b'[ {"role":"user"} ]', "t": b"1.50"
+        "model": b'"m\\u00e9"',
+        "messages": b'[ {"role":"user"} ]',
+        "t": b"1.50",
     }
 
 
@@ -173,10 +208,14 @@ def test_duplicate_keys_last_wins() -> None:
 # --- property ------------------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
-                                                                        max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=10,
 )
 RESERVED = {"model", "stream", "messages", "prompt", "input", *DROPPED}
@@ -197,8 +236,9 @@ def requests(draw: st.DrawFn) -> tuple[Kind, dict[str, Any]]:
 
 @settings(max_examples=100, deadline=None, database=None)
 @given(request=requests(), ensure_ascii=st.booleans(), indent=st.sampled_from([None, 0, 2]))
-def test_any_object_with_a_string_model(request: tuple[Kind, dict[str, Any]], ensure_ascii: bool,
-                                        indent: int | None) -> None:
+def test_any_object_with_a_string_model(
+    request: tuple[Kind, dict[str, Any]], ensure_ascii: bool, indent: int | None
+) -> None:
     kind, obj = request
     body = json.dumps(obj, ensure_ascii=ensure_ascii, indent=indent).encode()
     fields, model, stream = decode_request(body, kind)

@@ -17,7 +17,9 @@ PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 PLUGIN = PLUGINS / "aioproxy-example"
 README = PLUGINS / "README.md"
 # A fenced block whose first line is a comment naming a file of the example plugin.
-EXCERPT = re.compile(r"^```(?:python|toml)\n# (?P<path>\S+)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
+EXCERPT = re.compile(
+    r"^```(?:python|toml)\n# (?P<path>\S+)\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL
+)
 
 
 def excerpts() -> list[tuple[str, str]]:
@@ -49,8 +51,9 @@ def section(title: str) -> str:
 
 
 def test_the_error_table_is_what_the_classes_do() -> None:
-    rows = re.findall(r"^\| (`\w+`(?: / `\w+`)?) \| (\d+) \| `(\w+)` \|(.*?)\|$",
-                      section("Errors"), re.MULTILINE)
+    rows = re.findall(
+        r"^\| (`\w+`(?: / `\w+`)?) \| (\d+) \| `(\w+)` \|(.*?)\|$", section("Errors"), re.MULTILINE
+    )
     assert len(rows) == 9
     for names, status, type_, codes in rows:
         classes = [getattr(aioproxy, name.strip("`")) for name in names.split(" / ")]
@@ -61,11 +64,18 @@ def test_the_error_table_is_what_the_classes_do() -> None:
 
 
 def test_the_settings_error_shown_is_the_one_start_up_gives() -> None:
-    shown = re.search(r"```\n(model 'toy': invalid example settings: .*?)\n```",
-                      section("The Provider subclass"), re.DOTALL)
+    shown = re.search(
+        r"```\n(model 'toy': invalid example settings: .*?)\n```",
+        section("The Provider subclass"),
+        re.DOTALL,
+    )
     assert shown is not None
-    model = {"name": "toy", "provider": "example", "api_base": "http://127.0.0.1:9",
-             "settings": {"max_word": 64}}
+    model = {
+        "name": "toy",
+        "provider": "example",
+        "api_base": "http://127.0.0.1:9",
+        "settings": {"max_word": 64},
+    }
     with pytest.raises(ConfigError) as caught:
         create_app({"models": [model]}, plugins=[aioproxy_example], load_entrypoints=False)
     assert str(caught.value) == shown[1].replace("\n", " ")

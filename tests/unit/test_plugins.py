@@ -231,8 +231,13 @@ def pm() -> pluggy.PluginManager:
     return manager
 
 
-def named(name: str, result: Any = None, calls: list[str] | None = None, is_async: bool = False,
-          **marks: bool) -> object:
+def named(
+    name: str,
+    result: Any = None,
+    calls: list[str] | None = None,
+    is_async: bool = False,
+    **marks: bool,
+) -> object:
     """A throwaway plugin whose ``map_model`` records its name and returns ``result``."""
     if is_async:
 
@@ -344,8 +349,9 @@ async def test_exception_propagates(pm: pluggy.PluginManager) -> None:
 
 
 @pytest.mark.parametrize("marker", [{"wrapper": True}, {"hookwrapper": True}])
-def test_wrapper_on_per_request_hook_is_refused(pm: pluggy.PluginManager,
-                                                marker: dict[str, bool]) -> None:
+def test_wrapper_on_per_request_hook_is_refused(
+    pm: pluggy.PluginManager, marker: dict[str, bool]
+) -> None:
     class Wraps:
         @hookimpl(**marker)
         def authenticate(self, request: Any) -> Any:

@@ -59,10 +59,17 @@ def deployment(**settings: Any) -> Deployment:
 
 
 def test_bad_settings_stop_create_app_with_the_field_path() -> None:
-    config = {"models": [{"name": "ok", "provider": "knobs"},
-                         {"name": "bad", "provider": "knobs", "settings": {"level": "high"}}]}
-    with pytest.raises(ConfigError, match=r"model 'bad': invalid knobs settings: .*"
-                                          r"at `\$\.models\[1\]\.settings\.level`"):
+    config = {
+        "models": [
+            {"name": "ok", "provider": "knobs"},
+            {"name": "bad", "provider": "knobs", "settings": {"level": "high"}},
+        ]
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"model 'bad': invalid knobs settings: .*"
+        r"at `\$\.models\[1\]\.settings\.level`",
+    ):
         create_app(config, plugins=[Plugin()], load_entrypoints=False)
 
 
@@ -116,8 +123,11 @@ def test_a_misspelt_setting_stops_create_app_naming_its_path() -> None:
 
 
 def test_a_provider_can_leave_unknown_settings_to_other_plugins() -> None:
-    config = {"models": [{"name": "m", "provider": "spaced",
-                          "settings": {"keep_alive": "5m", "cache_ttl": 3}}]}
+    config = {
+        "models": [
+            {"name": "m", "provider": "spaced", "settings": {"keep_alive": "5m", "cache_ttl": 3}}
+        ]
+    }
     create_app(config, plugins=[serving(SharedProvider)], load_entrypoints=False)
     provider = built(SharedProvider)
     made = Deployment(name="m", provider="spaced", model="m", settings={"keep_alive": "5m", "x": 1})

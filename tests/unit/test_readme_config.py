@@ -12,7 +12,7 @@ README = Path(__file__).parents[2] / "README.md"
 
 
 def test_readme_config_example_parses() -> None:
-    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
     example = next(block for block in blocks if "[router]" in block)
     config = parse_config(tomllib.loads(example), "README.md", env={"AIOPROXY_MASTER_KEY": "sk-x"})
     assert config.auth.master_key == "sk-x"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from aioproxy.bridges.store import StoreUnavailable
+from aioproxy.budget import BufferFull
 from aioproxy.config import RouterConfig
 from aioproxy.context import Deployment
 from aioproxy.errors import (
@@ -13,8 +15,6 @@ from aioproxy.errors import (
     ProxyError,
     RateLimited,
 )
-from aioproxy.bridges.store import StoreUnavailable
-from aioproxy.budget import BufferFull
 from aioproxy.failures import read_upstream_error
 from aioproxy.router import Router, counts_toward_cooldown, is_retryable
 from aioproxy.testing import FakeClock
@@ -53,7 +53,10 @@ def ours() -> RateLimited:
         (ProxyError("provider 'x' is not installed", code="provider_not_found"), False),
         (ProxyError("invalid settings", code="invalid_settings"), False),
         # An upstream's own 500 counts whatever code it chose, even ours.
-        (read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A), True),
+        (
+            read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A),
+            True,
+        ),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
 )
@@ -101,7 +104,10 @@ def test_within_caps_ignores_cooldown_but_not_rpm() -> None:
 @pytest.mark.parametrize(
     ("error", "retried"),
     [
-        (read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A), True),
+        (
+            read_upstream_error(500, b'{"error": {"message": "x", "code": "internal_error"}}', A),
+            True,
+        ),
         (read_upstream_error(503, b"busy", A), True),
         (read_upstream_error(400, b'{"error": {"message": "bad"}}', A), False),
         (BufferFull("buffers full", headers={"Retry-After": "1"}), False),  # a paid call again

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from unittest import mock
 
@@ -16,8 +15,8 @@ from hypothesis import strategies as st
 
 from aioproxy.streaming import (
     DONE,
-    EventTooLarge,
     SSE_HEADERS,
+    EventTooLarge,
     iter_sse,
     iter_sse_blocks,
     split_events,
@@ -27,7 +26,7 @@ from aioproxy.streaming import (
 
 EVENTS = [
     b'data: {"id":"1","choices":[{"delta":{"content":"Hel"}}]}\n\n',
-    b"event: response.output_text.delta\ndata: {\"delta\":\"lo\"}\n\n",
+    b'event: response.output_text.delta\ndata: {"delta":"lo"}\n\n',
     b": a comment line\n\n",
     b'data: {"multi":\ndata: "line"}\n\n',
     b'data: {"usage":{"prompt_tokens":3}}\n\n',

@@ -5,12 +5,13 @@ which the provider turns into a 502)."""
 
 from __future__ import annotations
 
-from typing import Any
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from aioproxy_anthropic.translate import (
     StreamTranslator,
     decode_answer,
@@ -18,12 +19,10 @@ from aioproxy_anthropic.translate import (
     to_anthropic,
     to_chat_completion,
 )
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-
-from aiohttp.test_utils import make_mocked_request
 from aioproxy_echo import inputs as echo_inputs
 from aioproxy_echo.inputs import chat_input, completion_prompts, response_input
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from aioproxy import Call, Principal, ProxyError
 from aioproxy.bridges.response_events import response_from_chat
@@ -33,22 +32,92 @@ from aioproxy.routes import Kind
 
 # Names the translators read (or pass on), at any depth, and values they branch on.
 KEYS = [
-    "type", "role", "content", "text", "refusal", "name", "id", "call_id", "output",
-    "arguments", "function", "tool_calls", "tool_call_id", "image_url", "url", "detail",
-    "file", "file_data", "file_id", "file_url", "filename", "input_audio", "format", "schema",
-    "strict", "description", "parameters", "tools", "mode", "effort", "verbosity", "index",
-    "message", "content_block", "delta", "usage", "error", "input", "partial_json",
-    "stop_reason", "input_tokens", "output_tokens", "cache_read_input_tokens",
+    "type",
+    "role",
+    "content",
+    "text",
+    "refusal",
+    "name",
+    "id",
+    "call_id",
+    "output",
+    "arguments",
+    "function",
+    "tool_calls",
+    "tool_call_id",
+    "image_url",
+    "url",
+    "detail",
+    "file",
+    "file_data",
+    "file_id",
+    "file_url",
+    "filename",
+    "input_audio",
+    "format",
+    "schema",
+    "strict",
+    "description",
+    "parameters",
+    "tools",
+    "mode",
+    "effort",
+    "verbosity",
+    "index",
+    "message",
+    "content_block",
+    "delta",
+    "usage",
+    "error",
+    "input",
+    "partial_json",
+    "stop_reason",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
     "cache_creation_input_tokens",
 ]
 WORDS = [
-    "function", "message", "function_call", "function_call_output", "reasoning", "user",
-    "assistant", "system", "developer", "tool", "text", "refusal", "image_url", "file",
-    "input_audio", "input_text", "output_text", "input_image", "input_file", "json_schema",
-    "json_object", "allowed_tools", "auto", "none", "required", "{}", '{"a": 1}', "[1]",
-    "data:image/png;base64,AAAA", "https://x/y.png", "message_start", "content_block_start",
-    "content_block_delta", "message_delta", "message_stop", "error", "tool_use", "text_delta",
-    "input_json_delta", "ping",
+    "function",
+    "message",
+    "function_call",
+    "function_call_output",
+    "reasoning",
+    "user",
+    "assistant",
+    "system",
+    "developer",
+    "tool",
+    "text",
+    "refusal",
+    "image_url",
+    "file",
+    "input_audio",
+    "input_text",
+    "output_text",
+    "input_image",
+    "input_file",
+    "json_schema",
+    "json_object",
+    "allowed_tools",
+    "auto",
+    "none",
+    "required",
+    "{}",
+    '{"a": 1}',
+    "[1]",
+    "data:image/png;base64,AAAA",
+    "https://x/y.png",
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "message_delta",
+    "message_stop",
+    "error",
+    "tool_use",
+    "text_delta",
+    "input_json_delta",
+    "ping",
 ]
 SCALARS = st.one_of(
     st.none(),
@@ -71,14 +140,43 @@ OBJECTS = st.dictionaries(st.sampled_from(KEYS), JSON, max_size=6)
 ITEMS = st.lists(st.one_of(OBJECTS, JSON), max_size=4)
 
 CHAT_FIELDS = [
-    "messages", "n", "functions", "function_call", "max_tokens", "max_completion_tokens",
-    "stop", "temperature", "top_p", "top_k", "user", "safety_identifier", "tools",
-    "tool_choice", "parallel_tool_calls", "stream", "stream_options",
+    "messages",
+    "n",
+    "functions",
+    "function_call",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "temperature",
+    "top_p",
+    "top_k",
+    "user",
+    "safety_identifier",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "stream",
+    "stream_options",
 ]
 RESPONSES_FIELDS = [
-    "input", "instructions", "tools", "tool_choice", "text", "reasoning", "max_output_tokens",
-    "parallel_tool_calls", "stream", "background", "conversation", "prompt", "metadata",
-    "temperature", "top_p", "user", "store", "previous_response_id",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "text",
+    "reasoning",
+    "max_output_tokens",
+    "parallel_tool_calls",
+    "stream",
+    "background",
+    "conversation",
+    "prompt",
+    "metadata",
+    "temperature",
+    "top_p",
+    "user",
+    "store",
+    "previous_response_id",
 ]
 
 
@@ -86,9 +184,9 @@ def bodies(names: list[str], lists: list[str]) -> st.SearchStrategy[dict[str, An
     """Bodies of those fields: any JSON, and for the array fields mostly arrays of objects."""
     value = st.one_of(JSON, ITEMS, OBJECTS)
     return st.dictionaries(st.sampled_from(names), value, max_size=6).flatmap(
-        lambda body: st.fixed_dictionaries(
-            {name: ITEMS for name in lists if name not in body}
-        ).map(lambda items: {**items, **body})
+        lambda body: st.fixed_dictionaries({name: ITEMS for name in lists if name not in body}).map(
+            lambda items: {**items, **body}
+        )
     )
 
 
@@ -138,8 +236,17 @@ def test_the_responses_bridge(body: dict[str, Any]) -> None:
 
 
 ECHO_FIELDS = [
-    "messages", "input", "instructions", "prompt", "n", "max_tokens", "max_completion_tokens",
-    "max_output_tokens", "stream_options", "dimensions", "encoding_format",
+    "messages",
+    "input",
+    "instructions",
+    "prompt",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stream_options",
+    "dimensions",
+    "encoding_format",
 ]
 ECHO_READERS: list[Callable[[Call], Any]] = [
     echo_inputs.chat_input,
@@ -189,12 +296,23 @@ def test_anthropic_answers_of_any_shape(answer: Any, events: list[Any]) -> None:
     [
         ({"stop": 5}, "stop"),
         ({"tools": 5}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": 5}]},
-         "messages[1].tool_calls"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
-         "messages[0].content[0].text"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 5},
-         "tool_choice"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "tool_calls": 5},
+                ]
+            },
+            "messages[1].tool_calls",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages[0].content[0].text",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 5},
+            "tool_choice",
+        ),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ],
 )
@@ -211,10 +329,17 @@ def test_a_wrongly_typed_chat_field_is_a_400_naming_its_path(
     ("body", "param"),
     [
         ({"tools": 5}, "tools"),
-        ({"tools": [{"type": "function", "name": "f"}],
-          "tool_choice": {"type": "allowed_tools", "tools": 5}}, "tool_choice.tools"),
-        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
-         "input[0].content[0].text"),
+        (
+            {
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "allowed_tools", "tools": 5},
+            },
+            "tool_choice.tools",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+            "input[0].content[0].text",
+        ),
         ({"text": {"format": 5}}, "text.format"),
         ({"reasoning": 5}, "reasoning"),
     ],

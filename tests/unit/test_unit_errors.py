@@ -62,8 +62,13 @@ def test_model_not_found_is_a_not_found() -> None:
 
 def test_overrides_per_instance_leave_the_class_alone() -> None:
     exc = BadRequest("m", param="model", code="c", status=422, type="t", headers={"X-A": "1"})
-    assert (exc.status, exc.type, exc.code, exc.param, exc.headers) == (422, "t", "c", "model",
-                                                                        {"X-A": "1"})
+    assert (exc.status, exc.type, exc.code, exc.param, exc.headers) == (
+        422,
+        "t",
+        "c",
+        "model",
+        {"X-A": "1"},
+    )
     assert (BadRequest.status, BadRequest.type) == (400, "invalid_request_error")
     assert BadRequest("m").status == 400
 
@@ -140,8 +145,12 @@ async def test_success_passes_through(client: Any) -> None:
 async def test_renders_proxy_error(client: Any) -> None:
     response = await client.get("/proxy-error")
     error = await assert_openai_error(response, 429, "rate_limit_exceeded")
-    assert error == {"message": "Too many", "type": "rate_limit_error", "param": "p",
-                     "code": "rate_limit_exceeded"}
+    assert error == {
+        "message": "Too many",
+        "type": "rate_limit_error",
+        "param": "p",
+        "code": "rate_limit_exceeded",
+    }
     assert response.headers["Retry-After"] == "7"
 
 

@@ -3,7 +3,6 @@ keys scrubbed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -13,12 +12,11 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from aioproxy import upstream
-from aioproxy.errors import ProxyError
-from aioproxy.passthrough import check_answer
 from aioproxy.config import Secret, Timeouts, parse_config
 from aioproxy.context import Call, Deployment, Principal
 from aioproxy.errors import BadGateway, GatewayTimeout, ProxyError, RateLimited
 from aioproxy.failures import as_proxy_error, read_upstream_error, scrub
+from aioproxy.passthrough import check_answer
 from aioproxy.routes import Kind
 from aioproxy.transport import SessionTransport
 from aioproxy.transport import client_timeout as timeout_for
@@ -37,18 +35,24 @@ def os_error() -> OSError:
 @pytest.mark.parametrize(
     ("exc", "status", "code"),
     [
-        (asyncio.TimeoutError(), 504, "upstream_timeout"),
+        (TimeoutError(), 504, "upstream_timeout"),
         (TimeoutError(), 504, "upstream_timeout"),
         (aiohttp.ServerTimeoutError("read"), 504, "upstream_timeout"),
         (aiohttp.ConnectionTimeoutError("connect"), 504, "upstream_timeout"),
         (aiohttp.SocketTimeoutError("sock read"), 504, "upstream_timeout"),
         (aiohttp.ClientConnectorError(None, os_error()), 502, "upstream_unreachable"),
         (aiohttp.ClientConnectorDNSError(None, os_error()), 502, "upstream_unreachable"),
-        (aiohttp.ClientConnectorCertificateError(None, Exception("bad cert")), 502,
-         "upstream_unreachable"),
+        (
+            aiohttp.ClientConnectorCertificateError(None, Exception("bad cert")),
+            502,
+            "upstream_unreachable",
+        ),
         (aiohttp.ServerDisconnectedError(), 502, "upstream_disconnected"),
-        (aiohttp.ClientPayloadError("Response payload is not completed"), 502,
-         "upstream_disconnected"),
+        (
+            aiohttp.ClientPayloadError("Response payload is not completed"),
+            502,
+            "upstream_disconnected",
+        ),
         (aiohttp.ClientOSError(104, "Connection reset by peer"), 502, "upstream_error"),
         (aiohttp.ClientResponseError(None, (), status=500), 502, "upstream_error"),
         (aiohttp.InvalidURL("nope"), 502, "upstream_error"),
@@ -84,12 +88,23 @@ def test_as_proxy_error_without_deployment() -> None:
 
 
 def test_openai_shaped_error_passes_through() -> None:
-    body = json.dumps({"error": {"message": "Invalid 'messages': empty.",
-                                 "type": "invalid_request_error", "param": "messages",
-                                 "code": "empty_array"}}).encode()
+    body = json.dumps(
+        {
+            "error": {
+                "message": "Invalid 'messages': empty.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "empty_array",
+            }
+        }
+    ).encode()
     error = read_upstream_error(400, body, DEPLOYMENT)
     assert (error.status, error.message, error.type, error.param, error.code) == (
-        400, "Invalid 'messages': empty.", "invalid_request_error", "messages", "empty_array"
+        400,
+        "Invalid 'messages': empty.",
+        "invalid_request_error",
+        "messages",
+        "empty_array",
     )
 
 
@@ -125,8 +140,12 @@ def test_top_level_message() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html><body>502 Bad Gateway</body></html>", b'{"detail": "Not Found"}', b"[1,2]",
-     b'{"error": {"message": 5}}'],
+    [
+        b"<html><body>502 Bad Gateway</body></html>",
+        b'{"detail": "Not Found"}',
+        b"[1,2]",
+        b'{"error": {"message": 5}}',
+    ],
     ids=["html", "other-json", "array", "wrong-types"],
 )
 def test_unreadable_error_body_is_previewed(body: bytes) -> None:
@@ -149,8 +168,15 @@ def test_preview_is_capped_and_tolerates_bad_utf8() -> None:
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_upstream_auth_failure_is_502(status: int) -> None:
-    body = json.dumps({"error": {"message": f"Incorrect API key provided: {KEY}",
-                                 "type": "invalid_request_error", "code": "invalid_api_key"}})
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {KEY}",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+        }
+    )
     error = read_upstream_error(status, body.encode(), DEPLOYMENT)
     assert isinstance(error, BadGateway)
     assert (error.status, error.code, error.type) == (502, "upstream_auth_failed", "upstream_error")
@@ -160,8 +186,9 @@ def test_upstream_auth_failure_is_502(status: int) -> None:
 
 
 def test_deployment_key_scrubbed_from_message() -> None:
-    odd_key = Deployment(name="a", provider="azure", model="m",
-                         api_key=Secret("0123456789abcdef0123456789abcdef"))
+    odd_key = Deployment(
+        name="a", provider="azure", model="m", api_key=Secret("0123456789abcdef0123456789abcdef")
+    )
     body = b'{"error": {"message": "key 0123456789abcdef0123456789abcdef is over quota"}}'
     error = read_upstream_error(429, body, odd_key)
     assert error.message == "key *** is over quota"
@@ -169,19 +196,28 @@ def test_deployment_key_scrubbed_from_message() -> None:
 
 @pytest.mark.parametrize(
     "leak",
-    ["sk-abcdef123456", "sk-proj-AbC_dEf-123.456", "SK-ABCDEF1234", "key-0123456789",
-     "api_key_abcdef12", "api-key-abcdef12", "apikey-abcdefgh"],
+    [
+        "sk-abcdef123456",
+        "sk-proj-AbC_dEf-123.456",
+        "SK-ABCDEF1234",
+        "key-0123456789",
+        "api_key_abcdef12",
+        "api-key-abcdef12",
+        "apikey-abcdefgh",
+    ],
 )
 def test_key_like_strings_scrubbed(leak: str) -> None:
-    error = read_upstream_error(400, json.dumps({"error": {"message": f"bad [{leak}]"}}).encode(),
-                                DEPLOYMENT)
+    error = read_upstream_error(
+        400, json.dumps({"error": {"message": f"bad [{leak}]"}}).encode(), DEPLOYMENT
+    )
     assert leak not in error.message
     assert error.message == "bad [***]"
 
 
 def test_key_scrubbed_from_preview() -> None:
-    error = read_upstream_error(500, f"upstream said: Authorization: Bearer {KEY}".encode(),
-                                DEPLOYMENT)
+    error = read_upstream_error(
+        500, f"upstream said: Authorization: Bearer {KEY}".encode(), DEPLOYMENT
+    )
     assert KEY not in error.message and "***" in error.message
 
 
@@ -227,7 +263,9 @@ async def body_server(aiohttp_client: Any) -> Any:
 
 async def read_capped(response: Any) -> bytes:
     """Upstream.read on a call routed to DEPLOYMENT."""
-    call = Call(Kind.CHAT_COMPLETIONS, make_mocked_request("POST", "/"), Principal("t"), "m", {}, False)
+    call = Call(
+        Kind.CHAT_COMPLETIONS, make_mocked_request("POST", "/"), Principal("t"), "m", {}, False
+    )
     call.route_to(DEPLOYMENT)
     reader = upstream.Upstream(SessionTransport(None), parse_config({}))  # type: ignore[arg-type]
     return await reader.read(response, call)
@@ -240,8 +278,9 @@ async def test_read_capped_reads_whole_body(body_server: Any, path: str) -> None
 
 
 @pytest.mark.parametrize("path", ["/chunked", "/sized"])
-async def test_read_capped_refuses_too_large(body_server: Any, path: str,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_read_capped_refuses_too_large(
+    body_server: Any, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(upstream, "MAX_UPSTREAM_BODY", 25)
     async with body_server.session.get(body_server.make_url(path)) as response:
         with pytest.raises(BadGateway) as caught:

@@ -103,23 +103,33 @@ def map_error(
     if status == 529 or kind == "overloaded_error":
         return ProxyError(
             _upstream_failure(where, "is overloaded (Anthropic 529)", said, request_id, deployment),
-            status=503, type="server_error", code="overloaded", headers=headers,
+            status=503,
+            type="server_error",
+            code="overloaded",
+            headers=headers,
         )
     if status == 500:
         return ProxyError(
             _upstream_failure(where, "failed (Anthropic 500)", said, request_id, deployment),
-            status=500, type="api_error", code=kind and scrub(kind, deployment),
+            status=500,
+            type="api_error",
+            code=kind and scrub(kind, deployment),
             caused_by_upstream=True,
         )
     if status >= 500:  # an edge proxy's 502/503/504: the upstream is unwell, not the request
         return ProxyError(
             _upstream_failure(where, f"answered {status}", said, request_id, deployment),
-            status=status, type="upstream_error", code="upstream_error",
+            status=status,
+            type="upstream_error",
+            code="upstream_error",
         )
     if status == 429:
         return ProxyError(
             said or f"Deployment {where} is rate limited by Anthropic",
-            status=429, type="rate_limit_error", code="rate_limit_exceeded", headers=headers,
+            status=429,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers=headers,
         )
     if status == 404:  # the deployment's model id (`model: ...`), or a wrong api_base
         unknown_model = kind == "not_found_error" and (said or "").startswith("model:")
@@ -130,7 +140,9 @@ def map_error(
     if status == 413:
         return ProxyError(
             said or "The request is too large for Anthropic",
-            status=413, type="invalid_request_error", code="request_too_large",
+            status=413,
+            type="invalid_request_error",
+            code="request_too_large",
         )
     text = said or f"Deployment {where} refused the request ({status})"
     code = "context_length_exceeded" if any(m in text.lower() for m in _CONTEXT_MARKERS) else None

@@ -72,7 +72,6 @@ _FINISH_REASONS = {
 _SYSTEM_ROLES = ("system", "developer")
 
 
-
 def messages_url(api_base: str | None) -> str:
     """``{api_base}/v1/messages``, whether or not ``api_base`` already ends in ``/v1``."""
     base = (api_base or DEFAULT_API_BASE).rstrip("/")
@@ -166,7 +165,11 @@ _OBJECT = msgspec.json.Decoder(_AnyObject)
 
 # Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
 # written for vLLM & co. send it and Anthropic takes it.
-_SAMPLING: dict[str, msgspec.json.Decoder[Any]] = {"temperature": FLOAT, "top_p": FLOAT, "top_k": INT}
+_SAMPLING: dict[str, msgspec.json.Decoder[Any]] = {
+    "temperature": FLOAT,
+    "top_p": FLOAT,
+    "top_k": INT,
+}
 
 
 def to_anthropic(
@@ -512,8 +515,14 @@ _decode_event_type = msgspec.json.Decoder(_EventType).decode
 # The event types the translation reads; one of these in another shape is a broken answer.
 # Others (ping, content_block_stop, types added after this was written) are skipped unread.
 _READ_EVENTS = frozenset(
-    {"message_start", "content_block_start", "content_block_delta", "message_delta",
-     "message_stop", "error"}
+    {
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "message_delta",
+        "message_stop",
+        "error",
+    }
 )
 
 

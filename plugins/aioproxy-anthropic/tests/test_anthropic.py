@@ -107,7 +107,10 @@ def function_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 def deployment(**overrides: Any) -> Deployment:
     fields: dict[str, Any] = {
-        "name": MODEL, "provider": "anthropic", "model": UPSTREAM_MODEL, "api_key": UPSTREAM_KEY,
+        "name": MODEL,
+        "provider": "anthropic",
+        "model": UPSTREAM_MODEL,
+        "api_key": UPSTREAM_KEY,
     }
     return Deployment(**{**fields, **overrides})
 
@@ -254,10 +257,12 @@ def test_tool_calls_and_results_become_tool_use_and_one_tool_result_turn() -> No
 
 def test_image_urls_become_base64_or_url_sources() -> None:
     assert image_block(f"data:image/png;base64,{PNG}") == {
-        "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
     }
     assert image_block("https://example.com/cat.jpg") == {
-        "type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"},
+        "type": "image",
+        "source": {"type": "url", "url": "https://example.com/cat.jpg"},
     }
     with pytest.raises(BadRequest):
         image_block("data:image/png,not-base64")
@@ -439,6 +444,7 @@ def test_a_message_with_text_and_tool_use_becomes_one_choice() -> None:
 
 def test_the_stream_translator_numbers_tool_calls_apart_from_blocks() -> None:
     t = StreamTranslator(model=MODEL, created=1, include_usage=True)
+
     def block(kind: str, index: int, **fields: Any) -> dict[str, Any]:
         return {"type": f"content_block_{kind}", "index": index, **fields}
 
@@ -678,7 +684,9 @@ async def test_tools_round_trip(sdk: openai.AsyncOpenAI, fake: Any) -> None:
         }
     ]
     assert fake.last.body["tool_choice"] == {
-        "type": "tool", "name": "get_weather", "disable_parallel_tool_use": True,
+        "type": "tool",
+        "name": "get_weather",
+        "disable_parallel_tool_use": True,
     }
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -738,7 +746,12 @@ async def test_streamed_text_arrives_delta_by_delta(sdk: openai.AsyncOpenAI, fak
     first, texts, last = chunks[0], chunks[1:-1], chunks[-1]
     assert first.choices[0].delta.role == "assistant"
     assert [c.choices[0].delta.content for c in texts] == [
-        "Hello!", " You", " said:", " Stream", " me", " please",
+        "Hello!",
+        " You",
+        " said:",
+        " Stream",
+        " me",
+        " please",
     ]
     assert last.choices[0].finish_reason == "stop" and last.choices[0].delta.content is None
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-msg_")
@@ -759,7 +772,10 @@ async def test_streamed_tool_call_arguments_join_to_the_json(
     start, *fragments = calls
     assert text == TOOL_PREAMBLE
     assert (start.index, start.type, start.function.name, start.function.arguments) == (
-        0, "function", "get_weather", "",
+        0,
+        "function",
+        "get_weather",
+        "",
     )
     assert start.id is not None and start.id.startswith("toolu_")
     assert len(fragments) == 2 and all(f.index == 0 and f.id is None for f in fragments)

@@ -209,7 +209,9 @@ def _error(
     if 400 <= status < 500:  # the request's fault: the client gets the toy's status and words
         return BadRequest(f"Deployment {where} refused the request: {fault}", status=status)
     # A 5xx passes on with its own status: the router retries it either way.
-    return UpstreamError(f"Deployment {where} failed: {fault}", status=status, code="upstream_error")
+    return UpstreamError(
+        f"Deployment {where} failed: {fault}", status=status, code="upstream_error"
+    )
 
 
 def _decode(decode: Any, data: bytes, deployment: Deployment) -> Any:

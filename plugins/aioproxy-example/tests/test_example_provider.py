@@ -30,7 +30,10 @@ if TYPE_CHECKING:  # conftest is pytest's to import; its fixtures come in by nam
 async def test_chat(proxy: ProxyUnderTest, toy: FakeToy) -> None:
     assert await check_chat(proxy, "toy") == "toy says: Say hello to the kit"
     assert toy.requests[-1] == {
-        "model": "toy-1", "prompt": "Say hello to the kit", "max_words": 256, "stream": False
+        "model": "toy-1",
+        "prompt": "Say hello to the kit",
+        "max_words": 256,
+        "stream": False,
     }
 
 
@@ -57,8 +60,9 @@ async def test_embeddings(proxy: ProxyUnderTest, toy: FakeToy) -> None:
         (503, 503, "upstream_error"),
     ],
 )
-async def test_errors(proxy: ProxyUnderTest, toy: FakeToy, status: int, seen: int,
-                      code: str | None) -> None:
+async def test_errors(
+    proxy: ProxyUnderTest, toy: FakeToy, status: int, seen: int, code: str | None
+) -> None:
     await check_error_mapping(proxy, "toy", lambda: toy.faults.append(status), seen, code=code)
 
 
@@ -92,7 +96,8 @@ async def test_settings_cap_the_answer(start_toy_proxy: StartToyProxy) -> None:
     async with proxy.openai() as client:
         done = await client.chat.completions.create(model="toy", messages=HELLO)
         assert (done.choices[0].message.content, done.choices[0].finish_reason) == (
-            "toy says:", "length"
+            "toy says:",
+            "length",
         )
         stream = await client.chat.completions.create(
             model="toy", messages=HELLO, max_tokens=1, stream=True
