@@ -40,9 +40,8 @@ from .transport import client_timeout as timeout_for
 
 __all__ = [
     "ErrorReader",
+    "StreamTimeout",
     "Upstream",
-    "forwardable",
-    "make_session",
     # Deprecated: still imported by the plugins and their tests until they use `Upstream`
     # (WP3) and failures.py; the final pass of issue 11 drops them.
     "answer_of",
@@ -50,13 +49,14 @@ __all__ = [
     "deployment_timeout",
     "failure_from",
     "forward",
+    "forwardable",
+    "make_session",
     "openai_error",
     "post_via",
     "read_capped",
     "read_upstream_error",
     "scrub",
     "scrub_bytes",
-    "StreamTimeout",
     "stream_error",
     "timeout_for",
     "timeouts_of",
@@ -234,7 +234,7 @@ class Upstream:
         try:
             async for event in events:
                 yield event
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
             raise_stream_failure(exc, deployment)
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse

@@ -205,7 +205,7 @@ async def _translate(
                     f"Deployment {where} ended its stream before it was complete",
                     code="upstream_stream_incomplete",
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the stream's error event
             if not isinstance(exc, ProxyError):
                 log.warning("the chat stream of a bridged response failed: %r", exc)
             for out in builder.fail(failure_from(exc, call.deployment if call.routed else None)):

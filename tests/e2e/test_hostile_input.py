@@ -573,7 +573,7 @@ async def test_malformed_http_gets_a_400_and_the_proxy_keeps_serving(
         b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
     ]
     for data in cases:
-        status, headers, body = parse_response(await raw_request(proxy, data))
+        status, _headers, body = parse_response(await raw_request(proxy, data))
         assert status == 400, (data[:60], status, body)
     assert fake.requests == []
     await still_serving(proxy)

@@ -25,7 +25,7 @@ from aioproxy import h1client
 from aioproxy.config import Timeouts
 from aioproxy.failures import as_proxy_error
 from aioproxy.h1client import H1Pool, UpstreamConnectError, UpstreamProtocolError
-from aioproxy.transport import SessionTransport, Transport, UpstreamResponse
+from aioproxy.transport import Transport, UpstreamResponse
 
 # Far longer than any test takes: a timer firing must never be what makes a test pass.
 TIMEOUT = Timeouts(total=20, connect=5, read=10)
@@ -179,19 +179,6 @@ async def pool() -> AsyncIterator[H1Pool]:
     pool = H1Pool(asyncio.get_running_loop())
     yield pool
     await pool.close()
-
-
-@pytest.fixture(params=["h1", "session"])
-async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
-    """Either Transport: the behaviour tests take this and run against both, so the lean pool
-    is checked against ClientSession's answers (tests of the pool's own workings take ``pool``)."""
-    made: Transport
-    if request.param == "h1":
-        made = H1Pool(asyncio.get_running_loop())
-    else:
-        made = SessionTransport(aiohttp.ClientSession())
-    yield made
-    await made.close()
 
 
 class Seen:
@@ -805,7 +792,7 @@ async def test_a_pooled_connection_closed_while_idle_is_not_used(pool: H1Pool) -
         assert pool.idle_connections == 1
         upstream.close_now.set()
         upstream.closed.wait(5)  # blocks the loop: the FIN waits in the socket, unseen by it
-        time.sleep(0.05)  # for the FIN to land
+        time.sleep(0.05)  # noqa: ASYNC251 - blocks the loop on purpose: the FIN lands unseen
         _, body = await post(pool, upstream.url())
         assert body == OK
         assert upstream.receptions == [1, 1]  # nothing was written on the closed connection
