@@ -34,7 +34,6 @@ __all__ = [
     "running",
     "sdk",
     "start_run_py",
-    "start_run_py",
     "wait_healthy",
 ]
 

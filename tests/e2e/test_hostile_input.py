@@ -698,11 +698,19 @@ SCALARS = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12)
 )
+
+
+def _nested(
+    inner: st.SearchStrategy[Any],
+) -> st.SearchStrategy[Any]:
+    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
+    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 JSON = st.recursive(
     SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    _nested,
     max_leaves=12,
 )
 TEXT = st.text(min_size=1, max_size=30)
