@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from aioproxy import Deployment
+from aioproxy.failures import read_upstream_error
 from aioproxy.testing import FakeOpenAI
 from aioproxy.testing.openai_upstream import MISSING_MODEL
-from aioproxy.upstream import read_upstream_error
 from tests.support import UPSTREAM_KEY, ServeProxy, gateway_config, sdk
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
