@@ -22,10 +22,11 @@ import msgspec
 from ..config import CompletionsConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest
+from ..failures import scrub_bytes
 from ..fields import ArrayOf, decode_field, text_or_array
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
-from .common import chat_call, events_of, first_event, once, text_of, unsupported
+from .common import chat_call, events_of, first_event, once, scrubbed, text_of, unsupported
 
 __all__ = [
     "Admission",
@@ -311,7 +312,7 @@ def make_completions_bridge(
             raise BadGateway("The chat provider streamed an answer that was not asked to stream")
         for reply in replies:
             if isinstance(reply, JSONReply) and reply.status >= 400:
-                return reply  # a provider's own error answer: pass it on as it is
+                return scrubbed(reply, call)  # a provider's own error answer: pass it on
         try:
             completion = completion_from_chat(
                 [reply.body for reply in replies],  # type: ignore[union-attr]
@@ -368,7 +369,7 @@ async def _stream_reply(
     """Start the first prompt's chat stream (so its failure keeps its status), then relay."""
     reply = await chat(chat_call(call, bodies[0]))
     if isinstance(reply, JSONReply) and reply.status >= 400:
-        return reply
+        return scrubbed(reply, call)
     current: list[Callable[[], Awaitable[None]]] = []
     first: bytes | None = None
     if isinstance(reply, StreamReply):
@@ -414,7 +415,8 @@ async def _relay(
                     current.append(once(reply.aclose))
                     first = await first_event(reply)
             if isinstance(reply, JSONReply) and reply.status >= 400:
-                yield b"data: " + reply.body + b"\n\n"  # headers are out: as one error event
+                # The headers are out: as one error event.
+                yield b"data: " + scrub_bytes(reply.body, call.deployment) + b"\n\n"
                 return
             if echo:
                 choices = [_OutChoice(prompt, number * n + j) for j in range(n)]
@@ -436,7 +438,8 @@ async def _relay(
                         code="upstream_invalid_response",
                     ) from None
                 if answer.error is not None:
-                    yield b"data: " + data + b"\n\n"  # already an error event: pass it on
+                    # Already an error event: pass it on, the deployment's secrets masked.
+                    yield b"data: " + scrub_bytes(data, call.deployment) + b"\n\n"
                     return
                 model = answer.model or model
                 _add_usage(usage, answer.usage)

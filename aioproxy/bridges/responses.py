@@ -19,8 +19,8 @@ from ..errors import BadGateway, BadRequest, NotFound, ProxyError
 from ..fields import BOOL, STR, get_field
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of, sse_event
-from ..upstream import failure_from
-from .common import chat_call, events_of, first_event, once
+from ..upstream import failure_from, scrub
+from .common import chat_call, events_of, first_event, once, scrubbed
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
 from .store import BrokenChain, ResponseStore, StoreUnavailable, owner_of
@@ -42,16 +42,23 @@ _NOT_STORED = {"Warning": '199 aioproxy "the response was not stored: the store 
 
 
 def _error_from(payload: Any, call: Call) -> ProxyError:
-    """A chat-side ``{"error": ...}`` event as a ProxyError."""
+    """A chat-side ``{"error": ...}`` event as a ProxyError, its upstream text scrubbed of the
+    deployment's secrets (a provider may echo its key in an error)."""
+    if not call.routed:
+        return BadGateway("The chat completion failed")
+    deployment = call.deployment
     if isinstance(payload, dict):
         message = payload.get("message")
         code = payload.get("code")
+        param = payload.get("param")
         return BadGateway(
-            message if isinstance(message, str) and message else "The chat completion failed",
-            param=payload.get("param") if isinstance(payload.get("param"), str) else None,
-            code=str(code) if code is not None else "upstream_error",
+            scrub(message, deployment)
+            if isinstance(message, str) and message
+            else "The chat completion failed",
+            param=scrub(param, deployment) if isinstance(param, str) else None,
+            code=scrub(str(code), deployment) if code is not None else "upstream_error",
         )
-    return BadGateway(str(payload) if payload else "The chat completion failed")
+    return BadGateway(scrub(str(payload), deployment) if payload else "The chat completion failed")
 
 
 def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> ProviderMethod:
@@ -75,7 +82,7 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
         if isinstance(reply, JSONReply):
             if reply.status >= 400:
-                return reply  # a provider's own error answer: pass it on as it is
+                return scrubbed(reply, call)  # a provider's own error answer: pass it on
             if call.stream:  # asked for a stream, got a whole answer
                 return StreamReply(_whole(builder, reply, call, save))
             builder.feed(_whole_answer(reply.body, call))

@@ -19,6 +19,8 @@ from aioproxy.bridges.completions import (
 )
 from aioproxy.routes import Kind
 from tests.schemas import validate
+from tests.support import KEYED
+from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
 
@@ -254,10 +256,9 @@ async def test_bridge_passes_a_chat_error_answer_on() -> None:
     error = JSONReply.of(
         {"error": {"message": "no", "type": "x", "param": None, "code": None}}, 429
     )
-    assert (
-        await make_completions_bridge(FakeChat(lambda call: error))(make_call({"prompt": "p"}))
-        is error
-    )
+    reply = await make_completions_bridge(FakeChat(lambda call: error))(make_call({"prompt": "p"}))
+    assert isinstance(reply, JSONReply)
+    assert (reply.status, reply.body) == (error.status, error.body)
 
 
 async def test_bridge_streams_text_completion_chunks_as_they_arrive() -> None:
@@ -328,3 +329,37 @@ async def test_bridge_relays_a_chat_error_event() -> None:
     reply = await make_completions_bridge(chat)(make_call({"prompt": "p", "stream": True}))
     chunks = await collect(reply)  # type: ignore[arg-type]
     assert chunks[-1] == {"error": {"message": "boom", "type": "server_error"}}
+
+
+def keyed_call(body: dict[str, Any]) -> Call:
+    call = make_call(body)
+    call.route_to(KEYED)
+    return call
+
+
+async def test_a_chat_error_answer_is_passed_on_scrubbed() -> None:
+    error = JSONReply.of({"error": {"message": f"bad key {KEY}", "type": "x"}}, 400)
+    for stream in (False, True):
+        reply = await make_completions_bridge(FakeChat(lambda call: error))(
+            keyed_call({"prompt": "p", "stream": stream})
+        )
+        assert isinstance(reply, JSONReply) and reply.status == 400
+        assert KEY.encode() not in reply.body and b"bad key" in reply.body
+
+
+async def test_a_chat_error_event_is_relayed_scrubbed() -> None:
+    event = b'data: {"error": {"message": "boom ' + KEY.encode() + b'"}}\n\n'
+    chat = FakeChat(lambda call: [chunk("x"), event])
+    reply = await make_completions_bridge(chat)(keyed_call({"prompt": "a", "stream": True}))
+    chunks = await collect(reply)  # type: ignore[arg-type]
+    assert chunks[-1]["error"]["message"].startswith("boom ")
+    assert KEY not in msgspec.json.encode(chunks).decode()
+
+
+async def test_a_later_prompts_error_answer_is_relayed_scrubbed() -> None:
+    error = JSONReply.of({"error": {"message": f"bad key {KEY}"}}, 500)
+    chat = FakeChat(lambda call: [chunk("x"), DONE] if len(chat.calls) == 1 else error)
+    reply = await make_completions_bridge(chat)(keyed_call({"prompt": ["a", "b"], "stream": True}))
+    chunks = await collect(reply)  # type: ignore[arg-type]
+    assert chunks[-1]["error"]["message"].startswith("bad key ")
+    assert KEY not in msgspec.json.encode(chunks).decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from aioproxy import BadRequest, Call, Deployment, JSONReply, NotFound, Principal, StreamReply
+from aioproxy import (
+    BadRequest,
+    Call,
+    Deployment,
+    JSONReply,
+    NotFound,
+    Principal,
+    ProxyError,
+    StreamReply,
+)
 from aioproxy.bridges.response_request import ChatRequest
 from aioproxy.bridges.response_request import chat_request as chat_request_of
 from aioproxy.bridges.response_request import input_messages as input_messages_of
@@ -20,6 +30,8 @@ from aioproxy.bridges.store import ResponseStore
 from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
+from tests.support import KEYED
+from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
 
@@ -613,7 +625,41 @@ async def test_bridge_passes_a_chat_error_answer_on() -> None:
     reply = await make_responses_bridge(FakeChat(lambda call: error), None)(
         make_call({"input": "x"})
     )
-    assert reply is error
+    assert isinstance(reply, JSONReply)
+    assert (reply.status, reply.body) == (error.status, error.body)
+
+
+def keyed_call(body: dict[str, Any]) -> Call:
+    call = make_call(body)
+    call.route_to(KEYED)
+    return call
+
+
+def _same(answer: Any, call: Call) -> Any:
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_chat_error_never_shows_the_deployment_key(stream: bool) -> None:
+    said = {"message": f"bad key {KEY}", "param": KEY, "code": KEY}
+    answers: list[Any] = [
+        JSONReply.of({"error": said}, 401),
+        JSONReply.of({"error": said}),  # an error inside a 200 answer
+        [chunk({"content": "a"}), b"data: " + msgspec.json.encode({"error": said}) + b"\n\n"],
+    ]
+    for answer in answers:
+        chat = FakeChat(functools.partial(_same, answer))
+        try:
+            reply = await make_responses_bridge(chat, None)(
+                keyed_call({"input": "x", "stream": stream})
+            )
+            if isinstance(reply, JSONReply):
+                text = reply.body.decode()
+            else:
+                text = msgspec.json.encode(await collect(reply)).decode()
+        except ProxyError as error:
+            text = f"{error.message} {error.param} {error.code}"
+        assert KEY not in text and "bad key" in text
 
 
 async def test_bridge_streams_each_delta_as_it_arrives() -> None:
