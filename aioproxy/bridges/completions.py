@@ -201,12 +201,29 @@ class _Message(msgspec.Struct):
     content: Any = None
 
 
+class _TopLogprob(msgspec.Struct):
+    token: str = ""
+    logprob: float = 0.0
+
+
+class _TokenLogprob(msgspec.Struct):
+    token: str = ""
+    logprob: float = 0.0
+    top_logprobs: list[_TopLogprob] | None = None
+
+
+class _ChatLogprobs(msgspec.Struct):
+    """A chat choice's ``logprobs``, typed: an upstream's malformed one is its error (502)."""
+
+    content: list[_TokenLogprob] | None = None
+
+
 class _Choice(msgspec.Struct):
     index: int = 0
     message: _Message | None = None  # a whole answer
     delta: _Message | None = None  # a stream chunk
     finish_reason: str | None = None
-    logprobs: dict[str, Any] | None = None
+    logprobs: _ChatLogprobs | None = None
 
 
 class _ChatAnswer(msgspec.Struct):
@@ -253,7 +270,7 @@ class _Logprobs:
     def __init__(self) -> None:
         self.offsets: dict[int, int] = {}
 
-    def convert(self, index: int, chat: dict[str, Any] | None) -> dict[str, Any] | None:
+    def convert(self, index: int, chat: _ChatLogprobs | None) -> dict[str, Any] | None:
         if chat is None:
             return None
         tokens: list[str] = []
@@ -261,15 +278,12 @@ class _Logprobs:
         top: list[dict[str, float]] = []
         text_offset: list[int] = []
         offset = self.offsets.get(index, 0)
-        for entry in chat.get("content") or ():
-            token = entry.get("token", "")
-            tokens.append(token)
-            token_logprobs.append(entry.get("logprob", 0.0))
-            top.append(
-                {t.get("token", ""): t.get("logprob", 0.0) for t in entry.get("top_logprobs") or ()}
-            )
+        for entry in chat.content or ():
+            tokens.append(entry.token)
+            token_logprobs.append(entry.logprob)
+            top.append({t.token: t.logprob for t in entry.top_logprobs or ()})
             text_offset.append(offset)
-            offset += len(token)
+            offset += len(entry.token)
         self.offsets[index] = offset
         return {
             "tokens": tokens,

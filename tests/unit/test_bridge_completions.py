@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from aioproxy import BadRequest, Call, Deployment, JSONReply, Principal, StreamReply
+from aioproxy import BadGateway, BadRequest, Call, Deployment, JSONReply, Principal, StreamReply
 from aioproxy.bridges.completions import (
     CompletionRequest,
     chat_call_for,
@@ -421,3 +421,14 @@ async def test_n_is_bounded_as_openai_bounds_it(n: Any) -> None:
     with pytest.raises(BadRequest) as caught:
         await make_completions_bridge(chat)(make_call({"prompt": "p", "n": n}))
     assert caught.value.param == "n" and not chat.calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_malformed_chat_logprobs_are_the_upstreams_error(stream: bool) -> None:
+    bad = completion("x", logprobs={"content": 5})
+    answer: Any = [b"data: " + msgspec.json.encode(bad) + b"\n\n", DONE] if stream else bad
+    bridge = make_completions_bridge(FakeChat(lambda call: answer))
+    with pytest.raises(BadGateway) as caught:
+        reply = await bridge(make_call({"prompt": "p", "logprobs": 1, "stream": stream}))
+        await collect(reply)  # type: ignore[arg-type]
+    assert caught.value.code == "upstream_invalid_response"
