@@ -44,7 +44,7 @@ def bridge_methods(
         natives: the record of native response ids: a native ``responses`` is wrapped to
             keep it, and to ``fall_back`` onto the bridge when the upstream lacks the route.
         max_body_size: ``[server] max_body_size``, which bounds what a completions request's
-            chat calls carry all told.
+            chat calls carry all told, and the stored history a response continues.
 
     A native method is never replaced; without native chat completions nothing is bridged.
     """
@@ -54,7 +54,7 @@ def bridge_methods(
         else {kind: method for kind, method in methods.items() if kind in endpoints}
     )
     chat = served.get(Kind.CHAT_COMPLETIONS)
-    bridge = make_responses_bridge(chat, store) if chat is not None else None
+    bridge = make_responses_bridge(chat, store, max_body_size) if chat is not None else None
     native = served.get(Kind.RESPONSES)
     if native is not None:
         if natives is not None and fall_back is not None:

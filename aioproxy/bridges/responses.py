@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from ..config import ServerConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
 from ..fields import BOOL, STR, get_field
@@ -23,7 +24,7 @@ from ..upstream import failure_from, scrub
 from .common import chat_call, events_of, first_event, once, scrubbed
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
-from .store import BrokenChain, ResponseStore, StoreUnavailable, owner_of
+from .store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable, owner_of
 
 __all__ = [
     "ChatRequest",
@@ -61,14 +62,23 @@ def _error_from(payload: Any, call: Call) -> ProxyError:
     return BadGateway(scrub(str(payload), deployment) if payload else "The chat completion failed")
 
 
-def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> ProviderMethod:
-    """The ``responses`` method of a provider that only has ``chat`` (its chat_completions)."""
+def make_responses_bridge(
+    chat: ProviderMethod,
+    store: ResponseStore | None,
+    max_history: int = ServerConfig().max_body_size,
+) -> ProviderMethod:
+    """The ``responses`` method of a provider that only has ``chat`` (its chat_completions).
+
+    A conversation continued (``previous_response_id``) is read back up to ``max_history``
+    bytes of stored turns: ``[server] max_body_size``, as a client sending that conversation
+    itself could send no more in one body; decoded, a history costs ten times its bytes.
+    """
 
     async def responses(call: Call) -> Reply:
         history: list[dict[str, Any]] = []
         previous_id = get_field(call.fields, "previous_response_id", STR)
         if previous_id is not None:
-            history = await _history(store, call, previous_id)
+            history = await _history(store, call, previous_id, max_history)
         request = chat_request(call.fields, history)
         keep = store is not None and get_field(call.fields, "store", BOOL) is not False
         builder = ResponseBuilder(request.echo, call.model, store=keep)
@@ -112,7 +122,7 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
 
 async def _history(
-    store: ResponseStore | None, call: Call, previous_id: str
+    store: ResponseStore | None, call: Call, previous_id: str, max_history: int
 ) -> list[dict[str, Any]]:
     if store is None:
         raise BadRequest(
@@ -121,7 +131,14 @@ async def _history(
             code="unsupported_parameter",
         )
     try:
-        found = await store.get(previous_id, owner_of(call.principal))
+        found = await store.get(previous_id, owner_of(call.principal), max_history)
+    except HistoryTooLarge as large:
+        raise BadRequest(
+            f"The conversation before '{previous_id}' is too long to continue: its turns come"
+            f" to more than {large.limit} bytes. Start a new conversation.",
+            param="previous_response_id",
+            code="history_too_large",
+        ) from None
     except BrokenChain as broken:
         # A deleted (or expired) response is gone from every conversation that went through
         # it: continuing without it would send the model a conversation with a hole.

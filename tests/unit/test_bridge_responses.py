@@ -824,3 +824,29 @@ async def test_previous_response_id_without_a_store_is_refused() -> None:
     with pytest.raises(BadRequest) as caught:
         await bridge(make_call({"input": "x", "previous_response_id": "resp_1"}))
     assert caught.value.param == "previous_response_id"
+
+
+async def test_a_history_past_the_bound_is_a_400_naming_previous_response_id(
+    store: ResponseStore,
+) -> None:
+    chat = FakeChat(lambda call: completion("answer"))
+    bridge = make_responses_bridge(chat, store, max_history=4096)
+    first = msgspec.json.decode((await bridge(make_call({"input": "x" * 3000}))).body)
+    second = msgspec.json.decode(
+        (await bridge(make_call({"input": "y" * 3000, "previous_response_id": first["id"]}))).body
+    )
+    with pytest.raises(BadRequest) as caught:
+        await bridge(make_call({"input": "z", "previous_response_id": second["id"]}))
+    assert caught.value.param == "previous_response_id" and len(chat.calls) == 2
+
+
+async def test_history_and_input_together_are_counted_against_max_messages(
+    store: ResponseStore,
+) -> None:
+    chat = FakeChat(lambda call: completion("answer"))
+    bridge = make_responses_bridge(chat, store)
+    many = [{"role": "user", "content": "m"}] * 1500
+    first = msgspec.json.decode((await bridge(make_call({"input": many}))).body)
+    with pytest.raises(BadRequest) as caught:
+        await bridge(make_call({"input": many, "previous_response_id": first["id"]}))
+    assert caught.value.param == "previous_response_id" and len(chat.calls) == 1
