@@ -28,7 +28,7 @@ from .failures import (
 from .h1client import H1Pool
 from .headers import never_forwarded
 from .replies import JSONReply, Reply, StreamReply
-from .streaming import iter_sse
+from .streaming import iter_sse, iter_sse_blocks
 from .transport import (
     SessionTransport,
     StreamTimeout,
@@ -238,6 +238,23 @@ class Upstream:
             raise_stream_failure(exc, deployment)
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse
+
+    async def lines(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
+        """The answer's lines one by one (NDJSON, say), each ending in ``\\n``; as with
+        :meth:`events`, transport errors, a stall longer than the deployment's ``read`` timeout
+        and an oversized line come out as the client's errors."""
+        deployment = call.deployment
+        budget = getattr(response, "budget", None)
+        idle = self.timeouts(deployment).read
+        blocks = iter_sse_blocks(response.content, idle=idle, budget=budget, end=b"\n")
+        try:
+            async for block in blocks:
+                for line in block.split(b"\n")[:-1]:  # the block ends in one
+                    yield line + b"\n"
+        except Exception as exc:
+            raise_stream_failure(exc, deployment)
+        finally:
+            await blocks.aclose()
 
     async def forward(
         self, call: Call, url: str, headers: Mapping[str, str], body: bytes | None = None
