@@ -122,7 +122,7 @@ def make_responses_bridge(
 
 
 async def _history(
-    store: ResponseStore | None, call: Call, previous_id: str, max_history: int
+    store: ResponseStore | None, call: Call, previous_id: str, max_history: int | None = None
 ) -> list[dict[str, Any]]:
     if store is None:
         raise BadRequest(
