@@ -264,7 +264,7 @@ class Upstream:
             async for block in blocks:
                 for line in block.split(b"\n")[:-1]:  # the block ends in one
                     yield line + b"\n"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again as it is
             raise_stream_failure(exc, deployment)
         finally:
             await blocks.aclose()

@@ -21,10 +21,13 @@ __all__ = [
 ]
 
 
+_COMPLETIONS = CompletionsConfig()  # the default limits
+
+
 def bridge_methods(
     methods: dict[Kind, ProviderMethod],
     store: ResponseStore | None,
-    completions: CompletionsConfig = CompletionsConfig(),
+    completions: CompletionsConfig = _COMPLETIONS,
     admission: Admission | None = None,
     *,
     endpoints: Collection[Kind] | None = None,
