@@ -189,9 +189,10 @@ class Provider:
             timeout=client_timeout(self.upstream.timeouts(deployment)),
             allow_redirects=False,
         )
-        response = await answer_of(sending, deployment)
+        budget = self.upstream.budget  # the session's answers count as the pool's do
+        response = await answer_of(sending, deployment, budget=budget)
         with closed_on_failure(response, deployment):
-            body = await read_capped(response, deployment)
+            body = await read_capped(response, deployment, budget)
         response.release()
         return JSONReply(body, response.status)
 

@@ -24,7 +24,7 @@ from .failures import (
 from .h1client import H1Pool
 from .headers import never_forwarded
 from .replies import JSONReply, Reply, StreamReply
-from .streaming import iter_sse
+from .streaming import iter_sse, iter_sse_blocks
 from .transport import (
     SessionTransport,
     Transport,
@@ -46,11 +46,15 @@ __all__ = [
 ]
 
 
-async def _read_capped(response: UpstreamResponse, deployment: Deployment) -> bytes:
+async def _read_capped(
+    response: UpstreamResponse, deployment: Deployment, budget: BufferBudget | None = None
+) -> bytes:
     """The whole upstream body, refusing one over MAX_UPSTREAM_BODY. While it is read, its
-    bytes count against the app's buffer budget (the lean pool's answers carry it): BufferFull
-    (a 503) when the gateway holds too much already."""
-    budget: BufferBudget | None = getattr(response, "budget", None)
+    bytes count against the app's buffer ``budget`` (the Upstream's; for the deprecated
+    callers, the one the lean pool's answers carry): BufferFull (a 503) when the gateway holds
+    too much already."""
+    if budget is None:
+        budget = getattr(response, "budget", None)
     length = response.content_length
     if length is not None and length <= MAX_UPSTREAM_BODY:
         if budget is None:
@@ -82,6 +86,7 @@ async def _answer(
     sending: Awaitable[UpstreamResponse],
     deployment: Deployment,
     read_error: ErrorReader = openai_error,
+    budget: BufferBudget | None = None,
 ) -> UpstreamResponse:
     """The upstream's 2xx answer to a POST in flight, or the client's error: connect errors and
     timeouts as 502/504, a redirect as a 502 (never followed: it could carry the key to another
@@ -93,7 +98,7 @@ async def _answer(
     if response.status < 300:
         return response
     with _Guard(response, deployment):
-        body = await _read_capped(response, deployment)
+        body = await _read_capped(response, deployment, budget)
         if response.status < 400:
             raise BadGateway(
                 f"Deployment {deployment.describe()} answered with a redirect "
@@ -131,20 +136,25 @@ class _Guard:
             raise as_proxy_error(exc, self.deployment) from exc
 
 
-async def _forwarded(call: Call, sending: Awaitable[UpstreamResponse], idle: float | None) -> Reply:
+async def _forwarded(
+    call: Call,
+    sending: Awaitable[UpstreamResponse],
+    idle: float | None,
+    budget: BufferBudget | None = None,
+) -> Reply:
     """A pass-through POST's answer in flight as the client's reply: a stream relayed event by
     event (``idle``: the longest it may go without a complete event), anything else read whole
     and checked (passthrough.py)."""
     deployment = call.deployment
-    response = await _answer(sending, deployment)
+    response = await _answer(sending, deployment, budget=budget)
     with _Guard(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
-                passthrough.events(response, deployment, call.kind, idle),
+                passthrough.events(response, deployment, call.kind, idle, budget),
                 close=response.close,
                 finished=response.content.is_eof,
             )
-        data = await _read_capped(response, deployment)
+        data = await _read_capped(response, deployment, budget)
         passthrough.check_answer(data, deployment)
     response.release()
     return JSONReply(data, response.status)
@@ -160,15 +170,19 @@ class Upstream:
     failure comes out as the client's ProxyError (502/504, naming the deployment); redirects
     are never followed. Timeouts are the call's deployment's (else ``[upstream] timeouts``)."""
 
-    __slots__ = ("_config", "_forwarded", "_timeouts", "pool", "session", "transport")
+    __slots__ = ("_config", "_forwarded", "_timeouts", "budget", "pool", "session", "transport")
 
     def __init__(
         self,
         transport: Transport,
         config: Config,
         session: aiohttp.ClientSession | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.transport = transport
+        # What every answer read through it counts against, whichever transport (or session)
+        # it came by: the given one, else the lean pool's.
+        self.budget = budget if budget is not None else getattr(transport, "budget", None)
         # For providers still built the old way (factory(session, config), provider.pool).
         if session is None and isinstance(transport, SessionTransport):
             session = transport.session
@@ -195,7 +209,7 @@ class Upstream:
         The caller owns the answer: read it inside :meth:`guard`, then release it."""
         deployment = call.deployment
         sending = self.transport.post(url, body, headers, self.timeouts(deployment))
-        return await _answer(sending, deployment, read_error)
+        return await _answer(sending, deployment, read_error, self.budget)
 
     def guard(self, response: UpstreamResponse, call: Call) -> AbstractContextManager[None]:
         """Close ``response`` if the block fails (cancelled too), with transport errors as
@@ -204,14 +218,14 @@ class Upstream:
 
     async def read(self, response: UpstreamResponse, call: Call) -> bytes:
         """The whole body, refusing one over 64 MiB, counted against the buffer budget."""
-        return await _read_capped(response, call.deployment)
+        return await _read_capped(response, call.deployment, self.budget)
 
     async def events(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
         """The answer's SSE events one by one; transport errors, a stall longer than the
         deployment's ``read`` timeout and an oversized event as the client's errors."""
         deployment = call.deployment
-        budget = getattr(response, "budget", None)
-        events = iter_sse(response.content, idle=self.timeouts(deployment).read, budget=budget)
+        idle = self.timeouts(deployment).read
+        events = iter_sse(response.content, idle=idle, budget=self.budget)
         try:
             async for event in events:
                 yield event
@@ -219,6 +233,22 @@ class Upstream:
             raise_stream_failure(exc, deployment)
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse
+
+    async def lines(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
+        """The answer's lines one by one (NDJSON, say), each ending in ``\\n``; as with
+        :meth:`events`, transport errors, a stall longer than the deployment's ``read`` timeout
+        and an oversized line come out as the client's errors."""
+        deployment = call.deployment
+        idle = self.timeouts(deployment).read
+        blocks = iter_sse_blocks(response.content, idle=idle, budget=self.budget, end=b"\n")
+        try:
+            async for block in blocks:
+                for line in block.split(b"\n")[:-1]:  # the block ends in one
+                    yield line + b"\n"
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again as it is
+            raise_stream_failure(exc, deployment)
+        finally:
+            await blocks.aclose()
 
     async def forward(
         self, call: Call, url: str, headers: Mapping[str, str], body: bytes | None = None
@@ -229,7 +259,7 @@ class Upstream:
         timeouts = self.timeouts(deployment)
         payload = call.body() if body is None else body
         sending = self.transport.post(url, payload, headers, timeouts)
-        return await _forwarded(call, sending, timeouts.read)
+        return await _forwarded(call, sending, timeouts.read, self.budget)
 
     def client_headers(self, call: Call) -> dict[str, str]:
         """The configured ``forward_headers`` the client sent, lower-cased (never a

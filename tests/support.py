@@ -17,6 +17,7 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
+from aioproxy import Deployment, Secret
 from aioproxy.testing import eventually
 
 __all__ = [
@@ -44,6 +45,10 @@ UPSTREAM_MODEL = "gpt-4o-mini"
 # What the openai SDK sends: its key, and a JSON Content-Type (bodies of any other are refused).
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
 CHAT = "/v1/chat/completions"
+# A deployment with a key, for checking that what the proxy relays never shows it.
+KEYED = Deployment(
+    name="keyed", provider="chatonly", model="up-model", api_key=Secret(UPSTREAM_KEY)
+)
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 ServeProxy = Callable[..., Awaitable[TestServer]]

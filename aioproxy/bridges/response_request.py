@@ -183,6 +183,13 @@ def chat_request(
     messages.extend(history)
     inputs = input_messages(fields.get("input", ABSENT))
     messages.extend(inputs)
+    if history and len(messages) > MAX_MESSAGES:  # the input is bounded alone; with it too
+        raise BadRequest(
+            f"The conversation is too long to continue: with 'previous_response_id' it comes to"
+            f" {len(messages)} messages, more than the {MAX_MESSAGES} allowed",
+            param="previous_response_id",
+            code="array_above_max_length",
+        )
     if not history and not inputs:
         raise BadRequest(
             "Missing required parameter: 'input'", param="input", code="missing_required_parameter"

@@ -148,7 +148,7 @@ def stream_error(blocks: list[tuple[str, str]]) -> dict[str, Any]:
 
 async def readiness(proxy: TestServer) -> tuple[int, dict[str, Any], str]:
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.make_url("/health/readiness")) as response:
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
             text = await response.text()
             return response.status, json.loads(text), text
 
@@ -1253,3 +1253,31 @@ async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
         server.close()
     assert answers == [b"cut", b"whole"]
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER, body
+
+
+async def test_readiness_shows_deployments_only_to_the_master_key(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    """Load balancers get the status without a key; the rows (model names, upstream model
+    ids, traffic) are the operator's."""
+    config = one_deployment(upstream_base)
+    config["auth"]["keys"] = [{"key": "sk-user-test", "name": "user"}]
+    proxy = await serve_proxy(config)
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer sk-user-test"}, {"Authorization": "x"}):
+            async with http.get(proxy.make_url("/health/readiness"), headers=headers) as response:
+                assert (response.status, await response.json()) == (200, {"status": "ready"})
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
+            assert response.status == 200
+            rows = (await response.json())["deployments"]
+    assert {row["model"] for row in rows} == {"gpt-test", "echo"}
+
+
+async def test_readiness_shows_deployments_on_a_proxy_without_keys(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    config = one_deployment(upstream_base)
+    config.pop("auth", None)
+    proxy = await serve_proxy(config)
+    status, body, _ = await readiness(proxy)
+    assert status == 200 and {row["model"] for row in body["deployments"]} == {"gpt-test", "echo"}
