@@ -61,7 +61,7 @@ from .checks import (
 )
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
-from .openai_upstream import FakeOpenAI
+from .openai_upstream import FakeOpenAI, completion_usage
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
 from .waiting import eventually
@@ -95,6 +95,7 @@ __all__ = [
     "check_embeddings",
     "check_error_mapping",
     "check_responses",
+    "completion_usage",
     "eventually",
     "first_event",
     "parse_sse",

@@ -8,7 +8,10 @@ import json
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
 
+from aioproxy.testing import completion_usage
+
 from . import SCHEMA_FILE, schema_names, validate, validator
+from .extract import ROOTS
 
 # --------------------------------------------------------------------------
 # Realistic bodies, shaped like what api.openai.com returns.
@@ -32,18 +35,7 @@ CHAT_COMPLETION = {
             "finish_reason": "stop",
         }
     ],
-    "usage": {
-        "prompt_tokens": 19,
-        "completion_tokens": 10,
-        "total_tokens": 29,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    },
+    "usage": completion_usage(19, 10),
     "service_tier": "default",
     "system_fingerprint": "fp_3a668b2eb1",
 }
@@ -542,19 +534,6 @@ def test_schemas_are_strict_about_known_real_world_deviations(schema_name, base,
 # --------------------------------------------------------------------------
 # The fixture itself
 # --------------------------------------------------------------------------
-
-ROOTS = [
-    "CreateChatCompletionResponse",
-    "CreateChatCompletionStreamResponse",
-    "CreateCompletionResponse",
-    "CreateEmbeddingResponse",
-    "ListModelsResponse",
-    "Model",
-    "Response",
-    "ResponseStreamEvent",
-    "ErrorResponse",
-    "Error",
-]
 
 
 def test_fixture_contains_roots_and_is_closed_under_refs():
