@@ -17,6 +17,7 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
+from aioproxy import Call, JSONReply, StreamReply
 from aioproxy.testing import eventually
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ROOT",
     "UPSTREAM_KEY",
     "UPSTREAM_MODEL",
+    "FakeChat",
     "ServeProxy",
     "clean_env",
     "free_port",
@@ -140,3 +142,39 @@ async def running(
     finally:
         process.terminate()
         await process.wait()
+
+
+class FakeChat:
+    """A chat-completions provider method for the bridge tests: records each call and answers
+    with ``answer(call)``: a reply, a body, or a list of stream events (bytes, an ``asyncio.Event``
+    to wait for, or an exception to raise)."""
+
+    def __init__(self, answer: Callable[[Call], Any]) -> None:
+        self.answer = answer
+        self.calls: list[Call] = []
+        self.closed = 0
+
+    async def __call__(self, call: Call) -> JSONReply | StreamReply:
+        self.calls.append(call)
+        answer = self.answer(call)
+        if isinstance(answer, list):
+            return StreamReply(self._events(answer), close=self._close)
+        if isinstance(answer, (JSONReply, StreamReply)):
+            return answer
+        return JSONReply.of(answer)
+
+    async def _events(self, events: list[Any]) -> AsyncIterator[bytes]:
+        for event in events:
+            if isinstance(event, asyncio.Event):
+                await event.wait()
+            elif isinstance(event, BaseException):
+                raise event
+            else:
+                yield event
+
+    def _close(self) -> None:
+        self.closed += 1
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.calls[-1].json()
