@@ -47,6 +47,7 @@ from .assertions import (
     assert_openai_error,
     assert_response,
     assert_response_events,
+    text_response_event_types,
 )
 from .checks import (
     HELLO,
@@ -101,6 +102,7 @@ __all__ = [
     "parse_sse",
     "read_sse",
     "start_proxy",
+    "text_response_event_types",
 ]
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from aioproxy.testing import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, text_response_event_types
 from aioproxy.testing.openai_upstream import MODELS, REDIRECT_LOCATION
 from tests.schemas import validate
 
@@ -21,17 +21,7 @@ TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
     {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}},
 ]
-RESPONSE_EVENTS = [
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    *["response.output_text.delta"] * 5,
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.output_item.done",
-    "response.completed",
-]
+RESPONSE_EVENTS = text_response_event_types(5)
 
 
 @pytest.fixture
