@@ -70,11 +70,16 @@ CHAT_COMPLETION_TOOL_CALL = {
     "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99},
 }
 
-CHAT_CHUNK_FIRST = {
+# What every chunk of one stream repeats.
+CHUNK_HEAD = {
     "id": "chatcmpl-123",
     "object": "chat.completion.chunk",
     "created": 1694268190,
     "model": "gpt-4o-mini",
+}
+
+CHAT_CHUNK_FIRST = {
+    **CHUNK_HEAD,
     "system_fingerprint": "fp_44709d6fcb",
     "choices": [
         {
@@ -87,28 +92,19 @@ CHAT_CHUNK_FIRST = {
 }
 
 CHAT_CHUNK_LAST = {
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
     "usage": None,
 }
 
 CHAT_CHUNK_USAGE = {  # stream_options={"include_usage": true}: final chunk
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [],
     "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
 }
 
 CHAT_CHUNK_TOOL_CALL = {
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [
         {
             "index": 0,
