@@ -24,24 +24,17 @@ TOOLS: list[Any] = [
 RESPONSE_EVENTS = text_response_event_types(5)
 
 
-@pytest.fixture
-def fake() -> FakeOpenAI:
-    return FakeOpenAI()
+# `fake` and `upstream` (the fake served on 127.0.0.1) are tests/conftest.py's fixtures.
 
 
 @pytest.fixture
-async def server(fake: FakeOpenAI, aiohttp_server: Any) -> TestServer:
-    return await aiohttp_server(fake.app())
+async def raw(upstream: TestServer, aiohttp_client: Any) -> TestClient:
+    return await aiohttp_client(upstream)
 
 
 @pytest.fixture
-async def raw(server: TestServer, aiohttp_client: Any) -> TestClient:
-    return await aiohttp_client(server)
-
-
-@pytest.fixture
-async def sdk(server: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0)
+async def sdk(upstream: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=str(upstream.make_url("/v1")), api_key="x", max_retries=0)
     yield client
     await client.close()
 
@@ -386,14 +379,14 @@ async def test_prefix(aiohttp_client: Any) -> None:
 
 
 async def test_shutdown_hangs_up_on_hung_requests(
-    raw: TestClient, server: TestServer, fake: FakeOpenAI
+    raw: TestClient, upstream: TestServer, fake: FakeOpenAI
 ) -> None:
     # Otherwise aiohttp's graceful shutdown would wait a minute for the hung handler.
     fake.faults.append("hang")
     pending = asyncio.create_task(raw.post("/v1/embeddings", json={"model": "e", "input": "a"}))
     while not fake.in_flight:
         await asyncio.sleep(0.01)
-    await asyncio.wait_for(server.close(), 1)
+    await asyncio.wait_for(upstream.close(), 1)
     assert fake.in_flight == 0
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await pending
