@@ -23,6 +23,7 @@ from aioproxy.testing import eventually
 __all__ = [
     "AUTH",
     "CHAT",
+    "HI_CHUNK",
     "MASTER_KEY",
     "MESSAGES",
     "ROOT",
@@ -47,6 +48,14 @@ UPSTREAM_MODEL = "gpt-4o-mini"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
+# A minimal chat chunk, for fake upstreams that write their streams by hand.
+HI_CHUNK = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+}
 
 ServeProxy = Callable[..., Awaitable[TestServer]]
 """conftest's ``serve_proxy`` fixture: ``await serve_proxy(config, plugins)``."""
