@@ -93,60 +93,41 @@ def test_data_line_without_space() -> None:
 @pytest.mark.parametrize(
     "outcome",
     [
-        body_outcome(b'{"id":"x","choices":[]}'),
-        body_outcome(b'{"usage":null}'),
-        body_outcome(b'{"usage":{}}'),
-        stream_outcome(),
-        stream_outcome(DONE),
-        stream_outcome(sse_data({"choices": [], "usage": None}), DONE),
-        stream_outcome(b": keep-alive\n\n"),
+        # absent
+        pytest.param(body_outcome(b'{"id":"x","choices":[]}'), id="body-no-usage"),
+        pytest.param(body_outcome(b'{"usage":null}'), id="body-null"),
+        pytest.param(body_outcome(b'{"usage":{}}'), id="body-empty"),
+        pytest.param(stream_outcome(), id="no-events"),
+        pytest.param(stream_outcome(DONE), id="done-only"),
+        pytest.param(
+            stream_outcome(sse_data({"choices": [], "usage": None}), DONE), id="chunks-null"
+        ),
+        pytest.param(stream_outcome(b": keep-alive\n\n"), id="comment"),
         # a Responses stream cut before response.completed: an event with a response, no usage
-        stream_outcome(
-            sse_event(
-                "response.in_progress",
-                {"type": "response.in_progress", "response": {"usage": None}},
-            )
+        pytest.param(
+            stream_outcome(
+                sse_event(
+                    "response.in_progress",
+                    {"type": "response.in_progress", "response": {"usage": None}},
+                )
+            ),
+            id="responses-cut",
+        ),
+        # malformed
+        pytest.param(body_outcome(b""), id="empty"),
+        pytest.param(body_outcome(b"not json"), id="text"),
+        pytest.param(body_outcome(b"[1,2]"), id="array"),
+        pytest.param(body_outcome(b'{"usage":"lots"}'), id="usage-string"),
+        pytest.param(body_outcome(b'{"usage":{"prompt_tokens":1'), id="truncated"),
+        pytest.param(stream_outcome(b"data: {truncated\n\n", DONE), id="bad-event"),
+        pytest.param(stream_outcome(b"data: [1]\n\n"), id="array-event"),
+        pytest.param(
+            stream_outcome(sse_event("response.completed", {"response": "nope"})),
+            id="bad-response",
         ),
     ],
-    ids=[
-        "body-no-usage",
-        "body-null",
-        "body-empty",
-        "no-events",
-        "done-only",
-        "chunks-null",
-        "comment",
-        "responses-cut",
-    ],
 )
-def test_none_when_absent(outcome: Outcome) -> None:
-    assert outcome.usage() is None
-
-
-@pytest.mark.parametrize(
-    "outcome",
-    [
-        body_outcome(b""),
-        body_outcome(b"not json"),
-        body_outcome(b"[1,2]"),
-        body_outcome(b'{"usage":"lots"}'),
-        body_outcome(b'{"usage":{"prompt_tokens":1'),
-        stream_outcome(b"data: {truncated\n\n", DONE),
-        stream_outcome(b"data: [1]\n\n"),
-        stream_outcome(sse_event("response.completed", {"response": "nope"})),
-    ],
-    ids=[
-        "empty",
-        "text",
-        "array",
-        "usage-string",
-        "truncated",
-        "bad-event",
-        "array-event",
-        "bad-response",
-    ],
-)
-def test_none_when_malformed(outcome: Outcome) -> None:
+def test_none_when_absent_or_malformed(outcome: Outcome) -> None:
     assert outcome.usage() is None
 
 
