@@ -159,20 +159,17 @@ def test_latest_usage_event_wins() -> None:
 
 
 def test_usage_details_cached_and_reasoning_tokens() -> None:
-    chat = Outcome(200, stream=False)
-    chat.body = (
+    chat = body_outcome(
         b'{"usage": {"prompt_tokens": 100, "completion_tokens": 40, "total_tokens": 140,'
         b' "prompt_tokens_details": {"cached_tokens": 64},'
         b' "completion_tokens_details": {"reasoning_tokens": 30}}}'
     )
     assert chat.usage() == Usage(100, 40, 140, cached_tokens=64, reasoning_tokens=30)
-    responses = Outcome(200, stream=False)
-    responses.body = (
+    responses = body_outcome(
         b'{"response": {"usage": {"input_tokens": 9, "output_tokens": 5, "total_tokens": 14,'
         b' "input_tokens_details": {"cached_tokens": 8},'
         b' "output_tokens_details": {"reasoning_tokens": 2}}}}'
     )
     assert responses.usage() == Usage(9, 5, 14, cached_tokens=8, reasoning_tokens=2)
-    broken = Outcome(200, stream=False)
-    broken.body = b'{"usage": {"prompt_tokens": 1, "prompt_tokens_details": 5}}'
+    broken = body_outcome(b'{"usage": {"prompt_tokens": 1, "prompt_tokens_details": 5}}')
     assert broken.usage() is None
