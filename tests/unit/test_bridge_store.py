@@ -276,7 +276,7 @@ async def test_the_size_bound_evicts_the_least_recently_used(path: Path) -> None
 
 
 async def test_the_size_bound_never_cuts_a_chain_in_its_middle(path: Path) -> None:
-    async with on_a_fake_clock(path, max_bytes=25_000) as (store, clock):
+    async with on_a_fake_clock(path, max_bytes=25_000) as (store, _):
         await save_chain(store, "alice", 3, size=10_000)  # one second, one chain
         assert await store.cleanup() == 1
         assert await store.response("resp_2", "alice") is None  # its end went, not its start
