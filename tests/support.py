@@ -17,17 +17,19 @@ import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
-from aioproxy import Deployment, Secret
+from aioproxy import Call, Deployment, JSONReply, Secret, StreamReply
 from aioproxy.testing import eventually
 
 __all__ = [
     "AUTH",
     "CHAT",
+    "HI_CHUNK",
     "MASTER_KEY",
     "MESSAGES",
     "ROOT",
     "UPSTREAM_KEY",
     "UPSTREAM_MODEL",
+    "FakeChat",
     "ServeProxy",
     "clean_env",
     "free_port",
@@ -50,6 +52,14 @@ KEYED = Deployment(
     name="keyed", provider="chatonly", model="up-model", api_key=Secret(UPSTREAM_KEY)
 )
 MESSAGES = [{"role": "user", "content": "hi"}]
+# A minimal chat chunk, for fake upstreams that write their streams by hand.
+HI_CHUNK = {
+    "id": "c1",
+    "object": "chat.completion.chunk",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+}
 
 ServeProxy = Callable[..., Awaitable[TestServer]]
 """conftest's ``serve_proxy`` fixture: ``await serve_proxy(config, plugins)``."""
@@ -145,3 +155,39 @@ async def running(
     finally:
         process.terminate()
         await process.wait()
+
+
+class FakeChat:
+    """A chat-completions provider method for the bridge tests: records each call and answers
+    with ``answer(call)``: a reply, a body, or a list of stream events (bytes, an ``asyncio.Event``
+    to wait for, or an exception to raise)."""
+
+    def __init__(self, answer: Callable[[Call], Any]) -> None:
+        self.answer = answer
+        self.calls: list[Call] = []
+        self.closed = 0
+
+    async def __call__(self, call: Call) -> JSONReply | StreamReply:
+        self.calls.append(call)
+        answer = self.answer(call)
+        if isinstance(answer, list):
+            return StreamReply(self._events(answer), close=self._close)
+        if isinstance(answer, (JSONReply, StreamReply)):
+            return answer
+        return JSONReply.of(answer)
+
+    async def _events(self, events: list[Any]) -> AsyncIterator[bytes]:
+        for event in events:
+            if isinstance(event, asyncio.Event):
+                await event.wait()
+            elif isinstance(event, BaseException):
+                raise event
+            else:
+                yield event
+
+    def _close(self) -> None:
+        self.closed += 1
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.calls[-1].json()

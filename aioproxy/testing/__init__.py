@@ -47,6 +47,7 @@ from .assertions import (
     assert_openai_error,
     assert_response,
     assert_response_events,
+    text_response_event_types,
 )
 from .checks import (
     HELLO,
@@ -61,7 +62,7 @@ from .checks import (
 )
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
-from .openai_upstream import FakeOpenAI
+from .openai_upstream import FakeOpenAI, completion_usage
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
 from .waiting import eventually
@@ -95,11 +96,13 @@ __all__ = [
     "check_embeddings",
     "check_error_mapping",
     "check_responses",
+    "completion_usage",
     "eventually",
     "first_event",
     "parse_sse",
     "read_sse",
     "start_proxy",
+    "text_response_event_types",
 ]
 
 

@@ -353,6 +353,22 @@ def assert_response_events(
     return text
 
 
+def text_response_event_types(deltas: int, final: str = "response.completed") -> list[str]:
+    """The event types, in order, of a Responses stream answering one text message in ``deltas``
+    text deltas: what a check of the exact sequence compares against."""
+    return [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        final,
+    ]
+
+
 def assert_error_object(body: Any, code: str | None = None) -> dict[str, Any]:
     """``{"error": {message, type, param, code}}`` (with ``code`` if given); returns the error."""
     assert isinstance(body, Mapping) and set(body) == {"error"}, f"not an error object: {body!r}"

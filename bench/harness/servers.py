@@ -54,13 +54,15 @@ class Target:
         return request(self.port, "POST", self.path(kind), kind.body, self.headers())
 
 
-def _chat(target: Target) -> tuple[int, bytes]:
+def probe_chat(target: Target) -> tuple[int, bytes]:
+    """One chat request: the readiness probe of a started proxy, for ``wait_until``."""
     status, _, body = target.call(payloads.KINDS["chat"])
     return status, body
 
 
-def _health(port: int) -> tuple[int, bytes]:
-    status, _, body = request(port, "GET", "/health")
+def probe_get(port: int, path: str) -> tuple[int, bytes]:
+    """A GET of a health path, for ``wait_until``."""
+    status, _, body = request(port, "GET", path)
     return status, body
 
 
@@ -126,7 +128,7 @@ def start_upstream(kind: str, workdir: Path, port: int, core: int | None) -> Tar
     proc = spawn(name, argv, workdir / "upstream.log", core, workdir)
     target = Target("direct", proc, port, auth=None, direct=True)
     with stopped_on_error(proc):
-        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))
     return target
 
 
@@ -166,7 +168,7 @@ def start_reference(
     target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     # The reference has no /health: it is ready when it first proxies a request.
     with stopped_on_error(proc):
-        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))
     return target
 
 
@@ -212,8 +214,8 @@ def start_aioproxy(
     proc = spawn(label, argv, workdir / f"{label}.log", core, REPO)
     target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     with stopped_on_error(proc):
-        proc.ready_ms = wait_until(proc, lambda: _health(port))
-        proc.first_ok_ms = wait_until(proc, lambda: _chat(target))
+        proc.ready_ms = wait_until(proc, lambda: probe_get(port, "/health"))
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))
     return target
 
 

@@ -29,8 +29,8 @@ import zipfile
 from pathlib import Path
 
 from harness import payloads
-from harness.procs import request, spawn, wait_until
-from harness.servers import BENCH, Target, stopped_on_error
+from harness.procs import spawn, wait_until
+from harness.servers import BENCH, Target, probe_chat, probe_get, stopped_on_error
 
 VERSION = "1.108.7"
 VENV = BENCH / ".peers" / "litellm-venv"
@@ -194,16 +194,6 @@ def config_yaml(upstream_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _chat(target: Target) -> tuple[int, bytes]:
-    status, _, body = target.call(payloads.KINDS["chat"])
-    return status, body
-
-
-def _liveliness(port: int) -> tuple[int, bytes]:
-    status, _, body = request(port, "GET", "/health/liveliness")
-    return status, body
-
-
 def start_litellm(
     workdir: Path, port: int, upstream_port: int, core: int | None, loop: str = "auto"
 ) -> Target:
@@ -229,6 +219,8 @@ def start_litellm(
     proc = spawn(f"LiteLLM {VERSION}", argv, workdir / "litellm.log", core, workdir, env=env)
     target = Target("litellm", proc, port, auth=payloads.MASTER_KEY, peer=True)
     with stopped_on_error(proc):
-        proc.ready_ms = wait_until(proc, lambda: _liveliness(port), START_TIMEOUT)
-        proc.first_ok_ms = wait_until(proc, lambda: _chat(target), START_TIMEOUT)
+        proc.ready_ms = wait_until(
+            proc, lambda: probe_get(port, "/health/liveliness"), START_TIMEOUT
+        )
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target), START_TIMEOUT)
     return target

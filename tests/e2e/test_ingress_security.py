@@ -98,6 +98,15 @@ async def post(
     return response
 
 
+async def assert_refused(
+    url: Any, body: bytes, cases: list[tuple[dict[str, str], int, str]]
+) -> None:
+    """POST ``body`` once per case, with its headers: each is refused with its status and code."""
+    async with aiohttp.ClientSession() as http:
+        for headers, status, code in cases:
+            await assert_openai_error(await post(http, url, body, headers), status, code)
+
+
 async def assert_healthy(http: aiohttp.ClientSession, server: TestServer) -> None:
     async with http.get(server.make_url("/health")) as response:
         assert response.status == 200
@@ -416,25 +425,16 @@ async def test_the_checks_hold_when_mounted(aiohttp_server: Any, upstream_base: 
     )
     server = await aiohttp_server(parent)
     url = server.make_url("/llm" + CHAT)
-    async with aiohttp.ClientSession() as http:
-        await assert_openai_error(
-            await post(http, url, BODY, {"Content-Type": "text/plain"}),
-            415,
-            "unsupported_media_type",
-        )
-        await assert_openai_error(
-            await post(http, url, BODY, {**JSON, "Origin": "https://e.x"}),
-            403,
-            "origin_not_allowed",
-        )
-        await assert_openai_error(
-            await post(http, url, BODY, {**JSON, "Host": "evil.example"}), 403, "host_not_allowed"
-        )
-        await assert_openai_error(
-            await post(http, url, BODY, {**JSON, "Content-Encoding": "gzip"}),
-            415,
-            "unsupported_content_encoding",
-        )
+    await assert_refused(
+        url,
+        BODY,
+        [
+            ({"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+            ({**JSON, "Origin": "https://e.x"}, 403, "origin_not_allowed"),
+            ({**JSON, "Host": "evil.example"}, 403, "host_not_allowed"),
+            ({**JSON, "Content-Encoding": "gzip"}, 415, "unsupported_content_encoding"),
+        ],
+    )
     async with sdk(server, prefix="/llm/v1") as client:
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
 
@@ -471,22 +471,15 @@ async def test_run_py_in_open_mode_refuses_pages_and_rebinding() -> None:
     async with running() as (port, _):
         url = f"http://127.0.0.1:{port}{CHAT}"
         body = b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}'
-        async with aiohttp.ClientSession() as http:
-            await assert_openai_error(
-                await post(http, url, body, {"Content-Type": "text/plain"}),
-                415,
-                "unsupported_media_type",
-            )
-            await assert_openai_error(
-                await post(http, url, body, {**JSON, "Host": f"evil.example:{port}"}),
-                403,
-                "host_not_allowed",
-            )
-            await assert_openai_error(
-                await post(http, url, body, {**JSON, "Origin": "https://evil.example"}),
-                403,
-                "origin_not_allowed",
-            )
+        await assert_refused(
+            url,
+            body,
+            [
+                ({"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+                ({**JSON, "Host": f"evil.example:{port}"}, 403, "host_not_allowed"),
+                ({**JSON, "Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+            ],
+        )
         async with openai.AsyncOpenAI(
             base_url=f"http://localhost:{port}/v1", api_key="x", max_retries=0
         ) as client:

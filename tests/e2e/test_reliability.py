@@ -79,6 +79,11 @@ def one_deployment(base: str, entry: dict[str, Any] | None = None, **overrides: 
     return config
 
 
+async def serve_one(serve_proxy: ServeProxy, base: str, **router: Any) -> TestServer:
+    """A proxy in front of one deployment at ``base``, with these router settings."""
+    return await serve_proxy(one_deployment(base, router=router))
+
+
 async def chat(
     proxy: TestServer, body: dict[str, Any] | None = None, timeout: float = 10
 ) -> tuple[int, Any]:
@@ -372,10 +377,8 @@ async def test_retryable_failures_are_retried(
 async def test_retries_give_up_after_num_retries(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(
-        one_deployment(
-            upstream_base, router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0}
-        )
+    proxy = await serve_one(
+        serve_proxy, upstream_base, num_retries=2, retry_backoff=0.01, cooldown_seconds=0
     )
     fake.faults = ["status:503"] * 5
     status, body = await chat(proxy)
@@ -399,9 +402,7 @@ async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair, 
 async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(
-        one_deployment(upstream_base, router={"num_retries": 2, "retry_backoff": 0.01})
-    )
+    proxy = await serve_one(serve_proxy, upstream_base, num_retries=2, retry_backoff=0.01)
     fake.fault_rates = {"status:401": 1.0}
     status, body = await chat(proxy)
     assert status == 502 and body["error"]["code"] == "upstream_auth_failed"
@@ -411,7 +412,7 @@ async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
 async def test_retry_after_is_honoured(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_backoff": 0.01}))
+    proxy = await serve_one(serve_proxy, upstream_base, retry_backoff=0.01)
     clock = FakeClock().install(proxy)
     fake.retry_after = "0.4"
     fake.faults = ["status:429"]
@@ -424,7 +425,7 @@ async def test_retry_after_is_honoured(
 async def test_retry_after_longer_than_the_max_is_passed_on(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 5}))
+    proxy = await serve_one(serve_proxy, upstream_base, retry_after_max=5)
     clock = FakeClock().install(proxy)
     fake.retry_after = "30"
     fake.faults = ["status:429"]
@@ -439,16 +440,13 @@ async def test_backoff_is_exponential_and_jittered(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(3))  # the jitter's draws
-    proxy = await serve_proxy(
-        one_deployment(
-            upstream_base,
-            router={
-                "num_retries": 2,
-                "retry_backoff": 0.04,
-                "retry_backoff_max": 1,
-                "cooldown_seconds": 0,
-            },
-        )
+    proxy = await serve_one(
+        serve_proxy,
+        upstream_base,
+        num_retries=2,
+        retry_backoff=0.04,
+        retry_backoff_max=1,
+        cooldown_seconds=0,
     )
     clock = FakeClock().install(proxy)
     for _ in range(8):
@@ -711,11 +709,8 @@ async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
 async def test_every_deployment_cooling_down_is_degraded(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(
-        one_deployment(
-            upstream_base,
-            router={"num_retries": 0, "cooldown_failures": 2, "cooldown_seconds": 0.4},
-        )
+    proxy = await serve_one(
+        serve_proxy, upstream_base, num_retries=0, cooldown_failures=2, cooldown_seconds=0.4
     )
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:502": 1.0}
@@ -735,16 +730,13 @@ async def test_every_deployment_cooling_down_is_degraded(
 async def test_failures_outside_the_window_do_not_cool_down(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(
-        one_deployment(
-            upstream_base,
-            router={
-                "num_retries": 0,
-                "cooldown_failures": 2,
-                "cooldown_window": 0.2,
-                "cooldown_seconds": 30,
-            },
-        )
+    proxy = await serve_one(
+        serve_proxy,
+        upstream_base,
+        num_retries=0,
+        cooldown_failures=2,
+        cooldown_window=0.2,
+        cooldown_seconds=30,
     )
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:500": 1.0}
@@ -758,7 +750,7 @@ async def test_failures_outside_the_window_do_not_cool_down(
 async def test_client_errors_do_not_cool_down(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"cooldown_failures": 1}))
+    proxy = await serve_one(serve_proxy, upstream_base, cooldown_failures=1)
     fake.fault_rates = {"status:400": 0.5, "status:404": 0.5}
     for _ in range(5):
         assert (await chat(proxy))[0] in (400, 404)
@@ -1166,7 +1158,7 @@ async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy, 
 async def test_retry_after_is_waited_for_when_nothing_else_serves(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"retry_after_max": 30}))
+    proxy = await serve_one(serve_proxy, upstream_base, retry_after_max=30)
     clock = FakeClock().install(proxy)
     fake.retry_after = "20"
     fake.faults = ["status:429"]
@@ -1181,7 +1173,7 @@ async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
 ) -> None:
     """Headers and part of a JSON body, then the connection closes: nothing was sent to the
     client yet, so it is as retryable as a reset (issue #10.2)."""
-    proxy = await serve_proxy(one_deployment(upstream_base, router={"num_retries": 1}))
+    proxy = await serve_one(serve_proxy, upstream_base, num_retries=1)
     clock = FakeClock().install(proxy)
     assert (await chat(proxy))[0] == 200  # the upstream connection is warm: the pool's case
     fake.requests.clear()

@@ -21,7 +21,7 @@ from aioproxy.config import Secret
 from aioproxy.context import Deployment
 from aioproxy.failures import read_upstream_error
 from aioproxy.testing import assert_openai_error
-from tests.support import AUTH, MASTER_KEY, ServeProxy, sdk
+from tests.support import AUTH, HI_CHUNK, MASTER_KEY, ServeProxy, sdk
 
 SHORT_KEY = "k3Y9z"  # shorter than 8 characters
 LONG_KEY = "sk-proj-Abc/def+ghi_jkl-0123456789"  # base64 alphabet characters, and a "/"
@@ -75,15 +75,6 @@ def test_recoverable_finds_every_echo() -> None:
     assert recoverable(text, SHORT_KEY) and recoverable(text, HEADER_TOKEN)
 
 
-CHUNK = {
-    "id": "c1",
-    "object": "chat.completion.chunk",
-    "created": 1,
-    "model": "m",
-    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
-}
-
-
 def openai_upstream(mode: str) -> web.Application:
     """An OpenAI-compatible upstream that fails, echoing its credentials: ``json`` a 500,
     ``sse-body`` a 500 whose body is an event stream, ``midstream`` an error event after a
@@ -107,7 +98,7 @@ def openai_upstream(mode: str) -> web.Application:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if mode in ("midstream", "named"):
-            await response.write(f"data: {json.dumps(CHUNK)}\n\n".encode())
+            await response.write(f"data: {json.dumps(HI_CHUNK)}\n\n".encode())
         if mode == "named":  # an event named "error", its data plain text
             await response.write(f"event: error\ndata: {error['error']['message']}\n\n".encode())
         else:
@@ -234,7 +225,7 @@ async def test_a_mid_stream_error_event_is_the_one_last_event(
     status, events = await read_events(proxy, http, "keyed")
     assert status == 200
     assert len(events) == 2, events
-    assert json.loads(events[0][len(b"data: ") :]) == CHUNK
+    assert json.loads(events[0][len(b"data: ") :]) == HI_CHUNK
     error = json.loads(events[1][len(b"data: ") :])["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"].startswith("Deployment keyed (openai:m) sent an error: bad credentials")
@@ -359,7 +350,7 @@ async def test_events_that_only_mention_error_pass_untouched(
     aiohttp_server: Any, serve_proxy: ServeProxy, http: Any
 ) -> None:
     """Model text about errors (and key-like words) is the answer: relayed byte for byte."""
-    chunk = json.loads(json.dumps(CHUNK))
+    chunk = json.loads(json.dumps(HI_CHUNK))
     chunk["choices"][0]["delta"]["content"] = 'raise KeyError("key_value_store error: sk-example")'
     events = [f"data: {json.dumps(chunk)}\n\n".encode(), b"data: [DONE]\n\n"]
     proxy = await start(

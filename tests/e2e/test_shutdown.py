@@ -8,7 +8,7 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,12 @@ async def wait_refused(port: int) -> None:
     await eventually(lambda: refused(port), within=10, what="new connections refused")
 
 
-def stream_body(model: str) -> dict[str, Any]:
-    return {"model": model, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+def open_stream(
+    http: aiohttp.ClientSession, port: int, model: str
+) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    """POST a streamed chat request to the proxy on ``port`` (``async with`` the result)."""
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+    return http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=AUTH)
 
 
 async def read_events(response: aiohttp.ClientResponse) -> list[str]:
@@ -104,11 +108,7 @@ async def test_sigterm_lets_the_stream_finish_and_refuses_new_connections(tmp_pa
             # An idle keep-alive connection must not hold the shutdown up.
             async with idle.get(f"http://127.0.0.1:{port}/health") as response:
                 assert response.status == 200
-            async with http.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json=stream_body("slow-echo"),
-                headers=AUTH,
-            ) as response:
+            async with open_stream(http, port, "slow-echo") as response:
                 assert response.status == 200
                 first = [await response.content.readline() for _ in range(6)]  # a few events
                 assert any(line.startswith(b"data: ") for line in first)
@@ -138,11 +138,7 @@ async def test_sigterm_lets_a_proxied_upstream_stream_finish(
     config = write_config(tmp_path / "c.toml", grace=10, upstream=str(upstream.make_url("/v1")))
     async with running(config) as (process, port):
         async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json=stream_body("gpt-test"),
-                headers=AUTH,
-            ) as response:
+            async with open_stream(http, port, "gpt-test") as response:
                 first = await response.content.readline()
                 assert first.startswith(b"data: ")
                 process.send_signal(signal.SIGTERM)
@@ -164,11 +160,7 @@ async def test_sigterm_lets_a_proxied_upstream_stream_finish(
 async def test_tiny_grace_exits_promptly_anyway(tmp_path: Path, grace: float) -> None:
     async with running(write_config(tmp_path / "c.toml", grace=grace)) as (process, port):
         async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json=stream_body("slow-echo"),
-                headers=AUTH,
-            ) as response:
+            async with open_stream(http, port, "slow-echo") as response:
                 await response.content.readline()
                 process.send_signal(signal.SIGTERM)
                 code = await asyncio.wait_for(process.wait(), 30)

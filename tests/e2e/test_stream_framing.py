@@ -4,10 +4,13 @@ stream still coming as chunks, each relayed as it arrives; the SDK reads both th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.support import AUTH, ServeProxy, gateway_config, sdk
 
@@ -41,14 +44,23 @@ async def _upstream(aiohttp_server: Any, gap: float) -> str:
     return str((await aiohttp_server(app)).make_url("/v1"))
 
 
-async def test_a_whole_stream_goes_out_with_a_length(
-    aiohttp_server: Any, serve_proxy: ServeProxy
-) -> None:
-    proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0)))
+@asynccontextmanager
+async def _streamed(
+    aiohttp_server: Any, serve_proxy: ServeProxy, gap: float
+) -> AsyncIterator[tuple[TestServer, aiohttp.ClientResponse]]:
+    """A proxy in front of :func:`_upstream`, and its response to REQUEST."""
+    proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap)))
     async with (
         aiohttp.ClientSession() as http,
         http.post(proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH) as response,
     ):
+        yield proxy, response
+
+
+async def test_a_whole_stream_goes_out_with_a_length(
+    aiohttp_server: Any, serve_proxy: ServeProxy
+) -> None:
+    async with _streamed(aiohttp_server, serve_proxy, gap=0) as (proxy, response):
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert response.headers["Content-Length"] == str(len(b"".join(EVENTS)))
@@ -63,11 +75,7 @@ async def test_a_whole_stream_goes_out_with_a_length(
 async def test_a_stream_still_coming_goes_out_event_by_event(
     aiohttp_server: Any, serve_proxy: ServeProxy
 ) -> None:
-    proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap=0.05)))
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(proxy.make_url("/v1/chat/completions"), json=REQUEST, headers=AUTH) as response,
-    ):
+    async with _streamed(aiohttp_server, serve_proxy, gap=0.05) as (_, response):
         assert response.headers.get("Transfer-Encoding") == "chunked"
         assert "Content-Length" not in response.headers
         received = [chunk async for chunk in response.content.iter_any()]

@@ -11,15 +11,7 @@ from aiohttp import web
 
 from aioproxy.config import Timeouts
 from aioproxy.transport import client_timeout as timeout_for
-from tests.support import AUTH, MASTER_KEY, ServeProxy
-
-FIRST = {
-    "id": "c1",
-    "object": "chat.completion.chunk",
-    "created": 1,
-    "model": "m",
-    "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
-}
+from tests.support import AUTH, HI_CHUNK, MASTER_KEY, ServeProxy
 
 
 def trickling_upstream() -> web.Application:
@@ -30,7 +22,7 @@ def trickling_upstream() -> web.Application:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(f"data: {json.dumps(FIRST)}\n\n".encode())
+        await response.write(f"data: {json.dumps(HI_CHUNK)}\n\n".encode())
         await response.write(b"data: ")
         while True:
             await asyncio.sleep(0.05)
@@ -67,7 +59,7 @@ async def test_a_trickling_stream_ends_with_a_timeout_event(
     assert response.status == 200
     body = await asyncio.wait_for(response.read(), 30)  # a safety net: it ends by itself
     events = [event for event in body.split(b"\n\n") if event.strip()]
-    assert json.loads(events[0][len(b"data: ") :]) == FIRST
+    assert json.loads(events[0][len(b"data: ") :]) == HI_CHUNK
     assert len(events) == 2
     error = json.loads(events[1][len(b"data: ") :])["error"]
     assert (error["type"], error["code"]) == ("timeout_error", "upstream_timeout")

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from aioproxy.testing import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, text_response_event_types
 from aioproxy.testing.openai_upstream import MODELS, REDIRECT_LOCATION
 from tests.schemas import validate
 
@@ -21,37 +21,20 @@ TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
     {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}},
 ]
-RESPONSE_EVENTS = [
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    *["response.output_text.delta"] * 5,
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.output_item.done",
-    "response.completed",
-]
+RESPONSE_EVENTS = text_response_event_types(5)
+
+
+# `fake` and `upstream` (the fake served on 127.0.0.1) are tests/conftest.py's fixtures.
 
 
 @pytest.fixture
-def fake() -> FakeOpenAI:
-    return FakeOpenAI()
+async def raw(upstream: TestServer, aiohttp_client: Any) -> TestClient:
+    return await aiohttp_client(upstream)
 
 
 @pytest.fixture
-async def server(fake: FakeOpenAI, aiohttp_server: Any) -> TestServer:
-    return await aiohttp_server(fake.app())
-
-
-@pytest.fixture
-async def raw(server: TestServer, aiohttp_client: Any) -> TestClient:
-    return await aiohttp_client(server)
-
-
-@pytest.fixture
-async def sdk(server: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0)
+async def sdk(upstream: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=str(upstream.make_url("/v1")), api_key="x", max_retries=0)
     yield client
     await client.close()
 
@@ -396,14 +379,14 @@ async def test_prefix(aiohttp_client: Any) -> None:
 
 
 async def test_shutdown_hangs_up_on_hung_requests(
-    raw: TestClient, server: TestServer, fake: FakeOpenAI
+    raw: TestClient, upstream: TestServer, fake: FakeOpenAI
 ) -> None:
     # Otherwise aiohttp's graceful shutdown would wait a minute for the hung handler.
     fake.faults.append("hang")
     pending = asyncio.create_task(raw.post("/v1/embeddings", json={"model": "e", "input": "a"}))
     while not fake.in_flight:
         await asyncio.sleep(0.01)
-    await asyncio.wait_for(server.close(), 1)
+    await asyncio.wait_for(upstream.close(), 1)
     assert fake.in_flight == 0
     with pytest.raises(aiohttp.ServerDisconnectedError):
         await pending

@@ -8,7 +8,10 @@ import json
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
 
+from aioproxy.testing import completion_usage
+
 from . import SCHEMA_FILE, schema_names, validate, validator
+from .extract import ROOTS
 
 # --------------------------------------------------------------------------
 # Realistic bodies, shaped like what api.openai.com returns.
@@ -32,18 +35,7 @@ CHAT_COMPLETION = {
             "finish_reason": "stop",
         }
     ],
-    "usage": {
-        "prompt_tokens": 19,
-        "completion_tokens": 10,
-        "total_tokens": 29,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    },
+    "usage": completion_usage(19, 10),
     "service_tier": "default",
     "system_fingerprint": "fp_3a668b2eb1",
 }
@@ -78,11 +70,16 @@ CHAT_COMPLETION_TOOL_CALL = {
     "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99},
 }
 
-CHAT_CHUNK_FIRST = {
+# What every chunk of one stream repeats.
+CHUNK_HEAD = {
     "id": "chatcmpl-123",
     "object": "chat.completion.chunk",
     "created": 1694268190,
     "model": "gpt-4o-mini",
+}
+
+CHAT_CHUNK_FIRST = {
+    **CHUNK_HEAD,
     "system_fingerprint": "fp_44709d6fcb",
     "choices": [
         {
@@ -95,28 +92,19 @@ CHAT_CHUNK_FIRST = {
 }
 
 CHAT_CHUNK_LAST = {
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
     "usage": None,
 }
 
 CHAT_CHUNK_USAGE = {  # stream_options={"include_usage": true}: final chunk
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [],
     "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
 }
 
 CHAT_CHUNK_TOOL_CALL = {
-    "id": "chatcmpl-123",
-    "object": "chat.completion.chunk",
-    "created": 1694268190,
-    "model": "gpt-4o-mini",
+    **CHUNK_HEAD,
     "choices": [
         {
             "index": 0,
@@ -542,19 +530,6 @@ def test_schemas_are_strict_about_known_real_world_deviations(schema_name, base,
 # --------------------------------------------------------------------------
 # The fixture itself
 # --------------------------------------------------------------------------
-
-ROOTS = [
-    "CreateChatCompletionResponse",
-    "CreateChatCompletionStreamResponse",
-    "CreateCompletionResponse",
-    "CreateEmbeddingResponse",
-    "ListModelsResponse",
-    "Model",
-    "Response",
-    "ResponseStreamEvent",
-    "ErrorResponse",
-    "Error",
-]
 
 
 def test_fixture_contains_roots_and_is_closed_under_refs():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -21,7 +20,7 @@ from aioproxy.bridges.completions import (
 from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
-from tests.support import KEYED
+from tests.support import KEYED, FakeChat
 from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
@@ -78,32 +77,6 @@ USAGE = (
     b'"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
 )
 DONE = b"data: [DONE]\n\n"
-
-
-class FakeChat:
-    """A chat-completions provider method: records each call, answers with ``answer(call)``."""
-
-    def __init__(self, answer: Callable[[Call], Any]) -> None:
-        self.answer = answer
-        self.calls: list[Call] = []
-        self.closed = 0
-
-    async def __call__(self, call: Call) -> JSONReply | StreamReply:
-        self.calls.append(call)
-        answer = self.answer(call)
-        if isinstance(answer, list):
-            return StreamReply(self._events(answer), close=self._close)
-        return answer if isinstance(answer, JSONReply) else JSONReply.of(answer)
-
-    async def _events(self, events: list[Any]) -> AsyncIterator[bytes]:
-        for event in events:
-            if isinstance(event, asyncio.Event):
-                await event.wait()
-            else:
-                yield event
-
-    def _close(self) -> None:
-        self.closed += 1
 
 
 def datas(events: list[bytes]) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from aioproxy.bridges.store import ResponseStore
 from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
-from tests.support import KEYED
+from tests.support import KEYED, FakeChat
 from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
@@ -116,40 +116,6 @@ TEXT_CHUNKS = [
     usage_chunk(),
     DONE,
 ]
-
-
-class FakeChat:
-    """A chat-completions provider method: records each call, answers with ``answer(call)``."""
-
-    def __init__(self, answer: Callable[[Call], Any]) -> None:
-        self.answer = answer
-        self.calls: list[Call] = []
-        self.closed = 0
-
-    async def __call__(self, call: Call) -> JSONReply | StreamReply:
-        self.calls.append(call)
-        answer = self.answer(call)
-        if isinstance(answer, list):
-            return StreamReply(self._events(answer), close=self._close)
-        if isinstance(answer, (JSONReply, StreamReply)):
-            return answer
-        return JSONReply.of(answer)
-
-    async def _events(self, events: list[Any]) -> AsyncIterator[bytes]:
-        for event in events:
-            if isinstance(event, asyncio.Event):
-                await event.wait()
-            elif isinstance(event, BaseException):
-                raise event
-            else:
-                yield event
-
-    def _close(self) -> None:
-        self.closed += 1
-
-    @property
-    def body(self) -> dict[str, Any]:
-        return self.calls[-1].json()
 
 
 def parse(events: list[bytes]) -> list[dict[str, Any]]:

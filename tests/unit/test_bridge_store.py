@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,19 @@ CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "conten
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "sub" / "responses.sqlite3"  # its folder is created on open
+
+
+@asynccontextmanager
+async def on_a_fake_clock(
+    path: Path, **options: Any
+) -> AsyncIterator[tuple[ResponseStore, FakeClock]]:
+    """A store with these options on a fake clock, closed afterwards."""
+    clock = FakeClock()
+    store = ResponseStore(path, clock=clock, **options)
+    try:
+        yield store, clock
+    finally:
+        await store.close()
 
 
 @pytest.fixture
@@ -228,9 +242,7 @@ async def test_a_deleted_link_breaks_the_chain_after_it(store: ResponseStore) ->
 
 
 async def test_expired_responses_are_gone_after_cleanup(path: Path) -> None:
-    clock = FakeClock()
-    store = ResponseStore(path, ttl=100, clock=clock)
-    try:
+    async with on_a_fake_clock(path, ttl=100) as (store, clock):
         await store.save("resp_old", "alice", RESPONSE, turn(0))
         clock.now += 60
         await store.save("resp_new", "alice", RESPONSE, turn(1))
@@ -239,14 +251,10 @@ async def test_expired_responses_are_gone_after_cleanup(path: Path) -> None:
         assert await store.cleanup() == 1
         assert stored_bytes(path) < 2 * len(str(RESPONSE)) + 200
         assert await store.get("resp_new", "alice") is not None
-    finally:
-        await store.close()
 
 
 async def test_chaining_onto_a_response_keeps_its_chain_alive(path: Path) -> None:
-    clock = FakeClock()
-    store = ResponseStore(path, ttl=100, clock=clock)
-    try:
+    async with on_a_fake_clock(path, ttl=100) as (store, clock):
         await save_chain(store, "alice", 2)
         clock.now += 90
         await store.save("resp_2", "alice", RESPONSE, turn(2), "resp_1")
@@ -254,14 +262,10 @@ async def test_chaining_onto_a_response_keeps_its_chain_alive(path: Path) -> Non
         assert await store.cleanup() == 0
         found = await store.get("resp_2", "alice")
         assert found is not None and len(found[1]) == 6
-    finally:
-        await store.close()
 
 
 async def test_the_size_bound_evicts_the_least_recently_used(path: Path) -> None:
-    clock = FakeClock()
-    store = ResponseStore(path, max_bytes=25_000, clock=clock)
-    try:
+    async with on_a_fake_clock(path, max_bytes=25_000) as (store, clock):
         for i in range(3):  # three of ~10 KB: the oldest must go
             await store.save(f"resp_{i}", "alice", RESPONSE, turn(i, 10_000))
             clock.now += 1
@@ -269,21 +273,15 @@ async def test_the_size_bound_evicts_the_least_recently_used(path: Path) -> None
         assert await store.get("resp_0", "alice") is None
         assert await store.get("resp_1", "alice") is not None
         assert await store.get("resp_2", "alice") is not None
-    finally:
-        await store.close()
 
 
 async def test_the_size_bound_never_cuts_a_chain_in_its_middle(path: Path) -> None:
-    clock = FakeClock()
-    store = ResponseStore(path, max_bytes=25_000, clock=clock)
-    try:
+    async with on_a_fake_clock(path, max_bytes=25_000) as (store, _):
         await save_chain(store, "alice", 3, size=10_000)  # one second, one chain
         assert await store.cleanup() == 1
         assert await store.response("resp_2", "alice") is None  # its end went, not its start
         found = await store.get("resp_1", "alice")
         assert found is not None and len(found[1]) == 4
-    finally:
-        await store.close()
 
 
 async def test_the_periodic_cleanup_runs_off_the_request_path(path: Path) -> None:

@@ -93,60 +93,41 @@ def test_data_line_without_space() -> None:
 @pytest.mark.parametrize(
     "outcome",
     [
-        body_outcome(b'{"id":"x","choices":[]}'),
-        body_outcome(b'{"usage":null}'),
-        body_outcome(b'{"usage":{}}'),
-        stream_outcome(),
-        stream_outcome(DONE),
-        stream_outcome(sse_data({"choices": [], "usage": None}), DONE),
-        stream_outcome(b": keep-alive\n\n"),
+        # absent
+        pytest.param(body_outcome(b'{"id":"x","choices":[]}'), id="body-no-usage"),
+        pytest.param(body_outcome(b'{"usage":null}'), id="body-null"),
+        pytest.param(body_outcome(b'{"usage":{}}'), id="body-empty"),
+        pytest.param(stream_outcome(), id="no-events"),
+        pytest.param(stream_outcome(DONE), id="done-only"),
+        pytest.param(
+            stream_outcome(sse_data({"choices": [], "usage": None}), DONE), id="chunks-null"
+        ),
+        pytest.param(stream_outcome(b": keep-alive\n\n"), id="comment"),
         # a Responses stream cut before response.completed: an event with a response, no usage
-        stream_outcome(
-            sse_event(
-                "response.in_progress",
-                {"type": "response.in_progress", "response": {"usage": None}},
-            )
+        pytest.param(
+            stream_outcome(
+                sse_event(
+                    "response.in_progress",
+                    {"type": "response.in_progress", "response": {"usage": None}},
+                )
+            ),
+            id="responses-cut",
+        ),
+        # malformed
+        pytest.param(body_outcome(b""), id="empty"),
+        pytest.param(body_outcome(b"not json"), id="text"),
+        pytest.param(body_outcome(b"[1,2]"), id="array"),
+        pytest.param(body_outcome(b'{"usage":"lots"}'), id="usage-string"),
+        pytest.param(body_outcome(b'{"usage":{"prompt_tokens":1'), id="truncated"),
+        pytest.param(stream_outcome(b"data: {truncated\n\n", DONE), id="bad-event"),
+        pytest.param(stream_outcome(b"data: [1]\n\n"), id="array-event"),
+        pytest.param(
+            stream_outcome(sse_event("response.completed", {"response": "nope"})),
+            id="bad-response",
         ),
     ],
-    ids=[
-        "body-no-usage",
-        "body-null",
-        "body-empty",
-        "no-events",
-        "done-only",
-        "chunks-null",
-        "comment",
-        "responses-cut",
-    ],
 )
-def test_none_when_absent(outcome: Outcome) -> None:
-    assert outcome.usage() is None
-
-
-@pytest.mark.parametrize(
-    "outcome",
-    [
-        body_outcome(b""),
-        body_outcome(b"not json"),
-        body_outcome(b"[1,2]"),
-        body_outcome(b'{"usage":"lots"}'),
-        body_outcome(b'{"usage":{"prompt_tokens":1'),
-        stream_outcome(b"data: {truncated\n\n", DONE),
-        stream_outcome(b"data: [1]\n\n"),
-        stream_outcome(sse_event("response.completed", {"response": "nope"})),
-    ],
-    ids=[
-        "empty",
-        "text",
-        "array",
-        "usage-string",
-        "truncated",
-        "bad-event",
-        "array-event",
-        "bad-response",
-    ],
-)
-def test_none_when_malformed(outcome: Outcome) -> None:
+def test_none_when_absent_or_malformed(outcome: Outcome) -> None:
     assert outcome.usage() is None
 
 
@@ -178,20 +159,17 @@ def test_latest_usage_event_wins() -> None:
 
 
 def test_usage_details_cached_and_reasoning_tokens() -> None:
-    chat = Outcome(200, stream=False)
-    chat.body = (
+    chat = body_outcome(
         b'{"usage": {"prompt_tokens": 100, "completion_tokens": 40, "total_tokens": 140,'
         b' "prompt_tokens_details": {"cached_tokens": 64},'
         b' "completion_tokens_details": {"reasoning_tokens": 30}}}'
     )
     assert chat.usage() == Usage(100, 40, 140, cached_tokens=64, reasoning_tokens=30)
-    responses = Outcome(200, stream=False)
-    responses.body = (
+    responses = body_outcome(
         b'{"response": {"usage": {"input_tokens": 9, "output_tokens": 5, "total_tokens": 14,'
         b' "input_tokens_details": {"cached_tokens": 8},'
         b' "output_tokens_details": {"reasoning_tokens": 2}}}}'
     )
     assert responses.usage() == Usage(9, 5, 14, cached_tokens=8, reasoning_tokens=2)
-    broken = Outcome(200, stream=False)
-    broken.body = b'{"usage": {"prompt_tokens": 1, "prompt_tokens_details": 5}}'
+    broken = body_outcome(b'{"usage": {"prompt_tokens": 1, "prompt_tokens_details": 5}}')
     assert broken.usage() is None

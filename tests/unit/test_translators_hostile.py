@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from aioproxy_anthropic.translate import (
+    _READ_EVENTS,
     StreamTranslator,
     decode_answer,
     parse_event,
@@ -108,12 +109,7 @@ WORDS = [
     "[1]",
     "data:image/png;base64,AAAA",
     "https://x/y.png",
-    "message_start",
-    "content_block_start",
-    "content_block_delta",
-    "message_delta",
-    "message_stop",
-    "error",
+    *sorted(_READ_EVENTS),  # the Anthropic event types its translation reads
     "tool_use",
     "text_delta",
     "input_json_delta",

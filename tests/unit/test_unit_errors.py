@@ -9,44 +9,50 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+import aioproxy
 from aioproxy.errors import (
     AuthenticationError,
-    BadGateway,
     BadRequest,
-    GatewayTimeout,
     ModelNotFound,
     NotFound,
-    PayloadTooLarge,
-    PermissionDenied,
     ProxyError,
     RateLimited,
-    UpstreamError,
     error_body,
     error_middleware,
     error_response,
 )
 from aioproxy.testing import assert_openai_error
 
+# What each public error class answers with: (status, type, code).
+EXPECTED = {
+    "ProxyError": (500, "server_error", None),
+    "BadRequest": (400, "invalid_request_error", None),
+    "AuthenticationError": (401, "authentication_error", "invalid_api_key"),
+    "PermissionDenied": (403, "permission_error", "model_not_allowed"),
+    "NotFound": (404, "invalid_request_error", "not_found"),
+    "ModelNotFound": (404, "invalid_request_error", "model_not_found"),
+    "PayloadTooLarge": (413, "invalid_request_error", "request_too_large"),
+    "RateLimited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "UpstreamError": (500, "upstream_error", None),
+    "BadGateway": (502, "upstream_error", "bad_gateway"),
+    "GatewayTimeout": (504, "timeout_error", "upstream_timeout"),
+}
+# The error classes the package exports, found from aioproxy.__all__ so a new one is not missed.
+PUBLIC_ERRORS = [
+    obj
+    for obj in (getattr(aioproxy, name) for name in aioproxy.__all__)
+    if isinstance(obj, type) and issubclass(obj, ProxyError)
+]
 
-@pytest.mark.parametrize(
-    ("cls", "status", "type_", "code"),
-    [
-        (ProxyError, 500, "server_error", None),
-        (BadRequest, 400, "invalid_request_error", None),
-        (AuthenticationError, 401, "authentication_error", "invalid_api_key"),
-        (PermissionDenied, 403, "permission_error", "model_not_allowed"),
-        (NotFound, 404, "invalid_request_error", "not_found"),
-        (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
-        (PayloadTooLarge, 413, "invalid_request_error", "request_too_large"),
-        (RateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
-        (UpstreamError, 500, "upstream_error", None),
-        (BadGateway, 502, "upstream_error", "bad_gateway"),
-        (GatewayTimeout, 504, "timeout_error", "upstream_timeout"),
-    ],
-)
-def test_error_classes(cls: type[ProxyError], status: int, type_: str, code: str | None) -> None:
+
+def test_every_public_error_class_is_checked() -> None:
+    assert {cls.__name__ for cls in PUBLIC_ERRORS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("cls", PUBLIC_ERRORS, ids=lambda cls: cls.__name__)
+def test_error_classes(cls: type[ProxyError]) -> None:
+    status, type_, code = EXPECTED[cls.__name__]
     exc = cls("it failed")
-    assert isinstance(exc, ProxyError)
     assert (exc.status, exc.type, exc.code) == (status, type_, code)
     assert exc.message == str(exc) == "it failed"
     assert exc.param is None and exc.headers is None

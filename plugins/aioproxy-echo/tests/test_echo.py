@@ -22,6 +22,7 @@ from aioproxy_echo.embeddings import embed
 from aioproxy_echo.text import EMPTY_REPLY, count_words, echo, split_tokens
 
 from aioproxy import ConfigError, Outcome, Usage, create_app, hookimpl
+from aioproxy.testing import text_response_event_types
 
 Client = TestClient[Any, Any]
 MakeProxy = Callable[..., Awaitable[Client]]
@@ -431,17 +432,7 @@ async def test_response_capped_is_incomplete(sdk: openai.AsyncOpenAI) -> None:
     assert response.usage is not None and response.usage.output_tokens == 3
 
 
-RESPONSE_EVENTS = [
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    *["response.output_text.delta"] * 3,
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.output_item.done",
-    "response.completed",
-]
+RESPONSE_EVENTS = text_response_event_types(3)
 
 
 async def test_response_stream_sends_the_event_sequence(sdk: openai.AsyncOpenAI) -> None:
