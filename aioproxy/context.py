@@ -10,6 +10,8 @@ from aiohttp import web
 
 from .config import Secret, Timeouts
 from .errors import BadRequest
+from .request_ids import HEADER as REQUEST_ID_HEADER
+from .request_ids import request_id
 from .routes import Kind
 
 __all__ = ["Call", "Deployment", "Principal"]
@@ -96,6 +98,8 @@ class Call:
         "state",
         "started",
         "lease",
+        "upstream_headers",
+        "upstream_request_id",
         "_json",
     )
 
@@ -118,7 +122,18 @@ class Call:
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
         self.started = time.monotonic()
         self.lease: Deployment | None = None  # the deployment answering, while it is in flight
+        # Headers the gateway and plugins send upstream on the provider's call (lower-case
+        # names; the deployment's own headers and key win over them): the request id, a
+        # trace's traceparent.
+        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: request_id(request)}
+        # The upstream's own id for its answer (its x-request-id or request-id), for logs.
+        self.upstream_request_id: str | None = None
         self._json: dict[str, Any] | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The request's id (the client's ``x-request-id`` when sane), as every answer carries."""
+        return request_id(self.request)
 
     def get(self, name: str, default: Any = None) -> Any:
         """The decoded value of one top-level body field (400 if it cannot be decoded)."""

@@ -31,7 +31,7 @@ from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .payloads import decode_request
 from .plugins import Hooks
-from .providers import Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
+from .providers import JSONReply, Provider, ProviderFactory, ProviderMethod, Reply, StreamReply
 from .router import Clock, Router, is_context_window_error, is_retryable
 from .routes import Kind
 from .upstream import failure_from, timeouts_of
@@ -376,7 +376,7 @@ class Gateway:
                 made += 1
                 tried.add(deployment.key)
                 try:
-                    return await self._attempt(call, deployment)
+                    return await self._attempt(call, deployment, made)
                 except Exception as exc:
                     error = exc
                     if is_context_window_error(exc):
@@ -399,10 +399,15 @@ class Gateway:
             )
         raise error
 
-    async def _attempt(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
-        """One try on the taken deployment: the reply and a stream's first event, or an exception
-        (the deployment released)."""
+    async def _attempt(
+        self, call: Call, deployment: Deployment, attempt: int = 1
+    ) -> tuple[Reply, bytes | None]:
+        """One try (the request's ``attempt``-th) on the taken deployment: the reply and a
+        stream's first event, or an exception (the deployment released)."""
         router = self.router
+        hooks = self.hooks
+        if hooks.before_attempt:
+            await hooks.before_attempt.each_logged(call=call, deployment=deployment, attempt=attempt)
         started = router.clock.now()
         first_byte = timeouts_of(deployment, self.config).first_byte
         try:
@@ -416,10 +421,23 @@ class Gateway:
             error = failure_from(exc, deployment) if isinstance(exc, TimeoutError) else exc
             if isinstance(error, Exception):
                 router.failed(deployment, error)
+                if hooks.after_attempt:
+                    status = error.status if isinstance(error, ProxyError) else 500
+                    await hooks.after_attempt.each_logged(
+                        call=call, deployment=deployment, attempt=attempt, status=status,
+                        error=error, elapsed=router.clock.now() - started,
+                    )
             if error is exc:
                 raise
             raise error from exc
-        router.succeeded(deployment, router.clock.now() - started)
+        elapsed = router.clock.now() - started
+        router.succeeded(deployment, elapsed)
+        if hooks.after_attempt:
+            await hooks.after_attempt.each_logged(
+                call=call, deployment=deployment, attempt=attempt,
+                status=reply.status if isinstance(reply, JSONReply) else 200,
+                error=None, elapsed=elapsed,
+            )
         return reply, first
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:

@@ -211,15 +211,21 @@ async def answer_of(
     sending: Awaitable[UpstreamResponse],
     deployment: Deployment,
     read_error: ErrorReader = openai_error,
+    *,
+    call: Call | None = None,
 ) -> UpstreamResponse:
     """The upstream's 2xx answer to a POST in flight (``Provider.post(...)``), or the client's
     error: connect errors and timeouts as 502/504, a redirect as a 502 (never followed: it could
     carry the key to another host), any other status read (capped) by ``read_error``. The
-    caller owns the answer: read it inside :func:`closed_on_failure`, then release it."""
+    caller owns the answer: read it inside :func:`closed_on_failure`, then release it.
+    Given the ``call``, the upstream's own request id is kept on it (error answers too)."""
     try:
         response = await sending
     except Exception as exc:  # connect errors and timeouts before any answer
         raise failure_from(exc, deployment) from exc
+    if call is not None:
+        headers = response.headers
+        call.upstream_request_id = headers.get("x-request-id") or headers.get("request-id")
     if response.status < 300:
         return response
     with closed_on_failure(response, deployment):
@@ -282,7 +288,7 @@ async def forward(
     assert deployment is not None
     payload = call.body() if body is None else body
     response = await answer_of(
-        post_via(session, pool, url, payload, headers, timeout), deployment
+        post_via(session, pool, url, payload, headers, timeout), deployment, call=call
     )
     with closed_on_failure(response, deployment):
         if response.content_type == "text/event-stream":

@@ -29,6 +29,7 @@ def chat_call(call: Call, body: dict[str, Any]) -> Call:
     )
     bridged.state = call.state  # one request: plugins' notes stay shared
     bridged.started = call.started
+    bridged.upstream_headers = call.upstream_headers  # one request: one id, one trace
     if call.deployment is not None:
         bridged.route_to(call.deployment)
     return bridged

@@ -91,6 +91,7 @@ class OpenAIProvider(Provider):
         assert deployment is not None
         client_headers = call.request.headers
         forwarded = {n: v for n in self._forwarded if (v := client_headers.get(n)) is not None}
+        forwarded.update(call.upstream_headers)  # the gateway's request id replaces the client's
         headers = _deployment_headers(deployment, forwarded)
         if call.stream:
             headers["accept"] = "text/event-stream"
