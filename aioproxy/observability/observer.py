@@ -246,12 +246,15 @@ class Observer:
             model = metrics.model(call.model if call is not None else None)
             metrics.requests(kind, model, str(status)).inc()
             metrics.duration(kind, model).observe(elapsed)
+            # What was spent and how fast it came, by the model that served (a fallback's own).
+            deployment = call.deployment if call is not None else None
+            served = metrics.model(deployment.name) if deployment is not None else model
             if usage is not None:
-                _count_tokens(metrics, model, usage)
+                _count_tokens(metrics, served, usage)
             if cost:
-                metrics.spend(model).inc(cost)
+                metrics.spend(served).inc(cost)
             if ttft is not None:
-                metrics.ttft(model).observe(ttft)
+                metrics.ttft(served).observe(ttft)
             if cache is not None:
                 metrics.cache(cache if cache in CACHE_RESULTS else "other").inc()
             if status == 429 and not record.upstream_429:
