@@ -204,12 +204,11 @@ async def test_refused_requests_have_error_spans(
     aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
 ) -> None:
     proxy = await start(aiohttp_server, fake, plugin)
-    async with sdk(proxy) as client:
-        with pytest.raises(openai.NotFoundError):
-            await client.chat.completions.create(model="nope", messages=MESSAGES)
-    async with sdk(proxy, key="sk-wrong") as client:
-        with pytest.raises(openai.AuthenticationError):
-            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    for key, model, refusal in ((MASTER_KEY, "nope", openai.NotFoundError),
+                                ("sk-wrong", "gpt-test", openai.AuthenticationError)):
+        async with sdk(proxy, key=key) as client:
+            with pytest.raises(refusal):
+                await client.chat.completions.create(model=model, messages=MESSAGES)
     spans = await flushed(plugin, collector, 2)
     by_error = {attributes(s)["error.type"]: s for s in spans}
     assert set(by_error) == {"model_not_found", "invalid_api_key"}
