@@ -1,29 +1,40 @@
 """The access log: one ``aioproxy.access`` line per finished request, as text or JSON.
 
-An entry holds names, numbers and ids only: never a key, a prompt or a completion. The message
-of a log record is an :class:`AccessEntry`; :class:`JSONFormatter` writes its fields as one JSON
-object per line (and any other record as ``time``/``level``/``logger``/``message``), and any
-other formatter gets its ``key=value`` text.
+An entry holds names, numbers and ids only: never a key, a prompt or a completion. Through the
+logging API a record's message is an :class:`AccessEntry`: :class:`JSONFormatter` writes its
+fields as one JSON object per line (and any other record as ``time``/``level``/``logger``/
+``message``), and any other formatter gets its ``key=value`` text.
+
+``run.py`` gives the access logger an :class:`AccessHandler` of its own, which the observer
+writes to directly: no LogRecord per request, and the lines of one event-loop turn go out in
+one write. An app embedded elsewhere logs through the logging API as usual.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
-__all__ = ["ACCESS_LOG", "AccessEntry", "JSONFormatter", "TEXT_FORMAT", "configure_logging"]
+__all__ = [
+    "ACCESS_LOG", "AccessEntry", "AccessHandler", "JSONFormatter", "TEXT_FORMAT",
+    "configure_logging", "direct_handler",
+]
 
 ACCESS_LOG = logging.getLogger("aioproxy.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_FLUSH_AT = 64 * 1024  # bytes of lines held before they are written, whatever the loop does
 
 _encode = msgspec.json.Encoder().encode
 
 
 class AccessEntry:
-    """One request's fields (a dict, in a fixed order); ``str()`` is its ``key=value`` text."""
+    """One request's fields (a dict, in a fixed order, ``time`` first and filled in when the line
+    is written); ``str()`` is its ``key=value`` text."""
 
     __slots__ = ("fields",)
 
@@ -31,7 +42,9 @@ class AccessEntry:
         self.fields = fields
 
     def __str__(self) -> str:
-        return " ".join(f"{name}={_text(value)}" for name, value in self.fields.items())
+        return " ".join(
+            f"{name}={_text(value)}" for name, value in self.fields.items() if name != "time"
+        )
 
 
 def _text(value: Any) -> str:
@@ -72,7 +85,9 @@ class JSONFormatter(logging.Formatter):
         when = self._clock.iso(record.created)
         message = record.msg
         if isinstance(message, AccessEntry):
-            return _encode({"time": when, **message.fields}).decode()
+            fields = message.fields
+            fields["time"] = when
+            return _encode(fields).decode()
         line: dict[str, Any] = {
             "time": when, "level": record.levelname, "logger": record.name,
             "message": record.getMessage(),
@@ -82,11 +97,80 @@ class JSONFormatter(logging.Formatter):
         return _encode(line).decode()
 
 
+class AccessHandler(logging.Handler):
+    """The access log's handler under ``run.py``: lines held until the event loop's turn ends
+    (or 64 KiB gather), then written at once; :meth:`write` takes an entry's fields directly."""
+
+    def __init__(self, stream: IO[bytes], json: bool) -> None:
+        super().__init__()
+        self.stream = stream
+        self.json = json
+        self.lines: list[bytes] = []
+        self.size = 0
+        self._clock = _Clock()
+        self.setFormatter(JSONFormatter() if json else logging.Formatter(TEXT_FORMAT))
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """One request's line (the observer's path: no LogRecord)."""
+        now = time.time()
+        if self.json:
+            fields["time"] = self._clock.iso(now)
+            line = _encode(fields)
+        else:
+            line = f"{self._clock.iso(now)} INFO aioproxy.access: {AccessEntry(fields)}".encode()
+        self._hold(line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """An entry logged through the logging API (by a plugin, say)."""
+        try:
+            self._hold(self.format(record).encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
+    def _hold(self, line: bytes) -> None:
+        lines = self.lines
+        lines.append(line)
+        self.size += len(line)
+        if len(lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: at once
+                self.flush()
+        elif self.size >= _FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines:
+            lines, self.lines, self.size = self.lines, [], 0
+            self.stream.write(b"\n".join(lines) + b"\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
+def direct_handler() -> AccessHandler | None:
+    """The access log's own handler when it is the only place lines go (``run.py``), so that
+    the observer may write to it directly; None when the logging API must be used."""
+    handlers = ACCESS_LOG.handlers
+    if ACCESS_LOG.propagate or len(handlers) != 1 or not isinstance(handlers[0], AccessHandler):
+        return None
+    return handlers[0]
+
+
 def configure_logging(level: str, log_format: str) -> None:
-    """The root handler for ``run.py``: text lines, or JSON objects (``--log-format json``)."""
+    """``run.py``'s logging: text lines, or JSON objects (``--log-format json``), on stderr."""
+    json = log_format == "json"
     handler = logging.StreamHandler()
-    handler.setFormatter(JSONFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    handler.setFormatter(JSONFormatter() if json else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for old in ACCESS_LOG.handlers:
+        if isinstance(old, AccessHandler):
+            ACCESS_LOG.removeHandler(old)
+            old.close()
+    ACCESS_LOG.addHandler(AccessHandler(sys.stderr.buffer, json))
+    ACCESS_LOG.propagate = False
     # Each record would otherwise look up its thread and process names: nothing here reads them.
     logging.logThreads = False
     logging.logProcesses = False

@@ -2,8 +2,8 @@
 
 Label values come only from the config (model names, deployment ids) and from small fixed sets
 (endpoint kinds, HTTP statuses, token types): a client sending made-up model names cannot grow
-the label set, and no key, address or prompt is ever a label. A series is made the first time
-it is used and kept in a dict, so that counting costs a dict lookup and an increment.
+the label set, and no key, address or prompt is ever a label. A request adds its counts to
+plain dicts; they reach prometheus-client's values once a second and before each scrape.
 
 Under ``run.py --workers N`` the workers share ``PROMETHEUS_MULTIPROC_DIR`` (set up by the CLI
 before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker sums them all.
@@ -11,7 +11,9 @@ before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker s
 
 from __future__ import annotations
 
+import bisect
 import hmac
+import math
 import os
 import shutil
 import tempfile
@@ -26,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from ..config import Config
 from ..errors import AuthenticationError
 
-__all__ = ["MULTIPROC_ENV", "Metrics", "UNKNOWN", "prepare_multiprocess"]
+__all__ = ["FLUSH_INTERVAL", "MULTIPROC_ENV", "Metrics", "UNKNOWN", "prepare_multiprocess"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN = "unknown"  # the label of a model or deployment the config does not name
@@ -69,20 +71,64 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-class _Series:
-    """One metric's children by label values, made on first use (``labels()`` costs µs)."""
+FLUSH_INTERVAL = 1.0  # seconds between two flushes of a worker's counts into the shared values
 
-    __slots__ = ("metric", "children")
+
+class _Counter:
+    """One counter's children by label values. Requests add to a plain dict (a fraction of a
+    µs); :meth:`flush` moves the sums into prometheus-client's values (a lock and, under
+    ``--workers``, an mmap write each) once a second and before every scrape."""
+
+    __slots__ = ("metric", "children", "pending")
 
     def __init__(self, metric: Any) -> None:
         self.metric = metric
         self.children: dict[tuple[str, ...], Any] = {}
+        self.pending: dict[tuple[str, ...], float] = {}
 
-    def __call__(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.metric.labels(*values)
+    def child(self, labels: tuple[str, ...]) -> Any:
+        child = self.children.get(labels)
+        if child is None:  # labels() costs µs: once per series
+            child = self.children[labels] = self.metric.labels(*labels)
         return child
+
+    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        pending = self.pending
+        pending[labels] = pending.get(labels, 0) + amount
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, amount in pending.items():
+            self.child(labels).inc(amount)
+
+
+class _Histogram(_Counter):
+    """A histogram's observations, kept as bucket counts and a sum until flushed."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self, metric: Any, buckets: tuple[float, ...]) -> None:
+        super().__init__(metric)
+        self.bounds = (*buckets, math.inf)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        pending = self.pending
+        counts = pending.get(labels)
+        if counts is None:
+            counts = pending[labels] = [0.0] * (len(self.bounds) + 1)  # buckets, then the sum
+        counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        counts[-1] += value
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, counts in pending.items():
+            child = self.child(labels)
+            # What Histogram.observe does per observation, once per bucket: prometheus-client
+            # keeps each bucket's own count (not cumulative) and the sum as values.
+            child._sum.inc(counts[-1])
+            for bucket, count in zip(child._buckets, counts[:-1]):
+                if count:
+                    bucket.inc(count)
 
 
 class Metrics:
@@ -98,12 +144,16 @@ class Metrics:
             multiprocess.MultiProcessCollector(self.registry)
         self.models = frozenset(entry.name for entry in config.models)
         self.deployments = frozenset(deployment_ids)
+        self.active = 0  # requests in flight in this process, set into the gauge when flushed
+        self._flushed_active = -1
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Series:
-            return _Series(Counter(name, doc, labels, registry=own))
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Counter:
+            return _Counter(Counter(name, doc, labels, registry=own))
 
-        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> _Series:
-            return _Series(Histogram(name, doc, labels, registry=own, buckets=buckets))
+        def histogram(
+            name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> _Histogram:
+            return _Histogram(Histogram(name, doc, labels, registry=own, buckets=buckets), buckets)
 
         self.requests = counter(
             "aioproxy_requests_total", "Requests finished, by endpoint kind, model and status.",
@@ -134,34 +184,35 @@ class Metrics:
         self.rate_limited = counter(
             "aioproxy_rate_limited_total", "Requests refused or answered 429, by scope.", ("scope",)
         )
+        self._series = (self.requests, self.duration, self.ttft, self.tokens, self.spend,
+                        self.upstream, self.retries, self.fallbacks, self.cache, self.rate_limited)
         self.in_flight = Gauge(
             "aioproxy_in_flight_requests", "Requests being served now.",
             registry=own, multiprocess_mode="livesum",
         )
-        self.cooling = _Series(Gauge(
+        self.cooling_gauge = Gauge(
             "aioproxy_deployment_cooling", "1 while a deployment is cooling down after failures.",
             ("deployment",), registry=own, multiprocess_mode="livemax",
-        ))
-        self._prebind(config)
+        )
+        self._cooling: dict[str, Any] = {}
+        self._prebind()
 
-    def _prebind(self, config: Config) -> None:
+    def _prebind(self) -> None:
         """Make the series every config shows up front: zeros from the start (so rates work),
         and no ``labels()`` call on a request's path for them."""
         from ..routes import PROVIDER_KINDS
 
         for model in self.models:
             for kind in PROVIDER_KINDS:
-                self.requests(kind.value, model, "200")
-                self.duration(kind.value, model)
+                self.requests.child((kind.value, model, "200"))
+                self.duration.child((kind.value, model))
             for kind in TOKEN_TYPES:
-                self.tokens(model, kind)
-            self.ttft(model)
-            self.spend(model)
-            self.retries(model)
-            self.fallbacks(model)
+                self.tokens.child((model, kind))
+            for series in (self.ttft, self.spend, self.retries, self.fallbacks):
+                series.child((model,))
         for deployment in self.deployments:
-            self.upstream(deployment, "200")
-            self.cooling(deployment).set(0)
+            self.upstream.child((deployment, "200"))
+            self.cooling(deployment, False)
 
     def model(self, name: str | None) -> str:
         """``name`` as a label: a configured model name, else a fixed word."""
@@ -172,7 +223,24 @@ class Metrics:
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN
 
+    def cooling(self, deployment_id: str, cooling: bool) -> None:
+        label = self.deployment(deployment_id)
+        child = self._cooling.get(label)
+        if child is None:
+            child = self._cooling[label] = self.cooling_gauge.labels(label)
+        child.set(int(cooling))
+
+    def flush(self) -> None:
+        """Move this process's counts into the shared values (what a scrape reads)."""
+        for series in self._series:
+            if series.pending:
+                series.flush()
+        if self.active != self._flushed_active:
+            self._flushed_active = self.active
+            self.in_flight.set(self.active)
+
     def exposition(self) -> bytes:
+        self.flush()
         return prometheus_client.generate_latest(self.registry)
 
 
@@ -187,9 +255,14 @@ def metrics_handler(
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 raise AuthenticationError("/metrics needs the master key")
-        refresh()
+        metrics.active -= 1  # a scrape is not one of the requests it reports on
+        try:
+            refresh()
+            body = metrics.exposition()
+        finally:
+            metrics.active += 1
         return web.Response(
-            body=metrics.exposition(),
+            body=body,
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 

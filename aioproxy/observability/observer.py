@@ -23,8 +23,8 @@ from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import request_id
 from ..routes import KINDS
-from .access_log import ACCESS_LOG, AccessEntry
-from .metrics import CACHE_RESULTS, RATE_LIMIT_SCOPES, Metrics, metrics_handler
+from .access_log import ACCESS_LOG, AccessEntry, AccessHandler, direct_handler
+from .metrics import CACHE_RESULTS, FLUSH_INTERVAL, RATE_LIMIT_SCOPES, Metrics, metrics_handler
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -85,6 +85,7 @@ class Observer:
         self.metrics: Metrics | None = None
         self.gateway: Gateway | None = None
         self.kinds: dict[Any, str] = {}
+        self.writer: AccessHandler | None = None  # run.py's access log handler, written to directly
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
@@ -95,8 +96,11 @@ class Observer:
         """Put the middleware first (it sees every answer, rendered errors included) and the
         timing header on every answer; name each route's kind for the requests without a call."""
         self.gateway = gateway
-        if self.metrics is not None and self.config.metrics.port is not None:
-            app.cleanup_ctx.append(self._metrics_port)
+        self.writer = direct_handler()
+        if self.metrics is not None:
+            app.cleanup_ctx.append(self._flushing)
+            if self.config.metrics.port is not None:
+                app.cleanup_ctx.append(self._metrics_port)
         for route in app.router.routes():
             name = getattr(route.handler, "__name__", "")
             kind = name.removeprefix("handle_")
@@ -114,6 +118,24 @@ class Observer:
         if self.metrics is not None and config.metrics.port is None:
             register("GET", "/metrics", self._metrics_handler(config.metrics.public))
 
+    async def _flushing(self, app: web.Application) -> AsyncIterator[None]:
+        """Each process moves its counts into the shared values once a second (a scrape in
+        this process does so first anyway)."""
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal handle
+            self.refresh()
+            handle = loop.call_later(FLUSH_INTERVAL, tick)
+
+        handle = loop.call_later(FLUSH_INTERVAL, tick)
+        try:
+            yield
+        finally:
+            handle.cancel()
+            self.refresh()
+
     async def _metrics_port(self, app: web.Application) -> AsyncIterator[None]:
         """``/metrics`` alone on ``[metrics] port`` (no key there: keep that port private)."""
         metrics_app = web.Application()
@@ -129,21 +151,23 @@ class Observer:
             await runner.cleanup()
 
     def refresh(self) -> None:
-        """Set what is read rather than counted (cooldown), from this worker's router."""
-        if self.metrics is None or self.gateway is None:
+        """Flush this process's counts, and set what is read rather than counted (cooldown)
+        from its router."""
+        metrics = self.metrics
+        if metrics is None:
             return
-        router = self.gateway.router
-        now = router.clock.now()
-        for deployments in self.gateway.table.values():
-            for deployment in deployments:
-                cooling = router.health(deployment).cooldown_until > now
-                self.metrics.cooling(self.metrics.deployment(deployment.id)).set(int(cooling))
+        if self.gateway is not None:
+            router = self.gateway.router
+            now = router.clock.now()
+            for deployments in self.gateway.table.values():
+                for deployment in deployments:
+                    metrics.cooling(deployment.id, router.health(deployment).cooldown_until > now)
+        metrics.flush()
 
     # -- per request ----------------------------------------------------------------------------
 
     def _middleware(self) -> Any:
         metrics = self.metrics
-        in_flight = metrics.in_flight if metrics is not None else None
         finish = self.finish
         monotonic = time.monotonic
 
@@ -151,8 +175,8 @@ class Observer:
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             record = Record(monotonic())
             request[RECORD] = record
-            if in_flight is not None:
-                in_flight.inc()
+            if metrics is not None:
+                metrics.active += 1
             status = 500
             try:
                 response = await handler(request)
@@ -165,8 +189,8 @@ class Observer:
                 status = exc.status
                 raise
             finally:
-                if in_flight is not None:
-                    in_flight.dec()
+                if metrics is not None:
+                    metrics.active -= 1
                 finish(request, record, status)
 
         return observe
@@ -195,19 +219,20 @@ class Observer:
                 record.fallbacks += 1
         metrics = self.metrics
         if metrics is not None:
-            metrics.upstream(metrics.deployment(deployment.id), str(status)).inc()
+            metrics.upstream.add((metrics.deployment(deployment.id), str(status)))
             if attempt > 1:
                 if deployment.name == record.last_model:
-                    metrics.retries(metrics.model(deployment.name)).inc()
+                    metrics.retries.add((metrics.model(deployment.name),))
                 else:
-                    metrics.fallbacks(metrics.model(call.model)).inc()
+                    metrics.fallbacks.add((metrics.model(call.model),))
             if status == 429:
                 record.upstream_429 = True
-                metrics.rate_limited("upstream").inc()
+                metrics.rate_limited.add(("upstream",))
             if error is not None and self.gateway is not None:
                 router = self.gateway.router
-                cooling = router.health(deployment).cooldown_until > router.clock.now()
-                metrics.cooling(metrics.deployment(deployment.id)).set(int(cooling))
+                metrics.cooling(
+                    deployment.id, router.health(deployment).cooldown_until > router.clock.now()
+                )
         record.last_model = deployment.name
 
     @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
@@ -244,32 +269,39 @@ class Observer:
         metrics = self.metrics
         if metrics is not None:
             model = metrics.model(call.model if call is not None else None)
-            metrics.requests(kind, model, str(status)).inc()
-            metrics.duration(kind, model).observe(elapsed)
+            metrics.requests.add((kind, model, str(status)))
+            metrics.duration.observe((kind, model), elapsed)
             # What was spent and how fast it came, by the model that served (a fallback's own).
             deployment = call.deployment if call is not None else None
             served = metrics.model(deployment.name) if deployment is not None else model
             if usage is not None:
                 _count_tokens(metrics, served, usage)
             if cost:
-                metrics.spend(served).inc(cost)
+                metrics.spend.add((served,), cost)
             if ttft is not None:
-                metrics.ttft(served).observe(ttft)
+                metrics.ttft.observe((served,), ttft)
             if cache is not None:
-                metrics.cache(cache if cache in CACHE_RESULTS else "other").inc()
+                metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
             if status == 429 and not record.upstream_429:
-                metrics.rate_limited(_scope(record.error)).inc()
+                metrics.rate_limited.add((_scope(record.error),))
         if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
-            ACCESS_LOG.info(
-                _entry(request, record, kind, status, elapsed, usage, cost, ttft, cache)
-            )
+            fields = _fields(request, record, kind, status, elapsed, usage, cost, ttft, cache)
+            if self.writer is not None:
+                self.writer.write(fields)
+            else:
+                ACCESS_LOG.info(AccessEntry(fields))
 
 
 def _count_tokens(metrics: Metrics, model: str, usage: Any) -> None:
-    for kind, count in (("input", usage.prompt_tokens), ("output", usage.completion_tokens),
-                        ("cached_input", usage.cached_tokens), ("reasoning", usage.reasoning_tokens)):
-        if count:
-            metrics.tokens(model, kind).inc(count)
+    tokens = metrics.tokens
+    if usage.prompt_tokens:
+        tokens.add((model, "input"), usage.prompt_tokens)
+    if usage.completion_tokens:
+        tokens.add((model, "output"), usage.completion_tokens)
+    if usage.cached_tokens:
+        tokens.add((model, "cached_input"), usage.cached_tokens)
+    if usage.reasoning_tokens:
+        tokens.add((model, "reasoning"), usage.reasoning_tokens)
 
 
 def _scope(error: BaseException | None) -> str:
@@ -278,15 +310,16 @@ def _scope(error: BaseException | None) -> str:
     return scope if scope in RATE_LIMIT_SCOPES else "deployment"
 
 
-def _entry(
+def _fields(
     request: web.Request, record: Record, kind: str, status: int, elapsed: float,
     usage: Any, cost: float | None, ttft: float | None, cache: str | None,
-) -> AccessEntry:
+) -> dict[str, Any]:
     call, error = record.call, record.error
     principal = call.principal if call is not None else None
     route = request.match_info.route.resource
     deployment = record.deployment or (call.deployment if call is not None else None)
-    return AccessEntry({
+    return {
+        "time": None,  # filled in as the line is written
         "request_id": request_id(request),
         "method": request.method,
         # The route's template (/v1/models/{model}); a path no route has, cut short.
@@ -309,4 +342,4 @@ def _entry(
         "cache": cache,
         "client": request.remote,
         "upstream_request_id": call.upstream_request_id if call is not None else None,
-    })
+    }

@@ -3,6 +3,7 @@ own parser; the key it needs, its public and own-port forms."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from aioproxy import hookimpl
 from tests.conftest import AUTH, MASTER_KEY, UPSTREAM_MODEL, StartProxy, gateway_config, sdk
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -110,7 +112,7 @@ def assert_mix(samples: Samples, tokens: dict[str, int], times: int = 1) -> None
     assert value(samples, "aioproxy_time_to_first_token_seconds_count", model="gpt-test") == 1 * times
     duration = "aioproxy_request_duration_seconds_count"
     assert value(samples, duration, kind=chat, model="gpt-test") == 3 * times
-    assert value(samples, "aioproxy_in_flight_requests") == 1  # the scrape itself
+    assert value(samples, "aioproxy_in_flight_requests") == 0  # a scrape does not count itself
     assert value(samples, "aioproxy_deployment_cooling", deployment="gpt-test#0") == 0
 
 
@@ -170,3 +172,26 @@ async def test_metrics_off(start_proxy: StartProxy, upstream_base: str) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy.make_url("/metrics"), headers=AUTH) as response:
             assert response.status == 404
+
+
+async def test_in_flight_counts_a_request_being_served(
+    start_proxy: StartProxy, upstream_base: str
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    class Hold:
+        @hookimpl
+        async def before_attempt(self) -> None:
+            started.set()
+            await release.wait()
+
+    proxy = await start_proxy(mix_config(upstream_base), plugins=[Hold()])
+    async with sdk(proxy) as client:
+        pending = asyncio.create_task(
+            client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        )
+        await started.wait()
+        assert value(await scrape(proxy), "aioproxy_in_flight_requests") == 1
+        release.set()
+        await pending
+    assert value(await scrape(proxy), "aioproxy_in_flight_requests") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,13 @@ async def fresh(method: str, url: str, body: Any = None) -> int:
             return response.status
 
 
+async def scrape(base: str) -> str:
+    async with aiohttp.ClientSession() as http:  # a new connection: either worker may answer
+        async with http.get(f"{base}/metrics", headers=AUTH) as response:
+            assert response.status == 200
+            return await response.text()
+
+
 async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any) -> None:
     fake = FakeOpenAI()
     upstream = await aiohttp_server(fake.app())
@@ -67,14 +75,13 @@ async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any)
             assert await fresh("POST", f"{base}/v1/chat/completions", {**CHAT, "model": "nope"}) == 404
             fake.faults = ["status:500"]  # retried
             assert await fresh("POST", f"{base}/v1/chat/completions", CHAT) == 200
+        # Each worker moves its counts into the shared folder once a second: wait for both.
+        async with asyncio.timeout(30):  # a safety net, never the assertion
+            while sum(requests_by_worker(folder).values()) < 4 * rounds:
+                await asyncio.sleep(0.05)
         by_worker = requests_by_worker(folder)
         assert len(by_worker) == 2, by_worker
-        scrapes = []
-        for _ in range(4):  # several connections: whichever worker answers, the same sums
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"{base}/metrics", headers=AUTH) as response:
-                    assert response.status == 200
-                    scrapes.append(parse(await response.text()))
+        scrapes = [parse(await scrape(base)) for _ in range(4)]  # whichever worker answers
     assert "999999" not in by_worker
     for samples in scrapes:
         requests = "aioproxy_requests_total"
@@ -93,4 +100,4 @@ async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any)
             if name == requests and (("kind", "metrics") in labels or ("kind", "health") in labels)
         )
         assert sum(v for (name, _), v in samples.items() if name == requests) == 4 * rounds + others
-        assert value(samples, "aioproxy_in_flight_requests") == 1  # the scrape itself
+        assert value(samples, "aioproxy_in_flight_requests") == 0  # a scrape does not count itself
