@@ -733,14 +733,14 @@ def run_loops(
 
 
 def run_observability(
-    args: argparse.Namespace, upstream: Target, workdir: Path, cores: Cores
+    args: argparse.Namespace, upstream: Target, upstream_kind: str, workdir: Path, cores: Cores
 ) -> dict[tuple[str, str], list[Row]]:
     """The reference and aioproxy with observability off, on (metrics + JSON access logs) and
     with OpenTelemetry, pinned like the matrix's; every round kept, (kind, target) -> rows."""
     if "aioproxy" not in args.targets:
         print("bench: skipping the observability part: aioproxy is not in --targets", file=sys.stderr)
         return {}
-    otel = upstream.name.startswith("nginx")  # the OTLP sink is a file nginx serves
+    otel = upstream_kind == "nginx"  # the OTLP sink is a file nginx serves
     observability.otlp_sink(workdir / "www")
     with ExitStack() as stack:
         targets = [_start_proxy(stack, "reference", workdir, upstream, cores, args.loop, "reference")]
@@ -801,7 +801,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
                 )
             if "observability" in args.only:
                 extra += observability.section(
-                    run_observability(args, upstream, workdir, cores), observability.CONNECTIONS
+                    run_observability(args, upstream, upstream_kind, workdir, cores),
+                    observability.CONNECTIONS,
                 )
             if "soak" in args.only:
                 extra += soak_section(
