@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..builtins.config_models import deployments_from
+from ..context import Principal
 from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import request_id
@@ -42,6 +43,8 @@ TIMING_HEADER = "x-aioproxy-overhead-ms"
 _CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
 _MAX_LOGGED_NAME = 128  # a client's model name, as logged (names only: never a label)
 
+# Whether principals carry a team (issue 12 adds one): asked once, not by a failing getattr a request.
+_TEAMS = "team" in Principal.__struct_fields__
 _OTHER_HANDLERS = {"list_models": "models", "get_model": "model", "health": "health",
                    "readiness": "health", "serve_metrics": "metrics"}
 
@@ -332,7 +335,7 @@ def _fields(
         "status": status,
         "error": error.code if isinstance(error, ProxyError) else None,
         "key": principal.name if principal is not None else None,
-        "team": getattr(principal, "team", None),
+        "team": getattr(principal, "team", None) if _TEAMS else None,
         "model": call.model[:_MAX_LOGGED_NAME] if call is not None else None,
         "deployment": deployment.id or deployment.describe() if deployment is not None else None,
         "stream": call.stream if call is not None else None,
