@@ -116,6 +116,8 @@ class Outcome:
         try:
             if self.body is not None:
                 return _usage_of(_decode_answer(self.body))
+            if not any(b'"usage"' in block for block in self.last_events):
+                return None  # a stream without usage: no need to take its events apart
             looked_at = 0
             for block in reversed(self.last_events):
                 for event in reversed(split_events(block)):
