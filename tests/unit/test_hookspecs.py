@@ -26,6 +26,8 @@ def test_hook_names() -> None:
         "map_model",
         "list_models",
         "before_request",
+        "before_attempt",
+        "after_attempt",
         "after_response",
         "on_error",
     }
