@@ -58,7 +58,7 @@ class Base(
 PositiveFloat = Annotated[float, Meta(gt=0)]
 
 
-class VirtualKey(Base):
+class VirtualKey(Base, frozen=True):
     """A client key; ``models`` limits it to those model names (all when absent)."""
 
     key: Secret
@@ -66,12 +66,12 @@ class VirtualKey(Base):
     models: list[str] | None = None
 
 
-class AuthConfig(Base):
+class AuthConfig(Base, frozen=True):
     master_key: Secret | None = None
     keys: list[VirtualKey] = []
 
 
-class Timeouts(Base):
+class Timeouts(Base, frozen=True):
     """Upstream timeouts in seconds.
 
     ``connect``: opening the connection. ``first_byte``: from sending the request to the answer's
@@ -87,7 +87,7 @@ class Timeouts(Base):
     total: PositiveFloat | None = None
 
 
-class TimeoutOverrides(Base):
+class TimeoutOverrides(Base, frozen=True):
     """A deployment's own timeouts; each one left out is ``[upstream.timeouts]``'s."""
 
     connect: PositiveFloat | None = None
@@ -104,7 +104,7 @@ class TimeoutOverrides(Base):
 EndpointKind = Literal["chat_completions", "responses", "completions", "embeddings"]
 
 
-class ModelEntry(Base):
+class ModelEntry(Base, frozen=True):
     """One deployment: the model ``name`` clients send, served by ``provider`` as ``model`` upstream."""
 
     name: Annotated[str, Meta(min_length=1)]
@@ -124,7 +124,7 @@ class ModelEntry(Base):
     endpoints: Annotated[list[EndpointKind], Meta(min_length=1)] | None = None
 
 
-class ServerConfig(Base):
+class ServerConfig(Base, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 4000
     max_body_size: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
@@ -151,7 +151,7 @@ class ServerConfig(Base):
 Strategy = Literal["weighted", "least-busy", "latency"]
 
 
-class ModelRouting(Base):
+class ModelRouting(Base, frozen=True):
     """Per-model overrides of the ``[router]`` defaults."""
 
     strategy: Strategy | None = None
@@ -160,7 +160,7 @@ class ModelRouting(Base):
     context_window_fallbacks: list[str] | None = None
 
 
-class RouterConfig(Base):
+class RouterConfig(Base, frozen=True):
     """Choosing among a model's deployments, retrying, falling back and cooling down."""
 
     strategy: Strategy = "weighted"
@@ -178,7 +178,7 @@ class RouterConfig(Base):
     models: dict[str, ModelRouting] = {}
 
 
-class UpstreamConfig(Base):
+class UpstreamConfig(Base, frozen=True):
     timeouts: Timeouts = Timeouts()
     # Client headers copied to the upstream call (any case); everything else stays behind.
     # Credentials and hop-by-hop headers are refused here (see aioproxy.headers).
@@ -194,7 +194,7 @@ class UpstreamConfig(Base):
     max_buffered_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
-class ResponsesConfig(Base):
+class ResponsesConfig(Base, frozen=True):
     """The Responses API bridge's store: where ``store: true`` responses are kept (SQLite)."""
 
     store_path: str = "aioproxy-responses.sqlite3"  # relative paths: to the working directory
@@ -207,7 +207,7 @@ class ResponsesConfig(Base):
     cleanup_interval: PositiveFloat = 300.0
 
 
-class CompletionsConfig(Base):
+class CompletionsConfig(Base, frozen=True):
     """Legacy ``/v1/completions`` on chat-only providers (the bridge): a chat call per prompt."""
 
     # Prompts one request may carry. OpenAI's spec bounds no prompt list; 2048 is its bound on
@@ -217,7 +217,7 @@ class CompletionsConfig(Base):
     concurrency: Annotated[int, Meta(ge=1)] = 8
 
 
-class MetricsConfig(Base):
+class MetricsConfig(Base, frozen=True):
     """Prometheus ``/metrics`` (aioproxy.observability.metrics)."""
 
     # Off by default: counting costs CPU on every request; operators who scrape turn it on.
@@ -229,7 +229,7 @@ class MetricsConfig(Base):
     host: str = "127.0.0.1"  # the address of that port
 
 
-class LoggingConfig(Base):
+class LoggingConfig(Base, frozen=True):
     """The ``aioproxy.access`` log: one line per finished request."""
 
     # Off by default: a line per request costs CPU; turn it on to get one.
@@ -237,12 +237,12 @@ class LoggingConfig(Base):
     format: Literal["text", "json"] = "text"  # run.py's --log-format overrides it
 
 
-class PluginsConfig(Base):
+class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
 
 
-class Config(Base):
+class Config(Base, frozen=True):
     auth: AuthConfig = AuthConfig()
     models: list[ModelEntry] = []
     server: ServerConfig = ServerConfig()

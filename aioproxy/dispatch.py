@@ -16,7 +16,7 @@ import aiohttp
 
 from .config import Config
 from .context import Call, Deployment
-from .errors import ModelNotFound, ProxyError, RateLimited
+from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
@@ -227,6 +227,12 @@ class Dispatcher:
                 raise
             if call.deployment is not lease.deployment:  # re-routed: count that one instead
                 lease.release()
+                if not self.allows(call, call.deployment.name):
+                    # A routing plugin cannot take a key where it may not go; the model is
+                    # not named: the caller did not ask for it.
+                    raise PermissionDenied(
+                        "This API key may not use the model this request was routed to"
+                    )
                 lease = self.take(call, call.deployment)
                 plan.candidates = (call.deployment,)
         return plan, lease

@@ -7,9 +7,9 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .context import Call
+from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ModelNotFound
+from .errors import ModelNotFound, ProxyError
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
@@ -90,16 +90,28 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    """Each configured deployment's state (cooldown, in flight, latency); 503 when some model has
-    no deployment available. No auth: it shows no key and no address."""
+    """Whether every model has a deployment available: ``ready`` (200) or ``degraded`` (503),
+    without auth, for load balancers. Each configured deployment's state (cooldown, in flight,
+    latency) is shown only to the master key, or to anyone on a proxy without keys: model
+    names, upstream model ids and traffic are not for every caller."""
     runtime = request.app[runtime_key]
     deployments = runtime.deployments
     rows = runtime.router.snapshot(deployments)
     ready = all(
         any(row["available"] for row in rows if row["model"] == model) for model in deployments
     )
-    body = {"status": "ready" if ready else "degraded", "deployments": rows}
+    body: dict[str, object] = {"status": "ready" if ready else "degraded"}
+    if await _sees_deployments(request):
+        body["deployments"] = rows
     return _json(_encode(body), 200 if ready else 503)
+
+
+async def _sees_deployments(request: web.Request) -> bool:
+    try:
+        principal = await request.app[runtime_key].authenticate(request, Kind.MODELS)
+    except ProxyError:  # no key, or a wrong one: the status alone
+        return False
+    return principal.is_master or principal is ANONYMOUS  # ANONYMOUS: a proxy without keys
 
 
 def make_handlers() -> dict[Kind, Handler]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator
 
+from .budget import BufferBudget
 from .context import Deployment
 from .errors import BadGateway, ProxyError
 from .failures import error_event, raise_stream_failure, scrub_bytes, stream_error
@@ -52,15 +53,22 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 
 
 async def events(
-    response: UpstreamResponse, deployment: Deployment, kind: Kind, idle: float | None
+    response: UpstreamResponse,
+    deployment: Deployment,
+    kind: Kind,
+    idle: float | None,
+    budget: BufferBudget | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The upstream's events as they come. An error event ends the stream as the client's error
     (raised: the handler sends it as one event, scrubbed); other events naming an error (a
     Responses ``response.failed``) go out scrubbed. Only blocks holding ``error`` are looked
     into, so the common event costs one search. No complete event for ``idle`` seconds is a
-    timeout."""
+    timeout. Unfinished events count against ``budget`` (the Upstream's; else the one the
+    lean pool's answer carries)."""
     last = b""
-    blocks = iter_sse_blocks(response.content, idle=idle, budget=getattr(response, "budget", None))
+    if budget is None:
+        budget = getattr(response, "budget", None)
+    blocks = iter_sse_blocks(response.content, idle=idle, budget=budget)
     try:
         async for block in blocks:
             if b"error" in block:  # the rare block worth a closer look (measured: ~1 ns a byte)
@@ -71,7 +79,7 @@ async def events(
                     raise error
             last = block
             yield block
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
         raise_stream_failure(exc, deployment)
     finally:
         # When the client leaves (or the proxy stops after the final event) the inner generator

@@ -103,7 +103,7 @@ class Provider:
 
     def __init__(self, upstream: Upstream, config: ProviderConfig) -> None:
         if not isinstance(upstream, Upstream):  # the deprecated (session, Config) form
-            warnings.warn(
+            warnings.warn(  # type: ignore[unreachable]  # untyped legacy callers
                 f"{type(self).__name__}(session, config) is deprecated: a provider takes "
                 "(upstream, provider_config)",
                 DeprecationWarning,
@@ -189,9 +189,10 @@ class Provider:
             timeout=client_timeout(self.upstream.timeouts(deployment)),
             allow_redirects=False,
         )
-        response = await answer_of(sending, deployment)
+        budget = self.upstream.budget  # the session's answers count as the pool's do
+        response = await answer_of(sending, deployment, budget=budget)
         with closed_on_failure(response, deployment):
-            body = await read_capped(response, deployment)
+            body = await read_capped(response, deployment, budget)
         response.release()
         return JSONReply(body, response.status)
 

@@ -123,6 +123,7 @@ class Registry:
             endpoints=endpoints,
             natives=self.natives,
             fall_back=self._bridge_from_now_on,
+            max_body_size=self.config.server.max_body_size,
         )
 
     def _bridge_from_now_on(self, deployment: Deployment, bridge: ProviderMethod) -> None:

@@ -66,8 +66,10 @@ async def iter_sse_blocks(
     idle: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     budget: BufferBudget | None = None,
+    end: bytes = b"\n\n",
 ) -> AsyncGenerator[bytes, None]:
     """Yield the complete SSE events of a body as they arrive, several at once when they came so.
+    (``end=b"\n"``: complete lines, e.g. of NDJSON, the same way.)
 
     Each chunk read from the network yields what it completes: every whole event (ending in a
     blank line) it holds, as one block, so that relaying costs one write per chunk, not per
@@ -88,7 +90,7 @@ async def iter_sse_blocks(
     held = 0  # bytes of pending counted against the budget
     try:
         async for chunk in content.iter_any():
-            if not pending and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            if not pending and chunk.endswith(end) and b"\r" not in chunk:
                 yield chunk  # the usual case: whole events, nothing to copy or hold
                 continue
             if b"\r" in chunk or pending.endswith(b"\r"):
@@ -101,8 +103,8 @@ async def iter_sse_blocks(
             if budget is not None:
                 budget.take(len(pending) - held)
                 held = len(pending)
-            end = pending.rfind(b"\n\n", searched)
-            if end < 0:
+            last = pending.rfind(end, searched)
+            if last < 0:
                 if len(pending) > max_event:
                     raise EventTooLarge(f"an event grew past {max_event} bytes without ending")
                 if idle is not None:
@@ -112,15 +114,15 @@ async def iter_sse_blocks(
                     elif now - stalled_since >= idle:
                         raise StreamStalled(f"no complete event in {idle:g} s")
                 continue
-            block = bytes(pending[: end + 2])
-            del pending[: end + 2]
+            block = bytes(pending[: last + len(end)])
+            del pending[: last + len(end)]
             stalled_since = None
             if budget is not None:
                 budget.give(held - len(pending))
                 held = len(pending)
             yield block
         if pending.strip():
-            yield bytes(pending.rstrip(b"\n")) + b"\n\n"
+            yield bytes(pending.rstrip(b"\n")) + end
     finally:
         if budget is not None:
             budget.give(held)

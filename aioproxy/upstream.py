@@ -20,56 +20,41 @@ from .failures import (
     as_proxy_error,
     openai_error,
     raise_stream_failure,
-    read_upstream_error,
-    scrub,
-    scrub_bytes,
-    stream_error,
 )
 from .h1client import H1Pool
 from .headers import never_forwarded
 from .replies import JSONReply, Reply, StreamReply
-from .streaming import iter_sse
+from .streaming import iter_sse, iter_sse_blocks
 from .transport import (
     SessionTransport,
-    StreamTimeout,
     Transport,
     UpstreamResponse,
     make_session,
 )
-from .transport import client_timeout as timeout_for
 
+# answer_of, closed_on_failure, post_via, read_capped: what providers.Provider's request() and
+# its deprecated post() are made of (the end of this module).
 __all__ = [
     "ErrorReader",
     "Upstream",
-    "forwardable",
-    "make_session",
-    # Deprecated: still imported by the plugins and their tests until they use `Upstream`
-    # (WP3) and failures.py; the final pass of issue 11 drops them.
     "answer_of",
     "closed_on_failure",
-    "deployment_timeout",
-    "failure_from",
-    "forward",
-    "openai_error",
+    "forwardable",
+    "make_session",
     "post_via",
     "read_capped",
-    "read_upstream_error",
-    "scrub",
-    "scrub_bytes",
-    "StreamTimeout",
-    "stream_error",
-    "timeout_for",
-    "timeouts_of",
 ]
 
-failure_from = as_proxy_error  # deprecated name
 
-
-async def _read_capped(response: UpstreamResponse, deployment: Deployment) -> bytes:
+async def _read_capped(
+    response: UpstreamResponse, deployment: Deployment, budget: BufferBudget | None = None
+) -> bytes:
     """The whole upstream body, refusing one over MAX_UPSTREAM_BODY. While it is read, its
-    bytes count against the app's buffer budget (the lean pool's answers carry it): BufferFull
-    (a 503) when the gateway holds too much already."""
-    budget: BufferBudget | None = getattr(response, "budget", None)
+    bytes count against the app's buffer ``budget`` (the Upstream's; for the deprecated
+    callers, the one the lean pool's answers carry): BufferFull (a 503) when the gateway holds
+    too much already."""
+    if budget is None:
+        budget = getattr(response, "budget", None)
     length = response.content_length
     if length is not None and length <= MAX_UPSTREAM_BODY:
         if budget is None:
@@ -101,6 +86,7 @@ async def _answer(
     sending: Awaitable[UpstreamResponse],
     deployment: Deployment,
     read_error: ErrorReader = openai_error,
+    budget: BufferBudget | None = None,
     *,
     call: Call | None = None,
 ) -> UpstreamResponse:
@@ -118,7 +104,7 @@ async def _answer(
     if response.status < 300:
         return response
     with _Guard(response, deployment):
-        body = await _read_capped(response, deployment)
+        body = await _read_capped(response, deployment, budget)
         if response.status < 400:
             raise BadGateway(
                 f"Deployment {deployment.describe()} answered with a redirect "
@@ -156,20 +142,25 @@ class _Guard:
             raise as_proxy_error(exc, self.deployment) from exc
 
 
-async def _forwarded(call: Call, sending: Awaitable[UpstreamResponse], idle: float | None) -> Reply:
+async def _forwarded(
+    call: Call,
+    sending: Awaitable[UpstreamResponse],
+    idle: float | None,
+    budget: BufferBudget | None = None,
+) -> Reply:
     """A pass-through POST's answer in flight as the client's reply: a stream relayed event by
     event (``idle``: the longest it may go without a complete event), anything else read whole
     and checked (passthrough.py)."""
     deployment = call.deployment
-    response = await _answer(sending, deployment, call=call)
+    response = await _answer(sending, deployment, budget=budget, call=call)
     with _Guard(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
-                passthrough.events(response, deployment, call.kind, idle),
+                passthrough.events(response, deployment, call.kind, idle, budget),
                 close=response.close,
                 finished=response.content.is_eof,
             )
-        data = await _read_capped(response, deployment)
+        data = await _read_capped(response, deployment, budget)
         passthrough.check_answer(data, deployment)
     response.release()
     return JSONReply(data, response.status)
@@ -185,15 +176,19 @@ class Upstream:
     failure comes out as the client's ProxyError (502/504, naming the deployment); redirects
     are never followed. Timeouts are the call's deployment's (else ``[upstream] timeouts``)."""
 
-    __slots__ = ("_config", "_forwarded", "_timeouts", "pool", "session", "transport")
+    __slots__ = ("_config", "_forwarded", "_timeouts", "budget", "pool", "session", "transport")
 
     def __init__(
         self,
         transport: Transport,
         config: Config,
         session: aiohttp.ClientSession | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.transport = transport
+        # What every answer read through it counts against, whichever transport (or session)
+        # it came by: the given one, else the lean pool's.
+        self.budget = budget if budget is not None else getattr(transport, "budget", None)
         # For providers still built the old way (factory(session, config), provider.pool).
         if session is None and isinstance(transport, SessionTransport):
             session = transport.session
@@ -220,7 +215,7 @@ class Upstream:
         The caller owns the answer: read it inside :meth:`guard`, then release it."""
         deployment = call.deployment
         sending = self.transport.post(url, body, headers, self.timeouts(deployment))
-        return await _answer(sending, deployment, read_error, call=call)
+        return await _answer(sending, deployment, read_error, self.budget, call=call)
 
     def guard(self, response: UpstreamResponse, call: Call) -> AbstractContextManager[None]:
         """Close ``response`` if the block fails (cancelled too), with transport errors as
@@ -229,21 +224,37 @@ class Upstream:
 
     async def read(self, response: UpstreamResponse, call: Call) -> bytes:
         """The whole body, refusing one over 64 MiB, counted against the buffer budget."""
-        return await _read_capped(response, call.deployment)
+        return await _read_capped(response, call.deployment, self.budget)
 
     async def events(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
         """The answer's SSE events one by one; transport errors, a stall longer than the
         deployment's ``read`` timeout and an oversized event as the client's errors."""
         deployment = call.deployment
-        budget = getattr(response, "budget", None)
-        events = iter_sse(response.content, idle=self.timeouts(deployment).read, budget=budget)
+        idle = self.timeouts(deployment).read
+        events = iter_sse(response.content, idle=idle, budget=self.budget)
         try:
             async for event in events:
                 yield event
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
             raise_stream_failure(exc, deployment)
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse
+
+    async def lines(self, response: UpstreamResponse, call: Call) -> AsyncGenerator[bytes, None]:
+        """The answer's lines one by one (NDJSON, say), each ending in ``\\n``; as with
+        :meth:`events`, transport errors, a stall longer than the deployment's ``read`` timeout
+        and an oversized line come out as the client's errors."""
+        deployment = call.deployment
+        idle = self.timeouts(deployment).read
+        blocks = iter_sse_blocks(response.content, idle=idle, budget=self.budget, end=b"\n")
+        try:
+            async for block in blocks:
+                for line in block.split(b"\n")[:-1]:  # the block ends in one
+                    yield line + b"\n"
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again as it is
+            raise_stream_failure(exc, deployment)
+        finally:
+            await blocks.aclose()
 
     async def forward(
         self, call: Call, url: str, headers: Mapping[str, str], body: bytes | None = None
@@ -254,7 +265,7 @@ class Upstream:
         timeouts = self.timeouts(deployment)
         payload = call.body() if body is None else body
         sending = self.transport.post(url, payload, headers, timeouts)
-        return await _forwarded(call, sending, timeouts.read)
+        return await _forwarded(call, sending, timeouts.read, self.budget)
 
     def client_headers(self, call: Call) -> dict[str, str]:
         """The configured ``forward_headers`` the client sent, lower-cased (never a
@@ -263,8 +274,8 @@ class Upstream:
         return {name: value for name in self._forwarded if (value := sent.get(name)) is not None}
 
 
-# --- Deprecated: the ways providers called upstreams before `Upstream` (issue 11). Still used by
-# the plugins, providers.Provider.post and a few tests until they move to `Upstream`.
+# --- What providers.Provider's request() (outside a request: GET, DELETE) and its deprecated
+# post() (the way providers called upstreams before `Upstream`) are made of.
 
 answer_of = _answer
 closed_on_failure = _Guard
@@ -300,28 +311,3 @@ async def post_via(
     return await session.post(
         url, data=body, headers=headers, timeout=timeout, allow_redirects=False
     )
-
-
-def timeouts_of(deployment: Deployment, config: Config) -> Timeouts:
-    """The deployment's timeouts (config ones are already merged over the global ones)."""
-    return deployment.timeouts or config.upstream.timeouts
-
-
-def deployment_timeout(call: Call, config: Config) -> aiohttp.ClientTimeout:
-    return timeout_for(timeouts_of(call.deployment, config))
-
-
-async def forward(
-    call: Call,
-    session: aiohttp.ClientSession,
-    url: str,
-    headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout | None,
-    body: bytes | None = None,
-    *,
-    pool: H1Pool | None = None,
-) -> Reply:
-    """:meth:`Upstream.forward` for a provider holding a session (and maybe the app's pool)."""
-    payload = call.body() if body is None else body
-    sending = post_via(session, pool, url, payload, headers, timeout)
-    return await _forwarded(call, sending, getattr(timeout, "event", None))

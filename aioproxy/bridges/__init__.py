@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..config import CompletionsConfig
+from ..config import CompletionsConfig, ServerConfig
 from ..providers import ProviderMethod
 from ..routes import Kind
 from .completions import Admission, make_completions_bridge
@@ -20,16 +20,20 @@ __all__ = [
     "make_responses_bridge",
 ]
 
+# The default limits (an immutable Struct): built once, not in the signature (B008).
+_COMPLETIONS = CompletionsConfig()
+
 
 def bridge_methods(
     methods: dict[Kind, ProviderMethod],
     store: ResponseStore | None,
-    completions: CompletionsConfig = CompletionsConfig(),
+    completions: CompletionsConfig = _COMPLETIONS,
     admission: Admission | None = None,
     *,
     endpoints: Collection[Kind] | None = None,
     natives: NativeResponses | None = None,
     fall_back: FallBack | None = None,
+    max_body_size: int = ServerConfig().max_body_size,
 ) -> dict[Kind, ProviderMethod]:
     """``methods`` plus responses and completions bridged onto its chat, where it lacks them.
 
@@ -42,6 +46,8 @@ def bridge_methods(
             others are bridged too.
         natives: the record of native response ids: a native ``responses`` is wrapped to
             keep it, and to ``fall_back`` onto the bridge when the upstream lacks the route.
+        max_body_size: ``[server] max_body_size``, which bounds what a completions request's
+            chat calls carry all told, and the stored history a response continues.
 
     A native method is never replaced; without native chat completions nothing is bridged.
     """
@@ -51,7 +57,7 @@ def bridge_methods(
         else {kind: method for kind, method in methods.items() if kind in endpoints}
     )
     chat = served.get(Kind.CHAT_COMPLETIONS)
-    bridge = make_responses_bridge(chat, store) if chat is not None else None
+    bridge = make_responses_bridge(chat, store, max_body_size) if chat is not None else None
     native = served.get(Kind.RESPONSES)
     if native is not None:
         if natives is not None and fall_back is not None:
@@ -59,5 +65,7 @@ def bridge_methods(
     elif bridge is not None:
         served[Kind.RESPONSES] = bridge
     if chat is not None and Kind.COMPLETIONS not in served:
-        served[Kind.COMPLETIONS] = make_completions_bridge(chat, completions, admission)
+        served[Kind.COMPLETIONS] = make_completions_bridge(
+            chat, completions, admission, max_body_size
+        )
     return served

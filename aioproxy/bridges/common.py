@@ -10,11 +10,19 @@ import aiohttp
 from .. import streaming
 from ..context import Call, Deployment
 from ..errors import BadRequest
-from ..failures import as_proxy_error
-from ..providers import StreamReply
+from ..failures import as_proxy_error, scrub_bytes
+from ..providers import JSONReply, StreamReply
 from ..streaming import split_events
 
-__all__ = ["chat_call", "events_of", "first_event", "once", "text_of", "unsupported"]
+__all__ = [
+    "chat_call",
+    "events_of",
+    "first_event",
+    "once",
+    "scrubbed",
+    "text_of",
+    "unsupported",
+]
 
 
 def chat_call(call: Call, body: dict[str, Any]) -> Call:
@@ -77,3 +85,9 @@ def unsupported(what: str, param: str) -> BadRequest:
         param=param,
         code="unsupported_parameter",
     )
+
+
+def scrubbed(reply: JSONReply, call: Call) -> JSONReply:
+    """A chat provider's error answer as it is, but for the deployment's secrets masked (a
+    provider may relay an upstream's words, which can echo its key)."""
+    return JSONReply(scrub_bytes(reply.body, call.deployment), reply.status, reply.headers)

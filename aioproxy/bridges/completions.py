@@ -14,44 +14,121 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
-from ..config import CompletionsConfig
+from ..config import CompletionsConfig, ServerConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest
-from ..fields import ArrayOf, decode_field, text_or_array
+from ..failures import scrub_bytes
+from ..fields import (
+    BOOL,
+    FLOAT,
+    INT,
+    MAX_STOP,
+    STR,
+    ArrayOf,
+    decode_field,
+    get_field,
+    text_or_array,
+)
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
-from .common import chat_call, events_of, first_event, once, text_of, unsupported
+from .common import chat_call, events_of, first_event, once, scrubbed, text_of, unsupported
 
 __all__ = [
     "Admission",
-    "chat_body",
+    "CompletionRequest",
+    "chat_call_for",
     "completion_from_chat",
     "make_completions_bridge",
     "prompts_of",
 ]
 
-# Fields chat takes under the same name and meaning.
-_SAME_NAME = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-    "seed",
-    "service_tier",
-)
-# What the bridge reads of a request besides the prompt (decoded one by one, the rest never).
-_READ = (*_SAME_NAME, "suffix", "best_of", "logprobs", "echo", "stream", "stream_options")
+# Fields chat takes under the same name and meaning, each with the type it must have: checked
+# (a 400 naming it), then passed on as the client's own bytes, never built into objects.
+_LOGIT_BIAS_BYTES = 64 * 1024  # ~5,000 token biases; a bound on what the check builds
+_SAME_NAME: dict[str, msgspec.json.Decoder[Any]] = {
+    "max_tokens": INT,
+    "temperature": FLOAT,
+    "top_p": FLOAT,
+    "n": INT,
+    "presence_penalty": FLOAT,
+    "frequency_penalty": FLOAT,
+    "logit_bias": msgspec.json.Decoder(dict[str, float] | None),
+    "user": STR,
+    "seed": INT,
+    "service_tier": STR,
+}
+_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
+MAX_N = 128  # OpenAI's bound on ``n``: with echo, each prompt makes ``n`` chunks at once
 _FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
+
+
+class CompletionRequest:
+    """What the bridge reads of a completions request, each field decoded typed; the fields
+    chat takes as they are stay the client's bytes (``shared``), sent with every prompt."""
+
+    __slots__ = ("echo", "include_usage", "logprobs", "n", "shared", "stream")
+
+    def __init__(self, fields: Mapping[str, msgspec.Raw]) -> None:
+        if get_field(fields, "suffix", STR):
+            raise unsupported("'suffix' is", "suffix")
+        n = get_field(fields, "n", INT)
+        if n is not None and not 1 <= n <= MAX_N:
+            raise BadRequest(
+                f"'n' must be an integer from 1 to {MAX_N}", param="n", code="invalid_value"
+            )
+        self.n = n or 1
+        best_of = get_field(fields, "best_of", INT)
+        if best_of is not None and best_of != 1 and best_of != self.n:
+            raise unsupported("'best_of' is", "best_of")
+        self.logprobs = get_field(fields, "logprobs", INT)
+        self.echo = get_field(fields, "echo", BOOL) is True
+        if self.logprobs is not None and self.echo:
+            raise unsupported(
+                "'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs"
+            )
+        self.stream = get_field(fields, "stream", BOOL) is True
+        options = get_field(fields, "stream_options", _STREAM_OPTIONS)
+        self.include_usage = options is not None and options.include_usage is True
+        shared: dict[str, msgspec.Raw] = {}
+        for name, decoder in _SAME_NAME.items():
+            raw = fields.get(name)
+            if raw is None:
+                continue
+            if name == "logit_bias" and len(raw) > _LOGIT_BIAS_BYTES:
+                raise BadRequest(
+                    f"'logit_bias' is too large: at most {_LOGIT_BIAS_BYTES} bytes",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            if decode_field(raw, decoder, name) is not None:
+                shared[name] = raw
+        stop = fields.get("stop")
+        if stop is not None and text_or_array(stop, _STOP, "stop") is not None:
+            shared["stop"] = stop
+        if self.logprobs is not None:
+            shared["logprobs"] = msgspec.Raw(b"true")
+            shared["top_logprobs"] = fields["logprobs"]
+        if self.stream:
+            shared["stream"] = msgspec.Raw(b"true")
+            if self.include_usage:
+                shared["stream_options"] = msgspec.Raw(b'{"include_usage":true}')
+        self.shared = shared
+
+    def size(self) -> int:
+        """The bytes of the fields every prompt's chat call carries."""
+        return sum(len(raw) for raw in self.shared.values())
 
 
 class Admission(Protocol):
@@ -85,7 +162,7 @@ class _Prompts:
             raise BadRequest("'prompt' must not be empty", param="prompt", code="invalid_value")
         texts = []
         for i, item in enumerate(prompt):
-            if memoryview(item)[:1] != b'"':  # a token id, or a list of them: never built
+            if memoryview(item)[0] != _QUOTE:  # a token id, or a list of them: never built
                 raise unsupported("Prompts as token ids are", "prompt")
             texts.append(decode_field(item, _TEXT, f"prompt[{i}]"))
         return texts
@@ -95,6 +172,7 @@ class _Prompts:
 
 
 _TEXT = msgspec.json.Decoder(str)
+_QUOTE = ord('"')
 _encode = msgspec.json.Encoder().encode
 
 
@@ -102,7 +180,8 @@ def _missing() -> BadRequest:
     return BadRequest("'prompt' is required", param="prompt", code="missing_required_parameter")
 
 
-_DEFAULT_PROMPTS = _Prompts(CompletionsConfig().max_prompts)
+_DEFAULT_CONFIG = CompletionsConfig()
+_DEFAULT_PROMPTS = _Prompts(_DEFAULT_CONFIG.max_prompts)
 
 
 def prompts_of(body: dict[str, Any], prompts: _Prompts = _DEFAULT_PROMPTS) -> list[str]:
@@ -111,41 +190,32 @@ def prompts_of(body: dict[str, Any], prompts: _Prompts = _DEFAULT_PROMPTS) -> li
     return prompts.of_value(body.get("prompt"))
 
 
-def chat_body(body: dict[str, Any], prompt: str) -> dict[str, Any]:
-    """The chat-completions body (no ``model``) for one prompt of a completions request."""
-    if body.get("suffix"):
-        raise unsupported("'suffix' is", "suffix")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != 1 and best_of != body.get("n", 1):
-        raise unsupported("'best_of' is", "best_of")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and body.get("echo"):
-        raise unsupported("'logprobs' with 'echo' (the prompt's log probabilities) are", "logprobs")
-    n = body.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise BadRequest("'n' must be an integer of at least 1", param="n", code="invalid_value")
-    chat: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
-    for name in _SAME_NAME:
-        value = body.get(name)
-        if value is not None:
-            chat[name] = value
-    if logprobs is not None:
-        chat["logprobs"] = True
-        chat["top_logprobs"] = logprobs
-    if body.get("stream"):
-        chat["stream"] = True
-        if _wants_usage(body):
-            chat["stream_options"] = {"include_usage": True}
-    return chat
-
-
-def _wants_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+def chat_call_for(call: Call, request: CompletionRequest, prompt: str) -> Call:
+    """The chat call for one prompt: its message, and the shared fields (encoded once)."""
+    sub = chat_call(call, {"messages": [{"role": "user", "content": prompt}]})
+    sub.fields.update(request.shared)
+    return sub
 
 
 class _Message(msgspec.Struct):
     content: Any = None
+
+
+class _TopLogprob(msgspec.Struct):
+    token: str = ""
+    logprob: float = 0.0
+
+
+class _TokenLogprob(msgspec.Struct):
+    token: str = ""
+    logprob: float = 0.0
+    top_logprobs: list[_TopLogprob] | None = None
+
+
+class _ChatLogprobs(msgspec.Struct):
+    """A chat choice's ``logprobs``, typed: an upstream's malformed one is its error (502)."""
+
+    content: list[_TokenLogprob] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -153,7 +223,7 @@ class _Choice(msgspec.Struct):
     message: _Message | None = None  # a whole answer
     delta: _Message | None = None  # a stream chunk
     finish_reason: str | None = None
-    logprobs: dict[str, Any] | None = None
+    logprobs: _ChatLogprobs | None = None
 
 
 class _ChatAnswer(msgspec.Struct):
@@ -200,7 +270,7 @@ class _Logprobs:
     def __init__(self) -> None:
         self.offsets: dict[int, int] = {}
 
-    def convert(self, index: int, chat: dict[str, Any] | None) -> dict[str, Any] | None:
+    def convert(self, index: int, chat: _ChatLogprobs | None) -> dict[str, Any] | None:
         if chat is None:
             return None
         tokens: list[str] = []
@@ -208,15 +278,12 @@ class _Logprobs:
         top: list[dict[str, float]] = []
         text_offset: list[int] = []
         offset = self.offsets.get(index, 0)
-        for entry in chat.get("content") or ():
-            token = entry.get("token", "")
-            tokens.append(token)
-            token_logprobs.append(entry.get("logprob", 0.0))
-            top.append(
-                {t.get("token", ""): t.get("logprob", 0.0) for t in entry.get("top_logprobs") or ()}
-            )
+        for entry in chat.content or ():
+            tokens.append(entry.token)
+            token_logprobs.append(entry.logprob)
+            top.append({t.token: t.logprob for t in entry.top_logprobs or ()})
             text_offset.append(offset)
-            offset += len(token)
+            offset += len(entry.token)
         self.offsets[index] = offset
         return {
             "tokens": tokens,
@@ -236,11 +303,13 @@ def _add_usage(total: dict[str, int], usage: dict[str, Any] | None) -> None:
 
 
 def completion_from_chat(
-    answers: list[dict[str, Any] | bytes], prompts: list[str], body: dict[str, Any], model: str
+    answers: Sequence[dict[str, Any] | bytes],
+    prompts: list[str],
+    request: CompletionRequest,
+    model: str,
 ) -> dict[str, Any]:
     """The text_completion for whole chat completions, one per prompt (in order)."""
-    n = body.get("n") or 1
-    echo = bool(body.get("echo"))
+    n, echo = request.n, request.echo
     logprobs = _Logprobs()
     choices: list[dict[str, Any]] = []
     usage: dict[str, int] = {}
@@ -280,23 +349,33 @@ def completion_from_chat(
 
 def make_completions_bridge(
     chat: ProviderMethod,
-    config: CompletionsConfig = CompletionsConfig(),
+    config: CompletionsConfig = _DEFAULT_CONFIG,
     admission: Admission | None = None,
+    max_body_size: int = ServerConfig().max_body_size,
 ) -> ProviderMethod:
     """The ``completions`` method of a provider that only has ``chat`` (its chat_completions);
-    ``admission`` counts each chat call after the first against the deployment's limits."""
+    ``admission`` counts each chat call after the first against the deployment's limits;
+    ``max_body_size`` bounds what all the chat calls of one request carry besides prompts."""
     reader = _Prompts(config.max_prompts)
     concurrency = config.concurrency
 
     async def completions(call: Call) -> Reply:
         prompts = reader.of_raw(call.fields.get("prompt"))
-        body = {name: call.get(name) for name in _READ if name in call.fields}
-        bodies = [chat_body(body, prompt) for prompt in prompts]
+        request = CompletionRequest(call.fields)
+        if request.size() * len(prompts) > max_body_size:
+            # Each prompt's chat call carries the shared fields: what the upstream would be
+            # sent, all told, is bounded as one request body is.
+            raise BadRequest(
+                f"The request's other fields, sent once per prompt ({len(prompts)} prompts),"
+                f" come to more than the largest request body ({max_body_size} bytes)",
+                param="prompt",
+                code="request_too_large",
+            )
         if call.stream:
-            return await _stream_reply(chat, call, body, prompts, bodies, admission)
+            return await _stream_reply(chat, call, request, prompts, admission)
 
         async def answer(number: int) -> Reply:
-            sub = chat_call(call, bodies[number])
+            sub = chat_call_for(call, request, prompts[number])
             if number == 0 or admission is None:  # the first is the request's own, counted
                 return await chat(sub)
             admission.admit(sub)
@@ -305,18 +384,18 @@ def make_completions_bridge(
             finally:
                 admission.dismiss(sub)
 
-        replies = await _all(answer, len(bodies), concurrency)
+        replies = await _all(answer, len(prompts), concurrency)
         if any(isinstance(reply, StreamReply) for reply in replies):
             await _close(replies)
             raise BadGateway("The chat provider streamed an answer that was not asked to stream")
         for reply in replies:
             if isinstance(reply, JSONReply) and reply.status >= 400:
-                return reply  # a provider's own error answer: pass it on as it is
+                return scrubbed(reply, call)  # a provider's own error answer: pass it on
         try:
             completion = completion_from_chat(
                 [reply.body for reply in replies],  # type: ignore[union-attr]
                 prompts,
-                body,
+                request,
                 call.model,
             )
         except msgspec.DecodeError:
@@ -351,7 +430,7 @@ async def _all(
     return replies  # type: ignore[return-value]
 
 
-async def _close(replies: list[Reply | None]) -> None:
+async def _close(replies: Sequence[Reply | None]) -> None:
     for reply in replies:
         if isinstance(reply, StreamReply):
             await reply.aclose()
@@ -360,15 +439,14 @@ async def _close(replies: list[Reply | None]) -> None:
 async def _stream_reply(
     chat: ProviderMethod,
     call: Call,
-    body: dict[str, Any],
+    request: CompletionRequest,
     prompts: list[str],
-    bodies: list[dict[str, Any]],
     admission: Admission | None,
 ) -> Reply:
     """Start the first prompt's chat stream (so its failure keeps its status), then relay."""
-    reply = await chat(chat_call(call, bodies[0]))
+    reply = await chat(chat_call_for(call, request, prompts[0]))
     if isinstance(reply, JSONReply) and reply.status >= 400:
-        return reply
+        return scrubbed(reply, call)
     current: list[Callable[[], Awaitable[None]]] = []
     first: bytes | None = None
     if isinstance(reply, StreamReply):
@@ -380,23 +458,21 @@ async def _stream_reply(
             await current.pop()()
 
     return StreamReply(
-        _relay(chat, call, body, prompts, bodies, reply, first, current, admission), close=close
+        _relay(chat, call, request, prompts, reply, first, current, admission), close=close
     )
 
 
 async def _relay(
     chat: ProviderMethod,
     call: Call,
-    body: dict[str, Any],
+    request: CompletionRequest,
     prompts: list[str],
-    bodies: list[dict[str, Any]],
     reply: Reply,
     first: bytes | None,
     current: list[Callable[[], Awaitable[None]]],
     admission: Admission | None,
 ) -> AsyncIterator[bytes]:
-    n = body.get("n") or 1
-    echo = bool(body.get("echo"))
+    n, echo = request.n, request.echo
     chunk_id = "cmpl-" + secrets.token_hex(16)
     created = int(time.time())
     model = call.model
@@ -405,7 +481,7 @@ async def _relay(
     try:
         for number, prompt in enumerate(prompts):
             if number:
-                sub = chat_call(call, bodies[number])
+                sub = chat_call_for(call, request, prompt)
                 if admission is not None:
                     admission.admit(sub)
                     current.append(_dismissing(admission, sub))
@@ -414,7 +490,8 @@ async def _relay(
                     current.append(once(reply.aclose))
                     first = await first_event(reply)
             if isinstance(reply, JSONReply) and reply.status >= 400:
-                yield b"data: " + reply.body + b"\n\n"  # headers are out: as one error event
+                # The headers are out: as one error event.
+                yield b"data: " + scrub_bytes(reply.body, call.deployment) + b"\n\n"
                 return
             if echo:
                 choices = [_OutChoice(prompt, number * n + j) for j in range(n)]
@@ -436,7 +513,8 @@ async def _relay(
                         code="upstream_invalid_response",
                     ) from None
                 if answer.error is not None:
-                    yield b"data: " + data + b"\n\n"  # already an error event: pass it on
+                    # Already an error event: pass it on, the deployment's secrets masked.
+                    yield b"data: " + scrub_bytes(data, call.deployment) + b"\n\n"
                     return
                 model = answer.model or model
                 _add_usage(usage, answer.usage)
@@ -461,7 +539,7 @@ async def _relay(
                     )
             while current:
                 await current.pop()()
-        if _wants_usage(body):
+        if request.include_usage:
             totals = {
                 name: usage.get(name, 0)
                 for name in ("prompt_tokens", "completion_tokens", "total_tokens")

@@ -183,6 +183,13 @@ def chat_request(
     messages.extend(history)
     inputs = input_messages(fields.get("input", ABSENT))
     messages.extend(inputs)
+    if history and len(messages) > MAX_MESSAGES:  # the input is bounded alone; with it too
+        raise BadRequest(
+            f"The conversation is too long to continue: with 'previous_response_id' it comes to"
+            f" {len(messages)} messages, more than the {MAX_MESSAGES} allowed",
+            param="previous_response_id",
+            code="array_above_max_length",
+        )
     if not history and not inputs:
         raise BadRequest(
             "Missing required parameter: 'input'", param="input", code="missing_required_parameter"
@@ -191,7 +198,7 @@ def chat_request(
     chat: dict[str, Any] = {"messages": messages}
     # Absent and null alike are not sent.
     sent = {name: raw for name, raw in fields.items() if raw != NULL}
-    echo = {name: sent[name] for name in _ECHOED if name in sent}
+    echo: dict[str, Any] = {name: sent[name] for name in _ECHOED if name in sent}
     chat.update((name, sent[name]) for name in _SAME_NAME if name in sent)
     if "max_output_tokens" in sent:
         chat["max_completion_tokens"] = sent["max_output_tokens"]

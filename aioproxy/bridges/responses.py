@@ -14,16 +14,17 @@ from typing import Any
 
 import msgspec
 
+from ..config import ServerConfig
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
+from ..failures import as_proxy_error, scrub
 from ..fields import BOOL, STR, get_field
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of, sse_event
-from ..upstream import failure_from
-from .common import chat_call, events_of, first_event, once
+from .common import chat_call, events_of, first_event, once, scrubbed
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
-from .store import BrokenChain, ResponseStore, StoreUnavailable, owner_of
+from .store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable, owner_of
 
 __all__ = [
     "ChatRequest",
@@ -42,26 +43,42 @@ _NOT_STORED = {"Warning": '199 aioproxy "the response was not stored: the store 
 
 
 def _error_from(payload: Any, call: Call) -> ProxyError:
-    """A chat-side ``{"error": ...}`` event as a ProxyError."""
+    """A chat-side ``{"error": ...}`` event as a ProxyError, its upstream text scrubbed of the
+    deployment's secrets (a provider may echo its key in an error)."""
+    if not call.routed:
+        return BadGateway("The chat completion failed")
+    deployment = call.deployment
     if isinstance(payload, dict):
         message = payload.get("message")
         code = payload.get("code")
+        param = payload.get("param")
         return BadGateway(
-            message if isinstance(message, str) and message else "The chat completion failed",
-            param=payload.get("param") if isinstance(payload.get("param"), str) else None,
-            code=str(code) if code is not None else "upstream_error",
+            scrub(message, deployment)
+            if isinstance(message, str) and message
+            else "The chat completion failed",
+            param=scrub(param, deployment) if isinstance(param, str) else None,
+            code=scrub(str(code), deployment) if code is not None else "upstream_error",
         )
-    return BadGateway(str(payload) if payload else "The chat completion failed")
+    return BadGateway(scrub(str(payload), deployment) if payload else "The chat completion failed")
 
 
-def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> ProviderMethod:
-    """The ``responses`` method of a provider that only has ``chat`` (its chat_completions)."""
+def make_responses_bridge(
+    chat: ProviderMethod,
+    store: ResponseStore | None,
+    max_history: int = ServerConfig().max_body_size,
+) -> ProviderMethod:
+    """The ``responses`` method of a provider that only has ``chat`` (its chat_completions).
+
+    A conversation continued (``previous_response_id``) is read back up to ``max_history``
+    bytes of stored turns: ``[server] max_body_size``, as a client sending that conversation
+    itself could send no more in one body; decoded, a history costs ten times its bytes.
+    """
 
     async def responses(call: Call) -> Reply:
         history: list[dict[str, Any]] = []
         previous_id = get_field(call.fields, "previous_response_id", STR)
         if previous_id is not None:
-            history = await _history(store, call, previous_id)
+            history = await _history(store, call, previous_id, max_history)
         request = chat_request(call.fields, history)
         keep = store is not None and get_field(call.fields, "store", BOOL) is not False
         builder = ResponseBuilder(request.echo, call.model, store=keep)
@@ -75,7 +92,7 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
         if isinstance(reply, JSONReply):
             if reply.status >= 400:
-                return reply  # a provider's own error answer: pass it on as it is
+                return scrubbed(reply, call)  # a provider's own error answer: pass it on
             if call.stream:  # asked for a stream, got a whole answer
                 return StreamReply(_whole(builder, reply, call, save))
             builder.feed(_whole_answer(reply.body, call))
@@ -105,7 +122,7 @@ def make_responses_bridge(chat: ProviderMethod, store: ResponseStore | None) -> 
 
 
 async def _history(
-    store: ResponseStore | None, call: Call, previous_id: str
+    store: ResponseStore | None, call: Call, previous_id: str, max_history: int | None = None
 ) -> list[dict[str, Any]]:
     if store is None:
         raise BadRequest(
@@ -114,7 +131,14 @@ async def _history(
             code="unsupported_parameter",
         )
     try:
-        found = await store.get(previous_id, owner_of(call.principal))
+        found = await store.get(previous_id, owner_of(call.principal), max_history)
+    except HistoryTooLarge as large:
+        raise BadRequest(
+            f"The conversation before '{previous_id}' is too long to continue: its turns come"
+            f" to more than {large.limit} bytes. Start a new conversation.",
+            param="previous_response_id",
+            code="history_too_large",
+        ) from None
     except BrokenChain as broken:
         # A deleted (or expired) response is gone from every conversation that went through
         # it: continuing without it would send the model a conversation with a hole.
@@ -205,10 +229,10 @@ async def _translate(
                     f"Deployment {where} ended its stream before it was complete",
                     code="upstream_stream_incomplete",
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the stream's error event
             if not isinstance(exc, ProxyError):
                 log.warning("the chat stream of a bridged response failed: %r", exc)
-            for out in builder.fail(failure_from(exc, call.deployment if call.routed else None)):
+            for out in builder.fail(as_proxy_error(exc, call.deployment if call.routed else None)):
                 yield out
             return
         final = builder.finish()

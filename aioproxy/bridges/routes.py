@@ -21,7 +21,7 @@ from ..providers import JSONReply
 from ..routes import Kind
 from .input_items import input_items, item_page
 from .native import not_found
-from .store import BrokenChain, owner_of
+from .store import BrokenChain, HistoryTooLarge, owner_of
 
 __all__ = ["ResponseAction", "response_routes"]
 
@@ -86,11 +86,13 @@ class _Target:
 
     async def conversation(self) -> list[dict[str, Any]]:
         """The stored response's conversation, its answer last; when an earlier link of its
-        chain was deleted, only its own turn."""
-        store = self.request.app[runtime_key].store
+        chain was deleted, or the chain is longer than a request may continue (what would be
+        decoded to show one page), only its own turn."""
+        runtime = self.request.app[runtime_key]
+        store, limit = runtime.store, runtime.config.server.max_body_size
         try:
-            found = await store.get(self.response_id, self.owner) if store else None
-        except BrokenChain:
+            found = await store.get(self.response_id, self.owner, limit) if store else None
+        except (BrokenChain, HistoryTooLarge):
             own = await store.input_messages(self.response_id, self.owner) if store else None
             if own is None:
                 raise not_found(self.response_id) from None

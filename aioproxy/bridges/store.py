@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
     from ..context import Principal
 
-__all__ = ["BrokenChain", "ResponseStore", "StoreUnavailable", "owner_of"]
+__all__ = ["BrokenChain", "HistoryTooLarge", "ResponseStore", "StoreUnavailable", "owner_of"]
 
 # How the store waits for its next cleanup: loop.call_later's signature (tests pass their own).
 Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
+
+_R = TypeVar("_R")  # what a store call run in the executor returns
 
 log = logging.getLogger("aioproxy")
 
@@ -80,6 +82,14 @@ def owner_of(principal: Principal) -> str:
     """Who owns what ``principal`` stores: its credential's ``id``. A principal from a plugin
     that sets none falls back to its name, never to an owner shared by every such principal."""
     return principal.id or "name:" + principal.name
+
+
+class HistoryTooLarge(Exception):
+    """A chain's turns come to more than the bytes a caller would read back (``limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 class StoreUnavailable(ProxyError):
@@ -213,11 +223,12 @@ class ResponseStore:
         await self._run(self._save, row)
 
     async def get(
-        self, response_id: str, owner: str
+        self, response_id: str, owner: str, max_bytes: int | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """The response and its whole conversation, or None if absent, expired or another
-        owner's; raises BrokenChain if a response before it is gone."""
-        found = await self._run(self._chain, response_id, owner, self._cutoff())
+        owner's; raises BrokenChain if a response before it is gone, HistoryTooLarge if its
+        turns come to more than ``max_bytes`` (counted as read, before any is decoded)."""
+        found = await self._run(self._chain, response_id, owner, self._cutoff(), max_bytes)
         if found is None:
             return None
         response, turns = found
@@ -278,7 +289,7 @@ class ResponseStore:
 
     # -- on the worker thread ------------------------------------------------------------
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         """``fn(*args)`` on the worker thread; a failure of the database is StoreUnavailable."""
         try:
             if self._executor is None:
@@ -286,9 +297,9 @@ class ResponseStore:
             if self._executor is None:  # closed meanwhile
                 raise RuntimeError("the response store is closed")
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except BrokenChain:
+        except (BrokenChain, HistoryTooLarge):
             raise
-        except Exception as exc:  # sqlite3.Error, OSError (the disk), closed
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError (the disk), closed
             raise _unavailable("The response store is unavailable", exc) from None
 
     def _open_db(self) -> None:
@@ -350,9 +361,12 @@ class ResponseStore:
         )
         return None if row is None else row[0]
 
-    def _chain(self, response_id: str, owner: str, cutoff: int) -> tuple[bytes, list[bytes]] | None:
-        """The response and the turns of its chain, oldest first; a bounded walk, in one read
-        transaction so that a concurrent delete cannot tear it."""
+    def _chain(
+        self, response_id: str, owner: str, cutoff: int, max_bytes: int | None = None
+    ) -> tuple[bytes, list[bytes]] | None:
+        """The response and the turns of its chain, oldest first; a bounded walk (``MAX_CHAIN``
+        turns, ``max_bytes`` of them), in one read transaction so that a concurrent delete
+        cannot tear it."""
         db = self._conn()
         query = (
             "SELECT response, previous_id, turn FROM responses"
@@ -364,13 +378,19 @@ class ResponseStore:
                 return None
             response, previous_id, turn = row
             turns = [turn]
+            size = len(turn)
             while previous_id is not None and len(turns) < MAX_CHAIN:
+                if max_bytes is not None and size > max_bytes:
+                    raise HistoryTooLarge(max_bytes)
                 row = db.execute(query, (previous_id, owner, cutoff)).fetchone()
                 if row is None:
                     raise BrokenChain(previous_id)
                 _, next_id, turn = row
                 turns.append(turn)
+                size += len(turn)
                 previous_id = next_id
+            if max_bytes is not None and size > max_bytes:
+                raise HistoryTooLarge(max_bytes)
         turns.reverse()
         return response, turns
 
@@ -402,7 +422,8 @@ class ResponseStore:
         cursor = self._conn().execute(
             "SELECT deployment, principal FROM native_responses WHERE id = ?", (response_id,)
         )
-        return cursor.fetchone()
+        row: tuple[str, str] | None = cursor.fetchone()
+        return row
 
     def _cleanup(self, cutoff: int, max_bytes: int | None) -> int:
         db = self._conn()
@@ -427,7 +448,7 @@ class ResponseStore:
         return deleted
 
 
-def _decoded(decode: Callable[[bytes], Any], response_id: str, raw: bytes) -> Any:
+def _decoded(decode: Callable[[bytes], _R], response_id: str, raw: bytes) -> _R:
     """``decode(raw)``; a row that cannot be read is StoreUnavailable (logged), not a 500."""
     try:
         return decode(raw)

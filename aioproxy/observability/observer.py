@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ..builtins.config_models import deployments_from
 from ..context import Principal
+from ..deployments import deployments_from
 from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import request_id

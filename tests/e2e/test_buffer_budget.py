@@ -8,12 +8,19 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
+from aioproxy import Call, Deployment, Provider, ProviderConfig, Upstream
 from aioproxy.budget import BufferBudget, BufferFull
+from aioproxy.config import parse_config
+from aioproxy.context import ANONYMOUS
 from aioproxy.keys import pool_key
+from aioproxy.routes import Kind
 from aioproxy.testing import assert_openai_error
+from aioproxy.transport import SessionTransport
 from tests.support import AUTH, MASTER_KEY, ServeProxy
 
 HALF = 400 * 1024  # each answer's one event comes in two halves of this size
@@ -119,3 +126,35 @@ def test_budget_counts_and_refuses() -> None:
     assert budget.used == 10
     unbounded = BufferBudget(0)
     unbounded.take(10**12)
+
+
+async def test_answers_read_through_the_session_count_against_the_budget(
+    aiohttp_server: Any,
+) -> None:
+    """The budget is the Upstream's: an answer read through a ClientSession (SessionTransport,
+    Provider.request) counts against it as the lean pool's answers do."""
+    big = json.dumps({"id": "resp_1", "pad": "x" * (2 * BUDGET)}).encode()
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=big, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/responses/resp_1", answer)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/v1/responses/resp_1"))
+    deployment = Deployment(name="big", provider="openai", model="m")
+    call = Call(Kind.RESPONSES, make_mocked_request("POST", "/"), ANONYMOUS, "big", {}, False)
+    call.route_to(deployment)
+    config = parse_config({})
+    async with aiohttp.ClientSession() as session:
+        budget = BufferBudget(BUDGET)
+        upstream = Upstream(SessionTransport(session), config, session, budget=budget)
+        response = await upstream.post(call, url, b"{}", {})
+        with pytest.raises(BufferFull), upstream.guard(response, call):
+            await upstream.read(response, call)
+        provider = Provider(upstream, ProviderConfig.of("openai", config, {}))
+        with pytest.raises(BufferFull):
+            await provider.request(deployment, "GET", url, {})
+        assert budget.used == 0  # every byte counted was given back
+        budget.limit = 4 * BUDGET
+        assert (await provider.request(deployment, "GET", url, {})).body == big

@@ -38,7 +38,7 @@ async def complete(
 
 async def in_flight(proxy: TestServer) -> list[int]:
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.make_url("/health/readiness")) as response:
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
             rows = (await response.json())["deployments"]
     return [row["in_flight"] for row in rows]
 
@@ -136,6 +136,6 @@ async def test_a_list_the_cap_cannot_take_is_a_429_not_a_cooldown(
     assert response.status == 429 and error["code"] == "rate_limit_exceeded", error
     assert len(fake.requests) == 3  # the calls the cap allowed; none beyond it
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.make_url("/health/readiness")) as health:
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as health:
             row = (await health.json())["deployments"][0]
     assert row["failed"] == 0 and row["cooldown_remaining"] == 0 and row["in_flight"] == 0

@@ -148,7 +148,7 @@ def stream_error(blocks: list[tuple[str, str]]) -> dict[str, Any]:
 
 async def readiness(proxy: TestServer) -> tuple[int, dict[str, Any], str]:
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.make_url("/health/readiness")) as response:
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
             text = await response.text()
             return response.status, json.loads(text), text
 
@@ -644,7 +644,7 @@ async def test_cooled_down_model_goes_straight_to_its_fallback(
     for _ in range(2):
         assert (await chat(proxy))[0] == 200  # from the backup
     assert len(fake.requests) == 2
-    status, body, _ = await readiness(proxy)
+    _status, body, _ = await readiness(proxy)
     assert rows_of(body)[0]["cooldown_remaining"] > 0
     for _ in range(3):
         assert (await chat(proxy))[0] == 200
@@ -868,7 +868,7 @@ async def test_deployment_timeouts_override_the_global_ones(
     config["models"][1]["name"] = "gpt-other"  # b: global timeouts
     proxy = await serve_proxy(config)
     pair.a.faults = ["stall_stream"]
-    status, _, blocks = await stream_raw(proxy)  # 0.3 s, well within the client's 10 s
+    _status, _, blocks = await stream_raw(proxy)  # 0.3 s, well within the client's 10 s
     assert stream_error(blocks)["code"] == "upstream_timeout"
 
     pair.b.faults = ["stall_stream"]
@@ -887,7 +887,7 @@ async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
     )
     fake.faults = ["stall_stream"]
     try:
-        status, _, blocks = await stream_raw(proxy)
+        _status, _, blocks = await stream_raw(proxy)
     finally:
         await fake.wait_idle(5)
     assert stream_error(blocks)["code"] == "upstream_timeout"
@@ -1253,3 +1253,31 @@ async def test_a_raw_upstream_cutting_its_first_answer_is_retried(
         server.close()
     assert answers == [b"cut", b"whole"]
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER, body
+
+
+async def test_readiness_shows_deployments_only_to_the_master_key(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    """Load balancers get the status without a key; the rows (model names, upstream model
+    ids, traffic) are the operator's."""
+    config = one_deployment(upstream_base)
+    config["auth"]["keys"] = [{"key": "sk-user-test", "name": "user"}]
+    proxy = await serve_proxy(config)
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer sk-user-test"}, {"Authorization": "x"}):
+            async with http.get(proxy.make_url("/health/readiness"), headers=headers) as response:
+                assert (response.status, await response.json()) == (200, {"status": "ready"})
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
+            assert response.status == 200
+            rows = (await response.json())["deployments"]
+    assert {row["model"] for row in rows} == {"gpt-test", "echo"}
+
+
+async def test_readiness_shows_deployments_on_a_proxy_without_keys(
+    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+) -> None:
+    config = one_deployment(upstream_base)
+    config.pop("auth", None)
+    proxy = await serve_proxy(config)
+    status, body, _ = await readiness(proxy)
+    assert status == 200 and {row["model"] for row in body["deployments"]} == {"gpt-test", "echo"}

@@ -226,3 +226,29 @@ async def test_echo_stores_its_responses(aiohttp_server: Any, store_path: Path) 
     assert caught.value.code == "previous_response_not_found"
     assert second.output_text == "and you?"
     assert second.usage is not None and second.usage.input_tokens == 10  # the history counted
+
+
+async def test_a_history_past_max_body_size_is_refused_and_input_items_still_answer(
+    aiohttp_server: Any, upstream_base: str, store_path: Path, fake: FakeOpenAI
+) -> None:
+    """A conversation is continued up to ``[server] max_body_size`` of stored turns; past it a
+    400 naming previous_response_id, and input_items shows the response's own turn."""
+    config = bridged_config(upstream_base, store_path)
+    config["server"] = {"max_body_size": 200_000}
+    app = create_app(config, plugins=[aioproxy_openai, ChatOnlyPlugin()], load_entrypoints=False)
+    proxy = await aiohttp_server(app)
+    previous = None
+    async with sdk(proxy, ALICE) as client:
+        for i in range(2):  # each turn stores ~120 KB: its input and the fake's echo of it
+            response = await client.responses.create(
+                model="bridged", input=f"turn {i} " + "x" * 60_000, previous_response_id=previous
+            )
+            previous = response.id
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.responses.create(
+                model="bridged", input="more", previous_response_id=previous
+            )
+        items = await client.responses.input_items.list(previous)
+    assert caught.value.code == "history_too_large"
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert [item.content[0].text[:6] for item in items.data] == ["turn 1"]  # type: ignore[union-attr]

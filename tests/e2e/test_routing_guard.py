@@ -16,7 +16,7 @@ from aioproxy import BadRequest, hookimpl
 from aioproxy.context import Call
 from aioproxy.providers import Reply
 from aioproxy.testing import FakeOpenAI, assert_openai_error
-from tests.support import CHAT, MASTER_KEY, ServeProxy, gateway_config
+from tests.support import AUTH, CHAT, MASTER_KEY, ServeProxy, gateway_config
 
 LIMITED = "sk-limited-to-gpt-a"
 OTHER = "sk-another-team"
@@ -80,7 +80,7 @@ def assert_unnamed(raw: bytes) -> None:
 async def test_the_limited_key_may_not_ask_for_the_fallback(
     serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]
 ) -> None:
-    a, e, base_a, base_e = two
+    _a, e, base_a, base_e = two
     proxy = await serve_proxy(limited_config(base_a, base_e))
     status, _ = await post(proxy, LIMITED, body_for("gpt-expensive"))
     assert status == 403 and e.requests == []
@@ -170,7 +170,7 @@ async def test_requests_that_break_a_translator_do_not_cool_it_down(
         if status == 500:
             assert json.loads(raw)["error"]["code"] == "internal_error"
     async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.make_url("/health/readiness")) as response:
+        async with http.get(proxy.make_url("/health/readiness"), headers=AUTH) as response:
             assert response.status == 200, await response.text()
             rows = (await response.json())["deployments"]
     assert all(row["available"] and row["failed"] == 0 for row in rows), rows

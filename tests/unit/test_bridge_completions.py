@@ -10,15 +10,19 @@ import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from aioproxy import BadRequest, Call, Deployment, JSONReply, Principal, StreamReply
+from aioproxy import BadGateway, BadRequest, Call, Deployment, JSONReply, Principal, StreamReply
 from aioproxy.bridges.completions import (
-    chat_body,
+    CompletionRequest,
+    chat_call_for,
     completion_from_chat,
     make_completions_bridge,
     prompts_of,
 )
+from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
+from tests.support import KEYED
+from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
 
@@ -147,8 +151,9 @@ def test_chat_body_passes_the_sampling_options() -> None:
         "best_of": 2,
         "logprobs": None,
     }
-    assert chat_body(body, "Say hi") == {
+    assert sent(body, "Say hi") == {
         "messages": [{"role": "user", "content": "Say hi"}],
+        "model": "up-model",
         "max_tokens": 9,
         "temperature": 0.1,
         "top_p": 0.5,
@@ -160,13 +165,20 @@ def test_chat_body_passes_the_sampling_options() -> None:
         "user": "u",
         "seed": 7,
     }
-    logprobs = chat_body({"prompt": "p", "logprobs": 3}, "p")
+    logprobs = sent({"prompt": "p", "logprobs": 3}, "p")
     assert logprobs["logprobs"] is True and logprobs["top_logprobs"] == 3
-    streamed = chat_body(
-        {"prompt": "p", "stream": True, "stream_options": {"include_usage": True}}, "p"
-    )
+    streamed = sent({"prompt": "p", "stream": True, "stream_options": {"include_usage": True}}, "p")
     assert streamed["stream"] is True and streamed["stream_options"] == {"include_usage": True}
-    assert "stream_options" not in chat_body({"prompt": "p", "stream": True}, "p")
+    assert "stream_options" not in sent({"prompt": "p", "stream": True}, "p")
+
+
+def request_of(body: dict[str, Any]) -> CompletionRequest:
+    return CompletionRequest(raw_fields(body))
+
+
+def sent(body: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """What the chat call for ``prompt`` of a request with ``body`` carries."""
+    return chat_call_for(make_call(body), request_of(body), prompt).json()
 
 
 @pytest.mark.parametrize(
@@ -179,7 +191,7 @@ def test_chat_body_passes_the_sampling_options() -> None:
 )
 def test_what_chat_cannot_do_is_refused(body: dict, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        chat_body({"prompt": "p", **body}, "p")
+        request_of({"prompt": "p", **body})
     assert caught.value.param == param and caught.value.status == 400
 
 
@@ -187,7 +199,7 @@ def test_what_chat_cannot_do_is_refused(body: dict, param: str) -> None:
 
 
 def test_completion_from_chat() -> None:
-    result = completion_from_chat([completion("Hello")], ["Say hi"], {}, "bridged")
+    result = completion_from_chat([completion("Hello")], ["Say hi"], request_of({}), "bridged")
     validate("CreateCompletionResponse", result)
     assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
     assert result["model"] == "up-model" and result["created"] == 1700000000
@@ -199,7 +211,9 @@ def test_completion_from_chat() -> None:
 
 def test_echo_and_several_prompts_number_their_choices_in_order() -> None:
     answers = [completion("a1", "a2"), completion("b1", "b2", finish="tool_calls")]
-    result = completion_from_chat(answers, ["A:", "B:"], {"n": 2, "echo": True}, "bridged")
+    result = completion_from_chat(
+        answers, ["A:", "B:"], request_of({"n": 2, "echo": True}), "bridged"
+    )
     validate("CreateCompletionResponse", result)
     assert [(c["index"], c["text"], c["finish_reason"]) for c in result["choices"]] == [
         (0, "A:a1", "stop"),
@@ -224,7 +238,9 @@ def test_logprobs_take_the_legacy_shape() -> None:
             {"token": "lo", "logprob": -0.2, "top_logprobs": [{"token": "lo", "logprob": -0.2}]},
         ]
     }
-    result = completion_from_chat([completion("Hello", logprobs=chat_logprobs)], ["p"], {}, "m")
+    result = completion_from_chat(
+        [completion("Hello", logprobs=chat_logprobs)], ["p"], request_of({}), "m"
+    )
     validate("CreateCompletionResponse", result)
     assert result["choices"][0]["logprobs"] == {
         "tokens": ["Hel", "lo"],
@@ -254,10 +270,9 @@ async def test_bridge_passes_a_chat_error_answer_on() -> None:
     error = JSONReply.of(
         {"error": {"message": "no", "type": "x", "param": None, "code": None}}, 429
     )
-    assert (
-        await make_completions_bridge(FakeChat(lambda call: error))(make_call({"prompt": "p"}))
-        is error
-    )
+    reply = await make_completions_bridge(FakeChat(lambda call: error))(make_call({"prompt": "p"}))
+    assert isinstance(reply, JSONReply)
+    assert (reply.status, reply.body) == (error.status, error.body)
 
 
 async def test_bridge_streams_text_completion_chunks_as_they_arrive() -> None:
@@ -328,3 +343,92 @@ async def test_bridge_relays_a_chat_error_event() -> None:
     reply = await make_completions_bridge(chat)(make_call({"prompt": "p", "stream": True}))
     chunks = await collect(reply)  # type: ignore[arg-type]
     assert chunks[-1] == {"error": {"message": "boom", "type": "server_error"}}
+
+
+def keyed_call(body: dict[str, Any]) -> Call:
+    call = make_call(body)
+    call.route_to(KEYED)
+    return call
+
+
+async def test_a_chat_error_answer_is_passed_on_scrubbed() -> None:
+    error = JSONReply.of({"error": {"message": f"bad key {KEY}", "type": "x"}}, 400)
+    for stream in (False, True):
+        reply = await make_completions_bridge(FakeChat(lambda call: error))(
+            keyed_call({"prompt": "p", "stream": stream})
+        )
+        assert isinstance(reply, JSONReply) and reply.status == 400
+        assert KEY.encode() not in reply.body and b"bad key" in reply.body
+
+
+async def test_a_chat_error_event_is_relayed_scrubbed() -> None:
+    event = b'data: {"error": {"message": "boom ' + KEY.encode() + b'"}}\n\n'
+    chat = FakeChat(lambda call: [chunk("x"), event])
+    reply = await make_completions_bridge(chat)(keyed_call({"prompt": "a", "stream": True}))
+    chunks = await collect(reply)  # type: ignore[arg-type]
+    assert chunks[-1]["error"]["message"].startswith("boom ")
+    assert KEY not in msgspec.json.encode(chunks).decode()
+
+
+async def test_a_later_prompts_error_answer_is_relayed_scrubbed() -> None:
+    error = JSONReply.of({"error": {"message": f"bad key {KEY}"}}, 500)
+    chat = FakeChat(lambda call: [chunk("x"), DONE] if len(chat.calls) == 1 else error)
+    reply = await make_completions_bridge(chat)(keyed_call({"prompt": ["a", "b"], "stream": True}))
+    chunks = await collect(reply)  # type: ignore[arg-type]
+    assert chunks[-1]["error"]["message"].startswith("bad key ")
+    assert KEY not in msgspec.json.encode(chunks).decode()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("user", [{}] * 1000),  # decoded untyped, it built a dict per item
+        ("max_tokens", "9"),
+        ("logit_bias", {"1": "high"}),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stream_options", 5),
+        ("echo", "yes"),
+    ],
+)
+async def test_a_field_of_the_wrong_type_is_a_400_naming_it(field: str, value: Any) -> None:
+    chat = FakeChat(lambda call: completion("x"))
+    with pytest.raises(BadRequest) as caught:
+        await make_completions_bridge(chat)(make_call({"prompt": "p", field: value}))
+    assert caught.value.param.startswith(field) and not chat.calls
+
+
+async def test_the_shared_fields_are_sent_as_the_client_sent_them_once_encoded() -> None:
+    chat = FakeChat(lambda call: completion("x"))
+    await make_completions_bridge(chat)(make_call({"prompt": ["a", "b"], "user": "u" * 100}))
+    first, second = chat.calls
+    assert first.fields["user"] is second.fields["user"]  # the client's bytes, not re-encoded
+
+
+async def test_shared_fields_times_prompts_over_the_body_limit_is_a_400() -> None:
+    chat = FakeChat(lambda call: completion("x"))
+    bridge = make_completions_bridge(chat, max_body_size=4096)
+    body = {"prompt": ["p"] * 8, "user": "u" * 600}
+    with pytest.raises(BadRequest) as caught:
+        await bridge(make_call(body))
+    assert caught.value.param == "prompt" and caught.value.status == 400 and not chat.calls
+    await bridge(make_call({**body, "prompt": ["p"] * 4}))  # 4 x ~600 bytes: within
+    assert len(chat.calls) == 4
+
+
+@pytest.mark.parametrize("n", [0, 129, True])
+async def test_n_is_bounded_as_openai_bounds_it(n: Any) -> None:
+    chat = FakeChat(lambda call: completion("x"))
+    with pytest.raises(BadRequest) as caught:
+        await make_completions_bridge(chat)(make_call({"prompt": "p", "n": n}))
+    assert caught.value.param == "n" and not chat.calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_malformed_chat_logprobs_are_the_upstreams_error(stream: bool) -> None:
+    bad = completion("x", logprobs={"content": 5})
+    answer: Any = [b"data: " + msgspec.json.encode(bad) + b"\n\n", DONE] if stream else bad
+    bridge = make_completions_bridge(FakeChat(lambda call: answer))
+    with pytest.raises(BadGateway) as caught:
+        reply = await bridge(make_call({"prompt": "p", "logprobs": 1, "stream": stream}))
+        await collect(reply)  # type: ignore[arg-type]
+    assert caught.value.code == "upstream_invalid_response"

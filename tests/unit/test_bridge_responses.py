@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from aioproxy import BadRequest, Call, Deployment, JSONReply, NotFound, Principal, StreamReply
+from aioproxy import (
+    BadRequest,
+    Call,
+    Deployment,
+    JSONReply,
+    NotFound,
+    Principal,
+    ProxyError,
+    StreamReply,
+)
 from aioproxy.bridges.response_request import ChatRequest
 from aioproxy.bridges.response_request import chat_request as chat_request_of
 from aioproxy.bridges.response_request import input_messages as input_messages_of
@@ -20,6 +30,8 @@ from aioproxy.bridges.store import ResponseStore
 from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
 from tests.schemas import validate
+from tests.support import KEYED
+from tests.support import UPSTREAM_KEY as KEY
 
 DEPLOYMENT = Deployment(name="bridged", provider="chatonly", model="up-model")
 
@@ -613,7 +625,41 @@ async def test_bridge_passes_a_chat_error_answer_on() -> None:
     reply = await make_responses_bridge(FakeChat(lambda call: error), None)(
         make_call({"input": "x"})
     )
-    assert reply is error
+    assert isinstance(reply, JSONReply)
+    assert (reply.status, reply.body) == (error.status, error.body)
+
+
+def keyed_call(body: dict[str, Any]) -> Call:
+    call = make_call(body)
+    call.route_to(KEYED)
+    return call
+
+
+def _same(answer: Any, call: Call) -> Any:
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_chat_error_never_shows_the_deployment_key(stream: bool) -> None:
+    said = {"message": f"bad key {KEY}", "param": KEY, "code": KEY}
+    answers: list[Any] = [
+        JSONReply.of({"error": said}, 401),
+        JSONReply.of({"error": said}),  # an error inside a 200 answer
+        [chunk({"content": "a"}), b"data: " + msgspec.json.encode({"error": said}) + b"\n\n"],
+    ]
+    for answer in answers:
+        chat = FakeChat(functools.partial(_same, answer))
+        try:
+            reply = await make_responses_bridge(chat, None)(
+                keyed_call({"input": "x", "stream": stream})
+            )
+            if isinstance(reply, JSONReply):
+                text = reply.body.decode()
+            else:
+                text = msgspec.json.encode(await collect(reply)).decode()
+        except ProxyError as error:
+            text = f"{error.message} {error.param} {error.code}"
+        assert KEY not in text and "bad key" in text
 
 
 async def test_bridge_streams_each_delta_as_it_arrives() -> None:
@@ -778,3 +824,29 @@ async def test_previous_response_id_without_a_store_is_refused() -> None:
     with pytest.raises(BadRequest) as caught:
         await bridge(make_call({"input": "x", "previous_response_id": "resp_1"}))
     assert caught.value.param == "previous_response_id"
+
+
+async def test_a_history_past_the_bound_is_a_400_naming_previous_response_id(
+    store: ResponseStore,
+) -> None:
+    chat = FakeChat(lambda call: completion("answer"))
+    bridge = make_responses_bridge(chat, store, max_history=4096)
+    first = msgspec.json.decode((await bridge(make_call({"input": "x" * 3000}))).body)
+    second = msgspec.json.decode(
+        (await bridge(make_call({"input": "y" * 3000, "previous_response_id": first["id"]}))).body
+    )
+    with pytest.raises(BadRequest) as caught:
+        await bridge(make_call({"input": "z", "previous_response_id": second["id"]}))
+    assert caught.value.param == "previous_response_id" and len(chat.calls) == 2
+
+
+async def test_history_and_input_together_are_counted_against_max_messages(
+    store: ResponseStore,
+) -> None:
+    chat = FakeChat(lambda call: completion("answer"))
+    bridge = make_responses_bridge(chat, store)
+    many = [{"role": "user", "content": "m"}] * 1500
+    first = msgspec.json.decode((await bridge(make_call({"input": many}))).body)
+    with pytest.raises(BadRequest) as caught:
+        await bridge(make_call({"input": many, "previous_response_id": first["id"]}))
+    assert caught.value.param == "previous_response_id" and len(chat.calls) == 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aioproxy.bridges.store import BrokenChain, ResponseStore, StoreUnavailable
+from aioproxy.bridges.store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable
 
 RESPONSE = {"id": "resp_1", "object": "response", "output": [], "model": "m"}
 CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -388,3 +388,12 @@ async def test_input_messages_are_the_response_s_own(store: ResponseStore) -> No
     await save_chain(store, "alice", 2)
     assert await store.input_messages("resp_1", "alice") == turn(1)[:-1]
     assert await store.input_messages("resp_1", "bob") is None
+
+
+async def test_a_chain_past_max_bytes_is_refused_before_it_is_decoded(
+    store: ResponseStore,
+) -> None:
+    await save_chain(store, "alice", 5, size=1000)  # each turn ~1 KB
+    assert await store.get("resp_4", "alice", max_bytes=6000) is not None
+    with pytest.raises(HistoryTooLarge):
+        await store.get("resp_4", "alice", max_bytes=3000)

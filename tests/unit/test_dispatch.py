@@ -15,7 +15,7 @@ from aioproxy.config import parse_config
 from aioproxy.context import Call, Deployment, Principal
 from aioproxy.deployments import deployments_from
 from aioproxy.dispatch import Answer, Dispatcher, Lease, Plan, tokens_spent
-from aioproxy.errors import BadRequest, ModelNotFound, ProxyError, RateLimited
+from aioproxy.errors import BadRequest, ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from aioproxy.hookspecs import hookimpl
 from aioproxy.outcome import Outcome
 from aioproxy.payloads import decode_request
@@ -311,6 +311,21 @@ async def test_a_before_request_reroute_moves_the_lease() -> None:
     assert setup.in_flight() == {"a": 0, "b": 1}
     answer = await setup.dispatcher.dispatch(call, plan, lease)
     assert provider.calls == ["b"] and answer.lease is lease
+
+
+async def test_a_before_request_reroute_to_a_model_the_key_may_not_use_is_a_403() -> None:
+    provider = Provider(b=[ok()])
+    setup = Setup(provider, [entry("m", "a"), entry("secret", "b")])
+    setup.dispatcher.hooks = Hooks(
+        make_plugin_manager(
+            setup.config, [Reroute(setup.deployment("secret"))], load_entrypoints=False
+        )
+    )
+    limited = Principal("limited", models=frozenset({"m"}))
+    with pytest.raises(PermissionDenied) as caught:
+        await setup.dispatcher.plan(make_call(principal=limited))
+    assert caught.value.status == 403 and "secret" not in caught.value.message
+    assert setup.in_flight() == {"a": 0, "b": 0} and provider.calls == []
 
 
 class Refuse:

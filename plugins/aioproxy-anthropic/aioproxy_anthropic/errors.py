@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from aioproxy import BadGateway, Deployment, ProxyError, scrub
+from aioproxy import BadGateway, Deployment, ProxyError, data_of, scrub, split_events
 
 __all__ = ["STATUS_OF_TYPE", "ErrorDetail", "error_from", "map_error", "stream_error"]
 
@@ -43,16 +43,34 @@ class _Body(msgspec.Struct):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
+_SSE_SCAN = 64 * 1024  # bytes of an SSE error body looked through for its error event
+
+
+def _parse_body(body: bytes) -> _Body:
+    """An error body: Anthropic's JSON, or an SSE body's first event carrying an error (a
+    stream refused with an error status); empty when neither."""
+    try:
+        return _decode_body(body)
+    except msgspec.DecodeError:
+        pass
+    head = body[:_SSE_SCAN]
+    if b"data:" not in head:
+        return _Body()
+    for event in split_events(head.replace(b"\r\n", b"\n")):
+        try:
+            parsed = _decode_body(data_of(event))
+        except msgspec.DecodeError:
+            continue
+        if parsed.error is not None and parsed.error.message is not None:
+            return parsed
+    return _Body()
 
 
 def error_from(
     status: int, body: bytes, deployment: Deployment, retry_after: str | None = None
 ) -> ProxyError:
     """An Anthropic error answer (``status`` and its body) as the error the client sees."""
-    try:
-        parsed = _decode_body(body)
-    except msgspec.DecodeError:
-        parsed = _Body()
+    parsed = _parse_body(body)
     detail = parsed.error or ErrorDetail()
     message = detail.message
     if message is None:  # not Anthropic's JSON: a proxy or load balancer in front of it said this

@@ -504,6 +504,15 @@ def test_a_too_long_prompt_is_a_context_window_error() -> None:
     assert error.code == "context_length_exceeded"
 
 
+def test_an_sse_error_body_shows_its_error_events_message() -> None:
+    said = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    body = b"event: ping\r\ndata: {}\r\n\r\nevent: error\r\ndata: " + json.dumps(said).encode()
+    error = error_from(429, body + b"\r\n\r\n", deployment())
+
+    assert error.message == "slow down" and error.status == 429
+    assert "event:" not in error.message
+
+
 @pytest.mark.parametrize(
     ("error", "status", "type_"),
     [

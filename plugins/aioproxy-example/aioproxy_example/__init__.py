@@ -23,6 +23,10 @@ import msgspec
 
 from aioproxy import (
     DONE,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    ArrayOf,
     BadGateway,
     BadRequest,
     Call,
@@ -37,7 +41,9 @@ from aioproxy import (
     StreamReply,
     UpstreamError,
     UpstreamResponse,
+    get_field,
     hookimpl,
+    scrub,
     sse_data,
 )
 
@@ -75,6 +81,24 @@ class _Fault(msgspec.Struct):
     fault: str
 
 
+# What the provider reads of a request, decoded typed: a value of the wrong type is a 400
+# naming it, and nothing it does not read is built.
+class _Part(msgspec.Struct):
+    text: str | None = None  # a text part's; other parts (images, ...) have none
+
+
+class _Message(msgspec.Struct):
+    role: str | None = None
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+_MESSAGES: ArrayOf[_Message] = ArrayOf(_Message, MAX_MESSAGES)
+_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
+
 _encode = msgspec.json.Encoder().encode
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 _decode_line = msgspec.json.Decoder(_Line).decode
@@ -97,7 +121,11 @@ class ExampleProvider(Provider):
     async def chat_completions(self, call: Call) -> Reply:
         deployment = call.deployment
         settings: Settings = self.settings(deployment)  # decoded once per deployment
-        max_words = call.get("max_completion_tokens") or call.get("max_tokens")
+        max_words = get_field(call.fields, "max_completion_tokens", INT) or get_field(
+            call.fields, "max_tokens", INT
+        )
+        options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)  # read before sending
+        usage = options is not None and options.include_usage is True
         request = {
             "model": deployment.model,
             "prompt": _prompt(call),
@@ -109,7 +137,7 @@ class ExampleProvider(Provider):
             if call.stream:
                 # close= drops the upstream connection if the client leaves mid-stream.
                 return StreamReply(
-                    _chunks(call, response),
+                    _chunks(call, response, self.upstream.lines(response, call), usage),
                     close=response.close,
                     finished=response.content.is_eof,  # the toy's answer ends with its last line
                 )
@@ -155,11 +183,13 @@ def _headers(deployment: Deployment) -> dict[str, str]:
 
 def _prompt(call: Call) -> str:
     """The toy API takes one prompt: the last user message's text."""
-    for message in reversed(call.get("messages")):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
+    for message in reversed(_MESSAGES.decode(call.fields.get("messages"), "messages") or ()):
+        if message.role == "user":
+            content = message.content
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                if len(content) > MAX_CONTENT_PARTS:
+                    raise BadRequest("Too many content parts", param="messages")
+                content = "".join(part.text or "" for part in content)
             if isinstance(content, str):
                 return content
     raise BadRequest("The example provider needs a user message", param="messages")
@@ -193,7 +223,8 @@ def _error(
     """The toy API's failure (status, body, headers) as the error the client sees."""
     where = deployment.describe()
     try:
-        fault = _decode_fault(body).fault
+        # The toy's words, scrubbed: an upstream may echo the key it was sent.
+        fault = scrub(_decode_fault(body).fault, deployment)
     except msgspec.DecodeError:
         fault = f"status {status}"
     if status == 429:
@@ -255,8 +286,11 @@ def _completion(call: Call, answer: _Answer) -> dict[str, Any]:
     }
 
 
-async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes]:
-    """The toy API's lines as chat chunks: the role, a chunk per word, the finish, usage, [DONE]."""
+async def _chunks(
+    call: Call, response: UpstreamResponse, lines: AsyncIterator[bytes], usage: bool
+) -> AsyncIterator[bytes]:
+    """The toy API's lines as chat chunks: the role, a chunk per word, the finish, usage, [DONE].
+    ``lines``: ``self.upstream.lines``, which bounds each line's size and wait."""
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -270,7 +304,7 @@ async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes
 
     yield chunk({"role": "assistant", "content": ""})
     end = None
-    async for line in response.content:  # one line at a time, as each arrives
+    async for line in lines:  # one line at a time, as each arrives
         if line.strip():
             piece = _decode(_decode_line, line, call.deployment)
             if piece.end:
@@ -284,7 +318,7 @@ async def _chunks(call: Call, response: UpstreamResponse) -> AsyncIterator[bytes
         )
     response.release()  # read to the end: the connection goes back to the pool
     yield chunk({}, _finish_reason(end.truncated))
-    if (call.get("stream_options") or {}).get("include_usage"):
+    if usage:
         yield sse_data({**head, "choices": [], "usage": _usage(end.input_words, end.output_words)})
     yield DONE
 

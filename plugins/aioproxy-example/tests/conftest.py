@@ -25,6 +25,8 @@ class FakeToy:
         self.in_flight = 0
         self.faults: list[int | str] = []  # a status to answer the next request with, or "cut"
         self.delay = 0.0  # seconds before each streamed word
+        self.fault_words = "injected {}"  # what a fault says ({} is its status)
+        self.trickle = False  # stream: a byte at a time, never a whole line
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -37,7 +39,8 @@ class FakeToy:
             return web.json_response({"fault": "unknown key"}, status=401)
         if isinstance(fault, int):
             headers = {"Retry-After": "7"} if fault == 429 else None
-            return web.json_response({"fault": f"injected {fault}"}, status=fault, headers=headers)
+            said = self.fault_words.format(fault)
+            return web.json_response({"fault": said}, status=fault, headers=headers)
         return None
 
     async def embed(self, request: web.Request) -> web.Response:
@@ -80,6 +83,9 @@ class FakeToy:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
+            while self.trickle:  # bytes keep coming, no line ever ends
+                await response.write(b" ")
+                await asyncio.sleep(0.01)
             for i, word in enumerate(words):
                 if cut and i == 2:
                     assert request.transport is not None
@@ -97,7 +103,11 @@ class FakeToy:
 
 def toy_config(api_base: str, **settings: Any) -> dict[str, Any]:
     model = {"name": "toy", "provider": "example", "model": "toy-1", "api_base": api_base}
-    return {"models": [{**model, "api_key": TOY_KEY, "settings": settings}]}
+    timeouts = settings.pop("timeouts", None)
+    entry = {**model, "api_key": TOY_KEY, "settings": settings}
+    if timeouts is not None:
+        entry["timeouts"] = timeouts
+    return {"models": [entry]}
 
 
 @pytest.fixture

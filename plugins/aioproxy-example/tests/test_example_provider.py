@@ -115,3 +115,47 @@ async def test_bad_settings_fail_at_start_up(start_toy_proxy: StartToyProxy) -> 
 def test_installed_under_the_aioproxy_entry_point_group() -> None:
     (entry,) = importlib.metadata.entry_points(group="aioproxy", name="example")
     assert entry.load() is aioproxy_example
+
+
+async def test_the_toys_words_never_show_its_key(proxy: ProxyUnderTest, toy: FakeToy) -> None:
+    toy.fault_words = "bad key toy-secret ({})"  # the toy echoes the key it was sent
+    toy.faults.append(400)
+    body = {"model": "toy", "messages": HELLO}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        error = await assert_openai_error(response, 400)
+    assert "bad key" in error["message"] and "toy-secret" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("messages", [{"role": "user", "content": [{"text": 5}]}]), ("stream_options", 5)],
+)
+async def test_a_field_of_the_wrong_type_is_a_400(
+    proxy: ProxyUnderTest, toy: FakeToy, field: str, value: object
+) -> None:
+    body = {"model": "toy", "messages": HELLO, "stream": True, field: value}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        error = await assert_openai_error(response, 400)
+    assert error["param"].startswith(field) and toy.requests == []
+
+
+async def test_a_line_longer_than_the_readers_buffer_streams(proxy: ProxyUnderTest) -> None:
+    word = "w" * 300_000  # past aiohttp's readline limit (128 KiB)
+    body = {"model": "toy", "messages": [{"role": "user", "content": word}], "stream": True}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        events = await read_sse(response)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]).endswith(
+        word
+    )
+
+
+async def test_a_trickle_that_never_ends_a_line_is_a_timeout(
+    start_toy_proxy: StartToyProxy, toy: FakeToy
+) -> None:
+    proxy = await start_toy_proxy(timeouts={"read": 0.2})
+    toy.trickle = True
+    body = {"model": "toy", "messages": HELLO, "stream": True}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        events = await read_sse(response)
+    toy.trickle = False
+    assert "error" in events[-1] and "in 0.2 s" in events[-1]["error"]["message"]
