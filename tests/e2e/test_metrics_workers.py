@@ -12,7 +12,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from aioproxy.testing import FakeOpenAI
 from tests.e2e.test_metrics import parse, value
-from tests.support import clean_env, running
+from tests.support import clean_env, free_port, running
 
 KEY = "sk-workers-master"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -65,7 +65,10 @@ async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any)
     folder.mkdir()
     (folder / "counter_999999.db").write_bytes(b"stale")  # an earlier run's: removed at start
     env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(folder))
-    args = ("--config", str(config), "--workers", "2", "--log-level", "warning")
+    # Workers share a port they each bind (SO_REUSEPORT): a fixed one, not --port 0's (which
+    # would give each its own); the last --port given wins over running()'s.
+    port = str(free_port())
+    args = ("--config", str(config), "--workers", "2", "--log-level", "warning", "--port", port)
     async with running(*args, env=env) as (port, _):
         base = f"http://127.0.0.1:{port}"
         rounds = 0
