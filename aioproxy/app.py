@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from . import observability
 from .bridges.routes import response_routes
 from .budget import BufferBudget
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
@@ -97,6 +98,7 @@ def create_app(
         app.router.add_route(method, path, handler)
 
     pm.hook.register_routes(register=register_route, config=config)
+    observability.install(app, pm, runtime)  # after every route: it names their kinds
     app.cleanup_ctx.append(_upstream_context)
     if open_mode:
         log.warning(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -16,6 +17,8 @@ from aiohttp import web
 
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
+from .observability.access_log import configure_logging
+from .observability.metrics import mark_process_dead, prepare_multiprocess, remove_multiprocess
 from .plugins import PluginLoadError
 from .server import run
 
@@ -51,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="info",
         choices=["debug", "info", "warning", "error", "critical"],
         help="logging level (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or as one JSON object each (default: config, else text)",
     )
     parser.add_argument(
         "--strict-plugins",
@@ -119,7 +127,9 @@ def serve(
     )
 
 
-def run_workers(count: int, start: Callable[[], None]) -> int:
+def run_workers(
+    count: int, start: Callable[[], None], on_exit: Callable[[int], None] | None = None
+) -> int:
     """Fork ``count`` workers running ``start``; pass SIGTERM/SIGINT on and wait for them all."""
     children: list[int] = []
     for _ in range(count):
@@ -145,21 +155,26 @@ def run_workers(count: int, start: Callable[[], None]) -> int:
     worst = 0
     for child in children:
         _, status = os.waitpid(child, 0)
+        if on_exit is not None:
+            on_exit(child)
         worst = max(worst, os.waitstatus_to_exitcode(status))
     return worst
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     source = args.config or "the default config"
     try:
         config = load_config(args.config) if args.config else default_config()
     except ConfigError as exc:
         print(f"aioproxy: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, args.log_format or config.logging.format)
+    if args.workers > 1 and config.metrics.enabled:
+        # Before the app (and so any metric) exists: every worker's counts go to one folder.
+        metrics_dir, made_dir = prepare_multiprocess()
+        if made_dir:
+            atexit.register(remove_multiprocess, metrics_dir)
     if args.host:  # the address served is the config's, for the Host check of open mode
         config = msgspec.structs.replace(
             config, server=msgspec.structs.replace(config.server, host=args.host)
@@ -183,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         announce()
         # Each worker forks before any loop or socket exists, then binds the port itself.
         return run_workers(
-            args.workers, lambda: serve(app, config, host, port, args.loop, reuse_port=True)
+            args.workers,
+            lambda: serve(app, config, host, port, args.loop, reuse_port=True),
+            on_exit=mark_process_dead,
         )
     try:
         serve(app, config, host, port, args.loop, reuse_port=False, on_ready=announce)

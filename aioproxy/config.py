@@ -17,6 +17,8 @@ __all__ = [
     "CompletionsConfig",
     "Config",
     "ConfigError",
+    "LoggingConfig",
+    "MetricsConfig",
     "ModelEntry",
     "ModelRouting",
     "ResponsesConfig",
@@ -141,6 +143,9 @@ class ServerConfig(Base, frozen=True):
     # Open mode (no keys) answers only requests whose Host names a loopback address, `host` or
     # one of these names ("*": any), so a page cannot reach it by DNS rebinding.
     allowed_hosts: list[str] = []
+    # Add x-aioproxy-overhead-ms to every answer: the milliseconds the gateway itself spent
+    # (total minus the upstream's time), for operators tuning it; off, it costs nothing.
+    timing_header: bool = False
 
 
 Strategy = Literal["weighted", "least-busy", "latency"]
@@ -212,6 +217,26 @@ class CompletionsConfig(Base, frozen=True):
     concurrency: Annotated[int, Meta(ge=1)] = 8
 
 
+class MetricsConfig(Base, frozen=True):
+    """Prometheus ``/metrics`` (aioproxy.observability.metrics)."""
+
+    # Off by default: counting costs CPU on every request; operators who scrape turn it on.
+    enabled: bool = False
+    # Without the master key: for a scraper on a private network. Otherwise /metrics needs it.
+    public: bool = False
+    # Serve /metrics on this port only (no key needed there), not on the API's port.
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None
+    host: str = "127.0.0.1"  # the address of that port
+
+
+class LoggingConfig(Base, frozen=True):
+    """The ``aioproxy.access`` log: one line per finished request."""
+
+    # Off by default: a line per request costs CPU; turn it on to get one.
+    access_log: bool = False
+    format: Literal["text", "json"] = "text"  # run.py's --log-format overrides it
+
+
 class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
@@ -226,6 +251,8 @@ class Config(Base, frozen=True):
     plugins: PluginsConfig = PluginsConfig()
     responses: ResponsesConfig = ResponsesConfig()
     completions: CompletionsConfig = CompletionsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

@@ -11,6 +11,8 @@ from aiohttp import web
 from .config import Secret, Timeouts
 from .errors import BadRequest
 from .fields import raw_fields
+from .request_ids import HEADER as REQUEST_ID_HEADER
+from .request_ids import request_id
 from .routes import Kind
 
 __all__ = ["Call", "Deployment", "Principal"]
@@ -99,6 +101,8 @@ class Call:
         "started",
         "state",
         "stream",
+        "upstream_headers",
+        "upstream_request_id",
     )
 
     def __init__(
@@ -119,7 +123,18 @@ class Call:
         self.stream = stream
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
         self.started = time.monotonic()
+        # Headers the gateway and plugins send upstream on the provider's call (lower-case
+        # names; the deployment's own headers and key win over them): the request id, a
+        # trace's traceparent.
+        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: request_id(request)}
+        # The upstream's own id for its answer (its x-request-id or request-id), for logs.
+        self.upstream_request_id: str | None = None
         self._json: dict[str, Any] | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The request's id (the client's ``x-request-id`` when sane), as every answer carries."""
+        return request_id(self.request)
 
     @property
     def deployment(self) -> Deployment:
@@ -146,6 +161,7 @@ class Call:
         )
         bridged.state = self.state  # one request: plugins' notes stay shared
         bridged.started = self.started
+        bridged.upstream_headers = self.upstream_headers  # one request: one id, one trace
         if self._deployment is not None:
             bridged.route_to(self._deployment)
         return bridged

@@ -20,7 +20,7 @@ from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
-from .providers import Reply, StreamReply
+from .providers import JSONReply, Reply, StreamReply
 from .registry import Registry
 from .router import Router, is_context_window_error, is_retryable
 from .streaming import first_event
@@ -292,7 +292,7 @@ class Dispatcher:
                 made += 1
                 tried.add(current.deployment.key)
                 try:
-                    return await self._attempt(call, current)
+                    return await self._attempt(call, current, made)
                 except Exception as exc:
                     error = exc
                     if is_context_window_error(exc):
@@ -317,10 +317,16 @@ class Dispatcher:
             )
         raise error
 
-    async def _attempt(self, call: Call, lease: Lease) -> Answer:
-        """One try on the leased deployment: the answer, or an exception (the lease released)."""
+    async def _attempt(self, call: Call, lease: Lease, attempt: int = 1) -> Answer:
+        """One try (the request's ``attempt``-th) on the leased deployment: the answer, or an
+        exception (the lease released)."""
         router = self.router
+        hooks = self.hooks
         deployment = lease.deployment
+        if hooks.before_attempt:
+            await hooks.before_attempt.each_logged(
+                call=call, deployment=deployment, attempt=attempt
+            )
         started = router.clock.now()
         first_byte = (deployment.timeouts or self.config.upstream.timeouts).first_byte
         try:
@@ -334,10 +340,30 @@ class Dispatcher:
             error = as_proxy_error(exc, deployment) if isinstance(exc, TimeoutError) else exc
             if isinstance(error, Exception):
                 router.failed(deployment, error)
+                if hooks.after_attempt:
+                    status = error.status if isinstance(error, ProxyError) else 500
+                    await hooks.after_attempt.each_logged(
+                        call=call,
+                        deployment=deployment,
+                        attempt=attempt,
+                        status=status,
+                        error=error,
+                        elapsed=router.clock.now() - started,
+                    )
             if error is exc:
                 raise
             raise error from exc
-        router.succeeded(deployment, router.clock.now() - started)
+        elapsed = router.clock.now() - started
+        router.succeeded(deployment, elapsed)
+        if hooks.after_attempt:
+            await hooks.after_attempt.each_logged(
+                call=call,
+                deployment=deployment,
+                attempt=attempt,
+                status=reply.status if isinstance(reply, JSONReply) else 200,
+                error=None,
+                elapsed=elapsed,
+            )
         return Answer(reply, first, lease)
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:

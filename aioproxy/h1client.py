@@ -52,7 +52,10 @@ _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _DNS_TTL = 300.0  # seconds a host's addresses are kept (ClientSession's ttl_dns_cache here)
 _HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying the next address family (as aiohttp)
 _MAX_TARGETS = 1024  # parsed URLs kept; deployments are few, but plugins may make URLs up
-_MAX_HEADS = 256  # serialized header sets kept (a forwarded request id makes each one new)
+_MAX_HEADS = 256  # serialized header sets kept
+# Headers whose value is new on each request (the request id, a trace's parent): sent after
+# the cached bytes of the rest, so that they do not make every header set a new one.
+_PER_REQUEST = frozenset({"x-request-id", "traceparent", "tracestate"})
 _USER_AGENT = f"aioproxy aiohttp/{aiohttp.__version__}"
 # Headers this client writes itself; a caller's are dropped so none is ever sent twice.
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
@@ -463,6 +466,16 @@ class H1Pool:
     def _request_head(self, target: _Target, headers: Mapping[str, str], length: int) -> bytes:
         """The request line and headers. A gateway sends a few header sets over and over (one
         per deployment, bar a forwarded request id), so each set's bytes are kept and reused."""
+        own = b""
+        if not _PER_REQUEST.isdisjoint(headers):  # new on each request: kept out of the cache
+            kept: dict[str, str] = {}
+            lines = []
+            for name, value in headers.items():
+                if name.lower() in _PER_REQUEST:
+                    lines.append(_header_line(name, value))
+                else:
+                    kept[name] = value
+            headers, own = kept, "".join(lines).encode("utf-8", "surrogateescape")
         key = (target, *headers.items())  # the target: its path, Host and URL credentials
         fixed = self._heads.get(key)
         if fixed is None:
@@ -470,7 +483,7 @@ class H1Pool:
             if len(self._heads) >= _MAX_HEADS:
                 self._heads.clear()
             self._heads[key] = fixed
-        return b"%sContent-Length: %d\r\n\r\n" % (fixed, length)
+        return b"%s%sContent-Length: %d\r\n\r\n" % (fixed, own, length)
 
     def _target(self, url: str) -> _Target:
         target = _Target(url)
@@ -665,6 +678,12 @@ class H1Pool:
         await asyncio.sleep(0)  # let the transports' connection_lost run
 
 
+def _header_line(name: str, value: str) -> str:
+    if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+        raise ValueError(f"header {name!r} holds a line break, or its name a colon")
+    return f"{name}: {value}\r\n"
+
+
 def _serialize(target: _Target, headers: Mapping[str, str]) -> bytes:
     lines = [target.request_line]
     defaults = dict(_DEFAULT_HEADERS)
@@ -676,9 +695,7 @@ def _serialize(target: _Target, headers: Mapping[str, str]) -> bytes:
         if lowered in _OWN_HEADERS:
             continue
         defaults.pop(lowered, None)  # the caller's Host, User-Agent... win, as in ClientSession
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
-            raise ValueError(f"header {name!r} holds a line break, or its name a colon")
-        lines.append(f"{name}: {value}\r\n")
+        lines.append(_header_line(name, value))
     for lowered, value in defaults.items():
         lines.append(f"{lowered}: {value}\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as they came

@@ -6,7 +6,8 @@ Three kinds of hook:
 * Decisions (``authenticate``, ``map_model``) run per request; each implementation returns ``None``
   ("not mine"), a value, or an awaitable of either. The first non-None result wins. Raising a
   :class:`~aioproxy.errors.ProxyError` refuses the request with that error.
-* Lifecycle hooks (``before_request``, ``after_response``, ``on_error``) run per request; every
+* Lifecycle hooks (``before_request``, ``before_attempt``, ``after_attempt``, ``after_response``,
+  ``on_error``) run per request (the attempt hooks per upstream try); every
   implementation runs, in pluggy's order, and may be ``async def``.
 
 Per-request hooks are resolved into plain lists of functions when the app starts, so a hook with no
@@ -128,6 +129,39 @@ def before_request(call: Call) -> MaybeAwaitable[None]:
 
 
 @hookspec
+def before_attempt(call: Call, deployment: Deployment, attempt: int) -> MaybeAwaitable[None]:
+    """Observe an upstream attempt about to start: the first, each retry and each fallback.
+
+    Runs after ``before_request``, once per try, just before the provider is called;
+    ``deployment`` is the one tried (``call.deployment``) and ``attempt`` counts the request's
+    tries from 1. Add headers for this try's upstream call to ``call.upstream_headers`` (a
+    trace's ``traceparent``, say). Every implementation runs; exceptions are logged and
+    swallowed. May be ``async def``. Not called at all when no plugin implements it.
+    """
+
+
+@hookspec
+def after_attempt(
+    call: Call,
+    deployment: Deployment,
+    attempt: int,
+    status: int,
+    error: Exception | None,
+    elapsed: float,
+) -> MaybeAwaitable[None]:
+    """Observe an upstream attempt that ended: answered, or failed (and perhaps to be retried).
+
+    Runs once per ``before_attempt``, with the same ``call``, ``deployment`` and ``attempt``.
+    ``status`` is the upstream answer's status as the client
+    would see it (502/504 for a connection failure or timeout); ``error`` the failure, or
+    ``None`` when the answer began (a JSON answer read, a stream's first event come);
+    ``elapsed`` the seconds the try took (the upstream's time to first byte, for a stream).
+    ``call.upstream_request_id`` holds the upstream's own id when it sent one. Every
+    implementation runs; exceptions are logged and swallowed. May be ``async def``.
+    """
+
+
+@hookspec
 def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
     """Observe a finished request: status, timing and usage, for logging, metering or billing.
 
@@ -160,6 +194,8 @@ PER_REQUEST_HOOKS = (
     "map_model",
     "list_models",
     "before_request",
+    "before_attempt",
+    "after_attempt",
     "after_response",
     "on_error",
 )

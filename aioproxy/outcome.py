@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -128,9 +129,11 @@ class Outcome:
         try:
             if self.body is not None:
                 return _usage_of(_decode_answer(self.body))
+            if not any(b'"usage"' in block for block in self.last_events):
+                return None  # a stream without usage: no need to take its events apart
             looked_at = 0
             for block in reversed(self.last_events):
-                for event in reversed(split_events(block)):
+                for event in _events_from_end(block):
                     data = data_of(event)
                     if not data or data == b"[DONE]":
                         continue
@@ -143,6 +146,17 @@ class Outcome:
         except msgspec.DecodeError:
             return None
         return None
+
+
+def _events_from_end(block: bytes) -> Iterator[bytes]:
+    """A block's events, last first, cut off its end: a long stream's whole burst (50 events
+    in one block) is not split and copied for the three at its end that usage is read from."""
+    pieces = block.rstrip(b"\n").rsplit(b"\n\n", _LAST_DATA_EVENTS + 1)
+    yield from reversed(pieces[1:])
+    if len(pieces) <= _LAST_DATA_EVENTS + 1:  # the first piece is one event
+        yield pieces[0]
+    else:  # it holds the rest of the block
+        yield from reversed(split_events(pieces[0] + b"\n\n"))
 
 
 def _usage_of(answer: _Answer) -> Usage | None:

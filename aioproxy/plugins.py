@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "aioproxy"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.builtins.config_auth:ConfigAuth",
     "aioproxy.builtins.config_models:ConfigModels",
+    "aioproxy.observability.observer:observer",
 )
 
 
@@ -187,5 +188,7 @@ class Hooks:
         self.map_model = Hook(pm.hook.map_model)
         self.list_models = Hook(pm.hook.list_models)
         self.before_request = Hook(pm.hook.before_request)
+        self.before_attempt = Hook(pm.hook.before_attempt)
+        self.after_attempt = Hook(pm.hook.after_attempt)
         self.after_response = Hook(pm.hook.after_response)
         self.on_error = Hook(pm.hook.on_error)

@@ -87,14 +87,20 @@ async def _answer(
     deployment: Deployment,
     read_error: ErrorReader = openai_error,
     budget: BufferBudget | None = None,
+    *,
+    call: Call | None = None,
 ) -> UpstreamResponse:
     """The upstream's 2xx answer to a POST in flight, or the client's error: connect errors and
     timeouts as 502/504, a redirect as a 502 (never followed: it could carry the key to another
-    host), any other status read (capped) by ``read_error``."""
+    host), any other status read (capped) by ``read_error``. Given the ``call``, the upstream's
+    own request id is kept on it (error answers too)."""
     try:
         response = await sending
     except Exception as exc:  # connect errors and timeouts before any answer
         raise as_proxy_error(exc, deployment) from exc
+    if call is not None:
+        headers = response.headers
+        call.upstream_request_id = headers.get("x-request-id") or headers.get("request-id")
     if response.status < 300:
         return response
     with _Guard(response, deployment):
@@ -146,7 +152,7 @@ async def _forwarded(
     event (``idle``: the longest it may go without a complete event), anything else read whole
     and checked (passthrough.py)."""
     deployment = call.deployment
-    response = await _answer(sending, deployment, budget=budget)
+    response = await _answer(sending, deployment, budget=budget, call=call)
     with _Guard(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
@@ -209,7 +215,7 @@ class Upstream:
         The caller owns the answer: read it inside :meth:`guard`, then release it."""
         deployment = call.deployment
         sending = self.transport.post(url, body, headers, self.timeouts(deployment))
-        return await _answer(sending, deployment, read_error, self.budget)
+        return await _answer(sending, deployment, read_error, self.budget, call=call)
 
     def guard(self, response: UpstreamResponse, call: Call) -> AbstractContextManager[None]:
         """Close ``response`` if the block fails (cancelled too), with transport errors as

@@ -32,7 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from harness import first_event, payloads, procs, soak, workers
+from harness import first_event, observability, payloads, procs, soak, workers
 from harness.loadgen import LoadError, WrkResult, finish_wrk, run_wrk, start_wrk
 from harness.procs import Cores
 from harness.report import (
@@ -71,7 +71,7 @@ from peers import litellm as litellm_peer
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "reference", "aioproxy", "litellm")
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
-PARTS = ("matrix", "first-event", "workers", "soak", "loops")
+PARTS = ("matrix", "first-event", "workers", "soak", "loops", "observability")
 SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
 FIRST_EVENT_PROXIES = ("reference", "aioproxy")  # and always direct: the baseline
 PROXY_STARTERS = {"reference": start_reference, "aioproxy": start_aioproxy}
@@ -732,6 +732,60 @@ def run_loops(
     return by_loop, note
 
 
+def run_observability(
+    args: argparse.Namespace, upstream: Target, upstream_kind: str, workdir: Path, cores: Cores
+) -> dict[tuple[str, str], list[Row]]:
+    """The reference and aioproxy with observability off, on (metrics + JSON access logs) and
+    with OpenTelemetry, pinned like the matrix's; every round kept, (kind, target) -> rows."""
+    if "aioproxy" not in args.targets:
+        print(
+            "bench: skipping the observability part: aioproxy is not in --targets", file=sys.stderr
+        )
+        return {}
+    otel = upstream_kind == "nginx"  # the OTLP sink is a file nginx serves
+    observability.otlp_sink(workdir / "www")
+    with ExitStack() as stack:
+        targets = [
+            _start_proxy(stack, "reference", workdir, upstream, cores, args.loop, "reference")
+        ]
+        for variant in observability.TARGETS:
+            if variant.otel and not otel:
+                print("bench: observability: no nginx, so no OTLP sink: aio-otel skipped")
+                continue
+            print(f"bench: observability: starting {variant.label}", flush=True)
+            env = (
+                {
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{upstream.port}{observability.OTLP_PATH}"
+                }
+                if variant.otel
+                else {}
+            )
+            target = start_aioproxy(
+                workdir,
+                procs.free_port(),
+                upstream.port,
+                cores.sut,
+                args.loop,
+                label=variant.label,
+                extra_config=variant.config,
+                extra_args=variant.args,
+                env=env,
+            )
+            stack.callback(target.proc.stop)
+            targets.append(target)
+        rounds: dict[tuple[str, str], list[Row]] = {}
+        for kind in observability.KINDS:
+            for target in targets:
+                check_response(target, payloads.KINDS[kind])
+            for round_ in range(args.repeat):
+                for target in targets:
+                    row = measure(
+                        target, upstream, kind, observability.CONNECTIONS, args, cores, round_ == 0
+                    )
+                    rounds.setdefault((kind, target.name), []).append(row)
+    return rounds
+
+
 def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
     upstream_kind = ensure_tools(args)
     if "aioproxy" in args.targets and not (REPO / "run.py").exists():
@@ -761,6 +815,11 @@ def run(args: argparse.Namespace) -> tuple[str, list[Row]]:
             if "workers" in args.only:
                 extra += workers_section(
                     run_workers(args, upstream, workdir), workers.CONNECTIONS, args.duration
+                )
+            if "observability" in args.only:
+                extra += observability.section(
+                    run_observability(args, upstream, upstream_kind, workdir, cores),
+                    observability.CONNECTIONS,
                 )
             if "soak" in args.only:
                 extra += soak_section(

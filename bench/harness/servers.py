@@ -4,6 +4,7 @@ Peers (other gateways) live in bench/peers/."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -195,10 +196,15 @@ def start_aioproxy(
     *,
     label: str = "aioproxy",
     workers: int | None = None,
+    extra_config: str = "",
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Target:
-    """``label`` names the target, its config and log; ``workers`` passes `--workers N`."""
+    """``label`` names the target, its config and log; ``workers`` passes `--workers N`;
+    ``extra_config`` is appended to the TOML, ``extra_args`` to the command line, and ``env``
+    is added to the environment."""
     config = workdir / f"{label}.toml"
-    config.write_text(aioproxy_config(upstream_port))
+    config.write_text(aioproxy_config(upstream_port) + extra_config)
     argv = [
         sys.executable,
         str(REPO / "run.py"),
@@ -210,8 +216,10 @@ def start_aioproxy(
         str(port),
         *_loop_flag(loop),
         *([] if workers is None else ["--workers", str(workers)]),
+        *extra_args,
     ]
-    proc = spawn(label, argv, workdir / f"{label}.log", core, REPO)
+    environ = None if env is None else {**os.environ, **env}
+    proc = spawn(label, argv, workdir / f"{label}.log", core, REPO, environ)
     target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     with stopped_on_error(proc):
         proc.ready_ms = wait_until(proc, lambda: probe_get(port, "/health"))

@@ -103,6 +103,52 @@ async def test_hook_before_request(
             await client.chat.completions.create(model="gpt-test", messages=MESSAGES, user="banned")
 
 
+async def test_hook_before_attempt(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """Once per try, retries included; a header it adds goes upstream on that try only."""
+    seen: list[tuple[str, int]] = []
+
+    class Tracer:
+        @hookimpl
+        def before_attempt(self, call: Call, deployment: Deployment, attempt: int) -> None:
+            seen.append((deployment.name, attempt))
+            call.upstream_headers["x-attempt"] = str(attempt)
+
+    config = gateway_config(upstream_base, router={"retry_backoff": 0})
+    proxy = await serve_proxy(config, plugins=[Tracer()])
+    fake.faults = ["status:500"]
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert seen == [("gpt-test", 1), ("gpt-test", 2)]
+    assert [r.headers.get("x-attempt") for r in fake.requests] == ["1", "2"]
+
+
+async def test_hook_after_attempt(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """Each try's status, error and the upstream's own request id."""
+    seen: list[tuple[int, int, str | None, str | None]] = []
+
+    class Meter:
+        @hookimpl
+        def after_attempt(
+            self, call: Call, attempt: int, status: int, error: Exception | None, elapsed: float
+        ) -> None:
+            assert elapsed >= 0
+            seen.append(
+                (attempt, status, type(error).__name__ if error else None, call.upstream_request_id)
+            )
+
+    config = gateway_config(upstream_base, router={"retry_backoff": 0})
+    proxy = await serve_proxy(config, plugins=[Meter()])
+    fake.faults = ["status:500"]
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert [(a, s, e) for a, s, e, _ in seen] == [(1, 500, "ProxyError"), (2, 200, None)]
+    assert all(rid is not None and rid.startswith("req_") for *_, rid in seen)
+
+
 async def test_hook_after_response(serve_proxy: ServeProxy, upstream_base: str) -> None:
     seen: list[tuple[str, Outcome]] = []
 

@@ -301,6 +301,28 @@ async def test_request_line_headers_and_body(raw: RawFactory, pool: H1Pool) -> N
     assert len(headers) == len({name for name, _ in headers})  # no header twice
 
 
+async def test_per_request_headers_are_sent_but_not_cached(raw: RawFactory, pool: H1Pool) -> None:
+    """A request id (new on every request) goes out with its own request, once, and does not
+    make each request's header set a new entry of the cache of serialized heads."""
+    upstream = await raw(lambda peer: peer.serve())
+    for rid in ("req-1", "req-2", "req-3"):
+        caller = {"content-type": "application/json", "x-request-id": rid, "traceparent": rid}
+        _, body = await post(pool, upstream.url("/"), b"{}", caller)
+        assert body == OK
+    sent = [headers_of(head) for head, _ in upstream.requests]
+    assert [[v for n, v in h if n == "x-request-id"] for h in sent] == [
+        ["req-1"],
+        ["req-2"],
+        ["req-3"],
+    ]
+    assert [[v for n, v in h if n == "traceparent"] for h in sent] == [
+        ["req-1"],
+        ["req-2"],
+        ["req-3"],
+    ]
+    assert len(pool._heads) == 1
+
+
 async def test_callers_own_framing_headers_are_dropped(raw: RawFactory, pool: H1Pool) -> None:
     """The caller's Content-Length/Connection/Transfer-Encoding never reach the wire; its
     Host (a deployment's ingress routing), User-Agent and Accept-Encoding replace the defaults."""

@@ -23,6 +23,7 @@ def test_hook_names() -> None:
     start_up = ("register_providers", "register_routes")
     assert hookspecs.HOOK_NAMES == (*start_up, *hookspecs.PER_REQUEST_HOOKS)
     assert len(set(hookspecs.PER_REQUEST_HOOKS)) == len(hookspecs.PER_REQUEST_HOOKS)
+    assert {"before_attempt", "after_attempt"} <= set(hookspecs.PER_REQUEST_HOOKS)
 
 
 def test_hooks_class_resolves_every_per_request_hook() -> None:

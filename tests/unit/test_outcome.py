@@ -173,3 +173,18 @@ def test_usage_details_cached_and_reasoning_tokens() -> None:
     assert responses.usage() == Usage(9, 5, 14, cached_tokens=8, reasoning_tokens=2)
     broken = body_outcome(b'{"usage": {"prompt_tokens": 1, "prompt_tokens_details": 5}}')
     assert broken.usage() is None
+
+
+def test_usage_from_the_end_of_a_long_burst() -> None:
+    """A whole stream in one block (50 events): usage is read off its end, the DONE and a
+    comment skipped, events before the usage event never looked at."""
+    chunk = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":50}}\n\n'
+    for tail in (usage + b"data: [DONE]\n\n", usage + b": keep-alive\n\ndata: [DONE]\n\n\n"):
+        outcome = Outcome(200, stream=True)
+        outcome.last_events = (chunk * 50 + tail,)
+        found = outcome.usage()
+        assert found is not None and (found.prompt_tokens, found.completion_tokens) == (3, 50)
+    outcome = Outcome(200, stream=True)
+    outcome.last_events = (usage + chunk * 3 + b"data: [DONE]\n\n",)  # not in the last three
+    assert outcome.usage() is None

@@ -74,7 +74,7 @@ class AnthropicProvider(Provider):
             call,
             messages_url(deployment.api_base),
             _encode(body),
-            _headers(deployment, settings, call.stream),
+            _headers(deployment, settings, call.stream, call.upstream_headers),
             read_error=_read_error,
         )
         with self.upstream.guard(response, call):
@@ -102,13 +102,17 @@ def _read_error(
     return error_from(status, body, deployment, headers.get("retry-after"))
 
 
-def _headers(deployment: Deployment, settings: AnthropicSettings, stream: bool) -> CIMultiDict[str]:
+def _headers(
+    deployment: Deployment, settings: AnthropicSettings, stream: bool, own: Mapping[str, str]
+) -> CIMultiDict[str]:
     """Built afresh for each call: the client's own key and headers never travel upstream.
 
-    The deployment's extra ``headers`` (``anthropic-beta``, say) come first, so that they cannot
-    replace the key, version or content type.
+    The gateway's ``own`` headers for the call (its request id, a traceparent) come first, then
+    the deployment's extra ``headers`` (``anthropic-beta``, say), so that neither can replace the
+    key, version or content type.
     """
-    headers: CIMultiDict[str] = CIMultiDict(deployment.headers)
+    headers: CIMultiDict[str] = CIMultiDict(own)
+    headers.update(deployment.headers)
     headers["content-type"] = "application/json"
     headers["anthropic-version"] = settings.anthropic_version
     if deployment.api_key:

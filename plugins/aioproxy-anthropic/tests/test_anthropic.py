@@ -39,7 +39,7 @@ from aioproxy_anthropic.translate import (
     to_usage,
 )
 
-from aioproxy import BadRequest, ConfigError, Deployment, create_app
+from aioproxy import BadRequest, Call, ConfigError, Deployment, Outcome, create_app, hookimpl
 from aioproxy.fields import raw_fields
 
 
@@ -1153,3 +1153,37 @@ def test_the_entry_point_names_the_plugin() -> None:
     (entry_point,) = importlib.metadata.entry_points(group="aioproxy", name="anthropic")
 
     assert entry_point.load() is aioproxy_anthropic
+
+
+# -- request ids -----------------------------------------------------------------------------------
+
+
+async def test_the_request_id_goes_upstream_and_anthropics_own_is_kept(
+    aiohttp_server: Any, upstream: TestServer, fake: Any
+) -> None:
+    """The gateway's x-request-id reaches Anthropic; Anthropic's ``request-id`` is kept on the
+    call as ``upstream_request_id`` (for logs and traces); the client's answer keeps ours."""
+    kept: list[str | None] = []
+
+    class Log:
+        @hookimpl
+        def after_response(self, call: Call, outcome: Outcome) -> None:
+            kept.append(call.upstream_request_id)
+
+    app = create_app(
+        gateway_config(str(upstream.make_url("/"))),
+        plugins=[aioproxy_anthropic, Log()],
+        load_entrypoints=False,
+    )
+    proxy = await aiohttp_server(app)
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-request-id": "client-7"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"), json=body, headers=headers
+        ) as response:
+            assert response.status == 200
+    assert response.headers["x-request-id"] == "client-7"
+    assert fake.last.headers["x-request-id"] == "client-7"
+    [theirs] = kept
+    assert theirs is not None and theirs.startswith("req_")

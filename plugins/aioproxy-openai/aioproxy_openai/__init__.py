@@ -48,7 +48,9 @@ class OpenAIProvider(Provider):
         Names are lower case, so that a later one replaces an earlier one of any case: the
         deployment's headers win over the client's, and its key over both.
         """
-        headers = _deployment_headers(call.deployment, self.upstream.client_headers(call))
+        forwarded = self.upstream.client_headers(call)
+        forwarded.update(call.upstream_headers)  # the gateway's request id replaces the client's
+        headers = _deployment_headers(call.deployment, forwarded)
         if call.stream:
             headers["accept"] = "text/event-stream"
         return headers

@@ -1,0 +1,306 @@
+"""Prometheus metrics (``prometheus-client``): what is counted, its labels, and ``/metrics``.
+
+Label values come only from the config (model names, deployment ids) and from small fixed sets
+(endpoint kinds, HTTP statuses, token types): a client sending made-up model names cannot grow
+the label set, and no key, address or prompt is ever a label. A request adds its counts to
+plain dicts; they reach prometheus-client's values once a second and before each scrape.
+
+Under ``run.py --workers N`` the workers share ``PROMETHEUS_MULTIPROC_DIR`` (set up by the CLI
+before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker sums them all.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hmac
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+from ..config import Config
+from ..errors import AuthenticationError
+
+__all__ = ["FLUSH_INTERVAL", "MULTIPROC_ENV", "UNKNOWN", "Metrics", "prepare_multiprocess"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNKNOWN = "unknown"  # the label of a model or deployment the config does not name
+NONE = "none"  # the model label of a request that named none (refused before its body)
+TOKEN_TYPES = ("input", "output", "cached_input", "reasoning")
+RATE_LIMIT_SCOPES = frozenset({"upstream", "deployment", "key", "team", "budget", "gateway"})
+CACHE_RESULTS = frozenset({"hit", "miss", "bypass"})
+# Seconds: LLM calls range from a cached 5 ms to minutes of thinking.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def prepare_multiprocess(path: str | None = None) -> tuple[str, bool]:
+    """Set up ``PROMETHEUS_MULTIPROC_DIR`` for forked workers, before any metric exists.
+
+    Uses ``path`` (or the variable already set), emptied of an earlier run's files, else a new
+    temporary folder. Returns the folder and whether it was made here (to remove at exit).
+    """
+    path = path or os.environ.get(MULTIPROC_ENV)
+    made = path is None
+    if path is None:
+        path = tempfile.mkdtemp(prefix="aioproxy-metrics-")
+    else:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for stale in Path(path).glob("*.db"):  # a previous run's counts must not carry over
+            stale.unlink()
+    os.environ[MULTIPROC_ENV] = path
+    # prometheus-client picks its value class when imported: pick again, now that it is set.
+    prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()  # type: ignore[no-untyped-call]
+    return path, made
+
+
+def remove_multiprocess(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges (in flight, cooling) from the sums."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+FLUSH_INTERVAL = 1.0  # seconds between two flushes of a worker's counts into the shared values
+
+
+class _Series:
+    """One metric's children by label values (prometheus-client's ``labels()`` costs µs:
+    each series is looked up once)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def child(self, labels: tuple[str, ...]) -> Any:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = self.metric.labels(*labels)
+        return child
+
+
+class _Counter(_Series):
+    """A counter. Requests add to a plain dict (a fraction of a µs); :meth:`flush` moves the
+    sums into prometheus-client's values (a lock and, under ``--workers``, an mmap write each)
+    once a second and before every scrape."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__(metric)
+        self.pending: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        pending = self.pending
+        pending[labels] = pending.get(labels, 0) + amount
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, amount in pending.items():
+            self.child(labels).inc(amount)
+
+
+class _Histogram(_Series):
+    """A histogram's observations, kept as bucket counts and a sum until flushed."""
+
+    __slots__ = ("bounds", "pending")
+
+    def __init__(self, metric: Any, buckets: tuple[float, ...]) -> None:
+        super().__init__(metric)
+        self.bounds = (*buckets, math.inf)
+        self.pending: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        pending = self.pending
+        counts = pending.get(labels)
+        if counts is None:
+            counts = pending[labels] = [0.0] * (len(self.bounds) + 1)  # buckets, then the sum
+        counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        counts[-1] += value
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, counts in pending.items():
+            child = self.child(labels)
+            # What Histogram.observe does per observation, once per bucket: prometheus-client
+            # keeps each bucket's own count (not cumulative) and the sum as values.
+            child._sum.inc(counts[-1])
+            for bucket, count in zip(child._buckets, counts[:-1]):
+                if count:
+                    bucket.inc(count)
+
+
+class Metrics:
+    """Every metric of one app, with its label vocabulary resolved from the config."""
+
+    def __init__(self, config: Config, deployment_ids: Iterable[str]) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # In multiprocess mode values live in the shared folder and are read back by a
+        # collector; otherwise in a registry of this app's own (two apps never share counts).
+        self.registry = CollectorRegistry(auto_describe=True)
+        own: CollectorRegistry | None = None if self.multiprocess else self.registry
+        if self.multiprocess:
+            multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+        self.models = frozenset(entry.name for entry in config.models)
+        self.deployments = frozenset(deployment_ids)
+        self.active = 0  # requests in flight in this process, set into the gauge when flushed
+        self._flushed_active = -1
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Counter:
+            return _Counter(Counter(name, doc, labels, registry=own))
+
+        def histogram(
+            name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> _Histogram:
+            return _Histogram(Histogram(name, doc, labels, registry=own, buckets=buckets), buckets)
+
+        self.requests = counter(
+            "aioproxy_requests_total",
+            "Requests finished, by endpoint kind, model and status.",
+            ("kind", "model", "status"),
+        )
+        self.duration = histogram(
+            "aioproxy_request_duration_seconds",
+            "Request duration, arrival to last byte.",
+            ("kind", "model"),
+            DURATION_BUCKETS,
+        )
+        self.ttft = histogram(
+            "aioproxy_time_to_first_token_seconds",
+            "Streams: seconds to the first event.",
+            ("model",),
+            TTFT_BUCKETS,
+        )
+        self.tokens = counter(
+            "aioproxy_tokens_total", "Tokens the upstreams reported, by type.", ("model", "type")
+        )
+        self.spend = counter(
+            "aioproxy_spend_usd_total", "Spend in USD (priced requests).", ("model",)
+        )
+        self.upstream = counter(
+            "aioproxy_upstream_requests_total",
+            "Upstream attempts, retries included.",
+            ("deployment", "status"),
+        )
+        self.retries = counter("aioproxy_retries_total", "Retries on the same model.", ("model",))
+        self.fallbacks = counter(
+            "aioproxy_fallbacks_total",
+            "Moves to a fallback model, by the model asked for.",
+            ("model",),
+        )
+        self.cache = counter(
+            "aioproxy_cache_requests_total", "Cache lookups, by result.", ("result",)
+        )
+        self.rate_limited = counter(
+            "aioproxy_rate_limited_total", "Requests refused or answered 429, by scope.", ("scope",)
+        )
+        self._series = (
+            self.requests,
+            self.duration,
+            self.ttft,
+            self.tokens,
+            self.spend,
+            self.upstream,
+            self.retries,
+            self.fallbacks,
+            self.cache,
+            self.rate_limited,
+        )
+        self.in_flight = Gauge(
+            "aioproxy_in_flight_requests",
+            "Requests being served now.",
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self.cooling_gauge = Gauge(
+            "aioproxy_deployment_cooling",
+            "1 while a deployment is cooling down after failures.",
+            ("deployment",),
+            registry=own,
+            multiprocess_mode="livemax",
+        )
+        self._cooling: dict[str, Any] = {}
+        self._prebind()
+
+    def _prebind(self) -> None:
+        """Make the series every config shows up front: zeros from the start (so rates work),
+        and no ``labels()`` call on a request's path for them."""
+        from ..routes import PROVIDER_KINDS
+
+        for model in self.models:
+            for kind in PROVIDER_KINDS:
+                self.requests.child((kind.value, model, "200"))
+                self.duration.child((kind.value, model))
+            for token_type in TOKEN_TYPES:
+                self.tokens.child((model, token_type))
+            for series in (self.ttft, self.spend, self.retries, self.fallbacks):
+                series.child((model,))
+        for deployment in self.deployments:
+            self.upstream.child((deployment, "200"))
+            self.cooling(deployment, False)
+
+    def model(self, name: str | None) -> str:
+        """``name`` as a label: a configured model name, else a fixed word."""
+        if name is None:
+            return NONE
+        return name if name in self.models else UNKNOWN
+
+    def deployment(self, deployment_id: str) -> str:
+        return deployment_id if deployment_id in self.deployments else UNKNOWN
+
+    def cooling(self, deployment_id: str, cooling: bool) -> None:
+        label = self.deployment(deployment_id)
+        child = self._cooling.get(label)
+        if child is None:
+            child = self._cooling[label] = self.cooling_gauge.labels(label)
+        child.set(int(cooling))
+
+    def flush(self) -> None:
+        """Move this process's counts into the shared values (what a scrape reads)."""
+        for series in self._series:
+            if series.pending:
+                series.flush()
+        if self.active != self._flushed_active:
+            self._flushed_active = self.active
+            self.in_flight.set(self.active)
+
+    def exposition(self) -> bytes:
+        self.flush()
+        return prometheus_client.generate_latest(self.registry)
+
+
+def metrics_handler(
+    metrics: Metrics, refresh: Callable[[], None], master_key: str | None, public: bool
+) -> Callable[[web.Request], Any]:
+    """``GET /metrics``: the text exposition; the master key is needed unless ``public``."""
+    expected = f"Bearer {master_key}".encode() if master_key and not public else None
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                raise AuthenticationError("/metrics needs the master key")
+        metrics.active -= 1  # a scrape is not one of the requests it reports on
+        try:
+            refresh()
+            body = metrics.exposition()
+        finally:
+            metrics.active += 1
+        return web.Response(
+            body=body,
+            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
+        )
+
+    return serve_metrics

@@ -1,0 +1,386 @@
+"""The built-in observer: metrics, the access log and the timing header, on the hook contract.
+
+A middleware (the app's outermost) times each request and, once it is over, counts it and logs
+it; the hooks fill in what only they see (the call, its outcome, each upstream attempt) on the
+request's :class:`Record`. Registered as the built-in plugin ``observer`` (``[plugins] disable
+= ["observer"]`` removes it); with metrics, the access log and the timing header all off it
+implements no hook at all, so the request path is as it would be without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..context import Principal
+from ..deployments import deployments_from
+from ..errors import ProxyError
+from ..hookspecs import RegisterRoute, hookimpl
+from ..request_ids import request_id
+from ..routes import KINDS
+from .access_log import ACCESS_LOG, AccessEntry, AccessHandler, direct_handler
+from .metrics import CACHE_RESULTS, FLUSH_INTERVAL, RATE_LIMIT_SCOPES, Metrics, metrics_handler
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..context import Call, Deployment
+    from ..outcome import Outcome
+    from ..runtime import Runtime
+
+__all__ = ["RECORD", "Observer", "Record", "observer"]
+
+# Where a request keeps its Record. Not a context variable: every task and callback started
+# while the request runs (a pooled upstream connection's) would copy it, and keep the call alive.
+RECORD: web.RequestKey[Record] = web.RequestKey("aioproxy.record")
+TIMING_HEADER = "x-aioproxy-overhead-ms"
+_CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
+_MAX_LOGGED_NAME = 128  # a client's model name, as logged (names only: never a label)
+
+# Whether principals carry a team (issue 12 adds one): asked once, not by a failing getattr a request.
+_TEAMS = "team" in Principal.__struct_fields__
+_OTHER_HANDLERS = {
+    "list_models": "models",
+    "get_model": "model",
+    "health": "health",
+    "readiness": "health",
+    "serve_metrics": "metrics",
+}
+
+
+class Record:
+    """What one request's hooks learnt, for the middleware to count and log when it ends."""
+
+    __slots__ = (
+        "attempts",
+        "call",
+        "deployment",
+        "error",
+        "fallbacks",
+        "last_model",
+        "outcome",
+        "retries",
+        "started",
+        "upstream_429",
+        "upstream_time",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.call: Call | None = None
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+        self.upstream_time = 0.0  # seconds the upstream attempts took (to their first byte)
+        self.attempts = 0
+        self.retries = 0
+        self.fallbacks = 0
+        self.last_model: str | None = None
+        self.deployment: Deployment | None = None
+        self.upstream_429 = False
+
+
+def observer(config: Config) -> object:
+    """The built-in plugin for ``config``: an :class:`Observer`, or nothing to call when off."""
+    metrics_on = config.metrics.enabled
+    if metrics_on or config.logging.access_log or config.server.timing_header:
+        return Observer(config)
+    return _Off()
+
+
+class _Off:
+    """The observer when everything it does is off: no hooks, no middleware."""
+
+
+class Observer:
+    """Metrics, access log and timing header for one app."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.access_log = config.logging.access_log
+        self.timing_header = config.server.timing_header
+        self.metrics: Metrics | None = None
+        self.runtime: Runtime | None = None
+        self.kinds: dict[Any, str] = {}
+        self.writer: AccessHandler | None = None  # run.py's access log handler, written to directly
+        if config.metrics.enabled:
+            table = deployments_from(config)
+            self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def install(self, app: web.Application, runtime: Runtime) -> None:
+        """Put the middleware first (it sees every answer, rendered errors included) and the
+        timing header on every answer; name each route's kind for the requests without a call."""
+        self.runtime = runtime
+        self.writer = direct_handler()
+        if self.metrics is not None:
+            app.cleanup_ctx.append(self._flushing)
+            if self.config.metrics.port is not None:
+                app.cleanup_ctx.append(self._metrics_port)
+        for route in app.router.routes():
+            name = getattr(route.handler, "__name__", "")
+            kind = name.removeprefix("handle_")
+            self.kinds[route.handler] = (
+                kind if kind in KINDS else _OTHER_HANDLERS.get(name, "other")
+            )
+        app.middlewares.insert(0, self._middleware())
+        if self.timing_header:
+            app.on_response_prepare.append(self._add_timing)
+
+    def _metrics_handler(self, public: bool) -> Handler:
+        assert self.metrics is not None
+        return metrics_handler(self.metrics, self.refresh, self.config.auth.master_key, public)
+
+    @hookimpl
+    def register_routes(self, register: RegisterRoute, config: Config) -> None:
+        if self.metrics is not None and config.metrics.port is None:
+            register("GET", "/metrics", self._metrics_handler(config.metrics.public))
+
+    async def _flushing(self, app: web.Application) -> AsyncIterator[None]:
+        """Each process moves its counts into the shared values once a second (a scrape in
+        this process does so first anyway)."""
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal handle
+            self.refresh()
+            handle = loop.call_later(FLUSH_INTERVAL, tick)
+
+        handle = loop.call_later(FLUSH_INTERVAL, tick)
+        try:
+            yield
+        finally:
+            handle.cancel()
+            self.refresh()
+
+    async def _metrics_port(self, app: web.Application) -> AsyncIterator[None]:
+        """``/metrics`` alone on ``[metrics] port`` (no key there: keep that port private)."""
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", self._metrics_handler(public=True))
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        metrics = self.config.metrics
+        # reuse_port: each worker of run.py --workers binds it; any of them sums them all.
+        await web.TCPSite(runner, metrics.host, metrics.port, reuse_port=True).start()
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    def refresh(self) -> None:
+        """Flush this process's counts, and set what is read rather than counted (cooldown)
+        from its router."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if self.runtime is not None:
+            router = self.runtime.router
+            now = router.clock.now()
+            for deployments in self.runtime.deployments.values():
+                for deployment in deployments:
+                    metrics.cooling(deployment.id, router.health(deployment).cooldown_until > now)
+        metrics.flush()
+
+    # -- per request ----------------------------------------------------------------------------
+
+    def _middleware(self) -> Any:
+        metrics = self.metrics
+        finish = self.finish
+        monotonic = time.monotonic
+
+        @web.middleware
+        async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+            record = Record(monotonic())
+            request[RECORD] = record
+            if metrics is not None:
+                metrics.active += 1
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except asyncio.CancelledError:
+                status = _CLIENT_GONE
+                raise
+            except web.HTTPException as exc:  # a redirect a plugin's route raised
+                status = exc.status
+                raise
+            finally:
+                if metrics is not None:
+                    metrics.active -= 1
+                finish(request, record, status)
+
+        return observe
+
+    async def _add_timing(self, request: web.Request, response: web.StreamResponse) -> None:
+        record = request.get(RECORD)
+        if record is not None:
+            overhead = time.monotonic() - record.started - record.upstream_time
+            response.headers[TIMING_HEADER] = f"{max(overhead, 0.0) * 1000:.3f}"
+
+    @hookimpl
+    def after_attempt(
+        self,
+        call: Call,
+        deployment: Deployment,
+        attempt: int,
+        status: int,
+        error: Exception | None,
+        elapsed: float,
+    ) -> None:
+        record = call.request.get(RECORD)
+        if record is None:
+            return
+        record.upstream_time += elapsed
+        record.attempts = attempt
+        record.deployment = deployment
+        if attempt > 1:
+            if deployment.name == record.last_model:
+                record.retries += 1
+            else:
+                record.fallbacks += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.upstream.add((metrics.deployment(deployment.id), str(status)))
+            if attempt > 1:
+                if deployment.name == record.last_model:
+                    metrics.retries.add((metrics.model(deployment.name),))
+                else:
+                    metrics.fallbacks.add((metrics.model(call.model),))
+            if status == 429:
+                record.upstream_429 = True
+                metrics.rate_limited.add(("upstream",))
+            if error is not None and self.runtime is not None:
+                router = self.runtime.router
+                metrics.cooling(
+                    deployment.id, router.health(deployment).cooldown_until > router.clock.now()
+                )
+        record.last_model = deployment.name
+
+    @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
+    def after_response(self, call: Call, outcome: Outcome) -> None:
+        record = call.request.get(RECORD)
+        if record is not None:
+            record.call, record.outcome = call, outcome
+
+    @hookimpl
+    def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
+        record = request.get(RECORD)
+        if record is not None:
+            record.error = error
+            if call is not None:
+                record.call = call
+
+    def finish(self, request: web.Request, record: Record, status: int) -> None:
+        """Count and log a request that is over (its last byte sent, or its client gone)."""
+        try:
+            self._finish(request, record, status)
+        except Exception:  # the answer is out: a bug here must not turn into a 500
+            logging.getLogger("aioproxy").exception("observing a request failed")
+
+    def _finish(self, request: web.Request, record: Record, status: int) -> None:
+        elapsed = time.monotonic() - record.started
+        call, outcome = record.call, record.outcome
+        if outcome is not None:
+            status = outcome.status
+        kind = (
+            call.kind.value
+            if call is not None
+            else self.kinds.get(request.match_info.handler, "other")
+        )
+        usage = outcome.usage() if outcome is not None else None
+        cost = getattr(outcome, "cost", None)
+        ttft = outcome.ttfb if outcome is not None and outcome.stream else None
+        cache = call.state.get("cache") if call is not None else None
+        metrics = self.metrics
+        if metrics is not None:
+            model = metrics.model(call.model if call is not None else None)
+            metrics.requests.add((kind, model, str(status)))
+            metrics.duration.observe((kind, model), elapsed)
+            # What was spent and how fast it came, by the model that served (a fallback's own).
+            deployment = call.deployment if call is not None and call.routed else None
+            served = metrics.model(deployment.name) if deployment is not None else model
+            if usage is not None:
+                _count_tokens(metrics, served, usage)
+            if cost:
+                metrics.spend.add((served,), cost)
+            if ttft is not None:
+                metrics.ttft.observe((served,), ttft)
+            if cache is not None:
+                metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
+            if status == 429 and not record.upstream_429:
+                metrics.rate_limited.add((_scope(record.error),))
+        if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
+            fields = _fields(request, record, kind, status, elapsed, usage, cost, ttft, cache)
+            if self.writer is not None:
+                self.writer.write(fields)
+            else:
+                ACCESS_LOG.info(AccessEntry(fields))
+
+
+def _count_tokens(metrics: Metrics, model: str, usage: Any) -> None:
+    tokens = metrics.tokens
+    if usage.prompt_tokens:
+        tokens.add((model, "input"), usage.prompt_tokens)
+    if usage.completion_tokens:
+        tokens.add((model, "output"), usage.completion_tokens)
+    if usage.cached_tokens:
+        tokens.add((model, "cached_input"), usage.cached_tokens)
+    if usage.reasoning_tokens:
+        tokens.add((model, "reasoning"), usage.reasoning_tokens)
+
+
+def _scope(error: BaseException | None) -> str:
+    """Who refused: a plugin's error may say (``scope = "key"``); the gateway's own caps else."""
+    scope = getattr(error, "scope", None)
+    return scope if scope in RATE_LIMIT_SCOPES else "deployment"
+
+
+def _fields(
+    request: web.Request,
+    record: Record,
+    kind: str,
+    status: int,
+    elapsed: float,
+    usage: Any,
+    cost: float | None,
+    ttft: float | None,
+    cache: str | None,
+) -> dict[str, Any]:
+    call, error = record.call, record.error
+    principal = call.principal if call is not None else None
+    route = request.match_info.route.resource
+    deployment = record.deployment or (
+        call.deployment if call is not None and call.routed else None
+    )
+    return {
+        "time": None,  # filled in as the line is written
+        "request_id": request_id(request),
+        "method": request.method,
+        # The route's template (/v1/models/{model}); a path no route has, cut short.
+        "path": route.canonical if route is not None else request.path[:_MAX_LOGGED_NAME],
+        "kind": kind,
+        "status": status,
+        "error": error.code if isinstance(error, ProxyError) else None,
+        "key": principal.name if principal is not None else None,
+        "team": getattr(principal, "team", None) if _TEAMS else None,
+        "model": call.model[:_MAX_LOGGED_NAME] if call is not None else None,
+        "deployment": deployment.id or deployment.describe() if deployment is not None else None,
+        "stream": call.stream if call is not None else None,
+        "input_tokens": usage.prompt_tokens if usage is not None else None,
+        "output_tokens": usage.completion_tokens if usage is not None else None,
+        "cost": cost,
+        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        "duration_ms": round(elapsed * 1000, 3),
+        "retries": record.retries,
+        "fallbacks": record.fallbacks,
+        "cache": cache,
+        "client": request.remote,
+        "upstream_request_id": call.upstream_request_id if call is not None else None,
+    }

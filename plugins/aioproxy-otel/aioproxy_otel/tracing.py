@@ -1,0 +1,224 @@
+"""The hooks: a SERVER span per request (continuing the client's W3C traceparent), a CLIENT
+span per upstream attempt (whose traceparent goes upstream), GenAI attributes, TTFT as an event."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from aioproxy import Call, Deployment, Outcome, ProxyError, hookimpl
+
+from .answer import answer_facts
+
+__all__ = ["OTelPlugin"]
+
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_SPAN = "otel.span"  # keys in call.state
+_ATTEMPT = "otel.attempt"
+# gen_ai.operation.name by endpoint kind (the semantic conventions' well-known values).
+_OPERATIONS = {
+    "chat_completions": "chat",
+    "responses": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+}
+_W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
+_encode = msgspec.json.Encoder().encode
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _build_provider() -> TracerProvider:
+    """A provider from the standard OTEL_* variables, exporting over OTLP/HTTP in batches."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "aioproxy")})
+    provider = TracerProvider(resource=resource)  # reads OTEL_TRACES_SAMPLER and the limits
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # OTEL_BSP_*, OTLP_*
+    return provider
+
+
+class OTelPlugin:
+    """Traces requests. ``tracer_provider`` (default: one built from the environment when the
+    first request comes) and ``capture_content`` (default: the environment's) are for tests and
+    embedding."""
+
+    def __init__(
+        self, tracer_provider: TracerProvider | None = None, capture_content: bool | None = None
+    ) -> None:
+        self._provider = tracer_provider
+        self._tracer: trace.Tracer | None = None
+        if capture_content is None:
+            capture_content = os.environ.get(CAPTURE_ENV, "").strip().lower() in ("true", "1")
+        self.capture_content = capture_content
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        if self._tracer is None:
+            if self._provider is None:
+                disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+                self._provider = TracerProvider() if disabled else _build_provider()
+                if disabled:
+                    self._tracer = trace.NoOpTracer()
+                    return self._tracer
+            self._tracer = self._provider.get_tracer("aioproxy_otel")
+        return self._tracer
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Export every finished span now (blocking: call it from a thread in async code)."""
+        return self._provider.force_flush(timeout_millis) if self._provider is not None else True
+
+    def shutdown(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()
+
+    # -- the request span ---------------------------------------------------------------------
+
+    def _request_span(self, call: Call) -> Span:
+        """The call's SERVER span, started (back-dated to the call's start) on first need."""
+        span: Span | None = call.state.get(_SPAN)
+        if span is None:
+            operation = _OPERATIONS.get(call.kind.value, call.kind.value)
+            started = _now_ns() - int((time.monotonic() - call.started) * 1e9)
+            span = self.tracer.start_span(
+                f"{operation} {call.model}",
+                context=extract(call.request.headers),  # the client's traceparent, if any
+                kind=SpanKind.SERVER,
+                start_time=started,
+                attributes={
+                    "gen_ai.operation.name": operation,
+                    "gen_ai.request.model": call.model,
+                    "aioproxy.request_id": call.request_id,
+                    "aioproxy.key": call.principal.name,
+                },
+            )
+            call.state[_SPAN] = span
+            call.state["otel.started_ns"] = started
+        return span
+
+    @hookimpl
+    def before_request(self, call: Call) -> None:
+        span = self._request_span(call)
+        if call.routed:
+            span.set_attribute("gen_ai.provider.name", call.deployment.provider)
+        if self.capture_content:
+            prompt = call.get("messages", call.get("input", call.get("prompt")))
+            if prompt is not None:
+                span.set_attribute("gen_ai.input.messages", _encode(prompt).decode())
+
+    @hookimpl
+    def after_response(self, call: Call, outcome: Outcome) -> None:
+        span: Span | None = call.state.get(_SPAN)
+        if span is None or not span.is_recording():
+            return
+        if outcome.ttfb is not None and outcome.stream:
+            started: int = call.state["otel.started_ns"]
+            span.add_event(
+                "gen_ai.first_token",
+                {"gen_ai.server.time_to_first_token": outcome.ttfb},
+                timestamp=started + int(outcome.ttfb * 1e9),
+            )
+        usage = outcome.usage()
+        if usage is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+        model, reasons = answer_facts(outcome)
+        if model:
+            span.set_attribute("gen_ai.response.model", model)
+        if reasons:
+            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        if self.capture_content and outcome.body is not None:
+            span.set_attribute("gen_ai.output.messages", outcome.body.decode("utf-8", "replace"))
+        span.set_attribute("http.response.status_code", outcome.status)
+        if call.routed:
+            span.set_attribute("gen_ai.provider.name", call.deployment.provider)
+        if outcome.status >= 400:
+            span.set_attribute("error.type", str(outcome.status))
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    @hookimpl
+    def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
+        """The request failed: its span (one made now if it failed before it had one) ends."""
+        if call is not None:
+            span = self._request_span(call)
+            self._end_attempt(call, error, getattr(error, "status", 500))
+        else:
+            route = request.match_info.route.resource
+            span = self.tracer.start_span(
+                f"aioproxy {route.canonical if route is not None else 'request'}",
+                context=extract(request.headers),
+                kind=SpanKind.SERVER,
+            )
+        if not span.is_recording():
+            return
+        status = error.status if isinstance(error, ProxyError) else 500
+        span.set_attribute("http.response.status_code", status)
+        _set_error(span, error)
+        span.end()
+
+    # -- the attempt spans ----------------------------------------------------------------------
+
+    @hookimpl
+    def before_attempt(self, call: Call, deployment: Deployment, attempt: int) -> None:
+        parent = self._request_span(call)
+        operation = _OPERATIONS.get(call.kind.value, call.kind.value)
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": deployment.provider,
+            "gen_ai.request.model": deployment.model,
+            "aioproxy.deployment": deployment.id or deployment.describe(),
+            "aioproxy.attempt": attempt,
+        }
+        if deployment.api_base:
+            where = urlsplit(deployment.api_base)
+            if where.hostname:
+                attributes["server.address"] = where.hostname
+            if where.port:
+                attributes["server.port"] = where.port
+        span = self.tracer.start_span(
+            f"{operation} {deployment.model}",
+            context=trace.set_span_in_context(parent),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+        )
+        call.state[_ATTEMPT] = span
+        # The upstream continues this attempt's trace.
+        _W3C.inject(call.upstream_headers, context=trace.set_span_in_context(span))
+
+    @hookimpl
+    def after_attempt(self, call: Call, status: int, error: Exception | None) -> None:
+        self._end_attempt(call, error, status)
+
+    def _end_attempt(self, call: Call, error: BaseException | None, status: int) -> None:
+        span: Span | None = call.state.pop(_ATTEMPT, None)
+        if span is None:
+            return
+        span.set_attribute("http.response.status_code", status)
+        if call.upstream_request_id:
+            span.set_attribute("aioproxy.upstream_request_id", call.upstream_request_id)
+        if error is not None:
+            _set_error(span, error)
+        span.end()
+
+
+def _set_error(span: Span, error: BaseException) -> None:
+    """``error.type``: the error's code (``rate_limit_exceeded``), else its class; never its
+    message, which may quote the request."""
+    code = error.code if isinstance(error, ProxyError) else None
+    span.set_attribute("error.type", code or type(error).__qualname__)
+    span.set_status(Status(StatusCode.ERROR))

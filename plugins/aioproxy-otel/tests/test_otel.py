@@ -1,0 +1,316 @@
+"""aioproxy-otel against a fake OTLP/HTTP collector (an aiohttp server decoding the protobuf
+with opentelemetry-proto): span structure across a retry, GenAI attributes, the client's
+traceparent continued to the upstream, TTFT, errors, and what is never recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import importlib
+import io
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import aioproxy_echo
+import aioproxy_openai
+import aioproxy_otel
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aioproxy_otel import OTelPlugin
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from aioproxy import create_app
+from aioproxy.observability.access_log import JSONFormatter
+from aioproxy.testing import FakeOpenAI
+
+MASTER_KEY = "sk-otel-master-key-0001"
+VIRTUAL_KEY = "sk-otel-virtual-key-0002"
+UPSTREAM_KEY = "sk-otel-upstream-key-0003"
+PROMPT = "the-secret-prompt-text-4242"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+SERVER, CLIENT = Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT
+
+
+class Collector:
+    """A fake OTLP/HTTP traces endpoint: every span it receives, and an event per export."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.arrived = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._export)
+        return app
+
+    async def _export(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        for resource_spans in message.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        self.arrived.set()
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    async def wait_for(self, count: int) -> list[Span]:
+        """Wait for at least ``count`` spans (30 s safety net, never the assertion)."""
+        async with asyncio.timeout(30):
+            while len(self.spans) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.spans
+
+
+def attributes(span: Span) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in span.attributes}
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    return getattr(value, kind)
+
+
+@pytest.fixture
+async def collector(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> Collector:
+    """The collector, and the standard variables pointing the exporter at it."""
+    collector = Collector()
+    server = await aiohttp_server(collector.app())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", str(server.make_url("/v1/traces")))
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "aioproxy-test")
+    return collector
+
+
+@pytest.fixture
+async def plugin(collector: Collector) -> AsyncIterator[OTelPlugin]:
+    plugin = OTelPlugin()  # configured from the environment, as installed
+    yield plugin
+    await asyncio.to_thread(plugin.shutdown)
+
+
+@pytest.fixture
+def fake() -> FakeOpenAI:
+    return FakeOpenAI()
+
+
+async def start(aiohttp_server: Any, fake: FakeOpenAI, *plugins: object) -> TestServer:
+    upstream = await aiohttp_server(fake.app())
+    config = {
+        "auth": {"master_key": MASTER_KEY, "keys": [{"key": VIRTUAL_KEY, "name": "team-a-app"}]},
+        "router": {"retry_backoff": 0},
+        "models": [
+            {
+                "name": "gpt-test",
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "api_base": str(upstream.make_url("/v1")),
+                "api_key": UPSTREAM_KEY,
+            }
+        ],
+        "responses": {"store": False},
+        "metrics": {"enabled": True},
+        "logging": {"access_log": True},
+    }
+    app = create_app(
+        config, plugins=[aioproxy_openai, aioproxy_echo, *plugins], load_entrypoints=False
+    )
+    return await aiohttp_server(app)
+
+
+def sdk(proxy: TestServer, key: str = MASTER_KEY, **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=str(proxy.make_url("/v1")), api_key=key, max_retries=0, default_headers=headers
+    )
+
+
+async def flushed(plugin: OTelPlugin, collector: Collector, count: int) -> list[Span]:
+    await asyncio.to_thread(plugin.force_flush)  # the exporter's thread posts to our loop
+    return await collector.wait_for(count)
+
+
+async def test_a_retry_is_two_attempt_spans_under_the_client_trace(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    proxy = await start(aiohttp_server, fake, plugin)
+    fake.faults = ["status:500"]
+    traceparent = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
+    async with sdk(proxy, traceparent=traceparent) as client:
+        done = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    spans = await flushed(plugin, collector, 3)
+    assert len(spans) == 3
+    [root] = [s for s in spans if s.kind == SERVER]
+    first, second = sorted(
+        (s for s in spans if s.kind == CLIENT), key=lambda s: s.start_time_unix_nano
+    )
+    # The client's trace continues: its span is the request span's parent.
+    assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+    assert root.parent_span_id.hex() == CLIENT_SPAN
+    assert first.parent_span_id == second.parent_span_id == root.span_id
+    # Each attempt's own traceparent reached the upstream.
+    assert [r.headers["traceparent"] for r in fake.requests] == [
+        f"00-{TRACE_ID}-{first.span_id.hex()}-01",
+        f"00-{TRACE_ID}-{second.span_id.hex()}-01",
+    ]
+    assert done.usage is not None
+    assert root.name == "chat gpt-test"
+    assert attributes(root) | {"aioproxy.request_id": None} == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-test",
+        "gen_ai.response.model": "gpt-4o-mini",
+        "gen_ai.usage.input_tokens": done.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": done.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": ["stop"],
+        "http.response.status_code": 200,
+        "aioproxy.request_id": None,
+        "aioproxy.key": "master",
+    }
+    failed, answered = attributes(first), attributes(second)
+    assert failed["http.response.status_code"] == 500 and failed["error.type"]
+    assert first.status.code == Status.STATUS_CODE_ERROR
+    assert "error.type" not in answered and answered["http.response.status_code"] == 200
+    for attempt, attrs in ((1, failed), (2, answered)):
+        assert attrs["aioproxy.attempt"] == attempt
+        assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+        assert attrs["server.address"] == "127.0.0.1" and attrs["server.port"] > 0
+        assert attrs["aioproxy.upstream_request_id"].startswith("req_")
+
+
+async def test_a_stream_has_its_first_token_event(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    proxy = await start(aiohttp_server, fake, plugin)
+    async with sdk(proxy) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        async for _ in stream:
+            pass
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    [event] = root.events
+    assert event.name == "gen_ai.first_token"
+    assert root.start_time_unix_nano <= event.time_unix_nano <= root.end_time_unix_nano
+    attrs = attributes(root)
+    assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
+    assert attrs["gen_ai.usage.output_tokens"] > 0
+    assert len(root.trace_id) == 16 and root.parent_span_id == b""  # a new trace
+
+
+async def test_refused_requests_have_error_spans(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    proxy = await start(aiohttp_server, fake, plugin)
+    for key, model, refusal in (
+        (MASTER_KEY, "nope", openai.NotFoundError),
+        ("sk-wrong", "gpt-test", openai.AuthenticationError),
+    ):
+        async with sdk(proxy, key=key) as client:
+            with pytest.raises(refusal):
+                await client.chat.completions.create(model=model, messages=MESSAGES)
+    spans = await flushed(plugin, collector, 2)
+    by_error = {attributes(s)["error.type"]: s for s in spans}
+    assert set(by_error) == {"model_not_found", "invalid_api_key"}
+    assert attributes(by_error["model_not_found"])["http.response.status_code"] == 404
+    assert by_error["invalid_api_key"].name == "aioproxy /v1/chat/completions"
+    assert all(s.status.code == Status.STATUS_CODE_ERROR for s in spans)
+
+
+async def test_content_is_captured_only_when_asked(
+    aiohttp_server: Any, fake: FakeOpenAI, collector: Collector
+) -> None:
+    plugin = OTelPlugin(capture_content=True)
+    try:
+        proxy = await start(aiohttp_server, fake, plugin)
+        async with sdk(proxy) as client:
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        spans = await flushed(plugin, collector, 2)
+    finally:
+        await asyncio.to_thread(plugin.shutdown)
+    [root] = [s for s in spans if s.kind == SERVER]
+    attrs = attributes(root)
+    assert PROMPT in attrs["gen_ai.input.messages"]
+    assert PROMPT in attrs["gen_ai.output.messages"]  # the fake's answer quotes it
+
+
+def test_the_installed_plugin_is_inactive_without_an_endpoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not isinstance(importlib.reload(aioproxy_otel).plugin, OTelPlugin)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert isinstance(importlib.reload(aioproxy_otel).plugin, OTelPlugin)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not isinstance(importlib.reload(aioproxy_otel).plugin, OTelPlugin)
+
+
+async def test_no_key_or_prompt_in_any_log_metric_or_span(
+    aiohttp_server: Any,
+    fake: FakeOpenAI,
+    plugin: OTelPlugin,
+    collector: Collector,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every log line (access log included, both forms), the whole /metrics text and every
+    span, after successes, a stream, a retry and refusals, hold no key and no prompt text
+    (the fake's completions quote the prompt, so no completion either)."""
+    caplog.set_level(logging.DEBUG)
+    json_lines = io.StringIO()
+    handler = logging.StreamHandler(json_lines)
+    handler.setFormatter(JSONFormatter())
+    logging.getLogger().addHandler(handler)
+    try:
+        proxy = await start(aiohttp_server, fake, plugin)
+        for key in (MASTER_KEY, VIRTUAL_KEY):
+            async with sdk(proxy, key=key) as client:
+                await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+                stream = await client.chat.completions.create(
+                    model="gpt-test", messages=MESSAGES, stream=True
+                )
+                async for _ in stream:
+                    pass
+                fake.faults = ["status:500"]
+                await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+                with pytest.raises(openai.NotFoundError):
+                    await client.chat.completions.create(model="nope", messages=MESSAGES)
+        async with sdk(proxy, key=f"sk-wrong-{PROMPT}") as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+            async with http.get(proxy.make_url("/metrics"), headers=headers) as response:
+                metrics = await response.text()
+        spans = await flushed(plugin, collector, 11)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    access = [r for r in caplog.records if r.name == "aioproxy.access"]
+    assert len(access) == 10
+    assert any("team-a-app" in r.getMessage() for r in access)  # the key's name, not the key
+    texts = {
+        "log lines": "\n".join(r.getMessage() for r in caplog.records),
+        "JSON log lines": json_lines.getvalue(),
+        "metrics": metrics,
+        "spans": "\n".join(str(span) for span in spans),
+    }
+    assert "aioproxy_requests_total" in metrics and "chat gpt-test" in texts["spans"]
+    for where, text in texts.items():
+        for secret in (MASTER_KEY, VIRTUAL_KEY, UPSTREAM_KEY, PROMPT):
+            assert secret not in text, f"{secret!r} in the {where}"

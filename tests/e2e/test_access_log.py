@@ -1,0 +1,242 @@
+"""The aioproxy.access log (one line per finished request, JSON or text) and the timing header."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from aioproxy import Outcome, hookimpl
+from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
+from aioproxy.testing import FakeOpenAI
+from tests.support import (
+    AUTH,
+    ROOT,
+    ServeProxy,
+    clean_env,
+    free_port,
+    gateway_config,
+    sdk,
+    wait_healthy,
+)
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+FIELDS = {
+    "time",
+    "request_id",
+    "method",
+    "path",
+    "kind",
+    "status",
+    "error",
+    "key",
+    "team",
+    "model",
+    "deployment",
+    "stream",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "ttft_ms",
+    "duration_ms",
+    "retries",
+    "fallbacks",
+    "cache",
+    "client",
+    "upstream_request_id",
+}
+
+
+@pytest.fixture
+def access_lines() -> Iterator[io.StringIO]:
+    """What the access log writes, through the JSON formatter."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    ACCESS_LOG.addHandler(handler)
+    level = ACCESS_LOG.level
+    ACCESS_LOG.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        ACCESS_LOG.removeHandler(handler)
+        ACCESS_LOG.setLevel(level)
+
+
+def lines_of(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+class Priced:
+    """What the spend plugin does: price the request first (tryfirst)."""
+
+    @hookimpl(tryfirst=True)
+    def after_response(self, outcome: Outcome) -> None:
+        outcome.cost = 0.25
+
+
+async def test_one_json_line_per_request(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, access_lines: io.StringIO
+) -> None:
+    config = gateway_config(
+        upstream_base, router={"retry_backoff": 0}, logging={"access_log": True}
+    )
+    proxy = await serve_proxy(config, plugins=[Priced()])
+    async with sdk(proxy) as client:
+        done = await client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=MESSAGES, extra_headers={"x-request-id": "log-1"}
+        )
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        async for _ in stream:
+            pass
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="nope", messages=MESSAGES)
+        fake.faults = ["status:500"]
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.make_url("/v1/nowhere"), headers=AUTH) as response:
+            assert response.status == 404
+    lines = lines_of(access_lines)
+    assert len(lines) == 5
+    assert all(set(line) == FIELDS for line in lines)
+    plain, streamed, unknown, retried, route = lines
+    usage = done.parse().usage
+    assert plain["request_id"] == "log-1" == done.headers["x-request-id"]
+    assert plain | {
+        "time": None,
+        "duration_ms": None,
+        "upstream_request_id": None,
+        "client": None,
+    } == {
+        "time": None,
+        "request_id": "log-1",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "kind": "chat_completions",
+        "status": 200,
+        "error": None,
+        "key": "master",
+        "team": None,
+        "model": "gpt-test",
+        "deployment": "gpt-test#0",
+        "stream": False,
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cost": 0.25,
+        "ttft_ms": None,
+        "duration_ms": None,
+        "retries": 0,
+        "fallbacks": 0,
+        "cache": None,
+        "client": None,
+        "upstream_request_id": None,
+    }
+    assert plain["upstream_request_id"].startswith("req_") and plain["client"] == "127.0.0.1"
+    assert plain["time"].endswith("Z") and plain["duration_ms"] > 0
+    assert streamed["stream"] is True and streamed["ttft_ms"] > 0 and streamed["input_tokens"] > 0
+    assert (unknown["status"], unknown["error"], unknown["model"]) == (
+        404,
+        "model_not_found",
+        "nope",
+    )
+    assert unknown["deployment"] is None
+    assert (retried["status"], retried["retries"]) == (200, 1)
+    assert (route["status"], route["kind"], route["path"], route["key"]) == (
+        404,
+        "other",
+        "/v1/nowhere",
+        None,
+    )
+
+
+async def test_text_lines_and_off(
+    serve_proxy: ServeProxy, upstream_base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aioproxy.access")
+    proxy = await serve_proxy(gateway_config(upstream_base, logging={"access_log": True}))
+    async with sdk(proxy) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    [record] = [r for r in caplog.records if r.name == "aioproxy.access"]
+    text = record.getMessage()
+    assert "status=200" in text and "model=gpt-test" in text and "key=master" in text
+    caplog.clear()
+    off = await serve_proxy(gateway_config(upstream_base))  # off unless configured
+    async with sdk(off) as client:
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert [r for r in caplog.records if r.name == "aioproxy.access"] == []
+
+
+async def test_timing_header(serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI) -> None:
+    """The gateway's own time: the answer's total minus the upstream's, so a slow upstream
+    does not show in it."""
+    fake.response_delay = 0.2
+    proxy = await serve_proxy(gateway_config(upstream_base, server={"timing_header": True}))
+    seen: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        for body in (
+            {"model": "gpt-test", "messages": MESSAGES},
+            {"model": "gpt-test", "messages": MESSAGES, "stream": True},
+            {"model": "nope", "messages": MESSAGES},
+        ):
+            async with http.post(
+                proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
+            ) as r:
+                await r.read()
+                seen.append(float(r.headers["x-aioproxy-overhead-ms"]))
+    assert all(value >= 0 for value in seen)
+    assert seen[0] < 200 and seen[1] < 200  # the 200 ms the upstream took are not counted
+
+
+async def test_no_timing_header_by_default(proxy: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.make_url("/v1/models"), headers=AUTH) as response:
+            assert response.status == 200
+    assert "x-aioproxy-overhead-ms" not in response.headers
+
+
+async def test_run_py_log_format_json(tmp_path: Path) -> None:
+    """run.py --log-format json: each stderr line is a JSON object, the access line among them."""
+    port = free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[logging]\naccess_log = true\n\n[[models]]\nname = "echo"\nprovider = "echo"\n',
+        encoding="utf-8",
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "run.py",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-format",
+        "json",
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_healthy(port)
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0
+        ) as client:
+            await client.chat.completions.create(model="echo", messages=MESSAGES)
+    finally:
+        process.terminate()
+        _, err = await process.communicate()
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    access = [line for line in lines if line.get("kind") == "chat_completions"]
+    assert len(access) == 1 and access[0]["status"] == 200 and access[0]["model"] == "echo"
+    assert any(line.get("level") == "WARNING" for line in lines)  # the open-mode warning

@@ -1,0 +1,112 @@
+"""/metrics under ``run.py --workers 2``: whichever worker answers, it sums every worker's counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.mmap_dict import MmapedDict
+
+from aioproxy.testing import FakeOpenAI
+from tests.e2e.test_metrics import parse, value
+from tests.support import clean_env, free_port, running
+
+KEY = "sk-workers-master"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+_MAX_ROUNDS = 50  # rounds until both workers have served; all of them land on one worker
+# with probability 2**-(2 * rounds - 1)
+
+
+def requests_by_worker(folder: Path) -> dict[str, float]:
+    """Each worker's own count of finished requests, from its file in the shared folder."""
+    counts: dict[str, float] = {}
+    for path in folder.glob("counter_*.db"):
+        total = sum(
+            count
+            for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path))
+            if json.loads(key)[1] == "aioproxy_requests_total"
+        )
+        if total:
+            counts[path.stem.removeprefix("counter_")] = total
+    return counts
+
+
+async def fresh(method: str, url: str, body: Any = None) -> int:
+    """One request on a new connection (so that the kernel may hand it to either worker)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, url, json=body, headers=AUTH) as response:
+            await response.read()
+            return response.status
+
+
+async def scrape(base: str) -> str:
+    async with aiohttp.ClientSession() as http:  # a new connection: either worker may answer
+        async with http.get(f"{base}/metrics", headers=AUTH) as response:
+            assert response.status == 200
+            return await response.text()
+
+
+async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any) -> None:
+    fake = FakeOpenAI()
+    upstream = await aiohttp_server(fake.app())
+    config = tmp_path / "proxy.toml"
+    base = upstream.make_url("/v1")
+    model = f'{{name = "gpt-test", provider = "openai", api_base = "{base}", api_key = "sk-up"}}'
+    config.write_text(
+        f'auth = {{master_key = "{KEY}"}}\nrouter = {{retry_backoff = 0}}\n'
+        f"metrics = {{enabled = true}}\nmodels = [{model}]\n",
+        encoding="utf-8",
+    )
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    (folder / "counter_999999.db").write_bytes(b"stale")  # an earlier run's: removed at start
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    # Workers share a port they each bind (SO_REUSEPORT): a fixed one, not --port 0's (which
+    # would give each its own); the last --port given wins over running()'s.
+    port = str(free_port())
+    args = ("--config", str(config), "--workers", "2", "--log-level", "warning", "--port", port)
+    async with running(*args, env=env) as (port, _):
+        base = f"http://127.0.0.1:{port}"
+        rounds = 0
+        while len(requests_by_worker(folder)) < 2 and rounds < _MAX_ROUNDS:
+            rounds += 1
+            assert await fresh("POST", f"{base}/v1/chat/completions", CHAT) == 200
+            assert (
+                await fresh("POST", f"{base}/v1/chat/completions", {**CHAT, "stream": True}) == 200
+            )
+            assert (
+                await fresh("POST", f"{base}/v1/chat/completions", {**CHAT, "model": "nope"}) == 404
+            )
+            fake.faults = ["status:500"]  # retried
+            assert await fresh("POST", f"{base}/v1/chat/completions", CHAT) == 200
+        # Each worker moves its counts into the shared folder once a second: wait for both.
+        async with asyncio.timeout(30):  # a safety net, never the assertion
+            while sum(requests_by_worker(folder).values()) < 4 * rounds:
+                await asyncio.sleep(0.05)
+        by_worker = requests_by_worker(folder)
+        assert len(by_worker) == 2, by_worker
+        scrapes = [parse(await scrape(base)) for _ in range(4)]  # whichever worker answers
+    assert "999999" not in by_worker
+    for samples in scrapes:
+        requests = "aioproxy_requests_total"
+        chat = "chat_completions"
+        assert value(samples, requests, kind=chat, model="gpt-test", status="200") == 3 * rounds
+        assert value(samples, requests, kind=chat, model="unknown", status="404") == rounds
+        upstream_total = "aioproxy_upstream_requests_total"
+        assert value(samples, upstream_total, deployment="gpt-test#0", status="200") == 3 * rounds
+        assert value(samples, upstream_total, deployment="gpt-test#0", status="500") == rounds
+        assert value(samples, "aioproxy_retries_total", model="gpt-test") == rounds
+        ttft = "aioproxy_time_to_first_token_seconds_count"
+        assert value(samples, ttft, model="gpt-test") == rounds
+        # 4 API requests a round; besides them, only the health checks and earlier scrapes.
+        others = sum(
+            v
+            for (name, labels), v in samples.items()
+            if name == requests and (("kind", "metrics") in labels or ("kind", "health") in labels)
+        )
+        assert sum(v for (name, _), v in samples.items() if name == requests) == 4 * rounds + others
+        assert value(samples, "aioproxy_in_flight_requests") == 0  # a scrape does not count itself

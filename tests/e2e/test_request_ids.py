@@ -1,0 +1,135 @@
+"""x-request-id: on every answer (success, error, stream, unknown route, ingress refusal), the
+client's own when sane, forwarded upstream once, and the upstream's own kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from aioproxy import Call, Outcome, hookimpl
+from aioproxy.request_ids import is_sane, new_request_id
+from aioproxy.testing import FakeOpenAI
+from tests.support import AUTH, ServeProxy, gateway_config
+
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def post(
+    proxy: TestServer, body: Any, **headers: str
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy.make_url("/v1/chat/completions"), json=body, headers={**AUTH, **headers}
+        ) as response:
+            return response, await response.read()
+
+
+def test_sane_ids() -> None:
+    assert is_sane("abc-123_XYZ.:/ =")
+    assert is_sane("x" * 128)
+    assert not is_sane("x" * 129)
+    assert not is_sane("")
+    assert not is_sane("é")
+    assert not is_sane("a\tb")
+    first, second = new_request_id(), new_request_id()
+    assert first != second and is_sane(first) and first.startswith("req_")
+
+
+async def test_a_sane_client_id_is_kept_and_forwarded_once(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
+    response, _ = await post(proxy, CHAT, **{"X-Request-Id": "client-id-42"})
+    assert response.status == 200
+    assert response.headers["x-request-id"] == "client-id-42"
+    # Repeated headers would be recorded joined by ", ": the id went once, and ours.
+    assert fake.last.headers["x-request-id"] == "client-id-42"
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "caf\u00e9", " "])
+async def test_an_insane_client_id_is_replaced(
+    proxy: TestServer, fake: FakeOpenAI, given: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy.make_url("/v1/chat/completions"),
+            json=CHAT,
+            headers={**AUTH, "x-request-id": given.encode("utf-8").decode("latin-1")},
+        ) as response:
+            await response.read()
+    rid = response.headers["x-request-id"]
+    assert rid.startswith("req_") and rid != given
+    assert fake.last.headers["x-request-id"] == rid
+
+
+async def test_a_new_id_when_none_is_given(proxy: TestServer, fake: FakeOpenAI) -> None:
+    first, _ = await post(proxy, CHAT)
+    second, _ = await post(proxy, CHAT)
+    ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
+    assert ids[0] != ids[1]
+    assert [r.headers["x-request-id"] for r in fake.requests] == ids
+
+
+async def test_streams_carry_it(proxy: TestServer) -> None:
+    response, body = await post(proxy, {**CHAT, "stream": True}, **{"x-request-id": "s-1"})
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert response.headers["x-request-id"] == "s-1"
+
+
+async def test_keepalive_streams_carry_it(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    fake.response_delay = 0.3  # longer than the interval: comments go out before the answer
+    proxy = await serve_proxy(gateway_config(upstream_base, server={"keepalive_interval": 0.05}))
+    response, body = await post(proxy, {**CHAT, "stream": True}, **{"x-request-id": "k-1"})
+    assert body.startswith(b":")
+    assert response.headers["x-request-id"] == "k-1"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/v1/chat/completions", {"Authorization": "Bearer wrong"}, 401),  # auth
+        ("/v1/nowhere", AUTH, 404),  # no such route
+        ("/v1/chat/completions", {**AUTH, "Content-Type": "text/plain"}, 415),  # ingress
+    ],
+)
+async def test_errors_carry_it(
+    proxy: TestServer, path: str, headers: dict[str, str], status: int
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy.make_url(path),
+            data=b"{}",
+            headers={"Content-Type": "application/json", **headers, "x-request-id": "e-1"},
+        ) as response:
+            assert response.status == status
+            assert (await response.json())["error"]["message"]
+    assert response.headers["x-request-id"] == "e-1"
+
+
+async def test_model_errors_and_upstream_errors_carry_it(
+    proxy: TestServer, fake: FakeOpenAI
+) -> None:
+    response, _ = await post(proxy, {**CHAT, "model": "nope"})
+    assert response.status == 404 and response.headers["x-request-id"].startswith("req_")
+    fake.faults = ["status:400"]
+    response, _ = await post(proxy, CHAT, **{"x-request-id": "u-1"})
+    assert response.status == 400 and response.headers["x-request-id"] == "u-1"
+
+
+async def test_the_upstream_id_is_kept(serve_proxy: ServeProxy, upstream_base: str) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Log:
+        @hookimpl
+        def after_response(self, call: Call, outcome: Outcome) -> None:
+            seen.append((call.request_id, call.upstream_request_id))
+
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Log()])
+    _, _ = await post(proxy, CHAT, **{"x-request-id": "mine"})
+    [(ours, theirs)] = seen
+    assert ours == "mine"
+    assert theirs is not None and theirs.startswith("req_") and theirs != "mine"

@@ -1,0 +1,87 @@
+"""aioproxy.observability.access_log: run.py's access handler and the JSON formatter."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from aioproxy.observability.access_log import (
+    ACCESS_LOG,
+    AccessEntry,
+    AccessHandler,
+    JSONFormatter,
+    direct_handler,
+)
+
+FIELDS = {"time": None, "request_id": "r-1", "status": 200, "model": "a b", "cost": None}
+
+
+class Stream(io.BytesIO):
+    """Counts the writes: a loop turn's lines must go out in one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_a_turns_lines_go_out_in_one_write() -> None:
+    stream = Stream()
+    handler = AccessHandler(stream, json=True)
+    handler.write(dict(FIELDS))
+    handler.write({**FIELDS, "request_id": "r-2"})
+    assert stream.writes == 0  # held until the loop's turn ends
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == ["r-1", "r-2"]
+    assert all(line["time"].endswith("Z") and len(line["time"]) == 24 for line in lines)
+    assert list(lines[0]) == list(FIELDS)  # time first, the fields' order kept
+
+
+def test_text_lines_without_a_loop() -> None:
+    stream = Stream()
+    AccessHandler(stream, json=False).write(dict(FIELDS))
+    line = stream.getvalue().decode()
+    assert stream.writes == 1  # no loop: written at once
+    assert line.endswith(' INFO aioproxy.access: request_id=r-1 status=200 model="a b" cost=-\n')
+
+
+def test_entries_through_the_logging_api() -> None:
+    record = logging.LogRecord(
+        "aioproxy.access", logging.INFO, "x", 1, AccessEntry(dict(FIELDS)), None, None
+    )
+    line = json.loads(JSONFormatter().format(record))
+    assert line["request_id"] == "r-1" and line["time"].endswith("Z")
+    assert str(AccessEntry(dict(FIELDS))) == 'request_id=r-1 status=200 model="a b" cost=-'
+    other = logging.LogRecord("aioproxy", logging.WARNING, "x", 1, "%s failed", ("it",), None)
+    assert json.loads(JSONFormatter().format(other))["message"] == "it failed"
+
+
+@pytest.fixture
+def access_handlers() -> Iterator[None]:
+    handlers, propagate = list(ACCESS_LOG.handlers), ACCESS_LOG.propagate
+    yield
+    ACCESS_LOG.handlers[:] = handlers
+    ACCESS_LOG.propagate = propagate
+
+
+@pytest.mark.usefixtures("access_handlers")
+def test_written_directly_only_when_it_is_the_only_way_out() -> None:
+    ACCESS_LOG.handlers[:] = []
+    handler = AccessHandler(Stream(), json=True)
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.propagate = True  # a parent's handlers would miss the lines
+    assert direct_handler() is None
+    ACCESS_LOG.propagate = False
+    assert direct_handler() is handler
+    ACCESS_LOG.addHandler(logging.NullHandler())
+    assert direct_handler() is None
