@@ -17,7 +17,7 @@ from .bridges import NativeResponses, ResponseStore, bridge_methods
 from .bridges.common import first_event
 from .builtins.config_models import deployments_from
 from .config import Config
-from .context import Call, Deployment, Principal
+from .context import STREAM_FILTER, Call, Deployment, Principal
 from .errors import (
     AuthenticationError,
     BadRequest,
@@ -427,6 +427,8 @@ class Gateway:
         fails)."""
         reply = await self.call_provider(call)
         if isinstance(reply, StreamReply):
+            if (stream_filter := call.state.get(STREAM_FILTER)) is not None:
+                reply = stream_filter(reply)  # a plugin's (e.g. the spend's usage tap)
             return reply, await first_event(reply, deployment)
         return reply, None
 

@@ -20,12 +20,12 @@ def arguments(name: str) -> list[str]:
 
 def test_hook_names() -> None:
     assert set(hookspecs.HOOK_NAMES) == {
-        "register_providers", "register_routes", "authenticate", "map_model", "list_models",
-        "before_request", "after_response", "on_error",
+        "register_providers", "register_routes", "register_contexts", "authenticate",
+        "map_model", "list_models", "before_request", "after_response", "on_error",
     }
     assert set(hookspecs.PER_REQUEST_HOOKS) <= set(hookspecs.HOOK_NAMES)
     assert set(hookspecs.HOOK_NAMES) - set(hookspecs.PER_REQUEST_HOOKS) == {
-        "register_providers", "register_routes"
+        "register_providers", "register_routes", "register_contexts"
     }
 
 
