@@ -67,6 +67,12 @@ class KeyCache:
             for table, entries in ((schema.keys, self.keys), (schema.teams, self.teams)):
                 rows = await connection.execute(sa.select(*(table.c[name] for name in columns)))
                 _take_spend(entries, rows.all())
+            used = await connection.execute(
+                sa.select(schema.keys.c.id, schema.keys.c.last_used_at)
+                .where(schema.keys.c.last_used_at.is_not(None)))
+            for id_, when in used.all():
+                if (entry := self.keys.get(id_)) is not None:
+                    entry.last_used_at = when
 
     async def _load(self, connection: AsyncConnection) -> None:
         version = (await connection.execute(sa.select(schema.state.c.version))).scalar()

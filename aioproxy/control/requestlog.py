@@ -55,6 +55,7 @@ class RequestLog:
         self.dropped = 0  # rows lost to a full buffer, since the start
         self.written = 0
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
 
@@ -110,13 +111,17 @@ class RequestLog:
                             len(self.buffer), delay, exc)
 
     async def flush(self) -> None:
-        """Write every queued row now, batch by batch; on failure the batch stays queued."""
-        while self.buffer:
-            batch = [self.buffer[i] for i in range(min(len(self.buffer), self.settings.batch_size))]
-            await self._write(batch)
-            for _ in batch:
-                self.buffer.popleft()
-            self.written += len(batch)
+        """Write every queued row now, batch by batch; on failure the batch stays queued.
+        One flush at a time (the writer's, the admin API's), so no batch is written twice."""
+        async with self._flushing:
+            while self.buffer:
+                size = min(len(self.buffer), self.settings.batch_size)
+                batch = [self.buffer[i] for i in range(size)]
+                await self._write(batch)
+                for record in batch:  # unless a full buffer dropped it meanwhile (the oldest)
+                    if self.buffer and self.buffer[0] is record:
+                        self.buffer.popleft()
+                self.written += len(batch)
 
     async def _write(self, batch: list[LogRecord]) -> None:
         rows = [record.row for record in batch if not record.spend_only]
@@ -144,6 +149,9 @@ class RequestLog:
                         sa.update(schema.keys).where(schema.keys.c.id == key_id)
                         .values(last_used_at=when)
                     )
+            for key_id, when in used.items():
+                if (entry := self.cache.keys.get(key_id)) is not None:
+                    entry.last_used_at = max(entry.last_used_at or 0.0, when)
             self._written(keys, self.cache.keys, self.cache.key_meters)
             self._written(teams, self.cache.teams, self.cache.team_meters)
 

@@ -61,6 +61,7 @@ class Spend:
             and call.kind in TAPPED_KINDS
             and STREAM_FILTER not in call.state
             and not asks_usage(call)
+            and isinstance(call.get("stream_options", {}), dict)  # else the provider refuses it
         ):
             call.state[STREAM_FILTER] = UsageTap(call)
 
@@ -78,8 +79,11 @@ class Spend:
             usage = _estimate(call, outcome)
             call.state[ESTIMATED_TOKENS] = usage.total_tokens
         outcome.cost = plane.pricing.cost(usage, call.deployment)
-        self._log(plane, call, outcome.status, outcome.stream, usage, estimated,
-                  outcome.cost, outcome.ttfb, outcome.elapsed or time.monotonic() - call.started)
+        duration = outcome.elapsed or time.monotonic() - call.started
+        # A whole JSON answer's first token came with the rest of it.
+        ttft = outcome.ttfb if outcome.ttfb is not None else duration
+        self._log(plane, call, outcome.status, outcome.stream, usage, estimated, outcome.cost,
+                  ttft, duration)
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
@@ -90,7 +94,7 @@ class Spend:
         if plane is None or call is None or _FAILED in call.state:
             return
         status = error.status if isinstance(error, ProxyError) else 500
-        code = error.code if isinstance(error, ProxyError) else "internal_error"
+        code = (error.code or error.type) if isinstance(error, ProxyError) else "internal_error"
         call.state[_FAILED] = code
 
         def log_failure(_task: object = None) -> None:

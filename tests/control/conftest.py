@@ -118,6 +118,7 @@ def control_config(api_base: str, db_url: str, **overrides: Any) -> dict[str, An
     config["models"].append({"name": "embed", "provider": "openai",
                              "model": "text-embedding-3-small", "api_base": api_base,
                              "api_key": "sk-upstream-secret", "price": {"input": 0.02}})
+    config["models"][1]["price"] = PRICE  # echo
     return config
 
 
