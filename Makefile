@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install run test bench bench-smoke bench-peers clean
+.PHONY: install postgres run test bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -15,10 +15,16 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PY) -m pip install -q -e ".[uvloop]" $(addprefix -e ,$(PLUGINS)) --group dev
 	touch $(STAMP)
 
+# The control plane's tests run on a real PostgreSQL (a throwaway cluster each session): Debian's
+# server, installed when missing (as root, as on CI); nothing to do when it is there.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
+
 run: install
 	$(PY) run.py
 
-test: install
+test: install postgres
 	$(PY) -m pytest -q
 
 bench: install
