@@ -67,11 +67,11 @@ class Reservation:
     def release(self, _task: object = None) -> None:
         if not self.released:
             self.released = True
-            for _, _, meter in self.limits.scopes():
+            for _, _, meter in self.limits.scopes:
                 meter.in_flight -= 1
 
     def count_tokens(self, tokens: int, now: float) -> None:
-        for _, _, meter in self.limits.scopes():
+        for _, _, meter in self.limits.scopes:
             meter.tokens.add(tokens - self.tokens, now)
         self.tokens = tokens
 
@@ -91,7 +91,7 @@ def _headers(scopes: list[tuple[str, KeyEntry | TeamEntry, Meter]], now: float) 
             window = window_of(meter)
             remaining = max(0, limit - window.total(now))
             if tightest is None or remaining < tightest[1]:
-                tightest = (limit, remaining, window.reset_in(now))
+                tightest = (limit, remaining, window.clear_in(now))
         if tightest is not None:
             headers[f"x-ratelimit-limit-{kind}"] = str(tightest[0])
             headers[f"x-ratelimit-remaining-{kind}"] = str(tightest[1])
@@ -117,14 +117,15 @@ class Limits:
             return
         plane = call.request.app[plane_key]
         now, wall = plane.clock.monotonic(), plane.clock.time()
-        scopes = limits.scopes()
+        scopes = limits.scopes
         tokens = _reserve(call)
         try:
             for scope, entry, meter in scopes:
                 _check(scope, entry, meter, tokens, now, wall)
-        finally:
+        except RateLimited:
             if limits.limited:  # also on a 429: the client learns when to come back
                 call.request[RATE_LIMIT_HEADERS] = _headers(scopes, now)
+            raise
         for _, _, meter in scopes:
             meter.in_flight += 1
             meter.requests.add(1, now)
@@ -149,7 +150,7 @@ class Limits:
         reservation.count_tokens(tokens, plane.clock.monotonic())
         if outcome.cost:
             wall = plane.clock.time()
-            for _, entry, meter in reservation.limits.scopes():
+            for _, entry, meter in reservation.limits.scopes:
                 meter.add_spend(outcome.cost, period_end(entry.created_at, entry.duration, wall))
 
     @hookimpl

@@ -44,6 +44,11 @@ class RateWindow:
         self._advance(now)
         return self._total
 
+    def clear_in(self, now: float) -> float:
+        """Seconds until everything counted now has left the window (O(1)): when the full
+        limit is available again, what OpenAI's x-ratelimit-reset-* headers say."""
+        return max(0.0, self._latest + _SECONDS - now) if self._total > 0 else 0.0
+
     def reset_in(self, now: float) -> float:
         """Seconds until the oldest counted second leaves the window (0: nothing counted)."""
         self._advance(now)
@@ -89,9 +94,10 @@ def spend_now(entry: KeyEntry | TeamEntry, meter: Meter, now: float) -> tuple[fl
 
 
 class KeyLimits:
-    """What ``Principal.limits`` holds for a database key: its entry and team, their meters."""
+    """What ``Principal.limits`` holds for a database key: its entry and team, their meters.
+    Built when the cache loads, so the request path only reads it."""
 
-    __slots__ = ("key", "key_meter", "team", "team_meter")
+    __slots__ = ("key", "key_meter", "limited", "scopes", "team", "team_meter")
 
     def __init__(
         self, key: KeyEntry, key_meter: Meter, team: TeamEntry | None, team_meter: Meter | None
@@ -100,19 +106,10 @@ class KeyLimits:
         self.key_meter = key_meter
         self.team = team
         self.team_meter = team_meter
-
-    def scopes(self) -> list[tuple[str, KeyEntry | TeamEntry, Meter]]:
-        scopes: list[tuple[str, KeyEntry | TeamEntry, Meter]] = [("key", self.key, self.key_meter)]
-        if self.team is not None and self.team_meter is not None:
-            scopes.append(("team", self.team, self.team_meter))
-        return scopes
-
-    @property
-    def limited(self) -> bool:
-        return any(
-            entry.rpm is not None
-            or entry.tpm is not None
-            or entry.max_parallel is not None
-            or entry.max_budget is not None
-            for _, entry, _ in self.scopes()
+        self.scopes: list[tuple[str, KeyEntry | TeamEntry, Meter]] = [("key", key, key_meter)]
+        if team is not None and team_meter is not None:
+            self.scopes.append(("team", team, team_meter))
+        # rate limits to tell of in x-ratelimit-* headers
+        self.limited = any(
+            entry.rpm is not None or entry.tpm is not None for _, entry, _ in self.scopes
         )

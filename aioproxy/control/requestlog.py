@@ -33,13 +33,40 @@ _RETENTION_EVERY = 3600.0  # seconds between two deletions of rows past retentio
 
 @dataclass(slots=True)
 class LogRecord:
-    """One request: the row, and the budget periods its cost counts in."""
+    """One request: its row's values (``schema.REQUEST_COLUMNS``' order), and who pays what
+    in which budget periods."""
 
-    row: dict[str, Any]
+    values: tuple[Any, ...]
+    key_id: str | None
+    team_id: str | None
+    time: float
     cost: float
     key_period: float | None = None
     team_period: float | None = None
-    spend_only: bool = field(default=False)  # the log is off: only the spend is written
+    spend_only: bool = False  # the log is off: only the spend is written
+
+    @classmethod
+    def of(cls, row: dict[str, Any], cost: float = 0.0) -> LogRecord:
+        """From a row as a dict (by column name)."""
+        values = tuple(row[name] for name in schema.REQUEST_COLUMNS)
+        return cls(values, row["key_id"], row["team_id"], row["time"], cost)
+
+
+_MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def insert_sql(paramstyle: str) -> str:
+    """The request log's INSERT in the driver's own parameter style."""
+    def mark(i: int) -> str:
+        if paramstyle == "numeric_dollar":
+            return f"${i}"
+        if paramstyle == "numeric":
+            return f":{i}"
+        return _MARKS[paramstyle]
+
+    columns = schema.REQUEST_COLUMNS
+    marks = ", ".join(mark(i) for i in range(1, len(columns) + 1))
+    return f"INSERT INTO requests ({', '.join(columns)}) VALUES ({marks})"
 
 
 class RequestLog:
@@ -58,6 +85,7 @@ class RequestLog:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
+        self._insert = insert_sql(engine.dialect.paramstyle)
 
     def add(self, record: LogRecord) -> None:
         """Queue a row (no I/O). A full buffer drops its oldest row, counted."""
@@ -124,22 +152,22 @@ class RequestLog:
                 self.written += len(batch)
 
     async def _write(self, batch: list[LogRecord]) -> None:
-        rows = [record.row for record in batch if not record.spend_only]
+        rows = [record.values for record in batch if not record.spend_only]
         keys: dict[tuple[str, float | None], float] = collections.defaultdict(float)
         teams: dict[tuple[str, float | None], float] = collections.defaultdict(float)
         used: dict[str, float] = {}
         for record in batch:
-            row = record.row
-            if row["key_id"] in self.cache.keys:
-                used[row["key_id"]] = max(used.get(row["key_id"], 0.0), row["time"])
+            key_id = record.key_id
+            if key_id is not None and key_id in self.cache.keys:
+                used[key_id] = max(used.get(key_id, 0.0), record.time)
                 if record.cost:
-                    keys[(row["key_id"], record.key_period)] += record.cost
-            if record.cost and row["team_id"] in self.cache.teams:
-                teams[(row["team_id"], record.team_period)] += record.cost
+                    keys[(key_id, record.key_period)] += record.cost
+            if record.cost and record.team_id is not None and record.team_id in self.cache.teams:
+                teams[(record.team_id, record.team_period)] += record.cost
         async with self.cache.lock:  # the cache's spend figures and local counts move together
             async with self.engine.begin() as connection:
                 if rows:
-                    await connection.execute(sa.insert(schema.requests), rows)
+                    await connection.exec_driver_sql(self._insert, rows)
                 for (key_id, period), cost in keys.items():
                     await connection.execute(_add_spend(schema.keys, key_id, period, cost))
                 for (team_id, period), cost in teams.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["keys", "metadata", "requests", "state", "teams"]
+__all__ = ["REQUEST_COLUMNS", "keys", "metadata", "requests", "state", "teams"]
 
 metadata = sa.MetaData()
 
@@ -79,7 +79,7 @@ requests = sa.Table(
     sa.Column("day", sa.String(10), nullable=False),  # UTC date, for group_by=day on both databases
     sa.Column("key_id", sa.String(80), nullable=True, index=True),
     sa.Column("key_name", sa.String(200), nullable=True),
-    sa.Column("team_id", sa.String(40), nullable=True, index=True),
+    sa.Column("team_id", sa.String(40), nullable=True),
     sa.Column("end_user", sa.String(200), nullable=True),
     sa.Column("model", sa.String(200), nullable=True),
     sa.Column("deployment", sa.String(200), nullable=True),
@@ -97,3 +97,7 @@ requests = sa.Table(
     sa.Column("ttft", sa.Float, nullable=True),  # seconds to the first byte
     sa.Column("duration", sa.Float, nullable=False),
 )
+
+# A request log row's values, in this order (``LogRecord.values``): written with one prepared
+# INSERT per batch, bypassing SQLAlchemy's per-row processing (a third of the cost).
+REQUEST_COLUMNS: tuple[str, ...] = tuple(c.name for c in requests.c if c.name != "seq")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 
@@ -53,6 +52,8 @@ def _end_user(call: Call) -> str | None:
 class Spend:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._day_number = -1
+        self._day_text = ""
 
     @hookimpl
     def before_request(self, call: Call) -> None:
@@ -116,32 +117,16 @@ class Spend:
         principal = call.principal
         limits = principal.limits if isinstance(principal.limits, KeyLimits) else None
         deployment = call.deployment
-        row: dict[str, Any] = {
-            "request_id": plane.request_id(),
-            "time": wall,
-            "day": datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d"),
-            "key_id": principal.id or None,
-            "key_name": principal.name,
-            "team_id": principal.team,
-            "end_user": _end_user(call),
-            "model": call.model,
-            "deployment": deployment.key if deployment else None,
-            "provider": deployment.provider if deployment else None,
-            "kind": call.kind.value,
-            "status": status,
-            "error_code": call.state.get(_FAILED),
-            "stream": stream,
-            "input_tokens": usage.prompt_tokens,
-            "output_tokens": usage.completion_tokens,
-            "cached_tokens": usage.cached_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "estimated": estimated,
-            "cost": cost,
-            "ttft": ttft,
-            "duration": duration,
-        }
+        values = (  # schema.REQUEST_COLUMNS' order
+            plane.request_id(), wall, self._day(wall), principal.id or None, principal.name,
+            principal.team, _end_user(call), call.model,
+            deployment.key if deployment else None, deployment.provider if deployment else None,
+            call.kind.value, status, call.state.get(_FAILED), stream, usage.prompt_tokens,
+            usage.completion_tokens, usage.cached_tokens, usage.reasoning_tokens, estimated,
+            cost, ttft, duration,
+        )
         record = LogRecord(
-            row, cost or 0.0,
+            values, principal.id or None, principal.team, wall, cost or 0.0,
             key_period=period_end(limits.key.created_at, limits.key.duration, wall) if limits else None,
             team_period=(
                 period_end(limits.team.created_at, limits.team.duration, wall)
@@ -151,3 +136,11 @@ class Spend:
         )
         call.state[_LOGGED] = True
         plane.log.add(record)
+
+    def _day(self, wall: float) -> str:
+        """The UTC date of ``wall``, formatted once a day."""
+        day = int(wall // 86400)
+        if day != self._day_number:
+            self._day_number = day
+            self._day_text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+        return self._day_text

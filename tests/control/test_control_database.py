@@ -100,6 +100,7 @@ class Flaky:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.dialect = engine.dialect
         self.down = True
 
     def begin(self) -> Any:
@@ -114,7 +115,7 @@ async def test_rows_wait_while_the_database_is_down(db_url: str) -> None:
         flaky = Flaky(engine)
         log = RequestLog(flaky, KeyCache(engine), SpendConfig(buffer_rows=5))  # type: ignore[arg-type]
         for n in range(7):
-            log.add(LogRecord(row(n), 0.5))
+            log.add(LogRecord.of(row(n), 0.5))
         with pytest.raises(ConnectionError):
             await log.flush()
         assert len(log.buffer) == 5 and log.dropped == 2  # the oldest two, counted
@@ -136,7 +137,7 @@ async def test_the_writer_retries_and_stop_flushes(db_url: str) -> None:
                          SpendConfig(flush_interval=0.01, batch_size=2))
         log.start()
         for n in range(3):
-            log.add(LogRecord(row(n), 0.5))
+            log.add(LogRecord.of(row(n), 0.5))
         flaky.down = False
         await log.stop()  # graceful shutdown: what is queued is written
         assert await count_rows(engine) == 3
@@ -149,8 +150,8 @@ async def test_retention_deletes_old_rows(db_url: str) -> None:
     now = 1_900_000_000.0
     try:
         log = RequestLog(engine, KeyCache(engine), SpendConfig(retention_days=1), lambda: now)
-        log.add(LogRecord(row(1, now - 2 * 86400), 0.0))
-        log.add(LogRecord(row(2, now - 3600), 0.0))
+        log.add(LogRecord.of(row(1, now - 2 * 86400)))
+        log.add(LogRecord.of(row(2, now - 3600)))
         await log.flush()
         await log._expire()
         async with engine.connect() as connection:

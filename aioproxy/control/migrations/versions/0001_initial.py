@@ -73,7 +73,7 @@ def upgrade() -> None:
         sa.Column("day", sa.String(10), nullable=False),  # UTC date, for group_by=day on both databases
         sa.Column("key_id", sa.String(80), nullable=True, index=True),
         sa.Column("key_name", sa.String(200), nullable=True),
-        sa.Column("team_id", sa.String(40), nullable=True, index=True),
+        sa.Column("team_id", sa.String(40), nullable=True),
         sa.Column("end_user", sa.String(200), nullable=True),
         sa.Column("model", sa.String(200), nullable=True),
         sa.Column("deployment", sa.String(200), nullable=True),
