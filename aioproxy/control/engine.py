@@ -84,7 +84,15 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 async def open_engine(url: str) -> AsyncEngine:
     """An engine on ``url`` with the schema migrated to the newest; ConfigError when the
     database cannot be opened (its message names ``[database] url``, the password masked)."""
-    engine = create_async_engine(_async_url(url), pool_pre_ping=True)
+    parsed = _async_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():  # said plainly, before a driver thread starts for nothing
+            raise ConfigError(
+                f"[database] url {mask_url(url)}: cannot open the database: "
+                f"the folder {folder} does not exist"
+            )
+    engine = create_async_engine(parsed, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
     try:

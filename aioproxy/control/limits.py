@@ -21,6 +21,7 @@ from ..context import Call
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
+from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
 from .meters import KeyLimits, Meter, spend_now
 from .plane import plane_key
@@ -56,6 +57,14 @@ def _duration(seconds: float) -> str:
     return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
 
 
+# A window's reset is at most a minute away: each whole second's text, made once.
+_RESETS = tuple(_duration(second) for second in range(61))
+
+
+def _reset(seconds: float) -> str:
+    return _duration(seconds) if seconds < 1 else _RESETS[min(60, math.ceil(seconds))]
+
+
 class Reservation:
     __slots__ = ("limits", "released", "tokens")
 
@@ -76,26 +85,29 @@ class Reservation:
         self.tokens = tokens
 
 
-def _headers(scopes: list[tuple[str, KeyEntry | TeamEntry, Meter]], now: float) -> dict[str, str]:
+_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+           f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
+
+
+def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers, from the scope with the least room left."""
     headers: dict[str, str] = {}
-    for kind, limit_of, window_of in (
-        ("requests", lambda e: e.rpm, lambda m: m.requests),
-        ("tokens", lambda e: e.tpm, lambda m: m.tokens),
-    ):
-        tightest: tuple[int, int, float] | None = None
-        for _, entry, meter in scopes:
-            limit = limit_of(entry)
-            if limit is None:
-                continue
-            window = window_of(meter)
-            remaining = max(0, limit - window.total(now))
-            if tightest is None or remaining < tightest[1]:
-                tightest = (limit, remaining, window.clear_in(now))
-        if tightest is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(tightest[0])
-            headers[f"x-ratelimit-remaining-{kind}"] = str(tightest[1])
-            headers[f"x-ratelimit-reset-{kind}"] = _duration(tightest[2])
+    for kind, scopes in (("requests", limits.request_limits), ("tokens", limits.token_limits)):
+        if not scopes:
+            continue
+        limit, window = scopes[0]
+        remaining = limit - window.total(now)
+        for other_limit, other_window in scopes[1:]:
+            other = other_limit - other_window.total(now)
+            if other < remaining:
+                limit, window, remaining = other_limit, other_window, other
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+        headers[limit_name] = str(limit)
+        headers[remaining_name] = str(remaining if remaining > 0 else 0)
+        headers[reset_name] = _reset(window.clear_in(now))
     return headers
 
 
@@ -113,18 +125,18 @@ class Limits:
     @hookimpl
     def before_request(self, call: Call) -> None:
         limits = call.principal.limits
-        if not isinstance(limits, KeyLimits) or RESERVATION in call.state:
+        if limits.__class__ is not KeyLimits or RESERVATION in call.state:
             return
-        plane = call.request.app[plane_key]
-        now, wall = plane.clock.monotonic(), plane.clock.time()
+        clock = call.request.app[plane_key].clock
+        now = clock.monotonic()
         scopes = limits.scopes
         tokens = _reserve(call)
         try:
             for scope, entry, meter in scopes:
-                _check(scope, entry, meter, tokens, now, wall)
+                _check(scope, entry, meter, tokens, now, clock)
         except RateLimited:
             if limits.limited:  # also on a 429: the client learns when to come back
-                call.request[RATE_LIMIT_HEADERS] = _headers(scopes, now)
+                call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
             raise
         for _, _, meter in scopes:
             meter.in_flight += 1
@@ -137,7 +149,7 @@ class Limits:
         else:  # pragma: no cover - hooks always run in the request's task
             reservation.release()
         if limits.limited:
-            call.request[RATE_LIMIT_HEADERS] = _headers(scopes, now)
+            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
 
     @hookimpl
     def after_response(self, call: Call, outcome: Outcome) -> None:
@@ -166,7 +178,8 @@ ESTIMATED_TOKENS = "aioproxy.control.estimated_tokens"
 
 
 def _check(
-    scope: str, entry: KeyEntry | TeamEntry, meter: Meter, tokens: int, now: float, wall: float
+    scope: str, entry: KeyEntry | TeamEntry, meter: Meter, tokens: int, now: float,
+    clock: ControlClock,
 ) -> None:
     whose = "This API key" if scope == "key" else "This API key's team"
     if entry.max_parallel is not None and meter.in_flight >= entry.max_parallel:
@@ -179,6 +192,7 @@ def _check(
         raise _refuse(f"{whose} is over its rate limit of {entry.tpm} tokens a minute",
                       "rate_limit_exceeded", meter.tokens.reset_in(now) or 60)
     if entry.max_budget is not None:
+        wall = clock.time()
         spent, ends = spend_now(entry, meter, wall)
         if spent >= entry.max_budget:
             raise _refuse(

@@ -97,7 +97,8 @@ class KeyLimits:
     """What ``Principal.limits`` holds for a database key: its entry and team, their meters.
     Built when the cache loads, so the request path only reads it."""
 
-    __slots__ = ("key", "key_meter", "limited", "scopes", "team", "team_meter")
+    __slots__ = ("key", "key_meter", "limited", "request_limits", "scopes", "team", "team_meter",
+                 "token_limits")
 
     def __init__(
         self, key: KeyEntry, key_meter: Meter, team: TeamEntry | None, team_meter: Meter | None
@@ -109,7 +110,7 @@ class KeyLimits:
         self.scopes: list[tuple[str, KeyEntry | TeamEntry, Meter]] = [("key", key, key_meter)]
         if team is not None and team_meter is not None:
             self.scopes.append(("team", team, team_meter))
-        # rate limits to tell of in x-ratelimit-* headers
-        self.limited = any(
-            entry.rpm is not None or entry.tpm is not None for _, entry, _ in self.scopes
-        )
+        # The rate limits, for the x-ratelimit-* headers: (limit, its window) per scope.
+        self.request_limits = [(e.rpm, m.requests) for _, e, m in self.scopes if e.rpm is not None]
+        self.token_limits = [(e.tpm, m.tokens) for _, e, m in self.scopes if e.tpm is not None]
+        self.limited = bool(self.request_limits or self.token_limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -33,6 +34,7 @@ def digest_of(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=256)  # a few distinct values, read on every request
 def parse_duration(text: str) -> float | None:
     """Seconds of ``"<n>h"`` / ``"<n>d"``; None when it is not that."""
     match = _DURATION.match(text)

@@ -82,6 +82,7 @@ class RequestLog:
         self.dropped = 0  # rows lost to a full buffer, since the start
         self.written = 0
         self._wake = asyncio.Event()
+        self._stopping = False
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
@@ -103,31 +104,28 @@ class RequestLog:
         self._task = asyncio.create_task(self._run(), name="aioproxy request log")
 
     async def stop(self) -> None:
-        """Stop the writer and write what is queued (two tries: the database may be down)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for _ in range(2):
-            try:
-                await self.flush()
-                break
-            except Exception as exc:
-                log.error("request log: %d rows not written at shutdown: %s", len(self.buffer), exc)
+        """Stop the writer once it has written what is queued (graceful shutdown). It is
+        never cancelled mid-write: that would leave its transaction holding the database."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            self._wake.set()
+            await task
+        if self.buffer:
+            log.error("request log: %d rows not written at shutdown", len(self.buffer))
         if self.dropped:
             log.error("request log: %d rows were dropped in all", self.dropped)
 
     async def _run(self) -> None:
         delay = self.settings.flush_interval
+        tries_left = 2  # once stopping: a database that is down is not waited for
         while True:
-            try:
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            if not self._stopping:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
             self._wake.clear()
             try:
                 await self.flush()
@@ -136,14 +134,22 @@ class RequestLog:
             except Exception as exc:
                 delay = min(max(delay * 2, 1.0), _RETRY_MAX)
                 log.warning("request log: cannot write %d rows (retrying in %.0f s): %s",
-                            len(self.buffer), delay, exc)
+                            len(self.buffer), delay, _brief(exc))
+                if self._stopping:
+                    tries_left -= 1
+            if self._stopping and (not self.buffer or tries_left == 0):
+                return
 
     async def flush(self) -> None:
-        """Write every queued row now, batch by batch; on failure the batch stays queued.
+        """Write the queued rows now, batch by batch; on failure the batch stays queued.
         One flush at a time (the writer's, the admin API's), so no batch is written twice."""
         async with self._flushing:
-            while self.buffer:
-                size = min(len(self.buffer), self.settings.batch_size)
+            # The rows queued now, not those that come meanwhile: under steady traffic a flush
+            # would never end, writing a few rows at a time.
+            left = len(self.buffer)
+            while left > 0 and self.buffer:
+                size = min(len(self.buffer), left, self.settings.batch_size)
+                left -= size
                 batch = [self.buffer[i] for i in range(size)]
                 await self._write(batch)
                 for record in batch:  # unless a full buffer dropped it meanwhile (the oldest)
@@ -209,6 +215,11 @@ class RequestLog:
             await connection.execute(
                 sa.delete(schema.requests).where(schema.requests.c.time < now - days * 86400)
             )
+
+
+def _brief(exc: Exception) -> str:
+    """The driver's first line, without SQLAlchemy's echo of the statement and its rows."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def _add_spend(table: sa.Table, id_: str, period: float | None, cost: float) -> sa.Update:
