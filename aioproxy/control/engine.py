@@ -24,6 +24,8 @@ log = logging.getLogger("aioproxy")
 # Alembic tells of each plugin and context at INFO: start-up logs say "migrating" once instead.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
+# Any constant: the PostgreSQL advisory lock that instances starting together migrate under.
+_MIGRATION_LOCK = 0x616970726F7879
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg",
             "postgres": "postgresql+asyncpg"}
@@ -63,6 +65,12 @@ def _head() -> str | None:
 
 
 def _migrate(connection: sa.Connection) -> None:
+    """Migrate under a lock held to the end of the transaction: workers or instances starting
+    together on a new database take turns, and the later ones find it current."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+    else:
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
     current = MigrationContext.configure(connection).get_current_revision()
     if current == _head():
         return  # the common start-up: nothing to load

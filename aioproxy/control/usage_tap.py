@@ -8,27 +8,39 @@ spend plugin sets it upstream, so the cost is known, and the tap takes the usage
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
-
 import msgspec
 
 from ..context import Call
 from ..outcome import Outcome, Usage
 from ..providers import StreamReply
 from ..routes import Kind
-from ..streaming import data_of, split_events
+from ..streaming import data_of
 
 __all__ = ["UsageTap", "asks_usage"]
 
 TAPPED_KINDS = frozenset({Kind.CHAT_COMPLETIONS, Kind.COMPLETIONS})
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Chunk(msgspec.Struct):
-    choices: list[Any] | None = None
-    usage: dict[str, Any] | None = None
+    # Left undecoded (a Raw cannot be Optional: absent reads as null): only compared.
+    choices: msgspec.Raw = _NULL
+    usage: msgspec.Raw = _NULL
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_EMPTY = frozenset({b"[]", b"null"})
+
+
+def _usage_only(data: bytes) -> bool:
+    """The event is the usage chunk: a usage and no choices."""
+    try:
+        chunk = _decode_chunk(data)
+    except msgspec.DecodeError:
+        return False
+    return bytes(chunk.usage) != b"null" and bytes(chunk.choices).replace(b" ", b"") in _EMPTY
 
 
 def asks_usage(call: Call) -> bool:
@@ -52,7 +64,7 @@ class UsageTap:
 
     async def _events(self, reply: StreamReply) -> AsyncIterator[bytes]:
         async for block in reply.events:
-            # Only a block with a non-null usage can hold the chunk: the others pass untouched.
+            # Only an event with a non-null usage can be the chunk: the rest pass untouched.
             if b'"usage":{' in block or b'"usage": {' in block:
                 block = self._strip(block)
                 if not block:
@@ -60,19 +72,21 @@ class UsageTap:
             yield block
 
     def _strip(self, block: bytes) -> bytes:
-        kept = []
-        for event in split_events(block):
-            data = data_of(event)
-            if data and data != b"[DONE]":
-                try:
-                    chunk = _decode_chunk(data)
-                except msgspec.DecodeError:
-                    chunk = None
-                if chunk is not None and chunk.usage is not None and not chunk.choices:
+        """``block`` without its usage-only event; only the events with a usage are decoded
+        (a whole answer in one block has it on its last chunks)."""
+        for marker in (b'"usage":{', b'"usage": {'):
+            at = block.find(marker)
+            while at != -1:
+                before = block.rfind(b"\n\n", 0, at)
+                start = 0 if before == -1 else before + 2
+                end = block.find(b"\n\n", at)
+                end = len(block) if end == -1 else end + 2
+                data = data_of(block[start:end])
+                if _usage_only(data):
                     self.usage_event = data
-                    continue
-            kept.append(event)
-        return b"".join(kept)
+                    return block[:start] + block[end:]
+                at = block.find(marker, end)
+        return block
 
     def usage(self) -> Usage | None:
         """The usage of the chunk taken out, if one was."""

@@ -159,3 +159,16 @@ async def test_retention_deletes_old_rows(db_url: str) -> None:
             assert list(ids) == ["r2"]
     finally:
         await engine.dispose()
+
+
+async def test_instances_starting_together_share_one_schema(db_url: str) -> None:
+    """Workers forked from one app migrate a new database at the same moment."""
+    engines = await asyncio.gather(*(open_engine(db_url) for _ in range(3)))
+    try:
+        async with engines[0].connect() as connection:
+            version = (await connection.execute(sa.text("SELECT version_num FROM alembic_version"))
+                       ).all()
+        assert version == [("0001",)]
+    finally:
+        for engine in engines:
+            await engine.dispose()
