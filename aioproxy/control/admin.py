@@ -119,6 +119,11 @@ async def _change(plane: ControlPlane, *statements: sa.Executable) -> int:
     return touched
 
 
+async def _update(plane: ControlPlane, table: sa.Table, id_: str, fields: dict[str, Any]) -> None:
+    if fields:
+        await _change(plane, sa.update(table).where(table.c.id == id_).values(_columns(fields)))
+
+
 def _columns(fields: dict[str, Any]) -> dict[str, Any]:
     columns = dict(fields)
     if "team" in columns:
@@ -173,9 +178,7 @@ async def update_key(request: web.Request) -> web.Response:
     entry = _key(plane, request)
     fields = read_fields(await request.read(), KEY_FIELDS)
     _check_team(plane, fields)
-    if fields:
-        await _change(plane, sa.update(schema.keys).where(schema.keys.c.id == entry.id)
-                      .values(_columns(fields)))
+    await _update(plane, schema.keys, entry.id, fields)
     return _json(key_object(_key(plane, request), plane))
 
 
@@ -217,9 +220,7 @@ async def update_team(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     entry = _team(plane, request)
     fields = read_fields(await request.read(), TEAM_FIELDS)
-    if fields:
-        await _change(plane, sa.update(schema.teams).where(schema.teams.c.id == entry.id)
-                      .values(_columns(fields)))
+    await _update(plane, schema.teams, entry.id, fields)
     return _json(team_object(_team(plane, request), plane))
 
 
