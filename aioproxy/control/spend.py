@@ -72,9 +72,12 @@ class Spend:
         if plane is None:
             return
         tap = call.state.get(STREAM_FILTER)
-        usage = outcome.usage()
-        if usage is None and isinstance(tap, UsageTap) and (usage := tap.usage()) is not None:
-            outcome.record_usage(usage)  # other hooks see the usage the client did not ask for
+        if isinstance(tap, UsageTap) and (usage := tap.usage()) is not None:
+            # The tap read it on its way (the client may not have seen it): other hooks get it
+            # without the stream's last events being parsed again.
+            outcome.record_usage(usage)
+        else:
+            usage = outcome.usage()
         estimated = usage is None
         if usage is None:
             usage = _estimate(call, outcome)

@@ -34,13 +34,16 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _EMPTY = frozenset({b"[]", b"null"})
 
 
-def _usage_only(data: bytes) -> bool:
-    """The event is the usage chunk: a usage and no choices."""
+def _usage_only(data: bytes) -> bool | None:
+    """True: the event is the usage chunk (a usage, no choices); False: it has a usage and
+    choices; None: it has no usage (or is not JSON)."""
     try:
         chunk = _decode_chunk(data)
     except msgspec.DecodeError:
-        return False
-    return bytes(chunk.usage) != b"null" and bytes(chunk.choices).replace(b" ", b"") in _EMPTY
+        return None
+    if bytes(chunk.usage) == b"null":
+        return None
+    return bytes(chunk.choices).replace(b" ", b"") in _EMPTY
 
 
 def asks_usage(call: Call) -> bool:
@@ -57,7 +60,7 @@ class UsageTap:
         options = call.get("stream_options")
         call.set("stream_options", {**(options if isinstance(options, dict) else {}),
                                     "include_usage": True})
-        self.usage_event: bytes | None = None  # the data of the chunk taken out
+        self.usage_event: bytes | None = None  # the data of the last event with a usage
 
     def __call__(self, reply: StreamReply) -> StreamReply:
         return StreamReply(self._events(reply), reply.aclose, reply.headers, reply.finished)
@@ -82,14 +85,16 @@ class UsageTap:
                 end = block.find(b"\n\n", at)
                 end = len(block) if end == -1 else end + 2
                 data = data_of(block[start:end])
-                if _usage_only(data):
+                usage_only = _usage_only(data)
+                if usage_only is not None:  # it has a usage: kept, so no one parses it again
                     self.usage_event = data
+                if usage_only:
                     return block[:start] + block[end:]
                 at = block.find(marker, end)
         return block
 
     def usage(self) -> Usage | None:
-        """The usage of the chunk taken out, if one was."""
+        """The usage of the last event that had one (taken out or not), if any."""
         if self.usage_event is None:
             return None
         outcome = Outcome(200, stream=False)
