@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
+from .control import cli as control_cli
 from .plugins import PluginLoadError
 from .server import run
 
@@ -150,6 +151,9 @@ def run_workers(count: int, start: Callable[[], None]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in control_cli.COMMANDS:  # keys, teams, spend: the admin API's client
+        return control_cli.main(argv)
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import payloads
+from . import keys, payloads
 from .payloads import Kind
 from .procs import Proc, request, spawn, wait_until
 
@@ -170,7 +170,7 @@ def start_reference(
     return target
 
 
-def aioproxy_config(upstream_port: int) -> str:
+def aioproxy_config(upstream_port: int, database: Path) -> str:
     base = f"http://127.0.0.1:{upstream_port}"
 
     def model(name: str, api_base: str) -> str:
@@ -181,7 +181,23 @@ def aioproxy_config(upstream_port: int) -> str:
         )
 
     models = [model(name, base + path) for name, path in payloads.API_BASES.items()]
-    return f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n" + "\n".join(models)
+    return (
+        f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n"
+        # the control plane's database (spend logging on, as by default), in the run's temp dir
+        f"[database]\nurl = {json.dumps(keys.database_url(database))}\n\n" + "\n".join(models)
+    )
+
+
+def start_aioproxy_keys(
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "aioproxy-keys",
+) -> Target:
+    return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, virtual_keys=True)
 
 
 def start_aioproxy(
@@ -193,10 +209,16 @@ def start_aioproxy(
     *,
     label: str = "aioproxy",
     workers: int | None = None,
+    virtual_keys: bool = False,
 ) -> Target:
-    """``label`` names the target, its config and log; ``workers`` passes `--workers N`."""
+    """``label`` names the target, its config, database and log; ``workers`` passes
+    `--workers N`; ``virtual_keys``: the caller uses one of 1,000 database keys (rpm, tpm and a
+    budget enforced) instead of the config's master key."""
     config = workdir / f"{label}.toml"
-    config.write_text(aioproxy_config(upstream_port))
+    database = workdir / f"{label}.sqlite3"
+    database.unlink(missing_ok=True)
+    auth = keys.seed(database) if virtual_keys else payloads.MASTER_KEY
+    config.write_text(aioproxy_config(upstream_port, database))
     argv = [
         sys.executable,
         str(REPO / "run.py"),
@@ -210,7 +232,7 @@ def start_aioproxy(
         *([] if workers is None else ["--workers", str(workers)]),
     ]
     proc = spawn(label, argv, workdir / f"{label}.log", core, REPO)
-    target = Target(label, proc, port, auth=payloads.MASTER_KEY)
+    target = Target(label, proc, port, auth=auth)
     with stopped_on_error(proc):
         proc.ready_ms = wait_until(proc, lambda: _health(port))
         proc.first_ok_ms = wait_until(proc, lambda: _chat(target))

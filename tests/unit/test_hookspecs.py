@@ -22,6 +22,7 @@ def test_hook_names() -> None:
     assert set(hookspecs.HOOK_NAMES) == {
         "register_providers",
         "register_routes",
+        "register_contexts",
         "authenticate",
         "map_model",
         "list_models",
@@ -33,6 +34,7 @@ def test_hook_names() -> None:
     assert set(hookspecs.HOOK_NAMES) - set(hookspecs.PER_REQUEST_HOOKS) == {
         "register_providers",
         "register_routes",
+        "register_contexts",
     }
 
 
