@@ -57,8 +57,12 @@ class Spend:
 
     @hookimpl
     def before_request(self, call: Call) -> None:
+        # Only a database key's spend is counted (its budget, its spend figures), so only its
+        # streams are tapped: a config key's stream goes through untouched, logged with the
+        # usage its client asked for, else an estimate (marked so).
         if (
             call.stream
+            and call.principal.limits.__class__ is KeyLimits
             and call.kind in TAPPED_KINDS
             and STREAM_FILTER not in call.state
             and not asks_usage(call)

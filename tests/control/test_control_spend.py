@@ -16,7 +16,7 @@ from aioproxy.context import Call, Deployment
 from aioproxy.control.pricing import Pricing
 from aioproxy.providers import JSONReply, Provider
 from tests.control.conftest import CHAT, PRICE, Control, chat
-from tests.support import sdk
+from tests.support import MASTER_KEY, sdk
 
 
 def priced(prompt: int, completion: int, cached: int = 0) -> float:
@@ -94,6 +94,22 @@ async def test_usage_chunk_is_asked_for_and_removed(control: Control, fake: Any)
     (row,) = await log_rows(control)
     assert not row["estimated"] and row["output_tokens"] > 0 and row["stream"] is True
     assert row["cost"] == pytest.approx(priced(row["input_tokens"], row["output_tokens"]))
+
+
+async def test_config_key_stream_is_not_tapped(control: Control, fake: Any) -> None:
+    """A config key has no spend to count: its stream goes as the upstream sends it, and its
+    row is priced on an estimate."""
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, "stream": True},
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
+    ) as response:
+        raw = (await response.read()).decode()
+    assert "stream_options" not in fake.last.body
+    chunks = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+    assert chunks and all("usage" not in chunk for chunk in chunks)
+    (row,) = await log_rows(control)
+    assert row["estimated"] is True and row["stream"] is True and row["output_tokens"] > 0
 
 
 async def test_usage_chunk_stays_when_asked_for(control: Control) -> None:
