@@ -101,7 +101,7 @@ class TimeoutOverrides(Base):
         return msgspec.structs.replace(defaults, **changes) if changes else defaults
 
 
-class Price(Base):
+class Price(Base, frozen=True):
     """A deployment's own price, USD per million tokens: it overrides the bundled price table."""
 
     input: Annotated[float, Meta(ge=0)]
@@ -224,7 +224,7 @@ class CompletionsConfig(Base):
     concurrency: Annotated[int, Meta(ge=1)] = 8
 
 
-class DatabaseConfig(Base):
+class DatabaseConfig(Base, frozen=True):
     """Where keys, teams, spend and the request log live (aioproxy.control)."""
 
     # sqlite:///relative/path (to the working directory), sqlite:////absolute/path, or
@@ -235,7 +235,7 @@ class DatabaseConfig(Base):
     poll_interval: PositiveFloat = 2.0
 
 
-class SpendConfig(Base):
+class SpendConfig(Base, frozen=True):
     """The request log and its writer, off the request path."""
 
     log: bool = True  # one row per request in the database (spend needs it)
