@@ -22,6 +22,7 @@ from .errors import (
     RateLimited,
     UpstreamError,
 )
+from .failures import ErrorReader, openai_error, scrub
 from .fields import *  # reading request fields: their names are fields.__all__
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
 from .outcome import Outcome, Usage
@@ -30,7 +31,7 @@ from .replies import JSONReply, Reply, StreamReply
 from .routes import ALIASES, Kind
 from .streaming import DONE, data_of, iter_sse, split_events, sse_data, sse_event
 from .transport import UpstreamResponse
-from .upstream import ErrorReader, Upstream, openai_error, scrub
+from .upstream import Upstream
 
 __all__ = [
     "ALIASES",

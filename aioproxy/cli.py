@@ -96,7 +96,7 @@ def serve(
     port: int,
     loop: str,
     reuse_port: bool,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT."""
     # handler_cancellation: a client that goes away cancels its upstream call at once, even while
@@ -177,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = config.server.port if args.port is None else args.port
     names = list(dict.fromkeys(entry.name for entry in config.models))
 
-    def announce() -> None:
-        print(
-            f"aioproxy serving on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)"
-        )
+    def announce(bound: int = port) -> None:
+        """Printed once serving: the port bound (``--port 0`` binds a free one)."""
+        url = f"http://{host}:{bound}"
+        print(f"aioproxy serving on {url}  (OpenAI base URL: {url}/v1)")
         print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
 
     if args.workers > 1:

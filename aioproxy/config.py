@@ -59,7 +59,7 @@ class Base(
 PositiveFloat = Annotated[float, Meta(gt=0)]
 
 
-class VirtualKey(Base):
+class VirtualKey(Base, frozen=True):
     """A client key; ``models`` limits it to those model names (all when absent)."""
 
     key: Secret
@@ -67,12 +67,12 @@ class VirtualKey(Base):
     models: list[str] | None = None
 
 
-class AuthConfig(Base):
+class AuthConfig(Base, frozen=True):
     master_key: Secret | None = None
     keys: list[VirtualKey] = []
 
 
-class Timeouts(Base):
+class Timeouts(Base, frozen=True):
     """Upstream timeouts in seconds.
 
     ``connect``: opening the connection. ``first_byte``: from sending the request to the answer's
@@ -88,7 +88,7 @@ class Timeouts(Base):
     total: PositiveFloat | None = None
 
 
-class TimeoutOverrides(Base):
+class TimeoutOverrides(Base, frozen=True):
     """A deployment's own timeouts; each one left out is ``[upstream.timeouts]``'s."""
 
     connect: PositiveFloat | None = None
@@ -113,7 +113,7 @@ class Price(Base, frozen=True):
 EndpointKind = Literal["chat_completions", "responses", "completions", "embeddings"]
 
 
-class ModelEntry(Base):
+class ModelEntry(Base, frozen=True):
     """One deployment: the model ``name`` clients send, served by ``provider`` as ``model`` upstream."""
 
     name: Annotated[str, Meta(min_length=1)]
@@ -134,7 +134,7 @@ class ModelEntry(Base):
     price: Price | None = None  # for spend; None: the bundled price table's (genai-prices)
 
 
-class ServerConfig(Base):
+class ServerConfig(Base, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 4000
     max_body_size: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
@@ -158,7 +158,7 @@ class ServerConfig(Base):
 Strategy = Literal["weighted", "least-busy", "latency"]
 
 
-class ModelRouting(Base):
+class ModelRouting(Base, frozen=True):
     """Per-model overrides of the ``[router]`` defaults."""
 
     strategy: Strategy | None = None
@@ -167,7 +167,7 @@ class ModelRouting(Base):
     context_window_fallbacks: list[str] | None = None
 
 
-class RouterConfig(Base):
+class RouterConfig(Base, frozen=True):
     """Choosing among a model's deployments, retrying, falling back and cooling down."""
 
     strategy: Strategy = "weighted"
@@ -185,7 +185,7 @@ class RouterConfig(Base):
     models: dict[str, ModelRouting] = {}
 
 
-class UpstreamConfig(Base):
+class UpstreamConfig(Base, frozen=True):
     timeouts: Timeouts = Timeouts()
     # Client headers copied to the upstream call (any case); everything else stays behind.
     # Credentials and hop-by-hop headers are refused here (see aioproxy.headers).
@@ -201,7 +201,7 @@ class UpstreamConfig(Base):
     max_buffered_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
-class ResponsesConfig(Base):
+class ResponsesConfig(Base, frozen=True):
     """The Responses API bridge's store: where ``store: true`` responses are kept (SQLite)."""
 
     store_path: str = "aioproxy-responses.sqlite3"  # relative paths: to the working directory
@@ -214,7 +214,7 @@ class ResponsesConfig(Base):
     cleanup_interval: PositiveFloat = 300.0
 
 
-class CompletionsConfig(Base):
+class CompletionsConfig(Base, frozen=True):
     """Legacy ``/v1/completions`` on chat-only providers (the bridge): a chat call per prompt."""
 
     # Prompts one request may carry. OpenAI's spec bounds no prompt list; 2048 is its bound on
@@ -246,12 +246,12 @@ class SpendConfig(Base, frozen=True):
     buffer_rows: Annotated[int, Meta(ge=1)] = 100_000
 
 
-class PluginsConfig(Base):
+class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
 
 
-class Config(Base):
+class Config(Base, frozen=True):
     auth: AuthConfig = AuthConfig()
     models: list[ModelEntry] = []
     server: ServerConfig = ServerConfig()

@@ -131,10 +131,10 @@ class ArrayOf(Generic[T]):
     def __init__(self, item: Any, limit: int, small_item: Any = None) -> None:
         self.limit = limit
         self._decoder: msgspec.json.Decoder[list[T] | None] = msgspec.json.Decoder(
-            list[item] | None
+            list.__class_getitem__(item) | None  # a type made at run time
         )
         self._small_decoder: msgspec.json.Decoder[list[T] | None] = msgspec.json.Decoder(
-            list[small_item or item] | None
+            list.__class_getitem__(small_item or item) | None
         )
         # A counter costs a slot per item it may hold: most arrays are short, so a small one
         # is tried first.
@@ -188,5 +188,6 @@ def text_or_array(
         if not value:
             return None
         if memoryview(value)[0] != _ARRAY:
-            return decode_field(value, _TEXT, param)  # type: ignore[return-value]  # no array
+            text: str | None = decode_field(value, _TEXT, param)  # not an array
+            return text
     return array.decode(value, param)

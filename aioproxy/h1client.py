@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import select
 import socket
 import ssl
@@ -150,7 +151,7 @@ class _Connection(BaseProtocol):
                 self._body_began()
         try:
             messages, _, _ = parser.feed_data(data)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any parser error: the answer is not HTTP
             head = self.head
             if head is not None and not head.done():
                 self._fail(UpstreamProtocolError(f"invalid HTTP answer: {type(exc).__name__}"))
@@ -183,7 +184,7 @@ class _Connection(BaseProtocol):
         if by_upstream and parser is not None and payload is not None:
             try:  # ends a body read until EOF; raises for a truncated one
                 parser.feed_eof()
-            except Exception as parse_error:
+            except Exception as parse_error:  # noqa: BLE001 - any parser error: a cut body
                 self._fail(
                     aiohttp.ClientPayloadError(f"answer cut short: {type(parse_error).__name__}")
                 )
@@ -455,7 +456,7 @@ class H1Pool:
                 conn.answer_ended(should_close)
             else:
                 conn.response = response
-                payload.on_eof(lambda: conn.answer_ended(should_close))
+                payload.on_eof(functools.partial(conn.answer_ended, should_close))
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -579,7 +580,8 @@ class H1Pool:
         cached = self._addresses.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
-        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos: list[aiohappyeyeballs.AddrInfoType] = list(found)  # typeshed's tuples, widened
         if not infos:
             raise OSError(f"no address for {host}")
         if len(self._addresses) >= _MAX_TARGETS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -12,6 +13,9 @@ from .streaming import SSE_HEADERS
 __all__ = ["KeepAlive", "KeepAliveClock"]
 
 _TICKS_PER_INTERVAL = 4
+
+# call_later(delay, callback): schedules one tick, returning its handle.
+CallLater = Callable[[float, Callable[[], None]], object]
 
 
 class KeepAliveClock:
@@ -25,11 +29,14 @@ class KeepAliveClock:
     timer of its own would cost more, ~1-3 µs to set and cancel (a libuv timer under uvloop).
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, call_later: CallLater | None = None) -> None:
         self.interval = interval
+        # Runs a callback after a delay: the running loop's call_later; tests pass a fake one
+        # and fire its ticks themselves.
+        self._call_later = call_later or _loop_call_later
         self._waiting: dict[KeepAlive, int] = {}  # each stream: the tick at which it is due
         self._ticks = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: object | None = None  # the pending tick's handle, while one is pending
 
     def watch(self, request: web.Request) -> KeepAlive:
         """Start watching a stream; ``KeepAlive.stop`` once its first event (or failure) came."""
@@ -37,14 +44,13 @@ class KeepAliveClock:
         # Due at the 4th tick from now: 0.75-1 interval away (the next tick is 0-0.25 away).
         self._waiting[keeper] = self._ticks + _TICKS_PER_INTERVAL
         if self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick, loop)
+            self._timer = self._call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick)
         return keeper
 
     def forget(self, keeper: KeepAlive) -> None:
         self._waiting.pop(keeper, None)
 
-    def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _on_tick(self) -> None:
         self._ticks += 1
         due = [keeper for keeper, tick in self._waiting.items() if tick <= self._ticks]
         for keeper in due:
@@ -52,7 +58,11 @@ class KeepAliveClock:
             keeper.start()
         self._timer = None
         if self._waiting:
-            self._timer = loop.call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick, loop)
+            self._timer = self._call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick)
+
+
+def _loop_call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+    return asyncio.get_running_loop().call_later(delay, callback)
 
 
 class KeepAlive:

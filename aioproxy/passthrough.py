@@ -71,7 +71,7 @@ async def events(
                     raise error
             last = block
             yield block
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
         raise_stream_failure(exc, deployment)
     finally:
         # When the client leaves (or the proxy stops after the final event) the inner generator

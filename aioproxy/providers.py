@@ -103,7 +103,7 @@ class Provider:
 
     def __init__(self, upstream: Upstream, config: ProviderConfig) -> None:
         if not isinstance(upstream, Upstream):  # the deprecated (session, Config) form
-            warnings.warn(
+            warnings.warn(  # type: ignore[unreachable]  # untyped legacy callers
                 f"{type(self).__name__}(session, config) is deprecated: a provider takes "
                 "(upstream, provider_config)",
                 DeprecationWarning,

@@ -188,9 +188,7 @@ class Router:
             return False
         if deployment.rpm is not None and health.requests.total(now) >= deployment.rpm:
             return False
-        if deployment.tpm is not None and health.tokens.total(now) >= deployment.tpm:
-            return False
-        return True
+        return deployment.tpm is None or health.tokens.total(now) < deployment.tpm
 
     def pick(
         self,

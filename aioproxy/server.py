@@ -64,7 +64,7 @@ async def _serve(
     host: str,
     port: int,
     reuse_port: bool,
-    on_ready: Callable[[], None] | None,
+    on_ready: Callable[[int], None] | None,
     **runner_options: Any,
 ) -> None:
     runner = web.AppRunner(app, handle_signals=True, **runner_options)
@@ -76,7 +76,7 @@ async def _serve(
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         if on_ready is not None:
-            on_ready()
+            on_ready(runner.addresses[0][1])  # the port bound: port 0 picks one
         await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
     finally:
         await runner.cleanup()
@@ -89,12 +89,13 @@ def run(
     port: int,
     *,
     reuse_port: bool = False,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
     **runner_options: Any,
 ) -> None:
     """Serve ``app`` on ``loop`` until SIGTERM/SIGINT, then shut down gracefully (as run_app).
 
-    ``on_ready`` runs once the app has started and the port is listening. A failure to start
+    ``on_ready(port)`` runs once the app has started, the port is listening and SIGTERM/SIGINT
+    are handled: a supervisor that reads it may signal from then on. A failure to start
     (a provider refusing its config, say) is raised.
     """
     asyncio.set_event_loop(loop)

@@ -20,10 +20,6 @@ from .failures import (
     as_proxy_error,
     openai_error,
     raise_stream_failure,
-    read_upstream_error,
-    scrub,
-    scrub_bytes,
-    stream_error,
 )
 from .h1client import H1Pool
 from .headers import never_forwarded
@@ -31,38 +27,23 @@ from .replies import JSONReply, Reply, StreamReply
 from .streaming import iter_sse
 from .transport import (
     SessionTransport,
-    StreamTimeout,
     Transport,
     UpstreamResponse,
     make_session,
 )
-from .transport import client_timeout as timeout_for
 
+# answer_of, closed_on_failure, post_via, read_capped: what providers.Provider's request() and
+# its deprecated post() are made of (the end of this module).
 __all__ = [
     "ErrorReader",
     "Upstream",
-    "forwardable",
-    "make_session",
-    # Deprecated: still imported by the plugins and their tests until they use `Upstream`
-    # (WP3) and failures.py; the final pass of issue 11 drops them.
     "answer_of",
     "closed_on_failure",
-    "deployment_timeout",
-    "failure_from",
-    "forward",
-    "openai_error",
+    "forwardable",
+    "make_session",
     "post_via",
     "read_capped",
-    "read_upstream_error",
-    "scrub",
-    "scrub_bytes",
-    "StreamTimeout",
-    "stream_error",
-    "timeout_for",
-    "timeouts_of",
 ]
-
-failure_from = as_proxy_error  # deprecated name
 
 
 async def _read_capped(response: UpstreamResponse, deployment: Deployment) -> bytes:
@@ -234,7 +215,7 @@ class Upstream:
         try:
             async for event in events:
                 yield event
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
             raise_stream_failure(exc, deployment)
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse
@@ -257,8 +238,8 @@ class Upstream:
         return {name: value for name in self._forwarded if (value := sent.get(name)) is not None}
 
 
-# --- Deprecated: the ways providers called upstreams before `Upstream` (issue 11). Still used by
-# the plugins, providers.Provider.post and a few tests until they move to `Upstream`.
+# --- What providers.Provider's request() (outside a request: GET, DELETE) and its deprecated
+# post() (the way providers called upstreams before `Upstream`) are made of.
 
 answer_of = _answer
 closed_on_failure = _Guard
@@ -294,28 +275,3 @@ async def post_via(
     return await session.post(
         url, data=body, headers=headers, timeout=timeout, allow_redirects=False
     )
-
-
-def timeouts_of(deployment: Deployment, config: Config) -> Timeouts:
-    """The deployment's timeouts (config ones are already merged over the global ones)."""
-    return deployment.timeouts or config.upstream.timeouts
-
-
-def deployment_timeout(call: Call, config: Config) -> aiohttp.ClientTimeout:
-    return timeout_for(timeouts_of(call.deployment, config))
-
-
-async def forward(
-    call: Call,
-    session: aiohttp.ClientSession,
-    url: str,
-    headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout | None,
-    body: bytes | None = None,
-    *,
-    pool: H1Pool | None = None,
-) -> Reply:
-    """:meth:`Upstream.forward` for a provider holding a session (and maybe the app's pool)."""
-    payload = call.body() if body is None else body
-    sending = post_via(session, pool, url, payload, headers, timeout)
-    return await _forwarded(call, sending, getattr(timeout, "event", None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ __all__ = [
     "gateway_config",
     "running",
     "sdk",
+    "start_run_py",
     "wait_healthy",
 ]
 
@@ -100,21 +102,40 @@ async def wait_healthy(port: int) -> None:
         await eventually(healthy, within=30, interval=0.05, what=f"run.py healthy on {port}")
 
 
+async def start_run_py(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, int, list[str]]:
+    """``python run.py --port 0 ARGS``: (the process, the port it bound, its announce lines).
+
+    The port comes from the process itself, which prints it once it listens and handles
+    SIGTERM: a free port picked beforehand can be taken by another process meanwhile (whose
+    /health would then answer for this one, still starting)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "run.py", "--port", "0", *args,
+        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        first = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()  # safety net
+        lines = [first, (await process.stdout.readline()).decode()]
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    match = re.search(r"serving on http://[^:]+:(\d+)", first)
+    assert match, f"run.py did not announce its port: {first!r}"
+    return process, int(match.group(1)), lines
+
+
 @asynccontextmanager
 async def running(
     *args: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[int, list[str]]]:
-    """Start run.py, wait for /health, yield (port, stdout lines so far); stop it after."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "run.py", "--port", str(port), *args,
-        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    """Start run.py, wait for /health, yield (port, its announce lines); stop it after."""
+    process, port, lines = await start_run_py(*args, env=env)
     try:
         await wait_healthy(port)
-        assert process.stdout is not None
-        lines = [(await process.stdout.readline()).decode() for _ in range(2)]
         yield port, lines
     finally:
         process.terminate()

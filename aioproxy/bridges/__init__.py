@@ -20,11 +20,14 @@ __all__ = [
     "make_responses_bridge",
 ]
 
+# The default (an immutable Struct): built once, not in the signature (B008).
+_NO_COMPLETIONS_CONFIG = CompletionsConfig()
+
 
 def bridge_methods(
     methods: dict[Kind, ProviderMethod],
     store: ResponseStore | None,
-    completions: CompletionsConfig = CompletionsConfig(),
+    completions: CompletionsConfig = _NO_COMPLETIONS_CONFIG,
     admission: Admission | None = None,
     *,
     endpoints: Collection[Kind] | None = None,

@@ -97,9 +97,12 @@ class NativeResponses:
         ``bridge`` serving instead when the upstream answers that it has no such route."""
 
         async def responses(call: Call) -> Reply:
-            if "previous_response_id" in call.fields:
-                if await self._bridged_previous(call) and bridge is not None:
-                    return await bridge(call)
+            if (
+                "previous_response_id" in call.fields
+                and await self._bridged_previous(call)
+                and bridge is not None
+            ):
+                return await bridge(call)
             try:
                 reply = await native(call)
             except ProxyError as exc:

@@ -191,7 +191,7 @@ def chat_request(
     chat: dict[str, Any] = {"messages": messages}
     # Absent and null alike are not sent.
     sent = {name: raw for name, raw in fields.items() if raw != NULL}
-    echo = {name: sent[name] for name in _ECHOED if name in sent}
+    echo: dict[str, Any] = {name: sent[name] for name in _ECHOED if name in sent}
     chat.update((name, sent[name]) for name in _SAME_NAME if name in sent)
     if "max_output_tokens" in sent:
         chat["max_completion_tokens"] = sent["max_output_tokens"]

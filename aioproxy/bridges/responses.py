@@ -16,10 +16,10 @@ import msgspec
 
 from ..context import Call
 from ..errors import BadGateway, BadRequest, NotFound, ProxyError
+from ..failures import as_proxy_error
 from ..fields import BOOL, STR, get_field
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import data_of, sse_event
-from ..upstream import failure_from
 from .common import chat_call, events_of, first_event, once
 from .response_events import ChatAnswer, ResponseBuilder, decode_chat_answer, response_from_chat
 from .response_request import ChatRequest, chat_request, input_messages
@@ -205,10 +205,10 @@ async def _translate(
                     f"Deployment {where} ended its stream before it was complete",
                     code="upstream_stream_incomplete",
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the stream's error event
             if not isinstance(exc, ProxyError):
                 log.warning("the chat stream of a bridged response failed: %r", exc)
-            for out in builder.fail(failure_from(exc, call.deployment if call.routed else None)):
+            for out in builder.fail(as_proxy_error(exc, call.deployment if call.routed else None)):
                 yield out
             return
         final = builder.finish()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -30,6 +30,8 @@ __all__ = ["BrokenChain", "ResponseStore", "StoreUnavailable", "owner_of"]
 
 # How the store waits for its next cleanup: loop.call_later's signature (tests pass their own).
 Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
+
+_R = TypeVar("_R")  # what a store call run in the executor returns
 
 log = logging.getLogger("aioproxy")
 
@@ -278,7 +280,7 @@ class ResponseStore:
 
     # -- on the worker thread ------------------------------------------------------------
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         """``fn(*args)`` on the worker thread; a failure of the database is StoreUnavailable."""
         try:
             if self._executor is None:
@@ -288,7 +290,7 @@ class ResponseStore:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except BrokenChain:
             raise
-        except Exception as exc:  # sqlite3.Error, OSError (the disk), closed
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError (the disk), closed
             raise _unavailable("The response store is unavailable", exc) from None
 
     def _open_db(self) -> None:
@@ -402,7 +404,8 @@ class ResponseStore:
         cursor = self._conn().execute(
             "SELECT deployment, principal FROM native_responses WHERE id = ?", (response_id,)
         )
-        return cursor.fetchone()
+        row: tuple[str, str] | None = cursor.fetchone()
+        return row
 
     def _cleanup(self, cutoff: int, max_bytes: int | None) -> int:
         db = self._conn()
@@ -427,7 +430,7 @@ class ResponseStore:
         return deleted
 
 
-def _decoded(decode: Callable[[bytes], Any], response_id: str, raw: bytes) -> Any:
+def _decoded(decode: Callable[[bytes], _R], response_id: str, raw: bytes) -> _R:
     """``decode(raw)``; a row that cannot be read is StoreUnavailable (logged), not a 500."""
     try:
         return decode(raw)

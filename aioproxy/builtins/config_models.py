@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 from ..config import Config
 from ..context import Deployment, Principal
-from ..deployments import deployments_from  # re-exported until its users import it from there
+from ..deployments import deployments_from
 from ..hookspecs import hookimpl
 
-__all__ = ["ConfigModels", "deployments_from"]
+__all__ = ["ConfigModels"]
 
 
 class ConfigModels:

@@ -26,7 +26,7 @@ def readme_example() -> str:
 
 async def test_readme_embedding_example_runs(aiohttp_server: Any) -> None:
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(readme_example(), str(README), "exec"), namespace)
+    exec(compile(readme_example(), str(README), "exec"), namespace)  # noqa: S102 - our README
     server = await aiohttp_server(namespace["make_app"]())
     async with aiohttp.ClientSession() as http:
         async with http.get(server.make_url("/")) as response:

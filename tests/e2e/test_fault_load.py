@@ -30,7 +30,7 @@ pytestmark = pytest.mark.xdist_group("wallclock")
 
 REQUESTS = 360
 CONCURRENCY = 100
-REQUEST_DEADLINE = 15.0  # no request may take longer: a hung one fails the test
+REQUEST_DEADLINE = 60.0  # a safety net: a request still unanswered then is counted hung
 STREAM_FAULTS = ("cut_stream", "stall_stream")
 # About 25% of upstream requests fail, every way we know.
 FAULT_RATES = {
@@ -176,7 +176,10 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
             "cooldown_seconds": 0.3,
             "fallbacks": {"gpt-test": ["backup"]},
         },
-        upstream={"timeouts": {"connect": 2, "first_byte": 0.4, "read": 0.4}},
+        # Safety nets, not part of the outcome: they end the fakes' hangs and stalls, and a
+        # healthy answer (milliseconds) would have to be slowed 100-fold by a busy machine to
+        # meet one, which would change what is asserted below.
+        upstream={"timeouts": {"connect": 10, "first_byte": 2.0, "read": 2.0}},
         server={"keepalive_interval": 0.1},
     )
     config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
@@ -220,9 +223,9 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert streamed["ok"] + plain["ok"] >= 0.99 * (REQUESTS - mid_stream)
 
         # And afterwards: no upstream request or connection still held, no task left behind.
-        await eventually(lambda: all(fake.in_flight == 0 for fake in fakes), within=3.0)
-        await eventually(lambda: pool.busy_connections == 0, within=3.0)
-        await eventually(lambda: not proxy.runner.server.connections, within=3.0)  # type: ignore[union-attr]
+        await eventually(lambda: all(fake.in_flight == 0 for fake in fakes), within=30.0)
+        await eventually(lambda: pool.busy_connections == 0, within=30.0)
+        await eventually(lambda: not proxy.runner.server.connections, within=30.0)  # type: ignore[union-attr]
         runtime = proxy.app[aioproxy.keys.runtime_key]
         snapshot = runtime.router.snapshot(runtime.deployments)
         assert all(row["in_flight"] == 0 for row in snapshot), snapshot

@@ -573,7 +573,7 @@ async def test_malformed_http_gets_a_400_and_the_proxy_keeps_serving(
         b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
     ]
     for data in cases:
-        status, headers, body = parse_response(await raw_request(proxy, data))
+        status, _headers, body = parse_response(await raw_request(proxy, data))
         assert status == 400, (data[:60], status, body)
     assert fake.requests == []
     await still_serving(proxy)
@@ -698,11 +698,19 @@ SCALARS = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12)
 )
+
+
+def _nested(
+    inner: st.SearchStrategy[Any],
+) -> st.SearchStrategy[Any]:
+    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
+    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 JSON = st.recursive(
     SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    _nested,
     max_leaves=12,
 )
 TEXT = st.text(min_size=1, max_size=30)

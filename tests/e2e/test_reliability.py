@@ -644,7 +644,7 @@ async def test_cooled_down_model_goes_straight_to_its_fallback(
     for _ in range(2):
         assert (await chat(proxy))[0] == 200  # from the backup
     assert len(fake.requests) == 2
-    status, body, _ = await readiness(proxy)
+    _status, body, _ = await readiness(proxy)
     assert rows_of(body)[0]["cooldown_remaining"] > 0
     for _ in range(3):
         assert (await chat(proxy))[0] == 200
@@ -868,7 +868,7 @@ async def test_deployment_timeouts_override_the_global_ones(
     config["models"][1]["name"] = "gpt-other"  # b: global timeouts
     proxy = await serve_proxy(config)
     pair.a.faults = ["stall_stream"]
-    status, _, blocks = await stream_raw(proxy)  # 0.3 s, well within the client's 10 s
+    _status, _, blocks = await stream_raw(proxy)  # 0.3 s, well within the client's 10 s
     assert stream_error(blocks)["code"] == "upstream_timeout"
 
     pair.b.faults = ["stall_stream"]
@@ -887,7 +887,7 @@ async def test_deployment_timeouts_fall_back_to_the_global_ones_field_by_field(
     )
     fake.faults = ["stall_stream"]
     try:
-        status, _, blocks = await stream_raw(proxy)
+        _status, _, blocks = await stream_raw(proxy)
     finally:
         await fake.wait_idle(5)
     assert stream_error(blocks)["code"] == "upstream_timeout"

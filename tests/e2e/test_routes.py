@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import aiohttp
 import openai
 import pytest
@@ -169,7 +171,7 @@ async def test_stream_events_pass_through_one_by_one(
         async for line in resp.content:
             if line.startswith(b"data:"):
                 arrivals.append(loop.time())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) >= 5
     assert all(gap > 0.1 for gap in gaps), gaps  # never coalesced into one late burst
 

@@ -80,7 +80,7 @@ def assert_unnamed(raw: bytes) -> None:
 async def test_the_limited_key_may_not_ask_for_the_fallback(
     serve_proxy: ServeProxy, two: tuple[FakeOpenAI, FakeOpenAI, str, str]
 ) -> None:
-    a, e, base_a, base_e = two
+    _a, e, base_a, base_e = two
     proxy = await serve_proxy(limited_config(base_a, base_e))
     status, _ = await post(proxy, LIMITED, body_for("gpt-expensive"))
     assert status == 403 and e.requests == []

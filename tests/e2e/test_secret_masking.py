@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 
 from aioproxy.config import Secret
 from aioproxy.context import Deployment
+from aioproxy.failures import read_upstream_error
 from aioproxy.testing import assert_openai_error
-from aioproxy.upstream import read_upstream_error
 from tests.support import AUTH, MASTER_KEY, ServeProxy, sdk
 
 SHORT_KEY = "k3Y9z"  # shorter than 8 characters
@@ -325,7 +325,7 @@ def test_mask_covers_every_form_and_spares_other_text() -> None:
         api_base=f"https://{USER}:{quote(PASSWORD, safe='')}@example.test/v1",
         headers={"X-Org-Token": Secret(HEADER_TOKEN), "X-Flag": Secret("1")},
     )
-    from aioproxy.upstream import scrub, scrub_bytes
+    from aioproxy.failures import scrub, scrub_bytes
 
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     text = echoes(

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ import aiohttp
 import pytest
 
 from aioproxy.testing import FakeOpenAI, eventually
-from tests.support import AUTH, MASTER_KEY, ROOT, UPSTREAM_KEY, free_port, wait_healthy
+from tests.support import AUTH, MASTER_KEY, UPSTREAM_KEY, start_run_py, wait_healthy
 
 # Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
 pytestmark = pytest.mark.xdist_group("wallclock")
@@ -53,23 +51,8 @@ api_key = "{UPSTREAM_KEY}"
 
 @asynccontextmanager
 async def running(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """``python run.py --config F --port P``, healthy; killed at the end if still running."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "run.py",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    """``python run.py --config F --port 0``, healthy; killed at the end if still running."""
+    process, port, _ = await start_run_py("--config", str(config), "--log-level", "warning")
     try:
         await wait_healthy(port)
         yield process, port

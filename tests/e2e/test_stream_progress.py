@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from aioproxy.config import Timeouts
-from aioproxy.upstream import timeout_for
+from aioproxy.transport import client_timeout as timeout_for
 from tests.support import AUTH, MASTER_KEY, ServeProxy
 
 FIRST = {

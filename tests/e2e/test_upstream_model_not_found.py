@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from aioproxy import Deployment
+from aioproxy.failures import read_upstream_error
 from aioproxy.testing import FakeOpenAI
 from aioproxy.testing.openai_upstream import MISSING_MODEL
-from aioproxy.upstream import read_upstream_error
 from tests.support import UPSTREAM_KEY, ServeProxy, gateway_config, sdk
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -66,12 +66,18 @@ async def test_another_deployment_answers_instead(
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"error": {"message": "The model `x` does not exist or you do not have access to it.",'
-        b' "type": "invalid_request_error", "param": null, "code": "model_not_found"}}',  # OpenAI
-        b'{"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError",'
-        b' "param": null, "code": 404}',  # vLLM
-        b'{"error": {"message": "model \\"x\\" not found, try pulling it first",'
-        b' "type": "api_error", "param": null, "code": null}}',  # Ollama
+        (
+            b'{"error": {"message": "The model `x` does not exist or you do not have access to it.",'
+            b' "type": "invalid_request_error", "param": null, "code": "model_not_found"}}'
+        ),  # OpenAI
+        (
+            b'{"object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError",'
+            b' "param": null, "code": 404}'
+        ),  # vLLM
+        (
+            b'{"error": {"message": "model \\"x\\" not found, try pulling it first",'
+            b' "type": "api_error", "param": null, "code": null}}'
+        ),  # Ollama
     ],
     ids=["openai", "vllm", "ollama"],
 )

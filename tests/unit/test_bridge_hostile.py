@@ -36,9 +36,14 @@ SCALARS = st.one_of(
         ]
     ),
 )
-JSON = st.recursive(
-    SCALARS,
-    lambda inner: st.one_of(
+
+
+def _nested(
+    inner: st.SearchStrategy[Any],
+) -> st.SearchStrategy[Any]:
+    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
+    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
+    return st.one_of(
         st.lists(inner, max_size=3),
         st.dictionaries(
             st.sampled_from(
@@ -65,7 +70,12 @@ JSON = st.recursive(
             inner,
             max_size=4,
         ),
-    ),
+    )
+
+
+JSON = st.recursive(
+    SCALARS,
+    _nested,
     max_leaves=12,
 )
 RESPONSES_KEYS = [

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from aioproxy import router
-from aioproxy.builtins.config_models import ConfigModels, deployments_from
+from aioproxy.builtins.config_models import ConfigModels
 from aioproxy.config import Config, Secret, Timeouts, parse_config
 from aioproxy.context import Deployment, Principal
+from aioproxy.deployments import deployments_from
 from aioproxy.router import Router
 
 

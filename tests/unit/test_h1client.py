@@ -25,7 +25,7 @@ from aioproxy import h1client
 from aioproxy.config import Timeouts
 from aioproxy.failures import as_proxy_error
 from aioproxy.h1client import H1Pool, UpstreamConnectError, UpstreamProtocolError
-from aioproxy.transport import SessionTransport, Transport, UpstreamResponse
+from aioproxy.transport import Transport, UpstreamResponse
 
 # Far longer than any test takes: a timer firing must never be what makes a test pass.
 TIMEOUT = Timeouts(total=20, connect=5, read=10)
@@ -179,19 +179,6 @@ async def pool() -> AsyncIterator[H1Pool]:
     pool = H1Pool(asyncio.get_running_loop())
     yield pool
     await pool.close()
-
-
-@pytest.fixture(params=["h1", "session"])
-async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
-    """Either Transport: the behaviour tests take this and run against both, so the lean pool
-    is checked against ClientSession's answers (tests of the pool's own workings take ``pool``)."""
-    made: Transport
-    if request.param == "h1":
-        made = H1Pool(asyncio.get_running_loop())
-    else:
-        made = SessionTransport(aiohttp.ClientSession())
-    yield made
-    await made.close()
 
 
 class Seen:
@@ -805,7 +792,7 @@ async def test_a_pooled_connection_closed_while_idle_is_not_used(pool: H1Pool) -
         assert pool.idle_connections == 1
         upstream.close_now.set()
         upstream.closed.wait(5)  # blocks the loop: the FIN waits in the socket, unseen by it
-        time.sleep(0.05)  # for the FIN to land
+        time.sleep(0.05)  # noqa: ASYNC251 - blocks the loop on purpose: the FIN lands unseen
         _, body = await post(pool, upstream.url())
         assert body == OK
         assert upstream.receptions == [1, 1]  # nothing was written on the closed connection
@@ -1011,7 +998,7 @@ async def test_no_answer_within_sock_read(raw: RawFactory, pool: H1Pool) -> None
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError) as caught:
         await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
-    assert 0.09 < time.monotonic() - started < 1
+    assert time.monotonic() - started > 0.09  # read's bound; wait_for's 2 s is a safety net
     assert as_proxy_error(caught.value, None).status == 504
     await eventually(lambda: upstream.hangups == 1)
     assert pool.open_connections == 0
@@ -1108,7 +1095,7 @@ async def test_total_bounds_a_steady_stream(aiohttp_server: Any, pool: H1Pool) -
 
     with pytest.raises(aiohttp.ServerTimeoutError):
         await asyncio.wait_for(consume(), 3)
-    assert 0.28 < time.monotonic() - started < 1.5
+    assert time.monotonic() - started > 0.28  # total's bound, not read's: data kept coming
     assert received > 0
     await asyncio.wait_for(gone.wait(), 2)
     assert pool.open_connections == 0
@@ -1123,7 +1110,8 @@ async def test_total_bounds_the_wait_for_headers(raw: RawFactory, pool: H1Pool) 
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError):
         await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(total=0.15)), 2)
-    assert time.monotonic() - started < 1
+    # ServerTimeoutError: total's (no other bound is set); wait_for's 2 s raises a plain one.
+    assert time.monotonic() - started > 0.14
 
 
 async def test_connect_refused(pool: H1Pool) -> None:
@@ -1159,7 +1147,7 @@ async def test_connect_timeout_covers_the_wait_for_a_free_connection(raw: RawFac
         started = time.monotonic()
         with pytest.raises(aiohttp.ServerTimeoutError) as caught:
             await asyncio.wait_for(pool.post(upstream.url(), b"", {}, Timeouts(connect=0.1)), 2)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started > 0.09  # connect's bound (wait_for's is a safety net)
         assert as_proxy_error(caught.value, None).status == 504
         assert upstream.connections == 1
         first.cancel()

@@ -207,15 +207,22 @@ def test_duplicate_keys_last_wins() -> None:
 
 # --- property ------------------------------------------------------------------------------------
 
+
+def _nested(
+    children: st.SearchStrategy[Any],
+) -> st.SearchStrategy[Any]:
+    """Lists and objects of ``children``: a named function, whose source hypothesis reads to
+    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
-    ),
+    _nested,
     max_leaves=10,
 )
 RESERVED = {"model", "stream", "messages", "prompt", "input", *DROPPED}

@@ -14,9 +14,9 @@ import pluggy
 import pytest
 
 from aioproxy import Provider, ProviderConfig, Upstream, hookspecs
-from aioproxy.builtins.config_models import deployments_from
 from aioproxy.config import Config, parse_config
 from aioproxy.context import Principal
+from aioproxy.deployments import deployments_from
 from aioproxy.hookspecs import PER_REQUEST_HOOKS, hookimpl
 from aioproxy.plugins import Hook, Hooks, PluginLoadError, make_plugin_manager
 from aioproxy.providers import make_provider, registrar

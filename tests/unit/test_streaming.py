@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -57,7 +58,7 @@ async def sse_from_chunks(chunks: Sequence[bytes], reader_fn: Any = None) -> lis
 
 def split(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     points = sorted({0, len(data), *(c for c in cuts if 0 < c < len(data))})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 async def test_feeding_really_delivers_chunks_one_by_one() -> None:

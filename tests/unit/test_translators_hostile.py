@@ -127,12 +127,22 @@ SCALARS = st.one_of(
     st.text(max_size=6),
     st.sampled_from(WORDS),
 )
-JSON = st.recursive(
-    SCALARS,
-    lambda inner: st.one_of(
+
+
+def _nested(
+    inner: st.SearchStrategy[Any],
+) -> st.SearchStrategy[Any]:
+    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
+    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
+    return st.one_of(
         st.lists(inner, max_size=4),
         st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=3)), inner, max_size=5),
-    ),
+    )
+
+
+JSON = st.recursive(
+    SCALARS,
+    _nested,
     max_leaves=20,
 )
 # An object made mostly of the keys the translators look at, so that deep fields get reached.

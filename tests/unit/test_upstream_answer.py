@@ -18,7 +18,6 @@ from aioproxy.h1client import H1Pool
 from aioproxy.routes import Kind
 from aioproxy.transport import Transport
 from aioproxy.upstream import Upstream
-from tests.unit.test_h1client import transport  # noqa: F401 - the fixture: both transports
 
 DEPLOYMENT = Deployment(name="m", provider="p", model="m", timeouts=Timeouts(total=5))
 CONFIG = parse_config({})

@@ -36,7 +36,6 @@ def os_error() -> OSError:
     ("exc", "status", "code"),
     [
         (TimeoutError(), 504, "upstream_timeout"),
-        (TimeoutError(), 504, "upstream_timeout"),
         (aiohttp.ServerTimeoutError("read"), 504, "upstream_timeout"),
         (aiohttp.ConnectionTimeoutError("connect"), 504, "upstream_timeout"),
         (aiohttp.SocketTimeoutError("sock read"), 504, "upstream_timeout"),

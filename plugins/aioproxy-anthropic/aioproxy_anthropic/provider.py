@@ -156,9 +156,10 @@ async def _events(
 
     Read on to the end of the body after message_stop, so the connection goes back to the pool.
     """
+    finished = False  # a local, not translator.finished: mypy would keep that narrowed
     try:
         async for raw in events:
-            if translator.finished:
+            if finished:
                 continue
             try:
                 event = parse_event(raw)
@@ -174,7 +175,8 @@ async def _events(
                 raise stream_error(event.error, deployment)
             for chunk in translator.feed(event):
                 yield sse_data(chunk)
-            if translator.finished:
+            finished = translator.finished
+            if finished:
                 yield DONE
     finally:
         await events.aclose()  # now, also when the client left: see iter_sse
