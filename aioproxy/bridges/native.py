@@ -155,8 +155,16 @@ class NativeResponses:
             return False
         # Not created natively through here: the bridge's if this key's, else refused, as the
         # bridge refuses it (an id the gateway never saw may be anybody's: the upstream account
-        # is shared). Without the store nothing says whose an id is: refused likewise.
-        await stored_history(self.store, call, previous)
+        # is shared). Without the store nothing says whose an id is: refused likewise. Only the
+        # response itself is looked up: the bridge then reads its history, within its bound.
+        store, asker = self.store, owner_of(call.principal)
+        if (
+            isinstance(previous, str)
+            and store is not None
+            and await store.response(previous, asker) is not None
+        ):
+            return True
+        await stored_history(self.store, call, previous)  # raises the bridge's own error
         return True
 
     # -- remembering ids -------------------------------------------------------------------
