@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install run test check bench bench-smoke bench-peers clean
+.PHONY: install postgres run test check bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PY) -m pip install -q -e ".[uvloop]" $(addprefix -e ,$(PLUGINS)) --group dev
 	touch $(STAMP)
 
+# The control plane's tests run on a real PostgreSQL (a throwaway cluster each session): Debian's
+# server, installed when missing (as root, as on CI); nothing to do when it is there.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
+
 run: install
 	$(PY) run.py
 
@@ -23,7 +29,7 @@ run: install
 # cores: make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
 PYTEST_ARGS ?=
 
-test: install
+test: install postgres
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Lint, format and strict types on the package and the plugins (config in pyproject.toml).

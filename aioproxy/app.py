@@ -99,6 +99,7 @@ def create_app(
 
     pm.hook.register_routes(register=register_route, config=config)
     observability.install(app, pm, runtime)  # after every route: it names their kinds
+    pm.hook.register_contexts(register=app.cleanup_ctx.append, app=app, config=config)
     app.cleanup_ctx.append(_upstream_context)
     if open_mode:
         log.warning(
@@ -145,7 +146,11 @@ def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -
 
 
 def _is_open(runtime: Runtime) -> bool:
-    """No key is needed: only the built-in authentication runs, and it has no keys."""
+    """No key is needed: only the built-in authentication runs (the config's keys and the
+    database's, which has keys only once the master key made some), and the config has none."""
     auth = runtime.config.auth
-    builtin_only = len(runtime.hooks.authenticate.callers) <= 1
+    builtin_only = all(
+        getattr(function, "__module__", "").startswith("aioproxy.")
+        for function in runtime.hooks.authenticate.functions
+    )
     return builtin_only and not auth.master_key and not auth.keys

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
+from .control import cli as control_cli
 from .observability.access_log import configure_logging
 from .observability.metrics import mark_process_dead, prepare_multiprocess, remove_multiprocess
 from .plugins import PluginLoadError
@@ -162,6 +163,9 @@ def run_workers(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in control_cli.COMMANDS:  # keys, teams, spend: the admin API's client
+        return control_cli.main(argv)
     args = parse_args(argv)
     source = args.config or "the default config"
     try:

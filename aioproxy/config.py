@@ -17,14 +17,17 @@ __all__ = [
     "CompletionsConfig",
     "Config",
     "ConfigError",
+    "DatabaseConfig",
     "LoggingConfig",
     "MetricsConfig",
     "ModelEntry",
     "ModelRouting",
+    "Price",
     "ResponsesConfig",
     "RouterConfig",
     "Secret",
     "ServerConfig",
+    "SpendConfig",
     "TimeoutOverrides",
     "Timeouts",
     "UpstreamConfig",
@@ -100,6 +103,14 @@ class TimeoutOverrides(Base, frozen=True):
         return msgspec.structs.replace(defaults, **changes) if changes else defaults
 
 
+class Price(Base, frozen=True):
+    """A deployment's own price, USD per million tokens: it overrides the bundled price table."""
+
+    input: Annotated[float, Meta(ge=0)]
+    output: Annotated[float, Meta(ge=0)] = 0.0
+    cached_input: Annotated[float, Meta(ge=0)] | None = None  # None: the input price
+
+
 # The endpoint kinds a provider serves (aioproxy.routes.PROVIDER_KINDS), as config spells them.
 EndpointKind = Literal["chat_completions", "responses", "completions", "embeddings"]
 
@@ -122,6 +133,7 @@ class ModelEntry(Base, frozen=True):
     # rest are bridged onto chat completions where that is native, e.g. for a server without
     # /v1/responses: ["chat_completions", "embeddings"].
     endpoints: Annotated[list[EndpointKind], Meta(min_length=1)] | None = None
+    price: Price | None = None  # for spend; None: the bundled price table's (genai-prices)
 
 
 class ServerConfig(Base, frozen=True):
@@ -237,6 +249,28 @@ class LoggingConfig(Base, frozen=True):
     format: Literal["text", "json"] = "text"  # run.py's --log-format overrides it
 
 
+class DatabaseConfig(Base, frozen=True):
+    """Where keys, teams, spend and the request log live (aioproxy.control)."""
+
+    # sqlite:///relative/path (to the working directory), sqlite:////absolute/path, or
+    # postgresql://user:password@host/db; "${VAR}" is expanded like everywhere else.
+    url: Annotated[str, Meta(min_length=1)] = "sqlite:///aioproxy.sqlite3"
+    # Seconds between two looks at the database for what other instances changed (keys,
+    # teams, spend): a change made elsewhere applies here within this long.
+    poll_interval: PositiveFloat = 2.0
+
+
+class SpendConfig(Base, frozen=True):
+    """The request log and its writer, off the request path."""
+
+    log: bool = True  # one row per request in the database (spend needs it)
+    retention_days: PositiveFloat | None = 90.0  # older rows are deleted (None: kept for ever)
+    flush_interval: PositiveFloat = 1.0  # seconds between two batched writes
+    batch_size: Annotated[int, Meta(ge=1)] = 1000  # rows that trigger a write at once
+    # Rows held while the database is unreachable; beyond it the oldest are dropped (counted).
+    buffer_rows: Annotated[int, Meta(ge=1)] = 100_000
+
+
 class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
@@ -253,6 +287,8 @@ class Config(Base, frozen=True):
     completions: CompletionsConfig = CompletionsConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    spend: SpendConfig = SpendConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

@@ -8,14 +8,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .config import Secret, Timeouts
+from .config import Price, Secret, Timeouts
 from .errors import BadRequest
 from .fields import raw_fields
 from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import request_id
 from .routes import Kind
 
-__all__ = ["Call", "Deployment", "Principal"]
+__all__ = ["STREAM_FILTER", "Call", "Deployment", "Principal"]
+
+# ``call.state[STREAM_FILTER]``: a function a before_request hook may set, given a streamed
+# StreamReply and returning the one the client gets (e.g. without a chunk the plugin asked for).
+STREAM_FILTER = "aioproxy.stream_filter"
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode
@@ -45,6 +49,10 @@ class Principal(msgspec.Struct, frozen=True):
     models: frozenset[str] | None = None
     is_master: bool = False
     id: str = ""
+    team: str | None = None  # the team's id, for a key in a team
+    # What enforcement needs, set by the plugin that authenticated the key (aioproxy.control's
+    # KeyLimits for database keys); None: no limit of that plugin's applies.
+    limits: Any = None
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -70,6 +78,8 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     # The endpoint kinds its upstream serves itself (None: all its provider implements); the
     # gateway bridges the others onto chat completions.
     endpoints: frozenset[Kind] | None = None
+
+    price: Price | None = None  # USD per million tokens; None: the bundled price table's
 
     id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"
 

@@ -33,6 +33,7 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
                 endpoints=(
                     frozenset(Kind(kind) for kind in entry.endpoints) if entry.endpoints else None
                 ),
+                price=entry.price,
             )
         )
     return {name: tuple(deployments) for name, deployments in table.items()}

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import aiohttp
 
 from .config import Config
-from .context import Call, Deployment
+from .context import STREAM_FILTER, Call, Deployment
 from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
@@ -372,7 +372,12 @@ class Dispatcher:
         method = self.registry.method_for(call)
         try:
             reply = await method(call)
-            first = await first_event(reply) if isinstance(reply, StreamReply) else None
+            if isinstance(reply, StreamReply):
+                if (stream_filter := call.state.get(STREAM_FILTER)) is not None:
+                    reply = stream_filter(reply)  # a plugin's (e.g. the spend's usage tap)
+                first = await first_event(reply)
+            else:
+                first = None
         except ProxyError:
             raise
         except (aiohttp.ClientError, OSError) as exc:  # a transport error the provider let out

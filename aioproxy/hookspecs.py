@@ -20,7 +20,7 @@ An implementation may accept any subset of a hook's arguments, by name.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 import pluggy
@@ -57,6 +57,10 @@ class RegisterRoute(Protocol):
     def __call__(self, method: str, path: str, handler: Handler) -> None: ...
 
 
+class RegisterContext(Protocol):
+    def __call__(self, context: Callable[[web.Application], AsyncIterator[None]]) -> None: ...
+
+
 @hookspec
 def register_providers(register: RegisterProvider, config: Config) -> None:
     """Register provider implementations.
@@ -77,6 +81,20 @@ def register_routes(register: RegisterRoute, config: Config) -> None:
     Runs once when an app is created (with its ``config``), before the route table is frozen. Call
     ``register(method, path, handler)``; ``handler`` is an ordinary aiohttp handler, and the app's
     error middleware renders its exceptions as OpenAI errors. Synchronous.
+    """
+
+
+@hookspec
+def register_contexts(register: RegisterContext, app: web.Application, config: Config) -> None:
+    """Add what a plugin holds for the app's life: a database, a background task.
+
+    Runs once when an app is created (with its ``config``). Call ``register(context)`` with an
+    async generator function taking the ``web.Application``: the part before its ``yield`` runs
+    as the app starts (an exception there stops the start-up; a ConfigError's message is shown),
+    the part after it as the app stops, once in-flight requests are done (aiohttp's
+    ``cleanup_ctx``). It may keep its state in the app under its own ``web.AppKey``. ``app`` is
+    the app being built, for what must be added before it starts (e.g. an
+    ``on_response_prepare`` signal). Synchronous.
     """
 
 

@@ -125,6 +125,10 @@ class Outcome:
             self._usage = self._read_usage()
         return self._usage  # type: ignore[no-any-return]
 
+    def record_usage(self, usage: Usage | None) -> None:
+        """Set the usage (a plugin that took the usage chunk out of a stream read it there)."""
+        self._usage = usage
+
     def _read_usage(self) -> Usage | None:
         try:
             if self.body is not None:

@@ -26,6 +26,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.builtins.config_auth:ConfigAuth",
     "aioproxy.builtins.config_models:ConfigModels",
     "aioproxy.observability.observer:observer",
+    # The control plane (issue 12): database keys and teams, limits, spend and the request log.
+    "aioproxy.control.database:Database",
+    "aioproxy.control.keyauth:KeyAuth",
+    "aioproxy.control.limits:Limits",
+    "aioproxy.control.spend:Spend",
 )
 
 

@@ -63,13 +63,16 @@ from harness.servers import (
     check_response,
     nginx_version,
     start_aioproxy,
+    start_aioproxy_keys,
     start_reference,
     start_upstream,
 )
 from peers import litellm as litellm_peer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("direct", "reference", "aioproxy", "litellm")
+# aioproxy-keys: aioproxy with 1,000 virtual keys in its database, the caller's holding rpm, tpm
+# and a budget (issue 12): against aioproxy (config keys only) and the reference.
+TARGETS = ("direct", "reference", "aioproxy", "aioproxy-keys", "litellm")
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
 PARTS = ("matrix", "first-event", "workers", "soak", "loops", "observability")
 SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
@@ -560,9 +563,10 @@ def servers(
         starters = {
             "reference": start_reference,
             "aioproxy": start_aioproxy,
+            "aioproxy-keys": start_aioproxy_keys,
             "litellm": litellm_peer.start_litellm,
         }
-        for name in ("reference", "aioproxy", "litellm"):
+        for name in ("reference", "aioproxy", "aioproxy-keys", "litellm"):
             if name in args.targets:
                 print(f"bench: starting {name}", flush=True)
                 port = procs.free_port()

@@ -97,15 +97,19 @@ async def start_proxy(
     """Serve ``config`` with ``plugins`` on 127.0.0.1 (installed plugins are not loaded).
 
     A mapping (the TOML's shape) gets the kit's defaults under its own values: master key
-    ``KIT_KEY``, no retries, no cooldown, and the Responses store in a temporary folder of its
-    own, removed when the server closes. A :class:`~aioproxy.config.Config` is used as it is.
+    ``KIT_KEY``, no retries, no cooldown, and the Responses store and the control plane's
+    database in a temporary folder of its own, removed when the server closes. A :class:`~aioproxy.config.Config` is used as it is.
     """
     scratch: Path | None = None
     if not isinstance(config, Config):
         scratch = Path(tempfile.gettempdir(), f"aioproxy-testing-{uuid.uuid4().hex}")
-        store = {"store_path": str(scratch / "responses.sqlite3")}  # made on first use
+        scratch.mkdir()  # the control plane's database is opened at start-up
+        own = {
+            "responses": {"store_path": str(scratch / "responses.sqlite3")},  # made on first use
+            "database": {"url": f"sqlite:///{scratch / 'control.sqlite3'}"},
+        }
         merged = dict(config)
-        for table, defaults in {**_KIT_DEFAULTS, "responses": store}.items():
+        for table, defaults in {**_KIT_DEFAULTS, **own}.items():
             merged[table] = {**defaults, **config.get(table, {})}
         config = parse_config(merged, "<aioproxy.testing>")
     app = create_app(config, plugins=plugins, load_entrypoints=False)

@@ -125,10 +125,22 @@ def has_clean_run(runs: Iterable[Measured]) -> bool:
 
 
 # Ratio pairs: (numerator, denominator) target names.
-PAIRS = [("aioproxy", "reference"), ("aioproxy", "direct"), ("reference", "direct")]
+PAIRS = [
+    ("aioproxy", "reference"),
+    ("aioproxy", "direct"),
+    ("reference", "direct"),
+    ("aioproxy-keys", "aioproxy"),
+    ("aioproxy-keys", "reference"),
+]
 # Other gateways (--peers) against aioproxy, in a table of their own.
 PEERS = {"litellm": "LiteLLM"}
-SHORT = {"aioproxy": "aio", "reference": "ref", "direct": "direct", "litellm": "litellm"}
+SHORT = {
+    "aioproxy": "aio",
+    "aioproxy-keys": "keys",
+    "reference": "ref",
+    "direct": "direct",
+    "litellm": "litellm",
+}
 
 
 def _ms(us: float) -> str:

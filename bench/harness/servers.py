@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import payloads
+from . import keys, payloads
 from .payloads import Kind
 from .procs import Proc, request, spawn, wait_until
 
@@ -173,7 +173,7 @@ def start_reference(
     return target
 
 
-def aioproxy_config(upstream_port: int) -> str:
+def aioproxy_config(upstream_port: int, database: Path) -> str:
     base = f"http://127.0.0.1:{upstream_port}"
 
     def model(name: str, api_base: str) -> str:
@@ -184,7 +184,23 @@ def aioproxy_config(upstream_port: int) -> str:
         )
 
     models = [model(name, base + path) for name, path in payloads.API_BASES.items()]
-    return f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n" + "\n".join(models)
+    return (
+        f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n"
+        # the control plane's database (spend logging on, as by default), in the run's temp dir
+        f"[database]\nurl = {json.dumps(keys.database_url(database))}\n\n" + "\n".join(models)
+    )
+
+
+def start_aioproxy_keys(
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "aioproxy-keys",
+) -> Target:
+    return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, virtual_keys=True)
 
 
 def start_aioproxy(
@@ -199,12 +215,17 @@ def start_aioproxy(
     extra_config: str = "",
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    virtual_keys: bool = False,
 ) -> Target:
-    """``label`` names the target, its config and log; ``workers`` passes `--workers N`;
-    ``extra_config`` is appended to the TOML, ``extra_args`` to the command line, and ``env``
-    is added to the environment."""
+    """``label`` names the target, its config, database and log; ``workers`` passes
+    `--workers N`; ``extra_config`` is appended to the TOML, ``extra_args`` to the command line,
+    and ``env`` is added to the environment; ``virtual_keys``: the caller uses one of 1,000
+    database keys (rpm, tpm and a budget enforced) instead of the config's master key."""
     config = workdir / f"{label}.toml"
-    config.write_text(aioproxy_config(upstream_port) + extra_config)
+    database = workdir / f"{label}.sqlite3"
+    database.unlink(missing_ok=True)
+    auth = keys.seed(database) if virtual_keys else payloads.MASTER_KEY
+    config.write_text(aioproxy_config(upstream_port, database) + extra_config)
     argv = [
         sys.executable,
         str(REPO / "run.py"),
@@ -220,7 +241,7 @@ def start_aioproxy(
     ]
     environ = None if env is None else {**os.environ, **env}
     proc = spawn(label, argv, workdir / f"{label}.log", core, REPO, environ)
-    target = Target(label, proc, port, auth=payloads.MASTER_KEY)
+    target = Target(label, proc, port, auth=auth)
     with stopped_on_error(proc):
         proc.ready_ms = wait_until(proc, lambda: probe_get(port, "/health"))
         proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))

@@ -211,6 +211,26 @@ async def test_hook_register_routes(serve_proxy: ServeProxy, upstream_base: str)
             assert (await response.json())["error"]["param"] == "day"
 
 
+async def test_hook_register_contexts(serve_proxy: ServeProxy, upstream_base: str) -> None:
+    events: list[str] = []
+
+    class Lifespan:
+        @hookimpl
+        def register_contexts(self, register: Any, app: web.Application) -> None:
+            async def context(started: web.Application) -> Any:
+                assert started is app
+                events.append("start")
+                yield
+                events.append("stop")
+
+            register(context)
+
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Lifespan()])
+    assert events == ["start"]  # before the first request could come
+    await proxy.close()
+    assert events == ["start", "stop"]
+
+
 async def test_hook_register_providers(serve_proxy: ServeProxy, upstream_base: str) -> None:
     class Constant(Provider):
         name = "constant"

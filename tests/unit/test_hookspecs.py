@@ -19,8 +19,8 @@ def arguments(name: str) -> list[str]:
 
 
 def test_hook_names() -> None:
-    # Every hook but the two start-up ones runs per request, in the order it is declared.
-    start_up = ("register_providers", "register_routes")
+    # Every hook but the start-up ones runs per request, in the order it is declared.
+    start_up = ("register_providers", "register_routes", "register_contexts")
     assert hookspecs.HOOK_NAMES == (*start_up, *hookspecs.PER_REQUEST_HOOKS)
     assert len(set(hookspecs.PER_REQUEST_HOOKS)) == len(hookspecs.PER_REQUEST_HOOKS)
     assert {"before_attempt", "after_attempt"} <= set(hookspecs.PER_REQUEST_HOOKS)

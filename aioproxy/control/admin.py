@@ -1,0 +1,389 @@
+"""The admin API: keys, teams, spend and the request log, for the master key and admin keys.
+
+Every change is one transaction that also moves the change watermark; this instance's key cache
+reloads before the answer, the others' within ``[database] poll_interval``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from aiohttp import web
+
+from ..builtins.config_auth import key_id, presented_key
+from ..config import Config
+from ..errors import AuthenticationError, BadRequest, NotFound, PermissionDenied, ProxyError
+from . import schema
+from .cache import as_dict
+from .meters import Meter, spend_now
+from .plane import ControlPlane, plane_key
+from .records import KeyEntry, TeamEntry, digest_of, rfc3339
+from .validation import KEY_FIELDS, TEAM_FIELDS, read_fields
+
+__all__ = ["admin_routes"]
+
+_encode = msgspec.json.Encoder().encode
+_SECRET_BYTES = 32  # 43 url-safe characters after "sk-"
+_MAX_ROWS = 1000
+_GROUPS = {
+    "key": schema.requests.c.key_id,
+    "team": schema.requests.c.team_id,
+    "model": schema.requests.c.model,
+    "day": schema.requests.c.day,
+}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(data), status=status, content_type="application/json")
+
+
+def _require_admin(request: web.Request) -> ControlPlane:
+    """The control plane, if the caller holds the master key or an admin key: else 401/403."""
+    plane = request.app[plane_key]
+    key = presented_key(request)
+    if key is None:
+        raise AuthenticationError("Missing API key", code="missing_api_key")
+    master = plane.config.auth.master_key
+    if master and hmac.compare_digest(key.encode(), master.encode()):
+        return plane
+    principal = plane.cache.principals.get(digest_of(key))
+    if principal is not None:
+        entry: KeyEntry = principal.limits.key
+        now = plane.clock.time()
+        if entry.disabled or (entry.expires_at is not None and now >= entry.expires_at):
+            raise AuthenticationError("This API key is disabled or expired", code="invalid_api_key")
+        if entry.role == "admin":
+            return plane
+    elif not any(hmac.compare_digest(key.encode(), v.key.encode()) for v in plane.config.auth.keys):
+        raise AuthenticationError("Invalid API key", code="invalid_api_key")
+    raise PermissionDenied(
+        "The admin API needs the master key or a key with role 'admin'", code="admin_only"
+    )
+
+
+def _meter(meters: Mapping[str, Meter], id_: str) -> Meter:
+    return meters.get(id_) or Meter()
+
+
+def key_object(entry: KeyEntry, plane: ControlPlane) -> dict[str, Any]:
+    spend, resets_at = spend_now(
+        entry, _meter(plane.cache.key_meters, entry.id), plane.clock.time()
+    )
+    return {
+        "id": entry.id,
+        "object": "key",
+        "source": "database",
+        "name": entry.name,
+        "key_prefix": entry.key_prefix,
+        "team": entry.team_id,
+        "models": entry.models,
+        "rpm": entry.rpm,
+        "tpm": entry.tpm,
+        "max_parallel": entry.max_parallel,
+        "max_budget": entry.max_budget,
+        "budget_duration": entry.budget_duration,
+        "budget_resets_at": rfc3339(resets_at),
+        "spend": spend,
+        "total_spend": entry.total_spend,
+        "expires_at": rfc3339(entry.expires_at),
+        "disabled": entry.disabled,
+        "role": entry.role,
+        "metadata": entry.metadata,
+        "created_at": rfc3339(entry.created_at),
+        "last_used_at": rfc3339(entry.last_used_at),
+    }
+
+
+def _config_keys(config: Config) -> list[dict[str, Any]]:
+    """The TOML file's keys, read-only: no prefix (it is part of a secret the operator chose)."""
+    return [
+        {
+            "id": key_id(vkey.key),
+            "object": "key",
+            "source": "config",
+            "name": vkey.name or f"key-{i}",
+            "models": vkey.models,
+        }
+        for i, vkey in enumerate(config.auth.keys)
+    ]
+
+
+def team_object(entry: TeamEntry, plane: ControlPlane) -> dict[str, Any]:
+    spend, resets_at = spend_now(
+        entry, _meter(plane.cache.team_meters, entry.id), plane.clock.time()
+    )
+    return {
+        "id": entry.id,
+        "object": "team",
+        "name": entry.name,
+        "models": entry.models,
+        "rpm": entry.rpm,
+        "tpm": entry.tpm,
+        "max_parallel": entry.max_parallel,
+        "max_budget": entry.max_budget,
+        "budget_duration": entry.budget_duration,
+        "budget_resets_at": rfc3339(resets_at),
+        "spend": spend,
+        "total_spend": entry.total_spend,
+        "metadata": entry.metadata,
+        "created_at": rfc3339(entry.created_at),
+    }
+
+
+async def _change(plane: ControlPlane, *statements: sa.Executable) -> int:
+    """Run ``statements`` and move the watermark, in one transaction; reload the cache.
+    Returns the rows the first statement touched."""
+    async with plane.engine.begin() as connection:
+        touched = (await connection.execute(statements[0])).rowcount
+        for statement in statements[1:]:
+            await connection.execute(statement)
+        await connection.execute(sa.update(schema.state).values(version=schema.state.c.version + 1))
+    await plane.cache.reload()
+    return touched
+
+
+async def _update(plane: ControlPlane, table: sa.Table, id_: str, fields: dict[str, Any]) -> None:
+    if fields:
+        await _change(plane, sa.update(table).where(table.c.id == id_).values(_columns(fields)))
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    columns = dict(fields)
+    if "team" in columns:
+        columns["team_id"] = columns.pop("team")
+    if "budget_duration" in columns:  # a new period length: the period is computed anew
+        columns["budget_resets_at"] = None
+    return columns
+
+
+def _check_team(plane: ControlPlane, fields: dict[str, Any]) -> None:
+    team = fields.get("team")
+    if team is not None and team not in plane.cache.teams:
+        raise BadRequest("'team' names no team", param="team", code="invalid_value")
+
+
+async def create_key(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    fields = read_fields(await request.read(), KEY_FIELDS, required=("name",))
+    _check_team(plane, fields)
+    secret = "sk-" + secrets.token_urlsafe(_SECRET_BYTES)
+    id_ = "key_" + secrets.token_hex(12)
+    row = {
+        "id": id_,
+        "digest": digest_of(secret),
+        "key_prefix": secret[:7],
+        "created_at": plane.clock.time(),
+        **_columns(fields),
+    }
+    await _change(plane, sa.insert(schema.keys).values(row))
+    return _json({**key_object(plane.cache.keys[id_], plane), "key": secret}, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    data = [key_object(entry, plane) for entry in plane.cache.keys.values()]
+    return _json({"object": "list", "data": [*data, *_config_keys(plane.config)]})
+
+
+def _key(plane: ControlPlane, request: web.Request) -> KeyEntry:
+    entry = plane.cache.keys.get(request.match_info["id"])
+    if entry is None:
+        if request.match_info["id"] in {key["id"] for key in _config_keys(plane.config)}:
+            raise PermissionDenied(
+                "This key is in the config file: change it there", param="id", code="read_only"
+            )
+        raise NotFound("No key has this id", param="id", code="key_not_found")
+    return entry
+
+
+async def get_key(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    return _json(key_object(_key(plane, request), plane))
+
+
+async def update_key(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    entry = _key(plane, request)
+    fields = read_fields(await request.read(), KEY_FIELDS)
+    _check_team(plane, fields)
+    await _update(plane, schema.keys, entry.id, fields)
+    return _json(key_object(_key(plane, request), plane))
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    entry = _key(plane, request)
+    await _change(plane, sa.delete(schema.keys).where(schema.keys.c.id == entry.id))
+    return _json({"id": entry.id, "object": "key", "deleted": True})
+
+
+async def create_team(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    fields = read_fields(await request.read(), TEAM_FIELDS, required=("name",))
+    id_ = "team_" + secrets.token_hex(12)
+    row = {"id": id_, "created_at": plane.clock.time(), **_columns(fields)}
+    await _change(plane, sa.insert(schema.teams).values(row))
+    return _json(team_object(plane.cache.teams[id_], plane), 201)
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    return _json(
+        {
+            "object": "list",
+            "data": [team_object(entry, plane) for entry in plane.cache.teams.values()],
+        }
+    )
+
+
+def _team(plane: ControlPlane, request: web.Request) -> TeamEntry:
+    entry = plane.cache.teams.get(request.match_info["id"])
+    if entry is None:
+        raise NotFound("No team has this id", param="id", code="team_not_found")
+    return entry
+
+
+async def get_team(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    return _json(team_object(_team(plane, request), plane))
+
+
+async def update_team(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    entry = _team(plane, request)
+    fields = read_fields(await request.read(), TEAM_FIELDS)
+    await _update(plane, schema.teams, entry.id, fields)
+    return _json(team_object(_team(plane, request), plane))
+
+
+async def delete_team(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    entry = _team(plane, request)
+    if any(key.team_id == entry.id for key in plane.cache.keys.values()):
+        raise ProxyError(
+            "The team still has keys: move or delete them first",
+            param="id",
+            code="team_not_empty",
+            status=409,
+            type="invalid_request_error",
+        )
+    await _change(plane, sa.delete(schema.teams).where(schema.teams.c.id == entry.id))
+    return _json({"id": entry.id, "object": "team", "deleted": True})
+
+
+def _time_param(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return None
+    text = value if "T" in value else value + "T00:00:00+00:00"
+    try:
+        moment = datetime.fromisoformat(text)  # 3.11 reads "Z"
+    except ValueError:
+        raise BadRequest(
+            f"'{name}' must be a date or an RFC 3339 timestamp", param=name, code="invalid_value"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+async def spend(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    group_by = request.query.get("group_by", "key")
+    column = _GROUPS.get(group_by)
+    if column is None:
+        raise BadRequest(
+            "'group_by' must be key, team, model or day", param="group_by", code="invalid_value"
+        )
+    start, end = _time_param(request, "start"), _time_param(request, "end")
+    await plane.log.flush()  # what this instance served so far is counted
+    table = schema.requests.c
+    query = (
+        sa.select(
+            column.label("group"),
+            sa.func.count().label("requests"),
+            sa.func.coalesce(sa.func.sum(table.input_tokens), 0).label("input_tokens"),
+            sa.func.coalesce(sa.func.sum(table.output_tokens), 0).label("output_tokens"),
+            sa.func.coalesce(sa.func.sum(table.cost), 0.0).label("cost"),
+        )
+        .group_by(column)
+        .order_by(column)
+    )
+    if start is not None:
+        query = query.where(table.time >= start)
+    if end is not None:
+        query = query.where(table.time < end)
+    async with plane.engine.connect() as connection:
+        rows = [as_dict(row) for row in (await connection.execute(query)).all()]
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {
+                    **row,
+                    "input_tokens": int(row["input_tokens"]),
+                    "output_tokens": int(row["output_tokens"]),
+                    "cost": float(row["cost"]),
+                }
+                for row in rows
+            ],
+        }
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise BadRequest(
+            f"'{name}' must be a whole number from {low} to {high}",
+            param=name,
+            code="invalid_value",
+        )
+    return int(value)
+
+
+async def request_log(request: web.Request) -> web.Response:
+    plane = _require_admin(request)
+    limit = _int_param(request, "limit", 100, 1, _MAX_ROWS)
+    await plane.log.flush()
+    table = schema.requests
+    query = sa.select(table).order_by(table.c.time.desc(), table.c.seq.desc()).limit(limit)
+    filters: dict[str, Callable[[str], Any]] = {
+        "key": lambda v: table.c.key_id == v,
+        "model": lambda v: table.c.model == v,
+        "team": lambda v: table.c.team_id == v,
+        "status": lambda v: table.c.status == _int_param(request, "status", 0, 100, 599),
+    }
+    for name, condition in filters.items():
+        if (value := request.query.get(name)) is not None:
+            query = query.where(condition(value))
+    async with plane.engine.connect() as connection:
+        rows = [as_dict(row) for row in (await connection.execute(query)).all()]
+    data = [
+        {**{k: v for k, v in row.items() if k != "seq"}, "time": rfc3339(row["time"])}
+        for row in rows
+    ]
+    return _json({"object": "list", "data": data})
+
+
+def admin_routes() -> list[tuple[str, str, Callable[[web.Request], Any]]]:
+    return [
+        ("POST", "/admin/keys", create_key),
+        ("GET", "/admin/keys", list_keys),
+        ("GET", "/admin/keys/{id}", get_key),
+        ("PATCH", "/admin/keys/{id}", update_key),
+        ("DELETE", "/admin/keys/{id}", delete_key),
+        ("POST", "/admin/teams", create_team),
+        ("GET", "/admin/teams", list_teams),
+        ("GET", "/admin/teams/{id}", get_team),
+        ("PATCH", "/admin/teams/{id}", update_team),
+        ("DELETE", "/admin/teams/{id}", delete_team),
+        ("GET", "/admin/spend", spend),
+        ("GET", "/admin/requests", request_log),
+    ]

@@ -1,0 +1,51 @@
+"""The ``database`` plugin: the control plane's database for the app's life, and the admin API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Config
+from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
+from .admin import admin_routes
+from .clock import ControlClock
+from .plane import ControlPlane, clock_key, plane_key
+
+__all__ = ["RATE_LIMIT_HEADERS", "Database"]
+
+# ``request[RATE_LIMIT_HEADERS]``: the x-ratelimit-* headers the limits plugin computed for the
+# request; added to its response whatever it is (JSON, stream, error).
+RATE_LIMIT_HEADERS = web.RequestKey("aioproxy.ratelimit_headers", dict[str, str])
+
+
+async def _add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = request.get(RATE_LIMIT_HEADERS)
+    if headers:
+        response.headers.update(headers)
+
+
+class Database:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @hookimpl
+    def register_contexts(self, register: RegisterContext, app: web.Application) -> None:
+        config = self.config
+        app.on_response_prepare.append(_add_rate_limit_headers)
+
+        async def control_plane(app: web.Application) -> AsyncIterator[None]:
+            plane = await ControlPlane.open(config, app.get(clock_key) or ControlClock())
+            app[plane_key] = plane
+            plane.start()
+            try:
+                yield
+            finally:
+                await plane.close()
+
+        register(control_plane)
+
+    @hookimpl
+    def register_routes(self, register: RegisterRoute) -> None:
+        for method, path, handler in admin_routes():
+            register(method, path, handler)

@@ -1,0 +1,118 @@
+"""Opening the control plane's database and migrating it to the shipped schema."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..config import ConfigError
+
+__all__ = ["mask_url", "open_engine"]
+
+log = logging.getLogger("aioproxy")
+# Alembic tells of each plugin and context at INFO: start-up logs say "migrating" once instead.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+# Any constant: the PostgreSQL advisory lock that instances starting together migrate under.
+_MIGRATION_LOCK = 0x616970726F7879
+_MIGRATIONS = str(Path(__file__).with_name("migrations"))
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be shown: its password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<not a database URL>"
+
+
+def _async_url(url: str) -> sa.URL:
+    parsed = make_url(url)
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ConfigError(
+            f"[database] url {mask_url(url)}: expected sqlite:///... or postgresql://..."
+        )
+    return parsed.set(drivername=driver)
+
+
+def _alembic_config(connection: sa.Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", _MIGRATIONS)
+    config.attributes["connection"] = connection
+    return config
+
+
+@functools.cache
+def _head() -> str | None:
+    """The newest shipped revision (read once per process: the files do not change)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", _MIGRATIONS)
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def _migrate(connection: sa.Connection) -> None:
+    """Migrate under a lock held to the end of the transaction: workers or instances starting
+    together on a new database take turns, and the later ones find it current."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+    else:
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current == _head():
+        return  # the common start-up: nothing to load
+    log.info("migrating the database from %s to %s", current or "nothing", _head())
+    command.upgrade(_alembic_config(connection), "head")
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers (the admin API, the key poller) do not wait for the log writer; the busy
+    # timeout lets instances sharing the file take turns instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+async def open_engine(url: str) -> AsyncEngine:
+    """An engine on ``url`` with the schema migrated to the newest; ConfigError when the
+    database cannot be opened (its message names ``[database] url``, the password masked)."""
+    parsed = _async_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():  # said plainly, before a driver thread starts for nothing
+            raise ConfigError(
+                f"[database] url {mask_url(url)}: cannot open the database: "
+                f"the folder {folder} does not exist"
+            )
+    engine = create_async_engine(parsed, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_migrate)
+    except Exception as exc:  # noqa: BLE001 - any driver error stops start-up, told once
+        await engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
+        raise ConfigError(
+            f"[database] url {mask_url(url)}: cannot open the database: {reason}"
+        ) from None
+    return engine

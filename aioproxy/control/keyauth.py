@@ -1,0 +1,42 @@
+"""The ``keyauth`` plugin: database keys, looked up in the in-memory cache.
+
+It runs before the config's keys (``aioproxy.builtins.config_auth``, trylast) and defers to them
+for any key that is not a database key, so the TOML file's keys keep working.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..builtins.config_auth import presented_key
+from ..config import Config
+from ..context import Principal
+from ..errors import AuthenticationError
+from ..hookspecs import hookimpl
+from .plane import plane_key
+from .records import digest_of
+
+__all__ = ["KeyAuth"]
+
+
+class KeyAuth:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @hookimpl
+    def authenticate(self, request: web.Request) -> Principal | None:
+        plane = request.app.get(plane_key)
+        if plane is None or not plane.cache.principals:
+            return None
+        key = presented_key(request)
+        if key is None:
+            return None
+        principal = plane.cache.principals.get(digest_of(key))
+        if principal is None:
+            return None
+        entry = principal.limits.key
+        if entry.disabled:
+            raise AuthenticationError("This API key is disabled", code="key_disabled")
+        if entry.expires_at is not None and plane.clock.time() >= entry.expires_at:
+            raise AuthenticationError("This API key has expired", code="key_expired")
+        return principal

@@ -1,0 +1,220 @@
+"""The ``limits`` plugin: rpm, tpm, max_parallel and budget for database keys and their teams.
+
+Reserve, then reconcile: ``before_request`` admits a request only if every scope (the key, its
+team) has room, and counts it at once (one request, its in-flight slot, its tokens: the
+``max_tokens``-like field plus an estimate of the prompt), with no await in between, so
+concurrent requests cannot overshoot. ``after_response`` replaces the reserved tokens by the
+real usage and adds the cost to the budget. The in-flight slot is freed when the request's task
+ends, whatever ended it. Rates and slots are counted per instance; spend is shared through the
+database (``requestlog``, ``cache``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from aiohttp import web
+
+from ..config import Config
+from ..context import Call
+from ..errors import RateLimited
+from ..hookspecs import hookimpl
+from ..outcome import Outcome
+from .clock import ControlClock
+from .database import RATE_LIMIT_HEADERS
+from .meters import KeyLimits, Meter, spend_now
+from .plane import plane_key
+from .records import KeyEntry, TeamEntry, period_end
+
+__all__ = ["Limits", "Reservation", "estimate_prompt"]
+
+RESERVATION = "aioproxy.control.reservation"
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def estimate_prompt(call: Call) -> int:
+    """About four bytes a token, the body's fields all counted."""
+    return sum(len(raw) for raw in call.fields.values()) // 4
+
+
+def _reserve(call: Call) -> int:
+    cap = 0
+    for name in _OUTPUT_CAPS:
+        if name in call.fields:
+            value = call.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                cap = value
+                break
+    return estimate_prompt(call) + cap
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+# A window's reset is at most a minute away: each whole second's text, made once.
+_RESETS = tuple(_duration(second) for second in range(61))
+
+
+def _reset(seconds: float) -> str:
+    return _duration(seconds) if seconds < 1 else _RESETS[min(60, math.ceil(seconds))]
+
+
+class Reservation:
+    __slots__ = ("limits", "released", "tokens")
+
+    def __init__(self, limits: KeyLimits, tokens: int) -> None:
+        self.limits = limits
+        self.tokens = tokens  # counted toward tpm now: the reservation, then the usage
+        self.released = False
+
+    def release(self, _task: object = None) -> None:
+        if not self.released:
+            self.released = True
+            for _, _, meter in self.limits.scopes:
+                meter.in_flight -= 1
+
+    def count_tokens(self, tokens: int, now: float) -> None:
+        for _, _, meter in self.limits.scopes:
+            meter.tokens.add(tokens - self.tokens, now)
+        self.tokens = tokens
+
+
+_HEADER_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
+def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers, from the scope with the least room left."""
+    headers: dict[str, str] = {}
+    for kind, scopes in (("requests", limits.request_limits), ("tokens", limits.token_limits)):
+        if not scopes:
+            continue
+        limit, window = scopes[0]
+        remaining = limit - window.total(now)
+        for other_limit, other_window in scopes[1:]:
+            other = other_limit - other_window.total(now)
+            if other < remaining:
+                limit, window, remaining = other_limit, other_window, other
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
+        headers[limit_name] = str(limit)
+        headers[remaining_name] = str(max(0, remaining))
+        headers[reset_name] = _reset(window.clear_in(now))
+    return headers
+
+
+def _refuse(message: str, code: str, retry_after: float) -> RateLimited:
+    refused = RateLimited(
+        message, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))}
+    )
+    refused.caused_by_upstream = False
+    return refused
+
+
+class Limits:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @hookimpl
+    def before_request(self, call: Call) -> None:
+        limits = call.principal.limits
+        if limits.__class__ is not KeyLimits or RESERVATION in call.state:
+            return
+        clock = call.request.app[plane_key].clock
+        now = clock.monotonic()
+        scopes = limits.scopes
+        tokens = _reserve(call)
+        try:
+            for scope, entry, meter in scopes:
+                _check(scope, entry, meter, tokens, now, clock)
+        except RateLimited:
+            if limits.limited:  # also on a 429: the client learns when to come back
+                call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+            raise
+        for _, _, meter in scopes:
+            meter.in_flight += 1
+            meter.requests.add(1, now)
+            meter.tokens.add(tokens, now)
+        reservation = call.state[RESERVATION] = Reservation(limits, tokens)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(reservation.release)
+        else:  # pragma: no cover - hooks always run in the request's task
+            reservation.release()
+        if limits.limited:
+            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+
+    @hookimpl
+    def after_response(self, call: Call, outcome: Outcome) -> None:
+        reservation: Reservation | None = call.state.get(RESERVATION)
+        if reservation is None:
+            return
+        plane = call.request.app[plane_key]
+        usage = outcome.usage()
+        tokens = usage.total_tokens if usage is not None else call.state.get(ESTIMATED_TOKENS, 0)
+        reservation.count_tokens(tokens, plane.clock.monotonic())
+        if outcome.cost:
+            wall = plane.clock.time()
+            for _, entry, meter in reservation.limits.scopes:
+                meter.add_spend(outcome.cost, period_end(entry.created_at, entry.duration, wall))
+
+    @hookimpl
+    def on_error(self, request: web.Request, call: Call | None) -> None:
+        """A failed request keeps its request counted, not its reserved tokens."""
+        reservation: Reservation | None = call.state.get(RESERVATION) if call else None
+        if reservation is not None:
+            reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
+
+
+# call.state key: the spend plugin's token estimate, for a reply without usage
+ESTIMATED_TOKENS = "aioproxy.control.estimated_tokens"
+
+
+def _check(
+    scope: str,
+    entry: KeyEntry | TeamEntry,
+    meter: Meter,
+    tokens: int,
+    now: float,
+    clock: ControlClock,
+) -> None:
+    whose = "This API key" if scope == "key" else "This API key's team"
+    if entry.max_parallel is not None and meter.in_flight >= entry.max_parallel:
+        raise _refuse(
+            f"{whose} has {entry.max_parallel} requests in flight, its max_parallel",
+            "rate_limit_exceeded",
+            1,
+        )
+    if entry.rpm is not None and meter.requests.total(now) >= entry.rpm:
+        raise _refuse(
+            f"{whose} is over its rate limit of {entry.rpm} requests a minute",
+            "rate_limit_exceeded",
+            meter.requests.reset_in(now),
+        )
+    if entry.tpm is not None and meter.tokens.total(now) + tokens > entry.tpm:
+        raise _refuse(
+            f"{whose} is over its rate limit of {entry.tpm} tokens a minute",
+            "rate_limit_exceeded",
+            meter.tokens.reset_in(now) or 60,
+        )
+    if entry.max_budget is not None:
+        wall = clock.time()
+        spent, ends = spend_now(entry, meter, wall)
+        if spent >= entry.max_budget:
+            raise _refuse(
+                f"{whose} has spent its budget of ${entry.max_budget:g}"
+                + (" for this period" if ends is not None else ""),
+                "insufficient_quota",
+                (ends - wall) if ends is not None else 3600,
+            )

@@ -1,0 +1,108 @@
+"""The first schema: teams, keys, the change watermark and the request log.
+
+Revision ID: 0001
+Revises:
+"""
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def _limits() -> list[sa.Column[Any]]:
+    """The columns keys and teams share: model access, limits, and the spend of the budget
+    period ending at ``budget_resets_at``."""
+    return [
+        sa.Column("models", sa.JSON, nullable=True),
+        sa.Column("rpm", sa.Integer, nullable=True),
+        sa.Column("tpm", sa.Integer, nullable=True),
+        sa.Column("max_parallel", sa.Integer, nullable=True),
+        sa.Column("max_budget", sa.Float, nullable=True),
+        sa.Column("budget_duration", sa.String(20), nullable=True),
+        sa.Column("budget_resets_at", sa.Float, nullable=True),
+        sa.Column("spend", sa.Float, nullable=False, server_default="0"),
+        sa.Column("total_spend", sa.Float, nullable=False, server_default="0"),
+    ]
+
+
+def upgrade() -> None:
+    op.create_table(
+        "teams",
+        sa.Column("id", sa.String(40), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        *_limits(),
+        sa.Column("metadata", sa.JSON, nullable=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+
+    op.create_table(
+        "keys",
+        sa.Column("id", sa.String(40), primary_key=True),
+        # sha256 of the secret, hex: the secret itself is never stored
+        sa.Column("digest", sa.String(64), nullable=False, unique=True),
+        sa.Column("key_prefix", sa.String(8), nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("team_id", sa.String(40), sa.ForeignKey("teams.id"), nullable=True, index=True),
+        *_limits(),
+        sa.Column("expires_at", sa.Float, nullable=True),
+        sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("role", sa.String(20), nullable=False, server_default="user"),
+        sa.Column("metadata", sa.JSON, nullable=True),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("last_used_at", sa.Float, nullable=True),
+    )
+
+    op.create_table(
+        "control_state",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("version", sa.BigInteger, nullable=False),
+    )
+
+    op.create_table(
+        "requests",
+        sa.Column(
+            "seq",
+            sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        sa.Column("request_id", sa.String(64), nullable=False),
+        sa.Column("time", sa.Float, nullable=False, index=True),
+        sa.Column(
+            "day", sa.String(10), nullable=False
+        ),  # UTC date, for group_by=day on both databases
+        sa.Column("key_id", sa.String(80), nullable=True, index=True),
+        sa.Column("key_name", sa.String(200), nullable=True),
+        sa.Column("team_id", sa.String(40), nullable=True),
+        sa.Column("end_user", sa.String(200), nullable=True),
+        sa.Column("model", sa.String(200), nullable=True),
+        sa.Column("deployment", sa.String(200), nullable=True),
+        sa.Column("provider", sa.String(100), nullable=True),
+        sa.Column("kind", sa.String(40), nullable=False),
+        sa.Column("status", sa.Integer, nullable=False),
+        sa.Column("error_code", sa.String(100), nullable=True),
+        sa.Column("stream", sa.Boolean, nullable=False),
+        sa.Column("input_tokens", sa.Integer, nullable=False),
+        sa.Column("output_tokens", sa.Integer, nullable=False),
+        sa.Column("cached_tokens", sa.Integer, nullable=False),
+        sa.Column("reasoning_tokens", sa.Integer, nullable=False),
+        sa.Column("estimated", sa.Boolean, nullable=False),  # tokens estimated: no usage reported
+        sa.Column("cost", sa.Float, nullable=True),  # USD; None: no price known
+        sa.Column("ttft", sa.Float, nullable=True),  # seconds to the first byte
+        sa.Column("duration", sa.Float, nullable=False),
+    )
+    op.bulk_insert(
+        sa.table("control_state", sa.column("id", sa.Integer), sa.column("version", sa.BigInteger)),
+        [{"id": 1, "version": 0}],
+    )
+
+
+def downgrade() -> None:
+    for table in ("requests", "control_state", "keys", "teams"):
+        op.drop_table(table)

@@ -1,0 +1,67 @@
+"""``ControlPlane``: one app's database, key cache, request log, prices and clock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..config import Config
+from .cache import KeyCache
+from .clock import ControlClock
+from .engine import open_engine
+from .pricing import Pricing
+from .requestlog import RequestLog
+
+__all__ = ["ControlPlane", "clock_key", "plane_key"]
+
+
+class ControlPlane:
+    def __init__(self, config: Config, engine: AsyncEngine, clock: ControlClock) -> None:
+        self.config = config
+        self.engine = engine
+        self.clock = clock
+        self.cache = KeyCache(engine)
+        self.log = RequestLog(engine, self.cache, config.spend, clock.time)
+        self.pricing = Pricing()
+        # Request ids: this instance's random prefix and a counter (cheaper than uuid4).
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(6).hex()
+        self._poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, config: Config, clock: ControlClock) -> ControlPlane:
+        plane = cls(config, await open_engine(config.database.url), clock)
+        try:
+            await plane.cache.reload()
+        except BaseException:
+            await plane.engine.dispose()
+            raise
+        plane.pricing.warm()
+        return plane
+
+    def request_id(self) -> str:
+        return f"req_{self._prefix}{next(self._ids):x}"
+
+    def start(self) -> None:
+        self.log.start()
+        self._poller = asyncio.create_task(
+            self.cache.poll(self.config.database.poll_interval), name="aioproxy key cache"
+        )
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.log.stop()
+        await self.engine.dispose()
+
+
+plane_key = web.AppKey("aioproxy.control", ControlPlane)
+# Tests set it before the app starts, to move time instead of waiting.
+clock_key = web.AppKey("aioproxy.control.clock", ControlClock)

@@ -1,0 +1,97 @@
+"""What a request cost: its usage times the deployment's price, USD.
+
+A deployment's ``price`` (config) wins; otherwise the price comes from ``genai-prices``' bundled
+table, which is offline data shipped in the package (its ``UpdatePrices``, the one part that
+fetches anything, is never started). The table is looked up once per (provider, model) and kept
+as three rates, so pricing a request is a few multiplications.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+import genai_prices
+from genai_prices import data_snapshot
+
+from ..config import Price
+from ..context import Deployment
+from ..outcome import Usage
+
+__all__ = ["Pricing", "cost_of"]
+
+log = logging.getLogger("aioproxy")
+
+_MILLION = 1_000_000
+# aioproxy provider name -> genai-prices provider id (others: genai-prices guesses from the model)
+_PROVIDERS = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "azure": "azure",
+    "groq": "groq",
+    "mistral": "mistral",
+    "google": "google",
+    "gemini": "google",
+}
+
+
+def cost_of(usage: Usage, price: Price) -> float:
+    """USD for ``usage`` at ``price`` (per million tokens); cached input at its own rate."""
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    cached_rate = price.input if price.cached_input is None else price.cached_input
+    return (
+        (usage.prompt_tokens - cached) * price.input
+        + cached * cached_rate
+        + usage.completion_tokens * price.output
+    ) / _MILLION
+
+
+def _table_price(provider: str, model: str) -> Price | None:
+    provider_id = _PROVIDERS.get(provider)
+
+    def per_million(**tokens: int) -> Decimal:
+        usage = genai_prices.Usage(**tokens)
+        return genai_prices.calc_price(usage, model, provider_id=provider_id).total_price
+
+    try:
+        input_rate = per_million(input_tokens=_MILLION)
+        output_rate = per_million(output_tokens=_MILLION)
+        cached_rate = per_million(input_tokens=_MILLION, cache_read_tokens=_MILLION)
+    except LookupError:
+        return None
+    return Price(
+        input=float(input_rate), output=float(output_rate), cached_input=float(cached_rate)
+    )
+
+
+class Pricing:
+    """Prices by deployment, looked up once each."""
+
+    def __init__(self) -> None:
+        self._table: dict[tuple[str, str], Price | None] = {}
+
+    @staticmethod
+    def warm() -> None:
+        """Load genai-prices' table now (~50 ms), not on the first request."""
+        data_snapshot.get_snapshot()
+
+    def price_of(self, deployment: Deployment) -> Price | None:
+        if deployment.price is not None:
+            return deployment.price
+        key = (deployment.provider, deployment.model)
+        try:
+            return self._table[key]
+        except KeyError:
+            price = self._table[key] = _table_price(*key)
+            if price is None:
+                log.info(
+                    "no price known for %s: its requests are logged without cost",
+                    deployment.describe(),
+                )
+            return price
+
+    def cost(self, usage: Usage, deployment: Deployment | None) -> float | None:
+        if deployment is None:
+            return None
+        price = self.price_of(deployment)
+        return None if price is None else cost_of(usage, price)

@@ -1,0 +1,250 @@
+"""The request log and spend writer: rows queued on the request path, written in batches by a
+background task, so a request never waits for the database.
+
+Each batch is one transaction: the log rows plus each key's and team's added spend, so a batch
+that fails is retried whole and nothing is counted twice. While the database is unreachable the
+rows wait in a bounded buffer; past ``[spend] buffer_rows`` the oldest are dropped, counted and
+logged. Stopping writes what is left (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..config import SpendConfig
+from . import schema
+from .cache import KeyCache
+
+__all__ = ["LogRecord", "RequestLog"]
+
+log = logging.getLogger("aioproxy")
+
+_RETRY_MAX = 30.0  # seconds between two tries at most, while the database is down
+_RETENTION_EVERY = 3600.0  # seconds between two deletions of rows past retention
+
+
+@dataclass(slots=True)
+class LogRecord:
+    """One request: its row's values (``schema.REQUEST_COLUMNS``' order), and who pays what
+    in which budget periods."""
+
+    values: tuple[Any, ...]
+    key_id: str | None
+    team_id: str | None
+    time: float
+    cost: float
+    key_period: float | None = None
+    team_period: float | None = None
+    spend_only: bool = False  # the log is off: only the spend is written
+
+    @classmethod
+    def of(cls, row: dict[str, Any], cost: float = 0.0) -> LogRecord:
+        """From a row as a dict (by column name)."""
+        values = tuple(row[name] for name in schema.REQUEST_COLUMNS)
+        return cls(values, row["key_id"], row["team_id"], row["time"], cost)
+
+
+_MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def insert_sql(paramstyle: str) -> str:
+    """The request log's INSERT in the driver's own parameter style."""
+
+    def mark(i: int) -> str:
+        if paramstyle == "numeric_dollar":
+            return f"${i}"
+        if paramstyle == "numeric":
+            return f":{i}"
+        return _MARKS[paramstyle]
+
+    columns = schema.REQUEST_COLUMNS
+    marks = ", ".join(mark(i) for i in range(1, len(columns) + 1))
+    return f"INSERT INTO requests ({', '.join(columns)}) VALUES ({marks})"
+
+
+class RequestLog:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cache: KeyCache,
+        settings: SpendConfig,
+        now: Any = time.time,
+    ) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.settings = settings
+        self.now = now
+        self.buffer: collections.deque[LogRecord] = collections.deque()
+        self.dropped = 0  # rows lost to a full buffer, since the start
+        self.written = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._flushing = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._last_retention = 0.0
+        self._insert = insert_sql(engine.dialect.paramstyle)
+
+    def add(self, record: LogRecord) -> None:
+        """Queue a row (no I/O). A full buffer drops its oldest row, counted."""
+        if len(self.buffer) >= self.settings.buffer_rows:
+            self.buffer.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error(
+                    "request log: buffer full (database unreachable?): %d rows dropped so far",
+                    self.dropped,
+                )
+        self.buffer.append(record)
+        if len(self.buffer) >= self.settings.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="aioproxy request log")
+
+    async def stop(self) -> None:
+        """Stop the writer once it has written what is queued (graceful shutdown). It is
+        never cancelled mid-write: that would leave its transaction holding the database."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            self._wake.set()
+            await task
+        if self.buffer:
+            log.error("request log: %d rows not written at shutdown", len(self.buffer))
+        if self.dropped:
+            log.error("request log: %d rows were dropped in all", self.dropped)
+
+    async def _run(self) -> None:
+        delay = self.settings.flush_interval
+        tries_left = 2  # once stopping: a database that is down is not waited for
+        while True:
+            if not self._stopping:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            try:
+                await self.flush()
+                await self._expire()
+                delay = self.settings.flush_interval
+            except Exception as exc:  # noqa: BLE001 - any driver error: kept and retried
+                delay = min(max(delay * 2, 1.0), _RETRY_MAX)
+                log.warning(
+                    "request log: cannot write %d rows (retrying in %.0f s): %s",
+                    len(self.buffer),
+                    delay,
+                    _brief(exc),
+                )
+                if self._stopping:
+                    tries_left -= 1
+            if self._stopping and (not self.buffer or tries_left == 0):
+                return
+
+    async def flush(self) -> None:
+        """Write the queued rows now, batch by batch; on failure the batch stays queued.
+        One flush at a time (the writer's, the admin API's), so no batch is written twice."""
+        async with self._flushing:
+            # The rows queued now, not those that come meanwhile: under steady traffic a flush
+            # would never end, writing a few rows at a time.
+            left = len(self.buffer)
+            while left > 0 and self.buffer:
+                size = min(len(self.buffer), left, self.settings.batch_size)
+                left -= size
+                batch = [self.buffer[i] for i in range(size)]
+                await self._write(batch)
+                for record in batch:  # unless a full buffer dropped it meanwhile (the oldest)
+                    if self.buffer and self.buffer[0] is record:
+                        self.buffer.popleft()
+                self.written += len(batch)
+
+    async def _write(self, batch: list[LogRecord]) -> None:
+        rows = [record.values for record in batch if not record.spend_only]
+        keys: dict[tuple[str, float | None], float] = collections.defaultdict(float)
+        teams: dict[tuple[str, float | None], float] = collections.defaultdict(float)
+        used: dict[str, float] = {}
+        for record in batch:
+            key_id = record.key_id
+            if key_id is not None and key_id in self.cache.keys:
+                used[key_id] = max(used.get(key_id, 0.0), record.time)
+                if record.cost:
+                    keys[(key_id, record.key_period)] += record.cost
+            if record.cost and record.team_id is not None and record.team_id in self.cache.teams:
+                teams[(record.team_id, record.team_period)] += record.cost
+        async with self.cache.lock:  # the cache's spend figures and local counts move together
+            async with self.engine.begin() as connection:
+                if rows:
+                    await connection.exec_driver_sql(self._insert, rows)
+                for (key_id, period), cost in keys.items():
+                    await connection.execute(_add_spend(schema.keys, key_id, period, cost))
+                for (team_id, period), cost in teams.items():
+                    await connection.execute(_add_spend(schema.teams, team_id, period, cost))
+                for key_id, when in used.items():
+                    await connection.execute(
+                        sa.update(schema.keys)
+                        .where(schema.keys.c.id == key_id)
+                        .values(last_used_at=when)
+                    )
+            for key_id, when in used.items():
+                if (entry := self.cache.keys.get(key_id)) is not None:
+                    entry.last_used_at = max(entry.last_used_at or 0.0, when)
+            self._written(keys, self.cache.keys, self.cache.key_meters)
+            self._written(teams, self.cache.teams, self.cache.team_meters)
+
+    @staticmethod
+    def _written(
+        spent: dict[tuple[str, float | None], float],
+        entries: dict[str, Any],
+        meters: dict[str, Any],
+    ) -> None:
+        """The spend just written moves from the local counts into the cached figures."""
+        for (id_, period), cost in spent.items():
+            entry, meter = entries.get(id_), meters.get(id_)
+            if entry is None or meter is None:
+                continue
+            if entry.budget_resets_at == period:
+                entry.spend += cost
+            elif period is not None and (entry.budget_resets_at or 0) < period:
+                entry.budget_resets_at, entry.spend = period, cost
+            entry.total_spend += cost
+            meter.written(cost, period)
+
+    async def _expire(self) -> None:
+        days = self.settings.retention_days
+        now = self.now()
+        if days is None or now - self._last_retention < _RETENTION_EVERY:
+            return
+        self._last_retention = now
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                sa.delete(schema.requests).where(schema.requests.c.time < now - days * 86400)
+            )
+
+
+def _brief(exc: Exception) -> str:
+    """The driver's first line, without SQLAlchemy's echo of the statement and its rows."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+def _add_spend(table: sa.Table, id_: str, period: float | None, cost: float) -> sa.Update:
+    """Add ``cost`` to the spend of budget period ``period`` (one that has begun since the
+    stored one starts from ``cost``; a late row of an older period counts in total_spend only)."""
+    update = sa.update(table).where(table.c.id == id_)
+    if period is None:
+        return update.values(spend=table.c.spend + cost, total_spend=table.c.total_spend + cost)
+    stored = table.c.budget_resets_at
+    newer = sa.or_(stored.is_(None), stored < period)
+    return update.values(
+        spend=sa.case((stored == period, table.c.spend + cost), (newer, cost), else_=table.c.spend),
+        budget_resets_at=sa.case((newer, period), else_=stored),
+        total_spend=table.c.total_spend + cost,
+    )

@@ -1,0 +1,236 @@
+"""Fixtures for the control plane: a real PostgreSQL cluster (once per session) and SQLite,
+a proxy on either with a clock the test moves, and admin API helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aioproxy_echo
+import aioproxy_openai
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+
+from aioproxy import create_app
+from aioproxy.control.clock import ControlClock
+from aioproxy.control.plane import clock_key, plane_key
+from tests.support import MASTER_KEY, gateway_config, sdk
+
+PRICE = {"input": 2.0, "output": 8.0, "cached_input": 0.5}  # USD per million tokens
+
+
+class FakeControlClock(ControlClock):
+    """Wall-clock and monotonic time that move only when the test says so."""
+
+    def __init__(self, start: float = 1_900_000_000.0) -> None:
+        super().__init__(lambda: self.now, lambda: self.now)
+        self.now = start
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        pytest.fail("PostgreSQL is not installed: `make test` installs it (Debian's postgresql)")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _as_postgres(*command: str) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@pytest.fixture(scope="session")
+def postgres_port() -> Iterator[int]:
+    """A throwaway PostgreSQL cluster on a free port for the session, removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="aioproxy-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    data = base / "data"
+    port = _free_port()
+    subprocess.run(
+        _as_postgres(
+            _pg_bin("initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = (
+        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
+        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+    )
+    subprocess.run(
+        _as_postgres(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(base / "log"),
+            "-w",
+            "start",
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield port
+    finally:
+        subprocess.run(
+            _as_postgres(_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'control.sqlite3'}"
+    port = request.getfixturevalue("postgres_port")
+    name = "t_" + secrets.token_hex(6)
+    connection = await asyncpg.connect(
+        host="127.0.0.1", port=port, user="postgres", database="postgres"
+    )
+    try:
+        await connection.execute(f"CREATE DATABASE {name}")
+    finally:
+        await connection.close()
+    return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+
+@pytest.fixture
+def clock() -> FakeControlClock:
+    return FakeControlClock()
+
+
+def control_config(api_base: str, db_url: str, **overrides: Any) -> dict[str, Any]:
+    config = gateway_config(api_base, database={"url": db_url, "poll_interval": 0.05}, **overrides)
+    config["models"][0]["price"] = PRICE
+    config["models"].append(
+        {
+            "name": "gpt-other",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "api_base": api_base,
+            "api_key": "sk-upstream-secret",
+            "price": PRICE,
+        }
+    )
+    config["models"].append(
+        {
+            "name": "embed",
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "api_base": api_base,
+            "api_key": "sk-upstream-secret",
+            "price": {"input": 0.02},
+        }
+    )
+    config["models"][1]["price"] = PRICE  # echo
+    return config
+
+
+class Control:
+    """A running proxy with the control plane, and its admin API."""
+
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    @property
+    def plane(self) -> Any:
+        return self.server.app[plane_key]
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def admin(
+        self, method: str, path: str, body: Any = None, key: str = MASTER_KEY, status: int = 200
+    ) -> Any:
+        async with self.session.request(
+            method, self.url(path), json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
+            data = await response.json()
+            assert response.status == status, data
+            return data
+
+    async def new_key(self, **fields: Any) -> dict[str, Any]:
+        return await self.admin("POST", "/admin/keys", {"name": "k", **fields}, status=201)
+
+    async def settle(self) -> None:
+        """Wait for the request log to be written (rows are written off the request path)."""
+        await self.plane.log.flush()
+
+
+@pytest.fixture
+async def start_control(
+    aiohttp_server: Any, upstream_base: str, db_url: str, clock: FakeControlClock
+) -> AsyncIterator[Any]:
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(plugins: tuple[object, ...] = (), **overrides: Any) -> Control:
+        app = create_app(
+            control_config(upstream_base, db_url, **overrides),
+            plugins=[aioproxy_openai, aioproxy_echo, *plugins],
+            load_entrypoints=False,
+        )
+        app[clock_key] = clock
+        server = await aiohttp_server(app)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return Control(server, session)
+
+    yield start
+    for session in sessions:
+        await session.close()
+
+
+@pytest.fixture
+async def control(start_control: Any) -> Control:
+    return await start_control()
+
+
+async def gather(*coroutines: Any) -> list[Any]:
+    return list(await asyncio.gather(*coroutines, return_exceptions=True))
+
+
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+async def chat(server: TestServer, key: str, **overrides: Any) -> Any:
+    """One chat completion through the official SDK with ``key``."""
+    async with sdk(server, key) as client:
+        return await client.chat.completions.create(**{**CHAT, **overrides})

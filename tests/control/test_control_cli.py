@@ -1,0 +1,103 @@
+"""``python -m aioproxy keys|teams|spend``, against a running instance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+
+from tests.control.conftest import Control, chat
+from tests.support import MASTER_KEY
+
+# The CLI only speaks HTTP: one database kind is enough here.
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+async def run(control: Control, *argv: str, key: str = MASTER_KEY) -> tuple[int, str, str]:
+    env = {**os.environ, "AIOPROXY_URL": control.url("/"), "AIOPROXY_MASTER_KEY": key}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aioproxy",
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@sqlite_only
+async def test_keys(control: Control) -> None:
+    code, out, err = await run(
+        control,
+        "keys",
+        "create",
+        "--name",
+        "ci",
+        "--rpm",
+        "5",
+        "--models",
+        "gpt-test,gpt-other",
+        "--metadata",
+        '{"env": "ci"}',
+        "--json",
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["key"].startswith("sk-") and created["models"] == ["gpt-test", "gpt-other"]
+    await chat(control.server, created["key"])
+    code, out, _ = await run(control, "keys", "list")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["ID", "NAME", "KEY_PREFIX"]
+    assert created["id"] in out and created["key"] not in out
+    code, out, _ = await run(control, "keys", "update", created["id"], "--tpm", "900", "--disable")
+    assert code == 0 and any(line.split() == ["disabled", "True"] for line in out.splitlines())
+    shown = json.loads((await run(control, "keys", "show", created["id"], "--json"))[1])
+    assert shown["tpm"] == 900 and shown["disabled"] is True and "key" not in shown
+    code, out, _ = await run(control, "keys", "revoke", created["id"])
+    assert code == 0
+    code, _, err = await run(control, "keys", "show", created["id"])
+    assert code == 1 and "404" in err
+
+
+@sqlite_only
+async def test_teams_and_spend(control: Control) -> None:
+    code, out, err = await run(
+        control, "teams", "create", "--name", "research", "--tpm", "1000", "--json"
+    )
+    assert code == 0, err
+    team = json.loads(out)
+    key = json.loads(
+        (await run(control, "keys", "create", "--name", "r1", "--team", team["id"], "--json"))[1]
+    )
+    await chat(control.server, key["key"])
+    code, out, _ = await run(control, "teams", "list")
+    assert code == 0 and "research" in out
+    code, out, _ = await run(control, "spend", "summary", "--group-by", "team", "--json")
+    assert code == 0 and json.loads(out)["data"][0]["group"] == team["id"]
+    code, out, _ = await run(control, "spend", "requests", "--key", key["id"])
+    assert code == 0 and len(out.splitlines()) == 2 and "gpt-test" in out
+    code, _, err = await run(control, "teams", "delete", team["id"])
+    assert code == 1 and "409" in err  # it still has a key
+
+
+@sqlite_only
+async def test_refusals_are_told(control: Control) -> None:
+    code, _, err = await run(control, "keys", "list", key="sk-wrong")
+    assert code == 1 and "401" in err
+    code, _, err = await run(control, "keys", "create", "--name", "x", "--budget-duration", "1w")
+    assert code == 1 and "budget_duration" in err
+    code, _, err = await run(control, "keys", "list", "--url", "http://127.0.0.1:1")
+    assert code == 1 and "cannot reach" in err
+
+
+def test_tables_line_up() -> None:
+    from aioproxy.control.cli import table
+
+    text = table([{"a": 1, "b": None}, {"a": 22.5, "b": ["x", "y"]}], ("a", "b"))
+    assert text.splitlines() == ["A     B", "1     -", "22.5  x,y"]

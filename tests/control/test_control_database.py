@@ -1,0 +1,211 @@
+"""Opening and migrating the database, and the request log's buffer, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from aioproxy.config import ConfigError, SpendConfig
+from aioproxy.control import schema
+from aioproxy.control.cache import KeyCache
+from aioproxy.control.engine import mask_url, open_engine
+from aioproxy.control.requestlog import LogRecord, RequestLog
+
+
+def row(n: int, when: float = 1_900_000_000.0) -> dict[str, Any]:
+    return {
+        "request_id": f"r{n}",
+        "time": when,
+        "day": "2030-03-17",
+        "key_id": None,
+        "key_name": "k",
+        "team_id": None,
+        "end_user": None,
+        "model": "m",
+        "deployment": "d",
+        "provider": "p",
+        "kind": "chat_completions",
+        "status": 200,
+        "error_code": None,
+        "stream": False,
+        "input_tokens": 1,
+        "output_tokens": 2,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "estimated": False,
+        "cost": 0.5,
+        "ttft": 0.1,
+        "duration": 0.2,
+    }
+
+
+async def count_rows(engine: Any) -> int:
+    async with engine.connect() as connection:
+        return int(
+            (
+                await connection.execute(sa.select(sa.func.count()).select_from(schema.requests))
+            ).scalar()
+        )
+
+
+async def test_migrates_a_new_database_then_finds_it_current(db_url: str) -> None:
+    engine = await open_engine(db_url)
+    try:
+        async with engine.connect() as connection:
+            version = (
+                await connection.execute(sa.text("SELECT version_num FROM alembic_version"))
+            ).scalar()
+            tables = await connection.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+        assert version == "0001"
+        assert {"keys", "teams", "requests", "control_state"} <= tables
+    finally:
+        await engine.dispose()
+    again = await open_engine(db_url)  # already current: nothing to do
+    await again.dispose()
+
+
+def test_mask_url() -> None:
+    assert mask_url("postgresql://bob:hunter2@db/x") == "postgresql://bob:***@db/x"
+    assert "hunter2" not in mask_url("postgresql+asyncpg://bob:hunter2@db:5432/x")
+    assert mask_url("sqlite:///aioproxy.sqlite3") == "sqlite:///aioproxy.sqlite3"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://bob:hunter2@127.0.0.1:1/nowhere",
+        "mysql://bob:hunter2@127.0.0.1/x",
+        "sqlite:////nonexistent-dir/deeper/aioproxy.sqlite3",
+    ],
+)
+async def test_an_unopenable_database_names_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await open_engine(url)
+    assert "[database] url" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def test_start_up_stops_with_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "aioproxy.toml"
+    config.write_text('[database]\nurl = "postgresql://bob:${DB_PASSWORD}@127.0.0.1:1/x"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "aioproxy", "--config", str(config), "--port", "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"DB_PASSWORD": "hunter2", "PATH": ""},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "[database] url postgresql://bob:***@127.0.0.1:1/x" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+async def test_python_run_py_needs_no_setup(tmp_path: Path) -> None:
+    """No config at all: the default SQLite file appears in the working directory."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parents[2] / "run.py"),
+        "--port",
+        "0",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(120):  # safety net
+            line = await process.stdout.readline()
+        assert b"aioproxy serving" in line
+        assert (tmp_path / "aioproxy.sqlite3").exists()
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+class Flaky:
+    """An engine that fails while ``down``, else is the real one."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self.down = True
+
+    def begin(self) -> Any:
+        if self.down:
+            raise ConnectionError("database unreachable")
+        return self.engine.begin()
+
+
+async def test_rows_wait_while_the_database_is_down(db_url: str) -> None:
+    engine = await open_engine(db_url)
+    try:
+        flaky = Flaky(engine)
+        log = RequestLog(flaky, KeyCache(engine), SpendConfig(buffer_rows=5))  # type: ignore[arg-type]
+        for n in range(7):
+            log.add(LogRecord.of(row(n), 0.5))
+        with pytest.raises(ConnectionError):
+            await log.flush()
+        assert len(log.buffer) == 5 and log.dropped == 2  # the oldest two, counted
+        flaky.down = False
+        await log.flush()
+        assert await count_rows(engine) == 5 and not log.buffer
+        async with engine.connect() as connection:
+            ids = (await connection.execute(sa.select(schema.requests.c.request_id))).scalars()
+            assert sorted(ids) == ["r2", "r3", "r4", "r5", "r6"]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_writer_retries_and_stop_flushes(db_url: str) -> None:
+    engine = await open_engine(db_url)
+    try:
+        flaky = Flaky(engine)
+        log = RequestLog(
+            flaky,
+            KeyCache(engine),  # type: ignore[arg-type]
+            SpendConfig(flush_interval=0.01, batch_size=2),
+        )
+        log.start()
+        for n in range(3):
+            log.add(LogRecord.of(row(n), 0.5))
+        flaky.down = False
+        await log.stop()  # graceful shutdown: what is queued is written
+        assert await count_rows(engine) == 3
+    finally:
+        await engine.dispose()
+
+
+async def test_retention_deletes_old_rows(db_url: str) -> None:
+    engine = await open_engine(db_url)
+    now = 1_900_000_000.0
+    try:
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(retention_days=1), lambda: now)
+        log.add(LogRecord.of(row(1, now - 2 * 86400)))
+        log.add(LogRecord.of(row(2, now - 3600)))
+        await log.flush()
+        await log._expire()
+        async with engine.connect() as connection:
+            ids = (await connection.execute(sa.select(schema.requests.c.request_id))).scalars()
+            assert list(ids) == ["r2"]
+    finally:
+        await engine.dispose()
+
+
+async def test_instances_starting_together_share_one_schema(db_url: str) -> None:
+    """Workers forked from one app migrate a new database at the same moment."""
+    engines = await asyncio.gather(*(open_engine(db_url) for _ in range(3)))
+    try:
+        async with engines[0].connect() as connection:
+            version = (
+                await connection.execute(sa.text("SELECT version_num FROM alembic_version"))
+            ).all()
+        assert version == [("0001",)]
+    finally:
+        for engine in engines:
+            await engine.dispose()

@@ -1,0 +1,214 @@
+"""Enforcement, end to end with the official SDK, on SQLite and PostgreSQL: rpm, tpm,
+max_parallel, budgets and their periods, expiry, team limits and model access."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+import pytest
+
+from aioproxy import hookimpl
+from aioproxy.context import Call
+from tests.control.conftest import CHAT, PRICE, Control, FakeControlClock, chat
+from tests.support import sdk
+
+
+def rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def post_chat(
+    control: Control, key: str, **overrides: Any
+) -> tuple[int, dict[str, str], Any]:
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, **overrides},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+async def test_rpm_refuses_then_resets(control: Control, clock: FakeControlClock) -> None:
+    key = (await control.new_key(rpm=3))["key"]
+    for remaining in (2, 1, 0):
+        status, headers, _ = await post_chat(control, key)
+        assert status == 200
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        assert headers["x-ratelimit-remaining-requests"] == str(remaining)
+        assert headers["x-ratelimit-reset-requests"].endswith("s")
+    status, headers, body = await post_chat(control, key)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["Retry-After"]) >= 1 and headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        async with sdk(control.server, key) as client:
+            await client.chat.completions.create(**CHAT)
+    clock.advance(61)
+    assert (await post_chat(control, key))[0] == 200
+
+
+async def test_rpm_holds_under_concurrency(control: Control) -> None:
+    key = (await control.new_key(rpm=20))["key"]
+    results = await asyncio.gather(*(post_chat(control, key) for _ in range(100)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) == 20 and statuses.count(429) == 80
+
+
+async def test_tpm_admits_within_one_reservation(control: Control, fake: Any) -> None:
+    body = {"max_tokens": 100}
+    # reservation = the body's bytes / 4 + max_tokens; find it from the first request's headers
+    key = (await control.new_key(tpm=1000))["key"]
+    results = await asyncio.gather(*(post_chat(control, key, **body) for _ in range(30)))
+    admitted = [r for r in results if r[0] == 200]
+    assert 0 < len(admitted) < 30
+    assert all(r[2]["error"]["code"] == "rate_limit_exceeded" for r in results if r[0] == 429)
+    reservation = 100 + len(str(CHAT)) // 4 + 20
+    assert len(admitted) * reservation <= 1000 + reservation
+    # reconciled: the real usage replaced the reservations
+    used = sum(r[2]["usage"]["total_tokens"] for r in admitted)
+    await asyncio.sleep(0)
+    assert (
+        control.plane.cache.key_meters[next(iter(control.plane.cache.keys))].tokens.total(
+            control.plane.clock.monotonic()
+        )
+        == used
+    )
+
+
+class Gate:
+    """A before_request hook that runs after the limits and holds requests until released."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @hookimpl(trylast=True)
+    async def before_request(self, call: Call) -> None:
+        if call.get("user") == "hold":
+            self.entered.set()
+            await self.release.wait()
+
+
+async def test_max_parallel(start_control: Any) -> None:
+    gate = Gate()
+    control = await start_control(plugins=(gate,))
+    key = (await control.new_key(max_parallel=1))["key"]
+    held = asyncio.create_task(post_chat(control, key, user="hold"))
+    await gate.entered.wait()
+    status, headers, body = await post_chat(control, key)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert headers["Retry-After"] == "1"
+    gate.release.set()
+    assert (await held)[0] == 200
+    assert (await post_chat(control, key))[0] == 200  # the slot came back
+
+
+async def test_a_cancelled_request_frees_its_slot(start_control: Any) -> None:
+    gate = Gate()
+    control = await start_control(plugins=(gate,))
+    key = (await control.new_key(max_parallel=1))["key"]
+    held = asyncio.create_task(post_chat(control, key, user="hold"))
+    await gate.entered.wait()
+    held.cancel()  # the client goes away while the request is in flight
+    meter = next(iter(control.plane.cache.key_meters.values()))
+    async with asyncio.timeout(30):  # safety net: the server notices the disconnect
+        while meter.in_flight:
+            await asyncio.sleep(0.01)
+    assert (await post_chat(control, key))[0] == 200
+
+
+async def test_budget_is_refused_then_resets(control: Control, clock: FakeControlClock) -> None:
+    created = await control.new_key(max_budget=0.000001, budget_duration="1h")
+    key = created["key"]
+    reply = await chat(control.server, key)
+    cost = (
+        reply.usage.prompt_tokens * PRICE["input"] + reply.usage.completion_tokens * PRICE["output"]
+    ) / 1e6
+    assert cost > 0.000001
+    status, _, body = await post_chat(control, key)
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    with pytest.raises(openai.RateLimitError) as refused:
+        await chat(control.server, key)
+    assert refused.value.code == "insufficient_quota"
+    await control.settle()
+    shown = await control.admin("GET", f"/admin/keys/{created['id']}")
+    assert shown["spend"] == pytest.approx(cost) and shown["total_spend"] == pytest.approx(cost)
+    clock.advance(3600)  # a new period
+    shown = await control.admin("GET", f"/admin/keys/{created['id']}")
+    assert shown["spend"] == 0 and shown["total_spend"] == pytest.approx(cost)
+    assert (await post_chat(control, key))[0] == 200
+
+
+async def test_budget_without_period_stays_spent(control: Control, clock: FakeControlClock) -> None:
+    key = (await control.new_key(max_budget=0.000001))["key"]
+    await chat(control.server, key)
+    clock.advance(400 * 86400)
+    assert (await post_chat(control, key))[2]["error"]["code"] == "insufficient_quota"
+
+
+async def test_raising_the_budget_admits_again(control: Control) -> None:
+    created = await control.new_key(max_budget=0.000001)
+    await chat(control.server, created["key"])
+    assert (await post_chat(control, created["key"]))[0] == 429
+    await control.admin("PATCH", f"/admin/keys/{created['id']}", {"max_budget": 10})
+    assert (await post_chat(control, created["key"]))[0] == 200
+
+
+async def test_expiry(control: Control, clock: FakeControlClock) -> None:
+    key = (await control.new_key(expires_at=rfc3339(clock.now + 60)))["key"]
+    await chat(control.server, key)
+    clock.advance(60)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await chat(control.server, key)
+    assert refused.value.status_code == 401 and refused.value.code == "key_expired"
+
+
+async def test_team_limits_and_models(control: Control) -> None:
+    team = await control.admin(
+        "POST", "/admin/teams", {"name": "t", "rpm": 3, "models": ["gpt-test", "embed"]}, status=201
+    )
+    first = (await control.new_key(team=team["id"], models=["gpt-test", "gpt-other"]))["key"]
+    second = (await control.new_key(team=team["id"], rpm=100))["key"]
+    assert (await post_chat(control, first))[0] == 200
+    assert (await post_chat(control, second))[0] == 200
+    status, headers, _ = await post_chat(control, second)
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"  # the team's
+    status, _, body = await post_chat(control, first)
+    assert status == 429 and "team" in body["error"]["message"]
+    # models: the key allows gpt-other, the team does not; the team allows embed, the key not
+    for model in ("gpt-other", "embed"):
+        status, _, body = await post_chat(control, first, model=model)
+        assert status == 403 and body["error"]["param"] == "model"
+
+
+async def test_fallbacks_stay_within_model_access(start_control: Any, fake: Any) -> None:
+    control = await start_control(
+        router={"fallbacks": {"gpt-test": ["gpt-other"]}, "num_retries": 0}
+    )
+    key = (await control.new_key(models=["gpt-test"]))["key"]
+    fake.faults = ["status:500"]
+    status, _, _ = await post_chat(control, key)
+    assert status >= 500
+    assert [r.body["model"] for r in fake.requests] == ["gpt-4o-mini"]  # no fallback call
+    open_key = (await control.new_key())["key"]
+    fake.faults = ["status:500"]
+    assert (await post_chat(control, open_key))[0] == 200  # gpt-other served it
+
+
+async def test_headers_on_streams(control: Control) -> None:
+    key = (await control.new_key(rpm=5, tpm=100000))["key"]
+    async with sdk(control.server, key) as client:
+        raw = await client.chat.completions.with_raw_response.create(**CHAT, stream=True)
+        assert raw.headers["x-ratelimit-limit-requests"] == "5"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 100000
+        async for _ in raw.parse():
+            pass
+
+
+async def test_unlimited_keys_get_no_headers(control: Control) -> None:
+    key = (await control.new_key())["key"]
+    _, headers, _ = await post_chat(control, key)
+    assert not any(name.lower().startswith("x-ratelimit") for name in headers)
