@@ -17,12 +17,12 @@ from .budget import BufferBudget
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
 from .errors import error_middleware
 from .h1client import H1Pool
-from .handlers import health, make_handlers, readiness
+from .handlers import health, make_deployment_handlers, make_handlers, readiness
 from .ingress import Ingress
 from .keys import config_key, plugin_manager_key, pool_key, runtime_key, session_key
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings, registrar
-from .routes import ALIASES, merge_aliases, route_table
+from .routes import ALIASES, AZURE_ALIASES, DEPLOYMENT_ALIASES, merge_aliases, route_table
 from .runtime import Runtime
 from .upstream import Upstream, make_session
 
@@ -88,8 +88,9 @@ def create_app(
     app[plugin_manager_key] = pm
     app[runtime_key] = runtime
 
-    aliases = merge_aliases(ALIASES, config.aliases)
+    aliases = merge_aliases(merge_aliases(ALIASES, AZURE_ALIASES), config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers()))
+    app.router.add_routes(route_table(DEPLOYMENT_ALIASES, make_deployment_handlers()))
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
     app.router.add_routes(response_routes())

@@ -13,9 +13,9 @@ from .errors import ModelNotFound, ProxyError
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
-from .routes import PROVIDER_KINDS, Kind
+from .routes import DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
 
-__all__ = ["health", "make_handlers"]
+__all__ = ["health", "make_deployment_handlers", "make_handlers"]
 
 _encode = msgspec.json.Encoder().encode
 _HEALTHY = _encode({"status": "ok"})
@@ -25,8 +25,12 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-def make_provider_handler(kind: Kind) -> Handler:
-    """The handler for a kind that calls a provider: auth, body, dispatch, answer."""
+def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
+    """The handler for a kind that calls a provider: auth, body, dispatch, answer.
+
+    ``path_model``: the path's variable that names the model (Azure's ``{deployment}``), which
+    wins over the body's ``model``.
+    """
 
     async def handle(request: web.Request) -> web.StreamResponse:
         runtime = request.app[runtime_key]
@@ -36,7 +40,12 @@ def make_provider_handler(kind: Kind) -> Handler:
         try:
             principal = await runtime.authenticate(request, kind)
             call = await read_call(
-                request, kind, principal, runtime.config.server.body_timeout, dispatcher.allows
+                request,
+                kind,
+                principal,
+                runtime.config.server.body_timeout,
+                dispatcher.allows,
+                request.match_info[path_model] if path_model else None,
             )
             plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:
@@ -120,3 +129,8 @@ def make_handlers() -> dict[Kind, Handler]:
     handlers[Kind.MODELS] = list_models
     handlers[Kind.MODEL] = get_model
     return handlers
+
+
+def make_deployment_handlers() -> dict[Kind, Handler]:
+    """A handler for each kind of Azure's deployment routes, the model read from the path."""
+    return {kind: make_provider_handler(kind, "deployment") for kind in DEPLOYMENT_ALIASES}

@@ -44,9 +44,10 @@ _DROPPED_FIELDS = (
 
 
 def decode_request(
-    body: bytes, kind: Kind = Kind.CHAT_COMPLETIONS
+    body: bytes, kind: Kind = Kind.CHAT_COMPLETIONS, model: str | None = None
 ) -> tuple[dict[str, msgspec.Raw], str, bool]:
-    """Split a request body into its raw top-level fields, and read ``model`` and ``stream``.
+    """Split a request body into its raw top-level fields, and read ``model`` (unless the path
+    gave it: ``model``, then the body's is not read) and ``stream``.
 
     Only what the core needs is decoded; every other field stays as the bytes the client sent.
     """
@@ -68,17 +69,8 @@ def decode_request(
         raise BadRequest(
             f"The request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
-    raw_model = fields.get("model")
-    if raw_model is None:
-        raise BadRequest(
-            "Missing required parameter: 'model'", param="model", code="missing_required_parameter"
-        )
-    try:
-        model = _decode_model(raw_model)
-    except msgspec.DecodeError:
-        raise BadRequest("'model' must be a string", param="model", code="invalid_type") from None
-    if not model:
-        raise BadRequest("'model' must not be empty", param="model", code="invalid_value")
+    if model is None:
+        model = _model_of(fields)
     raw_stream = fields.get("stream")
     stream = False
     if raw_stream is not None and kind is not Kind.EMBEDDINGS:  # embeddings have no stream
@@ -105,16 +97,33 @@ def decode_request(
     return fields, model, stream
 
 
+def _model_of(fields: dict[str, msgspec.Raw]) -> str:
+    raw_model = fields.get("model")
+    if raw_model is None:
+        raise BadRequest(
+            "Missing required parameter: 'model'", param="model", code="missing_required_parameter"
+        )
+    try:
+        model = _decode_model(raw_model)
+    except msgspec.DecodeError:
+        raise BadRequest("'model' must be a string", param="model", code="invalid_type") from None
+    if not model:
+        raise BadRequest("'model' must not be empty", param="model", code="invalid_value")
+    return model
+
+
 async def read_call(
     request: web.Request,
     kind: Kind,
     principal: Principal,
     body_timeout: float,
     allows: Callable[[Call, str], bool],
+    model: str | None = None,
 ) -> Call:
     """Read the body into a Call (408 if it does not arrive within ``body_timeout``, 400 if its
     framing is broken), refusing a model the principal may not use (``allows``: the one check
-    every model a call reaches passes, see ``Dispatcher.allows``)."""
+    every model a call reaches passes, see ``Dispatcher.allows``). ``model``: the one the path
+    names, if any (Azure's deployment routes), over the body's."""
     try:
         if request.content.is_eof():  # all of it came with the headers: nothing to wait for
             body = await request.read()
@@ -134,7 +143,7 @@ async def read_call(
             "The request body could not be read (its framing is broken)",
             code="invalid_encoding",
         ) from None
-    fields, model, stream = decode_request(body, kind)
+    fields, model, stream = decode_request(body, kind, model)
     call = Call(kind, request, principal, model, fields, stream)
     if not allows(call, model):
         raise PermissionDenied(f"This API key may not use the model '{model}'", param="model")

@@ -9,7 +9,16 @@ from types import MappingProxyType
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-__all__ = ["ALIASES", "KINDS", "METHODS", "Kind", "merge_aliases", "route_table"]
+__all__ = [
+    "ALIASES",
+    "AZURE_ALIASES",
+    "DEPLOYMENT_ALIASES",
+    "KINDS",
+    "METHODS",
+    "Kind",
+    "merge_aliases",
+    "route_table",
+]
 
 
 class Kind(StrEnum):
@@ -37,6 +46,27 @@ ALIASES: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
     }
 )
 
+# Azure OpenAI's routes, so that its clients (``AzureOpenAI``) work unchanged: its v1 API is
+# OpenAI's under /openai/v1 (its Responses also under /openai), and its deployment routes name
+# the model in the path (DEPLOYMENT_ALIASES, whose handlers read it there; any api-version).
+AZURE_ALIASES: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
+    {
+        Kind.CHAT_COMPLETIONS: ("/openai/v1/chat/completions",),
+        Kind.RESPONSES: ("/openai/v1/responses", "/openai/responses"),
+        Kind.COMPLETIONS: ("/openai/v1/completions",),
+        Kind.EMBEDDINGS: ("/openai/v1/embeddings",),
+        Kind.MODELS: ("/openai/v1/models",),
+        Kind.MODEL: ("/openai/v1/models/{model}",),
+    }
+)
+DEPLOYMENT_ALIASES: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
+    {
+        Kind.CHAT_COMPLETIONS: ("/openai/deployments/{deployment}/chat/completions",),
+        Kind.COMPLETIONS: ("/openai/deployments/{deployment}/completions",),
+        Kind.EMBEDDINGS: ("/openai/deployments/{deployment}/embeddings",),
+    }
+)
+
 METHODS: Mapping[Kind, str] = MappingProxyType(
     {kind: "GET" if kind in (Kind.MODELS, Kind.MODEL) else "POST" for kind in Kind}
 )
@@ -51,7 +81,8 @@ PROVIDER_KINDS: tuple[Kind, ...] = (
 
 
 def merge_aliases(
-    base: Mapping[Kind, Iterable[str]], extra: Mapping[str, Iterable[str]]
+    base: Mapping[Kind, Iterable[str]],
+    extra: Mapping[str, Iterable[str]] | Mapping[Kind, Iterable[str]],
 ) -> dict[Kind, tuple[str, ...]]:
     """``base`` plus the config's extra paths per kind, without duplicates, order kept."""
     merged = {kind: tuple(paths) for kind, paths in base.items()}

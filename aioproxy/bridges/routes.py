@@ -25,7 +25,11 @@ from .store import BrokenChain, HistoryTooLarge, owner_of
 
 __all__ = ["ResponseAction", "response_routes"]
 
-_PREFIXES = ("/v1/responses/{response_id}", "/responses/{response_id}")
+_PREFIXES = (
+    "/v1/responses/{response_id}",
+    "/responses/{response_id}",
+    "/openai/v1/responses/{response_id}",  # Azure's v1 form (aioproxy.routes.AZURE_ALIASES)
+)
 
 _encode = msgspec.json.Encoder().encode
 
