@@ -156,6 +156,7 @@ class FakeAzure(FakeOpenAI):
         self.tokens: set[str] = set()  # Entra ID tokens it takes as Bearer
         self.azure_faults: list[str] = []  # names in AZURE_FAULTS, for the next requests
         self.refused: list[tuple[str, int]] = []  # (path, status) of requests Azure refused
+        self.recorded_stream = False  # answer chat with RECORDED_STREAM, as Azure streams
 
     def routes(self) -> list[web.RouteDef]:
         routes: list[web.RouteDef] = []
@@ -179,6 +180,8 @@ class FakeAzure(FakeOpenAI):
             status, body, headers = AZURE_FAULTS[self.azure_faults.pop(0)]
             await request.read()
             return _azure_error(status, body, headers)
+        if self.recorded_stream:
+            return await _recorded_stream(await self.record(request), request)
         response = await handler(request)
         if request.path.endswith("/chat/completions") and isinstance(response, web.Response):
             _annotate(response)
@@ -201,6 +204,36 @@ class FakeAzure(FakeOpenAI):
         if deployment_route and deployment_route.group(1) not in self.deployments:
             return _azure_error(*AZURE_FAULTS["deployment_not_found"][:2])
         return None
+
+
+# A chat stream as Azure sends it: the prompt's filter results first, in a chunk without choices
+# (and empty id and model), then each choice's filter results with its content.
+RECORDED_STREAM = [
+    {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+     "prompt_filter_results": PROMPT_FILTER_RESULTS},
+    {"choices": [{"content_filter_results": {}, "delta": {"content": "", "role": "assistant"},
+                  "finish_reason": None, "index": 0, "logprobs": None}],
+     "created": 1733480000, "id": "chatcmpl-az1", "model": "gpt-4o-2024-08-06",
+     "object": "chat.completion.chunk", "system_fingerprint": "fp_az"},
+    {"choices": [{"content_filter_results": CONTENT_FILTER_RESULTS, "delta": {"content": "Hello"},
+                  "finish_reason": None, "index": 0, "logprobs": None}],
+     "created": 1733480000, "id": "chatcmpl-az1", "model": "gpt-4o-2024-08-06",
+     "object": "chat.completion.chunk", "system_fingerprint": "fp_az"},
+    {"choices": [{"content_filter_results": {}, "delta": {}, "finish_reason": "stop", "index": 0,
+                  "logprobs": None}],
+     "created": 1733480000, "id": "chatcmpl-az1", "model": "gpt-4o-2024-08-06",
+     "object": "chat.completion.chunk", "system_fingerprint": "fp_az"},
+]  # fmt: skip
+
+
+async def _recorded_stream(_record: Any, request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await response.prepare(request)
+    for chunk in RECORDED_STREAM:
+        await response.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 def _annotate(response: web.Response) -> None:

@@ -4,6 +4,7 @@ checks, the official ``openai`` SDK, every error mapping, cancellation and the s
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -106,6 +107,22 @@ async def test_content_filter_results_are_kept(proxy: ProxyUnderTest) -> None:
     }
     choice_extra = completion.choices[0].model_extra or {}
     assert choice_extra["content_filter_results"]["hate"] == {"filtered": False, "severity": "safe"}
+
+
+async def test_content_filter_results_of_a_stream_are_kept(
+    proxy: ProxyUnderTest, azure: FakeAzure
+) -> None:
+    """Azure's stream opens with a chunk without choices that carries the prompt's results."""
+    azure.recorded_stream = True
+    async with proxy.openai() as client:
+        stream = await client.chat.completions.create(model="gpt", messages=HELLO, stream=True)
+        chunks = [chunk async for chunk in stream]
+    first = chunks[0]
+    assert first.choices == []
+    assert (first.model_extra or {})["prompt_filter_results"][0]["prompt_index"] == 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    hello = chunks[2].choices[0].model_extra or {}
+    assert hello["content_filter_results"]["violence"] == {"filtered": False, "severity": "safe"}
 
 
 async def test_a_tool_round_trip(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
@@ -381,7 +398,9 @@ async def test_a_deployment_without_endpoint_or_credential_stops_start_up(
         await start_up([{k: v for k, v in model.items() if v is not None}])
 
 
-def test_the_plugin_registers_the_azure_provider() -> None:
-    registered: dict[str, Any] = {}
-    aioproxy_azure.register_providers(lambda factory, name=None: registered.update(azure=factory))
-    assert registered == {"azure": AzureProvider}
+def test_installed_under_the_aioproxy_entry_point_group() -> None:
+    (entry,) = importlib.metadata.entry_points(group="aioproxy", name="azure")
+    assert entry.load() is aioproxy_azure
+    registered: list[Any] = []
+    aioproxy_azure.register_providers(registered.append)
+    assert registered == [AzureProvider] and AzureProvider.name == "azure"
