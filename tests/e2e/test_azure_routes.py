@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy.testing import FakeOpenAI, assert_openai_error
-from tests.support import MASTER_KEY, UPSTREAM_MODEL
+from tests.support import MASTER_KEY, UPSTREAM_MODEL, ServeProxy, gateway_config
 
 MESSAGES = [{"role": "user", "content": "hello azure"}]
 REPLY = "fake reply to: hello azure"
@@ -149,3 +149,17 @@ async def test_responses_of_the_azure_client(proxy: TestServer) -> None:
     async with azure(proxy) as client:
         response = await client.responses.create(model="gpt-test", input="hello azure")
     assert response.output_text == REPLY
+
+
+async def test_a_configured_alias_may_name_an_azure_path(
+    serve_proxy: ServeProxy, upstream_base: str
+) -> None:
+    """Configs that added Azure's v1 paths as [aliases] before they were built in still start."""
+    aliases = {"chat_completions": ["/openai/v1/chat/completions"]}
+    proxy = await serve_proxy(gateway_config(upstream_base, aliases=aliases))
+    v1 = openai.AsyncOpenAI(
+        base_url=str(proxy.make_url("/openai/v1/")), api_key=MASTER_KEY, max_retries=0
+    )
+    async with v1 as client:
+        chat = await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert chat.choices[0].message.content == REPLY
