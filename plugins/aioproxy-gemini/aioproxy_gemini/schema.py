@@ -17,10 +17,11 @@ from typing import Any
 
 from aioproxy import BadRequest
 
-__all__ = ["GEMINI_TYPES", "MAX_NODES", "to_gemini_schema"]
+__all__ = ["GEMINI_TYPES", "MAX_DEPTH", "MAX_NODES", "to_gemini_schema"]
 
 GEMINI_TYPES = frozenset({"STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT", "NULL"})
 MAX_NODES = 10_000  # schemas after inlining $refs: a few $refs to $refs must not blow up
+MAX_DEPTH = 64  # schemas within schemas: far beyond a real one, well within Python's stack
 
 # Keywords Gemini's Schema has under the same name and meaning, copied as they are.
 _COPIED = (
@@ -57,10 +58,13 @@ class _Converter:
     def refuse(self, why: str) -> BadRequest:
         return BadRequest(f"'{self.param}' cannot be sent to Gemini: {why}", param=self.param)
 
-    def convert(self, schema: Any, refs: tuple[str, ...] = ()) -> dict[str, Any]:
+    def convert(self, schema: Any, refs: tuple[str, ...] = (), depth: int = 0) -> dict[str, Any]:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise self.refuse(f"the schema has over {MAX_NODES} parts once its $refs are inlined")
+        if depth > MAX_DEPTH:
+            raise self.refuse(f"schemas are nested over {MAX_DEPTH} deep")
+        depth += 1
         if schema is True or schema == {}:
             return {}  # anything goes: Gemini's empty Schema says the same
         if not isinstance(schema, Mapping):
@@ -75,7 +79,7 @@ class _Converter:
             target = self.defs.get(ref) if isinstance(ref, str) else None
             if target is None:
                 raise self.refuse(f"'$ref' {ref!r} is not one of the schema's $defs")
-            return self.convert(target, (*refs, ref))
+            return self.convert(target, (*refs, ref), depth)
         out: dict[str, Any] = {}
         for key in _COPIED:
             if key in schema:
@@ -83,7 +87,7 @@ class _Converter:
         for key in _NUMBERS:  # Gemini's int64s: numbers or decimal strings; others refused
             if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
                 del out[key]
-        self._type(schema, out, refs)
+        self._type(schema, out, refs, depth)
         if "const" in schema:
             out["enum"] = [schema["const"]]
         elif isinstance(schema.get("enum"), list):
@@ -96,28 +100,31 @@ class _Converter:
         properties = schema.get("properties")
         if isinstance(properties, Mapping):
             out["properties"] = {
-                str(name): self.convert(value, refs) for name, value in properties.items()
+                str(name): self.convert(value, refs, depth) for name, value in properties.items()
             }
             required = schema.get("required")
             if isinstance(required, list):
-                out["required"] = [name for name in required if name in out["properties"]]
+                known = out["properties"]
+                out["required"] = [n for n in required if isinstance(n, str) and n in known]
         items = schema.get("items")
         if isinstance(items, list):  # the old tuple form: Gemini has one items schema
             items = items[0] if items else None
         if items is not None and items is not False:
-            out["items"] = self.convert(items, refs)
+            out["items"] = self.convert(items, refs, depth)
         variants = schema.get("anyOf", schema.get("oneOf"))
         if isinstance(variants, list) and variants:
-            out["anyOf"] = [self.convert(v, refs) for v in variants]
+            out["anyOf"] = [self.convert(v, refs, depth) for v in variants]
         every = schema.get("allOf")
         if isinstance(every, list) and every:
             if len(every) > 1:
                 raise self.refuse("'allOf' of several schemas has no Gemini equivalent")
-            merged = self.convert(every[0], refs)
+            merged = self.convert(every[0], refs, depth)
             out = {**merged, **out}
         return out
 
-    def _type(self, schema: Mapping[str, Any], out: dict[str, Any], refs: tuple[str, ...]) -> None:
+    def _type(
+        self, schema: Mapping[str, Any], out: dict[str, Any], refs: tuple[str, ...], depth: int
+    ) -> None:
         kind = schema.get("type")
         kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
         names = [str(k).upper() for k in kinds if isinstance(k, str)]
@@ -129,7 +136,7 @@ class _Converter:
             out["type"] = names[0]
         elif len(names) > 1:  # ["string", "integer"]: one of them
             base = {k: v for k, v in schema.items() if k != "type"}
-            out["anyOf"] = [self.convert({**base, "type": n.lower()}, refs) for n in names]
+            out["anyOf"] = [self.convert({**base, "type": n.lower()}, refs, depth) for n in names]
 
 
 def to_gemini_schema(schema: Any, param: str) -> dict[str, Any]:
