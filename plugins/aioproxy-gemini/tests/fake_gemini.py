@@ -116,6 +116,7 @@ class FakeGemini(FakeUpstream):
         self.cached_tokens = 0  # cachedContentTokenCount to report
         self.thoughts_tokens = 0  # thoughtsTokenCount to report
         self.signature: str | None = None  # thoughtSignature to put on function calls
+        self.gate: asyncio.Event | None = None  # a stream's second event waits for it
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1beta/models/{target}", self._models)]
@@ -248,6 +249,8 @@ class FakeGemini(FakeUpstream):
                     chunk = error_body(503, "UNAVAILABLE", "The model is overloaded.")
                 if fault == "unfinished" and "usageMetadata" in chunk and i:
                     break
+                if i == 1 and self.gate is not None:
+                    await self.gate.wait()
                 if i and self.delay:
                     await asyncio.sleep(self.delay)
                 data = json.dumps(chunk, separators=(",", ":"))

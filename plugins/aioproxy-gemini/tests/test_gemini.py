@@ -3,9 +3,11 @@ fake Gemini API of fake_gemini.py, both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,7 @@ from aioproxy.testing import (
     check_embeddings,
     check_error_mapping,
     check_responses,
+    first_event,
     read_sse,
     start_proxy,
 )
@@ -122,6 +125,21 @@ async def test_chat(proxy: ProxyUnderTest, fake: Any) -> None:
 async def test_chat_stream(proxy: ProxyUnderTest, fake: Any) -> None:
     assert await check_chat_stream(proxy, MODEL) == "Hello! You said: Say hello to the kit"
     assert fake.last.path.endswith(":streamGenerateContent") and fake.last.query == "alt=sse"
+
+
+async def test_a_stream_is_relayed_as_it_comes(proxy: ProxyUnderTest, fake: Any) -> None:
+    """The first chunk reaches the client while Gemini still holds back the second."""
+    fake.gate = asyncio.Event()
+    body = {"model": MODEL, "messages": HELLO, "stream": True}
+    async with proxy.http() as http, http.post(CHAT, json=body) as response:
+        first = await first_event(response)
+        assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hello!"}
+        assert fake.in_flight == 1  # Gemini has not finished: nothing was buffered
+        fake.gate.set()
+        rest = await read_sse(response)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in rest[:-1]) == (
+        " You said: Say hello to the kit"
+    )
 
 
 async def test_completions_and_responses_through_the_bridges(proxy: ProxyUnderTest) -> None:
@@ -453,11 +471,15 @@ async def test_a_rate_limit_passes_its_retry_delay_on(proxy: ProxyUnderTest, fak
     assert "exceeded your current quota" in error["message"]
 
 
-async def test_a_refused_key_says_nothing_of_it(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_refused_key_says_nothing_of_it(
+    proxy: ProxyUnderTest, fake: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     fake.faults.append("key")
     async with proxy.http() as http, http.post(CHAT, json={"model": MODEL, "messages": HELLO}) as r:
         error = await assert_openai_error(r, 502, "upstream_auth_failed")
     assert "API key not valid" not in error["message"]
+    assert API_KEY not in caplog.text and API_KEY not in json.dumps(error)
 
 
 @pytest.mark.parametrize(
