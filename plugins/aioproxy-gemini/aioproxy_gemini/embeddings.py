@@ -47,13 +47,13 @@ decode_batch = msgspec.json.Decoder(Batch).decode
 _INPUTS: ArrayOf[str | int | list[int]] = ArrayOf(str | int | list[int], MAX_INPUTS)
 
 
-def inputs_of(fields: Mapping[str, msgspec.Raw]) -> tuple[list[str], bool]:
-    """The texts to embed, and whether the client gave one string (not a list)."""
+def inputs_of(fields: Mapping[str, msgspec.Raw]) -> list[str]:
+    """The texts to embed: ``input``, a string or an array of strings."""
     value = text_or_array(fields.get("input", ABSENT), _INPUTS, "input")
     if value is None:
         raise BadRequest("'input' is required: a string or an array of strings", param="input")
     if isinstance(value, str):
-        return [value], True
+        return [value]
     texts = []
     for item in value:
         if not isinstance(item, str):
@@ -61,7 +61,7 @@ def inputs_of(fields: Mapping[str, msgspec.Raw]) -> tuple[list[str], bool]:
         texts.append(item)
     if not texts:
         raise BadRequest("'input' must not be empty", param="input")
-    return texts, False
+    return texts
 
 
 def embed_request(

@@ -123,13 +123,19 @@ class GeminiProvider(Provider):
         answer = _decode(decode_answer, raw, deployment)
         if answer.error is not None:
             raise stream_error(answer.error, deployment)
+        blocked = answer.prompt_feedback is not None and answer.prompt_feedback.block_reason
+        if not answer.candidates and not blocked:
+            raise BadGateway(
+                f"Deployment {deployment.describe()} answered without any candidate",
+                code="upstream_invalid_response",
+            )
         created = int(time.time())
         return JSONReply.of(to_chat_completion(answer, model=call.model, created=created, n=n))
 
     async def embeddings(self, call: Call) -> Reply:
         deployment = call.deployment
         settings: GeminiSettings = self.settings(deployment)
-        texts, _ = inputs_of(call.fields)
+        texts = inputs_of(call.fields)
         as_base64 = wants_base64(call.fields)
         model = model_path(deployment.model)
         vectors: list[list[float]] = []

@@ -24,7 +24,8 @@ naming a function called in the turn before.
 ``"text:NNN"``: a plain-text NNN from a proxy in front; ``"cut"``: a stream cut after two events;
 ``"stream_error"``: a stream whose second chunk is an error; ``"blocked"``: a prompt blocked by
 promptFeedback; ``"safety"``: an answer stopped for SAFETY; ``"malformed"``: candidates of the
-wrong type; ``"unfinished"``: a stream ending without a finishReason.
+wrong type; ``"unfinished"``: a stream ending without a finishReason; ``"empty"``: no candidates (and no
+promptFeedback to say why).
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class FakeGemini(FakeUpstream):
             candidates.append(candidate)
         if fault == "malformed":
             candidates = 5  # type: ignore[assignment]
+        elif fault == "empty":
+            candidates = []
         usage = {
             "promptTokenCount": prompt_tokens,
             "candidatesTokenCount": tokens * n,

@@ -501,8 +501,9 @@ async def test_a_stream_failing_midway_ends_with_an_error_event(
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
 
 
-async def test_a_malformed_answer_is_a_502(proxy: ProxyUnderTest, fake: Any) -> None:
-    fake.faults.append("malformed")
+@pytest.mark.parametrize("fault", ["malformed", "empty"])
+async def test_a_malformed_answer_is_a_502(proxy: ProxyUnderTest, fake: Any, fault: str) -> None:
+    fake.faults.append(fault)
     async with proxy.http() as http, http.post(CHAT, json={"model": MODEL, "messages": HELLO}) as r:
         await assert_openai_error(r, 502, "upstream_invalid_response")
 
