@@ -38,7 +38,7 @@ from .embeddings import (
     wants_base64,
 )
 from .errors import error_from, stream_error
-from .translate import Schemas, to_gemini
+from .translate import Schemas, Thinking, to_gemini
 
 __all__ = ["DEFAULT_API_BASE", "GeminiProvider", "GeminiSettings", "SafetySetting", "model_url"]
 
@@ -64,6 +64,9 @@ class GeminiSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Gemini's Schema (responseSchema, parameters; every model), "json_schema" sends them as
     # they are (responseJsonSchema, parametersJsonSchema; Gemini 2.5 and later).
     schemas: Schemas = "openapi"
+    # How reasoning_effort is sent: as thinkingConfig.thinkingLevel (Gemini 3 and later) or as
+    # a thinkingBudget in tokens (Gemini 2.5).
+    thinking: Thinking = "level"
     safety_settings: tuple[SafetySetting, ...] = ()  # sent with every chat request
     embedding_task_type: str | None = None  # taskType of embeddings (RETRIEVAL_QUERY, ...)
     # Texts per batchEmbedContents call (Gemini takes 100); more inputs make several calls.
@@ -101,7 +104,10 @@ class GeminiProvider(Provider):
         deployment = call.deployment
         settings: GeminiSettings = self.settings(deployment)
         body = to_gemini(
-            call.fields, schemas=settings.schemas, safety_settings=settings.safety_settings
+            call.fields,
+            schemas=settings.schemas,
+            thinking=settings.thinking,
+            safety_settings=settings.safety_settings,
         )
         n = get_field(call.fields, "n", INT) or 1  # to_gemini refused one below 1
         method = "streamGenerateContent?alt=sse" if call.stream else "generateContent"

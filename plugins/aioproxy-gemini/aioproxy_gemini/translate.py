@@ -24,6 +24,7 @@ from aioproxy import (
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     NULL,
+    STR,
     ArrayOf,
     BadRequest,
     decode_field,
@@ -36,14 +37,17 @@ from .schema import to_gemini_schema
 __all__ = [
     "SIGNATURE_MARK",
     "Schemas",
+    "Thinking",
     "contents_of",
     "part_of",
+    "thinking_config",
     "to_gemini",
     "tool_call_id",
     "tool_config",
 ]
 
 Schemas = Literal["openapi", "json_schema"]
+Thinking = Literal["level", "budget"]
 # A Gemini function call's thoughtSignature rides in the OpenAI tool call id after this mark, so
 # that it goes back with the call in the next turn (thinking models refuse a call without it).
 SIGNATURE_MARK = "~sig~"
@@ -159,6 +163,10 @@ _OBJECT = msgspec.json.Decoder(_AnyObject)
 _ANY = msgspec.json.Decoder()
 _EMPTY_OBJECT = msgspec.Raw(b"{}")
 
+# reasoning_effort as a thinking budget in tokens, for Gemini 2.5 models (which have no levels);
+# "none" turns thinking off where the model allows it.
+_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+
 # OpenAI sampling fields and their generationConfig names.
 _SAMPLING: dict[str, tuple[str, msgspec.json.Decoder[Any]]] = {
     "temperature": ("temperature", FLOAT),
@@ -177,6 +185,7 @@ def to_gemini(
     fields: Mapping[str, msgspec.Raw],
     *,
     schemas: Schemas = "openapi",
+    thinking: Thinking = "level",
     safety_settings: Sequence[object] = (),
 ) -> dict[str, Any]:
     """A chat completions request (its raw top-level fields) as a generateContent body."""
@@ -205,7 +214,7 @@ def to_gemini(
         config = tool_config(get_field(fields, "tool_choice", _CHOICE))
         if config is not None:
             out["toolConfig"] = config
-    generation = _generation_config(fields, schemas)
+    generation = _generation_config(fields, schemas, thinking)
     if generation:
         out["generationConfig"] = generation
     if safety_settings:
@@ -213,7 +222,9 @@ def to_gemini(
     return out
 
 
-def _generation_config(fields: Mapping[str, msgspec.Raw], schemas: Schemas) -> dict[str, Any]:
+def _generation_config(
+    fields: Mapping[str, msgspec.Raw], schemas: Schemas, thinking: Thinking
+) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name, (gemini_name, decoder) in _SAMPLING.items():
         value = get_field(fields, name, decoder)
@@ -233,7 +244,25 @@ def _generation_config(fields: Mapping[str, msgspec.Raw], schemas: Schemas) -> d
             raise BadRequest("'n' must be at least 1", param="n")
         config["candidateCount"] = n
     config.update(_response_format(get_field(fields, "response_format", _FORMAT), schemas))
+    effort = get_field(fields, "reasoning_effort", STR)
+    if effort is not None:
+        config["thinkingConfig"] = thinking_config(effort, thinking)
     return config
+
+
+def thinking_config(effort: str, thinking: Thinking) -> dict[str, Any]:
+    """``reasoning_effort`` as Gemini's thinkingConfig: a thinkingLevel (Gemini 3 and later, the
+    effort's own name; "none" is their least, "minimal"), or a thinkingBudget (Gemini 2.5)."""
+    if thinking == "budget":
+        budget = _BUDGETS.get(effort)
+        if budget is None:
+            raise BadRequest(
+                f"'reasoning_effort' must be one of {', '.join(_BUDGETS)}", param="reasoning_effort"
+            )
+        return {"thinkingBudget": budget}
+    if not effort or not effort.isascii() or not effort.isalpha():
+        raise BadRequest("'reasoning_effort' must be a word such as low", param="reasoning_effort")
+    return {"thinkingLevel": "minimal" if effort == "none" else effort.lower()}
 
 
 def _response_format(fmt: _ResponseFormat | None, schemas: Schemas) -> dict[str, Any]:

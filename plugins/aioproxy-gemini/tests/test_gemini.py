@@ -147,6 +147,14 @@ async def test_completions_and_responses_through_the_bridges(proxy: ProxyUnderTe
     assert await check_responses(proxy, MODEL) == "Hello! You said: Say hello to the kit"
 
 
+async def test_reasoning_effort_through_the_responses_bridge(start: Any, fake: Any) -> None:
+    proxy = await start(thinking="budget")  # a Gemini 2.5 model: budgets, not levels
+    body = {"model": MODEL, "input": "Think", "reasoning": {"effort": "medium"}}
+    answer = await post(proxy, body, "/v1/responses")
+    assert answer["status"] == "completed"
+    assert fake.last.body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 8192}}
+
+
 async def test_embeddings(proxy: ProxyUnderTest, fake: Any) -> None:
     vectors = await check_embeddings(proxy, MODEL, inputs=["hello", "gemini kit"], dims=3)
     assert vectors == [[5.0, 1.0, 0.5], [10.0, 2.0, 0.5]]

@@ -188,6 +188,22 @@ def test_schema_refs_are_inlined_and_recursion_refused() -> None:
         to_gemini_schema(loop, "response_format.json_schema.schema")
 
 
+@pytest.mark.parametrize(
+    ("effort", "thinking", "config"),
+    [
+        ("low", "level", {"thinkingLevel": "low"}),
+        ("none", "level", {"thinkingLevel": "minimal"}),
+        ("high", "budget", {"thinkingBudget": 24576}),
+        ("none", "budget", {"thinkingBudget": 0}),
+    ],
+)
+def test_reasoning_effort_as_thinking_config(
+    effort: str, thinking: str, config: dict[str, Any]
+) -> None:
+    body = gemini({"messages": user("x"), "reasoning_effort": effort}, thinking=thinking)
+    assert body["generationConfig"] == {"thinkingConfig": config}
+
+
 # -- answers ---------------------------------------------------------------------------------
 
 
@@ -385,6 +401,7 @@ BODY = st.fixed_dictionaries(
         "temperature": JSON,
         "max_tokens": JSON,
         "seed": JSON,
+        "reasoning_effort": st.one_of(JSON, st.sampled_from(["low", "none", "ultra"])),
     },
 )
 _DATA_KEYS = {"text", "inlineData", "fileData", "functionCall", "functionResponse"}
@@ -405,7 +422,11 @@ def _check_schema(schema: Any) -> None:
 
 
 @_SETTINGS
-@given(body=BODY, schemas=st.sampled_from(["openapi", "json_schema"]))
+@given(
+    body=BODY,
+    schemas=st.sampled_from(["openapi", "json_schema"]),
+    thinking=st.sampled_from(["level", "budget"]),
+)
 @example(
     body={
         "messages": [{"role": "user", "content": "x"}],
@@ -415,12 +436,15 @@ def _check_schema(schema: Any) -> None:
         },
     },
     schemas="openapi",
+    thinking="level",
 )
-def test_the_request_translator_takes_any_body(body: dict[str, Any], schemas: str) -> None:
+def test_the_request_translator_takes_any_body(
+    body: dict[str, Any], schemas: str, thinking: str
+) -> None:
     """Any body is a 400 naming one of its fields, or a request Gemini can take: alternating
     user/model turns of parts holding one kind of data each, schemas of Gemini's keywords."""
     try:
-        out = gemini(body, schemas=schemas)
+        out = gemini(body, schemas=schemas, thinking=thinking)
     except ProxyError as exc:
         assert exc.status == 400 and exc.param is not None, exc.message
         assert exc.param.split("[")[0].split(".")[0] in body, exc.param
