@@ -141,7 +141,7 @@ def test_files_audio_and_tool_choices() -> None:
     required = gemini(
         {
             "messages": user("x"),
-            "tools": body["tools"] and [{"type": "function", "function": {"name": "f"}}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
             "tool_choice": "required",
         }
     )
