@@ -1,0 +1,524 @@
+"""OpenAI chat completions -> Gemini ``generateContent`` requests, as pure functions.
+
+Nothing here does I/O. The request is read field by field from the client's bytes (``Call.fields``)
+into Structs; a request Gemini cannot express raises :class:`BadRequest` naming the parameter.
+Everything OpenAI-only that Gemini has no field for is left out (Gemini refuses unknown fields).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from aioproxy import (
+    ABSENT,
+    FLOAT,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NULL,
+    STR,
+    ArrayOf,
+    BadRequest,
+    decode_field,
+    get_field,
+    text_or_array,
+)
+
+from .schema import to_gemini_schema
+
+__all__ = [
+    "SIGNATURE_MARK",
+    "Schemas",
+    "Thinking",
+    "contents_of",
+    "part_of",
+    "thinking_config",
+    "to_gemini",
+    "tool_call_id",
+    "tool_config",
+]
+
+Schemas = Literal["openapi", "json_schema"]
+Thinking = Literal["level", "budget"]
+# A Gemini function call's thoughtSignature rides in the OpenAI tool call id after this mark, so
+# that it goes back with the call in the next turn (thinking models refuse a call without it).
+SIGNATURE_MARK = "~sig~"
+_SYSTEM_ROLES = ("system", "developer")
+_URL_SCHEMES = ("https://", "gs://")  # what Gemini fetches itself as fileData
+_AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mp3"}  # OpenAI's input_audio formats
+
+
+def tool_call_id(signature: str | None) -> str:
+    """A fresh OpenAI tool call id, carrying Gemini's ``thoughtSignature`` if there is one."""
+    base = f"call_{uuid.uuid4().hex[:24]}"
+    return f"{base}{SIGNATURE_MARK}{signature}" if signature else base
+
+
+# -- what is read of the request -------------------------------------------------------------
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    id: str | None = None
+    type: str = "function"
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
+
+    role: str | None = None
+    content: msgspec.Raw = ABSENT
+    tool_calls: msgspec.Raw = ABSENT
+    tool_call_id: str | None = None
+
+
+class _ImageURL(msgspec.Struct):
+    url: str
+
+
+class _File(msgspec.Struct):
+    file_data: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class _Audio(msgspec.Struct):
+    data: str
+    format: str = "wav"
+
+
+class _Part(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    refusal: str | None = None
+    image_url: _ImageURL | str | None = None
+    file: _File | None = None
+    input_audio: _Audio | None = None
+
+
+class _SmallMessage(msgspec.Struct):
+    """A message in a small array (see ArrayOf): decoded whole."""
+
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class _FunctionDefinition(msgspec.Struct):
+    name: str | None = None
+    description: str | None = None
+    parameters: msgspec.Raw = ABSENT
+
+
+class _Tool(msgspec.Struct):
+    type: str | None = None
+    function: _FunctionDefinition | None = None
+
+
+class _Named(msgspec.Struct):
+    name: str
+
+
+class _ToolChoice(msgspec.Struct):
+    type: str | None = None
+    function: _Named | None = None
+
+
+class _JSONSchema(msgspec.Struct):
+    name: str | None = None
+    schema: msgspec.Raw = ABSENT
+
+
+class _ResponseFormat(msgspec.Struct):
+    type: str = ""
+    json_schema: _JSONSchema | None = None
+
+
+class _AnyObject(msgspec.Struct):
+    """Any JSON object, its members skipped: checks one without building it."""
+
+
+_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
+_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
+_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
+_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
+_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
+_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
+_FORMAT = msgspec.json.Decoder(_ResponseFormat | None)
+_OBJECT = msgspec.json.Decoder(_AnyObject)
+_ANY = msgspec.json.Decoder()
+_EMPTY_OBJECT = msgspec.Raw(b"{}")
+
+# reasoning_effort as a thinking budget in tokens, for Gemini 2.5 models (which have no levels);
+# "none" turns thinking off where the model allows it.
+_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+
+# OpenAI sampling fields and their generationConfig names.
+_SAMPLING: dict[str, tuple[str, msgspec.json.Decoder[Any]]] = {
+    "temperature": ("temperature", FLOAT),
+    "top_p": ("topP", FLOAT),
+    "top_k": ("topK", INT),  # not OpenAI's, but clients written for vLLM & co. send it
+    "seed": ("seed", INT),
+    "presence_penalty": ("presencePenalty", FLOAT),
+    "frequency_penalty": ("frequencyPenalty", FLOAT),
+}
+
+
+# -- request ---------------------------------------------------------------------------------
+
+
+def to_gemini(
+    fields: Mapping[str, msgspec.Raw],
+    *,
+    schemas: Schemas = "openapi",
+    thinking: Thinking = "level",
+    safety_settings: Sequence[object] = (),
+) -> dict[str, Any]:
+    """A chat completions request (its raw top-level fields) as a generateContent body."""
+    for legacy in ("functions", "function_call"):
+        if fields.get(legacy, NULL) != NULL:
+            raise BadRequest(
+                f"'{legacy}' is deprecated and not translated for Gemini; use 'tools'",
+                param=legacy,
+            )
+    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    if messages is None:
+        raise BadRequest("'messages' must be an array of messages", param="messages")
+    system, contents = contents_of(messages)
+    if not contents:
+        raise BadRequest(
+            "Gemini needs at least one user or assistant message beside the system prompt",
+            param="messages",
+        )
+    out: dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": system}
+    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
+    if tools:
+        declarations = [_declaration(tool, i, schemas) for i, tool in enumerate(tools)]
+        out["tools"] = [{"functionDeclarations": declarations}]
+        config = tool_config(get_field(fields, "tool_choice", _CHOICE))
+        if config is not None:
+            out["toolConfig"] = config
+    generation = _generation_config(fields, schemas, thinking)
+    if generation:
+        out["generationConfig"] = generation
+    if safety_settings:
+        out["safetySettings"] = safety_settings  # the deployment's, encoded as they are
+    return out
+
+
+def _generation_config(
+    fields: Mapping[str, msgspec.Raw], schemas: Schemas, thinking: Thinking
+) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    for name, (gemini_name, decoder) in _SAMPLING.items():
+        value = get_field(fields, name, decoder)
+        if value is not None:
+            config[gemini_name] = value
+    max_tokens = get_field(fields, "max_completion_tokens", INT)
+    if max_tokens is None:
+        max_tokens = get_field(fields, "max_tokens", INT)
+    if max_tokens is not None:
+        config["maxOutputTokens"] = max_tokens
+    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
+    if stop:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+    n = get_field(fields, "n", INT)
+    if n is not None and n != 1:
+        if n < 1:
+            raise BadRequest("'n' must be at least 1", param="n")
+        config["candidateCount"] = n
+    config.update(_response_format(get_field(fields, "response_format", _FORMAT), schemas))
+    effort = get_field(fields, "reasoning_effort", STR)
+    if effort is not None:
+        config["thinkingConfig"] = thinking_config(effort, thinking)
+    return config
+
+
+def thinking_config(effort: str, thinking: Thinking) -> dict[str, Any]:
+    """``reasoning_effort`` as Gemini's thinkingConfig: a thinkingLevel (Gemini 3 and later, the
+    effort's own name; "none" is their least, "minimal"), or a thinkingBudget (Gemini 2.5)."""
+    if thinking == "budget":
+        budget = _BUDGETS.get(effort)
+        if budget is None:
+            raise BadRequest(
+                f"'reasoning_effort' must be one of {', '.join(_BUDGETS)}", param="reasoning_effort"
+            )
+        return {"thinkingBudget": budget}
+    if not effort or not effort.isascii() or not effort.isalpha():
+        raise BadRequest("'reasoning_effort' must be a word such as low", param="reasoning_effort")
+    return {"thinkingLevel": "minimal" if effort == "none" else effort.lower()}
+
+
+def _response_format(fmt: _ResponseFormat | None, schemas: Schemas) -> dict[str, Any]:
+    """``response_format`` as responseMimeType and a schema."""
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"responseMimeType": "application/json"}
+    if fmt.type != "json_schema":
+        raise BadRequest(
+            f"response_format type {fmt.type!r} cannot be sent to Gemini; use text, "
+            "json_object or json_schema",
+            param="response_format.type",
+        )
+    raw = fmt.json_schema.schema if fmt.json_schema is not None else ABSENT
+    if not raw or raw == NULL:
+        raise BadRequest(
+            "'response_format.json_schema.schema' is required", param="response_format.json_schema"
+        )
+    out: dict[str, Any] = {"responseMimeType": "application/json"}
+    param = "response_format.json_schema.schema"
+    if schemas == "json_schema":
+        decode_field(raw, _OBJECT, param)  # an object, passed on as the client wrote it
+        out["responseJsonSchema"] = raw
+    else:
+        out["responseSchema"] = to_gemini_schema(decode_field(raw, _ANY, param), param)
+    return out
+
+
+def contents_of(
+    messages: list[_Message | _SmallMessage],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The system instruction's parts, and the other messages as Gemini contents.
+
+    Every system/developer message joins the system instruction. Tool results become user turns
+    of functionResponse parts, named after the call they answer (Gemini pairs them by name; an
+    OpenAI tool message has only the call's id). Same-role neighbours are merged, so that the
+    responses to parallel calls share one turn, as Gemini requires.
+    """
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.role
+        if role in _SYSTEM_ROLES:
+            parts = _parts(message.content, f"{where}.content")
+            if any("text" not in part for part in parts):
+                raise BadRequest(
+                    f"'{where}.content' of a system message may only hold text",
+                    param=f"{where}.content",
+                )
+            system.extend(parts)
+            continue
+        if role == "user":
+            parts, turn_role = _parts(message.content, f"{where}.content"), "user"
+        elif role == "assistant":
+            parts, turn_role = _model_parts(message, where, names), "model"
+        elif role == "tool":
+            parts, turn_role = [_function_response(message, where, names)], "user"
+        else:
+            raise BadRequest(
+                f"Role {role!r} of '{where}' cannot be sent to Gemini; use system, developer, "
+                "user, assistant or tool",
+                param=f"{where}.role",
+            )
+        if not parts:
+            continue  # Gemini refuses a turn without parts; an empty message says nothing
+        if contents and contents[-1]["role"] == turn_role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": turn_role, "parts": parts})
+    return system, contents
+
+
+def _parts(content: msgspec.Raw | str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+    value = text_or_array(content, _PARTS, where)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"text": value}] if value else []
+    parts = []
+    for j, part in enumerate(value):
+        converted = part_of(part, f"{where}[{j}]")
+        if converted is not None:
+            parts.append(converted)
+    return parts
+
+
+def part_of(part: _Part, where: str) -> dict[str, Any] | None:
+    """One OpenAI content part as a Gemini part (None for empty text)."""
+    kind = part.type
+    if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
+        text = part.text if kind == "text" else part.refusal
+        if text is None:
+            raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+        return {"text": text} if text else None
+    if kind == "image_url":
+        image = part.image_url
+        url = image.url if isinstance(image, _ImageURL) else image
+        if url is None:
+            raise BadRequest(
+                f"'{where}.image_url.url' must be a string", param=f"{where}.image_url"
+            )
+        return _media(url, f"{where}.image_url.url", None)
+    if kind == "file":
+        return _file_part(part.file, f"{where}.file")
+    if kind == "input_audio":
+        audio = part.input_audio
+        mime = _AUDIO_TYPES.get(audio.format) if audio is not None else None
+        if audio is None or mime is None:
+            raise BadRequest(
+                f"'{where}.input_audio' must carry base64 'data' of format wav or mp3",
+                param=f"{where}.input_audio",
+            )
+        return {"inlineData": {"mimeType": mime, "data": audio.data}}
+    raise BadRequest(f"Content part type {kind!r} cannot be sent to Gemini", param=f"{where}.type")
+
+
+def _media(url: str, where: str, filename: str | None) -> dict[str, Any]:
+    """A data URL inline; an https:// (public or signed) or gs:// URL as fileData, which Gemini
+    fetches itself. Anything else (plain http, a local path) Gemini cannot read: a 400."""
+    if url.startswith("data:"):
+        mime, data = _split_data_url(url, where)
+        return {"inlineData": {"mimeType": mime, "data": data}}
+    if url.startswith(_URL_SCHEMES):
+        file_data = {"fileUri": url}
+        guessed = mimetypes.guess_type(filename or url.split("?", 1)[0], strict=False)[0]
+        if guessed:  # Gemini needs it for a URL it fetches; its Files API URIs know their own
+            file_data = {"mimeType": guessed, **file_data}
+        return {"fileData": file_data}
+    raise BadRequest(
+        f"'{where}' must be a base64 data URL or an https:// or gs:// URL that Gemini can fetch",
+        param=where,
+    )
+
+
+def _file_part(file: _File | None, where: str) -> dict[str, Any]:
+    """An OpenAI ``file`` part: inline data (a PDF, say), or a Gemini file URI as its id."""
+    if file is not None and file.file_data is not None:
+        if file.file_data.startswith("data:"):
+            return _media(file.file_data, f"{where}.file_data", None)
+        # OpenAI also takes bare base64 here, and its file parts are PDFs
+        return {"inlineData": {"mimeType": "application/pdf", "data": file.file_data}}
+    if file is not None and file.file_id is not None:
+        return _media(file.file_id, f"{where}.file_id", file.filename)
+    raise BadRequest(
+        f"'{where}' must carry 'file_data', or a Gemini file URI (https://...) as 'file_id'",
+        param=where,
+    )
+
+
+def _split_data_url(url: str, where: str) -> tuple[str, str]:
+    header, comma, data = url.partition(",")
+    params = header[len("data:") :].split(";")
+    if not comma or "base64" not in params[1:] or not params[0]:
+        raise BadRequest(
+            f"'{where}' must be a base64 data URL (data:<media type>;base64,<data>)", param=where
+        )
+    return params[0], data
+
+
+def _model_parts(
+    message: _Message | _SmallMessage, where: str, names: dict[str, str]
+) -> list[dict[str, Any]]:
+    parts = _parts(message.content, f"{where}.content")
+    if any("text" not in part for part in parts):
+        raise BadRequest(
+            f"'{where}.content' of an assistant message may only hold text",
+            param=f"{where}.content",
+        )
+    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    for j, call in enumerate(calls or ()):
+        parts.append(_function_call(call, f"{where}.tool_calls[{j}]", names))
+    return parts
+
+
+def _function_call(call: _ToolCall, where: str, names: dict[str, str]) -> dict[str, Any]:
+    function = call.function
+    if function is None or call.type != "function" or not function.name:
+        raise BadRequest(f"'{where}' must be a function tool call with a name", param=where)
+    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
+    try:
+        _OBJECT.decode(arguments)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        raise BadRequest(
+            f"'{where}.function.arguments' must be a JSON object, as Gemini takes function args",
+            param=f"{where}.function.arguments",
+        ) from None
+    # Checked as one JSON object: passed on as the client wrote it, never built.
+    part: dict[str, Any] = {
+        "functionCall": {"name": function.name, "args": msgspec.Raw(arguments.encode())}
+    }
+    if call.id:
+        names[call.id] = function.name
+        _, mark, signature = call.id.partition(SIGNATURE_MARK)
+        if mark and signature:
+            part["thoughtSignature"] = signature
+    return part
+
+
+def _function_response(
+    message: _Message | _SmallMessage, where: str, names: dict[str, str]
+) -> dict[str, Any]:
+    name = names.get(message.tool_call_id or "")
+    if name is None:
+        raise BadRequest(
+            f"'{where}.tool_call_id' answers no tool call of an earlier assistant message; "
+            "Gemini needs the function's name, which only that call gives",
+            param=f"{where}.tool_call_id",
+        )
+    parts = _parts(message.content, f"{where}.content")
+    if any("text" not in part for part in parts):
+        raise BadRequest(
+            f"'{where}.content' of a tool message may only hold text", param=f"{where}.content"
+        )
+    text = "".join(part["text"] for part in parts)
+    try:  # a JSON object is the response itself; anything else is its output
+        _OBJECT.decode(text)
+        response: Any = msgspec.Raw(text.encode())
+    except (msgspec.DecodeError, RecursionError):
+        response = {"output": text}
+    return {"functionResponse": {"name": name, "response": response}}
+
+
+def _declaration(tool: _Tool, i: int, schemas: Schemas) -> dict[str, Any]:
+    """An OpenAI function tool as a Gemini function declaration."""
+    where = f"tools[{i}]"
+    function = tool.function
+    if function is None or tool.type != "function" or not function.name:
+        raise BadRequest(f"'{where}' must be a function tool with a name for Gemini", param=where)
+    out: dict[str, Any] = {"name": function.name}
+    if function.description:
+        out["description"] = function.description
+    schema = function.parameters
+    # A tool without parameters: Gemini takes a declaration without any.
+    if schema and schema != NULL and schema != _EMPTY_OBJECT:
+        param = f"{where}.function.parameters"
+        if schemas == "json_schema":
+            decode_field(schema, _OBJECT, param)
+            out["parametersJsonSchema"] = schema
+        else:
+            out["parameters"] = to_gemini_schema(decode_field(schema, _ANY, param), param)
+    return out
+
+
+def tool_config(choice: str | _ToolChoice | None) -> dict[str, Any] | None:
+    """OpenAI's ``tool_choice`` as Gemini's ``toolConfig`` (None: Gemini's default, AUTO)."""
+    if choice is None:
+        return None
+    if choice in ("auto", "none", "required"):
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[str(choice)]
+        return {"functionCallingConfig": {"mode": mode}}
+    if isinstance(choice, _ToolChoice) and choice.type == "function" and choice.function:
+        allowed = {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}
+        return {"functionCallingConfig": allowed}
+    raise BadRequest(
+        "'tool_choice' must be auto, required, none or a function for Gemini", param="tool_choice"
+    )
