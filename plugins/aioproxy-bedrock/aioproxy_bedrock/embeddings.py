@@ -56,8 +56,11 @@ class _Titan(msgspec.Struct):
     inputTextTokenCount: int | None = None  # noqa: N815 - Titan's name
 
 
+Vectors = list[list[float]]
+
+
 class _CohereTypes(msgspec.Struct):
-    float: list[list[float]]
+    floats: Vectors = msgspec.field(name="float")  # the one type asked for
 
 
 class _Cohere(msgspec.Struct):
@@ -78,7 +81,7 @@ def vectors(family: Family, body: bytes) -> tuple[list[list[float]], int | None]
         titan = _decode_titan(body)
         return [titan.embedding], titan.inputTextTokenCount
     embeddings = _decode_cohere(body).embeddings
-    return (embeddings.float if isinstance(embeddings, _CohereTypes) else embeddings), None
+    return (embeddings.floats if isinstance(embeddings, _CohereTypes) else embeddings), None
 
 
 def texts_of(value: Any) -> list[str]:
