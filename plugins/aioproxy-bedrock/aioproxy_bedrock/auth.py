@@ -11,6 +11,8 @@ loads it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,12 +43,29 @@ def load_credentials(access_key_id: str | None, secret_key: str | None, profile:
 
 
 def load_region(profile: str | None) -> str | None:
-    """The region the AWS configuration names (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the
-    profile's); blocking (it reads files)."""
+    """The region the AWS configuration names (``AWS_REGION``, which the AWS SDKs read and
+    botocore does not, then ``AWS_DEFAULT_REGION`` or the profile's); blocking (reads files)."""
     from botocore.session import Session
 
-    region: str | None = Session(profile=profile).get_config_variable("region")
+    region: str | None = os.environ.get("AWS_REGION") or Session(
+        profile=profile
+    ).get_config_variable("region")
     return region
+
+
+class _NoSigningDetails(logging.Filter):
+    """Drops botocore's DEBUG records of each signature, its string to sign and canonical
+    request: the latter holds the session token, and a signature can be replayed for minutes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+def quiet_signing_logs() -> None:
+    """Keep signing details out of the logs, whatever level the app logs at (idempotent)."""
+    logger = logging.getLogger("botocore.auth")
+    if not any(isinstance(f, _NoSigningDetails) for f in logger.filters):
+        logger.addFilter(_NoSigningDetails())
 
 
 def sign_request(
@@ -77,6 +96,7 @@ class SigV4Signer:
     def __init__(self, credentials: Any, region: str) -> None:
         self.credentials = credentials
         self.region = region
+        quiet_signing_logs()
 
     async def headers(self, url: str, body: bytes, headers: Mapping[str, str]) -> dict[str, str]:
         """``headers`` with the signature's."""

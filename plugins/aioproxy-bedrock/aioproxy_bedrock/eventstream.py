@@ -8,7 +8,7 @@ both checksums and bounding the header and payload lengths.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["FrameError", "FrameReader", "Message", "StreamStalled"]
@@ -62,14 +62,18 @@ class FrameReader:
         self._clock = clock
         self._stalled_since: float | None = None
 
-    def feed(self, chunk: bytes) -> list[Message]:
-        """The messages ``chunk`` completes, in order (none while a message is partial)."""
+    def feed(self, chunk: bytes) -> Iterator[Message]:
+        """The messages ``chunk`` completes, in order (none while a message is partial); a
+        broken message raises FrameError after those before it. Consume it whole."""
         self._buffer.add_data(chunk)
+        completed = False
         try:
-            messages = [Message(m.headers, m.payload) for m in self._buffer]
+            for message in self._buffer:
+                completed = True
+                yield Message(message.headers, message.payload)
         except self._parser_error as exc:
             raise FrameError(str(exc)) from exc
-        if messages:
+        if completed:
             self._stalled_since = None
         elif self._idle is not None:
             now = self._clock()
@@ -77,4 +81,3 @@ class FrameReader:
                 self._stalled_since = now
             elif now - self._stalled_since >= self._idle:
                 raise StreamStalled(f"no complete event-stream message in {self._idle:g} s")
-        return messages

@@ -25,7 +25,9 @@ def _sibling(name: str) -> ModuleType:
     """Import a module next to this file: importlib mode puts no test folder on sys.path."""
     unique = f"_aioproxy_bedrock_tests_{name}"
     if unique not in sys.modules:
-        spec = importlib.util.spec_from_file_location(unique, Path(__file__).with_name(f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(
+            unique, Path(__file__).with_name(f"{name}.py")
+        )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[unique] = module

@@ -19,7 +19,7 @@ headers, payload, CRCs), one message per write.
 ``faults`` (a FIFO, one per request): ``("status", NNN, "ThrottlingException")`` answers that
 status with AWS's error body and ``x-amzn-ErrorType``; ``("exception", "throttlingException")``
 sends a stream exception message after the first delta; ``("exception_first", ...)`` as the
-first message; ``"cut"`` hangs up mid-stream; ``"bad_crc"`` spoils a message's checksum.
+first message; ``"cut"`` hangs up mid-stream; ``("bad_crc", i)`` spoils message i's checksum.
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ def frame(headers: dict[str, str], payload: bytes) -> bytes:
     """One event-stream message: a prelude (total and headers length, its CRC32), the headers
     (name length, name, type 7 = string, value length, value), the payload, the message CRC32."""
     encoded = b"".join(
-        bytes([len(name)]) + name.encode() + b"\x07" + struct.pack(">H", len(value)) + value.encode()
+        bytes([len(name)])
+        + name.encode()
+        + b"\x07"
+        + struct.pack(">H", len(value))
+        + value.encode()
         for name, value in headers.items()
     )
     prelude = struct.pack(">II", 12 + len(encoded) + len(payload) + 4, len(encoded))
@@ -122,6 +126,7 @@ class FakeBedrock(FakeUpstream):
         self.api_keys = api_keys
         self.stream_delay = 0.0  # seconds between stream messages
         self.signed_with: list[str] = []  # the key id (or "bearer") of each authorized request
+        self.raw_paths: list[str] = []  # each request's path as sent (percent-encoded)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -135,6 +140,7 @@ class FakeBedrock(FakeUpstream):
 
     def _refusal(self, request: web.Request, raw: bytes) -> web.Response | None:
         """AWS's 403 unless the request is signed with known credentials, or has an API key."""
+        self.raw_paths.append(request.rel_url.raw_path)
         authorization = request.headers.get("Authorization", "")
         if authorization.startswith("Bearer "):
             if authorization[7:] in self.api_keys:
@@ -143,7 +149,9 @@ class FakeBedrock(FakeUpstream):
             return _error(403, "UnrecognizedClientException", "The security token is invalid.")
         match = _AUTH.match(authorization)
         if match is None:
-            return _error(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
+            return _error(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            )
         known = self.credentials.get(match["key"])
         if known is None:
             return _error(403, "UnrecognizedClientException", "The security token is invalid.")
@@ -235,9 +243,9 @@ class FakeBedrock(FakeUpstream):
             messages[2:] = [exception(fault[1], f"injected {fault[1]}")]
         elif isinstance(fault, tuple) and fault[0] == "exception_first":
             messages = [exception(fault[1], f"injected {fault[1]}")]
-        elif fault == "bad_crc":
-            spoiled = messages[1]
-            messages[1] = spoiled[:-1] + bytes([spoiled[-1] ^ 0xFF])
+        elif isinstance(fault, tuple) and fault[0] == "bad_crc":  # ("bad_crc", message index)
+            spoiled = messages[fault[1]]
+            messages[fault[1]] = spoiled[:-1] + bytes([spoiled[-1] ^ 0xFF])
         response = web.StreamResponse(
             headers={"Content-Type": EVENT_STREAM, "x-amzn-RequestId": "req-fake-2"}
         )
@@ -278,7 +286,11 @@ class FakeBedrock(FakeUpstream):
             vectors = [_vector(text, None) for text in body["texts"]]
             tokens = sum(len(text.split()) for text in body["texts"])
             return web.json_response(
-                {"id": "e-1", "embeddings": {"float": vectors}, "response_type": "embeddings_by_type"},
+                {
+                    "id": "e-1",
+                    "embeddings": {"float": vectors},
+                    "response_type": "embeddings_by_type",
+                },
                 headers={"X-Amzn-Bedrock-Input-Token-Count": str(tokens)},
             )
         return _error(400, "ValidationException", f"{model_id} is not an embedding model")
