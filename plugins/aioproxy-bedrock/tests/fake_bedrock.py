@@ -322,7 +322,7 @@ def _check(body: Any) -> None:
         raise _Refused("The request body must be a JSON object")
     unknown = set(body) - _FIELDS
     if unknown:
-        raise _Refused(f"extraneous key [{sorted(unknown)[0]}] is not permitted")
+        raise _Refused(f"extraneous key [{min(unknown)}] is not permitted")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _Refused("messages: at least one message is required")
@@ -340,7 +340,7 @@ def _check(body: Any) -> None:
             raise _Refused("system blocks hold text")
     unknown = set(body.get("inferenceConfig", {})) - _INFERENCE
     if unknown:
-        raise _Refused(f"extraneous key [{sorted(unknown)[0]}] in inferenceConfig")
+        raise _Refused(f"extraneous key [{min(unknown)}] in inferenceConfig")
 
 
 def _check_block(block: dict[str, Any], body: dict[str, Any]) -> None:
