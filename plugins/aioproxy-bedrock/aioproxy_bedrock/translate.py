@@ -418,7 +418,9 @@ def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dic
 def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
     function = call.function
     if function is None or call.type != "function" or not call.id or not function.name:
-        raise BadRequest(f"'{where}' must be a function tool call with an id and a name", where)
+        raise BadRequest(
+            f"'{where}' must be a function tool call with an id and a name", param=where
+        )
     arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
     try:
         _OBJECT.decode(arguments)

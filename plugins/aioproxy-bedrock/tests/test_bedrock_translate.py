@@ -3,6 +3,7 @@ Bedrock's errors; hypothesis for the ones that take arbitrary input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -63,7 +64,7 @@ def conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
 def test_turns_alternate_and_keep_every_word_in_order(messages: list[dict[str, Any]]) -> None:
     out = converse({"model": "m", "messages": messages, "tools": [_tool("f")]})
     turns = out["messages"]
-    assert all(a["role"] != b["role"] for a, b in zip(turns, turns[1:]))
+    assert all(a["role"] != b["role"] for a, b in itertools.pairwise(turns))
     assert all(turn["content"] for turn in turns)  # Converse refuses empty turns
     said = [
         m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
@@ -198,6 +199,17 @@ def test_images(url: str, block: dict[str, Any]) -> None:
             "messages[0].tool_calls[0].function.arguments",
         ),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0]",
+        ),
     ],
 )
 def test_what_converse_cannot_express_is_a_400(body: dict[str, Any], param: str) -> None:
