@@ -186,15 +186,20 @@ class FakeBedrock(FakeUpstream):
 
     # -- routes ------------------------------------------------------------------------------
 
-    async def _converse(self, request: web.Request) -> web.StreamResponse:
+    async def _admit(self, request: web.Request) -> tuple[Any, Any, web.Response | None]:
+        """Record the request: its JSON body, its fault, and the answer refusing it if any (an
+        unauthorized request, or a status fault)."""
         record = await self.record(request)
         refusal = self._refusal(request, record.raw)
+        fault = None if refusal is not None else self.next_fault()
+        if isinstance(fault, tuple) and fault[0] == "status":
+            refusal = _error(fault[1], fault[2], f"injected {fault[2]}")
+        return record.body, fault, refusal
+
+    async def _converse(self, request: web.Request) -> web.StreamResponse:
+        body, fault, refusal = await self._admit(request)
         if refusal is not None:
             return refusal
-        fault = self.next_fault()
-        if isinstance(fault, tuple) and fault[0] == "status":
-            return _error(fault[1], fault[2], f"injected {fault[2]}")
-        body = record.body
         try:
             _check(body)
         except _Refused as exc:
@@ -265,14 +270,9 @@ class FakeBedrock(FakeUpstream):
         return response
 
     async def _invoke(self, request: web.Request) -> web.StreamResponse:
-        record = await self.record(request)
-        refusal = self._refusal(request, record.raw)
+        body, _, refusal = await self._admit(request)
         if refusal is not None:
             return refusal
-        fault = self.next_fault()
-        if isinstance(fault, tuple) and fault[0] == "status":
-            return _error(fault[1], fault[2], f"injected {fault[2]}")
-        body = record.body
         model_id = request.match_info["model_id"]
         if "titan-embed" in model_id:
             text = body["inputText"]
@@ -301,7 +301,10 @@ class FakeBedrock(FakeUpstream):
 
 def _error(status: int, kind: str, message: str) -> web.Response:
     """AWS's error answer: the type in ``x-amzn-ErrorType``, ``{"message"}`` as the body."""
-    headers = {"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"}
+    headers = {
+        "x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/",
+        "x-amzn-RequestId": "req-fake-error",
+    }
     if status == 429:
         headers["Retry-After"] = "7"
     return web.json_response({"message": message}, status=status, headers=headers)

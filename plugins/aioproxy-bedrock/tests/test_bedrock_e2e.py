@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 from aioproxy_bedrock import BedrockProvider, BedrockSettings
 from botocore.credentials import RefreshableCredentials
 
-from aioproxy import ConfigError, Deployment, hookimpl
+from aioproxy import Call, ConfigError, Deployment, Outcome, hookimpl
 from aioproxy.testing import (
     HELLO,
     ProxyUnderTest,
@@ -540,3 +541,40 @@ async def test_openai_sdk_sees_typed_errors(proxy: ProxyUnderTest, fake: Any) ->
     async with proxy.openai() as client:
         with pytest.raises(openai.RateLimitError):
             await client.chat.completions.create(model="claude", messages=HELLO)
+
+
+def test_the_entry_point_names_the_plugin() -> None:
+    (entry_point,) = importlib.metadata.entry_points(group="aioproxy", name="bedrock")
+    assert entry_point.load() is aioproxy_bedrock
+
+
+@pytest.mark.parametrize("fault", [None, ("status", 400, "ValidationException")])
+async def test_the_request_id_goes_upstream_and_aws_own_is_kept(
+    aiohttp_server: Any, fake: Any, api_base: str, fault: Any
+) -> None:
+    """The gateway's x-request-id reaches Bedrock (unsigned, beside the signed headers); AWS's
+    ``x-amzn-RequestId`` is kept on the call as ``upstream_request_id``, errors included."""
+    kept: list[str | None] = []
+
+    class Log:
+        @hookimpl
+        def after_response(self, call: Call, outcome: Outcome) -> None:
+            kept.append(call.upstream_request_id)
+
+        @hookimpl
+        def on_error(self, error: Exception, call: Call | None) -> None:
+            kept.append(call.upstream_request_id if call else "no call")
+
+    config = {"models": [model("claude", CHAT_MODEL_ID, api_base)]}
+    proxy = await start_proxy(aiohttp_server, config, [aioproxy_bedrock, Log()])
+    if fault:
+        fake.faults.append(fault)
+    body = {"model": "claude", "messages": HELLO}
+    async with (
+        proxy.http() as http,
+        http.post("/v1/chat/completions", json=body, headers={"x-request-id": "client-7"}) as got,
+    ):
+        assert got.status == (400 if fault else 200)
+    assert fake.last.headers["x-request-id"] == "client-7"
+    assert "x-request-id" not in fake.last.headers["authorization"]
+    assert kept == ["req-fake-error" if fault else "req-fake-1"]
