@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import msgspec
 from msgspec import Meta
+from multidict import CIMultiDict
 
 from aioproxy import (
     DONE,
@@ -134,8 +135,12 @@ class BedrockProvider(Provider):
         # The model id is one path segment: its ':' and an ARN's '/' encoded, as AWS signs it.
         url = f"{base}/model/{quote(model_id or deployment.model, safe='')}/{action}"
         signed = {"content-type": "application/json", "accept": accept}
-        headers = {**call.upstream_headers, **deployment.headers}  # sent, not signed
-        headers.update(await auth.headers(url, body, signed))
+        # The gateway's own headers (request id, traceparent) and the deployment's are sent,
+        # not signed; the signed ones and the signature replace any of theirs, whatever case.
+        headers: CIMultiDict[str] = CIMultiDict(call.upstream_headers)
+        headers.update(deployment.headers)
+        for name, value in (await auth.headers(url, body, signed)).items():
+            headers[name] = value
         return await self.upstream.post(call, url, body, headers, read_error=error_from)
 
     async def chat_completions(self, call: Call) -> Reply:

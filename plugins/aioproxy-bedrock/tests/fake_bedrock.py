@@ -19,7 +19,7 @@ headers, payload, CRCs), one message per write.
 ``faults`` (a FIFO, one per request): ``("status", NNN, "ThrottlingException")`` answers that
 status with AWS's error body and ``x-amzn-ErrorType``; ``("exception", "throttlingException")``
 sends a stream exception message after the first delta; ``("exception_first", ...)`` as the
-first message; ``"cut"`` hangs up mid-stream; ``("bad_crc", i)`` spoils message i's checksum.
+first message; ``"cut"`` hangs up mid-stream; ``"no_metadata"`` ends after messageStop; ``("bad_crc", i)`` spoils message i's checksum.
 """
 
 from __future__ import annotations
@@ -248,6 +248,8 @@ class FakeBedrock(FakeUpstream):
             messages[2:] = [exception(fault[1], f"injected {fault[1]}")]
         elif isinstance(fault, tuple) and fault[0] == "exception_first":
             messages = [exception(fault[1], f"injected {fault[1]}")]
+        elif fault == "no_metadata":  # the answer ends after messageStop
+            messages.pop()
         elif isinstance(fault, tuple) and fault[0] == "bad_crc":  # ("bad_crc", message index)
             spoiled = messages[fault[1]]
             messages[fault[1]] = spoiled[:-1] + bytes([spoiled[-1] ^ 0xFF])

@@ -392,6 +392,38 @@ async def test_a_stream_ends_with_usage_and_done(proxy: ProxyUnderTest) -> None:
     assert chunks[-2]["usage"]["prompt_tokens"] == 7
 
 
+async def test_a_stream_without_metadata_still_ends_with_usage_and_done(
+    proxy: ProxyUnderTest, fake: Any
+) -> None:
+    fake.faults.append("no_metadata")
+    body = {
+        "model": "claude",
+        "messages": HELLO,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        chunks = await read_sse(response)
+    assert_chat_chunks(chunks, usage=True)  # [DONE] last, the usage chunk before it
+    assert chunks[-2]["usage"]["total_tokens"] == 0  # Bedrock did not say
+
+
+async def test_the_deployments_headers_cannot_replace_the_signature(
+    aiohttp_server: Any, fake: Any, api_base: str
+) -> None:
+    entry = model(
+        "claude",
+        CHAT_MODEL_ID,
+        api_base,
+        headers={"authorization": "Bearer nope", "X-Team": "search", "CONTENT-TYPE": "text/plain"},
+    )
+    proxy = await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+    await check_chat(proxy, "claude")
+    assert fake.signed_with[-1] == ACCESS_KEY_ID
+    assert fake.last.headers["x-team"] == "search"
+    assert fake.last.headers["content-type"] == "application/json"
+
+
 async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, fake: Any) -> None:
     fake.stream_delay = 0.05
     long = [{"role": "user", "content": "word " * 100}]
