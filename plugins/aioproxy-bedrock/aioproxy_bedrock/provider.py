@@ -107,24 +107,27 @@ class BedrockProvider(Provider):
         known = self._auth.get(key)
         if known is not None:
             return known
-        region = settings.region or await asyncio.to_thread(load_region, settings.profile)
-        if not region:
-            raise ConfigError("the bedrock provider needs a region (settings.region, AWS_REGION)")
+        bearer = bool(deployment.api_key) and not settings.aws_access_key_id
+        region = settings.region
+        if not region and not (bearer and deployment.api_base):  # SigV4 and the URL need one
+            region = await asyncio.to_thread(load_region, settings.profile)
+            if not region:
+                raise ConfigError(
+                    "the bedrock provider needs a region (settings.region, AWS_REGION)"
+                )
         auth: Auth
-        if deployment.api_key and not settings.aws_access_key_id:
-            auth = BearerAuth(deployment.api_key)
+        if bearer:
+            auth = BearerAuth(deployment.api_key or "")
         else:
             credentials = await asyncio.to_thread(self.load_credentials, deployment, settings)
-            auth = SigV4Signer(credentials, region)
+            auth = SigV4Signer(credentials, region or "")
         base = deployment.api_base or f"https://bedrock-runtime.{region}.amazonaws.com"
         if len(self._auth) >= _MAX_SIGNERS:
             self._auth.clear()
         known = self._auth[key] = (auth, base.rstrip("/"))
         return known
 
-    async def _post(
-        self, call: Call, action: str, body: bytes, accept: str, model_id: str | None = None
-    ) -> UpstreamResponse:
+    async def _post(self, call: Call, action: str, body: bytes, accept: str) -> UpstreamResponse:
         """POST ``body`` to the model's ``action`` (converse, converse-stream, invoke), signed:
         its 2xx answer, or the client's error."""
         deployment = call.deployment
@@ -133,7 +136,7 @@ class BedrockProvider(Provider):
         except ConfigError as exc:  # a deployment a plugin made per request
             raise ProxyError(f"Deployment {deployment.describe()}: {exc}") from None
         # The model id is one path segment: its ':' and an ARN's '/' encoded, as AWS signs it.
-        url = f"{base}/model/{quote(model_id or deployment.model, safe='')}/{action}"
+        url = f"{base}/model/{quote(deployment.model, safe='')}/{action}"
         signed = {"content-type": "application/json", "accept": accept}
         # The gateway's own headers (request id, traceparent) and the deployment's are sent,
         # not signed; the signed ones and the signature replace any of theirs, whatever case.

@@ -103,6 +103,19 @@ async def test_a_bedrock_api_key_is_a_bearer_token(proxy: ProxyUnderTest, fake: 
     assert fake.last.headers["authorization"] == f"Bearer {API_KEY}"
 
 
+async def test_an_api_key_with_an_api_base_needs_no_region(
+    aiohttp_server: Any, fake: Any, api_base: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    settings = {"region": None, "aws_access_key_id": None}
+    entry = model("keyed", CHAT_MODEL_ID, api_base, api_key=API_KEY, settings=settings)
+    proxy = await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+    assert await check_chat(proxy, "keyed") == "Hello! You said: Say hello to the kit"
+    assert fake.signed_with[-1] == "bearer"
+
+
 async def test_the_request_translated(proxy: ProxyUnderTest, fake: Any) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
