@@ -4,6 +4,7 @@ InvokeModel (Titan and Cohere), every request signed with SigV4 or sent with an 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -94,6 +95,8 @@ class BedrockProvider(Provider):
                 await self._auth_for(deployment)
             except ConfigError as exc:
                 raise ConfigError(f"model '{deployment.name}': {exc}") from None
+        if self.config.deployments:  # now, not in the first request's time (nor the loop's)
+            await asyncio.to_thread(_import_botocore)
 
     def load_credentials(self, deployment: Deployment, settings: BedrockSettings) -> Any:
         """botocore credentials for ``deployment`` (blocking: called in a thread). A subclass
@@ -271,6 +274,12 @@ class BedrockProvider(Provider):
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONReply.of({"object": "list", "data": data, "model": call.model, "usage": usage})
+
+
+def _import_botocore() -> None:
+    """The botocore modules requests use (signer, event-stream decoder)."""
+    for name in ("botocore.auth", "botocore.awsrequest", "botocore.eventstream"):
+        importlib.import_module(name)
 
 
 def _completion_id(response: UpstreamResponse) -> str:
