@@ -93,14 +93,19 @@ async def _answer(
     """The upstream's 2xx answer to a POST in flight, or the client's error: connect errors and
     timeouts as 502/504, a redirect as a 502 (never followed: it could carry the key to another
     host), any other status read (capped) by ``read_error``. Given the ``call``, the upstream's
-    own request id is kept on it (error answers too)."""
+    own request id (x-request-id, request-id or AWS's x-amzn-RequestId) is kept on it (error
+    answers too)."""
     try:
         response = await sending
     except Exception as exc:  # connect errors and timeouts before any answer
         raise as_proxy_error(exc, deployment) from exc
     if call is not None:
         headers = response.headers
-        call.upstream_request_id = headers.get("x-request-id") or headers.get("request-id")
+        call.upstream_request_id = (  # AWS names it x-amzn-RequestId
+            headers.get("x-request-id")
+            or headers.get("request-id")
+            or headers.get("x-amzn-requestid")
+        )
     if response.status < 300:
         return response
     with _Guard(response, deployment):

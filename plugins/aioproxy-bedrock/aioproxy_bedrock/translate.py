@@ -1,0 +1,693 @@
+"""OpenAI chat completions <-> Bedrock Converse, as pure functions of decoded JSON.
+
+Nothing here does I/O. A request Converse cannot express raises :class:`BadRequest` naming the
+offending parameter; OpenAI-only fields with no Converse meaning (``user``, ``seed``...) are
+left out, because Converse refuses unknown fields.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from aioproxy import (
+    ABSENT,
+    FLOAT,
+    INT,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    NULL,
+    ArrayOf,
+    BadRequest,
+    get_field,
+    text_or_array,
+)
+
+__all__ = [
+    "Answer",
+    "Event",
+    "StreamTranslator",
+    "Usage",
+    "content_blocks",
+    "decode_answer",
+    "decode_event",
+    "finish_reason",
+    "image_block",
+    "split_messages",
+    "to_chat_completion",
+    "to_converse",
+    "to_usage",
+    "tool_choice",
+]
+
+# Converse's stopReason -> OpenAI's finish_reason.
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+}
+
+_SYSTEM_ROLES = ("system", "developer")
+# The media types Converse takes, as its ``format`` names them.
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+_DOCUMENT_FORMATS = {
+    "application/pdf": "pdf",
+    "text/csv": "csv",
+    "application/msword": "doc",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.ms-excel": "xls",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    "text/html": "html",
+    "text/plain": "txt",
+    "text/markdown": "md",
+}
+# A document's name may hold letters, digits, single spaces, hyphens, parentheses and brackets.
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9\-()\[\] ]+|(?<= ) +")
+
+
+# -- request ---------------------------------------------------------------------------------
+# What the translation reads of a request, decoded from each field's bytes straight into these
+# Structs: other keys are skipped, never built. Arrays inside an item stay raw until counted.
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    id: str | None = None
+    type: str = "function"
+    function: _Function | None = None
+
+
+class _Message(msgspec.Struct):
+    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
+
+    role: str | None = None
+    content: msgspec.Raw = ABSENT  # a string, null or parts
+    tool_calls: msgspec.Raw = ABSENT
+    tool_call_id: str | None = None
+
+
+class _ImageURL(msgspec.Struct):
+    url: str
+
+
+class _File(msgspec.Struct):
+    file_data: str | None = None
+    filename: str | None = None
+
+
+class _Part(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    refusal: str | None = None
+    image_url: _ImageURL | str | None = None
+    file: _File | None = None
+
+
+class _SmallMessage(msgspec.Struct):
+    """A message in a small array (see ArrayOf): decoded whole."""
+
+    role: str | None = None
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class _FunctionDefinition(msgspec.Struct):
+    name: str | None = None
+    description: str | None = None
+    parameters: msgspec.Raw = ABSENT  # a JSON schema: Converse's inputSchema.json, as sent
+
+
+class _Tool(msgspec.Struct):
+    type: str | None = None
+    function: _FunctionDefinition | None = None
+
+
+class _Named(msgspec.Struct):
+    name: str
+
+
+class _ToolChoice(msgspec.Struct):
+    type: str | None = None
+    function: _Named | None = None
+
+
+class _ResponseFormat(msgspec.Struct):
+    type: str | None = None
+
+
+class _AnyObject(msgspec.Struct):
+    """Any JSON object, its members skipped: checks tool arguments without building them."""
+
+
+_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
+_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
+_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
+_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
+_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
+_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
+_RESPONSE_FORMAT = msgspec.json.Decoder(_ResponseFormat | None)
+_OBJECT = msgspec.json.Decoder(_AnyObject)
+_EMPTY_OBJECT = msgspec.Raw(b"{}")
+_EMPTY_SCHEMA = {"type": "object", "properties": {}}
+
+
+def to_converse(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
+    """A chat completions request (its raw top-level fields) as a Converse request body.
+
+    Built from an allowlist: only fields with a Converse equivalent are carried over. The model
+    is not in the body: it is the URL's ``/model/{modelId}``.
+    """
+    n = get_field(fields, "n", INT)
+    if n is not None and n != 1:
+        raise BadRequest("Bedrock Converse answers with one choice; 'n' must be 1", param="n")
+    for legacy in ("functions", "function_call"):
+        if fields.get(legacy, NULL) != NULL:
+            raise BadRequest(
+                f"'{legacy}' is deprecated and not translated for Bedrock; use 'tools'",
+                param=legacy,
+            )
+    response_format = get_field(fields, "response_format", _RESPONSE_FORMAT)
+    if response_format is not None and response_format.type not in (None, "text"):
+        raise BadRequest(
+            "Bedrock Converse has no structured output; 'response_format' must be text",
+            param="response_format",
+        )
+    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    if messages is None:
+        raise BadRequest("'messages' must be an array of messages", param="messages")
+    system, turns = split_messages(messages)
+
+    out: dict[str, Any] = {"messages": turns}
+    if system:
+        out["system"] = system
+    inference = _inference_config(fields)
+    if inference:
+        out["inferenceConfig"] = inference
+    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
+    if tools:
+        choice = tool_choice(get_field(fields, "tool_choice", _CHOICE))
+        # "none": Converse cannot forbid calls, so the tools are left out; they must stay when
+        # earlier turns used them (Converse refuses toolUse blocks without a toolConfig).
+        if choice is not None or not _none_allowed(turns):
+            config: dict[str, Any] = {
+                "tools": [_tool_spec(tool, i) for i, tool in enumerate(tools)]
+            }
+            if choice:
+                config["toolChoice"] = choice
+            out["toolConfig"] = config
+    return out
+
+
+def _inference_config(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
+    inference: dict[str, Any] = {}
+    max_tokens = get_field(fields, "max_completion_tokens", INT)
+    if max_tokens is None:
+        max_tokens = get_field(fields, "max_tokens", INT)
+    if max_tokens is not None:
+        inference["maxTokens"] = max_tokens
+    temperature = get_field(fields, "temperature", FLOAT)
+    if temperature is not None:
+        inference["temperature"] = temperature
+    top_p = get_field(fields, "top_p", FLOAT)
+    if top_p is not None:
+        inference["topP"] = top_p
+    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
+    if stop:
+        inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
+    return inference
+
+
+def _none_allowed(turns: list[dict[str, Any]]) -> bool:
+    """Whether no turn holds a tool block, so that the tools can be left out."""
+    return not any(
+        "toolUse" in block or "toolResult" in block for turn in turns for block in turn["content"]
+    )
+
+
+def split_messages(
+    messages: list[_Message | _SmallMessage],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The system blocks, and the other messages as alternating Converse turns.
+
+    Converse has no system role: every system/developer message joins the top-level
+    ``system``. Same-role neighbours are merged, tool results included, so that user and
+    assistant alternate as Converse requires.
+    """
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.role
+        if role in _SYSTEM_ROLES:
+            system.extend(_system_blocks(message.content, f"{where}.content"))
+            continue
+        if role == "user":
+            blocks = content_blocks(message.content, f"{where}.content")
+            turn_role = "user"
+        elif role == "assistant":
+            blocks = _assistant_blocks(message, where)
+            turn_role = "assistant"
+        elif role == "tool":
+            blocks = [_tool_result(message, where)]
+            turn_role = "user"
+        else:
+            raise BadRequest(
+                f"Role {role!r} of '{where}' cannot be sent to Bedrock; use system, "
+                "developer, user, assistant or tool",
+                param=f"{where}.role",
+            )
+        if not blocks:
+            continue  # Converse refuses empty turns; an empty message says nothing anyway
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": turn_role, "content": blocks})
+    return system, turns
+
+
+def content_blocks(
+    content: msgspec.Raw | str | list[_Part] | None, where: str
+) -> list[dict[str, Any]]:
+    """OpenAI message content (a string or parts) as Converse content blocks."""
+    return _blocks(text_or_array(content, _PARTS, where), where)
+
+
+def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    blocks = []
+    for j, part in enumerate(content):
+        block = _part_block(part, f"{where}[{j}]", j)
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _part_block(part: _Part, where: str, j: int) -> dict[str, Any] | None:
+    kind = part.type
+    if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
+        text = part.text if kind == "text" else part.refusal
+        if text is None:
+            raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+        return {"text": text} if text else None
+    if kind == "image_url":
+        image = part.image_url
+        url = image.url if isinstance(image, _ImageURL) else image
+        if url is None:
+            where = f"{where}.image_url"
+            raise BadRequest(f"'{where}.url' must be a string", param=where)
+        return image_block(url, f"{where}.image_url.url")
+    if kind == "file":
+        return _document_block(part.file, f"{where}.file", j)
+    if kind == "input_audio":
+        raise BadRequest("Bedrock Converse does not take audio input", param=where)
+    raise BadRequest(f"Content part type {kind!r} cannot be sent to Bedrock", param=f"{where}.type")
+
+
+def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
+    """An ``image_url`` as a Converse image block: data URLs inline, ``s3://`` by location.
+
+    Converse fetches no http(s) URL, and neither does the proxy (it would fetch whatever a
+    client names, from inside the network).
+    """
+    if url.startswith("data:"):
+        media_type, data = _split_data_url(url, where)
+        image_format = _IMAGE_FORMATS.get(media_type.lower())
+        if image_format is None:
+            raise BadRequest(
+                f"'{where}': Bedrock takes png, jpeg, gif or webp images, not {media_type}",
+                param=where,
+            )
+        return {"image": {"format": image_format, "source": {"bytes": data}}}
+    if url.startswith("s3://"):
+        image_format = _IMAGE_FORMATS.get(_media_type_of_name(url), "png")
+        return {"image": {"format": image_format, "source": {"s3Location": {"uri": url}}}}
+    raise BadRequest(
+        f"'{where}' must be a base64 data URL or an s3:// URL: Bedrock fetches no http(s) URL",
+        param=where,
+    )
+
+
+def _media_type_of_name(name: str) -> str:
+    extension = name.rpartition(".")[2].lower()
+    return {"jpg": "image/jpeg", "jpeg": "image/jpeg"}.get(extension, f"image/{extension}")
+
+
+def _document_block(file: _File | None, where: str, j: int) -> dict[str, Any]:
+    """An OpenAI ``file`` part with inline data as a Converse document block."""
+    data = file.file_data if file is not None else None
+    if file is None or data is None:
+        raise BadRequest(
+            f"'{where}' must carry 'file_data'; uploaded file ids mean nothing to Bedrock",
+            param=where,
+        )
+    if data.startswith("data:"):
+        media_type, data = _split_data_url(data, f"{where}.file_data")
+    else:  # OpenAI also takes bare base64 here, and its file parts are PDFs
+        media_type = "application/pdf"
+    document_format = _DOCUMENT_FORMATS.get(media_type.lower())
+    if document_format is None:
+        raise BadRequest(f"'{where}': Bedrock takes no {media_type} document", param=where)
+    return {
+        "document": {
+            "format": document_format,
+            "name": document_name(file.filename, j),
+            "source": {"bytes": data},
+        }
+    }
+
+
+def document_name(filename: str | None, j: int) -> str:
+    """A name Converse accepts for a document: the file's, without its extension or the
+    characters Converse refuses; ``document-<j>`` when nothing is left."""
+    stem = (filename or "").rpartition(".")[0] or (filename or "")
+    name = _NOT_IN_NAME.sub("-", stem).strip(" -")
+    return name[:200] or f"document-{j}"
+
+
+def _split_data_url(url: str, where: str) -> tuple[str, str]:
+    header, comma, data = url.partition(",")
+    params = header[len("data:") :].split(";")
+    if not comma or "base64" not in params[1:] or not params[0]:
+        raise BadRequest(
+            f"'{where}' must be a base64 data URL (data:<media type>;base64,<data>)", param=where
+        )
+    return params[0], data
+
+
+def _system_blocks(
+    content: msgspec.Raw | str | list[_Part] | None, where: str
+) -> list[dict[str, Any]]:
+    blocks = content_blocks(content, where)
+    if any("text" not in block for block in blocks):
+        raise BadRequest(f"'{where}' of a system message may only hold text", param=where)
+    return blocks
+
+
+def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dict[str, Any]]:
+    blocks = content_blocks(message.content, f"{where}.content")
+    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    for j, call in enumerate(calls or ()):
+        blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
+    return blocks
+
+
+def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
+    function = call.function
+    if function is None or call.type != "function" or not call.id or not function.name:
+        raise BadRequest(
+            f"'{where}' must be a function tool call with an id and a name", param=where
+        )
+    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
+    try:
+        _OBJECT.decode(arguments)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        raise BadRequest(
+            f"'{where}.function.arguments' must be a JSON object, as Bedrock takes tool input",
+            param=f"{where}.function.arguments",
+        ) from None
+    # Checked as one JSON object: passed on as the client wrote it, never built.
+    tool_input = msgspec.Raw(arguments.encode())
+    return {"toolUse": {"toolUseId": call.id, "name": function.name, "input": tool_input}}
+
+
+def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any]:
+    if not message.tool_call_id:
+        raise BadRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
+    where = f"{where}.content"
+    content = text_or_array(message.content, _PARTS, where)
+    if isinstance(content, str) or content is None:
+        blocks = [{"text": content or ""}]
+    else:
+        blocks = _blocks(content, where) or [{"text": ""}]
+    return {"toolResult": {"toolUseId": message.tool_call_id, "content": blocks}}
+
+
+def _tool_spec(tool: _Tool, i: int) -> dict[str, Any]:
+    """An OpenAI function tool as a Converse ``toolSpec``."""
+    where = f"tools[{i}]"
+    function = tool.function
+    if function is None or tool.type != "function" or not function.name:
+        raise BadRequest(f"'{where}' must be a named function tool for Bedrock", param=where)
+    spec: dict[str, Any] = {"name": function.name}
+    if function.description:
+        spec["description"] = function.description
+    # inputSchema is required by Converse; OpenAI lets a tool without parameters omit it.
+    schema = function.parameters
+    empty = not schema or schema == NULL or schema == _EMPTY_OBJECT
+    spec["inputSchema"] = {"json": _EMPTY_SCHEMA if empty else schema}
+    return {"toolSpec": spec}
+
+
+def tool_choice(choice: str | _ToolChoice | None) -> dict[str, Any] | None:
+    """OpenAI's ``tool_choice`` as Converse's ``toolChoice``: ``{}`` for none given (Converse's
+    default, auto), ``None`` for "none"."""
+    if choice is None:
+        return {}
+    if choice == "auto":
+        return {"auto": {}}
+    if choice == "required":
+        return {"any": {}}
+    if choice == "none":
+        return None
+    if isinstance(choice, _ToolChoice) and choice.type == "function":
+        if choice.function is None:
+            raise BadRequest("'tool_choice.function.name' must be a string", param="tool_choice")
+        return {"tool": {"name": choice.function.name}}
+    raise BadRequest(
+        "'tool_choice' must be auto, required, none or a function for Bedrock",
+        param="tool_choice",
+    )
+
+
+# -- response --------------------------------------------------------------------------------
+# What is read of Converse's answers, typed: an answer of another shape is the upstream's fault
+# (a 502), never a crash of ours. Fields a newer API version may add are skipped.
+
+
+class Usage(msgspec.Struct):
+    inputTokens: int | None = None  # noqa: N815 - Converse's names
+    outputTokens: int | None = None  # noqa: N815
+    cacheReadInputTokens: int | None = None  # noqa: N815
+    cacheWriteInputTokens: int | None = None  # noqa: N815
+
+
+class _ToolUse(msgspec.Struct):
+    toolUseId: str | None = None  # noqa: N815
+    name: str | None = None
+    input: msgspec.Raw = ABSENT  # the call's arguments, as Bedrock wrote them
+
+
+class Block(msgspec.Struct):
+    """A content block of an answer: text or toolUse (reasoning and others are skipped)."""
+
+    text: str | None = None
+    toolUse: _ToolUse | None = None  # noqa: N815
+
+
+class _AnswerMessage(msgspec.Struct):
+    role: str | None = None
+    content: list[Block] = []
+
+
+class _Output(msgspec.Struct):
+    message: _AnswerMessage | None = None
+
+
+class Answer(msgspec.Struct):
+    """A Converse answer: ``output.message``, ``stopReason`` and ``usage``."""
+
+    output: _Output
+    stopReason: str | None = None  # noqa: N815
+    usage: Usage | None = None
+
+
+class _Start(msgspec.Struct):
+    toolUse: _ToolUse | None = None  # noqa: N815
+
+
+class _ToolUseDelta(msgspec.Struct):
+    input: str = ""
+
+
+class _Delta(msgspec.Struct):
+    text: str | None = None
+    toolUse: _ToolUseDelta | None = None  # noqa: N815
+
+
+class Event(msgspec.Struct):
+    """The payload of one stream event, whatever its type: each fills the fields it has."""
+
+    role: str | None = None  # messageStart
+    contentBlockIndex: int | None = None  # noqa: N815
+    start: _Start | None = None  # contentBlockStart
+    delta: _Delta | None = None  # contentBlockDelta
+    stopReason: str | None = None  # noqa: N815 - messageStop
+    usage: Usage | None = None  # metadata
+
+
+decode_answer = msgspec.json.Decoder(Answer).decode
+decode_event = msgspec.json.Decoder(Event).decode
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    return _FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def to_usage(usage: Usage | None) -> dict[str, Any]:
+    """Converse usage in OpenAI terms: cache reads and writes are prompt tokens too (Converse's
+    ``inputTokens`` counts only the uncached ones)."""
+    usage = usage or Usage()
+    cache_read = _count(usage.cacheReadInputTokens)
+    cache_write = _count(usage.cacheWriteInputTokens)
+    prompt = _count(usage.inputTokens) + cache_read + cache_write
+    completion = _count(usage.outputTokens)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
+    }
+
+
+def _count(value: int | None) -> int:
+    return value if value is not None and value > 0 else 0
+
+
+def to_chat_completion(answer: Answer, *, id: str, model: str, created: int) -> dict[str, Any]:
+    """A Converse answer as a ``chat.completion``; ``model`` is the client's model name."""
+    blocks = answer.output.message.content if answer.output.message else []
+    text = "".join(b.text for b in blocks if b.text is not None)
+    tool_calls = [_tool_call(b.toolUse) for b in blocks if b.toolUse is not None]
+    reply: dict[str, Any] = {
+        "role": "assistant",
+        # OpenAI sends null content beside tool calls when the model said nothing.
+        "content": text if text or not tool_calls else None,
+        "refusal": None,
+        "annotations": [],
+    }
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    choice = {
+        "index": 0,
+        "message": reply,
+        "logprobs": None,
+        "finish_reason": finish_reason(answer.stopReason),
+    }
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": to_usage(answer.usage),
+    }
+
+
+def _tool_call(tool_use: _ToolUse) -> dict[str, Any]:
+    return {
+        "id": tool_use.toolUseId,
+        "type": "function",
+        "function": {"name": tool_use.name, "arguments": _arguments(tool_use.input)},
+    }
+
+
+def _arguments(tool_input: msgspec.Raw) -> str:
+    """The tool input as OpenAI's arguments string: the JSON as Bedrock sent it, or ``{}``."""
+    if not tool_input or tool_input == NULL:
+        return "{}"
+    return bytes(tool_input).decode()
+
+
+# -- stream ----------------------------------------------------------------------------------
+
+
+class StreamTranslator:
+    """Turns Converse stream events, one at a time, into ``chat.completion.chunk`` objects.
+
+    Keeps what later chunks need: which content blocks are tool calls (OpenAI numbers tool calls
+    on their own, Converse numbers all blocks). ``messageStop`` gives the finish reason and
+    ``metadata``, the last event, the usage. Exception events are the caller's business.
+    """
+
+    def __init__(self, *, id: str, model: str, created: int, include_usage: bool = False) -> None:
+        self.id = id
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+        self.stopped = False  # messageStop seen: the answer is complete
+        self.finished = False  # metadata seen too: nothing more will come
+        self._tools: dict[int | None, int] = {}  # Converse block index -> OpenAI tool call index
+
+    def feed(self, kind: str, event: Event) -> list[dict[str, Any]]:
+        """The chunks one event of type ``kind`` gives (often none: block stops, reasoning)."""
+        if kind == "messageStart":
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "contentBlockStart":
+            tool_use = event.start.toolUse if event.start else None
+            if tool_use is None:
+                return []
+            position = self._tools[event.contentBlockIndex] = len(self._tools)
+            call = {
+                "index": position,
+                "id": tool_use.toolUseId,
+                "type": "function",
+                "function": {"name": tool_use.name, "arguments": ""},
+            }
+            return [self._chunk({"tool_calls": [call]})]
+        if kind == "contentBlockDelta":
+            return self._delta(event.contentBlockIndex, event.delta or _Delta())
+        if kind == "messageStop":
+            self.stopped = True
+            return [self._chunk({}, finish_reason(event.stopReason))]
+        if kind == "metadata":
+            self.finished = True
+            return [self.usage_chunk(event.usage)] if self.include_usage else []
+        return []  # contentBlockStop, and event types added after this was written
+
+    def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
+        """The extra last chunk of ``include_usage``: no choices, the usage."""
+        return {**self._chunk({}), "choices": [], "usage": to_usage(usage)}
+
+    def _delta(self, index: int | None, delta: _Delta) -> list[dict[str, Any]]:
+        if delta.text:
+            return [self._chunk({"content": delta.text})]
+        if delta.toolUse is not None and delta.toolUse.input and index in self._tools:
+            call = {"index": self._tools[index], "function": {"arguments": delta.toolUse.input}}
+            return [self._chunk({"tool_calls": [call]})]
+        return []  # reasoning and citation deltas have no chat completions form
+
+    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+        }
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
+        return chunk
