@@ -13,7 +13,7 @@ from .errors import ModelNotFound, ProxyError
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
-from .routes import PROVIDER_KINDS, Kind
+from .routes import ANTHROPIC_KINDS, PROVIDER_KINDS, Kind
 
 __all__ = ["health", "make_handlers"]
 
@@ -59,6 +59,8 @@ def make_provider_handler(kind: Kind) -> Handler:
                 lease.release()
 
     handle.__name__ = f"handle_{kind.value}"
+    if kind in ANTHROPIC_KINDS:
+        handle.anthropic = True  # type: ignore[attr-defined]  # errors in its shape: errors.py
     return handle
 
 

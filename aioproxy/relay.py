@@ -17,12 +17,13 @@ from aiohttp import web
 
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
-from .errors import ProxyError, error_payload
+from .errors import ProxyError, error_event
 from .failures import as_proxy_error, is_transport_error
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .plugins import Hooks
 from .providers import JSONReply, StreamReply
+from .routes import ANTHROPIC_KINDS
 from .streaming import DONE, SSE_HEADERS, json_as_sse
 
 __all__ = ["end_with_error", "send", "send_with_keepalive"]
@@ -129,6 +130,7 @@ async def _send_stream(
     """
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
+    outcome.first = first
     count_events = bool(hooks.after_response) or lease.deployment.tpm is not None
     try:
         if response is None and _is_whole(first, reply):
@@ -247,7 +249,7 @@ async def end_with_error(
         await hooks.on_error.each_logged(request=request, error=exc, call=call)
     outcome.status = error.status
     try:
-        await response.write(b"data: " + error_payload(error) + b"\n\n")
+        await response.write(error_event(error, call.kind in ANTHROPIC_KINDS))
         await response.write_eof()
     except ConnectionResetError:
         outcome.disconnected = True

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-__all__ = ["ALIASES", "KINDS", "METHODS", "Kind", "merge_aliases", "route_table"]
+__all__ = ["ALIASES", "ANTHROPIC_KINDS", "KINDS", "METHODS", "Kind", "merge_aliases", "route_table"]
 
 
 class Kind(StrEnum):
@@ -21,6 +21,8 @@ class Kind(StrEnum):
     EMBEDDINGS = "embeddings"
     MODELS = "models"
     MODEL = "model"
+    MESSAGES = "messages"  # Anthropic's Messages API
+    COUNT_TOKENS = "count_tokens"  # its /v1/messages/count_tokens
 
 
 KINDS: tuple[str, ...] = tuple(kind.value for kind in Kind)
@@ -34,6 +36,8 @@ ALIASES: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
         Kind.EMBEDDINGS: ("/v1/embeddings", "/embeddings"),
         Kind.MODELS: ("/v1/models", "/models"),
         Kind.MODEL: ("/v1/models/{model}", "/models/{model}"),
+        Kind.MESSAGES: ("/v1/messages", "/messages"),
+        Kind.COUNT_TOKENS: ("/v1/messages/count_tokens", "/messages/count_tokens"),
     }
 )
 
@@ -47,7 +51,12 @@ PROVIDER_KINDS: tuple[Kind, ...] = (
     Kind.RESPONSES,
     Kind.COMPLETIONS,
     Kind.EMBEDDINGS,
+    Kind.MESSAGES,
+    Kind.COUNT_TOKENS,
 )
+
+# Kinds that speak Anthropic's conventions: its error shape (``{"type": "error", ...}``).
+ANTHROPIC_KINDS = frozenset({Kind.MESSAGES, Kind.COUNT_TOKENS})
 
 
 def merge_aliases(

@@ -147,12 +147,13 @@ async def _forwarded(
     sending: Awaitable[UpstreamResponse],
     idle: float | None,
     budget: BufferBudget | None = None,
+    read_error: ErrorReader = openai_error,
 ) -> Reply:
     """A pass-through POST's answer in flight as the client's reply: a stream relayed event by
     event (``idle``: the longest it may go without a complete event), anything else read whole
     and checked (passthrough.py)."""
     deployment = call.deployment
-    response = await _answer(sending, deployment, budget=budget, call=call)
+    response = await _answer(sending, deployment, read_error, budget, call=call)
     with _Guard(response, deployment):
         if response.content_type == "text/event-stream":
             return StreamReply(
@@ -257,15 +258,22 @@ class Upstream:
             await blocks.aclose()
 
     async def forward(
-        self, call: Call, url: str, headers: Mapping[str, str], body: bytes | None = None
+        self,
+        call: Call,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        read_error: ErrorReader = openai_error,
     ) -> Reply:
-        """POST the call's body (or ``body``) to an OpenAI-compatible ``url`` and relay the
-        answer: a stream event by event, anything else read whole and checked to be JSON."""
+        """POST the call's body (or ``body``) to an OpenAI-compatible ``url`` (or, for the
+        Messages API, an Anthropic one) and relay the answer: a stream event by event,
+        anything else read whole and checked to be JSON; error answers read by ``read_error``."""
         deployment = call.deployment
         timeouts = self.timeouts(deployment)
         payload = call.body() if body is None else body
         sending = self.transport.post(url, payload, headers, timeouts)
-        return await _forwarded(call, sending, timeouts.read, self.budget)
+        return await _forwarded(call, sending, timeouts.read, self.budget, read_error)
 
     def client_headers(self, call: Call) -> dict[str, str]:
         """The configured ``forward_headers`` the client sent, lower-cased (never a

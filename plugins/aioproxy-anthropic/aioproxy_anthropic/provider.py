@@ -95,6 +95,30 @@ class AnthropicProvider(Provider):
         response.release()
         return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
 
+    async def messages(self, call: Call) -> Reply:
+        """Anthropic's own API, passed through: the client's body but ``model``, its stream
+        relayed event by event (thinking, cache_control and every beta work unchanged)."""
+        return await self._pass_through(call, messages_url(call.deployment.api_base))
+
+    async def count_tokens(self, call: Call) -> Reply:
+        """Anthropic's own count (exact), the client's body but ``model``."""
+        return await self._pass_through(
+            call, messages_url(call.deployment.api_base) + "/count_tokens"
+        )
+
+    async def _pass_through(self, call: Call, url: str) -> Reply:
+        deployment = call.deployment
+        settings: AnthropicSettings = self.settings(deployment)
+        headers = _headers(deployment, settings, call.stream, call.upstream_headers)
+        sent = call.request.headers
+        # The client's API version and beta flags describe its body, which goes as it is.
+        if version := sent.get("anthropic-version"):
+            headers["anthropic-version"] = version
+        if betas := sent.get("anthropic-beta"):
+            configured = headers.get("anthropic-beta")
+            headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
+        return await self.upstream.forward(call, url, headers, read_error=_read_error)
+
 
 def _read_error(
     status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
