@@ -13,8 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 
+import msgspec
 from aiohttp import web
 
+from .bridges.messages_events import message_events
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
 from .errors import ProxyError, error_event
@@ -23,7 +25,7 @@ from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .plugins import Hooks
 from .providers import JSONReply, StreamReply
-from .routes import ANTHROPIC_KINDS
+from .routes import ANTHROPIC_KINDS, Kind
 from .streaming import DONE, SSE_HEADERS, json_as_sse
 
 __all__ = ["end_with_error", "send", "send_with_keepalive"]
@@ -102,13 +104,23 @@ async def send_with_keepalive(
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply, lease, hooks)
-        reply = StreamReply(_single(json_as_sse(call.kind.value, reply.body)))  # headers are out
+        reply = StreamReply(_single(_as_events(call, reply.body)))  # headers are out
         first = await anext(reply.events)
     return await _send_stream(request, call, reply, first, lease, hooks, response)
 
 
 async def _single(events: bytes) -> AsyncIterator[bytes]:
     yield events
+
+
+def _as_events(call: Call, body: bytes) -> bytes:
+    """A whole JSON answer as the stream its client expects: Anthropic's events for a Message."""
+    if call.kind is Kind.MESSAGES:
+        with contextlib.suppress(msgspec.DecodeError):
+            message = msgspec.json.decode(body)
+            if isinstance(message, dict) and message.get("type") == "message":
+                return message_events(message)
+    return json_as_sse(call.kind.value, body)
 
 
 async def _send_stream(

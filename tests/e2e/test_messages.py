@@ -7,6 +7,7 @@ The pass-through to Anthropic itself is tested with the anthropic plugin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ import anthropic
 import pytest
 from aiohttp.test_utils import TestServer
 
+from aioproxy import Call, JSONReply, Provider, Reply, hookimpl
 from aioproxy.testing import FakeOpenAI
 from tests.support import MASTER_KEY, UPSTREAM_MODEL, ServeProxy, gateway_config
 
@@ -460,3 +462,54 @@ async def test_stream_failure_is_an_anthropic_error_event(
     assert name == "event: error"
     error = json.loads(data.removeprefix("data: "))
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
+
+
+class _SlowWholeMessage:
+    """A provider whose Messages answer is a whole Message, given only once the client has
+    seen a keep-alive comment (so the stream's headers are out by then)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    @hookimpl
+    def register_providers(self, register: Any) -> None:
+        outer = self
+
+        class SlowProvider(Provider):
+            name = "slow"
+
+            async def messages(self, call: Call) -> Reply:
+                await outer.go.wait()
+                message = {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": call.model,
+                    "content": [{"type": "text", "text": "late"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 1, "output_tokens": 1},
+                }
+                return JSONReply.of(message)
+
+        register(SlowProvider)
+
+
+async def test_whole_message_after_keepalive_goes_out_as_anthropic_events(
+    serve_proxy: ServeProxy, upstream_base: str
+) -> None:
+    slow = _SlowWholeMessage()
+    config = _config(upstream_base, keepalive_interval=0.01)
+    config["models"].append({"name": "slow", "provider": "slow"})
+    proxy = await serve_proxy(config, [slow])
+    body = {"model": "slow", "max_tokens": 5, "stream": True, "messages": _HI}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.make_url("/v1/messages"), json=body, headers=_KEY) as resp:
+            assert resp.status == 200
+            first = await resp.content.readuntil(b"\n\n")
+            assert first.startswith(b":")  # a keep-alive comment: the headers are out
+            slow.go.set()
+            rest = (await resp.read()).decode()
+    names = [line[7:] for line in rest.splitlines() if line.startswith("event: ")]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert '"text_delta","text":"late"' in rest
