@@ -18,7 +18,7 @@ from ..context import Call
 from ..errors import BadGateway, ProxyError
 from ..failures import scrub
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
-from ..streaming import data_of, split_events
+from ..streaming import data_of
 from .common import chat_call, first_event, once
 from .messages_events import MessageStream, decode_chunk, message_events, message_from_chat
 from .messages_request import chat_request
@@ -95,10 +95,7 @@ async def _translate(
         out: list[bytes] = [stream.start()]
         block = first
         while block is not None:
-            for event in split_events(block):
-                data = data_of(event)
-                if not data:
-                    continue
+            for data in _payloads(block):
                 if data == b"[DONE]":
                     break
                 chunk = decode_chunk(data)
@@ -112,6 +109,18 @@ async def _translate(
         yield stream.finish()
     finally:
         await close()
+
+
+def _payloads(block: bytes) -> list[bytes]:
+    """The data of each event of a block: chat's usual ``data: {...}`` events are cut, not
+    parsed line by line (comments and empty events dropped)."""
+    payloads = []
+    for event in block.split(b"\n\n"):
+        if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
+            payloads.append(event[6:])
+        elif data := data_of(event):
+            payloads.append(data)
+    return payloads
 
 
 # What the estimate counts a token as: four characters of text, as a rule of thumb for

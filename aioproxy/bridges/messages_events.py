@@ -12,6 +12,8 @@ import msgspec
 from ..errors import BadGateway
 from ..streaming import sse_event
 
+_encode = msgspec.json.Encoder().encode
+
 __all__ = ["MessageStream", "decode_chunk", "message_events", "message_from_chat"]
 
 # chat's finish_reason -> Anthropic's stop_reason.
@@ -196,6 +198,18 @@ def _block_delta(index: int, delta: dict[str, Any]) -> bytes:
     )
 
 
+# The delta events (one per token) spliced from constant bytes around the encoded piece: the
+# hot path of a translated stream, about a third of the cost of encoding the event's dict.
+_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_DELTA = b',"delta":{"type":"text_delta","text":'
+_JSON_DELTA = b',"delta":{"type":"input_json_delta","partial_json":'
+_DELTA_END = b"}}\n\n"
+
+
+def _delta_event(index: int, kind: bytes, piece: str) -> bytes:
+    return b"".join((_DELTA_HEAD, str(index).encode(), kind, _encode(piece), _DELTA_END))
+
+
 def _block_stop(index: int) -> bytes:
     return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
@@ -262,7 +276,7 @@ class MessageStream:
                 if text:
                     if self._block != "text":
                         self._open(out, {"type": "text", "text": ""}, "text")
-                    out.append(_block_delta(self._index, {"type": "text_delta", "text": text}))
+                    out.append(_delta_event(self._index, _TEXT_DELTA, text))
                 for call in delta.tool_calls or ():
                     self._tool_piece(call, out)
             if choice.finish_reason is not None:
@@ -286,8 +300,7 @@ class MessageStream:
             }
             self._open(out, block, "tool_use")
         if function.arguments:
-            delta = {"type": "input_json_delta", "partial_json": function.arguments}
-            out.append(_block_delta(self._index, delta))
+            out.append(_delta_event(self._index, _JSON_DELTA, function.arguments))
 
     def _open(self, out: list[bytes], block: dict[str, Any], kind: str) -> None:
         if self._block is not None:
