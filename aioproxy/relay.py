@@ -183,11 +183,16 @@ async def _send_stream(
     return response
 
 
+# How a stream's last event ends: chat's [DONE], Anthropic's message_stop.
+_FINAL_EVENTS = (DONE, b'"type":"message_stop"}\n\n')
+
+
 def _is_whole(first: bytes | None, reply: StreamReply) -> bool:
-    """The first block holds the whole stream: it ends with [DONE] and the upstream has ended."""
+    """The first block holds the whole stream: it ends with its final event and the upstream
+    has ended."""
     return (
         first is not None
-        and first.endswith(DONE)
+        and first.endswith(_FINAL_EVENTS)
         and reply.finished is not None
         and reply.finished()
     )

@@ -107,17 +107,29 @@ class AnthropicProvider(Provider):
         )
 
     async def _pass_through(self, call: Call, url: str) -> Reply:
-        deployment = call.deployment
-        settings: AnthropicSettings = self.settings(deployment)
-        headers = _headers(deployment, settings, call.stream, call.upstream_headers)
-        sent = call.request.headers
-        # The client's API version and beta flags describe its body, which goes as it is.
-        if version := sent.get("anthropic-version"):
-            headers["anthropic-version"] = version
-        if betas := sent.get("anthropic-beta"):
-            configured = headers.get("anthropic-beta")
-            headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
+        settings: AnthropicSettings = self.settings(call.deployment)
+        headers = _pass_through_headers(call, settings)
         return await self.upstream.forward(call, url, headers, read_error=_read_error)
+
+
+def _pass_through_headers(call: Call, settings: AnthropicSettings) -> dict[str, str]:
+    """As ``_headers`` (the gateway's own, the deployment's, then what neither may replace),
+    with the client's API version and beta flags, which describe its body, sent as it is."""
+    deployment = call.deployment
+    headers = dict(call.upstream_headers)
+    for name, value in deployment.headers.items():
+        headers[name.lower()] = value
+    sent = call.request.headers
+    headers["content-type"] = "application/json"
+    headers["anthropic-version"] = sent.get("anthropic-version") or settings.anthropic_version
+    if betas := sent.get("anthropic-beta"):
+        configured = headers.get("anthropic-beta")
+        headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
+    if deployment.api_key:
+        headers["x-api-key"] = deployment.api_key
+    if call.stream:
+        headers["accept"] = "text/event-stream"
+    return headers
 
 
 def _read_error(
