@@ -112,7 +112,9 @@ class Price(Base, frozen=True):
 
 
 # The endpoint kinds a provider serves (aioproxy.routes.PROVIDER_KINDS), as config spells them.
-EndpointKind = Literal["chat_completions", "responses", "completions", "embeddings"]
+EndpointKind = Literal[
+    "chat_completions", "responses", "completions", "embeddings", "messages", "count_tokens"
+]
 
 
 class ModelEntry(Base, frozen=True):
@@ -134,6 +136,9 @@ class ModelEntry(Base, frozen=True):
     # /v1/responses: ["chat_completions", "embeddings"].
     endpoints: Annotated[list[EndpointKind], Meta(min_length=1)] | None = None
     price: Price | None = None  # for spend; None: the bundled price table's (genai-prices)
+    # The upstream model takes ``reasoning_effort`` (and max_completion_tokens): the Messages
+    # bridge maps Anthropic's ``thinking`` onto it; otherwise ``thinking`` is ignored.
+    reasoning: bool = False
 
 
 class ServerConfig(Base, frozen=True):

@@ -80,6 +80,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: frozenset[Kind] | None = None
 
     price: Price | None = None  # USD per million tokens; None: the bundled price table's
+    reasoning: bool = False  # takes reasoning_effort: the Messages bridge maps thinking onto it
 
     id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"
 

@@ -34,6 +34,7 @@ def deployments_from(config: Config) -> dict[str, tuple[Deployment, ...]]:
                     frozenset(Kind(kind) for kind in entry.endpoints) if entry.endpoints else None
                 ),
                 price=entry.price,
+                reasoning=entry.reasoning,
             )
         )
     return {name: tuple(deployments) for name, deployments in table.items()}

@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 log = logging.getLogger("aioproxy")
 
 __all__ = [
+    "ANTHROPIC_STATUSES",
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
@@ -23,9 +24,12 @@ __all__ = [
     "RateLimited",
     "UnsupportedMediaType",
     "UpstreamError",
+    "anthropic_error",
     "error_body",
+    "error_event",
     "error_middleware",
     "error_response",
+    "speaks_anthropic",
 ]
 
 
@@ -179,13 +183,67 @@ def error_payload(exc: ProxyError) -> bytes:
     return error_body(exc.message, exc.type, exc.param, exc.code)
 
 
-def error_response(exc: ProxyError) -> web.Response:
+def error_response(exc: ProxyError, anthropic: bool = False) -> web.Response:
+    """``exc`` as the answer: OpenAI's error object, or Anthropic's on its routes."""
+    status, body = anthropic_error(exc) if anthropic else (exc.status, error_payload(exc))
     return web.Response(
-        body=error_payload(exc),
-        status=exc.status,
-        content_type="application/json",
-        headers=exc.headers,
+        body=body, status=status, content_type="application/json", headers=exc.headers
     )
+
+
+# Anthropic's error type for each status it uses (docs: "HTTP errors"); other statuses keep
+# theirs, typed by class: a client's mistake, or the service's trouble.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_OVERLOADED = 529  # Anthropic's own status for an overloaded upstream (a 503 elsewhere)
+# Each of Anthropic's error types and its status, to read an Anthropic upstream's error.
+ANTHROPIC_STATUSES = {kind: status for status, kind in _ANTHROPIC_TYPES.items() if status != 503}
+
+
+class _AnthropicDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicBody(msgspec.Struct, tag_field="type", tag="error"):
+    error: _AnthropicDetail
+
+
+def anthropic_error(exc: ProxyError) -> tuple[int, bytes]:
+    """``exc`` in Anthropic's shape: its status and ``{"type": "error", "error": {"type",
+    "message"}}``. An upstream's overload (Anthropic's 529, which aioproxy calls a 503
+    ``overloaded``) is Anthropic's 529 again, which its SDKs retry."""
+    status = _OVERLOADED if exc.code == "overloaded" else exc.status
+    kind = _ANTHROPIC_TYPES.get(status)
+    if kind is None:  # an Anthropic upstream's own type where it has one, else by class
+        if exc.type in ANTHROPIC_STATUSES:
+            kind = exc.type
+        else:
+            kind = "invalid_request_error" if status < 500 else "api_error"
+    return status, _encode(_AnthropicBody(_AnthropicDetail(kind, exc.message)))
+
+
+def error_event(exc: ProxyError, anthropic: bool = False) -> bytes:
+    """``exc`` as the one SSE event that ends a stream whose status has gone out already."""
+    if anthropic:
+        return b"event: error\ndata: " + anthropic_error(exc)[1] + b"\n\n"
+    return b"data: " + error_payload(exc) + b"\n\n"
+
+
+def speaks_anthropic(handler: object) -> bool:
+    """Whether ``handler`` serves one of Anthropic's routes (marked by ``handlers``)."""
+    return getattr(handler, "anthropic", False) is True
 
 
 def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyError:
@@ -207,15 +265,17 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render ProxyError, aiohttp HTTP errors and unexpected exceptions as OpenAI error objects."""
+    """Render ProxyError, aiohttp HTTP errors and unexpected exceptions as OpenAI error objects
+    (Anthropic's on its routes)."""
     try:
         return await handler(request)
     except ProxyError as exc:
-        return error_response(exc)
+        return error_response(exc, speaks_anthropic(request.match_info.handler))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(from_http_exception(exc, request))
+        error = from_http_exception(exc, request)
+        return error_response(error, speaks_anthropic(request.match_info.handler))
     except ConnectionResetError:
         raise  # the client went away: nobody to answer, and aiohttp knows to ignore it
     except Exception:
@@ -223,5 +283,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(
             ProxyError(
                 "The proxy failed unexpectedly; the error was logged.", code="internal_error"
-            )
+            ),
+            speaks_anthropic(request.match_info.handler),
         )

@@ -13,7 +13,7 @@ from .errors import ModelNotFound, ProxyError
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
-from .routes import DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
+from .routes import ANTHROPIC_KINDS, DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
 
 __all__ = ["health", "make_deployment_handlers", "make_handlers"]
 
@@ -68,6 +68,8 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
                 lease.release()
 
     handle.__name__ = f"handle_{kind.value}"
+    if kind in ANTHROPIC_KINDS:
+        handle.anthropic = True  # type: ignore[attr-defined]  # errors in its shape: errors.py
     return handle
 
 

@@ -33,10 +33,12 @@ class _UsageHolder(msgspec.Struct):
 
 class _Answer(msgspec.Struct):
     """An answer or one event of it: chat/completions carry ``usage``, Responses events
-    ``response.usage``; one decode reads either, skipping everything else."""
+    ``response.usage``, Anthropic's message_start ``message.usage``; one decode reads any,
+    skipping everything else."""
 
     usage: dict[str, Any] | None = None
     response: _UsageHolder | None = None
+    message: _UsageHolder | None = None
 
 
 _decode_answer = msgspec.json.Decoder(_Answer).decode
@@ -65,10 +67,14 @@ def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
     try:
         prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
         completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
-        total = _count(raw.get("total_tokens")) or prompt + completion
         cached = _count(
             _detail(raw, "prompt_tokens_details", "input_tokens_details", "cached_tokens")
         )
+        if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw:
+            # Anthropic's input_tokens leave out what the prompt cache read and wrote.
+            cached = _count(raw.get("cache_read_input_tokens"))
+            prompt += cached + _count(raw.get("cache_creation_input_tokens"))
+        total = _count(raw.get("total_tokens")) or prompt + completion
         reasoning = _count(
             _detail(raw, "completion_tokens_details", "output_tokens_details", "reasoning_tokens")
         )
@@ -97,6 +103,7 @@ class Outcome:
         "disconnected",
         "elapsed",
         "events",
+        "first",
         "last_events",
         "status",
         "stream",
@@ -110,6 +117,8 @@ class Outcome:
         self.last_events: tuple[
             bytes, ...
         ] = ()  # a stream's last blocks of events (usage is there)
+        # A stream's first block: Anthropic's message_start has the input tokens there.
+        self.first: bytes | None = None
         self.events = 0  # events relayed (counted when an after_response hook or a tpm cap is set)
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
@@ -143,6 +152,8 @@ class Outcome:
                         continue
                     usage = _usage_of(_decode_answer(data))
                     if usage is not None:
+                        if not usage.prompt_tokens and self.first is not None:
+                            return _with_start(usage, self.first)
                         return usage
                     looked_at += 1
                     if looked_at == _LAST_DATA_EVENTS:
@@ -166,4 +177,24 @@ def _events_from_end(block: bytes) -> Iterator[bytes]:
 def _usage_of(answer: _Answer) -> Usage | None:
     if answer.response is not None:  # a Responses API object or event
         return _usage_from(answer.response.usage)
+    if answer.message is not None:  # Anthropic's message_start
+        return _usage_from(answer.message.usage)
     return _usage_from(answer.usage)
+
+
+def _with_start(usage: Usage, first: bytes) -> Usage:
+    """An Anthropic stream's final usage (message_delta: output tokens, input ones since
+    2025) completed by what its message_start said of the input."""
+    for event in split_events(first):
+        data = data_of(event)
+        if b'"message_start"' not in data:
+            continue
+        try:
+            start = _usage_of(_decode_answer(data))
+        except msgspec.DecodeError:
+            return usage
+        if start is None:
+            return usage
+        prompt, cached = start.prompt_tokens, start.cached_tokens
+        return Usage(prompt, usage.completion_tokens, prompt + usage.completion_tokens, cached)
+    return usage

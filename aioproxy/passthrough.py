@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 
 from .budget import BufferBudget
 from .context import Deployment
-from .errors import BadGateway, ProxyError
+from .errors import ANTHROPIC_STATUSES, BadGateway, ProxyError
 from .failures import error_event, raise_stream_failure, scrub_bytes, stream_error
 from .routes import Kind
 from .streaming import data_of, iter_sse_blocks, split_events
@@ -45,10 +45,13 @@ _RESPONSE_END = re.compile(
     rb'|"type": ?"(?:response\.(?:completed|incomplete|failed)|error)"',
     re.MULTILINE,
 )
+# Anthropic's Messages stream ends with message_stop (its error event ends it too, raised).
+_MESSAGE_END = re.compile(rb'^event: ?message_stop\s*$|"type": ?"message_stop"', re.MULTILINE)
 _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
     Kind.CHAT_COMPLETIONS: _DONE,
     Kind.COMPLETIONS: _DONE,
     Kind.RESPONSES: _RESPONSE_END,
+    Kind.MESSAGES: _MESSAGE_END,
 }
 
 
@@ -110,6 +113,8 @@ def _errors_in(block: bytes, deployment: Deployment, kind: Kind) -> tuple[bytes,
         if error is None and named and kind is not Kind.RESPONSES:
             error = error_event(data, deployment)
         if error is not None:
+            if kind is Kind.MESSAGES:  # Anthropic's error type says the status it stands for
+                error.status = ANTHROPIC_STATUSES.get(error.type, error.status)
             return b"".join(kept), error
         kept.append(scrub_bytes(event, deployment) if named or _names_an_error(event) else event)
     return b"".join(kept), None

@@ -29,7 +29,11 @@ _INPUT_FIELDS: dict[Kind, tuple[str, bool, tuple[int, ...], str]] = {
     Kind.COMPLETIONS: ("prompt", True, (_STRING, _ARRAY), "a string or an array"),
     Kind.EMBEDDINGS: ("input", True, (_STRING, _ARRAY), "a string or an array"),
     Kind.RESPONSES: ("input", False, (_STRING, _ARRAY), "a string or an array of items"),
+    Kind.MESSAGES: ("messages", True, (_ARRAY,), "an array of messages"),
+    Kind.COUNT_TOKENS: ("messages", True, (_ARRAY,), "an array of messages"),
 }
+
+_UNSTREAMED = (Kind.EMBEDDINGS, Kind.COUNT_TOKENS)  # kinds that have no stream
 
 # Fields that other gateways read to redirect or re-key the upstream call (server-side request
 # forgery). aioproxy never reads them, and drops them so that they never reach an upstream either.
@@ -73,7 +77,7 @@ def decode_request(
         model = _model_of(fields)
     raw_stream = fields.get("stream")
     stream = False
-    if raw_stream is not None and kind is not Kind.EMBEDDINGS:  # embeddings have no stream
+    if raw_stream is not None and kind not in _UNSTREAMED:
         try:
             stream = bool(_decode_stream(raw_stream))
         except msgspec.DecodeError:

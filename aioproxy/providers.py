@@ -214,6 +214,14 @@ class Provider:
     async def embeddings(self, call: Call) -> Reply:
         raise NotImplementedError
 
+    async def messages(self, call: Call) -> Reply:
+        """Anthropic's Messages API natively (else bridged onto chat completions)."""
+        raise NotImplementedError
+
+    async def count_tokens(self, call: Call) -> Reply:
+        """``/v1/messages/count_tokens`` natively: exact (else the bridge's estimate)."""
+        raise NotImplementedError
+
     def methods(self) -> dict[Kind, ProviderMethod]:
         """The endpoint kinds this provider implements, each with its bound method."""
         served: dict[Kind, ProviderMethod] = {}

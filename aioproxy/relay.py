@@ -13,16 +13,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 
+import msgspec
 from aiohttp import web
 
+from .bridges.messages_events import message_events
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
-from .errors import ProxyError, error_payload
+from .errors import ProxyError, error_event
 from .failures import as_proxy_error, is_transport_error
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
 from .plugins import Hooks
 from .providers import JSONReply, StreamReply
+from .routes import ANTHROPIC_KINDS, Kind
 from .streaming import DONE, SSE_HEADERS, json_as_sse
 
 __all__ = ["end_with_error", "send", "send_with_keepalive"]
@@ -101,13 +104,23 @@ async def send_with_keepalive(
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply, lease, hooks)
-        reply = StreamReply(_single(json_as_sse(call.kind.value, reply.body)))  # headers are out
+        reply = StreamReply(_single(_as_events(call, reply.body)))  # headers are out
         first = await anext(reply.events)
     return await _send_stream(request, call, reply, first, lease, hooks, response)
 
 
 async def _single(events: bytes) -> AsyncIterator[bytes]:
     yield events
+
+
+def _as_events(call: Call, body: bytes) -> bytes:
+    """A whole JSON answer as the stream its client expects: Anthropic's events for a Message."""
+    if call.kind is Kind.MESSAGES:
+        with contextlib.suppress(msgspec.DecodeError):
+            message = msgspec.json.decode(body)
+            if isinstance(message, dict) and message.get("type") == "message":
+                return message_events(message)
+    return json_as_sse(call.kind.value, body)
 
 
 async def _send_stream(
@@ -129,6 +142,7 @@ async def _send_stream(
     """
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
+    outcome.first = first
     count_events = bool(hooks.after_response) or lease.deployment.tpm is not None
     try:
         if response is None and _is_whole(first, reply):
@@ -169,11 +183,16 @@ async def _send_stream(
     return response
 
 
+# How a stream's last event ends: chat's [DONE], Anthropic's message_stop.
+_FINAL_EVENTS = (DONE, b'"type":"message_stop"}\n\n')
+
+
 def _is_whole(first: bytes | None, reply: StreamReply) -> bool:
-    """The first block holds the whole stream: it ends with [DONE] and the upstream has ended."""
+    """The first block holds the whole stream: it ends with its final event and the upstream
+    has ended."""
     return (
         first is not None
-        and first.endswith(DONE)
+        and first.endswith(_FINAL_EVENTS)
         and reply.finished is not None
         and reply.finished()
     )
@@ -247,7 +266,7 @@ async def end_with_error(
         await hooks.on_error.each_logged(request=request, error=exc, call=call)
     outcome.status = error.status
     try:
-        await response.write(b"data: " + error_payload(error) + b"\n\n")
+        await response.write(error_event(error, call.kind in ANTHROPIC_KINDS))
         await response.write_eof()
     except ConnectionResetError:
         outcome.disconnected = True

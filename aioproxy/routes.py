@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 
 __all__ = [
     "ALIASES",
+    "ANTHROPIC_KINDS",
     "AZURE_ALIASES",
     "DEPLOYMENT_ALIASES",
     "KINDS",
@@ -30,6 +31,8 @@ class Kind(StrEnum):
     EMBEDDINGS = "embeddings"
     MODELS = "models"
     MODEL = "model"
+    MESSAGES = "messages"  # Anthropic's Messages API
+    COUNT_TOKENS = "count_tokens"  # its /v1/messages/count_tokens
 
 
 KINDS: tuple[str, ...] = tuple(kind.value for kind in Kind)
@@ -43,6 +46,8 @@ ALIASES: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
         Kind.EMBEDDINGS: ("/v1/embeddings", "/embeddings"),
         Kind.MODELS: ("/v1/models", "/models"),
         Kind.MODEL: ("/v1/models/{model}", "/models/{model}"),
+        Kind.MESSAGES: ("/v1/messages", "/messages"),
+        Kind.COUNT_TOKENS: ("/v1/messages/count_tokens", "/messages/count_tokens"),
     }
 )
 
@@ -77,7 +82,12 @@ PROVIDER_KINDS: tuple[Kind, ...] = (
     Kind.RESPONSES,
     Kind.COMPLETIONS,
     Kind.EMBEDDINGS,
+    Kind.MESSAGES,
+    Kind.COUNT_TOKENS,
 )
+
+# Kinds that speak Anthropic's conventions: its error shape (``{"type": "error", ...}``).
+ANTHROPIC_KINDS = frozenset({Kind.MESSAGES, Kind.COUNT_TOKENS})
 
 
 def merge_aliases(

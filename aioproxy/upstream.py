@@ -271,9 +271,10 @@ class Upstream:
         *,
         read_error: ErrorReader = openai_error,
     ) -> Reply:
-        """POST the call's body (or ``body``) to an OpenAI-compatible ``url`` and relay the
-        answer: a stream event by event, anything else read whole and checked to be JSON; an
-        error status read by ``read_error`` (an upstream with error codes of its own: Azure's)."""
+        """POST the call's body (or ``body``) to an OpenAI-compatible ``url`` (or, for the
+        Messages API, an Anthropic one) and relay the answer: a stream event by event,
+        anything else read whole and checked to be JSON; an error status read by
+        ``read_error`` (an upstream with error codes of its own: Azure's, Anthropic's)."""
         deployment = call.deployment
         timeouts = self.timeouts(deployment)
         payload = call.body() if body is None else body

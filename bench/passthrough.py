@@ -54,6 +54,7 @@ def make_app(default: str, routes: dict[str, str], api_key: str) -> web.Applicat
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", forward)
     app.router.add_post("/v1/embeddings", forward)
+    app.router.add_post("/v1/messages", forward)  # the same bare hop, for the Messages kinds
     return app
 
 

@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kinds",
         type=_csv(tuple(payloads.KINDS)),
         default=None,
-        help=f"from {','.join(payloads.KINDS)} (all)",
+        help=f"from {','.join(payloads.KINDS)} ({','.join(payloads.DEFAULT_KINDS)})",
     )
     p.add_argument(
         "--targets",
@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer_duration is None:
         args.peer_duration = args.duration if _seconds(args.duration) >= 10 else "10s"
     args.kinds_explicit = args.kinds is not None
-    args.kinds = args.kinds or list(payloads.KINDS)
+    args.kinds = args.kinds or list(payloads.DEFAULT_KINDS)
     args.max_repeat = max(args.max_repeat or args.repeat, args.repeat)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")

@@ -8,6 +8,7 @@ from ..config import CompletionsConfig, ServerConfig
 from ..providers import ProviderMethod
 from ..routes import Kind
 from .completions import Admission, make_completions_bridge
+from .messages import count_tokens_estimate, make_messages_bridge
 from .native import FallBack, NativeResponses
 from .responses import make_responses_bridge
 from .store import ResponseStore
@@ -17,6 +18,7 @@ __all__ = [
     "ResponseStore",
     "bridge_methods",
     "make_completions_bridge",
+    "make_messages_bridge",
     "make_responses_bridge",
 ]
 
@@ -35,7 +37,8 @@ def bridge_methods(
     fall_back: FallBack | None = None,
     max_body_size: int = ServerConfig().max_body_size,
 ) -> dict[Kind, ProviderMethod]:
-    """``methods`` plus responses and completions bridged onto its chat, where it lacks them.
+    """``methods`` plus responses, completions and Anthropic's messages bridged onto its chat,
+    where it lacks them (count_tokens then estimated).
 
     Args:
         methods: the provider's own methods.
@@ -68,4 +71,8 @@ def bridge_methods(
         served[Kind.COMPLETIONS] = make_completions_bridge(
             chat, completions, admission, max_body_size
         )
+    if chat is not None and Kind.MESSAGES not in served:
+        served[Kind.MESSAGES] = make_messages_bridge(chat)
+    if Kind.MESSAGES in served and Kind.COUNT_TOKENS not in served:
+        served[Kind.COUNT_TOKENS] = count_tokens_estimate
     return served

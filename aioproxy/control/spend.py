@@ -19,6 +19,7 @@ from ..context import STREAM_FILTER, Call
 from ..errors import ProxyError
 from ..hookspecs import hookimpl
 from ..outcome import Outcome, Usage
+from ..routes import Kind
 from .limits import ESTIMATED_TOKENS, estimate_prompt
 from .meters import KeyLimits
 from .plane import ControlPlane, plane_key
@@ -82,10 +83,12 @@ class Spend:
             outcome.record_usage(usage)
         else:
             usage = outcome.usage()
-        estimated = usage is None
-        if usage is None:
+        estimated = usage is None and call.kind is not Kind.COUNT_TOKENS  # counting is free
+        if estimated:
             usage = _estimate(call, outcome)
             call.state[ESTIMATED_TOKENS] = usage.total_tokens
+        elif usage is None:
+            usage = Usage()
         outcome.cost = plane.pricing.cost(usage, call.deployment)
         duration = outcome.elapsed or time.monotonic() - call.started
         # A whole JSON answer's first token came with the rest of it.

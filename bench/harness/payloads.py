@@ -23,6 +23,10 @@ API_BASES = {
     PACED_MODEL: "/paced/v1",
     GAPPED_MODEL: "/gapped/v1",
 }
+# Anthropic-format upstreams (provider "anthropic", Messages passed through), by path prefix.
+CLAUDE_MODEL = "bench-claude"
+CLAUDE_STREAM_MODEL = "bench-claude-stream"
+ANTHROPIC_BASES = {CLAUDE_MODEL: "/anthropic", CLAUDE_STREAM_MODEL: "/anthropic-stream"}
 PACE_MS = 1
 GAP_MS = 10
 GAPPED_EVENTS = 9  # data events before `data: [DONE]`: 10 events, 9 gaps, ~90 ms a stream
@@ -78,6 +82,52 @@ KINDS: dict[str, Kind] = {
         _dumps({"model": MODEL, "input": "The quick brown fox jumps over the lazy dog."}),
     ),
 }
+
+_CLAUDE_MESSAGES = [
+    {"role": "user", "content": [{"type": "text", "text": _MESSAGES[0]["content"]}]}
+]
+
+
+def _messages(model: str, stream: bool = False) -> bytes:
+    body: dict[str, object] = {"model": model, "max_tokens": 64, "messages": _CLAUDE_MESSAGES}
+    return _dumps({**body, "stream": True} if stream else body)
+
+
+# Anthropic's Messages API (issue 15): passed through to an Anthropic-format upstream, and
+# translated onto the chat upstream (the bridge; a bare hop cannot translate, so the reference
+# relays the same chat bytes from a copy at the Messages path). Not run unless named (--kinds).
+MESSAGES_KINDS: dict[str, Kind] = {
+    "messages": Kind(
+        "messages",
+        "Messages API, passed through to an Anthropic-format upstream",
+        "/v1/messages",
+        "/anthropic/v1/messages",
+        _messages(CLAUDE_MODEL),
+    ),
+    "messages-stream": Kind(
+        "messages-stream",
+        f"Messages API, streaming, passed through ({STREAM_EVENTS} content deltas)",
+        "/v1/messages",
+        "/anthropic-stream/v1/messages",
+        _messages(CLAUDE_STREAM_MODEL, stream=True),
+    ),
+    "messages-bridged": Kind(
+        "messages-bridged",
+        "Messages API translated onto chat completions",
+        "/v1/messages",
+        "/v1/chat/completions",
+        _messages(MODEL),
+    ),
+    "messages-bridged-stream": Kind(
+        "messages-bridged-stream",
+        f"Messages API translated onto chat completions, streaming ({STREAM_EVENTS} SSE events)",
+        "/v1/messages",
+        "/stream/v1/chat/completions",
+        _messages(STREAM_MODEL, stream=True),
+    ),
+}
+DEFAULT_KINDS = tuple(KINDS)
+KINDS.update(MESSAGES_KINDS)
 
 # Not in KINDS: the matrix does not load it; bench/harness/first_event.py times it event by event.
 GAPPED = Kind(
@@ -150,12 +200,71 @@ def embeddings_response() -> bytes:
     )
 
 
+def message_response() -> bytes:
+    """An Anthropic Message the size of ``chat_response``'s answer."""
+    return _dumps(
+        {
+            "id": "msg_bench",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "Hello, benchmark! " * 6}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 12, "output_tokens": 36},
+        }
+    )
+
+
+def message_stream_response(count: int = STREAM_EVENTS) -> bytes:
+    """Anthropic's event sequence with ``count`` text deltas, as its API writes it."""
+
+    def event(obj: dict[str, object]) -> bytes:
+        return b"event: " + str(obj["type"]).encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+    start = json.loads(message_response())
+    start.update(content=[], stop_reason=None, usage={"input_tokens": 12, "output_tokens": 1})
+    events = [event({"type": "message_start", "message": start})]
+    events.append(
+        event(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            }
+        )
+    )
+    events.append(event({"type": "ping"}))
+    events += [
+        event(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": f" tok{i}"},
+            }
+        )
+        for i in range(count)
+    ]
+    events.append(event({"type": "content_block_stop", "index": 0}))
+    delta = {"stop_reason": "end_turn", "stop_sequence": None}
+    events.append(
+        event({"type": "message_delta", "delta": delta, "usage": {"output_tokens": count}})
+    )
+    events.append(event({"type": "message_stop"}))
+    return b"".join(events)
+
+
 def write_docroot(root: Path) -> None:
     """Lay the canned responses out as files named by their upstream path (nginx's docroot)."""
     files = {
         "/v1/chat/completions": chat_response(),
         "/stream/v1/chat/completions": stream_response(),
         "/v1/embeddings": embeddings_response(),
+        "/anthropic/v1/messages": message_response(),
+        "/anthropic-stream/v1/messages": message_stream_response(),
+        # What the reference (a bare hop) relays for the translated Messages kinds.
+        "/v1/messages": chat_response(),
+        "/stream/v1/messages": stream_response(),
     }
     for path, body in files.items():
         target = root / path.lstrip("/")

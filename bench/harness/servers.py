@@ -153,6 +153,7 @@ def start_reference(
     """``label`` names the target and its log, so a second instance (the soak) has its own."""
     base = f"http://127.0.0.1:{upstream_port}"
     routes = [f"--route={name}={base}{path}" for name, path in payloads.API_BASES.items()]
+    routes += [f"--route={name}={base}{path}/v1" for name, path in payloads.ANTHROPIC_BASES.items()]
     argv = [
         sys.executable,
         str(BENCH / "passthrough.py"),
@@ -184,6 +185,10 @@ def aioproxy_config(upstream_port: int, database: Path) -> str:
         )
 
     models = [model(name, base + path) for name, path in payloads.API_BASES.items()]
+    models += [
+        model(name, base + path).replace('"openai"', '"anthropic"')
+        for name, path in payloads.ANTHROPIC_BASES.items()
+    ]
     return (
         f"[auth]\nmaster_key = {json.dumps(payloads.MASTER_KEY)}\n\n"
         # the control plane's database (spend logging on, as by default), in the run's temp dir
@@ -256,6 +261,8 @@ def check_response(target: Target, kind: Kind) -> None:
     problem = None
     if status != 200:
         problem = f"status {status}"
+    elif kind.name.startswith("messages"):
+        problem = _messages_problem(target, kind, ctype, body)
     elif kind.name.startswith("stream"):
         events = [ln for ln in body.split(b"\n") if ln.startswith(b"data:")]
         if not ctype.startswith("text/event-stream"):
@@ -280,3 +287,21 @@ def check_response(target: Target, kind: Kind) -> None:
             f"{target.name} answered {kind.name} wrongly ({problem}): {body[:500]!r}\n"
             f"log {target.proc.log}"
         )
+
+
+def _messages_problem(target: Target, kind: Kind, ctype: str, body: bytes) -> str | None:
+    """What is wrong with a Messages answer: Anthropic's event sequence or a Message (from
+    a bare hop on the translated kinds, the chat bytes it relays)."""
+    if kind.name.endswith("stream"):
+        if not ctype.startswith("text/event-stream"):
+            return f"content-type {ctype!r}"
+        if target.name == "aioproxy" and not body.rstrip().endswith(b'{"type":"message_stop"}'):
+            return "no closing message_stop"
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if target.name == "aioproxy" and data.get("type") != "message":
+        return "not a Message"
+    return None

@@ -17,7 +17,8 @@ def load_responses(root: Path) -> dict[bytes, bytes]:
     for file in root.rglob("*"):
         if file.is_file():
             path = "/" + file.relative_to(root).as_posix()
-            ctype = "text/event-stream" if path.startswith("/stream/") else "application/json"
+            streamed = path.startswith(("/stream/", "/anthropic-stream/"))
+            ctype = "text/event-stream" if streamed else "application/json"
             body = file.read_bytes()
             head = (
                 f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"

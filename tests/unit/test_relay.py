@@ -155,6 +155,19 @@ async def test_a_whole_stream_goes_out_as_one_body(aiohttp_client: Client) -> No
     assert relay.watcher.outcomes[0].events == 2
 
 
+async def test_a_whole_anthropic_stream_goes_out_as_one_body_too(aiohttp_client: Client) -> None:
+    relay = Relay()
+    whole = (
+        b'event: message_start\ndata: {"type":"message_start"}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    reply, _ = stream(whole, finished=True)
+    client = await aiohttp_client(relay.app(reply))
+    response = await client.post("/v1/chat/completions", json=STREAM)
+    assert response.headers["Content-Length"] == str(len(whole))
+    assert await response.read() == whole
+
+
 async def test_events_are_relayed_one_by_one_and_counted(aiohttp_client: Client) -> None:
     relay = Relay()
     events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]

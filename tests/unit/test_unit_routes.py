@@ -23,6 +23,8 @@ OPENAI_PATHS = {
     Kind.EMBEDDINGS: "/v1/embeddings",
     Kind.MODELS: "/v1/models",
     Kind.MODEL: "/v1/models/{model}",
+    Kind.MESSAGES: "/v1/messages",
+    Kind.COUNT_TOKENS: "/v1/messages/count_tokens",
 }
 
 
@@ -91,7 +93,7 @@ def test_route_table_one_route_per_path() -> None:
     table = route_table(aliases, handlers)
 
     expected = [(kind, path) for kind, paths in aliases.items() for path in paths]
-    assert len(table) == len(expected) == 13
+    assert len(table) == len(expected) == 17
     for route, (kind, path) in zip(table, expected, strict=True):
         assert isinstance(route, web.RouteDef)
         assert route.path == path

@@ -3,7 +3,8 @@
 Requests and answers are translated both ways (``translate``), streams event by event, and
 Anthropic's errors become OpenAI error objects (``errors``). Deployment settings:
 ``anthropic_version`` (header, default 2023-06-01) and ``default_max_tokens`` (when the request
-gives none, default 4096). The other endpoint kinds reach it through the core's chat bridges.
+gives none, default 4096). Anthropic's own Messages API (``/v1/messages``, ``count_tokens``) is
+passed through; the other endpoint kinds reach it through the core's chat bridges.
 """
 
 from __future__ import annotations

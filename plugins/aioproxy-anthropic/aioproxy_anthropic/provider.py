@@ -95,6 +95,42 @@ class AnthropicProvider(Provider):
         response.release()
         return JSONReply.of(to_chat_completion(message, model=call.model, created=int(time.time())))
 
+    async def messages(self, call: Call) -> Reply:
+        """Anthropic's own API, passed through: the client's body but ``model``, its stream
+        relayed event by event (thinking, cache_control and every beta work unchanged)."""
+        return await self._pass_through(call, messages_url(call.deployment.api_base))
+
+    async def count_tokens(self, call: Call) -> Reply:
+        """Anthropic's own count (exact), the client's body but ``model``."""
+        return await self._pass_through(
+            call, messages_url(call.deployment.api_base) + "/count_tokens"
+        )
+
+    async def _pass_through(self, call: Call, url: str) -> Reply:
+        settings: AnthropicSettings = self.settings(call.deployment)
+        headers = _pass_through_headers(call, settings)
+        return await self.upstream.forward(call, url, headers, read_error=_read_error)
+
+
+def _pass_through_headers(call: Call, settings: AnthropicSettings) -> dict[str, str]:
+    """As ``_headers`` (the gateway's own, the deployment's, then what neither may replace),
+    with the client's API version and beta flags, which describe its body, sent as it is."""
+    deployment = call.deployment
+    headers = dict(call.upstream_headers)
+    for name, value in deployment.headers.items():
+        headers[name.lower()] = value
+    sent = call.request.headers
+    headers["content-type"] = "application/json"
+    headers["anthropic-version"] = sent.get("anthropic-version") or settings.anthropic_version
+    if betas := sent.get("anthropic-beta"):
+        configured = headers.get("anthropic-beta")
+        headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
+    if deployment.api_key:
+        headers["x-api-key"] = deployment.api_key
+    if call.stream:
+        headers["accept"] = "text/event-stream"
+    return headers
+
 
 def _read_error(
     status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]

@@ -133,6 +133,7 @@ class FakeAnthropic(FakeUpstream):
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/messages", self._messages),
+            web.post("/v1/messages/count_tokens", self._count_tokens),
             web.route("*", "/{tail:.*}", self._unknown),
         ]
 
@@ -163,6 +164,18 @@ class FakeAnthropic(FakeUpstream):
         if fault == "malformed":
             message["content"] = 5
         return web.json_response(message, headers=self._headers())
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """The input tokens (words, as ``usage`` counts them) of a request without max_tokens."""
+        record = await self.record(request)
+        body = record.body
+        if self.api_key is not None and record.headers.get("x-api-key") != self.api_key:
+            return self._error(401, "authentication_error", "invalid x-api-key")
+        try:
+            _check({**body, "max_tokens": 1} if isinstance(body, dict) else body)
+        except _RefusedError as exc:
+            return self._error(400, "invalid_request_error", str(exc))
+        return web.json_response({"input_tokens": self._usage(body, 0)["input_tokens"]})
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         return self._error(404, "not_found_error", "Not Found")
