@@ -26,7 +26,7 @@ from .plane import ControlPlane, plane_key
 from .records import KeyEntry, TeamEntry, digest_of, rfc3339
 from .validation import KEY_FIELDS, TEAM_FIELDS, read_fields
 
-__all__ = ["admin_routes"]
+__all__ = ["ADMIN_VOUCHED", "admin_routes"]
 
 _encode = msgspec.json.Encoder().encode
 _SECRET_BYTES = 32  # 43 url-safe characters after "sk-"
@@ -39,6 +39,11 @@ _GROUPS = {
 }
 
 
+# ``request[ADMIN_VOUCHED]``: a caller that authorised the request itself (the dashboard, for a
+# signed-in operator) sets it, and the handlers serve it without an API key.
+ADMIN_VOUCHED = web.RequestKey("aioproxy.admin_vouched", bool)
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_encode(data), status=status, content_type="application/json")
 
@@ -46,6 +51,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 def _require_admin(request: web.Request) -> ControlPlane:
     """The control plane, if the caller holds the master key or an admin key: else 401/403."""
     plane = request.app[plane_key]
+    if request.get(ADMIN_VOUCHED):
+        return plane
     key = presented_key(request)
     if key is None:
         raise AuthenticationError("Missing API key", code="missing_api_key")
