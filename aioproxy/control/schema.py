@@ -100,6 +100,22 @@ requests = sa.Table(
     sa.Column("cost", sa.Float, nullable=True),  # USD; None: no price known
     sa.Column("ttft", sa.Float, nullable=True),  # seconds to the first byte
     sa.Column("duration", sa.Float, nullable=False),
+    # The dashboard's reads (migration 0002): a covering index for ranges, one for details.
+    sa.Index(
+        "ix_requests_time_cover",
+        "time",
+        "status",
+        "duration",
+        "ttft",
+        "input_tokens",
+        "output_tokens",
+        "cost",
+        "model",
+        "key_id",
+        "team_id",
+        "day",
+    ),  # fmt: skip
+    sa.Index("ix_requests_request_id", "request_id"),
 )
 
 # A request log row's values, in this order (``LogRecord.values``): written with one prepared

@@ -21,8 +21,9 @@ from ..context import Principal
 from ..errors import NotFound
 from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
 from .actions import ACTIONS, PLAYGROUND_PRINCIPAL, action, signin, signin_page
-from .pages import PAGES, page
+from .pages import PAGES, page, points_key
 from .paths import ROOT, mounted
+from .queries import PointCache
 from .session import Sessions, sessions_key
 
 __all__ = ["Dashboard", "dashboard"]
@@ -129,6 +130,7 @@ class Dashboard:
             filters={"seconds": _seconds, "usd": _usd},
         )
         app[sessions_key] = Sessions(self.config)
+        app[points_key] = PointCache()
 
     @hookimpl(tryfirst=True)
     def authenticate(self, request: web.Request) -> Principal | None:

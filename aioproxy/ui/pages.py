@@ -27,7 +27,9 @@ from . import queries
 from .paths import ROOT, base_of
 from .session import Session, sessions_key
 
-__all__ = ["PAGES", "require_session"]
+points_key = web.AppKey("aioproxy.ui.points", queries.PointCache)
+
+__all__ = ["PAGES", "points_key", "require_session"]
 
 Page = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 _GROUPS = ("key", "team", "model", "day")
@@ -114,7 +116,7 @@ async def overview(request: web.Request, session: Session) -> web.StreamResponse
     plane = _plane(request)
     chosen = request.query.get("range", "24h")
     span, step = queries.RANGES.get(chosen, queries.RANGES["24h"])
-    data = await queries.overview(plane, span, step)
+    data = await queries.overview(plane, request.app[points_key], span, step)
     names = _names(plane)
     for row in data.top_keys:
         row["name"] = names.get(row["group"], row["group"] or "(none)")

@@ -1,9 +1,11 @@
 """The dashboard's own reads of the request log: the overview's series and one request's row.
 
-Each series is a handful of GROUP BY queries over the time range (the ``time`` index), so a page
-costs the same whatever the number of rows outside it. Latency percentiles come from a histogram
-counted in SQL (fixed bins, interpolated within one): exact percentiles need a sort that SQLite
-cannot do in SQL, and a few hundred grouped rows travel instead of every row of the range.
+The overview is a chart of points (5 minutes, an hour or a day each). Each point is read with a
+handful of GROUP BY queries over its time range, from one covering index (migration 0002), and
+a point that ended more than ``SETTLE`` seconds ago is kept in memory: it no longer changes, so
+the 30-day page reads only its newest point once it has been shown. Latency percentiles come
+from a histogram counted in SQL (fixed bins, interpolated within one): exact percentiles need a
+sort SQLite cannot do in SQL, and a few hundred grouped rows travel instead of every row.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..control import schema
 from ..control.cache import as_dict
 from ..control.plane import ControlPlane
 
-__all__ = ["RANGES", "Overview", "overview", "request_row"]
+__all__ = ["RANGES", "Overview", "PointCache", "overview", "request_row"]
 
 # Range name -> (seconds covered, seconds per chart point).
 RANGES: dict[str, tuple[int, int]] = {
@@ -32,15 +34,50 @@ _EDGES = (
     7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 _TOP = 5
+# Seconds after a point ends before it is kept: the request log's batches (every instance's,
+# flushed each second) have landed by then. A row written later still is shown after a restart.
+SETTLE = 300.0
 _log = schema.requests.c
+
+
+def _histogram() -> list[int]:
+    return [0] * (len(_EDGES) + 1)
+
+
+@dataclass(slots=True)
+class Point:
+    """One chart point's figures, and its spend by model and by key: ``[requests, cost]``."""
+
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    durations: list[int] = field(default_factory=_histogram)
+    ttfts: list[int] = field(default_factory=_histogram)
+    models: dict[str, list[float]] = field(default_factory=dict)
+    keys: dict[str, list[float]] = field(default_factory=dict)
+
+
+class PointCache:
+    """Settled points by (step, start): one app's, so every page view after the first reads
+    only the newest points."""
+
+    def __init__(self) -> None:
+        self.points: dict[tuple[int, float], Point] = {}
+
+    def keep(self, step: int, start: float, point: Point) -> None:
+        self.points[(step, start)] = point
+
+    def prune(self, step: int, oldest: float) -> None:
+        for key in [key for key in self.points if key[0] == step and key[1] < oldest]:
+            del self.points[key]
 
 
 @dataclass(slots=True)
 class Overview:
     """The range's series (one value per point, oldest first), totals and top spenders."""
 
-    start: float
-    step: int
     times: list[float]
     requests: list[int] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)
@@ -85,49 +122,16 @@ def _quantile(counts: list[int], q: float) -> float | None:
     return None
 
 
-async def _histograms(
-    connection: AsyncConnection, column: sa.ColumnElement[Any], point: Any, where: Any, n: int
-) -> list[list[int]]:
-    query = (
-        sa.select(point.label("p"), _bin(column).label("b"), sa.func.count())
-        .where(where, column.is_not(None))
-        .group_by("p", "b")
-    )
-    counts = [[0] * (len(_EDGES) + 1) for _ in range(n)]
-    for p, b, count in (await connection.execute(query)).all():
-        if 0 <= p < n:
-            counts[p][b] += count
-    return counts
-
-
-async def _top(
-    connection: AsyncConnection, column: sa.ColumnElement[Any], where: Any
-) -> list[dict[str, Any]]:
-    query = (
-        sa.select(
-            column.label("group"),
-            sa.func.count().label("requests"),
-            sa.func.coalesce(sa.func.sum(_log.cost), 0.0).label("cost"),
-        )
-        .where(where)
-        .group_by(column)
-        .order_by(sa.desc("cost"), sa.desc("requests"))
-        .limit(_TOP)
-    )
-    return [as_dict(row) for row in (await connection.execute(query)).all()]
-
-
-async def overview(plane: ControlPlane, span: int, step: int) -> Overview:
-    """The last ``span`` seconds in points of ``step`` seconds, the newest point ending now."""
-    await plane.log.flush()  # what this instance served so far is shown
-    now = plane.clock.time()
-    n = -(-span // step)
-    start = (now // step + 1) * step - n * step  # points on whole steps: stable as time goes
+async def _read_points(
+    connection: AsyncConnection, plane: ControlPlane, start: float, step: int, n: int
+) -> list[Point]:
+    """Points ``start``, ``start + step``, ... (``n`` of them), read from the request log."""
+    points = [Point() for _ in range(n)]
+    point = _point(plane, start, step).label("p")
     where = _log.time >= start
-    point = _point(plane, start, step)
     totals = (
         sa.select(
-            point.label("p"),
+            point,
             sa.func.count(),
             sa.func.sum(sa.case((_log.status >= 400, 1), else_=0)),
             sa.func.coalesce(sa.func.sum(_log.input_tokens), 0),
@@ -137,38 +141,94 @@ async def overview(plane: ControlPlane, span: int, step: int) -> Overview:
         .where(where)
         .group_by("p")
     )
-    result = Overview(start, step, [start + i * step for i in range(n)])
-    result.requests, result.errors = [0] * n, [0] * n
-    result.input_tokens, result.output_tokens, result.cost = [0] * n, [0] * n, [0.0] * n
-    async with plane.engine.connect() as connection:
-        for p, requests, errors, tokens_in, tokens_out, cost in (
-            await connection.execute(totals)
-        ).all():
-            if 0 <= p < n:
-                result.requests[p], result.errors[p] = int(requests), int(errors or 0)
-                result.input_tokens[p], result.output_tokens[p] = int(tokens_in), int(tokens_out)
-                result.cost[p] = float(cost)
-        durations = await _histograms(connection, _log.duration, point, where, n)
-        ttfts = await _histograms(connection, _log.ttft, point, where, n)
-        result.top_models = await _top(connection, _log.model, where)
-        result.top_keys = await _top(connection, _log.key_id, where)
-    for series, histograms in ((("latency_p50", "latency_p95"), durations),
-                               (("ttft_p50", "ttft_p95"), ttfts)):  # fmt: skip
-        for name, q in zip(series, (0.5, 0.95), strict=True):
-            getattr(result, name).extend(_quantile(counts, q) for counts in histograms)
-    whole_durations = [sum(column) for column in zip(*durations, strict=True)]
-    whole_ttfts = [sum(column) for column in zip(*ttfts, strict=True)]
+    for p, requests, errors, tokens_in, tokens_out, cost in await _rows(connection, totals, n):
+        points[p].requests, points[p].errors = int(requests), int(errors or 0)
+        points[p].input_tokens, points[p].output_tokens = int(tokens_in), int(tokens_out)
+        points[p].cost = float(cost)
+    for column, name in ((_log.duration, "durations"), (_log.ttft, "ttfts")):
+        query = (
+            sa.select(point, _bin(column).label("b"), sa.func.count())
+            .where(where, column.is_not(None))
+            .group_by("p", "b")
+        )
+        for p, b, count in await _rows(connection, query, n):
+            getattr(points[p], name)[b] += count
+    for column, name in ((_log.model, "models"), (_log.key_id, "keys")):
+        # Grouped by an expression, not the column: SQLite would otherwise walk the column's
+        # own index to skip a sort, reading every row instead of the range's.
+        group = sa.func.coalesce(column, "")
+        query = (
+            sa.select(point, group, sa.func.count(), sa.func.coalesce(sa.func.sum(_log.cost), 0.0))
+            .where(where)
+            .group_by("p", group)
+        )
+        for p, value, requests, cost in await _rows(connection, query, n):
+            getattr(points[p], name)[value] = [int(requests), float(cost)]
+    return points
+
+
+async def _rows(connection: AsyncConnection, query: sa.Select[Any], n: int) -> list[Any]:
+    """The query's rows whose point (first column) is in the range."""
+    return [row for row in (await connection.execute(query)).all() if 0 <= row[0] < n]
+
+
+def _top(points: list[Point], name: str) -> list[dict[str, Any]]:
+    merged: dict[str, list[float]] = {}
+    for point in points:
+        for group, (requests, cost) in getattr(point, name).items():
+            sums = merged.setdefault(group, [0, 0.0])
+            sums[0] += requests
+            sums[1] += cost
+    ranked = sorted(merged.items(), key=lambda item: (item[1][1], item[1][0]), reverse=True)
+    return [
+        {"group": group or None, "requests": int(requests), "cost": cost}
+        for group, (requests, cost) in ranked[:_TOP]
+    ]
+
+
+async def overview(plane: ControlPlane, cache: PointCache, span: int, step: int) -> Overview:
+    """The last ``span`` seconds in points of ``step`` seconds, the newest point ending now."""
+    await plane.log.flush()  # what this instance served so far is shown
+    now = plane.clock.time()
+    n = -(-span // step)
+    start = (now // step + 1) * step - n * step  # points on whole steps: stable as time goes
+    times = [start + i * step for i in range(n)]
+    cache.prune(step, start)
+    points: list[Point | None] = [cache.points.get((step, t)) for t in times]
+    first = next((i for i, point in enumerate(points) if point is None), n)
+    if first < n:  # read from the first point not kept (usually only the newest)
+        async with plane.engine.connect() as connection:
+            points[first:] = await _read_points(connection, plane, times[first], step, n - first)
+        for t, point in zip(times[first:], points[first:], strict=True):
+            if point is not None and t + step <= now - SETTLE:
+                cache.keep(step, t, point)
+    settled = [point for point in points if point is not None]
+    result = Overview(times)
+    for point in settled:
+        result.requests.append(point.requests)
+        result.errors.append(point.errors)
+        result.input_tokens.append(point.input_tokens)
+        result.output_tokens.append(point.output_tokens)
+        result.cost.append(point.cost)
+        result.latency_p50.append(_quantile(point.durations, 0.5))
+        result.latency_p95.append(_quantile(point.durations, 0.95))
+        result.ttft_p50.append(_quantile(point.ttfts, 0.5))
+        result.ttft_p95.append(_quantile(point.ttfts, 0.95))
+    durations = [sum(bins) for bins in zip(*(p.durations for p in settled), strict=True)]
+    ttfts = [sum(bins) for bins in zip(*(p.ttfts for p in settled), strict=True)]
     result.totals = {
         "requests": sum(result.requests),
         "errors": sum(result.errors),
         "input_tokens": sum(result.input_tokens),
         "output_tokens": sum(result.output_tokens),
         "cost": sum(result.cost),
-        "latency_p50": _quantile(whole_durations, 0.5),
-        "latency_p95": _quantile(whole_durations, 0.95),
-        "ttft_p50": _quantile(whole_ttfts, 0.5),
-        "ttft_p95": _quantile(whole_ttfts, 0.95),
+        "latency_p50": _quantile(durations, 0.5),
+        "latency_p95": _quantile(durations, 0.95),
+        "ttft_p50": _quantile(ttfts, 0.5),
+        "ttft_p95": _quantile(ttfts, 0.95),
     }
+    result.top_models = _top(settled, "models")
+    result.top_keys = _top(settled, "keys")
     return result
 
 
