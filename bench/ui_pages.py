@@ -18,10 +18,10 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from aioproxy import create_app  # noqa: E402
-from aioproxy.control import schema  # noqa: E402
-from aioproxy.control.plane import plane_key  # noqa: E402
-from tests.ui.support import sign_in  # noqa: E402
+from aioproxy import create_app
+from aioproxy.control import schema
+from aioproxy.control.plane import plane_key
+from tests.ui.support import sign_in
 
 MASTER = "sk-bench-master-key-0123456789"
 PAGES = (

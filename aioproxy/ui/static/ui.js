@@ -82,8 +82,11 @@ function barChart(element, labels, values) {
   const opts = {
     ...chartSize(element),
     scales: { x: { time: false, range: [-0.5, Math.max(0.5, labels.length - 0.5)] } },
-    axes: [{ values: (_, ticks) => ticks.map((t) => labels[t] ?? "") }, {}],
-    series: [{}, { label: "USD", fill: COLOURS[0], stroke: COLOURS[0],
+    axes: [
+      { values: (_, ticks) => ticks.map((t) => labels[t] ?? "") },
+      { values: (_, ticks) => ticks.map((v) => "$" + Number(v.toPrecision(3))) },
+    ],
+    series: [{ label: "" }, { label: "USD", fill: COLOURS[0], stroke: COLOURS[0],
       paths: uPlot.paths.bars({ size: [0.6, 80] }), points: { show: false } }],
   };
   // eslint-disable-next-line no-undef

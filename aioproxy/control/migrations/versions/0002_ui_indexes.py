@@ -19,14 +19,15 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-_COVER = (
+# Written out, not imported from the schema: a migration stays as it was shipped.
+_COVER = [
     "time", "status", "duration", "ttft", "input_tokens", "output_tokens", "cost",
     "model", "key_id", "team_id", "day",
-)  # fmt: skip
+]  # fmt: skip
 
 
 def upgrade() -> None:
-    op.create_index("ix_requests_time_cover", "requests", list(_COVER))
+    op.create_index("ix_requests_time_cover", "requests", _COVER)
     op.create_index("ix_requests_request_id", "requests", ["request_id"])
 
 
