@@ -309,21 +309,20 @@ async def spend(request: web.Request) -> web.Response:
     start, end = _time_param(request, "start"), _time_param(request, "end")
     await plane.log.flush()  # what this instance served so far is counted
     table = schema.requests.c
-    if start is not None:
-        # Grouped by an expression, not the bare column: SQLite would walk the column's own
-        # index to skip a sort, reading every row instead of the range's (the dashboard's
-        # covering index, migration 0002, serves the range).
-        column = sa.func.coalesce(column, None)
+    # Over a range, grouped by an expression, not the bare column: SQLite would walk the
+    # column's own index to skip a sort, reading every row instead of the range's (the
+    # covering index of migration 0002 serves the range).
+    group: sa.ColumnElement[Any] = column if start is None else sa.func.coalesce(column, None)
     query = (
         sa.select(
-            column.label("group"),
+            group.label("group"),
             sa.func.count().label("requests"),
             sa.func.coalesce(sa.func.sum(table.input_tokens), 0).label("input_tokens"),
             sa.func.coalesce(sa.func.sum(table.output_tokens), 0).label("output_tokens"),
             sa.func.coalesce(sa.func.sum(table.cost), 0.0).label("cost"),
         )
-        .group_by(column)
-        .order_by(column)
+        .group_by(group)
+        .order_by(group)
     )
     if start is not None:
         query = query.where(table.time >= start)

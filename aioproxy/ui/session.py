@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
 from ..builtins.config_auth import key_id
 from ..config import Config
@@ -44,10 +46,11 @@ class Session:
 
 
 class Sessions:
-    """Issues and checks one app's session cookies."""
+    """Issues and checks one app's session cookies; ``now`` is the clock they expire by."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, now: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.now = now
         self.ttl = int(config.ui.session_ttl)
         secret = config.ui.session_secret
         master = config.auth.master_key
@@ -58,8 +61,15 @@ class Sessions:
         else:
             key = secrets.token_bytes(32)
         self._key = key
-        self._signer = URLSafeTimedSerializer(key, salt="aioproxy-ui-session")
-        self._signin_signer = URLSafeTimedSerializer(key, salt="aioproxy-ui-signin")
+        sessions = self
+
+        class ClockSigner(TimestampSigner):
+            def get_timestamp(self) -> int:  # itsdangerous reads time.time() itself
+                return int(sessions.now())
+
+        self._signer = URLSafeTimedSerializer(
+            key, salt="aioproxy-ui-session", signer=ClockSigner
+        )
 
     def csrf_of(self, nonce: str) -> str:
         return hmac.new(self._key, b"csrf:" + nonce.encode(), hashlib.sha256).hexdigest()
