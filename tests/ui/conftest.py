@@ -18,10 +18,10 @@ ARTIFACTS = ROOT / "tests" / "artifacts" / "ui"  # screenshots (gitignored)
 UNREACHABLE_MODEL = "flaky"
 
 
-def ui_config(api_base: str, db_url: str, **overrides: Any) -> dict[str, Any]:
+def ui_config(api_base: str, database_url: str, **overrides: Any) -> dict[str, Any]:
     """The control plane's test config with the dashboard on, and a model whose only
     deployment is unreachable and cools down at its first failure."""
-    config = control_config(api_base, db_url, ui={"enabled": True}, **overrides)
+    config = control_config(api_base, database_url, ui={"enabled": True}, **overrides)
     config["models"].append(
         {
             "name": UNREACHABLE_MODEL,
@@ -79,3 +79,8 @@ async def browser() -> AsyncIterator[Any]:
 async def screenshot(page: Any, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+# The control plane's database fixtures (SQLite, and a throwaway PostgreSQL cluster), so the
+# dashboard's own queries run on both as the control plane's do.
+from tests.control.conftest import clock, db_url, postgres_port  # noqa: F401
