@@ -67,9 +67,7 @@ class Sessions:
             def get_timestamp(self) -> int:  # itsdangerous reads time.time() itself
                 return int(sessions.now())
 
-        self._signer = URLSafeTimedSerializer(
-            key, salt="aioproxy-ui-session", signer=ClockSigner
-        )
+        self._signer = URLSafeTimedSerializer(key, salt="aioproxy-ui-session", signer=ClockSigner)
 
     def csrf_of(self, nonce: str) -> str:
         return hmac.new(self._key, b"csrf:" + nonce.encode(), hashlib.sha256).hexdigest()
