@@ -99,10 +99,11 @@ async def _admin(
     return msgspec.json.decode(response.body)
 
 
-def _names(plane: ControlPlane) -> dict[str, str]:
-    """Key and team ids -> names, for the tables (the config's keys included)."""
+def _names(plane: ControlPlane, *, teams: bool = True) -> dict[str, str]:
+    """Key (and team) ids -> names, for the tables (the config's keys included)."""
     names = {entry.id: entry.name for entry in plane.cache.keys.values()}
-    names.update((entry.id, entry.name) for entry in plane.cache.teams.values())
+    if teams:
+        names.update((entry.id, entry.name) for entry in plane.cache.teams.values())
     names.update((key["id"], key["name"]) for key in admin._config_keys(plane.config))
     if plane.config.auth.master_key:
         names[key_id(plane.config.auth.master_key)] = "master"
@@ -296,7 +297,7 @@ async def requests(request: web.Request, session: Session) -> web.StreamResponse
         error = None
     except ProxyError as exc:
         rows, error = [], exc.message
-    names = _names(plane)
+    names = _names(plane, teams=False)
     return render(
         request,
         "requests.html",
