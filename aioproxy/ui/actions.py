@@ -46,6 +46,7 @@ async def signin_page(request: web.Request) -> web.StreamResponse:
         next=request.query.get("next", ""),
         csrf=token,
         no_master=not sessions.config.auth.master_key,
+        open_mode=sessions.open_mode,
     )
     sessions.remember_signin(response, request, nonce)
     return response

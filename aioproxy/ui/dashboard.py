@@ -16,10 +16,12 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..app import is_open
 from ..config import Config
 from ..context import Principal
 from ..errors import NotFound
 from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
+from ..keys import runtime_key
 from .actions import ACTIONS, PLAYGROUND_PRINCIPAL, action, signin, signin_page
 from .pages import PAGES, page, points_key
 from .paths import ROOT, mounted
@@ -129,7 +131,7 @@ class Dashboard:
             undefined=jinja2.StrictUndefined,
             filters={"seconds": _seconds, "usd": _usd},
         )
-        app[sessions_key] = Sessions(self.config)
+        app[sessions_key] = Sessions(self.config, open_mode=is_open(app[runtime_key]))
         app[points_key] = PointCache()
 
     @hookimpl(tryfirst=True)

@@ -20,7 +20,7 @@ from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
 from ..builtins.config_auth import key_id
 from ..config import Config
-from ..context import Principal
+from ..context import ANONYMOUS, Principal
 from ..control.plane import ControlPlane, plane_key
 from ..control.records import digest_of
 from ..errors import PermissionDenied
@@ -48,9 +48,14 @@ class Session:
 class Sessions:
     """Issues and checks one app's session cookies; ``now`` is the clock they expire by."""
 
-    def __init__(self, config: Config, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, now: Callable[[], float] = time.time, *, open_mode: bool = False
+    ) -> None:
         self.config = config
         self.now = now
+        # The gateway needs no key at all (its API is open, to loopback names only): the
+        # dashboard then lets anyone in without one, as the API does.
+        self.open_mode = open_mode
         self.ttl = int(config.ui.session_ttl)
         secret = config.ui.session_secret
         master = config.auth.master_key
@@ -94,6 +99,8 @@ class Sessions:
         master = self.config.auth.master_key
         if master and hmac.compare_digest(secret.encode(), master.encode()):
             return MASTER, "master"
+        if self.open_mode and not secret:
+            return ANONYMOUS.id, ANONYMOUS.name
         if plane is not None:
             principal = plane.cache.principals.get(digest_of(secret))
             if principal is not None and _usable_admin(plane, principal.id):
@@ -134,6 +141,8 @@ class Sessions:
         master = self.config.auth.master_key
         if holder == MASTER:
             return Principal("master", is_master=True, id=key_id(master)) if master else None
+        if holder == ANONYMOUS.id:
+            return ANONYMOUS if self.open_mode else None
         plane = request.app.get(plane_key)
         if plane is None or not _usable_admin(plane, holder):
             return None

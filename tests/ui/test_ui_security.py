@@ -86,7 +86,7 @@ async def test_only_the_master_key_and_admin_keys_sign_in(
     user = (await _create_key(ui, csrf, name="user"))["key"]
     admin = (await _create_key(ui, csrf, name="ops", role="admin"))["key"]
     other: TestClient = await aiohttp_client(ui.server)
-    for refused in (user, "sk-not-a-key", UPSTREAM_KEY):
+    for refused in (user, "sk-not-a-key", UPSTREAM_KEY, ""):
         await assert_openai_error(await _try_sign_in(other, refused), 401, "invalid_api_key")
     assert (await _try_sign_in(other, admin)).status == 200
     assert (await other.get("/ui/keys", allow_redirects=False)).status == 200
@@ -165,6 +165,21 @@ async def test_no_page_shows_a_secret(ui: TestClient) -> None:
         for hidden in (secret, MASTER_KEY, UPSTREAM_KEY):
             assert hidden not in text, (path, hidden[:5])
         assert secret[7:15] not in text  # not even past the prefix the key list shows
+
+
+async def test_an_open_gateway_lets_anyone_in_without_a_key(
+    aiohttp_client: Any, serve_proxy: Any, upstream_base: str, sqlite_url: str
+) -> None:
+    """No master key, no keys: the API is open (to loopback names only), and so is the
+    dashboard, signed in without a key; a wrong key is still refused."""
+    config = ui_config(upstream_base, sqlite_url)
+    del config["auth"]
+    client: TestClient = await aiohttp_client(await serve_proxy(config))
+    page = await (await client.get("/ui/signin")).text()
+    assert 'id="open-mode"' in page
+    await assert_openai_error(await _try_sign_in(client, "sk-wrong"), 401, "invalid_api_key")
+    await sign_in(client, "")
+    assert (await client.get("/ui/playground", allow_redirects=False)).status == 200
 
 
 async def test_off_unless_enabled(serve_proxy: Any, upstream_base: str, sqlite_url: str) -> None:
