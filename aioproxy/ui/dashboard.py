@@ -7,6 +7,9 @@ Content-Security-Policy: nothing inline, nothing from another origin.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import mimetypes
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,16 +22,19 @@ from aiohttp.typedefs import Handler
 from ..app import is_open
 from ..config import Config
 from ..context import Principal
+from ..control.plane import plane_key
 from ..errors import NotFound
 from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
 from ..keys import runtime_key
 from .actions import ACTIONS, PLAYGROUND_PRINCIPAL, action, signin, signin_page
 from .pages import PAGES, page, points_key
 from .paths import ROOT, mounted
-from .queries import PointCache
+from .queries import RANGES, PointCache, overview
 from .session import Sessions, sessions_key
 
 __all__ = ["Dashboard", "dashboard"]
+
+log = logging.getLogger("aioproxy")
 
 _STATIC = Path(__file__).with_name("static")
 _HEADERS = {
@@ -104,6 +110,35 @@ def _usd(value: float | None) -> str:
     return f"${value:,.2f}" if value >= 100 else f"${value:.6f}".rstrip("0").rstrip(".")
 
 
+_warming_key = web.AppKey("aioproxy.ui.warming", asyncio.Task[None])
+
+
+async def _warm(app: web.Application) -> None:
+    """Read the overview's settled points once, off the request path, so that the first
+    view of the 30-day overview after a start reads only its newest point too."""
+    plane = app.get(plane_key)
+    if plane is None:
+        return
+    for span, step in RANGES.values():
+        try:
+            await overview(plane, app[points_key], span, step)
+        except Exception as exc:  # noqa: BLE001 - the page reads them itself then
+            log.warning("dashboard: cannot read the overview ahead: %s", exc)
+            return
+
+
+async def _start_warming(app: web.Application) -> None:
+    app[_warming_key] = asyncio.create_task(_warm(app), name="aioproxy dashboard warm-up")
+
+
+async def _stop_warming(app: web.Application) -> None:
+    task = app.get(_warming_key)
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Dashboard:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -133,6 +168,9 @@ class Dashboard:
         )
         app[sessions_key] = Sessions(self.config, open_mode=is_open(app[runtime_key]))
         app[points_key] = PointCache()
+        # After every context started (the database's included), before any is cleaned up.
+        app.on_startup.append(_start_warming)
+        app.on_shutdown.append(_stop_warming)
 
     @hookimpl(tryfirst=True)
     def authenticate(self, request: web.Request) -> Principal | None:

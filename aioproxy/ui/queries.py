@@ -2,7 +2,7 @@
 
 The overview is a chart of points (5 minutes, an hour or a day each). Each point is read with a
 handful of GROUP BY queries over its time range, from one covering index (migration 0002), and
-a point that ended more than ``SETTLE`` seconds ago is kept in memory: it no longer changes, so
+a point that ended more than ``SETTLE`` seconds (an hour) ago is kept in memory: it no longer changes, so
 the 30-day page reads only its newest point once it has been shown. Latency percentiles come
 from a histogram counted in SQL (fixed bins, interpolated within one): exact percentiles need a
 sort SQLite cannot do in SQL, and a few hundred grouped rows travel instead of every row.
@@ -34,9 +34,11 @@ _EDGES = (
     7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 _TOP = 5
-# Seconds after a point ends before it is kept: the request log's batches (every instance's,
-# flushed each second) have landed by then. A row written later still is shown after a restart.
-SETTLE = 300.0
+# Seconds after a point ends before it is kept: every instance's request log batches (flushed
+# each second, held while the database is unreachable) have landed by then. A row written later
+# still (after an outage over an hour) shows in the overview after a restart; the Spend and
+# Requests pages always read the database.
+SETTLE = 3600.0
 _log = schema.requests.c
 
 

@@ -13,7 +13,9 @@ from aiohttp.test_utils import TestServer
 from aioproxy import create_app
 from aioproxy.control import schema
 from aioproxy.control.plane import ControlPlane, clock_key, plane_key
-from aioproxy.ui.queries import SETTLE, PointCache, overview, request_row
+from aioproxy.ui.dashboard import _warming_key
+from aioproxy.ui.pages import points_key
+from aioproxy.ui.queries import RANGES, SETTLE, PointCache, overview, request_row
 from tests.control.conftest import FakeControlClock
 from tests.ui.conftest import ui_config
 
@@ -21,16 +23,21 @@ HOUR = 3600
 
 
 @pytest.fixture
-async def plane(
+async def server(
     aiohttp_server: Any, upstream_base: str, db_url: str, clock: FakeControlClock
-) -> ControlPlane:
+) -> TestServer:
     app = create_app(
         ui_config(upstream_base, db_url),
         plugins=[aioproxy_openai, aioproxy_echo],
         load_entrypoints=False,
     )
     app[clock_key] = clock
-    server: TestServer = await aiohttp_server(app)
+    started: TestServer = await aiohttp_server(app)
+    return started
+
+
+@pytest.fixture
+def plane(server: TestServer) -> ControlPlane:
     return server.app[plane_key]
 
 
@@ -121,3 +128,12 @@ async def test_request_row(plane: ControlPlane, clock: FakeControlClock) -> None
     row = await request_row(plane, "req_1")
     assert row is not None and row["model"] == "one"
     assert await request_row(plane, "req_2") is None
+
+
+async def test_settled_points_are_read_ahead_at_start(server: TestServer) -> None:
+    """The app reads the settled points once it started, so the first view is quick too."""
+    app = server.app
+    await app[_warming_key]
+    steps = {step for step, _ in app[points_key].points}
+    assert steps == {step for span, step in RANGES.values() if span > SETTLE + step}
+    assert steps  # the day's and the month's
