@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aioproxy import create_app
 from aioproxy.control import schema
 from aioproxy.control.plane import plane_key
-from aioproxy.ui.dashboard import _warming_key
+from aioproxy.ui.dashboard import _warm, _warming_key
 from aioproxy.ui.pages import points_key
 from tests.ui.support import sign_in
 
@@ -104,9 +104,13 @@ async def main() -> None:
                     await connection.execute(schema.requests.insert(), rows[i : i + 10_000])
             await sign_in(client, MASTER)
             await client.app[_warming_key]
-            # The rows were written after the start-up read: the overview reads them anew.
+            # The rows were written after the start-up read-ahead: as if started with them.
             client.app[points_key].points.clear()
-            print(f"{args.rows} request log rows; first view, then median and worst of the rest:")
+            started = time.perf_counter()
+            await _warm(client.app)
+            ahead = (time.perf_counter() - started) * 1000
+            print(f"{args.rows} request log rows; the start-up read-ahead took {ahead:.0f} ms")
+            print("page: first view, then the median and worst of the others")
             for path in PAGES:
                 timings = []
                 for _ in range(args.rounds):
@@ -115,7 +119,11 @@ async def main() -> None:
                     await response.read()
                     timings.append((time.perf_counter() - started) * 1000)
                     assert response.status == 200, (path, response.status)
-                print(f"  {path:32} {statistics.median(timings):7.1f} ms  {max(timings):7.1f} ms")
+                first, rest = timings[0], timings[1:]
+                print(
+                    f"  {path:32} {first:7.1f} ms  {statistics.median(rest):7.1f} ms"
+                    f"  {max(rest):7.1f} ms"
+                )
         finally:
             await client.close()
 
