@@ -107,7 +107,11 @@ def _seconds(value: float | None) -> str:
 def _usd(value: float | None) -> str:
     if value is None:
         return "–"
-    return f"${value:,.2f}" if value >= 100 else f"${value:.6f}".rstrip("0").rstrip(".")
+    if value >= 100:
+        return f"${value:,.2f}"
+    # Small amounts to their first digits: a budget of $0.0000001 is not shown as $0.
+    digits = 4 if value >= 0.01 else 10
+    return f"${value:.{digits}f}".rstrip("0").rstrip(".")
 
 
 _warming_key = web.AppKey("aioproxy.ui.warming", asyncio.Task[None])

@@ -7,9 +7,11 @@ import csv
 import io
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from aioproxy.testing import assert_openai_error
+from aioproxy.ui.dashboard import _usd
 from tests.support import MASTER_KEY, sdk
 from tests.ui.support import csrf_in, sign_in
 
@@ -90,3 +92,12 @@ async def test_sign_in_goes_back_to_the_page_asked_for_only(
             "/ui/signin", json={"key": MASTER_KEY, "next": asked}, headers={"X-CSRF-Token": token}
         )
         assert (await response.json())["redirect"] == landed
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [(None, "–"), (0.0, "$0"), (1e-07, "$0.0000001"), (6.4e-05, "$0.000064"),
+     (0.25, "$0.25"), (1234.5, "$1,234.50")],
+)  # fmt: skip
+def test_amounts_show_their_first_digits(value: float | None, shown: str) -> None:
+    assert _usd(value) == shown
