@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install postgres run test check bench bench-smoke bench-peers clean
+.PHONY: install postgres chromium run test check bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
 
+# The dashboard's browser tests drive Debian's chromium through Playwright (which then downloads
+# no browser of its own): installed when missing, like postgres.
+chromium:
+	@command -v chromium >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
 run: install
 	$(PY) run.py
 
@@ -29,7 +35,7 @@ run: install
 # cores: make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
 PYTEST_ARGS ?=
 
-test: install postgres
+test: install postgres chromium
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Lint, format and strict types on the package and the plugins (config in pyproject.toml).

@@ -26,7 +26,7 @@ from .routes import ALIASES, AZURE_ALIASES, DEPLOYMENT_ALIASES, merge_aliases, r
 from .runtime import Runtime
 from .upstream import Upstream, make_session
 
-__all__ = ["create_app", "resolve_config"]
+__all__ = ["create_app", "is_open", "resolve_config"]
 
 log = logging.getLogger("aioproxy")
 
@@ -73,7 +73,7 @@ def create_app(
     check_settings(config, factories)
 
     runtime = Runtime(config, pm, factories)
-    open_mode = _is_open(runtime)
+    open_mode = is_open(runtime)
     app = web.Application(
         client_max_size=config.server.max_body_size,
         middlewares=[error_middleware],
@@ -146,7 +146,7 @@ def _check_providers(config: Config, factories: Mapping[str, ProviderFactory]) -
             )
 
 
-def _is_open(runtime: Runtime) -> bool:
+def is_open(runtime: Runtime) -> bool:
     """No key is needed: only the built-in authentication runs (the config's keys and the
     database's, which has keys only once the master key made some), and the config has none."""
     auth = runtime.config.auth

@@ -197,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = f"http://{host}:{bound}"
         print(f"aioproxy serving on {url}  (OpenAI base URL: {url}/v1)")
         print(f"models: {', '.join(names) if names else '(none configured)'}", flush=True)
+        if config.ui.enabled:
+            print(f"dashboard: {url}/ui", flush=True)
 
     if args.workers > 1:
         announce()

@@ -30,6 +30,7 @@ __all__ = [
     "SpendConfig",
     "TimeoutOverrides",
     "Timeouts",
+    "UIConfig",
     "UpstreamConfig",
     "VirtualKey",
     "load_config",
@@ -276,6 +277,18 @@ class SpendConfig(Base, frozen=True):
     buffer_rows: Annotated[int, Meta(ge=1)] = 100_000
 
 
+class UIConfig(Base, frozen=True):
+    """The operators' dashboard at ``/ui`` (aioproxy.ui)."""
+
+    # Off by default: a gateway serves no web pages unless asked (the embedded default turns it on).
+    enabled: bool = False
+    # Seconds a sign-in lasts; the session cookie expires then, whatever the browser does.
+    session_ttl: Annotated[float, Meta(gt=0, le=30 * 86400)] = 8 * 3600.0
+    # Signs the session cookies. Unset: derived from the master key (stable across restarts and
+    # --workers), else random per process (sessions then end on restart and stay per worker).
+    session_secret: Secret | None = None
+
+
 class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
@@ -294,6 +307,7 @@ class Config(Base, frozen=True):
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
     spend: SpendConfig = SpendConfig()
+    ui: UIConfig = UIConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

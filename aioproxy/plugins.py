@@ -31,6 +31,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.keyauth:KeyAuth",
     "aioproxy.control.limits:Limits",
     "aioproxy.control.spend:Spend",
+    # The operators' dashboard (issue 17), when [ui] enabled.
+    "aioproxy.ui.dashboard:dashboard",
 )
 
 
