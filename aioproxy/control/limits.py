@@ -160,7 +160,7 @@ class Limits:
         plane = call.request.app[plane_key]
         usage = outcome.usage()
         if usage is None:  # priced on an estimate, as its log row is (``rows``)
-            usage = estimate_usage(call, outcome)
+            usage = estimate_usage(call.body_size(), outcome)
             if outcome.cost is None and call.routed:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
         reservation.count_tokens(usage.total_tokens, plane.clock.monotonic())

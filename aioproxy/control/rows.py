@@ -1,16 +1,20 @@
 """A finished request's request-log row, built by the log's writer, off the request's task.
 
-The request path queues only what it already has (``Finished``: the call, its outcome, the wall
-time, whether it failed); reading the usage, pricing, the end user and the row's values are done
-here, a batch at a time, in the writer's task.
+The request path queues only what it already has (``Finished``: references to the caller, the
+deployment, the outcome, and a few values); reading the usage, pricing, the end user and the
+row's values are done here, a batch at a time, in the writer's task. The record holds neither
+the aiohttp request nor the call: a second's worth of those kept alive would cost the garbage
+collector more than the row.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ..context import Call
+import msgspec
+
+from ..context import Call, Deployment, Principal
 from ..outcome import Outcome, Usage
 from .cache import KeyCache
 from .meters import KeyLimits
@@ -29,10 +33,35 @@ COUNTED = "aioproxy.control.counted"
 class Finished(NamedTuple):
     """What the request path hands the writer: nothing computed, only references."""
 
-    call: Call
+    principal: Principal
+    deployment: Deployment | None
+    model: str
+    kind: str
+    request_id: str
+    end_user: msgspec.Raw | None  # the body's user/safety_identifier, undecoded
+    prompt_bytes: int  # the body's size, for an estimate when the upstream reports no usage
+    state: dict[str, Any]  # the call's (the limits plugin marks COUNTED there after the queueing)
     outcome: Outcome
     wall: float  # the time it finished (the control plane's clock)
     failed: bool = False
+
+    @classmethod
+    def of(cls, call: Call, outcome: Outcome, wall: float, failed: bool = False) -> Finished:
+        fields = call.fields
+        end_user = fields.get("user") or fields.get("safety_identifier")
+        return cls(
+            call.principal,
+            call.deployment if call.routed else None,
+            call.model,
+            call.kind.value,
+            call.request_id,
+            end_user,
+            call.body_size(),
+            call.state,
+            outcome,
+            wall,
+            failed,
+        )
 
 
 def estimate_prompt(call: Call) -> int:
@@ -40,21 +69,25 @@ def estimate_prompt(call: Call) -> int:
     return call.body_size() // 4
 
 
-def estimate_usage(call: Call, outcome: Outcome) -> Usage:
+def estimate_usage(prompt_bytes: int, outcome: Outcome) -> Usage:
     """Tokens when the upstream said nothing: the prompt at four bytes a token, the answer at
     one token an event (a stream) or four bytes."""
-    prompt = estimate_prompt(call)
+    prompt = prompt_bytes // 4
     answer = outcome.events if outcome.stream else len(outcome.body or b"") // 4
     return Usage(prompt, answer, prompt + answer)
 
 
-def _end_user(call: Call) -> str | None:
-    for name in ("user", "safety_identifier"):
-        if name in call.fields:
-            value = call.get(name)
-            if isinstance(value, str):
-                return value[:200]
-    return None
+def _end_user(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = _decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    return value[:200] if isinstance(value, str) else None
+
+
+_decode = msgspec.json.Decoder().decode
 
 
 class RowBuilder:
@@ -66,36 +99,39 @@ class RowBuilder:
         self._day_text = ""
 
     def __call__(self, finished: Finished) -> LogRecord:
-        call, outcome, wall, failed = finished
-        principal = call.principal
+        principal, deployment, outcome, wall = (
+            finished.principal,
+            finished.deployment,
+            finished.outcome,
+            finished.wall,
+        )
         limits = principal.limits if principal.limits.__class__ is KeyLimits else None
-        deployment = call.deployment if call.routed else None
         duration = outcome.elapsed
-        if failed:
+        if finished.failed:
             usage, estimated, cost, ttft = Usage(), False, None, None
         else:
             found = outcome.usage()
             estimated = found is None
-            usage = estimate_usage(call, outcome) if found is None else found
+            usage = estimate_usage(finished.prompt_bytes, outcome) if found is None else found
             cost = outcome.cost
             if cost is None and estimated:
                 cost = self.pricing.cost(usage, deployment)
             # A whole JSON answer's first token came with the rest of it.
             ttft = outcome.ttfb if outcome.ttfb is not None else duration
         values = (  # schema.REQUEST_COLUMNS' order
-            call.request_id,
+            finished.request_id,
             wall,
             self._day(wall),
             principal.id or None,
             principal.name,
             principal.team,
-            _end_user(call),
-            call.model,
+            _end_user(finished.end_user),
+            finished.model,
             deployment.key if deployment else None,
             deployment.provider if deployment else None,
-            call.kind.value,
+            finished.kind,
             outcome.status,
-            call.state.get(FAILED),
+            finished.state.get(FAILED),
             outcome.stream,
             usage.prompt_tokens,
             usage.completion_tokens,
@@ -116,7 +152,7 @@ class RowBuilder:
             key_period=period_end(key.created_at, key.duration, wall) if key else None,
             team_period=period_end(team.created_at, team.duration, wall) if team else None,
             spend_only=not self.log_rows,
-            counted=COUNTED in call.state,
+            counted=COUNTED in finished.state,
         )
 
     def _day(self, wall: float) -> str:

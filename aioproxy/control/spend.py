@@ -65,7 +65,7 @@ class Spend:
             outcome.pricer = plane.pricing.pricer(call.deployment)
         if self.log_rows or call.principal.limits.__class__ is KeyLimits:
             call.state[_LOGGED] = True
-            plane.log.add_finished(Finished(call, outcome, plane.clock.time()))
+            plane.log.add_finished(Finished.of(call, outcome, plane.clock.time()))
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
@@ -85,7 +85,7 @@ class Spend:
             if _LOGGED not in call.state:
                 outcome = Outcome(status, stream=call.stream)
                 outcome.elapsed = time.monotonic() - call.started
-                plane.log.add_finished(Finished(call, outcome, plane.clock.time(), failed=True))
+                plane.log.add_finished(Finished.of(call, outcome, plane.clock.time(), failed=True))
 
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - hooks run in the request's task

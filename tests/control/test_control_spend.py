@@ -275,3 +275,39 @@ def test_prices_are_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     price = pricing.price_of(deployment)
     assert price is not None and price.input == pytest.approx(0.15)
     assert pricing.price_of(Deployment(name="y", provider="echo", model="echo")) is None
+
+
+async def test_log_off_still_counts_spend(start_control: Any) -> None:
+    """``[spend] log = false``: no rows, but a database key's spend is still written."""
+    control = await start_control(spend={"log": False})
+    created = await control.new_key(name="counted")
+    reply = await chat(control.server, created["key"])
+    await chat(control.server, MASTER_KEY)
+    assert await log_rows(control) == []
+    shown = await control.admin("GET", f"/admin/keys/{created['id']}")
+    assert shown["spend"] == pytest.approx(
+        priced(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    )
+
+
+async def test_a_plugins_own_cost_is_logged(start_control: Any) -> None:
+    """``outcome.cost`` set by a plugin ahead of the spend plugin is the cost logged and
+    counted; a key without limits is logged with the price of its usage."""
+
+    class Flat:
+        @hookimpl(tryfirst=True)
+        def after_response(self, call: Call, outcome: Any) -> None:
+            if call.principal.name == "flat":
+                outcome.cost = 0.25
+
+    control = await start_control(plugins=(Flat(),))
+    flat = await control.new_key(name="flat", max_budget=10)
+    usual = await control.new_key(name="usual")
+    await chat(control.server, flat["key"])
+    reply = await chat(control.server, usual["key"])
+    rows = {row["key_name"]: row for row in await log_rows(control)}
+    assert rows["flat"]["cost"] == 0.25
+    assert (await control.admin("GET", f"/admin/keys/{flat['id']}"))["spend"] == 0.25
+    assert rows["usual"]["cost"] == pytest.approx(
+        priced(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    )
