@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -97,14 +97,15 @@ class Outcome:
     """A finished request: its status, timing, and what is needed to find its usage."""
 
     __slots__ = (
+        "_cost",
         "_usage",
         "body",
-        "cost",
         "disconnected",
         "elapsed",
         "events",
         "first",
         "last_events",
+        "pricer",
         "status",
         "stream",
         "ttfb",
@@ -123,10 +124,25 @@ class Outcome:
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end
-        # USD, set by the spend plugin's after_response (tryfirst), so that the other
-        # after_response implementations can read it; None: not priced.
-        self.cost: float | None = None
+        # How to price the usage, USD (set by the spend plugin's after_response, tryfirst):
+        # ``cost`` is computed the first time something reads it, so no one pays for it unread.
+        self.pricer: Callable[[Usage | None], float | None] | None = None
+        self._cost: Any = _UNKNOWN
         self._usage: Any = _UNKNOWN  # usage() once read (the tpm count and hooks may all ask)
+
+    @property
+    def cost(self) -> float | None:
+        """USD: what a plugin set, else the usage priced by ``pricer`` (on first read);
+        None: not priced (no price known, no usage reported, or no spend plugin)."""
+        cost = self._cost
+        if cost is _UNKNOWN:
+            pricer = self.pricer
+            cost = self._cost = None if pricer is None else pricer(self.usage())
+        return cost  # type: ignore[no-any-return]
+
+    @cost.setter
+    def cost(self, value: float | None) -> None:
+        self._cost = value
 
     def usage(self) -> Usage | None:
         """The token usage the upstream reported, if it did (read once, then remembered)."""

@@ -26,16 +26,12 @@ from .database import RATE_LIMIT_HEADERS
 from .meters import KeyLimits, Meter, spend_now
 from .plane import plane_key
 from .records import KeyEntry, TeamEntry, period_end
+from .rows import COUNTED, estimate_prompt, estimate_usage
 
-__all__ = ["Limits", "Reservation", "estimate_prompt"]
+__all__ = ["Limits", "Reservation"]
 
 RESERVATION = "aioproxy.control.reservation"
 _OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def estimate_prompt(call: Call) -> int:
-    """About four bytes a token, the body's fields all counted."""
-    return sum(len(raw) for raw in call.fields.values()) // 4
 
 
 def _reserve(call: Call) -> int:
@@ -129,7 +125,8 @@ class Limits:
     @hookimpl
     def before_request(self, call: Call) -> None:
         limits = call.principal.limits
-        if limits.__class__ is not KeyLimits or RESERVATION in call.state:
+        # Keys without limits (config keys, unlimited database keys) are not counted at all.
+        if limits.__class__ is not KeyLimits or not limits.enforced or RESERVATION in call.state:
             return
         clock = call.request.app[plane_key].clock
         now = clock.monotonic()
@@ -162,12 +159,17 @@ class Limits:
             return
         plane = call.request.app[plane_key]
         usage = outcome.usage()
-        tokens = usage.total_tokens if usage is not None else call.state.get(ESTIMATED_TOKENS, 0)
-        reservation.count_tokens(tokens, plane.clock.monotonic())
-        if outcome.cost:
+        if usage is None:  # priced on an estimate, as its log row is (``rows``)
+            usage = estimate_usage(call.body_size(), outcome)
+            if outcome.cost is None and call.routed:
+                outcome.cost = plane.pricing.cost(usage, call.deployment)
+        reservation.count_tokens(usage.total_tokens, plane.clock.monotonic())
+        cost = outcome.cost
+        if cost:
             wall = plane.clock.time()
             for _, entry, meter in reservation.limits.scopes:
-                meter.add_spend(outcome.cost, period_end(entry.created_at, entry.duration, wall))
+                meter.add_spend(cost, period_end(entry.created_at, entry.duration, wall))
+            call.state[COUNTED] = True  # the writer moves it from the meters to the figures
 
     @hookimpl
     def on_error(self, request: web.Request, call: Call | None) -> None:
@@ -175,10 +177,6 @@ class Limits:
         reservation: Reservation | None = call.state.get(RESERVATION) if call else None
         if reservation is not None:
             reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
-
-
-# call.state key: the spend plugin's token estimate, for a reply without usage
-ESTIMATED_TOKENS = "aioproxy.control.estimated_tokens"
 
 
 def _check(

@@ -98,6 +98,7 @@ class KeyLimits:
     Built when the cache loads, so the request path only reads it."""
 
     __slots__ = (
+        "enforced",
         "key",
         "key_meter",
         "limited",
@@ -122,3 +123,12 @@ class KeyLimits:
         self.request_limits = [(e.rpm, m.requests) for _, e, m in self.scopes if e.rpm is not None]
         self.token_limits = [(e.tpm, m.tokens) for _, e, m in self.scopes if e.tpm is not None]
         self.limited = bool(self.request_limits or self.token_limits)
+        # Whether anything is counted for it (reserve, reconcile): a key with no limit and no
+        # budget (nor its team) costs its requests nothing but their log row.
+        self.enforced = any(
+            e.rpm is not None
+            or e.tpm is not None
+            or e.max_parallel is not None
+            or e.max_budget is not None
+            for _, e, _ in self.scopes
+        )

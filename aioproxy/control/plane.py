@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,6 +14,7 @@ from .clock import ControlClock
 from .engine import open_engine
 from .pricing import Pricing
 from .requestlog import RequestLog
+from .rows import RowBuilder
 
 __all__ = ["ControlPlane", "clock_key", "plane_key"]
 
@@ -26,11 +25,9 @@ class ControlPlane:
         self.engine = engine
         self.clock = clock
         self.cache = KeyCache(engine)
-        self.log = RequestLog(engine, self.cache, config.spend, clock.time)
         self.pricing = Pricing()
-        # Request ids: this instance's random prefix and a counter (cheaper than uuid4).
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(6).hex()
+        build = RowBuilder(self.pricing, self.cache, log_rows=config.spend.log)
+        self.log = RequestLog(engine, self.cache, config.spend, clock.time, build)
         self._poller: asyncio.Task[None] | None = None
 
     @classmethod
@@ -43,9 +40,6 @@ class ControlPlane:
             raise
         plane.pricing.warm()
         return plane
-
-    def request_id(self) -> str:
-        return f"req_{self._prefix}{next(self._ids):x}"
 
     def start(self) -> None:
         self.log.start()

@@ -8,7 +8,9 @@ as three rates, so pricing a request is a few multiplications.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 
 import genai_prices
@@ -18,7 +20,10 @@ from ..config import Price
 from ..context import Deployment
 from ..outcome import Usage
 
-__all__ = ["Pricing", "cost_of"]
+__all__ = ["Pricer", "Pricing", "cost_of"]
+
+# Prices a usage, USD; None: no usage, or no price known.
+Pricer = Callable[[Usage | None], float | None]
 
 log = logging.getLogger("aioproxy")
 
@@ -46,6 +51,17 @@ def cost_of(usage: Usage, price: Price) -> float:
     ) / _MILLION
 
 
+def _priced(price: Price, usage: Usage | None) -> float | None:
+    return None if usage is None else cost_of(usage, price)
+
+
+def _unpriced(_usage: Usage | None) -> None:
+    return None
+
+
+_PRICERS_MAX = 4096  # deployments made at run time are not kept for ever
+
+
 def _table_price(provider: str, model: str) -> Price | None:
     provider_id = _PROVIDERS.get(provider)
 
@@ -69,6 +85,7 @@ class Pricing:
 
     def __init__(self) -> None:
         self._table: dict[tuple[str, str], Price | None] = {}
+        self._pricers: dict[int, tuple[Deployment, Pricer]] = {}  # by id(deployment)
 
     @staticmethod
     def warm() -> None:
@@ -89,6 +106,18 @@ class Pricing:
                     deployment.describe(),
                 )
             return price
+
+    def pricer(self, deployment: Deployment) -> Pricer:
+        """``deployment``'s pricer, made once: what the request path hands ``Outcome.pricer``."""
+        found = self._pricers.get(id(deployment))
+        if found is not None and found[0] is deployment:
+            return found[1]
+        if len(self._pricers) >= _PRICERS_MAX:
+            self._pricers.clear()
+        price = self.price_of(deployment)
+        pricer: Pricer = _unpriced if price is None else functools.partial(_priced, price)
+        self._pricers[id(deployment)] = (deployment, pricer)
+        return pricer
 
     def cost(self, usage: Usage, deployment: Deployment | None) -> float | None:
         if deployment is None:

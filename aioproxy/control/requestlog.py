@@ -1,5 +1,6 @@
-"""The request log and spend writer: rows queued on the request path, written in batches by a
-background task, so a request never waits for the database.
+"""The request log and spend writer: finished requests queued on the request path (references
+only), turned into rows and written in batches by a background task, so a request never waits
+for the database nor pays for its row.
 
 Each batch is one transaction: the log rows plus each key's and team's added spend, so a batch
 that fails is retried whole and nothing is counted twice. While the database is unreachable the
@@ -13,6 +14,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ class LogRecord:
     key_period: float | None = None
     team_period: float | None = None
     spend_only: bool = False  # the log is off: only the spend is written
+    counted: bool = False  # its cost is in its key's and team's meters (the limits plugin's)
 
     @classmethod
     def of(cls, row: dict[str, Any], cost: float = 0.0) -> LogRecord:
@@ -77,12 +80,16 @@ class RequestLog:
         cache: KeyCache,
         settings: SpendConfig,
         now: Any = time.time,
+        build: Callable[[Any], LogRecord] | None = None,
     ) -> None:
         self.engine = engine
         self.cache = cache
         self.settings = settings
         self.now = now
         self.buffer: collections.deque[LogRecord] = collections.deque()
+        # Finished requests not yet made rows (``build``, e.g. rows.RowBuilder, makes them).
+        self.finished: list[Any] = []
+        self.build = build
         self.dropped = 0  # rows lost to a full buffer, since the start
         self.written = 0
         self._wake = asyncio.Event()
@@ -91,6 +98,27 @@ class RequestLog:
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
         self._insert = insert_sql(engine.dialect.paramstyle)
+
+    def add_finished(self, finished: Any) -> None:
+        """Queue a finished request (no work: its row is built in the writer's batch)."""
+        queue = self.finished
+        queue.append(finished)
+        if len(queue) >= self.settings.batch_size:
+            self._wake.set()
+
+    def _build_rows(self) -> None:
+        """Turn the finished requests into rows; one that cannot be is logged and skipped."""
+        finished, self.finished = self.finished, []
+        build = self.build
+        if build is None:
+            return
+        for item in finished:
+            try:
+                record = build(item)
+            except Exception:
+                log.exception("request log: cannot make a request's row")
+                continue
+            self.add(record)
 
     def add(self, record: LogRecord) -> None:
         """Queue a row (no I/O). A full buffer drops its oldest row, counted."""
@@ -154,6 +182,7 @@ class RequestLog:
         """Write the queued rows now, batch by batch; on failure the batch stays queued.
         One flush at a time (the writer's, the admin API's), so no batch is written twice."""
         async with self._flushing:
+            self._build_rows()  # even while the database is down: rows hold no request
             # The rows queued now, not those that come meanwhile: under steady traffic a flush
             # would never end, writing a few rows at a time.
             left = len(self.buffer)
@@ -171,15 +200,22 @@ class RequestLog:
         rows = [record.values for record in batch if not record.spend_only]
         keys: dict[tuple[str, float | None], float] = collections.defaultdict(float)
         teams: dict[tuple[str, float | None], float] = collections.defaultdict(float)
+        # The part of it the meters counted locally (limited keys and teams).
+        keys_counted: dict[tuple[str, float | None], float] = collections.defaultdict(float)
+        teams_counted: dict[tuple[str, float | None], float] = collections.defaultdict(float)
         used: dict[str, float] = {}
         for record in batch:
-            key_id = record.key_id
+            key_id, cost = record.key_id, record.cost
             if key_id is not None and key_id in self.cache.keys:
                 used[key_id] = max(used.get(key_id, 0.0), record.time)
-                if record.cost:
-                    keys[(key_id, record.key_period)] += record.cost
-            if record.cost and record.team_id is not None and record.team_id in self.cache.teams:
-                teams[(record.team_id, record.team_period)] += record.cost
+                if cost:
+                    keys[(key_id, record.key_period)] += cost
+                    if record.counted:
+                        keys_counted[(key_id, record.key_period)] += cost
+            if cost and record.team_id is not None and record.team_id in self.cache.teams:
+                teams[(record.team_id, record.team_period)] += cost
+                if record.counted:
+                    teams_counted[(record.team_id, record.team_period)] += cost
         async with self.cache.lock:  # the cache's spend figures and local counts move together
             async with self.engine.begin() as connection:
                 if rows:
@@ -197,26 +233,30 @@ class RequestLog:
             for key_id, when in used.items():
                 if (entry := self.cache.keys.get(key_id)) is not None:
                     entry.last_used_at = max(entry.last_used_at or 0.0, when)
-            self._written(keys, self.cache.keys, self.cache.key_meters)
-            self._written(teams, self.cache.teams, self.cache.team_meters)
+            self._written(keys, keys_counted, self.cache.keys, self.cache.key_meters)
+            self._written(teams, teams_counted, self.cache.teams, self.cache.team_meters)
 
     @staticmethod
     def _written(
         spent: dict[tuple[str, float | None], float],
+        counted: dict[tuple[str, float | None], float],
         entries: dict[str, Any],
         meters: dict[str, Any],
     ) -> None:
-        """The spend just written moves from the local counts into the cached figures."""
+        """The spend just written goes into the cached figures, and what the meters counted of
+        it leaves their local counts."""
         for (id_, period), cost in spent.items():
-            entry, meter = entries.get(id_), meters.get(id_)
-            if entry is None or meter is None:
+            entry = entries.get(id_)
+            if entry is None:
                 continue
             if entry.budget_resets_at == period:
                 entry.spend += cost
             elif period is not None and (entry.budget_resets_at or 0) < period:
                 entry.budget_resets_at, entry.spend = period, cost
             entry.total_spend += cost
-            meter.written(cost, period)
+        for (id_, period), cost in counted.items():
+            if (meter := meters.get(id_)) is not None:
+                meter.written(cost, period)
 
     async def _expire(self) -> None:
         days = self.settings.retention_days

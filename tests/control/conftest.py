@@ -201,7 +201,13 @@ async def start_control(
 ) -> AsyncIterator[Any]:
     sessions: list[aiohttp.ClientSession] = []
 
-    async def start(plugins: tuple[object, ...] = (), **overrides: Any) -> Control:
+    async def start(
+        plugins: tuple[object, ...] = (),
+        plugins_config: dict[str, Any] | None = None,  # the [plugins] section
+        **overrides: Any,
+    ) -> Control:
+        if plugins_config is not None:
+            overrides["plugins"] = plugins_config
         app = create_app(
             control_config(upstream_base, db_url, **overrides),
             plugins=[aioproxy_openai, aioproxy_echo, *plugins],

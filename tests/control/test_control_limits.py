@@ -212,3 +212,13 @@ async def test_unlimited_keys_get_no_headers(control: Control) -> None:
     key = (await control.new_key())["key"]
     _, headers, _ = await post_chat(control, key)
     assert not any(name.lower().startswith("x-ratelimit") for name in headers)
+
+
+async def test_the_limits_plugin_can_be_replaced(start_control: Any) -> None:
+    """Enforcement is an ordinary plugin: disabled, a key's rpm is not held (spend still is)."""
+    control = await start_control(plugins_config={"disable": ["limits"]})
+    created = await control.new_key(rpm=1)
+    for _ in range(3):
+        await chat(control.server, created["key"])
+    await control.settle()
+    assert (await control.admin("GET", f"/admin/keys/{created['id']}"))["spend"] > 0

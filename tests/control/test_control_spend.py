@@ -32,6 +32,16 @@ async def log_rows(control: Control, query: str = "") -> list[dict[str, Any]]:
     return (await control.admin("GET", f"/admin/requests?limit=1000{query}"))["data"]
 
 
+async def post_chat(control: Control, key: str, **overrides: Any) -> int:
+    """One chat completion with aiohttp (for answers the SDK would raise on); its status."""
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, **overrides},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        return response.status
+
+
 async def test_cost_is_usage_times_price(control: Control) -> None:
     created = await control.new_key(name="payer")
     reply = await chat(control.server, created["key"], user="end-user-7")
@@ -175,12 +185,7 @@ async def test_no_usage_is_estimated(start_control: Any) -> None:
 
     control = await start_control(plugins=(Plugin(),))
     key = (await control.new_key())["key"]
-    async with control.session.post(
-        control.url("/v1/chat/completions"),
-        json={**CHAT, "model": "echo"},
-        headers={"Authorization": f"Bearer {key}"},
-    ) as response:
-        assert response.status == 200
+    assert await post_chat(control, key, model="echo") == 200
     (row,) = await log_rows(control)
     assert row["estimated"] is True and row["input_tokens"] > 0 and row["output_tokens"] > 0
     assert row["cost"] == pytest.approx(priced(row["input_tokens"], row["output_tokens"]))
@@ -189,12 +194,19 @@ async def test_no_usage_is_estimated(start_control: Any) -> None:
 async def test_failures_are_logged(control: Control, fake: Any) -> None:
     key = (await control.new_key())["key"]
     fake.faults = ["status:400"]
-    async with control.session.post(
-        control.url("/v1/chat/completions"), json=CHAT, headers={"Authorization": f"Bearer {key}"}
-    ) as response:
-        assert response.status == 400
+    assert await post_chat(control, key) == 400
     (row,) = await log_rows(control)
     assert row["status"] == 400 and row["error_code"] and row["cost"] is None
+
+
+async def test_refused_before_routing_is_logged(control: Control) -> None:
+    """An unknown model fails before any deployment is chosen: its row has none."""
+    key = (await control.new_key(name="lost"))["key"]
+    assert await post_chat(control, key, model="no-such-model") == 404
+    (row,) = await log_rows(control)
+    assert row["status"] == 404 and row["error_code"] == "model_not_found"
+    assert row["key_name"] == "lost" and row["model"] == "no-such-model"
+    assert row["deployment"] is None and row["provider"] is None and row["cost"] is None
 
 
 async def test_spend_grouped(control: Control, clock: Any) -> None:
@@ -263,3 +275,39 @@ def test_prices_are_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     price = pricing.price_of(deployment)
     assert price is not None and price.input == pytest.approx(0.15)
     assert pricing.price_of(Deployment(name="y", provider="echo", model="echo")) is None
+
+
+async def test_log_off_still_counts_spend(start_control: Any) -> None:
+    """``[spend] log = false``: no rows, but a database key's spend is still written."""
+    control = await start_control(spend={"log": False})
+    created = await control.new_key(name="counted")
+    reply = await chat(control.server, created["key"])
+    await chat(control.server, MASTER_KEY)
+    assert await log_rows(control) == []
+    shown = await control.admin("GET", f"/admin/keys/{created['id']}")
+    assert shown["spend"] == pytest.approx(
+        priced(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    )
+
+
+async def test_a_plugins_own_cost_is_logged(start_control: Any) -> None:
+    """``outcome.cost`` set by a plugin ahead of the spend plugin is the cost logged and
+    counted; a key without limits is logged with the price of its usage."""
+
+    class Flat:
+        @hookimpl(tryfirst=True)
+        def after_response(self, call: Call, outcome: Any) -> None:
+            if call.principal.name == "flat":
+                outcome.cost = 0.25
+
+    control = await start_control(plugins=(Flat(),))
+    flat = await control.new_key(name="flat", max_budget=10)
+    usual = await control.new_key(name="usual")
+    await chat(control.server, flat["key"])
+    reply = await chat(control.server, usual["key"])
+    rows = {row["key_name"]: row for row in await log_rows(control)}
+    assert rows["flat"]["cost"] == 0.25
+    assert (await control.admin("GET", f"/admin/keys/{flat['id']}"))["spend"] == 0.25
+    assert rows["usual"]["cost"] == pytest.approx(
+        priced(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    )

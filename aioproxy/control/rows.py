@@ -1,0 +1,168 @@
+"""A finished request's request-log row, built by the log's writer, off the request's task.
+
+The request path queues only what it already has (``Finished``: references to the caller, the
+deployment, the outcome, and a few values); reading the usage, pricing, the end user and the
+row's values are done here, a batch at a time, in the writer's task. The record holds neither
+the aiohttp request nor the call: a second's worth of those kept alive would cost the garbage
+collector more than the row.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+from ..context import Call, Deployment, Principal
+from ..outcome import Outcome, Usage
+from ..routes import Kind
+from .cache import KeyCache
+from .meters import KeyLimits
+from .pricing import Pricing
+from .records import period_end
+from .requestlog import LogRecord
+
+__all__ = ["COUNTED", "FAILED", "Finished", "RowBuilder", "estimate_prompt", "estimate_usage"]
+
+# call.state keys: the error code of a failed request; that the limits plugin added the
+# request's cost to its key's and team's meters (the writer then moves it into their figures).
+FAILED = "aioproxy.control.failed"
+COUNTED = "aioproxy.control.counted"
+_COUNTING = Kind.COUNT_TOKENS.value
+
+
+class Finished(NamedTuple):
+    """What the request path hands the writer: nothing computed, only references."""
+
+    principal: Principal
+    deployment: Deployment | None
+    model: str
+    kind: str
+    request_id: str
+    end_user: msgspec.Raw | None  # the body's user/safety_identifier, undecoded
+    prompt_bytes: int  # the body's size, for an estimate when the upstream reports no usage
+    state: dict[str, Any]  # the call's (the limits plugin marks COUNTED there after the queueing)
+    outcome: Outcome
+    wall: float  # the time it finished (the control plane's clock)
+    failed: bool = False
+
+    @classmethod
+    def of(cls, call: Call, outcome: Outcome, wall: float, failed: bool = False) -> Finished:
+        fields = call.fields
+        end_user = fields.get("user") or fields.get("safety_identifier")
+        return cls(
+            call.principal,
+            call.deployment if call.routed else None,
+            call.model,
+            call.kind.value,
+            call.request_id,
+            end_user,
+            call.body_size(),
+            call.state,
+            outcome,
+            wall,
+            failed,
+        )
+
+
+def estimate_prompt(call: Call) -> int:
+    """About four bytes a token, the body's fields all counted."""
+    return call.body_size() // 4
+
+
+def estimate_usage(prompt_bytes: int, outcome: Outcome) -> Usage:
+    """Tokens when the upstream said nothing: the prompt at four bytes a token, the answer at
+    one token an event (a stream) or four bytes."""
+    prompt = prompt_bytes // 4
+    answer = outcome.events if outcome.stream else len(outcome.body or b"") // 4
+    return Usage(prompt, answer, prompt + answer)
+
+
+def _end_user(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = _decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    return value[:200] if isinstance(value, str) else None
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+class RowBuilder:
+    def __init__(self, pricing: Pricing, cache: KeyCache, log_rows: bool) -> None:
+        self.pricing = pricing
+        self.cache = cache
+        self.log_rows = log_rows
+        self._day_number = -1
+        self._day_text = ""
+
+    def __call__(self, finished: Finished) -> LogRecord:
+        principal, deployment, outcome, wall = (
+            finished.principal,
+            finished.deployment,
+            finished.outcome,
+            finished.wall,
+        )
+        limits = principal.limits if principal.limits.__class__ is KeyLimits else None
+        duration = outcome.elapsed
+        if finished.failed:
+            usage, estimated, cost, ttft = Usage(), False, None, None
+        elif finished.kind == _COUNTING:  # counting tokens is free: never charged nor estimated
+            usage, estimated, cost, ttft = Usage(), False, 0.0, outcome.ttfb
+        else:
+            found = outcome.usage()
+            estimated = found is None
+            usage = estimate_usage(finished.prompt_bytes, outcome) if found is None else found
+            cost = outcome.cost
+            if cost is None and estimated:
+                cost = self.pricing.cost(usage, deployment)
+            # A whole JSON answer's first token came with the rest of it.
+            ttft = outcome.ttfb if outcome.ttfb is not None else duration
+        values = (  # schema.REQUEST_COLUMNS' order
+            finished.request_id,
+            wall,
+            self._day(wall),
+            principal.id or None,
+            principal.name,
+            principal.team,
+            _end_user(finished.end_user),
+            finished.model,
+            deployment.key if deployment else None,
+            deployment.provider if deployment else None,
+            finished.kind,
+            outcome.status,
+            finished.state.get(FAILED),
+            outcome.stream,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            estimated,
+            cost,
+            ttft,
+            duration,
+        )
+        key, team = (limits.key, limits.team) if limits else (None, None)
+        return LogRecord(
+            values,
+            principal.id or None,
+            principal.team,
+            wall,
+            cost or 0.0,
+            key_period=period_end(key.created_at, key.duration, wall) if key else None,
+            team_period=period_end(team.created_at, team.duration, wall) if team else None,
+            spend_only=not self.log_rows,
+            counted=COUNTED in finished.state,
+        )
+
+    def _day(self, wall: float) -> str:
+        """The UTC date of ``wall``, formatted once a day."""
+        day = int(wall // 86400)
+        if day != self._day_number:
+            self._day_number = day
+            self._day_text = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+        return self._day_text
