@@ -9,6 +9,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..config import Config
+from ..deployments import deployments_from
 from .cache import KeyCache
 from .clock import ControlClock
 from .engine import open_engine
@@ -38,7 +39,8 @@ class ControlPlane:
         except BaseException:
             await plane.engine.dispose()
             raise
-        plane.pricing.warm()
+        table = deployments_from(config)
+        await plane.pricing.preload(d for deployments in table.values() for d in deployments)
         return plane
 
     def start(self) -> None:

@@ -4,17 +4,21 @@ A deployment's ``price`` (config) wins; otherwise the price comes from ``genai-p
 table, which is offline data shipped in the package (its ``UpdatePrices``, the one part that
 fetches anything, is never started). The table is looked up once per (provider, model) and kept
 as three rates, so pricing a request is a few multiplications.
+
+The table is ~26 MiB of Python objects: a serving process reads the rates of the configured
+deployments from a short-lived child (``python -m aioproxy.control.pricing``) at start-up and
+never imports it; only a deployment first seen later is looked up in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from decimal import Decimal
-
-import genai_prices
-from genai_prices import data_snapshot
 
 from ..config import Price
 from ..context import Deployment
@@ -63,6 +67,8 @@ _PRICERS_MAX = 4096  # deployments made at run time are not kept for ever
 
 
 def _table_price(provider: str, model: str) -> Price | None:
+    import genai_prices
+
     provider_id = _PROVIDERS.get(provider)
 
     def per_million(**tokens: int) -> Decimal:
@@ -89,8 +95,37 @@ class Pricing:
 
     @staticmethod
     def warm() -> None:
-        """Load genai-prices' table now (~50 ms), not on the first request."""
+        """Load genai-prices' table in this process now, not on a request."""
+        from genai_prices import data_snapshot
+
         data_snapshot.get_snapshot()
+
+    async def preload(self, deployments: Iterable[Deployment]) -> None:
+        """The table's rates for ``deployments`` (those without a configured price), read by
+        a child process; on any failure they are looked up here when first needed."""
+        keys = sorted({(d.provider, d.model) for d in deployments if d.price is None})
+        if not keys:
+            return
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await child.communicate(json.dumps(keys).encode())
+            rates = json.loads(out) if child.returncode == 0 else None
+        except (OSError, ValueError) as exc:
+            log.warning("reading prices in a child process failed (%s): read here instead", exc)
+            return
+        if not isinstance(rates, list) or len(rates) != len(keys):
+            log.warning("reading prices in a child process failed: read here instead")
+            return
+        for key, rate in zip(keys, rates, strict=True):
+            self._table[key] = (
+                None if rate is None else Price(input=rate[0], output=rate[1], cached_input=rate[2])
+            )
 
     def price_of(self, deployment: Deployment) -> Price | None:
         if deployment.price is not None:
@@ -124,3 +159,17 @@ class Pricing:
             return None
         price = self.price_of(deployment)
         return None if price is None else cost_of(usage, price)
+
+
+def _print_rates() -> None:
+    """The child's side of :meth:`Pricing.preload`: [[provider, model], ...] on stdin, each
+    one's [input, output, cached_input] (or null) on stdout."""
+    rates = []
+    for provider, model in json.load(sys.stdin):
+        price = _table_price(provider, model)
+        rates.append(None if price is None else [price.input, price.output, price.cached_input])
+    json.dump(rates, sys.stdout)
+
+
+if __name__ == "__main__":
+    _print_rates()

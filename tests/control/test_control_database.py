@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from aioproxy.config import ConfigError, SpendConfig
 from aioproxy.control import schema
 from aioproxy.control.cache import KeyCache
-from aioproxy.control.engine import _head, mask_url, open_engine
+from aioproxy.control.engine import SCHEMA_HEAD, _head, mask_url, open_engine
 from aioproxy.control.requestlog import LogRecord, RequestLog
 
 
@@ -68,6 +68,28 @@ async def test_migrates_a_new_database_then_finds_it_current(db_url: str) -> Non
         await engine.dispose()
     again = await open_engine(db_url)  # already current: nothing to do
     await again.dispose()
+
+
+def test_the_schema_head_is_the_newest_shipped_migration() -> None:
+    assert SCHEMA_HEAD == _head()
+
+
+def test_a_current_database_opens_without_alembic(tmp_path: Path) -> None:
+    """Alembic is loaded only to migrate: a process opening a current database never imports it."""
+    url = f"sqlite:///{tmp_path / 'current.sqlite3'}"
+    probe = (
+        "import asyncio, sys\n"
+        "from aioproxy.control.engine import open_engine\n"
+        "async def main():\n"
+        f"    await (await open_engine({url!r})).dispose()\n"
+        "asyncio.run(main())\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert [run.stdout.strip() for run in runs] == ["True", "False"]  # migrated, then current
 
 
 def test_mask_url() -> None:

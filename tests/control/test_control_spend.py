@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import httpx2
@@ -311,3 +313,20 @@ async def test_a_plugins_own_cost_is_logged(start_control: Any) -> None:
     assert rows["usual"]["cost"] == pytest.approx(
         priced(reply.usage.prompt_tokens, reply.usage.completion_tokens)
     )
+
+
+def test_a_serving_process_reads_prices_from_a_child() -> None:
+    """The price table (~26 MiB) is read by a child at start-up, never imported by the server."""
+    probe = (
+        "import asyncio, sys\n"
+        "from aioproxy.context import Deployment\n"
+        "from aioproxy.control.pricing import Pricing\n"
+        "pricing = Pricing()\n"
+        "mini = Deployment(name='x', provider='openai', model='gpt-4o-mini')\n"
+        "echo = Deployment(name='y', provider='echo', model='echo')\n"
+        "asyncio.run(pricing.preload([mini, echo]))\n"
+        "price = pricing.price_of(mini)\n"
+        "print(price.input, price.output, pricing.price_of(echo), 'genai_prices' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0.15", "0.6", "None", "False"]
