@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -316,6 +317,32 @@ async def test_an_azure_ad_token_is_sent_as_bearer(
     assert await check_chat(proxy, "gpt") == REPLY
     assert azure.last.headers["authorization"] == "Bearer entra-token-1"
     assert "api-key" not in azure.last.headers
+
+
+# A token as Entra ID issues them (a JWT): nothing key-like about it to a pattern.
+ENTRA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJjb2duaXRpdmUifQ.c2lnbmF0dXJlLW9mLWVudHJh"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+async def test_an_azure_ad_token_an_upstream_echoes_is_masked(
+    start_azure_proxy: StartAzureProxy,
+    azure: FakeAzure,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    azure.tokens.add(ENTRA_TOKEN)
+    proxy = await start_azure_proxy(azure_ad_token=ENTRA_TOKEN)
+    azure.echo_status = status
+    for stream in (False, True):
+        body = {"model": "gpt", "messages": HELLO, "stream": stream}
+        async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+            said = await response.text()
+            await assert_openai_error(response, status)
+        assert "Bad request" in said and "Bearer ***" in said  # the upstream's words, masked
+        assert ENTRA_TOKEN not in said
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert ENTRA_TOKEN not in logged
 
 
 def _token_script(tmp_path: Path) -> list[str]:
