@@ -193,9 +193,12 @@ class BedrockProvider(Provider):
         the last (metadata). Read on to the end of the body, so the connection is reused."""
         deployment = call.deployment
         done = False
-        with self.upstream.guard(response, call):  # transport errors as 502/504; closes on exit
+        # Each chunk and the unfinished message's bytes count against the buffer budget; transport
+        # errors as 502/504; the guard closes the answer on a failure.
+        chunks = self.upstream.chunks(response, call, held=reader.pending)
+        with self.upstream.guard(response, call):
             try:
-                async for data in response.content.iter_any():
+                async for data in chunks:
                     for message in reader.feed(data):
                         if done:
                             continue
@@ -216,6 +219,8 @@ class BedrockProvider(Provider):
                 raise invalid_answer(deployment, f"a broken event stream ({exc})") from None
             except StreamStalled as exc:
                 raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from None
+            finally:
+                await chunks.aclose()  # now, also when the client left: its bytes given back
         if not translator.stopped:
             raise BadGateway(
                 f"Deployment {deployment.describe()} ended its stream before messageStop",
