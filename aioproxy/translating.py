@@ -10,7 +10,7 @@ value a field may lack as absent, so a translator decides what is missing, namin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -40,6 +40,7 @@ __all__ = [
     "TOOL_CALLS",
     "TOOL_CHOICE",
     "AnyMessage",
+    "ChunkMaker",
     "ContentPart",
     "FunctionCall",
     "FunctionDefinition",
@@ -54,6 +55,8 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolChoice",
+    "assistant_choice",
+    "chat_completion",
     "decode_upstream",
     "expect_content_type",
     "image_url_of",
@@ -63,6 +66,8 @@ __all__ = [
     "json_object",
     "part_text",
     "split_data_url",
+    "token_count",
+    "tool_call",
 ]
 
 T = TypeVar("T")
@@ -283,3 +288,80 @@ def decode_upstream(
         return decode(raw)
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         raise invalid_answer(deployment, what) from None
+
+
+# -- the client's answer ---------------------------------------------------------------------
+# OpenAI's shapes, built from what a translator read of its upstream's answer.
+
+
+def token_count(value: int | None) -> int:
+    """A count an upstream reported, as usage reports it: missing or negative is 0."""
+    return value if value is not None and value > 0 else 0
+
+
+def tool_call(id: str | None, name: str | None, arguments: msgspec.Raw) -> dict[str, Any]:
+    """A tool call of an answer: its arguments the JSON the upstream wrote (``{}`` if none)."""
+    text = "{}" if not arguments or arguments == NULL else bytes(arguments).decode()
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": text}}
+
+
+def assistant_choice(
+    index: int, text: str, tool_calls: list[dict[str, Any]], finish_reason: str
+) -> dict[str, Any]:
+    """One choice of a ``chat.completion``: the assistant's text and tool calls."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        # OpenAI sends null content beside tool calls when the model said nothing.
+        "content": text if text or not tool_calls else None,
+        "refusal": None,
+        "annotations": [],
+    }
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_completion(
+    id: str, *, model: str, created: int, choices: list[dict[str, Any]], usage: dict[str, Any]
+) -> dict[str, Any]:
+    """A ``chat.completion``; ``model`` is the client's model name."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+class ChunkMaker:
+    """A stream's ``chat.completion.chunk``s, all of one ``id``, ``model`` (the client's name)
+    and ``created``. With ``include_usage``, each has ``usage`` null, as OpenAI's has on every
+    chunk but the extra last one. A translator's stream state may subclass it."""
+
+    def __init__(self, id: str, *, model: str, created: int, include_usage: bool = False) -> None:
+        self.id = id
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+
+    def chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0
+    ) -> dict[str, Any]:
+        """A chunk of choice ``index``'s ``delta`` (and its finish reason, at its end)."""
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk_of(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """The extra last chunk of ``include_usage``: no choices, the ``usage``."""
+        return {**self.chunk({}), "choices": [], "usage": usage}

@@ -16,12 +16,15 @@ from aioproxy import (
     TOOL_CHOICE,
     BadGateway,
     BadRequest,
+    ChunkMaker,
     ContentPart,
     Deployment,
     Message,
     RawMessage,
     ToolChoice,
     UpstreamResponse,
+    assistant_choice,
+    chat_completion,
     decode_upstream,
     expect_content_type,
     get_field,
@@ -33,6 +36,8 @@ from aioproxy import (
     raw_fields,
     split_data_url,
     text_or_array,
+    token_count,
+    tool_call,
 )
 
 DEPLOYMENT = Deployment(name="m", provider="p", model="up-1")
@@ -149,3 +154,33 @@ def test_expect_content_type() -> None:
         expect_content_type(json_answer, "text/event-stream", DEPLOYMENT)
     assert caught.value.code == "upstream_invalid_response"
     assert "application/json, not text/event-stream" in caught.value.message
+
+
+def test_the_clients_answer_in_openai_shapes() -> None:
+    call = tool_call("call_1", "f", msgspec.Raw(b'{"a":1}'))
+    assert call == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"a":1}'},
+    }
+    assert tool_call("c", "f", msgspec.Raw())["function"]["arguments"] == "{}"
+    assert tool_call("c", "f", msgspec.Raw(b"null"))["function"]["arguments"] == "{}"
+    choice = assistant_choice(0, "", [call], "tool_calls")
+    assert choice["message"]["content"] is None  # null beside tool calls, as OpenAI sends it
+    assert choice["message"]["tool_calls"] == [call]
+    said = assistant_choice(1, "", [], "stop")
+    assert said["message"]["content"] == "" and "tool_calls" not in said["message"]
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    completion = chat_completion("id1", model="m", created=5, choices=[said], usage=usage)
+    assert completion["object"] == "chat.completion" and completion["usage"] == usage
+    chunks = ChunkMaker("id1", model="m", created=5)
+    chunk = chunks.chunk({"content": "x"}, index=2)
+    assert chunk["choices"] == [
+        {"index": 2, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}
+    ]
+    assert "usage" not in chunk
+    with_usage = ChunkMaker("id1", model="m", created=5, include_usage=True)
+    assert with_usage.chunk({}, "stop")["usage"] is None
+    last = with_usage.usage_chunk_of(usage)
+    assert last["choices"] == [] and last["usage"] == usage and last["id"] == "id1"
+    assert [token_count(n) for n in (None, -3, 0, 7)] == [0, 0, 0, 7]

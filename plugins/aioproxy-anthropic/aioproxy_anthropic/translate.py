@@ -28,11 +28,14 @@ from aioproxy import (
     TOOLS,
     AnyMessage,
     BadRequest,
+    ChunkMaker,
     ContentPart,
     InputFile,
     Tool,
     ToolCall,
     ToolChoice,
+    assistant_choice,
+    chat_completion,
     get_field,
     image_url_of,
     is_empty_schema,
@@ -40,6 +43,8 @@ from aioproxy import (
     part_text,
     split_data_url,
     text_or_array,
+    token_count,
+    tool_call,
 )
 
 from .errors import ErrorDetail
@@ -443,10 +448,10 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     so the prompt is all three added up.
     """
     usage = usage or Usage()
-    cache_read = _count(usage.cache_read_input_tokens)
-    cache_write = _count(usage.cache_creation_input_tokens)
-    prompt = _count(usage.input_tokens) + cache_read + cache_write
-    completion = _count(usage.output_tokens)
+    cache_read = token_count(usage.cache_read_input_tokens)
+    cache_write = token_count(usage.cache_creation_input_tokens)
+    prompt = token_count(usage.input_tokens) + cache_read + cache_write
+    completion = token_count(usage.output_tokens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -455,58 +460,24 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def _count(value: int | None) -> int:
-    return value if value is not None and value > 0 else 0
-
-
 def to_chat_completion(message: Answer, *, model: str, created: int) -> dict[str, Any]:
     """An Anthropic ``message`` as a ``chat.completion``; ``model`` is the client's model name."""
     text = "".join(b.text for b in message.content if b.type == "text")
-    tool_calls = [_tool_call(b) for b in message.content if b.type == "tool_use"]
-    reply: dict[str, Any] = {
-        "role": "assistant",
-        # OpenAI sends null content beside tool calls when the model said nothing.
-        "content": text if text or not tool_calls else None,
-        "refusal": None,
-        "annotations": [],
-    }
-    if tool_calls:
-        reply["tool_calls"] = tool_calls
-    choice = {
-        "index": 0,
-        "message": reply,
-        "logprobs": None,
-        "finish_reason": finish_reason(message.stop_reason),
-    }
-    return {
-        "id": "chatcmpl-" + message.id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": to_usage(message.usage),
-    }
-
-
-def _tool_call(block: Block) -> dict[str, Any]:
-    return {
-        "id": block.id,
-        "type": "function",
-        "function": {"name": block.name, "arguments": _arguments(block.input)},
-    }
-
-
-def _arguments(tool_input: msgspec.Raw) -> str:
-    """The tool input as OpenAI's arguments string: the JSON as Anthropic sent it, or ``{}``."""
-    if not tool_input or tool_input == NULL:
-        return "{}"
-    return bytes(tool_input).decode()
+    tool_calls = [tool_call(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"]
+    choice = assistant_choice(0, text, tool_calls, finish_reason(message.stop_reason))
+    return chat_completion(
+        "chatcmpl-" + message.id,
+        model=model,
+        created=created,
+        choices=[choice],
+        usage=to_usage(message.usage),
+    )
 
 
 # -- stream ----------------------------------------------------------------------------------
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkMaker):
     """Turns Anthropic stream events, one at a time, into ``chat.completion.chunk`` objects.
 
     Keeps what later chunks need: the message id, which content blocks are tool calls (OpenAI
@@ -515,10 +486,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, model: str, created: int, include_usage: bool = False) -> None:
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
-        self.id = "chatcmpl-"
+        super().__init__("chatcmpl-", model=model, created=created, include_usage=include_usage)
         self.usage = Usage()
         self.finished = False  # message_stop seen: the stream is complete
         self._tools: dict[int | None, int] = {}  # Anthropic block index -> OpenAI tool call index
@@ -530,7 +498,7 @@ class StreamTranslator:
             message = event.message or Answer()
             self.id = "chatcmpl-" + message.id
             self.usage = self.usage.updated(message.usage)
-            return [self._chunk({"role": "assistant", "content": ""})]
+            return [self.chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             return self._block_start(event.index, event.content_block or Block())
         if kind == "content_block_delta":
@@ -539,16 +507,16 @@ class StreamTranslator:
             # Its usage is cumulative: output_tokens is the total so far, not an increment.
             self.usage = self.usage.updated(event.usage)
             reason = finish_reason(event.delta.stop_reason if event.delta else None)
-            return [self._chunk({}, reason)]
+            return [self.chunk({}, reason)]
         if kind == "message_stop":
             self.finished = True
             if self.include_usage:
-                return [{**self._chunk({}), "choices": [], "usage": to_usage(self.usage)}]
+                return [self.usage_chunk_of(to_usage(self.usage))]
         return []  # ping, content_block_stop, and event types added after this was written
 
     def _block_start(self, index: int | None, block: Block) -> list[dict[str, Any]]:
         if block.type == "text" and block.text:
-            return [self._chunk({"content": block.text})]
+            return [self.chunk({"content": block.text})]
         if block.type == "tool_use":
             position = self._tools[index] = len(self._tools)
             call = {
@@ -557,29 +525,17 @@ class StreamTranslator:
                 "type": "function",
                 "function": {"name": block.name, "arguments": ""},
             }
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []
 
     def _block_delta(self, index: int | None, delta: Delta) -> list[dict[str, Any]]:
         kind = delta.type
         if kind == "text_delta" and delta.text:
-            return [self._chunk({"content": delta.text})]
+            return [self.chunk({"content": delta.text})]
         if kind == "input_json_delta" and delta.partial_json and index in self._tools:
             call = {"index": self._tools[index], "function": {"arguments": delta.partial_json}}
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []  # thinking, signature and citation deltas have no chat completions form
-
-    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
-        return chunk
 
 
 def parse_event(raw: bytes) -> Event | None:

@@ -28,11 +28,14 @@ from aioproxy import (
     TOOLS,
     AnyMessage,
     BadRequest,
+    ChunkMaker,
     ContentPart,
     InputFile,
     Tool,
     ToolCall,
     ToolChoice,
+    assistant_choice,
+    chat_completion,
     get_field,
     image_url_of,
     is_empty_schema,
@@ -40,6 +43,8 @@ from aioproxy import (
     part_text,
     split_data_url,
     text_or_array,
+    token_count,
+    tool_call,
 )
 
 __all__ = [
@@ -465,10 +470,10 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     """Converse usage in OpenAI terms: cache reads and writes are prompt tokens too (Converse's
     ``inputTokens`` counts only the uncached ones)."""
     usage = usage or Usage()
-    cache_read = _count(usage.cacheReadInputTokens)
-    cache_write = _count(usage.cacheWriteInputTokens)
-    prompt = _count(usage.inputTokens) + cache_read + cache_write
-    completion = _count(usage.outputTokens)
+    cache_read = token_count(usage.cacheReadInputTokens)
+    cache_write = token_count(usage.cacheWriteInputTokens)
+    prompt = token_count(usage.inputTokens) + cache_read + cache_write
+    completion = token_count(usage.outputTokens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -477,59 +482,24 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def _count(value: int | None) -> int:
-    return value if value is not None and value > 0 else 0
-
-
 def to_chat_completion(answer: Answer, *, id: str, model: str, created: int) -> dict[str, Any]:
     """A Converse answer as a ``chat.completion``; ``model`` is the client's model name."""
     blocks = answer.output.message.content if answer.output.message else []
     text = "".join(b.text for b in blocks if b.text is not None)
-    tool_calls = [_tool_call(b.toolUse) for b in blocks if b.toolUse is not None]
-    reply: dict[str, Any] = {
-        "role": "assistant",
-        # OpenAI sends null content beside tool calls when the model said nothing.
-        "content": text if text or not tool_calls else None,
-        "refusal": None,
-        "annotations": [],
-    }
-    if tool_calls:
-        reply["tool_calls"] = tool_calls
-    choice = {
-        "index": 0,
-        "message": reply,
-        "logprobs": None,
-        "finish_reason": finish_reason(answer.stopReason),
-    }
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": to_usage(answer.usage),
-    }
-
-
-def _tool_call(tool_use: _ToolUse) -> dict[str, Any]:
-    return {
-        "id": tool_use.toolUseId,
-        "type": "function",
-        "function": {"name": tool_use.name, "arguments": _arguments(tool_use.input)},
-    }
-
-
-def _arguments(tool_input: msgspec.Raw) -> str:
-    """The tool input as OpenAI's arguments string: the JSON as Bedrock sent it, or ``{}``."""
-    if not tool_input or tool_input == NULL:
-        return "{}"
-    return bytes(tool_input).decode()
+    tool_calls = [
+        tool_call(b.toolUse.toolUseId, b.toolUse.name, b.toolUse.input)
+        for b in blocks
+        if b.toolUse is not None
+    ]
+    choice = assistant_choice(0, text, tool_calls, finish_reason(answer.stopReason))
+    usage = to_usage(answer.usage)
+    return chat_completion(id, model=model, created=created, choices=[choice], usage=usage)
 
 
 # -- stream ----------------------------------------------------------------------------------
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkMaker):
     """Turns Converse stream events, one at a time, into ``chat.completion.chunk`` objects.
 
     Keeps what later chunks need: which content blocks are tool calls (OpenAI numbers tool calls
@@ -538,10 +508,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, id: str, model: str, created: int, include_usage: bool = False) -> None:
-        self.id = id
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
+        super().__init__(id, model=model, created=created, include_usage=include_usage)
         self.stopped = False  # messageStop seen: the answer is complete
         self.finished = False  # metadata seen too: nothing more will come
         self._tools: dict[int | None, int] = {}  # Converse block index -> OpenAI tool call index
@@ -549,7 +516,7 @@ class StreamTranslator:
     def feed(self, kind: str, event: Event) -> list[dict[str, Any]]:
         """The chunks one event of type ``kind`` gives (often none: block stops, reasoning)."""
         if kind == "messageStart":
-            return [self._chunk({"role": "assistant", "content": ""})]
+            return [self.chunk({"role": "assistant", "content": ""})]
         if kind == "contentBlockStart":
             tool_use = event.start.toolUse if event.start else None
             if tool_use is None:
@@ -561,12 +528,12 @@ class StreamTranslator:
                 "type": "function",
                 "function": {"name": tool_use.name, "arguments": ""},
             }
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         if kind == "contentBlockDelta":
             return self._delta(event.contentBlockIndex, event.delta or _Delta())
         if kind == "messageStop":
             self.stopped = True
-            return [self._chunk({}, finish_reason(event.stopReason))]
+            return [self.chunk({}, finish_reason(event.stopReason))]
         if kind == "metadata":
             self.finished = True
             return [self.usage_chunk(event.usage)] if self.include_usage else []
@@ -574,24 +541,12 @@ class StreamTranslator:
 
     def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
         """The extra last chunk of ``include_usage``: no choices, the usage."""
-        return {**self._chunk({}), "choices": [], "usage": to_usage(usage)}
+        return self.usage_chunk_of(to_usage(usage))
 
     def _delta(self, index: int | None, delta: _Delta) -> list[dict[str, Any]]:
         if delta.text:
-            return [self._chunk({"content": delta.text})]
+            return [self.chunk({"content": delta.text})]
         if delta.toolUse is not None and delta.toolUse.input and index in self._tools:
             call = {"index": self._tools[index], "function": {"arguments": delta.toolUse.input}}
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []  # reasoning and citation deltas have no chat completions form
-
-    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
-        return chunk
