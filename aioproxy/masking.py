@@ -26,8 +26,12 @@ MASKED = "***"
 _MIN_SECRET = 3  # shorter values (a header's "1") are no secret, and masking them garbles text
 _MIN_B64_CORE = 4  # base64 pieces shorter than this match too much ordinary text
 
-# Anything that looks like a key, whoever's: upstreams echo keys of their own too.
-_KEYLIKE = r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}"
+# Anything that looks like a key, whoever's: upstreams echo keys of their own too. A JWT (an
+# Entra ID or Google token, a plugin's token command's: held nowhere in the config) is one.
+_KEYLIKE = (
+    r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}"
+    r"|\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"
+)
 _KEYLIKE_TEXT = re.compile(_KEYLIKE, re.IGNORECASE)
 _KEYLIKE_BYTES = re.compile(_KEYLIKE.encode(), re.IGNORECASE)
 

@@ -386,6 +386,22 @@ async def test_a_token_command_is_read_at_start_up_and_refreshed_on_expiry(
     assert (tmp_path / "runs").read_text() == "2"
 
 
+async def test_a_token_commands_token_an_upstream_echoes_is_masked(
+    start_azure_proxy: StartAzureProxy, azure: FakeAzure, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read at run time is in no config: masked as the JWT it is."""
+    caplog.set_level(logging.DEBUG)
+    azure.tokens.add(ENTRA_TOKEN)
+    proxy = await start_azure_proxy(token_command=[sys.executable, "-c", f"print({ENTRA_TOKEN!r})"])
+    azure.echo_status = 500
+    body = {"model": "gpt", "messages": HELLO}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        said = await response.text()
+        await assert_openai_error(response, 500)
+    assert "Bearer ***" in said and ENTRA_TOKEN not in said
+    assert ENTRA_TOKEN not in "\n".join(record.getMessage() for record in caplog.records)
+
+
 async def test_a_failing_token_command_stops_start_up(start_up: StartUp, azure_base: str) -> None:
     failing = [sys.executable, "-c", "import sys; sys.exit('please run az login')"]
     model = {"name": "gpt", "provider": "azure", "model": DEPLOYMENT, "api_base": azure_base}
