@@ -5,7 +5,7 @@ internal and may change without notice (the test kit, ``aioproxy.testing``, is p
 plugins/README.md (section 9) says what each name is for.
 """
 
-from . import fields
+from . import fields, translating
 from .app import create_app
 from .config import Config, ConfigError, Secret, load_config, parse_config
 from .context import Call, Deployment, Principal
@@ -30,6 +30,7 @@ from .providers import Provider, ProviderConfig
 from .replies import JSONReply, Reply, StreamReply
 from .routes import ALIASES, Kind
 from .streaming import DONE, data_of, iter_sse, split_events, sse_data, sse_event
+from .translating import *  # a translating provider's kit: its names are translating.__all__
 from .transport import UpstreamResponse
 from .upstream import Upstream
 
@@ -79,3 +80,4 @@ __all__ = [
     "sse_event",
 ]
 __all__ += fields.__all__
+__all__ += translating.__all__

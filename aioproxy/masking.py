@@ -10,20 +10,28 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
+import msgspec
+
+from .config import Secret
 from .context import Deployment
 
-__all__ = ["Mask", "mask_of"]
+__all__ = ["Mask", "mark_secrets", "mask_of", "secrets_in"]
 
 MASKED = "***"
 _MIN_SECRET = 3  # shorter values (a header's "1") are no secret, and masking them garbles text
 _MIN_B64_CORE = 4  # base64 pieces shorter than this match too much ordinary text
 
-# Anything that looks like a key, whoever's: upstreams echo keys of their own too.
-_KEYLIKE = r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}"
+# Anything that looks like a key, whoever's: upstreams echo keys of their own too. A JWT (an
+# Entra ID or Google token, a plugin's token command's: held nowhere in the config) is one.
+_KEYLIKE = (
+    r"\b(?:sk|key|api[-_]?key)[-_][A-Za-z0-9*_\-.]{6,}"
+    r"|\beyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"
+)
 _KEYLIKE_TEXT = re.compile(_KEYLIKE, re.IGNORECASE)
 _KEYLIKE_BYTES = re.compile(_KEYLIKE.encode(), re.IGNORECASE)
 
@@ -54,10 +62,42 @@ def _forms(secret: str) -> set[str]:
     return forms
 
 
-def _secrets(api_key: str | None, api_base: str | None, header_values: Iterable[str]) -> list[str]:
-    """What a deployment holds that must not be seen: its key, header values, URL credentials
-    (sent as ``Basic base64(user:password)``)."""
-    secrets = [api_key or "", *header_values]
+def secrets_in(value: object) -> Iterator[Secret]:
+    """Every ``Secret`` in ``value`` (a settings table, or settings decoded into a Struct), at
+    any depth."""
+    if isinstance(value, Secret):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from secrets_in(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from secrets_in(item)
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            yield from secrets_in(getattr(value, name))
+
+
+def mark_secrets(table: Any, secrets: frozenset[str]) -> None:
+    """Make each string of ``table`` (a settings table: dicts and lists, changed in place) that
+    is one of ``secrets`` a ``Secret``: equal, but masked wherever the deployment's text goes."""
+    items = table.items() if isinstance(table, dict) else enumerate(table)
+    for key, value in list(items):
+        if isinstance(value, str) and value in secrets and not isinstance(value, Secret):
+            table[key] = Secret(value)
+        elif isinstance(value, (dict, list)):
+            mark_secrets(value, secrets)
+
+
+def _secrets(
+    api_key: str | None,
+    api_base: str | None,
+    header_values: Iterable[str],
+    setting_values: Iterable[str] = (),
+) -> list[str]:
+    """What a deployment holds that must not be seen: its key, header values, secret settings,
+    URL credentials (sent as ``Basic base64(user:password)``)."""
+    secrets = [api_key or "", *header_values, *setting_values]
     if api_base and "@" in api_base:
         parts = urlsplit(api_base)
         if parts.username is not None:
@@ -96,11 +136,21 @@ class Mask:
 
 
 @lru_cache(maxsize=1024)
-def _mask(api_key: str | None, api_base: str | None, header_values: tuple[str, ...]) -> Mask:
-    return Mask(_secrets(api_key, api_base, header_values))
+def _mask(
+    api_key: str | None,
+    api_base: str | None,
+    header_values: tuple[str, ...],
+    setting_values: tuple[str, ...],
+) -> Mask:
+    return Mask(_secrets(api_key, api_base, header_values, setting_values))
 
 
 def mask_of(deployment: Deployment) -> Mask:
     """The deployment's mask, built on first use and kept (by what the deployment holds, so
-    deployments made per request by a plugin share one)."""
-    return _mask(deployment.api_key, deployment.api_base, tuple(deployment.headers.values()))
+    deployments made per request by a plugin share one). Its settings' secrets are the values
+    its provider's ``settings_type`` declares ``Secret`` (marked at start-up: mark_secrets)."""
+    settings = deployment.settings
+    setting_values = tuple(secrets_in(settings)) if settings else ()
+    return _mask(
+        deployment.api_key, deployment.api_base, tuple(deployment.headers.values()), setting_values
+    )

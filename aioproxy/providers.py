@@ -12,11 +12,12 @@ from typing import Any, ClassVar
 import aiohttp
 import msgspec
 
-from .config import Config, ConfigError, Timeouts
+from .config import Config, ConfigError, Secret, Timeouts
 from .context import Call, Deployment
 from .errors import ProxyError
 from .h1client import H1Pool
 from .headers import forwarded_names
+from .masking import mark_secrets, secrets_in
 from .replies import JSONReply, Reply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
 from .transport import SessionTransport, UpstreamResponse, client_timeout
@@ -301,12 +302,21 @@ def decode_settings(
 ) -> Any:
     """``raw`` as ``settings_type``; a key it does not name is refused unless ``allow_unknown``.
 
-    Lax about types, as ``${VAR}`` in a config gives strings ("0.05"). Raises ValidationError,
-    whose message ends with the field's path (``- at `$.keep_alive```).
+    Lax about types, as ``${VAR}`` in a config gives strings ("0.05"); a field typed ``Secret``
+    (a token) is one. Raises ValidationError, whose message ends with the field's path
+    (``- at `$.keep_alive```).
     """
     if not allow_unknown:
         _refuse_unknown_keys(settings_type, raw)
-    return msgspec.convert(raw, settings_type, strict=False)
+    return msgspec.convert(raw, settings_type, strict=False, dec_hook=_secret_hook)
+
+
+def _secret_hook(type_: type, obj: Any) -> Any:
+    if type_ is not Secret:
+        raise NotImplementedError
+    if not isinstance(obj, str):
+        raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")  # msgspec adds the path
+    return Secret(obj)
 
 
 def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any]) -> None:
@@ -324,9 +334,10 @@ def _refuse_unknown_keys(settings_type: type[msgspec.Struct], raw: dict[str, Any
 
 
 def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> None:
-    """Check every configured deployment's settings against its provider's ``settings_type``;
-    log the ``forward_headers`` that are never forwarded (once per app: ProviderConfig and the
-    Upstream drop them silently)."""
+    """Check every configured deployment's settings against its provider's ``settings_type``,
+    and mark the values it declares ``Secret`` as such in the settings table, so that they are
+    masked as the key is (masking.py); log the ``forward_headers`` that are never forwarded
+    (once per app: ProviderConfig and the Upstream drop them silently)."""
     forwarded_names(config.upstream.forward_headers)
     for i, entry in enumerate(config.models):
         factory = factories.get(entry.provider)
@@ -334,7 +345,7 @@ def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> 
         if settings_type is None:
             continue
         try:
-            decode_settings(
+            decoded = decode_settings(
                 settings_type, entry.settings, getattr(factory, "allow_unknown_settings", False)
             )
         except msgspec.ValidationError as exc:
@@ -346,3 +357,6 @@ def check_settings(config: Config, factories: Mapping[str, ProviderFactory]) -> 
             raise ConfigError(
                 f"model '{entry.name}': invalid {entry.provider} settings: {where}"
             ) from None
+        # In place: every deployment made of this entry shares its table (and so its mask).
+        if secrets := frozenset(secrets_in(decoded)):
+            mark_secrets(entry.settings, secrets)

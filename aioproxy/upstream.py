@@ -3,7 +3,7 @@ forward), over a Transport; failures come out as the client's ProxyErrors (failu
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from functools import lru_cache
 
@@ -118,6 +118,16 @@ async def _answer(
             )
         raise read_error(response.status, body, deployment, response.headers)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recount(budget: BufferBudget, counted: int, holding: int) -> int:
+    """Count ``holding`` bytes where ``counted`` were (BufferFull, changing nothing, past the
+    budget); what is counted now."""
+    if holding > counted:
+        budget.take(holding - counted)
+    else:
+        budget.give(counted - holding)
+    return holding
 
 
 class _Guard:
@@ -261,6 +271,29 @@ class Upstream:
             raise_stream_failure(exc, deployment)
         finally:
             await blocks.aclose()
+
+    async def chunks(
+        self, response: UpstreamResponse, call: Call, held: Callable[[], int] | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The answer's body in the chunks it arrives in, for a framing the provider decodes
+        itself (AWS's binary event stream). A chunk counts against the gateway's buffer budget
+        (past it, the client's 503 ``gateway_buffers_full``) until the next one is asked for,
+        and so does ``held()``: the bytes the provider's decoder keeps of an unfinished
+        message. Transport errors come out as the client's 502/504."""
+        budget = self.budget
+        counted = 0  # bytes this answer holds against the budget
+        try:
+            async for chunk in response.content.iter_any():
+                if budget is not None:
+                    counted = _recount(budget, counted, len(chunk) + (held() if held else 0))
+                yield chunk
+                if budget is not None:  # the chunk is fed: what is unfinished of it is held
+                    counted = _recount(budget, counted, held() if held else 0)
+        except Exception as exc:  # noqa: BLE001 - mapped, or raised again as it is
+            raise_stream_failure(exc, call.deployment)
+        finally:
+            if budget is not None:
+                budget.give(counted)
 
     async def forward(
         self,

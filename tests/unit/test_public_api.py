@@ -32,8 +32,11 @@ def test_the_scan_sees_the_bundled_plugins() -> None:
     packages = {path.relative_to(ROOT).parts[1] for path in PLUGIN_SOURCES}
     assert {
         "aioproxy-anthropic",
+        "aioproxy-azure",
+        "aioproxy-bedrock",
         "aioproxy-echo",
         "aioproxy-example",
+        "aioproxy-gemini",
         "aioproxy-openai",
     } <= packages
 
@@ -60,8 +63,12 @@ def _isort_style(name: str) -> tuple[int, str]:
 
 
 def test_all_is_sorted_importable_and_unique() -> None:
-    own = [name for name in aioproxy.__all__ if name not in aioproxy.fields.__all__]
-    assert own == sorted(set(own), key=_isort_style)  # fields' names come from fields.__all__
+    # The names of fields and translating come from their own (sorted) __all__.
+    kits = [*aioproxy.fields.__all__, *aioproxy.translating.__all__]
+    own = [name for name in aioproxy.__all__ if name not in kits]
+    assert own == sorted(set(own), key=_isort_style)
+    for kit in (aioproxy.fields, aioproxy.translating):
+        assert kit.__all__ == sorted(kit.__all__, key=_isort_style), kit.__name__
     assert len(set(aioproxy.__all__)) == len(aioproxy.__all__)
     for name in aioproxy.__all__:
         assert getattr(aioproxy, name) is not None, name

@@ -21,7 +21,10 @@ from aioproxy import (
     Reply,
     StreamReply,
     UpstreamResponse,
-    get_field,
+    decode_upstream,
+    expect_content_type,
+    include_usage,
+    invalid_answer,
     sse_data,
 )
 
@@ -42,13 +45,6 @@ __all__ = ["AnthropicProvider", "AnthropicSettings"]
 ANTHROPIC_VERSION = "2023-06-01"
 
 _encode = msgspec.json.Encoder().encode
-
-
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
-
-
-_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
 
 
 class AnthropicSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,9 +75,11 @@ class AnthropicProvider(Provider):
         )
         with self.upstream.guard(response, call):
             if call.stream:
-                _expect(response, "text/event-stream", deployment)
+                expect_content_type(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
-                    model=call.model, created=int(time.time()), include_usage=_include_usage(call)
+                    model=call.model,
+                    created=int(time.time()),
+                    include_usage=include_usage(call.fields),
                 )
                 # close, not release: a client leaving mid-stream must not leave Anthropic writing.
                 return StreamReply(
@@ -158,30 +156,11 @@ def _headers(
     return headers
 
 
-def _include_usage(call: Call) -> bool:
-    options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)
-    return options is not None and options.include_usage is True
-
-
-def _expect(response: UpstreamResponse, content_type: str, deployment: Deployment) -> None:
-    if response.content_type != content_type:
-        raise BadGateway(
-            f"Deployment {deployment.describe()} answered {response.content_type or 'no body'}"
-            f", not {content_type}",
-            code="upstream_invalid_response",
-        )
-
-
 def _decode(raw: bytes, deployment: Deployment) -> Answer:
-    try:
-        message = decode_answer(raw)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        message = None
-    if message is None or message.type != "message":
-        raise BadGateway(
-            f"Deployment {deployment.describe()} sent an answer that is not an Anthropic message",
-            code="upstream_invalid_response",
-        )
+    not_message = "an answer that is not an Anthropic message"
+    message = decode_upstream(decode_answer, raw, deployment, not_message)
+    if message.type != "message":
+        raise invalid_answer(deployment, not_message)
     return message
 
 

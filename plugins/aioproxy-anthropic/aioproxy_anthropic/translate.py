@@ -15,19 +15,36 @@ import msgspec
 from aioproxy import (
     ABSENT,
     BOOL,
+    CONTENT_PARTS,
     FLOAT,
     INT,
-    MAX_CONTENT_PARTS,
-    MAX_MESSAGES,
-    MAX_STOP,
-    MAX_TOOL_CALLS,
-    MAX_TOOLS,
+    MESSAGES,
     NULL,
+    STOP,
     STR,
-    ArrayOf,
+    SYSTEM_ROLES,
+    TOOL_CALLS,
+    TOOL_CHOICE,
+    TOOLS,
+    AnyMessage,
     BadRequest,
+    ChunkMaker,
+    ContentPart,
+    InputFile,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    assistant_choice,
+    chat_completion,
     get_field,
+    image_url_of,
+    is_empty_schema,
+    json_object,
+    part_text,
+    split_data_url,
     text_or_array,
+    token_count,
+    tool_call,
 )
 
 from .errors import ErrorDetail
@@ -69,8 +86,6 @@ _FINISH_REASONS = {
     "refusal": "content_filter",
 }
 
-_SYSTEM_ROLES = ("system", "developer")
-
 
 def messages_url(api_base: str | None) -> str:
     """``{api_base}/v1/messages``, whether or not ``api_base`` already ends in ``/v1``."""
@@ -80,88 +95,8 @@ def messages_url(api_base: str | None) -> str:
 
 
 # -- request ---------------------------------------------------------------------------------
-# What the translation reads of a request, decoded from each field's bytes straight into these
-# Structs: other keys are skipped, never built. Arrays inside an item stay raw until counted.
-
-_EMPTY_OBJECT = msgspec.Raw(b"{}")
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    id: str | None = None
-    type: str = "function"
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
-
-    role: str | None = None
-    content: msgspec.Raw = ABSENT  # a string, null or parts
-    tool_calls: msgspec.Raw = ABSENT
-    tool_call_id: str | None = None
-
-
-class _ImageURL(msgspec.Struct):
-    url: str
-
-
-class _File(msgspec.Struct):
-    file_data: str | None = None
-
-
-class _Part(msgspec.Struct):
-    type: str | None = None
-    text: str | None = None
-    refusal: str | None = None
-    image_url: _ImageURL | str | None = None
-    file: _File | None = None
-
-
-class _SmallMessage(msgspec.Struct):
-    """A message in a small array (see ArrayOf): decoded whole."""
-
-    role: str | None = None
-    content: str | list[_Part] | None = None
-    tool_calls: list[_ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class _FunctionDefinition(msgspec.Struct):
-    name: str | None = None
-    description: str | None = None
-    parameters: msgspec.Raw = ABSENT  # a JSON schema: Anthropic's input_schema, as sent
-
-
-class _Tool(msgspec.Struct):
-    type: str | None = None
-    function: _FunctionDefinition | None = None
-
-
-class _Named(msgspec.Struct):
-    name: str
-
-
-class _ToolChoice(msgspec.Struct):
-    type: str | None = None
-    function: _Named | None = None
-
-
-class _AnyObject(msgspec.Struct):
-    """Any JSON object, its members skipped: checks tool arguments without building them."""
-
-
-_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
-_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
-_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
-_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
-_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
-_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
-_OBJECT = msgspec.json.Decoder(_AnyObject)
+# What the translation reads of a request: aioproxy's typed views (MESSAGES, TOOLS...), decoded
+# from each field's bytes; other keys are skipped, never built.
 
 # Sampling fields Anthropic takes under the same name. top_k is not OpenAI's, but clients
 # written for vLLM & co. send it and Anthropic takes it.
@@ -188,7 +123,7 @@ def to_anthropic(
                 f"'{legacy}' is deprecated and not translated for Anthropic; use 'tools'",
                 param=legacy,
             )
-    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
     if messages is None:
         raise BadRequest("'messages' must be an array of messages", param="messages")
     system, turns = split_messages(messages)
@@ -201,7 +136,7 @@ def to_anthropic(
     if max_tokens is None:
         max_tokens = get_field(fields, "max_tokens", INT)
     out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
-    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
+    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
     if stop is not None:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
     for name, decoder in _SAMPLING.items():
@@ -212,11 +147,11 @@ def to_anthropic(
     end_user = get_field(fields, "safety_identifier", STR) or get_field(fields, "user", STR)
     if end_user:
         out["metadata"] = {"user_id": end_user}
-    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
+    tools = TOOLS.decode(fields.get("tools", ABSENT), "tools")
     if tools:
         out["tools"] = [tool_definition(tool, i) for i, tool in enumerate(tools)]
         choice = tool_choice(
-            get_field(fields, "tool_choice", _CHOICE),
+            get_field(fields, "tool_choice", TOOL_CHOICE),
             get_field(fields, "parallel_tool_calls", BOOL),
         )
         if choice is not None:
@@ -226,7 +161,7 @@ def to_anthropic(
     return out
 
 
-def split_messages(messages: list[_Message | _SmallMessage]) -> tuple[str, list[dict[str, Any]]]:
+def split_messages(messages: list[AnyMessage]) -> tuple[str, list[dict[str, Any]]]:
     """The joined system prompt, and the other messages as alternating Anthropic turns.
 
     Anthropic has no system role: every system/developer message, wherever it stands, joins the
@@ -238,7 +173,7 @@ def split_messages(messages: list[_Message | _SmallMessage]) -> tuple[str, list[
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.role
-        if role in _SYSTEM_ROLES:
+        if role in SYSTEM_ROLES:
             text = _plain_text(message.content, f"{where}.content")
             if text:
                 system.append(text)
@@ -277,13 +212,13 @@ def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 
 
 def content_blocks(
-    content: msgspec.Raw | str | list[_Part] | None, where: str
+    content: msgspec.Raw | str | list[ContentPart] | None, where: str
 ) -> list[dict[str, Any]]:
     """OpenAI message content (a string or parts) as Anthropic content blocks."""
-    return _blocks(text_or_array(content, _PARTS, where), where)
+    return _blocks(text_or_array(content, CONTENT_PARTS, where), where)
 
 
-def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+def _blocks(content: str | list[ContentPart] | None, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
@@ -296,20 +231,13 @@ def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any
     return blocks
 
 
-def _part_block(part: _Part, where: str) -> dict[str, Any] | None:
+def _part_block(part: ContentPart, where: str) -> dict[str, Any] | None:
     kind = part.type
-    if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
-        text = part.text if kind == "text" else part.refusal
-        if text is None:
-            raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+    if kind in ("text", "refusal"):
+        text = part_text(part, where)
         return {"type": "text", "text": text} if text else None
     if kind == "image_url":
-        image = part.image_url
-        url = image.url if isinstance(image, _ImageURL) else image
-        if url is None:
-            where = f"{where}.image_url"
-            raise BadRequest(f"'{where}.url' must be a string", param=where)
-        return image_block(url, f"{where}.image_url.url")
+        return image_block(image_url_of(part, where), f"{where}.image_url.url")
     if kind == "file":
         return _document_block(part.file, f"{where}.file")
     if kind == "input_audio":
@@ -322,14 +250,14 @@ def _part_block(part: _Part, where: str) -> dict[str, Any] | None:
 def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
     """An ``image_url`` as an Anthropic image block: data URLs inline, http(s) URLs by reference."""
     if url.startswith("data:"):
-        media_type, data = _split_data_url(url, where)
+        media_type, data = split_data_url(url, where)
         return {"type": "image", "source": _base64(media_type, data)}
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise BadRequest(f"'{where}' must be an http(s) URL or a base64 data URL", param=where)
 
 
-def _document_block(file: _File | None, where: str) -> dict[str, Any]:
+def _document_block(file: InputFile | None, where: str) -> dict[str, Any]:
     """An OpenAI ``file`` part with inline data (a PDF, say) as an Anthropic document block."""
     data = file.file_data if file is not None else None
     if data is None:
@@ -338,7 +266,7 @@ def _document_block(file: _File | None, where: str) -> dict[str, Any]:
             param=where,
         )
     if data.startswith("data:"):
-        media_type, data = _split_data_url(data, f"{where}.file_data")
+        media_type, data = split_data_url(data, f"{where}.file_data")
     else:  # OpenAI also takes bare base64 here, and its file parts are PDFs
         media_type = "application/pdf"
     return {"type": "document", "source": _base64(media_type, data)}
@@ -348,17 +276,7 @@ def _base64(media_type: str, data: str) -> dict[str, str]:
     return {"type": "base64", "media_type": media_type, "data": data}
 
 
-def _split_data_url(url: str, where: str) -> tuple[str, str]:
-    header, comma, data = url.partition(",")
-    params = header[len("data:") :].split(";")
-    if not comma or "base64" not in params[1:] or not params[0]:
-        raise BadRequest(
-            f"'{where}' must be a base64 data URL (data:<media type>;base64,<data>)", param=where
-        )
-    return params[0], data
-
-
-def _plain_text(content: msgspec.Raw | str | list[_Part] | None, where: str) -> str:
+def _plain_text(content: msgspec.Raw | str | list[ContentPart] | None, where: str) -> str:
     """The text of system content: a string, or text parts joined by blank lines."""
     blocks = content_blocks(content, where)
     if any(block["type"] != "text" for block in blocks):
@@ -366,34 +284,27 @@ def _plain_text(content: msgspec.Raw | str | list[_Part] | None, where: str) -> 
     return "\n\n".join(block["text"] for block in blocks)
 
 
-def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dict[str, Any]]:
+def _assistant_blocks(message: AnyMessage, where: str) -> list[dict[str, Any]]:
     blocks = content_blocks(message.content, f"{where}.content")
-    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
     for j, call in enumerate(calls or ()):
         blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
     return blocks
 
 
-def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
+def _tool_use(call: ToolCall, where: str) -> dict[str, Any]:
     function = call.function
     if function is None or call.type != "function":
         raise BadRequest(f"'{where}' must be a function tool call", param=where)
-    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
-    try:
-        _OBJECT.decode(arguments)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        raise BadRequest(
-            f"'{where}.function.arguments' must be a JSON object, as Anthropic takes tool input",
-            param=f"{where}.function.arguments",
-        ) from None
-    # Checked as one JSON object: passed on as the client wrote it, never built.
-    tool_input = msgspec.Raw(arguments.encode())
+    tool_input = json_object(
+        function.arguments, f"{where}.function.arguments", "as Anthropic takes tool input"
+    )
     return {"type": "tool_use", "id": call.id, "name": function.name, "input": tool_input}
 
 
-def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any]:
+def _tool_result(message: AnyMessage, where: str) -> dict[str, Any]:
     where = f"{where}.content"
-    content = text_or_array(message.content, _PARTS, where)
+    content = text_or_array(message.content, CONTENT_PARTS, where)
     result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
     if isinstance(content, str):
         result["content"] = content
@@ -404,7 +315,7 @@ def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any
     return result
 
 
-def tool_definition(tool: _Tool, i: int) -> dict[str, Any]:
+def tool_definition(tool: Tool, i: int) -> dict[str, Any]:
     """An OpenAI function tool as an Anthropic custom tool."""
     where = f"tools[{i}]"
     function = tool.function
@@ -415,13 +326,13 @@ def tool_definition(tool: _Tool, i: int) -> dict[str, Any]:
         out["description"] = function.description
     # input_schema is required by Anthropic; OpenAI lets a tool without parameters omit it.
     schema = function.parameters
-    empty = not schema or schema == NULL or schema == _EMPTY_OBJECT
+    empty = is_empty_schema(schema)
     out["input_schema"] = {"type": "object", "properties": {}} if empty else schema
     return out
 
 
 def tool_choice(
-    choice: str | _ToolChoice | None, parallel_tool_calls: bool | None = None
+    choice: str | ToolChoice | None, parallel_tool_calls: bool | None = None
 ) -> dict[str, Any] | None:
     """OpenAI's ``tool_choice`` (and ``parallel_tool_calls``) as Anthropic's ``tool_choice``."""
     if choice is None or choice == "auto":
@@ -430,7 +341,7 @@ def tool_choice(
         out = {"type": "any"}
     elif choice == "none":
         return {"type": "none"}  # tools stay defined: earlier tool_use blocks refer to them
-    elif isinstance(choice, _ToolChoice) and choice.type == "function":
+    elif isinstance(choice, ToolChoice) and choice.type == "function":
         if choice.function is None:
             raise BadRequest("'tool_choice.function.name' must be a string", param="tool_choice")
         out = {"type": "tool", "name": choice.function.name}
@@ -537,10 +448,10 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     so the prompt is all three added up.
     """
     usage = usage or Usage()
-    cache_read = _count(usage.cache_read_input_tokens)
-    cache_write = _count(usage.cache_creation_input_tokens)
-    prompt = _count(usage.input_tokens) + cache_read + cache_write
-    completion = _count(usage.output_tokens)
+    cache_read = token_count(usage.cache_read_input_tokens)
+    cache_write = token_count(usage.cache_creation_input_tokens)
+    prompt = token_count(usage.input_tokens) + cache_read + cache_write
+    completion = token_count(usage.output_tokens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -549,58 +460,24 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def _count(value: int | None) -> int:
-    return value if value is not None and value > 0 else 0
-
-
 def to_chat_completion(message: Answer, *, model: str, created: int) -> dict[str, Any]:
     """An Anthropic ``message`` as a ``chat.completion``; ``model`` is the client's model name."""
     text = "".join(b.text for b in message.content if b.type == "text")
-    tool_calls = [_tool_call(b) for b in message.content if b.type == "tool_use"]
-    reply: dict[str, Any] = {
-        "role": "assistant",
-        # OpenAI sends null content beside tool calls when the model said nothing.
-        "content": text if text or not tool_calls else None,
-        "refusal": None,
-        "annotations": [],
-    }
-    if tool_calls:
-        reply["tool_calls"] = tool_calls
-    choice = {
-        "index": 0,
-        "message": reply,
-        "logprobs": None,
-        "finish_reason": finish_reason(message.stop_reason),
-    }
-    return {
-        "id": "chatcmpl-" + message.id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": to_usage(message.usage),
-    }
-
-
-def _tool_call(block: Block) -> dict[str, Any]:
-    return {
-        "id": block.id,
-        "type": "function",
-        "function": {"name": block.name, "arguments": _arguments(block.input)},
-    }
-
-
-def _arguments(tool_input: msgspec.Raw) -> str:
-    """The tool input as OpenAI's arguments string: the JSON as Anthropic sent it, or ``{}``."""
-    if not tool_input or tool_input == NULL:
-        return "{}"
-    return bytes(tool_input).decode()
+    tool_calls = [tool_call(b.id, b.name, b.input) for b in message.content if b.type == "tool_use"]
+    choice = assistant_choice(0, text, tool_calls, finish_reason(message.stop_reason))
+    return chat_completion(
+        "chatcmpl-" + message.id,
+        model=model,
+        created=created,
+        choices=[choice],
+        usage=to_usage(message.usage),
+    )
 
 
 # -- stream ----------------------------------------------------------------------------------
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkMaker):
     """Turns Anthropic stream events, one at a time, into ``chat.completion.chunk`` objects.
 
     Keeps what later chunks need: the message id, which content blocks are tool calls (OpenAI
@@ -609,10 +486,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, model: str, created: int, include_usage: bool = False) -> None:
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
-        self.id = "chatcmpl-"
+        super().__init__("chatcmpl-", model=model, created=created, include_usage=include_usage)
         self.usage = Usage()
         self.finished = False  # message_stop seen: the stream is complete
         self._tools: dict[int | None, int] = {}  # Anthropic block index -> OpenAI tool call index
@@ -624,7 +498,7 @@ class StreamTranslator:
             message = event.message or Answer()
             self.id = "chatcmpl-" + message.id
             self.usage = self.usage.updated(message.usage)
-            return [self._chunk({"role": "assistant", "content": ""})]
+            return [self.chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
             return self._block_start(event.index, event.content_block or Block())
         if kind == "content_block_delta":
@@ -633,16 +507,16 @@ class StreamTranslator:
             # Its usage is cumulative: output_tokens is the total so far, not an increment.
             self.usage = self.usage.updated(event.usage)
             reason = finish_reason(event.delta.stop_reason if event.delta else None)
-            return [self._chunk({}, reason)]
+            return [self.chunk({}, reason)]
         if kind == "message_stop":
             self.finished = True
             if self.include_usage:
-                return [{**self._chunk({}), "choices": [], "usage": to_usage(self.usage)}]
+                return [self.usage_chunk_of(to_usage(self.usage))]
         return []  # ping, content_block_stop, and event types added after this was written
 
     def _block_start(self, index: int | None, block: Block) -> list[dict[str, Any]]:
         if block.type == "text" and block.text:
-            return [self._chunk({"content": block.text})]
+            return [self.chunk({"content": block.text})]
         if block.type == "tool_use":
             position = self._tools[index] = len(self._tools)
             call = {
@@ -651,29 +525,17 @@ class StreamTranslator:
                 "type": "function",
                 "function": {"name": block.name, "arguments": ""},
             }
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []
 
     def _block_delta(self, index: int | None, delta: Delta) -> list[dict[str, Any]]:
         kind = delta.type
         if kind == "text_delta" and delta.text:
-            return [self._chunk({"content": delta.text})]
+            return [self.chunk({"content": delta.text})]
         if kind == "input_json_delta" and delta.partial_json and index in self._tools:
             call = {"index": self._tools[index], "function": {"arguments": delta.partial_json}}
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []  # thinking, signature and citation deltas have no chat completions form
-
-    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
-        return chunk
 
 
 def parse_event(raw: bytes) -> Event | None:

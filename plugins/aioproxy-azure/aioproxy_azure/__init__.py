@@ -25,6 +25,7 @@ from aioproxy import (
     ProviderConfig,
     RegisterProvider,
     Reply,
+    Secret,
     Upstream,
     hookimpl,
 )
@@ -45,8 +46,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The data-plane API version sent as ?api-version= on the deployment routes; "v1": the
     # /openai/v1/ routes instead (the model in the body is the deployment name).
     api_version: str = DEFAULT_API_VERSION
-    # A Microsoft Entra ID token, sent as Authorization: Bearer instead of the api-key.
-    azure_ad_token: str | None = None
+    # A Microsoft Entra ID token, sent as Authorization: Bearer instead of the api-key. A
+    # Secret: masked, as api_key is, in whatever an upstream says (errors, logs).
+    azure_ad_token: Secret | None = None
     # A command printing a token (az's JSON or the bare token), run at start-up and again
     # token_refresh_margin seconds before the token expires, e.g. ["az", "account",
     # "get-access-token", "--resource", "https://cognitiveservices.azure.com", "-o", "json"].

@@ -157,6 +157,7 @@ class FakeAzure(FakeOpenAI):
         self.azure_faults: list[str] = []  # names in AZURE_FAULTS, for the next requests
         self.refused: list[tuple[str, int]] = []  # (path, status) of requests Azure refused
         self.recorded_stream = False  # answer chat with RECORDED_STREAM, as Azure streams
+        self.echo_status = 0  # answer with this status, quoting the credentials it was sent
 
     def routes(self) -> list[web.RouteDef]:
         routes: list[web.RouteDef] = []
@@ -176,6 +177,9 @@ class FakeAzure(FakeOpenAI):
         if refusal is not None:
             self.refused.append((request.path, refusal.status))
             return refusal
+        if self.echo_status:  # as a debugging upstream may: what it got, credentials and all
+            said = f"Bad request: {dict(request.headers)}"
+            return _azure_error(self.echo_status, {"error": {"code": "Bad", "message": said}})
         if self.azure_faults:
             status, body, headers = AZURE_FAULTS[self.azure_faults.pop(0)]
             await request.read()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,6 +319,32 @@ async def test_an_azure_ad_token_is_sent_as_bearer(
     assert "api-key" not in azure.last.headers
 
 
+# A token as Entra ID issues them (a JWT): nothing key-like about it to a pattern.
+ENTRA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJjb2duaXRpdmUifQ.c2lnbmF0dXJlLW9mLWVudHJh"
+
+
+@pytest.mark.parametrize("status", [400, 500])
+async def test_an_azure_ad_token_an_upstream_echoes_is_masked(
+    start_azure_proxy: StartAzureProxy,
+    azure: FakeAzure,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    azure.tokens.add(ENTRA_TOKEN)
+    proxy = await start_azure_proxy(azure_ad_token=ENTRA_TOKEN)
+    azure.echo_status = status
+    for stream in (False, True):
+        body = {"model": "gpt", "messages": HELLO, "stream": stream}
+        async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+            said = await response.text()
+            await assert_openai_error(response, status)
+        assert "Bad request" in said and "Bearer ***" in said  # the upstream's words, masked
+        assert ENTRA_TOKEN not in said
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert ENTRA_TOKEN not in logged
+
+
 def _token_script(tmp_path: Path) -> list[str]:
     """A token command: prints token-1, token-2, ... on successive runs (a counter file)."""
     counter = tmp_path / "runs"
@@ -357,6 +384,22 @@ async def test_a_token_command_is_read_at_start_up_and_refreshed_on_expiry(
     assert await check_chat(proxy, "gpt") == REPLY
     assert azure.last.headers["authorization"] == "Bearer token-2"
     assert (tmp_path / "runs").read_text() == "2"
+
+
+async def test_a_token_commands_token_an_upstream_echoes_is_masked(
+    start_azure_proxy: StartAzureProxy, azure: FakeAzure, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read at run time is in no config: masked as the JWT it is."""
+    caplog.set_level(logging.DEBUG)
+    azure.tokens.add(ENTRA_TOKEN)
+    proxy = await start_azure_proxy(token_command=[sys.executable, "-c", f"print({ENTRA_TOKEN!r})"])
+    azure.echo_status = 500
+    body = {"model": "gpt", "messages": HELLO}
+    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        said = await response.text()
+        await assert_openai_error(response, 500)
+    assert "Bearer ***" in said and ENTRA_TOKEN not in said
+    assert ENTRA_TOKEN not in "\n".join(record.getMessage() for record in caplog.records)
 
 
 async def test_a_failing_token_command_stops_start_up(start_up: StartUp, azure_base: str) -> None:

@@ -49,7 +49,7 @@ class FrameReader:
     complete nothing.
     """
 
-    __slots__ = ("_buffer", "_clock", "_idle", "_parser_error", "_stalled_since")
+    __slots__ = ("_buffer", "_clock", "_idle", "_parser_error", "_pending", "_stalled_since")
 
     def __init__(
         self, idle: float | None = None, clock: Callable[[], float] = time.monotonic
@@ -61,15 +61,22 @@ class FrameReader:
         self._idle = idle
         self._clock = clock
         self._stalled_since: float | None = None
+        self._pending = 0  # bytes fed that no complete message has taken yet
+
+    def pending(self) -> int:
+        """The bytes kept of an unfinished message (what ``Upstream.chunks`` counts as held)."""
+        return self._pending
 
     def feed(self, chunk: bytes) -> Iterator[Message]:
         """The messages ``chunk`` completes, in order (none while a message is partial); a
         broken message raises FrameError after those before it. Consume it whole."""
         self._buffer.add_data(chunk)
+        self._pending += len(chunk)
         completed = False
         try:
             for message in self._buffer:
                 completed = True
+                self._pending -= message.prelude.total_length
                 yield Message(message.headers, message.payload)
         except self._parser_error as exc:
             raise FrameError(str(exc)) from exc

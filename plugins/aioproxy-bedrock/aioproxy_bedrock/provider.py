@@ -29,7 +29,10 @@ from aioproxy import (
     Reply,
     StreamReply,
     UpstreamResponse,
+    decode_upstream,
     get_field,
+    include_usage,
+    invalid_answer,
     scrub,
     sse_data,
 )
@@ -53,12 +56,6 @@ _encode = msgspec.json.Encoder().encode
 _MAX_SIGNERS = 256  # signers kept for deployments made per request by plugins
 _CONCURRENT_INVOKES = 8  # Titan embeds a text a call: this many calls at once per request
 
-
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
-
-
-_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
 _DIMENSIONS = msgspec.json.Decoder(Annotated[int, Meta(ge=1)] | None)
 
 
@@ -158,10 +155,9 @@ class BedrockProvider(Provider):
             with self.upstream.guard(response, call):
                 raw = await self.upstream.read(response, call)
             response.release()
-            try:
-                answer = decode_answer(raw)
-            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-                raise _invalid(deployment, "an answer that is not a Converse answer") from None
+            answer = decode_upstream(
+                decode_answer, raw, deployment, "an answer that is not a Converse answer"
+            )
             completion = to_chat_completion(
                 answer, id=_completion_id(response), model=call.model, created=created
             )
@@ -169,12 +165,14 @@ class BedrockProvider(Provider):
         response = await self._post(call, "converse-stream", body, EVENT_STREAM)
         with self.upstream.guard(response, call):
             if response.content_type != EVENT_STREAM:
-                raise _invalid(deployment, f"{response.content_type or 'no body'}, not a stream")
+                raise invalid_answer(
+                    deployment, f"{response.content_type or 'no body'}, not a stream"
+                )
             translator = StreamTranslator(
                 id=_completion_id(response),
                 model=call.model,
                 created=created,
-                include_usage=_include_usage(call),
+                include_usage=include_usage(call.fields),
             )
             reader = FrameReader(idle=self.upstream.timeouts(deployment).read)
             # close, not release: a client leaving mid-stream must not leave Bedrock writing.
@@ -195,9 +193,12 @@ class BedrockProvider(Provider):
         the last (metadata). Read on to the end of the body, so the connection is reused."""
         deployment = call.deployment
         done = False
-        with self.upstream.guard(response, call):  # transport errors as 502/504; closes on exit
+        # Each chunk and the unfinished message's bytes count against the buffer budget; transport
+        # errors as 502/504; the guard closes the answer on a failure.
+        chunks = self.upstream.chunks(response, call, held=reader.pending)
+        with self.upstream.guard(response, call):
             try:
-                async for data in response.content.iter_any():
+                async for data in chunks:
                     for message in reader.feed(data):
                         if done:
                             continue
@@ -206,16 +207,20 @@ class BedrockProvider(Provider):
                         try:
                             event = decode_event(message.payload)
                         except (msgspec.DecodeError, RecursionError):
-                            raise _invalid(deployment, "a stream event that is not JSON") from None
+                            raise invalid_answer(
+                                deployment, "a stream event that is not JSON"
+                            ) from None
                         for chunk in translator.feed(message.event_type, event):
                             yield sse_data(chunk)
                         if translator.finished:
                             done = True
                             yield DONE
             except FrameError as exc:
-                raise _invalid(deployment, f"a broken event stream ({exc})") from None
+                raise invalid_answer(deployment, f"a broken event stream ({exc})") from None
             except StreamStalled as exc:
                 raise GatewayTimeout(f"Deployment {deployment.describe()} sent {exc}") from None
+            finally:
+                await chunks.aclose()  # now, also when the client left: its bytes given back
         if not translator.stopped:
             raise BadGateway(
                 f"Deployment {deployment.describe()} ended its stream before messageStop",
@@ -254,9 +259,11 @@ class BedrockProvider(Provider):
             try:
                 vectors, tokens = embeddings.vectors(family, raw)
             except (msgspec.DecodeError, RecursionError):
-                raise _invalid(deployment, f"an answer that is not a {family} embedding") from None
+                raise invalid_answer(
+                    deployment, f"an answer that is not a {family} embedding"
+                ) from None
             if len(vectors) != len(batch):
-                raise _invalid(deployment, f"{len(vectors)} vectors for {len(batch)} inputs")
+                raise invalid_answer(deployment, f"{len(vectors)} vectors for {len(batch)} inputs")
             counted = response.headers.get("x-amzn-bedrock-input-token-count")
             return vectors, tokens or (int(counted) if counted and counted.isdigit() else 0)
 
@@ -286,17 +293,6 @@ def _completion_id(response: UpstreamResponse) -> str:
     """``chatcmpl-`` and AWS's request id (what AWS support asks for), else a fresh one."""
     request_id = response.headers.get("x-amzn-requestid")
     return f"chatcmpl-{request_id or uuid.uuid4().hex}"
-
-
-def _include_usage(call: Call) -> bool:
-    options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)
-    return options is not None and options.include_usage is True
-
-
-def _invalid(deployment: Deployment, what: str) -> BadGateway:
-    return BadGateway(
-        f"Deployment {deployment.describe()} sent {what}", code="upstream_invalid_response"
-    )
 
 
 class _ExceptionBody(msgspec.Struct):

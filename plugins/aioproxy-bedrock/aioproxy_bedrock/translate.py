@@ -15,18 +15,36 @@ import msgspec
 
 from aioproxy import (
     ABSENT,
+    CONTENT_PARTS,
     FLOAT,
     INT,
-    MAX_CONTENT_PARTS,
-    MAX_MESSAGES,
-    MAX_STOP,
-    MAX_TOOL_CALLS,
-    MAX_TOOLS,
+    MESSAGES,
     NULL,
-    ArrayOf,
+    RESPONSE_FORMAT,
+    STOP,
+    SYSTEM_ROLES,
+    TOOL_CALLS,
+    TOOL_CHOICE,
+    TOOLS,
+    AnyMessage,
     BadRequest,
+    ChunkMaker,
+    ContentPart,
+    InputFile,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    assistant_choice,
+    chat_completion,
     get_field,
+    image_url_of,
+    is_empty_schema,
+    json_object,
+    part_text,
+    split_data_url,
     text_or_array,
+    token_count,
+    tool_call,
 )
 
 __all__ = [
@@ -57,7 +75,6 @@ _FINISH_REASONS = {
     "content_filtered": "content_filter",
 }
 
-_SYSTEM_ROLES = ("system", "developer")
 # The media types Converse takes, as its ``format`` names them.
 _IMAGE_FORMATS = {
     "image/png": "png",
@@ -82,93 +99,9 @@ _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9\-()\[\] ]+|(?<= ) +")
 
 
 # -- request ---------------------------------------------------------------------------------
-# What the translation reads of a request, decoded from each field's bytes straight into these
-# Structs: other keys are skipped, never built. Arrays inside an item stay raw until counted.
+# What the translation reads of a request: aioproxy's typed views (MESSAGES, TOOLS...), decoded
+# from each field's bytes; other keys are skipped, never built.
 
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    id: str | None = None
-    type: str = "function"
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
-
-    role: str | None = None
-    content: msgspec.Raw = ABSENT  # a string, null or parts
-    tool_calls: msgspec.Raw = ABSENT
-    tool_call_id: str | None = None
-
-
-class _ImageURL(msgspec.Struct):
-    url: str
-
-
-class _File(msgspec.Struct):
-    file_data: str | None = None
-    filename: str | None = None
-
-
-class _Part(msgspec.Struct):
-    type: str | None = None
-    text: str | None = None
-    refusal: str | None = None
-    image_url: _ImageURL | str | None = None
-    file: _File | None = None
-
-
-class _SmallMessage(msgspec.Struct):
-    """A message in a small array (see ArrayOf): decoded whole."""
-
-    role: str | None = None
-    content: str | list[_Part] | None = None
-    tool_calls: list[_ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class _FunctionDefinition(msgspec.Struct):
-    name: str | None = None
-    description: str | None = None
-    parameters: msgspec.Raw = ABSENT  # a JSON schema: Converse's inputSchema.json, as sent
-
-
-class _Tool(msgspec.Struct):
-    type: str | None = None
-    function: _FunctionDefinition | None = None
-
-
-class _Named(msgspec.Struct):
-    name: str
-
-
-class _ToolChoice(msgspec.Struct):
-    type: str | None = None
-    function: _Named | None = None
-
-
-class _ResponseFormat(msgspec.Struct):
-    type: str | None = None
-
-
-class _AnyObject(msgspec.Struct):
-    """Any JSON object, its members skipped: checks tool arguments without building them."""
-
-
-_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
-_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
-_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
-_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
-_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
-_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
-_RESPONSE_FORMAT = msgspec.json.Decoder(_ResponseFormat | None)
-_OBJECT = msgspec.json.Decoder(_AnyObject)
-_EMPTY_OBJECT = msgspec.Raw(b"{}")
 _EMPTY_SCHEMA = {"type": "object", "properties": {}}
 
 
@@ -187,13 +120,13 @@ def to_converse(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
                 f"'{legacy}' is deprecated and not translated for Bedrock; use 'tools'",
                 param=legacy,
             )
-    response_format = get_field(fields, "response_format", _RESPONSE_FORMAT)
+    response_format = get_field(fields, "response_format", RESPONSE_FORMAT)
     if response_format is not None and response_format.type not in (None, "text"):
         raise BadRequest(
             "Bedrock Converse has no structured output; 'response_format' must be text",
             param="response_format",
         )
-    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
     if messages is None:
         raise BadRequest("'messages' must be an array of messages", param="messages")
     system, turns = split_messages(messages)
@@ -204,9 +137,9 @@ def to_converse(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
     inference = _inference_config(fields)
     if inference:
         out["inferenceConfig"] = inference
-    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
+    tools = TOOLS.decode(fields.get("tools", ABSENT), "tools")
     if tools:
-        choice = tool_choice(get_field(fields, "tool_choice", _CHOICE))
+        choice = tool_choice(get_field(fields, "tool_choice", TOOL_CHOICE))
         # "none": Converse cannot forbid calls, so the tools are left out; they must stay when
         # earlier turns used them (Converse refuses toolUse blocks without a toolConfig).
         if choice is not None or not _none_allowed(turns):
@@ -232,7 +165,7 @@ def _inference_config(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
     top_p = get_field(fields, "top_p", FLOAT)
     if top_p is not None:
         inference["topP"] = top_p
-    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
+    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
     if stop:
         inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
     return inference
@@ -246,7 +179,7 @@ def _none_allowed(turns: list[dict[str, Any]]) -> bool:
 
 
 def split_messages(
-    messages: list[_Message | _SmallMessage],
+    messages: list[AnyMessage],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The system blocks, and the other messages as alternating Converse turns.
 
@@ -259,7 +192,7 @@ def split_messages(
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.role
-        if role in _SYSTEM_ROLES:
+        if role in SYSTEM_ROLES:
             system.extend(_system_blocks(message.content, f"{where}.content"))
             continue
         if role == "user":
@@ -287,13 +220,13 @@ def split_messages(
 
 
 def content_blocks(
-    content: msgspec.Raw | str | list[_Part] | None, where: str
+    content: msgspec.Raw | str | list[ContentPart] | None, where: str
 ) -> list[dict[str, Any]]:
     """OpenAI message content (a string or parts) as Converse content blocks."""
-    return _blocks(text_or_array(content, _PARTS, where), where)
+    return _blocks(text_or_array(content, CONTENT_PARTS, where), where)
 
 
-def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
+def _blocks(content: str | list[ContentPart] | None, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if isinstance(content, str):
@@ -306,20 +239,13 @@ def _blocks(content: str | list[_Part] | None, where: str) -> list[dict[str, Any
     return blocks
 
 
-def _part_block(part: _Part, where: str, j: int) -> dict[str, Any] | None:
+def _part_block(part: ContentPart, where: str, j: int) -> dict[str, Any] | None:
     kind = part.type
-    if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
-        text = part.text if kind == "text" else part.refusal
-        if text is None:
-            raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+    if kind in ("text", "refusal"):
+        text = part_text(part, where)
         return {"text": text} if text else None
     if kind == "image_url":
-        image = part.image_url
-        url = image.url if isinstance(image, _ImageURL) else image
-        if url is None:
-            where = f"{where}.image_url"
-            raise BadRequest(f"'{where}.url' must be a string", param=where)
-        return image_block(url, f"{where}.image_url.url")
+        return image_block(image_url_of(part, where), f"{where}.image_url.url")
     if kind == "file":
         return _document_block(part.file, f"{where}.file", j)
     if kind == "input_audio":
@@ -334,7 +260,7 @@ def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
     client names, from inside the network).
     """
     if url.startswith("data:"):
-        media_type, data = _split_data_url(url, where)
+        media_type, data = split_data_url(url, where)
         image_format = _IMAGE_FORMATS.get(media_type.lower())
         if image_format is None:
             raise BadRequest(
@@ -356,7 +282,7 @@ def _media_type_of_name(name: str) -> str:
     return {"jpg": "image/jpeg", "jpeg": "image/jpeg"}.get(extension, f"image/{extension}")
 
 
-def _document_block(file: _File | None, where: str, j: int) -> dict[str, Any]:
+def _document_block(file: InputFile | None, where: str, j: int) -> dict[str, Any]:
     """An OpenAI ``file`` part with inline data as a Converse document block."""
     data = file.file_data if file is not None else None
     if file is None or data is None:
@@ -365,7 +291,7 @@ def _document_block(file: _File | None, where: str, j: int) -> dict[str, Any]:
             param=where,
         )
     if data.startswith("data:"):
-        media_type, data = _split_data_url(data, f"{where}.file_data")
+        media_type, data = split_data_url(data, f"{where}.file_data")
     else:  # OpenAI also takes bare base64 here, and its file parts are PDFs
         media_type = "application/pdf"
     document_format = _DOCUMENT_FORMATS.get(media_type.lower())
@@ -388,18 +314,8 @@ def document_name(filename: str | None, j: int) -> str:
     return name[:200] or f"document-{j}"
 
 
-def _split_data_url(url: str, where: str) -> tuple[str, str]:
-    header, comma, data = url.partition(",")
-    params = header[len("data:") :].split(";")
-    if not comma or "base64" not in params[1:] or not params[0]:
-        raise BadRequest(
-            f"'{where}' must be a base64 data URL (data:<media type>;base64,<data>)", param=where
-        )
-    return params[0], data
-
-
 def _system_blocks(
-    content: msgspec.Raw | str | list[_Part] | None, where: str
+    content: msgspec.Raw | str | list[ContentPart] | None, where: str
 ) -> list[dict[str, Any]]:
     blocks = content_blocks(content, where)
     if any("text" not in block for block in blocks):
@@ -407,38 +323,31 @@ def _system_blocks(
     return blocks
 
 
-def _assistant_blocks(message: _Message | _SmallMessage, where: str) -> list[dict[str, Any]]:
+def _assistant_blocks(message: AnyMessage, where: str) -> list[dict[str, Any]]:
     blocks = content_blocks(message.content, f"{where}.content")
-    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
     for j, call in enumerate(calls or ()):
         blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
     return blocks
 
 
-def _tool_use(call: _ToolCall, where: str) -> dict[str, Any]:
+def _tool_use(call: ToolCall, where: str) -> dict[str, Any]:
     function = call.function
     if function is None or call.type != "function" or not call.id or not function.name:
         raise BadRequest(
             f"'{where}' must be a function tool call with an id and a name", param=where
         )
-    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
-    try:
-        _OBJECT.decode(arguments)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        raise BadRequest(
-            f"'{where}.function.arguments' must be a JSON object, as Bedrock takes tool input",
-            param=f"{where}.function.arguments",
-        ) from None
-    # Checked as one JSON object: passed on as the client wrote it, never built.
-    tool_input = msgspec.Raw(arguments.encode())
+    tool_input = json_object(
+        function.arguments, f"{where}.function.arguments", "as Bedrock takes tool input"
+    )
     return {"toolUse": {"toolUseId": call.id, "name": function.name, "input": tool_input}}
 
 
-def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any]:
+def _tool_result(message: AnyMessage, where: str) -> dict[str, Any]:
     if not message.tool_call_id:
         raise BadRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
     where = f"{where}.content"
-    content = text_or_array(message.content, _PARTS, where)
+    content = text_or_array(message.content, CONTENT_PARTS, where)
     if isinstance(content, str) or content is None:
         blocks = [{"text": content or ""}]
     else:
@@ -446,7 +355,7 @@ def _tool_result(message: _Message | _SmallMessage, where: str) -> dict[str, Any
     return {"toolResult": {"toolUseId": message.tool_call_id, "content": blocks}}
 
 
-def _tool_spec(tool: _Tool, i: int) -> dict[str, Any]:
+def _tool_spec(tool: Tool, i: int) -> dict[str, Any]:
     """An OpenAI function tool as a Converse ``toolSpec``."""
     where = f"tools[{i}]"
     function = tool.function
@@ -457,12 +366,12 @@ def _tool_spec(tool: _Tool, i: int) -> dict[str, Any]:
         spec["description"] = function.description
     # inputSchema is required by Converse; OpenAI lets a tool without parameters omit it.
     schema = function.parameters
-    empty = not schema or schema == NULL or schema == _EMPTY_OBJECT
+    empty = is_empty_schema(schema)
     spec["inputSchema"] = {"json": _EMPTY_SCHEMA if empty else schema}
     return {"toolSpec": spec}
 
 
-def tool_choice(choice: str | _ToolChoice | None) -> dict[str, Any] | None:
+def tool_choice(choice: str | ToolChoice | None) -> dict[str, Any] | None:
     """OpenAI's ``tool_choice`` as Converse's ``toolChoice``: ``{}`` for none given (Converse's
     default, auto), ``None`` for "none"."""
     if choice is None:
@@ -473,7 +382,7 @@ def tool_choice(choice: str | _ToolChoice | None) -> dict[str, Any] | None:
         return {"any": {}}
     if choice == "none":
         return None
-    if isinstance(choice, _ToolChoice) and choice.type == "function":
+    if isinstance(choice, ToolChoice) and choice.type == "function":
         if choice.function is None:
             raise BadRequest("'tool_choice.function.name' must be a string", param="tool_choice")
         return {"tool": {"name": choice.function.name}}
@@ -561,10 +470,10 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     """Converse usage in OpenAI terms: cache reads and writes are prompt tokens too (Converse's
     ``inputTokens`` counts only the uncached ones)."""
     usage = usage or Usage()
-    cache_read = _count(usage.cacheReadInputTokens)
-    cache_write = _count(usage.cacheWriteInputTokens)
-    prompt = _count(usage.inputTokens) + cache_read + cache_write
-    completion = _count(usage.outputTokens)
+    cache_read = token_count(usage.cacheReadInputTokens)
+    cache_write = token_count(usage.cacheWriteInputTokens)
+    prompt = token_count(usage.inputTokens) + cache_read + cache_write
+    completion = token_count(usage.outputTokens)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -573,59 +482,24 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def _count(value: int | None) -> int:
-    return value if value is not None and value > 0 else 0
-
-
 def to_chat_completion(answer: Answer, *, id: str, model: str, created: int) -> dict[str, Any]:
     """A Converse answer as a ``chat.completion``; ``model`` is the client's model name."""
     blocks = answer.output.message.content if answer.output.message else []
     text = "".join(b.text for b in blocks if b.text is not None)
-    tool_calls = [_tool_call(b.toolUse) for b in blocks if b.toolUse is not None]
-    reply: dict[str, Any] = {
-        "role": "assistant",
-        # OpenAI sends null content beside tool calls when the model said nothing.
-        "content": text if text or not tool_calls else None,
-        "refusal": None,
-        "annotations": [],
-    }
-    if tool_calls:
-        reply["tool_calls"] = tool_calls
-    choice = {
-        "index": 0,
-        "message": reply,
-        "logprobs": None,
-        "finish_reason": finish_reason(answer.stopReason),
-    }
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": to_usage(answer.usage),
-    }
-
-
-def _tool_call(tool_use: _ToolUse) -> dict[str, Any]:
-    return {
-        "id": tool_use.toolUseId,
-        "type": "function",
-        "function": {"name": tool_use.name, "arguments": _arguments(tool_use.input)},
-    }
-
-
-def _arguments(tool_input: msgspec.Raw) -> str:
-    """The tool input as OpenAI's arguments string: the JSON as Bedrock sent it, or ``{}``."""
-    if not tool_input or tool_input == NULL:
-        return "{}"
-    return bytes(tool_input).decode()
+    tool_calls = [
+        tool_call(b.toolUse.toolUseId, b.toolUse.name, b.toolUse.input)
+        for b in blocks
+        if b.toolUse is not None
+    ]
+    choice = assistant_choice(0, text, tool_calls, finish_reason(answer.stopReason))
+    usage = to_usage(answer.usage)
+    return chat_completion(id, model=model, created=created, choices=[choice], usage=usage)
 
 
 # -- stream ----------------------------------------------------------------------------------
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkMaker):
     """Turns Converse stream events, one at a time, into ``chat.completion.chunk`` objects.
 
     Keeps what later chunks need: which content blocks are tool calls (OpenAI numbers tool calls
@@ -634,10 +508,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, id: str, model: str, created: int, include_usage: bool = False) -> None:
-        self.id = id
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
+        super().__init__(id, model=model, created=created, include_usage=include_usage)
         self.stopped = False  # messageStop seen: the answer is complete
         self.finished = False  # metadata seen too: nothing more will come
         self._tools: dict[int | None, int] = {}  # Converse block index -> OpenAI tool call index
@@ -645,7 +516,7 @@ class StreamTranslator:
     def feed(self, kind: str, event: Event) -> list[dict[str, Any]]:
         """The chunks one event of type ``kind`` gives (often none: block stops, reasoning)."""
         if kind == "messageStart":
-            return [self._chunk({"role": "assistant", "content": ""})]
+            return [self.chunk({"role": "assistant", "content": ""})]
         if kind == "contentBlockStart":
             tool_use = event.start.toolUse if event.start else None
             if tool_use is None:
@@ -657,12 +528,12 @@ class StreamTranslator:
                 "type": "function",
                 "function": {"name": tool_use.name, "arguments": ""},
             }
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         if kind == "contentBlockDelta":
             return self._delta(event.contentBlockIndex, event.delta or _Delta())
         if kind == "messageStop":
             self.stopped = True
-            return [self._chunk({}, finish_reason(event.stopReason))]
+            return [self.chunk({}, finish_reason(event.stopReason))]
         if kind == "metadata":
             self.finished = True
             return [self.usage_chunk(event.usage)] if self.include_usage else []
@@ -670,24 +541,12 @@ class StreamTranslator:
 
     def usage_chunk(self, usage: Usage | None) -> dict[str, Any]:
         """The extra last chunk of ``include_usage``: no choices, the usage."""
-        return {**self._chunk({}), "choices": [], "usage": to_usage(usage)}
+        return self.usage_chunk_of(to_usage(usage))
 
     def _delta(self, index: int | None, delta: _Delta) -> list[dict[str, Any]]:
         if delta.text:
-            return [self._chunk({"content": delta.text})]
+            return [self.chunk({"content": delta.text})]
         if delta.toolUse is not None and delta.toolUse.input and index in self._tools:
             call = {"index": self._tools[index], "function": {"arguments": delta.toolUse.input}}
-            return [self._chunk({"tool_calls": [call]})]
+            return [self.chunk({"tool_calls": [call]})]
         return []  # reasoning and citation deltas have no chat completions form
-
-    def _chunk(self, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
-        return chunk

@@ -86,6 +86,19 @@ def test_each_message_comes_out_as_soon_as_it_is_complete() -> None:
     assert [m.event_type for m in reader.feed(first[-1:])] == ["messageStart"]
 
 
+def test_pending_is_what_an_unfinished_message_holds() -> None:
+    """What the provider tells Upstream.chunks it holds: the bytes since the last message."""
+    ends = []  # where each message of the stream ends
+    for kind, body in RECORDED:
+        ends.append((ends[-1] if ends else 0) + len(event(kind, body)))
+    reader = FrameReader()
+    for i in range(len(STREAM)):
+        list(reader.feed(STREAM[i : i + 1]))
+        fed = i + 1
+        assert reader.pending() == fed - max([end for end in ends if end <= fed], default=0)
+    assert reader.pending() == 0
+
+
 def test_the_recorded_stream_translates_to_chunks() -> None:
     translator = StreamTranslator(id="chatcmpl-x", model="m", created=1, include_usage=True)
     chunks = []

@@ -11,7 +11,14 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import ABSENT, NULL
+from aioproxy import (
+    ABSENT,
+    ChunkMaker,
+    assistant_choice,
+    chat_completion,
+    token_count,
+    tool_call,
+)
 
 from .translate import tool_call_id
 
@@ -119,35 +126,20 @@ def to_usage(usage: UsageMetadata | None) -> dict[str, Any]:
     (search results, say) are prompt tokens too.
     """
     usage = usage or UsageMetadata()
-    prompt = _count(usage.prompt_token_count) + _count(usage.tool_use_prompt_token_count)
-    thoughts = _count(usage.thoughts_token_count)
-    completion = _count(usage.candidates_token_count) + thoughts
+    prompt = token_count(usage.prompt_token_count) + token_count(usage.tool_use_prompt_token_count)
+    thoughts = token_count(usage.thoughts_token_count)
+    completion = token_count(usage.candidates_token_count) + thoughts
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": _count(usage.cached_content_token_count)},
+        "prompt_tokens_details": {"cached_tokens": token_count(usage.cached_content_token_count)},
         "completion_tokens_details": {"reasoning_tokens": thoughts},
     }
 
 
-def _count(value: int) -> int:
-    return max(0, value)
-
-
-def _arguments(args: msgspec.Raw) -> str:
-    """A call's args as OpenAI's arguments string: the JSON as Gemini sent it, or ``{}``."""
-    if not args or args == NULL:
-        return "{}"
-    return bytes(args).decode()
-
-
 def _tool_call(call: FunctionCall, signature: str | None) -> dict[str, Any]:
-    return {
-        "id": tool_call_id(signature),
-        "type": "function",
-        "function": {"name": call.name, "arguments": _arguments(call.args)},
-    }
+    return tool_call(tool_call_id(signature), call.name, call.args)
 
 
 def _completion_id(answer: Answer) -> str:
@@ -158,21 +150,8 @@ def _choice(candidate: Candidate) -> dict[str, Any]:
     parts = candidate.content.parts if candidate.content else []
     text = "".join(p.text for p in parts if p.text is not None and not p.thought)
     calls = [_tool_call(p.function_call, p.thought_signature) for p in parts if p.function_call]
-    message: dict[str, Any] = {
-        "role": "assistant",
-        # OpenAI sends null content beside tool calls when the model said nothing.
-        "content": text if text or not calls else None,
-        "refusal": None,
-        "annotations": [],
-    }
-    if calls:
-        message["tool_calls"] = calls
-    return {
-        "index": candidate.index,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": finish_reason(candidate.finish_reason, bool(calls)),
-    }
+    reason = finish_reason(candidate.finish_reason, bool(calls))
+    return assistant_choice(candidate.index, text, calls, reason)
 
 
 def to_chat_completion(answer: Answer, *, model: str, created: int, n: int) -> dict[str, Any]:
@@ -183,14 +162,10 @@ def to_chat_completion(answer: Answer, *, model: str, created: int, n: int) -> d
     else:  # the prompt itself was blocked (promptFeedback.blockReason): nothing was generated
         blocked = Candidate(finish_reason="SAFETY")
         choices = [_choice(msgspec.structs.replace(blocked, index=i)) for i in range(n)]
-    return {
-        "id": _completion_id(answer),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": to_usage(answer.usage_metadata),
-    }
+    usage = to_usage(answer.usage_metadata)
+    return chat_completion(
+        _completion_id(answer), model=model, created=created, choices=choices, usage=usage
+    )
 
 
 class _Choice:
@@ -204,7 +179,7 @@ class _Choice:
         self.finished = False
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkMaker):
     """Turns Gemini stream chunks, one at a time, into ``chat.completion.chunk`` objects.
 
     Each Gemini chunk is a whole ``GenerateContentResponse`` holding the new part of each
@@ -213,10 +188,7 @@ class StreamTranslator:
     """
 
     def __init__(self, *, model: str, created: int, n: int = 1, include_usage: bool = False):
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
-        self.id = ""
+        super().__init__("", model=model, created=created, include_usage=include_usage)
         self.usage: UsageMetadata | None = None
         self._choices = [_Choice() for _ in range(n)]
 
@@ -240,7 +212,7 @@ class StreamTranslator:
 
     def usage_chunk(self) -> dict[str, Any]:
         """The extra last chunk of ``stream_options.include_usage``."""
-        return {**self._chunk(0, {}), "choices": [], "usage": to_usage(self.usage)}
+        return self.usage_chunk_of(to_usage(self.usage))
 
     def _candidate(self, candidate: Candidate) -> list[dict[str, Any]]:
         index = candidate.index
@@ -267,24 +239,9 @@ class StreamTranslator:
         if calls:
             delta["tool_calls"] = calls
         if delta:
-            chunks.append(self._chunk(index, delta))
+            chunks.append(self.chunk(delta, index=index))
         if candidate.finish_reason is not None:
             choice.finished = True
             reason = finish_reason(candidate.finish_reason, choice.calls > 0)
-            chunks.append(self._chunk(index, {}, reason))
+            chunks.append(self.chunk({}, reason, index))
         return chunks
-
-    def _chunk(
-        self, index: int, delta: dict[str, Any], reason: str | None = None
-    ) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if self.include_usage:
-            chunk["usage"] = None  # as OpenAI: null on every chunk but the extra last one
-        return chunk

@@ -24,7 +24,10 @@ from aioproxy import (
     StreamReply,
     UpstreamResponse,
     data_of,
+    decode_upstream,
+    expect_content_type,
     get_field,
+    include_usage,
     sse_data,
 )
 
@@ -73,13 +76,6 @@ class GeminiSettings(msgspec.Struct, frozen=True, kw_only=True):
     embedding_batch_size: Annotated[int, Meta(ge=1, le=100)] = 100
 
 
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
-
-
-_STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
-
-
 def model_path(model: str) -> str:
     """``models/<id>`` (``tunedModels/...`` and other full names as they are)."""
     return model if "/" in model else f"models/{quote(model, safe='')}"
@@ -114,9 +110,12 @@ class GeminiProvider(Provider):
         response = await self._post(call, settings, method, body)
         with self.upstream.guard(response, call):
             if call.stream:
-                _expect(response, "text/event-stream", deployment)
+                expect_content_type(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
-                    model=call.model, created=int(time.time()), n=n, include_usage=_usage(call)
+                    model=call.model,
+                    created=int(time.time()),
+                    n=n,
+                    include_usage=include_usage(call.fields),
                 )
                 # close, not release: a client leaving mid-stream must not leave Gemini writing.
                 return StreamReply(
@@ -202,28 +201,8 @@ def _headers(deployment: Deployment, own: Mapping[str, str]) -> CIMultiDict[str]
     return headers
 
 
-def _usage(call: Call) -> bool:
-    options = get_field(call.fields, "stream_options", _STREAM_OPTIONS)
-    return options is not None and options.include_usage is True
-
-
-def _expect(response: UpstreamResponse, content_type: str, deployment: Deployment) -> None:
-    if response.content_type != content_type:
-        raise BadGateway(
-            f"Deployment {deployment.describe()} answered {response.content_type or 'no body'}"
-            f", not {content_type}",
-            code="upstream_invalid_response",
-        )
-
-
 def _decode(decode: Callable[[bytes], T], raw: bytes, deployment: Deployment) -> T:
-    try:
-        return decode(raw)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        raise BadGateway(
-            f"Deployment {deployment.describe()} sent an answer that is not Gemini's",
-            code="upstream_invalid_response",
-        ) from None
+    return decode_upstream(decode, raw, deployment, "an answer that is not Gemini's")
 
 
 async def _chunks(

@@ -16,19 +16,34 @@ import msgspec
 
 from aioproxy import (
     ABSENT,
+    CONTENT_PARTS,
     FLOAT,
     INT,
-    MAX_CONTENT_PARTS,
-    MAX_MESSAGES,
-    MAX_STOP,
-    MAX_TOOL_CALLS,
-    MAX_TOOLS,
+    JSON_OBJECT,
+    MESSAGES,
     NULL,
+    RESPONSE_FORMAT,
+    STOP,
     STR,
-    ArrayOf,
+    SYSTEM_ROLES,
+    TOOL_CALLS,
+    TOOL_CHOICE,
+    TOOLS,
+    AnyMessage,
     BadRequest,
+    ContentPart,
+    InputFile,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
     decode_field,
     get_field,
+    image_url_of,
+    is_empty_schema,
+    json_object,
+    part_text,
+    split_data_url,
     text_or_array,
 )
 
@@ -51,7 +66,6 @@ Thinking = Literal["level", "budget"]
 # A Gemini function call's thoughtSignature rides in the OpenAI tool call id after this mark, so
 # that it goes back with the call in the next turn (thinking models refuse a call without it).
 SIGNATURE_MARK = "~sig~"
-_SYSTEM_ROLES = ("system", "developer")
 _URL_SCHEMES = ("https://", "gs://")  # what Gemini fetches itself as fileData
 _AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mp3"}  # OpenAI's input_audio formats
 
@@ -62,106 +76,10 @@ def tool_call_id(signature: str | None) -> str:
     return f"{base}{SIGNATURE_MARK}{signature}" if signature else base
 
 
-# -- what is read of the request -------------------------------------------------------------
+# -- what is read of the request: aioproxy's typed views (MESSAGES, TOOLS...) ----------------
 
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    id: str | None = None
-    type: str = "function"
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    """A message in a large array: the arrays in it stay raw, to be counted in turn."""
-
-    role: str | None = None
-    content: msgspec.Raw = ABSENT
-    tool_calls: msgspec.Raw = ABSENT
-    tool_call_id: str | None = None
-
-
-class _ImageURL(msgspec.Struct):
-    url: str
-
-
-class _File(msgspec.Struct):
-    file_data: str | None = None
-    file_id: str | None = None
-    filename: str | None = None
-
-
-class _Audio(msgspec.Struct):
-    data: str
-    format: str = "wav"
-
-
-class _Part(msgspec.Struct):
-    type: str | None = None
-    text: str | None = None
-    refusal: str | None = None
-    image_url: _ImageURL | str | None = None
-    file: _File | None = None
-    input_audio: _Audio | None = None
-
-
-class _SmallMessage(msgspec.Struct):
-    """A message in a small array (see ArrayOf): decoded whole."""
-
-    role: str | None = None
-    content: str | list[_Part] | None = None
-    tool_calls: list[_ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class _FunctionDefinition(msgspec.Struct):
-    name: str | None = None
-    description: str | None = None
-    parameters: msgspec.Raw = ABSENT
-
-
-class _Tool(msgspec.Struct):
-    type: str | None = None
-    function: _FunctionDefinition | None = None
-
-
-class _Named(msgspec.Struct):
-    name: str
-
-
-class _ToolChoice(msgspec.Struct):
-    type: str | None = None
-    function: _Named | None = None
-
-
-class _JSONSchema(msgspec.Struct):
-    name: str | None = None
-    schema: msgspec.Raw = ABSENT
-
-
-class _ResponseFormat(msgspec.Struct):
-    type: str = ""
-    json_schema: _JSONSchema | None = None
-
-
-class _AnyObject(msgspec.Struct):
-    """Any JSON object, its members skipped: checks one without building it."""
-
-
-_MESSAGES: ArrayOf[_Message | _SmallMessage] = ArrayOf(_Message, MAX_MESSAGES, _SmallMessage)
-_PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
-_TOOL_CALLS: ArrayOf[_ToolCall] = ArrayOf(_ToolCall, MAX_TOOL_CALLS)
-_TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
-_STOP: ArrayOf[str] = ArrayOf(str, MAX_STOP)
-_CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
-_FORMAT = msgspec.json.Decoder(_ResponseFormat | None)
-_OBJECT = msgspec.json.Decoder(_AnyObject)
+_OBJECT_CHECK = "as Gemini takes function args"
 _ANY = msgspec.json.Decoder()
-_EMPTY_OBJECT = msgspec.Raw(b"{}")
 
 # reasoning_effort as a thinking budget in tokens, for Gemini 2.5 models (which have no levels);
 # "none" turns thinking off where the model allows it.
@@ -195,7 +113,7 @@ def to_gemini(
                 f"'{legacy}' is deprecated and not translated for Gemini; use 'tools'",
                 param=legacy,
             )
-    messages = _MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
     if messages is None:
         raise BadRequest("'messages' must be an array of messages", param="messages")
     system, contents = contents_of(messages)
@@ -207,11 +125,11 @@ def to_gemini(
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    tools = _TOOLS.decode(fields.get("tools", ABSENT), "tools")
+    tools = TOOLS.decode(fields.get("tools", ABSENT), "tools")
     if tools:
         declarations = [_declaration(tool, i, schemas) for i, tool in enumerate(tools)]
         out["tools"] = [{"functionDeclarations": declarations}]
-        config = tool_config(get_field(fields, "tool_choice", _CHOICE))
+        config = tool_config(get_field(fields, "tool_choice", TOOL_CHOICE))
         if config is not None:
             out["toolConfig"] = config
     generation = _generation_config(fields, schemas, thinking)
@@ -235,7 +153,7 @@ def _generation_config(
         max_tokens = get_field(fields, "max_tokens", INT)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
-    stop = text_or_array(fields.get("stop", ABSENT), _STOP, "stop")
+    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else stop
     n = get_field(fields, "n", INT)
@@ -243,7 +161,7 @@ def _generation_config(
         if n < 1:
             raise BadRequest("'n' must be at least 1", param="n")
         config["candidateCount"] = n
-    config.update(_response_format(get_field(fields, "response_format", _FORMAT), schemas))
+    config.update(_response_format(get_field(fields, "response_format", RESPONSE_FORMAT), schemas))
     effort = get_field(fields, "reasoning_effort", STR)
     if effort is not None:
         config["thinkingConfig"] = thinking_config(effort, thinking)
@@ -265,15 +183,15 @@ def thinking_config(effort: str, thinking: Thinking) -> dict[str, Any]:
     return {"thinkingLevel": "minimal" if effort == "none" else effort.lower()}
 
 
-def _response_format(fmt: _ResponseFormat | None, schemas: Schemas) -> dict[str, Any]:
+def _response_format(fmt: ResponseFormat | None, schemas: Schemas) -> dict[str, Any]:
     """``response_format`` as responseMimeType and a schema."""
-    if fmt is None or fmt.type == "text":
+    if fmt is None or fmt.type == "text":  # a type-less format: refused below, naming ''
         return {}
     if fmt.type == "json_object":
         return {"responseMimeType": "application/json"}
     if fmt.type != "json_schema":
         raise BadRequest(
-            f"response_format type {fmt.type!r} cannot be sent to Gemini; use text, "
+            f"response_format type {fmt.type or ''!r} cannot be sent to Gemini; use text, "
             "json_object or json_schema",
             param="response_format.type",
         )
@@ -285,7 +203,7 @@ def _response_format(fmt: _ResponseFormat | None, schemas: Schemas) -> dict[str,
     out: dict[str, Any] = {"responseMimeType": "application/json"}
     param = "response_format.json_schema.schema"
     if schemas == "json_schema":
-        decode_field(raw, _OBJECT, param)  # an object, passed on as the client wrote it
+        decode_field(raw, JSON_OBJECT, param)  # an object, passed on as the client wrote it
         out["responseJsonSchema"] = raw
     else:
         out["responseSchema"] = to_gemini_schema(decode_field(raw, _ANY, param), param)
@@ -293,7 +211,7 @@ def _response_format(fmt: _ResponseFormat | None, schemas: Schemas) -> dict[str,
 
 
 def contents_of(
-    messages: list[_Message | _SmallMessage],
+    messages: list[AnyMessage],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The system instruction's parts, and the other messages as Gemini contents.
 
@@ -308,7 +226,7 @@ def contents_of(
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.role
-        if role in _SYSTEM_ROLES:
+        if role in SYSTEM_ROLES:
             parts = _parts(message.content, f"{where}.content")
             if any("text" not in part for part in parts):
                 raise BadRequest(
@@ -338,8 +256,10 @@ def contents_of(
     return system, contents
 
 
-def _parts(content: msgspec.Raw | str | list[_Part] | None, where: str) -> list[dict[str, Any]]:
-    value = text_or_array(content, _PARTS, where)
+def _parts(
+    content: msgspec.Raw | str | list[ContentPart] | None, where: str
+) -> list[dict[str, Any]]:
+    value = text_or_array(content, CONTENT_PARTS, where)
     if value is None:
         return []
     if isinstance(value, str):
@@ -352,28 +272,20 @@ def _parts(content: msgspec.Raw | str | list[_Part] | None, where: str) -> list[
     return parts
 
 
-def part_of(part: _Part, where: str) -> dict[str, Any] | None:
+def part_of(part: ContentPart, where: str) -> dict[str, Any] | None:
     """One OpenAI content part as a Gemini part (None for empty text)."""
     kind = part.type
-    if kind in ("text", "refusal"):  # a refusal the model gave earlier is text to the next turn
-        text = part.text if kind == "text" else part.refusal
-        if text is None:
-            raise BadRequest(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+    if kind in ("text", "refusal"):
+        text = part_text(part, where)
         return {"text": text} if text else None
     if kind == "image_url":
-        image = part.image_url
-        url = image.url if isinstance(image, _ImageURL) else image
-        if url is None:
-            raise BadRequest(
-                f"'{where}.image_url.url' must be a string", param=f"{where}.image_url"
-            )
-        return _media(url, f"{where}.image_url.url", None)
+        return _media(image_url_of(part, where), f"{where}.image_url.url", None)
     if kind == "file":
         return _file_part(part.file, f"{where}.file")
     if kind == "input_audio":
         audio = part.input_audio
         mime = _AUDIO_TYPES.get(audio.format) if audio is not None else None
-        if audio is None or mime is None:
+        if audio is None or mime is None or audio.data is None:
             raise BadRequest(
                 f"'{where}.input_audio' must carry base64 'data' of format wav or mp3",
                 param=f"{where}.input_audio",
@@ -386,7 +298,7 @@ def _media(url: str, where: str, filename: str | None) -> dict[str, Any]:
     """A data URL inline; an https:// (public or signed) or gs:// URL as fileData, which Gemini
     fetches itself. Anything else (plain http, a local path) Gemini cannot read: a 400."""
     if url.startswith("data:"):
-        mime, data = _split_data_url(url, where)
+        mime, data = split_data_url(url, where)
         return {"inlineData": {"mimeType": mime, "data": data}}
     if url.startswith(_URL_SCHEMES):
         file_data = {"fileUri": url}
@@ -400,7 +312,7 @@ def _media(url: str, where: str, filename: str | None) -> dict[str, Any]:
     )
 
 
-def _file_part(file: _File | None, where: str) -> dict[str, Any]:
+def _file_part(file: InputFile | None, where: str) -> dict[str, Any]:
     """An OpenAI ``file`` part: inline data (a PDF, say), or a Gemini file URI as its id."""
     if file is not None and file.file_data is not None:
         if file.file_data.startswith("data:"):
@@ -415,47 +327,25 @@ def _file_part(file: _File | None, where: str) -> dict[str, Any]:
     )
 
 
-def _split_data_url(url: str, where: str) -> tuple[str, str]:
-    header, comma, data = url.partition(",")
-    params = header[len("data:") :].split(";")
-    if not comma or "base64" not in params[1:] or not params[0]:
-        raise BadRequest(
-            f"'{where}' must be a base64 data URL (data:<media type>;base64,<data>)", param=where
-        )
-    return params[0], data
-
-
-def _model_parts(
-    message: _Message | _SmallMessage, where: str, names: dict[str, str]
-) -> list[dict[str, Any]]:
+def _model_parts(message: AnyMessage, where: str, names: dict[str, str]) -> list[dict[str, Any]]:
     parts = _parts(message.content, f"{where}.content")
     if any("text" not in part for part in parts):
         raise BadRequest(
             f"'{where}.content' of an assistant message may only hold text",
             param=f"{where}.content",
         )
-    calls = _TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
     for j, call in enumerate(calls or ()):
         parts.append(_function_call(call, f"{where}.tool_calls[{j}]", names))
     return parts
 
 
-def _function_call(call: _ToolCall, where: str, names: dict[str, str]) -> dict[str, Any]:
+def _function_call(call: ToolCall, where: str, names: dict[str, str]) -> dict[str, Any]:
     function = call.function
     if function is None or call.type != "function" or not function.name:
         raise BadRequest(f"'{where}' must be a function tool call with a name", param=where)
-    arguments = function.arguments or "{}"  # "" is how some clients say "no arguments"
-    try:
-        _OBJECT.decode(arguments)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-        raise BadRequest(
-            f"'{where}.function.arguments' must be a JSON object, as Gemini takes function args",
-            param=f"{where}.function.arguments",
-        ) from None
-    # Checked as one JSON object: passed on as the client wrote it, never built.
-    part: dict[str, Any] = {
-        "functionCall": {"name": function.name, "args": msgspec.Raw(arguments.encode())}
-    }
+    args = json_object(function.arguments, f"{where}.function.arguments", _OBJECT_CHECK)
+    part: dict[str, Any] = {"functionCall": {"name": function.name, "args": args}}
     if call.id:
         names[call.id] = function.name
         _, mark, signature = call.id.partition(SIGNATURE_MARK)
@@ -464,9 +354,7 @@ def _function_call(call: _ToolCall, where: str, names: dict[str, str]) -> dict[s
     return part
 
 
-def _function_response(
-    message: _Message | _SmallMessage, where: str, names: dict[str, str]
-) -> dict[str, Any]:
+def _function_response(message: AnyMessage, where: str, names: dict[str, str]) -> dict[str, Any]:
     name = names.get(message.tool_call_id or "")
     if name is None:
         raise BadRequest(
@@ -481,14 +369,14 @@ def _function_response(
         )
     text = "".join(part["text"] for part in parts)
     try:  # a JSON object is the response itself; anything else is its output
-        _OBJECT.decode(text)
+        JSON_OBJECT.decode(text)
         response: Any = msgspec.Raw(text.encode())
     except (msgspec.DecodeError, RecursionError):
         response = {"output": text}
     return {"functionResponse": {"name": name, "response": response}}
 
 
-def _declaration(tool: _Tool, i: int, schemas: Schemas) -> dict[str, Any]:
+def _declaration(tool: Tool, i: int, schemas: Schemas) -> dict[str, Any]:
     """An OpenAI function tool as a Gemini function declaration."""
     where = f"tools[{i}]"
     function = tool.function
@@ -499,24 +387,24 @@ def _declaration(tool: _Tool, i: int, schemas: Schemas) -> dict[str, Any]:
         out["description"] = function.description
     schema = function.parameters
     # A tool without parameters: Gemini takes a declaration without any.
-    if schema and schema != NULL and schema != _EMPTY_OBJECT:
+    if not is_empty_schema(schema):
         param = f"{where}.function.parameters"
         if schemas == "json_schema":
-            decode_field(schema, _OBJECT, param)
+            decode_field(schema, JSON_OBJECT, param)
             out["parametersJsonSchema"] = schema
         else:
             out["parameters"] = to_gemini_schema(decode_field(schema, _ANY, param), param)
     return out
 
 
-def tool_config(choice: str | _ToolChoice | None) -> dict[str, Any] | None:
+def tool_config(choice: str | ToolChoice | None) -> dict[str, Any] | None:
     """OpenAI's ``tool_choice`` as Gemini's ``toolConfig`` (None: Gemini's default, AUTO)."""
     if choice is None:
         return None
     if choice in ("auto", "none", "required"):
         mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[str(choice)]
         return {"functionCallingConfig": {"mode": mode}}
-    if isinstance(choice, _ToolChoice) and choice.type == "function" and choice.function:
+    if isinstance(choice, ToolChoice) and choice.type == "function" and choice.function:
         allowed = {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}
         return {"functionCallingConfig": allowed}
     raise BadRequest(

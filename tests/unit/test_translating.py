@@ -1,0 +1,186 @@
+"""The translating providers' kit (aioproxy.translating), as plugins import it from aioproxy."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import msgspec
+import pytest
+
+from aioproxy import (
+    CONTENT_PARTS,
+    MAX_MESSAGES,
+    MESSAGES,
+    RESPONSE_FORMAT,
+    TOOL_CHOICE,
+    BadGateway,
+    BadRequest,
+    ChunkMaker,
+    ContentPart,
+    Deployment,
+    Message,
+    RawMessage,
+    ToolChoice,
+    UpstreamResponse,
+    assistant_choice,
+    chat_completion,
+    decode_upstream,
+    expect_content_type,
+    get_field,
+    image_url_of,
+    include_usage,
+    is_empty_schema,
+    json_object,
+    part_text,
+    raw_fields,
+    split_data_url,
+    text_or_array,
+    token_count,
+    tool_call,
+)
+
+DEPLOYMENT = Deployment(name="m", provider="p", model="up-1")
+
+
+def test_small_message_arrays_are_decoded_whole_and_large_ones_raw() -> None:
+    small = MESSAGES.decode(msgspec.json.encode([{"role": "user", "content": "hi"}]), "messages")
+    assert small == [Message(role="user", content="hi")]
+    big = [{"role": "user", "content": "x" * 100}] * 1000  # past the small size: items raw
+    messages = MESSAGES.decode(msgspec.json.encode(big), "messages")
+    assert messages is not None and isinstance(messages[0], RawMessage)
+    assert text_or_array(messages[0].content, CONTENT_PARTS, "messages[0].content") == "x" * 100
+
+
+def test_too_many_messages_is_a_400_naming_the_field() -> None:
+    too_many = msgspec.json.encode([{}] * (MAX_MESSAGES + 1))
+    with pytest.raises(BadRequest) as caught:
+        MESSAGES.decode(too_many, "messages")
+    assert caught.value.param == "messages"
+
+
+def test_tool_choice_and_response_format() -> None:
+    fields = raw_fields(
+        {
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+        }
+    )
+    choice = get_field(fields, "tool_choice", TOOL_CHOICE)
+    assert isinstance(choice, ToolChoice) and choice.function and choice.function.name == "f"
+    fmt = get_field(fields, "response_format", RESPONSE_FORMAT)
+    assert fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None
+    assert bytes(fmt.json_schema.schema) == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, False),
+        ({"stream_options": None}, False),
+        ({"stream_options": {}}, False),
+        ({"stream_options": {"include_usage": False}}, False),
+        ({"stream_options": {"include_usage": True}}, True),
+    ],
+)
+def test_include_usage(body: dict[str, Any], expected: bool) -> None:
+    assert include_usage(raw_fields(body)) is expected
+
+
+def test_include_usage_of_the_wrong_type_is_a_400() -> None:
+    with pytest.raises(BadRequest) as caught:
+        include_usage(raw_fields({"stream_options": {"include_usage": "yes"}}))
+    assert caught.value.param == "stream_options.include_usage"
+
+
+def test_parts() -> None:
+    assert part_text(ContentPart(type="refusal", refusal="no"), "p") == "no"
+    with pytest.raises(BadRequest) as caught:
+        part_text(ContentPart(type="text"), "messages[0].content[1]")
+    assert caught.value.param == "messages[0].content[1].text"
+    assert image_url_of(ContentPart(type="image_url", image_url="https://x/i.png"), "p") == (
+        "https://x/i.png"
+    )
+    with pytest.raises(BadRequest) as caught:
+        image_url_of(ContentPart(type="image_url"), "m[0]")
+    assert caught.value.param == "m[0].image_url"
+
+
+def test_split_data_url() -> None:
+    assert split_data_url("data:image/png;base64,AAAA", "u") == ("image/png", "AAAA")
+    for bad in ("data:image/png,AAAA", "data:;base64,AAAA", "data:image/png;base64", "x"):
+        with pytest.raises(BadRequest) as caught:
+            split_data_url(bad, "messages[0].content[0].image_url.url")
+        assert caught.value.param == "messages[0].content[0].image_url.url"
+
+
+def test_json_object_keeps_the_clients_bytes() -> None:
+    assert bytes(json_object('{"a": [1, 2]}', "args", "as X takes")) == b'{"a": [1, 2]}'
+    assert bytes(json_object("", "args", "as X takes")) == b"{}"
+    assert bytes(json_object(None, "args", "as X takes")) == b"{}"
+    for bad in ("[1]", "{", '"s"', "[" * 100_000):
+        with pytest.raises(BadRequest) as caught:
+            json_object(bad, "tool_calls[0].function.arguments", "as X takes tool input")
+        assert caught.value.param == "tool_calls[0].function.arguments"
+        assert "as X takes tool input" in caught.value.message
+
+
+def test_is_empty_schema() -> None:
+    assert is_empty_schema(msgspec.Raw())
+    assert is_empty_schema(msgspec.Raw(b"null"))
+    assert is_empty_schema(msgspec.Raw(b"{}"))
+    assert not is_empty_schema(msgspec.Raw(b'{"type": "object"}'))
+
+
+class _Shape(msgspec.Struct):
+    n: int
+
+
+def test_decode_upstream_refuses_what_is_not_of_its_shape_with_a_502() -> None:
+    decode = msgspec.json.Decoder(_Shape).decode
+    assert decode_upstream(decode, b'{"n": 1}', DEPLOYMENT, "junk") == _Shape(1)
+    for bad in (b"not json", b'{"n": "one"}', b"[" * 100_000):
+        with pytest.raises(BadGateway) as caught:
+            decode_upstream(decode, bad, DEPLOYMENT, "an answer that is not X's")
+        assert caught.value.code == "upstream_invalid_response"
+        assert caught.value.message == "Deployment m (p:up-1) sent an answer that is not X's"
+
+
+def test_expect_content_type() -> None:
+    stream = cast(UpstreamResponse, SimpleNamespace(content_type="text/event-stream"))
+    expect_content_type(stream, "text/event-stream", DEPLOYMENT)
+    json_answer = cast(UpstreamResponse, SimpleNamespace(content_type="application/json"))
+    with pytest.raises(BadGateway) as caught:
+        expect_content_type(json_answer, "text/event-stream", DEPLOYMENT)
+    assert caught.value.code == "upstream_invalid_response"
+    assert "application/json, not text/event-stream" in caught.value.message
+
+
+def test_the_clients_answer_in_openai_shapes() -> None:
+    call = tool_call("call_1", "f", msgspec.Raw(b'{"a":1}'))
+    assert call == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"a":1}'},
+    }
+    assert tool_call("c", "f", msgspec.Raw())["function"]["arguments"] == "{}"
+    assert tool_call("c", "f", msgspec.Raw(b"null"))["function"]["arguments"] == "{}"
+    choice = assistant_choice(0, "", [call], "tool_calls")
+    assert choice["message"]["content"] is None  # null beside tool calls, as OpenAI sends it
+    assert choice["message"]["tool_calls"] == [call]
+    said = assistant_choice(1, "", [], "stop")
+    assert said["message"]["content"] == "" and "tool_calls" not in said["message"]
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    completion = chat_completion("id1", model="m", created=5, choices=[said], usage=usage)
+    assert completion["object"] == "chat.completion" and completion["usage"] == usage
+    chunks = ChunkMaker("id1", model="m", created=5)
+    chunk = chunks.chunk({"content": "x"}, index=2)
+    assert chunk["choices"] == [
+        {"index": 2, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}
+    ]
+    assert "usage" not in chunk
+    with_usage = ChunkMaker("id1", model="m", created=5, include_usage=True)
+    assert with_usage.chunk({}, "stop")["usage"] is None
+    last = with_usage.usage_chunk_of(usage)
+    assert last["choices"] == [] and last["usage"] == usage and last["id"] == "id1"
+    assert [token_count(n) for n in (None, -3, 0, 7)] == [0, 0, 0, 7]
