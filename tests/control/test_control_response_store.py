@@ -1,0 +1,42 @@
+"""The Responses store lives in the control plane's database (issue 12, item 1): a response
+made through one instance is read back, and chained onto, through another on that database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.control.conftest import Control
+from tests.support import sdk
+
+
+async def rows(control: Control, statement: str) -> list[Any]:
+    async with control.plane.engine.connect() as connection:
+        return list((await connection.exec_driver_sql(statement)).all())
+
+
+async def test_a_second_instance_on_the_database_reads_stored_responses(
+    start_control: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # the old store's file would land here
+    first, second = await start_control(), await start_control()
+    async with sdk(first.server) as client:
+        bridged = await client.responses.create(model="echo", input="my name is Ada")
+        native = await client.responses.create(model="gpt-test", input="hello")
+    async with sdk(second.server) as client:
+        again = await client.responses.retrieve(bridged.id)
+        chained = await client.responses.create(
+            model="echo", input="and you?", previous_response_id=bridged.id
+        )
+        native_again = await client.responses.retrieve(native.id)  # routed by the shared record
+    assert again.output_text == "my name is Ada"
+    assert chained.usage is not None and chained.usage.input_tokens == 10  # the history counted
+    assert native_again.id == native.id
+    stored = await rows(first, "SELECT id, previous_id FROM stored_responses ORDER BY seq")
+    assert stored == [(bridged.id, None), (chained.id, bridged.id)]
+    assert await rows(second, "SELECT id FROM native_responses") == [(native.id,)]
+    assert list(workdir.iterdir()) == []  # no file of its own
