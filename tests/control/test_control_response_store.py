@@ -40,3 +40,16 @@ async def test_a_second_instance_on_the_database_reads_stored_responses(
     assert stored == [(bridged.id, None), (chained.id, bridged.id)]
     assert await rows(second, "SELECT id FROM native_responses") == [(native.id,)]
     assert list(workdir.iterdir()) == []  # no file of its own
+
+
+async def test_the_old_store_path_is_deprecated_with_a_warning(
+    start_control: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = tmp_path / "aioproxy-responses.sqlite3"
+    control = await start_control(responses={"store_path": str(old), "ttl": 60})
+    async with sdk(control.server) as client:
+        created = await client.responses.create(model="echo", input="hi")
+        assert (await client.responses.retrieve(created.id)).output_text == "hi"
+    assert "[responses] store_path is deprecated and ignored" in caplog.text
+    assert not old.exists()  # the setting is not used: the rows are in the database
+    assert await rows(control, "SELECT id FROM stored_responses") == [(created.id,)]
