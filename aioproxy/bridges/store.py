@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
@@ -105,6 +106,7 @@ class ResponseStore:
         self._clock = clock
         self._schedule = schedule  # None: the running loop's call_later
         self._engine: AsyncEngine | None = None if isinstance(database, str) else database
+        self._sqlite: _SQLiteThread | None = None  # on SQLite: the store's thread and connection
         self._opening: asyncio.Future[None] | None = None
         # Between two cleanups only a timer waits, no task: the store holds no task while idle.
         self._timer: asyncio.Handle | None = None
@@ -153,6 +155,9 @@ class ResponseStore:
         if opening is not None and not opening.done():
             with contextlib.suppress(Exception):
                 await opening  # an open in flight: let it finish, then close what it opened
+        sqlite_thread, self._sqlite = self._sqlite, None
+        if sqlite_thread is not None:
+            await sqlite_thread.close()
         if opening is not None and self._engine is not None:  # the store's own engine
             await self._engine.dispose()
         self._engine = None
@@ -179,10 +184,11 @@ class ResponseStore:
             "turn": encoded_turn,
         }
 
-        async def save(connection: AsyncConnection) -> None:
-            await connection.execute(_T.insert().values(row))
+        def save(connection: sa.Connection) -> None:
+            connection.execute(_T.insert().values(row))
             if previous_id is not None:  # the chain lives as long as its newest response
-                await connection.execute(_touch_chain(previous_id, owner, now))
+                touch = {"chain_start": previous_id, "chain_owner": owner, "touch_time": now}
+                connection.execute(_TOUCH_CHAIN, touch)
 
         await self._run(save, write=True)
 
@@ -194,8 +200,8 @@ class ResponseStore:
         turns come to more than ``max_bytes`` (counted before any is read)."""
         cutoff = self._cutoff()
 
-        async def read(connection: AsyncConnection) -> tuple[bytes, list[bytes]] | None:
-            return await _chain(connection, response_id, owner, cutoff, max_bytes)
+        def read(connection: sa.Connection) -> tuple[bytes, list[bytes]] | None:
+            return _chain(connection, response_id, owner, cutoff, max_bytes)
 
         found = await self._run(read)
         if found is None:
@@ -223,8 +229,8 @@ class ResponseStore:
         it can no longer be chained onto (``get`` raises BrokenChain)."""
         statement = _T.delete().where(_T.c.id == response_id, _T.c.owner == owner)
 
-        async def delete(connection: AsyncConnection) -> bool:
-            return (await connection.execute(statement)).rowcount > 0
+        def delete(connection: sa.Connection) -> bool:
+            return connection.execute(statement).rowcount > 0
 
         return await self._run(delete, write=True)
 
@@ -233,16 +239,12 @@ class ResponseStore:
         number deleted."""
         cutoff, max_bytes = self._cutoff(), self.max_bytes
 
-        async def cleanup(connection: AsyncConnection) -> int:
-            deleted = (
-                await connection.execute(_T.delete().where(_T.c.touched_at < cutoff))
-            ).rowcount
+        def cleanup(connection: sa.Connection) -> int:
+            deleted = connection.execute(_T.delete().where(_T.c.touched_at < cutoff)).rowcount
             # A native response's id is kept as long as a stored one would be.
-            deleted += (
-                await connection.execute(_N.delete().where(_N.c.created_at < cutoff))
-            ).rowcount
+            deleted += connection.execute(_N.delete().where(_N.c.created_at < cutoff)).rowcount
             if max_bytes is not None:
-                deleted += (await connection.execute(_evict_beyond(max_bytes))).rowcount
+                deleted += connection.execute(_EVICT, {"max_bytes": max_bytes}).rowcount
             return deleted
 
         return await self._run(cleanup, write=True)
@@ -258,10 +260,10 @@ class ResponseStore:
             "created_at": int(self._clock()),
         }
 
-        async def remember(connection: AsyncConnection) -> None:
+        def remember(connection: sa.Connection) -> None:
             insert = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert
             statement = insert(_N).values(row)
-            await connection.execute(
+            connection.execute(
                 statement.on_conflict_do_update(
                     index_elements=[_N.c.id],
                     set_={
@@ -276,8 +278,8 @@ class ResponseStore:
         """The deployment key and owner of a natively created response, or None if unknown."""
         statement = sa.select(_N.c.deployment, _N.c.principal).where(_N.c.id == response_id)
 
-        async def lookup(connection: AsyncConnection) -> tuple[str, str] | None:
-            row = (await connection.execute(statement)).first()
+        def lookup(connection: sa.Connection) -> tuple[str, str] | None:
+            row = connection.execute(statement).first()
             return None if row is None else (row[0], row[1])
 
         return await self._run(lookup)
@@ -290,8 +292,8 @@ class ResponseStore:
             _T.c.id == response_id, _T.c.owner == owner, _T.c.touched_at >= self._cutoff()
         )
 
-        async def read(connection: AsyncConnection) -> bytes | None:
-            raw: bytes | None = (await connection.execute(statement)).scalar()
+        def read(connection: sa.Connection) -> bytes | None:
+            raw: bytes | None = connection.execute(statement).scalar()
             return raw
 
         return await self._run(read)
@@ -319,33 +321,76 @@ class ResponseStore:
         """Rows touched before this are expired."""
         return int(self._clock() - self.ttl) if self.ttl is not None else -(2**62)
 
-    async def _run(
-        self, fn: Callable[[AsyncConnection], Awaitable[_R]], *, write: bool = False
-    ) -> _R:
+    async def _run(self, fn: Callable[[sa.Connection], _R], *, write: bool = False) -> _R:
         """``fn`` in one transaction (committed if ``write``); a failure of the database is
-        StoreUnavailable."""
+        StoreUnavailable.
+
+        On SQLite, ``fn`` runs whole on the store's one thread, on a connection of its own to
+        the database file: one hop off the event loop per call, where the async driver would
+        take several per statement. On PostgreSQL, on the engine's connection."""
         try:
             if self._engine is None:
                 await self.open()  # the first use opens it
             engine = self._engine
             if engine is None:  # closed meanwhile
                 raise RuntimeError("the response store is closed")
-            async with engine.connect() as connection, connection.begin() as transaction:
-                result = await fn(connection)
-                if not write:
-                    await transaction.rollback()  # nothing to keep: ends the read at once
-                return result
+            if engine.dialect.name == "sqlite":
+                if self._sqlite is None:
+                    self._sqlite = _SQLiteThread(engine.url)
+                return await self._sqlite.run(fn, write)
+            async with engine.connect() as connection:
+                return await connection.run_sync(_in_transaction, fn, write)
         except (BrokenChain, HistoryTooLarge):
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors, the disk, a closed store
             raise _unavailable("The response store is unavailable", exc) from None
 
 
-def _touch_chain(previous_id: str, owner: str, now: int) -> sa.Update:
+def _in_transaction(
+    connection: sa.Connection, fn: Callable[[sa.Connection], _R], write: bool
+) -> _R:
+    with connection.begin() as transaction:
+        result = fn(connection)
+        if not write:
+            transaction.rollback()  # nothing to keep: ends the read at once
+        return result
+
+
+class _SQLiteThread:
+    """A synchronous engine on the SQLite file the async engine opened, used from one thread."""
+
+    def __init__(self, url: sa.URL) -> None:
+        self._engine = sa.create_engine(
+            url.set(drivername="sqlite+pysqlite"), poolclass=sa.pool.SingletonThreadPool
+        )
+        sa.event.listen(self._engine, "connect", _on_sqlite_connect)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
+
+    async def run(self, fn: Callable[[sa.Connection], _R], write: bool) -> _R:
+        def call() -> _R:
+            with self._engine.connect() as connection:
+                return _in_transaction(connection, fn, write)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        self._executor.shutdown(wait=True)  # idle by now: returns at once
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Another process (a worker, the control plane) holding the write lock: wait, do not fail.
+    # The file is in WAL mode already (the control plane's engine set it).
+    dbapi_connection.execute("PRAGMA busy_timeout = 5000")
+    dbapi_connection.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
+
+
+def _touch_chain() -> sa.Update:
     """Set ``touched_at`` of ``previous_id`` and every response before it (one statement)."""
     older = _T.alias("older")
     chain = sa.select(
-        sa.literal(previous_id, sa.Text).label("id"), sa.literal(0, sa.Integer).label("depth")
+        sa.bindparam("chain_start", type_=sa.Text).label("id"),
+        sa.literal(0, sa.Integer).label("depth"),
     ).cte("chain", recursive=True)
     chain = chain.union_all(
         sa.select(older.c.previous_id, chain.c.depth + 1).where(
@@ -354,31 +399,26 @@ def _touch_chain(previous_id: str, owner: str, now: int) -> sa.Update:
     )
     return (
         _T.update()
-        .where(_T.c.id.in_(sa.select(chain.c.id)), _T.c.owner == owner)
-        .values(touched_at=now)
+        .where(_T.c.id.in_(sa.select(chain.c.id)), _T.c.owner == sa.bindparam("chain_owner"))
+        .values(touched_at=sa.bindparam("touch_time"))
     )
 
 
-def _evict_beyond(max_bytes: int) -> sa.Delete:
-    """Keep the most recently touched while they fit; at equal times an earlier row (one a
-    later row may chain onto) is kept first, so no chain loses its middle."""
+def _evict() -> sa.Delete:
+    """Keep the most recently touched while they fit (``max_bytes``); at equal times an earlier
+    row (one a later row may chain onto) is kept first, so no chain loses its middle."""
     kept = sa.func.sum(_T.c.size).over(order_by=(_T.c.touched_at.desc(), _T.c.seq.asc()))
     running = sa.select(_T.c.seq, kept.label("kept")).subquery("running")
     return _T.delete().where(
-        _T.c.seq.in_(sa.select(running.c.seq).where(running.c.kept > max_bytes))
+        _T.c.seq.in_(sa.select(running.c.seq).where(running.c.kept > sa.bindparam("max_bytes")))
     )
 
 
-async def _chain(
-    connection: AsyncConnection,
-    response_id: str,
-    owner: str,
-    cutoff: int,
-    max_bytes: int | None,
-) -> tuple[bytes, list[bytes]] | None:
-    """The response and the turns of its chain, oldest first: a bounded walk (``MAX_CHAIN``
-    turns, ``max_bytes`` of them) of ids and sizes first, then the turns themselves."""
-    live = (_T.c.owner == owner, _T.c.touched_at >= cutoff)
+def _links() -> sa.Select[Any]:
+    """The ids, previous ids and turn sizes of ``response_id``'s chain, newest first, at most
+    ``MAX_CHAIN``: the walk reads no turn."""
+    owner = sa.bindparam("owner", type_=sa.Text)
+    cutoff = sa.bindparam("cutoff", type_=sa.BigInteger)
     links = (
         sa.select(
             _T.c.id,
@@ -386,7 +426,9 @@ async def _chain(
             sa.func.length(_T.c.turn).label("size"),
             sa.literal(0, sa.Integer).label("depth"),
         )
-        .where(_T.c.id == response_id, *live)
+        .where(
+            _T.c.id == sa.bindparam("response_id"), _T.c.owner == owner, _T.c.touched_at >= cutoff
+        )
         .cte("links", recursive=True)
     )
     older = _T.alias("older")
@@ -400,11 +442,38 @@ async def _chain(
             links.c.depth < MAX_CHAIN - 1,
         )
     )
-    walk = (
-        await connection.execute(
-            sa.select(links.c.id, links.c.previous_id, links.c.size).order_by(links.c.depth)
-        )
-    ).all()
+    return sa.select(links.c.id, links.c.previous_id, links.c.size).order_by(links.c.depth)
+
+
+# The turns of some of a chain's ``ids``, and the Response object of ``response_id`` alone.
+_TURNS = sa.select(
+    _T.c.id,
+    _T.c.turn,
+    sa.case((_T.c.id == sa.bindparam("response_id"), _T.c.response), else_=sa.null()),
+).where(
+    _T.c.id.in_(sa.bindparam("ids", expanding=True)),
+    _T.c.owner == sa.bindparam("owner"),
+    _T.c.touched_at >= sa.bindparam("cutoff"),
+)
+# Built once: SQLAlchemy caches their SQL, and nothing is rebuilt per call.
+_TOUCH_CHAIN = _touch_chain()
+_EVICT = _evict()
+_LINKS = _links()
+
+
+def _chain(
+    connection: sa.Connection,
+    response_id: str,
+    owner: str,
+    cutoff: int,
+    max_bytes: int | None,
+) -> tuple[bytes, list[bytes]] | None:
+    """The response and the turns of its chain, oldest first: a bounded walk (``MAX_CHAIN``
+    turns, ``max_bytes`` of them) of ids and sizes first, then the turns themselves."""
+    params = {"response_id": response_id, "owner": owner, "cutoff": cutoff}
+    walk: list[tuple[str, str | None, int]] = [
+        (row[0], row[1], row[2]) for row in connection.execute(_LINKS, params)
+    ]
     if not walk:
         return None
     size = 0
@@ -419,15 +488,12 @@ async def _chain(
         raise BrokenChain(missing)
     ids = [row[0] for row in walk]
     turns: dict[str, bytes] = {}
+    response: bytes | None = None
     for start in range(0, len(ids), _IDS_PER_QUERY):
-        chunk = ids[start : start + _IDS_PER_QUERY]
-        rows = await connection.execute(
-            sa.select(_T.c.id, _T.c.turn).where(_T.c.id.in_(chunk), *live)
-        )
-        turns.update((row[0], row[1]) for row in rows)
-    response = (
-        await connection.execute(sa.select(_T.c.response).where(_T.c.id == response_id, *live))
-    ).scalar()
+        chunk = {**params, "ids": ids[start : start + _IDS_PER_QUERY]}
+        for link, turn, its_response in connection.execute(_TURNS, chunk):
+            turns[link] = turn
+            response = its_response if link == response_id else response
     for link in ids:  # deleted between the walk and the read
         if link not in turns:
             raise BrokenChain(link)
