@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from aioproxy.control.engine import open_engine
+from aioproxy.control.plane import plane_key
 from tests.control.conftest import Control
 from tests.support import sdk
 
@@ -53,3 +55,24 @@ async def test_the_old_store_path_is_deprecated_with_a_warning(
     assert "[responses] store_path is deprecated and ignored" in caplog.text
     assert not old.exists()  # the setting is not used: the rows are in the database
     assert await rows(control, "SELECT id FROM stored_responses") == [(created.id,)]
+
+
+async def test_without_the_database_plugin_the_store_opens_the_database_itself(
+    start_control: Any, db_url: str
+) -> None:
+    """An operator who replaces the control plane keeps stored responses in ``[database] url``."""
+    control = await start_control(
+        plugins_config={"disable": ["database", "keyauth", "limits", "spend"]}
+    )
+    assert plane_key not in control.server.app
+    async with sdk(control.server) as client:
+        created = await client.responses.create(model="echo", input="hi")
+        again = await client.responses.retrieve(created.id)
+    assert again.output_text == "hi"
+    engine = await open_engine(db_url)
+    try:
+        async with engine.connect() as connection:
+            found = (await connection.exec_driver_sql("SELECT id FROM stored_responses")).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(row) for row in found] == [(created.id,)]
