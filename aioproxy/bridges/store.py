@@ -185,7 +185,7 @@ class ResponseStore:
         }
 
         def save(connection: sa.Connection) -> None:
-            connection.execute(_T.insert().values(row))
+            connection.execute(_INSERT, row)
             if previous_id is not None:  # the chain lives as long as its newest response
                 touch = {"chain_start": previous_id, "chain_owner": owner, "touch_time": now}
                 connection.execute(_TOUCH_CHAIN, touch)
@@ -456,6 +456,7 @@ _TURNS = sa.select(
     _T.c.touched_at >= sa.bindparam("cutoff"),
 )
 # Built once: SQLAlchemy caches their SQL, and nothing is rebuilt per call.
+_INSERT = _T.insert()
 _TOUCH_CHAIN = _touch_chain()
 _EVICT = _evict()
 _LINKS = _links()
