@@ -67,7 +67,7 @@ class Runtime:
             )
         store = (
             ResponseStore(
-                database or self.config.database.url,
+                self.config.database.url if database is None else database,
                 ttl=settings.ttl,
                 max_bytes=settings.max_bytes,
                 cleanup_interval=settings.cleanup_interval,
