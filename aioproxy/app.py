@@ -19,7 +19,14 @@ from .errors import error_middleware
 from .h1client import H1Pool
 from .handlers import health, make_deployment_handlers, make_handlers, readiness
 from .ingress import Ingress
-from .keys import config_key, plugin_manager_key, pool_key, runtime_key, session_key
+from .keys import (
+    config_key,
+    database_key,
+    plugin_manager_key,
+    pool_key,
+    runtime_key,
+    session_key,
+)
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings, registrar
 from .routes import ALIASES, AZURE_ALIASES, DEPLOYMENT_ALIASES, merge_aliases, route_table
@@ -128,7 +135,7 @@ async def _upstream_context(app: web.Application) -> AsyncIterator[None]:
     app[session_key] = session
     app[pool_key] = pool
     try:
-        await runtime.start(Upstream(pool, config, session))
+        await runtime.start(Upstream(pool, config, session), app.get(database_key))
         yield
     finally:
         await runtime.close()

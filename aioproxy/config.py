@@ -213,9 +213,12 @@ class UpstreamConfig(Base, frozen=True):
 
 
 class ResponsesConfig(Base, frozen=True):
-    """The Responses API bridge's store: where ``store: true`` responses are kept (SQLite)."""
+    """The Responses API bridge's store: ``store: true`` responses, kept in the control plane's
+    database (``[database] url``)."""
 
-    store_path: str = "aioproxy-responses.sqlite3"  # relative paths: to the working directory
+    # Deprecated and ignored (stored responses live in ``[database] url``; a warning says so):
+    # responses kept in the old file are not carried over.
+    store_path: str | None = None
     store: bool = True  # False: never store, whatever the request says
     # Seconds a response is kept after it was created or last chained onto (OpenAI: 30 days).
     ttl: PositiveFloat | None = 30 * 24 * 3600.0

@@ -12,10 +12,13 @@ from .config import Config
 from .h1client import H1Pool
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from .runtime import Runtime
 
 __all__ = [
     "config_key",
+    "database_key",
     "plugin_manager_key",
     "pool_key",
     "runtime_key",
@@ -25,5 +28,7 @@ __all__ = [
 config_key = web.AppKey("aioproxy.config", Config)
 plugin_manager_key = web.AppKey("aioproxy.plugin_manager", pluggy.PluginManager)
 runtime_key: web.AppKey[Runtime] = web.AppKey("aioproxy.runtime")
+# The control plane's database, once opened (the Responses store shares it).
+database_key: web.AppKey[AsyncEngine] = web.AppKey("aioproxy.database")
 session_key = web.AppKey("aioproxy.session", aiohttp.ClientSession)
 pool_key = web.AppKey("aioproxy.pool", H1Pool)

@@ -3,8 +3,10 @@ keep-alive clock and response store."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import pluggy
 from aiohttp import web
@@ -23,7 +25,12 @@ from .router import Clock, Router
 from .routes import Kind
 from .upstream import Upstream
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 __all__ = ["Runtime"]
+
+log = logging.getLogger("aioproxy")
 
 
 class Runtime:
@@ -47,13 +54,20 @@ class Runtime:
         interval = config.server.keepalive_interval
         self.keepalive = KeepAliveClock(interval) if interval else None
 
-    async def start(self, upstream: Upstream) -> None:
+    async def start(self, upstream: Upstream, database: AsyncEngine | None = None) -> None:
         """Start the providers on ``upstream``; keep the response store if something serves
-        responses (it is opened by its first use)."""
+        responses, in the control plane's ``database`` (without one: its own engine on
+        ``[database] url``, opened now, so that a database that cannot be opened stops start-up)."""
         settings = self.config.responses
+        if settings.store_path is not None:
+            log.warning(
+                "[responses] store_path is deprecated and ignored: stored responses live in"
+                " [database] url; those kept in %s are not carried over",
+                settings.store_path,
+            )
         store = (
             ResponseStore(
-                settings.store_path,
+                self.config.database.url if database is None else database,
                 ttl=settings.ttl,
                 max_bytes=settings.max_bytes,
                 cleanup_interval=settings.cleanup_interval,
@@ -63,7 +77,7 @@ class Runtime:
         )
         await self.registry.start(upstream, store, self.dispatcher)
         if store is not None and self.registry.serves(Kind.RESPONSES):
-            store.check()
+            await store.open()
             store.start()  # its periodic cleanup
             self.store = store
         else:  # nothing serves responses: nothing to keep

@@ -1,8 +1,8 @@
 """Stored Responses API answers, for ``previous_response_id`` and ``GET /v1/responses/{id}``.
 
-SQLite in WAL mode, so that several worker processes can share one file. Every query runs on the
-store's single worker thread: the event loop never waits on the disk, and the one connection is
-only ever used from one thread.
+They live in the control plane's database (``[database] url``: SQLite or PostgreSQL), in the
+tables of ``aioproxy.control.store_tables``, which the database's migrations create. The store
+uses the control plane's engine when the app has one, else opens its own on the same URL.
 """
 
 from __future__ import annotations
@@ -10,20 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from ..context import Principal
 
 __all__ = ["BrokenChain", "HistoryTooLarge", "ResponseStore", "StoreUnavailable", "owner_of"]
@@ -31,7 +31,7 @@ __all__ = ["BrokenChain", "HistoryTooLarge", "ResponseStore", "StoreUnavailable"
 # How the store waits for its next cleanup: loop.call_later's signature (tests pass their own).
 Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
 
-_R = TypeVar("_R")  # what a store call run in the executor returns
+_R = TypeVar("_R")  # what a store call returns
 
 log = logging.getLogger("aioproxy")
 
@@ -39,35 +39,11 @@ _encode = msgspec.json.Encoder().encode
 _decode_response = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_turn = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
-# Version 1 (no user_version) owned rows by key *name* and kept the whole history in each row.
-# Its rows are dropped, not converted: a name says nothing of which credential wrote the row.
-_VERSION = 2
-_SCHEMA = (
-    """
-    CREATE TABLE responses (
-        id TEXT PRIMARY KEY,
-        owner TEXT NOT NULL,       -- Principal.id: a digest of the key, never its name
-        previous_id TEXT,          -- the response this one continues (previous_response_id)
-        touched_at INTEGER NOT NULL,  -- creation, or a later response chaining onto it
-        size INTEGER NOT NULL,     -- bytes of response and turn, for the size bound
-        response BLOB NOT NULL,    -- the Response object
-        turn BLOB NOT NULL         -- this request's input and the answer, as chat messages
-    )
-    """,
-    "CREATE INDEX responses_touched ON responses (touched_at)",
-)
-# Responses an upstream created natively: which deployment holds each, and whose it is (a
-# Principal.id). Only the ids: the responses themselves stay upstream.
-_NATIVE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS native_responses (
-    id TEXT PRIMARY KEY,
-    principal TEXT NOT NULL,
-    deployment TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-)
-"""
-_BUSY_TIMEOUT_MS = 5000  # another worker process holding the write lock: wait, do not fail
 MAX_CHAIN = 10_000  # chained responses read back for one request; the walk stops there
+_IDS_PER_QUERY = 500  # ids in one ``IN (...)``: well under SQLite's bound on parameters
+
+_T = stored_responses
+_N = native_responses
 
 
 class BrokenChain(Exception):
@@ -108,11 +84,14 @@ class ResponseStore:
     so storage grows with each turn, not with the history. A response chained onto is touched,
     together with every response before it, so a chain expires (``ttl``) or is evicted (the
     oldest first, beyond ``max_bytes``) from its end, never from its middle.
+
+    ``database`` is the control plane's engine (shared, not disposed here) or a database URL
+    (``[database] url``; the store opens, migrates and disposes an engine of its own).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        database: str | AsyncEngine,
         *,
         ttl: float | None = None,
         max_bytes: int | None = None,
@@ -120,36 +99,19 @@ class ResponseStore:
         clock: Callable[[], float] = time.time,
         schedule: Schedule | None = None,
     ) -> None:
-        self.path = str(path)
+        self.url = database if isinstance(database, str) else None
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.cleanup_interval = cleanup_interval
         self._clock = clock
         self._schedule = schedule  # None: the running loop's call_later
-        self._executor: ThreadPoolExecutor | None = None
-        self._db: sqlite3.Connection | None = None
+        self._engine: AsyncEngine | None = None if isinstance(database, str) else database
+        self._sqlite: _SQLiteThread | None = None  # on SQLite: the store's thread and connection
         self._opening: asyncio.Future[None] | None = None
         # Between two cleanups only a timer waits, no task: the store holds no task while idle.
         self._timer: asyncio.Handle | None = None
         self._cleaning: asyncio.Future[None] | None = None
         self._closed = False
-
-    def check(self) -> None:
-        """Fail now, at start-up, if the database could not be opened for writing (its folder
-        is made here).
-
-        The database itself is opened by its first use: an app that never stores a response
-        never loads SQLite (~1.2 MiB of RSS), starts the store's thread or creates the file.
-        """
-        if self._in_memory():
-            return
-        path = Path(self.path).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
-                raise PermissionError(f"the response store {path} is not a writable file")
-        elif not os.access(path.parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"the response store's folder {path.parent} is not writable")
 
     def start(self) -> None:
         """Start the periodic cleanup (expiry and size bound), off the request path."""
@@ -159,23 +121,26 @@ class ResponseStore:
             self._plan_cleanup()
 
     async def open(self) -> None:
-        """Open (creating if need be) the database file and its table; done once, whoever
-        asks first, and not undone if that caller is cancelled (the others still wait on it)."""
+        """Open (and migrate) the database of a store given a URL; done once, whoever asks
+        first, and not undone if that caller is cancelled (the others still wait on it).
+        Raises ConfigError (naming ``[database] url``) when the database cannot be opened."""
         if self._closed:
             raise RuntimeError("the response store is closed")
+        if self._engine is not None:
+            return
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
         await asyncio.shield(self._opening)
 
     async def _open(self) -> None:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
+        from ..control.engine import open_engine  # Alembic: loaded only by a store of its own
+
+        assert self.url is not None
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._open_db)
+            self._engine = await open_engine(self.url)
         except BaseException:
-            executor.shutdown(wait=False)
-            self._opening = None  # a later call tries again (the file may be fixed by then)
+            self._opening = None  # a later call tries again (the database may be up by then)
             raise
-        self._executor = executor
 
     async def close(self) -> None:
         self._closed = True
@@ -190,15 +155,12 @@ class ResponseStore:
         if opening is not None and not opening.done():
             with contextlib.suppress(Exception):
                 await opening  # an open in flight: let it finish, then close what it opened
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        db, self._db = self._db, None
-        try:
-            if db is not None:
-                await asyncio.get_running_loop().run_in_executor(executor, db.close)
-        finally:
-            executor.shutdown(wait=True)  # idle by now: returns at once
+        sqlite_thread, self._sqlite = self._sqlite, None
+        if sqlite_thread is not None:
+            await sqlite_thread.close()
+        if opening is not None and self._engine is not None:  # the store's own engine
+            await self._engine.dispose()
+        self._engine = None
 
     async def save(
         self,
@@ -211,24 +173,37 @@ class ResponseStore:
         """Keep ``response`` and its ``turn`` (this request's input and the answer, as chat
         messages), continuing ``previous_id``, which is touched with the chain before it."""
         encoded, encoded_turn = _encode(response), _encode(turn)
-        row = (
-            response_id,
-            owner,
-            previous_id,
-            int(self._clock()),
-            len(encoded) + len(encoded_turn),
-            encoded,
-            encoded_turn,
-        )
-        await self._run(self._save, row)
+        now = int(self._clock())
+        row = {
+            "id": response_id,
+            "owner": owner,
+            "previous_id": previous_id,
+            "touched_at": now,
+            "size": len(encoded) + len(encoded_turn),
+            "response": encoded,
+            "turn": encoded_turn,
+        }
+
+        def save(connection: sa.Connection) -> None:
+            connection.execute(_INSERT, row)
+            if previous_id is not None:  # the chain lives as long as its newest response
+                touch = {"chain_start": previous_id, "chain_owner": owner, "touch_time": now}
+                connection.execute(_TOUCH_CHAIN, touch)
+
+        await self._run(save, write=True)
 
     async def get(
         self, response_id: str, owner: str, max_bytes: int | None = None
     ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """The response and its whole conversation, or None if absent, expired or another
         owner's; raises BrokenChain if a response before it is gone, HistoryTooLarge if its
-        turns come to more than ``max_bytes`` (counted as read, before any is decoded)."""
-        found = await self._run(self._chain, response_id, owner, self._cutoff(), max_bytes)
+        turns come to more than ``max_bytes`` (counted before any is read)."""
+        cutoff = self._cutoff()
+
+        def read(connection: sa.Connection) -> tuple[bytes, list[bytes]] | None:
+            return _chain(connection, response_id, owner, cutoff, max_bytes)
+
+        found = await self._run(read)
         if found is None:
             return None
         response, turns = found
@@ -238,26 +213,90 @@ class ResponseStore:
     async def response(self, response_id: str, owner: str) -> dict[str, Any] | None:
         """The Response object alone (no walk of the chain), or None if absent, expired or
         another owner's."""
-        row = await self._run(self._column, "response", response_id, owner, self._cutoff())
-        return None if row is None else _decoded(_decode_response, response_id, row)
+        raw = await self._column(_T.c.response, response_id, owner)
+        return None if raw is None else _decoded(_decode_response, response_id, raw)
 
     async def input_messages(self, response_id: str, owner: str) -> list[dict[str, Any]] | None:
         """The response's own input (not its chain's), as the chat messages the bridge sent,
         or None if absent, expired or another owner's (for ``input_items``)."""
-        row = await self._run(self._column, "turn", response_id, owner, self._cutoff())
-        if row is None:
+        raw = await self._column(_T.c.turn, response_id, owner)
+        if raw is None:
             return None
-        return _decoded(_decode_turn, response_id, row)[:-1]  # the last message is the answer
+        return _decoded(_decode_turn, response_id, raw)[:-1]  # the last message is the answer
 
     async def delete(self, response_id: str, owner: str) -> bool:
         """Delete the response; False if absent or another owner's. Responses that chain onto
         it can no longer be chained onto (``get`` raises BrokenChain)."""
-        return await self._run(self._delete, response_id, owner)
+        statement = _T.delete().where(_T.c.id == response_id, _T.c.owner == owner)
+
+        def delete(connection: sa.Connection) -> bool:
+            return connection.execute(statement).rowcount > 0
+
+        return await self._run(delete, write=True)
 
     async def cleanup(self) -> int:
         """Delete expired responses, then the least recently used beyond ``max_bytes``; the
         number deleted."""
-        return await self._run(self._cleanup, self._cutoff(), self.max_bytes)
+        cutoff, max_bytes = self._cutoff(), self.max_bytes
+
+        def cleanup(connection: sa.Connection) -> int:
+            deleted = connection.execute(_T.delete().where(_T.c.touched_at < cutoff)).rowcount
+            # A native response's id is kept as long as a stored one would be.
+            deleted += connection.execute(_N.delete().where(_N.c.created_at < cutoff)).rowcount
+            if max_bytes is not None:
+                deleted += connection.execute(_EVICT, {"max_bytes": max_bytes}).rowcount
+            return deleted
+
+        return await self._run(cleanup, write=True)
+
+    # -- native responses: ids an upstream created, with their deployment and owner ------
+
+    async def remember_native(self, response_id: str, deployment: str, principal: str) -> None:
+        """Note that ``deployment`` (its key) created ``response_id`` for ``principal``."""
+        row = {
+            "id": response_id,
+            "principal": principal,
+            "deployment": deployment,
+            "created_at": int(self._clock()),
+        }
+
+        def remember(connection: sa.Connection) -> None:
+            insert = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert
+            statement = insert(_N).values(row)
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[_N.c.id],
+                    set_={
+                        k: statement.excluded[k] for k in ("principal", "deployment", "created_at")
+                    },
+                )
+            )
+
+        await self._run(remember, write=True)
+
+    async def lookup_native(self, response_id: str) -> tuple[str, str] | None:
+        """The deployment key and owner of a natively created response, or None if unknown."""
+        statement = sa.select(_N.c.deployment, _N.c.principal).where(_N.c.id == response_id)
+
+        def lookup(connection: sa.Connection) -> tuple[str, str] | None:
+            row = connection.execute(statement).first()
+            return None if row is None else (row[0], row[1])
+
+        return await self._run(lookup)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _column(self, column: sa.Column[bytes], response_id: str, owner: str) -> bytes | None:
+        """One column (``response`` or ``turn``) of one live row."""
+        statement = sa.select(column).where(
+            _T.c.id == response_id, _T.c.owner == owner, _T.c.touched_at >= self._cutoff()
+        )
+
+        def read(connection: sa.Connection) -> bytes | None:
+            raw: bytes | None = connection.execute(statement).scalar()
+            return raw
+
+        return await self._run(read)
 
     def _plan_cleanup(self) -> None:
         if not self._closed and self._schedule is not None:
@@ -269,8 +308,6 @@ class ResponseStore:
 
     async def _clean_then_plan(self) -> None:
         try:
-            if self._executor is None and (self._in_memory() or not Path(self.path).exists()):
-                return  # nothing stored yet: do not load SQLite for nothing
             deleted = await self.cleanup()
             if deleted:
                 log.info("response store: %d expired or evicted responses deleted", deleted)
@@ -284,168 +321,186 @@ class ResponseStore:
         """Rows touched before this are expired."""
         return int(self._clock() - self.ttl) if self.ttl is not None else -(2**62)
 
-    def _in_memory(self) -> bool:
-        return self.path == ":memory:" or self.path.startswith("file:")
+    async def _run(self, fn: Callable[[sa.Connection], _R], *, write: bool = False) -> _R:
+        """``fn`` in one transaction (committed if ``write``); a failure of the database is
+        StoreUnavailable.
 
-    # -- on the worker thread ------------------------------------------------------------
-
-    async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
-        """``fn(*args)`` on the worker thread; a failure of the database is StoreUnavailable."""
+        On SQLite, ``fn`` runs whole on the store's one thread, on a connection of its own to
+        the database file: one hop off the event loop per call, where the async driver would
+        take several per statement. On PostgreSQL, on the engine's connection."""
         try:
-            if self._executor is None:
+            if self._engine is None:
                 await self.open()  # the first use opens it
-            if self._executor is None:  # closed meanwhile
+            engine = self._engine
+            if engine is None:  # closed meanwhile
                 raise RuntimeError("the response store is closed")
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            if engine.dialect.name == "sqlite":
+                if self._sqlite is None:
+                    self._sqlite = _SQLiteThread(engine.url)
+                return await self._sqlite.run(fn, write)
+            async with engine.connect() as connection:
+                return await connection.run_sync(_in_transaction, fn, write)
         except (BrokenChain, HistoryTooLarge):
             raise
-        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError (the disk), closed
+        except Exception as exc:  # noqa: BLE001 - driver errors, the disk, a closed store
             raise _unavailable("The response store is unavailable", exc) from None
 
-    def _open_db(self) -> None:
-        self._db = self._connect()
 
-    def _connect(self) -> sqlite3.Connection:
-        if not self._in_memory():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit: each statement is its own transaction, so no lock outlives a call.
-        import sqlite3  # here, not at the top: ~1 MiB of RSS that apps without the store never use
+def _in_transaction(
+    connection: sa.Connection, fn: Callable[[sa.Connection], _R], write: bool
+) -> _R:
+    with connection.begin() as transaction:
+        result = fn(connection)
+        if not write:
+            transaction.rollback()  # nothing to keep: ends the read at once
+        return result
 
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            # Lets cleanup give freed pages back; takes effect only on a new file, so first.
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
-            _migrate(db, self.path)
-            db.execute(_NATIVE_SCHEMA)
-        except BaseException:
-            db.close()
-            raise
-        return db
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("the response store is not open")
-        return self._db
+class _SQLiteThread:
+    """A synchronous engine on the SQLite file the async engine opened, used from one thread."""
 
-    def _save(self, row: tuple[Any, ...]) -> None:
-        db = self._conn()
-        _, owner, previous_id, now = row[:4]
-        with _transaction(db):
-            db.execute(
-                "INSERT INTO responses (id, owner, previous_id, touched_at, size, response, turn)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            if previous_id is not None:  # the chain lives as long as its newest response
-                db.execute(
-                    "WITH RECURSIVE chain(id, depth) AS (SELECT ?, 0 UNION ALL"
-                    " SELECT r.previous_id, chain.depth + 1 FROM responses r JOIN chain"
-                    " ON r.id = chain.id WHERE r.previous_id IS NOT NULL AND chain.depth < ?)"
-                    " UPDATE responses SET touched_at = ?"
-                    " WHERE id IN (SELECT id FROM chain) AND owner = ?",
-                    (previous_id, MAX_CHAIN, now, owner),
-                )
-
-    def _column(self, column: str, response_id: str, owner: str, cutoff: int) -> bytes | None:
-        """One column (``response`` or ``turn``) of one row."""
-        row = (
-            self._conn()
-            .execute(
-                f"SELECT {column} FROM responses WHERE id = ? AND owner = ? AND touched_at >= ?",
-                (response_id, owner, cutoff),
-            )
-            .fetchone()
+    def __init__(self, url: sa.URL) -> None:
+        self._engine = sa.create_engine(
+            url.set(drivername="sqlite+pysqlite"), poolclass=sa.pool.SingletonThreadPool
         )
-        return None if row is None else row[0]
+        sa.event.listen(self._engine, "connect", _on_sqlite_connect)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
 
-    def _chain(
-        self, response_id: str, owner: str, cutoff: int, max_bytes: int | None = None
-    ) -> tuple[bytes, list[bytes]] | None:
-        """The response and the turns of its chain, oldest first; a bounded walk (``MAX_CHAIN``
-        turns, ``max_bytes`` of them), in one read transaction so that a concurrent delete
-        cannot tear it."""
-        db = self._conn()
-        query = (
-            "SELECT response, previous_id, turn FROM responses"
-            " WHERE id = ? AND owner = ? AND touched_at >= ?"
+    async def run(self, fn: Callable[[sa.Connection], _R], write: bool) -> _R:
+        def call() -> _R:
+            with self._engine.connect() as connection:
+                return _in_transaction(connection, fn, write)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        self._executor.shutdown(wait=True)  # idle by now: returns at once
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Another process (a worker, the control plane) holding the write lock: wait, do not fail.
+    # The file is in WAL mode already (the control plane's engine set it).
+    dbapi_connection.execute("PRAGMA busy_timeout = 5000")
+    dbapi_connection.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
+
+
+def _touch_chain() -> sa.Update:
+    """Set ``touched_at`` of ``previous_id`` and every response before it (one statement)."""
+    older = _T.alias("older")
+    chain = sa.select(
+        sa.bindparam("chain_start", type_=sa.Text).label("id"),
+        sa.literal(0, sa.Integer).label("depth"),
+    ).cte("chain", recursive=True)
+    chain = chain.union_all(
+        sa.select(older.c.previous_id, chain.c.depth + 1).where(
+            older.c.id == chain.c.id, older.c.previous_id.is_not(None), chain.c.depth < MAX_CHAIN
         )
-        with _transaction(db, "BEGIN"):
-            row = db.execute(query, (response_id, owner, cutoff)).fetchone()
-            if row is None:
-                return None
-            response, previous_id, turn = row
-            turns = [turn]
-            size = len(turn)
-            while previous_id is not None and len(turns) < MAX_CHAIN:
-                if max_bytes is not None and size > max_bytes:
-                    raise HistoryTooLarge(max_bytes)
-                row = db.execute(query, (previous_id, owner, cutoff)).fetchone()
-                if row is None:
-                    raise BrokenChain(previous_id)
-                _, next_id, turn = row
-                turns.append(turn)
-                size += len(turn)
-                previous_id = next_id
-            if max_bytes is not None and size > max_bytes:
-                raise HistoryTooLarge(max_bytes)
-        turns.reverse()
-        return response, turns
+    )
+    return (
+        _T.update()
+        .where(_T.c.id.in_(sa.select(chain.c.id)), _T.c.owner == sa.bindparam("chain_owner"))
+        .values(touched_at=sa.bindparam("touch_time"))
+    )
 
-    def _delete(self, response_id: str, owner: str) -> bool:
-        cursor = self._conn().execute(
-            "DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)
+
+def _evict() -> sa.Delete:
+    """Keep the most recently touched while they fit (``max_bytes``); at equal times an earlier
+    row (one a later row may chain onto) is kept first, so no chain loses its middle."""
+    kept = sa.func.sum(_T.c.size).over(order_by=(_T.c.touched_at.desc(), _T.c.seq.asc()))
+    running = sa.select(_T.c.seq, kept.label("kept")).subquery("running")
+    return _T.delete().where(
+        _T.c.seq.in_(sa.select(running.c.seq).where(running.c.kept > sa.bindparam("max_bytes")))
+    )
+
+
+def _links() -> sa.Select[Any]:
+    """The ids, previous ids and turn sizes of ``response_id``'s chain, newest first, at most
+    ``MAX_CHAIN``: the walk reads no turn."""
+    owner = sa.bindparam("owner", type_=sa.Text)
+    cutoff = sa.bindparam("cutoff", type_=sa.BigInteger)
+    links = (
+        sa.select(
+            _T.c.id,
+            _T.c.previous_id,
+            sa.func.length(_T.c.turn).label("size"),
+            sa.literal(0, sa.Integer).label("depth"),
         )
-        return cursor.rowcount > 0
-
-    # -- native responses: ids an upstream created, with their deployment and owner ------
-
-    async def remember_native(self, response_id: str, deployment: str, principal: str) -> None:
-        """Note that ``deployment`` (its key) created ``response_id`` for ``principal``."""
-        row = (response_id, principal, deployment, int(self._clock()))
-        await self._run(self._remember_native, row)
-
-    async def lookup_native(self, response_id: str) -> tuple[str, str] | None:
-        """The deployment key and owner of a natively created response, or None if unknown."""
-        return await self._run(self._lookup_native, response_id)
-
-    def _remember_native(self, row: tuple[str, str, str, int]) -> None:
-        self._conn().execute(
-            "INSERT OR REPLACE INTO native_responses (id, principal, deployment, created_at)"
-            " VALUES (?, ?, ?, ?)",
-            row,
+        .where(
+            _T.c.id == sa.bindparam("response_id"), _T.c.owner == owner, _T.c.touched_at >= cutoff
         )
-
-    def _lookup_native(self, response_id: str) -> tuple[str, str] | None:
-        cursor = self._conn().execute(
-            "SELECT deployment, principal FROM native_responses WHERE id = ?", (response_id,)
+        .cte("links", recursive=True)
+    )
+    older = _T.alias("older")
+    links = links.union_all(
+        sa.select(
+            older.c.id, older.c.previous_id, sa.func.length(older.c.turn), links.c.depth + 1
+        ).where(
+            older.c.id == links.c.previous_id,
+            older.c.owner == owner,
+            older.c.touched_at >= cutoff,
+            links.c.depth < MAX_CHAIN - 1,
         )
-        row: tuple[str, str] | None = cursor.fetchone()
-        return row
+    )
+    return sa.select(links.c.id, links.c.previous_id, links.c.size).order_by(links.c.depth)
 
-    def _cleanup(self, cutoff: int, max_bytes: int | None) -> int:
-        db = self._conn()
-        deleted = db.execute("DELETE FROM responses WHERE touched_at < ?", (cutoff,)).rowcount
-        # A native response's id is kept as long as a stored one would be.
-        deleted += db.execute(
-            "DELETE FROM native_responses WHERE created_at < ?", (cutoff,)
-        ).rowcount
-        if max_bytes is not None:
-            # Keep the most recently touched while they fit; at equal times an earlier row
-            # (one a later row may chain onto) is kept first, so no chain loses its middle.
-            deleted += db.execute(
-                "DELETE FROM responses WHERE rowid IN (SELECT rowid FROM (SELECT rowid,"
-                " SUM(size) OVER (ORDER BY touched_at DESC, rowid ASC) AS kept FROM responses)"
-                " WHERE kept > ?)",
-                (max_bytes,),
-            ).rowcount
-        if deleted:
-            # Gives the freed pages back to the disk. executescript, as execute() would run one
-            # step of it, which frees one page.
-            db.executescript("PRAGMA incremental_vacuum")
-        return deleted
+
+# The turns of some of a chain's ``ids``, and the Response object of ``response_id`` alone.
+_TURNS = sa.select(
+    _T.c.id,
+    _T.c.turn,
+    sa.case((_T.c.id == sa.bindparam("response_id"), _T.c.response), else_=sa.null()),
+).where(
+    _T.c.id.in_(sa.bindparam("ids", expanding=True)),
+    _T.c.owner == sa.bindparam("owner"),
+    _T.c.touched_at >= sa.bindparam("cutoff"),
+)
+# Built once: SQLAlchemy caches their SQL, and nothing is rebuilt per call.
+_INSERT = _T.insert()
+_TOUCH_CHAIN = _touch_chain()
+_EVICT = _evict()
+_LINKS = _links()
+
+
+def _chain(
+    connection: sa.Connection,
+    response_id: str,
+    owner: str,
+    cutoff: int,
+    max_bytes: int | None,
+) -> tuple[bytes, list[bytes]] | None:
+    """The response and the turns of its chain, oldest first: a bounded walk (``MAX_CHAIN``
+    turns, ``max_bytes`` of them) of ids and sizes first, then the turns themselves."""
+    params = {"response_id": response_id, "owner": owner, "cutoff": cutoff}
+    walk: list[tuple[str, str | None, int]] = [
+        (row[0], row[1], row[2]) for row in connection.execute(_LINKS, params)
+    ]
+    if not walk:
+        return None
+    size = 0
+    for _, _, turn_size in walk:
+        if max_bytes is not None and size > max_bytes:
+            raise HistoryTooLarge(max_bytes)
+        size += turn_size
+    if max_bytes is not None and size > max_bytes:
+        raise HistoryTooLarge(max_bytes)
+    missing = walk[-1][1]
+    if missing is not None and len(walk) < MAX_CHAIN:
+        raise BrokenChain(missing)
+    ids = [row[0] for row in walk]
+    turns: dict[str, bytes] = {}
+    response: bytes | None = None
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = {**params, "ids": ids[start : start + _IDS_PER_QUERY]}
+        for link, turn, its_response in connection.execute(_TURNS, chunk):
+            turns[link] = turn
+            response = its_response if link == response_id else response
+    for link in ids:  # deleted between the walk and the read
+        if link not in turns:
+            raise BrokenChain(link)
+    if response is None:
+        return None
+    return response, [turns[link] for link in reversed(ids)]
 
 
 def _decoded(decode: Callable[[bytes], _R], response_id: str, raw: bytes) -> _R:
@@ -460,43 +515,3 @@ def _unavailable(what: str, exc: Exception) -> StoreUnavailable:
     """The client's error for a failure of the store; the cause goes to the log only."""
     log.error("%s: %r", what, exc)
     return StoreUnavailable(what)
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Any:
-    db.execute(begin)
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _migrate(db: sqlite3.Connection, path: str) -> None:
-    """Bring the file to ``_VERSION``, once, whichever worker process gets there first."""
-    if db.execute("PRAGMA user_version").fetchone()[0] == _VERSION:
-        return
-    with _transaction(db):  # the write lock: another process migrating waits here
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == _VERSION:
-            return
-        if version > _VERSION:
-            raise RuntimeError(
-                f"the response store {path} was written by a newer aioproxy (schema {version})"
-            )
-        old = db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'responses'"
-        ).fetchone()
-        if old is not None:
-            count = db.execute("SELECT count(*) FROM responses").fetchone()[0]
-            db.execute("DROP TABLE responses")
-            log.warning(
-                "response store %s: dropped %d responses of an older format, which were owned"
-                " by key names rather than keys",
-                path,
-                count,
-            )
-        for statement in _SCHEMA:
-            db.execute(statement)
-        db.execute(f"PRAGMA user_version = {_VERSION}")

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
+from ..keys import database_key
 from .admin import admin_routes
 from .clock import ControlClock
 from .plane import ControlPlane, clock_key, plane_key
@@ -37,6 +38,7 @@ class Database:
         async def control_plane(app: web.Application) -> AsyncIterator[None]:
             plane = await ControlPlane.open(config, app.get(clock_key) or ControlClock())
             app[plane_key] = plane
+            app[database_key] = plane.engine  # the Responses store's too
             plane.start()
             try:
                 yield

@@ -105,7 +105,6 @@ async def start_proxy(
         scratch = Path(tempfile.gettempdir(), f"aioproxy-testing-{uuid.uuid4().hex}")
         scratch.mkdir()  # the control plane's database is opened at start-up
         own = {
-            "responses": {"store_path": str(scratch / "responses.sqlite3")},  # made on first use
             "database": {"url": f"sqlite:///{scratch / 'control.sqlite3'}"},
         }
         merged = dict(config)

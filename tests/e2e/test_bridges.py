@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ def bridged_config(api_base: str, store_path: Path, **responses: Any) -> dict[st
                 "api_key": UPSTREAM_KEY,
             },
         ],
-        "responses": {"store_path": str(store_path), **responses},
+        # Stored responses live in the control plane's database.
+        "database": {"url": f"sqlite:///{store_path}"},
+        "responses": responses,
     }
 
 
@@ -366,7 +369,9 @@ async def test_store_disabled(start: Any, store_path: Path) -> None:
                 model="bridged", input="y", previous_response_id=response.id
             )
     assert caught.value.param == "previous_response_id"  # type: ignore[attr-defined]
-    assert not store_path.exists()
+    with sqlite3.connect(store_path) as db:  # the database is the control plane's: it exists
+        assert db.execute("SELECT count(*) FROM stored_responses").fetchone() == (0,)
+    db.close()
 
 
 async def test_unsupported_tools_are_refused(proxy: TestServer) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from aioproxy import Call, JSONReply, Provider, Reply, hookimpl
 from aioproxy.keys import config_key
@@ -97,17 +98,17 @@ async def test_an_answer_may_name_the_upstream_model(aiohttp_server: Any) -> Non
     assert proxy.answer_models("m") == {"m", "up-1"}
 
 
-async def test_the_responses_store_is_a_temporary_file_of_its_own(
+async def test_the_responses_store_is_a_temporary_database_of_its_own(
     aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     proxy = await start_proxy(aiohttp_server, config(), [plugin()])
     other = await start_proxy(aiohttp_server, config(), [plugin()])
     await check_responses(proxy, "m")  # through the bridge, which stores each response
-    store = Path(proxy.app[config_key].responses.store_path)
-    assert (
-        store.exists() and store.parent != Path(other.app[config_key].responses.store_path).parent
-    )
+    # Stored responses live in the control plane's database, which the kit puts in a scratch folder.
+    store = Path(make_url(proxy.app[config_key].database.url).database or "")
+    other_store = Path(make_url(other.app[config_key].database.url).database or "")
+    assert store.exists() and store.parent != other_store.parent
     assert list(tmp_path.iterdir()) == []  # nothing in the working directory
     await proxy.server.close()
     assert not store.parent.exists()  # removed with the server

@@ -156,7 +156,7 @@ def break_writes(path: Path) -> None:
     """From now on every insert fails, as on a full disk."""
     with sqlite3.connect(path) as db:
         db.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON responses"
+            "CREATE TRIGGER full BEFORE INSERT ON stored_responses"
             " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
         )
     db.close()
@@ -189,7 +189,7 @@ async def test_an_unreadable_store_answers_503_in_openai_shape(
     async with sdk(proxy, ALICE) as client:
         kept = await client.responses.create(model="bridged", input="x")
     with sqlite3.connect(store_path) as db:
-        db.execute("UPDATE responses SET response = x'00ff'")
+        db.execute("UPDATE stored_responses SET response = x'00ff'")
     db.close()
     headers = {"Authorization": f"Bearer {ALICE}"}
     async with http.get(proxy.make_url(f"/v1/responses/{kept.id}"), headers=headers) as response:
@@ -208,7 +208,7 @@ async def test_an_unreadable_store_answers_503_in_openai_shape(
 async def test_echo_stores_its_responses(aiohttp_server: Any, store_path: Path) -> None:
     config = {
         "models": [{"name": "echo", "provider": "echo"}],
-        "responses": {"store_path": str(store_path)},
+        "database": {"url": f"sqlite:///{store_path}"},
     }
     app = create_app(config, plugins=[aioproxy_echo], load_entrypoints=False)
     proxy = await aiohttp_server(app)

@@ -43,7 +43,7 @@ def config(api_base: str, store_path: Path, **entry: Any) -> dict[str, Any]:
                 **entry,
             }
         ],
-        "responses": {"store_path": str(store_path)},
+        "database": {"url": f"sqlite:///{store_path}"},  # where stored responses live
     }
 
 
@@ -319,7 +319,7 @@ async def test_previous_response_needs_the_store(
     fake = FakeOpenAI()
     upstream = await aiohttp_server(fake.app())
     cfg = config(str(upstream.make_url("/v1")), tmp_path / "s.sqlite3")
-    cfg["responses"]["store"] = False
+    cfg["responses"] = {"store": False}
     proxy = await aiohttp_server(create_app(cfg, plugins=[aioproxy_openai], load_entrypoints=False))
     body = {"model": "m", "input": "x", "previous_response_id": "resp_anything"}
     async with http.post(

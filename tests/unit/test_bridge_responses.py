@@ -708,7 +708,7 @@ async def test_bridge_reads_a_stream_for_a_plain_request() -> None:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[ResponseStore]:
-    store = ResponseStore(tmp_path / "responses.sqlite3")
+    store = ResponseStore(f"sqlite:///{tmp_path / 'control.sqlite3'}")
     await store.open()
     yield store
     await store.close()

@@ -1,35 +1,47 @@
-"""ResponseStore: SQLite that survives restarts, one principal's responses hidden from others."""
+"""ResponseStore in the control plane's database (SQLite and PostgreSQL): it survives restarts,
+one principal's responses are hidden from others."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioproxy.bridges.store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable
+from aioproxy.config import ConfigError
+from aioproxy.control.engine import open_engine
+from tests.control.conftest import db_url, postgres_port  # noqa: F401 - both databases
 
 RESPONSE = {"id": "resp_1", "object": "response", "output": [], "model": "m"}
 CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "sub" / "responses.sqlite3"  # its folder is created on open
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:  # noqa: F811
+    """The control plane's engine on a fresh database, migrated (as the app opens it)."""
+    engine = await open_engine(db_url)
+    yield engine
+    await engine.dispose()
+
+
+async def execute(engine: AsyncEngine, statement: str) -> Any:
+    async with engine.begin() as connection:
+        result = await connection.exec_driver_sql(statement)
+        return result.all() if result.returns_rows else None
 
 
 @asynccontextmanager
 async def on_a_fake_clock(
-    path: Path, **options: Any
+    engine: AsyncEngine, **options: Any
 ) -> AsyncIterator[tuple[ResponseStore, FakeClock]]:
     """A store with these options on a fake clock, closed afterwards."""
     clock = FakeClock()
-    store = ResponseStore(path, clock=clock, **options)
+    store = ResponseStore(engine, clock=clock, **options)
     try:
         yield store, clock
     finally:
@@ -37,8 +49,8 @@ async def on_a_fake_clock(
 
 
 @pytest.fixture
-async def store(path: Path) -> AsyncIterator[ResponseStore]:
-    store = ResponseStore(path)
+async def store(engine: AsyncEngine) -> AsyncIterator[ResponseStore]:
+    store = ResponseStore(engine)
     await store.open()
     yield store
     await store.close()
@@ -64,12 +76,13 @@ async def test_delete(store: ResponseStore) -> None:
     assert await store.delete("resp_1", "alice") is False
 
 
-async def test_survives_a_restart(path: Path) -> None:
-    first = ResponseStore(path)
+async def test_survives_a_restart(db_url: str) -> None:  # noqa: F811
+    """A store given the URL opens (and migrates) its own engine, and disposes of it."""
+    first = ResponseStore(db_url)
     await first.open()
     await first.save("resp_1", "alice", RESPONSE, CONVERSATION)
     await first.close()
-    second = ResponseStore(path)
+    second = ResponseStore(db_url)
     await second.open()
     try:
         assert await second.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
@@ -77,15 +90,19 @@ async def test_survives_a_restart(path: Path) -> None:
         await second.close()
 
 
-async def test_wal_mode(store: ResponseStore, path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    db.close()
+async def test_the_rows_live_in_the_control_plane_s_tables(
+    store: ResponseStore, engine: AsyncEngine
+) -> None:
+    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
+    await store.remember_native("resp_up", "deployment-1", "alice")
+    assert await execute(engine, "SELECT id, owner FROM stored_responses") == [("resp_1", "alice")]
+    assert await execute(engine, "SELECT id FROM native_responses") == [("resp_up",)]
+    assert await execute(engine, "SELECT version_num FROM alembic_version") == [("0003",)]
 
 
-async def test_two_stores_share_one_file(path: Path, store: ResponseStore) -> None:
-    """As two worker processes would."""
-    other = ResponseStore(path)
+async def test_two_stores_share_one_database(db_url: str, store: ResponseStore) -> None:  # noqa: F811
+    """As two worker processes or instances would."""
+    other = ResponseStore(db_url)
     await other.open()
     try:
         await asyncio.gather(
@@ -100,26 +117,9 @@ async def test_two_stores_share_one_file(path: Path, store: ResponseStore) -> No
         await other.close()
 
 
-async def test_queries_run_off_the_event_loop(store: ResponseStore) -> None:
-    loop_thread = threading.get_ident()
-    threads = []
-    original = store._save
-
-    def spy(row: tuple) -> None:
-        threads.append(threading.get_ident())
-        original(row)
-
-    store._save = spy  # type: ignore[method-assign]
-    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    assert threads and threads[0] != loop_thread
-
-
-async def test_first_use_opens_it_and_a_closed_store_refuses(path: Path) -> None:
-    store = ResponseStore(path)
-    store.check()  # start-up: makes the folder, opens nothing
-    assert path.parent.is_dir() and not path.exists()
+async def test_first_use_opens_it_and_a_closed_store_refuses(db_url: str) -> None:  # noqa: F811
+    store = ResponseStore(db_url)
     assert await store.get("resp_1", "alice") is None
-    assert path.exists()
     await store.close()
     await store.close()
     with pytest.raises(StoreUnavailable) as caught:
@@ -127,8 +127,8 @@ async def test_first_use_opens_it_and_a_closed_store_refuses(path: Path) -> None
     assert caught.value.status == 503
 
 
-async def test_concurrent_first_uses_open_it_once(path: Path) -> None:
-    store = ResponseStore(path)
+async def test_concurrent_first_uses_open_it_once(db_url: str) -> None:  # noqa: F811
+    store = ResponseStore(db_url)
     try:
         await asyncio.gather(
             *(store.save(f"resp_{i}", "alice", RESPONSE, CONVERSATION) for i in range(5))
@@ -138,40 +138,23 @@ async def test_concurrent_first_uses_open_it_once(path: Path) -> None:
         await store.close()
 
 
-def test_check_refuses_a_folder_it_cannot_write(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    with pytest.raises(OSError):
-        ResponseStore(blocker / "responses.sqlite3").check()
+async def test_a_database_that_cannot_be_opened_names_the_setting(tmp_path: Any) -> None:
+    store = ResponseStore(f"sqlite:///{tmp_path / 'missing' / 'control.sqlite3'}")
+    with pytest.raises(ConfigError, match=r"\[database\] url"):
+        await store.open()
+    await store.close()
 
 
-async def test_in_memory() -> None:
-    store = ResponseStore(":memory:")
-    await store.open()
-    try:
-        await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-        assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
-    finally:
-        await store.close()
-
-
-def test_check_refuses_a_folder_where_the_file_should_be(tmp_path: Path) -> None:
-    (tmp_path / "responses.sqlite3").mkdir()
-    with pytest.raises(PermissionError):
-        ResponseStore(tmp_path / "responses.sqlite3").check()
-
-
-async def test_a_cancelled_first_use_leaves_the_open_to_the_next(path: Path) -> None:
+async def test_a_cancelled_first_use_leaves_the_open_to_the_next(db_url: str) -> None:  # noqa: F811
     """The first caller gives up (its client left) while the store opens: the open goes on,
     once, and the next caller uses it."""
-    store = ResponseStore(path)
+    store = ResponseStore(db_url)
     try:
         first = asyncio.ensure_future(store.get("resp_1", "alice"))
         await asyncio.sleep(0)  # the open has started
         first.cancel()
         await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
         assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
-        assert sum(t.name.startswith("aioproxy-store") for t in threading.enumerate()) == 1
     finally:
         await store.close()
 
@@ -194,16 +177,12 @@ def turn(i: int, size: int = 10) -> list[dict[str, str]]:
     ]
 
 
-def stored_bytes(path: Path) -> int:
-    """Every byte the rows of every table hold, whatever the schema."""
-    with sqlite3.connect(path) as db:
-        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        total = 0
-        for table in tables:
-            for row in db.execute(f"SELECT * FROM {table}"):
-                total += sum(len(v) for v in row if isinstance(v, (bytes, str)))
-    db.close()
-    return total
+async def stored_bytes(engine: AsyncEngine) -> int:
+    """Every byte the store's rows hold."""
+    rows = await execute(
+        engine, "SELECT coalesce(sum(length(response) + length(turn)), 0) FROM stored_responses"
+    )
+    return int(rows[0][0])
 
 
 async def save_chain(store: ResponseStore, owner: str, n: int, size: int = 10) -> None:
@@ -222,10 +201,10 @@ async def test_a_chain_is_read_back_whole_in_order(store: ResponseStore) -> None
     assert await store.get("resp_4", "bob") is None
 
 
-async def test_chained_turns_are_stored_once(store: ResponseStore, path: Path) -> None:
+async def test_chained_turns_are_stored_once(store: ResponseStore, engine: AsyncEngine) -> None:
     """40 turns of 100 KB each: the store holds about 4 MB, not the 82 MB of every history."""
     await save_chain(store, "alice", 40, size=100_000)
-    assert stored_bytes(path) < 40 * 100_000 * 1.2
+    assert await stored_bytes(engine) < 40 * 100_000 * 1.2
     found = await store.get("resp_39", "alice")
     assert found is not None and len(found[1]) == 80
 
@@ -241,20 +220,20 @@ async def test_a_deleted_link_breaks_the_chain_after_it(store: ResponseStore) ->
     assert found is not None and found[1] == turn(0)
 
 
-async def test_expired_responses_are_gone_after_cleanup(path: Path) -> None:
-    async with on_a_fake_clock(path, ttl=100) as (store, clock):
+async def test_expired_responses_are_gone_after_cleanup(engine: AsyncEngine) -> None:
+    async with on_a_fake_clock(engine, ttl=100) as (store, clock):
         await store.save("resp_old", "alice", RESPONSE, turn(0))
         clock.now += 60
         await store.save("resp_new", "alice", RESPONSE, turn(1))
         clock.now += 50  # resp_old is 110 s old, resp_new 50 s
         assert await store.response("resp_old", "alice") is None  # expired, even before cleanup
         assert await store.cleanup() == 1
-        assert stored_bytes(path) < 2 * len(str(RESPONSE)) + 200
+        assert await stored_bytes(engine) < 2 * len(str(RESPONSE)) + 200
         assert await store.get("resp_new", "alice") is not None
 
 
-async def test_chaining_onto_a_response_keeps_its_chain_alive(path: Path) -> None:
-    async with on_a_fake_clock(path, ttl=100) as (store, clock):
+async def test_chaining_onto_a_response_keeps_its_chain_alive(engine: AsyncEngine) -> None:
+    async with on_a_fake_clock(engine, ttl=100) as (store, clock):
         await save_chain(store, "alice", 2)
         clock.now += 90
         await store.save("resp_2", "alice", RESPONSE, turn(2), "resp_1")
@@ -264,8 +243,8 @@ async def test_chaining_onto_a_response_keeps_its_chain_alive(path: Path) -> Non
         assert found is not None and len(found[1]) == 6
 
 
-async def test_the_size_bound_evicts_the_least_recently_used(path: Path) -> None:
-    async with on_a_fake_clock(path, max_bytes=25_000) as (store, clock):
+async def test_the_size_bound_evicts_the_least_recently_used(engine: AsyncEngine) -> None:
+    async with on_a_fake_clock(engine, max_bytes=25_000) as (store, clock):
         for i in range(3):  # three of ~10 KB: the oldest must go
             await store.save(f"resp_{i}", "alice", RESPONSE, turn(i, 10_000))
             clock.now += 1
@@ -275,8 +254,8 @@ async def test_the_size_bound_evicts_the_least_recently_used(path: Path) -> None
         assert await store.get("resp_2", "alice") is not None
 
 
-async def test_the_size_bound_never_cuts_a_chain_in_its_middle(path: Path) -> None:
-    async with on_a_fake_clock(path, max_bytes=25_000) as (store, _):
+async def test_the_size_bound_never_cuts_a_chain_in_its_middle(engine: AsyncEngine) -> None:
+    async with on_a_fake_clock(engine, max_bytes=25_000) as (store, _):
         await save_chain(store, "alice", 3, size=10_000)  # one second, one chain
         assert await store.cleanup() == 1
         assert await store.response("resp_2", "alice") is None  # its end went, not its start
@@ -284,7 +263,7 @@ async def test_the_size_bound_never_cuts_a_chain_in_its_middle(path: Path) -> No
         assert found is not None and len(found[1]) == 4
 
 
-async def test_the_periodic_cleanup_runs_off_the_request_path(path: Path) -> None:
+async def test_the_periodic_cleanup_runs_off_the_request_path(engine: AsyncEngine) -> None:
     """A timer (here a fake one, run by hand) starts each cleanup, which plans the next."""
     clock = FakeClock()
     planned: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
@@ -293,7 +272,7 @@ async def test_the_periodic_cleanup_runs_off_the_request_path(path: Path) -> Non
         planned.put_nowait((delay, callback))
         return asyncio.get_running_loop().call_soon(lambda: None)  # a handle close can cancel
 
-    store = ResponseStore(path, ttl=100, cleanup_interval=60, clock=clock, schedule=schedule)
+    store = ResponseStore(engine, ttl=100, cleanup_interval=60, clock=clock, schedule=schedule)
     try:
         await store.save("resp_1", "alice", RESPONSE, turn(1))
         store.start()
@@ -302,84 +281,36 @@ async def test_the_periodic_cleanup_runs_off_the_request_path(path: Path) -> Non
         clock.now += 101
         due()
         await asyncio.wait_for(planned.get(), 10)  # the next one is planned: this one is done
-        with sqlite3.connect(path) as db:
-            assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
-        db.close()
+        assert await execute(engine, "SELECT count(*) FROM stored_responses") == [(0,)]
     finally:
         await store.close()
-
-
-# -- ownership (#9.7) and the old schema ------------------------------------------------------
-
-
-def write_version_1(path: Path) -> None:
-    """A store as the aioproxy before #9.7 left it: rows owned by key *names*."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "CREATE TABLE responses (id TEXT PRIMARY KEY, principal TEXT NOT NULL,"
-            " created_at INTEGER NOT NULL, response BLOB NOT NULL, conversation BLOB NOT NULL)"
-        )
-        db.execute(
-            "INSERT INTO responses VALUES ('resp_old', 'master', 0, ?, ?)",
-            (b'{"id": "resp_old"}', b'[{"role": "user", "content": "secret"}]'),
-        )
-    db.close()
-
-
-async def test_rows_owned_by_a_name_are_dropped_with_a_log_line(
-    path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    write_version_1(path)
-    store = ResponseStore(path)
-    try:
-        for owner in ("master", "name:master"):
-            assert await store.get("resp_old", owner) is None
-            assert await store.response("resp_old", owner) is None
-        await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-        assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
-    finally:
-        await store.close()
-    assert "dropped 1 responses of an older format" in caplog.text
-    assert "secret" not in path.read_bytes().decode("latin-1")  # dropped, not only hidden
 
 
 # -- failures of the store (#9.16) ------------------------------------------------------------
 
 
-async def test_an_unreadable_row_is_a_503_not_a_crash(store: ResponseStore, path: Path) -> None:
+async def test_an_unreadable_row_is_a_503_not_a_crash(
+    store: ResponseStore, engine: AsyncEngine
+) -> None:
     await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE responses SET response = x'00ff'")
-    db.close()
+    async with engine.begin() as connection:
+        await connection.execute(
+            sa.text("UPDATE stored_responses SET response = :bad"), {"bad": b"\x00\xff"}
+        )
     for read in (store.get, store.response):
         with pytest.raises(StoreUnavailable) as caught:
             await read("resp_1", "alice")
         assert caught.value.status == 503 and "resp_1" in caught.value.message
 
 
-async def test_a_failed_write_is_store_unavailable(store: ResponseStore, path: Path) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON responses"
-            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-        )
-    db.close()
+async def test_a_failed_write_is_store_unavailable(
+    store: ResponseStore, engine: AsyncEngine
+) -> None:
+    await execute(engine, "DROP TABLE stored_responses")
     with pytest.raises(StoreUnavailable) as caught:
         await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
     assert caught.value.code == "response_store_unavailable"
-    assert "disk" not in caught.value.message  # the cause goes to the log, not to clients
-
-
-async def test_cleanup_gives_the_space_back_to_the_disk(path: Path) -> None:
-    store = ResponseStore(path, max_bytes=1)
-    try:
-        for i in range(100):
-            await store.save(f"resp_{i}", "alice", RESPONSE, turn(i, 10_000))
-        assert await store.cleanup() == 100
-    finally:
-        await store.close()  # checkpoints the WAL into the file
-    assert path.stat().st_size < 100_000  # not the ~1 MB the rows took
+    assert "stored_responses" not in caught.value.message  # the cause goes to the log only
 
 
 async def test_input_messages_are_the_response_s_own(store: ResponseStore) -> None:

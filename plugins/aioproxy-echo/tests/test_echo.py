@@ -40,7 +40,7 @@ def config(**settings: Any) -> dict[str, Any]:
 def make_proxy(aiohttp_client: Any, tmp_path: Path) -> MakeProxy:
     async def make(**settings: Any) -> Client:
         # Responses go through the core's bridge, which stores them: not in the working directory.
-        store = {"responses": {"store_path": str(tmp_path / "responses.sqlite3")}}
+        store = {"database": {"url": f"sqlite:///{tmp_path / 'control.sqlite3'}"}}
         app = create_app(
             config(**settings) | store, plugins=[aioproxy_echo], load_entrypoints=False
         )

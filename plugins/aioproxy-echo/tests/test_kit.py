@@ -30,11 +30,8 @@ async def proxy(aiohttp_server: Any, tmp_path: Path) -> ProxyUnderTest:
         {"name": "echo", "provider": "echo"},
         {"name": "slow-echo", "provider": "echo", "settings": {"delay": 0.02}},
     ]
-    # Responses go through the core's bridge, which stores them: not in the working directory.
-    responses = {"store_path": str(tmp_path / "responses.sqlite3")}
-    return await start_proxy(
-        aiohttp_server, {"models": models, "responses": responses}, [aioproxy_echo]
-    )
+    # Responses go through the core's bridge, which stores them in the kit's scratch database.
+    return await start_proxy(aiohttp_server, {"models": models}, [aioproxy_echo])
 
 
 async def test_chat(proxy: ProxyUnderTest) -> None:
