@@ -122,6 +122,9 @@ requests = sa.Table(
     # The dashboard's reads (migration 0002): a covering index for ranges, one for details.
     sa.Index("ix_requests_time_cover", *COVERED),
     sa.Index("ix_requests_request_id", "request_id"),
+    # The request log filtered by status, newest first (migration 0004): errors are rare, so
+    # walking the time index for them reads most of the log.
+    sa.Index("ix_requests_status_time", "status", "time"),
 )
 
 # A request log row's values, in this order (``LogRecord.values``): written with one prepared
