@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioproxy.config import SpendConfig
 from aioproxy.control import rollup, schema
 from aioproxy.control.cache import KeyCache
-from aioproxy.control.engine import open_engine
+from aioproxy.control.engine import _alembic_config, open_engine
 from aioproxy.control.requestlog import LogRecord, RequestLog
 from tests.control.test_control_database import row
 
@@ -107,5 +109,26 @@ async def test_whole_days_are_read_from_the_rollup(db_url: str) -> None:
         assert [n for _, n, *_ in whole] == [1]
         part = await answers(engine, rollup.spend_query("day", TODAY - 1, None))
         assert [n for _, n, *_ in part] == [2]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_migration_rolls_up_the_rows_already_written(tmp_path: Path) -> None:
+    """A database at 0002 with rows gets them rolled up by 0004, and their retries unknown."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    old = sa.create_engine(url)
+    with old.begin() as connection:
+        command.upgrade(_alembic_config(connection), "0002")
+        columns = [c for c in schema.REQUEST_COLUMNS if c not in ("retries", "fallbacks")]
+        written = [{name: record[name] for name in columns} for record in rows(300, 4)]
+        connection.execute(sa.table("requests", *map(sa.column, columns)).insert(), written)
+    old.dispose()
+    engine = await open_engine(url)
+    try:
+        await assert_same(engine, None, None)
+        await assert_same(engine, TODAY - DAY, TODAY)
+        async with engine.connect() as connection:
+            retries = await connection.execute(sa.select(schema.requests.c.retries).distinct())
+            assert retries.all() == [(None,)]
     finally:
         await engine.dispose()
