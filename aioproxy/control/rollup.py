@@ -46,6 +46,8 @@ GROUPS = {
     "model": (_log.model, _table.c.model),
     "day": (_log.day, _table.c.day),
 }
+# Groups upserted by one statement: 8 parameters each, well within both databases' limits.
+_GROUPS_A_STATEMENT = 500
 _DIALECTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
@@ -60,8 +62,8 @@ def day_start(moment: float) -> float:
 
 
 async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Add request log rows (``schema.REQUEST_COLUMNS``' order) to the roll-up: one upsert,
-    its groups in a fixed order (instances sharing the database lock them alike: no deadlock)."""
+    """Add request log rows (``schema.REQUEST_COLUMNS``' order) to the roll-up: upserts of
+    groups in a fixed order (instances sharing the database lock them alike: no deadlock)."""
     sums: dict[tuple[str, ...], list[Any]] = collections.defaultdict(lambda: [0, 0, 0, 0.0])
     for row in rows:
         day, key_id, team_id, model = (row[i] for i in _GROUP)
@@ -74,30 +76,30 @@ async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]])
         return
     insert = _DIALECTS[connection.dialect.name](_table)
     added = insert.excluded
-    statement = insert.values(
-        [
-            {
-                "day": day,
-                "key_id": key_id,
-                "team_id": team_id,
-                "model": model,
-                "requests": requests,
-                "input_tokens": tokens_in,
-                "output_tokens": tokens_out,
-                "cost": cost,
-            }
-            for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in sorted(
-                sums.items()
-            )
-        ]
-    ).on_conflict_do_update(
-        index_elements=["day", "key_id", "team_id", "model"],
-        set_={
-            name: _table.c[name] + added[name]
-            for name in ("requests", "input_tokens", "output_tokens", "cost")
-        },
-    )
-    await connection.execute(statement)
+    values = [
+        {
+            "day": day,
+            "key_id": key_id,
+            "team_id": team_id,
+            "model": model,
+            "requests": requests,
+            "input_tokens": tokens_in,
+            "output_tokens": tokens_out,
+            "cost": cost,
+        }
+        for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in sorted(
+            sums.items()
+        )
+    ]
+    for i in range(0, len(values), _GROUPS_A_STATEMENT):
+        statement = insert.values(values[i : i + _GROUPS_A_STATEMENT]).on_conflict_do_update(
+            index_elements=["day", "key_id", "team_id", "model"],
+            set_={
+                name: _table.c[name] + added[name]
+                for name in ("requests", "input_tokens", "output_tokens", "cost")
+            },
+        )
+        await connection.execute(statement)
 
 
 def spend_query(group_by: str, start: float | None, end: float | None) -> sa.Select[Any]:

@@ -94,6 +94,18 @@ async def test_the_rollup_answers_what_the_rows_answer(db_url: str) -> None:
         await engine.dispose()
 
 
+async def test_a_batch_of_many_groups_is_upserted_in_parts(db_url: str) -> None:
+    engine = await open_engine(db_url)
+    try:
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(batch_size=5000))
+        for n, record in enumerate(rows(1200, 2)):
+            log.add(LogRecord.of({**record, "key_id": f"key_{n}"}))
+        await log.flush()  # one batch, 1200 groups
+        await assert_same(engine, None, None)
+    finally:
+        await engine.dispose()
+
+
 async def test_whole_days_are_read_from_the_rollup(db_url: str) -> None:
     """Only the log's writer keeps the roll-up: a row inserted past it shows in a range that is
     not whole days (read from the rows), not in a whole-day one (read from the roll-up)."""
