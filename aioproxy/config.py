@@ -290,6 +290,10 @@ class UIConfig(Base, frozen=True):
     # Signs the session cookies. Unset: derived from the master key (stable across restarts and
     # --workers), else random per process (sessions then end on restart and stay per worker).
     session_secret: Secret | None = None
+    # Failed sign-ins a client address may make in ``signin_window`` seconds; then 429 until
+    # the oldest leaves the window (per process, in memory).
+    signin_attempts: Annotated[int, Meta(ge=1)] = 10
+    signin_window: Annotated[float, Meta(gt=0)] = 300.0
 
 
 class PluginsConfig(Base, frozen=True):

@@ -20,6 +20,9 @@ __all__ = ["STREAM_FILTER", "Call", "Deployment", "Principal"]
 # ``call.state[STREAM_FILTER]``: a function a before_request hook may set, given a streamed
 # StreamReply and returning the one the client gets (e.g. without a chunk the plugin asked for).
 STREAM_FILTER = "aioproxy.stream_filter"
+# ``call.state[RETRIES]``: ``[retries, fallbacks]`` the dispatcher made (absent: none), for the
+# request log. Only a request tried more than once pays for it.
+RETRIES = "aioproxy.retries"
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import aiohttp
 
 from .config import Config
-from .context import STREAM_FILTER, Call, Deployment
+from .context import RETRIES, STREAM_FILTER, Call, Deployment
 from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
@@ -144,6 +144,14 @@ def tokens_spent(call: Call, outcome: Outcome | None, deployment: Deployment) ->
     return call.body_size() // 4 + answer
 
 
+def _count_retry(call: Call, same_model: bool) -> None:
+    """Count one more attempt on ``call``: a retry of the same model, else a fallback."""
+    counts = call.state.get(RETRIES)
+    if counts is None:
+        counts = call.state[RETRIES] = [0, 0]
+    counts[0 if same_model else 1] += 1
+
+
 def _brief(error: BaseException) -> str:
     return error.message if isinstance(error, ProxyError) else type(error).__name__
 
@@ -268,6 +276,7 @@ class Dispatcher:
         current: Lease | None = lease
         tried: set[str] = set()  # a model come back to in panic remembers what it tried
         made = 0  # attempts so far: what the backoff doubles with
+        last_model = plan.model  # the model of the attempt before: a retry, else a fallback
         while True:
             model, candidates = plan.model, plan.candidates
             while plan.attempts:
@@ -290,6 +299,9 @@ class Dispatcher:
                     current = self.take(call, deployment)
                 plan.attempts -= 1
                 made += 1
+                if made > 1:
+                    _count_retry(call, model == last_model)
+                last_model = model
                 tried.add(current.deployment.key)
                 try:
                     return await self._attempt(call, current, made)

@@ -19,7 +19,7 @@ from aiohttp import web
 from ..builtins.config_auth import key_id, presented_key
 from ..config import Config
 from ..errors import AuthenticationError, BadRequest, NotFound, PermissionDenied, ProxyError
-from . import schema
+from . import rollup, schema
 from .cache import as_dict
 from .meters import Meter, spend_now
 from .plane import ControlPlane, plane_key
@@ -31,12 +31,6 @@ __all__ = ["ADMIN_VOUCHED", "admin_routes"]
 _encode = msgspec.json.Encoder().encode
 _SECRET_BYTES = 32  # 43 url-safe characters after "sk-"
 _MAX_ROWS = 1000
-_GROUPS = {
-    "key": schema.requests.c.key_id,
-    "team": schema.requests.c.team_id,
-    "model": schema.requests.c.model,
-    "day": schema.requests.c.day,
-}
 
 
 # ``request[ADMIN_VOUCHED]``: a caller that authorised the request itself (the dashboard, for a
@@ -301,33 +295,13 @@ def _time_param(request: web.Request, name: str) -> float | None:
 async def spend(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     group_by = request.query.get("group_by", "key")
-    column = _GROUPS.get(group_by)
-    if column is None:
+    if group_by not in rollup.GROUPS:
         raise BadRequest(
             "'group_by' must be key, team, model or day", param="group_by", code="invalid_value"
         )
     start, end = _time_param(request, "start"), _time_param(request, "end")
     await plane.log.flush()  # what this instance served so far is counted
-    table = schema.requests.c
-    # Over a range, grouped by an expression, not the bare column: SQLite would walk the
-    # column's own index to skip a sort, reading every row instead of the range's (the
-    # covering index of migration 0002 serves the range).
-    group: sa.ColumnElement[Any] = column if start is None else sa.func.coalesce(column, None)
-    query = (
-        sa.select(
-            group.label("group"),
-            sa.func.count().label("requests"),
-            sa.func.coalesce(sa.func.sum(table.input_tokens), 0).label("input_tokens"),
-            sa.func.coalesce(sa.func.sum(table.output_tokens), 0).label("output_tokens"),
-            sa.func.coalesce(sa.func.sum(table.cost), 0.0).label("cost"),
-        )
-        .group_by(group)
-        .order_by(group)
-    )
-    if start is not None:
-        query = query.where(table.time >= start)
-    if end is not None:
-        query = query.where(table.time < end)
+    query = rollup.spend_query(group_by, start, end)
     async with plane.engine.connect() as connection:
         rows = [as_dict(row) for row in (await connection.execute(query)).all()]
     return _json(
@@ -336,6 +310,7 @@ async def spend(request: web.Request) -> web.Response:
             "data": [
                 {
                     **row,
+                    "requests": int(row["requests"]),
                     "input_tokens": int(row["input_tokens"]),
                     "output_tokens": int(row["output_tokens"]),
                     "cost": float(row["cost"]),

@@ -98,9 +98,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # WAL: readers (the admin API, the key poller) do not wait for the log writer; the busy
     # timeout lets instances sharing the file take turns instead of failing.
     cursor = dbapi_connection.cursor()
+    # First: switching to WAL waits too, while another instance migrates a new file.
+    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

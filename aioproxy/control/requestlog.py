@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..config import SpendConfig
-from . import schema
+from . import rollup, schema
 from .cache import KeyCache
 
 __all__ = ["LogRecord", "RequestLog"]
@@ -51,7 +51,7 @@ class LogRecord:
     @classmethod
     def of(cls, row: dict[str, Any], cost: float = 0.0) -> LogRecord:
         """From a row as a dict (by column name)."""
-        values = tuple(row[name] for name in schema.REQUEST_COLUMNS)
+        values = tuple(row.get(name) for name in schema.REQUEST_COLUMNS)
         return cls(values, row["key_id"], row["team_id"], row["time"], cost)
 
 
@@ -220,6 +220,7 @@ class RequestLog:
             async with self.engine.begin() as connection:
                 if rows:
                     await connection.exec_driver_sql(self._insert, rows)
+                    await rollup.add_rows(connection, rows)
                 for (key_id, period), cost in keys.items():
                     await connection.execute(_add_spend(schema.keys, key_id, period, cost))
                 for (team_id, period), cost in teams.items():
@@ -264,9 +265,15 @@ class RequestLog:
         if days is None or now - self._last_retention < _RETENTION_EVERY:
             return
         self._last_retention = now
+        # At whole UTC days (up to a day more than ``retention_days``), the roll-up's days
+        # with them: whole-day spend then equals the rows' however old the range.
+        cutoff = rollup.day_start(now - days * rollup.DAY)
         async with self.engine.begin() as connection:
             await connection.execute(
-                sa.delete(schema.requests).where(schema.requests.c.time < now - days * 86400)
+                sa.delete(schema.requests).where(schema.requests.c.time < cutoff)
+            )
+            await connection.execute(
+                sa.delete(schema.spend_days).where(schema.spend_days.c.day < rollup.date_of(cutoff))
             )
 
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from ..context import Call, Deployment, Principal
+from ..context import RETRIES, Call, Deployment, Principal
 from ..outcome import Outcome, Usage
 from ..routes import Kind
 from .cache import KeyCache
@@ -30,6 +30,7 @@ __all__ = ["COUNTED", "FAILED", "Finished", "RowBuilder", "estimate_prompt", "es
 FAILED = "aioproxy.control.failed"
 COUNTED = "aioproxy.control.counted"
 _COUNTING = Kind.COUNT_TOKENS.value
+_NONE_RETRIED = (0, 0)  # retries, fallbacks of a request answered at its first attempt
 
 
 class Finished(NamedTuple):
@@ -145,6 +146,7 @@ class RowBuilder:
             cost,
             ttft,
             duration,
+            *finished.state.get(RETRIES, _NONE_RETRIED),
         )
         key, team = (limits.key, limits.team) if limits else (None, None)
         return LogRecord(

@@ -11,7 +11,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["COVERED", "REQUEST_COLUMNS", "keys", "metadata", "requests", "state", "teams"]
+__all__ = [
+    "COVERED",
+    "REQUEST_COLUMNS",
+    "keys",
+    "metadata",
+    "requests",
+    "spend_days",
+    "state",
+    "teams",
+]
 
 metadata = sa.MetaData()
 
@@ -106,11 +115,35 @@ requests = sa.Table(
     sa.Column("cost", sa.Float, nullable=True),  # USD; None: no price known
     sa.Column("ttft", sa.Float, nullable=True),  # seconds to the first byte
     sa.Column("duration", sa.Float, nullable=False),
+    # Upstream attempts past the first, on the same model and on fallbacks (migration 0004;
+    # None: a row written before, not recorded).
+    sa.Column("retries", sa.Integer, nullable=True),
+    sa.Column("fallbacks", sa.Integer, nullable=True),
     # The dashboard's reads (migration 0002): a covering index for ranges, one for details.
     sa.Index("ix_requests_time_cover", *COVERED),
     sa.Index("ix_requests_request_id", "request_id"),
+    # The request log filtered by status, newest first (migration 0004): errors are rare, so
+    # walking the time index for them reads most of the log.
+    sa.Index("ix_requests_status_time", "status", "time"),
 )
 
 # A request log row's values, in this order (``LogRecord.values``): written with one prepared
 # INSERT per batch, bypassing SQLAlchemy's per-row processing (a third of the cost).
 REQUEST_COLUMNS: tuple[str, ...] = tuple(c.name for c in requests.c if c.name != "seq")
+
+# The request log rolled up by UTC day, key, team and model (migration 0004): kept by the log's
+# writer in each batch's transaction, so whole-day spend reads a few rows a day, not every
+# request. No key, team or model is stored as "" (a unique index holds no NULL to compare).
+spend_days = sa.Table(
+    "spend_days",
+    metadata,
+    sa.Column("day", sa.String(10), nullable=False),
+    sa.Column("key_id", sa.String(80), nullable=False),
+    sa.Column("team_id", sa.String(40), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cost", sa.Float, nullable=False),
+    sa.Index("ux_spend_days", "day", "key_id", "team_id", "model", unique=True),
+)

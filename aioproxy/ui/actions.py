@@ -14,19 +14,24 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..control import admin
-from ..control.plane import plane_key
+from ..control.clock import ControlClock
+from ..control.plane import clock_key, plane_key
 from ..errors import AuthenticationError, BadRequest
 from ..handlers import make_provider_handler
 from ..routes import Kind
 from .pages import render, require_session
 from .paths import ROOT, base_of
 from .session import CSRF_HEADER, Session, sessions_key
+from .throttle import throttle_key
 
 __all__ = ["ACTIONS", "PLAYGROUND_PRINCIPAL", "signin_page"]
 
 # ``request[PLAYGROUND_PRINCIPAL]``: who a playground call runs as (the signed-in operator);
 # the dashboard's ``authenticate`` hook answers with it.
 PLAYGROUND_PRINCIPAL = web.RequestKey("aioproxy.ui.principal", object)
+
+
+_CLOCK = ControlClock()  # unless a test put its own in the app (``clock_key``)
 
 
 class _SignIn(msgspec.Struct):
@@ -59,8 +64,12 @@ async def signin(request: web.Request) -> web.StreamResponse:
         form = msgspec.json.decode(await request.read(), type=_SignIn)
     except msgspec.DecodeError:
         raise BadRequest('Send {"key": "..."}', param="key", code="invalid_value") from None
+    throttle, address = request.app[throttle_key], request.remote or ""
+    now = (request.app.get(clock_key) or _CLOCK).monotonic()
+    throttle.check(address, now)
     holder = sessions.holder_of(form.key.strip(), request.app.get(plane_key))
     if holder is None:
+        throttle.failed(address, now)
         # One answer for a wrong key and a key without the admin role: no key is confirmed.
         raise AuthenticationError(
             "Sign in with the master key or a key with the admin role", code="invalid_api_key"

@@ -31,6 +31,7 @@ from .pages import PAGES, page, points_key
 from .paths import ROOT, mounted
 from .queries import RANGES, PointCache, overview
 from .session import Sessions, sessions_key
+from .throttle import SignInThrottle, throttle_key
 
 __all__ = ["Dashboard", "dashboard"]
 
@@ -172,6 +173,8 @@ class Dashboard:
         )
         app[sessions_key] = Sessions(self.config, open_mode=is_open(app[runtime_key]))
         app[points_key] = PointCache()
+        ui = self.config.ui
+        app[throttle_key] = SignInThrottle(ui.signin_attempts, ui.signin_window)
         # After every context started (the database's included), before any is cleaned up.
         app.on_startup.append(_start_warming)
         app.on_shutdown.append(_stop_warming)
