@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioproxy.bridges.store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable
 from aioproxy.config import ConfigError
+from aioproxy.control.engine import SCHEMA_HEAD
 from aioproxy.control.engine import open_engine
 from tests.control.conftest import db_url, postgres_port  # noqa: F401 - both databases
 
@@ -97,7 +98,8 @@ async def test_the_rows_live_in_the_control_plane_s_tables(
     await store.remember_native("resp_up", "deployment-1", "alice")
     assert await execute(engine, "SELECT id, owner FROM stored_responses") == [("resp_1", "alice")]
     assert await execute(engine, "SELECT id FROM native_responses") == [("resp_up",)]
-    assert await execute(engine, "SELECT version_num FROM alembic_version") == [("0003",)]
+    version = await execute(engine, "SELECT version_num FROM alembic_version")
+    assert version == [(SCHEMA_HEAD,)]
 
 
 async def test_two_stores_share_one_database(db_url: str, store: ResponseStore) -> None:  # noqa: F811

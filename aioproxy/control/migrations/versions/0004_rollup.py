@@ -1,7 +1,7 @@
 """The request log's roll-up by day, key, team and model, and each request's retries (issue 17).
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 
 * ``spend_days``: the request log summed by UTC day, key, team and model, kept by the log's
   writer (``aioproxy.control.rollup``); filled here from the rows already written.
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
