@@ -14,8 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aioproxy.bridges.store import BrokenChain, HistoryTooLarge, ResponseStore, StoreUnavailable
 from aioproxy.config import ConfigError
-from aioproxy.control.engine import SCHEMA_HEAD
-from aioproxy.control.engine import open_engine
+from aioproxy.control.engine import SCHEMA_HEAD, open_engine
 from tests.control.conftest import db_url, postgres_port  # noqa: F401 - both databases
 
 RESPONSE = {"id": "resp_1", "object": "response", "output": [], "model": "m"}
