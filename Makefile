@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install postgres run test check bench bench-smoke bench-peers clean
+.PHONY: install postgres redis run test check bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null || \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
 
+# The scale-out tests start their own redis-server (one per session): Debian's, installed when missing.
+redis:
+	@command -v redis-server >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
 run: install
 	$(PY) run.py
 
@@ -29,7 +34,7 @@ run: install
 # cores: make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
 PYTEST_ARGS ?=
 
-test: install postgres
+test: install postgres redis
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Lint, format and strict types on the package and the plugins (config in pyproject.toml).

@@ -31,6 +31,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.keyauth:KeyAuth",
     "aioproxy.control.limits:Limits",
     "aioproxy.control.spend:Spend",
+    # Scale-out (issue 13): the state shared through Redis, and the response cache.
+    "aioproxy.state.plugin:SharedState",
 )
 
 

@@ -153,6 +153,9 @@ class Router:
         self.clock = clock or Clock()
         self._health: dict[str, Health] = {}
         self._policies: dict[str, ModelPolicy] = {}
+        # Told (deployment key, seconds) when a deployment starts cooling down here: the state
+        # plugin passes it on to the other instances, which call ``cool_down``.
+        self.on_cooldown: Callable[[str, float], None] | None = None
 
     def policy(self, model: str) -> ModelPolicy:
         policy = self._policies.get(model)
@@ -263,11 +266,21 @@ class Router:
         while failures and failures[0] < window_start:
             failures.popleft()
         cooldown = self.config.cooldown_seconds
+        until = health.cooldown_until
         if len(failures) >= self.config.cooldown_failures and cooldown > 0:
             health.cooldown_until = now + cooldown
             failures.clear()
         elif (retry_after := _retry_after(error)) and cooldown > 0:
             health.cooldown_until = max(health.cooldown_until, now + min(retry_after, cooldown))
+        if self.on_cooldown is not None and health.cooldown_until != until:
+            self.on_cooldown(deployment.key, health.cooldown_until - now)
+
+    def cool_down(self, key: str, seconds: float) -> None:
+        """Another instance cooled the deployment ``key`` down for ``seconds``: skip it too."""
+        health = self._health.get(key)
+        if health is None:
+            health = self._health[key] = Health()
+        health.cooldown_until = max(health.cooldown_until, self.clock.now() + seconds)
 
     def backoff(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before retry ``attempt`` (1-based); None: the upstream asked for longer

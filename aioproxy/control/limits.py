@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,6 +28,9 @@ from .database import RATE_LIMIT_HEADERS
 from .meters import KeyLimits, Meter, spend_now
 from .plane import plane_key
 from .records import KeyEntry, TeamEntry, period_end
+
+if TYPE_CHECKING:
+    from ..state.counters import SharedReservation
 
 __all__ = ["Limits", "Reservation", "estimate_prompt"]
 
@@ -127,10 +132,18 @@ class Limits:
         self.config = config
 
     @hookimpl
-    def before_request(self, call: Call) -> None:
+    def before_request(self, call: Call) -> Awaitable[None] | None:
         limits = call.principal.limits
         if limits.__class__ is not KeyLimits or RESERVATION in call.state:
-            return
+            return None
+        plane = call.request.app[plane_key]
+        if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
+            return plane.shared.before_request(call, limits, self.reserve_here)
+        self.reserve_here(call, limits)
+        return None
+
+    def reserve_here(self, call: Call, limits: KeyLimits) -> None:
+        """Reserve on this process's counters (also the fallback while Redis is away)."""
         clock = call.request.app[plane_key].clock
         now = clock.monotonic()
         scopes = limits.scopes
@@ -156,18 +169,21 @@ class Limits:
             call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
 
     @hookimpl
-    def after_response(self, call: Call, outcome: Outcome) -> None:
-        reservation: Reservation | None = call.state.get(RESERVATION)
+    def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
+        reservation: Reservation | SharedReservation | None = call.state.get(RESERVATION)
         if reservation is None:
-            return
+            return None
         plane = call.request.app[plane_key]
         usage = outcome.usage()
         tokens = usage.total_tokens if usage is not None else call.state.get(ESTIMATED_TOKENS, 0)
+        if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
+            return reservation.settle(tokens, outcome.cost, plane.clock.time())
         reservation.count_tokens(tokens, plane.clock.monotonic())
         if outcome.cost:
             wall = plane.clock.time()
             for _, entry, meter in reservation.limits.scopes:
                 meter.add_spend(outcome.cost, period_end(entry.created_at, entry.duration, wall))
+        return None
 
     @hookimpl
     def on_error(self, request: web.Request, call: Call | None) -> None:

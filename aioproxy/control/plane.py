@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,6 +18,9 @@ from .clock import ControlClock
 from .engine import open_engine
 from .pricing import Pricing
 from .requestlog import RequestLog
+
+if TYPE_CHECKING:
+    from ..state.counters import SharedCounters
 
 __all__ = ["ControlPlane", "clock_key", "plane_key"]
 
@@ -32,6 +37,10 @@ class ControlPlane:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(6).hex()
         self._poller: asyncio.Task[None] | None = None
+        # Set by the state plugin with [state] redis_url: key and team counters in Redis, and
+        # what tells the other instances that keys or teams changed.
+        self.shared: SharedCounters | None = None
+        self.announce_change: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def open(cls, config: Config, clock: ControlClock) -> ControlPlane:

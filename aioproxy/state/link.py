@@ -1,0 +1,95 @@
+"""The Redis connection: short timeouts, and a health flag the request path reads instead of
+waiting on a Redis that is gone.
+
+A failed call marks the link down (logged once, counted); requests then use per-process
+counters at once, without trying Redis. A probe pings it in the background and marks it up
+again when it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..config import StateConfig
+
+__all__ = ["RedisLink"]
+
+log = logging.getLogger("aioproxy")
+
+PROBE_INTERVAL = 0.5  # seconds between two pings while Redis is down
+
+
+class RedisLink:
+    """One app's Redis client and whether it is usable now."""
+
+    def __init__(self, config: StateConfig) -> None:
+        assert config.redis_url is not None
+        self.config = config
+        self.prefix = config.prefix
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            str(config.redis_url),
+            socket_timeout=config.timeout,
+            socket_connect_timeout=config.timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self.up = True
+        self.failures = 0  # times Redis was lost (for metrics and tests)
+        self._probe: asyncio.Task[None] | None = None
+        self._on_resume: list[Callable[[], Awaitable[None]]] = []
+
+    def on_resume(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` each time Redis comes back (resubscribe, reload what was missed)."""
+        self._on_resume.append(callback)
+
+    async def check(self) -> None:
+        """At start-up: an unreachable Redis is logged and probed for, not fatal."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            self.lost(exc)
+
+    def lost(self, error: BaseException) -> None:
+        """A call failed: fall back until a ping answers again."""
+        if not self.up:
+            return
+        self.up = False
+        self.failures += 1
+        log.warning(
+            "state: Redis is unreachable (%s); limits fall back to per-process counters "
+            "([state] on_error = %r) until it is back",
+            type(error).__name__,
+            self.config.on_error,
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._wait_for_redis(), name="aioproxy redis probe")
+
+    async def _wait_for_redis(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self.client.ping()
+            except (RedisError, OSError):
+                continue
+            break
+        self.up = True
+        log.warning("state: Redis is back; shared limits resume")
+        for callback in self._on_resume:
+            try:
+                await callback()
+            except (RedisError, OSError) as exc:
+                self.lost(exc)
+                return
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.client.aclose()

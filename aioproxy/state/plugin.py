@@ -1,0 +1,59 @@
+"""The ``state`` plugin: with ``[state] redis_url``, the app's Redis link, its shared
+counters (handed to the control plane's limits) and the change channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Config
+from ..control.plane import plane_key
+from ..hookspecs import RegisterContext, hookimpl
+from ..keys import runtime_key
+from .changes import Changes
+from .counters import SharedCounters
+from .link import RedisLink
+
+__all__ = ["SharedState", "link_key"]
+
+link_key = web.AppKey("aioproxy.state.link", RedisLink)
+changes_key = web.AppKey("aioproxy.state.changes", Changes)
+
+
+class SharedState:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @hookimpl(trylast=True)  # after the control plane's context: it hands its counters over
+    def register_contexts(self, register: RegisterContext, app: web.Application) -> None:
+        if self.config.state.redis_url is None:
+            return
+        state = self.config.state
+
+        async def shared_state(app: web.Application) -> AsyncIterator[None]:
+            link = RedisLink(state)
+            await link.check()
+            app[link_key] = link
+            router = app[runtime_key].router
+            plane = app.get(plane_key)  # the control plane's context ran first
+            reload_keys = plane.cache.reload if plane is not None else _nothing
+            changes = Changes(link, reload_keys, router.cool_down)
+            app[changes_key] = changes
+            router.on_cooldown = changes.announce_cooldown
+            if plane is not None:
+                plane.shared = SharedCounters(link, plane.clock)
+                plane.announce_change = changes.announce_keys
+            changes.start()
+            try:
+                yield
+            finally:
+                router.on_cooldown = None
+                await changes.close()
+                await link.close()
+
+        register(shared_state)
+
+
+async def _nothing() -> None:
+    return None

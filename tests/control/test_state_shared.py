@@ -1,0 +1,115 @@
+"""Limits and key changes shared through a real Redis by two gateway apps on one database
+([state] redis_url): what one instance counts or changes, the other enforces."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aioproxy.state.plugin import changes_key, link_key
+from tests.control.conftest import CHAT, Control
+from tests.redis_server import RedisServer, redis_server, redis_url
+
+__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+
+
+async def post_chat(control: Control, key: str, **overrides: Any) -> tuple[int, dict[str, str]]:
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, **overrides},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        await response.read()
+        return response.status, dict(response.headers)
+
+
+async def two_instances(start_control: Any, redis_url: str, **state: Any) -> list[Control]:
+    config = {
+        "state": {"redis_url": redis_url, **state},
+    }
+    instances = []
+    for _ in range(2):
+        control = await start_control(**config)
+        # No database poll: only Redis can carry a change from one instance to the other.
+        control.plane._poller.cancel()
+        instances.append(control)
+    for control in instances:
+        await control.server.app[changes_key].listening.wait()
+    return instances
+
+
+async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=10))["key"]
+    await second.plane.cache.reload()
+    results = await asyncio.gather(*(post_chat((first, second)[i % 2], key) for i in range(40)))
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == 10 and statuses.count(429) == 30
+    admitted_on = [i % 2 for i, (status, _) in enumerate(results) if status == 200]
+    assert set(admitted_on) <= {0, 1}
+    status, headers = await post_chat(second, key)
+    assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_headers_count_every_instance(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=5, tpm=100_000))["key"]
+    await second.plane.cache.reload()
+    remaining = []
+    for control in (first, second, first):
+        status, headers = await post_chat(control, key)
+        assert status == 200
+        remaining.append(headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["4", "3", "2"]
+
+
+async def test_revocation_reaches_the_other_instance(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    created = await first.new_key(rpm=100)
+    await second.plane.cache.reload()
+    assert (await post_chat(second, created["key"]))[0] == 200
+    await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
+    async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
+        while (await post_chat(second, created["key"]))[0] != 401:
+            await asyncio.sleep(0.01)
+
+
+async def test_max_parallel_slot_is_released_in_redis(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(max_parallel=1))["key"]
+    await second.plane.cache.reload()
+    for control in (first, second, first, second):  # each frees its slot when it ends
+        assert (await post_chat(control, key))[0] == 200
+
+
+async def test_redis_down_falls_back_then_resumes(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=3))["key"]
+    await second.plane.cache.reload()
+    assert (await post_chat(first, key))[0] == 200
+    redis_server.kill()
+    # Per-process counters meanwhile: each instance admits the key's 3 on its own.
+    statuses = [(await post_chat(second, key))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert second.server.app[link_key].failures == 1
+    redis_server.start()
+    link = second.server.app[link_key]
+    async with asyncio.timeout(30):  # safety net: the probe pings every half second
+        while not link.up:
+            await asyncio.sleep(0.05)
+    # Shared again, on a Redis that lost its counts: 3 more across both instances.
+    statuses = [(await post_chat((first, second)[i % 2], key))[0] for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_on_error_closed_refuses_limited_keys(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    first, _ = await two_instances(start_control, redis_url, on_error="closed")
+    key = (await first.new_key(rpm=100))["key"]
+    redis_server.kill()
+    status, headers = await post_chat(first, key)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert (await post_chat(first, "sk-test-master"))[0] != 500
