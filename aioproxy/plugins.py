@@ -32,7 +32,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.limits:Limits",
     "aioproxy.control.spend:Spend",
     # Scale-out (issue 13): the state shared through Redis, and the response cache.
-    "aioproxy.state.plugin:SharedState",
+    "aioproxy.state.shared:SharedState",
+    "aioproxy.cache.response_cache:ResponseCache",
 )
 
 

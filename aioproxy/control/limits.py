@@ -176,6 +176,8 @@ class Limits:
         plane = call.request.app[plane_key]
         usage = outcome.usage()
         tokens = usage.total_tokens if usage is not None else call.state.get(ESTIMATED_TOKENS, 0)
+        if call.state.get("cache") == "hit":  # a cached answer counts toward rpm, not tpm
+            tokens = 0
         if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
             return reservation.settle(tokens, outcome.cost, plane.clock.time())
         reservation.count_tokens(tokens, plane.clock.monotonic())

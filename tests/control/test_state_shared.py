@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aioproxy.state.plugin import changes_key, link_key
+from aioproxy.state.shared import changes_key, link_key
 from tests.control.conftest import CHAT, Control
 from tests.redis_server import RedisServer, redis_server, redis_url
 

@@ -1,0 +1,154 @@
+"""The ``cache`` plugin (``[cache] enabled``): answers looked up before the upstream and kept
+after it.
+
+A hit re-routes the call to the ``aioproxy-cache`` deployment, whose provider replays the
+entry: routing, limits (a hit counts toward the key's rpm, not its tpm), hooks and the spend
+log (provider ``aioproxy-cache``, price 0: a hit costs nothing) treat it as any answer, and no
+upstream is called. ``Cache-Control: no-cache`` skips the lookup, ``no-store`` the write; the
+answer says ``x-aioproxy-cache: hit|miss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ..config import Config, Price
+from ..context import STREAM_RECORDER, Call, Deployment
+from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
+from ..outcome import Outcome
+from ..providers import Provider, Reply
+from ..state.link import RedisLink
+from .lookup import cache_key, cacheable
+from .replay import Recorder, replay
+from .stores import Entry, MemoryStore, RedisStore, Store
+
+__all__ = ["CACHE", "CacheProvider", "ResponseCache", "store_key"]
+
+CACHE = "cache"  # call.state: "hit", "miss" or "bypass" (what metrics and the access log read)
+_HIT = "aioproxy.cache.hit"  # call.state: the Entry a hit replays
+_RECORD = "aioproxy.cache.record"  # call.state: the key to keep the answer under
+PROVIDER = "aioproxy-cache"
+_HEADER = web.RequestKey("aioproxy.cache.header", str)
+
+store_key = web.AppKey("aioproxy.cache.store", Store)
+
+
+class CacheProvider(Provider):
+    """Replays the entry the lookup found, in the form the request asks for."""
+
+    name = PROVIDER
+
+    async def _replay(self, call: Call) -> Reply:
+        entry: Entry = call.state[_HIT]
+        return replay(call.kind, entry.form, entry.body, call.stream)
+
+    async def chat_completions(self, call: Call) -> Reply:
+        return await self._replay(call)
+
+    async def completions(self, call: Call) -> Reply:
+        return await self._replay(call)
+
+    async def embeddings(self, call: Call) -> Reply:
+        return await self._replay(call)
+
+    async def responses(self, call: Call) -> Reply:
+        return await self._replay(call)
+
+
+async def _add_header(request: web.Request, response: web.StreamResponse) -> None:
+    if (result := request.get(_HEADER)) is not None:
+        response.headers["x-aioproxy-cache"] = result
+
+
+class ResponseCache:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.cache = config.cache
+        self.enabled = config.cache.enabled
+        self.store: Store | None = None
+        self._hit_deployments: dict[str, Deployment] = {}
+
+    @hookimpl
+    def register_providers(self, register: RegisterProvider) -> None:
+        if self.enabled:
+            register(CacheProvider)
+
+    @hookimpl
+    def register_contexts(self, register: RegisterContext, app: web.Application) -> None:
+        if not self.enabled:
+            return
+        app.on_response_prepare.append(_add_header)
+        state = self.config.state
+
+        async def response_cache(app: web.Application) -> AsyncIterator[None]:
+            link = RedisLink(state) if state.redis_url is not None else None
+            if link is not None:
+                await link.check()
+            self.store = app[store_key] = (
+                RedisStore(link) if link is not None else MemoryStore(self.cache)
+            )
+            try:
+                yield
+            finally:
+                if link is not None:
+                    await link.close()
+
+        register(response_cache)
+
+    def _deployment(self, model: str) -> Deployment:
+        """The pseudo-deployment hits are routed to (one per model name, made once)."""
+        found = self._hit_deployments.get(model)
+        if found is None:
+            found = self._hit_deployments[model] = Deployment(
+                name=model, provider=PROVIDER, model=PROVIDER, price=Price(input=0.0), id=PROVIDER
+            )
+        return found
+
+    def _scope(self, call: Call) -> str:
+        principal = call.principal
+        if self.cache.scope == "global":
+            return "*"
+        if self.cache.scope == "team" and principal.team is not None:
+            return "team:" + principal.team
+        return "key:" + (principal.id or principal.name)
+
+    @hookimpl(trylast=True)  # after the limits: a refused request never reads the cache
+    async def before_request(self, call: Call) -> None:
+        store = self.store
+        if store is None or not cacheable(call, self.cache):
+            return
+        control = call.request.headers.get("Cache-Control", "").lower()
+        key = cache_key(call, self._scope(call))
+        entry = None if "no-cache" in control else await store.get(key)
+        if entry is not None:
+            call.state[CACHE] = "hit"
+            call.state[_HIT] = entry
+            call.request[_HEADER] = "hit"
+            call.route_to(self._deployment(call.model))
+            return
+        call.state[CACHE] = "miss" if "no-cache" not in control else "bypass"
+        call.request[_HEADER] = "miss"
+        if "no-store" not in control:
+            call.state[_RECORD] = key
+            if call.stream:
+                call.state[STREAM_RECORDER] = Recorder(self.cache.max_entry_bytes)
+
+    @hookimpl
+    async def after_response(self, call: Call, outcome: Outcome) -> None:
+        key = call.state.get(_RECORD)
+        if key is None or self.store is None or outcome.status != 200 or outcome.disconnected:
+            return
+        recorder = call.state.get(STREAM_RECORDER)
+        if isinstance(recorder, Recorder):
+            events = recorder.events()
+            if not events:
+                return
+            entry = Entry("stream", events)
+        elif outcome.body is not None and len(outcome.body) <= self.cache.max_entry_bytes:
+            entry = Entry("json", bytes(outcome.body))
+        else:
+            return
+        ttl = self.cache.ttl_per_model.get(call.model, self.cache.ttl)
+        await self.store.put(key, entry, ttl)
