@@ -282,7 +282,7 @@ class StateConfig(Base, frozen=True):
     redis_url: Secret | None = None
     # Seconds a Redis call may take before the request goes on without it (per-process
     # counters meanwhile): a slow or lost Redis never holds a request.
-    timeout: PositiveFloat = 0.25
+    timeout: PositiveFloat = 1.0
     # While Redis is unreachable: "open" serves limited keys on per-process counters,
     # "closed" refuses them (429) until it is back.
     on_error: Literal["open", "closed"] = "open"
