@@ -286,6 +286,8 @@ class StateConfig(Base, frozen=True):
     # While Redis is unreachable: "open" serves limited keys on per-process counters,
     # "closed" refuses them (429) until it is back.
     on_error: Literal["open", "closed"] = "open"
+    # Connections to Redis per process; a request waits (within ``timeout``) for a free one.
+    max_connections: Annotated[int, Meta(ge=1)] = 64
     prefix: Annotated[str, Meta(min_length=1)] = "aioproxy"  # of every Redis key and channel
 
 

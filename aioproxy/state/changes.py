@@ -55,13 +55,16 @@ class Changes:
         self.listening = asyncio.Event()  # set once subscribed (tests wait for it)
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        link.on_resume(self._reload)  # changes published while this one could not hear
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="aioproxy state changes")
 
     async def announce_keys(self) -> None:
-        """Keys or teams changed here: the others reload (best effort: their poll is the net)."""
-        await self._publish(Change(source=self.source, what="keys"))
+        """Keys or teams changed here: the others reload (their poll, and the reload each
+        does when Redis comes back, are the net). Tried even while the link is marked down:
+        an admin call is rare, and Redis may be back before the probe says so."""
+        await self._publish(Change(source=self.source, what="keys"), always=True)
 
     def announce_cooldown(self, deployment: str, seconds: float) -> None:
         task = asyncio.ensure_future(
@@ -72,8 +75,8 @@ class Changes:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _publish(self, change: Change) -> None:
-        if not self.link.up:
+    async def _publish(self, change: Change, always: bool = False) -> None:
+        if not (self.link.up or always):
             return
         try:
             await self.link.client.publish(self.channel, _encode(change))

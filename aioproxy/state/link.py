@@ -14,6 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..config import StateConfig
@@ -32,13 +34,20 @@ class RedisLink:
         assert config.redis_url is not None
         self.config = config
         self.prefix = config.prefix
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A bounded pool that requests wait on (within the timeout) rather than failing when
+        # every connection is busy; no retries: a script sent twice would count twice.
+        pool = aioredis.BlockingConnectionPool.from_url(
             str(config.redis_url),
+            max_connections=config.max_connections,
+            timeout=config.timeout,
             socket_timeout=config.timeout,
             socket_connect_timeout=config.timeout,
-            retry_on_timeout=False,
-            health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
         )
+        self.client: aioredis.Redis = aioredis.Redis(
+            connection_pool=pool, retry=Retry(NoBackoff(), 0)
+        )
+        self.client.auto_close_connection_pool = True  # its aclose closes the pool too
         self.up = True
         self.failures = 0  # times Redis was lost (for metrics and tests)
         self._probe: asyncio.Task[None] | None = None
