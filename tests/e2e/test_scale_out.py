@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import RedisServer, redis_server, redis_url
-from tests.support import clean_env, free_port, running
+from tests.support import ROOT, clean_env, free_port, running
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -135,7 +136,9 @@ async def test_budget_spent_on_one_refuses_on_the_others(
     assert status == 429 and body["error"]["code"] == "insufficient_quota"
 
 
-async def test_revoked_key_refused_everywhere(tmp_path: Path, upstream: str, redis_url: str) -> None:
+async def test_revoked_key_refused_everywhere(
+    tmp_path: Path, upstream: str, redis_url: str
+) -> None:
     config = write_config(tmp_path, upstream, redis_url)
     async with gateway(config) as gw:
         created = await gw.new_key(rpm=1000)
@@ -196,3 +199,47 @@ async def test_redis_killed_mid_load(
         async with asyncio.timeout(60):  # safety net: each instance probes every half second
             while not await shared_again():
                 await asyncio.sleep(0.1)
+
+
+async def refused(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "run.py", "--port", str(free_port()), *args,
+        cwd=ROOT, env=clean_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)  # safety net
+    return process.returncode or 0, stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        'models = [{name = "m", provider = "echo", rpm = 10}]\n',
+        "cache = {enabled = true}\n",
+        "database-key",
+    ],
+    ids=["deployment-cap", "cache", "database-key"],
+)
+async def test_workers_without_redis_refuse_limits(tmp_path: Path, extra: str) -> None:
+    database = f'database = {{url = "sqlite:///{tmp_path / "db.sqlite3"}"}}\n'
+    config = tmp_path / "proxy.toml"
+    if extra == "database-key":
+        config.write_text(f'auth = {{master_key = "{MASTER}"}}\n{database}', encoding="utf-8")
+        async with running("--config", str(config), env=clean_env()) as (port, _):
+            gw = Gateway([port], aiohttp.ClientSession())
+            async with gw.session:
+                status, _ = await gw.call(0, "POST", "/admin/keys", MASTER, {"name": "k", "tpm": 9})
+                assert status == 201
+        extra = ""
+    config.write_text(f'auth = {{master_key = "{MASTER}"}}\n{database}{extra}', encoding="utf-8")
+    code, stderr = await refused("--config", str(config), "--workers", "2")
+    assert code == 2 and "[state] redis_url" in stderr
+
+
+async def test_workers_without_limits_start(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    database = f'database = {{url = "sqlite:///{tmp_path / "db.sqlite3"}"}}\n'
+    config.write_text(f'auth = {{master_key = "{MASTER}"}}\n{database}', encoding="utf-8")
+    port = str(free_port())
+    async with running("--config", str(config), "--workers", "2", "--port", port) as (bound, _):
+        assert bound == int(port)
