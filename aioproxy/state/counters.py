@@ -13,6 +13,7 @@ spend) and Redis's (every instance's spend, at once): Redis is ahead until it lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from ..control.limits import _HEADER_NAMES, RESERVATION, _reserve, _reset
 from ..control.meters import KeyLimits
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
+from .batch import Batcher, LuaScript
 from .link import RedisLink
 
 if TYPE_CHECKING:
@@ -201,10 +203,11 @@ class SharedCounters:
         self.link = link
         self.clock = clock
         self.closed = link.config.on_error == "closed"
-        self.reserve_script = link.client.register_script(_RESERVE)
-        self.settle_script = link.client.register_script(_SETTLE)
+        self.reserve_script = LuaScript(_RESERVE)
+        self.settle_script = LuaScript(_SETTLE)
+        self.batcher = Batcher(link.client)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._unsent: list[tuple[Any, list[str], list[Any]]] = []  # settles Redis missed
+        self._unsent: list[tuple[LuaScript, list[str], list[Any]]] = []  # settles Redis missed
         link.on_resume(self._resend)
 
     def spawn(self, work: Any) -> None:
@@ -212,22 +215,28 @@ class SharedCounters:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def run(self, script: Any, keys: list[str], args: list[Any]) -> None:
+    async def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
         """A settle: if Redis misses it, it is sent again when Redis is back (so no slot leaks
         in flight for ever)."""
         if not self.link.up:
             self._unsent.append((script, keys, args))
             return
         try:
-            await script(keys=keys, args=args)
+            await self.batcher.run(script, keys, args)
         except (RedisError, OSError) as exc:
             self._unsent.append((script, keys, args))
             self.link.lost(exc)
 
+    async def close(self) -> None:
+        for task in list(self._tasks):  # settles still on their way: sent, or given up
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, self.link.config.timeout)
+        await self.batcher.close()
+
     async def _resend(self) -> None:
         unsent, self._unsent = self._unsent, []
         for script, keys, args in unsent:
-            await script(keys=keys, args=args)
+            await self.batcher.run(script, keys, args)
 
     def refuse_while_down(self) -> RateLimited:
         refused = RateLimited(
@@ -283,7 +292,7 @@ class SharedCounters:
                 periods[-1],
             ]
         try:
-            answer = await self.reserve_script(keys=keys, args=args)
+            answer = await self.batcher.run(self.reserve_script, keys, args)
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
             return None

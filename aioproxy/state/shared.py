@@ -41,14 +41,17 @@ class SharedState:
             changes = Changes(link, reload_keys, router.cool_down)
             app[changes_key] = changes
             router.on_cooldown = changes.announce_cooldown
+            counters = SharedCounters(link, plane.clock) if plane is not None else None
             if plane is not None:
-                plane.shared = SharedCounters(link, plane.clock)
+                plane.shared = counters
                 plane.announce_change = changes.announce_keys
             changes.start()
             try:
                 yield
             finally:
                 router.on_cooldown = None
+                if counters is not None:
+                    await counters.close()
                 await changes.close()
                 await link.close()
 
