@@ -33,7 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.spend:Spend",
     # Scale-out (issue 13): the state shared through Redis, and the response cache.
     "aioproxy.state.shared:SharedState",
-    "aioproxy.cache.response_cache:ResponseCache",
+    "aioproxy.cache.response_cache:response_cache",
 )
 
 

@@ -24,7 +24,7 @@ from .lookup import cache_key, cacheable
 from .replay import Recorder, replay
 from .stores import Entry, MemoryStore, RedisStore, Store
 
-__all__ = ["CACHE", "CacheProvider", "ResponseCache", "store_key"]
+__all__ = ["CACHE", "CacheProvider", "ResponseCache", "response_cache", "store_key"]
 
 CACHE = "cache"  # call.state: "hit", "miss" or "bypass" (what metrics and the access log read)
 _HIT = "aioproxy.cache.hit"  # call.state: the Entry a hit replays
@@ -60,6 +60,16 @@ class CacheProvider(Provider):
 async def _add_header(request: web.Request, response: web.StreamResponse) -> None:
     if (result := request.get(_HEADER)) is not None:
         response.headers["x-aioproxy-cache"] = result
+
+
+def response_cache(config: Config) -> object:
+    """The built-in plugin for ``config``: a :class:`ResponseCache`, or nothing to call when
+    ``[cache]`` is off (no hook on any request's path)."""
+    return ResponseCache(config) if config.cache.enabled else _Off()
+
+
+class _Off:
+    """The cache when off: no hooks."""
 
 
 class ResponseCache:

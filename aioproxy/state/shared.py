@@ -13,12 +13,14 @@ from ..hookspecs import RegisterContext, hookimpl
 from ..keys import runtime_key
 from .changes import Changes
 from .counters import SharedCounters
+from .deployments import SharedDeployments
 from .link import RedisLink
 
 __all__ = ["SharedState", "link_key"]
 
 link_key = web.AppKey("aioproxy.state.link", RedisLink)
 changes_key = web.AppKey("aioproxy.state.changes", Changes)
+deployments_key = web.AppKey("aioproxy.state.deployments", SharedDeployments)
 
 
 class SharedState:
@@ -45,11 +47,17 @@ class SharedState:
             if plane is not None:
                 plane.shared = counters
                 plane.announce_change = changes.announce_keys
+            runtime = app[runtime_key]
+            configured = [d.key for group in runtime.deployments.values() for d in group]
+            deployments = SharedDeployments(link, router, configured)
+            app[deployments_key] = deployments
             changes.start()
+            deployments.start()
             try:
                 yield
             finally:
                 router.on_cooldown = None
+                await deployments.close()
                 if counters is not None:
                     await counters.close()
                 await changes.close()

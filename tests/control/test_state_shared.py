@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aioproxy.state.shared import changes_key, link_key
+from aioproxy.state.shared import changes_key, deployments_key, link_key
 from tests.control.conftest import CHAT, Control
 from tests.redis_server import RedisServer, redis_server, redis_url
+from tests.support import MASTER_KEY
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -113,3 +114,29 @@ async def test_on_error_closed_refuses_limited_keys(
     status, headers = await post_chat(first, key)
     assert status == 429 and headers["Retry-After"] == "1"
     assert (await post_chat(first, "sk-test-master"))[0] != 500
+
+
+async def test_deployment_caps_are_shared(
+    start_control: Any, redis_url: str, upstream_base: str
+) -> None:
+    capped = {
+        "name": "gpt-test",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "api_base": upstream_base,
+        "api_key": "sk-upstream-secret",
+        "rpm": 4,
+    }
+    models = [capped, {"name": "echo", "provider": "echo"}]
+    instances = []
+    for _ in range(2):
+        control = await start_control(state={"redis_url": redis_url}, models=models)
+        instances.append(control)
+    first, second = instances
+    for _ in range(3):
+        assert (await post_chat(first, MASTER_KEY))[0] == 200
+    await first.server.app[deployments_key].sync()  # what the background sync does
+    await second.server.app[deployments_key].sync()
+    assert (await post_chat(second, MASTER_KEY))[0] == 200  # the 4th of the shared 4
+    status, _ = await post_chat(second, MASTER_KEY)
+    assert status == 429
