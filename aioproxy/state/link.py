@@ -52,6 +52,7 @@ class RedisLink:
         self.failures = 0  # times Redis was lost (for metrics and tests)
         self._probe: asyncio.Task[None] | None = None
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
+        self.on_lost: Callable[[], None] | None = None  # counts it (the metrics, when on)
 
     def on_resume(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time Redis comes back (resubscribe, reload what was missed)."""
@@ -70,6 +71,8 @@ class RedisLink:
             return
         self.up = False
         self.failures += 1
+        if self.on_lost is not None:
+            self.on_lost()
         log.warning(
             "state: Redis is unreachable (%s); limits fall back to per-process counters "
             "([state] on_error = %r) until it is back",

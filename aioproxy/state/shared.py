@@ -3,14 +3,16 @@ counters (handed to the control plane's limits) and the change channel."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from ..config import Config
 from ..control.plane import plane_key
 from ..hookspecs import RegisterContext, hookimpl
-from ..keys import runtime_key
+from ..keys import plugin_manager_key, runtime_key
+from ..observability.observer import Observer
 from .changes import Changes
 from .counters import SharedCounters
 from .deployments import SharedDeployments
@@ -35,6 +37,7 @@ class SharedState:
 
         async def shared_state(app: web.Application) -> AsyncIterator[None]:
             link = RedisLink(state)
+            link.on_lost = _lost_counter(app)
             await link.check()
             app[link_key] = link
             router = app[runtime_key].router
@@ -68,3 +71,17 @@ class SharedState:
 
 async def _nothing() -> None:
     return None
+
+
+def _lost_counter(app: web.Application) -> Callable[[], None] | None:
+    """``aioproxy_state_redis_lost_total`` in the app's metrics, when they are on."""
+    observer = app[plugin_manager_key].get_plugin("aioproxy.observer")
+    metrics = observer.metrics if isinstance(observer, Observer) else None
+    if metrics is None:
+        return None
+    counter = Counter(
+        "aioproxy_state_redis_lost_total",
+        "Times Redis became unreachable ([state]): limits fell back to per-process counters.",
+        registry=None if metrics.multiprocess else metrics.registry,
+    )
+    return counter.inc

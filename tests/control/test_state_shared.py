@@ -140,3 +140,18 @@ async def test_deployment_caps_are_shared(
     assert (await post_chat(second, MASTER_KEY))[0] == 200  # the 4th of the shared 4
     status, _ = await post_chat(second, MASTER_KEY)
     assert status == 429
+
+
+async def test_a_lost_redis_is_counted_in_metrics(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    control = await start_control(state={"redis_url": redis_url}, metrics={"enabled": True})
+    key = (await control.new_key(rpm=100))["key"]
+    redis_server.kill()
+    for _ in range(3):  # served on per-process counters; the loss counted once
+        assert (await post_chat(control, key))[0] == 200
+    async with control.session.get(
+        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        text = await response.text()
+    assert "aioproxy_state_redis_lost_total 1.0" in text
