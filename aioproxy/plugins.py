@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.limits:Limits",
     "aioproxy.control.spend:Spend",
     # Scale-out (issue 13): the state shared through Redis, and the response cache.
+    # Both contexts trylast; the state's, registered first, starts first (the cache uses its link).
     "aioproxy.state.shared:SharedState",
     "aioproxy.cache.response_cache:response_cache",
 )

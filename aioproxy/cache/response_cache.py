@@ -19,7 +19,7 @@ from ..context import STREAM_RECORDER, Call, Deployment
 from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
 from ..outcome import Outcome
 from ..providers import Provider, Reply
-from ..state.link import RedisLink
+from ..state.shared import link_key
 from .lookup import cache_key, cacheable
 from .replay import Recorder, replay
 from .stores import Entry, MemoryStore, RedisStore, Store
@@ -28,6 +28,8 @@ __all__ = ["CACHE", "CacheProvider", "ResponseCache", "response_cache", "store_k
 
 CACHE = "cache"  # call.state: "hit", "miss" or "bypass" (what metrics and the access log read)
 _HIT = "aioproxy.cache.hit"  # call.state: the Entry a hit replays
+_KEY = "aioproxy.cache.key"  # call.state: the request's cache key (it is cacheable)
+_LOOKUP = "aioproxy.cache.lookup"  # call.state: the lookup under way
 _RECORD = "aioproxy.cache.record"  # call.state: the key to keep the answer under
 PROVIDER = "aioproxy-cache"
 _HEADER = web.RequestKey("aioproxy.cache.header", str)
@@ -85,25 +87,18 @@ class ResponseCache:
         if self.enabled:
             register(CacheProvider)
 
-    @hookimpl
+    # trylast, like the state plugin's, and registered after it: its context runs after the
+    # state's, whose Redis link a Redis store shares (one batch for a request's calls).
+    @hookimpl(trylast=True)
     def register_contexts(self, register: RegisterContext, app: web.Application) -> None:
-        if not self.enabled:
-            return
         app.on_response_prepare.append(_add_header)
-        state = self.config.state
 
         async def response_cache(app: web.Application) -> AsyncIterator[None]:
-            link = RedisLink(state) if state.redis_url is not None else None
-            if link is not None:
-                await link.check()
+            link = app.get(link_key)
             self.store = app[store_key] = (
                 RedisStore(link) if link is not None else MemoryStore(self.cache)
             )
-            try:
-                yield
-            finally:
-                if link is not None:
-                    await link.close()
+            yield
 
         register(response_cache)
 
@@ -124,29 +119,40 @@ class ResponseCache:
             return "team:" + principal.team
         return "key:" + (principal.id or principal.name)
 
-    @hookimpl(trylast=True)  # after the limits: a refused request never reads the cache
-    async def before_request(self, call: Call) -> None:
+    @hookimpl(tryfirst=True)
+    def map_model(self, call: Call) -> None:
+        """Start the lookup as soon as the request is known: it goes to Redis in the same
+        batch as the limits' reservation (one round trip before the upstream). Defers the
+        routing itself (returns None)."""
         store = self.store
-        if store is None or not cacheable(call, self.cache):
+        if store is None or _KEY in call.state or not cacheable(call, self.cache):
             return
-        control = call.request.headers.get("Cache-Control", "").lower()
-        key = cache_key(call, self._scope(call))
-        entry = None if "no-cache" in control else await store.get(key)
+        call.state[_KEY] = key = cache_key(call, self._scope(call))
+        if "no-cache" not in call.request.headers.get("Cache-Control", "").lower():
+            call.state[_LOOKUP] = store.lookup(key)
+
+    @hookimpl(trylast=True)  # after the limits: a refused request is never answered from it
+    async def before_request(self, call: Call) -> None:
+        key = call.state.get(_KEY)
+        if key is None:
+            return
+        lookup = call.state.pop(_LOOKUP, None)
+        entry = None if lookup is None or self.store is None else await self.store.entry_of(lookup)
         if entry is not None:
             call.state[CACHE] = "hit"
             call.state[_HIT] = entry
             call.request[_HEADER] = "hit"
             call.route_to(self._deployment(call.model))
             return
-        call.state[CACHE] = "miss" if "no-cache" not in control else "bypass"
+        call.state[CACHE] = "miss" if lookup is not None else "bypass"
         call.request[_HEADER] = "miss"
-        if "no-store" not in control:
+        if "no-store" not in call.request.headers.get("Cache-Control", "").lower():
             call.state[_RECORD] = key
             if call.stream:
                 call.state[STREAM_RECORDER] = Recorder(self.cache.max_entry_bytes)
 
-    @hookimpl
-    async def after_response(self, call: Call, outcome: Outcome) -> None:
+    @hookimpl(tryfirst=True)  # its write joins the limits' settlement in one batch
+    def after_response(self, call: Call, outcome: Outcome) -> None:
         key = call.state.get(_RECORD)
         if key is None or self.store is None or outcome.status != 200 or outcome.disconnected:
             return
@@ -160,5 +166,4 @@ class ResponseCache:
             entry = Entry("json", bytes(outcome.body))
         else:
             return
-        ttl = self.cache.ttl_per_model.get(call.model, self.cache.ttl)
-        await self.store.put(key, entry, ttl)
+        self.store.keep(key, entry, self.cache.ttl_per_model.get(call.model, self.cache.ttl))

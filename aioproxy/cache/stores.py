@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..config import CacheConfig
@@ -29,9 +29,16 @@ _decode = msgspec.msgpack.Decoder(Entry).decode
 
 
 class Store(Protocol):
-    async def get(self, key: str) -> Entry | None: ...
+    def lookup(self, key: str) -> asyncio.Future[Any]:
+        """Start looking ``key`` up now (so it may share a round trip): a future (never
+        awaited when the request is refused meanwhile) for ``entry_of``."""
+        ...
 
-    async def put(self, key: str, entry: Entry, ttl: float) -> None: ...
+    async def entry_of(self, lookup: asyncio.Future[Any]) -> Entry | None: ...
+
+    def keep(self, key: str, entry: Entry, ttl: float) -> None:
+        """Keep ``entry`` (in the background: no request waits for it)."""
+        ...
 
 
 class MemoryStore:
@@ -43,7 +50,16 @@ class MemoryStore:
         self.entries: OrderedDict[str, tuple[float, Entry]] = OrderedDict()
         self.bytes = 0
 
-    async def get(self, key: str) -> Entry | None:
+    def lookup(self, key: str) -> asyncio.Future[Any]:
+        found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        found.set_result(self._find(key))
+        return found
+
+    async def entry_of(self, lookup: asyncio.Future[Any]) -> Entry | None:
+        entry: Entry | None = await lookup
+        return entry
+
+    def _find(self, key: str) -> Entry | None:
         found = self.entries.get(key)
         if found is None:
             return None
@@ -54,7 +70,7 @@ class MemoryStore:
         self.entries.move_to_end(key)
         return entry
 
-    async def put(self, key: str, entry: Entry, ttl: float) -> None:
+    def keep(self, key: str, entry: Entry, ttl: float) -> None:
         if key in self.entries:
             self._drop(key)
         self.entries[key] = (self.now() + ttl, entry)
@@ -68,27 +84,37 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Entries with Redis's own expiry; a Redis that fails is a miss, never an error."""
+    """Entries with Redis's own expiry, read and written in the link's batches; a Redis that
+    fails is a miss, never an error."""
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
-        self.client: aioredis.Redis = link.client
         self.prefix = f"{link.prefix}:cache:"
 
-    async def get(self, key: str) -> Entry | None:
+    def lookup(self, key: str) -> asyncio.Future[Any]:
         if not self.link.up:
-            return None
-        try:
-            raw = await self.client.get(self.prefix + key)
-        except (RedisError, OSError) as exc:
-            self.link.lost(exc)
-            return None
-        return None if raw is None else _decode(raw if isinstance(raw, bytes) else raw.encode())
+            missed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            missed.set_result(None)
+            return missed
+        pending = self.link.batcher.command("GET", self.prefix + key)
+        pending.add_done_callback(self._done)
+        return pending
 
-    async def put(self, key: str, entry: Entry, ttl: float) -> None:
-        if not self.link.up:
-            return
+    async def entry_of(self, lookup: asyncio.Future[Any]) -> Entry | None:
         try:
-            await self.client.set(self.prefix + key, _encode(entry), px=max(1, int(ttl * 1000)))
-        except (RedisError, OSError) as exc:
-            self.link.lost(exc)
+            raw = await lookup
+        except (RedisError, OSError):
+            return None  # counted by _done
+        return None if raw is None else _decode(raw)
+
+    def keep(self, key: str, entry: Entry, ttl: float) -> None:
+        if self.link.up:
+            written = self.link.batcher.command(
+                "SET", self.prefix + key, _encode(entry), "PX", max(1, int(ttl * 1000))
+            )
+            written.add_done_callback(self._done)
+
+    def _done(self, call: asyncio.Future[Any]) -> None:
+        """A failed call marks the link lost (and its exception is retrieved: no warning)."""
+        if not call.cancelled() and (error := call.exception()) is not None:
+            self.link.lost(error)

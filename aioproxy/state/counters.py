@@ -26,7 +26,7 @@ from ..control.limits import _HEADER_NAMES, RESERVATION, _reserve, _reset
 from ..control.meters import KeyLimits
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
-from .batch import Batcher, LuaScript
+from .batch import LuaScript
 from .link import RedisLink
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class SharedCounters:
         self.closed = link.config.on_error == "closed"
         self.reserve_script = LuaScript(_RESERVE)
         self.settle_script = LuaScript(_SETTLE)
-        self.batcher = Batcher(link.client)
+        self.batcher = link.batcher
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsent: list[tuple[LuaScript, list[str], list[Any]]] = []  # settles Redis missed
         link.on_resume(self._resend)
@@ -231,7 +231,6 @@ class SharedCounters:
         for task in list(self._tasks):  # settles still on their way: sent, or given up
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, self.link.config.timeout)
-        await self.batcher.close()
 
     async def _resend(self) -> None:
         unsent, self._unsent = self._unsent, []

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from ..context import Deployment
 from ..router import Router
-from .batch import Batcher, LuaScript
+from .batch import LuaScript
 from .link import RedisLink
 
 __all__ = ["SharedDeployments"]
@@ -73,7 +73,7 @@ class SharedDeployments:
         self.configured = configured  # the config's deployment keys: synced from the start
         self.instance = os.urandom(8).hex()
         self.script = LuaScript(_SYNC)
-        self.batcher = Batcher(link.client)
+        self.batcher = link.batcher
         # Since the last sync, per deployment key: [requests, tokens, in-flight change].
         self._delta: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # own, as sent
@@ -133,4 +133,3 @@ class SharedDeployments:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.batcher.close()

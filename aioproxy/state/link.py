@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..config import StateConfig
+from .batch import Batcher
 
 __all__ = ["RedisLink"]
 
@@ -48,6 +49,7 @@ class RedisLink:
             connection_pool=pool, retry=Retry(NoBackoff(), 0)
         )
         self.client.auto_close_connection_pool = True  # its aclose closes the pool too
+        self.batcher = Batcher(self.client)  # every hot-path call goes through it
         self.up = True
         self.failures = 0  # times Redis was lost (for metrics and tests)
         self._probe: asyncio.Task[None] | None = None
@@ -104,4 +106,5 @@ class RedisLink:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self.batcher.close()
         await self.client.aclose()

@@ -3,11 +3,13 @@ the proxy in front, answers compared byte for byte."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from aiohttp.test_utils import TestServer
 
 from aioproxy.cache.response_cache import store_key
@@ -194,6 +196,11 @@ async def test_redis_cache_is_shared_by_instances(
     config = cache_config(upstream_base, tmp_path, state={"redis_url": redis_url})
     first, second = await serve_proxy(config), await serve_proxy(config)
     original = await post(first, {**CHAT, "stream": True})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with asyncio.timeout(30):  # safety net: it is written after the answer, off its path
+        while not await client.keys("aioproxy:cache:*"):
+            await asyncio.sleep(0.01)
+    await client.aclose()
     replayed = await post(second, {**CHAT, "stream": True})
     assert replayed[1] == "hit" and replayed[2] == original[2]
     assert upstream_calls(fake) == 1
