@@ -57,8 +57,16 @@ class Changes:
         self._sends: set[asyncio.Task[None]] = set()
         link.on_resume(self._reload)  # changes published while this one could not hear
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Listen, and wait (within the timeout, when Redis is up) until subscribed and the
+        keys reloaded: the key cache was loaded before, and a change announced in between
+        (as when workers start one after another and the first already serves) would
+        otherwise be missed until the next database poll."""
         self._task = asyncio.create_task(self._listen(), name="aioproxy state changes")
+        if self.link.up:
+            with contextlib.suppress(TimeoutError):  # the listener goes on trying
+                async with asyncio.timeout(self.link.config.timeout):
+                    await self.listening.wait()
 
     async def announce_keys(self) -> None:
         """Keys or teams changed here: the others reload (their poll, and the reload each
@@ -84,14 +92,13 @@ class Changes:
             self.link.lost(exc)
 
     async def _listen(self) -> None:
-        first = True
         while True:
             try:
                 async with self.subscriber.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.channel)
-                    if not first:  # what changed while we were away
-                        await self.reload_keys()
-                    first = False
+                    # What changed before we could hear it: at start-up, since the key cache
+                    # was loaded; later, while the connection was lost.
+                    await self._reload()
                     self.listening.set()
                     async for message in pubsub.listen():
                         self._take(message)

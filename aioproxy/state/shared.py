@@ -54,7 +54,7 @@ class SharedState:
             configured = [d.key for group in runtime.deployments.values() for d in group]
             deployments = SharedDeployments(link, router, configured)
             app[deployments_key] = deployments
-            changes.start()
+            await changes.start()  # before serving: no change missed
             deployments.start()
             try:
                 yield

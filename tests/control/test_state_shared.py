@@ -4,8 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from aioproxy import hookimpl
+from aioproxy.config import StateConfig
+from aioproxy.control.plane import plane_key
+from aioproxy.state.changes import Change, Changes
+from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import changes_key, deployments_key, link_key
 from tests.control.conftest import CHAT, Control
 from tests.redis_server import RedisServer, redis_server, redis_url
@@ -37,6 +47,63 @@ async def two_instances(start_control: Any, redis_url: str, **state: Any) -> lis
     for control in instances:
         await control.server.app[changes_key].listening.wait()
     return instances
+
+
+class CreateKeyMidStart:
+    """Creates a key through ``other`` while this instance starts: after its control plane
+    loaded the keys, before the state plugin subscribes (as when workers start one after
+    another and the first already serves)."""
+
+    def __init__(self, other: Control) -> None:
+        self.other = other
+        self.created: dict[str, Any] = {}
+
+    @hookimpl(trylast=True)  # called after the state plugin's hook: its context is the last
+    def register_contexts(self, register: Any, app: web.Application) -> None:
+        async def create_key(app: web.Application) -> AsyncIterator[None]:
+            app[plane_key]._poller.cancel()  # only Redis can carry the change here
+            self.created = await self.other.new_key(rpm=100)
+            yield
+
+        # Just before the state plugin's context, so after the control plane's.
+        app.cleanup_ctx.insert(len(app.cleanup_ctx) - 1, create_key)
+
+
+async def test_change_while_starting_is_not_missed(start_control: Any, redis_url: str) -> None:
+    first = await start_control(state={"redis_url": redis_url})
+    mid_start = CreateKeyMidStart(first)
+    second = await start_control(plugins=(mid_start,), state={"redis_url": redis_url})
+    assert mid_start.created
+    assert (await post_chat(second, mid_start.created["key"]))[0] == 200
+
+
+async def test_listener_survives_a_failed_reload(redis_url: str) -> None:
+    """Resubscribing after a lost connection reloads the keys; a database failure then is
+    logged, and the listener keeps delivering changes."""
+    link = RedisLink(StateConfig(redis_url=redis_url))
+    reloads: list[int] = []
+    cooled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def failing_reload() -> None:
+        reloads.append(1)
+        raise RuntimeError("the database is down")
+
+    changes = Changes(link, failing_reload, lambda key, _seconds: cooled.put_nowait(key))
+    killer = aioredis.Redis.from_url(redis_url)
+    try:
+        await changes.start()
+        before = len(reloads)
+        await killer.client_kill_filter(_type="pubsub")
+        async with asyncio.timeout(30):  # safety net: it resubscribes within a second
+            while len(reloads) == before or not changes.listening.is_set():
+                await asyncio.sleep(0.01)
+            change = Change(source="another", what="cooldown", deployment="d1", seconds=5.0)
+            await killer.publish(changes.channel, msgspec.json.encode(change))
+            assert await cooled.get() == "d1"
+    finally:
+        await killer.aclose()
+        await changes.close()
+        await link.close()
 
 
 async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) -> None:
