@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/aioproxy-*)
 
-.PHONY: install postgres chromium run test check bench bench-smoke bench-peers clean
+.PHONY: install postgres chromium redis run test check bench bench-smoke bench-peers clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ chromium:
 	@command -v chromium >/dev/null || \
 		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
+# The scale-out tests start their own redis-server (one per session): Debian's, installed when missing.
+redis:
+	@command -v redis-server >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
 run: install
 	$(PY) run.py
 
@@ -35,7 +40,7 @@ run: install
 # cores: make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
 PYTEST_ARGS ?=
 
-test: install postgres chromium
+test: install postgres chromium redis
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Lint, format and strict types on the package and the plugins (config in pyproject.toml).

@@ -22,6 +22,7 @@ from .observability.access_log import configure_logging
 from .observability.metrics import mark_process_dead, prepare_multiprocess, remove_multiprocess
 from .plugins import PluginLoadError
 from .server import run
+from .state.preflight import per_process_limits as _per_process_limits
 
 __all__ = ["default_config", "main"]
 
@@ -200,6 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.ui.enabled:
             print(f"dashboard: {url}/ui", flush=True)
 
+    try:
+        limited = _per_process_limits(config) if args.workers > 1 else None
+    except ConfigError as exc:  # the database cannot be opened
+        print(f"aioproxy: {source}: {exc}", file=sys.stderr)
+        return 2
+    if limited:
+        print(
+            f"aioproxy: {source}: --workers {args.workers} with {limited} needs "
+            "[state] redis_url: each worker would count on its own, so every limit would "
+            f"hold {args.workers} times over",
+            file=sys.stderr,
+        )
+        return 2
     if args.workers > 1:
         announce()
         # Each worker forks before any loop or socket exists, then binds the port itself.

@@ -14,6 +14,7 @@ from msgspec import Meta
 
 __all__ = [
     "AuthConfig",
+    "CacheConfig",
     "CompletionsConfig",
     "Config",
     "ConfigError",
@@ -28,6 +29,7 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "SpendConfig",
+    "StateConfig",
     "TimeoutOverrides",
     "Timeouts",
     "UIConfig",
@@ -296,6 +298,40 @@ class UIConfig(Base, frozen=True):
     signin_window: Annotated[float, Meta(gt=0)] = 300.0
 
 
+class StateConfig(Base, frozen=True):
+    """State shared by every instance pointing at one Redis (aioproxy.state): key and team
+    counters, deployment cooldown, key changes, the response cache."""
+
+    # redis://[:password@]host:port/db or rediss:// (TLS); "${VAR}" is expanded. None: every
+    # counter is per process (one process only: --workers N > 1 with limits refuses to start).
+    redis_url: Secret | None = None
+    # Seconds a Redis call may take before the request goes on without it (per-process
+    # counters meanwhile): a slow or lost Redis never holds a request.
+    timeout: PositiveFloat = 1.0
+    # While Redis is unreachable: "open" serves limited keys on per-process counters,
+    # "closed" refuses them (429) until it is back.
+    on_error: Literal["open", "closed"] = "open"
+    # Connections to Redis per process; a request waits (within ``timeout``) for a free one.
+    max_connections: Annotated[int, Meta(ge=1)] = 64
+    prefix: Annotated[str, Meta(min_length=1)] = "aioproxy"  # of every Redis key and channel
+
+
+class CacheConfig(Base, frozen=True):
+    """The response cache (aioproxy.cache): in memory, or in Redis when [state] redis_url is set."""
+
+    enabled: bool = False
+    ttl: PositiveFloat = 3600.0  # seconds an answer is kept
+    ttl_per_model: dict[str, PositiveFloat] = {}  # model name -> its own ttl
+    # Whose answers a request may receive: the same key's, the same team's, or anyone's.
+    scope: Literal["key", "team", "global"] = "key"
+    # Requests with temperature > 0 (or none: OpenAI's default is 1) vary by design: cached
+    # only when this says so.
+    cache_sampled: bool = False
+    max_entries: Annotated[int, Meta(ge=1)] = 10_000  # in memory; beyond it the LRU goes
+    max_bytes: Annotated[int, Meta(ge=1)] = 256 * 1024 * 1024  # likewise, in answer bytes
+    max_entry_bytes: Annotated[int, Meta(ge=1)] = 4 * 1024 * 1024  # bigger answers are not kept
+
+
 class PluginsConfig(Base, frozen=True):
     strict: bool = False
     disable: list[str] = []
@@ -315,6 +351,10 @@ class Config(Base, frozen=True):
     database: DatabaseConfig = DatabaseConfig()
     spend: SpendConfig = SpendConfig()
     ui: UIConfig = UIConfig()
+
+
+    state: StateConfig = StateConfig()
+    cache: CacheConfig = CacheConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].
     aliases: dict[str, list[str]] = {}
 

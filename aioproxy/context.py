@@ -15,7 +15,7 @@ from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import request_id
 from .routes import Kind
 
-__all__ = ["STREAM_FILTER", "Call", "Deployment", "Principal"]
+__all__ = ["STREAM_FILTER", "STREAM_RECORDER", "Call", "Deployment", "Principal"]
 
 # ``call.state[STREAM_FILTER]``: a function a before_request hook may set, given a streamed
 # StreamReply and returning the one the client gets (e.g. without a chunk the plugin asked for).
@@ -23,6 +23,9 @@ STREAM_FILTER = "aioproxy.stream_filter"
 # ``call.state[RETRIES]``: ``[retries, fallbacks]`` the dispatcher made (absent: none), for the
 # request log. Only a request tried more than once pays for it.
 RETRIES = "aioproxy.retries"
+# ``call.state[STREAM_RECORDER]``: likewise, given the StreamReply the client gets (after
+# STREAM_FILTER), returning one that reads along (the response cache keeps a copy).
+STREAM_RECORDER = "aioproxy.stream_recorder"
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import aiohttp
 
 from .config import Config
-from .context import RETRIES, STREAM_FILTER, Call, Deployment
+from .context import RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
 from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
@@ -387,6 +387,8 @@ class Dispatcher:
             if isinstance(reply, StreamReply):
                 if (stream_filter := call.state.get(STREAM_FILTER)) is not None:
                     reply = stream_filter(reply)  # a plugin's (e.g. the spend's usage tap)
+                if (recorder := call.state.get(STREAM_RECORDER)) is not None:
+                    reply = recorder(reply)  # a plugin's copy of what the client gets (the cache)
                 first = await first_event(reply)
             else:
                 first = None

@@ -33,6 +33,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "aioproxy.control.spend:Spend",
     # The operators' dashboard (issue 17), when [ui] enabled.
     "aioproxy.ui.dashboard:dashboard",
+    # Scale-out (issue 13): the state shared through Redis, and the response cache.
+    # Both contexts trylast; the state's, registered first, starts first (the cache uses its link).
+    "aioproxy.state.shared:SharedState",
+    "aioproxy.cache.response_cache:response_cache",
 )
 
 

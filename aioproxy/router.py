@@ -73,6 +73,9 @@ class Health:
         "latency",
         "requests",
         "served",
+        "shared_in_flight",
+        "shared_requests",
+        "shared_tokens",
         "tokens",
     )
 
@@ -85,6 +88,10 @@ class Health:
         self.tokens = _MinuteCounter()
         self.served = 0
         self.failed = 0
+        # Other instances' share, mirrored from Redis ([state] redis_url; aioproxy.state).
+        self.shared_requests = 0
+        self.shared_tokens = 0
+        self.shared_in_flight = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +160,12 @@ class Router:
         self.clock = clock or Clock()
         self._health: dict[str, Health] = {}
         self._policies: dict[str, ModelPolicy] = {}
+        # Told (deployment key, seconds) when a deployment starts cooling down here: the state
+        # plugin passes it on to the other instances, which call ``cool_down``.
+        self.on_cooldown: Callable[[str, float], None] | None = None
+        # Told (deployment, requests, tokens, in-flight change) as it counts one: the state
+        # plugin sums every instance's counts in Redis, and mirrors the others' back.
+        self.on_count: Callable[[Deployment, int, int, int], None] | None = None
 
     def policy(self, model: str) -> ModelPolicy:
         policy = self._policies.get(model)
@@ -186,9 +199,15 @@ class Router:
         health = self.health(deployment)
         if not ignore_cooldown and health.cooldown_until > now:
             return False
-        if deployment.rpm is not None and health.requests.total(now) >= deployment.rpm:
+        if (
+            deployment.rpm is not None
+            and health.requests.total(now) + health.shared_requests >= deployment.rpm
+        ):
             return False
-        return deployment.tpm is None or health.tokens.total(now) < deployment.tpm
+        return (
+            deployment.tpm is None
+            or health.tokens.total(now) + health.shared_tokens < deployment.tpm
+        )
 
     def pick(
         self,
@@ -213,7 +232,7 @@ class Router:
             return choices[0]
         strategy = self.policy(model).strategy
         if strategy == "least-busy":
-            return min(choices, key=lambda d: self.health(d).in_flight)
+            return min(choices, key=lambda d: self._busy(d))
         if strategy == "latency":
             # Unmeasured deployments count as fastest, so that each gets measured.
             return min(choices, key=lambda d: self.health(d).latency or 0.0)
@@ -227,17 +246,40 @@ class Router:
         aside: for the further upstream calls of a call already routed to it)."""
         return self._available(deployment, self.clock.now(), True)
 
+    def _busy(self, deployment: Deployment) -> int:
+        health = self.health(deployment)
+        return health.in_flight + health.shared_in_flight
+
     def acquire(self, deployment: Deployment) -> None:
         health = self.health(deployment)
         health.in_flight += 1
         if deployment.rpm is not None:
             health.requests.add(1, self.clock.now())
+        if self.on_count is not None:
+            self.on_count(deployment, 1, 0, 1)
 
     def release(self, deployment: Deployment, tokens: int = 0) -> None:
         health = self.health(deployment)
         health.in_flight -= 1
         if tokens and deployment.tpm is not None:
             health.tokens.add(tokens, self.clock.now())
+        if self.on_count is not None:
+            self.on_count(deployment, 0, tokens, -1)
+
+    def health_keys(self) -> list[str]:
+        return list(self._health)
+
+    def mirror(self, key: str, requests: int, tokens: int, others_in_flight: int) -> None:
+        """Every instance's requests and tokens over the last minute, and the other
+        instances' requests in flight, for the deployment ``key``: the others' share is
+        what this instance did not count itself."""
+        health = self._health.get(key)
+        if health is None:
+            health = self._health[key] = Health()
+        now = self.clock.now()
+        health.shared_requests = max(0, requests - health.requests.total(now))
+        health.shared_tokens = max(0, tokens - health.tokens.total(now))
+        health.shared_in_flight = max(0, others_in_flight)
 
     def succeeded(self, deployment: Deployment, ttfb: float) -> None:
         health = self.health(deployment)
@@ -263,11 +305,21 @@ class Router:
         while failures and failures[0] < window_start:
             failures.popleft()
         cooldown = self.config.cooldown_seconds
+        until = health.cooldown_until
         if len(failures) >= self.config.cooldown_failures and cooldown > 0:
             health.cooldown_until = now + cooldown
             failures.clear()
         elif (retry_after := _retry_after(error)) and cooldown > 0:
             health.cooldown_until = max(health.cooldown_until, now + min(retry_after, cooldown))
+        if self.on_cooldown is not None and health.cooldown_until != until:
+            self.on_cooldown(deployment.key, health.cooldown_until - now)
+
+    def cool_down(self, key: str, seconds: float) -> None:
+        """Another instance cooled the deployment ``key`` down for ``seconds``: skip it too."""
+        health = self._health.get(key)
+        if health is None:
+            health = self._health[key] = Health()
+        health.cooldown_until = max(health.cooldown_until, self.clock.now() + seconds)
 
     def backoff(self, attempt: int, error: BaseException) -> float | None:
         """Seconds to wait before retry ``attempt`` (1-based); None: the upstream asked for longer

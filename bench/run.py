@@ -63,7 +63,9 @@ from harness.servers import (
     check_response,
     nginx_version,
     start_aioproxy,
+    start_aioproxy_cache,
     start_aioproxy_keys,
+    start_aioproxy_redis,
     start_reference,
     start_upstream,
 )
@@ -72,8 +74,19 @@ from peers import litellm as litellm_peer
 RESULTS = Path(__file__).resolve().parent / "results"
 # aioproxy-keys: aioproxy with 1,000 virtual keys in its database, the caller's holding rpm, tpm
 # and a budget (issue 12): against aioproxy (config keys only) and the reference.
-TARGETS = ("direct", "reference", "aioproxy", "aioproxy-keys", "litellm")
+# aioproxy-redis: aioproxy-keys with the limits counted in Redis; aioproxy-cache: every request
+# after the first answered from the response cache in Redis (issue 13).
+TARGETS = (
+    "direct",
+    "reference",
+    "aioproxy",
+    "aioproxy-keys",
+    "aioproxy-redis",
+    "aioproxy-cache",
+    "litellm",
+)
 PEERS = ("litellm",)  # other gateways: measured only with --peers (or named in --targets)
+SCALE_OUT = ("aioproxy-redis", "aioproxy-cache")  # need redis-server: named in --targets
 PARTS = ("matrix", "first-event", "workers", "soak", "loops", "observability")
 SOAK_TARGETS = ("reference", "aioproxy")  # a peer would take most of an hour for 200,000
 FIRST_EVENT_PROXIES = ("reference", "aioproxy")  # and always direct: the baseline
@@ -156,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         type=_csv(TARGETS),
-        default=[t for t in TARGETS if t not in PEERS],
-        help=f"from {','.join(TARGETS)} (all but the peers)",
+        default=[t for t in TARGETS if t not in PEERS and t not in SCALE_OUT],
+        help=f"from {','.join(TARGETS)} (all but the peers and the Redis ones)",
     )
     p.add_argument(
         "--peers",
@@ -564,9 +577,11 @@ def servers(
             "reference": start_reference,
             "aioproxy": start_aioproxy,
             "aioproxy-keys": start_aioproxy_keys,
+            "aioproxy-redis": start_aioproxy_redis,
+            "aioproxy-cache": start_aioproxy_cache,
             "litellm": litellm_peer.start_litellm,
         }
-        for name in ("reference", "aioproxy", "aioproxy-keys", "litellm"):
+        for name in TARGETS[1:]:
             if name in args.targets:
                 print(f"bench: starting {name}", flush=True)
                 port = procs.free_port()

@@ -146,6 +146,8 @@ async def _change(plane: ControlPlane, *statements: sa.Executable) -> int:
             await connection.execute(statement)
         await connection.execute(sa.update(schema.state).values(version=schema.state.c.version + 1))
     await plane.cache.reload()
+    if plane.announce_change is not None:  # the other instances reload now, not at their poll
+        await plane.announce_change()
     return touched
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,6 +29,9 @@ from .meters import KeyLimits, Meter, spend_now
 from .plane import plane_key
 from .records import KeyEntry, TeamEntry, period_end
 from .rows import COUNTED, estimate_prompt, estimate_usage
+
+if TYPE_CHECKING:
+    from ..state.counters import SharedReservation
 
 __all__ = ["Limits", "Reservation"]
 
@@ -123,11 +128,19 @@ class Limits:
         self.config = config
 
     @hookimpl
-    def before_request(self, call: Call) -> None:
+    def before_request(self, call: Call) -> Awaitable[None] | None:
         limits = call.principal.limits
         # Keys without limits (config keys, unlimited database keys) are not counted at all.
         if limits.__class__ is not KeyLimits or not limits.enforced or RESERVATION in call.state:
-            return
+            return None
+        plane = call.request.app[plane_key]
+        if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
+            return plane.shared.before_request(call, limits, self.reserve_here)
+        self.reserve_here(call, limits)
+        return None
+
+    def reserve_here(self, call: Call, limits: KeyLimits) -> None:
+        """Reserve on this process's counters (also the fallback while Redis is away)."""
         clock = call.request.app[plane_key].clock
         now = clock.monotonic()
         scopes = limits.scopes
@@ -153,23 +166,28 @@ class Limits:
             call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
 
     @hookimpl
-    def after_response(self, call: Call, outcome: Outcome) -> None:
-        reservation: Reservation | None = call.state.get(RESERVATION)
+    def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
+        reservation: Reservation | SharedReservation | None = call.state.get(RESERVATION)
         if reservation is None:
-            return
+            return None
         plane = call.request.app[plane_key]
         usage = outcome.usage()
         if usage is None:  # priced on an estimate, as its log row is (``rows``)
             usage = estimate_usage(call.body_size(), outcome)
             if outcome.cost is None and call.routed:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
-        reservation.count_tokens(usage.total_tokens, plane.clock.monotonic())
+        # A cached answer counts toward rpm, not tpm.
+        tokens = 0 if call.state.get("cache") == "hit" else usage.total_tokens
+        if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
+            return reservation.settle(tokens, outcome.cost, plane.clock.time())
+        reservation.count_tokens(tokens, plane.clock.monotonic())
         cost = outcome.cost
         if cost:
             wall = plane.clock.time()
             for _, entry, meter in reservation.limits.scopes:
                 meter.add_spend(cost, period_end(entry.created_at, entry.duration, wall))
             call.state[COUNTED] = True  # the writer moves it from the meters to the figures
+        return None
 
     @hookimpl
     def on_error(self, request: web.Request, call: Call | None) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,6 +20,9 @@ from .engine import open_engine
 from .pricing import Pricing
 from .requestlog import RequestLog
 from .rows import RowBuilder
+
+if TYPE_CHECKING:
+    from ..state.counters import SharedCounters
 
 __all__ = ["ControlPlane", "clock_key", "plane_key"]
 
@@ -30,6 +37,10 @@ class ControlPlane:
         build = RowBuilder(self.pricing, self.cache, log_rows=config.spend.log)
         self.log = RequestLog(engine, self.cache, config.spend, clock.time, build)
         self._poller: asyncio.Task[None] | None = None
+        # Set by the state plugin with [state] redis_url: key and team counters in Redis, and
+        # what tells the other instances that keys or teams changed.
+        self.shared: SharedCounters | None = None
+        self.announce_change: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def open(cls, config: Config, clock: ControlClock) -> ControlPlane:

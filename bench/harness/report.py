@@ -131,12 +131,17 @@ PAIRS = [
     ("reference", "direct"),
     ("aioproxy-keys", "aioproxy"),
     ("aioproxy-keys", "reference"),
+    ("aioproxy-redis", "reference"),
+    ("aioproxy-redis", "aioproxy-keys"),
+    ("aioproxy-cache", "direct"),
 ]
 # Other gateways (--peers) against aioproxy, in a table of their own.
 PEERS = {"litellm": "LiteLLM"}
 SHORT = {
     "aioproxy": "aio",
     "aioproxy-keys": "keys",
+    "aioproxy-redis": "redis",
+    "aioproxy-cache": "cache",
     "reference": "ref",
     "direct": "direct",
     "litellm": "litellm",

@@ -3,6 +3,7 @@ Peers (other gateways) live in bench/peers/."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from . import keys, payloads
 from .payloads import Kind
 from .procs import Proc, request, spawn, wait_until
+from .redis_server import RedisProcess
 
 BENCH = Path(__file__).resolve().parent.parent
 REPO = BENCH.parent
@@ -206,6 +208,52 @@ def start_aioproxy_keys(
     label: str = "aioproxy-keys",
 ) -> Target:
     return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, virtual_keys=True)
+
+
+_REDIS: dict[Path, RedisProcess] = {}
+
+
+def _redis_url(workdir: Path) -> str:
+    """The run's redis-server, started at the first target that needs it."""
+    if workdir not in _REDIS:
+        _REDIS[workdir] = RedisProcess(workdir)
+        atexit.register(_REDIS[workdir].stop)
+    return _REDIS[workdir].url
+
+
+def start_aioproxy_redis(
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "aioproxy-redis",
+    workers: int | None = None,
+) -> Target:
+    """aioproxy-keys with its limits counted in Redis (issue 13)."""
+    state = f'\n[state]\nredis_url = "{_redis_url(workdir)}"\n'
+    return start_aioproxy(
+        workdir, port, upstream_port, core, loop, label=label, virtual_keys=True,
+        extra_config=state, workers=workers,
+    )  # fmt: skip
+
+
+def start_aioproxy_cache(
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    core: int | None,
+    loop: str = "auto",
+    *,
+    label: str = "aioproxy-cache",
+) -> Target:
+    """aioproxy with the response cache in Redis, every request after the first a hit."""
+    extra = (
+        f'\n[state]\nredis_url = "{_redis_url(workdir)}"\n'
+        '\n[cache]\nenabled = true\nscope = "global"\ncache_sampled = true\n'
+    )
+    return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, extra_config=extra)
 
 
 def start_aioproxy(

@@ -1,0 +1,135 @@
+"""Deployment rpm/tpm caps and in-flight counts shared by every instance, a moment behind.
+
+Routing picks a deployment with no await (picking and counting together is what keeps one
+instance within its caps), so the other instances' counts are mirrored, not asked for: what
+this instance counted goes to Redis in one pipelined script every ``SYNC_INTERVAL``, which
+answers with every instance's totals; the router adds the others' share to its own. Caps hold
+across instances to within what they admit in one interval; least-busy sees every instance's
+requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import defaultdict
+
+from redis.exceptions import RedisError
+
+from ..context import Deployment
+from ..router import Router
+from .batch import LuaScript
+from .link import RedisLink
+
+__all__ = ["SharedDeployments"]
+
+SYNC_INTERVAL = 0.25  # seconds
+
+# KEYS: per deployment its hash base. ARGV[1]: this instance; then per deployment the requests,
+# tokens and in-flight change since the last sync. Returns per deployment: requests and tokens
+# over the last minute, and requests in flight, all instances together.
+_SYNC = """
+local sec = tonumber(redis.call('TIME')[1])
+local me = ARGV[1]
+local out = {}
+for i = 1, #KEYS do
+  local base = KEYS[i]
+  local requests, tokens, flight = ARGV[3 * i - 1], ARGV[3 * i], tonumber(ARGV[3 * i + 1])
+  if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
+  if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
+  redis.call('EXPIRE', base .. ':r', 120)
+  redis.call('EXPIRE', base .. ':t', 120)
+  if flight ~= 0 then redis.call('HINCRBY', base .. ':f', me, flight) end
+  redis.call('EXPIRE', base .. ':f', 600)
+  local totals = {}
+  for j, suffix in ipairs({':r', ':t'}) do
+    local all, total = redis.call('HGETALL', base .. suffix), 0
+    for k = 1, #all, 2 do
+      if tonumber(all[k]) <= sec - 60 then
+        redis.call('HDEL', base .. suffix, all[k])
+      else
+        total = total + tonumber(all[k + 1])
+      end
+    end
+    totals[j] = total
+  end
+  local flights, in_flight = redis.call('HVALS', base .. ':f'), 0
+  for _, value in ipairs(flights) do in_flight = in_flight + tonumber(value) end
+  out[#out + 1] = totals[1]
+  out[#out + 1] = totals[2]
+  out[#out + 1] = in_flight
+end
+return out
+"""
+
+
+class SharedDeployments:
+    """This instance's counts toward the shared ones, and the others' share, mirrored."""
+
+    def __init__(self, link: RedisLink, router: Router, configured: list[str]) -> None:
+        self.link = link
+        self.router = router
+        self.configured = configured  # the config's deployment keys: synced from the start
+        self.instance = os.urandom(8).hex()
+        self.script = LuaScript(_SYNC)
+        self.batcher = link.batcher
+        # Since the last sync, per deployment key: [requests, tokens, in-flight change].
+        self._delta: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self._in_flight: defaultdict[str, int] = defaultdict(int)  # own, as sent
+        self.synced = asyncio.Event()  # set after each sync (tests wait for it)
+        self._task: asyncio.Task[None] | None = None
+
+    def counted(self, deployment: Deployment, requests: int, tokens: int, flight: int) -> None:
+        """The router's observer: called as it counts a deployment."""
+        self._add(deployment.key, requests, tokens, flight)
+
+    def _add(self, key: str, requests: int, tokens: int, flight: int) -> None:
+        delta = self._delta[key]
+        delta[0] += requests
+        delta[1] += tokens
+        delta[2] += flight
+
+    def start(self) -> None:
+        self.router.on_count = self.counted
+        self._task = asyncio.create_task(self._run(), name="aioproxy deployment sync")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            if self.link.up:
+                await self.sync()
+
+    async def sync(self) -> None:
+        keys = list(dict.fromkeys([*self._delta, *self.configured, *self.router.health_keys()]))
+        if not keys:
+            return
+        delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])
+        args: list[object] = [self.instance]
+        for key in keys:
+            args += delta.get(key, [0, 0, 0])
+        prefix = f"{self.link.prefix}:d:"
+        try:
+            totals = await self.batcher.run(self.script, [prefix + key for key in keys], args)
+        except (RedisError, OSError) as exc:
+            for key, (requests, tokens, flight) in delta.items():  # sent again next time
+                self._add(key, requests, tokens, flight)
+            self.link.lost(exc)
+            return
+        for index, key in enumerate(keys):
+            requests, tokens, flight = delta.get(key, [0, 0, 0])
+            self._in_flight[key] += flight
+            self.router.mirror(
+                key,
+                int(totals[3 * index]),
+                int(totals[3 * index + 1]),
+                int(totals[3 * index + 2]) - self._in_flight[key],
+            )
+        self.synced.set()
+
+    async def close(self) -> None:
+        self.router.on_count = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

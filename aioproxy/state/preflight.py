@@ -1,0 +1,44 @@
+"""``run.py --workers N > 1`` without ``[state] redis_url``: refused when anything is limited,
+since each worker would count on its own and every limit would hold N times over."""
+
+from __future__ import annotations
+
+import asyncio
+
+import sqlalchemy as sa
+
+from ..config import Config
+from ..control import schema
+from ..control.engine import open_engine
+
+__all__ = ["per_process_limits"]
+
+
+def per_process_limits(config: Config) -> str | None:
+    """What would be counted per process (None: nothing): checked once, before the fork."""
+    if config.state.redis_url is not None:
+        return None
+    capped = [entry.name for entry in config.models if entry.rpm or entry.tpm]
+    if capped:
+        return f"rpm/tpm caps on the deployments of {', '.join(sorted(set(capped)))}"
+    if config.cache.enabled:
+        return "[cache] enabled"
+    found = asyncio.run(_limited_in_database(config.database.url))
+    return f"{found} in the database with rpm, tpm, max_parallel or a budget" if found else None
+
+
+async def _limited_in_database(url: str) -> str | None:
+    engine = await open_engine(url)
+    try:
+        async with engine.connect() as connection:
+            for table, what in ((schema.keys, "keys"), (schema.teams, "teams")):
+                columns = [table.c.rpm, table.c.tpm, table.c.max_budget]
+                if "max_parallel" in table.c:
+                    columns.append(table.c.max_parallel)
+                limited = sa.or_(*(column.is_not(None) for column in columns))
+                query = sa.select(sa.func.count()).select_from(table).where(limited)
+                if (await connection.execute(query)).scalar():
+                    return what
+    finally:
+        await engine.dispose()
+    return None

@@ -1,0 +1,87 @@
+"""The ``state`` plugin: with ``[state] redis_url``, the app's Redis link, its shared
+counters (handed to the control plane's limits) and the change channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from ..config import Config
+from ..control.plane import plane_key
+from ..hookspecs import RegisterContext, hookimpl
+from ..keys import plugin_manager_key, runtime_key
+from ..observability.observer import Observer
+from .changes import Changes
+from .counters import SharedCounters
+from .deployments import SharedDeployments
+from .link import RedisLink
+
+__all__ = ["SharedState", "link_key"]
+
+link_key = web.AppKey("aioproxy.state.link", RedisLink)
+changes_key = web.AppKey("aioproxy.state.changes", Changes)
+deployments_key = web.AppKey("aioproxy.state.deployments", SharedDeployments)
+
+
+class SharedState:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @hookimpl(trylast=True)  # after the control plane's context: it hands its counters over
+    def register_contexts(self, register: RegisterContext, app: web.Application) -> None:
+        if self.config.state.redis_url is None:
+            return
+        state = self.config.state
+
+        async def shared_state(app: web.Application) -> AsyncIterator[None]:
+            link = RedisLink(state)
+            link.on_lost = _lost_counter(app)
+            await link.check()
+            app[link_key] = link
+            router = app[runtime_key].router
+            plane = app.get(plane_key)  # the control plane's context ran first
+            reload_keys = plane.cache.reload if plane is not None else _nothing
+            changes = Changes(link, reload_keys, router.cool_down)
+            app[changes_key] = changes
+            router.on_cooldown = changes.announce_cooldown
+            counters = SharedCounters(link, plane.clock) if plane is not None else None
+            if plane is not None:
+                plane.shared = counters
+                plane.announce_change = changes.announce_keys
+            runtime = app[runtime_key]
+            configured = [d.key for group in runtime.deployments.values() for d in group]
+            deployments = SharedDeployments(link, router, configured)
+            app[deployments_key] = deployments
+            await changes.start()  # before serving: no change missed
+            deployments.start()
+            try:
+                yield
+            finally:
+                router.on_cooldown = None
+                await deployments.close()
+                if counters is not None:
+                    await counters.close()
+                await changes.close()
+                await link.close()
+
+        register(shared_state)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _lost_counter(app: web.Application) -> Callable[[], None] | None:
+    """``aioproxy_state_redis_lost_total`` in the app's metrics, when they are on."""
+    observer = app[plugin_manager_key].get_plugin("aioproxy.observer")
+    metrics = observer.metrics if isinstance(observer, Observer) else None
+    if metrics is None:
+        return None
+    counter = Counter(
+        "aioproxy_state_redis_lost_total",
+        "Times Redis became unreachable ([state]): limits fell back to per-process counters.",
+        registry=None if metrics.multiprocess else metrics.registry,
+    )
+    return counter.inc

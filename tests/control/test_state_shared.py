@@ -1,0 +1,224 @@
+"""Limits and key changes shared through a real Redis by two gateway apps on one database
+([state] redis_url): what one instance counts or changes, the other enforces."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from aioproxy import hookimpl
+from aioproxy.config import StateConfig
+from aioproxy.control.plane import plane_key
+from aioproxy.state.changes import Change, Changes
+from aioproxy.state.link import RedisLink
+from aioproxy.state.shared import changes_key, deployments_key, link_key
+from tests.control.conftest import CHAT, Control
+from tests.redis_server import RedisServer, redis_server, redis_url
+from tests.support import MASTER_KEY
+
+__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+
+
+async def post_chat(control: Control, key: str, **overrides: Any) -> tuple[int, dict[str, str]]:
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, **overrides},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        await response.read()
+        return response.status, dict(response.headers)
+
+
+async def two_instances(start_control: Any, redis_url: str, **state: Any) -> list[Control]:
+    config = {
+        "state": {"redis_url": redis_url, **state},
+    }
+    instances = []
+    for _ in range(2):
+        control = await start_control(**config)
+        # No database poll: only Redis can carry a change from one instance to the other.
+        control.plane._poller.cancel()
+        instances.append(control)
+    for control in instances:
+        await control.server.app[changes_key].listening.wait()
+    return instances
+
+
+class CreateKeyMidStart:
+    """Creates a key through ``other`` while this instance starts: after its control plane
+    loaded the keys, before the state plugin subscribes (as when workers start one after
+    another and the first already serves)."""
+
+    def __init__(self, other: Control) -> None:
+        self.other = other
+        self.created: dict[str, Any] = {}
+
+    @hookimpl(trylast=True)  # called after the state plugin's hook: its context is the last
+    def register_contexts(self, register: Any, app: web.Application) -> None:
+        async def create_key(app: web.Application) -> AsyncIterator[None]:
+            app[plane_key]._poller.cancel()  # only Redis can carry the change here
+            self.created = await self.other.new_key(rpm=100)
+            yield
+
+        # Just before the state plugin's context, so after the control plane's.
+        app.cleanup_ctx.insert(len(app.cleanup_ctx) - 1, create_key)
+
+
+async def test_change_while_starting_is_not_missed(start_control: Any, redis_url: str) -> None:
+    first = await start_control(state={"redis_url": redis_url})
+    mid_start = CreateKeyMidStart(first)
+    second = await start_control(plugins=(mid_start,), state={"redis_url": redis_url})
+    assert mid_start.created
+    assert (await post_chat(second, mid_start.created["key"]))[0] == 200
+
+
+async def test_listener_survives_a_failed_reload(redis_url: str) -> None:
+    """Resubscribing after a lost connection reloads the keys; a database failure then is
+    logged, and the listener keeps delivering changes."""
+    link = RedisLink(StateConfig(redis_url=redis_url))
+    reloads: list[int] = []
+    cooled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def failing_reload() -> None:
+        reloads.append(1)
+        raise RuntimeError("the database is down")
+
+    changes = Changes(link, failing_reload, lambda key, _seconds: cooled.put_nowait(key))
+    killer = aioredis.Redis.from_url(redis_url)
+    try:
+        await changes.start()
+        before = len(reloads)
+        await killer.client_kill_filter(_type="pubsub")
+        async with asyncio.timeout(30):  # safety net: it resubscribes within a second
+            while len(reloads) == before or not changes.listening.is_set():
+                await asyncio.sleep(0.01)
+            change = Change(source="another", what="cooldown", deployment="d1", seconds=5.0)
+            await killer.publish(changes.channel, msgspec.json.encode(change))
+            assert await cooled.get() == "d1"
+    finally:
+        await killer.aclose()
+        await changes.close()
+        await link.close()
+
+
+async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=10))["key"]
+    await second.plane.cache.reload()
+    results = await asyncio.gather(*(post_chat((first, second)[i % 2], key) for i in range(40)))
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == 10 and statuses.count(429) == 30
+    admitted_on = [i % 2 for i, (status, _) in enumerate(results) if status == 200]
+    assert set(admitted_on) <= {0, 1}
+    status, headers = await post_chat(second, key)
+    assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_headers_count_every_instance(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=5, tpm=100_000))["key"]
+    await second.plane.cache.reload()
+    remaining = []
+    for control in (first, second, first):
+        status, headers = await post_chat(control, key)
+        assert status == 200
+        remaining.append(headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["4", "3", "2"]
+
+
+async def test_revocation_reaches_the_other_instance(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    created = await first.new_key(rpm=100)
+    await second.plane.cache.reload()
+    assert (await post_chat(second, created["key"]))[0] == 200
+    await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
+    async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
+        while (await post_chat(second, created["key"]))[0] != 401:
+            await asyncio.sleep(0.01)
+
+
+async def test_max_parallel_slot_is_released_in_redis(start_control: Any, redis_url: str) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(max_parallel=1))["key"]
+    await second.plane.cache.reload()
+    for control in (first, second, first, second):  # each frees its slot when it ends
+        assert (await post_chat(control, key))[0] == 200
+
+
+async def test_redis_down_falls_back_then_resumes(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    first, second = await two_instances(start_control, redis_url)
+    key = (await first.new_key(rpm=3))["key"]
+    await second.plane.cache.reload()
+    assert (await post_chat(first, key))[0] == 200
+    redis_server.kill()
+    # Per-process counters meanwhile: each instance admits the key's 3 on its own.
+    statuses = [(await post_chat(second, key))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert second.server.app[link_key].failures == 1
+    redis_server.start()
+    link = second.server.app[link_key]
+    async with asyncio.timeout(30):  # safety net: the probe pings every half second
+        while not link.up:
+            await asyncio.sleep(0.05)
+    # Shared again, on a Redis that lost its counts: 3 more across both instances.
+    statuses = [(await post_chat((first, second)[i % 2], key))[0] for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_on_error_closed_refuses_limited_keys(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    first, _ = await two_instances(start_control, redis_url, on_error="closed")
+    key = (await first.new_key(rpm=100))["key"]
+    redis_server.kill()
+    status, headers = await post_chat(first, key)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert (await post_chat(first, "sk-test-master"))[0] != 500
+
+
+async def test_deployment_caps_are_shared(
+    start_control: Any, redis_url: str, upstream_base: str
+) -> None:
+    capped = {
+        "name": "gpt-test",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "api_base": upstream_base,
+        "api_key": "sk-upstream-secret",
+        "rpm": 4,
+    }
+    models = [capped, {"name": "echo", "provider": "echo"}]
+    instances = []
+    for _ in range(2):
+        control = await start_control(state={"redis_url": redis_url}, models=models)
+        instances.append(control)
+    first, second = instances
+    for _ in range(3):
+        assert (await post_chat(first, MASTER_KEY))[0] == 200
+    await first.server.app[deployments_key].sync()  # what the background sync does
+    await second.server.app[deployments_key].sync()
+    assert (await post_chat(second, MASTER_KEY))[0] == 200  # the 4th of the shared 4
+    status, _ = await post_chat(second, MASTER_KEY)
+    assert status == 429
+
+
+async def test_a_lost_redis_is_counted_in_metrics(
+    start_control: Any, redis_url: str, redis_server: RedisServer
+) -> None:
+    control = await start_control(state={"redis_url": redis_url}, metrics={"enabled": True})
+    key = (await control.new_key(rpm=100))["key"]
+    redis_server.kill()
+    for _ in range(3):  # served on per-process counters; the loss counted once
+        assert (await post_chat(control, key))[0] == 200
+    async with control.session.get(
+        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        text = await response.text()
+    assert "aioproxy_state_redis_lost_total 1.0" in text

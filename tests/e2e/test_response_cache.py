@@ -1,0 +1,206 @@
+"""The response cache ([cache]), end to end: a real fake upstream whose requests are counted,
+the proxy in front, answers compared byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio
+from aiohttp.test_utils import TestServer
+
+from aioproxy.cache.response_cache import store_key
+from aioproxy.testing import FakeOpenAI
+from tests.redis_server import redis_server, redis_url
+from tests.support import MASTER_KEY, ServeProxy, gateway_config
+
+__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+
+KEY_A, KEY_B = "sk-tenant-a-0123456789", "sk-tenant-b-0123456789"
+CHAT = {
+    "model": "gpt-test",
+    "messages": [{"role": "user", "content": "cache me"}],
+    "temperature": 0,
+}
+
+
+def cache_config(
+    upstream_base: str, tmp_path: Path, state: dict[str, Any] | None = None, **cache: Any
+) -> dict[str, Any]:
+    return gateway_config(
+        upstream_base,
+        auth={
+            "master_key": MASTER_KEY,
+            "keys": [{"key": KEY_A, "name": "a"}, {"key": KEY_B, "name": "b"}],
+        },
+        database={"url": f"sqlite:///{tmp_path / 'db.sqlite3'}"},
+        cache={"enabled": True, **cache},
+        **({"state": state} if state else {}),
+    )
+
+
+async def post(
+    proxy: TestServer,
+    body: dict[str, Any],
+    key: str = KEY_A,
+    path: str = "/v1/chat/completions",
+    **headers: str,
+) -> tuple[int, str | None, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.make_url(path), json=body, headers={"Authorization": f"Bearer {key}", **headers}
+        ) as response,
+    ):
+        return response.status, response.headers.get("x-aioproxy-cache"), await response.read()
+
+
+def upstream_calls(fake: FakeOpenAI) -> int:
+    return len(fake.requests)
+
+
+@pytest.fixture
+async def cached(serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path) -> TestServer:
+    return await serve_proxy(cache_config(upstream_base, tmp_path))
+
+
+async def test_a_hit_never_reaches_the_upstream(cached: TestServer, fake: FakeOpenAI) -> None:
+    first = await post(cached, CHAT)
+    second = await post(cached, {**CHAT, "user": "someone", "metadata": {"x": "y"}})
+    assert first[:2] == (200, "miss") and second[:2] == (200, "hit")
+    assert second[2] == first[2]
+    assert upstream_calls(fake) == 1
+
+
+async def test_field_order_does_not_count(cached: TestServer, fake: FakeOpenAI) -> None:
+    await post(cached, CHAT)
+    reordered = {"temperature": 0, "messages": CHAT["messages"], "model": "gpt-test"}
+    assert (await post(cached, reordered))[1] == "hit"
+    assert (await post(cached, {**CHAT, "max_tokens": 5}))[1] == "miss"
+    assert upstream_calls(fake) == 2
+
+
+async def test_stream_replays_byte_for_byte(cached: TestServer, fake: FakeOpenAI) -> None:
+    streamed = {**CHAT, "stream": True}
+    status, result, original = await post(cached, streamed)
+    assert (status, result) == (200, "miss") and original.endswith(b"data: [DONE]\n\n")
+    status, result, replayed = await post(cached, streamed)
+    assert (status, result) == (200, "hit") and replayed == original
+    assert upstream_calls(fake) == 1
+
+
+async def test_stream_fills_a_json_answer(cached: TestServer, fake: FakeOpenAI) -> None:
+    import json
+
+    await post(cached, {**CHAT, "stream": True})
+    status, result, body = await post(cached, CHAT)
+    assert (status, result) == (200, "hit")
+    answer = json.loads(body)
+    direct = json.loads((await post(cached, CHAT, **{"Cache-Control": "no-cache"}))[2])
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert answer["choices"][0]["finish_reason"] == direct["choices"][0]["finish_reason"]
+
+
+async def test_json_fills_a_stream(cached: TestServer, fake: FakeOpenAI) -> None:
+    import json
+
+    _, _, body = await post(cached, CHAT)
+    status, result, events = await post(cached, {**CHAT, "stream": True})
+    assert (status, result) == (200, "hit") and events.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in events.split(b"\n\n") if line.startswith(b"data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == json.loads(body)["choices"][0]["message"]["content"]
+    assert upstream_calls(fake) == 1
+
+
+async def test_scope_isolates_keys(cached: TestServer, fake: FakeOpenAI) -> None:
+    await post(cached, CHAT, key=KEY_A)
+    assert (await post(cached, CHAT, key=KEY_B))[1] == "miss"
+    assert (await post(cached, CHAT, key=KEY_A))[1] == "hit"
+    assert upstream_calls(fake) == 2
+
+
+async def test_global_scope_shares(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    proxy = await serve_proxy(cache_config(upstream_base, tmp_path, scope="global"))
+    await post(proxy, CHAT, key=KEY_A)
+    assert (await post(proxy, CHAT, key=KEY_B))[1] == "hit"
+    assert upstream_calls(fake) == 1
+
+
+async def test_no_cache_and_no_store(cached: TestServer, fake: FakeOpenAI) -> None:
+    assert (await post(cached, CHAT, **{"Cache-Control": "no-store"}))[1] == "miss"
+    assert (await post(cached, CHAT))[1] == "miss"  # nothing was stored
+    assert (await post(cached, CHAT, **{"Cache-Control": "no-cache"}))[1] == "miss"
+    assert (await post(cached, CHAT))[1] == "hit"
+    assert upstream_calls(fake) == 3
+
+
+async def test_sampled_requests_are_not_cached_by_default(
+    cached: TestServer, fake: FakeOpenAI
+) -> None:
+    sampled = {k: v for k, v in CHAT.items() if k != "temperature"}  # OpenAI's default: 1
+    await post(cached, sampled)
+    assert (await post(cached, sampled))[1] is None
+    assert (await post(cached, {**CHAT, "temperature": 0.7}))[1] is None
+    assert upstream_calls(fake) == 3
+
+
+async def test_ttl_expiry(cached: TestServer, fake: FakeOpenAI) -> None:
+    store = cached.app[store_key]
+    now = [1000.0]
+    store.now = lambda: now[0]
+    await post(cached, CHAT)
+    now[0] += 3599
+    assert (await post(cached, CHAT))[1] == "hit"
+    now[0] += 2
+    assert (await post(cached, CHAT))[1] == "miss"
+    assert upstream_calls(fake) == 2
+
+
+async def test_eviction_under_the_byte_bound(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    proxy = await serve_proxy(cache_config(upstream_base, tmp_path, max_bytes=1500))
+    sizes = []
+    for word in ("one", "two", "three"):
+        body = {**CHAT, "messages": [{"role": "user", "content": word}]}
+        sizes.append(len((await post(proxy, body))[2]))
+    assert sum(sizes) > 1500 >= sizes[1] + sizes[2]  # the bound holds the last two, not three
+    store = proxy.app[store_key]
+    assert store.bytes <= 1500 and len(store.entries) == 2
+    first = {**CHAT, "messages": [{"role": "user", "content": "one"}]}
+    assert (await post(proxy, first))[1] == "miss"  # the least recently used went
+
+
+async def test_embeddings_and_stored_responses(cached: TestServer, fake: FakeOpenAI) -> None:
+    embed = {"model": "gpt-test", "input": "hello"}
+    await post(cached, embed, path="/v1/embeddings")
+    assert (await post(cached, embed, path="/v1/embeddings"))[1] == "hit"
+    stored = {"model": "gpt-test", "input": "hi", "temperature": 0}
+    await post(cached, stored, path="/v1/responses")
+    assert (await post(cached, stored, path="/v1/responses"))[1] is None  # store defaults true
+    unstored = {**stored, "store": False}
+    await post(cached, unstored, path="/v1/responses")
+    assert (await post(cached, unstored, path="/v1/responses"))[1] == "hit"
+
+
+async def test_redis_cache_is_shared_by_instances(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path, fake: FakeOpenAI, redis_url: str
+) -> None:
+    config = cache_config(upstream_base, tmp_path, state={"redis_url": redis_url})
+    first, second = await serve_proxy(config), await serve_proxy(config)
+    original = await post(first, {**CHAT, "stream": True})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with asyncio.timeout(30):  # safety net: it is written after the answer, off its path
+        while not await client.keys("aioproxy:cache:*"):
+            await asyncio.sleep(0.01)
+    await client.aclose()
+    replayed = await post(second, {**CHAT, "stream": True})
+    assert replayed[1] == "hit" and replayed[2] == original[2]
+    assert upstream_calls(fake) == 1
