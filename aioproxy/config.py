@@ -352,7 +352,6 @@ class Config(Base, frozen=True):
     spend: SpendConfig = SpendConfig()
     ui: UIConfig = UIConfig()
 
-
     state: StateConfig = StateConfig()
     cache: CacheConfig = CacheConfig()
     # Extra paths per endpoint kind, e.g. chat_completions = ["/openai/v1/chat/completions"].

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
