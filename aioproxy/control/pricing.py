@@ -86,11 +86,15 @@ def _table_price(provider: str, model: str) -> Price | None:
     )
 
 
+# The bundled table's rates by (provider, model): the same for every app of a process.
+_TABLE: dict[tuple[str, str], Price | None] = {}
+
+
 class Pricing:
     """Prices by deployment, looked up once each."""
 
     def __init__(self) -> None:
-        self._table: dict[tuple[str, str], Price | None] = {}
+        self._table = _TABLE
         self._pricers: dict[int, tuple[Deployment, Pricer]] = {}  # by id(deployment)
 
     @staticmethod
@@ -103,8 +107,14 @@ class Pricing:
     async def preload(self, deployments: Iterable[Deployment]) -> None:
         """The table's rates for ``deployments`` (those without a configured price), read by
         a child process; on any failure they are looked up here when first needed."""
-        keys = sorted({(d.provider, d.model) for d in deployments if d.price is None})
+        keys = sorted(
+            {(d.provider, d.model) for d in deployments if d.price is None} - self._table.keys()
+        )
         if not keys:
+            return
+        if "genai_prices" in sys.modules:  # loaded here already (by a lookup): no child needed
+            for key in keys:
+                self._table[key] = _table_price(*key)
             return
         try:
             child = await asyncio.create_subprocess_exec(

@@ -133,6 +133,14 @@ def _configured(config: pytest.Config, name: str) -> bool:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Load the price table in the test process once: the proxies that tests start then look
+    prices up here, not in a child process each (what a serving process does at start-up)."""
+    from ..control.pricing import Pricing
+
+    Pricing.warm()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Run ``async def`` tests and fixtures with pytest-asyncio, on a loop per test.
 
