@@ -29,6 +29,8 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 # Any constant: the PostgreSQL advisory lock that instances starting together migrate under.
 _MIGRATION_LOCK = 0x616970726F7879
+_BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write (SQLite)
+_MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -81,17 +83,24 @@ def _current_revision(connection: sa.Connection) -> str | None:
 def _migrate(connection: sa.Connection) -> None:
     """Migrate under a lock held to the end of the transaction: workers or instances starting
     together on a new database take turns, and the later ones find it current."""
+    # Read first, unlocked: a current database (the common start-up) takes no lock, and a
+    # migration imports Alembic before it holds the lock, not while the others wait on it.
+    if _current_revision(connection) == SCHEMA_HEAD:
+        return
+    from alembic import command
+
     if connection.dialect.name == "sqlite":
+        # Another instance may be migrating this new file: wait as long as a migration may take.
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={_MIGRATION_WAIT_MS}")
         connection.exec_driver_sql("BEGIN EXCLUSIVE")
     else:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
     current = _current_revision(connection)
-    if current == SCHEMA_HEAD:
-        return  # the common start-up: nothing to load
-    from alembic import command
-
-    log.info("migrating the database from %s to %s", current or "nothing", SCHEMA_HEAD)
-    command.upgrade(_alembic_config(connection), "head")
+    if current != SCHEMA_HEAD:
+        log.info("migrating the database from %s to %s", current or "nothing", SCHEMA_HEAD)
+        command.upgrade(_alembic_config(connection), "head")
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -99,7 +108,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # timeout lets instances sharing the file take turns instead of failing.
     cursor = dbapi_connection.cursor()
     # First: switching to WAL waits too, while another instance migrates a new file.
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
