@@ -55,6 +55,7 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolChoice",
+    "add_turn",
     "assistant_choice",
     "chat_completion",
     "decode_upstream",
@@ -225,6 +226,18 @@ def image_url_of(part: ContentPart, where: str) -> str:
     if url is None:
         raise BadRequest(f"'{where}.image_url.url' must be a string", param=f"{where}.image_url")
     return url
+
+
+def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[Any]) -> None:
+    """``blocks`` as ``role``'s next turn, for an upstream whose turns alternate (Anthropic's,
+    Converse): merged into the last turn when it is the same role's; nothing when empty (such
+    upstreams refuse empty turns, and an empty message says nothing anyway)."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
 
 
 def split_data_url(url: str, where: str) -> tuple[str, str]:

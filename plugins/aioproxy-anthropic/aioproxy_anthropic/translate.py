@@ -34,6 +34,7 @@ from aioproxy import (
     Tool,
     ToolCall,
     ToolChoice,
+    add_turn,
     assistant_choice,
     chat_completion,
     get_field,
@@ -193,12 +194,7 @@ def split_messages(messages: list[AnyMessage]) -> tuple[str, list[dict[str, Any]
                 "developer, user, assistant or tool",
                 param=f"{where}.role",
             )
-        if not blocks:
-            continue  # Anthropic refuses empty turns; an empty message says nothing anyway
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+        add_turn(turns, turn_role, blocks)
     for turn in turns:
         turn["content"] = _compact(turn["content"])
     return "\n\n".join(system), turns

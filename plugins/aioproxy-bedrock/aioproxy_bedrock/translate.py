@@ -34,6 +34,7 @@ from aioproxy import (
     Tool,
     ToolCall,
     ToolChoice,
+    add_turn,
     assistant_choice,
     chat_completion,
     get_field,
@@ -210,12 +211,7 @@ def split_messages(
                 "developer, user, assistant or tool",
                 param=f"{where}.role",
             )
-        if not blocks:
-            continue  # Converse refuses empty turns; an empty message says nothing anyway
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+        add_turn(turns, turn_role, blocks)
     return system, turns
 
 
