@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..config import SpendConfig
 from . import rollup, schema
@@ -56,10 +57,14 @@ class LogRecord:
 
 
 _MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+# Rows an INSERT statement carries: the driver binds the same parameters, but SQLite steps (and
+# its thread hands the GIL back and forth) once a statement, not once a row. 40 rows of 24
+# columns is 960 parameters, well within both databases' limits.
+ROWS_A_STATEMENT = 40
 
 
-def insert_sql(paramstyle: str) -> str:
-    """The request log's INSERT in the driver's own parameter style."""
+def insert_sql(paramstyle: str, rows: int = 1) -> str:
+    """The request log's INSERT of ``rows`` rows, in the driver's own parameter style."""
 
     def mark(i: int) -> str:
         if paramstyle == "numeric_dollar":
@@ -69,8 +74,29 @@ def insert_sql(paramstyle: str) -> str:
         return _MARKS[paramstyle]
 
     columns = schema.REQUEST_COLUMNS
-    marks = ", ".join(mark(i) for i in range(1, len(columns) + 1))
-    return f"INSERT INTO requests ({', '.join(columns)}) VALUES ({marks})"
+    width = len(columns)
+    values = ", ".join(
+        "(" + ", ".join(mark(row * width + i) for i in range(1, width + 1)) + ")"
+        for row in range(rows)
+    )
+    return f"INSERT INTO requests ({', '.join(columns)}) VALUES {values}"
+
+
+async def insert_rows(
+    connection: AsyncConnection, statements: tuple[str, str], rows: list[tuple[Any, ...]]
+) -> None:
+    """Insert request log rows: ``ROWS_A_STATEMENT`` at a time by ``statements[1]``, the rest
+    one at a time by ``statements[0]``."""
+    single, many = statements
+    whole = len(rows) - len(rows) % ROWS_A_STATEMENT
+    if whole:
+        flat = tuple(itertools.chain.from_iterable(rows[:whole]))
+        step = len(flat) // (whole // ROWS_A_STATEMENT)
+        await connection.exec_driver_sql(
+            many, [flat[i : i + step] for i in range(0, len(flat), step)]
+        )
+    if whole < len(rows):
+        await connection.exec_driver_sql(single, rows[whole:])
 
 
 class RequestLog:
@@ -97,7 +123,8 @@ class RequestLog:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
-        self._insert = insert_sql(engine.dialect.paramstyle)
+        paramstyle = engine.dialect.paramstyle
+        self._inserts = (insert_sql(paramstyle), insert_sql(paramstyle, ROWS_A_STATEMENT))
 
     def add_finished(self, finished: Any) -> None:
         """Queue a finished request (no work: its row is built in the writer's batch)."""
@@ -219,7 +246,7 @@ class RequestLog:
         async with self.cache.lock:  # the cache's spend figures and local counts move together
             async with self.engine.begin() as connection:
                 if rows:
-                    await connection.exec_driver_sql(self._insert, rows)
+                    await insert_rows(connection, self._inserts, rows)
                     await rollup.add_rows(connection, rows)
                 for (key_id, period), cost in keys.items():
                     await connection.execute(_add_spend(schema.keys, key_id, period, cost))

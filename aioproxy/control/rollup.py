@@ -10,7 +10,7 @@ and the rows never disagree. Costs are sums of floats: equal to the rows' sums u
 
 from __future__ import annotations
 
-import collections
+import operator
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +35,7 @@ __all__ = [
 
 DAY = 86400.0
 _AT = {name: i for i, name in enumerate(schema.REQUEST_COLUMNS)}
-_GROUP = (_AT["day"], _AT["key_id"], _AT["team_id"], _AT["model"])
+_group_of = operator.itemgetter(_AT["day"], _AT["key_id"], _AT["team_id"], _AT["model"])
 _INPUT, _OUTPUT, _COST = _AT["input_tokens"], _AT["output_tokens"], _AT["cost"]
 _table = schema.spend_days
 _log = schema.requests.c
@@ -46,8 +46,6 @@ GROUPS = {
     "model": (_log.model, _table.c.model),
     "day": (_log.day, _table.c.day),
 }
-# Groups upserted by one statement: 8 parameters each, well within both databases' limits.
-_GROUPS_A_STATEMENT = 500
 _DIALECTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
@@ -62,44 +60,61 @@ def day_start(moment: float) -> float:
 
 
 async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Add request log rows (``schema.REQUEST_COLUMNS``' order) to the roll-up: upserts of
-    groups in a fixed order (instances sharing the database lock them alike: no deadlock)."""
-    sums: dict[tuple[str, ...], list[Any]] = collections.defaultdict(lambda: [0, 0, 0, 0.0])
-    for row in rows:
-        day, key_id, team_id, model = (row[i] for i in _GROUP)
-        group = sums[(day, key_id or "", team_id or "", model or "")]
-        group[0] += 1
-        group[1] += row[_INPUT]
-        group[2] += row[_OUTPUT]
-        group[3] += row[_COST] or 0.0
+    """Add request log rows (``schema.REQUEST_COLUMNS``' order) to the roll-up: one upsert
+    statement, executed for each group in a fixed order (instances sharing the database lock
+    them alike: no deadlock)."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    for row in rows:  # the writer's per-row work: kept to a few operations
+        group = _group_of(row)
+        found = sums.get(group)
+        if found is None:
+            sums[group] = [1, row[_INPUT], row[_OUTPUT], row[_COST] or 0.0]
+        else:
+            found[0] += 1
+            found[1] += row[_INPUT]
+            found[2] += row[_OUTPUT]
+            found[3] += row[_COST] or 0.0
     if not sums:
         return
-    insert = _DIALECTS[connection.dialect.name](_table)
-    added = insert.excluded
     values = [
         {
             "day": day,
-            "key_id": key_id,
-            "team_id": team_id,
-            "model": model,
+            "key_id": key_id or "",
+            "team_id": team_id or "",
+            "model": model or "",
             "requests": requests,
             "input_tokens": tokens_in,
             "output_tokens": tokens_out,
             "cost": cost,
         }
         for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in sorted(
-            sums.items()
+            sums.items(), key=_sort_key
         )
     ]
-    for i in range(0, len(values), _GROUPS_A_STATEMENT):
-        statement = insert.values(values[i : i + _GROUPS_A_STATEMENT]).on_conflict_do_update(
+    await connection.execute(_upsert(connection.dialect.name), values)
+
+
+def _sort_key(item: tuple[tuple[Any, ...], list[Any]]) -> tuple[str, ...]:
+    return tuple(part or "" for part in item[0])
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert(dialect: str) -> Any:
+    """The roll-up's upsert for ``dialect``, built once (its compiled form is then cached)."""
+    statement = _UPSERTS.get(dialect)
+    if statement is None:
+        insert = _DIALECTS[dialect](_table)
+        added = insert.excluded
+        statement = _UPSERTS[dialect] = insert.on_conflict_do_update(
             index_elements=["day", "key_id", "team_id", "model"],
             set_={
                 name: _table.c[name] + added[name]
                 for name in ("requests", "input_tokens", "output_tokens", "cost")
             },
         )
-        await connection.execute(statement)
+    return statement
 
 
 def spend_query(group_by: str, start: float | None, end: float | None) -> sa.Select[Any]:

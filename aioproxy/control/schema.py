@@ -94,7 +94,7 @@ requests = sa.Table(
         autoincrement=True,
     ),
     sa.Column("request_id", sa.String(64), nullable=False),
-    sa.Column("time", sa.Float, nullable=False, index=True),
+    sa.Column("time", sa.Float, nullable=False),  # read by ix_requests_time_cover (0005)
     sa.Column("day", sa.String(10), nullable=False),  # UTC date, for group_by=day on both databases
     sa.Column("key_id", sa.String(80), nullable=True, index=True),
     sa.Column("key_name", sa.String(200), nullable=True),

@@ -144,3 +144,33 @@ async def test_the_migration_rolls_up_the_rows_already_written(tmp_path: Path) -
             assert retries.all() == [(None,)]
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("batch", [1, 39, 40, 41, 85])
+async def test_each_row_is_written_once_whatever_the_batch(db_url: str, batch: int) -> None:
+    """Rows go ``ROWS_A_STATEMENT`` to an INSERT and the rest one by one: every row lands
+    once, with its own values in its own columns."""
+    engine = await open_engine(db_url)
+    try:
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(batch_size=1000), lambda: NOW)
+        written = rows(batch, 2)
+        for n, record in enumerate(written):
+            record["input_tokens"], record["duration"] = n, n / 8
+            log.add(LogRecord.of(record))
+        await log.flush()
+        async with engine.connect() as connection:
+            found = (
+                await connection.execute(
+                    sa.select(
+                        schema.requests.c.request_id,
+                        schema.requests.c.input_tokens,
+                        schema.requests.c.duration,
+                        schema.requests.c.model,
+                    ).order_by(schema.requests.c.seq)
+                )
+            ).all()
+        assert [tuple(r) for r in found] == [
+            (r["request_id"], r["input_tokens"], r["duration"], r["model"]) for r in written
+        ]
+    finally:
+        await engine.dispose()
