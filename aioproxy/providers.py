@@ -20,15 +20,8 @@ from .headers import forwarded_names
 from .masking import mark_secrets, secrets_in
 from .replies import JSONReply, Reply, StreamReply
 from .routes import PROVIDER_KINDS, Kind
-from .transport import SessionTransport, UpstreamResponse, client_timeout
-from .upstream import (
-    Upstream,
-    answer_of,
-    closed_on_failure,
-    forwardable,
-    post_via,
-    read_capped,
-)
+from .transport import SessionTransport, UpstreamResponse
+from .upstream import Upstream, forwardable
 
 __all__ = [
     "JSONReply",
@@ -41,7 +34,6 @@ __all__ = [
     "check_settings",
     "decode_settings",
     "make_provider",
-    "post_via",
     "registrar",
 ]
 
@@ -153,49 +145,11 @@ class Provider:
         self._settings[id(raw)] = (raw, decoded)  # holding raw keeps its id from being reused
         return decoded
 
-    async def post(
-        self,
-        url: str,
-        body: bytes,
-        headers: Mapping[str, str],
-        timeout: aiohttp.ClientTimeout,
-    ) -> UpstreamResponse:
-        """Deprecated: use ``self.upstream.post``. POST ``body`` to ``url`` through the app's
-        lean pool (``self.pool``; the session when there is none), never following a redirect.
-
-        The answer has what a relay reads, either way: ``status``, ``headers``,
-        ``content_type``, ``content_length``, ``content`` (a StreamReader), ``read()``,
-        ``release()`` and ``close()``. :func:`aioproxy.upstream.answer_of` turns failures into
-        the client's errors; release or close the answer on every path.
-        """
-        session = self.session
-        assert session is not None, "Provider.post needs an Upstream with a session"
-        return await post_via(session, self.pool, url, body, headers, timeout)
-
     async def request(
         self, deployment: Deployment, method: str, url: str, headers: Mapping[str, str]
     ) -> JSONReply:
-        """``method`` (``GET``, ``DELETE``, ...) on ``url`` for ``deployment``, no body: the
-        upstream's 2xx JSON answer as it is, its errors as the client's (as ``upstream.post``).
-
-        For calls outside a request, such as the Responses API's retrieve and delete. Goes
-        through the app's ClientSession, since the transport only POSTs.
-        """
-        session = self.session
-        assert session is not None, "Provider.request needs an Upstream with a session"
-        sending = session.request(
-            method,
-            url,
-            headers=headers,
-            timeout=client_timeout(self.upstream.timeouts(deployment)),
-            allow_redirects=False,
-        )
-        budget = self.upstream.budget  # the session's answers count as the pool's do
-        response = await answer_of(sending, deployment, budget=budget)
-        with closed_on_failure(response, deployment):
-            body = await read_capped(response, deployment, budget)
-        response.release()
-        return JSONReply(body, response.status)
+        """``method`` on ``url`` for ``deployment``, no body (see :meth:`Upstream.request`)."""
+        return await self.upstream.request(deployment, method, url, headers)
 
     async def start(self) -> None:
         """Called once at app start-up, after ``__init__``."""

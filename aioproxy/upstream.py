@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from functools import lru_cache
 
 import aiohttp
 
@@ -29,21 +28,11 @@ from .transport import (
     SessionTransport,
     Transport,
     UpstreamResponse,
+    client_timeout,
     make_session,
 )
 
-# answer_of, closed_on_failure, post_via, read_capped: what providers.Provider's request() and
-# its deprecated post() are made of (the end of this module).
-__all__ = [
-    "ErrorReader",
-    "Upstream",
-    "answer_of",
-    "closed_on_failure",
-    "forwardable",
-    "make_session",
-    "post_via",
-    "read_capped",
-]
+__all__ = ["ErrorReader", "Upstream", "forwardable", "make_session"]
 
 
 async def _read_capped(
@@ -320,41 +309,25 @@ class Upstream:
         sent = call.request.headers
         return {name: value for name in self._forwarded if (value := sent.get(name)) is not None}
 
+    async def request(
+        self, deployment: Deployment, method: str, url: str, headers: Mapping[str, str]
+    ) -> JSONReply:
+        """``method`` (``GET``, ``DELETE``, ...) on ``url`` for ``deployment``, no body: the
+        upstream's 2xx JSON answer as it is, its errors as the client's (as :meth:`post`).
 
-# --- What providers.Provider's request() (outside a request: GET, DELETE) and its deprecated
-# post() (the way providers called upstreams before `Upstream`) are made of.
-
-answer_of = _answer
-closed_on_failure = _Guard
-read_capped = _read_capped
-
-
-@lru_cache(maxsize=256)
-def _timeouts_of_client(timeout: aiohttp.ClientTimeout) -> Timeouts:
-    """A caller's ClientTimeout as the Timeouts the lean pool takes (client_timeout's inverse
-    for a StreamTimeout; a plain ClientTimeout's unset bounds stay unset)."""
-    sock_read = timeout.sock_read
-    read = getattr(timeout, "event", None) or sock_read
-    first_byte = sock_read if sock_read != read else None
-    return Timeouts(
-        connect=timeout.connect,  # type: ignore[arg-type]  # None: no bound, as in aiohttp
-        read=read,  # type: ignore[arg-type]
-        first_byte=first_byte,
-        total=timeout.total,
-    )
-
-
-async def post_via(
-    session: aiohttp.ClientSession,
-    pool: H1Pool | None,
-    url: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    timeout: aiohttp.ClientTimeout | None,
-) -> UpstreamResponse:
-    """POST through ``pool`` when there is one, else ``session``; redirects never followed."""
-    if pool is not None:
-        return await pool.post(url, body, headers, _timeouts_of_client(timeout or session.timeout))
-    return await session.post(
-        url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-    )
+        For calls outside a request, such as the Responses API's retrieve and delete. Goes
+        through the app's ClientSession, since the transport only POSTs."""
+        session = self.session
+        assert session is not None, "Upstream.request needs a session"
+        sending = session.request(
+            method,
+            url,
+            headers=headers,
+            timeout=client_timeout(self.timeouts(deployment)),
+            allow_redirects=False,
+        )
+        response = await _answer(sending, deployment, budget=self.budget)
+        with _Guard(response, deployment):  # the session's answers count as the pool's do
+            body = await _read_capped(response, deployment, self.budget)
+        response.release()
+        return JSONReply(body, response.status)

@@ -670,12 +670,21 @@ def run_workers(args: argparse.Namespace, upstream: Target, workdir: Path) -> li
         f"bench: aioproxy --workers 1 vs 2: chat, {workers.CONNECTIONS} connections, unpinned",
         flush=True,
     )
+    names = ("aioproxy", "aioproxy-redis") if "aioproxy-redis" in args.targets else ("aioproxy",)
     rows = workers.compare(
-        workdir, upstream, args.loop, args.duration, args.warmup, args.repeat, args.max_repeat
+        workdir,
+        upstream,
+        args.loop,
+        args.duration,
+        args.warmup,
+        args.repeat,
+        args.max_repeat,
+        names,
     )
     one_core, two_cores, scaling = workers_projection(rows)
     print(
-        f"bench-workers: measured req/s 2÷1 workers {rows[1].rps / rows[0].rps:.2f}x; projected "
+        f"bench-workers: measured req/s 2÷1 workers {rows[1].rps / rows[0].rps:.2f}x "
+        "(aioproxy); projected "
         f"from CPU/request (load elsewhere, a core per worker): {one_core:,.0f} -> "
         f"{two_cores:,.0f} req/s, {scaling:.2f}x (target {WORKERS_SCALING_TARGET}x)",
         flush=True,

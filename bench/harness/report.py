@@ -46,6 +46,7 @@ class WorkersRow:
     nginx_cpu_pct: float
     other_cpu_pct: float
     shares: tuple[float, ...]  # each worker's part of the workers' CPU; () for one process
+    target: str = "aioproxy"  # or aioproxy-redis: database keys with their limits in Redis
 
     @property
     def capacity(self) -> float:
@@ -316,7 +317,7 @@ def startup_table(startups: list[Startup]) -> list[str]:
 def workers_projection(rows: list[WorkersRow]) -> tuple[float, float, float]:
     """(1 worker on 1 core, 2 workers on 2 cores, their ratio): req/s projected from CPU/req,
     as if each worker had a core of its own and the load came from elsewhere."""
-    one, two = (next(r for r in rows if r.workers == n) for n in (1, 2))
+    one, two = (next(r for r in rows if r.workers == n and r.target == "aioproxy") for n in (1, 2))
     one_core, two_cores = one.capacity, 2 * two.capacity
     return one_core, two_cores, two_cores / one_core
 
@@ -342,6 +343,7 @@ def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[st
     if not rows:
         return []
     header = [
+        "target",
         "workers",
         "req/s",
         "p99 ms",
@@ -355,6 +357,7 @@ def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[st
     ]
     body = [
         [
+            r.target,
             str(r.workers),
             f"{r.rps:,.0f}",
             _ms(r.p99_us),
@@ -379,12 +382,22 @@ def workers_section(rows: list[WorkersRow], conns: int, seconds: str) -> list[st
             "deployment and the worker count is the only difference.  CPU µs/req is the "
             "user+system CPU of the whole process tree (the parent and its workers) over the "
             "requests completed; req per CPU-s is its inverse.  CPU % columns are in % of one "
-            "core; worker CPU shares are each worker's part of the workers' CPU."
+            "core; worker CPU shares are each worker's part of the workers' CPU.  "
+            "aioproxy-redis (with `aioproxy-redis` in --targets): the caller's database key has "
+            "rpm, tpm and a budget counted in Redis, shared by the workers (issue 13)."
         ),
         "",
-        *_table(header, body, text_columns=1),
+        *_table(header, body, text_columns=2),
     ]
-    by_n = {r.workers: r for r in rows}
+    for target in sorted({r.target for r in rows} - {"aioproxy"}):
+        pair = {r.workers: r for r in rows if r.target == target}
+        if 1 in pair and 2 in pair:
+            out.append("")
+            out.append(
+                f"- {target}: measured req/s 2 workers ÷ 1 **{pair[2].rps / pair[1].rps:.2f}×**; "
+                f"CPU/request {pair[1].cpu_us_per_req:,.0f} -> {pair[2].cpu_us_per_req:,.0f} µs."
+            )
+    by_n = {r.workers: r for r in rows if r.target == "aioproxy"}
     if 1 in by_n and 2 in by_n:
         one_core, two_cores, scaling = workers_projection(rows)
         met = "met" if scaling >= WORKERS_SCALING_TARGET else "**not met**"

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from . import payloads, procs
 from .loadgen import run_wrk
 from .report import WorkersRow, cleanest, has_clean_run
-from .servers import Target, start_aioproxy
+from .servers import Target, start_aioproxy, start_aioproxy_redis
 
 COUNTS = (1, 2)
 CONNECTIONS = 64
@@ -53,30 +53,41 @@ def _wait_listening(target: Target, workers: int, timeout: float = 10.0) -> None
         time.sleep(0.05)
 
 
+STARTERS = {"aioproxy": start_aioproxy, "aioproxy-redis": start_aioproxy_redis}
+
+
 @contextmanager
-def started(workdir: Path, upstream: Target, loop: str) -> Iterator[dict[int, Target]]:
-    """One aioproxy per worker count, unpinned: the kernel places the workers."""
+def started(
+    workdir: Path, upstream: Target, loop: str, names: tuple[str, ...]
+) -> Iterator[dict[tuple[str, int], Target]]:
+    """One proxy per (target, worker count), unpinned: the kernel places the workers."""
     with ExitStack() as stack:
         targets = {}
-        for n in COUNTS:
-            print(f"bench: starting aioproxy --workers {n}", flush=True)
-            target = start_aioproxy(
-                workdir,
-                procs.free_port(),
-                upstream.port,
-                None,
-                loop,
-                label=f"aioproxy-workers{n}",
-                workers=n,
-            )
-            stack.callback(target.proc.stop)
-            _wait_listening(target, n)
-            targets[n] = target
+        for name in names:
+            for n in COUNTS:
+                print(f"bench: starting {name} --workers {n}", flush=True)
+                target = STARTERS[name](
+                    workdir,
+                    procs.free_port(),
+                    upstream.port,
+                    None,
+                    loop,
+                    label=f"{name}-workers{n}",
+                    workers=n,
+                )
+                stack.callback(target.proc.stop)
+                _wait_listening(target, n)
+                targets[name, n] = target
         yield targets
 
 
 def measure(
-    target: Target, upstream: Target, workers: int, duration: str, warmup: str | None
+    target: Target,
+    upstream: Target,
+    workers: int,
+    duration: str,
+    warmup: str | None,
+    name: str = "aioproxy",
 ) -> WorkersRow:
     spec = payloads.KINDS[KIND]
     url = target.url(spec)
@@ -102,10 +113,11 @@ def measure(
         nginx_cpu_pct=nginx / wall * 100,
         other_cpu_pct=max(0.0, (after.busy - before.busy - proxy - nginx - wrk) / wall * 100),
         shares=tuple(c / sum(children) for c in children) if sum(children) > 0 else (),
+        target=name,
     )
     shares = " / ".join(f"{s * 100:.0f}%" for s in row.shares) or "–"
     print(
-        f"  workers={workers}  {row.rps:>9,.0f} req/s  CPU {row.cpu_us_per_req:6,.0f} µs/req  "
+        f"  {name} workers={workers}  {row.rps:>9,.0f} req/s  CPU {row.cpu_us_per_req:6,.0f} µs/req  "
         f"proxy {row.proxy_cpu_pct:3.0f}%  wrk {row.wrk_cpu_pct:3.0f}%  "
         f"nginx {row.nginx_cpu_pct:3.0f}%  other {row.other_cpu_pct:3.0f}%  shares {shares}",
         flush=True,
@@ -121,16 +133,20 @@ def compare(
     warmup: str,
     repeat: int,
     max_repeat: int,
+    names: tuple[str, ...] = ("aioproxy",),
 ) -> list[WorkersRow]:
-    """Interleaved rounds over the worker counts, like the matrix's cells; the cleanest each."""
+    """Interleaved rounds over the targets and worker counts, like the matrix's cells; the
+    cleanest each."""
     procs.unpin(upstream.pid)  # nginx too may use either core; the matrix re-pins it per run
-    runs: dict[int, list[WorkersRow]] = {n: [] for n in COUNTS}
-    with started(workdir, upstream, loop) as targets:
+    cells = [(name, n) for name in names for n in COUNTS]
+    runs: dict[tuple[str, int], list[WorkersRow]] = {cell: [] for cell in cells}
+    with started(workdir, upstream, loop, names) as targets:
         for round_ in range(max_repeat):
-            clean = all(has_clean_run(runs[n]) for n in COUNTS)
+            clean = all(has_clean_run(runs[cell]) for cell in cells)
             if round_ >= repeat and clean:
                 break
-            for n in COUNTS:
+            for name, n in cells:
                 warm = warmup if round_ == 0 else None
-                runs[n].append(measure(targets[n], upstream, n, duration, warm))
-    return [min(runs[n], key=cleanest) for n in COUNTS]
+                row = measure(targets[name, n], upstream, n, duration, warm, name)
+                runs[name, n].append(row)
+    return [min(runs[cell], key=cleanest) for cell in cells]
