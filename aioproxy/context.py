@@ -185,7 +185,7 @@ class Call:
 
     def body_size(self) -> int:
         """The body's size in bytes, about (its fields' raw bytes, without the keys)."""
-        return sum(len(raw) for raw in self.fields.values())
+        return sum(map(len, self.fields.values()))
 
     def get(self, name: str, default: Any = None) -> Any:
         """The decoded value of one top-level body field (400 if it cannot be decoded)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -27,8 +27,36 @@ class Usage(msgspec.Struct, frozen=True):
     reasoning_tokens: int = 0
 
 
+# A token count: msgspec refuses anything else (a bool, a float, a negative number), and with
+# it the whole usage, read as no usage at all.
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: _Count | None = None
+    reasoning_tokens: _Count | None = None
+
+
+class _RawUsage(msgspec.Struct):
+    """A usage object in any API's names (chat/completions, Responses, Anthropic's), decoded
+    and checked by msgspec in C: reading it is a few attribute loads, not a walk of a dict."""
+
+    prompt_tokens: _Count | None = None
+    completion_tokens: _Count | None = None
+    total_tokens: _Count | None = None
+    input_tokens: _Count | None = None  # Responses', Anthropic's
+    output_tokens: _Count | None = None
+    prompt_tokens_details: _Details | None = None
+    input_tokens_details: _Details | None = None
+    completion_tokens_details: _Details | None = None
+    output_tokens_details: _Details | None = None
+    # Anthropic's input_tokens leave out what the prompt cache read and wrote.
+    cache_read_input_tokens: _Count | None = None
+    cache_creation_input_tokens: _Count | None = None
+
+
 class _UsageHolder(msgspec.Struct):
-    usage: dict[str, Any] | None = None
+    usage: _RawUsage | None = None
 
 
 class _Answer(msgspec.Struct):
@@ -36,7 +64,7 @@ class _Answer(msgspec.Struct):
     ``response.usage``, Anthropic's message_start ``message.usage``; one decode reads any,
     skipping everything else."""
 
-    usage: dict[str, Any] | None = None
+    usage: _RawUsage | None = None
     response: _UsageHolder | None = None
     message: _UsageHolder | None = None
 
@@ -48,49 +76,33 @@ _LAST_DATA_EVENTS = 3
 _UNKNOWN = object()
 
 
-class _Malformed(Exception):
-    pass
+def _first(value: int | None, other: int | None) -> int | None:
+    return value if value is not None else other
 
 
-def _count(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise _Malformed
-
-
-def _usage_from(raw: dict[str, Any] | None) -> Usage | None:
-    """Token counts in either API's names; None when absent or not counts."""
-    if not raw:
+def _usage_from(raw: _RawUsage | None) -> Usage | None:
+    """Token counts in either API's names; None when absent or empty."""
+    if raw is None:
         return None
-    try:
-        prompt = _count(raw.get("prompt_tokens", raw.get("input_tokens")))
-        completion = _count(raw.get("completion_tokens", raw.get("output_tokens")))
-        cached = _count(
-            _detail(raw, "prompt_tokens_details", "input_tokens_details", "cached_tokens")
-        )
-        if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw:
-            # Anthropic's input_tokens leave out what the prompt cache read and wrote.
-            cached = _count(raw.get("cache_read_input_tokens"))
-            prompt += cached + _count(raw.get("cache_creation_input_tokens"))
-        total = _count(raw.get("total_tokens")) or prompt + completion
-        reasoning = _count(
-            _detail(raw, "completion_tokens_details", "output_tokens_details", "reasoning_tokens")
-        )
-    except _Malformed:
+    prompt = _first(raw.prompt_tokens, raw.input_tokens)
+    completion = _first(raw.completion_tokens, raw.output_tokens)
+    total = raw.total_tokens
+    read, written = raw.cache_read_input_tokens, raw.cache_creation_input_tokens
+    if prompt is None and completion is None and total is None and read is None:
         return None
-    return Usage(prompt, completion, total, cached, reasoning)
+    prompt, completion = prompt or 0, completion or 0
+    details = _first_details(raw.prompt_tokens_details, raw.input_tokens_details)
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    if read is not None or written is not None:
+        cached = read or 0
+        prompt += cached + (written or 0)
+    details = _first_details(raw.completion_tokens_details, raw.output_tokens_details)
+    reasoning = (details.reasoning_tokens or 0) if details is not None else 0
+    return Usage(prompt, completion, total or prompt + completion, cached, reasoning)
 
 
-def _detail(raw: dict[str, Any], chat_name: str, responses_name: str, field: str) -> Any:
-    """``raw[chat_name][field]`` (chat's names) or ``raw[responses_name][field]`` (Responses')."""
-    details = raw.get(chat_name, raw.get(responses_name))
-    if details is None:
-        return None
-    if not isinstance(details, dict):
-        raise _Malformed
-    return details.get(field)
+def _first_details(value: _Details | None, other: _Details | None) -> _Details | None:
+    return value if value is not None else other
 
 
 class Outcome:
@@ -166,7 +178,10 @@ class Outcome:
                     data = data_of(event)
                     if not data or data == b"[DONE]":
                         continue
-                    usage = _usage_of(_decode_answer(data))
+                    try:
+                        usage = _usage_of(_decode_answer(data))
+                    except msgspec.ValidationError:
+                        usage = None  # this event's usage is not counts: look further back
                     if usage is not None:
                         if not usage.prompt_tokens and self.first is not None:
                             return _with_start(usage, self.first)
