@@ -169,7 +169,7 @@ class Outcome:
     def _read_usage(self) -> Usage | None:
         try:
             if self.body is not None:
-                return _usage_of(_decode_answer(self.body))
+                return _body_usage(self.body)
             if not any(b'"usage"' in block for block in self.last_events):
                 return None  # a stream without usage: no need to take its events apart
             looked_at = 0
@@ -192,6 +192,28 @@ class Outcome:
         except msgspec.DecodeError:
             return None
         return None
+
+
+def _body_usage(body: bytes) -> Usage | None:
+    """A whole answer's usage. A long one (embeddings: 1,536 floats a vector) is not decoded
+    whole: its last ``"usage"`` is decoded from there to the end, as an object of its own. That
+    only decodes when the key belongs to the answer itself (a key of a nested object leaves
+    closing brackets over, a string value "usage" is no key, and a quote inside a string is
+    escaped), so anything else falls back to decoding the whole answer."""
+    if len(body) > _WHOLE_UNDER:
+        at = body.rfind(b'"usage"')
+        if at > 0:
+            try:
+                usage = _usage_of(_decode_answer(b"{" + body[at:]))
+            except msgspec.DecodeError:
+                usage = None
+            if usage is not None:
+                return usage
+    return _usage_of(_decode_answer(body))
+
+
+# Answers shorter than this are decoded whole: the tail's copy and second decode would not pay.
+_WHOLE_UNDER = 2048
 
 
 def _events_from_end(block: bytes) -> Iterator[bytes]:

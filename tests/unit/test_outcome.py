@@ -188,3 +188,50 @@ def test_usage_from_the_end_of_a_long_burst() -> None:
     outcome = Outcome(200, stream=True)
     outcome.last_events = (usage + chunk * 3 + b"data: [DONE]\n\n",)  # not in the last three
     assert outcome.usage() is None
+
+
+PAD = b'"data":[{"embedding":[' + b",".join([b"0.0123456789"] * 400) + b"]}]"  # a long answer
+
+
+@pytest.mark.parametrize(
+    ("body", "usage"),
+    [
+        # the usage last, as OpenAI puts it: read from its key on
+        (
+            b'{"object":"list",' + PAD + b',"usage":{"prompt_tokens":4,"total_tokens":4}}',
+            Usage(4, 0, 4),
+        ),
+        # fields after it
+        (
+            b'{"object":"chat.completion",' + PAD + b',"usage":{"prompt_tokens":2,'
+            b'"completion_tokens":1},"system_fingerprint":"fp_1"}',
+            Usage(2, 1, 3),
+        ),
+        # a later "usage" that is no key of the answer: a nested object's, a string value, a
+        # quoted word in a string
+        (
+            b'{"usage":{"prompt_tokens":7,"total_tokens":7},'
+            + PAD
+            + b',"meta":{"usage":{"prompt_tokens":99}}}',
+            Usage(7, 0, 7),
+        ),
+        (b'{"usage":{"prompt_tokens":7},' + PAD + b',"kind":"usage"}', Usage(7, 0, 7)),
+        (
+            b'{"usage":{"prompt_tokens":7},' + PAD + b',"text":"the \\"usage\\": {} key"}',
+            Usage(7, 0, 7),
+        ),
+        # none at all, or only a nested one (a Responses event's): as a whole decode reads it
+        (b'{"object":"list",' + PAD + b"}", None),
+        (
+            b'{"type":"response.completed",' + PAD + b',"response":{"usage":{"input_tokens":3}}}',
+            Usage(3, 0, 3),
+        ),
+        # counts that are not counts: no usage
+        (b'{"object":"list",' + PAD + b',"usage":{"prompt_tokens":-1}}', None),
+    ],
+)
+def test_usage_of_a_long_body(body: bytes, usage: Usage | None) -> None:
+    """A long answer's usage is read from its last "usage" key on, never wrongly: a "usage"
+    that is not the answer's own key falls back to decoding the whole answer."""
+    assert len(body) > 2048
+    assert body_outcome(body).usage() == usage
