@@ -170,18 +170,15 @@ class Outcome:
         try:
             if self.body is not None:
                 return _body_usage(self.body)
-            if not any(b'"usage"' in block for block in self.last_events):
-                return None  # a stream without usage: no need to take its events apart
             looked_at = 0
             for block in reversed(self.last_events):
                 for event in _events_from_end(block):
                     data = data_of(event)
                     if not data or data == b"[DONE]":
                         continue
-                    try:
-                        usage = _usage_of(_decode_answer(data))
-                    except msgspec.ValidationError:
-                        usage = None  # this event's usage is not counts: look further back
+                    # Only an event that says "usage" is decoded: a stream without usage is
+                    # not taken apart, and only its last few events are looked at.
+                    usage = _event_usage(data) if b'"usage"' in data else None
                     if usage is not None:
                         if not usage.prompt_tokens and self.first is not None:
                             return _with_start(usage, self.first)
@@ -192,6 +189,13 @@ class Outcome:
         except msgspec.DecodeError:
             return None
         return None
+
+
+def _event_usage(data: bytes) -> Usage | None:
+    try:
+        return _usage_of(_decode_answer(data))
+    except msgspec.ValidationError:
+        return None  # this event's usage is not counts: look further back
 
 
 def _body_usage(body: bytes) -> Usage | None:
@@ -217,14 +221,22 @@ _WHOLE_UNDER = 2048
 
 
 def _events_from_end(block: bytes) -> Iterator[bytes]:
-    """A block's events, last first, cut off its end: a long stream's whole burst (50 events
-    in one block) is not split and copied for the three at its end that usage is read from."""
-    pieces = block.rstrip(b"\n").rsplit(b"\n\n", _LAST_DATA_EVENTS + 1)
-    yield from reversed(pieces[1:])
-    if len(pieces) <= _LAST_DATA_EVENTS + 1:  # the first piece is one event
-        yield pieces[0]
-    else:  # it holds the rest of the block
-        yield from reversed(split_events(pieces[0] + b"\n\n"))
+    """A block's events, last first, found from its end: a long stream's whole burst (50 events
+    in one block) is neither split nor copied for the few at its end that usage is read from."""
+    end = len(block)
+    while end and block[end - 1] == _NEWLINE:
+        end -= 1
+    for _ in range(_LAST_DATA_EVENTS + 1):
+        start = block.rfind(b"\n\n", 0, end)
+        if start < 0:  # the first event of the block
+            yield block[:end]
+            return
+        yield block[start + 2 : end]
+        end = start
+    yield from reversed(split_events(block[:end] + b"\n\n"))  # the rest, if still wanted
+
+
+_NEWLINE = ord("\n")
 
 
 def _usage_of(answer: _Answer) -> Usage | None:
