@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from aioproxy.outcome import Outcome, Usage
-from aioproxy.streaming import DONE, sse_data, sse_event
+from aioproxy.outcome import Outcome, Usage, _events_from_end
+from aioproxy.streaming import DONE, data_of, split_events, sse_data, sse_event
 
 
 def body_outcome(body: bytes) -> Outcome:
@@ -235,3 +237,15 @@ def test_usage_of_a_long_body(body: bytes, usage: Usage | None) -> None:
     that is not the answer's own key falls back to decoding the whole answer."""
     assert len(body) > 2048
     assert body_outcome(body).usage() == usage
+
+
+def test_events_are_found_from_the_end_as_a_split_finds_them() -> None:
+    """The last events of a block, found backwards without splitting it, carry the data a
+    split of the whole block gives, in reverse order, whatever the block's blank lines."""
+    rng = random.Random(5)
+    parts = [b"data: x", b"data: {}", b"\n", b"\n\n", b"event: y\n", b"z"]
+    for _ in range(2000):
+        block = b"".join(rng.choice(parts) for _ in range(rng.randrange(14)))
+        found = [data_of(event) for event in _events_from_end(block)]
+        split = [data_of(event) for event in reversed(split_events(block))]
+        assert [d for d in found if d] == [d for d in split if d], block
