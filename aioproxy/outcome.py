@@ -73,6 +73,7 @@ _decode_answer = msgspec.json.Decoder(_Answer).decode
 # Usage comes in a stream's last data events (the usage chunk, response.completed): only these
 # are looked at, so a long stream without usage is not decoded whole.
 _LAST_DATA_EVENTS = 3
+_MESSAGE_START = b'"message_start"'  # the type of the Anthropic event that gives input tokens
 _UNKNOWN = object()
 
 
@@ -249,17 +250,27 @@ def _usage_of(answer: _Answer) -> Usage | None:
 
 def _with_start(usage: Usage, first: bytes) -> Usage:
     """An Anthropic stream's final usage (message_delta: output tokens, input ones since
-    2025) completed by what its message_start said of the input."""
-    for event in split_events(first):
-        data = data_of(event)
-        if b'"message_start"' not in data:
-            continue
-        try:
-            start = _usage_of(_decode_answer(data))
-        except msgspec.DecodeError:
-            return usage
-        if start is None:
-            return usage
-        prompt, cached = start.prompt_tokens, start.cached_tokens
-        return Usage(prompt, usage.completion_tokens, prompt + usage.completion_tokens, cached)
+    2025) completed by what its message_start said of the input.
+
+    ``first`` may be the whole stream (a burst in one read): message_start's event is found
+    by a search and only it is cut out and decoded, never the block split into its events.
+    (Inside a JSON string the quotes would be escaped: the search finds only the token.)"""
+    at = first.find(_MESSAGE_START)
+    while at >= 0:
+        begin = first.rfind(b"\n\n", 0, at)
+        begin = 0 if begin < 0 else begin + 2
+        end = first.find(b"\n\n", at)
+        if end < 0:
+            end = len(first)
+        data = data_of(first[begin:end])
+        if _MESSAGE_START in data:  # not in a comment
+            try:
+                start = _usage_of(_decode_answer(data))
+            except msgspec.DecodeError:
+                return usage
+            if start is None:
+                return usage
+            prompt, cached = start.prompt_tokens, start.cached_tokens
+            return Usage(prompt, usage.completion_tokens, prompt + usage.completion_tokens, cached)
+        at = first.find(_MESSAGE_START, end)
     return usage

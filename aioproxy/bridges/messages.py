@@ -72,7 +72,10 @@ def make_messages_bridge(chat: ProviderMethod) -> ProviderMethod:
         first = await first_event(reply, call.deployment)
         stream = MessageStream(call.model)
         if call.stream:
-            return StreamReply(_translate(stream, reply, first, call, close), close=close)
+            events = _translate(stream, reply, first, call, close)
+            # Over once the closing events are out: then a whole stream (one read brought
+            # all of it) goes out as one body, as chat's does (relay._is_whole).
+            return StreamReply(events, close=close, finished=lambda: stream.finished)
         await close()
         raise BadGateway("The chat provider streamed an answer that was not asked to stream")
 
@@ -90,25 +93,36 @@ async def _translate(
     call: Call,
     close: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[bytes]:
-    """Each block of chat events as the Anthropic events it gives, as it arrives."""
+    """Each block of chat events as the Anthropic events it gives, as it arrives. The block
+    that ends the chat stream (its ``[DONE]``, the upstream's answer over) goes out together
+    with the closing events: a stream that came in one read goes out in one piece."""
     try:
         out: list[bytes] = [stream.start()]
         block = first
         while block is not None:
-            for data in _payloads(block):
-                if data == b"[DONE]":
-                    break
-                chunk = decode_chunk(data)
-                if chunk.error is not None:
-                    raise _error_of(502, data, call)
-                stream.feed(chunk, out)
+            if _feed(stream, block, out, call) and reply.finished and reply.finished():
+                break
             if out:
                 yield b"".join(out)
                 out.clear()
             block = await anext(reply.events, None)
-        yield stream.finish()
+        out.append(stream.finish())
+        yield b"".join(out)
     finally:
         await close()
+
+
+def _feed(stream: MessageStream, block: bytes, out: list[bytes], call: Call) -> bool:
+    """Append the Anthropic events of a block of chat events to ``out``; whether the block
+    held the chat stream's end (``[DONE]``; what follows it in the block is not read)."""
+    for data in _payloads(block):
+        if data == b"[DONE]":
+            return True
+        chunk = decode_chunk(data)
+        if chunk.error is not None:
+            raise _error_of(502, data, call)
+        stream.feed(chunk, out)
+    return False
 
 
 def _payloads(block: bytes) -> list[bytes]:

@@ -206,8 +206,9 @@ _JSON_DELTA = b',"delta":{"type":"input_json_delta","partial_json":'
 _DELTA_END = b"}}\n\n"
 
 
-def _delta_event(index: int, kind: bytes, piece: str) -> bytes:
-    return b"".join((_DELTA_HEAD, str(index).encode(), kind, _encode(piece), _DELTA_END))
+def _delta_event(head: bytes, kind: bytes, piece: str) -> bytes:
+    """``head``: _DELTA_HEAD and the block's index, made once per block (``MessageStream._open``)."""
+    return b"".join((head, kind, _encode(piece), _DELTA_END))
 
 
 def _block_stop(index: int) -> bytes:
@@ -231,6 +232,7 @@ class MessageStream:
 
     __slots__ = (
         "_block",
+        "_head",
         "_index",
         "_tool",
         "_tool_id",
@@ -243,6 +245,7 @@ class MessageStream:
     def __init__(self, model: str) -> None:
         self.model = model
         self._index = -1  # the open block's index (-1: none opened yet)
+        self._head = b""  # its delta events' first bytes (_delta_event)
         self._block: str | None = None  # "text", "tool_use" or None (none open)
         self._tool = -1  # the chat index of the tool call whose block is open
         self._tool_id: str | None = None  # and its id
@@ -276,7 +279,7 @@ class MessageStream:
                 if text:
                     if self._block != "text":
                         self._open(out, {"type": "text", "text": ""}, "text")
-                    out.append(_delta_event(self._index, _TEXT_DELTA, text))
+                    out.append(_delta_event(self._head, _TEXT_DELTA, text))
                 for call in delta.tool_calls or ():
                     self._tool_piece(call, out)
             if choice.finish_reason is not None:
@@ -300,12 +303,13 @@ class MessageStream:
             }
             self._open(out, block, "tool_use")
         if function.arguments:
-            out.append(_delta_event(self._index, _JSON_DELTA, function.arguments))
+            out.append(_delta_event(self._head, _JSON_DELTA, function.arguments))
 
     def _open(self, out: list[bytes], block: dict[str, Any], kind: str) -> None:
         if self._block is not None:
             out.append(_block_stop(self._index))
         self._index += 1
+        self._head = _DELTA_HEAD + str(self._index).encode()
         self._block = kind
         out.append(_block_start(self._index, block))
 

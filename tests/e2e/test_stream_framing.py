@@ -81,3 +81,35 @@ async def test_a_stream_still_coming_goes_out_event_by_event(
         received = [chunk async for chunk in response.content.iter_any()]
     assert b"".join(received) == b"".join(EVENTS)
     assert len(received) == len(EVENTS)  # 50 ms apart upstream: never two in one piece
+
+
+MESSAGES_REQUEST = {
+    "model": "gpt-test",
+    "max_tokens": 20,
+    "stream": True,
+    "messages": REQUEST["messages"],
+}
+
+
+async def test_a_whole_stream_translated_to_anthropic_events_goes_out_with_a_length(
+    aiohttp_server: Any, serve_proxy: ServeProxy
+) -> None:
+    """A Messages stream onto a chat model: a chat stream that came in one read goes out as
+    one body too, its closing events with the rest; one still coming goes out as chunks."""
+    for gap, whole in ((0, True), (0.05, False)):
+        proxy = await serve_proxy(gateway_config(await _upstream(aiohttp_server, gap)))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                proxy.make_url("/v1/messages"), json=MESSAGES_REQUEST, headers=AUTH
+            ) as response,
+        ):
+            assert response.status == 200
+            body = await response.read()
+            assert ("Content-Length" in response.headers) is whole
+            assert (response.headers.get("Transfer-Encoding") == "chunked") is not whole
+        names = [line[7:] for line in body.decode().splitlines() if line.startswith("event: ")]
+        assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+        assert names.count("content_block_delta") == 3
+        if whole:
+            assert response.headers["Content-Length"] == str(len(body))

@@ -4,6 +4,7 @@ request or a 400 naming its field; any chat stream gives a valid Anthropic event
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -11,7 +12,8 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aioproxy import BadRequest, Call, Deployment, Kind, Principal
+from aioproxy import BadRequest, Call, Deployment, Kind, Principal, Reply, StreamReply
+from aioproxy.bridges.messages import make_messages_bridge
 from aioproxy.bridges.messages_events import MessageStream, decode_chunk, message_events
 from aioproxy.bridges.messages_request import chat_request
 from aioproxy.errors import ProxyError, anthropic_error
@@ -297,3 +299,21 @@ def test_anthropic_error_types_by_status() -> None:
     # An upstream's overload (aioproxy's 503 "overloaded") is Anthropic's 529 again.
     status, body = anthropic_error(ProxyError("busy", status=503, code="overloaded"))
     assert status == 529 and json.loads(body)["error"]["type"] == "overloaded_error"
+
+
+async def test_an_empty_chat_stream_still_gives_a_whole_event_sequence() -> None:
+    """A chat stream that ends before any event: message_start goes out with the closing
+    events (it was lost, the client seeing message_delta first)."""
+
+    async def nothing() -> AsyncIterator[bytes]:
+        for event in ():
+            yield event
+
+    async def chat(call: Call) -> Reply:
+        return StreamReply(nothing())
+
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    reply = await make_messages_bridge(chat)(_call(body, stream=True))
+    assert isinstance(reply, StreamReply)
+    sent = b"".join([block async for block in reply.events])
+    assert _check_sequence(_events(sent)) == {}

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from aioproxy import outcome as outcome_module
 from aioproxy.outcome import Outcome, Usage, _events_from_end
 from aioproxy.streaming import DONE, data_of, split_events, sse_data, sse_event
 
@@ -249,3 +250,54 @@ def test_events_are_found_from_the_end_as_a_split_finds_them() -> None:
         found = [data_of(event) for event in _events_from_end(block)]
         split = [data_of(event) for event in reversed(split_events(block))]
         assert [d for d in found if d] == [d for d in split if d], block
+
+
+def anthropic_burst(*, before_start: bytes = b"") -> bytes:
+    """Anthropic's whole stream in one block, as one read brings a short answer: message_start
+    (input tokens) first, message_delta (output tokens) near the end, 50 deltas between."""
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 7}}}
+    delta = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x"}}
+    final = {"type": "message_delta", "usage": {"output_tokens": 50}}
+    return (
+        before_start
+        + sse_event("message_start", start)
+        + sse_event("content_block_delta", delta) * 50
+        + sse_event("message_delta", final)
+        + sse_event("message_stop", {"type": "message_stop"})
+    )
+
+
+@pytest.mark.parametrize(
+    "before_start",
+    [
+        pytest.param(b"", id="first-event"),
+        pytest.param(sse_event("ping", {"type": "ping"}), id="after-a-ping"),
+        pytest.param(b': "message_start"\n\n', id="after-a-comment-naming-it"),
+    ],
+)
+def test_anthropic_burst_usage_reads_message_start_without_splitting_the_block(
+    monkeypatch: pytest.MonkeyPatch, before_start: bytes
+) -> None:
+    """The input tokens come from message_start, found by a search: the block (the whole
+    stream) is never split into its events for that one (it cost ~60 µs a request)."""
+    split: list[int] = []
+
+    def counting_split(block: bytes) -> list[bytes]:
+        events = split_events(block)
+        split.append(len(events))
+        return events
+
+    monkeypatch.setattr(outcome_module, "split_events", counting_split)
+    block = anthropic_burst(before_start=before_start)
+    outcome = Outcome(200, stream=True)
+    outcome.first, outcome.last_events = block, (block,)
+    assert outcome.usage() == Usage(7, 50, 57)
+    assert split == []
+
+
+def test_anthropic_usage_without_message_start_keeps_the_final_counts() -> None:
+    final = sse_event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 4}})
+    for first in (b"", b'data: {"type":"message_start"}', b"data: not json\n\n"):
+        outcome = Outcome(200, stream=True)
+        outcome.first, outcome.last_events = first, (final,)
+        assert outcome.usage() == Usage(0, 4, 4)
