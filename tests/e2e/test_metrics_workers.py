@@ -22,14 +22,16 @@ _MAX_ROUNDS = 50  # rounds until both workers have served; all of them land on o
 
 
 def requests_by_worker(folder: Path) -> dict[str, float]:
-    """Each worker's own count of finished requests, from its file in the shared folder."""
+    """Each worker's own count of finished API requests (not health checks nor scrapes, which
+    the readiness probe makes too), from its file in the shared folder."""
     counts: dict[str, float] = {}
     for path in folder.glob("counter_*.db"):
-        total = sum(
-            count
-            for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path))
-            if json.loads(key)[1] == "aioproxy_requests_total"
-        )
+        total = 0.0
+        for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            _, name, labels, _ = json.loads(key)
+            kind = labels.get("kind")
+            if name == "aioproxy_requests_total" and kind not in ("health", "metrics"):
+                total += count
         if total:
             counts[path.stem.removeprefix("counter_")] = total
     return counts
