@@ -24,7 +24,8 @@ fixtures with pytest-asyncio in auto mode unless the project chose a mode. ``pip
 The kit's parts, each in its own module: ``proxy`` (the proxy under test), ``sse`` (reading
 streams), ``assertions`` (one answer's shape), ``checks`` (scenarios through the proxy),
 ``waiting`` (``eventually``), ``clock`` (``FakeClock``), ``fakes`` (the ``FakeUpstream`` base of
-fake upstream APIs) and ``openai_upstream`` (``FakeOpenAI``). Import them from here.
+fake upstream APIs), ``openai_upstream`` (``FakeOpenAI``) and ``modules`` (``import_path``, for a
+fake upstream in a file next to your tests). Import them from here.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from .checks import (
 )
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
+from .modules import import_path
 from .openai_upstream import FakeOpenAI, completion_usage
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
@@ -99,6 +101,7 @@ __all__ = [
     "completion_usage",
     "eventually",
     "first_event",
+    "import_path",
     "parse_sse",
     "read_sse",
     "start_proxy",

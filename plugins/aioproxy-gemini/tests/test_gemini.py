@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aioproxy_gemini
@@ -32,25 +29,12 @@ from aioproxy.testing import (
     check_error_mapping,
     check_responses,
     first_event,
+    import_path,
     read_sse,
     start_proxy,
 )
 
-
-def _sibling(name: str) -> ModuleType:
-    """Import a module next to this file: importlib mode puts no test folder on sys.path."""
-    unique = f"_aioproxy_gemini_tests_{name}"
-    if unique not in sys.modules:
-        path = Path(__file__).with_name(f"{name}.py")
-        spec = importlib.util.spec_from_file_location(unique, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
-    return sys.modules[unique]
-
-
-fake_gemini = _sibling("fake_gemini")
+fake_gemini = import_path(Path(__file__).with_name("fake_gemini.py"))
 FakeGemini = fake_gemini.FakeGemini
 API_KEY = fake_gemini.API_KEY
 TOOL_ARGS = fake_gemini.TOOL_ARGS
