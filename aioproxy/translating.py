@@ -60,6 +60,7 @@ __all__ = [
     "chat_completion",
     "decode_upstream",
     "expect_content_type",
+    "function_tool",
     "image_url_of",
     "include_usage",
     "invalid_answer",
@@ -266,6 +267,22 @@ def json_object(text: str | None, where: str, why: str) -> msgspec.Raw:
 def is_empty_schema(schema: msgspec.Raw) -> bool:
     """Whether a tool's ``parameters`` say nothing: absent, null or ``{}``."""
     return not schema or schema == NULL or schema == _EMPTY_OBJECT
+
+
+def function_tool(tool: Tool, i: int, service: str) -> tuple[dict[str, Any], msgspec.Raw]:
+    """``tools[i]`` checked to be a function tool with a name (what ``service`` takes, a 400
+    else): its ``name`` and ``description`` (if any) as the upstream's declaration starts, and
+    its ``parameters``, raw, for the translator to put in its upstream's terms."""
+    function = tool.function
+    if function is None or tool.type != "function" or not function.name:
+        where = f"tools[{i}]"
+        raise BadRequest(
+            f"'{where}' must be a function tool with a name for {service}", param=where
+        )
+    declaration: dict[str, Any] = {"name": function.name}
+    if function.description:
+        declaration["description"] = function.description
+    return declaration, function.parameters
 
 
 # -- the upstream's answer -------------------------------------------------------------------
