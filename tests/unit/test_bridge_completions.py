@@ -108,7 +108,8 @@ def test_prompts() -> None:
 
 
 def test_chat_body_passes_the_sampling_options() -> None:
-    sampling = {
+    body = {
+        "prompt": "p",
         "max_tokens": 9,
         "temperature": 0.1,
         "top_p": 0.5,
@@ -119,12 +120,23 @@ def test_chat_body_passes_the_sampling_options() -> None:
         "logit_bias": {"50256": -100},
         "user": "u",
         "seed": 7,
+        "echo": True,
+        "best_of": 2,
+        "logprobs": None,
     }
-    body = {"prompt": "p", **sampling, "echo": True, "best_of": 2, "logprobs": None}
     assert sent(body, "Say hi") == {
         "messages": [{"role": "user", "content": "Say hi"}],
         "model": "up-model",
-        **sampling,  # as sent, and nothing of the legacy-only fields
+        "max_tokens": 9,
+        "temperature": 0.1,
+        "top_p": 0.5,
+        "n": 2,
+        "stop": ["\n"],
+        "presence_penalty": 0.3,
+        "frequency_penalty": 0.4,
+        "logit_bias": {"50256": -100},
+        "user": "u",
+        "seed": 7,
     }
     logprobs = sent({"prompt": "p", "logprobs": 3}, "p")
     assert logprobs["logprobs"] is True and logprobs["top_logprobs"] == 3
