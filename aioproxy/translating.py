@@ -58,6 +58,7 @@ __all__ = [
     "add_turn",
     "assistant_choice",
     "chat_completion",
+    "completion_usage",
     "decode_upstream",
     "expect_content_type",
     "function_tool",
@@ -327,6 +328,22 @@ def decode_upstream(
 def token_count(value: int | None) -> int:
     """A count an upstream reported, as usage reports it: missing or negative is 0."""
     return value if value is not None and value > 0 else 0
+
+
+def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def tool_call(id: str | None, name: str | None, arguments: msgspec.Raw) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from ..config import Config
+from ..translating import completion_usage
 from .assertions import (
     assert_chat_chunk,
     assert_chat_chunks,
@@ -64,7 +65,7 @@ from .checks import (
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
 from .modules import import_path
-from .openai_upstream import FakeOpenAI, completion_usage
+from .openai_upstream import FakeOpenAI
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
 from .waiting import eventually

@@ -26,6 +26,7 @@ from aioproxy import (
     UpstreamResponse,
     assistant_choice,
     chat_completion,
+    completion_usage,
     decode_upstream,
     expect_content_type,
     function_tool,
@@ -149,6 +150,13 @@ def test_function_tool_checks_a_named_function_and_keeps_its_schema_raw() -> Non
         with pytest.raises(BadRequest, match="function tool with a name for X") as caught:
             function_tool(tool, i, "X")
         assert caught.value.param == f"tools[{i}]"
+
+
+def test_completion_usage_has_the_details_openai_always_sends() -> None:
+    usage = completion_usage(3, 4)
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (3, 4, 7)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0, "audio_tokens": 0}
+    assert set(usage["completion_tokens_details"].values()) == {0}
 
 
 class _Shape(msgspec.Struct):

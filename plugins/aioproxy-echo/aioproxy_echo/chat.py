@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import DONE, Call, JSONReply, Reply, StreamReply
+from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, completion_usage
 
-from .common import Head, chunk_writer, completion_usage, head_of, interleave, whole_answer
+from .common import Head, chunk_writer, head_of, interleave, whole_answer
 from .inputs import chat_input, choice_count, include_usage, token_cap
 from .settings import EchoSettings, pace
 from .text import Echo, echo

@@ -1,4 +1,4 @@
-"""What every answer shares: its ids, the usage object, its stream chunks, and streaming n
+"""What every answer shares: its ids, its whole object, its stream chunks, and streaming n
 choices side by side."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from .text import Echo
 __all__ = [
     "Head",
     "chunk_writer",
-    "completion_usage",
     "head_of",
     "interleave",
     "request_digest",
@@ -88,22 +87,6 @@ def chunk_writer(
         )
 
     return chunk
-
-
-def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
 
 
 async def interleave(replies: Sequence[Echo], delay: float) -> AsyncIterator[tuple[int, str]]:
