@@ -22,7 +22,8 @@ fixtures with pytest-asyncio in auto mode unless the project chose a mode. ``pip
 'aioproxy[testing]'`` brings what it needs (pytest, pytest-aiohttp, pytest-asyncio, openai).
 
 The kit's parts, each in its own module: ``proxy`` (the proxy under test), ``sse`` (reading
-streams), ``assertions`` (one answer's shape), ``checks`` (scenarios through the proxy),
+streams), ``assertions`` (one answer's shape), ``checks`` (scenarios through the proxy, the
+``HELLO`` messages they send, and ``PNG_PIXEL``, a 1x1 PNG in base64 for tests of image parts),
 ``waiting`` (``eventually``), ``clock`` (``FakeClock``), ``fakes`` (the ``FakeUpstream`` base of
 fake upstream APIs), ``openai_upstream`` (``FakeOpenAI``) and ``modules`` (``import_path``, for a
 fake upstream in a file next to your tests). Import them from here.
@@ -53,6 +54,7 @@ from .assertions import (
 )
 from .checks import (
     HELLO,
+    PNG_PIXEL,
     Trigger,
     check_cancellation,
     check_chat,
@@ -74,6 +76,7 @@ __all__ = [
     "DONE_DATA",
     "HELLO",
     "KIT_KEY",
+    "PNG_PIXEL",
     "FakeClock",
     "FakeOpenAI",
     "FakeUpstream",

@@ -1,12 +1,15 @@
-"""``aioproxy.testing.import_path``: a test's helper module imported by its file, once."""
+"""The test kit's helpers for a plugin's own tests: ``import_path`` (a helper module imported
+by its file, once) and ``PNG_PIXEL``."""
 
 from __future__ import annotations
 
+import base64
+import struct
 from pathlib import Path
 
 import pytest
 
-from aioproxy.testing import import_path
+from aioproxy.testing import PNG_PIXEL, import_path
 
 
 def test_imports_the_file_once_and_shares_the_module(tmp_path: Path) -> None:
@@ -33,3 +36,9 @@ def test_a_module_that_fails_is_not_kept(tmp_path: Path) -> None:
 def test_a_file_that_is_not_python_is_an_import_error(tmp_path: Path) -> None:
     with pytest.raises(ImportError, match="not a Python file"):
         import_path(tmp_path / "data.json")
+
+
+def test_png_pixel_is_a_one_by_one_png() -> None:
+    data = base64.b64decode(PNG_PIXEL, validate=True)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (1, 1)  # width and height

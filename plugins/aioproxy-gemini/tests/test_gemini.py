@@ -17,6 +17,7 @@ import pytest
 from aioproxy import ConfigError
 from aioproxy.testing import (
     HELLO,
+    PNG_PIXEL,
     ProxyUnderTest,
     assert_chat_chunks,
     assert_error_object,
@@ -39,10 +40,6 @@ FakeGemini = fake_gemini.FakeGemini
 API_KEY = fake_gemini.API_KEY
 TOOL_ARGS = fake_gemini.TOOL_ARGS
 MODEL = "gemini"  # what clients call it
-PNG = (  # a 1x1 pixel
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
-    "AAAABJRU5ErkJggg=="
-)
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -337,7 +334,7 @@ async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
 async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> None:
     content = [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_PIXEL}"}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
     ]
     async with proxy.openai() as client:
@@ -349,7 +346,7 @@ async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> Non
         "Hello! You said: What is this? (with image/png, image/jpeg)"
     )
     assert fake.last.body["contents"][0]["parts"][1:] == [
-        {"inlineData": {"mimeType": "image/png", "data": PNG}},
+        {"inlineData": {"mimeType": "image/png", "data": PNG_PIXEL}},
         {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
     ]
 
