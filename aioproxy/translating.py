@@ -58,8 +58,10 @@ __all__ = [
     "add_turn",
     "assistant_choice",
     "chat_completion",
+    "completion_usage",
     "decode_upstream",
     "expect_content_type",
+    "function_tool",
     "image_url_of",
     "include_usage",
     "invalid_answer",
@@ -268,6 +270,22 @@ def is_empty_schema(schema: msgspec.Raw) -> bool:
     return not schema or schema == NULL or schema == _EMPTY_OBJECT
 
 
+def function_tool(tool: Tool, i: int, service: str) -> tuple[dict[str, Any], msgspec.Raw]:
+    """``tools[i]`` checked to be a function tool with a name (what ``service`` takes, a 400
+    else): its ``name`` and ``description`` (if any) as the upstream's declaration starts, and
+    its ``parameters``, raw, for the translator to put in its upstream's terms."""
+    function = tool.function
+    if function is None or tool.type != "function" or not function.name:
+        where = f"tools[{i}]"
+        raise BadRequest(
+            f"'{where}' must be a function tool with a name for {service}", param=where
+        )
+    declaration: dict[str, Any] = {"name": function.name}
+    if function.description:
+        declaration["description"] = function.description
+    return declaration, function.parameters
+
+
 # -- the upstream's answer -------------------------------------------------------------------
 
 
@@ -310,6 +328,22 @@ def decode_upstream(
 def token_count(value: int | None) -> int:
     """A count an upstream reported, as usage reports it: missing or negative is 0."""
     return value if value is not None and value > 0 else 0
+
+
+def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def tool_call(id: str | None, name: str | None, arguments: msgspec.Raw) -> dict[str, Any]:

@@ -152,45 +152,48 @@ class _Part:
         return {"type": "output_text", "text": self.text(), "annotations": [], "logprobs": []}
 
 
-class _MessageItem:
-    __slots__ = ("id", "output_index", "parts", "status")
+class _Item:
+    """An output item: what a message and a function call share."""
 
-    def __init__(self, output_index: int) -> None:
-        self.id = new_id("msg_")
+    __slots__ = ("id", "output_index", "status")
+    type = ""  # the item's "type"
+
+    def __init__(self, id_prefix: str, output_index: int) -> None:
+        self.id = new_id(id_prefix)
         self.output_index = output_index
-        self.parts: list[_Part] = []
         self.status = "in_progress"
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "message",
-            "status": self.status,
-            "role": "assistant",
-            "content": [part.snapshot() for part in self.parts],
-        }
+        return {"id": self.id, "type": self.type, "status": self.status, **self.fields()}
+
+    def fields(self) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-class _CallItem:
-    __slots__ = ("call_id", "chunks", "id", "name", "output_index", "status")
+class _MessageItem(_Item):
+    __slots__ = ("parts",)
+    type = "message"
+
+    def __init__(self, output_index: int) -> None:
+        super().__init__("msg_", output_index)
+        self.parts: list[_Part] = []
+
+    def fields(self) -> dict[str, Any]:
+        return {"role": "assistant", "content": [part.snapshot() for part in self.parts]}
+
+
+class _CallItem(_Item):
+    __slots__ = ("call_id", "chunks", "name")
+    type = "function_call"
 
     def __init__(self, output_index: int, call_id: str, name: str) -> None:
-        self.id = new_id("fc_")
-        self.output_index = output_index
+        super().__init__("fc_", output_index)
         self.call_id = call_id
         self.name = name
         self.chunks: list[str] = []
-        self.status = "in_progress"
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "function_call",
-            "status": self.status,
-            "call_id": self.call_id,
-            "name": self.name,
-            "arguments": "".join(self.chunks),
-        }
+    def fields(self) -> dict[str, Any]:
+        return {"call_id": self.call_id, "name": self.name, "arguments": "".join(self.chunks)}
 
 
 class ResponseBuilder:
@@ -263,17 +266,8 @@ class ResponseBuilder:
         events: list[bytes] = []
         item = self.current
         if not isinstance(item, _MessageItem):
-            events += self._close_current()
             item = _MessageItem(len(self.items))
-            self.items.append(item)
-            self.current = item
-            events.append(
-                self._event(
-                    "response.output_item.added",
-                    output_index=item.output_index,
-                    item=item.snapshot(),
-                )
-            )
+            events += self._open(item)
         part = item.parts[-1] if item.parts else None
         if part is None or part.kind != kind:
             if part is not None:
@@ -319,18 +313,9 @@ class ResponseBuilder:
         function = delta.function or _Function()
         item = self.calls.get(index)
         if item is None:
-            events += self._close_current()
             item = _CallItem(len(self.items), delta.id or new_id("call_"), function.name or "")
-            self.items.append(item)
             self.calls[index] = item
-            self.current = item
-            events.append(
-                self._event(
-                    "response.output_item.added",
-                    output_index=item.output_index,
-                    item=item.snapshot(),
-                )
-            )
+            events += self._open(item)
         elif function.name and function.name != item.name:
             item.name += function.name  # a provider that streams the name in pieces
         if function.arguments:
@@ -344,6 +329,16 @@ class ResponseBuilder:
                 )
             )
         return events
+
+    def _open(self, item: _MessageItem | _CallItem) -> list[bytes]:
+        """Close the open item and add ``item``: OpenAI's items follow one another."""
+        events = self._close_current()
+        self.items.append(item)
+        self.current = item
+        added = self._event(
+            "response.output_item.added", output_index=item.output_index, item=item.snapshot()
+        )
+        return [*events, added]
 
     def _close_part(self, item: _MessageItem) -> list[bytes]:
         part = item.parts[-1]

@@ -10,7 +10,7 @@ import hmac
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
@@ -31,6 +31,7 @@ __all__ = ["ADMIN_VOUCHED", "admin_routes"]
 _encode = msgspec.json.Encoder().encode
 _SECRET_BYTES = 32  # 43 url-safe characters after "sk-"
 _MAX_ROWS = 1000
+_Entry = TypeVar("_Entry", KeyEntry, TeamEntry)
 
 
 # ``request[ADMIN_VOUCHED]``: a caller that authorised the request itself (the dashboard, for a
@@ -68,21 +69,10 @@ def _require_admin(request: web.Request) -> ControlPlane:
     )
 
 
-def _meter(meters: Mapping[str, Meter], id_: str) -> Meter:
-    return meters.get(id_) or Meter()
-
-
-def key_object(entry: KeyEntry, plane: ControlPlane) -> dict[str, Any]:
-    spend, resets_at = spend_now(
-        entry, _meter(plane.cache.key_meters, entry.id), plane.clock.time()
-    )
+def _limits_object(entry: KeyEntry | TeamEntry, meter: Meter | None, now: float) -> dict[str, Any]:
+    """What a key's and a team's objects share: their models, limits, budget and spend."""
+    spend, resets_at = spend_now(entry, meter or Meter(), now)
     return {
-        "id": entry.id,
-        "object": "key",
-        "source": "database",
-        "name": entry.name,
-        "key_prefix": entry.key_prefix,
-        "team": entry.team_id,
         "models": entry.models,
         "rpm": entry.rpm,
         "tpm": entry.tpm,
@@ -92,6 +82,19 @@ def key_object(entry: KeyEntry, plane: ControlPlane) -> dict[str, Any]:
         "budget_resets_at": rfc3339(resets_at),
         "spend": spend,
         "total_spend": entry.total_spend,
+    }
+
+
+def key_object(entry: KeyEntry, plane: ControlPlane) -> dict[str, Any]:
+    meter = plane.cache.key_meters.get(entry.id)
+    return {
+        "id": entry.id,
+        "object": "key",
+        "source": "database",
+        "name": entry.name,
+        "key_prefix": entry.key_prefix,
+        "team": entry.team_id,
+        **_limits_object(entry, meter, plane.clock.time()),
         "expires_at": rfc3339(entry.expires_at),
         "disabled": entry.disabled,
         "role": entry.role,
@@ -116,22 +119,12 @@ def _config_keys(config: Config) -> list[dict[str, Any]]:
 
 
 def team_object(entry: TeamEntry, plane: ControlPlane) -> dict[str, Any]:
-    spend, resets_at = spend_now(
-        entry, _meter(plane.cache.team_meters, entry.id), plane.clock.time()
-    )
+    meter = plane.cache.team_meters.get(entry.id)
     return {
         "id": entry.id,
         "object": "team",
         "name": entry.name,
-        "models": entry.models,
-        "rpm": entry.rpm,
-        "tpm": entry.tpm,
-        "max_parallel": entry.max_parallel,
-        "max_budget": entry.max_budget,
-        "budget_duration": entry.budget_duration,
-        "budget_resets_at": rfc3339(resets_at),
-        "spend": spend,
-        "total_spend": entry.total_spend,
+        **_limits_object(entry, meter, plane.clock.time()),
         "metadata": entry.metadata,
         "created_at": rfc3339(entry.created_at),
     }
@@ -154,6 +147,11 @@ async def _change(plane: ControlPlane, *statements: sa.Executable) -> int:
 async def _update(plane: ControlPlane, table: sa.Table, id_: str, fields: dict[str, Any]) -> None:
     if fields:
         await _change(plane, sa.update(table).where(table.c.id == id_).values(_columns(fields)))
+
+
+async def _delete(plane: ControlPlane, table: sa.Table, id_: str, noun: str) -> web.Response:
+    await _change(plane, sa.delete(table).where(table.c.id == id_))
+    return _json({"id": id_, "object": noun, "deleted": True})
 
 
 def _columns(fields: dict[str, Any]) -> dict[str, Any]:
@@ -194,15 +192,21 @@ async def list_keys(request: web.Request) -> web.Response:
     return _json({"object": "list", "data": [*data, *_config_keys(plane.config)]})
 
 
-def _key(plane: ControlPlane, request: web.Request) -> KeyEntry:
-    entry = plane.cache.keys.get(request.match_info["id"])
+def _found(entries: Mapping[str, _Entry], request: web.Request, noun: str) -> _Entry:
+    """The key or team the route's ``{id}`` names: else a 404 ``{noun}_not_found``."""
+    entry = entries.get(request.match_info["id"])
     if entry is None:
-        if request.match_info["id"] in {key["id"] for key in _config_keys(plane.config)}:
-            raise PermissionDenied(
-                "This key is in the config file: change it there", param="id", code="read_only"
-            )
-        raise NotFound("No key has this id", param="id", code="key_not_found")
+        raise NotFound(f"No {noun} has this id", param="id", code=f"{noun}_not_found")
     return entry
+
+
+def _key(plane: ControlPlane, request: web.Request) -> KeyEntry:
+    id_ = request.match_info["id"]
+    if id_ not in plane.cache.keys and id_ in {key["id"] for key in _config_keys(plane.config)}:
+        raise PermissionDenied(
+            "This key is in the config file: change it there", param="id", code="read_only"
+        )
+    return _found(plane.cache.keys, request, "key")
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -222,8 +226,7 @@ async def update_key(request: web.Request) -> web.Response:
 async def delete_key(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     entry = _key(plane, request)
-    await _change(plane, sa.delete(schema.keys).where(schema.keys.c.id == entry.id))
-    return _json({"id": entry.id, "object": "key", "deleted": True})
+    return await _delete(plane, schema.keys, entry.id, "key")
 
 
 async def create_team(request: web.Request) -> web.Response:
@@ -246,10 +249,7 @@ async def list_teams(request: web.Request) -> web.Response:
 
 
 def _team(plane: ControlPlane, request: web.Request) -> TeamEntry:
-    entry = plane.cache.teams.get(request.match_info["id"])
-    if entry is None:
-        raise NotFound("No team has this id", param="id", code="team_not_found")
-    return entry
+    return _found(plane.cache.teams, request, "team")
 
 
 async def get_team(request: web.Request) -> web.Response:
@@ -276,8 +276,7 @@ async def delete_team(request: web.Request) -> web.Response:
             status=409,
             type="invalid_request_error",
         )
-    await _change(plane, sa.delete(schema.teams).where(schema.teams.c.id == entry.id))
-    return _json({"id": entry.id, "object": "team", "deleted": True})
+    return await _delete(plane, schema.teams, entry.id, "team")
 
 
 def _time_param(request: web.Request, name: str) -> float | None:

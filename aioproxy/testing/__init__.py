@@ -22,9 +22,11 @@ fixtures with pytest-asyncio in auto mode unless the project chose a mode. ``pip
 'aioproxy[testing]'`` brings what it needs (pytest, pytest-aiohttp, pytest-asyncio, openai).
 
 The kit's parts, each in its own module: ``proxy`` (the proxy under test), ``sse`` (reading
-streams), ``assertions`` (one answer's shape), ``checks`` (scenarios through the proxy),
+streams), ``assertions`` (one answer's shape), ``checks`` (scenarios through the proxy, the
+``HELLO`` messages they send, and ``PNG_PIXEL``, a 1x1 PNG in base64 for tests of image parts),
 ``waiting`` (``eventually``), ``clock`` (``FakeClock``), ``fakes`` (the ``FakeUpstream`` base of
-fake upstream APIs) and ``openai_upstream`` (``FakeOpenAI``). Import them from here.
+fake upstream APIs), ``openai_upstream`` (``FakeOpenAI``) and ``modules`` (``import_path``, for a
+fake upstream in a file next to your tests). Import them from here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import pytest
 
 from ..config import Config
+from ..translating import completion_usage
 from .assertions import (
     assert_chat_chunk,
     assert_chat_chunks,
@@ -51,6 +54,7 @@ from .assertions import (
 )
 from .checks import (
     HELLO,
+    PNG_PIXEL,
     Trigger,
     check_cancellation,
     check_chat,
@@ -62,7 +66,8 @@ from .checks import (
 )
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
-from .openai_upstream import FakeOpenAI, completion_usage
+from .modules import import_path
+from .openai_upstream import FakeOpenAI
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
 from .waiting import eventually
@@ -71,6 +76,7 @@ __all__ = [
     "DONE_DATA",
     "HELLO",
     "KIT_KEY",
+    "PNG_PIXEL",
     "FakeClock",
     "FakeOpenAI",
     "FakeUpstream",
@@ -99,6 +105,7 @@ __all__ = [
     "completion_usage",
     "eventually",
     "first_event",
+    "import_path",
     "parse_sse",
     "read_sse",
     "start_proxy",

@@ -28,6 +28,11 @@ from .sse import first_event, read_sse
 from .waiting import eventually
 
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the kit"}]
+# A real image (a 1x1 PNG) in base64, for a test of image parts: "data:image/png;base64," + it.
+PNG_PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+    "AAAABJRU5ErkJggg=="
+)
 _CHAT = "/v1/chat/completions"
 _decode = msgspec.json.decode
 

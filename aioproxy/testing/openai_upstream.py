@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ..translating import completion_usage
 from .fakes import FakeUpstream, Recorded
 
 __all__ = [
@@ -663,22 +664,6 @@ class _Reply:
 
     def usage(self) -> dict[str, Any]:
         return completion_usage(self.prompt_tokens, self.completion_tokens)
-
-
-def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
 
 
 def _chat_completion(reply: _Reply) -> dict[str, Any]:

@@ -157,6 +157,15 @@ def runs_aioproxy_code(task: asyncio.Task[Any]) -> bool:
     return False
 
 
+def pair_and_backup(config: dict[str, Any], bases: list[str]) -> dict[str, Any]:
+    """``config`` (of one gpt-test deployment, on ``bases[0]``) with a second gpt-test deployment
+    on ``bases[1]`` and a "backup" model on ``bases[2]``."""
+    first, *others = config["models"]
+    backup = {**first, "name": "backup", "api_base": bases[2]}
+    config["models"] = [first, {**first, "api_base": bases[1]}, *others, backup]
+    return config
+
+
 async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy) -> None:
     a, b = FakeOpenAI(fault_rates=FAULT_RATES, seed=1), FakeOpenAI(fault_rates=FAULT_RATES, seed=2)
     backup = FakeOpenAI()
@@ -182,9 +191,7 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         upstream={"timeouts": {"connect": 10, "first_byte": 2.0, "read": 2.0}},
         server={"keepalive_interval": 0.1},
     )
-    config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
-    config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await serve_proxy(config)
+    proxy = await serve_proxy(pair_and_backup(config, bases))
     pool = proxy.app[aioproxy.keys.pool_key]
     gc.collect()
     app_tasks = set(asyncio.all_tasks())  # the app's own, for its life (e.g. the request log)
@@ -290,9 +297,7 @@ async def test_success_rate_under_a_sustained_fault_rate(
         upstream={"timeouts": {"connect": 2, "first_byte": 0.25, "read": 2}},
         server={"keepalive_interval": 0},
     )
-    config["models"].insert(1, {**config["models"][0], "api_base": bases[1]})
-    config["models"].append({**config["models"][0], "name": "backup", "api_base": bases[2]})
-    proxy = await serve_proxy(config)
+    proxy = await serve_proxy(pair_and_backup(config, bases))
     clock = FakeClock().install(proxy)
     outcomes: Counter[str] = Counter()
     async with aiohttp.ClientSession() as http:

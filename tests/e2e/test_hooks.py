@@ -19,6 +19,9 @@ from aioproxy import (
     Principal,
     Provider,
     RateLimited,
+    assistant_choice,
+    chat_completion,
+    completion_usage,
     hookimpl,
 )
 from aioproxy.hookspecs import HOOK_NAMES
@@ -236,22 +239,12 @@ async def test_hook_register_providers(serve_proxy: ServeProxy, upstream_base: s
         name = "constant"
 
         async def chat_completions(self, call: Call) -> JSONReply:
-            return JSONReply.of(
-                {
-                    "id": "c1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": call.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "logprobs": None,
-                            "message": {"role": "assistant", "content": "constant"},
-                        }
-                    ],
-                }
+            choice = assistant_choice(0, "constant", [], "stop")
+            usage = completion_usage(1, 1)
+            answer = chat_completion(
+                "c1", model=call.model, created=0, choices=[choice], usage=usage
             )
+            return JSONReply.of(answer)
 
     class Plugin:
         @hookimpl

@@ -817,6 +817,18 @@ async def test_first_byte_timeout(
     await fake.wait_idle(5)  # the timed-out upstream request was hung up on
 
 
+async def sdk_stream_error(proxy: TestServer) -> openai.APIError:
+    """What the SDK raises while it reads a gpt-test stream that ends in an error event."""
+    async with sdk(proxy) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=MESSAGES, stream=True
+        )
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in stream:
+                pass
+    return caught.value
+
+
 async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
 ) -> None:
@@ -827,14 +839,7 @@ async def test_read_timeout_ends_a_stalled_stream_with_an_error_event(
     assert stream_error(blocks)["code"] == "upstream_timeout"
     # The SDK sees it too.
     fake.faults = ["stall_stream"]
-    async with sdk(proxy) as client:
-        stream = await client.chat.completions.create(
-            model="gpt-test", messages=MESSAGES, stream=True
-        )
-        with pytest.raises(openai.APIError) as caught:
-            async for _ in stream:
-                pass
-    assert "did not answer in time" in caught.value.message
+    assert "did not answer in time" in (await sdk_stream_error(proxy)).message
     await fake.wait_idle(5)
 
 
@@ -938,14 +943,7 @@ async def test_failure_after_keepalive_comments_is_an_error_event(
     assert UPSTREAM_KEY not in json.dumps(blocks)
 
     fake.faults = ["status:500"]
-    async with sdk(proxy) as client:
-        stream = await client.chat.completions.create(
-            model="gpt-test", messages=MESSAGES, stream=True
-        )
-        with pytest.raises(openai.APIError) as caught:
-            async for _ in stream:
-                pass
-    assert "gpt-test" in caught.value.message
+    assert "gpt-test" in (await sdk_stream_error(proxy)).message
 
 
 async def test_a_slow_answer_that_does_not_stream_stays_json(

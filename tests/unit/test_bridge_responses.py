@@ -29,6 +29,7 @@ from aioproxy.bridges.responses import ResponseBuilder, make_responses_bridge, r
 from aioproxy.bridges.store import ResponseStore
 from aioproxy.fields import raw_fields
 from aioproxy.routes import Kind
+from aioproxy.testing import text_response_event_types
 from tests.schemas import validate
 from tests.support import KEYED, FakeChat
 from tests.support import UPSTREAM_KEY as KEY
@@ -473,18 +474,7 @@ def feed_all(builder: ResponseBuilder, chunks: list[bytes]) -> list[dict[str, An
 def test_text_chunks_become_the_event_sequence() -> None:
     events = feed_all(ResponseBuilder({"input": "x"}, "bridged", store=False), TEXT_CHUNKS)
     check_sequence(events)
-    assert [e["type"] for e in events] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        "response.output_text.delta",
-        "response.output_text.delta",
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
+    assert [e["type"] for e in events] == text_response_event_types(2)
     assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == [
         "Hel",
         "lo",
@@ -531,14 +521,7 @@ def test_tool_call_chunks_become_function_call_events() -> None:
     events = feed_all(ResponseBuilder({"input": "x"}, "m", store=False), chunks)
     check_sequence(events)
     assert [e["type"] for e in events] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        "response.output_text.delta",
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
+        *text_response_event_types(1)[:-1],  # the message, then a call item after it
         "response.output_item.added",
         "response.function_call_arguments.delta",
         "response.function_call_arguments.delta",

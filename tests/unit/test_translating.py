@@ -14,6 +14,7 @@ from aioproxy import (
     MESSAGES,
     RESPONSE_FORMAT,
     TOOL_CHOICE,
+    TOOLS,
     BadGateway,
     BadRequest,
     ChunkMaker,
@@ -25,8 +26,10 @@ from aioproxy import (
     UpstreamResponse,
     assistant_choice,
     chat_completion,
+    completion_usage,
     decode_upstream,
     expect_content_type,
+    function_tool,
     get_field,
     image_url_of,
     include_usage,
@@ -130,6 +133,30 @@ def test_is_empty_schema() -> None:
     assert is_empty_schema(msgspec.Raw(b"null"))
     assert is_empty_schema(msgspec.Raw(b"{}"))
     assert not is_empty_schema(msgspec.Raw(b'{"type": "object"}'))
+
+
+def test_function_tool_checks_a_named_function_and_keeps_its_schema_raw() -> None:
+    raw = b'[{"type": "function", "function": {"name": "f", "description": "d", "parameters":'
+    raw += b' {"type":"object"}}}, {"type": "function", "function": {"name": "g"}}]'
+    described, bare = TOOLS.decode(msgspec.Raw(raw), "tools")
+    declaration, schema = function_tool(described, 0, "X")
+    assert (
+        declaration == {"name": "f", "description": "d"} and bytes(schema) == b'{"type":"object"}'
+    )
+    declaration, schema = function_tool(bare, 1, "X")
+    assert declaration == {"name": "g"} and is_empty_schema(schema)
+    for i, bad in enumerate((b'{"type": "function"}', b'{"type": "x", "function": {"name": "f"}}')):
+        (tool,) = TOOLS.decode(msgspec.Raw(b"[" + bad + b"]"), "tools")
+        with pytest.raises(BadRequest, match="function tool with a name for X") as caught:
+            function_tool(tool, i, "X")
+        assert caught.value.param == f"tools[{i}]"
+
+
+def test_completion_usage_has_the_details_openai_always_sends() -> None:
+    usage = completion_usage(3, 4)
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (3, 4, 7)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0, "audio_tokens": 0}
+    assert set(usage["completion_tokens_details"].values()) == {0}
 
 
 class _Shape(msgspec.Struct):

@@ -37,6 +37,7 @@ from aioproxy import (
     add_turn,
     assistant_choice,
     chat_completion,
+    function_tool,
     get_field,
     image_url_of,
     is_empty_schema,
@@ -353,17 +354,9 @@ def _tool_result(message: AnyMessage, where: str) -> dict[str, Any]:
 
 def _tool_spec(tool: Tool, i: int) -> dict[str, Any]:
     """An OpenAI function tool as a Converse ``toolSpec``."""
-    where = f"tools[{i}]"
-    function = tool.function
-    if function is None or tool.type != "function" or not function.name:
-        raise BadRequest(f"'{where}' must be a named function tool for Bedrock", param=where)
-    spec: dict[str, Any] = {"name": function.name}
-    if function.description:
-        spec["description"] = function.description
+    spec, schema = function_tool(tool, i, "Bedrock")
     # inputSchema is required by Converse; OpenAI lets a tool without parameters omit it.
-    schema = function.parameters
-    empty = is_empty_schema(schema)
-    spec["inputSchema"] = {"json": _EMPTY_SCHEMA if empty else schema}
+    spec["inputSchema"] = {"json": _EMPTY_SCHEMA if is_empty_schema(schema) else schema}
     return {"toolSpec": spec}
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aioproxy_bedrock
 import pytest
 from aiohttp.test_utils import TestServer
 
-from aioproxy.testing import ProxyUnderTest, start_proxy
+from aioproxy.testing import ProxyUnderTest, import_path, start_proxy
 
 ACCESS_KEY_ID = "AKIDBEDROCKTEST"
 SECRET_KEY = "bedrock/secret+access/KEY0123456789abcdef"
@@ -21,21 +18,7 @@ REGION = "us-east-1"
 CHAT_MODEL_ID = "anthropic.claude-3-5-sonnet-20240620-v1:0"  # ':' must be encoded in the path
 
 
-def _sibling(name: str) -> ModuleType:
-    """Import a module next to this file: importlib mode puts no test folder on sys.path."""
-    unique = f"_aioproxy_bedrock_tests_{name}"
-    if unique not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            unique, Path(__file__).with_name(f"{name}.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
-    return sys.modules[unique]
-
-
-fake_bedrock = _sibling("fake_bedrock")
+fake_bedrock = import_path(Path(__file__).with_name("fake_bedrock.py"))
 
 
 def model(name: str, model_id: str, api_base: str, **fields: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from botocore.credentials import RefreshableCredentials
 from aioproxy import Call, ConfigError, Deployment, Outcome, hookimpl
 from aioproxy.testing import (
     HELLO,
+    PNG_PIXEL,
     ProxyUnderTest,
     assert_chat_chunks,
     assert_openai_error,
@@ -48,10 +49,6 @@ from .conftest import (
 )
 
 TOOL_INPUT = fake_bedrock.TOOL_INPUT
-PNG = (  # a 1x1 pixel
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
-    "AAAABJRU5ErkJggg=="
-)
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -232,12 +229,12 @@ async def test_a_tool_round_trip_through_the_sdk(
 async def test_images_and_documents(proxy: ProxyUnderTest, fake: Any) -> None:
     content = [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_PIXEL}"}},
         {
             "type": "file",
             "file": {
                 "filename": "report 2024.pdf",
-                "file_data": f"data:application/pdf;base64,{PNG}",
+                "file_data": f"data:application/pdf;base64,{PNG_PIXEL}",
             },
         },
     ]
@@ -249,9 +246,9 @@ async def test_images_and_documents(proxy: ProxyUnderTest, fake: Any) -> None:
         "Hello! You said: What is this? I see 1 image(s). I read 1 document(s)."
     )
     blocks = fake.last.body["messages"][0]["content"]
-    assert blocks[1] == {"image": {"format": "png", "source": {"bytes": PNG}}}
+    assert blocks[1] == {"image": {"format": "png", "source": {"bytes": PNG_PIXEL}}}
     assert blocks[2] == {
-        "document": {"format": "pdf", "name": "report 2024", "source": {"bytes": PNG}}
+        "document": {"format": "pdf", "name": "report 2024", "source": {"bytes": PNG_PIXEL}}
     }
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, sse_data
+from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, completion_usage
 
-from .common import Head, completion_usage, head_of, interleave
+from .common import Head, chunk_writer, head_of, interleave, whole_answer
 from .inputs import chat_input, choice_count, include_usage, token_cap
 from .settings import EchoSettings, pace
 from .text import Echo, echo
@@ -30,15 +30,6 @@ class _ChunkChoice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class _Chunk(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[_ChunkChoice]
-    usage: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
-
-
 async def answer(call: Call, settings: EchoSettings) -> Reply:
     text, prompt_tokens = chat_input(call)
     reply = echo(text, token_cap(call, "max_completion_tokens", "max_tokens"))
@@ -53,27 +44,21 @@ async def answer(call: Call, settings: EchoSettings) -> Reply:
 
 
 def _completion(head: Head, replies: list[Echo], usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": head.id,
-        "object": "chat.completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": [
-            {
-                "index": index,
-                "message": {
-                    "role": "assistant",
-                    "content": reply.text,
-                    "refusal": None,
-                    "annotations": [],
-                },
-                "logprobs": None,
-                "finish_reason": reply.finish_reason,
-            }
-            for index, reply in enumerate(replies)
-        ],
-        "usage": usage,
-    }
+    choices: list[dict[str, Any]] = [
+        {
+            "index": index,
+            "message": {
+                "role": "assistant",
+                "content": reply.text,
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": reply.finish_reason,
+        }
+        for index, reply in enumerate(replies)
+    ]
+    return whole_answer(head, "chat.completion", choices, usage)
 
 
 async def _stream(
@@ -81,12 +66,9 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """Role chunks, one chunk per token, finish chunks, the usage chunk if asked for, [DONE]."""
     # OpenAI sends "usage": null on the other chunks only when the usage chunk was asked for.
-    chunk_usage = None if usage is not None else msgspec.UNSET
-
-    def chunk(choices: list[_ChunkChoice], usage: Any = chunk_usage) -> bytes:
-        return sse_data(
-            _Chunk(id=head.id, created=head.created, model=head.model, choices=choices, usage=usage)
-        )
+    chunk = chunk_writer(
+        head, "chat.completion.chunk", None if usage is not None else msgspec.UNSET
+    )
 
     for index in range(len(replies)):
         yield chunk([_ChunkChoice(index, _Delta(role="assistant", content=""))])

@@ -1,18 +1,28 @@
-"""What every answer shares: its ids, the usage object, and streaming n choices side by side."""
+"""What every answer shares: its ids, its whole object, its stream chunks, and streaming n
+choices side by side."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 
-from aioproxy import Call
+import msgspec
+
+from aioproxy import Call, sse_data
 
 from .settings import pace
 from .text import Echo
 
-__all__ = ["Head", "completion_usage", "head_of", "interleave", "request_digest"]
+__all__ = [
+    "Head",
+    "chunk_writer",
+    "head_of",
+    "interleave",
+    "request_digest",
+    "whole_answer",
+]
 
 
 def request_digest(call: Call) -> str:
@@ -32,20 +42,51 @@ def head_of(call: Call, prefix: str) -> Head:
     return Head(prefix + request_digest(call), int(time.time()), call.model)
 
 
-def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Chat and legacy completions usage, with the zero details OpenAI always sends."""
+def whole_answer(
+    head: Head, object: str, choices: list[dict[str, Any]], usage: dict[str, Any]
+) -> dict[str, Any]:
+    """A whole (not streamed) chat or legacy completion: ``object`` names which."""
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
+        "id": head.id,
+        "object": object,
+        "created": head.created,
+        "model": head.model,
+        "choices": choices,
+        "usage": usage,
     }
+
+
+# One chunk per token: a Struct, as msgspec encodes those fastest.
+class _Chunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]  # the endpoint's own choice Structs
+    usage: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+def chunk_writer(
+    head: Head, object: str, usage: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
+) -> Callable[..., bytes]:
+    """``chunk(choices, usage=usage)``: one SSE event of this answer's stream (``object`` is
+    ``chat.completion.chunk`` or ``text_completion``); ``usage`` is what the chunks carry unless
+    told otherwise."""
+    default_usage = usage
+
+    def chunk(choices: list[Any], usage: Any = default_usage) -> bytes:
+        return sse_data(
+            _Chunk(
+                id=head.id,
+                object=object,
+                created=head.created,
+                model=head.model,
+                choices=choices,
+                usage=usage,
+            )
+        )
+
+    return chunk
 
 
 async def interleave(replies: Sequence[Echo], delay: float) -> AsyncIterator[tuple[int, str]]:

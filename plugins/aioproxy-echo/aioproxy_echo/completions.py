@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, sse_data
+from aioproxy import DONE, Call, JSONReply, Reply, StreamReply, completion_usage
 
-from .common import Head, completion_usage, head_of, interleave
+from .common import Head, chunk_writer, head_of, interleave, whole_answer
 from .inputs import choice_count, completion_prompts, include_usage, token_cap
 from .settings import EchoSettings, pace
 from .text import Echo, count_words, echo
@@ -23,15 +23,6 @@ class _Choice(msgspec.Struct):
     index: int
     logprobs: None = None
     finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "text_completion"
-    created: int
-    model: str
-    choices: list[_Choice]
-    usage: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
 
 
 async def answer(call: Call, settings: EchoSettings) -> Reply:
@@ -52,22 +43,11 @@ async def answer(call: Call, settings: EchoSettings) -> Reply:
 
 
 def _completion(head: Head, replies: list[Echo], usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": head.id,
-        "object": "text_completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": [
-            {
-                "text": reply.text,
-                "index": index,
-                "logprobs": None,
-                "finish_reason": reply.finish_reason,
-            }
-            for index, reply in enumerate(replies)
-        ],
-        "usage": usage,
-    }
+    choices = [
+        {"text": reply.text, "index": index, "logprobs": None, "finish_reason": reply.finish_reason}
+        for index, reply in enumerate(replies)
+    ]
+    return whole_answer(head, "text_completion", choices, usage)
 
 
 async def _stream(
@@ -78,11 +58,7 @@ async def _stream(
     Unlike chat chunks, the others carry no ``"usage": null``: a text_completion's usage is not
     nullable in OpenAI's schema.
     """
-
-    def chunk(choices: list[_Choice], usage: Any = msgspec.UNSET) -> bytes:
-        return sse_data(
-            _Chunk(id=head.id, created=head.created, model=head.model, choices=choices, usage=usage)
-        )
+    chunk = chunk_writer(head, "text_completion")
 
     async for index, token in interleave(replies, delay):
         yield chunk([_Choice(token, index)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
-import importlib.util
 import json
 import math
 import struct
@@ -22,7 +21,7 @@ from aioproxy_echo.embeddings import embed
 from aioproxy_echo.text import EMPTY_REPLY, count_words, echo, split_tokens
 
 from aioproxy import ConfigError, Outcome, Usage, create_app, hookimpl
-from aioproxy.testing import text_response_event_types
+from aioproxy.testing import import_path, text_response_event_types
 
 Client = TestClient[Any, Any]
 MakeProxy = Callable[..., Awaitable[Client]]
@@ -640,11 +639,7 @@ def openai_schemas() -> ModuleType:
     path = Path(__file__).resolve().parents[3] / "tests" / "schemas" / "__init__.py"
     if not path.exists():
         pytest.skip("the repository's tests/schemas is not here")
-    spec = importlib.util.spec_from_file_location("_echo_openai_schemas", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_path(path)
 
 
 CHAT = {"model": "echo", "messages": user("check the shape"), "max_tokens": 2}

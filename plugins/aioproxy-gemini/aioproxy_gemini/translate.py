@@ -38,6 +38,7 @@ from aioproxy import (
     ToolCall,
     ToolChoice,
     decode_field,
+    function_tool,
     get_field,
     image_url_of,
     is_empty_schema,
@@ -378,17 +379,10 @@ def _function_response(message: AnyMessage, where: str, names: dict[str, str]) -
 
 def _declaration(tool: Tool, i: int, schemas: Schemas) -> dict[str, Any]:
     """An OpenAI function tool as a Gemini function declaration."""
-    where = f"tools[{i}]"
-    function = tool.function
-    if function is None or tool.type != "function" or not function.name:
-        raise BadRequest(f"'{where}' must be a function tool with a name for Gemini", param=where)
-    out: dict[str, Any] = {"name": function.name}
-    if function.description:
-        out["description"] = function.description
-    schema = function.parameters
+    out, schema = function_tool(tool, i, "Gemini")
     # A tool without parameters: Gemini takes a declaration without any.
     if not is_empty_schema(schema):
-        param = f"{where}.function.parameters"
+        param = f"tools[{i}].function.parameters"
         if schemas == "json_schema":
             decode_field(schema, JSON_OBJECT, param)
             out["parametersJsonSchema"] = schema

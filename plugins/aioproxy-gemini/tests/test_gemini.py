@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aioproxy_gemini
@@ -20,6 +17,7 @@ import pytest
 from aioproxy import ConfigError
 from aioproxy.testing import (
     HELLO,
+    PNG_PIXEL,
     ProxyUnderTest,
     assert_chat_chunks,
     assert_error_object,
@@ -32,33 +30,16 @@ from aioproxy.testing import (
     check_error_mapping,
     check_responses,
     first_event,
+    import_path,
     read_sse,
     start_proxy,
 )
 
-
-def _sibling(name: str) -> ModuleType:
-    """Import a module next to this file: importlib mode puts no test folder on sys.path."""
-    unique = f"_aioproxy_gemini_tests_{name}"
-    if unique not in sys.modules:
-        path = Path(__file__).with_name(f"{name}.py")
-        spec = importlib.util.spec_from_file_location(unique, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
-    return sys.modules[unique]
-
-
-fake_gemini = _sibling("fake_gemini")
+fake_gemini = import_path(Path(__file__).with_name("fake_gemini.py"))
 FakeGemini = fake_gemini.FakeGemini
 API_KEY = fake_gemini.API_KEY
 TOOL_ARGS = fake_gemini.TOOL_ARGS
 MODEL = "gemini"  # what clients call it
-PNG = (  # a 1x1 pixel
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
-    "AAAABJRU5ErkJggg=="
-)
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -353,7 +334,7 @@ async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
 async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> None:
     content = [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_PIXEL}"}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
     ]
     async with proxy.openai() as client:
@@ -365,7 +346,7 @@ async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> Non
         "Hello! You said: What is this? (with image/png, image/jpeg)"
     )
     assert fake.last.body["contents"][0]["parts"][1:] == [
-        {"inlineData": {"mimeType": "image/png", "data": PNG}},
+        {"inlineData": {"mimeType": "image/png", "data": PNG_PIXEL}},
         {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
     ]
 
