@@ -82,7 +82,14 @@ async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[in
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
+    try:
+        # Safety net only: eight of these start side by side, and a loaded 2-core machine
+        # takes a while to import them all.
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:  # timed out: no process (nor its pipes) outlives the test
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, err.decode()
 
