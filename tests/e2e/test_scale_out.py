@@ -75,20 +75,14 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def gateway(config: Path, instances: int = 3, workers: int = 1) -> AsyncIterator[Gateway]:
     args = ("--config", str(config), "--log-level", "error")
-    extra: tuple[str, ...] = ()
-    if workers > 1:  # workers share one fixed port (SO_REUSEPORT)
-        extra = ("--workers", str(workers), "--port", str(free_port()))
     async with contextlib.AsyncExitStack() as stack:
-        # Started together, as a deployment's instances are (the first migrates the database
-        # while the others wait for it): their start-ups overlap instead of adding up.
-        async with asyncio.TaskGroup() as group:
-            started = [
-                group.create_task(
-                    stack.enter_async_context(running(*args, *extra, env=clean_env()))
-                )
-                for _ in range(instances)
-            ]
-        ports = [task.result()[0] for task in started]
+        ports = []
+        for _ in range(instances):
+            extra: tuple[str, ...] = ()
+            if workers > 1:  # workers share one fixed port (SO_REUSEPORT)
+                extra = ("--workers", str(workers), "--port", str(free_port()))
+            port, _ = await stack.enter_async_context(running(*args, *extra, env=clean_env()))
+            ports.append(port)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         )
