@@ -114,7 +114,9 @@ def postgres_port() -> Iterator[int]:
             check=False,
             capture_output=True,
         )
-        shutil.rmtree(base, ignore_errors=True)
+        # Removed in the background: a cluster that made a database per test holds ~1 GB of
+        # files, which took the last test's teardown 30-85 s to delete on a busy disk.
+        subprocess.run(["sh", "-c", 'rm -rf -- "$0" >/dev/null 2>&1 &', str(base)], check=False)
 
 
 # Databases migrated once per session (per xdist worker), by kind: each test gets a copy.
@@ -142,9 +144,12 @@ async def _create_database(port: int, name: str, template: str = "") -> str:
     connection = await asyncpg.connect(
         host="127.0.0.1", port=port, user="postgres", database="postgres"
     )
+    # FILE_COPY (PostgreSQL 15+): a small template is copied file by file, not written
+    # through the WAL block by block as by default (half the disk writes per database).
+    strategy = " STRATEGY FILE_COPY" if connection.get_server_version().major >= 15 else ""
     try:
         await connection.execute(
-            f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")
+            f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "") + strategy
         )
     finally:
         await connection.close()
