@@ -36,8 +36,10 @@ run: install
 	$(PY) run.py
 
 # PYTHONDONTWRITEBYTECODE unset: pytest caches its rewritten test modules (collection 6-8 s -> 2 s).
-# Serial by default: on 2 cores xdist saved 4% and made test_fault_load's load test fail. On more
-# cores: make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
+# Serial by default: on 2 shared cores xdist saved 4% and made test_fault_load's load test fail;
+# tried again with "-n 2 --dist loadgroup" on tests/e2e (load average ~7 from other work), a 0.2 s
+# first-byte timeout in test_reliability expired under the extra load. On more, quieter cores:
+# make test PYTEST_ARGS="-n auto --dist loadgroup" (wall-clock tests share one worker).
 PYTEST_ARGS ?=
 
 test: install postgres chromium redis

@@ -4,11 +4,13 @@ a proxy on either with a clock the test moves, and admin API helpers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +26,7 @@ from aiohttp.test_utils import TestServer
 
 from aioproxy import create_app
 from aioproxy.control.clock import ControlClock
+from aioproxy.control.engine import open_engine
 from aioproxy.control.plane import clock_key, plane_key
 from tests.support import MASTER_KEY, gateway_config, sdk
 
@@ -111,24 +114,73 @@ def postgres_port() -> Iterator[int]:
             check=False,
             capture_output=True,
         )
-        shutil.rmtree(base, ignore_errors=True)
+        # Removed in the background: a cluster that made a database per test holds ~1 GB of
+        # files, which took the last test's teardown 30-85 s to delete on a busy disk.
+        subprocess.run(["sh", "-c", 'rm -rf -- "$0" >/dev/null 2>&1 &', str(base)], check=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'control.sqlite3'}"
-    port = request.getfixturevalue("postgres_port")
-    name = "t_" + secrets.token_hex(6)
+# Databases migrated once per session (per xdist worker), by kind: each test gets a copy.
+_TEMPLATES: dict[str, str] = {}
+
+
+async def _migrated(url: str) -> None:
+    engine = await open_engine(url)
+    await engine.dispose()
+
+
+async def _sqlite_template(folder: Path) -> Path:
+    """A SQLite file migrated to the shipped schema, in rollback-journal mode so that the one
+    file holds it all (the engine switches each copy back to WAL as it connects)."""
+    if "sqlite" not in _TEMPLATES:
+        path = folder / "control-template.sqlite3"
+        await _migrated(f"sqlite:///{path}")
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            connection.execute("PRAGMA journal_mode=DELETE")
+        _TEMPLATES["sqlite"] = str(path)
+    return Path(_TEMPLATES["sqlite"])
+
+
+async def _create_database(port: int, name: str, template: str = "") -> str:
     connection = await asyncpg.connect(
         host="127.0.0.1", port=port, user="postgres", database="postgres"
     )
+    # FILE_COPY (PostgreSQL 15+): a small template is copied file by file, not written
+    # through the WAL block by block as by default (half the disk writes per database).
+    strategy = " STRATEGY FILE_COPY" if connection.get_server_version().major >= 15 else ""
     try:
-        await connection.execute(f"CREATE DATABASE {name}")
+        await connection.execute(
+            f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "") + strategy
+        )
     finally:
         await connection.close()
     return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+
+async def _postgres_template(port: int) -> str:
+    """A PostgreSQL database migrated to the shipped schema, the template of the tests' ones."""
+    key = f"postgresql:{port}"
+    if key not in _TEMPLATES:
+        await _migrated(await _create_database(port, "migrated_template"))
+        _TEMPLATES[key] = "migrated_template"
+    return _TEMPLATES[key]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A fresh database of each kind, already migrated to the shipped schema (a copy of one
+    migrated once per session: what every start-up after the first finds), or empty for the
+    tests of migrating, marked ``empty_database``."""
+    empty = request.node.get_closest_marker("empty_database") is not None
+    if request.param == "sqlite":
+        path = tmp_path / "control.sqlite3"
+        if not empty:
+            shutil.copyfile(await _sqlite_template(tmp_path_factory.getbasetemp()), path)
+        return f"sqlite:///{path}"
+    port = request.getfixturevalue("postgres_port")
+    template = "" if empty else await _postgres_template(port)
+    return await _create_database(port, "t_" + secrets.token_hex(6), template)
 
 
 @pytest.fixture

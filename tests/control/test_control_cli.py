@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import sys
+from unittest import mock
 
 import pytest
 
+from aioproxy import cli
 from tests.control.conftest import Control, chat
 from tests.support import MASTER_KEY
 
@@ -16,14 +20,18 @@ from tests.support import MASTER_KEY
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
-async def run(control: Control, *argv: str, key: str = MASTER_KEY) -> tuple[int, str, str]:
-    env = {**os.environ, "AIOPROXY_URL": control.url("/"), "AIOPROXY_MASTER_KEY": key}
+def _env(control: Control, key: str) -> dict[str, str]:
+    return {"AIOPROXY_URL": control.url("/"), "AIOPROXY_MASTER_KEY": key}
+
+
+async def run_process(control: Control, *argv: str, key: str = MASTER_KEY) -> tuple[int, str, str]:
+    """``python -m aioproxy ARGV`` as a process: (its exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "aioproxy",
         *argv,
-        env=env,
+        env={**os.environ, **_env(control, key)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -32,9 +40,24 @@ async def run(control: Control, *argv: str, key: str = MASTER_KEY) -> tuple[int,
     return process.returncode, out.decode(), err.decode()
 
 
+async def run(control: Control, *argv: str, key: str = MASTER_KEY) -> tuple[int, str, str]:
+    """What ``python -m aioproxy ARGV`` does, without a process start-up (~1 s of imports) each:
+    its ``main`` in a thread (it blocks on HTTP while this loop serves the instance), with the
+    same environment, stdout and stderr. ``test_keys`` runs the real process."""
+    out, err = io.StringIO(), io.StringIO()
+
+    def main() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return cli.main(list(argv))
+
+    with mock.patch.dict(os.environ, _env(control, key)):
+        code = await asyncio.to_thread(main)
+    return code, out.getvalue(), err.getvalue()
+
+
 @sqlite_only
 async def test_keys(control: Control) -> None:
-    code, out, err = await run(
+    code, out, err = await run_process(
         control,
         "keys",
         "create",

@@ -54,6 +54,7 @@ async def count_rows(engine: Any) -> int:
         )
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_migrates_a_new_database_then_finds_it_current(db_url: str) -> None:
     engine = await open_engine(db_url)
     try:
@@ -219,6 +220,7 @@ async def test_retention_deletes_old_rows(db_url: str) -> None:
         await engine.dispose()
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_instances_starting_together_share_one_schema(db_url: str) -> None:
     """Workers forked from one app migrate a new database at the same moment."""
     engines = await asyncio.gather(*(open_engine(db_url) for _ in range(3)))

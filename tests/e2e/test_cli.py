@@ -82,7 +82,14 @@ async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[in
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
+    try:
+        # Safety net only: eight of these start side by side, and a loaded 2-core machine
+        # takes a while to import them all.
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:  # timed out: no process (nor its pipes) outlives the test
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, err.decode()
 
@@ -118,12 +125,15 @@ async def test_bad_configs_do_not_start(tmp_path: Path) -> None:
         # Refused by the provider itself as the app starts (the example plugin needs api_base).
         "start.toml": ('[[models]]\nname = "t"\nprovider = "example"\n', "needs api_base", ""),
     }
-    for filename, (text, problem, where) in cases.items():
-        path = tmp_path / filename
-        path.write_text(text, encoding="utf-8")
-        code, err = await run_to_exit("--config", str(path))
+    for filename, (text, _, _) in cases.items():
+        (tmp_path / filename).write_text(text, encoding="utf-8")
+    # The processes run side by side: each spends most of its life importing, on its own core.
+    exits = await asyncio.gather(
+        *(run_to_exit("--config", str(tmp_path / name)) for name in (*cases, "missing.toml"))
+    )
+    for (filename, (_, problem, where)), (code, err) in zip(cases.items(), exits, strict=False):
         assert code == 2, (filename, err)
-        assert str(path) in err, err
+        assert str(tmp_path / filename) in err, err
         assert problem in err and where in err, err
-    code, err = await run_to_exit("--config", str(tmp_path / "missing.toml"))
+    code, err = exits[-1]
     assert code == 2 and "missing.toml" in err

@@ -76,6 +76,7 @@ async def test_delete(store: ResponseStore) -> None:
     assert await store.delete("resp_1", "alice") is False
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_survives_a_restart(db_url: str) -> None:  # noqa: F811
     """A store given the URL opens (and migrates) its own engine, and disposes of it."""
     first = ResponseStore(db_url)
@@ -118,6 +119,7 @@ async def test_two_stores_share_one_database(db_url: str, store: ResponseStore) 
         await other.close()
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_first_use_opens_it_and_a_closed_store_refuses(db_url: str) -> None:  # noqa: F811
     store = ResponseStore(db_url)
     assert await store.get("resp_1", "alice") is None
@@ -128,6 +130,7 @@ async def test_first_use_opens_it_and_a_closed_store_refuses(db_url: str) -> Non
     assert caught.value.status == 503
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_concurrent_first_uses_open_it_once(db_url: str) -> None:  # noqa: F811
     store = ResponseStore(db_url)
     try:
@@ -146,6 +149,7 @@ async def test_a_database_that_cannot_be_opened_names_the_setting(tmp_path: Any)
     await store.close()
 
 
+@pytest.mark.empty_database  # opening it migrates it
 async def test_a_cancelled_first_use_leaves_the_open_to_the_next(db_url: str) -> None:  # noqa: F811
     """The first caller gives up (its client left) while the store opens: the open goes on,
     once, and the next caller uses it."""
