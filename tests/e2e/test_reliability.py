@@ -357,9 +357,11 @@ RETRYABLE = [
 async def test_retryable_failures_are_retried(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str, stream: bool
 ) -> None:
+    # "hang" waits out first_byte twice; the answer after must come within it even on a loaded
+    # machine (0.2 s was missed once under xdist): long enough for that, short for the suite.
     config = one_deployment(
         upstream_base,
-        {"timeouts": {"first_byte": 0.2, "read": 5}},
+        {"timeouts": {"first_byte": 1.0, "read": 5}},
         router={"num_retries": 2, "retry_backoff": 0.01, "cooldown_seconds": 0},
         server={"keepalive_interval": 0},
     )
