@@ -179,7 +179,8 @@ class Limits:
         # A cached answer counts toward rpm, not tpm.
         tokens = 0 if call.state.get("cache") == "hit" else usage.total_tokens
         if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
-            return reservation.settle(tokens, outcome.cost, plane.clock.time())
+            reservation.settle(tokens, outcome.cost, plane.clock.time())
+            return None
         reservation.count_tokens(tokens, plane.clock.monotonic())
         cost = outcome.cost
         if cost:
