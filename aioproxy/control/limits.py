@@ -81,9 +81,10 @@ class Reservation:
                 meter.in_flight -= 1
 
     def count_tokens(self, tokens: int, now: float) -> None:
-        for _, _, meter in self.limits.scopes:
-            meter.tokens.add(tokens - self.tokens, now)
-        self.tokens = tokens
+        if tokens != self.tokens:  # the reservation was the usage: nothing to move
+            for _, _, meter in self.limits.scopes:
+                meter.tokens.add(tokens - self.tokens, now)
+            self.tokens = tokens
 
 
 _HEADER_NAMES = {
