@@ -68,10 +68,14 @@ class Batcher:
             while self._pending:  # what queued while the last batch was on its way
                 batch, self._pending = self._pending, []
                 await self._execute(batch)
-        except BaseException as exc:  # a bug or a cancel: no call waits for ever
+        except BaseException as exc:  # a bug or a cancel (closing): no call waits for ever
             for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RedisError(exc))
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:  # closing: cancelled, not a Redis failure (no fallback, no log)
+                    future.cancel()
             raise
         finally:
             self._sender = None
