@@ -17,10 +17,11 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from ..config import Secret
 from ..context import Principal
 from . import schema
 from .meters import KeyLimits, Meter
-from .records import KeyEntry, TeamEntry
+from .records import KeyEntry, TeamEntry, digest_of
 
 __all__ = ["KeyCache", "as_dict"]
 
@@ -46,6 +47,10 @@ class KeyCache:
         self.keys: dict[str, KeyEntry] = {}  # by id
         self.teams: dict[str, TeamEntry] = {}  # by id
         self.principals: dict[str, Principal] = {}  # by digest
+        # The keys presented since the last load, by secret (held as Secret: no repr shows
+        # one): a known key costs a dict lookup, not a sha256 a request. Only keys that are in
+        # the cache are kept, so it grows no larger than ``principals``, guesses or not.
+        self._by_secret: dict[str, Principal] = {}
         self.key_meters: dict[str, Meter] = {}
         self.team_meters: dict[str, Meter] = {}
         self.version: int | None = None
@@ -101,7 +106,17 @@ class KeyCache:
                 team=key.team_id,
                 limits=KeyLimits(key, key_meter, team, team_meter),
             )
-        self.principals = principals  # swapped whole: a request sees the old or the new one
+        # Swapped whole: a request sees the old keys or the new ones, never a mix.
+        self.principals, self._by_secret = principals, {}
+
+    def principal_of(self, secret: str) -> Principal | None:
+        """The Principal a presented secret authenticates as (None: not a database key)."""
+        principal = self._by_secret.get(secret)
+        if principal is None:
+            principal = self.principals.get(digest_of(secret))
+            if principal is not None:
+                self._by_secret[Secret(secret)] = principal
+        return principal
 
     async def poll(self, interval: float) -> None:
         """Refresh every ``interval`` seconds until cancelled; failures are logged and retried."""

@@ -14,7 +14,6 @@ from ..context import Principal
 from ..errors import AuthenticationError
 from ..hookspecs import hookimpl
 from .plane import plane_key
-from .records import digest_of
 
 __all__ = ["KeyAuth"]
 
@@ -31,7 +30,7 @@ class KeyAuth:
         key = presented_key(request)
         if key is None:
             return None
-        principal = plane.cache.principals.get(digest_of(key))
+        principal = plane.cache.principal_of(key)
         if principal is None:
             return None
         entry = principal.limits.key

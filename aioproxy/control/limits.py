@@ -81,9 +81,10 @@ class Reservation:
                 meter.in_flight -= 1
 
     def count_tokens(self, tokens: int, now: float) -> None:
-        for _, _, meter in self.limits.scopes:
-            meter.tokens.add(tokens - self.tokens, now)
-        self.tokens = tokens
+        if tokens != self.tokens:  # the reservation was the usage: nothing to move
+            for _, _, meter in self.limits.scopes:
+                meter.tokens.add(tokens - self.tokens, now)
+            self.tokens = tokens
 
 
 _HEADER_NAMES = {
@@ -179,7 +180,8 @@ class Limits:
         # A cached answer counts toward rpm, not tpm.
         tokens = 0 if call.state.get("cache") == "hit" else usage.total_tokens
         if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
-            return reservation.settle(tokens, outcome.cost, plane.clock.time())
+            reservation.settle(tokens, outcome.cost, plane.clock.time())
+            return None
         reservation.count_tokens(tokens, plane.clock.monotonic())
         cost = outcome.cost
         if cost:

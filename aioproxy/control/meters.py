@@ -23,6 +23,8 @@ class RateWindow:
 
     def _advance(self, now: float) -> None:
         second = int(now)
+        if second == self._latest:  # the common case: within the second last counted
+            return
         gone = second - self._latest
         if gone >= _SECONDS:
             self._buckets = [0] * _SECONDS

@@ -1,16 +1,23 @@
-"""Redis calls sent in batches: every script or command issued during one turn of the event
-loop goes out in one pipeline (one connection, one write, one read), so that a thousand
-concurrent requests cost a few round trips, not a thousand, and a request's own calls (its
-cache lookup and its limits' reservation) share one."""
+"""Redis calls sent in batches: every script or command issued while the previous batch is on
+its way (or during one turn of the event loop, when none is) goes out in one pipeline, on one
+connection the batcher keeps: one write, its replies read in order. A thousand concurrent
+requests cost a few round trips, not a thousand, and a request's own calls (its cache lookup
+and its limits' reservation) share one. The busier the gateway, the bigger each batch.
+
+The connection is driven directly (packed by redis-py, replies parsed by hiredis): a redis-py
+``Pipeline`` per batch, with the pool's lock, its retry wrapper and a timeout per reply, cost
+more than the round trip itself."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 __all__ = ["Batcher", "LuaScript"]
 
@@ -31,10 +38,13 @@ _Entry = tuple["LuaScript | None", list[Any], "asyncio.Future[Any]"]
 
 
 class Batcher:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, timeout: float) -> None:
         self.client = client
+        self.timeout = timeout  # for a whole batch: its write and every reply
+        self.batches = 0  # round trips made (tests and benchmarks count them)
         self._pending: list[_Entry] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None  # sends batches while there are any
+        self._connection: AbstractConnection | None = None
 
     def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """The script's result, from the next batch (its exception if Redis failed)."""
@@ -47,27 +57,42 @@ class Batcher:
     def _queue(self, script: LuaScript | None, args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._send)
         self._pending.append((script, args, future))
+        if self._sender is None:  # it starts next turn: this turn's calls go with this one
+            self._sender = loop.create_task(self._send_all())
         return future
 
-    def _send(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._execute(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _send_all(self) -> None:
+        batch: list[_Entry] = []
+        try:
+            while self._pending:  # what queued while the last batch was on its way
+                batch, self._pending = self._pending, []
+                await self._execute(batch)
+        except BaseException as exc:  # a bug or a cancel (closing): no call waits for ever
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:  # closing: cancelled, not a Redis failure (no fallback, no log)
+                    future.cancel()
+            raise
+        finally:
+            self._sender = None
 
     async def _execute(self, batch: list[_Entry]) -> None:
         try:
-            results = await self._pipeline(batch)
-            if any(isinstance(result, NoScriptError) for result in results):
-                # Redis restarted (or flushed its scripts): load them, then send the batch again.
-                scripts = {script.sha: script for script, _, _ in batch if script is not None}
-                for script in scripts.values():
-                    await self.client.script_load(script.text)
-                results = await self._pipeline(batch)
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(self.timeout):
+                connection = await self._connect()
+                results = await self._round_trip(connection, batch)
+                if any(isinstance(result, NoScriptError) for result in results):
+                    # Redis restarted (or flushed its scripts): load them, send the batch again.
+                    scripts = {script.sha: script for script, _, _ in batch if script is not None}
+                    loads = [(None, ["SCRIPT", "LOAD", s.text], None) for s in scripts.values()]
+                    await self._round_trip(connection, loads)
+                    results = await self._round_trip(connection, batch)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._drop()  # its stream may be mid-reply: never reused
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -80,13 +105,48 @@ class Batcher:
             else:
                 future.set_result(result)
 
-    async def _pipeline(self, batch: list[_Entry]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for _, args, _ in batch:
-                pipe.execute_command(*args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _connect(self) -> AbstractConnection:
+        """The batcher's own connection, made like the pool's but with no socket timeout of
+        its own (each write and read would pay for one): the batch's timeout bounds them.
+        One the server closed (Redis restarted), or with bytes no call asked for, is replaced
+        before anything is written to it, as the pool checks the connections it hands out."""
+        connection = self._connection
+        if connection is not None and connection.is_connected:
+            try:
+                stale = await connection.can_read()
+            except (RedisError, OSError):
+                stale = True
+            if stale:
+                await self._drop()
+        if self._connection is None:
+            pool = self.client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+            self._connection = pool.connection_class(**kwargs)
+        return self._connection  # it connects on its first write
+
+    async def _round_trip(
+        self, connection: AbstractConnection, batch: list[tuple[Any, list[Any], Any]]
+    ) -> list[Any]:
+        self.batches += 1
+        packed = connection.pack_commands([args for _, args, _ in batch])
+        await connection.send_packed_command(packed, check_health=False)
+        results: list[Any] = []
+        for _ in batch:
+            try:
+                results.append(await connection.read_response())
+            except ResponseError as error:  # this call's error; the rest read on
+                results.append(error)
+        return results
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        await self._drop()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -176,24 +176,25 @@ class SharedReservation:
         self.tokens = tokens
 
     def release(self, _task: object = None) -> None:
-        """The request's task ended before ``settle``: free the slot, in the background."""
+        """The request's task ended before ``settle``: free the slot."""
         if not self.released:
             self.released = True
-            self.counters.spawn(self._send(self.pending, 0.0, None))
+            self._send(self.pending, 0.0, None)
 
-    def settle(self, tokens: int, cost: float | None, wall: float) -> Awaitable[None]:
-        """The answer is out: its usage for the reservation, the slot freed, the cost added."""
+    def settle(self, tokens: int, cost: float | None, wall: float) -> None:
+        """The answer is out: its usage for the reservation, the slot freed, the cost added.
+        Queued, not awaited: it goes with the next batch, and nothing waits for its answer."""
         self.released = True
         delta, self.tokens = tokens - self.tokens, tokens
-        return self._send(delta, cost or 0.0, wall)
+        self._send(delta, cost or 0.0, wall)
 
-    async def _send(self, delta: int, cost: float, wall: float | None) -> None:
+    def _send(self, delta: int, cost: float, wall: float | None) -> None:
         args: list[Any] = [delta, cost, 1]
         for period in self.periods:
             end = None if period == "ever" else float(period)
             ttl = 0 if end is None or wall is None else max(1, math.ceil(end - wall) + 3600)
             args += [period, ttl]
-        await self.counters.run(self.counters.settle_script, self.keys, args)
+        self.counters.run(self.counters.settle_script, self.keys, args)
 
 
 class SharedCounters:
@@ -206,31 +207,37 @@ class SharedCounters:
         self.reserve_script = LuaScript(_RESERVE)
         self.settle_script = LuaScript(_SETTLE)
         self.batcher = link.batcher
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Future[Any]] = set()  # settles sent, not yet answered
         self._unsent: list[tuple[LuaScript, list[str], list[Any]]] = []  # settles Redis missed
         link.on_resume(self._resend)
 
-    def spawn(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
-        """A settle: if Redis misses it, it is sent again when Redis is back (so no slot leaks
-        in flight for ever)."""
+    def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
+        """Queue a settle: if Redis misses it, it is sent again when Redis is back (so no slot
+        leaks in flight for ever)."""
         if not self.link.up:
             self._unsent.append((script, keys, args))
             return
-        try:
-            await self.batcher.run(script, keys, args)
-        except (RedisError, OSError) as exc:
+        sent = self.batcher.run(script, keys, args)
+        self._in_flight.add(sent)
+        sent.add_done_callback(lambda done: self._settled(done, script, keys, args))
+
+    def _settled(
+        self, done: asyncio.Future[Any], script: LuaScript, keys: list[str], args: list[Any]
+    ) -> None:
+        self._in_flight.discard(done)
+        if done.cancelled():
+            return
+        error = done.exception()
+        if isinstance(error, RedisError | OSError):
             self._unsent.append((script, keys, args))
-            self.link.lost(exc)
+            self.link.lost(error)
 
     async def close(self) -> None:
-        for task in list(self._tasks):  # settles still on their way: sent, or given up
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, self.link.config.timeout)
+        """Settles still on their way: sent, or given up after the timeout."""
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.link.config.timeout):
+                    await asyncio.wait(list(self._in_flight))
 
     async def _resend(self) -> None:
         unsent, self._unsent = self._unsent, []

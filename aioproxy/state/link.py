@@ -49,7 +49,7 @@ class RedisLink:
             connection_pool=pool, retry=Retry(NoBackoff(), 0)
         )
         self.client.auto_close_connection_pool = True  # its aclose closes the pool too
-        self.batcher = Batcher(self.client)  # every hot-path call goes through it
+        self.batcher = Batcher(self.client, config.timeout)  # every hot-path call goes through it
         self.up = True
         self.failures = 0  # times Redis was lost (for metrics and tests)
         self._probe: asyncio.Task[None] | None = None
