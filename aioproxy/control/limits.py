@@ -28,7 +28,7 @@ from .database import RATE_LIMIT_HEADERS
 from .meters import KeyLimits, Meter, spend_now
 from .plane import plane_key
 from .records import KeyEntry, TeamEntry, period_end
-from .rows import COUNTED, estimate_prompt, estimate_usage
+from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 
 if TYPE_CHECKING:
     from ..state.counters import SharedReservation
@@ -173,8 +173,8 @@ class Limits:
             return None
         plane = call.request.app[plane_key]
         usage = outcome.usage()
-        if usage is None:  # priced on an estimate, as its log row is (``rows``)
-            usage = estimate_usage(call.body_size(), outcome)
+        if usage is None:  # priced on an estimate, which its log row takes (``rows``)
+            usage = call.state[ESTIMATED] = estimate_usage(call.body_size(), outcome)
             if outcome.cost is None and call.routed:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
         # A cached answer counts toward rpm, not tpm.

@@ -23,12 +23,23 @@ from .pricing import Pricing
 from .records import period_end
 from .requestlog import LogRecord
 
-__all__ = ["COUNTED", "FAILED", "Finished", "RowBuilder", "estimate_prompt", "estimate_usage"]
+__all__ = [
+    "COUNTED",
+    "ESTIMATED",
+    "FAILED",
+    "Finished",
+    "RowBuilder",
+    "estimate_prompt",
+    "estimate_usage",
+]
 
 # call.state keys: the error code of a failed request; that the limits plugin added the
 # request's cost to its key's and team's meters (the writer then moves it into their figures).
 FAILED = "aioproxy.control.failed"
 COUNTED = "aioproxy.control.counted"
+# call.state key: the usage the limits plugin estimated for an answer that reported none (the
+# row then takes it, estimated once).
+ESTIMATED = "aioproxy.control.estimated"
 _COUNTING = Kind.COUNT_TOKENS.value
 _NONE_RETRIED = (0, 0)  # retries, fallbacks of a request answered at its first attempt
 
@@ -117,7 +128,12 @@ class RowBuilder:
         else:
             found = outcome.usage()
             estimated = found is None
-            usage = estimate_usage(finished.prompt_bytes, outcome) if found is None else found
+            if found is not None:
+                usage = found
+            else:
+                usage = finished.state.get(ESTIMATED) or estimate_usage(
+                    finished.prompt_bytes, outcome
+                )
             cost = outcome.cost
             if cost is None and estimated:
                 cost = self.pricing.cost(usage, deployment)
