@@ -283,6 +283,11 @@ class Observer:
             self._finish(request, record, status)
         except Exception:  # the answer is out: a bug here must not turn into a 500
             logging.getLogger("aioproxy").exception("observing a request failed")
+        finally:
+            # Break request -> record -> call -> request (and the error's traceback): left in
+            # place, every request is cyclic garbage, freed only by the collector's full passes
+            # over the heap (in a benchmark they cost more than all the rest of observing).
+            record.call = record.outcome = record.error = None
 
     def _finish(self, request: web.Request, record: Record, status: int) -> None:
         elapsed = time.monotonic() - record.started
