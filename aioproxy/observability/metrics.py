@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 
 from ..config import Config
 from ..errors import AuthenticationError
+from ..outcome import Usage
 
 __all__ = ["FLUSH_INTERVAL", "MULTIPROC_ENV", "UNKNOWN", "Metrics", "prepare_multiprocess"]
 
@@ -76,15 +77,16 @@ FLUSH_INTERVAL = 1.0  # seconds between two flushes of a worker's counts into th
 
 class _Series:
     """One metric's children by label values (prometheus-client's ``labels()`` costs µs:
-    each series is looked up once)."""
+    each series is looked up once). A value may be an int (a status): ``labels()`` makes it
+    text."""
 
     __slots__ = ("children", "metric")
 
     def __init__(self, metric: Any) -> None:
         self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
+        self.children: dict[tuple[Any, ...], Any] = {}
 
-    def child(self, labels: tuple[str, ...]) -> Any:
+    def child(self, labels: tuple[Any, ...]) -> Any:
         child = self.children.get(labels)
         if child is None:
             child = self.children[labels] = self.metric.labels(*labels)
@@ -100,9 +102,9 @@ class _Counter(_Series):
 
     def __init__(self, metric: Any) -> None:
         super().__init__(metric)
-        self.pending: dict[tuple[str, ...], float] = {}
+        self.pending: dict[tuple[Any, ...], float] = {}
 
-    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
+    def add(self, labels: tuple[Any, ...], amount: float = 1) -> None:
         pending = self.pending
         pending[labels] = pending.get(labels, 0) + amount
 
@@ -154,6 +156,9 @@ class Metrics:
         if self.multiprocess:
             multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.models = frozenset(entry.name for entry in config.models)
+        # A model name (None: the request named none) -> its label; any other name: UNKNOWN.
+        self.labels: dict[str | None, str] = {name: name for name in self.models}
+        self.labels[None] = NONE
         self.deployments = frozenset(deployment_ids)
         self.active = 0  # requests in flight in this process, set into the gauge when flushed
         self._flushed_active = -1
@@ -241,21 +246,55 @@ class Metrics:
 
         for model in self.models:
             for kind in PROVIDER_KINDS:
-                self.requests.child((kind.value, model, "200"))
+                self.requests.child((kind.value, model, 200))
                 self.duration.child((kind.value, model))
             for token_type in TOKEN_TYPES:
                 self.tokens.child((model, token_type))
             for series in (self.ttft, self.spend, self.retries, self.fallbacks):
                 series.child((model,))
         for deployment in self.deployments:
-            self.upstream.child((deployment, "200"))
+            self.upstream.child((deployment, 200))
             self.cooling(deployment, False)
 
     def model(self, name: str | None) -> str:
         """``name`` as a label: a configured model name, else a fixed word."""
-        if name is None:
-            return NONE
-        return name if name in self.models else UNKNOWN
+        return self.labels.get(name, UNKNOWN)
+
+    def count_request(
+        self,
+        kind: str,
+        asked: str | None,
+        served: str | None,
+        status: int,
+        elapsed: float,
+        usage: Usage | None,
+        cost: float | None,
+        ttft: float | None,
+    ) -> None:
+        """A finished request's counts, in one call: by the model ``asked`` for, and what it
+        spent and how fast it came by the model that ``served`` (a fallback's own)."""
+        labels = self.labels
+        model = labels.get(asked, UNKNOWN)
+        served_label = model if served is None else labels.get(served, UNKNOWN)
+        requests = self.requests.pending
+        key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
+        requests[key] = requests.get(key, 0) + 1
+        self.duration.observe((kind, model), elapsed)
+        if usage is not None:
+            tokens = self.tokens.pending
+            for token_type, count in (
+                ("input", usage.prompt_tokens),
+                ("output", usage.completion_tokens),
+                ("cached_input", usage.cached_tokens),
+                ("reasoning", usage.reasoning_tokens),
+            ):
+                if count:
+                    key = (served_label, token_type)
+                    tokens[key] = tokens.get(key, 0) + count
+        if cost:
+            self.spend.add((served_label,), cost)
+        if ttft is not None:
+            self.ttft.observe((served_label,), ttft)
 
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN

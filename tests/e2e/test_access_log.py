@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -15,7 +16,7 @@ import aiohttp
 import openai
 import pytest
 
-from aioproxy import Outcome, hookimpl
+from aioproxy import Call, Outcome, hookimpl
 from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
 from aioproxy.testing import FakeOpenAI
 from tests.support import (
@@ -158,6 +159,57 @@ async def test_one_json_line_per_request(
         "/v1/nowhere",
         None,
     )
+
+
+class _Finished(logging.Handler):
+    """Sets an event at each access line: the observer is done with the request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.done.set()
+
+
+@pytest.fixture
+def gc_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("gc_off")
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_observed_request_is_freed_without_the_garbage_collector(
+    serve_proxy: ServeProxy, upstream_base: str, stream: bool
+) -> None:
+    """The observer holds a request's call only while it is served: a reference cycle
+    (request -> its record -> call -> request) would leave every request to the cyclic garbage
+    collector, whose full passes over the heap cost more than all the rest of observing."""
+    config = gateway_config(upstream_base, metrics={"enabled": True}, logging={"access_log": True})
+    proxy = await serve_proxy(config)
+    finished = _Finished()
+    ACCESS_LOG.addHandler(finished)
+    level = ACCESS_LOG.level
+    ACCESS_LOG.setLevel(logging.INFO)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": stream}
+            async with http.post(
+                proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
+            ) as response:
+                await response.read()
+                assert response.status == 200
+            await finished.done.wait()
+            await asyncio.sleep(0)  # the request's task ends
+            assert not [obj for obj in gc.get_objects() if type(obj) is Call]
+    finally:
+        ACCESS_LOG.removeHandler(finished)
+        ACCESS_LOG.setLevel(level)
 
 
 async def test_text_lines_and_off(

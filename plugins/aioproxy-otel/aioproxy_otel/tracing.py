@@ -36,6 +36,7 @@ _OPERATIONS = {
 }
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
+_MAX_CACHED = 4096  # attempt attributes kept, by deployment and operation
 
 
 def _now_ns() -> int:
@@ -65,6 +66,7 @@ class OTelPlugin:
         if capture_content is None:
             capture_content = os.environ.get(CAPTURE_ENV, "").strip().lower() in ("true", "1")
         self.capture_content = capture_content
+        self._attempts: dict[tuple[str | None, ...], dict[str, Any]] = {}
 
     @property
     def tracer(self) -> trace.Tracer:
@@ -132,23 +134,25 @@ class OTelPlugin:
                 {"gen_ai.server.time_to_first_token": outcome.ttfb},
                 timestamp=started + int(outcome.ttfb * 1e9),
             )
+        # One set_attributes: each call takes the span's lock and checks what it is given.
+        attributes: dict[str, Any] = {"http.response.status_code": outcome.status}
         usage = outcome.usage()
         if usage is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
         model, reasons = answer_facts(outcome)
         if model:
-            span.set_attribute("gen_ai.response.model", model)
+            attributes["gen_ai.response.model"] = model
         if reasons:
-            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            attributes["gen_ai.response.finish_reasons"] = reasons
         if self.capture_content and outcome.body is not None:
-            span.set_attribute("gen_ai.output.messages", outcome.body.decode("utf-8", "replace"))
-        span.set_attribute("http.response.status_code", outcome.status)
+            attributes["gen_ai.output.messages"] = outcome.body.decode("utf-8", "replace")
         if call.routed:
-            span.set_attribute("gen_ai.provider.name", call.deployment.provider)
+            attributes["gen_ai.provider.name"] = call.deployment.provider
         if outcome.status >= 400:
-            span.set_attribute("error.type", str(outcome.status))
+            attributes["error.type"] = str(outcome.status)
             span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attributes)
         span.end()
 
     @hookimpl
@@ -177,19 +181,8 @@ class OTelPlugin:
     def before_attempt(self, call: Call, deployment: Deployment, attempt: int) -> None:
         parent = self._request_span(call)
         operation = _OPERATIONS.get(call.kind.value, call.kind.value)
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "gen_ai.provider.name": deployment.provider,
-            "gen_ai.request.model": deployment.model,
-            "aioproxy.deployment": deployment.id or deployment.describe(),
-            "aioproxy.attempt": attempt,
-        }
-        if deployment.api_base:
-            where = urlsplit(deployment.api_base)
-            if where.hostname:
-                attributes["server.address"] = where.hostname
-            if where.port:
-                attributes["server.port"] = where.port
+        attributes = dict(self._attempt_attributes(deployment, operation))
+        attributes["aioproxy.attempt"] = attempt
         span = self.tracer.start_span(
             f"{operation} {deployment.model}",
             context=trace.set_span_in_context(parent),
@@ -199,6 +192,37 @@ class OTelPlugin:
         call.state[_ATTEMPT] = span
         # The upstream continues this attempt's trace.
         _W3C.inject(call.upstream_headers, context=trace.set_span_in_context(span))
+
+    def _attempt_attributes(self, deployment: Deployment, operation: str) -> dict[str, Any]:
+        """An attempt span's attributes but its number: the same for every attempt on one
+        deployment, so made once (parsing its address each time cost as much as the rest)."""
+        # Keyed by all it is made of: a deployment edited at run time keeps its id.
+        key = (
+            deployment.id,
+            deployment.name,
+            deployment.provider,
+            deployment.model,
+            deployment.api_base,
+            operation,
+        )
+        attributes = self._attempts.get(key)
+        if attributes is None:
+            name = deployment.id or deployment.describe()
+            attributes = {
+                "gen_ai.operation.name": operation,
+                "gen_ai.provider.name": deployment.provider,
+                "gen_ai.request.model": deployment.model,
+                "aioproxy.deployment": name,
+            }
+            if deployment.api_base:
+                where = urlsplit(deployment.api_base)
+                if where.hostname:
+                    attributes["server.address"] = where.hostname
+                if where.port:
+                    attributes["server.port"] = where.port
+            if len(self._attempts) < _MAX_CACHED:  # deployments made at run time come and go
+                self._attempts[key] = attributes
+        return attributes
 
     @hookimpl
     def after_attempt(self, call: Call, status: int, error: Exception | None) -> None:
