@@ -100,7 +100,9 @@ LOOPS_CONNECTIONS = 16
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
 INSTALL_HINT = f"apt-get update && apt-get install -y {' '.join(APT_PACKAGES.values())}"
-SMOKE_MAX_CPU_RATIO = 1.3  # measured 0.84-1.10 (2026-12-06, noisy); was 1.5
+# Measured 1.15-1.36 since the request log is on the default path (~40 µs a request, issue 12;
+# 2026-12-06): 1.3 failed one run in three. It was 1.3 while aioproxy measured 0.84-1.10.
+SMOKE_MAX_CPU_RATIO = 1.45
 
 
 class BenchError(RuntimeError):
