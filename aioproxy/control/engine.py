@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +110,26 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # First: switching to WAL waits too, while another instance migrates a new file.
     cursor.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``. Instances opening a new file together race to switch it,
+    and SQLite answers the loser "database is locked" at once, without the busy wait (which
+    could deadlock there): it tries again, within the busy timeout. Only at a connection's
+    start, and only on that race, does this sleep."""
+    deadline = time.monotonic() + _BUSY_WAIT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, through SQLAlchemy's adapter
+            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 async def open_engine(url: str) -> AsyncEngine:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +235,29 @@ async def test_instances_starting_together_share_one_schema(db_url: str) -> None
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_a_new_sqlite_file_another_connection_writes_is_switched_to_wal(
+    tmp_path: Path,
+) -> None:
+    """SQLite answers a switch to WAL "database is locked" at once, without the busy wait, while
+    another connection holds a write lock on the file (as an instance starting on the same new
+    file may): the switch is tried again until the lock is gone, not reported as fatal."""
+    path = tmp_path / "control.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO other VALUES (1)")
+    release = threading.Timer(0.3, holder.execute, ("COMMIT",))
+    release.start()
+    try:
+        engine = await open_engine(f"sqlite:///{path}")
+    finally:
+        release.join()
+        holder.close()
+    try:
+        async with engine.connect() as connection:
+            mode = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
+        assert mode == "wal"
+    finally:
+        await engine.dispose()
