@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -75,9 +75,11 @@ _decode_answer = msgspec.json.Decoder(_Answer).decode
 _LAST_DATA_EVENTS = 3
 _MESSAGE_START = b'"message_start"'  # the type of the Anthropic event that gives input tokens
 _UNKNOWN = object()
+_T = TypeVar("_T")
 
 
-def _first(value: int | None, other: int | None) -> int | None:
+def _first(value: _T | None, other: _T | None) -> _T | None:
+    """Chat's name for a field if the answer has it, else the Responses/Anthropic one."""
     return value if value is not None else other
 
 
@@ -92,18 +94,14 @@ def _usage_from(raw: _RawUsage | None) -> Usage | None:
     if prompt is None and completion is None and total is None and read is None:
         return None
     prompt, completion = prompt or 0, completion or 0
-    details = _first_details(raw.prompt_tokens_details, raw.input_tokens_details)
+    details = _first(raw.prompt_tokens_details, raw.input_tokens_details)
     cached = (details.cached_tokens or 0) if details is not None else 0
     if read is not None or written is not None:
         cached = read or 0
         prompt += cached + (written or 0)
-    details = _first_details(raw.completion_tokens_details, raw.output_tokens_details)
+    details = _first(raw.completion_tokens_details, raw.output_tokens_details)
     reasoning = (details.reasoning_tokens or 0) if details is not None else 0
     return Usage(prompt, completion, total or prompt + completion, cached, reasoning)
-
-
-def _first_details(value: _Details | None, other: _Details | None) -> _Details | None:
-    return value if value is not None else other
 
 
 class Outcome:

@@ -91,7 +91,7 @@ async def insert_rows(
     whole = len(rows) - len(rows) % ROWS_A_STATEMENT
     if whole:
         flat = tuple(itertools.chain.from_iterable(rows[:whole]))
-        step = len(flat) // (whole // ROWS_A_STATEMENT)
+        step = ROWS_A_STATEMENT * len(rows[0])  # one statement's parameters
         await connection.exec_driver_sql(
             many, [flat[i : i + step] for i in range(0, len(flat), step)]
         )
