@@ -177,7 +177,7 @@ class Outcome:
                         continue
                     # Only an event that says "usage" is decoded: a stream without usage is
                     # not taken apart, and only its last few events are looked at.
-                    usage = _event_usage(data) if b'"usage"' in data else None
+                    usage = _event_usage(data) if data.find(b'"usage"') >= 0 else None
                     if usage is not None:
                         if not usage.prompt_tokens and self.first is not None:
                             return _with_start(usage, self.first)

@@ -33,7 +33,7 @@ def check_answer(data: bytes, deployment: Deployment) -> None:
         )
     # Anywhere in the object: an error may follow other fields. The scan is a memchr-speed
     # search; the decode (top-level keys only) runs only when the key is there.
-    if b'"error"' in data and (error := stream_error(data, deployment)):
+    if data.find(b'"error"') >= 0 and (error := stream_error(data, deployment)):
         raise error
 
 
@@ -74,7 +74,10 @@ async def events(
     blocks = iter_sse_blocks(response.content, idle=idle, budget=budget)
     try:
         async for block in blocks:
-            if b"error" in block:  # the rare block worth a closer look (measured: ~1 ns a byte)
+            # The rare block worth a closer look (measured: ~1 ns a byte). ``find``, not ``in``:
+            # ``b"..." in block`` first tries its operand as an integer, raising and clearing a
+            # TypeError per event.
+            if block.find(b"error") >= 0:
                 block, error = _errors_in(block, deployment, kind)
                 if error is not None:
                     if block:

@@ -117,10 +117,19 @@ def _caller(
     return lambda kwargs: function(*pick(kwargs))
 
 
+# Whether a result's type is awaitable, per type: ``hasattr`` on a type that lacks the name
+# raises and clears an AttributeError with a formatted message, a sync hook's every call.
+_AWAITABLE_TYPES: dict[type, bool] = {CoroutineType: True}
+
+
 def _is_awaitable(result: Any) -> bool:
     # A coroutine, or any object with __await__ (what inspect.isawaitable checks, minus its ABC
     # machinery, which costs more than the rest of a sync hook call).
-    return type(result) is CoroutineType or hasattr(type(result), "__await__")
+    kind = type(result)
+    awaitable = _AWAITABLE_TYPES.get(kind)
+    if awaitable is None:
+        awaitable = _AWAITABLE_TYPES[kind] = hasattr(kind, "__await__")
+    return awaitable
 
 
 class Hook:

@@ -47,12 +47,15 @@ def new_request_id() -> str:
 
 def request_id(request: web.BaseRequest) -> str:
     """The request's id: read or made the first time it is asked for, the same thereafter."""
-    rid: str | None = request.get(REQUEST_ID)
-    if rid is None:
+    # Indexed, not ``request.get``: a request's ``get`` is Mapping's, in Python, over the same
+    # indexing (a call more each time the id is asked for).
+    try:
+        return request[REQUEST_ID]
+    except KeyError:
         given = request.headers.get(HEADER)
         rid = given if given is not None and is_sane(given) else new_request_id()
         request[REQUEST_ID] = rid
-    return rid
+        return rid
 
 
 async def set_header(request: web.Request, response: web.StreamResponse) -> None:

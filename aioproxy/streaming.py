@@ -90,10 +90,10 @@ async def iter_sse_blocks(
     held = 0  # bytes of pending counted against the budget
     try:
         async for chunk in content.iter_any():
-            if not pending and chunk.endswith(end) and b"\r" not in chunk:
+            if not pending and chunk.endswith(end) and chunk.find(b"\r") < 0:
                 yield chunk  # the usual case: whole events, nothing to copy or hold
                 continue
-            if b"\r" in chunk or pending.endswith(b"\r"):
+            if chunk.find(b"\r") >= 0 or pending.endswith(b"\r"):
                 # Only the new bytes are rewritten: pending is normalized already.
                 if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
                     del pending[-1]
