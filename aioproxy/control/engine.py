@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,19 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _bind_none_and_bools_directly() -> None:
+    """Adapters that bind None and bools as sqlite3 would anyway (NULL, 1, 0), found at the
+    first lookup: without them each such parameter (about ten a request-log row) goes through
+    sqlite3's whole adaptation protocol, whose failed ``__adapt__`` lookup on a type formats
+    and clears an AttributeError; measured, a row's insert costs half as much with them."""
+    sqlite3.register_adapter(bool, int)
+    sqlite3.register_adapter(type(None), _NONE_TO_NULL)
+
+
+# None -> None by an empty dict's ``get``: a call in C (a lambda would cost a Python frame).
+_NONE_TO_NULL = dict[None, None]().get
+
+
 def _switch_to_wal(cursor: Any) -> None:
     """``PRAGMA journal_mode=WAL``. Instances opening a new file together race to switch it,
     and SQLite answers the loser "database is locked" at once, without the busy wait (which
@@ -146,6 +160,7 @@ async def open_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(parsed, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        _bind_none_and_bools_directly()
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_migrate)
