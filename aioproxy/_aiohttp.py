@@ -6,6 +6,8 @@ the tests of h1client.py and server.py) first. Elsewhere, import only ``aiohttp`
 ``aiohttp.web`` (plus the documented ``aiohttp.typedefs`` and ``aiohttp.test_utils``).
 """
 
+from typing import Any
+
 from aiohttp.base_protocol import BaseProtocol  # h1client: the connection's flow control
 from aiohttp.http import HttpResponseParser, RawResponseMessage  # h1client: the C parser
 from aiohttp.http_exceptions import BadHttpMessage  # the body read: a malformed body
@@ -22,4 +24,11 @@ __all__ = [
     "RawResponseMessage",
     "RequestHandler",
     "RequestPayloadError",
+    "request_state",
 ]
+
+
+def request_state(request: BaseRequest) -> dict[Any, Any]:
+    """The dict behind ``request[key]``, to read with its ``get`` in C: the request's own ``get``
+    and ``in`` are Mapping's, in Python, and raise and catch a KeyError for a key not there."""
+    return request._state

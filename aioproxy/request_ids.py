@@ -13,6 +13,8 @@ import secrets
 
 from aiohttp import web
 
+from ._aiohttp import request_state
+
 __all__ = ["HEADER", "REQUEST_ID", "is_sane", "new_request_id", "request_id", "set_header"]
 
 HEADER = "x-request-id"
@@ -47,15 +49,13 @@ def new_request_id() -> str:
 
 def request_id(request: web.BaseRequest) -> str:
     """The request's id: read or made the first time it is asked for, the same thereafter."""
-    # Indexed, not ``request.get``: a request's ``get`` is Mapping's, in Python, over the same
-    # indexing (a call more each time the id is asked for).
-    try:
-        return request[REQUEST_ID]
-    except KeyError:
+    state = request_state(request)
+    rid: str | None = state.get(REQUEST_ID)
+    if rid is None:
         given = request.headers.get(HEADER)
         rid = given if given is not None and is_sane(given) else new_request_id()
-        request[REQUEST_ID] = rid
-        return rid
+        state[REQUEST_ID] = rid
+    return rid
 
 
 async def set_header(request: web.Request, response: web.StreamResponse) -> None:
