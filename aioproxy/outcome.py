@@ -109,11 +109,11 @@ class Outcome:
 
     __slots__ = (
         "_cost",
+        "_events",
         "_usage",
         "body",
         "disconnected",
         "elapsed",
-        "events",
         "first",
         "last_events",
         "pricer",
@@ -131,7 +131,9 @@ class Outcome:
         ] = ()  # a stream's last blocks of events (usage is there)
         # A stream's first block: Anthropic's message_start has the input tokens there.
         self.first: bytes | None = None
-        self.events = 0  # events relayed (counted when an after_response hook or a tpm cap is set)
+        # Events relayed (counted when an after_response hook or a tpm cap is set); None: the
+        # stream came whole in ``first``, counted there if ever read.
+        self._events: int | None = 0
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end
@@ -140,6 +142,24 @@ class Outcome:
         self.pricer: Callable[[Usage | None], float | None] | None = None
         self._cost: Any = _UNKNOWN
         self._usage: Any = _UNKNOWN  # usage() once read (the tpm count and hooks may all ask)
+
+    @property
+    def events(self) -> int:
+        """The stream's events, for an estimate of its answer's tokens when it reported none."""
+        if self._events is None:
+            self._events = self.first.count(b"\n\n") if self.first is not None else 0
+        return self._events
+
+    @events.setter
+    def events(self, count: int) -> None:
+        self._events = count
+
+    def came_whole(self, stream: bytes) -> None:
+        """The whole stream was ``stream``, one block: its events are counted only if read
+        (the usual stream reports its usage, and a scan of every byte would be for nothing)."""
+        self.first = stream
+        self.last_events = (stream,)
+        self._events = None
 
     @property
     def cost(self) -> float | None:

@@ -159,8 +159,7 @@ async def _send_stream(
                 await response.prepare(request)
                 await response.write_eof()
                 assert first is not None
-                outcome.events = first.count(b"\n\n") if count_events else 0
-                outcome.last_events = (first,)
+                outcome.came_whole(first)
             else:
                 if not response.prepared:
                     await response.prepare(request)

@@ -301,3 +301,15 @@ def test_anthropic_usage_without_message_start_keeps_the_final_counts() -> None:
         outcome = Outcome(200, stream=True)
         outcome.first, outcome.last_events = first, (final,)
         assert outcome.usage() == Usage(0, 4, 4)
+
+
+def test_a_stream_that_came_whole_counts_its_events_when_read() -> None:
+    chunk = sse_data(b'{"choices":[{"delta":{"content":"a"}}]}')
+    stream = chunk * 3 + DONE
+    outcome = Outcome(200, stream=True)
+    outcome.came_whole(stream)
+    assert outcome.first == stream and outcome.last_events == (stream,)
+    assert outcome.events == 4  # three chunks and [DONE]
+    outcome.events = 7  # a count set wins
+    assert outcome.events == 7
+    assert Outcome(200, stream=True).events == 0
