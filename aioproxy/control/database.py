@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .._aiohttp import request_state
 from ..config import Config
 from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
 from ..keys import database_key
@@ -21,7 +22,7 @@ RATE_LIMIT_HEADERS = web.RequestKey("aioproxy.ratelimit_headers", dict[str, str]
 
 
 async def _add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    headers = request.get(RATE_LIMIT_HEADERS)
+    headers = request_state(request).get(RATE_LIMIT_HEADERS)  # mostly not there: no KeyError
     if headers:
         response.headers.update(headers)
 
