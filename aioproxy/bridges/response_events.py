@@ -10,7 +10,7 @@ import msgspec
 
 from ..errors import ProxyError
 from ..streaming import sse_event
-from .common import text_of
+from .common import ChatAnswer, ChatFunction, ChatToolCall, text_of
 
 __all__ = [
     "ChatAnswer",
@@ -27,38 +27,6 @@ _encode = msgspec.json.Encoder().encode
 def new_id(prefix: str) -> str:
     """A new object id, OpenAI style: ``resp_``, ``msg_``, ``fc_`` and 48 hex digits."""
     return prefix + secrets.token_hex(24)
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    content: Any = None  # a string; some providers send a list of parts
-    refusal: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None  # a whole answer
-    delta: _Message | None = None  # a stream chunk
-    finish_reason: str | None = None
-
-
-class ChatAnswer(msgspec.Struct):
-    """A chat completion or one of its stream chunks (or an error event): what the bridge reads."""
-
-    choices: list[_Choice] = []
-    usage: dict[str, Any] | None = None
-    error: Any = None
 
 
 decode_chat_answer = msgspec.json.Decoder(ChatAnswer).decode
@@ -308,9 +276,9 @@ class ResponseBuilder:
             )
         return events
 
-    def _tool_call(self, index: int, delta: _ToolCall) -> list[bytes]:
+    def _tool_call(self, index: int, delta: ChatToolCall) -> list[bytes]:
         events: list[bytes] = []
-        function = delta.function or _Function()
+        function = delta.function or ChatFunction()
         item = self.calls.get(index)
         if item is None:
             item = _CallItem(len(self.items), delta.id or new_id("call_"), function.name or "")

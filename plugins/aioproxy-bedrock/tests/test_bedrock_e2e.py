@@ -336,23 +336,18 @@ STREAM_ERRORS = [  # a stream's exception message, and the client's status and c
 ]
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
 @pytest.mark.parametrize(("kind", "seen", "code"), STREAM_ERRORS)
-async def test_a_stream_exception_first_is_the_answers_status(
-    proxy: testing.ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None
+async def test_a_stream_exception(
+    proxy: testing.ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None, first: bool
 ) -> None:
-    fake.faults.append(("exception_first", kind))
+    """First in the stream, it is the answer's status; later, an error event ends the stream."""
+    fake.faults.append(("exception_first" if first else "exception", kind))
     body = {"model": "claude", "messages": testing.HELLO, "stream": True}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        await testing.assert_openai_error(response, seen, code)
-
-
-@pytest.mark.parametrize(("kind", "seen", "code"), STREAM_ERRORS)
-async def test_a_stream_exception_later_is_an_error_event(
-    proxy: testing.ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None
-) -> None:
-    fake.faults.append(("exception", kind))
-    body = {"model": "claude", "messages": testing.HELLO, "stream": True}
-    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        if first:
+            await testing.assert_openai_error(response, seen, code)
+            return
         assert response.status == 200
         events = await testing.read_sse(response)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
