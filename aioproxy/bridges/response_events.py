@@ -200,6 +200,10 @@ class ResponseBuilder:
         self.sequence += 1
         return data
 
+    def _item_event(self, type_: str, item: _MessageItem | _CallItem, **fields: Any) -> bytes:
+        """An event within ``item``: it names the item and its place in the output."""
+        return self._event(type_, item_id=item.id, output_index=item.output_index, **fields)
+
     def start(self) -> list[bytes]:
         response = self.response("in_progress")
         return [
@@ -243,10 +247,9 @@ class ResponseBuilder:
             part = _Part(kind)
             item.parts.append(part)
             events.append(
-                self._event(
+                self._item_event(
                     "response.content_part.added",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     content_index=len(item.parts) - 1,
                     part=part.snapshot(),
                 )
@@ -266,10 +269,9 @@ class ResponseBuilder:
             events.append(sse_event(text_delta.type, text_delta))
         else:
             events.append(
-                self._event(
+                self._item_event(
                     "response.refusal.delta",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     content_index=content_index,
                     delta=delta,
                 )
@@ -289,10 +291,9 @@ class ResponseBuilder:
         if function.arguments:
             item.chunks.append(function.arguments)
             events.append(
-                self._event(
+                self._item_event(
                     "response.function_call_arguments.delta",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     delta=function.arguments,
                 )
             )
@@ -331,10 +332,9 @@ class ResponseBuilder:
                 events += self._close_part(item)
         else:
             events.append(
-                self._event(
+                self._item_event(
                     "response.function_call_arguments.done",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     name=item.name,
                     arguments="".join(item.chunks),
                 )
