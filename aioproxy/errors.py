@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -44,6 +45,25 @@ class ProxyError(Exception):
     # "internal_error"); the gateway's own failures that share an upstream status (a cap
     # reached, its buffers or store unavailable) say False.
     caused_by_upstream: bool | None = None
+
+    def __init_subclass__(
+        cls,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """A kind of failure declared in its class line, as ``class Gone(ProxyError,
+        status=410, type="invalid_request_error", code="gone")``; what it leaves out, it
+        inherits (a subclass may still set the class attributes in its body)."""
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if type is not None:
+            cls.type = type
+        if code is not None:
+            cls.default_code = code
 
     def __init__(
         self,
@@ -88,69 +108,58 @@ class ProxyError(Exception):
         return self.upstream_fault
 
 
-class BadRequest(ProxyError):
-    status = 400
-    type = "invalid_request_error"
+# The family: each kind declares its status, OpenAI's error type and default code in its class
+# line (see ProxyError.__init_subclass__).
 
 
-class AuthenticationError(ProxyError):
-    status = 401
-    type = "authentication_error"
-    default_code = "invalid_api_key"
+class BadRequest(ProxyError, status=400, type="invalid_request_error"):
+    """The request is malformed or asks for what cannot be done; ``param`` names the field."""
 
 
-class PermissionDenied(ProxyError):
-    status = 403
-    type = "permission_error"
-    default_code = "model_not_allowed"
+class AuthenticationError(
+    ProxyError, status=401, type="authentication_error", code="invalid_api_key"
+):
+    """No client key, or one the gateway does not know."""
 
 
-class NotFound(ProxyError):
-    status = 404
-    type = "invalid_request_error"
-    default_code = "not_found"
+class PermissionDenied(ProxyError, status=403, type="permission_error", code="model_not_allowed"):
+    """A known key that may not do this (a model it is not allowed)."""
 
 
-class ModelNotFound(NotFound):
-    default_code = "model_not_found"
+class NotFound(ProxyError, status=404, type="invalid_request_error", code="not_found"):
+    """No such thing (a route, a stored response)."""
 
 
-class PayloadTooLarge(ProxyError):
-    status = 413
-    type = "invalid_request_error"
-    default_code = "request_too_large"
+class ModelNotFound(NotFound, code="model_not_found"):
+    """No model of that name for this key."""
 
 
-class UnsupportedMediaType(ProxyError):
+class PayloadTooLarge(
+    ProxyError, status=413, type="invalid_request_error", code="request_too_large"
+):
+    """A request body over the configured limit."""
+
+
+class UnsupportedMediaType(
+    ProxyError, status=415, type="invalid_request_error", code="unsupported_media_type"
+):
     """A request body the proxy will not read: not JSON, or compressed."""
 
-    status = 415
-    type = "invalid_request_error"
-    default_code = "unsupported_media_type"
+
+class RateLimited(ProxyError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
+    """A rate cap reached (the gateway's, or an upstream's)."""
 
 
-class RateLimited(ProxyError):
-    status = 429
-    type = "rate_limit_error"
-    default_code = "rate_limit_exceeded"
-
-
-class UpstreamError(ProxyError):
+class UpstreamError(ProxyError, type="upstream_error"):
     """The upstream answered with an error; its status and message are passed on."""
 
-    type = "upstream_error"
+
+class BadGateway(ProxyError, status=502, type="upstream_error", code="bad_gateway"):
+    """The upstream failed to answer properly (unreachable, broken, not of its shape)."""
 
 
-class BadGateway(ProxyError):
-    status = 502
-    type = "upstream_error"
-    default_code = "bad_gateway"
-
-
-class GatewayTimeout(ProxyError):
-    status = 504
-    type = "timeout_error"
-    default_code = "upstream_timeout"
+class GatewayTimeout(ProxyError, status=504, type="timeout_error", code="upstream_timeout"):
+    """The upstream took too long."""
 
 
 class _ErrorDetail(msgspec.Struct, omit_defaults=False):

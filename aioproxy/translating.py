@@ -10,7 +10,7 @@ value a field may lack as absent, so a translator decides what is missing, namin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -18,6 +18,7 @@ from .context import Deployment
 from .errors import BadGateway, BadRequest
 from .fields import (
     ABSENT,
+    INT,
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
     MAX_STOP,
@@ -26,6 +27,7 @@ from .fields import (
     NULL,
     ArrayOf,
     get_field,
+    text_or_array,
 )
 from .transport import UpstreamResponse
 
@@ -55,22 +57,28 @@ __all__ = [
     "Tool",
     "ToolCall",
     "ToolChoice",
+    "TurnTranslator",
     "add_turn",
     "assistant_choice",
     "chat_completion",
+    "chat_messages",
     "completion_usage",
     "decode_upstream",
     "expect_content_type",
     "function_tool",
     "image_url_of",
     "include_usage",
+    "inline_file",
     "invalid_answer",
     "is_empty_schema",
     "json_object",
+    "max_tokens_of",
     "part_text",
     "split_data_url",
+    "stop_sequences",
     "token_count",
     "tool_call",
+    "usage_with_cache",
 ]
 
 T = TypeVar("T")
@@ -205,6 +213,34 @@ _STREAM_OPTIONS = msgspec.json.Decoder(_StreamOptions | None)
 _EMPTY_OBJECT = msgspec.Raw(b"{}")
 
 
+def chat_messages(fields: Mapping[str, msgspec.Raw], service: str) -> list[AnyMessage]:
+    """The request's ``messages``, decoded (a 400 unless an array of messages), after refusing
+    the deprecated ``functions`` / ``function_call``, which no translation carries to
+    ``service``."""
+    for legacy in ("functions", "function_call"):
+        if fields.get(legacy, NULL) != NULL:
+            raise BadRequest(
+                f"'{legacy}' is deprecated and not translated for {service}; use 'tools'",
+                param=legacy,
+            )
+    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
+    if messages is None:
+        raise BadRequest("'messages' must be an array of messages", param="messages")
+    return messages
+
+
+def max_tokens_of(fields: Mapping[str, msgspec.Raw]) -> int | None:
+    """The answer's token cap: ``max_completion_tokens``, else the older ``max_tokens``."""
+    max_tokens = get_field(fields, "max_completion_tokens", INT)
+    return get_field(fields, "max_tokens", INT) if max_tokens is None else max_tokens
+
+
+def stop_sequences(fields: Mapping[str, msgspec.Raw]) -> list[str] | None:
+    """``stop`` (a string or an array of them) as a list; None when absent or null."""
+    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
+    return [stop] if isinstance(stop, str) else stop
+
+
 def include_usage(fields: Mapping[str, msgspec.Raw]) -> bool:
     """Whether a stream must end with a usage chunk (``stream_options.include_usage``)."""
     options = get_field(fields, "stream_options", _STREAM_OPTIONS)
@@ -230,16 +266,138 @@ def image_url_of(part: ContentPart, where: str) -> str:
     return url
 
 
-def add_turn(turns: list[dict[str, Any]], role: str, blocks: list[Any]) -> None:
-    """``blocks`` as ``role``'s next turn, for an upstream whose turns alternate (Anthropic's,
-    Converse): merged into the last turn when it is the same role's; nothing when empty (such
-    upstreams refuse empty turns, and an empty message says nothing anyway)."""
+def add_turn(
+    turns: list[dict[str, Any]], role: str, blocks: list[Any], key: str = "content"
+) -> None:
+    """``blocks`` as ``role``'s next turn (its ``key``: Gemini's is ``parts``), for an upstream
+    whose turns alternate (Anthropic's, Converse, Gemini's): merged into the last turn when it
+    is the same role's; nothing when empty (such upstreams refuse empty turns, and an empty
+    message says nothing anyway)."""
     if not blocks:
         return
     if turns and turns[-1]["role"] == role:
-        turns[-1]["content"].extend(blocks)
+        turns[-1][key].extend(blocks)
     else:
-        turns.append({"role": role, "content": blocks})
+        turns.append({"role": role, key: blocks})
+
+
+class TurnTranslator:
+    """OpenAI chat ``messages`` as an upstream's system blocks and alternating turns (Anthropic's
+    Messages, Converse, Gemini's contents). The walk, the roles, the content parts and the 400s
+    naming each field are here; a subclass says what each piece becomes upstream.
+
+    Set ``service`` (named in 400s) and give ``text_block``, ``image_block``, ``file_block``,
+    ``tool_use`` and ``tool_result``; ``audio_block`` refuses audio unless given too. An
+    instance may keep one request's state (Gemini's tool call names): make one per request then.
+    """
+
+    service: ClassVar[str] = "this upstream"
+    assistant_role: ClassVar[str] = "assistant"  # the upstream's name for it (Gemini: model)
+    turn_key: ClassVar[str] = "content"  # where a turn holds its blocks (Gemini: parts)
+    assistant_text_only: ClassVar[bool] = False  # an assistant's content may hold text only
+
+    def split(self, messages: list[AnyMessage]) -> tuple[list[Any], list[dict[str, Any]]]:
+        """The system and developer messages' blocks (text only), wherever they stand, and the
+        others as turns: tool results are the user's, same-role neighbours merged so that user
+        and assistant alternate, empty messages left out."""
+        system: list[Any] = []
+        turns: list[dict[str, Any]] = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            role = message.role
+            if role in SYSTEM_ROLES:
+                content = f"{where}.content"
+                system.extend(self.text_only(self.blocks(message.content, content), content))
+                continue
+            if role == "user":
+                blocks, turn_role = self.blocks(message.content, f"{where}.content"), "user"
+            elif role == "assistant":
+                blocks, turn_role = self.assistant_blocks(message, where), self.assistant_role
+            elif role == "tool":
+                blocks, turn_role = [self.tool_result(message, where)], "user"
+            else:
+                raise BadRequest(
+                    f"Role {role!r} of '{where}' cannot be sent to {self.service}; use system, "
+                    "developer, user, assistant or tool",
+                    param=f"{where}.role",
+                )
+            add_turn(turns, turn_role, blocks, self.turn_key)
+        return system, turns
+
+    def blocks(
+        self, content: msgspec.Raw | str | list[ContentPart] | None, where: str
+    ) -> list[Any]:
+        """A message's ``content`` (raw, a string or parts) as blocks; empty text gives none."""
+        return self.parts_blocks(text_or_array(content, CONTENT_PARTS, where), where)
+
+    def parts_blocks(self, content: str | list[ContentPart] | None, where: str) -> list[Any]:
+        """Decoded content (a string or parts) as blocks."""
+        if content is None:
+            return []
+        if isinstance(content, str):
+            return [self.text_block(content)] if content else []
+        blocks = []
+        for j, part in enumerate(content):
+            block = self.part_block(part, f"{where}[{j}]", j)
+            if block is not None:
+                blocks.append(block)
+        return blocks
+
+    def part_block(self, part: ContentPart, where: str, j: int) -> Any:
+        """One content part (the ``j``-th) as a block; None for empty text."""
+        kind = part.type
+        if kind in ("text", "refusal"):
+            text = part_text(part, where)
+            return self.text_block(text) if text else None
+        if kind == "image_url":
+            return self.image_block(image_url_of(part, where), f"{where}.image_url.url")
+        if kind == "file":
+            return self.file_block(part.file, f"{where}.file", j)
+        if kind == "input_audio":
+            return self.audio_block(part, where)
+        raise BadRequest(
+            f"Content part type {kind!r} cannot be sent to {self.service}", param=f"{where}.type"
+        )
+
+    def text_only(self, blocks: list[Any], where: str, message: str = "a system") -> list[Any]:
+        """``blocks``, if all are text; else a 400: ``where`` of ``message`` may hold only text."""
+        if not all(self.is_text(block) for block in blocks):
+            raise BadRequest(f"'{where}' of {message} message may only hold text", param=where)
+        return blocks
+
+    def assistant_blocks(self, message: AnyMessage, where: str) -> list[Any]:
+        """An assistant message's content, then its tool calls, as blocks."""
+        blocks = self.blocks(message.content, f"{where}.content")
+        if self.assistant_text_only:
+            self.text_only(blocks, f"{where}.content", "an assistant")
+        calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
+        for j, call in enumerate(calls or ()):
+            blocks.append(self.tool_use(call, f"{where}.tool_calls[{j}]"))
+        return blocks
+
+    # -- what a subclass gives --
+
+    def text_block(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def is_text(self, block: Any) -> bool:
+        """Whether a block is text (what ``text_block`` made): by default, one with ``text``."""
+        return "text" in block
+
+    def image_block(self, url: str, where: str) -> Any:
+        raise NotImplementedError
+
+    def file_block(self, file: InputFile | None, where: str, j: int) -> Any:
+        raise NotImplementedError
+
+    def audio_block(self, part: ContentPart, where: str) -> Any:
+        raise BadRequest(f"{self.service} does not take audio input", param=where)
+
+    def tool_use(self, call: ToolCall, where: str) -> Any:
+        raise NotImplementedError
+
+    def tool_result(self, message: AnyMessage, where: str) -> Any:
+        raise NotImplementedError
 
 
 def split_data_url(url: str, where: str) -> tuple[str, str]:
@@ -263,6 +421,21 @@ def json_object(text: str | None, where: str, why: str) -> msgspec.Raw:
     except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         raise BadRequest(f"'{where}' must be a JSON object, {why}", param=where) from None
     return msgspec.Raw(text.encode())
+
+
+def inline_file(file: InputFile | None, where: str, service: str) -> tuple[str, str]:
+    """A ``file`` part's inline data as (media type, base64 data): a data URL's own type, or a
+    PDF for bare base64 (OpenAI's file parts are PDFs); a 400 naming ``where`` for a part with
+    no ``file_data`` (an uploaded file's id means nothing to ``service``)."""
+    data = file.file_data if file is not None else None
+    if data is None:
+        raise BadRequest(
+            f"'{where}' must carry 'file_data'; uploaded file ids mean nothing to {service}",
+            param=where,
+        )
+    if data.startswith("data:"):
+        return split_data_url(data, f"{where}.file_data")
+    return "application/pdf", data
 
 
 def is_empty_schema(schema: msgspec.Raw) -> bool:
@@ -346,6 +519,22 @@ def completion_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, An
     }
 
 
+def usage_with_cache(
+    uncached: int | None, cache_read: int | None, cache_write: int | None, completion: int | None
+) -> dict[str, Any]:
+    """Chat completions usage of an upstream that counts cached prompt tokens apart (Anthropic,
+    Converse): the prompt is the uncached tokens, the cache reads and the cache writes added up."""
+    read, written = token_count(cache_read), token_count(cache_write)
+    prompt = token_count(uncached) + read + written
+    completed = token_count(completion)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completed,
+        "total_tokens": prompt + completed,
+        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written},
+    }
+
+
 def tool_call(id: str | None, name: str | None, arguments: msgspec.Raw) -> dict[str, Any]:
     """A tool call of an answer: its arguments the JSON the upstream wrote (``{}`` if none)."""
     text = "{}" if not arguments or arguments == NULL else bytes(arguments).decode()
@@ -392,6 +581,7 @@ class ChunkMaker:
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        self._tool_calls: dict[Any, int] = {}  # upstream block -> OpenAI tool call index
 
     def chunk(
         self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0
@@ -412,3 +602,20 @@ class ChunkMaker:
     def usage_chunk_of(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The extra last chunk of ``include_usage``: no choices, the ``usage``."""
         return {**self.chunk({}), "choices": [], "usage": usage}
+
+    def tool_call_start(self, block: Any, id: str | None, name: str | None) -> dict[str, Any]:
+        """The chunk that opens a tool call: upstream ``block`` (its index, say) becomes the
+        next OpenAI tool call, numbered apart from the upstream's other blocks."""
+        index = self._tool_calls[block] = len(self._tool_calls)
+        function = {"name": name, "arguments": ""}
+        return self.chunk(
+            {"tool_calls": [{"index": index, "id": id, "type": "function", "function": function}]}
+        )
+
+    def tool_call_arguments(self, block: Any, arguments: str) -> dict[str, Any] | None:
+        """The chunk of more ``arguments`` for the tool call that ``block`` opened; None when
+        it opened none."""
+        index = self._tool_calls.get(block)
+        if index is None:
+            return None
+        return self.chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})

@@ -21,7 +21,10 @@ from aioproxy import Call, Deployment, JSONReply, Secret, StreamReply
 from aioproxy.testing import eventually
 
 __all__ = [
+    "ALICE",
+    "ALICE_AND_BOB",
     "AUTH",
+    "BOB",
     "CHAT",
     "HI_CHUNK",
     "MASTER_KEY",
@@ -52,6 +55,12 @@ KEYED = Deployment(
     name="keyed", provider="chatonly", model="up-model", api_key=Secret(UPSTREAM_KEY)
 )
 MESSAGES = [{"role": "user", "content": "hi"}]
+# Two client keys besides the master key, for what one key may see of the other's.
+ALICE, BOB = "sk-alice-test", "sk-bob-test"
+ALICE_AND_BOB = {
+    "master_key": MASTER_KEY,
+    "keys": [{"key": ALICE, "name": "alice"}, {"key": BOB, "name": "bob"}],
+}
 # A minimal chat chunk, for fake upstreams that write their streams by hand.
 HI_CHUNK = {
     "id": "c1",

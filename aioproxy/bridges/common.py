@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from .. import streaming
 from ..context import Call, Deployment
@@ -15,6 +16,11 @@ from ..providers import JSONReply, StreamReply
 from ..streaming import split_events
 
 __all__ = [
+    "ChatAnswer",
+    "ChatChoice",
+    "ChatFunction",
+    "ChatMessage",
+    "ChatToolCall",
     "chat_call",
     "events_of",
     "first_event",
@@ -23,6 +29,42 @@ __all__ = [
     "text_of",
     "unsupported",
 ]
+
+
+# What the bridges read of a chat answer's choices (whole, or a stream chunk's), typed; each
+# bridge's ChatAnswer holds them with the usage in the form it needs.
+
+
+class ChatFunction(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChatToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: ChatFunction | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    content: Any = None  # a string; some providers send a list of parts (see text_of)
+    refusal: str | None = None
+    tool_calls: list[ChatToolCall] | None = None
+
+
+class ChatChoice(msgspec.Struct):
+    index: int = 0
+    message: ChatMessage | None = None  # a whole answer
+    delta: ChatMessage | None = None  # a stream chunk
+    finish_reason: str | None = None
+
+
+class ChatAnswer(msgspec.Struct):
+    """A chat completion or one of its stream chunks (or an error event): what a bridge reads."""
+
+    choices: list[ChatChoice] = []
+    usage: dict[str, Any] | None = None
+    error: Any = None
 
 
 def chat_call(call: Call, body: dict[str, Any]) -> Call:

@@ -36,7 +36,18 @@ from ..fields import (
 )
 from ..providers import JSONReply, ProviderMethod, Reply, StreamReply
 from ..streaming import DONE, data_of, sse_data
-from .common import chat_call, events_of, first_event, once, scrubbed, text_of, unsupported
+from .common import (
+    ChatAnswer,
+    ChatChoice,
+    ChatMessage,
+    chat_call,
+    events_of,
+    first_event,
+    once,
+    scrubbed,
+    text_of,
+    unsupported,
+)
 
 __all__ = [
     "Admission",
@@ -197,10 +208,6 @@ def chat_call_for(call: Call, request: CompletionRequest, prompt: str) -> Call:
     return sub
 
 
-class _Message(msgspec.Struct):
-    content: Any = None
-
-
 class _TopLogprob(msgspec.Struct):
     token: str = ""
     logprob: float = 0.0
@@ -218,22 +225,18 @@ class _ChatLogprobs(msgspec.Struct):
     content: list[_TokenLogprob] | None = None
 
 
-class _Choice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None  # a whole answer
-    delta: _Message | None = None  # a stream chunk
-    finish_reason: str | None = None
+class _Choice(ChatChoice):
     logprobs: _ChatLogprobs | None = None
 
 
-class _ChatAnswer(msgspec.Struct):
+class _ChatAnswer(ChatAnswer):
+    """A chat answer, with what a completion repeats of it and its choices' log probabilities."""
+
     id: str | None = None
     created: int | None = None
     model: str | None = None
     system_fingerprint: str | None = None
-    choices: list[_Choice] = []
-    usage: dict[str, Any] | None = None
-    error: Any = None
+    choices: list[_Choice] = []  # type: ignore[assignment]  # noqa: RUF012 - with their logprobs
 
 
 _decode_answer = msgspec.json.Decoder(_ChatAnswer).decode
@@ -319,7 +322,7 @@ def completion_from_chat(
         first = first or answer
         _add_usage(usage, answer.usage)
         for choice in answer.choices:
-            message = choice.message or choice.delta or _Message()
+            message = choice.message or choice.delta or ChatMessage()
             index = number * n + choice.index
             choices.append(
                 {
@@ -520,7 +523,7 @@ async def _relay(
                 _add_usage(usage, answer.usage)
                 choices = []
                 for choice in answer.choices:
-                    message = choice.delta or choice.message or _Message()
+                    message = choice.delta or choice.message or ChatMessage()
                     text = text_of(message.content)
                     if not text and choice.finish_reason is None:
                         continue  # the role chunk, or tool call pieces: nothing legacy can say

@@ -11,6 +11,7 @@ import msgspec
 
 from ..errors import BadGateway
 from ..streaming import sse_event
+from .common import ChatChoice, ChatFunction, ChatMessage, ChatToolCall, text_of
 
 _encode = msgspec.json.Encoder().encode
 
@@ -26,30 +27,6 @@ _STOP_REASONS = {
 }
 
 
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    content: str | list[Any] | None = None
-    refusal: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None  # a whole answer
-    delta: _Message | None = None  # a stream chunk
-    finish_reason: str | None = None
-
-
 class _Details(msgspec.Struct):
     cached_tokens: int | None = None
 
@@ -63,7 +40,7 @@ class _Usage(msgspec.Struct):
 class ChatAnswer(msgspec.Struct):
     """A chat completion or chunk, as far as a Message needs it."""
 
-    choices: list[_Choice] = []
+    choices: list[ChatChoice] = []
     usage: _Usage | None = None
     error: Any = None
 
@@ -99,16 +76,6 @@ def _usage(usage: _Usage | None) -> dict[str, int]:
     }
 
 
-def _text(content: str | list[Any] | None) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(
-        part["text"]
-        for part in content or ()
-        if isinstance(part, dict) and isinstance(part.get("text"), str)
-    )
-
-
 def _tool_input(arguments: str | None) -> Any:
     try:
         value = msgspec.json.decode(arguments or "{}")
@@ -128,12 +95,12 @@ def message_from_chat(answer: ChatAnswer, model: str) -> dict[str, Any]:
     stop_reason = "end_turn"
     if answer.choices:
         choice = answer.choices[0]
-        message = choice.message or choice.delta or _Message()
-        text = _text(message.content) or message.refusal or ""
+        message = choice.message or choice.delta or ChatMessage()
+        text = text_of(message.content) or message.refusal or ""
         if text:
             content.append({"type": "text", "text": text})
         for call in message.tool_calls or ():
-            function = call.function or _Function()
+            function = call.function or ChatFunction()
             content.append(
                 {
                     "type": "tool_use",
@@ -275,7 +242,7 @@ class MessageStream:
                 continue  # a Message has one choice
             delta = choice.delta or choice.message
             if delta is not None:
-                text = _text(delta.content) or delta.refusal
+                text = text_of(delta.content) or delta.refusal
                 if text:
                     if self._block != "text":
                         self._open(out, {"type": "text", "text": ""}, "text")
@@ -285,10 +252,10 @@ class MessageStream:
             if choice.finish_reason is not None:
                 self.stop_reason = _STOP_REASONS.get(choice.finish_reason, "end_turn")
 
-    def _tool_piece(self, call: _ToolCall, out: list[bytes]) -> None:
+    def _tool_piece(self, call: ChatToolCall, out: list[bytes]) -> None:
         """A tool call's piece: a new call (another index, or another id at the same index, as
         some servers number them) opens its tool_use block; arguments are its JSON deltas."""
-        function = call.function or _Function()
+        function = call.function or ChatFunction()
         if (
             self._block != "tool_use"
             or call.index != self._tool

@@ -10,7 +10,7 @@ import msgspec
 
 from ..errors import ProxyError
 from ..streaming import sse_event
-from .common import text_of
+from .common import ChatAnswer, ChatFunction, ChatToolCall, text_of
 
 __all__ = [
     "ChatAnswer",
@@ -27,38 +27,6 @@ _encode = msgspec.json.Encoder().encode
 def new_id(prefix: str) -> str:
     """A new object id, OpenAI style: ``resp_``, ``msg_``, ``fc_`` and 48 hex digits."""
     return prefix + secrets.token_hex(24)
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function | None = None
-
-
-class _Message(msgspec.Struct):
-    content: Any = None  # a string; some providers send a list of parts
-    refusal: str | None = None
-    tool_calls: list[_ToolCall] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None  # a whole answer
-    delta: _Message | None = None  # a stream chunk
-    finish_reason: str | None = None
-
-
-class ChatAnswer(msgspec.Struct):
-    """A chat completion or one of its stream chunks (or an error event): what the bridge reads."""
-
-    choices: list[_Choice] = []
-    usage: dict[str, Any] | None = None
-    error: Any = None
 
 
 decode_chat_answer = msgspec.json.Decoder(ChatAnswer).decode
@@ -232,6 +200,10 @@ class ResponseBuilder:
         self.sequence += 1
         return data
 
+    def _item_event(self, type_: str, item: _MessageItem | _CallItem, **fields: Any) -> bytes:
+        """An event within ``item``: it names the item and its place in the output."""
+        return self._event(type_, item_id=item.id, output_index=item.output_index, **fields)
+
     def start(self) -> list[bytes]:
         response = self.response("in_progress")
         return [
@@ -275,10 +247,9 @@ class ResponseBuilder:
             part = _Part(kind)
             item.parts.append(part)
             events.append(
-                self._event(
+                self._item_event(
                     "response.content_part.added",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     content_index=len(item.parts) - 1,
                     part=part.snapshot(),
                 )
@@ -298,19 +269,18 @@ class ResponseBuilder:
             events.append(sse_event(text_delta.type, text_delta))
         else:
             events.append(
-                self._event(
+                self._item_event(
                     "response.refusal.delta",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     content_index=content_index,
                     delta=delta,
                 )
             )
         return events
 
-    def _tool_call(self, index: int, delta: _ToolCall) -> list[bytes]:
+    def _tool_call(self, index: int, delta: ChatToolCall) -> list[bytes]:
         events: list[bytes] = []
-        function = delta.function or _Function()
+        function = delta.function or ChatFunction()
         item = self.calls.get(index)
         if item is None:
             item = _CallItem(len(self.items), delta.id or new_id("call_"), function.name or "")
@@ -321,10 +291,9 @@ class ResponseBuilder:
         if function.arguments:
             item.chunks.append(function.arguments)
             events.append(
-                self._event(
+                self._item_event(
                     "response.function_call_arguments.delta",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     delta=function.arguments,
                 )
             )
@@ -363,10 +332,9 @@ class ResponseBuilder:
                 events += self._close_part(item)
         else:
             events.append(
-                self._event(
+                self._item_event(
                     "response.function_call_arguments.done",
-                    item_id=item.id,
-                    output_index=item.output_index,
+                    item,
                     name=item.name,
                     arguments="".join(item.chunks),
                 )

@@ -18,10 +18,9 @@ from aioproxy.hookspecs import RegisterProvider
 from aioproxy.testing import FakeOpenAI, assert_openai_error
 from aioproxy.testing.openai_upstream import TOOL_ARGUMENTS
 from tests.schemas import validate
-from tests.support import MASTER_KEY, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
+from tests.support import ALICE, ALICE_AND_BOB, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
 
 FORMS = pytest.mark.parametrize("prefix", ["/v1", ""], ids=["openai-form", "alias"])
-ALICE, BOB = "sk-alice-test", "sk-bob-test"
 WEATHER_TOOL = {
     "type": "function",
     "name": "get_weather",
@@ -53,10 +52,7 @@ class ChatOnlyPlugin:
 
 def bridged_config(api_base: str, store_path: Path, **responses: Any) -> dict[str, Any]:
     return {
-        "auth": {
-            "master_key": MASTER_KEY,
-            "keys": [{"key": ALICE, "name": "alice"}, {"key": BOB, "name": "bob"}],
-        },
+        "auth": ALICE_AND_BOB,
         "models": [
             {
                 "name": "bridged",

@@ -124,19 +124,12 @@ def test_chat_body_passes_the_sampling_options() -> None:
         "best_of": 2,
         "logprobs": None,
     }
+    # Everything but the prompt and the completions-only options goes to chat as it came.
+    passed = {k: v for k, v in body.items() if k not in ("prompt", "echo", "best_of", "logprobs")}
     assert sent(body, "Say hi") == {
         "messages": [{"role": "user", "content": "Say hi"}],
         "model": "up-model",
-        "max_tokens": 9,
-        "temperature": 0.1,
-        "top_p": 0.5,
-        "n": 2,
-        "stop": ["\n"],
-        "presence_penalty": 0.3,
-        "frequency_penalty": 0.4,
-        "logit_bias": {"50256": -100},
-        "user": "u",
-        "seed": 7,
+        **passed,
     }
     logprobs = sent({"prompt": "p", "logprobs": 3}, "p")
     assert logprobs["logprobs"] is True and logprobs["top_logprobs"] == 3

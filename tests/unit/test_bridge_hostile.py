@@ -13,6 +13,7 @@ from aioproxy.bridges.completions import CompletionRequest, prompts_of
 from aioproxy.bridges.response_events import response_from_chat
 from aioproxy.bridges.response_request import chat_request
 from aioproxy.fields import raw_fields
+from tests.hostile import RESPONSES_FIELDS, nested
 
 SCALARS = st.one_of(
     st.none(),
@@ -39,59 +40,32 @@ SCALARS = st.one_of(
 )
 
 
-def _nested(
-    inner: st.SearchStrategy[Any],
-) -> st.SearchStrategy[Any]:
-    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
-    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
-    return st.one_of(
-        st.lists(inner, max_size=3),
-        st.dictionaries(
-            st.sampled_from(
-                [
-                    "type",
-                    "role",
-                    "content",
-                    "text",
-                    "name",
-                    "call_id",
-                    "output",
-                    "arguments",
-                    "image_url",
-                    "file_id",
-                    "format",
-                    "tools",
-                    "mode",
-                    "schema",
-                    "id",
-                    "detail",
-                    "effort",
-                ]
-            ),
-            inner,
-            max_size=4,
-        ),
-    )
+_KEYS = [
+    "type",
+    "role",
+    "content",
+    "text",
+    "name",
+    "call_id",
+    "output",
+    "arguments",
+    "image_url",
+    "file_id",
+    "format",
+    "tools",
+    "mode",
+    "schema",
+    "id",
+    "detail",
+    "effort",
+]
 
 
 JSON = st.recursive(
     SCALARS,
-    _nested,
+    nested(st.sampled_from(_KEYS), items=3, members=4),
     max_leaves=12,
 )
-RESPONSES_KEYS = [
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "text",
-    "reasoning",
-    "max_output_tokens",
-    "parallel_tool_calls",
-    "stream",
-    "background",
-    "metadata",
-]
 COMPLETIONS_KEYS = [
     "prompt",
     "suffix",
@@ -110,7 +84,7 @@ def bodies(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(body=bodies(RESPONSES_KEYS), with_input=st.booleans())
+@given(body=bodies(RESPONSES_FIELDS), with_input=st.booleans())
 @example(body={"tools": 0}, with_input=True)
 @example(body={"input": [{"role": ["user"]}]}, with_input=False)
 def test_responses_requests(body: dict[str, Any], with_input: bool) -> None:

@@ -20,12 +20,16 @@ from aioproxy import (
     ChunkMaker,
     ContentPart,
     Deployment,
+    InputFile,
     Message,
     RawMessage,
+    ToolCall,
     ToolChoice,
+    TurnTranslator,
     UpstreamResponse,
     assistant_choice,
     chat_completion,
+    chat_messages,
     completion_usage,
     decode_upstream,
     expect_content_type,
@@ -33,14 +37,18 @@ from aioproxy import (
     get_field,
     image_url_of,
     include_usage,
+    inline_file,
     is_empty_schema,
     json_object,
+    max_tokens_of,
     part_text,
     raw_fields,
     split_data_url,
+    stop_sequences,
     text_or_array,
     token_count,
     tool_call,
+    usage_with_cache,
 )
 
 DEPLOYMENT = Deployment(name="m", provider="p", model="up-1")
@@ -211,3 +219,136 @@ def test_the_clients_answer_in_openai_shapes() -> None:
     last = with_usage.usage_chunk_of(usage)
     assert last["choices"] == [] and last["usage"] == usage and last["id"] == "id1"
     assert [token_count(n) for n in (None, -3, 0, 7)] == [0, 0, 0, 7]
+
+
+# -- what every translator shared: the request's messages, caps and turns ------------------------
+
+
+def test_chat_messages_refuses_legacy_functions_and_needs_an_array() -> None:
+    fields = raw_fields({"messages": [{"role": "user", "content": "hi"}]})
+    assert [m.content for m in chat_messages(fields, "Mine")] == ["hi"]
+    with pytest.raises(BadRequest) as raised:
+        chat_messages(raw_fields({"messages": [], "functions": [{}]}), "Mine")
+    assert raised.value.param == "functions" and "for Mine" in raised.value.message
+    assert chat_messages(raw_fields({"messages": [], "function_call": None}), "Mine") == []
+    with pytest.raises(BadRequest) as raised:
+        chat_messages(raw_fields({"messages": "hi"}), "Mine")
+    assert raised.value.param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("body", "max_tokens", "stop"),
+    [
+        ({}, None, None),
+        ({"max_tokens": 5, "stop": "x"}, 5, ["x"]),
+        ({"max_completion_tokens": 7, "max_tokens": 5, "stop": ["a", "b"]}, 7, ["a", "b"]),
+    ],
+)
+def test_max_tokens_of_and_stop_sequences(
+    body: dict[str, Any], max_tokens: int | None, stop: list[str] | None
+) -> None:
+    fields = raw_fields(body)
+    assert max_tokens_of(fields) == max_tokens
+    assert stop_sequences(fields) == stop
+
+
+def test_inline_file() -> None:
+    assert inline_file(InputFile(file_data="data:text/csv;base64,YQ=="), "f", "M") == (
+        "text/csv",
+        "YQ==",
+    )
+    assert inline_file(InputFile(file_data="JVBERi0="), "f", "M") == ("application/pdf", "JVBERi0=")
+    with pytest.raises(BadRequest) as raised:
+        inline_file(InputFile(file_id="file-1"), "f", "Mine")
+    assert raised.value.param == "f" and "nothing to Mine" in raised.value.message
+
+
+def test_usage_with_cache_counts_cache_reads_and_writes_in_the_prompt() -> None:
+    usage = usage_with_cache(10, 3, None, -1)
+    assert usage == {
+        "prompt_tokens": 13,
+        "completion_tokens": 0,
+        "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 0},
+    }
+
+
+class _Turns(TurnTranslator):
+    """A toy upstream's turns: blocks are (kind, value) dicts."""
+
+    service = "Toy"
+
+    def text_block(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    def image_block(self, url: str, where: str) -> dict[str, Any]:
+        return {"image": url}
+
+    def tool_use(self, call: ToolCall, where: str) -> dict[str, Any]:
+        return {"call": call.id}
+
+    def tool_result(self, message: Any, where: str) -> dict[str, Any]:
+        return {"result": message.tool_call_id}
+
+
+def _split(messages: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    decoded = MESSAGES.decode(raw_fields({"m": messages})["m"], "messages")
+    assert decoded is not None
+    return _Turns().split(decoded)
+
+
+def test_turn_translator_walks_roles_merges_neighbours_and_keeps_system_apart() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    system, turns = _split(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+            {"role": "user", "content": "hi"},
+            {"role": "user", "content": ""},  # empty: no turn of its own, nothing merged
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+        ]
+    )
+    assert system == [{"text": "be brief"}]
+    assert turns == [
+        {"role": "user", "content": [{"text": "hi"}]},
+        {"role": "assistant", "content": [{"call": "c1"}]},
+        {"role": "user", "content": [{"result": "c1"}, {"image": "u"}]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "robot", "content": "hi"}, "messages[0].role"),
+        (
+            {"role": "system", "content": [{"type": "image_url", "image_url": "u"}]},
+            "messages[0].content",
+        ),
+        (
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+            "messages[0].content[0]",
+        ),
+        ({"role": "user", "content": [{"type": "video"}]}, "messages[0].content[0].type"),
+    ],
+)
+def test_turn_translator_refuses_what_the_upstream_cannot_take(
+    message: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(BadRequest) as raised:
+        _split([message])
+    assert raised.value.param == param
+
+
+def test_chunk_maker_numbers_tool_calls_apart_from_the_upstreams_blocks() -> None:
+    maker = ChunkMaker("c", model="m", created=1)
+    start = maker.tool_call_start(3, "call_1", "f")
+    assert start["choices"][0]["delta"]["tool_calls"] == [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    ]
+    more = maker.tool_call_arguments(3, '{"a"')
+    assert more is not None
+    assert more["choices"][0]["delta"]["tool_calls"] == [
+        {"index": 0, "function": {"arguments": '{"a"'}}
+    ]
+    assert maker.tool_call_arguments(1, "{}") is None  # block 1 opened no tool call

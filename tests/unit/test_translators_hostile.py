@@ -30,6 +30,7 @@ from aioproxy.bridges.response_events import response_from_chat
 from aioproxy.bridges.response_request import chat_request
 from aioproxy.fields import MAX_MESSAGES, raw_fields
 from aioproxy.routes import Kind
+from tests.hostile import RESPONSES_FIELDS, nested
 
 # Names the translators read (or pass on), at any depth, and values they branch on.
 KEYS = [
@@ -125,20 +126,9 @@ SCALARS = st.one_of(
 )
 
 
-def _nested(
-    inner: st.SearchStrategy[Any],
-) -> st.SearchStrategy[Any]:
-    """Lists and objects of ``inner``: a named function, whose source hypothesis reads to
-    check that it recurses (a lambda's can be misread: HypothesisDeprecationWarning)."""
-    return st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=3)), inner, max_size=5),
-    )
-
-
 JSON = st.recursive(
     SCALARS,
-    _nested,
+    nested(st.one_of(st.sampled_from(KEYS), st.text(max_size=3)), items=4, members=5),
     max_leaves=20,
 )
 # An object made mostly of the keys the translators look at, so that deep fields get reached.
@@ -163,26 +153,6 @@ CHAT_FIELDS = [
     "parallel_tool_calls",
     "stream",
     "stream_options",
-]
-RESPONSES_FIELDS = [
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "text",
-    "reasoning",
-    "max_output_tokens",
-    "parallel_tool_calls",
-    "stream",
-    "background",
-    "conversation",
-    "prompt",
-    "metadata",
-    "temperature",
-    "top_p",
-    "user",
-    "store",
-    "previous_response_id",
 ]
 
 

@@ -208,3 +208,24 @@ async def test_unexpected_exception_is_generic_500_and_logged(
     assert record.levelno == logging.ERROR
     assert "GET /boom" in record.getMessage()
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+def test_a_kind_of_failure_declared_in_its_class_line_or_body() -> None:
+    class Gone(ProxyError, status=410, type="invalid_request_error", code="gone"):
+        pass
+
+    class Older(ProxyError):  # the class attributes still work
+        status = 409
+        type = "conflict"
+
+    class Faded(Gone, code="faded"):
+        pass
+
+    assert (Gone.status, Gone.type, Gone.default_code) == (410, "invalid_request_error", "gone")
+    assert (Faded.status, Faded.default_code, Faded("x").code) == (410, "faded", "faded")
+    assert (Older.status, Older.type, Older("x").code) == (409, "conflict", None)
+    assert (ModelNotFound.status, ModelNotFound.type, ModelNotFound("m").code) == (
+        404,
+        "invalid_request_error",
+        "model_not_found",
+    )

@@ -18,34 +18,30 @@ from aioproxy import (
     CONTENT_PARTS,
     FLOAT,
     INT,
-    MESSAGES,
-    NULL,
-    STOP,
     STR,
-    SYSTEM_ROLES,
-    TOOL_CALLS,
     TOOL_CHOICE,
     TOOLS,
     AnyMessage,
     BadRequest,
     ChunkMaker,
-    ContentPart,
     InputFile,
     Tool,
     ToolCall,
     ToolChoice,
-    add_turn,
+    TurnTranslator,
     assistant_choice,
     chat_completion,
+    chat_messages,
     get_field,
-    image_url_of,
+    inline_file,
     is_empty_schema,
     json_object,
-    part_text,
+    max_tokens_of,
     split_data_url,
+    stop_sequences,
     text_or_array,
-    token_count,
     tool_call,
+    usage_with_cache,
 )
 
 from .errors import ErrorDetail
@@ -58,7 +54,6 @@ __all__ = [
     "Event",
     "StreamTranslator",
     "Usage",
-    "content_blocks",
     "decode_answer",
     "finish_reason",
     "image_block",
@@ -118,28 +113,18 @@ def to_anthropic(
     n = get_field(fields, "n", INT)
     if n is not None and n != 1:
         raise BadRequest("Anthropic models answer with one choice; 'n' must be 1", param="n")
-    for legacy in ("functions", "function_call"):
-        if fields.get(legacy, NULL) != NULL:
-            raise BadRequest(
-                f"'{legacy}' is deprecated and not translated for Anthropic; use 'tools'",
-                param=legacy,
-            )
-    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
-    if messages is None:
-        raise BadRequest("'messages' must be an array of messages", param="messages")
+    messages = chat_messages(fields, "Anthropic")
     system, turns = split_messages(messages)
 
     out: dict[str, Any] = {"model": fields["model"]}
     if system:
         out["system"] = system
     out["messages"] = turns
-    max_tokens = get_field(fields, "max_completion_tokens", INT)
-    if max_tokens is None:
-        max_tokens = get_field(fields, "max_tokens", INT)
+    max_tokens = max_tokens_of(fields)
     out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
-    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
+    stop = stop_sequences(fields)
     if stop is not None:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        out["stop_sequences"] = stop
     for name, decoder in _SAMPLING.items():
         value = get_field(fields, name, decoder)
         if value is not None:
@@ -169,35 +154,10 @@ def split_messages(messages: list[AnyMessage]) -> tuple[str, list[dict[str, Any]
     top-level ``system``. Same-role neighbours are merged, tool results included, so that user
     and assistant alternate as the Messages API requires.
     """
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.role
-        if role in SYSTEM_ROLES:
-            text = _plain_text(message.content, f"{where}.content")
-            if text:
-                system.append(text)
-            continue
-        if role == "user":
-            blocks = content_blocks(message.content, f"{where}.content")
-            turn_role = "user"
-        elif role == "assistant":
-            blocks = _assistant_blocks(message, where)
-            turn_role = "assistant"
-        elif role == "tool":
-            blocks = [_tool_result(message, where)]
-            turn_role = "user"
-        else:
-            raise BadRequest(
-                f"Role {role!r} of '{where}' cannot be sent to Anthropic; use system, "
-                "developer, user, assistant or tool",
-                param=f"{where}.role",
-            )
-        add_turn(turns, turn_role, blocks)
+    system, turns = _TURNS.split(messages)
     for turn in turns:
         turn["content"] = _compact(turn["content"])
-    return "\n\n".join(system), turns
+    return "\n\n".join(block["text"] for block in system), turns
 
 
 def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -207,40 +167,51 @@ def _compact(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return blocks
 
 
-def content_blocks(
-    content: msgspec.Raw | str | list[ContentPart] | None, where: str
-) -> list[dict[str, Any]]:
-    """OpenAI message content (a string or parts) as Anthropic content blocks."""
-    return _blocks(text_or_array(content, CONTENT_PARTS, where), where)
+class _Turns(TurnTranslator):
+    """OpenAI messages as Anthropic content blocks."""
 
+    service = "Anthropic"
 
-def _blocks(content: str | list[ContentPart] | None, where: str) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    blocks = []
-    for j, part in enumerate(content):
-        block = _part_block(part, f"{where}[{j}]")
-        if block is not None:
-            blocks.append(block)
-    return blocks
+    def text_block(self, text: str) -> dict[str, Any]:
+        return {"type": "text", "text": text}
 
+    def is_text(self, block: dict[str, Any]) -> bool:
+        return bool(block["type"] == "text")
 
-def _part_block(part: ContentPart, where: str) -> dict[str, Any] | None:
-    kind = part.type
-    if kind in ("text", "refusal"):
-        text = part_text(part, where)
-        return {"type": "text", "text": text} if text else None
-    if kind == "image_url":
-        return image_block(image_url_of(part, where), f"{where}.image_url.url")
-    if kind == "file":
-        return _document_block(part.file, f"{where}.file")
-    if kind == "input_audio":
+    def image_block(self, url: str, where: str) -> dict[str, Any]:
+        return image_block(url, where)
+
+    def file_block(self, file: InputFile | None, where: str, j: int) -> dict[str, Any]:
+        """An OpenAI ``file`` part with inline data (a PDF, say) as a document block."""
+        media_type, data = inline_file(file, where, "Anthropic")
+        return {"type": "document", "source": _base64(media_type, data)}
+
+    def audio_block(self, part: object, where: str) -> dict[str, Any]:
         raise BadRequest("Anthropic models do not take audio input", param=where)
-    raise BadRequest(
-        f"Content part type {kind!r} cannot be sent to Anthropic", param=f"{where}.type"
-    )
+
+    def tool_use(self, call: ToolCall, where: str) -> dict[str, Any]:
+        function = call.function
+        if function is None or call.type != "function":
+            raise BadRequest(f"'{where}' must be a function tool call", param=where)
+        tool_input = json_object(
+            function.arguments, f"{where}.function.arguments", "as Anthropic takes tool input"
+        )
+        return {"type": "tool_use", "id": call.id, "name": function.name, "input": tool_input}
+
+    def tool_result(self, message: AnyMessage, where: str) -> dict[str, Any]:
+        where = f"{where}.content"
+        content = text_or_array(message.content, CONTENT_PARTS, where)
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
+        if isinstance(content, str):
+            result["content"] = content
+        else:
+            blocks = self.parts_blocks(content, where)
+            if blocks:
+                result["content"] = blocks
+        return result
+
+
+_TURNS = _Turns()
 
 
 def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
@@ -253,62 +224,8 @@ def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
     raise BadRequest(f"'{where}' must be an http(s) URL or a base64 data URL", param=where)
 
 
-def _document_block(file: InputFile | None, where: str) -> dict[str, Any]:
-    """An OpenAI ``file`` part with inline data (a PDF, say) as an Anthropic document block."""
-    data = file.file_data if file is not None else None
-    if data is None:
-        raise BadRequest(
-            f"'{where}' must carry 'file_data'; uploaded file ids mean nothing to Anthropic",
-            param=where,
-        )
-    if data.startswith("data:"):
-        media_type, data = split_data_url(data, f"{where}.file_data")
-    else:  # OpenAI also takes bare base64 here, and its file parts are PDFs
-        media_type = "application/pdf"
-    return {"type": "document", "source": _base64(media_type, data)}
-
-
 def _base64(media_type: str, data: str) -> dict[str, str]:
     return {"type": "base64", "media_type": media_type, "data": data}
-
-
-def _plain_text(content: msgspec.Raw | str | list[ContentPart] | None, where: str) -> str:
-    """The text of system content: a string, or text parts joined by blank lines."""
-    blocks = content_blocks(content, where)
-    if any(block["type"] != "text" for block in blocks):
-        raise BadRequest(f"'{where}' of a system message may only hold text", param=where)
-    return "\n\n".join(block["text"] for block in blocks)
-
-
-def _assistant_blocks(message: AnyMessage, where: str) -> list[dict[str, Any]]:
-    blocks = content_blocks(message.content, f"{where}.content")
-    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
-    for j, call in enumerate(calls or ()):
-        blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
-    return blocks
-
-
-def _tool_use(call: ToolCall, where: str) -> dict[str, Any]:
-    function = call.function
-    if function is None or call.type != "function":
-        raise BadRequest(f"'{where}' must be a function tool call", param=where)
-    tool_input = json_object(
-        function.arguments, f"{where}.function.arguments", "as Anthropic takes tool input"
-    )
-    return {"type": "tool_use", "id": call.id, "name": function.name, "input": tool_input}
-
-
-def _tool_result(message: AnyMessage, where: str) -> dict[str, Any]:
-    where = f"{where}.content"
-    content = text_or_array(message.content, CONTENT_PARTS, where)
-    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
-    if isinstance(content, str):
-        result["content"] = content
-    else:
-        blocks = _blocks(content, where)
-        if blocks:
-            result["content"] = blocks
-    return result
 
 
 def tool_definition(tool: Tool, i: int) -> dict[str, Any]:
@@ -444,16 +361,12 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     so the prompt is all three added up.
     """
     usage = usage or Usage()
-    cache_read = token_count(usage.cache_read_input_tokens)
-    cache_write = token_count(usage.cache_creation_input_tokens)
-    prompt = token_count(usage.input_tokens) + cache_read + cache_write
-    completion = token_count(usage.output_tokens)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
-    }
+    return usage_with_cache(
+        usage.input_tokens,
+        usage.cache_read_input_tokens,
+        usage.cache_creation_input_tokens,
+        usage.output_tokens,
+    )
 
 
 def to_chat_completion(message: Answer, *, model: str, created: int) -> dict[str, Any]:
@@ -485,7 +398,6 @@ class StreamTranslator(ChunkMaker):
         super().__init__("chatcmpl-", model=model, created=created, include_usage=include_usage)
         self.usage = Usage()
         self.finished = False  # message_stop seen: the stream is complete
-        self._tools: dict[int | None, int] = {}  # Anthropic block index -> OpenAI tool call index
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         """The chunks one event gives (often none: ping, block stops, thinking)."""
@@ -514,23 +426,16 @@ class StreamTranslator(ChunkMaker):
         if block.type == "text" and block.text:
             return [self.chunk({"content": block.text})]
         if block.type == "tool_use":
-            position = self._tools[index] = len(self._tools)
-            call = {
-                "index": position,
-                "id": block.id,
-                "type": "function",
-                "function": {"name": block.name, "arguments": ""},
-            }
-            return [self.chunk({"tool_calls": [call]})]
+            return [self.tool_call_start(index, block.id, block.name)]
         return []
 
     def _block_delta(self, index: int | None, delta: Delta) -> list[dict[str, Any]]:
         kind = delta.type
         if kind == "text_delta" and delta.text:
             return [self.chunk({"content": delta.text})]
-        if kind == "input_json_delta" and delta.partial_json and index in self._tools:
-            call = {"index": self._tools[index], "function": {"arguments": delta.partial_json}}
-            return [self.chunk({"tool_calls": [call]})]
+        if kind == "input_json_delta" and delta.partial_json:
+            chunk = self.tool_call_arguments(index, delta.partial_json)
+            return [chunk] if chunk is not None else []
         return []  # thinking, signature and citation deltas have no chat completions form
 
 

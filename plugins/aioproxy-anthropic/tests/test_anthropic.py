@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import io
 import json
-import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,22 +40,9 @@ from aioproxy_anthropic.translate import (
 
 from aioproxy import BadRequest, Call, ConfigError, Deployment, Outcome, create_app, hookimpl
 from aioproxy.fields import raw_fields
+from aioproxy.testing import import_path
 
-
-def _sibling(name: str) -> ModuleType:
-    """Import a module next to this file: importlib mode puts no test folder on sys.path."""
-    unique = f"_aioproxy_anthropic_tests_{name}"
-    if unique not in sys.modules:
-        path = Path(__file__).with_name(f"{name}.py")
-        spec = importlib.util.spec_from_file_location(unique, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[unique]
-
-
-fake_anthropic = _sibling("fake_anthropic")
+fake_anthropic = import_path(Path(__file__).with_name("fake_anthropic.py"))
 FakeAnthropic = fake_anthropic.FakeAnthropic
 validate = fake_anthropic.validate  # the OpenAI shapes, checked by the kit
 TOOL_INPUT = fake_anthropic.TOOL_INPUT

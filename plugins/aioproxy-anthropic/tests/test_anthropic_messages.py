@@ -4,12 +4,9 @@ usage read for after_response (what spend and limits use)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -19,22 +16,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import Call, Outcome, Usage, create_app, hookimpl
+from aioproxy.testing import import_path
 
-
-def _sibling(name: str) -> ModuleType:
-    """Import a module next to this file (as test_anthropic.py does: one module either way)."""
-    unique = f"_aioproxy_anthropic_tests_{name}"
-    if unique not in sys.modules:
-        path = Path(__file__).with_name(f"{name}.py")
-        spec = importlib.util.spec_from_file_location(unique, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module
-        spec.loader.exec_module(module)
-    return sys.modules[unique]
-
-
-FakeAnthropic = _sibling("fake_anthropic").FakeAnthropic
+FakeAnthropic = import_path(Path(__file__).with_name("fake_anthropic.py")).FakeAnthropic
 
 CLIENT_KEY = "sk-client-test"
 UPSTREAM_KEY = "sk-ant-api03-upstream-secret"

@@ -16,20 +16,7 @@ import openai
 import pytest
 from aioproxy_azure import AzureProvider
 
-from aioproxy import ConfigError, RegisterProvider, hookimpl
-from aioproxy.testing import (
-    HELLO,
-    FakeClock,
-    ProxyUnderTest,
-    assert_openai_error,
-    check_cancellation,
-    check_chat,
-    check_chat_stream,
-    check_completion,
-    check_embeddings,
-    check_error_mapping,
-    check_responses,
-)
+from aioproxy import ConfigError, RegisterProvider, hookimpl, testing
 
 if TYPE_CHECKING:  # conftest is pytest's to import; its fixtures come in by name
     from conftest import FakeAzure, StartAzureProxy, StartUp
@@ -43,48 +30,48 @@ DEFAULT_API_VERSION = "2024-10-21"
 # -- the kit's checks, on both kinds of route ------------------------------------------------
 
 
-async def test_chat(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
-    assert await check_chat(proxy, "gpt") == REPLY
+async def test_chat(proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
+    assert await testing.check_chat(proxy, "gpt") == REPLY
     last = azure.last
     assert last.path == f"/openai/deployments/{DEPLOYMENT}/chat/completions"
     assert last.query == f"api-version={DEFAULT_API_VERSION}"
     assert last.headers["api-key"] == UPSTREAM_KEY
     assert "authorization" not in last.headers  # never the client's key
-    assert last.body == {"model": DEPLOYMENT, "messages": HELLO}
+    assert last.body == {"model": DEPLOYMENT, "messages": testing.HELLO}
 
 
-async def test_chat_stream(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
-    assert await check_chat_stream(proxy, "gpt") == REPLY
+async def test_chat_stream(proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
+    assert await testing.check_chat_stream(proxy, "gpt") == REPLY
     assert azure.last.headers["accept"] == "text/event-stream"
 
 
-async def test_completion(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
-    assert await check_completion(proxy, "gpt") == REPLY
+async def test_completion(proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
+    assert await testing.check_completion(proxy, "gpt") == REPLY
     assert azure.last.path == f"/openai/deployments/{DEPLOYMENT}/completions"
 
 
-async def test_embeddings(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
-    vectors = await check_embeddings(proxy, "embed", inputs=["a", "b c"], dims=8)
+async def test_embeddings(proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
+    vectors = await testing.check_embeddings(proxy, "embed", inputs=["a", "b c"], dims=8)
     assert len(vectors) == 2
     assert azure.last.path == "/openai/deployments/embed-prod/embeddings"
 
 
-async def test_the_v1_api(v1_proxy: ProxyUnderTest, azure: FakeAzure) -> None:
+async def test_the_v1_api(v1_proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
     """``api_version = "v1"``: the /openai/v1/ routes, no api-version, the deployment as model."""
-    assert await check_chat(v1_proxy, "gpt") == REPLY
+    assert await testing.check_chat(v1_proxy, "gpt") == REPLY
     assert (azure.last.path, azure.last.query) == ("/openai/v1/chat/completions", "")
     assert azure.last.body["model"] == DEPLOYMENT
-    assert await check_chat_stream(v1_proxy, "gpt") == REPLY
-    assert await check_responses(v1_proxy, "gpt") == REPLY
+    assert await testing.check_chat_stream(v1_proxy, "gpt") == REPLY
+    assert await testing.check_responses(v1_proxy, "gpt") == REPLY
     assert azure.last.path == "/openai/v1/responses"
-    assert len(await check_embeddings(v1_proxy, "embed", dims=8)) == 2
+    assert len(await testing.check_embeddings(v1_proxy, "embed", dims=8)) == 2
 
 
 async def test_responses_on_a_preview_api_version(
     start_azure_proxy: StartAzureProxy, azure: FakeAzure
 ) -> None:
     proxy = await start_azure_proxy(api_version="2025-04-01-preview")
-    assert await check_responses(proxy, "gpt") == REPLY
+    assert await testing.check_responses(proxy, "gpt") == REPLY
     assert azure.last.path == "/openai/responses"
     assert azure.last.query == "api-version=2025-04-01-preview"
     async with proxy.openai() as client:
@@ -98,9 +85,9 @@ async def test_responses_on_a_preview_api_version(
 # -- through the official SDK ------------------------------------------------------------------
 
 
-async def test_content_filter_results_are_kept(proxy: ProxyUnderTest) -> None:
+async def test_content_filter_results_are_kept(proxy: testing.ProxyUnderTest) -> None:
     async with proxy.openai() as client:
-        completion = await client.chat.completions.create(model="gpt", messages=HELLO)
+        completion = await client.chat.completions.create(model="gpt", messages=testing.HELLO)
     extra = completion.model_extra or {}
     assert extra["prompt_filter_results"][0]["content_filter_results"]["jailbreak"] == {
         "filtered": False,
@@ -111,12 +98,14 @@ async def test_content_filter_results_are_kept(proxy: ProxyUnderTest) -> None:
 
 
 async def test_content_filter_results_of_a_stream_are_kept(
-    proxy: ProxyUnderTest, azure: FakeAzure
+    proxy: testing.ProxyUnderTest, azure: FakeAzure
 ) -> None:
     """Azure's stream opens with a chunk without choices that carries the prompt's results."""
     azure.recorded_stream = True
     async with proxy.openai() as client:
-        stream = await client.chat.completions.create(model="gpt", messages=HELLO, stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt", messages=testing.HELLO, stream=True
+        )
         chunks = [chunk async for chunk in stream]
     first = chunks[0]
     assert first.choices == []
@@ -126,7 +115,7 @@ async def test_content_filter_results_of_a_stream_are_kept(
     assert hello["content_filter_results"]["violence"] == {"filtered": False, "severity": "safe"}
 
 
-async def test_a_tool_round_trip(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
+async def test_a_tool_round_trip(proxy: testing.ProxyUnderTest, azure: FakeAzure) -> None:
     tools: Any = [
         {
             "type": "function",
@@ -155,11 +144,11 @@ async def test_a_tool_round_trip(proxy: ProxyUnderTest, azure: FakeAzure) -> Non
     }
 
 
-async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
+async def test_a_streamed_tool_call(proxy: testing.ProxyUnderTest) -> None:
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     async with proxy.openai() as client:
         stream = await client.chat.completions.create(
-            model="gpt", messages=HELLO, tools=tools, stream=True
+            model="gpt", messages=testing.HELLO, tools=tools, stream=True
         )
         chunks = [chunk async for chunk in stream]
     names = [
@@ -173,7 +162,7 @@ async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
 
 
 async def test_images_and_structured_output_pass_through(
-    proxy: ProxyUnderTest, azure: FakeAzure
+    proxy: testing.ProxyUnderTest, azure: FakeAzure
 ) -> None:
     """A pass-through: the image parts and the JSON schema reach Azure as the client sent them."""
     image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGAAAAAFAAGq0X6hAAAAAElFTkSuQmCC"
@@ -228,9 +217,9 @@ async def test_images_and_structured_output_pass_through(
     ],
 )
 async def test_azure_errors(
-    proxy: ProxyUnderTest, azure: FakeAzure, fault: str, status: int, code: str | None
+    proxy: testing.ProxyUnderTest, azure: FakeAzure, fault: str, status: int, code: str | None
 ) -> None:
-    await check_error_mapping(
+    await testing.check_error_mapping(
         proxy, "gpt", lambda: azure.azure_faults.append(fault), status, code=code
     )
 
@@ -244,29 +233,33 @@ async def test_azure_errors(
     ],
 )
 async def test_transport_errors(
-    proxy: ProxyUnderTest, azure: FakeAzure, fault: str, status: int, code: str
+    proxy: testing.ProxyUnderTest, azure: FakeAzure, fault: str, status: int, code: str
 ) -> None:
-    await check_error_mapping(proxy, "gpt", lambda: azure.faults.append(fault), status, code=code)
+    await testing.check_error_mapping(
+        proxy, "gpt", lambda: azure.faults.append(fault), status, code=code
+    )
 
 
 async def test_a_content_filter_refusal_names_what_struck(
-    proxy: ProxyUnderTest, azure: FakeAzure
+    proxy: testing.ProxyUnderTest, azure: FakeAzure
 ) -> None:
     azure.azure_faults.append("content_filter")
     async with proxy.openai() as client:
         with pytest.raises(openai.BadRequestError) as refused:
-            await client.chat.completions.create(model="gpt", messages=HELLO)
+            await client.chat.completions.create(model="gpt", messages=testing.HELLO)
     assert refused.value.code == "content_filter"
     assert refused.value.param == "prompt"
     assert "content management policy" in refused.value.message
     assert "(filtered: sexual, violence)" in refused.value.message
 
 
-async def test_a_rate_limit_keeps_its_retry_after(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
+async def test_a_rate_limit_keeps_its_retry_after(
+    proxy: testing.ProxyUnderTest, azure: FakeAzure
+) -> None:
     azure.azure_faults.append("rate_limit")
-    body = {"model": "gpt", "messages": HELLO}
+    body = {"model": "gpt", "messages": testing.HELLO}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        await assert_openai_error(response, 429, "rate_limit_exceeded")
+        await testing.assert_openai_error(response, 429, "rate_limit_exceeded")
         assert response.headers["Retry-After"] == "7"
 
 
@@ -293,17 +286,19 @@ async def test_a_wrong_key_deployment_name_or_api_version_is_a_502(
     }
     async with proxy.http() as http:
         for model, code in expected.items():
-            body = {"model": model, "messages": HELLO}
+            body = {"model": model, "messages": testing.HELLO}
             async with http.post("/v1/chat/completions", json=body) as response:
-                error = await assert_openai_error(response, 502, code)
+                error = await testing.assert_openai_error(response, 502, code)
                 assert "azure-key" not in json.dumps(error)
     assert [status for _, status in azure.refused] == [401, 404, 404]
 
 
-async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, azure: FakeAzure) -> None:
+async def test_client_leaving_closes_the_upstream(
+    proxy: testing.ProxyUnderTest, azure: FakeAzure
+) -> None:
     azure.stream_delay = 0.02
     azure.stream_chunks = 100  # two seconds of stream, were it left to run
-    await check_cancellation(proxy, "gpt", lambda: azure.in_flight)
+    await testing.check_cancellation(proxy, "gpt", lambda: azure.in_flight)
 
 
 # -- credentials -------------------------------------------------------------------------------
@@ -314,7 +309,7 @@ async def test_an_azure_ad_token_is_sent_as_bearer(
 ) -> None:
     azure.tokens.add("entra-token-1")
     proxy = await start_azure_proxy(azure_ad_token="entra-token-1")
-    assert await check_chat(proxy, "gpt") == REPLY
+    assert await testing.check_chat(proxy, "gpt") == REPLY
     assert azure.last.headers["authorization"] == "Bearer entra-token-1"
     assert "api-key" not in azure.last.headers
 
@@ -335,10 +330,10 @@ async def test_an_azure_ad_token_an_upstream_echoes_is_masked(
     proxy = await start_azure_proxy(azure_ad_token=ENTRA_TOKEN)
     azure.echo_status = status
     for stream in (False, True):
-        body = {"model": "gpt", "messages": HELLO, "stream": stream}
+        body = {"model": "gpt", "messages": testing.HELLO, "stream": stream}
         async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
             said = await response.text()
-            await assert_openai_error(response, status)
+            await testing.assert_openai_error(response, status)
         assert "Bad request" in said and "Bearer ***" in said  # the upstream's words, masked
         assert ENTRA_TOKEN not in said
     logged = "\n".join(record.getMessage() for record in caplog.records)
@@ -359,7 +354,7 @@ def _token_script(tmp_path: Path) -> list[str]:
 class _ClockedAzure:
     """Registers the azure provider on a fake clock, for the token command's expiry."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: testing.FakeClock) -> None:
         self.clock = clock
 
     @hookimpl
@@ -371,17 +366,17 @@ async def test_a_token_command_is_read_at_start_up_and_refreshed_on_expiry(
     start_azure_proxy: StartAzureProxy, azure: FakeAzure, tmp_path: Path
 ) -> None:
     azure.tokens |= {"token-1", "token-2"}
-    clock = FakeClock()
+    clock = testing.FakeClock()
     proxy = await start_azure_proxy(
         plugins=[_ClockedAzure(clock)],
         token_command=_token_script(tmp_path),
         token_lifetime=3600,
     )
     assert (tmp_path / "runs").read_text() == "1"  # at start-up, before any request
-    assert await check_chat(proxy, "gpt") == REPLY
+    assert await testing.check_chat(proxy, "gpt") == REPLY
     assert azure.last.headers["authorization"] == "Bearer token-1"
     clock.advance(3600)  # expired: the next request waits for a fresh one
-    assert await check_chat(proxy, "gpt") == REPLY
+    assert await testing.check_chat(proxy, "gpt") == REPLY
     assert azure.last.headers["authorization"] == "Bearer token-2"
     assert (tmp_path / "runs").read_text() == "2"
 
@@ -394,10 +389,10 @@ async def test_a_token_commands_token_an_upstream_echoes_is_masked(
     azure.tokens.add(ENTRA_TOKEN)
     proxy = await start_azure_proxy(token_command=[sys.executable, "-c", f"print({ENTRA_TOKEN!r})"])
     azure.echo_status = 500
-    body = {"model": "gpt", "messages": HELLO}
+    body = {"model": "gpt", "messages": testing.HELLO}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
         said = await response.text()
-        await assert_openai_error(response, 500)
+        await testing.assert_openai_error(response, 500)
     assert "Bearer ***" in said and ENTRA_TOKEN not in said
     assert ENTRA_TOKEN not in "\n".join(record.getMessage() for record in caplog.records)
 

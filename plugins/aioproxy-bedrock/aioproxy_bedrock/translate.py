@@ -18,35 +18,31 @@ from aioproxy import (
     CONTENT_PARTS,
     FLOAT,
     INT,
-    MESSAGES,
-    NULL,
     RESPONSE_FORMAT,
-    STOP,
-    SYSTEM_ROLES,
-    TOOL_CALLS,
     TOOL_CHOICE,
     TOOLS,
     AnyMessage,
     BadRequest,
     ChunkMaker,
-    ContentPart,
     InputFile,
     Tool,
     ToolCall,
     ToolChoice,
-    add_turn,
+    TurnTranslator,
     assistant_choice,
     chat_completion,
+    chat_messages,
     function_tool,
     get_field,
-    image_url_of,
+    inline_file,
     is_empty_schema,
     json_object,
-    part_text,
+    max_tokens_of,
     split_data_url,
+    stop_sequences,
     text_or_array,
-    token_count,
     tool_call,
+    usage_with_cache,
 )
 
 __all__ = [
@@ -54,7 +50,6 @@ __all__ = [
     "Event",
     "StreamTranslator",
     "Usage",
-    "content_blocks",
     "decode_answer",
     "decode_event",
     "finish_reason",
@@ -116,22 +111,13 @@ def to_converse(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
     n = get_field(fields, "n", INT)
     if n is not None and n != 1:
         raise BadRequest("Bedrock Converse answers with one choice; 'n' must be 1", param="n")
-    for legacy in ("functions", "function_call"):
-        if fields.get(legacy, NULL) != NULL:
-            raise BadRequest(
-                f"'{legacy}' is deprecated and not translated for Bedrock; use 'tools'",
-                param=legacy,
-            )
     response_format = get_field(fields, "response_format", RESPONSE_FORMAT)
     if response_format is not None and response_format.type not in (None, "text"):
         raise BadRequest(
             "Bedrock Converse has no structured output; 'response_format' must be text",
             param="response_format",
         )
-    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
-    if messages is None:
-        raise BadRequest("'messages' must be an array of messages", param="messages")
-    system, turns = split_messages(messages)
+    system, turns = split_messages(chat_messages(fields, "Bedrock"))
 
     out: dict[str, Any] = {"messages": turns}
     if system:
@@ -156,9 +142,7 @@ def to_converse(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
 
 def _inference_config(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
     inference: dict[str, Any] = {}
-    max_tokens = get_field(fields, "max_completion_tokens", INT)
-    if max_tokens is None:
-        max_tokens = get_field(fields, "max_tokens", INT)
+    max_tokens = max_tokens_of(fields)
     if max_tokens is not None:
         inference["maxTokens"] = max_tokens
     temperature = get_field(fields, "temperature", FLOAT)
@@ -167,9 +151,9 @@ def _inference_config(fields: Mapping[str, msgspec.Raw]) -> dict[str, Any]:
     top_p = get_field(fields, "top_p", FLOAT)
     if top_p is not None:
         inference["topP"] = top_p
-    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
+    stop = stop_sequences(fields)
     if stop:
-        inference["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        inference["stopSequences"] = stop
     return inference
 
 
@@ -189,65 +173,58 @@ def split_messages(
     ``system``. Same-role neighbours are merged, tool results included, so that user and
     assistant alternate as Converse requires.
     """
-    system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.role
-        if role in SYSTEM_ROLES:
-            system.extend(_system_blocks(message.content, f"{where}.content"))
-            continue
-        if role == "user":
-            blocks = content_blocks(message.content, f"{where}.content")
-            turn_role = "user"
-        elif role == "assistant":
-            blocks = _assistant_blocks(message, where)
-            turn_role = "assistant"
-        elif role == "tool":
-            blocks = [_tool_result(message, where)]
-            turn_role = "user"
-        else:
-            raise BadRequest(
-                f"Role {role!r} of '{where}' cannot be sent to Bedrock; use system, "
-                "developer, user, assistant or tool",
-                param=f"{where}.role",
-            )
-        add_turn(turns, turn_role, blocks)
-    return system, turns
+    return _TURNS.split(messages)
 
 
-def content_blocks(
-    content: msgspec.Raw | str | list[ContentPart] | None, where: str
-) -> list[dict[str, Any]]:
-    """OpenAI message content (a string or parts) as Converse content blocks."""
-    return _blocks(text_or_array(content, CONTENT_PARTS, where), where)
+class _Turns(TurnTranslator):
+    """OpenAI messages as Converse content blocks."""
 
+    service = "Bedrock"
 
-def _blocks(content: str | list[ContentPart] | None, where: str) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    blocks = []
-    for j, part in enumerate(content):
-        block = _part_block(part, f"{where}[{j}]", j)
-        if block is not None:
-            blocks.append(block)
-    return blocks
+    def text_block(self, text: str) -> dict[str, Any]:
+        return {"text": text}
 
+    def image_block(self, url: str, where: str) -> dict[str, Any]:
+        return image_block(url, where)
 
-def _part_block(part: ContentPart, where: str, j: int) -> dict[str, Any] | None:
-    kind = part.type
-    if kind in ("text", "refusal"):
-        text = part_text(part, where)
-        return {"text": text} if text else None
-    if kind == "image_url":
-        return image_block(image_url_of(part, where), f"{where}.image_url.url")
-    if kind == "file":
-        return _document_block(part.file, f"{where}.file", j)
-    if kind == "input_audio":
+    def file_block(self, file: InputFile | None, where: str, j: int) -> dict[str, Any]:
+        """An OpenAI ``file`` part with inline data as a Converse document block."""
+        media_type, data = inline_file(file, where, "Bedrock")
+        document_format = _DOCUMENT_FORMATS.get(media_type.lower())
+        if document_format is None:
+            raise BadRequest(f"'{where}': Bedrock takes no {media_type} document", param=where)
+        name = document_name(file.filename if file is not None else None, j)
+        return {"document": {"format": document_format, "name": name, "source": {"bytes": data}}}
+
+    def audio_block(self, part: object, where: str) -> dict[str, Any]:
         raise BadRequest("Bedrock Converse does not take audio input", param=where)
-    raise BadRequest(f"Content part type {kind!r} cannot be sent to Bedrock", param=f"{where}.type")
+
+    def tool_use(self, call: ToolCall, where: str) -> dict[str, Any]:
+        function = call.function
+        if function is None or call.type != "function" or not call.id or not function.name:
+            raise BadRequest(
+                f"'{where}' must be a function tool call with an id and a name", param=where
+            )
+        tool_input = json_object(
+            function.arguments, f"{where}.function.arguments", "as Bedrock takes tool input"
+        )
+        return {"toolUse": {"toolUseId": call.id, "name": function.name, "input": tool_input}}
+
+    def tool_result(self, message: AnyMessage, where: str) -> dict[str, Any]:
+        if not message.tool_call_id:
+            raise BadRequest(
+                f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id"
+            )
+        where = f"{where}.content"
+        content = text_or_array(message.content, CONTENT_PARTS, where)
+        if isinstance(content, str) or content is None:
+            blocks = [{"text": content or ""}]
+        else:
+            blocks = self.parts_blocks(content, where) or [{"text": ""}]
+        return {"toolResult": {"toolUseId": message.tool_call_id, "content": blocks}}
+
+
+_TURNS = _Turns()
 
 
 def image_block(url: str, where: str = "image_url") -> dict[str, Any]:
@@ -279,77 +256,12 @@ def _media_type_of_name(name: str) -> str:
     return {"jpg": "image/jpeg", "jpeg": "image/jpeg"}.get(extension, f"image/{extension}")
 
 
-def _document_block(file: InputFile | None, where: str, j: int) -> dict[str, Any]:
-    """An OpenAI ``file`` part with inline data as a Converse document block."""
-    data = file.file_data if file is not None else None
-    if file is None or data is None:
-        raise BadRequest(
-            f"'{where}' must carry 'file_data'; uploaded file ids mean nothing to Bedrock",
-            param=where,
-        )
-    if data.startswith("data:"):
-        media_type, data = split_data_url(data, f"{where}.file_data")
-    else:  # OpenAI also takes bare base64 here, and its file parts are PDFs
-        media_type = "application/pdf"
-    document_format = _DOCUMENT_FORMATS.get(media_type.lower())
-    if document_format is None:
-        raise BadRequest(f"'{where}': Bedrock takes no {media_type} document", param=where)
-    return {
-        "document": {
-            "format": document_format,
-            "name": document_name(file.filename, j),
-            "source": {"bytes": data},
-        }
-    }
-
-
 def document_name(filename: str | None, j: int) -> str:
     """A name Converse accepts for a document: the file's, without its extension or the
     characters Converse refuses; ``document-<j>`` when nothing is left."""
     stem = (filename or "").rpartition(".")[0] or (filename or "")
     name = _NOT_IN_NAME.sub("-", stem).strip(" -")
     return name[:200] or f"document-{j}"
-
-
-def _system_blocks(
-    content: msgspec.Raw | str | list[ContentPart] | None, where: str
-) -> list[dict[str, Any]]:
-    blocks = content_blocks(content, where)
-    if any("text" not in block for block in blocks):
-        raise BadRequest(f"'{where}' of a system message may only hold text", param=where)
-    return blocks
-
-
-def _assistant_blocks(message: AnyMessage, where: str) -> list[dict[str, Any]]:
-    blocks = content_blocks(message.content, f"{where}.content")
-    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
-    for j, call in enumerate(calls or ()):
-        blocks.append(_tool_use(call, f"{where}.tool_calls[{j}]"))
-    return blocks
-
-
-def _tool_use(call: ToolCall, where: str) -> dict[str, Any]:
-    function = call.function
-    if function is None or call.type != "function" or not call.id or not function.name:
-        raise BadRequest(
-            f"'{where}' must be a function tool call with an id and a name", param=where
-        )
-    tool_input = json_object(
-        function.arguments, f"{where}.function.arguments", "as Bedrock takes tool input"
-    )
-    return {"toolUse": {"toolUseId": call.id, "name": function.name, "input": tool_input}}
-
-
-def _tool_result(message: AnyMessage, where: str) -> dict[str, Any]:
-    if not message.tool_call_id:
-        raise BadRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
-    where = f"{where}.content"
-    content = text_or_array(message.content, CONTENT_PARTS, where)
-    if isinstance(content, str) or content is None:
-        blocks = [{"text": content or ""}]
-    else:
-        blocks = _blocks(content, where) or [{"text": ""}]
-    return {"toolResult": {"toolUseId": message.tool_call_id, "content": blocks}}
 
 
 def _tool_spec(tool: Tool, i: int) -> dict[str, Any]:
@@ -459,16 +371,12 @@ def to_usage(usage: Usage | None) -> dict[str, Any]:
     """Converse usage in OpenAI terms: cache reads and writes are prompt tokens too (Converse's
     ``inputTokens`` counts only the uncached ones)."""
     usage = usage or Usage()
-    cache_read = token_count(usage.cacheReadInputTokens)
-    cache_write = token_count(usage.cacheWriteInputTokens)
-    prompt = token_count(usage.inputTokens) + cache_read + cache_write
-    completion = token_count(usage.outputTokens)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
-    }
+    return usage_with_cache(
+        usage.inputTokens,
+        usage.cacheReadInputTokens,
+        usage.cacheWriteInputTokens,
+        usage.outputTokens,
+    )
 
 
 def to_chat_completion(answer: Answer, *, id: str, model: str, created: int) -> dict[str, Any]:
@@ -500,7 +408,6 @@ class StreamTranslator(ChunkMaker):
         super().__init__(id, model=model, created=created, include_usage=include_usage)
         self.stopped = False  # messageStop seen: the answer is complete
         self.finished = False  # metadata seen too: nothing more will come
-        self._tools: dict[int | None, int] = {}  # Converse block index -> OpenAI tool call index
 
     def feed(self, kind: str, event: Event) -> list[dict[str, Any]]:
         """The chunks one event of type ``kind`` gives (often none: block stops, reasoning)."""
@@ -510,14 +417,9 @@ class StreamTranslator(ChunkMaker):
             tool_use = event.start.toolUse if event.start else None
             if tool_use is None:
                 return []
-            position = self._tools[event.contentBlockIndex] = len(self._tools)
-            call = {
-                "index": position,
-                "id": tool_use.toolUseId,
-                "type": "function",
-                "function": {"name": tool_use.name, "arguments": ""},
-            }
-            return [self.chunk({"tool_calls": [call]})]
+            return [
+                self.tool_call_start(event.contentBlockIndex, tool_use.toolUseId, tool_use.name)
+            ]
         if kind == "contentBlockDelta":
             return self._delta(event.contentBlockIndex, event.delta or _Delta())
         if kind == "messageStop":
@@ -535,7 +437,7 @@ class StreamTranslator(ChunkMaker):
     def _delta(self, index: int | None, delta: _Delta) -> list[dict[str, Any]]:
         if delta.text:
             return [self.chunk({"content": delta.text})]
-        if delta.toolUse is not None and delta.toolUse.input and index in self._tools:
-            call = {"index": self._tools[index], "function": {"arguments": delta.toolUse.input}}
-            return [self.chunk({"tool_calls": [call]})]
+        if delta.toolUse is not None and delta.toolUse.input:
+            chunk = self.tool_call_arguments(index, delta.toolUse.input)
+            return [chunk] if chunk is not None else []
         return []  # reasoning and citation deltas have no chat completions form

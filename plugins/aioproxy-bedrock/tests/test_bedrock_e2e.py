@@ -20,23 +20,7 @@ import pytest
 from aioproxy_bedrock import BedrockProvider, BedrockSettings
 from botocore.credentials import RefreshableCredentials
 
-from aioproxy import Call, ConfigError, Deployment, Outcome, hookimpl
-from aioproxy.testing import (
-    HELLO,
-    PNG_PIXEL,
-    ProxyUnderTest,
-    assert_chat_chunks,
-    assert_openai_error,
-    check_cancellation,
-    check_chat,
-    check_chat_stream,
-    check_completion,
-    check_embeddings,
-    check_error_mapping,
-    check_responses,
-    read_sse,
-    start_proxy,
-)
+from aioproxy import Call, ConfigError, Deployment, Outcome, hookimpl, testing
 
 from .conftest import (
     ACCESS_KEY_ID,
@@ -59,8 +43,8 @@ WEATHER_TOOL = {
 }
 
 
-async def test_chat(proxy: ProxyUnderTest, fake: Any) -> None:
-    assert await check_chat(proxy, "claude") == "Hello! You said: Say hello to the kit"
+async def test_chat(proxy: testing.ProxyUnderTest, fake: Any) -> None:
+    assert await testing.check_chat(proxy, "claude") == "Hello! You said: Say hello to the kit"
     sent = fake.last
     assert sent.path == f"/model/{CHAT_MODEL_ID}/converse"
     assert sent.body == {
@@ -69,13 +53,15 @@ async def test_chat(proxy: ProxyUnderTest, fake: Any) -> None:
     assert fake.signed_with[-1] == ACCESS_KEY_ID
 
 
-async def test_chat_stream(proxy: ProxyUnderTest) -> None:
-    assert await check_chat_stream(proxy, "claude") == "Hello! You said: Say hello to the kit"
+async def test_chat_stream(proxy: testing.ProxyUnderTest) -> None:
+    assert (
+        await testing.check_chat_stream(proxy, "claude") == "Hello! You said: Say hello to the kit"
+    )
 
 
-async def test_bridged_endpoints(proxy: ProxyUnderTest) -> None:
-    assert "Say hello" in await check_completion(proxy, "claude")
-    assert "Say hello" in await check_responses(proxy, "claude")
+async def test_bridged_endpoints(proxy: testing.ProxyUnderTest) -> None:
+    assert "Say hello" in await testing.check_completion(proxy, "claude")
+    assert "Say hello" in await testing.check_responses(proxy, "claude")
 
 
 async def test_the_model_id_is_one_encoded_path_segment(
@@ -85,8 +71,8 @@ async def test_the_model_id_is_one_encoded_path_segment(
     # the signature (checked by the fake) is over the path as it is sent.
     arn = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-v1:0"
     config = {"models": [model("profile", arn, api_base)]}
-    proxy = await start_proxy(aiohttp_server, config, [aioproxy_bedrock])
-    await check_chat(proxy, "profile")
+    proxy = await testing.start_proxy(aiohttp_server, config, [aioproxy_bedrock])
+    await testing.check_chat(proxy, "profile")
     assert fake.raw_paths[-1] == (
         "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile"
         "%2Fus.anthropic.claude-v1%3A0/converse"
@@ -94,8 +80,10 @@ async def test_the_model_id_is_one_encoded_path_segment(
     assert fake.signed_with[-1] == ACCESS_KEY_ID
 
 
-async def test_a_bedrock_api_key_is_a_bearer_token(proxy: ProxyUnderTest, fake: Any) -> None:
-    assert await check_chat(proxy, "keyed") == "Hello! You said: Say hello to the kit"
+async def test_a_bedrock_api_key_is_a_bearer_token(
+    proxy: testing.ProxyUnderTest, fake: Any
+) -> None:
+    assert await testing.check_chat(proxy, "keyed") == "Hello! You said: Say hello to the kit"
     assert fake.signed_with[-1] == "bearer"
     assert fake.last.headers["authorization"] == f"Bearer {API_KEY}"
 
@@ -108,12 +96,12 @@ async def test_an_api_key_with_an_api_base_needs_no_region(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     settings = {"region": None, "aws_access_key_id": None}
     entry = model("keyed", CHAT_MODEL_ID, api_base, api_key=API_KEY, settings=settings)
-    proxy = await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
-    assert await check_chat(proxy, "keyed") == "Hello! You said: Say hello to the kit"
+    proxy = await testing.start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+    assert await testing.check_chat(proxy, "keyed") == "Hello! You said: Say hello to the kit"
     assert fake.signed_with[-1] == "bearer"
 
 
-async def test_the_request_translated(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_the_request_translated(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
@@ -150,7 +138,7 @@ async def test_the_request_translated(proxy: ProxyUnderTest, fake: Any) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_tool_round_trip_through_the_sdk(
-    proxy: ProxyUnderTest, fake: Any, stream: bool
+    proxy: testing.ProxyUnderTest, fake: Any, stream: bool
 ) -> None:
     question = [{"role": "user", "content": "Weather in Paris?"}]
     async with proxy.openai() as client:
@@ -226,15 +214,15 @@ async def test_a_tool_round_trip_through_the_sdk(
     }
 
 
-async def test_images_and_documents(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_images_and_documents(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     content = [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_PIXEL}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{testing.PNG_PIXEL}"}},
         {
             "type": "file",
             "file": {
                 "filename": "report 2024.pdf",
-                "file_data": f"data:application/pdf;base64,{PNG_PIXEL}",
+                "file_data": f"data:application/pdf;base64,{testing.PNG_PIXEL}",
             },
         },
     ]
@@ -246,17 +234,17 @@ async def test_images_and_documents(proxy: ProxyUnderTest, fake: Any) -> None:
         "Hello! You said: What is this? I see 1 image(s). I read 1 document(s)."
     )
     blocks = fake.last.body["messages"][0]["content"]
-    assert blocks[1] == {"image": {"format": "png", "source": {"bytes": PNG_PIXEL}}}
+    assert blocks[1] == {"image": {"format": "png", "source": {"bytes": testing.PNG_PIXEL}}}
     assert blocks[2] == {
-        "document": {"format": "pdf", "name": "report 2024", "source": {"bytes": PNG_PIXEL}}
+        "document": {"format": "pdf", "name": "report 2024", "source": {"bytes": testing.PNG_PIXEL}}
     }
 
 
-async def test_an_image_by_http_url_is_refused(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_an_image_by_http_url_is_refused(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     content = [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]
     body = {"model": "claude", "messages": [{"role": "user", "content": content}]}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        error = await assert_openai_error(response, 400)
+        error = await testing.assert_openai_error(response, 400)
     assert error["param"] == "messages[0].content[0].image_url.url"
     assert fake.requests == []
 
@@ -269,10 +257,14 @@ async def test_an_image_by_http_url_is_refused(proxy: ProxyUnderTest, fake: Any)
     ],
 )
 async def test_embeddings(
-    proxy: ProxyUnderTest, fake: Any, name: str, dims: int | None, expected: list[list[float]]
+    proxy: testing.ProxyUnderTest,
+    fake: Any,
+    name: str,
+    dims: int | None,
+    expected: list[list[float]],
 ) -> None:
     if dims is None:
-        vectors = await check_embeddings(proxy, name, inputs=["hello", "toy kit"])
+        vectors = await testing.check_embeddings(proxy, name, inputs=["hello", "toy kit"])
     else:  # the kit's checks send no dimensions: a raw request does
         body = {"model": name, "input": ["hello", "toy kit"], "dimensions": dims}
         async with proxy.http() as http, http.post("/v1/embeddings", json=body) as response:
@@ -280,13 +272,13 @@ async def test_embeddings(
         vectors = [d["embedding"] for d in answer["data"]]
         assert fake.last.body == {"inputText": "toy kit", "dimensions": 2}
         assert answer["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
-        await check_embeddings(proxy, name, inputs=["hello", "toy kit"])
+        await testing.check_embeddings(proxy, name, inputs=["hello", "toy kit"])
     assert vectors == expected
     assert fake.last.path.endswith("/invoke")
 
 
 async def test_cohere_embeddings_count_tokens_from_the_header(
-    proxy: ProxyUnderTest, fake: Any
+    proxy: testing.ProxyUnderTest, fake: Any
 ) -> None:
     body = {"model": "cohere", "input": ["one two", "three"]}
     async with proxy.http() as http, http.post("/v1/embeddings", json=body) as response:
@@ -317,19 +309,21 @@ ERRORS = [  # (Bedrock's status, its exception, the client's status, its code)
 
 @pytest.mark.parametrize(("status", "kind", "seen", "code"), ERRORS)
 async def test_error_mapping(
-    proxy: ProxyUnderTest, fake: Any, status: int, kind: str, seen: int, code: str | None
+    proxy: testing.ProxyUnderTest, fake: Any, status: int, kind: str, seen: int, code: str | None
 ) -> None:
-    error = await check_error_mapping(
+    error = await testing.check_error_mapping(
         proxy, "claude", lambda: fake.faults.append(("status", status, kind)), seen, code=code
     )
     assert SECRET_KEY not in json.dumps(error)
 
 
-async def test_a_throttled_request_keeps_its_retry_after(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_throttled_request_keeps_its_retry_after(
+    proxy: testing.ProxyUnderTest, fake: Any
+) -> None:
     fake.faults.append(("status", 429, "ThrottlingException"))
-    body = {"model": "claude", "messages": HELLO}
+    body = {"model": "claude", "messages": testing.HELLO}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        await assert_openai_error(response, 429, "rate_limit_exceeded")
+        await testing.assert_openai_error(response, 429, "rate_limit_exceeded")
         assert response.headers["Retry-After"] == "7"
 
 
@@ -342,25 +336,20 @@ STREAM_ERRORS = [  # a stream's exception message, and the client's status and c
 ]
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
 @pytest.mark.parametrize(("kind", "seen", "code"), STREAM_ERRORS)
-async def test_a_stream_exception_first_is_the_answers_status(
-    proxy: ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None
+async def test_a_stream_exception(
+    proxy: testing.ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None, first: bool
 ) -> None:
-    fake.faults.append(("exception_first", kind))
-    body = {"model": "claude", "messages": HELLO, "stream": True}
+    """First in the stream, it is the answer's status; later, an error event ends the stream."""
+    fake.faults.append(("exception_first" if first else "exception", kind))
+    body = {"model": "claude", "messages": testing.HELLO, "stream": True}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        await assert_openai_error(response, seen, code)
-
-
-@pytest.mark.parametrize(("kind", "seen", "code"), STREAM_ERRORS)
-async def test_a_stream_exception_later_is_an_error_event(
-    proxy: ProxyUnderTest, fake: Any, kind: str, seen: int, code: str | None
-) -> None:
-    fake.faults.append(("exception", kind))
-    body = {"model": "claude", "messages": HELLO, "stream": True}
-    async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
+        if first:
+            await testing.assert_openai_error(response, seen, code)
+            return
         assert response.status == 200
-        events = await read_sse(response)
+        events = await testing.read_sse(response)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     error = events[-1]["error"]
     assert error["code"] == code and f"injected {kind}" in error["message"]
@@ -370,41 +359,41 @@ async def test_a_stream_exception_later_is_an_error_event(
     ("fault", "code"), [(("bad_crc", 3), "upstream_invalid_response"), ("cut", None)]
 )
 async def test_a_broken_stream_ends_with_an_error_event(
-    proxy: ProxyUnderTest, fake: Any, fault: Any, code: str | None
+    proxy: testing.ProxyUnderTest, fake: Any, fault: Any, code: str | None
 ) -> None:
     fake.faults.append(fault)
-    body = {"model": "claude", "messages": HELLO, "stream": True}
+    body = {"model": "claude", "messages": testing.HELLO, "stream": True}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        events = await read_sse(response)
+        events = await testing.read_sse(response)
     assert "error" in events[-1], events[-1]
     if code:
         assert events[-1]["error"]["code"] == code
     assert proxy.in_flight("claude") == 0
 
 
-async def test_a_broken_first_message_is_a_502(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_broken_first_message_is_a_502(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     fake.faults.append(("bad_crc", 0))
-    body = {"model": "claude", "messages": HELLO, "stream": True}
+    body = {"model": "claude", "messages": testing.HELLO, "stream": True}
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        await assert_openai_error(response, 502, "upstream_invalid_response")
+        await testing.assert_openai_error(response, 502, "upstream_invalid_response")
 
 
 @pytest.mark.parametrize(("fault", "total"), [(None, 15), ("no_metadata", 0)])
 async def test_a_stream_ends_with_usage_and_done(
-    proxy: ProxyUnderTest, fake: Any, fault: str | None, total: int
+    proxy: testing.ProxyUnderTest, fake: Any, fault: str | None, total: int
 ) -> None:
     # Without its metadata event (the usage) the answer still ends well: usage 0, [DONE].
     if fault:
         fake.faults.append(fault)
     body = {
         "model": "claude",
-        "messages": HELLO,
+        "messages": testing.HELLO,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
-        chunks = await read_sse(response)
-    assert_chat_chunks(chunks, usage=True)  # [DONE] last, the usage chunk before it
+        chunks = await testing.read_sse(response)
+    testing.assert_chat_chunks(chunks, usage=True)  # [DONE] last, the usage chunk before it
     assert chunks[-2]["usage"]["total_tokens"] == total
 
 
@@ -417,17 +406,17 @@ async def test_the_deployments_headers_cannot_replace_the_signature(
         api_base,
         headers={"authorization": "Bearer nope", "X-Team": "search", "CONTENT-TYPE": "text/plain"},
     )
-    proxy = await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
-    await check_chat(proxy, "claude")
+    proxy = await testing.start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+    await testing.check_chat(proxy, "claude")
     assert fake.signed_with[-1] == ACCESS_KEY_ID
     assert fake.last.headers["x-team"] == "search"
     assert fake.last.headers["content-type"] == "application/json"
 
 
-async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_client_leaving_closes_the_upstream(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     fake.stream_delay = 0.05
     long = [{"role": "user", "content": "word " * 100}]
-    await check_cancellation(proxy, "claude", lambda: fake.in_flight, messages=long)
+    await testing.check_cancellation(proxy, "claude", lambda: fake.in_flight, messages=long)
 
 
 class _FakeTime:
@@ -489,11 +478,11 @@ async def test_expiring_credentials_are_refreshed(
             )
         ]
     }
-    proxy = await start_proxy(aiohttp_server, config, [Plugin()])
-    await check_chat(proxy, "claude")
+    proxy = await testing.start_proxy(aiohttp_server, config, [Plugin()])
+    await testing.check_chat(proxy, "claude")
     assert fake.signed_with[-1] == "ASIATEMP0" and issued == ["ASIATEMP0"]
     clock.now += datetime.timedelta(minutes=59)  # within botocore's refresh window: refreshed
-    await check_chat(proxy, "claude")
+    await testing.check_chat(proxy, "claude")
     assert issued == ["ASIATEMP0", "ASIATEMP1"]
     assert fake.signed_with[-1] == "ASIATEMP1"
     assert fake.last.headers["x-amz-security-token"] == "token-ASIATEMP1"
@@ -510,15 +499,15 @@ async def test_credentials_from_the_environment(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     entry = model("claude", CHAT_MODEL_ID, api_base, api_key=None)
     entry["settings"] = {}
-    proxy = await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
-    assert await check_chat(proxy, "claude") == "Hello! You said: Say hello to the kit"
+    proxy = await testing.start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+    assert await testing.check_chat(proxy, "claude") == "Hello! You said: Say hello to the kit"
     assert fake.signed_with[-1] == ACCESS_KEY_ID
 
 
 async def test_a_misspelt_setting_stops_start_up(aiohttp_server: Any, api_base: str) -> None:
     entry = model("claude", CHAT_MODEL_ID, api_base, settings={"regoin": "us-east-1"})
     with pytest.raises(ConfigError, match="regoin"):
-        await start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
+        await testing.start_proxy(aiohttp_server, {"models": [entry]}, [aioproxy_bedrock])
 
 
 async def test_no_region_stops_start_up(tmp_path: Path) -> None:
@@ -543,7 +532,7 @@ async def test_no_region_stops_start_up(tmp_path: Path) -> None:
 
 
 async def test_secrets_stay_out_of_answers_and_logs(
-    proxy: ProxyUnderTest, fake: Any, caplog: pytest.LogCaptureFixture
+    proxy: testing.ProxyUnderTest, fake: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # botocore logs its canonical request at DEBUG
     for fault in [
@@ -551,7 +540,7 @@ async def test_secrets_stay_out_of_answers_and_logs(
         ("status", 403, "InvalidSignatureException"),
     ]:
         fake.faults.append(fault)
-        body = {"model": "claude", "messages": HELLO}
+        body = {"model": "claude", "messages": testing.HELLO}
         async with proxy.http() as http, http.post("/v1/chat/completions", json=body) as response:
             text = await response.text()
         assert SECRET_KEY not in text and "Signature=" not in text
@@ -568,11 +557,11 @@ async def test_importing_the_plugin_loads_no_botocore() -> None:
     assert out.stdout.strip() == "False"
 
 
-async def test_openai_sdk_sees_typed_errors(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_openai_sdk_sees_typed_errors(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     fake.faults.append(("status", 429, "ThrottlingException"))
     async with proxy.openai() as client:
         with pytest.raises(openai.RateLimitError):
-            await client.chat.completions.create(model="claude", messages=HELLO)
+            await client.chat.completions.create(model="claude", messages=testing.HELLO)
 
 
 def test_the_entry_point_names_the_plugin() -> None:
@@ -598,10 +587,10 @@ async def test_the_request_id_goes_upstream_and_aws_own_is_kept(
             kept.append(call.upstream_request_id if call else "no call")
 
     config = {"models": [model("claude", CHAT_MODEL_ID, api_base)]}
-    proxy = await start_proxy(aiohttp_server, config, [aioproxy_bedrock, Log()])
+    proxy = await testing.start_proxy(aiohttp_server, config, [aioproxy_bedrock, Log()])
     if fault:
         fake.faults.append(fault)
-    body = {"model": "claude", "messages": HELLO}
+    body = {"model": "claude", "messages": testing.HELLO}
     async with (
         proxy.http() as http,
         http.post("/v1/chat/completions", json=body, headers={"x-request-id": "client-7"}) as got,

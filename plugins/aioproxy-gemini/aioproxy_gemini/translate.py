@@ -16,17 +16,12 @@ import msgspec
 
 from aioproxy import (
     ABSENT,
-    CONTENT_PARTS,
     FLOAT,
     INT,
     JSON_OBJECT,
-    MESSAGES,
     NULL,
     RESPONSE_FORMAT,
-    STOP,
     STR,
-    SYSTEM_ROLES,
-    TOOL_CALLS,
     TOOL_CHOICE,
     TOOLS,
     AnyMessage,
@@ -37,15 +32,16 @@ from aioproxy import (
     Tool,
     ToolCall,
     ToolChoice,
+    TurnTranslator,
+    chat_messages,
     decode_field,
     function_tool,
     get_field,
-    image_url_of,
     is_empty_schema,
     json_object,
-    part_text,
+    max_tokens_of,
     split_data_url,
-    text_or_array,
+    stop_sequences,
 )
 
 from .schema import to_gemini_schema
@@ -108,15 +104,7 @@ def to_gemini(
     safety_settings: Sequence[object] = (),
 ) -> dict[str, Any]:
     """A chat completions request (its raw top-level fields) as a generateContent body."""
-    for legacy in ("functions", "function_call"):
-        if fields.get(legacy, NULL) != NULL:
-            raise BadRequest(
-                f"'{legacy}' is deprecated and not translated for Gemini; use 'tools'",
-                param=legacy,
-            )
-    messages = MESSAGES.decode(fields.get("messages", ABSENT), "messages")
-    if messages is None:
-        raise BadRequest("'messages' must be an array of messages", param="messages")
+    messages = chat_messages(fields, "Gemini")
     system, contents = contents_of(messages)
     if not contents:
         raise BadRequest(
@@ -149,14 +137,12 @@ def _generation_config(
         value = get_field(fields, name, decoder)
         if value is not None:
             config[gemini_name] = value
-    max_tokens = get_field(fields, "max_completion_tokens", INT)
-    if max_tokens is None:
-        max_tokens = get_field(fields, "max_tokens", INT)
+    max_tokens = max_tokens_of(fields)
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
-    stop = text_or_array(fields.get("stop", ABSENT), STOP, "stop")
+    stop = stop_sequences(fields)
     if stop:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        config["stopSequences"] = stop
     n = get_field(fields, "n", INT)
     if n is not None and n != 1:
         if n < 1:
@@ -221,69 +207,30 @@ def contents_of(
     OpenAI tool message has only the call's id). Same-role neighbours are merged, so that the
     responses to parallel calls share one turn, as Gemini requires.
     """
-    system: list[dict[str, Any]] = []
-    contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.role
-        if role in SYSTEM_ROLES:
-            parts = _parts(message.content, f"{where}.content")
-            if any("text" not in part for part in parts):
-                raise BadRequest(
-                    f"'{where}.content' of a system message may only hold text",
-                    param=f"{where}.content",
-                )
-            system.extend(parts)
-            continue
-        if role == "user":
-            parts, turn_role = _parts(message.content, f"{where}.content"), "user"
-        elif role == "assistant":
-            parts, turn_role = _model_parts(message, where, names), "model"
-        elif role == "tool":
-            parts, turn_role = [_function_response(message, where, names)], "user"
-        else:
-            raise BadRequest(
-                f"Role {role!r} of '{where}' cannot be sent to Gemini; use system, developer, "
-                "user, assistant or tool",
-                param=f"{where}.role",
-            )
-        if not parts:
-            continue  # Gemini refuses a turn without parts; an empty message says nothing
-        if contents and contents[-1]["role"] == turn_role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": turn_role, "parts": parts})
-    return system, contents
+    return _Contents().split(messages)
 
 
-def _parts(
-    content: msgspec.Raw | str | list[ContentPart] | None, where: str
-) -> list[dict[str, Any]]:
-    value = text_or_array(content, CONTENT_PARTS, where)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [{"text": value}] if value else []
-    parts = []
-    for j, part in enumerate(value):
-        converted = part_of(part, f"{where}[{j}]")
-        if converted is not None:
-            parts.append(converted)
-    return parts
+class _Contents(TurnTranslator):
+    """OpenAI messages as Gemini parts; made per request, for the names of its tool calls."""
 
+    service = "Gemini"
+    assistant_role = "model"
+    turn_key = "parts"
+    assistant_text_only = True
 
-def part_of(part: ContentPart, where: str) -> dict[str, Any] | None:
-    """One OpenAI content part as a Gemini part (None for empty text)."""
-    kind = part.type
-    if kind in ("text", "refusal"):
-        text = part_text(part, where)
-        return {"text": text} if text else None
-    if kind == "image_url":
-        return _media(image_url_of(part, where), f"{where}.image_url.url", None)
-    if kind == "file":
-        return _file_part(part.file, f"{where}.file")
-    if kind == "input_audio":
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
+
+    def text_block(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    def image_block(self, url: str, where: str) -> dict[str, Any]:
+        return _media(url, where, None)
+
+    def file_block(self, file: InputFile | None, where: str, j: int) -> dict[str, Any]:
+        return _file_part(file, where)
+
+    def audio_block(self, part: ContentPart, where: str) -> dict[str, Any]:
         audio = part.input_audio
         mime = _AUDIO_TYPES.get(audio.format) if audio is not None else None
         if audio is None or mime is None or audio.data is None:
@@ -292,7 +239,43 @@ def part_of(part: ContentPart, where: str) -> dict[str, Any] | None:
                 param=f"{where}.input_audio",
             )
         return {"inlineData": {"mimeType": mime, "data": audio.data}}
-    raise BadRequest(f"Content part type {kind!r} cannot be sent to Gemini", param=f"{where}.type")
+
+    def tool_use(self, call: ToolCall, where: str) -> dict[str, Any]:
+        function = call.function
+        if function is None or call.type != "function" or not function.name:
+            raise BadRequest(f"'{where}' must be a function tool call with a name", param=where)
+        args = json_object(function.arguments, f"{where}.function.arguments", _OBJECT_CHECK)
+        part: dict[str, Any] = {"functionCall": {"name": function.name, "args": args}}
+        if call.id:
+            self.names[call.id] = function.name
+            _, mark, signature = call.id.partition(SIGNATURE_MARK)
+            if mark and signature:
+                part["thoughtSignature"] = signature
+        return part
+
+    def tool_result(self, message: AnyMessage, where: str) -> dict[str, Any]:
+        name = self.names.get(message.tool_call_id or "")
+        if name is None:
+            raise BadRequest(
+                f"'{where}.tool_call_id' answers no tool call of an earlier assistant message; "
+                "Gemini needs the function's name, which only that call gives",
+                param=f"{where}.tool_call_id",
+            )
+        content = f"{where}.content"
+        parts = self.text_only(self.blocks(message.content, content), content, "a tool")
+        text = "".join(part["text"] for part in parts)
+        try:  # a JSON object is the response itself; anything else is its output
+            JSON_OBJECT.decode(text)
+            response: Any = msgspec.Raw(text.encode())
+        except (msgspec.DecodeError, RecursionError):
+            response = {"output": text}
+        return {"functionResponse": {"name": name, "response": response}}
+
+
+def part_of(part: ContentPart, where: str) -> dict[str, Any] | None:
+    """One OpenAI content part as a Gemini part (None for empty text)."""
+    block: dict[str, Any] | None = _Contents().part_block(part, where, 0)
+    return block
 
 
 def _media(url: str, where: str, filename: str | None) -> dict[str, Any]:
@@ -326,55 +309,6 @@ def _file_part(file: InputFile | None, where: str) -> dict[str, Any]:
         f"'{where}' must carry 'file_data', or a Gemini file URI (https://...) as 'file_id'",
         param=where,
     )
-
-
-def _model_parts(message: AnyMessage, where: str, names: dict[str, str]) -> list[dict[str, Any]]:
-    parts = _parts(message.content, f"{where}.content")
-    if any("text" not in part for part in parts):
-        raise BadRequest(
-            f"'{where}.content' of an assistant message may only hold text",
-            param=f"{where}.content",
-        )
-    calls = TOOL_CALLS.decode(message.tool_calls, f"{where}.tool_calls")
-    for j, call in enumerate(calls or ()):
-        parts.append(_function_call(call, f"{where}.tool_calls[{j}]", names))
-    return parts
-
-
-def _function_call(call: ToolCall, where: str, names: dict[str, str]) -> dict[str, Any]:
-    function = call.function
-    if function is None or call.type != "function" or not function.name:
-        raise BadRequest(f"'{where}' must be a function tool call with a name", param=where)
-    args = json_object(function.arguments, f"{where}.function.arguments", _OBJECT_CHECK)
-    part: dict[str, Any] = {"functionCall": {"name": function.name, "args": args}}
-    if call.id:
-        names[call.id] = function.name
-        _, mark, signature = call.id.partition(SIGNATURE_MARK)
-        if mark and signature:
-            part["thoughtSignature"] = signature
-    return part
-
-
-def _function_response(message: AnyMessage, where: str, names: dict[str, str]) -> dict[str, Any]:
-    name = names.get(message.tool_call_id or "")
-    if name is None:
-        raise BadRequest(
-            f"'{where}.tool_call_id' answers no tool call of an earlier assistant message; "
-            "Gemini needs the function's name, which only that call gives",
-            param=f"{where}.tool_call_id",
-        )
-    parts = _parts(message.content, f"{where}.content")
-    if any("text" not in part for part in parts):
-        raise BadRequest(
-            f"'{where}.content' of a tool message may only hold text", param=f"{where}.content"
-        )
-    text = "".join(part["text"] for part in parts)
-    try:  # a JSON object is the response itself; anything else is its output
-        JSON_OBJECT.decode(text)
-        response: Any = msgspec.Raw(text.encode())
-    except (msgspec.DecodeError, RecursionError):
-        response = {"output": text}
-    return {"functionResponse": {"name": name, "response": response}}
 
 
 def _declaration(tool: Tool, i: int, schemas: Schemas) -> dict[str, Any]:

@@ -14,28 +14,9 @@ import aioproxy_gemini
 import openai
 import pytest
 
-from aioproxy import ConfigError
-from aioproxy.testing import (
-    HELLO,
-    PNG_PIXEL,
-    ProxyUnderTest,
-    assert_chat_chunks,
-    assert_error_object,
-    assert_openai_error,
-    check_cancellation,
-    check_chat,
-    check_chat_stream,
-    check_completion,
-    check_embeddings,
-    check_error_mapping,
-    check_responses,
-    first_event,
-    import_path,
-    read_sse,
-    start_proxy,
-)
+from aioproxy import ConfigError, testing
 
-fake_gemini = import_path(Path(__file__).with_name("fake_gemini.py"))
+fake_gemini = testing.import_path(Path(__file__).with_name("fake_gemini.py"))
 FakeGemini = fake_gemini.FakeGemini
 API_KEY = fake_gemini.API_KEY
 TOOL_ARGS = fake_gemini.TOOL_ARGS
@@ -65,7 +46,7 @@ def fake() -> Any:
 async def start(aiohttp_server: Any, fake: Any) -> Any:
     upstream = await aiohttp_server(fake.app())
 
-    async def start(**settings: Any) -> ProxyUnderTest:
+    async def start(**settings: Any) -> testing.ProxyUnderTest:
         model = {
             "name": MODEL,
             "provider": "gemini",
@@ -74,58 +55,60 @@ async def start(aiohttp_server: Any, fake: Any) -> Any:
             "api_key": API_KEY,
             "settings": settings,
         }
-        return await start_proxy(aiohttp_server, {"models": [model]}, [aioproxy_gemini])
+        return await testing.start_proxy(aiohttp_server, {"models": [model]}, [aioproxy_gemini])
 
     return start
 
 
 @pytest.fixture
-async def proxy(start: Any) -> ProxyUnderTest:
-    proxy: ProxyUnderTest = await start()
+async def proxy(start: Any) -> testing.ProxyUnderTest:
+    proxy: testing.ProxyUnderTest = await start()
     return proxy
 
 
-async def post(proxy: ProxyUnderTest, body: dict[str, Any], path: str = CHAT) -> Any:
+async def post(proxy: testing.ProxyUnderTest, body: dict[str, Any], path: str = CHAT) -> Any:
     async with proxy.http() as http, http.post(path, json=body) as response:
         assert response.status == 200, await response.text()
-        return await (read_sse(response) if body.get("stream") else response.json())
+        return await (testing.read_sse(response) if body.get("stream") else response.json())
 
 
 # -- the kit's checks ------------------------------------------------------------------------
 
 
-async def test_chat(proxy: ProxyUnderTest, fake: Any) -> None:
-    assert await check_chat(proxy, MODEL) == "Hello! You said: Say hello to the kit"
+async def test_chat(proxy: testing.ProxyUnderTest, fake: Any) -> None:
+    assert await testing.check_chat(proxy, MODEL) == "Hello! You said: Say hello to the kit"
     sent = fake.last
     assert sent.path == f"/v1beta/models/{fake_gemini.MODEL_ID}:generateContent"
     assert sent.headers["x-goog-api-key"] == API_KEY
     assert "authorization" not in sent.headers  # the client's key never goes upstream
-    assert sent.body == {"contents": [{"role": "user", "parts": [{"text": HELLO[0]["content"]}]}]}
+    assert sent.body == {
+        "contents": [{"role": "user", "parts": [{"text": testing.HELLO[0]["content"]}]}]
+    }
 
 
-async def test_chat_stream(proxy: ProxyUnderTest, fake: Any) -> None:
-    assert await check_chat_stream(proxy, MODEL) == "Hello! You said: Say hello to the kit"
+async def test_chat_stream(proxy: testing.ProxyUnderTest, fake: Any) -> None:
+    assert await testing.check_chat_stream(proxy, MODEL) == "Hello! You said: Say hello to the kit"
     assert fake.last.path.endswith(":streamGenerateContent") and fake.last.query == "alt=sse"
 
 
-async def test_a_stream_is_relayed_as_it_comes(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_stream_is_relayed_as_it_comes(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     """The first chunk reaches the client while Gemini still holds back the second."""
     fake.gate = asyncio.Event()
-    body = {"model": MODEL, "messages": HELLO, "stream": True}
+    body = {"model": MODEL, "messages": testing.HELLO, "stream": True}
     async with proxy.http() as http, http.post(CHAT, json=body) as response:
-        first = await first_event(response)
+        first = await testing.first_event(response)
         assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hello!"}
         assert fake.in_flight == 1  # Gemini has not finished: nothing was buffered
         fake.gate.set()
-        rest = await read_sse(response)
+        rest = await testing.read_sse(response)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in rest[:-1]) == (
         " You said: Say hello to the kit"
     )
 
 
-async def test_completions_and_responses_through_the_bridges(proxy: ProxyUnderTest) -> None:
-    assert await check_completion(proxy, MODEL) == "Hello! You said: Say hello to the kit"
-    assert await check_responses(proxy, MODEL) == "Hello! You said: Say hello to the kit"
+async def test_completions_and_responses_through_the_bridges(proxy: testing.ProxyUnderTest) -> None:
+    assert await testing.check_completion(proxy, MODEL) == "Hello! You said: Say hello to the kit"
+    assert await testing.check_responses(proxy, MODEL) == "Hello! You said: Say hello to the kit"
 
 
 async def test_reasoning_effort_through_the_responses_bridge(start: Any, fake: Any) -> None:
@@ -136,8 +119,8 @@ async def test_reasoning_effort_through_the_responses_bridge(start: Any, fake: A
     assert fake.last.body["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 8192}}
 
 
-async def test_embeddings(proxy: ProxyUnderTest, fake: Any) -> None:
-    vectors = await check_embeddings(proxy, MODEL, inputs=["hello", "gemini kit"], dims=3)
+async def test_embeddings(proxy: testing.ProxyUnderTest, fake: Any) -> None:
+    vectors = await testing.check_embeddings(proxy, MODEL, inputs=["hello", "gemini kit"], dims=3)
     assert vectors == [[5.0, 1.0, 0.5], [10.0, 2.0, 0.5]]
     model = f"models/{fake_gemini.MODEL_ID}"
     assert fake.last.path == f"/v1beta/{model}:batchEmbedContents"
@@ -150,7 +133,7 @@ async def test_embeddings(proxy: ProxyUnderTest, fake: Any) -> None:
 
 
 async def test_one_embedding_uses_embed_content_with_dimensions(
-    proxy: ProxyUnderTest, fake: Any
+    proxy: testing.ProxyUnderTest, fake: Any
 ) -> None:
     async with proxy.openai() as client:
         answer = await client.embeddings.create(model=MODEL, input="hello", dimensions=2)
@@ -170,17 +153,17 @@ async def test_many_embeddings_go_in_batches(start: Any, fake: Any) -> None:
     assert fake.requests[1].body["taskType"] == "RETRIEVAL_DOCUMENT"
 
 
-async def test_token_ids_are_a_400(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_token_ids_are_a_400(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     body = {"model": MODEL, "input": [[1, 2, 3]]}
     async with proxy.http() as http, http.post("/v1/embeddings", json=body) as response:
-        error = await assert_openai_error(response, 400)
+        error = await testing.assert_openai_error(response, 400)
     assert error["param"] == "input" and fake.requests == []
 
 
 # -- chat features ---------------------------------------------------------------------------
 
 
-async def test_system_multi_turn_and_sampling(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_system_multi_turn_and_sampling(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -217,12 +200,12 @@ async def test_system_multi_turn_and_sampling(proxy: ProxyUnderTest, fake: Any) 
     }
 
 
-async def test_n_is_candidate_count(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_n_is_candidate_count(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     async with proxy.openai() as client:
-        done = await client.chat.completions.create(model=MODEL, messages=HELLO, n=2)  # type: ignore[arg-type]
+        done = await client.chat.completions.create(model=MODEL, messages=testing.HELLO, n=2)  # type: ignore[arg-type]
         stream = await client.chat.completions.create(
             model=MODEL,
-            messages=HELLO,  # type: ignore[arg-type]
+            messages=testing.HELLO,  # type: ignore[arg-type]
             n=2,
             stream=True,
         )
@@ -238,10 +221,12 @@ async def test_n_is_candidate_count(proxy: ProxyUnderTest, fake: Any) -> None:
     assert finishes == ["stop", "stop"]
 
 
-async def test_usage_counts_cached_and_thinking_tokens(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_usage_counts_cached_and_thinking_tokens(
+    proxy: testing.ProxyUnderTest, fake: Any
+) -> None:
     fake.cached_tokens, fake.thoughts_tokens = 3, 11
-    done = await post(proxy, {"model": MODEL, "messages": HELLO})
-    body = {"model": MODEL, "messages": HELLO, "stream": True}
+    done = await post(proxy, {"model": MODEL, "messages": testing.HELLO})
+    body = {"model": MODEL, "messages": testing.HELLO, "stream": True}
     chunks = await post(proxy, {**body, "stream_options": {"include_usage": True}})
     expected = {
         "prompt_tokens": 5,
@@ -254,7 +239,7 @@ async def test_usage_counts_cached_and_thinking_tokens(proxy: ProxyUnderTest, fa
     assert chunks[-2]["usage"] == expected and chunks[-2]["choices"] == []
 
 
-async def test_a_tool_round_trip(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_tool_round_trip(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     fake.signature = "c2lnbmF0dXJl"  # a thinking model's thoughtSignature on its call
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
     async with proxy.openai() as client:
@@ -317,10 +302,10 @@ async def test_a_tool_round_trip(proxy: ProxyUnderTest, fake: Any) -> None:
     ]
 
 
-async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
-    body = {"model": MODEL, "messages": HELLO, "tools": [WEATHER_TOOL], "stream": True}
+async def test_a_streamed_tool_call(proxy: testing.ProxyUnderTest) -> None:
+    body = {"model": MODEL, "messages": testing.HELLO, "tools": [WEATHER_TOOL], "stream": True}
     chunks = await post(proxy, body)
-    assert assert_chat_chunks(chunks) == ""
+    assert testing.assert_chat_chunks(chunks) == ""
     calls = [
         c["choices"][0]["delta"]["tool_calls"]
         for c in chunks[:-1]
@@ -331,10 +316,10 @@ async def test_a_streamed_tool_call(proxy: ProxyUnderTest) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_images_inline_and_by_url(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     content = [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_PIXEL}"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{testing.PNG_PIXEL}"}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
     ]
     async with proxy.openai() as client:
@@ -346,12 +331,14 @@ async def test_images_inline_and_by_url(proxy: ProxyUnderTest, fake: Any) -> Non
         "Hello! You said: What is this? (with image/png, image/jpeg)"
     )
     assert fake.last.body["contents"][0]["parts"][1:] == [
-        {"inlineData": {"mimeType": "image/png", "data": PNG_PIXEL}},
+        {"inlineData": {"mimeType": "image/png", "data": testing.PNG_PIXEL}},
         {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
     ]
 
 
-async def test_an_image_url_gemini_cannot_fetch_is_a_400(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_an_image_url_gemini_cannot_fetch_is_a_400(
+    proxy: testing.ProxyUnderTest, fake: Any
+) -> None:
     content = [{"type": "image_url", "image_url": {"url": "http://10.0.0.1/cat.jpg"}}]
     async with proxy.openai() as client:
         with pytest.raises(openai.BadRequestError) as raised:
@@ -359,7 +346,7 @@ async def test_an_image_url_gemini_cannot_fetch_is_a_400(proxy: ProxyUnderTest, 
                 model=MODEL,
                 messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
             )
-    error = await assert_openai_error(raised.value, 400)
+    error = await testing.assert_openai_error(raised.value, 400)
     assert error["param"] == "messages[0].content[0].image_url.url"
     assert "https://" in error["message"] and fake.requests == []
 
@@ -401,7 +388,7 @@ async def test_structured_output(
     async with proxy.openai() as client:
         done = await client.chat.completions.create(
             model=MODEL,
-            messages=HELLO,  # type: ignore[arg-type]
+            messages=testing.HELLO,  # type: ignore[arg-type]
             response_format=response_format,  # type: ignore[arg-type]
         )
     assert json.loads(done.choices[0].message.content or "") == {"echo": "Say hello to the kit"}
@@ -415,12 +402,12 @@ async def test_structured_output(
     ("fault", "reason"), [("safety", "content_filter"), ("blocked", "content_filter")]
 )
 async def test_blocked_answers_finish_as_content_filter(
-    proxy: ProxyUnderTest, fake: Any, fault: str, reason: str
+    proxy: testing.ProxyUnderTest, fake: Any, fault: str, reason: str
 ) -> None:
     fake.faults += [fault, fault]
-    done = await post(proxy, {"model": MODEL, "messages": HELLO})
+    done = await post(proxy, {"model": MODEL, "messages": testing.HELLO})
     assert done["choices"][0]["finish_reason"] == reason
-    chunks = await post(proxy, {"model": MODEL, "messages": HELLO, "stream": True})
+    chunks = await post(proxy, {"model": MODEL, "messages": testing.HELLO, "stream": True})
     assert chunks[-2]["choices"][0]["finish_reason"] == reason
 
 
@@ -444,29 +431,37 @@ async def test_blocked_answers_finish_as_content_filter(
     ],
 )
 async def test_errors(
-    proxy: ProxyUnderTest, fake: Any, fault: str, status: int, code: str | None
+    proxy: testing.ProxyUnderTest, fake: Any, fault: str, status: int, code: str | None
 ) -> None:
-    error = await check_error_mapping(
+    error = await testing.check_error_mapping(
         proxy, MODEL, lambda: fake.faults.append(fault), status, code=code
     )
     assert API_KEY not in json.dumps(error)
 
 
-async def test_a_rate_limit_passes_its_retry_delay_on(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_a_rate_limit_passes_its_retry_delay_on(
+    proxy: testing.ProxyUnderTest, fake: Any
+) -> None:
     fake.faults.append("status:RESOURCE_EXHAUSTED")
-    async with proxy.http() as http, http.post(CHAT, json={"model": MODEL, "messages": HELLO}) as r:
-        error = await assert_openai_error(r, 429, "rate_limit_exceeded")
+    async with (
+        proxy.http() as http,
+        http.post(CHAT, json={"model": MODEL, "messages": testing.HELLO}) as r,
+    ):
+        error = await testing.assert_openai_error(r, 429, "rate_limit_exceeded")
         assert r.headers["Retry-After"] == "7"  # RetryInfo's 6.2s, in whole seconds up
     assert "exceeded your current quota" in error["message"]
 
 
 async def test_a_refused_key_says_nothing_of_it(
-    proxy: ProxyUnderTest, fake: Any, caplog: pytest.LogCaptureFixture
+    proxy: testing.ProxyUnderTest, fake: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     fake.faults.append("key")
-    async with proxy.http() as http, http.post(CHAT, json={"model": MODEL, "messages": HELLO}) as r:
-        error = await assert_openai_error(r, 502, "upstream_auth_failed")
+    async with (
+        proxy.http() as http,
+        http.post(CHAT, json={"model": MODEL, "messages": testing.HELLO}) as r,
+    ):
+        error = await testing.assert_openai_error(r, 502, "upstream_auth_failed")
     assert "API key not valid" not in error["message"]
     assert API_KEY not in caplog.text and API_KEY not in json.dumps(error)
 
@@ -480,27 +475,32 @@ async def test_a_refused_key_says_nothing_of_it(
     ],
 )
 async def test_a_stream_failing_midway_ends_with_an_error_event(
-    proxy: ProxyUnderTest, fake: Any, fault: str, code: str | None
+    proxy: testing.ProxyUnderTest, fake: Any, fault: str, code: str | None
 ) -> None:
     fake.faults.append(fault)
-    events = await post(proxy, {"model": MODEL, "messages": HELLO, "stream": True})
-    error = assert_error_object(events[-1], code=code)
+    events = await post(proxy, {"model": MODEL, "messages": testing.HELLO, "stream": True})
+    error = testing.assert_error_object(events[-1], code=code)
     if fault == "stream_error":
         assert "overloaded" in error["message"]
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
 
 
 @pytest.mark.parametrize("fault", ["malformed", "empty"])
-async def test_a_malformed_answer_is_a_502(proxy: ProxyUnderTest, fake: Any, fault: str) -> None:
+async def test_a_malformed_answer_is_a_502(
+    proxy: testing.ProxyUnderTest, fake: Any, fault: str
+) -> None:
     fake.faults.append(fault)
-    async with proxy.http() as http, http.post(CHAT, json={"model": MODEL, "messages": HELLO}) as r:
-        await assert_openai_error(r, 502, "upstream_invalid_response")
+    async with (
+        proxy.http() as http,
+        http.post(CHAT, json={"model": MODEL, "messages": testing.HELLO}) as r,
+    ):
+        await testing.assert_openai_error(r, 502, "upstream_invalid_response")
 
 
-async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, fake: Any) -> None:
+async def test_client_leaving_closes_the_upstream(proxy: testing.ProxyUnderTest, fake: Any) -> None:
     fake.delay = 0.05
     long = [{"role": "user", "content": "word " * 100}]
-    await check_cancellation(proxy, MODEL, lambda: fake.in_flight, messages=long)
+    await testing.check_cancellation(proxy, MODEL, lambda: fake.in_flight, messages=long)
 
 
 # -- settings and packaging ------------------------------------------------------------------
@@ -509,7 +509,7 @@ async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, fake: A
 async def test_safety_settings_go_with_every_chat_request(start: Any, fake: Any) -> None:
     setting = {"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}
     proxy = await start(safety_settings=[setting])
-    await post(proxy, {"model": MODEL, "messages": HELLO})
+    await post(proxy, {"model": MODEL, "messages": testing.HELLO})
     assert fake.last.body["safetySettings"] == [setting]
 
 

@@ -7,29 +7,18 @@ from typing import Any
 import aioproxy_openai
 import pytest
 
-from aioproxy.testing import (
-    FakeOpenAI,
-    ProxyUnderTest,
-    check_cancellation,
-    check_chat,
-    check_chat_stream,
-    check_completion,
-    check_embeddings,
-    check_error_mapping,
-    check_responses,
-    start_proxy,
-)
+from aioproxy import testing
 
 REPLY = "fake reply to: Say hello to the kit"
 
 
 @pytest.fixture
-def fake() -> FakeOpenAI:
-    return FakeOpenAI()
+def fake() -> testing.FakeOpenAI:
+    return testing.FakeOpenAI()
 
 
 @pytest.fixture
-async def proxy(aiohttp_server: Any, fake: FakeOpenAI) -> ProxyUnderTest:
+async def proxy(aiohttp_server: Any, fake: testing.FakeOpenAI) -> testing.ProxyUnderTest:
     upstream = await aiohttp_server(fake.app())
     base = {"provider": "openai", "api_base": str(upstream.make_url("/v1")), "api_key": "sk-up"}
     models = [
@@ -37,32 +26,32 @@ async def proxy(aiohttp_server: Any, fake: FakeOpenAI) -> ProxyUnderTest:
         {"name": "instruct", "model": "gpt-3.5-turbo-instruct", **base},
         {"name": "embed", "model": "text-embedding-3-small", **base},
     ]
-    return await start_proxy(aiohttp_server, {"models": models}, [aioproxy_openai])
+    return await testing.start_proxy(aiohttp_server, {"models": models}, [aioproxy_openai])
 
 
-async def test_chat(proxy: ProxyUnderTest) -> None:
-    assert await check_chat(proxy, "gpt") == REPLY
+async def test_chat(proxy: testing.ProxyUnderTest) -> None:
+    assert await testing.check_chat(proxy, "gpt") == REPLY
 
 
-async def test_chat_stream(proxy: ProxyUnderTest) -> None:
-    assert await check_chat_stream(proxy, "gpt") == REPLY
+async def test_chat_stream(proxy: testing.ProxyUnderTest) -> None:
+    assert await testing.check_chat_stream(proxy, "gpt") == REPLY
 
 
-async def test_chat_stream_of_a_tool_call(proxy: ProxyUnderTest) -> None:
+async def test_chat_stream_of_a_tool_call(proxy: testing.ProxyUnderTest) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    assert await check_chat_stream(proxy, "gpt", tools=tools) == ""
+    assert await testing.check_chat_stream(proxy, "gpt", tools=tools) == ""
 
 
-async def test_completion(proxy: ProxyUnderTest) -> None:
-    assert await check_completion(proxy, "instruct") == REPLY
+async def test_completion(proxy: testing.ProxyUnderTest) -> None:
+    assert await testing.check_completion(proxy, "instruct") == REPLY
 
 
-async def test_responses(proxy: ProxyUnderTest) -> None:
-    assert await check_responses(proxy, "gpt") == REPLY
+async def test_responses(proxy: testing.ProxyUnderTest) -> None:
+    assert await testing.check_responses(proxy, "gpt") == REPLY
 
 
-async def test_embeddings(proxy: ProxyUnderTest) -> None:
-    vectors = await check_embeddings(proxy, "embed", inputs=["a", "b", "c"], dims=8)
+async def test_embeddings(proxy: testing.ProxyUnderTest) -> None:
+    vectors = await testing.check_embeddings(proxy, "embed", inputs=["a", "b", "c"], dims=8)
     assert len(vectors) == 3
 
 
@@ -81,12 +70,20 @@ async def test_embeddings(proxy: ProxyUnderTest) -> None:
     ],
 )
 async def test_error_mapping(
-    proxy: ProxyUnderTest, fake: FakeOpenAI, fault: str, status: int, code: str | None
+    proxy: testing.ProxyUnderTest,
+    fake: testing.FakeOpenAI,
+    fault: str,
+    status: int,
+    code: str | None,
 ) -> None:
-    await check_error_mapping(proxy, "gpt", lambda: fake.faults.append(fault), status, code=code)
+    await testing.check_error_mapping(
+        proxy, "gpt", lambda: fake.faults.append(fault), status, code=code
+    )
 
 
-async def test_client_leaving_closes_the_upstream(proxy: ProxyUnderTest, fake: FakeOpenAI) -> None:
+async def test_client_leaving_closes_the_upstream(
+    proxy: testing.ProxyUnderTest, fake: testing.FakeOpenAI
+) -> None:
     fake.stream_delay = 0.02
     fake.stream_chunks = 100  # two seconds of stream, were it left to run
-    await check_cancellation(proxy, "gpt", lambda: fake.in_flight)
+    await testing.check_cancellation(proxy, "gpt", lambda: fake.in_flight)
