@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..config import ConfigError
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-__all__ = ["SCHEMA_HEAD", "mask_url", "open_engine"]
+__all__ = ["SCHEMA_HEAD", "dialect_insert", "mask_url", "open_engine"]
 
 # The newest shipped migration (tests/control/test_control_database.py checks it is Alembic's
 # head). A database already there, the common start-up, is seen current without importing Alembic
@@ -46,6 +47,12 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<not a database URL>"
+
+
+def dialect_insert(dialect: str) -> Any:
+    """``dialect``'s own ``insert`` (the one with ON CONFLICT): ``sqlite`` or ``postgresql``. The
+    engine imported that dialect already; a process on SQLite never imports PostgreSQL's (~2 MiB)."""
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
 
 
 def _async_url(url: str) -> sa.URL:
