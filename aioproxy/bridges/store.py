@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..control.engine import dialect_insert, open_engine
 from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
 
@@ -133,8 +133,6 @@ class ResponseStore:
         await asyncio.shield(self._opening)
 
     async def _open(self) -> None:
-        from ..control.engine import open_engine  # Alembic: loaded only by a store of its own
-
         assert self.url is not None
         try:
             self._engine = await open_engine(self.url)
@@ -261,8 +259,7 @@ class ResponseStore:
         }
 
         def remember(connection: sa.Connection) -> None:
-            insert = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert
-            statement = insert(_N).values(row)
+            statement = dialect_insert(connection.dialect.name)(_N).values(row)
             connection.execute(
                 statement.on_conflict_do_update(
                     index_elements=[_N.c.id],

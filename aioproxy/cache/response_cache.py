@@ -22,7 +22,7 @@ from ..providers import Provider, Reply
 from ..state.shared import link_key
 from .lookup import cache_key, cacheable
 from .replay import Recorder, replay
-from .stores import Entry, MemoryStore, RedisStore, Store
+from .stores import Entry, MemoryStore, Store
 
 __all__ = ["CACHE", "CacheProvider", "ResponseCache", "response_cache", "store_key"]
 
@@ -95,9 +95,12 @@ class ResponseCache:
 
         async def response_cache(app: web.Application) -> AsyncIterator[None]:
             link = app.get(link_key)
-            self.store = app[store_key] = (
-                RedisStore(link) if link is not None else MemoryStore(self.cache)
-            )
+            if link is None:
+                self.store = app[store_key] = MemoryStore(self.cache)
+            else:
+                from .redis_store import RedisStore  # only with Redis: the client is heavy
+
+                self.store = app[store_key] = RedisStore(link)
             yield
 
         register(response_cache)

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema
+from .engine import dialect_insert
 
 __all__ = [
     "DAY",
@@ -46,7 +46,6 @@ GROUPS = {
     "model": (_log.model, _table.c.model),
     "day": (_log.day, _table.c.day),
 }
-_DIALECTS: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 def whole_days(*moments: float | None) -> bool:
@@ -105,7 +104,7 @@ def _upsert(dialect: str) -> Any:
     """The roll-up's upsert for ``dialect``, built once (its compiled form is then cached)."""
     statement = _UPSERTS.get(dialect)
     if statement is None:
-        insert = _DIALECTS[dialect](_table)
+        insert = dialect_insert(dialect)(_table)
         added = insert.excluded
         statement = _UPSERTS[dialect] = insert.on_conflict_do_update(
             index_elements=["day", "key_id", "team_id", "model"],

@@ -4,25 +4,26 @@ counters (handed to the control plane's limits) and the change channel."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import Counter
 
 from ..config import Config
 from ..control.plane import plane_key
 from ..hookspecs import RegisterContext, hookimpl
 from ..keys import plugin_manager_key, runtime_key
 from ..observability.observer import Observer
-from .changes import Changes
-from .counters import SharedCounters
-from .deployments import SharedDeployments
-from .link import RedisLink
+
+if TYPE_CHECKING:  # imported in the context, with a redis_url: the Redis client is heavy
+    from .changes import Changes
+    from .deployments import SharedDeployments
+    from .link import RedisLink
 
 __all__ = ["SharedState", "link_key"]
 
-link_key = web.AppKey("aioproxy.state.link", RedisLink)
-changes_key = web.AppKey("aioproxy.state.changes", Changes)
-deployments_key = web.AppKey("aioproxy.state.deployments", SharedDeployments)
+link_key: web.AppKey[RedisLink] = web.AppKey("aioproxy.state.link")
+changes_key: web.AppKey[Changes] = web.AppKey("aioproxy.state.changes")
+deployments_key: web.AppKey[SharedDeployments] = web.AppKey("aioproxy.state.deployments")
 
 
 class SharedState:
@@ -36,6 +37,11 @@ class SharedState:
         state = self.config.state
 
         async def shared_state(app: web.Application) -> AsyncIterator[None]:
+            from .changes import Changes
+            from .counters import SharedCounters
+            from .deployments import SharedDeployments
+            from .link import RedisLink
+
             link = RedisLink(state)
             link.on_lost = _lost_counter(app)
             await link.check()
@@ -79,6 +85,8 @@ def _lost_counter(app: web.Application) -> Callable[[], None] | None:
     metrics = observer.metrics if isinstance(observer, Observer) else None
     if metrics is None:
         return None
+    from prometheus_client import Counter  # with metrics on only
+
     counter = Counter(
         "aioproxy_state_redis_lost_total",
         "Times Redis became unreachable ([state]): limits fell back to per-process counters.",

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from aioproxy.testing import assert_openai_error
-from aioproxy.ui.dashboard import _usd
+from aioproxy.ui.site import _usd
 from tests.support import MASTER_KEY, sdk
 from tests.ui.support import csrf_in, sign_in
 

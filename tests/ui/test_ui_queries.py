@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestServer
 from aioproxy import create_app
 from aioproxy.control import schema
 from aioproxy.control.plane import ControlPlane, clock_key, plane_key
-from aioproxy.ui.dashboard import _warming_key
 from aioproxy.ui.pages import points_key
 from aioproxy.ui.queries import RANGES, SETTLE, PointCache, overview, request_row
+from aioproxy.ui.site import _warming_key
 from tests.control.conftest import FakeControlClock
 from tests.ui.conftest import ui_config
 

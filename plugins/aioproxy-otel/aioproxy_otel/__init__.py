@@ -12,8 +12,10 @@ only when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
-from .tracing import OTelPlugin
+if TYPE_CHECKING:
+    from .tracing import OTelPlugin
 
 __all__ = ["OTelPlugin", "plugin"]
 
@@ -28,7 +30,17 @@ def _from_environment() -> object:
     disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     if disabled or not any(os.environ.get(name) for name in _ENDPOINTS):
         return _Inactive()
+    from .tracing import OTelPlugin  # the SDK (~1 MiB) only when traces are exported
+
     return OTelPlugin()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OTelPlugin":
+        from .tracing import OTelPlugin
+
+        return OTelPlugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # What the entry point registers: active once an OTLP endpoint is set. It builds nothing until
