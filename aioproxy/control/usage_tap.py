@@ -71,7 +71,9 @@ class UsageTap:
     async def _events(self, reply: StreamReply) -> AsyncIterator[bytes]:
         async for block in reply.events:
             # Only an event with a non-null usage can be the chunk: the rest pass untouched.
-            if b'"usage":{' in block or b'"usage": {' in block:
+            # ``find``, not ``in`` (which tries its operand as an integer first, raising and
+            # clearing a TypeError each time).
+            if block.find(b'"usage":{') >= 0 or block.find(b'"usage": {') >= 0:
                 block = self._strip(block)
                 if not block:
                     continue

@@ -19,6 +19,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .._aiohttp import request_state
 from ..app import is_open
 from ..config import Config
 from ..context import Principal
@@ -174,5 +175,7 @@ class Dashboard:
     def authenticate(self, request: web.Request) -> Principal | None:
         """A playground call runs as the signed-in operator (set only after its session and
         CSRF token were checked); every other request is left to the other plugins."""
-        principal = request.get(PLAYGROUND_PRINCIPAL)
+        # The request's storage read in C: request.get would raise and catch a KeyError for
+        # every API request, none of which is a playground call.
+        principal = request_state(request).get(PLAYGROUND_PRINCIPAL)
         return principal if isinstance(principal, Principal) else None
