@@ -335,10 +335,10 @@ class Dispatcher:
         router = self.router
         hooks = self.hooks
         deployment = lease.deployment
-        if hooks.before_attempt:
-            await hooks.before_attempt.each_logged(
-                call=call, deployment=deployment, attempt=attempt
-            )
+        if hooks.before_attempt and (
+            rest := hooks.before_attempt.logged(call, deployment, attempt)
+        ):
+            await rest
         started = router.clock.now()
         first_byte = (deployment.timeouts or self.config.upstream.timeouts).first_byte
         try:
@@ -354,28 +354,21 @@ class Dispatcher:
                 router.failed(deployment, error)
                 if hooks.after_attempt:
                     status = error.status if isinstance(error, ProxyError) else 500
-                    await hooks.after_attempt.each_logged(
-                        call=call,
-                        deployment=deployment,
-                        attempt=attempt,
-                        status=status,
-                        error=error,
-                        elapsed=router.clock.now() - started,
+                    rest = hooks.after_attempt.logged(
+                        call, deployment, attempt, status, error, router.clock.now() - started
                     )
+                    if rest is not None:
+                        await rest
             if error is exc:
                 raise
             raise error from exc
         elapsed = router.clock.now() - started
         router.succeeded(deployment, elapsed)
         if hooks.after_attempt:
-            await hooks.after_attempt.each_logged(
-                call=call,
-                deployment=deployment,
-                attempt=attempt,
-                status=reply.status if isinstance(reply, JSONReply) else 200,
-                error=None,
-                elapsed=elapsed,
-            )
+            status = reply.status if isinstance(reply, JSONReply) else 200
+            rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
+            if rest is not None:
+                await rest
         return Answer(reply, first, lease)
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:

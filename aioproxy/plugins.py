@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import CoroutineType
 from typing import Any
 
@@ -122,6 +122,22 @@ def _caller(
 _AWAITABLE_TYPES: dict[type, bool] = {CoroutineType: True}
 
 
+def _positional(
+    function: Callable[..., Any], argnames: tuple[str, ...], spec: tuple[str, ...]
+) -> Callable[..., Any]:
+    """``function`` called with the hookspec's arguments ``spec`` given by position."""
+    if argnames == spec:
+        return function
+    at = tuple(spec.index(name) for name in argnames)
+    if not at:
+        return lambda *args: function()
+    if len(at) == 1:
+        (index,) = at
+        return lambda *args: function(args[index])
+    pick = operator.itemgetter(*at)
+    return lambda *args: function(*pick(args))
+
+
 def _is_awaitable(result: Any) -> bool:
     # A coroutine, or any object with __await__ (what inspect.isawaitable checks, minus its ABC
     # machinery, which costs more than the rest of a sync hook call).
@@ -139,7 +155,7 @@ class Hook:
     call's keyword arguments, so that a request pays for calling the functions and nothing else.
     """
 
-    __slots__ = ("callers", "functions", "name")
+    __slots__ = ("callers", "functions", "name", "positional")
 
     def __init__(self, caller: pluggy.HookCaller) -> None:
         self.name = caller.name
@@ -154,6 +170,12 @@ class Hook:
         ordered = list(reversed(impls))
         self.functions = tuple(impl.function for impl in ordered)
         self.callers = tuple(_caller(impl.function, tuple(impl.argnames)) for impl in ordered)
+        # The same, called with the hookspec's arguments in its order (``logged``): an
+        # implementation that takes them all, as declared, is called as it is.
+        names = tuple(caller.spec.argnames) if caller.spec is not None else ()
+        self.positional = tuple(
+            _positional(impl.function, tuple(impl.argnames), names) for impl in ordered
+        )
 
     def __bool__(self) -> bool:
         return bool(self.callers)
@@ -190,6 +212,41 @@ class Hook:
                 log.exception(
                     "a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function)
                 )
+
+    def logged(self, *args: Any) -> Awaitable[None] | None:
+        """``each_logged`` with the hookspec's arguments, in its order, from a plain call: None
+        when every implementation has run (the usual case: a sync hook pays no coroutine), else
+        the awaitable that awaits the first one's awaitable result and runs the rest in turn."""
+        for index, function in enumerate(self.positional):
+            try:
+                result = function(*args)
+            except Exception:  # noqa: BLE001 - logged, and the others still run
+                self._failed(index)
+                continue
+            if result is not None and _is_awaitable(result):
+                return self._logged_from(index, result, args)
+        return None
+
+    async def _logged_from(
+        self, index: int, pending: Awaitable[Any], args: tuple[Any, ...]
+    ) -> None:
+        try:
+            await pending
+        except Exception:  # noqa: BLE001 - logged, and the others still run
+            self._failed(index)
+        for later in range(index + 1, len(self.positional)):
+            try:
+                result = self.positional[later](*args)
+                if result is not None and _is_awaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - logged, and the others still run
+                self._failed(later)
+
+    def _failed(self, index: int) -> None:
+        function = self.functions[index]
+        log.exception(
+            "a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function)
+        )
 
     def each_sync(self, **kwargs: Any) -> list[Any]:
         results = []

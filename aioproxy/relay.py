@@ -61,7 +61,8 @@ async def _send_json(
         await response.prepare(request)
         await response.write_eof()
         outcome.elapsed = time.monotonic() - call.started
-        await hooks.after_response.each_logged(call=call, outcome=outcome)
+        if (rest := hooks.after_response.logged(call, outcome)) is not None:
+            await rest
     return response
 
 
@@ -178,7 +179,8 @@ async def _send_stream(
             _finish(call, lease, outcome)
             if hooks.after_response:
                 outcome.elapsed = time.monotonic() - call.started
-                await hooks.after_response.each_logged(call=call, outcome=outcome)
+                if (rest := hooks.after_response.logged(call, outcome)) is not None:
+                    await rest
     return response
 
 

@@ -444,3 +444,76 @@ async def test_make_provider_still_takes_a_session_config_factory_with_a_warning
     assert len(warned) == 1  # once, not again from Provider.__init__
     assert made == [(session, cfg)]
     assert provider.upstream is upstream
+
+
+# --- Hook.logged: the hookspec's arguments by position, no coroutine while all are sync --------
+
+
+def _attempt_recorder(
+    name: str, calls: list[Any], is_async: bool = False, fail: bool = False
+) -> Any:
+    """A plugin whose before_attempt takes only (deployment, attempt), records and may fail."""
+
+    def record(deployment: Any, attempt: int) -> None:
+        calls.append((name, deployment, attempt))
+        if fail:
+            raise RuntimeError(f"{name} broke")
+
+    if is_async:
+
+        async def before_attempt(deployment: Any, attempt: int) -> None:
+            record(deployment, attempt)
+
+    else:
+
+        def before_attempt(deployment: Any, attempt: int) -> None:  # type: ignore[misc]
+            record(deployment, attempt)
+
+    return types.SimpleNamespace(before_attempt=hookimpl(before_attempt))
+
+
+def test_logged_calls_sync_impls_at_once_with_the_arguments_they_name(
+    pm: pluggy.PluginManager,
+) -> None:
+    calls: list[Any] = []
+
+    class Whole:
+        @hookimpl
+        def before_attempt(self, call: Any, deployment: Any, attempt: int) -> None:
+            calls.append(("whole", call, deployment, attempt))
+
+    pm.register(_attempt_recorder("part", calls))
+    pm.register(Whole())
+    assert Hook(pm.hook.before_attempt).logged("the-call", "dep", 2) is None  # nothing to await
+    assert calls == [("whole", "the-call", "dep", 2), ("part", "dep", 2)]
+
+
+async def test_logged_awaits_from_the_first_async_impl_on_in_order(
+    pm: pluggy.PluginManager,
+) -> None:
+    calls: list[Any] = []
+    pm.register(_attempt_recorder("third", calls), name="third")
+    pm.register(_attempt_recorder("second", calls, is_async=True), name="second")
+    pm.register(_attempt_recorder("first", calls), name="first")
+    rest = Hook(pm.hook.before_attempt).logged("call", "dep", 1)
+    assert rest is not None
+    assert [name for name, *_ in calls] == ["first"]  # the rest waits for the await, in order
+    await rest
+    assert [name for name, *_ in calls] == ["first", "second", "third"]
+
+
+async def test_logged_logs_a_failing_impl_and_runs_the_others(
+    pm: pluggy.PluginManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[Any] = []
+    pm.register(_attempt_recorder("after-async", calls, fail=True), name="d")
+    pm.register(_attempt_recorder("async-broken", calls, is_async=True, fail=True), name="c")
+    pm.register(_attempt_recorder("ok", calls), name="b")
+    pm.register(_attempt_recorder("sync-broken", calls, fail=True), name="a")
+    with caplog.at_level(logging.ERROR, logger="aioproxy"):
+        rest = Hook(pm.hook.before_attempt).logged("call", "dep", 1)
+        assert rest is not None
+        await rest
+    assert [name for name, *_ in calls] == ["sync-broken", "ok", "async-broken", "after-async"]
+    failures = [r.getMessage() for r in caplog.records if "before_attempt hook" in r.getMessage()]
+    assert len(failures) == 3 and all("failed" in message for message in failures)
