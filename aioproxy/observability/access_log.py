@@ -119,19 +119,10 @@ class AccessHandler(logging.Handler):
         self._clock = _Clock()
         self.setFormatter(JSONFormatter() if json else logging.Formatter(TEXT_FORMAT))
 
-    def write(self, fields: dict[str, Any]) -> None:
-        """One request's entry (the observer's path: no LogRecord); encoded with the rest of
-        the loop turn's, and timed as they are written (within the turn)."""
-        self._hold(fields)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """An entry logged through the logging API (by a plugin, say)."""
-        try:
-            self._hold(self.format(record).encode("utf-8", "backslashreplace"))
-        except Exception:  # noqa: BLE001 - logging.Handler.emit: report, never raise
-            self.handleError(record)
-
-    def _hold(self, entry: dict[str, Any] | bytes) -> None:
+    def write(self, entry: dict[str, Any] | bytes) -> None:
+        """Hold one entry: a request's fields (the observer's path: no LogRecord), or a
+        formatted record's line; encoded with the rest of the loop turn's, and timed as they
+        are written (within the turn)."""
         entries = self.entries
         entries.append(entry)
         if len(entries) == 1:
@@ -142,14 +133,25 @@ class AccessHandler(logging.Handler):
         elif len(entries) >= _FLUSH_AT:
             self.flush()
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """An entry logged through the logging API (by a plugin, say)."""
+        try:
+            self.write(self.format(record).encode("utf-8", "backslashreplace"))
+        except Exception:  # noqa: BLE001 - logging.Handler.emit: report, never raise
+            self.handleError(record)
+
     def flush(self) -> None:
         if not self.entries:
             return
         entries, self.entries = self.entries, []
         when = self._clock.iso(time.time())
-        if all(type(entry) is dict for entry in entries):  # the common case: one encode
-            for fields in entries:
-                fields["time"] = when  # type: ignore[index]
+        fields_only = True
+        for entry in entries:
+            if type(entry) is dict:
+                entry["time"] = when
+            else:
+                fields_only = False
+        if fields_only:  # the common case: one encode
             if self.json:
                 data = _encode_lines(entries)
             else:
