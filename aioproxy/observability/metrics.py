@@ -290,35 +290,55 @@ class Metrics:
 
     def _count_finished(self) -> None:
         """The finished requests' counts: by the model asked for, and what each spent and how
-        fast it came by the model that served it (a fallback's own)."""
+        fast it came by the model that served it (a fallback's own). One loop, its lookups
+        bound once: this is each request's share of counting."""
         finished, self.finished = self.finished, []
         labels = self.labels
         requests = self.requests.pending
-        duration = self.duration.observe
-        tokens = self.tokens.pending
-        spend = self.spend.pending
+        durations = self.duration.pending
+        bounds = self.duration.bounds
+        empty = [0.0] * (len(bounds) + 1)  # buckets, then the sum
+        # A model label (that served) -> the batch's input, output, cached input and reasoning
+        # tokens, and its spend.
+        spent: dict[str, list[float]] = {}
         first_token = self.ttft.observe
         for kind, asked, served, status, elapsed, usage, cost, ttft in finished:
             model = labels.get(asked, UNKNOWN)
-            served_label = model if served is None else labels.get(served, UNKNOWN)
             key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
             requests[key] = requests.get(key, 0) + 1
-            duration((kind, model), elapsed)
-            if usage is not None:
-                for token_type, count in (
-                    ("input", usage.prompt_tokens),
-                    ("output", usage.completion_tokens),
-                    ("cached_input", usage.cached_tokens),
-                    ("reasoning", usage.reasoning_tokens),
-                ):
-                    if count:
-                        key = (served_label, token_type)
-                        tokens[key] = tokens.get(key, 0) + count
-            if cost:
-                key = (served_label,)
-                spend[key] = spend.get(key, 0) + cost
+            key = (kind, model)
+            counts = durations.get(key)
+            if counts is None:
+                counts = durations[key] = empty.copy()
+            counts[bisect.bisect_left(bounds, elapsed)] += 1  # the first bound >= elapsed
+            counts[-1] += elapsed
+            if usage is None and not cost and ttft is None:
+                continue
+            served_label = model if served is None else labels.get(served, UNKNOWN)
+            if usage is not None or cost:
+                sums = spent.get(served_label)
+                if sums is None:
+                    sums = spent[served_label] = [0, 0, 0, 0, 0.0]
+                if usage is not None:
+                    sums[0] += usage.prompt_tokens
+                    sums[1] += usage.completion_tokens
+                    sums[2] += usage.cached_tokens
+                    sums[3] += usage.reasoning_tokens
+                if cost:
+                    sums[4] += cost
             if ttft is not None:
                 first_token((served_label,), ttft)
+        # The batch's tokens and spend, a model at a time.
+        tokens = self.tokens.pending
+        spend = self.spend.pending
+        for label, sums in spent.items():
+            for token_type, count in zip(TOKEN_TYPES, sums):  # the first four: the tokens
+                if count:
+                    key = (label, token_type)
+                    tokens[key] = tokens.get(key, 0) + count
+            if sums[4]:
+                key = (label,)
+                spend[key] = spend.get(key, 0) + sums[4]
 
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN
