@@ -2,8 +2,10 @@
 
 Label values come only from the config (model names, deployment ids) and from small fixed sets
 (endpoint kinds, HTTP statuses, token types): a client sending made-up model names cannot grow
-the label set, and no key, address or prompt is ever a label. A request adds its counts to
-plain dicts; they reach prometheus-client's values once a second and before each scrape.
+the label set, and no key, address or prompt is ever a label. A finished request is handed over
+as one tuple (:data:`Finished`), counted into plain dicts a batch at a time; the counts reach
+prometheus-client's values before each scrape (and once a second under ``--workers``, where
+another worker's scrape reads them).
 
 Under ``run.py --workers N`` the workers share ``PROMETHEUS_MULTIPROC_DIR`` (set up by the CLI
 before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker sums them all.
@@ -30,6 +32,7 @@ from ..errors import AuthenticationError
 from ..outcome import Usage
 
 __all__ = [
+    "COUNT_AT",
     "FLUSH_INTERVAL",
     "MULTIPROC_ENV",
     "UNKNOWN",
@@ -80,6 +83,7 @@ def mark_process_dead(pid: int) -> None:
 
 
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of a worker's counts into the shared values
+COUNT_AT = 1024  # finished requests held at most before they are counted, whatever the flushes
 
 # A finished request, for :meth:`Metrics.flush` to count: its endpoint kind, the model it asked
 # for (None: none), the model that served it (None: not routed), its status, its duration in
@@ -288,7 +292,7 @@ class Metrics:
         """``name`` as a label: a configured model name, else a fixed word."""
         return self.labels.get(name, UNKNOWN)
 
-    def _count_finished(self) -> None:
+    def count_finished(self) -> None:
         """The finished requests' counts: by the model asked for, and what each spent and how
         fast it came by the model that served it (a fallback's own). One loop, its lookups
         bound once: this is each request's share of counting."""
@@ -357,7 +361,7 @@ class Metrics:
     def flush(self) -> None:
         """Move this process's counts into the shared values (what a scrape reads)."""
         if self.finished:
-            self._count_finished()
+            self.count_finished()
         for series in self._series:
             if series.pending:
                 series.flush()

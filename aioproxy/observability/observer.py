@@ -27,7 +27,14 @@ from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from .access_log import ACCESS_LOG, AccessEntry, direct_handler
-from .metrics import CACHE_RESULTS, FLUSH_INTERVAL, RATE_LIMIT_SCOPES, Metrics, metrics_handler
+from .metrics import (
+    CACHE_RESULTS,
+    COUNT_AT,
+    FLUSH_INTERVAL,
+    RATE_LIMIT_SCOPES,
+    Metrics,
+    metrics_handler,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -123,7 +130,10 @@ class Observer:
             elif ACCESS_LOG.isEnabledFor(logging.INFO):  # run.py set the level already
                 self.write = writer.write
         if self.metrics is not None:
-            app.cleanup_ctx.append(self._flushing)
+            # Other workers' scrapes read this one's shared values: they must keep up. One
+            # process alone moves its counts on its own scrapes (and as they gather).
+            if self.metrics.multiprocess:
+                app.cleanup_ctx.append(self._flushing)
             if self.config.metrics.port is not None:
                 app.cleanup_ctx.append(self._metrics_port)
         app.on_startup.append(self._name_routes)
@@ -154,8 +164,8 @@ class Observer:
             register("GET", "/metrics", self._metrics_handler(config.metrics.public))
 
     async def _flushing(self, app: web.Application) -> AsyncIterator[None]:
-        """Each process moves its counts into the shared values once a second (a scrape in
-        this process does so first anyway)."""
+        """Under ``--workers``, each process moves its counts into the shared values once a
+        second (a scrape in this process does so first anyway)."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
@@ -339,7 +349,8 @@ class Observer:
             cache = None
         metrics = self.metrics
         if metrics is not None:
-            metrics.finished.append(
+            finished = metrics.finished
+            finished.append(
                 (
                     kind,
                     call.model if call is not None else None,
@@ -351,6 +362,8 @@ class Observer:
                     ttft,
                 )
             )
+            if len(finished) >= COUNT_AT:
+                metrics.count_finished()
             if cache is not None:
                 metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
             if status == 429 and not record.upstream_429:
