@@ -26,7 +26,7 @@ from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
-from .access_log import ACCESS_LOG, AccessEntry, direct_handler
+from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
 from .metrics import (
     CACHE_RESULTS,
     COUNT_AT,
@@ -107,7 +107,7 @@ class Observer:
         self.routes: dict[AbstractRoute, _Route] = {}
         # Where a request's access line goes (None: no access log): run.py's handler, written
         # to directly, or the logging API.
-        self.write: Callable[[dict[str, Any]], None] | None = None
+        self.write: Callable[[AccessLine], None] | None = None
         # The record of the request being served, for its hooks and the timing header: a
         # context variable is read in C (the request's mapping costs two Python calls a read).
         # Tasks the request starts (a pooled connection's) copy it and may outlive it: what
@@ -379,35 +379,33 @@ class Observer:
             rid = request[REQUEST_ID]
         except KeyError:  # a request refused before anything asked for its id
             rid = request_id(request)
-        fields = {
-            "time": None,  # filled in as the line is written
-            "request_id": rid,
-            "method": request.method if route is None or route.method is None else route.method,
-            # The route's template (/v1/models/{model}); a path no route has, cut short.
-            "path": route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
-            "kind": kind,
-            "status": status,
-            "error": error.code if isinstance(error, ProxyError) else None,
-            "key": principal.name if principal is not None else None,
-            "team": principal.team if principal is not None else None,
-            "model": call.model[:_MAX_LOGGED_NAME] if call is not None else None,
-            "deployment": (
-                (deployment.id or deployment.describe()) if deployment is not None else None
-            ),
-            "stream": call.stream if call is not None else None,
-            "input_tokens": usage.prompt_tokens if usage is not None else None,
-            "output_tokens": usage.completion_tokens if usage is not None else None,
-            "cost": cost,
-            # Milliseconds to the µs (int() and a division: round() goes through text).
-            "ttft_ms": int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
-            "duration_ms": int(elapsed * 1e6 + 0.5) / 1000,
-            "retries": record.retries,
-            "fallbacks": record.fallbacks,
-            "cache": cache,
-            "client": request.remote,
-            "upstream_request_id": call.upstream_request_id if call is not None else None,
-        }
-        write(fields)
+        write(
+            AccessLine(  # positionally, in AccessLine's order
+                None,  # time: filled in as the line is written
+                rid,
+                request.method if route is None or route.method is None else route.method,
+                route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
+                kind,
+                status,
+                error.code if isinstance(error, ProxyError) else None,
+                principal.name if principal is not None else None,
+                principal.team if principal is not None else None,
+                call.model[:_MAX_LOGGED_NAME] if call is not None else None,
+                (deployment.id or deployment.describe()) if deployment is not None else None,
+                call.stream if call is not None else None,
+                usage.prompt_tokens if usage is not None else None,
+                usage.completion_tokens if usage is not None else None,
+                cost,
+                # Milliseconds to the µs (int() and a division: round() goes through text).
+                int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
+                int(elapsed * 1e6 + 0.5) / 1000,
+                record.retries,
+                record.fallbacks,
+                cache,
+                request.remote,
+                call.upstream_request_id if call is not None else None,
+            )
+        )
 
 
 def _scope(error: BaseException | None) -> str:
@@ -416,7 +414,7 @@ def _scope(error: BaseException | None) -> str:
     return scope if scope in RATE_LIMIT_SCOPES else "deployment"
 
 
-def _log_entry(fields: dict[str, Any]) -> None:
+def _log_entry(fields: AccessLine) -> None:
     """An access line through the logging API (an app embedded elsewhere)."""
     if ACCESS_LOG.isEnabledFor(logging.INFO):
         ACCESS_LOG.info(AccessEntry(fields))
