@@ -2,8 +2,10 @@
 
 Label values come only from the config (model names, deployment ids) and from small fixed sets
 (endpoint kinds, HTTP statuses, token types): a client sending made-up model names cannot grow
-the label set, and no key, address or prompt is ever a label. A request adds its counts to
-plain dicts; they reach prometheus-client's values once a second and before each scrape.
+the label set, and no key, address or prompt is ever a label. A finished request is handed over
+as one tuple (:data:`Finished`), counted into plain dicts a batch at a time; the counts reach
+prometheus-client's values before each scrape (and once a second under ``--workers``, where
+another worker's scrape reads them).
 
 Under ``run.py --workers N`` the workers share ``PROMETHEUS_MULTIPROC_DIR`` (set up by the CLI
 before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker sums them all.
@@ -29,7 +31,15 @@ from ..config import Config
 from ..errors import AuthenticationError
 from ..outcome import Usage
 
-__all__ = ["FLUSH_INTERVAL", "MULTIPROC_ENV", "UNKNOWN", "Metrics", "prepare_multiprocess"]
+__all__ = [
+    "COUNT_AT",
+    "FLUSH_INTERVAL",
+    "MULTIPROC_ENV",
+    "UNKNOWN",
+    "Finished",
+    "Metrics",
+    "prepare_multiprocess",
+]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN = "unknown"  # the label of a model or deployment the config does not name
@@ -73,6 +83,12 @@ def mark_process_dead(pid: int) -> None:
 
 
 FLUSH_INTERVAL = 1.0  # seconds between two flushes of a worker's counts into the shared values
+COUNT_AT = 1024  # finished requests held at most before they are counted, whatever the flushes
+
+# A finished request, for :meth:`Metrics.flush` to count: its endpoint kind, the model it asked
+# for (None: none), the model that served it (None: not routed), its status, its duration in
+# seconds, its usage, its cost in USD and its time to the first token (streams), as known.
+Finished = tuple[str, str | None, str | None, int, float, Usage | None, float | None, float | None]
 
 
 class _Series:
@@ -96,13 +112,17 @@ class _Series:
 class _Counter(_Series):
     """A counter. Requests add to a plain dict (a fraction of a µs); :meth:`flush` moves the
     sums into prometheus-client's values (a lock and, under ``--workers``, an mmap write each)
-    once a second and before every scrape."""
+    once a second and before every scrape. ``relabel``, if given, turns a pending key into its
+    labels as they are flushed (so that a request adds under what it has to hand)."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("pending", "relabel")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(
+        self, metric: Any, relabel: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
+    ) -> None:
         super().__init__(metric)
         self.pending: dict[tuple[Any, ...], float] = {}
+        self.relabel = relabel
 
     def add(self, labels: tuple[Any, ...], amount: float = 1) -> None:
         pending = self.pending
@@ -110,8 +130,9 @@ class _Counter(_Series):
 
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
+        relabel = self.relabel
         for labels, amount in pending.items():
-            self.child(labels).inc(amount)
+            self.child(labels if relabel is None else relabel(labels)).inc(amount)
 
 
 class _Histogram(_Series):
@@ -162,9 +183,17 @@ class Metrics:
         self.deployments = frozenset(deployment_ids)
         self.active = 0  # requests in flight in this process, set into the gauge when flushed
         self._flushed_active = -1
+        # Finished requests, as the observer hands them over (see Finished), counted when
+        # flushed: a request pays for a tuple and an append, the counting goes a batch at a time.
+        self.finished: list[Finished] = []
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> _Counter:
-            return _Counter(Counter(name, doc, labels, registry=own))
+        def counter(
+            name: str,
+            doc: str,
+            labels: tuple[str, ...],
+            relabel: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+        ) -> _Counter:
+            return _Counter(Counter(name, doc, labels, registry=own), relabel)
 
         def histogram(
             name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
@@ -198,6 +227,8 @@ class Metrics:
             "aioproxy_upstream_requests_total",
             "Upstream attempts, retries included.",
             ("deployment", "status"),
+            # An attempt adds under its deployment's id: made a label (or UNKNOWN) when flushed.
+            lambda key: (self.deployment(key[0]), key[1]),
         )
         self.retries = counter("aioproxy_retries_total", "Retries on the same model.", ("model",))
         self.fallbacks = counter(
@@ -237,6 +268,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._cooling: dict[str, Any] = {}
+        self._cooled: dict[str, int] = {}  # the value each cooling child was last set to
         self._prebind()
 
     def _prebind(self) -> None:
@@ -260,54 +292,76 @@ class Metrics:
         """``name`` as a label: a configured model name, else a fixed word."""
         return self.labels.get(name, UNKNOWN)
 
-    def count_request(
-        self,
-        kind: str,
-        asked: str | None,
-        served: str | None,
-        status: int,
-        elapsed: float,
-        usage: Usage | None,
-        cost: float | None,
-        ttft: float | None,
-    ) -> None:
-        """A finished request's counts, in one call: by the model ``asked`` for, and what it
-        spent and how fast it came by the model that ``served`` (a fallback's own)."""
+    def count_finished(self) -> None:
+        """The finished requests' counts: by the model asked for, and what each spent and how
+        fast it came by the model that served it (a fallback's own). One loop, its lookups
+        bound once: this is each request's share of counting."""
+        finished, self.finished = self.finished, []
         labels = self.labels
-        model = labels.get(asked, UNKNOWN)
-        served_label = model if served is None else labels.get(served, UNKNOWN)
         requests = self.requests.pending
-        key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
-        requests[key] = requests.get(key, 0) + 1
-        self.duration.observe((kind, model), elapsed)
-        if usage is not None:
-            tokens = self.tokens.pending
-            for token_type, count in (
-                ("input", usage.prompt_tokens),
-                ("output", usage.completion_tokens),
-                ("cached_input", usage.cached_tokens),
-                ("reasoning", usage.reasoning_tokens),
-            ):
+        durations = self.duration.pending
+        bounds = self.duration.bounds
+        empty = [0.0] * (len(bounds) + 1)  # buckets, then the sum
+        # A model label (that served) -> the batch's input, output, cached input and reasoning
+        # tokens, and its spend.
+        spent: dict[str, list[float]] = {}
+        first_token = self.ttft.observe
+        for kind, asked, served, status, elapsed, usage, cost, ttft in finished:
+            model = labels.get(asked, UNKNOWN)
+            key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
+            requests[key] = requests.get(key, 0) + 1
+            key = (kind, model)
+            counts = durations.get(key)
+            if counts is None:
+                counts = durations[key] = empty.copy()
+            counts[bisect.bisect_left(bounds, elapsed)] += 1  # the first bound >= elapsed
+            counts[-1] += elapsed
+            if usage is None and not cost and ttft is None:
+                continue
+            served_label = model if served is None else labels.get(served, UNKNOWN)
+            if usage is not None or cost:
+                sums = spent.get(served_label)
+                if sums is None:
+                    sums = spent[served_label] = [0, 0, 0, 0, 0.0]
+                if usage is not None:
+                    sums[0] += usage.prompt_tokens
+                    sums[1] += usage.completion_tokens
+                    sums[2] += usage.cached_tokens
+                    sums[3] += usage.reasoning_tokens
+                if cost:
+                    sums[4] += cost
+            if ttft is not None:
+                first_token((served_label,), ttft)
+        # The batch's tokens and spend, a model at a time.
+        tokens = self.tokens.pending
+        spend = self.spend.pending
+        for label, sums in spent.items():
+            for token_type, count in zip(TOKEN_TYPES, sums):  # the first four: the tokens
                 if count:
-                    key = (served_label, token_type)
+                    key = (label, token_type)
                     tokens[key] = tokens.get(key, 0) + count
-        if cost:
-            self.spend.add((served_label,), cost)
-        if ttft is not None:
-            self.ttft.observe((served_label,), ttft)
+            if sums[4]:
+                key = (label,)
+                spend[key] = spend.get(key, 0) + sums[4]
 
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN
 
     def cooling(self, deployment_id: str, cooling: bool) -> None:
         label = self.deployment(deployment_id)
+        value = int(cooling)
+        if self._cooled.get(label) == value:  # each second's refresh: mostly no change to set
+            return
+        self._cooled[label] = value
         child = self._cooling.get(label)
         if child is None:
             child = self._cooling[label] = self.cooling_gauge.labels(label)
-        child.set(int(cooling))
+        child.set(value)
 
     def flush(self) -> None:
         """Move this process's counts into the shared values (what a scrape reads)."""
+        if self.finished:
+            self.count_finished()
         for series in self._series:
             if series.pending:
                 series.flush()

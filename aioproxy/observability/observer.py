@@ -12,22 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
 
-from ..context import Principal
 from ..deployments import deployments_from
 from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
-from ..request_ids import request_id
+from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
-from .access_log import ACCESS_LOG, AccessEntry, AccessHandler, direct_handler
-from .metrics import CACHE_RESULTS, FLUSH_INTERVAL, RATE_LIMIT_SCOPES, Metrics, metrics_handler
+from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
+from .metrics import (
+    CACHE_RESULTS,
+    COUNT_AT,
+    FLUSH_INTERVAL,
+    RATE_LIMIT_SCOPES,
+    Metrics,
+    metrics_handler,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -39,10 +46,11 @@ __all__ = ["Observer", "Record", "observer"]
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
 _CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
+# call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
+# imports this module's package).
+_CACHE_STATE = "cache"
 _MAX_LOGGED_NAME = 128  # a client's model name, as logged (names only: never a label)
 
-# Whether principals carry a team (issue 12 adds one): asked once, not by a failing getattr a request.
-_TEAMS = "team" in Principal.__struct_fields__
 _OTHER_HANDLERS = {
     "list_models": "models",
     "get_model": "model",
@@ -50,6 +58,12 @@ _OTHER_HANDLERS = {
     "readiness": "health",
     "serve_metrics": "metrics",
 }
+
+
+class _Route(NamedTuple):
+    kind: str
+    path: str  # its template (/v1/models/{model})
+    method: str | None  # None: any (the request's own)
 
 
 class Record(msgspec.Struct):
@@ -61,7 +75,6 @@ class Record(msgspec.Struct):
     outcome: Outcome | None = None
     error: BaseException | None = None
     upstream_time: float = 0.0  # seconds the upstream attempts took (to their first byte)
-    attempts: int = 0
     retries: int = 0
     fallbacks: int = 0
     last_model: str | None = None
@@ -90,8 +103,11 @@ class Observer:
         self.timing_header = config.server.timing_header
         self.metrics: Metrics | None = None
         self.runtime: Runtime | None = None
-        self.kinds: dict[Any, str] = {}
-        self.writer: AccessHandler | None = None  # run.py's access log handler, written to directly
+        # Each route's kind, template and method, for the access log and requests without a call.
+        self.routes: dict[AbstractRoute, _Route] = {}
+        # Where a request's access line goes (None: no access log): run.py's handler, written
+        # to directly, or the logging API.
+        self.write: Callable[[AccessLine], None] | None = None
         # The record of the request being served, for its hooks and the timing header: a
         # context variable is read in C (the request's mapping costs two Python calls a read).
         # Tasks the request starts (a pooled connection's) copy it and may outlive it: what
@@ -105,22 +121,38 @@ class Observer:
 
     def install(self, app: web.Application, runtime: Runtime) -> None:
         """Put the middleware first (it sees every answer, rendered errors included) and the
-        timing header on every answer; name each route's kind for the requests without a call."""
+        timing header on every answer; name each route's kind as the app starts."""
         self.runtime = runtime
-        self.writer = direct_handler()
+        if self.access_log:
+            writer = direct_handler()
+            if writer is None:
+                self.write = _log_entry
+            elif ACCESS_LOG.isEnabledFor(logging.INFO):  # run.py set the level already
+                self.write = writer.write
         if self.metrics is not None:
-            app.cleanup_ctx.append(self._flushing)
+            # Other workers' scrapes read this one's shared values: they must keep up. One
+            # process alone moves its counts on its own scrapes (and as they gather).
+            if self.metrics.multiprocess:
+                app.cleanup_ctx.append(self._flushing)
             if self.config.metrics.port is not None:
                 app.cleanup_ctx.append(self._metrics_port)
-        for route in app.router.routes():
-            name = getattr(route.handler, "__name__", "")
-            kind = name.removeprefix("handle_")
-            self.kinds[route.handler] = (
-                kind if kind in KINDS else _OTHER_HANDLERS.get(name, "other")
-            )
+        app.on_startup.append(self._name_routes)
         app.middlewares.insert(0, self._middleware())
         if self.timing_header:
             app.on_response_prepare.append(self._add_timing)
+
+    async def _name_routes(self, app: web.Application) -> None:
+        """Each route's kind, template and method, once its paths are final (a host app
+        mounting this one prefixes them)."""
+        for route in app.router.routes():
+            name = getattr(route.handler, "__name__", "")
+            kind = name.removeprefix("handle_")
+            resource = route.resource
+            self.routes[route] = _Route(
+                kind if kind in KINDS else _OTHER_HANDLERS.get(name, "other"),
+                resource.canonical if resource is not None else "",
+                None if route.method == "*" else route.method,
+            )
 
     def _metrics_handler(self, public: bool) -> Handler:
         assert self.metrics is not None
@@ -132,8 +164,8 @@ class Observer:
             register("GET", "/metrics", self._metrics_handler(config.metrics.public))
 
     async def _flushing(self, app: web.Application) -> AsyncIterator[None]:
-        """Each process moves its counts into the shared values once a second (a scrape in
-        this process does so first anyway)."""
+        """Under ``--workers``, each process moves its counts into the shared values once a
+        second (a scrape in this process does so first anyway)."""
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
@@ -181,7 +213,7 @@ class Observer:
 
     def _middleware(self) -> Any:
         metrics = self.metrics
-        finish = self.finish
+        finish = self._finish
         monotonic = time.monotonic
         current = self.current
 
@@ -205,7 +237,16 @@ class Observer:
             finally:
                 if metrics is not None:
                     metrics.active -= 1
-                finish(request, record, status)
+                # Count and log the request, now over (its last byte sent, or its client gone).
+                try:
+                    finish(request, record, status)
+                except Exception:  # the answer is out: a bug here must not turn into a 500
+                    logging.getLogger("aioproxy").exception("observing a request failed")
+                # Break request -> record -> call -> request (and the error's traceback): left
+                # in place, every request is cyclic garbage, freed only by the collector's full
+                # passes over the heap (in a benchmark they cost more than all the rest of
+                # observing).
+                record.call = record.outcome = record.error = None
 
         return observe
 
@@ -229,30 +270,45 @@ class Observer:
         if record is None:
             return
         record.upstream_time += elapsed
-        record.attempts = attempt
         record.deployment = deployment
+        metrics = self.metrics
+        if metrics is not None:
+            upstream = metrics.upstream.pending
+            key = (deployment.id, status)  # made labels when flushed
+            upstream[key] = upstream.get(key, 0) + 1
+        if attempt > 1 or status == 429 or error is not None:
+            self._eventful_attempt(record, call, deployment, attempt, status, error)
+        record.last_model = deployment.name
+
+    def _eventful_attempt(
+        self,
+        record: Record,
+        call: Call,
+        deployment: Deployment,
+        attempt: int,
+        status: int,
+        error: Exception | None,
+    ) -> None:
+        """An attempt that was not the first, or failed: retries, fallbacks, cooldowns."""
+        metrics = self.metrics
         if attempt > 1:
             if deployment.name == record.last_model:
                 record.retries += 1
+                if metrics is not None:
+                    metrics.retries.add((metrics.model(deployment.name),))
             else:
                 record.fallbacks += 1
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.upstream.add((metrics.deployment(deployment.id), status))
-            if attempt > 1:
-                if deployment.name == record.last_model:
-                    metrics.retries.add((metrics.model(deployment.name),))
-                else:
+                if metrics is not None:
                     metrics.fallbacks.add((metrics.model(call.model),))
-            if status == 429:
-                record.upstream_429 = True
+        if status == 429:
+            record.upstream_429 = True
+            if metrics is not None:
                 metrics.rate_limited.add(("upstream",))
-            if error is not None and self.runtime is not None:
-                router = self.runtime.router
-                metrics.cooling(
-                    deployment.id, router.health(deployment).cooldown_until > router.clock.now()
-                )
-        record.last_model = deployment.name
+        if error is not None and metrics is not None and self.runtime is not None:
+            router = self.runtime.router
+            metrics.cooling(
+                deployment.id, router.health(deployment).cooldown_until > router.clock.now()
+            )
 
     @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
     def after_response(self, call: Call, outcome: Outcome) -> None:
@@ -268,49 +324,88 @@ class Observer:
             if call is not None:
                 record.call = call
 
-    def finish(self, request: web.Request, record: Record, status: int) -> None:
-        """Count and log a request that is over (its last byte sent, or its client gone)."""
-        try:
-            self._finish(request, record, status)
-        except Exception:  # the answer is out: a bug here must not turn into a 500
-            logging.getLogger("aioproxy").exception("observing a request failed")
-        finally:
-            # Break request -> record -> call -> request (and the error's traceback): left in
-            # place, every request is cyclic garbage, freed only by the collector's full passes
-            # over the heap (in a benchmark they cost more than all the rest of observing).
-            record.call = record.outcome = record.error = None
-
     def _finish(self, request: web.Request, record: Record, status: int) -> None:
+        """Count and log a request that is over."""
         elapsed = time.monotonic() - record.started
         call, outcome = record.call, record.outcome
         if outcome is not None:
             status = outcome.status
-        kind = (
-            call.kind.value
-            if call is not None
-            else self.kinds.get(request.match_info.handler, "other")
-        )
-        usage = outcome.usage() if outcome is not None else None
-        cost = getattr(outcome, "cost", None)
-        ttft = outcome.ttfb if outcome is not None and outcome.stream else None
-        cache = call.state.get("cache") if call is not None else None
+            usage = outcome.usage()
+            cost = outcome.cost
+            ttft = outcome.ttfb if outcome.stream else None
+        else:
+            usage = cost = ttft = None
+        # The deployment that answered: the last one tried, else (a cached answer) the routed one.
+        deployment = record.deployment
+        if call is not None:
+            if deployment is None and call.routed:
+                deployment = call.deployment
+            kind = call.kind._value_  # Kind.value is a Python property: the plain attribute
+            cache = call.state.get(_CACHE_STATE)
+            route = None
+        else:
+            route = self.routes.get(request.match_info.route)
+            kind = route.kind if route is not None else "other"
+            cache = None
         metrics = self.metrics
         if metrics is not None:
-            if call is None:
-                metrics.count_request(kind, None, None, status, elapsed, None, None, None)
-            else:
-                served = call.deployment.name if call.routed else None
-                metrics.count_request(kind, call.model, served, status, elapsed, usage, cost, ttft)
+            finished = metrics.finished
+            finished.append(
+                (
+                    kind,
+                    call.model if call is not None else None,
+                    deployment.name if deployment is not None else None,
+                    status,
+                    elapsed,
+                    usage,
+                    cost,
+                    ttft,
+                )
+            )
+            if len(finished) >= COUNT_AT:
+                metrics.count_finished()
             if cache is not None:
                 metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
             if status == 429 and not record.upstream_429:
                 metrics.rate_limited.add((_scope(record.error),))
-        if self.access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
-            fields = _fields(request, record, kind, status, elapsed, usage, cost, ttft, cache)
-            if self.writer is not None:
-                self.writer.write(fields)
-            else:
-                ACCESS_LOG.info(AccessEntry(fields))
+        write = self.write
+        if write is None:
+            return
+        if call is not None:
+            route = self.routes.get(request.match_info.route)
+        error = record.error
+        principal = call.principal if call is not None else None
+        try:
+            rid = request[REQUEST_ID]
+        except KeyError:  # a request refused before anything asked for its id
+            rid = request_id(request)
+        write(
+            AccessLine(  # positionally, in AccessLine's order
+                None,  # time: filled in as the line is written
+                rid,
+                request.method if route is None or route.method is None else route.method,
+                route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
+                kind,
+                status,
+                error.code if isinstance(error, ProxyError) else None,
+                principal.name if principal is not None else None,
+                principal.team if principal is not None else None,
+                call.model[:_MAX_LOGGED_NAME] if call is not None else None,
+                (deployment.id or deployment.describe()) if deployment is not None else None,
+                call.stream if call is not None else None,
+                usage.prompt_tokens if usage is not None else None,
+                usage.completion_tokens if usage is not None else None,
+                cost,
+                # Milliseconds to the µs (int() and a division: round() goes through text).
+                int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
+                int(elapsed * 1e6 + 0.5) / 1000,
+                record.retries,
+                record.fallbacks,
+                cache,
+                request.remote,
+                call.upstream_request_id if call is not None else None,
+            )
+        )
 
 
 def _scope(error: BaseException | None) -> str:
@@ -319,45 +414,7 @@ def _scope(error: BaseException | None) -> str:
     return scope if scope in RATE_LIMIT_SCOPES else "deployment"
 
 
-def _fields(
-    request: web.Request,
-    record: Record,
-    kind: str,
-    status: int,
-    elapsed: float,
-    usage: Any,
-    cost: float | None,
-    ttft: float | None,
-    cache: str | None,
-) -> dict[str, Any]:
-    call, error = record.call, record.error
-    principal = call.principal if call is not None else None
-    route = request.match_info.route.resource
-    deployment = record.deployment or (
-        call.deployment if call is not None and call.routed else None
-    )
-    return {
-        "time": None,  # filled in as the line is written
-        "request_id": request_id(request),
-        "method": request.method,
-        # The route's template (/v1/models/{model}); a path no route has, cut short.
-        "path": route.canonical if route is not None else request.path[:_MAX_LOGGED_NAME],
-        "kind": kind,
-        "status": status,
-        "error": error.code if isinstance(error, ProxyError) else None,
-        "key": principal.name if principal is not None else None,
-        "team": getattr(principal, "team", None) if _TEAMS else None,
-        "model": call.model[:_MAX_LOGGED_NAME] if call is not None else None,
-        "deployment": deployment.id or deployment.describe() if deployment is not None else None,
-        "stream": call.stream if call is not None else None,
-        "input_tokens": usage.prompt_tokens if usage is not None else None,
-        "output_tokens": usage.completion_tokens if usage is not None else None,
-        "cost": cost,
-        "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-        "duration_ms": round(elapsed * 1000, 3),
-        "retries": record.retries,
-        "fallbacks": record.fallbacks,
-        "cache": cache,
-        "client": request.remote,
-        "upstream_request_id": call.upstream_request_id if call is not None else None,
-    }
+def _log_entry(fields: AccessLine) -> None:
+    """An access line through the logging API (an app embedded elsewhere)."""
+    if ACCESS_LOG.isEnabledFor(logging.INFO):
+        ACCESS_LOG.info(AccessEntry(fields))

@@ -15,8 +15,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
-from aioproxy import Call, Outcome, hookimpl
+from aioproxy import Call, Outcome, create_app, hookimpl
 from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
 from aioproxy.testing import FakeOpenAI
 from tests.support import (
@@ -292,3 +293,31 @@ async def test_run_py_log_format_json(tmp_path: Path) -> None:
     access = [line for line in lines if line.get("kind") == "chat_completions"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["model"] == "echo"
     assert any(line.get("level") == "WARNING" for line in lines)  # the open-mode warning
+
+
+async def test_a_mounted_apps_lines_name_its_routes_under_the_prefix(
+    aiohttp_server: Any, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """Routes are named as the app starts: a host app's prefix is part of their paths by then."""
+    import aioproxy_echo
+    import aioproxy_openai
+
+    parent = web.Application()
+    config = gateway_config(upstream_base, logging={"access_log": True})
+    plugins = [aioproxy_openai, aioproxy_echo]
+    parent.add_subapp("/llm", create_app(config, plugins=plugins, load_entrypoints=False))
+    server = await aiohttp_server(parent)
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "gpt-test", "messages": MESSAGES}
+        url = server.make_url("/llm/v1/chat/completions")
+        async with http.post(url, json=body, headers=AUTH) as response:
+            assert response.status == 200
+        async with http.get(server.make_url("/llm/v1/models"), headers=AUTH) as response:
+            assert response.status == 200
+    [chat, models] = lines_of(access_lines)
+    assert (chat["method"], chat["path"], chat["kind"]) == (
+        "POST",
+        "/llm/v1/chat/completions",
+        "chat_completions",
+    )
+    assert (models["method"], models["path"], models["kind"]) == ("GET", "/llm/v1/models", "models")

@@ -207,3 +207,27 @@ async def test_in_flight_counts_a_request_being_served(
         release.set()
         await pending
     assert value(await scrape(proxy), "aioproxy_in_flight_requests") == 0
+
+
+async def test_one_process_counts_as_requests_gather_without_a_clock(
+    serve_proxy: ServeProxy, upstream_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone (no --workers), the process flushes nothing on a timer: its scrapes flush. What
+    requests hand over is counted once COUNT_AT gather, so that it never grows unscraped."""
+    from aioproxy.keys import plugin_manager_key
+    from aioproxy.observability import observer
+
+    monkeypatch.setattr(observer, "COUNT_AT", 2)
+    proxy = await serve_proxy(mix_config(upstream_base))
+    metrics = proxy.app[plugin_manager_key].get_plugin("aioproxy.observer").metrics
+    assert not [ctx for ctx in proxy.app.cleanup_ctx if "_flushing" in repr(ctx)]
+    async with sdk(proxy) as client:
+        for _ in range(3):
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert len(metrics.finished) == 1
+    assert metrics.requests.pending == {("chat_completions", "gpt-test", 200): 2}
+    samples = await scrape(proxy)
+    total = value(
+        samples, "aioproxy_requests_total", kind="chat_completions", model="gpt-test", status="200"
+    )
+    assert total == 3

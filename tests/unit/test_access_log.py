@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -14,6 +15,7 @@ from aioproxy.observability.access_log import (
     ACCESS_LOG,
     AccessEntry,
     AccessHandler,
+    AccessLine,
     JSONFormatter,
     direct_handler,
 )
@@ -85,3 +87,21 @@ def test_written_directly_only_when_it_is_the_only_way_out() -> None:
     assert direct_handler() is handler
     ACCESS_LOG.addHandler(logging.NullHandler())
     assert direct_handler() is None
+
+
+async def test_a_requests_line_is_written_in_its_fields_order_untracked_by_the_gc() -> None:
+    line = AccessLine(
+        None, "r-1", "POST", "/v1/chat/completions", "chat_completions", 200, None, "k", None,
+        "gpt", "gpt#0", False, 1, 2, 0.5, None, 1.25, 0, 0, None, "127.0.0.1", None,
+    )  # fmt: skip
+    assert not gc.is_tracked(line)  # a request's line costs the collector nothing
+    stream = Stream()
+    handler = AccessHandler(stream, json=True)
+    handler.write(line)
+    handler.write(b'{"time":"t","level":"INFO"}')  # a record logged through the logging API
+    await asyncio.sleep(0)
+    first, second = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert list(first) == list(AccessLine.__struct_fields__)
+    assert first["time"].endswith("Z") and first["duration_ms"] == 1.25 and first["cost"] == 0.5
+    assert second == {"time": "t", "level": "INFO"}
+    assert str(AccessEntry(line)).startswith("request_id=r-1 method=POST path=/v1/chat/completions")

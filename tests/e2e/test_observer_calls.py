@@ -1,0 +1,82 @@
+"""What observing a request costs in Python calls: the observer's share of each request stays a
+handful of functions (the middleware, its two hooks, its finish and the access line's hold and
+write), with metrics and the JSON access log on, as run.py writes it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+import pytest
+
+import aioproxy.observability
+from aioproxy.observability import observer
+from aioproxy.observability.access_log import ACCESS_LOG, AccessHandler
+from tests.support import AUTH, ServeProxy, gateway_config
+
+OBSERVABILITY = str(Path(aioproxy.observability.__file__).parent)
+MESSAGES = [{"role": "user", "content": "hi"}]
+BUDGET = 7  # observe, after_attempt, after_response, _finish, write; the turn's flush, its time
+
+
+@contextmanager
+def access_stream() -> Iterator[io.BytesIO]:
+    """run.py's access handler, alone (so written to directly), into a buffer. (In the test's
+    body: pytest adds its capturing handlers to every logger as the test starts.)"""
+    stream = io.BytesIO()
+    handlers, propagate, level = list(ACCESS_LOG.handlers), ACCESS_LOG.propagate, ACCESS_LOG.level
+    ACCESS_LOG.handlers[:] = [AccessHandler(stream, json=True)]
+    ACCESS_LOG.propagate = False
+    ACCESS_LOG.setLevel("INFO")
+    try:
+        yield stream
+    finally:
+        ACCESS_LOG.handlers[:] = handlers
+        ACCESS_LOG.propagate = propagate
+        ACCESS_LOG.setLevel(level)
+
+
+async def _observed_calls(http: aiohttp.ClientSession, url: Any, body: dict[str, Any]) -> list[str]:
+    """The observability functions one request entered (each frame once, however often a
+    coroutine resumed), up to its access line."""
+    frames: list[FrameType] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(OBSERVABILITY):
+            frames.append(frame)
+
+    sys.setprofile(profile)
+    try:
+        async with http.post(url, json=body, headers=AUTH) as response:
+            assert response.status == 200
+            await response.read()
+        await asyncio.sleep(0)  # the turn's lines written
+    finally:
+        sys.setprofile(None)
+    return [frame.f_code.co_name for frame in {id(frame): frame for frame in frames}.values()]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_observing_a_request_takes_a_handful_of_calls(
+    serve_proxy: ServeProxy, upstream_base: str, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    monkeypatch.setattr(observer, "FLUSH_INTERVAL", 3600.0)  # no metrics flush meanwhile
+    config = gateway_config(
+        upstream_base, metrics={"enabled": True}, logging={"access_log": True, "format": "json"}
+    )
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": stream}
+    with access_stream() as lines:
+        proxy = await serve_proxy(config)
+        url = proxy.make_url("/v1/chat/completions")
+        async with aiohttp.ClientSession() as http:
+            await _observed_calls(http, url, body)  # the first request's one-off work
+            calls = await _observed_calls(http, url, body)
+    assert lines.getvalue().count(b"\n") == 2
+    assert len(calls) <= BUDGET, " ".join(calls)

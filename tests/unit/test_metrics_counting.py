@@ -1,0 +1,76 @@
+"""aioproxy.observability.metrics: finished requests, handed over as tuples, counted a batch at
+a time when flushed, with the labels and sums a request-at-a-time count would give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from aioproxy.config import parse_config
+from aioproxy.observability.metrics import Metrics
+from aioproxy.outcome import Usage
+from tests.support import gateway_config
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+    }
+
+
+def make_metrics() -> Metrics:
+    config = parse_config(gateway_config("http://127.0.0.1:9/v1"))
+    return Metrics(config, ["gpt-test#0", "echo#0"])
+
+
+def test_a_batch_counts_each_request_by_its_models() -> None:
+    metrics = make_metrics()
+    usage = Usage(10, 20, 30, cached_tokens=4, reasoning_tokens=5)
+    chat = "chat_completions"
+    finished: list[Any] = [
+        (chat, "gpt-test", "gpt-test", 200, 0.02, usage, 0.5, None),
+        (chat, "gpt-test", "echo", 200, 0.2, usage, 0.25, 0.1),  # served by a fallback
+        (chat, "made-up", None, 404, 0.001, None, None, None),
+        ("models", None, None, 200, 0.003, None, None, None),
+    ]
+    metrics.finished.extend(finished)
+    got = samples(metrics)
+    assert metrics.finished == []
+
+    def value(name: str, **labels: str) -> float:
+        return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    requests = "aioproxy_requests_total"
+    assert value(requests, kind=chat, model="gpt-test", status="200") == 2
+    assert value(requests, kind=chat, model="unknown", status="404") == 1
+    assert value(requests, kind="models", model="none", status="200") == 1
+    duration = "aioproxy_request_duration_seconds"
+    assert value(f"{duration}_count", kind=chat, model="gpt-test") == 2
+    assert value(f"{duration}_bucket", kind=chat, model="gpt-test", le="0.025") == 1
+    assert value(f"{duration}_bucket", kind=chat, model="gpt-test", le="0.25") == 2
+    assert abs(value(f"{duration}_sum", kind=chat, model="gpt-test") - 0.22) < 1e-9
+    for model in ("gpt-test", "echo"):
+        for token_type, count in (
+            ("input", 10),
+            ("output", 20),
+            ("cached_input", 4),
+            ("reasoning", 5),
+        ):
+            assert value("aioproxy_tokens_total", model=model, type=token_type) == count
+    assert value("aioproxy_spend_usd_total", model="gpt-test") == 0.5
+    assert value("aioproxy_spend_usd_total", model="echo") == 0.25
+    assert value("aioproxy_time_to_first_token_seconds_count", model="echo") == 1
+    assert value("aioproxy_time_to_first_token_seconds_count", model="gpt-test") == 0
+
+
+def test_attempts_added_under_an_id_are_labelled_when_flushed() -> None:
+    metrics = make_metrics()
+    metrics.upstream.pending[("gpt-test#0", 200)] = 2
+    metrics.upstream.pending[("made-at-run-time", 500)] = 1
+    got = samples(metrics)
+    upstream = "aioproxy_upstream_requests_total"
+    assert got[(upstream, (("deployment", "gpt-test#0"), ("status", "200")))] == 2
+    assert got[(upstream, (("deployment", "unknown"), ("status", "500")))] == 1
