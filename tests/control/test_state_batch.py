@@ -12,6 +12,7 @@ from aioproxy.config import Secret, StateConfig
 from aioproxy.control.clock import ControlClock
 from aioproxy.control.meters import KeyLimits, Meter
 from aioproxy.control.records import KeyEntry
+from aioproxy.errors import RateLimited
 from aioproxy.state.batch import Batcher, LuaScript
 from aioproxy.state.counters import SharedCounters
 from aioproxy.state.link import RedisLink
@@ -81,6 +82,84 @@ async def test_a_settle_is_queued_not_awaited(redis_url: str) -> None:
         reservation, _ = reserved
         assert reservation.settle(10, 0.0, 0.0) is None  # type: ignore[func-returns-value]  # nothing to await
         # Queued before the next reservation, so it is counted first: the slot is free.
+        assert await counters.reserve(_Call(), limits, 10) is not None  # type: ignore[arg-type]
+    finally:
+        await counters.close()
+        await link.close()
+
+
+def _counters(redis_url: str, prefix: str) -> tuple[RedisLink, SharedCounters]:
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix=prefix))
+    clock = ControlClock(time=lambda: 1_000.0, monotonic=lambda: 1_000.0)
+    return link, SharedCounters(link, clock)
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_requests_share_one_script_call(redis_url: str) -> None:
+    """A batch's reservations are checked in one script call, in order and exactly, and the
+    settles queued meanwhile go in the next as one merged settle, not one call per request."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-merge")
+    limits = _limits(max_parallel=5)
+    try:
+        await client.config_resetstat()
+        answers = await asyncio.gather(
+            *(counters.reserve(_Call(), limits, 10) for _ in range(20)),  # type: ignore[arg-type]
+            return_exceptions=True,
+        )
+        admitted = [answer for answer in answers if isinstance(answer, tuple)]
+        assert len(admitted) == 5  # max_parallel, exactly, within one batch
+        assert all(isinstance(answer, RateLimited) for answer in answers if answer not in admitted)
+        more = [
+            asyncio.ensure_future(counters.reserve(_Call(), limits, 10))  # type: ignore[arg-type]
+            for _ in range(5)
+        ]
+        for reservation, _ in admitted:
+            reservation.settle(7, 0.5, 1_000.0)
+        # Settled before the next reservations in the same call: their 5 slots are free.
+        assert all(answer is not None for answer in await asyncio.gather(*more))
+        assert await _script_calls(client) == 2  # was 30: 20 reserves, 5 settles, 5 reserves
+        base = "aioproxy-test-merge:k:key_batch"
+        assert await client.get(base + ":f") == b"5"
+        tokens = await client.hvals(base + ":t")
+        assert sum(int(value) for value in tokens) == 5 * 7 + 5 * 10
+        assert await client.get(base + ":s:ever") == b"2.5"
+    finally:
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_close_sends_the_last_settles(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-close")
+    try:
+        reserved = await counters.reserve(_Call(), _limits(max_parallel=1), 10)  # type: ignore[arg-type]
+        assert reserved is not None
+        reserved[0].settle(10, 0.0, 1_000.0)
+        await counters.close()  # at once: the settle is still queued
+        assert await client.get("aioproxy-test-close:k:key_batch:f") == b"0"
+    finally:
+        await link.close()
+        await client.aclose()
+
+
+async def test_settles_missed_while_down_are_sent_when_back(redis_url: str) -> None:
+    link, counters = _counters(redis_url, "aioproxy-test-missed")
+    limits = _limits(max_parallel=1)
+    try:
+        reserved = await counters.reserve(_Call(), limits, 10)  # type: ignore[arg-type]
+        assert reserved is not None
+        link.lost(OSError("gone"))  # the probe finds it back within half a second
+        reserved[0].settle(10, 0.0, 1_000.0)  # kept: not sent while down
+        async with asyncio.timeout(30):  # safety net: the probe pings every half second
+            while not link.up:
+                await asyncio.sleep(0.05)
+        # The slot was freed in Redis when it came back, before this reservation.
         assert await counters.reserve(_Call(), limits, 10) is not None  # type: ignore[arg-type]
     finally:
         await counters.close()
