@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -241,29 +241,35 @@ class SharedReservation:
         """The request's task ended before ``settle``: free the slot."""
         if not self.released:
             self.released = True
-            self.counters.settle(self.scopes, self.pending, 0.0, None)
+            self.counters.settle(self.scopes, self.pending, 1, 0.0, None)
 
     def settle(self, tokens: int, cost: float | None, wall: float) -> None:
-        """The answer is out: its usage for the reservation, the slot freed, the cost added.
-        Merged, not awaited: it goes with the next batch, and nothing waits for its answer."""
+        """The answer is out: its usage for the reservation, the slot freed (once), the cost
+        added. Merged, not awaited: it goes with the next batch, and nothing waits for it."""
+        freed = 0 if self.released else 1
         self.released = True
         delta, self.tokens = tokens - self.tokens, tokens
-        self.counters.settle(self.scopes, delta, cost or 0.0, wall)
+        self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall)
+
+
+# A reservation waiting for its batch: its future, then its scopes and tokens (for a request
+# gone meanwhile, whose counts are freed as soon as they are made).
+_Waiting = tuple["asyncio.Future[Any]", list[_Scope], int]
 
 
 class _Waiters:
     """The reply of one batch's script: each reservation's answer to its future at once."""
 
-    __slots__ = ("counters", "finished", "futures", "settles")
+    __slots__ = ("counters", "finished", "settles", "waiting")
 
     def __init__(
         self,
         counters: SharedCounters,
-        futures: list[asyncio.Future[Any]],
+        waiting: list[_Waiting],
         settles: dict[tuple[str, str], list[Any]],
     ) -> None:
         self.counters = counters
-        self.futures = futures
+        self.waiting = waiting
         self.settles = settles
         self.finished = asyncio.get_running_loop().create_future()  # close waits on it
 
@@ -271,13 +277,15 @@ class _Waiters:
         return self.finished.done()
 
     def set_result(self, packed: bytes, /) -> None:
-        for future, reply in zip(self.futures, _unpack(packed), strict=True):
+        for (future, scopes, tokens), reply in zip(self.waiting, _unpack(packed), strict=True):
             if not future.done():
                 future.set_result(reply)
+            elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
+                SharedReservation(self.counters, scopes, tokens).release()
         self.finished.set_result(None)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        for future in self.futures:
+        for future, _, _ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
         if isinstance(exception, RedisError | OSError):
@@ -285,7 +293,7 @@ class _Waiters:
         self.finished.set_result(None)
 
     def cancel(self) -> bool:
-        for future in self.futures:
+        for future, _, _ in self.waiting:
             future.cancel()
         return self.finished.cancel()
 
@@ -299,10 +307,11 @@ class SharedCounters:
         self.closed = link.config.on_error == "closed"
         self.script = LuaScript(_APPLY)
         self.batcher = link.batcher
-        # Queued for the next batch: reservations (their ARGV words and futures), and the
-        # settles merged per scope and budget period: [tokens, slots, cost, period end, wall].
+        self._loop = asyncio.get_running_loop()
+        # Queued for the next batch: reservations (their script words, and who waits), and
+        # the settles merged per scope and budget period: [tokens, slots, cost, end, wall].
         self._words: list[Any] = []
-        self._futures: list[asyncio.Future[Any]] = []
+        self._waiting: list[_Waiting] = []
         self._settles: dict[tuple[str, str], list[Any]] = {}
         self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
         self._scopes: dict[str, tuple[KeyLimits, list[_Scope]]] = {}  # per key id
@@ -323,16 +332,18 @@ class SharedCounters:
         self._scopes[limits.key.id] = (limits, scopes)
         return scopes
 
-    def settle(self, scopes: list[_Scope], delta: int, cost: float, wall: float | None) -> None:
+    def settle(
+        self, scopes: list[_Scope], delta: int, freed: int, cost: float, wall: float | None
+    ) -> None:
         """Merge one request's settle into the next batch's, per scope and budget period."""
         settles = self._settles
         for scope in scopes:
             merged = settles.get((scope.base, scope.period))
             if merged is None:
-                settles[(scope.base, scope.period)] = [delta, 1, cost, scope.end, wall]
+                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall]
             else:
                 merged[0] += delta
-                merged[1] += 1
+                merged[1] += freed
                 merged[2] += cost
                 if wall is not None:
                     merged[4] = wall
@@ -354,9 +365,9 @@ class SharedCounters:
 
     def take(self, batch: list[Any]) -> None:
         """The batcher's source: one script call with what queued since the last batch."""
-        futures = self._futures
+        waiting = self._waiting
         settles = self._settles if self.link.up else {}
-        if not futures and not settles:
+        if not waiting and not settles:
             return
         words: list[Any] = []
         for (base, period), (delta, freed, cost, end, wall) in settles.items():
@@ -366,9 +377,9 @@ class SharedCounters:
             self._settles = {}
             if self._taken is not None and not self._taken.done():
                 self._taken.set_result(None)  # close: the last settles are on their way
-        waiters = _Waiters(self, futures, settles)
+        waiters = _Waiters(self, waiting, settles)
         call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words)]
-        self._words, self._futures = [], []
+        self._words, self._waiting = [], []
         self._in_flight.add(waiters.finished)
         waiters.finished.add_done_callback(self._in_flight.discard)
         batch.append((self.script, call, waiters))
@@ -398,31 +409,33 @@ class SharedCounters:
         refused.caused_by_upstream = False
         return refused
 
-    async def before_request(
+    def before_request(
         self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None]
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """The limits plugin's reservation, in Redis; ``locally`` while Redis is away
         (``on_error = "open"``), else a 429 for a limited key."""
         if self.link.up:
-            reserved = await self.reserve(call, limits, _reserve(call))
-            if reserved is not None:
-                reservation, headers = reserved
-                call.state[RESERVATION] = reservation
-                task = asyncio.current_task()
-                if task is not None:
-                    task.add_done_callback(reservation.release)
-                if headers:
-                    call.request[RATE_LIMIT_HEADERS] = headers
-                return
+            return self.reserve(call, limits, _reserve(call), locally)
+        self.fall_back(call, limits, locally)
+        return None
+
+    def fall_back(
+        self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None] | None
+    ) -> None:
         if self.closed:
             raise self.refuse_while_down()
-        locally(call, limits)
+        if locally is not None:
+            locally(call, limits)
 
     async def reserve(
-        self, call: Call, limits: KeyLimits, tokens: int
-    ) -> tuple[SharedReservation, dict[str, str] | None] | None:
-        """Count the request in every scope or refuse it (RateLimited); None: Redis failed
-        (the caller falls back to per-process counters)."""
+        self,
+        call: Call,
+        limits: KeyLimits,
+        tokens: int,
+        locally: Callable[[Call, KeyLimits], None] | None = None,
+    ) -> None:
+        """Count the request in every scope (``call.state[RESERVATION]``, released when its
+        task ends) or refuse it (RateLimited); if Redis fails, ``locally`` counts it."""
         wall = self.clock.time()
         scopes = self._scopes_of(limits)
         words = self._words
@@ -433,14 +446,15 @@ class SharedCounters:
             words.append(scope.base)
             words += scope.limits
             words += (scope.floor, scope.period)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._futures.append(future)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._waiting.append((future, scopes, tokens))
         self.batcher.wake()
         try:
             answer = await future
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
-            return None
+            self.fall_back(call, limits, locally)
+            return
         if answer[0] == 0:
             index, reason, wait = answer[-3:]
             name, entry, _ = limits.scopes[int(index) - 1]
@@ -448,8 +462,12 @@ class SharedCounters:
             if limits.limited:  # also on a 429: the client learns when to come back
                 call.request[RATE_LIMIT_HEADERS] = _headers(limits, answer)
             raise refused
-        reservation = SharedReservation(self, scopes, tokens)
-        return reservation, _headers(limits, answer) if limits.limited else None
+        reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(reservation.release)
+        if limits.limited:
+            call.request[RATE_LIMIT_HEADERS] = _headers(limits, answer)
 
 
 def _headers(limits: KeyLimits, answer: list[Any]) -> dict[str, str]:
