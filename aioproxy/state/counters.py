@@ -219,6 +219,29 @@ class _Scope:
             self.start, self.end = end - entry.duration, end
 
 
+class _Prepared:
+    """A key's limits as the requests of one cache load use them: their scopes, and per kind
+    of x-ratelimit-* header the limits it is made from (limit, its text, its count's position
+    in the script's answer)."""
+
+    __slots__ = ("headers", "limits", "scopes")
+
+    def __init__(self, prefix: str, limits: KeyLimits) -> None:
+        self.limits = limits
+        self.scopes = [
+            _Scope(f"{prefix}:{scope[0]}:{entry.id}", entry) for scope, entry, _ in limits.scopes
+        ]
+        self.headers: list[tuple[tuple[str, str, str], list[tuple[int, str, int]]]] = []
+        for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
+            limited = []
+            for index, (_, entry, _) in enumerate(limits.scopes):
+                limit = getattr(entry, attribute)
+                if limit is not None:
+                    limited.append((limit, str(limit), position + 2 * index))
+            if limited:
+                self.headers.append((_HEADER_NAMES[kind], limited))
+
+
 class SharedReservation:
     """What the script counted for one request, settled once (after the answer, or when its
     task ends without one)."""
@@ -314,23 +337,18 @@ class SharedCounters:
         self._waiting: list[_Waiting] = []
         self._settles: dict[tuple[str, str], list[Any]] = {}
         self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
-        self._scopes: dict[str, tuple[KeyLimits, list[_Scope]]] = {}  # per key id
+        self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
         self.batcher.add_source(self.take)
         link.on_resume(self._resend)
 
-    def _scopes_of(self, limits: KeyLimits) -> list[_Scope]:
-        """The scopes of a key's limits, made once per cache load (a reload makes new
-        limits, and new scopes with them)."""
-        made = self._scopes.get(limits.key.id)
-        if made is not None and made[0] is limits:
-            return made[1]
-        prefix = self.link.prefix
-        scopes = [
-            _Scope(f"{prefix}:{scope[0]}:{entry.id}", entry) for scope, entry, _ in limits.scopes
-        ]
-        self._scopes[limits.key.id] = (limits, scopes)
-        return scopes
+    def _prepare(self, limits: KeyLimits) -> _Prepared:
+        """What the script and the headers need of a key's limits, made once per cache load
+        (a reload makes new limits, and these anew)."""
+        prepared = self._prepared.get(limits.key.id)
+        if prepared is None or prepared.limits is not limits:
+            prepared = self._prepared[limits.key.id] = _Prepared(self.link.prefix, limits)
+        return prepared
 
     def settle(
         self, scopes: list[_Scope], delta: int, freed: int, cost: float, wall: float | None
@@ -437,7 +455,8 @@ class SharedCounters:
         """Count the request in every scope (``call.state[RESERVATION]``, released when its
         task ends) or refuse it (RateLimited); if Redis fails, ``locally`` counts it."""
         wall = self.clock.time()
-        scopes = self._scopes_of(limits)
+        prepared = self._prepare(limits)
+        scopes = prepared.scopes
         words = self._words
         words += (tokens, len(scopes))
         for scope in scopes:
@@ -459,34 +478,30 @@ class SharedCounters:
             index, reason, wait = answer[-3:]
             name, entry, _ = limits.scopes[int(index) - 1]
             refused = _refusal(name, entry, reason, wait)
-            if limits.limited:  # also on a 429: the client learns when to come back
-                call.request[RATE_LIMIT_HEADERS] = _headers(limits, answer)
+            if prepared.headers:  # also on a 429: the client learns when to come back
+                call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
             raise refused
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens)
         task = asyncio.current_task()
         if task is not None:
             task.add_done_callback(reservation.release)
-        if limits.limited:
-            call.request[RATE_LIMIT_HEADERS] = _headers(limits, answer)
+        if prepared.headers:
+            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
 
 
-def _headers(limits: KeyLimits, answer: list[Any]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the counts ``reserve`` returned, from the scope with
+def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the counts the script returned, from the scope with
     the least room left."""
-    reset = _reset(float(answer[1]))
+    reset = _reset(answer[1])
     headers: dict[str, str] = {}
-    for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
-        best: tuple[int, int] | None = None
-        for index, (_, entry, _) in enumerate(limits.scopes):
-            limit = getattr(entry, attribute)
-            if limit is None:
-                continue
-            remaining = limit - int(answer[position + 2 * index])
+    for (limit_name, remaining_name, reset_name), limited in prepared.headers:
+        best: tuple[str, int] | None = None
+        for limit, text, position in limited:
+            remaining = limit - answer[position]
             if best is None or remaining < best[1]:
-                best = (limit, remaining)
-        if best is not None:
-            limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-            headers[limit_name] = str(best[0])
-            headers[remaining_name] = str(max(0, best[1]))
-            headers[reset_name] = reset
+                best = (text, remaining)
+        assert best is not None  # each kind listed has a limit
+        headers[limit_name] = best[0]
+        headers[remaining_name] = str(max(0, best[1]))
+        headers[reset_name] = reset
     return headers
