@@ -1,10 +1,12 @@
 """Key and team counters in Redis: rpm, tpm, max_parallel and budget, shared by every instance.
 
-Reserve, then settle, each one atomic Lua script (one round trip, no read-then-write race):
-``reserve`` checks every scope of the request (the key, its team) and, only if all have room,
-counts the request, its in-flight slot and its reserved tokens; ``settle`` replaces the
-reserved tokens by the usage, frees the slot and adds the cost. Rates are one-second buckets
-of a hash per scope, summed over the last minute, on Redis's clock (one clock for all).
+Reserve, then settle, in one atomic Lua script per batch (``batch``: one round trip, no
+read-then-write race): the reservations that queued during the last round trip are checked
+in order, each admitted only if every scope of its request (the key, its team) has room, and
+counted (one request, its in-flight slot, its reserved tokens); the settles queued meanwhile,
+merged per scope and budget period, replace reserved tokens by the usage, free the slots and
+add the cost. Rates are one-second buckets of a hash per scope, summed over the last minute,
+on Redis's clock (one clock for all).
 
 The budget of a period is the larger of the database's figure (every instance's written
 spend) and Redis's (every instance's spend, at once): Redis is ahead until it loses its data.
