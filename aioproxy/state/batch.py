@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
@@ -32,9 +33,19 @@ class LuaScript:
         self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
+class Reply(Protocol):
+    """Where a call's result goes: an ``asyncio.Future``, or an object that hands one batched
+    result on to many waiters at once (without a future and a loop turn of its own)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def cancel(self) -> bool: ...
+
+
 # One queued call: its script (to load after a NOSCRIPT; None for a plain command), the
-# command's words, and the future its result goes to.
-_Entry = tuple["LuaScript | None", list[Any], "asyncio.Future[Any]"]
+# command's words, and where its result goes.
+_Entry = tuple["LuaScript | None", list[Any], Reply]
 
 
 class Batcher:
@@ -45,6 +56,8 @@ class Batcher:
         self._pending: list[_Entry] = []
         self._sender: asyncio.Task[None] | None = None  # sends batches while there are any
         self._connection: AbstractConnection | None = None
+        # Called as each batch is taken, to add calls merged while it waited (``wake``).
+        self._sources: list[Callable[[list[_Entry]], None]] = []
 
     def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """The script's result, from the next batch (its exception if Redis failed)."""
@@ -54,19 +67,31 @@ class Batcher:
         """A plain command's result (GET, SET ...), from the next batch."""
         return self._queue(None, list(args))
 
-    def _queue(self, script: LuaScript | None, args: list[Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((script, args, future))
+    def add_source(self, source: Callable[[list[_Entry]], None]) -> None:
+        """``source(batch)`` appends its calls to each batch as it is taken: calls it merged
+        (e.g. one script for many requests) since the last one; ``wake`` says it has some."""
+        self._sources.append(source)
+
+    def wake(self) -> None:
+        """Send a batch soon even if no call is queued: a source has something to add."""
         if self._sender is None:  # it starts next turn: this turn's calls go with this one
-            self._sender = loop.create_task(self._send_all())
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+
+    def _queue(self, script: LuaScript | None, args: list[Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((script, args, future))
+        self.wake()
         return future
 
     async def _send_all(self) -> None:
         batch: list[_Entry] = []
         try:
-            while self._pending:  # what queued while the last batch was on its way
+            while True:  # what queued (or merged) while the last batch was on its way
                 batch, self._pending = self._pending, []
+                for source in self._sources:
+                    source(batch)
+                if not batch:
+                    break
                 await self._execute(batch)
         except BaseException as exc:  # a bug or a cancel (closing): no call waits for ever
             for _, _, future in batch:

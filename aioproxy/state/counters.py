@@ -1,10 +1,12 @@
 """Key and team counters in Redis: rpm, tpm, max_parallel and budget, shared by every instance.
 
-Reserve, then settle, each one atomic Lua script (one round trip, no read-then-write race):
-``reserve`` checks every scope of the request (the key, its team) and, only if all have room,
-counts the request, its in-flight slot and its reserved tokens; ``settle`` replaces the
-reserved tokens by the usage, frees the slot and adds the cost. Rates are one-second buckets
-of a hash per scope, summed over the last minute, on Redis's clock (one clock for all).
+Reserve, then settle, in one atomic Lua script per batch (``batch``: one round trip, no
+read-then-write race): the reservations that queued during the last round trip are checked
+in order, each admitted only if every scope of its request (the key, its team) has room, and
+counted (one request, its in-flight slot, its reserved tokens); the settles queued meanwhile,
+merged per scope and budget period, replace reserved tokens by the usage, free the slots and
+add the cost. Rates are one-second buckets of a hash per scope, summed over the last minute,
+on Redis's clock (one clock for all).
 
 The budget of a period is the larger of the database's figure (every instance's written
 spend) and Redis's (every instance's spend, at once): Redis is ahead until it loses its data.
@@ -15,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from redis.exceptions import RedisError
 
 from ..context import Call
@@ -36,11 +39,39 @@ __all__ = ["SharedCounters", "SharedReservation"]
 
 _NONE = -1  # a limit not set, as the scripts read it
 
-_RESERVE = """
+# One script per batch of the event loop's requests (``SharedCounters.take``): first the
+# settles merged since the last batch (one per scope and budget period, not one per request),
+# then each reservation in the order they came, checked and counted as if one script ran per
+# request; each scope's windows are read once per batch and its counts written once.
+# Its two arguments are flat MessagePack arrays (one string each for Redis to read, not a
+# word per figure for the client to encode): ARGV[1] the settles, per settle: the scope's
+# Redis key, its token change, the slots freed, the cost, its budget period, the period's TTL
+# (0: none); ARGV[2] the reservations, per reservation: its tokens, its number of scopes, per
+# scope: its Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend
+# and the budget period. Returns, packed, per reservation: {1, reset, per scope its requests
+# and tokens in the window}, or, refused, {0, reset, those counts, the scope's position, the
+# reason, the wait}.
+_APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
-local tokens = tonumber(ARGV[1])
+local reset = sec + 60 - now
+local settles = cmsgpack.unpack(ARGV[1])
+for a = 1, #settles, 6 do
+  local base, delta, freed, cost = settles[a], settles[a + 1], settles[a + 2], settles[a + 3]
+  if delta ~= 0 then
+    redis.call('HINCRBY', base .. ':t', sec, delta)
+    redis.call('EXPIRE', base .. ':t', 120)
+  end
+  if freed > 0 and redis.call('DECRBY', base .. ':f', freed) < 0 then
+    redis.call('SET', base .. ':f', 0)
+  end
+  if cost > 0 then
+    local spend = base .. ':s:' .. settles[a + 4]
+    redis.call('INCRBYFLOAT', spend, cost)
+    if settles[a + 5] > 0 then redis.call('EXPIRE', spend, settles[a + 5]) end
+  end
+end
 local function window(key)
   local all = redis.call('HGETALL', key)
   local total, oldest = 0, nil
@@ -56,80 +87,89 @@ local function window(key)
   end
   return total, oldest
 end
-local seen, out = {}, {1, tostring(sec + 60 - now)}
-for i = 1, #KEYS do
-  local requests, r_oldest = window(KEYS[i] .. ':r')
-  local used, t_oldest = window(KEYS[i] .. ':t')
-  seen[i] = {requests, used, r_oldest, t_oldest}
-  out[#out + 1] = requests
-  out[#out + 1] = used
-end
-for i = 1, #KEYS do
-  local base, a = KEYS[i], 1 + (i - 1) * 6
-  local rpm, tpm, parallel = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local budget, floor, period = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6]
-  local requests, used, r_oldest, t_oldest = seen[i][1], seen[i][2], seen[i][3], seen[i][4]
-  local refused, wait = nil, '1'
-  if parallel >= 0 and tonumber(redis.call('GET', base .. ':f') or '0') >= parallel then
-    refused = 'parallel'
-  elseif rpm >= 0 and requests >= rpm then
-    refused, wait = 'rpm', tostring((r_oldest or sec) + 60 - now)
-  elseif tpm >= 0 and used + tokens > tpm then
-    refused, wait = 'tpm', tostring(t_oldest and (t_oldest + 60 - now) or 60)
-  elseif budget >= 0 then
-    local spent = tonumber(redis.call('GET', base .. ':s:' .. period) or '0')
-    if floor > spent then spent = floor end
-    if spent >= budget then refused, wait = 'budget', '0' end
+-- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch adds.
+local scopes, spent = {}, {}
+local function scope(base)
+  local w = scopes[base]
+  if w == nil then
+    local requests, r_oldest = window(base .. ':r')
+    local used, t_oldest = window(base .. ':t')
+    local flight = tonumber(redis.call('GET', base .. ':f') or '0')
+    w = {requests, used, r_oldest, t_oldest, flight, 0, 0}
+    scopes[base] = w
   end
-  if refused then
-    out[1] = 0
-    out[#out + 1] = i
-    out[#out + 1] = refused
-    out[#out + 1] = wait
-    return out
+  return w
+end
+local words, replies, a = cmsgpack.unpack(ARGV[2]), {}, 1
+while a <= #words do
+  local tokens, n = words[a], words[a + 1]
+  local first = a + 2
+  a = first + 7 * n
+  local out = {1, reset}
+  for b = first, a - 1, 7 do
+    local w = scope(words[b])
+    out[#out + 1] = w[1]
+    out[#out + 1] = w[2]
+  end
+  local refused, wait
+  for s = 1, n do
+    local b = first + 7 * (s - 1)
+    local w = scopes[words[b]]
+    local rpm, tpm, parallel, budget = words[b + 1], words[b + 2], words[b + 3], words[b + 4]
+    if parallel >= 0 and w[5] >= parallel then
+      refused, wait = 'parallel', 1
+    elseif rpm >= 0 and w[1] >= rpm then
+      refused, wait = 'rpm', (w[3] or sec) + 60 - now
+    elseif tpm >= 0 and w[2] + tokens > tpm then
+      refused, wait = 'tpm', w[4] and (w[4] + 60 - now) or 60
+    elseif budget >= 0 then
+      local key = words[b] .. ':s:' .. words[b + 6]
+      local total = spent[key]
+      if total == nil then
+        total = tonumber(redis.call('GET', key) or '0')
+        spent[key] = total
+      end
+      if words[b + 5] > total then total = words[b + 5] end
+      if total >= budget then refused, wait = 'budget', 0 end
+    end
+    if refused then
+      out[1] = 0
+      out[#out + 1] = s
+      out[#out + 1] = refused
+      out[#out + 1] = wait
+      break
+    end
+  end
+  if not refused then
+    for s = 1, n do
+      local w = scopes[words[first + 7 * (s - 1)]]
+      w[1], w[2], w[5] = w[1] + 1, w[2] + tokens, w[5] + 1
+      w[6], w[7] = w[6] + 1, w[7] + tokens
+      if w[3] == nil then w[3] = sec end
+      if w[4] == nil and tokens > 0 then w[4] = sec end
+      out[1 + 2 * s] = w[1]
+      out[2 + 2 * s] = w[2]
+    end
+  end
+  replies[#replies + 1] = out
+end
+for base, w in pairs(scopes) do
+  if w[6] > 0 then
+    redis.call('HINCRBY', base .. ':r', sec, w[6])
+    redis.call('EXPIRE', base .. ':r', 120)
+    redis.call('HINCRBY', base .. ':t', sec, w[7])
+    redis.call('EXPIRE', base .. ':t', 120)
+    redis.call('INCRBY', base .. ':f', w[6])
+    redis.call('EXPIRE', base .. ':f', 3600)
   end
 end
-for i = 1, #KEYS do
-  local base = KEYS[i]
-  redis.call('HINCRBY', base .. ':r', sec, 1)
-  redis.call('EXPIRE', base .. ':r', 120)
-  redis.call('HINCRBY', base .. ':t', sec, tokens)
-  redis.call('EXPIRE', base .. ':t', 120)
-  redis.call('INCR', base .. ':f')
-  redis.call('EXPIRE', base .. ':f', 3600)
-  out[1 + 2 * i] = seen[i][1] + 1
-  out[2 + 2 * i] = seen[i][2] + tokens
-end
-return out
+return cmsgpack.pack(replies)
 """
 
-_SETTLE = """
-local sec = tonumber(redis.call('TIME')[1])
-local delta, cost, release = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local base = KEYS[i]
-  if delta ~= 0 then
-    redis.call('HINCRBY', base .. ':t', sec, delta)
-    redis.call('EXPIRE', base .. ':t', 120)
-  end
-  if release == 1 and redis.call('DECR', base .. ':f') < 0 then
-    redis.call('SET', base .. ':f', 0)
-  end
-  if cost > 0 then
-    local spend = base .. ':s:' .. ARGV[2 + 2 * i]
-    redis.call('INCRBYFLOAT', spend, ARGV[2])
-    local ttl = tonumber(ARGV[3 + 2 * i])
-    if ttl > 0 then redis.call('EXPIRE', spend, ttl) end
-  end
-end
-return 1
-"""
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
-
-
-def _limit(value: float | None) -> int | float:
-    return _NONE if value is None else value
 
 
 def _period_tag(end: float | None) -> str:
@@ -154,18 +194,65 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
     return refused
 
 
+class _Scope:
+    """One scope of a key's limits as the script reads it, made once per cache load: its
+    Redis key, its limits, and its budget period (kept until the period ends)."""
+
+    __slots__ = ("base", "end", "entry", "floor", "limits", "period", "start")
+
+    def __init__(self, base: str, entry: KeyEntry | TeamEntry) -> None:
+        self.base = base
+        self.entry = entry
+        limits = (entry.rpm, entry.tpm, entry.max_parallel, entry.max_budget)
+        self.limits = [_NONE if value is None else value for value in limits]
+        self.start = self.end = math.inf  # no period yet: computed at first use
+        self.period = "ever"
+        self.floor = 0.0  # the database's spend of the period
+
+    def at(self, wall: float) -> None:
+        """Move to the budget period holding ``wall``."""
+        entry = self.entry
+        end = period_end(entry.created_at, entry.duration, wall)
+        self.period = _period_tag(end)
+        self.floor = entry.spend if entry.budget_resets_at == end else 0.0
+        if end is None or entry.duration is None:
+            self.start, self.end = -math.inf, math.inf
+        else:
+            self.start, self.end = end - entry.duration, end
+
+
+class _Prepared:
+    """A key's limits as the requests of one cache load use them: their scopes, and per kind
+    of x-ratelimit-* header the limits it is made from (limit, its text, its count's position
+    in the script's answer)."""
+
+    __slots__ = ("headers", "limits", "scopes")
+
+    def __init__(self, prefix: str, limits: KeyLimits) -> None:
+        self.limits = limits
+        self.scopes = [
+            _Scope(f"{prefix}:{scope[0]}:{entry.id}", entry) for scope, entry, _ in limits.scopes
+        ]
+        self.headers: list[tuple[tuple[str, str, str], list[tuple[int, str, int]]]] = []
+        for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
+            limited = []
+            for index, (_, entry, _) in enumerate(limits.scopes):
+                limit = getattr(entry, attribute)
+                if limit is not None:
+                    limited.append((limit, str(limit), position + 2 * index))
+            if limited:
+                self.headers.append((_HEADER_NAMES[kind], limited))
+
+
 class SharedReservation:
-    """What ``reserve`` counted for one request, settled once (after the answer, or when its
+    """What the script counted for one request, settled once (after the answer, or when its
     task ends without one)."""
 
-    __slots__ = ("counters", "keys", "pending", "periods", "released", "tokens")
+    __slots__ = ("counters", "pending", "released", "scopes", "tokens")
 
-    def __init__(
-        self, counters: SharedCounters, keys: list[str], periods: list[str], tokens: int
-    ) -> None:
+    def __init__(self, counters: SharedCounters, scopes: list[_Scope], tokens: int) -> None:
         self.counters = counters
-        self.keys = keys
-        self.periods = periods
+        self.scopes = scopes
         self.tokens = tokens  # counted toward tpm now
         self.pending = 0  # tokens to add (or take off) when released
         self.released = False
@@ -179,22 +266,61 @@ class SharedReservation:
         """The request's task ended before ``settle``: free the slot."""
         if not self.released:
             self.released = True
-            self._send(self.pending, 0.0, None)
+            self.counters.settle(self.scopes, self.pending, 1, 0.0, None)
 
     def settle(self, tokens: int, cost: float | None, wall: float) -> None:
-        """The answer is out: its usage for the reservation, the slot freed, the cost added.
-        Queued, not awaited: it goes with the next batch, and nothing waits for its answer."""
+        """The answer is out: its usage for the reservation, the slot freed (once), the cost
+        added. Merged, not awaited: it goes with the next batch, and nothing waits for it."""
+        freed = 0 if self.released else 1
         self.released = True
         delta, self.tokens = tokens - self.tokens, tokens
-        self._send(delta, cost or 0.0, wall)
+        self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall)
 
-    def _send(self, delta: int, cost: float, wall: float | None) -> None:
-        args: list[Any] = [delta, cost, 1]
-        for period in self.periods:
-            end = None if period == "ever" else float(period)
-            ttl = 0 if end is None or wall is None else max(1, math.ceil(end - wall) + 3600)
-            args += [period, ttl]
-        self.counters.run(self.counters.settle_script, self.keys, args)
+
+# A reservation waiting for its batch: its future, then its scopes and tokens (for a request
+# gone meanwhile, whose counts are freed as soon as they are made).
+_Waiting = tuple["asyncio.Future[Any]", list[_Scope], int]
+
+
+class _Waiters:
+    """The reply of one batch's script: each reservation's answer to its future at once."""
+
+    __slots__ = ("counters", "finished", "settles", "waiting")
+
+    def __init__(
+        self,
+        counters: SharedCounters,
+        waiting: list[_Waiting],
+        settles: dict[tuple[str, str], list[Any]],
+    ) -> None:
+        self.counters = counters
+        self.waiting = waiting
+        self.settles = settles
+        self.finished = asyncio.get_running_loop().create_future()  # close waits on it
+
+    def done(self) -> bool:
+        return self.finished.done()
+
+    def set_result(self, packed: bytes, /) -> None:
+        for (future, scopes, tokens), reply in zip(self.waiting, _unpack(packed), strict=True):
+            if not future.done():
+                future.set_result(reply)
+            elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
+                SharedReservation(self.counters, scopes, tokens).release()
+        self.finished.set_result(None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        for future, _, _ in self.waiting:
+            if not future.done():
+                future.set_exception(exception)
+        if isinstance(exception, RedisError | OSError):
+            self.counters.missed(self.settles, exception)
+        self.finished.set_result(None)
+
+    def cancel(self) -> bool:
+        for future, _, _ in self.waiting:
+            future.cancel()
+        return self.finished.cancel()
 
 
 class SharedCounters:
@@ -204,45 +330,94 @@ class SharedCounters:
         self.link = link
         self.clock = clock
         self.closed = link.config.on_error == "closed"
-        self.reserve_script = LuaScript(_RESERVE)
-        self.settle_script = LuaScript(_SETTLE)
+        self.script = LuaScript(_APPLY)
         self.batcher = link.batcher
-        self._in_flight: set[asyncio.Future[Any]] = set()  # settles sent, not yet answered
-        self._unsent: list[tuple[LuaScript, list[str], list[Any]]] = []  # settles Redis missed
+        self._loop = asyncio.get_running_loop()
+        # Queued for the next batch: reservations (their script words, and who waits), and
+        # the settles merged per scope and budget period: [tokens, slots, cost, end, wall].
+        self._words: list[Any] = []
+        self._waiting: list[_Waiting] = []
+        self._settles: dict[tuple[str, str], list[Any]] = {}
+        self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
+        self._prepared: dict[str, _Prepared] = {}  # per key id
+        self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
+        self.batcher.add_source(self.take)
         link.on_resume(self._resend)
 
-    def run(self, script: LuaScript, keys: list[str], args: list[Any]) -> None:
-        """Queue a settle: if Redis misses it, it is sent again when Redis is back (so no slot
-        leaks in flight for ever)."""
-        if not self.link.up:
-            self._unsent.append((script, keys, args))
-            return
-        sent = self.batcher.run(script, keys, args)
-        self._in_flight.add(sent)
-        sent.add_done_callback(lambda done: self._settled(done, script, keys, args))
+    def _prepare(self, limits: KeyLimits) -> _Prepared:
+        """What the script and the headers need of a key's limits, made once per cache load
+        (a reload makes new limits, and these anew)."""
+        prepared = self._prepared.get(limits.key.id)
+        if prepared is None or prepared.limits is not limits:
+            prepared = self._prepared[limits.key.id] = _Prepared(self.link.prefix, limits)
+        return prepared
 
-    def _settled(
-        self, done: asyncio.Future[Any], script: LuaScript, keys: list[str], args: list[Any]
+    def settle(
+        self, scopes: list[_Scope], delta: int, freed: int, cost: float, wall: float | None
     ) -> None:
-        self._in_flight.discard(done)
-        if done.cancelled():
+        """Merge one request's settle into the next batch's, per scope and budget period."""
+        settles = self._settles
+        for scope in scopes:
+            merged = settles.get((scope.base, scope.period))
+            if merged is None:
+                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall]
+            else:
+                merged[0] += delta
+                merged[1] += freed
+                merged[2] += cost
+                if wall is not None:
+                    merged[4] = wall
+        if self.link.up:  # else sent when Redis is back
+            self.batcher.wake()
+
+    def missed(self, settles: dict[tuple[str, str], list[Any]], error: BaseException) -> None:
+        """A batch failed: its settles go again when Redis is back (no slot leaks in flight
+        for ever)."""
+        for key, (delta, freed, cost, end, wall) in settles.items():
+            merged = self._settles.get(key)
+            if merged is None:
+                self._settles[key] = [delta, freed, cost, end, wall]
+            else:
+                merged[0] += delta
+                merged[1] += freed
+                merged[2] += cost
+        self.link.lost(error)
+
+    def take(self, batch: list[Any]) -> None:
+        """The batcher's source: one script call with what queued since the last batch."""
+        waiting = self._waiting
+        settles = self._settles if self.link.up else {}
+        if not waiting and not settles:
             return
-        error = done.exception()
-        if isinstance(error, RedisError | OSError):
-            self._unsent.append((script, keys, args))
-            self.link.lost(error)
+        words: list[Any] = []
+        for (base, period), (delta, freed, cost, end, wall) in settles.items():
+            ttl = 0 if wall is None or end == math.inf else max(1, math.ceil(end - wall) + 3600)
+            words += (base, delta, freed, cost, period, ttl)
+        if settles:
+            self._settles = {}
+            if self._taken is not None and not self._taken.done():
+                self._taken.set_result(None)  # close: the last settles are on their way
+        waiters = _Waiters(self, waiting, settles)
+        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words)]
+        self._words, self._waiting = [], []
+        self._in_flight.add(waiters.finished)
+        waiters.finished.add_done_callback(self._in_flight.discard)
+        batch.append((self.script, call, waiters))
 
     async def close(self) -> None:
         """Settles still on their way: sent, or given up after the timeout."""
-        if self._in_flight:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.link.config.timeout):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.link.config.timeout):
+                while self._settles and self.link.up:  # taken with the next batch
+                    self._taken = asyncio.get_running_loop().create_future()
+                    self.batcher.wake()
+                    await self._taken
+                if self._in_flight:
                     await asyncio.wait(list(self._in_flight))
 
     async def _resend(self) -> None:
-        unsent, self._unsent = self._unsent, []
-        for script, keys, args in unsent:
-            await self.batcher.run(script, keys, args)
+        if self._settles:
+            self.batcher.wake()
 
     def refuse_while_down(self) -> RateLimited:
         refused = RateLimited(
@@ -254,82 +429,81 @@ class SharedCounters:
         refused.caused_by_upstream = False
         return refused
 
-    async def before_request(
+    def before_request(
         self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None]
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """The limits plugin's reservation, in Redis; ``locally`` while Redis is away
         (``on_error = "open"``), else a 429 for a limited key."""
         if self.link.up:
-            reserved = await self.reserve(call, limits, _reserve(call))
-            if reserved is not None:
-                reservation, headers = reserved
-                call.state[RESERVATION] = reservation
-                task = asyncio.current_task()
-                if task is not None:
-                    task.add_done_callback(reservation.release)
-                if headers:
-                    call.request[RATE_LIMIT_HEADERS] = headers
-                return
+            return self.reserve(call, limits, _reserve(call), locally)
+        self.fall_back(call, limits, locally)
+        return None
+
+    def fall_back(
+        self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None] | None
+    ) -> None:
         if self.closed:
             raise self.refuse_while_down()
-        locally(call, limits)
+        if locally is not None:
+            locally(call, limits)
 
     async def reserve(
-        self, call: Call, limits: KeyLimits, tokens: int
-    ) -> tuple[SharedReservation, dict[str, str] | None] | None:
-        """Count the request in every scope or refuse it (RateLimited); None: Redis failed
-        (the caller falls back to per-process counters)."""
+        self,
+        call: Call,
+        limits: KeyLimits,
+        tokens: int,
+        locally: Callable[[Call, KeyLimits], None] | None = None,
+    ) -> None:
+        """Count the request in every scope (``call.state[RESERVATION]``, released when its
+        task ends) or refuse it (RateLimited); if Redis fails, ``locally`` counts it."""
         wall = self.clock.time()
-        prefix = self.link.prefix
-        keys: list[str] = []
-        periods: list[str] = []
-        args: list[Any] = [tokens]
-        for scope, entry, _meter in limits.scopes:
-            keys.append(f"{prefix}:{scope[0]}:{entry.id}")
-            end = period_end(entry.created_at, entry.duration, wall)
-            periods.append(_period_tag(end))
-            floor = entry.spend if entry.budget_resets_at == end else 0.0
-            args += [
-                _limit(entry.rpm),
-                _limit(entry.tpm),
-                _limit(entry.max_parallel),
-                _limit(entry.max_budget),
-                floor,
-                periods[-1],
-            ]
+        prepared = self._prepare(limits)
+        scopes = prepared.scopes
+        words = self._words
+        words += (tokens, len(scopes))
+        for scope in scopes:
+            if not scope.start <= wall < scope.end:
+                scope.at(wall)
+            words.append(scope.base)
+            words += scope.limits
+            words += (scope.floor, scope.period)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._waiting.append((future, scopes, tokens))
+        self.batcher.wake()
         try:
-            answer = await self.batcher.run(self.reserve_script, keys, args)
+            answer = await future
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
-            return None
-        if int(answer[0]) == 0:
+            self.fall_back(call, limits, locally)
+            return
+        if answer[0] == 0:
             index, reason, wait = answer[-3:]
-            scope, entry, _ = limits.scopes[int(index) - 1]
-            refused = _refusal(scope, entry, reason.decode(), float(wait))
-            if limits.limited:  # also on a 429: the client learns when to come back
-                call.request[RATE_LIMIT_HEADERS] = _headers(limits, answer)
+            name, entry, _ = limits.scopes[int(index) - 1]
+            refused = _refusal(name, entry, reason, wait)
+            if prepared.headers:  # also on a 429: the client learns when to come back
+                call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
             raise refused
-        reservation = SharedReservation(self, keys, periods, tokens)
-        return reservation, _headers(limits, answer) if limits.limited else None
+        reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(reservation.release)
+        if prepared.headers:
+            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
 
 
-def _headers(limits: KeyLimits, answer: list[Any]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the counts ``reserve`` returned, from the scope with
+def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the counts the script returned, from the scope with
     the least room left."""
-    reset = _reset(float(answer[1]))
+    reset = _reset(answer[1])
     headers: dict[str, str] = {}
-    for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
-        best: tuple[int, int] | None = None
-        for index, (_, entry, _) in enumerate(limits.scopes):
-            limit = getattr(entry, attribute)
-            if limit is None:
-                continue
-            remaining = limit - int(answer[position + 2 * index])
+    for (limit_name, remaining_name, reset_name), limited in prepared.headers:
+        best: tuple[str, int] | None = None
+        for limit, text, position in limited:
+            remaining = limit - answer[position]
             if best is None or remaining < best[1]:
-                best = (limit, remaining)
-        if best is not None:
-            limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-            headers[limit_name] = str(best[0])
-            headers[remaining_name] = str(max(0, best[1]))
-            headers[reset_name] = reset
+                best = (text, remaining)
+        assert best is not None  # each kind listed has a limit
+        headers[limit_name] = best[0]
+        headers[remaining_name] = str(max(0, best[1]))
+        headers[reset_name] = reset
     return headers

@@ -5,7 +5,8 @@ instance within its caps), so the other instances' counts are mirrored, not aske
 this instance counted goes to Redis in one pipelined script every ``SYNC_INTERVAL``, which
 answers with every instance's totals; the router adds the others' share to its own. Caps hold
 across instances to within what they admit in one interval; least-busy sees every instance's
-requests in flight.
+requests in flight. Only the deployments whose counts are read are counted: those with caps,
+and those of a least-busy model (decided once per deployment, not per request).
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ return out
 class SharedDeployments:
     """This instance's counts toward the shared ones, and the others' share, mirrored."""
 
-    def __init__(self, link: RedisLink, router: Router, configured: list[str]) -> None:
+    def __init__(self, link: RedisLink, router: Router, configured: list[Deployment]) -> None:
         self.link = link
         self.router = router
-        self.configured = configured  # the config's deployment keys: synced from the start
+        # Per deployment key: whether its counts are shared (the config's from the start).
+        self._shared = {d.key: self._is_shared(d) for d in configured}
         self.instance = os.urandom(8).hex()
         self.script = LuaScript(_SYNC)
         self.batcher = link.batcher
@@ -80,9 +82,22 @@ class SharedDeployments:
         self.synced = asyncio.Event()  # set after each sync (tests wait for it)
         self._task: asyncio.Task[None] | None = None
 
+    def _is_shared(self, deployment: Deployment) -> bool:
+        """Whether routing reads the deployment's counts: its caps, or least-busy's in-flight."""
+        return (
+            deployment.rpm is not None
+            or deployment.tpm is not None
+            or self.router.policy(deployment.name).strategy == "least-busy"
+        )
+
     def counted(self, deployment: Deployment, requests: int, tokens: int, flight: int) -> None:
         """The router's observer: called as it counts a deployment."""
-        self._add(deployment.key, requests, tokens, flight)
+        key = deployment.key
+        shared = self._shared.get(key)
+        if shared is None:  # one the config did not name (made at run time)
+            shared = self._shared[key] = self._is_shared(deployment)
+        if shared:
+            self._add(key, requests, tokens, flight)
 
     def _add(self, key: str, requests: int, tokens: int, flight: int) -> None:
         delta = self._delta[key]
@@ -101,7 +116,10 @@ class SharedDeployments:
                 await self.sync()
 
     async def sync(self) -> None:
-        keys = list(dict.fromkeys([*self._delta, *self.configured, *self.router.health_keys()]))
+        shared = self._shared
+        known = [key for key, counted in shared.items() if counted]
+        seen = [key for key in self.router.health_keys() if shared.get(key, True)]
+        keys = list(dict.fromkeys([*self._delta, *known, *seen]))
         if not keys:
             return
         delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])

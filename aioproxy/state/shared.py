@@ -57,7 +57,7 @@ class SharedState:
                 plane.shared = counters
                 plane.announce_change = changes.announce_keys
             runtime = app[runtime_key]
-            configured = [d.key for group in runtime.deployments.values() for d in group]
+            configured = [d for group in runtime.deployments.values() for d in group]
             deployments = SharedDeployments(link, router, configured)
             app[deployments_key] = deployments
             await changes.start()  # before serving: no change missed

@@ -10,10 +10,12 @@ import redis.asyncio as aioredis
 
 from aioproxy.config import Secret, StateConfig
 from aioproxy.control.clock import ControlClock
+from aioproxy.control.limits import RESERVATION
 from aioproxy.control.meters import KeyLimits, Meter
 from aioproxy.control.records import KeyEntry
+from aioproxy.errors import RateLimited
 from aioproxy.state.batch import Batcher, LuaScript
-from aioproxy.state.counters import SharedCounters
+from aioproxy.state.counters import SharedCounters, SharedReservation
 from aioproxy.state.link import RedisLink
 from tests.redis_server import redis_server, redis_url
 
@@ -71,17 +73,144 @@ class _Call:
         self.state: dict[str, Any] = {}
 
 
+async def _reserve(counters: SharedCounters, limits: KeyLimits) -> SharedReservation | None:
+    """One request of 10 tokens: its reservation (RateLimited if refused; None: Redis failed)."""
+    call = _Call()
+    await counters.reserve(call, limits, 10)  # type: ignore[arg-type]
+    reservation: SharedReservation | None = call.state.get(RESERVATION)
+    return reservation
+
+
+def _counters(redis_url: str, prefix: str) -> tuple[RedisLink, SharedCounters]:
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix=prefix))
+    clock = ControlClock(time=lambda: 1_000.0, monotonic=lambda: 1_000.0)
+    return link, SharedCounters(link, clock)
+
+
 async def test_a_settle_is_queued_not_awaited(redis_url: str) -> None:
-    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-settle"))
-    counters = SharedCounters(link, ControlClock(time=lambda: 1_000.0, monotonic=lambda: 1_000.0))
+    link, counters = _counters(redis_url, "aioproxy-test-settle")
     limits = _limits(max_parallel=1)
     try:
-        reserved = await counters.reserve(_Call(), limits, 10)  # type: ignore[arg-type]
-        assert reserved is not None
-        reservation, _ = reserved
+        reservation = await _reserve(counters, limits)
+        assert reservation is not None
         assert reservation.settle(10, 0.0, 0.0) is None  # type: ignore[func-returns-value]  # nothing to await
         # Queued before the next reservation, so it is counted first: the slot is free.
-        assert await counters.reserve(_Call(), limits, 10) is not None  # type: ignore[arg-type]
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await counters.close()
+        await link.close()
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+class _Requests:
+    """Requests of one key in flight: each reserves, then settles when its event is set."""
+
+    def __init__(self, counters: SharedCounters, limits: KeyLimits) -> None:
+        self.counters = counters
+        self.limits = limits
+        self.admitted: list[SharedReservation] = []
+        self.refused = 0
+        self.answered = asyncio.Event()  # set when ``expected`` requests have their answer
+        self.expected = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, count: int, settle: asyncio.Event) -> None:
+        self.expected += count
+        self.answered.clear()
+        self.tasks += [asyncio.create_task(self._one(settle)) for _ in range(count)]
+
+    async def _one(self, settle: asyncio.Event) -> None:
+        try:
+            reservation = await _reserve(self.counters, self.limits)
+        except RateLimited:
+            self.refused += 1
+            reservation = None
+        if reservation is not None:
+            self.admitted.append(reservation)
+        if len(self.admitted) + self.refused == self.expected:
+            self.answered.set()
+        if reservation is not None:
+            await settle.wait()
+            reservation.settle(7, 0.5, 1_000.0)
+
+
+async def test_concurrent_requests_share_one_script_call(redis_url: str) -> None:
+    """A batch's reservations are checked in one script call, in order and exactly, and the
+    settles queued meanwhile go in the next as one merged settle, not one call per request."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-merge")
+    requests = _Requests(counters, _limits(max_parallel=5))
+    first, later = asyncio.Event(), asyncio.Event()
+    try:
+        await client.config_resetstat()
+        requests.start(20, settle=first)
+        await requests.answered.wait()
+        assert (len(requests.admitted), requests.refused) == (5, 15)  # max_parallel, exactly
+        requests.start(5, settle=later)
+        first.set()  # the first 5 settle in the same turn: counted before the 5 new ones
+        await requests.answered.wait()
+        assert (len(requests.admitted), requests.refused) == (10, 15)
+        assert await _script_calls(client) == 2  # was 30: 20 reserves, 5 settles, 5 reserves
+        base = "aioproxy-test-merge:k:key_batch"
+        assert await client.get(base + ":f") == b"5"
+        tokens = await client.hvals(base + ":t")
+        assert sum(int(value) for value in tokens) == 5 * 7 + 5 * 10
+        assert await client.get(base + ":s:ever") == b"2.5"
+    finally:
+        later.set()
+        await asyncio.gather(*requests.tasks)
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_request_cancelled_while_waiting_frees_its_slot(redis_url: str) -> None:
+    """Counted in Redis after its request was gone (a client that hung up while the batch was
+    on its way): its slot is freed at once, not held for ever."""
+    link, counters = _counters(redis_url, "aioproxy-test-cancel")
+    limits = _limits(max_parallel=1)
+    try:
+        gone = asyncio.create_task(_reserve(counters, limits))
+        while counters.batcher.batches == 0:  # until its batch is on its way
+            await asyncio.sleep(0)
+        gone.cancel()
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await counters.close()
+        await link.close()
+
+
+async def test_close_sends_the_last_settles(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-close")
+    try:
+        reservation = await _reserve(counters, _limits(max_parallel=1))
+        assert reservation is not None
+        reservation.settle(10, 0.0, 1_000.0)
+        await counters.close()  # at once: the settle is still queued
+        assert await client.get("aioproxy-test-close:k:key_batch:f") == b"0"
+    finally:
+        await link.close()
+        await client.aclose()
+
+
+async def test_settles_missed_while_down_are_sent_when_back(redis_url: str) -> None:
+    link, counters = _counters(redis_url, "aioproxy-test-missed")
+    limits = _limits(max_parallel=1)
+    try:
+        reservation = await _reserve(counters, limits)
+        assert reservation is not None
+        link.lost(OSError("gone"))  # the probe finds it back within half a second
+        reservation.settle(10, 0.0, 1_000.0)  # kept: not sent while down
+        async with asyncio.timeout(30):  # safety net: the probe pings every half second
+            while not link.up:
+                await asyncio.sleep(0.05)
+        # The slot was freed in Redis when it came back, before this reservation.
+        assert await _reserve(counters, limits) is not None
     finally:
         await counters.close()
         await link.close()

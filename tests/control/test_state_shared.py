@@ -222,3 +222,28 @@ async def test_a_lost_redis_is_counted_in_metrics(
     ) as response:
         text = await response.text()
     assert "aioproxy_state_redis_lost_total 1.0" in text
+
+
+async def test_only_counts_routing_reads_are_shared(
+    start_control: Any, redis_url: str, upstream_base: str
+) -> None:
+    """A deployment with no caps, of a model not routed least-busy, is not counted in Redis
+    (nothing reads its counts); a least-busy model's deployments are (their requests in flight)."""
+    upstream = {"provider": "openai", "model": "gpt-4o-mini", "api_base": upstream_base}
+    models = [
+        {"name": "gpt-test", **upstream, "api_key": "sk-upstream-secret"},
+        {"name": "gpt-busy", **upstream, "api_key": "sk-upstream-busy"},
+    ]
+    state = {"redis_url": redis_url, "prefix": "aioproxy-test-uncounted"}
+    control = await start_control(
+        state=state, models=models, router={"models": {"gpt-busy": {"strategy": "least-busy"}}}
+    )
+    for model in ("gpt-test", "gpt-busy"):
+        assert (await post_chat(control, MASTER_KEY, model=model))[0] == 200
+    await control.server.app[deployments_key].sync()  # what the background sync does
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        counted = set(await client.keys("aioproxy-test-uncounted:d:*"))
+    finally:
+        await client.aclose()
+    assert counted and all("gpt-busy" in key for key in counted)
