@@ -22,7 +22,6 @@ from aioproxy.testing import eventually
 
 __all__ = [
     "ALICE",
-    "ALICE_AND_BOB",
     "AUTH",
     "BOB",
     "CHAT",
@@ -34,6 +33,7 @@ __all__ = [
     "UPSTREAM_MODEL",
     "FakeChat",
     "ServeProxy",
+    "alice_and_bob",
     "clean_env",
     "free_port",
     "gateway_config",
@@ -57,10 +57,16 @@ KEYED = Deployment(
 MESSAGES = [{"role": "user", "content": "hi"}]
 # Two client keys besides the master key, for what one key may see of the other's.
 ALICE, BOB = "sk-alice-test", "sk-bob-test"
-ALICE_AND_BOB = {
-    "master_key": MASTER_KEY,
-    "keys": [{"key": ALICE, "name": "alice"}, {"key": BOB, "name": "bob"}],
-}
+
+
+def alice_and_bob() -> dict[str, Any]:
+    """An ``[auth]`` table with both keys: a new one each call, for a test may change its own."""
+    return {
+        "master_key": MASTER_KEY,
+        "keys": [{"key": ALICE, "name": "alice"}, {"key": BOB, "name": "bob"}],
+    }
+
+
 # A minimal chat chunk, for fake upstreams that write their streams by hand.
 HI_CHUNK = {
     "id": "c1",

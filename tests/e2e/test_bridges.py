@@ -18,7 +18,7 @@ from aioproxy.hookspecs import RegisterProvider
 from aioproxy.testing import FakeOpenAI, assert_openai_error
 from aioproxy.testing.openai_upstream import TOOL_ARGUMENTS
 from tests.schemas import validate
-from tests.support import ALICE, ALICE_AND_BOB, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
+from tests.support import ALICE, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, alice_and_bob, sdk
 
 FORMS = pytest.mark.parametrize("prefix", ["/v1", ""], ids=["openai-form", "alias"])
 WEATHER_TOOL = {
@@ -52,7 +52,7 @@ class ChatOnlyPlugin:
 
 def bridged_config(api_base: str, store_path: Path, **responses: Any) -> dict[str, Any]:
     return {
-        "auth": ALICE_AND_BOB,
+        "auth": alice_and_bob(),
         "models": [
             {
                 "name": "bridged",

@@ -21,14 +21,14 @@ from aioproxy.routes import Kind
 from aioproxy.testing import FakeOpenAI, assert_openai_error
 from aioproxy.testing.openai_upstream import MISSING_MODEL
 from tests.schemas import validate
-from tests.support import ALICE, ALICE_AND_BOB, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, sdk
+from tests.support import ALICE, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, alice_and_bob, sdk
 
 HEADERS = {"alice": {"Authorization": f"Bearer {ALICE}"}, "bob": {"Authorization": f"Bearer {BOB}"}}
 
 
 def config(api_base: str, store_path: Path, **entry: Any) -> dict[str, Any]:
     return {
-        "auth": ALICE_AND_BOB,
+        "auth": alice_and_bob(),
         "models": [
             {
                 "name": "m",
