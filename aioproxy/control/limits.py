@@ -23,11 +23,9 @@ from ..context import Call
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
-from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
-from .meters import KeyLimits, Meter, spend_now
+from .meters import KeyLimits, Scope, spend_in
 from .plane import plane_key
-from .records import KeyEntry, TeamEntry, period_end
 from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 
 if TYPE_CHECKING:
@@ -100,18 +98,16 @@ _HEADER_NAMES = {
 def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers, from the scope with the least room left."""
     headers: dict[str, str] = {}
-    for kind, scopes in (("requests", limits.request_limits), ("tokens", limits.token_limits)):
-        if not scopes:
-            continue
-        limit, window = scopes[0]
+    for kind, scopes in limits.rate_headers:
+        limit, text, window = scopes[0]
         remaining = limit - window.total(now)
-        for other_limit, other_window in scopes[1:]:
+        for other_limit, other_text, other_window in scopes[1:]:
             other = other_limit - other_window.total(now)
             if other < remaining:
-                limit, window, remaining = other_limit, other_window, other
+                text, window, remaining = other_text, other_window, other
         limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        headers[limit_name] = str(limit)
-        headers[remaining_name] = str(max(0, remaining))
+        headers[limit_name] = text
+        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
         headers[reset_name] = _reset(window.clear_in(now))
     return headers
 
@@ -144,16 +140,17 @@ class Limits:
         """Reserve on this process's counters (also the fallback while Redis is away)."""
         clock = call.request.app[plane_key].clock
         now = clock.monotonic()
-        scopes = limits.scopes
         tokens = _reserve(call)
+        wall = clock.time()
         try:
-            for scope, entry, meter in scopes:
-                _check(scope, entry, meter, tokens, now, clock)
+            for scope in limits.checks:
+                _check(scope, tokens, now, wall)
         except RateLimited:
             if limits.limited:  # also on a 429: the client learns when to come back
                 call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
             raise
-        for _, _, meter in scopes:
+        for scope in limits.checks:
+            meter = scope.meter
             meter.in_flight += 1
             meter.requests.add(1, now)
             meter.tokens.add(tokens, now)
@@ -186,8 +183,8 @@ class Limits:
         cost = outcome.cost
         if cost:
             wall = plane.clock.time()
-            for _, entry, meter in reservation.limits.scopes:
-                meter.add_spend(cost, period_end(entry.created_at, entry.duration, wall))
+            for scope in reservation.limits.checks:
+                scope.meter.add_spend(cost, scope.period(wall))
             call.state[COUNTED] = True  # the writer moves it from the meters to the figures
         return None
 
@@ -199,40 +196,36 @@ class Limits:
             reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
 
 
-def _check(
-    scope: str,
-    entry: KeyEntry | TeamEntry,
-    meter: Meter,
-    tokens: int,
-    now: float,
-    clock: ControlClock,
-) -> None:
-    whose = "This API key" if scope == "key" else "This API key's team"
-    if entry.max_parallel is not None and meter.in_flight >= entry.max_parallel:
+def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
+    meter = scope.meter
+    if scope.max_parallel is not None and meter.in_flight >= scope.max_parallel:
         raise _refuse(
-            f"{whose} has {entry.max_parallel} requests in flight, its max_parallel",
+            f"{_whose(scope)} has {scope.max_parallel} requests in flight, its max_parallel",
             "rate_limit_exceeded",
             1,
         )
-    if entry.rpm is not None and meter.requests.total(now) >= entry.rpm:
+    if scope.rpm is not None and meter.requests.total(now) >= scope.rpm:
         raise _refuse(
-            f"{whose} is over its rate limit of {entry.rpm} requests a minute",
+            f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
             "rate_limit_exceeded",
             meter.requests.reset_in(now),
         )
-    if entry.tpm is not None and meter.tokens.total(now) + tokens > entry.tpm:
+    if scope.tpm is not None and meter.tokens.total(now) + tokens > scope.tpm:
         raise _refuse(
-            f"{whose} is over its rate limit of {entry.tpm} tokens a minute",
+            f"{_whose(scope)} is over its rate limit of {scope.tpm} tokens a minute",
             "rate_limit_exceeded",
             meter.tokens.reset_in(now) or 60,
         )
-    if entry.max_budget is not None:
-        wall = clock.time()
-        spent, ends = spend_now(entry, meter, wall)
-        if spent >= entry.max_budget:
+    if scope.max_budget is not None:
+        ends = scope.period(wall)
+        if spend_in(scope.entry, meter, ends) >= scope.max_budget:
             raise _refuse(
-                f"{whose} has spent its budget of ${entry.max_budget:g}"
+                f"{_whose(scope)} has spent its budget of ${scope.max_budget:g}"
                 + (" for this period" if ends is not None else ""),
                 "insufficient_quota",
                 (ends - wall) if ends is not None else 3600,
             )
+
+
+def _whose(scope: Scope) -> str:
+    return "This API key" if scope.name == "key" else "This API key's team"
