@@ -23,6 +23,7 @@ from ..context import Call
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
+from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
 from .meters import KeyLimits, Scope, spend_in
 from .plane import plane_key
@@ -58,6 +59,7 @@ def _duration(seconds: float) -> str:
 
 # A window's reset is at most a minute away: each whole second's text, made once.
 _RESETS = tuple(_duration(second) for second in range(61))
+_A_MINUTE = _RESETS[60]
 
 
 def _reset(seconds: float) -> str:
@@ -95,8 +97,10 @@ _HEADER_NAMES = {
 }
 
 
-def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers, from the scope with the least room left."""
+def _headers(limits: KeyLimits, now: float, granted: bool = False) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers, from the scope with the least room left. ``granted``:
+    right after this request was counted, so a window holding anything holds some of this
+    second's, and empties in a minute ("1m0s") without asking it when."""
     headers: dict[str, str] = {}
     for kind, scopes in limits.rate_headers:
         limit, text, window = scopes[0]
@@ -104,11 +108,13 @@ def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
         for other_limit, other_text, other_window in scopes[1:]:
             other = other_limit - other_window.total(now)
             if other < remaining:
-                text, window, remaining = other_text, other_window, other
+                limit, text, window, remaining = other_limit, other_text, other_window, other
         limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
         headers[limit_name] = text
         headers[remaining_name] = str(remaining) if remaining > 0 else "0"
-        headers[reset_name] = _reset(window.clear_in(now))
+        headers[reset_name] = (
+            _A_MINUTE if granted and remaining < limit else _reset(window.clear_in(now))
+        )
     return headers
 
 
@@ -133,35 +139,12 @@ class Limits:
         plane = call.request.app[plane_key]
         if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
             return plane.shared.before_request(call, limits, self.reserve_here)
-        self.reserve_here(call, limits)
+        _reserve_on(call, limits, plane.clock)
         return None
 
     def reserve_here(self, call: Call, limits: KeyLimits) -> None:
-        """Reserve on this process's counters (also the fallback while Redis is away)."""
-        clock = call.request.app[plane_key].clock
-        now = clock.monotonic()
-        tokens = _reserve(call)
-        wall = clock.time()
-        try:
-            for scope in limits.checks:
-                _check(scope, tokens, now, wall)
-        except RateLimited:
-            if limits.limited:  # also on a 429: the client learns when to come back
-                call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
-            raise
-        for scope in limits.checks:
-            meter = scope.meter
-            meter.in_flight += 1
-            meter.requests.add(1, now)
-            meter.tokens.add(tokens, now)
-        reservation = call.state[RESERVATION] = Reservation(limits, tokens)
-        task = asyncio.current_task()
-        if task is not None:
-            task.add_done_callback(reservation.release)
-        else:  # pragma: no cover - hooks always run in the request's task
-            reservation.release()
-        if limits.limited:
-            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+        """Reserve on this process's counters (the fallback while Redis is away)."""
+        _reserve_on(call, limits, call.request.app[plane_key].clock)
 
     @hookimpl
     def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
@@ -194,6 +177,32 @@ class Limits:
         reservation: Reservation | None = call.state.get(RESERVATION) if call else None
         if reservation is not None:
             reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
+
+
+def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
+    now = clock.monotonic()
+    tokens = _reserve(call)
+    wall = clock.time()
+    try:
+        for scope in limits.checks:
+            _check(scope, tokens, now, wall)
+    except RateLimited:
+        if limits.limited:  # also on a 429: the client learns when to come back
+            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+        raise
+    for scope in limits.checks:
+        meter = scope.meter
+        meter.in_flight += 1
+        meter.requests.add(1, now)
+        meter.tokens.add(tokens, now)
+    reservation = call.state[RESERVATION] = Reservation(limits, tokens)
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(reservation.release)
+    else:  # pragma: no cover - hooks always run in the request's task
+        reservation.release()
+    if limits.limited:
+        call.request[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
 
 
 def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:

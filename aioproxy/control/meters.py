@@ -107,6 +107,8 @@ class Scope:
     values read once when the cache loads, not from the entry each request."""
 
     __slots__ = (
+        "_begins",
+        "_ends",
         "budget_duration",
         "created_at",
         "entry",
@@ -128,10 +130,18 @@ class Scope:
         self.max_budget = entry.max_budget
         self.created_at = entry.created_at
         self.budget_duration = entry.duration
+        self._begins = self._ends = 0.0  # the period ``period`` last found
 
     def period(self, wall: float) -> float | None:
-        """The end of the budget period holding ``wall`` (``period_end``'s)."""
-        return period_end(self.created_at, self.budget_duration, wall)
+        """The end of the budget period holding ``wall`` (``period_end``'s): the last one
+        found while ``wall`` stays in it."""
+        if self._begins <= wall < self._ends:
+            return self._ends
+        duration = self.budget_duration
+        ends = period_end(self.created_at, duration, wall)
+        if ends is not None and duration is not None:
+            self._begins, self._ends = ends - duration, ends
+        return ends
 
 
 class KeyLimits:
