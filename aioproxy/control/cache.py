@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -26,6 +25,13 @@ from .records import KeyEntry, TeamEntry, digest_of
 __all__ = ["KeyCache", "as_dict"]
 
 log = logging.getLogger("aioproxy")
+
+
+_VERSION = sa.select(schema.state.c.version)
+# What other instances' request logs move: one statement a table, made once.
+_FIGURES = ("id", "spend", "total_spend", "budget_resets_at")
+_KEY_FIGURES = sa.select(*(schema.keys.c[name] for name in (*_FIGURES, "last_used_at")))
+_TEAM_FIGURES = sa.select(*(schema.teams.c[name] for name in _FIGURES))
 
 
 def _allowed(key: list[str] | None, team: list[str] | None) -> frozenset[str] | None:
@@ -64,25 +70,23 @@ class KeyCache:
         """Reload if the watermark moved, else take the newest spend figures. Under the lock,
         so that a spend write is either in the figures read or still counted locally."""
         async with self.lock, self.engine.connect() as connection:
-            version = (await connection.execute(sa.select(schema.state.c.version))).scalar()
+            version = (await connection.execute(_VERSION)).scalar()
             if version != self.version:
                 await self._load(connection)
                 return
-            columns = ("id", "spend", "total_spend", "budget_resets_at")
-            for table, entries in ((schema.keys, self.keys), (schema.teams, self.teams)):
-                rows = await connection.execute(sa.select(*(table.c[name] for name in columns)))
-                _take_spend(entries, rows.all())
-            used = await connection.execute(
-                sa.select(schema.keys.c.id, schema.keys.c.last_used_at).where(
-                    schema.keys.c.last_used_at.is_not(None)
-                )
-            )
-            for id_, when in used.all():
-                if (entry := self.keys.get(id_)) is not None:
-                    entry.last_used_at = when
+            keys = self.keys
+            for id_, spend, total, resets_at, used in await connection.execute(_KEY_FIGURES):
+                if (key := keys.get(id_)) is not None:
+                    key.spend, key.total_spend, key.budget_resets_at = spend, total, resets_at
+                    if used is not None:
+                        key.last_used_at = used
+            teams = self.teams
+            for id_, spend, total, resets_at in await connection.execute(_TEAM_FIGURES):
+                if (team := teams.get(id_)) is not None:
+                    team.spend, team.total_spend, team.budget_resets_at = spend, total, resets_at
 
     async def _load(self, connection: AsyncConnection) -> None:
-        version = (await connection.execute(sa.select(schema.state.c.version))).scalar()
+        version = (await connection.execute(_VERSION)).scalar()
         teams = (await connection.execute(sa.select(schema.teams))).all()
         keys = (await connection.execute(sa.select(schema.keys))).all()
         self._install(
@@ -131,12 +135,3 @@ class KeyCache:
 def as_dict(row: sa.Row[Any]) -> dict[str, Any]:
     """A row as a dict with plain str keys (SQLAlchemy's are a str subclass msgspec refuses)."""
     return {str(name): value for name, value in zip(row._fields, row, strict=True)}
-
-
-def _take_spend(
-    entries: dict[str, KeyEntry] | dict[str, TeamEntry], rows: Iterable[Sequence[Any]]
-) -> None:
-    for id_, spend, total, resets_at in rows:
-        entry = entries.get(id_)
-        if entry is not None:
-            entry.spend, entry.total_spend, entry.budget_resets_at = spend, total, resets_at

@@ -25,9 +25,8 @@ from ..hookspecs import hookimpl
 from ..outcome import Outcome
 from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
-from .meters import KeyLimits, Meter, spend_now
+from .meters import KeyLimits, Scope, spend_in
 from .plane import plane_key
-from .records import KeyEntry, TeamEntry, period_end
 from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 
 if TYPE_CHECKING:
@@ -60,6 +59,7 @@ def _duration(seconds: float) -> str:
 
 # A window's reset is at most a minute away: each whole second's text, made once.
 _RESETS = tuple(_duration(second) for second in range(61))
+_A_MINUTE = _RESETS[60]
 
 
 def _reset(seconds: float) -> str:
@@ -97,22 +97,24 @@ _HEADER_NAMES = {
 }
 
 
-def _headers(limits: KeyLimits, now: float) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers, from the scope with the least room left."""
+def _headers(limits: KeyLimits, now: float, granted: bool = False) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers, from the scope with the least room left. ``granted``:
+    right after this request was counted, so a window holding anything holds some of this
+    second's, and empties in a minute ("1m0s") without asking it when."""
     headers: dict[str, str] = {}
-    for kind, scopes in (("requests", limits.request_limits), ("tokens", limits.token_limits)):
-        if not scopes:
-            continue
-        limit, window = scopes[0]
+    for kind, scopes in limits.rate_headers:
+        limit, text, window = scopes[0]
         remaining = limit - window.total(now)
-        for other_limit, other_window in scopes[1:]:
+        for other_limit, other_text, other_window in scopes[1:]:
             other = other_limit - other_window.total(now)
             if other < remaining:
-                limit, window, remaining = other_limit, other_window, other
+                limit, text, window, remaining = other_limit, other_text, other_window, other
         limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        headers[limit_name] = str(limit)
-        headers[remaining_name] = str(max(0, remaining))
-        headers[reset_name] = _reset(window.clear_in(now))
+        headers[limit_name] = text
+        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+        headers[reset_name] = (
+            _A_MINUTE if granted and remaining < limit else _reset(window.clear_in(now))
+        )
     return headers
 
 
@@ -137,34 +139,12 @@ class Limits:
         plane = call.request.app[plane_key]
         if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
             return plane.shared.before_request(call, limits, self.reserve_here)
-        self.reserve_here(call, limits)
+        _reserve_on(call, limits, plane.clock)
         return None
 
     def reserve_here(self, call: Call, limits: KeyLimits) -> None:
-        """Reserve on this process's counters (also the fallback while Redis is away)."""
-        clock = call.request.app[plane_key].clock
-        now = clock.monotonic()
-        scopes = limits.scopes
-        tokens = _reserve(call)
-        try:
-            for scope, entry, meter in scopes:
-                _check(scope, entry, meter, tokens, now, clock)
-        except RateLimited:
-            if limits.limited:  # also on a 429: the client learns when to come back
-                call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
-            raise
-        for _, _, meter in scopes:
-            meter.in_flight += 1
-            meter.requests.add(1, now)
-            meter.tokens.add(tokens, now)
-        reservation = call.state[RESERVATION] = Reservation(limits, tokens)
-        task = asyncio.current_task()
-        if task is not None:
-            task.add_done_callback(reservation.release)
-        else:  # pragma: no cover - hooks always run in the request's task
-            reservation.release()
-        if limits.limited:
-            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+        """Reserve on this process's counters (the fallback while Redis is away)."""
+        _reserve_on(call, limits, call.request.app[plane_key].clock)
 
     @hookimpl
     def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
@@ -186,8 +166,8 @@ class Limits:
         cost = outcome.cost
         if cost:
             wall = plane.clock.time()
-            for _, entry, meter in reservation.limits.scopes:
-                meter.add_spend(cost, period_end(entry.created_at, entry.duration, wall))
+            for scope in reservation.limits.checks:
+                scope.meter.add_spend(cost, scope.period(wall))
             call.state[COUNTED] = True  # the writer moves it from the meters to the figures
         return None
 
@@ -199,40 +179,62 @@ class Limits:
             reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
 
 
-def _check(
-    scope: str,
-    entry: KeyEntry | TeamEntry,
-    meter: Meter,
-    tokens: int,
-    now: float,
-    clock: ControlClock,
-) -> None:
-    whose = "This API key" if scope == "key" else "This API key's team"
-    if entry.max_parallel is not None and meter.in_flight >= entry.max_parallel:
+def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
+    now = clock.monotonic()
+    tokens = _reserve(call)
+    wall = clock.time()
+    try:
+        for scope in limits.checks:
+            _check(scope, tokens, now, wall)
+    except RateLimited:
+        if limits.limited:  # also on a 429: the client learns when to come back
+            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
+        raise
+    for scope in limits.checks:
+        meter = scope.meter
+        meter.in_flight += 1
+        meter.requests.add(1, now)
+        meter.tokens.add(tokens, now)
+    reservation = call.state[RESERVATION] = Reservation(limits, tokens)
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(reservation.release)
+    else:  # pragma: no cover - hooks always run in the request's task
+        reservation.release()
+    if limits.limited:
+        call.request[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
+
+
+def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
+    meter = scope.meter
+    if scope.max_parallel is not None and meter.in_flight >= scope.max_parallel:
         raise _refuse(
-            f"{whose} has {entry.max_parallel} requests in flight, its max_parallel",
+            f"{_whose(scope)} has {scope.max_parallel} requests in flight, its max_parallel",
             "rate_limit_exceeded",
             1,
         )
-    if entry.rpm is not None and meter.requests.total(now) >= entry.rpm:
+    if scope.rpm is not None and meter.requests.total(now) >= scope.rpm:
         raise _refuse(
-            f"{whose} is over its rate limit of {entry.rpm} requests a minute",
+            f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
             "rate_limit_exceeded",
             meter.requests.reset_in(now),
         )
-    if entry.tpm is not None and meter.tokens.total(now) + tokens > entry.tpm:
+    if scope.tpm is not None and meter.tokens.total(now) + tokens > scope.tpm:
         raise _refuse(
-            f"{whose} is over its rate limit of {entry.tpm} tokens a minute",
+            f"{_whose(scope)} is over its rate limit of {scope.tpm} tokens a minute",
             "rate_limit_exceeded",
             meter.tokens.reset_in(now) or 60,
         )
-    if entry.max_budget is not None:
-        wall = clock.time()
-        spent, ends = spend_now(entry, meter, wall)
-        if spent >= entry.max_budget:
+    if scope.max_budget is not None:
+        ends = scope.period(wall)
+        if spend_in(scope.entry, meter, ends) >= scope.max_budget:
             raise _refuse(
-                f"{whose} has spent its budget of ${entry.max_budget:g}"
+                f"{_whose(scope)} has spent its budget of ${scope.max_budget:g}"
                 + (" for this period" if ends is not None else ""),
                 "insufficient_quota",
                 (ends - wall) if ends is not None else 3600,
             )
+
+
+def _whose(scope: Scope) -> str:
+    return "This API key" if scope.name == "key" else "This API key's team"

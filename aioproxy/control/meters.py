@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .records import KeyEntry, TeamEntry, period_end
 
-__all__ = ["KeyLimits", "Meter", "RateWindow"]
+__all__ = ["KeyLimits", "Meter", "RateWindow", "Scope"]
 
 _SECONDS = 60
 
@@ -38,12 +38,14 @@ class RateWindow:
             self._latest = second
 
     def add(self, amount: int, now: float) -> None:
-        self._advance(now)
+        if int(now) != self._latest:  # checked here: most calls are within the same second
+            self._advance(now)
         self._buckets[self._latest % _SECONDS] += amount
         self._total += amount
 
     def total(self, now: float) -> int:
-        self._advance(now)
+        if int(now) != self._latest:
+            self._advance(now)
         return self._total
 
     def clear_in(self, now: float) -> float:
@@ -91,8 +93,55 @@ class Meter:
 def spend_now(entry: KeyEntry | TeamEntry, meter: Meter, now: float) -> tuple[float, float | None]:
     """The spend of the current budget period, and when it ends (None: never)."""
     end = period_end(entry.created_at, entry.duration, now)
+    return spend_in(entry, meter, end), end
+
+
+def spend_in(entry: KeyEntry | TeamEntry, meter: Meter, end: float | None) -> float:
+    """The spend of the budget period ending at ``end``: the database's and this process's."""
     stored = entry.spend if entry.budget_resets_at == end else 0.0
-    return stored + meter.local_spend(end), end
+    return stored + meter.local_spend(end)
+
+
+class Scope:
+    """One scope's limits (the key, its team) as the request path checks them: the entry's
+    values read once when the cache loads, not from the entry each request."""
+
+    __slots__ = (
+        "_begins",
+        "_ends",
+        "budget_duration",
+        "created_at",
+        "entry",
+        "max_budget",
+        "max_parallel",
+        "meter",
+        "name",
+        "rpm",
+        "tpm",
+    )
+
+    def __init__(self, name: str, entry: KeyEntry | TeamEntry, meter: Meter) -> None:
+        self.name = name
+        self.entry = entry
+        self.meter = meter
+        self.rpm = entry.rpm
+        self.tpm = entry.tpm
+        self.max_parallel = entry.max_parallel
+        self.max_budget = entry.max_budget
+        self.created_at = entry.created_at
+        self.budget_duration = entry.duration
+        self._begins = self._ends = 0.0  # the period ``period`` last found
+
+    def period(self, wall: float) -> float | None:
+        """The end of the budget period holding ``wall`` (``period_end``'s): the last one
+        found while ``wall`` stays in it."""
+        if self._begins <= wall < self._ends:
+            return self._ends
+        duration = self.budget_duration
+        ends = period_end(self.created_at, duration, wall)
+        if ends is not None and duration is not None:
+            self._begins, self._ends = ends - duration, ends
+        return ends
 
 
 class KeyLimits:
@@ -100,10 +149,12 @@ class KeyLimits:
     Built when the cache loads, so the request path only reads it."""
 
     __slots__ = (
+        "checks",
         "enforced",
         "key",
         "key_meter",
         "limited",
+        "rate_headers",
         "request_limits",
         "scopes",
         "team",
@@ -125,6 +176,14 @@ class KeyLimits:
         self.request_limits = [(e.rpm, m.requests) for _, e, m in self.scopes if e.rpm is not None]
         self.token_limits = [(e.tpm, m.tokens) for _, e, m in self.scopes if e.tpm is not None]
         self.limited = bool(self.request_limits or self.token_limits)
+        self.checks = tuple(Scope(name, entry, meter) for name, entry, meter in self.scopes)
+        # The x-ratelimit-* headers' parts made once: per kind, its names and, per scope, the
+        # limit, its text and its window.
+        self.rate_headers = tuple(
+            (kind, tuple((limit, str(limit), window) for limit, window in scopes))
+            for kind, scopes in (("requests", self.request_limits), ("tokens", self.token_limits))
+            if scopes
+        )
         # Whether anything is counted for it (reserve, reconcile): a key with no limit and no
         # budget (nor its team) costs its requests nothing but their log row.
         self.enforced = any(

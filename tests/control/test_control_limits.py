@@ -49,6 +49,24 @@ async def test_rpm_refuses_then_resets(control: Control, clock: FakeControlClock
     assert (await post_chat(control, key))[0] == 200
 
 
+async def test_headers_of_a_counted_request_reset_in_a_minute(
+    control: Control, clock: FakeControlClock
+) -> None:
+    """A request just counted is in both windows: each empties a minute later, whenever in
+    the second it came (the reset is known without asking the window)."""
+    key = (await control.new_key(rpm=5, tpm=100_000))["key"]
+    for step in (0.25, 30.5, 0.0):
+        clock.advance(step)
+        status, headers, _ = await post_chat(control, key)
+        assert status == 200
+        assert headers["x-ratelimit-reset-requests"] == "1m0s"
+        assert headers["x-ratelimit-reset-tokens"] == "1m0s"
+        assert headers["x-ratelimit-limit-tokens"] == "100000"
+    clock.advance(45)  # the first request has left the window, the two since have not
+    status, headers, _ = await post_chat(control, key, max_tokens=1)
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "2"
+
+
 async def test_rpm_holds_under_concurrency(control: Control) -> None:
     key = (await control.new_key(rpm=20))["key"]
     results = await asyncio.gather(*(post_chat(control, key) for _ in range(100)))
