@@ -60,8 +60,10 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
                 request, call, await dispatcher.dispatch(call, plan, lease), runtime.hooks
             )
         except Exception as exc:
-            if runtime.hooks.on_error:
-                await runtime.hooks.on_error.each_logged(request=request, error=exc, call=call)
+            if runtime.hooks.on_error and (
+                rest := runtime.hooks.on_error.logged(request, exc, call)
+            ):
+                await rest
             raise
         finally:
             if lease is not None:  # released already unless the request ended before dispatch

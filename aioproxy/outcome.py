@@ -154,11 +154,10 @@ class Outcome:
     def events(self, count: int) -> None:
         self._events = count
 
-    def came_whole(self, stream: bytes) -> None:
-        """The whole stream was ``stream``, one block: its events are counted only if read
-        (the usual stream reports its usage, and a scan of every byte would be for nothing)."""
-        self.first = stream
-        self.last_events = (stream,)
+    def came_whole(self) -> None:
+        """The whole stream was ``first``, one block: its events are counted only if read (the
+        usual stream reports its usage, and a scan of every byte would be for nothing)."""
+        self.last_events = (self.first,) if self.first is not None else ()
         self._events = None
 
     @property

@@ -201,22 +201,11 @@ class Hook:
                 results.append(result)
         return results
 
-    async def each_logged(self, **kwargs: Any) -> None:
-        """Run every implementation; one that raises is logged, and the others still run."""
-        for call, function in zip(self.callers, self.functions):
-            try:
-                result = call(kwargs)
-                if result is not None and _is_awaitable(result):
-                    await result
-            except Exception:
-                log.exception(
-                    "a %s hook (%s) failed", self.name, getattr(function, "__qualname__", function)
-                )
-
     def logged(self, *args: Any) -> Awaitable[None] | None:
-        """``each_logged`` with the hookspec's arguments, in its order, from a plain call: None
-        when every implementation has run (the usual case: a sync hook pays no coroutine), else
-        the awaitable that awaits the first one's awaitable result and runs the rest in turn."""
+        """Run every implementation with the hookspec's arguments, in its order; one that raises
+        is logged, and the others still run. A plain call: None when every implementation has
+        run (the usual case: a sync hook pays no coroutine), else the awaitable that awaits the
+        first awaitable result and runs the rest in turn."""
         for index, function in enumerate(self.positional):
             try:
                 result = function(*args)

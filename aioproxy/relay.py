@@ -159,8 +159,7 @@ async def _send_stream(
             if isinstance(response, web.Response):
                 await response.prepare(request)
                 await response.write_eof()
-                assert first is not None
-                outcome.came_whole(first)
+                outcome.came_whole()
             else:
                 if not response.prepared:
                     await response.prepare(request)
@@ -263,8 +262,8 @@ async def end_with_error(
     error = as_proxy_error(exc, call.deployment if call.routed else None)
     if not isinstance(exc, ProxyError) and not is_transport_error(exc):
         log.exception("stream from %s failed", call.routed and call.deployment.describe())
-    if hooks.on_error:
-        await hooks.on_error.each_logged(request=request, error=exc, call=call)
+    if hooks.on_error and (rest := hooks.on_error.logged(request, exc, call)):
+        await rest
     outcome.status = error.status
     try:
         await response.write(error_event(error, call.kind in ANTHROPIC_KINDS))

@@ -307,7 +307,8 @@ def test_a_stream_that_came_whole_counts_its_events_when_read() -> None:
     chunk = sse_data(b'{"choices":[{"delta":{"content":"a"}}]}')
     stream = chunk * 3 + DONE
     outcome = Outcome(200, stream=True)
-    outcome.came_whole(stream)
+    outcome.first = stream
+    outcome.came_whole()
     assert outcome.first == stream and outcome.last_events == (stream,)
     assert outcome.events == 4  # three chunks and [DONE]
     outcome.events = 7  # a count set wins
