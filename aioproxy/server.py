@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ._aiohttp import BaseRequest, RequestHandler
 from .errors import error_body
+from .heap import malloc_trim, trim_forever
 
 __all__ = ["run"]
 
@@ -70,6 +71,7 @@ async def _serve(
 ) -> None:
     runner = web.AppRunner(app, handle_signals=True, **runner_options)
     await runner.setup()
+    trimmer: asyncio.Task[None] | None = None
     try:
         assert runner.server is not None
         # Same server, our connection handler: the runner binds it when the site starts.
@@ -80,10 +82,16 @@ async def _serve(
         # as the process: out of the collector's sight, a full collection no longer walks it
         # all, which under load stalled the loop for tens of milliseconds (the p99 latency).
         gc.freeze()
+        # Freed heap pages go back to the system as the process calms down (aioproxy.heap).
+        trim = malloc_trim()
+        if trim is not None:
+            trimmer = asyncio.create_task(trim_forever(trim), name="aioproxy heap trim")
         if on_ready is not None:
             on_ready(runner.addresses[0][1])  # the port bound: port 0 picks one
         await asyncio.Event().wait()  # until SIGTERM/SIGINT raise GracefulExit
     finally:
+        if trimmer is not None:
+            trimmer.cancel()
         await runner.cleanup()
 
 

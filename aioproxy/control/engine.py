@@ -35,6 +35,7 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 _MIGRATION_LOCK = 0x616970726F7879
 _BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write (SQLite)
 _MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
+_CACHE_KIB = 1024  # each SQLite connection's page cache
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -167,6 +168,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
+    # A page cache of 1 MiB, not SQLite's 2: it fills for good in each connection's thread. The
+    # log's writer appends at the right edge of each tree; measured on a 55 MiB log of random
+    # request ids, a batch costs the same CPU as with 2 MiB (with 512 KiB, ~15% more).
+    cursor.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
     cursor.close()
 
 

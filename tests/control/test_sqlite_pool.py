@@ -35,3 +35,14 @@ async def test_a_burst_of_connections_leaves_one_open(tmp_path: Path) -> None:
         await eventually(lambda: threading.active_count() == threads, within=30)
     finally:
         await engine.dispose()
+
+
+async def test_each_connection_caches_at_most_a_mebibyte_of_pages(tmp_path: Path) -> None:
+    """SQLite's page cache fills for good in each connection's thread: 1 MiB, not 2."""
+    engine = await open_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    try:
+        async with engine.connect() as connection:
+            size = (await connection.exec_driver_sql("PRAGMA cache_size")).scalar()
+        assert size == -1024  # negative: KiB
+    finally:
+        await engine.dispose()
