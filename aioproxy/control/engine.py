@@ -15,6 +15,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..config import ConfigError
+from .schema import metadata, state
+from .store_tables import store_metadata
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -37,6 +39,8 @@ _BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write
 _MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
 _CACHE_KIB = 1024  # each SQLite connection's page cache
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
+# Every table the migrations create: the control plane's and the Responses store's.
+_OURS = (metadata, store_metadata)
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
@@ -91,29 +95,23 @@ def _current_revision(connection: sa.Connection) -> str | None:
     return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
-def _ours() -> tuple[sa.MetaData, ...]:
-    """Every table the migrations create: the control plane's and the Responses store's."""
-    from .schema import metadata
-    from .store_tables import store_metadata
-
-    return metadata, store_metadata
-
-
 def _is_new(connection: sa.Connection) -> bool:
     """No revision and none of our tables: a database never migrated (the first start-up)."""
     if _current_revision(connection) is not None:
         return False
     present = set(sa.inspect(connection).get_table_names())
-    return not any(present.intersection(tables.tables) for tables in _ours())
+    return not any(present.intersection(tables.tables) for tables in _OURS)
 
 
 def _create_schema(connection: sa.Connection) -> None:
     """A new database gets the newest schema straight from the tables' definitions, stamped
     ``SCHEMA_HEAD`` as Alembic would: what the migrations build (tests/control/
-    test_schema_creation.py compares the two on both databases), without importing Alembic
-    into the serving process for good (~10 MiB of RSS)."""
-    for tables in _ours():
+    test_schema_creation.py compares the two, rows included, on both databases), without
+    importing Alembic into the serving process for good (~10 MiB of RSS). A migration that
+    seeds rows seeds them here too."""
+    for tables in _OURS:
         tables.create_all(connection)
+    connection.execute(state.insert().values(id=1, version=0))  # migration 0001's seed row
     # Alembic's own version table (alembic.ddl.impl.DefaultImpl.version_table_impl).
     version = sa.Table(
         "alembic_version",
