@@ -19,7 +19,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..control.engine import dialect_insert, open_engine
+from ..control.engine import SQLITE_CACHE_KIB, dialect_insert, open_engine
 from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
 
@@ -380,6 +380,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # The file is in WAL mode already (the control plane's engine set it).
     dbapi_connection.execute("PRAGMA busy_timeout = 5000")
     dbapi_connection.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
+    dbapi_connection.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")  # as the engine's
 
 
 def _touch_chain() -> sa.Update:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from aioproxy.bridges.store import ResponseStore
 from aioproxy.control.engine import open_engine
 from aioproxy.testing import eventually
 
@@ -38,11 +39,15 @@ async def test_a_burst_of_connections_leaves_one_open(tmp_path: Path) -> None:
 
 
 async def test_each_connection_caches_at_most_a_mebibyte_of_pages(tmp_path: Path) -> None:
-    """SQLite's page cache fills for good in each connection's thread: 1 MiB, not 2."""
+    """SQLite's page cache fills for good in each connection's thread: 1 MiB, not 2, in the
+    control plane's connections and in the Responses store's own."""
     engine = await open_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    store = ResponseStore(engine)
     try:
         async with engine.connect() as connection:
             size = (await connection.exec_driver_sql("PRAGMA cache_size")).scalar()
-        assert size == -1024  # negative: KiB
+        in_store = await store._run(lambda c: c.exec_driver_sql("PRAGMA cache_size").scalar())
+        assert size == in_store == -1024  # negative: KiB
     finally:
+        await store.close()
         await engine.dispose()
