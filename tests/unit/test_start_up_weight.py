@@ -31,7 +31,7 @@ asyncio.run(main())
 
 def _imported(tmp_path: Path, extra: str = "") -> set[str]:
     """The HEAVY modules a started app has imported, on a SQLite database already migrated
-    (the usual start: a first one also imports Alembic, and every dialect with it)."""
+    (the usual start; an upgrade of an older one imports Alembic, and every dialect with it)."""
     config = tmp_path / "aioproxy.toml"
     database = (tmp_path / "db.sqlite3").as_posix()
     config.write_text(
