@@ -478,7 +478,7 @@ def test_parse_event_reads_the_data_line() -> None:
 
 def test_an_error_answer_never_shows_the_key() -> None:
     said = {"type": "invalid_request_error", "message": f"bad key {UPSTREAM_KEY}"}
-    error = error_from(400, json.dumps({"type": "error", "error": said}).encode(), deployment())
+    error = error_from(400, json.dumps({"type": "error", "error": said}).encode(), deployment(), {})
 
     assert UPSTREAM_KEY not in error.message and error.status == 400
 
@@ -486,14 +486,14 @@ def test_an_error_answer_never_shows_the_key() -> None:
 def test_a_too_long_prompt_is_a_context_window_error() -> None:
     message = "prompt is too long: 200001 tokens > 200000 maximum"
     said = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
-    error = error_from(400, json.dumps(said).encode(), deployment())
+    error = error_from(400, json.dumps(said).encode(), deployment(), {})
     assert error.code == "context_length_exceeded"
 
 
 def test_an_sse_error_body_shows_its_error_events_message() -> None:
     said = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     body = b"event: ping\r\ndata: {}\r\n\r\nevent: error\r\ndata: " + json.dumps(said).encode()
-    error = error_from(429, body + b"\r\n\r\n", deployment())
+    error = error_from(429, body + b"\r\n\r\n", deployment(), {})
 
     assert error.message == "slow down" and error.status == 429
     assert "event:" not in error.message
