@@ -40,7 +40,7 @@ from aioproxy_anthropic.translate import (
 
 from aioproxy import BadRequest, Call, ConfigError, Deployment, Outcome, create_app, hookimpl
 from aioproxy.fields import raw_fields
-from aioproxy.testing import import_path
+from aioproxy.testing import import_path, weather_tool
 
 fake_anthropic = import_path(Path(__file__).with_name("fake_anthropic.py"))
 FakeAnthropic = fake_anthropic.FakeAnthropic
@@ -57,18 +57,9 @@ PNG = (  # a 1x1 pixel
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
     "AAAABJRU5ErkJggg=="
 )
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER_TOOL = weather_tool(
+    properties={"city": {"type": "string"}, "unit": {"type": "string"}}, required=["city"]
+)
 
 StartProxy = Callable[..., Awaitable[TestServer]]
 
