@@ -10,7 +10,7 @@ value a field may lack as absent, so a translator decides what is missing, namin
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 from multidict import CIMultiDict
@@ -47,6 +47,7 @@ __all__ = [
     "AnyMessage",
     "ChunkMaker",
     "ContentPart",
+    "Finishing",
     "FunctionCall",
     "FunctionDefinition",
     "ImageURL",
@@ -517,28 +518,41 @@ def stream_incomplete(deployment: Deployment, before: str) -> BadGateway:
     )
 
 
+class Finishing(Protocol):
+    """A stream translator's state, as ``sse_translation`` reads it."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the whole answer has been translated (its last event seen)."""
+        ...
+
+
+S = TypeVar("S", bound=Finishing)
+
+
 def sse_translation(
     upstream: Upstream,
     call: Call,
     response: UpstreamResponse,
-    translate: Callable[[bytes], Iterable[bytes]],
+    translator: S,
+    translate: Callable[[S, Deployment, bytes], Iterable[bytes]],
     *,
-    complete: Callable[[], bool],
     last_event: str,
     finished: Callable[[], bool] | None = None,
-    trailer: Callable[[], Iterable[bytes]] = tuple,
+    trailer: Callable[[S], Iterable[bytes]] | None = None,
 ) -> StreamReply:
     """The reply of an upstream's SSE stream translated event by event (Anthropic's, Gemini's):
     a 502 unless ``response`` is a stream (``expect_content_type``).
 
     Each event of it (``upstream.events``: transport errors, stalls and oversized events
-    already mapped) is sent on as the SSE events ``translate`` makes of it
-    (``sse_data(chunk)``s, ``DONE``), as it arrives. Once the body has ended, a stream not yet
-    ``complete`` is a 502 (``stream_incomplete(deployment, last_event)``); a complete one gives
-    its connection back to the pool, then sends what ``trailer`` makes (a usage chunk and
-    ``DONE``, for an upstream that ends its stream by ending its body). A client leaving
-    mid-stream closes the answer, not releases it: the upstream must not go on writing. The
-    proxy takes the answer as whole once ``finished`` (by default: complete, and the body ended).
+    already mapped) is sent on as the SSE events ``translate(translator, deployment, event)``
+    makes of it (``sse_data(chunk)``s, ``DONE``), as it arrives. Once the body has ended, a
+    stream whose ``translator`` has not ``finished`` is a 502 (``stream_incomplete(deployment,
+    last_event)``); a finished one gives its connection back to the pool, then sends what
+    ``trailer(translator)`` makes (a usage chunk and ``DONE``, for an upstream that ends its
+    stream by ending its body). A client leaving mid-stream closes the answer, not releases it:
+    the upstream must not go on writing. The proxy takes the answer as whole once ``finished()``
+    (by default: the translator finished, and the body ended).
     """
 
     deployment = call.deployment
@@ -548,18 +562,18 @@ def sse_translation(
     async def relay() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                for data in translate(event):
+                for data in translate(translator, deployment, event):
                     yield data
         finally:
             await events.aclose()  # now, also when the client left: see iter_sse
-        if not complete():
+        if not translator.finished:
             raise stream_incomplete(deployment, last_event)
         response.release()
-        for data in trailer():
+        for data in trailer(translator) if trailer is not None else ():
             yield data
 
     if finished is None:
-        finished = lambda: complete() and response.content.is_eof()
+        finished = lambda: translator.finished and response.content.is_eof()
     return StreamReply(relay(), close=response.close, finished=finished)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 import msgspec
@@ -78,12 +78,7 @@ class AnthropicProvider(Provider):
                     include_usage=include_usage(call.fields),
                 )
                 return sse_translation(
-                    self.upstream,
-                    call,
-                    response,
-                    _translate(translator, deployment),
-                    complete=lambda: translator.finished,
-                    last_event="message_stop",
+                    self.upstream, call, response, translator, _translate, last_event="message_stop"
                 )
             message = _decode(await self.upstream.read(response, call), deployment)
         response.release()
@@ -132,28 +127,23 @@ def _decode(raw: bytes, deployment: Deployment) -> Answer:
     return message
 
 
-def _translate(
-    translator: StreamTranslator, deployment: Deployment
-) -> Callable[[bytes], Iterator[bytes]]:
-    """Each Anthropic event as the chunks it gives; ``[DONE]`` after message_stop, and the
-    events after it (there should be none) read but dropped."""
+def _translate(translator: StreamTranslator, deployment: Deployment, raw: bytes) -> Iterator[bytes]:
+    """An Anthropic event as the chunks it gives; ``[DONE]`` after message_stop, and the events
+    after it (there should be none) read but dropped."""
+    return iter(()) if translator.finished else _chunks(translator, deployment, raw)
 
-    def translate(raw: bytes) -> Iterator[bytes]:
-        return iter(()) if translator.finished else chunks(raw)
 
-    def chunks(raw: bytes) -> Iterator[bytes]:
-        try:
-            event = parse_event(raw)
-        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-            what = "a stream event that is not JSON of an Anthropic event's shape"
-            raise invalid_answer(deployment, what) from None
-        if event is None:
-            return
-        if event.type == "error":
-            raise stream_error(event.error, deployment)
-        for chunk in translator.feed(event):
-            yield sse_data(chunk)
-        if translator.finished:
-            yield DONE
-
-    return translate
+def _chunks(translator: StreamTranslator, deployment: Deployment, raw: bytes) -> Iterator[bytes]:
+    try:
+        event = parse_event(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        what = "a stream event that is not JSON of an Anthropic event's shape"
+        raise invalid_answer(deployment, what) from None
+    if event is None:
+        return
+    if event.type == "error":
+        raise stream_error(event.error, deployment)
+    for chunk in translator.feed(event):
+        yield sse_data(chunk)
+    if translator.finished:
+        yield DONE

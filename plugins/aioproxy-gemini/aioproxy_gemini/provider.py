@@ -120,11 +120,11 @@ class GeminiProvider(Provider):
                     self.upstream,
                     call,
                     response,
-                    _translate(translator, deployment),
-                    complete=lambda: translator.finished,
+                    translator,
+                    _translate,
                     last_event="every candidate finished",
                     finished=response.content.is_eof,  # Gemini ends its stream by ending the body
-                    trailer=lambda: _trailer(translator),
+                    trailer=_trailer,
                 )
             raw = await self.upstream.read(response, call)
         response.release()
@@ -195,21 +195,17 @@ def _decode(decode: Callable[[bytes], T], raw: bytes, deployment: Deployment) ->
 
 
 def _translate(
-    translator: StreamTranslator, deployment: Deployment
-) -> Callable[[bytes], Iterator[bytes]]:
-    """Each Gemini chunk as the chat chunks it gives, as it arrives."""
-
-    def translate(event: bytes) -> Iterator[bytes]:
-        data = data_of(event)
-        if not data:
-            return  # a comment or a keep-alive
-        answer: Answer = _decode(decode_answer, data, deployment)
-        if answer.error is not None:
-            raise stream_error(answer.error, deployment)
-        for chunk in translator.feed(answer):
-            yield sse_data(chunk)
-
-    return translate
+    translator: StreamTranslator, deployment: Deployment, event: bytes
+) -> Iterator[bytes]:
+    """A Gemini chunk as the chat chunks it gives, as it arrives."""
+    data = data_of(event)
+    if not data:
+        return  # a comment or a keep-alive
+    answer: Answer = _decode(decode_answer, data, deployment)
+    if answer.error is not None:
+        raise stream_error(answer.error, deployment)
+    for chunk in translator.feed(answer):
+        yield sse_data(chunk)
 
 
 def _trailer(translator: StreamTranslator) -> Iterator[bytes]:
