@@ -168,6 +168,14 @@ async def hung_up(upstream: RawUpstream, pool: H1Pool) -> None:
     assert pool.open_connections == 0  # busy or idle
 
 
+async def failed_and_hung_up(
+    error: BaseException, status: int, upstream: RawUpstream, pool: H1Pool
+) -> None:
+    """``error`` is the client's ``status``, and the pool dropped the connection it broke."""
+    assert as_proxy_error(error, None).status == status
+    await hung_up(upstream, pool)
+
+
 async def answered_afresh(pool: H1Pool, upstream: RawUpstream) -> None:
     """The next request is answered, on a second connection."""
     _, body = await post(pool, upstream.url())
@@ -708,8 +716,7 @@ async def test_an_upgrade_breaks_the_connection(
     upstream = await raw(upgrade_first)
     with pytest.raises(UpstreamProtocolError) as caught:
         await post(pool, upstream.url())
-    assert as_proxy_error(caught.value, None).status == 502
-    await hung_up(upstream, pool)
+    await failed_and_hung_up(caught.value, 502, upstream, pool)
     await answered_afresh(pool, upstream)
 
 
@@ -971,8 +978,7 @@ async def test_garbage_answer(raw: RawFactory, pool: H1Pool, garbage: bytes) -> 
     with pytest.raises(UpstreamProtocolError) as caught:
         await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
     assert isinstance(caught.value, aiohttp.ClientError)
-    assert as_proxy_error(caught.value, None).status == 502
-    await hung_up(upstream, pool)
+    await failed_and_hung_up(caught.value, 502, upstream, pool)
 
 
 async def test_garbage_in_chunked_body(raw: RawFactory, pool: H1Pool) -> None:
@@ -1033,8 +1039,7 @@ async def test_no_answer_within_sock_read(raw: RawFactory, pool: H1Pool) -> None
     with pytest.raises(aiohttp.ServerTimeoutError) as caught:
         await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
     assert time.monotonic() - started > 0.09  # read's bound; wait_for's 2 s is a safety net
-    assert as_proxy_error(caught.value, None).status == 504
-    await hung_up(upstream, pool)
+    await failed_and_hung_up(caught.value, 504, upstream, pool)
 
 
 async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None:
