@@ -9,12 +9,13 @@ value a field may lack as absent, so a translator decides what is missing, namin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
+from multidict import CIMultiDict
 
-from .context import Deployment
+from .context import Call, Deployment
 from .errors import BadGateway, BadRequest
 from .fields import (
     ABSENT,
@@ -29,7 +30,9 @@ from .fields import (
     get_field,
     text_or_array,
 )
+from .replies import StreamReply
 from .transport import UpstreamResponse
+from .upstream import Upstream
 
 __all__ = [
     "CONTENT_PARTS",
@@ -44,6 +47,7 @@ __all__ = [
     "AnyMessage",
     "ChunkMaker",
     "ContentPart",
+    "Finishing",
     "FunctionCall",
     "FunctionDefinition",
     "ImageURL",
@@ -64,6 +68,7 @@ __all__ = [
     "chat_messages",
     "completion_usage",
     "decode_upstream",
+    "error_text",
     "expect_content_type",
     "function_tool",
     "image_url_of",
@@ -75,9 +80,12 @@ __all__ = [
     "max_tokens_of",
     "part_text",
     "split_data_url",
+    "sse_translation",
     "stop_sequences",
+    "stream_incomplete",
     "token_count",
     "tool_call",
+    "upstream_headers",
     "usage_with_cache",
 ]
 
@@ -459,7 +467,26 @@ def function_tool(tool: Tool, i: int, service: str) -> tuple[dict[str, Any], msg
     return declaration, function.parameters
 
 
+def upstream_headers(call: Call, fixed: Mapping[str, str]) -> CIMultiDict[str]:
+    """A translated call's headers, built afresh for each call so that the client's own key
+    and headers never travel upstream: the gateway's own for the call (its request id, a
+    traceparent), then the deployment's extra ``headers``, then ``fixed`` (the content type,
+    the key, a version), which neither of those may replace, whatever their case."""
+    headers: CIMultiDict[str] = CIMultiDict(call.upstream_headers)
+    headers.update(call.deployment.headers)
+    headers.update(fixed)
+    return headers
+
+
 # -- the upstream's answer -------------------------------------------------------------------
+
+_PREVIEW = 300  # characters of an error body that is not the upstream's JSON worth showing
+
+
+def error_text(body: bytes) -> str | None:
+    """The start of an error body that is not the upstream's JSON (a proxy or load balancer in
+    front of it said this), as text; None when blank. Scrub it before showing it."""
+    return body[:_PREVIEW].decode("utf-8", "replace").strip() or None
 
 
 def invalid_answer(deployment: Deployment, what: str) -> BadGateway:
@@ -480,6 +507,74 @@ def expect_content_type(
             f", not {content_type}",
             code="upstream_invalid_response",
         )
+
+
+def stream_incomplete(deployment: Deployment, before: str) -> BadGateway:
+    """The client's 502 ``upstream_stream_incomplete``: the deployment's stream ended before
+    ``before`` (the event that ends a whole answer: ``message_stop``, say)."""
+    return BadGateway(
+        f"Deployment {deployment.describe()} ended its stream before {before}",
+        code="upstream_stream_incomplete",
+    )
+
+
+class Finishing(Protocol):
+    """A stream translator's state, as ``sse_translation`` reads it."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the whole answer has been translated (its last event seen)."""
+        ...
+
+
+S = TypeVar("S", bound=Finishing)
+
+
+def sse_translation(
+    upstream: Upstream,
+    call: Call,
+    response: UpstreamResponse,
+    translator: S,
+    translate: Callable[[S, Deployment, bytes], Iterable[bytes]],
+    *,
+    last_event: str,
+    finished: Callable[[], bool] | None = None,
+    trailer: Callable[[S], Iterable[bytes]] | None = None,
+) -> StreamReply:
+    """The reply of an upstream's SSE stream translated event by event (Anthropic's, Gemini's):
+    a 502 unless ``response`` is a stream (``expect_content_type``).
+
+    Each event of it (``upstream.events``: transport errors, stalls and oversized events
+    already mapped) is sent on as the SSE events ``translate(translator, deployment, event)``
+    makes of it (``sse_data(chunk)``s, ``DONE``), as it arrives. Once the body has ended, a
+    stream whose ``translator`` has not ``finished`` is a 502 (``stream_incomplete(deployment,
+    last_event)``); a finished one gives its connection back to the pool, then sends what
+    ``trailer(translator)`` makes (a usage chunk and ``DONE``, for an upstream that ends its
+    stream by ending its body). A client leaving mid-stream closes the answer, not releases it:
+    the upstream must not go on writing. The proxy takes the answer as whole once ``finished()``
+    (by default: the translator finished, and the body ended).
+    """
+
+    deployment = call.deployment
+    expect_content_type(response, "text/event-stream", deployment)
+    events = upstream.events(response, call)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                for data in translate(translator, deployment, event):
+                    yield data
+        finally:
+            await events.aclose()  # now, also when the client left: see iter_sse
+        if not translator.finished:
+            raise stream_incomplete(deployment, last_event)
+        response.release()
+        for data in trailer(translator) if trailer is not None else ():
+            yield data
+
+    if finished is None:
+        finished = lambda: translator.finished and response.content.is_eof()
+    return StreamReply(relay(), close=response.close, finished=finished)
 
 
 def decode_upstream(

@@ -80,20 +80,26 @@ ServeProxy = Callable[..., Awaitable[TestServer]]
 """conftest's ``serve_proxy`` fixture: ``await serve_proxy(config, plugins)``."""
 
 
+def upstream_model(
+    name: str, api_base: str, provider: str = "openai", **entry: Any
+) -> dict[str, Any]:
+    """A ``[[models]]`` entry ``name``: ``provider`` on the fake upstream at ``api_base``, with
+    the upstream's model id and key (``entry`` adds or replaces keys)."""
+    return {
+        "name": name,
+        "provider": provider,
+        "model": UPSTREAM_MODEL,
+        "api_base": api_base,
+        "api_key": UPSTREAM_KEY,
+        **entry,
+    }
+
+
 def gateway_config(api_base: str, **overrides: Any) -> dict[str, Any]:
     """The issue's TOML shape, as a mapping: one model `gpt-test` on the fake upstream."""
     config: dict[str, Any] = {
         "auth": {"master_key": MASTER_KEY},
-        "models": [
-            {
-                "name": "gpt-test",
-                "provider": "openai",
-                "model": UPSTREAM_MODEL,
-                "api_base": api_base,
-                "api_key": UPSTREAM_KEY,
-            },
-            {"name": "echo", "provider": "echo"},
-        ],
+        "models": [upstream_model("gpt-test", api_base), {"name": "echo", "provider": "echo"}],
     }
     config.update(overrides)
     return config

@@ -79,29 +79,26 @@ class _SmallItem(msgspec.Struct):
     output: str | list[_Part] | None = None
 
 
-class _Tool(msgspec.Struct):
+class _Named(msgspec.Struct):
+    """A type and a name: an allowed tool (allowed_tools' ``tools``), and the start of a tool,
+    a tool choice and a text format."""
+
     type: str | None = None
     name: str | None = None
+
+
+class _Tool(_Named):
     description: str | None = None
     parameters: msgspec.Raw = ABSENT  # a JSON schema, passed on as sent
     strict: bool | None = None
 
 
-class _AllowedTool(msgspec.Struct):
-    type: str | None = None
-    name: str | None = None
-
-
-class _ToolChoice(msgspec.Struct):
-    type: str | None = None
-    name: str | None = None
+class _ToolChoice(_Named):
     mode: str = "auto"
     tools: msgspec.Raw = ABSENT  # allowed_tools' tools
 
 
-class _Format(msgspec.Struct):
-    type: str | None = None
-    name: str | None = None
+class _Format(_Named):
     description: str | None = None
     schema: msgspec.Raw = ABSENT  # passed on as sent
     strict: bool | None = None
@@ -119,7 +116,7 @@ class _Reasoning(msgspec.Struct):
 _ITEMS: ArrayOf[_Item | _SmallItem] = ArrayOf(_Item, MAX_MESSAGES, _SmallItem)
 _PARTS: ArrayOf[_Part] = ArrayOf(_Part, MAX_CONTENT_PARTS)
 _TOOLS: ArrayOf[_Tool] = ArrayOf(_Tool, MAX_TOOLS)
-_ALLOWED_TOOLS: ArrayOf[_AllowedTool] = ArrayOf(_AllowedTool, MAX_TOOLS)
+_ALLOWED_TOOLS: ArrayOf[_Named] = ArrayOf(_Named, MAX_TOOLS)
 _CHOICE = msgspec.json.Decoder(str | _ToolChoice | None)
 _TEXT = msgspec.json.Decoder(_Text | None)
 _REASONING = msgspec.json.Decoder(_Reasoning | None)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import sqlalchemy as sa
@@ -24,7 +25,7 @@ from .cache import as_dict
 from .meters import Meter, spend_now
 from .plane import ControlPlane, plane_key
 from .records import KeyEntry, TeamEntry, digest_of, rfc3339
-from .validation import KEY_FIELDS, TEAM_FIELDS, read_fields
+from .validation import KEY_FIELDS, TEAM_FIELDS, Check, read_fields
 
 __all__ = ["ADMIN_VOUCHED", "admin_routes"]
 
@@ -149,11 +150,6 @@ async def _update(plane: ControlPlane, table: sa.Table, id_: str, fields: dict[s
         await _change(plane, sa.update(table).where(table.c.id == id_).values(_columns(fields)))
 
 
-async def _delete(plane: ControlPlane, table: sa.Table, id_: str, noun: str) -> web.Response:
-    await _change(plane, sa.delete(table).where(table.c.id == id_))
-    return _json({"id": id_, "object": noun, "deleted": True})
-
-
 def _columns(fields: dict[str, Any]) -> dict[str, Any]:
     columns = dict(fields)
     if "team" in columns:
@@ -209,26 +205,6 @@ def _key(plane: ControlPlane, request: web.Request) -> KeyEntry:
     return _found(plane.cache.keys, request, "key")
 
 
-async def get_key(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    return _json(key_object(_key(plane, request), plane))
-
-
-async def update_key(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    entry = _key(plane, request)
-    fields = read_fields(await request.read(), KEY_FIELDS)
-    _check_team(plane, fields)
-    await _update(plane, schema.keys, entry.id, fields)
-    return _json(key_object(_key(plane, request), plane))
-
-
-async def delete_key(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    entry = _key(plane, request)
-    return await _delete(plane, schema.keys, entry.id, "key")
-
-
 async def create_team(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     fields = read_fields(await request.read(), TEAM_FIELDS, required=("name",))
@@ -252,22 +228,7 @@ def _team(plane: ControlPlane, request: web.Request) -> TeamEntry:
     return _found(plane.cache.teams, request, "team")
 
 
-async def get_team(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    return _json(team_object(_team(plane, request), plane))
-
-
-async def update_team(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    entry = _team(plane, request)
-    fields = read_fields(await request.read(), TEAM_FIELDS)
-    await _update(plane, schema.teams, entry.id, fields)
-    return _json(team_object(_team(plane, request), plane))
-
-
-async def delete_team(request: web.Request) -> web.Response:
-    plane = _require_admin(request)
-    entry = _team(plane, request)
+def _check_empty(plane: ControlPlane, entry: TeamEntry) -> None:
     if any(key.team_id == entry.id for key in plane.cache.keys.values()):
         raise ProxyError(
             "The team still has keys: move or delete them first",
@@ -276,7 +237,49 @@ async def delete_team(request: web.Request) -> web.Response:
             status=409,
             type="invalid_request_error",
         )
-    return await _delete(plane, schema.teams, entry.id, "team")
+
+
+@dataclass(frozen=True)
+class _Item(Generic[_Entry]):
+    """What ``/admin/keys/{id}`` and ``/admin/teams/{id}`` do alike: the entry the route's id
+    names, shown, changed (fields of ``fields``) or deleted."""
+
+    noun: str
+    table: sa.Table
+    fields: Mapping[str, Check]
+    find: Callable[[ControlPlane, web.Request], _Entry]
+    show: Callable[[_Entry, ControlPlane], dict[str, Any]]
+    check: Callable[[ControlPlane, dict[str, Any]], None]  # the fields of a change
+    check_delete: Callable[[ControlPlane, _Entry], None]
+
+    async def get(self, request: web.Request) -> web.Response:
+        plane = _require_admin(request)
+        return _json(self.show(self.find(plane, request), plane))
+
+    async def update(self, request: web.Request) -> web.Response:
+        plane = _require_admin(request)
+        entry = self.find(plane, request)
+        fields = read_fields(await request.read(), self.fields)
+        self.check(plane, fields)
+        await _update(plane, self.table, entry.id, fields)
+        return _json(self.show(self.find(plane, request), plane))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        plane = _require_admin(request)
+        entry = self.find(plane, request)
+        self.check_delete(plane, entry)
+        await _change(plane, sa.delete(self.table).where(self.table.c.id == entry.id))
+        return _json({"id": entry.id, "object": self.noun, "deleted": True})
+
+
+def _nothing(plane: ControlPlane, fields: Any) -> None:
+    pass
+
+
+_KEY = _Item("key", schema.keys, KEY_FIELDS, _key, key_object, _check_team, _nothing)
+_TEAM = _Item("team", schema.teams, TEAM_FIELDS, _team, team_object, _nothing, _check_empty)
+get_key, update_key, delete_key = _KEY.get, _KEY.update, _KEY.delete
+get_team, update_team, delete_team = _TEAM.get, _TEAM.update, _TEAM.delete
 
 
 def _time_param(request: web.Request, name: str) -> float | None:
@@ -360,17 +363,16 @@ async def request_log(request: web.Request) -> web.Response:
 
 
 def admin_routes() -> list[tuple[str, str, Callable[[web.Request], Any]]]:
-    return [
-        ("POST", "/admin/keys", create_key),
-        ("GET", "/admin/keys", list_keys),
-        ("GET", "/admin/keys/{id}", get_key),
-        ("PATCH", "/admin/keys/{id}", update_key),
-        ("DELETE", "/admin/keys/{id}", delete_key),
-        ("POST", "/admin/teams", create_team),
-        ("GET", "/admin/teams", list_teams),
-        ("GET", "/admin/teams/{id}", get_team),
-        ("PATCH", "/admin/teams/{id}", update_team),
-        ("DELETE", "/admin/teams/{id}", delete_team),
-        ("GET", "/admin/spend", spend),
-        ("GET", "/admin/requests", request_log),
-    ]
+    routes: list[tuple[str, str, Callable[[web.Request], Any]]] = []
+    for path, create, list_all, item in (
+        ("/admin/keys", create_key, list_keys, _KEY),
+        ("/admin/teams", create_team, list_teams, _TEAM),
+    ):
+        routes += [
+            ("POST", path, create),
+            ("GET", path, list_all),
+            ("GET", path + "/{id}", item.get),
+            ("PATCH", path + "/{id}", item.update),
+            ("DELETE", path + "/{id}", item.delete),
+        ]
+    return [*routes, ("GET", "/admin/spend", spend), ("GET", "/admin/requests", request_log)]

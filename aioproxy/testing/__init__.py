@@ -63,11 +63,12 @@ from .checks import (
     check_embeddings,
     check_error_mapping,
     check_responses,
+    weather_tool,
 )
 from .clock import FakeClock
 from .fakes import FakeUpstream, Recorded
 from .modules import import_path
-from .openai_upstream import FakeOpenAI
+from .openai_upstream import TRANSPORT_FAULTS, FakeOpenAI
 from .proxy import INSTALL, KIT_KEY, ProxyUnderTest, StartProxy, start_proxy
 from .sse import DONE_DATA, first_event, parse_sse, read_sse
 from .waiting import eventually
@@ -77,6 +78,7 @@ __all__ = [
     "HELLO",
     "KIT_KEY",
     "PNG_PIXEL",
+    "TRANSPORT_FAULTS",
     "FakeClock",
     "FakeOpenAI",
     "FakeUpstream",
@@ -110,6 +112,7 @@ __all__ = [
     "read_sse",
     "start_proxy",
     "text_response_event_types",
+    "weather_tool",
 ]
 
 

@@ -28,6 +28,16 @@ from .sse import first_event, read_sse
 from .waiting import eventually
 
 HELLO: list[dict[str, Any]] = [{"role": "user", "content": "Say hello to the kit"}]
+
+
+def weather_tool(**schema: Any) -> dict[str, Any]:
+    """A chat ``tools`` entry, ``get_weather`` of a ``city``, for tests of tool translation;
+    ``schema`` adds JSON Schema keywords to its parameters' (or replaces them: ``properties``)."""
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, **schema}
+    function = {"name": "get_weather", "description": "The weather in a city"}
+    return {"type": "function", "function": {**function, "parameters": parameters}}
+
+
 # A real image (a 1x1 PNG) in base64, for a test of image parts: "data:image/png;base64," + it.
 PNG_PIXEL = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"

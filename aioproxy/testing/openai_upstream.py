@@ -41,6 +41,7 @@ __all__ = [
     "MISSING_MODEL",
     "MODELS",
     "REDIRECT_LOCATION",
+    "TRANSPORT_FAULTS",
     "FakeOpenAI",
     "Recorded",
 ]
@@ -48,6 +49,13 @@ __all__ = [
 MISSING_MODEL = "missing-model"
 # Port 1: nothing listens there, so a client that follows the redirect fails to connect.
 REDIRECT_LOCATION = "http://127.0.0.1:1/elsewhere"
+# The faults that break the HTTP exchange itself, each with the client's status and error code:
+# the core maps them alike for every provider, so a plugin's tests may parametrize on them.
+TRANSPORT_FAULTS = (
+    ("reset", 502, "upstream_disconnected"),
+    ("garbage", 502, "upstream_invalid_response"),
+    ("redirect", 502, "upstream_redirect"),
+)
 MODELS = (
     "gpt-4o-mini",
     "gpt-4o",

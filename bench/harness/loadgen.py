@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 LUA = Path(__file__).resolve().parent.parent / "wrk" / "post.lua"
 
@@ -35,6 +39,15 @@ class LoadError(RuntimeError):
     """wrk failed or saw errors: numbers measured on errors are worthless."""
 
 
+@dataclass(frozen=True)
+class Wrk:
+    """A wrk run under way: its process, and the URL and connections its errors name."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    connections: int
+
+
 def start_wrk(
     url: str,
     body: bytes,
@@ -45,7 +58,7 @@ def start_wrk(
     timeout: str = "10s",
     count_from: int | None = None,
     alt_body: bytes | None = None,
-) -> subprocess.Popen[str]:
+) -> Wrk:
     """Start wrk; ``count_from`` (a Unix second) also counts the responses from then on, and
     with ``alt_body`` the requests alternate between ``body`` and it (same URL and headers)."""
     # One thread: wrk is event-driven and cheap, and a second thread would steal the
@@ -72,13 +85,15 @@ def start_wrk(
         env["BENCH_COUNT_FROM"] = str(count_from)
     if alt_body is not None:
         env["BENCH_BODY_ALT"] = alt_body.decode()
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    return Wrk(proc, url, connections)
 
 
-def finish_wrk(proc: subprocess.Popen[str], url: str, connections: int) -> WrkResult:
+def finish_wrk(wrk: Wrk) -> WrkResult:
     """Wait for wrk and parse its result; any error raises LoadError."""
+    proc, url, connections = wrk.proc, wrk.url, wrk.connections
     stdout, stderr = proc.communicate()
     line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if proc.returncode != 0 or line is None:
@@ -103,15 +118,12 @@ def finish_wrk(proc: subprocess.Popen[str], url: str, connections: int) -> WrkRe
     return result
 
 
-def run_wrk(
-    url: str,
-    body: bytes,
-    auth: str | None,
-    connections: int,
-    duration: str,
-    core: int | None,
-    timeout: str = "10s",
-    alt_body: bytes | None = None,
-) -> WrkResult:
-    proc = start_wrk(url, body, auth, connections, duration, core, timeout, alt_body=alt_body)
-    return finish_wrk(proc, url, connections)
+def _to_the_end(start: Callable[P, Wrk]) -> Callable[P, WrkResult]:
+    def run(*args: P.args, **kwargs: P.kwargs) -> WrkResult:
+        return finish_wrk(start(*args, **kwargs))
+
+    return run
+
+
+# wrk run to its end: start_wrk's arguments, finish_wrk's result.
+run_wrk = _to_the_end(start_wrk)

@@ -4,15 +4,17 @@ Peers (other gateways) live in bench/peers/."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from . import keys, payloads
 from .payloads import Kind
@@ -198,19 +200,15 @@ def aioproxy_config(upstream_port: int, database: Path) -> str:
     )
 
 
-def start_aioproxy_keys(
-    workdir: Path,
-    port: int,
-    upstream_port: int,
-    core: int | None,
-    loop: str = "auto",
-    *,
-    label: str = "aioproxy-keys",
-) -> Target:
-    return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, virtual_keys=True)
-
-
 _REDIS: dict[Path, RedisProcess] = {}
+Redis = Literal["limits", "cache"]
+# What each use of Redis adds to the [state] table's redis_url: "limits", rate limits and
+# budgets counted there (all [state] does); "cache", the response cache there, every request
+# after the first a hit.
+_REDIS_CONFIG: dict[Redis, str] = {
+    "limits": "",
+    "cache": '\n[cache]\nenabled = true\nscope = "global"\ncache_sampled = true\n',
+}
 
 
 def _redis_url(workdir: Path) -> str:
@@ -219,41 +217,6 @@ def _redis_url(workdir: Path) -> str:
         _REDIS[workdir] = RedisProcess(workdir)
         atexit.register(_REDIS[workdir].stop)
     return _REDIS[workdir].url
-
-
-def start_aioproxy_redis(
-    workdir: Path,
-    port: int,
-    upstream_port: int,
-    core: int | None,
-    loop: str = "auto",
-    *,
-    label: str = "aioproxy-redis",
-    workers: int | None = None,
-) -> Target:
-    """aioproxy-keys with its limits counted in Redis (issue 13)."""
-    state = f'\n[state]\nredis_url = "{_redis_url(workdir)}"\n'
-    return start_aioproxy(
-        workdir, port, upstream_port, core, loop, label=label, virtual_keys=True,
-        extra_config=state, workers=workers,
-    )  # fmt: skip
-
-
-def start_aioproxy_cache(
-    workdir: Path,
-    port: int,
-    upstream_port: int,
-    core: int | None,
-    loop: str = "auto",
-    *,
-    label: str = "aioproxy-cache",
-) -> Target:
-    """aioproxy with the response cache in Redis, every request after the first a hit."""
-    extra = (
-        f'\n[state]\nredis_url = "{_redis_url(workdir)}"\n'
-        '\n[cache]\nenabled = true\nscope = "global"\ncache_sampled = true\n'
-    )
-    return start_aioproxy(workdir, port, upstream_port, core, loop, label=label, extra_config=extra)
 
 
 def start_aioproxy(
@@ -269,25 +232,25 @@ def start_aioproxy(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     virtual_keys: bool = False,
+    redis: Redis | None = None,
 ) -> Target:
     """``label`` names the target, its config, database and log; ``workers`` passes
     `--workers N`; ``extra_config`` is appended to the TOML, ``extra_args`` to the command line,
     and ``env`` is added to the environment; ``virtual_keys``: the caller uses one of 1,000
-    database keys (rpm, tpm and a budget enforced) instead of the config's master key."""
+    database keys (rpm, tpm and a budget enforced) instead of the config's master key;
+    ``redis``: what the run's redis-server holds (see _REDIS_CONFIG)."""
     config = workdir / f"{label}.toml"
     database = workdir / f"{label}.sqlite3"
     database.unlink(missing_ok=True)
     auth = keys.seed(database) if virtual_keys else payloads.MASTER_KEY
+    if redis is not None:
+        state = f'\n[state]\nredis_url = "{_redis_url(workdir)}"\n'
+        extra_config = state + _REDIS_CONFIG[redis] + extra_config
     config.write_text(aioproxy_config(upstream_port, database) + extra_config)
     argv = [
         sys.executable,
         str(REPO / "run.py"),
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *serving(config, port),
         *_loop_flag(loop),
         *([] if workers is None else ["--workers", str(workers)]),
         *extra_args,
@@ -295,10 +258,32 @@ def start_aioproxy(
     environ = None if env is None else {**os.environ, **env}
     proc = spawn(label, argv, workdir / f"{label}.log", core, REPO, environ)
     target = Target(label, proc, port, auth=auth)
-    with stopped_on_error(proc):
-        proc.ready_ms = wait_until(proc, lambda: probe_get(port, "/health"))
-        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))
+    wait_ready(target, "/health")
     return target
+
+
+def serving(config: Path, port: int) -> list[str]:
+    """The arguments that give a proxy (aioproxy's CLI, LiteLLM's) its config and address."""
+    return ["--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def wait_ready(target: Target, health: str, timeout: float = 30.0) -> None:
+    """Wait for ``target``'s ``health`` path to answer 200, then for it to proxy a chat
+    completion; the two times are kept on its process (stopped if either never comes)."""
+    proc = target.proc
+    with stopped_on_error(proc):
+        proc.ready_ms = wait_until(proc, lambda: probe_get(target.port, health), timeout)
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target), timeout)
+
+
+# What starts a proxy: (workdir, port, upstream_port, core, loop, *, label, ...) -> its Target.
+Starter = Callable[..., Target]
+# The variants of aioproxy the matrix runs beside it.
+start_aioproxy_keys = functools.partial(start_aioproxy, label="aioproxy-keys", virtual_keys=True)
+start_aioproxy_redis = functools.partial(  # aioproxy-keys, its limits counted in Redis (issue 13)
+    start_aioproxy, label="aioproxy-redis", virtual_keys=True, redis="limits"
+)
+start_aioproxy_cache = functools.partial(start_aioproxy, label="aioproxy-cache", redis="cache")
 
 
 # --- one checked call per kind before any load: a benchmark of wrong answers is worthless ---

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from . import payloads, procs
 from .loadgen import run_wrk
 from .report import WorkersRow, cleanest, has_clean_run
-from .servers import Target, start_aioproxy, start_aioproxy_redis
+from .servers import Starter, Target, start_aioproxy, start_aioproxy_redis
 
 COUNTS = (1, 2)
 CONNECTIONS = 64
@@ -53,7 +53,7 @@ def _wait_listening(target: Target, workers: int, timeout: float = 10.0) -> None
         time.sleep(0.05)
 
 
-STARTERS = {"aioproxy": start_aioproxy, "aioproxy-redis": start_aioproxy_redis}
+STARTERS: dict[str, Starter] = {"aioproxy": start_aioproxy, "aioproxy-redis": start_aioproxy_redis}
 
 
 @contextmanager

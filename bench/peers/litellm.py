@@ -29,8 +29,8 @@ import zipfile
 from pathlib import Path
 
 from harness import payloads
-from harness.procs import spawn, wait_until
-from harness.servers import BENCH, Target, probe_chat, probe_get, stopped_on_error
+from harness.procs import spawn
+from harness.servers import BENCH, Target, serving, wait_ready
 
 VERSION = "1.108.7"
 VENV = BENCH / ".peers" / "litellm-venv"
@@ -207,20 +207,11 @@ def start_litellm(
     env = {**ENV, "HOME": str(home), "PATH": f"{VENV / 'bin'}:/usr/bin:/bin"}
     argv = [
         str(VENV / "bin" / "litellm"),
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *serving(config, port),
         "--num_workers",
         "1",
     ]
     proc = spawn(f"LiteLLM {VERSION}", argv, workdir / "litellm.log", core, workdir, env=env)
     target = Target("litellm", proc, port, auth=payloads.MASTER_KEY, peer=True)
-    with stopped_on_error(proc):
-        proc.ready_ms = wait_until(
-            proc, lambda: probe_get(port, "/health/liveliness"), START_TIMEOUT
-        )
-        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target), START_TIMEOUT)
+    wait_ready(target, "/health/liveliness", START_TIMEOUT)
     return target

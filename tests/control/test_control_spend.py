@@ -90,16 +90,21 @@ async def test_cost_reaches_after_response_hooks(start_control: Any) -> None:
     assert seen == [pytest.approx(priced(reply.usage.prompt_tokens, reply.usage.completion_tokens))]
 
 
-async def test_usage_chunk_is_asked_for_and_removed(control: Control, fake: Any) -> None:
-    key = (await control.new_key())["key"]
+async def _stream(control: Control, key: str) -> tuple[str, list[dict[str, Any]]]:
+    """A streamed chat completion with ``key``: the body as text, and its JSON chunks."""
     async with control.session.post(
         control.url("/v1/chat/completions"),
         json={**CHAT, "stream": True},
         headers={"Authorization": f"Bearer {key}"},
     ) as response:
         raw = (await response.read()).decode()
-    assert fake.last.body["stream_options"] == {"include_usage": True}
     chunks = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
+    return raw, chunks
+
+
+async def test_usage_chunk_is_asked_for_and_removed(control: Control, fake: Any) -> None:
+    raw, chunks = await _stream(control, (await control.new_key())["key"])
+    assert fake.last.body["stream_options"] == {"include_usage": True}
     assert chunks and all(chunk["choices"] for chunk in chunks)  # no usage-only chunk
     assert all(chunk.get("usage") is None for chunk in chunks)
     assert raw.endswith("data: [DONE]\n\n")
@@ -111,14 +116,8 @@ async def test_usage_chunk_is_asked_for_and_removed(control: Control, fake: Any)
 async def test_config_key_stream_is_not_tapped(control: Control, fake: Any) -> None:
     """A config key has no spend to count: its stream goes as the upstream sends it, and its
     row is priced on an estimate."""
-    async with control.session.post(
-        control.url("/v1/chat/completions"),
-        json={**CHAT, "stream": True},
-        headers={"Authorization": f"Bearer {MASTER_KEY}"},
-    ) as response:
-        raw = (await response.read()).decode()
+    _, chunks = await _stream(control, MASTER_KEY)
     assert "stream_options" not in fake.last.body
-    chunks = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: {")]
     assert chunks and all("usage" not in chunk for chunk in chunks)
     (row,) = await log_rows(control)
     assert row["estimated"] is True and row["stream"] is True and row["output_tokens"] > 0

@@ -18,7 +18,14 @@ from aioproxy.hookspecs import RegisterProvider
 from aioproxy.testing import FakeOpenAI, assert_openai_error
 from aioproxy.testing.openai_upstream import TOOL_ARGUMENTS
 from tests.schemas import validate
-from tests.support import ALICE, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, alice_and_bob, sdk
+from tests.support import (
+    ALICE,
+    BOB,
+    UPSTREAM_MODEL,
+    alice_and_bob,
+    sdk,
+    upstream_model,
+)
 
 FORMS = pytest.mark.parametrize("prefix", ["/v1", ""], ids=["openai-form", "alias"])
 WEATHER_TOOL = {
@@ -54,21 +61,9 @@ def bridged_config(api_base: str, store_path: Path, **responses: Any) -> dict[st
     return {
         "auth": alice_and_bob(),
         "models": [
-            {
-                "name": "bridged",
-                "provider": "chatonly",
-                "model": UPSTREAM_MODEL,
-                "api_base": api_base,
-                "api_key": UPSTREAM_KEY,
-            },
+            upstream_model("bridged", api_base, "chatonly"),
             {"name": "bridged-echo", "provider": "chatonly-echo"},
-            {
-                "name": "native",
-                "provider": "openai",
-                "model": UPSTREAM_MODEL,
-                "api_base": api_base,
-                "api_key": UPSTREAM_KEY,
-            },
+            upstream_model("native", api_base),
         ],
         # Stored responses live in the control plane's database.
         "database": {"url": f"sqlite:///{store_path}"},

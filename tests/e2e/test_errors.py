@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import hookimpl
-from aioproxy.testing import FakeOpenAI, assert_openai_error
+from aioproxy.testing import TRANSPORT_FAULTS, FakeOpenAI, assert_openai_error
 from tests.support import (
     AUTH,
     CHAT,
@@ -112,9 +112,7 @@ async def test_unknown_route_and_wrong_method(
 @pytest.mark.parametrize(
     ("fault", "status", "code"),
     [
-        ("reset", 502, "upstream_disconnected"),
-        ("garbage", 502, "upstream_invalid_response"),
-        ("redirect", 502, "upstream_redirect"),
+        *TRANSPORT_FAULTS,
         ("status:500:text", 500, None),
         ("status:503", 503, None),
         ("status:429", 429, None),

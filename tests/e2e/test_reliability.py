@@ -8,8 +8,8 @@ import json
 import random
 import socket
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiohttp
@@ -79,23 +79,70 @@ def one_deployment(base: str, entry: dict[str, Any] | None = None, **overrides: 
     return config
 
 
-async def serve_one(serve_proxy: ServeProxy, base: str, **router: Any) -> TestServer:
-    """A proxy in front of one deployment at ``base``, with these router settings."""
-    return await serve_proxy(one_deployment(base, router=router))
+ServeOne = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def one(serve_proxy: ServeProxy, upstream_base: str) -> ServeOne:
+    """``await one(**router)``: a proxy in front of one deployment, the ``fake`` upstream, with
+    these router settings."""
+
+    async def serve(**router: Any) -> TestServer:
+        return await serve_proxy(one_deployment(upstream_base, router=router))
+
+    return serve
+
+
+async def after_a_429(
+    one: ServeOne, fake: FakeOpenAI, retry_after: str, **router: Any
+) -> tuple[TestServer, FakeClock]:
+    """A proxy (``one``, with these router settings) on a fake clock, whose upstream's next
+    answer is a 429 asking to retry after ``retry_after`` seconds."""
+    proxy = await one(**router)
+    clock = FakeClock().install(proxy)
+    fake.retry_after = retry_after
+    fake.faults = ["status:429"]
+    return proxy, clock
 
 
 async def chat(
     proxy: TestServer, body: dict[str, Any] | None = None, timeout: float = 10
 ) -> tuple[int, Any]:
     """POST a chat completion; (status, decoded JSON body)."""
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with _posted(proxy, body or BODY, timeout) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def error_of(proxy: TestServer) -> tuple[int, str | None]:
+    """POST a chat completion that fails: (status, error code)."""
+    status, body = await chat(proxy)
+    return status, body["error"]["code"]
+
+
+async def answered(proxy: TestServer, stream: bool) -> None:
+    """POST a chat completion, streamed or not: answered whole, with ANSWER."""
+    if stream:
+        status, _, blocks = await stream_raw(proxy)
+        assert status == 200 and stream_text(blocks) == ANSWER
+    else:
+        status, body = await chat(proxy)
+        assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+
+
+@asynccontextmanager
+async def _posted(
+    proxy: TestServer, body: dict[str, Any], timeout: float
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             proxy.make_url(CHAT),
-            json=body or BODY,
+            json=body,
             headers=AUTH,
             timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            return response.status, await response.json(content_type=None)
+        ) as response,
+    ):
+        yield response
 
 
 def sse_blocks(raw: bytes) -> list[tuple[str, str]]:
@@ -118,17 +165,11 @@ async def stream_raw(
     proxy: TestServer, body: dict[str, Any] | None = None, timeout: float = 10
 ) -> tuple[int, str, list[tuple[str, str]]]:
     """POST a streaming request; (status, content type, SSE blocks of the whole body)."""
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.make_url(CHAT),
-            json=body or STREAM_BODY,
-            headers=AUTH,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as response:
-            raw = await response.read()
-            if response.content_type != "text/event-stream":
-                return response.status, response.content_type, [("body", raw.decode())]
-            return response.status, response.content_type, sse_blocks(raw)
+    async with _posted(proxy, body or STREAM_BODY, timeout) as response:
+        raw = await response.read()
+        if response.content_type != "text/event-stream":
+            return response.status, response.content_type, [("body", raw.decode())]
+        return response.status, response.content_type, sse_blocks(raw)
 
 
 def stream_text(blocks: list[tuple[str, str]]) -> str:
@@ -322,8 +363,7 @@ async def test_tpm_cap_counts_reported_usage(
         proxy, {**STREAM_BODY, "stream_options": {"include_usage": True}}
     )
     assert status == 200 and stream_text(blocks) == ANSWER
-    status, body = await chat(proxy)
-    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert await error_of(proxy) == (429, "rate_limit_exceeded")
     assert len(fake.requests) == 2
 
 
@@ -367,21 +407,12 @@ async def test_retryable_failures_are_retried(
     )
     proxy = await serve_proxy(config)
     fake.faults = [fault, fault]
-    if stream:
-        status, _, blocks = await stream_raw(proxy)
-        assert status == 200 and stream_text(blocks) == ANSWER
-    else:
-        status, body = await chat(proxy)
-        assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+    await answered(proxy, stream)
     assert len(fake.requests) == 3 and fake.faults == []
 
 
-async def test_retries_give_up_after_num_retries(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
-) -> None:
-    proxy = await serve_one(
-        serve_proxy, upstream_base, num_retries=2, retry_backoff=0.01, cooldown_seconds=0
-    )
+async def test_retries_give_up_after_num_retries(one: ServeOne, fake: FakeOpenAI) -> None:
+    proxy = await one(num_retries=2, retry_backoff=0.01, cooldown_seconds=0)
     fake.faults = ["status:503"] * 5
     status, body = await chat(proxy)
     assert status == 503 and set(body) == {"error"}
@@ -402,22 +433,16 @@ async def test_other_4xx_are_never_retried(serve_proxy: ServeProxy, pair: Pair, 
 
 
 async def test_upstream_auth_failure_is_not_retried_on_the_same_deployment(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+    one: ServeOne, fake: FakeOpenAI
 ) -> None:
-    proxy = await serve_one(serve_proxy, upstream_base, num_retries=2, retry_backoff=0.01)
+    proxy = await one(num_retries=2, retry_backoff=0.01)
     fake.fault_rates = {"status:401": 1.0}
-    status, body = await chat(proxy)
-    assert status == 502 and body["error"]["code"] == "upstream_auth_failed"
+    assert await error_of(proxy) == (502, "upstream_auth_failed")
     assert len(fake.requests) == 1
 
 
-async def test_retry_after_is_honoured(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
-) -> None:
-    proxy = await serve_one(serve_proxy, upstream_base, retry_backoff=0.01)
-    clock = FakeClock().install(proxy)
-    fake.retry_after = "0.4"
-    fake.faults = ["status:429"]
+async def test_retry_after_is_honoured(one: ServeOne, fake: FakeOpenAI) -> None:
+    proxy, clock = await after_a_429(one, fake, "0.4", retry_backoff=0.01)
     status, body = await chat(proxy)
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
     assert len(fake.requests) == 2
@@ -425,12 +450,9 @@ async def test_retry_after_is_honoured(
 
 
 async def test_retry_after_longer_than_the_max_is_passed_on(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+    one: ServeOne, fake: FakeOpenAI
 ) -> None:
-    proxy = await serve_one(serve_proxy, upstream_base, retry_after_max=5)
-    clock = FakeClock().install(proxy)
-    fake.retry_after = "30"
-    fake.faults = ["status:429"]
+    proxy, clock = await after_a_429(one, fake, "30", retry_after_max=5)
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.make_url(CHAT), json=BODY, headers=AUTH) as response:
             await assert_openai_error(response, 429)
@@ -439,17 +461,10 @@ async def test_retry_after_longer_than_the_max_is_passed_on(
 
 
 async def test_backoff_is_exponential_and_jittered(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, monkeypatch: pytest.MonkeyPatch
+    one: ServeOne, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(aioproxy.router, "random", random.Random(3))  # the jitter's draws
-    proxy = await serve_one(
-        serve_proxy,
-        upstream_base,
-        num_retries=2,
-        retry_backoff=0.04,
-        retry_backoff_max=1,
-        cooldown_seconds=0,
-    )
+    proxy = await one(num_retries=2, retry_backoff=0.04, retry_backoff_max=1, cooldown_seconds=0)
     clock = FakeClock().install(proxy)
     for _ in range(8):
         fake.faults = ["status:500", "status:500"]
@@ -533,6 +548,14 @@ async def test_num_retries_globally_and_per_model(
     assert len(fake.requests) == requests
 
 
+def to_backup(where: str, kind: str) -> dict[str, Any]:
+    """Router settings that make ``backup`` gpt-test's ``kind`` of fallback (``fallbacks``,
+    ``context_window_fallbacks``), set router-wide or on the model (``where``)."""
+    if where == "router":
+        return {kind: {"gpt-test": ["backup"]}}
+    return {"models": {"gpt-test": {kind: ["backup"]}}}
+
+
 # -- fallbacks -------------------------------------------------------------------------------
 
 
@@ -542,18 +565,10 @@ async def test_fallback_when_every_deployment_fails(
     serve_proxy: ServeProxy, pair: Pair, stream: bool, where: str
 ) -> None:
     routing: dict[str, Any] = {"num_retries": 1, "retry_backoff": 0.005, "cooldown_seconds": 0}
-    if where == "router":
-        routing["fallbacks"] = {"gpt-test": ["backup"]}
-    else:
-        routing["models"] = {"gpt-test": {"fallbacks": ["backup"]}}
+    routing.update(to_backup(where, "fallbacks"))
     proxy = await serve_proxy(pair.config(backup=True, router=routing))
     pair.a.fault_rates = pair.b.fault_rates = {"status:503": 1.0}
-    if stream:
-        status, _, blocks = await stream_raw(proxy)
-        assert status == 200 and stream_text(blocks) == ANSWER
-    else:
-        status, body = await chat(proxy)
-        assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
+    await answered(proxy, stream)
     assert len(pair.a.requests) + len(pair.b.requests) == 2  # one try, one retry
     assert len(pair.c.requests) == 1
     assert pair.c.last.body["model"] == "gpt-4o-mini"
@@ -599,10 +614,7 @@ async def test_exhausted_fallbacks_answer_the_last_error(
 @pytest.mark.parametrize("where", ["router", "model"])
 async def test_context_window_fallback(serve_proxy: ServeProxy, pair: Pair, where: str) -> None:
     routing: dict[str, Any] = {"num_retries": 2, "fallbacks": {"gpt-test": ["echo"]}}
-    if where == "router":
-        routing["context_window_fallbacks"] = {"gpt-test": ["backup"]}
-    else:
-        routing["models"] = {"gpt-test": {"context_window_fallbacks": ["backup"]}}
+    routing.update(to_backup(where, "context_window_fallbacks"))
     proxy = await serve_proxy(pair.config(backup=True, router=routing))
     pair.a.fault_rates = pair.b.fault_rates = {"context_length_exceeded": 1.0}
     status, body = await chat(proxy)
@@ -709,11 +721,9 @@ async def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
 
 
 async def test_every_deployment_cooling_down_is_degraded(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+    one: ServeOne, fake: FakeOpenAI, upstream_base: str
 ) -> None:
-    proxy = await serve_one(
-        serve_proxy, upstream_base, num_retries=0, cooldown_failures=2, cooldown_seconds=0.4
-    )
+    proxy = await one(num_retries=0, cooldown_failures=2, cooldown_seconds=0.4)
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:502": 1.0}
     for _ in range(2):
@@ -730,16 +740,9 @@ async def test_every_deployment_cooling_down_is_degraded(
 
 
 async def test_failures_outside_the_window_do_not_cool_down(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+    one: ServeOne, fake: FakeOpenAI
 ) -> None:
-    proxy = await serve_one(
-        serve_proxy,
-        upstream_base,
-        num_retries=0,
-        cooldown_failures=2,
-        cooldown_window=0.2,
-        cooldown_seconds=30,
-    )
+    proxy = await one(num_retries=0, cooldown_failures=2, cooldown_window=0.2, cooldown_seconds=30)
     clock = FakeClock().install(proxy)
     fake.fault_rates = {"status:500": 1.0}
     for _ in range(3):
@@ -749,10 +752,8 @@ async def test_failures_outside_the_window_do_not_cool_down(
     assert rows_of(body)[0]["available"] is True and rows_of(body)[0]["failed"] == 3
 
 
-async def test_client_errors_do_not_cool_down(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
-) -> None:
-    proxy = await serve_one(serve_proxy, upstream_base, cooldown_failures=1)
+async def test_client_errors_do_not_cool_down(one: ServeOne, fake: FakeOpenAI) -> None:
+    proxy = await one(cooldown_failures=1)
     fake.fault_rates = {"status:400": 0.5, "status:404": 0.5}
     for _ in range(5):
         assert (await chat(proxy))[0] in (400, 404)
@@ -1156,12 +1157,9 @@ async def test_a_429_with_retry_after_moves_on_at_once(serve_proxy: ServeProxy, 
 
 
 async def test_retry_after_is_waited_for_when_nothing_else_serves(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str
+    one: ServeOne, fake: FakeOpenAI
 ) -> None:
-    proxy = await serve_one(serve_proxy, upstream_base, retry_after_max=30)
-    clock = FakeClock().install(proxy)
-    fake.retry_after = "20"
-    fake.faults = ["status:429"]
+    proxy, clock = await after_a_429(one, fake, "20", retry_after_max=30)
     status, body = await chat(proxy)
     assert status == 200 and len(fake.requests) == 2, body
     assert clock.sleeps == [20.0]
@@ -1169,11 +1167,11 @@ async def test_retry_after_is_waited_for_when_nothing_else_serves(
 
 @pytest.mark.parametrize("fault", ["cut_body", "cut_chunked_body"])
 async def test_an_answer_cut_before_anything_reached_the_client_is_retried(
-    serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str
+    one: ServeOne, fake: FakeOpenAI, fault: str
 ) -> None:
     """Headers and part of a JSON body, then the connection closes: nothing was sent to the
     client yet, so it is as retryable as a reset (issue #10.2)."""
-    proxy = await serve_one(serve_proxy, upstream_base, num_retries=1)
+    proxy = await one(num_retries=1)
     clock = FakeClock().install(proxy)
     assert (await chat(proxy))[0] == 200  # the upstream connection is warm: the pool's case
     fake.requests.clear()

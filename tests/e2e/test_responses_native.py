@@ -21,7 +21,15 @@ from aioproxy.routes import Kind
 from aioproxy.testing import FakeOpenAI, assert_openai_error
 from aioproxy.testing.openai_upstream import MISSING_MODEL
 from tests.schemas import validate
-from tests.support import ALICE, BOB, UPSTREAM_KEY, UPSTREAM_MODEL, alice_and_bob, sdk
+from tests.support import (
+    ALICE,
+    BOB,
+    UPSTREAM_KEY,
+    UPSTREAM_MODEL,
+    alice_and_bob,
+    sdk,
+    upstream_model,
+)
 
 HEADERS = {"alice": {"Authorization": f"Bearer {ALICE}"}, "bob": {"Authorization": f"Bearer {BOB}"}}
 
@@ -29,16 +37,7 @@ HEADERS = {"alice": {"Authorization": f"Bearer {ALICE}"}, "bob": {"Authorization
 def config(api_base: str, store_path: Path, **entry: Any) -> dict[str, Any]:
     return {
         "auth": alice_and_bob(),
-        "models": [
-            {
-                "name": "m",
-                "provider": "openai",
-                "model": UPSTREAM_MODEL,
-                "api_base": api_base,
-                "api_key": UPSTREAM_KEY,
-                **entry,
-            }
-        ],
+        "models": [upstream_model("m", api_base, **entry)],
         "database": {"url": f"sqlite:///{store_path}"},  # where stored responses live
     }
 

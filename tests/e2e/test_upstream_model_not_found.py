@@ -16,20 +16,14 @@ from aioproxy import Deployment
 from aioproxy.failures import read_upstream_error
 from aioproxy.testing import FakeOpenAI
 from aioproxy.testing.openai_upstream import MISSING_MODEL
-from tests.support import UPSTREAM_KEY, ServeProxy, gateway_config, sdk
+from tests.support import ServeProxy, gateway_config, sdk, upstream_model
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 DEPLOYMENT = Deployment(name="gpt-test", provider="openai", model="x")
 
 
 def deployment(api_base: str, model: str) -> dict[str, Any]:
-    return {
-        "name": "gpt-test",
-        "provider": "openai",
-        "model": model,
-        "api_base": api_base,
-        "api_key": UPSTREAM_KEY,
-    }
+    return upstream_model("gpt-test", api_base, model=model)
 
 
 async def test_an_unknown_upstream_model_is_a_502_naming_the_deployment(

@@ -56,24 +56,28 @@ async def store(engine: AsyncEngine) -> AsyncIterator[ResponseStore]:
     await store.close()
 
 
-async def test_save_then_get(store: ResponseStore) -> None:
+@pytest.fixture
+async def saved(store: ResponseStore) -> ResponseStore:
+    """The store, alice's ``resp_1`` (RESPONSE, CONVERSATION) saved in it."""
     await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    assert await store.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
-    assert await store.get("resp_2", "alice") is None
+    return store
 
 
-async def test_only_the_creator_reads_or_deletes(store: ResponseStore) -> None:
-    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    assert await store.get("resp_1", "bob") is None
-    assert await store.delete("resp_1", "bob") is False
-    assert await store.get("resp_1", "alice") is not None
+async def test_save_then_get(saved: ResponseStore) -> None:
+    assert await saved.get("resp_1", "alice") == (RESPONSE, CONVERSATION)
+    assert await saved.get("resp_2", "alice") is None
 
 
-async def test_delete(store: ResponseStore) -> None:
-    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    assert await store.delete("resp_1", "alice") is True
-    assert await store.get("resp_1", "alice") is None
-    assert await store.delete("resp_1", "alice") is False
+async def test_only_the_creator_reads_or_deletes(saved: ResponseStore) -> None:
+    assert await saved.get("resp_1", "bob") is None
+    assert await saved.delete("resp_1", "bob") is False
+    assert await saved.get("resp_1", "alice") is not None
+
+
+async def test_delete(saved: ResponseStore) -> None:
+    assert await saved.delete("resp_1", "alice") is True
+    assert await saved.get("resp_1", "alice") is None
+    assert await saved.delete("resp_1", "alice") is False
 
 
 @pytest.mark.empty_database  # opening it migrates it
@@ -92,10 +96,9 @@ async def test_survives_a_restart(db_url: str) -> None:  # noqa: F811
 
 
 async def test_the_rows_live_in_the_control_plane_s_tables(
-    store: ResponseStore, engine: AsyncEngine
+    saved: ResponseStore, engine: AsyncEngine
 ) -> None:
-    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
-    await store.remember_native("resp_up", "deployment-1", "alice")
+    await saved.remember_native("resp_up", "deployment-1", "alice")
     assert await execute(engine, "SELECT id, owner FROM stored_responses") == [("resp_1", "alice")]
     assert await execute(engine, "SELECT id FROM native_responses") == [("resp_up",)]
     version = await execute(engine, "SELECT version_num FROM alembic_version")
@@ -295,14 +298,13 @@ async def test_the_periodic_cleanup_runs_off_the_request_path(engine: AsyncEngin
 
 
 async def test_an_unreadable_row_is_a_503_not_a_crash(
-    store: ResponseStore, engine: AsyncEngine
+    saved: ResponseStore, engine: AsyncEngine
 ) -> None:
-    await store.save("resp_1", "alice", RESPONSE, CONVERSATION)
     async with engine.begin() as connection:
         await connection.execute(
             sa.text("UPDATE stored_responses SET response = :bad"), {"bad": b"\x00\xff"}
         )
-    for read in (store.get, store.response):
+    for read in (saved.get, saved.response):
         with pytest.raises(StoreUnavailable) as caught:
             await read("resp_1", "alice")
         assert caught.value.status == 503 and "resp_1" in caught.value.message

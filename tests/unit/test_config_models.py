@@ -20,6 +20,11 @@ def config(*models: dict[str, Any]) -> Config:
     return parse_config({"models": list(models)}, env={})
 
 
+def named(*names: str) -> Config:
+    """A config of models of provider ``p`` with these names, in order."""
+    return config(*({"name": name, "provider": "p"} for name in names))
+
+
 @pytest.fixture
 def rng(monkeypatch: pytest.MonkeyPatch) -> random.Random:
     """A seeded generator in place of the router's ``random``, so the global one is untouched."""
@@ -79,13 +84,7 @@ def test_groups_by_name_in_config_order() -> None:
 
 
 def test_deployment_ids_unique_per_name() -> None:
-    table = deployments_from(
-        config(
-            {"name": "a", "provider": "p"},
-            {"name": "a", "provider": "p"},
-            {"name": "b", "provider": "p"},
-        )
-    )
+    table = deployments_from(named("a", "a", "b"))
     ids = [d.id for ds in table.values() for d in ds]
     assert len(set(ids)) == len(ids) == 3
     # identical entries stay distinct deployments (routing state is kept per deployment)
@@ -98,7 +97,7 @@ def test_no_models() -> None:
 
 
 def test_unknown_model_is_none() -> None:
-    assert ConfigModels(config({"name": "a", "provider": "p"})).map_model("b") is None
+    assert ConfigModels(named("a")).map_model("b") is None
 
 
 def test_map_model_offers_every_deployment_in_order() -> None:
@@ -169,14 +168,7 @@ def test_all_zero_weights_pick_the_first(rng: random.Random) -> None:
 
 
 def test_list_models_filtered_by_principal() -> None:
-    models = ConfigModels(
-        config(
-            {"name": "b", "provider": "p"},
-            {"name": "a", "provider": "p"},
-            {"name": "b", "provider": "p"},
-            {"name": "c", "provider": "p"},
-        )
-    )
+    models = ConfigModels(named("b", "a", "b", "c"))
     assert list(models.list_models(Principal("all"))) == ["b", "a", "c"]
     assert list(models.list_models(Principal("team", frozenset({"c", "a", "zzz"})))) == ["a", "c"]
     assert list(models.list_models(Principal("none", frozenset()))) == []

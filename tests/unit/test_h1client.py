@@ -30,6 +30,9 @@ from aioproxy.transport import Transport, UpstreamResponse
 # Far longer than any test takes: a timer firing must never be what makes a test pass.
 TIMEOUT = Timeouts(total=20, connect=5, read=10)
 OK = b'{"ok":true}'
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -157,6 +160,40 @@ class RawUpstream:
 
 
 RawFactory = Callable[[Callable[[Peer], Awaitable[None]]], Awaitable[RawUpstream]]
+
+
+async def hung_up(upstream: RawUpstream, pool: H1Pool) -> None:
+    """Wait for the upstream to see its one connection closed: the pool holds none after it."""
+    await eventually(lambda: upstream.hangups == 1)
+    assert pool.open_connections == 0  # busy or idle
+
+
+async def failed_and_hung_up(
+    error: BaseException, status: int, upstream: RawUpstream, pool: H1Pool
+) -> None:
+    """``error`` is the client's ``status``, and the pool dropped the connection it broke."""
+    assert as_proxy_error(error, None).status == status
+    await hung_up(upstream, pool)
+
+
+async def answered_afresh(pool: H1Pool, upstream: RawUpstream) -> None:
+    """The next request is answered, on a second connection."""
+    _, body = await post(pool, upstream.url())
+    assert body == OK
+    assert upstream.connections == 2
+
+
+async def cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and see the cancellation through."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def silent(peer: Peer) -> None:
+    """An upstream that reads the request and never answers."""
+    await peer.request()
+    await peer.until_closed()
 
 
 @pytest.fixture
@@ -679,12 +716,8 @@ async def test_an_upgrade_breaks_the_connection(
     upstream = await raw(upgrade_first)
     with pytest.raises(UpstreamProtocolError) as caught:
         await post(pool, upstream.url())
-    assert as_proxy_error(caught.value, None).status == 502
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
-    _, body = await post(pool, upstream.url())
-    assert body == OK
-    assert upstream.connections == 2
+    await failed_and_hung_up(caught.value, 502, upstream, pool)
+    await answered_afresh(pool, upstream)
 
 
 async def test_error_status_read_whole(raw: RawFactory, pool: H1Pool) -> None:
@@ -741,9 +774,7 @@ async def test_idle_connection_closed_by_upstream_is_not_reused(
     upstream = await raw(one_then_close)
     await post(pool, upstream.url())
     await eventually(lambda: pool.open_connections == 0)
-    _, body = await post(pool, upstream.url())
-    assert body == OK
-    assert upstream.connections == 2
+    await answered_afresh(pool, upstream)
 
 
 async def test_a_request_the_upstream_read_is_never_resent(raw: RawFactory, pool: H1Pool) -> None:
@@ -905,10 +936,7 @@ async def test_truncated_answer_while_iterating(raw: RawFactory, pool: H1Pool) -
 
     async def cut(peer: Peer) -> None:
         await peer.request()
-        await peer.send(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
+        await peer.send(SSE_HEAD)
         await peer.send(b'f\r\ndata: {"n":1}\n\n\r\n')
         await asyncio.sleep(0.03)
         peer.writer.transport.abort()
@@ -950,9 +978,7 @@ async def test_garbage_answer(raw: RawFactory, pool: H1Pool, garbage: bytes) -> 
     with pytest.raises(UpstreamProtocolError) as caught:
         await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
     assert isinstance(caught.value, aiohttp.ClientError)
-    assert as_proxy_error(caught.value, None).status == 502
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
+    await failed_and_hung_up(caught.value, 502, upstream, pool)
 
 
 async def test_garbage_in_chunked_body(raw: RawFactory, pool: H1Pool) -> None:
@@ -969,8 +995,7 @@ async def test_garbage_in_chunked_body(raw: RawFactory, pool: H1Pool) -> None:
     response = await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
     with pytest.raises(aiohttp.ClientPayloadError):
         await asyncio.wait_for(response.read(), 2)
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
+    await hung_up(upstream, pool)
 
 
 async def test_bytes_while_idle_close_the_connection(raw: RawFactory, pool: H1Pool) -> None:
@@ -986,11 +1011,8 @@ async def test_bytes_while_idle_close_the_connection(raw: RawFactory, pool: H1Po
     upstream = await raw(chatty)
     _, body = await post(pool, upstream.url())
     assert body == OK
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
-    _, body = await post(pool, upstream.url())
-    assert body == OK
-    assert upstream.connections == 2
+    await hung_up(upstream, pool)
+    await answered_afresh(pool, upstream)
 
 
 async def test_extra_answer_after_the_body_is_not_kept(raw: RawFactory, pool: H1Pool) -> None:
@@ -1012,18 +1034,12 @@ async def test_extra_answer_after_the_body_is_not_kept(raw: RawFactory, pool: H1
 
 
 async def test_no_answer_within_sock_read(raw: RawFactory, pool: H1Pool) -> None:
-    async def silent(peer: Peer) -> None:
-        await peer.request()
-        await peer.until_closed()
-
     upstream = await raw(silent)
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError) as caught:
         await asyncio.wait_for(pool.post(upstream.url(), b"{}", {}, Timeouts(read=0.1)), 2)
     assert time.monotonic() - started > 0.09  # read's bound; wait_for's 2 s is a safety net
-    assert as_proxy_error(caught.value, None).status == 504
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
+    await failed_and_hung_up(caught.value, 504, upstream, pool)
 
 
 async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None:
@@ -1039,8 +1055,7 @@ async def test_body_stalls_past_sock_read(raw: RawFactory, pool: H1Pool) -> None
     await asyncio.sleep(0.3)  # the timeout passes while nobody reads
     with pytest.raises(aiohttp.ServerTimeoutError):
         await asyncio.wait_for(response.read(), 2)
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
+    await hung_up(upstream, pool)
 
 
 async def test_a_long_first_wait_then_the_shorter_bound_between_events(
@@ -1052,10 +1067,7 @@ async def test_a_long_first_wait_then_the_shorter_bound_between_events(
 
     async def think_then_stall(peer: Peer) -> None:
         await peer.request()
-        await peer.send(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
+        await peer.send(SSE_HEAD)
         await asyncio.sleep(0.4)  # thinking: longer than `event`
         await peer.send(b"9\r\ndata: 1\n\n\r\n")
         first_sent.set()
@@ -1124,10 +1136,6 @@ async def test_total_bounds_a_steady_stream(aiohttp_server: Any, pool: H1Pool) -
 
 
 async def test_total_bounds_the_wait_for_headers(raw: RawFactory, pool: H1Pool) -> None:
-    async def silent(peer: Peer) -> None:
-        await peer.request()
-        await peer.until_closed()
-
     upstream = await raw(silent)
     started = time.monotonic()
     with pytest.raises(aiohttp.ServerTimeoutError):
@@ -1195,11 +1203,8 @@ async def test_cancelled_while_awaiting_answer(raw: RawFactory, pool: H1Pool) ->
     upstream = await raw(slow)
     call = asyncio.create_task(pool.post(upstream.url(), b"{}", {}, TIMEOUT))
     await asyncio.wait_for(arrived.wait(), 2)
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
-    await eventually(lambda: upstream.hangups == 1)
-    assert (pool.open_connections, pool.idle_connections) == (0, 0)
+    await cancelled(call)
+    await hung_up(upstream, pool)
 
 
 async def test_cancelled_while_reading(raw: RawFactory, pool: H1Pool) -> None:
@@ -1217,11 +1222,8 @@ async def test_cancelled_while_reading(raw: RawFactory, pool: H1Pool) -> None:
     reading = asyncio.create_task(response.read())
     await asyncio.wait_for(streaming.wait(), 2)
     await asyncio.sleep(0.02)
-    reading.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await reading
-    await eventually(lambda: upstream.hangups == 1)
-    assert (pool.open_connections, pool.idle_connections) == (0, 0)
+    await cancelled(reading)
+    await hung_up(upstream, pool)
 
 
 async def test_cancelled_relay_closes_its_response(raw: RawFactory, pool: H1Pool) -> None:
@@ -1231,10 +1233,7 @@ async def test_cancelled_relay_closes_its_response(raw: RawFactory, pool: H1Pool
 
     async def sse(peer: Peer) -> None:
         await peer.request()
-        await peer.send(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n"
-        )
+        await peer.send(SSE_HEAD + b"9\r\ndata: 1\n\n\r\n")
         streaming.set()
         await peer.until_closed()
 
@@ -1252,11 +1251,8 @@ async def test_cancelled_relay_closes_its_response(raw: RawFactory, pool: H1Pool
     task = asyncio.create_task(relay())
     await asyncio.wait_for(streaming.wait(), 2)
     await asyncio.sleep(0.02)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await eventually(lambda: upstream.hangups == 1)
-    assert pool.open_connections == 0
+    await cancelled(task)
+    await hung_up(upstream, pool)
 
 
 async def test_release_before_the_body_closes(raw: RawFactory, pool: H1Pool) -> None:
@@ -1270,8 +1266,7 @@ async def test_release_before_the_body_closes(raw: RawFactory, pool: H1Pool) -> 
     assert pool.busy_connections == 1
     response.release()
     response.release()  # twice is harmless
-    await eventually(lambda: upstream.hangups == 1)
-    assert (pool.open_connections, pool.idle_connections) == (0, 0)
+    await hung_up(upstream, pool)
     response = await pool.post(upstream.url(), b"{}", {}, TIMEOUT)
     response.close()
     assert upstream.connections == 2

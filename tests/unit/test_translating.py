@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import msgspec
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from aioproxy import (
     CONTENT_PARTS,
@@ -17,11 +18,14 @@ from aioproxy import (
     TOOLS,
     BadGateway,
     BadRequest,
+    Call,
     ChunkMaker,
     ContentPart,
     Deployment,
     InputFile,
+    Kind,
     Message,
+    Principal,
     RawMessage,
     ToolCall,
     ToolChoice,
@@ -32,6 +36,7 @@ from aioproxy import (
     chat_messages,
     completion_usage,
     decode_upstream,
+    error_text,
     expect_content_type,
     function_tool,
     get_field,
@@ -45,9 +50,11 @@ from aioproxy import (
     raw_fields,
     split_data_url,
     stop_sequences,
+    stream_incomplete,
     text_or_array,
     token_count,
     tool_call,
+    upstream_headers,
     usage_with_cache,
 )
 
@@ -189,6 +196,37 @@ def test_expect_content_type() -> None:
         expect_content_type(json_answer, "text/event-stream", DEPLOYMENT)
     assert caught.value.code == "upstream_invalid_response"
     assert "application/json, not text/event-stream" in caught.value.message
+
+
+def test_stream_incomplete_names_the_deployment_and_the_missing_event() -> None:
+    error = stream_incomplete(DEPLOYMENT, "message_stop")
+    assert isinstance(error, BadGateway) and error.code == "upstream_stream_incomplete"
+    assert error.message == "Deployment m (p:up-1) ended its stream before message_stop"
+
+
+def test_error_text_is_the_start_of_a_body_that_is_not_json() -> None:
+    assert error_text(b"  <html>Bad gateway</html>\n") == "<html>Bad gateway</html>"
+    assert error_text(b" \r\n") is None
+    assert error_text(b"\xff" + b"x" * 1000) == "\ufffd" + "x" * 299
+
+
+def test_upstream_headers_let_neither_the_gateways_nor_the_deployments_replace_the_fixed() -> None:
+    deployment = Deployment(
+        name="m",
+        provider="p",
+        model="up-1",
+        headers={"X-Extra": "yes", "X-API-Key": "deployment's", "X-Request-Id": "deployment's"},
+    )
+    request = make_mocked_request("POST", "/v1/chat/completions", headers={"X-Api-Key": "client"})
+    call = Call(Kind.CHAT_COMPLETIONS, request, Principal("alice"), "m", {}, False)
+    call.route_to(deployment)
+    call.upstream_headers["traceparent"] = "00-1-2-01"
+    headers = upstream_headers(call, {"x-api-key": "upstream-key", "content-type": "x/y"})
+    assert headers.getall("x-api-key") == ["upstream-key"]  # the client's never, nor the others
+    assert headers["X-Request-Id"] == "deployment's"  # the deployment's replace the gateway's
+    assert headers["traceparent"] == "00-1-2-01" and headers["x-extra"] == "yes"
+    assert headers["content-type"] == "x/y"
+    assert call.upstream_headers.keys() == {"x-request-id", "traceparent"}  # left as it was
 
 
 def test_the_clients_answer_in_openai_shapes() -> None:

@@ -6,11 +6,9 @@ from collections.abc import Mapping
 
 import msgspec
 
-from aioproxy import BadGateway, Deployment, ProxyError, data_of, scrub, split_events
+from aioproxy import BadGateway, Deployment, ProxyError, data_of, error_text, scrub, split_events
 
 __all__ = ["STATUS_OF_TYPE", "ErrorDetail", "error_from", "map_error", "stream_error"]
-
-_PREVIEW = 300  # characters of a non-JSON error body worth showing
 
 # Anthropic's error types and the HTTP status each comes with.
 STATUS_OF_TYPE: Mapping[str, int] = {
@@ -67,15 +65,15 @@ def _parse_body(body: bytes) -> _Body:
 
 
 def error_from(
-    status: int, body: bytes, deployment: Deployment, retry_after: str | None = None
+    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
 ) -> ProxyError:
-    """An Anthropic error answer (``status`` and its body) as the error the client sees."""
+    """An Anthropic error answer (its status, body and headers) as the error the client sees."""
     parsed = _parse_body(body)
     detail = parsed.error or ErrorDetail()
     message = detail.message
-    if message is None:  # not Anthropic's JSON: a proxy or load balancer in front of it said this
-        text = body[:_PREVIEW].decode("utf-8", "replace").strip()
-        message = text or None
+    if message is None:  # not Anthropic's JSON
+        message = error_text(body)
+    retry_after = headers.get("retry-after")
     return map_error(status, detail.type, message, deployment, retry_after, parsed.request_id)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import Iterator
 from typing import Annotated
 
 import msgspec
@@ -12,20 +12,17 @@ from multidict import CIMultiDict
 
 from aioproxy import (
     DONE,
-    BadGateway,
     Call,
     Deployment,
     JSONReply,
     Provider,
-    ProxyError,
     Reply,
-    StreamReply,
-    UpstreamResponse,
     decode_upstream,
-    expect_content_type,
     include_usage,
     invalid_answer,
     sse_data,
+    sse_translation,
+    upstream_headers,
 )
 
 from .errors import error_from, stream_error
@@ -70,24 +67,18 @@ class AnthropicProvider(Provider):
             call,
             messages_url(deployment.api_base),
             _encode(body),
-            _headers(deployment, settings, call.stream, call.upstream_headers),
-            read_error=_read_error,
+            _headers(call, settings.anthropic_version),
+            read_error=error_from,
         )
         with self.upstream.guard(response, call):
             if call.stream:
-                expect_content_type(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
                     model=call.model,
                     created=int(time.time()),
                     include_usage=include_usage(call.fields),
                 )
-                # close, not release: a client leaving mid-stream must not leave Anthropic writing.
-                return StreamReply(
-                    _events(self.upstream.events(response, call), response, translator, deployment),
-                    close=response.close,
-                    # Over once message_stop is relayed and the body has ended: then the proxy
-                    # need not wait for the rest of the events.
-                    finished=lambda: translator.finished and response.content.is_eof(),
+                return sse_translation(
+                    self.upstream, call, response, translator, _translate, last_event="message_stop"
                 )
             message = _decode(await self.upstream.read(response, call), deployment)
         response.release()
@@ -105,55 +96,27 @@ class AnthropicProvider(Provider):
         )
 
     async def _pass_through(self, call: Call, url: str) -> Reply:
+        """The client's API version and beta flags, which describe its body, are sent as
+        they are (its betas after the deployment's)."""
         settings: AnthropicSettings = self.settings(call.deployment)
-        headers = _pass_through_headers(call, settings)
-        return await self.upstream.forward(call, url, headers, read_error=_read_error)
+        sent = call.request.headers
+        headers = _headers(call, sent.get("anthropic-version") or settings.anthropic_version)
+        if betas := sent.get("anthropic-beta"):
+            configured = headers.get("anthropic-beta")
+            headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
+        return await self.upstream.forward(call, url, headers, read_error=error_from)
 
 
-def _pass_through_headers(call: Call, settings: AnthropicSettings) -> dict[str, str]:
-    """As ``_headers`` (the gateway's own, the deployment's, then what neither may replace),
-    with the client's API version and beta flags, which describe its body, sent as it is."""
-    deployment = call.deployment
-    headers = dict(call.upstream_headers)
-    for name, value in deployment.headers.items():
-        headers[name.lower()] = value
-    sent = call.request.headers
-    headers["content-type"] = "application/json"
-    headers["anthropic-version"] = sent.get("anthropic-version") or settings.anthropic_version
-    if betas := sent.get("anthropic-beta"):
-        configured = headers.get("anthropic-beta")
-        headers["anthropic-beta"] = f"{configured},{betas}" if configured else betas
-    if deployment.api_key:
-        headers["x-api-key"] = deployment.api_key
+def _headers(call: Call, version: str) -> CIMultiDict[str]:
+    """The call's headers (``upstream_headers``: the gateway's own, the deployment's
+    ``anthropic-beta``, say), then the key, the API version and the content type, which
+    neither may replace."""
+    fixed = {"content-type": "application/json", "anthropic-version": version}
+    if call.deployment.api_key:
+        fixed["x-api-key"] = call.deployment.api_key
     if call.stream:
-        headers["accept"] = "text/event-stream"
-    return headers
-
-
-def _read_error(
-    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
-) -> ProxyError:
-    return error_from(status, body, deployment, headers.get("retry-after"))
-
-
-def _headers(
-    deployment: Deployment, settings: AnthropicSettings, stream: bool, own: Mapping[str, str]
-) -> CIMultiDict[str]:
-    """Built afresh for each call: the client's own key and headers never travel upstream.
-
-    The gateway's ``own`` headers for the call (its request id, a traceparent) come first, then
-    the deployment's extra ``headers`` (``anthropic-beta``, say), so that neither can replace the
-    key, version or content type.
-    """
-    headers: CIMultiDict[str] = CIMultiDict(own)
-    headers.update(deployment.headers)
-    headers["content-type"] = "application/json"
-    headers["anthropic-version"] = settings.anthropic_version
-    if deployment.api_key:
-        headers["x-api-key"] = deployment.api_key
-    if stream:
-        headers["accept"] = "text/event-stream"
-    return headers
+        fixed["accept"] = "text/event-stream"
+    return upstream_headers(call, fixed)
 
 
 def _decode(raw: bytes, deployment: Deployment) -> Answer:
@@ -164,44 +127,23 @@ def _decode(raw: bytes, deployment: Deployment) -> Answer:
     return message
 
 
-async def _events(
-    events: AsyncGenerator[bytes, None],
-    response: UpstreamResponse,
-    translator: StreamTranslator,
-    deployment: Deployment,
-) -> AsyncIterator[bytes]:
-    """Each Anthropic event of ``events`` (``upstream.events``: transport errors, stalls and
-    oversized events already mapped) as the chunks it gives; ``[DONE]`` after message_stop.
+def _translate(translator: StreamTranslator, deployment: Deployment, raw: bytes) -> Iterator[bytes]:
+    """An Anthropic event as the chunks it gives; ``[DONE]`` after message_stop, and the events
+    after it (there should be none) read but dropped."""
+    return iter(()) if translator.finished else _chunks(translator, deployment, raw)
 
-    Read on to the end of the body after message_stop, so the connection goes back to the pool.
-    """
-    finished = False  # a local, not translator.finished: mypy would keep that narrowed
+
+def _chunks(translator: StreamTranslator, deployment: Deployment, raw: bytes) -> Iterator[bytes]:
     try:
-        async for raw in events:
-            if finished:
-                continue
-            try:
-                event = parse_event(raw)
-            except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
-                raise BadGateway(
-                    f"Deployment {deployment.describe()} sent a stream event that is not JSON"
-                    " of an Anthropic event's shape",
-                    code="upstream_invalid_response",
-                ) from None
-            if event is None:
-                continue
-            if event.type == "error":
-                raise stream_error(event.error, deployment)
-            for chunk in translator.feed(event):
-                yield sse_data(chunk)
-            finished = translator.finished
-            if finished:
-                yield DONE
-    finally:
-        await events.aclose()  # now, also when the client left: see iter_sse
-    if not translator.finished:
-        raise BadGateway(
-            f"Deployment {deployment.describe()} ended its stream before message_stop",
-            code="upstream_stream_incomplete",
-        )
-    response.release()
+        event = parse_event(raw)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        what = "a stream event that is not JSON of an Anthropic event's shape"
+        raise invalid_answer(deployment, what) from None
+    if event is None:
+        return
+    if event.type == "error":
+        raise stream_error(event.error, deployment)
+    for chunk in translator.feed(event):
+        yield sse_data(chunk)
+    if translator.finished:
+        yield DONE

@@ -48,12 +48,18 @@ from aioproxy.testing import (
 )
 
 __all__ = [
+    "CLIENT_KEY",
     "ERRORS",
+    "FAULTS",
+    "MODEL",
     "TOOL_INPUT",
     "TOOL_PREAMBLE",
+    "UPSTREAM_KEY",
     "VERSION",
     "FakeAnthropic",
     "Recorded",
+    "gateway_config",
+    "model_entry",
     "split_tokens",
     "validate",
 ]
@@ -62,6 +68,43 @@ VERSION = "2023-06-01"
 TOOL_PREAMBLE = "Let me check that."
 TOOL_INPUT = {"city": "Paris", "unit": "celsius"}
 MODEL_ID = "claude-sonnet-4-5-20250929"
+CLIENT_KEY = "sk-client-test"
+UPSTREAM_KEY = "sk-ant-api03-upstream-secret"
+MODEL = "claude"  # what clients call it
+
+# Anthropic's failures (``FakeAnthropic.faults``) as each client sees them: a chat completions
+# client in OpenAI's terms (status, code), a Messages client in Anthropic's (status, type).
+FAULTS = {
+    "status:401": ((502, "upstream_auth_failed"), (502, "api_error")),  # the proxy's key
+    "status:429": ((429, "rate_limit_exceeded"), (429, "rate_limit_error")),
+    "status:529": ((503, "overloaded"), (529, "overloaded_error")),
+    "status:500": ((500, "api_error"), (500, "api_error")),
+}
+
+
+def model_entry(api_base: str, **entry: Any) -> dict[str, Any]:
+    """The tests' deployment: ``MODEL``, Anthropic's ``MODEL_ID`` on the fake at ``api_base``
+    (``entry`` adds keys: ``settings``, ``headers``)."""
+    return {
+        "name": MODEL,
+        "provider": "anthropic",
+        "model": MODEL_ID,
+        "api_base": api_base,
+        "api_key": UPSTREAM_KEY,
+        **entry,
+    }
+
+
+def gateway_config(api_base: str, **entry: Any) -> dict[str, Any]:
+    """The proxy's config: the tests' deployment (see ``model_entry``) and ``CLIENT_KEY``."""
+    return {
+        "auth": {"master_key": CLIENT_KEY},
+        # No retries and no cooldown: each client request is exactly one upstream request.
+        "router": {"num_retries": 0, "cooldown_seconds": 0},
+        "responses": {"store": False},  # the Responses bridge would keep a SQLite file
+        "models": [model_entry(api_base, **entry)],
+    }
+
 
 # status -> (error type, message), worded as Anthropic's API reference has them.
 ERRORS: dict[int, tuple[str, str]] = {

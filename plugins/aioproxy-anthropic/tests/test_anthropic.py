@@ -40,7 +40,7 @@ from aioproxy_anthropic.translate import (
 
 from aioproxy import BadRequest, Call, ConfigError, Deployment, Outcome, create_app, hookimpl
 from aioproxy.fields import raw_fields
-from aioproxy.testing import import_path
+from aioproxy.testing import import_path, weather_tool
 
 fake_anthropic = import_path(Path(__file__).with_name("fake_anthropic.py"))
 FakeAnthropic = fake_anthropic.FakeAnthropic
@@ -49,26 +49,17 @@ TOOL_INPUT = fake_anthropic.TOOL_INPUT
 TOOL_PREAMBLE = fake_anthropic.TOOL_PREAMBLE
 VERSION = fake_anthropic.VERSION
 
-CLIENT_KEY = "sk-client-test"
-UPSTREAM_KEY = "sk-ant-api03-upstream-secret"
-UPSTREAM_MODEL = "claude-sonnet-4-5-20250929"
-MODEL = "claude"  # what clients call it
+CLIENT_KEY = fake_anthropic.CLIENT_KEY
+UPSTREAM_KEY = fake_anthropic.UPSTREAM_KEY
+UPSTREAM_MODEL = fake_anthropic.MODEL_ID
+MODEL = fake_anthropic.MODEL
 PNG = (  # a 1x1 pixel
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
     "AAAABJRU5ErkJggg=="
 )
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER_TOOL = weather_tool(
+    properties={"city": {"type": "string"}, "unit": {"type": "string"}}, required=["city"]
+)
 
 StartProxy = Callable[..., Awaitable[TestServer]]
 
@@ -115,22 +106,7 @@ async def upstream(aiohttp_server: Any, fake: Any) -> TestServer:
 
 
 def gateway_config(api_base: str, **settings: Any) -> dict[str, Any]:
-    model = {
-        "name": MODEL,
-        "provider": "anthropic",
-        "model": UPSTREAM_MODEL,
-        "api_base": api_base,
-        "api_key": UPSTREAM_KEY,
-        "settings": settings,
-    }
-    # No retries and no cooldown: each client request is exactly one upstream request.
-    router = {"num_retries": 0, "cooldown_seconds": 0}
-    return {
-        "auth": {"master_key": CLIENT_KEY},
-        "router": router,
-        "responses": {"store": False},  # the Responses bridge would keep a SQLite file
-        "models": [model],
-    }
+    return fake_anthropic.gateway_config(api_base, settings=settings)
 
 
 @pytest.fixture
@@ -478,7 +454,7 @@ def test_parse_event_reads_the_data_line() -> None:
 
 def test_an_error_answer_never_shows_the_key() -> None:
     said = {"type": "invalid_request_error", "message": f"bad key {UPSTREAM_KEY}"}
-    error = error_from(400, json.dumps({"type": "error", "error": said}).encode(), deployment())
+    error = error_from(400, json.dumps({"type": "error", "error": said}).encode(), deployment(), {})
 
     assert UPSTREAM_KEY not in error.message and error.status == 400
 
@@ -486,14 +462,14 @@ def test_an_error_answer_never_shows_the_key() -> None:
 def test_a_too_long_prompt_is_a_context_window_error() -> None:
     message = "prompt is too long: 200001 tokens > 200000 maximum"
     said = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
-    error = error_from(400, json.dumps(said).encode(), deployment())
+    error = error_from(400, json.dumps(said).encode(), deployment(), {})
     assert error.code == "context_length_exceeded"
 
 
 def test_an_sse_error_body_shows_its_error_events_message() -> None:
     said = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     body = b"event: ping\r\ndata: {}\r\n\r\nevent: error\r\ndata: " + json.dumps(said).encode()
-    error = error_from(429, body + b"\r\n\r\n", deployment())
+    error = error_from(429, body + b"\r\n\r\n", deployment(), {})
 
     assert error.message == "slow down" and error.status == 429
     assert "event:" not in error.message
@@ -1092,13 +1068,7 @@ def testing() -> ModuleType:
 
 @pytest.fixture
 async def kit_proxy(aiohttp_server: Any, upstream: TestServer, testing: ModuleType) -> Any:
-    model = {
-        "name": MODEL,
-        "provider": "anthropic",
-        "model": UPSTREAM_MODEL,
-        "api_base": str(upstream.make_url("/v1")),
-        "api_key": UPSTREAM_KEY,
-    }
+    model = fake_anthropic.model_entry(str(upstream.make_url("/v1")))
     return await testing.start_proxy(aiohttp_server, {"models": [model]}, [aioproxy_anthropic])
 
 
@@ -1109,17 +1079,11 @@ async def test_the_kit_passes_chat_and_streams(kit_proxy: Any, testing: ModuleTy
     assert await testing.check_chat_stream(kit_proxy, MODEL) == expected
 
 
-@pytest.mark.parametrize(
-    ("fault", "status", "code"),
-    [
-        ("status:401", 502, "upstream_auth_failed"),
-        ("status:429", 429, "rate_limit_exceeded"),
-        ("status:529", 503, "overloaded"),
-    ],
-)
+@pytest.mark.parametrize("fault", fake_anthropic.FAULTS)
 async def test_the_kit_passes_error_mapping(
-    kit_proxy: Any, testing: ModuleType, fake: Any, fault: str, status: int, code: str
+    kit_proxy: Any, testing: ModuleType, fake: Any, fault: str
 ) -> None:
+    (status, code), _ = fake_anthropic.FAULTS[fault]
     await testing.check_error_mapping(
         kit_proxy, MODEL, lambda: fake.faults.append(fault), status, code=code
     )

@@ -18,12 +18,13 @@ from aiohttp.test_utils import TestServer
 from aioproxy import Call, Outcome, Usage, create_app, hookimpl
 from aioproxy.testing import import_path
 
-FakeAnthropic = import_path(Path(__file__).with_name("fake_anthropic.py")).FakeAnthropic
+fake_anthropic = import_path(Path(__file__).with_name("fake_anthropic.py"))
+FakeAnthropic = fake_anthropic.FakeAnthropic
 
-CLIENT_KEY = "sk-client-test"
-UPSTREAM_KEY = "sk-ant-api03-upstream-secret"
-UPSTREAM_MODEL = "claude-sonnet-4-5-20250929"
-MODEL = "claude"
+CLIENT_KEY = fake_anthropic.CLIENT_KEY
+UPSTREAM_KEY = fake_anthropic.UPSTREAM_KEY
+UPSTREAM_MODEL = fake_anthropic.MODEL_ID
+MODEL = fake_anthropic.MODEL
 VERSION = {"anthropic-version": "2023-06-01"}
 
 
@@ -51,20 +52,9 @@ def usages() -> _Usages:
 @pytest.fixture
 async def proxy(aiohttp_server: Any, fake: Any, usages: _Usages) -> TestServer:
     upstream = await aiohttp_server(fake.app())
-    model = {
-        "name": MODEL,
-        "provider": "anthropic",
-        "model": UPSTREAM_MODEL,
-        "api_base": str(upstream.make_url("/")),
-        "api_key": UPSTREAM_KEY,
-        "headers": {"anthropic-beta": "configured-beta"},
-    }
-    config = {
-        "auth": {"master_key": CLIENT_KEY},
-        "router": {"num_retries": 0, "cooldown_seconds": 0},
-        "responses": {"store": False},
-        "models": [model],
-    }
+    config = fake_anthropic.gateway_config(
+        str(upstream.make_url("/")), headers={"anthropic-beta": "configured-beta"}
+    )
     app = create_app(config, plugins=[aioproxy_anthropic, usages], load_entrypoints=False)
     return await aiohttp_server(app)
 
@@ -162,17 +152,11 @@ async def test_usage_reaches_after_response(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-@pytest.mark.parametrize(
-    ("fault", "status", "kind"),
-    [
-        ("status:429", 429, "rate_limit_error"),
-        ("status:529", 529, "overloaded_error"),
-        ("status:500", 500, "api_error"),
-    ],
-)
+@pytest.mark.parametrize("fault", fake_anthropic.FAULTS)
 async def test_upstream_errors_in_anthropics_shape(
-    proxy: TestServer, fake: Any, fault: str, status: int, kind: str
+    proxy: TestServer, fake: Any, fault: str
 ) -> None:
+    _, (status, kind) = fake_anthropic.FAULTS[fault]
     fake.faults = [fault]
     got, body = await _post(proxy, json.dumps(_BODY).encode())
     assert got == status

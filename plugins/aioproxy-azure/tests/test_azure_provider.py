@@ -224,14 +224,7 @@ async def test_azure_errors(
     )
 
 
-@pytest.mark.parametrize(
-    ("fault", "status", "code"),
-    [
-        ("reset", 502, "upstream_disconnected"),
-        ("garbage", 502, "upstream_invalid_response"),
-        ("redirect", 502, "upstream_redirect"),
-    ],
-)
+@pytest.mark.parametrize(("fault", "status", "code"), testing.TRANSPORT_FAULTS)
 async def test_transport_errors(
     proxy: testing.ProxyUnderTest, azure: FakeAzure, fault: str, status: int, code: str
 ) -> None:

@@ -14,12 +14,11 @@ from aioproxy import (
     PermissionDenied,
     ProxyError,
     RateLimited,
+    error_text,
     scrub,
 )
 
 __all__ = ["STATUS_OF_TYPE", "error_from", "error_type", "map_error"]
-
-_PREVIEW = 300  # characters of a non-JSON error body worth showing
 
 # Bedrock runtime's exceptions and the HTTP status each comes with (its API reference). A
 # stream's exception events name them in camel case (throttlingException): compared folded.
@@ -78,9 +77,9 @@ def error_from(
     try:
         parsed = _decode_body(body)
         message = parsed.message or parsed.Message
-    except msgspec.DecodeError:  # not Bedrock's JSON: a proxy or load balancer said this
+    except msgspec.DecodeError:  # not Bedrock's JSON
         parsed = _Body()
-        message = body[:_PREVIEW].decode("utf-8", "replace").strip() or None
+        message = error_text(body)
     kind = error_type(headers.get("x-amzn-errortype") or parsed.type)
     return map_error(status, kind, message, deployment, headers.get("retry-after"))
 

@@ -13,11 +13,9 @@ from urllib.parse import quote
 
 import msgspec
 from msgspec import Meta
-from multidict import CIMultiDict
 
 from aioproxy import (
     DONE,
-    BadGateway,
     BadRequest,
     Call,
     ConfigError,
@@ -35,6 +33,8 @@ from aioproxy import (
     invalid_answer,
     scrub,
     sse_data,
+    stream_incomplete,
+    upstream_headers,
 )
 
 from . import embeddings
@@ -139,11 +139,8 @@ class BedrockProvider(Provider):
         url = f"{base}/model/{quote(deployment.model, safe='')}/{action}"
         signed = {"content-type": "application/json", "accept": accept}
         # The gateway's own headers (request id, traceparent) and the deployment's are sent,
-        # not signed; the signed ones and the signature replace any of theirs, whatever case.
-        headers: CIMultiDict[str] = CIMultiDict(call.upstream_headers)
-        headers.update(deployment.headers)
-        for name, value in (await auth.headers(url, body, signed)).items():
-            headers[name] = value
+        # not signed; the signed ones and the signature replace any of theirs.
+        headers = upstream_headers(call, await auth.headers(url, body, signed))
         return await self.upstream.post(call, url, body, headers, read_error=error_from)
 
     async def chat_completions(self, call: Call) -> Reply:
@@ -222,10 +219,7 @@ class BedrockProvider(Provider):
             finally:
                 await chunks.aclose()  # now, also when the client left: its bytes given back
         if not translator.stopped:
-            raise BadGateway(
-                f"Deployment {deployment.describe()} ended its stream before messageStop",
-                code="upstream_stream_incomplete",
-            )
+            raise stream_incomplete(deployment, "messageStop")
         response.release()
         if not done:  # the answer ended without its metadata event: finish without usage
             if translator.include_usage:

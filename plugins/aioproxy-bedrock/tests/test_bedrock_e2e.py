@@ -33,14 +33,7 @@ from .conftest import (
 )
 
 TOOL_INPUT = fake_bedrock.TOOL_INPUT
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
+WEATHER_TOOL = testing.weather_tool()
 
 
 async def test_chat(proxy: testing.ProxyUnderTest, fake: Any) -> None:

@@ -24,6 +24,7 @@ from aioproxy import (
     ProxyError,
     RateLimited,
     UpstreamError,
+    error_text,
     scrub,
 )
 
@@ -51,7 +52,6 @@ STATUS_OF: Mapping[str, int] = {
     "DEADLINE_EXCEEDED": 504,
 }
 
-_PREVIEW = 300  # characters of a non-JSON error body worth showing
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 # ErrorInfo reasons that blame the deployment's key or project, not the request.
@@ -108,9 +108,8 @@ def error_from(
 ) -> ProxyError:
     """A Gemini error answer (its status, body and headers) as the error the client sees."""
     error = _parse(body)
-    if error is None:  # not Gemini's JSON: a proxy or load balancer in front of it said this
-        text = body[:_PREVIEW].decode("utf-8", "replace").strip()
-        error = ErrorStatus(message=text or None)
+    if error is None:  # not Gemini's JSON
+        error = ErrorStatus(message=error_text(body))
     return map_error(status, error, deployment, headers.get("retry-after"))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -19,16 +19,16 @@ from aioproxy import (
     Deployment,
     JSONReply,
     Provider,
-    ProxyError,
     Reply,
-    StreamReply,
     UpstreamResponse,
     data_of,
     decode_upstream,
-    expect_content_type,
     get_field,
     include_usage,
+    invalid_answer,
     sse_data,
+    sse_translation,
+    upstream_headers,
 )
 
 from .answer import Answer, StreamTranslator, decode_answer, to_chat_completion
@@ -110,18 +110,21 @@ class GeminiProvider(Provider):
         response = await self._post(call, settings, method, body)
         with self.upstream.guard(response, call):
             if call.stream:
-                expect_content_type(response, "text/event-stream", deployment)
                 translator = StreamTranslator(
                     model=call.model,
                     created=int(time.time()),
                     n=n,
                     include_usage=include_usage(call.fields),
                 )
-                # close, not release: a client leaving mid-stream must not leave Gemini writing.
-                return StreamReply(
-                    _chunks(self.upstream.events(response, call), response, translator, deployment),
-                    close=response.close,
+                return sse_translation(
+                    self.upstream,
+                    call,
+                    response,
+                    translator,
+                    _translate,
+                    last_event="every candidate finished",
                     finished=response.content.is_eof,  # Gemini ends its stream by ending the body
+                    trailer=_trailer,
                 )
             raw = await self.upstream.read(response, call)
         response.release()
@@ -159,11 +162,8 @@ class GeminiProvider(Provider):
             else:
                 got = [e.values for e in _decode(decode_batch, raw, deployment).embeddings]
                 if len(got) != len(batch):
-                    raise BadGateway(
-                        f"Deployment {deployment.describe()} sent {len(got)} embeddings for "
-                        f"{len(batch)} inputs",
-                        code="upstream_invalid_response",
-                    )
+                    what = f"{len(got)} embeddings for {len(batch)} inputs"
+                    raise invalid_answer(deployment, what)
                 vectors += got
         return JSONReply.of(to_embeddings(vectors, model=call.model, as_base64=as_base64))
 
@@ -176,63 +176,41 @@ class GeminiProvider(Provider):
             call,
             url,
             _encode(body),
-            _headers(deployment, call.upstream_headers),
-            read_error=_read_error,
+            _headers(call),
+            read_error=error_from,
         )
 
 
-def _read_error(
-    status: int, body: bytes, deployment: Deployment, headers: Mapping[str, str]
-) -> ProxyError:
-    return error_from(status, body, deployment, headers)
-
-
-def _headers(deployment: Deployment, own: Mapping[str, str]) -> CIMultiDict[str]:
-    """Built afresh for each call: the client's own key and headers never travel upstream.
-
-    The gateway's ``own`` headers (request id, traceparent) come first, then the deployment's
-    extra ``headers``, so that neither can replace the key or the content type.
-    """
-    headers: CIMultiDict[str] = CIMultiDict(own)
-    headers.update(deployment.headers)
-    headers["content-type"] = "application/json"
-    if deployment.api_key:
-        headers["x-goog-api-key"] = deployment.api_key
-    return headers
+def _headers(call: Call) -> CIMultiDict[str]:
+    """The call's headers (``upstream_headers``), then the key and the content type, which
+    none of those may replace."""
+    fixed = {"content-type": "application/json"}
+    if call.deployment.api_key:
+        fixed["x-goog-api-key"] = call.deployment.api_key
+    return upstream_headers(call, fixed)
 
 
 def _decode(decode: Callable[[bytes], T], raw: bytes, deployment: Deployment) -> T:
     return decode_upstream(decode, raw, deployment, "an answer that is not Gemini's")
 
 
-async def _chunks(
-    events: AsyncGenerator[bytes, None],
-    response: UpstreamResponse,
-    translator: StreamTranslator,
-    deployment: Deployment,
-) -> AsyncIterator[bytes]:
-    """Each Gemini chunk of ``events`` (``upstream.events``: transport errors, stalls and
-    oversized events already mapped) as the chat chunks it gives, as it arrives; then the usage
-    chunk (if asked for) and ``[DONE]`` once Gemini's body has ended with every candidate
-    finished."""
-    try:
-        async for event in events:
-            data = data_of(event)
-            if not data:
-                continue  # a comment or a keep-alive
-            answer: Answer = _decode(decode_answer, data, deployment)
-            if answer.error is not None:
-                raise stream_error(answer.error, deployment)
-            for chunk in translator.feed(answer):
-                yield sse_data(chunk)
-    finally:
-        await events.aclose()  # now, also when the client left: see iter_sse
-    if not translator.finished:
-        raise BadGateway(
-            f"Deployment {deployment.describe()} ended its stream before every candidate finished",
-            code="upstream_stream_incomplete",
-        )
-    response.release()
+def _translate(
+    translator: StreamTranslator, deployment: Deployment, event: bytes
+) -> Iterator[bytes]:
+    """A Gemini chunk as the chat chunks it gives, as it arrives."""
+    data = data_of(event)
+    if not data:
+        return  # a comment or a keep-alive
+    answer: Answer = _decode(decode_answer, data, deployment)
+    if answer.error is not None:
+        raise stream_error(answer.error, deployment)
+    for chunk in translator.feed(answer):
+        yield sse_data(chunk)
+
+
+def _trailer(translator: StreamTranslator) -> Iterator[bytes]:
+    """Once Gemini's body has ended with every candidate finished: the usage chunk (if asked
+    for), then ``[DONE]``."""
     if translator.include_usage:
         yield sse_data(translator.usage_chunk())
     yield DONE

@@ -21,19 +21,11 @@ FakeGemini = fake_gemini.FakeGemini
 API_KEY = fake_gemini.API_KEY
 TOOL_ARGS = fake_gemini.TOOL_ARGS
 MODEL = "gemini"  # what clients call it
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": ["string", "null"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
+WEATHER_TOOL = testing.weather_tool(
+    properties={"city": {"type": "string"}, "unit": {"type": ["string", "null"]}},
+    required=["city"],
+    additionalProperties=False,
+)
 CHAT = "/v1/chat/completions"
 
 
