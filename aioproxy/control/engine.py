@@ -121,6 +121,9 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Statement journals (each multi-row INSERT of the request log's writer opens one) in
+    # memory: on disk each was a temporary file and two write(2)s a page, about one a request.
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 
