@@ -63,6 +63,9 @@ class Finished(NamedTuple):
     def of(cls, call: Call, outcome: Outcome, wall: float, failed: bool = False) -> Finished:
         fields = call.fields
         end_user = fields.get("user") or fields.get("safety_identifier")
+        if end_user is not None:
+            # A Raw is a view of the request's body: queued as is, it would keep it all alive.
+            end_user = end_user.copy()
         return cls(
             call.principal,
             call.deployment if call.routed else None,

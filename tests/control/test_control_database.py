@@ -262,3 +262,15 @@ async def test_a_new_sqlite_file_another_connection_writes_is_switched_to_wal(
         assert mode == "wal"
     finally:
         await engine.dispose()
+
+
+async def test_sqlite_keeps_statement_journals_in_memory(tmp_path: Path) -> None:
+    """Each multi-row INSERT of the request log's writer opens a statement journal: on disk
+    that was a temporary file and two writes a page, about one a logged request."""
+    engine = await open_engine(f"sqlite:///{tmp_path / 'control.sqlite3'}")
+    try:
+        async with engine.connect() as connection:
+            store = (await connection.exec_driver_sql("PRAGMA temp_store")).scalar()
+        assert store == 2  # MEMORY
+    finally:
+        await engine.dispose()

@@ -17,20 +17,22 @@ from tests.support import clean_env, free_port, running
 KEY = "sk-workers-master"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-_MAX_ROUNDS = 50  # rounds until both workers have served; all of them land on one worker
-# with probability 2**-(2 * rounds - 1)
+_MAX_ROUNDS = 50  # rounds until both workers have served; once both serve, all of them land
+# on one worker with probability 2**-(2 * rounds - 1)
 
 
-def requests_by_worker(folder: Path) -> dict[str, float]:
-    """Each worker's own count of finished API requests (not health checks nor scrapes, which
-    the readiness probe makes too), from its file in the shared folder."""
+def requests_by_worker(
+    folder: Path, ignored: tuple[str, ...] = ("health", "metrics")
+) -> dict[str, float]:
+    """Each worker's own count of finished requests from its file in the shared folder: by
+    default API requests only (not health checks nor scrapes, which the readiness probe makes
+    too); ``ignored=()`` counts every request."""
     counts: dict[str, float] = {}
     for path in folder.glob("counter_*.db"):
         total = 0.0
         for key, count, _, _ in MmapedDict.read_all_values_from_file(str(path)):
             _, name, labels, _ = json.loads(key)
-            kind = labels.get("kind")
-            if name == "aioproxy_requests_total" and kind not in ("health", "metrics"):
+            if name == "aioproxy_requests_total" and labels.get("kind") not in ignored:
                 total += count
         if total:
             counts[path.stem.removeprefix("counter_")] = total
@@ -73,6 +75,12 @@ async def test_counts_summed_across_workers(tmp_path: Path, aiohttp_server: Any)
     args = ("--config", str(config), "--workers", "2", "--log-level", "warning", "--port", port)
     async with running(*args, env=env) as (port, _):
         base = f"http://127.0.0.1:{port}"
+        # The readiness probe waited for one worker: the other may still be starting (on a
+        # loaded machine, for longer than the rounds below take). Both must serve first.
+        async with asyncio.timeout(60):  # a safety net, never the assertion
+            while len(requests_by_worker(folder, ignored=())) < 2:
+                assert await fresh("GET", f"{base}/health") == 200
+                await asyncio.sleep(0.05)
         rounds = 0
         while len(requests_by_worker(folder)) < 2 and rounds < _MAX_ROUNDS:
             rounds += 1
