@@ -179,6 +179,11 @@ class AccessHandler(logging.Handler):
         elif len(entries) >= _FLUSH_AT:
             self.flush()
 
+    def write_all(self, lines: list[AccessLine]) -> None:
+        """A batch of request lines (the observer's), written now with any entries held."""
+        self.entries.extend(lines)
+        self.flush()
+
     def emit(self, record: logging.LogRecord) -> None:
         """An entry logged through the logging API (by a plugin, say)."""
         try:

@@ -136,7 +136,8 @@ class _Counter(_Series):
 
 
 class _Histogram(_Series):
-    """A histogram's observations, kept as bucket counts and a sum until flushed."""
+    """A histogram's observations, kept as bucket counts and a sum until flushed (counted
+    into ``pending`` by :meth:`Metrics.count_finished`, a batch at a time)."""
 
     __slots__ = ("bounds", "pending")
 
@@ -144,14 +145,6 @@ class _Histogram(_Series):
         super().__init__(metric)
         self.bounds = (*buckets, math.inf)
         self.pending: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        pending = self.pending
-        counts = pending.get(labels)
-        if counts is None:
-            counts = pending[labels] = [0.0] * (len(self.bounds) + 1)  # buckets, then the sum
-        counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
-        counts[-1] += value
 
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
@@ -305,7 +298,9 @@ class Metrics:
         # A model label (that served) -> the batch's input, output, cached input and reasoning
         # tokens, and its spend.
         spent: dict[str, list[float]] = {}
-        first_token = self.ttft.observe
+        first_tokens = self.ttft.pending
+        ttft_bounds = self.ttft.bounds
+        ttft_empty = [0.0] * (len(ttft_bounds) + 1)
         for kind, asked, served, status, elapsed, usage, cost, ttft in finished:
             model = labels.get(asked, UNKNOWN)
             key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
@@ -330,8 +325,13 @@ class Metrics:
                     sums[3] += usage.reasoning_tokens
                 if cost:
                     sums[4] += cost
-            if ttft is not None:
-                first_token((served_label,), ttft)
+            if ttft is not None:  # _Histogram.observe, inline (a stream's every request)
+                key = (served_label,)
+                counts = first_tokens.get(key)
+                if counts is None:
+                    counts = first_tokens[key] = ttft_empty.copy()
+                counts[bisect.bisect_left(ttft_bounds, ttft)] += 1
+                counts[-1] += ttft
         # The batch's tokens and spend, a model at a time.
         tokens = self.tokens.pending
         spend = self.spend.pending

@@ -1,8 +1,10 @@
 """The built-in observer: metrics, the access log and the timing header, on the hook contract.
 
-A middleware (the app's outermost) times each request and, once it is over, counts it and logs
-it; the hooks fill in what only they see (the call, its outcome, each upstream attempt) on the
-request's :class:`Record`. Registered as the built-in plugin ``observer`` (``[plugins] disable
+A middleware (the app's outermost) times each request and, once it is over, queues it: a
+request pays for an append. The hooks leave what only they see (the call and its outcome, a
+failure, an eventful upstream attempt) in the request's own dict. At the end of the event loop's
+turn (or before a scrape, or at shutdown) the turn's requests are counted and their access lines
+built and written, one batch. Registered as the built-in plugin ``observer`` (``[plugins] disable
 = ["observer"]`` removes it); with metrics, the access log and the timing header all off it
 implements no hook at all, so the request path is as it would be without it.
 """
@@ -13,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -21,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from .._aiohttp import request_state
 from ..deployments import deployments_from
 from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from ..outcome import Outcome
     from ..runtime import Runtime
 
-__all__ = ["Observer", "Record", "observer"]
+__all__ = ["Observer", "observer"]
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
 _CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
@@ -66,14 +68,22 @@ class _Route(NamedTuple):
     method: str | None  # None: any (the request's own)
 
 
-class Record(msgspec.Struct):
-    """What one request's hooks learnt, for the middleware to count and log when it ends (a
-    Struct: its defaults are filled in C, with no ``__init__`` to run per request)."""
+# Where the hooks leave what they learnt of a request, for its batch to read (the request's own
+# dict, read and written in C; the batch pops each, which also lets go of the call).
+_ANSWERED = "aioproxy.observer.answered"  # after_response: (call, outcome)
+_FAILED = "aioproxy.observer.failed"  # on_error: (error, call)
+_ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or every one, timed)
+_STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 
-    started: float
-    call: Call | None = None
-    outcome: Outcome | None = None
-    error: BaseException | None = None
+# A request over, as the middleware hands it to the turn's batch: the request, when it came and
+# ended (monotonic seconds), and its response (or the status of its end without one).
+_Over = tuple[web.Request, float, float, "web.StreamResponse | int"]
+
+
+class _Attempts(msgspec.Struct):
+    """What a request's eventful upstream attempts (not its first, or failed, or 429) taught;
+    with the timing header on, every attempt's (a Struct: its defaults are filled in C)."""
+
     upstream_time: float = 0.0  # seconds the upstream attempts took (to their first byte)
     retries: int = 0
     fallbacks: int = 0
@@ -105,14 +115,12 @@ class Observer:
         self.runtime: Runtime | None = None
         # Each route's kind, template and method, for the access log and requests without a call.
         self.routes: dict[AbstractRoute, _Route] = {}
-        # Where a request's access line goes (None: no access log): run.py's handler, written
+        # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
-        self.write: Callable[[AccessLine], None] | None = None
-        # The record of the request being served, for its hooks and the timing header: a
-        # context variable is read in C (the request's mapping costs two Python calls a read).
-        # Tasks the request starts (a pooled connection's) copy it and may outlive it: what
-        # they keep then is an emptied record, since the middleware lets go of the call.
-        self.current: ContextVar[Record | None] = ContextVar("aioproxy.record", default=None)
+        self.write: Callable[[list[AccessLine]], None] | None = None
+        # Requests over since the event loop's turn began, counted and logged at its end (one
+        # batch: a request pays for an append), or before a scrape or at shutdown.
+        self.pending: list[_Over] = []
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
@@ -126,9 +134,9 @@ class Observer:
         if self.access_log:
             writer = direct_handler()
             if writer is None:
-                self.write = _log_entry
+                self.write = _log_entries
             elif ACCESS_LOG.isEnabledFor(logging.INFO):  # run.py set the level already
-                self.write = writer.write
+                self.write = writer.write_all
         if self.metrics is not None:
             # Other workers' scrapes read this one's shared values: they must keep up. One
             # process alone moves its counts on its own scrapes (and as they gather).
@@ -138,6 +146,7 @@ class Observer:
                 app.cleanup_ctx.append(self._metrics_port)
         app.on_startup.append(self._name_routes)
         app.middlewares.insert(0, self._middleware())
+        app.on_cleanup.append(self._observe_at_cleanup)
         if self.timing_header:
             app.on_response_prepare.append(self._add_timing)
 
@@ -196,11 +205,12 @@ class Observer:
             await runner.cleanup()
 
     def refresh(self) -> None:
-        """Flush this process's counts, and set what is read rather than counted (cooldown)
-        from its router."""
+        """Flush this process's counts (the requests over but not yet counted first), and set
+        what is read rather than counted (cooldown) from its router."""
         metrics = self.metrics
         if metrics is None:
             return
+        self.observe_pending()
         if self.runtime is not None:
             router = self.runtime.router
             now = router.clock.now()
@@ -213,47 +223,47 @@ class Observer:
 
     def _middleware(self) -> Any:
         metrics = self.metrics
-        finish = self._finish
+        pending = self.pending
+        observe_pending = self.observe_pending
         monotonic = time.monotonic
-        current = self.current
+        timing = self.timing_header
 
         @web.middleware
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-            record = Record(monotonic())
-            current.set(record)
+            started = monotonic()
+            if timing:
+                request_state(request)[_STARTED] = started
             if metrics is not None:
-                metrics.active += 1
-            status = 500
+                metrics.active += 1  # the turn's batch takes it off again
+            ended: web.StreamResponse | int = 500
             try:
-                response = await handler(request)
-                status = response.status
-                return response
+                ended = await handler(request)
+                return ended
             except asyncio.CancelledError:
-                status = _CLIENT_GONE
+                ended = _CLIENT_GONE
                 raise
             except web.HTTPException as exc:  # a redirect a plugin's route raised
-                status = exc.status
+                ended = exc.status
                 raise
             finally:
-                if metrics is not None:
-                    metrics.active -= 1
-                # Count and log the request, now over (its last byte sent, or its client gone).
-                try:
-                    finish(request, record, status)
-                except Exception:  # the answer is out: a bug here must not turn into a 500
-                    logging.getLogger("aioproxy").exception("observing a request failed")
-                # Break request -> record -> call -> request (and the error's traceback): left
-                # in place, every request is cyclic garbage, freed only by the collector's full
-                # passes over the heap (in a benchmark they cost more than all the rest of
-                # observing).
-                record.call = record.outcome = record.error = None
+                # Over (its last byte sent, or its client gone): counted and logged with the
+                # rest of the loop turn's.
+                pending.append((request, started, monotonic(), ended))
+                if len(pending) == 1:
+                    asyncio.get_running_loop().call_soon(observe_pending)
 
         return observe
 
+    async def _observe_at_cleanup(self, app: web.Application) -> None:
+        self.observe_pending()
+
     async def _add_timing(self, request: web.Request, response: web.StreamResponse) -> None:
-        record = self.current.get()
-        if record is not None:
-            overhead = time.monotonic() - record.started - record.upstream_time
+        state = request_state(request)
+        started = state.get(_STARTED)
+        if started is not None:
+            attempts = state.get(_ATTEMPTS)
+            upstream_time = attempts.upstream_time if attempts is not None else 0.0
+            overhead = time.monotonic() - started - upstream_time
             response.headers[TIMING_HEADER] = f"{max(overhead, 0.0) * 1000:.3f}"
 
     @hookimpl
@@ -266,42 +276,45 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
-        record = self.current.get()
-        if record is None:
-            return
-        record.upstream_time += elapsed
-        record.deployment = deployment
         metrics = self.metrics
         if metrics is not None:
             upstream = metrics.upstream.pending
             key = (deployment.id, status)  # made labels when flushed
             upstream[key] = upstream.get(key, 0) + 1
-        if attempt > 1 or status == 429 or error is not None:
-            self._eventful_attempt(record, call, deployment, attempt, status, error)
-        record.last_model = deployment.name
+        if attempt > 1 or status == 429 or error is not None or self.timing_header:
+            self._eventful_attempt(call, deployment, attempt, status, error, elapsed)
 
     def _eventful_attempt(
         self,
-        record: Record,
         call: Call,
         deployment: Deployment,
         attempt: int,
         status: int,
         error: Exception | None,
+        elapsed: float,
     ) -> None:
-        """An attempt that was not the first, or failed: retries, fallbacks, cooldowns."""
+        """An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
+        attempt when the timing header needs its time. (An attempt after the first follows a
+        failed one: the model it is compared with was noted here.)"""
+        state = request_state(call.request)
+        attempts = state.get(_ATTEMPTS)
+        if attempts is None:
+            attempts = state[_ATTEMPTS] = _Attempts()
+        attempts.upstream_time += elapsed
+        attempts.deployment = deployment
         metrics = self.metrics
         if attempt > 1:
-            if deployment.name == record.last_model:
-                record.retries += 1
+            if deployment.name == attempts.last_model:
+                attempts.retries += 1
                 if metrics is not None:
                     metrics.retries.add((metrics.model(deployment.name),))
             else:
-                record.fallbacks += 1
+                attempts.fallbacks += 1
                 if metrics is not None:
                     metrics.fallbacks.add((metrics.model(call.model),))
+        attempts.last_model = deployment.name
         if status == 429:
-            record.upstream_429 = True
+            attempts.upstream_429 = True
             if metrics is not None:
                 metrics.rate_limited.add(("upstream",))
         if error is not None and metrics is not None and self.runtime is not None:
@@ -312,100 +325,123 @@ class Observer:
 
     @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
     def after_response(self, call: Call, outcome: Outcome) -> None:
-        record = self.current.get()
-        if record is not None:
-            record.call, record.outcome = call, outcome
+        request_state(call.request)[_ANSWERED] = (call, outcome)
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
-        record = self.current.get()
-        if record is not None:
-            record.error = error
-            if call is not None:
-                record.call = call
+        state = request_state(request)
+        if call is None and (earlier := state.get(_FAILED)) is not None:
+            call = earlier[1]
+        state[_FAILED] = (error, call)
 
-    def _finish(self, request: web.Request, record: Record, status: int) -> None:
-        """Count and log a request that is over."""
-        elapsed = time.monotonic() - record.started
-        call, outcome = record.call, record.outcome
-        if outcome is not None:
-            status = outcome.status
-            usage = outcome.usage()
-            cost = outcome.cost
-            ttft = outcome.ttfb if outcome.stream else None
-        else:
-            usage = cost = ttft = None
-        # The deployment that answered: the last one tried, else (a cached answer) the routed one.
-        deployment = record.deployment
-        if call is not None:
-            if deployment is None and call.routed:
-                deployment = call.deployment
-            kind = call.kind._value_  # Kind.value is a Python property: the plain attribute
-            cache = call.state.get(_CACHE_STATE)
-            route = None
-        else:
-            route = self.routes.get(request.match_info.route)
-            kind = route.kind if route is not None else "other"
-            cache = None
-        metrics = self.metrics
-        if metrics is not None:
-            finished = metrics.finished
-            finished.append(
-                (
-                    kind,
-                    call.model if call is not None else None,
-                    deployment.name if deployment is not None else None,
-                    status,
-                    elapsed,
-                    usage,
-                    cost,
-                    ttft,
-                )
-            )
-            if len(finished) >= COUNT_AT:
-                metrics.count_finished()
-            if cache is not None:
-                metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
-            if status == 429 and not record.upstream_429:
-                metrics.rate_limited.add((_scope(record.error),))
-        write = self.write
-        if write is None:
+    def observe_pending(self) -> None:
+        """Count and log the requests over since the last batch (the loop turn's): one loop,
+        its lookups bound once, is each request's share of observing."""
+        pending = self.pending
+        if not pending:
             return
-        if call is not None:
-            route = self.routes.get(request.match_info.route)
-        error = record.error
-        principal = call.principal if call is not None else None
-        try:
-            rid = request[REQUEST_ID]
-        except KeyError:  # a request refused before anything asked for its id
-            rid = request_id(request)
-        write(
-            AccessLine(  # positionally, in AccessLine's order
-                None,  # time: filled in as the line is written
-                rid,
-                request.method if route is None or route.method is None else route.method,
-                route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
-                kind,
-                status,
-                error.code if isinstance(error, ProxyError) else None,
-                principal.name if principal is not None else None,
-                principal.team if principal is not None else None,
-                call.model[:_MAX_LOGGED_NAME] if call is not None else None,
-                (deployment.id or deployment.describe()) if deployment is not None else None,
-                call.stream if call is not None else None,
-                usage.prompt_tokens if usage is not None else None,
-                usage.completion_tokens if usage is not None else None,
-                cost,
-                # Milliseconds to the µs (int() and a division: round() goes through text).
-                int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
-                int(elapsed * 1e6 + 0.5) / 1000,
-                record.retries,
-                record.fallbacks,
-                cache,
-                request.remote,
-                call.upstream_request_id if call is not None else None,
-            )
-        )
+        batch = pending.copy()
+        pending.clear()
+        write = self.write
+        lines: list[AccessLine] = []
+        metrics = self.metrics
+        routes = self.routes
+        for request, started, ended, end in batch:
+            try:
+                state = request_state(request)
+                # Popped: the request lets go of its call (request -> call -> request would be
+                # cyclic garbage, freed only by the collector's full passes).
+                answered = state.pop(_ANSWERED, None)
+                failed = state.pop(_FAILED, None)
+                attempts: _Attempts | None = state.pop(_ATTEMPTS, None)
+                elapsed = ended - started
+                if answered is not None:
+                    call, outcome = answered
+                    status = outcome.status
+                    usage = outcome.usage()
+                    cost = outcome.cost
+                    ttft = outcome.ttfb if outcome.stream else None
+                else:
+                    call = failed[1] if failed is not None else None
+                    status = end if type(end) is int else end.status  # type: ignore[union-attr]
+                    usage = cost = ttft = None
+                # The deployment that answered: the last one tried, else (a cached answer) the
+                # routed one.
+                deployment = attempts.deployment if attempts is not None else None
+                if call is not None:
+                    if deployment is None and call.routed:
+                        deployment = call.deployment
+                    kind = call.kind._value_  # Kind.value is a Python property: the attribute
+                    cache = call.state.get(_CACHE_STATE)
+                    route = None
+                else:
+                    route = routes.get(request.match_info.route)
+                    kind = route.kind if route is not None else "other"
+                    cache = None
+                error = failed[0] if failed is not None else None
+                if metrics is not None:
+                    metrics.finished.append(
+                        (
+                            kind,
+                            call.model if call is not None else None,
+                            deployment.name if deployment is not None else None,
+                            status,
+                            elapsed,
+                            usage,
+                            cost,
+                            ttft,
+                        )
+                    )
+                    if cache is not None:
+                        metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
+                    if status == 429 and (attempts is None or not attempts.upstream_429):
+                        metrics.rate_limited.add((_scope(error),))
+                if write is None:
+                    continue
+                if call is not None:
+                    route = routes.get(request.match_info.route)
+                principal = call.principal if call is not None else None
+                rid = state.get(REQUEST_ID)
+                if rid is None:  # a request refused before anything asked for its id
+                    rid = request_id(request)
+                lines.append(
+                    AccessLine(  # positionally, in AccessLine's order
+                        None,  # time: filled in as the line is written
+                        rid,
+                        request.method if route is None or route.method is None else route.method,
+                        route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
+                        kind,
+                        status,
+                        error.code if isinstance(error, ProxyError) else None,
+                        principal.name if principal is not None else None,
+                        principal.team if principal is not None else None,
+                        call.model[:_MAX_LOGGED_NAME] if call is not None else None,
+                        (deployment.id or deployment.describe())
+                        if deployment is not None
+                        else None,
+                        call.stream if call is not None else None,
+                        usage.prompt_tokens if usage is not None else None,
+                        usage.completion_tokens if usage is not None else None,
+                        cost,
+                        # Milliseconds to the µs (int() and a division: round() goes through text).
+                        int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
+                        int(elapsed * 1e6 + 0.5) / 1000,
+                        attempts.retries if attempts is not None else 0,
+                        attempts.fallbacks if attempts is not None else 0,
+                        cache,
+                        request.remote,
+                        call.upstream_request_id if call is not None else None,
+                    )
+                )
+            except Exception:  # the answers are out: a bug here must not lose the others
+                logging.getLogger("aioproxy").exception("observing a request failed")
+        if metrics is not None:
+            metrics.active -= len(batch)
+            if len(metrics.finished) >= COUNT_AT:
+                metrics.count_finished()
+        if lines:
+            assert write is not None
+            write(lines)
 
 
 def _scope(error: BaseException | None) -> str:
@@ -414,7 +450,8 @@ def _scope(error: BaseException | None) -> str:
     return scope if scope in RATE_LIMIT_SCOPES else "deployment"
 
 
-def _log_entry(fields: AccessLine) -> None:
-    """An access line through the logging API (an app embedded elsewhere)."""
+def _log_entries(lines: list[AccessLine]) -> None:
+    """Access lines through the logging API (an app embedded elsewhere)."""
     if ACCESS_LOG.isEnabledFor(logging.INFO):
-        ACCESS_LOG.info(AccessEntry(fields))
+        for fields in lines:
+            ACCESS_LOG.info(AccessEntry(fields))

@@ -1,6 +1,7 @@
 """What observing a request costs in Python calls: the observer's share of each request stays a
-handful of functions (the middleware, its two hooks, its finish and the access line's hold and
-write), with metrics and the JSON access log on, as run.py writes it."""
+handful of functions (on the request's own path the middleware and its two hooks; in the loop
+turn's batch the counting and the access lines' write), with metrics and the JSON access log on,
+as run.py writes it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from tests.support import AUTH, ServeProxy, gateway_config
 
 OBSERVABILITY = str(Path(aioproxy.observability.__file__).parent)
 MESSAGES = [{"role": "user", "content": "hi"}]
-BUDGET = 7  # observe, after_attempt, after_response, _finish, write; the turn's flush, its time
+BUDGET = 7  # observe, after_attempt, after_response; the turn's batch, its write, flush and time
+# What the request's own task runs: the rest waits for the turn's batch (a request pays for an
+# append).
+ON_THE_REQUEST = {"observe", "after_attempt", "after_response"}
 
 
 @contextmanager
@@ -43,14 +47,17 @@ def access_stream() -> Iterator[io.BytesIO]:
         ACCESS_LOG.setLevel(level)
 
 
-async def _observed_calls(http: aiohttp.ClientSession, url: Any, body: dict[str, Any]) -> list[str]:
+async def _observed_calls(
+    http: aiohttp.ClientSession, url: Any, body: dict[str, Any]
+) -> list[tuple[str, bool]]:
     """The observability functions one request entered (each frame once, however often a
-    coroutine resumed), up to its access line."""
-    frames: list[FrameType] = []
+    coroutine resumed), up to its access line, each with whether a task ran it (the request's:
+    the client's calls are not observability's) or the loop itself (a callback)."""
+    frames: list[tuple[FrameType, bool]] = []
 
     def profile(frame: FrameType, event: str, arg: object) -> None:
         if event == "call" and frame.f_code.co_filename.startswith(OBSERVABILITY):
-            frames.append(frame)
+            frames.append((frame, asyncio.current_task() is not None))
 
     sys.setprofile(profile)
     try:
@@ -60,7 +67,8 @@ async def _observed_calls(http: aiohttp.ClientSession, url: Any, body: dict[str,
         await asyncio.sleep(0)  # the turn's lines written
     finally:
         sys.setprofile(None)
-    return [frame.f_code.co_name for frame in {id(frame): frame for frame in frames}.values()]
+    unique = {id(frame): (frame, in_task) for frame, in_task in frames}.values()
+    return [(frame.f_code.co_name, in_task) for frame, in_task in unique]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -79,4 +87,5 @@ async def test_observing_a_request_takes_a_handful_of_calls(
             await _observed_calls(http, url, body)  # the first request's one-off work
             calls = await _observed_calls(http, url, body)
     assert lines.getvalue().count(b"\n") == 2
-    assert len(calls) <= BUDGET, " ".join(calls)
+    assert len(calls) <= BUDGET, calls
+    assert {name for name, in_task in calls if in_task} == ON_THE_REQUEST, calls
