@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from multidict import istr
+
 from .records import KeyEntry, TeamEntry, period_end
 
 __all__ = ["HEADER_NAMES", "KeyLimits", "Meter", "RateWindow", "Scope"]
@@ -13,11 +15,13 @@ __all__ = ["HEADER_NAMES", "KeyLimits", "Meter", "RateWindow", "Scope"]
 _SECONDS = 60
 
 # OpenAI's x-ratelimit-* header names, per kind of limit: the limit, what remains, the reset.
+# As ``istr``, the case-insensitive names aiohttp's headers keep: a response's update takes
+# them as they are (a ``str`` is made into one per header and response, 3x the update's time).
 HEADER_NAMES = {
     kind: (
-        f"x-ratelimit-limit-{kind}",
-        f"x-ratelimit-remaining-{kind}",
-        f"x-ratelimit-reset-{kind}",
+        istr(f"x-ratelimit-limit-{kind}"),
+        istr(f"x-ratelimit-remaining-{kind}"),
+        istr(f"x-ratelimit-reset-{kind}"),
     )
     for kind in ("requests", "tokens")
 }
