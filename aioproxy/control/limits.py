@@ -89,10 +89,7 @@ class Reservation:
         self.tokens = tokens
         if delta or cost:
             for scope in self.limits.checks:
-                if delta:
-                    scope.tokens.add(delta, now)
-                if cost:
-                    scope.meter.add_spend(cost, scope.period(wall))
+                scope.settle(delta, cost, now, wall)
 
     def count_tokens(self, tokens: int, now: float) -> None:
         """A failed request: its request stays counted, its reserved tokens become ``tokens``."""

@@ -196,6 +196,23 @@ class Scope:
         ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
         return spend_in(self.entry, self.meter, ends) < budget
 
+    def settle(self, delta: int, cost: float | None, now: float, wall: float) -> None:
+        """Move ``delta`` tokens (the usage less the reservation) into the token window and add
+        ``cost`` to the spend of the budget period holding ``wall`` (``RateWindow.add`` and
+        ``Meter.add_spend``, inlined: once per request and scope)."""
+        if delta:
+            used = self.tokens
+            if int(now) != used.second:
+                used.advance(int(now))
+            used.buckets[used.second % _SECONDS] += delta
+            used.count += delta
+        if cost:
+            ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
+            meter = self.meter
+            if meter.period != ends:
+                meter.period, meter.spend = ends, 0.0
+            meter.spend += cost
+
     def count(self, tokens: int) -> None:
         """Count one request reserving ``tokens``, in the second ``admits`` moved to."""
         self.meter.in_flight += 1

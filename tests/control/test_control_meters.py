@@ -55,3 +55,15 @@ def test_header_names_are_istr() -> None:
     names = [name for names, _, _ in limits.rate_headers for name in names]
     assert len(names) == 6 and all(isinstance(name, istr) for name in names)
     assert all(isinstance(name, istr) for names in HEADER_NAMES.values() for name in names)
+
+
+def test_settle_moves_tokens_and_adds_the_cost_in_its_period() -> None:
+    limits = key_limits(tpm=1000, max_budget=5.0, budget_duration="1h", created_at=0.0)
+    key = limits.checks[0]
+    assert key.admits(100, 10, 10.0)
+    key.count(100)
+    key.settle(-40, 0.5, 10.5, 10.0)  # used 60 of the 100 reserved
+    assert key.tokens.total(10.5) == 60
+    assert key.meter.local_spend(3600.0) == 0.5
+    key.settle(0, 0.25, 3700.0, 3700.0)  # the next budget period starts from nothing
+    assert key.meter.local_spend(7200.0) == 0.25 and key.meter.local_spend(3600.0) == 0.0
