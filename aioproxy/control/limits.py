@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from aiohttp import web
 
+from .._aiohttp import request_state
 from ..config import Config
 from ..context import Call
 from ..errors import RateLimited
@@ -39,11 +40,12 @@ _OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def _reserve(call: Call) -> int:
+    fields = call.fields
     cap = 0
     for name in _OUTPUT_CAPS:
-        if name in call.fields:
+        if name in fields:
             value = call.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if value.__class__ is int and value > 0:  # not a bool, nor a float
                 cap = value
                 break
     return estimate_prompt(call) + cap
@@ -77,39 +79,36 @@ class Reservation:
     def release(self, _task: object = None) -> None:
         if not self.released:
             self.released = True
-            for _, _, meter in self.limits.scopes:
-                meter.in_flight -= 1
+            for scope in self.limits.checks:
+                scope.meter.in_flight -= 1
+
+    def settle(self, tokens: int, cost: float | None, now: float, wall: float) -> None:
+        """The usage's ``tokens`` for those reserved, and the ``cost`` added to the spend, in
+        one pass over the scopes."""
+        delta = tokens - self.tokens  # 0: the reservation was the usage, nothing to move
+        self.tokens = tokens
+        if delta or cost:
+            for scope in self.limits.checks:
+                scope.settle(delta, cost, now, wall)
 
     def count_tokens(self, tokens: int, now: float) -> None:
-        if tokens != self.tokens:  # the reservation was the usage: nothing to move
-            for _, _, meter in self.limits.scopes:
-                meter.tokens.add(tokens - self.tokens, now)
-            self.tokens = tokens
-
-
-_HEADER_NAMES = {
-    kind: (
-        f"x-ratelimit-limit-{kind}",
-        f"x-ratelimit-remaining-{kind}",
-        f"x-ratelimit-reset-{kind}",
-    )
-    for kind in ("requests", "tokens")
-}
+        """A failed request: its request stays counted, its reserved tokens become ``tokens``."""
+        self.settle(tokens, None, now, 0.0)
 
 
 def _headers(limits: KeyLimits, now: float, granted: bool = False) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers, from the scope with the least room left. ``granted``:
+    """OpenAI's x-ratelimit-* headers, from the scope with the least room left, read from the
+    windows as last moved (to this second: every scope's, by ``Scope.admits``). ``granted``:
     right after this request was counted, so a window holding anything holds some of this
     second's, and empties in a minute ("1m0s") without asking it when."""
     headers: dict[str, str] = {}
-    for kind, scopes in limits.rate_headers:
-        limit, text, window = scopes[0]
-        remaining = limit - window.total(now)
-        for other_limit, other_text, other_window in scopes[1:]:
-            other = other_limit - other_window.total(now)
+    for (limit_name, remaining_name, reset_name), first, others in limits.rate_headers:
+        limit, text, window = first
+        remaining = limit - window.count
+        for other_limit, other_text, other_window in others:
+            other = other_limit - other_window.count
             if other < remaining:
                 limit, text, window, remaining = other_limit, other_text, other_window, other
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
         headers[limit_name] = text
         headers[remaining_name] = str(remaining) if remaining > 0 else "0"
         headers[reset_name] = (
@@ -159,15 +158,13 @@ class Limits:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
         # A cached answer counts toward rpm, not tpm.
         tokens = 0 if call.state.get("cache") == "hit" else usage.total_tokens
-        if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
-            reservation.settle(tokens, outcome.cost, plane.clock.time())
-            return None
-        reservation.count_tokens(tokens, plane.clock.monotonic())
+        clock = plane.clock
         cost = outcome.cost
+        if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
+            reservation.settle(tokens, cost, clock.time())
+            return None
+        reservation.settle(tokens, cost, clock.monotonic(), clock.time())
         if cost:
-            wall = plane.clock.time()
-            for scope in reservation.limits.checks:
-                scope.meter.add_spend(cost, scope.period(wall))
             call.state[COUNTED] = True  # the writer moves it from the meters to the figures
         return None
 
@@ -180,21 +177,17 @@ class Limits:
 
 
 def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
+    """Check every scope, then count the request in each, then its headers: one pass each."""
     now = clock.monotonic()
+    second = int(now)
     tokens = _reserve(call)
     wall = clock.time()
-    try:
-        for scope in limits.checks:
-            _check(scope, tokens, now, wall)
-    except RateLimited:
-        if limits.limited:  # also on a 429: the client learns when to come back
-            call.request[RATE_LIMIT_HEADERS] = _headers(limits, now)
-        raise
-    for scope in limits.checks:
-        meter = scope.meter
-        meter.in_flight += 1
-        meter.requests.add(1, now)
-        meter.tokens.add(tokens, now)
+    checks = limits.checks
+    for scope in checks:
+        if not scope.admits(tokens, second, wall):
+            _refuse_by(call, limits, scope, tokens, now, wall)
+    for scope in checks:
+        scope.count(tokens)
     reservation = call.state[RESERVATION] = Reservation(limits, tokens)
     task = asyncio.current_task()
     if task is not None:
@@ -202,7 +195,23 @@ def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
     else:  # pragma: no cover - hooks always run in the request's task
         reservation.release()
     if limits.limited:
-        call.request[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
+        request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
+
+
+def _refuse_by(
+    call: Call, limits: KeyLimits, scope: Scope, tokens: int, now: float, wall: float
+) -> NoReturn:
+    """Raise the refusal of ``scope`` (which has no room), with the headers."""
+    try:
+        _check(scope, tokens, now, wall)
+        raise AssertionError("a scope without room passed its check")  # pragma: no cover
+    except RateLimited:
+        if limits.limited:  # also on a 429: the client learns when to come back
+            for other in limits.checks:  # every window moved to now, for the headers
+                other.requests.total(now)
+                other.tokens.total(now)
+            request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now)
+        raise
 
 
 def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:

@@ -4,63 +4,82 @@ through the database."""
 
 from __future__ import annotations
 
+import math
+
+from multidict import istr
+
 from .records import KeyEntry, TeamEntry, period_end
 
-__all__ = ["KeyLimits", "Meter", "RateWindow", "Scope"]
+__all__ = ["HEADER_NAMES", "KeyLimits", "Meter", "RateWindow", "Scope"]
 
 _SECONDS = 60
 
+# OpenAI's x-ratelimit-* header names, per kind of limit: the limit, what remains, the reset.
+# As ``istr``, the case-insensitive names aiohttp's headers keep: a response's update takes
+# them as they are (a ``str`` is made into one per header and response, 3x the update's time).
+HEADER_NAMES = {
+    kind: (
+        istr(f"x-ratelimit-limit-{kind}"),
+        istr(f"x-ratelimit-remaining-{kind}"),
+        istr(f"x-ratelimit-reset-{kind}"),
+    )
+    for kind in ("requests", "tokens")
+}
+
 
 class RateWindow:
-    """A sliding one-minute total in one-second buckets, with when it next goes down."""
+    """A sliding one-minute total in one-second buckets, with when it next goes down.
 
-    __slots__ = ("_buckets", "_latest", "_total")
+    ``second`` is the last second it moved to and ``count`` its total then: the limits
+    plugin moves both of a scope's windows once (``Scope.admits``) and reads them directly."""
+
+    __slots__ = ("buckets", "count", "second")
 
     def __init__(self) -> None:
-        self._buckets = [0] * _SECONDS
-        self._latest = 0
-        self._total = 0
+        self.buckets = [0] * _SECONDS
+        self.second = 0
+        self.count = 0
 
-    def _advance(self, now: float) -> None:
-        second = int(now)
-        if second == self._latest:  # the common case: within the second last counted
+    def advance(self, second: int) -> None:
+        """Move to ``second``, emptying the buckets of the seconds that left the window."""
+        gone = second - self.second
+        if gone <= 0:
             return
-        gone = second - self._latest
         if gone >= _SECONDS:
-            self._buckets = [0] * _SECONDS
-            self._total = 0
+            self.buckets = [0] * _SECONDS
+            self.count = 0
         else:
-            for past in range(self._latest + 1, second + 1):
+            buckets = self.buckets
+            for past in range(self.second + 1, second + 1):
                 slot = past % _SECONDS
-                self._total -= self._buckets[slot]
-                self._buckets[slot] = 0
-        if gone > 0:
-            self._latest = second
+                self.count -= buckets[slot]
+                buckets[slot] = 0
+        self.second = second
 
     def add(self, amount: int, now: float) -> None:
-        if int(now) != self._latest:  # checked here: most calls are within the same second
-            self._advance(now)
-        self._buckets[self._latest % _SECONDS] += amount
-        self._total += amount
+        if int(now) != self.second:  # checked here: most calls are within the same second
+            self.advance(int(now))
+        self.buckets[self.second % _SECONDS] += amount
+        self.count += amount
 
     def total(self, now: float) -> int:
-        if int(now) != self._latest:
-            self._advance(now)
-        return self._total
+        if int(now) != self.second:
+            self.advance(int(now))
+        return self.count
 
     def clear_in(self, now: float) -> float:
         """Seconds until everything counted now has left the window (O(1)): when the full
         limit is available again, what OpenAI's x-ratelimit-reset-* headers say."""
-        return max(0.0, self._latest + _SECONDS - now) if self._total > 0 else 0.0
+        return max(0.0, self.second + _SECONDS - now) if self.count > 0 else 0.0
 
     def reset_in(self, now: float) -> float:
         """Seconds until the oldest counted second leaves the window (0: nothing counted)."""
-        self._advance(now)
-        if self._total <= 0:
+        self.advance(int(now))
+        if self.count <= 0:
             return 0.0
         for age in range(_SECONDS - 1, -1, -1):  # oldest first
-            if self._buckets[(self._latest - age) % _SECONDS]:
-                return max(0.0, self._latest - age + _SECONDS - now)
+            if self.buckets[(self.second - age) % _SECONDS]:
+                return max(0.0, self.second - age + _SECONDS - now)
         return 0.0
 
 
@@ -99,7 +118,10 @@ def spend_now(entry: KeyEntry | TeamEntry, meter: Meter, now: float) -> tuple[fl
 def spend_in(entry: KeyEntry | TeamEntry, meter: Meter, end: float | None) -> float:
     """The spend of the budget period ending at ``end``: the database's and this process's."""
     stored = entry.spend if entry.budget_resets_at == end else 0.0
-    return stored + meter.local_spend(end)
+    return stored + (meter.spend if meter.period == end else 0.0)  # meter.local_spend(end)
+
+
+_NO_LIMIT = math.inf  # a limit not set, as ``Scope.admits`` compares it
 
 
 class Scope:
@@ -116,17 +138,28 @@ class Scope:
         "max_parallel",
         "meter",
         "name",
+        "parallel_cap",
+        "requests",
         "rpm",
+        "rpm_cap",
+        "tokens",
         "tpm",
+        "tpm_cap",
     )
 
     def __init__(self, name: str, entry: KeyEntry | TeamEntry, meter: Meter) -> None:
         self.name = name
         self.entry = entry
         self.meter = meter
+        self.requests = meter.requests
+        self.tokens = meter.tokens
         self.rpm = entry.rpm
         self.tpm = entry.tpm
         self.max_parallel = entry.max_parallel
+        # The limits as numbers to compare, unset ones infinite: no test of None per request.
+        self.rpm_cap = _NO_LIMIT if entry.rpm is None else entry.rpm
+        self.tpm_cap = _NO_LIMIT if entry.tpm is None else entry.tpm
+        self.parallel_cap = _NO_LIMIT if entry.max_parallel is None else entry.max_parallel
         self.max_budget = entry.max_budget
         self.created_at = entry.created_at
         self.budget_duration = entry.duration
@@ -142,6 +175,52 @@ class Scope:
         if ends is not None and duration is not None:
             self._begins, self._ends = ends - duration, ends
         return ends
+
+    def admits(self, tokens: int, second: int, wall: float) -> bool:
+        """Whether one more request reserving ``tokens`` fits every limit; its windows are
+        moved to ``second`` (``int`` of the monotonic clock) first."""
+        requests, used = self.requests, self.tokens
+        if requests.second != second:
+            requests.advance(second)
+        if used.second != second:
+            used.advance(second)
+        if (
+            requests.count >= self.rpm_cap
+            or used.count + tokens > self.tpm_cap
+            or self.meter.in_flight >= self.parallel_cap
+        ):
+            return False
+        budget = self.max_budget
+        if budget is None:
+            return True
+        ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
+        return spend_in(self.entry, self.meter, ends) < budget
+
+    def settle(self, delta: int, cost: float | None, now: float, wall: float) -> None:
+        """Move ``delta`` tokens (the usage less the reservation) into the token window and add
+        ``cost`` to the spend of the budget period holding ``wall`` (``RateWindow.add`` and
+        ``Meter.add_spend``, inlined: once per request and scope)."""
+        if delta:
+            used = self.tokens
+            if int(now) != used.second:
+                used.advance(int(now))
+            used.buckets[used.second % _SECONDS] += delta
+            used.count += delta
+        if cost:
+            ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
+            meter = self.meter
+            if meter.period != ends:
+                meter.period, meter.spend = ends, 0.0
+            meter.spend += cost
+
+    def count(self, tokens: int) -> None:
+        """Count one request reserving ``tokens``, in the second ``admits`` moved to."""
+        self.meter.in_flight += 1
+        requests, used = self.requests, self.tokens
+        requests.buckets[requests.second % _SECONDS] += 1
+        requests.count += 1
+        used.buckets[used.second % _SECONDS] += tokens
+        used.count += tokens
 
 
 class KeyLimits:
@@ -177,10 +256,14 @@ class KeyLimits:
         self.token_limits = [(e.tpm, m.tokens) for _, e, m in self.scopes if e.tpm is not None]
         self.limited = bool(self.request_limits or self.token_limits)
         self.checks = tuple(Scope(name, entry, meter) for name, entry, meter in self.scopes)
-        # The x-ratelimit-* headers' parts made once: per kind, its names and, per scope, the
-        # limit, its text and its window.
+        # The x-ratelimit-* headers' parts made once, per kind: its three header names, then
+        # per scope the limit, its text and its window (the first scope's apart).
         self.rate_headers = tuple(
-            (kind, tuple((limit, str(limit), window) for limit, window in scopes))
+            (
+                HEADER_NAMES[kind],
+                (scopes[0][0], str(scopes[0][0]), scopes[0][1]),
+                tuple((limit, str(limit), window) for limit, window in scopes[1:]),
+            )
             for kind, scopes in (("requests", self.request_limits), ("tokens", self.token_limits))
             if scopes
         )

@@ -52,6 +52,14 @@ def asks_usage(call: Call) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+# How many events of a block, from its end, may hold the usage: OpenAI sends it in the last
+# chunk before ``[DONE]``, and the core reads a stream's usage from its last few events too
+# (``aioproxy.outcome``), so the rest of a block is never searched.
+_TAIL_EVENTS = 3
+_MARKERS = (b'"usage":{', b'"usage": {')
+_DONE = b"data: [DONE]"
+
+
 class UsageTap:
     """Set on a call whose client did not ask for usage: asks for it, then hides its chunk."""
 
@@ -66,36 +74,31 @@ class UsageTap:
         self.usage_event: bytes | None = None  # the data of the last event with a usage
 
     def __call__(self, reply: StreamReply) -> StreamReply:
-        return StreamReply(self._events(reply), reply.aclose, reply.headers, reply.finished)
+        return StreamReply(_Tapped(self, reply.events), reply.aclose, reply.headers, reply.finished)
 
-    async def _events(self, reply: StreamReply) -> AsyncIterator[bytes]:
-        async for block in reply.events:
-            # Only an event with a non-null usage can be the chunk: the rest pass untouched.
-            # ``find``, not ``in`` (which tries its operand as an integer first, raising and
-            # clearing a TypeError each time).
-            if block.find(b'"usage":{') >= 0 or block.find(b'"usage": {') >= 0:
-                block = self._strip(block)
-                if not block:
-                    continue
-            yield block
-
-    def _strip(self, block: bytes) -> bytes:
-        """``block`` without its usage-only event; only the events with a usage are decoded
-        (a whole answer in one block has it on its last chunks)."""
-        for marker in (b'"usage":{', b'"usage": {'):
-            at = block.find(marker)
-            while at != -1:
-                before = block.rfind(b"\n\n", 0, at)
-                start = 0 if before == -1 else before + 2
-                end = block.find(b"\n\n", at)
-                end = len(block) if end == -1 else end + 2
-                data = data_of(block[start:end])
-                usage_only = _usage_only(data)
-                if usage_only is not None:  # it has a usage: kept, so no one parses it again
-                    self.usage_event = data
-                if usage_only:
-                    return block[:start] + block[end:]
-                at = block.find(marker, end)
+    def strip(self, block: bytes) -> bytes:
+        """``block`` without its usage-only event. Only the last events of the block are
+        looked at, from its end, and only one with a non-null usage is decoded."""
+        end = len(block)
+        looked = 0
+        while end > 0 and looked < _TAIL_EVENTS:
+            # The event ending at ``end`` (its blank line included) starts after the one before.
+            start = block.rfind(b"\n\n", 0, max(0, end - 2)) + 2
+            if start == 1:  # the block's first event
+                start = 0
+            if block.startswith(_DONE, start):
+                end = start
+                continue
+            looked += 1
+            for marker in _MARKERS:
+                if block.find(marker, start, end) >= 0:
+                    data = data_of(block[start:end])
+                    usage_only = _usage_only(data)
+                    if usage_only is not None:  # the last usage: kept, so no one parses it again
+                        self.usage_event = data
+                        return block[:start] + block[end:] if usage_only else block
+                    break
+            end = start
         return block
 
     def usage(self) -> Usage | None:
@@ -105,3 +108,23 @@ class UsageTap:
         outcome = Outcome(200, stream=False)
         outcome.body = self.usage_event
         return outcome.usage()
+
+
+class _Tapped:
+    """A stream's events through the tap: an iterator, not an async generator (which costs the
+    event loop's hooks, a finalizer and an ``aclose`` of its own)."""
+
+    __slots__ = ("events", "tap")
+
+    def __init__(self, tap: UsageTap, events: AsyncIterator[bytes]) -> None:
+        self.tap = tap
+        self.events = events
+
+    def __aiter__(self) -> _Tapped:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            block = self.tap.strip(await anext(self.events))
+            if block:
+                return block

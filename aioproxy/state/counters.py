@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 
 from ..context import Call
 from ..control.database import RATE_LIMIT_HEADERS
-from ..control.limits import _HEADER_NAMES, RESERVATION, _reserve, _reset
-from ..control.meters import KeyLimits
+from ..control.limits import RESERVATION, _reserve, _reset
+from ..control.meters import HEADER_NAMES, KeyLimits
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
 from .batch import LuaScript
@@ -241,7 +241,7 @@ class _Prepared:
                 if limit is not None:
                     limited.append((limit, str(limit), position + 2 * index))
             if limited:
-                self.headers.append((_HEADER_NAMES[kind], limited))
+                self.headers.append((HEADER_NAMES[kind], limited))
 
 
 class SharedReservation:

@@ -16,6 +16,7 @@ from aioproxy.control.records import digest_of
 KEYS = 1000
 # The caller's limits: enforced on every request (counted, headers sent), never reached.
 CALLER_LIMITS = {"rpm": 10**9, "tpm": 10**12, "max_budget": 10**6, "budget_duration": "30d"}
+_OTHERS_LIMITS = {"rpm": 60, "tpm": 100_000, "max_budget": None, "budget_duration": None}
 
 
 def database_url(path: Path) -> str:
@@ -29,7 +30,9 @@ async def _seed(url: str, count: int) -> str:
     rows = []
     for i in range(count):
         secret = caller if i == count - 1 else "sk-" + secrets.token_urlsafe(32)
-        limits = CALLER_LIMITS if secret == caller else {"rpm": 60, "tpm": 100_000}
+        # Every row names the same columns: one INSERT of many rows takes its columns from the
+        # first row's, so the caller's budget (the last row's) would be dropped otherwise.
+        limits = CALLER_LIMITS if secret == caller else _OTHERS_LIMITS
         rows.append(
             {
                 "id": f"key_bench{i:04d}",

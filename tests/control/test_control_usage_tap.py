@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator
 
@@ -72,3 +73,26 @@ async def test_a_chunk_with_choices_and_usage_stays() -> None:
     assert out == blocks
     usage = tap.usage()  # read on the way, so nothing parses the stream's end again
     assert usage is not None and usage.total_tokens == 2
+
+
+async def test_only_a_blocks_last_events_are_searched() -> None:
+    """The usage chunk is a stream's last before [DONE] (where the core reads usage too), so
+    a block's earlier events are passed on unread: a usage-only chunk followed by three more
+    events is not the stream's usage chunk, and stays."""
+    blocks = [CONTENT + USAGE_ONLY + CONTENT * 3 + DONE]
+    out, tap = await relay(blocks)
+    assert out == blocks and tap.usage() is None
+    out, tap = await relay([CONTENT * 40 + USAGE_ONLY + CONTENT * 2 + DONE])
+    assert b"".join(out) == CONTENT * 42 + DONE and tap.usage() is not None
+
+
+async def test_the_tapped_stream_is_no_async_generator() -> None:
+    """An async generator costs the event loop's first-iteration hook, a finalizer and an
+    aclose of its own per stream; the tap's iterator is a plain object."""
+
+    async def events() -> AsyncIterator[bytes]:
+        yield CONTENT + USAGE_ONLY + DONE
+
+    reply = UsageTap(_Call())(StreamReply(events()))  # type: ignore[arg-type]
+    assert not inspect.isasyncgen(reply.events)
+    assert [block async for block in reply.events] == [CONTENT + DONE]

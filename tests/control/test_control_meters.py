@@ -1,0 +1,69 @@
+"""The limits' counters alone: a scope's check and count, and the headers' names."""
+
+from __future__ import annotations
+
+from multidict import istr
+
+from aioproxy.control.meters import HEADER_NAMES, KeyLimits, Meter
+from aioproxy.control.records import KeyEntry, TeamEntry
+
+
+def key_limits(**limits: object) -> KeyLimits:
+    key = KeyEntry(id="k", name="k", digest="d", key_prefix="sk-", team_id="t", **limits)  # type: ignore[arg-type]
+    team = TeamEntry(id="t", name="t", rpm=3)
+    return KeyLimits(key, Meter(), team, Meter())
+
+
+def test_a_scope_admits_until_its_limits_then_refuses() -> None:
+    limits = key_limits(rpm=5, tpm=100, max_parallel=2)
+    key, team = limits.checks
+    assert key.admits(60, 10, 0.0) and team.admits(60, 10, 0.0)
+    key.count(60)
+    team.count(60)
+    assert not key.admits(41, 10, 0.0)  # 60 + 41 tokens > 100
+    assert key.admits(40, 10, 0.0)
+    key.count(1)
+    assert not key.admits(1, 10, 0.0)  # two in flight, its max_parallel
+    key.meter.in_flight = 0
+    assert key.requests.count == 2 and key.tokens.count == 61
+    assert key.admits(1, 70, 0.0)  # a minute later the window is empty
+    assert key.requests.count == 0 and key.tokens.count == 0
+
+
+def test_the_team_s_tighter_limit_is_checked_too() -> None:
+    limits = key_limits(rpm=100)
+    key, team = limits.checks
+    for _ in range(3):
+        assert key.admits(1, 5, 0.0) and team.admits(1, 5, 0.0)
+        key.count(1)
+        team.count(1)
+    assert key.admits(1, 5, 0.0) and not team.admits(1, 5, 0.0)
+
+
+def test_a_budget_is_checked_in_its_period() -> None:
+    limits = key_limits(max_budget=1.0, budget_duration="1h", created_at=0.0)
+    key = limits.checks[0]
+    key.meter.add_spend(1.0, key.period(10.0))
+    assert not key.admits(1, 0, 10.0)
+    assert key.admits(1, 0, 3600.0)  # the next period
+
+
+def test_header_names_are_istr() -> None:
+    """aiohttp keeps response header names as istr: a str is made into one per header and
+    response (three times the headers' update)."""
+    limits = key_limits(rpm=5, tpm=100)
+    names = [name for names, _, _ in limits.rate_headers for name in names]
+    assert len(names) == 6 and all(isinstance(name, istr) for name in names)
+    assert all(isinstance(name, istr) for names in HEADER_NAMES.values() for name in names)
+
+
+def test_settle_moves_tokens_and_adds_the_cost_in_its_period() -> None:
+    limits = key_limits(tpm=1000, max_budget=5.0, budget_duration="1h", created_at=0.0)
+    key = limits.checks[0]
+    assert key.admits(100, 10, 10.0)
+    key.count(100)
+    key.settle(-40, 0.5, 10.5, 10.0)  # used 60 of the 100 reserved
+    assert key.tokens.total(10.5) == 60
+    assert key.meter.local_spend(3600.0) == 0.5
+    key.settle(0, 0.25, 3700.0, 3700.0)  # the next budget period starts from nothing
+    assert key.meter.local_spend(7200.0) == 0.25 and key.meter.local_spend(3600.0) == 0.0
