@@ -281,28 +281,17 @@ class Observer:
             upstream = metrics.upstream.pending
             key = (deployment.id, status)  # made labels when flushed
             upstream[key] = upstream.get(key, 0) + 1
-        if attempt > 1 or status == 429 or error is not None or self.timing_header:
-            self._eventful_attempt(call, deployment, attempt, status, error, elapsed)
-
-    def _eventful_attempt(
-        self,
-        call: Call,
-        deployment: Deployment,
-        attempt: int,
-        status: int,
-        error: Exception | None,
-        elapsed: float,
-    ) -> None:
-        """An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
-        attempt when the timing header needs its time. (An attempt after the first follows a
-        failed one: the model it is compared with was noted here.)"""
+        if attempt == 1 and status != 429 and error is None and not self.timing_header:
+            return  # the usual attempt: counted above, nothing more to note
+        # An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
+        # attempt when the timing header needs its time. (An attempt after the first follows a
+        # failed one: the model it is compared with was noted here.)
         state = request_state(call.request)
         attempts = state.get(_ATTEMPTS)
         if attempts is None:
             attempts = state[_ATTEMPTS] = _Attempts()
         attempts.upstream_time += elapsed
         attempts.deployment = deployment
-        metrics = self.metrics
         if attempt > 1:
             if deployment.name == attempts.last_model:
                 attempts.retries += 1
