@@ -101,9 +101,11 @@ LOOPS_CONNECTIONS = 16
 # comes with nginx-light on bookworm, but is its own package elsewhere.
 APT_PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", str(ECHO_MODULE): "libnginx-mod-http-echo"}
 INSTALL_HINT = f"apt-get update && apt-get install -y {' '.join(APT_PACKAGES.values())}"
-# Measured 1.15-1.36 since the request log is on the default path (~40 µs a request, issue 12;
-# 2026-12-06): 1.3 failed one run in three. It was 1.3 while aioproxy measured 0.84-1.10.
-SMOKE_MAX_CPU_RATIO = 1.45
+# Measured 1.15-1.36 once the request log was on the default path (issue 12), when 1.3 failed
+# one run in three; 1.00-1.22 since its statement journals stay in memory (2026-12-06: the
+# matrix's chat at 16 connections twice, CI's smoke 1.10, two smokes 1.19 and 1.22), so 1.35
+# would fail now and then. It was 1.3 while aioproxy measured 0.84-1.10, before the log.
+SMOKE_MAX_CPU_RATIO = 1.4
 
 
 class BenchError(RuntimeError):
