@@ -9,7 +9,7 @@ import msgspec
 
 from .streaming import data_of, split_events
 
-__all__ = ["Outcome", "Usage"]
+__all__ = ["Outcome", "Usage", "answer_usage"]
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -214,6 +214,15 @@ def _event_usage(data: bytes) -> Usage | None:
         return _usage_of(_decode_answer(data))
     except msgspec.ValidationError:
         return None  # this event's usage is not counts: look further back
+
+
+def answer_usage(data: bytes) -> Usage | None:
+    """The usage one JSON answer (or one SSE event's data) reports, if any; None if it reports
+    none, or is not JSON."""
+    try:
+        return _body_usage(data)
+    except msgspec.DecodeError:
+        return None
 
 
 def _body_usage(body: bytes) -> Usage | None:

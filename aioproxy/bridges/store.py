@@ -19,7 +19,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..control.engine import SQLITE_CACHE_KIB, dialect_insert, open_engine
+from ..control.engine import dialect_insert, open_engine, tune_sqlite_connection
 from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
 
@@ -360,7 +360,10 @@ class _SQLiteThread:
         self._engine = sa.create_engine(
             url.set(drivername="sqlite+pysqlite"), poolclass=sa.pool.SingletonThreadPool
         )
-        sa.event.listen(self._engine, "connect", _on_sqlite_connect)
+        # The file is in WAL mode already (the control plane's engine set it).
+        sa.event.listen(
+            self._engine, "connect", lambda dbapi, _record: tune_sqlite_connection(dbapi)
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aioproxy-store")
 
     async def run(self, fn: Callable[[sa.Connection], _R], write: bool) -> _R:
@@ -373,14 +376,6 @@ class _SQLiteThread:
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
         self._executor.shutdown(wait=True)  # idle by now: returns at once
-
-
-def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Another process (a worker, the control plane) holding the write lock: wait, do not fail.
-    # The file is in WAL mode already (the control plane's engine set it).
-    dbapi_connection.execute("PRAGMA busy_timeout = 5000")
-    dbapi_connection.execute("PRAGMA synchronous = NORMAL")  # WAL keeps it consistent on a crash
-    dbapi_connection.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")  # as the engine's
 
 
 def _touch_chain() -> sa.Update:

@@ -21,7 +21,7 @@ from .store_tables import store_metadata
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-__all__ = ["SCHEMA_HEAD", "SQLITE_CACHE_KIB", "dialect_insert", "mask_url", "open_engine"]
+__all__ = ["SCHEMA_HEAD", "dialect_insert", "mask_url", "open_engine", "tune_sqlite_connection"]
 
 # The newest shipped migration (tests/control/test_control_database.py checks it is Alembic's
 # head). A database already there, the common start-up, is seen current without importing Alembic
@@ -37,7 +37,7 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 _MIGRATION_LOCK = 0x616970726F7879
 _BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write (SQLite)
 _MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
-SQLITE_CACHE_KIB = 1024  # each SQLite connection's page cache (see _on_sqlite_connect)
+_SQLITE_CACHE_KIB = 1024  # each SQLite connection's page cache (see tune_sqlite_connection)
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 # Every table the migrations create: the control plane's and the Responses store's.
 _OURS = (metadata, store_metadata)
@@ -164,12 +164,21 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # First: switching to WAL waits too, while another instance migrates a new file.
     cursor.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
     _switch_to_wal(cursor)
+    cursor.close()
+    tune_sqlite_connection(dbapi_connection)
+
+
+def tune_sqlite_connection(dbapi_connection: Any) -> None:
+    """The settings of every SQLite connection aioproxy opens on a file already in WAL mode
+    (the control plane's, and the Responses store's own thread's)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")  # another writer: wait, do not fail
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL's usual pairing: no fsync per commit
     cursor.execute("PRAGMA foreign_keys=ON")
     # A page cache of 1 MiB, not SQLite's 2: it fills for good in each connection's thread. The
     # log's writer appends at the right edge of each tree; measured on a 55 MiB log of random
     # request ids, a batch costs the same CPU as with 2 MiB (with 512 KiB, ~15% more).
-    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cursor.execute(f"PRAGMA cache_size=-{_SQLITE_CACHE_KIB}")
     # Statement journals (each multi-row INSERT of the request log's writer opens one) in
     # memory: on disk each was a temporary file and two write(2)s a page, about one a request.
     cursor.execute("PRAGMA temp_store=MEMORY")

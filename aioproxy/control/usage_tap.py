@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from ..context import Call
-from ..outcome import Outcome, Usage
+from ..outcome import Usage, answer_usage
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import data_of
@@ -103,11 +103,7 @@ class UsageTap:
 
     def usage(self) -> Usage | None:
         """The usage of the last event that had one (taken out or not), if any."""
-        if self.usage_event is None:
-            return None
-        outcome = Outcome(200, stream=False)
-        outcome.body = self.usage_event
-        return outcome.usage()
+        return None if self.usage_event is None else answer_usage(self.usage_event)
 
 
 class _Tapped:
