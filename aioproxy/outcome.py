@@ -9,7 +9,7 @@ import msgspec
 
 from .streaming import data_of, split_events
 
-__all__ = ["Outcome", "Usage", "answer_usage"]
+__all__ = ["Outcome", "Usage", "answer_usage", "chunk_usage"]
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -223,6 +223,50 @@ def answer_usage(data: bytes) -> Usage | None:
         return _body_usage(data)
     except msgspec.DecodeError:
         return None
+
+
+class _Chunk(msgspec.Struct):
+    """A chat/completions stream chunk as the usage tap reads it: ``choices`` left undecoded
+    (only compared with ``[]``; a Raw cannot be Optional, so absent reads as null)."""
+
+    choices: msgspec.Raw = msgspec.Raw(b"null")
+    usage: _RawUsage | None = None
+
+
+class _LooseChunk(msgspec.Struct):
+    """The same, its usage undecoded: for a usage whose counts are not counts."""
+
+    choices: msgspec.Raw = msgspec.Raw(b"null")
+    usage: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_loose_chunk = msgspec.json.Decoder(_LooseChunk).decode
+_NO_CHOICES = frozenset({b"[]", b"null"})
+
+
+def chunk_usage(data: bytes) -> tuple[bool, Usage | None] | None:
+    """One stream chunk's data, decoded once: None when it has no usage (or is not JSON);
+    else whether it is a usage-only chunk (no choices), and its usage (None: not counts)."""
+    try:
+        chunk = _decode_chunk(data)
+    except msgspec.ValidationError:  # a usage, but not counts: still a usage chunk
+        try:
+            loose = _decode_loose_chunk(data)
+        except msgspec.DecodeError:
+            return None
+        if bytes(loose.usage) == b"null":
+            return None
+        return _no_choices(loose.choices), None
+    except msgspec.DecodeError:
+        return None
+    if chunk.usage is None:
+        return None
+    return _no_choices(chunk.choices), _usage_from(chunk.usage)
+
+
+def _no_choices(choices: msgspec.Raw) -> bool:
+    return bytes(choices).replace(b" ", b"") in _NO_CHOICES
 
 
 def _body_usage(body: bytes) -> Usage | None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import msgspec
-
 from ..context import Call
-from ..outcome import Usage, answer_usage
+from ..outcome import Usage, chunk_usage
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import data_of
@@ -20,31 +18,6 @@ from ..streaming import data_of
 __all__ = ["UsageTap", "asks_usage"]
 
 TAPPED_KINDS = frozenset({Kind.CHAT_COMPLETIONS, Kind.COMPLETIONS})
-
-
-_NULL = msgspec.Raw(b"null")
-
-
-class _Chunk(msgspec.Struct):
-    # Left undecoded (a Raw cannot be Optional: absent reads as null): only compared.
-    choices: msgspec.Raw = _NULL
-    usage: msgspec.Raw = _NULL
-
-
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
-_EMPTY = frozenset({b"[]", b"null"})
-
-
-def _usage_only(data: bytes) -> bool | None:
-    """True: the event is the usage chunk (a usage, no choices); False: it has a usage and
-    choices; None: it has no usage (or is not JSON)."""
-    try:
-        chunk = _decode_chunk(data)
-    except msgspec.DecodeError:
-        return None
-    if bytes(chunk.usage) == b"null":
-        return None
-    return bytes(chunk.choices).replace(b" ", b"") in _EMPTY
 
 
 def asks_usage(call: Call) -> bool:
@@ -63,7 +36,7 @@ _DONE = b"data: [DONE]"
 class UsageTap:
     """Set on a call whose client did not ask for usage: asks for it, then hides its chunk."""
 
-    __slots__ = ("usage_event",)
+    __slots__ = ("found",)
 
     def __init__(self, call: Call) -> None:
         options = call.get("stream_options")
@@ -71,7 +44,7 @@ class UsageTap:
             "stream_options",
             {**(options if isinstance(options, dict) else {}), "include_usage": True},
         )
-        self.usage_event: bytes | None = None  # the data of the last event with a usage
+        self.found: Usage | None = None  # the usage of the last event that had one
 
     def __call__(self, reply: StreamReply) -> StreamReply:
         return StreamReply(_Tapped(self, reply.events), reply.aclose, reply.headers, reply.finished)
@@ -92,18 +65,20 @@ class UsageTap:
             looked += 1
             for marker in _MARKERS:
                 if block.find(marker, start, end) >= 0:
-                    data = data_of(block[start:end])
-                    usage_only = _usage_only(data)
-                    if usage_only is not None:  # the last usage: kept, so no one parses it again
-                        self.usage_event = data
-                        return block[:start] + block[end:] if usage_only else block
+                    found = chunk_usage(data_of(block[start:end]))
+                    if found is not None:  # the last usage: kept, so no one parses it again
+                        usage_only, self.found = found
+                        if not usage_only:
+                            return block
+                        # One copy of what the client gets, not one of each part and another.
+                        return b"".join((memoryview(block)[:start], block[end:]))
                     break
             end = start
         return block
 
     def usage(self) -> Usage | None:
         """The usage of the last event that had one (taken out or not), if any."""
-        return None if self.usage_event is None else answer_usage(self.usage_event)
+        return self.found
 
 
 class _Tapped:

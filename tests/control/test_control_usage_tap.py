@@ -96,3 +96,13 @@ async def test_the_tapped_stream_is_no_async_generator() -> None:
     reply = UsageTap(_Call())(StreamReply(events()))  # type: ignore[arg-type]
     assert not inspect.isasyncgen(reply.events)
     assert [block async for block in reply.events] == [CONTENT + DONE]
+
+
+async def test_a_usage_chunk_whose_usage_is_not_counts_still_goes() -> None:
+    """Read in one decode, a usage that fails the counts' checks (a negative count) is still
+    the usage-only chunk the client did not ask for: taken out, its usage unknown."""
+    bad = event(choices=[], usage={"prompt_tokens": -1, "completion_tokens": 4})
+    out, tap = await relay([CONTENT + bad + DONE])
+    assert b"".join(out) == CONTENT + DONE and tap.usage() is None
+    out, tap = await relay([CONTENT + b"data: {not json\n\n" + DONE])
+    assert b"".join(out) == CONTENT + b"data: {not json\n\n" + DONE and tap.usage() is None
