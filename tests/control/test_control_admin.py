@@ -149,15 +149,21 @@ BAD_KEY_FIELDS = [
     ("name", ""),
     ("name", 5),
     ("name", "x" * 201),
+    ("name", "a\x00b"),  # PostgreSQL refuses a NUL in text: a 500 before
+    ("name", "line\nbreak"),
     ("team", 7),
     ("team", "team_missing"),
     ("models", "gpt-test"),
     ("models", [1]),
+    ("models", ["gpt\x00test"]),
     ("rpm", 0),
+    ("rpm", 2**31),  # past PostgreSQL's integer column: a 500 before
     ("rpm", 1.5),
     ("rpm", True),
     ("tpm", -1),
+    ("tpm", 10**12),
     ("max_parallel", "2"),
+    ("max_parallel", 2**31),
     ("max_budget", -0.01),
     ("max_budget", "10"),
     ("budget_duration", "1w"),
@@ -166,6 +172,9 @@ BAD_KEY_FIELDS = [
     ("expires_at", "tomorrow"),
     ("expires_at", "2030-01-01T00:00:00"),
     ("expires_at", 1),
+    # Stored, then the key could not be shown: every listing of the keys failed (a 500).
+    ("expires_at", "0001-01-01T00:00:00+01:00"),
+    ("expires_at", "9999-12-31T23:59:59-01:00"),
     ("role", "root"),
     ("metadata", [1]),
     ("metadata", {"x": "y" * 20000}),
@@ -197,6 +206,22 @@ async def test_bad_key_fields_name_the_field(control: Control, field: str, value
 async def test_bad_team_fields_name_the_field(control: Control, field: str, value: Any) -> None:
     data = await control.admin("POST", "/admin/teams", {"name": "t", field: value}, status=400)
     assert_error(data, field)
+
+
+async def test_the_largest_values_are_stored_and_shown(control: Control) -> None:
+    """At the bounds of what validation admits, on both databases, and listed after."""
+    largest = {
+        "rpm": 2**31 - 1,
+        "tpm": 2**31 - 1,
+        "max_parallel": 2**31 - 1,
+        "expires_at": "9999-12-31T23:59:59Z",
+    }
+    created = await control.new_key(**largest)
+    assert {name: created[name] for name in largest} == largest
+    earliest = await control.new_key(expires_at="1970-01-01T00:00:00Z")
+    listed = {key["id"]: key for key in (await control.admin("GET", "/admin/keys"))["data"]}
+    assert listed[created["id"]]["expires_at"] == "9999-12-31T23:59:59Z"
+    assert listed[earliest["id"]]["expires_at"] == "1970-01-01T00:00:00Z"
 
 
 async def test_bad_bodies_and_queries(control: Control) -> None:
