@@ -21,7 +21,14 @@ from .store_tables import store_metadata
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-__all__ = ["SCHEMA_HEAD", "dialect_insert", "mask_url", "open_engine", "tune_sqlite_connection"]
+__all__ = [
+    "SCHEMA_HEAD",
+    "dialect_insert",
+    "driver_message",
+    "mask_url",
+    "open_engine",
+    "tune_sqlite_connection",
+]
 
 # The newest shipped migration (tests/control/test_control_database.py checks it is Alembic's
 # head). A database already there, the common start-up, is seen current without importing Alembic
@@ -54,6 +61,13 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<not a database URL>"
+
+
+def driver_message(exc: BaseException) -> str:
+    """A database error's first line: the driver's own words, without SQLAlchemy's echo of the
+    statement and its parameters. An error without words (a bare TimeoutError) is named."""
+    lines = str(getattr(exc, "orig", None) or exc).splitlines()
+    return lines[0] if lines and lines[0] else type(exc).__name__
 
 
 def dialect_insert(dialect: str) -> Any:
@@ -239,8 +253,7 @@ async def open_engine(url: str) -> AsyncEngine:
             await connection.run_sync(_migrate)
     except Exception as exc:  # noqa: BLE001 - any driver error stops start-up, told once
         await engine.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
         raise ConfigError(
-            f"[database] url {mask_url(url)}: cannot open the database: {reason}"
+            f"[database] url {mask_url(url)}: cannot open the database: {driver_message(exc)}"
         ) from None
     return engine

@@ -80,10 +80,13 @@ async def test_config_keys_are_listed_read_only(start_control: Any) -> None:
     config_keys = [key for key in listed["data"] if key["source"] == "config"]
     assert [key["name"] for key in config_keys] == ["cfg"]
     assert "sk-config-1" not in str(listed)
-    refused = await control.admin(
-        "PATCH", f"/admin/keys/{config_keys[0]['id']}", {"rpm": 1}, status=403
-    )
-    assert_error(refused, "id", "read_only")
+    # shown as listed (it was refused, as if a change), and not changed nor deleted
+    assert await control.admin("GET", f"/admin/keys/{config_keys[0]['id']}") == config_keys[0]
+    for method, body in (("PATCH", {"rpm": 1}), ("DELETE", None)):
+        refused = await control.admin(
+            method, f"/admin/keys/{config_keys[0]['id']}", body, status=403
+        )
+        assert_error(refused, "id", "read_only")
     # a config key that is not admin may not call the admin API
     assert_error(
         await control.admin("GET", "/admin/keys", key="sk-config-1", status=403), None, "admin_only"
@@ -235,6 +238,14 @@ async def test_bad_bodies_and_queries(control: Control) -> None:
     assert_error(await control.admin("GET", "/admin/spend?start=yesterday", status=400), "start")
     assert_error(await control.admin("GET", "/admin/requests?limit=0", status=400), "limit")
     assert_error(await control.admin("GET", "/admin/requests?status=abc", status=400), "status")
+    # Each a 500 before: int() refuses "²" (a digit to str.isdigit) and 5,000 digits, and
+    # PostgreSQL a NUL in text.
+    assert_error(await control.admin("GET", "/admin/requests?limit=%C2%B2", status=400), "limit")
+    assert_error(
+        await control.admin("GET", f"/admin/requests?limit={'9' * 5000}", status=400), "limit"
+    )
+    for name in ("key", "model", "team"):
+        assert_error(await control.admin("GET", f"/admin/requests?{name}=a%00b", status=400), name)
     assert_error(await control.admin("PATCH", "/admin/keys/key_nope", {"rpm": 1}, status=404), "id")
     assert_error(await control.admin("DELETE", "/admin/teams/team_nope", status=404), "id")
 
