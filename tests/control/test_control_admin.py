@@ -291,6 +291,26 @@ async def test_secrets_are_never_echoed_nor_logged(
     assert secret[7:] not in logged
 
 
+async def test_a_secret_in_an_unknown_path_is_neither_told_back_nor_logged(
+    start_control: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 names the path it did not find, and the access log logs it: a key pasted into
+    one (``/admin/sk-...``, ``/v1/sk-...``) is masked in both."""
+    control = await start_control(logging={"access_log": True})
+    caplog.set_level(logging.INFO)
+    secret = (await control.new_key())["key"]
+    for path in (f"/admin/{secret}", f"/admin/keys/{secret}/more", f"/v1/{secret}"):
+        async with control.session.get(
+            control.url(path), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        ) as response:
+            error = (await response.json())["error"]
+            assert response.status == 404 and error["code"] == "not_found"
+            assert secret[7:] not in error["message"]
+            assert error["message"].startswith(f"Unknown route: GET {path.split('sk-')[0]}")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
+    assert "/admin/***" in logged and secret[7:] not in logged
+
+
 async def test_change_reaches_another_instance(start_control: Any) -> None:
     """Two instances on one database: a key made on one works on the other once it polled."""
     first, second = await start_control(), await start_control()
