@@ -201,6 +201,32 @@ async def test_team_limits_and_models(control: Control) -> None:
         assert status == 403 and body["error"]["param"] == "model"
 
 
+async def test_team_budget_is_shared_then_resets(
+    control: Control, clock: FakeControlClock
+) -> None:
+    """What one key of a team spends counts toward the team's budget: the team's other key,
+    with no budget of its own, is refused too; the team's next period admits both again."""
+    team = await control.admin(
+        "POST",
+        "/admin/teams",
+        {"name": "t", "max_budget": 0.000001, "budget_duration": "1d"},
+        status=201,
+    )
+    spender = (await control.new_key(team=team["id"]))["key"]
+    other = (await control.new_key(team=team["id"]))["key"]
+    assert (await post_chat(control, spender))[0] == 200
+    for key in (other, spender):
+        status, headers, body = await post_chat(control, key)
+        assert status == 429 and body["error"]["code"] == "insufficient_quota"
+        assert "team" in body["error"]["message"] and int(headers["Retry-After"]) > 0
+    await control.settle()
+    shown = await control.admin("GET", f"/admin/teams/{team['id']}")
+    assert shown["spend"] > 0.000001 and shown["total_spend"] == shown["spend"]
+    clock.advance(86400)
+    assert (await control.admin("GET", f"/admin/teams/{team['id']}"))["spend"] == 0
+    assert (await post_chat(control, other))[0] == 200
+
+
 async def test_fallbacks_stay_within_model_access(start_control: Any, fake: Any) -> None:
     control = await start_control(
         router={"fallbacks": {"gpt-test": ["gpt-other"]}, "num_retries": 0}
