@@ -201,9 +201,7 @@ async def test_team_limits_and_models(control: Control) -> None:
         assert status == 403 and body["error"]["param"] == "model"
 
 
-async def test_team_budget_is_shared_then_resets(
-    control: Control, clock: FakeControlClock
-) -> None:
+async def test_team_budget_is_shared_then_resets(control: Control, clock: FakeControlClock) -> None:
     """What one key of a team spends counts toward the team's budget: the team's other key,
     with no budget of its own, is refused too; the team's next period admits both again."""
     team = await control.admin(
