@@ -92,9 +92,12 @@ def _require_admin(request: web.Request) -> ControlPlane:
     if request.get(ADMIN_VOUCHED):
         return plane
     key = presented_key(request)
-    if key is None:
-        raise AuthenticationError("Missing API key", code="missing_api_key")
     master = plane.config.auth.master_key
+    # Without a master key, only an admin key made with one earlier opens the admin API: say
+    # so, rather than call a key invalid that the models accept (no auth configured).
+    unset = "" if master else " (no master key is configured: set [auth] master_key)"
+    if key is None:
+        raise AuthenticationError("Missing API key" + unset, code="missing_api_key")
     if master and hmac.compare_digest(key.encode(), master.encode()):
         return plane
     principal = plane.cache.principals.get(digest_of(key))
@@ -106,7 +109,7 @@ def _require_admin(request: web.Request) -> ControlPlane:
         if entry.role == "admin":
             return plane
     elif not any(hmac.compare_digest(key.encode(), v.key.encode()) for v in plane.config.auth.keys):
-        raise AuthenticationError("Invalid API key", code="invalid_api_key")
+        raise AuthenticationError("Invalid API key" + unset, code="invalid_api_key")
     raise PermissionDenied(
         "The admin API needs the master key or a key with role 'admin'", code="admin_only"
     )

@@ -331,3 +331,12 @@ async def test_poller_picks_up_changes(start_control: Any) -> None:
     async with asyncio.timeout(30):  # safety net: the poller runs every 0.05 s here
         while created["id"] not in second.plane.cache.keys:
             await asyncio.sleep(0.02)
+
+
+async def test_without_a_master_key_the_refusal_says_so(start_control: Any) -> None:
+    """With no [auth] master_key the models take any key, and the admin API none: its 401
+    must say why, not call the key invalid."""
+    control = await start_control(auth={})
+    for key in ("sk-anything", ""):
+        refused = await control.admin("GET", "/admin/keys", key=key, status=401)
+        assert "[auth] master_key" in refused["error"]["message"]
