@@ -150,15 +150,41 @@ def key_object(entry: KeyEntry, plane: ControlPlane) -> dict[str, Any]:
     }
 
 
+# A config key's object has a database key's fields (a script reads either alike), null where
+# the file has no such setting: no prefix (part of a secret the operator chose), no limits, and
+# no spend figures (its requests' spend is in /admin/spend, grouped by its id).
+_CONFIG_KEY_NULLS = dict.fromkeys(
+    (
+        "key_prefix",
+        "team",
+        "rpm",
+        "tpm",
+        "max_parallel",
+        "max_budget",
+        "budget_duration",
+        "budget_resets_at",
+        "spend",
+        "total_spend",
+        "expires_at",
+        "metadata",
+        "created_at",
+        "last_used_at",
+    )
+)
+
+
 def _config_keys(config: Config) -> list[dict[str, Any]]:
-    """The TOML file's keys, read-only: no prefix (it is part of a secret the operator chose)."""
+    """The TOML file's keys, read-only."""
     return [
         {
+            **_CONFIG_KEY_NULLS,
             "id": key_id(vkey.key),
             "object": "key",
             "source": "config",
             "name": vkey.name or f"key-{i}",
             "models": vkey.models,
+            "disabled": False,
+            "role": "user",
         }
         for i, vkey in enumerate(config.auth.keys)
     ]

@@ -79,6 +79,8 @@ async def test_config_keys_are_listed_read_only(start_control: Any) -> None:
     listed = await control.admin("GET", "/admin/keys")
     config_keys = [key for key in listed["data"] if key["source"] == "config"]
     assert [key["name"] for key in config_keys] == ["cfg"]
+    assert set(config_keys[0]) == KEY_FIELDS  # a script reads both kinds alike
+    assert config_keys[0]["key_prefix"] is None and config_keys[0]["role"] == "user"
     assert "sk-config-1" not in str(listed)
     # shown as listed (it was refused, as if a change), and not changed nor deleted
     assert await control.admin("GET", f"/admin/keys/{config_keys[0]['id']}") == config_keys[0]
