@@ -28,7 +28,7 @@ from .cache import as_dict
 from .engine import driver_message
 from .meters import Meter, spend_now
 from .plane import ControlPlane, plane_key
-from .records import KeyEntry, TeamEntry, digest_of, rfc3339
+from .records import KeyEntry, TeamEntry, digest_of, parse_duration, period_end, rfc3339
 from .validation import KEY_FIELDS, TEAM_FIELDS, Check, read_fields
 
 __all__ = ["ADMIN_VOUCHED", "admin_routes"]
@@ -225,9 +225,30 @@ def _columns(fields: dict[str, Any]) -> dict[str, Any]:
     columns = dict(fields)
     if "team" in columns:
         columns["team_id"] = columns.pop("team")
-    if "budget_duration" in columns:  # a new period length: the period is computed anew
-        columns["budget_resets_at"] = None
     return columns
+
+
+async def _new_period(
+    plane: ControlPlane, entry: KeyEntry | TeamEntry, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """``fields`` with what a change of ``budget_duration`` does to the budget's period.
+
+    The same duration again (the dashboard's edit form sends every limit) changes nothing: it
+    used to restart the period at a spend of 0, so any edit freed the budget. A new duration
+    starts the period holding now, carrying the spend so far (an edit never frees budget); none
+    makes the budget one period for ever, whose spend is everything spent."""
+    if "budget_duration" not in fields:
+        return fields
+    duration = fields["budget_duration"]
+    if duration == entry.budget_duration:
+        return {name: value for name, value in fields.items() if name != "budget_duration"}
+    await _flush(plane)  # this instance's spend so far, written in the period it belongs to
+    meters = plane.cache.key_meters if isinstance(entry, KeyEntry) else plane.cache.team_meters
+    now = plane.clock.time()
+    spent, _ = spend_now(entry, meters.get(entry.id) or Meter(), now)
+    ends = period_end(entry.created_at, parse_duration(duration) if duration else None, now)
+    spend = spent if duration else entry.total_spend
+    return {**fields, "budget_resets_at": ends, "spend": spend}
 
 
 def _check_team(plane: ControlPlane, fields: dict[str, Any]) -> None:
@@ -352,7 +373,7 @@ class _Item(Generic[_Entry]):
         entry = self.find(plane, request)
         fields = read_fields(await request.read(), self.fields)
         self.check(plane, fields)
-        await _update(plane, self.table, entry.id, fields)
+        await _update(plane, self.table, entry.id, await _new_period(plane, entry, fields))
         return _json(self.show(self.find(plane, request), plane))
 
     @_database_errors

@@ -159,6 +159,32 @@ async def test_budget_is_refused_then_resets(control: Control, clock: FakeContro
     assert (await post_chat(control, key))[0] == 200
 
 
+async def test_editing_a_budget_never_frees_it(control: Control, clock: FakeControlClock) -> None:
+    """The dashboard's edit form sends every limit: the same period again used to restart it
+    at a spend of 0, so any edit (an rpm) let a spent key spend its budget again."""
+    start = clock.now
+    created = await control.new_key(max_budget=0.000001, budget_duration="1h")
+    path, key = f"/admin/keys/{created['id']}", created["key"]
+    await chat(control.server, key)
+    assert (await post_chat(control, key))[0] == 429
+    await control.settle()  # the spend written, as a second after it is
+    await control.admin(
+        "PATCH", path, {"rpm": 100, "max_budget": 0.000001, "budget_duration": "1h"}
+    )
+    assert (await post_chat(control, key))[0] == 429
+    # a new period length: the period holding now, with what was spent so far in it
+    shown = await control.admin("PATCH", path, {"budget_duration": "1d"})
+    assert shown["spend"] > 0.000001 and shown["budget_resets_at"] == rfc3339(start + 86400)
+    assert (await post_chat(control, key))[0] == 429
+    clock.advance(86400)
+    assert (await post_chat(control, key))[0] == 200
+    # no period: one for ever, whose spend is all that was spent
+    shown = await control.admin("PATCH", path, {"budget_duration": None})
+    assert shown["spend"] == pytest.approx(shown["total_spend"]) and shown["spend"] > 0
+    assert shown["budget_resets_at"] is None
+    assert (await post_chat(control, key))[0] == 429
+
+
 async def test_budget_without_period_stays_spent(control: Control, clock: FakeControlClock) -> None:
     key = (await control.new_key(max_budget=0.000001))["key"]
     await chat(control.server, key)
