@@ -188,6 +188,10 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
+    except json.JSONDecodeError:  # a 2xx, but not from an aioproxy (a web page, a proxy's)
+        raise CommandError(
+            f"{args.url} did not answer JSON: is it an aioproxy instance's address?"
+        ) from None
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import sys
+from typing import Any
 from unittest import mock
 
 import pytest
+from aiohttp import web
 
 from aioproxy import cli
 from tests.control.conftest import Control, chat
@@ -150,3 +152,19 @@ async def test_update_sets_fields_back_to_null(control: Control) -> None:
     assert code == 1 and "choose one" in err
     code, out, _ = await run(control, "spend", "requests", "--team", team, "--json")
     assert code == 0 and json.loads(out)["data"] == []
+
+
+@sqlite_only
+async def test_an_address_that_is_no_aioproxy_is_told(
+    control: Control, aiohttp_server: Any
+) -> None:
+    """A 200 that is not JSON (a web page, a login proxy) was a traceback."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    server = await aiohttp_server(app)
+    code, out, err = await run(control, "keys", "list", "--url", str(server.make_url("/")))
+    assert code == 1 and "did not answer JSON" in err and not out
