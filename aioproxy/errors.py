@@ -263,7 +263,10 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
     elif exc.status == 413:
         message = f"Request body too large: {exc.text}"
     elif exc.status == 404:
-        message = f"Unknown route: {request.method} {request.path}"
+        from .masking import mask_keylike  # here: masking imports context, which imports us
+
+        # A secret pasted into a path (/admin/sk-...) is not told back.
+        message = f"Unknown route: {request.method} {mask_keylike(request.path)}"
     else:
         message = exc.text or exc.reason
     headers = None

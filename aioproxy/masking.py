@@ -20,7 +20,7 @@ import msgspec
 from .config import Secret
 from .context import Deployment
 
-__all__ = ["Mask", "mark_secrets", "mask_of", "secrets_in"]
+__all__ = ["Mask", "mark_secrets", "mask_keylike", "mask_of", "secrets_in"]
 
 MASKED = "***"
 _MIN_SECRET = 3  # shorter values (a header's "1") are no secret, and masking them garbles text
@@ -34,6 +34,11 @@ _KEYLIKE = (
 )
 _KEYLIKE_TEXT = re.compile(_KEYLIKE, re.IGNORECASE)
 _KEYLIKE_BYTES = re.compile(_KEYLIKE.encode(), re.IGNORECASE)
+
+
+def mask_keylike(text: str) -> str:
+    """``text`` with anything key-like masked: what a client sent (a path) told back or logged."""
+    return _KEYLIKE_TEXT.sub(MASKED, text)
 
 
 def _base64_forms(secret: bytes) -> set[bytes]:
@@ -126,7 +131,7 @@ class Mask:
         """``text`` with every form of every secret, and anything key-like, masked."""
         if self._text is not None:
             text = self._text.sub(MASKED, text)
-        return _KEYLIKE_TEXT.sub(MASKED, text)
+        return mask_keylike(text)
 
     def bytes(self, data: bytes) -> bytes:
         """The same for raw bytes (a relayed event): what is masked stays valid JSON."""

@@ -48,6 +48,19 @@ _REQUEST_COLUMNS = (
 )
 
 
+# The fields ``update --unset`` may set back to null (the API's nullable fields).
+_TEAM_CLEARABLE = (
+    "models",
+    "rpm",
+    "tpm",
+    "max_parallel",
+    "max_budget",
+    "budget_duration",
+    "metadata",
+)
+_KEY_CLEARABLE = (*_TEAM_CLEARABLE, "team", "expires_at")
+
+
 class CommandError(Exception):
     pass
 
@@ -66,6 +79,19 @@ def _limits(parser: argparse.ArgumentParser, *, team: bool) -> None:
         parser.add_argument("--team", help="team id")
         parser.add_argument("--expires-at", help="RFC 3339 timestamp")
         parser.add_argument("--role", choices=["user", "admin"])
+
+
+def _unset(parser: argparse.ArgumentParser, *, team: bool) -> None:
+    """``update --unset FIELD``: the field set back to null (no limit, all models, no team)."""
+    parser.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        choices=_TEAM_CLEARABLE if team else _KEY_CLEARABLE,
+        metavar="FIELD",
+        help="set FIELD back to null (no limit; all models; no team); repeatable: "
+        + ", ".join(_TEAM_CLEARABLE if team else _KEY_CLEARABLE),
+    )
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +119,10 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(f"--metadata is not JSON: {exc}") from None
     if getattr(args, "disable", None) is not None:
         fields["disabled"] = args.disable
+    for name in getattr(args, "unset", ()):
+        if name in fields:
+            raise CommandError(f"--{name.replace('_', '-')} and --unset {name}: choose one")
+        fields[name] = None
     return fields
 
 
@@ -124,6 +154,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         update = commands.add_parser("update", parents=[common], help=f"change a {singular}")
         update.add_argument("id")
         _limits(update, team=group == "teams")
+        _unset(update, team=group == "teams")
         if group == "keys":
             state = update.add_mutually_exclusive_group()
             state.add_argument("--disable", dest="disable", action="store_const", const=True)
@@ -142,6 +173,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     requests = spend.add_parser("requests", parents=[common], help="the latest requests")
     requests.add_argument("--limit", type=int, default=20)
     requests.add_argument("--key", dest="by_key", help="key id")
+    requests.add_argument("--team", dest="by_team", help="team id")
     requests.add_argument("--model")
     requests.add_argument("--status", type=int)
     return parser.parse_args(argv)
@@ -156,6 +188,10 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
+    except json.JSONDecodeError:  # a 2xx, but not from an aioproxy (a web page, a proxy's)
+        raise CommandError(
+            f"{args.url} did not answer JSON: is it an aioproxy instance's address?"
+        ) from None
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -177,6 +213,7 @@ def _request(args: argparse.Namespace) -> tuple[str, str, Any, tuple[str, ...] |
             query = {
                 "limit": args.limit,
                 "key": args.by_key,
+                "team": args.by_team,
                 "model": args.model,
                 "status": args.status,
             }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -21,7 +22,14 @@ from .store_tables import store_metadata
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-__all__ = ["SCHEMA_HEAD", "dialect_insert", "mask_url", "open_engine", "tune_sqlite_connection"]
+__all__ = [
+    "SCHEMA_HEAD",
+    "dialect_insert",
+    "driver_message",
+    "mask_url",
+    "open_engine",
+    "tune_sqlite_connection",
+]
 
 # The newest shipped migration (tests/control/test_control_database.py checks it is Alembic's
 # head). A database already there, the common start-up, is seen current without importing Alembic
@@ -41,6 +49,8 @@ _SQLITE_CACHE_KIB = 1024  # each SQLite connection's page cache (see tune_sqlite
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 # Every table the migrations create: the control plane's and the Responses store's.
 _OURS = (metadata, store_metadata)
+# A password given as a query parameter (asyncpg takes ``?password=``), masked by mask_url.
+_PASSWORD_PARAMETER = re.compile(r"([?&](?:password|passwd|pwd|sslpassword)=)[^&]*", re.IGNORECASE)
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
@@ -49,11 +59,24 @@ _DRIVERS = {
 
 
 def mask_url(url: str) -> str:
-    """The URL as it may be shown: its password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    """The URL as it may be shown: its password replaced by ``***`` wherever it stands, read
+    as the drivers read it or not: in the user info up to the last ``@`` (a password may hold
+    an ``@``, ``/`` or ``?`` the operator did not encode), and in a ``password`` parameter."""
+    scheme, found, rest = url.partition("://")
+    if not found:
         return "<not a database URL>"
+    at = rest.rfind("@")
+    user, colon, _password = rest[: max(at, 0)].partition(":")
+    if at >= 0 and colon:
+        rest = f"{user}:***{rest[at:]}"
+    return f"{scheme}://" + _PASSWORD_PARAMETER.sub(r"\g<1>***", rest)
+
+
+def driver_message(exc: BaseException) -> str:
+    """A database error's first line: the driver's own words, without SQLAlchemy's echo of the
+    statement and its parameters. An error without words (a bare TimeoutError) is named."""
+    lines = str(getattr(exc, "orig", None) or exc).splitlines()
+    return lines[0] if lines and lines[0] else type(exc).__name__
 
 
 def dialect_insert(dialect: str) -> Any:
@@ -63,7 +86,12 @@ def dialect_insert(dialect: str) -> Any:
 
 
 def _async_url(url: str) -> sa.URL:
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise ConfigError(
+            f"[database] url {mask_url(url)}: not a database URL ({driver_message(exc)})"
+        ) from None
     driver = _DRIVERS.get(parsed.drivername)
     if driver is None:
         raise ConfigError(
@@ -239,8 +267,7 @@ async def open_engine(url: str) -> AsyncEngine:
             await connection.run_sync(_migrate)
     except Exception as exc:  # noqa: BLE001 - any driver error stops start-up, told once
         await engine.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] or type(exc).__name__
         raise ConfigError(
-            f"[database] url {mask_url(url)}: cannot open the database: {reason}"
+            f"[database] url {mask_url(url)}: cannot open the database: {driver_message(exc)}"
         ) from None
     return engine

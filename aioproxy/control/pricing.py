@@ -37,6 +37,7 @@ _PROVIDERS = {
     "openai": "openai",
     "anthropic": "anthropic",
     "azure": "azure",
+    "bedrock": "aws",  # its model ids (anthropic.claude-..., amazon.nova-...) are AWS's names
     "groq": "groq",
     "mistral": "mistral",
     "google": "google",

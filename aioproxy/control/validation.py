@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -17,7 +17,16 @@ __all__ = ["KEY_FIELDS", "TEAM_FIELDS", "read_fields"]
 
 Check = Callable[[Any], Any]
 _MAX_NAME = 200
-_MAX_COUNT = 10**12
+# The rpm, tpm and max_parallel columns are 32-bit integers on PostgreSQL: more would fail
+# there at the INSERT (a 500), and a limit of two billion a minute is no limit anyway.
+_MAX_COUNT = 2**31 - 1
+# What the key objects show: an RFC 3339 date in years 1970 to 9999 (``records.rfc3339``);
+# an ``expires_at`` outside cannot be shown, and would break every listing of the keys.
+_FIRST_MOMENT = 0.0
+_LAST_MOMENT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+# C0 control characters and DEL: PostgreSQL refuses a NUL in text (a 500, not a 400), and the
+# others would break the CLI's tables and log lines.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_METADATA = 16 * 1024  # bytes of JSON
 
 
@@ -29,8 +38,16 @@ class _Invalid(Exception):
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > _MAX_NAME:
-        raise _Invalid(f"must be a non-empty string of at most {_MAX_NAME} characters")
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > _MAX_NAME
+        or _CONTROL.search(value)
+    ):
+        raise _Invalid(
+            f"must be a non-empty string of at most {_MAX_NAME} characters, "
+            "without control characters"
+        )
     return value
 
 
@@ -40,7 +57,7 @@ def _optional(check: Check) -> Check:
 
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_COUNT:
-        raise _Invalid("must be a whole number from 1, or null")
+        raise _Invalid(f"must be a whole number from 1 to {_MAX_COUNT}, or null")
     return value
 
 
@@ -64,7 +81,10 @@ def _models(value: Any) -> list[str]:
     if (
         not isinstance(value, list)
         or len(value) > 10_000
-        or not all(isinstance(item, str) and item and len(item) <= _MAX_NAME for item in value)
+        or not all(
+            isinstance(item, str) and item and len(item) <= _MAX_NAME and not _CONTROL.search(item)
+            for item in value
+        )
     ):
         raise _Invalid("must be a list of model names, or null (all models)")
     return list(dict.fromkeys(value))
@@ -81,7 +101,10 @@ def _timestamp(value: Any) -> float:
         ) from None
     if moment.tzinfo is None:
         raise _Invalid("must give its time zone (e.g. a trailing Z)")
-    return moment.timestamp()
+    epoch = moment.timestamp()
+    if not _FIRST_MOMENT <= epoch <= _LAST_MOMENT:
+        raise _Invalid("must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z")
+    return epoch
 
 
 def _role(value: Any) -> str:

@@ -26,6 +26,7 @@ from .._aiohttp import request_state
 from ..deployments import deployments_from
 from ..errors import ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
+from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
@@ -398,7 +399,9 @@ class Observer:
                         None,  # time: filled in as the line is written
                         rid,
                         request.method if route is None or route.method is None else route.method,
-                        route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
+                        route.path
+                        if route is not None
+                        else mask_keylike(request.path)[:_MAX_LOGGED_NAME],  # a secret pasted in
                         kind,
                         status,
                         error.code if isinstance(error, ProxyError) else None,

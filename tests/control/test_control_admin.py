@@ -79,11 +79,16 @@ async def test_config_keys_are_listed_read_only(start_control: Any) -> None:
     listed = await control.admin("GET", "/admin/keys")
     config_keys = [key for key in listed["data"] if key["source"] == "config"]
     assert [key["name"] for key in config_keys] == ["cfg"]
+    assert set(config_keys[0]) == KEY_FIELDS  # a script reads both kinds alike
+    assert config_keys[0]["key_prefix"] is None and config_keys[0]["role"] == "user"
     assert "sk-config-1" not in str(listed)
-    refused = await control.admin(
-        "PATCH", f"/admin/keys/{config_keys[0]['id']}", {"rpm": 1}, status=403
-    )
-    assert_error(refused, "id", "read_only")
+    # shown as listed (it was refused, as if a change), and not changed nor deleted
+    assert await control.admin("GET", f"/admin/keys/{config_keys[0]['id']}") == config_keys[0]
+    for method, body in (("PATCH", {"rpm": 1}), ("DELETE", None)):
+        refused = await control.admin(
+            method, f"/admin/keys/{config_keys[0]['id']}", body, status=403
+        )
+        assert_error(refused, "id", "read_only")
     # a config key that is not admin may not call the admin API
     assert_error(
         await control.admin("GET", "/admin/keys", key="sk-config-1", status=403), None, "admin_only"
@@ -149,15 +154,21 @@ BAD_KEY_FIELDS = [
     ("name", ""),
     ("name", 5),
     ("name", "x" * 201),
+    ("name", "a\x00b"),  # PostgreSQL refuses a NUL in text: a 500 before
+    ("name", "line\nbreak"),
     ("team", 7),
     ("team", "team_missing"),
     ("models", "gpt-test"),
     ("models", [1]),
+    ("models", ["gpt\x00test"]),
     ("rpm", 0),
+    ("rpm", 2**31),  # past PostgreSQL's integer column: a 500 before
     ("rpm", 1.5),
     ("rpm", True),
     ("tpm", -1),
+    ("tpm", 10**12),
     ("max_parallel", "2"),
+    ("max_parallel", 2**31),
     ("max_budget", -0.01),
     ("max_budget", "10"),
     ("budget_duration", "1w"),
@@ -166,6 +177,9 @@ BAD_KEY_FIELDS = [
     ("expires_at", "tomorrow"),
     ("expires_at", "2030-01-01T00:00:00"),
     ("expires_at", 1),
+    # Stored, then the key could not be shown: every listing of the keys failed (a 500).
+    ("expires_at", "0001-01-01T00:00:00+01:00"),
+    ("expires_at", "9999-12-31T23:59:59-01:00"),
     ("role", "root"),
     ("metadata", [1]),
     ("metadata", {"x": "y" * 20000}),
@@ -199,6 +213,22 @@ async def test_bad_team_fields_name_the_field(control: Control, field: str, valu
     assert_error(data, field)
 
 
+async def test_the_largest_values_are_stored_and_shown(control: Control) -> None:
+    """At the bounds of what validation admits, on both databases, and listed after."""
+    largest = {
+        "rpm": 2**31 - 1,
+        "tpm": 2**31 - 1,
+        "max_parallel": 2**31 - 1,
+        "expires_at": "9999-12-31T23:59:59Z",
+    }
+    created = await control.new_key(**largest)
+    assert {name: created[name] for name in largest} == largest
+    earliest = await control.new_key(expires_at="1970-01-01T00:00:00Z")
+    listed = {key["id"]: key for key in (await control.admin("GET", "/admin/keys"))["data"]}
+    assert listed[created["id"]]["expires_at"] == "9999-12-31T23:59:59Z"
+    assert listed[earliest["id"]]["expires_at"] == "1970-01-01T00:00:00Z"
+
+
 async def test_bad_bodies_and_queries(control: Control) -> None:
     assert_error(
         await control.admin("POST", "/admin/keys", {}, status=400),
@@ -210,6 +240,14 @@ async def test_bad_bodies_and_queries(control: Control) -> None:
     assert_error(await control.admin("GET", "/admin/spend?start=yesterday", status=400), "start")
     assert_error(await control.admin("GET", "/admin/requests?limit=0", status=400), "limit")
     assert_error(await control.admin("GET", "/admin/requests?status=abc", status=400), "status")
+    # Each a 500 before: int() refuses "²" (a digit to str.isdigit) and 5,000 digits, and
+    # PostgreSQL a NUL in text.
+    assert_error(await control.admin("GET", "/admin/requests?limit=%C2%B2", status=400), "limit")
+    assert_error(
+        await control.admin("GET", f"/admin/requests?limit={'9' * 5000}", status=400), "limit"
+    )
+    for name in ("key", "model", "team"):
+        assert_error(await control.admin("GET", f"/admin/requests?{name}=a%00b", status=400), name)
     assert_error(await control.admin("PATCH", "/admin/keys/key_nope", {"rpm": 1}, status=404), "id")
     assert_error(await control.admin("DELETE", "/admin/teams/team_nope", status=404), "id")
 
@@ -255,6 +293,26 @@ async def test_secrets_are_never_echoed_nor_logged(
     assert secret[7:] not in logged
 
 
+async def test_a_secret_in_an_unknown_path_is_neither_told_back_nor_logged(
+    start_control: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 names the path it did not find, and the access log logs it: a key pasted into
+    one (``/admin/sk-...``, ``/v1/sk-...``) is masked in both."""
+    control = await start_control(logging={"access_log": True})
+    caplog.set_level(logging.INFO)
+    secret = (await control.new_key())["key"]
+    for path in (f"/admin/{secret}", f"/admin/keys/{secret}/more", f"/v1/{secret}"):
+        async with control.session.get(
+            control.url(path), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        ) as response:
+            error = (await response.json())["error"]
+            assert response.status == 404 and error["code"] == "not_found"
+            assert secret[7:] not in error["message"]
+            assert error["message"].startswith(f"Unknown route: GET {path.split('sk-')[0]}")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
+    assert "/admin/***" in logged and secret[7:] not in logged
+
+
 async def test_change_reaches_another_instance(start_control: Any) -> None:
     """Two instances on one database: a key made on one works on the other once it polled."""
     first, second = await start_control(), await start_control()
@@ -275,3 +333,12 @@ async def test_poller_picks_up_changes(start_control: Any) -> None:
     async with asyncio.timeout(30):  # safety net: the poller runs every 0.05 s here
         while created["id"] not in second.plane.cache.keys:
             await asyncio.sleep(0.02)
+
+
+async def test_without_a_master_key_the_refusal_says_so(start_control: Any) -> None:
+    """With no [auth] master_key the models take any key, and the admin API none: its 401
+    must say why, not call the key invalid."""
+    control = await start_control(auth={})
+    for key in ("sk-anything", ""):
+        refused = await control.admin("GET", "/admin/keys", key=key, status=401)
+        assert "[auth] master_key" in refused["error"]["message"]

@@ -8,9 +8,11 @@ import io
 import json
 import os
 import sys
+from typing import Any
 from unittest import mock
 
 import pytest
+from aiohttp import web
 
 from aioproxy import cli
 from tests.control.conftest import Control, chat
@@ -124,3 +126,45 @@ def test_tables_line_up() -> None:
 
     text = table([{"a": 1, "b": None}, {"a": 22.5, "b": ["x", "y"]}], ("a", "b"))
     assert text.splitlines() == ["A     B", "1     -", "22.5  x,y"]
+
+
+@sqlite_only
+async def test_update_sets_fields_back_to_null(control: Control) -> None:
+    """A limit, a team, an expiry or a model list once set can be removed from the shell, as
+    the API's PATCH with null does (the options alone could only change them)."""
+    team = (await control.admin("POST", "/admin/teams", {"name": "t", "rpm": 5}, status=201))["id"]
+    created = await control.new_key(
+        team=team, rpm=5, models=["gpt-test"], expires_at="2100-01-01T00:00:00Z"
+    )
+    argv = ["keys", "update", created["id"], "--tpm", "9", "--json"]
+    for name in ("rpm", "team", "models", "expires_at"):
+        argv += ["--unset", name]
+    code, out, err = await run(control, *argv)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["tpm"] == 9
+    assert [shown[name] for name in ("rpm", "team", "models", "expires_at")] == [None] * 4
+    code, out, err = await run(control, "teams", "update", team, "--unset", "rpm", "--json")
+    assert code == 0 and json.loads(out)["rpm"] is None, err
+    code, _, err = await run(
+        control, "keys", "update", created["id"], "--rpm", "1", "--unset", "rpm"
+    )
+    assert code == 1 and "choose one" in err
+    code, out, _ = await run(control, "spend", "requests", "--team", team, "--json")
+    assert code == 0 and json.loads(out)["data"] == []
+
+
+@sqlite_only
+async def test_an_address_that_is_no_aioproxy_is_told(
+    control: Control, aiohttp_server: Any
+) -> None:
+    """A 200 that is not JSON (a web page, a login proxy) was a traceback."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    server = await aiohttp_server(app)
+    code, out, err = await run(control, "keys", "list", "--url", str(server.make_url("/")))
+    assert code == 1 and "did not answer JSON" in err and not out

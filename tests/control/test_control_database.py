@@ -100,6 +100,16 @@ def test_mask_url() -> None:
     assert mask_url("postgresql://bob:hunter2@db/x") == "postgresql://bob:***@db/x"
     assert "hunter2" not in mask_url("postgresql+asyncpg://bob:hunter2@db:5432/x")
     assert mask_url("sqlite:///aioproxy.sqlite3") == "sqlite:///aioproxy.sqlite3"
+    # Each showed some of the password before: a parameter asyncpg takes, characters the
+    # operator did not encode (SQLAlchemy ends the password at the first '@'), a port that is
+    # no number (no parse at all: a traceback).
+    assert mask_url("postgresql://db/x?sslmode=require&password=hunter2") == (
+        "postgresql://db/x?sslmode=require&password=***"
+    )
+    assert mask_url("postgresql://bob:hun@ter2@db/x") == "postgresql://bob:***@db/x"
+    assert mask_url("postgresql://bob:hu/n?ter2@db/x") == "postgresql://bob:***@db/x"
+    assert mask_url("postgresql://bob:hunter2@db:port/x") == "postgresql://bob:***@db:port/x"
+    assert mask_url("sqlite:////data/a@b.sqlite3") == "sqlite:////data/a@b.sqlite3"
 
 
 @pytest.mark.parametrize(
@@ -108,6 +118,8 @@ def test_mask_url() -> None:
         "postgresql://bob:hunter2@127.0.0.1:1/nowhere",
         "mysql://bob:hunter2@127.0.0.1/x",
         "sqlite:////nonexistent-dir/deeper/aioproxy.sqlite3",
+        "postgresql://bob:hunter2@127.0.0.1:port/x",  # a ValueError, not a ConfigError, before
+        "postgresql://127.0.0.1:1/x?password=hunter2",
     ],
 )
 async def test_an_unopenable_database_names_the_setting(url: str) -> None:

@@ -159,6 +159,32 @@ async def test_budget_is_refused_then_resets(control: Control, clock: FakeContro
     assert (await post_chat(control, key))[0] == 200
 
 
+async def test_editing_a_budget_never_frees_it(control: Control, clock: FakeControlClock) -> None:
+    """The dashboard's edit form sends every limit: the same period again used to restart it
+    at a spend of 0, so any edit (an rpm) let a spent key spend its budget again."""
+    start = clock.now
+    created = await control.new_key(max_budget=0.000001, budget_duration="1h")
+    path, key = f"/admin/keys/{created['id']}", created["key"]
+    await chat(control.server, key)
+    assert (await post_chat(control, key))[0] == 429
+    await control.settle()  # the spend written, as a second after it is
+    await control.admin(
+        "PATCH", path, {"rpm": 100, "max_budget": 0.000001, "budget_duration": "1h"}
+    )
+    assert (await post_chat(control, key))[0] == 429
+    # a new period length: the period holding now, with what was spent so far in it
+    shown = await control.admin("PATCH", path, {"budget_duration": "1d"})
+    assert shown["spend"] > 0.000001 and shown["budget_resets_at"] == rfc3339(start + 86400)
+    assert (await post_chat(control, key))[0] == 429
+    clock.advance(86400)
+    assert (await post_chat(control, key))[0] == 200
+    # no period: one for ever, whose spend is all that was spent
+    shown = await control.admin("PATCH", path, {"budget_duration": None})
+    assert shown["spend"] == pytest.approx(shown["total_spend"]) and shown["spend"] > 0
+    assert shown["budget_resets_at"] is None
+    assert (await post_chat(control, key))[0] == 429
+
+
 async def test_budget_without_period_stays_spent(control: Control, clock: FakeControlClock) -> None:
     key = (await control.new_key(max_budget=0.000001))["key"]
     await chat(control.server, key)
@@ -199,6 +225,30 @@ async def test_team_limits_and_models(control: Control) -> None:
     for model in ("gpt-other", "embed"):
         status, _, body = await post_chat(control, first, model=model)
         assert status == 403 and body["error"]["param"] == "model"
+
+
+async def test_team_budget_is_shared_then_resets(control: Control, clock: FakeControlClock) -> None:
+    """What one key of a team spends counts toward the team's budget: the team's other key,
+    with no budget of its own, is refused too; the team's next period admits both again."""
+    team = await control.admin(
+        "POST",
+        "/admin/teams",
+        {"name": "t", "max_budget": 0.000001, "budget_duration": "1d"},
+        status=201,
+    )
+    spender = (await control.new_key(team=team["id"]))["key"]
+    other = (await control.new_key(team=team["id"]))["key"]
+    assert (await post_chat(control, spender))[0] == 200
+    for key in (other, spender):
+        status, headers, body = await post_chat(control, key)
+        assert status == 429 and body["error"]["code"] == "insufficient_quota"
+        assert "team" in body["error"]["message"] and int(headers["Retry-After"]) > 0
+    await control.settle()
+    shown = await control.admin("GET", f"/admin/teams/{team['id']}")
+    assert shown["spend"] > 0.000001 and shown["total_spend"] == shown["spend"]
+    clock.advance(86400)
+    assert (await control.admin("GET", f"/admin/teams/{team['id']}"))["spend"] == 0
+    assert (await post_chat(control, other))[0] == 200
 
 
 async def test_fallbacks_stay_within_model_access(start_control: Any, fake: Any) -> None:

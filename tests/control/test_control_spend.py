@@ -278,6 +278,24 @@ def test_prices_are_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pricing.price_of(Deployment(name="y", provider="echo", model="echo")) is None
 
 
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [
+        ("openai", "gpt-4o-mini"),
+        ("azure", "gpt-4o"),
+        ("anthropic", "claude-3-5-sonnet-latest"),
+        ("gemini", "gemini-2.0-flash"),
+        # Unpriced before (genai-prices names it "aws"): a Bedrock key's requests were logged
+        # without cost, and its budget never moved.
+        ("bedrock", "anthropic.claude-3-haiku-20240307-v1:0"),
+        ("bedrock", "amazon.nova-lite-v1:0"),
+    ],
+)
+def test_each_shipped_provider_is_priced(provider: str, model: str) -> None:
+    price = Pricing().price_of(Deployment(name="x", provider=provider, model=model))
+    assert price is not None and price.input > 0 and price.output > 0
+
+
 async def test_log_off_still_counts_spend(start_control: Any) -> None:
     """``[spend] log = false``: no rows, but a database key's spend is still written."""
     control = await start_control(spend={"log": False})
