@@ -13,6 +13,7 @@ one write. An app embedded elsewhere logs through the logging API as usual.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -107,8 +108,13 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        # Quoted when it could be misread (a space, a quote, an equals sign, or empty).
-        return value if value and not any(c in value for c in ' "=') else _encode(value).decode()
+        # Quoted when it could be misread: empty, a space, a quote, an equals sign, or a
+        # character that is not printable. A client's model name or path may hold a newline or
+        # a terminal escape: raw, it would split the line or forge another. (json.dumps escapes
+        # all but printable ASCII; msgspec leaves DEL and U+2028, a line break to some readers.)
+        if value and value.isprintable() and not any(c in value for c in ' "='):
+            return value
+        return json.dumps(value)
     return str(value)
 
 

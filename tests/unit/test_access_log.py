@@ -57,6 +57,21 @@ def test_text_lines_without_a_loop() -> None:
     assert line.endswith(' INFO aioproxy.access: request_id=r-1 status=200 model="a b" cost=-\n')
 
 
+@pytest.mark.parametrize(
+    "made_up", ["a\nb", "x\r\n2026-01-01T00:00:00.000Z", "\x1b[2Jz", "a\u2028b", "a\x7fb"]
+)
+def test_a_clients_text_cannot_break_or_forge_a_text_line(made_up: str) -> None:
+    """A model name or path comes from the client: one with a newline (or a terminal escape)
+    is escaped, so that each request stays one line of printable text."""
+    stream = Stream()
+    AccessHandler(stream, json=False).write({**FIELDS, "model": made_up, "path": made_up})
+    [line] = stream.getvalue().decode().splitlines()
+    assert line.isprintable()
+    assert f" model={json.dumps(made_up)} " in line and line.endswith(
+        f" path={json.dumps(made_up)}"
+    )
+
+
 def test_entries_through_the_logging_api() -> None:
     record = logging.LogRecord(
         "aioproxy.access", logging.INFO, "x", 1, AccessEntry(dict(FIELDS)), None, None
