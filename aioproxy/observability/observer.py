@@ -24,7 +24,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from .._aiohttp import request_state
 from ..deployments import deployments_from
-from ..errors import ProxyError
+from ..errors import ANSWERED_ERROR, ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
@@ -368,6 +368,8 @@ class Observer:
                     kind = route.kind if route is not None else "other"
                     cache = None
                 error = failed[0] if failed is not None else None
+                if status >= 400:  # the error the client got (a hook's may be its cause)
+                    error = state.get(ANSWERED_ERROR, error)
                 if metrics is not None:
                     metrics.finished.append(
                         (

@@ -323,3 +323,51 @@ async def test_a_mounted_apps_lines_name_its_routes_under_the_prefix(
         "chat_completions",
     )
     assert (models["method"], models["path"], models["kind"]) == ("GET", "/llm/v1/models", "models")
+
+
+async def test_each_error_lines_code_is_the_one_its_client_got(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, access_lines: io.StringIO
+) -> None:
+    """Failures from every layer (no route, wrong method, a body too large or not JSON, the
+    ingress checks, auth, /metrics, a model, a rate cap, the upstream): each line's ``error``
+    is the ``code`` of the error body its client got."""
+    config = gateway_config(
+        upstream_base,
+        logging={"access_log": True},
+        metrics={"enabled": True},
+        server={"max_body_size": 2048},
+        router={"num_retries": 0},
+    )
+    config["models"].append({**config["models"][0], "name": "capped", "rpm": 1})
+    proxy = await serve_proxy(config)
+    json_type = {"Content-Type": "application/json"}
+    chat = {"model": "gpt-test", "messages": MESSAGES}
+    capped = json.dumps({**chat, "model": "capped"}).encode()
+    asked = [
+        ("GET", "/v1/nowhere", AUTH, None),
+        ("GET", "/v1/chat/completions", AUTH, None),
+        ("POST", "/v1/chat/completions", AUTH, b"{" + b" " * 4096 + b"}"),
+        ("POST", "/v1/chat/completions", AUTH, b"{not json"),
+        ("POST", "/v1/chat/completions", {**AUTH, "Content-Type": "text/plain"}, b"{}"),
+        ("POST", "/v1/chat/completions", json_type, json.dumps(chat).encode()),
+        ("GET", "/metrics", {}, None),
+        ("POST", "/v1/chat/completions", AUTH, json.dumps({**chat, "model": "nope"}).encode()),
+        ("POST", "/v1/chat/completions", AUTH, capped),
+        ("POST", "/v1/chat/completions", AUTH, capped),
+        ("POST", "/v1/chat/completions", AUTH, json.dumps(chat).encode()),
+    ]
+    codes: list[str | None] = []
+    async with aiohttp.ClientSession() as http:
+        for method, path, headers, body in asked:
+            fake.faults = ["status:503"] if body is asked[-1][3] else []
+            async with http.request(
+                method, proxy.make_url(path), headers=headers, data=body
+            ) as response:
+                answer = await response.json()
+                codes.append(answer["error"]["code"] if response.status >= 400 else None)
+    lines = lines_of(access_lines)
+    assert len(lines) == len(asked)
+    statuses = [line["status"] for line in lines]
+    assert statuses == [404, 405, 413, 400, 415, 401, 401, 404, 200, 429, 503]
+    assert [line["error"] for line in lines] == codes
+    assert None not in codes[:8]  # each layer's refusal has its code
