@@ -48,6 +48,9 @@ __all__ = ["Observer", "observer"]
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
 _CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
+# The access line's error when the client went away: before its answer (499), or in the middle
+# of a stream (whose status went out first).
+CLIENT_GONE_CODE = "client_disconnected"
 # call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
 # imports this module's package).
 _CACHE_STATE = "cache"
@@ -392,6 +395,9 @@ class Observer:
                 if call is not None:
                     route = routes.get(request.match_info.route)
                 principal = call.principal if call is not None else None
+                code = error.code if isinstance(error, ProxyError) else None
+                if status == _CLIENT_GONE or (answered is not None and outcome.disconnected):
+                    code = CLIENT_GONE_CODE
                 rid = state.get(REQUEST_ID)
                 if rid is None:  # a request refused before anything asked for its id
                     rid = request_id(request)
@@ -403,7 +409,7 @@ class Observer:
                         route.path if route is not None else request.path[:_MAX_LOGGED_NAME],
                         kind,
                         status,
-                        error.code if isinstance(error, ProxyError) else None,
+                        code,
                         principal.name if principal is not None else None,
                         principal.team if principal is not None else None,
                         call.model[:_MAX_LOGGED_NAME] if call is not None else None,

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from aioproxy import Call, Outcome, create_app, hookimpl
 from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
-from aioproxy.testing import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, eventually
 from tests.support import (
     AUTH,
     ROOT,
@@ -371,3 +371,49 @@ async def test_each_error_lines_code_is_the_one_its_client_got(
     assert statuses == [404, 405, 413, 400, 415, 401, 401, 404, 200, 429, 503]
     assert [line["error"] for line in lines] == codes
     assert None not in codes[:8]  # each layer's refusal has its code
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_has_a_line_that_says_so(
+    aiohttp_server: Any,
+    upstream_base: str,
+    fake: FakeOpenAI,
+    access_lines: io.StringIO,
+    stream: bool,
+) -> None:
+    """A client gone before its answer (499) or in the middle of its stream (whose 200 went
+    out): its line says ``client_disconnected``."""
+    import aioproxy_echo
+    import aioproxy_openai
+
+    fake.faults = ["stall_stream" if stream else "hang"]
+    app = create_app(
+        gateway_config(upstream_base, logging={"access_log": True}),
+        plugins=[aioproxy_openai, aioproxy_echo],
+        load_entrypoints=False,
+    )
+    proxy = await aiohttp_server(app)  # which cancels a handler whose client left, as run.py
+    finished = _Finished()
+    ACCESS_LOG.addHandler(finished)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": stream}
+            url = proxy.make_url("/v1/chat/completions")
+
+            async def ask() -> None:
+                async with http.post(url, json=body, headers=AUTH) as response:
+                    assert response.status == 200
+                    await response.content.readline()  # the first event came
+                    response.close()
+
+            asking = asyncio.create_task(ask())
+            if stream:
+                await asking
+            else:  # gone while the upstream keeps it waiting
+                await eventually(lambda: bool(fake.requests), within=30, what="the upstream called")
+                asking.cancel()
+            await finished.done.wait()
+    finally:
+        ACCESS_LOG.removeHandler(finished)
+    [line] = lines_of(access_lines)
+    assert (line["status"], line["error"]) == (200 if stream else 499, "client_disconnected")
