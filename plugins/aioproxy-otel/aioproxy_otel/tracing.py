@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.propagate import extract
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -47,10 +47,19 @@ def _build_provider() -> TracerProvider:
     """A provider from the standard OTEL_* variables, exporting over OTLP/HTTP in batches."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "aioproxy")})
-    provider = TracerProvider(resource=resource)  # reads OTEL_TRACES_SAMPLER and the limits
+    provider = TracerProvider(resource=_resource())  # reads OTEL_TRACES_SAMPLER and the limits
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # OTEL_BSP_*, OTLP_*
     return provider
+
+
+def _resource() -> Resource:
+    """The standard variables' resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``);
+    named ``aioproxy`` when neither names the service (the SDK would say ``unknown_service``).
+    Attributes given to ``Resource.create`` would win over both variables."""
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "aioproxy"}))
+    return resource
 
 
 class OTelPlugin:

@@ -314,3 +314,29 @@ async def test_no_key_or_prompt_in_any_log_metric_or_span(
     for where, text in texts.items():
         for secret in (MASTER_KEY, VIRTUAL_KEY, UPSTREAM_KEY, PROMPT):
             assert secret not in text, f"{secret!r} in the {where}"
+
+
+@pytest.mark.parametrize(
+    ("variables", "service"),
+    [
+        ({}, "aioproxy"),
+        ({"OTEL_SERVICE_NAME": "gw"}, "gw"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-eu,deployment.environment=prod"}, "gw-eu"),
+    ],
+)
+def test_the_service_is_named_by_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], service: str
+) -> None:
+    """OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES' service.name, else aioproxy."""
+    from aioproxy_otel.tracing import _build_provider
+
+    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:1/v1/traces")
+    provider = _build_provider()
+    try:
+        assert provider.resource.attributes["service.name"] == service
+    finally:
+        provider.shutdown()
