@@ -3,6 +3,8 @@ span per upstream attempt (whose traceparent goes upstream), GenAI attributes, T
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import time
 from typing import Any
@@ -36,6 +38,11 @@ _OPERATIONS = {
 }
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
+# What the spans of a request cut short by its client going away say: nginx's status, as the
+# access log, and an error.type of its own (never raised).
+_CLIENT_GONE = ProxyError(
+    "The client went away", status=499, type="client_error", code="client_disconnected"
+)
 _MAX_CACHED = 4096  # attempt attributes kept, by deployment and operation
 
 
@@ -119,7 +126,23 @@ class OTelPlugin:
             )
             call.state[_SPAN] = span
             call.state["otel.started_ns"] = started
+            # A request cancelled (its client gone) runs no hook that would end its spans.
+            task = asyncio.current_task()
+            if task is not None:
+                task.add_done_callback(functools.partial(self._end_if_cancelled, call))
         return span
+
+    def _end_if_cancelled(self, call: Call, task: asyncio.Task[Any]) -> None:
+        """The request's task is over: if it was cancelled, end the spans left open."""
+        if not task.cancelled():
+            return
+        span: Span | None = call.state.get(_SPAN)
+        if span is None or not span.is_recording():
+            return
+        self._end_attempt(call, _CLIENT_GONE, _CLIENT_GONE.status)
+        span.set_attribute("http.response.status_code", _CLIENT_GONE.status)
+        _set_error(span, _CLIENT_GONE)
+        span.end()
 
     @hookimpl
     def before_request(self, call: Call) -> None:

@@ -340,3 +340,31 @@ def test_the_service_is_named_by_the_standard_variables(
         assert provider.resource.attributes["service.name"] == service
     finally:
         provider.shutdown()
+
+
+async def test_a_request_whose_client_left_has_its_spans_ended(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A client gone while the upstream keeps it waiting: no hook ends the request (nor its
+    attempt), yet both spans end and are exported, saying so."""
+    proxy = await start(aiohttp_server, fake, plugin)  # its server cancels the handler
+    fake.faults = ["hang"]
+    async with aiohttp.ClientSession() as http:
+        asking = asyncio.create_task(
+            http.post(
+                proxy.make_url("/v1/chat/completions"),
+                json={"model": "gpt-test", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {MASTER_KEY}"},
+            )
+        )
+        async with asyncio.timeout(30):  # a safety net
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+        asking.cancel()
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    [attempt] = [s for s in spans if s.kind == CLIENT]
+    assert attempt.parent_span_id == root.span_id
+    for span in (root, attempt):
+        assert attributes(span)["error.type"] == "client_disconnected"
+    assert attributes(root)["http.response.status_code"] == 499
