@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import sys
 import time
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ __all__ = [
 ACCESS_LOG = logging.getLogger("aioproxy.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FLUSH_AT = 256  # lines held at most before they are written, whatever the loop does
+_ATOMIC = select.PIPE_BUF  # bytes a pipe writes whole, never interleaved (POSIX: >= 512)
 
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
@@ -220,8 +222,20 @@ class AccessHandler(logging.Handler):
                 ).encode()
         else:
             data = b"".join(self._line(entry, when) + b"\n" for entry in entries)
-        self.stream.write(data)
-        self.stream.flush()
+        # Whole lines, at most PIPE_BUF bytes a write (a line longer than that alone): under
+        # run.py --workers every worker writes to the same stderr, and a pipe keeps only writes
+        # that small whole; larger ones interleave with the other workers', mid-line.
+        stream = self.stream
+        start, size = 0, len(data)
+        while size - start > _ATOMIC:
+            end = data.rfind(b"\n", start, start + _ATOMIC) + 1
+            if end == 0:  # a line longer than PIPE_BUF: alone, whole
+                end = data.find(b"\n", start + _ATOMIC) + 1 or size
+            stream.write(data[start:end])
+            stream.flush()  # each piece its own write: the buffer would join them
+            start = end
+        stream.write(data[start:] if start else data)
+        stream.flush()
 
     def _line(self, entry: Fields | bytes, when: str) -> bytes:
         if isinstance(entry, bytes):
