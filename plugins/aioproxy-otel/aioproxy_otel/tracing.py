@@ -184,6 +184,9 @@ class OTelPlugin:
         if outcome.status >= 400:
             attributes["error.type"] = str(outcome.status)
             span.set_status(Status(StatusCode.ERROR))
+        elif outcome.disconnected:  # a stream its client left midway (its 200 went out)
+            attributes["error.type"] = _CLIENT_GONE.code
+            span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
         span.end()
 

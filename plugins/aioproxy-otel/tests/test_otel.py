@@ -368,3 +368,26 @@ async def test_a_request_whose_client_left_has_its_spans_ended(
     for span in (root, attempt):
         assert attributes(span)["error.type"] == "client_disconnected"
     assert attributes(root)["http.response.status_code"] == 499
+
+
+async def test_a_stream_whose_client_left_midway_says_so(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """Its 200 went out, then the client went away: the span says so, as the access log."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    fake.faults = ["stall_stream"]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"),
+            json={"model": "gpt-test", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        ) as response:
+            await response.content.readline()  # the first event came
+            response.close()
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    attrs = attributes(root)
+    assert (attrs["http.response.status_code"], attrs["error.type"]) == (
+        200,
+        "client_disconnected",
+    )
