@@ -7,6 +7,7 @@ import asyncio
 import functools
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +39,7 @@ _OPERATIONS = {
 }
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
+AppContext = Callable[[web.Application], AsyncIterator[None]]  # what register_contexts takes
 # What the spans of a request cut short by its client going away say: nginx's status, as the
 # access log, and an error.type of its own (never raised).
 _CLIENT_GONE = ProxyError(
@@ -103,6 +105,18 @@ class OTelPlugin:
     def shutdown(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()
+
+    @hookimpl
+    def register_contexts(self, register: Callable[[AppContext], None]) -> None:
+        register(self._export_at_cleanup)
+
+    async def _export_at_cleanup(self, app: web.Application) -> AsyncIterator[None]:
+        """The app stops: export the spans still in the batch now. The SDK's own exit handler
+        would, but run.py's workers end with os._exit, which skips it. (Flushed, not shut
+        down: the plugin may serve another app.)"""
+        yield
+        if self._provider is not None:
+            await asyncio.to_thread(self._provider.force_flush)
 
     # -- the request span ---------------------------------------------------------------------
 

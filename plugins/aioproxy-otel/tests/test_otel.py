@@ -391,3 +391,25 @@ async def test_a_stream_whose_client_left_midway_says_so(
         200,
         "client_disconnected",
     )
+
+
+async def test_an_app_that_stops_exports_what_it_traced(
+    aiohttp_server: Any,
+    fake: FakeOpenAI,
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spans wait in the batch (here a minute) until exported: an app that stops exports them
+    (run.py's workers end with os._exit, which skips the SDK's exit handler)."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    plugin = OTelPlugin()
+    try:
+        proxy = await start(aiohttp_server, fake, plugin)
+        async with sdk(proxy) as client:
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        assert collector.spans == []  # still in the batch
+        await proxy.close()  # the app's cleanup
+        spans = await collector.wait_for(2)  # no force_flush here
+        assert {s.kind for s in spans} == {SERVER, CLIENT}
+    finally:
+        await asyncio.to_thread(plugin.shutdown)
