@@ -9,9 +9,12 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ._aiohttp import request_state
+
 log = logging.getLogger("aioproxy")
 
 __all__ = [
+    "ANSWERED_ERROR",
     "ANTHROPIC_STATUSES",
     "AuthenticationError",
     "BadGateway",
@@ -275,6 +278,16 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
     return ProxyError(message, status=exc.status, type=type_, code=code, headers=headers)
 
 
+# Where the middleware leaves the error a request was answered with (for the access log's
+# ``error``, whichever layer refused it: a route, the ingress checks, a handler).
+ANSWERED_ERROR = web.RequestKey("aioproxy.answered_error", ProxyError)
+
+
+def _answer(request: web.Request, error: ProxyError) -> web.Response:
+    request_state(request)[ANSWERED_ERROR] = error
+    return error_response(error, speaks_anthropic(request.match_info.handler))
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render ProxyError, aiohttp HTTP errors and unexpected exceptions as OpenAI error objects
@@ -282,19 +295,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProxyError as exc:
-        return error_response(exc, speaks_anthropic(request.match_info.handler))
+        return _answer(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = from_http_exception(exc, request)
-        return error_response(error, speaks_anthropic(request.match_info.handler))
+        return _answer(request, from_http_exception(exc, request))
     except ConnectionResetError:
         raise  # the client went away: nobody to answer, and aiohttp knows to ignore it
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(
+        return _answer(
+            request,
             ProxyError(
                 "The proxy failed unexpectedly; the error was logged.", code="internal_error"
             ),
-            speaks_anthropic(request.match_info.handler),
         )

@@ -20,6 +20,8 @@ from aiohttp import web
 from ._aiohttp import BaseRequest, RequestHandler
 from .errors import error_body
 from .heap import malloc_trim, trim_forever
+from .request_ids import HEADER as REQUEST_ID_HEADER
+from .request_ids import new_request_id
 
 __all__ = ["run"]
 
@@ -51,6 +53,8 @@ class _OpenAIErrorHandler(RequestHandler):
                 code="internal_error" if server_side else "malformed_request",
             ),
             content_type="application/json",
+            # No app saw it (its signal sets the id on every other answer): a new id here.
+            headers={REQUEST_ID_HEADER: new_request_id()},
         )
         response.force_close()
         return response

@@ -13,7 +13,9 @@ one write. An app embedded elsewhere logs through the logging API as usual.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import select
 import sys
 import time
 from collections.abc import Iterable
@@ -35,6 +37,7 @@ __all__ = [
 ACCESS_LOG = logging.getLogger("aioproxy.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FLUSH_AT = 256  # lines held at most before they are written, whatever the loop does
+_ATOMIC = select.PIPE_BUF  # bytes a pipe writes whole, never interleaved (POSIX: >= 512)
 
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
@@ -107,8 +110,13 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        # Quoted when it could be misread (a space, a quote, an equals sign, or empty).
-        return value if value and not any(c in value for c in ' "=') else _encode(value).decode()
+        # Quoted when it could be misread: empty, a space, a quote, an equals sign, or a
+        # character that is not printable. A client's model name or path may hold a newline or
+        # a terminal escape: raw, it would split the line or forge another. (json.dumps escapes
+        # all but printable ASCII; msgspec leaves DEL and U+2028, a line break to some readers.)
+        if value and value.isprintable() and not any(c in value for c in ' "='):
+            return value
+        return json.dumps(value)
     return str(value)
 
 
@@ -214,8 +222,20 @@ class AccessHandler(logging.Handler):
                 ).encode()
         else:
             data = b"".join(self._line(entry, when) + b"\n" for entry in entries)
-        self.stream.write(data)
-        self.stream.flush()
+        # Whole lines, at most PIPE_BUF bytes a write (a line longer than that alone): under
+        # run.py --workers every worker writes to the same stderr, and a pipe keeps only writes
+        # that small whole; larger ones interleave with the other workers', mid-line.
+        stream = self.stream
+        start, size = 0, len(data)
+        while size - start > _ATOMIC:
+            end = data.rfind(b"\n", start, start + _ATOMIC) + 1
+            if end == 0:  # a line longer than PIPE_BUF: alone, whole
+                end = data.find(b"\n", start + _ATOMIC) + 1 or size
+            stream.write(data[start:end])
+            stream.flush()  # each piece its own write: the buffer would join them
+            start = end
+        stream.write(data[start:] if start else data)
+        stream.flush()
 
     def _line(self, entry: Fields | bytes, when: str) -> bytes:
         if isinstance(entry, bytes):

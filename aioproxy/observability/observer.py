@@ -24,7 +24,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from .._aiohttp import request_state
 from ..deployments import deployments_from
-from ..errors import ProxyError
+from ..errors import ANSWERED_ERROR, ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
@@ -49,6 +49,9 @@ __all__ = ["Observer", "observer"]
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
 _CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
+# The access line's error when the client went away: before its answer (499), or in the middle
+# of a stream (whose status went out first).
+CLIENT_GONE_CODE = "client_disconnected"
 # call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
 # imports this module's package).
 _CACHE_STATE = "cache"
@@ -369,6 +372,8 @@ class Observer:
                     kind = route.kind if route is not None else "other"
                     cache = None
                 error = failed[0] if failed is not None else None
+                if status >= 400:  # the error the client got (a hook's may be its cause)
+                    error = state.get(ANSWERED_ERROR, error)
                 if metrics is not None:
                     metrics.finished.append(
                         (
@@ -391,6 +396,9 @@ class Observer:
                 if call is not None:
                     route = routes.get(request.match_info.route)
                 principal = call.principal if call is not None else None
+                code = error.code if isinstance(error, ProxyError) else None
+                if status == _CLIENT_GONE or (answered is not None and outcome.disconnected):
+                    code = CLIENT_GONE_CODE
                 rid = state.get(REQUEST_ID)
                 if rid is None:  # a request refused before anything asked for its id
                     rid = request_id(request)
@@ -404,7 +412,7 @@ class Observer:
                         else mask_keylike(request.path)[:_MAX_LOGGED_NAME],  # a secret pasted in
                         kind,
                         status,
-                        error.code if isinstance(error, ProxyError) else None,
+                        code,
                         principal.name if principal is not None else None,
                         principal.team if principal is not None else None,
                         call.model[:_MAX_LOGGED_NAME] if call is not None else None,

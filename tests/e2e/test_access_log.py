@@ -19,7 +19,7 @@ from aiohttp import web
 
 from aioproxy import Call, Outcome, create_app, hookimpl
 from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
-from aioproxy.testing import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, eventually
 from tests.support import (
     AUTH,
     ROOT,
@@ -323,3 +323,97 @@ async def test_a_mounted_apps_lines_name_its_routes_under_the_prefix(
         "chat_completions",
     )
     assert (models["method"], models["path"], models["kind"]) == ("GET", "/llm/v1/models", "models")
+
+
+async def test_each_error_lines_code_is_the_one_its_client_got(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, access_lines: io.StringIO
+) -> None:
+    """Failures from every layer (no route, wrong method, a body too large or not JSON, the
+    ingress checks, auth, /metrics, a model, a rate cap, the upstream): each line's ``error``
+    is the ``code`` of the error body its client got."""
+    config = gateway_config(
+        upstream_base,
+        logging={"access_log": True},
+        metrics={"enabled": True},
+        server={"max_body_size": 2048},
+        router={"num_retries": 0},
+    )
+    config["models"].append({**config["models"][0], "name": "capped", "rpm": 1})
+    proxy = await serve_proxy(config)
+    json_type = {"Content-Type": "application/json"}
+    chat = {"model": "gpt-test", "messages": MESSAGES}
+    capped = json.dumps({**chat, "model": "capped"}).encode()
+    asked = [
+        ("GET", "/v1/nowhere", AUTH, None),
+        ("GET", "/v1/chat/completions", AUTH, None),
+        ("POST", "/v1/chat/completions", AUTH, b"{" + b" " * 4096 + b"}"),
+        ("POST", "/v1/chat/completions", AUTH, b"{not json"),
+        ("POST", "/v1/chat/completions", {**AUTH, "Content-Type": "text/plain"}, b"{}"),
+        ("POST", "/v1/chat/completions", json_type, json.dumps(chat).encode()),
+        ("GET", "/metrics", {}, None),
+        ("POST", "/v1/chat/completions", AUTH, json.dumps({**chat, "model": "nope"}).encode()),
+        ("POST", "/v1/chat/completions", AUTH, capped),
+        ("POST", "/v1/chat/completions", AUTH, capped),
+        ("POST", "/v1/chat/completions", AUTH, json.dumps(chat).encode()),
+    ]
+    codes: list[str | None] = []
+    async with aiohttp.ClientSession() as http:
+        for method, path, headers, body in asked:
+            fake.faults = ["status:503"] if body is asked[-1][3] else []
+            async with http.request(
+                method, proxy.make_url(path), headers=headers, data=body
+            ) as response:
+                answer = await response.json()
+                codes.append(answer["error"]["code"] if response.status >= 400 else None)
+    lines = lines_of(access_lines)
+    assert len(lines) == len(asked)
+    statuses = [line["status"] for line in lines]
+    assert statuses == [404, 405, 413, 400, 415, 401, 401, 404, 200, 429, 503]
+    assert [line["error"] for line in lines] == codes
+    assert None not in codes[:8]  # each layer's refusal has its code
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_has_a_line_that_says_so(
+    aiohttp_server: Any,
+    upstream_base: str,
+    fake: FakeOpenAI,
+    access_lines: io.StringIO,
+    stream: bool,
+) -> None:
+    """A client gone before its answer (499) or in the middle of its stream (whose 200 went
+    out): its line says ``client_disconnected``."""
+    import aioproxy_echo
+    import aioproxy_openai
+
+    fake.faults = ["stall_stream" if stream else "hang"]
+    app = create_app(
+        gateway_config(upstream_base, logging={"access_log": True}),
+        plugins=[aioproxy_openai, aioproxy_echo],
+        load_entrypoints=False,
+    )
+    proxy = await aiohttp_server(app)  # which cancels a handler whose client left, as run.py
+    finished = _Finished()
+    ACCESS_LOG.addHandler(finished)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": stream}
+            url = proxy.make_url("/v1/chat/completions")
+
+            async def ask() -> None:
+                async with http.post(url, json=body, headers=AUTH) as response:
+                    assert response.status == 200
+                    await response.content.readline()  # the first event came
+                    response.close()
+
+            asking = asyncio.create_task(ask())
+            if stream:
+                await asking
+            else:  # gone while the upstream keeps it waiting
+                await eventually(lambda: bool(fake.requests), within=30, what="the upstream called")
+                asking.cancel()
+            await finished.done.wait()
+    finally:
+        ACCESS_LOG.removeHandler(finished)
+    [line] = lines_of(access_lines)
+    assert (line["status"], line["error"]) == (200 if stream else 499, "client_disconnected")

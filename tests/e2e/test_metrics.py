@@ -231,3 +231,23 @@ async def test_one_process_counts_as_requests_gather_without_a_clock(
         samples, "aioproxy_requests_total", kind="chat_completions", model="gpt-test", status="200"
     )
     assert total == 3
+
+
+async def test_cache_lookups_by_result(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Any
+) -> None:
+    """The response cache's miss, then its hit, then a lookup the client declined (bypass)."""
+    config = mix_config(
+        upstream_base,
+        database={"url": f"sqlite:///{tmp_path / 'db.sqlite3'}"},
+        cache={"enabled": True},
+    )
+    proxy = await serve_proxy(config)
+    async with sdk(proxy) as client:
+        for headers in ({}, {}, {"Cache-Control": "no-cache"}):
+            await client.chat.completions.create(
+                model="gpt-test", messages=MESSAGES, temperature=0, extra_headers=headers
+            )
+    samples = await scrape(proxy)
+    cache = "aioproxy_cache_requests_total"
+    assert [value(samples, cache, result=r) for r in ("miss", "hit", "bypass")] == [1, 1, 1]

@@ -3,6 +3,9 @@ client's own when sane, forwarded upstream once, and the upstream's own kept."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -10,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import Call, Outcome, hookimpl
-from aioproxy.request_ids import is_sane, new_request_id
+from aioproxy.request_ids import HEADER, is_sane, new_request_id
 from aioproxy.testing import FakeOpenAI
-from tests.support import AUTH, ServeProxy, gateway_config
+from tests.support import AUTH, ServeProxy, gateway_config, running
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -133,3 +136,60 @@ async def test_the_upstream_id_is_kept(serve_proxy: ServeProxy, upstream_base: s
     [(ours, theirs)] = seen
     assert ours == "mine"
     assert theirs is not None and theirs.startswith("req_") and theirs != "mine"
+
+
+async def test_every_layers_refusal_carries_it(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """The client's id comes back on each layer's refusal: a wrong method, a body too large or
+    not JSON, a rate cap, an upstream error after a retry, and a stream that fails midway."""
+    config = gateway_config(
+        upstream_base, server={"max_body_size": 2048}, router={"retry_backoff": 0}
+    )
+    config["models"].append({**config["models"][0], "name": "capped", "rpm": 1})
+    proxy = await serve_proxy(config)
+    chat = json.dumps(CHAT).encode()
+    capped = json.dumps({**CHAT, "model": "capped"}).encode()
+    asked: list[tuple[str, bytes | None, list[str], int]] = [
+        ("GET", None, [], 405),
+        ("POST", b"{" + b" " * 4096 + b"}", [], 413),
+        ("POST", b"{not json", [], 400),
+        ("POST", capped, [], 200),
+        ("POST", capped, [], 429),
+        ("POST", chat, ["status:500", "status:400"], 400),  # retried, then refused
+        ("POST", json.dumps({**CHAT, "stream": True}).encode(), ["cut_stream"], 200),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for i, (method, body, faults, status) in enumerate(asked):
+            fake.faults = list(faults)
+            headers = {**AUTH, "x-request-id": f"layer-{i}"}
+            async with session.request(
+                method, proxy.make_url("/v1/chat/completions"), data=body, headers=headers
+            ) as response:
+                text = await response.read()
+                assert response.status == status, text
+                assert response.headers["x-request-id"] == f"layer-{i}"
+    assert b'"error"' in text  # the stream's failure came as its last event
+    # Forwarded on each upstream attempt, the retry's too.
+    forwarded = [r.headers["x-request-id"] for r in fake.requests]
+    assert forwarded == ["layer-3", "layer-5", "layer-5", "layer-6"]
+
+
+async def test_a_request_too_malformed_to_parse_gets_one(tmp_path: Path) -> None:
+    """run.py answers what aiohttp cannot parse itself (before any app sees it): that answer
+    carries a new id too."""
+    config = tmp_path / "c.toml"
+    config.write_text('[[models]]\nname = "echo"\nprovider = "echo"\n', encoding="utf-8")
+    async with running("--config", str(config)) as (port, _):
+        for request in (
+            b"NOT-HTTP at all\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            raw = await reader.read()  # the answer, then the connection closes
+            writer.close()
+            head = raw.partition(b"\r\n\r\n")[0].decode().lower().splitlines()
+            assert head[0].split()[1].startswith("4")
+            [rid] = [line.split(":", 1)[1].strip() for line in head if line.startswith(HEADER)]
+            assert is_sane(rid) and rid.startswith("req_")

@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import logging
+import select
 from collections.abc import Iterator
 
 import pytest
@@ -24,15 +25,22 @@ FIELDS = {"time": None, "request_id": "r-1", "status": 200, "model": "a b", "cos
 
 
 class Stream(io.BytesIO):
-    """Counts the writes: a loop turn's lines must go out in one."""
+    """Counts the writes (a loop turn's lines must go out in one), and keeps what each flush
+    sends (one write(2) of a buffered stream)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.flushed: list[bytes] = []
+        self._since = 0
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
         self.writes += 1
         return super().write(data)
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue()[self._since :])
+        self._since = len(self.getvalue())
 
 
 async def test_a_turns_lines_go_out_in_one_write() -> None:
@@ -55,6 +63,21 @@ def test_text_lines_without_a_loop() -> None:
     line = stream.getvalue().decode()
     assert stream.writes == 1  # no loop: written at once
     assert line.endswith(' INFO aioproxy.access: request_id=r-1 status=200 model="a b" cost=-\n')
+
+
+@pytest.mark.parametrize(
+    "made_up", ["a\nb", "x\r\n2026-01-01T00:00:00.000Z", "\x1b[2Jz", "a\u2028b", "a\x7fb"]
+)
+def test_a_clients_text_cannot_break_or_forge_a_text_line(made_up: str) -> None:
+    """A model name or path comes from the client: one with a newline (or a terminal escape)
+    is escaped, so that each request stays one line of printable text."""
+    stream = Stream()
+    AccessHandler(stream, json=False).write({**FIELDS, "model": made_up, "path": made_up})
+    [line] = stream.getvalue().decode().splitlines()
+    assert line.isprintable()
+    assert f" model={json.dumps(made_up)} " in line and line.endswith(
+        f" path={json.dumps(made_up)}"
+    )
 
 
 def test_entries_through_the_logging_api() -> None:
@@ -105,3 +128,22 @@ async def test_a_requests_line_is_written_in_its_fields_order_untracked_by_the_g
     assert first["time"].endswith("Z") and first["duration_ms"] == 1.25 and first["cost"] == 0.5
     assert second == {"time": "t", "level": "INFO"}
     assert str(AccessEntry(line)).startswith("request_id=r-1 method=POST path=/v1/chat/completions")
+
+
+async def test_many_lines_go_out_in_whole_lines_a_pipe_never_interleaves() -> None:
+    """Under run.py --workers every worker writes to one stderr: a pipe keeps a write of at
+    most PIPE_BUF bytes whole, and interleaves larger ones with the other workers' mid-line.
+    So a big batch goes out in pieces of whole lines within PIPE_BUF (a longer line alone)."""
+    stream = Stream()
+    handler = AccessHandler(stream, json=True)
+    for i in range(300):  # more than a write may hold, and than a batch holds
+        handler.write({**FIELDS, "request_id": f"r-{i}", "model": "m" * (i % 97)})
+    handler.write({**FIELDS, "request_id": "long", "model": "x" * (2 * select.PIPE_BUF)})
+    await asyncio.sleep(0)
+    pieces = [piece for piece in stream.flushed if piece]
+    assert len(pieces) > 2
+    for piece in pieces:
+        assert piece.endswith(b"\n")
+        assert len(piece) <= select.PIPE_BUF or piece.count(b"\n") == 1
+    lines = [json.loads(line) for line in b"".join(pieces).splitlines()]
+    assert [line["request_id"] for line in lines] == [*(f"r-{i}" for i in range(300)), "long"]

@@ -3,8 +3,11 @@ span per upstream attempt (whose traceparent goes upstream), GenAI attributes, T
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,7 +15,7 @@ import msgspec
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.propagate import extract
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -36,6 +39,12 @@ _OPERATIONS = {
 }
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
+AppContext = Callable[[web.Application], AsyncIterator[None]]  # what register_contexts takes
+# What the spans of a request cut short by its client going away say: nginx's status, as the
+# access log, and an error.type of its own (never raised).
+_CLIENT_GONE = ProxyError(
+    "The client went away", status=499, type="client_error", code="client_disconnected"
+)
 _MAX_CACHED = 4096  # attempt attributes kept, by deployment and operation
 
 
@@ -47,10 +56,19 @@ def _build_provider() -> TracerProvider:
     """A provider from the standard OTEL_* variables, exporting over OTLP/HTTP in batches."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "aioproxy")})
-    provider = TracerProvider(resource=resource)  # reads OTEL_TRACES_SAMPLER and the limits
+    provider = TracerProvider(resource=_resource())  # reads OTEL_TRACES_SAMPLER and the limits
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # OTEL_BSP_*, OTLP_*
     return provider
+
+
+def _resource() -> Resource:
+    """The standard variables' resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``);
+    named ``aioproxy`` when neither names the service (the SDK would say ``unknown_service``).
+    Attributes given to ``Resource.create`` would win over both variables."""
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "aioproxy"}))
+    return resource
 
 
 class OTelPlugin:
@@ -88,6 +106,18 @@ class OTelPlugin:
         if self._provider is not None:
             self._provider.shutdown()
 
+    @hookimpl
+    def register_contexts(self, register: Callable[[AppContext], None]) -> None:
+        register(self._export_at_cleanup)
+
+    async def _export_at_cleanup(self, app: web.Application) -> AsyncIterator[None]:
+        """The app stops: export the spans still in the batch now. The SDK's own exit handler
+        would, but run.py's workers end with os._exit, which skips it. (Flushed, not shut
+        down: the plugin may serve another app.)"""
+        yield
+        if self._provider is not None:
+            await asyncio.to_thread(self._provider.force_flush)
+
     # -- the request span ---------------------------------------------------------------------
 
     def _request_span(self, call: Call) -> Span:
@@ -110,7 +140,23 @@ class OTelPlugin:
             )
             call.state[_SPAN] = span
             call.state["otel.started_ns"] = started
+            # A request cancelled (its client gone) runs no hook that would end its spans.
+            task = asyncio.current_task()
+            if task is not None:
+                task.add_done_callback(functools.partial(self._end_if_cancelled, call))
         return span
+
+    def _end_if_cancelled(self, call: Call, task: asyncio.Task[Any]) -> None:
+        """The request's task is over: if it was cancelled, end the spans left open."""
+        if not task.cancelled():
+            return
+        span: Span | None = call.state.get(_SPAN)
+        if span is None or not span.is_recording():
+            return
+        self._end_attempt(call, _CLIENT_GONE, _CLIENT_GONE.status)
+        span.set_attribute("http.response.status_code", _CLIENT_GONE.status)
+        _set_error(span, _CLIENT_GONE)
+        span.end()
 
     @hookimpl
     def before_request(self, call: Call) -> None:
@@ -151,6 +197,9 @@ class OTelPlugin:
             attributes["gen_ai.provider.name"] = call.deployment.provider
         if outcome.status >= 400:
             attributes["error.type"] = str(outcome.status)
+            span.set_status(Status(StatusCode.ERROR))
+        elif outcome.disconnected:  # a stream its client left midway (its 200 went out)
+            attributes["error.type"] = _CLIENT_GONE.code
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
         span.end()

@@ -314,3 +314,102 @@ async def test_no_key_or_prompt_in_any_log_metric_or_span(
     for where, text in texts.items():
         for secret in (MASTER_KEY, VIRTUAL_KEY, UPSTREAM_KEY, PROMPT):
             assert secret not in text, f"{secret!r} in the {where}"
+
+
+@pytest.mark.parametrize(
+    ("variables", "service"),
+    [
+        ({}, "aioproxy"),
+        ({"OTEL_SERVICE_NAME": "gw"}, "gw"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-eu,deployment.environment=prod"}, "gw-eu"),
+    ],
+)
+def test_the_service_is_named_by_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], service: str
+) -> None:
+    """OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES' service.name, else aioproxy."""
+    from aioproxy_otel.tracing import _build_provider
+
+    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:1/v1/traces")
+    provider = _build_provider()
+    try:
+        assert provider.resource.attributes["service.name"] == service
+    finally:
+        provider.shutdown()
+
+
+async def test_a_request_whose_client_left_has_its_spans_ended(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A client gone while the upstream keeps it waiting: no hook ends the request (nor its
+    attempt), yet both spans end and are exported, saying so."""
+    proxy = await start(aiohttp_server, fake, plugin)  # its server cancels the handler
+    fake.faults = ["hang"]
+    async with aiohttp.ClientSession() as http:
+        asking = asyncio.create_task(
+            http.post(
+                proxy.make_url("/v1/chat/completions"),
+                json={"model": "gpt-test", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {MASTER_KEY}"},
+            )
+        )
+        async with asyncio.timeout(30):  # a safety net
+            while not fake.requests:
+                await asyncio.sleep(0.01)
+        asking.cancel()
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    [attempt] = [s for s in spans if s.kind == CLIENT]
+    assert attempt.parent_span_id == root.span_id
+    for span in (root, attempt):
+        assert attributes(span)["error.type"] == "client_disconnected"
+    assert attributes(root)["http.response.status_code"] == 499
+
+
+async def test_a_stream_whose_client_left_midway_says_so(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """Its 200 went out, then the client went away: the span says so, as the access log."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    fake.faults = ["stall_stream"]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"),
+            json={"model": "gpt-test", "messages": MESSAGES, "stream": True},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        ) as response:
+            await response.content.readline()  # the first event came
+            response.close()
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    attrs = attributes(root)
+    assert (attrs["http.response.status_code"], attrs["error.type"]) == (
+        200,
+        "client_disconnected",
+    )
+
+
+async def test_an_app_that_stops_exports_what_it_traced(
+    aiohttp_server: Any,
+    fake: FakeOpenAI,
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spans wait in the batch (here a minute) until exported: an app that stops exports them
+    (run.py's workers end with os._exit, which skips the SDK's exit handler)."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    plugin = OTelPlugin()
+    try:
+        proxy = await start(aiohttp_server, fake, plugin)
+        async with sdk(proxy) as client:
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        assert collector.spans == []  # still in the batch
+        await proxy.close()  # the app's cleanup
+        spans = await collector.wait_for(2)  # no force_flush here
+        assert {s.kind for s in spans} == {SERVER, CLIENT}
+    finally:
+        await asyncio.to_thread(plugin.shutdown)
