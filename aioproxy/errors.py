@@ -152,6 +152,10 @@ class UnsupportedMediaType(
 class RateLimited(ProxyError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
     """A rate cap reached (the gateway's, or an upstream's)."""
 
+    # Whose cap it was, for aioproxy_rate_limited_total{scope} (key, team, budget, gateway);
+    # None: the router's own deployment caps.
+    scope: str | None = None
+
 
 class UpstreamError(ProxyError, type="upstream_error"):
     """The upstream answered with an error; its status and message are passed on."""

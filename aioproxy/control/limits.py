@@ -117,11 +117,14 @@ def _headers(limits: KeyLimits, now: float, granted: bool = False) -> dict[str, 
     return headers
 
 
-def _refuse(message: str, code: str, retry_after: float) -> RateLimited:
+def _refuse(message: str, code: str, retry_after: float, scope: str) -> RateLimited:
+    """A 429 from this gateway's limits; ``scope`` (key, team, budget) is what
+    aioproxy_rate_limited_total counts it under."""
     refused = RateLimited(
         message, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))}
     )
     refused.caused_by_upstream = False
+    refused.scope = scope
     return refused
 
 
@@ -221,18 +224,21 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
             f"{_whose(scope)} has {scope.max_parallel} requests in flight, its max_parallel",
             "rate_limit_exceeded",
             1,
+            scope.name,
         )
     if scope.rpm is not None and meter.requests.total(now) >= scope.rpm:
         raise _refuse(
             f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
             "rate_limit_exceeded",
             meter.requests.reset_in(now),
+            scope.name,
         )
     if scope.tpm is not None and meter.tokens.total(now) + tokens > scope.tpm:
         raise _refuse(
             f"{_whose(scope)} is over its rate limit of {scope.tpm} tokens a minute",
             "rate_limit_exceeded",
             meter.tokens.reset_in(now) or 60,
+            scope.name,
         )
     if scope.max_budget is not None:
         ends = scope.period(wall)
@@ -242,6 +248,7 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
                 + (" for this period" if ends is not None else ""),
                 "insufficient_quota",
                 (ends - wall) if ends is not None else 3600,
+                "budget",
             )
 
 

@@ -5,7 +5,10 @@ for the database nor pays for its row.
 Each batch is one transaction: the log rows plus each key's and team's added spend, so a batch
 that fails is retried whole and nothing is counted twice. While the database is unreachable the
 rows wait in a bounded buffer; past ``[spend] buffer_rows`` the oldest are dropped, counted and
-logged. Stopping writes what is left (graceful shutdown).
+logged. A batch the database refuses for its data (a value it cannot store), not for being
+unreachable, is written row by row: a refused row is dropped, counted and logged, and its spend
+still written, so one bad row never holds the log up. Stopping writes what is left (graceful
+shutdown).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ log = logging.getLogger("aioproxy")
 
 _RETRY_MAX = 30.0  # seconds between two tries at most, while the database is down
 _RETENTION_EVERY = 3600.0  # seconds between two deletions of rows past retention
+# What a database raises for a row it cannot store (too long, a NUL, a constraint), rather than
+# for being unreachable or busy: retrying the batch whole would fail for ever.
+_REFUSED_DATA = (sa.exc.DataError, sa.exc.IntegrityError)
 
 
 @dataclass(slots=True)
@@ -117,6 +123,7 @@ class RequestLog:
         self.finished: list[Any] = []
         self.build = build
         self.dropped = 0  # rows lost to a full buffer, since the start
+        self.refused = 0  # rows the database refused (their spend written without them)
         self.written = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -176,6 +183,8 @@ class RequestLog:
             log.error("request log: %d rows not written at shutdown", len(self.buffer))
         if self.dropped:
             log.error("request log: %d rows were dropped in all", self.dropped)
+        if self.refused:
+            log.error("request log: the database refused %d rows in all", self.refused)
 
     async def _run(self) -> None:
         delay = self.settings.flush_interval
@@ -217,11 +226,34 @@ class RequestLog:
                 size = min(len(self.buffer), left, self.settings.batch_size)
                 left -= size
                 batch = [self.buffer[i] for i in range(size)]
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except _REFUSED_DATA:
+                    await self._write_apart(batch)
                 for record in batch:  # unless a full buffer dropped it meanwhile (the oldest)
                     if self.buffer and self.buffer[0] is record:
                         self.buffer.popleft()
                 self.written += len(batch)
+
+    async def _write_apart(self, batch: list[LogRecord]) -> None:
+        """A refused batch, one record at a time: a row the database refuses again is dropped
+        (counted, logged) and its record written without it, so its spend still counts."""
+        for record in batch:
+            try:
+                await self._write([record])
+            except _REFUSED_DATA as exc:
+                if record.spend_only:
+                    raise  # not the row: the spend's own statements (left to the retries)
+                self.refused += 1
+                if self.refused == 1 or self.refused % 1000 == 0:
+                    log.error(
+                        "request log: the database refused a row (%d so far), written without "
+                        "it: %s",
+                        self.refused,
+                        _brief(exc),
+                    )
+                record.spend_only = True
+                await self._write([record])
 
     async def _write(self, batch: list[LogRecord]) -> None:
         rows = [record.values for record in batch if not record.spend_only]

@@ -17,6 +17,7 @@ import msgspec
 from ..context import RETRIES, Call, Deployment, Principal
 from ..outcome import Outcome, Usage
 from ..routes import Kind
+from . import schema
 from .cache import KeyCache
 from .meters import KeyLimits
 from .pricing import Pricing
@@ -94,6 +95,24 @@ def estimate_usage(prompt_bytes: int, outcome: Outcome) -> Usage:
     return Usage(prompt, answer, prompt + answer)
 
 
+def _length(column: str) -> int:
+    length = getattr(schema.requests.c[column].type, "length", None)
+    assert isinstance(length, int), column
+    return length
+
+
+# What a row's text columns hold at most: text a client (or an upstream) chose is cut to it.
+_NAME, _END_USER, _MODEL, _CODE = map(_length, ("key_name", "end_user", "model", "error_code"))
+
+
+def _storable(text: str | None, limit: int) -> str | None:
+    """Text as its column can store it: at most ``limit`` characters, and no NUL (PostgreSQL
+    refuses one in text, and with it the row's whole batch)."""
+    if text is None or (len(text) <= limit and "\x00" not in text):
+        return text
+    return text.replace("\x00", "")[:limit]
+
+
 def _end_user(raw: msgspec.Raw | None) -> str | None:
     if raw is None:
         return None
@@ -101,7 +120,7 @@ def _end_user(raw: msgspec.Raw | None) -> str | None:
         value = _decode(raw)
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None
-    return value[:200] if isinstance(value, str) else None
+    return _storable(value, _END_USER) if isinstance(value, str) else None
 
 
 _decode = msgspec.json.Decoder().decode
@@ -147,15 +166,15 @@ class RowBuilder:
             wall,
             self._day(wall),
             principal.id or None,
-            principal.name,
+            _storable(principal.name, _NAME),
             principal.team,
             _end_user(finished.end_user),
-            finished.model,
+            _storable(finished.model, _MODEL),
             deployment.key if deployment else None,
             deployment.provider if deployment else None,
             finished.kind,
             outcome.status,
-            finished.state.get(FAILED),
+            _storable(finished.state.get(FAILED), _CODE),
             outcome.stream,
             usage.prompt_tokens,
             usage.completion_tokens,

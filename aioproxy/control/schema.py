@@ -93,7 +93,7 @@ requests = sa.Table(
         primary_key=True,
         autoincrement=True,
     ),
-    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),  # a sane client id: 128 (0006)
     sa.Column("time", sa.Float, nullable=False),  # read by ix_requests_time_cover (0005)
     sa.Column("day", sa.String(10), nullable=False),  # UTC date, for group_by=day on both databases
     sa.Column("key_id", sa.String(80), nullable=True, index=True),

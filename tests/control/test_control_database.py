@@ -200,6 +200,40 @@ async def test_rows_wait_while_the_database_is_down(db_url: str) -> None:
         await engine.dispose()
 
 
+async def test_a_row_the_database_refuses_is_dropped_alone_and_its_spend_kept(
+    db_url: str,
+) -> None:
+    """A batch refused for its data (here a NOT NULL column left null) is not retried whole
+    for ever: it is written row by row, the refused row dropped (counted) and its record
+    written without it, so its key's spend still counts."""
+    engine = await open_engine(db_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                schema.keys.insert().values(
+                    id="key_1", digest="d" * 64, key_prefix="sk-abcd", name="k", created_at=1.0
+                )
+            )
+        cache = KeyCache(engine)
+        await cache.reload()
+        log = RequestLog(engine, cache, SpendConfig())
+        bad = {**row(1), "kind": None, "key_id": "key_1"}
+        for fields in (row(0), bad, row(2)):
+            log.add(LogRecord.of(fields, 0.25))
+        await log.flush()
+        assert log.refused == 1 and not log.buffer
+        assert await count_rows(engine) == 2
+        async with engine.connect() as connection:
+            spend = (
+                await connection.execute(
+                    sa.select(schema.keys.c.total_spend).where(schema.keys.c.id == "key_1")
+                )
+            ).scalar()
+        assert spend == 0.25
+    finally:
+        await engine.dispose()
+
+
 async def test_the_writer_retries_and_stop_flushes(db_url: str) -> None:
     engine = await open_engine(db_url)
     try:

@@ -9,11 +9,12 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aioproxy import hookimpl
 from aioproxy.context import Call
 from tests.control.conftest import CHAT, PRICE, Control, FakeControlClock, chat
-from tests.support import sdk
+from tests.support import MASTER_KEY, sdk
 
 
 def rfc3339(epoch: float) -> str:
@@ -290,3 +291,27 @@ async def test_the_limits_plugin_can_be_replaced(start_control: Any) -> None:
         await chat(control.server, created["key"])
     await control.settle()
     assert (await control.admin("GET", f"/admin/keys/{created['id']}"))["spend"] > 0
+
+
+async def test_refusals_are_counted_under_their_scope(start_control: Any) -> None:
+    """aioproxy_rate_limited_total{scope}: a key's rate limit under "key", its team's under
+    "team", a spent budget under "budget" (not all under the router's "deployment")."""
+    control = await start_control(metrics={"enabled": True})
+    team = await control.admin("POST", "/admin/teams", {"name": "t", "rpm": 1}, status=201)
+    by_key = (await control.new_key(rpm=1))["key"]
+    by_team = (await control.new_key(team=team["id"]))["key"]
+    by_budget = (await control.new_key(max_budget=0.000001))["key"]
+    for key in (by_key, by_team, by_budget):
+        assert (await post_chat(control, key))[0] == 200
+        assert (await post_chat(control, key))[0] == 429
+    async with control.session.get(
+        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        text = await response.text()
+    counted = {
+        sample.labels["scope"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "aioproxy_rate_limited_total"
+    }
+    assert counted == {"key": 1, "team": 1, "budget": 1}

@@ -4,8 +4,8 @@ which the writer retried for ever, so no row nor spend was written after it.
 
 A client's x-request-id of 65 to 128 characters (request_ids takes them) did the same.
 
-Left to the lead (aioproxy/control/rows.py, requestlog.py are not this branch's): the test is a
-strict xfail on PostgreSQL until they are fixed, then it passes (and the mark must go)."""
+Now the row builder makes such text storable (cut to its column, no NUL), and the request id's
+column holds 128 characters (migration 0006)."""
 
 from __future__ import annotations
 
@@ -30,15 +30,7 @@ async def test_a_row_the_database_cannot_store_does_not_stop_the_log(
     db_url: str,
     poison: dict[str, str],
     request_id: str | None,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if db_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="rows.py keeps client text as sent: the batch fails whole, for ever",
-            )
-        )
     created = await control.new_key(name="payer")
     headers = {"Authorization": f"Bearer {created['key']}"}
     poisoned = {**headers, "x-request-id": request_id} if request_id else headers
