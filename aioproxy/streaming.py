@@ -142,6 +142,12 @@ def split_events(block: bytes) -> list[bytes]:
 
 def data_of(event: bytes) -> bytes:
     """The joined ``data:`` lines of one SSE event (comments and ``event:`` lines dropped)."""
+    if event.startswith(b"data:"):  # the usual event, one data line: no split, no join
+        end = event.find(b"\n")
+        if end < 0:
+            return event[5:].lstrip()
+        if event.count(b"\n", end) == len(event) - end:  # nothing but newlines after it
+            return event[5:end].lstrip()
     lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines)
 

@@ -29,7 +29,8 @@ def asks_usage(call: Call) -> bool:
 # chunk before ``[DONE]``, and the core reads a stream's usage from its last few events too
 # (``aioproxy.outcome``), so the rest of a block is never searched.
 _TAIL_EVENTS = 3
-_MARKERS = (b'"usage":{', b'"usage": {')
+# A usage object (not "usage":null, which every chunk may carry), as OpenAI writes it or spaced.
+_MARKER, _SPACED = b'"usage":{', b'"usage": {'
 _DONE = b"data: [DONE]"
 
 
@@ -47,7 +48,8 @@ class UsageTap:
         self.found: Usage | None = None  # the usage of the last event that had one
 
     def __call__(self, reply: StreamReply) -> StreamReply:
-        return StreamReply(_Tapped(self, reply.events), reply.aclose, reply.headers, reply.finished)
+        reply.events = _Tapped(self, reply.events)  # the reply kept: its close, its headers
+        return reply
 
     def strip(self, block: bytes) -> bytes:
         """``block`` without its usage-only event. Only the last events of the block are
@@ -63,16 +65,14 @@ class UsageTap:
                 end = start
                 continue
             looked += 1
-            for marker in _MARKERS:
-                if block.find(marker, start, end) >= 0:
-                    found = chunk_usage(data_of(block[start:end]))
-                    if found is not None:  # the last usage: kept, so no one parses it again
-                        usage_only, self.found = found
-                        if not usage_only:
-                            return block
-                        # One copy of what the client gets, not one of each part and another.
-                        return b"".join((memoryview(block)[:start], block[end:]))
-                    break
+            if block.find(_MARKER, start, end) >= 0 or block.find(_SPACED, start, end) >= 0:
+                found = chunk_usage(data_of(block[start:end]))
+                if found is not None:  # the last usage: kept, so no one parses it again
+                    usage_only, self.found = found
+                    if not usage_only:
+                        return block
+                    # One copy of what the client gets, not one of each part and another.
+                    return b"".join((memoryview(block)[:start], block[end:]))
             end = start
         return block
 
@@ -93,6 +93,12 @@ class _Tapped:
 
     def __aiter__(self) -> _Tapped:
         return self
+
+    async def aclose(self) -> None:
+        """Close the events it reads (``StreamReply.aclose`` calls it)."""
+        aclose = getattr(self.events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def __anext__(self) -> bytes:
         while True:

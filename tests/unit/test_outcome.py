@@ -314,3 +314,26 @@ def test_a_stream_that_came_whole_counts_its_events_when_read() -> None:
     outcome.events = 7  # a count set wins
     assert outcome.events == 7
     assert Outcome(200, stream=True).events == 0
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"data: x\n\n",
+        b"data:x",
+        b"data: x",
+        b"data: a\ndata: b\n\n",
+        b"event: e\ndata: y\n\n",
+        b": c\n\n",
+        b"data: x\r\n\r\n",
+        b"data: x\n\nextra",
+        b'data: {"a": 1}\n\n\n',
+        b"",
+        b"data:",
+        b"data: x\n: comment\n\n",
+    ],
+)
+def test_data_of_one_line_the_short_way_as_the_long(event: bytes) -> None:
+    """An event of one data line is read without a split and a join: the same bytes."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    assert data_of(event) == b"\n".join(lines)
