@@ -4,6 +4,11 @@ waiting on a Redis that is gone.
 A failed call marks the link down (logged once, counted); requests then use per-process
 counters at once, without trying Redis. A probe pings it in the background and marks it up
 again when it answers.
+
+Each instance holds a lease in Redis (``<prefix>:alive:<instance>``), renewed by a heartbeat
+and by each of its scripts: counts of requests in flight are kept per instance, and those of
+an instance whose lease ran out (killed, or cut off from Redis) stop counting, so the slots
+of a crashed instance are freed within ``LEASE`` seconds instead of being held for an hour.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -26,6 +32,8 @@ __all__ = ["RedisLink"]
 log = logging.getLogger("aioproxy")
 
 PROBE_INTERVAL = 0.5  # seconds between two pings while Redis is down
+LEASE = 15.0  # seconds an instance's counts in flight outlive its last sign of life
+HEARTBEAT = 3.0  # seconds between two renewals of the lease (a loop may lag a few seconds)
 
 
 class RedisLink:
@@ -35,6 +43,12 @@ class RedisLink:
         assert config.redis_url is not None
         self.config = config
         self.prefix = config.prefix
+        self.instance = os.urandom(8).hex()  # this process's name in the counts in flight
+        self.alive_prefix = f"{config.prefix}:alive:"  # + an instance: its lease
+        self.lease_ms = int(LEASE * 1000)
+        # What each script that counts requests in flight is told (made once): who, where
+        # the leases are, how long one lasts.
+        self.lease = (self.instance, self.alive_prefix, self.lease_ms)
         # A bounded pool that requests wait on (within the timeout) rather than failing when
         # every connection is busy; no retries: a script sent twice would count twice.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -53,6 +67,7 @@ class RedisLink:
         self.up = True
         self.failures = 0  # times Redis was lost (for metrics and tests)
         self._probe: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
         self.on_lost: Callable[[], None] | None = None  # counts it (the metrics, when on)
 
@@ -60,12 +75,24 @@ class RedisLink:
         """Run ``callback`` each time Redis comes back (resubscribe, reload what was missed)."""
         self._on_resume.append(callback)
 
-    async def check(self) -> None:
-        """At start-up: an unreachable Redis is logged and probed for, not fatal."""
+    async def start(self) -> None:
+        """At start-up: an unreachable Redis is logged and probed for, not fatal; the lease
+        is renewed from now on."""
         try:
             await self.client.ping()
         except (RedisError, OSError) as exc:
             self.lost(exc)
+        self._heartbeat = asyncio.create_task(self._beat(), name="aioproxy redis lease")
+
+    async def _beat(self) -> None:
+        key = self.alive_prefix + self.instance
+        while True:
+            if self.up:
+                try:
+                    await self.batcher.command("SET", key, 1, "PX", self.lease_ms)
+                except (RedisError, OSError) as exc:
+                    self.lost(exc)
+            await asyncio.sleep(HEARTBEAT)
 
     def lost(self, error: BaseException) -> None:
         """A call failed: fall back until a ping answers again."""
@@ -102,9 +129,13 @@ class RedisLink:
                 return
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._probe, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.up:  # gone: the others stop counting this one's requests in flight at once
+            with contextlib.suppress(RedisError, OSError):
+                await self.batcher.command("DEL", self.alive_prefix + self.instance)
         await self.batcher.close()
         await self.client.aclose()

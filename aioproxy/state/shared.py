@@ -44,7 +44,7 @@ class SharedState:
 
             link = RedisLink(state)
             link.on_lost = _lost_counter(app)
-            await link.check()
+            await link.start()
             app[link_key] = link
             router = app[runtime_key].router
             plane = app.get(plane_key)  # the control plane's context ran first

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from aioproxy.config import Secret, StateConfig
@@ -16,6 +17,7 @@ from aioproxy.control.records import KeyEntry
 from aioproxy.errors import RateLimited
 from aioproxy.state.batch import Batcher, LuaScript
 from aioproxy.state.counters import SharedCounters, SharedReservation
+from aioproxy.state.deployments import _SYNC
 from aioproxy.state.link import RedisLink
 from tests.redis_server import redis_server, redis_url
 
@@ -156,7 +158,7 @@ async def test_concurrent_requests_share_one_script_call(redis_url: str) -> None
         assert (len(requests.admitted), requests.refused) == (10, 15)
         assert await _script_calls(client) == 2  # was 30: 20 reserves, 5 settles, 5 reserves
         base = "aioproxy-test-merge:k:key_batch"
-        assert await client.get(base + ":f") == b"5"
+        assert await client.hvals(base + ":f") == [b"5"]  # this instance's requests in flight
         tokens = await client.hvals(base + ":t")
         assert sum(int(value) for value in tokens) == 5 * 7 + 5 * 10
         assert await client.get(base + ":s:ever") == b"2.5"
@@ -192,7 +194,7 @@ async def test_close_sends_the_last_settles(redis_url: str) -> None:
         assert reservation is not None
         reservation.settle(10, 0.0, 1_000.0)
         await counters.close()  # at once: the settle is still queued
-        assert await client.get("aioproxy-test-close:k:key_batch:f") == b"0"
+        assert await client.hvals("aioproxy-test-close:k:key_batch:f") == []  # none in flight
     finally:
         await link.close()
         await client.aclose()
@@ -214,3 +216,65 @@ async def test_settles_missed_while_down_are_sent_when_back(redis_url: str) -> N
     finally:
         await counters.close()
         await link.close()
+
+
+async def test_a_dead_instances_slots_are_freed(redis_url: str) -> None:
+    """An instance killed with requests in flight holds their slots only as long as its
+    lease: then the others stop counting them (they were held for an hour, locking a key
+    with max_parallel out)."""
+    client = aioredis.Redis.from_url(redis_url)
+    killed_link, killed = _counters(redis_url, "aioproxy-test-dead")
+    link, counters = _counters(redis_url, "aioproxy-test-dead")
+    limits = _limits(max_parallel=1)
+    try:
+        assert await _reserve(killed, limits) is not None  # in flight when it dies
+        with pytest.raises(RateLimited):  # alive: its slot counts on the other instance
+            await _reserve(counters, limits)
+        # It dies: nothing renews its lease, which runs out (as a DEL does at once).
+        await killed_link.batcher.close()
+        leases = await client.keys("aioproxy-test-dead:alive:*")
+        assert len(leases) == 2
+        await client.delete(f"aioproxy-test-dead:alive:{killed_link.instance}")
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_the_lease_lives_while_the_instance_does(redis_url: str) -> None:
+    """Renewed from start-up (an idle instance's requests in flight keep counting), deleted
+    on close (the others stop counting them at once)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-lease"))
+    lease = f"aioproxy-test-lease:alive:{link.instance}"
+    try:
+        await link.start()
+        async with asyncio.timeout(30):  # safety net: the first renewal is sent at once
+            while not await client.exists(lease):
+                await asyncio.sleep(0.01)
+        assert 0 < await client.pttl(lease) <= link.lease_ms
+        await link.close()
+        assert not await client.exists(lease)
+    finally:
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_dead_instances_deployment_flights_are_dropped(redis_url: str) -> None:
+    """least-busy's requests in flight per deployment: a dead instance's stop counting when
+    its lease runs out (they skewed routing away from the deployment for ever)."""
+    client = aioredis.Redis.from_url(redis_url)
+    dead = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-sync"))
+    live = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-sync"))
+    script = LuaScript(_SYNC)
+    base = ["aioproxy-test-sync:d:deployment"]
+    try:
+        await dead.batcher.run(script, base, [*dead.lease, 0, 0, 2])  # 2 sent, then it dies
+        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 1]))[2] == 3
+        await client.delete(f"aioproxy-test-sync:alive:{dead.instance}")  # its lease ran out
+        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 0]))[2] == 1
+    finally:
+        await dead.close()
+        await live.close()
+        await client.aclose()
