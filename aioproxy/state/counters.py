@@ -49,7 +49,9 @@ _NONE = -1  # a limit not set, as the scripts read it
 # (0: none); ARGV[2] the reservations, per reservation: its tokens, its number of scopes, per
 # scope: its Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend
 # and the budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases,
-# ARGV[5] a lease's length (ms). Requests in flight are a hash per scope, a field per instance:
+# ARGV[5] a lease's length (ms). Requests in flight are a hash per scope (``:flights``, not the
+# counter ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a
+# field per instance:
 # an instance's field counts while its lease lives (its own always), and a dead one's is
 # dropped. Returns, packed, per reservation: {1, reset, per scope its requests and tokens in
 # the window}, or, refused, {0, reset, those counts, the scope's position, the reason, the wait}.
@@ -67,8 +69,8 @@ for a = 1, #settles, 6 do
     redis.call('HINCRBY', base .. ':t', sec, delta)
     redis.call('EXPIRE', base .. ':t', 120)
   end
-  if freed > 0 and redis.call('HINCRBY', base .. ':f', me, -freed) <= 0 then
-    redis.call('HDEL', base .. ':f', me)
+  if freed > 0 and redis.call('HINCRBY', base .. ':flights', me, -freed) <= 0 then
+    redis.call('HDEL', base .. ':flights', me)
   end
   if cost > 0 then
     local spend = base .. ':s:' .. settles[a + 4]
@@ -109,7 +111,7 @@ local function scope(base)
   if w == nil then
     local requests, r_oldest = window(base .. ':r')
     local used, t_oldest = window(base .. ':t')
-    local flight = in_flight(base .. ':f')
+    local flight = in_flight(base .. ':flights')
     w = {requests, used, r_oldest, t_oldest, flight, 0, 0}
     scopes[base] = w
   end
@@ -174,8 +176,8 @@ for base, w in pairs(scopes) do
     redis.call('EXPIRE', base .. ':r', 120)
     redis.call('HINCRBY', base .. ':t', sec, w[7])
     redis.call('EXPIRE', base .. ':t', 120)
-    redis.call('HINCRBY', base .. ':f', me, w[6])
-    redis.call('EXPIRE', base .. ':f', 3600)
+    redis.call('HINCRBY', base .. ':flights', me, w[6])
+    redis.call('EXPIRE', base .. ':flights', 3600)
   end
 end
 return cmsgpack.pack(replies)

@@ -158,7 +158,7 @@ async def test_concurrent_requests_share_one_script_call(redis_url: str) -> None
         assert (len(requests.admitted), requests.refused) == (10, 15)
         assert await _script_calls(client) == 2  # was 30: 20 reserves, 5 settles, 5 reserves
         base = "aioproxy-test-merge:k:key_batch"
-        assert await client.hvals(base + ":f") == [b"5"]  # this instance's requests in flight
+        assert await client.hvals(base + ":flights") == [b"5"]  # this instance's requests in flight
         tokens = await client.hvals(base + ":t")
         assert sum(int(value) for value in tokens) == 5 * 7 + 5 * 10
         assert await client.get(base + ":s:ever") == b"2.5"
@@ -194,7 +194,7 @@ async def test_close_sends_the_last_settles(redis_url: str) -> None:
         assert reservation is not None
         reservation.settle(10, 0.0, 1_000.0)
         await counters.close()  # at once: the settle is still queued
-        assert await client.hvals("aioproxy-test-close:k:key_batch:f") == []  # none in flight
+        assert await client.hvals("aioproxy-test-close:k:key_batch:flights") == []  # none in flight
     finally:
         await link.close()
         await client.aclose()
@@ -277,4 +277,19 @@ async def test_a_dead_instances_deployment_flights_are_dropped(redis_url: str) -
     finally:
         await dead.close()
         await live.close()
+        await client.aclose()
+
+
+async def test_a_counter_left_by_an_earlier_version_is_no_error(redis_url: str) -> None:
+    """Versions before the leases kept a plain counter (``:f``) where the hash is: a Redis
+    they used (a rolling upgrade) must not fail every reservation with WRONGTYPE."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-upgrade")
+    try:
+        await client.set("aioproxy-test-upgrade:k:key_batch:f", 3)
+        assert await _reserve(counters, _limits(max_parallel=1)) is not None
+        assert link.up
+    finally:
+        await counters.close()
+        await link.close()
         await client.aclose()
