@@ -1,9 +1,9 @@
 """The Redis connection: short timeouts, and a health flag the request path reads instead of
-waiting on a Redis that is gone.
+waiting on a Redis that is gone (or refuses writes).
 
 A failed call marks the link down (logged once, counted); requests then use per-process
-counters at once, without trying Redis. A probe pings it in the background and marks it up
-again when it answers.
+counters at once, without trying Redis. A probe renews this instance's lease in the background
+and marks it up again when that write succeeds.
 
 Each instance holds a lease in Redis (``<prefix>:alive:<instance>``), renewed by a heartbeat
 and by each of its scripts: counts of requests in flight are kept per instance, and those of
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..config import StateConfig
 from .batch import Batcher
@@ -66,6 +66,7 @@ class RedisLink:
         self.batcher = Batcher(self.client, config.timeout)  # every hot-path call goes through it
         self.up = True
         self.failures = 0  # times Redis was lost (for metrics and tests)
+        self.probes = 0  # writes the probe tried while Redis was lost (tests wait on them)
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
@@ -79,7 +80,7 @@ class RedisLink:
         """At start-up: an unreachable Redis is logged and probed for, not fatal; the lease
         is renewed from now on."""
         try:
-            await self.client.ping()
+            await self._renew()
         except (RedisError, OSError) as exc:
             self.lost(exc)
         self._heartbeat = asyncio.create_task(self._beat(), name="aioproxy redis lease")
@@ -94,6 +95,12 @@ class RedisLink:
                     self.lost(exc)
             await asyncio.sleep(HEARTBEAT)
 
+    async def _renew(self) -> None:
+        """Renew the lease directly (not batched): what tells a usable Redis. A write, not a
+        PING: a Redis that answers but refuses writes (out of memory under ``noeviction``, a
+        replica after a failover) is not back, or each request would find it lost again."""
+        await self.client.set(self.alive_prefix + self.instance, 1, px=self.lease_ms)
+
     def lost(self, error: BaseException) -> None:
         """A call failed: fall back until a ping answers again."""
         if not self.up:
@@ -102,10 +109,12 @@ class RedisLink:
         self.failures += 1
         if self.on_lost is not None:
             self.on_lost()
+        # A refusal's text is Redis's own (no address, no password): it says what to fix.
+        why = f"{type(error).__name__}: {error}" if isinstance(error, ResponseError) else ""
         log.warning(
-            "state: Redis is unreachable (%s); limits fall back to per-process counters "
-            "([state] on_error = %r) until it is back",
-            type(error).__name__,
+            "state: Redis is unreachable or refuses (%s); limits fall back to per-process "
+            "counters ([state] on_error = %r) until it is back",
+            why or type(error).__name__,
             self.config.on_error,
         )
         if self._probe is None or self._probe.done():
@@ -114,8 +123,9 @@ class RedisLink:
     async def _wait_for_redis(self) -> None:
         while True:
             await asyncio.sleep(PROBE_INTERVAL)
+            self.probes += 1
             try:
-                await self.client.ping()
+                await self._renew()
             except (RedisError, OSError):
                 continue
             break

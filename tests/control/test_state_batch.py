@@ -293,3 +293,36 @@ async def test_a_counter_left_by_an_earlier_version_is_no_error(redis_url: str) 
         await counters.close()
         await link.close()
         await client.aclose()
+
+
+async def test_a_redis_refusing_writes_stays_lost_until_it_takes_them(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of memory under ``noeviction`` (or a read-only replica after a failover): Redis
+    answers PING but refuses every script. It is lost once, logged once with its reason, and
+    back only when it takes writes (a PING probe brought it back at once, and every request
+    lost it again: a log line and a metric count each time)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-oom")
+    limits = _limits(max_parallel=100)
+    try:
+        await client.config_set("maxmemory", 1)  # the default policy: noeviction
+        assert await _reserve(counters, limits) is None  # not counted in Redis: served
+        async with asyncio.timeout(30):  # safety net: the probe tries every half second
+            while link.probes < 2:
+                await asyncio.sleep(0.05)
+        for _ in range(3):
+            assert await _reserve(counters, limits) is None
+        assert not link.up and link.failures == 1
+        lost = [r.getMessage() for r in caplog.records if "Redis is unreachable" in r.message]
+        assert len(lost) == 1 and "used memory > 'maxmemory'" in lost[0]
+        await client.config_set("maxmemory", 0)
+        async with asyncio.timeout(30):  # safety net: likewise
+            while not link.up:
+                await asyncio.sleep(0.05)
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await client.config_set("maxmemory", 0)
+        await counters.close()
+        await link.close()
+        await client.aclose()
