@@ -100,7 +100,7 @@ class ResponseCache:
             else:
                 from .redis_store import RedisStore  # only with Redis: the client is heavy
 
-                self.store = app[store_key] = RedisStore(link)
+                self.store = app[store_key] = RedisStore(link, self.cache)
             yield
 
         register(response_cache)

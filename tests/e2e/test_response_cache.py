@@ -204,3 +204,38 @@ async def test_redis_cache_is_shared_by_instances(
     replayed = await post(second, {**CHAT, "stream": True})
     assert replayed[1] == "hit" and replayed[2] == original[2]
     assert upstream_calls(fake) == 1
+
+
+async def kept(proxy: TestServer, body: dict[str, Any]) -> bytes:
+    """``body``'s answer, once it is in the cache (written after the answer, off its path)."""
+    status, result, answer = await post(proxy, body)
+    assert (status, result) == (200, "miss")
+    async with asyncio.timeout(30):  # safety net: the write goes in the next batch
+        while (await post(proxy, body))[1] != "hit":
+            await asyncio.sleep(0.01)
+    return answer
+
+
+@pytest.mark.parametrize("bound", [{"max_entries": 2}, {"max_bytes": 1500}], ids=["count", "bytes"])
+async def test_redis_cache_is_bounded(
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    tmp_path: Path,
+    fake: FakeOpenAI,
+    redis_url: str,
+    bound: dict[str, int],
+) -> None:
+    """In Redis too (across instances), the oldest entries go beyond the bounds: it grew
+    without one until each entry's TTL, until Redis ran out of memory."""
+    config = cache_config(upstream_base, tmp_path, state={"redis_url": redis_url}, **bound)
+    proxy = await serve_proxy(config)
+    bodies = [{**CHAT, "messages": [{"role": "user", "content": w}]} for w in ("a", "b", "c")]
+    sizes = [len(await kept(proxy, body)) for body in bodies]
+    assert sum(sizes) > 1500 >= sizes[1] + sizes[2] + 64  # answers and their encoding
+    assert [(await post(proxy, body))[1] for body in bodies[1:]] == ["hit", "hit"]
+    assert (await post(proxy, bodies[0]))[1] == "miss"  # the oldest went
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert len(await client.keys("aioproxy:cache:*")) == 2
+    finally:
+        await client.aclose()
