@@ -1,5 +1,10 @@
 """A cached answer in the form the request asks for: a stream's events as they were sent, a
-JSON body as one stream (``json_as_sse``), or a stream put together as the JSON answer."""
+JSON body as one stream (``json_as_sse``), or a stream put together as the JSON answer.
+
+A chat or legacy completions stream's usage-only chunk (``"choices": []``) is kept apart from
+its events and sent only to a request that asks for it (``stream_options.include_usage``),
+whatever the request that filled the entry asked: ``stream_options`` is not part of the key,
+and a client that did not ask breaks on a chunk without choices (``chunk.choices[0]``)."""
 
 from __future__ import annotations
 
@@ -10,18 +15,60 @@ import msgspec
 
 from ..providers import JSONReply, Reply, StreamReply
 from ..routes import Kind
-from ..streaming import json_as_sse
+from ..streaming import DONE, json_as_sse
+from .stores import Entry
 
-__all__ = ["Recorder", "replay"]
+__all__ = ["Recorder", "replay", "split_usage"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+_USAGE_KINDS = frozenset({Kind.CHAT_COMPLETIONS, Kind.COMPLETIONS})  # with a usage-only chunk
+_MARKERS = (b'"usage":{', b'"usage": {')
 
 
-def replay(kind: Kind, form: str, body: bytes, stream: bool) -> Reply:
-    if stream:
-        return StreamReply(_once(body if form == "stream" else json_as_sse(kind.value, body)))
-    return JSONReply(body if form == "json" else stream_as_json(kind, body))
+def replay(kind: Kind, entry: Entry, stream: bool, usage: bool) -> Reply:
+    """``entry`` as a stream or JSON; ``usage``: the request asks for the usage chunk."""
+    if entry.form == "stream":
+        events = _with_usage(entry.body, entry.usage) if usage or not stream else entry.body
+        return StreamReply(_once(events)) if stream else JSONReply(stream_as_json(kind, events))
+    if not stream:
+        return JSONReply(entry.body)
+    events = json_as_sse(kind.value, entry.body)
+    if not usage and kind in _USAGE_KINDS:
+        events = split_usage(events)[0]
+    return StreamReply(_once(events))
+
+
+def _with_usage(events: bytes, usage: bytes) -> bytes:
+    """The usage chunk back in its place: last before ``[DONE]``."""
+    if not usage:
+        return events
+    if events.endswith(DONE):
+        return events[: -len(DONE)] + usage + DONE
+    return events + usage
+
+
+def split_usage(events: bytes) -> tuple[bytes, bytes]:
+    """A stream's events without their usage-only chunk, and that chunk (b"": none). It is
+    among the last events (OpenAI sends it just before ``[DONE]``): only those are read."""
+    parts = events.split(b"\n\n")
+    for index in range(len(parts) - 1, max(-1, len(parts) - 5), -1):
+        part = parts[index]
+        if any(marker in part for marker in _MARKERS) and _usage_only(part):
+            chunk = part + b"\n\n"
+            return b"\n\n".join(parts[:index] + parts[index + 1 :]), chunk
+    return events, b""
+
+
+def _usage_only(event: bytes) -> bool:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                chunk = _decode(line[5:])
+            except msgspec.DecodeError:
+                return False
+            return isinstance(chunk, dict) and bool(chunk.get("usage")) and not chunk.get("choices")
+    return False
 
 
 async def _once(events: bytes) -> AsyncIterator[bytes]:

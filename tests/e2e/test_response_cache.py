@@ -4,6 +4,7 @@ the proxy in front, answers compared byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,6 @@ async def test_stream_replays_byte_for_byte(cached: TestServer, fake: FakeOpenAI
 
 
 async def test_stream_fills_a_json_answer(cached: TestServer, fake: FakeOpenAI) -> None:
-    import json
-
     await post(cached, {**CHAT, "stream": True})
     status, result, body = await post(cached, CHAT)
     assert (status, result) == (200, "hit")
@@ -106,8 +105,6 @@ async def test_stream_fills_a_json_answer(cached: TestServer, fake: FakeOpenAI) 
 
 
 async def test_json_fills_a_stream(cached: TestServer, fake: FakeOpenAI) -> None:
-    import json
-
     _, _, body = await post(cached, CHAT)
     status, result, events = await post(cached, {**CHAT, "stream": True})
     assert (status, result) == (200, "hit") and events.endswith(b"data: [DONE]\n\n")
@@ -239,3 +236,39 @@ async def test_redis_cache_is_bounded(
         assert len(await client.keys("aioproxy:cache:*")) == 2
     finally:
         await client.aclose()
+
+
+ASKS_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+
+
+def usage_chunks(events: bytes) -> list[dict[str, Any]]:
+    """The stream's usage-only chunks (``"choices": []``)."""
+    chunks = [json.loads(e[6:]) for e in events.split(b"\n\n") if e.startswith(b"data: {")]
+    return [chunk for chunk in chunks if chunk.get("usage") and not chunk["choices"]]
+
+
+async def test_the_usage_chunk_goes_to_the_requests_asking_for_it(
+    cached: TestServer, fake: FakeOpenAI
+) -> None:
+    """``stream_options`` is not part of the key: whichever request filled the entry, a stream
+    that asks for the usage gets its chunk, and one that does not gets none (a chunk without
+    choices breaks a client reading ``chunk.choices[0]``; one asking missed its usage)."""
+    _, _, asked = await post(cached, {**CHAT, **ASKS_USAGE})
+    assert len(usage_chunks(asked)) == 1
+    status, result, plain = await post(cached, {**CHAT, "stream": True})
+    assert (status, result) == (200, "hit") and usage_chunks(plain) == []
+    assert (await post(cached, {**CHAT, **ASKS_USAGE}))[2] == asked  # byte for byte
+
+    other = {**CHAT, "messages": [{"role": "user", "content": "filled without usage"}]}
+    _, _, plain = await post(cached, {**other, "stream": True})
+    assert usage_chunks(plain) == []
+    status, result, asked = await post(cached, {**other, **ASKS_USAGE})
+    assert (status, result) == (200, "hit") and len(usage_chunks(asked)) == 1
+    assert json.loads((await post(cached, other))[2])["usage"] == usage_chunks(asked)[0]["usage"]
+
+    third = {**CHAT, "messages": [{"role": "user", "content": "filled as JSON"}]}
+    answer = json.loads((await post(cached, third))[2])
+    assert usage_chunks((await post(cached, {**third, "stream": True}))[2]) == []
+    asked = (await post(cached, {**third, **ASKS_USAGE}))[2]
+    assert usage_chunks(asked)[0]["usage"] == answer["usage"]
+    assert upstream_calls(fake) == 3
