@@ -272,3 +272,17 @@ async def test_the_usage_chunk_goes_to_the_requests_asking_for_it(
     asked = (await post(cached, {**third, **ASKS_USAGE}))[2]
     assert usage_chunks(asked)[0]["usage"] == answer["usage"]
     assert upstream_calls(fake) == 3
+
+
+async def test_hits_do_not_use_the_deployments_rpm(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """A hit never reaches the upstream, so it does not count toward the deployment's rpm cap
+    (the upstream's own limit): hits used it up, then the next real request got 429."""
+    config = cache_config(upstream_base, tmp_path)
+    config["models"][0] = {**config["models"][0], "rpm": 2}
+    proxy = await serve_proxy(config)
+    assert [(await post(proxy, CHAT))[:2] for _ in range(4)] == [(200, "miss")] + [(200, "hit")] * 3
+    other = {**CHAT, "messages": [{"role": "user", "content": "not cached yet"}]}
+    assert (await post(proxy, other))[:2] == (200, "miss")  # the cap's second request
+    assert upstream_calls(fake) == 2
