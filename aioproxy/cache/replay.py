@@ -8,14 +8,14 @@ and a client that did not ask breaks on a chunk without choices (``chunk.choices
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 
 from ..providers import JSONReply, Reply, StreamReply
 from ..routes import Kind
-from ..streaming import DONE, json_as_sse
+from ..streaming import DONE, json_as_sse, sse_event
 from .stores import Entry
 
 __all__ = ["Recorder", "replay", "split_usage"]
@@ -33,10 +33,70 @@ def replay(kind: Kind, entry: Entry, stream: bool, usage: bool) -> Reply:
         return StreamReply(_once(events)) if stream else JSONReply(stream_as_json(kind, events))
     if not stream:
         return JSONReply(entry.body)
+    if kind is Kind.RESPONSES:
+        return StreamReply(_once(response_as_events(entry.body)))
     events = json_as_sse(kind.value, entry.body)
     if not usage and kind in _USAGE_KINDS:
         events = split_usage(events)[0]
     return StreamReply(_once(events))
+
+
+def response_as_events(body: bytes) -> bytes:
+    """A Response object as the events of its stream, in OpenAI's order: created, in_progress,
+    per output item its added, its parts' or arguments' deltas and dones, its done, then the
+    final event (completed, incomplete or failed). Clients rebuild the Response from them: the
+    SDK's stream helper refuses a stream that does not begin with ``response.created``."""
+    response = _decode(body)
+    if not isinstance(response, dict):
+        return json_as_sse(Kind.RESPONSES.value, body)
+    events: list[bytes] = []
+
+    def add(kind: str, **fields: Any) -> None:
+        events.append(sse_event(kind, {"type": kind, "sequence_number": len(events), **fields}))
+
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    add("response.created", response=started)
+    add("response.in_progress", response=started)
+    for index, item in enumerate(response.get("output") or ()):
+        add("response.output_item.added", output_index=index, item=_item_opened(item))
+        where = {"item_id": item.get("id"), "output_index": index}
+        if item.get("type") == "function_call":
+            arguments = item.get("arguments", "")
+            add("response.function_call_arguments.delta", **where, delta=arguments)
+            add("response.function_call_arguments.done", **where, arguments=arguments)
+        for part_index, part in enumerate(item.get("content") or ()):
+            _add_part(add, {**where, "content_index": part_index}, part)
+        add("response.output_item.done", output_index=index, item=item)
+    status = response.get("status")
+    final = status if status in ("incomplete", "failed") else "completed"
+    add(f"response.{final}", response=response)
+    return b"".join(events)
+
+
+def _item_opened(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item as its ``added`` event shows it: in progress, nothing in it yet."""
+    opened = {**item, "status": "in_progress"}
+    if item.get("type") == "message":
+        opened["content"] = []
+    elif item.get("type") == "function_call":
+        opened["arguments"] = ""
+    return opened
+
+
+def _add_part(add: Callable[..., None], where: dict[str, Any], part: dict[str, Any]) -> None:
+    """A message's content part: added empty, its text (or refusal) as one delta, done."""
+    kind = part.get("type")
+    field = "text" if kind == "output_text" else "refusal" if kind == "refusal" else None
+    if field is None:  # nothing streamed for it: added whole
+        add("response.content_part.added", **where, part=part)
+    else:
+        event = "response.output_text" if field == "text" else "response.refusal"
+        text = part.get(field, "")
+        add("response.content_part.added", **where, part={**part, field: ""})
+        extra: dict[str, Any] = {"logprobs": []} if field == "text" else {}
+        add(f"{event}.delta", **where, delta=text, **extra)
+        add(f"{event}.done", **where, **{field: text}, **extra)
+    add("response.content_part.done", **where, part=part)
 
 
 def _with_usage(events: bytes, usage: bytes) -> bytes:

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from aioproxy.cache.response_cache import store_key
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import redis_server, redis_url
-from tests.support import MASTER_KEY, ServeProxy, gateway_config
+from tests.support import MASTER_KEY, ServeProxy, gateway_config, sdk
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -286,3 +286,21 @@ async def test_hits_do_not_use_the_deployments_rpm(
     other = {**CHAT, "messages": [{"role": "user", "content": "not cached yet"}]}
     assert (await post(proxy, other))[:2] == (200, "miss")  # the cap's second request
     assert upstream_calls(fake) == 2
+
+
+async def test_a_json_response_replays_as_the_events_of_a_stream(
+    cached: TestServer, fake: FakeOpenAI
+) -> None:
+    """A Responses answer kept as JSON, asked for as a stream: the events a stream of it has
+    (created ... text deltas ... completed), which the SDK's stream helper needs (it failed on
+    a stream that began with ``response.completed``)."""
+    request: dict[str, Any] = {"model": "gpt-test", "input": "hi", "temperature": 0, "store": False}
+    async with sdk(cached, KEY_A) as client:
+        answer = await client.responses.create(**request)
+        async with client.responses.stream(**request) as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+    text = "".join(deltas)
+    assert text == answer.output_text != ""
+    assert final.id == answer.id and final.output_text == answer.output_text
+    assert upstream_calls(fake) == 1  # the stream was the cached answer
