@@ -4,6 +4,7 @@ round trip, and a settle is queued, not waited for."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -39,6 +40,26 @@ async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str) -
         assert answers[0] == b"first" and answers[1:21] == [str(i).encode() for i in range(20)]
         assert batcher.batches == 2  # the first alone, then the 21 together
     finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_only_the_scripts_redis_did_not_know_are_sent_again(redis_url: str) -> None:
+    """A batch where one script is unknown to Redis (new, or its script cache was flushed
+    since) and another is known: the known one ran; only the unknown one goes again, after
+    its load. The whole batch went again: every other call ran twice (a reservation counted
+    twice, its slot freed once: a max_parallel slot lost for good)."""
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    count = LuaScript("return redis.call('INCR', KEYS[1])")
+    unknown = LuaScript(f"return '{os.urandom(8).hex()}'")  # never loaded before
+    try:
+        await client.script_load(count.text)
+        counted, new = batcher.run(count, ["aioproxy-test:once"], []), batcher.run(unknown, [], [])
+        assert await counted == 1 and await new
+        assert await client.get("aioproxy-test:once") == b"1"
+    finally:
+        await client.delete("aioproxy-test:once")
         await batcher.close()
         await client.aclose()
 
