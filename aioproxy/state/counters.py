@@ -283,14 +283,18 @@ class SharedReservation:
         """The request's task ended before ``settle``: free the slot."""
         if not self.released:
             self.released = True
-            self.counters.settle(self.scopes, self.pending, 1, 0.0, None)
+            pending, self.pending = self.pending, 0
+            self.counters.settle(self.scopes, pending, 1, 0.0, None)
 
     def settle(self, tokens: int, cost: float | None, wall: float) -> None:
         """The answer is out: its usage for the reservation, the slot freed (once), the cost
         added. Merged, not awaited: it goes with the next batch, and nothing waits for it."""
         freed = 0 if self.released else 1
         self.released = True
-        delta, self.tokens = tokens - self.tokens, tokens
+        # With what ``count_tokens`` left to send (a stream that failed midway: on_error,
+        # then this), or that change was lost and the reservation stayed counted.
+        delta = tokens - self.tokens + self.pending
+        self.tokens, self.pending = tokens, 0
         self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall)
 
 

@@ -347,3 +347,24 @@ async def test_a_redis_refusing_writes_stays_lost_until_it_takes_them(
         await counters.close()
         await link.close()
         await client.aclose()
+
+
+async def test_a_stream_failing_midway_counts_its_usage_not_its_reservation(
+    redis_url: str,
+) -> None:
+    """A stream that fails after it began gets ``on_error`` (its reserved tokens taken back),
+    then ``after_response`` (its usage): the tokens counted are the usage alone. The taking
+    back was dropped, so the reservation stayed counted toward tpm on top of the usage."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-midway")
+    try:
+        reservation = await _reserve(counters, _limits(max_parallel=1))  # 10 tokens
+        assert reservation is not None
+        reservation.count_tokens(0)  # on_error
+        reservation.settle(7, 0.0, 1_000.0)  # after_response: the usage of what was sent
+        await counters.close()  # the settle sent
+        tokens = await client.hvals("aioproxy-test-midway:k:key_batch:t")
+        assert sum(int(value) for value in tokens) == 7
+    finally:
+        await link.close()
+        await client.aclose()
