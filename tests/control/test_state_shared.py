@@ -18,10 +18,10 @@ from aioproxy.state.changes import Change, Changes
 from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import changes_key, deployments_key, link_key
 from tests.control.conftest import CHAT, Control
-from tests.redis_server import RedisServer, redis_server, redis_url
+from tests.redis_server import RedisServer, redis_server, redis_url, tls_redis_server
 from tests.support import MASTER_KEY
 
-__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+__all__ = ["redis_server", "redis_url", "tls_redis_server"]  # the fixtures, used here
 
 
 async def post_chat(control: Control, key: str, **overrides: Any) -> tuple[int, dict[str, str]]:
@@ -136,6 +136,22 @@ async def test_revocation_reaches_the_other_instance(start_control: Any, redis_u
     created = await first.new_key(rpm=100)
     await second.plane.cache.reload()
     assert (await post_chat(second, created["key"]))[0] == 200
+    await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
+    async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
+        while (await post_chat(second, created["key"]))[0] != 401:
+            await asyncio.sleep(0.01)
+
+
+async def test_limits_and_changes_over_tls(
+    start_control: Any, tls_redis_server: RedisServer
+) -> None:
+    """``rediss://``: the batched scripts, their connection and the change channel's all
+    speak TLS (the server takes nothing else)."""
+    first, second = await two_instances(start_control, tls_redis_server.url)
+    created = await first.new_key(rpm=2)
+    await second.plane.cache.reload()
+    statuses = [(await post_chat(control, created["key"]))[0] for control in (first, second) * 2]
+    assert statuses == [200, 200, 429, 429]
     await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
     async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
         while (await post_chat(second, created["key"]))[0] != 401:
