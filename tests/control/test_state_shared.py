@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from aioproxy import hookimpl
-from aioproxy.config import StateConfig
+from aioproxy.config import Secret, StateConfig
 from aioproxy.control.plane import plane_key
+from aioproxy.state import changes as changes_module
 from aioproxy.state.changes import Change, Changes
 from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import changes_key, deployments_key, link_key
@@ -104,6 +107,45 @@ async def test_listener_survives_a_failed_reload(redis_url: str) -> None:
         await killer.aclose()
         await changes.close()
         await link.close()
+
+
+async def test_a_silent_channel_is_given_up_and_heard_again(
+    redis_url: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that stops answering without closing the connection (SIGSTOP here; a failover
+    to another host or a dropped route look the same): the listener PINGs the quiet channel,
+    hears nothing, and subscribes again once Redis answers. It listened to the dead connection
+    for ever, every change after it missed."""
+    monkeypatch.setattr(changes_module, "QUIET", 0.2)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url)))
+    cooled: asyncio.Queue[str] = asyncio.Queue()
+    changes = Changes(link, _no_reload, lambda key, _seconds: cooled.put_nowait(key))
+    publisher = aioredis.Redis.from_url(redis_url)
+    process = redis_server.process
+    assert process is not None
+    try:
+        await changes.start()
+        process.send_signal(signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(30):  # safety net: given up after two quiet spells
+                while changes.listening.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(30):  # safety net: it subscribes again at once
+            await changes.listening.wait()
+        change = Change(source="another", what="cooldown", deployment="d1", seconds=5.0)
+        await publisher.publish(changes.channel, msgspec.json.encode(change))
+        assert await cooled.get() == "d1"
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await publisher.aclose()
+        await changes.close()
+        await link.close()
+
+
+async def _no_reload() -> None:
+    return None
 
 
 async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) -> None:
