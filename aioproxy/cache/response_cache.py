@@ -101,7 +101,8 @@ class ResponseCache:
             else:
                 from .redis_store import RedisStore  # only with Redis: the client is heavy
 
-                self.store = app[store_key] = RedisStore(link, self.cache)
+                store = self.store = app[store_key] = RedisStore(link, self.cache)
+                await link.preload(store.script)
             yield
 
         register(response_cache)

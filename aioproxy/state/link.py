@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import StateConfig
-from .batch import Batcher
+from .batch import Batcher, LuaScript
 
 __all__ = ["RedisLink"]
 
@@ -94,6 +94,19 @@ class RedisLink:
                 except (RedisError, OSError) as exc:
                     self.lost(exc)
             await asyncio.sleep(HEARTBEAT)
+
+    async def preload(self, *scripts: LuaScript) -> None:
+        """Load ``scripts`` at start-up, so that no request's batch pays a NOSCRIPT and the
+        round trip of loading them (a Redis restarted later costs that once, then)."""
+        if not self.up:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script in scripts:
+                    pipe.script_load(script.text)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.lost(exc)
 
     async def _renew(self) -> None:
         """Renew the lease directly (not batched): what tells a usable Redis. A write, not a

@@ -17,9 +17,11 @@ from aioproxy import hookimpl
 from aioproxy.config import Secret, StateConfig
 from aioproxy.control.plane import plane_key
 from aioproxy.state import changes as changes_module
+from aioproxy.state import link as link_module
 from aioproxy.state.changes import Change, Changes
 from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import changes_key, deployments_key, link_key
+from aioproxy.testing import FakeOpenAI
 from tests.control.conftest import CHAT, Control
 from tests.redis_server import RedisServer, redis_server, redis_url, tls_redis_server
 from tests.support import MASTER_KEY
@@ -159,6 +161,44 @@ async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) ->
     assert set(admitted_on) <= {0, 1}
     status, headers = await post_chat(second, key)
     assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_one_round_trip_before_the_upstream_and_one_after(
+    start_control: Any, redis_url: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path's budget: a limited key's cacheable request sends its cache lookup and its
+    reservation in one pipelined round trip before the upstream is called, and its settlement
+    and its cache write in one after it. Even the first request after a Redis restart: the
+    scripts are loaded at start-up, not after a NOSCRIPT on the way."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 3600.0)  # the lease's renewal: once, first
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()  # as a restarted Redis: no script known
+        control = await start_control(state={"redis_url": redis_url}, cache={"enabled": True})
+        link = control.server.app[link_key]
+        created = await control.new_key(rpm=100, tpm=100_000)
+        async with asyncio.timeout(30):  # safety net: the first renewal is sent at start-up
+            while not await client.exists(f"aioproxy:alive:{link.instance}"):
+                await asyncio.sleep(0.01)
+        before = link.batcher.batches
+        at_upstream: list[int] = []
+        fake.on_request = lambda _request: at_upstream.append(link.batcher.batches)
+        async with control.session.post(
+            control.url("/v1/chat/completions"),
+            json={**CHAT, "temperature": 0},
+            headers={"Authorization": f"Bearer {created['key']}"},
+        ) as response:
+            used = (await response.json())["usage"]["total_tokens"]
+        assert at_upstream == [before + 1]
+        tokens = f"aioproxy:k:{created['id']}:t"
+        async with asyncio.timeout(30):  # safety net: both are sent after the answer
+            while not await client.keys("aioproxy:cache:*") or used != sum(
+                int(value) for value in await client.hvals(tokens)
+            ):
+                await asyncio.sleep(0.01)
+        assert link.batcher.batches == before + 2
+    finally:
+        await client.aclose()
 
 
 async def test_headers_count_every_instance(start_control: Any, redis_url: str) -> None:
