@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -70,6 +70,7 @@ class RedisLink:
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
+        self._scripts: dict[str, LuaScript] = {}  # preloaded: again when Redis is back
         self.on_lost: Callable[[], None] | None = None  # counts it (the metrics, when on)
 
     def on_resume(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -96,17 +97,20 @@ class RedisLink:
             await asyncio.sleep(HEARTBEAT)
 
     async def preload(self, *scripts: LuaScript) -> None:
-        """Load ``scripts`` at start-up, so that no request's batch pays a NOSCRIPT and the
-        round trip of loading them (a Redis restarted later costs that once, then)."""
-        if not self.up:
-            return
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for script in scripts:
-                    pipe.script_load(script.text)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self.lost(exc)
+        """Load ``scripts`` at start-up, and again each time Redis is back (a restart
+        flushes them), so that no request's batch pays a NOSCRIPT and a load round trip."""
+        self._scripts.update((script.sha, script) for script in scripts)
+        if self.up:
+            try:
+                await self._load(scripts)
+            except (RedisError, OSError) as exc:
+                self.lost(exc)
+
+    async def _load(self, scripts: Iterable[LuaScript]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for script in scripts:
+                pipe.script_load(script.text)
+            await pipe.execute()
 
     async def _renew(self) -> None:
         """Renew the lease directly (not batched): what tells a usable Redis. A write, not a
@@ -139,6 +143,7 @@ class RedisLink:
             self.probes += 1
             try:
                 await self._renew()
+                await self._load(self._scripts.values())  # before any request's batch
             except (RedisError, OSError):
                 continue
             break

@@ -368,3 +368,23 @@ async def test_a_stream_failing_midway_counts_its_usage_not_its_reservation(
     finally:
         await link.close()
         await client.aclose()
+
+
+async def test_scripts_are_loaded_again_when_redis_is_back(redis_url: str) -> None:
+    """A Redis restarted has no script: they are loaded as it is found back, before any
+    request's batch (which paid a NOSCRIPT and a load round trip on its way upstream)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-reload"))
+    script = LuaScript(f"return '{os.urandom(8).hex()}'")
+    try:
+        await link.preload(script)
+        assert await client.script_exists(script.sha) == [True]
+        await client.script_flush()  # as a restart does
+        link.lost(OSError("gone"))
+        async with asyncio.timeout(30):  # safety net: the probe tries every half second
+            while not link.up:
+                await asyncio.sleep(0.05)
+        assert await client.script_exists(script.sha) == [True]
+    finally:
+        await link.close()
+        await client.aclose()
