@@ -327,8 +327,10 @@ class CacheConfig(Base, frozen=True):
     # Requests with temperature > 0 (or none: OpenAI's default is 1) vary by design: cached
     # only when this says so.
     cache_sampled: bool = False
-    max_entries: Annotated[int, Meta(ge=1)] = 10_000  # in memory; beyond it the LRU goes
-    max_bytes: Annotated[int, Meta(ge=1)] = 256 * 1024 * 1024  # likewise, in answer bytes
+    # Beyond these the least recently used go (in memory), or the oldest written (in Redis,
+    # across every instance).
+    max_entries: Annotated[int, Meta(ge=1)] = 10_000
+    max_bytes: Annotated[int, Meta(ge=1)] = 256 * 1024 * 1024  # of answers
     max_entry_bytes: Annotated[int, Meta(ge=1)] = 4 * 1024 * 1024  # bigger answers are not kept
 
 

@@ -57,6 +57,12 @@ class Lease:
         if router is not None:
             router.release(self.deployment, tokens)
 
+    def withdraw(self) -> None:
+        """Never sent (re-routed before the upstream call): un-counted from the rpm cap too."""
+        router, self._router = self._router, None
+        if router is not None:
+            router.withdraw(self.deployment)
+
 
 class Answer(NamedTuple):
     """An answer that has begun: the reply, a stream's first event (None for a JSON reply or an
@@ -234,7 +240,7 @@ class Dispatcher:
                 lease.release()
                 raise
             if call.deployment is not lease.deployment:  # re-routed: count that one instead
-                lease.release()
+                lease.withdraw()
                 if not self.allows(call, call.deployment.name):
                     # A routing plugin cannot take a key where it may not go; the model is
                     # not named: the caller did not ask for it.

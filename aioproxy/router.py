@@ -266,6 +266,16 @@ class Router:
         if self.on_count is not None:
             self.on_count(deployment, 0, tokens, -1)
 
+    def withdraw(self, deployment: Deployment) -> None:
+        """Un-count what ``acquire`` counted of a request that never went to ``deployment``
+        (a hook re-routed it, e.g. to the response cache): in flight, and its rpm cap's."""
+        health = self.health(deployment)
+        health.in_flight -= 1
+        if deployment.rpm is not None:
+            health.requests.add(-1, self.clock.now())
+        if self.on_count is not None:
+            self.on_count(deployment, -1, 0, -1)
+
     def health_keys(self) -> list[str]:
         return list(self._health)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-__all__ = ["RedisServer", "redis_server"]
+__all__ = ["RedisServer", "redis_server", "tls_redis_server"]
 
 
 def _free_port() -> int:
@@ -24,22 +24,42 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, binary: str, folder: Path) -> None:
+    def __init__(self, binary: str, folder: Path, tls: bool = False) -> None:
         self.binary = binary
         self.folder = folder
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # TLS only (rediss://): a self-signed certificate for 127.0.0.1, its own CA.
+        self.cert = folder / "cert.pem" if tls else None
 
     @property
     def url(self) -> str:
+        if self.cert is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _listen(self) -> list[str]:
+        if self.cert is None:
+            return ["--port", str(self.port)]
+        key = self.folder / "key.pem"
+        if not self.cert.exists():
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-keyout", str(key), "-out", str(self.cert), "-subj", "/CN=127.0.0.1",
+                 "-addext", "subjectAltName=IP:127.0.0.1"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        return [
+            "--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+            "--tls-cert-file", str(self.cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(self.cert),
+        ]  # fmt: skip
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *self._listen(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -52,7 +72,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         try:
             for _ in range(500):  # safety net only: it answers within milliseconds
                 try:
@@ -72,28 +92,38 @@ class RedisServer:
             self.process = None
 
     def flush(self) -> None:
-        client = redis.Redis(port=self.port)
+        client = redis.Redis.from_url(self.url)
         try:
             client.flushall()
         finally:
             client.close()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def _serve(tls: bool) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
             "redis-server is not installed: `make test` installs it (Debian's redis-server)"
         )
     folder = Path(tempfile.mkdtemp(prefix="aioproxy-redis-"))
-    server = RedisServer(binary, folder)
+    server = RedisServer(binary, folder, tls=tls)
     server.start()
     try:
         yield server
     finally:
         server.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _serve(tls=False)
+
+
+@pytest.fixture(scope="session")
+def tls_redis_server() -> Iterator[RedisServer]:
+    """Another redis-server, reached over TLS only (``rediss://``)."""
+    yield from _serve(tls=True)
 
 
 @pytest.fixture

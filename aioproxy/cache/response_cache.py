@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ..config import Config, Price
-from ..context import STREAM_RECORDER, Call, Deployment
+from ..context import STREAM_FILTER, STREAM_RECORDER, Call, Deployment
+from ..control.usage_tap import TAPPED_KINDS, UsageTap, asks_usage
 from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
 from ..outcome import Outcome
 from ..providers import Provider, Reply
 from ..state.shared import link_key
 from .lookup import cache_key, cacheable
-from .replay import Recorder, replay
+from .replay import Recorder, replay, split_usage
 from .stores import Entry, MemoryStore, Store
 
 __all__ = ["CACHE", "CacheProvider", "ResponseCache", "response_cache", "store_key"]
@@ -44,7 +45,7 @@ class CacheProvider(Provider):
 
     async def _replay(self, call: Call) -> Reply:
         entry: Entry = call.state[_HIT]
-        return replay(call.kind, entry.form, entry.body, call.stream)
+        return replay(call.kind, entry, call.stream, asks_usage(call))
 
     async def chat_completions(self, call: Call) -> Reply:
         return await self._replay(call)
@@ -100,7 +101,8 @@ class ResponseCache:
             else:
                 from .redis_store import RedisStore  # only with Redis: the client is heavy
 
-                self.store = app[store_key] = RedisStore(link)
+                store = self.store = app[store_key] = RedisStore(link, self.cache)
+                await link.preload(store.script)
             yield
 
         register(response_cache)
@@ -153,6 +155,16 @@ class ResponseCache:
             call.state[_RECORD] = key
             if call.stream:
                 call.state[STREAM_RECORDER] = Recorder(self.cache.max_entry_bytes)
+                # The entry keeps the usage chunk for the requests that will ask for it: the
+                # upstream is asked for it, and the client that did not sees none (the spend
+                # plugin's tap, set first for a database key, does the same).
+                if (
+                    call.kind in TAPPED_KINDS
+                    and STREAM_FILTER not in call.state
+                    and not asks_usage(call)
+                    and isinstance(call.get("stream_options", {}), dict)
+                ):
+                    call.state[STREAM_FILTER] = UsageTap(call)
 
     @hookimpl(tryfirst=True)  # its write joins the limits' settlement in one batch
     def after_response(self, call: Call, outcome: Outcome) -> None:
@@ -164,7 +176,12 @@ class ResponseCache:
             events = recorder.events()
             if not events:
                 return
-            entry = Entry("stream", events)
+            tap = call.state.get(STREAM_FILTER)
+            if isinstance(tap, UsageTap):  # the client did not ask: the tap took it out
+                usage = b"" if tap.usage_event is None else b"data: " + tap.usage_event + b"\n\n"
+            else:
+                events, usage = split_usage(events)
+            entry = Entry("stream", events, usage)
         elif outcome.body is not None and len(outcome.body) <= self.cache.max_entry_bytes:
             entry = Entry("json", bytes(outcome.body))
         else:

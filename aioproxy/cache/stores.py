@@ -21,6 +21,9 @@ class Entry(msgspec.Struct, array_like=True):
 
     form: Literal["json", "stream"]
     body: bytes
+    # A stream's usage-only chunk, apart from ``body``: replayed only to requests asking for
+    # it. Last, with a default: entries kept before it was added still decode.
+    usage: bytes = b""
 
 
 class Store(Protocol):
@@ -69,10 +72,10 @@ class MemoryStore:
         if key in self.entries:
             self._drop(key)
         self.entries[key] = (self.now() + ttl, entry)
-        self.bytes += len(entry.body)
+        self.bytes += len(entry.body) + len(entry.usage)
         while len(self.entries) > self.config.max_entries or self.bytes > self.config.max_bytes:
             self._drop(next(iter(self.entries)))
 
     def _drop(self, key: str) -> None:
         _, entry = self.entries.pop(key)
-        self.bytes -= len(entry.body)
+        self.bytes -= len(entry.body) + len(entry.usage)

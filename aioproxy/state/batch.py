@@ -111,11 +111,7 @@ class Batcher:
                 connection = await self._connect()
                 results = await self._round_trip(connection, batch)
                 if any(isinstance(result, NoScriptError) for result in results):
-                    # Redis restarted (or flushed its scripts): load them, send the batch again.
-                    scripts = {script.sha: script for script, _, _ in batch if script is not None}
-                    loads = [(None, ["SCRIPT", "LOAD", s.text], None) for s in scripts.values()]
-                    await self._round_trip(connection, loads)
-                    results = await self._round_trip(connection, batch)
+                    await self._load_and_retry(connection, batch, results)
         except (RedisError, OSError, TimeoutError) as exc:
             await self._drop()  # its stream may be mid-reply: never reused
             for _, _, future in batch:
@@ -129,6 +125,19 @@ class Batcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _load_and_retry(
+        self, connection: AbstractConnection, batch: list[_Entry], results: list[Any]
+    ) -> None:
+        """Scripts Redis does not know (it restarted or flushed them, or they are new): load
+        them and send their calls again, in one round trip. Only those: the batch's other
+        calls ran, and a script run twice counts twice."""
+        missed = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        scripts = {s.sha: s for i in missed if (s := batch[i][0]) is not None}
+        loads = [(None, ["SCRIPT", "LOAD", script.text], None) for script in scripts.values()]
+        again = await self._round_trip(connection, [*loads, *(batch[i] for i in missed)])
+        for i, result in zip(missed, again[len(loads) :], strict=True):
+            results[i] = result
 
     async def _connect(self) -> AbstractConnection:
         """The batcher's own connection, made like the pool's but with no socket timeout of

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .link import PROBE_INTERVAL, RedisLink
@@ -19,6 +20,11 @@ from .link import PROBE_INTERVAL, RedisLink
 __all__ = ["Change", "Changes"]
 
 log = logging.getLogger("aioproxy")
+
+# Seconds without a message before the channel is PINGed; as long again without an answer and
+# its connection is taken for dead (a Redis gone silently: a failover to another host, a
+# dropped route), not listened to for ever while changes go elsewhere.
+QUIET = 3.0
 
 
 class Change(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -100,12 +106,27 @@ class Changes:
                     # was loaded; later, while the connection was lost.
                     await self._reload()
                     self.listening.set()
-                    async for message in pubsub.listen():
-                        self._take(message)
+                    await self._hear(pubsub)
             except (RedisError, OSError) as exc:
                 self.listening.clear()
                 self.link.lost(exc)
             await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _hear(self, pubsub: PubSub) -> None:
+        """Take messages as they come; PING a quiet channel, and give up on one that does
+        not answer (any message, or the PONG) within ``QUIET`` more seconds."""
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=QUIET)
+            if message is not None:
+                pinged = False
+                if message["type"] == "message":
+                    self._take(message)
+            elif pinged:
+                raise TimeoutError(f"no answer on {self.channel} for {2 * QUIET:g} s")
+            else:
+                await pubsub.ping()
+                pinged = True
 
     def _take(self, message: dict[str, object]) -> None:
         data = message.get("data")

@@ -48,14 +48,20 @@ _NONE = -1  # a limit not set, as the scripts read it
 # Redis key, its token change, the slots freed, the cost, its budget period, the period's TTL
 # (0: none); ARGV[2] the reservations, per reservation: its tokens, its number of scopes, per
 # scope: its Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend
-# and the budget period. Returns, packed, per reservation: {1, reset, per scope its requests
-# and tokens in the window}, or, refused, {0, reset, those counts, the scope's position, the
-# reason, the wait}.
+# and the budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases,
+# ARGV[5] a lease's length (ms). Requests in flight are a hash per scope (``:flights``, not the
+# counter ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a
+# field per instance:
+# an instance's field counts while its lease lives (its own always), and a dead one's is
+# dropped. Returns, packed, per reservation: {1, reset, per scope its requests and tokens in
+# the window}, or, refused, {0, reset, those counts, the scope's position, the reason, the wait}.
 _APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
+local me, alive = ARGV[3], ARGV[4]
+redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 local settles = cmsgpack.unpack(ARGV[1])
 for a = 1, #settles, 6 do
   local base, delta, freed, cost = settles[a], settles[a + 1], settles[a + 2], settles[a + 3]
@@ -63,8 +69,8 @@ for a = 1, #settles, 6 do
     redis.call('HINCRBY', base .. ':t', sec, delta)
     redis.call('EXPIRE', base .. ':t', 120)
   end
-  if freed > 0 and redis.call('DECRBY', base .. ':f', freed) < 0 then
-    redis.call('SET', base .. ':f', 0)
+  if freed > 0 and redis.call('HINCRBY', base .. ':flights', me, -freed) <= 0 then
+    redis.call('HDEL', base .. ':flights', me)
   end
   if cost > 0 then
     local spend = base .. ':s:' .. settles[a + 4]
@@ -87,6 +93,17 @@ local function window(key)
   end
   return total, oldest
 end
+local function in_flight(key)
+  local all, total = redis.call('HGETALL', key), 0
+  for i = 1, #all, 2 do
+    if all[i] == me or redis.call('EXISTS', alive .. all[i]) == 1 then
+      total = total + tonumber(all[i + 1])
+    else
+      redis.call('HDEL', key, all[i])
+    end
+  end
+  return total
+end
 -- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch adds.
 local scopes, spent = {}, {}
 local function scope(base)
@@ -94,7 +111,7 @@ local function scope(base)
   if w == nil then
     local requests, r_oldest = window(base .. ':r')
     local used, t_oldest = window(base .. ':t')
-    local flight = tonumber(redis.call('GET', base .. ':f') or '0')
+    local flight = in_flight(base .. ':flights')
     w = {requests, used, r_oldest, t_oldest, flight, 0, 0}
     scopes[base] = w
   end
@@ -159,8 +176,8 @@ for base, w in pairs(scopes) do
     redis.call('EXPIRE', base .. ':r', 120)
     redis.call('HINCRBY', base .. ':t', sec, w[7])
     redis.call('EXPIRE', base .. ':t', 120)
-    redis.call('INCRBY', base .. ':f', w[6])
-    redis.call('EXPIRE', base .. ':f', 3600)
+    redis.call('HINCRBY', base .. ':flights', me, w[6])
+    redis.call('EXPIRE', base .. ':flights', 3600)
   end
 end
 return cmsgpack.pack(replies)
@@ -266,14 +283,18 @@ class SharedReservation:
         """The request's task ended before ``settle``: free the slot."""
         if not self.released:
             self.released = True
-            self.counters.settle(self.scopes, self.pending, 1, 0.0, None)
+            pending, self.pending = self.pending, 0
+            self.counters.settle(self.scopes, pending, 1, 0.0, None)
 
     def settle(self, tokens: int, cost: float | None, wall: float) -> None:
         """The answer is out: its usage for the reservation, the slot freed (once), the cost
         added. Merged, not awaited: it goes with the next batch, and nothing waits for it."""
         freed = 0 if self.released else 1
         self.released = True
-        delta, self.tokens = tokens - self.tokens, tokens
+        # With what ``count_tokens`` left to send (a stream that failed midway: on_error,
+        # then this), or that change was lost and the reservation stayed counted.
+        delta = tokens - self.tokens + self.pending
+        self.tokens, self.pending = tokens, 0
         self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall)
 
 
@@ -398,7 +419,8 @@ class SharedCounters:
             if self._taken is not None and not self._taken.done():
                 self._taken.set_result(None)  # close: the last settles are on their way
         waiters = _Waiters(self, waiting, settles)
-        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words)]
+        lease = self.link.lease
+        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words), *lease]
         self._words, self._waiting = [], []
         self._in_flight.add(waiters.finished)
         waiters.finished.add_done_callback(self._in_flight.discard)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections import defaultdict
 
 from redis.exceptions import RedisError
@@ -27,16 +26,19 @@ __all__ = ["SharedDeployments"]
 
 SYNC_INTERVAL = 0.25  # seconds
 
-# KEYS: per deployment its hash base. ARGV[1]: this instance; then per deployment the requests,
-# tokens and in-flight change since the last sync. Returns per deployment: requests and tokens
-# over the last minute, and requests in flight, all instances together.
+# KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of the
+# instances' leases, ARGV[3] a lease's length (ms) (``RedisLink.lease``); then per deployment
+# the requests, tokens and in-flight change since the last sync. Returns per deployment:
+# requests and tokens over the last minute, and requests in flight, all live instances together
+# (a dead instance's, whose lease ran out, are dropped).
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
-local me = ARGV[1]
+local me, alive = ARGV[1], ARGV[2]
+redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
 local out = {}
 for i = 1, #KEYS do
   local base = KEYS[i]
-  local requests, tokens, flight = ARGV[3 * i - 1], ARGV[3 * i], tonumber(ARGV[3 * i + 1])
+  local requests, tokens, flight = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
   if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
   if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
   redis.call('EXPIRE', base .. ':r', 120)
@@ -55,8 +57,14 @@ for i = 1, #KEYS do
     end
     totals[j] = total
   end
-  local flights, in_flight = redis.call('HVALS', base .. ':f'), 0
-  for _, value in ipairs(flights) do in_flight = in_flight + tonumber(value) end
+  local flights, in_flight = redis.call('HGETALL', base .. ':f'), 0
+  for k = 1, #flights, 2 do
+    if flights[k] == me or redis.call('EXISTS', alive .. flights[k]) == 1 then
+      in_flight = in_flight + tonumber(flights[k + 1])
+    else
+      redis.call('HDEL', base .. ':f', flights[k])
+    end
+  end
   out[#out + 1] = totals[1]
   out[#out + 1] = totals[2]
   out[#out + 1] = in_flight
@@ -73,7 +81,6 @@ class SharedDeployments:
         self.router = router
         # Per deployment key: whether its counts are shared (the config's from the start).
         self._shared = {d.key: self._is_shared(d) for d in configured}
-        self.instance = os.urandom(8).hex()
         self.script = LuaScript(_SYNC)
         self.batcher = link.batcher
         # Since the last sync, per deployment key: [requests, tokens, in-flight change].
@@ -123,7 +130,7 @@ class SharedDeployments:
         if not keys:
             return
         delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])
-        args: list[object] = [self.instance]
+        args: list[object] = [*self.link.lease]
         for key in keys:
             args += delta.get(key, [0, 0, 0])
         prefix = f"{self.link.prefix}:d:"
@@ -141,7 +148,8 @@ class SharedDeployments:
                 key,
                 int(totals[3 * index]),
                 int(totals[3 * index + 1]),
-                int(totals[3 * index + 2]) - self._in_flight[key],
+                # Never below 0: own requests dropped while this one's lease had run out.
+                max(0, int(totals[3 * index + 2]) - self._in_flight[key]),
             )
         self.synced.set()
 

@@ -44,7 +44,7 @@ class SharedState:
 
             link = RedisLink(state)
             link.on_lost = _lost_counter(app)
-            await link.check()
+            await link.start()
             app[link_key] = link
             router = app[runtime_key].router
             plane = app.get(plane_key)  # the control plane's context ran first
@@ -60,6 +60,8 @@ class SharedState:
             configured = [d for group in runtime.deployments.values() for d in group]
             deployments = SharedDeployments(link, router, configured)
             app[deployments_key] = deployments
+            scripts = [deployments.script] + ([counters.script] if counters is not None else [])
+            await link.preload(*scripts)
             await changes.start()  # before serving: no change missed
             deployments.start()
             try:

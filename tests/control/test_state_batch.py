@@ -4,8 +4,10 @@ round trip, and a settle is queued, not waited for."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from aioproxy.config import Secret, StateConfig
@@ -16,6 +18,7 @@ from aioproxy.control.records import KeyEntry
 from aioproxy.errors import RateLimited
 from aioproxy.state.batch import Batcher, LuaScript
 from aioproxy.state.counters import SharedCounters, SharedReservation
+from aioproxy.state.deployments import _SYNC
 from aioproxy.state.link import RedisLink
 from tests.redis_server import redis_server, redis_url
 
@@ -37,6 +40,26 @@ async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str) -
         assert answers[0] == b"first" and answers[1:21] == [str(i).encode() for i in range(20)]
         assert batcher.batches == 2  # the first alone, then the 21 together
     finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_only_the_scripts_redis_did_not_know_are_sent_again(redis_url: str) -> None:
+    """A batch where one script is unknown to Redis (new, or its script cache was flushed
+    since) and another is known: the known one ran; only the unknown one goes again, after
+    its load. The whole batch went again: every other call ran twice (a reservation counted
+    twice, its slot freed once: a max_parallel slot lost for good)."""
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    count = LuaScript("return redis.call('INCR', KEYS[1])")
+    unknown = LuaScript(f"return '{os.urandom(8).hex()}'")  # never loaded before
+    try:
+        await client.script_load(count.text)
+        counted, new = batcher.run(count, ["aioproxy-test:once"], []), batcher.run(unknown, [], [])
+        assert await counted == 1 and await new
+        assert await client.get("aioproxy-test:once") == b"1"
+    finally:
+        await client.delete("aioproxy-test:once")
         await batcher.close()
         await client.aclose()
 
@@ -156,7 +179,7 @@ async def test_concurrent_requests_share_one_script_call(redis_url: str) -> None
         assert (len(requests.admitted), requests.refused) == (10, 15)
         assert await _script_calls(client) == 2  # was 30: 20 reserves, 5 settles, 5 reserves
         base = "aioproxy-test-merge:k:key_batch"
-        assert await client.get(base + ":f") == b"5"
+        assert await client.hvals(base + ":flights") == [b"5"]  # this instance's requests in flight
         tokens = await client.hvals(base + ":t")
         assert sum(int(value) for value in tokens) == 5 * 7 + 5 * 10
         assert await client.get(base + ":s:ever") == b"2.5"
@@ -192,7 +215,7 @@ async def test_close_sends_the_last_settles(redis_url: str) -> None:
         assert reservation is not None
         reservation.settle(10, 0.0, 1_000.0)
         await counters.close()  # at once: the settle is still queued
-        assert await client.get("aioproxy-test-close:k:key_batch:f") == b"0"
+        assert await client.hvals("aioproxy-test-close:k:key_batch:flights") == []  # none in flight
     finally:
         await link.close()
         await client.aclose()
@@ -214,3 +237,154 @@ async def test_settles_missed_while_down_are_sent_when_back(redis_url: str) -> N
     finally:
         await counters.close()
         await link.close()
+
+
+async def test_a_dead_instances_slots_are_freed(redis_url: str) -> None:
+    """An instance killed with requests in flight holds their slots only as long as its
+    lease: then the others stop counting them (they were held for an hour, locking a key
+    with max_parallel out)."""
+    client = aioredis.Redis.from_url(redis_url)
+    killed_link, killed = _counters(redis_url, "aioproxy-test-dead")
+    link, counters = _counters(redis_url, "aioproxy-test-dead")
+    limits = _limits(max_parallel=1)
+    try:
+        assert await _reserve(killed, limits) is not None  # in flight when it dies
+        with pytest.raises(RateLimited):  # alive: its slot counts on the other instance
+            await _reserve(counters, limits)
+        # It dies: nothing renews its lease, which runs out (as a DEL does at once).
+        await killed_link.batcher.close()
+        leases = await client.keys("aioproxy-test-dead:alive:*")
+        assert len(leases) == 2
+        await client.delete(f"aioproxy-test-dead:alive:{killed_link.instance}")
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_the_lease_lives_while_the_instance_does(redis_url: str) -> None:
+    """Renewed from start-up (an idle instance's requests in flight keep counting), deleted
+    on close (the others stop counting them at once)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-lease"))
+    lease = f"aioproxy-test-lease:alive:{link.instance}"
+    try:
+        await link.start()
+        async with asyncio.timeout(30):  # safety net: the first renewal is sent at once
+            while not await client.exists(lease):
+                await asyncio.sleep(0.01)
+        assert 0 < await client.pttl(lease) <= link.lease_ms
+        await link.close()
+        assert not await client.exists(lease)
+    finally:
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_dead_instances_deployment_flights_are_dropped(redis_url: str) -> None:
+    """least-busy's requests in flight per deployment: a dead instance's stop counting when
+    its lease runs out (they skewed routing away from the deployment for ever)."""
+    client = aioredis.Redis.from_url(redis_url)
+    dead = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-sync"))
+    live = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-sync"))
+    script = LuaScript(_SYNC)
+    base = ["aioproxy-test-sync:d:deployment"]
+    try:
+        await dead.batcher.run(script, base, [*dead.lease, 0, 0, 2])  # 2 sent, then it dies
+        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 1]))[2] == 3
+        await client.delete(f"aioproxy-test-sync:alive:{dead.instance}")  # its lease ran out
+        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 0]))[2] == 1
+    finally:
+        await dead.close()
+        await live.close()
+        await client.aclose()
+
+
+async def test_a_counter_left_by_an_earlier_version_is_no_error(redis_url: str) -> None:
+    """Versions before the leases kept a plain counter (``:f``) where the hash is: a Redis
+    they used (a rolling upgrade) must not fail every reservation with WRONGTYPE."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-upgrade")
+    try:
+        await client.set("aioproxy-test-upgrade:k:key_batch:f", 3)
+        assert await _reserve(counters, _limits(max_parallel=1)) is not None
+        assert link.up
+    finally:
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_redis_refusing_writes_stays_lost_until_it_takes_them(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of memory under ``noeviction`` (or a read-only replica after a failover): Redis
+    answers PING but refuses every script. It is lost once, logged once with its reason, and
+    back only when it takes writes (a PING probe brought it back at once, and every request
+    lost it again: a log line and a metric count each time)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-oom")
+    limits = _limits(max_parallel=100)
+    try:
+        await client.config_set("maxmemory", 1)  # the default policy: noeviction
+        assert await _reserve(counters, limits) is None  # not counted in Redis: served
+        async with asyncio.timeout(30):  # safety net: the probe tries every half second
+            while link.probes < 2:
+                await asyncio.sleep(0.05)
+        for _ in range(3):
+            assert await _reserve(counters, limits) is None
+        assert not link.up and link.failures == 1
+        lost = [r.getMessage() for r in caplog.records if "Redis is unreachable" in r.message]
+        assert len(lost) == 1 and "used memory > 'maxmemory'" in lost[0]
+        await client.config_set("maxmemory", 0)
+        async with asyncio.timeout(30):  # safety net: likewise
+            while not link.up:
+                await asyncio.sleep(0.05)
+        assert await _reserve(counters, limits) is not None
+    finally:
+        await client.config_set("maxmemory", 0)
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_stream_failing_midway_counts_its_usage_not_its_reservation(
+    redis_url: str,
+) -> None:
+    """A stream that fails after it began gets ``on_error`` (its reserved tokens taken back),
+    then ``after_response`` (its usage): the tokens counted are the usage alone. The taking
+    back was dropped, so the reservation stayed counted toward tpm on top of the usage."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-midway")
+    try:
+        reservation = await _reserve(counters, _limits(max_parallel=1))  # 10 tokens
+        assert reservation is not None
+        reservation.count_tokens(0)  # on_error
+        reservation.settle(7, 0.0, 1_000.0)  # after_response: the usage of what was sent
+        await counters.close()  # the settle sent
+        tokens = await client.hvals("aioproxy-test-midway:k:key_batch:t")
+        assert sum(int(value) for value in tokens) == 7
+    finally:
+        await link.close()
+        await client.aclose()
+
+
+async def test_scripts_are_loaded_again_when_redis_is_back(redis_url: str) -> None:
+    """A Redis restarted has no script: they are loaded as it is found back, before any
+    request's batch (which paid a NOSCRIPT and a load round trip on its way upstream)."""
+    client = aioredis.Redis.from_url(redis_url)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-reload"))
+    script = LuaScript(f"return '{os.urandom(8).hex()}'")
+    try:
+        await link.preload(script)
+        assert await client.script_exists(script.sha) == [True]
+        await client.script_flush()  # as a restart does
+        link.lost(OSError("gone"))
+        async with asyncio.timeout(30):  # safety net: the probe tries every half second
+            while not link.up:
+                await asyncio.sleep(0.05)
+        assert await client.script_exists(script.sha) == [True]
+    finally:
+        await link.close()
+        await client.aclose()

@@ -4,24 +4,29 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from aioproxy import hookimpl
-from aioproxy.config import StateConfig
+from aioproxy.config import Secret, StateConfig
 from aioproxy.control.plane import plane_key
+from aioproxy.state import changes as changes_module
+from aioproxy.state import link as link_module
 from aioproxy.state.changes import Change, Changes
 from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import changes_key, deployments_key, link_key
+from aioproxy.testing import FakeOpenAI
 from tests.control.conftest import CHAT, Control
-from tests.redis_server import RedisServer, redis_server, redis_url
+from tests.redis_server import RedisServer, redis_server, redis_url, tls_redis_server
 from tests.support import MASTER_KEY
 
-__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+__all__ = ["redis_server", "redis_url", "tls_redis_server"]  # the fixtures, used here
 
 
 async def post_chat(control: Control, key: str, **overrides: Any) -> tuple[int, dict[str, str]]:
@@ -106,6 +111,45 @@ async def test_listener_survives_a_failed_reload(redis_url: str) -> None:
         await link.close()
 
 
+async def test_a_silent_channel_is_given_up_and_heard_again(
+    redis_url: str, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that stops answering without closing the connection (SIGSTOP here; a failover
+    to another host or a dropped route look the same): the listener PINGs the quiet channel,
+    hears nothing, and subscribes again once Redis answers. It listened to the dead connection
+    for ever, every change after it missed."""
+    monkeypatch.setattr(changes_module, "QUIET", 0.2)
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url)))
+    cooled: asyncio.Queue[str] = asyncio.Queue()
+    changes = Changes(link, _no_reload, lambda key, _seconds: cooled.put_nowait(key))
+    publisher = aioredis.Redis.from_url(redis_url)
+    process = redis_server.process
+    assert process is not None
+    try:
+        await changes.start()
+        process.send_signal(signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(30):  # safety net: given up after two quiet spells
+                while changes.listening.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(30):  # safety net: it subscribes again at once
+            await changes.listening.wait()
+        change = Change(source="another", what="cooldown", deployment="d1", seconds=5.0)
+        await publisher.publish(changes.channel, msgspec.json.encode(change))
+        assert await cooled.get() == "d1"
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await publisher.aclose()
+        await changes.close()
+        await link.close()
+
+
+async def _no_reload() -> None:
+    return None
+
+
 async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) -> None:
     first, second = await two_instances(start_control, redis_url)
     key = (await first.new_key(rpm=10))["key"]
@@ -117,6 +161,44 @@ async def test_rpm_is_shared_by_instances(start_control: Any, redis_url: str) ->
     assert set(admitted_on) <= {0, 1}
     status, headers = await post_chat(second, key)
     assert status == 429 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_one_round_trip_before_the_upstream_and_one_after(
+    start_control: Any, redis_url: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path's budget: a limited key's cacheable request sends its cache lookup and its
+    reservation in one pipelined round trip before the upstream is called, and its settlement
+    and its cache write in one after it. Even the first request after a Redis restart: the
+    scripts are loaded at start-up, not after a NOSCRIPT on the way."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 3600.0)  # the lease's renewal: once, first
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()  # as a restarted Redis: no script known
+        control = await start_control(state={"redis_url": redis_url}, cache={"enabled": True})
+        link = control.server.app[link_key]
+        created = await control.new_key(rpm=100, tpm=100_000)
+        async with asyncio.timeout(30):  # safety net: the first renewal is sent at start-up
+            while not await client.exists(f"aioproxy:alive:{link.instance}"):
+                await asyncio.sleep(0.01)
+        before = link.batcher.batches
+        at_upstream: list[int] = []
+        fake.on_request = lambda _request: at_upstream.append(link.batcher.batches)
+        async with control.session.post(
+            control.url("/v1/chat/completions"),
+            json={**CHAT, "temperature": 0},
+            headers={"Authorization": f"Bearer {created['key']}"},
+        ) as response:
+            used = (await response.json())["usage"]["total_tokens"]
+        assert at_upstream == [before + 1]
+        tokens = f"aioproxy:k:{created['id']}:t"
+        async with asyncio.timeout(30):  # safety net: both are sent after the answer
+            while not await client.keys("aioproxy:cache:*") or used != sum(
+                int(value) for value in await client.hvals(tokens)
+            ):
+                await asyncio.sleep(0.01)
+        assert link.batcher.batches == before + 2
+    finally:
+        await client.aclose()
 
 
 async def test_headers_count_every_instance(start_control: Any, redis_url: str) -> None:
@@ -136,6 +218,22 @@ async def test_revocation_reaches_the_other_instance(start_control: Any, redis_u
     created = await first.new_key(rpm=100)
     await second.plane.cache.reload()
     assert (await post_chat(second, created["key"]))[0] == 200
+    await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
+    async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
+        while (await post_chat(second, created["key"]))[0] != 401:
+            await asyncio.sleep(0.01)
+
+
+async def test_limits_and_changes_over_tls(
+    start_control: Any, tls_redis_server: RedisServer
+) -> None:
+    """``rediss://``: the batched scripts, their connection and the change channel's all
+    speak TLS (the server takes nothing else)."""
+    first, second = await two_instances(start_control, tls_redis_server.url)
+    created = await first.new_key(rpm=2)
+    await second.plane.cache.reload()
+    statuses = [(await post_chat(control, created["key"]))[0] for control in (first, second) * 2]
+    assert statuses == [200, 200, 429, 429]
     await first.admin("PATCH", f"/admin/keys/{created['id']}", {"disabled": True})
     async with asyncio.timeout(30):  # safety net: the message arrives in milliseconds
         while (await post_chat(second, created["key"]))[0] != 401:

@@ -4,6 +4,7 @@ the proxy in front, answers compared byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from aioproxy.cache.response_cache import store_key
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import redis_server, redis_url
-from tests.support import MASTER_KEY, ServeProxy, gateway_config
+from tests.support import MASTER_KEY, ServeProxy, gateway_config, sdk
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -93,8 +94,6 @@ async def test_stream_replays_byte_for_byte(cached: TestServer, fake: FakeOpenAI
 
 
 async def test_stream_fills_a_json_answer(cached: TestServer, fake: FakeOpenAI) -> None:
-    import json
-
     await post(cached, {**CHAT, "stream": True})
     status, result, body = await post(cached, CHAT)
     assert (status, result) == (200, "hit")
@@ -106,8 +105,6 @@ async def test_stream_fills_a_json_answer(cached: TestServer, fake: FakeOpenAI) 
 
 
 async def test_json_fills_a_stream(cached: TestServer, fake: FakeOpenAI) -> None:
-    import json
-
     _, _, body = await post(cached, CHAT)
     status, result, events = await post(cached, {**CHAT, "stream": True})
     assert (status, result) == (200, "hit") and events.endswith(b"data: [DONE]\n\n")
@@ -204,3 +201,106 @@ async def test_redis_cache_is_shared_by_instances(
     replayed = await post(second, {**CHAT, "stream": True})
     assert replayed[1] == "hit" and replayed[2] == original[2]
     assert upstream_calls(fake) == 1
+
+
+async def kept(proxy: TestServer, body: dict[str, Any]) -> bytes:
+    """``body``'s answer, once it is in the cache (written after the answer, off its path)."""
+    status, result, answer = await post(proxy, body)
+    assert (status, result) == (200, "miss")
+    async with asyncio.timeout(30):  # safety net: the write goes in the next batch
+        while (await post(proxy, body))[1] != "hit":
+            await asyncio.sleep(0.01)
+    return answer
+
+
+@pytest.mark.parametrize("bound", [{"max_entries": 2}, {"max_bytes": 1500}], ids=["count", "bytes"])
+async def test_redis_cache_is_bounded(
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    tmp_path: Path,
+    fake: FakeOpenAI,
+    redis_url: str,
+    bound: dict[str, int],
+) -> None:
+    """In Redis too (across instances), the oldest entries go beyond the bounds: it grew
+    without one until each entry's TTL, until Redis ran out of memory."""
+    config = cache_config(upstream_base, tmp_path, state={"redis_url": redis_url}, **bound)
+    proxy = await serve_proxy(config)
+    bodies = [{**CHAT, "messages": [{"role": "user", "content": w}]} for w in ("a", "b", "c")]
+    sizes = [len(await kept(proxy, body)) for body in bodies]
+    assert sum(sizes) > 1500 >= sizes[1] + sizes[2] + 64  # answers and their encoding
+    assert [(await post(proxy, body))[1] for body in bodies[1:]] == ["hit", "hit"]
+    assert (await post(proxy, bodies[0]))[1] == "miss"  # the oldest went
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert len(await client.keys("aioproxy:cache:*")) == 2
+    finally:
+        await client.aclose()
+
+
+ASKS_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+
+
+def usage_chunks(events: bytes) -> list[dict[str, Any]]:
+    """The stream's usage-only chunks (``"choices": []``)."""
+    chunks = [json.loads(e[6:]) for e in events.split(b"\n\n") if e.startswith(b"data: {")]
+    return [chunk for chunk in chunks if chunk.get("usage") and not chunk["choices"]]
+
+
+async def test_the_usage_chunk_goes_to_the_requests_asking_for_it(
+    cached: TestServer, fake: FakeOpenAI
+) -> None:
+    """``stream_options`` is not part of the key: whichever request filled the entry, a stream
+    that asks for the usage gets its chunk, and one that does not gets none (a chunk without
+    choices breaks a client reading ``chunk.choices[0]``; one asking missed its usage)."""
+    _, _, asked = await post(cached, {**CHAT, **ASKS_USAGE})
+    assert len(usage_chunks(asked)) == 1
+    status, result, plain = await post(cached, {**CHAT, "stream": True})
+    assert (status, result) == (200, "hit") and usage_chunks(plain) == []
+    assert (await post(cached, {**CHAT, **ASKS_USAGE}))[2] == asked  # byte for byte
+
+    other = {**CHAT, "messages": [{"role": "user", "content": "filled without usage"}]}
+    _, _, plain = await post(cached, {**other, "stream": True})
+    assert usage_chunks(plain) == []
+    status, result, asked = await post(cached, {**other, **ASKS_USAGE})
+    assert (status, result) == (200, "hit") and len(usage_chunks(asked)) == 1
+    assert json.loads((await post(cached, other))[2])["usage"] == usage_chunks(asked)[0]["usage"]
+
+    third = {**CHAT, "messages": [{"role": "user", "content": "filled as JSON"}]}
+    answer = json.loads((await post(cached, third))[2])
+    assert usage_chunks((await post(cached, {**third, "stream": True}))[2]) == []
+    asked = (await post(cached, {**third, **ASKS_USAGE}))[2]
+    assert usage_chunks(asked)[0]["usage"] == answer["usage"]
+    assert upstream_calls(fake) == 3
+
+
+async def test_hits_do_not_use_the_deployments_rpm(
+    serve_proxy: ServeProxy, upstream_base: str, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """A hit never reaches the upstream, so it does not count toward the deployment's rpm cap
+    (the upstream's own limit): hits used it up, then the next real request got 429."""
+    config = cache_config(upstream_base, tmp_path)
+    config["models"][0] = {**config["models"][0], "rpm": 2}
+    proxy = await serve_proxy(config)
+    assert [(await post(proxy, CHAT))[:2] for _ in range(4)] == [(200, "miss")] + [(200, "hit")] * 3
+    other = {**CHAT, "messages": [{"role": "user", "content": "not cached yet"}]}
+    assert (await post(proxy, other))[:2] == (200, "miss")  # the cap's second request
+    assert upstream_calls(fake) == 2
+
+
+async def test_a_json_response_replays_as_the_events_of_a_stream(
+    cached: TestServer, fake: FakeOpenAI
+) -> None:
+    """A Responses answer kept as JSON, asked for as a stream: the events a stream of it has
+    (created ... text deltas ... completed), which the SDK's stream helper needs (it failed on
+    a stream that began with ``response.completed``)."""
+    request: dict[str, Any] = {"model": "gpt-test", "input": "hi", "temperature": 0, "store": False}
+    async with sdk(cached, KEY_A) as client:
+        answer = await client.responses.create(**request)
+        async with client.responses.stream(**request) as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+    text = "".join(deltas)
+    assert text == answer.output_text != ""
+    assert final.id == answer.id and final.output_text == answer.output_text
+    assert upstream_calls(fake) == 1  # the stream was the cached answer
