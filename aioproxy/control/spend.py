@@ -38,12 +38,12 @@ class Spend:
 
     @hookimpl
     def before_request(self, call: Call) -> None:
-        # Only a database key's spend is counted (its budget, its spend figures), so only its
-        # streams are tapped: a config key's stream goes through untouched, logged with the
-        # usage its client asked for, else an estimate (marked so).
+        # A stream whose client did not ask for its usage is asked for it, so that its row
+        # (and a database key's spend) has the upstream's own counts, not an estimate; the
+        # usage chunk is taken out of what the client gets. Every stream logged, or counted.
         if (
             call.stream
-            and call.principal.limits.__class__ is KeyLimits
+            and (self.log_rows or call.principal.limits.__class__ is KeyLimits)
             and call.kind in TAPPED_KINDS
             and STREAM_FILTER not in call.state
             and not asks_usage(call)

@@ -37,7 +37,7 @@ _DONE = b"data: [DONE]"
 class UsageTap:
     """Set on a call whose client did not ask for usage: asks for it, then hides its chunk."""
 
-    __slots__ = ("found",)
+    __slots__ = ("found", "usage_event")
 
     def __init__(self, call: Call) -> None:
         options = call.get("stream_options")
@@ -45,7 +45,8 @@ class UsageTap:
             "stream_options",
             {**(options if isinstance(options, dict) else {}), "include_usage": True},
         )
-        self.found: Usage | None = None  # the usage of the last event that had one
+        self.usage_event: bytes | None = None  # the data of the last event with a usage
+        self.found: Usage | None = None  # and its usage, read
 
     def __call__(self, reply: StreamReply) -> StreamReply:
         reply.events = _Tapped(self, reply.events)  # the reply kept: its close, its headers
@@ -66,8 +67,10 @@ class UsageTap:
                 continue
             looked += 1
             if block.find(_MARKER, start, end) >= 0 or block.find(_SPACED, start, end) >= 0:
-                found = chunk_usage(data_of(block[start:end]))
+                data = data_of(block[start:end])
+                found = chunk_usage(data)
                 if found is not None:  # the last usage: kept, so no one parses it again
+                    self.usage_event = data
                     usage_only, self.found = found
                     if not usage_only:
                         return block

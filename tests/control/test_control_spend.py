@@ -113,14 +113,27 @@ async def test_usage_chunk_is_asked_for_and_removed(control: Control, fake: Any)
     assert row["cost"] == pytest.approx(priced(row["input_tokens"], row["output_tokens"]))
 
 
-async def test_config_key_stream_is_not_tapped(control: Control, fake: Any) -> None:
-    """A config key has no spend to count: its stream goes as the upstream sends it, and its
-    row is priced on an estimate."""
+async def test_config_key_stream_is_tapped_for_its_row(control: Control, fake: Any) -> None:
+    """A config key's stream is logged with the upstream's own usage too (issue 12: ask the
+    upstream for it), not an estimate; the client sees the chunks it would have seen."""
+    raw, chunks = await _stream(control, MASTER_KEY)
+    assert fake.last.body["stream_options"] == {"include_usage": True}
+    assert chunks and all(chunk["choices"] for chunk in chunks)  # no usage-only chunk
+    assert raw.endswith("data: [DONE]\n\n")
+    (row,) = await log_rows(control)
+    assert not row["estimated"] and row["stream"] is True and row["output_tokens"] > 0
+    assert row["cost"] == pytest.approx(priced(row["input_tokens"], row["output_tokens"]))
+
+
+async def test_config_key_stream_is_untouched_without_the_log(
+    start_control: Any, fake: Any
+) -> None:
+    """With the request log off, nothing is counted for a config key: its stream goes as the
+    upstream sends it."""
+    control = await start_control(spend={"log": False})
     _, chunks = await _stream(control, MASTER_KEY)
     assert "stream_options" not in fake.last.body
     assert chunks and all("usage" not in chunk for chunk in chunks)
-    (row,) = await log_rows(control)
-    assert row["estimated"] is True and row["stream"] is True and row["output_tokens"] > 0
 
 
 async def test_usage_chunk_stays_when_asked_for(control: Control) -> None:
