@@ -18,6 +18,7 @@ from aiohttp import web
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
 from .control import cli as control_cli
+from .keys import workers_key
 from .observability.access_log import configure_logging
 from .observability.metrics import mark_process_dead, prepare_multiprocess, remove_multiprocess
 from .plugins import PluginLoadError
@@ -215,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     if args.workers > 1:
+        app[workers_key] = args.workers  # the admin API refuses limits each would count alone
         announce()
         # Each worker forks before any loop or socket exists, then binds the port itself.
         return run_workers(

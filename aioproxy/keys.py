@@ -23,6 +23,7 @@ __all__ = [
     "pool_key",
     "runtime_key",
     "session_key",
+    "workers_key",
 ]
 
 config_key = web.AppKey("aioproxy.config", Config)
@@ -32,3 +33,6 @@ runtime_key: web.AppKey[Runtime] = web.AppKey("aioproxy.runtime")
 database_key: web.AppKey[AsyncEngine] = web.AppKey("aioproxy.database")
 session_key = web.AppKey("aioproxy.session", aiohttp.ClientSession)
 pool_key = web.AppKey("aioproxy.pool", H1Pool)
+# run.py --workers N (N > 1): how many processes serve the app, each counting on its own unless
+# [state] redis_url is set (the admin API then refuses a limit that would hold N times over).
+workers_key = web.AppKey("aioproxy.workers", int)

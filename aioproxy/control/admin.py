@@ -23,6 +23,7 @@ from aiohttp import web
 from ..builtins.config_auth import key_id, presented_key
 from ..config import Config
 from ..errors import AuthenticationError, BadRequest, NotFound, PermissionDenied, ProxyError
+from ..keys import workers_key
 from . import rollup, schema
 from .cache import as_dict
 from .engine import driver_message
@@ -257,11 +258,33 @@ def _check_team(plane: ControlPlane, fields: dict[str, Any]) -> None:
         raise BadRequest("'team' names no team", param="team", code="invalid_value")
 
 
+_COUNTED = ("rpm", "tpm", "max_parallel", "max_budget")
+
+
+def _check_counted_once(request: web.Request, plane: ControlPlane, fields: dict[str, Any]) -> None:
+    """Under ``--workers N`` without ``[state] redis_url`` each worker counts on its own, so a
+    limit set now would hold N times over: refused, as run.py refuses to start with one."""
+    workers = request.app.get(workers_key, 1)
+    if workers <= 1 or plane.shared is not None:
+        return
+    for name in _COUNTED:
+        if fields.get(name) is not None:
+            raise ProxyError(
+                f"'{name}' would be counted by each of the {workers} workers on its own (held "
+                f"{workers} times over): limits under --workers need [state] redis_url",
+                param=name,
+                code="limits_need_shared_state",
+                status=409,
+                type="invalid_request_error",
+            )
+
+
 @_database_errors
 async def create_key(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     fields = read_fields(await request.read(), KEY_FIELDS, required=("name",))
     _check_team(plane, fields)
+    _check_counted_once(request, plane, fields)
     secret = "sk-" + secrets.token_urlsafe(_SECRET_BYTES)
     id_ = "key_" + secrets.token_hex(12)
     row = {
@@ -319,6 +342,7 @@ async def get_key(request: web.Request) -> web.Response:
 async def create_team(request: web.Request) -> web.Response:
     plane = _require_admin(request)
     fields = read_fields(await request.read(), TEAM_FIELDS, required=("name",))
+    _check_counted_once(request, plane, fields)
     id_ = "team_" + secrets.token_hex(12)
     row = {"id": id_, "created_at": plane.clock.time(), **_columns(fields)}
     await _change(plane, sa.insert(schema.teams).values(row))
@@ -373,6 +397,7 @@ class _Item(Generic[_Entry]):
         entry = self.find(plane, request)
         fields = read_fields(await request.read(), self.fields)
         self.check(plane, fields)
+        _check_counted_once(request, plane, fields)
         await _update(plane, self.table, entry.id, await _new_period(plane, entry, fields))
         return _json(self.show(self.find(plane, request), plane))
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import aiohttp
+import aioproxy_echo
+import aioproxy_openai
 import openai
 import pytest
 
-from tests.control.conftest import Control, chat
+from aioproxy import create_app
+from aioproxy.keys import workers_key
+from tests.control.conftest import Control, chat, control_config
 from tests.support import MASTER_KEY
 
 KEY_FIELDS = {
@@ -342,3 +347,35 @@ async def test_without_a_master_key_the_refusal_says_so(start_control: Any) -> N
     for key in ("sk-anything", ""):
         refused = await control.admin("GET", "/admin/keys", key=key, status=401)
         assert "[auth] master_key" in refused["error"]["message"]
+
+
+async def test_limits_under_workers_without_redis_are_refused(
+    aiohttp_server: Any, upstream_base: str, db_url: str
+) -> None:
+    """Under run.py --workers N without [state] redis_url each worker counts on its own: a
+    limit set through the admin API would hold N times over, so it is refused (409, naming
+    [state] redis_url), as start-up refuses one already there; what counts nothing is taken."""
+    app = create_app(
+        control_config(upstream_base, db_url),
+        plugins=[aioproxy_openai, aioproxy_echo],
+        load_entrypoints=False,
+    )
+    app[workers_key] = 2  # what run.py sets before it forks its workers
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        control = Control(server, session)
+        for path, body in (
+            ("/admin/keys", {"name": "k", "rpm": 5}),
+            ("/admin/keys", {"name": "k", "max_budget": 1}),
+            ("/admin/teams", {"name": "t", "tpm": 100}),
+        ):
+            refused = await control.admin("POST", path, body, status=409)
+            assert refused["error"]["code"] == "limits_need_shared_state"
+            assert "[state] redis_url" in refused["error"]["message"]
+            assert refused["error"]["param"] in body
+        created = await control.new_key(models=["gpt-test"])  # no limit: nothing to count
+        refused = await control.admin(
+            "PATCH", f"/admin/keys/{created['id']}", {"max_parallel": 2}, status=409
+        )
+        assert refused["error"]["param"] == "max_parallel"
+        await control.admin("PATCH", f"/admin/keys/{created['id']}", {"rpm": None})

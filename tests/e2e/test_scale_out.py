@@ -243,3 +243,10 @@ async def test_workers_without_limits_start(tmp_path: Path) -> None:
     port = str(free_port())
     async with running("--config", str(config), "--workers", "2", "--port", port) as (bound, _):
         assert bound == int(port)
+        gw = Gateway([bound], aiohttp.ClientSession())
+        async with gw.session:
+            # Nothing limited now, nor later: a limit set through the admin API is refused too.
+            status, body = await gw.call(0, "POST", "/admin/keys", MASTER, {"name": "k", "rpm": 9})
+            assert status == 409 and "[state] redis_url" in body["error"]["message"]
+            status, _ = await gw.call(0, "POST", "/admin/keys", MASTER, {"name": "k"})
+            assert status == 201
