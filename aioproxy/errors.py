@@ -19,6 +19,7 @@ __all__ = [
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
+    "ClientDisconnected",
     "GatewayTimeout",
     "ModelNotFound",
     "NotFound",
@@ -155,6 +156,11 @@ class RateLimited(ProxyError, status=429, type="rate_limit_error", code="rate_li
     # Whose cap it was, for aioproxy_rate_limited_total{scope} (key, team, budget, gateway);
     # None: the router's own deployment caps.
     scope: str | None = None
+
+
+class ClientDisconnected(ProxyError, status=499, type="client_error", code="client_disconnected"):
+    """The client went away before its answer was over (nginx's 499): never sent to anyone,
+    but what ``on_error`` hears, so the request is still logged and its reservations settled."""
 
 
 class UpstreamError(ProxyError, type="upstream_error"):

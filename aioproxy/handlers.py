@@ -3,13 +3,15 @@ authenticate -> read_call -> dispatch -> relay."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ModelNotFound, ProxyError
+from .errors import ClientDisconnected, ModelNotFound, ProxyError
 from .keys import runtime_key
 from .payloads import read_call
 from .relay import send, send_with_keepalive
@@ -18,6 +20,12 @@ from .routes import ANTHROPIC_KINDS, DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
 __all__ = ["health", "make_deployment_handlers", "make_handlers"]
 
 _encode = msgspec.json.Encoder().encode
+
+
+def _gone() -> ClientDisconnected:
+    return ClientDisconnected("The client went away before its answer was over")
+
+
 _HEALTHY = _encode({"status": "ok"})
 
 
@@ -62,6 +70,12 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
         except Exception as exc:
             if runtime.hooks.on_error and (
                 rest := runtime.hooks.on_error.logged(request, exc, call)
+            ):
+                await rest
+            raise
+        except asyncio.CancelledError:  # its client went away (aiohttp cancels the handler)
+            if runtime.hooks.on_error and (
+                rest := runtime.hooks.on_error.logged(request, _gone(), call)
             ):
                 await rest
             raise

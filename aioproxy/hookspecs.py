@@ -196,7 +196,8 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
     """Observe a failed request.
 
     Runs when a request fails with any exception, before the error is rendered; ``call`` is
-    ``None`` when the failure came before the body was read. Observe only: the client gets the
+    ``None`` when the failure came before the body was read. A request whose client went away
+    (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499). Observe only: the client gets the
     error whatever this does, and exceptions raised here are logged and swallowed. Every
     implementation runs. May be ``async def``.
     """

@@ -315,3 +315,26 @@ async def test_refusals_are_counted_under_their_scope(start_control: Any) -> Non
         if sample.name == "aioproxy_rate_limited_total"
     }
     assert counted == {"key": 1, "team": 1, "budget": 1}
+
+
+async def test_a_request_whose_client_left_is_logged_and_gives_its_tokens_back(
+    start_control: Any,
+) -> None:
+    """A client gone before its answer (the handler cancelled) reaches on_error as
+    ClientDisconnected: its request log row says so (499, client_disconnected) and the tokens
+    it had reserved leave its key's tpm window; nothing is lost."""
+    gate = Gate()
+    control = await start_control(plugins=(gate,))
+    created = await control.new_key(tpm=100_000)
+    held = asyncio.create_task(post_chat(control, created["key"], user="hold", max_tokens=500))
+    await gate.entered.wait()
+    meter = control.plane.cache.key_meters[created["id"]]
+    assert meter.tokens.count >= 500  # reserved
+    held.cancel()
+    async with asyncio.timeout(30):  # safety net: the server notices the disconnect
+        while meter.in_flight:
+            await asyncio.sleep(0.01)
+    assert meter.tokens.count == 0
+    await control.settle()
+    (row,) = (await control.admin("GET", f"/admin/requests?key={created['id']}"))["data"]
+    assert row["status"] == 499 and row["error_code"] == "client_disconnected"
