@@ -36,6 +36,7 @@ EXPECTED = {
     "UpstreamError": (500, "upstream_error", None),
     "BadGateway": (502, "upstream_error", "bad_gateway"),
     "GatewayTimeout": (504, "timeout_error", "upstream_timeout"),
+    "ClientDisconnected": (499, "client_error", "client_disconnected"),
 }
 # The error classes the package exports, found from aioproxy.__all__ so a new one is not missed.
 PUBLIC_ERRORS = [
