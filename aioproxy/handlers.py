@@ -13,7 +13,7 @@ from .context import ANONYMOUS, Call
 from .dispatch import Lease
 from .errors import ClientDisconnected, ModelNotFound, ProxyError
 from .keys import runtime_key
-from .payloads import read_call
+from .payloads import read_call, refuse_unless_allowed
 from .relay import send, send_with_keepalive
 from .routes import ANTHROPIC_KINDS, DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
 
@@ -52,9 +52,9 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
                 kind,
                 principal,
                 runtime.config.server.body_timeout,
-                dispatcher.allows,
                 request.match_info[path_model] if path_model else None,
             )
+            refuse_unless_allowed(call, dispatcher.allows)
             plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:
                 return await send_with_keepalive(

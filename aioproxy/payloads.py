@@ -13,7 +13,7 @@ from .context import Call, Principal
 from .errors import BadRequest, PermissionDenied, ProxyError
 from .routes import Kind
 
-__all__ = ["decode_request", "read_call"]
+__all__ = ["decode_request", "read_call", "refuse_unless_allowed"]
 
 _decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _decode_model = msgspec.json.Decoder(str).decode
@@ -121,13 +121,11 @@ async def read_call(
     kind: Kind,
     principal: Principal,
     body_timeout: float,
-    allows: Callable[[Call, str], bool],
     model: str | None = None,
 ) -> Call:
     """Read the body into a Call (408 if it does not arrive within ``body_timeout``, 400 if its
-    framing is broken), refusing a model the principal may not use (``allows``: the one check
-    every model a call reaches passes, see ``Dispatcher.allows``). ``model``: the one the path
-    names, if any (Azure's deployment routes), over the body's."""
+    framing is broken). ``model``: the one the path names, if any (Azure's deployment routes),
+    over the body's."""
     try:
         if request.content.is_eof():  # all of it came with the headers: nothing to wait for
             body = await request.read()
@@ -148,7 +146,12 @@ async def read_call(
             code="invalid_encoding",
         ) from None
     fields, model, stream = decode_request(body, kind, model)
-    call = Call(kind, request, principal, model, fields, stream)
-    if not allows(call, model):
-        raise PermissionDenied(f"This API key may not use the model '{model}'", param="model")
-    return call
+    return Call(kind, request, principal, model, fields, stream)
+
+
+def refuse_unless_allowed(call: Call, allows: Callable[[Call, str], bool]) -> None:
+    """403 for a model the principal may not use (``allows``: the one check every model a call
+    reaches passes, see ``Dispatcher.allows``). Checked once the call exists, so the refusal's
+    hooks (the request log's row) see it."""
+    if not allows(call, call.model):
+        raise PermissionDenied(f"This API key may not use the model '{call.model}'", param="model")

@@ -360,3 +360,13 @@ def test_a_serving_process_reads_prices_from_a_child() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0.15", "0.6", "None", "False"]
+
+
+async def test_a_model_refused_to_a_key_is_logged(control: Control) -> None:
+    """A key asking for a model it may not use gets 403; its request log row says so, with
+    the key and the model asked for (the refusal comes once the request's call exists)."""
+    created = await control.new_key(models=["gpt-test"])
+    assert await post_chat(control, created["key"], model="gpt-other") == 403
+    (row,) = await log_rows(control, f"&key={created['id']}")
+    assert row["status"] == 403 and row["error_code"] == "model_not_allowed"
+    assert row["model"] == "gpt-other" and row["key_name"] == "k"
