@@ -322,7 +322,10 @@ class Dispatcher:
                     if not is_retryable(exc):
                         raise
                     log.warning(
-                        "%s failed (%s); retrying", current.deployment.describe(), _brief(exc)
+                        "%s failed (%s)%s",
+                        current.deployment.describe(),
+                        _brief(exc),
+                        "; trying again" if plan.attempts or plan.fallbacks else "",
                     )
                 finally:
                     current = None

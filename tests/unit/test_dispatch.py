@@ -169,6 +169,18 @@ async def test_retries_spent_raise_the_last_error_with_every_lease_released() ->
     assert setup.in_flight() == {"a": 0}
 
 
+async def test_the_log_says_trying_again_only_when_an_attempt_follows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = Provider(a=[failure(502), failure(503)])
+    setup = Setup(provider, [entry("m", "a")], num_retries=1, cooldown_failures=10)
+    with pytest.raises(ProxyError):
+        await setup.answer(make_call())
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 2
+    assert failed[0].endswith("; trying again") and not failed[1].endswith("; trying again")
+
+
 # -- fallbacks and allows ----------------------------------------------------------------------
 
 
