@@ -204,6 +204,7 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         aiohttp.web.Request,
     )
     leftovers = []
+    drawn = 0  # requests the faulty fakes had, each of which drew a fault (or none)
 
     for _ in range(2):
         for fake in fakes:
@@ -215,10 +216,15 @@ async def test_load_with_faults_on(aiohttp_server: Any, serve_proxy: ServeProxy)
         assert sum(streamed.values()) == sum(plain.values()) == REQUESTS // 2
         # The faults really struck, at about their rates.
         upstream = [r for fake in (a, b) for r in fake.requests]
-        faulted = Counter(r.fault for r in upstream if r.fault)
-        assert 0.15 < sum(faulted.values()) / len(upstream) < 0.35, faulted
-        # (Cooldown moves traffic to the fallback, so the rarest faults may not strike in a round.)
-        assert len(set(faulted)) >= len(FAULT_RATES) - 2, faulted
+        drawn += len(upstream)
+        # Counted over every draw since the fakes started: each draws from its own seeded
+        # sequence, so only how many requests each one got depends on timing. From the start,
+        # any split of 60 or more draws each has 0.205-0.285 faults a draw (seeds 1 and 2); a
+        # window of one round could hold as few as 0.15 on a loaded machine, where cooldown
+        # moved fewer requests to the fallback (it failed so once).
+        struck = a.faulted + b.faulted
+        assert 0.15 < sum(struck.values()) / drawn < 0.35, (struck, drawn)
+        assert len(set(struck)) >= len(FAULT_RATES) - 2, struck
         assert backup.requests, "some requests needed the fallback"
         # What can be recovered was: without streams cut after their first event, all of it.
         assert plain["ok"] == REQUESTS // 2, plain
