@@ -237,13 +237,13 @@ class RequestLog:
 
     async def _write_apart(self, batch: list[LogRecord]) -> None:
         """A refused batch, one record at a time: a row the database refuses again is dropped
-        (counted, logged) and its record written without it, so its spend still counts."""
+        (counted, logged) and its record written without it, so its spend still counts. Each
+        record leaves the buffer once written: should the database go away midway, the retry
+        writes only the rest, none twice."""
         for record in batch:
             try:
                 await self._write([record])
             except _REFUSED_DATA as exc:
-                if record.spend_only:
-                    raise  # not the row: the spend's own statements (left to the retries)
                 self.refused += 1
                 if self.refused == 1 or self.refused % 1000 == 0:
                     log.error(
@@ -252,8 +252,16 @@ class RequestLog:
                         self.refused,
                         _brief(exc),
                     )
-                record.spend_only = True
-                await self._write([record])
+                if not record.spend_only:
+                    record.spend_only = True
+                    try:
+                        await self._write([record])
+                    except _REFUSED_DATA as again:
+                        log.error(
+                            "request log: a refused row's spend was refused too: %s", _brief(again)
+                        )
+            if self.buffer and self.buffer[0] is record:
+                self.buffer.popleft()
 
     async def _write(self, batch: list[LogRecord]) -> None:
         rows = [record.values for record in batch if not record.spend_only]

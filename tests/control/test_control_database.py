@@ -234,6 +234,43 @@ async def test_a_row_the_database_refuses_is_dropped_alone_and_its_spend_kept(
         await engine.dispose()
 
 
+class DownAfter:
+    """An engine whose database goes away after ``begins`` transactions."""
+
+    def __init__(self, engine: Any, begins: int) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self.left = begins
+
+    def begin(self) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ConnectionError("database unreachable")
+        return self.engine.begin()
+
+
+async def test_a_refused_batch_cut_short_by_an_outage_writes_no_row_twice(db_url: str) -> None:
+    """A refused batch is written a record at a time; if the database goes away midway, the
+    records already written have left the buffer, so the retry writes only the rest."""
+    engine = await open_engine(db_url)
+    try:
+        # The batch (refused), the first row, the refused row, its spend alone: then down.
+        flaky = DownAfter(engine, 4)
+        log = RequestLog(flaky, KeyCache(engine), SpendConfig())  # type: ignore[arg-type]
+        for fields in (row(0), {**row(1), "kind": None}, row(2)):
+            log.add(LogRecord.of(fields, 0.25))
+        with pytest.raises(ConnectionError):
+            await log.flush()
+        assert [record.values[0] for record in log.buffer] == ["r2"]
+        flaky.left = 10
+        await log.flush()
+        async with engine.connect() as connection:
+            ids = (await connection.execute(sa.select(schema.requests.c.request_id))).scalars()
+            assert sorted(ids) == ["r0", "r2"] and log.refused == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_the_writer_retries_and_stop_flushes(db_url: str) -> None:
     engine = await open_engine(db_url)
     try:
