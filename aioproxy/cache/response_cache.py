@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..config import Config, Price
 from ..context import STREAM_FILTER, STREAM_RECORDER, Call, Deployment
-from ..control.usage_tap import TAPPED_KINDS, UsageTap, asks_usage
+from ..control.usage_tap import UsageTap, asks_usage, tap_unasked_usage
 from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
 from ..outcome import Outcome
 from ..providers import Provider, Reply
@@ -157,14 +157,8 @@ class ResponseCache:
                 call.state[STREAM_RECORDER] = Recorder(self.cache.max_entry_bytes)
                 # The entry keeps the usage chunk for the requests that will ask for it: the
                 # upstream is asked for it, and the client that did not sees none (the spend
-                # plugin's tap, set first for a database key, does the same).
-                if (
-                    call.kind in TAPPED_KINDS
-                    and STREAM_FILTER not in call.state
-                    and not asks_usage(call)
-                    and isinstance(call.get("stream_options", {}), dict)
-                ):
-                    call.state[STREAM_FILTER] = UsageTap(call)
+                # plugin's tap, when it set one first, is the same one).
+                tap_unasked_usage(call)
 
     @hookimpl(tryfirst=True)  # its write joins the limits' settlement in one batch
     def after_response(self, call: Call, outcome: Outcome) -> None:

@@ -29,7 +29,7 @@ from .cache import as_dict
 from .engine import driver_message
 from .meters import Meter, spend_now
 from .plane import ControlPlane, plane_key
-from .records import KeyEntry, TeamEntry, digest_of, parse_duration, period_end, rfc3339
+from .records import COUNTED, KeyEntry, TeamEntry, digest_of, parse_duration, period_end, rfc3339
 from .validation import KEY_FIELDS, TEAM_FIELDS, Check, read_fields
 
 __all__ = ["ADMIN_VOUCHED", "admin_routes"]
@@ -258,16 +258,13 @@ def _check_team(plane: ControlPlane, fields: dict[str, Any]) -> None:
         raise BadRequest("'team' names no team", param="team", code="invalid_value")
 
 
-_COUNTED = ("rpm", "tpm", "max_parallel", "max_budget")
-
-
 def _check_counted_once(request: web.Request, plane: ControlPlane, fields: dict[str, Any]) -> None:
     """Under ``--workers N`` without ``[state] redis_url`` each worker counts on its own, so a
     limit set now would hold N times over: refused, as run.py refuses to start with one."""
     workers = request.app.get(workers_key, 1)
     if workers <= 1 or plane.shared is not None:
         return
-    for name in _COUNTED:
+    for name in COUNTED:
         if fields.get(name) is not None:
             raise ProxyError(
                 f"'{name}' would be counted by each of the {workers} workers on its own (held "

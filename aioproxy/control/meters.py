@@ -8,7 +8,7 @@ import math
 
 from multidict import istr
 
-from .records import KeyEntry, TeamEntry, period_end
+from .records import COUNTED, KeyEntry, TeamEntry, period_end
 
 __all__ = ["HEADER_NAMES", "KeyLimits", "Meter", "RateWindow", "Scope"]
 
@@ -270,9 +270,5 @@ class KeyLimits:
         # Whether anything is counted for it (reserve, reconcile): a key with no limit and no
         # budget (nor its team) costs its requests nothing but their log row.
         self.enforced = any(
-            e.rpm is not None
-            or e.tpm is not None
-            or e.max_parallel is not None
-            or e.max_budget is not None
-            for _, e, _ in self.scopes
+            getattr(e, name) is not None for _, e, _ in self.scopes for name in COUNTED
         )

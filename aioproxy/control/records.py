@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "COUNTED",
     "KeyEntry",
     "TeamEntry",
     "digest_of",
@@ -19,6 +20,11 @@ __all__ = [
     "period_end",
     "rfc3339",
 ]
+
+# A key's or team's settings that are counted for each request (each process counts its own
+# unless [state] redis_url is set): what the limits plugin enforces, what run.py --workers and
+# the admin API refuse without Redis.
+COUNTED = ("rpm", "tpm", "max_parallel", "max_budget")
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([hd])$")
 _UNIT = {"h": 3600.0, "d": 86400.0}

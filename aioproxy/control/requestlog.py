@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..config import SpendConfig
 from . import rollup, schema
 from .cache import KeyCache
+from .engine import driver_message
 
 __all__ = ["LogRecord", "RequestLog"]
 
@@ -207,7 +208,7 @@ class RequestLog:
                     "request log: cannot write %d rows (retrying in %.0f s): %s",
                     len(self.buffer),
                     delay,
-                    _brief(exc),
+                    driver_message(exc),
                 )
                 if self._stopping:
                     tries_left -= 1
@@ -250,7 +251,7 @@ class RequestLog:
                         "request log: the database refused a row (%d so far), written without "
                         "it: %s",
                         self.refused,
-                        _brief(exc),
+                        driver_message(exc),
                     )
                 if not record.spend_only:
                     record.spend_only = True
@@ -258,7 +259,8 @@ class RequestLog:
                         await self._write([record])
                     except _REFUSED_DATA as again:
                         log.error(
-                            "request log: a refused row's spend was refused too: %s", _brief(again)
+                            "request log: a refused row's spend was refused too: %s",
+                            driver_message(again),
                         )
             if self.buffer and self.buffer[0] is record:
                 self.buffer.popleft()
@@ -342,11 +344,6 @@ class RequestLog:
             await connection.execute(
                 sa.delete(schema.spend_days).where(schema.spend_days.c.day < rollup.date_of(cutoff))
             )
-
-
-def _brief(exc: Exception) -> str:
-    """The driver's first line, without SQLAlchemy's echo of the statement and its rows."""
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def _add_spend(table: sa.Table, id_: str, period: float | None, cost: float) -> sa.Update:

@@ -23,7 +23,7 @@ from ..outcome import Outcome
 from .meters import KeyLimits
 from .plane import plane_key
 from .rows import FAILED, Finished
-from .usage_tap import TAPPED_KINDS, UsageTap, asks_usage
+from .usage_tap import UsageTap, tap_unasked_usage
 
 __all__ = ["Spend"]
 
@@ -41,15 +41,8 @@ class Spend:
         # A stream whose client did not ask for its usage is asked for it, so that its row
         # (and a database key's spend) has the upstream's own counts, not an estimate; the
         # usage chunk is taken out of what the client gets. Every stream logged, or counted.
-        if (
-            call.stream
-            and (self.log_rows or call.principal.limits.__class__ is KeyLimits)
-            and call.kind in TAPPED_KINDS
-            and STREAM_FILTER not in call.state
-            and not asks_usage(call)
-            and isinstance(call.get("stream_options", {}), dict)  # else the provider refuses it
-        ):
-            call.state[STREAM_FILTER] = UsageTap(call)
+        if call.stream and (self.log_rows or call.principal.limits.__class__ is KeyLimits):
+            tap_unasked_usage(call)
 
     @hookimpl(tryfirst=True)
     def after_response(self, call: Call, outcome: Outcome) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from ..context import Call
+from ..context import STREAM_FILTER, Call
 from ..outcome import Usage, chunk_usage
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import data_of
 
-__all__ = ["UsageTap", "asks_usage"]
+__all__ = ["TAPPED_KINDS", "UsageTap", "asks_usage", "tap_unasked_usage"]
 
 TAPPED_KINDS = frozenset({Kind.CHAT_COMPLETIONS, Kind.COMPLETIONS})
 
@@ -23,6 +23,19 @@ TAPPED_KINDS = frozenset({Kind.CHAT_COMPLETIONS, Kind.COMPLETIONS})
 def asks_usage(call: Call) -> bool:
     options = call.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def tap_unasked_usage(call: Call) -> None:
+    """Set the tap on a chat or completions stream whose client did not ask for its usage
+    (once, whoever needs it: the spend plugin, the response cache). A ``stream_options`` that
+    is not an object is left for the provider to refuse."""
+    if (
+        call.kind in TAPPED_KINDS
+        and STREAM_FILTER not in call.state
+        and not asks_usage(call)
+        and isinstance(call.get("stream_options", {}), dict)
+    ):
+        call.state[STREAM_FILTER] = UsageTap(call)
 
 
 # How many events of a block, from its end, may hold the usage: OpenAI sends it in the last

@@ -24,7 +24,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from .._aiohttp import request_state
 from ..deployments import deployments_from
-from ..errors import ANSWERED_ERROR, ProxyError
+from ..errors import ANSWERED_ERROR, ClientDisconnected, ProxyError
 from ..hookspecs import RegisterRoute, hookimpl
 from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
@@ -48,10 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["Observer", "observer"]
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
-_CLIENT_GONE = 499  # nginx's status for a request whose client went away before the answer
-# The access line's error when the client went away: before its answer (499), or in the middle
-# of a stream (whose status went out first).
-CLIENT_GONE_CODE = "client_disconnected"
+# A request whose client went away: its status before its answer (nginx's 499), and the access
+# line's error then or in the middle of a stream (whose status went out first).
+_CLIENT_GONE, _CLIENT_GONE_CODE = ClientDisconnected.status, ClientDisconnected.default_code
 # call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
 # imports this module's package).
 _CACHE_STATE = "cache"
@@ -398,7 +397,7 @@ class Observer:
                 principal = call.principal if call is not None else None
                 code = error.code if isinstance(error, ProxyError) else None
                 if status == _CLIENT_GONE or (answered is not None and outcome.disconnected):
-                    code = CLIENT_GONE_CODE
+                    code = _CLIENT_GONE_CODE
                 rid = state.get(REQUEST_ID)
                 if rid is None:  # a request refused before anything asked for its id
                     rid = request_id(request)

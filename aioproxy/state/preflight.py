@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from ..config import Config
 from ..control import schema
 from ..control.engine import open_engine
+from ..control.records import COUNTED
 
 __all__ = ["per_process_limits"]
 
@@ -32,10 +33,7 @@ async def _limited_in_database(url: str) -> str | None:
     try:
         async with engine.connect() as connection:
             for table, what in ((schema.keys, "keys"), (schema.teams, "teams")):
-                columns = [table.c.rpm, table.c.tpm, table.c.max_budget]
-                if "max_parallel" in table.c:
-                    columns.append(table.c.max_parallel)
-                limited = sa.or_(*(column.is_not(None) for column in columns))
+                limited = sa.or_(*(table.c[name].is_not(None) for name in COUNTED))
                 query = sa.select(sa.func.count()).select_from(table).where(limited)
                 if (await connection.execute(query)).scalar():
                     return what

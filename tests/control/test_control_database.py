@@ -18,6 +18,7 @@ from aioproxy.control import schema
 from aioproxy.control.cache import KeyCache
 from aioproxy.control.engine import SCHEMA_HEAD, _head, mask_url, open_engine
 from aioproxy.control.requestlog import LogRecord, RequestLog
+from aioproxy.testing import eventually
 
 
 def row(n: int, when: float = 1_900_000_000.0) -> dict[str, Any]:
@@ -267,6 +268,42 @@ async def test_a_refused_batch_cut_short_by_an_outage_writes_no_row_twice(db_url
         async with engine.connect() as connection:
             ids = (await connection.execute(sa.select(schema.requests.c.request_id))).scalars()
             assert sorted(ids) == ["r0", "r2"] and log.refused == 1
+    finally:
+        await engine.dispose()
+
+
+class Wordless(Flaky):
+    """Down with an error that has no words (a connect timeout's bare TimeoutError)."""
+
+    tries = 0
+
+    def begin(self) -> Any:
+        self.tries += 1
+        if self.down:
+            raise TimeoutError()
+        return self.engine.begin()
+
+
+async def test_a_wordless_failure_is_retried_too(db_url: str) -> None:
+    """The writer's warning names an error without words by its type: reading its first line
+    raised IndexError there, which ended the writer, so nothing was written again."""
+    engine = await open_engine(db_url)
+    try:
+        flaky = Wordless(engine)
+        log = RequestLog(
+            flaky,  # type: ignore[arg-type]
+            KeyCache(engine),
+            SpendConfig(flush_interval=0.01, batch_size=1),
+        )
+        log.start()
+        log.add(LogRecord.of(row(0), 0.5))
+        task = log._task
+        assert task is not None
+        await eventually(lambda: flaky.tries >= 2 or task.done(), within=30.0)
+        assert not task.done(), task  # the first failure's warning did not end the writer
+        flaky.down = False
+        await log.stop()
+        assert await count_rows(engine) == 1
     finally:
         await engine.dispose()
 

@@ -4,7 +4,6 @@ span per upstream attempt (whose traceparent goes upstream), GenAI attributes, T
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from aioproxy import Call, Deployment, Outcome, ProxyError, hookimpl
+from aioproxy import Call, ClientDisconnected, Deployment, Outcome, ProxyError, hookimpl
 
 from .answer import answer_facts
 
@@ -40,11 +39,8 @@ _OPERATIONS = {
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
 AppContext = Callable[[web.Application], AsyncIterator[None]]  # what register_contexts takes
-# What the spans of a request cut short by its client going away say: nginx's status, as the
-# access log, and an error.type of its own (never raised).
-_CLIENT_GONE = ProxyError(
-    "The client went away", status=499, type="client_error", code="client_disconnected"
-)
+# A stream its client left midway (its 200 went out): the error.type its span ends with.
+_CLIENT_GONE = ClientDisconnected.default_code
 _MAX_CACHED = 4096  # attempt attributes kept, by deployment and operation
 
 
@@ -140,23 +136,7 @@ class OTelPlugin:
             )
             call.state[_SPAN] = span
             call.state["otel.started_ns"] = started
-            # A request cancelled (its client gone) runs no hook that would end its spans.
-            task = asyncio.current_task()
-            if task is not None:
-                task.add_done_callback(functools.partial(self._end_if_cancelled, call))
         return span
-
-    def _end_if_cancelled(self, call: Call, task: asyncio.Task[Any]) -> None:
-        """The request's task is over: if it was cancelled, end the spans left open."""
-        if not task.cancelled():
-            return
-        span: Span | None = call.state.get(_SPAN)
-        if span is None or not span.is_recording():
-            return
-        self._end_attempt(call, _CLIENT_GONE, _CLIENT_GONE.status)
-        span.set_attribute("http.response.status_code", _CLIENT_GONE.status)
-        _set_error(span, _CLIENT_GONE)
-        span.end()
 
     @hookimpl
     def before_request(self, call: Call) -> None:
@@ -199,7 +179,7 @@ class OTelPlugin:
             attributes["error.type"] = str(outcome.status)
             span.set_status(Status(StatusCode.ERROR))
         elif outcome.disconnected:  # a stream its client left midway (its 200 went out)
-            attributes["error.type"] = _CLIENT_GONE.code
+            attributes["error.type"] = _CLIENT_GONE
             span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
         span.end()
