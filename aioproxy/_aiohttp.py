@@ -12,11 +12,13 @@ from aiohttp.base_protocol import BaseProtocol  # h1client: the connection's flo
 from aiohttp.http import HttpResponseParser, RawResponseMessage  # h1client: the C parser
 from aiohttp.http_exceptions import BadHttpMessage  # the body read: a malformed body
 from aiohttp.streams import EMPTY_PAYLOAD  # h1client: an answer without a body
+from aiohttp.web_protocol import ERROR as UNPARSED_MESSAGE  # server: a request not parsed
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError  # server, the body read
 from aiohttp.web_request import BaseRequest  # server: malformed-request answers
 
 __all__ = [
     "EMPTY_PAYLOAD",
+    "UNPARSED_MESSAGE",
     "BadHttpMessage",
     "BaseProtocol",
     "BaseRequest",

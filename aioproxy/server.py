@@ -2,7 +2,9 @@
 
 aiohttp answers a request it cannot even parse (a malformed request line or header, a header
 too long) itself, in plain text, and logs the offending bytes, which may hold a key. Here those
-answers are OpenAI error objects too, and the log line names only the error's class.
+answers are OpenAI error objects too, and the log line names only the error's class. The
+app's middleware never sees such a request, so its listeners (``UNPARSED``: the observer, for
+its access line and metrics) are told of it here.
 """
 
 from __future__ import annotations
@@ -11,21 +13,25 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
-from ._aiohttp import BaseRequest, RequestHandler
+from ._aiohttp import UNPARSED_MESSAGE, BaseRequest, RequestHandler
 from .errors import error_body
 from .heap import malloc_trim, trim_forever
 from .request_ids import HEADER as REQUEST_ID_HEADER
-from .request_ids import new_request_id
+from .request_ids import request_id
 
-__all__ = ["run"]
+__all__ = ["UNPARSED", "UnparsedListener", "run"]
 
 log = logging.getLogger("aioproxy")
+
+# Told of each request answered here (its request, answer and error code), not by the app.
+UnparsedListener = Callable[[BaseRequest, web.StreamResponse, str], None]
+UNPARSED = web.AppKey("aioproxy.unparsed", MutableSequence[UnparsedListener])
 
 
 class _OpenAIErrorHandler(RequestHandler):
@@ -43,6 +49,7 @@ class _OpenAIErrorHandler(RequestHandler):
         log.info("malformed request answered %d (%s)", status, type(exc).__name__)
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
         server_side = status >= 500
+        code = "internal_error" if server_side else "malformed_request"
         response = web.Response(
             status=status,
             body=error_body(
@@ -50,17 +57,32 @@ class _OpenAIErrorHandler(RequestHandler):
                 if server_side
                 else f"Malformed HTTP request: {phrase}",
                 "server_error" if server_side else "invalid_request_error",
-                code="internal_error" if server_side else "malformed_request",
+                code=code,
             ),
             content_type="application/json",
-            # No app saw it (its signal sets the id on every other answer): a new id here.
-            headers={REQUEST_ID_HEADER: new_request_id()},
+            # No app's signal sees an answer made here: the request's id set here (a new one
+            # for a request never parsed, whose headers are not read).
+            headers={REQUEST_ID_HEADER: request_id(request)},
         )
         response.force_close()
+        manager = self._manager
+        # Only a request that was never parsed: any other reached the app (its handler raised).
+        if (
+            request.message is UNPARSED_MESSAGE
+            and isinstance(manager, _OpenAIErrorServer)
+            and manager.app is not None
+        ):
+            for listener in manager.app.get(UNPARSED, ()):
+                try:
+                    listener(request, response, code)
+                except Exception:  # a listener's bug must not cost the client its answer
+                    log.exception("a listener of unparsed requests failed")
         return response
 
 
 class _OpenAIErrorServer(web.Server):
+    app: web.Application | None = None  # whose listeners hear of the requests answered here
+
     def __call__(self) -> RequestHandler:
         return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
 
@@ -80,6 +102,7 @@ async def _serve(
         assert runner.server is not None
         # Same server, our connection handler: the runner binds it when the site starts.
         runner.server.__class__ = _OpenAIErrorServer
+        runner.server.app = app  # type: ignore[attr-defined]  # set on the class just above
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         # What start-up built (modules, the config, the route table, price rates) lives as long

@@ -139,7 +139,7 @@ async def wait_healthy(port: int) -> None:
 
 
 async def start_run_py(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, stderr: int = asyncio.subprocess.DEVNULL
 ) -> tuple[asyncio.subprocess.Process, int, list[str]]:
     """``python run.py --port 0 ARGS``: (the process, the port it bound, its announce lines).
 
@@ -148,8 +148,7 @@ async def start_run_py(
     /health would then answer for this one, still starting)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "run.py", "--port", "0", *args,
-        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE, stderr=stderr,
     )  # fmt: skip
     assert process.stdout is not None
     try:

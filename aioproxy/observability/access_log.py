@@ -51,8 +51,8 @@ class AccessLine(msgspec.Struct, gc=False):
 
     time: str | None
     request_id: str
-    method: str
-    path: str  # the route's template (/v1/models/{model}), or a path no route has, cut short
+    method: str | None  # None: a request never parsed (its answer a malformed_request)
+    path: str | None  # the route's template (/v1/models/{model}), or a path no route has, cut short
     kind: str
     status: int
     error: str | None  # the error's code

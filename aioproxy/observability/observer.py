@@ -29,6 +29,7 @@ from ..hookspecs import RegisterRoute, hookimpl
 from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
+from ..server import UNPARSED
 from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
 from .metrics import (
     CACHE_RESULTS,
@@ -67,8 +68,12 @@ _OTHER_HANDLERS = {
 
 class _Route(NamedTuple):
     kind: str
-    path: str  # its template (/v1/models/{model})
+    path: str | None  # its template (/v1/models/{model}); None: not known
     method: str | None  # None: any (the request's own)
+
+
+# A request aiohttp could not parse (run.py's server answered it): no method, no path.
+_UNPARSED_ROUTE = _Route("other", None, None)
 
 
 # Where the hooks leave what they learnt of a request, for its batch to read (the request's own
@@ -77,6 +82,7 @@ _ANSWERED = "aioproxy.observer.answered"  # after_response: (call, outcome)
 _FAILED = "aioproxy.observer.failed"  # on_error: (error, call)
 _ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or every one, timed)
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
+_UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
 # A request over, as the middleware hands it to the turn's batch: the request, when it came and
 # ended (monotonic seconds), and its response (or the status of its end without one).
@@ -148,6 +154,7 @@ class Observer:
             if self.config.metrics.port is not None:
                 app.cleanup_ctx.append(self._metrics_port)
         app.on_startup.append(self._name_routes)
+        app.setdefault(UNPARSED, []).append(self.unparsed)
         app.middlewares.insert(0, self._middleware())
         app.on_cleanup.append(self._observe_at_cleanup)
         if self.timing_header:
@@ -256,6 +263,20 @@ class Observer:
                     asyncio.get_running_loop().call_soon(observe_pending)
 
         return observe
+
+    def unparsed(self, request: web.BaseRequest, response: web.StreamResponse, code: str) -> None:
+        """A request aiohttp could not parse, answered by run.py's server: the middleware never
+        saw it, so it joins the loop turn's batch here (no time of arrival is known: none is
+        counted)."""
+        state = request_state(request)
+        state[_UNPARSED] = True
+        state[_FAILED] = (ProxyError("", code=code), None)
+        if self.metrics is not None:
+            self.metrics.active += 1  # the batch takes it off again
+        now = time.monotonic()
+        self.pending.append((request, now, now, response))  # type: ignore[arg-type]
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self.observe_pending)
 
     async def _observe_at_cleanup(self, app: web.Application) -> None:
         self.observe_pending()
@@ -367,7 +388,11 @@ class Observer:
                     cache = call.state.get(_CACHE_STATE)
                     route = None
                 else:
-                    route = routes.get(request.match_info.route)
+                    route = (
+                        _UNPARSED_ROUTE
+                        if _UNPARSED in state
+                        else routes.get(request.match_info.route)
+                    )
                     kind = route.kind if route is not None else "other"
                     cache = None
                 error = failed[0] if failed is not None else None
@@ -405,7 +430,9 @@ class Observer:
                     AccessLine(  # positionally, in AccessLine's order
                         None,  # time: filled in as the line is written
                         rid,
-                        request.method if route is None or route.method is None else route.method,
+                        (request.method if route is not _UNPARSED_ROUTE else None)
+                        if route is None or route.method is None
+                        else route.method,
                         route.path
                         if route is not None
                         else mask_keylike(request.path)[:_MAX_LOGGED_NAME],  # a secret pasted in
