@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.mmap_dict import MmapedDict
-
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from aioproxy.testing import FakeOpenAI
 from tests.e2e.test_metrics import Samples, parse, value
