@@ -130,12 +130,12 @@ async def test_malformed_http_is_logged_and_counted(tmp_path: Path) -> None:
         process.terminate()
         _, err = await process.communicate()
     counted = {
-        (sample.labels["kind"], sample.labels["status"]): sample.value
+        (sample.labels["kind"], sample.labels["model"], sample.labels["status"]): sample.value
         for family in text_string_to_metric_families(metrics)
         for sample in family.samples
         if sample.name == "aioproxy_requests_total"
     }
-    assert counted[("other", "400")] == len(MALFORMED)
+    assert counted[("other", "none", "400")] == len(MALFORMED)
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     access = [line for line in lines if "request_id" in line]
     unparsed = [line for line in access if line["error"] == "malformed_request"]
