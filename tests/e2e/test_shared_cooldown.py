@@ -8,18 +8,18 @@ import asyncio
 import contextlib
 from typing import Any
 
-import aiohttp
+import openai
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from aioproxy.state.shared import changes_key
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import redis_server, redis_url
-from tests.support import MASTER_KEY, ServeProxy, upstream_model
+from tests.support import MASTER_KEY, ServeProxy, sdk, upstream_model
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
-CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+CHAT: dict[str, Any] = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class CuttableRelay:
@@ -85,16 +85,13 @@ def shared_config(bases: list[str], redis: str) -> dict[str, Any]:
 
 
 async def chat(proxy: TestServer) -> int:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            proxy.make_url("/v1/chat/completions"),
-            json=CHAT,
-            headers={"Authorization": f"Bearer {MASTER_KEY}"},
-        ) as response,
-    ):
-        await response.read()
-        return response.status
+    """The status of one chat request through ``proxy``, sent by the openai SDK."""
+    async with sdk(proxy) as client:
+        try:
+            await client.chat.completions.create(**CHAT)
+        except openai.APIStatusError as exc:
+            return exc.status_code
+    return 200
 
 
 async def cool_the_preferred(proxy: TestServer, preferred: FakeOpenAI, redis: str) -> None:
