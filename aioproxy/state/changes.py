@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -109,6 +110,7 @@ class Changes:
             str(link.config.redis_url), socket_connect_timeout=link.config.timeout
         )
         self.listening = asyncio.Event()  # set once subscribed (tests wait for it)
+        self._own: dict[str, float] = {}  # deployment -> when its cooldown here ends (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
         link.on_resume(self._catch_up)  # changes published while this one could not hear
@@ -133,9 +135,13 @@ class Changes:
 
     def announce_cooldown(self, deployment: str, seconds: float) -> None:
         """The router's callback: the deployment cools down here; kept in Redis until it ends
-        (for the instances that subscribe meanwhile) and published (for the others)."""
-        if not self.link.up:
-            return
+        (for the instances that subscribe meanwhile) and published (for the others). Also
+        remembered until it ends: announced again when Redis is back, had it missed this."""
+        self._own[deployment] = time.monotonic() + seconds
+        if self.link.up:
+            self._send_cooldown(deployment, seconds)
+
+    def _send_cooldown(self, deployment: str, seconds: float) -> None:
         change = Change(source=self.source, what="cooldown", deployment=deployment, seconds=seconds)
         args = [deployment, max(1, int(seconds * 1000)), self.channel, _encode(change)]
         sent = self.link.batcher.run(self.cool_script, self.cooling, args)
@@ -204,12 +210,19 @@ class Changes:
             self.cool_down(change.deployment, change.seconds)
 
     async def _catch_up(self) -> None:
-        """Once subscribed: the keys reloaded, and the cooldowns in force read (a failure to
-        read them is Redis's: the listener subscribes again)."""
+        """Once subscribed (and when the link is back): the keys reloaded, the cooldowns in
+        force read, and this instance's own announced again (a failure to read is Redis's:
+        the listener subscribes again)."""
         await self._reload()
         cooling = await self.link.batcher.run(self.cooling_script, self.cooling, [])
         for index in range(0, len(cooling), 2):
             self.cool_down(cooling[index].decode(), int(cooling[index + 1]) / 1000)
+        now = time.monotonic()
+        for deployment, ends in list(self._own.items()):
+            if ends > now:
+                self._send_cooldown(deployment, ends - now)
+            else:
+                del self._own[deployment]
 
     async def _reload(self) -> None:
         try:

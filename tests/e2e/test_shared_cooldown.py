@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from aioproxy.state.shared import changes_key
+from aioproxy.keys import runtime_key
+from aioproxy.state.shared import changes_key, link_key
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import redis_server, redis_url
 from tests.support import MASTER_KEY, ServeProxy, sdk, upstream_model
@@ -26,8 +29,9 @@ class CuttableRelay:
     """A TCP relay to Redis that a test can cut (its connections closed, new ones refused)
     and restore: one instance losing Redis while the others keep it."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+    def __init__(self, target_url: str) -> None:
+        self.target_url = target_url
+        self.target_port = int(target_url.rsplit(":", 1)[1].split("/")[0])
         self.open = True
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -36,6 +40,11 @@ class CuttableRelay:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """The Redis URL through the relay."""
+        return self.target_url.replace(f":{self.target_port}/", f":{self.port}/")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.open:
@@ -66,22 +75,47 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def serve_upstreams(aiohttp_server: Any, *fakes: FakeOpenAI) -> list[str]:
-    return [str((await aiohttp_server(fake.app())).make_url("/v1")) for fake in fakes]
+@pytest.fixture
+async def relay(redis_url: str) -> AsyncIterator[CuttableRelay]:
+    relay = CuttableRelay(redis_url)
+    await relay.start()
+    yield relay
+    await relay.close()
 
 
-def shared_config(bases: list[str], redis: str) -> dict[str, Any]:
-    """``gpt-test`` on two upstreams; weights 1 and 0: the first always, unless it cools down."""
-    preferred, other = bases
-    return {
-        "auth": {"master_key": MASTER_KEY},
-        "models": [
-            upstream_model("gpt-test", preferred, weight=1.0),
-            upstream_model("gpt-test", other, weight=0.0),
-        ],
-        "router": {"num_retries": 0, "cooldown_failures": 1, "cooldown_seconds": 600},
-        "state": {"redis_url": redis, "timeout": 10.0},  # a loaded machine's lag is no loss
-    }
+class Upstreams:
+    """``gpt-test`` on two fake upstreams; weights 1 and 0: the preferred one always, unless
+    it cools down."""
+
+    def __init__(self) -> None:
+        self.preferred, self.other = FakeOpenAI(), FakeOpenAI()
+        self.bases: list[str] = []
+
+    def config(self, redis: str) -> dict[str, Any]:
+        preferred, other = self.bases
+        return {
+            "auth": {"master_key": MASTER_KEY},
+            "models": [
+                upstream_model("gpt-test", preferred, weight=1.0),
+                upstream_model("gpt-test", other, weight=0.0),
+            ],
+            "router": {"num_retries": 0, "cooldown_failures": 1, "cooldown_seconds": 600},
+            "state": {"redis_url": redis, "timeout": 10.0},  # a loaded machine's lag is no loss
+        }
+
+    async def skipped_by(self, proxy: TestServer) -> None:
+        """``proxy``'s next request goes to the other upstream (the preferred had the one
+        failure that cooled it down)."""
+        assert await chat(proxy) == 200
+        assert (len(self.preferred.requests), len(self.other.requests)) == (1, 1)
+
+
+@pytest.fixture
+async def upstreams(aiohttp_server: Any) -> Upstreams:
+    upstreams = Upstreams()
+    for fake in (upstreams.preferred, upstreams.other):
+        upstreams.bases.append(str((await aiohttp_server(fake.app())).make_url("/v1")))
+    return upstreams
 
 
 async def chat(proxy: TestServer) -> int:
@@ -111,40 +145,48 @@ async def cool_the_preferred(proxy: TestServer, preferred: FakeOpenAI, redis: st
 
 
 async def test_an_instance_started_later_skips_a_cooling_deployment(
-    aiohttp_server: Any, serve_proxy: ServeProxy, redis_url: str
+    serve_proxy: ServeProxy, redis_url: str, upstreams: Upstreams
 ) -> None:
-    preferred, other = FakeOpenAI(), FakeOpenAI()
-    bases = await serve_upstreams(aiohttp_server, preferred, other)
-    config = shared_config(bases, redis_url)
-    first = await serve_proxy(config)
-    await cool_the_preferred(first, preferred, redis_url)
-    second = await serve_proxy(config)  # started after the cooldown was announced
-    assert await chat(second) == 200
-    assert (len(preferred.requests), len(other.requests)) == (1, 1)
+    first = await serve_proxy(upstreams.config(redis_url))
+    await cool_the_preferred(first, upstreams.preferred, redis_url)
+    second = await serve_proxy(upstreams.config(redis_url))  # after the cooldown was announced
+    await upstreams.skipped_by(second)
 
 
 async def test_an_instance_back_from_losing_redis_skips_a_cooling_deployment(
-    aiohttp_server: Any, serve_proxy: ServeProxy, redis_url: str
+    serve_proxy: ServeProxy, redis_url: str, relay: CuttableRelay, upstreams: Upstreams
 ) -> None:
-    preferred, other = FakeOpenAI(), FakeOpenAI()
-    bases = await serve_upstreams(aiohttp_server, preferred, other)
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    relay = CuttableRelay(port)
-    await relay.start()
-    try:
-        first = await serve_proxy(shared_config(bases, redis_url))
-        relayed = redis_url.replace(f":{port}/", f":{relay.port}/")
-        second = await serve_proxy(shared_config(bases, relayed))
-        listening = second.app[changes_key].listening
-        relay.cut()
-        async with asyncio.timeout(30):  # safety net: its subscription ends at once
-            while listening.is_set():
-                await asyncio.sleep(0.01)
-        await cool_the_preferred(first, preferred, redis_url)  # published: the second misses it
-        relay.open = True
-        async with asyncio.timeout(30):  # safety net: it subscribes again within a second
-            await listening.wait()
-        assert await chat(second) == 200
-        assert (len(preferred.requests), len(other.requests)) == (1, 1)
-    finally:
-        await relay.close()
+    first = await serve_proxy(upstreams.config(redis_url))
+    second = await serve_proxy(upstreams.config(relay.url))
+    listening = second.app[changes_key].listening
+    relay.cut()
+    async with asyncio.timeout(30):  # safety net: its subscription ends at once
+        while listening.is_set():
+            await asyncio.sleep(0.01)
+    await cool_the_preferred(first, upstreams.preferred, redis_url)  # the second misses it
+    relay.open = True
+    async with asyncio.timeout(30):  # safety net: it subscribes again within a second
+        await listening.wait()
+    await upstreams.skipped_by(second)
+
+
+async def test_a_cooldown_announced_while_redis_was_away_reaches_the_others(
+    serve_proxy: ServeProxy, redis_url: str, relay: CuttableRelay, upstreams: Upstreams
+) -> None:
+    """The instance that cooled a deployment down while cut from Redis announces it once
+    Redis is back: the others skip it too (it was never sent, and they sent it traffic)."""
+    first = await serve_proxy(upstreams.config(relay.url))
+    second = await serve_proxy(upstreams.config(redis_url))
+    relay.cut()
+    upstreams.preferred.faults = ["status:500"]
+    assert await chat(first) == 500  # it cools down there, unheard
+    link = first.app[link_key]
+    async with asyncio.timeout(30):  # safety net: the announcement fails at once
+        while link.up:
+            await asyncio.sleep(0.01)
+    relay.open = True
+    runtime = second.app[runtime_key]
+    async with asyncio.timeout(30):  # safety net: announced again once the link is back
+        while not runtime.router.snapshot(runtime.deployments)[0]["cooldown_remaining"]:
+            await asyncio.sleep(0.01)
+    await upstreams.skipped_by(second)
