@@ -21,21 +21,31 @@ from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
 from ..outcome import Outcome
 from ..providers import Provider, Reply
 from ..state.shared import link_key
+from .coalescing import InFlight
 from .lookup import cache_key, cacheable
 from .replay import Recorder, replay, split_usage
 from .stores import Entry, MemoryStore, Store
 
-__all__ = ["CACHE", "CacheProvider", "ResponseCache", "response_cache", "store_key"]
+__all__ = [
+    "CACHE",
+    "CacheProvider",
+    "ResponseCache",
+    "in_flight_key",
+    "response_cache",
+    "store_key",
+]
 
 CACHE = "cache"  # call.state: "hit", "miss" or "bypass" (what metrics and the access log read)
 _HIT = "aioproxy.cache.hit"  # call.state: the Entry a hit replays
 _KEY = "aioproxy.cache.key"  # call.state: the request's cache key (it is cacheable)
 _LOOKUP = "aioproxy.cache.lookup"  # call.state: the lookup under way
 _RECORD = "aioproxy.cache.record"  # call.state: the key to keep the answer under
+_FIRST = "aioproxy.cache.first"  # call.state: the first miss's answer, for its waiters
 PROVIDER = "aioproxy-cache"
 _HEADER = web.RequestKey("aioproxy.cache.header", str)
 
 store_key = web.AppKey("aioproxy.cache.store", Store)
+in_flight_key = web.AppKey("aioproxy.cache.in_flight", InFlight)
 
 
 class CacheProvider(Provider):
@@ -81,6 +91,7 @@ class ResponseCache:
         self.cache = config.cache
         self.enabled = config.cache.enabled
         self.store: Store | None = None
+        self.in_flight = InFlight()
         self._hit_deployments: dict[str, Deployment] = {}
 
     @hookimpl
@@ -95,6 +106,7 @@ class ResponseCache:
         app.on_response_prepare.append(_add_header)
 
         async def response_cache(app: web.Application) -> AsyncIterator[None]:
+            app[in_flight_key] = self.in_flight
             link = app.get(link_key)
             if link is None:
                 self.store = app[store_key] = MemoryStore(self.cache)
@@ -143,6 +155,8 @@ class ResponseCache:
             return
         lookup = call.state.pop(_LOOKUP, None)
         entry = None if lookup is None or self.store is None else await self.store.entry_of(lookup)
+        if entry is None and lookup is not None and (first := self.in_flight.first(key)):
+            entry = await self.in_flight.wait(key, first, self._wait_bound(call))
         if entry is not None:
             call.state[CACHE] = "hit"
             call.state[_HIT] = entry
@@ -153,6 +167,8 @@ class ResponseCache:
         call.request[_HEADER] = "miss"
         if "no-store" not in call.request.headers.get("Cache-Control", "").lower():
             call.state[_RECORD] = key
+            if (first := self.in_flight.lead(key)) is not None:
+                call.state[_FIRST] = first
             if call.stream:
                 call.state[STREAM_RECORDER] = Recorder(self.cache.max_entry_bytes)
                 # The entry keeps the usage chunk for the requests that will ask for it: the
@@ -160,24 +176,44 @@ class ResponseCache:
                 # plugin's tap, when it set one first, is the same one).
                 tap_unasked_usage(call)
 
+    def _wait_bound(self, call: Call) -> float:
+        """How long a miss waits for the first one's answer: its route's timeout (the whole
+        call's, else the longest silence a read may take)."""
+        timeouts = call.deployment.timeouts or self.config.upstream.timeouts
+        return timeouts.total if timeouts.total is not None else timeouts.read
+
     @hookimpl(tryfirst=True)  # its write joins the limits' settlement in one batch
     def after_response(self, call: Call, outcome: Outcome) -> None:
         key = call.state.get(_RECORD)
-        if key is None or self.store is None or outcome.status != 200 or outcome.disconnected:
+        if key is None or self.store is None:
             return
+        entry = self._entry(call, outcome)
+        if entry is not None:
+            self.store.keep(key, entry, self.cache.ttl_per_model.get(call.model, self.cache.ttl))
+        if (first := call.state.get(_FIRST)) is not None:
+            self.in_flight.settle(key, first, entry)
+
+    @hookimpl
+    def on_error(self, call: Call | None) -> None:
+        """The first miss failed (or its client left): its waiters go upstream themselves."""
+        if call is not None and (first := call.state.get(_FIRST)) is not None:
+            self.in_flight.settle(call.state[_RECORD], first, None)
+
+    def _entry(self, call: Call, outcome: Outcome) -> Entry | None:
+        """The answer as it is kept, or None when it is not (failed, cut, too big)."""
+        if outcome.status != 200 or outcome.disconnected:
+            return None
         recorder = call.state.get(STREAM_RECORDER)
         if isinstance(recorder, Recorder):
             events = recorder.events()
             if not events:
-                return
+                return None
             tap = call.state.get(STREAM_FILTER)
             if isinstance(tap, UsageTap):  # the client did not ask: the tap took it out
                 usage = b"" if tap.usage_event is None else b"data: " + tap.usage_event + b"\n\n"
             else:
                 events, usage = split_usage(events)
-            entry = Entry("stream", events, usage)
-        elif outcome.body is not None and len(outcome.body) <= self.cache.max_entry_bytes:
-            entry = Entry("json", bytes(outcome.body))
-        else:
-            return
-        self.store.keep(key, entry, self.cache.ttl_per_model.get(call.model, self.cache.ttl))
+            return Entry("stream", events, usage)
+        if outcome.body is not None and len(outcome.body) <= self.cache.max_entry_bytes:
+            return Entry("json", bytes(outcome.body))
+        return None

@@ -1,6 +1,11 @@
 """Publish/subscribe between instances: key and team changes (each instance reloads its key
 cache at once, not at its next database poll), and deployment cooldowns (a deployment cooling
-on one instance is skipped by all)."""
+on one instance is skipped by all).
+
+A cooldown is also kept in Redis until it ends (a hash: deployment -> when, by Redis's clock),
+written and published in one script: an instance that subscribes (starting, or back after
+losing Redis) reads the cooldowns in force once subscribed, so each one is either read or
+heard, none missed in between."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -15,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from .batch import LuaScript
 from .link import PROBE_INTERVAL, RedisLink
 
 __all__ = ["Change", "Changes"]
@@ -39,6 +46,47 @@ class Change(msgspec.Struct, kw_only=True, omit_defaults=True):
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
 
+# Now, in ms by Redis's clock: the one clock every instance reads.
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+"""
+
+# KEYS[1]: the cooldowns (a hash: deployment -> until, ms). ARGV: the deployment, its cooldown
+# (ms), the channel and the message. Keeps the later end of any cooldown already held, drops
+# the ended ones, lets the hash live as long as its last, then publishes: stored before heard.
+_COOL = (
+    _NOW_MS
+    + """
+local ending = now + tonumber(ARGV[2])
+local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
+if ending > held then redis.call('HSET', KEYS[1], ARGV[1], ending) end
+local all, last = redis.call('HGETALL', KEYS[1]), now
+for i = 1, #all, 2 do
+  local ends = tonumber(all[i + 1])
+  if ends <= now then redis.call('HDEL', KEYS[1], all[i]) elseif ends > last then last = ends end
+end
+if last > now then redis.call('PEXPIRE', KEYS[1], last - now) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+"""
+)
+
+# KEYS[1]: the cooldowns. Returns per deployment still cooling: its key, the ms left.
+_COOLING = (
+    _NOW_MS
+    + """
+local all, out = redis.call('HGETALL', KEYS[1]), {}
+for i = 1, #all, 2 do
+  local left = tonumber(all[i + 1]) - now
+  if left > 0 then
+    out[#out + 1] = all[i]
+    out[#out + 1] = left
+  end
+end
+return out
+"""
+)
+
 
 class Changes:
     """This instance's end of the channel."""
@@ -51,6 +99,9 @@ class Changes:
     ) -> None:
         self.link = link
         self.channel = f"{link.prefix}:changes"
+        self.cooling = [f"{link.prefix}:cooling"]  # the scripts' KEYS
+        self.cool_script = LuaScript(_COOL)
+        self.cooling_script = LuaScript(_COOLING)
         self.source = os.urandom(8).hex()
         self.reload_keys = reload_keys
         self.cool_down = cool_down
@@ -59,15 +110,17 @@ class Changes:
             str(link.config.redis_url), socket_connect_timeout=link.config.timeout
         )
         self.listening = asyncio.Event()  # set once subscribed (tests wait for it)
+        self._own: dict[str, float] = {}  # deployment -> when its cooldown here ends (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        link.on_resume(self._reload)  # changes published while this one could not hear
+        link.on_resume(self._catch_up)  # changes published while this one could not hear
 
     async def start(self) -> None:
         """Listen, and wait (within the timeout, when Redis is up) until subscribed and the
         keys reloaded: the key cache was loaded before, and a change announced in between
         (as when workers start one after another and the first already serves) would
         otherwise be missed until the next database poll."""
+        await self.link.preload(self.cool_script, self.cooling_script)
         self._task = asyncio.create_task(self._listen(), name="aioproxy state changes")
         if self.link.up:
             with contextlib.suppress(TimeoutError):  # the listener goes on trying
@@ -81,13 +134,23 @@ class Changes:
         await self._publish(Change(source=self.source, what="keys"), always=True)
 
     def announce_cooldown(self, deployment: str, seconds: float) -> None:
-        task = asyncio.ensure_future(
-            self._publish(
-                Change(source=self.source, what="cooldown", deployment=deployment, seconds=seconds)
-            )
-        )
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
+        """The router's callback: the deployment cools down here; kept in Redis until it ends
+        (for the instances that subscribe meanwhile) and published (for the others). Also
+        remembered until it ends: announced again when Redis is back, had it missed this."""
+        self._own[deployment] = time.monotonic() + seconds
+        if self.link.up:
+            self._send_cooldown(deployment, seconds)
+
+    def _send_cooldown(self, deployment: str, seconds: float) -> None:
+        change = Change(source=self.source, what="cooldown", deployment=deployment, seconds=seconds)
+        args = [deployment, max(1, int(seconds * 1000)), self.channel, _encode(change)]
+        sent = self.link.batcher.run(self.cool_script, self.cooling, args)
+        sent.add_done_callback(self._sent)
+
+    def _sent(self, call: asyncio.Future[object]) -> None:
+        """A failed call marks the link lost (and its exception is retrieved: no warning)."""
+        if not call.cancelled() and (error := call.exception()) is not None:
+            self.link.lost(error)
 
     async def _publish(self, change: Change, always: bool = False) -> None:
         if not (self.link.up or always):
@@ -104,7 +167,7 @@ class Changes:
                     await pubsub.subscribe(self.channel)
                     # What changed before we could hear it: at start-up, since the key cache
                     # was loaded; later, while the connection was lost.
-                    await self._reload()
+                    await self._catch_up()
                     self.listening.set()
                     await self._hear(pubsub)
             except (RedisError, OSError) as exc:
@@ -145,6 +208,21 @@ class Changes:
             task.add_done_callback(self._sends.discard)
         elif change.what == "cooldown" and change.deployment is not None:
             self.cool_down(change.deployment, change.seconds)
+
+    async def _catch_up(self) -> None:
+        """Once subscribed (and when the link is back): the keys reloaded, the cooldowns in
+        force read, and this instance's own announced again (a failure to read is Redis's:
+        the listener subscribes again)."""
+        await self._reload()
+        cooling = await self.link.batcher.run(self.cooling_script, self.cooling, [])
+        for index in range(0, len(cooling), 2):
+            self.cool_down(cooling[index].decode(), int(cooling[index + 1]) / 1000)
+        now = time.monotonic()
+        for deployment, ends in list(self._own.items()):
+            if ends > now:
+                self._send_cooldown(deployment, ends - now)
+            else:
+                del self._own[deployment]
 
     async def _reload(self) -> None:
         try:
