@@ -70,7 +70,6 @@ def _output_cap(call: Call) -> int:
             value = call.get(name)
             if value.__class__ is int and value > 0:  # not a bool, nor a float
                 return int(value)
-            break
     return 0
 
 
@@ -349,7 +348,7 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> tuple[str, Rat
         if spent + meter.held * NANO_USD >= scope.max_budget:
             # What is left is reserved by the requests in flight: it may be free once they end.
             return "budget", _refuse(
-                f"{_whose(scope)} has ${scope.max_budget - spent:.6g} left of its budget, "
+                f"{_whose(scope)} has the rest of its budget of ${scope.max_budget:g} "
                 "reserved by its requests in flight",
                 "insufficient_quota",
                 1,

@@ -225,7 +225,10 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
     elif reason == "tpm":
         message = f"{whose} is over its rate limit of {entry.tpm} tokens a minute"
     elif reason == "held":
-        message = f"{whose}'s budget of ${entry.max_budget:g} is reserved by its requests in flight"
+        message = (
+            f"{whose} has the rest of its budget of ${entry.max_budget:g} reserved by its "
+            "requests in flight"
+        )
     else:
         message = f"{whose} has spent its budget of ${entry.max_budget:g}" + (
             " for this period" if entry.duration is not None else ""
