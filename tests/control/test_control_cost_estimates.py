@@ -42,4 +42,3 @@ def test_embeddings_have_no_output_and_counting_tokens_is_free() -> None:
     assert estimates.held(embeddings, prompt, 0, pricing) == prompt * 2000
     counting = routed(Kind.COUNT_TOKENS, {"messages": []})
     assert estimates.held(counting, estimate_prompt(counting), 0, pricing) == 0
-
