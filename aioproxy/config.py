@@ -269,6 +269,10 @@ class DatabaseConfig(Base, frozen=True):
     # Seconds between two looks at the database for what other instances changed (keys,
     # teams, spend): a change made elsewhere applies here within this long.
     poll_interval: PositiveFloat = 2.0
+    # Output tokens a request with no max_tokens / max_completion_tokens / max_output_tokens
+    # is assumed to spend, for the cost it reserves against a key's or team's budget while
+    # in flight (priced at its deployment's output rate; the real cost replaces it after).
+    budget_output_tokens: Annotated[int, Meta(ge=0)] = 4096
 
 
 class SpendConfig(Base, frozen=True):

@@ -15,7 +15,7 @@ from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import request_id
 from .routes import Kind
 
-__all__ = ["STREAM_FILTER", "STREAM_RECORDER", "Call", "Deployment", "Principal"]
+__all__ = ["CACHE_ANSWERS", "STREAM_FILTER", "STREAM_RECORDER", "Call", "Deployment", "Principal"]
 
 # ``call.state[STREAM_FILTER]``: a function a before_request hook may set, given a streamed
 # StreamReply and returning the one the client gets (e.g. without a chunk the plugin asked for).
@@ -26,6 +26,11 @@ RETRIES = "aioproxy.retries"
 # ``call.state[STREAM_RECORDER]``: likewise, given the StreamReply the client gets (after
 # STREAM_FILTER), returning one that reads along (the response cache keeps a copy).
 STREAM_RECORDER = "aioproxy.stream_recorder"
+# ``call.state[CACHE_ANSWERS]``: set (at map_model) by a plugin that may answer the call from a
+# store, without the upstream (the response cache): an async function of the call, whether it
+# will (its lookup read once). The limits ask it before refusing a request for its tokens
+# (tpm) alone: an answer from the cache spends none.
+CACHE_ANSWERS = "aioproxy.cache_answers"
 
 _encode = msgspec.json.Encoder().encode
 _decode_any = msgspec.json.Decoder().decode

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ..config import Config, Price
-from ..context import STREAM_FILTER, STREAM_RECORDER, Call, Deployment
+from ..context import CACHE_ANSWERS, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
 from ..control.usage_tap import UsageTap, asks_usage, tap_unasked_usage
 from ..hookspecs import RegisterContext, RegisterProvider, hookimpl
 from ..outcome import Outcome
@@ -39,6 +39,7 @@ CACHE = "cache"  # call.state: "hit", "miss" or "bypass" (what metrics and the a
 _HIT = "aioproxy.cache.hit"  # call.state: the Entry a hit replays
 _KEY = "aioproxy.cache.key"  # call.state: the request's cache key (it is cacheable)
 _LOOKUP = "aioproxy.cache.lookup"  # call.state: the lookup under way
+_FOUND = "aioproxy.cache.found"  # call.state: what the lookup found (None: a miss)
 _RECORD = "aioproxy.cache.record"  # call.state: the key to keep the answer under
 _FIRST = "aioproxy.cache.first"  # call.state: the first miss's answer, for its waiters
 PROVIDER = "aioproxy-cache"
@@ -147,15 +148,29 @@ class ResponseCache:
         call.state[_KEY] = key = cache_key(call, self._scope(call))
         if "no-cache" not in call.request.headers.get("Cache-Control", "").lower():
             call.state[_LOOKUP] = store.lookup(key)
+            call.state[CACHE_ANSWERS] = self._answers  # a key over its tpm may still be served
+
+    async def _entry(self, call: Call) -> Entry | None:
+        """The entry the lookup found (None: a miss), read once: the limits may ask first."""
+        if _FOUND not in call.state:
+            lookup = call.state.pop(_LOOKUP, None)
+            store = self.store
+            found = None if lookup is None or store is None else await store.entry_of(lookup)
+            call.state[_FOUND] = found
+        entry: Entry | None = call.state[_FOUND]
+        return entry
+
+    async def _answers(self, call: Call) -> bool:
+        return await self._entry(call) is not None
 
     @hookimpl(trylast=True)  # after the limits: a refused request is never answered from it
     async def before_request(self, call: Call) -> None:
         key = call.state.get(_KEY)
         if key is None:
             return
-        lookup = call.state.pop(_LOOKUP, None)
-        entry = None if lookup is None or self.store is None else await self.store.entry_of(lookup)
-        if entry is None and lookup is not None and (first := self.in_flight.first(key)):
+        looked_up = _LOOKUP in call.state or _FOUND in call.state
+        entry = await self._entry(call)
+        if entry is None and looked_up and (first := self.in_flight.first(key)):
             entry = await self.in_flight.wait(key, first, self._wait_bound(call))
         if entry is not None:
             call.state[CACHE] = "hit"
@@ -163,7 +178,7 @@ class ResponseCache:
             call.request[_HEADER] = "hit"
             call.route_to(self._deployment(call.model))
             return
-        call.state[CACHE] = "miss" if lookup is not None else "bypass"
+        call.state[CACHE] = "miss" if looked_up else "bypass"
         call.request[_HEADER] = "miss"
         if "no-store" not in call.request.headers.get("Cache-Control", "").lower():
             call.state[_RECORD] = key
@@ -187,7 +202,7 @@ class ResponseCache:
         key = call.state.get(_RECORD)
         if key is None or self.store is None:
             return
-        entry = self._entry(call, outcome)
+        entry = self._kept(call, outcome)
         if entry is not None:
             self.store.keep(key, entry, self.cache.ttl_per_model.get(call.model, self.cache.ttl))
         if (first := call.state.get(_FIRST)) is not None:
@@ -199,7 +214,7 @@ class ResponseCache:
         if call is not None and (first := call.state.get(_FIRST)) is not None:
             self.in_flight.settle(call.state[_RECORD], first, None)
 
-    def _entry(self, call: Call, outcome: Outcome) -> Entry | None:
+    def _kept(self, call: Call, outcome: Outcome) -> Entry | None:
         """The answer as it is kept, or None when it is not (failed, cut, too big)."""
         if outcome.status != 200 or outcome.disconnected:
             return None

@@ -2,53 +2,112 @@
 
 Reserve, then reconcile: ``before_request`` admits a request only if every scope (the key, its
 team) has room, and counts it at once (one request, its in-flight slot, its tokens: the
-``max_tokens``-like field plus an estimate of the prompt), with no await in between, so
-concurrent requests cannot overshoot. ``after_response`` replaces the reserved tokens by the
-real usage and adds the cost to the budget. The in-flight slot is freed when the request's task
-ends, whatever ended it. Rates and slots are counted per instance; spend is shared through the
-database (``requestlog``, ``cache``).
+``max_tokens``-like field plus an estimate of the prompt, and for a scope with a budget its
+estimated cost), with no await in between, so concurrent requests cannot overshoot.
+``after_response`` replaces the reserved tokens by the real usage and the reserved cost by the
+real cost, in one step. The in-flight slot is freed when the request's task ends, whatever
+ended it; the reserved cost then too, or on an error. Rates and slots are counted per instance;
+spend is shared through the database (``requestlog``, ``cache``).
+
+Budgets under concurrency: a scope admits a request while its spend plus the cost reserved by
+its requests in flight is under ``max_budget`` (the request's own estimate is not added: a key
+under its budget with nothing in flight is always served). Each estimate is the prompt (about
+four bytes a token) at the input price plus the output cap (``max_tokens``,
+``max_completion_tokens``, ``max_output_tokens``; else ``[database] budget_output_tokens``) at
+the output price of the deployment the request was routed to. So when the last request is
+admitted, spend + reserved < max_budget, and after every request in flight has settled:
+
+    spend < max_budget + (the last admitted request's cost)
+                       + (the cost beyond its estimate of each other request then in flight)
+
+With an output cap and a prompt not underestimated, a request costs at most its estimate, and
+the spend overshoots the budget by less than one request's cost however many run at once
+(without the reservation, every request in flight could overshoot it: 20 concurrent requests
+against a budget worth 2 spent 10 times it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .._aiohttp import request_state
 from ..config import Config
-from ..context import Call
+from ..context import CACHE_ANSWERS, Call, Deployment
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
+from ..routes import Kind
 from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
-from .meters import KeyLimits, Scope, spend_in
+from .meters import NANO_USD, KeyLimits, Scope, spend_in
 from .plane import plane_key
+from .pricing import Pricing
 from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 
 if TYPE_CHECKING:
     from ..state.counters import SharedReservation
 
-__all__ = ["Limits", "Reservation"]
+__all__ = ["CostEstimates", "Limits", "Reservation", "ReserveHere", "unless_cached"]
 
 RESERVATION = "aioproxy.control.reservation"
 _OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
+# Counts a request on this process's counters, given the tokens and nano-USD it reserves:
+# None once counted, or an awaitable (a refusal the response cache may yet lift).
+ReserveHere = Callable[[Call, KeyLimits, int, int], Awaitable[None] | None]
 
-def _reserve(call: Call) -> int:
+
+def _output_cap(call: Call) -> int:
+    """The request's cap on its output tokens (0: none)."""
     fields = call.fields
-    cap = 0
     for name in _OUTPUT_CAPS:
         if name in fields:
             value = call.get(name)
             if value.__class__ is int and value > 0:  # not a bool, nor a float
-                cap = value
-                break
-    return estimate_prompt(call) + cap
+                return int(value)
+    return 0
+
+
+_PER_TOKEN = 1000.0  # USD per million tokens -> nano-USD per token
+_RATES_MAX = 4096  # deployments made at run time are not kept for ever
+_NO_OUTPUT = frozenset({Kind.EMBEDDINGS})
+
+
+class CostEstimates:
+    """A request's cost before its call, in nano-USD: each deployment's price per token read
+    once (its configured price or the bundled table's, as ``Pricing`` has it), then a few
+    multiplications a request."""
+
+    def __init__(self, output_tokens: int) -> None:
+        self.output_tokens = output_tokens  # assumed for a request with no output cap
+        self._rates: dict[int, tuple[Deployment, float, float]] = {}  # by id(deployment)
+
+    def _rates_of(self, deployment: Deployment, pricing: Pricing) -> tuple[float, float]:
+        found = self._rates.get(id(deployment))
+        if found is not None and found[0] is deployment:
+            return found[1], found[2]
+        if len(self._rates) >= _RATES_MAX:
+            self._rates.clear()
+        price = pricing.price_of(deployment)
+        rates = (0.0, 0.0) if price is None else (price.input, price.output)
+        per_input, per_output = rates[0] * _PER_TOKEN, rates[1] * _PER_TOKEN
+        self._rates[id(deployment)] = (deployment, per_input, per_output)
+        return per_input, per_output
+
+    def held(self, call: Call, prompt: int, cap: int, pricing: Pricing) -> int:
+        """Nano-USD for ``prompt`` tokens in and ``cap`` out (none: the configured estimate)
+        at the price of the deployment the call is routed to (0: counting tokens is free)."""
+        kind = call.kind
+        if kind is Kind.COUNT_TOKENS:
+            return 0
+        per_input, per_output = self._rates_of(call.deployment, pricing)
+        output = 0 if kind in _NO_OUTPUT else (cap or self.output_tokens)
+        return math.ceil(prompt * per_input + output * per_output)
 
 
 def _duration(seconds: float) -> str:
@@ -69,30 +128,38 @@ def _reset(seconds: float) -> str:
 
 
 class Reservation:
-    __slots__ = ("limits", "released", "tokens")
+    """What one request counted on this process's meters, settled once and released once."""
 
-    def __init__(self, limits: KeyLimits, tokens: int) -> None:
+    __slots__ = ("held", "limits", "released", "tokens")
+
+    def __init__(self, limits: KeyLimits, tokens: int, held: int) -> None:
         self.limits = limits
         self.tokens = tokens  # counted toward tpm now: the reservation, then the usage
+        self.held = held  # nano-USD reserved toward the budgets until the cost replaces it
         self.released = False
 
     def release(self, _task: object = None) -> None:
         if not self.released:
             self.released = True
+            held, self.held = self.held, 0
             for scope in self.limits.checks:
                 scope.meter.in_flight -= 1
+                if held:
+                    scope.unhold(held)
 
     def settle(self, tokens: int, cost: float | None, now: float, wall: float) -> None:
-        """The usage's ``tokens`` for those reserved, and the ``cost`` added to the spend, in
-        one pass over the scopes."""
+        """The usage's ``tokens`` for those reserved, and the ``cost`` added to the spend in
+        place of the cost reserved, in one pass over the scopes."""
         delta = tokens - self.tokens  # 0: the reservation was the usage, nothing to move
         self.tokens = tokens
-        if delta or cost:
+        held, self.held = self.held, 0
+        if delta or cost or held:
             for scope in self.limits.checks:
-                scope.settle(delta, cost, now, wall)
+                scope.settle(delta, cost, now, wall, held)
 
     def count_tokens(self, tokens: int, now: float) -> None:
-        """A failed request: its request stays counted, its reserved tokens become ``tokens``."""
+        """A failed request: its request stays counted, its reserved tokens become ``tokens``
+        and its reserved cost is released (a failure is not charged)."""
         self.settle(tokens, None, now, 0.0)
 
 
@@ -131,6 +198,7 @@ def _refuse(message: str, code: str, retry_after: float, scope: str) -> RateLimi
 class Limits:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.costs = CostEstimates(config.database.budget_output_tokens)
 
     @hookimpl
     def before_request(self, call: Call) -> Awaitable[None] | None:
@@ -139,14 +207,19 @@ class Limits:
         if limits.__class__ is not KeyLimits or not limits.enforced or RESERVATION in call.state:
             return None
         plane = call.request.app[plane_key]
+        prompt = estimate_prompt(call)
+        cap = _output_cap(call)
+        # Only a key or team with a budget pays for its cost's estimate.
+        held = self.costs.held(call, prompt, cap, plane.pricing) if limits.budgeted else 0
         if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
-            return plane.shared.before_request(call, limits, self.reserve_here)
-        _reserve_on(call, limits, plane.clock)
-        return None
+            return plane.shared.before_request(call, limits, prompt + cap, held, self.reserve_here)
+        return _reserve_on(call, limits, plane.clock, prompt + cap, held)
 
-    def reserve_here(self, call: Call, limits: KeyLimits) -> None:
+    def reserve_here(
+        self, call: Call, limits: KeyLimits, tokens: int, held: int
+    ) -> Awaitable[None] | None:
         """Reserve on this process's counters (the fallback while Redis is away)."""
-        _reserve_on(call, limits, call.request.app[plane_key].clock)
+        return _reserve_on(call, limits, call.request.app[plane_key].clock, tokens, held)
 
     @hookimpl
     def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
@@ -173,25 +246,29 @@ class Limits:
 
     @hookimpl
     def on_error(self, request: web.Request, call: Call | None) -> None:
-        """A failed request keeps its request counted, not its reserved tokens."""
+        """A failed request keeps its request counted, not its reserved tokens nor cost."""
         reservation: Reservation | None = call.state.get(RESERVATION) if call else None
         if reservation is not None:
             reservation.count_tokens(0, request.app[plane_key].clock.monotonic())
 
 
-def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
+def _reserve_on(
+    call: Call, limits: KeyLimits, clock: ControlClock, tokens: int, held: int
+) -> Awaitable[None] | None:
     """Check every scope, then count the request in each, then its headers: one pass each."""
     now = clock.monotonic()
     second = int(now)
-    tokens = _reserve(call)
     wall = clock.time()
     checks = limits.checks
     for scope in checks:
         if not scope.admits(tokens, second, wall):
-            _refuse_by(call, limits, scope, tokens, now, wall)
+            reason, refused = _refusal_by(call, limits, scope, tokens, now, wall)
+            if reason == "tpm" and CACHE_ANSWERS in call.state:
+                return unless_cached(call, refused, lambda: _reserve_on(call, limits, clock, 0, 0))
+            raise refused
     for scope in checks:
-        scope.count(tokens)
-    reservation = call.state[RESERVATION] = Reservation(limits, tokens)
+        scope.count(tokens, held)
+    reservation = call.state[RESERVATION] = Reservation(limits, tokens, held)
     task = asyncio.current_task()
     if task is not None:
         task.add_done_callback(reservation.release)
@@ -199,42 +276,59 @@ def _reserve_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
         reservation.release()
     if limits.limited:
         request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
+    return None
 
 
-def _refuse_by(
+async def unless_cached(
+    call: Call, refused: RateLimited, admit: Callable[[], Awaitable[None] | None]
+) -> None:
+    """A request refused for its tokens (tpm) alone is admitted, reserving no tokens nor cost,
+    if the response cache answers it (a cached answer spends none: it counts toward rpm, not
+    tpm); otherwise it stays refused. ``admit`` checks the other limits again: they may have
+    moved while the lookup was awaited."""
+    answers = call.state.get(CACHE_ANSWERS)
+    if answers is None or not await answers(call):
+        raise refused
+    admitting = admit()
+    if admitting is not None:
+        await admitting
+
+
+def _refusal_by(
     call: Call, limits: KeyLimits, scope: Scope, tokens: int, now: float, wall: float
-) -> NoReturn:
-    """Raise the refusal of ``scope`` (which has no room), with the headers."""
-    try:
-        _check(scope, tokens, now, wall)
-        raise AssertionError("a scope without room passed its check")  # pragma: no cover
-    except RateLimited:
-        if limits.limited:  # also on a 429: the client learns when to come back
-            for other in limits.checks:  # every window moved to now, for the headers
-                other.requests.total(now)
-                other.tokens.total(now)
-            request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now)
-        raise
+) -> tuple[str, RateLimited]:
+    """The refusal of ``scope`` (which has no room) and its reason, with the headers."""
+    found = _check(scope, tokens, now, wall)
+    if found is None:  # pragma: no cover
+        raise AssertionError("a scope without room passed its check")
+    if limits.limited:  # also on a 429: the client learns when to come back
+        for other in limits.checks:  # every window moved to now, for the headers
+            other.requests.total(now)
+            other.tokens.total(now)
+        request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now)
+    return found
 
 
-def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
+def _check(scope: Scope, tokens: int, now: float, wall: float) -> tuple[str, RateLimited] | None:
+    """Why ``scope`` refuses a request reserving ``tokens`` ("parallel", "rpm", "tpm" or
+    "budget") and its 429; None: it does not."""
     meter = scope.meter
     if scope.max_parallel is not None and meter.in_flight >= scope.max_parallel:
-        raise _refuse(
+        return "parallel", _refuse(
             f"{_whose(scope)} has {scope.max_parallel} requests in flight, its max_parallel",
             "rate_limit_exceeded",
             1,
             scope.name,
         )
     if scope.rpm is not None and meter.requests.total(now) >= scope.rpm:
-        raise _refuse(
+        return "rpm", _refuse(
             f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
             "rate_limit_exceeded",
             meter.requests.reset_in(now),
             scope.name,
         )
-    if scope.tpm is not None and meter.tokens.total(now) + tokens > scope.tpm:
-        raise _refuse(
+    if scope.tpm is not None and tokens and meter.tokens.total(now) + tokens > scope.tpm:
+        return "tpm", _refuse(
             f"{_whose(scope)} is over its rate limit of {scope.tpm} tokens a minute",
             "rate_limit_exceeded",
             meter.tokens.reset_in(now) or 60,
@@ -242,14 +336,25 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> None:
         )
     if scope.max_budget is not None:
         ends = scope.period(wall)
-        if spend_in(scope.entry, meter, ends) >= scope.max_budget:
-            raise _refuse(
+        spent = spend_in(scope.entry, meter, ends)
+        if spent >= scope.max_budget:
+            return "budget", _refuse(
                 f"{_whose(scope)} has spent its budget of ${scope.max_budget:g}"
                 + (" for this period" if ends is not None else ""),
                 "insufficient_quota",
                 (ends - wall) if ends is not None else 3600,
                 "budget",
             )
+        if spent + meter.held * NANO_USD >= scope.max_budget:
+            # What is left is reserved by the requests in flight: it may be free once they end.
+            return "budget", _refuse(
+                f"{_whose(scope)} has the rest of its budget of ${scope.max_budget:g} "
+                "reserved by its requests in flight",
+                "insufficient_quota",
+                1,
+                "budget",
+            )
+    return None
 
 
 def _whose(scope: Scope) -> str:

@@ -1,6 +1,6 @@
-"""In-memory counters behind the limits: rates over a sliding minute, requests in flight and
-the spend not yet written, per key and per team. Counted per instance; the spend is shared
-through the database."""
+"""In-memory counters behind the limits: rates over a sliding minute, requests in flight, the
+cost they reserve and the spend not yet written, per key and per team. Counted per instance;
+the spend is shared through the database."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from multidict import istr
 
 from .records import COUNTED, KeyEntry, TeamEntry, period_end
 
-__all__ = ["HEADER_NAMES", "KeyLimits", "Meter", "RateWindow", "Scope"]
+__all__ = ["HEADER_NAMES", "NANO_USD", "KeyLimits", "Meter", "RateWindow", "Scope"]
 
 _SECONDS = 60
+# The cost reserved by requests in flight is counted in whole nano-USD (here and in Redis):
+# integers add and take back exactly, however many requests come and go.
+NANO_USD = 1e-9
 
 # OpenAI's x-ratelimit-* header names, per kind of limit: the limit, what remains, the reset.
 # As ``istr``, the case-insensitive names aiohttp's headers keep: a response's update takes
@@ -86,12 +89,13 @@ class RateWindow:
 class Meter:
     """One key's or team's counters; kept across cache reloads, by id."""
 
-    __slots__ = ("in_flight", "period", "requests", "spend", "tokens")
+    __slots__ = ("held", "in_flight", "period", "requests", "spend", "tokens")
 
     def __init__(self) -> None:
         self.requests = RateWindow()
         self.tokens = RateWindow()
         self.in_flight = 0
+        self.held = 0  # nano-USD: the cost its requests in flight reserved (budget scopes)
         self.period: float | None = None  # the budget period ``spend`` belongs to
         self.spend = 0.0  # USD spent here in ``period`` and not yet in the database's figure
 
@@ -178,28 +182,36 @@ class Scope:
 
     def admits(self, tokens: int, second: int, wall: float) -> bool:
         """Whether one more request reserving ``tokens`` fits every limit; its windows are
-        moved to ``second`` (``int`` of the monotonic clock) first."""
+        moved to ``second`` (``int`` of the monotonic clock) first. A request reserving no
+        tokens (a cached answer) is not held to the tpm. The budget admits while the spend
+        plus the cost reserved in flight is under it (not counting this request's own)."""
         requests, used = self.requests, self.tokens
         if requests.second != second:
             requests.advance(second)
         if used.second != second:
             used.advance(second)
+        meter = self.meter
         if (
             requests.count >= self.rpm_cap
-            or used.count + tokens > self.tpm_cap
-            or self.meter.in_flight >= self.parallel_cap
+            or (tokens and used.count + tokens > self.tpm_cap)
+            or meter.in_flight >= self.parallel_cap
         ):
             return False
         budget = self.max_budget
         if budget is None:
             return True
         ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
-        return spend_in(self.entry, self.meter, ends) < budget
+        return spend_in(self.entry, meter, ends) + meter.held * NANO_USD < budget
 
-    def settle(self, delta: int, cost: float | None, now: float, wall: float) -> None:
+    def settle(
+        self, delta: int, cost: float | None, now: float, wall: float, held: int = 0
+    ) -> None:
         """Move ``delta`` tokens (the usage less the reservation) into the token window and add
-        ``cost`` to the spend of the budget period holding ``wall`` (``RateWindow.add`` and
-        ``Meter.add_spend``, inlined: once per request and scope)."""
+        ``cost`` to the spend of the budget period holding ``wall`` in place of the ``held``
+        nano-USD reserved, in one step (``RateWindow.add`` and ``Meter.add_spend``, inlined:
+        once per request and scope)."""
+        if held:
+            self.unhold(held)
         if delta:
             used = self.tokens
             if int(now) != used.second:
@@ -213,9 +225,18 @@ class Scope:
                 meter.period, meter.spend = ends, 0.0
             meter.spend += cost
 
-    def count(self, tokens: int) -> None:
-        """Count one request reserving ``tokens``, in the second ``admits`` moved to."""
-        self.meter.in_flight += 1
+    def unhold(self, held: int) -> None:
+        """Take back the ``held`` nano-USD a request of this scope's reserved."""
+        if self.max_budget is not None:
+            self.meter.held -= held
+
+    def count(self, tokens: int, held: int = 0) -> None:
+        """Count one request reserving ``tokens`` and ``held`` nano-USD (kept by a scope with
+        a budget), in the second ``admits`` moved to."""
+        meter = self.meter
+        meter.in_flight += 1
+        if held and self.max_budget is not None:
+            meter.held += held
         requests, used = self.requests, self.tokens
         requests.buckets[requests.second % _SECONDS] += 1
         requests.count += 1
@@ -228,6 +249,7 @@ class KeyLimits:
     Built when the cache loads, so the request path only reads it."""
 
     __slots__ = (
+        "budgeted",
         "checks",
         "enforced",
         "key",
@@ -272,3 +294,6 @@ class KeyLimits:
         self.enforced = any(
             getattr(e, name) is not None for _, e, _ in self.scopes for name in COUNTED
         )
+        # Whether its requests reserve their estimated cost: only a key or team with a budget
+        # pays for the estimate.
+        self.budgeted = any(e.max_budget is not None for _, e, _ in self.scopes)

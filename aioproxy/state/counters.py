@@ -3,13 +3,16 @@
 Reserve, then settle, in one atomic Lua script per batch (``batch``: one round trip, no
 read-then-write race): the reservations that queued during the last round trip are checked
 in order, each admitted only if every scope of its request (the key, its team) has room, and
-counted (one request, its in-flight slot, its reserved tokens); the settles queued meanwhile,
-merged per scope and budget period, replace reserved tokens by the usage, free the slots and
-add the cost. Rates are one-second buckets of a hash per scope, summed over the last minute,
-on Redis's clock (one clock for all).
+counted (one request, its in-flight slot, its reserved tokens and, in a scope with a budget,
+its reserved cost); the settles queued meanwhile, merged per scope and budget period, replace
+reserved tokens by the usage and reserved cost by the cost, and free the slots. Rates are
+one-second buckets of a hash per scope, summed over the last minute, on Redis's clock (one
+clock for all).
 
 The budget of a period is the larger of the database's figure (every instance's written
 spend) and Redis's (every instance's spend, at once): Redis is ahead until it loses its data.
+A scope admits while that plus the cost reserved in flight by every live instance is under
+its budget: the same rule, and the same bound, as on one process (``control.limits``).
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from redis.exceptions import RedisError
 
-from ..context import Call
+from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
-from ..control.limits import RESERVATION, _reserve, _reset
+from ..control.limits import RESERVATION, ReserveHere, _reset, unless_cached
 from ..control.meters import HEADER_NAMES, KeyLimits
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
@@ -46,15 +49,17 @@ _NONE = -1  # a limit not set, as the scripts read it
 # Its two arguments are flat MessagePack arrays (one string each for Redis to read, not a
 # word per figure for the client to encode): ARGV[1] the settles, per settle: the scope's
 # Redis key, its token change, the slots freed, the cost, its budget period, the period's TTL
-# (0: none); ARGV[2] the reservations, per reservation: its tokens, its number of scopes, per
-# scope: its Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend
-# and the budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases,
-# ARGV[5] a lease's length (ms). Requests in flight are a hash per scope (``:flights``, not the
-# counter ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a
-# field per instance:
-# an instance's field counts while its lease lives (its own always), and a dead one's is
-# dropped. Returns, packed, per reservation: {1, reset, per scope its requests and tokens in
-# the window}, or, refused, {0, reset, those counts, the scope's position, the reason, the wait}.
+# (0: none), the reserved cost it releases (nano-USD); ARGV[2] the reservations, per
+# reservation: its tokens, its reserved cost (nano-USD), its number of scopes, per scope: its
+# Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend and the
+# budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases, ARGV[5] a
+# lease's length (ms). Requests in flight are a hash per scope (``:flights``, not the counter
+# ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a field per
+# instance, and so is the cost they reserve (``:held``, in a scope with a budget): an
+# instance's field counts while its lease lives (its own always), and a dead one's is
+# dropped. A reservation of no tokens (a cached answer) is not held to the tpm. Returns,
+# packed, per reservation: {1, reset, per scope its requests and tokens in the window}, or,
+# refused, {0, reset, those counts, the scope's position, the reason, the wait}.
 _APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
@@ -63,7 +68,7 @@ local reset = sec + 60 - now
 local me, alive = ARGV[3], ARGV[4]
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 local settles = cmsgpack.unpack(ARGV[1])
-for a = 1, #settles, 6 do
+for a = 1, #settles, 7 do
   local base, delta, freed, cost = settles[a], settles[a + 1], settles[a + 2], settles[a + 3]
   if delta ~= 0 then
     redis.call('HINCRBY', base .. ':t', sec, delta)
@@ -76,6 +81,9 @@ for a = 1, #settles, 6 do
     local spend = base .. ':s:' .. settles[a + 4]
     redis.call('INCRBYFLOAT', spend, cost)
     if settles[a + 5] > 0 then redis.call('EXPIRE', spend, settles[a + 5]) end
+  end
+  if settles[a + 6] > 0 and redis.call('HINCRBY', base .. ':held', me, -settles[a + 6]) <= 0 then
+    redis.call('HDEL', base .. ':held', me)
   end
 end
 local function window(key)
@@ -104,7 +112,8 @@ local function in_flight(key)
   end
   return total
 end
--- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch adds.
+-- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch
+-- adds (requests, tokens, reserved cost), then the cost reserved in flight (read if budgeted).
 local scopes, spent = {}, {}
 local function scope(base)
   local w = scopes[base]
@@ -112,15 +121,15 @@ local function scope(base)
     local requests, r_oldest = window(base .. ':r')
     local used, t_oldest = window(base .. ':t')
     local flight = in_flight(base .. ':flights')
-    w = {requests, used, r_oldest, t_oldest, flight, 0, 0}
+    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil}
     scopes[base] = w
   end
   return w
 end
 local words, replies, a = cmsgpack.unpack(ARGV[2]), {}, 1
 while a <= #words do
-  local tokens, n = words[a], words[a + 1]
-  local first = a + 2
+  local tokens, held, n = words[a], words[a + 1], words[a + 2]
+  local first = a + 3
   a = first + 7 * n
   local out = {1, reset}
   for b = first, a - 1, 7 do
@@ -137,7 +146,7 @@ while a <= #words do
       refused, wait = 'parallel', 1
     elseif rpm >= 0 and w[1] >= rpm then
       refused, wait = 'rpm', (w[3] or sec) + 60 - now
-    elseif tpm >= 0 and w[2] + tokens > tpm then
+    elseif tpm >= 0 and tokens > 0 and w[2] + tokens > tpm then
       refused, wait = 'tpm', w[4] and (w[4] + 60 - now) or 60
     elseif budget >= 0 then
       local key = words[b] .. ':s:' .. words[b + 6]
@@ -147,7 +156,12 @@ while a <= #words do
         spent[key] = total
       end
       if words[b + 5] > total then total = words[b + 5] end
-      if total >= budget then refused, wait = 'budget', 0 end
+      if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
+      if total >= budget then
+        refused, wait = 'budget', 0
+      elseif total + w[9] / 1e9 >= budget then
+        refused, wait = 'held', 1
+      end
     end
     if refused then
       out[1] = 0
@@ -159,9 +173,14 @@ while a <= #words do
   end
   if not refused then
     for s = 1, n do
-      local w = scopes[words[first + 7 * (s - 1)]]
+      local b = first + 7 * (s - 1)
+      local w = scopes[words[b]]
       w[1], w[2], w[5] = w[1] + 1, w[2] + tokens, w[5] + 1
       w[6], w[7] = w[6] + 1, w[7] + tokens
+      if held > 0 and words[b + 4] >= 0 then
+        if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
+        w[8], w[9] = w[8] + held, w[9] + held
+      end
       if w[3] == nil then w[3] = sec end
       if w[4] == nil and tokens > 0 then w[4] = sec end
       out[1 + 2 * s] = w[1]
@@ -178,6 +197,10 @@ for base, w in pairs(scopes) do
     redis.call('EXPIRE', base .. ':t', 120)
     redis.call('HINCRBY', base .. ':flights', me, w[6])
     redis.call('EXPIRE', base .. ':flights', 3600)
+  end
+  if w[8] > 0 then
+    redis.call('HINCRBY', base .. ':held', me, w[8])
+    redis.call('EXPIRE', base .. ':held', 3600)
   end
 end
 return cmsgpack.pack(replies)
@@ -201,11 +224,16 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
         message = f"{whose} is over its rate limit of {entry.rpm} requests a minute"
     elif reason == "tpm":
         message = f"{whose} is over its rate limit of {entry.tpm} tokens a minute"
+    elif reason == "held":
+        message = (
+            f"{whose} has the rest of its budget of ${entry.max_budget:g} reserved by its "
+            "requests in flight"
+        )
     else:
         message = f"{whose} has spent its budget of ${entry.max_budget:g}" + (
             " for this period" if entry.duration is not None else ""
         )
-    code = "insufficient_quota" if reason == "budget" else "rate_limit_exceeded"
+    code = "insufficient_quota" if reason in ("budget", "held") else "rate_limit_exceeded"
     refused = RateLimited(message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait)))})
     refused.caused_by_upstream = False
     return refused
@@ -215,13 +243,14 @@ class _Scope:
     """One scope of a key's limits as the script reads it, made once per cache load: its
     Redis key, its limits, and its budget period (kept until the period ends)."""
 
-    __slots__ = ("base", "end", "entry", "floor", "limits", "period", "start")
+    __slots__ = ("base", "budgeted", "end", "entry", "floor", "limits", "period", "start")
 
     def __init__(self, base: str, entry: KeyEntry | TeamEntry) -> None:
         self.base = base
         self.entry = entry
         limits = (entry.rpm, entry.tpm, entry.max_parallel, entry.max_budget)
         self.limits = [_NONE if value is None else value for value in limits]
+        self.budgeted = entry.max_budget is not None  # keeps its requests' reserved cost
         self.start = self.end = math.inf  # no period yet: computed at first use
         self.period = "ever"
         self.floor = 0.0  # the database's spend of the period
@@ -265,42 +294,52 @@ class SharedReservation:
     """What the script counted for one request, settled once (after the answer, or when its
     task ends without one)."""
 
-    __slots__ = ("counters", "pending", "released", "scopes", "tokens")
+    __slots__ = ("counters", "held", "pending", "released", "scopes", "tokens")
 
-    def __init__(self, counters: SharedCounters, scopes: list[_Scope], tokens: int) -> None:
+    def __init__(
+        self, counters: SharedCounters, scopes: list[_Scope], tokens: int, held: int = 0
+    ) -> None:
         self.counters = counters
         self.scopes = scopes
         self.tokens = tokens  # counted toward tpm now
+        self.held = held  # nano-USD reserved toward the budgets, until released
         self.pending = 0  # tokens to add (or take off) when released
         self.released = False
 
     def count_tokens(self, tokens: int, _now: float = 0.0) -> None:
-        """A failed request: keep its request counted, not its tokens (sent on release)."""
+        """A failed request: keep its request counted, not its tokens (sent on release), nor
+        its reserved cost (released now: a failure is not charged)."""
         self.pending += tokens - self.tokens
         self.tokens = tokens
+        if self.held:
+            held, self.held = self.held, 0
+            self.counters.settle(self.scopes, 0, 0, 0.0, None, held)
 
     def release(self, _task: object = None) -> None:
-        """The request's task ended before ``settle``: free the slot."""
+        """The request's task ended before ``settle``: free the slot and the reserved cost."""
         if not self.released:
             self.released = True
             pending, self.pending = self.pending, 0
-            self.counters.settle(self.scopes, pending, 1, 0.0, None)
+            held, self.held = self.held, 0
+            self.counters.settle(self.scopes, pending, 1, 0.0, None, held)
 
     def settle(self, tokens: int, cost: float | None, wall: float) -> None:
         """The answer is out: its usage for the reservation, the slot freed (once), the cost
-        added. Merged, not awaited: it goes with the next batch, and nothing waits for it."""
+        added in place of the cost reserved. Merged, not awaited: it goes with the next batch,
+        and nothing waits for it."""
         freed = 0 if self.released else 1
         self.released = True
         # With what ``count_tokens`` left to send (a stream that failed midway: on_error,
         # then this), or that change was lost and the reservation stayed counted.
         delta = tokens - self.tokens + self.pending
         self.tokens, self.pending = tokens, 0
-        self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall)
+        held, self.held = self.held, 0
+        self.counters.settle(self.scopes, delta, freed, cost or 0.0, wall, held)
 
 
-# A reservation waiting for its batch: its future, then its scopes and tokens (for a request
-# gone meanwhile, whose counts are freed as soon as they are made).
-_Waiting = tuple["asyncio.Future[Any]", list[_Scope], int]
+# A reservation waiting for its batch: its future, then its scopes, tokens and reserved cost
+# (for a request gone meanwhile, whose counts are freed as soon as they are made).
+_Waiting = tuple["asyncio.Future[Any]", list[_Scope], int, int]
 
 
 class _Waiters:
@@ -323,15 +362,17 @@ class _Waiters:
         return self.finished.done()
 
     def set_result(self, packed: bytes, /) -> None:
-        for (future, scopes, tokens), reply in zip(self.waiting, _unpack(packed), strict=True):
+        for (future, scopes, tokens, held), reply in zip(
+            self.waiting, _unpack(packed), strict=True
+        ):
             if not future.done():
                 future.set_result(reply)
             elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
-                SharedReservation(self.counters, scopes, tokens).release()
+                SharedReservation(self.counters, scopes, tokens, held).release()
         self.finished.set_result(None)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        for future, _, _ in self.waiting:
+        for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
         if isinstance(exception, RedisError | OSError):
@@ -339,7 +380,7 @@ class _Waiters:
         self.finished.set_result(None)
 
     def cancel(self) -> bool:
-        for future, _, _ in self.waiting:
+        for future, *_ in self.waiting:
             future.cancel()
         return self.finished.cancel()
 
@@ -355,7 +396,8 @@ class SharedCounters:
         self.batcher = link.batcher
         self._loop = asyncio.get_running_loop()
         # Queued for the next batch: reservations (their script words, and who waits), and
-        # the settles merged per scope and budget period: [tokens, slots, cost, end, wall].
+        # the settles merged per scope and budget period:
+        # [tokens, slots, cost, end, wall, reserved cost released].
         self._words: list[Any] = []
         self._waiting: list[_Waiting] = []
         self._settles: dict[tuple[str, str], list[Any]] = {}
@@ -374,18 +416,27 @@ class SharedCounters:
         return prepared
 
     def settle(
-        self, scopes: list[_Scope], delta: int, freed: int, cost: float, wall: float | None
+        self,
+        scopes: list[_Scope],
+        delta: int,
+        freed: int,
+        cost: float,
+        wall: float | None,
+        held: int = 0,
     ) -> None:
-        """Merge one request's settle into the next batch's, per scope and budget period."""
+        """Merge one request's settle into the next batch's, per scope and budget period;
+        ``held``: the nano-USD it reserved, released (where the scope kept them)."""
         settles = self._settles
         for scope in scopes:
+            unheld = held if scope.budgeted else 0
             merged = settles.get((scope.base, scope.period))
             if merged is None:
-                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall]
+                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall, unheld]
             else:
                 merged[0] += delta
                 merged[1] += freed
                 merged[2] += cost
+                merged[5] += unheld
                 if wall is not None:
                     merged[4] = wall
         if self.link.up:  # else sent when Redis is back
@@ -394,14 +445,15 @@ class SharedCounters:
     def missed(self, settles: dict[tuple[str, str], list[Any]], error: BaseException) -> None:
         """A batch failed: its settles go again when Redis is back (no slot leaks in flight
         for ever)."""
-        for key, (delta, freed, cost, end, wall) in settles.items():
+        for key, (delta, freed, cost, end, wall, unheld) in settles.items():
             merged = self._settles.get(key)
             if merged is None:
-                self._settles[key] = [delta, freed, cost, end, wall]
+                self._settles[key] = [delta, freed, cost, end, wall, unheld]
             else:
                 merged[0] += delta
                 merged[1] += freed
                 merged[2] += cost
+                merged[5] += unheld
         self.link.lost(error)
 
     def take(self, batch: list[Any]) -> None:
@@ -411,9 +463,9 @@ class SharedCounters:
         if not waiting and not settles:
             return
         words: list[Any] = []
-        for (base, period), (delta, freed, cost, end, wall) in settles.items():
+        for (base, period), (delta, freed, cost, end, wall, unheld) in settles.items():
             ttl = 0 if wall is None or end == math.inf else max(1, math.ceil(end - wall) + 3600)
-            words += (base, delta, freed, cost, period, ttl)
+            words += (base, delta, freed, cost, period, ttl, unheld)
         if settles:
             self._settles = {}
             if self._taken is not None and not self._taken.done():
@@ -452,29 +504,28 @@ class SharedCounters:
         return refused
 
     def before_request(
-        self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None]
+        self, call: Call, limits: KeyLimits, tokens: int, held: int, locally: ReserveHere
     ) -> Awaitable[None] | None:
-        """The limits plugin's reservation, in Redis; ``locally`` while Redis is away
-        (``on_error = "open"``), else a 429 for a limited key."""
+        """The limits plugin's reservation of ``tokens`` and ``held`` nano-USD, in Redis;
+        ``locally`` while Redis is away (``on_error = "open"``), else a 429 for a limited key."""
         if self.link.up:
-            return self.reserve(call, limits, _reserve(call), locally)
-        self.fall_back(call, limits, locally)
-        return None
+            return self.reserve(call, limits, tokens, held, locally)
+        return self.fall_back(call, limits, tokens, held, locally)
 
     def fall_back(
-        self, call: Call, limits: KeyLimits, locally: Callable[[Call, KeyLimits], None] | None
-    ) -> None:
+        self, call: Call, limits: KeyLimits, tokens: int, held: int, locally: ReserveHere | None
+    ) -> Awaitable[None] | None:
         if self.closed:
             raise self.refuse_while_down()
-        if locally is not None:
-            locally(call, limits)
+        return None if locally is None else locally(call, limits, tokens, held)
 
     async def reserve(
         self,
         call: Call,
         limits: KeyLimits,
         tokens: int,
-        locally: Callable[[Call, KeyLimits], None] | None = None,
+        held: int = 0,
+        locally: ReserveHere | None = None,
     ) -> None:
         """Count the request in every scope (``call.state[RESERVATION]``, released when its
         task ends) or refuse it (RateLimited); if Redis fails, ``locally`` counts it."""
@@ -482,7 +533,7 @@ class SharedCounters:
         prepared = self._prepare(limits)
         scopes = prepared.scopes
         words = self._words
-        words += (tokens, len(scopes))
+        words += (tokens, held, len(scopes))
         for scope in scopes:
             if not scope.start <= wall < scope.end:
                 scope.at(wall)
@@ -490,13 +541,15 @@ class SharedCounters:
             words += scope.limits
             words += (scope.floor, scope.period)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._waiting.append((future, scopes, tokens))
+        self._waiting.append((future, scopes, tokens, held))
         self.batcher.wake()
         try:
             answer = await future
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
-            self.fall_back(call, limits, locally)
+            falling_back = self.fall_back(call, limits, tokens, held, locally)
+            if falling_back is not None:
+                await falling_back
             return
         if answer[0] == 0:
             index, reason, wait = answer[-3:]
@@ -504,8 +557,13 @@ class SharedCounters:
             refused = _refusal(name, entry, reason, wait)
             if prepared.headers:  # also on a 429: the client learns when to come back
                 call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
+            if reason == "tpm" and CACHE_ANSWERS in call.state:
+                await unless_cached(
+                    call, refused, lambda: self.reserve(call, limits, 0, 0, locally)
+                )
+                return
             raise refused
-        reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens)
+        reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
         task = asyncio.current_task()
         if task is not None:
             task.add_done_callback(reservation.release)

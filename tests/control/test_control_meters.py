@@ -67,3 +67,21 @@ def test_settle_moves_tokens_and_adds_the_cost_in_its_period() -> None:
     assert key.meter.local_spend(3600.0) == 0.5
     key.settle(0, 0.25, 3700.0, 3700.0)  # the next budget period starts from nothing
     assert key.meter.local_spend(7200.0) == 0.25 and key.meter.local_spend(3600.0) == 0.0
+
+
+def test_a_budget_admits_while_its_spend_and_the_cost_in_flight_are_under_it() -> None:
+    """Nano-USD reserved by the requests in flight count toward the budget, a request's own
+    not (one is always admitted with nothing in flight); the cost replaces its reservation."""
+    limits = key_limits(max_budget=1.0)
+    key, team = limits.checks
+    assert key.admits(1, 0, 0.0)
+    key.count(1, 600_000_000)  # 0.6 USD reserved
+    team.count(1, 600_000_000)
+    assert key.admits(1, 0, 0.0)  # 0.6 < 1
+    key.count(1, 600_000_000)
+    assert not key.admits(1, 0, 0.0)  # 1.2 reserved
+    key.settle(0, 0.1, 0.0, 0.0, 600_000_000)  # one answered: cost 0.1 for its 0.6
+    assert key.meter.held == 600_000_000 and key.admits(1, 0, 0.0)  # 0.1 + 0.6 < 1
+    key.unhold(600_000_000)  # the other failed
+    assert key.meter.held == 0
+    assert team.meter.held == 0  # the team has no budget: it keeps nothing

@@ -80,11 +80,10 @@ async def test_an_error_reply_fails_only_its_call(redis_url: str) -> None:
         await client.aclose()
 
 
-def _limits(max_parallel: int) -> KeyLimits:
+def _limits(**limits: Any) -> KeyLimits:
     key = KeyEntry(
-        id="key_batch", name="batch", digest="d", key_prefix="sk-", created_at=0.0,
-        max_parallel=max_parallel,
-    )  # fmt: skip
+        id="key_batch", name="batch", digest="d", key_prefix="sk-", created_at=0.0, **limits
+    )
     return KeyLimits(key, Meter(), None, None)
 
 
@@ -386,5 +385,53 @@ async def test_scripts_are_loaded_again_when_redis_is_back(redis_url: str) -> No
                 await asyncio.sleep(0.05)
         assert await client.script_exists(script.sha) == [True]
     finally:
+        await link.close()
+        await client.aclose()
+
+
+async def _reserve_cost(counters: SharedCounters, limits: KeyLimits, held: int) -> Any:
+    """One request reserving ``held`` nano-USD: its reservation (RateLimited if refused)."""
+    call = _Call()
+    await counters.reserve(call, limits, 10, held)  # type: ignore[arg-type]
+    return call.state.get(RESERVATION)
+
+
+async def test_the_cost_replaces_the_reservation_in_one_settle(redis_url: str) -> None:
+    """The reserved cost counts toward the budget while in flight; the settle adds the cost
+    and takes the reservation back in the same script."""
+    client = aioredis.Redis.from_url(redis_url)
+    link, counters = _counters(redis_url, "aioproxy-test-held")
+    limits = _limits(max_budget=1.0)
+    try:
+        reservation = await _reserve_cost(counters, limits, 2_000_000_000)  # 2 USD > budget
+        assert reservation is not None  # nothing in flight: admitted
+        with pytest.raises(RateLimited) as refused:
+            await _reserve_cost(counters, limits, 1)
+        assert refused.value.code == "insufficient_quota"
+        reservation.settle(10, 0.25, 1_000.0)  # it cost 0.25
+        assert await _reserve_cost(counters, limits, 1) is not None  # 0.25 < 1
+        assert await client.hvals("aioproxy-test-held:k:key_batch:held") == [b"1"]
+    finally:
+        await counters.close()
+        await link.close()
+        await client.aclose()
+
+
+async def test_a_dead_instances_reserved_cost_is_dropped(redis_url: str) -> None:
+    """The cost reserved by an instance killed with requests in flight counts only as long
+    as its lease, as their slots do."""
+    client = aioredis.Redis.from_url(redis_url)
+    killed_link, killed = _counters(redis_url, "aioproxy-test-dead-held")
+    link, counters = _counters(redis_url, "aioproxy-test-dead-held")
+    limits = _limits(max_budget=1.0)
+    try:
+        assert await _reserve_cost(killed, limits, 2_000_000_000) is not None
+        with pytest.raises(RateLimited):  # alive: its reservation counts on the other
+            await _reserve_cost(counters, limits, 1)
+        await killed_link.batcher.close()
+        await client.delete(f"aioproxy-test-dead-held:alive:{killed_link.instance}")
+        assert await _reserve_cost(counters, limits, 1) is not None
+    finally:
+        await counters.close()
         await link.close()
         await client.aclose()
