@@ -14,15 +14,18 @@ What each database guarantees decides the mark:
   oldest transaction still running: every transaction below it has ended, committed and visible
   or rolled back. The next poll reads rows marked at or above the ``xmin`` noted before, so a
   transaction running at one poll, however late it commits, is read by a later one. No lock
-  is shared: writers do not wait for each other more than today. The price: a long transaction
+  is shared: writers wait for each other no more than they did. The price: a long transaction
   anywhere on the cluster holds ``xmin`` back, and the polls meanwhile re-read the rows marked
-  since (more rows read, none missed). Chosen over a counter row that writers would update under
-  its lock, which would make every instance's writer wait for the others' commits.
+  since (more rows read, none missed); so does a database restored into another cluster, whose
+  transaction ids start lower, for the rows marked before until they are written again. Chosen
+  over a counter row that writers update under its lock (each instance's writer would wait
+  for the others' commits) and over a lookback window (safe only for transactions shorter
+  than the window, and every row written within it read again at each poll).
 * **SQLite** (one writer at a time, processes or ``--workers`` sharing the file): the mark is a
-  counter (``control_state.figures_mark``) that each writing transaction moves first: the file's
-  write lock orders the transactions, so the counters commit in order, and a poll that read the
-  counter at ``n`` has seen every write marked up to ``n``. A counter that did not move means
-  nothing moved: the poll reads no row at all.
+  counter (``control_state.figures_mark``) that each writing transaction moves before it marks
+  its rows: the file's write lock orders the transactions, so the counters commit in order, and
+  a poll that read the counter at ``n`` has seen every write marked up to ``n``. A counter that
+  did not move means nothing moved: the poll reads no row at all.
 
 Admin API changes move the change watermark instead (``control_state.version``): a full reload,
 which notes the mark before it reads the rows. Rows an older release writes (during a rolling
