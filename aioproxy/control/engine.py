@@ -35,7 +35,7 @@ __all__ = [
 # head). A database already there, the common start-up, is seen current without importing Alembic
 # (~10 MiB and ~0.3 s that every process would otherwise carry for nothing), and a new one is
 # created without it too: only an upgrade of an older database runs Alembic.
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 
 log = logging.getLogger("aioproxy")
 # Alembic tells of each plugin and context at INFO: start-up logs say "migrating" once instead.

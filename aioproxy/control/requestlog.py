@@ -290,21 +290,34 @@ class RequestLog:
                 if rows:
                     await insert_rows(connection, self._inserts, rows)
                     await rollup.add_rows(connection, rows)
-                for (key_id, period), cost in keys.items():
-                    await connection.execute(_add_spend(schema.keys, key_id, period, cost))
-                for (team_id, period), cost in teams.items():
-                    await connection.execute(_add_spend(schema.teams, team_id, period, cost))
-                for key_id, when in used.items():
-                    await connection.execute(
-                        sa.update(schema.keys)
-                        .where(schema.keys.c.id == key_id)
-                        .values(last_used_at=when)
-                    )
+                if used or teams:  # each key spent in is in ``used``
+                    await self._add_figures(connection, keys, teams, used)
             for key_id, when in used.items():
                 if (entry := self.cache.keys.get(key_id)) is not None:
                     entry.last_used_at = max(entry.last_used_at or 0.0, when)
             self._written(keys, keys_counted, self.cache.keys, self.cache.key_meters)
             self._written(teams, teams_counted, self.cache.teams, self.cache.team_meters)
+
+    async def _add_figures(
+        self,
+        connection: AsyncConnection,
+        keys: dict[tuple[str, float | None], float],
+        teams: dict[tuple[str, float | None], float],
+        used: dict[str, float],
+    ) -> None:
+        """Add the spend to keys and teams, and the keys' last use, marked for the other
+        instances' polls (marks.py)."""
+        mark = await self.cache.marks.take(connection)
+        for (key_id, period), cost in keys.items():
+            await connection.execute(_add_spend(schema.keys, key_id, period, cost, mark))
+        for (team_id, period), cost in teams.items():
+            await connection.execute(_add_spend(schema.teams, team_id, period, cost, mark))
+        for key_id, when in used.items():
+            await connection.execute(
+                sa.update(schema.keys)
+                .where(schema.keys.c.id == key_id)
+                .values(last_used_at=when, figures_mark=mark)
+            )
 
     @staticmethod
     def _written(
@@ -346,10 +359,13 @@ class RequestLog:
             )
 
 
-def _add_spend(table: sa.Table, id_: str, period: float | None, cost: float) -> sa.Update:
+def _add_spend(
+    table: sa.Table, id_: str, period: float | None, cost: float, mark: sa.ColumnElement[int]
+) -> sa.Update:
     """Add ``cost`` to the spend of budget period ``period`` (one that has begun since the
-    stored one starts from ``cost``; a late row of an older period counts in total_spend only)."""
-    update = sa.update(table).where(table.c.id == id_)
+    stored one starts from ``cost``; a late row of an older period counts in total_spend only),
+    and set the row's figures ``mark``."""
+    update = sa.update(table).where(table.c.id == id_).values(figures_mark=mark)
     if period is None:
         return update.values(spend=table.c.spend + cost, total_spend=table.c.total_spend + cost)
     stored = table.c.budget_resets_at

@@ -41,6 +41,16 @@ def _limits() -> list[sa.Column[Any]]:
     ]
 
 
+def _figures_mark(table: str) -> list[sa.schema.SchemaItem]:
+    """Moved by the request log's writer with the spend (or last use): the key cache's poll
+    reads only the rows marked since its last (aioproxy.control.marks). Last: migration 0007
+    added it."""
+    return [
+        sa.Column("figures_mark", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Index(f"ix_{table}_figures_mark", "figures_mark"),
+    ]
+
+
 teams = sa.Table(
     "teams",
     metadata,
@@ -49,6 +59,7 @@ teams = sa.Table(
     *_limits(),
     sa.Column("metadata", sa.JSON, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    *_figures_mark("teams"),
 )
 
 keys = sa.Table(
@@ -67,6 +78,7 @@ keys = sa.Table(
     sa.Column("metadata", sa.JSON, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("last_used_at", sa.Float, nullable=True),
+    *_figures_mark("keys"),
 )
 
 # One row: ``version`` goes up with every change made through the admin API, so that each
@@ -76,6 +88,9 @@ state = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("version", sa.BigInteger, nullable=False),
+    # SQLite's figures mark: moved by each spend write (aioproxy.control.marks; migration
+    # 0007). PostgreSQL marks rows with transaction ids instead and leaves it at 0.
+    sa.Column("figures_mark", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 # The columns the dashboard's covering index holds, ``time`` first (migration 0002).
