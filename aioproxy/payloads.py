@@ -6,14 +6,13 @@ import asyncio
 from collections.abc import Callable
 
 import msgspec
-from aiohttp import web
 
 from ._aiohttp import BadHttpMessage, RequestPayloadError
-from .context import Call, Principal
+from .context import Call
 from .errors import BadRequest, PermissionDenied, ProxyError
 from .routes import Kind
 
-__all__ = ["decode_request", "read_body", "refuse_unless_allowed", "unread_call"]
+__all__ = ["decode_request", "read_body", "refuse_unless_allowed"]
 
 _decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _decode_model = msgspec.json.Decoder(str).decode
@@ -127,20 +126,12 @@ def _model_of(fields: dict[str, msgspec.Raw]) -> str:
     return model
 
 
-def unread_call(
-    request: web.Request, kind: Kind, principal: Principal, model: str | None = None
-) -> Call:
-    """The request's Call once its caller is known, before its body is read (``read_body``):
-    so that a request refused while its body is read is still a call of its key's, which
-    ``on_error`` hears (the request log's row). ``model``: the one the path names, if any
-    (Azure's deployment routes), over the body's; else ``""`` until the body names one."""
-    return Call(kind, request, principal, model or "", {}, False)
-
-
 async def read_body(call: Call, body_timeout: float) -> None:
-    """Read the body into ``call`` (408 if it does not arrive within ``body_timeout``, 400 if
-    its framing is broken or it is not a request of its kind). Its fields are set only once
-    all of it is checked; its ``model`` as soon as it is read, for the refusal's log."""
+    """Read the body into ``call``, made before it with no fields and ``model`` the path's (Azure's
+    deployment routes) or ``""`` (408 if it does not arrive within ``body_timeout``, 400 if its
+    framing is broken or it is not a request of its kind). The call exists first so that a
+    refusal here is still its key's call, which ``on_error`` hears (the request log's row): its
+    ``model`` is set as soon as the body names it, its fields once all of them are checked."""
     request = call.request
     try:
         if request.content.is_eof():  # all of it came with the headers: nothing to wait for
