@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from aioproxy import hookimpl
 from aioproxy.testing import assert_openai_error
 from tests.control.conftest import CHAT, Control
 from tests.support import sdk
@@ -173,3 +174,39 @@ async def test_a_failed_authentication_is_not_logged(
         ) as response:
             await assert_openai_error(response, 401)
     assert await rows(control) == []
+
+
+async def test_a_client_gone_mid_upload_is_logged(start_control: Any) -> None:
+    """The client closes its connection halfway through its body: a 499 row with its key, and
+    the time it took (the call's clock starts before the body is read)."""
+    asked = asyncio.Event()
+
+    class Watch:
+        @hookimpl(tryfirst=True)
+        def authenticate(self) -> None:
+            asked.set()  # then defers: the key is the database's
+
+    control = await start_control(plugins=(Watch(),))
+    key, team = await keyed(control)
+    _, writer = await asyncio.open_connection(control.server.host, control.server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+        b"Authorization: Bearer " + key["key"].encode() + b'\r\n\r\n{"model": '
+    )
+    await writer.drain()
+    await asyncio.wait_for(asked.wait(), 30)  # a safety net only
+    writer.close()
+    async with asyncio.timeout(30):  # a safety net only: the row comes when the task ends
+        while not (found := await rows(control)):
+            await asyncio.sleep(0.01)
+    (row,) = found
+    assert_refused_row(
+        row,
+        key,
+        team,
+        kind="chat_completions",
+        status=499,
+        code="client_disconnected",
+        model=None,
+    )
