@@ -1,5 +1,5 @@
 """The HTTP handlers: one per endpoint kind, each reading top to bottom:
-authenticate -> read_call -> dispatch -> relay."""
+authenticate -> read_body -> dispatch -> relay."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .context import ANONYMOUS, Call
 from .dispatch import Lease
 from .errors import ClientDisconnected, ModelNotFound, ProxyError
 from .keys import runtime_key
-from .payloads import read_call, refuse_unless_allowed
+from .payloads import read_body, refuse_unless_allowed
 from .relay import send, send_with_keepalive
 from .routes import ANTHROPIC_KINDS, DEPLOYMENT_ALIASES, PROVIDER_KINDS, Kind
 
@@ -47,13 +47,11 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
         lease: Lease | None = None
         try:
             principal = await runtime.authenticate(request, kind)
-            call = await read_call(
-                request,
-                kind,
-                principal,
-                runtime.config.server.body_timeout,
-                request.match_info[path_model] if path_model else None,
-            )
+            # The call exists before its body is read: a request of a known key refused for
+            # its body is heard by on_error as its call (and logged as its key's).
+            model = request.match_info[path_model] if path_model else ""  # "": the body's
+            call = Call(kind, request, principal, model, {}, False)
+            await read_body(call, runtime.config.server.body_timeout)
             refuse_unless_allowed(call, dispatcher.allows)
             plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:

@@ -196,7 +196,9 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
     """Observe a failed request.
 
     Runs when a request fails with any exception, before the error is rendered; ``call`` is
-    ``None`` when the failure came before the body was read. A request whose client went away
+    ``None`` when the failure came before the caller was authenticated. A request refused
+    while its body was read has a call with no fields, and ``model`` ``""`` unless the path or
+    the body named one. A request whose client went away
     (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499). Observe only: the client gets the
     error whatever this does, and exceptions raised here are logged and swallowed. Every
     implementation runs. May be ``async def``.

@@ -19,10 +19,12 @@ from .failures import (
     as_proxy_error,
     openai_error,
     raise_stream_failure,
+    scrub,
 )
 from .h1client import H1Pool
 from .headers import never_forwarded
 from .replies import JSONReply, Reply, StreamReply
+from .request_ids import is_sane
 from .streaming import iter_sse, iter_sse_blocks
 from .transport import (
     SessionTransport,
@@ -89,12 +91,7 @@ async def _answer(
     except Exception as exc:  # connect errors and timeouts before any answer
         raise as_proxy_error(exc, deployment) from exc
     if call is not None:
-        headers = response.headers
-        call.upstream_request_id = (  # AWS names it x-amzn-RequestId
-            headers.get("x-request-id")
-            or headers.get("request-id")
-            or headers.get("x-amzn-requestid")
-        )
+        call.upstream_request_id = _upstream_id(response.headers, deployment)
     if response.status < 300:
         return response
     with _Guard(response, deployment):
@@ -107,6 +104,19 @@ async def _answer(
             )
         raise read_error(response.status, body, deployment, response.headers)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _upstream_id(headers: Mapping[str, str], deployment: Deployment) -> str | None:
+    """The upstream's own request id, kept by the rule the client's is (``request_ids``):
+    1 to 128 printable ASCII characters, else dropped. It goes into logs and traces, so one
+    that looks like a key, or holds the deployment's own (an upstream echoing what it was
+    sent), is dropped too."""
+    given = (  # AWS names it x-amzn-RequestId
+        headers.get("x-request-id") or headers.get("request-id") or headers.get("x-amzn-requestid")
+    )
+    if given is None or not is_sane(given) or scrub(given, deployment) != given:
+        return None
+    return given
 
 
 def _recount(budget: BufferBudget, counted: int, holding: int) -> int:

@@ -169,7 +169,7 @@ class RowBuilder:
             _storable(principal.name, _NAME),
             principal.team,
             _end_user(finished.end_user),
-            _storable(finished.model, _MODEL),
+            _storable(finished.model or None, _MODEL),  # '': a body that named none
             deployment.key if deployment else None,
             deployment.provider if deployment else None,
             finished.kind,

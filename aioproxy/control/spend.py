@@ -5,7 +5,7 @@ is the usage priced the moment an ``after_response`` implementation reads it, an
 finished request for the log's writer, which reads its usage, prices it and builds its row in
 its own batch (``rows``): a request pays for a list append, not for its row. A reply without
 usage is priced on an estimate, marked ``estimated``. Failed requests are logged too, from
-``on_error``.
+``on_error``: every one whose key is known, refused ones included.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..context import STREAM_FILTER, Call
-from ..errors import ProxyError
+from ..errors import ProxyError, from_http_exception
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
 from .meters import KeyLimits
@@ -65,16 +65,23 @@ class Spend:
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
-        """Log a failed request. A stream that fails midway still gets ``after_response``,
-        which logs it with its usage: so the row is queued when the request's task ends, by
-        whichever comes last."""
+        """Log a failed request, refused ones too (the call exists once its key is known:
+        a body refused as it is read is logged with the key, ``model`` if the body named it).
+
+        A failed authentication (``call`` None: an unknown, disabled or expired key, or none)
+        is not: no key owns it, and rows an unauthenticated flood could write at no cost would
+        grow the database without bound and crowd the keys' rows out of the writer's bounded
+        buffer. It is counted (``aioproxy_requests_total{status="401"}``) and has its access
+        log line; nothing presented as a key is written anywhere.
+
+        A stream that fails midway still gets ``after_response``, which logs it with its
+        usage: so the row is queued when the request's task ends, by whichever comes last."""
         plane = request.app.get(plane_key)
         if plane is None or call is None or FAILED in call.state:
             return
         if not self.log_rows and call.principal.limits.__class__ is not KeyLimits:
             return
-        status = error.status if isinstance(error, ProxyError) else 500
-        code = (error.code or error.type) if isinstance(error, ProxyError) else "internal_error"
+        status, code = _status_and_code(request, error)
         call.state[FAILED] = code
 
         def log_failure(_task: object = None) -> None:
@@ -88,3 +95,13 @@ class Spend:
             log_failure()
         else:
             task.add_done_callback(log_failure)
+
+
+def _status_and_code(request: web.Request, error: Exception) -> tuple[int, str]:
+    """The status and error code the client got for ``error`` (what the error middleware
+    answers: aiohttp's own HTTPException too, a body over ``client_max_size`` a 413)."""
+    if isinstance(error, web.HTTPException):
+        error = from_http_exception(error, request)
+    if isinstance(error, ProxyError):
+        return error.status, error.code or error.type
+    return 500, "internal_error"

@@ -170,9 +170,10 @@ class Metrics:
         if self.multiprocess:
             multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.models = frozenset(entry.name for entry in config.models)
-        # A model name (None: the request named none) -> its label; any other name: UNKNOWN.
+        # A model name (None, or a refused call's "": the request named none) -> its label;
+        # any other name: UNKNOWN.
         self.labels: dict[str | None, str] = {name: name for name in self.models}
-        self.labels[None] = NONE
+        self.labels[None] = self.labels[""] = NONE
         self.deployments = frozenset(deployment_ids)
         self.active = 0  # requests in flight in this process, set into the gauge when flushed
         self._flushed_active = -1

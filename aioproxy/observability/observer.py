@@ -441,7 +441,7 @@ class Observer:
                         code,
                         principal.name if principal is not None else None,
                         principal.team if principal is not None else None,
-                        call.model[:_MAX_LOGGED_NAME] if call is not None else None,
+                        (call.model[:_MAX_LOGGED_NAME] or None) if call is not None else None,
                         (deployment.id or deployment.describe())
                         if deployment is not None
                         else None,
