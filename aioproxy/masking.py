@@ -12,15 +12,17 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import msgspec
 
 from .config import Secret
-from .context import Deployment
 
-__all__ = ["Mask", "mark_secrets", "mask_keylike", "mask_of", "secrets_in"]
+if TYPE_CHECKING:  # context imports request_ids, which imports this module
+    from .context import Deployment
+
+__all__ = ["Mask", "is_keylike", "mark_secrets", "mask_keylike", "mask_of", "secrets_in"]
 
 MASKED = "***"
 _MIN_SECRET = 3  # shorter values (a header's "1") are no secret, and masking them garbles text
@@ -34,6 +36,11 @@ _KEYLIKE = (
 )
 _KEYLIKE_TEXT = re.compile(_KEYLIKE, re.IGNORECASE)
 _KEYLIKE_BYTES = re.compile(_KEYLIKE.encode(), re.IGNORECASE)
+
+
+def is_keylike(text: str) -> bool:
+    """Whether ``text`` holds anything that looks like a key."""
+    return _KEYLIKE_TEXT.search(text) is not None
 
 
 def mask_keylike(text: str) -> str:

@@ -14,6 +14,7 @@ import secrets
 from aiohttp import web
 
 from ._aiohttp import request_state
+from .masking import is_keylike
 
 __all__ = ["HEADER", "REQUEST_ID", "is_sane", "new_request_id", "request_id", "set_header"]
 
@@ -23,8 +24,14 @@ _MAX_LENGTH = 128
 
 
 def is_sane(value: str) -> bool:
-    """1 to 128 printable ASCII characters: safe to log, forward and send back."""
-    return 0 < len(value) <= _MAX_LENGTH and value.isascii() and value.isprintable()
+    """1 to 128 printable ASCII characters, nothing key-like among them: safe to log, trace,
+    forward and send back (a client that pastes its key into the header gets a new id)."""
+    return (
+        0 < len(value) <= _MAX_LENGTH
+        and value.isascii()
+        and value.isprintable()
+        and not is_keylike(value)
+    )
 
 
 class _Ids:

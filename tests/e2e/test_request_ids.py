@@ -37,6 +37,7 @@ def test_sane_ids() -> None:
     assert not is_sane("")
     assert not is_sane("é")
     assert not is_sane("a\tb")
+    assert not is_sane("trace sk-live-0123456789")  # key-like: never logged
     first, second = new_request_id(), new_request_id()
     assert first != second and is_sane(first) and first.startswith("req_")
 
@@ -51,7 +52,10 @@ async def test_a_sane_client_id_is_kept_and_forwarded_once(
     assert fake.last.headers["x-request-id"] == "client-id-42"
 
 
-@pytest.mark.parametrize("given", ["x" * 129, "caf\u00e9", " "])
+# A key pasted into the header (a client's mistake) would be logged, traced and sent upstream.
+@pytest.mark.parametrize(
+    "given", ["x" * 129, "caf\u00e9", " ", "sk-proj-abcdef123456", "eyJhbGciOi.eyJzdWIiOi.sig"]
+)
 async def test_an_insane_client_id_is_replaced(
     proxy: TestServer, fake: FakeOpenAI, given: str
 ) -> None:
