@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ClientDisconnected, ModelNotFound, ProxyError
+from .errors import ClientDisconnected, ModelNotFound, ProxyError, from_http_exception
 from .keys import runtime_key
 from .payloads import read_body, refuse_unless_allowed
 from .relay import send, send_with_keepalive
@@ -66,10 +66,13 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
                 request, call, await dispatcher.dispatch(call, plan, lease), runtime.hooks
             )
         except Exception as exc:
-            if runtime.hooks.on_error and (
-                rest := runtime.hooks.on_error.logged(request, exc, call)
-            ):
-                await rest
+            if runtime.hooks.on_error:
+                # aiohttp's own refusal (a body over client_max_size: 413) as the error the
+                # client gets from the error middleware: every on_error hears its status.
+                if isinstance(exc, web.HTTPException):
+                    exc = from_http_exception(exc, request)
+                if rest := runtime.hooks.on_error.logged(request, exc, call):
+                    await rest
             raise
         except asyncio.CancelledError:  # its client went away (aiohttp cancels the handler)
             if runtime.hooks.on_error and (

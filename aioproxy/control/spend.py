@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..context import STREAM_FILTER, Call
-from ..errors import ProxyError, from_http_exception
+from ..errors import ProxyError
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
 from .meters import KeyLimits
@@ -81,7 +81,7 @@ class Spend:
             return
         if not self.log_rows and call.principal.limits.__class__ is not KeyLimits:
             return
-        status, code = _status_and_code(request, error)
+        status, code = _status_and_code(error)
         call.state[FAILED] = code
 
         def log_failure(_task: object = None) -> None:
@@ -97,11 +97,9 @@ class Spend:
             task.add_done_callback(log_failure)
 
 
-def _status_and_code(request: web.Request, error: Exception) -> tuple[int, str]:
-    """The status and error code the client got for ``error`` (what the error middleware
-    answers: aiohttp's own HTTPException too, a body over ``client_max_size`` a 413)."""
-    if isinstance(error, web.HTTPException):
-        error = from_http_exception(error, request)
+def _status_and_code(error: Exception) -> tuple[int, str]:
+    """The status and error code the client got for ``error`` (the handler hands aiohttp's
+    own refusals on as the ProxyError the error middleware answers with)."""
     if isinstance(error, ProxyError):
         return error.status, error.code or error.type
     return 500, "internal_error"

@@ -122,17 +122,20 @@ class OTelPlugin:
         if span is None:
             operation = _OPERATIONS.get(call.kind.value, call.kind.value)
             started = _now_ns() - int((time.monotonic() - call.started) * 1e9)
+            attributes = {
+                "gen_ai.operation.name": operation,
+                "aioproxy.request_id": call.request_id,
+                "aioproxy.key": call.principal.name,
+            }
+            model = call.model  # "": a request refused before its body named one
+            if model:
+                attributes["gen_ai.request.model"] = model
             span = self.tracer.start_span(
-                f"{operation} {call.model}",
+                f"{operation} {model}" if model else operation,
                 context=extract(call.request.headers),  # the client's traceparent, if any
                 kind=SpanKind.SERVER,
                 start_time=started,
-                attributes={
-                    "gen_ai.operation.name": operation,
-                    "gen_ai.request.model": call.model,
-                    "aioproxy.request_id": call.request_id,
-                    "aioproxy.key": call.principal.name,
-                },
+                attributes=attributes,
             )
             call.state[_SPAN] = span
             call.state["otel.started_ns"] = started

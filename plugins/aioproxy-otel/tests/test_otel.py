@@ -110,9 +110,11 @@ def fake() -> FakeOpenAI:
     return FakeOpenAI()
 
 
-async def start(aiohttp_server: Any, fake: FakeOpenAI, *plugins: object) -> TestServer:
+async def start(
+    aiohttp_server: Any, fake: FakeOpenAI, *plugins: object, **overrides: Any
+) -> TestServer:
     upstream = await aiohttp_server(fake.app())
-    config = {
+    config: dict[str, Any] = {
         "auth": {"master_key": MASTER_KEY, "keys": [{"key": VIRTUAL_KEY, "name": "team-a-app"}]},
         "router": {"retry_backoff": 0},
         "models": [
@@ -127,6 +129,7 @@ async def start(aiohttp_server: Any, fake: FakeOpenAI, *plugins: object) -> Test
         "responses": {"store": False},
         "metrics": {"enabled": True},
         "logging": {"access_log": True},
+        **overrides,
     }
     app = create_app(
         config, plugins=[aioproxy_openai, aioproxy_echo, *plugins], load_entrypoints=False
@@ -231,6 +234,27 @@ async def test_refused_requests_have_error_spans(
     assert attributes(by_error["model_not_found"])["http.response.status_code"] == 404
     assert by_error["invalid_api_key"].name == "aioproxy /v1/chat/completions"
     assert all(s.status.code == Status.STATUS_CODE_ERROR for s in spans)
+
+
+async def test_a_body_refused_as_it_is_read_has_its_status_and_no_empty_model(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A body over the size limit is aiohttp's 413, and a body that names no model leaves the
+    call's model empty: the span says 413 (not 500) and is named by its operation alone."""
+    proxy = await start(aiohttp_server, fake, plugin, server={"max_body_size": 1024})
+    url = proxy.make_url("/v1/chat/completions")
+    headers = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for body, status in ((b"{" + b" " * 4096 + b"}", 413), (b"{]", 400)):
+            async with http.post(url, data=body, headers=headers) as response:
+                assert response.status == status
+    spans = await flushed(plugin, collector, 2)
+    statuses = sorted(attributes(s)["http.response.status_code"] for s in spans)
+    assert statuses == [400, 413]
+    for span in spans:
+        assert span.name == "chat" and "gen_ai.request.model" not in attributes(span)
+    too_large = next(s for s in spans if attributes(s)["http.response.status_code"] == 413)
+    assert attributes(too_large)["error.type"] != "HTTPRequestEntityTooLarge"
 
 
 async def test_content_is_captured_only_when_asked(
