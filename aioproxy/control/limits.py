@@ -1,9 +1,10 @@
 """The ``limits`` plugin: rpm, tpm, max_parallel and budget for database keys and their teams.
 
 Reserve, then reconcile: ``before_request`` admits a request only if every scope (the key, its
-team) has room, and counts it at once (one request, its in-flight slot, its tokens: the
-``max_tokens``-like field plus an estimate of the prompt, and for a scope with a budget its
-estimated cost), with no await in between, so concurrent requests cannot overshoot.
+team) has room, and counts it at once (one request, its in-flight slot, its tokens: an
+estimate of the prompt plus the ``max_tokens``-like field, else the key's running average of
+its answers' output tokens; and for a scope with a budget its estimated cost), with no await
+in between, so concurrent requests cannot overshoot.
 ``after_response`` replaces the reserved tokens by the real usage and the reserved cost by the
 real cost, in one step. The in-flight slot is freed when the request's task ends, whatever
 ended it; the reserved cost then too, or on an error. Rates and slots are counted per instance;
@@ -76,6 +77,9 @@ def _output_cap(call: Call) -> int:
 _PER_TOKEN = 1000.0  # USD per million tokens -> nano-USD per token
 _RATES_MAX = 4096  # deployments made at run time are not kept for ever
 _NO_OUTPUT = frozenset({Kind.EMBEDDINGS})
+# Kinds whose answers have no output tokens to learn from or reserve toward tpm.
+_NO_OUTPUT_TOKENS = frozenset({Kind.EMBEDDINGS, Kind.COUNT_TOKENS})
+_LEARNING_RATE = 0.2  # the weight of each answer in a key's running average of output tokens
 
 
 class CostEstimates:
@@ -209,11 +213,15 @@ class Limits:
         plane = call.request.app[plane_key]
         prompt = estimate_prompt(call)
         cap = _output_cap(call)
+        # Toward tpm: the prompt and the output cap, else the output the key's answers have had.
+        tokens = prompt + (
+            cap or (0 if call.kind in _NO_OUTPUT_TOKENS else round(limits.key_meter.output))
+        )
         # Only a key or team with a budget pays for its cost's estimate.
         held = self.costs.held(call, prompt, cap, plane.pricing) if limits.budgeted else 0
         if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
-            return plane.shared.before_request(call, limits, prompt + cap, held, self.reserve_here)
-        return _reserve_on(call, limits, plane.clock, prompt + cap, held)
+            return plane.shared.before_request(call, limits, tokens, held, self.reserve_here)
+        return _reserve_on(call, limits, plane.clock, tokens, held)
 
     def reserve_here(
         self, call: Call, limits: KeyLimits, tokens: int, held: int
@@ -228,12 +236,16 @@ class Limits:
             return None
         plane = call.request.app[plane_key]
         usage = outcome.usage()
+        cached = call.state.get("cache") == "hit"
         if usage is None:  # priced on an estimate, which its log row takes (``rows``)
             usage = call.state[ESTIMATED] = estimate_usage(call.body_size(), outcome)
             if outcome.cost is None and call.routed:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
+        elif not cached and call.kind not in _NO_OUTPUT_TOKENS:  # the upstream's own count
+            meter = call.principal.limits.key_meter  # a KeyLimits: it reserved
+            meter.output += (usage.completion_tokens - meter.output) * _LEARNING_RATE
         # A cached answer counts toward rpm, not tpm.
-        tokens = 0 if call.state.get("cache") == "hit" else usage.total_tokens
+        tokens = 0 if cached else usage.total_tokens
         clock = plane.clock
         cost = outcome.cost
         if not isinstance(reservation, Reservation):  # counted in Redis: one settling script

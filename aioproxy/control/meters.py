@@ -89,12 +89,15 @@ class RateWindow:
 class Meter:
     """One key's or team's counters; kept across cache reloads, by id."""
 
-    __slots__ = ("held", "in_flight", "period", "requests", "spend", "tokens")
+    __slots__ = ("held", "in_flight", "output", "period", "requests", "spend", "tokens")
 
     def __init__(self) -> None:
         self.requests = RateWindow()
         self.tokens = RateWindow()
         self.in_flight = 0
+        # The output tokens its answers have had, a running average: what a request that caps
+        # none reserves toward tpm (0 until an answer has taught it).
+        self.output = 0.0
         self.held = 0  # nano-USD: the cost its requests in flight reserved (budget scopes)
         self.period: float | None = None  # the budget period ``spend`` belongs to
         self.spend = 0.0  # USD spent here in ``period`` and not yet in the database's figure

@@ -96,6 +96,28 @@ async def test_tpm_admits_within_one_reservation(control: Control, fake: Any) ->
     )
 
 
+async def test_without_max_tokens_tpm_reserves_the_output_answers_have_had(
+    control: Control,
+) -> None:
+    """A request that caps no output reserves toward tpm its prompt and the key's running
+    average of its answers' output tokens (0 before any answer), not the prompt alone."""
+    key = (await control.new_key(tpm=100_000))["key"]
+    used, average, expected, reserved = 0, 0.0, [], []
+    for _ in range(4):
+        status, headers, body = await post_chat(control, key)
+        assert status == 200
+        # Right after admission the window holds the earlier answers' usage and this request's
+        # reservation: the prompt's estimate and the output learnt so far.
+        reserved.append(100_000 - int(headers["x-ratelimit-remaining-tokens"]) - used)
+        expected.append(round(average))
+        used += body["usage"]["total_tokens"]
+        assert body["usage"]["completion_tokens"] > 0
+        average += (body["usage"]["completion_tokens"] - average) * 0.2
+    prompt = reserved[0]  # nothing learnt yet: the prompt alone
+    assert expected[0] == 0 and expected[3] > 0
+    assert reserved == [prompt + output for output in expected]
+
+
 class Gate:
     """A before_request hook that runs after the limits and holds requests until released."""
 
