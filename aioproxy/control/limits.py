@@ -114,6 +114,20 @@ class CostEstimates:
         return math.ceil(prompt * per_input + output * per_output)
 
 
+def _learnt_output(call: Call, limits: KeyLimits, prompt: int) -> int:
+    """The output tokens a request with no cap reserves toward tpm: the key's running average
+    of its answers', held under what its smallest tpm leaves beside the prompt. An estimate
+    never refuses a request an empty window would take: refused, the request would teach
+    nothing, and the average would stay too high for good."""
+    if call.kind in _NO_OUTPUT_TOKENS:
+        return 0
+    learnt = round(limits.key_meter.output)
+    least = limits.tpm_least
+    if least is not None and learnt > least - prompt:
+        return max(0, least - prompt)
+    return learnt
+
+
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: "20ms", "1s", "6m0s"."""
     if seconds < 1:
@@ -214,9 +228,7 @@ class Limits:
         prompt = estimate_prompt(call)
         cap = _output_cap(call)
         # Toward tpm: the prompt and the output cap, else the output the key's answers have had.
-        tokens = prompt + (
-            cap or (0 if call.kind in _NO_OUTPUT_TOKENS else round(limits.key_meter.output))
-        )
+        tokens = prompt + (cap or _learnt_output(call, limits, prompt))
         # Only a key or team with a budget pays for its cost's estimate.
         held = self.costs.held(call, prompt, cap, plane.pricing) if limits.budgeted else 0
         if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)

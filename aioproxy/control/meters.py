@@ -264,6 +264,7 @@ class KeyLimits:
         "team",
         "team_meter",
         "token_limits",
+        "tpm_least",
     )
 
     def __init__(
@@ -279,6 +280,9 @@ class KeyLimits:
         # The rate limits, for the x-ratelimit-* headers: (limit, its window) per scope.
         self.request_limits = [(e.rpm, m.requests) for _, e, m in self.scopes if e.rpm is not None]
         self.token_limits = [(e.tpm, m.tokens) for _, e, m in self.scopes if e.tpm is not None]
+        # The smallest tpm of its scopes (None: no tpm): what a learnt output estimate is held
+        # under, so that it never refuses a request whose own prompt fits an empty window.
+        self.tpm_least = min((limit for limit, _ in self.token_limits), default=None)
         self.limited = bool(self.request_limits or self.token_limits)
         self.checks = tuple(Scope(name, entry, meter) for name, entry, meter in self.scopes)
         # The x-ratelimit-* headers' parts made once, per kind: its three header names, then

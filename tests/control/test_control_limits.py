@@ -118,6 +118,24 @@ async def test_without_max_tokens_tpm_reserves_the_output_answers_have_had(
     assert reserved == [prompt + output for output in expected]
 
 
+async def test_a_learnt_output_estimate_never_locks_a_key_out(
+    control: Control, clock: FakeControlClock
+) -> None:
+    """Long answers teach a large output estimate; with a long prompt the two exceed the tpm.
+    The estimate is held under what the tpm leaves beside the prompt: a request the empty
+    window would take is never refused for it (refused, it would teach nothing, for good)."""
+    key = (await control.new_key(tpm=1000))["key"]
+    long_prompt = {"messages": [{"role": "user", "content": " ".join(["a"] * 700)}]}
+    statuses = []
+    for _ in range(15):
+        status, _, _ = await post_chat(control, key, **long_prompt)
+        statuses.append(status)
+        clock.advance(61)  # the window empties every time
+    meter = control.plane.cache.key_meters[next(iter(control.plane.cache.keys))]
+    assert meter.output > 300  # what was learnt, with the prompt, is over the tpm
+    assert statuses == [200] * 15
+
+
 class Gate:
     """A before_request hook that runs after the limits and holds requests until released."""
 
