@@ -158,9 +158,30 @@ def _upgrade(connection: sa.Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
+# The oldest PostgreSQL served: the key cache's marks read transaction ids with
+# pg_current_xact_id() and pg_current_snapshot() (aioproxy.control.marks), new in 13.
+OLDEST_POSTGRESQL = (13,)
+
+
+def check_server(dialect: str, version: tuple[int | str, ...] | None) -> None:
+    """Refuse a database server too old for the schema's queries, saying so plainly (rather
+    than with the first query that fails, at the first poll)."""
+    if (
+        dialect == "postgresql"
+        and version
+        and isinstance(version[0], int)
+        and (version[0] < OLDEST_POSTGRESQL[0])
+    ):
+        raise RuntimeError(
+            f"PostgreSQL {'.'.join(map(str, version))} is too old: aioproxy needs "
+            f"{'.'.join(map(str, OLDEST_POSTGRESQL))} or newer"
+        )
+
+
 def _migrate(connection: sa.Connection) -> None:
     """Migrate under a lock held to the end of the transaction: workers or instances starting
     together on a new database take turns, and the later ones find it current."""
+    check_server(connection.dialect.name, connection.dialect.server_version_info)
     # Read first, unlocked: a current database (the common start-up) takes no lock, and an
     # upgrade imports Alembic before it holds the lock, not while the others wait on it.
     if _current_revision(connection) == SCHEMA_HEAD:

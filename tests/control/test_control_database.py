@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from aioproxy.config import ConfigError, SpendConfig
 from aioproxy.control import schema
 from aioproxy.control.cache import KeyCache
-from aioproxy.control.engine import SCHEMA_HEAD, _head, mask_url, open_engine
+from aioproxy.control.engine import SCHEMA_HEAD, _head, check_server, mask_url, open_engine
 from aioproxy.control.requestlog import LogRecord, RequestLog
 from aioproxy.testing import eventually
 
@@ -394,3 +394,13 @@ async def test_sqlite_keeps_statement_journals_in_memory(tmp_path: Path) -> None
         assert store == 2  # MEMORY
     finally:
         await engine.dispose()
+
+
+def test_a_postgresql_too_old_is_named() -> None:
+    """PostgreSQL before 13 lacks the functions the key cache's marks use: refused at
+    start-up, by name (the message goes into the ``[database] url`` ConfigError)."""
+    with pytest.raises(RuntimeError, match="PostgreSQL 12.9 is too old: aioproxy needs 13"):
+        check_server("postgresql", (12, 9))
+    check_server("postgresql", (13, 0))
+    check_server("postgresql", None)
+    check_server("sqlite", (3, 7))
