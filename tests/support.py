@@ -15,10 +15,12 @@ from typing import Any
 
 import aiohttp
 import openai
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.typedefs import Handler
 
 from aioproxy import Call, Deployment, JSONReply, Secret, StreamReply
-from aioproxy.testing import eventually
+from aioproxy.testing import FakeOpenAI, eventually
 
 __all__ = [
     "ALICE",
@@ -175,6 +177,35 @@ async def running(
     finally:
         process.terminate()
         await process.wait()
+
+
+class HeldUpstream(FakeOpenAI):
+    """The fake OpenAI upstream, holding the requests that reach it (while ``holding``) until
+    the test sets ``release``: so that they are all in flight at once. ``arrived`` counts every
+    request, ``held`` those waiting now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = True
+        self.release = asyncio.Event()
+        self.arrived = 0
+        self.held = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.middlewares.append(self._hold)
+        return app
+
+    @web.middleware
+    async def _hold(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.arrived += 1
+        if self.holding:
+            self.held += 1
+            try:
+                await self.release.wait()
+            finally:
+                self.held -= 1
+        return await handler(request)
 
 
 class FakeChat:

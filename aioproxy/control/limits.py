@@ -38,7 +38,7 @@ from aiohttp import web
 
 from .._aiohttp import request_state
 from ..config import Config
-from ..context import CACHE_ANSWERS, Call, Deployment
+from ..context import CACHE_ANSWERS, Call
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
@@ -75,33 +75,17 @@ def _output_cap(call: Call) -> int:
 
 
 _PER_TOKEN = 1000.0  # USD per million tokens -> nano-USD per token
-_RATES_MAX = 4096  # deployments made at run time are not kept for ever
-_NO_OUTPUT = frozenset({Kind.EMBEDDINGS})
-# Kinds whose answers have no output tokens to learn from or reserve toward tpm.
+# Kinds whose answers have no output tokens: none reserved (cost or tpm), none learnt.
 _NO_OUTPUT_TOKENS = frozenset({Kind.EMBEDDINGS, Kind.COUNT_TOKENS})
 _LEARNING_RATE = 0.2  # the weight of each answer in a key's running average of output tokens
 
 
 class CostEstimates:
-    """A request's cost before its call, in nano-USD: each deployment's price per token read
-    once (its configured price or the bundled table's, as ``Pricing`` has it), then a few
-    multiplications a request."""
+    """A request's cost before its call, in nano-USD, at the price ``Pricing`` has for its
+    deployment (configured, else the bundled table's, each looked up once there)."""
 
     def __init__(self, output_tokens: int) -> None:
         self.output_tokens = output_tokens  # assumed for a request with no output cap
-        self._rates: dict[int, tuple[Deployment, float, float]] = {}  # by id(deployment)
-
-    def _rates_of(self, deployment: Deployment, pricing: Pricing) -> tuple[float, float]:
-        found = self._rates.get(id(deployment))
-        if found is not None and found[0] is deployment:
-            return found[1], found[2]
-        if len(self._rates) >= _RATES_MAX:
-            self._rates.clear()
-        price = pricing.price_of(deployment)
-        rates = (0.0, 0.0) if price is None else (price.input, price.output)
-        per_input, per_output = rates[0] * _PER_TOKEN, rates[1] * _PER_TOKEN
-        self._rates[id(deployment)] = (deployment, per_input, per_output)
-        return per_input, per_output
 
     def held(self, call: Call, prompt: int, cap: int, pricing: Pricing) -> int:
         """Nano-USD for ``prompt`` tokens in and ``cap`` out (none: the configured estimate)
@@ -109,9 +93,11 @@ class CostEstimates:
         kind = call.kind
         if kind is Kind.COUNT_TOKENS:
             return 0
-        per_input, per_output = self._rates_of(call.deployment, pricing)
-        output = 0 if kind in _NO_OUTPUT else (cap or self.output_tokens)
-        return math.ceil(prompt * per_input + output * per_output)
+        price = pricing.price_of(call.deployment)
+        if price is None:
+            return 0
+        output = 0 if kind in _NO_OUTPUT_TOKENS else (cap or self.output_tokens)
+        return math.ceil(prompt * price.input * _PER_TOKEN + output * price.output * _PER_TOKEN)
 
 
 def _learnt_output(call: Call, limits: KeyLimits, prompt: int) -> int:

@@ -113,7 +113,7 @@ class Changes:
         self._own: dict[str, float] = {}  # deployment -> when its cooldown here ends (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        link.on_resume(self._catch_up)  # changes published while this one could not hear
+        link.on_resume(self._resumed)  # changes published while this one could not hear
 
     async def start(self) -> None:
         """Listen, and wait (within the timeout, when Redis is up) until subscribed and the
@@ -208,6 +208,12 @@ class Changes:
             task.add_done_callback(self._sends.discard)
         elif change.what == "cooldown" and change.deployment is not None:
             self.cool_down(change.deployment, change.seconds)
+
+    async def _resumed(self) -> None:
+        """The link is back: catch up, unless the listener is subscribing again (it lost its
+        connection too), which catches up itself once subscribed."""
+        if self.listening.is_set():
+            await self._catch_up()
 
     async def _catch_up(self) -> None:
         """Once subscribed (and when the link is back): the keys reloaded, the cooldowns in

@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from aioproxy.testing import FakeOpenAI
 from tests.control.conftest import CHAT, PRICE, Control
 from tests.redis_server import redis_server, redis_url
+from tests.support import HeldUpstream
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -28,39 +26,13 @@ ESTIMATE_LOW = MAX_TOKENS * PRICE["output"] / 1e6
 ESTIMATE_HIGH = ESTIMATE_LOW + 0.0001
 
 
-class HeldOpenAI(FakeOpenAI):
-    """The fake upstream, holding the requests that reach it (while ``holding``) until the
-    test sets ``release``: so that they are all in flight at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.holding = True
-        self.held = 0  # requests waiting now
-        self.release = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = super().app()
-        app.middlewares.append(self._hold)
-        return app
-
-    @web.middleware
-    async def _hold(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.holding:
-            self.held += 1
-            try:
-                await self.release.wait()
-            finally:
-                self.held -= 1
-        return await handler(request)
+@pytest.fixture
+def fake() -> HeldUpstream:
+    return HeldUpstream()
 
 
 @pytest.fixture
-def fake() -> HeldOpenAI:
-    return HeldOpenAI()
-
-
-@pytest.fixture
-async def released(fake: HeldOpenAI) -> AsyncIterator[HeldOpenAI]:
+async def released(fake: HeldUpstream) -> AsyncIterator[HeldUpstream]:
     """The held fake, released whatever the test did (no handler left waiting)."""
     yield fake
     fake.release.set()
@@ -114,7 +86,7 @@ def cost_of(usage: dict[str, int]) -> float:
 
 
 async def test_requests_in_flight_at_once_spend_within_the_budget(
-    start_instances: StartInstances, released: HeldOpenAI
+    start_instances: StartInstances, released: HeldUpstream
 ) -> None:
     """20 requests at once against a budget worth 2.5 of their estimates: the first three are
     admitted (with 0, 1 and 2 estimates reserved in flight, each under the budget), the other
@@ -157,7 +129,7 @@ async def test_requests_in_flight_at_once_spend_within_the_budget(
 
 
 async def test_an_error_or_a_client_gone_releases_the_reservation(
-    start_instances: StartInstances, released: HeldOpenAI
+    start_instances: StartInstances, released: HeldUpstream
 ) -> None:
     """A budget worth 1.5 estimates admits a second request while one is in flight, not a
     third. A request that fails upstream, or whose client leaves, gives its reservation back
@@ -214,7 +186,7 @@ async def wait_released(control: Control, key_id: str, left: float) -> None:
 
 
 async def test_a_key_over_its_tpm_is_answered_from_the_cache(
-    start_instances: StartInstances, released: HeldOpenAI
+    start_instances: StartInstances, released: HeldUpstream
 ) -> None:
     """A cached answer counts toward the key's rpm, not its tpm: a key whose tokens are used
     up is answered from the cache (it got 429 before the cache was asked), and refused for a

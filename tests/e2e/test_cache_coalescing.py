@@ -11,14 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
-from aiohttp.typedefs import Handler
 
 from aioproxy.cache.response_cache import in_flight_key
-from aioproxy.testing import FakeOpenAI, eventually
+from aioproxy.testing import eventually
 from tests.redis_server import redis_server, redis_url
-from tests.support import MASTER_KEY, ServeProxy, gateway_config
+from tests.support import MASTER_KEY, HeldUpstream, ServeProxy, gateway_config
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -28,26 +26,6 @@ CHAT = {
     "temperature": 0,
 }
 SAFETY = 30.0  # seconds: a safety net only; each wait ends as soon as its condition holds
-
-
-class HeldUpstream(FakeOpenAI):
-    """Holds every request at its door until ``gate`` opens; counts them as they arrive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.arrived = 0
-
-    def app(self) -> web.Application:
-        app = super().app()
-        app.middlewares.append(self._hold)
-        return app
-
-    @web.middleware
-    async def _hold(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.arrived += 1
-        await self.gate.wait()
-        return await handler(request)
 
 
 @pytest.fixture
@@ -97,7 +75,7 @@ async def test_identical_misses_call_the_upstream_once(
     proxy: TestServer, fake: HeldUpstream, stream: bool
 ) -> None:
     requests = await held_at_once(proxy, fake, {**CHAT, "stream": stream}, 5)
-    fake.gate.set()
+    fake.release.set()
     answers = await asyncio.gather(*requests)
     assert fake.arrived == 1 and len(fake.requests) == 1
     assert [(status, result) for status, result, _ in answers] == [(200, "miss")] + [
@@ -115,7 +93,7 @@ async def test_a_stream_s_waiters_may_ask_for_json(proxy: TestServer, fake: Held
     await eventually(lambda: fake.arrived == 1, within=SAFETY)
     waiter = asyncio.ensure_future(post(proxy, CHAT))
     await eventually(lambda: proxy.app[in_flight_key].waiting == 1, within=SAFETY)
-    fake.gate.set()
+    fake.release.set()
     (_, _, events), (status, result, body) = await asyncio.gather(first, waiter)
     assert (status, result) == (200, "hit") and fake.arrived == 1
     text = "".join(
@@ -131,7 +109,7 @@ async def test_a_failed_first_sends_each_waiter_upstream(
 ) -> None:
     requests = await held_at_once(proxy, fake, CHAT, 4)
     fake.faults = ["status:500"]  # the first request through the door fails
-    fake.gate.set()
+    fake.release.set()
     answers = await asyncio.gather(*requests)
     assert answers[0][0] == 500 and json.loads(answers[0][2])["error"]["type"] == "server_error"
     assert [(status, result) for status, result, _ in answers[1:]] == [(200, "miss")] * 3
@@ -144,7 +122,7 @@ async def test_a_waiter_whose_client_leaves_does_not_break_the_first(
     first, leaving, staying = await held_at_once(proxy, fake, CHAT, 3)
     leaving.cancel()  # its client goes away: its handler is cancelled while it waits
     await eventually(lambda: proxy.app[in_flight_key].waiting == 1, within=SAFETY)
-    fake.gate.set()
+    fake.release.set()
     assert (await first)[:2] == (200, "miss")
     assert (await staying)[:2] == (200, "hit")
     assert fake.arrived == 1
@@ -158,5 +136,5 @@ async def test_waiters_go_upstream_when_the_first_s_client_leaves(
     # The waiters are at the upstream's door too, which never opened: nobody was left hanging.
     await eventually(lambda: fake.arrived == 3, within=SAFETY)
     assert proxy.app[in_flight_key].waiting == 0
-    fake.gate.set()
+    fake.release.set()
     assert [(await waiter)[:2] for waiter in waiters] == [(200, "miss")] * 2
