@@ -309,15 +309,19 @@ class RequestLog:
         instances' polls (marks.py)."""
         mark = await self.cache.marks.take(connection)
         for (key_id, period), cost in keys.items():
-            await connection.execute(_add_spend(schema.keys, key_id, period, cost, mark))
+            # A key that spent is in ``used``: its last use goes in the same update.
+            update = _add_spend(schema.keys, key_id, period, cost, mark)
+            await connection.execute(update.values(last_used_at=used[key_id]))
         for (team_id, period), cost in teams.items():
             await connection.execute(_add_spend(schema.teams, team_id, period, cost, mark))
+        spent = {key_id for key_id, _ in keys}
         for key_id, when in used.items():
-            await connection.execute(
-                sa.update(schema.keys)
-                .where(schema.keys.c.id == key_id)
-                .values(last_used_at=when, figures_mark=mark)
-            )
+            if key_id not in spent:  # used at no cost: its last use alone
+                await connection.execute(
+                    sa.update(schema.keys)
+                    .where(schema.keys.c.id == key_id)
+                    .values(last_used_at=when, figures_mark=mark)
+                )
 
     @staticmethod
     def _written(
