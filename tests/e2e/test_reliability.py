@@ -398,10 +398,11 @@ async def test_retryable_failures_are_retried(
     serve_proxy: ServeProxy, fake: FakeOpenAI, upstream_base: str, fault: str, stream: bool
 ) -> None:
     # "hang" waits out first_byte twice, so its answer after must come within it even on a
-    # loaded machine (0.2 s was missed once under xdist): long enough for that, short for the
-    # suite. The other faults answer at once: their first_byte is only a safety net (1 s was
-    # missed once by the good answer after two "garbage" ones, in a full CI run).
-    first_byte = 1.0 if fault == "hang" else 30.0
+    # loaded machine (0.2 s was missed once under xdist, 1 s once in a fresh-clone CI run):
+    # long enough for that, short enough for the suite. The other faults answer at once: their
+    # first_byte is only a safety net (1 s was missed once by the good answer after two
+    # "garbage" ones, in a full CI run).
+    first_byte = 4.0 if fault == "hang" else 30.0
     config = one_deployment(
         upstream_base,
         {"timeouts": {"first_byte": first_byte, "read": 5}},
