@@ -2,9 +2,10 @@
 
 A middleware (the app's outermost) times each request and, once it is over, queues it: a
 request pays for an append. The hooks leave what only they see (the call and its outcome, a
-failure, an eventful upstream attempt) in the request's own dict. At the end of the event loop's
-turn (or before a scrape, or at shutdown) the turn's requests are counted and their access lines
-built and written, one batch. Registered as the built-in plugin ``observer`` (``[plugins] disable
+failure, an eventful upstream attempt) in the request's own dict. ``BATCH_WINDOW`` after the
+first of them (or before a scrape, or at shutdown) the requests over meanwhile are counted and
+their access lines built and written, one batch: a busy gateway pays for a batch (its loop's
+set-up, a write to the log) once every few dozen requests. Registered as the built-in plugin ``observer`` (``[plugins] disable
 = ["observer"]`` removes it); with metrics, the access log and the timing header all off it
 implements no hook at all, so the request path is as it would be without it.
 """
@@ -46,7 +47,11 @@ if TYPE_CHECKING:
     from ..outcome import Outcome
     from ..runtime import Runtime
 
-__all__ = ["Observer", "observer"]
+__all__ = ["BATCH_WINDOW", "Observer", "observer"]
+
+# Seconds a finished request waits for others to be counted and logged with: its access line
+# and counts lag it by at most this (a scrape counts what waits first).
+BATCH_WINDOW = 0.01
 
 TIMING_HEADER = "x-aioproxy-overhead-ms"
 # A request whose client went away: its status before its answer (nginx's 499), and the access
@@ -84,7 +89,7 @@ _ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or 
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
-# A request over, as the middleware hands it to the turn's batch: the request, when it came and
+# A request over, as the middleware hands it to its batch: the request, when it came and
 # ended (monotonic seconds), and its response (or the status of its end without one).
 _Over = tuple[web.Request, float, float, "web.StreamResponse | int"]
 
@@ -127,8 +132,8 @@ class Observer:
         # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
         self.write: Callable[[list[AccessLine]], None] | None = None
-        # Requests over since the event loop's turn began, counted and logged at its end (one
-        # batch: a request pays for an append), or before a scrape or at shutdown.
+        # Requests over since the batch's window opened, counted and logged as it closes (a
+        # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
         if config.metrics.enabled:
             table = deployments_from(config)
@@ -244,7 +249,7 @@ class Observer:
             if timing:
                 request_state(request)[_STARTED] = started
             if metrics is not None:
-                metrics.active += 1  # the turn's batch takes it off again
+                metrics.active += 1  # its batch takes it off again
             ended: web.StreamResponse | int = 500
             try:
                 ended = await handler(request)
@@ -257,16 +262,16 @@ class Observer:
                 raise
             finally:
                 # Over (its last byte sent, or its client gone): counted and logged with the
-                # rest of the loop turn's.
+                # others over within the window its batch's first opened.
                 pending.append((request, started, monotonic(), ended))
                 if len(pending) == 1:
-                    asyncio.get_running_loop().call_soon(observe_pending)
+                    asyncio.get_running_loop().call_later(BATCH_WINDOW, observe_pending)
 
         return observe
 
     def unparsed(self, request: web.BaseRequest, response: web.StreamResponse, code: str) -> None:
         """A request aiohttp could not parse, answered by run.py's server: the middleware never
-        saw it, so it joins the loop turn's batch here (no time of arrival is known: none is
+        saw it, so it joins the pending batch here (no time of arrival is known: none is
         counted)."""
         state = request_state(request)
         state[_UNPARSED] = True
@@ -276,7 +281,7 @@ class Observer:
         now = time.monotonic()
         self.pending.append((request, now, now, response))  # type: ignore[arg-type]
         if len(self.pending) == 1:
-            asyncio.get_running_loop().call_soon(self.observe_pending)
+            asyncio.get_running_loop().call_later(BATCH_WINDOW, self.observe_pending)
 
     async def _observe_at_cleanup(self, app: web.Application) -> None:
         self.observe_pending()
@@ -348,8 +353,8 @@ class Observer:
         state[_FAILED] = (error, call)
 
     def observe_pending(self) -> None:
-        """Count and log the requests over since the last batch (the loop turn's): one loop,
-        its lookups bound once, is each request's share of observing."""
+        """Count and log the requests over since the last batch: one loop, its lookups bound
+        once, is each request's share of observing."""
         pending = self.pending
         if not pending:
             return

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from aioproxy import Call, Outcome, create_app, hookimpl
+from aioproxy.observability import observer
 from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
 from aioproxy.testing import FakeOpenAI, eventually
 from tests.support import (
@@ -56,6 +57,13 @@ FIELDS = {
     "client",
     "upstream_request_id",
 }
+
+
+@pytest.fixture(autouse=True)
+def no_batch_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request's line written as soon as the loop turns (not BATCH_WINDOW later), so a
+    test reads it right after its answer."""
+    monkeypatch.setattr(observer, "BATCH_WINDOW", 0.0)
 
 
 @pytest.fixture

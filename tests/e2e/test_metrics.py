@@ -218,6 +218,7 @@ async def test_one_process_counts_as_requests_gather_without_a_clock(
     from aioproxy.observability import observer
 
     monkeypatch.setattr(observer, "COUNT_AT", 2)
+    monkeypatch.setattr(observer, "BATCH_WINDOW", 0.0)  # each request its own batch
     proxy = await serve_proxy(mix_config(upstream_base))
     metrics = proxy.app[plugin_manager_key].get_plugin("aioproxy.observer").metrics
     assert not [ctx for ctx in proxy.app.cleanup_ctx if "_flushing" in repr(ctx)]

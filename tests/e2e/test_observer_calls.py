@@ -1,6 +1,6 @@
 """What observing a request costs in Python calls: the observer's share of each request stays a
-handful of functions (on the request's own path the middleware and its two hooks; in the loop
-turn's batch the counting and the access lines' write), with metrics and the JSON access log on,
+handful of functions (on the request's own path the middleware and its two hooks; in its
+batch the counting and the access lines' write), with metrics and the JSON access log on,
 as run.py writes it."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from tests.support import AUTH, ServeProxy, gateway_config
 
 OBSERVABILITY = str(Path(aioproxy.observability.__file__).parent)
 MESSAGES = [{"role": "user", "content": "hi"}]
-BUDGET = 7  # observe, after_attempt, after_response; the turn's batch, its write, flush and time
-# What the request's own task runs: the rest waits for the turn's batch (a request pays for an
+BUDGET = 7  # observe, after_attempt, after_response; the batch, its write, flush and time
+# What the request's own task runs: the rest waits for its batch (a request pays for an
 # append).
 ON_THE_REQUEST = {"observe", "after_attempt", "after_response"}
 
@@ -76,6 +76,7 @@ async def test_observing_a_request_takes_a_handful_of_calls(
     serve_proxy: ServeProxy, upstream_base: str, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     monkeypatch.setattr(observer, "FLUSH_INTERVAL", 3600.0)  # no metrics flush meanwhile
+    monkeypatch.setattr(observer, "BATCH_WINDOW", 0.0)  # each request's batch as the loop turns
     config = gateway_config(
         upstream_base, metrics={"enabled": True}, logging={"access_log": True, "format": "json"}
     )
@@ -89,3 +90,46 @@ async def test_observing_a_request_takes_a_handful_of_calls(
     assert lines.getvalue().count(b"\n") == 2
     assert len(calls) <= BUDGET, calls
     assert {name for name, in_task in calls if in_task} == ON_THE_REQUEST, calls
+
+
+class _Writes(io.BytesIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_requests_over_within_the_window_are_one_batch(
+    serve_proxy: ServeProxy, upstream_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests over while the batch's window is open wait for it: their access lines go out
+    in one write, and a scrape counts them first (a window that never closes in the test, so
+    nothing depends on the clock)."""
+    monkeypatch.setattr(observer, "BATCH_WINDOW", 3600.0)
+    config = gateway_config(
+        upstream_base, metrics={"enabled": True}, logging={"access_log": True, "format": "json"}
+    )
+    stream = _Writes()
+    with access_stream() as _:
+        ACCESS_LOG.handlers[:] = [AccessHandler(stream, json=True)]
+        proxy = await serve_proxy(config)
+        url = proxy.make_url("/v1/chat/completions")
+        body = {"model": "gpt-test", "messages": MESSAGES}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                async with http.post(url, json=body, headers=AUTH) as response:
+                    assert response.status == 200
+                    await response.read()
+            assert stream.writes == 0  # the window is open: none written yet
+            async with http.get(proxy.make_url("/metrics"), headers=AUTH) as response:
+                text = await response.text()
+    assert (
+        'aioproxy_requests_total{kind="chat_completions",model="gpt-test",status="200"} 3.0' in text
+    )
+    assert stream.writes == 1
+    assert stream.getvalue().count(b"\n") == 3
