@@ -22,7 +22,16 @@ from statistics import median
 
 from .report import MEASURED_HEADER, Row, _measured, _noise_warning, _table, cleanest
 
-__all__ = ["CONNECTIONS", "KINDS", "OTLP_PATH", "TARGETS", "Variant", "otlp_sink", "section"]
+__all__ = [
+    "CONNECTIONS",
+    "KINDS",
+    "ON",
+    "OTLP_PATH",
+    "TARGETS",
+    "Variant",
+    "otlp_sink",
+    "section",
+]
 
 KINDS = ("chat", "stream")
 CONNECTIONS = 16
@@ -43,9 +52,10 @@ class Variant:
     otel: bool = False
 
 
+ON = Variant("aio-on", _ON, ("--log-format", "json"))
 TARGETS = (
     Variant("aio-off", _OFF),
-    Variant("aio-on", _ON, ("--log-format", "json")),
+    ON,
     Variant("aio-otel", _OFF, otel=True),
 )
 

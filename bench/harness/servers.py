@@ -153,12 +153,17 @@ def start_reference(
     loop: str = "auto",
     *,
     label: str = "reference",
+    wrap: tuple[str, ...] = (),
+    ready_timeout: float = 30.0,
 ) -> Target:
-    """``label`` names the target and its log, so a second instance (the soak) has its own."""
+    """``label`` names the target and its log, so a second instance (the soak) has its own;
+    ``wrap`` goes before its command line (valgrind's, say: then it needs a longer
+    ``ready_timeout``)."""
     base = f"http://127.0.0.1:{upstream_port}"
     routes = [f"--route={name}={base}{path}" for name, path in payloads.API_BASES.items()]
     routes += [f"--route={name}={base}{path}/v1" for name, path in payloads.ANTHROPIC_BASES.items()]
     argv = [
+        *wrap,
         sys.executable,
         str(BENCH / "passthrough.py"),
         "--port",
@@ -174,7 +179,7 @@ def start_reference(
     target = Target(label, proc, port, auth=payloads.MASTER_KEY)
     # The reference has no /health: it is ready when it first proxies a request.
     with stopped_on_error(proc):
-        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target))
+        proc.first_ok_ms = wait_until(proc, lambda: probe_chat(target), ready_timeout)
     return target
 
 
@@ -233,12 +238,15 @@ def start_aioproxy(
     env: dict[str, str] | None = None,
     virtual_keys: bool = False,
     redis: Redis | None = None,
+    wrap: tuple[str, ...] = (),
+    ready_timeout: float = 30.0,
 ) -> Target:
     """``label`` names the target, its config, database and log; ``workers`` passes
     `--workers N`; ``extra_config`` is appended to the TOML, ``extra_args`` to the command line,
     and ``env`` is added to the environment; ``virtual_keys``: the caller uses one of 1,000
     database keys (rpm, tpm and a budget enforced) instead of the config's master key;
-    ``redis``: what the run's redis-server holds (see _REDIS_CONFIG)."""
+    ``redis``: what the run's redis-server holds (see _REDIS_CONFIG); ``wrap`` and
+    ``ready_timeout``: as for the reference."""
     config = workdir / f"{label}.toml"
     database = workdir / f"{label}.sqlite3"
     database.unlink(missing_ok=True)
@@ -248,6 +256,7 @@ def start_aioproxy(
         extra_config = state + _REDIS_CONFIG[redis] + extra_config
     config.write_text(aioproxy_config(upstream_port, database) + extra_config)
     argv = [
+        *wrap,
         sys.executable,
         str(REPO / "run.py"),
         *serving(config, port),
@@ -258,7 +267,7 @@ def start_aioproxy(
     environ = None if env is None else {**os.environ, **env}
     proc = spawn(label, argv, workdir / f"{label}.log", core, REPO, environ)
     target = Target(label, proc, port, auth=auth)
-    wait_ready(target, "/health")
+    wait_ready(target, "/health", ready_timeout)
     return target
 
 
