@@ -145,6 +145,7 @@ async def _send_stream(
     outcome.ttfb = time.monotonic() - call.started
     outcome.first = first
     count_events = bool(hooks.after_response) or lease.deployment.tpm is not None
+    handed_off = False  # the upstream's end left to a task of its own, which closes the reply
     try:
         if response is None and _is_whole(first, reply):
             # The upstream's whole stream came in its first read (a short answer, a cache): it
@@ -163,7 +164,7 @@ async def _send_stream(
             else:
                 if not response.prepared:
                     await response.prepare(request)
-                await _relay(response, first, reply, outcome, count_events)
+                handed_off = await _relay(response, first, reply, outcome, count_events)
         except ConnectionResetError:
             outcome.disconnected = True
         except asyncio.CancelledError:
@@ -173,7 +174,8 @@ async def _send_stream(
             await end_with_error(request, response, call, exc, outcome, hooks)
     finally:
         try:
-            await reply.aclose()
+            if not handed_off:
+                await reply.aclose()
         finally:
             _finish(call, lease, outcome)
             if hooks.after_response:
@@ -206,6 +208,9 @@ class _EventStream(web.StreamResponse):
 
 
 _DRAIN_AFTER_DONE = 5.0  # seconds
+# The upstream answers being drained after their [DONE] (strong references: a task only the loop
+# knows of may be collected mid-way).
+_DRAINING: set[asyncio.Task[None]] = set()
 
 
 async def _relay(
@@ -214,21 +219,27 @@ async def _relay(
     reply: StreamReply,
     outcome: Outcome,
     count_events: bool,
-) -> None:
+) -> bool:
     """Write each block as it comes; the block that ends with ``[DONE]`` goes out together with
     the end of the response (one write instead of two: the stream is over by the protocol).
-    Events are counted only when something reads the count (it costs ~9 µs per 50 events)."""
+    Events are counted only when something reads the count (it costs ~9 µs per 50 events).
+    True: the upstream had yet to end its answer after ``[DONE]``, and a task of its own drains
+    and closes it (the request is over: a client that leaves now left nothing unanswered)."""
     if first is None:
         await response.write_eof()
-        return
+        return False
     block, events, previous, last = first, 0, first, first
+    handed_off = False
     while True:
         if count_events:
             events += block.count(b"\n\n")
         if block.endswith(DONE):
             await response.write_eof(block)
             if reply.finished is None or not reply.finished():
-                await _drain(reply)
+                task = asyncio.get_running_loop().create_task(_drain(reply))
+                _DRAINING.add(task)
+                task.add_done_callback(_DRAINING.discard)
+                handed_off = True
             break
         await response.write(block)
         following = await anext(reply.events, None)
@@ -238,15 +249,19 @@ async def _relay(
         block, previous, last = following, last, following
     outcome.events = events
     outcome.last_events = (last,) if previous is last else (previous, last)
+    return handed_off
 
 
 async def _drain(reply: StreamReply) -> None:
     """Let the upstream's answer end after ``[DONE]``, so that its connection goes back to the
-    pool; one that lingers is cut (``aclose`` closes it)."""
-    with contextlib.suppress(Exception):  # the client has it all: nothing to tell it
-        async with asyncio.timeout(_DRAIN_AFTER_DONE):
-            async for _ in reply.events:
-                pass
+    pool; one that lingers is cut. Then the reply is closed."""
+    try:
+        with contextlib.suppress(Exception):  # the client has it all: nothing to tell it
+            async with asyncio.timeout(_DRAIN_AFTER_DONE):
+                async for _ in reply.events:
+                    pass
+    finally:
+        await reply.aclose()
 
 
 async def end_with_error(

@@ -425,3 +425,60 @@ async def test_a_client_that_leaves_has_a_line_that_says_so(
         ACCESS_LOG.removeHandler(finished)
     [line] = lines_of(access_lines)
     assert (line["status"], line["error"]) == (200 if stream else 499, "client_disconnected")
+
+
+_WHOLE_STREAM = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+async def test_a_client_that_leaves_after_the_final_event_is_counted_whole(
+    aiohttp_server: Any, access_lines: io.StringIO
+) -> None:
+    """A stream whose client got every event, its usage and [DONE], and left while the upstream
+    had yet to end its body: its usage is counted and its line names no disconnect (the bill
+    and the metrics are the answer's, not an estimate's)."""
+    import aioproxy_echo
+    import aioproxy_openai
+
+    body_ends = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_WHOLE_STREAM)
+        await body_ends.wait()  # the end of its chunked body comes late
+        await response.write_eof()
+        return response
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/chat/completions", chat)
+    upstream = await aiohttp_server(upstream_app)
+    app = create_app(
+        gateway_config(str(upstream.make_url("/v1")), logging={"access_log": True}),
+        plugins=[aioproxy_openai, aioproxy_echo],
+        load_entrypoints=False,
+    )
+    proxy = await aiohttp_server(app)  # which cancels a handler whose client left, as run.py
+    finished = _Finished()
+    ACCESS_LOG.addHandler(finished)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+            async with http.post(
+                proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
+            ) as response:
+                got = await response.read()  # the whole answer, its end included
+            await http.close()  # and gone, while the upstream's body is still open
+            await finished.done.wait()
+    finally:
+        ACCESS_LOG.removeHandler(finished)
+        body_ends.set()
+    assert got.endswith(b"data: [DONE]\n\n")
+    [line] = lines_of(access_lines)
+    assert (line["status"], line["error"]) == (200, None)
+    assert (line["input_tokens"], line["output_tokens"]) == (7, 3)
