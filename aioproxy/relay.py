@@ -220,10 +220,11 @@ async def _relay(
     outcome: Outcome,
     count_events: bool,
 ) -> bool:
-    """Write each block as it comes; the block that ends with ``[DONE]`` goes out together with
-    the end of the response (one write instead of two: the stream is over by the protocol).
+    """Write each block as it comes; the block that ends with the final event (chat's
+    ``[DONE]``, Anthropic's ``message_stop``) goes out together with the end of the response
+    (one write instead of two: the stream is over by the protocol).
     Events are counted only when something reads the count (it costs ~9 µs per 50 events).
-    True: the upstream had yet to end its answer after ``[DONE]``, and a task of its own drains
+    True: the upstream had yet to end its answer after that event, and a task of its own drains
     and closes it (the request is over: a client that leaves now left nothing unanswered)."""
     if first is None:
         await response.write_eof()
@@ -233,7 +234,7 @@ async def _relay(
     while True:
         if count_events:
             events += block.count(b"\n\n")
-        if block.endswith(DONE):
+        if block.endswith(_FINAL_EVENTS):
             await response.write_eof(block)
             if reply.finished is None or not reply.finished():
                 task = asyncio.get_running_loop().create_task(_drain(reply))
@@ -253,7 +254,7 @@ async def _relay(
 
 
 async def _drain(reply: StreamReply) -> None:
-    """Let the upstream's answer end after ``[DONE]``, so that its connection goes back to the
+    """Let the upstream's answer end after its final event, so that its connection goes back to the
     pool; one that lingers is cut. Then the reply is closed."""
     try:
         with contextlib.suppress(Exception):  # the client has it all: nothing to tell it

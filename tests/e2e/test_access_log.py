@@ -427,58 +427,81 @@ async def test_a_client_that_leaves_has_a_line_that_says_so(
     assert (line["status"], line["error"]) == (200 if stream else 499, "client_disconnected")
 
 
-_WHOLE_STREAM = (
-    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-    b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
-    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-    b'"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
-    b"data: [DONE]\n\n"
-)
+# A whole stream, as chat completions and Anthropic's Messages API send it: its usage, then its
+# final event.
+_WHOLE_STREAMS = {
+    "chat": (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+        b"data: [DONE]\n\n"
+    ),
+    "messages": (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+        b'"type":"message","role":"assistant","content":[],"model":"claude","stop_reason":null,'
+        b'"usage":{"input_tokens":7,"output_tokens":1}}}\n\n'
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"text","text":""}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"output_tokens":3}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    ),
+}
 
 
+@pytest.mark.parametrize("api", ["chat", "messages"])
 async def test_a_client_that_leaves_after_the_final_event_is_counted_whole(
-    aiohttp_server: Any, access_lines: io.StringIO
+    aiohttp_server: Any, access_lines: io.StringIO, api: str
 ) -> None:
-    """A stream whose client got every event, its usage and [DONE], and left while the upstream
-    had yet to end its body: its usage is counted and its line names no disconnect (the bill
-    and the metrics are the answer's, not an estimate's)."""
+    """A stream whose client got every event, its usage and the final event ([DONE],
+    message_stop), and left while the upstream had yet to end its body: its usage is counted
+    and its line names no disconnect (the bill and the metrics are the answer's, not an
+    estimate's)."""
+    import aioproxy_anthropic
     import aioproxy_echo
     import aioproxy_openai
 
     body_ends = asyncio.Event()
+    path = "/v1/chat/completions" if api == "chat" else "/v1/messages"
 
-    async def chat(request: web.Request) -> web.StreamResponse:
+    async def answer(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(_WHOLE_STREAM)
+        await response.write(_WHOLE_STREAMS[api])
         await body_ends.wait()  # the end of its chunked body comes late
         await response.write_eof()
         return response
 
     upstream_app = web.Application()
-    upstream_app.router.add_post("/v1/chat/completions", chat)
+    upstream_app.router.add_post(path, answer)
     upstream = await aiohttp_server(upstream_app)
+    config = gateway_config(str(upstream.make_url("/v1")), logging={"access_log": True})
+    if api == "messages":
+        config["models"][0] |= {"provider": "anthropic", "api_base": str(upstream.make_url(""))}
     app = create_app(
-        gateway_config(str(upstream.make_url("/v1")), logging={"access_log": True}),
-        plugins=[aioproxy_openai, aioproxy_echo],
-        load_entrypoints=False,
+        config, plugins=[aioproxy_openai, aioproxy_anthropic, aioproxy_echo], load_entrypoints=False
     )
     proxy = await aiohttp_server(app)  # which cancels a handler whose client left, as run.py
     finished = _Finished()
     ACCESS_LOG.addHandler(finished)
+    body: dict[str, Any] = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+    if api == "messages":
+        body["max_tokens"] = 16
     try:
         async with aiohttp.ClientSession() as http:
-            body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
-            async with http.post(
-                proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
-            ) as response:
+            async with http.post(proxy.make_url(path), json=body, headers=AUTH) as response:
+                assert response.status == 200
                 got = await response.read()  # the whole answer, its end included
             await http.close()  # and gone, while the upstream's body is still open
             await finished.done.wait()
     finally:
         ACCESS_LOG.removeHandler(finished)
         body_ends.set()
-    assert got.endswith(b"data: [DONE]\n\n")
+    assert got.endswith(b"data: [DONE]\n\n" if api == "chat" else b'"message_stop"}\n\n')
     [line] = lines_of(access_lines)
     assert (line["status"], line["error"]) == (200, None)
     assert (line["input_tokens"], line["output_tokens"]) == (7, 3)
