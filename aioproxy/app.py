@@ -25,8 +25,10 @@ from .keys import (
     plugin_manager_key,
     pool_key,
     runtime_key,
+    secrets_key,
     session_key,
 )
+from .masking import Mask, secrets_in
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings, registrar
 from .routes import ALIASES, AZURE_ALIASES, DEPLOYMENT_ALIASES, merge_aliases, route_table
@@ -94,6 +96,7 @@ def create_app(
     app[config_key] = config
     app[plugin_manager_key] = pm
     app[runtime_key] = runtime
+    app[secrets_key] = Mask(map(str, secrets_in(config)))
 
     aliases = merge_aliases(merge_aliases(ALIASES, AZURE_ALIASES), config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers()))

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .config import Config
 from .h1client import H1Pool
+from .masking import Mask
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,6 +23,7 @@ __all__ = [
     "plugin_manager_key",
     "pool_key",
     "runtime_key",
+    "secrets_key",
     "session_key",
     "workers_key",
 ]
@@ -36,3 +38,6 @@ pool_key = web.AppKey("aioproxy.pool", H1Pool)
 # run.py --workers N (N > 1): how many processes serve the app, each counting on its own unless
 # [state] redis_url is set (the admin API then refuses a limit that would hold N times over).
 workers_key = web.AppKey("aioproxy.workers", int)
+# Every secret the config holds (the master key, config keys, upstream keys and headers): a
+# client's x-request-id holding one, key-shaped or not, is replaced, never logged nor sent on.
+secrets_key = web.AppKey("aioproxy.secrets", Mask)

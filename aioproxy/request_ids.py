@@ -14,7 +14,8 @@ import secrets
 from aiohttp import web
 
 from ._aiohttp import request_state
-from .masking import is_keylike
+from .keys import secrets_key
+from .masking import Mask, is_keylike
 
 __all__ = ["HEADER", "REQUEST_ID", "is_sane", "new_request_id", "request_id", "set_header"]
 
@@ -50,6 +51,14 @@ _ids = _Ids()
 os.register_at_fork(after_in_child=_ids.reset)  # forked workers must not share the prefix
 
 
+def _holds_a_secret(request: web.BaseRequest, value: str) -> bool:
+    """Whether ``value`` holds a secret of the app's config (a key not shaped like one)."""
+    if not isinstance(request, web.Request):  # never parsed (run.py's server answered it)
+        return False
+    secrets = request.app.get(secrets_key)
+    return isinstance(secrets, Mask) and secrets.holds(value)
+
+
 def new_request_id() -> str:
     return f"{_ids.prefix}{next(_ids.counter):08x}"
 
@@ -60,7 +69,11 @@ def request_id(request: web.BaseRequest) -> str:
     rid: str | None = state.get(REQUEST_ID)
     if rid is None:
         given = request.headers.get(HEADER)
-        rid = given if given is not None and is_sane(given) else new_request_id()
+        rid = (
+            given
+            if given is not None and is_sane(given) and not _holds_a_secret(request, given)
+            else new_request_id()
+        )
         state[REQUEST_ID] = rid
     return rid
 
