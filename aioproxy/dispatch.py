@@ -16,7 +16,7 @@ import aiohttp
 
 from .config import Config
 from .context import RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
-from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited
+from .errors import ClientDisconnected, ModelNotFound, PermissionDenied, ProxyError, RateLimited
 from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
@@ -359,15 +359,21 @@ class Dispatcher:
         except BaseException as exc:
             lease.release()
             error = as_proxy_error(exc, deployment) if isinstance(exc, TimeoutError) else exc
+            ended: Exception | None = None  # how the attempt ended, for after_attempt
             if isinstance(error, Exception):
                 router.failed(deployment, error)
-                if hooks.after_attempt:
-                    status = error.status if isinstance(error, ProxyError) else 500
-                    rest = hooks.after_attempt.logged(
-                        call, deployment, attempt, status, error, router.clock.now() - started
-                    )
-                    if rest is not None:
-                        await rest
+                ended = error
+            elif isinstance(
+                error, asyncio.CancelledError
+            ):  # its client left: not the upstream's fault
+                ended = ClientDisconnected.now()
+            if ended is not None and hooks.after_attempt:
+                status = ended.status if isinstance(ended, ProxyError) else 500
+                rest = hooks.after_attempt.logged(
+                    call, deployment, attempt, status, ended, router.clock.now() - started
+                )
+                if rest is not None:
+                    await rest
             if error is exc:
                 raise
             raise error from exc

@@ -160,7 +160,13 @@ class RateLimited(ProxyError, status=429, type="rate_limit_error", code="rate_li
 
 class ClientDisconnected(ProxyError, status=499, type="client_error", code="client_disconnected"):
     """The client went away before its answer was over (nginx's 499): never sent to anyone,
-    but what ``on_error`` hears, so the request is still logged and its reservations settled."""
+    but what ``on_error`` (and ``after_attempt``, for the attempt under way) hears, so the
+    request is still logged and its reservations settled."""
+
+    @classmethod
+    def now(cls) -> ClientDisconnected:
+        """The error of a request (or attempt) its client's leaving cut short."""
+        return cls("The client went away before its answer was over")
 
 
 class UpstreamError(ProxyError, type="upstream_error"):

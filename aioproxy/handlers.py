@@ -22,10 +22,6 @@ __all__ = ["health", "make_deployment_handlers", "make_handlers"]
 _encode = msgspec.json.Encoder().encode
 
 
-def _gone() -> ClientDisconnected:
-    return ClientDisconnected("The client went away before its answer was over")
-
-
 _HEALTHY = _encode({"status": "ok"})
 
 
@@ -76,7 +72,7 @@ def make_provider_handler(kind: Kind, path_model: str | None = None) -> Handler:
             raise
         except asyncio.CancelledError:  # its client went away (aiohttp cancels the handler)
             if runtime.hooks.on_error and (
-                rest := runtime.hooks.on_error.logged(request, _gone(), call)
+                rest := runtime.hooks.on_error.logged(request, ClientDisconnected.now(), call)
             ):
                 await rest
             raise

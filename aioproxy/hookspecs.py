@@ -169,7 +169,8 @@ def after_attempt(
 ) -> MaybeAwaitable[None]:
     """Observe an upstream attempt that ended: answered, or failed (and perhaps to be retried).
 
-    Runs once per ``before_attempt``, with the same ``call``, ``deployment`` and ``attempt``.
+    Runs once per ``before_attempt``, with the same ``call``, ``deployment`` and ``attempt``
+    (an attempt its client's leaving cut short too: status 499, a ``ClientDisconnected``).
     ``status`` is the upstream answer's status as the client
     would see it (502/504 for a connection failure or timeout); ``error`` the failure, or
     ``None`` when the answer began (a JSON answer read, a stream's first event come);

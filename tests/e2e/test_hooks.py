@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,7 @@ from aioproxy import (
     hookimpl,
 )
 from aioproxy.hookspecs import HOOK_NAMES
-from aioproxy.testing import FakeOpenAI
+from aioproxy.testing import FakeOpenAI, eventually
 from tests.support import AUTH, MESSAGES, ServeProxy, gateway_config, sdk
 
 
@@ -150,6 +151,45 @@ async def test_hook_after_attempt(
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert [(a, s, e) for a, s, e, _ in seen] == [(1, 500, "ProxyError"), (2, 200, None)]
     assert all(rid is not None and rid.startswith("req_") for *_, rid in seen)
+
+
+async def test_hook_after_attempt_hears_an_attempt_its_client_cut_short(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """An attempt under way when the client leaves ends with it: after_attempt runs once per
+    before_attempt, with status 499 and a ClientDisconnected (the attempt counted, its span
+    ended, whatever a plugin started in before_attempt released)."""
+    began: list[int] = []
+    ended: list[tuple[int, int, str]] = []
+    over = asyncio.Event()
+
+    class Meter:
+        @hookimpl
+        def before_attempt(self, attempt: int) -> None:
+            began.append(attempt)
+
+        @hookimpl
+        def after_attempt(self, attempt: int, status: int, error: Exception | None) -> None:
+            ended.append((attempt, status, type(error).__name__))
+
+        @hookimpl
+        def on_error(self) -> None:
+            over.set()
+
+    fake.faults = ["hang"]
+    proxy = await serve_proxy(gateway_config(upstream_base), plugins=[Meter()])
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "gpt-test", "messages": MESSAGES}
+        asking = asyncio.create_task(
+            http.post(proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH)
+        )
+        await eventually(lambda: bool(fake.requests), within=30, what="the upstream called")
+        asking.cancel()  # the client leaves while the upstream keeps it waiting
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await asyncio.wait_for(over.wait(), 30)  # a safety net: the handler's end is the event
+    assert began == [1]
+    assert ended == [(1, 499, "ClientDisconnected")]
 
 
 async def test_hook_after_response(serve_proxy: ServeProxy, upstream_base: str) -> None:
