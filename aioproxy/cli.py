@@ -20,7 +20,12 @@ from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret
 from .control import cli as control_cli
 from .keys import workers_key
 from .observability.access_log import configure_logging
-from .observability.metrics import mark_process_dead, prepare_multiprocess, remove_multiprocess
+from .observability.metrics import (
+    MULTIPROC_ENV,
+    mark_process_dead,
+    prepare_multiprocess,
+    remove_multiprocess,
+)
 from .plugins import PluginLoadError
 from .server import run
 from .state.preflight import per_process_limits as _per_process_limits
@@ -176,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aioproxy: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, args.log_format or config.logging.format)
-    if args.workers > 1 and config.metrics.enabled:
-        # Before the app (and so any metric) exists: every worker's counts go to one folder.
+    if config.metrics.enabled and (args.workers > 1 or os.environ.get(MULTIPROC_ENV)):
+        # Before the app (and so any metric) exists: every worker's counts go to one folder,
+        # emptied of an earlier run's (one process given the folder counts there too).
         metrics_dir, made_dir = prepare_multiprocess()
         if made_dir:
             atexit.register(remove_multiprocess, metrics_dir)

@@ -28,8 +28,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from ..config import Config
+from ..context import ANONYMOUS
 from ..errors import AuthenticationError
+from ..keys import runtime_key
 from ..outcome import Usage
+from ..routes import Kind
 
 __all__ = [
     "COUNT_AT",
@@ -234,7 +237,10 @@ class Metrics:
             "aioproxy_cache_requests_total", "Cache lookups, by result.", ("result",)
         )
         self.rate_limited = counter(
-            "aioproxy_rate_limited_total", "Requests refused or answered 429, by scope.", ("scope",)
+            "aioproxy_rate_limited_total",
+            "Requests this gateway refused 429 (scope key, team, budget, deployment), and upstream "
+            "attempts answered 429 (scope upstream).",
+            ("scope",),
         )
         self._series = (
             self.requests,
@@ -376,9 +382,16 @@ class Metrics:
 
 
 def metrics_handler(
-    metrics: Metrics, refresh: Callable[[], None], master_key: str | None, public: bool
+    metrics: Metrics,
+    refresh: Callable[[], None],
+    master_key: str | None,
+    public: bool,
+    counted: bool = True,
 ) -> Callable[[web.Request], Any]:
-    """``GET /metrics``: the text exposition; the master key is needed unless ``public``."""
+    """``GET /metrics``: the text exposition; the master key is needed unless ``public``
+    (with no master key: only on a gateway without any key, whose every route is open).
+    ``counted``: the scrape is itself one of the requests in flight (the API port's, which the
+    observer counts; not the metrics port's), and is taken off while it reports."""
     expected = f"Bearer {master_key}".encode() if master_key and not public else None
 
     async def serve_metrics(request: web.Request) -> web.Response:
@@ -386,15 +399,28 @@ def metrics_handler(
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 raise AuthenticationError("/metrics needs the master key")
-        metrics.active -= 1  # a scrape is not one of the requests it reports on
+        elif not public and not await _open_gateway(request):
+            raise AuthenticationError(
+                "/metrics needs the master key (none is set: set one, or [metrics] public)"
+            )
+        if counted:
+            metrics.active -= 1  # a scrape is not one of the requests it reports on
         try:
             refresh()
             body = metrics.exposition()
         finally:
-            metrics.active += 1
+            if counted:
+                metrics.active += 1
         return web.Response(
             body=body,
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 
     return serve_metrics
+
+
+async def _open_gateway(request: web.Request) -> bool:
+    """Whether the gateway has no key at all (no master key, config key nor database key): the
+    caller is then anonymous, and every route open to it."""
+    principal = await request.app[runtime_key].authenticate(request, Kind.MODELS)
+    return principal is ANONYMOUS

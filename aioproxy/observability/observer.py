@@ -57,9 +57,10 @@ TIMING_HEADER = "x-aioproxy-overhead-ms"
 # A request whose client went away: its status before its answer (nginx's 499), and the access
 # line's error then or in the middle of a stream (whose status went out first).
 _CLIENT_GONE, _CLIENT_GONE_CODE = ClientDisconnected.status, ClientDisconnected.default_code
-# call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
-# imports this module's package).
+# call.state's key for the response cache's result, and the provider of its replaying deployment
+# (aioproxy.cache.response_cache's CACHE and PROVIDER: that module imports this package).
 _CACHE_STATE = "cache"
+_CACHE_PROVIDER = "aioproxy-cache"
 _MAX_LOGGED_NAME = 128  # a client's model name, as logged (names only: never a label)
 
 _OTHER_HANDLERS = {
@@ -178,9 +179,11 @@ class Observer:
                 None if route.method == "*" else route.method,
             )
 
-    def _metrics_handler(self, public: bool) -> Handler:
+    def _metrics_handler(self, public: bool, counted: bool = True) -> Handler:
         assert self.metrics is not None
-        return metrics_handler(self.metrics, self.refresh, self.config.auth.master_key, public)
+        return metrics_handler(
+            self.metrics, self.refresh, self.config.auth.master_key, public, counted
+        )
 
     @hookimpl
     def register_routes(self, register: RegisterRoute, config: Config) -> None:
@@ -208,7 +211,8 @@ class Observer:
     async def _metrics_port(self, app: web.Application) -> AsyncIterator[None]:
         """``/metrics`` alone on ``[metrics] port`` (no key there: keep that port private)."""
         metrics_app = web.Application()
-        metrics_app.router.add_get("/metrics", self._metrics_handler(public=True))
+        # Its own app: no observer middleware counts the scrape in flight.
+        metrics_app.router.add_get("/metrics", self._metrics_handler(public=True, counted=False))
         runner = web.AppRunner(metrics_app, access_log=None)
         await runner.setup()
         metrics = self.config.metrics
@@ -305,6 +309,8 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
+        if deployment.provider == _CACHE_PROVIDER:  # a cache hit: no upstream was called
+            return
         metrics = self.metrics
         if metrics is not None:
             upstream = metrics.upstream.pending
@@ -411,7 +417,7 @@ class Observer:
                             deployment.name if deployment is not None else None,
                             status,
                             elapsed,
-                            usage,
+                            usage if cache != "hit" else None,  # tokens the upstreams reported
                             cost,
                             ttft,
                         )
@@ -422,8 +428,12 @@ class Observer:
                         metrics.rate_limited.add((_scope(error),))
                 if write is None:
                     continue
+                model = None
                 if call is not None:
                     route = routes.get(request.match_info.route)
+                    # A name no deployment has is the client's text: masked where key-like.
+                    model = call.model[:_MAX_LOGGED_NAME]
+                    model = (model if call.routed else mask_keylike(model)) or None
                 principal = call.principal if call is not None else None
                 code = error.code if isinstance(error, ProxyError) else None
                 if status == _CLIENT_GONE or (answered is not None and outcome.disconnected):
@@ -446,7 +456,7 @@ class Observer:
                         code,
                         principal.name if principal is not None else None,
                         principal.team if principal is not None else None,
-                        (call.model[:_MAX_LOGGED_NAME] or None) if call is not None else None,
+                        model,
                         (deployment.id or deployment.describe())
                         if deployment is not None
                         else None,

@@ -505,3 +505,19 @@ async def test_a_client_that_leaves_after_the_final_event_is_counted_whole(
     [line] = lines_of(access_lines)
     assert (line["status"], line["error"]) == (200, None)
     assert (line["input_tokens"], line["output_tokens"]) == (7, 3)
+
+
+async def test_a_key_sent_as_the_model_is_not_logged(
+    serve_proxy: ServeProxy, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """A model name no deployment has is the client's text, logged masked where it looks like
+    a key (one pasted in the wrong field); a served model's name is logged as it is."""
+    proxy = await serve_proxy(gateway_config(upstream_base, logging={"access_log": True}))
+    async with sdk(proxy) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model="sk-proj-PASTEDKEY0123456789", messages=MESSAGES
+            )
+        await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    assert [line["model"] for line in lines_of(access_lines)] == ["***", "gpt-test"]
+    assert "PASTEDKEY" not in access_lines.getvalue()

@@ -186,18 +186,24 @@ async def test_metrics_off(serve_proxy: ServeProxy, upstream_base: str) -> None:
             assert response.status == 404
 
 
+class Hold:
+    """Holds each request at its upstream attempt (``started``) until ``release``."""
+
+    def __init__(self) -> None:
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    @hookimpl
+    async def before_attempt(self) -> None:
+        self.started.set()
+        await self.release.wait()
+
+
 async def test_in_flight_counts_a_request_being_served(
     serve_proxy: ServeProxy, upstream_base: str
 ) -> None:
-    started, release = asyncio.Event(), asyncio.Event()
-
-    class Hold:
-        @hookimpl
-        async def before_attempt(self) -> None:
-            started.set()
-            await release.wait()
-
-    proxy = await serve_proxy(mix_config(upstream_base), plugins=[Hold()])
+    hold = Hold()
+    started, release = hold.started, hold.release
+    proxy = await serve_proxy(mix_config(upstream_base), plugins=[hold])
     async with sdk(proxy) as client:
         pending = asyncio.create_task(
             client.chat.completions.create(model="gpt-test", messages=MESSAGES)
@@ -207,6 +213,50 @@ async def test_in_flight_counts_a_request_being_served(
         release.set()
         await pending
     assert value(await scrape(proxy), "aioproxy_in_flight_requests") == 0
+
+
+async def test_in_flight_on_the_metrics_port_counts_no_scrape(
+    serve_proxy: ServeProxy, upstream_base: str, unused_tcp_port_factory: Any
+) -> None:
+    """A scrape on [metrics] port is no request of the API's: the gauge is the API's own."""
+    hold = Hold()
+    started, release = hold.started, hold.release
+    port = unused_tcp_port_factory()
+    proxy = await serve_proxy(mix_config(upstream_base, metrics={"port": port}), plugins=[hold])
+
+    async def in_flight() -> float:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                return value(parse(await response.text()), "aioproxy_in_flight_requests")
+
+    assert await in_flight() == 0
+    async with sdk(proxy) as client:
+        pending = asyncio.create_task(
+            client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+        )
+        await started.wait()
+        assert await in_flight() == 1
+        release.set()
+        await pending
+    assert await in_flight() == 0
+
+
+async def test_metrics_with_keys_but_no_master_key_are_not_open(
+    serve_proxy: ServeProxy, upstream_base: str
+) -> None:
+    """Keys but no master key: /metrics is nobody's (a client key is no operator's) unless
+    public; a gateway with no key at all is open everywhere, /metrics too."""
+    keyed = mix_config(upstream_base, auth={"keys": [{"key": "sk-client-0001", "name": "app"}]})
+    open_ = mix_config(upstream_base, auth={})
+    for config, headers, status in (
+        (keyed, {}, 401),
+        (keyed, {"Authorization": "Bearer sk-client-0001"}, 401),
+        (open_, {}, 200),
+    ):
+        proxy = await serve_proxy(config)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proxy.make_url("/metrics"), headers=headers) as response:
+                assert response.status == status
 
 
 async def test_one_process_counts_as_requests_gather_without_a_clock(
@@ -244,11 +294,20 @@ async def test_cache_lookups_by_result(
         cache={"enabled": True},
     )
     proxy = await serve_proxy(config)
+    prompts = []
     async with sdk(proxy) as client:
         for headers in ({}, {}, {"Cache-Control": "no-cache"}):
-            await client.chat.completions.create(
+            answer = await client.chat.completions.create(
                 model="gpt-test", messages=MESSAGES, temperature=0, extra_headers=headers
             )
+            assert answer.usage is not None
+            prompts.append(answer.usage.prompt_tokens)
     samples = await scrape(proxy)
     cache = "aioproxy_cache_requests_total"
     assert [value(samples, cache, result=r) for r in ("miss", "hit", "bypass")] == [1, 1, 1]
+    # The hit called no upstream, and its tokens are no upstream's: two calls, two answers'.
+    upstream = "aioproxy_upstream_requests_total"
+    assert value(samples, upstream, deployment="gpt-test#0", status="200") == 2
+    assert value(samples, upstream, deployment="unknown", status="200") == 0
+    tokens = value(samples, "aioproxy_tokens_total", model="gpt-test", type="input")
+    assert tokens == prompts[0] + prompts[2]

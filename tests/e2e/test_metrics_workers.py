@@ -185,3 +185,29 @@ def _assert_tokens_and_spend(samples: Samples, seen: Counter[str]) -> None:
     assert value(samples, tokens, model="gpt-test", type="output") == seen["output"]
     spend = (seen["input"] * PRICE["input"] + seen["output"] * PRICE["output"]) / 1e6
     assert value(samples, "aioproxy_spend_usd_total", model="gpt-test") == pytest.approx(spend)
+
+
+async def test_one_process_given_the_folder_counts_only_its_own(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR set for one process (no --workers): the folder is emptied at
+    start as for workers, so a gateway restarted on it does not report its last run's counts."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'auth = {{master_key = "{KEY}"}}\nmetrics = {{enabled = true}}\n'
+        'models = [{name = "echo", provider = "echo"}]\n',
+        encoding="utf-8",
+    )
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    env = clean_env(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    echo = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    args = ("--config", str(config), "--log-level", "warning")
+    for run, requests in enumerate((3, 1)):
+        async with running(*args, env=env) as (port, _):
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(requests):
+                assert await fresh("POST", f"{base}/v1/chat/completions", echo) == 200
+            samples = parse(await scrape(base))
+        total = value(
+            samples, "aioproxy_requests_total", kind="chat_completions", model="echo", status="200"
+        )
+        assert total == requests, f"run {run + 1}"
