@@ -26,6 +26,7 @@ from .errors import (
 from .failures import ErrorReader, openai_error, scrub
 from .fields import *  # reading request fields: their names are fields.__all__
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
+from .masking import mask_keylike
 from .outcome import Outcome, Usage
 from .providers import Provider, ProviderConfig
 from .replies import JSONReply, Reply, StreamReply
@@ -74,6 +75,7 @@ __all__ = [
     "hookimpl",
     "iter_sse",
     "load_config",
+    "mask_keylike",
     "openai_error",
     "parse_config",
     "scrub",

@@ -20,7 +20,15 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from aioproxy import Call, ClientDisconnected, Deployment, Outcome, ProxyError, hookimpl
+from aioproxy import (
+    Call,
+    ClientDisconnected,
+    Deployment,
+    Outcome,
+    ProxyError,
+    hookimpl,
+    mask_keylike,
+)
 
 from .answer import answer_facts
 
@@ -33,9 +41,15 @@ _ATTEMPT = "otel.attempt"
 _OPERATIONS = {
     "chat_completions": "chat",
     "responses": "chat",
+    "messages": "chat",  # Anthropic's Messages API is its chat
     "completions": "text_completion",
     "embeddings": "embeddings",
 }
+# gen_ai.provider.name by provider plugin, where the conventions name it otherwise.
+_PROVIDER_NAMES = {"azure": "azure.ai.openai", "bedrock": "aws.bedrock", "gemini": "gcp.gemini"}
+# The response cache's replaying deployment (aioproxy.cache): a hit calls no provider.
+_CACHE_PROVIDER = "aioproxy-cache"
+_MAX_MODEL = 128  # a model name no deployment has, as a span holds it
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
 AppContext = Callable[[web.Application], AsyncIterator[None]]  # what register_contexts takes
@@ -128,7 +142,14 @@ class OTelPlugin:
                 "aioproxy.key": call.principal.name,
             }
             model = call.model  # "": a request refused before its body named one
-            if model:
+            if model and not call.routed:
+                # A name no deployment has is the client's text, whatever it pasted there (a
+                # key, say): masked, cut short, and kept out of the span's name (whose variety
+                # a tracing backend pays for).
+                model = mask_keylike(model[:_MAX_MODEL])
+                attributes["gen_ai.request.model"] = model
+                model = ""
+            elif model:
                 attributes["gen_ai.request.model"] = model
             span = self.tracer.start_span(
                 f"{operation} {model}" if model else operation,
@@ -144,8 +165,6 @@ class OTelPlugin:
     @hookimpl
     def before_request(self, call: Call) -> None:
         span = self._request_span(call)
-        if call.routed:
-            span.set_attribute("gen_ai.provider.name", call.deployment.provider)
         if self.capture_content:
             prompt = call.get("messages", call.get("input", call.get("prompt")))
             if prompt is not None:
@@ -160,7 +179,7 @@ class OTelPlugin:
             started: int = call.state["otel.started_ns"]
             span.add_event(
                 "gen_ai.first_token",
-                {"gen_ai.server.time_to_first_token": outcome.ttfb},
+                {"gen_ai.response.time_to_first_chunk": outcome.ttfb},
                 timestamp=started + int(outcome.ttfb * 1e9),
             )
         # One set_attributes: each call takes the span's lock and checks what it is given.
@@ -176,8 +195,8 @@ class OTelPlugin:
             attributes["gen_ai.response.finish_reasons"] = reasons
         if self.capture_content and outcome.body is not None:
             attributes["gen_ai.output.messages"] = outcome.body.decode("utf-8", "replace")
-        if call.routed:
-            attributes["gen_ai.provider.name"] = call.deployment.provider
+        if call.routed and call.deployment.provider != _CACHE_PROVIDER:
+            attributes["gen_ai.provider.name"] = _provider_name(call.deployment)
         if outcome.status >= 400:
             attributes["error.type"] = str(outcome.status)
             span.set_status(Status(StatusCode.ERROR))
@@ -204,6 +223,8 @@ class OTelPlugin:
             return
         status = error.status if isinstance(error, ProxyError) else 500
         span.set_attribute("http.response.status_code", status)
+        if call is not None and call.routed and call.deployment.provider != _CACHE_PROVIDER:
+            span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
         _set_error(span, error)
         span.end()
 
@@ -211,6 +232,8 @@ class OTelPlugin:
 
     @hookimpl
     def before_attempt(self, call: Call, deployment: Deployment, attempt: int) -> None:
+        if deployment.provider == _CACHE_PROVIDER:  # a cache hit: no upstream, no CLIENT span
+            return
         parent = self._request_span(call)
         operation = _OPERATIONS.get(call.kind.value, call.kind.value)
         attributes = dict(self._attempt_attributes(deployment, operation))
@@ -242,7 +265,7 @@ class OTelPlugin:
             name = deployment.id or deployment.describe()
             attributes = {
                 "gen_ai.operation.name": operation,
-                "gen_ai.provider.name": deployment.provider,
+                "gen_ai.provider.name": _provider_name(deployment),
                 "gen_ai.request.model": deployment.model,
                 "aioproxy.deployment": name,
             }
@@ -272,9 +295,16 @@ class OTelPlugin:
         span.end()
 
 
+def _provider_name(deployment: Deployment) -> str:
+    return _PROVIDER_NAMES.get(deployment.provider, deployment.provider)
+
+
 def _set_error(span: Span, error: BaseException) -> None:
-    """``error.type``: the error's code (``rate_limit_exceeded``), else its class; never its
-    message, which may quote the request."""
-    code = error.code if isinstance(error, ProxyError) else None
-    span.set_attribute("error.type", code or type(error).__qualname__)
+    """``error.type``: the error's code (``rate_limit_exceeded``), else its status (an
+    upstream's error without a code: ``500``), else its class; never its message, which may
+    quote the request."""
+    if isinstance(error, ProxyError):
+        span.set_attribute("error.type", error.code or str(error.status))
+    else:
+        span.set_attribute("error.type", type(error).__qualname__)
     span.set_status(Status(StatusCode.ERROR))

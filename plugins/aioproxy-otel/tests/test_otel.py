@@ -186,7 +186,7 @@ async def test_a_retry_is_two_attempt_spans_under_the_client_trace(
         "aioproxy.key": "master",
     }
     failed, answered = attributes(first), attributes(second)
-    assert failed["http.response.status_code"] == 500 and failed["error.type"]
+    assert failed["http.response.status_code"] == 500 and failed["error.type"] == "500"
     assert first.status.code == Status.STATUS_CODE_ERROR
     assert "error.type" not in answered and answered["http.response.status_code"] == 200
     for attempt, attrs in ((1, failed), (2, answered)):
@@ -210,6 +210,7 @@ async def test_a_stream_has_its_first_token_event(
     [root] = [s for s in spans if s.kind == SERVER]
     [event] = root.events
     assert event.name == "gen_ai.first_token"
+    assert [kv.key for kv in event.attributes] == ["gen_ai.response.time_to_first_chunk"]
     assert root.start_time_unix_nano <= event.time_unix_nano <= root.end_time_unix_nano
     attrs = attributes(root)
     assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
@@ -224,11 +225,18 @@ async def test_refused_requests_have_error_spans(
     for key, model, refusal in (
         (MASTER_KEY, "nope", openai.NotFoundError),
         ("sk-wrong", "gpt-test", openai.AuthenticationError),
+        (MASTER_KEY, "sk-proj-PASTEDKEY0123456789", openai.NotFoundError),
     ):
         async with sdk(proxy, key=key) as client:
             with pytest.raises(refusal):
                 await client.chat.completions.create(model=model, messages=MESSAGES)
-    spans = await flushed(plugin, collector, 2)
+    spans = await flushed(plugin, collector, 3)
+    assert len(spans) == 3
+    unknown = [s for s in spans if attributes(s)["error.type"] == "model_not_found"]
+    # A name no deployment has is the client's text: masked where key-like, never the span's
+    # name (each new name would be a new span name to the backend).
+    assert sorted(attributes(s)["gen_ai.request.model"] for s in unknown) == ["***", "nope"]
+    assert {s.name for s in unknown} == {"chat"}
     by_error = {attributes(s)["error.type"]: s for s in spans}
     assert set(by_error) == {"model_not_found", "invalid_api_key"}
     assert attributes(by_error["model_not_found"])["http.response.status_code"] == 404
@@ -437,3 +445,52 @@ async def test_an_app_that_stops_exports_what_it_traced(
         assert {s.kind for s in spans} == {SERVER, CLIENT}
     finally:
         await asyncio.to_thread(plugin.shutdown)
+
+
+async def test_messages_are_chat_and_a_cache_hit_calls_no_provider(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector, tmp_path: Any
+) -> None:
+    """Anthropic's Messages API is the conventions' ``chat``; a response-cache hit calls no
+    provider: no attempt span, and no provider named on its request span."""
+    proxy = await start(
+        aiohttp_server,
+        fake,
+        plugin,
+        database={"url": f"sqlite:///{tmp_path / 'db.sqlite3'}"},
+        cache={"enabled": True},
+    )
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "gpt-test", "max_tokens": 16, "messages": MESSAGES}
+        async with http.post(proxy.make_url("/v1/messages"), json=body, headers=headers) as r:
+            assert r.status == 200
+    async with sdk(proxy) as client:
+        for _ in range(2):  # a miss, then a hit
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES, temperature=0)
+    spans = await flushed(plugin, collector, 5)
+    assert len(spans) == 5
+    servers = sorted((s for s in spans if s.kind == SERVER), key=lambda s: s.start_time_unix_nano)
+    assert [attributes(s)["gen_ai.operation.name"] for s in servers] == ["chat"] * 3
+    hit = servers[2]
+    assert "gen_ai.provider.name" not in attributes(hit)
+    assert not [s for s in spans if s.kind == CLIENT and s.parent_span_id == hit.span_id]
+    assert {attributes(s)["gen_ai.provider.name"] for s in spans if s is not hit} == {"openai"}
+
+
+def test_providers_are_named_as_the_conventions_name_them() -> None:
+    from types import SimpleNamespace
+
+    from aioproxy_otel.tracing import _provider_name
+
+    names = {
+        provider: _provider_name(SimpleNamespace(provider=provider))  # type: ignore[arg-type]
+        for provider in ("openai", "anthropic", "azure", "bedrock", "gemini", "example")
+    }
+    assert names == {
+        "openai": "openai",
+        "anthropic": "anthropic",
+        "azure": "azure.ai.openai",
+        "bedrock": "aws.bedrock",
+        "gemini": "gcp.gemini",
+        "example": "example",
+    }
