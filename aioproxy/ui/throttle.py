@@ -31,10 +31,13 @@ class SignInThrottle:
         times = self._recent(address, now)
         if times is not None and len(times) >= self.attempts:
             wait = max(1, math.ceil(times[0] + self.window - now))
-            raise RateLimited(
+            refused = RateLimited(
                 f"Too many failed sign-ins from your address: try again in {wait} seconds",
                 headers={"Retry-After": str(wait)},
             )
+            refused.caused_by_upstream = False
+            refused.scope = "gateway"  # aioproxy_rate_limited_total's: the gateway's own guard
+            raise refused
 
     def failed(self, address: str, now: float) -> None:
         times = self._recent(address, now)

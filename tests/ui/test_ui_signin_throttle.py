@@ -53,8 +53,10 @@ def test_addresses_are_counted_apart_and_forgotten() -> None:
     throttle = SignInThrottle(attempts=2, window=60)
     throttle.failed("10.0.0.1", 0)
     throttle.failed("10.0.0.1", 1)
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as refused:
         throttle.check("10.0.0.1", 2)
+    # Counted as the gateway's own refusal by aioproxy_rate_limited_total, not a deployment's.
+    assert getattr(refused.value, "scope", None) == "gateway"
     throttle.check("10.0.0.2", 2)  # another address signs in
     throttle.check("10.0.0.1", 61)  # both failures have left the window
     assert throttle.failures == {}
