@@ -49,6 +49,8 @@ class RedisLink:
         # What each script that counts requests in flight is told (made once): who, where
         # the leases are, how long one lasts.
         self.lease = (self.instance, self.alive_prefix, self.lease_ms)
+        # + a script: the record of its last call run here (``counters``, ``deployments``).
+        self.applied_prefix = f"{config.prefix}:applied:{self.instance}:"
         # A bounded pool that requests wait on (within the timeout) rather than failing when
         # every connection is busy; no retries: a script sent twice would count twice.
         pool = aioredis.BlockingConnectionPool.from_url(
