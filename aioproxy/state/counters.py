@@ -49,15 +49,15 @@ _NONE = -1  # a limit not set, as the scripts read it
 # then each reservation in the order they came, checked and counted as if one script ran per
 # request; each scope's windows are read once per batch and its counts written once.
 # Its two arguments are flat MessagePack arrays (one string each for Redis to read, not a
-# word per figure for the client to encode): ARGV[1] the settles, per settle: the scope's
-# Redis key, its token change, the slots freed, the cost, its budget period, the period's TTL
-# (0: none), the reserved cost it releases (nano-USD); ARGV[2] the reservations, per
+# word per figure for the client to encode): ARGV[1] the calls whose answer was lost (an
+# array of arrays: per call its number, then its settles as here), then the settles, per
+# settle: the scope's Redis key, its token change, the slots freed, the cost, its budget
+# period, the period's TTL (0: none), the reserved cost it releases (nano-USD); ARGV[2] this
+# call's number (one more than this instance's last call's), then the reservations, per
 # reservation: its tokens, its reserved cost (nano-USD), its number of scopes, per scope: its
 # Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend and the
-# budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases, ARGV[5] a
-# lease's length (ms); ARGV[6] this instance's record, ARGV[7] this call's number (one more
-# than its last call's), ARGV[8] the calls whose answer was lost, per call its number and its
-# settles (flat, as ARGV[1]). Requests in flight are a hash per scope (``:flights``, not the
+# budget period; ARGV[3] this instance, ARGV[4] the prefix of its keys, ARGV[5] a lease's
+# length (ms) (``RedisLink.lease``). Requests in flight are a hash per scope (``:flights``, not the
 # counter ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a
 # field per instance, and so is the cost they reserve (``:held``, in a scope with a budget):
 # an instance's field counts while its lease lives (its own always), and a dead one's is
@@ -65,7 +65,7 @@ _NONE = -1  # a limit not set, as the scripts read it
 # packed, per reservation: {1, reset, per scope its requests and tokens in the window}, or,
 # refused, {0, reset, those counts, the scope's position, the reason, the wait}.
 # A call's answer can be lost after Redis ran it (a timeout, a dropped connection): its
-# requests then went on without Redis. The record (one key per instance) holds the number of
+# requests then went on without Redis. The record (a key per instance) holds the number of
 # the last call run and what its reservations took (per scope: key, slots, reserved cost).
 # Every call after a lost one carries it (``SharedCounters.take``: none is sent while Redis is
 # lost), so the first to run settles it: frees what it took if it ran (its requests are not in
@@ -77,8 +77,10 @@ local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
-local me, alive = ARGV[3], ARGV[4]
-local record, call = ARGV[6], tonumber(ARGV[7])
+local me, prefix = ARGV[3], ARGV[4]
+local alive, record = prefix .. 'alive:', prefix .. 'applied:' .. me .. ':counters'
+local settles, words = cmsgpack.unpack(ARGV[1]), cmsgpack.unpack(ARGV[2])
+local call = words[1]
 local last = redis.call('GET', record)
 last = last and cmsgpack.unpack(last) or {0}
 if last[1] >= call then return cmsgpack.pack({}) end
@@ -87,7 +89,7 @@ local function free(key, count)
   if count > 0 and redis.call('HINCRBY', key, me, -count) <= 0 then redis.call('HDEL', key, me) end
 end
 local function settle(settles)
-  for a = 1, #settles, 7 do
+  for a = 2, #settles, 7 do
     local base, delta, cost = settles[a], settles[a + 1], settles[a + 3]
     if delta ~= 0 then
       redis.call('HINCRBY', base .. ':t', sec, delta)
@@ -102,17 +104,17 @@ local function settle(settles)
     free(base .. ':held', settles[a + 6])
   end
 end
-for _, lost in ipairs(cmsgpack.unpack(ARGV[8])) do
+for _, lost in ipairs(settles[1]) do
   if lost[1] == last[1] then
     for i = 2, #last, 3 do
       free(last[i] .. ':flights', last[i + 1])
       free(last[i] .. ':held', last[i + 2])
     end
   elseif lost[1] > last[1] then
-    settle(lost[2])
+    settle(lost)
   end
 end
-settle(cmsgpack.unpack(ARGV[1]))
+settle(settles)
 local function window(key)
   local all = redis.call('HGETALL', key)
   local total, oldest = 0, nil
@@ -153,7 +155,7 @@ local function scope(base)
   end
   return w
 end
-local words, replies, a = cmsgpack.unpack(ARGV[2]), {}, 1
+local replies, a = {}, 2
 while a <= #words do
   local tokens, held, n = words[a], words[a + 1], words[a + 2]
   local first = a + 3
@@ -242,7 +244,6 @@ return cmsgpack.pack(replies)
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
-_NO_CALLS = _pack([])
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
 
@@ -380,16 +381,21 @@ _Waiting = tuple["asyncio.Future[Any]", list[_Scope], int, int]
 class _Waiters:
     """The reply of one batch's script: each reservation's answer to its future at once."""
 
-    __slots__ = ("counters", "finished", "lost", "waiting")
+    __slots__ = ("call", "counters", "finished", "lost", "waiting")
 
     def __init__(
-        self, counters: SharedCounters, waiting: list[_Waiting], lost: list[list[Any]]
+        self,
+        counters: SharedCounters,
+        waiting: list[_Waiting],
+        lost: list[list[Any]],
+        call: list[Any],
     ) -> None:
         self.counters = counters
         self.waiting = waiting
-        # The calls whose answer was lost, this one's last (its number and settles): if this
-        # answer is lost too, every one goes again.
+        # The calls whose answer was lost that it carries, and itself (its number, then its
+        # settles): if its answer is lost too, each goes again.
         self.lost = lost
+        self.call = call
         self.finished = asyncio.get_running_loop().create_future()  # close waits on it
 
     def done(self) -> bool:
@@ -410,7 +416,7 @@ class _Waiters:
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
-        self.counters.missed(self.lost, exception)
+        self.counters.missed([*self.lost, self.call], exception)
         self.finished.set_result(None)
 
     def cancel(self) -> bool:
@@ -429,16 +435,16 @@ class SharedCounters:
         self.script = LuaScript(_APPLY)
         self.batcher = link.batcher
         self._loop = asyncio.get_running_loop()
-        # Queued for the next batch: reservations (their script words, and who waits), and
-        # the settles merged per scope and budget period:
+        # Queued for the next batch: reservations (their script words after the call's
+        # number, and who waits), and the settles merged per scope and budget period:
         # [tokens, slots, cost, end, wall, reserved cost released].
-        self._words: list[Any] = []
+        self._words: list[Any] = [0]
         self._waiting: list[_Waiting] = []
         self._settles: dict[tuple[str, str], list[Any]] = {}
-        # Script calls whose answer was lost, [number, settles' words]: with the next call.
+        # Script calls whose answer was lost (each its number, then its settles' words):
+        # carried by the next call.
         self._lost: list[list[Any]] = []
         self._numbers = itertools.count(1)  # of this instance's calls, in the order sent
-        self._record = f"{link.applied_prefix}counters"
         self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
@@ -494,7 +500,7 @@ class SharedCounters:
         waiting = self._waiting
         if not self.link.up:
             if waiting:
-                self._words, self._waiting = [], []
+                self._words, self._waiting = [0], []
                 down = RedisConnectionError("Redis is lost")
                 for future, *_ in waiting:
                     if not future.done():
@@ -503,21 +509,22 @@ class SharedCounters:
         settles, lost = self._settles, self._lost
         if not waiting and not settles and not lost:
             return
-        words: list[Any] = []
+        words: list[Any] = [lost]
         for (base, period), (delta, freed, cost, end, wall, unheld) in settles.items():
             ttl = 0 if wall is None or end == math.inf else max(1, math.ceil(end - wall) + 3600)
             words += (base, delta, freed, cost, period, ttl, unheld)
+        if lost:
+            self._lost = []
         if settles or lost:
-            self._settles, self._lost = {}, []
+            self._settles = {}
             if self._taken is not None and not self._taken.done():
                 self._taken.set_result(None)  # close: the last settles are on their way
-        number = next(self._numbers)
-        call = [
-            "EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words), *self.link.lease,
-            self._record, number, _pack(lost) if lost else _NO_CALLS,
-        ]  # fmt: skip
-        waiters = _Waiters(self, waiting, [*lost, [number, words]])
-        self._words, self._waiting = [], []
+        reservations = self._words
+        number = reservations[0] = next(self._numbers)
+        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease]
+        words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
+        waiters = _Waiters(self, waiting, lost, words)
+        self._words, self._waiting = [0], []
         self._in_flight.add(waiters.finished)
         waiters.finished.add_done_callback(self._in_flight.discard)
         batch.append((self.script, call, waiters))

@@ -27,25 +27,24 @@ __all__ = ["SharedDeployments"]
 
 SYNC_INTERVAL = 0.25  # seconds
 
-# KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of the
-# instances' leases, ARGV[3] a lease's length (ms) (``RedisLink.lease``), ARGV[4] this
-# instance's record (the number of its last sync run), ARGV[5] this sync's number; then per
-# deployment the requests, tokens and in-flight change since the last sync. A sync whose answer
+# KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of its keys,
+# ARGV[3] a lease's length (ms) (``RedisLink.lease``), ARGV[4] this sync's number (its record
+# keeps the number of its last sync run); then per deployment the requests, tokens and in-flight change since the last sync. A sync whose answer
 # was lost is sent again with its number: its changes count once, whether Redis ran it or not
 # (nor does it count if it arrives after a later one). Returns per deployment: requests and
 # tokens over the last minute, and requests in flight, all live instances together (a dead
 # instance's, whose lease ran out, are dropped).
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
-local me, alive = ARGV[1], ARGV[2]
+local me, alive = ARGV[1], ARGV[2] .. 'alive:'
 redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
-local sync = tonumber(ARGV[5])
-local new = sync > tonumber(redis.call('GET', ARGV[4]) or 0)
-if new then redis.call('SET', ARGV[4], sync, 'EX', 86400) end
+local record, sync = ARGV[2] .. 'applied:' .. me .. ':deployments', tonumber(ARGV[4])
+local new = sync > tonumber(redis.call('GET', record) or 0)
+if new then redis.call('SET', record, sync, 'EX', 86400) end
 local out = {}
 for i = 1, #KEYS do
   local base = KEYS[i]
-  local requests, tokens, flight = ARGV[3 * i + 3], ARGV[3 * i + 4], tonumber(ARGV[3 * i + 5])
+  local requests, tokens, flight = ARGV[3 * i + 2], ARGV[3 * i + 3], tonumber(ARGV[3 * i + 4])
   if new then
     if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
     if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
@@ -96,7 +95,6 @@ class SharedDeployments:
         self._delta: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # own, as sent
         self.synced = asyncio.Event()  # set after each sync (tests wait for it)
-        self._record = f"{link.applied_prefix}deployments"
         self._numbers = itertools.count(1)  # of this instance's syncs
         # A sync whose answer was lost (its keys, script words, changes): the next one.
         self._unanswered: tuple[list[str], list[object], dict[str, list[int]]] | None = None
@@ -146,7 +144,7 @@ class SharedDeployments:
             if not keys:
                 return
             delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])
-            args = [*self.link.lease, self._record, next(self._numbers)]
+            args = [*self.link.lease, next(self._numbers)]
             for key in keys:
                 args += delta.get(key, [0, 0, 0])
         prefix = f"{self.link.prefix}:d:"
