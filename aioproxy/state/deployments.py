@@ -28,12 +28,13 @@ __all__ = ["SharedDeployments"]
 SYNC_INTERVAL = 0.25  # seconds
 
 # KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of its keys,
-# ARGV[3] a lease's length (ms) (``RedisLink.lease``), ARGV[4] this sync's number (its record
-# keeps the number of its last sync run); then per deployment the requests, tokens and in-flight change since the last sync. A sync whose answer
-# was lost is sent again with its number: its changes count once, whether Redis ran it or not
-# (nor does it count if it arrives after a later one). Returns per deployment: requests and
-# tokens over the last minute, and requests in flight, all live instances together (a dead
-# instance's, whose lease ran out, are dropped).
+# ARGV[3] a lease's length (ms) (``RedisLink.lease``), ARGV[4] this sync's number (a record
+# per instance keeps the number of its last sync run); then per deployment the requests,
+# tokens and in-flight change since the last sync. A sync whose answer was lost is sent again
+# with its number: its changes count once, whether Redis ran it or not (nor do they count if
+# it arrives after a later one). Returns per deployment: requests and tokens over the last
+# minute, and requests in flight, all live instances together (a dead instance's, whose lease
+# ran out, are dropped).
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
 local me, alive = ARGV[1], ARGV[2] .. 'alive:'
