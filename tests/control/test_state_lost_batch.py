@@ -18,7 +18,7 @@ from aioproxy.control.meters import KeyLimits, Meter
 from aioproxy.control.records import KeyEntry
 from aioproxy.state import deployments as deployments_module
 from aioproxy.state import link as link_module
-from aioproxy.state.counters import SharedCounters, SharedReservation
+from aioproxy.state.counters import SharedCounters, SharedReservation, _pack
 from aioproxy.state.link import RedisLink
 from aioproxy.state.shared import deployments_key, link_key
 from tests.control.conftest import Control
@@ -238,4 +238,31 @@ async def test_a_lost_deployment_sync_counts_once(
         (requests,) = await client.keys(f"{prefix}:d:*:r")
         assert sum(int(count) for count in await client.hvals(requests)) == 1
     finally:
+        await client.aclose()
+
+
+async def test_a_lost_call_reaching_redis_after_a_later_one_does_nothing(redis_url: str) -> None:
+    """A lost call still on its way (held by the network) reaches Redis after a later call
+    ran, which settled it: it changes nothing (its settle would count twice, its slot freed
+    twice)."""
+    prefix = "aioproxy-test-late-call"
+    link = RedisLink(StateConfig(redis_url=Secret(redis_url), prefix=prefix))
+    clock = ControlClock(time=lambda: 1_000.0, monotonic=lambda: 1_000.0)
+    counters = SharedCounters(link, clock)
+    client = aioredis.Redis.from_url(redis_url)
+    base = f"{prefix}:k:{KEY}"
+    limits = _limits(max_parallel=2, max_budget=10.0)
+    try:
+        first = await _reserve(counters, limits)  # call 1
+        assert first is not None and await _reserve(counters, limits) is not None  # call 2
+        first.settle(10, 0.25, 1_000.0)
+        assert await _reserve(counters, limits) is not None  # call 3, with that settle
+        # Call 1 again, as if it had been lost and arrived now: a settle of $1 freeing a slot.
+        late = [[], base, 0, 1, 1.0, "ever", 0, 0]
+        await link.batcher.run(counters.script, [], [_pack(late), _pack([1]), *link.lease])
+        assert float(await client.get(f"{base}:s:ever")) == 0.25
+        assert await client.hvals(f"{base}:flights") == [b"2"]
+    finally:
+        await counters.close()
+        await link.close()
         await client.aclose()
