@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..context import CACHE_ANSWERS, Call
@@ -47,45 +49,72 @@ _NONE = -1  # a limit not set, as the scripts read it
 # then each reservation in the order they came, checked and counted as if one script ran per
 # request; each scope's windows are read once per batch and its counts written once.
 # Its two arguments are flat MessagePack arrays (one string each for Redis to read, not a
-# word per figure for the client to encode): ARGV[1] the settles, per settle: the scope's
-# Redis key, its token change, the slots freed, the cost, its budget period, the period's TTL
-# (0: none), the reserved cost it releases (nano-USD); ARGV[2] the reservations, per
+# word per figure for the client to encode): ARGV[1] the calls whose answer was lost (an
+# array of arrays: per call its number, then its settles as here), then the settles, per
+# settle: the scope's Redis key, its token change, the slots freed, the cost, its budget
+# period, the period's TTL (0: none), the reserved cost it releases (nano-USD); ARGV[2] this
+# call's number (one more than this instance's last call's), then the reservations, per
 # reservation: its tokens, its reserved cost (nano-USD), its number of scopes, per scope: its
 # Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend and the
-# budget period; ARGV[3] this instance, ARGV[4] the prefix of the instances' leases, ARGV[5] a
-# lease's length (ms). Requests in flight are a hash per scope (``:flights``, not the counter
-# ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a field per
-# instance, and so is the cost they reserve (``:held``, in a scope with a budget): an
-# instance's field counts while its lease lives (its own always), and a dead one's is
+# budget period; ARGV[3] this instance, ARGV[4] the prefix of its keys, ARGV[5] a lease's
+# length (ms) (``RedisLink.lease``). Requests in flight are a hash per scope (``:flights``, not the
+# counter ``:f`` earlier versions kept: a rolling upgrade meets no key of the wrong type), a
+# field per instance, and so is the cost they reserve (``:held``, in a scope with a budget):
+# an instance's field counts while its lease lives (its own always), and a dead one's is
 # dropped. A reservation of no tokens (a cached answer) is not held to the tpm. Returns,
 # packed, per reservation: {1, reset, per scope its requests and tokens in the window}, or,
 # refused, {0, reset, those counts, the scope's position, the reason, the wait}.
+# A call's answer can be lost after Redis ran it (a timeout, a dropped connection): its
+# requests then went on without Redis. The record (a key per instance) holds the number of
+# the last call run and what its reservations took (per scope: key, slots, reserved cost).
+# Every call after a lost one carries it (``SharedCounters.take``: none is sent while Redis is
+# lost), so the first to run settles it: frees what it took if it ran (its requests are not in
+# flight here), or applies its settles if it did not (sent again, counted once); a lost call
+# reaching Redis after a later one ran is ignored. Its rate counts stay (they expire within
+# the minute). A call numbered below the record's is such a late one: it does nothing.
 _APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
-local me, alive = ARGV[3], ARGV[4]
+local me, prefix = ARGV[3], ARGV[4]
+local alive, record = prefix .. 'alive:', prefix .. 'applied:' .. me .. ':counters'
+local settles, words = cmsgpack.unpack(ARGV[1]), cmsgpack.unpack(ARGV[2])
+local call = words[1]
+local last = redis.call('GET', record)
+last = last and cmsgpack.unpack(last) or {0}
+if last[1] >= call then return cmsgpack.pack({}) end
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
-local settles = cmsgpack.unpack(ARGV[1])
-for a = 1, #settles, 7 do
-  local base, delta, freed, cost = settles[a], settles[a + 1], settles[a + 2], settles[a + 3]
-  if delta ~= 0 then
-    redis.call('HINCRBY', base .. ':t', sec, delta)
-    redis.call('EXPIRE', base .. ':t', 120)
-  end
-  if freed > 0 and redis.call('HINCRBY', base .. ':flights', me, -freed) <= 0 then
-    redis.call('HDEL', base .. ':flights', me)
-  end
-  if cost > 0 then
-    local spend = base .. ':s:' .. settles[a + 4]
-    redis.call('INCRBYFLOAT', spend, cost)
-    if settles[a + 5] > 0 then redis.call('EXPIRE', spend, settles[a + 5]) end
-  end
-  if settles[a + 6] > 0 and redis.call('HINCRBY', base .. ':held', me, -settles[a + 6]) <= 0 then
-    redis.call('HDEL', base .. ':held', me)
+local function free(key, count)
+  if count > 0 and redis.call('HINCRBY', key, me, -count) <= 0 then redis.call('HDEL', key, me) end
+end
+local function settle(settles)
+  for a = 2, #settles, 7 do
+    local base, delta, cost = settles[a], settles[a + 1], settles[a + 3]
+    if delta ~= 0 then
+      redis.call('HINCRBY', base .. ':t', sec, delta)
+      redis.call('EXPIRE', base .. ':t', 120)
+    end
+    free(base .. ':flights', settles[a + 2])
+    if cost > 0 then
+      local spend = base .. ':s:' .. settles[a + 4]
+      redis.call('INCRBYFLOAT', spend, cost)
+      if settles[a + 5] > 0 then redis.call('EXPIRE', spend, settles[a + 5]) end
+    end
+    free(base .. ':held', settles[a + 6])
   end
 end
+for _, lost in ipairs(settles[1]) do
+  if lost[1] == last[1] then
+    for i = 2, #last, 3 do
+      free(last[i] .. ':flights', last[i + 1])
+      free(last[i] .. ':held', last[i + 2])
+    end
+  elseif lost[1] > last[1] then
+    settle(lost)
+  end
+end
+settle(settles)
 local function window(key)
   local all = redis.call('HGETALL', key)
   local total, oldest = 0, nil
@@ -126,7 +155,7 @@ local function scope(base)
   end
   return w
 end
-local words, replies, a = cmsgpack.unpack(ARGV[2]), {}, 1
+local replies, a = {}, 2
 while a <= #words do
   local tokens, held, n = words[a], words[a + 1], words[a + 2]
   local first = a + 3
@@ -189,6 +218,7 @@ while a <= #words do
   end
   replies[#replies + 1] = out
 end
+local taken = {call}
 for base, w in pairs(scopes) do
   if w[6] > 0 then
     redis.call('HINCRBY', base .. ':r', sec, w[6])
@@ -202,7 +232,13 @@ for base, w in pairs(scopes) do
     redis.call('HINCRBY', base .. ':held', me, w[8])
     redis.call('EXPIRE', base .. ':held', 3600)
   end
+  if w[6] > 0 or w[8] > 0 then
+    taken[#taken + 1] = base
+    taken[#taken + 1] = w[6]
+    taken[#taken + 1] = w[8]
+  end
 end
+redis.call('SET', record, cmsgpack.pack(taken), 'EX', 86400)
 return cmsgpack.pack(replies)
 """
 
@@ -345,17 +381,21 @@ _Waiting = tuple["asyncio.Future[Any]", list[_Scope], int, int]
 class _Waiters:
     """The reply of one batch's script: each reservation's answer to its future at once."""
 
-    __slots__ = ("counters", "finished", "settles", "waiting")
+    __slots__ = ("call", "counters", "finished", "lost", "waiting")
 
     def __init__(
         self,
         counters: SharedCounters,
         waiting: list[_Waiting],
-        settles: dict[tuple[str, str], list[Any]],
+        lost: list[list[Any]],
+        call: list[Any],
     ) -> None:
         self.counters = counters
         self.waiting = waiting
-        self.settles = settles
+        # The calls whose answer was lost that it carries, and itself (its number, then its
+        # settles): if its answer is lost too, each goes again.
+        self.lost = lost
+        self.call = call
         self.finished = asyncio.get_running_loop().create_future()  # close waits on it
 
     def done(self) -> bool:
@@ -372,11 +412,11 @@ class _Waiters:
         self.finished.set_result(None)
 
     def set_exception(self, exception: BaseException, /) -> None:
+        """Its outcome is unknown (Redis may have run it): the next call sets it right."""
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
-        if isinstance(exception, RedisError | OSError):
-            self.counters.missed(self.settles, exception)
+        self.counters.missed([*self.lost, self.call], exception)
         self.finished.set_result(None)
 
     def cancel(self) -> bool:
@@ -395,12 +435,16 @@ class SharedCounters:
         self.script = LuaScript(_APPLY)
         self.batcher = link.batcher
         self._loop = asyncio.get_running_loop()
-        # Queued for the next batch: reservations (their script words, and who waits), and
-        # the settles merged per scope and budget period:
+        # Queued for the next batch: reservations (their script words after the call's
+        # number, and who waits), and the settles merged per scope and budget period:
         # [tokens, slots, cost, end, wall, reserved cost released].
-        self._words: list[Any] = []
+        self._words: list[Any] = [0]
         self._waiting: list[_Waiting] = []
         self._settles: dict[tuple[str, str], list[Any]] = {}
+        # Script calls whose answer was lost (each its number, then its settles' words):
+        # carried by the next call.
+        self._lost: list[list[Any]] = []
+        self._numbers = itertools.count(1)  # of this instance's calls, in the order sent
         self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
@@ -442,38 +486,45 @@ class SharedCounters:
         if self.link.up:  # else sent when Redis is back
             self.batcher.wake()
 
-    def missed(self, settles: dict[tuple[str, str], list[Any]], error: BaseException) -> None:
-        """A batch failed: its settles go again when Redis is back (no slot leaks in flight
-        for ever)."""
-        for key, (delta, freed, cost, end, wall, unheld) in settles.items():
-            merged = self._settles.get(key)
-            if merged is None:
-                self._settles[key] = [delta, freed, cost, end, wall, unheld]
-            else:
-                merged[0] += delta
-                merged[1] += freed
-                merged[2] += cost
-                merged[5] += unheld
-        self.link.lost(error)
+    def missed(self, lost: list[list[Any]], error: BaseException) -> None:
+        """A call's answer was lost: it goes with the next call, when Redis is back, which
+        frees what it reserved or applies its settles (no slot leaks, no settle counts twice)."""
+        self._lost[:0] = lost  # before any lost since: in the order sent
+        if isinstance(error, RedisError | OSError):
+            self.link.lost(error)
 
     def take(self, batch: list[Any]) -> None:
-        """The batcher's source: one script call with what queued since the last batch."""
+        """The batcher's source: one script call with what queued since the last batch.
+        Nothing while Redis is lost (the reservations waiting fall back now), so that the
+        first call to run after a lost one carries it."""
         waiting = self._waiting
-        settles = self._settles if self.link.up else {}
-        if not waiting and not settles:
+        if not self.link.up:
+            if waiting:
+                self._words, self._waiting = [0], []
+                down = RedisConnectionError("Redis is lost")
+                for future, *_ in waiting:
+                    if not future.done():
+                        future.set_exception(down)
             return
-        words: list[Any] = []
+        settles, lost = self._settles, self._lost
+        if not waiting and not settles and not lost:
+            return
+        words: list[Any] = [lost]
         for (base, period), (delta, freed, cost, end, wall, unheld) in settles.items():
             ttl = 0 if wall is None or end == math.inf else max(1, math.ceil(end - wall) + 3600)
             words += (base, delta, freed, cost, period, ttl, unheld)
-        if settles:
+        if lost:
+            self._lost = []
+        if settles or lost:
             self._settles = {}
             if self._taken is not None and not self._taken.done():
                 self._taken.set_result(None)  # close: the last settles are on their way
-        waiters = _Waiters(self, waiting, settles)
-        lease = self.link.lease
-        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(self._words), *lease]
-        self._words, self._waiting = [], []
+        reservations = self._words
+        number = reservations[0] = next(self._numbers)
+        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease]
+        words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
+        waiters = _Waiters(self, waiting, lost, words)
+        self._words, self._waiting = [0], []
         self._in_flight.add(waiters.finished)
         waiters.finished.add_done_callback(self._in_flight.discard)
         batch.append((self.script, call, waiters))
@@ -482,7 +533,7 @@ class SharedCounters:
         """Settles still on their way: sent, or given up after the timeout."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.link.config.timeout):
-                while self._settles and self.link.up:  # taken with the next batch
+                while (self._settles or self._lost) and self.link.up:  # in the next batch
                     self._taken = asyncio.get_running_loop().create_future()
                     self.batcher.wake()
                     await self._taken
@@ -490,7 +541,7 @@ class SharedCounters:
                     await asyncio.wait(list(self._in_flight))
 
     async def _resend(self) -> None:
-        if self._settles:
+        if self._settles or self._lost:
             self.batcher.wake()
 
     def refuse_while_down(self) -> RateLimited:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import defaultdict
 
 from redis.exceptions import RedisError
@@ -26,24 +27,32 @@ __all__ = ["SharedDeployments"]
 
 SYNC_INTERVAL = 0.25  # seconds
 
-# KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of the
-# instances' leases, ARGV[3] a lease's length (ms) (``RedisLink.lease``); then per deployment
-# the requests, tokens and in-flight change since the last sync. Returns per deployment:
-# requests and tokens over the last minute, and requests in flight, all live instances together
-# (a dead instance's, whose lease ran out, are dropped).
+# KEYS: per deployment its hash base. ARGV[1]: this instance, ARGV[2] the prefix of its keys,
+# ARGV[3] a lease's length (ms) (``RedisLink.lease``), ARGV[4] this sync's number (a record
+# per instance keeps the number of its last sync run); then per deployment the requests,
+# tokens and in-flight change since the last sync. A sync whose answer was lost is sent again
+# with its number: its changes count once, whether Redis ran it or not (nor do they count if
+# it arrives after a later one). Returns per deployment: requests and tokens over the last
+# minute, and requests in flight, all live instances together (a dead instance's, whose lease
+# ran out, are dropped).
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
-local me, alive = ARGV[1], ARGV[2]
+local me, alive = ARGV[1], ARGV[2] .. 'alive:'
 redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
+local record, sync = ARGV[2] .. 'applied:' .. me .. ':deployments', tonumber(ARGV[4])
+local new = sync > tonumber(redis.call('GET', record) or 0)
+if new then redis.call('SET', record, sync, 'EX', 86400) end
 local out = {}
 for i = 1, #KEYS do
   local base = KEYS[i]
-  local requests, tokens, flight = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
-  if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
-  if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
+  local requests, tokens, flight = ARGV[3 * i + 2], ARGV[3 * i + 3], tonumber(ARGV[3 * i + 4])
+  if new then
+    if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
+    if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
+    if flight ~= 0 then redis.call('HINCRBY', base .. ':f', me, flight) end
+  end
   redis.call('EXPIRE', base .. ':r', 120)
   redis.call('EXPIRE', base .. ':t', 120)
-  if flight ~= 0 then redis.call('HINCRBY', base .. ':f', me, flight) end
   redis.call('EXPIRE', base .. ':f', 600)
   local totals = {}
   for j, suffix in ipairs({':r', ':t'}) do
@@ -87,6 +96,9 @@ class SharedDeployments:
         self._delta: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         self._in_flight: defaultdict[str, int] = defaultdict(int)  # own, as sent
         self.synced = asyncio.Event()  # set after each sync (tests wait for it)
+        self._numbers = itertools.count(1)  # of this instance's syncs
+        # A sync whose answer was lost (its keys, script words, changes): the next one.
+        self._unanswered: tuple[list[str], list[object], dict[str, list[int]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _is_shared(self, deployment: Deployment) -> bool:
@@ -123,27 +135,31 @@ class SharedDeployments:
                 await self.sync()
 
     async def sync(self) -> None:
-        shared = self._shared
-        known = [key for key, counted in shared.items() if counted]
-        seen = [key for key in self.router.health_keys() if shared.get(key, True)]
-        keys = list(dict.fromkeys([*self._delta, *known, *seen]))
-        if not keys:
-            return
-        delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])
-        args: list[object] = [*self.link.lease]
-        for key in keys:
-            args += delta.get(key, [0, 0, 0])
+        if self._unanswered is not None:  # the same sync again: counted once
+            keys, args, delta = self._unanswered
+        else:
+            shared = self._shared
+            known = [key for key, counted in shared.items() if counted]
+            seen = [key for key in self.router.health_keys() if shared.get(key, True)]
+            keys = list(dict.fromkeys([*self._delta, *known, *seen]))
+            if not keys:
+                return
+            delta, self._delta = self._delta, defaultdict(lambda: [0, 0, 0])
+            args = [*self.link.lease, next(self._numbers)]
+            for key in keys:
+                args += delta.get(key, [0, 0, 0])
         prefix = f"{self.link.prefix}:d:"
         try:
             totals = await self.batcher.run(self.script, [prefix + key for key in keys], args)
         except (RedisError, OSError) as exc:
-            for key, (requests, tokens, flight) in delta.items():  # sent again next time
-                self._add(key, requests, tokens, flight)
+            # Redis may have run it: sent again as it is, with its number, before any other.
+            self._unanswered = (keys, args, delta)
             self.link.lost(exc)
             return
+        self._unanswered = None
         for index, key in enumerate(keys):
-            requests, tokens, flight = delta.get(key, [0, 0, 0])
-            self._in_flight[key] += flight
+            if key in delta:
+                self._in_flight[key] += delta[key][2]
             self.router.mirror(
                 key,
                 int(totals[3 * index]),

@@ -46,9 +46,10 @@ class RedisLink:
         self.instance = os.urandom(8).hex()  # this process's name in the counts in flight
         self.alive_prefix = f"{config.prefix}:alive:"  # + an instance: its lease
         self.lease_ms = int(LEASE * 1000)
-        # What each script that counts requests in flight is told (made once): who, where
-        # the leases are, how long one lasts.
-        self.lease = (self.instance, self.alive_prefix, self.lease_ms)
+        # What each script that counts requests in flight is told (made once): who, the
+        # prefix of its keys (``alive:`` + an instance: its lease; ``applied:`` + an instance:
+        # the record of its last calls run), how long a lease lasts.
+        self.lease = (self.instance, f"{config.prefix}:", self.lease_ms)
         # A bounded pool that requests wait on (within the timeout) rather than failing when
         # every connection is busy; no retries: a script sent twice would count twice.
         pool = aioredis.BlockingConnectionPool.from_url(

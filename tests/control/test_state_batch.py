@@ -290,10 +290,10 @@ async def test_a_dead_instances_deployment_flights_are_dropped(redis_url: str) -
     script = LuaScript(_SYNC)
     base = ["aioproxy-test-sync:d:deployment"]
     try:
-        await dead.batcher.run(script, base, [*dead.lease, 0, 0, 2])  # 2 sent, then it dies
-        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 1]))[2] == 3
+        await dead.batcher.run(script, base, [*dead.lease, 1, 0, 0, 2])  # 2 sent, then it dies
+        assert (await live.batcher.run(script, base, [*live.lease, 1, 0, 0, 1]))[2] == 3
         await client.delete(f"aioproxy-test-sync:alive:{dead.instance}")  # its lease ran out
-        assert (await live.batcher.run(script, base, [*live.lease, 0, 0, 0]))[2] == 1
+        assert (await live.batcher.run(script, base, [*live.lease, 2, 0, 0, 0]))[2] == 1
     finally:
         await dead.close()
         await live.close()
