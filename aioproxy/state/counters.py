@@ -272,6 +272,8 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
     code = "insufficient_quota" if reason in ("budget", "held") else "rate_limit_exceeded"
     refused = RateLimited(message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait)))})
     refused.caused_by_upstream = False
+    # aioproxy_rate_limited_total's scope, as the per-process limits name it.
+    refused.scope = "budget" if reason in ("budget", "held") else scope
     return refused
 
 
@@ -552,6 +554,7 @@ class SharedCounters:
             headers={"Retry-After": "1"},
         )
         refused.caused_by_upstream = False
+        refused.scope = "gateway"  # its own state is away: no key's nor deployment's cap
         return refused
 
     def before_request(
