@@ -28,9 +28,9 @@ from .keys import (
     secrets_key,
     session_key,
 )
-from .masking import Mask, secrets_in
 from .plugins import make_plugin_manager
 from .providers import ProviderFactory, check_settings, registrar
+from .request_ids import secrets_pattern
 from .routes import ALIASES, AZURE_ALIASES, DEPLOYMENT_ALIASES, merge_aliases, route_table
 from .runtime import Runtime
 from .upstream import Upstream, make_session
@@ -96,7 +96,7 @@ def create_app(
     app[config_key] = config
     app[plugin_manager_key] = pm
     app[runtime_key] = runtime
-    app[secrets_key] = Mask(map(str, secrets_in(config)))
+    app[secrets_key] = secrets_pattern(config)
 
     aliases = merge_aliases(merge_aliases(ALIASES, AZURE_ALIASES), config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -10,7 +11,6 @@ from aiohttp import web
 
 from .config import Config
 from .h1client import H1Pool
-from .masking import Mask
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,6 +38,6 @@ pool_key = web.AppKey("aioproxy.pool", H1Pool)
 # run.py --workers N (N > 1): how many processes serve the app, each counting on its own unless
 # [state] redis_url is set (the admin API then refuses a limit that would hold N times over).
 workers_key = web.AppKey("aioproxy.workers", int)
-# Every secret the config holds (the master key, config keys, upstream keys and headers): a
+# The config's keys as one pattern (request_ids.secrets_pattern; None: none to look for): a
 # client's x-request-id holding one, key-shaped or not, is replaced, never logged nor sent on.
-secrets_key = web.AppKey("aioproxy.secrets", Mask)
+secrets_key: web.AppKey[re.Pattern[str] | None] = web.AppKey("aioproxy.secrets")

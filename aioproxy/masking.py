@@ -134,10 +134,6 @@ class Mask:
             re.compile(b"|".join(re.escape(form.encode()) for form in ordered)) if ordered else None
         )
 
-    def holds(self, text: str) -> bool:
-        """Whether ``text`` holds any form of any of the secrets."""
-        return self._text is not None and self._text.search(text) is not None
-
     def text(self, text: str) -> str:
         """``text`` with every form of every secret, and anything key-like, masked."""
         if self._text is not None:

@@ -236,7 +236,11 @@ async def _relay(
             events += block.count(b"\n\n")
         if block.endswith(_FINAL_EVENTS):
             await response.write_eof(block)
-            if reply.finished is None or not reply.finished():
+            if reply.close is None and reply.finished is None:
+                # Nothing upstream to let end (events made in memory: a cached answer, a
+                # bridge's): their end is at hand, with no wait a client's leaving could cut.
+                await _drain_events(reply)
+            elif reply.finished is None or not reply.finished():
                 task = asyncio.get_running_loop().create_task(_drain(reply))
                 _DRAINING.add(task)
                 task.add_done_callback(_DRAINING.discard)
@@ -253,16 +257,25 @@ async def _relay(
     return handed_off
 
 
+async def _drain_events(reply: StreamReply) -> None:
+    """Let the answer end after its final event, so that its upstream connection goes back to
+    the pool; one that lingers is cut (by ``aclose``, after)."""
+    with contextlib.suppress(Exception):  # the client has it all: nothing to tell it
+        async with asyncio.timeout(_DRAIN_AFTER_DONE):
+            async for _ in reply.events:
+                pass
+
+
 async def _drain(reply: StreamReply) -> None:
-    """Let the upstream's answer end after its final event, so that its connection goes back to the
-    pool; one that lingers is cut. Then the reply is closed."""
+    """A task's: drain the answer, then close it (a failing close is logged: no one awaits
+    this task to hear of it)."""
     try:
-        with contextlib.suppress(Exception):  # the client has it all: nothing to tell it
-            async with asyncio.timeout(_DRAIN_AFTER_DONE):
-                async for _ in reply.events:
-                    pass
+        await _drain_events(reply)
     finally:
-        await reply.aclose()
+        try:
+            await reply.aclose()
+        except Exception:
+            log.exception("closing a drained stream failed")
 
 
 async def end_with_error(

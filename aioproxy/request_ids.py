@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 
 from aiohttp import web
 
 from ._aiohttp import request_state
+from .config import Config
 from .keys import secrets_key
-from .masking import Mask, is_keylike
+from .masking import is_keylike
 
 __all__ = ["HEADER", "REQUEST_ID", "is_sane", "new_request_id", "request_id", "set_header"]
 
@@ -56,7 +58,23 @@ def _holds_a_secret(request: web.BaseRequest, value: str) -> bool:
     if not isinstance(request, web.Request):  # never parsed (run.py's server answered it)
         return False
     secrets = request.app.get(secrets_key)
-    return isinstance(secrets, Mask) and secrets.holds(value)
+    return isinstance(secrets, re.Pattern) and secrets.search(value) is not None
+
+
+_MIN_SECRET = 8  # shorter values are no key worth the name, and would match ordinary ids
+
+
+def secrets_pattern(config: Config) -> re.Pattern[str] | None:
+    """The config's keys as sent (the master key, config keys, upstream keys), as one pattern
+    to look for in a client's id. Header values are not among them: many are no secret (an API
+    version, an app name) and would match ordinary ids."""
+    keys = {str(config.auth.master_key or "")}
+    keys.update(str(entry.key) for entry in config.auth.keys)
+    keys.update(str(model.api_key or "") for model in config.models)
+    keys = {key for key in keys if len(key) >= _MIN_SECRET}
+    if not keys:
+        return None
+    return re.compile("|".join(map(re.escape, sorted(keys, key=len, reverse=True))))
 
 
 def new_request_id() -> str:

@@ -68,11 +68,26 @@ def prepare_multiprocess(path: str | None = None) -> tuple[str, bool]:
     else:
         Path(path).mkdir(parents=True, exist_ok=True)
         for stale in Path(path).glob("*.db"):  # a previous run's counts must not carry over
-            stale.unlink()
+            if not _alive(stale):  # another live process's (instances sharing the folder)
+                stale.unlink()
     os.environ[MULTIPROC_ENV] = path
     # prometheus-client picks its value class when imported: pick again, now that it is set.
     prometheus_client.values.ValueClass = prometheus_client.values.get_value_class()  # type: ignore[no-untyped-call]
     return path, made
+
+
+def _alive(values: Path) -> bool:
+    """Whether the process that writes ``values`` (``counter_<pid>.db``...) still runs."""
+    pid = values.stem.rpartition("_")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def remove_multiprocess(path: str) -> None:

@@ -72,21 +72,30 @@ async def test_an_insane_client_id_is_replaced(
 
 
 _GATEWAY_PASSWORD = "hunter2-prod-gateway-password"  # a master key not shaped like a key
-_ORG_TOKEN = "org-token-value-123"  # a deployment's header secret, likewise
+_UPSTREAM_PASSWORD = "upstream-password-123"  # an upstream's key, likewise
+_API_VERSION = "2023-06-01"  # a deployment's header value: no secret
+
+
+def _configured(upstream_base: str) -> dict[str, Any]:
+    config = gateway_config(upstream_base)
+    config["auth"] = {"master_key": _GATEWAY_PASSWORD}
+    config["models"][0] |= {
+        "api_key": _UPSTREAM_PASSWORD,
+        "headers": {"X-Api-Version": _API_VERSION},
+    }
+    return config
 
 
 @pytest.mark.parametrize(
-    "given", [_GATEWAY_PASSWORD, f"trace {_ORG_TOKEN}", "team-hunter2-prod-gateway-password-x"]
+    "given",
+    [_GATEWAY_PASSWORD, f"trace {_UPSTREAM_PASSWORD}", "team-hunter2-prod-gateway-password-x"],
 )
 async def test_an_id_holding_a_configured_secret_is_replaced(
     serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, given: str
 ) -> None:
-    """A secret of the config pasted into the header, shaped like a key or not (the master key,
-    an upstream's header token), is never told back, logged nor sent upstream."""
-    config = gateway_config(upstream_base)
-    config["auth"] = {"master_key": _GATEWAY_PASSWORD}
-    config["models"][0]["headers"] = {"X-Org-Token": _ORG_TOKEN}
-    proxy = await serve_proxy(config)
+    """A key of the config pasted into the header, shaped like a key or not (the master key,
+    an upstream's key), is never told back, logged nor sent upstream."""
+    proxy = await serve_proxy(_configured(upstream_base))
     async with aiohttp.ClientSession() as session:
         async with session.post(
             proxy.make_url("/v1/chat/completions"),
@@ -97,6 +106,24 @@ async def test_an_id_holding_a_configured_secret_is_replaced(
             await response.read()
     rid = response.headers["x-request-id"]
     assert rid.startswith("req_") and fake.last.headers["x-request-id"] == rid
+
+
+async def test_an_id_holding_a_header_value_is_kept(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """A deployment's header values are no keys (an API version): an id holding one is kept."""
+    proxy = await serve_proxy(_configured(upstream_base))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy.make_url("/v1/chat/completions"),
+            json=CHAT,
+            headers={
+                "Authorization": f"Bearer {_GATEWAY_PASSWORD}",
+                "x-request-id": "req-2023-06-01-7",
+            },
+        ) as response:
+            assert response.status == 200
+    assert response.headers["x-request-id"] == "req-2023-06-01-7"
 
 
 async def test_a_new_id_when_none_is_given(proxy: TestServer, fake: FakeOpenAI) -> None:

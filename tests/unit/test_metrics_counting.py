@@ -3,8 +3,10 @@ a time when flushed, with the labels and sums a request-at-a-time count would gi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aioproxy.config import parse_config
@@ -74,3 +76,24 @@ def test_attempts_added_under_an_id_are_labelled_when_flushed() -> None:
     upstream = "aioproxy_upstream_requests_total"
     assert got[(upstream, (("deployment", "gpt-test#0"), ("status", "200")))] == 2
     assert got[(upstream, (("deployment", "unknown"), ("status", "500")))] == 1
+
+
+def test_the_shared_folder_keeps_live_processes_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start the folder loses the values of processes that have ended (an earlier run's),
+    not those of instances still serving from it."""
+    import os
+
+    import prometheus_client
+
+    from aioproxy.observability.metrics import MULTIPROC_ENV, prepare_multiprocess
+
+    monkeypatch.setattr(prometheus_client.values, "ValueClass", prometheus_client.values.ValueClass)
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    live = tmp_path / f"counter_{os.getppid()}.db"  # pytest's parent: alive
+    ended = tmp_path / "counter_999999999.db"  # no such process
+    live.write_bytes(b"live")
+    ended.write_bytes(b"ended")
+    prepare_multiprocess()
+    assert live.exists() and not ended.exists()
