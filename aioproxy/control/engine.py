@@ -267,7 +267,10 @@ async def open_engine(url: str) -> AsyncEngine:
     """An engine on ``url`` with the schema migrated to the newest; ConfigError when the
     database cannot be opened (its message names ``[database] url``, the password masked)."""
     parsed = _async_url(url)
-    pool: dict[str, int] = {}
+    # A pooled connection to a server may have been dropped meanwhile: pinged at each checkout.
+    # A SQLite file's never is: no ping (a statement and three driver-thread round trips each
+    # time the log's writer, the admin API or the key cache's poll takes the connection).
+    pool: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).parent
         if not folder.is_dir():  # said plainly, before a driver thread starts for nothing
@@ -279,7 +282,7 @@ async def open_engine(url: str) -> AsyncEngine:
         # and malloc arena, ~3-4 MiB that stayed for good once a burst had opened five. More
         # open while needed (one writer at a time anyway) and close after.
         pool["pool_size"] = 1
-    engine = create_async_engine(parsed, pool_pre_ping=True, **pool)
+    engine = create_async_engine(parsed, **pool)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         _bind_none_and_bools_directly()

@@ -124,6 +124,8 @@ def _end_user(raw: msgspec.Raw | None) -> str | None:
 
 
 _decode = msgspec.json.Decoder().decode
+_BOOLS = (False, True)
+_NO_USAGE = Usage()
 
 
 class RowBuilder:
@@ -131,6 +133,9 @@ class RowBuilder:
         self.pricing = pricing
         self.cache = cache
         self.log_rows = log_rows
+        # The row's booleans as the driver binds them cheapest: sqlite3 passes ints to SQLite
+        # as they are, but adapts each bool (~1.2 kIr); asyncpg wants bools.
+        self._flags: tuple[Any, Any] = (0, 1) if cache.engine.dialect.name == "sqlite" else _BOOLS
         self._day_number = -1
         self._day_text = ""
 
@@ -144,9 +149,9 @@ class RowBuilder:
         limits = principal.limits if principal.limits.__class__ is KeyLimits else None
         duration = outcome.elapsed
         if finished.failed:
-            usage, estimated, cost, ttft = Usage(), False, None, None
+            usage, estimated, cost, ttft = _NO_USAGE, False, None, None
         elif finished.kind == _COUNTING:  # counting tokens is free: never charged nor estimated
-            usage, estimated, cost, ttft = Usage(), False, 0.0, outcome.ttfb
+            usage, estimated, cost, ttft = _NO_USAGE, False, 0.0, outcome.ttfb
         else:
             found = outcome.usage()
             estimated = found is None
@@ -161,43 +166,46 @@ class RowBuilder:
                 cost = self.pricing.cost(usage, deployment)
             # A whole JSON answer's first token came with the rest of it.
             ttft = outcome.ttfb if outcome.ttfb is not None else duration
+        state, flags, key_id = finished.state, self._flags, principal.id or None
+        model, code = finished.model or None, state.get(FAILED)
         values = (  # schema.REQUEST_COLUMNS' order
             finished.request_id,
             wall,
-            self._day(wall),
-            principal.id or None,
+            self._day_text if wall // 86400 == self._day_number else self._day(wall),
+            key_id,
             _storable(principal.name, _NAME),
             principal.team,
-            _end_user(finished.end_user),
-            _storable(finished.model or None, _MODEL),  # '': a body that named none
+            None if finished.end_user is None else _end_user(finished.end_user),
+            _storable(model, _MODEL),  # None for '': a body that named none
             deployment.key if deployment else None,
             deployment.provider if deployment else None,
             finished.kind,
             outcome.status,
-            _storable(finished.state.get(FAILED), _CODE),
-            outcome.stream,
+            None if code is None else _storable(code, _CODE),
+            flags[outcome.stream],
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.cached_tokens,
             usage.reasoning_tokens,
-            estimated,
+            flags[estimated],
             cost,
             ttft,
             duration,
-            *finished.state.get(RETRIES, _NONE_RETRIED),
+            *state.get(RETRIES, _NONE_RETRIED),
         )
-        key, team = (limits.key, limits.team) if limits else (None, None)
-        return LogRecord(
-            values,
-            principal.id or None,
-            principal.team,
-            wall,
-            cost or 0.0,
-            key_period=period_end(key.created_at, key.duration, wall) if key else None,
-            team_period=period_end(team.created_at, team.duration, wall) if team else None,
-            spend_only=not self.log_rows,
-            counted=COUNTED in finished.state,
-        )
+        key_period = team_period = None
+        if limits is not None:
+            key, team = limits.key, limits.team
+            key_period = period_end(key.created_at, key.duration, wall) if key else None
+            team_period = period_end(team.created_at, team.duration, wall) if team else None
+        # tuple.__new__: the named tuple made in C (its own __new__ is a Python call, ~2 kIr).
+        return tuple.__new__(
+            LogRecord,
+            (
+                values, key_id, principal.team, wall, cost or 0.0, key_period, team_period,
+                not self.log_rows, COUNTED in state,
+            ),
+        )  # fmt: skip
 
     def _day(self, wall: float) -> str:
         """The UTC date of ``wall``, formatted once a day."""
