@@ -114,8 +114,8 @@ INSTALL_HINT = f"apt-get update && apt-get install -y {' '.join(APT_PACKAGES.val
 # matrix's chat at 16 connections twice, CI's smoke 1.10, two smokes 1.19 and 1.22), so 1.35
 # would fail now and then. It was 1.3 while aioproxy measured 0.84-1.10, before the log.
 SMOKE_MAX_CPU_RATIO = 1.4
-# Instructions a chat request costs, aioproxy ÷ the reference: 1.05-1.07 (2026-12-07, callgrind:
-# 654-660 k against 615-621 k, three runs; each agrees within ~3%). A gate a busy machine does not move, so it
+# Instructions a chat request costs, aioproxy ÷ the reference: 1.05-1.08 (2026-12-07, callgrind:
+# 630-660 k against 595-621 k, five runs). A gate a busy machine does not move, so it
 # can sit close: 1.15 fails a regression of 8-10% that the CPU gate's noise would hide.
 SMOKE_MAX_INSTRUCTION_RATIO = 1.15
 
