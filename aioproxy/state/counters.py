@@ -20,13 +20,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
@@ -41,6 +52,8 @@ if TYPE_CHECKING:
     from ..control.clock import ControlClock
 
 __all__ = ["SharedCounters", "SharedReservation"]
+
+log = logging.getLogger("aioproxy")
 
 _NONE = -1  # a limit not set, as the scripts read it
 
@@ -414,17 +427,49 @@ class _Waiters:
         self.finished.set_result(None)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        """Its outcome is unknown (Redis may have run it): the next call sets it right."""
+        """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
+        call the script ran and failed on (a value it cannot count, a key of another type) is
+        dropped, logged: carried, it would fail every later call the same way and hold the
+        limits on per-process counters for good (what it wrote before failing stays)."""
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
-        self.counters.missed([*self.lost, self.call], exception)
+        if _script_failed(exception):
+            log.error(
+                "state: Redis refused a counters call (%s): its settles are dropped, and the "
+                "calls it carried",
+                exception,
+            )
+        else:
+            self.counters.missed([*self.lost, self.call], exception)
         self.finished.set_result(None)
 
     def cancel(self) -> bool:
         for future, *_ in self.waiting:
             future.cancel()
         return self.finished.cancel()
+
+
+# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
+# the call may run once Redis is itself again.
+_PASSING = (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+
+
+def _script_failed(error: BaseException) -> bool:
+    """Whether the script ran and raised: an error of its own, not of Redis's state."""
+    return (
+        isinstance(error, ResponseError)
+        and not isinstance(error, _PASSING)
+        and not str(error).startswith(("BUSY", "NOREPLICAS"))
+    )
 
 
 class SharedCounters:

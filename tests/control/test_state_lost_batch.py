@@ -40,8 +40,8 @@ class _Call:
         self.state: dict[str, Any] = {}
 
 
-def _limits(**limits: Any) -> KeyLimits:
-    key = KeyEntry(id=KEY, name="lost", digest="d", key_prefix="sk-", created_at=0.0, **limits)
+def _limits(key_id: str = KEY, **limits: Any) -> KeyLimits:
+    key = KeyEntry(id=key_id, name="lost", digest="d", key_prefix="sk-", created_at=0.0, **limits)
     return KeyLimits(key, Meter(), None, None)
 
 
@@ -266,3 +266,27 @@ async def test_a_lost_call_reaching_redis_after_a_later_one_does_nothing(redis_u
         await counters.close()
         await link.close()
         await client.aclose()
+
+
+async def test_a_call_the_script_fails_on_is_not_carried_for_ever(
+    relay: LossyRelay, redis_url: str
+) -> None:
+    """A settle the script cannot apply (here its key's spend counter is a hash: every
+    INCRBYFLOAT on it fails) is dropped, logged: the next calls, another key's, run (carried,
+    it would fail each of them the same way, and the limits would stay on per-process
+    counters for good)."""
+    limits, other = _limits(max_budget=10.0), _limits("key_other", max_budget=10.0)
+    async with _Instance(relay, redis_url, "aioproxy-test-refused-call") as instance:
+        link = instance.link
+        reservation = await _reserve(instance.counters, limits, 1_000)
+        assert reservation is not None
+        await instance.client.hset(f"{instance.base}:s:ever", "not", "a number")
+        sent = link.batcher.batches
+        reservation.settle(10, 0.25, 1_000.0)
+        async with asyncio.timeout(30):  # safety net: its batch is answered in milliseconds
+            while link.batcher.batches == sent or instance.counters._in_flight:
+                await asyncio.sleep(0.01)
+        assert link.up  # a refusal of the script's, not of Redis
+        assert isinstance(await _reserve(instance.counters, other), SharedReservation)
+        assert isinstance(await _reserve(instance.counters, other), SharedReservation)
+        assert link.up
