@@ -92,6 +92,9 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
 
     price: Price | None = None  # USD per million tokens; None: the bundled price table's
     reasoning: bool = False  # takes reasoning_effort: the Messages bridge maps thinking onto it
+    # Whether calling it reaches an upstream (False: the response cache's replay of a hit): the
+    # attempt hooks run for those only, so no plugin counts or traces a hit as an attempt.
+    upstream: bool = True
 
     id: str = ""  # unique among the app's deployments; config ones are "<name>#<n>"
 

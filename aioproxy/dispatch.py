@@ -344,8 +344,12 @@ class Dispatcher:
         router = self.router
         hooks = self.hooks
         deployment = lease.deployment
-        if hooks.before_attempt and (
-            rest := hooks.before_attempt.logged(call, deployment, attempt)
+        # A cache hit's replay is no upstream attempt: no attempt hook hears of it.
+        observed = deployment.upstream
+        if (
+            observed
+            and hooks.before_attempt
+            and (rest := hooks.before_attempt.logged(call, deployment, attempt))
         ):
             await rest
         started = router.clock.now()
@@ -367,7 +371,7 @@ class Dispatcher:
                 error, asyncio.CancelledError
             ):  # its client left: not the upstream's fault
                 ended = ClientDisconnected.now()
-            if ended is not None and hooks.after_attempt:
+            if ended is not None and observed and hooks.after_attempt:
                 status = ended.status if isinstance(ended, ProxyError) else 500
                 rest = hooks.after_attempt.logged(
                     call, deployment, attempt, status, ended, router.clock.now() - started
@@ -379,7 +383,7 @@ class Dispatcher:
             raise error from exc
         elapsed = router.clock.now() - started
         router.succeeded(deployment, elapsed)
-        if hooks.after_attempt:
+        if observed and hooks.after_attempt:
             status = reply.status if isinstance(reply, JSONReply) else 200
             rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
             if rest is not None:

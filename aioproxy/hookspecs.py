@@ -154,7 +154,8 @@ def before_attempt(call: Call, deployment: Deployment, attempt: int) -> MaybeAwa
     ``deployment`` is the one tried (``call.deployment``) and ``attempt`` counts the request's
     tries from 1. Add headers for this try's upstream call to ``call.upstream_headers`` (a
     trace's ``traceparent``, say). Every implementation runs; exceptions are logged and
-    swallowed. May be ``async def``. Not called at all when no plugin implements it.
+    swallowed. May be ``async def``. Not called at all when no plugin implements it, nor for a
+    deployment that reaches no upstream (``Deployment.upstream`` False: a response-cache hit).
     """
 
 

@@ -125,7 +125,12 @@ class ResponseCache:
         found = self._hit_deployments.get(model)
         if found is None:
             found = self._hit_deployments[model] = Deployment(
-                name=model, provider=PROVIDER, model=PROVIDER, price=Price(input=0.0), id=PROVIDER
+                name=model,
+                provider=PROVIDER,
+                model=PROVIDER,
+                price=Price(input=0.0),
+                id=PROVIDER,
+                upstream=False,
             )
         return found
 

@@ -57,10 +57,9 @@ TIMING_HEADER = "x-aioproxy-overhead-ms"
 # A request whose client went away: its status before its answer (nginx's 499), and the access
 # line's error then or in the middle of a stream (whose status went out first).
 _CLIENT_GONE, _CLIENT_GONE_CODE = ClientDisconnected.status, ClientDisconnected.default_code
-# call.state's key for the response cache's result, and the provider of its replaying deployment
-# (aioproxy.cache.response_cache's CACHE and PROVIDER: that module imports this package).
+# call.state's key for the response cache's result (aioproxy.cache.response_cache.CACHE, which
+# imports this module's package).
 _CACHE_STATE = "cache"
-_CACHE_PROVIDER = "aioproxy-cache"
 _MAX_LOGGED_NAME = 128  # a client's model name, as logged (names only: never a label)
 
 _OTHER_HANDLERS = {
@@ -309,8 +308,6 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
-        if deployment.provider == _CACHE_PROVIDER:  # a cache hit: no upstream was called
-            return
         metrics = self.metrics
         if metrics is not None:
             upstream = metrics.upstream.pending

@@ -26,18 +26,9 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis import exceptions as redis_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
@@ -452,14 +443,17 @@ class _Waiters:
 
 # Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
 # the call may run once Redis is itself again.
-_PASSING = (
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    TryAgainError,
+_PASSING = tuple(
+    getattr(redis_errors, name)
+    for name in (
+        "BusyLoadingError",
+        "ClusterDownError",
+        "MasterDownError",
+        "NoScriptError",
+        "OutOfMemoryError",
+        "ReadOnlyError",
+        "TryAgainError",
+    )
 )
 
 

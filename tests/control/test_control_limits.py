@@ -14,7 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from aioproxy import hookimpl
 from aioproxy.context import Call
 from tests.control.conftest import CHAT, PRICE, Control, FakeControlClock, chat
+from tests.redis_server import redis_server, redis_url
 from tests.support import MASTER_KEY, sdk
+
+__all__ = ["redis_server", "redis_url"]  # the fixtures, for the Redis-counted case
 
 
 def rfc3339(epoch: float) -> str:
@@ -333,10 +336,15 @@ async def test_the_limits_plugin_can_be_replaced(start_control: Any) -> None:
     assert (await control.admin("GET", f"/admin/keys/{created['id']}"))["spend"] > 0
 
 
-async def test_refusals_are_counted_under_their_scope(start_control: Any) -> None:
+@pytest.mark.parametrize("counted_in", ["process", "redis"])
+async def test_refusals_are_counted_under_their_scope(
+    start_control: Any, request: pytest.FixtureRequest, counted_in: str
+) -> None:
     """aioproxy_rate_limited_total{scope}: a key's rate limit under "key", its team's under
-    "team", a spent budget under "budget" (not all under the router's "deployment")."""
-    control = await start_control(metrics={"enabled": True})
+    "team", a spent budget under "budget" (not all under the router's "deployment"), whether
+    the limits are counted by this process or in Redis."""
+    state = {"redis_url": request.getfixturevalue("redis_url")} if counted_in == "redis" else {}
+    control = await start_control(metrics={"enabled": True}, state=state)
     team = await control.admin("POST", "/admin/teams", {"name": "t", "rpm": 1}, status=201)
     by_key = (await control.new_key(rpm=1))["key"]
     by_team = (await control.new_key(team=team["id"]))["key"]

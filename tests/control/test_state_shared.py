@@ -345,20 +345,3 @@ async def test_only_counts_routing_reads_are_shared(
     finally:
         await client.aclose()
     assert counted and all("gpt-busy" in key for key in counted)
-
-
-async def test_refusals_counted_in_redis_are_counted_by_their_scope(
-    start_control: Any, redis_url: str
-) -> None:
-    """aioproxy_rate_limited_total names the scope that refused, with Redis as without it: a
-    key over its rpm is scope key (before, every refusal counted in Redis was a deployment's)."""
-    control = await start_control(state={"redis_url": redis_url}, metrics={"enabled": True})
-    key = (await control.new_key(rpm=1))["key"]
-    assert (await post_chat(control, key))[0] == 200
-    assert (await post_chat(control, key))[0] == 429
-    async with control.session.get(
-        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
-    ) as response:
-        text = await response.text()
-    assert 'aioproxy_rate_limited_total{scope="key"} 1.0' in text
-    assert 'aioproxy_rate_limited_total{scope="deployment"}' not in text

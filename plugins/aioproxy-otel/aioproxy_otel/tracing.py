@@ -47,8 +47,6 @@ _OPERATIONS = {
 }
 # gen_ai.provider.name by provider plugin, where the conventions name it otherwise.
 _PROVIDER_NAMES = {"azure": "azure.ai.openai", "bedrock": "aws.bedrock", "gemini": "gcp.gemini"}
-# The response cache's replaying deployment (aioproxy.cache): a hit calls no provider.
-_CACHE_PROVIDER = "aioproxy-cache"
 _MAX_MODEL = 128  # a model name no deployment has, as a span holds it
 _W3C = TraceContextTextMapPropagator()  # what goes upstream: W3C traceparent, whatever else is set
 _encode = msgspec.json.Encoder().encode
@@ -195,7 +193,7 @@ class OTelPlugin:
             attributes["gen_ai.response.finish_reasons"] = reasons
         if self.capture_content and outcome.body is not None:
             attributes["gen_ai.output.messages"] = outcome.body.decode("utf-8", "replace")
-        if call.routed and call.deployment.provider != _CACHE_PROVIDER:
+        if call.routed and call.deployment.upstream:  # a cache hit calls no provider
             attributes["gen_ai.provider.name"] = _provider_name(call.deployment)
         if outcome.status >= 400:
             attributes["error.type"] = str(outcome.status)
@@ -223,7 +221,7 @@ class OTelPlugin:
             return
         status = error.status if isinstance(error, ProxyError) else 500
         span.set_attribute("http.response.status_code", status)
-        if call is not None and call.routed and call.deployment.provider != _CACHE_PROVIDER:
+        if call is not None and call.routed and call.deployment.upstream:
             span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
         _set_error(span, error)
         span.end()
@@ -232,8 +230,6 @@ class OTelPlugin:
 
     @hookimpl
     def before_attempt(self, call: Call, deployment: Deployment, attempt: int) -> None:
-        if deployment.provider == _CACHE_PROVIDER:  # a cache hit: no upstream, no CLIENT span
-            return
         parent = self._request_span(call)
         operation = _OPERATIONS.get(call.kind.value, call.kind.value)
         attributes = dict(self._attempt_attributes(deployment, operation))
