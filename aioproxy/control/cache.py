@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import sqlalchemy as sa
@@ -24,6 +24,9 @@ from . import schema
 from .marks import Marks
 from .meters import KeyLimits, Meter
 from .records import KeyEntry, TeamEntry, digest_of
+
+if TYPE_CHECKING:
+    from .plane import ControlPlane
 
 __all__ = ["KeyCache", "as_dict"]
 
@@ -65,6 +68,9 @@ class KeyCache:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # The plane that owns it (set by ControlPlane): each key's KeyLimits points at it, so the
+        # limits plugin finds its clock and prices without the request's app lookup.
+        self.plane: ControlPlane | None = None
         self.keys: dict[str, KeyEntry] = {}  # by id
         self.teams: dict[str, TeamEntry] = {}  # by id
         self.principals: dict[str, Principal] = {}  # by digest
@@ -133,7 +139,7 @@ class KeyCache:
                 _allowed(key.models, team.models if team else None),
                 id=key.id,
                 team=key.team_id,
-                limits=KeyLimits(key, key_meter, team, team_meter),
+                limits=KeyLimits(key, key_meter, team, team_meter, self.plane),
             )
         # Swapped whole: a request sees the old keys or the new ones, never a mix.
         self.principals, self._by_secret = principals, {}

@@ -45,7 +45,7 @@ from ..outcome import Outcome
 from ..routes import Kind
 from .clock import ControlClock
 from .database import RATE_LIMIT_HEADERS
-from .meters import NANO_USD, KeyLimits, Scope, spend_in
+from .meters import A_MINUTE, NANO_USD, KeyLimits, Scope, reset_text, spend_in
 from .plane import plane_key
 from .pricing import Pricing
 from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 __all__ = ["CostEstimates", "Limits", "Reservation", "ReserveHere", "unless_cached"]
 
 RESERVATION = "aioproxy.control.reservation"
-_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_OUTPUT_CAP_ORDER = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_OUTPUT_CAPS = frozenset(_OUTPUT_CAP_ORDER)
 
 # Counts a request on this process's counters, given the tokens and nano-USD it reserves:
 # None once counted, or an awaitable (a refusal the response cache may yet lift).
@@ -66,7 +67,9 @@ ReserveHere = Callable[[Call, KeyLimits, int, int], Awaitable[None] | None]
 def _output_cap(call: Call) -> int:
     """The request's cap on its output tokens (0: none)."""
     fields = call.fields
-    for name in _OUTPUT_CAPS:
+    if _OUTPUT_CAPS.isdisjoint(fields):  # in C: most bodies name one or none
+        return 0
+    for name in _OUTPUT_CAP_ORDER:
         if name in fields:
             value = call.get(name)
             if value.__class__ is int and value > 0:  # not a bool, nor a float
@@ -114,21 +117,19 @@ def _learnt_output(call: Call, limits: KeyLimits, prompt: int) -> int:
     return learnt
 
 
-def _duration(seconds: float) -> str:
-    """OpenAI's reset format: "20ms", "1s", "6m0s"."""
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    whole = math.ceil(seconds)
-    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
-
-
-# A window's reset is at most a minute away: each whole second's text, made once.
-_RESETS = tuple(_duration(second) for second in range(61))
-_A_MINUTE = _RESETS[60]
-
-
-def _reset(seconds: float) -> str:
-    return _duration(seconds) if seconds < 1 else _RESETS[min(60, math.ceil(seconds))]
+def _granted_headers(limits: KeyLimits, now: float) -> dict[str, str]:
+    """``_headers(limits, now, granted=True)`` for a key with no team: its one scope's windows,
+    over a copy of the texts that do not move (the limits, a reset a minute away), ~70
+    bytecodes a request fewer."""
+    headers = limits.granted_headers.copy()
+    for remaining_name, reset_name, limit, window in limits.solo_windows:
+        remaining = limit - window.count
+        if remaining < limit:  # this request is counted in it: it empties in a minute
+            headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+        else:  # nothing counted (a request reserving no tokens)
+            headers[remaining_name] = str(remaining)
+            headers[reset_name] = reset_text(window.clear_in(now))
+    return headers
 
 
 class Reservation:
@@ -143,13 +144,18 @@ class Reservation:
         self.released = False
 
     def release(self, _task: object = None) -> None:
-        if not self.released:
-            self.released = True
-            held, self.held = self.held, 0
+        if self.released:
+            return
+        self.released = True
+        held = self.held
+        if not held:  # settled (the usual end): its in-flight slots alone
             for scope in self.limits.checks:
                 scope.meter.in_flight -= 1
-                if held:
-                    scope.unhold(held)
+            return
+        self.held = 0
+        for scope in self.limits.checks:
+            scope.meter.in_flight -= 1
+            scope.unhold(held)
 
     def settle(self, tokens: int, cost: float | None, now: float, wall: float) -> None:
         """The usage's ``tokens`` for those reserved, and the ``cost`` added to the spend in
@@ -158,6 +164,10 @@ class Reservation:
         self.tokens = tokens
         held, self.held = self.held, 0
         if delta or cost or held:
+            solo = self.limits.solo
+            if solo is not None:
+                solo.settle(delta, cost, now, wall, held)
+                return
             for scope in self.limits.checks:
                 scope.settle(delta, cost, now, wall, held)
 
@@ -183,7 +193,7 @@ def _headers(limits: KeyLimits, now: float, granted: bool = False) -> dict[str, 
         headers[limit_name] = text
         headers[remaining_name] = str(remaining) if remaining > 0 else "0"
         headers[reset_name] = (
-            _A_MINUTE if granted and remaining < limit else _reset(window.clear_in(now))
+            A_MINUTE if granted and remaining < limit else reset_text(window.clear_in(now))
         )
     return headers
 
@@ -210,7 +220,7 @@ class Limits:
         # Keys without limits (config keys, unlimited database keys) are not counted at all.
         if limits.__class__ is not KeyLimits or not limits.enforced or RESERVATION in call.state:
             return None
-        plane = call.request.app[plane_key]
+        plane = limits.plane or call.request.app[plane_key]
         prompt = estimate_prompt(call)
         cap = _output_cap(call)
         # Toward tpm: the prompt and the output cap, else the output the key's answers have had.
@@ -229,18 +239,20 @@ class Limits:
 
     @hookimpl
     def after_response(self, call: Call, outcome: Outcome) -> Awaitable[None] | None:
-        reservation: Reservation | SharedReservation | None = call.state.get(RESERVATION)
+        state = call.state
+        reservation: Reservation | SharedReservation | None = state.get(RESERVATION)
         if reservation is None:
             return None
-        plane = call.request.app[plane_key]
+        limits = call.principal.limits  # a KeyLimits: it reserved
+        plane = limits.plane or call.request.app[plane_key]
         usage = outcome.usage()
-        cached = call.state.get("cache") == "hit"
+        cached = state.get("cache") == "hit"
         if usage is None:  # priced on an estimate, which its log row takes (``rows``)
-            usage = call.state[ESTIMATED] = estimate_usage(call.body_size(), outcome)
+            usage = state[ESTIMATED] = estimate_usage(call.body_size(), outcome)
             if outcome.cost is None and call.routed:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
         elif not cached and call.kind not in _NO_OUTPUT_TOKENS:  # the upstream's own count
-            meter = call.principal.limits.key_meter  # a KeyLimits: it reserved
+            meter = limits.key_meter
             meter.output += (usage.completion_tokens - meter.output) * _LEARNING_RATE
         # A cached answer counts toward rpm, not tpm.
         tokens = 0 if cached else usage.total_tokens
@@ -251,7 +263,7 @@ class Limits:
             return None
         reservation.settle(tokens, cost, clock.monotonic(), clock.time())
         if cost:
-            call.state[COUNTED] = True  # the writer moves it from the meters to the figures
+            state[COUNTED] = True  # the writer moves it from the meters to the figures
         return None
 
     @hookimpl
@@ -265,19 +277,22 @@ class Limits:
 def _reserve_on(
     call: Call, limits: KeyLimits, clock: ControlClock, tokens: int, held: int
 ) -> Awaitable[None] | None:
-    """Check every scope, then count the request in each, then its headers: one pass each."""
+    """Check every scope, then count the request in each, then its headers: one pass each
+    (a key with no team: one step, ``Scope.take``)."""
     now = clock.monotonic()
     second = int(now)
     wall = clock.time()
-    checks = limits.checks
-    for scope in checks:
-        if not scope.admits(tokens, second, wall):
-            reason, refused = _refusal_by(call, limits, scope, tokens, now, wall)
-            if reason == "tpm" and CACHE_ANSWERS in call.state:
-                return unless_cached(call, refused, lambda: _reserve_on(call, limits, clock, 0, 0))
-            raise refused
-    for scope in checks:
-        scope.count(tokens, held)
+    solo = limits.solo
+    if solo is not None:
+        if not solo.take(tokens, held, second, wall):
+            return _refused(call, limits, solo, clock, tokens, now, wall)
+    else:
+        checks = limits.checks
+        for scope in checks:
+            if not scope.admits(tokens, second, wall):
+                return _refused(call, limits, scope, clock, tokens, now, wall)
+        for scope in checks:
+            scope.count(tokens, held)
     reservation = call.state[RESERVATION] = Reservation(limits, tokens, held)
     task = asyncio.current_task()
     if task is not None:
@@ -285,8 +300,27 @@ def _reserve_on(
     else:  # pragma: no cover - hooks always run in the request's task
         reservation.release()
     if limits.limited:
-        request_state(call.request)[RATE_LIMIT_HEADERS] = _headers(limits, now, granted=True)
+        request_state(call.request)[RATE_LIMIT_HEADERS] = (
+            _granted_headers(limits, now) if solo is not None else _headers(limits, now, True)
+        )
     return None
+
+
+def _refused(
+    call: Call,
+    limits: KeyLimits,
+    scope: Scope,
+    clock: ControlClock,
+    tokens: int,
+    now: float,
+    wall: float,
+) -> Awaitable[None]:
+    """``scope`` has no room: the 429, unless it is for tokens alone and the response cache
+    answers the request (``unless_cached``)."""
+    reason, refused = _refusal_by(call, limits, scope, tokens, now, wall)
+    if reason == "tpm" and CACHE_ANSWERS in call.state:
+        return unless_cached(call, refused, lambda: _reserve_on(call, limits, clock, 0, 0))
+    raise refused
 
 
 async def unless_cached(

@@ -5,12 +5,25 @@ the spend is shared through the database."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from multidict import istr
 
 from .records import COUNTED, KeyEntry, TeamEntry, period_end
 
-__all__ = ["HEADER_NAMES", "NANO_USD", "KeyLimits", "Meter", "RateWindow", "Scope"]
+if TYPE_CHECKING:
+    from .plane import ControlPlane
+
+__all__ = [
+    "A_MINUTE",
+    "HEADER_NAMES",
+    "NANO_USD",
+    "KeyLimits",
+    "Meter",
+    "RateWindow",
+    "Scope",
+    "reset_text",
+]
 
 _SECONDS = 60
 # The cost reserved by requests in flight is counted in whole nano-USD (here and in Redis):
@@ -131,6 +144,24 @@ def spend_in(entry: KeyEntry | TeamEntry, meter: Meter, end: float | None) -> fl
 _NO_LIMIT = math.inf  # a limit not set, as ``Scope.admits`` compares it
 
 
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+# A window's reset is at most a minute away: each whole second's text, made once.
+_RESETS = tuple(_duration(second) for second in range(61))
+A_MINUTE = _RESETS[60]
+
+
+def reset_text(seconds: float) -> str:
+    """The x-ratelimit-reset-* text for ``seconds``."""
+    return _duration(seconds) if seconds < 1 else _RESETS[min(60, math.ceil(seconds))]
+
+
 class Scope:
     """One scope's limits (the key, its team) as the request path checks them: the entry's
     values read once when the cache loads, not from the entry each request."""
@@ -206,6 +237,35 @@ class Scope:
         ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
         return spend_in(self.entry, meter, ends) + meter.held * NANO_USD < budget
 
+    def take(self, tokens: int, held: int, second: int, wall: float) -> bool:
+        """``admits`` then ``count`` in one step, for a key with no team (its one scope): a
+        request's reservation is this call (two frames fewer a request, ~60 bytecodes)."""
+        requests, used = self.requests, self.tokens
+        if requests.second != second:
+            requests.advance(second)
+        if used.second != second:
+            used.advance(second)
+        meter = self.meter
+        if (
+            requests.count >= self.rpm_cap
+            or (tokens and used.count + tokens > self.tpm_cap)
+            or meter.in_flight >= self.parallel_cap
+        ):
+            return False
+        budget = self.max_budget
+        if budget is not None:
+            ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
+            if spend_in(self.entry, meter, ends) + meter.held * NANO_USD >= budget:
+                return False
+            meter.held += held
+        meter.in_flight += 1
+        slot = second % _SECONDS
+        requests.buckets[slot] += 1
+        requests.count += 1
+        used.buckets[slot] += tokens
+        used.count += tokens
+        return True
+
     def settle(
         self, delta: int, cost: float | None, now: float, wall: float, held: int = 0
     ) -> None:
@@ -213,8 +273,8 @@ class Scope:
         ``cost`` to the spend of the budget period holding ``wall`` in place of the ``held``
         nano-USD reserved, in one step (``RateWindow.add`` and ``Meter.add_spend``, inlined:
         once per request and scope)."""
-        if held:
-            self.unhold(held)
+        if held and self.max_budget is not None:  # ``unhold``, inlined
+            self.meter.held -= held
         if delta:
             used = self.tokens
             if int(now) != used.second:
@@ -255,12 +315,16 @@ class KeyLimits:
         "budgeted",
         "checks",
         "enforced",
+        "granted_headers",
         "key",
         "key_meter",
         "limited",
+        "plane",
         "rate_headers",
         "request_limits",
         "scopes",
+        "solo",
+        "solo_windows",
         "team",
         "team_meter",
         "token_limits",
@@ -268,8 +332,14 @@ class KeyLimits:
     )
 
     def __init__(
-        self, key: KeyEntry, key_meter: Meter, team: TeamEntry | None, team_meter: Meter | None
+        self,
+        key: KeyEntry,
+        key_meter: Meter,
+        team: TeamEntry | None,
+        team_meter: Meter | None,
+        plane: ControlPlane | None = None,
     ) -> None:
+        self.plane = plane  # the control plane whose cache made it (None: made apart, in tests)
         self.key = key
         self.key_meter = key_meter
         self.team = team
@@ -295,6 +365,21 @@ class KeyLimits:
             )
             for kind, scopes in (("requests", self.request_limits), ("tokens", self.token_limits))
             if scopes
+        )
+        # A key with no team has one scope: reserved by ``Scope.take``, its headers read from
+        # its own windows with no search for the scope with the least room: a copy of
+        # ``granted_headers`` (the limits, a reset a minute away), and per kind the names of
+        # what moves, the limit and its window (``solo_windows``).
+        self.solo = self.checks[0] if len(self.checks) == 1 else None
+        solo_kinds = self.rate_headers if self.solo is not None else ()
+        self.granted_headers: dict[str, str] = {
+            name: text
+            for (limit_name, _, reset_name), (_, limit_text, _), _ in solo_kinds
+            for name, text in ((limit_name, limit_text), (reset_name, A_MINUTE))
+        }
+        self.solo_windows = tuple(
+            (remaining_name, reset_name, limit, window)
+            for (_, remaining_name, reset_name), (limit, _, window), _ in solo_kinds
         )
         # Whether anything is counted for it (reserve, reconcile): a key with no limit and no
         # budget (nor its team) costs its requests nothing but their log row.

@@ -31,6 +31,7 @@ class ControlPlane:
         self.engine = engine
         self.clock = clock
         self.cache = KeyCache(engine)
+        self.cache.plane = self
         self.pricing = Pricing()
         build = RowBuilder(self.pricing, self.cache, log_rows=config.spend.log)
         self.log = RequestLog(engine, self.cache, config.spend, clock.time, build)

@@ -32,8 +32,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
-from ..control.limits import RESERVATION, ReserveHere, _reset, unless_cached
-from ..control.meters import HEADER_NAMES, KeyLimits
+from ..control.limits import RESERVATION, ReserveHere, unless_cached
+from ..control.meters import HEADER_NAMES, KeyLimits, reset_text
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
 from .batch import LuaScript
@@ -667,7 +667,7 @@ class SharedCounters:
 def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers from the counts the script returned, from the scope with
     the least room left."""
-    reset = _reset(answer[1])
+    reset = reset_text(answer[1])
     headers: dict[str, str] = {}
     for (limit_name, remaining_name, reset_name), limited in prepared.headers:
         best: tuple[str, int] | None = None
