@@ -255,7 +255,10 @@ class Scope:
         budget = self.max_budget
         if budget is not None:
             ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
-            if spend_in(self.entry, meter, ends) + meter.held * NANO_USD >= budget:
+            entry = self.entry  # spend_in(entry, meter, ends), inlined
+            stored = entry.spend if entry.budget_resets_at == ends else 0.0
+            spent = stored + (meter.spend if meter.period == ends else 0.0)
+            if spent + meter.held * NANO_USD >= budget:
                 return False
             meter.held += held
         meter.in_flight += 1
