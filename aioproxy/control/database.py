@@ -12,17 +12,28 @@ from ..hookspecs import RegisterContext, RegisterRoute, hookimpl
 from ..keys import database_key
 from .admin import admin_routes
 from .clock import ControlClock
+from .meters import KeyLimits
 from .plane import ControlPlane, clock_key, plane_key
 
-__all__ = ["RATE_LIMIT_HEADERS", "Database"]
+__all__ = ["LIMITED_BY", "RATE_LIMIT_HEADERS", "Database"]
 
 # ``request[RATE_LIMIT_HEADERS]``: the x-ratelimit-* headers the limits plugin computed for the
 # request; added to its response whatever it is (JSON, stream, error).
 RATE_LIMIT_HEADERS = web.RequestKey("aioproxy.ratelimit_headers", dict[str, str])
+# ``request[LIMITED_BY]``: the limits of the rate-limited key that sent it (set by keyauth), so
+# that a response the limits plugin did not count (an error before it, the model list) still
+# carries the key's headers: every response to a limited key does.
+LIMITED_BY = web.RequestKey("aioproxy.limited_by", KeyLimits)
 
 
 async def _add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
-    headers = request_state(request).get(RATE_LIMIT_HEADERS)  # mostly not there: no KeyError
+    state = request_state(request)
+    headers = state.get(RATE_LIMIT_HEADERS)  # mostly not there: no KeyError
+    if headers is None:
+        limits = state.get(LIMITED_BY)
+        if limits is None:
+            return
+        headers = limits.headers_now()
     if headers:
         response.headers.update(headers)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .._aiohttp import request_state
 from ..builtins.config_auth import presented_key
 from ..config import Config
 from ..context import Principal
 from ..errors import AuthenticationError
 from ..hookspecs import hookimpl
+from .database import LIMITED_BY
 from .plane import ControlPlane, plane_key
 
 __all__ = ["KeyAuth"]
@@ -46,4 +48,6 @@ class KeyAuth:
             raise AuthenticationError("This API key is disabled", code="key_disabled")
         if entry.expires_at is not None and plane.clock.time() >= entry.expires_at:
             raise AuthenticationError("This API key has expired", code="key_expired")
+        if principal.limits.limited:
+            request_state(request)[LIMITED_BY] = principal.limits
         return principal
