@@ -387,7 +387,7 @@ _Waiting = tuple["asyncio.Future[Any]", list[_Scope], int, int]
 class _Waiters:
     """The reply of one batch's script: each reservation's answer to its future at once."""
 
-    __slots__ = ("call", "counters", "finished", "lost", "waiting")
+    __slots__ = ("answered", "call", "counters", "lost", "waiting")
 
     def __init__(
         self,
@@ -402,10 +402,10 @@ class _Waiters:
         # settles): if its answer is lost too, each goes again.
         self.lost = lost
         self.call = call
-        self.finished = asyncio.get_running_loop().create_future()  # close waits on it
+        self.answered = False  # (no future of its own: close waits on the counters' one)
 
     def done(self) -> bool:
-        return self.finished.done()
+        return self.answered
 
     def set_result(self, packed: bytes, /) -> None:
         for (future, scopes, tokens, held), reply in zip(
@@ -415,7 +415,8 @@ class _Waiters:
                 future.set_result(reply)
             elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
                 SharedReservation(self.counters, scopes, tokens, held).release()
-        self.finished.set_result(None)
+        self.answered = True
+        self.counters.answered(self)
 
     def set_exception(self, exception: BaseException, /) -> None:
         """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
@@ -433,12 +434,15 @@ class _Waiters:
             )
         else:
             self.counters.missed([*self.lost, self.call], exception)
-        self.finished.set_result(None)
+        self.answered = True
+        self.counters.answered(self)
 
     def cancel(self) -> bool:
         for future, *_ in self.waiting:
             future.cancel()
-        return self.finished.cancel()
+        self.answered = True
+        self.counters.answered(self)
+        return True
 
 
 # Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
@@ -486,7 +490,8 @@ class SharedCounters:
         # carried by the next call.
         self._lost: list[list[Any]] = []
         self._numbers = itertools.count(1)  # of this instance's calls, in the order sent
-        self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
+        self._in_flight: set[_Waiters] = set()  # calls sent, not yet answered
+        self._drained: asyncio.Future[None] | None = None  # close waits for their answers
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
         self.batcher.add_source(self.take)
@@ -562,12 +567,11 @@ class SharedCounters:
                 self._taken.set_result(None)  # close: the last settles are on their way
         reservations = self._words
         number = reservations[0] = next(self._numbers)
-        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease]
+        call = ("EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease)
         words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
         waiters = _Waiters(self, waiting, lost, words)
         self._words, self._waiting = [0], []
-        self._in_flight.add(waiters.finished)
-        waiters.finished.add_done_callback(self._in_flight.discard)
+        self._in_flight.add(waiters)
         batch.append((self.script, call, waiters))
 
     async def close(self) -> None:
@@ -579,7 +583,17 @@ class SharedCounters:
                     self.batcher.wake()
                     await self._taken
                 if self._in_flight:
-                    await asyncio.wait(list(self._in_flight))
+                    self._drained = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._drained
+                    finally:
+                        self._drained = None
+
+    def answered(self, waiters: _Waiters) -> None:
+        """A call sent has its answer (or failed): close waits for none left."""
+        self._in_flight.discard(waiters)
+        if self._drained is not None and not self._in_flight and not self._drained.done():
+            self._drained.set_result(None)
 
     async def _resend(self) -> None:
         if self._settles or self._lost:
