@@ -283,26 +283,44 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
 
 class _Scope:
     """One scope of a key's limits as the script reads it, made once per cache load: its
-    Redis key, its limits, and its budget period (kept until the period ends)."""
+    Redis key, its limits, and its budget period (kept until the period ends); and so, made
+    once per period, its words in a reservation and its key among the settles merged."""
 
-    __slots__ = ("base", "budgeted", "end", "entry", "floor", "limits", "period", "start")
+    __slots__ = (
+        "base",
+        "budgeted",
+        "end",
+        "entry",
+        "floor",
+        "limits",
+        "period",
+        "settled",
+        "start",
+        "words",
+    )
 
     def __init__(self, base: str, entry: KeyEntry | TeamEntry) -> None:
         self.base = base
         self.entry = entry
         limits = (entry.rpm, entry.tpm, entry.max_parallel, entry.max_budget)
-        self.limits = [_NONE if value is None else value for value in limits]
+        self.limits = tuple(_NONE if value is None else value for value in limits)
         self.budgeted = entry.max_budget is not None  # keeps its requests' reserved cost
         self.start = self.end = math.inf  # no period yet: computed at first use
-        self.period = "ever"
-        self.floor = 0.0  # the database's spend of the period
+        self._in_period("ever", 0.0)
+
+    def _in_period(self, period: str, floor: float) -> None:
+        self.period = period
+        self.floor = floor  # the database's spend of the period
+        # Its words in a reservation (``_APPLY``): key, rpm, tpm, max_parallel, max_budget,
+        # the database's spend and the budget period.
+        self.words = (self.base, *self.limits, floor, period)
+        self.settled = (self.base, period)  # its settles merge under this key
 
     def at(self, wall: float) -> None:
         """Move to the budget period holding ``wall``."""
         entry = self.entry
         end = period_end(entry.created_at, entry.duration, wall)
-        self.period = _period_tag(end)
-        self.floor = entry.spend if entry.budget_resets_at == end else 0.0
+        self._in_period(_period_tag(end), entry.spend if entry.budget_resets_at == end else 0.0)
         if end is None or entry.duration is None:
             self.start, self.end = -math.inf, math.inf
         else:
@@ -519,9 +537,9 @@ class SharedCounters:
         settles = self._settles
         for scope in scopes:
             unheld = held if scope.budgeted else 0
-            merged = settles.get((scope.base, scope.period))
+            merged = settles.get(scope.settled)
             if merged is None:
-                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall, unheld]
+                settles[scope.settled] = [delta, freed, cost, scope.end, wall, unheld]
             else:
                 merged[0] += delta
                 merged[1] += freed
@@ -644,9 +662,7 @@ class SharedCounters:
         for scope in scopes:
             if not scope.start <= wall < scope.end:
                 scope.at(wall)
-            words.append(scope.base)
-            words += scope.limits
-            words += (scope.floor, scope.period)
+            words += scope.words
         future: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append((future, scopes, tokens, held))
         self.batcher.wake()
@@ -671,7 +687,7 @@ class SharedCounters:
                 return
             raise refused
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         if task is not None:
             task.add_done_callback(reservation.release)
         if prepared.headers:
@@ -684,13 +700,12 @@ def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
     reset = _reset(answer[1])
     headers: dict[str, str] = {}
     for (limit_name, remaining_name, reset_name), limited in prepared.headers:
-        best: tuple[str, int] | None = None
-        for limit, text, position in limited:
-            remaining = limit - answer[position]
-            if best is None or remaining < best[1]:
-                best = (text, remaining)
-        assert best is not None  # each kind listed has a limit
-        headers[limit_name] = best[0]
-        headers[remaining_name] = str(max(0, best[1]))
+        limit, text, position = limited[0]
+        remaining = limit - answer[position]
+        for limit, other, position in limited[1:]:  # the team's too: the one with less room
+            if limit - answer[position] < remaining:
+                text, remaining = other, limit - answer[position]
+        headers[limit_name] = text
+        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
         headers[reset_name] = reset
     return headers
