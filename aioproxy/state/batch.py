@@ -199,12 +199,18 @@ class Batcher:
         """Each call's reply (an error reply as its exception), and whether a script was not
         known (NOSCRIPT)."""
         self.batches += 1
-        await connection.send_packed_command([_packed(batch)], check_health=False)
+        packed = _packed(batch)
+        writer = connection._writer
         try:
+            if writer is None:  # not connected yet: redis-py connects, then writes
+                await connection.send_packed_command([packed], check_health=False)
+            else:  # to its stream directly: send_packed_command's layers cost ~70 bytecodes
+                writer.write(packed)
+                await writer.drain()
             return await _replies(connection, len(batch))
-        except OSError as exc:  # as redis-py's reads name it (the log says which error)
+        except OSError as exc:  # as redis-py names it (the log says which error)
             where = connection._host_error()
-            raise RedisConnectionError(f"Error while reading from {where} : {exc.args}") from exc
+            raise RedisConnectionError(f"Error while talking to {where} : {exc.args}") from exc
 
     async def _drop(self) -> None:
         connection, self._connection = self._connection, None
