@@ -12,6 +12,7 @@ per-word encoding and its layers around each reply (~1,500 Python bytecodes a re
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hashlib
 from collections.abc import Callable
@@ -62,6 +63,7 @@ class Batcher:
         self._sender: asyncio.Task[None] | None = None  # sends the batches, once started
         self._idle: asyncio.Future[None] | None = None  # the sender waits on it for calls
         self._connection: AbstractConnection | None = None
+        self._packs_as_redis_py = _encodes_as_hiredis(client)
         # Called as each batch is taken, to add calls merged while it waited (``wake``).
         self._sources: list[Callable[[list[_Entry]], None]] = []
 
@@ -199,7 +201,10 @@ class Batcher:
         """Each call's reply (an error reply as its exception), and whether a script was not
         known (NOSCRIPT)."""
         self.batches += 1
-        packed = _packed(batch)
+        if self._packs_as_redis_py:
+            packed = _packed(batch)
+        else:
+            packed = b"".join(connection.pack_commands([args for _, args, _ in batch]))
         writer = connection._writer
         try:
             if writer is None:  # not connected yet: redis-py connects, then writes
@@ -224,6 +229,14 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
         await self._drop()
+
+
+def _encodes_as_hiredis(client: Redis) -> bool:
+    """Whether redis-py's encoder makes of a str what hiredis does (UTF-8, strict): its
+    default; another encoding (a URL's ?encoding=) is left to redis-py's encoder."""
+    kwargs = client.connection_pool.connection_kwargs
+    encoding = codecs.lookup(kwargs.get("encoding", "utf-8")).name
+    return encoding == "utf-8" and kwargs.get("encoding_errors", "strict") == "strict"
 
 
 def _packed(batch: list[tuple[Any, tuple[Any, ...], Any]]) -> bytes:

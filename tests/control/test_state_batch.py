@@ -81,11 +81,12 @@ async def test_an_error_reply_fails_only_its_call(redis_url: str) -> None:
         await client.aclose()
 
 
-async def test_words_are_sent_as_redis_py_encodes_them(redis_url: str) -> None:
+@pytest.mark.parametrize("encoding", ["", "?encoding=latin-1"])
+async def test_words_are_sent_as_redis_py_encodes_them(redis_url: str, encoding: str) -> None:
     """Packed by hiredis, not redis-py's encoder: the same bytes (str as UTF-8, numbers as
-    their repr), and a word of no type Redis takes fails its batch (DataError), not the
-    batcher: the next batch is sent."""
-    client = aioredis.Redis.from_url(redis_url)
+    their repr; another encoding set in the URL is redis-py's to apply), and a word of no
+    type Redis takes fails its batch (DataError), not the batcher: the next batch is sent."""
+    client = aioredis.Redis.from_url(redis_url + encoding)
     batcher = Batcher(client, timeout=5.0)
     words: list[Any] = ["café", 42, -7, 0.1, 1e20, b"\x00\xff"]
     try:
