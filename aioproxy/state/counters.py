@@ -283,26 +283,44 @@ def _refusal(scope: str, entry: KeyEntry | TeamEntry, reason: str, wait: float) 
 
 class _Scope:
     """One scope of a key's limits as the script reads it, made once per cache load: its
-    Redis key, its limits, and its budget period (kept until the period ends)."""
+    Redis key, its limits, and its budget period (kept until the period ends); and so, made
+    once per period, its words in a reservation and its key among the settles merged."""
 
-    __slots__ = ("base", "budgeted", "end", "entry", "floor", "limits", "period", "start")
+    __slots__ = (
+        "base",
+        "budgeted",
+        "end",
+        "entry",
+        "floor",
+        "limits",
+        "period",
+        "settled",
+        "start",
+        "words",
+    )
 
     def __init__(self, base: str, entry: KeyEntry | TeamEntry) -> None:
         self.base = base
         self.entry = entry
         limits = (entry.rpm, entry.tpm, entry.max_parallel, entry.max_budget)
-        self.limits = [_NONE if value is None else value for value in limits]
+        self.limits = tuple(_NONE if value is None else value for value in limits)
         self.budgeted = entry.max_budget is not None  # keeps its requests' reserved cost
         self.start = self.end = math.inf  # no period yet: computed at first use
-        self.period = "ever"
-        self.floor = 0.0  # the database's spend of the period
+        self._in_period("ever", 0.0)
+
+    def _in_period(self, period: str, floor: float) -> None:
+        self.period = period
+        self.floor = floor  # the database's spend of the period
+        # Its words in a reservation (``_APPLY``): key, rpm, tpm, max_parallel, max_budget,
+        # the database's spend and the budget period.
+        self.words = (self.base, *self.limits, floor, period)
+        self.settled = (self.base, period)  # its settles merge under this key
 
     def at(self, wall: float) -> None:
         """Move to the budget period holding ``wall``."""
         entry = self.entry
         end = period_end(entry.created_at, entry.duration, wall)
-        self.period = _period_tag(end)
-        self.floor = entry.spend if entry.budget_resets_at == end else 0.0
+        self._in_period(_period_tag(end), entry.spend if entry.budget_resets_at == end else 0.0)
         if end is None or entry.duration is None:
             self.start, self.end = -math.inf, math.inf
         else:
@@ -387,7 +405,7 @@ _Waiting = tuple["asyncio.Future[Any]", list[_Scope], int, int]
 class _Waiters:
     """The reply of one batch's script: each reservation's answer to its future at once."""
 
-    __slots__ = ("call", "counters", "finished", "lost", "waiting")
+    __slots__ = ("answered", "call", "counters", "lost", "waiting")
 
     def __init__(
         self,
@@ -402,10 +420,10 @@ class _Waiters:
         # settles): if its answer is lost too, each goes again.
         self.lost = lost
         self.call = call
-        self.finished = asyncio.get_running_loop().create_future()  # close waits on it
+        self.answered = False  # (no future of its own: close waits on the counters' one)
 
     def done(self) -> bool:
-        return self.finished.done()
+        return self.answered
 
     def set_result(self, packed: bytes, /) -> None:
         for (future, scopes, tokens, held), reply in zip(
@@ -415,7 +433,8 @@ class _Waiters:
                 future.set_result(reply)
             elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
                 SharedReservation(self.counters, scopes, tokens, held).release()
-        self.finished.set_result(None)
+        self.answered = True
+        self.counters.answered(self)
 
     def set_exception(self, exception: BaseException, /) -> None:
         """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
@@ -433,12 +452,15 @@ class _Waiters:
             )
         else:
             self.counters.missed([*self.lost, self.call], exception)
-        self.finished.set_result(None)
+        self.answered = True
+        self.counters.answered(self)
 
     def cancel(self) -> bool:
         for future, *_ in self.waiting:
             future.cancel()
-        return self.finished.cancel()
+        self.answered = True
+        self.counters.answered(self)
+        return True
 
 
 # Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
@@ -486,7 +508,8 @@ class SharedCounters:
         # carried by the next call.
         self._lost: list[list[Any]] = []
         self._numbers = itertools.count(1)  # of this instance's calls, in the order sent
-        self._in_flight: set[asyncio.Future[None]] = set()  # batches sent, not yet answered
+        self._in_flight: set[_Waiters] = set()  # calls sent, not yet answered
+        self._drained: asyncio.Future[None] | None = None  # close waits for their answers
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
         self.batcher.add_source(self.take)
@@ -514,9 +537,9 @@ class SharedCounters:
         settles = self._settles
         for scope in scopes:
             unheld = held if scope.budgeted else 0
-            merged = settles.get((scope.base, scope.period))
+            merged = settles.get(scope.settled)
             if merged is None:
-                settles[(scope.base, scope.period)] = [delta, freed, cost, scope.end, wall, unheld]
+                settles[scope.settled] = [delta, freed, cost, scope.end, wall, unheld]
             else:
                 merged[0] += delta
                 merged[1] += freed
@@ -562,12 +585,11 @@ class SharedCounters:
                 self._taken.set_result(None)  # close: the last settles are on their way
         reservations = self._words
         number = reservations[0] = next(self._numbers)
-        call = ["EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease]
+        call = ("EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease)
         words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
         waiters = _Waiters(self, waiting, lost, words)
         self._words, self._waiting = [0], []
-        self._in_flight.add(waiters.finished)
-        waiters.finished.add_done_callback(self._in_flight.discard)
+        self._in_flight.add(waiters)
         batch.append((self.script, call, waiters))
 
     async def close(self) -> None:
@@ -579,7 +601,17 @@ class SharedCounters:
                     self.batcher.wake()
                     await self._taken
                 if self._in_flight:
-                    await asyncio.wait(list(self._in_flight))
+                    self._drained = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._drained
+                    finally:
+                        self._drained = None
+
+    def answered(self, waiters: _Waiters) -> None:
+        """A call sent has its answer (or failed): close waits for none left."""
+        self._in_flight.discard(waiters)
+        if self._drained is not None and not self._in_flight and not self._drained.done():
+            self._drained.set_result(None)
 
     async def _resend(self) -> None:
         if self._settles or self._lost:
@@ -630,9 +662,7 @@ class SharedCounters:
         for scope in scopes:
             if not scope.start <= wall < scope.end:
                 scope.at(wall)
-            words.append(scope.base)
-            words += scope.limits
-            words += (scope.floor, scope.period)
+            words += scope.words
         future: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append((future, scopes, tokens, held))
         self.batcher.wake()
@@ -657,7 +687,7 @@ class SharedCounters:
                 return
             raise refused
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)
         if task is not None:
             task.add_done_callback(reservation.release)
         if prepared.headers:
@@ -670,13 +700,12 @@ def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
     reset = reset_text(answer[1])
     headers: dict[str, str] = {}
     for (limit_name, remaining_name, reset_name), limited in prepared.headers:
-        best: tuple[str, int] | None = None
-        for limit, text, position in limited:
-            remaining = limit - answer[position]
-            if best is None or remaining < best[1]:
-                best = (text, remaining)
-        assert best is not None  # each kind listed has a limit
-        headers[limit_name] = best[0]
-        headers[remaining_name] = str(max(0, best[1]))
+        limit, text, position = limited[0]
+        remaining = limit - answer[position]
+        for limit, other, position in limited[1:]:  # the team's too: the one with less room
+            if limit - answer[position] < remaining:
+                text, remaining = other, limit - answer[position]
+        headers[limit_name] = text
+        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
         headers[reset_name] = reset
     return headers

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import DataError
 
 from aioproxy.config import Secret, StateConfig
 from aioproxy.control.clock import ControlClock
@@ -78,6 +79,79 @@ async def test_an_error_reply_fails_only_its_call(redis_url: str) -> None:
     finally:
         await batcher.close()
         await client.aclose()
+
+
+@pytest.mark.parametrize("encoding", ["", "?encoding=latin-1"])
+async def test_words_are_sent_as_redis_py_encodes_them(redis_url: str, encoding: str) -> None:
+    """Packed by hiredis, not redis-py's encoder: the same bytes (str as UTF-8, numbers as
+    their repr; another encoding set in the URL is redis-py's to apply), and a word of no
+    type Redis takes fails its batch (DataError), not the batcher: the next batch is sent."""
+    client = aioredis.Redis.from_url(redis_url + encoding)
+    batcher = Batcher(client, timeout=5.0)
+    words: list[Any] = ["café", 42, -7, 0.1, 1e20, b"\x00\xff"]
+    try:
+        for i, word in enumerate(words):
+            await batcher.command("SET", f"aioproxy-test:word:{i}", word)
+        sent = [await client.get(f"aioproxy-test:word:{i}") for i in range(len(words))]
+        assert sent == [client.get_encoder().encode(word) for word in words]
+        with pytest.raises(DataError):
+            await batcher.command("SET", "aioproxy-test:word:none", None)
+        assert await batcher.command("GET", "aioproxy-test:word:1") == b"42"
+    finally:
+        await client.delete(*(f"aioproxy-test:word:{i}" for i in range(len(words))))
+        await batcher.close()
+        await client.aclose()
+
+
+# Keeps Redis busy for 0.3 s: a batch holding it outlives a short timeout.
+BUSY = LuaScript(
+    "local t = redis.call('TIME') local until_ = t[1] * 1e6 + t[2] + 300000 "
+    "while true do local n = redis.call('TIME') if n[1] * 1e6 + n[2] > until_ then break end "
+    "end return 1"
+)
+
+
+async def test_a_batch_past_the_timeout_fails_and_the_next_is_sent(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=0.1)
+    try:
+        await client.script_load(BUSY.text)
+        with pytest.raises(TimeoutError):
+            await batcher.run(BUSY, [], [])
+        await asyncio.sleep(0.5)  # the script ends; its reply went with the dropped connection
+        assert await batcher.command("PING") == b"PONG"
+        assert batcher.batches == 2
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
+async def test_closing_cancels_the_calls_on_their_way(redis_url: str) -> None:
+    """Cancelled (closing), not failed: no fallback, no 'Redis lost' for a shutdown."""
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    try:
+        await client.script_load(BUSY.text)
+        busy = batcher.run(BUSY, [], [])
+        await asyncio.sleep(0.1)  # written; Redis runs it
+        await batcher.close()
+        assert busy.cancelled()
+        await asyncio.sleep(0.5)  # the script ends before the next test uses Redis
+    finally:
+        await client.aclose()
+
+
+async def test_an_idle_batcher_sends_the_next_call_and_closes(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    try:
+        assert await batcher.command("PING") == b"PONG"
+        await asyncio.sleep(0.05)  # its sender waits for calls
+        assert await batcher.command("ECHO", "again") == b"again"
+    finally:
+        await batcher.close()
+        await client.aclose()
+    assert batcher._sender is None
 
 
 def _limits(**limits: Any) -> KeyLimits:
