@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from hiredis import pack_command
-from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, DefaultParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError, RedisError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 
 __all__ = ["Batcher", "LuaScript"]
 
@@ -64,7 +64,9 @@ class Batcher:
         self._sender: asyncio.Task[None] | None = None  # sends the batches, once started
         self._idle: asyncio.Future[None] | None = None  # the sender waits on it for calls
         self._connection: AbstractConnection | None = None
-        self._packs_as_redis_py = _encodes_as_hiredis(client)
+        # Batches packed by hiredis and read from its parser (``_round_trip``) where that is
+        # what redis-py would do itself; else through redis-py's public connection methods.
+        self._direct = _drivable(client)
         # Called as each batch is taken, to add calls merged while it waited (``wake``).
         self._sources: list[Callable[[list[_Entry]], None]] = []
 
@@ -183,9 +185,8 @@ class Batcher:
         before anything is written to it, as the pool checks the connections it hands out."""
         connection = self._connection
         if connection is not None and connection.is_connected:
-            parser: Any = connection._parser  # its hiredis parser (typed as any parser)
-            try:  # the parser's own check (the connection's wraps it in one more frame)
-                stale = await parser.can_read()
+            try:
+                stale = await connection.can_read()
             except (RedisError, OSError):
                 stale = True
             if stale:
@@ -202,10 +203,9 @@ class Batcher:
         """Each call's reply (an error reply as its exception), and whether a script was not
         known (NOSCRIPT)."""
         self.batches += 1
-        if self._packs_as_redis_py:
-            packed = _packed(batch)
-        else:
-            packed = b"".join(connection.pack_commands([args for _, args, _ in batch]))
+        if not self._direct:
+            return await _round_trip_by_redis_py(connection, batch)
+        packed = _packed(batch)
         writer = connection._writer
         try:
             if writer is None:  # not connected yet: redis-py connects, then writes
@@ -232,12 +232,46 @@ class Batcher:
         await self._drop()
 
 
-def _encodes_as_hiredis(client: Redis) -> bool:
-    """Whether redis-py's encoder makes of a str what hiredis does (UTF-8, strict): its
-    default; another encoding (a URL's ?encoding=) is left to redis-py's encoder."""
-    kwargs = client.connection_pool.connection_kwargs
+def _drivable(client: Redis) -> bool:
+    """Whether the batcher may pack and read its batches itself: redis-py's encoder makes of a
+    str what hiredis does (UTF-8, strict: its default; a URL's ?encoding= is left to it), and
+    its connections are the ones ``_round_trip`` knows (redis-py's hiredis parser, whose
+    reader and socket read it calls, and a stream writer). Those are redis-py's insides, as
+    of redis 8.x with hiredis 3 (pyproject.toml pins that range); on any other, the batches go
+    through redis-py's public connection methods (~1,000 bytecodes a request more)."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
     encoding = codecs.lookup(kwargs.get("encoding", "utf-8")).name
-    return encoding == "utf-8" and kwargs.get("encoding_errors", "strict") == "strict"
+    if encoding != "utf-8" or kwargs.get("encoding_errors", "strict") != "strict":
+        return False
+    parser_class = kwargs.get("parser_class", DefaultParser)
+    connection_class = pool.connection_class
+    return (
+        isinstance(parser_class, type)
+        and issubclass(parser_class, _AsyncHiredisParser)
+        and all(
+            hasattr(parser_class, name) for name in ("read_from_socket", "can_read", "on_connect")
+        )
+        and all(hasattr(connection_class, name) for name in ("_host_error", "can_read"))
+    )
+
+
+async def _round_trip_by_redis_py(
+    connection: AbstractConnection, batch: list[tuple[Any, tuple[Any, ...], Any]]
+) -> tuple[list[Any], bool]:
+    """``_round_trip`` by redis-py's public connection methods: packed word by word, each reply
+    read by ``read_response``."""
+    packed = connection.pack_commands([args for _, args, _ in batch])
+    await connection.send_packed_command(packed, check_health=False)
+    results: list[Any] = []
+    unknown = False
+    for _ in batch:
+        try:
+            results.append(await connection.read_response())
+        except ResponseError as error:  # this call's error; the rest read on
+            results.append(error)
+            unknown = unknown or isinstance(error, NoScriptError)
+    return results, unknown
 
 
 def _packed(batch: list[tuple[Any, tuple[Any, ...], Any]]) -> bytes:

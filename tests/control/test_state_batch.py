@@ -17,6 +17,7 @@ from aioproxy.control.limits import RESERVATION
 from aioproxy.control.meters import KeyLimits, Meter
 from aioproxy.control.records import KeyEntry
 from aioproxy.errors import RateLimited
+from aioproxy.state import batch as batch_module
 from aioproxy.state.batch import Batcher, LuaScript
 from aioproxy.state.counters import SharedCounters, SharedReservation
 from aioproxy.state.deployments import _SYNC
@@ -28,7 +29,16 @@ __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 ECHO = LuaScript("return ARGV[1]")
 
 
-async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str) -> None:
+@pytest.fixture(params=["direct", "by redis-py"])
+def driven(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Batches packed and read by the batcher itself, or (a redis-py whose insides it does not
+    know) through redis-py's public connection methods: both give the same results."""
+    if request.param == "by redis-py":
+        monkeypatch.setattr(batch_module, "_drivable", lambda client: False)
+    return str(request.param)
+
+
+async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str, driven: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     batcher = Batcher(client, timeout=5.0)
     try:
@@ -45,7 +55,9 @@ async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str) -
         await client.aclose()
 
 
-async def test_only_the_scripts_redis_did_not_know_are_sent_again(redis_url: str) -> None:
+async def test_only_the_scripts_redis_did_not_know_are_sent_again(
+    redis_url: str, driven: str
+) -> None:
     """A batch where one script is unknown to Redis (new, or its script cache was flushed
     since) and another is known: the known one ran; only the unknown one goes again, after
     its load. The whole batch went again: every other call ran twice (a reservation counted
@@ -65,7 +77,7 @@ async def test_only_the_scripts_redis_did_not_know_are_sent_again(redis_url: str
         await client.aclose()
 
 
-async def test_an_error_reply_fails_only_its_call(redis_url: str) -> None:
+async def test_an_error_reply_fails_only_its_call(redis_url: str, driven: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     batcher = Batcher(client, timeout=5.0)
     try:
@@ -111,7 +123,9 @@ BUSY = LuaScript(
 )
 
 
-async def test_a_batch_past_the_timeout_fails_and_the_next_is_sent(redis_url: str) -> None:
+async def test_a_batch_past_the_timeout_fails_and_the_next_is_sent(
+    redis_url: str, driven: str
+) -> None:
     client = aioredis.Redis.from_url(redis_url)
     batcher = Batcher(client, timeout=0.1)
     try:
