@@ -141,8 +141,9 @@ class _Series:
 class _Counter(_Series):
     """A counter. Requests add to a plain dict (a fraction of a µs); :meth:`flush` moves the
     sums into prometheus-client's values (a lock and, under ``--workers``, an mmap write each)
-    once a second and before every scrape. ``relabel``, if given, turns a pending key into its
-    labels as they are flushed (so that a request adds under what it has to hand)."""
+    once a second and before every scrape (``pending`` stays the same dict). ``relabel``, if
+    given, turns a pending key into its labels as they are flushed (so that a request adds
+    under what it has to hand)."""
 
     __slots__ = ("pending", "relabel")
 
@@ -158,7 +159,9 @@ class _Counter(_Series):
         pending[labels] = pending.get(labels, 0) + amount
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, {}
+        # Emptied in place, not replaced: the observer counts attempts into it as bound.
+        pending = self.pending.copy()
+        self.pending.clear()
         relabel = self.relabel
         for labels, amount in pending.items():
             self.child(labels if relabel is None else relabel(labels)).inc(amount)

@@ -140,9 +140,12 @@ class Observer:
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
+        # Upstream attempts by deployment id and status, as counted (None: no metrics).
+        self.attempts_counted: dict[tuple[Any, ...], float] | None = None
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
+            self.attempts_counted = self.metrics.upstream.pending
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -271,9 +274,9 @@ class Observer:
             finally:
                 # Over (its last byte sent, or its client gone): counted and logged with the
                 # others over within the window its batch's first opened.
-                pending.append((request, started, monotonic(), ended))
-                if len(pending) == 1:
+                if not pending:
                     asyncio.get_running_loop().call_later(BATCH_WINDOW, observe_pending)
+                pending.append((request, started, monotonic(), ended))
 
         return observe
 
@@ -287,9 +290,9 @@ class Observer:
         if self.metrics is not None:
             self.metrics.active += 1  # the batch takes it off again
         now = time.monotonic()
-        self.pending.append((request, now, now, response))  # type: ignore[arg-type]
-        if len(self.pending) == 1:
+        if not self.pending:
             asyncio.get_running_loop().call_later(BATCH_WINDOW, self.observe_pending)
+        self.pending.append((request, now, now, response))  # type: ignore[arg-type]
 
     async def _observe_at_cleanup(self, app: web.Application) -> None:
         self.observe_pending()
@@ -313,16 +316,16 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
-        metrics = self.metrics
-        if metrics is not None:
-            upstream = metrics.upstream.pending
+        counted = self.attempts_counted
+        if counted is not None:
             key = (deployment.id, status)  # made labels when flushed
-            upstream[key] = upstream.get(key, 0) + 1
+            counted[key] = counted.get(key, 0) + 1
         if attempt == 1 and status != 429 and error is None and not self.timing_header:
             return  # the usual attempt: counted above, nothing more to note
         # An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
         # attempt when the timing header needs its time. (An attempt after the first follows a
         # failed one: the model it is compared with was noted here.)
+        metrics = self.metrics
         state = request_state(call.request)
         attempts = state.get(_ATTEMPTS)
         if attempts is None:
@@ -410,6 +413,11 @@ class Observer:
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
                 cache = call.state.get(_CACHE_STATE)
                 if metrics is not None:
+                    counted_usage = usage  # the tokens the upstreams reported
+                    if cache is not None:
+                        metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
+                        if cache == "hit":
+                            counted_usage = None
                     metrics.finished.append(
                         (
                             kind,
@@ -417,13 +425,11 @@ class Observer:
                             deployment.name if deployment is not None else None,
                             status,
                             elapsed,
-                            usage if cache != "hit" else None,  # tokens the upstreams reported
+                            counted_usage,
                             cost,
                             ttft,
                         )
                     )
-                    if cache is not None:
-                        metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
                     if status == 429 and not attempts.upstream_429:
                         metrics.rate_limited.add((_scope(error),))
                 if write is None:
@@ -433,9 +439,10 @@ class Observer:
                 model = call.model[:_MAX_LOGGED_NAME]
                 if not routed:
                     model = mask_keylike(model)
-                code = error.code if isinstance(error, ProxyError) else None
                 if gone or status == _CLIENT_GONE:
                     code = _CLIENT_GONE_CODE
+                else:  # (the usual request has no error: no isinstance() for it)
+                    code = None if error is None else _code(error)
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
