@@ -89,9 +89,9 @@ _ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or 
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
-# A request over, as the middleware hands it to its batch: the request, when it came and
-# ended (monotonic seconds), and its response (or the status of its end without one).
-_Over = tuple[web.Request, float, float, "web.StreamResponse | int"]
+# A request over, as the middleware hands it to its batch: the request, its duration (seconds,
+# arrival to its end) and its response (or the status of its end without one).
+_Over = tuple[web.Request, float, "web.StreamResponse | int"]
 
 
 class _Attempts(msgspec.Struct):
@@ -276,7 +276,7 @@ class Observer:
                 # others over within the window its batch's first opened.
                 if not pending:
                     asyncio.get_running_loop().call_later(BATCH_WINDOW, observe_pending)
-                pending.append((request, started, monotonic(), ended))
+                pending.append((request, monotonic() - started, ended))
 
         return observe
 
@@ -289,10 +289,9 @@ class Observer:
         state[_FAILED] = (ProxyError("", code=code), None)
         if self.metrics is not None:
             self.metrics.active += 1  # the batch takes it off again
-        now = time.monotonic()
         if not self.pending:
             asyncio.get_running_loop().call_later(BATCH_WINDOW, self.observe_pending)
-        self.pending.append((request, now, now, response))  # type: ignore[arg-type]
+        self.pending.append((request, 0.0, response))  # type: ignore[arg-type]
 
     async def _observe_at_cleanup(self, app: web.Application) -> None:
         self.observe_pending()
@@ -377,7 +376,7 @@ class Observer:
         lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
-        for request, started, ended, end in batch:
+        for request, elapsed, end in batch:
             try:
                 state = request_state(request)
                 # Popped: the request lets go of its call (request -> call -> request would be
@@ -385,7 +384,6 @@ class Observer:
                 answered = state.pop(_ANSWERED, None)
                 error, call = state.pop(_FAILED, _NOT_FAILED)
                 attempts: _Attempts = state.pop(_ATTEMPTS, _NO_ATTEMPTS)
-                elapsed = ended - started
                 if answered is not None:
                     call, outcome = answered
                     status = outcome.status
