@@ -18,7 +18,7 @@ import logging
 import select
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 import msgspec
@@ -42,6 +42,7 @@ _ATOMIC = select.PIPE_BUF  # bytes a pipe writes whole, never interleaved (POSIX
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
 _encode_lines = _encoder.encode_lines
+_UNTIMED = b'{"time":null,'  # how an AccessLine's JSON text starts, before its time is known
 
 
 class AccessLine(msgspec.Struct, gc=False):
@@ -189,8 +190,22 @@ class AccessHandler(logging.Handler):
 
     def write_all(self, lines: list[AccessLine]) -> None:
         """A batch of request lines (the observer's), written now with any entries held."""
-        self.entries.extend(lines)
-        self.flush()
+        if self.entries:  # held entries go first, each in its own form
+            self.entries.extend(lines)
+            self.flush()
+            return
+        when = self._clock.iso(time.time())
+        if self.json:
+            # Each line's time put in by one replace over the batch's text, not set a line at
+            # a time (saving ~9 bytecodes a line and ~40 a batch): a line's text starts with
+            # its time, null as built, and JSON text holds that nowhere else (a string's
+            # quotes are escaped in it, and a line's values are no objects).
+            data = _encode_lines(lines).replace(
+                _UNTIMED, b'{"time":"%s",' % when.encode(), len(lines)
+            )
+        else:  # the time is the text line's prefix, not one of its fields
+            data = self._text_lines(lines, when)
+        self._write(data)
 
     def emit(self, record: logging.LogRecord) -> None:
         """An entry logged through the logging API (by a plugin, say)."""
@@ -216,17 +231,28 @@ class AccessHandler(logging.Handler):
             if self.json:
                 data = _encode_lines(entries)
             else:
-                data = "".join(
-                    f"{when} INFO aioproxy.access: {AccessEntry(fields)}\n"  # type: ignore[arg-type]
-                    for fields in entries
-                ).encode()
+                data = self._text_lines(entries, when)  # type: ignore[arg-type]
         else:
             data = b"".join(self._line(entry, when) + b"\n" for entry in entries)
-        # Whole lines, at most PIPE_BUF bytes a write (a line longer than that alone): under
-        # run.py --workers every worker writes to the same stderr, and a pipe keeps only writes
-        # that small whole; larger ones interleave with the other workers', mid-line.
+        self._write(data)
+
+    @staticmethod
+    def _text_lines(entries: Sequence[Fields], when: str) -> bytes:
+        return "".join(
+            f"{when} INFO aioproxy.access: {AccessEntry(fields)}\n" for fields in entries
+        ).encode()
+
+    def _write(self, data: bytes) -> None:
+        """Whole lines, at most PIPE_BUF bytes a write (a line longer than that alone): under
+        run.py --workers every worker writes to the same stderr, and a pipe keeps only writes
+        that small whole; larger ones interleave with the other workers', mid-line."""
         stream = self.stream
-        start, size = 0, len(data)
+        size = len(data)
+        if size <= _ATOMIC:  # the usual batch: one write
+            stream.write(data)
+            stream.flush()
+            return
+        start = 0
         while size - start > _ATOMIC:
             end = data.rfind(b"\n", start, start + _ATOMIC) + 1
             if end == 0:  # a line longer than PIPE_BUF: alone, whole

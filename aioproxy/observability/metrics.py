@@ -14,12 +14,14 @@ before it forks: :func:`prepare_multiprocess`), and ``/metrics`` in any worker s
 from __future__ import annotations
 
 import bisect
+import functools
 import hmac
 import math
+import operator
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,15 @@ COUNT_AT = 1024  # finished requests held at most before they are counted, whate
 # for (None: none), the model that served it (None: not routed), its status, its duration in
 # seconds, its usage, its cost in USD and its time to the first token (streams), as known.
 Finished = tuple[str, str | None, str | None, int, float, Usage | None, float | None, float | None]
+_ALIKE = operator.itemgetter(0, 1, 2, 3)  # what requests counted together share (to the status)
+_KNOWN = functools.partial(operator.is_not, None)  # filter()'s test for a value that is not None
+# Each token type's label (TOKEN_TYPES) and its count in a Usage.
+_TOKEN_COUNTS = (
+    ("input", operator.attrgetter("prompt_tokens")),
+    ("output", operator.attrgetter("completion_tokens")),
+    ("cached_input", operator.attrgetter("cached_tokens")),
+    ("reasoning", operator.attrgetter("reasoning_tokens")),
+)
 
 
 class _Series:
@@ -130,8 +141,9 @@ class _Series:
 class _Counter(_Series):
     """A counter. Requests add to a plain dict (a fraction of a µs); :meth:`flush` moves the
     sums into prometheus-client's values (a lock and, under ``--workers``, an mmap write each)
-    once a second and before every scrape. ``relabel``, if given, turns a pending key into its
-    labels as they are flushed (so that a request adds under what it has to hand)."""
+    once a second and before every scrape (``pending`` stays the same dict). ``relabel``, if
+    given, turns a pending key into its labels as they are flushed (so that a request adds
+    under what it has to hand)."""
 
     __slots__ = ("pending", "relabel")
 
@@ -147,7 +159,9 @@ class _Counter(_Series):
         pending[labels] = pending.get(labels, 0) + amount
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, {}
+        # Emptied in place, not replaced: the observer counts attempts into it as bound.
+        pending = self.pending.copy()
+        self.pending.clear()
         relabel = self.relabel
         for labels, amount in pending.items():
             self.child(labels if relabel is None else relabel(labels)).inc(amount)
@@ -163,6 +177,21 @@ class _Histogram(_Series):
         super().__init__(metric)
         self.bounds = (*buckets, math.inf)
         self.pending: dict[tuple[str, ...], list[float]] = {}
+
+    def observe_all(self, labels: tuple[str, ...], values: Sequence[float]) -> None:
+        """Histogram.observe for each of ``values``, under ``labels``: their buckets counted
+        from the values sorted (in C, not a bisection a value), their sum added in order."""
+        counts = self.pending.get(labels)
+        if counts is None:
+            counts = self.pending[labels] = [0.0] * (len(self.bounds) + 1)  # buckets, then sum
+        ordered = sorted(values)
+        below = 0  # values under the bucket's lower bound
+        for bucket, bound in enumerate(self.bounds):
+            up_to = bisect.bisect_right(ordered, bound)  # values <= bound: this bucket's and below
+            counts[bucket] += up_to - below
+            below = up_to
+        # One at a time, in order, as observe() adds them (sum() would round the group's first).
+        counts[-1] = functools.reduce(operator.add, values, counts[-1])
 
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
@@ -309,62 +338,45 @@ class Metrics:
 
     def count_finished(self) -> None:
         """The finished requests' counts: by the model asked for, and what each spent and how
-        fast it came by the model that served it (a fallback's own). One loop, its lookups
-        bound once: this is each request's share of counting."""
+        fast it came by the model that served it (a fallback's own). Requests alike (kind,
+        models, status) are grouped first, the one step in Python a request pays for; each
+        group is then counted at once, its sums and buckets made in C."""
         finished, self.finished = self.finished, []
+        groups: dict[tuple[str, str | None, str | None, int], list[Finished]] = {}
+        for key, request in zip(map(_ALIKE, finished), finished):
+            groups.setdefault(key, []).append(request)
+        for key, group in groups.items():
+            self._count_alike(*key, group)
+
+    def _count_alike(
+        self, kind: str, asked: str | None, served: str | None, status: int, group: list[Finished]
+    ) -> None:
+        """Count requests alike: ``group``, of ``kind`` for model ``asked``, served by
+        ``served`` (None: not routed) with ``status``."""
         labels = self.labels
+        model = labels.get(asked, UNKNOWN)
         requests = self.requests.pending
-        durations = self.duration.pending
-        bounds = self.duration.bounds
-        empty = [0.0] * (len(bounds) + 1)  # buckets, then the sum
-        # A model label (that served) -> the batch's input, output, cached input and reasoning
-        # tokens, and its spend.
-        spent: dict[str, list[float]] = {}
-        first_tokens = self.ttft.pending
-        ttft_bounds = self.ttft.bounds
-        ttft_empty = [0.0] * (len(ttft_bounds) + 1)
-        for kind, asked, served, status, elapsed, usage, cost, ttft in finished:
-            model = labels.get(asked, UNKNOWN)
-            key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
-            requests[key] = requests.get(key, 0) + 1
-            key = (kind, model)
-            counts = durations.get(key)
-            if counts is None:
-                counts = durations[key] = empty.copy()
-            counts[bisect.bisect_left(bounds, elapsed)] += 1  # the first bound >= elapsed
-            counts[-1] += elapsed
-            if usage is None and not cost and ttft is None:
-                continue
-            served_label = model if served is None else labels.get(served, UNKNOWN)
-            if usage is not None or cost:
-                sums = spent.get(served_label)
-                if sums is None:
-                    sums = spent[served_label] = [0, 0, 0, 0, 0.0]
-                if usage is not None:
-                    sums[0] += usage.prompt_tokens
-                    sums[1] += usage.completion_tokens
-                    sums[2] += usage.cached_tokens
-                    sums[3] += usage.reasoning_tokens
-                if cost:
-                    sums[4] += cost
-            if ttft is not None:  # _Histogram.observe, inline (a stream's every request)
-                key = (served_label,)
-                counts = first_tokens.get(key)
-                if counts is None:
-                    counts = first_tokens[key] = ttft_empty.copy()
-                counts[bisect.bisect_left(ttft_bounds, ttft)] += 1
-                counts[-1] += ttft
-        # The batch's tokens and spend, a model at a time.
-        tokens = self.tokens.pending
-        spend = self.spend.pending
-        for label, sums in spent.items():
-            for token_type, count in zip(TOKEN_TYPES, sums):  # the first four: the tokens
+        key: tuple[Any, ...] = (kind, model, status)  # the status made text when flushed
+        requests[key] = requests.get(key, 0) + len(group)
+        _, _, _, _, elapsed, usages, costs, ttfts = zip(*group)
+        self.duration.observe_all((kind, model), elapsed)
+        served_label = model if served is None else labels.get(served, UNKNOWN)
+        reported: list[Usage] = list(filter(_KNOWN, usages))
+        if reported:  # the tokens the upstreams reported, by type
+            tokens = self.tokens.pending
+            for token_type, count_of in _TOKEN_COUNTS:
+                count = sum(map(count_of, reported))
                 if count:
-                    key = (label, token_type)
+                    key = (served_label, token_type)
                     tokens[key] = tokens.get(key, 0) + count
-            if sums[4]:
-                key = (label,)
-                spend[key] = spend.get(key, 0) + sums[4]
+        spent = sum(filter(None, costs))  # the priced requests' (a cost of 0 or None: none)
+        if spent:
+            spend = self.spend.pending
+            key = (served_label,)
+            spend[key] = spend.get(key, 0) + spent
+        first_tokens: list[float] = list(filter(_KNOWN, ttfts))  # streams'
+        if first_tokens:
+            self.ttft.observe_all((served_label,), first_tokens)
 
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN

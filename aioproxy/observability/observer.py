@@ -89,9 +89,9 @@ _ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or 
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
-# A request over, as the middleware hands it to its batch: the request, when it came and
-# ended (monotonic seconds), and its response (or the status of its end without one).
-_Over = tuple[web.Request, float, float, "web.StreamResponse | int"]
+# A request over, as the middleware hands it to its batch: the request, its duration (seconds,
+# arrival to its end) and its response (or the status of its end without one).
+_Over = tuple[web.Request, float, "web.StreamResponse | int"]
 
 
 class _Attempts(msgspec.Struct):
@@ -104,6 +104,11 @@ class _Attempts(msgspec.Struct):
     last_model: str | None = None
     deployment: Deployment | None = None
     upstream_429: bool = False
+
+
+# What a request without eventful attempts, or without a failure, reads (never written to).
+_NO_ATTEMPTS = _Attempts()
+_NOT_FAILED = (None, None)  # (error, call), as on_error leaves them
 
 
 def observer(config: Config) -> object:
@@ -135,9 +140,12 @@ class Observer:
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
+        # Upstream attempts by deployment id and status, as counted (None: no metrics).
+        self.attempts_counted: dict[tuple[Any, ...], float] | None = None
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
+            self.attempts_counted = self.metrics.upstream.pending
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -266,9 +274,9 @@ class Observer:
             finally:
                 # Over (its last byte sent, or its client gone): counted and logged with the
                 # others over within the window its batch's first opened.
-                pending.append((request, started, monotonic(), ended))
-                if len(pending) == 1:
+                if not pending:
                     asyncio.get_running_loop().call_later(BATCH_WINDOW, observe_pending)
+                pending.append((request, monotonic() - started, ended))
 
         return observe
 
@@ -281,10 +289,9 @@ class Observer:
         state[_FAILED] = (ProxyError("", code=code), None)
         if self.metrics is not None:
             self.metrics.active += 1  # the batch takes it off again
-        now = time.monotonic()
-        self.pending.append((request, now, now, response))  # type: ignore[arg-type]
-        if len(self.pending) == 1:
+        if not self.pending:
             asyncio.get_running_loop().call_later(BATCH_WINDOW, self.observe_pending)
+        self.pending.append((request, 0.0, response))  # type: ignore[arg-type]
 
     async def _observe_at_cleanup(self, app: web.Application) -> None:
         self.observe_pending()
@@ -308,16 +315,16 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
-        metrics = self.metrics
-        if metrics is not None:
-            upstream = metrics.upstream.pending
+        counted = self.attempts_counted
+        if counted is not None:
             key = (deployment.id, status)  # made labels when flushed
-            upstream[key] = upstream.get(key, 0) + 1
+            counted[key] = counted.get(key, 0) + 1
         if attempt == 1 and status != 429 and error is None and not self.timing_header:
             return  # the usual attempt: counted above, nothing more to note
         # An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
         # attempt when the timing header needs its time. (An attempt after the first follows a
         # failed one: the model it is compared with was noted here.)
+        metrics = self.metrics
         state = request_state(call.request)
         attempts = state.get(_ATTEMPTS)
         if attempts is None:
@@ -357,7 +364,9 @@ class Observer:
 
     def observe_pending(self) -> None:
         """Count and log the requests over since the last batch: one loop, its lookups bound
-        once, is each request's share of observing."""
+        once, is each request's share of observing. A request with a call (the usual one) is
+        observed inline; one without (refused before its body, a route of the gateway's own)
+        by :meth:`_observe_without_call`."""
         pending = self.pending
         if not pending:
             return
@@ -367,108 +376,99 @@ class Observer:
         lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
-        for request, started, ended, end in batch:
+        for request, elapsed, end in batch:
             try:
                 state = request_state(request)
                 # Popped: the request lets go of its call (request -> call -> request would be
                 # cyclic garbage, freed only by the collector's full passes).
                 answered = state.pop(_ANSWERED, None)
-                failed = state.pop(_FAILED, None)
-                attempts: _Attempts | None = state.pop(_ATTEMPTS, None)
-                elapsed = ended - started
+                error, call = state.pop(_FAILED, _NOT_FAILED)
+                attempts: _Attempts = state.pop(_ATTEMPTS, _NO_ATTEMPTS)
                 if answered is not None:
                     call, outcome = answered
                     status = outcome.status
                     usage = outcome.usage()
                     cost = outcome.cost
                     ttft = outcome.ttfb if outcome.stream else None
+                    gone = outcome.disconnected
                 else:
-                    call = failed[1] if failed is not None else None
                     status = end if type(end) is int else end.status  # type: ignore[union-attr]
                     usage = cost = ttft = None
-                # The deployment that answered: the last one tried, else (a cached answer) the
-                # routed one.
-                deployment = attempts.deployment if attempts is not None else None
-                if call is not None:
-                    if deployment is None and call.routed:
-                        deployment = call.deployment
-                    kind = call.kind._value_  # Kind.value is a Python property: the attribute
-                    cache = call.state.get(_CACHE_STATE)
-                    route = None
-                else:
-                    route = (
-                        _UNPARSED_ROUTE
-                        if _UNPARSED in state
-                        else routes.get(request.match_info.route)
-                    )
-                    kind = route.kind if route is not None else "other"
-                    cache = None
-                error = failed[0] if failed is not None else None
+                    gone = False
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
+                if call is None:
+                    self._observe_without_call(
+                        request, state, status, elapsed, error, attempts, lines
+                    )
+                    continue
+                routed = call.routed
+                # The deployment that answered: the last one tried, else (a cached answer) the
+                # routed one.
+                deployment = attempts.deployment
+                if deployment is None and routed:
+                    deployment = call.deployment
+                kind = call.kind._value_  # Kind.value is a Python property: the attribute
+                cache = call.state.get(_CACHE_STATE)
                 if metrics is not None:
+                    counted_usage = usage  # the tokens the upstreams reported
+                    if cache is not None:
+                        metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
+                        if cache == "hit":
+                            counted_usage = None
                     metrics.finished.append(
                         (
                             kind,
-                            call.model if call is not None else None,
+                            call.model,
                             deployment.name if deployment is not None else None,
                             status,
                             elapsed,
-                            usage if cache != "hit" else None,  # tokens the upstreams reported
+                            counted_usage,
                             cost,
                             ttft,
                         )
                     )
-                    if cache is not None:
-                        metrics.cache.add((cache if cache in CACHE_RESULTS else "other",))
-                    if status == 429 and (attempts is None or not attempts.upstream_429):
+                    if status == 429 and not attempts.upstream_429:
                         metrics.rate_limited.add((_scope(error),))
                 if write is None:
                     continue
-                model = None
-                if call is not None:
-                    route = routes.get(request.match_info.route)
-                    # A name no deployment has is the client's text: masked where key-like.
-                    model = call.model[:_MAX_LOGGED_NAME]
-                    model = (model if call.routed else mask_keylike(model)) or None
-                principal = call.principal if call is not None else None
-                code = error.code if isinstance(error, ProxyError) else None
-                if status == _CLIENT_GONE or (answered is not None and outcome.disconnected):
+                route = routes.get(request.match_info.route)
+                # A name no deployment has is the client's text: masked where key-like.
+                model = call.model[:_MAX_LOGGED_NAME]
+                if not routed:
+                    model = mask_keylike(model)
+                if gone or status == _CLIENT_GONE:
                     code = _CLIENT_GONE_CODE
-                rid = state.get(REQUEST_ID)
-                if rid is None:  # a request refused before anything asked for its id
-                    rid = request_id(request)
+                else:  # (the usual request has no error: no isinstance() for it)
+                    code = None if error is None else _code(error)
+                principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
                         None,  # time: filled in as the line is written
-                        rid,
-                        (request.method if route is not _UNPARSED_ROUTE else None)
-                        if route is None or route.method is None
-                        else route.method,
-                        route.path
-                        if route is not None
-                        else mask_keylike(request.path)[:_MAX_LOGGED_NAME],  # a secret pasted in
+                        state.get(REQUEST_ID) or request_id(request),
+                        request.method if route is None or route.method is None else route.method,
+                        route.path if route is not None else _logged_path(request),
                         kind,
                         status,
                         code,
-                        principal.name if principal is not None else None,
-                        principal.team if principal is not None else None,
-                        model,
+                        principal.name,
+                        principal.team,
+                        model or None,
                         (deployment.id or deployment.describe())
                         if deployment is not None
                         else None,
-                        call.stream if call is not None else None,
+                        call.stream,
                         usage.prompt_tokens if usage is not None else None,
                         usage.completion_tokens if usage is not None else None,
                         cost,
                         # Milliseconds to the µs (int() and a division: round() goes through text).
                         int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
                         int(elapsed * 1e6 + 0.5) / 1000,
-                        attempts.retries if attempts is not None else 0,
-                        attempts.fallbacks if attempts is not None else 0,
+                        attempts.retries,
+                        attempts.fallbacks,
                         cache,
                         request.remote,
-                        call.upstream_request_id if call is not None else None,
+                        call.upstream_request_id,
                     )
                 )
             except Exception:  # the answers are out: a bug here must not lose the others
@@ -480,6 +480,81 @@ class Observer:
         if lines:
             assert write is not None
             write(lines)
+
+    def _observe_without_call(
+        self,
+        request: web.Request,
+        state: dict[Any, Any],
+        status: int,
+        elapsed: float,
+        error: Exception | None,
+        attempts: _Attempts,
+        lines: list[AccessLine],
+    ) -> None:
+        """Count and log a request that had no call: refused before its body was read, a route
+        of the gateway's own (models, health, metrics), or one never parsed."""
+        unparsed = _UNPARSED in state
+        route = _UNPARSED_ROUTE if unparsed else self.routes.get(request.match_info.route)
+        kind = route.kind if route is not None else "other"
+        deployment = attempts.deployment
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.finished.append(
+                (
+                    kind,
+                    None,
+                    deployment.name if deployment is not None else None,
+                    status,
+                    elapsed,
+                    None,
+                    None,
+                    None,
+                )
+            )
+            if status == 429 and not attempts.upstream_429:
+                metrics.rate_limited.add((_scope(error),))
+        if self.write is None:
+            return
+        if route is None:
+            method: str | None = request.method
+        else:
+            method = None if unparsed else (route.method or request.method)
+        lines.append(
+            AccessLine(  # positionally, in AccessLine's order
+                None,  # time: filled in as the line is written
+                state.get(REQUEST_ID) or request_id(request),
+                method,
+                route.path if route is not None else _logged_path(request),
+                kind,
+                status,
+                _CLIENT_GONE_CODE if status == _CLIENT_GONE else _code(error),
+                None,
+                None,
+                None,
+                (deployment.id or deployment.describe()) if deployment is not None else None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                int(elapsed * 1e6 + 0.5) / 1000,
+                attempts.retries,
+                attempts.fallbacks,
+                None,
+                request.remote,
+                None,
+            )
+        )
+
+
+def _code(error: BaseException | None) -> str | None:
+    """The access line's error: the code of the error the client got, if one of ours."""
+    return error.code if isinstance(error, ProxyError) else None
+
+
+def _logged_path(request: web.BaseRequest) -> str:
+    """A path no route has, as logged: cut short, a secret pasted in masked."""
+    return mask_keylike(request.path)[:_MAX_LOGGED_NAME]
 
 
 def _scope(error: BaseException | None) -> str:

@@ -147,3 +147,38 @@ async def test_many_lines_go_out_in_whole_lines_a_pipe_never_interleaves() -> No
         assert len(piece) <= select.PIPE_BUF or piece.count(b"\n") == 1
     lines = [json.loads(line) for line in b"".join(pieces).splitlines()]
     assert [line["request_id"] for line in lines] == [*(f"r-{i}" for i in range(300)), "long"]
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+async def test_a_batch_of_lines_reads_as_the_lines_one_at_a_time(
+    as_json: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The observer's batch (write_all, its lines' time put in its text) writes what the same
+    lines written one at a time would: a client's text shaped like a line's start included."""
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_900_000_000.25)
+
+    def line(n: int, model: str) -> AccessLine:
+        return AccessLine(
+            None, f"r-{n}", "POST", "/v1/chat/completions", "chat_completions", 200, None, "k",
+            None, model, "gpt#0", False, 1, 2, 0.5, None, 1.25, 0, 0, None, "127.0.0.1", None,
+        )  # fmt: skip
+
+    models = ['{"time":null,', 'a{"time":null,"x"', "gpt", "m" * select.PIPE_BUF]
+    batch, one_at_a_time = Stream(), Stream()
+    AccessHandler(batch, json=as_json).write_all([line(n, m) for n, m in enumerate(models)])
+    handler = AccessHandler(one_at_a_time, json=as_json)
+    for n, model in enumerate(models):
+        handler.write(line(n, model))
+    handler.flush()
+    assert batch.getvalue() == one_at_a_time.getvalue()
+    if as_json:
+        written = [json.loads(text) for text in batch.getvalue().splitlines()]
+        assert [fields["model"] for fields in written] == models
+        assert {fields["time"] for fields in written} == {"2030-03-17T17:46:40.250Z"}
+    held = Stream()  # a record held (till the loop turns) when the batch comes: written first
+    handler = AccessHandler(held, json=as_json)
+    handler.write(b"a record")
+    handler.write_all([line(0, "gpt")])
+    assert held.getvalue().startswith(b"a record\n") and held.writes == 1

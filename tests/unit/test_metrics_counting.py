@@ -97,3 +97,71 @@ def test_the_shared_folder_keeps_live_processes_values(
     ended.write_bytes(b"ended")
     prepare_multiprocess()
     assert live.exists() and not ended.exists()
+
+
+def test_a_mixed_batch_counts_as_one_request_at_a_time() -> None:
+    """Requests of several kinds, models, servers and statuses, durations on the buckets'
+    bounds among them, in several batches: the same counts, buckets and sums as prometheus-
+    client's own observe(), a request at a time, would give."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from aioproxy.observability.metrics import DURATION_BUCKETS, TTFT_BUCKETS
+
+    rng = random.Random(14)
+    registry = CollectorRegistry()
+    requests = Counter("requests", "", ("kind", "model", "status"), registry=registry)
+    duration = Histogram(
+        "duration", "", ("kind", "model"), buckets=DURATION_BUCKETS, registry=registry
+    )
+    ttft = Histogram("ttft", "", ("model",), buckets=TTFT_BUCKETS, registry=registry)
+    tokens = Counter("tokens", "", ("model", "type"), registry=registry)
+    spend = Counter("spend", "", ("model",), registry=registry)
+    labels = {"gpt-test": "gpt-test", "echo": "echo", None: "none", "": "none"}
+    metrics = make_metrics()
+    for _ in range(5):
+        for _ in range(rng.randrange(1, 400)):
+            kind = rng.choice(["chat_completions", "embeddings", "models"])
+            asked = rng.choice(["gpt-test", "echo", "made-up", None, ""])
+            served = rng.choice([None, "gpt-test", "echo", "gone"])
+            status = rng.choice([200, 200, 429, 500])
+            elapsed = rng.choice([*DURATION_BUCKETS, rng.random(), rng.random() * 400])
+            usage = rng.choice([None, Usage(rng.randrange(50), rng.randrange(50), 0, 1, 2)])
+            cost = rng.choice([None, 0.0, rng.random() / 100])
+            first = rng.choice([None, 0.0, *TTFT_BUCKETS, rng.random()])
+            metrics.finished.append((kind, asked, served, status, elapsed, usage, cost, first))
+            model = labels.get(asked, "unknown")
+            served_model = model if served is None else labels.get(served, "unknown")
+            requests.labels(kind, model, status).inc()
+            duration.labels(kind, model).observe(elapsed)
+            if first is not None:
+                ttft.labels(served_model).observe(first)
+            if usage is not None:
+                for token_type, count in (
+                    ("input", usage.prompt_tokens),
+                    ("output", usage.completion_tokens),
+                    ("cached_input", usage.cached_tokens),
+                    ("reasoning", usage.reasoning_tokens),
+                ):
+                    tokens.labels(served_model, token_type).inc(count)
+            if cost:
+                spend.labels(served_model).inc(cost)
+        metrics.count_finished()
+    got = samples(metrics)
+    for family in registry.collect():
+        name = {
+            "requests": "aioproxy_requests",
+            "duration": "aioproxy_request_duration_seconds",
+            "ttft": "aioproxy_time_to_first_token_seconds",
+            "tokens": "aioproxy_tokens",
+            "spend": "aioproxy_spend_usd",
+        }[family.name]
+        for sample in family.samples:
+            if sample.name.endswith("_created") or not sample.value:
+                continue
+            key = (
+                name + sample.name.removeprefix(family.name),
+                tuple(sorted(sample.labels.items())),
+            )
+            assert got.get(key) == pytest.approx(sample.value, rel=1e-12), key
