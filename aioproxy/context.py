@@ -118,6 +118,7 @@ class Call:
     __slots__ = (
         "_deployment",
         "_json",
+        "_request_id",
         "fields",
         "kind",
         "model",
@@ -151,7 +152,8 @@ class Call:
         # Headers the gateway and plugins send upstream on the provider's call (lower-case
         # names; the deployment's own headers and key win over them): the request id, a
         # trace's traceparent.
-        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: request_id(request)}
+        self._request_id = request_id(request)  # fixed once read: kept for the request log
+        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: self._request_id}
         # The upstream's own id for its answer (its x-request-id or request-id), for logs.
         self.upstream_request_id: str | None = None
         self._json: dict[str, Any] | None = None
@@ -159,7 +161,7 @@ class Call:
     @property
     def request_id(self) -> str:
         """The request's id (the client's ``x-request-id`` when sane), as every answer carries."""
-        return request_id(self.request)
+        return self._request_id
 
     @property
     def deployment(self) -> Deployment:

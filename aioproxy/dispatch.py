@@ -40,10 +40,10 @@ class Lease:
     sent, failure, retry, re-route, cancellation) reaches it first; later calls do nothing.
     """
 
-    __slots__ = ("_router", "deployment")
+    __slots__ = ("_router", "deployment", "health")
 
     def __init__(self, router: Router, deployment: Deployment) -> None:
-        router.acquire(deployment)
+        self.health = router.acquire(deployment)  # the deployment's, looked up once
         self.deployment = deployment
         self._router: Router | None = router
 
@@ -55,7 +55,7 @@ class Lease:
         """No longer in flight; ``tokens`` (what the answer spent) count toward the tpm cap."""
         router, self._router = self._router, None
         if router is not None:
-            router.release(self.deployment, tokens)
+            router.release(self.deployment, tokens, health=self.health)
 
     def withdraw(self) -> None:
         """Never sent (re-routed before the upstream call): un-counted from the rpm cap too."""
@@ -382,7 +382,7 @@ class Dispatcher:
                 raise
             raise error from exc
         elapsed = router.clock.now() - started
-        router.succeeded(deployment, elapsed)
+        router.succeeded(deployment, elapsed, health=lease.health)
         if observed and hooks.after_attempt:
             status = reply.status if isinstance(reply, JSONReply) else 200
             rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
