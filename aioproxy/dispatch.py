@@ -388,7 +388,7 @@ class Dispatcher:
             rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
             if rest is not None:
                 await rest
-        return Answer(reply, first, lease)
+        return tuple.__new__(Answer, (reply, first, lease))  # made in C, not by its __new__
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
         """The provider's reply and, for a stream, its first event (the stream closed if that
