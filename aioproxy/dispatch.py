@@ -233,7 +233,7 @@ class Dispatcher:
                     headers={"Retry-After": "1"},
                 )
         lease = self.take(call, deployment)
-        if self.hooks.before_request:
+        if self.hooks.before_request.implemented:
             try:
                 await self.hooks.before_request.each(call=call)
             except BaseException:
@@ -348,7 +348,7 @@ class Dispatcher:
         observed = deployment.upstream
         if (
             observed
-            and hooks.before_attempt
+            and hooks.before_attempt.implemented
             and (rest := hooks.before_attempt.logged(call, deployment, attempt))
         ):
             await rest
@@ -371,7 +371,7 @@ class Dispatcher:
                 error, asyncio.CancelledError
             ):  # its client left: not the upstream's fault
                 ended = ClientDisconnected.now()
-            if ended is not None and observed and hooks.after_attempt:
+            if ended is not None and observed and hooks.after_attempt.implemented:
                 status = ended.status if isinstance(ended, ProxyError) else 500
                 rest = hooks.after_attempt.logged(
                     call, deployment, attempt, status, ended, router.clock.now() - started
@@ -383,7 +383,7 @@ class Dispatcher:
             raise error from exc
         elapsed = router.clock.now() - started
         router.succeeded(deployment, elapsed, health=lease.health)
-        if observed and hooks.after_attempt:
+        if observed and hooks.after_attempt.implemented:
             status = reply.status if isinstance(reply, JSONReply) else 200
             rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
             if rest is not None:

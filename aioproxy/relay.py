@@ -56,7 +56,7 @@ async def _send_json(
     response = web.Response(
         body=reply.body, status=reply.status, content_type="application/json", headers=reply.headers
     )
-    if hooks.after_response:
+    if hooks.after_response.implemented:
         # Send it first, so that the hooks run after the last byte, as they are promised.
         await response.prepare(request)
         await response.write_eof()
@@ -144,7 +144,7 @@ async def _send_stream(
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
     outcome.first = first
-    count_events = bool(hooks.after_response) or lease.deployment.tpm is not None
+    count_events = hooks.after_response.implemented or lease.deployment.tpm is not None
     handed_off = False  # the upstream's end left to a task of its own, which closes the reply
     try:
         if response is None and _is_whole(first, reply):
@@ -178,7 +178,7 @@ async def _send_stream(
                 await reply.aclose()
         finally:
             _finish(call, lease, outcome)
-            if hooks.after_response:
+            if hooks.after_response.implemented:
                 outcome.elapsed = time.monotonic() - call.started
                 if (rest := hooks.after_response.logged(call, outcome)) is not None:
                     await rest
