@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -33,14 +34,15 @@ __all__ = ["end_with_error", "send", "send_with_keepalive"]
 log = logging.getLogger("aioproxy")
 
 
-async def send(
+def send(
     request: web.Request, call: Call, answer: Answer, hooks: Hooks
-) -> web.StreamResponse:
-    """Send ``answer``: as JSON, or as the stream it began."""
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    """Send ``answer``: as JSON, or as the stream it began (awaited by the caller: a plain
+    function picking the coroutine, not one more coroutine around it)."""
     reply = answer.reply
     if isinstance(reply, StreamReply):
-        return await _send_stream(request, call, reply, answer.first, answer.lease, hooks)
-    return await _send_json(request, call, reply, answer.lease, hooks)
+        return _send_stream(request, call, reply, answer.first, answer.lease, hooks)
+    return _send_json(request, call, reply, answer.lease, hooks)
 
 
 def _finish(call: Call, lease: Lease, outcome: Outcome) -> None:
