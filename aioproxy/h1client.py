@@ -629,10 +629,14 @@ class H1Pool:
             conn.abort()
             return
         conn.idle_since = self.loop.time()
-        self._idle.setdefault(conn.key, collections.deque()).append(conn)
+        idle = self._idle.get(conn.key)
+        if idle is None:  # (not setdefault: that would make a deque each time)
+            idle = self._idle[conn.key] = collections.deque()
+        idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(_KEEPALIVE, self._sweep)
-        self._wake()
+        if self._waiters:  # mostly none: no call to wake nobody
+            self._wake()
 
     def forget(self, conn: _Connection) -> None:
         if conn in self._open:
