@@ -239,7 +239,7 @@ class Dispatcher:
             except BaseException:
                 lease.release()
                 raise
-            if call.deployment is not lease.deployment:  # re-routed: count that one instead
+            if call.routed_to is not lease.deployment:  # re-routed: count that one instead
                 lease.withdraw()
                 if not self.allows(call, call.deployment.name):
                     # A routing plugin cannot take a key where it may not go; the model is

@@ -31,9 +31,13 @@ def check_answer(data: bytes, deployment: Deployment) -> None:
             f"Deployment {deployment.describe()} sent an answer that is not a JSON object",
             code="upstream_invalid_response",
         )
-    # Anywhere in the object: an error may follow other fields. The scan is a fast search;
-    # the decode (top-level keys only) runs only when the key is there.
-    if _mentions_error(data) and (error := stream_error(data, deployment)):
+    # Anywhere in the object: an error may follow other fields. The search is quick (a short
+    # answer's right here, no call); the decode (top-level keys only) runs only when it found
+    # the key.
+    short = len(data) <= _SCAN_BY_R_ABOVE
+    if (data.find(_ERROR_KEY) >= 0 if short else _mentions_error(data)) and (
+        error := stream_error(data, deployment)
+    ):
         raise error
 
 

@@ -73,7 +73,7 @@ class Finished(NamedTuple):
             cls,
             (
                 call.principal,
-                call.deployment if call.routed else None,
+                call.routed_to,
                 call.model,
                 call.kind._value_,
                 call.request_id,

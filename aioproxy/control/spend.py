@@ -62,8 +62,8 @@ class Spend:
             if tap.__class__ is UsageTap and (usage := tap.usage()) is not None:
                 # The tap read it on its way (the client may not have seen it).
                 outcome.record_usage(usage)
-        if call.routed:
-            outcome.pricer = plane.pricing.pricer(call.deployment)
+        if (deployment := call.routed_to) is not None:
+            outcome.pricer = plane.pricing.pricer(deployment)
         if self.log_rows or call.principal.limits.__class__ is KeyLimits:
             state[_LOGGED] = True
             plane.log.add_finished(Finished.of(call, outcome, plane.clock.time()))
