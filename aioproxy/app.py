@@ -99,8 +99,8 @@ def create_app(
     app[secrets_key] = secrets_pattern(config)
 
     aliases = merge_aliases(merge_aliases(ALIASES, AZURE_ALIASES), config.aliases)
-    app.router.add_routes(route_table(aliases, make_handlers()))
-    app.router.add_routes(route_table(DEPLOYMENT_ALIASES, make_deployment_handlers()))
+    app.router.add_routes(route_table(aliases, make_handlers(runtime)))
+    app.router.add_routes(route_table(DEPLOYMENT_ALIASES, make_deployment_handlers(runtime)))
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
     app.router.add_routes(response_routes())

@@ -116,13 +116,14 @@ class Call:
     """
 
     __slots__ = (
-        "_deployment",
         "_json",
+        "_request_id",
         "fields",
         "kind",
         "model",
         "principal",
         "request",
+        "routed_to",
         "started",
         "state",
         "stream",
@@ -143,7 +144,10 @@ class Call:
         self.request = request
         self.principal = principal
         self.model = model
-        self._deployment: Deployment | None = None
+        # The deployment answering the call, None until it is routed: :attr:`deployment`
+        # without its check, for code that handles both (an attribute: no call to read it).
+        # Read only: ``route_to`` routes a call (it also sets the body's model).
+        self.routed_to: Deployment | None = None
         self.fields = fields
         self.stream = stream
         self.state: dict[str, Any] = {}  # for plugins to share per-request data
@@ -151,7 +155,8 @@ class Call:
         # Headers the gateway and plugins send upstream on the provider's call (lower-case
         # names; the deployment's own headers and key win over them): the request id, a
         # trace's traceparent.
-        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: request_id(request)}
+        self._request_id = request_id(request)  # fixed once read: kept for the request log
+        self.upstream_headers: dict[str, str] = {REQUEST_ID_HEADER: self._request_id}
         # The upstream's own id for its answer (its x-request-id or request-id), for logs.
         self.upstream_request_id: str | None = None
         self._json: dict[str, Any] | None = None
@@ -159,13 +164,13 @@ class Call:
     @property
     def request_id(self) -> str:
         """The request's id (the client's ``x-request-id`` when sane), as every answer carries."""
-        return request_id(self.request)
+        return self._request_id
 
     @property
     def deployment(self) -> Deployment:
         """The deployment answering the call: set before any provider or ``before_request``
         hook sees it. RuntimeError before routing (see :attr:`routed`)."""
-        deployment = self._deployment
+        deployment = self.routed_to
         if deployment is None:
             raise RuntimeError("call not routed yet")
         return deployment
@@ -174,7 +179,7 @@ class Call:
     def routed(self) -> bool:
         """Whether a deployment was chosen: hooks that may see an unrouted call (``map_model``,
         ``on_error``) check it before reading :attr:`deployment`."""
-        return self._deployment is not None
+        return self.routed_to is not None
 
     def for_chat(self, body: dict[str, Any]) -> Call:
         """A chat-completions Call carrying ``body``, for the same client, deployment and state
@@ -187,8 +192,8 @@ class Call:
         bridged.state = self.state  # one request: plugins' notes stay shared
         bridged.started = self.started
         bridged.upstream_headers = self.upstream_headers  # one request: one id, one trace
-        if self._deployment is not None:
-            bridged.route_to(self._deployment)
+        if self.routed_to is not None:
+            bridged.route_to(self.routed_to)
         return bridged
 
     def body_size(self) -> int:
@@ -217,7 +222,7 @@ class Call:
 
     def route_to(self, deployment: Deployment) -> None:
         """Send this call to ``deployment``: the body's ``model`` becomes its upstream model id."""
-        self._deployment = deployment
+        self.routed_to = deployment
         self.fields["model"] = msgspec.Raw(_encode(deployment.model))
         self._json = None
 

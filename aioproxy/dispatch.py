@@ -40,10 +40,10 @@ class Lease:
     sent, failure, retry, re-route, cancellation) reaches it first; later calls do nothing.
     """
 
-    __slots__ = ("_router", "deployment")
+    __slots__ = ("_router", "deployment", "health")
 
     def __init__(self, router: Router, deployment: Deployment) -> None:
-        router.acquire(deployment)
+        self.health = router.acquire(deployment)  # the deployment's, looked up once
         self.deployment = deployment
         self._router: Router | None = router
 
@@ -55,7 +55,7 @@ class Lease:
         """No longer in flight; ``tokens`` (what the answer spent) count toward the tpm cap."""
         router, self._router = self._router, None
         if router is not None:
-            router.release(self.deployment, tokens)
+            router.release(self.deployment, tokens, health=self.health)
 
     def withdraw(self) -> None:
         """Never sent (re-routed before the upstream call): un-counted from the rpm cap too."""
@@ -233,13 +233,13 @@ class Dispatcher:
                     headers={"Retry-After": "1"},
                 )
         lease = self.take(call, deployment)
-        if self.hooks.before_request:
+        if self.hooks.before_request.implemented:
             try:
                 await self.hooks.before_request.each(call=call)
             except BaseException:
                 lease.release()
                 raise
-            if call.deployment is not lease.deployment:  # re-routed: count that one instead
+            if call.routed_to is not lease.deployment:  # re-routed: count that one instead
                 lease.withdraw()
                 if not self.allows(call, call.deployment.name):
                     # A routing plugin cannot take a key where it may not go; the model is
@@ -348,7 +348,7 @@ class Dispatcher:
         observed = deployment.upstream
         if (
             observed
-            and hooks.before_attempt
+            and hooks.before_attempt.implemented
             and (rest := hooks.before_attempt.logged(call, deployment, attempt))
         ):
             await rest
@@ -371,7 +371,7 @@ class Dispatcher:
                 error, asyncio.CancelledError
             ):  # its client left: not the upstream's fault
                 ended = ClientDisconnected.now()
-            if ended is not None and observed and hooks.after_attempt:
+            if ended is not None and observed and hooks.after_attempt.implemented:
                 status = ended.status if isinstance(ended, ProxyError) else 500
                 rest = hooks.after_attempt.logged(
                     call, deployment, attempt, status, ended, router.clock.now() - started
@@ -382,13 +382,13 @@ class Dispatcher:
                 raise
             raise error from exc
         elapsed = router.clock.now() - started
-        router.succeeded(deployment, elapsed)
-        if observed and hooks.after_attempt:
+        router.succeeded(deployment, elapsed, health=lease.health)
+        if observed and hooks.after_attempt.implemented:
             status = reply.status if isinstance(reply, JSONReply) else 200
             rest = hooks.after_attempt.logged(call, deployment, attempt, status, None, elapsed)
             if rest is not None:
                 await rest
-        return Answer(reply, first, lease)
+        return tuple.__new__(Answer, (reply, first, lease))  # made in C, not by its __new__
 
     async def _answer(self, call: Call, deployment: Deployment) -> tuple[Reply, bytes | None]:
         """The provider's reply and, for a stream, its first event (the stream closed if that

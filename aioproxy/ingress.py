@@ -6,6 +6,8 @@ Every check reads headers only, so a refused request's body is never read, let a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -53,14 +55,18 @@ class Ingress:
             app.on_response_prepare.append(self._add_cors_headers)
 
     def middleware(self) -> Middleware:
+        """The middleware: a plain function returning the awaitable aiohttp awaits (the
+        handler's, or the preflight's answer), not one more coroutine around the handler's on
+        every request. A refusal is raised as it is called, within the error middleware's
+        ``await`` (which answers it) all the same."""
         refuse, cors = self.refuse, self.cors
 
         @web.middleware
-        async def ingress(request: web.Request, handler: Handler) -> web.StreamResponse:
+        def ingress(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
             refuse(request)
             if cors and request.method == "OPTIONS" and _is_preflight(request):
-                return self._preflight(request)
-            return await handler(request)
+                return _answered(self._preflight(request))
+            return handler(request)
 
         return ingress
 
@@ -76,7 +82,11 @@ class Ingress:
                     code="unsupported_content_encoding",
                 )
             content_type = headers.get("Content-Type", "")
-            if request.method in _BODY_METHODS and not _is_json(content_type):
+            if (
+                request.method in _BODY_METHODS
+                and content_type != "application/json"  # as SDKs send it: no parsing
+                and not _is_json(content_type)
+            ):
                 raise UnsupportedMediaType(
                     "Request bodies must be JSON (Content-Type: application/json), not "
                     f"'{content_type or 'none'}'"
@@ -124,6 +134,10 @@ def _is_json(content_type: str) -> bool:
     """``application/json``, parameters allowed (read from the raw header: aiohttp's parsed
     ``content_type`` costs several microseconds a request)."""
     return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 def _is_preflight(request: web.Request) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 
@@ -75,31 +75,31 @@ _decode_answer = msgspec.json.Decoder(_Answer).decode
 _LAST_DATA_EVENTS = 3
 _MESSAGE_START = b'"message_start"'  # the type of the Anthropic event that gives input tokens
 _UNKNOWN = object()
-_T = TypeVar("_T")
-
-
-def _first(value: _T | None, other: _T | None) -> _T | None:
-    """Chat's name for a field if the answer has it, else the Responses/Anthropic one."""
-    return value if value is not None else other
 
 
 def _usage_from(raw: _RawUsage | None) -> Usage | None:
     """Token counts in either API's names; None when absent or empty."""
     if raw is None:
         return None
-    prompt = _first(raw.prompt_tokens, raw.input_tokens)
-    completion = _first(raw.completion_tokens, raw.output_tokens)
+    # Chat's name for each field if the answer has it, else the Responses/Anthropic one (read
+    # inline, not by a helper: every answer's usage passes here).
+    prompt = raw.prompt_tokens if raw.prompt_tokens is not None else raw.input_tokens
+    completion = raw.completion_tokens if raw.completion_tokens is not None else raw.output_tokens
     total = raw.total_tokens
     read, written = raw.cache_read_input_tokens, raw.cache_creation_input_tokens
     if prompt is None and completion is None and total is None and read is None:
         return None
     prompt, completion = prompt or 0, completion or 0
-    details = _first(raw.prompt_tokens_details, raw.input_tokens_details)
+    details = raw.prompt_tokens_details
+    if details is None:
+        details = raw.input_tokens_details
     cached = (details.cached_tokens or 0) if details is not None else 0
     if read is not None or written is not None:
         cached = read or 0
         prompt += cached + (written or 0)
-    details = _first(raw.completion_tokens_details, raw.output_tokens_details)
+    details = raw.completion_tokens_details
+    if details is None:
+        details = raw.output_tokens_details
     reasoning = (details.reasoning_tokens or 0) if details is not None else 0
     return Usage(prompt, completion, total or prompt + completion, cached, reasoning)
 

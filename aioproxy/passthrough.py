@@ -31,10 +31,40 @@ def check_answer(data: bytes, deployment: Deployment) -> None:
             f"Deployment {deployment.describe()} sent an answer that is not a JSON object",
             code="upstream_invalid_response",
         )
-    # Anywhere in the object: an error may follow other fields. The scan is a memchr-speed
-    # search; the decode (top-level keys only) runs only when the key is there.
-    if data.find(b'"error"') >= 0 and (error := stream_error(data, deployment)):
+    # Anywhere in the object: an error may follow other fields. The search is quick (a short
+    # answer's right here, no call); the decode (top-level keys only) runs only when it found
+    # the key.
+    short = len(data) <= _SCAN_BY_R_ABOVE
+    if (data.find(_ERROR_KEY) >= 0 if short else _mentions_error(data)) and (
+        error := stream_error(data, deployment)
+    ):
         raise error
+
+
+_ERROR_KEY = b'"error"'
+_SCAN_BY_R_ABOVE = 2048  # bytes; below, the plain search is as cheap
+_R_TRIES = 4  # "r"s looked at before the plain search takes over (a text has many)
+
+
+def _mentions_error(data: bytes) -> bool:
+    """Whether ``"error"`` occurs in ``data``, as ``data.find`` says, sooner for a long answer
+    of numbers (embeddings): bytes' 7-byte search skips little over digits (its skip table
+    takes ``2`` for the ``r`` it holds), while a one-byte search is memchr. So the ``r``s of a
+    long answer (an embeddings answer has one or two) are found first, each checked for the
+    key around it, and past a few (a text) the plain search goes on from there. Measured on
+    the bench's 12 KB embeddings answer: 4.1 -> 0.6 us (~10 k instructions a request)."""
+    if len(data) <= _SCAN_BY_R_ABOVE:
+        return data.find(_ERROR_KEY) >= 0
+    start = 0
+    for _ in range(_R_TRIES):
+        at = data.find(b"r", start)
+        if at < 0:
+            return False
+        if at >= 2 and data.startswith(_ERROR_KEY, at - 2):  # its first "r" is its third byte
+            return True
+        start = at + 1
+    # No key starts before start - 2: each would have an "r" looked at already.
+    return data.find(_ERROR_KEY, max(0, start - 2)) >= 0
 
 
 # How a complete stream ends, per endpoint kind: without it, the upstream cut the stream short.

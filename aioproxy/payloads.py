@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from ._aiohttp import BadHttpMessage, RequestPayloadError
+from ._aiohttp import BadHttpMessage, RequestPayloadError, read_arrived_body
 from .context import Call
 from .errors import BadRequest, PermissionDenied, ProxyError
 from .routes import Kind
@@ -44,6 +44,7 @@ _DROPPED_FIELDS = (
     "organization",
     "extra_headers",
 )
+_DROPPED = frozenset(_DROPPED_FIELDS)
 
 
 def decode_request(
@@ -105,9 +106,9 @@ def _checked(fields: dict[str, msgspec.Raw], kind: Kind) -> bool:
             )
     elif memoryview(raw_input)[0] not in types:
         raise BadRequest(f"'{field}' must be {expected}", param=field, code="invalid_type")
-    for name in _DROPPED_FIELDS:  # `in` is cheaper than a pop() call for the usual absent field
-        if name in fields:
-            del fields[name]  # noqa: RUF051
+    if not _DROPPED.isdisjoint(fields):  # one C call for the usual body that has none of them
+        for name in _DROPPED_FIELDS:
+            fields.pop(name, None)
     return stream
 
 
@@ -135,7 +136,7 @@ async def read_body(call: Call, body_timeout: float) -> None:
     request = call.request
     try:
         if request.content.is_eof():  # all of it came with the headers: nothing to wait for
-            body = await request.read()
+            body = read_arrived_body(request)
         else:
             async with asyncio.timeout(body_timeout):
                 body = await request.read()

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -33,14 +34,15 @@ __all__ = ["end_with_error", "send", "send_with_keepalive"]
 log = logging.getLogger("aioproxy")
 
 
-async def send(
+def send(
     request: web.Request, call: Call, answer: Answer, hooks: Hooks
-) -> web.StreamResponse:
-    """Send ``answer``: as JSON, or as the stream it began."""
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    """Send ``answer``: as JSON, or as the stream it began (awaited by the caller: a plain
+    function picking the coroutine, not one more coroutine around it)."""
     reply = answer.reply
     if isinstance(reply, StreamReply):
-        return await _send_stream(request, call, reply, answer.first, answer.lease, hooks)
-    return await _send_json(request, call, reply, answer.lease, hooks)
+        return _send_stream(request, call, reply, answer.first, answer.lease, hooks)
+    return _send_json(request, call, reply, answer.lease, hooks)
 
 
 def _finish(call: Call, lease: Lease, outcome: Outcome) -> None:
@@ -56,7 +58,7 @@ async def _send_json(
     response = web.Response(
         body=reply.body, status=reply.status, content_type="application/json", headers=reply.headers
     )
-    if hooks.after_response:
+    if hooks.after_response.implemented:
         # Send it first, so that the hooks run after the last byte, as they are promised.
         await response.prepare(request)
         await response.write_eof()
@@ -144,7 +146,7 @@ async def _send_stream(
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
     outcome.first = first
-    count_events = bool(hooks.after_response) or lease.deployment.tpm is not None
+    count_events = hooks.after_response.implemented or lease.deployment.tpm is not None
     handed_off = False  # the upstream's end left to a task of its own, which closes the reply
     try:
         if response is None and _is_whole(first, reply):
@@ -178,7 +180,7 @@ async def _send_stream(
                 await reply.aclose()
         finally:
             _finish(call, lease, outcome)
-            if hooks.after_response:
+            if hooks.after_response.implemented:
                 outcome.elapsed = time.monotonic() - call.started
                 if (rest := hooks.after_response.logged(call, outcome)) is not None:
                     await rest

@@ -250,16 +250,23 @@ class Router:
         health = self.health(deployment)
         return health.in_flight + health.shared_in_flight
 
-    def acquire(self, deployment: Deployment) -> None:
+    def acquire(self, deployment: Deployment) -> Health:
+        """Count a request in flight on ``deployment``; its Health, for ``release`` and
+        ``succeeded`` to be handed (a Lease keeps it: two lookups a request less)."""
         health = self.health(deployment)
         health.in_flight += 1
         if deployment.rpm is not None:
             health.requests.add(1, self.clock.now())
         if self.on_count is not None:
             self.on_count(deployment, 1, 0, 1)
+        return health
 
-    def release(self, deployment: Deployment, tokens: int = 0) -> None:
-        health = self.health(deployment)
+    def release(
+        self, deployment: Deployment, tokens: int = 0, *, health: Health | None = None
+    ) -> None:
+        """No longer in flight; ``health``: the deployment's, as ``acquire`` returned it."""
+        if health is None:
+            health = self.health(deployment)
         health.in_flight -= 1
         if tokens and deployment.tpm is not None:
             health.tokens.add(tokens, self.clock.now())
@@ -291,8 +298,12 @@ class Router:
         health.shared_tokens = max(0, tokens - health.tokens.total(now))
         health.shared_in_flight = max(0, others_in_flight)
 
-    def succeeded(self, deployment: Deployment, ttfb: float) -> None:
-        health = self.health(deployment)
+    def succeeded(
+        self, deployment: Deployment, ttfb: float, *, health: Health | None = None
+    ) -> None:
+        """An answer began after ``ttfb`` seconds; ``health``: as for ``release``."""
+        if health is None:
+            health = self.health(deployment)
         health.served += 1
         health.latency = (
             ttfb

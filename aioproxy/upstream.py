@@ -158,6 +158,7 @@ class _Guard:
 
 async def _forwarded(
     call: Call,
+    deployment: Deployment,
     sending: Awaitable[UpstreamResponse],
     idle: float | None,
     budget: BufferBudget | None = None,
@@ -165,8 +166,8 @@ async def _forwarded(
 ) -> Reply:
     """A pass-through POST's answer in flight as the client's reply: a stream relayed event by
     event (``idle``: the longest it may go without a complete event), anything else read whole
-    and checked (passthrough.py); an error status read by ``read_error``."""
-    deployment = call.deployment
+    and checked (passthrough.py); an error status read by ``read_error``. ``deployment``: the
+    call's."""
     response = await _answer(sending, deployment, read_error, budget, call=call)
     with _Guard(response, deployment):
         if response.content_type == "text/event-stream":
@@ -311,7 +312,7 @@ class Upstream:
         timeouts = self.timeouts(deployment)
         payload = call.body() if body is None else body
         sending = self.transport.post(url, payload, headers, timeouts)
-        return await _forwarded(call, sending, timeouts.read, self.budget, read_error)
+        return await _forwarded(call, deployment, sending, timeouts.read, self.budget, read_error)
 
     def client_headers(self, call: Call) -> dict[str, str]:
         """The configured ``forward_headers`` the client sent, lower-cased (never a

@@ -22,6 +22,10 @@ def presented_key(request: web.Request) -> str | None:
     headers = request.headers
     authorization = headers.get("Authorization")
     if authorization is not None:
+        if authorization.startswith("Bearer "):  # as clients send it: the parse below, shorter
+            token = authorization[7:].strip()
+            if token:
+                return token
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()

@@ -75,6 +75,8 @@ async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]])
             found[3] += row[_COST] or 0.0
     if not sums:
         return
+    # One group (a batch of one key and model, the usual batch under light load) needs no sort.
+    ordered = sorted(sums.items(), key=_sort_key) if len(sums) > 1 else sums.items()
     values = [
         {
             "day": day,
@@ -86,9 +88,7 @@ async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]])
             "output_tokens": tokens_out,
             "cost": cost,
         }
-        for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in sorted(
-            sums.items(), key=_sort_key
-        )
+        for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in ordered
     ]
     await connection.execute(_upsert(connection.dialect.name), values)
 

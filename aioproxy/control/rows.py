@@ -67,18 +67,23 @@ class Finished(NamedTuple):
         if end_user is not None:
             # A Raw is a view of the request's body: queued as is, it would keep it all alive.
             end_user = end_user.copy()
-        return cls(
-            call.principal,
-            call.deployment if call.routed else None,
-            call.model,
-            call.kind.value,
-            call.request_id,
-            end_user,
-            call.body_size(),
-            call.state,
-            outcome,
-            wall,
-            failed,
+        # tuple.__new__: the named tuple made in C, not by its Python __new__; ``_value_``:
+        # the kind's value as the enum stores it, not through its ``value`` descriptor.
+        return tuple.__new__(
+            cls,
+            (
+                call.principal,
+                call.routed_to,
+                call.model,
+                call.kind._value_,
+                call.request_id,
+                end_user,
+                call.body_size(),
+                call.state,
+                outcome,
+                wall,
+                failed,
+            ),
         )
 
 

@@ -21,7 +21,7 @@ from ..errors import ProxyError
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
 from .meters import KeyLimits
-from .plane import plane_key
+from .plane import ControlPlane, plane_key
 from .rows import FAILED, Finished
 from .usage_tap import UsageTap, tap_unasked_usage
 
@@ -35,6 +35,9 @@ class Spend:
         self.config = config
         # With the log off, only database keys' requests are queued (their spend is written).
         self.log_rows = config.spend.log
+        # The app's control plane, once a request found it there (an instance serves the one
+        # app its plugin manager was made for): no request.app lookup a request after that.
+        self._plane: ControlPlane | None = None
 
     @hookimpl
     def before_request(self, call: Call) -> None:
@@ -47,18 +50,20 @@ class Spend:
     @hookimpl(tryfirst=True)
     def after_response(self, call: Call, outcome: Outcome) -> None:
         # Every request passes here: a few lookups and one append (``Finished``), nothing more.
-        try:
-            plane = call.request.app[plane_key]
-        except KeyError:
-            return
+        plane = self._plane
+        if plane is None:
+            plane = call.request.app.get(plane_key)
+            if plane is None:  # no control plane (yet)
+                return
+            self._plane = plane
         state = call.state
         if call.stream:
             tap = state.get(STREAM_FILTER)
             if tap.__class__ is UsageTap and (usage := tap.usage()) is not None:
                 # The tap read it on its way (the client may not have seen it).
                 outcome.record_usage(usage)
-        if call.routed:
-            outcome.pricer = plane.pricing.pricer(call.deployment)
+        if (deployment := call.routed_to) is not None:
+            outcome.pricer = plane.pricing.pricer(deployment)
         if self.log_rows or call.principal.limits.__class__ is KeyLimits:
             state[_LOGGED] = True
             plane.log.add_finished(Finished.of(call, outcome, plane.clock.time()))

@@ -29,13 +29,11 @@ def tap_unasked_usage(call: Call) -> None:
     """Set the tap on a chat or completions stream whose client did not ask for its usage
     (once, whoever needs it: the spend plugin, the response cache). A ``stream_options`` that
     is not an object is left for the provider to refuse."""
-    if (
-        call.kind in TAPPED_KINDS
-        and STREAM_FILTER not in call.state
-        and not asks_usage(call)
-        and isinstance(call.get("stream_options", {}), dict)
-    ):
-        call.state[STREAM_FILTER] = UsageTap(call)
+    if call.kind in TAPPED_KINDS and STREAM_FILTER not in call.state:
+        # Read once for both checks and the tap (an absent one reads as no options at all).
+        options = call.get("stream_options", _NO_OPTIONS)
+        if isinstance(options, dict) and options.get("include_usage") is not True:
+            call.state[STREAM_FILTER] = UsageTap(call, options)
 
 
 # How many events of a block, from its end, may hold the usage: OpenAI sends it in the last
@@ -45,6 +43,8 @@ _TAIL_EVENTS = 3
 # A usage object (not "usage":null, which every chunk may carry), as OpenAI writes it or spaced.
 _MARKER, _SPACED = b'"usage":{', b'"usage": {'
 _DONE = b"data: [DONE]"
+_NO_OPTIONS: dict[str, object] = {}  # never changed: only read
+_UNREAD = object()
 
 
 class UsageTap:
@@ -52,8 +52,10 @@ class UsageTap:
 
     __slots__ = ("found", "usage_event")
 
-    def __init__(self, call: Call) -> None:
-        options = call.get("stream_options")
+    def __init__(self, call: Call, options: object = _UNREAD) -> None:
+        """``options``: the call's ``stream_options``, decoded already (else read here)."""
+        if options is _UNREAD:
+            options = call.get("stream_options")
         call.set(
             "stream_options",
             {**(options if isinstance(options, dict) else {}), "include_usage": True},

@@ -65,6 +65,15 @@ def test_route_to_replaces_only_model() -> None:
     )
 
 
+def test_routed_to_is_the_deployment_or_none() -> None:
+    call = make_call()
+    assert call.routed_to is None and not call.routed
+    with pytest.raises(RuntimeError, match="not routed"):
+        _ = call.deployment
+    call.route_to(DEPLOYMENT)
+    assert call.routed_to is DEPLOYMENT is call.deployment and call.routed
+
+
 def test_body_is_the_same_json_as_sent_bar_model() -> None:
     call = make_call()
     call.route_to(DEPLOYMENT)

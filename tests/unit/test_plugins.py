@@ -260,6 +260,13 @@ def named(
 def test_empty_hook_is_falsy(pm: pluggy.PluginManager) -> None:
     hook = Hook(pm.hook.before_request)
     assert not hook and hook.callers == () and hook.name == "before_request"
+    assert not hook.implemented  # the same, as an attribute
+
+
+def test_a_hook_with_implementations_is_truthy(pm: pluggy.PluginManager) -> None:
+    pm.register(named("a", "x"))
+    hook = Hook(pm.hook.map_model)
+    assert hook and hook.implemented
 
 
 async def test_empty_hook_first_is_none_and_each_is_empty(pm: pluggy.PluginManager) -> None:

@@ -14,6 +14,7 @@ from aiohttp import StreamReader, web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aioproxy.budget import BufferBudget
 from aioproxy.streaming import (
     DONE,
     SSE_HEADERS,
@@ -353,3 +354,60 @@ async def test_events_keep_a_slow_stream_alive() -> None:
     chunks = [piece for i in range(5) for piece in (b"data: ", b"%d" % i, b"\n\n")]
     events = await sse_from_chunks(chunks, lambda r: iter_sse_blocks(r, idle=2.0, clock=clock))
     assert events == [b"data: %d\n\n" % i for i in range(5)]
+
+
+def _reader(*chunks: bytes, eof: bool = True) -> StreamReader:
+    reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+async def test_sse_blocks_end_for_good_giving_their_held_bytes_back() -> None:
+    """The block iterator ends as an async generator would: read to its end (its cut last
+    event yielded first), closed or failed, it yields nothing more, and the unfinished event's
+    bytes it counted are given back once, when it ends."""
+    budget = BufferBudget(1_000)
+    blocks = iter_sse_blocks(_reader(b"data: 1\n\ndata: 2"), budget=budget)
+    assert await anext(blocks) == b"data: 1\n\n"
+    assert await anext(blocks) == b"data: 2\n\n"  # the cut event, ended
+    assert budget.used == len(b"data: 2")  # held until the iterator ends
+    with pytest.raises(StopAsyncIteration):
+        await anext(blocks)
+    assert budget.used == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(blocks)
+    await blocks.aclose()
+    assert budget.used == 0
+
+    blocks = iter_sse_blocks(_reader(b"data: 1\n\ndata: 2", eof=False), budget=budget)
+    assert await anext(blocks) == b"data: 1\n\n"
+    await blocks.aclose()  # mid-stream: nothing held (the next event not read yet)
+    with pytest.raises(StopAsyncIteration):
+        await anext(blocks)
+    assert budget.used == 0
+
+    blocks = iter_sse_blocks(_reader(b"data: " + b"x" * 50), max_event=20, budget=budget)
+    with pytest.raises(EventTooLarge):
+        await anext(blocks)
+    assert budget.used == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(blocks)
+
+
+async def test_sse_blocks_closed_while_an_event_is_unfinished_give_its_bytes_back() -> None:
+    budget = BufferBudget(1_000)
+    reader = _reader(b"data: 1\n\ndata: 2", eof=False)
+    blocks = iter_sse_blocks(reader, budget=budget)
+    assert await anext(blocks) == b"data: 1\n\n"
+    waiting = asyncio.ensure_future(anext(blocks))
+    await asyncio.sleep(0)  # it took "data: 2" and waits for the rest
+    assert budget.used == len(b"data: 2")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert budget.used == 0  # a cancelled read ends it, as it ended the generator
+    with pytest.raises(StopAsyncIteration):
+        await anext(blocks)
