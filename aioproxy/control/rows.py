@@ -21,7 +21,6 @@ from . import schema
 from .cache import KeyCache
 from .meters import KeyLimits
 from .pricing import Pricing
-from .records import period_end
 from .requestlog import LogRecord
 
 __all__ = [
@@ -199,10 +198,10 @@ class RowBuilder:
             *state.get(RETRIES, _NONE_RETRIED),
         )
         key_period = team_period = None
-        if limits is not None:
-            key, team = limits.key, limits.team
-            key_period = period_end(key.created_at, key.duration, wall) if key else None
-            team_period = period_end(team.created_at, team.duration, wall) if team else None
+        if limits is not None:  # each scope's budget period, as its limits last found it
+            checks = limits.checks
+            key_period = checks[0].period(wall)
+            team_period = checks[1].period(wall) if len(checks) > 1 else None
         # tuple.__new__: the named tuple made in C (its own __new__ is a Python call, ~2 kIr).
         return tuple.__new__(
             LogRecord,
