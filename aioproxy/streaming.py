@@ -191,6 +191,11 @@ class SSEBlocks:
                 self._budget.give(self._held)
             self._held = 0
 
+    def __del__(self) -> None:
+        # Dropped unfinished (a caller that broke out without closing it): its bytes go back
+        # to the budget, as the async generator it replaced gave them back when finalised.
+        self._finish()
+
 
 def split_events(block: bytes) -> list[bytes]:
     """The events of a block from ``iter_sse_blocks``, each ending in a blank line."""

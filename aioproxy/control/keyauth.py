@@ -14,7 +14,9 @@ from ..config import Config
 from ..context import Principal
 from ..errors import AuthenticationError
 from ..hookspecs import hookimpl
+from ..keys import plugin_manager_key
 from .database import LIMITED_BY
+from .limits import Limits
 from .plane import ControlPlane, plane_key
 
 __all__ = ["KeyAuth"]
@@ -27,14 +29,20 @@ class KeyAuth:
         # (plugins.make_plugin_manager), so it is this app's: kept, it spares every request
         # the app lookup (~45 bytecodes, config keys' requests included).
         self._plane: ControlPlane | None = None
+        # Whether this app counts keys' rates with the built-in limits plugin, whose windows
+        # give the x-ratelimit-* headers of the responses it does not count (``LIMITED_BY``):
+        # disabled or replaced, nothing fills them.
+        self._marks = False
 
     @hookimpl
     def authenticate(self, request: web.Request) -> Principal | None:
         plane = self._plane
-        if plane is None:
+        if plane is None or plane.closed:  # closed: the same app was started again
             plane = self._plane = request.app.get(plane_key)
             if plane is None:
                 return None
+            limits = request.app[plugin_manager_key].get_plugin("aioproxy.limits")
+            self._marks = isinstance(limits, Limits)
         if not plane.cache.principals:
             return None
         key = presented_key(request)
@@ -48,6 +56,6 @@ class KeyAuth:
             raise AuthenticationError("This API key is disabled", code="key_disabled")
         if entry.expires_at is not None and plane.clock.time() >= entry.expires_at:
             raise AuthenticationError("This API key has expired", code="key_expired")
-        if principal.limits.limited:
+        if self._marks and principal.limits.limited:
             request_state(request)[LIMITED_BY] = principal.limits
         return principal

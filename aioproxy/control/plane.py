@@ -36,6 +36,9 @@ class ControlPlane:
         build = RowBuilder(self.pricing, self.cache, log_rows=config.spend.log)
         self.log = RequestLog(engine, self.cache, config.spend, clock.time, build)
         self._poller: asyncio.Task[None] | None = None
+        # Set once closed: plugins that keep the plane (keyauth, spend) find the app's new one
+        # when the same app object is started again.
+        self.closed = False
         # Set by the state plugin with [state] redis_url: key and team counters in Redis, and
         # what tells the other instances that keys or teams changed.
         self.shared: SharedCounters | None = None
@@ -60,6 +63,7 @@ class ControlPlane:
         )
 
     async def close(self) -> None:
+        self.closed = True
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

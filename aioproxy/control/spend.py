@@ -36,7 +36,8 @@ class Spend:
         # With the log off, only database keys' requests are queued (their spend is written).
         self.log_rows = config.spend.log
         # The app's control plane, once a request found it there (an instance serves the one
-        # app its plugin manager was made for): no request.app lookup a request after that.
+        # app its plugin manager was made for): no request.app lookup a request after that,
+        # until it is closed (the same app started again has a new one).
         self._plane: ControlPlane | None = None
 
     @hookimpl
@@ -51,7 +52,7 @@ class Spend:
     def after_response(self, call: Call, outcome: Outcome) -> None:
         # Every request passes here: a few lookups and one append (``Finished``), nothing more.
         plane = self._plane
-        if plane is None:
+        if plane is None or plane.closed:  # closed: the app was started again
             plane = call.request.app.get(plane_key)
             if plane is None:  # no control plane (yet)
                 return

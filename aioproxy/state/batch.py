@@ -19,6 +19,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import redis
 from hiredis import pack_command
 from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
@@ -60,6 +61,7 @@ class Batcher:
         self.timeout = timeout  # for a whole batch: its write and every reply
         self.batches = 0  # round trips made (tests and benchmarks count them)
         self._expired = False  # the batch on its way ran out of time (``_expire``)
+        self._closed = False
         self._pending: list[_Entry] = []
         self._sender: asyncio.Task[None] | None = None  # sends the batches, once started
         self._idle: asyncio.Future[None] | None = None  # the sender waits on it for calls
@@ -108,6 +110,8 @@ class Batcher:
                     source(batch)
                 if batch:
                     await self._execute(batch)
+                elif self._closed:  # a call after close: sent, then no sender left waiting
+                    break
                 else:  # until ``wake``
                     self._idle = asyncio.get_running_loop().create_future()
                     await self._idle
@@ -225,6 +229,7 @@ class Batcher:
                 await connection.disconnect()
 
     async def close(self) -> None:
+        self._closed = True
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -236,13 +241,18 @@ def _drivable(client: Redis) -> bool:
     """Whether the batcher may pack and read its batches itself: redis-py's encoder makes of a
     str what hiredis does (UTF-8, strict: its default; a URL's ?encoding= is left to it), and
     its connections are the ones ``_round_trip`` knows (redis-py's hiredis parser, whose
-    reader and socket read it calls, and a stream writer). Those are redis-py's insides, as
-    of redis 8.x with hiredis 3 (pyproject.toml pins that range); on any other, the batches go
-    through redis-py's public connection methods (~1,000 bytecodes a request more)."""
+    reader and socket read it calls, and a stream writer), speaking RESP2 (no push messages
+    among the replies). Those are redis-py's insides, as of redis 8.x with hiredis 3, the
+    versions tested; on any other, the batches go through redis-py's public connection methods
+    (~1,000 bytecodes a request more)."""
+    if not redis.__version__.startswith("8."):
+        return False
     pool = client.connection_pool
     kwargs = pool.connection_kwargs
     encoding = codecs.lookup(kwargs.get("encoding", "utf-8")).name
     if encoding != "utf-8" or kwargs.get("encoding_errors", "strict") != "strict":
+        return False
+    if str(kwargs.get("protocol") or 2) != "2":  # RESP3 may interleave push messages
         return False
     parser_class = kwargs.get("parser_class", DefaultParser)
     connection_class = pool.connection_class

@@ -168,6 +168,20 @@ async def test_an_idle_batcher_sends_the_next_call_and_closes(redis_url: str) ->
     assert batcher._sender is None
 
 
+async def test_a_call_after_close_is_sent_and_leaves_no_sender_waiting(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    try:
+        assert await batcher.command("PING") == b"PONG"
+        await batcher.close()
+        assert await batcher.command("ECHO", "late") == b"late"  # still answered
+        await asyncio.sleep(0)  # its sender ends with that batch, as before close it waited
+        assert batcher._sender is None
+    finally:
+        await batcher.close()
+        await client.aclose()
+
+
 def _limits(**limits: Any) -> KeyLimits:
     key = KeyEntry(
         id="key_batch", name="batch", digest="d", key_prefix="sk-", created_at=0.0, **limits

@@ -411,3 +411,15 @@ async def test_sse_blocks_closed_while_an_event_is_unfinished_give_its_bytes_bac
     assert budget.used == 0  # a cancelled read ends it, as it ended the generator
     with pytest.raises(StopAsyncIteration):
         await anext(blocks)
+
+
+async def test_sse_blocks_dropped_unfinished_give_their_bytes_back() -> None:
+    """A caller that breaks out and drops the iterator without closing it: the unfinished
+    event's bytes go back when the iterator goes (as the generator's finaliser gave them)."""
+    budget = BufferBudget(1_000)
+    blocks = iter_sse_blocks(_reader(b"data: 1\n\ndata: 2"), budget=budget)
+    assert await anext(blocks) == b"data: 1\n\n"
+    assert await anext(blocks) == b"data: 2\n\n"  # the cut event: its bytes held till the end
+    assert budget.used == len(b"data: 2")
+    del blocks
+    assert budget.used == 0
