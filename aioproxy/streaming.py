@@ -194,7 +194,8 @@ class SSEBlocks:
     def __del__(self) -> None:
         # Dropped unfinished (a caller that broke out without closing it): its bytes go back
         # to the budget, as the async generator it replaced gave them back when finalised.
-        self._finish()
+        if self._chunks is not None:  # checked here: most were ended already, with no call
+            self._finish()
 
 
 def split_events(block: bytes) -> list[bytes]:

@@ -43,6 +43,7 @@ _TAIL_EVENTS = 3
 # A usage object (not "usage":null, which every chunk may carry), as OpenAI writes it or spaced.
 _MARKER, _SPACED = b'"usage":{', b'"usage": {'
 _DONE = b"data: [DONE]"
+_AFTER_DONE = b"\n\n" + _DONE + b"\n\n"  # a block's last event, [DONE], after another one
 _NO_OPTIONS: dict[str, object] = {}  # never changed: only read
 _UNREAD = object()
 
@@ -71,6 +72,8 @@ class UsageTap:
         """``block`` without its usage-only event. Only the last events of the block are
         looked at, from its end, and only one with a non-null usage is decoded."""
         end = len(block)
+        if block.endswith(_AFTER_DONE):  # as the loop would skip it, found with no search
+            end -= len(_AFTER_DONE) - 2
         looked = 0
         while end > 0 and looked < _TAIL_EVENTS:
             # The event ending at ``end`` (its blank line included) starts after the one before.
