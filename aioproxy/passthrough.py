@@ -85,42 +85,39 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 }
 
 
-def events(
-    response: UpstreamResponse,
-    deployment: Deployment,
-    kind: Kind,
-    idle: float | None,
-    budget: BufferBudget | None = None,
-) -> PassedEvents:
+class PassedEvents:
     """The upstream's events as they come. An error event ends the stream as the client's error
     (raised: the handler sends it as one event, scrubbed); other events naming an error (a
     Responses ``response.failed``) go out scrubbed. Only blocks holding ``error`` are looked
     into, so the common event costs one search. No complete event for ``idle`` seconds is a
     timeout. Unfinished events count against ``budget`` (the Upstream's; else the one the
-    lean pool's answer carries)."""
-    if budget is None:
-        budget = getattr(response, "budget", None)
-    # SSEBlocks as iter_sse_blocks makes them, without that call (~10 bytecodes a stream).
-    blocks = SSEBlocks(response.content, MAX_EVENT, idle, time.monotonic, budget, b"\n\n")
-    return PassedEvents(response, deployment, kind, blocks)
+    lean pool's answer carries).
 
-
-class PassedEvents:
-    """``events``' iterator. A class, not an async generator: a stream pays neither the event
-    loop's async-generator hooks (a WeakSet entry made, then removed) nor a generator's frame
-    and ``aclose``. It ends for good once it fails, is read to its end or is closed, closing
-    the blocks it reads (their held budget bytes given back; dropped unclosed, the blocks give
-    them back as they go)."""
+    A class, not an async generator: a stream pays neither the event loop's async-generator
+    hooks (a WeakSet entry made, then removed) nor a generator's frame and ``aclose``. It ends
+    for good once it fails, is read to its end or is closed, closing the blocks it reads (their
+    held budget bytes given back; dropped unclosed, the blocks give them back as they go)."""
 
     __slots__ = ("_blocks", "_deployment", "_error", "_kind", "_last", "_response")
 
     def __init__(
-        self, response: UpstreamResponse, deployment: Deployment, kind: Kind, blocks: SSEBlocks
+        self,
+        response: UpstreamResponse,
+        deployment: Deployment,
+        kind: Kind,
+        idle: float | None,
+        budget: BufferBudget | None = None,
     ) -> None:
+        if budget is None:
+            budget = getattr(response, "budget", None)
         self._response = response
         self._deployment = deployment
         self._kind = kind
-        self._blocks: SSEBlocks | None = blocks  # None once ended
+        # SSEBlocks as iter_sse_blocks makes them, without that call (~10 bytecodes a stream).
+        # None once ended.
+        self._blocks: SSEBlocks | None = SSEBlocks(
+            response.content, MAX_EVENT, idle, time.monotonic, budget, b"\n\n"
+        )
         self._last = b""  # the last block passed on: the stream's final event is checked there
         # An error event found after events passed on with it: raised by the next read.
         self._error: ProxyError | None = None
@@ -182,6 +179,9 @@ class PassedEvents:
 
 
 _ERROR_EVENT = re.compile(rb"^event: ?error[ \t]*$", re.MULTILINE)  # an SSE event named "error"
+
+
+events = PassedEvents  # made at once: no function around it (~20 bytecodes a stream)
 
 
 def _errors_in(block: bytes, deployment: Deployment, kind: Kind) -> tuple[bytes, ProxyError | None]:
