@@ -149,11 +149,11 @@ class PassedEvents:
             self._blocks = None  # read to its end (the blocks ended themselves)
         except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
             self._blocks = None
-            await blocks.aclose()
+            blocks.close()
             raise_stream_failure(exc, self._deployment)
         except BaseException:
             self._blocks = None
-            await blocks.aclose()
+            blocks.close()
             raise
         self._check_complete()
         raise StopAsyncIteration
@@ -163,7 +163,7 @@ class PassedEvents:
         are closed here and now."""
         blocks, self._blocks = self._blocks, None
         if blocks is not None:
-            await blocks.aclose()
+            blocks.close()
 
     def _check_complete(self) -> None:
         """A stream that ended without its kind's final event was cut short: the client's 502;

@@ -177,16 +177,17 @@ class SSEBlocks:
                 pending.clear()  # still held (counted) until the iterator ends, as before
                 return block
         except BaseException:
-            self._finish()
+            self.close()
             raise
-        self._finish()
+        self.close()
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
         """End it now: the bytes it holds are given back (nothing more is read)."""
-        self._finish()
+        self.close()
 
-    def _finish(self) -> None:
+    def close(self) -> None:
+        """``aclose``, for a caller that need not await it (no coroutine made)."""
         if self._read is not None:
             self._read = None
             if self._budget is not None:
@@ -197,7 +198,7 @@ class SSEBlocks:
         # Dropped unfinished (a caller that broke out without closing it): its bytes go back
         # to the budget, as the async generator it replaced gave them back when finalised.
         if self._read is not None:  # checked here: most were ended already, with no call
-            self._finish()
+            self.close()
 
 
 def split_events(block: bytes) -> list[bytes]:
