@@ -97,7 +97,7 @@ class KeepAlive:
 
     async def stop(self) -> web.StreamResponse | None:
         """Stop sending comments; the response if the headers went out."""
-        self.clock.forget(self)
+        self.clock._waiting.pop(self, None)  # forget(self), inlined: one call less a stream
         if self._task is not None and self._done is not None:
             self._done.set()
             await self._task

@@ -262,10 +262,11 @@ def chunk_usage(data: bytes) -> tuple[bool, Usage | None] | None:
         return None
     if chunk.usage is None:
         return None
-    return _no_choices(chunk.choices), _usage_from(chunk.usage)
+    choices = bytes(chunk.choices)  # a usage chunk's "[]" as OpenAI writes it, with no call
+    return choices == b"[]" or _no_choices(choices), _usage_from(chunk.usage)
 
 
-def _no_choices(choices: msgspec.Raw) -> bool:
+def _no_choices(choices: msgspec.Raw | bytes) -> bool:
     return bytes(choices).replace(b" ", b"") in _NO_CHOICES
 
 

@@ -146,7 +146,6 @@ async def _send_stream(
     outcome = Outcome(200, stream=True)
     outcome.ttfb = time.monotonic() - call.started
     outcome.first = first
-    count_events = hooks.after_response.implemented or lease.deployment.tpm is not None
     handed_off = False  # the upstream's end left to a task of its own, which closes the reply
     try:
         if response is None and _is_whole(first, reply):
@@ -166,6 +165,8 @@ async def _send_stream(
             else:
                 if not response.prepared:
                     await response.prepare(request)
+                # Counted only when something reads the count (not for a stream come whole).
+                count_events = hooks.after_response.implemented or lease.deployment.tpm is not None
                 handed_off = await _relay(response, first, reply, outcome, count_events)
         except ConnectionResetError:
             outcome.disconnected = True

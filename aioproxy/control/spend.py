@@ -60,8 +60,9 @@ class Spend:
         state = call.state
         if call.stream:
             tap = state.get(STREAM_FILTER)
-            if tap.__class__ is UsageTap and (usage := tap.usage()) is not None:
-                # The tap read it on its way (the client may not have seen it).
+            if tap.__class__ is UsageTap and (usage := tap.found) is not None:
+                # The tap read it on its way (the client may not have seen it); ``found``,
+                # what ``usage()`` returns, with no call.
                 outcome.record_usage(usage)
         if (deployment := call.routed_to) is not None:
             outcome.pricer = plane.pricing.pricer(deployment)

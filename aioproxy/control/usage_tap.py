@@ -43,6 +43,7 @@ _TAIL_EVENTS = 3
 # A usage object (not "usage":null, which every chunk may carry), as OpenAI writes it or spaced.
 _MARKER, _SPACED = b'"usage":{', b'"usage": {'
 _DONE = b"data: [DONE]"
+_AFTER_DONE = b"\n\n" + _DONE + b"\n\n"  # a block's last event, [DONE], after another one
 _NO_OPTIONS: dict[str, object] = {}  # never changed: only read
 _UNREAD = object()
 
@@ -71,6 +72,12 @@ class UsageTap:
         """``block`` without its usage-only event. Only the last events of the block are
         looked at, from its end, and only one with a non-null usage is decoded."""
         end = len(block)
+        if block.endswith(_AFTER_DONE):  # as the loop would skip it, found with no search
+            end -= len(_AFTER_DONE) - 2
+        elif block.find(_MARKER) < 0 and block.find(_SPACED) < 0:
+            # Most blocks (a stream's events of tokens) hold no usage object at all: two
+            # searches, not the walk over their last events (~20 bytecodes an event).
+            return block
         looked = 0
         while end > 0 and looked < _TAIL_EVENTS:
             # The event ending at ``end`` (its blank line included) starts after the one before.
@@ -82,7 +89,12 @@ class UsageTap:
                 continue
             looked += 1
             if block.find(_MARKER, start, end) >= 0 or block.find(_SPACED, start, end) >= 0:
-                data = data_of(block[start:end])
+                if block.startswith(b"data: {", start) and block.find(b"\n", start) == end - 2:
+                    # The usual chunk, one data line: what data_of reads of it, with no copy
+                    # of the event and no call first (~25 bytecodes a stream).
+                    data = block[start + 6 : end - 2]
+                else:
+                    data = data_of(block[start:end])
                 found = chunk_usage(data)
                 if found is not None:  # the last usage: kept, so no one parses it again
                     self.usage_event = data

@@ -7,6 +7,8 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aioproxy.control.usage_tap import UsageTap
 from aioproxy.providers import StreamReply
@@ -106,3 +108,54 @@ async def test_a_usage_chunk_whose_usage_is_not_counts_still_goes() -> None:
     assert b"".join(out) == CONTENT + DONE and tap.usage() is None
     out, tap = await relay([CONTENT + b"data: {not json\n\n" + DONE])
     assert b"".join(out) == CONTENT + b"data: {not json\n\n" + DONE and tap.usage() is None
+
+
+def _strip_as_it_was(block: bytes) -> tuple[bytes, bytes | None]:
+    """The tap's strip before its shortcuts (a trailing [DONE] skipped with no search, the usual
+    chunk's data read in place, a block with no usage object passed at once): the reference
+    they must agree with. The block out, and the data of the usage event kept."""
+    from aioproxy.outcome import chunk_usage
+    from aioproxy.streaming import data_of
+
+    end, looked = len(block), 0
+    while end > 0 and looked < 3:
+        start = block.rfind(b"\n\n", 0, max(0, end - 2)) + 2
+        if start == 1:
+            start = 0
+        if block.startswith(b"data: [DONE]", start):
+            end = start
+            continue
+        looked += 1
+        if block.find(b'"usage":{', start, end) >= 0 or block.find(b'"usage": {', start, end) >= 0:
+            data = data_of(block[start:end])
+            found = chunk_usage(data)
+            if found is not None:
+                return (block if not found[0] else block[:start] + block[end:]), data
+        end = start
+    return block, None
+
+
+_PARTS = [
+    CONTENT,
+    USAGE_ONLY,
+    USAGE_ONLY.replace(b'"usage": {', b'"usage":{').replace(b'"choices": []', b'"choices":[]'),
+    FINISH_WITH_USAGE,
+    DONE,
+    b"data: [DONE]\n\n\n",
+    b"data:" + USAGE_ONLY[5:],  # no space after "data:"
+    b"event: x\n" + USAGE_ONLY,  # a named event
+    USAGE_ONLY[:-2] + b"\ndata: 1\n\n",  # two data lines
+    USAGE_ONLY[:-1],  # one newline only (a block's last event as a provider may give it)
+    b": comment\n\n",
+    b"\n",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PARTS), max_size=7))
+def test_strip_agrees_with_the_walk_it_shortcuts(parts: list[bytes]) -> None:
+    block = b"".join(parts)
+    tap = UsageTap(_Call())  # type: ignore[arg-type]
+    expected, data = _strip_as_it_was(block)
+    assert tap.strip(block) == expected
+    assert tap.usage_event == data
