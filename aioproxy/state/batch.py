@@ -66,6 +66,7 @@ class Batcher:
         self._sender: asyncio.Task[None] | None = None  # sends the batches, once started
         self._idle: asyncio.Future[None] | None = None  # the sender waits on it for calls
         self._connection: AbstractConnection | None = None
+        self._checked: Any = None  # what says whether the connection is stale (``_connect``)
         # Batches packed by hiredis and read from its parser (``_round_trip``) where that is
         # what redis-py would do itself; else through redis-py's public connection methods.
         self._direct = _drivable(client)
@@ -190,8 +191,8 @@ class Batcher:
         connection = self._connection
         if connection is not None and connection.is_connected:
             try:
-                stale = await connection.can_read()
-            except (RedisError, OSError):
+                stale = await self._checked.can_read()
+            except (RedisError, OSError):  # closed (the parser raises what that layer wraps)
                 stale = True
             if stale:
                 await self._drop()
@@ -199,6 +200,10 @@ class Batcher:
             pool = self.client.connection_pool
             kwargs = {**pool.connection_kwargs, "socket_timeout": None}
             self._connection = pool.connection_class(**kwargs)
+            # Driven directly, its parser's check: redis-py's layer over it costs ~10
+            # bytecodes a batch (and what it raises, OSError, is what it wraps). A hiredis
+            # parser is the connection's for good (redis-py swaps only its own RESP parsers).
+            self._checked = self._connection._parser if self._direct else self._connection
         return self._connection  # it connects on its first write
 
     async def _round_trip(
