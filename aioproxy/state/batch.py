@@ -210,7 +210,11 @@ class Batcher:
         self, connection: AbstractConnection, batch: list[tuple[Any, tuple[Any, ...], Any]]
     ) -> tuple[list[Any], bool]:
         """Each call's reply (an error reply as its exception), and whether a script was not
-        known (NOSCRIPT)."""
+        known (NOSCRIPT). The replies are read from the connection's hiredis parser as they
+        come (redis-py's ``read_response`` wraps each in layers meant for one command: ~130
+        bytecodes a reply; here, not in a coroutine of their own: ~15 a batch fewer). An
+        error reply is its call's result, except one that says the connection is unusable
+        (as redis-py raises it)."""
         self.batches += 1
         if not self._direct:
             return await _round_trip_by_redis_py(connection, batch)
@@ -222,7 +226,23 @@ class Batcher:
             else:  # to its stream directly: send_packed_command's layers cost ~70 bytecodes
                 writer.write(packed)
                 await writer.drain()
-            return await _replies(connection, len(batch))
+            parser: Any = connection._parser
+            gets = parser._reader.gets
+            replies: list[Any] = []
+            unknown = False
+            for _ in batch:
+                reply = gets()
+                while reply is NOT_ENOUGH_DATA:
+                    await parser.read_from_socket()
+                    reply = gets()
+                if isinstance(reply, RedisError):
+                    if isinstance(reply, RedisConnectionError):
+                        raise reply
+                    unknown = unknown or isinstance(reply, NoScriptError)
+                elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+                    raise reply[0]
+                replies.append(reply)
+            return replies, unknown
         except OSError as exc:  # as redis-py names it (the log says which error)
             where = connection._host_error()
             raise RedisConnectionError(f"Error while talking to {where} : {exc.args}") from exc
@@ -298,27 +318,3 @@ def _packed(batch: list[tuple[Any, tuple[Any, ...], Any]]) -> bytes:
         return b"".join([pack_command(args) for _, args, _ in batch])
     except TypeError as exc:  # a word of no type Redis takes: as redis-py says it
         raise DataError(str(exc)) from exc
-
-
-async def _replies(connection: AbstractConnection, count: int) -> tuple[list[Any], bool]:
-    """``count`` replies from the connection's hiredis parser, read as they come (redis-py's
-    ``read_response`` wraps each in layers meant for one command: ~130 bytecodes a reply).
-    An error reply is its call's result, except one that says the connection is unusable
-    (as redis-py raises it); also whether one was a NOSCRIPT."""
-    parser: Any = connection._parser
-    gets = parser._reader.gets
-    replies: list[Any] = []
-    unknown = False
-    for _ in range(count):
-        reply = gets()
-        while reply is NOT_ENOUGH_DATA:
-            await parser.read_from_socket()
-            reply = gets()
-        if isinstance(reply, RedisError):
-            if isinstance(reply, RedisConnectionError):
-                raise reply
-            unknown = unknown or isinstance(reply, NoScriptError)
-        elif type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-            raise reply[0]
-        replies.append(reply)
-    return replies, unknown
