@@ -129,8 +129,26 @@ class Batcher:
             self._sender = self._idle = None
 
     async def _execute(self, batch: list[_Entry]) -> None:
+        """Send the batch and hand each call its result, within the timeout: asyncio.timeout's
+        job (the sender cancelled at the deadline, a TimeoutError here) with one timer and no
+        context manager, ~150 Python bytecodes a batch fewer; and in this one coroutine, not
+        one more around the exchange: ~15 fewer."""
+        task = self._sender  # the task running this
+        assert task is not None
         try:
-            results = await self._exchange(batch)
+            timer = task.get_loop().call_later(self.timeout, self._expire, task)
+            try:
+                connection = await self._connect()
+                results, unknown = await self._round_trip(connection, batch)
+                if unknown:
+                    await self._load_and_retry(connection, batch, results)
+            except asyncio.CancelledError:
+                if self._expired and task.uncancel() == 0:  # the deadline's, not a close's
+                    raise TimeoutError from None
+                raise
+            finally:
+                timer.cancel()
+                self._expired = False
         except (RedisError, OSError, TimeoutError) as exc:
             await self._drop()  # its stream may be mid-reply: never reused
             for _, _, future in batch:
@@ -144,27 +162,6 @@ class Batcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-    async def _exchange(self, batch: list[_Entry]) -> list[Any]:
-        """The batch's results, within the timeout. asyncio.timeout's job (the sender
-        cancelled at the deadline, a TimeoutError here) with one timer and no context
-        manager: ~150 Python bytecodes a batch fewer."""
-        task = self._sender  # the task running this
-        assert task is not None
-        timer = task.get_loop().call_later(self.timeout, self._expire, task)
-        try:
-            connection = await self._connect()
-            results, unknown = await self._round_trip(connection, batch)
-            if unknown:
-                await self._load_and_retry(connection, batch, results)
-            return results
-        except asyncio.CancelledError:
-            if self._expired and task.uncancel() == 0:  # the deadline's, not a close's
-                raise TimeoutError from None
-            raise
-        finally:
-            timer.cancel()
-            self._expired = False
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         self._expired = True
