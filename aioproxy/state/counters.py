@@ -33,7 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
 from ..control.limits import RESERVATION, ReserveHere, unless_cached
-from ..control.meters import HEADER_NAMES, KeyLimits, reset_text
+from ..control.meters import A_MINUTE, HEADER_NAMES, KeyLimits, reset_text
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
 from .batch import LuaScript
@@ -332,7 +332,7 @@ class _Prepared:
     of x-ratelimit-* header the limits it is made from (limit, its text, its count's position
     in the script's answer)."""
 
-    __slots__ = ("headers", "limits", "scopes")
+    __slots__ = ("headers", "limits", "moving", "resets", "scopes", "unmoving")
 
     def __init__(self, prefix: str, limits: KeyLimits) -> None:
         self.limits = limits
@@ -348,6 +348,30 @@ class _Prepared:
                     limited.append((limit, str(limit), position + 2 * index))
             if limited:
                 self.headers.append((HEADER_NAMES[kind], limited))
+        # Where each kind of limit is set in one scope only (a key with no team, or a team
+        # with no rpm nor tpm of its own), no search for the scope with the least room: the
+        # headers are a copy of the texts that do not move (the limits, and the reset the
+        # script's answer gives but in a clock's jump: a minute away), the remaining's place
+        # kept in order; per kind the name of what moves, the limit and its count's position,
+        # and the reset's names (``_headers``).
+        self.unmoving: dict[str, str] | None = None
+        self.moving: tuple[tuple[str, int, int], ...] = ()
+        self.resets: tuple[str, ...] = ()
+        if all(len(limited) == 1 for _, limited in self.headers):
+            self.unmoving = {
+                name: text
+                for (limit_name, remaining_name, reset_name), ((_, limit_text, _),) in self.headers
+                for name, text in (
+                    (limit_name, limit_text),
+                    (remaining_name, ""),
+                    (reset_name, A_MINUTE),
+                )
+            }
+            self.moving = tuple(
+                (remaining_name, limit, position)
+                for (_, remaining_name, _), ((limit, _, position),) in self.headers
+            )
+            self.resets = tuple(reset_name for (_, _, reset_name), _ in self.headers)
 
 
 class SharedReservation:
@@ -517,10 +541,8 @@ class SharedCounters:
 
     def _prepare(self, limits: KeyLimits) -> _Prepared:
         """What the script and the headers need of a key's limits, made once per cache load
-        (a reload makes new limits, and these anew)."""
-        prepared = self._prepared.get(limits.key.id)
-        if prepared is None or prepared.limits is not limits:
-            prepared = self._prepared[limits.key.id] = _Prepared(self.link.prefix, limits)
+        (a reload makes new limits, and these anew): ``reserve`` looks for them first."""
+        prepared = self._prepared[limits.key.id] = _Prepared(self.link.prefix, limits)
         return prepared
 
     def settle(
@@ -655,7 +677,9 @@ class SharedCounters:
         """Count the request in every scope (``call.state[RESERVATION]``, released when its
         task ends) or refuse it (RateLimited); if Redis fails, ``locally`` counts it."""
         wall = self.clock.time()
-        prepared = self._prepare(limits)
+        prepared = self._prepared.get(limits.key.id)  # a frame a request fewer than _prepare's
+        if prepared is None or prepared.limits is not limits:
+            prepared = self._prepare(limits)
         scopes = prepared.scopes
         words = self._words
         words += (tokens, held, len(scopes))
@@ -697,8 +721,18 @@ class SharedCounters:
 def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers from the counts the script returned, from the scope with
     the least room left."""
+    if prepared.unmoving is not None:  # ~50 bytecodes a request fewer than the search below
+        headers = prepared.unmoving.copy()
+        for remaining_name, limit, position in prepared.moving:
+            remaining = limit - answer[position]
+            headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+        if answer[1] <= 59:  # a reset's text is a minute's for (59, 60] s: Redis's clock jumped
+            reset = reset_text(answer[1])
+            for reset_name in prepared.resets:
+                headers[reset_name] = reset
+        return headers
     reset = reset_text(answer[1])
-    headers: dict[str, str] = {}
+    headers = {}
     for (limit_name, remaining_name, reset_name), limited in prepared.headers:
         limit, text, position = limited[0]
         remaining = limit - answer[position]

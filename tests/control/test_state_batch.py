@@ -55,6 +55,31 @@ async def test_calls_queued_during_a_round_trip_share_the_next(redis_url: str, d
         await client.aclose()
 
 
+async def test_a_connection_the_server_closed_is_replaced_before_a_batch(
+    redis_url: str, driven: str
+) -> None:
+    """Its connection closed by Redis between two batches (a restart, a client kill): the next
+    batch goes on a new one, not on the closed one (a failed batch: its requests on the
+    fallback)."""
+    client = aioredis.Redis.from_url(redis_url)
+    batcher = Batcher(client, timeout=5.0)
+    try:
+        batcher_id = await batcher.command("CLIENT", "ID")
+        assert await client.client_kill_filter(_id=batcher_id) == 1
+        for _ in range(50):  # its end of the connection sees the close
+            await asyncio.sleep(0.01)
+            connection = batcher._connection
+            assert connection is not None
+            if connection._reader is not None and connection._reader.at_eof():
+                break
+        assert await batcher.command("SET", "aioproxy-test:after-kill", "1") == b"OK"
+        assert await client.get("aioproxy-test:after-kill") == b"1"
+    finally:
+        await client.delete("aioproxy-test:after-kill")
+        await batcher.close()
+        await client.aclose()
+
+
 async def test_only_the_scripts_redis_did_not_know_are_sent_again(
     redis_url: str, driven: str
 ) -> None:
