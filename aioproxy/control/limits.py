@@ -241,8 +241,8 @@ class Limits:
 def _reserve_on(
     call: Call, limits: KeyLimits, clock: ControlClock, tokens: int, held: int
 ) -> Awaitable[None] | None:
-    """Check every scope, then count the request in each, then its headers: one pass each
-    (a key with no team: one step, ``Scope.take``)."""
+    """Count the request in every scope that has room (``Scope.take``), taken back from all
+    if one has none, then its headers."""
     now = clock.monotonic()
     second = int(now)
     wall = clock.time()
@@ -252,11 +252,11 @@ def _reserve_on(
             return _refused(call, limits, solo, clock, tokens, now, wall)
     else:
         checks = limits.checks
-        for scope in checks:
-            if not scope.admits(tokens, second, wall):
+        for i, scope in enumerate(checks):
+            if not scope.take(tokens, held, second, wall):
+                for taken in checks[:i]:  # counted by the scopes before it: taken back
+                    taken.untake(tokens, held)
                 return _refused(call, limits, scope, clock, tokens, now, wall)
-        for scope in checks:
-            scope.count(tokens, held)
     reservation = call.state[RESERVATION] = Reservation(limits, tokens, held)
     task = asyncio.current_task()
     if task is not None:

@@ -48,7 +48,7 @@ class RateWindow:
     """A sliding one-minute total in one-second buckets, with when it next goes down.
 
     ``second`` is the last second it moved to and ``count`` its total then: the limits
-    plugin moves both of a scope's windows once (``Scope.admits``) and reads them directly."""
+    plugin moves both of a scope's windows once (``Scope.take``) and reads them directly."""
 
     __slots__ = ("buckets", "count", "second")
 
@@ -142,7 +142,7 @@ def spend_in(entry: KeyEntry | TeamEntry, meter: Meter, end: float | None) -> fl
     return stored + (meter.spend if meter.period == end else 0.0)  # meter.local_spend(end)
 
 
-_NO_LIMIT = math.inf  # a limit not set, as ``Scope.admits`` compares it
+_NO_LIMIT = math.inf  # a limit not set, as ``Scope.take`` compares it
 
 
 def _duration(seconds: float) -> str:
@@ -215,32 +215,13 @@ class Scope:
             self._begins, self._ends = ends - duration, ends
         return ends
 
-    def admits(self, tokens: int, second: int, wall: float) -> bool:
-        """Whether one more request reserving ``tokens`` fits every limit; its windows are
-        moved to ``second`` (``int`` of the monotonic clock) first. A request reserving no
-        tokens (a cached answer) is not held to the tpm. The budget admits while the spend
-        plus the cost reserved in flight is under it (not counting this request's own)."""
-        requests, used = self.requests, self.tokens
-        if requests.second != second:
-            requests.advance(second)
-        if used.second != second:
-            used.advance(second)
-        meter = self.meter
-        if (
-            requests.count >= self.rpm_cap
-            or (tokens and used.count + tokens > self.tpm_cap)
-            or meter.in_flight >= self.parallel_cap
-        ):
-            return False
-        budget = self.max_budget
-        if budget is None:
-            return True
-        ends = self._ends if self._begins <= wall < self._ends else self.period(wall)
-        return spend_in(self.entry, meter, ends) + meter.held * NANO_USD < budget
-
     def take(self, tokens: int, held: int, second: int, wall: float) -> bool:
-        """``admits`` then ``count`` in one step, for a key with no team (its one scope): a
-        request's reservation is this call (two frames fewer a request, ~60 bytecodes)."""
+        """Count one more request reserving ``tokens`` and ``held`` nano-USD (kept by a scope
+        with a budget) if it fits every limit, its windows moved to ``second`` (``int`` of the
+        monotonic clock) first; False, counting nothing, if it does not. A request reserving
+        no tokens (a cached answer) is not held to the tpm. The budget admits while the spend
+        plus the cost reserved in flight is under it (not counting this request's own). Check
+        and count are one step (one frame a request and scope; ``untake`` undoes it)."""
         requests, used = self.requests, self.tokens
         if requests.second != second:
             requests.advance(second)
@@ -297,18 +278,19 @@ class Scope:
         if self.max_budget is not None:
             self.meter.held -= held
 
-    def count(self, tokens: int, held: int = 0) -> None:
-        """Count one request reserving ``tokens`` and ``held`` nano-USD (kept by a scope with
-        a budget), in the second ``admits`` moved to."""
+    def untake(self, tokens: int, held: int) -> None:
+        """Take back a request ``take`` just counted (another scope of its key refused it), in
+        the same second, before anything else ran."""
         meter = self.meter
-        meter.in_flight += 1
-        if held and self.max_budget is not None:
-            meter.held += held
+        meter.in_flight -= 1
+        if self.max_budget is not None:
+            meter.held -= held
         requests, used = self.requests, self.tokens
-        requests.buckets[requests.second % _SECONDS] += 1
-        requests.count += 1
-        used.buckets[used.second % _SECONDS] += tokens
-        used.count += tokens
+        slot = requests.second % _SECONDS
+        requests.buckets[slot] -= 1
+        requests.count -= 1
+        used.buckets[slot] -= tokens
+        used.count -= tokens
 
 
 class KeyLimits:
@@ -413,7 +395,7 @@ class KeyLimits:
 
     def headers(self, now: float, granted: bool = False) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers, from the scope with the least room left, read from
-        the windows as last moved (to this second: every scope's, by ``Scope.admits``).
+        the windows as last moved (to this second: every scope's, by ``Scope.take``).
         ``granted``: right after this request was counted, so a window holding anything holds
         some of this second's, and empties in a minute ("1m0s") without asking it when."""
         headers: dict[str, str] = {}

@@ -1,4 +1,5 @@
-"""The limits' counters alone: a scope's check and count, and the headers' names."""
+"""The limits' counters alone: a scope's check and count (and its undoing), and the headers'
+names."""
 
 from __future__ import annotations
 
@@ -14,38 +15,36 @@ def key_limits(**limits: object) -> KeyLimits:
     return KeyLimits(key, Meter(), team, Meter())
 
 
-def test_a_scope_admits_until_its_limits_then_refuses() -> None:
+def test_a_scope_takes_until_its_limits_then_refuses() -> None:
     limits = key_limits(rpm=5, tpm=100, max_parallel=2)
     key, team = limits.checks
-    assert key.admits(60, 10, 0.0) and team.admits(60, 10, 0.0)
-    key.count(60)
-    team.count(60)
-    assert not key.admits(41, 10, 0.0)  # 60 + 41 tokens > 100
-    assert key.admits(40, 10, 0.0)
-    key.count(1)
-    assert not key.admits(1, 10, 0.0)  # two in flight, its max_parallel
+    assert key.take(60, 0, 10, 0.0) and team.take(60, 0, 10, 0.0)
+    assert not key.take(41, 0, 10, 0.0)  # 60 + 41 tokens > 100
+    assert key.requests.count == 1 and key.tokens.count == 60  # a refusal counts nothing
+    assert key.take(40, 0, 10, 0.0)
+    assert not key.take(0, 0, 10, 0.0)  # two in flight, its max_parallel
     key.meter.in_flight = 0
-    assert key.requests.count == 2 and key.tokens.count == 61
-    assert key.admits(1, 70, 0.0)  # a minute later the window is empty
-    assert key.requests.count == 0 and key.tokens.count == 0
+    assert key.requests.count == 2 and key.tokens.count == 100
+    assert key.take(1, 0, 70, 0.0)  # a minute later the window holds this one alone
+    assert key.requests.count == 1 and key.tokens.count == 1
 
 
 def test_the_team_s_tighter_limit_is_checked_too() -> None:
     limits = key_limits(rpm=100)
     key, team = limits.checks
     for _ in range(3):
-        assert key.admits(1, 5, 0.0) and team.admits(1, 5, 0.0)
-        key.count(1)
-        team.count(1)
-    assert key.admits(1, 5, 0.0) and not team.admits(1, 5, 0.0)
+        assert key.take(1, 0, 5, 0.0) and team.take(1, 0, 5, 0.0)
+    assert key.take(1, 0, 5, 0.0) and not team.take(1, 0, 5, 0.0)
+    key.untake(1, 0)  # its team refused it: the key's count is taken back
+    assert key.requests.count == 3 and key.tokens.count == 3 and key.meter.in_flight == 3
 
 
 def test_a_budget_is_checked_in_its_period() -> None:
     limits = key_limits(max_budget=1.0, budget_duration="1h", created_at=0.0)
     key = limits.checks[0]
     key.meter.add_spend(1.0, key.period(10.0))
-    assert not key.admits(1, 0, 10.0)
-    assert key.admits(1, 0, 3600.0)  # the next period
+    assert not key.take(1, 0, 0, 10.0)
+    assert key.take(1, 0, 0, 3600.0)  # the next period
 
 
 def test_header_names_are_istr() -> None:
@@ -60,8 +59,7 @@ def test_header_names_are_istr() -> None:
 def test_settle_moves_tokens_and_adds_the_cost_in_its_period() -> None:
     limits = key_limits(tpm=1000, max_budget=5.0, budget_duration="1h", created_at=0.0)
     key = limits.checks[0]
-    assert key.admits(100, 10, 10.0)
-    key.count(100)
+    assert key.take(100, 0, 10, 10.0)
     key.settle(-40, 0.5, 10.5, 10.0)  # used 60 of the 100 reserved
     assert key.tokens.total(10.5) == 60
     assert key.meter.local_spend(3600.0) == 0.5
@@ -74,14 +72,14 @@ def test_a_budget_admits_while_its_spend_and_the_cost_in_flight_are_under_it() -
     not (one is always admitted with nothing in flight); the cost replaces its reservation."""
     limits = key_limits(max_budget=1.0)
     key, team = limits.checks
-    assert key.admits(1, 0, 0.0)
-    key.count(1, 600_000_000)  # 0.6 USD reserved
-    team.count(1, 600_000_000)
-    assert key.admits(1, 0, 0.0)  # 0.6 < 1
-    key.count(1, 600_000_000)
-    assert not key.admits(1, 0, 0.0)  # 1.2 reserved
+    assert key.take(1, 600_000_000, 0, 0.0)  # 0.6 USD reserved
+    assert team.take(1, 600_000_000, 0, 0.0)
+    assert key.take(1, 600_000_000, 0, 0.0)  # 0.6 < 1: admitted, 1.2 reserved
+    assert not key.take(1, 600_000_000, 0, 0.0)  # 1.2 reserved
     key.settle(0, 0.1, 0.0, 0.0, 600_000_000)  # one answered: cost 0.1 for its 0.6
-    assert key.meter.held == 600_000_000 and key.admits(1, 0, 0.0)  # 0.1 + 0.6 < 1
+    assert key.meter.held == 600_000_000 and key.take(1, 0, 0, 0.0)  # 0.1 + 0.6 < 1
     key.unhold(600_000_000)  # the other failed
     assert key.meter.held == 0
     assert team.meter.held == 0  # the team has no budget: it keeps nothing
+    key.untake(1, 0)  # taken back: nothing held moves
+    assert key.meter.held == 0 and key.meter.in_flight == 2
