@@ -5,14 +5,13 @@ events turned into the client's error, secrets masked, and its final event check
 from __future__ import annotations
 
 import re
-import time
 
 from .budget import BufferBudget
 from .context import Deployment
 from .errors import ANTHROPIC_STATUSES, BadGateway, ProxyError
 from .failures import error_event, raise_stream_failure, scrub_bytes, stream_error
 from .routes import Kind
-from .streaming import MAX_EVENT, SSEBlocks, data_of, split_events
+from .streaming import SSEBlocks, data_of, iter_sse_blocks, split_events
 from .transport import UpstreamResponse
 
 __all__ = ["PassedEvents", "check_answer", "events"]
@@ -113,10 +112,8 @@ class PassedEvents:
         self._response = response
         self._deployment = deployment
         self._kind = kind
-        # SSEBlocks as iter_sse_blocks makes them, without that call (~10 bytecodes a stream).
-        # None once ended.
-        self._blocks: SSEBlocks | None = SSEBlocks(
-            response.content, MAX_EVENT, idle, time.monotonic, budget, b"\n\n"
+        self._blocks: SSEBlocks | None = iter_sse_blocks(  # None once ended
+            response.content, idle=idle, budget=budget
         )
         self._last = b""  # the last block passed on: the stream's final event is checked there
         # An error event found after events passed on with it: raised by the next read.

@@ -132,15 +132,11 @@ class Reservation:
         if self.released:
             return
         self.released = True
-        held = self.held
-        if not held:  # settled (the usual end): its in-flight slots alone
-            for scope in self.limits.checks:
-                scope.meter.in_flight -= 1
-            return
-        self.held = 0
+        held, self.held = self.held, 0  # none once settled (the usual end)
         for scope in self.limits.checks:
             scope.meter.in_flight -= 1
-            scope.unhold(held)
+            if held:
+                scope.unhold(held)
 
     def settle(self, tokens: int, cost: float | None, now: float, wall: float) -> None:
         """The usage's ``tokens`` for those reserved, and the ``cost`` added to the spend in
@@ -149,10 +145,6 @@ class Reservation:
         self.tokens = tokens
         held, self.held = self.held, 0
         if delta or cost or held:
-            solo = self.limits.solo
-            if solo is not None:
-                solo.settle(delta, cost, now, wall, held)
-                return
             for scope in self.limits.checks:
                 scope.settle(delta, cost, now, wall, held)
 
@@ -246,17 +238,12 @@ def _reserve_on(
     now = clock.monotonic()
     second = int(now)
     wall = clock.time()
-    solo = limits.solo
-    if solo is not None:
-        if not solo.take(tokens, held, second, wall):
-            return _refused(call, limits, solo, clock, tokens, now, wall)
-    else:
-        checks = limits.checks
-        for i, scope in enumerate(checks):
-            if not scope.take(tokens, held, second, wall):
-                for taken in checks[:i]:  # counted by the scopes before it: taken back
-                    taken.untake(tokens, held)
-                return _refused(call, limits, scope, clock, tokens, now, wall)
+    checks = limits.checks
+    for i, scope in enumerate(checks):
+        if not scope.take(tokens, held, second, wall):
+            for taken in checks[:i]:  # counted by the scopes before it: taken back
+                taken.untake(tokens, held)
+            return _refused(call, limits, scope, clock, tokens, now, wall)
     reservation = call.state[RESERVATION] = Reservation(limits, tokens, held)
     task = asyncio.current_task()
     if task is not None:
