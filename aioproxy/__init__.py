@@ -30,6 +30,7 @@ from .masking import mask_keylike
 from .outcome import Outcome, Usage
 from .providers import Provider, ProviderConfig
 from .replies import JSONReply, Reply, StreamReply
+from .request_ids import request_id
 from .routes import ALIASES, Kind
 from .streaming import DONE, data_of, iter_sse, split_events, sse_data, sse_event
 from .translating import *  # a translating provider's kit: its names are translating.__all__
@@ -78,6 +79,7 @@ __all__ = [
     "mask_keylike",
     "openai_error",
     "parse_config",
+    "request_id",
     "scrub",
     "split_events",
     "sse_data",

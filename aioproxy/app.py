@@ -15,7 +15,7 @@ from . import observability
 from .bridges.routes import response_routes
 from .budget import BufferBudget
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_config
-from .errors import error_middleware
+from .errors import ON_ERROR, error_middleware
 from .h1client import H1Pool
 from .handlers import health, make_deployment_handlers, make_handlers, readiness
 from .ingress import Ingress
@@ -97,6 +97,8 @@ def create_app(
     app[plugin_manager_key] = pm
     app[runtime_key] = runtime
     app[secrets_key] = secrets_pattern(config)
+    if runtime.hooks.on_error:  # told of the 404s and 405s no handler hears
+        app[ON_ERROR] = runtime.hooks.on_error.logged
 
     aliases = merge_aliases(merge_aliases(ALIASES, AZURE_ALIASES), config.aliases)
     app.router.add_routes(route_table(aliases, make_handlers(runtime)))

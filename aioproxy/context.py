@@ -61,6 +61,7 @@ class Principal(msgspec.Struct, frozen=True):
     is_master: bool = False
     id: str = ""
     team: str | None = None  # the team's id, for a key in a team
+    team_name: str | None = None  # its name (an operator's label, as ``name`` is the key's)
     # What enforcement needs, set by the plugin that authenticated the key (aioproxy.control's
     # KeyLimits for database keys); None: no limit of that plugin's applies.
     limits: Any = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ log = logging.getLogger("aioproxy")
 __all__ = [
     "ANSWERED_ERROR",
     "ANTHROPIC_STATUSES",
+    "ON_ERROR",
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
@@ -294,6 +296,11 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
     return ProxyError(message, status=exc.status, type=type_, code=code, headers=headers)
 
 
+# The app's ``on_error`` hook (``Hook.logged``; set by create_app when a plugin implements it):
+# the middleware tells it of the refusals no handler heard, an unknown route's 404 and a wrong
+# method's 405, which the router answers before any handler runs.
+ON_ERROR: web.AppKey[Callable[..., Awaitable[None] | None]] = web.AppKey("aioproxy.on_error")
+
 # Where the middleware leaves the error a request was answered with (for the access log's
 # ``error``, whichever layer refused it: a route, the ingress checks, a handler).
 ANSWERED_ERROR = web.RequestKey("aioproxy.answered_error", ProxyError)
@@ -302,6 +309,13 @@ ANSWERED_ERROR = web.RequestKey("aioproxy.answered_error", ProxyError)
 def _answer(request: web.Request, error: ProxyError) -> web.Response:
     request_state(request)[ANSWERED_ERROR] = error
     return error_response(error, speaks_anthropic(request.match_info.handler))
+
+
+async def _tell_on_error(request: web.Request, error: ProxyError) -> None:
+    """``on_error`` for a request no handler took (no call: nobody was authenticated)."""
+    on_error = request.app.get(ON_ERROR)
+    if on_error is not None and (rest := on_error(request, error, None)) is not None:
+        await rest
 
 
 @web.middleware
@@ -315,7 +329,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _answer(request, from_http_exception(exc, request))
+        error = from_http_exception(exc, request)
+        if request.match_info.http_exception is exc:  # the router's own: no handler heard it
+            await _tell_on_error(request, error)
+        return _answer(request, error)
     except ConnectionResetError:
         raise  # the client went away: nobody to answer, and aiohttp knows to ignore it
     except Exception:

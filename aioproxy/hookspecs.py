@@ -198,7 +198,8 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
     """Observe a failed request.
 
     Runs when a request fails with any exception, before the error is rendered; ``call`` is
-    ``None`` when the failure came before the caller was authenticated. A request refused
+    ``None`` when the failure came before the caller was authenticated (an unknown route's 404
+    and a wrong method's 405, which no handler takes, included). A request refused
     while its body was read has a call with no fields, and ``model`` ``""`` unless the path or
     the body named one. A request whose client went away
     (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499). Observe only: the client gets the

@@ -139,6 +139,7 @@ class KeyCache:
                 _allowed(key.models, team.models if team else None),
                 id=key.id,
                 team=key.team_id,
+                team_name=team.name if team else None,
                 limits=KeyLimits(key, key_meter, team, team_meter, self.plane),
             )
         # Swapped whole: a request sees the old keys or the new ones, never a mix.

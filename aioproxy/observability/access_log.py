@@ -58,7 +58,7 @@ class AccessLine(msgspec.Struct, gc=False):
     status: int
     error: str | None  # the error's code
     key: str | None  # the key's name
-    team: str | None
+    team: str | None  # the team's name (the request log's row holds its id)
     model: str | None
     deployment: str | None
     stream: bool | None

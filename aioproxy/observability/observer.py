@@ -452,7 +452,7 @@ class Observer:
                         status,
                         code,
                         principal.name,
-                        principal.team,
+                        principal.team_name,
                         model or None,
                         (deployment.id or deployment.describe())
                         if deployment is not None

@@ -320,6 +320,31 @@ async def test_a_secret_in_an_unknown_path_is_neither_told_back_nor_logged(
     assert "/admin/***" in logged and secret[7:] not in logged
 
 
+async def test_the_access_log_names_the_team_and_the_row_keeps_its_id(
+    start_control: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``team`` in the access line is the team's name, as ``key`` is the key's (renamed, the
+    new name); the request log's row keeps the team's id, and ``request_id`` joins them."""
+    control = await start_control(logging={"access_log": True})
+    caplog.set_level(logging.INFO, logger="aioproxy.access")
+    observer = control.server.app[plugin_manager_key].get_plugin("aioproxy.observer")
+    team = await control.admin("POST", "/admin/teams", {"name": "research"}, status=201)
+    key = await control.new_key(name="ci", team=team["id"])
+    await chat(control.server, key["key"])
+    await control.admin("PATCH", f"/admin/teams/{team['id']}", {"name": "research-eu"})
+    await control.plane.cache.reload()  # what a poll does once the change is marked
+    await chat(control.server, key["key"])
+    observer.observe_pending()  # the lines its batch would write within BATCH_WINDOW
+    lines = [r.getMessage() for r in caplog.records if r.name == "aioproxy.access"]
+    fields = [dict(item.split("=", 1) for item in line.split()) for line in lines]
+    fields = [f for f in fields if f["kind"] == "chat_completions"]  # not the admin calls'
+    assert [(f["key"], f["team"]) for f in fields] == [("ci", "research"), ("ci", "research-eu")]
+    rows = (await control.admin("GET", "/admin/requests"))["data"]
+    assert {row["request_id"]: row["team_id"] for row in rows} == {
+        f["request_id"]: team["id"] for f in fields
+    }
+
+
 async def test_change_reaches_another_instance(start_control: Any) -> None:
     """Two instances on one database: a key made on one works on the other once it polled."""
     first, second = await start_control(), await start_control()

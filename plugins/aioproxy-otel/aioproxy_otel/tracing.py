@@ -28,6 +28,7 @@ from aioproxy import (
     ProxyError,
     hookimpl,
     mask_keylike,
+    request_id,
 )
 
 from .answer import answer_facts
@@ -54,6 +55,11 @@ AppContext = Callable[[web.Application], AsyncIterator[None]]  # what register_c
 # A stream its client left midway (its 200 went out): the error.type its span ends with.
 _CLIENT_GONE = ClientDisconnected.default_code
 _MAX_CACHED = 4096  # attempt attributes kept, by deployment and operation
+_MAX_PATH = 128  # a path no route has, as a span holds it (the client's text)
+# http.request.method's values: the conventions' known methods, any other "_OTHER".
+_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
 
 
 def _now_ns() -> int:
@@ -211,12 +217,7 @@ class OTelPlugin:
             span = self._request_span(call)
             self._end_attempt(call, error, getattr(error, "status", 500))
         else:
-            route = request.match_info.route.resource
-            span = self.tracer.start_span(
-                f"aioproxy {route.canonical if route is not None else 'request'}",
-                context=extract(request.headers),
-                kind=SpanKind.SERVER,
-            )
+            span = self._refused_span(request)
         if not span.is_recording():
             return
         status = error.status if isinstance(error, ProxyError) else 500
@@ -225,6 +226,28 @@ class OTelPlugin:
             span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
         _set_error(span, error)
         span.end()
+
+    def _refused_span(self, request: web.Request) -> Span:
+        """The SERVER span of a request refused before it had a call: its key refused, or no
+        route (404) or method (405) took it. Its HTTP attributes only: no model or operation
+        is known, and the client's path and method are held as the conventions allow (a path
+        masked where key-like and cut short, an unknown method ``_OTHER``)."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        method = request.method
+        attributes = {
+            "http.request.method": method if method in _METHODS else "_OTHER",
+            "url.path": mask_keylike(request.path)[:_MAX_PATH],
+            "aioproxy.request_id": request_id(request),  # the one its answer carries
+        }
+        if route is not None:
+            attributes["http.route"] = route
+        return self.tracer.start_span(
+            f"aioproxy {route or 'request'}",
+            context=extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
 
     # -- the attempt spans ----------------------------------------------------------------------
 

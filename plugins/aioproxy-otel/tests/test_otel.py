@@ -497,3 +497,71 @@ def test_providers_are_named_as_the_conventions_name_them() -> None:
         "gemini": "gcp.gemini",
         "example": "example",
     }
+
+
+async def test_a_request_no_route_or_method_took_has_its_span(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """An unknown path's 404 and a wrong method's 405 (the router's, before any handler) end
+    in a SERVER span like any refusal: method, path, status, error.type and the request id its
+    answer carried; no model or operation made up from what the client sent."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    headers = {"Authorization": f"Bearer {MASTER_KEY}"}
+    asked = [
+        ("GET", "/v1/nowhere/sk-proj-PASTEDKEY0123456789", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("PURGE", "/v1/chat/completions", 405),
+    ]
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for method, path, status in asked:
+            async with http.request(method, proxy.make_url(path), headers=headers) as response:
+                assert response.status == status
+                ids.append(response.headers["x-request-id"])
+    spans = await flushed(plugin, collector, 3)
+    assert len(spans) == 3
+    by_id = {attributes(s)["aioproxy.request_id"]: s for s in spans}
+    assert set(by_id) == set(ids)
+    seen = [attributes(by_id[rid]) for rid in ids]
+    assert [(a["http.request.method"], a["url.path"]) for a in seen] == [
+        ("GET", "/v1/nowhere/***"),
+        ("GET", "/v1/chat/completions"),
+        ("_OTHER", "/v1/chat/completions"),
+    ]
+    assert [(a["http.response.status_code"], a["error.type"]) for a in seen] == [
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (405, "method_not_allowed"),
+    ]
+    for span in spans:
+        assert span.kind == SERVER and span.status.code == Status.STATUS_CODE_ERROR
+        assert span.name == "aioproxy request"
+        assert not [key for key in attributes(span) if key.startswith("gen_ai.")]
+    assert "PASTEDKEY" not in "\n".join(str(span) for span in spans)
+
+
+async def test_a_refused_key_has_the_request_id_its_answer_carried(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A 401's span names the request by the x-request-id of its answer: the client's own
+    when it sent a sane one, else the one made for it."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    url = proxy.make_url("/v1/chat/completions")
+    body = {"model": "gpt-test", "messages": MESSAGES}
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for given in ({"x-request-id": "client-id-401"}, {}):
+            headers = {"Authorization": "Bearer sk-wrong", **given}
+            async with http.post(url, json=body, headers=headers) as response:
+                assert response.status == 401
+                ids.append(response.headers["x-request-id"])
+    assert ids[0] == "client-id-401"
+    spans = await flushed(plugin, collector, 2)
+    assert sorted(attributes(s)["aioproxy.request_id"] for s in spans) == sorted(ids)
+    for span in spans:
+        attrs = attributes(span)
+        assert attrs["error.type"] == "invalid_api_key"
+        assert (attrs["http.request.method"], attrs["http.route"]) == (
+            "POST",
+            "/v1/chat/completions",
+        )
