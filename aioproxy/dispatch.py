@@ -16,7 +16,7 @@ import aiohttp
 
 from .config import Config
 from .context import RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
-from .errors import ClientDisconnected, ModelNotFound, PermissionDenied, ProxyError, RateLimited
+from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited, cut_short
 from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
@@ -367,10 +367,8 @@ class Dispatcher:
             if isinstance(error, Exception):
                 router.failed(deployment, error)
                 ended = error
-            elif isinstance(
-                error, asyncio.CancelledError
-            ):  # its client left: not the upstream's fault
-                ended = ClientDisconnected.now()
+            elif isinstance(error, asyncio.CancelledError):  # its client left, or we stop
+                ended = cut_short(call.request)  # not the upstream's fault
             if ended is not None and observed and hooks.after_attempt.implemented:
                 status = ended.status if isinstance(ended, ProxyError) else 500
                 rest = hooks.after_attempt.logged(

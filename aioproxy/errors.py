@@ -18,6 +18,7 @@ __all__ = [
     "ANSWERED_ERROR",
     "ANTHROPIC_STATUSES",
     "ON_ERROR",
+    "STOPPED",
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
@@ -29,9 +30,11 @@ __all__ = [
     "PermissionDenied",
     "ProxyError",
     "RateLimited",
+    "ServerShutdown",
     "UnsupportedMediaType",
     "UpstreamError",
     "anthropic_error",
+    "cut_short",
     "error_body",
     "error_event",
     "error_middleware",
@@ -51,6 +54,10 @@ class ProxyError(Exception):
     # "internal_error"); the gateway's own failures that share an upstream status (a cap
     # reached, its buffers or store unavailable) say False.
     caused_by_upstream: bool | None = None
+    # The status the client had already got when this failure came (a stream cut after its
+    # 200 went out: the failure is told as one last event). Set by the relay; the request is
+    # logged with this status and the error's code. None: the client gets ``status``.
+    sent_status: int | None = None
 
     def __init_subclass__(
         cls,
@@ -169,6 +176,26 @@ class ClientDisconnected(ProxyError, status=499, type="client_error", code="clie
     def now(cls) -> ClientDisconnected:
         """The error of a request (or attempt) its client's leaving cut short."""
         return cls("The client went away before its answer was over")
+
+
+class ServerShutdown(ProxyError, status=503, type="server_error", code="server_shutdown"):
+    """The gateway stopped before the answer was over: its shutdown grace ran out with the
+    request still running. Never sent (its connection is closed), but what ``on_error`` and
+    ``after_attempt`` hear in place of a ClientDisconnected, so that the request is logged as
+    the stop's, not its client's."""
+
+
+# Set on a request still running when the gateway's shutdown grace runs out (by run.py's
+# server, just before aiohttp cancels its handler): the stop cancels it, not its client.
+STOPPED = web.RequestKey("aioproxy.stopped", bool)
+
+
+def cut_short(request: web.BaseRequest) -> ProxyError:
+    """The error of a request (or attempt) whose handler was cancelled: the gateway's stop
+    (``STOPPED``), else its client's leaving."""
+    if request_state(request).get(STOPPED):
+        return ServerShutdown("The gateway stopped before the answer was over")
+    return ClientDisconnected.now()
 
 
 class UpstreamError(ProxyError, type="upstream_error"):

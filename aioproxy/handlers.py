@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ClientDisconnected, ModelNotFound, ProxyError, from_http_exception
+from .errors import ModelNotFound, ProxyError, cut_short, from_http_exception
 from .keys import runtime_key
 from .payloads import read_body, refuse_unless_allowed
 from .relay import send, send_with_keepalive
@@ -76,9 +76,9 @@ def make_provider_handler(
                 if rest := runtime.hooks.on_error.logged(request, exc, call):
                     await rest
             raise
-        except asyncio.CancelledError:  # its client went away (aiohttp cancels the handler)
+        except asyncio.CancelledError:  # its client went away, or the gateway stopped
             if runtime.hooks.on_error and (
-                rest := runtime.hooks.on_error.logged(request, ClientDisconnected.now(), call)
+                rest := runtime.hooks.on_error.logged(request, cut_short(request), call)
             ):
                 await rest
             raise

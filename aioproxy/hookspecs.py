@@ -171,7 +171,8 @@ def after_attempt(
     """Observe an upstream attempt that ended: answered, or failed (and perhaps to be retried).
 
     Runs once per ``before_attempt``, with the same ``call``, ``deployment`` and ``attempt``
-    (an attempt its client's leaving cut short too: status 499, a ``ClientDisconnected``).
+    (an attempt its client's leaving cut short too: status 499, a ``ClientDisconnected``; one
+    the gateway's stop cut short: 503, a ``ServerShutdown``).
     ``status`` is the upstream answer's status as the client
     would see it (502/504 for a connection failure or timeout); ``error`` the failure, or
     ``None`` when the answer began (a JSON answer read, a stream's first event come);
@@ -187,7 +188,10 @@ def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
 
     ``call`` is the request as it was served (``call.deployment`` answered it); ``outcome`` holds
     status, timing and what usage needs. Runs after the last byte has gone to the client (for streams, after the stream ended, also when
-    the client went away: see ``outcome.disconnected``). ``outcome.usage()`` decodes the token
+    the client went away: see ``outcome.disconnected``; a stream cut short after its status
+    went out keeps that status, ``outcome.error_code`` naming the failure: an upstream's, which
+    ``on_error`` heard with its ``sent_status`` set, or the stop's, ``server_shutdown``).
+    ``outcome.usage()`` decodes the token
     usage when the upstream reported it. Every implementation runs; exceptions are logged and
     swallowed, as the response is already sent. May be ``async def``.
     """
@@ -202,7 +206,9 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
     and a wrong method's 405, which no handler takes, included). A request refused
     while its body was read has a call with no fields, and ``model`` ``""`` unless the path or
     the body named one. A request whose client went away
-    (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499). Observe only: the client gets the
+    (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499),
+    and one cancelled because run.py's shutdown grace ran out as
+    :class:`~aioproxy.errors.ServerShutdown` (503 ``server_shutdown``). Observe only: the client gets the
     error whatever this does, and exceptions raised here are logged and swallowed. Every
     implementation runs. May be ``async def``.
     """

@@ -114,6 +114,7 @@ class Outcome:
         "body",
         "disconnected",
         "elapsed",
+        "error_code",
         "first",
         "last_events",
         "pricer",
@@ -137,6 +138,9 @@ class Outcome:
         self.ttfb: float | None = None  # seconds from the request to the first byte upstream
         self.elapsed = 0.0  # seconds from the request to the end of the answer
         self.disconnected = False  # the client went away before the end
+        # The code of the error that cut a stream short after its status went out (the client
+        # got its 200, then an error event): ``status`` stays the one the client got.
+        self.error_code: str | None = None
         # How to price the usage, USD (set by the spend plugin's after_response, tryfirst):
         # ``cost`` is computed the first time something reads it, so no one pays for it unread.
         self.pricer: Callable[[Usage | None], float | None] | None = None

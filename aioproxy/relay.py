@@ -20,7 +20,7 @@ from aiohttp import web
 from .bridges.messages_events import message_events
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
-from .errors import ProxyError, error_event
+from .errors import STOPPED, ProxyError, ServerShutdown, error_event
 from .failures import as_proxy_error, is_transport_error
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
@@ -171,7 +171,10 @@ async def _send_stream(
         except ConnectionResetError:
             outcome.disconnected = True
         except asyncio.CancelledError:
-            outcome.disconnected = True
+            if request.get(STOPPED):  # the gateway's stop cut it, not its client
+                outcome.error_code = ServerShutdown.default_code
+            else:
+                outcome.disconnected = True
             raise
         except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one event
             await end_with_error(request, response, call, exc, outcome, hooks)
@@ -289,14 +292,19 @@ async def end_with_error(
     outcome: Outcome,
     hooks: Hooks,
 ) -> None:
-    """A failure after the headers went out: one error event, then the end of the stream."""
+    """A failure after the headers went out: one error event, then the end of the stream.
+
+    The request keeps the status its client got (``outcome.status``, ``error.sent_status``);
+    ``outcome.error_code`` says how it was cut short. ``on_error`` hears the error the client
+    is told of."""
     # A ProxyError comes back as it is; a transport error as the client's 502/504.
     error = as_proxy_error(exc, call.deployment if call.routed else None)
     if not isinstance(exc, ProxyError) and not is_transport_error(exc):
         log.exception("stream from %s failed", call.routed and call.deployment.describe())
-    if hooks.on_error and (rest := hooks.on_error.logged(request, exc, call)):
+    error.sent_status = outcome.status
+    outcome.error_code = error.code or error.type
+    if hooks.on_error and (rest := hooks.on_error.logged(request, error, call)):
         await rest
-    outcome.status = error.status
     try:
         await response.write(error_event(error, call.kind in ANTHROPIC_KINDS))
         await response.write_eof()

@@ -19,13 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ._aiohttp import UNPARSED_MESSAGE, BaseRequest, RequestHandler
-from .errors import error_body
+from ._aiohttp import UNPARSED_MESSAGE, BaseRequest, RequestHandler, request_state
+from .errors import STOPPED, error_body
 from .heap import malloc_trim, trim_forever
 from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import request_id
 
-__all__ = ["UNPARSED", "UnparsedListener", "run"]
+__all__ = ["UNPARSED", "UnparsedListener", "run", "serve_with"]
 
 log = logging.getLogger("aioproxy")
 
@@ -79,12 +79,40 @@ class _OpenAIErrorHandler(RequestHandler):
                     log.exception("a listener of unparsed requests failed")
         return response
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """aiohttp's, the request still running when ``timeout`` (the grace) runs out marked
+        ``STOPPED`` before aiohttp cancels its handler: it is logged as cut short by the stop,
+        not by its client (whose leaving cancels a handler too)."""
+        deadline = None
+        if timeout is not None and self._current_request is not None:
+            deadline = asyncio.get_running_loop().call_later(timeout, self._mark_stopped)
+        try:
+            await super().shutdown(timeout)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+
+    def _mark_stopped(self) -> None:
+        request = self._current_request
+        if request is not None:
+            request_state(request)[STOPPED] = True
+
 
 class _OpenAIErrorServer(web.Server):
     app: web.Application | None = None  # whose listeners hear of the requests answered here
 
     def __call__(self) -> RequestHandler:
         return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+def serve_with(runner: web.AppRunner, app: web.Application) -> None:
+    """Make ``runner`` (set up, its site not started) serve ``app`` as run.py does: unparseable
+    requests answered as OpenAI errors, and requests still running when its shutdown grace
+    runs out logged as cut short by the stop."""
+    assert runner.server is not None
+    # Same server, our connection handler: the runner binds it when the site starts.
+    runner.server.__class__ = _OpenAIErrorServer
+    runner.server.app = app  # type: ignore[attr-defined]  # set on the class just above
 
 
 async def _serve(
@@ -99,10 +127,7 @@ async def _serve(
     await runner.setup()
     trimmer: asyncio.Task[None] | None = None
     try:
-        assert runner.server is not None
-        # Same server, our connection handler: the runner binds it when the site starts.
-        runner.server.__class__ = _OpenAIErrorServer
-        runner.server.app = app  # type: ignore[attr-defined]  # set on the class just above
+        serve_with(runner, app)
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         # What start-up built (modules, the config, the route table, price rates) lives as long

@@ -3,7 +3,9 @@ Constants and helpers the tests import are in tests/support.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import io
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import aiohttp
@@ -14,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from aioproxy import create_app
+from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
 from aioproxy.testing import FakeOpenAI
 from tests.support import ServeProxy, gateway_config, sdk
 
@@ -55,6 +58,22 @@ async def proxy(serve_proxy: ServeProxy, upstream_base: str) -> TestServer:
 async def client(proxy: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
     async with sdk(proxy) as c:
         yield c
+
+
+@pytest.fixture
+def access_lines() -> Iterator[io.StringIO]:
+    """What the access log writes, through the JSON formatter."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    ACCESS_LOG.addHandler(handler)
+    level = ACCESS_LOG.level
+    ACCESS_LOG.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        ACCESS_LOG.removeHandler(handler)
+        ACCESS_LOG.setLevel(level)
 
 
 @pytest.fixture

@@ -221,7 +221,7 @@ class ResponseCache:
 
     def _kept(self, call: Call, outcome: Outcome) -> Entry | None:
         """The answer as it is kept, or None when it is not (failed, cut, too big)."""
-        if outcome.status != 200 or outcome.disconnected:
+        if outcome.status != 200 or outcome.disconnected or outcome.error_code is not None:
             return None
         recorder = call.state.get(STREAM_RECORDER)
         if isinstance(recorder, Recorder):

@@ -106,7 +106,8 @@ class Spend:
 
 def _status_and_code(error: Exception) -> tuple[int, str]:
     """The status and error code the client got for ``error`` (the handler hands aiohttp's
-    own refusals on as the ProxyError the error middleware answers with)."""
+    own refusals on as the ProxyError the error middleware answers with; a stream cut after
+    its 200 keeps that status)."""
     if isinstance(error, ProxyError):
-        return error.status, error.code or error.type
+        return error.sent_status or error.status, error.code or error.type
     return 500, "internal_error"

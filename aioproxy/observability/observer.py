@@ -25,7 +25,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from .._aiohttp import request_state
 from ..deployments import deployments_from
-from ..errors import ANSWERED_ERROR, ClientDisconnected, ProxyError
+from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
 from ..hookspecs import RegisterRoute, hookimpl
 from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
@@ -265,8 +265,8 @@ class Observer:
             try:
                 ended = await handler(request)
                 return ended
-            except asyncio.CancelledError:
-                ended = _CLIENT_GONE
+            except asyncio.CancelledError:  # its client went away, or the gateway stopped
+                ended = ServerShutdown.status if request.get(STOPPED) else _CLIENT_GONE
                 raise
             except web.HTTPException as exc:  # a redirect a plugin's route raised
                 ended = exc.status
@@ -548,8 +548,12 @@ class Observer:
 
 
 def _code(error: BaseException | None) -> str | None:
-    """The access line's error: the code of the error the client got, if one of ours."""
-    return error.code if isinstance(error, ProxyError) else None
+    """The access line's error: the code of the error the client got, if one of ours (one that
+    cut a stream after its status went out is named by its type when it has no code: the
+    line's status is the client's 200, and only this says the stream failed)."""
+    if not isinstance(error, ProxyError):
+        return None
+    return error.code or (error.type if error.sent_status else None)
 
 
 def _logged_path(request: web.BaseRequest) -> str:

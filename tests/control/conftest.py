@@ -23,6 +23,7 @@ import aioproxy_openai
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from aioproxy import create_app
 from aioproxy.control.clock import ControlClock
@@ -286,6 +287,21 @@ async def gather(*coroutines: Any) -> list[Any]:
 
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+async def metric_counts(control: Control, name: str, label: str, **where: str) -> dict[str, float]:
+    """The non-zero samples of counter ``name`` on ``control``'s /metrics whose labels include
+    ``where``, by ``label``."""
+    async with control.session.get(
+        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        text = await response.text()
+    return {
+        sample.labels[label]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.value and where.items() <= sample.labels.items()
+    }
 
 
 async def chat(server: TestServer, key: str, **overrides: Any) -> Any:

@@ -9,11 +9,10 @@ from typing import Any
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from aioproxy import hookimpl
 from aioproxy.context import Call
-from tests.control.conftest import CHAT, PRICE, Control, FakeControlClock, chat
+from tests.control.conftest import CHAT, PRICE, Control, FakeControlClock, chat, metric_counts
 from tests.redis_server import redis_server, redis_url
 from tests.support import MASTER_KEY, sdk
 
@@ -387,16 +386,7 @@ async def test_refusals_are_counted_under_their_scope(
     for key in (by_key, by_team, by_budget):
         assert (await post_chat(control, key))[0] == 200
         assert (await post_chat(control, key))[0] == 429
-    async with control.session.get(
-        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
-    ) as response:
-        text = await response.text()
-    counted = {
-        sample.labels["scope"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "aioproxy_rate_limited_total"
-    }
+    counted = await metric_counts(control, "aioproxy_rate_limited_total", "scope")
     assert counted == {"key": 1, "team": 1, "budget": 1}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import pytest
 from aioproxy import hookimpl
 from aioproxy.context import Call, Deployment
 from aioproxy.control.pricing import Pricing
+from aioproxy.keys import plugin_manager_key
 from aioproxy.providers import JSONReply, Provider
-from tests.control.conftest import CHAT, PRICE, Control, chat
+from tests.control.conftest import CHAT, PRICE, Control, chat, metric_counts
 from tests.support import MASTER_KEY, sdk
 
 
@@ -211,6 +213,39 @@ async def test_failures_are_logged(control: Control, fake: Any) -> None:
     assert await post_chat(control, key) == 400
     (row,) = await log_rows(control)
     assert row["status"] == 400 and row["error_code"] and row["cost"] is None
+
+
+async def test_a_stream_cut_after_its_200_is_logged_200_with_the_cuts_code(
+    start_control: Any, fake: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream breaks off a stream whose 200 and first events reached the client: the
+    access line, aioproxy_requests_total and the request log's row all say 200, the status the
+    client got, and the code of what cut it; none says 502."""
+    control = await start_control(logging={"access_log": True}, metrics={"enabled": True})
+    caplog.set_level(logging.INFO, logger="aioproxy.access")
+    key = (await control.new_key(name="cut"))["key"]
+    fake.faults = ["cut_stream"]
+    async with control.session.post(
+        control.url("/v1/chat/completions"),
+        json={**CHAT, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200
+        body = await response.read()
+    events = [e for e in body.decode().split("\n\n") if e.startswith("data: ")]
+    told = json.loads(events[-1].removeprefix("data: "))["error"]["code"]
+    assert len(events) > 1 and told == "upstream_disconnected"  # events came, then the error
+    (row,) = await log_rows(control)
+    assert (row["status"], row["error_code"]) == (200, told)
+    observer = control.server.app[plugin_manager_key].get_plugin("aioproxy.observer")
+    observer.observe_pending()  # what its batch would write within BATCH_WINDOW
+    [line] = [r.getMessage() for r in caplog.records if "kind=chat_completions" in r.getMessage()]
+    fields = dict(item.split("=", 1) for item in line.split())
+    assert (fields["status"], fields["error"], fields["key"]) == ("200", told, "cut")
+    counted = await metric_counts(
+        control, "aioproxy_requests_total", "status", kind="chat_completions"
+    )
+    assert counted == {"200": 1.0}
 
 
 async def test_refused_before_routing_is_logged(control: Control) -> None:

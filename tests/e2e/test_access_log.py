@@ -19,7 +19,7 @@ from aiohttp import web
 
 from aioproxy import Call, Outcome, create_app, hookimpl
 from aioproxy.observability import observer
-from aioproxy.observability.access_log import ACCESS_LOG, JSONFormatter
+from aioproxy.observability.access_log import ACCESS_LOG
 from aioproxy.testing import FakeOpenAI, eventually
 from tests.support import (
     AUTH,
@@ -64,22 +64,6 @@ def no_batch_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each request's line written as soon as the loop turns (not BATCH_WINDOW later), so a
     test reads it right after its answer."""
     monkeypatch.setattr(observer, "BATCH_WINDOW", 0.0)
-
-
-@pytest.fixture
-def access_lines() -> Iterator[io.StringIO]:
-    """What the access log writes, through the JSON formatter."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JSONFormatter())
-    ACCESS_LOG.addHandler(handler)
-    level = ACCESS_LOG.level
-    ACCESS_LOG.setLevel(logging.INFO)
-    try:
-        yield out
-    finally:
-        ACCESS_LOG.removeHandler(handler)
-        ACCESS_LOG.setLevel(level)
 
 
 def lines_of(out: io.StringIO) -> list[dict[str, Any]]:

@@ -5,18 +5,39 @@ with a tiny grace it exits promptly anyway."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aioproxy_echo
+import aioproxy_openai
 import pytest
+from aiohttp import web
+from aioproxy_otel import OTelPlugin
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
+from aioproxy import create_app
+from aioproxy.keys import plugin_manager_key
+from aioproxy.server import serve_with
 from aioproxy.testing import FakeOpenAI, eventually
-from tests.support import AUTH, MASTER_KEY, UPSTREAM_KEY, start_run_py, wait_healthy
+from tests.support import (
+    AUTH,
+    MASTER_KEY,
+    UPSTREAM_KEY,
+    gateway_config,
+    start_run_py,
+    wait_healthy,
+)
 
 # Subprocesses, signals or load: one xdist worker, not starved by parallel hypothesis tests.
 pytestmark = pytest.mark.xdist_group("wallclock")
@@ -175,3 +196,87 @@ async def test_sigterm_when_idle_exits_at_once(tmp_path: Path) -> None:
         # The grace is 30 s: exiting within the 10 s safety net is exiting without waiting for it.
         assert await asyncio.wait_for(process.wait(), 10) == 0
         assert await refused(port)
+
+
+def _counted(exposition: bytes, name: str, label: str) -> dict[str, float]:
+    """The non-zero samples of counter ``name``, by the value of ``label``."""
+    return {
+        sample.labels[label]: sample.value
+        for family in text_string_to_metric_families(exposition.decode())
+        for sample in family.samples
+        if sample.name == name and sample.value
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+async def test_a_request_the_stop_cuts_short_is_logged_as_the_stops(
+    tmp_path: Path, aiohttp_server: Any, access_lines: io.StringIO, stream: bool
+) -> None:
+    """The shutdown grace runs out with a request in flight (its upstream keeps it waiting):
+    aiohttp cancels its handler, as when its client leaves, yet its access line, its
+    aioproxy_requests_total count, its request-log row and its span say the stop cut it
+    (``server_shutdown``; 503 before its answer began, the 200 a stream had sent after), never
+    499 ``client_disconnected``. Served as run.py serves it (server.serve_with), grace 0."""
+    fake = FakeOpenAI()
+    fake.faults = ["stall_stream" if stream else "hang"]
+    upstream = await aiohttp_server(fake.app())
+    database = tmp_path / "control.sqlite3"
+    config = gateway_config(
+        str(upstream.make_url("/v1")),
+        logging={"access_log": True},
+        metrics={"enabled": True},
+        database={"url": f"sqlite:///{database}"},
+    )
+    spans = InMemorySpanExporter()
+    traces = TracerProvider()
+    traces.add_span_processor(SimpleSpanProcessor(spans))
+    plugins = [aioproxy_openai, aioproxy_echo, OTelPlugin(tracer_provider=traces)]
+    app = create_app(config, plugins=plugins, load_entrypoints=False)
+    observer = app[plugin_manager_key].get_plugin("aioproxy.observer")
+    # As cli.serve runs it, with a grace of 0 (run.py's 0.001 s).
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.001)
+    await runner.setup()
+    serve_with(runner, app)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
+    began = asyncio.Event()  # the stream's status and first event reached the client
+    async with aiohttp.ClientSession() as http:
+
+        async def ask() -> None:
+            body = {
+                "model": "gpt-test",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": stream,
+            }
+            async with http.post(url, json=body, headers=AUTH) as response:
+                assert response.status == 200
+                await response.content.readline()
+                began.set()
+                await response.read()
+
+        asking = asyncio.create_task(ask())
+        if stream:
+            await began.wait()
+        else:  # in flight: the upstream has it, and keeps it waiting
+            await eventually(lambda: bool(fake.requests), within=30, what="upstream called")
+        await runner.cleanup()  # the stop: its grace runs out at once
+        with pytest.raises(aiohttp.ClientError):
+            await asking
+    status = 200 if stream else 503
+    [line] = [json.loads(text) for text in access_lines.getvalue().splitlines()]
+    assert (line["status"], line["error"]) == (status, "server_shutdown")
+    observer.refresh()
+    exposition = observer.metrics.exposition()
+    assert _counted(exposition, "aioproxy_requests_total", "status") == {str(status): 1.0}
+    # The attempt under way when the stop came is the stop's too (a stream's had answered).
+    attempts = _counted(exposition, "aioproxy_upstream_requests_total", "status")
+    assert attempts == {"200" if stream else "503": 1.0}
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT status, error_code FROM requests").fetchall()
+    assert rows == [(status, "server_shutdown")]
+    [server] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert server.attributes is not None and server.status.status_code == StatusCode.ERROR
+    assert (
+        server.attributes["http.response.status_code"],
+        server.attributes["error.type"],
+    ) == (status, "server_shutdown")

@@ -191,7 +191,10 @@ async def test_a_failure_after_the_headers_is_one_error_event(aiohttp_client: Cl
     first, error = text.split("\n\n")[:2]
     assert first == 'data: {"n": 1}'
     assert json.loads(error.removeprefix("data: "))["error"]["code"] == "upstream_error"
-    assert relay.watcher.errors == [str(failure)] and relay.watcher.outcomes[0].status == 502
+    # The request keeps the status its client got; the error's code says how it was cut.
+    [outcome] = relay.watcher.outcomes
+    assert relay.watcher.errors == [str(failure)] and outcome.status == 200
+    assert outcome.error_code == "upstream_error" and failure.sent_status == 200
     assert closed == [True] and relay.in_flight == 0
 
 
@@ -266,4 +269,24 @@ async def test_keepalive_keeps_an_early_failure_its_own_status(aiohttp_client: C
     response = await client.post("/v1/chat/completions", json=STREAM)
     assert response.status == 502  # no comment went out yet: the failure keeps its status
     assert (await response.json())["error"]["message"] == "down"
+    assert relay.watcher.outcomes == []
+
+
+async def test_a_failure_after_a_keepalive_comment_keeps_the_status_sent(
+    aiohttp_client: Client,
+) -> None:
+    """The first comment sent the 200; the dispatch then fails: one error event, and on_error
+    hears the error with the status its client got (no answer began: no after_response)."""
+    relay = Relay()
+    answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    client = await aiohttp_client(relay.app(answer, keepalive=0.01))
+    failure = BadGateway("down", code="upstream_error")
+    async with client.post("/v1/chat/completions", json=STREAM) as response:
+        assert response.status == 200
+        assert await response.content.readuntil(b"\n\n") == b": keepalive\n\n"
+        answer.set_exception(failure)
+        text = (await response.read()).decode()
+    events = [e for e in text.split("\n\n") if e and not e.startswith(":")]
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "upstream_error"
+    assert relay.watcher.errors == ["down"] and failure.sent_status == 200
     assert relay.watcher.outcomes == []

@@ -207,6 +207,9 @@ class OTelPlugin:
         elif outcome.disconnected:  # a stream its client left midway (its 200 went out)
             attributes["error.type"] = _CLIENT_GONE
             span.set_status(Status(StatusCode.ERROR))
+        elif outcome.error_code is not None:  # one the gateway's stop cut midway
+            attributes["error.type"] = outcome.error_code
+            span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
         span.end()
 
@@ -220,7 +223,8 @@ class OTelPlugin:
             span = self._refused_span(request)
         if not span.is_recording():
             return
-        status = error.status if isinstance(error, ProxyError) else 500
+        # The status the client got: a stream cut after its 200 keeps it (error.type says why).
+        status = (error.sent_status or error.status) if isinstance(error, ProxyError) else 500
         span.set_attribute("http.response.status_code", status)
         if call is not None and call.routed and call.deployment.upstream:
             span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
@@ -323,7 +327,9 @@ def _set_error(span: Span, error: BaseException) -> None:
     upstream's error without a code: ``500``), else its class; never its message, which may
     quote the request."""
     if isinstance(error, ProxyError):
-        span.set_attribute("error.type", error.code or str(error.status))
+        # (A stream cut after its 200 is named by its type when it has no code, as it is logged.)
+        fallback = error.type if error.sent_status else str(error.status)
+        span.set_attribute("error.type", error.code or fallback)
     else:
         span.set_attribute("error.type", type(error).__qualname__)
     span.set_status(Status(StatusCode.ERROR))

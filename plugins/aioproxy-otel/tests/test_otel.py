@@ -10,6 +10,7 @@ import importlib
 import io
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
@@ -141,6 +142,17 @@ async def start(
 def sdk(proxy: TestServer, key: str = MASTER_KEY, **headers: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         base_url=str(proxy.make_url("/v1")), api_key=key, max_retries=0, default_headers=headers
+    )
+
+
+def post_stream(
+    http: aiohttp.ClientSession, proxy: TestServer
+) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    """A streamed chat completion with the master key (``async with`` the result)."""
+    return http.post(
+        proxy.make_url("/v1/chat/completions"),
+        json={"model": "gpt-test", "messages": MESSAGES, "stream": True},
+        headers={"Authorization": f"Bearer {MASTER_KEY}"},
     )
 
 
@@ -412,11 +424,7 @@ async def test_a_stream_whose_client_left_midway_says_so(
     proxy = await start(aiohttp_server, fake, plugin)
     fake.faults = ["stall_stream"]
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.make_url("/v1/chat/completions"),
-            json={"model": "gpt-test", "messages": MESSAGES, "stream": True},
-            headers={"Authorization": f"Bearer {MASTER_KEY}"},
-        ) as response:
+        async with post_stream(http, proxy) as response:
             await response.content.readline()  # the first event came
             response.close()
     spans = await flushed(plugin, collector, 2)
@@ -565,3 +573,24 @@ async def test_a_refused_key_has_the_request_id_its_answer_carried(
             "POST",
             "/v1/chat/completions",
         )
+
+
+async def test_a_stream_cut_after_its_200_keeps_that_status(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """The upstream breaks off a stream whose 200 went out: the span says 200, the status the
+    client got, and names the cut by its code (status ERROR), as the access log does."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    fake.faults = ["cut_stream"]
+    async with aiohttp.ClientSession() as http:
+        async with post_stream(http, proxy) as response:
+            assert response.status == 200
+            assert b'"upstream_disconnected"' in await response.read()
+    spans = await flushed(plugin, collector, 2)
+    [root] = [s for s in spans if s.kind == SERVER]
+    attrs = attributes(root)
+    assert (attrs["http.response.status_code"], attrs["error.type"]) == (
+        200,
+        "upstream_disconnected",
+    )
+    assert root.status.code == Status.STATUS_CODE_ERROR
