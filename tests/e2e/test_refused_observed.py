@@ -7,7 +7,7 @@ import io
 
 import aiohttp
 
-from tests.e2e.test_access_log import access_lines, lines_of  # noqa: F401 - a fixture
+from tests.e2e.test_access_log import lines_of
 from tests.e2e.test_metrics import scrape, value
 from tests.support import AUTH, ServeProxy, gateway_config
 
@@ -17,7 +17,7 @@ BODIES = (b"{not json", b'{"model": "gpt-test"}')  # no model read; one read, bu
 async def test_a_refused_body_is_observed_with_its_key_and_model(
     serve_proxy: ServeProxy,
     upstream_base: str,
-    access_lines: io.StringIO,  # noqa: F811
+    access_lines: io.StringIO,
 ) -> None:
     config = gateway_config(upstream_base, metrics={"enabled": True}, logging={"access_log": True})
     proxy = await serve_proxy(config)
