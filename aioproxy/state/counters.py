@@ -58,7 +58,8 @@ _NONE = -1  # a limit not set, as the scripts read it
 # settle: the scope's Redis key, its token change, the slots freed, the cost, its budget
 # period, the period's TTL (0: none), the reserved cost it releases (nano-USD); ARGV[2] this
 # call's number (one more than this instance's last call's), then the reservations, per
-# reservation: its tokens, its reserved cost (nano-USD), its number of scopes, per scope: its
+# reservation: its tokens, its reserved cost (nano-USD; -1, ``REQUEST_ONLY``: a request counted
+# toward rpm alone, held to no other limit, taking no slot), its number of scopes, per scope: its
 # Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend and the
 # budget period; ARGV[3] this instance, ARGV[4] the prefix of its keys, ARGV[5] a lease's
 # length (ms) (``RedisLink.lease``). Requests in flight are a hash per scope (``:flights``, not the
@@ -146,7 +147,8 @@ local function in_flight(key)
   return total
 end
 -- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch
--- adds (requests, tokens, reserved cost), then the cost reserved in flight (read if budgeted).
+-- adds (requests, tokens, reserved cost), the cost reserved in flight (read if budgeted), and
+-- the slots this batch takes.
 local scopes, spent = {}, {}
 local function scope(base)
   local w = scopes[base]
@@ -154,7 +156,7 @@ local function scope(base)
     local requests, r_oldest = window(base .. ':r')
     local used, t_oldest = window(base .. ':t')
     local flight = in_flight(base .. ':flights')
-    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil}
+    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil, 0}
     scopes[base] = w
   end
   return w
@@ -162,6 +164,7 @@ end
 local replies, a = {}, 2
 while a <= #words do
   local tokens, held, n = words[a], words[a + 1], words[a + 2]
+  local slot = held >= 0
   local first = a + 3
   a = first + 7 * n
   local out = {1, reset}
@@ -175,13 +178,13 @@ while a <= #words do
     local b = first + 7 * (s - 1)
     local w = scopes[words[b]]
     local rpm, tpm, parallel, budget = words[b + 1], words[b + 2], words[b + 3], words[b + 4]
-    if parallel >= 0 and w[5] >= parallel then
+    if slot and parallel >= 0 and w[5] >= parallel then
       refused, wait = 'parallel', 1
     elseif rpm >= 0 and w[1] >= rpm then
       refused, wait = 'rpm', (w[3] or sec) + 60 - now
     elseif tpm >= 0 and tokens > 0 and w[2] + tokens > tpm then
       refused, wait = 'tpm', w[4] and (w[4] + 60 - now) or 60
-    elseif budget >= 0 then
+    elseif slot and budget >= 0 then
       local key = words[b] .. ':s:' .. words[b + 6]
       local total = spent[key]
       if total == nil then
@@ -208,8 +211,8 @@ while a <= #words do
     for s = 1, n do
       local b = first + 7 * (s - 1)
       local w = scopes[words[b]]
-      w[1], w[2], w[5] = w[1] + 1, w[2] + tokens, w[5] + 1
-      w[6], w[7] = w[6] + 1, w[7] + tokens
+      w[1], w[2], w[6], w[7] = w[1] + 1, w[2] + tokens, w[6] + 1, w[7] + tokens
+      if slot then w[5], w[10] = w[5] + 1, w[10] + 1 end
       if held > 0 and words[b + 4] >= 0 then
         if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
         w[8], w[9] = w[8] + held, w[9] + held
@@ -229,16 +232,18 @@ for base, w in pairs(scopes) do
     redis.call('EXPIRE', base .. ':r', 120)
     redis.call('HINCRBY', base .. ':t', sec, w[7])
     redis.call('EXPIRE', base .. ':t', 120)
-    redis.call('HINCRBY', base .. ':flights', me, w[6])
+  end
+  if w[10] > 0 then
+    redis.call('HINCRBY', base .. ':flights', me, w[10])
     redis.call('EXPIRE', base .. ':flights', 3600)
   end
   if w[8] > 0 then
     redis.call('HINCRBY', base .. ':held', me, w[8])
     redis.call('EXPIRE', base .. ':held', 3600)
   end
-  if w[6] > 0 or w[8] > 0 then
+  if w[10] > 0 or w[8] > 0 then
     taken[#taken + 1] = base
-    taken[#taken + 1] = w[6]
+    taken[#taken + 1] = w[10]
     taken[#taken + 1] = w[8]
   end
 end
@@ -455,7 +460,8 @@ class _Waiters:
         ):
             if not future.done():
                 future.set_result(reply)
-            elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
+            elif reply[0] == 1 and held >= 0:  # its request was cancelled while it waited:
+                # no slot leaks (one counted toward rpm alone took none)
                 SharedReservation(self.counters, scopes, tokens, held).release()
         self.answered = True
         self.counters.answered(self)
@@ -710,12 +716,14 @@ class SharedCounters:
                 )
                 return
             raise refused
+        if prepared.headers:
+            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
+        if held < 0:  # REQUEST_ONLY: counted toward rpm alone, nothing to release
+            return
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
         task = asyncio.current_task(self._loop)
         if task is not None:
             task.add_done_callback(reservation.release)
-        if prepared.headers:
-            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
 
 
 def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:
