@@ -26,9 +26,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from redis import exceptions as redis_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
@@ -36,7 +35,7 @@ from ..control.limits import RESERVATION, ReserveHere, unless_cached
 from ..control.meters import A_MINUTE, HEADER_NAMES, KeyLimits, reset_text
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
-from .batch import LuaScript
+from .batch import LuaScript, script_failed
 from .link import RedisLink
 
 if TYPE_CHECKING:
@@ -77,18 +76,133 @@ _NONE = -1  # a limit not set, as the scripts read it
 # flight here), or applies its settles if it did not (sent again, counted once); a lost call
 # reaching Redis after a later one ran is ignored. Its rate counts stay (they expire within
 # the minute). A call numbered below the record's is such a late one: it does nothing.
-_APPLY = """
+# What ``_APPLY`` runs before its first write (Redis keeps what a script wrote before it
+# failed: a call must fail whole or not at all): every argument's type and range, and every key
+# the call would touch read, each of the type and holding the values its commands take (a
+# hash's counts are integers HINCRBY adds to, a spend a number INCRBYFLOAT adds to). A call
+# that fails these writes nothing; its error is the caller's (``_Waiters.set_exception``).
+_CHECKED = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
 local me, prefix = ARGV[3], ARGV[4]
 local alive, record = prefix .. 'alive:', prefix .. 'applied:' .. me .. ':counters'
+local function fail(what) error('aioproxy counters: ' .. what, 0) end
+local BOUND = 1e17  -- integers a command is given as written (not as 1e+17)
+local function int(v, low)
+  return type(v) == 'number' and v == math.floor(v) and v >= low and v < BOUND
+end
+-- The tokens and nano-USD a request brings (its max_tokens, its cost's estimate) count as at
+-- most MOST either way: no request fails the call, nor grows a count past what HINCRBY takes.
+local MOST = 1e12
+local function bounded(list, i, low)
+  local v = list[i]
+  if type(v) ~= 'number' or v ~= math.floor(v) or v < low then return false end
+  list[i] = math.max(-MOST, math.min(MOST, v))
+  return true
+end
+local function figure(v, low) return type(v) == 'number' and v >= low and v < 1e300 end
+local function limit(v) return type(v) == 'number' and v >= -1 end  -- compared only
+local function name(v) return type(v) == 'string' and v ~= '' end
+local function whole(text)  -- a count HINCRBY adds to (at most 18 digits: no overflow)
+  local digits = text:match('^-?(%d+)$')
+  return digits ~= nil and #digits <= 18
+end
+local seen = {}
+local function first_as(key, kind)
+  local was = seen[key]
+  if was == nil then
+    seen[key] = kind
+    return true
+  end
+  if was ~= kind then fail(key .. ' is used as two types') end
+  return false
+end
+-- A hash of counts, or none: WRONGTYPE if another type, and a field HINCRBY cannot add to
+-- (or, ``seconds``, one not named by a second) fails the call.
+local function counts(key, seconds)
+  if not first_as(key, 'hash') then return end
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if not whole(all[i + 1]) or (seconds and not tonumber(all[i])) then
+      fail(key .. ' holds a field that is not a count')
+    end
+  end
+end
+-- A spend, or none: WRONGTYPE if another type, and one INCRBYFLOAT cannot add to fails it.
+local function spent(key)
+  if not first_as(key, 'string') then return end
+  local value = redis.call('GET', key)
+  if value and not (value:match('^[-+]?[%d.]+[eE]?[-+]?%d*$') and figure(tonumber(value), -1e300)) then
+    fail(key .. ' does not hold a number')
+  end
+end
+local function checked_settles(list)
+  if (#list - 1) % 7 ~= 0 then fail('settles') end
+  for a = 2, #list, 7 do
+    local base, cost, period, ttl = list[a], list[a + 3], list[a + 4], list[a + 5]
+    if not (name(base) and bounded(list, a + 1, -MOST) and int(list[a + 2], 0)
+        and figure(cost, 0) and name(period) and int(ttl, 0) and ttl < 2 ^ 31
+        and bounded(list, a + 6, 0)) then
+      fail('a settle')
+    end
+    counts(base .. ':t', true)
+    counts(base .. ':flights')
+    counts(base .. ':held')
+    if cost > 0 then spent(base .. ':s:' .. period) end
+  end
+end
+if not (name(me) and whole(ARGV[5]) and tonumber(ARGV[5]) > 0) then fail('arguments') end
 local settles, words = cmsgpack.unpack(ARGV[1]), cmsgpack.unpack(ARGV[2])
+if type(settles) ~= 'table' or type(settles[1]) ~= 'table' or type(words) ~= 'table'
+    or not int(words[1], 1) then
+  fail('arguments')
+end
 local call = words[1]
 local last = redis.call('GET', record)
 last = last and cmsgpack.unpack(last) or {0}
+if type(last) ~= 'table' or not int(last[1], 0) or (#last - 1) % 3 ~= 0 then fail(record) end
 if last[1] >= call then return cmsgpack.pack({}) end
+for _, lost in ipairs(settles[1]) do
+  if type(lost) ~= 'table' or not int(lost[1], 0) then fail('a lost call') end
+  if lost[1] == last[1] then
+    for i = 2, #last, 3 do
+      if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then fail(record) end
+      counts(last[i] .. ':flights')
+      counts(last[i] .. ':held')
+    end
+  elseif lost[1] > last[1] then
+    checked_settles(lost)
+  end
+end
+checked_settles(settles)
+local at = 2
+while at <= #words do
+  local n = words[at + 2]
+  if not (bounded(words, at, 0) and bounded(words, at + 1, -1) and int(n, 1)
+      and at + 2 + 7 * n <= #words) then
+    fail('a reservation')
+  end
+  for b = at + 3, at + 2 + 7 * n, 7 do
+    local base, budget = words[b], words[b + 4]
+    if not (name(base) and limit(words[b + 1]) and limit(words[b + 2]) and limit(words[b + 3])
+        and limit(budget) and type(words[b + 5]) == 'number' and name(words[b + 6])) then
+      fail('a reservation')
+    end
+    counts(base .. ':r', true)
+    counts(base .. ':t', true)
+    counts(base .. ':flights')
+    counts(base .. ':held')
+    if budget >= 0 then spent(base .. ':s:' .. words[b + 6]) end
+  end
+  at = at + 3 + 7 * n
+end
+"""
+
+_APPLY = (
+    _CHECKED
+    + """
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 local function free(key, count)
   if count > 0 and redis.call('HINCRBY', key, me, -count) <= 0 then redis.call('HDEL', key, me) end
@@ -250,6 +364,7 @@ end
 redis.call('SET', record, cmsgpack.pack(taken), 'EX', 86400)
 return cmsgpack.pack(replies)
 """
+)
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
@@ -470,11 +585,11 @@ class _Waiters:
         """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
         call the script ran and failed on (a value it cannot count, a key of another type) is
         dropped, logged: carried, it would fail every later call the same way and hold the
-        limits on per-process counters for good (what it wrote before failing stays)."""
+        limits on per-process counters for good (it wrote nothing: ``_CHECKED``)."""
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
-        if _script_failed(exception):
+        if script_failed(exception):
             log.error(
                 "state: Redis refused a counters call (%s): its settles are dropped, and the "
                 "calls it carried",
@@ -491,31 +606,6 @@ class _Waiters:
         self.answered = True
         self.counters.answered(self)
         return True
-
-
-# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
-# the call may run once Redis is itself again.
-_PASSING = tuple(
-    getattr(redis_errors, name)
-    for name in (
-        "BusyLoadingError",
-        "ClusterDownError",
-        "MasterDownError",
-        "NoScriptError",
-        "OutOfMemoryError",
-        "ReadOnlyError",
-        "TryAgainError",
-    )
-)
-
-
-def _script_failed(error: BaseException) -> bool:
-    """Whether the script ran and raised: an error of its own, not of Redis's state."""
-    return (
-        isinstance(error, ResponseError)
-        and not isinstance(error, _PASSING)
-        and not str(error).startswith(("BUSY", "NOREPLICAS"))
-    )
 
 
 class SharedCounters:
