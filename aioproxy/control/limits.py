@@ -8,7 +8,8 @@ in between, so concurrent requests cannot overshoot.
 ``after_response`` replaces the reserved tokens by the real usage and the reserved cost by the
 real cost, in one step. The in-flight slot is freed when the request's task ends, whatever
 ended it; the reserved cost then too, or on an error. Rates and slots are counted per instance;
-spend is shared through the database (``requestlog``, ``cache``).
+spend is shared through the database (``requestlog``, ``cache``). A request refused for its body
+(``before_refusal``) counts one request toward rpm alone: no upstream sees it.
 
 Budgets under concurrency: a scope admits a request while its spend plus the cost reserved by
 its requests in flight is under ``max_budget`` (the request's own estimate is not added: a key
