@@ -18,10 +18,9 @@ from aioproxy.control.records import KeyEntry
 from aioproxy.errors import RateLimited
 from aioproxy.state.counters import SharedCounters
 from aioproxy.state.link import RedisLink
-from aioproxy.state.shared import link_key
 from aioproxy.testing import assert_error_object
 from tests.control.conftest import CHAT, Control, FakeControlClock
-from tests.redis_server import redis_server, redis_url
+from tests.redis_server import RedisServer, redis_server, redis_url
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, for the Redis-counted case
 
@@ -144,14 +143,21 @@ async def test_in_redis_a_bad_body_takes_no_slot_nor_cost(
     assert (await send(control, created["key"]))[0] == 200  # its one slot was free
 
 
-async def test_while_redis_is_away_a_bad_body_counts_here(
-    start_control: Any, redis_url: str
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_while_redis_is_away_a_bad_body_is_counted_here_or_refused(
+    start_control: Any, redis_url: str, redis_server: RedisServer, on_error: str
 ) -> None:
-    control = await start_control(state={"redis_url": redis_url})
-    control.server.app[link_key].lost(OSError("gone"))  # the probe finds it back later
+    """As every request of a limited key: counted on this process's counters ("open"), or
+    refused while the limits cannot be checked ("closed")."""
+    control = await start_control(state={"redis_url": redis_url, "on_error": on_error})
     key = (await control.new_key(rpm=1))["key"]
-    status, headers, _ = await send(control, key, b"{")
-    assert status == 400 and headers["x-ratelimit-remaining-requests"] == "0"
+    redis_server.kill()
+    status, headers, answer = await send(control, key, b"{")
+    if on_error == "open":
+        assert status == 400 and headers["x-ratelimit-remaining-requests"] == "0"
+    else:
+        assert_over_rpm(status, answer)
+        assert "cannot be checked" in answer["error"]["message"]
 
 
 async def test_a_key_without_rpm_is_not_counted(control: Control) -> None:
