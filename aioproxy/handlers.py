@@ -53,7 +53,12 @@ def make_provider_handler(
             # its body is heard by on_error as its call (and logged as its key's).
             model = request.match_info[path_model] if path_model else ""  # "": the body's
             call = Call(kind, request, principal, model, {}, False)
-            await read_body(call, runtime.config.server.body_timeout)
+            try:
+                await read_body(call, runtime.config.server.body_timeout)
+            except (ProxyError, web.HTTPException) as refused:
+                if runtime.hooks.before_refusal.implemented:  # may answer otherwise (a 429)
+                    await _before_refusal(runtime, call, refused)
+                raise
             refuse_unless_allowed(call, dispatcher.allows)
             plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:
@@ -90,6 +95,16 @@ def make_provider_handler(
     if kind in ANTHROPIC_KINDS:
         handle.anthropic = True  # type: ignore[attr-defined]  # errors in its shape: errors.py
     return handle
+
+
+async def _before_refusal(
+    runtime: Runtime, call: Call, refused: ProxyError | web.HTTPException
+) -> None:
+    """The ``before_refusal`` hooks of a request refused for its body (aiohttp's own refusal,
+    a body over client_max_size, as the 413 the client gets): a request the limits count."""
+    if isinstance(refused, web.HTTPException):
+        refused = from_http_exception(refused, call.request)
+    await runtime.hooks.before_refusal.each(call=call, error=refused)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -7,8 +7,9 @@ Three kinds of hook:
   ("not mine"), a value, or an awaitable of either. The first non-None result wins. Raising a
   :class:`~aioproxy.errors.ProxyError` refuses the request with that error.
 * Lifecycle hooks (``before_request``, ``before_attempt``, ``after_attempt``, ``after_response``,
-  ``on_error``) run per request (the attempt hooks per upstream try); every
-  implementation runs, in pluggy's order, and may be ``async def``.
+  ``before_refusal``, ``on_error``) run per request (the attempt hooks per upstream try;
+  ``before_refusal`` for a request refused for its body); every implementation runs, in
+  pluggy's order, and may be ``async def``.
 
 Per-request hooks are resolved into plain lists of functions when the app starts, so a hook with no
 implementations costs nothing, and pluggy's ``tryfirst``/``trylast`` order holds. Wrappers
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .context import Call, Deployment, Principal
+    from .errors import ProxyError
     from .outcome import Outcome
     from .providers import ProviderFactory
     from .routes import Kind
@@ -198,6 +200,22 @@ def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
 
 
 @hookspec
+def before_refusal(call: Call, error: ProxyError) -> MaybeAwaitable[None]:
+    """Count, or answer otherwise, a request refused for its body.
+
+    Runs when the body of an authenticated caller's request cannot be read or is not a request
+    of its kind, before ``on_error`` hears it: ``error`` is the refusal (a 400; a 408 for a
+    body that did not arrive in time; a 413 for one too large), ``call`` the request, with no
+    fields and ``model`` ``""`` unless the path or the body named one. No other hook sees such
+    a request (no ``map_model``, no ``before_request``) and no upstream does: this is where a
+    plugin counts it (the limits plugin: one request toward the key's and its team's rpm).
+    Raise a ProxyError to answer with it instead (the limits plugin's 429 when a window is
+    already full); ``on_error`` then hears that one. Every implementation runs. May be
+    ``async def``.
+    """
+
+
+@hookspec
 def on_error(request: web.Request, error: Exception, call: Call | None) -> MaybeAwaitable[None]:
     """Observe a failed request.
 
@@ -227,5 +245,6 @@ PER_REQUEST_HOOKS = (
     "before_attempt",
     "after_attempt",
     "after_response",
+    "before_refusal",
     "on_error",
 )

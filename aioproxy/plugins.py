@@ -260,4 +260,5 @@ class Hooks:
         self.before_attempt = Hook(pm.hook.before_attempt)
         self.after_attempt = Hook(pm.hook.after_attempt)
         self.after_response = Hook(pm.hook.after_response)
+        self.before_refusal = Hook(pm.hook.before_refusal)
         self.on_error = Hook(pm.hook.on_error)

@@ -8,7 +8,8 @@ in between, so concurrent requests cannot overshoot.
 ``after_response`` replaces the reserved tokens by the real usage and the reserved cost by the
 real cost, in one step. The in-flight slot is freed when the request's task ends, whatever
 ended it; the reserved cost then too, or on an error. Rates and slots are counted per instance;
-spend is shared through the database (``requestlog``, ``cache``).
+spend is shared through the database (``requestlog``, ``cache``). A request refused for its body
+(``before_refusal``) counts one request toward rpm alone: no upstream sees it.
 
 Budgets under concurrency: a scope admits a request while its spend plus the cost reserved by
 its requests in flight is under ``max_budget`` (the request's own estimate is not added: a key
@@ -53,9 +54,12 @@ from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 if TYPE_CHECKING:
     from ..state.counters import SharedReservation
 
-__all__ = ["CostEstimates", "Limits", "Reservation", "ReserveHere", "unless_cached"]
+__all__ = ["REQUEST_ONLY", "CostEstimates", "Limits", "Reservation", "ReserveHere", "unless_cached"]
 
 RESERVATION = "aioproxy.control.reservation"
+# The reserved cost (``held``) of a request counted toward rpm alone: one refused for its body,
+# which no upstream sees (no slot, no tokens, no cost; held to no other limit).
+REQUEST_ONLY = -1
 _OUTPUT_CAP_ORDER = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _OUTPUT_CAPS = frozenset(_OUTPUT_CAP_ORDER)
 
@@ -223,6 +227,25 @@ class Limits:
         return None
 
     @hookimpl
+    def before_refusal(self, call: Call) -> Awaitable[None] | None:
+        """A request refused for its body counts one request toward its key's and team's
+        rpm (a client over its limit cannot keep the gateway busy with bad requests): a 429
+        in its place when a window is already full."""
+        limits = call.principal.limits
+        if limits.__class__ is not KeyLimits or not limits.request_limits:
+            return None
+        plane = limits.plane or call.request.app[plane_key]
+        if plane.shared is not None:  # in Redis, on this process's counters while it is away
+            return plane.shared.before_request(call, limits, 0, REQUEST_ONLY, self.count_here)
+        _count_request_on(call, limits, plane.clock)
+        return None
+
+    def count_here(self, call: Call, limits: KeyLimits, _tokens: int, _held: int) -> None:
+        """Count a request refused for its body on this process's counters (the fallback
+        while Redis is away)."""
+        _count_request_on(call, limits, call.request.app[plane_key].clock)
+
+    @hookimpl
     def on_error(self, request: web.Request, call: Call | None) -> None:
         """A failed request keeps its request counted, not its reserved tokens nor cost."""
         reservation: Reservation | None = call.state.get(RESERVATION) if call else None
@@ -253,6 +276,23 @@ def _reserve_on(
     if limits.limited:
         request_state(call.request)[RATE_LIMIT_HEADERS] = limits.granted(now)
     return None
+
+
+def _count_request_on(call: Call, limits: KeyLimits, clock: ControlClock) -> None:
+    """Count a request toward every scope's rpm alone (no slot, no tokens, no cost), or refuse
+    it (429) if one has no room left, counting nothing; its headers either way."""
+    now = clock.monotonic()
+    checks = limits.checks
+    for scope in checks:  # every window moved to now, for the check and the headers
+        scope.requests.total(now)
+        scope.tokens.total(now)
+    full = next((scope for scope in checks if scope.requests.count >= scope.rpm_cap), None)
+    if full is None:
+        for scope in checks:
+            scope.requests.add(1, now)
+    request_state(call.request)[RATE_LIMIT_HEADERS] = limits.headers(now)
+    if full is not None:
+        raise _over_rpm(full, now)
 
 
 def _refused(
@@ -314,12 +354,7 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> tuple[str, Rat
             scope.name,
         )
     if scope.rpm is not None and meter.requests.total(now) >= scope.rpm:
-        return "rpm", _refuse(
-            f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
-            "rate_limit_exceeded",
-            meter.requests.reset_in(now),
-            scope.name,
-        )
+        return "rpm", _over_rpm(scope, now)
     if scope.tpm is not None and tokens and meter.tokens.total(now) + tokens > scope.tpm:
         return "tpm", _refuse(
             f"{_whose(scope)} is over its rate limit of {scope.tpm} tokens a minute",
@@ -348,6 +383,16 @@ def _check(scope: Scope, tokens: int, now: float, wall: float) -> tuple[str, Rat
                 "budget",
             )
     return None
+
+
+def _over_rpm(scope: Scope, now: float) -> RateLimited:
+    """The 429 of a scope whose rpm window is full."""
+    return _refuse(
+        f"{_whose(scope)} is over its rate limit of {scope.rpm} requests a minute",
+        "rate_limit_exceeded",
+        scope.requests.reset_in(now),
+        scope.name,
+    )
 
 
 def _whose(scope: Scope) -> str:

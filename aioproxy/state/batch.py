@@ -21,13 +21,14 @@ from typing import Any, Protocol
 
 import redis
 from hiredis import pack_command
+from redis import exceptions as redis_errors
 from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, DefaultParser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 
-__all__ = ["Batcher", "LuaScript"]
+__all__ = ["Batcher", "LuaScript", "script_failed"]
 
 
 class LuaScript:
@@ -53,6 +54,31 @@ class Reply(Protocol):
 # One queued call: its script (to load after a NOSCRIPT; None for a plain command), the
 # command's words (str, int, float or bytes: what hiredis packs), and where its result goes.
 _Entry = tuple["LuaScript | None", tuple[Any, ...], Reply]
+
+
+# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
+# the call may run once Redis is itself again.
+_PASSING = tuple(
+    getattr(redis_errors, name)
+    for name in (
+        "BusyLoadingError",
+        "ClusterDownError",
+        "MasterDownError",
+        "NoScriptError",
+        "OutOfMemoryError",
+        "ReadOnlyError",
+        "TryAgainError",
+    )
+)
+
+
+def script_failed(error: BaseException) -> bool:
+    """Whether the script ran and raised: an error of its own, not of Redis's state."""
+    return (
+        isinstance(error, ResponseError)
+        and not isinstance(error, _PASSING)
+        and not str(error).startswith(("BUSY", "NOREPLICAS"))
+    )
 
 
 class Batcher:

@@ -55,10 +55,23 @@ local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 # KEYS[1]: the cooldowns (a hash: deployment -> until, ms). ARGV: the deployment, its cooldown
 # (ms), the channel and the message. Keeps the later end of any cooldown already held, drops
 # the ended ones, lets the hash live as long as its last, then publishes: stored before heard.
+# Its arguments and the hash (WRONGTYPE if another type, each end an integer) are checked
+# before its first write: Redis keeps what a script wrote before it failed.
 _COOL = (
     _NOW_MS
     + """
-local ending = now + tonumber(ARGV[2])
+local function whole(text)
+  local digits = text:match('^-?(%d+)$')
+  return digits ~= nil and #digits <= 18
+end
+if ARGV[1] == '' or not (whole(ARGV[2]) and tonumber(ARGV[2]) > 0) then
+  error('aioproxy cooldown: arguments', 0)
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 2, #all, 2 do
+  if not whole(all[i]) then error('aioproxy cooldown: ' .. KEYS[1] .. ' holds no end', 0) end
+end
+local ending = now + math.min(tonumber(ARGV[2]), 1e12)  -- a cooldown of decades at most
 local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
 if ending > held then redis.call('HSET', KEYS[1], ARGV[1], ending) end
 local all, last = redis.call('HGETALL', KEYS[1]), now

@@ -26,9 +26,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from redis import exceptions as redis_errors
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
@@ -36,7 +35,7 @@ from ..control.limits import RESERVATION, ReserveHere, unless_cached
 from ..control.meters import A_MINUTE, HEADER_NAMES, KeyLimits, reset_text
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
-from .batch import LuaScript
+from .batch import LuaScript, script_failed
 from .link import RedisLink
 
 if TYPE_CHECKING:
@@ -58,7 +57,8 @@ _NONE = -1  # a limit not set, as the scripts read it
 # settle: the scope's Redis key, its token change, the slots freed, the cost, its budget
 # period, the period's TTL (0: none), the reserved cost it releases (nano-USD); ARGV[2] this
 # call's number (one more than this instance's last call's), then the reservations, per
-# reservation: its tokens, its reserved cost (nano-USD), its number of scopes, per scope: its
+# reservation: its tokens, its reserved cost (nano-USD; -1, ``REQUEST_ONLY``: a request counted
+# toward rpm alone, held to no other limit, taking no slot), its number of scopes, per scope: its
 # Redis key, rpm, tpm, max_parallel, max_budget (-1: not set), the database's spend and the
 # budget period; ARGV[3] this instance, ARGV[4] the prefix of its keys, ARGV[5] a lease's
 # length (ms) (``RedisLink.lease``). Requests in flight are a hash per scope (``:flights``, not the
@@ -76,18 +76,133 @@ _NONE = -1  # a limit not set, as the scripts read it
 # flight here), or applies its settles if it did not (sent again, counted once); a lost call
 # reaching Redis after a later one ran is ignored. Its rate counts stay (they expire within
 # the minute). A call numbered below the record's is such a late one: it does nothing.
-_APPLY = """
+# What ``_APPLY`` runs before its first write (Redis keeps what a script wrote before it
+# failed: a call must fail whole or not at all): every argument's type and range, and every key
+# the call would touch read, each of the type and holding the values its commands take (a
+# hash's counts are integers HINCRBY adds to, a spend a number INCRBYFLOAT adds to). A call
+# that fails these writes nothing; its error is the caller's (``_Waiters.set_exception``).
+_CHECKED = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
 local me, prefix = ARGV[3], ARGV[4]
 local alive, record = prefix .. 'alive:', prefix .. 'applied:' .. me .. ':counters'
+local function fail(what) error('aioproxy counters: ' .. what, 0) end
+local BOUND = 1e17  -- integers a command is given as written (not as 1e+17)
+local function int(v, low)
+  return type(v) == 'number' and v == math.floor(v) and v >= low and v < BOUND
+end
+-- The tokens and nano-USD a request brings (its max_tokens, its cost's estimate) count as at
+-- most MOST either way: no request fails the call, nor grows a count past what HINCRBY takes.
+local MOST = 1e12
+local function bounded(list, i, low)
+  local v = list[i]
+  if type(v) ~= 'number' or v ~= math.floor(v) or v < low then return false end
+  list[i] = math.max(-MOST, math.min(MOST, v))
+  return true
+end
+local function figure(v, low) return type(v) == 'number' and v >= low and v < 1e300 end
+local function limit(v) return type(v) == 'number' and v >= -1 end  -- compared only
+local function name(v) return type(v) == 'string' and v ~= '' end
+local function whole(text)  -- a count HINCRBY adds to (at most 18 digits: no overflow)
+  local digits = text:match('^-?(%d+)$')
+  return digits ~= nil and #digits <= 18
+end
+local seen = {}
+local function first_as(key, kind)
+  local was = seen[key]
+  if was == nil then
+    seen[key] = kind
+    return true
+  end
+  if was ~= kind then fail(key .. ' is used as two types') end
+  return false
+end
+-- A hash of counts, or none: WRONGTYPE if another type, and a field HINCRBY cannot add to
+-- (or, ``seconds``, one not named by a second) fails the call.
+local function counts(key, seconds)
+  if not first_as(key, 'hash') then return end
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if not whole(all[i + 1]) or (seconds and not tonumber(all[i])) then
+      fail(key .. ' holds a field that is not a count')
+    end
+  end
+end
+-- A spend, or none: WRONGTYPE if another type, and one INCRBYFLOAT cannot add to fails it.
+local function spent(key)
+  if not first_as(key, 'string') then return end
+  local value = redis.call('GET', key)
+  if value and not (value:match('^[-+]?[%d.]+[eE]?[-+]?%d*$') and figure(tonumber(value), -1e300)) then
+    fail(key .. ' does not hold a number')
+  end
+end
+local function checked_settles(list)
+  if (#list - 1) % 7 ~= 0 then fail('settles') end
+  for a = 2, #list, 7 do
+    local base, cost, period, ttl = list[a], list[a + 3], list[a + 4], list[a + 5]
+    if not (name(base) and bounded(list, a + 1, -MOST) and int(list[a + 2], 0)
+        and figure(cost, 0) and name(period) and int(ttl, 0) and ttl < 2 ^ 31
+        and bounded(list, a + 6, 0)) then
+      fail('a settle')
+    end
+    counts(base .. ':t', true)
+    counts(base .. ':flights')
+    counts(base .. ':held')
+    if cost > 0 then spent(base .. ':s:' .. period) end
+  end
+end
+if not (name(me) and whole(ARGV[5]) and tonumber(ARGV[5]) > 0) then fail('arguments') end
 local settles, words = cmsgpack.unpack(ARGV[1]), cmsgpack.unpack(ARGV[2])
+if type(settles) ~= 'table' or type(settles[1]) ~= 'table' or type(words) ~= 'table'
+    or not int(words[1], 1) then
+  fail('arguments')
+end
 local call = words[1]
 local last = redis.call('GET', record)
 last = last and cmsgpack.unpack(last) or {0}
+if type(last) ~= 'table' or not int(last[1], 0) or (#last - 1) % 3 ~= 0 then fail(record) end
 if last[1] >= call then return cmsgpack.pack({}) end
+for _, lost in ipairs(settles[1]) do
+  if type(lost) ~= 'table' or not int(lost[1], 0) then fail('a lost call') end
+  if lost[1] == last[1] then
+    for i = 2, #last, 3 do
+      if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then fail(record) end
+      counts(last[i] .. ':flights')
+      counts(last[i] .. ':held')
+    end
+  elseif lost[1] > last[1] then
+    checked_settles(lost)
+  end
+end
+checked_settles(settles)
+local at = 2
+while at <= #words do
+  local n = words[at + 2]
+  if not (bounded(words, at, 0) and bounded(words, at + 1, -1) and int(n, 1)
+      and at + 2 + 7 * n <= #words) then
+    fail('a reservation')
+  end
+  for b = at + 3, at + 2 + 7 * n, 7 do
+    local base, budget = words[b], words[b + 4]
+    if not (name(base) and limit(words[b + 1]) and limit(words[b + 2]) and limit(words[b + 3])
+        and limit(budget) and type(words[b + 5]) == 'number' and name(words[b + 6])) then
+      fail('a reservation')
+    end
+    counts(base .. ':r', true)
+    counts(base .. ':t', true)
+    counts(base .. ':flights')
+    counts(base .. ':held')
+    if budget >= 0 then spent(base .. ':s:' .. words[b + 6]) end
+  end
+  at = at + 3 + 7 * n
+end
+"""
+
+_APPLY = (
+    _CHECKED
+    + """
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 local function free(key, count)
   if count > 0 and redis.call('HINCRBY', key, me, -count) <= 0 then redis.call('HDEL', key, me) end
@@ -146,7 +261,8 @@ local function in_flight(key)
   return total
 end
 -- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch
--- adds (requests, tokens, reserved cost), then the cost reserved in flight (read if budgeted).
+-- adds (requests, tokens, reserved cost), the cost reserved in flight (read if budgeted), and
+-- the slots this batch takes.
 local scopes, spent = {}, {}
 local function scope(base)
   local w = scopes[base]
@@ -154,7 +270,7 @@ local function scope(base)
     local requests, r_oldest = window(base .. ':r')
     local used, t_oldest = window(base .. ':t')
     local flight = in_flight(base .. ':flights')
-    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil}
+    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil, 0}
     scopes[base] = w
   end
   return w
@@ -162,6 +278,7 @@ end
 local replies, a = {}, 2
 while a <= #words do
   local tokens, held, n = words[a], words[a + 1], words[a + 2]
+  local slot = held >= 0
   local first = a + 3
   a = first + 7 * n
   local out = {1, reset}
@@ -175,13 +292,13 @@ while a <= #words do
     local b = first + 7 * (s - 1)
     local w = scopes[words[b]]
     local rpm, tpm, parallel, budget = words[b + 1], words[b + 2], words[b + 3], words[b + 4]
-    if parallel >= 0 and w[5] >= parallel then
+    if slot and parallel >= 0 and w[5] >= parallel then
       refused, wait = 'parallel', 1
     elseif rpm >= 0 and w[1] >= rpm then
       refused, wait = 'rpm', (w[3] or sec) + 60 - now
     elseif tpm >= 0 and tokens > 0 and w[2] + tokens > tpm then
       refused, wait = 'tpm', w[4] and (w[4] + 60 - now) or 60
-    elseif budget >= 0 then
+    elseif slot and budget >= 0 then
       local key = words[b] .. ':s:' .. words[b + 6]
       local total = spent[key]
       if total == nil then
@@ -208,8 +325,8 @@ while a <= #words do
     for s = 1, n do
       local b = first + 7 * (s - 1)
       local w = scopes[words[b]]
-      w[1], w[2], w[5] = w[1] + 1, w[2] + tokens, w[5] + 1
-      w[6], w[7] = w[6] + 1, w[7] + tokens
+      w[1], w[2], w[6], w[7] = w[1] + 1, w[2] + tokens, w[6] + 1, w[7] + tokens
+      if slot then w[5], w[10] = w[5] + 1, w[10] + 1 end
       if held > 0 and words[b + 4] >= 0 then
         if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
         w[8], w[9] = w[8] + held, w[9] + held
@@ -229,22 +346,25 @@ for base, w in pairs(scopes) do
     redis.call('EXPIRE', base .. ':r', 120)
     redis.call('HINCRBY', base .. ':t', sec, w[7])
     redis.call('EXPIRE', base .. ':t', 120)
-    redis.call('HINCRBY', base .. ':flights', me, w[6])
+  end
+  if w[10] > 0 then
+    redis.call('HINCRBY', base .. ':flights', me, w[10])
     redis.call('EXPIRE', base .. ':flights', 3600)
   end
   if w[8] > 0 then
     redis.call('HINCRBY', base .. ':held', me, w[8])
     redis.call('EXPIRE', base .. ':held', 3600)
   end
-  if w[6] > 0 or w[8] > 0 then
+  if w[10] > 0 or w[8] > 0 then
     taken[#taken + 1] = base
-    taken[#taken + 1] = w[6]
+    taken[#taken + 1] = w[10]
     taken[#taken + 1] = w[8]
   end
 end
 redis.call('SET', record, cmsgpack.pack(taken), 'EX', 86400)
 return cmsgpack.pack(replies)
 """
+)
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
@@ -455,7 +575,8 @@ class _Waiters:
         ):
             if not future.done():
                 future.set_result(reply)
-            elif reply[0] == 1:  # its request was cancelled while it waited: no slot leaks
+            elif reply[0] == 1 and held >= 0:  # its request was cancelled while it waited:
+                # no slot leaks (one counted toward rpm alone took none)
                 SharedReservation(self.counters, scopes, tokens, held).release()
         self.answered = True
         self.counters.answered(self)
@@ -464,11 +585,11 @@ class _Waiters:
         """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
         call the script ran and failed on (a value it cannot count, a key of another type) is
         dropped, logged: carried, it would fail every later call the same way and hold the
-        limits on per-process counters for good (what it wrote before failing stays)."""
+        limits on per-process counters for good (it wrote nothing: ``_CHECKED``)."""
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
-        if _script_failed(exception):
+        if script_failed(exception):
             log.error(
                 "state: Redis refused a counters call (%s): its settles are dropped, and the "
                 "calls it carried",
@@ -485,31 +606,6 @@ class _Waiters:
         self.answered = True
         self.counters.answered(self)
         return True
-
-
-# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
-# the call may run once Redis is itself again.
-_PASSING = tuple(
-    getattr(redis_errors, name)
-    for name in (
-        "BusyLoadingError",
-        "ClusterDownError",
-        "MasterDownError",
-        "NoScriptError",
-        "OutOfMemoryError",
-        "ReadOnlyError",
-        "TryAgainError",
-    )
-)
-
-
-def _script_failed(error: BaseException) -> bool:
-    """Whether the script ran and raised: an error of its own, not of Redis's state."""
-    return (
-        isinstance(error, ResponseError)
-        and not isinstance(error, _PASSING)
-        and not str(error).startswith(("BUSY", "NOREPLICAS"))
-    )
 
 
 class SharedCounters:
@@ -710,12 +806,14 @@ class SharedCounters:
                 )
                 return
             raise refused
+        if prepared.headers:
+            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
+        if held < 0:  # REQUEST_ONLY: counted toward rpm alone, nothing to release
+            return
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
         task = asyncio.current_task(self._loop)
         if task is not None:
             task.add_done_callback(reservation.release)
-        if prepared.headers:
-            call.request[RATE_LIMIT_HEADERS] = _headers(prepared, answer)
 
 
 def _headers(prepared: _Prepared, answer: list[Any]) -> dict[str, str]:

@@ -14,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections import defaultdict
 
 from redis.exceptions import RedisError
 
 from ..context import Deployment
 from ..router import Router
-from .batch import LuaScript
+from .batch import LuaScript, script_failed
 from .link import RedisLink
 
 __all__ = ["SharedDeployments"]
+
+log = logging.getLogger("aioproxy")
 
 SYNC_INTERVAL = 0.25  # seconds
 
@@ -35,12 +38,38 @@ SYNC_INTERVAL = 0.25  # seconds
 # it arrives after a later one). Returns per deployment: requests and tokens over the last
 # minute, and requests in flight, all live instances together (a dead instance's, whose lease
 # ran out, are dropped).
+# Nothing is written before every argument and key is checked (Redis keeps what a script wrote
+# before it failed: a sync fails whole or not at all): the counts are integers, the record a
+# number, and each deployment's hashes hashes of integer counts (WRONGTYPE if another type).
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
 local me, alive = ARGV[1], ARGV[2] .. 'alive:'
-redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
 local record, sync = ARGV[2] .. 'applied:' .. me .. ':deployments', tonumber(ARGV[4])
-local new = sync > tonumber(redis.call('GET', record) or 0)
+local function fail(what) error('aioproxy deployments: ' .. what, 0) end
+local function whole(text)  -- a count HINCRBY adds to (at most 18 digits: no overflow)
+  local digits = text:match('^-?(%d+)$')
+  return digits ~= nil and #digits <= 18
+end
+if #ARGV ~= 4 + 3 * #KEYS or me == '' or not (whole(ARGV[3]) and tonumber(ARGV[3]) > 0) then
+  fail('arguments')
+end
+for i = 4, #ARGV do
+  if not whole(ARGV[i]) then fail('a count that is not an integer') end
+end
+local applied = redis.call('GET', record)
+if applied and not whole(applied) then fail(record .. ' does not hold a number') end
+for i = 1, #KEYS do
+  for _, suffix in ipairs({':r', ':t', ':f'}) do
+    local all = redis.call('HGETALL', KEYS[i] .. suffix)
+    for k = 1, #all, 2 do
+      if not whole(all[k + 1]) or (suffix ~= ':f' and not tonumber(all[k])) then
+        fail(KEYS[i] .. suffix .. ' holds a field that is not a count')
+      end
+    end
+  end
+end
+redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
+local new = sync > tonumber(applied or 0)
 if new then redis.call('SET', record, sync, 'EX', 86400) end
 local out = {}
 for i = 1, #KEYS do
@@ -152,8 +181,13 @@ class SharedDeployments:
         try:
             totals = await self.batcher.run(self.script, [prefix + key for key in keys], args)
         except (RedisError, OSError) as exc:
-            # Redis may have run it: sent again as it is, with its number, before any other.
-            self._unanswered = (keys, args, delta)
+            # Redis may have run it: sent again as it is, with its number, before any other;
+            # unless the script refused it whole (it wrote nothing): again, refused again.
+            self._unanswered = None if script_failed(exc) else (keys, args, delta)
+            if self._unanswered is None:
+                log.error(
+                    "state: Redis refused a deployments sync (%s): its counts are dropped", exc
+                )
             self.link.lost(exc)
             return
         self._unanswered = None

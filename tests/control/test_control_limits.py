@@ -322,8 +322,9 @@ async def test_headers_on_streams(control: Control) -> None:
 async def test_every_response_to_a_limited_key_carries_its_headers(
     control: Control, clock: FakeControlClock
 ) -> None:
-    """Responses the limits did not count (the model list, a 400 or 404 before them) carry the
-    key's headers too, its windows as they are: the request itself not in them."""
+    """Responses the limits did not count (the model list, a 404 before them) carry the key's
+    headers too, its windows as they are: the request itself not in them. A 400 for the body
+    counts one request (``test_control_body_rpm``), and its headers say so."""
     key = (await control.new_key(rpm=3, tpm=100_000))["key"]
     status, counted, body = await post_chat(control, key)
     assert status == 200 and counted["x-ratelimit-remaining-requests"] == "2"
@@ -331,18 +332,18 @@ async def test_every_response_to_a_limited_key_carries_its_headers(
     clock.advance(1.5)
     auth = {"Authorization": f"Bearer {key}"}
     calls = [
-        ("GET", "/v1/models", None, 200),
-        ("POST", "/v1/chat/completions", {"model": CHAT["model"], "messages": "hi"}, 400),
-        ("POST", "/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404),
+        ("GET", "/v1/models", None, 200, "2"),
+        ("POST", "/v1/chat/completions", {"model": CHAT["model"], "messages": "hi"}, 400, "1"),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404, "1"),
     ]
-    for method, path, body, expected in calls:
+    for method, path, body, expected, remaining in calls:
         async with control.session.request(
             method, control.url(path), json=body, headers=auth
         ) as response:
             assert response.status == expected, (path, await response.text())
             headers = response.headers
             assert headers["x-ratelimit-limit-requests"] == "3"
-            assert headers["x-ratelimit-remaining-requests"] == "2"
+            assert headers["x-ratelimit-remaining-requests"] == remaining
             assert headers["x-ratelimit-limit-tokens"] == "100000"
             assert headers["x-ratelimit-remaining-tokens"] == left
             assert headers["x-ratelimit-reset-requests"].endswith("s")

@@ -19,6 +19,7 @@ from aioproxy import (
     Outcome,
     Principal,
     Provider,
+    ProxyError,
     RateLimited,
     assistant_choice,
     chat_completion,
@@ -236,6 +237,46 @@ async def test_hook_on_error(serve_proxy: ServeProxy, upstream_base: str) -> Non
     assert [type(e).__name__ for e, _ in errors] == ["ModelNotFound", "AuthenticationError"]
     assert errors[0][1] is not None and errors[0][1].model == "nope"
     assert errors[1][1] is None
+
+
+async def test_hook_before_refusal(serve_proxy: ServeProxy, upstream_base: str) -> None:
+    """Heard for a request refused for its body (a 400, aiohttp's 413 as a ProxyError), not
+    for one served nor one refused later; what an implementation raises is the answer, and
+    what on_error hears."""
+    heard: list[tuple[int, str]] = []
+    errors: list[Exception] = []
+
+    class Refusals:
+        @hookimpl
+        async def before_refusal(self, call: Call, error: Exception) -> None:
+            await asyncio.sleep(0)  # async impls are awaited
+            assert isinstance(error, ProxyError)
+            heard.append((error.status, call.model))
+            if call.request.headers.get("X-Refuse") == "yes":
+                raise RateLimited("refused in its place", code="rate_limit_exceeded")
+
+        @hookimpl
+        def on_error(self, error: Exception) -> None:
+            errors.append(error)
+
+    config = gateway_config(upstream_base, server={"max_body_size": 1024})
+    proxy = await serve_proxy(config, plugins=[Refusals()])
+    path = proxy.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.post(path, data=b'{"model": "gpt-test", "messages": 1}') as response:
+            assert response.status == 400
+        too_large = b'{"model": "gpt-test", "pad": "' + b"x" * 2048 + b'"}'
+        async with http.post(path, data=too_large) as response:
+            assert response.status == 413
+        async with http.post(path, data=b"{", headers={"X-Refuse": "yes"}) as response:
+            assert response.status == 429
+            assert (await response.json())["error"]["message"] == "refused in its place"
+        async with http.post(path, json={"model": "nope", "messages": MESSAGES}) as response:
+            assert response.status == 404  # refused after its body was read: not heard
+        async with http.post(path, json={"model": "gpt-test", "messages": MESSAGES}) as response:
+            assert response.status == 200
+    assert heard == [(400, "gpt-test"), (413, ""), (400, "")]
+    assert [getattr(e, "status", None) for e in errors] == [400, 413, 429, 404]
 
 
 async def test_hook_register_routes(serve_proxy: ServeProxy, upstream_base: str) -> None:

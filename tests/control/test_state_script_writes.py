@@ -1,0 +1,272 @@
+"""Redis keeps what a Lua script wrote before it failed: each of aioproxy's scripts checks its
+arguments and reads every key it touches before its first write, so a call given bad input,
+or meeting a key of the wrong type or holding what its commands cannot take, fails whole and
+writes nothing; on a real redis-server. The gateway meanwhile serves on its own counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from aioproxy.state import deployments as deployments_module
+from aioproxy.state.changes import _COOL
+from aioproxy.state.counters import _APPLY, _pack, _unpack
+from aioproxy.state.deployments import _SYNC
+from aioproxy.state.shared import deployments_key, link_key
+from tests.control.conftest import CHAT, Control
+from tests.redis_server import redis_server, redis_url
+from tests.support import MASTER_KEY, upstream_model
+
+__all__ = ["redis_server", "redis_url"]  # the fixtures, used here
+
+PREFIX = "aioproxy-test-atomic"
+ME = "instance-a"
+LEASE = 15_000
+ONE, TWO = f"{PREFIX}:k:key_one", f"{PREFIX}:k:key_two"  # two scopes' Redis keys
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def keyspace(client: aioredis.Redis) -> dict[bytes, Any]:
+    """Every key under the prefix: its type and what it holds."""
+    held: dict[bytes, Any] = {}
+    for key in sorted(await client.keys(f"{PREFIX}*")):
+        kind = (await client.type(key)).decode()
+        readers: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+            "hash": client.hgetall,
+            "string": client.get,
+            "list": lambda key: client.lrange(key, 0, -1),
+        }
+        held[key] = (kind, await readers[kind](key))
+    return held
+
+
+def settle(
+    base: str, delta: Any = 5, freed: Any = 1, cost: Any = 0.5, unheld: Any = 0
+) -> list[Any]:
+    """A settle's words, as ``SharedCounters.take`` sends them (period "ever", no TTL)."""
+    return [base, delta, freed, cost, "ever", 0, unheld]
+
+
+def reservation(base: str, scopes: int = 1, held: int = 0, budget: float = -1) -> list[Any]:
+    """A reservation's words of 10 tokens: ``scopes`` says how many scopes follow (one does)."""
+    return [10, held, scopes, base, 100, 10_000, 5, budget, 0.0, "ever"]
+
+
+def counters_call(settles: list[Any], reservations: list[Any]) -> tuple[Any, ...]:
+    """The arguments of one ``_APPLY`` call (no keys), numbered 1, no lost calls."""
+    return (0, _pack([[], *settles]), _pack([1, *reservations]), ME, f"{PREFIX}:", LEASE)
+
+
+def deployments_call(*counts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+    """The arguments of one ``_SYNC`` call: per deployment its requests, tokens and flights."""
+    keys = [f"{PREFIX}:d:{index}" for index in range(len(counts))]
+    words = [word for count in counts for word in count]
+    return (len(keys), *keys, ME, f"{PREFIX}:", LEASE, 1, *words)
+
+
+def cooldown_call(deployment: str, milliseconds: Any) -> tuple[Any, ...]:
+    return (1, f"{PREFIX}:cooling", deployment, milliseconds, f"{PREFIX}:changes", "{}")
+
+
+Setup = Callable[[aioredis.Redis], Awaitable[Any]]
+
+
+async def nothing(client: aioredis.Redis) -> None:
+    return None
+
+
+# Per case: the script, what is in Redis first, the call's arguments. In each, a part the
+# script takes before the bad one is valid (the first scope's settle, the first deployment's
+# counts, the cooldown's own entry): the older scripts wrote it, then failed.
+CASES: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
+    "a settle's token change not an integer": (
+        _APPLY,
+        nothing,
+        counters_call([*settle(ONE), *settle(TWO, delta=1.5)], []),
+    ),
+    "a settle's cost not a number": (
+        _APPLY,
+        nothing,
+        counters_call([*settle(ONE), *settle(TWO, cost="much")], []),
+    ),
+    "a reservation short of its scopes": (
+        _APPLY,
+        nothing,
+        counters_call(settle(ONE), reservation(TWO, scopes=2)),
+    ),
+    "a scope's token window of another type": (
+        _APPLY,
+        lambda client: client.set(f"{TWO}:t", "x"),
+        counters_call(settle(ONE), reservation(TWO)),
+    ),
+    "a scope's request window with a count that is not one": (
+        _APPLY,
+        lambda client: client.hset(f"{TWO}:r", "1000", "many"),
+        counters_call(settle(ONE), reservation(TWO)),
+    ),
+    "an in-flight count HINCRBY cannot add to": (
+        _APPLY,
+        lambda client: client.hset(f"{TWO}:flights", ME, "1.5"),
+        counters_call([*settle(ONE), *settle(TWO)], []),
+    ),
+    "a spend that is not a number": (
+        _APPLY,
+        lambda client: client.set(f"{TWO}:s:ever", "lots"),
+        counters_call([*settle(ONE), *settle(TWO)], []),
+    ),
+    "a budget's spend of another type": (
+        _APPLY,
+        lambda client: client.hset(f"{TWO}:s:ever", "not", "a number"),
+        counters_call(settle(ONE), reservation(TWO, held=100, budget=10.0)),
+    ),
+    "the record of another type": (
+        _APPLY,
+        lambda client: client.rpush(f"{PREFIX}:applied:{ME}:counters", "x"),
+        counters_call(settle(ONE), reservation(TWO)),
+    ),
+    "a deployment's count not an integer": (
+        _SYNC,
+        nothing,
+        deployments_call((1, 10, 1), ("1.5", 10, 1)),
+    ),
+    "a deployment's in-flight hash of another type": (
+        _SYNC,
+        lambda client: client.set(f"{PREFIX}:d:1:f", "3"),
+        deployments_call((1, 10, 1), (1, 10, 1)),
+    ),
+    "a deployment's window with a count that is not one": (
+        _SYNC,
+        lambda client: client.hset(f"{PREFIX}:d:1:t", "1000", "x"),
+        deployments_call((1, 10, 1), (1, 10, 1)),
+    ),
+    "the deployments' record of another type": (
+        _SYNC,
+        lambda client: client.hset(f"{PREFIX}:applied:{ME}:deployments", "x", "1"),
+        deployments_call((1, 10, 1)),
+    ),
+    "a cooldown's end that is not a number": (
+        _COOL,
+        lambda client: client.hset(f"{PREFIX}:cooling", "other", "soon"),
+        cooldown_call("deployment-a", 5_000),
+    ),
+    "a cooldown not a number": (
+        _COOL,
+        nothing,
+        cooldown_call("deployment-a", "long"),
+    ),
+    "the cooldowns of another type": (
+        _COOL,
+        lambda client: client.set(f"{PREFIX}:cooling", "x"),
+        cooldown_call("deployment-a", 5_000),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_a_script_that_fails_writes_nothing(client: aioredis.Redis, case: str) -> None:
+    script, setup, arguments = CASES[case]
+    await setup(client)
+    before = await keyspace(client)
+    with pytest.raises(ResponseError):
+        await client.eval(script, *arguments)
+    assert await keyspace(client) == before
+
+
+async def test_the_scripts_still_write_what_they_are_given(client: aioredis.Redis) -> None:
+    """The checks refuse only what the scripts cannot take: valid calls count as before."""
+    replies = await client.eval(_APPLY, *counters_call(settle(ONE), reservation(TWO)))
+    assert replies  # one reply, for the one reservation
+    assert float(await client.get(f"{ONE}:s:ever")) == 0.5
+    assert await client.hvals(f"{TWO}:flights") == [b"1"]
+    totals = await client.eval(_SYNC, *deployments_call((1, 10, 1), (-1, 0, -1)))
+    assert totals[:3] == [1, 10, 1]
+    await client.eval(_COOL, *cooldown_call("deployment-a", 5_000))
+    await client.eval(_COOL, *cooldown_call("deployment-b", 5_000))  # reads what the first wrote
+    assert set(await client.hkeys(f"{PREFIX}:cooling")) == {b"deployment-a", b"deployment-b"}
+
+
+async def test_the_gateway_serves_a_key_whose_counters_are_broken(
+    start_control: Any, redis_url: str, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key whose window in Redis is of another type: its requests are served on this
+    process's counters (the call refused, logged, Redis given up until the probe), its limits
+    still held there, and nothing of the refused calls is written."""
+    control: Control = await start_control(state={"redis_url": redis_url, "prefix": PREFIX})
+    created = await control.new_key(rpm=2)
+    base = f"{PREFIX}:k:{created['id']}"
+    await client.set(f"{base}:t", "not a hash")
+    auth = {"Authorization": f"Bearer {created['key']}"}
+    statuses = []
+    with caplog.at_level(logging.ERROR, logger="aioproxy"):
+        for _ in range(3):  # each counted here, whether Redis is tried again or not
+            async with control.session.post(
+                control.url("/v1/chat/completions"), json=CHAT, headers=auth
+            ) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 200, 429]  # served, and its rpm held here
+    assert "Redis refused a counters call" in caplog.text
+    assert await client.exists(f"{base}:r", f"{base}:flights") == 0  # nothing counted there
+    assert await client.get(f"{base}:t") == b"not a hash"
+
+
+async def test_a_request_asking_for_huge_amounts_fails_no_call(client: aioredis.Redis) -> None:
+    """A reservation's tokens and reserved cost (a client's max_tokens, a price) count as at
+    most 10^12 in Redis: the batch it shares with other keys' requests is not refused, and no
+    count grows past what HINCRBY takes."""
+    huge = [10**16, 10**16, 1, ONE, -1, -1, -1, 1e9, 0.0, "ever"]
+    replies = _unpack(await client.eval(_APPLY, *counters_call([], [*huge, *reservation(TWO)])))
+    assert [reply[0] for reply in replies] == [1, 1]  # both admitted
+    assert [int(v) for v in await client.hvals(f"{ONE}:t")] == [10**12]
+    assert [int(v) for v in await client.hvals(f"{ONE}:held")] == [10**12]
+
+
+async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
+    start_control: Any,
+    redis_url: str,
+    upstream_base: str,
+    client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sync the script refuses (a deployment's hash of another type) writes nothing and is
+    not sent again as it is (it would be refused again, for ever): once the key is right, the
+    next sync counts what came since."""
+    monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
+    capped = upstream_model("gpt-test", upstream_base, rpm=100)  # its counts are shared
+    control: Control = await start_control(
+        state={"redis_url": redis_url, "prefix": PREFIX}, models=[capped]
+    )
+    link, deployments = control.server.app[link_key], control.server.app[deployments_key]
+    auth = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+    async def one_request() -> None:
+        async with control.session.post(
+            control.url("/v1/chat/completions"), json=CHAT, headers=auth
+        ) as response:
+            assert response.status == 200
+
+    await one_request()
+    (shared,) = [key for key, counted in deployments._shared.items() if counted]
+    base = f"{PREFIX}:d:{shared}".encode()
+    await client.set(base + b":r", "not a hash")
+    await deployments.sync()
+    assert deployments._unanswered is None and await client.get(base + b":r") == b"not a hash"
+    await client.delete(base + b":r")
+    async with asyncio.timeout(30):  # safety net: the probe finds Redis every half second
+        while not link.up:
+            await asyncio.sleep(0.05)
+    await one_request()
+    await deployments.sync()
+    assert sum(int(count) for count in await client.hvals(base + b":r")) == 1  # the new one
