@@ -55,12 +55,14 @@ def make_provider_handler(
             call = Call(kind, request, principal, model, {}, False)
             try:
                 await read_body(call, runtime.config.server.body_timeout)
+                refuse_unless_allowed(call, dispatcher.allows)
+                plan, lease = await dispatcher.plan(call)
             except (ProxyError, web.HTTPException) as refused:
-                if runtime.hooks.before_refusal.implemented:  # may answer otherwise (a 429)
+                # Refused for the client's own request before any upstream was chosen (its
+                # body, a model it may not use or that is not served): may answer otherwise.
+                if runtime.hooks.before_refusal.implemented and _refused_as_asked(call, refused):
                     await _before_refusal(runtime, call, refused)
                 raise
-            refuse_unless_allowed(call, dispatcher.allows)
-            plan, lease = await dispatcher.plan(call)
             if call.stream and runtime.keepalive is not None:
                 return await send_with_keepalive(
                     request,
@@ -100,11 +102,17 @@ def make_provider_handler(
 async def _before_refusal(
     runtime: Runtime, call: Call, refused: ProxyError | web.HTTPException
 ) -> None:
-    """The ``before_refusal`` hooks of a request refused for its body (aiohttp's own refusal,
-    a body over client_max_size, as the 413 the client gets): a request the limits count."""
+    """The ``before_refusal`` hooks of a request refused for what it asked (aiohttp's own
+    refusal, a body over client_max_size, as the 413 the client gets): the limits count it."""
     if isinstance(refused, web.HTTPException):
         refused = from_http_exception(refused, call.request)
-    await runtime.hooks.before_refusal.each(call=call, error=refused)
+    await runtime.hooks.before_refusal.each_answering(call=call, error=refused)
+
+
+def _refused_as_asked(call: Call, refused: ProxyError | web.HTTPException) -> bool:
+    """Whether a refusal is the request's own fault (a 4xx but a 429, which is a cap's) and came
+    before routing: after it, ``before_request`` counted the request, or refused it."""
+    return not call.routed and 400 <= refused.status < 500 and refused.status != 429
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ Three kinds of hook:
   :class:`~aioproxy.errors.ProxyError` refuses the request with that error.
 * Lifecycle hooks (``before_request``, ``before_attempt``, ``after_attempt``, ``after_response``,
   ``before_refusal``, ``on_error``) run per request (the attempt hooks per upstream try;
-  ``before_refusal`` for a request refused for its body); every implementation runs, in
+  ``before_refusal`` for a request refused for what it asked); every implementation runs, in
   pluggy's order, and may be ``async def``.
 
 Per-request hooks are resolved into plain lists of functions when the app starts, so a hook with no
@@ -201,17 +201,19 @@ def after_response(call: Call, outcome: Outcome) -> MaybeAwaitable[None]:
 
 @hookspec
 def before_refusal(call: Call, error: ProxyError) -> MaybeAwaitable[None]:
-    """Count, or answer otherwise, a request refused for its body.
+    """Count, or answer otherwise, a request refused for what it asked.
 
-    Runs when the body of an authenticated caller's request cannot be read or is not a request
-    of its kind, before ``on_error`` hears it: ``error`` is the refusal (a 400; a 408 for a
-    body that did not arrive in time; a 413 for one too large), ``call`` the request, with no
-    fields and ``model`` ``""`` unless the path or the body named one. No other hook sees such
-    a request (no ``map_model``, no ``before_request``) and no upstream does: this is where a
-    plugin counts it (the limits plugin: one request toward the key's and its team's rpm).
-    Raise a ProxyError to answer with it instead (the limits plugin's 429 when a window is
-    already full); ``on_error`` then hears that one. Every implementation runs. May be
-    ``async def``.
+    Runs when an authenticated caller's request is refused for its own fault before any
+    deployment was chosen, before ``on_error`` hears it: ``error`` is the refusal (a 400 for
+    its body; a 408 for a body that did not arrive in time; a 413 for one too large; a 403 for
+    a model its key may not use; a 404 for one not served; not a 429, a cap's), ``call`` the
+    request, with no fields if its body was refused, and ``model`` ``""`` unless the path or
+    the body named one. No ``before_request`` sees such a request and no upstream does: this
+    is where a plugin counts it (the limits plugin: one request toward the key's and its
+    team's rpm). Raise a ProxyError to answer with it instead (the limits plugin's 429 when a
+    window is already full); ``on_error`` then hears that one. Every implementation runs,
+    whichever raises: the first ProxyError raised answers, any other exception is logged.
+    May be ``async def``.
     """
 
 

@@ -13,6 +13,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config
+from .errors import ProxyError
 
 __all__ = ["DEFAULT_PLUGINS", "Hook", "Hooks", "PluginLoadError", "make_plugin_manager"]
 
@@ -203,6 +204,24 @@ class Hook:
             if result is not None:
                 results.append(result)
         return results
+
+    async def each_answering(self, **kwargs: Any) -> None:
+        """Run every implementation in turn, whichever of them raises: the first ProxyError
+        raised is raised once all have run (it answers the request); any other exception is
+        logged (a plugin's bug does not turn the answer into a 500 nor stop the others)."""
+        answer: ProxyError | None = None
+        for index, call in enumerate(self.callers):
+            try:
+                result = call(kwargs)
+                if result is not None and _is_awaitable(result):
+                    await result
+            except ProxyError as exc:
+                if answer is None:
+                    answer = exc
+            except Exception:  # noqa: BLE001 - logged, and the others still run
+                self._failed(index)
+        if answer is not None:
+            raise answer
 
     def logged(self, *args: Any) -> Awaitable[None] | None:
         """Run every implementation with the hookspec's arguments, in its order; one that raises

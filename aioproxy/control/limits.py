@@ -8,8 +8,9 @@ in between, so concurrent requests cannot overshoot.
 ``after_response`` replaces the reserved tokens by the real usage and the reserved cost by the
 real cost, in one step. The in-flight slot is freed when the request's task ends, whatever
 ended it; the reserved cost then too, or on an error. Rates and slots are counted per instance;
-spend is shared through the database (``requestlog``, ``cache``). A request refused for its body
-(``before_refusal``) counts one request toward rpm alone: no upstream sees it.
+spend is shared through the database (``requestlog``, ``cache``). A request refused for what it
+asked (its body, a model it may not use or that is not served: ``before_refusal``) counts one
+request toward rpm alone: no upstream sees it.
 
 Budgets under concurrency: a scope admits a request while its spend plus the cost reserved by
 its requests in flight is under ``max_budget`` (the request's own estimate is not added: a key
@@ -54,14 +55,26 @@ from .rows import COUNTED, ESTIMATED, estimate_prompt, estimate_usage
 if TYPE_CHECKING:
     from ..state.counters import SharedReservation
 
-__all__ = ["REQUEST_ONLY", "CostEstimates", "Limits", "Reservation", "ReserveHere", "unless_cached"]
+__all__ = [
+    "MOST_TOKENS",
+    "REQUEST_ONLY",
+    "CostEstimates",
+    "Limits",
+    "Reservation",
+    "ReserveHere",
+    "unless_cached",
+]
 
 RESERVATION = "aioproxy.control.reservation"
-# The reserved cost (``held``) of a request counted toward rpm alone: one refused for its body,
-# which no upstream sees (no slot, no tokens, no cost; held to no other limit).
+# The reserved cost (``held``) of a request counted toward rpm alone: one refused for what it
+# asked, which no upstream sees (no slot, no tokens, no cost; held to no other limit).
 REQUEST_ONLY = -1
 _OUTPUT_CAP_ORDER = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _OUTPUT_CAPS = frozenset(_OUTPUT_CAP_ORDER)
+# The most tokens a request counts, asked (a client's max_tokens) or reported (an upstream's
+# usage): Redis's counters script clamps to the same, and a count past 2**64 could not even be
+# packed for it (one client's max_tokens of 10**20 would fail its batch's every request).
+MOST_TOKENS = 10**12
 
 # Counts a request on this process's counters, given the tokens and nano-USD it reserves:
 # None once counted, or an awaitable (a refusal the response cache may yet lift).
@@ -77,7 +90,7 @@ def _output_cap(call: Call) -> int:
         if name in fields:
             value = call.get(name)
             if value.__class__ is int and value > 0:  # not a bool, nor a float
-                return int(value)
+                return min(value, MOST_TOKENS)
     return 0
 
 
@@ -215,7 +228,7 @@ class Limits:
             meter = limits.key_meter
             meter.output += (usage.completion_tokens - meter.output) * _LEARNING_RATE
         # A cached answer counts toward rpm, not tpm.
-        tokens = 0 if cached else usage.total_tokens
+        tokens = 0 if cached else min(usage.total_tokens, MOST_TOKENS)
         clock = plane.clock
         cost = outcome.cost
         if not isinstance(reservation, Reservation):  # counted in Redis: one settling script
@@ -228,9 +241,9 @@ class Limits:
 
     @hookimpl
     def before_refusal(self, call: Call) -> Awaitable[None] | None:
-        """A request refused for its body counts one request toward its key's and team's
-        rpm (a client over its limit cannot keep the gateway busy with bad requests): a 429
-        in its place when a window is already full."""
+        """A request refused for what it asked (its body, its model) counts one request
+        toward its key's and team's rpm (a client over its limit cannot keep the gateway busy
+        with bad requests): a 429 in its place when a window is already full."""
         limits = call.principal.limits
         if limits.__class__ is not KeyLimits or not limits.request_limits:
             return None
@@ -241,7 +254,7 @@ class Limits:
         return None
 
     def count_here(self, call: Call, limits: KeyLimits, _tokens: int, _held: int) -> None:
-        """Count a request refused for its body on this process's counters (the fallback
+        """Count a request refused for what it asked on this process's counters (the fallback
         while Redis is away)."""
         _count_request_on(call, limits, call.request.app[plane_key].clock)
 

@@ -367,6 +367,16 @@ return cmsgpack.pack(replies)
 )
 
 _pack = msgspec.msgpack.Encoder().encode
+# A budget period's spend outlives it by an hour in Redis, and at most ~68 years: the script
+# takes no longer TTL (a "30000d" period would fail the batch its settle rides in).
+_LONGEST_TTL = 2**31 - 1
+
+
+def _ttl(left: float) -> int:
+    """The TTL of a spend counted ``left`` seconds before its budget period ends."""
+    return min(_LONGEST_TTL, max(1, math.ceil(left) + 3600))
+
+
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
@@ -693,7 +703,7 @@ class SharedCounters:
             return
         words: list[Any] = [lost]
         for (base, period), (delta, freed, cost, end, wall, unheld) in settles.items():
-            ttl = 0 if wall is None or end == math.inf else max(1, math.ceil(end - wall) + 3600)
+            ttl = 0 if wall is None or end == math.inf else _ttl(end - wall)
             words += (base, delta, freed, cost, period, ttl, unheld)
         if lost:
             self._lost = []

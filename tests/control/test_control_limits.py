@@ -252,7 +252,7 @@ async def test_expiry(control: Control, clock: FakeControlClock) -> None:
     assert refused.value.status_code == 401 and refused.value.code == "key_expired"
 
 
-async def test_team_limits_and_models(control: Control) -> None:
+async def test_team_limits_and_models(control: Control, clock: FakeControlClock) -> None:
     team = await control.admin(
         "POST", "/admin/teams", {"name": "t", "rpm": 3, "models": ["gpt-test", "embed"]}, status=201
     )
@@ -265,6 +265,10 @@ async def test_team_limits_and_models(control: Control) -> None:
     status, _, body = await post_chat(control, first)
     assert status == 429 and "team" in body["error"]["message"]
     # models: the key allows gpt-other, the team does not; the team allows embed, the key not
+    for model in ("gpt-other", "embed"):
+        status, _, body = await post_chat(control, first, model=model)  # the team's rpm first
+        assert status == 429 and "team" in body["error"]["message"]
+    clock.advance(61)
     for model in ("gpt-other", "embed"):
         status, _, body = await post_chat(control, first, model=model)
         assert status == 403 and body["error"]["param"] == "model"
@@ -322,9 +326,10 @@ async def test_headers_on_streams(control: Control) -> None:
 async def test_every_response_to_a_limited_key_carries_its_headers(
     control: Control, clock: FakeControlClock
 ) -> None:
-    """Responses the limits did not count (the model list, a 404 before them) carry the key's
-    headers too, its windows as they are: the request itself not in them. A 400 for the body
-    counts one request (``test_control_body_rpm``), and its headers say so."""
+    """Responses the limits did not count (the model list) carry the key's headers too, its
+    windows as they are: the request itself not in them. A 400 for the body and a 404 for the
+    model count one request each (``test_control_body_rpm``, ``test_control_refusals``), and
+    their headers say so."""
     key = (await control.new_key(rpm=3, tpm=100_000))["key"]
     status, counted, body = await post_chat(control, key)
     assert status == 200 and counted["x-ratelimit-remaining-requests"] == "2"
@@ -334,7 +339,7 @@ async def test_every_response_to_a_limited_key_carries_its_headers(
     calls = [
         ("GET", "/v1/models", None, 200, "2"),
         ("POST", "/v1/chat/completions", {"model": CHAT["model"], "messages": "hi"}, 400, "1"),
-        ("POST", "/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404, "1"),
+        ("POST", "/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404, "0"),
     ]
     for method, path, body, expected, remaining in calls:
         async with control.session.request(

@@ -240,9 +240,9 @@ async def test_hook_on_error(serve_proxy: ServeProxy, upstream_base: str) -> Non
 
 
 async def test_hook_before_refusal(serve_proxy: ServeProxy, upstream_base: str) -> None:
-    """Heard for a request refused for its body (a 400, aiohttp's 413 as a ProxyError), not
-    for one served nor one refused later; what an implementation raises is the answer, and
-    what on_error hears."""
+    """Heard for a request refused for what it asked (its body: a 400, aiohttp's 413 as a
+    ProxyError; a model not served: 404), not for one served; what an implementation raises is
+    the answer, and what on_error hears."""
     heard: list[tuple[int, str]] = []
     errors: list[Exception] = []
 
@@ -272,10 +272,10 @@ async def test_hook_before_refusal(serve_proxy: ServeProxy, upstream_base: str) 
             assert response.status == 429
             assert (await response.json())["error"]["message"] == "refused in its place"
         async with http.post(path, json={"model": "nope", "messages": MESSAGES}) as response:
-            assert response.status == 404  # refused after its body was read: not heard
+            assert response.status == 404
         async with http.post(path, json={"model": "gpt-test", "messages": MESSAGES}) as response:
             assert response.status == 200
-    assert heard == [(400, "gpt-test"), (413, ""), (400, "")]
+    assert heard == [(400, "gpt-test"), (413, ""), (400, ""), (404, "nope")]
     assert [getattr(e, "status", None) for e in errors] == [400, 413, 429, 404]
 
 
