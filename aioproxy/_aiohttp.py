@@ -27,6 +27,7 @@ __all__ = [
     "RawResponseMessage",
     "RequestHandler",
     "RequestPayloadError",
+    "read_any",
     "read_arrived_body",
     "request_state",
     "take_arrived",
@@ -54,12 +55,13 @@ def read_arrived_body(request: BaseRequest) -> bytes:
 
 
 def take_arrived(content: StreamReader) -> bytes:
-    """``content.read_nowait()`` for a payload at EOF (``is_eof()``): its one buffered chunk
-    taken as it is (~150 bytecodes a read less). read_nowait's chunk reader would then call the
-    protocol's ``resume_reading``, which at EOF has nothing left to do: ``feed_eof`` resumed
-    reading already, and the parser is done with this body. The reader is left as read_nowait
-    leaves it (empty, at EOF: a later read returns b""). read_nowait's timeout check is left
-    out: the payloads read here come without a timer (aiohttp's server, h1client)."""
+    """``content.read_nowait()`` for a payload that holds something or is at EOF: a lone chunk
+    taken as it is (~150 bytecodes a read less at EOF). read_nowait's chunk reader would then
+    call the protocol's ``resume_reading``, which at EOF has nothing left to do: ``feed_eof``
+    resumed reading already, and the parser is done with this body. The reader is left as
+    read_nowait leaves it (at EOF, empty: a later read returns b""). read_nowait's timeout check
+    is left out: the payloads read at EOF come without a timer (aiohttp's server, h1client),
+    and ``read_any`` checks it itself."""
     try:
         exception = content._exception
     except AttributeError:  # EMPTY_PAYLOAD (no body) has none of a reader's state
@@ -68,11 +70,33 @@ def take_arrived(content: StreamReader) -> bytes:
         raise exception
     buffer = content._buffer
     if len(buffer) != 1 or content._buffer_offset:  # several chunks, or one read in part
-        return content.read_nowait()
+        return content._read_nowait(-1)
     data = buffer.popleft()
     content._size = 0
     content._cursor += len(data)
     splits = content._http_chunk_splits  # a chunked body's: those read past are dropped
     while splits and splits[0] < content._cursor:
         splits.popleft()
+    # The chunk reader's: a protocol paused for a full buffer reads on (at EOF, feed_eof did).
+    if (
+        not content._eof
+        and content._low_water > 0
+        and (splits is None or len(splits) < content._low_water_chunks)
+    ):
+        content._protocol.resume_reading()
     return data
+
+
+async def read_any(content: StreamReader) -> bytes:
+    """``await content.readany()``: what has arrived, once something has (b"" at the end), a
+    lone chunk taken as it is (~55 bytecodes a read less, a stream's every read)."""
+    try:
+        exception = content._exception
+    except AttributeError:  # EMPTY_PAYLOAD, or a reader of another kind: its own readany
+        return await content.readany()
+    if exception is not None:
+        raise exception
+    while not content._buffer and not content._eof:
+        await content._wait("readany")  # raises the error the reader gets meanwhile
+    content._timer.assert_timeout()
+    return take_arrived(content)

@@ -10,7 +10,13 @@ import pytest
 from aiohttp import StreamReader, web
 from aiohttp.test_utils import TestClient
 
-from aioproxy._aiohttp import EMPTY_PAYLOAD, BaseProtocol, read_arrived_body, take_arrived
+from aioproxy._aiohttp import (
+    EMPTY_PAYLOAD,
+    BaseProtocol,
+    read_any,
+    read_arrived_body,
+    take_arrived,
+)
 
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -118,3 +124,72 @@ async def test_take_arrived_raises_the_readers_error() -> None:
 
 def test_take_arrived_of_no_body_is_empty() -> None:
     assert take_arrived(EMPTY_PAYLOAD) == b""
+
+
+# read_any: aiohttp's readany, a lone chunk taken whole.
+
+
+class _Resumes(BaseProtocol):
+    """aiohttp's protocol, counting the reader's calls to resume reading."""
+
+    def __init__(self) -> None:
+        super().__init__(asyncio.get_running_loop())
+        self.resumed = 0
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self.resumed += 1
+
+
+def _reader(chunks: list[bytes], eof: bool = False) -> tuple[StreamReader, _Resumes]:
+    protocol = _Resumes()
+    protocol.transport = asyncio.Transport()  # connected: a read may wait
+    reader = StreamReader(protocol, 2**16)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+        protocol.resumed = 0  # feed_eof's own
+    return reader, protocol
+
+
+@pytest.mark.parametrize(
+    ("chunks", "eof"),
+    [
+        ([b"data: 1\n\n"], False),  # the usual read: one chunk, its reader resumed
+        ([b"data: 1\n\n", b"data: 2\n\n"], False),
+        ([b"data: 1\n\n"], True),  # at the end: nothing to resume
+        ([], True),  # the end itself: b""
+    ],
+)
+async def test_read_any_reads_as_readany(chunks: list[bytes], eof: bool) -> None:
+    (ours, ours_protocol), (theirs, theirs_protocol) = _reader(chunks, eof), _reader(chunks, eof)
+    assert await read_any(ours) == await theirs.readany() == b"".join(chunks)
+    assert _state(ours) == _state(theirs)
+    # At the end, feed_eof resumed reading already: readany's second resume is left out.
+    assert ours_protocol.resumed == (0 if eof else theirs_protocol.resumed)
+
+
+async def test_read_any_waits_for_data_then_its_end() -> None:
+    reader, _ = _reader([])
+    reading = asyncio.ensure_future(read_any(reader))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    reader.feed_data(b"data: 1\n\n")
+    assert await reading == b"data: 1\n\n"
+    reader.feed_eof()
+    assert await read_any(reader) == b""
+
+
+async def test_read_any_raises_the_error_that_came_while_waiting() -> None:
+    reader, _ = _reader([])
+    reading = asyncio.ensure_future(read_any(reader))
+    await asyncio.sleep(0)
+    reader.set_exception(ValueError("cut"))
+    with pytest.raises(ValueError, match="cut"):
+        await reading
+    with pytest.raises(ValueError, match="cut"):  # and on every read after
+        await read_any(reader)
+
+
+async def test_read_any_of_no_body_is_empty() -> None:
+    assert await read_any(EMPTY_PAYLOAD) == b""
