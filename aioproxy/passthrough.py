@@ -120,8 +120,8 @@ class PassedEvents:
         # An error event found after events passed on with it: raised by the next read.
         self._error: ProxyError | None = None
         # What each block passed on goes through first (the usage tap's strip), if set; a block
-        # it empties passes nothing on. In here, not an iterator around this one: ~40 bytecodes
-        # and two coroutines a stream less.
+        # it empties passes nothing on. In here, not an iterator around this one (measured: ~20
+        # bytecodes and a coroutine a block less, and the outer iterator's aclose).
         self.transform: Callable[[bytes], bytes] | None = None
 
     def __aiter__(self) -> PassedEvents:
