@@ -6,9 +6,10 @@ the tests of h1client.py and server.py) first. Elsewhere, import only ``aiohttp`
 ``aiohttp.web`` (plus the documented ``aiohttp.typedefs`` and ``aiohttp.test_utils``).
 """
 
+import sys
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, http_writer, web
 from aiohttp.base_protocol import BaseProtocol  # h1client: the connection's flow control
 from aiohttp.http import HttpResponseParser, RawResponseMessage  # h1client: the C parser
 from aiohttp.http_exceptions import BadHttpMessage  # the body read: a malformed body
@@ -27,9 +28,18 @@ __all__ = [
     "RawResponseMessage",
     "RequestHandler",
     "RequestPayloadError",
+    "read_any",
     "read_arrived_body",
     "request_state",
+    "take_arrived",
 ]
+
+# aiohttp copies an answer's body of 2 KiB or more onto its headers (a join), for one write, on
+# every Python before 3.12.9: 3.12's selector transport had a broken writelines until then.
+# 3.11's has none of its own (it joins them itself, as before), and uvloop's writes both parts
+# as they are (callgrind: memcpy ~9 k instructions less for a 9 KB stream come whole).
+if sys.version_info < (3, 12):
+    http_writer.SKIP_WRITELINES = False
 
 
 def request_state(request: BaseRequest) -> dict[Any, Any]:
@@ -44,9 +54,57 @@ def read_arrived_body(request: BaseRequest) -> bytes:
     bytecodes a request less). Kept where ``read`` keeps it, so a later ``read`` (a plugin's)
     returns it; over ``client_max_size``, 413 as ``read`` refuses it."""
     if request._read_bytes is None:
-        body = request.content.read_nowait()  # raises the payload's error, as readany does
+        body = take_arrived(request.content)  # raises the payload's error, as readany does
         limit = request.client_max_size
         if limit and len(body) > limit:
             raise web.HTTPRequestEntityTooLarge(limit)
         request._read_bytes = body
     return request._read_bytes
+
+
+def take_arrived(content: StreamReader) -> bytes:
+    """``content.read_nowait()`` for a payload that holds something or is at EOF: a lone chunk
+    taken as it is (measured: ~100 bytecodes a read less at EOF). read_nowait's chunk reader
+    would then call the protocol's ``resume_reading``, which at EOF has nothing left to do:
+    ``feed_eof`` resumed reading already, and the parser is done with this body. The reader is
+    left as read_nowait leaves it (at EOF, empty: a later read returns b""). read_nowait's
+    timeout check is left out: the payloads read at EOF come without a timer (aiohttp's server,
+    h1client), and ``read_any`` checks it itself."""
+    try:
+        exception = content._exception
+    except AttributeError:  # EMPTY_PAYLOAD (no body) has none of a reader's state
+        return content.read_nowait()
+    if exception is not None:
+        raise exception
+    buffer = content._buffer
+    if len(buffer) != 1 or content._buffer_offset:  # several chunks, or one read in part
+        return content._read_nowait(-1)
+    data = buffer.popleft()
+    content._size = 0
+    content._cursor += len(data)
+    splits = content._http_chunk_splits  # a chunked body's: those read past are dropped
+    while splits and splits[0] < content._cursor:
+        splits.popleft()
+    # The chunk reader's: a protocol paused for a full buffer reads on (at EOF, feed_eof did).
+    if (
+        not content._eof
+        and content._low_water > 0
+        and (splits is None or len(splits) < content._low_water_chunks)
+    ):
+        content._protocol.resume_reading()
+    return data
+
+
+async def read_any(content: StreamReader) -> bytes:
+    """``await content.readany()``: what has arrived, once something has (b"" at the end), a
+    lone chunk taken as it is (measured: ~20 bytecodes a read less mid-stream, ~65 at EOF)."""
+    try:
+        exception = content._exception
+    except AttributeError:  # EMPTY_PAYLOAD, or a reader of another kind: its own readany
+        return await content.readany()
+    if exception is not None:
+        raise exception
+    while not content._buffer and not content._eof:
+        await content._wait("readany")  # raises the error the reader gets meanwhile
+    content._timer.assert_timeout()
+    return take_arrived(content)

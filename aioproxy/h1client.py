@@ -30,7 +30,13 @@ import aiohttp
 from aiohttp import StreamReader
 from multidict import CIMultiDictProxy
 
-from ._aiohttp import EMPTY_PAYLOAD, BaseProtocol, HttpResponseParser, RawResponseMessage
+from ._aiohttp import (
+    EMPTY_PAYLOAD,
+    BaseProtocol,
+    HttpResponseParser,
+    RawResponseMessage,
+    take_arrived,
+)
 from .budget import BufferBudget
 from .config import Timeouts
 
@@ -364,8 +370,8 @@ class H1Response:
         that body would otherwise stand in the way of the next answer on it."""
         content = self.content
         try:
-            if content.is_eof():  # all of it is in: one read of the buffer, no read loop (~100
-                return content.read_nowait()  # bytecodes less than read's)
+            if content.is_eof():  # all of it is in: its buffer taken, no read loop (~100
+                return take_arrived(content)  # bytecodes less than read's)
             return await content.read()
         except BaseException:
             self.close()

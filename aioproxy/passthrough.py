@@ -5,6 +5,7 @@ events turned into the client's error, secrets masked, and its final event check
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .budget import BufferBudget
 from .context import Deployment
@@ -97,7 +98,7 @@ class PassedEvents:
     for good once it fails, is read to its end or is closed, closing the blocks it reads (their
     held budget bytes given back; dropped unclosed, the blocks give them back as they go)."""
 
-    __slots__ = ("_blocks", "_deployment", "_error", "_kind", "_last", "_response")
+    __slots__ = ("_blocks", "_deployment", "_error", "_kind", "_last", "_response", "transform")
 
     def __init__(
         self,
@@ -118,6 +119,10 @@ class PassedEvents:
         self._last = b""  # the last block passed on: the stream's final event is checked there
         # An error event found after events passed on with it: raised by the next read.
         self._error: ProxyError | None = None
+        # What each block passed on goes through first (the usage tap's strip), if set; a block
+        # it empties passes nothing on. In here, not an iterator around this one (measured: ~20
+        # bytecodes and a coroutine a block less, and the outer iterator's aclose).
+        self.transform: Callable[[bytes], bytes] | None = None
 
     def __aiter__(self) -> PassedEvents:
         return self
@@ -129,19 +134,26 @@ class PassedEvents:
         try:
             if (error := self._error) is not None:
                 raise error
-            block = await blocks.__anext__()
-            # The rare block worth a closer look (measured: ~1 ns a byte). ``find``, not ``in``:
-            # ``b"..." in block`` first tries its operand as an integer, raising and clearing a
-            # TypeError per event.
-            if block.find(b"error") >= 0:
-                block, error = _errors_in(block, self._deployment, self._kind)
-                if error is not None:
-                    if not block:
-                        raise error
-                    self._error = error  # the events before it go out first
+            transform = self.transform
+            while True:
+                block = await blocks.__anext__()
+                # The rare block worth a closer look (measured: ~1 ns a byte). ``find``, not
+                # ``in``: ``b"..." in block`` first tries its operand as an integer, raising and
+                # clearing a TypeError per event.
+                if block.find(b"error") >= 0:
+                    block, error = _errors_in(block, self._deployment, self._kind)
+                    if error is not None:
+                        if block and transform is not None:
+                            block = transform(block)
+                        if not block:
+                            raise error
+                        self._error = error  # the events before it go out first
+                        return block
+                self._last = block
+                if transform is None:
                     return block
-            self._last = block
-            return block
+                if block := transform(block):
+                    return block
         except StopAsyncIteration:
             self._blocks = None  # read to its end (the blocks ended themselves)
         except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure

@@ -36,7 +36,9 @@ __all__ = [
 DAY = 86400.0
 _AT = {name: i for i, name in enumerate(schema.REQUEST_COLUMNS)}
 _group_of = operator.itemgetter(_AT["day"], _AT["key_id"], _AT["team_id"], _AT["model"])
-_INPUT, _OUTPUT, _COST = _AT["input_tokens"], _AT["output_tokens"], _AT["cost"]
+_input_of, _output_of, _cost_of = (
+    operator.itemgetter(_AT[name]) for name in ("input_tokens", "output_tokens", "cost")
+)
 _table = schema.spend_days
 _log = schema.requests.c
 # ``group_by`` -> the request log's column and the roll-up's.
@@ -62,38 +64,35 @@ async def add_rows(connection: AsyncConnection, rows: Iterable[tuple[Any, ...]])
     """Add request log rows (``schema.REQUEST_COLUMNS``' order) to the roll-up: one upsert
     statement, executed for each group in a fixed order (instances sharing the database lock
     them alike: no deadlock)."""
-    sums: dict[tuple[Any, ...], list[Any]] = {}
-    for row in rows:  # the writer's per-row work: kept to a few operations
+    groups: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:  # the writer's per-row work: its group's list, summed in C below
         group = _group_of(row)
-        found = sums.get(group)
+        found = groups.get(group)
         if found is None:
-            sums[group] = [1, row[_INPUT], row[_OUTPUT], row[_COST] or 0.0]
+            groups[group] = [row]
         else:
-            found[0] += 1
-            found[1] += row[_INPUT]
-            found[2] += row[_OUTPUT]
-            found[3] += row[_COST] or 0.0
-    if not sums:
+            found.append(row)
+    if not groups:
         return
     # One group (a batch of one key and model, the usual batch under light load) needs no sort.
-    ordered = sorted(sums.items(), key=_sort_key) if len(sums) > 1 else sums.items()
+    ordered = sorted(groups.items(), key=_sort_key) if len(groups) > 1 else groups.items()
     values = [
         {
             "day": day,
             "key_id": key_id or "",
             "team_id": team_id or "",
             "model": model or "",
-            "requests": requests,
-            "input_tokens": tokens_in,
-            "output_tokens": tokens_out,
-            "cost": cost,
+            "requests": len(grouped),
+            "input_tokens": sum(map(_input_of, grouped)),
+            "output_tokens": sum(map(_output_of, grouped)),
+            "cost": sum(filter(None, map(_cost_of, grouped)), 0.0),  # None: not priced
         }
-        for (day, key_id, team_id, model), (requests, tokens_in, tokens_out, cost) in ordered
+        for (day, key_id, team_id, model), grouped in ordered
     ]
     await connection.execute(_upsert(connection.dialect.name), values)
 
 
-def _sort_key(item: tuple[tuple[Any, ...], list[Any]]) -> tuple[str, ...]:
+def _sort_key(item: tuple[tuple[Any, ...], list[tuple[Any, ...]]]) -> tuple[str, ...]:
     return tuple(part or "" for part in item[0])
 
 

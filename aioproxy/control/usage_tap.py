@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from ..context import STREAM_FILTER, Call
 from ..outcome import Usage, chunk_usage
+from ..passthrough import PassedEvents
 from ..providers import StreamReply
 from ..routes import Kind
 from ..streaming import data_of
@@ -65,7 +66,11 @@ class UsageTap:
         self.found: Usage | None = None  # and its usage, read
 
     def __call__(self, reply: StreamReply) -> StreamReply:
-        reply.events = _Tapped(self, reply.events)  # the reply kept: its close, its headers
+        events = reply.events  # the reply kept: its close, its headers
+        if events.__class__ is PassedEvents and events.transform is None:
+            events.transform = self.strip  # the core's pass-through strips its blocks itself
+        else:
+            reply.events = _Tapped(self, events)
         return reply
 
     def strip(self, block: bytes) -> bytes:

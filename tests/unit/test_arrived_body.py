@@ -1,13 +1,22 @@
-"""_aiohttp.read_arrived_body: a body that came whole is read as ``request.read()`` reads it."""
+"""_aiohttp.read_arrived_body: a body that came whole is read as ``request.read()`` reads it;
+take_arrived: a payload at EOF is read as ``read_nowait`` reads it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+import pytest
+from aiohttp import StreamReader, web
 from aiohttp.test_utils import TestClient
 
-from aioproxy._aiohttp import read_arrived_body
+from aioproxy._aiohttp import (
+    EMPTY_PAYLOAD,
+    BaseProtocol,
+    read_any,
+    read_arrived_body,
+    take_arrived,
+)
 
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -37,3 +46,150 @@ async def test_a_body_over_client_max_size_is_413(aiohttp_client: Client) -> Non
     assert "Maximum request body size 8 exceeded." in await response.text()
     response = await client.post("/", data=b"x" * 8)  # at the limit: read
     assert (await response.json())["body"] == "x" * 8
+
+
+async def test_a_request_without_a_body_reads_as_empty(aiohttp_client: Client) -> None:
+    client = await aiohttp_client(_app())
+    response = await client.post("/")  # no body: aiohttp's EMPTY_PAYLOAD
+    assert await response.json() == {"body": "", "same": True}
+
+
+# take_arrived, on aiohttp's own StreamReader: it leaves the reader as read_nowait leaves it.
+
+
+def _reader_at_eof(chunks: list[bytes], chunked: bool = False) -> StreamReader:
+    reader = StreamReader(BaseProtocol(asyncio.get_running_loop()), 2**16)
+    if chunked:
+        reader.begin_http_chunk_receiving()
+    for chunk in chunks:
+        reader.feed_data(chunk)
+        if chunked:
+            reader.end_http_chunk_receiving()
+    reader.feed_eof()
+    return reader
+
+
+def _state(reader: StreamReader) -> tuple[object, ...]:
+    splits = reader._http_chunk_splits
+    return (
+        reader._size,
+        reader._cursor,
+        len(reader._buffer),
+        reader.at_eof(),
+        splits and [*splits],
+    )
+
+
+@pytest.mark.parametrize(
+    ("chunks", "chunked"),
+    [
+        ([b'{"model": "m"}'], False),  # the usual body: one chunk, taken as it is
+        ([b'{"a": ', b"1}"], False),  # several: read_nowait's way
+        ([b"data: 1\n\n", b"data: 2\n\n"], True),  # a chunked answer's splits
+        ([b"data: 1\n\n"], True),
+        ([], False),
+    ],
+)
+async def test_take_arrived_reads_as_read_nowait(chunks: list[bytes], chunked: bool) -> None:
+    taken, read = _reader_at_eof(chunks, chunked), _reader_at_eof(chunks, chunked)
+    assert take_arrived(taken) == read.read_nowait() == b"".join(chunks)
+    assert _state(taken) == _state(read)
+    assert await taken.read() == b""  # a later read finds the end, as after read_nowait
+    assert await taken.readchunk() == await read.readchunk()
+
+
+async def test_take_arrived_after_an_earlier_read_drops_the_splits_read_past() -> None:
+    def reader_read_once() -> StreamReader:
+        reader = StreamReader(BaseProtocol(asyncio.get_running_loop()), 2**16)
+        reader.begin_http_chunk_receiving()
+        reader.feed_data(b"data: 1\n\n")
+        reader.end_http_chunk_receiving()
+        assert reader.read_nowait() == b"data: 1\n\n"  # its split stays until read past
+        reader.feed_data(b"data: 2\n\n")
+        reader.end_http_chunk_receiving()
+        reader.feed_eof()
+        return reader
+
+    taken, read = reader_read_once(), reader_read_once()
+    assert take_arrived(taken) == read.read_nowait() == b"data: 2\n\n"
+    assert _state(taken) == _state(read) == (0, 18, 0, True, [18])
+
+
+async def test_take_arrived_raises_the_readers_error() -> None:
+    reader = _reader_at_eof([b"{}"])
+    reader.set_exception(ValueError("broken body"))
+    with pytest.raises(ValueError, match="broken body"):
+        take_arrived(reader)
+
+
+def test_take_arrived_of_no_body_is_empty() -> None:
+    assert take_arrived(EMPTY_PAYLOAD) == b""
+
+
+# read_any: aiohttp's readany, a lone chunk taken whole.
+
+
+class _Resumes(BaseProtocol):
+    """aiohttp's protocol, counting the reader's calls to resume reading."""
+
+    def __init__(self) -> None:
+        super().__init__(asyncio.get_running_loop())
+        self.resumed = 0
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self.resumed += 1
+
+
+def _reader(chunks: list[bytes], eof: bool = False) -> tuple[StreamReader, _Resumes]:
+    protocol = _Resumes()
+    protocol.transport = asyncio.Transport()  # connected: a read may wait
+    reader = StreamReader(protocol, 2**16)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    if eof:
+        reader.feed_eof()
+        protocol.resumed = 0  # feed_eof's own
+    return reader, protocol
+
+
+@pytest.mark.parametrize(
+    ("chunks", "eof"),
+    [
+        ([b"data: 1\n\n"], False),  # the usual read: one chunk, its reader resumed
+        ([b"data: 1\n\n", b"data: 2\n\n"], False),
+        ([b"data: 1\n\n"], True),  # at the end: nothing to resume
+        ([], True),  # the end itself: b""
+    ],
+)
+async def test_read_any_reads_as_readany(chunks: list[bytes], eof: bool) -> None:
+    (ours, ours_protocol), (theirs, theirs_protocol) = _reader(chunks, eof), _reader(chunks, eof)
+    assert await read_any(ours) == await theirs.readany() == b"".join(chunks)
+    assert _state(ours) == _state(theirs)
+    # At the end, feed_eof resumed reading already: readany's second resume is left out.
+    assert ours_protocol.resumed == (0 if eof else theirs_protocol.resumed)
+
+
+async def test_read_any_waits_for_data_then_its_end() -> None:
+    reader, _ = _reader([])
+    reading = asyncio.ensure_future(read_any(reader))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    reader.feed_data(b"data: 1\n\n")
+    assert await reading == b"data: 1\n\n"
+    reader.feed_eof()
+    assert await read_any(reader) == b""
+
+
+async def test_read_any_raises_the_error_that_came_while_waiting() -> None:
+    reader, _ = _reader([])
+    reading = asyncio.ensure_future(read_any(reader))
+    await asyncio.sleep(0)
+    reader.set_exception(ValueError("cut"))
+    with pytest.raises(ValueError, match="cut"):
+        await reading
+    with pytest.raises(ValueError, match="cut"):  # and on every read after
+        await read_any(reader)
+
+
+async def test_read_any_of_no_body_is_empty() -> None:
+    assert await read_any(EMPTY_PAYLOAD) == b""

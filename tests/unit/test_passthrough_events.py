@@ -124,3 +124,40 @@ async def test_dropped_unclosed_it_gives_the_held_bytes_back() -> None:
     del stream
     gc.collect()
     assert budget.used == 0
+
+
+def _without_usage(block: bytes) -> bytes:
+    """A transform as the usage tap's: its usage event taken out of a block."""
+    return block.replace(b"data: usage\n\n", b"")
+
+
+async def test_a_transform_changes_each_block_and_an_emptied_one_passes_nothing_on() -> None:
+    response = _Response(b"data: 1\n\ndata: usage\n\n", eof=False)
+    stream = _events(response)
+    stream.transform = _without_usage
+    assert await anext(stream) == b"data: 1\n\n"
+    response.content.feed_data(b"data: usage\n\n")  # a block it empties: the next one comes
+    reading = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    response.content.feed_data(b"data: [DONE]\n\n")
+    response.content.feed_eof()
+    assert await reading == b"data: [DONE]\n\n"
+    assert await _read(stream) == []
+    assert response.released == 1  # complete: its final event was checked as it came
+
+
+async def test_a_transform_changes_the_events_before_an_error() -> None:
+    stream = _events(_Response(b"data: 1\n\ndata: usage\n\n" + ERROR))
+    stream.transform = _without_usage
+    assert await anext(stream) == b"data: 1\n\n"
+    with pytest.raises(ProxyError):
+        await anext(stream)
+
+    stream = _events(_Response(b"data: usage\n\n" + ERROR))  # all of them taken out
+    stream.transform = _without_usage
+    with pytest.raises(ProxyError) as raised:  # the error at once, as the next read gave it
+        await anext(stream)
+    assert "overloaded" in raised.value.message
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
