@@ -270,3 +270,23 @@ async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
     await one_request()
     await deployments.sync()
     assert sum(int(count) for count in await client.hvals(base + b":r")) == 1  # the new one
+
+
+async def test_each_key_read_once_counts_as_before(client: aioredis.Redis) -> None:
+    """The script reads each key once and computes on what it read: a window's buckets older
+    than a minute are dropped and the rest counted, a dead instance's requests in flight are
+    dropped and a live one's counted, the settle's change lands in this second's bucket."""
+    now = int((await client.time())[0])
+    await client.hset(f"{ONE}:r", mapping={now - 120: 7, now - 30: 4})
+    await client.hset(f"{ONE}:t", mapping={now - 120: 70, now - 30: 40})
+    await client.hset(f"{ONE}:flights", mapping={"dead": 3, "live": 2, ME: 1})
+    await client.set(f"{PREFIX}:alive:live", 1)
+    call = counters_call(settle(ONE, delta=-4), reservation(ONE))
+    ((admitted, _, requests, tokens),) = _unpack(await client.eval(_APPLY, *call))
+    # 4 + this one; 40 + the settle's -4 + this one's 10 (the dead instance's 3 slots not held)
+    assert (admitted, requests, tokens) == (1, 5, 46)
+    for name in ("r", "t"):  # the old bucket dropped, the other kept, this second's added
+        seconds = sorted(int(field) for field in await client.hkeys(f"{ONE}:{name}"))
+        assert len(seconds) == 2 and seconds[0] == now - 30 and seconds[1] >= now
+    # this instance: its one freed by the settle, one taken by the reservation
+    assert await client.hgetall(f"{ONE}:flights") == {b"live": b"2", ME.encode(): b"1"}
