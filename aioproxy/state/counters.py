@@ -67,7 +67,9 @@ _NONE = -1  # a limit not set, as the scripts read it
 # an instance's field counts while its lease lives (its own always), and a dead one's is
 # dropped. A reservation of no tokens (a cached answer) is not held to the tpm. Returns,
 # packed, per reservation: {1, reset, per scope its requests and tokens in the window}, or,
-# refused, {0, reset, those counts, the scope's position, the reason, the wait}.
+# refused, {0, reset, those counts, the scope's position, the reason, the wait}, or {2}: a key
+# of its scopes cannot be counted (``UNCHECKED``, below). A call that met such keys returns
+# {those replies, packed; the keys and why, packed}.
 # A call's answer can be lost after Redis ran it (a timeout, a dropped connection): its
 # requests then went on without Redis. The record (a key per instance) holds the number of
 # the last call run and what its reservations took (per scope: key, slots, reserved cost).
@@ -80,9 +82,13 @@ _NONE = -1  # a limit not set, as the scripts read it
 # not at all): every argument's type and range is checked, and every key the call touches is
 # read once, checked (of its type, holding counts, a spend INCRBYFLOAT adds to) and copied;
 # the counts are computed on the copies, and written at the end, each count's final value set
-# (HSET: no command that can fail on what a key holds). A call that fails writes nothing; its
-# error is the caller's (``_Waiters.set_exception``). Each key read once: a call costs Redis
-# about what it did before any check.
+# (HSET: no command that can fail on what a key holds). A call that fails (on arguments only
+# aioproxy's own code can get wrong) writes nothing; its error is the caller's
+# (``_Waiters.set_exception``). Each key read once: a call costs Redis about what it did before
+# any check. A key the call cannot count (one under the prefix given another type, or what is
+# not a count) fails its scope alone, not the batch: that scope's reservations are answered
+# unchecked (counted by their process, as with Redis away), its settles' changes to that key
+# dropped, the rest of the batch counted.
 _APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
@@ -112,21 +118,29 @@ local function whole(text)  -- an integer as a command's argument (at most 18 di
   local digits = text:match('^-?(%d+)$')
   return digits ~= nil and #digits <= 18
 end
-local kinds = {}  -- per key read: the type it is read as (one read as two fails)
+-- A key this call cannot count (of another type, holding what is not a count): its scope's
+-- alone. Reported (key, why) with the answer; the requests of its scope answered UNCHECKED
+-- (counted by their process), nothing written to it. Its reader answers false.
+local broken, UNCHECKED = {}, {2}
+local function unusable(key, why)
+  broken[#broken + 1] = key
+  broken[#broken + 1] = why
+  return false
+end
+local kinds = {}  -- per key read: the type it is read as (one read as two: unusable)
 local function read(key, kind, command)
   local was = kinds[key]
-  if was ~= nil and was ~= kind then fail(key .. ' is used as two types') end
+  if was ~= nil and was ~= kind then return nil, key .. ' is used as two types' end
   kinds[key] = kind
   local reply = redis.pcall(command, key)
-  if type(reply) == 'table' and reply.err then fail(key .. ': ' .. reply.err) end
+  if type(reply) == 'table' and reply.err then return nil, reply.err end
   return reply
 end
 -- A count read: any number is summed; one this call writes back (HSET), an integer.
-local function not_counted(key) fail(key .. ' holds a field that is not a count') end
-local function count(key, text)
+local NOT_COUNT = 'holds a field that is not a count'
+local function count(text)
   local v = tonumber(text)
-  if not v or v % 1 ~= 0 or v >= BOUND or v <= -BOUND then not_counted(key) end
-  return v
+  if v and v % 1 == 0 and v < BOUND and v > -BOUND then return v end
 end
 -- A window of one-second buckets: this second's count, the others' sum over the last minute
 -- and their oldest second with a count, the buckets older than that (dropped), and whether
@@ -134,16 +148,19 @@ end
 local windows = {}
 local function window(key)
   local w = windows[key]
-  if w then return w end
-  local all = read(key, 'hash', 'HGETALL')
+  if w ~= nil then return w end
+  local all, why = read(key, 'hash', 'HGETALL')
+  windows[key] = false
+  if not all then return unusable(key, why) end
   local here, sum, oldest, stale, out = 0, 0, nil, {}, sec - 60
   for i = 1, #all, 2 do
     local field = all[i]
     if field == second then
-      here = count(key, all[i + 1])
+      here = count(all[i + 1])
+      if not here then return unusable(key, NOT_COUNT) end
     else
       local s, v = tonumber(field), tonumber(all[i + 1])
-      if not (s and v) then not_counted(key) end
+      if not (s and v) then return unusable(key, NOT_COUNT) end
       if s <= out then
         stale[#stale + 1] = field
       else
@@ -171,15 +188,18 @@ end
 local instances = {}
 local function per_instance(key)
   local h = instances[key]
-  if h then return h end
-  local all = read(key, 'hash', 'HGETALL')
+  if h ~= nil then return h end
+  local all, why = read(key, 'hash', 'HGETALL')
+  instances[key] = false
+  if not all then return unusable(key, why) end
   local mine, others = 0, {}
   for i = 1, #all, 2 do
     if all[i] == me then
-      mine = count(key, all[i + 1])
+      mine = count(all[i + 1])
+      if not mine then return unusable(key, NOT_COUNT) end
     else
       local v = tonumber(all[i + 1])
-      if not v then not_counted(key) end
+      if not v then return unusable(key, NOT_COUNT) end
       others[#others + 1] = all[i]
       others[#others + 1] = v
     end
@@ -203,7 +223,7 @@ local function in_flight(h)
   return h[1] + h[3]
 end
 local function free(h, n)
-  if n > 0 then h[1], h[5] = math.max(0, h[1] - n), true end
+  if h and n > 0 then h[1], h[5] = math.max(0, h[1] - n), true end
 end
 local function take(h, n)
   h[1], h[5], h[6] = h[1] + n, true, true
@@ -212,13 +232,15 @@ end
 local spends = {}
 local function spend(key)
   local s = spends[key]
-  if s then return s end
-  local value = read(key, 'string', 'GET')
+  if s ~= nil then return s end
+  local value, why = read(key, 'string', 'GET')
+  spends[key] = false
+  if value == nil then return unusable(key, why) end
   local amount = 0
   if value then
     amount = tonumber(value)
     if not (value:match('^[-+]?[%d.]+[eE]?[-+]?%d*$') and figure(amount, -1e300)) then
-      fail(key .. ' does not hold a number')
+      return unusable(key, 'does not hold a number')
     end
   end
   s = {amount, 0, 0}
@@ -239,12 +261,12 @@ end
 local function settle(list)
   for a = 2, #list, 7 do
     local base, delta, cost = list[a], list[a + 1], list[a + 3]
-    local t = window(base .. ':t')
-    if delta ~= 0 then add(t, delta) end
+    local t = window(base .. ':t')  -- each change to a key unusable dropped, the rest made
+    if t and delta ~= 0 then add(t, delta) end
     free(per_instance(base .. ':flights'), list[a + 2])
     free(per_instance(base .. ':held'), list[a + 6])
-    if cost > 0 then
-      local s = spend(base .. ':s:' .. list[a + 4])
+    local s = cost > 0 and spend(base .. ':s:' .. list[a + 4])
+    if s then
       s[1], s[2] = s[1] + cost, s[2] + cost
       if list[a + 5] > 0 then s[3] = list[a + 5] end
     end
@@ -257,17 +279,30 @@ if type(settles) ~= 'table' or type(settles[1]) ~= 'table' or type(words) ~= 'ta
   fail('arguments')
 end
 local call = words[1]
-local last = read(record, 'string', 'GET')
-last = last and cmsgpack.unpack(last) or {0}
-if type(last) ~= 'table' or not int(last[1], 0) or (#last - 1) % 3 ~= 0 then fail(record) end
+-- This instance's record, if it is one: else as if none were kept (as when it expired), and
+-- replaced.
+local function recorded(kept)
+  if not kept then return kept end
+  local ok, last = pcall(cmsgpack.unpack, kept)
+  if not (ok and type(last) == 'table' and int(last[1], 0) and (#last - 1) % 3 == 0) then
+    return nil
+  end
+  for i = 2, #last, 3 do
+    if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then return nil end
+  end
+  return last
+end
+local kept, why = read(record, 'string', 'GET')
+local last = recorded(kept)
+if last == nil then
+  unusable(record, why or 'is not a record of calls')
+  last = {0}
+end
+last = last or {0}
 if last[1] >= call then return cmsgpack.pack({}) end
 for _, lost in ipairs(settles[1]) do
   if type(lost) ~= 'table' or not int(lost[1], 0) then fail('a lost call') end
-  if lost[1] == last[1] then
-    for i = 2, #last, 3 do
-      if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then fail(record) end
-    end
-  elseif lost[1] > last[1] then
+  if lost[1] > last[1] then
     checked_settles(lost)
   end
 end
@@ -302,21 +337,38 @@ settle(settles)
 -- Per scope: its windows and counts in flight (the cost reserved read if budgeted), then
 -- requests, tokens, their oldest seconds and requests in flight, with what this batch adds,
 -- and the cost reserved in flight.
+-- False: a key of the scope is unusable.
 local scopes = {}
 local function scope(base, budgeted)
   local w = scopes[base]
   if w == nil then
     local r, t, f = window(base .. ':r'), window(base .. ':t'), per_instance(base .. ':flights')
+    if not (r and t and f) then
+      scopes[base] = false
+      return false
+    end
     local requests, r_oldest = totals(r)
     local used, t_oldest = totals(t)
     w = {requests, used, r_oldest, t_oldest, in_flight(f), 0, 0, 0, nil, 0, r, t, f, nil}
     scopes[base] = w
   end
-  if budgeted and w[14] == nil then
-    w[14] = per_instance(base .. ':held')
-    w[9] = in_flight(w[14])
+  if w and budgeted and w[14] == nil then
+    local h = per_instance(base .. ':held')
+    if not h then return false end
+    w[14], w[9] = h, in_flight(h)
   end
   return w
+end
+-- Whether every key of the reservation's scopes (from ``first`` to ``after``) is usable:
+-- each read, every unusable one reported.
+local function usable(first, after)
+  local all = true
+  for b = first, after - 1, 7 do
+    local budgeted = words[b + 4] >= 0
+    if not scope(words[b], budgeted) then all = false end
+    if budgeted and not spend(words[b] .. ':s:' .. words[b + 6]) then all = false end
+  end
+  return all
 end
 local replies, a = {}, 2
 while a <= #words do
@@ -325,15 +377,17 @@ while a <= #words do
   local first = a + 3
   a = first + 7 * n
   local out = {1, reset}
-  for b = first, a - 1, 7 do
-    local budget = words[b + 4]
-    local w = scope(words[b], budget >= 0)
-    if budget >= 0 then spend(words[b] .. ':s:' .. words[b + 6]) end
-    out[#out + 1] = w[1]
-    out[#out + 1] = w[2]
-  end
   local refused, wait
-  for s = 1, n do
+  if usable(first, a) then
+    for b = first, a - 1, 7 do
+      local w = scopes[words[b]]
+      out[#out + 1] = w[1]
+      out[#out + 1] = w[2]
+    end
+  else
+    out, refused = UNCHECKED, true
+  end
+  for s = 1, refused and 0 or n do
     local b = first + 7 * (s - 1)
     local w = scopes[words[b]]
     local rpm, tpm, parallel, budget = words[b + 1], words[b + 2], words[b + 3], words[b + 4]
@@ -375,7 +429,7 @@ while a <= #words do
   end
   replies[#replies + 1] = out
 end
--- Every read done, nothing failed: the writes.
+-- Every read done, nothing failed: the writes (none to a key unusable: false here).
 local function drop(key, fields)  -- in HDELs of at most 1,000 fields (unpack's stack)
   for i = 1, #fields, 1000 do
     redis.call('HDEL', key, unpack(fields, i, math.min(i + 999, #fields)))
@@ -383,45 +437,57 @@ local function drop(key, fields)  -- in HDELs of at most 1,000 fields (unpack's 
 end
 local taken = {call}
 for base, w in pairs(scopes) do
-  if w[6] > 0 then
-    add(w[11], w[6])
-    add(w[12], w[7])
-  end
-  if w[10] > 0 then take(w[13], w[10]) end
-  if w[8] > 0 then take(w[14], w[8]) end
-  if w[10] > 0 or w[8] > 0 then
-    taken[#taken + 1] = base
-    taken[#taken + 1] = w[10]
-    taken[#taken + 1] = w[8]
+  if w then
+    if w[6] > 0 then
+      add(w[11], w[6])
+      add(w[12], w[7])
+    end
+    if w[10] > 0 then take(w[13], w[10]) end
+    if w[8] > 0 then take(w[14], w[8]) end
+    if w[10] > 0 or w[8] > 0 then
+      taken[#taken + 1] = base
+      taken[#taken + 1] = w[10]
+      taken[#taken + 1] = w[8]
+    end
   end
 end
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 for key, w in pairs(windows) do
-  drop(key, w[4])
-  if w[5] then
-    redis.call('HSET', key, second, w[1])
-    redis.call('EXPIRE', key, 120)
+  if w then
+    drop(key, w[4])
+    if w[5] then
+      redis.call('HSET', key, second, w[1])
+      redis.call('EXPIRE', key, 120)
+    end
   end
 end
 for key, h in pairs(instances) do
-  drop(key, h[4])
-  if h[5] then
-    if h[1] > 0 then redis.call('HSET', key, me, h[1]) else redis.call('HDEL', key, me) end
+  if h then
+    drop(key, h[4])
+    if h[5] then
+      if h[1] > 0 then redis.call('HSET', key, me, h[1]) else redis.call('HDEL', key, me) end
+    end
+    if h[6] then redis.call('EXPIRE', key, 3600) end
   end
-  if h[6] then redis.call('EXPIRE', key, 3600) end
 end
 for key, s in pairs(spends) do
-  if s[2] > 0 then
+  if s and s[2] > 0 then
     redis.call('INCRBYFLOAT', key, s[2])
     if s[3] > 0 then redis.call('EXPIRE', key, s[3]) end
   end
 end
 redis.call('SET', record, cmsgpack.pack(taken), 'EX', 86400)
+if #broken > 0 then return {cmsgpack.pack(replies), cmsgpack.pack(broken)} end
 return cmsgpack.pack(replies)
 """
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
+_unpack_broken = msgspec.msgpack.Decoder(list[str]).decode  # key, why, key, why ...
+
+UNCHECKED = 2  # a reservation's answer: a key of its scopes cannot be counted in Redis
+_NOT_COUNTED = [UNCHECKED]
+UNUSABLE_LOG_EVERY = 60.0  # seconds: a key that cannot be counted is logged once in these
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
 
@@ -623,9 +689,13 @@ class _Waiters:
     def done(self) -> bool:
         return self.answered
 
-    def set_result(self, packed: bytes, /) -> None:
+    def set_result(self, packed: Any, /) -> None:
+        replies = packed  # bytes, or [bytes, bytes]: it met keys it cannot count
+        if type(replies) is list:
+            replies, broken = replies
+            self.counters.unusable(_unpack_broken(broken))
         for (future, scopes, tokens, held), reply in zip(
-            self.waiting, _unpack(packed), strict=True
+            self.waiting, _unpack(replies), strict=True
         ):
             if not future.done():
                 future.set_result(reply)
@@ -686,6 +756,7 @@ class SharedCounters:
         self._drained: asyncio.Future[None] | None = None  # close waits for their answers
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
+        self._unusable_logged: dict[str, float] = {}  # per key that cannot be counted: when
         self.batcher.add_source(self.take)
         link.on_resume(self._resend)
 
@@ -721,6 +792,27 @@ class SharedCounters:
                     merged[4] = wall
         if self.link.up:  # else sent when Redis is back
             self.batcher.wake()
+
+    def unusable(self, broken: list[str]) -> None:
+        """Keys a call could not count (key, why, ...): each counted in the metrics, logged
+        once a minute (every batch holding its scope's requests meets it)."""
+        now = self.clock.monotonic()
+        logged = self._unusable_logged
+        for key, why in zip(broken[::2], broken[1::2], strict=True):
+            self.link.count_unusable()
+            if now - logged.get(key, -math.inf) < UNUSABLE_LOG_EVERY:
+                continue
+            if len(logged) >= 1000:  # bounded: the oldest forgotten
+                del logged[next(iter(logged))]
+            logged.pop(key, None)
+            logged[key] = now
+            log.error(
+                "state: Redis key %s cannot be counted (%s): the requests of its scope are "
+                "counted by each process alone, and its settles dropped, until it is deleted "
+                "(logged once a minute)",
+                key,
+                why,
+            )
 
     def missed(self, lost: list[list[Any]], error: BaseException) -> None:
         """A call's answer was lost: it goes with the next call, when Redis is back, which
@@ -844,11 +936,13 @@ class SharedCounters:
             answer = await future
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
-            falling_back = self.fall_back(call, limits, tokens, held, locally)
-            if falling_back is not None:
-                await falling_back
-            return
-        if answer[0] == 0:
+            answer = _NOT_COUNTED
+        if answer[0] != 1:
+            if answer[0] == UNCHECKED:  # Redis failed, or a key of its scopes is unusable
+                falling_back = self.fall_back(call, limits, tokens, held, locally)
+                if falling_back is not None:
+                    await falling_back
+                return
             index, reason, wait = answer[-3:]
             name, entry, _ = limits.scopes[int(index) - 1]
             refused = _refusal(name, entry, reason, wait)

@@ -73,6 +73,8 @@ class RedisLink:
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
         self._scripts: dict[str, LuaScript] = {}  # preloaded: again when Redis is back
         self.on_lost: Callable[[], None] | None = None  # counts it (the metrics, when on)
+        self.unusable = 0  # times a script met a key it cannot count (for metrics and tests)
+        self.on_unusable: Callable[[], None] | None = None  # counts those (the metrics)
 
     def on_resume(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time Redis comes back (resubscribe, reload what was missed)."""
@@ -118,6 +120,12 @@ class RedisLink:
         PING: a Redis that answers but refuses writes (out of memory under ``noeviction``, a
         replica after a failover) is not back, or each request would find it lost again."""
         await self.client.set(self.alive_prefix + self.instance, 1, px=self.lease_ms)
+
+    def count_unusable(self) -> None:
+        """A script met a key it cannot count: that key's scope fell back, not the link."""
+        self.unusable += 1
+        if self.on_unusable is not None:
+            self.on_unusable()
 
     def lost(self, error: BaseException) -> None:
         """A call failed: fall back until a ping answers again."""
