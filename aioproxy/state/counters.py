@@ -136,6 +136,13 @@ local function read(key, kind, command)
   if type(reply) == 'table' and reply.err then return nil, reply.err end
   return reply
 end
+-- A hash's fields and values, read for ``memo`` (which holds false for it until it is parsed);
+-- false if it is unusable.
+local function hash(memo, key)
+  local all, why = read(key, 'hash', 'HGETALL')
+  memo[key] = false
+  return all or unusable(key, why)
+end
 -- A count read: any number is summed; one this call writes back (HSET), an integer.
 local NOT_COUNT = 'holds a field that is not a count'
 local function count(text)
@@ -149,9 +156,8 @@ local windows = {}
 local function window(key)
   local w = windows[key]
   if w ~= nil then return w end
-  local all, why = read(key, 'hash', 'HGETALL')
-  windows[key] = false
-  if not all then return unusable(key, why) end
+  local all = hash(windows, key)
+  if not all then return false end
   local here, sum, oldest, stale, out = 0, 0, nil, {}, sec - 60
   for i = 1, #all, 2 do
     local field = all[i]
@@ -189,9 +195,8 @@ local instances = {}
 local function per_instance(key)
   local h = instances[key]
   if h ~= nil then return h end
-  local all, why = read(key, 'hash', 'HGETALL')
-  instances[key] = false
-  if not all then return unusable(key, why) end
+  local all = hash(instances, key)
+  if not all then return false end
   local mine, others = 0, {}
   for i = 1, #all, 2 do
     if all[i] == me then
