@@ -10,17 +10,24 @@ counters (nor refuses their scripts, under ``noeviction``) for the cache's sake.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from redis.exceptions import RedisError
 
 from ..config import CacheConfig
-from ..state.batch import LuaScript
+from ..state.batch import LuaScript, script_failed
 from ..state.link import RedisLink
 from .stores import Entry
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("aioproxy")
+
+REFUSED_LOG_EVERY = 60.0  # seconds: a call Redis refuses for what a key holds, logged once
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Entry).decode
@@ -29,25 +36,30 @@ _decode = msgspec.msgpack.Decoder(Entry).decode
 # (a hash: entry -> bytes) and the total's keys; the entry's name, its value, its TTL (ms);
 # the bounds in entries and bytes. An entry expired by its TTL keeps its place in the index
 # until it is the oldest (the bounds hold, a little early).
+# Redis keeps what a script wrote before it failed: the accounting keys are read first, each of
+# its type (WRONGTYPE fails the call there, before any write: nothing is kept, the cache misses
+# until the key is deleted), and the total is computed here and set once at the end (a size
+# or a total that is not a number counts as 0), so no write can fail on what a key holds.
 _KEEP = """
 local prefix, index, sizes, total = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local name, value = ARGV[5], ARGV[6]
 local most, limit = tonumber(ARGV[8]), tonumber(ARGV[9])
-local old = redis.call('HGET', sizes, name)
-if old then redis.call('DECRBY', total, old) end
+local count = redis.call('ZCARD', index)
+local old = tonumber(redis.call('HGET', sizes, name)) or 0
+local bytes = tonumber(redis.call('GET', total)) or 0
+bytes = bytes - old + #value
 redis.call('SET', prefix .. name, value, 'PX', ARGV[7])
 local clock = redis.call('TIME')
-redis.call('ZADD', index, clock[1] * 1000000 + clock[2], name)
+count = count + redis.call('ZADD', index, clock[1] * 1000000 + clock[2], name)
 redis.call('HSET', sizes, name, #value)
-local bytes = redis.call('INCRBY', total, #value)
-local count = redis.call('ZCARD', index)
 while count > 0 and (count > most or bytes > limit) do
   local oldest = redis.call('ZPOPMIN', index)[1]
-  bytes = redis.call('DECRBY', total, redis.call('HGET', sizes, oldest) or 0)
+  bytes = bytes - (tonumber(redis.call('HGET', sizes, oldest)) or 0)
   redis.call('HDEL', sizes, oldest)
   redis.call('DEL', prefix .. oldest)
   count = count - 1
 end
+redis.call('SET', total, math.max(0, bytes))
 """
 
 
@@ -55,8 +67,15 @@ class RedisStore:
     """Entries with Redis's own expiry, read and written in the link's batches; a Redis that
     fails is a miss, never an error."""
 
-    def __init__(self, link: RedisLink, config: CacheConfig) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        config: CacheConfig,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.link = link
+        self.monotonic = monotonic
+        self._refusal_logged = -REFUSED_LOG_EVERY
         self.prefix = f"{link.prefix}:cache:"
         self.script = LuaScript(_KEEP)
         # The script's words besides the entry, made once: where, and the bounds.
@@ -90,6 +109,21 @@ class RedisStore:
             written.add_done_callback(self._done)
 
     def _done(self, call: asyncio.Future[Any]) -> None:
-        """A failed call marks the link lost (and its exception is retrieved: no warning)."""
-        if not call.cancelled() and (error := call.exception()) is not None:
+        """A failed call marks the link lost (and its exception is retrieved: no warning);
+        but one Redis refused for what a key holds (an entry or an accounting key of another
+        type) is that key's miss alone, logged once a minute: the limits keep Redis."""
+        if call.cancelled() or (error := call.exception()) is None:
+            return
+        if not script_failed(error):
             self.link.lost(error)
+            return
+        self.link.count_unusable()
+        now = self.monotonic()
+        if now - self._refusal_logged >= REFUSED_LOG_EVERY:
+            self._refusal_logged = now
+            log.error(
+                "state: Redis refused a response cache call (%s): a key under the prefix "
+                "holds what the cache cannot use; it misses there until the key is deleted "
+                "(logged once a minute)",
+                error,
+            )

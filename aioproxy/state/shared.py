@@ -100,8 +100,9 @@ def _failure_counters(
     )
     unusable = Counter(
         "aioproxy_state_redis_unusable_keys_total",
-        "Times a limits script met a key under [state] prefix it cannot count (of another "
-        "type, or not holding counts): that key's scope fell back to per-process counters.",
+        "Times a call met a key under [state] prefix it cannot use (of another type, or not "
+        "holding counts): the limits of that key's scope fell back to per-process counters, "
+        "or the response cache missed.",
         registry=registry,
     )
     return lost.inc, unusable.inc
