@@ -10,24 +10,17 @@ counters (nor refuses their scripts, under ``noeviction``) for the cache's sake.
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from redis.exceptions import RedisError
 
 from ..config import CacheConfig
-from ..state.batch import LuaScript, script_failed
+from ..state.batch import LuaScript
 from ..state.link import RedisLink
 from .stores import Entry
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("aioproxy")
-
-REFUSED_LOG_EVERY = 60.0  # seconds: a call Redis refuses for what a key holds, logged once
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Entry).decode
@@ -67,15 +60,8 @@ class RedisStore:
     """Entries with Redis's own expiry, read and written in the link's batches; a Redis that
     fails is a miss, never an error."""
 
-    def __init__(
-        self,
-        link: RedisLink,
-        config: CacheConfig,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, link: RedisLink, config: CacheConfig) -> None:
         self.link = link
-        self.monotonic = monotonic
-        self._refusal_logged = -REFUSED_LOG_EVERY
         self.prefix = f"{link.prefix}:cache:"
         self.script = LuaScript(_KEEP)
         # The script's words besides the entry, made once: where, and the bounds.
@@ -111,19 +97,11 @@ class RedisStore:
     def _done(self, call: asyncio.Future[Any]) -> None:
         """A failed call marks the link lost (and its exception is retrieved: no warning);
         but one Redis refused for what a key holds (an entry or an accounting key of another
-        type) is that key's miss alone, logged once a minute: the limits keep Redis."""
-        if call.cancelled() or (error := call.exception()) is None:
-            return
-        if not script_failed(error):
-            self.link.lost(error)
-            return
-        self.link.count_unusable()
-        now = self.monotonic()
-        if now - self._refusal_logged >= REFUSED_LOG_EVERY:
-            self._refusal_logged = now
-            log.error(
-                "state: Redis refused a response cache call (%s): a key under the prefix "
-                "holds what the cache cannot use; it misses there until the key is deleted "
-                "(logged once a minute)",
+        type) is that key's miss alone, logged, counted: the limits keep Redis."""
+        if not call.cancelled() and (error := call.exception()) is not None:
+            self.link.failed(
                 error,
+                "response cache",
+                "state: Redis refused a response cache call (%s): a key under the prefix holds "
+                "what the cache cannot use; it misses there until the key is deleted",
             )

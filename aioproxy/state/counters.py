@@ -492,7 +492,6 @@ _unpack_broken = msgspec.msgpack.Decoder(list[str]).decode  # key, why, key, why
 
 UNCHECKED = 2  # a reservation's answer: a key of its scopes cannot be counted in Redis
 _NOT_COUNTED = [UNCHECKED]
-UNUSABLE_LOG_EVERY = 60.0  # seconds: a key that cannot be counted is logged once in these
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
 
@@ -761,7 +760,6 @@ class SharedCounters:
         self._drained: asyncio.Future[None] | None = None  # close waits for their answers
         self._prepared: dict[str, _Prepared] = {}  # per key id
         self._taken: asyncio.Future[None] | None = None  # close waits for its settles' batch
-        self._unusable_logged: dict[str, float] = {}  # per key that cannot be counted: when
         self.batcher.add_source(self.take)
         link.on_resume(self._resend)
 
@@ -799,22 +797,12 @@ class SharedCounters:
             self.batcher.wake()
 
     def unusable(self, broken: list[str]) -> None:
-        """Keys a call could not count (key, why, ...): each counted in the metrics, logged
-        once a minute (every batch holding its scope's requests meets it)."""
-        now = self.clock.monotonic()
-        logged = self._unusable_logged
+        """Keys a call could not count (key, why, ...): each counted, logged."""
         for key, why in zip(broken[::2], broken[1::2], strict=True):
-            self.link.count_unusable()
-            if now - logged.get(key, -math.inf) < UNUSABLE_LOG_EVERY:
-                continue
-            if len(logged) >= 1000:  # bounded: the oldest forgotten
-                del logged[next(iter(logged))]
-            logged.pop(key, None)
-            logged[key] = now
-            log.error(
+            self.link.count_unusable(
+                key,
                 "state: Redis key %s cannot be counted (%s): the requests of its scope are "
-                "counted by each process alone, and its settles dropped, until it is deleted "
-                "(logged once a minute)",
+                "counted by each process alone, and its settles dropped, until it is deleted",
                 key,
                 why,
             )

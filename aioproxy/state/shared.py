@@ -54,6 +54,7 @@ class SharedState:
             router.on_cooldown = changes.announce_cooldown
             counters = SharedCounters(link, plane.clock) if plane is not None else None
             if plane is not None:
+                link.monotonic = plane.clock.monotonic  # what it logs once a minute
                 plane.shared = counters
                 plane.announce_change = changes.announce_keys
             runtime = app[runtime_key]
