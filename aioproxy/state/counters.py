@@ -209,7 +209,7 @@ local function per_instance(key)
       others[#others + 1] = v
     end
   end
-  h = {mine, others, nil, {}, false, false, key}
+  h = {mine, others, nil, {}, false, false}
   instances[key] = h
   return h
 end
@@ -284,10 +284,9 @@ if type(settles) ~= 'table' or type(settles[1]) ~= 'table' or type(words) ~= 'ta
   fail('arguments')
 end
 local call = words[1]
--- This instance's record, if it is one: else as if none were kept (as when it expired), and
--- replaced.
+-- This instance's record, if it is one: else as if none were kept (as when it expired),
+-- reported and replaced.
 local function recorded(kept)
-  if not kept then return kept end
   local ok, last = pcall(cmsgpack.unpack, kept)
   if not (ok and type(last) == 'table' and int(last[1], 0) and (#last - 1) % 3 == 0) then
     return nil
@@ -297,12 +296,8 @@ local function recorded(kept)
   end
   return last
 end
-local kept, why = read(record, 'string', 'GET')
-local last = recorded(kept)
-if last == nil then
-  unusable(record, why or 'is not a record of calls')
-  last = {0}
-end
+local kept, why = read(record, 'string', 'GET')  -- false: none kept; nil: unreadable
+local last = kept ~= false and (kept and recorded(kept) or unusable(record, why or 'is no record'))
 last = last or {0}
 if last[1] >= call then return cmsgpack.pack({}) end
 for _, lost in ipairs(settles[1]) do
@@ -339,10 +334,10 @@ for _, lost in ipairs(settles[1]) do
   end
 end
 settle(settles)
--- Per scope: its windows and counts in flight (the cost reserved read if budgeted), then
--- requests, tokens, their oldest seconds and requests in flight, with what this batch adds,
--- and the cost reserved in flight.
--- False: a key of the scope is unusable.
+-- Per scope: requests, tokens, their oldest seconds and requests in flight, with what this
+-- batch adds; then what it adds (requests, tokens, reserved cost), the cost reserved in flight
+-- (if budgeted), the slots it takes; then its windows (requests, tokens) and hashes (in
+-- flight, the cost reserved: if budgeted). False: a key of the scope is unusable.
 local scopes = {}
 local function scope(base, budgeted)
   local w = scopes[base]
