@@ -29,25 +29,30 @@ _decode = msgspec.msgpack.Decoder(Entry).decode
 # (a hash: entry -> bytes) and the total's keys; the entry's name, its value, its TTL (ms);
 # the bounds in entries and bytes. An entry expired by its TTL keeps its place in the index
 # until it is the oldest (the bounds hold, a little early).
+# Redis keeps what a script wrote before it failed: the accounting keys are read first, each of
+# its type (WRONGTYPE fails the call there, before any write: nothing is kept, the cache misses
+# until the key is deleted), and the total is computed here and set once at the end (a size
+# or a total that is not a number counts as 0), so no write can fail on what a key holds.
 _KEEP = """
 local prefix, index, sizes, total = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local name, value = ARGV[5], ARGV[6]
 local most, limit = tonumber(ARGV[8]), tonumber(ARGV[9])
-local old = redis.call('HGET', sizes, name)
-if old then redis.call('DECRBY', total, old) end
+local count = redis.call('ZCARD', index)
+local old = tonumber(redis.call('HGET', sizes, name)) or 0
+local bytes = tonumber(redis.call('GET', total)) or 0
+bytes = bytes - old + #value
 redis.call('SET', prefix .. name, value, 'PX', ARGV[7])
 local clock = redis.call('TIME')
-redis.call('ZADD', index, clock[1] * 1000000 + clock[2], name)
+count = count + redis.call('ZADD', index, clock[1] * 1000000 + clock[2], name)
 redis.call('HSET', sizes, name, #value)
-local bytes = redis.call('INCRBY', total, #value)
-local count = redis.call('ZCARD', index)
 while count > 0 and (count > most or bytes > limit) do
   local oldest = redis.call('ZPOPMIN', index)[1]
-  bytes = redis.call('DECRBY', total, redis.call('HGET', sizes, oldest) or 0)
+  bytes = bytes - (tonumber(redis.call('HGET', sizes, oldest)) or 0)
   redis.call('HDEL', sizes, oldest)
   redis.call('DEL', prefix .. oldest)
   count = count - 1
 end
+redis.call('SET', total, math.max(0, bytes))
 """
 
 
@@ -90,6 +95,13 @@ class RedisStore:
             written.add_done_callback(self._done)
 
     def _done(self, call: asyncio.Future[Any]) -> None:
-        """A failed call marks the link lost (and its exception is retrieved: no warning)."""
+        """A failed call marks the link lost (and its exception is retrieved: no warning);
+        but one Redis refused for what a key holds (an entry or an accounting key of another
+        type) is that key's miss alone, logged, counted: the limits keep Redis."""
         if not call.cancelled() and (error := call.exception()) is not None:
-            self.link.lost(error)
+            self.link.failed(
+                error,
+                "response cache",
+                "state: Redis refused a response cache call (%s): a key under the prefix holds "
+                "what the cache cannot use; it misses there until the key is deleted",
+            )

@@ -73,7 +73,8 @@ _PASSING = tuple(
 
 
 def script_failed(error: BaseException) -> bool:
-    """Whether the script ran and raised: an error of its own, not of Redis's state."""
+    """Whether Redis refused the call itself (a script that raised, a key of another type):
+    an error of the call's own, not of Redis's state."""
     return (
         isinstance(error, ResponseError)
         and not isinstance(error, _PASSING)

@@ -161,9 +161,14 @@ class Changes:
         sent.add_done_callback(self._sent)
 
     def _sent(self, call: asyncio.Future[object]) -> None:
-        """A failed call marks the link lost (and its exception is retrieved: no warning)."""
+        """A failed call marks the link lost (and its exception is retrieved: no warning);
+        one the script refused (the cooldowns' hash of another type) is logged, counted."""
         if not call.cancelled() and (error := call.exception()) is not None:
-            self.link.lost(error)
+            self.link.failed(
+                error,
+                "cooldowns",
+                "state: Redis refused a cooldown (%s): not shared, until the key is deleted",
+            )
 
     async def _publish(self, change: Change, always: bool = False) -> None:
         if not (self.link.up or always):

@@ -67,7 +67,9 @@ _NONE = -1  # a limit not set, as the scripts read it
 # an instance's field counts while its lease lives (its own always), and a dead one's is
 # dropped. A reservation of no tokens (a cached answer) is not held to the tpm. Returns,
 # packed, per reservation: {1, reset, per scope its requests and tokens in the window}, or,
-# refused, {0, reset, those counts, the scope's position, the reason, the wait}.
+# refused, {0, reset, those counts, the scope's position, the reason, the wait}, or {2}: a key
+# of its scopes cannot be counted (``UNCHECKED``, below). A call that met such keys returns
+# {those replies, packed; the keys and why, packed}.
 # A call's answer can be lost after Redis ran it (a timeout, a dropped connection): its
 # requests then went on without Redis. The record (a key per instance) holds the number of
 # the last call run and what its reservations took (per scope: key, slots, reserved cost).
@@ -76,16 +78,23 @@ _NONE = -1  # a limit not set, as the scripts read it
 # flight here), or applies its settles if it did not (sent again, counted once); a lost call
 # reaching Redis after a later one ran is ignored. Its rate counts stay (they expire within
 # the minute). A call numbered below the record's is such a late one: it does nothing.
-# What ``_APPLY`` runs before its first write (Redis keeps what a script wrote before it
-# failed: a call must fail whole or not at all): every argument's type and range, and every key
-# the call would touch read, each of the type and holding the values its commands take (a
-# hash's counts are integers HINCRBY adds to, a spend a number INCRBYFLOAT adds to). A call
-# that fails these writes nothing; its error is the caller's (``_Waiters.set_exception``).
-_CHECKED = """
+# How it stays whole (Redis keeps what a script wrote before it failed: a call fails whole or
+# not at all): every argument's type and range is checked, and every key the call touches is
+# read once, checked (of its type, holding counts, a spend INCRBYFLOAT adds to) and copied;
+# the counts are computed on the copies, and written at the end, each count's final value set
+# (HSET: no command that can fail on what a key holds). A call that fails (on arguments only
+# aioproxy's own code can get wrong) writes nothing; its error is the caller's
+# (``_Waiters.set_exception``). Each key read once: a call costs Redis about what it did before
+# any check. A key the call cannot count (one under the prefix given another type, or what is
+# not a count) fails its scope alone, not the batch: that scope's reservations are answered
+# unchecked (counted by their process, as with Redis away), its settles' changes to that key
+# dropped, the rest of the batch counted.
+_APPLY = """
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec + tonumber(clock[2]) / 1000000
 local reset = sec + 60 - now
+local second = tostring(sec)  -- this second's bucket, as HGETALL names it
 local me, prefix = ARGV[3], ARGV[4]
 local alive, record = prefix .. 'alive:', prefix .. 'applied:' .. me .. ':counters'
 local function fail(what) error('aioproxy counters: ' .. what, 0) end
@@ -94,7 +103,7 @@ local function int(v, low)
   return type(v) == 'number' and v == math.floor(v) and v >= low and v < BOUND
 end
 -- The tokens and nano-USD a request brings (its max_tokens, its cost's estimate) count as at
--- most MOST either way: no request fails the call, nor grows a count past what HINCRBY takes.
+-- most MOST either way: no request fails the call, nor grows a count past BOUND.
 local MOST = 1e12
 local function bounded(list, i, low)
   local v = list[i]
@@ -105,52 +114,167 @@ end
 local function figure(v, low) return type(v) == 'number' and v >= low and v < 1e300 end
 local function limit(v) return type(v) == 'number' and v >= -1 end  -- compared only
 local function name(v) return type(v) == 'string' and v ~= '' end
-local function whole(text)  -- a count HINCRBY adds to (at most 18 digits: no overflow)
+local function whole(text)  -- an integer as a command's argument (at most 18 digits)
   local digits = text:match('^-?(%d+)$')
   return digits ~= nil and #digits <= 18
 end
-local seen = {}
-local function first_as(key, kind)
-  local was = seen[key]
-  if was == nil then
-    seen[key] = kind
-    return true
-  end
-  if was ~= kind then fail(key .. ' is used as two types') end
+-- A key this call cannot count (of another type, holding what is not a count): its scope's
+-- alone. Reported (key, why) with the answer; the requests of its scope answered UNCHECKED
+-- (counted by their process), nothing written to it. Its reader answers false.
+local broken, UNCHECKED = {}, {2}
+local function unusable(key, why)
+  broken[#broken + 1] = key
+  broken[#broken + 1] = why
   return false
 end
--- A hash of counts, or none: WRONGTYPE if another type, and a field HINCRBY cannot add to
--- (or, ``seconds``, one not named by a second) fails the call.
-local function counts(key, seconds)
-  if not first_as(key, 'hash') then return end
-  local all = redis.call('HGETALL', key)
+local kinds = {}  -- per key read: the type it is read as (one read as two: unusable)
+local function read(key, kind, command)
+  local was = kinds[key]
+  if was ~= nil and was ~= kind then return nil, key .. ' is used as two types' end
+  kinds[key] = kind
+  local reply = redis.pcall(command, key)
+  if type(reply) == 'table' and reply.err then return nil, reply.err end
+  return reply
+end
+-- A hash's fields and values, read for ``memo`` (which holds false for it until it is parsed);
+-- false if it is unusable.
+local function hash(memo, key)
+  local all, why = read(key, 'hash', 'HGETALL')
+  memo[key] = false
+  return all or unusable(key, why)
+end
+-- A count read: any number is summed; one this call writes back (HSET), an integer.
+local NOT_COUNT = 'holds a field that is not a count'
+local function count(text)
+  local v = tonumber(text)
+  if v and v % 1 == 0 and v < BOUND and v > -BOUND then return v end
+end
+-- A window of one-second buckets: this second's count, the others' sum over the last minute
+-- and their oldest second with a count, the buckets older than that (dropped), and whether
+-- this second's count changed.
+local windows = {}
+local function window(key)
+  local w = windows[key]
+  if w ~= nil then return w end
+  local all = hash(windows, key)
+  if not all then return false end
+  local here, sum, oldest, stale, out = 0, 0, nil, {}, sec - 60
   for i = 1, #all, 2 do
-    if not whole(all[i + 1]) or (seconds and not tonumber(all[i])) then
-      fail(key .. ' holds a field that is not a count')
+    local field = all[i]
+    if field == second then
+      here = count(all[i + 1])
+      if not here then return unusable(key, NOT_COUNT) end
+    else
+      local s, v = tonumber(field), tonumber(all[i + 1])
+      if not (s and v) then return unusable(key, NOT_COUNT) end
+      if s <= out then
+        stale[#stale + 1] = field
+      else
+        sum = sum + v
+        if v > 0 and (oldest == nil or s < oldest) then oldest = s end
+      end
     end
   end
+  w = {here, sum, oldest, stale, false}
+  windows[key] = w
+  return w
 end
--- A spend, or none: WRONGTYPE if another type, and one INCRBYFLOAT cannot add to fails it.
-local function spent(key)
-  if not first_as(key, 'string') then return end
-  local value = redis.call('GET', key)
-  if value and not (value:match('^[-+]?[%d.]+[eE]?[-+]?%d*$') and figure(tonumber(value), -1e300)) then
-    fail(key .. ' does not hold a number')
+local function add(w, n)
+  w[1], w[5] = w[1] + n, true
+end
+local function totals(w)  -- the window's count, and its oldest second with one
+  local oldest = w[3]
+  if w[1] > 0 and (oldest == nil or sec < oldest) then oldest = sec end
+  return w[1] + w[2], oldest
+end
+-- Requests in flight, or the cost they reserve: a field per instance, this one's count (it
+-- changed: written), the others' (fields and counts), then what the live ones hold (read once,
+-- when needed: a dead one's, whose lease ran out, is dropped), those dead, whether this call
+-- took any (the hash's TTL renewed).
+local instances = {}
+local function per_instance(key)
+  local h = instances[key]
+  if h ~= nil then return h end
+  local all = hash(instances, key)
+  if not all then return false end
+  local mine, others = 0, {}
+  for i = 1, #all, 2 do
+    if all[i] == me then
+      mine = count(all[i + 1])
+      if not mine then return unusable(key, NOT_COUNT) end
+    else
+      local v = tonumber(all[i + 1])
+      if not v then return unusable(key, NOT_COUNT) end
+      others[#others + 1] = all[i]
+      others[#others + 1] = v
+    end
   end
+  h = {mine, others, nil, {}, false, false}
+  instances[key] = h
+  return h
+end
+local function in_flight(h)
+  if h[3] == nil then
+    local others, total = h[2], 0
+    for i = 1, #others, 2 do
+      if redis.call('EXISTS', alive .. others[i]) == 1 then
+        total = total + others[i + 1]
+      else
+        h[4][#h[4] + 1] = others[i]
+      end
+    end
+    h[3] = total
+  end
+  return h[1] + h[3]
+end
+local function free(h, n)
+  if h and n > 0 then h[1], h[5] = math.max(0, h[1] - n), true end
+end
+local function take(h, n)
+  h[1], h[5], h[6] = h[1] + n, true, true
+end
+-- A spend: its amount, what this call adds (INCRBYFLOAT), the TTL a settle sets (0: none).
+local spends = {}
+local function spend(key)
+  local s = spends[key]
+  if s ~= nil then return s end
+  local value, why = read(key, 'string', 'GET')
+  spends[key] = false
+  if value == nil then return unusable(key, why) end
+  local amount = 0
+  if value then
+    amount = tonumber(value)
+    if not (value:match('^[-+]?[%d.]+[eE]?[-+]?%d*$') and figure(amount, -1e300)) then
+      return unusable(key, 'does not hold a number')
+    end
+  end
+  s = {amount, 0, 0}
+  spends[key] = s
+  return s
 end
 local function checked_settles(list)
   if (#list - 1) % 7 ~= 0 then fail('settles') end
   for a = 2, #list, 7 do
-    local base, cost, period, ttl = list[a], list[a + 3], list[a + 4], list[a + 5]
-    if not (name(base) and bounded(list, a + 1, -MOST) and int(list[a + 2], 0)
-        and figure(cost, 0) and name(period) and int(ttl, 0) and ttl < 2 ^ 31
+    local cost, ttl = list[a + 3], list[a + 5]
+    if not (name(list[a]) and bounded(list, a + 1, -MOST) and int(list[a + 2], 0)
+        and figure(cost, 0) and name(list[a + 4]) and int(ttl, 0) and ttl < 2 ^ 31
         and bounded(list, a + 6, 0)) then
       fail('a settle')
     end
-    counts(base .. ':t', true)
-    counts(base .. ':flights')
-    counts(base .. ':held')
-    if cost > 0 then spent(base .. ':s:' .. period) end
+  end
+end
+local function settle(list)
+  for a = 2, #list, 7 do
+    local base, delta, cost = list[a], list[a + 1], list[a + 3]
+    local t = window(base .. ':t')  -- each change to a key unusable dropped, the rest made
+    if t and delta ~= 0 then add(t, delta) end
+    free(per_instance(base .. ':flights'), list[a + 2])
+    free(per_instance(base .. ':held'), list[a + 6])
+    local s = cost > 0 and spend(base .. ':s:' .. list[a + 4])
+    if s then
+      s[1], s[2] = s[1] + cost, s[2] + cost
+      if list[a + 5] > 0 then s[3] = list[a + 5] end
+    end
   end
 end
 if not (name(me) and whole(ARGV[5]) and tonumber(ARGV[5]) > 0) then fail('arguments') end
@@ -160,19 +284,25 @@ if type(settles) ~= 'table' or type(settles[1]) ~= 'table' or type(words) ~= 'ta
   fail('arguments')
 end
 local call = words[1]
-local last = redis.call('GET', record)
-last = last and cmsgpack.unpack(last) or {0}
-if type(last) ~= 'table' or not int(last[1], 0) or (#last - 1) % 3 ~= 0 then fail(record) end
+-- This instance's record, if it is one: else as if none were kept (as when it expired),
+-- reported and replaced.
+local function recorded(kept)
+  local ok, last = pcall(cmsgpack.unpack, kept)
+  if not (ok and type(last) == 'table' and int(last[1], 0) and (#last - 1) % 3 == 0) then
+    return nil
+  end
+  for i = 2, #last, 3 do
+    if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then return nil end
+  end
+  return last
+end
+local kept, why = read(record, 'string', 'GET')  -- false: none kept; nil: unreadable
+local last = kept ~= false and (kept and recorded(kept) or unusable(record, why or 'is no record'))
+last = last or {0}
 if last[1] >= call then return cmsgpack.pack({}) end
 for _, lost in ipairs(settles[1]) do
   if type(lost) ~= 'table' or not int(lost[1], 0) then fail('a lost call') end
-  if lost[1] == last[1] then
-    for i = 2, #last, 3 do
-      if not (name(last[i]) and int(last[i + 1], 0) and int(last[i + 2], 0)) then fail(record) end
-      counts(last[i] .. ':flights')
-      counts(last[i] .. ':held')
-    end
-  elseif lost[1] > last[1] then
+  if lost[1] > last[1] then
     checked_settles(lost)
   end
 end
@@ -185,95 +315,60 @@ while at <= #words do
     fail('a reservation')
   end
   for b = at + 3, at + 2 + 7 * n, 7 do
-    local base, budget = words[b], words[b + 4]
-    if not (name(base) and limit(words[b + 1]) and limit(words[b + 2]) and limit(words[b + 3])
-        and limit(budget) and type(words[b + 5]) == 'number' and name(words[b + 6])) then
+    if not (name(words[b]) and limit(words[b + 1]) and limit(words[b + 2])
+        and limit(words[b + 3]) and limit(words[b + 4]) and type(words[b + 5]) == 'number'
+        and name(words[b + 6])) then
       fail('a reservation')
     end
-    counts(base .. ':r', true)
-    counts(base .. ':t', true)
-    counts(base .. ':flights')
-    counts(base .. ':held')
-    if budget >= 0 then spent(base .. ':s:' .. words[b + 6]) end
   end
   at = at + 3 + 7 * n
-end
-"""
-
-_APPLY = (
-    _CHECKED
-    + """
-redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
-local function free(key, count)
-  if count > 0 and redis.call('HINCRBY', key, me, -count) <= 0 then redis.call('HDEL', key, me) end
-end
-local function settle(settles)
-  for a = 2, #settles, 7 do
-    local base, delta, cost = settles[a], settles[a + 1], settles[a + 3]
-    if delta ~= 0 then
-      redis.call('HINCRBY', base .. ':t', sec, delta)
-      redis.call('EXPIRE', base .. ':t', 120)
-    end
-    free(base .. ':flights', settles[a + 2])
-    if cost > 0 then
-      local spend = base .. ':s:' .. settles[a + 4]
-      redis.call('INCRBYFLOAT', spend, cost)
-      if settles[a + 5] > 0 then redis.call('EXPIRE', spend, settles[a + 5]) end
-    end
-    free(base .. ':held', settles[a + 6])
-  end
 end
 for _, lost in ipairs(settles[1]) do
   if lost[1] == last[1] then
     for i = 2, #last, 3 do
-      free(last[i] .. ':flights', last[i + 1])
-      free(last[i] .. ':held', last[i + 2])
+      free(per_instance(last[i] .. ':flights'), last[i + 1])
+      free(per_instance(last[i] .. ':held'), last[i + 2])
     end
   elseif lost[1] > last[1] then
     settle(lost)
   end
 end
 settle(settles)
-local function window(key)
-  local all = redis.call('HGETALL', key)
-  local total, oldest = 0, nil
-  for i = 1, #all, 2 do
-    local s = tonumber(all[i])
-    if s <= sec - 60 then
-      redis.call('HDEL', key, all[i])
-    else
-      local v = tonumber(all[i + 1])
-      total = total + v
-      if v > 0 and (oldest == nil or s < oldest) then oldest = s end
-    end
-  end
-  return total, oldest
-end
-local function in_flight(key)
-  local all, total = redis.call('HGETALL', key), 0
-  for i = 1, #all, 2 do
-    if all[i] == me or redis.call('EXISTS', alive .. all[i]) == 1 then
-      total = total + tonumber(all[i + 1])
-    else
-      redis.call('HDEL', key, all[i])
-    end
-  end
-  return total
-end
--- Per scope read: requests, tokens, their oldest seconds, in flight, then what this batch
--- adds (requests, tokens, reserved cost), the cost reserved in flight (read if budgeted), and
--- the slots this batch takes.
-local scopes, spent = {}, {}
-local function scope(base)
+-- Per scope: requests, tokens, their oldest seconds and requests in flight, with what this
+-- batch adds; then what it adds (requests, tokens, reserved cost), the cost reserved in flight
+-- (if budgeted), the slots it takes; then its windows (requests, tokens) and hashes (in
+-- flight, the cost reserved: if budgeted). False: a key of the scope is unusable.
+local scopes = {}
+local function scope(base, budgeted)
   local w = scopes[base]
   if w == nil then
-    local requests, r_oldest = window(base .. ':r')
-    local used, t_oldest = window(base .. ':t')
-    local flight = in_flight(base .. ':flights')
-    w = {requests, used, r_oldest, t_oldest, flight, 0, 0, 0, nil, 0}
+    local r, t, f = window(base .. ':r'), window(base .. ':t'), per_instance(base .. ':flights')
+    if not (r and t and f) then
+      scopes[base] = false
+      return false
+    end
+    local requests, r_oldest = totals(r)
+    local used, t_oldest = totals(t)
+    w = {requests, used, r_oldest, t_oldest, in_flight(f), 0, 0, 0, nil, 0, r, t, f, nil}
     scopes[base] = w
   end
+  if w and budgeted and w[14] == nil then
+    local h = per_instance(base .. ':held')
+    if not h then return false end
+    w[14], w[9] = h, in_flight(h)
+  end
   return w
+end
+-- Whether every key of the reservation's scopes (from ``first`` to ``after``) is usable:
+-- each read, every unusable one reported.
+local function usable(first, after)
+  local all = true
+  for b = first, after - 1, 7 do
+    local budgeted = words[b + 4] >= 0
+    if not scope(words[b], budgeted) then all = false end
+    if budgeted and not spend(words[b] .. ':s:' .. words[b + 6]) then all = false end
+  end
+  return all
 end
 local replies, a = {}, 2
 while a <= #words do
@@ -282,13 +377,17 @@ while a <= #words do
   local first = a + 3
   a = first + 7 * n
   local out = {1, reset}
-  for b = first, a - 1, 7 do
-    local w = scope(words[b])
-    out[#out + 1] = w[1]
-    out[#out + 1] = w[2]
-  end
   local refused, wait
-  for s = 1, n do
+  if usable(first, a) then
+    for b = first, a - 1, 7 do
+      local w = scopes[words[b]]
+      out[#out + 1] = w[1]
+      out[#out + 1] = w[2]
+    end
+  else
+    out, refused = UNCHECKED, true
+  end
+  for s = 1, refused and 0 or n do
     local b = first + 7 * (s - 1)
     local w = scopes[words[b]]
     local rpm, tpm, parallel, budget = words[b + 1], words[b + 2], words[b + 3], words[b + 4]
@@ -299,14 +398,8 @@ while a <= #words do
     elseif tpm >= 0 and tokens > 0 and w[2] + tokens > tpm then
       refused, wait = 'tpm', w[4] and (w[4] + 60 - now) or 60
     elseif slot and budget >= 0 then
-      local key = words[b] .. ':s:' .. words[b + 6]
-      local total = spent[key]
-      if total == nil then
-        total = tonumber(redis.call('GET', key) or '0')
-        spent[key] = total
-      end
+      local total = spends[words[b] .. ':s:' .. words[b + 6]][1]
       if words[b + 5] > total then total = words[b + 5] end
-      if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
       if total >= budget then
         refused, wait = 'budget', 0
       elseif total + w[9] / 1e9 >= budget then
@@ -327,10 +420,7 @@ while a <= #words do
       local w = scopes[words[b]]
       w[1], w[2], w[6], w[7] = w[1] + 1, w[2] + tokens, w[6] + 1, w[7] + tokens
       if slot then w[5], w[10] = w[5] + 1, w[10] + 1 end
-      if held > 0 and words[b + 4] >= 0 then
-        if w[9] == nil then w[9] = in_flight(words[b] .. ':held') end
-        w[8], w[9] = w[8] + held, w[9] + held
-      end
+      if held > 0 and words[b + 4] >= 0 then w[8], w[9] = w[8] + held, w[9] + held end
       if w[3] == nil then w[3] = sec end
       if w[4] == nil and tokens > 0 then w[4] = sec end
       out[1 + 2 * s] = w[1]
@@ -339,32 +429,57 @@ while a <= #words do
   end
   replies[#replies + 1] = out
 end
+-- Every read done, nothing failed: the writes (none to a key unusable: false here).
+local function drop(key, fields)  -- in HDELs of at most 1,000 fields (unpack's stack)
+  for i = 1, #fields, 1000 do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + 999, #fields)))
+  end
+end
 local taken = {call}
 for base, w in pairs(scopes) do
-  if w[6] > 0 then
-    redis.call('HINCRBY', base .. ':r', sec, w[6])
-    redis.call('EXPIRE', base .. ':r', 120)
-    redis.call('HINCRBY', base .. ':t', sec, w[7])
-    redis.call('EXPIRE', base .. ':t', 120)
+  if w then
+    if w[6] > 0 then
+      add(w[11], w[6])
+      add(w[12], w[7])
+    end
+    if w[10] > 0 then take(w[13], w[10]) end
+    if w[8] > 0 then take(w[14], w[8]) end
+    if w[10] > 0 or w[8] > 0 then
+      taken[#taken + 1] = base
+      taken[#taken + 1] = w[10]
+      taken[#taken + 1] = w[8]
+    end
   end
-  if w[10] > 0 then
-    redis.call('HINCRBY', base .. ':flights', me, w[10])
-    redis.call('EXPIRE', base .. ':flights', 3600)
+end
+redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
+for key, w in pairs(windows) do
+  if w then
+    drop(key, w[4])
+    if w[5] then
+      redis.call('HSET', key, second, w[1])
+      redis.call('EXPIRE', key, 120)
+    end
   end
-  if w[8] > 0 then
-    redis.call('HINCRBY', base .. ':held', me, w[8])
-    redis.call('EXPIRE', base .. ':held', 3600)
+end
+for key, h in pairs(instances) do
+  if h then
+    drop(key, h[4])
+    if h[5] then
+      if h[1] > 0 then redis.call('HSET', key, me, h[1]) else redis.call('HDEL', key, me) end
+    end
+    if h[6] then redis.call('EXPIRE', key, 3600) end
   end
-  if w[10] > 0 or w[8] > 0 then
-    taken[#taken + 1] = base
-    taken[#taken + 1] = w[10]
-    taken[#taken + 1] = w[8]
+end
+for key, s in pairs(spends) do
+  if s and s[2] > 0 then
+    redis.call('INCRBYFLOAT', key, s[2])
+    if s[3] > 0 then redis.call('EXPIRE', key, s[3]) end
   end
 end
 redis.call('SET', record, cmsgpack.pack(taken), 'EX', 86400)
+if #broken > 0 then return {cmsgpack.pack(replies), cmsgpack.pack(broken)} end
 return cmsgpack.pack(replies)
 """
-)
 
 _pack = msgspec.msgpack.Encoder().encode
 # A budget period's spend outlives it by an hour in Redis, and at most ~68 years: the script
@@ -378,6 +493,10 @@ def _ttl(left: float) -> int:
 
 
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
+_unpack_broken = msgspec.msgpack.Decoder(list[str]).decode  # key, why, key, why ...
+
+UNCHECKED = 2  # a reservation's answer: a key of its scopes cannot be counted in Redis
+_NOT_COUNTED = [UNCHECKED]
 
 _SCOPE_WORDS = {"key": "This API key", "team": "This API key's team"}
 
@@ -579,9 +698,13 @@ class _Waiters:
     def done(self) -> bool:
         return self.answered
 
-    def set_result(self, packed: bytes, /) -> None:
+    def set_result(self, packed: Any, /) -> None:
+        replies = packed  # bytes, or [bytes, bytes]: it met keys it cannot count
+        if type(replies) is list:
+            replies, broken = replies
+            self.counters.unusable(_unpack_broken(broken))
         for (future, scopes, tokens, held), reply in zip(
-            self.waiting, _unpack(packed), strict=True
+            self.waiting, _unpack(replies), strict=True
         ):
             if not future.done():
                 future.set_result(reply)
@@ -595,7 +718,7 @@ class _Waiters:
         """Its outcome is unknown (Redis may have run it): the next call sets it right. But a
         call the script ran and failed on (a value it cannot count, a key of another type) is
         dropped, logged: carried, it would fail every later call the same way and hold the
-        limits on per-process counters for good (it wrote nothing: ``_CHECKED``)."""
+        limits on per-process counters for good (it wrote nothing: ``_APPLY``)."""
         for future, *_ in self.waiting:
             if not future.done():
                 future.set_exception(exception)
@@ -677,6 +800,17 @@ class SharedCounters:
                     merged[4] = wall
         if self.link.up:  # else sent when Redis is back
             self.batcher.wake()
+
+    def unusable(self, broken: list[str]) -> None:
+        """Keys a call could not count (key, why, ...): each counted, logged."""
+        for key, why in zip(broken[::2], broken[1::2], strict=True):
+            self.link.count_unusable(
+                key,
+                "state: Redis key %s cannot be counted (%s): the requests of its scope are "
+                "counted by each process alone, and its settles dropped, until it is deleted",
+                key,
+                why,
+            )
 
     def missed(self, lost: list[list[Any]], error: BaseException) -> None:
         """A call's answer was lost: it goes with the next call, when Redis is back, which
@@ -800,11 +934,13 @@ class SharedCounters:
             answer = await future
         except (RedisError, OSError) as exc:
             self.link.lost(exc)
-            falling_back = self.fall_back(call, limits, tokens, held, locally)
-            if falling_back is not None:
-                await falling_back
-            return
-        if answer[0] == 0:
+            answer = _NOT_COUNTED
+        if answer[0] != 1:
+            if answer[0] == UNCHECKED:  # Redis failed, or a key of its scopes is unusable
+                falling_back = self.fall_back(call, limits, tokens, held, locally)
+                if falling_back is not None:
+                    await falling_back
+                return
             index, reason, wait = answer[-3:]
             name, entry, _ = limits.scopes[int(index) - 1]
             refused = _refusal(name, entry, reason, wait)

@@ -184,11 +184,12 @@ class SharedDeployments:
             # Redis may have run it: sent again as it is, with its number, before any other;
             # unless the script refused it whole (it wrote nothing): again, refused again.
             self._unanswered = None if script_failed(exc) else (keys, args, delta)
-            if self._unanswered is None:
-                log.error(
-                    "state: Redis refused a deployments sync (%s): its counts are dropped", exc
-                )
-            self.link.lost(exc)
+            self.link.failed(
+                exc,
+                "deployments sync",
+                "state: Redis refused a deployments sync (%s): its counts are dropped, until the "
+                "key is deleted",
+            )
             return
         self._unanswered = None
         for index, key in enumerate(keys):

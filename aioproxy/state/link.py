@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
@@ -25,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from ..config import StateConfig
-from .batch import Batcher, LuaScript
+from .batch import Batcher, LuaScript, script_failed
 
 __all__ = ["RedisLink"]
 
@@ -34,6 +36,7 @@ log = logging.getLogger("aioproxy")
 PROBE_INTERVAL = 0.5  # seconds between two pings while Redis is down
 LEASE = 15.0  # seconds an instance's counts in flight outlive its last sign of life
 HEARTBEAT = 3.0  # seconds between two renewals of the lease (a loop may lag a few seconds)
+UNUSABLE_LOG_EVERY = 60.0  # seconds: a key a call cannot use is logged once in these
 
 
 class RedisLink:
@@ -73,6 +76,10 @@ class RedisLink:
         self._on_resume: list[Callable[[], Awaitable[None]]] = []
         self._scripts: dict[str, LuaScript] = {}  # preloaded: again when Redis is back
         self.on_lost: Callable[[], None] | None = None  # counts it (the metrics, when on)
+        self.unusable = 0  # times a call met a key it cannot use (for metrics and tests)
+        self.on_unusable: Callable[[], None] | None = None  # counts those (the metrics)
+        self.monotonic = time.monotonic  # when each was last logged (the control plane's clock)
+        self._unusable_logged: dict[str, float] = {}  # per key (or what refused): when
 
     def on_resume(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` each time Redis comes back (resubscribe, reload what was missed)."""
@@ -118,6 +125,32 @@ class RedisLink:
         PING: a Redis that answers but refuses writes (out of memory under ``noeviction``, a
         replica after a failover) is not back, or each request would find it lost again."""
         await self.client.set(self.alive_prefix + self.instance, 1, px=self.lease_ms)
+
+    def count_unusable(self, about: str, message: str, *args: object) -> None:
+        """A call met a key it cannot use (of another type, not holding counts): that call's
+        or that key's scope's failure, not the link's. Counted each time; ``message`` logged
+        once a minute per ``about`` (each batch holding the key's requests meets it)."""
+        self.unusable += 1
+        if self.on_unusable is not None:
+            self.on_unusable()
+        now = self.monotonic()
+        logged = self._unusable_logged
+        if now - logged.get(about, -math.inf) < UNUSABLE_LOG_EVERY:
+            return
+        if len(logged) >= 1000:  # bounded: the oldest forgotten
+            del logged[next(iter(logged))]
+        logged.pop(about, None)
+        logged[about] = now
+        log.error(message + " (logged once a minute)", *args)
+
+    def failed(self, error: BaseException, about: str, refusal: str) -> None:
+        """A call failed: Redis is lost, unless it refused the call itself (``script_failed``:
+        a key under the prefix it cannot use), which is ``about``'s alone (``refusal``: what
+        to log, with the error)."""
+        if script_failed(error):
+            self.count_unusable(about, refusal, error)
+        else:
+            self.lost(error)
 
     def lost(self, error: BaseException) -> None:
         """A call failed: fall back until a ping answers again."""

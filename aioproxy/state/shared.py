@@ -43,7 +43,7 @@ class SharedState:
             from .link import RedisLink
 
             link = RedisLink(state)
-            link.on_lost = _lost_counter(app)
+            link.on_lost, link.on_unusable = _failure_counters(app)
             await link.start()
             app[link_key] = link
             router = app[runtime_key].router
@@ -54,6 +54,7 @@ class SharedState:
             router.on_cooldown = changes.announce_cooldown
             counters = SharedCounters(link, plane.clock) if plane is not None else None
             if plane is not None:
+                link.monotonic = plane.clock.monotonic  # what it logs once a minute
                 plane.shared = counters
                 plane.announce_change = changes.announce_keys
             runtime = app[runtime_key]
@@ -81,17 +82,28 @@ async def _nothing() -> None:
     return None
 
 
-def _lost_counter(app: web.Application) -> Callable[[], None] | None:
-    """``aioproxy_state_redis_lost_total`` in the app's metrics, when they are on."""
+def _failure_counters(
+    app: web.Application,
+) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
+    """``aioproxy_state_redis_lost_total`` and ``aioproxy_state_redis_unusable_keys_total``
+    in the app's metrics, when they are on."""
     observer = app[plugin_manager_key].get_plugin("aioproxy.observer")
     metrics = observer.metrics if isinstance(observer, Observer) else None
     if metrics is None:
-        return None
+        return None, None
     from prometheus_client import Counter  # with metrics on only
 
-    counter = Counter(
+    registry = None if metrics.multiprocess else metrics.registry
+    lost = Counter(
         "aioproxy_state_redis_lost_total",
         "Times Redis became unreachable ([state]): limits fell back to per-process counters.",
-        registry=None if metrics.multiprocess else metrics.registry,
+        registry=registry,
     )
-    return counter.inc
+    unusable = Counter(
+        "aioproxy_state_redis_unusable_keys_total",
+        "Times a call met a key under [state] prefix it cannot use (of another type, or not "
+        "holding counts): the limits of that key's scope fell back to per-process counters, "
+        "or the response cache missed.",
+        registry=registry,
+    )
+    return lost.inc, unusable.inc

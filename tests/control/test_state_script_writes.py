@@ -1,7 +1,9 @@
 """Redis keeps what a Lua script wrote before it failed: each of aioproxy's scripts checks its
 arguments and reads every key it touches before its first write, so a call given bad input,
-or meeting a key of the wrong type or holding what its commands cannot take, fails whole and
-writes nothing; on a real redis-server. The gateway meanwhile serves on its own counters."""
+or (deployments, cooldowns) meeting a key of the wrong type or holding what its commands
+cannot take, fails whole and writes nothing; on a real redis-server. The counters script
+fails such a key's scope alone: its requests answered unchecked (counted by their process),
+nothing written to the key, the rest of the batch counted."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -19,7 +22,7 @@ from aioproxy.state.changes import _COOL
 from aioproxy.state.counters import _APPLY, _pack, _unpack
 from aioproxy.state.deployments import _SYNC
 from aioproxy.state.shared import deployments_key, link_key
-from tests.control.conftest import CHAT, Control
+from tests.control.conftest import CHAT, Control, FakeControlClock
 from tests.redis_server import redis_server, redis_url
 from tests.support import MASTER_KEY, upstream_model
 
@@ -107,36 +110,6 @@ CASES: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
         nothing,
         counters_call(settle(ONE), reservation(TWO, scopes=2)),
     ),
-    "a scope's token window of another type": (
-        _APPLY,
-        lambda client: client.set(f"{TWO}:t", "x"),
-        counters_call(settle(ONE), reservation(TWO)),
-    ),
-    "a scope's request window with a count that is not one": (
-        _APPLY,
-        lambda client: client.hset(f"{TWO}:r", "1000", "many"),
-        counters_call(settle(ONE), reservation(TWO)),
-    ),
-    "an in-flight count HINCRBY cannot add to": (
-        _APPLY,
-        lambda client: client.hset(f"{TWO}:flights", ME, "1.5"),
-        counters_call([*settle(ONE), *settle(TWO)], []),
-    ),
-    "a spend that is not a number": (
-        _APPLY,
-        lambda client: client.set(f"{TWO}:s:ever", "lots"),
-        counters_call([*settle(ONE), *settle(TWO)], []),
-    ),
-    "a budget's spend of another type": (
-        _APPLY,
-        lambda client: client.hset(f"{TWO}:s:ever", "not", "a number"),
-        counters_call(settle(ONE), reservation(TWO, held=100, budget=10.0)),
-    ),
-    "the record of another type": (
-        _APPLY,
-        lambda client: client.rpush(f"{PREFIX}:applied:{ME}:counters", "x"),
-        counters_call(settle(ONE), reservation(TWO)),
-    ),
     "a deployment's count not an integer": (
         _SYNC,
         nothing,
@@ -175,6 +148,82 @@ CASES: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
 }
 
 
+# Per case: a key of scope TWO that the counters script cannot count, how it is made, and the
+# call (ONE's settle first: counted whatever TWO holds).
+UNUSABLE: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
+    "a token window of another type": (
+        f"{TWO}:t",
+        lambda client: client.set(f"{TWO}:t", "x"),
+        counters_call(settle(ONE), reservation(TWO)),
+    ),
+    "a request window with a count that is not one": (
+        f"{TWO}:r",
+        lambda client: client.hset(f"{TWO}:r", "1000", "many"),
+        counters_call(settle(ONE), reservation(TWO)),
+    ),
+    "an in-flight count that is not one": (
+        f"{TWO}:flights",
+        lambda client: client.hset(f"{TWO}:flights", ME, "lots"),
+        counters_call([*settle(ONE), *settle(TWO)], reservation(TWO)),
+    ),
+    "a spend that is not a number": (
+        f"{TWO}:s:ever",
+        lambda client: client.set(f"{TWO}:s:ever", "lots"),
+        counters_call([*settle(ONE), *settle(TWO)], reservation(TWO, held=100, budget=10.0)),
+    ),
+    "a budget's spend of another type": (
+        f"{TWO}:s:ever",
+        lambda client: client.hset(f"{TWO}:s:ever", "not", "a number"),
+        counters_call(settle(ONE), reservation(TWO, held=100, budget=10.0)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+async def test_a_key_that_cannot_be_counted_fails_its_scope_alone(
+    client: aioredis.Redis, case: str
+) -> None:
+    """The call answers the broken scope's reservation unchecked ({2}: counted by its
+    process), reports the key and writes nothing to it; ONE's settle is counted."""
+    key, setup, arguments = UNUSABLE[case]
+    await setup(client)
+    before = await keyspace(client)
+    packed, broken = await client.eval(_APPLY, *arguments)
+    assert _unpack(packed) == [[2]]
+    reported = msgspec.msgpack.decode(broken)
+    assert reported[0] == key and reported[1]  # and why
+    after = await keyspace(client)
+    assert after[key.encode()] == before[key.encode()]
+    assert float(await client.get(f"{ONE}:s:ever")) == 0.5  # the rest of the call counted
+    assert await client.exists(f"{TWO}:r") == (key == f"{TWO}:r")  # no request counted in TWO
+
+
+async def test_a_batch_counts_the_other_keys_requests_exactly(client: aioredis.Redis) -> None:
+    """Key TWO's window is of another type: in one batch TWO's two requests are unchecked,
+    ONE's three counted in Redis, each once."""
+    await client.set(f"{TWO}:t", "x")
+    words = [*reservation(ONE), *reservation(TWO), *reservation(ONE), *reservation(TWO)]
+    packed, _ = await client.eval(_APPLY, *counters_call([], [*words, *reservation(ONE)]))
+    assert [reply[:1] for reply in _unpack(packed)] == [[1], [2], [1], [2], [1]]
+    assert [int(count) for count in await client.hvals(f"{ONE}:r")] == [3]
+    assert [int(count) for count in await client.hvals(f"{ONE}:t")] == [30]
+    assert await client.hgetall(f"{ONE}:flights") == {ME.encode(): b"3"}
+    assert await client.exists(f"{TWO}:r", f"{TWO}:flights") == 0
+    assert await client.get(f"{TWO}:t") == b"x"
+
+
+async def test_a_record_that_is_not_one_is_replaced(client: aioredis.Redis) -> None:
+    """This instance's record of calls, of another type: as if none were kept (as when it
+    expired), reported and replaced; the call counted."""
+    record = f"{PREFIX}:applied:{ME}:counters"
+    await client.rpush(record, "x")
+    packed, broken = await client.eval(_APPLY, *counters_call(settle(ONE), reservation(TWO)))
+    assert [reply[0] for reply in _unpack(packed)] == [1]
+    assert msgspec.msgpack.decode(broken)[0] == record
+    assert await client.type(record) == b"string"
+    assert await client.hvals(f"{TWO}:flights") == [b"1"]
+
+
 @pytest.mark.parametrize("case", CASES)
 async def test_a_script_that_fails_writes_nothing(client: aioredis.Redis, case: str) -> None:
     script, setup, arguments = CASES[case]
@@ -198,28 +247,56 @@ async def test_the_scripts_still_write_what_they_are_given(client: aioredis.Redi
     assert set(await client.hkeys(f"{PREFIX}:cooling")) == {b"deployment-a", b"deployment-b"}
 
 
-async def test_the_gateway_serves_a_key_whose_counters_are_broken(
-    start_control: Any, redis_url: str, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+async def test_a_broken_key_falls_back_alone(
+    start_control: Any,
+    redis_url: str,
+    client: aioredis.Redis,
+    clock: FakeControlClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A key whose window in Redis is of another type: its requests are served on this
-    process's counters (the call refused, logged, Redis given up until the probe), its limits
-    still held there, and nothing of the refused calls is written."""
-    control: Control = await start_control(state={"redis_url": redis_url, "prefix": PREFIX})
-    created = await control.new_key(rpm=2)
-    base = f"{PREFIX}:k:{created['id']}"
-    await client.set(f"{base}:t", "not a hash")
-    auth = {"Authorization": f"Bearer {created['key']}"}
-    statuses = []
+    """Key A's token window in Redis is of another type: its requests are served on this
+    process's counters (its rpm held there), while key B's, in the same batches, are counted
+    in Redis exactly; Redis is not given up, A's key is logged once a minute and counted in
+    the metrics."""
+    control: Control = await start_control(
+        state={"redis_url": redis_url, "prefix": PREFIX}, metrics={"enabled": True}
+    )
+    link = control.server.app[link_key]
+    broken, counted = await control.new_key(rpm=2), await control.new_key(rpm=100)
+    broken_base = f"{PREFIX}:k:{broken['id']}"
+    await client.set(f"{broken_base}:t", "not a hash")
+
+    async def post(created: dict[str, Any]) -> int:
+        auth = {"Authorization": f"Bearer {created['key']}"}
+        async with control.session.post(
+            control.url("/v1/chat/completions"), json=CHAT, headers=auth
+        ) as response:
+            return response.status
+
+    def logged() -> int:
+        return sum("cannot be counted" in record.getMessage() for record in caplog.records)
+
     with caplog.at_level(logging.ERROR, logger="aioproxy"):
-        for _ in range(3):  # each counted here, whether Redis is tried again or not
-            async with control.session.post(
-                control.url("/v1/chat/completions"), json=CHAT, headers=auth
-            ) as response:
-                statuses.append(response.status)
-    assert statuses == [200, 200, 429]  # served, and its rpm held here
-    assert "Redis refused a counters call" in caplog.text
-    assert await client.exists(f"{base}:r", f"{base}:flights") == 0  # nothing counted there
-    assert await client.get(f"{base}:t") == b"not a hash"
+        statuses = await asyncio.gather(*(post(key) for key in [broken, counted] * 3))
+        assert sorted(statuses[0::2]) == [200, 200, 429]  # A: its rpm of 2 held here
+        assert statuses[1::2] == [200] * 3
+        counts = await client.hvals(f"{PREFIX}:k:{counted['id']}:r")
+        assert sum(int(count) for count in counts) == 3  # B: each counted in Redis, once
+        assert link.up and link.failures == 0
+        assert logged() == 1 and broken_base in caplog.text
+        assert (await post(broken)) == 429  # met again: not logged again within the minute
+        assert logged() == 1
+        clock.advance(61)  # a minute on: logged again (and A's window here moved on)
+        assert (await post(broken)) == 200
+        assert logged() == 2
+    assert await client.get(f"{broken_base}:t") == b"not a hash"
+    assert await client.exists(f"{broken_base}:r", f"{broken_base}:flights") == 0
+    async with control.session.get(
+        control.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        text = await response.text()
+    assert f"aioproxy_state_redis_unusable_keys_total {float(link.unusable)}" in text
+    assert link.unusable >= 3  # every call that met it
 
 
 async def test_a_request_asking_for_huge_amounts_fails_no_call(client: aioredis.Redis) -> None:
@@ -241,8 +318,9 @@ async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A sync the script refuses (a deployment's hash of another type) writes nothing and is
-    not sent again as it is (it would be refused again, for ever): once the key is right, the
-    next sync counts what came since."""
+    not sent again as it is (it would be refused again, for ever), nor is Redis given up for it
+    (the limits keep it): counted, logged; once the key is right, the next sync counts what
+    came since."""
     monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
     capped = upstream_model("gpt-test", upstream_base, rpm=100)  # its counts are shared
     control: Control = await start_control(
@@ -263,10 +341,28 @@ async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
     await client.set(base + b":r", "not a hash")
     await deployments.sync()
     assert deployments._unanswered is None and await client.get(base + b":r") == b"not a hash"
+    assert link.up and link.failures == 0 and link.unusable == 1
     await client.delete(base + b":r")
-    async with asyncio.timeout(30):  # safety net: the probe finds Redis every half second
-        while not link.up:
-            await asyncio.sleep(0.05)
     await one_request()
     await deployments.sync()
     assert sum(int(count) for count in await client.hvals(base + b":r")) == 1  # the new one
+
+
+async def test_each_key_read_once_counts_as_before(client: aioredis.Redis) -> None:
+    """The script reads each key once and computes on what it read: a window's buckets older
+    than a minute are dropped and the rest counted, a dead instance's requests in flight are
+    dropped and a live one's counted, the settle's change lands in this second's bucket."""
+    now = int((await client.time())[0])
+    await client.hset(f"{ONE}:r", mapping={now - 120: 7, now - 30: 4})
+    await client.hset(f"{ONE}:t", mapping={now - 120: 70, now - 30: 40})
+    await client.hset(f"{ONE}:flights", mapping={"dead": 3, "live": 2, ME: 1})
+    await client.set(f"{PREFIX}:alive:live", 1)
+    call = counters_call(settle(ONE, delta=-4), reservation(ONE))
+    ((admitted, _, requests, tokens),) = _unpack(await client.eval(_APPLY, *call))
+    # 4 + this one; 40 + the settle's -4 + this one's 10 (the dead instance's 3 slots not held)
+    assert (admitted, requests, tokens) == (1, 5, 46)
+    for name in ("r", "t"):  # the old bucket dropped, the other kept, this second's added
+        seconds = sorted(int(field) for field in await client.hkeys(f"{ONE}:{name}"))
+        assert len(seconds) == 2 and seconds[0] == now - 30 and seconds[1] >= now
+    # this instance: its one freed by the settle, one taken by the reservation
+    assert await client.hgetall(f"{ONE}:flights") == {b"live": b"2", ME.encode(): b"1"}

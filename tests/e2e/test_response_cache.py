@@ -13,7 +13,9 @@ import pytest
 import redis.asyncio
 from aiohttp.test_utils import TestServer
 
+from aioproxy.cache.redis_store import _KEEP
 from aioproxy.cache.response_cache import store_key
+from aioproxy.state.shared import link_key
 from aioproxy.testing import FakeOpenAI
 from tests.redis_server import redis_server, redis_url
 from tests.support import MASTER_KEY, ServeProxy, gateway_config, sdk
@@ -234,6 +236,72 @@ async def test_redis_cache_is_bounded(
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         assert len(await client.keys("aioproxy:cache:*")) == 2
+    finally:
+        await client.aclose()
+
+
+# Per accounting key of the Redis cache: how to give it another type.
+WRONG_TYPES = {
+    "aioproxy:cache-index": lambda client, key: client.set(key, "x"),
+    "aioproxy:cache-sizes": lambda client, key: client.set(key, "x"),
+    "aioproxy:cache-bytes": lambda client, key: client.hset(key, "x", "1"),
+}
+
+
+async def keyspace(client: redis.asyncio.Redis) -> dict[bytes, tuple[bytes, Any]]:
+    """Every key: its type and its value's dump (what it holds, whatever the type)."""
+    return {
+        key: (await client.type(key), await client.dump(key))
+        for key in sorted(await client.keys("aioproxy:cache*"))
+    }
+
+
+@pytest.mark.parametrize("broken", WRONG_TYPES)
+async def test_a_wrong_typed_accounting_key_writes_nothing(
+    serve_proxy: ServeProxy,
+    upstream_base: str,
+    tmp_path: Path,
+    fake: FakeOpenAI,
+    redis_url: str,
+    broken: str,
+) -> None:
+    """The cache's write script reads its accounting keys before its first write: one of
+    another type fails it there, with nothing written (no entry without its accounting); the
+    cache misses, the answers are served, and Redis is not given up (the limits keep it)."""
+    proxy = await serve_proxy(cache_config(upstream_base, tmp_path, state={"redis_url": redis_url}))
+    link = proxy.app[link_key]
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await WRONG_TYPES[broken](client, broken)
+        before = await keyspace(client)
+        for expected_refusals in (1, 2):
+            status, result, _ = await post(proxy, CHAT)
+            assert (status, result) == (200, "miss")
+            async with asyncio.timeout(30):  # safety net: it is written after the answer
+                while link.unusable < expected_refusals:
+                    await asyncio.sleep(0.01)
+            assert await keyspace(client) == before
+        assert upstream_calls(fake) == 2 and link.up and link.failures == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_size_that_is_not_a_number_counts_as_none(redis_url: str) -> None:
+    """An entry's size in the accounting hash that is not a number (written by hand) does not
+    fail the eviction midway (an entry dropped from the index, still stored): it counts as 0,
+    and the total is set from what the script counted."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    prefix, index, sizes, total = "t:cache:", "t:cache-index", "t:cache-sizes", "t:cache-bytes"
+    try:
+        await client.zadd(index, {"old": 1})
+        await client.hset(sizes, "old", "many")
+        await client.set(prefix + "old", "x")
+        await client.set(total, "junk")
+        words = [prefix, index, sizes, total, "new", "v" * 10, 60_000, 1, 1000]
+        await client.eval(_KEEP, 0, *words)
+        assert await client.zrange(index, 0, -1) == [b"new"]
+        assert await client.exists(prefix + "old") == 0 and await client.hkeys(sizes) == [b"new"]
+        assert await client.get(total) == b"10"
     finally:
         await client.aclose()
 
