@@ -846,11 +846,24 @@ class SharedCounters:
             if self._taken is not None and not self._taken.done():
                 self._taken.set_result(None)  # close: the last settles are on their way
         reservations = self._words
+        # Taken whatever follows: a word that could not be packed would fail every later batch.
+        self._words, self._waiting = [0], []
         number = reservations[0] = next(self._numbers)
-        call = ("EVALSHA", self.script.sha, 0, _pack(words), _pack(reservations), *self.link.lease)
+        try:
+            packed = _pack(words), _pack(reservations)
+        except Exception as exc:  # noqa: BLE001 - a bug (the limits bound every number): this call's alone
+            log.error(
+                "state: a counters call could not be packed (%s): its requests fail, its "
+                "settles are dropped",
+                exc,
+            )
+            for future, *_ in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        call = ("EVALSHA", self.script.sha, 0, *packed, *self.link.lease)
         words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
         waiters = _Waiters(self, waiting, lost, words)
-        self._words, self._waiting = [0], []
         self._in_flight.add(waiters)
         batch.append((self.script, call, waiters))
 

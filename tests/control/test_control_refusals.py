@@ -153,3 +153,20 @@ async def test_a_long_budget_period_keeps_the_shared_limits(
         assert len(spent) == 1 and 0 < await client.ttl(spent[0]) <= 2**31 - 1
     finally:
         await client.aclose()
+
+
+async def test_a_call_that_cannot_be_packed_fails_alone(
+    start_control: Any, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should a number past what msgpack packs reach the counters anyway (a bug: the limits
+    bound every one), its call fails alone and logs; the next batch is counted in Redis."""
+    control = await start_control(state={"redis_url": redis_url, "prefix": "unpacked"})
+    key = await control.new_key(rpm=100)
+    assert (await send(control, key["key"]))[0] == 200
+    counters = control.plane.shared
+    scopes = counters._prepared[key["id"]].scopes
+    counters.settle(scopes, 2**70, 0, 0.0, None)  # a delta no word can carry
+    async with asyncio.timeout(30):  # a hang guard only
+        status, headers, _ = await send(control, key["key"])
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "98"  # in Redis
+    assert "could not be packed" in caplog.text
