@@ -32,14 +32,19 @@ __all__ = [
     "read_arrived_body",
     "request_state",
     "take_arrived",
+    "write_large_bodies_unjoined",
 ]
 
-# aiohttp copies an answer's body of 2 KiB or more onto its headers (a join), for one write, on
-# every Python before 3.12.9: 3.12's selector transport had a broken writelines until then.
-# 3.11's has none of its own (it joins them itself, as before), and uvloop's writes both parts
-# as they are (callgrind: memcpy ~9 k instructions less for a 9 KB stream come whole).
-if sys.version_info < (3, 12):
-    http_writer.SKIP_WRITELINES = False
+
+def write_large_bodies_unjoined() -> None:
+    """Let aiohttp hand an answer's headers and a body of 2 KiB or more to uvloop's transport
+    as two buffers, which it writes as they are (callgrind: memcpy ~9 k instructions less for a
+    9 KB stream come whole). aiohttp joins them into one copy first on every Python before
+    3.12.9, for 3.12's broken selector writelines; 3.11's asyncio transport would join them
+    itself (no gain) and a TLS one make two records of them. Process-wide: run.py's serving
+    calls it, on Python 3.11, when its loop is uvloop's (an embedding app keeps aiohttp's)."""
+    if sys.version_info < (3, 12):
+        http_writer.SKIP_WRITELINES = False
 
 
 def request_state(request: BaseRequest) -> dict[Any, Any]:
@@ -76,6 +81,13 @@ def take_arrived(content: StreamReader) -> bytes:
         return content.read_nowait()
     if exception is not None:
         raise exception
+    return _take(content)
+
+
+def _take(content: StreamReader) -> bytes:
+    """``take_arrived``'s read, the reader's error checked by the caller: ``read_any`` checks it
+    before it waits, not after, as readany does (data that came with an error is read first,
+    the error raised by the next read: a stream's last events before a broken frame pass on)."""
     buffer = content._buffer
     if len(buffer) != 1 or content._buffer_offset:  # several chunks, or one read in part
         return content._read_nowait(-1)
@@ -107,4 +119,4 @@ async def read_any(content: StreamReader) -> bytes:
     while not content._buffer and not content._eof:
         await content._wait("readany")  # raises the error the reader gets meanwhile
     content._timer.assert_timeout()
-    return take_arrived(content)
+    return _take(content)

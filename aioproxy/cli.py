@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 from aiohttp import web
 
+from ._aiohttp import write_large_bodies_unjoined
 from .app import create_app
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelEntry, Secret, load_config
 from .control import cli as control_cli
@@ -100,6 +101,7 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
                     "aioproxy: --loop uvloop needs uvloop: pip install 'aioproxy[uvloop]'"
                 )
         else:
+            write_large_bodies_unjoined()  # uvloop's writelines copies nothing
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
 from aiohttp import StreamReader, web
 from aiohttp.test_utils import TestClient
@@ -17,6 +18,9 @@ from aioproxy._aiohttp import (
     read_arrived_body,
     take_arrived,
 )
+from aioproxy.config import Timeouts
+from aioproxy.h1client import H1Pool
+from aioproxy.streaming import iter_sse_blocks
 
 Client = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -193,3 +197,87 @@ async def test_read_any_raises_the_error_that_came_while_waiting() -> None:
 
 async def test_read_any_of_no_body_is_empty() -> None:
     assert await read_any(EMPTY_PAYLOAD) == b""
+
+
+def _connected_reader() -> StreamReader:
+    protocol = BaseProtocol(asyncio.get_running_loop())
+    protocol.transport = asyncio.Transport()  # connected: a read may wait
+    return StreamReader(protocol, 2**16)
+
+
+async def _until_waiting(reader: StreamReader) -> None:
+    """Let the reading task run until it waits on the reader (an event, not a duration)."""
+    while reader._waiter is None:
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("read", ["readany", "read_any"])
+async def test_a_waiting_read_gets_the_data_that_came_with_an_error_first(read: str) -> None:
+    """Data fed and an error set in one go while a read waits (the parser's last good bytes,
+    then its framing error, in one data_received): the data first, the error on the next read,
+    as aiohttp's readany does."""
+    reader = _connected_reader()
+
+    def read_once() -> Awaitable[bytes]:
+        return reader.readany() if read == "readany" else read_any(reader)
+
+    reading = asyncio.ensure_future(read_once())
+    await _until_waiting(reader)
+    reader.feed_data(b'data: {"n":1}\n\n')
+    reader.set_exception(aiohttp.ClientPayloadError("invalid answer body"))
+    assert await reading == b'data: {"n":1}\n\n'
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_once()
+
+
+async def test_a_streams_last_events_before_broken_framing_pass_on() -> None:
+    """On the lean client, the upstream's last good chunk and a broken chunk header in one
+    write while the relay waits: the event is passed on, then the failure."""
+    sent_head, go_on, hung_up = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            await writer.drain()
+            sent_head.set()
+            await go_on.wait()
+            writer.write(b'f\r\ndata: {"n":1}\n\n\r\nzz\r\nnonsense\r\n')  # one write: one read
+            await writer.drain()
+            await reader.read()  # until the client hangs up
+        finally:
+            writer.close()
+            hung_up.set()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = H1Pool(asyncio.get_running_loop())
+    try:
+        response = await pool.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            b"{}",
+            {"content-type": "application/json"},
+            Timeouts(total=20, connect=5, read=10),
+        )
+        await sent_head.wait()
+        received: list[bytes] = []
+
+        async def relay() -> None:
+            async for block in iter_sse_blocks(response.content):
+                received.append(block)
+
+        relaying = asyncio.ensure_future(relay())
+        await _until_waiting(response.content)  # the relay waits for the next chunk
+        go_on.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await relaying
+        assert received == [b'data: {"n":1}\n\n']
+    finally:
+        await pool.close()
+        await hung_up.wait()
+        server.close()
+        await server.wait_closed()
