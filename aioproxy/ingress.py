@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import ServerConfig
-from .errors import PermissionDenied, UnsupportedMediaType
+from .errors import PermissionDenied, ProxyError, UnsupportedMediaType, tell_on_error
 
 __all__ = ["Ingress"]
 
@@ -57,13 +57,16 @@ class Ingress:
     def middleware(self) -> Middleware:
         """The middleware: a plain function returning the awaitable aiohttp awaits (the
         handler's, or the preflight's answer), not one more coroutine around the handler's on
-        every request. A refusal is raised as it is called, within the error middleware's
-        ``await`` (which answers it) all the same."""
+        every request. A refusal is raised when that is awaited, within the error middleware's
+        ``await`` (which answers it), after ``on_error`` heard it (no handler will)."""
         refuse, cors = self.refuse, self.cors
 
         @web.middleware
         def ingress(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-            refuse(request)
+            try:
+                refuse(request)
+            except ProxyError as refusal:
+                return _refused(request, refusal)
             if cors and request.method == "OPTIONS" and _is_preflight(request):
                 return _answered(self._preflight(request))
             return handler(request)
@@ -138,6 +141,11 @@ def _is_json(content_type: str) -> bool:
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:
     return response
+
+
+async def _refused(request: web.Request, refusal: ProxyError) -> web.StreamResponse:
+    await tell_on_error(request, refusal)
+    raise refusal
 
 
 def _is_preflight(request: web.Request) -> bool:
