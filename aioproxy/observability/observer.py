@@ -410,6 +410,10 @@ class Observer:
                     deployment = call.deployment
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
                 cache = call.state.get(_CACHE_STATE)
+                if gone or status == _CLIENT_GONE:
+                    code = _CLIENT_GONE_CODE
+                else:  # (the usual request has no error: no isinstance() for it)
+                    code = None if error is None else _code(error)
                 if metrics is not None:
                     counted_usage = usage  # the tokens the upstreams reported
                     if cache is not None:
@@ -430,6 +434,8 @@ class Observer:
                     )
                     if status == 429 and not attempts.upstream_429:
                         metrics.rate_limited.add((_scope(error),))
+                    if code is not None and status < 400:  # a stream cut after its 200
+                        metrics.stream_error(call.model, code)
                 if write is None:
                     continue
                 route = routes.get(request.match_info.route)
@@ -437,10 +443,6 @@ class Observer:
                 model = call.model[:_MAX_LOGGED_NAME]
                 if not routed:
                     model = mask_keylike(model)
-                if gone or status == _CLIENT_GONE:
-                    code = _CLIENT_GONE_CODE
-                else:  # (the usual request has no error: no isinstance() for it)
-                    code = None if error is None else _code(error)
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
