@@ -59,6 +59,9 @@ class ProxyError(Exception):
     # 200 went out: the failure is told as one last event). Set by the relay; the request is
     # logged with this status and the error's code. None: the client gets ``status``.
     sent_status: int | None = None
+    # Raised where no handler tells ``on_error`` of it (the ingress checks, which run before
+    # any handler): the error middleware does as it answers it.
+    untold: bool = False
 
     def __init_subclass__(
         cls,
@@ -354,6 +357,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProxyError as exc:
+        if exc.untold:
+            await tell_on_error(request, exc)
         return _answer(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:

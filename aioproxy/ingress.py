@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import ServerConfig
-from .errors import PermissionDenied, ProxyError, UnsupportedMediaType, tell_on_error
+from .errors import PermissionDenied, ProxyError, UnsupportedMediaType
 
 __all__ = ["Ingress"]
 
@@ -57,16 +57,13 @@ class Ingress:
     def middleware(self) -> Middleware:
         """The middleware: a plain function returning the awaitable aiohttp awaits (the
         handler's, or the preflight's answer), not one more coroutine around the handler's on
-        every request. A refusal is raised when that is awaited, within the error middleware's
-        ``await`` (which answers it), after ``on_error`` heard it (no handler will)."""
+        every request. A refusal is raised as it is called, within the error middleware's
+        ``await`` (which answers it, and tells ``on_error``: no handler will) all the same."""
         refuse, cors = self.refuse, self.cors
 
         @web.middleware
         def ingress(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-            try:
-                refuse(request)
-            except ProxyError as refusal:
-                return _refused(request, refusal)
+            refuse(request)
             if cors and request.method == "OPTIONS" and _is_preflight(request):
                 return _answered(self._preflight(request))
             return handler(request)
@@ -80,9 +77,12 @@ class Ingress:
         if request.body_exists and request.match_info.http_exception is None:
             encoding = headers.get("Content-Encoding")
             if encoding is not None and encoding.strip().lower() != "identity":
-                raise UnsupportedMediaType(
-                    f"Request bodies are read uncompressed only, not Content-Encoding '{encoding}'",
-                    code="unsupported_content_encoding",
+                raise _untold(
+                    UnsupportedMediaType(
+                        "Request bodies are read uncompressed only, not Content-Encoding "
+                        f"'{encoding}'",
+                        code="unsupported_content_encoding",
+                    )
                 )
             content_type = headers.get("Content-Type", "")
             if (
@@ -90,22 +90,28 @@ class Ingress:
                 and content_type != "application/json"  # as SDKs send it: no parsing
                 and not _is_json(content_type)
             ):
-                raise UnsupportedMediaType(
-                    "Request bodies must be JSON (Content-Type: application/json), not "
-                    f"'{content_type or 'none'}'"
+                raise _untold(
+                    UnsupportedMediaType(
+                        "Request bodies must be JSON (Content-Type: application/json), not "
+                        f"'{content_type or 'none'}'"
+                    )
                 )
         if not self.any_host and hostname(request.host) not in self.hosts:
-            raise PermissionDenied(
-                "This proxy answers only requests addressed to its own host name; add the name "
-                "to [server] allowed_hosts to use it",
-                code="host_not_allowed",
+            raise _untold(
+                PermissionDenied(
+                    "This proxy answers only requests addressed to its own host name; add the "
+                    "name to [server] allowed_hosts to use it",
+                    code="host_not_allowed",
+                )
             )
         origin = headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request):
-            raise PermissionDenied(
-                "Requests from web pages of other origins are refused; add the origin to "
-                "[server] cors_origins to allow it",
-                code="origin_not_allowed",
+            raise _untold(
+                PermissionDenied(
+                    "Requests from web pages of other origins are refused; add the origin to "
+                    "[server] cors_origins to allow it",
+                    code="origin_not_allowed",
+                )
             )
 
     def _origin_allowed(self, origin: str, request: web.Request) -> bool:
@@ -143,9 +149,10 @@ async def _answered(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-async def _refused(request: web.Request, refusal: ProxyError) -> web.StreamResponse:
-    await tell_on_error(request, refusal)
-    raise refusal
+def _untold(refusal: ProxyError) -> ProxyError:
+    """``refusal``, for the error middleware to tell ``on_error`` of as it answers it."""
+    refusal.untold = True
+    return refusal
 
 
 def _is_preflight(request: web.Request) -> bool:
