@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hmac
+import itertools
 import math
 import operator
 import os
@@ -363,14 +364,12 @@ class Metrics:
     def count_finished(self) -> None:
         """The finished requests' counts: by the model asked for, and what each spent and how
         fast it came by the model that served it (a fallback's own). Requests alike (kind,
-        models, status) are grouped first, the one step in Python a request pays for; each
-        group is then counted at once, its sums and buckets made in C."""
+        models, status) are grouped first, each group picked out in C (a handful a batch: no
+        Python step a request), then counted at once, its sums and buckets made in C."""
         finished, self.finished = self.finished, []
-        groups: dict[tuple[str, str | None, str | None, int], list[Finished]] = {}
-        for key, request in zip(map(_ALIKE, finished), finished):
-            groups.setdefault(key, []).append(request)
-        for key, group in groups.items():
-            self._count_alike(*key, group)
+        keys: list[tuple[str, str | None, str | None, int]] = list(map(_ALIKE, finished))
+        for key in dict.fromkeys(keys):
+            self._count_alike(*key, list(itertools.compress(finished, map(key.__eq__, keys))))
 
     def _count_alike(
         self, kind: str, asked: str | None, served: str | None, status: int, group: list[Finished]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,8 +86,8 @@ _UNPARSED_ROUTE = _Route("other", None, None)
 # Where the hooks leave what they learnt of a request, for its batch to read (the request's own
 # dict, read and written in C; the batch pops each, which also lets go of the call).
 _ANSWERED = "aioproxy.observer.answered"  # after_response: (call, outcome)
-_FAILED = "aioproxy.observer.failed"  # on_error: (error, call)
-_ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or every one, timed)
+# on_error's failure and an eventful attempt's (or, timed, every attempt's) lessons: _Noted.
+_NOTED = "aioproxy.observer.noted"
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
@@ -94,10 +96,13 @@ _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's s
 _Over = tuple[web.Request, float, "web.StreamResponse | int"]
 
 
-class _Attempts(msgspec.Struct):
-    """What a request's eventful upstream attempts (not its first, or failed, or 429) taught;
-    with the timing header on, every attempt's (a Struct: its defaults are filled in C)."""
+class _Noted(msgspec.Struct):
+    """What a request's failure (``on_error``) and its eventful upstream attempts (not its
+    first, or failed, or 429) taught; with the timing header on, every attempt's (a Struct: its
+    defaults are filled in C). One record, so that the usual request's batch pops one key."""
 
+    error: Exception | None = None  # the failure on_error heard last
+    call: Call | None = None  # the call it came with (None: none, or refused before one)
     upstream_time: float = 0.0  # seconds the upstream attempts took (to their first byte)
     retries: int = 0
     fallbacks: int = 0
@@ -106,9 +111,9 @@ class _Attempts(msgspec.Struct):
     upstream_429: bool = False
 
 
-# What a request without eventful attempts, or without a failure, reads (never written to).
-_NO_ATTEMPTS = _Attempts()
-_NOT_FAILED = (None, None)  # (error, call), as on_error leaves them
+# What a request without eventful attempts or a failure reads (never written to).
+_NOTHING_NOTED = _Noted()
+_ID = operator.attrgetter("id")
 
 
 def observer(config: Config) -> object:
@@ -142,10 +147,16 @@ class Observer:
         self.pending: list[_Over] = []
         # Upstream attempts by deployment id and status, as counted (None: no metrics).
         self.attempts_counted: dict[tuple[Any, ...], float] | None = None
+        # The deployments whose request's first attempt answered 200 (the usual attempt), to be
+        # counted with the batch (a list append in the hook, not a count). None: each attempt
+        # noted as it ends (no metrics, or the timing header needs every attempt's time).
+        self.first_answers: list[Deployment] | None = None
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
             self.attempts_counted = self.metrics.upstream.pending
+            if not self.timing_header:
+                self.first_answers = []
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -237,6 +248,7 @@ class Observer:
         if metrics is None:
             return
         self.observe_pending()
+        self._count_first_answers()
         if self.runtime is not None:
             router = self.runtime.router
             now = router.clock.now()
@@ -286,7 +298,7 @@ class Observer:
         counted)."""
         state = request_state(request)
         state[_UNPARSED] = True
-        state[_FAILED] = (ProxyError("", code=code), None)
+        state[_NOTED] = _Noted(ProxyError("", code=code))
         if self.metrics is not None:
             self.metrics.active += 1  # the batch takes it off again
         if not self.pending:
@@ -300,8 +312,8 @@ class Observer:
         state = request_state(request)
         started = state.get(_STARTED)
         if started is not None:
-            attempts = state.get(_ATTEMPTS)
-            upstream_time = attempts.upstream_time if attempts is not None else 0.0
+            noted = state.get(_NOTED)
+            upstream_time = noted.upstream_time if noted is not None else 0.0
             overhead = time.monotonic() - started - upstream_time
             response.headers[TIMING_HEADER] = f"{max(overhead, 0.0) * 1000:.3f}"
 
@@ -315,6 +327,10 @@ class Observer:
         error: Exception | None,
         elapsed: float,
     ) -> None:
+        first_answers = self.first_answers
+        if first_answers is not None and attempt == 1 and error is None and status == 200:
+            first_answers.append(deployment)  # the usual attempt: counted with the batch
+            return
         counted = self.attempts_counted
         if counted is not None:
             key = (deployment.id, status)  # made labels when flushed
@@ -325,24 +341,21 @@ class Observer:
         # attempt when the timing header needs its time. (An attempt after the first follows a
         # failed one: the model it is compared with was noted here.)
         metrics = self.metrics
-        state = request_state(call.request)
-        attempts = state.get(_ATTEMPTS)
-        if attempts is None:
-            attempts = state[_ATTEMPTS] = _Attempts()
-        attempts.upstream_time += elapsed
-        attempts.deployment = deployment
+        noted = self._noted(request_state(call.request))
+        noted.upstream_time += elapsed
+        noted.deployment = deployment
         if attempt > 1:
-            if deployment.name == attempts.last_model:
-                attempts.retries += 1
+            if deployment.name == noted.last_model:
+                noted.retries += 1
                 if metrics is not None:
                     metrics.retries.add((metrics.model(deployment.name),))
             else:
-                attempts.fallbacks += 1
+                noted.fallbacks += 1
                 if metrics is not None:
                     metrics.fallbacks.add((metrics.model(call.model),))
-        attempts.last_model = deployment.name
+        noted.last_model = deployment.name
         if status == 429:
-            attempts.upstream_429 = True
+            noted.upstream_429 = True
             if metrics is not None:
                 metrics.rate_limited.add(("upstream",))
         if error is not None and metrics is not None and self.runtime is not None:
@@ -357,10 +370,28 @@ class Observer:
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
-        state = request_state(request)
-        if call is None and (earlier := state.get(_FAILED)) is not None:
-            call = earlier[1]
-        state[_FAILED] = (error, call)
+        noted = self._noted(request_state(request))
+        noted.error = error
+        if call is not None:  # (a later error without one keeps the call heard before)
+            noted.call = call
+
+    @staticmethod
+    def _noted(state: dict[Any, Any]) -> _Noted:
+        noted = state.get(_NOTED)
+        if noted is None:
+            noted = state[_NOTED] = _Noted()
+        return noted
+
+    def _count_first_answers(self) -> None:
+        """Count the usual attempts (a first one answered 200) noted since the last time."""
+        answers = self.first_answers
+        counted = self.attempts_counted
+        if not answers or counted is None:
+            return
+        for deployment_id, count in Counter(map(_ID, answers)).items():
+            key = (deployment_id, 200)  # made labels when flushed
+            counted[key] = counted.get(key, 0) + count
+        answers.clear()
 
     def observe_pending(self) -> None:
         """Count and log the requests over since the last batch: one loop, its lookups bound
@@ -382,8 +413,9 @@ class Observer:
                 # Popped: the request lets go of its call (request -> call -> request would be
                 # cyclic garbage, freed only by the collector's full passes).
                 answered = state.pop(_ANSWERED, None)
-                error, call = state.pop(_FAILED, _NOT_FAILED)
-                attempts: _Attempts = state.pop(_ATTEMPTS, _NO_ATTEMPTS)
+                noted: _Noted = state.pop(_NOTED, _NOTHING_NOTED)
+                error = noted.error
+                call = noted.call
                 if answered is not None:
                     call, outcome = answered
                     status = outcome.status
@@ -398,16 +430,14 @@ class Observer:
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
                 if call is None:
-                    self._observe_without_call(
-                        request, state, status, elapsed, error, attempts, lines
-                    )
+                    self._observe_without_call(request, state, status, elapsed, error, noted, lines)
                     continue
-                routed = call.routed
+                routed = call.routed_to  # (the attribute: routed and deployment are properties)
                 # The deployment that answered: the last one tried, else (a cached answer) the
                 # routed one.
-                deployment = attempts.deployment
-                if deployment is None and routed:
-                    deployment = call.deployment
+                deployment = noted.deployment
+                if deployment is None:
+                    deployment = routed
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
                 cache = call.state.get(_CACHE_STATE)
                 if gone or status == _CLIENT_GONE:
@@ -432,7 +462,7 @@ class Observer:
                             ttft,
                         )
                     )
-                    if status == 429 and not attempts.upstream_429:
+                    if status == 429 and not noted.upstream_429:
                         metrics.rate_limited.add((_scope(error),))
                     if code is not None and status < 400:  # a stream cut after its 200
                         metrics.stream_error(call.model, code)
@@ -441,7 +471,7 @@ class Observer:
                 route = routes.get(request.match_info.route)
                 # A name no deployment has is the client's text: masked where key-like.
                 model = call.model[:_MAX_LOGGED_NAME]
-                if not routed:
+                if routed is None:
                     model = mask_keylike(model)
                 principal = call.principal
                 lines.append(
@@ -466,8 +496,8 @@ class Observer:
                         # Milliseconds to the µs (int() and a division: round() goes through text).
                         int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
                         int(elapsed * 1e6 + 0.5) / 1000,
-                        attempts.retries,
-                        attempts.fallbacks,
+                        noted.retries,
+                        noted.fallbacks,
                         cache,
                         request.remote,
                         call.upstream_request_id,
@@ -477,8 +507,9 @@ class Observer:
                 logging.getLogger("aioproxy").exception("observing a request failed")
         if metrics is not None:
             metrics.active -= len(batch)
-            if len(metrics.finished) >= COUNT_AT:
+            if len(metrics.finished) >= COUNT_AT:  # (the first answers gather as fast)
                 metrics.count_finished()
+                self._count_first_answers()
         if lines:
             assert write is not None
             write(lines)
@@ -490,7 +521,7 @@ class Observer:
         status: int,
         elapsed: float,
         error: Exception | None,
-        attempts: _Attempts,
+        noted: _Noted,
         lines: list[AccessLine],
     ) -> None:
         """Count and log a request that had no call: refused before its body was read, a route
@@ -498,7 +529,7 @@ class Observer:
         unparsed = _UNPARSED in state
         route = _UNPARSED_ROUTE if unparsed else self.routes.get(request.match_info.route)
         kind = route.kind if route is not None else "other"
-        deployment = attempts.deployment
+        deployment = noted.deployment
         metrics = self.metrics
         if metrics is not None:
             metrics.finished.append(
@@ -513,7 +544,7 @@ class Observer:
                     None,
                 )
             )
-            if status == 429 and not attempts.upstream_429:
+            if status == 429 and not noted.upstream_429:
                 metrics.rate_limited.add((_scope(error),))
         if self.write is None:
             return
@@ -540,8 +571,8 @@ class Observer:
                 None,
                 None,
                 int(elapsed * 1e6 + 0.5) / 1000,
-                attempts.retries,
-                attempts.fallbacks,
+                noted.retries,
+                noted.fallbacks,
                 None,
                 request.remote,
                 None,
