@@ -2,7 +2,10 @@
 
 A middleware (the app's outermost) times each request and, once it is over, queues it: a
 request pays for an append. The hooks leave what only they see (the call and its outcome, a
-failure, an eventful upstream attempt) in the request's own dict. ``BATCH_WINDOW`` after the
+failure) in the request's own dict; the upstream attempts call none (unless the timing header
+needs their time): the batch reads a call's failed ones (``FAILED_ATTEMPTS``, its retries
+and fallbacks), and a scrape counts the answered ones from the router's count of the answers
+each deployment began. ``BATCH_WINDOW`` after the
 first of them (or before a scrape, or at shutdown) the requests over meanwhile are counted and
 their access lines built and written, one batch: a busy gateway pays for a batch (its loop's
 set-up, a write to the log) once every few dozen requests. Registered as the built-in plugin ``observer`` (``[plugins] disable
@@ -13,10 +16,9 @@ implements no hook at all, so the request path is as it would be without it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import operator
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,6 +28,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from .._aiohttp import request_state
+from ..context import FAILED_ATTEMPTS, RETRIES
 from ..deployments import deployments_from
 from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
 from ..hookspecs import RegisterRoute, hookimpl
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..context import Call, Deployment
     from ..outcome import Outcome
+    from ..router import Router
     from ..runtime import Runtime
 
 __all__ = ["BATCH_WINDOW", "Observer", "observer"]
@@ -97,29 +101,33 @@ _Over = tuple[web.Request, float, "web.StreamResponse | int"]
 
 
 class _Noted(msgspec.Struct):
-    """What a request's failure (``on_error``) and its eventful upstream attempts (not its
-    first, or failed, or 429) taught; with the timing header on, every attempt's (a Struct: its
-    defaults are filled in C). One record, so that the usual request's batch pops one key."""
+    """What a request's failure (``on_error``) taught, and with the timing header on its
+    upstream attempts' time (a Struct: its defaults are filled in C)."""
 
     error: Exception | None = None  # the failure on_error heard last
     call: Call | None = None  # the call it came with (None: none, or refused before one)
     upstream_time: float = 0.0  # seconds the upstream attempts took (to their first byte)
-    retries: int = 0
-    fallbacks: int = 0
-    last_model: str | None = None
-    deployment: Deployment | None = None
-    upstream_429: bool = False
 
 
-# What a request without eventful attempts or a failure reads (never written to).
+# What a request without a failure reads (never written to).
 _NOTHING_NOTED = _Noted()
-_ID = operator.attrgetter("id")
+
+
+class _Tried(NamedTuple):
+    """What a request's upstream attempts come to, for its access line."""
+
+    deployment: Deployment | None  # the last one tried (None: none)
+    retries: int
+    fallbacks: int
+    upstream_429: bool  # one was answered 429 (a 429 of the request is then the upstream's)
 
 
 def observer(config: Config) -> object:
-    """The built-in plugin for ``config``: an :class:`Observer`, or nothing to call when off."""
-    metrics_on = config.metrics.enabled
-    if metrics_on or config.logging.access_log or config.server.timing_header:
+    """The built-in plugin for ``config``: an :class:`Observer` (one that times the upstream
+    attempts for the timing header), or nothing to call when off."""
+    if config.server.timing_header:
+        return _TimedObserver(config)
+    if config.metrics.enabled or config.logging.access_log:
         return Observer(config)
     return _Off()
 
@@ -145,18 +153,14 @@ class Observer:
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
-        # Upstream attempts by deployment id and status, as counted (None: no metrics).
+        # Upstream attempts by deployment id and status, as counted (None: no metrics): the
+        # failed ones by the batch (FAILED_ATTEMPTS), the answered ones from the router's count.
         self.attempts_counted: dict[tuple[Any, ...], float] | None = None
-        # The deployments whose request's first attempt answered 200 (the usual attempt), to be
-        # counted with the batch (a list append in the hook, not a count). None: each attempt
-        # noted as it ends (no metrics, or the timing header needs every attempt's time).
-        self.first_answers: list[Deployment] | None = None
+        self.served_counted: dict[str, int] = {}  # the router's answers begun, as counted
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
             self.attempts_counted = self.metrics.upstream.pending
-            if not self.timing_header:
-                self.first_answers = []
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -248,9 +252,9 @@ class Observer:
         if metrics is None:
             return
         self.observe_pending()
-        self._count_first_answers()
         if self.runtime is not None:
             router = self.runtime.router
+            self._count_served(router)
             now = router.clock.now()
             for deployments in self.runtime.deployments.values():
                 for deployment in deployments:
@@ -317,53 +321,6 @@ class Observer:
             overhead = time.monotonic() - started - upstream_time
             response.headers[TIMING_HEADER] = f"{max(overhead, 0.0) * 1000:.3f}"
 
-    @hookimpl
-    def after_attempt(
-        self,
-        call: Call,
-        deployment: Deployment,
-        attempt: int,
-        status: int,
-        error: Exception | None,
-        elapsed: float,
-    ) -> None:
-        first_answers = self.first_answers
-        if first_answers is not None and attempt == 1 and error is None and status == 200:
-            first_answers.append(deployment)  # the usual attempt: counted with the batch
-            return
-        counted = self.attempts_counted
-        if counted is not None:
-            key = (deployment.id, status)  # made labels when flushed
-            counted[key] = counted.get(key, 0) + 1
-        if attempt == 1 and status != 429 and error is None and not self.timing_header:
-            return  # the usual attempt: counted above, nothing more to note
-        # An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
-        # attempt when the timing header needs its time. (An attempt after the first follows a
-        # failed one: the model it is compared with was noted here.)
-        metrics = self.metrics
-        noted = self._noted(request_state(call.request))
-        noted.upstream_time += elapsed
-        noted.deployment = deployment
-        if attempt > 1:
-            if deployment.name == noted.last_model:
-                noted.retries += 1
-                if metrics is not None:
-                    metrics.retries.add((metrics.model(deployment.name),))
-            else:
-                noted.fallbacks += 1
-                if metrics is not None:
-                    metrics.fallbacks.add((metrics.model(call.model),))
-        noted.last_model = deployment.name
-        if status == 429:
-            noted.upstream_429 = True
-            if metrics is not None:
-                metrics.rate_limited.add(("upstream",))
-        if error is not None and metrics is not None and self.runtime is not None:
-            router = self.runtime.router
-            metrics.cooling(
-                deployment.id, router.health(deployment).cooldown_until > router.clock.now()
-            )
-
     @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
     def after_response(self, call: Call, outcome: Outcome) -> None:
         request_state(call.request)[_ANSWERED] = (call, outcome)
@@ -382,16 +339,43 @@ class Observer:
             noted = state[_NOTED] = _Noted()
         return noted
 
-    def _count_first_answers(self) -> None:
-        """Count the usual attempts (a first one answered 200) noted since the last time."""
-        answers = self.first_answers
+    def _count_served(self, router: Router) -> None:
+        """Count the upstream attempts answered since the last time (status 200) from the
+        router's count of the answers each deployment began: no hook call an attempt."""
         counted = self.attempts_counted
-        if not answers or counted is None:
+        if counted is None:
             return
-        for deployment_id, count in Counter(map(_ID, answers)).items():
-            key = (deployment_id, 200)  # made labels when flushed
-            counted[key] = counted.get(key, 0) + count
-        answers.clear()
+        served_counted = self.served_counted
+        for key, served in router.served().items():
+            new = served - served_counted.get(key, 0)
+            if new:
+                served_counted[key] = served
+                counted_key = (key, 200)  # a key is the deployment's id: made a label when flushed
+                counted[counted_key] = counted.get(counted_key, 0) + new
+
+    def _tried(self, call: Call, failed: list[tuple[Deployment, int]]) -> _Tried:
+        """Count a request's failed attempts (its FAILED_ATTEMPTS) and the retries and
+        fallbacks they led to; the deployment tried last."""
+        counts = call.state.get(RETRIES)
+        retries, fallbacks = counts if counts is not None else (0, 0)
+        tried = [deployment for deployment, _ in failed]
+        if 1 + retries + fallbacks > len(tried):  # one more attempt: it answered
+            tried.append(call.deployment)
+        upstream_429 = any(status == 429 for _, status in failed)
+        metrics, counted = self.metrics, self.attempts_counted
+        if metrics is not None and counted is not None:
+            for deployment, status in failed:
+                key = (deployment.id, status)  # made labels when flushed
+                counted[key] = counted.get(key, 0) + 1
+                if status == 429:
+                    metrics.rate_limited.add(("upstream",))
+            # Each attempt after the first: a retry of the model tried before, or a fallback.
+            for before, after in itertools.pairwise(tried):
+                if after.name == before.name:
+                    metrics.retries.add((metrics.model(after.name),))
+                else:
+                    metrics.fallbacks.add((metrics.model(call.model),))
+        return _Tried(tried[-1], retries, fallbacks, upstream_429)
 
     def observe_pending(self) -> None:
         """Count and log the requests over since the last batch: one loop, its lookups bound
@@ -430,14 +414,14 @@ class Observer:
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
                 if call is None:
-                    self._observe_without_call(request, state, status, elapsed, error, noted, lines)
+                    self._observe_without_call(request, state, status, elapsed, error, lines)
                     continue
                 routed = call.routed_to  # (the attribute: routed and deployment are properties)
-                # The deployment that answered: the last one tried, else (a cached answer) the
-                # routed one.
-                deployment = noted.deployment
-                if deployment is None:
-                    deployment = routed
+                failed = call.state.get(FAILED_ATTEMPTS)
+                if failed is None:  # the usual request: its one attempt, if any, answered
+                    deployment, retries, fallbacks, upstream_429 = routed, 0, 0, False
+                else:
+                    deployment, retries, fallbacks, upstream_429 = self._tried(call, failed)
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
                 cache = call.state.get(_CACHE_STATE)
                 if gone or status == _CLIENT_GONE:
@@ -462,7 +446,7 @@ class Observer:
                             ttft,
                         )
                     )
-                    if status == 429 and not noted.upstream_429:
+                    if status == 429 and not upstream_429:
                         metrics.rate_limited.add((_scope(error),))
                     if code is not None and status < 400:  # a stream cut after its 200
                         metrics.stream_error(call.model, code)
@@ -496,8 +480,8 @@ class Observer:
                         # Milliseconds to the µs (int() and a division: round() goes through text).
                         int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
                         int(elapsed * 1e6 + 0.5) / 1000,
-                        noted.retries,
-                        noted.fallbacks,
+                        retries,
+                        fallbacks,
                         cache,
                         request.remote,
                         call.upstream_request_id,
@@ -507,9 +491,8 @@ class Observer:
                 logging.getLogger("aioproxy").exception("observing a request failed")
         if metrics is not None:
             metrics.active -= len(batch)
-            if len(metrics.finished) >= COUNT_AT:  # (the first answers gather as fast)
+            if len(metrics.finished) >= COUNT_AT:
                 metrics.count_finished()
-                self._count_first_answers()
         if lines:
             assert write is not None
             write(lines)
@@ -521,22 +504,21 @@ class Observer:
         status: int,
         elapsed: float,
         error: Exception | None,
-        noted: _Noted,
         lines: list[AccessLine],
     ) -> None:
-        """Count and log a request that had no call: refused before its body was read, a route
-        of the gateway's own (models, health, metrics), or one never parsed."""
+        """Count and log a request that had no call (and so no upstream attempt): refused
+        before its body was read, a route of the gateway's own (models, health, metrics), or
+        one never parsed."""
         unparsed = _UNPARSED in state
         route = _UNPARSED_ROUTE if unparsed else self.routes.get(request.match_info.route)
         kind = route.kind if route is not None else "other"
-        deployment = noted.deployment
         metrics = self.metrics
         if metrics is not None:
             metrics.finished.append(
                 (
                     kind,
                     None,
-                    deployment.name if deployment is not None else None,
+                    None,
                     status,
                     elapsed,
                     None,
@@ -544,7 +526,7 @@ class Observer:
                     None,
                 )
             )
-            if status == 429 and not noted.upstream_429:
+            if status == 429:
                 metrics.rate_limited.add((_scope(error),))
         if self.write is None:
             return
@@ -564,20 +546,29 @@ class Observer:
                 None,
                 None,
                 None,
-                (deployment.id or deployment.describe()) if deployment is not None else None,
+                None,
                 None,
                 None,
                 None,
                 None,
                 None,
                 int(elapsed * 1e6 + 0.5) / 1000,
-                noted.retries,
-                noted.fallbacks,
+                0,
+                0,
                 None,
                 request.remote,
                 None,
             )
         )
+
+
+class _TimedObserver(Observer):
+    """The observer with the timing header on: each upstream attempt's time is noted (the
+    header is the request's time less theirs), so each pays for an ``after_attempt`` call."""
+
+    @hookimpl
+    def after_attempt(self, call: Call, elapsed: float) -> None:
+        self._noted(request_state(call.request)).upstream_time += elapsed
 
 
 def _code(error: BaseException | None) -> str | None:

@@ -128,10 +128,13 @@ def assert_mix(samples: Samples, tokens: dict[str, int], times: int = 1) -> None
     assert value(samples, "aioproxy_deployment_cooling", deployment="gpt-test#0") == 0
 
 
+@pytest.mark.parametrize("timing_header", [False, True])
 async def test_counts_after_a_known_mix(
-    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, timing_header: bool
 ) -> None:
-    proxy = await serve_proxy(mix_config(upstream_base))
+    """The same counts whether the observer hears each attempt (the timing header needs
+    their time) or learns of them from the router and the calls' failed attempts."""
+    proxy = await serve_proxy(mix_config(upstream_base, server={"timing_header": timing_header}))
     tokens = await run_mix(proxy, fake)
     assert_mix(await scrape(proxy), tokens)
 
