@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from .._aiohttp import request_state
+from .._aiohttp import peername, request_state
 from ..context import FAILED_ATTEMPTS, RETRIES
 from ..deployments import deployments_from
 from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
@@ -85,6 +85,9 @@ class _Route(NamedTuple):
 
 # A request aiohttp could not parse (run.py's server answered it): no method, no path.
 _UNPARSED_ROUTE = _Route("other", None, None)
+# A route the app did not have as it started (none serves a call): the request's own.
+_UNNAMED_ROUTE = _Route("other", None, None)
+_MAX_REMOTES = 4096
 
 
 # Where the hooks leave what they learnt of a request, for its batch to read (the request's own
@@ -147,6 +150,9 @@ class Observer:
         self.runtime: Runtime | None = None
         # Each route's kind, template and method, for the access log and requests without a call.
         self.routes: dict[AbstractRoute, _Route] = {}
+        # Each connection's client address as logged, by its peer (request.remote makes the
+        # text anew on every read): at most _MAX_REMOTES, then begun afresh.
+        self.remotes: dict[Any, str | None] = {}
         # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
         self.write: Callable[[list[AccessLine]], None] | None = None
@@ -391,6 +397,7 @@ class Observer:
         lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
+        remotes = self.remotes
         for request, elapsed, end in batch:
             try:
                 state = request_state(request)
@@ -419,7 +426,9 @@ class Observer:
                 routed = call.routed_to  # (the attribute: routed and deployment are properties)
                 failed = call.state.get(FAILED_ATTEMPTS)
                 if failed is None:  # the usual request: its one attempt, if any, answered
-                    deployment, retries, fallbacks, upstream_429 = routed, 0, 0, False
+                    deployment = routed
+                    retries = fallbacks = 0
+                    upstream_429 = False
                 else:
                     deployment, retries, fallbacks, upstream_429 = self._tried(call, failed)
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
@@ -452,7 +461,8 @@ class Observer:
                         metrics.stream_error(call.model, code)
                 if write is None:
                     continue
-                route = routes.get(request.match_info.route)
+                # (A call's route is one of the app's: named as it started.)
+                route = routes.get(request.match_info.route, _UNNAMED_ROUTE)
                 # A name no deployment has is the client's text: masked where key-like.
                 model = call.model[:_MAX_LOGGED_NAME]
                 if routed is None:
@@ -461,9 +471,9 @@ class Observer:
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
                         None,  # time: filled in as the line is written
-                        state.get(REQUEST_ID) or request_id(request),
-                        request.method if route is None or route.method is None else route.method,
-                        route.path if route is not None else _logged_path(request),
+                        call.request_id,
+                        route.method or request.method,
+                        route.path if route.path is not None else _logged_path(request),
                         kind,
                         status,
                         code,
@@ -483,7 +493,7 @@ class Observer:
                         retries,
                         fallbacks,
                         cache,
-                        request.remote,
+                        remotes.get(peername(request)) or self._remote(request),
                         call.upstream_request_id,
                     )
                 )
@@ -496,6 +506,15 @@ class Observer:
         if lines:
             assert write is not None
             write(lines)
+
+    def _remote(self, request: web.BaseRequest) -> str | None:
+        """The client address of ``request``'s connection, as logged: made once a connection
+        (None, for a peer aiohttp does not know, each time)."""
+        remotes = self.remotes
+        if len(remotes) >= _MAX_REMOTES:  # connections come and go: forget the old ones
+            remotes.clear()
+        remote = remotes[peername(request)] = request.remote
+        return remote
 
     def _observe_without_call(
         self,
