@@ -21,6 +21,7 @@ from .errors import (
     PermissionDenied,
     ProxyError,
     RateLimited,
+    ServerShutdown,
     UpstreamError,
 )
 from .failures import ErrorReader, openai_error, scrub
@@ -66,6 +67,7 @@ __all__ = [
     "RegisterRoute",
     "Reply",
     "Secret",
+    "ServerShutdown",
     "StreamReply",
     "Upstream",
     "UpstreamError",

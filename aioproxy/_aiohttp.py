@@ -6,6 +6,7 @@ the tests of h1client.py and server.py) first. Elsewhere, import only ``aiohttp`
 ``aiohttp.web`` (plus the documented ``aiohttp.typedefs`` and ``aiohttp.test_utils``).
 """
 
+import operator
 import sys
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "RawResponseMessage",
     "RequestHandler",
     "RequestPayloadError",
+    "peername",
     "read_any",
     "read_arrived_body",
     "request_state",
@@ -51,6 +53,12 @@ def request_state(request: BaseRequest) -> dict[Any, Any]:
     """The dict behind ``request[key]``, to read with its ``get`` in C: the request's own ``get``
     and ``in`` are Mapping's, in Python, and raise and catch a KeyError for a key not there."""
     return request._state
+
+
+# What aiohttp read of a request's peer (its connection's peer address, or what
+# ``clone(remote=...)`` set), which ``request.remote`` turns into text on every read: the same
+# object for each request of a connection, so a key to remember that text by (read in C).
+peername: Any = operator.attrgetter("_transport_peername")
 
 
 def read_arrived_body(request: BaseRequest) -> bytes:

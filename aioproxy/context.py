@@ -15,7 +15,15 @@ from .request_ids import HEADER as REQUEST_ID_HEADER
 from .request_ids import request_id
 from .routes import Kind
 
-__all__ = ["CACHE_ANSWERS", "STREAM_FILTER", "STREAM_RECORDER", "Call", "Deployment", "Principal"]
+__all__ = [
+    "CACHE_ANSWERS",
+    "FAILED_ATTEMPTS",
+    "STREAM_FILTER",
+    "STREAM_RECORDER",
+    "Call",
+    "Deployment",
+    "Principal",
+]
 
 # ``call.state[STREAM_FILTER]``: a function a before_request hook may set, given a streamed
 # StreamReply and returning the one the client gets (e.g. without a chunk the plugin asked for).
@@ -23,6 +31,10 @@ STREAM_FILTER = "aioproxy.stream_filter"
 # ``call.state[RETRIES]``: ``[retries, fallbacks]`` the dispatcher made (absent: none), for the
 # request log. Only a request tried more than once pays for it.
 RETRIES = "aioproxy.retries"
+# ``call.state[FAILED_ATTEMPTS]``: ``[(deployment, status), ...]``, the upstream attempts that
+# failed (``status`` as ``after_attempt`` hears it), in order (absent: none), for the observer
+# to count in its batch. Only a request with a failed attempt pays for it.
+FAILED_ATTEMPTS = "aioproxy.failed_attempts"
 # ``call.state[STREAM_RECORDER]``: likewise, given the StreamReply the client gets (after
 # STREAM_FILTER), returning one that reads along (the response cache keeps a copy).
 STREAM_RECORDER = "aioproxy.stream_recorder"

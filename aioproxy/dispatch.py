@@ -15,7 +15,7 @@ from typing import NamedTuple
 import aiohttp
 
 from .config import Config
-from .context import RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
+from .context import FAILED_ATTEMPTS, RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
 from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited, cut_short
 from .failures import as_proxy_error
 from .outcome import Outcome
@@ -156,6 +156,14 @@ def _count_retry(call: Call, same_model: bool) -> None:
     if counts is None:
         counts = call.state[RETRIES] = [0, 0]
     counts[0 if same_model else 1] += 1
+
+
+def _note_failed(call: Call, deployment: Deployment, status: int) -> None:
+    """Note a failed upstream attempt of ``call`` (FAILED_ATTEMPTS), for the observer."""
+    failed = call.state.get(FAILED_ATTEMPTS)
+    if failed is None:
+        failed = call.state[FAILED_ATTEMPTS] = []
+    failed.append((deployment, status))
 
 
 def _brief(error: BaseException) -> str:
@@ -369,13 +377,15 @@ class Dispatcher:
                 ended = error
             elif isinstance(error, asyncio.CancelledError):  # its client left, or we stop
                 ended = cut_short(call.request)  # not the upstream's fault
-            if ended is not None and observed and hooks.after_attempt.implemented:
+            if ended is not None and observed:
                 status = ended.status if isinstance(ended, ProxyError) else 500
-                rest = hooks.after_attempt.logged(
-                    call, deployment, attempt, status, ended, router.clock.now() - started
-                )
-                if rest is not None:
-                    await rest
+                _note_failed(call, deployment, status)
+                if hooks.after_attempt.implemented:
+                    rest = hooks.after_attempt.logged(
+                        call, deployment, attempt, status, ended, router.clock.now() - started
+                    )
+                    if rest is not None:
+                        await rest
             if error is exc:
                 raise
             raise error from exc

@@ -40,6 +40,7 @@ __all__ = [
     "error_middleware",
     "error_response",
     "speaks_anthropic",
+    "tell_on_error",
 ]
 
 
@@ -58,6 +59,9 @@ class ProxyError(Exception):
     # 200 went out: the failure is told as one last event). Set by the relay; the request is
     # logged with this status and the error's code. None: the client gets ``status``.
     sent_status: int | None = None
+    # Raised where no handler tells ``on_error`` of it (the ingress checks, which run before
+    # any handler): the error middleware does as it answers it.
+    untold: bool = False
 
     def __init_subclass__(
         cls,
@@ -323,9 +327,9 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> ProxyEr
     return ProxyError(message, status=exc.status, type=type_, code=code, headers=headers)
 
 
-# The app's ``on_error`` hook (``Hook.logged``; set by create_app when a plugin implements it):
-# the middleware tells it of the refusals no handler heard, an unknown route's 404 and a wrong
-# method's 405, which the router answers before any handler runs.
+# The app's ``on_error`` hook (``Hook.logged``; set by create_app when a plugin implements it),
+# for the refusals no provider handler hears: the router's (an unknown route's 404, a wrong
+# method's 405, answered before any handler runs), the ingress checks', the model routes'.
 ON_ERROR: web.AppKey[Callable[..., Awaitable[None] | None]] = web.AppKey("aioproxy.on_error")
 
 # Where the middleware leaves the error a request was answered with (for the access log's
@@ -338,8 +342,9 @@ def _answer(request: web.Request, error: ProxyError) -> web.Response:
     return error_response(error, speaks_anthropic(request.match_info.handler))
 
 
-async def _tell_on_error(request: web.Request, error: ProxyError) -> None:
-    """``on_error`` for a request no handler took (no call: nobody was authenticated)."""
+async def tell_on_error(request: web.Request, error: ProxyError) -> None:
+    """``on_error`` for a refusal with no call (nobody was authenticated): the router's 404 and
+    405, the ingress checks', a model route's (which makes no call)."""
     on_error = request.app.get(ON_ERROR)
     if on_error is not None and (rest := on_error(request, error, None)) is not None:
         await rest
@@ -352,13 +357,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProxyError as exc:
+        if exc.untold:
+            await tell_on_error(request, exc)
         return _answer(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = from_http_exception(exc, request)
         if request.match_info.http_exception is exc:  # the router's own: no handler heard it
-            await _tell_on_error(request, error)
+            await tell_on_error(request, error)
         return _answer(request, error)
     except ConnectionResetError:
         raise  # the client went away: nobody to answer, and aiohttp knows to ignore it

@@ -4,6 +4,7 @@ authenticate -> read_body -> dispatch -> relay."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import msgspec
 from aiohttp import web
@@ -11,7 +12,7 @@ from aiohttp.typedefs import Handler
 
 from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ModelNotFound, ProxyError, cut_short, from_http_exception
+from .errors import ModelNotFound, ProxyError, cut_short, from_http_exception, tell_on_error
 from .keys import runtime_key
 from .payloads import read_body, refuse_unless_allowed
 from .relay import send, send_with_keepalive
@@ -115,6 +116,21 @@ def _refused_as_asked(call: Call, refused: ProxyError | web.HTTPException) -> bo
     return not call.routed and 400 <= refused.status < 500 and refused.status != 429
 
 
+def _heard_on_error(handler: Handler) -> Handler:
+    """``handler``, its refusals heard by ``on_error`` (with no call: it makes none)."""
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as refusal:
+            await tell_on_error(request, refusal)
+            raise
+
+    return handle
+
+
+@_heard_on_error
 async def list_models(request: web.Request) -> web.Response:
     runtime = request.app[runtime_key]
     principal = await runtime.authenticate(request, Kind.MODELS)
@@ -122,6 +138,7 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(_encode({"object": "list", "data": data}))
 
 
+@_heard_on_error
 async def get_model(request: web.Request) -> web.Response:
     runtime = request.app[runtime_key]
     principal = await runtime.authenticate(request, Kind.MODEL)

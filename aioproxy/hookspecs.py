@@ -223,7 +223,9 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
 
     Runs when a request fails with any exception, before the error is rendered; ``call`` is
     ``None`` when the failure came before the caller was authenticated (an unknown route's 404
-    and a wrong method's 405, which no handler takes, included). A request refused
+    and a wrong method's 405, which no handler takes, and the ingress checks' refusals, 403 for
+    a Host or Origin not allowed and 415, included) and for ``/v1/models`` and
+    ``/v1/models/{model}``, which make no call. A request refused
     while its body was read has a call with no fields, and ``model`` ``""`` unless the path or
     the body named one. A request whose client went away
     (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499),

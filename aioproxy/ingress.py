@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import ServerConfig
-from .errors import PermissionDenied, UnsupportedMediaType
+from .errors import PermissionDenied, ProxyError, UnsupportedMediaType
 
 __all__ = ["Ingress"]
 
@@ -58,7 +58,7 @@ class Ingress:
         """The middleware: a plain function returning the awaitable aiohttp awaits (the
         handler's, or the preflight's answer), not one more coroutine around the handler's on
         every request. A refusal is raised as it is called, within the error middleware's
-        ``await`` (which answers it) all the same."""
+        ``await`` (which answers it, and tells ``on_error``: no handler will) all the same."""
         refuse, cors = self.refuse, self.cors
 
         @web.middleware
@@ -77,9 +77,12 @@ class Ingress:
         if request.body_exists and request.match_info.http_exception is None:
             encoding = headers.get("Content-Encoding")
             if encoding is not None and encoding.strip().lower() != "identity":
-                raise UnsupportedMediaType(
-                    f"Request bodies are read uncompressed only, not Content-Encoding '{encoding}'",
-                    code="unsupported_content_encoding",
+                raise _untold(
+                    UnsupportedMediaType(
+                        "Request bodies are read uncompressed only, not Content-Encoding "
+                        f"'{encoding}'",
+                        code="unsupported_content_encoding",
+                    )
                 )
             content_type = headers.get("Content-Type", "")
             if (
@@ -87,22 +90,28 @@ class Ingress:
                 and content_type != "application/json"  # as SDKs send it: no parsing
                 and not _is_json(content_type)
             ):
-                raise UnsupportedMediaType(
-                    "Request bodies must be JSON (Content-Type: application/json), not "
-                    f"'{content_type or 'none'}'"
+                raise _untold(
+                    UnsupportedMediaType(
+                        "Request bodies must be JSON (Content-Type: application/json), not "
+                        f"'{content_type or 'none'}'"
+                    )
                 )
         if not self.any_host and hostname(request.host) not in self.hosts:
-            raise PermissionDenied(
-                "This proxy answers only requests addressed to its own host name; add the name "
-                "to [server] allowed_hosts to use it",
-                code="host_not_allowed",
+            raise _untold(
+                PermissionDenied(
+                    "This proxy answers only requests addressed to its own host name; add the "
+                    "name to [server] allowed_hosts to use it",
+                    code="host_not_allowed",
+                )
             )
         origin = headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request):
-            raise PermissionDenied(
-                "Requests from web pages of other origins are refused; add the origin to "
-                "[server] cors_origins to allow it",
-                code="origin_not_allowed",
+            raise _untold(
+                PermissionDenied(
+                    "Requests from web pages of other origins are refused; add the origin to "
+                    "[server] cors_origins to allow it",
+                    code="origin_not_allowed",
+                )
             )
 
     def _origin_allowed(self, origin: str, request: web.Request) -> bool:
@@ -138,6 +147,12 @@ def _is_json(content_type: str) -> bool:
 
 async def _answered(response: web.StreamResponse) -> web.StreamResponse:
     return response
+
+
+def _untold(refusal: ProxyError) -> ProxyError:
+    """``refusal``, for the error middleware to tell ``on_error`` of as it answers it."""
+    refusal.untold = True
+    return refusal
 
 
 def _is_preflight(request: web.Request) -> bool:

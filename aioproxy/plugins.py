@@ -228,14 +228,16 @@ class Hook:
         is logged, and the others still run. A plain call: None when every implementation has
         run (the usual case: a sync hook pays no coroutine), else the awaitable that awaits the
         first awaitable result and runs the rest in turn."""
-        for index, function in enumerate(self.positional):
+        # Each function's index is looked up only when one fails or is awaited (enumerate()
+        # costs a request ~6 bytecodes a hook).
+        for function in self.positional:
             try:
                 result = function(*args)
             except Exception:  # noqa: BLE001 - logged, and the others still run
-                self._failed(index)
+                self._failed(self.positional.index(function))
                 continue
             if result is not None and _is_awaitable(result):
-                return self._logged_from(index, result, args)
+                return self._logged_from(self.positional.index(function), result, args)
         return None
 
     async def _logged_from(

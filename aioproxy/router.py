@@ -77,9 +77,12 @@ class Health:
         "shared_requests",
         "shared_tokens",
         "tokens",
+        "upstream",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: bool = True) -> None:
+        # Whether it calls an upstream (False: the response cache's replay of a hit).
+        self.upstream = upstream
         self.in_flight = 0
         self.latency: float | None = None  # moving average of time to first byte, seconds
         self.failures: deque[float] = deque()  # recent failure times, within the window
@@ -192,7 +195,7 @@ class Router:
         key = deployment.key
         health = self._health.get(key)
         if health is None:
-            health = self._health[key] = Health()
+            health = self._health[key] = Health(deployment.upstream)
         return health
 
     def _available(self, deployment: Deployment, now: float, ignore_cooldown: bool) -> bool:
@@ -285,6 +288,11 @@ class Router:
 
     def health_keys(self) -> list[str]:
         return list(self._health)
+
+    def served(self) -> dict[str, int]:
+        """The answers each deployment that calls an upstream began since the start, by key:
+        the observer counts the successful attempts from it, not one by one."""
+        return {key: health.served for key, health in self._health.items() if health.upstream}
 
     def mirror(self, key: str, requests: int, tokens: int, others_in_flight: int) -> None:
         """Every instance's requests and tokens over the last minute, and the other

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hmac
+import itertools
 import math
 import operator
 import os
@@ -52,6 +53,23 @@ NONE = "none"  # the model label of a request that named none (refused before it
 TOKEN_TYPES = ("input", "output", "cached_input", "reasoning")
 RATE_LIMIT_SCOPES = frozenset({"upstream", "deployment", "key", "team", "budget", "gateway"})
 CACHE_RESULTS = frozenset({"hit", "miss", "bypass"})
+# The codes a stream cut after its 200 is counted under: the gateway's own for how a stream
+# ends early (any other, an upstream's own error code, counts as "other").
+STREAM_ERROR_CODES = frozenset(
+    {
+        "bad_gateway",
+        "client_disconnected",
+        "internal_error",
+        "server_shutdown",
+        "upstream_disconnected",
+        "upstream_error",
+        "upstream_invalid_response",
+        "upstream_stream_incomplete",
+        "upstream_timeout",
+        "upstream_too_large",
+        "upstream_unreachable",
+    }
+)
 # Seconds: LLM calls range from a cached 5 ms to minutes of thinking.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -286,8 +304,15 @@ class Metrics:
             "attempts answered 429 (scope upstream).",
             ("scope",),
         )
+        self.stream_errors = counter(
+            "aioproxy_stream_errors_total",
+            "Streams cut short after their 200 went out (the client told in one last event, or "
+            "gone), by the model asked for and the error's code.",
+            ("model", "code"),
+        )
         self._series = (
             self.requests,
+            self.stream_errors,
             self.duration,
             self.ttft,
             self.tokens,
@@ -339,14 +364,12 @@ class Metrics:
     def count_finished(self) -> None:
         """The finished requests' counts: by the model asked for, and what each spent and how
         fast it came by the model that served it (a fallback's own). Requests alike (kind,
-        models, status) are grouped first, the one step in Python a request pays for; each
-        group is then counted at once, its sums and buckets made in C."""
+        models, status) are grouped first, each group picked out in C (a handful a batch: no
+        Python step a request), then counted at once, its sums and buckets made in C."""
         finished, self.finished = self.finished, []
-        groups: dict[tuple[str, str | None, str | None, int], list[Finished]] = {}
-        for key, request in zip(map(_ALIKE, finished), finished):
-            groups.setdefault(key, []).append(request)
-        for key, group in groups.items():
-            self._count_alike(*key, group)
+        keys: list[tuple[str, str | None, str | None, int]] = list(map(_ALIKE, finished))
+        for key in dict.fromkeys(keys):
+            self._count_alike(*key, list(itertools.compress(finished, map(key.__eq__, keys))))
 
     def _count_alike(
         self, kind: str, asked: str | None, served: str | None, status: int, group: list[Finished]
@@ -377,6 +400,10 @@ class Metrics:
         first_tokens: list[float] = list(filter(_KNOWN, ttfts))  # streams'
         if first_tokens:
             self.ttft.observe_all((served_label,), first_tokens)
+
+    def stream_error(self, model: str, code: str) -> None:
+        """Count a stream cut after its 200: ``model`` asked for, ``code`` the access line's."""
+        self.stream_errors.add((self.model(model), code if code in STREAM_ERROR_CODES else "other"))
 
     def deployment(self, deployment_id: str) -> str:
         return deployment_id if deployment_id in self.deployments else UNKNOWN

@@ -2,7 +2,10 @@
 
 A middleware (the app's outermost) times each request and, once it is over, queues it: a
 request pays for an append. The hooks leave what only they see (the call and its outcome, a
-failure, an eventful upstream attempt) in the request's own dict. ``BATCH_WINDOW`` after the
+failure) in the request's own dict; the upstream attempts call none (unless the timing header
+needs their time): the batch reads a call's failed ones (``FAILED_ATTEMPTS``, its retries
+and fallbacks), and a scrape counts the answered ones from the router's count of the answers
+each deployment began. ``BATCH_WINDOW`` after the
 first of them (or before a scrape, or at shutdown) the requests over meanwhile are counted and
 their access lines built and written, one batch: a busy gateway pays for a batch (its loop's
 set-up, a write to the log) once every few dozen requests. Registered as the built-in plugin ``observer`` (``[plugins] disable
@@ -13,6 +16,7 @@ implements no hook at all, so the request path is as it would be without it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from .._aiohttp import request_state
+from .._aiohttp import peername, request_state
+from ..context import FAILED_ATTEMPTS, RETRIES
 from ..deployments import deployments_from
 from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
 from ..hookspecs import RegisterRoute, hookimpl
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..context import Call, Deployment
     from ..outcome import Outcome
+    from ..router import Router
     from ..runtime import Runtime
 
 __all__ = ["BATCH_WINDOW", "Observer", "observer"]
@@ -79,13 +85,16 @@ class _Route(NamedTuple):
 
 # A request aiohttp could not parse (run.py's server answered it): no method, no path.
 _UNPARSED_ROUTE = _Route("other", None, None)
+# A route the app did not have as it started (none serves a call): the request's own.
+_UNNAMED_ROUTE = _Route("other", None, None)
+_MAX_REMOTES = 4096
 
 
 # Where the hooks leave what they learnt of a request, for its batch to read (the request's own
 # dict, read and written in C; the batch pops each, which also lets go of the call).
 _ANSWERED = "aioproxy.observer.answered"  # after_response: (call, outcome)
-_FAILED = "aioproxy.observer.failed"  # on_error: (error, call)
-_ATTEMPTS = "aioproxy.observer.attempts"  # an eventful attempt's _Attempts (or every one, timed)
+# on_error's failure and an eventful attempt's (or, timed, every attempt's) lessons: _Noted.
+_NOTED = "aioproxy.observer.noted"
 _STARTED = "aioproxy.observer.started"  # when it came (for the timing header only)
 _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's server
 
@@ -94,27 +103,34 @@ _UNPARSED = "aioproxy.observer.unparsed"  # never parsed: answered by run.py's s
 _Over = tuple[web.Request, float, "web.StreamResponse | int"]
 
 
-class _Attempts(msgspec.Struct):
-    """What a request's eventful upstream attempts (not its first, or failed, or 429) taught;
-    with the timing header on, every attempt's (a Struct: its defaults are filled in C)."""
+class _Noted(msgspec.Struct):
+    """What a request's failure (``on_error``) taught, and with the timing header on its
+    upstream attempts' time (a Struct: its defaults are filled in C)."""
 
+    error: Exception | None = None  # the failure on_error heard last
+    call: Call | None = None  # the call it came with (None: none, or refused before one)
     upstream_time: float = 0.0  # seconds the upstream attempts took (to their first byte)
-    retries: int = 0
-    fallbacks: int = 0
-    last_model: str | None = None
-    deployment: Deployment | None = None
-    upstream_429: bool = False
 
 
-# What a request without eventful attempts, or without a failure, reads (never written to).
-_NO_ATTEMPTS = _Attempts()
-_NOT_FAILED = (None, None)  # (error, call), as on_error leaves them
+# What a request without a failure reads (never written to).
+_NOTHING_NOTED = _Noted()
+
+
+class _Tried(NamedTuple):
+    """What a request's upstream attempts come to, for its access line."""
+
+    deployment: Deployment | None  # the last one tried (None: none)
+    retries: int
+    fallbacks: int
+    upstream_429: bool  # one was answered 429 (a 429 of the request is then the upstream's)
 
 
 def observer(config: Config) -> object:
-    """The built-in plugin for ``config``: an :class:`Observer`, or nothing to call when off."""
-    metrics_on = config.metrics.enabled
-    if metrics_on or config.logging.access_log or config.server.timing_header:
+    """The built-in plugin for ``config``: an :class:`Observer` (one that times the upstream
+    attempts for the timing header), or nothing to call when off."""
+    if config.server.timing_header:
+        return _TimedObserver(config)
+    if config.metrics.enabled or config.logging.access_log:
         return Observer(config)
     return _Off()
 
@@ -134,14 +150,19 @@ class Observer:
         self.runtime: Runtime | None = None
         # Each route's kind, template and method, for the access log and requests without a call.
         self.routes: dict[AbstractRoute, _Route] = {}
+        # Each connection's client address as logged, by its peer (request.remote makes the
+        # text anew on every read): at most _MAX_REMOTES, then begun afresh.
+        self.remotes: dict[Any, str | None] = {}
         # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
         self.write: Callable[[list[AccessLine]], None] | None = None
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
-        # Upstream attempts by deployment id and status, as counted (None: no metrics).
+        # Upstream attempts by deployment id and status, as counted (None: no metrics): the
+        # failed ones by the batch (FAILED_ATTEMPTS), the answered ones from the router's count.
         self.attempts_counted: dict[tuple[Any, ...], float] | None = None
+        self.served_counted: dict[str, int] = {}  # the router's answers begun, as counted
         if config.metrics.enabled:
             table = deployments_from(config)
             self.metrics = Metrics(config, (d.id for ds in table.values() for d in ds))
@@ -239,6 +260,7 @@ class Observer:
         self.observe_pending()
         if self.runtime is not None:
             router = self.runtime.router
+            self._count_served(router)
             now = router.clock.now()
             for deployments in self.runtime.deployments.values():
                 for deployment in deployments:
@@ -286,7 +308,7 @@ class Observer:
         counted)."""
         state = request_state(request)
         state[_UNPARSED] = True
-        state[_FAILED] = (ProxyError("", code=code), None)
+        state[_NOTED] = _Noted(ProxyError("", code=code))
         if self.metrics is not None:
             self.metrics.active += 1  # the batch takes it off again
         if not self.pending:
@@ -300,56 +322,10 @@ class Observer:
         state = request_state(request)
         started = state.get(_STARTED)
         if started is not None:
-            attempts = state.get(_ATTEMPTS)
-            upstream_time = attempts.upstream_time if attempts is not None else 0.0
+            noted = state.get(_NOTED)
+            upstream_time = noted.upstream_time if noted is not None else 0.0
             overhead = time.monotonic() - started - upstream_time
             response.headers[TIMING_HEADER] = f"{max(overhead, 0.0) * 1000:.3f}"
-
-    @hookimpl
-    def after_attempt(
-        self,
-        call: Call,
-        deployment: Deployment,
-        attempt: int,
-        status: int,
-        error: Exception | None,
-        elapsed: float,
-    ) -> None:
-        counted = self.attempts_counted
-        if counted is not None:
-            key = (deployment.id, status)  # made labels when flushed
-            counted[key] = counted.get(key, 0) + 1
-        if attempt == 1 and status != 429 and error is None and not self.timing_header:
-            return  # the usual attempt: counted above, nothing more to note
-        # An attempt that was not the first, or failed (retries, fallbacks, cooldowns), or any
-        # attempt when the timing header needs its time. (An attempt after the first follows a
-        # failed one: the model it is compared with was noted here.)
-        metrics = self.metrics
-        state = request_state(call.request)
-        attempts = state.get(_ATTEMPTS)
-        if attempts is None:
-            attempts = state[_ATTEMPTS] = _Attempts()
-        attempts.upstream_time += elapsed
-        attempts.deployment = deployment
-        if attempt > 1:
-            if deployment.name == attempts.last_model:
-                attempts.retries += 1
-                if metrics is not None:
-                    metrics.retries.add((metrics.model(deployment.name),))
-            else:
-                attempts.fallbacks += 1
-                if metrics is not None:
-                    metrics.fallbacks.add((metrics.model(call.model),))
-        attempts.last_model = deployment.name
-        if status == 429:
-            attempts.upstream_429 = True
-            if metrics is not None:
-                metrics.rate_limited.add(("upstream",))
-        if error is not None and metrics is not None and self.runtime is not None:
-            router = self.runtime.router
-            metrics.cooling(
-                deployment.id, router.health(deployment).cooldown_until > router.clock.now()
-            )
 
     @hookimpl(trylast=True)  # after the spend plugin (tryfirst) has priced it
     def after_response(self, call: Call, outcome: Outcome) -> None:
@@ -357,10 +333,55 @@ class Observer:
 
     @hookimpl
     def on_error(self, request: web.Request, error: Exception, call: Call | None) -> None:
-        state = request_state(request)
-        if call is None and (earlier := state.get(_FAILED)) is not None:
-            call = earlier[1]
-        state[_FAILED] = (error, call)
+        noted = self._noted(request_state(request))
+        noted.error = error
+        if call is not None:  # (a later error without one keeps the call heard before)
+            noted.call = call
+
+    @staticmethod
+    def _noted(state: dict[Any, Any]) -> _Noted:
+        noted = state.get(_NOTED)
+        if noted is None:
+            noted = state[_NOTED] = _Noted()
+        return noted
+
+    def _count_served(self, router: Router) -> None:
+        """Count the upstream attempts answered since the last time (status 200) from the
+        router's count of the answers each deployment began: no hook call an attempt."""
+        counted = self.attempts_counted
+        if counted is None:
+            return
+        served_counted = self.served_counted
+        for key, served in router.served().items():
+            new = served - served_counted.get(key, 0)
+            if new:
+                served_counted[key] = served
+                counted_key = (key, 200)  # a key is the deployment's id: made a label when flushed
+                counted[counted_key] = counted.get(counted_key, 0) + new
+
+    def _tried(self, call: Call, failed: list[tuple[Deployment, int]]) -> _Tried:
+        """Count a request's failed attempts (its FAILED_ATTEMPTS) and the retries and
+        fallbacks they led to; the deployment tried last."""
+        counts = call.state.get(RETRIES)
+        retries, fallbacks = counts if counts is not None else (0, 0)
+        tried = [deployment for deployment, _ in failed]
+        if 1 + retries + fallbacks > len(tried):  # one more attempt: it answered
+            tried.append(call.deployment)
+        upstream_429 = any(status == 429 for _, status in failed)
+        metrics, counted = self.metrics, self.attempts_counted
+        if metrics is not None and counted is not None:
+            for deployment, status in failed:
+                key = (deployment.id, status)  # made labels when flushed
+                counted[key] = counted.get(key, 0) + 1
+                if status == 429:
+                    metrics.rate_limited.add(("upstream",))
+            # Each attempt after the first: a retry of the model tried before, or a fallback.
+            for before, after in itertools.pairwise(tried):
+                if after.name == before.name:
+                    metrics.retries.add((metrics.model(after.name),))
+                else:
+                    metrics.fallbacks.add((metrics.model(call.model),))
+        return _Tried(tried[-1], retries, fallbacks, upstream_429)
 
     def observe_pending(self) -> None:
         """Count and log the requests over since the last batch: one loop, its lookups bound
@@ -376,14 +397,16 @@ class Observer:
         lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
+        remotes = self.remotes
         for request, elapsed, end in batch:
             try:
                 state = request_state(request)
                 # Popped: the request lets go of its call (request -> call -> request would be
                 # cyclic garbage, freed only by the collector's full passes).
                 answered = state.pop(_ANSWERED, None)
-                error, call = state.pop(_FAILED, _NOT_FAILED)
-                attempts: _Attempts = state.pop(_ATTEMPTS, _NO_ATTEMPTS)
+                noted: _Noted = state.pop(_NOTED, _NOTHING_NOTED)
+                error = noted.error
+                call = noted.call
                 if answered is not None:
                     call, outcome = answered
                     status = outcome.status
@@ -398,18 +421,22 @@ class Observer:
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
                 if call is None:
-                    self._observe_without_call(
-                        request, state, status, elapsed, error, attempts, lines
-                    )
+                    self._observe_without_call(request, state, status, elapsed, error, lines)
                     continue
-                routed = call.routed
-                # The deployment that answered: the last one tried, else (a cached answer) the
-                # routed one.
-                deployment = attempts.deployment
-                if deployment is None and routed:
-                    deployment = call.deployment
+                routed = call.routed_to  # (the attribute: routed and deployment are properties)
+                failed = call.state.get(FAILED_ATTEMPTS)
+                if failed is None:  # the usual request: its one attempt, if any, answered
+                    deployment = routed
+                    retries = fallbacks = 0
+                    upstream_429 = False
+                else:
+                    deployment, retries, fallbacks, upstream_429 = self._tried(call, failed)
                 kind = call.kind._value_  # Kind.value is a Python property: the attribute
                 cache = call.state.get(_CACHE_STATE)
+                if gone or status == _CLIENT_GONE:
+                    code = _CLIENT_GONE_CODE
+                else:  # (the usual request has no error: no isinstance() for it)
+                    code = None if error is None else _code(error)
                 if metrics is not None:
                     counted_usage = usage  # the tokens the upstreams reported
                     if cache is not None:
@@ -428,26 +455,25 @@ class Observer:
                             ttft,
                         )
                     )
-                    if status == 429 and not attempts.upstream_429:
+                    if status == 429 and not upstream_429:
                         metrics.rate_limited.add((_scope(error),))
+                    if code is not None and status < 400:  # a stream cut after its 200
+                        metrics.stream_error(call.model, code)
                 if write is None:
                     continue
-                route = routes.get(request.match_info.route)
+                # (A call's route is one of the app's: named as it started.)
+                route = routes.get(request.match_info.route, _UNNAMED_ROUTE)
                 # A name no deployment has is the client's text: masked where key-like.
                 model = call.model[:_MAX_LOGGED_NAME]
-                if not routed:
+                if routed is None:
                     model = mask_keylike(model)
-                if gone or status == _CLIENT_GONE:
-                    code = _CLIENT_GONE_CODE
-                else:  # (the usual request has no error: no isinstance() for it)
-                    code = None if error is None else _code(error)
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
                         None,  # time: filled in as the line is written
-                        state.get(REQUEST_ID) or request_id(request),
-                        request.method if route is None or route.method is None else route.method,
-                        route.path if route is not None else _logged_path(request),
+                        call.request_id,
+                        route.method or request.method,
+                        route.path if route.path is not None else _logged_path(request),
                         kind,
                         status,
                         code,
@@ -464,10 +490,10 @@ class Observer:
                         # Milliseconds to the µs (int() and a division: round() goes through text).
                         int(ttft * 1e6 + 0.5) / 1000 if ttft is not None else None,
                         int(elapsed * 1e6 + 0.5) / 1000,
-                        attempts.retries,
-                        attempts.fallbacks,
+                        retries,
+                        fallbacks,
                         cache,
-                        request.remote,
+                        remotes.get(peername(request)) or self._remote(request),
                         call.upstream_request_id,
                     )
                 )
@@ -481,6 +507,15 @@ class Observer:
             assert write is not None
             write(lines)
 
+    def _remote(self, request: web.BaseRequest) -> str | None:
+        """The client address of ``request``'s connection, as logged: made once a connection
+        (None, for a peer aiohttp does not know, each time)."""
+        remotes = self.remotes
+        if len(remotes) >= _MAX_REMOTES:  # connections come and go: forget the old ones
+            remotes.clear()
+        remote = remotes[peername(request)] = request.remote
+        return remote
+
     def _observe_without_call(
         self,
         request: web.Request,
@@ -488,22 +523,21 @@ class Observer:
         status: int,
         elapsed: float,
         error: Exception | None,
-        attempts: _Attempts,
         lines: list[AccessLine],
     ) -> None:
-        """Count and log a request that had no call: refused before its body was read, a route
-        of the gateway's own (models, health, metrics), or one never parsed."""
+        """Count and log a request that had no call (and so no upstream attempt): refused
+        before its body was read, a route of the gateway's own (models, health, metrics), or
+        one never parsed."""
         unparsed = _UNPARSED in state
         route = _UNPARSED_ROUTE if unparsed else self.routes.get(request.match_info.route)
         kind = route.kind if route is not None else "other"
-        deployment = attempts.deployment
         metrics = self.metrics
         if metrics is not None:
             metrics.finished.append(
                 (
                     kind,
                     None,
-                    deployment.name if deployment is not None else None,
+                    None,
                     status,
                     elapsed,
                     None,
@@ -511,7 +545,7 @@ class Observer:
                     None,
                 )
             )
-            if status == 429 and not attempts.upstream_429:
+            if status == 429:
                 metrics.rate_limited.add((_scope(error),))
         if self.write is None:
             return
@@ -531,20 +565,29 @@ class Observer:
                 None,
                 None,
                 None,
-                (deployment.id or deployment.describe()) if deployment is not None else None,
+                None,
                 None,
                 None,
                 None,
                 None,
                 None,
                 int(elapsed * 1e6 + 0.5) / 1000,
-                attempts.retries,
-                attempts.fallbacks,
+                0,
+                0,
                 None,
                 request.remote,
                 None,
             )
         )
+
+
+class _TimedObserver(Observer):
+    """The observer with the timing header on: each upstream attempt's time is noted (the
+    header is the request's time less theirs), so each pays for an ``after_attempt`` call."""
+
+    @hookimpl
+    def after_attempt(self, call: Call, elapsed: float) -> None:
+        self._noted(request_state(call.request)).upstream_time += elapsed
 
 
 def _code(error: BaseException | None) -> str | None:

@@ -128,10 +128,13 @@ def assert_mix(samples: Samples, tokens: dict[str, int], times: int = 1) -> None
     assert value(samples, "aioproxy_deployment_cooling", deployment="gpt-test#0") == 0
 
 
+@pytest.mark.parametrize("timing_header", [False, True])
 async def test_counts_after_a_known_mix(
-    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI, timing_header: bool
 ) -> None:
-    proxy = await serve_proxy(mix_config(upstream_base))
+    """The same counts whether the observer hears each attempt (the timing header needs
+    their time) or learns of them from the router and the calls' failed attempts."""
+    proxy = await serve_proxy(mix_config(upstream_base, server={"timing_header": timing_header}))
     tokens = await run_mix(proxy, fake)
     assert_mix(await scrape(proxy), tokens)
 
@@ -311,3 +314,39 @@ async def test_cache_lookups_by_result(
     assert value(samples, upstream, deployment="unknown", status="200") == 0
     tokens = value(samples, "aioproxy_tokens_total", model="gpt-test", type="input")
     assert tokens == prompts[0] + prompts[2]
+
+
+async def test_streams_cut_after_their_200_are_counted_by_code(
+    serve_proxy: ServeProxy, upstream_base: str, fake: FakeOpenAI
+) -> None:
+    """Two streams the upstream breaks off after their 200 and one that ends well: requests
+    say 200 for all three (what the clients got), aioproxy_stream_errors_total counts the two
+    cut ones by their code; a code of the upstream's own is "other" (no client text a label)."""
+    from aioproxy.keys import plugin_manager_key
+
+    proxy = await serve_proxy(mix_config(upstream_base))
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+    fake.faults = ["cut_stream", "cut_stream"]
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(
+                proxy.make_url("/v1/chat/completions"), json=body, headers=AUTH
+            ) as response:
+                assert response.status == 200
+                await response.read()
+    metrics = proxy.app[plugin_manager_key].get_plugin("aioproxy.observer").metrics
+    metrics.stream_error("made-up-name-1234", "overloaded_error")  # as an upstream's would be
+    samples = await scrape(proxy)
+    errors = {
+        labels: count
+        for (name, labels), count in samples.items()
+        if name == "aioproxy_stream_errors_total"
+    }
+    assert errors == {
+        (("code", "upstream_disconnected"), ("model", "gpt-test")): 2,
+        (("code", "other"), ("model", "unknown")): 1,
+    }
+    requests = value(
+        samples, "aioproxy_requests_total", kind="chat_completions", model="gpt-test", status="200"
+    )
+    assert requests == 3

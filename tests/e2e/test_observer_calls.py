@@ -1,5 +1,5 @@
 """What observing a request costs in Python calls: the observer's share of each request stays a
-handful of functions (on the request's own path the middleware and its two hooks; in its
+handful of functions (on the request's own path the middleware and its one hook; in its
 batch the counting and the access lines' write), with metrics and the JSON access log on,
 as run.py writes it."""
 
@@ -24,10 +24,10 @@ from tests.support import AUTH, ServeProxy, gateway_config
 
 OBSERVABILITY = str(Path(aioproxy.observability.__file__).parent)
 MESSAGES = [{"role": "user", "content": "hi"}]
-BUDGET = 7  # observe, after_attempt, after_response; the batch, its write, flush and time
+BUDGET = 6  # observe, after_response; the batch, its write, flush and time
 # What the request's own task runs: the rest waits for its batch (a request pays for an
-# append).
-ON_THE_REQUEST = {"observe", "after_attempt", "after_response"}
+# append). The attempt is no call: the batch learns of it from the router and the call.
+ON_THE_REQUEST = {"observe", "after_response"}
 
 
 @contextmanager

@@ -125,3 +125,13 @@ def test_the_gateways_own_503_never_cools_a_deployment() -> None:
     routing, _ = router(cooldown_failures=1, cooldown_seconds=30)
     routing.failed(A, BufferFull("buffers full", headers={"Retry-After": "1"}))
     assert routing.pick("m", [A]) is A
+
+
+def test_served_counts_the_answers_of_upstream_deployments_only() -> None:
+    """What the observer counts the answered attempts from: the answers each deployment began,
+    by key; a response-cache hit's replay (no upstream) is none of them."""
+    r, _ = router()
+    replay = Deployment(name="m", provider="cache", model="cache", id="cache", upstream=False)
+    for deployment, ttfb in ((A, 0.1), (A, 0.2), (replay, 0.0)):
+        r.succeeded(deployment, ttfb)
+    assert r.served() == {"m#0": 2}

@@ -37,6 +37,7 @@ EXPECTED = {
     "BadGateway": (502, "upstream_error", "bad_gateway"),
     "GatewayTimeout": (504, "timeout_error", "upstream_timeout"),
     "ClientDisconnected": (499, "client_error", "client_disconnected"),
+    "ServerShutdown": (503, "server_error", "server_shutdown"),
 }
 # The error classes the package exports, found from aioproxy.__all__ so a new one is not missed.
 PUBLIC_ERRORS = [

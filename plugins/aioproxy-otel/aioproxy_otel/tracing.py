@@ -232,8 +232,9 @@ class OTelPlugin:
         span.end()
 
     def _refused_span(self, request: web.Request) -> Span:
-        """The SERVER span of a request refused before it had a call: its key refused, or no
-        route (404) or method (405) took it. Its HTTP attributes only: no model or operation
+        """The SERVER span of a request refused before it had a call: its key refused, no route
+        (404) or method (405) took it, the ingress checks refused it (403 Host or Origin, 415),
+        or a model route refused it. Its HTTP attributes only: no model or operation
         is known, and the client's path and method are held as the conventions allow (a path
         masked where key-like and cut short, an unknown method ``_OTHER``)."""
         resource = request.match_info.route.resource

@@ -594,3 +594,86 @@ async def test_a_stream_cut_after_its_200_keeps_that_status(
         "upstream_disconnected",
     )
     assert root.status.code == Status.STATUS_CODE_ERROR
+
+
+async def test_the_ingress_and_model_routes_refusals_have_spans(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """The refusals no provider handler hears end in a SERVER span too, as the router's do: a
+    401 on the model routes, their unknown model's 404, and the ingress checks' 415s and 403."""
+    proxy = await start(aiohttp_server, fake, plugin)
+    master = {"Authorization": f"Bearer {MASTER_KEY}"}
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    asked: list[tuple[str, str, dict[str, str], int, str]] = [
+        ("GET", "/v1/models", wrong, 401, "invalid_api_key"),
+        ("GET", "/v1/models/gpt-test", wrong, 401, "invalid_api_key"),
+        ("GET", "/v1/models/nope", master, 404, "model_not_found"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {**master, "Content-Type": "text/plain"},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {**master, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+            415,
+            "unsupported_content_encoding",
+        ),
+        (
+            "GET",
+            "/v1/models",
+            {**master, "Origin": "https://elsewhere.example"},
+            403,
+            "origin_not_allowed",
+        ),
+    ]
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for method, path, headers, status, _ in asked:
+            url = proxy.make_url(path)
+            async with http.request(method, url, headers=headers, data=b"{}") as response:
+                assert response.status == status
+                ids.append(response.headers["x-request-id"])
+    spans = await flushed(plugin, collector, len(asked))
+    assert len(spans) == len(asked)
+    by_id = {attributes(s)["aioproxy.request_id"]: s for s in spans}
+    seen = [attributes(by_id[rid]) for rid in ids]
+    assert [(a["http.request.method"], a["http.route"]) for a in seen] == [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/{model}"),
+        ("GET", "/v1/models/{model}"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+    ]
+    assert [(a["http.response.status_code"], a["error.type"]) for a in seen] == [
+        (status, code) for *_, status, code in asked
+    ]
+    for span in spans:
+        assert span.kind == SERVER and span.status.code == Status.STATUS_CODE_ERROR
+        assert span.name == f"aioproxy {attributes(span)['http.route']}"
+        assert not [key for key in attributes(span) if key.startswith("gen_ai.")]
+
+
+async def test_a_host_not_allowed_has_its_span(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A gateway without keys answers its own host names only: another's 403 has its span,
+    unknown path or not (the ingress refuses before the router's 404)."""
+    proxy = await start(aiohttp_server, fake, plugin, auth={})
+    headers = {"Host": "rebound.example"}
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/models", "/v1/nowhere"):
+            async with http.get(proxy.make_url(path), headers=headers) as response:
+                assert response.status == 403
+    spans = await flushed(plugin, collector, 2)
+    assert sorted(attributes(s)["url.path"] for s in spans) == ["/v1/models", "/v1/nowhere"]
+    for span in spans:
+        attrs = attributes(span)
+        assert (attrs["http.response.status_code"], attrs["error.type"]) == (
+            403,
+            "host_not_allowed",
+        )
