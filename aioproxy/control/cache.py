@@ -77,7 +77,8 @@ class KeyCache:
         # The keys presented since the last load, by secret (held as Secret: no repr shows
         # one): a known key costs a dict lookup, not a sha256 a request. Only keys that are in
         # the cache are kept, so it grows no larger than ``principals``, guesses or not.
-        self._by_secret: dict[str, Principal] = {}
+        # Read here first by keyauth (a key presented before: no call of ``principal_of``).
+        self.by_secret: dict[str, Principal] = {}
         self.key_meters: dict[str, Meter] = {}
         self.team_meters: dict[str, Meter] = {}
         self.version: int | None = None
@@ -143,15 +144,15 @@ class KeyCache:
                 limits=KeyLimits(key, key_meter, team, team_meter, self.plane),
             )
         # Swapped whole: a request sees the old keys or the new ones, never a mix.
-        self.principals, self._by_secret = principals, {}
+        self.principals, self.by_secret = principals, {}
 
     def principal_of(self, secret: str) -> Principal | None:
         """The Principal a presented secret authenticates as (None: not a database key)."""
-        principal = self._by_secret.get(secret)
+        principal = self.by_secret.get(secret)
         if principal is None:
             principal = self.principals.get(digest_of(secret))
             if principal is not None:
-                self._by_secret[Secret(secret)] = principal
+                self.by_secret[Secret(secret)] = principal
         return principal
 
     async def poll(self, interval: float) -> None:

@@ -48,7 +48,8 @@ class KeyAuth:
         key = presented_key(request)
         if key is None:
             return None
-        principal = plane.cache.principal_of(key)
+        cache = plane.cache
+        principal = cache.by_secret.get(key) or cache.principal_of(key)
         if principal is None:
             return None
         entry = principal.limits.key

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -67,6 +68,11 @@ _MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 # its thread hands the GIL back and forth) once a statement, not once a row. 40 rows of 24
 # columns is 960 parameters, well within both databases' limits.
 ROWS_A_STATEMENT = 40
+# A record's payers (key_id, team_id, key_period, team_period, counted), its time and its cost,
+# as ``LogRecord``'s fields are ordered: read in C by the writer.
+_PAYERS = operator.itemgetter(1, 2, 5, 6, 8)
+_TIME = operator.itemgetter(3)
+_COST = operator.itemgetter(4)
 
 
 def insert_sql(paramstyle: str, rows: int = 1) -> str:
@@ -291,21 +297,24 @@ class RequestLog:
         teams_counted: dict[tuple[str, float | None], float] = collections.defaultdict(float)
         used: dict[str, float] = {}
         cached_keys, cached_teams = self.cache.keys, self.cache.teams
-        for record in batch:
-            key_id, cost = record.key_id, record.cost
+        # Per run of records with the same payers (a batch is mostly runs of one key's), their
+        # cost summed and their last use found in C: no Python work a record (~50 bytecodes).
+        for payers, run in itertools.groupby(batch, _PAYERS):
+            key_id, team_id, key_period, team_period, counted = payers
+            records = list(run)
+            cost = sum(map(_COST, records))
             if key_id is not None and key_id in cached_keys:
-                when, last = record.time, used.get(key_id)
+                when, last = max(map(_TIME, records)), used.get(key_id)
                 if last is None or last < when:
                     used[key_id] = when
                 if cost:
-                    keys[(key_id, record.key_period)] += cost
-                    if record.counted:
-                        keys_counted[(key_id, record.key_period)] += cost
-            team_id = record.team_id
+                    keys[(key_id, key_period)] += cost
+                    if counted:
+                        keys_counted[(key_id, key_period)] += cost
             if cost and team_id is not None and team_id in cached_teams:
-                teams[(team_id, record.team_period)] += cost
-                if record.counted:
-                    teams_counted[(team_id, record.team_period)] += cost
+                teams[(team_id, team_period)] += cost
+                if counted:
+                    teams_counted[(team_id, team_period)] += cost
         async with self.cache.lock:  # the cache's spend figures and local counts move together
             async with self.engine.begin() as connection:
                 if rows:
