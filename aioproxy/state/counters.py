@@ -581,13 +581,25 @@ class _Prepared:
     of x-ratelimit-* header the limits it is made from (limit, its text, its count's position
     in the script's answer)."""
 
-    __slots__ = ("headers", "limits", "moving", "resets", "scopes", "unmoving")
+    __slots__ = (
+        "end",
+        "headers",
+        "limits",
+        "moving",
+        "resets",
+        "scopes",
+        "start",
+        "unmoving",
+        "words",
+    )
 
     def __init__(self, prefix: str, limits: KeyLimits) -> None:
         self.limits = limits
         self.scopes = [
             _Scope(f"{prefix}:{scope[0]}:{entry.id}", entry) for scope, entry, _ in limits.scopes
         ]
+        self.start = self.end = math.inf  # no period yet: ``at`` at first use
+        self.words: tuple[Any, ...] = ()
         self.headers: list[tuple[tuple[str, str, str], list[tuple[int, str, int]]]] = []
         for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
             limited = []
@@ -621,6 +633,16 @@ class _Prepared:
                 for (_, remaining_name, _), ((limit, _, position),) in self.headers
             )
             self.resets = tuple(reset_name for (_, _, reset_name), _ in self.headers)
+
+    def at(self, wall: float) -> None:
+        """Move each scope to its budget period holding ``wall``; then the reservation's words
+        (its number of scopes, then theirs) and when one of those periods ends."""
+        for scope in self.scopes:
+            if not scope.start <= wall < scope.end:
+                scope.at(wall)
+        self.words = (len(self.scopes), *(word for scope in self.scopes for word in scope.words))
+        self.start = max((scope.start for scope in self.scopes), default=-math.inf)
+        self.end = min((scope.end for scope in self.scopes), default=math.inf)
 
 
 class SharedReservation:
@@ -933,13 +955,10 @@ class SharedCounters:
         prepared = self._prepared.get(limits.key.id)  # a frame a request fewer than _prepare's
         if prepared is None or prepared.limits is not limits:
             prepared = self._prepare(limits)
+        if not prepared.start <= wall < prepared.end:
+            prepared.at(wall)
         scopes = prepared.scopes
-        words = self._words
-        words += (tokens, held, len(scopes))
-        for scope in scopes:
-            if not scope.start <= wall < scope.end:
-                scope.at(wall)
-            words += scope.words
+        self._words += (tokens, held, *prepared.words)  # no loop over the scopes: ~20 fewer
         future: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append((future, scopes, tokens, held))
         self.batcher.wake()
