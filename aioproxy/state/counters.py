@@ -492,6 +492,18 @@ def _ttl(left: float) -> int:
     return min(_LONGEST_TTL, max(1, math.ceil(left) + 3600))
 
 
+_NO_SETTLES = _pack([[]])  # a call's settles when those it had could not be packed
+
+
+def _packed(words: list[Any], dropped: str) -> bytes | Exception:
+    """``words`` packed, or why they cannot be (logged, with what is ``dropped`` for it)."""
+    try:
+        return _pack(words)
+    except Exception as exc:  # noqa: BLE001 - a bug (the limits bound every number): these words' alone
+        log.error("state: a counters call could not be packed (%s): %s", exc, dropped)
+        return exc
+
+
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
 _unpack_broken = msgspec.msgpack.Decoder(list[str]).decode  # key, why, key, why ...
 
@@ -871,19 +883,26 @@ class SharedCounters:
         # Taken whatever follows: a word that could not be packed would fail every later batch.
         self._words, self._waiting = [0], []
         number = reservations[0] = next(self._numbers)
+        settled: bytes | Exception
+        reserved: bytes | Exception
         try:
-            packed = _pack(words), _pack(reservations)
-        except Exception as exc:  # noqa: BLE001 - a bug (the limits bound every number): this call's alone
-            log.error(
-                "state: a counters call could not be packed (%s): its requests fail, its "
-                "settles are dropped",
-                exc,
-            )
-            for future, *_ in waiting:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        call = ("EVALSHA", self.script.sha, 0, *packed, *self.link.lease)
+            settled, reserved = _pack(words), _pack(reservations)
+        except Exception:  # noqa: BLE001 - a bug (the limits bound every number): see below
+            # A word that cannot be packed fails what it is part of alone: the settles
+            # (dropped), or the reservations (their requests fail).
+            settled = _packed(words, "its settles are dropped")
+            if isinstance(settled, Exception):
+                words, lost = [[]], []
+                settled = _NO_SETTLES
+            reserved = _packed(reservations, "its requests fail")
+            if isinstance(reserved, Exception):
+                for future, *_ in waiting:
+                    if not future.done():
+                        future.set_exception(reserved)
+                waiting, reserved = [], _pack([number])
+            if not waiting and len(words) == 1 and not words[0]:
+                return  # nothing left to send
+        call = ("EVALSHA", self.script.sha, 0, settled, reserved, *self.link.lease)
         words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
         waiters = _Waiters(self, waiting, lost, words)
         self._in_flight.add(waiters)
