@@ -492,6 +492,18 @@ def _ttl(left: float) -> int:
     return min(_LONGEST_TTL, max(1, math.ceil(left) + 3600))
 
 
+_NO_SETTLES = _pack([[]])  # a call's settles when those it had could not be packed
+
+
+def _packed(words: list[Any], dropped: str) -> bytes | Exception:
+    """``words`` packed, or why they cannot be (logged, with what is ``dropped`` for it)."""
+    try:
+        return _pack(words)
+    except Exception as exc:  # noqa: BLE001 - a bug (the limits bound every number): these words' alone
+        log.error("state: a counters call could not be packed (%s): %s", exc, dropped)
+        return exc
+
+
 _unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
 _unpack_broken = msgspec.msgpack.Decoder(list[str]).decode  # key, why, key, why ...
 
@@ -581,13 +593,25 @@ class _Prepared:
     of x-ratelimit-* header the limits it is made from (limit, its text, its count's position
     in the script's answer)."""
 
-    __slots__ = ("headers", "limits", "moving", "resets", "scopes", "unmoving")
+    __slots__ = (
+        "end",
+        "headers",
+        "limits",
+        "moving",
+        "resets",
+        "scopes",
+        "start",
+        "unmoving",
+        "words",
+    )
 
     def __init__(self, prefix: str, limits: KeyLimits) -> None:
         self.limits = limits
         self.scopes = [
             _Scope(f"{prefix}:{scope[0]}:{entry.id}", entry) for scope, entry, _ in limits.scopes
         ]
+        self.start = self.end = math.inf  # no period yet: ``at`` at first use
+        self.words: tuple[Any, ...] = ()
         self.headers: list[tuple[tuple[str, str, str], list[tuple[int, str, int]]]] = []
         for kind, position, attribute in (("requests", 2, "rpm"), ("tokens", 3, "tpm")):
             limited = []
@@ -621,6 +645,16 @@ class _Prepared:
                 for (_, remaining_name, _), ((limit, _, position),) in self.headers
             )
             self.resets = tuple(reset_name for (_, _, reset_name), _ in self.headers)
+
+    def at(self, wall: float) -> None:
+        """Move each scope to its budget period holding ``wall``; then the reservation's words
+        (its number of scopes, then theirs) and when one of those periods ends."""
+        for scope in self.scopes:
+            if not scope.start <= wall < scope.end:
+                scope.at(wall)
+        self.words = (len(self.scopes), *(word for scope in self.scopes for word in scope.words))
+        self.start = max((scope.start for scope in self.scopes), default=-math.inf)
+        self.end = min((scope.end for scope in self.scopes), default=math.inf)
 
 
 class SharedReservation:
@@ -849,19 +883,26 @@ class SharedCounters:
         # Taken whatever follows: a word that could not be packed would fail every later batch.
         self._words, self._waiting = [0], []
         number = reservations[0] = next(self._numbers)
+        settled: bytes | Exception
+        reserved: bytes | Exception
         try:
-            packed = _pack(words), _pack(reservations)
-        except Exception as exc:  # noqa: BLE001 - a bug (the limits bound every number): this call's alone
-            log.error(
-                "state: a counters call could not be packed (%s): its requests fail, its "
-                "settles are dropped",
-                exc,
-            )
-            for future, *_ in waiting:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        call = ("EVALSHA", self.script.sha, 0, *packed, *self.link.lease)
+            settled, reserved = _pack(words), _pack(reservations)
+        except Exception:  # noqa: BLE001 - a bug (the limits bound every number): see below
+            # A word that cannot be packed fails what it is part of alone: the settles
+            # (dropped), or the reservations (their requests fail).
+            settled = _packed(words, "its settles are dropped")
+            if isinstance(settled, Exception):
+                words, lost = [[]], []
+                settled = _NO_SETTLES
+            reserved = _packed(reservations, "its requests fail")
+            if isinstance(reserved, Exception):
+                for future, *_ in waiting:
+                    if not future.done():
+                        future.set_exception(reserved)
+                waiting, reserved = [], _pack([number])
+            if not waiting and len(words) == 1 and not words[0]:
+                return  # nothing left to send
+        call = ("EVALSHA", self.script.sha, 0, settled, reserved, *self.link.lease)
         words[0] = number  # this call, kept should its answer be lost: as ARGV[1] lists it
         waiters = _Waiters(self, waiting, lost, words)
         self._in_flight.add(waiters)
@@ -933,13 +974,10 @@ class SharedCounters:
         prepared = self._prepared.get(limits.key.id)  # a frame a request fewer than _prepare's
         if prepared is None or prepared.limits is not limits:
             prepared = self._prepare(limits)
+        if not prepared.start <= wall < prepared.end:
+            prepared.at(wall)
         scopes = prepared.scopes
-        words = self._words
-        words += (tokens, held, len(scopes))
-        for scope in scopes:
-            if not scope.start <= wall < scope.end:
-                scope.at(wall)
-            words += scope.words
+        self._words += (tokens, held, *prepared.words)  # no loop over the scopes: ~20 fewer
         future: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append((future, scopes, tokens, held))
         self.batcher.wake()
