@@ -66,6 +66,9 @@ class Principal(msgspec.Struct, frozen=True):
 
     ``id`` is the credential's stable identity (a digest of the key): what owns stored data.
     Names are labels an operator may reuse or renumber, so they never own anything.
+    ``team_name`` is the team's label where it is logged; left out, it is ``team``, so a
+    plugin's principal that sets only ``team`` (all it could set before there were names)
+    keeps its team in the access log.
     """
 
     name: str
@@ -77,6 +80,10 @@ class Principal(msgspec.Struct, frozen=True):
     # What enforcement needs, set by the plugin that authenticated the key (aioproxy.control's
     # KeyLimits for database keys); None: no limit of that plugin's applies.
     limits: Any = None
+
+    def __post_init__(self) -> None:
+        if self.team_name is None and self.team is not None:
+            msgspec.structs.force_setattr(self, "team_name", self.team)  # frozen: set once here
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -17,7 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from aioproxy import Call, Outcome, create_app, hookimpl
+from aioproxy import Call, Outcome, Principal, create_app, hookimpl
 from aioproxy.observability import observer
 from aioproxy.observability.access_log import ACCESS_LOG
 from aioproxy.testing import FakeOpenAI, eventually
@@ -505,3 +505,29 @@ async def test_a_key_sent_as_the_model_is_not_logged(
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert [line["model"] for line in lines_of(access_lines)] == ["***", "gpt-test"]
     assert "PASTEDKEY" not in access_lines.getvalue()
+
+
+async def test_a_plugins_principal_that_sets_only_its_team_has_it_logged(
+    serve_proxy: ServeProxy, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """An authenticate plugin's Principal with ``team=`` and no ``team_name`` (all a plugin
+    could set before teams had names) has its team in the line, not null."""
+
+    class HeaderAuth:
+        @hookimpl
+        def authenticate(self, request: web.Request) -> Principal | None:
+            if request.headers.get("X-Team") == "blue":
+                return Principal("blue-user", frozenset({"gpt-test"}), team="blue-team")
+            return None
+
+    config = gateway_config(upstream_base, logging={"access_log": True})
+    proxy = await serve_proxy(config, plugins=[HeaderAuth()])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"),
+            json={"model": "gpt-test", "messages": MESSAGES},
+            headers={"X-Team": "blue"},
+        ) as response:
+            assert response.status == 200
+    [line] = lines_of(access_lines)
+    assert (line["key"], line["team"]) == ("blue-user", "blue-team")
