@@ -30,7 +30,14 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from .._aiohttp import peername, request_state
 from ..context import FAILED_ATTEMPTS, RETRIES
 from ..deployments import deployments_from
-from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
+from ..errors import (
+    ANSWERED_ERROR,
+    SENT_STATUS,
+    STOPPED,
+    ClientDisconnected,
+    ProxyError,
+    ServerShutdown,
+)
 from ..hookspecs import RegisterRoute, hookimpl
 from ..masking import mask_keylike
 from ..request_ids import REQUEST_ID, request_id
@@ -288,7 +295,9 @@ class Observer:
                 ended = await handler(request)
                 return ended
             except asyncio.CancelledError:  # its client went away, or the gateway stopped
-                ended = ServerShutdown.status if request.get(STOPPED) else _CLIENT_GONE
+                ended = request.get(SENT_STATUS) or (  # a stream's keep-alive had sent its 200
+                    ServerShutdown.status if request.get(STOPPED) else _CLIENT_GONE
+                )
                 raise
             except web.HTTPException as exc:  # a redirect a plugin's route raised
                 ended = exc.status

@@ -365,22 +365,25 @@ async def test_each_error_lines_code_is_the_one_its_client_got(
     assert None not in codes[:8]  # each layer's refusal has its code
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", ["answer", "stream", "keepalive"])
 async def test_a_client_that_leaves_has_a_line_that_says_so(
     aiohttp_server: Any,
     upstream_base: str,
     fake: FakeOpenAI,
     access_lines: io.StringIO,
-    stream: bool,
+    case: str,
 ) -> None:
-    """A client gone before its answer (499) or in the middle of its stream (whose 200 went
-    out): its line says ``client_disconnected``."""
+    """A client gone before its answer (499), in the middle of its stream, or while keep-alive
+    comments wait for its first event (either way its 200 went out): its line says
+    ``client_disconnected``."""
     import aioproxy_echo
     import aioproxy_openai
 
-    fake.faults = ["stall_stream" if stream else "hang"]
+    stream = case != "answer"
+    fake.faults = ["stall_stream" if case == "stream" else "hang"]
+    server = {"keepalive_interval": 0.01} if case == "keepalive" else {}
     app = create_app(
-        gateway_config(upstream_base, logging={"access_log": True}),
+        gateway_config(upstream_base, logging={"access_log": True}, server=server),
         plugins=[aioproxy_openai, aioproxy_echo],
         load_entrypoints=False,
     )
@@ -395,7 +398,7 @@ async def test_a_client_that_leaves_has_a_line_that_says_so(
             async def ask() -> None:
                 async with http.post(url, json=body, headers=AUTH) as response:
                     assert response.status == 200
-                    await response.content.readline()  # the first event came
+                    await response.content.readline()  # the first event (or comment) came
                     response.close()
 
             asking = asyncio.create_task(ask())
