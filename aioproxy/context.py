@@ -18,6 +18,7 @@ from .routes import Kind
 __all__ = [
     "CACHE_ANSWERS",
     "FAILED_ATTEMPTS",
+    "STOPPED_ATTEMPT",
     "STREAM_FILTER",
     "STREAM_RECORDER",
     "Call",
@@ -32,9 +33,13 @@ STREAM_FILTER = "aioproxy.stream_filter"
 # request log. Only a request tried more than once pays for it.
 RETRIES = "aioproxy.retries"
 # ``call.state[FAILED_ATTEMPTS]``: ``[(deployment, status), ...]``, the upstream attempts that
-# failed (``status`` as ``after_attempt`` hears it), in order (absent: none), for the observer
-# to count in its batch. Only a request with a failed attempt pays for it.
+# failed (``status`` as ``after_attempt`` hears it, but STOPPED_ATTEMPT for one the gateway's
+# stop cut), in order (absent: none), for the observer to count in its batch. Only a request
+# with a failed attempt pays for it.
 FAILED_ATTEMPTS = "aioproxy.failed_attempts"
+# The status an attempt the gateway's stop cut is counted with (aioproxy_upstream_requests_total):
+# one no upstream sends, so that alerts on upstreams' 503s do not fire at every rolling restart.
+STOPPED_ATTEMPT = "shutdown"
 # ``call.state[STREAM_RECORDER]``: likewise, given the StreamReply the client gets (after
 # STREAM_FILTER), returning one that reads along (the response cache keeps a copy).
 STREAM_RECORDER = "aioproxy.stream_recorder"

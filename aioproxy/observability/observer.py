@@ -368,7 +368,7 @@ class Observer:
                 counted_key = (key, 200)  # a key is the deployment's id: made a label when flushed
                 counted[counted_key] = counted.get(counted_key, 0) + new
 
-    def _tried(self, call: Call, failed: list[tuple[Deployment, int]]) -> _Tried:
+    def _tried(self, call: Call, failed: list[tuple[Deployment, int | str]]) -> _Tried:
         """Count a request's failed attempts (its FAILED_ATTEMPTS) and the retries and
         fallbacks they led to; the deployment tried last."""
         counts = call.state.get(RETRIES)
