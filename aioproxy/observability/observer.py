@@ -39,7 +39,7 @@ from ..errors import (
     ServerShutdown,
 )
 from ..hookspecs import RegisterRoute, hookimpl
-from ..masking import mask_keylike
+from ..masking import mask_client_text
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from ..server import UNPARSED
@@ -472,10 +472,10 @@ class Observer:
                     continue
                 # (A call's route is one of the app's: named as it started.)
                 route = routes.get(request.match_info.route, _UNNAMED_ROUTE)
-                # A name no deployment has is the client's text: masked where key-like.
+                # A name no deployment has is the client's text: masked where it holds a key.
                 model = call.model[:_MAX_LOGGED_NAME]
                 if routed is None:
-                    model = mask_keylike(model)
+                    model = mask_client_text(request, model)
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
@@ -610,7 +610,7 @@ def _code(error: BaseException | None) -> str | None:
 
 def _logged_path(request: web.BaseRequest) -> str:
     """A path no route has, as logged: cut short, a secret pasted in masked."""
-    return mask_keylike(request.path)[:_MAX_LOGGED_NAME]
+    return mask_client_text(request, request.path)[:_MAX_LOGGED_NAME]
 
 
 def _scope(error: BaseException | None) -> str:

@@ -534,3 +534,27 @@ async def test_a_plugins_principal_that_sets_only_its_team_has_it_logged(
             assert response.status == 200
     [line] = lines_of(access_lines)
     assert (line["key"], line["team"]) == ("blue-user", "blue-team")
+
+
+async def test_a_configured_key_pasted_in_a_path_or_model_is_not_logged(
+    serve_proxy: ServeProxy, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """A key of the config that looks like no key (a master key chosen by hand), pasted in a
+    path no route has or as the model: masked in the line, as what is shaped like a key is."""
+    master = "letmein-please-0123"
+    config = gateway_config(
+        upstream_base, auth={"master_key": master}, logging={"access_log": True}
+    )
+    proxy = await serve_proxy(config)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {master}"}) as http:
+        async with http.get(proxy.make_url(f"/v1/nowhere/{master}")) as response:
+            assert response.status == 404
+        body = {"model": master, "messages": MESSAGES}
+        async with http.post(proxy.make_url("/v1/chat/completions"), json=body) as response:
+            assert response.status == 404
+    lines = lines_of(access_lines)
+    assert [(line["path"], line["model"]) for line in lines] == [
+        ("/v1/nowhere/***", None),
+        ("/v1/chat/completions", "***"),
+    ]
+    assert master not in access_lines.getvalue()
