@@ -27,7 +27,7 @@ from .errors import (
 from .failures import ErrorReader, openai_error, scrub
 from .fields import *  # reading request fields: their names are fields.__all__
 from .hookspecs import RegisterProvider, RegisterRoute, hookimpl
-from .masking import mask_keylike
+from .masking import mask_client_text, mask_keylike
 from .outcome import Outcome, Usage
 from .providers import Provider, ProviderConfig
 from .replies import JSONReply, Reply, StreamReply
@@ -78,6 +78,7 @@ __all__ = [
     "hookimpl",
     "iter_sse",
     "load_config",
+    "mask_client_text",
     "mask_keylike",
     "openai_error",
     "parse_config",

@@ -18,6 +18,7 @@ from .routes import Kind
 __all__ = [
     "CACHE_ANSWERS",
     "FAILED_ATTEMPTS",
+    "STOPPED_ATTEMPT",
     "STREAM_FILTER",
     "STREAM_RECORDER",
     "Call",
@@ -32,9 +33,13 @@ STREAM_FILTER = "aioproxy.stream_filter"
 # request log. Only a request tried more than once pays for it.
 RETRIES = "aioproxy.retries"
 # ``call.state[FAILED_ATTEMPTS]``: ``[(deployment, status), ...]``, the upstream attempts that
-# failed (``status`` as ``after_attempt`` hears it), in order (absent: none), for the observer
-# to count in its batch. Only a request with a failed attempt pays for it.
+# failed (``status`` as ``after_attempt`` hears it, but STOPPED_ATTEMPT for one the gateway's
+# stop cut), in order (absent: none), for the observer to count in its batch. Only a request
+# with a failed attempt pays for it.
 FAILED_ATTEMPTS = "aioproxy.failed_attempts"
+# The status an attempt the gateway's stop cut is counted with (aioproxy_upstream_requests_total):
+# one no upstream sends, so that alerts on upstreams' 503s do not fire at every rolling restart.
+STOPPED_ATTEMPT = "shutdown"
 # ``call.state[STREAM_RECORDER]``: likewise, given the StreamReply the client gets (after
 # STREAM_FILTER), returning one that reads along (the response cache keeps a copy).
 STREAM_RECORDER = "aioproxy.stream_recorder"
@@ -66,6 +71,9 @@ class Principal(msgspec.Struct, frozen=True):
 
     ``id`` is the credential's stable identity (a digest of the key): what owns stored data.
     Names are labels an operator may reuse or renumber, so they never own anything.
+    ``team_name`` is the team's label where it is logged; left out, it is ``team``, so a
+    plugin's principal that sets only ``team`` (all it could set before there were names)
+    keeps its team in the access log.
     """
 
     name: str
@@ -77,6 +85,10 @@ class Principal(msgspec.Struct, frozen=True):
     # What enforcement needs, set by the plugin that authenticated the key (aioproxy.control's
     # KeyLimits for database keys); None: no limit of that plugin's applies.
     limits: Any = None
+
+    def __post_init__(self) -> None:
+        if self.team_name is None and self.team is not None:
+            msgspec.structs.force_setattr(self, "team_name", self.team)  # frozen: set once here
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -15,8 +15,23 @@ from typing import NamedTuple
 import aiohttp
 
 from .config import Config
-from .context import FAILED_ATTEMPTS, RETRIES, STREAM_FILTER, STREAM_RECORDER, Call, Deployment
-from .errors import ModelNotFound, PermissionDenied, ProxyError, RateLimited, cut_short
+from .context import (
+    FAILED_ATTEMPTS,
+    RETRIES,
+    STOPPED_ATTEMPT,
+    STREAM_FILTER,
+    STREAM_RECORDER,
+    Call,
+    Deployment,
+)
+from .errors import (
+    ModelNotFound,
+    PermissionDenied,
+    ProxyError,
+    RateLimited,
+    ServerShutdown,
+    cut_short,
+)
 from .failures import as_proxy_error
 from .outcome import Outcome
 from .plugins import Hooks
@@ -158,7 +173,7 @@ def _count_retry(call: Call, same_model: bool) -> None:
     counts[0 if same_model else 1] += 1
 
 
-def _note_failed(call: Call, deployment: Deployment, status: int) -> None:
+def _note_failed(call: Call, deployment: Deployment, status: int | str) -> None:
     """Note a failed upstream attempt of ``call`` (FAILED_ATTEMPTS), for the observer."""
     failed = call.state.get(FAILED_ATTEMPTS)
     if failed is None:
@@ -379,7 +394,8 @@ class Dispatcher:
                 ended = cut_short(call.request)  # not the upstream's fault
             if ended is not None and observed:
                 status = ended.status if isinstance(ended, ProxyError) else 500
-                _note_failed(call, deployment, status)
+                stopped = isinstance(ended, ServerShutdown)  # no upstream's 503: counted apart
+                _note_failed(call, deployment, STOPPED_ATTEMPT if stopped else status)
                 if hooks.after_attempt.implemented:
                     rest = hooks.after_attempt.logged(
                         call, deployment, attempt, status, ended, router.clock.now() - started

@@ -35,6 +35,7 @@ __all__ = [
     "UpstreamError",
     "anthropic_error",
     "cut_short",
+    "cut_short_answer",
     "error_body",
     "error_event",
     "error_middleware",
@@ -192,6 +193,9 @@ class ServerShutdown(ProxyError, status=503, type="server_error", code="server_s
 # Set on a request still running when the gateway's shutdown grace runs out (by run.py's
 # server, just before aiohttp cancels its handler): the stop cancels it, not its client.
 STOPPED = web.RequestKey("aioproxy.stopped", bool)
+# Set on a stream whose keep-alive comments had sent its status when its handler was cancelled
+# (by the stop or its client's leaving): the request keeps that status (``sent_status``).
+SENT_STATUS = web.RequestKey("aioproxy.sent_status", int)
 
 
 def cut_short(request: web.BaseRequest) -> ProxyError:
@@ -200,6 +204,14 @@ def cut_short(request: web.BaseRequest) -> ProxyError:
     if request_state(request).get(STOPPED):
         return ServerShutdown("The gateway stopped before the answer was over")
     return ClientDisconnected.now()
+
+
+def cut_short_answer(request: web.BaseRequest) -> ProxyError:
+    """The error of a request whose handler was cancelled, with the status its client had got
+    if any (a stream's keep-alive comments): what ``on_error`` hears of the request."""
+    error = cut_short(request)
+    error.sent_status = request_state(request).get(SENT_STATUS)
+    return error
 
 
 class UpstreamError(ProxyError, type="upstream_error"):

@@ -12,7 +12,13 @@ from aiohttp.typedefs import Handler
 
 from .context import ANONYMOUS, Call
 from .dispatch import Lease
-from .errors import ModelNotFound, ProxyError, cut_short, from_http_exception, tell_on_error
+from .errors import (
+    ModelNotFound,
+    ProxyError,
+    cut_short_answer,
+    from_http_exception,
+    tell_on_error,
+)
 from .keys import runtime_key
 from .payloads import read_body, refuse_unless_allowed
 from .relay import send, send_with_keepalive
@@ -86,7 +92,7 @@ def make_provider_handler(
             raise
         except asyncio.CancelledError:  # its client went away, or the gateway stopped
             if runtime.hooks.on_error and (
-                rest := runtime.hooks.on_error.logged(request, cut_short(request), call)
+                rest := runtime.hooks.on_error.logged(request, cut_short_answer(request), call)
             ):
                 await rest
             raise

@@ -230,7 +230,11 @@ def on_error(request: web.Request, error: Exception, call: Call | None) -> Maybe
     the body named one. A request whose client went away
     (its handler cancelled) is reported as :class:`~aioproxy.errors.ClientDisconnected` (499),
     and one cancelled because run.py's shutdown grace ran out as
-    :class:`~aioproxy.errors.ServerShutdown` (503 ``server_shutdown``). Observe only: the client gets the
+    :class:`~aioproxy.errors.ServerShutdown` (503 ``server_shutdown``; one whose stream had sent
+    its status, with its first event or a keep-alive comment, keeps it: ``sent_status``). The
+    stop marks its requests when the grace runs out, and aiohttp cancels them only after a wait
+    of its own (up to about the grace again): a client that leaves in between is reported as
+    the stop's too. Observe only: the client gets the
     error whatever this does, and exceptions raised here are logged and swallowed. Every
     implementation runs. May be ``async def``.
     """

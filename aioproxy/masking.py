@@ -16,13 +16,23 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 import msgspec
+from aiohttp import web
 
 from .config import Secret
+from .keys import secrets_key
 
 if TYPE_CHECKING:  # context imports request_ids, which imports this module
     from .context import Deployment
 
-__all__ = ["Mask", "is_keylike", "mark_secrets", "mask_keylike", "mask_of", "secrets_in"]
+__all__ = [
+    "Mask",
+    "is_keylike",
+    "mark_secrets",
+    "mask_client_text",
+    "mask_keylike",
+    "mask_of",
+    "secrets_in",
+]
 
 MASKED = "***"
 _MIN_SECRET = 3  # shorter values (a header's "1") are no secret, and masking them garbles text
@@ -45,6 +55,17 @@ def is_keylike(text: str) -> bool:
 
 def mask_keylike(text: str) -> str:
     """``text`` with anything key-like masked: what a client sent (a path) told back or logged."""
+    return _KEYLIKE_TEXT.sub(MASKED, text)
+
+
+def mask_client_text(request: web.BaseRequest, text: str) -> str:
+    """What a client sent (a path, a model name no deployment has), as logged or traced: the
+    config's own keys masked (a master key need not look like a key), then anything key-like.
+    The access log and the spans mask it alike."""
+    if isinstance(request, web.Request):  # (not one run.py's server answered unparsed)
+        secrets = request.app.get(secrets_key)
+        if secrets is not None:
+            text = secrets.sub(MASKED, text)
     return _KEYLIKE_TEXT.sub(MASKED, text)
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from .bridges.messages_events import message_events
 from .context import Call
 from .dispatch import Answer, Lease, tokens_spent
-from .errors import STOPPED, ProxyError, ServerShutdown, error_event
+from .errors import SENT_STATUS, STOPPED, ProxyError, ServerShutdown, error_event
 from .failures import as_proxy_error, is_transport_error
 from .keepalive import KeepAliveClock
 from .outcome import Outcome
@@ -91,13 +91,16 @@ async def send_with_keepalive(
             raise
         await end_with_error(request, response, call, exc, Outcome(200, stream=True), hooks)
         return response
-    except BaseException:
-        await keeper.stop()
+    except BaseException:  # the stop, or its client's leaving
+        if (response := await keeper.stop()) is not None:
+            request[SENT_STATUS] = response.status  # the comments' status went out: it stays
         raise
     reply, first, lease = answer
     try:
         response = await keeper.stop()
     except BaseException:  # the client left just as the answer began: close it
+        if keeper.response is not None:
+            request[SENT_STATUS] = keeper.response.status
         try:
             if isinstance(reply, StreamReply):
                 await reply.aclose()

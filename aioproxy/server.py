@@ -82,7 +82,9 @@ class _OpenAIErrorHandler(RequestHandler):
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         """aiohttp's, the request still running when ``timeout`` (the grace) runs out marked
         ``STOPPED`` before aiohttp cancels its handler: it is logged as cut short by the stop,
-        not by its client (whose leaving cancels a handler too)."""
+        not by its client (whose leaving cancels a handler too). aiohttp cancels only after a
+        wait of its own (up to about ``timeout`` again), so a client that leaves in between is
+        logged as the stop's too: the mark cannot tell them apart, and both were cut short."""
         deadline = None
         if timeout is not None and self._current_request is not None:
             deadline = asyncio.get_running_loop().call_later(timeout, self._mark_stopped)

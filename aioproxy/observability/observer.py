@@ -30,9 +30,16 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from .._aiohttp import peername, request_state
 from ..context import FAILED_ATTEMPTS, RETRIES
 from ..deployments import deployments_from
-from ..errors import ANSWERED_ERROR, STOPPED, ClientDisconnected, ProxyError, ServerShutdown
+from ..errors import (
+    ANSWERED_ERROR,
+    SENT_STATUS,
+    STOPPED,
+    ClientDisconnected,
+    ProxyError,
+    ServerShutdown,
+)
 from ..hookspecs import RegisterRoute, hookimpl
-from ..masking import mask_keylike
+from ..masking import mask_client_text
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from ..server import UNPARSED
@@ -288,7 +295,9 @@ class Observer:
                 ended = await handler(request)
                 return ended
             except asyncio.CancelledError:  # its client went away, or the gateway stopped
-                ended = ServerShutdown.status if request.get(STOPPED) else _CLIENT_GONE
+                ended = request.get(SENT_STATUS) or (  # a stream's keep-alive had sent its 200
+                    ServerShutdown.status if request.get(STOPPED) else _CLIENT_GONE
+                )
                 raise
             except web.HTTPException as exc:  # a redirect a plugin's route raised
                 ended = exc.status
@@ -359,7 +368,7 @@ class Observer:
                 counted_key = (key, 200)  # a key is the deployment's id: made a label when flushed
                 counted[counted_key] = counted.get(counted_key, 0) + new
 
-    def _tried(self, call: Call, failed: list[tuple[Deployment, int]]) -> _Tried:
+    def _tried(self, call: Call, failed: list[tuple[Deployment, int | str]]) -> _Tried:
         """Count a request's failed attempts (its FAILED_ATTEMPTS) and the retries and
         fallbacks they led to; the deployment tried last."""
         counts = call.state.get(RETRIES)
@@ -463,10 +472,10 @@ class Observer:
                     continue
                 # (A call's route is one of the app's: named as it started.)
                 route = routes.get(request.match_info.route, _UNNAMED_ROUTE)
-                # A name no deployment has is the client's text: masked where key-like.
+                # A name no deployment has is the client's text: masked where it holds a key.
                 model = call.model[:_MAX_LOGGED_NAME]
                 if routed is None:
-                    model = mask_keylike(model)
+                    model = mask_client_text(request, model)
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
@@ -601,7 +610,7 @@ def _code(error: BaseException | None) -> str | None:
 
 def _logged_path(request: web.BaseRequest) -> str:
     """A path no route has, as logged: cut short, a secret pasted in masked."""
-    return mask_keylike(request.path)[:_MAX_LOGGED_NAME]
+    return mask_client_text(request, request.path)[:_MAX_LOGGED_NAME]
 
 
 def _scope(error: BaseException | None) -> str:

@@ -131,11 +131,13 @@ async def _read_points(
     points = [Point() for _ in range(n)]
     point = _point(plane, start, step).label("p")
     where = _log.time >= start
+    # An error: refused or failed (4xx, 5xx), or a stream cut short after its 200 went out.
+    failed = sa.or_(_log.status >= 400, _log.error_code.is_not(None))
     totals = (
         sa.select(
             point,
             sa.func.count(),
-            sa.func.sum(sa.case((_log.status >= 400, 1), else_=0)),
+            sa.func.sum(sa.case((failed, 1), else_=0)),
             sa.func.coalesce(sa.func.sum(_log.input_tokens), 0),
             sa.func.coalesce(sa.func.sum(_log.output_tokens), 0),
             sa.func.coalesce(sa.func.sum(_log.cost), 0.0),

@@ -17,7 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from aioproxy import Call, Outcome, create_app, hookimpl
+from aioproxy import Call, Outcome, Principal, create_app, hookimpl
 from aioproxy.observability import observer
 from aioproxy.observability.access_log import ACCESS_LOG
 from aioproxy.testing import FakeOpenAI, eventually
@@ -365,22 +365,25 @@ async def test_each_error_lines_code_is_the_one_its_client_got(
     assert None not in codes[:8]  # each layer's refusal has its code
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", ["answer", "stream", "keepalive"])
 async def test_a_client_that_leaves_has_a_line_that_says_so(
     aiohttp_server: Any,
     upstream_base: str,
     fake: FakeOpenAI,
     access_lines: io.StringIO,
-    stream: bool,
+    case: str,
 ) -> None:
-    """A client gone before its answer (499) or in the middle of its stream (whose 200 went
-    out): its line says ``client_disconnected``."""
+    """A client gone before its answer (499), in the middle of its stream, or while keep-alive
+    comments wait for its first event (either way its 200 went out): its line says
+    ``client_disconnected``."""
     import aioproxy_echo
     import aioproxy_openai
 
-    fake.faults = ["stall_stream" if stream else "hang"]
+    stream = case != "answer"
+    fake.faults = ["stall_stream" if case == "stream" else "hang"]
+    server = {"keepalive_interval": 0.01} if case == "keepalive" else {}
     app = create_app(
-        gateway_config(upstream_base, logging={"access_log": True}),
+        gateway_config(upstream_base, logging={"access_log": True}, server=server),
         plugins=[aioproxy_openai, aioproxy_echo],
         load_entrypoints=False,
     )
@@ -395,7 +398,7 @@ async def test_a_client_that_leaves_has_a_line_that_says_so(
             async def ask() -> None:
                 async with http.post(url, json=body, headers=AUTH) as response:
                     assert response.status == 200
-                    await response.content.readline()  # the first event came
+                    await response.content.readline()  # the first event (or comment) came
                     response.close()
 
             asking = asyncio.create_task(ask())
@@ -505,3 +508,53 @@ async def test_a_key_sent_as_the_model_is_not_logged(
         await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
     assert [line["model"] for line in lines_of(access_lines)] == ["***", "gpt-test"]
     assert "PASTEDKEY" not in access_lines.getvalue()
+
+
+async def test_a_plugins_principal_that_sets_only_its_team_has_it_logged(
+    serve_proxy: ServeProxy, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """An authenticate plugin's Principal with ``team=`` and no ``team_name`` (all a plugin
+    could set before teams had names) has its team in the line, not null."""
+
+    class HeaderAuth:
+        @hookimpl
+        def authenticate(self, request: web.Request) -> Principal | None:
+            if request.headers.get("X-Team") == "blue":
+                return Principal("blue-user", frozenset({"gpt-test"}), team="blue-team")
+            return None
+
+    config = gateway_config(upstream_base, logging={"access_log": True})
+    proxy = await serve_proxy(config, plugins=[HeaderAuth()])
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy.make_url("/v1/chat/completions"),
+            json={"model": "gpt-test", "messages": MESSAGES},
+            headers={"X-Team": "blue"},
+        ) as response:
+            assert response.status == 200
+    [line] = lines_of(access_lines)
+    assert (line["key"], line["team"]) == ("blue-user", "blue-team")
+
+
+async def test_a_configured_key_pasted_in_a_path_or_model_is_not_logged(
+    serve_proxy: ServeProxy, upstream_base: str, access_lines: io.StringIO
+) -> None:
+    """A key of the config that looks like no key (a master key chosen by hand), pasted in a
+    path no route has or as the model: masked in the line, as what is shaped like a key is."""
+    master = "letmein-please-0123"
+    config = gateway_config(
+        upstream_base, auth={"master_key": master}, logging={"access_log": True}
+    )
+    proxy = await serve_proxy(config)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {master}"}) as http:
+        async with http.get(proxy.make_url(f"/v1/nowhere/{master}")) as response:
+            assert response.status == 404
+        body = {"model": master, "messages": MESSAGES}
+        async with http.post(proxy.make_url("/v1/chat/completions"), json=body) as response:
+            assert response.status == 404
+    lines = lines_of(access_lines)
+    assert [(line["path"], line["model"]) for line in lines] == [
+        ("/v1/nowhere/***", None),
+        ("/v1/chat/completions", "***"),
+    ]
+    assert master not in access_lines.getvalue()

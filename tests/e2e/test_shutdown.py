@@ -208,17 +208,19 @@ def _counted(exposition: bytes, name: str, label: str) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+@pytest.mark.parametrize("case", ["answer", "stream", "keepalive"])
 async def test_a_request_the_stop_cuts_short_is_logged_as_the_stops(
-    tmp_path: Path, aiohttp_server: Any, access_lines: io.StringIO, stream: bool
+    tmp_path: Path, aiohttp_server: Any, access_lines: io.StringIO, case: str
 ) -> None:
     """The shutdown grace runs out with a request in flight (its upstream keeps it waiting):
     aiohttp cancels its handler, as when its client leaves, yet its access line, its
     aioproxy_requests_total count, its request-log row and its span say the stop cut it
-    (``server_shutdown``; 503 before its answer began, the 200 a stream had sent after), never
-    499 ``client_disconnected``. Served as run.py serves it (server.serve_with), grace 0."""
+    (``server_shutdown``; 503 before its answer began, the 200 a stream had sent after, be it
+    with its first event or a keep-alive comment), never 499 ``client_disconnected``. Served
+    as run.py serves it (server.serve_with), grace 0."""
+    stream = case != "answer"
     fake = FakeOpenAI()
-    fake.faults = ["stall_stream" if stream else "hang"]
+    fake.faults = ["stall_stream" if case == "stream" else "hang"]
     upstream = await aiohttp_server(fake.app())
     database = tmp_path / "control.sqlite3"
     config = gateway_config(
@@ -226,6 +228,7 @@ async def test_a_request_the_stop_cuts_short_is_logged_as_the_stops(
         logging={"access_log": True},
         metrics={"enabled": True},
         database={"url": f"sqlite:///{database}"},
+        server={"keepalive_interval": 0.01} if case == "keepalive" else {},
     )
     spans = InMemorySpanExporter()
     traces = TracerProvider()
@@ -268,9 +271,10 @@ async def test_a_request_the_stop_cuts_short_is_logged_as_the_stops(
     observer.refresh()
     exposition = observer.metrics.exposition()
     assert _counted(exposition, "aioproxy_requests_total", "status") == {str(status): 1.0}
-    # The attempt under way when the stop came is the stop's too (a stream's had answered).
+    # The attempt under way when the stop came is the stop's too (a stream's had answered),
+    # counted with a status no upstream sends: not as an upstream's 503.
     attempts = _counted(exposition, "aioproxy_upstream_requests_total", "status")
-    assert attempts == {"200" if stream else "503": 1.0}
+    assert attempts == {"200" if case == "stream" else "shutdown": 1.0}
     with sqlite3.connect(database) as db:
         rows = db.execute("SELECT status, error_code FROM requests").fetchall()
     assert rows == [(status, "server_shutdown")]

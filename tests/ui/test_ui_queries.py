@@ -94,6 +94,24 @@ async def test_points_totals_percentiles_and_top_spenders(
     assert data.top_models[0]["requests"] == 20 and data.top_keys[0]["group"] == "key_a"
 
 
+async def test_a_stream_cut_after_its_200_is_an_error(
+    plane: ControlPlane, clock: FakeControlClock
+) -> None:
+    """A stream the upstream or the stop cut after its 200 went out keeps status 200 with an
+    error_code: the error series counts it, as it counts a 4xx or 5xx."""
+    now = clock.now
+    await _log(
+        plane,
+        {"time": now - 30},
+        {"time": now - 30, "stream": True, "error_code": "upstream_disconnected"},
+        {"time": now - 30, "stream": True, "error_code": "server_shutdown"},
+        {"time": now - 30, "status": 502, "error_code": "bad_gateway"},
+    )
+    data = await overview(plane, PointCache(), 86400, HOUR)
+    assert (data.requests[-1], data.errors[-1]) == (4, 3)
+    assert data.totals["errors"] == 3
+
+
 async def test_settled_points_are_kept_and_the_newest_reread(
     plane: ControlPlane, clock: FakeControlClock
 ) -> None:

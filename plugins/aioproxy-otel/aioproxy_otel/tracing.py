@@ -27,7 +27,7 @@ from aioproxy import (
     Outcome,
     ProxyError,
     hookimpl,
-    mask_keylike,
+    mask_client_text,
     request_id,
 )
 
@@ -150,7 +150,7 @@ class OTelPlugin:
                 # A name no deployment has is the client's text, whatever it pasted there (a
                 # key, say): masked, cut short, and kept out of the span's name (whose variety
                 # a tracing backend pays for).
-                model = mask_keylike(model[:_MAX_MODEL])
+                model = mask_client_text(call.request, model[:_MAX_MODEL])
                 attributes["gen_ai.request.model"] = model
                 model = ""
             elif model:
@@ -236,13 +236,13 @@ class OTelPlugin:
         (404) or method (405) took it, the ingress checks refused it (403 Host or Origin, 415),
         or a model route refused it. Its HTTP attributes only: no model or operation
         is known, and the client's path and method are held as the conventions allow (a path
-        masked where key-like and cut short, an unknown method ``_OTHER``)."""
+        masked where it holds a key and cut short, an unknown method ``_OTHER``)."""
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
         method = request.method
         attributes = {
             "http.request.method": method if method in _METHODS else "_OTHER",
-            "url.path": mask_keylike(request.path)[:_MAX_PATH],
+            "url.path": mask_client_text(request, request.path)[:_MAX_PATH],  # as logged
             "aioproxy.request_id": request_id(request),  # the one its answer carries
         }
         if route is not None:

@@ -677,3 +677,26 @@ async def test_a_host_not_allowed_has_its_span(
             403,
             "host_not_allowed",
         )
+
+
+async def test_a_configured_key_a_client_pasted_is_masked_as_the_access_log_masks_it(
+    aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
+) -> None:
+    """A key of the config that looks like no key (a master key chosen by hand), pasted in a
+    path or as the model: masked in the span's ``url.path`` and ``gen_ai.request.model``, not
+    only what is shaped like a key."""
+    master = "letmein-please-0123"
+    auth = {"master_key": master}
+    proxy = await start(aiohttp_server, fake, plugin, auth=auth)
+    headers = {"Authorization": f"Bearer {master}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(proxy.make_url(f"/v1/nowhere/{master}")) as response:
+            assert response.status == 404
+        body = {"model": master, "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(proxy.make_url("/v1/chat/completions"), json=body) as response:
+            assert response.status == 404
+    spans = await flushed(plugin, collector, 2)
+    seen = [attributes(span) for span in spans]
+    assert sorted(a["url.path"] for a in seen if "url.path" in a) == ["/v1/nowhere/***"]
+    assert [a["gen_ai.request.model"] for a in seen if "gen_ai.request.model" in a] == ["***"]
+    assert master not in repr(seen)
