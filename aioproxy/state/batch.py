@@ -57,8 +57,8 @@ class Reply(Protocol):
 _Entry = tuple["LuaScript | None", tuple[Any, ...], Reply]
 
 
-# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory):
-# the call may run once Redis is itself again.
+# Refusals that say nothing of the script (Redis busy, loading, a replica, out of memory, its
+# snapshots failing: MISCONF): the call may run once Redis is itself again.
 _PASSING = tuple(
     getattr(redis_errors, name)
     for name in (
@@ -79,7 +79,7 @@ def script_failed(error: BaseException) -> bool:
     return (
         isinstance(error, ResponseError)
         and not isinstance(error, _PASSING)
-        and not str(error).startswith(("BUSY", "NOREPLICAS"))
+        and not str(error).startswith(("BUSY", "NOREPLICAS", "MISCONF"))
     )
 
 
