@@ -97,9 +97,12 @@ def _take(content: StreamReader) -> bytes:
     before it waits, not after, as readany does (data that came with an error is read first,
     the error raised by the next read: a stream's last events before a broken frame pass on)."""
     buffer = content._buffer
-    if len(buffer) != 1 or content._buffer_offset:  # several chunks, or one read in part
-        return content._read_nowait(-1)
-    data = buffer.popleft()
+    if content._buffer_offset or (len(buffer) != 1 and not content._eof):
+        return content._read_nowait(-1)  # one chunk read in part, or several mid-body
+    # One chunk as it is; at the end, all of them joined: no resume_reading either (h1client's
+    # connection may be back in its pool by then, paused for another request's answer).
+    data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+    buffer.clear()
     content._size = 0
     content._cursor += len(data)
     splits = content._http_chunk_splits  # a chunked body's: those read past are dropped

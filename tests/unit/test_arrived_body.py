@@ -162,6 +162,7 @@ def _reader(chunks: list[bytes], eof: bool = False) -> tuple[StreamReader, _Resu
         ([b"data: 1\n\n"], False),  # the usual read: one chunk, its reader resumed
         ([b"data: 1\n\n", b"data: 2\n\n"], False),
         ([b"data: 1\n\n"], True),  # at the end: nothing to resume
+        ([b"data: 1\n\n", b"data: 2\n\n"], True),  # several at the end: joined, no resume
         ([], True),  # the end itself: b""
     ],
 )
