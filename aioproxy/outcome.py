@@ -27,9 +27,10 @@ class Usage(msgspec.Struct, frozen=True):
     reasoning_tokens: int = 0
 
 
-# A token count: msgspec refuses anything else (a bool, a float, a negative number), and with
-# it the whole usage, read as no usage at all.
-_Count = Annotated[int, msgspec.Meta(ge=0)]
+# A token count: msgspec refuses anything else (a bool, a float, a negative number, or more
+# than half a billion: no request is that long, and a row's sums must fit PostgreSQL's 32-bit
+# integer columns), and with it the whole usage, read as no usage at all (then estimated).
+_Count = Annotated[int, msgspec.Meta(ge=0, le=500_000_000)]
 
 
 class _Details(msgspec.Struct):

@@ -234,7 +234,8 @@ class Limits:
                 outcome.cost = plane.pricing.cost(usage, call.deployment)
         elif not cached and call.kind not in _NO_OUTPUT_TOKENS:  # the upstream's own count
             meter = limits.key_meter
-            meter.output += (usage.completion_tokens - meter.output) * _LEARNING_RATE
+            learnt = min(usage.completion_tokens, MOST_TOKENS)  # a provider's own Usage too
+            meter.output += (learnt - meter.output) * _LEARNING_RATE
         # A cached answer counts toward rpm, not tpm.
         tokens = 0 if cached else min(usage.total_tokens, MOST_TOKENS)
         clock = plane.clock

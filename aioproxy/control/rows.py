@@ -128,6 +128,16 @@ def _end_user(raw: msgspec.Raw | None) -> str | None:
 
 
 _decode = msgspec.json.Decoder().decode
+# The most a row's token column holds (PostgreSQL's INTEGER): a larger count would refuse the
+# row's whole batch, and the writer would retry it for ever (no row, no spend after it).
+_MOST_COUNT = 2**31 - 1
+
+
+def _bounded(usage: Usage) -> Usage:
+    """``usage`` with each count at most ``_MOST_COUNT``."""
+    return Usage(*(min(count, _MOST_COUNT) for count in msgspec.structs.astuple(usage)))
+
+
 _BOOLS = (False, True)
 _NO_USAGE = Usage()
 
@@ -170,6 +180,8 @@ class RowBuilder:
                 cost = self.pricing.cost(usage, deployment)
             # A whole JSON answer's first token came with the rest of it.
             ttft = outcome.ttfb if outcome.ttfb is not None else duration
+            if usage.total_tokens > _MOST_COUNT or usage.prompt_tokens > _MOST_COUNT:
+                usage = _bounded(usage)  # a provider's own Usage of absurd counts
         state, flags, key_id = finished.state, self._flags, principal.id or None
         model, code = finished.model or None, state.get(FAILED)
         values = (  # schema.REQUEST_COLUMNS' order
