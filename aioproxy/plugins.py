@@ -10,6 +10,7 @@ from types import CoroutineType
 from typing import Any
 
 import pluggy
+from aiohttp import web
 
 from . import hookspecs
 from .config import Config
@@ -206,16 +207,17 @@ class Hook:
         return results
 
     async def each_answering(self, **kwargs: Any) -> None:
-        """Run every implementation in turn, whichever of them raises: the first ProxyError
-        raised is raised once all have run (it answers the request); any other exception is
-        logged (a plugin's bug does not turn the answer into a 500 nor stop the others)."""
-        answer: ProxyError | None = None
+        """Run every implementation in turn, whichever of them raises: the first ProxyError (or
+        aiohttp HTTP error, which the error middleware renders as one) raised is raised once
+        all have run (it answers the request); any other exception is logged (a plugin's bug
+        does not turn the answer into a 500 nor stop the others)."""
+        answer: ProxyError | web.HTTPException | None = None
         for index, call in enumerate(self.callers):
             try:
                 result = call(kwargs)
                 if result is not None and _is_awaitable(result):
                     await result
-            except ProxyError as exc:
+            except (ProxyError, web.HTTPException) as exc:
                 if answer is None:
                     answer = exc
             except Exception:  # noqa: BLE001 - logged, and the others still run

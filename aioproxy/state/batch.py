@@ -80,6 +80,7 @@ def script_failed(error: BaseException) -> bool:
         isinstance(error, ResponseError)
         and not isinstance(error, _PASSING)
         and not str(error).startswith(("BUSY", "NOREPLICAS", "MISCONF"))
+        and "-MISCONF" not in str(error)  # Redis 6 wraps a script's: "ERR Error running script ..."
     )
 
 

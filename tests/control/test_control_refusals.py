@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from aioproxy import BadRequest, Call, hookimpl
 from tests.control.conftest import Control
@@ -172,3 +173,19 @@ async def test_a_call_that_cannot_be_packed_fails_alone(
         status, headers, _ = await send(control, key["key"])
     assert status == 200 and headers["x-ratelimit-remaining-requests"] == "98"  # in Redis
     assert "could not be packed" in caplog.text
+
+
+class AiohttpAnswer:
+    """A plugin answering with aiohttp's own HTTP error, which the error middleware renders."""
+
+    @hookimpl
+    def before_refusal(self, call: Call) -> None:
+        raise web.HTTPPaymentRequired(text="pay first")
+
+
+async def test_an_aiohttp_error_a_before_refusal_raises_answers(start_control: Any) -> None:
+    control = await start_control(plugins=(AiohttpAnswer(),))
+    key = (await control.new_key(rpm=5))["key"]
+    status, headers, answer = await send(control, key, b"{")
+    assert status == 402 and answer["error"]["message"]
+    assert headers["x-ratelimit-remaining-requests"] == "4"  # the limits counted it still

@@ -33,6 +33,10 @@ def test_the_calls_own_refusals(error: Exception) -> None:
         ResponseError(
             "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk"
         ),
+        ResponseError(
+            "ERR Error running script (call to f_0123): @user_script:1: -MISCONF Redis is "
+            "configured to save RDB snapshots, but it's currently unable to persist to disk"
+        ),  # Redis 6's form
         ResponseError("BUSY Redis is busy running a script"),
         ResponseError("NOREPLICAS Not enough good replicas to write"),
         BusyLoadingError("Redis is loading the dataset in memory"),
