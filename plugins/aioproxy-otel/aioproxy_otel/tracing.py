@@ -229,7 +229,13 @@ class OTelPlugin:
         if call is not None and call.routed and call.deployment.upstream:
             span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
         _set_error(span, error)
-        span.end()
+        if call is not None and isinstance(error, ProxyError) and error.sent_status:
+            # A stream cut after its status went out: after_response follows, with what the
+            # stream had (its first token, model, any usage), and ends the span; ended here
+            # only if the request ends without it.
+            _end_with_task(span)
+        else:
+            span.end()
 
     def _refused_span(self, request: web.Request) -> Span:
         """The SERVER span of a request refused before it had a call: its key refused, no route
@@ -321,6 +327,20 @@ class OTelPlugin:
 
 def _provider_name(deployment: Deployment) -> str:
     return _PROVIDER_NAMES.get(deployment.provider, deployment.provider)
+
+
+def _end_with_task(span: Span) -> None:
+    """End ``span`` when the request's task ends, unless something ended it first."""
+
+    def end(_task: object) -> None:
+        if span.is_recording():
+            span.end()
+
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - hooks run in the request's task
+        span.end()
+    else:
+        task.add_done_callback(end)
 
 
 def _set_error(span: Span, error: BaseException) -> None:

@@ -579,7 +579,9 @@ async def test_a_stream_cut_after_its_200_keeps_that_status(
     aiohttp_server: Any, fake: FakeOpenAI, plugin: OTelPlugin, collector: Collector
 ) -> None:
     """The upstream breaks off a stream whose 200 went out: the span says 200, the status the
-    client got, and names the cut by its code (status ERROR), as the access log does."""
+    client got, and names the cut by its code (status ERROR), as the access log does; and it
+    has what the stream had before the cut, as a whole stream's span does (its first token's
+    event)."""
     proxy = await start(aiohttp_server, fake, plugin)
     fake.faults = ["cut_stream"]
     async with aiohttp.ClientSession() as http:
@@ -594,6 +596,7 @@ async def test_a_stream_cut_after_its_200_keeps_that_status(
         "upstream_disconnected",
     )
     assert root.status.code == Status.STATUS_CODE_ERROR
+    assert [event.name for event in root.events] == ["gen_ai.first_token"]
 
 
 async def test_the_ingress_and_model_routes_refusals_have_spans(
