@@ -39,10 +39,12 @@ SYNC_INTERVAL = 0.25  # seconds
 # minute, all live instances together, and the other live instances' requests in flight (a
 # dead instance's, whose lease ran out, are dropped).
 # Each hash is read once: its totals are what it held plus this sync's change, computed here.
-# The arguments and the record are checked before the first write (Redis keeps what a script
-# wrote before it failed: such a sync fails whole, writing nothing). A deployment whose hash
-# cannot be used (of another type, holding what is not a count) fails alone: nothing written
-# for it, its answer the hash's key and why in place of its totals; the others synced.
+# The arguments are checked before the first write (Redis keeps what a script wrote before it
+# failed: such a sync, aioproxy's own bug, fails whole, writing nothing). A deployment whose
+# hash cannot be used (of another type, holding what is not a count) fails alone: nothing
+# written for it, its answer the hash's key and why in place of its totals; the others
+# synced. A record that is not one is replaced (its key and why follow the answers): a sync
+# refused for it would be refused for good, and this instance's counts never shared.
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
 local me, alive = ARGV[1], ARGV[2] .. 'alive:'
@@ -58,8 +60,14 @@ end
 for i = 4, #ARGV do
   if not whole(ARGV[i]) then fail('a count that is not an integer') end
 end
-local applied = redis.call('GET', record)
-if applied and not whole(applied) then fail(record .. ' does not hold a number') end
+-- This instance's record, if it is one: else as if none were kept (as when it expired),
+-- reported (after the deployments' answers) and replaced.
+local applied, broken = redis.pcall('GET', record), {}
+if type(applied) == 'table' then
+  applied, broken = false, {record, applied.err}
+elseif applied and not whole(applied) then
+  applied, broken = false, {record, 'does not hold a number'}
+end
 -- A hash of counts, its fields seconds (``timed``) or instances; nil and why if unusable.
 local function counts(key, timed)
   local all = redis.pcall('HGETALL', key)
@@ -141,6 +149,7 @@ for i = 1, #KEYS do
     out[#out + 1] = 0
   end
 end
+for _, word in ipairs(broken) do out[#out + 1] = word end
 return out
 """
 
@@ -220,8 +229,7 @@ class SharedDeployments:
             self.link.failed(
                 exc,
                 "deployments sync",
-                "state: Redis refused a deployments sync (%s): its counts are dropped, until the "
-                "key is deleted",
+                "state: Redis refused a deployments sync (%s): its counts are dropped",
             )
             return
         self._unanswered = None
@@ -231,6 +239,8 @@ class SharedDeployments:
                 self._unusable(key, requests.decode(), tokens.decode())
             else:
                 self.router.mirror(key, requests, tokens, others)
+        if len(totals) > 3 * len(keys):
+            self._replaced(*(word.decode() for word in totals[3 * len(keys) :]))
         self.synced.set()
 
     def _unusable(self, key: str, hash_key: str, why: str) -> None:
@@ -245,6 +255,13 @@ class SharedDeployments:
             "is counted by each process alone, until the key is deleted",
             hash_key,
             why,
+        )
+
+    def _replaced(self, record: str, why: str) -> None:
+        """This instance's record of syncs was not one: the script replaced it (a sync whose
+        answer was lost may have counted twice)."""
+        self.link.count_unusable(
+            record, "state: Redis key %s was no record of syncs (%s): replaced", record, why
         )
 
     async def close(self) -> None:

@@ -119,11 +119,6 @@ CASES: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
         nothing,
         deployments_call((1, 10, 1), ("1.5", 10, 1)),
     ),
-    "the deployments' record of another type": (
-        _SYNC,
-        lambda client: client.hset(f"{PREFIX}:applied:{ME}:deployments", "x", "1"),
-        deployments_call((1, 10, 1)),
-    ),
     "a cooldown not a number": (
         _COOL,
         nothing,
@@ -406,39 +401,45 @@ async def test_a_request_asking_for_huge_amounts_fails_no_call(client: aioredis.
     assert [int(v) for v in await client.hvals(f"{ONE}:held")] == [10**12]
 
 
-async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
+@pytest.mark.parametrize("record", [b"not a number", None], ids=["not-a-number", "a-hash"])
+async def test_a_sync_record_that_is_not_one_is_replaced(
+    client: aioredis.Redis, record: bytes | None
+) -> None:
+    """This instance's record of syncs is no number, or of another type: as if none were kept
+    (as when it expired), reported after the deployments' answers and replaced; the sync
+    counted (it was refused whole, for every later sync of this instance, until deleted)."""
+    key = f"{PREFIX}:applied:{ME}:deployments"
+    await (client.set(key, record) if record else client.hset(key, "x", "1"))
+    totals = await client.eval(_SYNC, *deployments_call((1, 10, 1)))
+    assert totals[:3] == [1, 10, 0] and totals[3] == key.encode() and totals[4]
+    assert await client.get(key) == b"1"
+    assert await client.eval(_SYNC, *deployments_call((1, 10, 1))) == [1, 10, 0]  # sent again
+
+
+async def test_a_sync_record_that_is_not_one_is_replaced_not_refused(
     start_control: Any,
     redis_url: str,
     upstream_base: str,
     client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A sync the script refuses (this instance's record of syncs of another type: a
-    deployment's hash fails its deployment alone) writes nothing and is not sent again as it
-    is (it would be refused again, for ever), nor is Redis given up for it (the limits keep
-    it): counted, logged; once the key is right, the next sync counts what came since."""
+    """Through the gateway: the sync meeting a record of another type counts what it
+    carries, Redis not given up for it; the record counted as unusable, and replaced."""
     monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
     capped = upstream_model("gpt-test", upstream_base, rpm=100)  # its counts are shared
     control: Control = await start_control(
         state={"redis_url": redis_url, "prefix": PREFIX}, models=[capped]
     )
     link, deployments = control.server.app[link_key], control.server.app[deployments_key]
-
-    async def one_request() -> None:
-        assert (await post_chat(control, MASTER_KEY))[0] == 200
-
-    await one_request()
-    (shared,) = [key for key, counted in deployments._shared.items() if counted]
-    base = f"{PREFIX}:d:{shared}".encode()
     record = f"{PREFIX}:applied:{link.instance}:deployments"
     await client.hset(record, "not", "a number")
-    await deployments.sync()
-    assert deployments._unanswered is None and await client.exists(base + b":r") == 0
+    for _ in range(2):
+        assert (await post_chat(control, MASTER_KEY))[0] == 200
+        await deployments.sync()
+    requests = f"{PREFIX}:d:{deployment(control, 'gpt-test').key}:r"
+    assert sum(int(count) for count in await client.hvals(requests)) == 2
     assert link.up and link.failures == 0 and link.unusable == 1
-    await client.delete(record)
-    await one_request()
-    await deployments.sync()
-    assert sum(int(count) for count in await client.hvals(base + b":r")) == 1  # the new one
+    assert await client.get(record) == b"2"
 
 
 @pytest.mark.parametrize("case", BROKEN_HASHES)
