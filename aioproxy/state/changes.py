@@ -46,57 +46,97 @@ class Change(msgspec.Struct, kw_only=True, omit_defaults=True):
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Change).decode
 
-# Now, in ms by Redis's clock: the one clock every instance reads.
-_NOW_MS = """
+# Now, in ms by Redis's clock: the one clock every instance reads. Then how the cooldowns'
+# hash is read: once, each entry that holds no end (written by something else) skipped and
+# reported (what, why), not the whole: the others' cooldowns are still kept and read.
+_READ_COOLING = """
 local clock = redis.call('TIME')
 local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local function whole(text)
+  local digits = text:match('^-?(%d+)$')
+  return digits ~= nil and #digits <= 18
+end
+local broken, skipped = {}, {}  -- skipped: per deployment whose entry holds no end, true
+local function unusable(what, why)
+  broken[#broken + 1] = what
+  broken[#broken + 1] = why
+end
+-- The cooldowns' entries as (deployment, end) pairs; nil if the hash is of another type.
+local function cooldowns()
+  local all = redis.pcall('HGETALL', KEYS[1])
+  if all.err then
+    unusable('key ' .. KEYS[1], all.err)
+    return nil
+  end
+  local ends = {}
+  for i = 1, #all, 2 do
+    if whole(all[i + 1]) then
+      ends[#ends + 1] = {all[i], tonumber(all[i + 1])}
+    else
+      skipped[all[i]] = true
+      unusable('field ' .. all[i] .. ' of ' .. KEYS[1], 'holds no end')
+    end
+  end
+  return ends
+end
 """
 
 # KEYS[1]: the cooldowns (a hash: deployment -> until, ms). ARGV: the deployment, its cooldown
 # (ms), the channel and the message. Keeps the later end of any cooldown already held, drops
 # the ended ones, lets the hash live as long as its last, then publishes: stored before heard.
-# Its arguments and the hash (WRONGTYPE if another type, each end an integer) are checked
-# before its first write: Redis keeps what a script wrote before it failed.
+# Its arguments are checked before its first write (Redis keeps what a script wrote before it
+# failed). An entry that holds no end is left as it is (it goes with the hash when the last
+# cooldown ends); the deployment's own, if so, is not kept, nor any in a hash of another
+# type; the cooldown is published all the same. Returns what it could not use (what, why).
 _COOL = (
-    _NOW_MS
+    _READ_COOLING
     + """
-local function whole(text)
-  local digits = text:match('^-?(%d+)$')
-  return digits ~= nil and #digits <= 18
-end
 if ARGV[1] == '' or not (whole(ARGV[2]) and tonumber(ARGV[2]) > 0) then
   error('aioproxy cooldown: arguments', 0)
 end
-local all = redis.call('HGETALL', KEYS[1])
-for i = 2, #all, 2 do
-  if not whole(all[i]) then error('aioproxy cooldown: ' .. KEYS[1] .. ' holds no end', 0) end
+local ends = cooldowns()
+if ends then
+  local ending = now + math.min(tonumber(ARGV[2]), 1e12)  -- a cooldown of decades at most
+  local held, last, ended = 0, now, {}
+  for _, entry in ipairs(ends) do
+    if entry[1] == ARGV[1] then
+      held = entry[2]
+    elseif entry[2] <= now then
+      ended[#ended + 1] = entry[1]
+    elseif entry[2] > last then
+      last = entry[2]
+    end
+  end
+  if not skipped[ARGV[1]] then
+    if ending > held then
+      redis.call('HSET', KEYS[1], ARGV[1], ending)
+      held = ending
+    end
+    last = math.max(last, held)
+  end
+  for i = 1, #ended, 1000 do  -- in HDELs of at most 1,000 fields (unpack's stack)
+    redis.call('HDEL', KEYS[1], unpack(ended, i, math.min(i + 999, #ended)))
+  end
+  if last > now then redis.call('PEXPIRE', KEYS[1], last - now) end
 end
-local ending = now + math.min(tonumber(ARGV[2]), 1e12)  -- a cooldown of decades at most
-local held = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
-if ending > held then redis.call('HSET', KEYS[1], ARGV[1], ending) end
-local all, last = redis.call('HGETALL', KEYS[1]), now
-for i = 1, #all, 2 do
-  local ends = tonumber(all[i + 1])
-  if ends <= now then redis.call('HDEL', KEYS[1], all[i]) elseif ends > last then last = ends end
-end
-if last > now then redis.call('PEXPIRE', KEYS[1], last - now) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
+return broken
 """
 )
 
-# KEYS[1]: the cooldowns. Returns per deployment still cooling: its key, the ms left.
+# KEYS[1]: the cooldowns. Returns {per deployment still cooling: its key, the ms left}, and
+# what it could not use (what, why).
 _COOLING = (
-    _NOW_MS
+    _READ_COOLING
     + """
-local all, out = redis.call('HGETALL', KEYS[1]), {}
-for i = 1, #all, 2 do
-  local left = tonumber(all[i + 1]) - now
-  if left > 0 then
-    out[#out + 1] = all[i]
-    out[#out + 1] = left
+local out = {}
+for _, entry in ipairs(cooldowns() or {}) do
+  if entry[2] > now then
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2] - now
   end
 end
-return out
+return {out, broken}
 """
 )
 
@@ -160,14 +200,28 @@ class Changes:
         sent = self.link.batcher.run(self.cool_script, self.cooling, args)
         sent.add_done_callback(self._sent)
 
-    def _sent(self, call: asyncio.Future[object]) -> None:
+    def _sent(self, call: asyncio.Future[list[bytes]]) -> None:
         """A failed call marks the link lost (and its exception is retrieved: no warning);
-        one the script refused (the cooldowns' hash of another type) is logged, counted."""
-        if not call.cancelled() and (error := call.exception()) is not None:
-            self.link.failed(
-                error,
-                "cooldowns",
-                "state: Redis refused a cooldown (%s): not shared, until the key is deleted",
+        one the script refused (on arguments only aioproxy's code can get wrong) is logged,
+        counted; what it could not use in the cooldowns' hash, counted, logged."""
+        if call.cancelled():
+            return
+        if (error := call.exception()) is not None:
+            self.link.failed(error, "cooldowns", "state: Redis refused a cooldown (%s)")
+        else:
+            self._unusable(call.result())
+
+    def _unusable(self, broken: list[bytes]) -> None:
+        """What a script could not use in the cooldowns' hash (what, why, ...): each counted,
+        logged once a minute."""
+        for what, why in zip(broken[::2], broken[1::2], strict=True):
+            self.link.count_unusable(
+                what.decode(),
+                "state: Redis %s cannot be used for cooldowns (%s): the cooldowns it should "
+                "hold are still announced to the instances listening, not kept for those that "
+                "start or come back, until it is deleted",
+                what.decode(),
+                why.decode(),
             )
 
     async def _publish(self, change: Change, always: bool = False) -> None:
@@ -238,7 +292,8 @@ class Changes:
         force read, and this instance's own announced again (a failure to read is Redis's:
         the listener subscribes again)."""
         await self._reload()
-        cooling = await self.link.batcher.run(self.cooling_script, self.cooling, [])
+        cooling, broken = await self.link.batcher.run(self.cooling_script, self.cooling, [])
+        self._unusable(broken)
         for index in range(0, len(cooling), 2):
             self.cool_down(cooling[index].decode(), int(cooling[index + 1]) / 1000)
         now = time.monotonic()

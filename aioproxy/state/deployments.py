@@ -36,11 +36,15 @@ SYNC_INTERVAL = 0.25  # seconds
 # tokens and in-flight change since the last sync. A sync whose answer was lost is sent again
 # with its number: its changes count once, whether Redis ran it or not (nor do they count if
 # it arrives after a later one). Returns per deployment: requests and tokens over the last
-# minute, and requests in flight, all live instances together (a dead instance's, whose lease
-# ran out, are dropped).
-# Nothing is written before every argument and key is checked (Redis keeps what a script wrote
-# before it failed: a sync fails whole or not at all): the counts are integers, the record a
-# number, and each deployment's hashes hashes of integer counts (WRONGTYPE if another type).
+# minute, all live instances together, and the other live instances' requests in flight (a
+# dead instance's, whose lease ran out, are dropped).
+# Each hash is read once: its totals are what it held plus this sync's change, computed here.
+# The arguments are checked before the first write (Redis keeps what a script wrote before it
+# failed: such a sync, aioproxy's own bug, fails whole, writing nothing). A deployment whose
+# hash cannot be used (of another type, holding what is not a count) fails alone: nothing
+# written for it, its answer the hash's key and why in place of its totals; the others
+# synced. A record that is not one is replaced (its key and why follow the answers): a sync
+# refused for it would be refused for good, and this instance's counts never shared.
 _SYNC = """
 local sec = tonumber(redis.call('TIME')[1])
 local me, alive = ARGV[1], ARGV[2] .. 'alive:'
@@ -56,17 +60,69 @@ end
 for i = 4, #ARGV do
   if not whole(ARGV[i]) then fail('a count that is not an integer') end
 end
-local applied = redis.call('GET', record)
-if applied and not whole(applied) then fail(record .. ' does not hold a number') end
-for i = 1, #KEYS do
-  for _, suffix in ipairs({':r', ':t', ':f'}) do
-    local all = redis.call('HGETALL', KEYS[i] .. suffix)
-    for k = 1, #all, 2 do
-      if not whole(all[k + 1]) or (suffix ~= ':f' and not tonumber(all[k])) then
-        fail(KEYS[i] .. suffix .. ' holds a field that is not a count')
+-- This instance's record, if it is one: else as if none were kept (as when it expired),
+-- reported (after the deployments' answers) and replaced.
+local applied, broken = redis.pcall('GET', record), {}
+if type(applied) == 'table' then
+  applied, broken = false, {record, applied.err}
+elseif applied and not whole(applied) then
+  applied, broken = false, {record, 'does not hold a number'}
+end
+-- A hash of counts, its fields seconds (``timed``) or instances; nil and why if unusable.
+local function counts(key, timed)
+  local all = redis.pcall('HGETALL', key)
+  if all.err then return nil, all.err end
+  for k = 1, #all, 2 do
+    if not whole(all[k + 1]) or (timed and not tonumber(all[k])) then
+      return nil, 'holds a field that is not a count'
+    end
+  end
+  return all
+end
+-- A deployment's windows of requests and tokens and its in-flight hash; or the key of the
+-- first it cannot use, and why.
+local function hashes(base)
+  local r, why = counts(base .. ':r', true)
+  if not r then return nil, base .. ':r', why end
+  local t, why = counts(base .. ':t', true)
+  if not t then return nil, base .. ':t', why end
+  local f, why = counts(base .. ':f', false)
+  if not f then return nil, base .. ':f', why end
+  return {r, t, f}
+end
+local function drop(key, fields)  -- in HDELs of at most 1,000 fields (unpack's stack)
+  for i = 1, #fields, 1000 do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + 999, #fields)))
+  end
+end
+-- A window's count over the last minute with ``added`` (this second's change, made), its
+-- older buckets dropped.
+local function window(key, all, added)
+  local total, stale = tonumber(added), {}
+  for k = 1, #all, 2 do
+    if tonumber(all[k]) <= sec - 60 then
+      stale[#stale + 1] = all[k]
+    else
+      total = total + tonumber(all[k + 1])
+    end
+  end
+  drop(key, stale)
+  return total
+end
+-- The other live instances' requests in flight; a dead one's dropped.
+local function others(key, all)
+  local total, dead = 0, {}
+  for k = 1, #all, 2 do
+    if all[k] ~= me then
+      if redis.call('EXISTS', alive .. all[k]) == 1 then
+        total = total + tonumber(all[k + 1])
+      else
+        dead[#dead + 1] = all[k]
       end
     end
   end
+  drop(key, dead)
+  return total
 end
 redis.call('SET', alive .. me, 1, 'PX', ARGV[3])
 local new = sync > tonumber(applied or 0)
@@ -74,39 +130,26 @@ if new then redis.call('SET', record, sync, 'EX', 86400) end
 local out = {}
 for i = 1, #KEYS do
   local base = KEYS[i]
-  local requests, tokens, flight = ARGV[3 * i + 2], ARGV[3 * i + 3], tonumber(ARGV[3 * i + 4])
-  if new then
+  local read, key, why = hashes(base)
+  if read then
+    local requests, tokens, flight = '0', '0', '0'
+    if new then requests, tokens, flight = ARGV[3 * i + 2], ARGV[3 * i + 3], ARGV[3 * i + 4] end
     if requests ~= '0' then redis.call('HINCRBY', base .. ':r', sec, requests) end
     if tokens ~= '0' then redis.call('HINCRBY', base .. ':t', sec, tokens) end
-    if flight ~= 0 then redis.call('HINCRBY', base .. ':f', me, flight) end
+    if flight ~= '0' then redis.call('HINCRBY', base .. ':f', me, flight) end
+    out[#out + 1] = window(base .. ':r', read[1], requests)
+    out[#out + 1] = window(base .. ':t', read[2], tokens)
+    out[#out + 1] = others(base .. ':f', read[3])
+    redis.call('EXPIRE', base .. ':r', 120)
+    redis.call('EXPIRE', base .. ':t', 120)
+    redis.call('EXPIRE', base .. ':f', 600)
+  else
+    out[#out + 1] = key
+    out[#out + 1] = why
+    out[#out + 1] = 0
   end
-  redis.call('EXPIRE', base .. ':r', 120)
-  redis.call('EXPIRE', base .. ':t', 120)
-  redis.call('EXPIRE', base .. ':f', 600)
-  local totals = {}
-  for j, suffix in ipairs({':r', ':t'}) do
-    local all, total = redis.call('HGETALL', base .. suffix), 0
-    for k = 1, #all, 2 do
-      if tonumber(all[k]) <= sec - 60 then
-        redis.call('HDEL', base .. suffix, all[k])
-      else
-        total = total + tonumber(all[k + 1])
-      end
-    end
-    totals[j] = total
-  end
-  local flights, in_flight = redis.call('HGETALL', base .. ':f'), 0
-  for k = 1, #flights, 2 do
-    if flights[k] == me or redis.call('EXISTS', alive .. flights[k]) == 1 then
-      in_flight = in_flight + tonumber(flights[k + 1])
-    else
-      redis.call('HDEL', base .. ':f', flights[k])
-    end
-  end
-  out[#out + 1] = totals[1]
-  out[#out + 1] = totals[2]
-  out[#out + 1] = in_flight
 end
+for _, word in ipairs(broken) do out[#out + 1] = word end
 return out
 """
 
@@ -123,11 +166,10 @@ class SharedDeployments:
         self.batcher = link.batcher
         # Since the last sync, per deployment key: [requests, tokens, in-flight change].
         self._delta: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-        self._in_flight: defaultdict[str, int] = defaultdict(int)  # own, as sent
         self.synced = asyncio.Event()  # set after each sync (tests wait for it)
         self._numbers = itertools.count(1)  # of this instance's syncs
-        # A sync whose answer was lost (its keys, script words, changes): the next one.
-        self._unanswered: tuple[list[str], list[object], dict[str, list[int]]] | None = None
+        # A sync whose answer was lost (its keys and script words): the next one.
+        self._unanswered: tuple[list[str], list[object]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _is_shared(self, deployment: Deployment) -> bool:
@@ -165,7 +207,7 @@ class SharedDeployments:
 
     async def sync(self) -> None:
         if self._unanswered is not None:  # the same sync again: counted once
-            keys, args, delta = self._unanswered
+            keys, args = self._unanswered
         else:
             shared = self._shared
             known = [key for key, counted in shared.items() if counted]
@@ -183,26 +225,44 @@ class SharedDeployments:
         except (RedisError, OSError) as exc:
             # Redis may have run it: sent again as it is, with its number, before any other;
             # unless the script refused it whole (it wrote nothing): again, refused again.
-            self._unanswered = None if script_failed(exc) else (keys, args, delta)
+            self._unanswered = None if script_failed(exc) else (keys, args)
             self.link.failed(
                 exc,
                 "deployments sync",
-                "state: Redis refused a deployments sync (%s): its counts are dropped, until the "
-                "key is deleted",
+                "state: Redis refused a deployments sync (%s): its counts are dropped",
             )
             return
         self._unanswered = None
         for index, key in enumerate(keys):
-            if key in delta:
-                self._in_flight[key] += delta[key][2]
-            self.router.mirror(
-                key,
-                int(totals[3 * index]),
-                int(totals[3 * index + 1]),
-                # Never below 0: own requests dropped while this one's lease had run out.
-                max(0, int(totals[3 * index + 2]) - self._in_flight[key]),
-            )
+            requests, tokens, others = totals[3 * index : 3 * index + 3]
+            if type(requests) is bytes:  # the script's marker: the hash named, and why
+                self._unusable(key, requests.decode(), tokens.decode())
+            else:
+                self.router.mirror(key, requests, tokens, others)
+        if len(totals) > 3 * len(keys):
+            self._replaced(*(word.decode() for word in totals[3 * len(keys) :]))
         self.synced.set()
+
+    def _unusable(self, key: str, hash_key: str, why: str) -> None:
+        """A hash of the deployment ``key`` the script cannot use: its change since the last
+        sync was dropped (nothing written for it), and the router counts it alone: the others'
+        share as 0, not as last known (a figure that no longer moves would refuse, or admit,
+        for as long as the hash is broken), as the counters' scopes fall back to each process."""
+        self.router.mirror(key, 0, 0, 0)
+        self.link.count_unusable(
+            hash_key,
+            "state: Redis key %s cannot be used for a deployment's counts (%s): the deployment "
+            "is counted by each process alone, until the key is deleted",
+            hash_key,
+            why,
+        )
+
+    def _replaced(self, record: str, why: str) -> None:
+        """This instance's record of syncs was not one: the script replaced it (a sync whose
+        answer was lost may have counted twice)."""
+        self.link.count_unusable(
+            record, "state: Redis key %s was no record of syncs (%s): replaced", record, why
+        )
 
     async def close(self) -> None:
         self.router.on_count = None

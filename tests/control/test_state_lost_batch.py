@@ -210,33 +210,51 @@ async def _idle(client: aioredis.Redis, base: str) -> None:
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["usable", "beside-a-broken-one"])
 async def test_a_lost_deployment_sync_counts_once(
     start_control: Any,
     relay: LossyRelay,
     redis_url: str,
     upstream_base: str,
     monkeypatch: pytest.MonkeyPatch,
+    broken: bool,
 ) -> None:
     """A deployment's counts synced to Redis, the answer lost: sent again when Redis is back,
     they count once (a capped deployment's requests counted twice, refusing early on every
-    instance; its requests in flight counted twice, skewing least-busy for good)."""
+    instance; its requests in flight counted twice, skewing least-busy for good). So they do
+    beside a deployment whose in-flight hash is of another type (the sync was refused whole,
+    every deployment's counts dropped): that one's hash left as it was, counted unusable."""
     monkeypatch.setattr(link_module, "HEARTBEAT", 3600.0)
     monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
     prefix = "aioproxy-test-lost-sync"
-    capped = upstream_model("gpt-test", upstream_base, rpm=100)  # its counts are shared
+    models = [
+        upstream_model("gpt-test", upstream_base, rpm=100),  # capped: their counts are shared
+        upstream_model("gpt-capped", upstream_base, rpm=100),
+    ]
     control = await start_control(
-        state={"redis_url": relay.url, "prefix": prefix, "timeout": 1.0}, models=[capped]
+        state={"redis_url": relay.url, "prefix": prefix, "timeout": 1.0}, models=models
     )
     link, deployments = control.server.app[link_key], control.server.app[deployments_key]
     client = aioredis.Redis.from_url(redis_url)
+    other = f"{prefix}:d:gpt-test#0"
     try:
-        assert await _post_chat(control, MASTER_KEY) == 200
+        for left in await client.keys(f"{prefix}:d:*"):  # by the test's other cases
+            await client.delete(left)
+        if broken:
+            await client.set(f"{other}:f", "3")
+        for model in ("gpt-test", "gpt-capped"):
+            assert await _post_chat(control, MASTER_KEY, model=model) == 200
         relay.dropping = True
-        await deployments.sync()  # Redis counts the request; the answer is lost
+        await deployments.sync()  # Redis counts the requests; the answer is lost
         await _lose_replies(relay, link)
+        unusable = link.unusable
         await deployments.sync()
-        (requests,) = await client.keys(f"{prefix}:d:*:r")
-        assert sum(int(count) for count in await client.hvals(requests)) == 1
+        assert sum(int(n) for n in await client.hvals(f"{prefix}:d:gpt-capped#0:r")) == 1
+        assert sum(int(n) for n in await client.hvals(f"{other}:r")) == (0 if broken else 1)
+        assert link.up and link.unusable == unusable + broken
+        if broken:
+            assert await client.get(f"{other}:f") == b"3"
+            assert await client.exists(f"{other}:t") == 0
     finally:
         await client.aclose()
 

@@ -1,9 +1,9 @@
 """Redis keeps what a Lua script wrote before it failed: each of aioproxy's scripts checks its
-arguments and reads every key it touches before its first write, so a call given bad input,
-or (deployments, cooldowns) meeting a key of the wrong type or holding what its commands
-cannot take, fails whole and writes nothing; on a real redis-server. The counters script
-fails such a key's scope alone: its requests answered unchecked (counted by their process),
-nothing written to the key, the rest of the batch counted."""
+arguments before its first write, so a call given bad input fails whole and writes nothing;
+on a real redis-server. A key a script meets of the wrong type, or holding what its commands
+cannot take, fails what it is part of alone: the counters script's scope (its requests
+answered unchecked, counted by their process), the deployments sync's deployment (counted by
+each process alone), the cooldowns' entry; nothing written to it, the rest of the call made."""
 
 from __future__ import annotations
 
@@ -15,16 +15,20 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
+from aioproxy.context import Deployment
+from aioproxy.keys import runtime_key
 from aioproxy.state import deployments as deployments_module
-from aioproxy.state.changes import _COOL
+from aioproxy.state.changes import _COOL, _COOLING
 from aioproxy.state.counters import _APPLY, _pack, _unpack
 from aioproxy.state.deployments import _SYNC
 from aioproxy.state.shared import deployments_key, link_key
 from tests.control.conftest import CHAT, Control, FakeControlClock
+from tests.control.test_state_shared import post_chat
 from tests.redis_server import redis_server, redis_url
-from tests.support import MASTER_KEY, upstream_model
+from tests.support import MASTER_KEY, UPSTREAM_KEY, upstream_model
 
 __all__ = ["redis_server", "redis_url"]  # the fixtures, used here
 
@@ -73,11 +77,11 @@ def counters_call(settles: list[Any], reservations: list[Any]) -> tuple[Any, ...
     return (0, _pack([[], *settles]), _pack([1, *reservations]), ME, f"{PREFIX}:", LEASE)
 
 
-def deployments_call(*counts: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+def deployments_call(*counts: tuple[Any, Any, Any], number: int = 1) -> tuple[Any, ...]:
     """The arguments of one ``_SYNC`` call: per deployment its requests, tokens and flights."""
     keys = [f"{PREFIX}:d:{index}" for index in range(len(counts))]
     words = [word for count in counts for word in count]
-    return (len(keys), *keys, ME, f"{PREFIX}:", LEASE, 1, *words)
+    return (len(keys), *keys, ME, f"{PREFIX}:", LEASE, number, *words)
 
 
 def cooldown_call(deployment: str, milliseconds: Any) -> tuple[Any, ...]:
@@ -115,35 +119,10 @@ CASES: dict[str, tuple[str, Setup, tuple[Any, ...]]] = {
         nothing,
         deployments_call((1, 10, 1), ("1.5", 10, 1)),
     ),
-    "a deployment's in-flight hash of another type": (
-        _SYNC,
-        lambda client: client.set(f"{PREFIX}:d:1:f", "3"),
-        deployments_call((1, 10, 1), (1, 10, 1)),
-    ),
-    "a deployment's window with a count that is not one": (
-        _SYNC,
-        lambda client: client.hset(f"{PREFIX}:d:1:t", "1000", "x"),
-        deployments_call((1, 10, 1), (1, 10, 1)),
-    ),
-    "the deployments' record of another type": (
-        _SYNC,
-        lambda client: client.hset(f"{PREFIX}:applied:{ME}:deployments", "x", "1"),
-        deployments_call((1, 10, 1)),
-    ),
-    "a cooldown's end that is not a number": (
-        _COOL,
-        lambda client: client.hset(f"{PREFIX}:cooling", "other", "soon"),
-        cooldown_call("deployment-a", 5_000),
-    ),
     "a cooldown not a number": (
         _COOL,
         nothing,
         cooldown_call("deployment-a", "long"),
-    ),
-    "the cooldowns of another type": (
-        _COOL,
-        lambda client: client.set(f"{PREFIX}:cooling", "x"),
-        cooldown_call("deployment-a", 5_000),
     ),
 }
 
@@ -224,6 +203,118 @@ async def test_a_record_that_is_not_one_is_replaced(client: aioredis.Redis) -> N
     assert await client.hvals(f"{TWO}:flights") == [b"1"]
 
 
+# Per case: which hash of a deployment the sync cannot use, and how it is made so.
+BROKEN_HASHES: dict[str, tuple[str, Callable[[aioredis.Redis, str], Awaitable[Any]]]] = {
+    "a request window with a field that is not a second": (
+        ":r",
+        lambda client, key: client.hset(key, "soon", "1"),
+    ),
+    "a token window with a count that is not an integer": (
+        ":t",
+        lambda client, key: client.hset(key, "1000", "1.5"),
+    ),
+    "an in-flight hash of another type": (":f", lambda client, key: client.set(key, "3")),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_HASHES)
+async def test_a_deployment_hash_that_cannot_be_used_fails_its_deployment_alone(
+    client: aioredis.Redis, case: str
+) -> None:
+    """Deployment 1's hash is unusable: its answer names the hash and why, nothing is written
+    for it (no count, no expiry, in none of its hashes); deployment 0 is synced, once when the
+    same sync is sent again."""
+    suffix, setup = BROKEN_HASHES[case]
+    broken = f"{PREFIX}:d:1{suffix}"
+    await setup(client, broken)
+    before = await keyspace(client)
+    call = deployments_call((1, 10, 1), (1, 10, 1))
+    for _ in range(2):  # the second: the same sync again, its answer lost
+        totals = await client.eval(_SYNC, *call)
+        assert totals[:3] == [1, 10, 0]  # no other instance's in flight
+        assert totals[3] == broken.encode() and totals[4] and totals[5] == 0
+    after = await keyspace(client)
+    assert {key: held for key, held in after.items() if b":d:1" in key} == before
+    assert await client.ttl(broken) == -1
+    assert [int(count) for count in await client.hvals(f"{PREFIX}:d:0:r")] == [1]
+    assert await client.hgetall(f"{PREFIX}:d:0:f") == {ME.encode(): b"1"}
+    await client.delete(broken)  # fixed: the next sync counts it
+    totals = await client.eval(_SYNC, *deployments_call((0, 0, 0), (2, 20, 0), number=2))
+    assert totals[3:] == [2, 20, 0]
+
+
+async def test_a_sync_reads_each_hash_once_and_counts_as_before(client: aioredis.Redis) -> None:
+    """The totals are what each hash held plus the sync's own change: a window's buckets
+    older than a minute are dropped and the rest counted; the other instances' requests in
+    flight counted while their lease lives, a dead one's dropped."""
+    now = int((await client.time())[0])
+    base = f"{PREFIX}:d:0"
+    await client.hset(f"{base}:r", mapping={now - 120: 7, now - 30: 4})
+    await client.hset(f"{base}:t", mapping={now - 120: 70, now - 30: 40})
+    await client.hset(f"{base}:f", mapping={"dead": 3, "live": 2, ME: 5})
+    await client.set(f"{PREFIX}:alive:live", 1)
+    assert await client.eval(_SYNC, *deployments_call((1, 10, -1))) == [5, 50, 2]
+    for name in ("r", "t"):  # the old bucket dropped, the other kept, this second's added
+        seconds = sorted(int(field) for field in await client.hkeys(f"{base}:{name}"))
+        assert len(seconds) == 2 and seconds[0] == now - 30 and seconds[1] >= now
+    assert await client.hgetall(f"{base}:f") == {b"live": b"2", ME.encode(): b"4"}
+    assert 0 < await client.ttl(f"{base}:t") <= 120 and 0 < await client.ttl(f"{base}:f") <= 600
+
+
+async def published(listener: PubSub) -> bytes:
+    """The next message heard on the channel."""
+    async with asyncio.timeout(30):  # safety net: published before the script returned
+        while True:
+            message = await listener.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                return bytes(message["data"])
+
+
+async def test_a_cooldown_entry_that_holds_no_end_fails_alone(client: aioredis.Redis) -> None:
+    """Another deployment's entry in the cooldowns' hash holds no end: reported and left, the
+    cooldown kept and read; the deployment's own such entry: left, its cooldown not kept but
+    still published."""
+    cooling = f"{PREFIX}:cooling"
+    await client.hset(cooling, mapping={"other": "soon", "deployment-b": "later"})
+    listener = client.pubsub()
+    await listener.subscribe(f"{PREFIX}:changes")
+    try:
+        reported = await client.eval(_COOL, *cooldown_call("deployment-a", 5_000))
+        assert reported == [
+            f"field other of {cooling}".encode(),
+            b"holds no end",
+            f"field deployment-b of {cooling}".encode(),
+            b"holds no end",
+        ]
+        await client.eval(_COOL, *cooldown_call("deployment-b", 5_000))
+        held = await client.hgetall(cooling)
+        assert held[b"other"] == b"soon" and held[b"deployment-b"] == b"later"
+        assert 0 < await client.pttl(cooling) <= 5_000  # it goes with the last cooldown
+        (cooling_now, broken) = await client.eval(_COOLING, 1, cooling)
+        assert cooling_now[0] == b"deployment-a" and 0 < cooling_now[1] <= 5_000
+        assert len(cooling_now) == 2 and len(broken) == 4
+        assert [await published(listener), await published(listener)] == [b"{}", b"{}"]
+    finally:
+        await listener.aclose()
+
+
+async def test_cooldowns_of_another_type_are_published_not_kept(client: aioredis.Redis) -> None:
+    """The cooldowns' hash is of another type: nothing kept (nor read), reported; the cooldown
+    is still published to the instances listening."""
+    cooling = f"{PREFIX}:cooling"
+    await client.set(cooling, "x")
+    listener = client.pubsub()
+    await listener.subscribe(f"{PREFIX}:changes")
+    try:
+        what, why = await client.eval(_COOL, *cooldown_call("deployment-a", 5_000))
+        assert what == f"key {cooling}".encode() and b"WRONGTYPE" in why
+        assert await client.get(cooling) == b"x"
+        assert await client.eval(_COOLING, 1, cooling) == [[], [what, why]]
+        assert await published(listener) == b"{}"
+    finally:
+        await listener.aclose()
+
+
 @pytest.mark.parametrize("case", CASES)
 async def test_a_script_that_fails_writes_nothing(client: aioredis.Redis, case: str) -> None:
     script, setup, arguments = CASES[case]
@@ -241,7 +332,7 @@ async def test_the_scripts_still_write_what_they_are_given(client: aioredis.Redi
     assert float(await client.get(f"{ONE}:s:ever")) == 0.5
     assert await client.hvals(f"{TWO}:flights") == [b"1"]
     totals = await client.eval(_SYNC, *deployments_call((1, 10, 1), (-1, 0, -1)))
-    assert totals[:3] == [1, 10, 1]
+    assert totals[:3] == [1, 10, 0]  # no other instance's requests in flight
     await client.eval(_COOL, *cooldown_call("deployment-a", 5_000))
     await client.eval(_COOL, *cooldown_call("deployment-b", 5_000))  # reads what the first wrote
     assert set(await client.hkeys(f"{PREFIX}:cooling")) == {b"deployment-a", b"deployment-b"}
@@ -310,42 +401,122 @@ async def test_a_request_asking_for_huge_amounts_fails_no_call(client: aioredis.
     assert [int(v) for v in await client.hvals(f"{ONE}:held")] == [10**12]
 
 
-async def test_a_refused_deployments_sync_is_dropped_not_sent_for_ever(
+@pytest.mark.parametrize("record", [b"not a number", None], ids=["not-a-number", "a-hash"])
+async def test_a_sync_record_that_is_not_one_is_replaced(
+    client: aioredis.Redis, record: bytes | None
+) -> None:
+    """This instance's record of syncs is no number, or of another type: as if none were kept
+    (as when it expired), reported after the deployments' answers and replaced; the sync
+    counted (it was refused whole, for every later sync of this instance, until deleted)."""
+    key = f"{PREFIX}:applied:{ME}:deployments"
+    await (client.set(key, record) if record else client.hset(key, "x", "1"))
+    totals = await client.eval(_SYNC, *deployments_call((1, 10, 1)))
+    assert totals[:3] == [1, 10, 0] and totals[3] == key.encode() and totals[4]
+    assert await client.get(key) == b"1"
+    assert await client.eval(_SYNC, *deployments_call((1, 10, 1))) == [1, 10, 0]  # sent again
+
+
+async def test_a_sync_record_that_is_not_one_is_replaced_not_refused(
     start_control: Any,
     redis_url: str,
     upstream_base: str,
     client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A sync the script refuses (a deployment's hash of another type) writes nothing and is
-    not sent again as it is (it would be refused again, for ever), nor is Redis given up for it
-    (the limits keep it): counted, logged; once the key is right, the next sync counts what
-    came since."""
+    """Through the gateway: the sync meeting a record of another type counts what it
+    carries, Redis not given up for it; the record counted as unusable, and replaced."""
     monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
     capped = upstream_model("gpt-test", upstream_base, rpm=100)  # its counts are shared
     control: Control = await start_control(
         state={"redis_url": redis_url, "prefix": PREFIX}, models=[capped]
     )
     link, deployments = control.server.app[link_key], control.server.app[deployments_key]
-    auth = {"Authorization": f"Bearer {MASTER_KEY}"}
-
-    async def one_request() -> None:
-        async with control.session.post(
-            control.url("/v1/chat/completions"), json=CHAT, headers=auth
-        ) as response:
-            assert response.status == 200
-
-    await one_request()
-    (shared,) = [key for key, counted in deployments._shared.items() if counted]
-    base = f"{PREFIX}:d:{shared}".encode()
-    await client.set(base + b":r", "not a hash")
-    await deployments.sync()
-    assert deployments._unanswered is None and await client.get(base + b":r") == b"not a hash"
+    record = f"{PREFIX}:applied:{link.instance}:deployments"
+    await client.hset(record, "not", "a number")
+    for _ in range(2):
+        assert (await post_chat(control, MASTER_KEY))[0] == 200
+        await deployments.sync()
+    requests = f"{PREFIX}:d:{deployment(control, 'gpt-test').key}:r"
+    assert sum(int(count) for count in await client.hvals(requests)) == 2
     assert link.up and link.failures == 0 and link.unusable == 1
-    await client.delete(base + b":r")
-    await one_request()
-    await deployments.sync()
-    assert sum(int(count) for count in await client.hvals(base + b":r")) == 1  # the new one
+    assert await client.get(record) == b"2"
+
+
+@pytest.mark.parametrize("case", BROKEN_HASHES)
+async def test_a_broken_deployment_key_fails_its_deployment_alone(
+    start_control: Any,
+    redis_url: str,
+    upstream_base: str,
+    client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    """Two instances: a hash of deployment gpt-test's in Redis cannot be used. gpt-capped's
+    counts are still shared (they all were not: the sync failed whole); gpt-test is counted by
+    each instance alone (the others' share 0), nothing written for it, Redis not given up, the
+    key counted and logged (named; no secret). Once it is deleted, gpt-test syncs again."""
+    monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
+    models = [
+        upstream_model("gpt-test", upstream_base, rpm=100),  # capped: its counts are shared
+        upstream_model("gpt-capped", upstream_base, rpm=100),
+    ]
+    state = {"redis_url": redis_url, "prefix": PREFIX}
+    first: Control = await start_control(state=state, models=models, metrics={"enabled": True})
+    second: Control = await start_control(state=state, models=models)
+    link = first.server.app[link_key]
+    suffix, setup = BROKEN_HASHES[case]
+    broken = f"{PREFIX}:d:{deployment(first, 'gpt-test').key}{suffix}"
+    await setup(client, broken)
+
+    async def held_for_it() -> dict[bytes, Any]:  # what Redis holds for gpt-test
+        return {
+            key: held for key, held in (await keyspace(client)).items() if b":d:gpt-test" in key
+        }
+
+    before = await held_for_it()
+
+    async def post(model: str) -> None:
+        assert (await post_chat(first, MASTER_KEY, model=model))[0] == 200
+
+    async def synced() -> None:  # what the background syncs do
+        await first.server.app[deployments_key].sync()
+        await second.server.app[deployments_key].sync()
+
+    with caplog.at_level(logging.ERROR, logger="aioproxy"):
+        for model in ("gpt-test", "gpt-capped", "gpt-capped"):
+            await post(model)
+        await synced()
+    assert shared_requests(second, "gpt-capped") == 2
+    assert shared_requests(second, "gpt-test") == 0
+    assert await held_for_it() == before  # nothing written for it: its one key as it was
+    assert await client.ttl(broken) == -1  # nor an expiry
+    assert link.up and link.failures == 0 and link.unusable == 1
+    assert second.server.app[link_key].unusable == 1  # met by its sync too
+    logged = [r.getMessage() for r in caplog.records if "deployment's counts" in r.getMessage()]
+    assert len(logged) == 2 and all(broken in message for message in logged)
+    assert UPSTREAM_KEY not in caplog.text
+    async with first.session.get(
+        first.url("/metrics"), headers={"Authorization": f"Bearer {MASTER_KEY}"}
+    ) as response:
+        assert "aioproxy_state_redis_unusable_keys_total 1.0" in await response.text()
+    await client.delete(broken)
+    await post("gpt-test")
+    await synced()
+    assert shared_requests(second, "gpt-test") == 1  # the one after (the one before dropped)
+    assert shared_requests(second, "gpt-capped") == 2
+
+
+def deployment(control: Control, model: str) -> Deployment:
+    (only,) = control.server.app[runtime_key].deployments[model]
+    return only
+
+
+def shared_requests(control: Control, model: str) -> int:
+    """The other instances' requests to ``model``'s deployment in the last minute, as this
+    instance's router mirrors them."""
+    runtime = control.server.app[runtime_key]
+    return runtime.router.health(deployment(control, model)).shared_requests
 
 
 async def test_each_key_read_once_counts_as_before(client: aioredis.Redis) -> None:

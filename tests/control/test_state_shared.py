@@ -146,6 +146,43 @@ async def test_a_silent_channel_is_given_up_and_heard_again(
         await link.close()
 
 
+async def test_a_broken_cooldown_fails_alone(redis_url: str) -> None:
+    """An entry of the cooldowns' hash that holds no end: an instance subscribing reads the
+    others' cooldowns in force and listens (reading them failed, and it gave Redis up and
+    subscribed again, every half second); with the hash of another type, a cooldown is still
+    heard by the instances listening. Each counted as unusable, the link kept."""
+    config = StateConfig(redis_url=Secret(redis_url), prefix="aioproxy-test-broken-cooling")
+    cooling = "aioproxy-test-broken-cooling:cooling"
+    client = aioredis.Redis.from_url(redis_url)
+    seconds, _ = await client.time()
+    await client.delete(cooling)
+    await client.hset(cooling, mapping={"d0": "soon", "d1": seconds * 1000 + 60_000})
+    cooled: asyncio.Queue[str] = asyncio.Queue()
+    link, other_link = RedisLink(config), RedisLink(config)
+    changes = Changes(link, _no_reload, lambda key, _seconds: cooled.put_nowait(key))
+    other = Changes(other_link, _no_reload, lambda key, _seconds: None)
+    try:
+        await changes.start()
+        assert changes.listening.is_set() and await cooled.get() == "d1"
+        assert link.up and link.failures == 0 and link.unusable == 1
+        await client.delete(cooling)
+        await client.set(cooling, "not a hash")
+        await other.start()
+        other.announce_cooldown("d2", 5.0)
+        assert await cooled.get() == "d2"  # heard, though not kept
+        async with asyncio.timeout(30):  # safety net: its answer comes in milliseconds
+            while other_link.unusable < 2:  # its catch-up's, and its cooldown's
+                await asyncio.sleep(0.01)
+        assert other_link.up and other_link.failures == 0
+        assert await client.get(cooling) == b"not a hash"
+    finally:
+        await client.aclose()
+        for instance in (changes, other):
+            await instance.close()
+        for each in (link, other_link):
+            await each.close()
+
+
 async def _no_reload() -> None:
     return None
 
