@@ -82,31 +82,33 @@ async def send_with_keepalive(
     committed: a failure still gets its own status. After it, a failure becomes an error event.
     The common case (the first event comes within the interval) costs two dict operations.
     """
-    keeper = keepalive.watch(request)
+    keepalive.watch(call)
     try:
         answer = await pending
     except Exception as exc:
-        response = await keeper.stop()
+        response = await keepalive.stop(call)
         if response is None:
             raise
         await end_with_error(request, response, call, exc, Outcome(200, stream=True), hooks)
         return response
     except BaseException:  # the stop, or its client's leaving
-        if (response := await keeper.stop()) is not None:
+        if (response := await keepalive.stop(call)) is not None:
             request[SENT_STATUS] = response.status  # the comments' status went out: it stays
         raise
     reply, first, lease = answer
-    try:
-        response = await keeper.stop()
-    except BaseException:  # the client left just as the answer began: close it
-        if keeper.response is not None:
-            request[SENT_STATUS] = keeper.response.status
+    response = None
+    if (keeper := keepalive.started(call)) is not None:  # comments went out, or are starting
         try:
-            if isinstance(reply, StreamReply):
-                await reply.aclose()
-        finally:
-            lease.release()
-        raise
+            response = await keeper.stop()
+        except BaseException:  # the client left just as the answer began: close it
+            if keeper.response is not None:
+                request[SENT_STATUS] = keeper.response.status
+            try:
+                if isinstance(reply, StreamReply):
+                    await reply.aclose()
+            finally:
+                lease.release()
+            raise
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply, lease, hooks)

@@ -139,50 +139,57 @@ class SSEBlocks:
         read = self._read
         if read is None:
             raise StopAsyncIteration
-        pending, end, budget = self._pending, self._end, self._budget
         try:
-            while chunk := await read():
-                if not pending and chunk.endswith(end) and chunk.find(b"\r") < 0:
+            while True:
+                chunk = await read()
+                if not self._pending and chunk.endswith(self._end) and chunk.find(b"\r") < 0:
                     return chunk  # the usual case: whole events, nothing to copy or hold
-                if chunk.find(b"\r") >= 0 or pending.endswith(b"\r"):
-                    # Only the new bytes are rewritten: pending is normalized already.
-                    if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
-                        del pending[-1]
-                    chunk = chunk.replace(b"\r\n", b"\n")
-                searched = max(0, len(pending) - 1)  # what is known to hold no event end
-                pending += chunk
-                if budget is not None:
-                    budget.take(len(pending) - self._held)
-                    self._held = len(pending)
-                last = pending.rfind(end, searched)
-                if last < 0:
-                    if len(pending) > self._max_event:
-                        raise EventTooLarge(
-                            f"an event grew past {self._max_event} bytes without ending"
-                        )
-                    if self._idle is not None:
-                        now = self._clock()
-                        if self._stalled_since is None:
-                            self._stalled_since = now
-                        elif now - self._stalled_since >= self._idle:
-                            raise StreamStalled(f"no complete event in {self._idle:g} s")
-                    continue
-                block = bytes(pending[: last + len(end)])
-                del pending[: last + len(end)]
-                self._stalled_since = None
-                if budget is not None:
-                    budget.give(self._held - len(pending))
-                    self._held = len(pending)
-                return block
+                if block := self._completed(chunk):
+                    return block
+        except BaseException:  # StopAsyncIteration too: read to its end
+            self.close()
+            raise
+
+    def _completed(self, chunk: bytes) -> bytes:
+        """The events ``chunk`` completes with the bytes held before it, as one block; b""
+        while the event is unfinished. At the end (``chunk`` empty): the held event, cut short,
+        ended; else StopAsyncIteration. (The usual chunk, whole events with nothing held, is
+        its caller's: it never comes here.)"""
+        pending, end, budget = self._pending, self._end, self._budget
+        if not chunk:
             if pending.strip():  # the upstream cut its last event short: it goes out ended
                 block = bytes(pending.rstrip(b"\n")) + end
                 pending.clear()  # still held (counted) until the iterator ends, as before
                 return block
-        except BaseException:
-            self.close()
-            raise
-        self.close()
-        raise StopAsyncIteration
+            raise StopAsyncIteration
+        if chunk.find(b"\r") >= 0 or pending.endswith(b"\r"):
+            # Only the new bytes are rewritten: pending is normalized already.
+            if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
+                del pending[-1]
+            chunk = chunk.replace(b"\r\n", b"\n")
+        searched = max(0, len(pending) - 1)  # what is known to hold no event end
+        pending += chunk
+        if budget is not None:
+            budget.take(len(pending) - self._held)
+            self._held = len(pending)
+        last = pending.rfind(end, searched)
+        if last < 0:
+            if len(pending) > self._max_event:
+                raise EventTooLarge(f"an event grew past {self._max_event} bytes without ending")
+            if self._idle is not None:
+                now = self._clock()
+                if self._stalled_since is None:
+                    self._stalled_since = now
+                elif now - self._stalled_since >= self._idle:
+                    raise StreamStalled(f"no complete event in {self._idle:g} s")
+            return b""
+        block = bytes(pending[: last + len(end)])
+        del pending[: last + len(end)]
+        self._stalled_since = None
+        if budget is not None:
+            budget.give(self._held - len(pending))
+            self._held = len(pending)
+        return block
 
     async def aclose(self) -> None:
         """End it now: the bytes it holds are given back (nothing more is read)."""
@@ -192,9 +199,10 @@ class SSEBlocks:
         """``aclose``, for a caller that need not await it (no coroutine made)."""
         if self._read is not None:
             self._read = None
-            if self._budget is not None:
-                self._budget.give(self._held)
-            self._held = 0
+            if self._held:  # bytes of an unfinished event (most streams end holding none)
+                if self._budget is not None:
+                    self._budget.give(self._held)
+                self._held = 0
 
     def __del__(self) -> None:
         # Dropped unfinished (a caller that broke out without closing it): its bytes go back
