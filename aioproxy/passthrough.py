@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 
+from ._aiohttp import arrived_chunk, read_any
 from .budget import BufferBudget
 from .context import Deployment
 from .errors import ANTHROPIC_STATUSES, BadGateway, ProxyError
@@ -129,15 +130,17 @@ class PassedEvents(SSEBlocks):
         return self
 
     async def __anext__(self) -> bytes:
-        read = self._read
-        if read is None:
+        content = self._content
+        if content is None:
             raise StopAsyncIteration
         try:
             if (error := self._error) is not None:
                 raise error
             transform = self.transform
             while True:
-                chunk = await read()
+                chunk = arrived_chunk(content)  # read_any's, with no coroutine, if it came
+                if chunk is None:
+                    chunk = await read_any(content)
                 if not self._pending and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
                     block = chunk  # the usual case (as in SSEBlocks): whole events
                 elif not (block := self._completed(chunk)):

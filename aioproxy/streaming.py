@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 from aiohttp import StreamReader
 
-from ._aiohttp import read_any
+from ._aiohttp import arrived_chunk, read_any
 from .budget import BufferBudget
 from .replies import StreamReply
 
@@ -101,12 +100,12 @@ class SSEBlocks:
     __slots__ = (
         "_budget",
         "_clock",
+        "_content",
         "_end",
         "_held",
         "_idle",
         "_max_event",
         "_pending",
-        "_read",
         "_stalled_since",
     )
 
@@ -119,10 +118,11 @@ class SSEBlocks:
         budget: BufferBudget | None,
         end: bytes,
     ) -> None:
-        # Reads the body's next chunk as it comes (b"" at its end); None once the iterator has
-        # ended. ``read_any``, aiohttp's ``readany`` minus its chunk reader (~20 bytecodes a
-        # read, ~65 at the end), not ``iter_any()``'s iterator around it (~16 more).
-        self._read: Callable[[], Awaitable[bytes]] | None = functools.partial(read_any, content)
+        # The body; None once the iterator has ended. Read with ``read_any``, aiohttp's
+        # ``readany`` minus its chunk reader (~20 bytecodes a read, ~65 at the end), not
+        # ``iter_any()``'s iterator around it (~16 more); with no coroutine (``arrived_chunk``)
+        # when a chunk is there already.
+        self._content: StreamReader | None = content
         self._max_event = max_event
         self._idle = idle
         self._clock = clock
@@ -136,12 +136,14 @@ class SSEBlocks:
         return self
 
     async def __anext__(self) -> bytes:
-        read = self._read
-        if read is None:
+        content = self._content
+        if content is None:
             raise StopAsyncIteration
         try:
             while True:
-                chunk = await read()
+                chunk = arrived_chunk(content)
+                if chunk is None:
+                    chunk = await read_any(content)
                 if not self._pending and chunk.endswith(self._end) and chunk.find(b"\r") < 0:
                     return chunk  # the usual case: whole events, nothing to copy or hold
                 if block := self._completed(chunk):
@@ -197,8 +199,8 @@ class SSEBlocks:
 
     def close(self) -> None:
         """``aclose``, for a caller that need not await it (no coroutine made)."""
-        if self._read is not None:
-            self._read = None
+        if self._content is not None:
+            self._content = None
             if self._held:  # bytes of an unfinished event (most streams end holding none)
                 if self._budget is not None:
                     self._budget.give(self._held)
@@ -207,7 +209,7 @@ class SSEBlocks:
     def __del__(self) -> None:
         # Dropped unfinished (a caller that broke out without closing it): its bytes go back
         # to the budget, as the async generator it replaced gave them back when finalised.
-        if self._read is not None:  # checked here: most were ended already, with no call
+        if self._content is not None:  # checked here: most were ended already, with no call
             self.close()
 
 
