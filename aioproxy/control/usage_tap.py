@@ -92,7 +92,8 @@ class UsageTap:
         looked = 0
         while end > 0 and looked < _TAIL_EVENTS:
             # The event ending at ``end`` (its blank line included) starts after the one before.
-            start = block.rfind(b"\n\n", 0, max(0, end - 2)) + 2
+            # (``end`` is 2 or more: a block's end, [DONE]'s start or an event's, never 1.)
+            start = block.rfind(b"\n\n", 0, end - 2) + 2
             if start == 1:  # the block's first event
                 start = 0
             if block.startswith(_DONE, start):
