@@ -10,7 +10,7 @@ from aiohttp import StreamReader
 
 from ._aiohttp import arrived_chunk, read_any
 from .budget import BufferBudget
-from .replies import StreamReply
+from .replies import ClosedAtOnce, StreamReply
 
 __all__ = [
     "DONE",
@@ -91,7 +91,7 @@ def iter_sse_blocks(
     return SSEBlocks(content, max_event, idle, clock, budget, end)
 
 
-class SSEBlocks:
+class SSEBlocks(ClosedAtOnce):
     """``iter_sse_blocks``' iterator. A class, not an async generator: a stream pays neither the
     event loop's async-generator hooks (a WeakSet entry made, then removed: ~55 bytecodes a
     stream) nor a generator's ``aclose``. It ends as the generator did: for good, its held bytes
