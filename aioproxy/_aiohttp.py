@@ -29,6 +29,7 @@ __all__ = [
     "RawResponseMessage",
     "RequestHandler",
     "RequestPayloadError",
+    "arrived_chunk",
     "peername",
     "read_any",
     "read_arrived_body",
@@ -116,6 +117,16 @@ def _take(content: StreamReader) -> bytes:
     ):
         content._protocol.resume_reading()
     return data
+
+
+def arrived_chunk(content: StreamReader) -> bytes | None:
+    """What ``read_any`` returns at once when a chunk has arrived and no error has, read with
+    no coroutine (a burst's body is there when it is first read); None: await ``read_any``
+    (nothing yet, an error, the end, or a reader of another kind)."""
+    if getattr(content, "_exception", content) is None and content._buffer:
+        content._timer.assert_timeout()
+        return _take(content)
+    return None
 
 
 async def read_any(content: StreamReader) -> bytes:

@@ -385,8 +385,7 @@ class H1Response:
             conn.response = None
             conn.abort()
 
-    def close(self) -> None:
-        self.release()
+    close = release  # the same for this answer (a stream's close: no call around it)
 
 
 class H1Pool:

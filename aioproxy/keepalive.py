@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .context import Call
 from .streaming import SSE_HEADERS
 
 __all__ = ["KeepAlive", "KeepAliveClock"]
@@ -27,6 +28,8 @@ class KeepAliveClock:
     balancer's idle timeout set just above the interval cut the connection. Watching a stream whose first
     event comes in time (nearly all) costs a dict insert and delete, and no clock reading: a
     timer of its own would cost more, ~1-3 µs to set and cancel (a libuv timer under uvloop).
+    Streams are known by their Call (a request is no dict key); a KeepAlive is made only for a
+    stream whose comments start.
     """
 
     def __init__(self, interval: float, call_later: CallLater | None = None) -> None:
@@ -34,27 +37,38 @@ class KeepAliveClock:
         # Runs a callback after a delay: the running loop's call_later; tests pass a fake one
         # and fire its ticks themselves.
         self._call_later = call_later or _loop_call_later
-        self._waiting: dict[KeepAlive, int] = {}  # each stream: the tick at which it is due
+        self._waiting: dict[Call, int] = {}  # each waiting stream: the tick at which it is due
+        self._started: dict[Call, KeepAlive] = {}  # the streams sending comments
         self._ticks = 0
         self._timer: object | None = None  # the pending tick's handle, while one is pending
 
-    def watch(self, request: web.Request) -> KeepAlive:
-        """Start watching a stream; ``KeepAlive.stop`` once its first event (or failure) came."""
-        keeper = KeepAlive(self, request)
+    def watch(self, call: Call) -> None:
+        """Start watching a call's stream; ``started(call)`` once its first event (or failure)
+        came. No KeepAlive is made unless its comments start (nearly all never do)."""
         # Due at the 4th tick from now: 0.75-1 interval away (the next tick is 0-0.25 away).
-        self._waiting[keeper] = self._ticks + _TICKS_PER_INTERVAL
+        self._waiting[call] = self._ticks + _TICKS_PER_INTERVAL
         if self._timer is None:
             self._timer = self._call_later(self.interval / _TICKS_PER_INTERVAL, self._on_tick)
-        return keeper
 
-    def forget(self, keeper: KeepAlive) -> None:
-        self._waiting.pop(keeper, None)
+    def started(self, call: Call) -> KeepAlive | None:
+        """Stop watching ``call``: the KeepAlive its comments started in (to ``stop``), if they
+        did. A plain call, not a coroutine: a stream whose first event came in time awaits
+        nothing."""
+        if self._waiting.pop(call, None) is None:
+            return self._started.pop(call, None)
+        return None
+
+    async def stop(self, call: Call) -> web.StreamResponse | None:
+        """Stop watching ``call`` and its comments; the response if the headers went out."""
+        keeper = self.started(call)
+        return None if keeper is None else await keeper.stop()
 
     def _on_tick(self) -> None:
         self._ticks += 1
-        due = [keeper for keeper, tick in self._waiting.items() if tick <= self._ticks]
-        for keeper in due:
-            del self._waiting[keeper]
+        due = [call for call, tick in self._waiting.items() if tick <= self._ticks]
+        for call in due:
+            del self._waiting[call]
+            keeper = self._started[call] = KeepAlive(self, call.request)
             keeper.start()
         self._timer = None
         if self._waiting:
@@ -97,7 +111,6 @@ class KeepAlive:
 
     async def stop(self) -> web.StreamResponse | None:
         """Stop sending comments; the response if the headers went out."""
-        self.clock._waiting.pop(self, None)  # forget(self), inlined: one call less a stream
         if self._task is not None and self._done is not None:
             self._done.set()
             await self._task

@@ -268,7 +268,9 @@ def chunk_usage(data: bytes) -> tuple[bool, Usage | None] | None:
     if chunk.usage is None:
         return None
     choices = bytes(chunk.choices)  # a usage chunk's "[]" as OpenAI writes it, with no call
-    return choices == b"[]" or _no_choices(choices), _usage_from(chunk.usage)
+    # A choice (an object: a chunk of tokens with its usage) rules out no choices, with no call.
+    no_choices = choices == b"[]" or (choices.find(b"{") < 0 and _no_choices(choices))
+    return no_choices, _usage_from(chunk.usage)
 
 
 def _no_choices(choices: msgspec.Raw | bytes) -> bool:

@@ -5,14 +5,16 @@ events turned into the client's error, secrets masked, and its final event check
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
+from ._aiohttp import arrived_chunk, read_any
 from .budget import BufferBudget
 from .context import Deployment
 from .errors import ANTHROPIC_STATUSES, BadGateway, ProxyError
 from .failures import error_event, raise_stream_failure, scrub_bytes, stream_error
 from .routes import Kind
-from .streaming import SSEBlocks, data_of, iter_sse_blocks, split_events
+from .streaming import MAX_EVENT, SSEBlocks, data_of, split_events
 from .transport import UpstreamResponse
 
 __all__ = ["PassedEvents", "check_answer", "events"]
@@ -85,7 +87,7 @@ _FINAL_EVENTS: dict[Kind, re.Pattern[bytes]] = {
 }
 
 
-class PassedEvents:
+class PassedEvents(SSEBlocks):
     """The upstream's events as they come. An error event ends the stream as the client's error
     (raised: the handler sends it as one event, scrubbed); other events naming an error (a
     Responses ``response.failed``) go out scrubbed. Only blocks holding ``error`` are looked
@@ -93,12 +95,14 @@ class PassedEvents:
     timeout. Unfinished events count against ``budget`` (the Upstream's; else the one the
     lean pool's answer carries).
 
-    A class, not an async generator: a stream pays neither the event loop's async-generator
-    hooks (a WeakSet entry made, then removed) nor a generator's frame and ``aclose``. It ends
-    for good once it fails, is read to its end or is closed, closing the blocks it reads (their
-    held budget bytes given back; dropped unclosed, the blocks give them back as they go)."""
+    The SSE blocks of the body themselves (an SSEBlocks), not an iterator around them: a stream
+    makes one iterator, and a block costs one ``__anext__``, not two (measured: ~90 bytecodes a
+    stream less). Nor an async generator: no event loop's async-generator hooks (a WeakSet
+    entry made, then removed), generator frame or ``aclose``. It ends for good once it fails,
+    is read to its end or is closed, its held budget bytes given back (dropped unclosed,
+    SSEBlocks.__del__ gives them back)."""
 
-    __slots__ = ("_blocks", "_deployment", "_error", "_kind", "_last", "_response", "transform")
+    __slots__ = ("_deployment", "_error", "_kind", "_last", "_response", "transform")
 
     def __init__(
         self,
@@ -110,12 +114,10 @@ class PassedEvents:
     ) -> None:
         if budget is None:
             budget = getattr(response, "budget", None)
+        SSEBlocks.__init__(self, response.content, MAX_EVENT, idle, time.monotonic, budget, b"\n\n")
         self._response = response
         self._deployment = deployment
         self._kind = kind
-        self._blocks: SSEBlocks | None = iter_sse_blocks(  # None once ended
-            response.content, idle=idle, budget=budget
-        )
         self._last = b""  # the last block passed on: the stream's final event is checked there
         # An error event found after events passed on with it: raised by the next read.
         self._error: ProxyError | None = None
@@ -128,15 +130,21 @@ class PassedEvents:
         return self
 
     async def __anext__(self) -> bytes:
-        blocks = self._blocks
-        if blocks is None:
+        content = self._content
+        if content is None:
             raise StopAsyncIteration
         try:
             if (error := self._error) is not None:
                 raise error
             transform = self.transform
             while True:
-                block = await blocks.__anext__()
+                chunk = arrived_chunk(content)  # read_any's, with no coroutine, if it came
+                if chunk is None:
+                    chunk = await read_any(content)
+                if not self._pending and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
+                    block = chunk  # the usual case (as in SSEBlocks): whole events
+                elif not (block := self._completed(chunk)):
+                    continue
                 # The rare block worth a closer look (measured: ~1 ns a byte). ``find``, not
                 # ``in``: ``b"..." in block`` first tries its operand as an integer, raising and
                 # clearing a TypeError per event.
@@ -155,24 +163,15 @@ class PassedEvents:
                 if block := transform(block):
                     return block
         except StopAsyncIteration:
-            self._blocks = None  # read to its end (the blocks ended themselves)
+            self.close()  # read to its end
         except Exception as exc:  # noqa: BLE001 - raise_stream_failure maps every failure
-            self._blocks = None
-            blocks.close()
+            self.close()
             raise_stream_failure(exc, self._deployment)
         except BaseException:
-            self._blocks = None
-            blocks.close()
+            self.close()
             raise
         self._check_complete()
         raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        """End it now (the client left, or the proxy stops after the final event): the blocks
-        are closed here and now."""
-        blocks, self._blocks = self._blocks, None
-        if blocks is not None:
-            blocks.close()
 
     def _check_complete(self) -> None:
         """A stream that ended without its kind's final event was cut short: the client's 502;

@@ -45,16 +45,12 @@ def send(
     return _send_json(request, call, reply, answer.lease, hooks)
 
 
-def _finish(call: Call, lease: Lease, outcome: Outcome) -> None:
-    lease.release(tokens_spent(call, outcome, lease.deployment))
-
-
 async def _send_json(
     request: web.Request, call: Call, reply: JSONReply, lease: Lease, hooks: Hooks
 ) -> web.StreamResponse:
     outcome = Outcome(reply.status, stream=False)
     outcome.body = reply.body
-    _finish(call, lease, outcome)
+    lease.release(tokens_spent(call, outcome, lease.deployment))
     response = web.Response(
         body=reply.body, status=reply.status, content_type="application/json", headers=reply.headers
     )
@@ -82,31 +78,33 @@ async def send_with_keepalive(
     committed: a failure still gets its own status. After it, a failure becomes an error event.
     The common case (the first event comes within the interval) costs two dict operations.
     """
-    keeper = keepalive.watch(request)
+    keepalive.watch(call)
     try:
         answer = await pending
     except Exception as exc:
-        response = await keeper.stop()
+        response = await keepalive.stop(call)
         if response is None:
             raise
         await end_with_error(request, response, call, exc, Outcome(200, stream=True), hooks)
         return response
     except BaseException:  # the stop, or its client's leaving
-        if (response := await keeper.stop()) is not None:
+        if (response := await keepalive.stop(call)) is not None:
             request[SENT_STATUS] = response.status  # the comments' status went out: it stays
         raise
     reply, first, lease = answer
-    try:
-        response = await keeper.stop()
-    except BaseException:  # the client left just as the answer began: close it
-        if keeper.response is not None:
-            request[SENT_STATUS] = keeper.response.status
+    response = None
+    if (keeper := keepalive.started(call)) is not None:  # comments went out, or are starting
         try:
-            if isinstance(reply, StreamReply):
-                await reply.aclose()
-        finally:
-            lease.release()
-        raise
+            response = await keeper.stop()
+        except BaseException:  # the client left just as the answer began: close it
+            if keeper.response is not None:
+                request[SENT_STATUS] = keeper.response.status
+            try:
+                if isinstance(reply, StreamReply):
+                    await reply.aclose()
+            finally:
+                lease.release()
+            raise
     if isinstance(reply, JSONReply):
         if response is None:
             return await _send_json(request, call, reply, lease, hooks)
@@ -151,17 +149,24 @@ async def _send_stream(
     outcome.first = first
     handed_off = False  # the upstream's end left to a task of its own, which closes the reply
     try:
-        if response is None and _is_whole(first, reply):
-            # The upstream's whole stream came in its first read (a short answer, a cache): it
-            # goes out as one body with a Content-Length, with no chunked framing to pay for.
-            assert first is not None
-            response = web.Response(body=first, headers=SSE_HEADERS)
-        elif response is None:
-            response = _EventStream(headers=SSE_HEADERS)
+        whole = False
+        if response is None:
+            if (
+                first is not None
+                and first.endswith(_FINAL_EVENTS)
+                and (finished := reply.finished) is not None
+                and finished()
+            ):
+                # The upstream's whole stream came in its first read (a short answer, a cache):
+                # it goes out as one body with a Content-Length, with no chunked framing to pay
+                # for. (Checked here, not in a function: one call less a stream.)
+                response, whole = web.Response(body=first, headers=SSE_HEADERS), True
+            else:
+                response = _EventStream(headers=SSE_HEADERS)
         if reply.headers and not response.prepared:
             response.headers.update(reply.headers)
         try:
-            if isinstance(response, web.Response):
+            if whole:
                 await response.prepare(request)
                 await response.write_eof()
                 outcome.came_whole()
@@ -186,7 +191,7 @@ async def _send_stream(
             if not handed_off:
                 await reply.aclose()
         finally:
-            _finish(call, lease, outcome)
+            lease.release(tokens_spent(call, outcome, lease.deployment))
             if hooks.after_response.implemented:
                 outcome.elapsed = time.monotonic() - call.started
                 if (rest := hooks.after_response.logged(call, outcome)) is not None:
@@ -194,19 +199,9 @@ async def _send_stream(
     return response
 
 
-# How a stream's last event ends: chat's [DONE], Anthropic's message_stop.
+# How a stream's last event ends: chat's [DONE], Anthropic's message_stop. A first block that
+# ends so, from an upstream that has ended (``reply.finished()``), holds the whole stream.
 _FINAL_EVENTS = (DONE, b'"type":"message_stop"}\n\n')
-
-
-def _is_whole(first: bytes | None, reply: StreamReply) -> bool:
-    """The first block holds the whole stream: it ends with its final event and the upstream
-    has ended."""
-    return (
-        first is not None
-        and first.endswith(_FINAL_EVENTS)
-        and reply.finished is not None
-        and reply.finished()
-    )
 
 
 class _EventStream(web.StreamResponse):

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["JSONReply", "Reply", "StreamReply"]
+__all__ = ["ClosedAtOnce", "JSONReply", "Reply", "StreamReply"]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -28,6 +28,16 @@ class JSONReply:
     def of(cls, obj: object, status: int = 200) -> JSONReply:
         """Encode ``obj`` (dict, list, msgspec Struct, ...) as the answer."""
         return cls(_encode(obj), status)
+
+
+class ClosedAtOnce:
+    """Events whose ``aclose`` has nothing to await: ``close()`` does it all, and
+    :meth:`StreamReply.aclose` calls it, with no coroutine (the core's SSE readers)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 class StreamReply:
@@ -59,9 +69,11 @@ class StreamReply:
         self.finished = finished
 
     async def aclose(self) -> None:
-        aclose = getattr(self.events, "aclose", None)
+        events = self.events
         try:
-            if aclose is not None:
+            if isinstance(events, ClosedAtOnce):
+                events.close()
+            elif (aclose := getattr(events, "aclose", None)) is not None:
                 await aclose()
         finally:
             if self.close is not None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 from aiohttp import StreamReader
 
-from ._aiohttp import read_any
+from ._aiohttp import arrived_chunk, read_any
 from .budget import BufferBudget
-from .replies import StreamReply
+from .replies import ClosedAtOnce, StreamReply
 
 __all__ = [
     "DONE",
@@ -92,7 +91,7 @@ def iter_sse_blocks(
     return SSEBlocks(content, max_event, idle, clock, budget, end)
 
 
-class SSEBlocks:
+class SSEBlocks(ClosedAtOnce):
     """``iter_sse_blocks``' iterator. A class, not an async generator: a stream pays neither the
     event loop's async-generator hooks (a WeakSet entry made, then removed: ~55 bytecodes a
     stream) nor a generator's ``aclose``. It ends as the generator did: for good, its held bytes
@@ -101,12 +100,12 @@ class SSEBlocks:
     __slots__ = (
         "_budget",
         "_clock",
+        "_content",
         "_end",
         "_held",
         "_idle",
         "_max_event",
         "_pending",
-        "_read",
         "_stalled_since",
     )
 
@@ -119,10 +118,11 @@ class SSEBlocks:
         budget: BufferBudget | None,
         end: bytes,
     ) -> None:
-        # Reads the body's next chunk as it comes (b"" at its end); None once the iterator has
-        # ended. ``read_any``, aiohttp's ``readany`` minus its chunk reader (~20 bytecodes a
-        # read, ~65 at the end), not ``iter_any()``'s iterator around it (~16 more).
-        self._read: Callable[[], Awaitable[bytes]] | None = functools.partial(read_any, content)
+        # The body; None once the iterator has ended. Read with ``read_any``, aiohttp's
+        # ``readany`` minus its chunk reader (~20 bytecodes a read, ~65 at the end), not
+        # ``iter_any()``'s iterator around it (~16 more); with no coroutine (``arrived_chunk``)
+        # when a chunk is there already.
+        self._content: StreamReader | None = content
         self._max_event = max_event
         self._idle = idle
         self._clock = clock
@@ -136,53 +136,62 @@ class SSEBlocks:
         return self
 
     async def __anext__(self) -> bytes:
-        read = self._read
-        if read is None:
+        content = self._content
+        if content is None:
             raise StopAsyncIteration
-        pending, end, budget = self._pending, self._end, self._budget
         try:
-            while chunk := await read():
-                if not pending and chunk.endswith(end) and chunk.find(b"\r") < 0:
+            while True:
+                chunk = arrived_chunk(content)
+                if chunk is None:
+                    chunk = await read_any(content)
+                if not self._pending and chunk.endswith(self._end) and chunk.find(b"\r") < 0:
                     return chunk  # the usual case: whole events, nothing to copy or hold
-                if chunk.find(b"\r") >= 0 or pending.endswith(b"\r"):
-                    # Only the new bytes are rewritten: pending is normalized already.
-                    if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
-                        del pending[-1]
-                    chunk = chunk.replace(b"\r\n", b"\n")
-                searched = max(0, len(pending) - 1)  # what is known to hold no event end
-                pending += chunk
-                if budget is not None:
-                    budget.take(len(pending) - self._held)
-                    self._held = len(pending)
-                last = pending.rfind(end, searched)
-                if last < 0:
-                    if len(pending) > self._max_event:
-                        raise EventTooLarge(
-                            f"an event grew past {self._max_event} bytes without ending"
-                        )
-                    if self._idle is not None:
-                        now = self._clock()
-                        if self._stalled_since is None:
-                            self._stalled_since = now
-                        elif now - self._stalled_since >= self._idle:
-                            raise StreamStalled(f"no complete event in {self._idle:g} s")
-                    continue
-                block = bytes(pending[: last + len(end)])
-                del pending[: last + len(end)]
-                self._stalled_since = None
-                if budget is not None:
-                    budget.give(self._held - len(pending))
-                    self._held = len(pending)
-                return block
+                if block := self._completed(chunk):
+                    return block
+        except BaseException:  # StopAsyncIteration too: read to its end
+            self.close()
+            raise
+
+    def _completed(self, chunk: bytes) -> bytes:
+        """The events ``chunk`` completes with the bytes held before it, as one block; b""
+        while the event is unfinished. At the end (``chunk`` empty): the held event, cut short,
+        ended; else StopAsyncIteration. (The usual chunk, whole events with nothing held, is
+        its caller's: it never comes here.)"""
+        pending, end, budget = self._pending, self._end, self._budget
+        if not chunk:
             if pending.strip():  # the upstream cut its last event short: it goes out ended
                 block = bytes(pending.rstrip(b"\n")) + end
                 pending.clear()  # still held (counted) until the iterator ends, as before
                 return block
-        except BaseException:
-            self.close()
-            raise
-        self.close()
-        raise StopAsyncIteration
+            raise StopAsyncIteration
+        if chunk.find(b"\r") >= 0 or pending.endswith(b"\r"):
+            # Only the new bytes are rewritten: pending is normalized already.
+            if pending.endswith(b"\r") and chunk.startswith(b"\n"):  # \r\n across reads
+                del pending[-1]
+            chunk = chunk.replace(b"\r\n", b"\n")
+        searched = max(0, len(pending) - 1)  # what is known to hold no event end
+        pending += chunk
+        if budget is not None:
+            budget.take(len(pending) - self._held)
+            self._held = len(pending)
+        last = pending.rfind(end, searched)
+        if last < 0:
+            if len(pending) > self._max_event:
+                raise EventTooLarge(f"an event grew past {self._max_event} bytes without ending")
+            if self._idle is not None:
+                now = self._clock()
+                if self._stalled_since is None:
+                    self._stalled_since = now
+                elif now - self._stalled_since >= self._idle:
+                    raise StreamStalled(f"no complete event in {self._idle:g} s")
+            return b""
+        block = bytes(pending[: last + len(end)])
+        del pending[: last + len(end)]
+        self._stalled_since = None
+        if budget is not None:
+            budget.give(self._held - len(pending))
+            self._held = len(pending)
+        return block
 
     async def aclose(self) -> None:
         """End it now: the bytes it holds are given back (nothing more is read)."""
@@ -190,16 +199,17 @@ class SSEBlocks:
 
     def close(self) -> None:
         """``aclose``, for a caller that need not await it (no coroutine made)."""
-        if self._read is not None:
-            self._read = None
-            if self._budget is not None:
-                self._budget.give(self._held)
-            self._held = 0
+        if self._content is not None:
+            self._content = None
+            if self._held:  # bytes of an unfinished event (most streams end holding none)
+                if self._budget is not None:
+                    self._budget.give(self._held)
+                self._held = 0
 
     def __del__(self) -> None:
         # Dropped unfinished (a caller that broke out without closing it): its bytes go back
         # to the budget, as the async generator it replaced gave them back when finalised.
-        if self._read is not None:  # checked here: most were ended already, with no call
+        if self._content is not None:  # checked here: most were ended already, with no call
             self.close()
 
 

@@ -74,7 +74,7 @@ def make_messages_bridge(chat: ProviderMethod) -> ProviderMethod:
         if call.stream:
             events = _translate(stream, reply, first, call, close)
             # Over once the closing events are out: then a whole stream (one read brought
-            # all of it) goes out as one body, as chat's does (relay._is_whole).
+            # all of it) goes out as one body, as chat's does (relay._send_stream).
             return StreamReply(events, close=close, finished=lambda: stream.finished)
         await close()
         raise BadGateway("The chat provider streamed an answer that was not asked to stream")

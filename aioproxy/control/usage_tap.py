@@ -31,8 +31,11 @@ def tap_unasked_usage(call: Call) -> None:
     (once, whoever needs it: the spend plugin, the response cache). A ``stream_options`` that
     is not an object is left for the provider to refuse."""
     if call.kind in TAPPED_KINDS and STREAM_FILTER not in call.state:
-        # Read once for both checks and the tap (an absent one reads as no options at all).
-        options = call.get("stream_options", _NO_OPTIONS)
+        if "stream_options" not in call.fields:  # the usual stream: no options, none to decode
+            call.state[STREAM_FILTER] = UsageTap(call, _NO_OPTIONS)
+            return
+        # Read once for both checks and the tap.
+        options = call.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is not True:
             call.state[STREAM_FILTER] = UsageTap(call, options)
 
@@ -45,7 +48,9 @@ _TAIL_EVENTS = 3
 _MARKER, _SPACED = b'"usage":{', b'"usage": {'
 _DONE = b"data: [DONE]"
 _AFTER_DONE = b"\n\n" + _DONE + b"\n\n"  # a block's last event, [DONE], after another one
+_DONE_SIZE = len(_DONE) + 2  # [DONE] and its blank line: where the event before it ends
 _NO_OPTIONS: dict[str, object] = {}  # never changed: only read
+_ASK_USAGE = {"include_usage": True}  # the options of a client that gave none (only encoded)
 _UNREAD = object()
 
 
@@ -58,10 +63,11 @@ class UsageTap:
         """``options``: the call's ``stream_options``, decoded already (else read here)."""
         if options is _UNREAD:
             options = call.get("stream_options")
-        call.set(
-            "stream_options",
-            {**(options if isinstance(options, dict) else {}), "include_usage": True},
-        )
+        if options is _NO_OPTIONS:  # none given (tap_unasked_usage's usual case): no copy
+            call.set("stream_options", _ASK_USAGE)
+        else:
+            options = options if isinstance(options, dict) else {}
+            call.set("stream_options", {**options, "include_usage": True})
         self.usage_event: bytes | None = None  # the data of the last event with a usage
         self.found: Usage | None = None  # and its usage, read
 
@@ -78,7 +84,7 @@ class UsageTap:
         looked at, from its end, and only one with a non-null usage is decoded."""
         end = len(block)
         if block.endswith(_AFTER_DONE):  # as the loop would skip it, found with no search
-            end -= len(_AFTER_DONE) - 2
+            end -= _DONE_SIZE
         elif block.find(_MARKER) < 0 and block.find(_SPACED) < 0:
             # Most blocks (a stream's events of tokens) hold no usage object at all: two
             # searches, not the walk over their last events (~20 bytecodes an event).
@@ -86,7 +92,8 @@ class UsageTap:
         looked = 0
         while end > 0 and looked < _TAIL_EVENTS:
             # The event ending at ``end`` (its blank line included) starts after the one before.
-            start = block.rfind(b"\n\n", 0, max(0, end - 2)) + 2
+            # (``end`` is 2 or more: a block's end, [DONE]'s start or an event's, never 1.)
+            start = block.rfind(b"\n\n", 0, end - 2) + 2
             if start == 1:  # the block's first event
                 start = 0
             if block.startswith(_DONE, start):

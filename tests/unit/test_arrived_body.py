@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from aioproxy._aiohttp import (
     EMPTY_PAYLOAD,
     BaseProtocol,
+    arrived_chunk,
     read_any,
     read_arrived_body,
     take_arrived,
@@ -198,6 +199,22 @@ async def test_read_any_raises_the_error_that_came_while_waiting() -> None:
 
 async def test_read_any_of_no_body_is_empty() -> None:
     assert await read_any(EMPTY_PAYLOAD) == b""
+
+
+async def test_arrived_chunk_is_what_read_any_returns_at_once_else_none() -> None:
+    """Read with no coroutine only when read_any would neither wait nor raise: a chunk there,
+    no error; otherwise None (read_any is awaited, and waits, raises or ends)."""
+    reader, _ = _reader([b"data: 1\n\n"])
+    assert arrived_chunk(reader) == b"data: 1\n\n"
+    assert arrived_chunk(reader) is None  # nothing more yet: read_any would wait
+    reader.feed_data(b"data: 2\n\n")
+    reader.set_exception(ValueError("cut"))
+    assert arrived_chunk(reader) is None  # read_any raises it first
+    with pytest.raises(ValueError, match="cut"):
+        await read_any(reader)
+    ended, _ = _reader([], eof=True)
+    assert arrived_chunk(ended) is None and await read_any(ended) == b""
+    assert arrived_chunk(EMPTY_PAYLOAD) is None
 
 
 def _connected_reader() -> StreamReader:

@@ -15,6 +15,7 @@ from aioproxy.budget import BufferBudget
 from aioproxy.context import Deployment
 from aioproxy.errors import BadGateway, ProxyError
 from aioproxy.passthrough import PassedEvents, events
+from aioproxy.replies import ClosedAtOnce, StreamReply
 from aioproxy.routes import Kind
 
 DEPLOYMENT = Deployment(name="m", provider="openai", model="up")
@@ -161,3 +162,19 @@ async def test_a_transform_changes_the_events_before_an_error() -> None:
     assert "overloaded" in raised.value.message
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+
+
+async def test_a_reply_closes_its_events_at_once_and_then_its_answer() -> None:
+    """StreamReply.aclose ends the core's SSE events with their sync close (no coroutine of
+    theirs): held bytes back, nothing more read, and the reply's own close after."""
+    budget = BufferBudget(1_000)
+    closed: list[int] = []
+    events = _events(_Response(b"data: 1\n\ndata: 2", eof=False), budget)
+    reply = StreamReply(events, close=lambda: closed.append(budget.used))
+    assert isinstance(events, ClosedAtOnce)
+    assert await anext(events) == b"data: 1\n\n"
+    assert budget.used == len(b"data: 2")  # the unfinished event, held
+    await reply.aclose()
+    assert closed == [0]  # the events gave their bytes back first
+    with pytest.raises(StopAsyncIteration):
+        await anext(events)
