@@ -56,7 +56,7 @@ local function whole(text)
   local digits = text:match('^-?(%d+)$')
   return digits ~= nil and #digits <= 18
 end
-local broken, skipped = {}, {}  -- skipped: per deployment whose entry holds no end, true
+local broken = {}
 local function unusable(what, why)
   broken[#broken + 1] = what
   broken[#broken + 1] = why
@@ -73,7 +73,6 @@ local function cooldowns()
     if whole(all[i + 1]) then
       ends[#ends + 1] = {all[i], tonumber(all[i + 1])}
     else
-      skipped[all[i]] = true
       unusable('field ' .. all[i] .. ' of ' .. KEYS[1], 'holds no end')
     end
   end
@@ -85,9 +84,10 @@ end
 # (ms), the channel and the message. Keeps the later end of any cooldown already held, drops
 # the ended ones, lets the hash live as long as its last, then publishes: stored before heard.
 # Its arguments are checked before its first write (Redis keeps what a script wrote before it
-# failed). An entry that holds no end is left as it is (it goes with the hash when the last
-# cooldown ends); the deployment's own, if so, is not kept, nor any in a hash of another
-# type; the cooldown is published all the same. Returns what it could not use (what, why).
+# failed). Another deployment's entry that holds no end is left as it is (it goes with the
+# hash when the last cooldown ends); the deployment's own is replaced by its cooldown. None is
+# kept in a hash of another type; the cooldown is published all the same. Returns what it could
+# not use (what, why).
 _COOL = (
     _READ_COOLING
     + """
@@ -107,13 +107,11 @@ if ends then
       last = entry[2]
     end
   end
-  if not skipped[ARGV[1]] then
-    if ending > held then
-      redis.call('HSET', KEYS[1], ARGV[1], ending)
-      held = ending
-    end
-    last = math.max(last, held)
+  if ending > held then  -- its own entry that held no end (held 0) is replaced too
+    redis.call('HSET', KEYS[1], ARGV[1], ending)
+    held = ending
   end
+  last = math.max(last, held)
   for i = 1, #ended, 1000 do  -- in HDELs of at most 1,000 fields (unpack's stack)
     redis.call('HDEL', KEYS[1], unpack(ended, i, math.min(i + 999, #ended)))
   end

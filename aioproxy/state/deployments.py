@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 from collections import defaultdict
+from typing import cast
 
 from redis.exceptions import RedisError
 
@@ -236,6 +237,11 @@ class SharedDeployments:
         for index, key in enumerate(keys):
             requests, tokens, others = totals[3 * index : 3 * index + 3]
             if type(requests) is bytes:  # the script's marker: the hash named, and why
+                # Its requests and tokens (a minute's windows) are dropped; its in-flight
+                # change is a level kept by changes: carried to the next sync, or the field
+                # would stay off by it once the key is fixed (every other instance counting it).
+                # (Its words follow the lease's three and the sync's number.)
+                self._delta[key][2] += cast(int, args[3 * index + 6])
                 self._unusable(key, requests.decode(), tokens.decode())
             else:
                 self.router.mirror(key, requests, tokens, others)
