@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,31 +27,34 @@ _NO_UPSTREAM = "http://127.0.0.1:9/v1"
 
 
 class _Hold:
-    """Holds the first SQLite statement run once armed in its connection's worker thread,
-    until released: a database call in flight for as long as the test says."""
+    """Holds the first SQLite statement (or connect) run once armed, in its connection's
+    worker thread, until released: a database call in flight for as long as the test says."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
-        self.entered = asyncio.Event()  # the held statement is running (set on the loop)
+        self.entered = asyncio.Event()  # the held call is running (set on the loop)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._permit = threading.Semaphore(0)  # one once armed: the first statement takes it
-        self.events: list[str] = []  # "returned" (the held statement), "disposed" (the engine)
+        self._permit = threading.Semaphore(0)  # one once armed: the first call takes it
+        self.events: list[str] = []  # in order: the held call's end, the loop's observations
 
     def arm(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._permit.release()
 
-    def on_connect(self, dbapi_connection: Any, _record: Any) -> None:
-        # The worker thread is idle during the connect event; the sqlite3 connection is
-        # opened with check_same_thread=False.
-        dbapi_connection.driver_connection._conn.set_trace_callback(self._statement)
-
-    def _statement(self, _sql: str) -> None:
+    def here(self, ended: str) -> None:
+        """In the worker thread: held if armed, then ``ended`` noted."""
         if self._loop is None or not self._permit.acquire(blocking=False):
             return
         self._loop.call_soon_threadsafe(self.entered.set)
         self.released.wait()
-        self.events.append("returned")
+        self.events.append(ended)
+
+    def on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        # The worker thread is idle during the connect event; the sqlite3 connection is
+        # opened with check_same_thread=False.
+        dbapi_connection.driver_connection._conn.set_trace_callback(
+            lambda _sql: self.here("returned")
+        )
 
 
 class _ReleaseWhenWaited(logging.Handler):
@@ -126,3 +130,39 @@ def test_a_call_in_flight_at_stop_returns_before_the_engine_is_disposed(
     with asyncio.Runner() as loop:
         runner = loop.run(_start(tmp_path))
         assert loop.run(_stop_during_a_call(runner, hold)) == ["returned", "disposed"]
+
+
+def test_a_connect_cancelled_midway_is_waited_for(
+    tmp_path: Path, hold: _Hold, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task cancelled while its pool checkout opens a SQLite connection (the key cache's
+    poll, stopped at close) ends once the connect returned, and closes what it opened. Before,
+    aiosqlite gave the connect up at once: the thread posted its result later, to a loop that
+    could have closed meanwhile (RuntimeError: Event loop is closed, in the thread)."""
+    connect = sqlite3.connect
+
+    def held_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        hold.here("connected")
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", held_connect)
+    with asyncio.Runner() as loop:
+        runner = loop.run(_start(tmp_path))
+        loop.run(_cancel_while_connecting(runner, hold))
+        loop.run(runner.cleanup())
+    assert hold.events == ["reload waits", "connected"]
+
+
+async def _cancel_while_connecting(runner: web.AppRunner, hold: _Hold) -> None:
+    plane = runner.app[plane_key]
+    async with plane.engine.connect():  # the pool's one connection out: the reload opens one
+        hold.arm()
+        reload = asyncio.create_task(plane.cache.reload())
+        await hold.entered.wait()
+        reload.cancel()
+        # Turns of the loop, not time: a reload that gave its connect up has ended in one.
+        for _ in range(10):
+            await asyncio.sleep(0)
+        hold.events.append("reload ended" if reload.done() else "reload waits")
+        hold.released.set()
+        await asyncio.wait({reload})
