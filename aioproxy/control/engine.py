@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 __all__ = [
+    "CLOSE_WAIT",
     "SCHEMA_HEAD",
     "dialect_insert",
     "driver_message",
@@ -48,7 +49,9 @@ _MIGRATION_LOCK = 0x616970726F7879
 _BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write (SQLite)
 _MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
 _SQLITE_CACHE_KIB = 1024  # each SQLite connection's page cache (see tune_sqlite_connection)
-_OPEN_WAIT = 10.0  # seconds a cancelled SQLite connect is waited for, to close what it opened
+# Seconds a stop waits for a database call still running (a connect, a query whose task was
+# cancelled) before it goes on without it, logged: a stuck database delays it, not for ever.
+CLOSE_WAIT = 10.0
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 # Every table the migrations create: the control plane's and the Responses store's.
 _OURS = (metadata, store_metadata)
@@ -250,16 +253,16 @@ async def _opened(connection: Any) -> Any:
 
 
 async def _finish(task: asyncio.Future[Any]) -> None:
-    """Wait for ``task`` to end, ``_OPEN_WAIT`` seconds at most, through the cancellations of
+    """Wait for ``task`` to end, ``CLOSE_WAIT`` seconds at most, through the cancellations of
     the waiter meanwhile (such as the event loop's close cancelling every task): its caller
     raises its own cancellation after."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + _OPEN_WAIT
+    deadline = loop.time() + CLOSE_WAIT
     while not task.done() and (left := deadline - loop.time()) > 0:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({task}, timeout=left)
     if not task.done():
-        log.warning("database: a cancelled SQLite connect still running after %g s", _OPEN_WAIT)
+        log.warning("database: a cancelled SQLite connect still running after %g s", CLOSE_WAIT)
 
 
 def tune_sqlite_connection(dbapi_connection: Any) -> None:

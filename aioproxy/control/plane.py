@@ -15,7 +15,7 @@ from ..config import Config
 from ..deployments import deployments_from
 from .cache import KeyCache
 from .clock import ControlClock
-from .engine import open_engine
+from .engine import CLOSE_WAIT, open_engine
 from .pricing import Pricing
 from .requestlog import RequestLog
 from .rows import RowBuilder
@@ -23,13 +23,9 @@ from .rows import RowBuilder
 if TYPE_CHECKING:
     from ..state.counters import SharedCounters
 
-__all__ = ["CLOSE_WAIT", "ControlPlane", "clock_key", "plane_key"]
+__all__ = ["ControlPlane", "clock_key", "plane_key"]
 
 log = logging.getLogger("aioproxy")
-
-# Seconds the close waits for the key cache's poll to end, then for the database calls still
-# in flight to return: a stuck database delays the stop by this much, not for ever.
-CLOSE_WAIT = 10.0
 
 
 class _CheckedOut:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from ..control.plane import CLOSE_WAIT
+from ..control.engine import CLOSE_WAIT
 from .batch import LuaScript
 from .link import PROBE_INTERVAL, RedisLink
 
