@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
 import re
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 __all__ = [
+    "CLOSE_WAIT",
     "SCHEMA_HEAD",
     "dialect_insert",
     "driver_message",
@@ -46,6 +49,9 @@ _MIGRATION_LOCK = 0x616970726F7879
 _BUSY_WAIT_MS = 5000  # a statement waits this long for another instance's write (SQLite)
 _MIGRATION_WAIT_MS = 120_000  # start-up waits this long for another instance's migration
 _SQLITE_CACHE_KIB = 1024  # each SQLite connection's page cache (see tune_sqlite_connection)
+# Seconds a stop waits for a database call still running (a connect, a query whose task was
+# cancelled) before it goes on without it, logged: a stuck database delays it, not for ever.
+CLOSE_WAIT = 10.0
 _MIGRATIONS = str(Path(__file__).with_name("migrations"))
 # Every table the migrations create: the control plane's and the Responses store's.
 _OURS = (metadata, store_metadata)
@@ -217,6 +223,48 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     tune_sqlite_connection(dbapi_connection)
 
 
+def _open_sqlite_whole(_dialect: Any, _record: Any, _args: Any, params: dict[str, Any]) -> None:
+    """The ``do_connect`` event: each SQLite connection opened by ``_open_sqlite``."""
+    params["async_creator_fn"] = _open_sqlite  # the aiosqlite dialect's connect calls it
+
+
+async def _open_sqlite(*args: Any, **kwargs: Any) -> Any:
+    """aiosqlite's connect, not abandoned when the task opening it is cancelled (a pool
+    checkout of the key cache's poll stopped at close, say). Abandoned, aiosqlite stops the
+    connection's thread without waiting, and the thread posts the connect's result later, to
+    a loop that may have closed meanwhile: RuntimeError "Event loop is closed", raised in
+    the thread. Cancelled, it waits for the connect, closes what it opened, then goes on."""
+    import aiosqlite
+
+    connection = aiosqlite.connect(*args, **kwargs)
+    connection._thread.daemon = True  # as the dialect's own connect: no thread holds the exit
+    opening = asyncio.ensure_future(_opened(connection))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await _finish(opening)
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            await _finish(asyncio.ensure_future(connection.close()))
+        raise
+
+
+async def _opened(connection: Any) -> Any:
+    return await connection
+
+
+async def _finish(task: asyncio.Future[Any]) -> None:
+    """Wait for ``task`` to end, ``CLOSE_WAIT`` seconds at most, through the cancellations of
+    the waiter meanwhile (such as the event loop's close cancelling every task): its caller
+    raises its own cancellation after."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_WAIT
+    while not task.done() and (left := deadline - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task}, timeout=left)
+    if not task.done():
+        log.warning("database: a cancelled SQLite connect still running after %g s", CLOSE_WAIT)
+
+
 def tune_sqlite_connection(dbapi_connection: Any) -> None:
     """The settings of every SQLite connection aioproxy opens on a file already in WAL mode
     (the control plane's, and the Responses store's own thread's)."""
@@ -284,6 +332,7 @@ async def open_engine(url: str) -> AsyncEngine:
         pool["pool_size"] = 1
     engine = create_async_engine(parsed, **pool)
     if engine.dialect.name == "sqlite":
+        sa.event.listen(engine.sync_engine, "do_connect", _open_sqlite_whole)
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         _bind_none_and_bools_directly()
     try:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from ..control.engine import CLOSE_WAIT
 from .batch import LuaScript
 from .link import PROBE_INTERVAL, RedisLink
 
@@ -312,6 +313,17 @@ class Changes:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._sends):
-            task.cancel()
+        await self._stop_reloads()
         await self.subscriber.aclose()
+
+    async def _stop_reloads(self) -> None:
+        """Cancel the key reloads under way and wait for them: one cancelled mid-query ends
+        once its connection closed, after the query, and the control plane disposes of the
+        engine next (a stuck database: ``CLOSE_WAIT`` at most)."""
+        reloads = list(self._sends)
+        for task in reloads:
+            task.cancel()
+        if reloads:
+            _, running = await asyncio.wait(reloads, timeout=CLOSE_WAIT)
+            if running:
+                log.warning("state: %d key reloads still running at close", len(running))
