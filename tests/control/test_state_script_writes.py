@@ -540,3 +540,34 @@ async def test_each_key_read_once_counts_as_before(client: aioredis.Redis) -> No
         assert len(seconds) == 2 and seconds[0] == now - 30 and seconds[1] >= now
     # this instance: its one freed by the settle, one taken by the reservation
     assert await client.hgetall(f"{ONE}:flights") == {b"live": b"2", ME.encode(): b"1"}
+
+
+async def test_an_in_flight_change_met_by_a_broken_hash_is_not_lost_for_good(
+    start_control: Any,
+    redis_url: str,
+    upstream_base: str,
+    client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment whose hash the sync cannot use has its change since the last sync dropped.
+    For requests and tokens (windows of a minute) that is a loss that passes;
+    the in-flight change is a level kept by deltas: one dropped stays in this instance's field of
+    ``<prefix>:d:<deployment>:f`` for good once the key is fixed (its EXPIRE renewed by every
+    sync, its field dropped only when this instance's lease runs out), and every other instance
+    counts it in its "others' requests in flight" (least-busy's figure off for as long)."""
+    monkeypatch.setattr(deployments_module, "SYNC_INTERVAL", 3600.0)  # only the test's syncs
+    models = [upstream_model("gpt-test", upstream_base, rpm=100)]
+    control = await start_control(state={"redis_url": redis_url, "prefix": PREFIX}, models=models)
+    link, deployments = control.server.app[link_key], control.server.app[deployments_key]
+    key = deployment(control, "gpt-test").key
+    base = f"{PREFIX}:d:{key}"
+    await client.set(f"{base}:r", "not a hash")  # broken while a request starts
+    deployments._add(key, 1, 0, 1)  # what the router's count of a request that starts does
+    await deployments.sync()
+    assert link.unusable == 1
+    await client.delete(f"{base}:r")  # deleted, as the log asks
+    deployments._add(key, 0, 10, -1)  # the request ends
+    await deployments.sync()
+    # Nothing is in flight on this instance: its share of the in-flight hash is 0, not -1
+    # (which the other instances would add to their figure until this one stops).
+    assert int(await client.hget(f"{base}:f", link.instance) or 0) == 0
