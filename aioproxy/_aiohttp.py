@@ -44,8 +44,9 @@ def write_large_bodies_unjoined() -> None:
     as two buffers, which it writes as they are (callgrind: memcpy ~9 k instructions less for a
     9 KB stream come whole). aiohttp joins them into one copy first on every Python before
     3.12.9, for 3.12's broken selector writelines; 3.11's asyncio transport would join them
-    itself (no gain) and a TLS one make two records of them. Process-wide: run.py's serving
-    calls it, on Python 3.11, when its loop is uvloop's (an embedding app keeps aiohttp's)."""
+    itself (no gain) and a TLS one make two records of them. Process-wide:
+    ``cli.new_event_loop`` (run.py's serving) calls it, on Python 3.11, when its loop is
+    uvloop's (an embedding app keeps aiohttp's)."""
     if sys.version_info < (3, 12):
         http_writer.SKIP_WRITELINES = False
 

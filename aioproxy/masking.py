@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # context imports request_ids, which imports this module
 
 __all__ = [
     "Mask",
+    "app_secrets",
     "is_keylike",
     "mark_secrets",
     "mask_client_text",
@@ -62,11 +63,18 @@ def mask_client_text(request: web.BaseRequest, text: str) -> str:
     """What a client sent (a path, a model name no deployment has), as logged or traced: the
     config's own keys masked (a master key need not look like a key), then anything key-like.
     The access log and the spans mask it alike."""
-    if isinstance(request, web.Request):  # (not one run.py's server answered unparsed)
-        secrets = request.app.get(secrets_key)
-        if secrets is not None:
-            text = secrets.sub(MASKED, text)
+    if (secrets := app_secrets(request)) is not None:
+        text = secrets.sub(MASKED, text)
     return _KEYLIKE_TEXT.sub(MASKED, text)
+
+
+def app_secrets(request: web.BaseRequest) -> re.Pattern[str] | None:
+    """The app's config keys as one pattern (``secrets_pattern``), if ``request`` has an app
+    (not one run.py's server answered unparsed) and the config holds any."""
+    if not isinstance(request, web.Request):
+        return None
+    secrets = request.app.get(secrets_key)
+    return secrets if isinstance(secrets, re.Pattern) else None
 
 
 def _base64_forms(secret: bytes) -> set[bytes]:

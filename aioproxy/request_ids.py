@@ -16,8 +16,7 @@ from aiohttp import web
 
 from ._aiohttp import request_state
 from .config import Config
-from .keys import secrets_key
-from .masking import is_keylike
+from .masking import app_secrets, is_keylike
 
 __all__ = ["HEADER", "REQUEST_ID", "is_sane", "new_request_id", "request_id", "set_header"]
 
@@ -55,10 +54,8 @@ os.register_at_fork(after_in_child=_ids.reset)  # forked workers must not share 
 
 def _holds_a_secret(request: web.BaseRequest, value: str) -> bool:
     """Whether ``value`` holds a secret of the app's config (a key not shaped like one)."""
-    if not isinstance(request, web.Request):  # never parsed (run.py's server answered it)
-        return False
-    secrets = request.app.get(secrets_key)
-    return isinstance(secrets, re.Pattern) and secrets.search(value) is not None
+    secrets = app_secrets(request)
+    return secrets is not None and secrets.search(value) is not None
 
 
 _MIN_SECRET = 8  # shorter values are no key worth the name, and would match ordinary ids

@@ -305,9 +305,7 @@ def _count_request_on(call: Call, limits: KeyLimits, clock: ControlClock) -> Non
     it (429) if one has no room left, counting nothing; its headers either way."""
     now = clock.monotonic()
     checks = limits.checks
-    for scope in checks:  # every window moved to now, for the check and the headers
-        scope.requests.total(now)
-        scope.tokens.total(now)
+    limits.move_to(now)  # for the check and the headers
     full = next((scope for scope in checks if scope.requests.count >= scope.rpm_cap), None)
     if full is None:
         for scope in checks:
@@ -357,9 +355,7 @@ def _refusal_by(
     if found is None:  # pragma: no cover
         raise AssertionError("a scope without room passed its check")
     if limits.limited:  # also on a 429: the client learns when to come back
-        for other in limits.checks:  # every window moved to now, for the headers
-            other.requests.total(now)
-            other.tokens.total(now)
+        limits.move_to(now)  # for the headers
         request_state(call.request)[RATE_LIMIT_HEADERS] = limits.headers(now)
     return found
 

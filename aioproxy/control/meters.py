@@ -421,7 +421,12 @@ class KeyLimits:
         if plane is not None and plane.shared is not None:
             return None
         now = plane.clock.monotonic() if plane is not None else time.monotonic()
-        for scope in self.checks:  # every window moved to now
+        self.move_to(now)
+        return self.headers(now)
+
+    def move_to(self, now: float) -> None:
+        """Move every scope's windows to ``now`` (what left them goes): for a check, or for
+        headers read from them outside ``Scope.take``."""
+        for scope in self.checks:
             scope.requests.total(now)
             scope.tokens.total(now)
-        return self.headers(now)

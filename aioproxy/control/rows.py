@@ -128,9 +128,9 @@ def _end_user(raw: msgspec.Raw | None) -> str | None:
 
 
 _decode = msgspec.json.Decoder().decode
-# The most a row's token column holds (PostgreSQL's INTEGER): a larger count would refuse the
-# row's whole batch, and the writer would retry it for ever (no row, no spend after it).
-_MOST_COUNT = 2**31 - 1
+# The most a row's token column holds: a larger count would refuse the row's whole batch, and
+# the writer would retry it for ever (no row, no spend after it).
+_MOST_COUNT = schema.MOST_INTEGER
 
 
 def _bounded(usage: Usage) -> Usage:

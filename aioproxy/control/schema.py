@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 __all__ = [
     "COVERED",
+    "MOST_INTEGER",
     "REQUEST_COLUMNS",
     "keys",
     "metadata",
@@ -21,6 +22,10 @@ __all__ = [
     "state",
     "teams",
 ]
+
+# The most an INTEGER column holds (PostgreSQL's 32 bits): the limits and token counts stored
+# in one are held to it (validation, rows): more fails the INSERT there.
+MOST_INTEGER = 2**31 - 1
 
 metadata = sa.MetaData()
 

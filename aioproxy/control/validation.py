@@ -12,14 +12,15 @@ import msgspec
 
 from ..errors import BadRequest
 from .records import parse_duration
+from .schema import MOST_INTEGER
 
 __all__ = ["KEY_FIELDS", "TEAM_FIELDS", "read_fields"]
 
 Check = Callable[[Any], Any]
 _MAX_NAME = 200
-# The rpm, tpm and max_parallel columns are 32-bit integers on PostgreSQL: more would fail
-# there at the INSERT (a 500), and a limit of two billion a minute is no limit anyway.
-_MAX_COUNT = 2**31 - 1
+# The rpm, tpm and max_parallel columns are INTEGERs: more would fail on PostgreSQL at the
+# INSERT (a 500), and a limit of two billion a minute is no limit anyway.
+_MAX_COUNT = MOST_INTEGER
 # What the key objects show: an RFC 3339 date in years 1970 to 9999 (``records.rfc3339``);
 # an ``expires_at`` outside cannot be shown, and would break every listing of the keys.
 _FIRST_MOMENT = 0.0

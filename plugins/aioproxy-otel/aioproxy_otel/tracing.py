@@ -230,9 +230,10 @@ class OTelPlugin:
             span.set_attribute("gen_ai.provider.name", _provider_name(call.deployment))
         _set_error(span, error)
         if call is not None and isinstance(error, ProxyError) and error.sent_status:
-            # A stream cut after its status went out: after_response follows, with what the
-            # stream had (its first token, model, any usage), and ends the span; ended here
-            # only if the request ends without it.
+            # A stream cut after its status went out. Cut by its upstream, after_response
+            # follows (relay.py) with what the stream had (its first token, any usage) and ends
+            # the span; cancelled (the stop, its client), after_response came first and ended
+            # it, or none comes: ended when the request's task ends.
             _end_with_task(span)
         else:
             span.end()
