@@ -179,6 +179,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--connections", type=_connections, default=[1, 16, 64])
     p.add_argument(
+        "--instruction-connections",
+        type=_connections,
+        default=list(instructions.ISSUE_CONNECTIONS),
+        help="the instructions part's wrk connections (16,64: the issues'; --smoke: "
+        f"{instructions.CONNECTIONS})",
+    )
+    p.add_argument(
         "--kinds",
         type=_csv(tuple(payloads.KINDS)),
         default=None,
@@ -283,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.only = ["matrix", "instructions"]
         args.kinds, args.connections, args.targets = ["chat"], [16], ["reference", "aioproxy"]
         args.duration, args.warmup, args.no_save = "3s", "1s", True
+        args.instruction_connections = [instructions.CONNECTIONS]
         args.repeat, args.max_repeat = 2, 5  # a busy machine gets more rounds, not a false alarm
     for part, count, flag in (
         ("soak", args.soak, "--soak"),
@@ -831,9 +839,11 @@ def run_instructions(
                 ready_timeout=instructions.READY_TIMEOUT,
             )
             stack.callback(target.proc.stop)
-            for count in instructions.measure(target, kinds, out, INSTRUCTION_SECONDS, cores):
+            for count in instructions.measure(
+                target, kinds, out, INSTRUCTION_SECONDS, cores, args.instruction_connections
+            ):
                 print(
-                    f"  instructions {count.kind:<11} {name:<18} "
+                    f"  instructions {count.kind:<11} {count.connections:>3} {name:<18} "
                     f"{count.per_request / 1000:8.1f} k/request ({count.requests} requests)",
                     flush=True,
                 )

@@ -10,7 +10,7 @@ off) and the CI gate's are read here too, beside the matrix's CPU time.
 Each target runs under valgrind's callgrind with counting off. After a warm-up, counting is on
 for an idle spell (the background's rate: the database poll, the request log's timer; the
 warm-up's rows written before it) and then
-for a wrk run of ``CONNECTIONS`` connections; a request's figure is the run's instructions, net
+for a wrk run of ``CONNECTIONS`` connections (or those asked: ``--instruction-connections``); a request's figure is the run's instructions, net
 of the background's rate over it, divided by the requests wrk completed. The run ends
 ``SETTLE_S`` after wrk, so the request log's writer (once a second) has written its rows: their
 cost is part of a request's. Counted in user space only: the kernel's share (system calls) is
@@ -35,6 +35,7 @@ from .servers import Target
 
 __all__ = [
     "CONNECTIONS",
+    "ISSUE_CONNECTIONS",
     "READY_TIMEOUT",
     "TOOLS",
     "Count",
@@ -45,7 +46,12 @@ __all__ = [
 ]
 
 TOOLS = ("valgrind", "callgrind_control")  # Debian's valgrind package brings both
-CONNECTIONS = 4  # under callgrind a target serves ~100 requests/s: a few connections keep it busy
+# Under callgrind a target serves ~100 requests/s: a few connections keep it busy. More (the
+# issues' 16 and 64) fill the batches a feature amortises its work over (a Redis round trip,
+# the metrics' and access log's pass) as they fill at those counts at full speed: the proxy is
+# the bottleneck either way.
+CONNECTIONS = 4  # the smoke gate's
+ISSUE_CONNECTIONS = (16, 64)  # a full run's: the issues' req/s criteria are set there
 READY_TIMEOUT = 600.0  # seconds: Python starts ~50x slower under valgrind
 WARM_UP = "2s"
 IDLE_S = 6.0  # long enough to average the database poll's ticks
@@ -61,6 +67,7 @@ class Count:
     requests: int
     per_request: float  # instructions, net of the background's
     background: float  # instructions a second while idle
+    connections: int = CONNECTIONS
 
 
 def callgrind(out: Path) -> tuple[str, ...]:
@@ -107,41 +114,51 @@ def _idle() -> int:
     return 0
 
 
-def _load(target: Target, kind: str, duration: str, cores: Cores) -> int:
+def _load(target: Target, kind: str, duration: str, cores: Cores, connections: int) -> int:
     """A wrk run of ``duration`` on ``kind``: the requests it completed."""
     spec = payloads.KINDS[kind]
     return run_wrk(
-        target.url(spec), spec.body, target.auth, CONNECTIONS, duration, cores.load, timeout="30s"
+        target.url(spec), spec.body, target.auth, connections, duration, cores.load, timeout="60s"
     ).requests
 
 
-def _busy(target: Target, kind: str, seconds: str, cores: Cores) -> int:
-    requests = _load(target, kind, seconds, cores)
+def _busy(target: Target, kind: str, seconds: str, cores: Cores, connections: int) -> int:
+    requests = _load(target, kind, seconds, cores, connections)
     time.sleep(SETTLE_S)  # the request log's writer writes the run's rows
     return requests
 
 
 def measure(
-    target: Target, kinds: Iterable[str], out: Path, seconds: str, cores: Cores
+    target: Target,
+    kinds: Iterable[str],
+    out: Path,
+    seconds: str,
+    cores: Cores,
+    connections: Iterable[int] = (CONNECTIONS,),
 ) -> list[Count]:
-    """``target`` (started under :func:`callgrind` ``(out)``) on each kind."""
+    """``target`` (started under :func:`callgrind` ``(out)``) on each kind, at each count of
+    connections."""
     counts = []
     for kind in kinds:
-        _load(target, kind, WARM_UP, cores)
-        time.sleep(SETTLE_S)  # the warm-up's rows written: not the background's
-        idle, idle_s, _ = _counting(target.pid, out, _idle)
-        total, busy_s, requests = _counting(
-            target.pid, out, functools.partial(_busy, target, kind, seconds, cores)
-        )
-        if requests <= 0:
-            raise RuntimeError(f"{target.name}: no request completed under callgrind")
-        rate = idle / idle_s
-        counts.append(Count(target.name, kind, requests, (total - rate * busy_s) / requests, rate))
+        for conns in connections:
+            _load(target, kind, WARM_UP, cores, conns)
+            time.sleep(SETTLE_S)  # the warm-up's rows written: not the background's
+            idle, idle_s, _ = _counting(target.pid, out, _idle)
+            total, busy_s, requests = _counting(
+                target.pid, out, functools.partial(_busy, target, kind, seconds, cores, conns)
+            )
+            if requests <= 0:
+                raise RuntimeError(f"{target.name}: no request completed under callgrind")
+            rate = idle / idle_s
+            per_request = (total - rate * busy_s) / requests
+            counts.append(Count(target.name, kind, requests, per_request, rate, conns))
     return counts
 
 
-def ratio(counts: Iterable[Count], kind: str, a: str, b: str) -> float | None:
-    by = {(c.kind, c.target): c.per_request for c in counts}
+def ratio(
+    counts: Iterable[Count], kind: str, a: str, b: str, connections: int = CONNECTIONS
+) -> float | None:
+    by = {(c.kind, c.target): c.per_request for c in counts if c.connections == connections}
     if (kind, a) not in by or (kind, b) not in by:
         return None
     return by[kind, a] / by[kind, b]
@@ -150,16 +167,24 @@ def ratio(counts: Iterable[Count], kind: str, a: str, b: str) -> float | None:
 def section(
     counts: list[Count], baselines: tuple[str, ...] = ("reference", "aioproxy")
 ) -> list[str]:
-    """The report's table: each target's thousands of instructions a request, and its ratio to
-    each baseline measured."""
+    """The report's tables, one per count of connections: each target's thousands of
+    instructions a request, and its ratio to each baseline measured."""
+    lines = []
+    for connections in sorted({c.connections for c in counts}):
+        lines += _section([c for c in counts if c.connections == connections], baselines)
+    return lines
+
+
+def _section(counts: list[Count], baselines: tuple[str, ...]) -> list[str]:
     if not counts:
         return []
+    connections = counts[0].connections
     present = [b for b in baselines if any(c.target == b for c in counts)]
     rows = []
     for c in counts:
         cells = []
         for base in present:
-            value = ratio(counts, c.kind, c.target, base)
+            value = ratio(counts, c.kind, c.target, base, connections)
             cells.append("–" if value is None else f"{value:.2f}")
         rows.append(
             [
@@ -181,7 +206,7 @@ def section(
     ]
     return [
         "",
-        f"### Instructions per request (callgrind, {CONNECTIONS} connections)",
+        f"### Instructions per request (callgrind, {connections} connections)",
         "",
         (
             "User-space instructions a request costs, net of the idle background's rate "
