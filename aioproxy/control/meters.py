@@ -310,7 +310,8 @@ class KeyLimits:
         "request_limits",
         "scopes",
         "solo",
-        "solo_windows",
+        "solo_requests",
+        "solo_tokens",
         "team",
         "team_meter",
         "token_limits",
@@ -355,18 +356,20 @@ class KeyLimits:
         # A key with no team has one scope: reserved by ``Scope.take``, its headers read from
         # its own windows with no search for the scope with the least room: a copy of
         # ``granted_headers`` (the limits, a reset a minute away), and per kind the names of
-        # what moves, the limit and its window (``solo_windows``).
-        self.solo = self.checks[0] if len(self.checks) == 1 else None
-        solo_kinds = self.rate_headers if self.solo is not None else ()
+        # what moves, the limit and its window (``solo_requests``, ``solo_tokens``).
+        solo = self.solo = self.checks[0] if len(self.checks) == 1 else None
+        solo_kinds = self.rate_headers if solo is not None else ()
         self.granted_headers: dict[str, str] = {
             name: text
             for (limit_name, _, reset_name), (_, limit_text, _), _ in solo_kinds
             for name, text in ((limit_name, limit_text), (reset_name, A_MINUTE))
         }
-        self.solo_windows = tuple(
-            (remaining_name, reset_name, limit, window)
-            for (_, remaining_name, reset_name), (limit, _, window), _ in solo_kinds
-        )
+        self.solo_requests = None
+        if solo is not None and solo.rpm is not None:
+            self.solo_requests = (HEADER_NAMES["requests"][1], solo.rpm, solo.requests)
+        self.solo_tokens = None
+        if solo is not None and solo.tpm is not None:
+            self.solo_tokens = (*HEADER_NAMES["tokens"][1:], solo.tpm, solo.tokens)
         # Whether anything is counted for it (reserve, reconcile): a key with no limit and no
         # budget (nor its team) costs its requests nothing but their log row.
         self.enforced = any(
@@ -384,7 +387,13 @@ class KeyLimits:
         if self.solo is None:
             return self.headers(now, granted=True)
         headers = self.granted_headers.copy()
-        for remaining_name, reset_name, limit, window in self.solo_windows:
+        requests = self.solo_requests
+        if requests is not None:  # it holds this request, within its limit (``Scope.take``)
+            remaining_name, limit, window = requests
+            headers[remaining_name] = str(limit - window.count)
+        tokens = self.solo_tokens
+        if tokens is not None:
+            remaining_name, reset_name, limit, window = tokens
             remaining = limit - window.count
             if remaining < limit:  # this request is counted in it: it empties in a minute
                 headers[remaining_name] = str(remaining) if remaining > 0 else "0"
