@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import operator
@@ -340,18 +341,15 @@ class RequestLog:
         mark = await self.cache.marks.take(connection)
         for (key_id, period), cost in keys.items():
             # A key that spent is in ``used``: its last use goes in the same update.
-            update = _add_spend(schema.keys, key_id, period, cost, mark)
-            await connection.execute(update.values(last_used_at=used[key_id]))
+            figures = {"row_id": key_id, "period": period, "cost": cost, "used": used[key_id]}
+            await connection.execute(_spend_update(schema.keys, period is not None, mark), figures)
         for (team_id, period), cost in teams.items():
-            await connection.execute(_add_spend(schema.teams, team_id, period, cost, mark))
+            figures = {"row_id": team_id, "period": period, "cost": cost}
+            await connection.execute(_spend_update(schema.teams, period is not None, mark), figures)
         spent = {key_id for key_id, _ in keys}
         for key_id, when in used.items():
             if key_id not in spent:  # used at no cost: its last use alone
-                await connection.execute(
-                    sa.update(schema.keys)
-                    .where(schema.keys.c.id == key_id)
-                    .values(last_used_at=when, figures_mark=mark)
-                )
+                await connection.execute(_use_update(mark), {"row_id": key_id, "used": when})
 
     @staticmethod
     def _written(
@@ -393,19 +391,45 @@ class RequestLog:
             )
 
 
-def _add_spend(
-    table: sa.Table, id_: str, period: float | None, cost: float, mark: sa.ColumnElement[int]
-) -> sa.Update:
-    """Add ``cost`` to the spend of budget period ``period`` (one that has begun since the
-    stored one starts from ``cost``; a late row of an older period counts in total_spend only),
-    and set the row's figures ``mark``."""
-    update = sa.update(table).where(table.c.id == id_).values(figures_mark=mark)
-    if period is None:
-        return update.values(spend=table.c.spend + cost, total_spend=table.c.total_spend + cost)
+# An update's values, bound per row (each statement is made once: SQLAlchemy then builds no
+# expression per batch, and finds the statement's compiled form in its cache by identity).
+_BOUND_ID = sa.bindparam("row_id", type_=sa.String)
+_BOUND_PERIOD = sa.bindparam("period", type_=sa.Float)
+_BOUND_COST = sa.bindparam("cost", type_=sa.Float)
+_BOUND_USED = sa.bindparam("used", type_=sa.Float)
+
+
+@functools.lru_cache(maxsize=64)  # per table, kind and mark (one mark per database's cache)
+def _spend_update(table: sa.Table, periodic: bool, mark: sa.ColumnElement[int]) -> sa.Update:
+    """Add ``cost`` to the spend of budget period ``period`` (``periodic``: one that has begun
+    since the stored one starts from ``cost``; a late row of an older period counts in
+    total_spend only), and set the row's figures ``mark`` (a key's: its last use too)."""
+    update = sa.update(table).where(table.c.id == _BOUND_ID).values(figures_mark=mark)
+    if table is schema.keys:
+        update = update.values(last_used_at=_BOUND_USED)
+    if not periodic:
+        return update.values(
+            spend=table.c.spend + _BOUND_COST, total_spend=table.c.total_spend + _BOUND_COST
+        )
     stored = table.c.budget_resets_at
-    newer = sa.or_(stored.is_(None), stored < period)
+    newer = sa.or_(stored.is_(None), stored < _BOUND_PERIOD)
     return update.values(
-        spend=sa.case((stored == period, table.c.spend + cost), (newer, cost), else_=table.c.spend),
-        budget_resets_at=sa.case((newer, period), else_=stored),
-        total_spend=table.c.total_spend + cost,
+        spend=sa.case(
+            (stored == _BOUND_PERIOD, table.c.spend + _BOUND_COST),
+            (newer, _BOUND_COST),
+            else_=table.c.spend,
+        ),
+        budget_resets_at=sa.case((newer, _BOUND_PERIOD), else_=stored),
+        total_spend=table.c.total_spend + _BOUND_COST,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _use_update(mark: sa.ColumnElement[int]) -> sa.Update:
+    """A key's last use alone (used at no cost), with its figures ``mark``."""
+    keys = schema.keys
+    return (
+        keys.update()
+        .where(keys.c.id == _BOUND_ID)
+        .values(last_used_at=_BOUND_USED, figures_mark=mark)
     )
