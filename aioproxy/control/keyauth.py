@@ -43,20 +43,21 @@ class KeyAuth:
                 return None
             limits = request.app[plugin_manager_key].get_plugin("aioproxy.limits")
             self._marks = isinstance(limits, Limits)
-        if not plane.cache.principals:
+        cache = plane.cache
+        if not cache.principals:
             return None
         key = presented_key(request)
         if key is None:
             return None
-        cache = plane.cache
         principal = cache.by_secret.get(key) or cache.principal_of(key)
         if principal is None:
             return None
-        entry = principal.limits.key
+        limits = principal.limits
+        entry = limits.key
         if entry.disabled:
             raise AuthenticationError("This API key is disabled", code="key_disabled")
         if entry.expires_at is not None and plane.clock.time() >= entry.expires_at:
             raise AuthenticationError("This API key has expired", code="key_expired")
-        if self._marks and principal.limits.limited:
-            request_state(request)[LIMITED_BY] = principal.limits
+        if limits.limited and self._marks:
+            request_state(request)[LIMITED_BY] = limits
         return principal
