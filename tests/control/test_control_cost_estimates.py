@@ -42,3 +42,18 @@ def test_embeddings_have_no_output_and_counting_tokens_is_free() -> None:
     assert estimates.held(embeddings, prompt, 0, pricing) == prompt * 2000
     counting = routed(Kind.COUNT_TOKENS, {"messages": []})
     assert estimates.held(counting, estimate_prompt(counting), 0, pricing) == 0
+
+
+def test_each_deployment_is_priced_at_its_own_price_each_time() -> None:
+    """The estimates keep each deployment's prices: seen again, it is priced the same; another
+    deployment at its own."""
+    estimates, pricing = CostEstimates(output_tokens=1000), Pricing()
+    for input_price in (1.0, 3.0, 5.0):
+        deployment = Deployment(
+            name="m", provider="openai", model="m", price=Price(input=input_price, output=0.0)
+        )
+        call = routed(Kind.EMBEDDINGS, {"input": "some text"})
+        call.route_to(deployment)
+        prompt = estimate_prompt(call)
+        for _ in range(2):
+            assert estimates.held(call, prompt, 0, pricing) == prompt * input_price * 1000
