@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
+
 from ..context import STREAM_FILTER, Call
 from ..outcome import Usage, chunk_usage
 from ..passthrough import PassedEvents
@@ -50,7 +52,8 @@ _DONE = b"data: [DONE]"
 _AFTER_DONE = b"\n\n" + _DONE + b"\n\n"  # a block's last event, [DONE], after another one
 _DONE_SIZE = len(_DONE) + 2  # [DONE] and its blank line: where the event before it ends
 _NO_OPTIONS: dict[str, object] = {}  # never changed: only read
-_ASK_USAGE = {"include_usage": True}  # the options of a client that gave none (only encoded)
+# The options of a client that gave none, encoded once: Call.set copies a Raw's bytes, not a dict.
+_ASK_USAGE = msgspec.Raw(b'{"include_usage":true}')
 _UNREAD = object()
 
 
@@ -96,25 +99,28 @@ class UsageTap:
             start = block.rfind(b"\n\n", 0, end - 2) + 2
             if start == 1:  # the block's first event
                 start = 0
-            if block.startswith(_DONE, start):
+            if block.find(_MARKER, start, end) < 0 and block.find(_SPACED, start, end) < 0:
+                # [DONE] holds no usage and is not counted: looked at only when this one is
+                # not the usage (one call less a usual stream, whose usage is found at once).
+                if not block.startswith(_DONE, start):
+                    looked += 1
                 end = start
                 continue
             looked += 1
-            if block.find(_MARKER, start, end) >= 0 or block.find(_SPACED, start, end) >= 0:
-                if block.startswith(b"data: {", start) and block.find(b"\n", start) == end - 2:
-                    # The usual chunk, one data line: what data_of reads of it, with no copy
-                    # of the event and no call first (~25 bytecodes a stream).
-                    data = block[start + 6 : end - 2]
-                else:
-                    data = data_of(block[start:end])
-                found = chunk_usage(data)
-                if found is not None:  # the last usage: kept, so no one parses it again
-                    self.usage_event = data
-                    usage_only, self.found = found
-                    if not usage_only:
-                        return block
-                    # One copy of what the client gets, not one of each part and another.
-                    return b"".join((memoryview(block)[:start], block[end:]))
+            if block.startswith(b"data: {", start) and block.find(b"\n", start) == end - 2:
+                # The usual chunk, one data line: what data_of reads of it, with no copy
+                # of the event and no call first (~25 bytecodes a stream).
+                data = block[start + 6 : end - 2]
+            else:
+                data = data_of(block[start:end])
+            found = chunk_usage(data)
+            if found is not None:  # the last usage: kept, so no one parses it again
+                self.usage_event = data
+                usage_only, self.found = found
+                if not usage_only:
+                    return block
+                # One copy of what the client gets, not one of each part and another.
+                return b"".join((memoryview(block)[:start], block[end:]))
             end = start
         return block
 

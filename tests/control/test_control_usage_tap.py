@@ -58,6 +58,7 @@ async def relay(blocks: list[bytes]) -> tuple[list[bytes], UsageTap]:
         [CONTENT, USAGE_ONLY + DONE],
         [CONTENT + USAGE_ONLY + DONE],
         [CONTENT * 3 + USAGE_ONLY.replace(b'"usage": {', b'"usage":{') + DONE],
+        [CONTENT * 3 + USAGE_ONLY + DONE + DONE + DONE],  # [DONE]s are not counted as looked at
     ],
 )
 async def test_the_usage_only_chunk_goes(blocks: list[bytes]) -> None:
