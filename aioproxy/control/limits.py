@@ -210,6 +210,7 @@ class SoloReservation(Reservation):
 
     def __init__(self, scope: Scope, tokens: int, held: int) -> None:
         self.scope = scope
+        self.checks = (scope,)  # as a Reservation's, for a reader of either
         self.tokens = tokens
         self.held = held
         self.released = False

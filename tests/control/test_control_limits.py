@@ -180,6 +180,27 @@ async def test_a_cancelled_request_frees_its_slot(start_control: Any) -> None:
     assert (await post_chat(control, key))[0] == 200
 
 
+async def test_a_team_key_s_cancelled_request_frees_its_slot_and_its_team_s(
+    start_control: Any,
+) -> None:
+    """A key in a team reserves in both scopes (``Reservation``, not the one-scope
+    ``SoloReservation`` of a key with no team): both slots come back when its client goes."""
+    gate = Gate()
+    control = await start_control(plugins=(gate,))
+    team = await control.admin("POST", "/admin/teams", {"name": "t", "max_parallel": 1}, status=201)
+    key = (await control.new_key(team=team["id"], max_parallel=1))["key"]
+    held = asyncio.create_task(post_chat(control, key, user="hold"))
+    await gate.entered.wait()
+    assert (await post_chat(control, key))[0] == 429
+    held.cancel()
+    cache = control.plane.cache
+    meters = [*cache.key_meters.values(), *cache.team_meters.values()]
+    async with asyncio.timeout(30):  # safety net: the server notices the disconnect
+        while any(meter.in_flight for meter in meters):
+            await asyncio.sleep(0.01)
+    assert (await post_chat(control, key))[0] == 200
+
+
 async def test_budget_is_refused_then_resets(control: Control, clock: FakeControlClock) -> None:
     created = await control.new_key(max_budget=0.000001, budget_duration="1h")
     key = created["key"]

@@ -3,8 +3,11 @@ names."""
 
 from __future__ import annotations
 
+import random
+
 from multidict import istr
 
+from aioproxy.control.limits import Reservation, SoloReservation
 from aioproxy.control.meters import HEADER_NAMES, KeyLimits, Meter
 from aioproxy.control.records import KeyEntry, TeamEntry
 
@@ -83,3 +86,57 @@ def test_a_budget_admits_while_its_spend_and_the_cost_in_flight_are_under_it() -
     assert team.meter.held == 0  # the team has no budget: it keeps nothing
     key.untake(1, 0)  # taken back: nothing held moves
     assert key.meter.held == 0 and key.meter.in_flight == 2
+
+
+def _solo_limits(**limits: object) -> KeyLimits:
+    key = KeyEntry(id="k", name="k", digest="d", key_prefix="sk-", **limits)  # type: ignore[arg-type]
+    return KeyLimits(key, Meter(), None, None)
+
+
+def test_a_one_scope_reservation_counts_as_the_general_one() -> None:
+    """A key with no team reserves through ``SoloReservation`` (no loop over its one scope):
+    any order of settling, failing and releasing leaves its meter as ``Reservation`` leaves an
+    identical one (seeded: the same 2,000 sequences each run)."""
+    chooser = random.Random(2)
+    for _ in range(2000):
+        limits = {
+            "tpm": 1000,
+            "max_parallel": 3,
+            "max_budget": chooser.choice((None, 5.0)),
+            "budget_duration": "1h",
+            "created_at": 0.0,
+        }
+        general, solo = _solo_limits(**limits), _solo_limits(**limits)
+        assert general.solo is not None and solo.solo is not None
+        tokens, held = chooser.choice((0, 10, 40)), chooser.choice((0, 7, 1000))
+        assert general.solo.take(tokens, held, 5, 10.0) and solo.solo.take(tokens, held, 5, 10.0)
+        reservations = (
+            Reservation(general.checks, tokens, held),
+            SoloReservation(solo.solo, tokens, held),
+        )
+        steps = chooser.sample(["settle", "fail", "release", "release"], chooser.randint(0, 4))
+        for step in steps:
+            used, cost = chooser.choice((0, tokens, 55)), chooser.choice((None, 0.0, 1e-6))
+            for reservation in reservations:
+                if step == "settle":
+                    reservation.settle(used, cost, 6.0, 20.0)
+                elif step == "fail":
+                    reservation.count_tokens(3, 6.0)
+                else:
+                    reservation.release()
+        a, b = general.key_meter, solo.key_meter
+        assert (a.in_flight, a.held, a.spend, a.period, a.tokens.count, a.requests.count) == (
+            b.in_flight,
+            b.held,
+            b.spend,
+            b.period,
+            b.tokens.count,
+            b.requests.count,
+        ), steps
+        first, second = reservations
+        assert (first.tokens, first.held, first.released) == (
+            second.tokens,
+            second.held,
+            second.released,
+        )
+        assert second.checks == (solo.solo,)
