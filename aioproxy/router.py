@@ -71,6 +71,7 @@ class Health:
         "failures",
         "in_flight",
         "latency",
+        "observed",
         "requests",
         "served",
         "shared_in_flight",
@@ -91,6 +92,9 @@ class Health:
         self.tokens = _MinuteCounter()
         self.served = 0
         self.failed = 0
+        # Whether the router's ``on_count`` is told its counts: until it answers that it does
+        # not count them (a deployment whose counts are not shared: no call a count).
+        self.observed = True
         # Other instances' share, mirrored from Redis ([state] redis_url; aioproxy.state).
         self.shared_requests = 0
         self.shared_tokens = 0
@@ -167,8 +171,9 @@ class Router:
         # plugin passes it on to the other instances, which call ``cool_down``.
         self.on_cooldown: Callable[[str, float], None] | None = None
         # Told (deployment, requests, tokens, in-flight change) as it counts one: the state
-        # plugin sums every instance's counts in Redis, and mirrors the others' back.
-        self.on_count: Callable[[Deployment, int, int, int], None] | None = None
+        # plugin sums every instance's counts in Redis, and mirrors the others' back. It
+        # answers whether it counts that deployment's: if not, it is not told them again.
+        self.on_count: Callable[[Deployment, int, int, int], bool] | None = None
 
     def policy(self, model: str) -> ModelPolicy:
         policy = self._policies.get(model)
@@ -260,8 +265,8 @@ class Router:
         health.in_flight += 1
         if deployment.rpm is not None:
             health.requests.add(1, self.clock.now())
-        if self.on_count is not None:
-            self.on_count(deployment, 1, 0, 1)
+        if health.observed and self.on_count is not None:
+            health.observed = self.on_count(deployment, 1, 0, 1)
         return health
 
     def release(
@@ -273,8 +278,8 @@ class Router:
         health.in_flight -= 1
         if tokens and deployment.tpm is not None:
             health.tokens.add(tokens, self.clock.now())
-        if self.on_count is not None:
-            self.on_count(deployment, 0, tokens, -1)
+        if health.observed and self.on_count is not None:
+            health.observed = self.on_count(deployment, 0, tokens, -1)
 
     def withdraw(self, deployment: Deployment) -> None:
         """Un-count what ``acquire`` counted of a request that never went to ``deployment``
@@ -283,8 +288,8 @@ class Router:
         health.in_flight -= 1
         if deployment.rpm is not None:
             health.requests.add(-1, self.clock.now())
-        if self.on_count is not None:
-            self.on_count(deployment, -1, 0, -1)
+        if health.observed and self.on_count is not None:
+            health.observed = self.on_count(deployment, -1, 0, -1)
 
     def health_keys(self) -> list[str]:
         return list(self._health)

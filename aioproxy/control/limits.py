@@ -262,8 +262,12 @@ class Limits:
         tokens = prompt + (cap or _learnt_output(call, limits, prompt))
         # Only a key or team with a budget pays for its cost's estimate.
         held = self.costs.held(call, prompt, cap, plane.pricing) if limits.budgeted else 0
-        if plane.shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
-            return plane.shared.before_request(call, limits, tokens, held, self.reserve_here)
+        shared = plane.shared
+        if shared is not None:  # [state] redis_url: counted in Redis (aioproxy.state)
+            # Its ``before_request``'s test, a frame fewer a request.
+            if shared.link.up:
+                return shared.reserve(call, limits, tokens, held, self.reserve_here)
+            return shared.fall_back(call, limits, tokens, held, self.reserve_here)
         return _reserve_on(call, limits, plane.clock, tokens, held)
 
     def reserve_here(

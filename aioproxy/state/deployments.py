@@ -181,14 +181,16 @@ class SharedDeployments:
             or self.router.policy(deployment.name).strategy == "least-busy"
         )
 
-    def counted(self, deployment: Deployment, requests: int, tokens: int, flight: int) -> None:
-        """The router's observer: called as it counts a deployment."""
+    def counted(self, deployment: Deployment, requests: int, tokens: int, flight: int) -> bool:
+        """The router's observer: called as it counts a deployment; whether its counts are
+        shared (if not, the router tells it no more of them: ~50 bytecodes a request fewer)."""
         key = deployment.id or deployment.key  # (``key``'s own test: its frame, ~8 fewer)
         shared = self._shared.get(key)
         if shared is None:  # one the config did not name (made at run time)
             shared = self._shared[key] = self._is_shared(deployment)
         if shared:
             self._add(key, requests, tokens, flight)
+        return shared
 
     def _add(self, key: str, requests: int, tokens: int, flight: int) -> None:
         delta = self._delta[key]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import make_mocked_request
 
 from aioproxy.config import Secret, StateConfig
 from aioproxy.control.clock import ControlClock
@@ -185,7 +186,7 @@ class _Call:
     state."""
 
     def __init__(self) -> None:
-        self.request: dict[Any, Any] = {}
+        self.request = make_mocked_request("POST", "/v1/chat/completions")  # a real one
         self.state: dict[str, Any] = {}
 
 
