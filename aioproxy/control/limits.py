@@ -65,6 +65,7 @@ __all__ = [
     "Limits",
     "Reservation",
     "ReserveHere",
+    "task_of",
     "unless_cached",
 ]
 
@@ -102,7 +103,7 @@ def _output_cap(call: Call) -> int:
 _decode_value = msgspec.json.Decoder().decode
 # A loop's running task, in C (``asyncio.current_task`` is a Python function until 3.12,
 # ~13 bytecodes a request): 3.11's dict of them, read by its ``get``.
-_task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
+task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
     asyncio.current_task if sys.version_info >= (3, 12) else asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 )
 
@@ -355,7 +356,7 @@ def _reserve_on(
                 return _refused(call, limits, scope, clock, tokens, now, wall)
         reservation = Reservation(checks, tokens, held)
     call.state[RESERVATION] = reservation
-    task = _task_of(get_running_loop())
+    task = task_of(get_running_loop())
     if task is not None:
         task.add_done_callback(reservation.release)
     else:  # pragma: no cover - hooks always run in the request's task

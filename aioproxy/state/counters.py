@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from .._aiohttp import request_state
 from ..context import CACHE_ANSWERS, Call
 from ..control.database import RATE_LIMIT_HEADERS
-from ..control.limits import RESERVATION, ReserveHere, _task_of, unless_cached
+from ..control.limits import RESERVATION, ReserveHere, task_of, unless_cached
 from ..control.meters import A_MINUTE, HEADER_NAMES, KeyLimits, reset_text
 from ..control.records import KeyEntry, TeamEntry, period_end
 from ..errors import RateLimited
@@ -1012,7 +1012,7 @@ class SharedCounters:
         if held < 0:  # REQUEST_ONLY: counted toward rpm alone, nothing to release
             return
         reservation = call.state[RESERVATION] = SharedReservation(self, scopes, tokens, held)
-        task = _task_of(self._loop)
+        task = task_of(self._loop)
         if task is not None:
             task.add_done_callback(reservation.release)
 
