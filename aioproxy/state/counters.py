@@ -820,10 +820,6 @@ class SharedCounters:
         """Merge one request's settle into the next batch's, per scope and budget period;
         ``held``: the nano-USD it reserved, released (where the scope kept them)."""
         settles = self._settles
-        # The first settle since the last batch wakes the batcher: the rest ride with it.
-        # (Those merged while Redis is lost are sent when it is back: ``_resend``.)
-        if not settles and self.link.up:
-            self.batcher.wake()
         for scope in scopes:
             unheld = held if scope.budgeted else 0
             merged = settles.get(scope.settled)
@@ -836,6 +832,11 @@ class SharedCounters:
                 merged[5] += unheld
                 if wall is not None:
                     merged[4] = wall
+        # Woken by every settle, not the first of a batch alone: a sender that died (an
+        # error that is not Redis's) is started again by the next one, not left to the link's
+        # heartbeat. (Those merged while Redis is lost are sent when it is back: ``_resend``.)
+        if self.link.up:
+            self.batcher.wake()
 
     def unusable(self, broken: list[str]) -> None:
         """Keys a call could not count (key, why, ...): each counted, logged."""
@@ -981,10 +982,8 @@ class SharedCounters:
         scopes = prepared.scopes
         self._words += (tokens, held, *prepared.words)  # no loop over the scopes: ~20 fewer
         future: asyncio.Future[Any] = self._loop.create_future()
-        waiting = self._waiting
-        if not waiting:  # the first since the last batch wakes the batcher: the rest ride with it
-            self.batcher.wake()
-        waiting.append((future, scopes, tokens, held))
+        self._waiting.append((future, scopes, tokens, held))
+        self.batcher.wake()  # queued first; every time (see ``settle``)
         try:
             answer = await future
         except (RedisError, OSError) as exc:

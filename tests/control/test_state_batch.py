@@ -567,3 +567,81 @@ async def test_a_dead_instances_reserved_cost_is_dropped(redis_url: str) -> None
         await counters.close()
         await link.close()
         await client.aclose()
+
+
+class _DyingOnce:
+    """The batcher's round trip, failing its first batch with an error that is not Redis's
+    (a bug): once entered, it waits to be let go, so that the test queues beside it."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.real = batcher._round_trip
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, connection: Any, batch: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await self.go.wait()
+            raise RuntimeError("a bug in the batch's round trip")
+        return await self.real(connection, batch)
+
+
+async def test_a_reservation_queued_as_the_sender_died_is_sent_by_the_next(redis_url: str) -> None:
+    """The send task ended (a bug, not Redis) with a reservation queued behind its batch: the
+    next request starts a new one, and both go (each reservation wakes the batcher, not the
+    first of a batch alone, which would have left them waiting for the link's heartbeat)."""
+    link, counters = _counters(redis_url, "aioproxy-test-sender-died")
+    limits = _limits(max_parallel=10)
+    try:
+        assert await _reserve(counters, limits) is not None  # the script loaded, connected
+        dying = counters.batcher._round_trip = _DyingOnce(counters.batcher)  # type: ignore[method-assign]
+        first = asyncio.create_task(_reserve(counters, limits))
+        await dying.entered.wait()  # its batch on its way
+        sender = counters.batcher._sender
+        assert sender is not None
+        second = asyncio.create_task(_reserve(counters, limits))
+        while not counters._waiting:  # queued behind it
+            await asyncio.sleep(0)
+        dying.go.set()
+        with pytest.raises(RuntimeError):
+            await first
+        with pytest.raises(RuntimeError):  # the sender ended with the bug
+            await sender
+        assert counters.batcher._sender is None
+        third = asyncio.create_task(_reserve(counters, limits))
+        async with asyncio.timeout(60):  # hang guard only: both are sent at once
+            assert await second is not None and await third is not None
+    finally:
+        await counters.close()
+        await link.close()
+
+
+async def test_a_settle_queued_as_the_sender_died_is_sent_by_the_next(redis_url: str) -> None:
+    """The same for settles: the next one starts a sender, which sends both."""
+    link, counters = _counters(redis_url, "aioproxy-test-settle-died")
+    limits = _limits(max_parallel=10)
+    try:
+        one, two = await _reserve(counters, limits), await _reserve(counters, limits)
+        assert one is not None and two is not None
+        dying = counters.batcher._round_trip = _DyingOnce(counters.batcher)  # type: ignore[method-assign]
+        first = asyncio.create_task(_reserve(counters, limits))
+        await dying.entered.wait()
+        sender = counters.batcher._sender
+        assert sender is not None
+        one.settle(10, 0.0, 1_000.0)  # merged behind the batch on its way
+        dying.go.set()
+        with pytest.raises(RuntimeError):
+            await first
+        with pytest.raises(RuntimeError):
+            await sender
+        assert counters.batcher._sender is None and counters._settles  # waiting: no sender
+        two.settle(10, 0.0, 1_000.0)
+        async with asyncio.timeout(60):  # hang guard only
+            while counters._settles or counters.batcher._sender is not None and dying.calls < 2:
+                await asyncio.sleep(0.01)
+        assert dying.calls == 2  # one batch sent them both
+    finally:
+        await counters.close()
+        await link.close()
