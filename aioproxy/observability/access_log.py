@@ -205,7 +205,12 @@ class AccessHandler(logging.Handler):
             )
         else:  # the time is the text line's prefix, not one of its fields
             data = self._text_lines(lines, when)
-        self._write(data)
+        if len(data) > _ATOMIC:
+            self._write(data)
+            return
+        stream = self.stream  # the usual batch: one write (as _write does, without its call)
+        stream.write(data)
+        stream.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         """An entry logged through the logging API (by a plugin, say)."""
