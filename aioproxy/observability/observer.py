@@ -8,9 +8,7 @@ and fallbacks), and a scrape counts the answered ones from the router's count of
 each deployment began. ``BATCH_WINDOW`` after the
 first of them (or before a scrape, or at shutdown) the requests over meanwhile are counted and
 their access lines built and written, one batch: a busy gateway pays for a batch (its loop's
-set-up, a write to the log) once every few dozen requests. A batch of usual requests (answered
-at the first attempt, no failure, no cache) is read a column at a time, in C: its Python is the
-batch's, not each request's. Registered as the built-in plugin ``observer`` (``[plugins] disable
+set-up, a write to the log) once every few dozen requests. Registered as the built-in plugin ``observer`` (``[plugins] disable
 = ["observer"]`` removes it); with metrics, the access log and the timing header all off it
 implements no hook at all, so the request path is as it would be without it.
 """
@@ -20,11 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import operator
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from itertools import chain, repeat
-from operator import add, getitem, mul, truediv
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -48,7 +43,7 @@ from ..masking import mask_client_text
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from ..server import UNPARSED
-from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
+from .access_log import ACCESS_LOG, AccessEntry, AccessLine, Clock, direct_handler
 from .metrics import (
     CACHE_RESULTS,
     COUNT_AT,
@@ -61,7 +56,7 @@ from .metrics import (
 if TYPE_CHECKING:
     from ..config import Config
     from ..context import Call, Deployment
-    from ..outcome import Outcome, Usage
+    from ..outcome import Outcome
     from ..router import Router
     from ..runtime import Runtime
 
@@ -128,33 +123,6 @@ class _Noted(msgspec.Struct):
 _NOTHING_NOTED = _Noted()
 
 
-# What a usual request's batch reads of each, in C (Observer._observe_usual).
-_POP_ANSWERED = operator.methodcaller("pop", _ANSWERED, None)
-_POP_NOTED = operator.methodcaller("pop", _NOTED, _NOTHING_NOTED)
-_NOTED_ERROR = operator.attrgetter("error")
-_CALL_FIELDS = operator.attrgetter(
-    "_request_id",  # (Call.request_id is a Python property: the attribute)
-    "model",
-    "principal.name",
-    "principal.team_name",
-    "stream",
-    "upstream_request_id",
-    "kind._value_",  # (as Kind.value)
-    "routed_to",
-)
-_CALL_STATE = operator.attrgetter("state")
-_UNUSUAL_CALL = frozenset({FAILED_ATTEMPTS, _CACHE_STATE})  # a call's state then holds one
-_OUTCOME_FIELDS = operator.attrgetter("status", "disconnected", "stream", "ttfb")
-_USAGE = operator.methodcaller("usage")
-_COST = operator.attrgetter("cost")
-_MATCHED_ROUTE = operator.attrgetter("match_info.route")
-_ID = operator.attrgetter("id")
-_NAME = operator.attrgetter("name")
-_PROMPT_TOKENS = operator.attrgetter("prompt_tokens")
-_COMPLETION_TOKENS = operator.attrgetter("completion_tokens")
-_LOGGED_NAME = slice(_MAX_LOGGED_NAME)
-
-
 class _Tried(NamedTuple):
     """What a request's upstream attempts come to, for its access line."""
 
@@ -195,6 +163,7 @@ class Observer:
         # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
         self.write: Callable[[list[AccessLine]], None] | None = None
+        self.clock = Clock()  # a batch's lines' time, made once a batch
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
@@ -425,147 +394,28 @@ class Observer:
         return _Tried(tried[-1], retries, fallbacks, upstream_429)
 
     def observe_pending(self) -> None:
-        """Count and log the requests over since the last batch. A batch of usual requests
-        (answered, no failure, no retry, no cache) is observed a column at a time, in C
-        (:meth:`_observe_usual`); any other batch one request at a time (:meth:`_observe_each`)."""
+        """Count and log the requests over since the last batch: one loop, its lookups bound
+        once, is each request's share of observing. A request with a call (the usual one) is
+        observed inline; one without (refused before its body, a route of the gateway's own)
+        by :meth:`_observe_without_call`."""
         pending = self.pending
         if not pending:
             return
         batch = pending.copy()
         pending.clear()
-        requests, durations, ends = zip(*batch)
-        states = list(map(request_state, requests))
-        # Popped: the request lets go of its call (request -> call -> request would be cyclic
-        # garbage, freed only by the collector's full passes).
-        answers: list[tuple[Call, Outcome] | None] = list(map(_POP_ANSWERED, states))
-        notes: list[_Noted] = list(map(_POP_NOTED, states))
-        lines: list[AccessLine] = []
-        if None in answers or any(map(_NOTED_ERROR, notes)):
-            usual = False
-        else:
-            try:
-                usual = self._observe_usual(requests, durations, answers, lines)  # type: ignore[arg-type]
-            except Exception:  # nothing counted yet: one at a time, each failure logged
-                logging.getLogger("aioproxy").exception("observing a batch failed")
-                lines.clear()
-                usual = False
-        if not usual:
-            self._observe_each(zip(requests, durations, ends, states, answers, notes), lines)
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.active -= len(batch)
-            if len(metrics.finished) >= COUNT_AT:
-                metrics.count_finished()
-        if lines:
-            assert self.write is not None
-            self.write(lines)
-
-    def _observe_usual(
-        self,
-        requests: tuple[web.Request, ...],
-        durations: tuple[float, ...],
-        answers: list[tuple[Call, Outcome]],
-        lines: list[AccessLine],
-    ) -> bool:
-        """Count and log a batch of answered requests a column at a time, as
-        :meth:`_observe_each` would (map() and zip() in C: a few dozen bytecodes a batch, not
-        a few hundred a request). False, with nothing done, when one is not a usual request:
-        unrouted, failed, retried, cached, refused, cut short, without usage, on a route of
-        any method or to a deployment without an id."""
-        calls, outcomes = zip(*answers)
-        request_ids, models, names, teams, streams, upstream_ids, kinds, routed = zip(
-            *map(_CALL_FIELDS, calls)
-        )
-        statuses, gone, answer_streams, first_bytes = zip(*map(_OUTCOME_FIELDS, outcomes))
-        if (
-            not all(routed)
-            or "" in models
-            or not all(map(_UNUSUAL_CALL.isdisjoint, map(_CALL_STATE, calls)))
-            or max(statuses) >= 400
-            or any(gone)
-        ):
-            return False
-        # A stream's first byte is its first token (an answer whole has none): (None, first)
-        # [stream], in C; 0.0 in the place of none, for the column of milliseconds.
-        first_tokens = list(map(getitem, zip(repeat(None), first_bytes), answer_streams))
-        timed_firsts = list(map(getitem, zip(repeat(0.0), first_bytes), answer_streams))
-        usages: list[Usage | None] = list(map(_USAGE, outcomes))
-        # (A call's route is one of the app's: named as it started.)
-        routes = list(map(self.routes.get, map(_MATCHED_ROUTE, requests)))
-        if None in usages or None in routes or None in timed_firsts:
-            return False
-        _, paths, methods = zip(*routes)
-        deployment_ids = list(map(_ID, routed))
-        if None in methods or "" in deployment_ids:
-            return False
-        costs = list(map(_COST, outcomes))
-        metrics = self.metrics
-        if self.write is not None:
-            # Milliseconds to the µs, int(s * 1e6 + 0.5) / 1000, a column at once (round() goes
-            # through text): the durations', then the first tokens' (None for an answer whole).
-            micros = map(add, map(mul, chain(durations, timed_firsts), repeat(1e6)), repeat(0.5))
-            milliseconds = list(map(truediv, map(int, micros), repeat(1000)))
-            count = len(durations)
-            first_token_ms = zip(repeat(None), milliseconds[count:])
-            clients: list[str | None] = list(map(self.remotes.get, map(peername, requests)))
-            if None in clients:  # a new connection's (its address made once)
-                clients = [client or self._remote(r) for client, r in zip(clients, requests)]
-            lines.extend(
-                map(
-                    AccessLine,  # positionally, in AccessLine's order
-                    repeat(None),  # time: filled in as the line is written
-                    request_ids,
-                    methods,
-                    paths,
-                    kinds,
-                    statuses,
-                    repeat(None),  # no error
-                    names,
-                    teams,
-                    map(getitem, models, repeat(_LOGGED_NAME)),
-                    deployment_ids,
-                    streams,
-                    map(_PROMPT_TOKENS, usages),
-                    map(_COMPLETION_TOKENS, usages),
-                    costs,
-                    map(getitem, first_token_ms, answer_streams),
-                    milliseconds[:count],
-                    repeat(0),  # retries
-                    repeat(0),  # fallbacks
-                    repeat(None),  # no cache
-                    clients,
-                    upstream_ids,
-                )
-            )
-        if metrics is not None:
-            names_served = map(_NAME, routed)
-            metrics.finished.extend(
-                zip(kinds, models, names_served, statuses, durations, usages, costs, first_tokens)
-            )
-        return True
-
-    def _observe_each(
-        self,
-        batch: Iterable[
-            tuple[
-                web.Request,
-                float,
-                web.StreamResponse | int,
-                dict[Any, Any],
-                tuple[Call, Outcome] | None,
-                _Noted,
-            ]
-        ],
-        lines: list[AccessLine],
-    ) -> None:
-        """Count and log requests one at a time: a request with a call inline, one without (refused
-        before its body, a route of the gateway's own) by :meth:`_observe_without_call`."""
         write = self.write
+        when = self.clock.iso(time.time()) if write is not None else None
+        lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
         remotes = self.remotes
-        for request, elapsed, end, state, answered, noted in batch:
+        for request, elapsed, end in batch:
             try:
+                state = request_state(request)
+                # Popped: the request lets go of its call (request -> call -> request would be
+                # cyclic garbage, freed only by the collector's full passes).
+                answered = state.pop(_ANSWERED, None)
+                noted: _Noted = state.pop(_NOTED, _NOTHING_NOTED)
                 error = noted.error
                 call = noted.call
                 if answered is not None:
@@ -582,7 +432,7 @@ class Observer:
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
                 if call is None:
-                    self._observe_without_call(request, state, status, elapsed, error, lines)
+                    self._observe_without_call(request, state, status, elapsed, error, when, lines)
                     continue
                 routed = call.routed_to  # (the attribute: routed and deployment are properties)
                 failed = call.state.get(FAILED_ATTEMPTS)
@@ -631,8 +481,8 @@ class Observer:
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
-                        None,  # time: filled in as the line is written
-                        call.request_id,
+                        when,
+                        call._request_id,  # (Call.request_id is a Python property)
                         route.method or request.method,
                         route.path if route.path is not None else _logged_path(request),
                         kind,
@@ -660,6 +510,13 @@ class Observer:
                 )
             except Exception:  # the answers are out: a bug here must not lose the others
                 logging.getLogger("aioproxy").exception("observing a request failed")
+        if metrics is not None:
+            metrics.active -= len(batch)
+            if len(metrics.finished) >= COUNT_AT:
+                metrics.count_finished()
+        if lines:
+            assert write is not None
+            write(lines)
 
     def _remote(self, request: web.BaseRequest) -> str | None:
         """The client address of ``request``'s connection, as logged: made once a connection
@@ -677,6 +534,7 @@ class Observer:
         status: int,
         elapsed: float,
         error: Exception | None,
+        when: str | None,
         lines: list[AccessLine],
     ) -> None:
         """Count and log a request that had no call (and so no upstream attempt): refused
@@ -709,7 +567,7 @@ class Observer:
             method = None if unparsed else (route.method or request.method)
         lines.append(
             AccessLine(  # positionally, in AccessLine's order
-                None,  # time: filled in as the line is written
+                when,
                 state.get(REQUEST_ID) or request_id(request),
                 method,
                 route.path if route is not None else _logged_path(request),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +16,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import aioproxy.observability
-from aioproxy import Outcome, hookimpl
 from aioproxy.observability import observer
 from aioproxy.observability.access_log import ACCESS_LOG, AccessHandler
 from tests.support import AUTH, ServeProxy, gateway_config
@@ -136,98 +133,3 @@ async def test_requests_over_within_the_window_are_one_batch(
     )
     assert stream.writes == 1
     assert stream.getvalue().count(b"\n") == 3
-
-
-class _Priced:
-    """What the spend plugin does: price the request first (tryfirst)."""
-
-    @hookimpl(tryfirst=True)
-    def after_response(self, outcome: Outcome) -> None:
-        outcome.cost = 0.25
-
-
-# What differs between two requests alike: their ids, times and the upstream's answer id.
-_EACH_ITS_OWN = ("time", "request_id", "duration_ms", "ttft_ms", "upstream_request_id")
-
-
-async def test_a_batch_of_usual_requests_is_observed_as_one_at_a_time(
-    serve_proxy: ServeProxy, upstream_base: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch of answered requests alone (observed a column at a time) logs and counts them as
-    a batch holding a refused one too (observed one request at a time): the same lines, the
-    same counts."""
-    monkeypatch.setattr(observer, "BATCH_WINDOW", 3600.0)  # a batch ends at each scrape
-    config = gateway_config(
-        upstream_base, metrics={"enabled": True}, logging={"access_log": True, "format": "json"}
-    )
-    stream = io.BytesIO()
-    bodies = [
-        {"model": "gpt-test", "messages": MESSAGES},
-        {
-            "model": "gpt-test",
-            "messages": MESSAGES,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    ]
-    scrapes = []
-    with access_stream() as _:
-        ACCESS_LOG.handlers[:] = [AccessHandler(stream, json=True)]
-        proxy = await serve_proxy(config, plugins=[_Priced()])
-        url = proxy.make_url("/v1/chat/completions")
-        async with aiohttp.ClientSession() as http:
-            for refused in (False, True):
-                for body in bodies:
-                    async with http.post(url, json=body, headers=AUTH) as response:
-                        assert response.status == 200
-                        await response.read()
-                if refused:
-                    body = {"model": "nope", "messages": MESSAGES}
-                    async with http.post(url, json=body, headers=AUTH) as response:
-                        assert response.status == 404
-                async with http.get(proxy.make_url("/metrics"), headers=AUTH) as response:
-                    scrapes.append(_samples(await response.text()))
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    # The first batch: the two alone; the second: the first scrape, the two, the refused one.
-    assert [line["kind"] for line in lines] == [
-        *["chat_completions"] * 2,
-        "metrics",
-        *["chat_completions"] * 3,
-    ]
-    alone, with_refused = lines[:2], lines[3:5]
-    assert lines[5]["status"] == 404
-    assert [line["ttft_ms"] is None for line in alone + with_refused] == [True, False] * 2
-    assert all(line["duration_ms"] > 0 and line["upstream_request_id"] for line in lines[:2])
-    times = [line[name] for line in lines for name in ("duration_ms", "ttft_ms")]
-    assert all(round(ms, 3) == ms for ms in times if ms is not None)  # to the µs
-    assert alone[0]["cost"] == 0.25 and alone[1]["input_tokens"] > 0
-    assert [_alike(line) for line in alone] == [_alike(line) for line in with_refused]
-    # Counted alike: the second scrape's counts of the two kinds of answer are twice the first's.
-    first, second = scrapes
-    counted = {key: value for key, value in first.items() if key[0] in _DOUBLED and value}
-    assert {name for name, _ in counted} == set(_DOUBLED)
-    assert {key: second[key] for key in counted} == {
-        key: value * 2 for key, value in counted.items()
-    }
-
-
-_DOUBLED = (
-    "aioproxy_requests_total",
-    "aioproxy_tokens_total",
-    "aioproxy_spend_usd_total",
-    "aioproxy_upstream_requests_total",
-    "aioproxy_request_duration_seconds_count",
-    "aioproxy_time_to_first_token_seconds_count",
-)
-
-
-def _alike(line: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in line.items() if name not in _EACH_ITS_OWN}
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
