@@ -43,7 +43,7 @@ from ..masking import mask_client_text
 from ..request_ids import REQUEST_ID, request_id
 from ..routes import KINDS
 from ..server import UNPARSED
-from .access_log import ACCESS_LOG, AccessEntry, AccessLine, direct_handler
+from .access_log import ACCESS_LOG, AccessEntry, AccessLine, Clock, direct_handler
 from .metrics import (
     CACHE_RESULTS,
     COUNT_AT,
@@ -163,6 +163,7 @@ class Observer:
         # Where a batch's access lines go (None: no access log): run.py's handler, written
         # to directly, or the logging API.
         self.write: Callable[[list[AccessLine]], None] | None = None
+        self.clock = Clock()  # a batch's lines' time, made once a batch
         # Requests over since the batch's window opened, counted and logged as it closes (a
         # request pays for an append), or before a scrape or at shutdown.
         self.pending: list[_Over] = []
@@ -403,6 +404,7 @@ class Observer:
         batch = pending.copy()
         pending.clear()
         write = self.write
+        when = self.clock.iso(time.time()) if write is not None else None
         lines: list[AccessLine] = []
         metrics = self.metrics
         routes = self.routes
@@ -430,7 +432,7 @@ class Observer:
                 if status >= 400:  # the error the client got (a hook's may be its cause)
                     error = state.get(ANSWERED_ERROR, error)
                 if call is None:
-                    self._observe_without_call(request, state, status, elapsed, error, lines)
+                    self._observe_without_call(request, state, status, elapsed, error, when, lines)
                     continue
                 routed = call.routed_to  # (the attribute: routed and deployment are properties)
                 failed = call.state.get(FAILED_ATTEMPTS)
@@ -479,8 +481,8 @@ class Observer:
                 principal = call.principal
                 lines.append(
                     AccessLine(  # positionally, in AccessLine's order
-                        None,  # time: filled in as the line is written
-                        call.request_id,
+                        when,
+                        call._request_id,  # (Call.request_id is a Python property)
                         route.method or request.method,
                         route.path if route.path is not None else _logged_path(request),
                         kind,
@@ -532,6 +534,7 @@ class Observer:
         status: int,
         elapsed: float,
         error: Exception | None,
+        when: str | None,
         lines: list[AccessLine],
     ) -> None:
         """Count and log a request that had no call (and so no upstream attempt): refused
@@ -564,7 +567,7 @@ class Observer:
             method = None if unparsed else (route.method or request.method)
         lines.append(
             AccessLine(  # positionally, in AccessLine's order
-                None,  # time: filled in as the line is written
+                when,
                 state.get(REQUEST_ID) or request_id(request),
                 method,
                 route.path if route is not None else _logged_path(request),
