@@ -114,11 +114,14 @@ INSTALL_HINT = f"apt-get update && apt-get install -y {' '.join(APT_PACKAGES.val
 # matrix's chat at 16 connections twice, CI's smoke 1.10, two smokes 1.19 and 1.22), so 1.35
 # would fail now and then. It was 1.3 while aioproxy measured 0.84-1.10, before the log.
 SMOKE_MAX_CPU_RATIO = 1.4
-# Instructions a chat request costs, aioproxy ÷ the reference: 0.94-0.95 (2026-12-07, session
-# 11: 558-563 k against 591-593 k; 0.95-0.96 after session 10's cuts, 1.05-1.08 before). A gate
-# a busy machine does not move, so it can sit close: 1.00 (aioproxy no dearer than the bare
-# pass-through) fails a regression of 5-6%, which the CPU gate's noise would hide.
-SMOKE_MAX_INSTRUCTION_RATIO = 1.00
+# Instructions a chat request costs, aioproxy ÷ the reference: 0.94-0.95 (2026-12-07, sessions
+# 11-13: 557-563 k against 591-599 k; 0.95-0.96 after session 10's cuts, 1.05-1.08 before).
+# Load moves the counts (a starved wrk feeds smaller batches: +10% on the reference's), and in
+# the loaded runs seen moved the ratio in aioproxy's favour (0.81 against 0.89 at 16
+# connections), never against it; quiet, it holds to a percent. So the gate sits close: 0.98
+# fails a regression of 3-4%, which the CPU gate's noise would hide. It was 1.00 until
+# 2026-12-07.
+SMOKE_MAX_INSTRUCTION_RATIO = 0.98
 
 
 class BenchError(RuntimeError):
