@@ -16,6 +16,7 @@ import asyncio
 import codecs
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -154,7 +155,12 @@ class Batcher:
                     future.set_exception(exc)
                 else:  # closing: cancelled, not a Redis failure (no fallback, no log)
                     future.cancel()
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # A bug, not Redis (whose failures _execute answers): said here, where it happened
+            # (a task's exception no one awaits is only printed when it is collected); the next
+            # call starts another sender.
+            logging.getLogger("aioproxy").exception("the Redis batch sender failed")
         finally:
             self._sender = self._idle = None
 
