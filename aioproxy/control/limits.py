@@ -43,7 +43,7 @@ from aiohttp import web
 
 from .._aiohttp import request_state
 from ..config import Config
-from ..context import CACHE_ANSWERS, Call, Deployment
+from ..context import CACHE_ANSWERS, Call
 from ..errors import RateLimited
 from ..hookspecs import hookimpl
 from ..outcome import Outcome
@@ -112,7 +112,6 @@ _PER_TOKEN = 1000.0  # USD per million tokens -> nano-USD per token
 # Kinds whose answers have no output tokens: none reserved (cost or tpm), none learnt.
 _NO_OUTPUT_TOKENS = frozenset({Kind.EMBEDDINGS, Kind.COUNT_TOKENS})
 _LEARNING_RATE = 0.2  # the weight of each answer in a key's running average of output tokens
-_PRICES_KEPT = 4096  # deployments made at run time are not kept for ever (``Pricing``'s too)
 
 
 class CostEstimates:
@@ -121,10 +120,6 @@ class CostEstimates:
 
     def __init__(self, output_tokens: int) -> None:
         self.output_tokens = output_tokens  # assumed for a request with no output cap
-        # Each deployment's input and output prices (0.0: none known), by id (with the
-        # deployment, to tell another one made later at the same id apart): a dict lookup a
-        # request, not ``Pricing.price_of``'s frame and ``Call.deployment``'s.
-        self._prices: dict[int, tuple[Deployment, float, float]] = {}
 
     def held(self, call: Call, prompt: int, cap: int, pricing: Pricing) -> int:
         """Nano-USD for ``prompt`` tokens in and ``cap`` out (none: the configured estimate)
@@ -133,24 +128,12 @@ class CostEstimates:
         if kind is Kind.COUNT_TOKENS:
             return 0
         deployment = call.routed_to
-        prices = self._prices.get(id(deployment))
-        if prices is None or prices[0] is not deployment:
-            prices = self._prices_of(call.deployment, pricing)
-        _, input_price, output_price = prices
+        found = pricing.known.get(id(deployment))  # a dict lookup, not price_of's frames
+        if found is None or found[0] is not deployment:
+            found = pricing.find(call.deployment)  # (raises for a call routed nowhere)
+        _, _, input_price, output_price = found
         output = 0 if kind in _NO_OUTPUT_TOKENS else (cap or self.output_tokens)
         return math.ceil(prompt * input_price * _PER_TOKEN + output * output_price * _PER_TOKEN)
-
-    def _prices_of(
-        self, deployment: Deployment, pricing: Pricing
-    ) -> tuple[Deployment, float, float]:
-        if len(self._prices) >= _PRICES_KEPT:
-            self._prices.clear()
-        price = pricing.price_of(deployment)
-        prices = (
-            (deployment, 0.0, 0.0) if price is None else (deployment, price.input, price.output)
-        )
-        self._prices[id(deployment)] = prices
-        return prices
 
 
 def _learnt_output(call: Call, limits: KeyLimits, prompt: int) -> int:

@@ -24,10 +24,12 @@ from ..config import Price
 from ..context import Deployment
 from ..outcome import Usage
 
-__all__ = ["Pricer", "Pricing", "cost_of"]
+__all__ = ["Known", "Pricer", "Pricing", "cost_of"]
 
 # Prices a usage, USD; None: no usage, or no price known.
 Pricer = Callable[[Usage | None], float | None]
+# A deployment's entry in ``Pricing.known``: itself, its pricer, its input and output prices.
+Known = tuple[Deployment, Pricer, float, float]
 
 log = logging.getLogger("aioproxy")
 
@@ -96,7 +98,11 @@ class Pricing:
 
     def __init__(self) -> None:
         self._table = _TABLE
-        self._pricers: dict[int, tuple[Deployment, Pricer]] = {}  # by id(deployment)
+        # What was found for each deployment, by id(deployment) (with the deployment, to tell
+        # another one made later at the same id apart): its pricer and its input and output
+        # prices (0.0: none known). Read by ``pricer`` and, a dict lookup a request, by the
+        # limits' cost estimates.
+        self.known: dict[int, Known] = {}
 
     @staticmethod
     def warm() -> None:
@@ -155,15 +161,23 @@ class Pricing:
 
     def pricer(self, deployment: Deployment) -> Pricer:
         """``deployment``'s pricer, made once: what the request path hands ``Outcome.pricer``."""
-        found = self._pricers.get(id(deployment))
-        if found is not None and found[0] is deployment:
-            return found[1]
-        if len(self._pricers) >= _PRICERS_MAX:
-            self._pricers.clear()
+        found = self.known.get(id(deployment))
+        if found is None or found[0] is not deployment:
+            found = self.find(deployment)
+        return found[1]
+
+    def find(self, deployment: Deployment) -> Known:
+        """What ``known`` keeps for ``deployment``, made now."""
+        if len(self.known) >= _PRICERS_MAX:
+            self.known.clear()
         price = self.price_of(deployment)
-        pricer: Pricer = _unpriced if price is None else functools.partial(_priced, price)
-        self._pricers[id(deployment)] = (deployment, pricer)
-        return pricer
+        found: Known = (
+            (deployment, _unpriced, 0.0, 0.0)
+            if price is None
+            else (deployment, functools.partial(_priced, price), price.input, price.output)
+        )
+        self.known[id(deployment)] = found
+        return found
 
     def cost(self, usage: Usage, deployment: Deployment | None) -> float | None:
         if deployment is None:
