@@ -273,6 +273,11 @@ class DatabaseConfig(Base, frozen=True):
     # is assumed to spend, for the cost it reserves against a key's or team's budget while
     # in flight (priced at its deployment's output rate; the real cost replaces it after).
     budget_output_tokens: Annotated[int, Meta(ge=0)] = 4096
+    # PostgreSQL: the longest a connection or one statement may take (seconds). A lock another
+    # session holds, or a server gone silent, then fails the statement instead of holding it:
+    # the request log keeps its rows and tries again, the admin API answers an error, and a
+    # graceful shutdown is not held for ever. (SQLite waits for a lock its own busy time.)
+    statement_timeout: PositiveFloat = 30.0
 
 
 class SpendConfig(Base, frozen=True):

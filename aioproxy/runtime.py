@@ -71,6 +71,7 @@ class Runtime:
                 ttl=settings.ttl,
                 max_bytes=settings.max_bytes,
                 cleanup_interval=settings.cleanup_interval,
+                statement_timeout=self.config.database.statement_timeout,
             )
             if settings.store
             else None

@@ -19,7 +19,12 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..control.engine import dialect_insert, open_engine, tune_sqlite_connection
+from ..control.engine import (
+    DEFAULT_STATEMENT_TIMEOUT,
+    dialect_insert,
+    open_engine,
+    tune_sqlite_connection,
+)
 from ..control.store_tables import native_responses, stored_responses
 from ..errors import ProxyError
 
@@ -98,8 +103,10 @@ class ResponseStore:
         cleanup_interval: float = 300.0,
         clock: Callable[[], float] = time.time,
         schedule: Schedule | None = None,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> None:
         self.url = database if isinstance(database, str) else None
+        self.statement_timeout = statement_timeout  # of the engine it opens ([database]'s)
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.cleanup_interval = cleanup_interval
@@ -135,7 +142,7 @@ class ResponseStore:
     async def _open(self) -> None:
         assert self.url is not None
         try:
-            self._engine = await open_engine(self.url)
+            self._engine = await open_engine(self.url, self.statement_timeout)
         except BaseException:
             self._opening = None  # a later call tries again (the database may be up by then)
             raise

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..config import ConfigError
+from ..config import ConfigError, DatabaseConfig
 from .schema import metadata, state
 from .store_tables import store_metadata
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE_WAIT",
+    "DEFAULT_STATEMENT_TIMEOUT",
     "SCHEMA_HEAD",
     "dialect_insert",
     "driver_message",
@@ -311,14 +312,24 @@ def _switch_to_wal(cursor: Any) -> None:
             time.sleep(0.01)
 
 
-async def open_engine(url: str) -> AsyncEngine:
+DEFAULT_STATEMENT_TIMEOUT = DatabaseConfig().statement_timeout  # [database]'s default
+
+
+async def open_engine(
+    url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+) -> AsyncEngine:
     """An engine on ``url`` with the schema migrated to the newest; ConfigError when the
-    database cannot be opened (its message names ``[database] url``, the password masked)."""
+    database cannot be opened (its message names ``[database] url``, the password masked).
+    On PostgreSQL, connecting and each statement fail after ``statement_timeout`` seconds."""
     parsed = _async_url(url)
     # A pooled connection to a server may have been dropped meanwhile: pinged at each checkout.
     # A SQLite file's never is: no ping (a statement and three driver-thread round trips each
     # time the log's writer, the admin API or the key cache's poll takes the connection).
     pool: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
+    if parsed.get_backend_name() != "sqlite":
+        # asyncpg's own bounds (client side: a silent server too), none by default: one
+        # statement waiting on a lock held the request log's writer, and with it a shutdown.
+        pool["connect_args"] = {"timeout": statement_timeout, "command_timeout": statement_timeout}
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).parent
         if not folder.is_dir():  # said plainly, before a driver thread starts for nothing

@@ -89,7 +89,9 @@ class ControlPlane:
 
     @classmethod
     async def open(cls, config: Config, clock: ControlClock) -> ControlPlane:
-        plane = cls(config, await open_engine(config.database.url), clock)
+        plane = cls(
+            config, await open_engine(config.database.url, config.database.statement_timeout), clock
+        )
         try:
             await plane.cache.reload()
         except BaseException:

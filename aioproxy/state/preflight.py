@@ -24,12 +24,14 @@ def per_process_limits(config: Config) -> str | None:
         return f"rpm/tpm caps on the deployments of {', '.join(sorted(set(capped)))}"
     if config.cache.enabled:
         return "[cache] enabled"
-    found = asyncio.run(_limited_in_database(config.database.url))
+    found = asyncio.run(
+        _limited_in_database(config.database.url, config.database.statement_timeout)
+    )
     return f"{found} in the database with rpm, tpm, max_parallel or a budget" if found else None
 
 
-async def _limited_in_database(url: str) -> str | None:
-    engine = await open_engine(url)
+async def _limited_in_database(url: str, statement_timeout: float) -> str | None:
+    engine = await open_engine(url, statement_timeout)
     try:
         async with engine.connect() as connection:
             for table, what in ((schema.keys, "keys"), (schema.teams, "teams")):

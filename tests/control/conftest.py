@@ -190,7 +190,9 @@ def clock() -> FakeControlClock:
 
 
 def control_config(api_base: str, db_url: str, **overrides: Any) -> dict[str, Any]:
-    config = gateway_config(api_base, database={"url": db_url, "poll_interval": 0.05}, **overrides)
+    """``overrides``: top-level tables; a ``database`` table adds to the test database's."""
+    database = {"url": db_url, "poll_interval": 0.05, **overrides.pop("database", {})}
+    config = gateway_config(api_base, database=database, **overrides)
     config["models"][0]["price"] = PRICE
     config["models"].append(
         {

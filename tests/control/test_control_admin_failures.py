@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
@@ -121,6 +122,29 @@ async def test_an_unavailable_database_answers_503(control: Control, db_url: str
     made: dict[str, Any] = await control.new_key(name="after")
     assert made["name"] == "after"
     await control.admin("GET", "/admin/requests")
+
+
+async def test_a_lock_held_elsewhere_answers_503_after_statement_timeout(
+    start_control: Any, db_url: str
+) -> None:
+    """PostgreSQL: a read waiting on a lock another session holds fails after ``[database]
+    statement_timeout`` (here a fifth of a second) as the database's 503, where it waited for
+    as long as the lock; the lock gone, the server answers again. (SQLite's writers wait
+    their busy timeout: ``test_an_unavailable_database_answers_503``.)"""
+    if make_url(db_url).get_backend_name() == "sqlite":
+        pytest.skip("SQLite's lock waits are its busy timeout's")
+    control = await start_control(database={"statement_timeout": 0.2})
+    holder = await asyncpg.connect(db_url)
+    try:
+        locking = holder.transaction()
+        await locking.start()
+        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+        refused = await control.admin("GET", "/admin/requests", status=503)
+        assert_error(refused, None, "database_unavailable")
+        await locking.rollback()
+        assert (await control.admin("GET", "/admin/requests"))["object"] == "list"
+    finally:
+        await holder.close()
 
 
 async def test_a_change_meeting_another_instance_s_answers_409(control: Control) -> None:

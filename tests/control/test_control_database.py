@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
@@ -324,6 +325,57 @@ async def test_the_writer_retries_and_stop_flushes(db_url: str) -> None:
         await log.stop()  # graceful shutdown: what is queued is written
         assert await count_rows(engine) == 3
     finally:
+        await engine.dispose()
+
+
+async def test_a_lock_held_elsewhere_fails_the_write_and_holds_no_shutdown(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL: a statement waiting on a lock another session holds (or on a server gone
+    silent) fails after ``[database] statement_timeout`` instead of waiting for ever. The
+    request log keeps its rows and writes them once the lock is gone; a shutdown while it is
+    still held ends, saying what it could not write (before, both waited as long as the lock).
+    SQLite waits for a lock its busy timeout (5 s) as before: not this setting's."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's lock waits are its busy timeout's")
+    engine = await open_engine(db_url, 0.2)
+    holder = await asyncpg.connect(db_url)
+    caplog.set_level("WARNING", "aioproxy")
+
+    async def lock_the_log() -> Any:
+        locking = holder.transaction()
+        await locking.start()
+        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+        return locking
+
+    try:
+        locking = await lock_the_log()
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(flush_interval=0.01))
+        log.add(LogRecord.of(row(0), 0.5))
+        # Awaited with a bound, so that a write still waiting fails the test rather than
+        # holding the run (the statement's own bound is a fifth of a second).
+        flushing = asyncio.ensure_future(log.flush())
+        await asyncio.wait({flushing}, timeout=60.0)
+        assert flushing.done(), "the write still waits on the lock"
+        assert isinstance(flushing.exception(), TimeoutError)  # asyncpg's command_timeout
+        assert len(log.buffer) == 1 and log.written == 0  # kept for the next try
+        log.start()
+        await eventually(lambda: "request log: cannot write 1 rows" in caplog.text, within=30.0)
+        await locking.rollback()  # the lock is gone: the writer's next try writes the row
+        await eventually(lambda: log.written == 1, within=30.0)
+        assert await count_rows(engine) == 1
+
+        locking = await lock_the_log()
+        log.add(LogRecord.of(row(1), 0.5))
+        stopping = asyncio.ensure_future(log.stop())
+        await asyncio.wait({stopping}, timeout=60.0)
+        assert stopping.done(), "the shutdown still waits on the lock"
+        stopping.result()
+        assert "request log: 1 rows not written at shutdown" in caplog.text
+        await locking.rollback()
+        assert await count_rows(engine) == 1  # the pool's connections still work
+    finally:
+        await holder.close()
         await engine.dispose()
 
 
