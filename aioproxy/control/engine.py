@@ -346,9 +346,18 @@ async def open_engine(
         sa.event.listen(engine.sync_engine, "do_connect", _open_sqlite_whole)
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         _bind_none_and_bools_directly()
+    # Migrating waits for another instance's migration and may itself take long (an index
+    # made on a large log): on a server, on a connection of its own with no statement bound.
+    migrating = engine
+    if "connect_args" in pool:
+        migrating = create_async_engine(parsed, poolclass=sa.pool.NullPool)
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(_migrate)
+        try:
+            async with migrating.begin() as connection:
+                await connection.run_sync(_migrate)
+        finally:
+            if migrating is not engine:
+                await migrating.dispose()
     except Exception as exc:  # noqa: BLE001 - any driver error stops start-up, told once
         await engine.dispose()
         raise ConfigError(

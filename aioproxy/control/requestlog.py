@@ -37,6 +37,10 @@ log = logging.getLogger("aioproxy")
 
 _RETRY_MAX = 30.0  # seconds between two tries at most, while the database is down
 _RETENTION_EVERY = 3600.0  # seconds between two deletions of rows past retention
+# Rows past retention one delete removes at most, one delete a turn of the writer: a day's log
+# of a busy gateway (millions of rows) deleted at once held the writer for minutes and failed
+# [database] statement_timeout for ever; a batch takes a fraction of a second.
+EXPIRED_A_TURN = 10_000
 # What a database raises for a row it cannot store (too long, a NUL, a constraint), rather than
 # for being unreachable or busy: retrying the batch whole would fail for ever.
 _REFUSED_DATA = (sa.exc.DataError, sa.exc.IntegrityError)
@@ -147,6 +151,8 @@ class RequestLog:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
+        self._expiring = False  # a deletion of rows past retention under way (more to delete)
+        self.expired_a_turn = EXPIRED_A_TURN
         paramstyle = engine.dialect.paramstyle
         self._inserts = (insert_sql(paramstyle), insert_sql(paramstyle, ROWS_A_STATEMENT))
 
@@ -374,21 +380,46 @@ class RequestLog:
                 meter.written(cost, period)
 
     async def _expire(self) -> None:
+        """Delete the rows past retention, the oldest ``expired_a_turn`` a turn of the writer
+        (between its writes) until none is left, then the roll-up's days past it."""
         days = self.settings.retention_days
         now = self.now()
-        if days is None or now - self._last_retention < _RETENTION_EVERY:
+        if days is None or (not self._expiring and now - self._last_retention < _RETENTION_EVERY):
             return
-        self._last_retention = now
         # At whole UTC days (up to a day more than ``retention_days``), the roll-up's days
-        # with them: whole-day spend then equals the rows' however old the range.
+        # with them: whole-day spend then equals the rows' however old the range (the roll-up
+        # keeps its days until their last rows are gone).
         cutoff = rollup.day_start(now - days * rollup.DAY)
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                sa.delete(schema.requests).where(schema.requests.c.time < cutoff)
+        requests, most = schema.requests, self.expired_a_turn
+        oldest = (
+            sa.select(requests.c.seq)
+            .where(requests.c.time < cutoff)
+            .order_by(requests.c.time)
+            .limit(most)
+            .scalar_subquery()
+        )
+        try:
+            async with self.engine.begin() as connection:
+                deleted = (
+                    await connection.execute(sa.delete(requests).where(requests.c.seq.in_(oldest)))
+                ).rowcount
+                if deleted < most:
+                    await connection.execute(
+                        sa.delete(schema.spend_days).where(
+                            schema.spend_days.c.day < rollup.date_of(cutoff)
+                        )
+                    )
+        except Exception as exc:  # noqa: BLE001 - the log's writes go on; tried again later
+            log.warning(
+                "request log: cannot delete the rows past retention (trying again in %.0f s): %s",
+                _RETENTION_EVERY,
+                driver_message(exc),
             )
-            await connection.execute(
-                sa.delete(schema.spend_days).where(schema.spend_days.c.day < rollup.date_of(cutoff))
-            )
+            self._expiring, self._last_retention = False, now
+            return
+        self._expiring = deleted >= most
+        if not self._expiring:
+            self._last_retention = now
 
 
 # An update's values, bound per row (each statement is made once: SQLAlchemy then builds no

@@ -17,7 +17,14 @@ import sqlalchemy as sa
 from aioproxy.config import ConfigError, SpendConfig
 from aioproxy.control import schema
 from aioproxy.control.cache import KeyCache
-from aioproxy.control.engine import SCHEMA_HEAD, _head, check_server, mask_url, open_engine
+from aioproxy.control.engine import (
+    _MIGRATION_LOCK,
+    SCHEMA_HEAD,
+    _head,
+    check_server,
+    mask_url,
+    open_engine,
+)
 from aioproxy.control.requestlog import LogRecord, RequestLog
 from aioproxy.testing import eventually
 
@@ -379,6 +386,38 @@ async def test_a_lock_held_elsewhere_fails_the_write_and_holds_no_shutdown(
         await engine.dispose()
 
 
+@pytest.mark.empty_database  # a new database: opening it takes the migration's lock
+async def test_start_up_waits_for_another_instance_s_migration_past_statement_timeout(
+    db_url: str,
+) -> None:
+    """PostgreSQL: an instance starting while another migrates waits for the migration's lock
+    however long it takes (a migration may build an index on a large log): ``[database]
+    statement_timeout`` bounds the gateway's statements, not its migration."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's migration waits are its own busy timeout's")
+    holder = await asyncpg.connect(db_url)
+    try:
+        migrating = holder.transaction()  # another instance's migration, under way
+        await migrating.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        opening = asyncio.ensure_future(open_engine(db_url, 0.2))
+
+        async def waiting() -> bool:
+            query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            return bool(await holder.fetchval(query))
+
+        await eventually(waiting, within=30.0)
+        # Past the statement bound: a bounded wait would have failed by now (no bound on the
+        # right answer: however slow the machine, the wait goes on until the lock is let go).
+        await asyncio.sleep(1.0)
+        assert not opening.done(), opening
+        await migrating.rollback()
+        engine = await opening
+        await engine.dispose()
+    finally:
+        await holder.close()
+
+
 async def test_retention_deletes_old_rows(db_url: str) -> None:
     engine = await open_engine(db_url)
     now = 1_900_000_000.0
@@ -391,6 +430,70 @@ async def test_retention_deletes_old_rows(db_url: str) -> None:
         async with engine.connect() as connection:
             ids = (await connection.execute(sa.select(schema.requests.c.request_id))).scalars()
             assert list(ids) == ["r2"]
+    finally:
+        await engine.dispose()
+
+
+async def test_retention_deletes_a_backlog_a_batch_a_turn(db_url: str) -> None:
+    """A backlog past retention (a busy day is millions of rows) is deleted the oldest
+    ``expired_a_turn`` rows at a time, one delete a turn of the writer, so that none holds
+    the writer long nor runs past ``[database] statement_timeout``; the roll-up's days past
+    retention go with the last batch (whole-day spend meanwhile still reads them)."""
+    engine = await open_engine(db_url)
+    now = 1_900_000_000.0  # 2030-03-17 17:46 UTC; retention of a day: rows before the 16th go
+    try:
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(retention_days=1), lambda: now)
+        log.expired_a_turn = 2
+        for n in range(5):
+            log.add(LogRecord.of({**row(n, now - 3 * 86400 + n), "day": "2030-03-14"}, 0.5))
+        log.add(LogRecord.of(row(9, now - 3600), 0.5))
+        await log.flush()
+
+        async def left() -> tuple[list[str], list[str]]:
+            async with engine.connect() as connection:
+                ids = await connection.execute(
+                    sa.select(schema.requests.c.request_id).order_by(schema.requests.c.seq)
+                )
+                days = await connection.execute(
+                    sa.select(schema.spend_days.c.day).order_by(schema.spend_days.c.day)
+                )
+                return list(ids.scalars()), list(days.scalars())
+
+        turns = []
+        for _ in range(4):  # the fourth, within the hour, finds the deletion over
+            await log._expire()
+            turns.append(await left())
+        assert turns == [
+            (["r2", "r3", "r4", "r9"], ["2030-03-14", "2030-03-17"]),
+            (["r4", "r9"], ["2030-03-14", "2030-03-17"]),
+            (["r9"], ["2030-03-17"]),
+            (["r9"], ["2030-03-17"]),
+        ]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failed_retention_delete_is_logged_and_tried_again_later(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delete of rows past retention that fails (the database away) is logged as such and
+    tried again at the next retention time; the writer's writes are not held for it."""
+    engine = await open_engine(db_url)
+    clock = [1_900_000_000.0]
+    try:
+        log = RequestLog(engine, KeyCache(engine), SpendConfig(retention_days=1), lambda: clock[0])
+        log.add(LogRecord.of(row(1, clock[0] - 2 * 86400), 0.5))
+        await log.flush()
+        flaky = Flaky(engine)
+        log.engine = flaky  # type: ignore[assignment]
+        await log._expire()  # does not raise: the writer goes on
+        assert "request log: cannot delete the rows past retention" in caplog.text
+        flaky.down = False
+        await log._expire()  # not yet: within the hour
+        assert await count_rows(engine) == 1
+        clock[0] += 3600
+        await log._expire()
+        assert await count_rows(engine) == 0
     finally:
         await engine.dispose()
 
