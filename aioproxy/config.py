@@ -273,11 +273,12 @@ class DatabaseConfig(Base, frozen=True):
     # is assumed to spend, for the cost it reserves against a key's or team's budget while
     # in flight (priced at its deployment's output rate; the real cost replaces it after).
     budget_output_tokens: Annotated[int, Meta(ge=0)] = 4096
-    # PostgreSQL: the longest a connection or one statement may take (seconds). A lock another
-    # session holds, or a server gone silent, then fails the statement instead of holding it:
-    # the request log keeps its rows and tries again, the admin API answers an error, and a
-    # graceful shutdown is not held for ever. (SQLite waits for a lock its own busy time.)
-    statement_timeout: PositiveFloat = 30.0
+    # PostgreSQL: the longest a statement may run or wait for a lock (seconds; 0: no bound),
+    # PostgreSQL's own statement_timeout and lock_timeout, set in each transaction. A lock
+    # another session holds then fails the statement instead of holding it: the request log
+    # keeps its rows and tries again, the admin API answers 503, and a shutdown waits for the
+    # log this long at most. (SQLite waits for a lock its own busy timeout, 5 s.)
+    statement_timeout: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class SpendConfig(Base, frozen=True):

@@ -9,6 +9,7 @@ import logging
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,21 +316,36 @@ def _switch_to_wal(cursor: Any) -> None:
 DEFAULT_STATEMENT_TIMEOUT = DatabaseConfig().statement_timeout  # [database]'s default
 
 
+def _bounds(seconds: float) -> Callable[[sa.Connection], None]:
+    """The ``begin`` event that bounds each transaction's statements and lock waits on
+    PostgreSQL: the server cancels one past ``seconds`` and rolls its transaction back, so a
+    retry writes nothing twice. Set per transaction (``set_config(..., true)``, as ``SET
+    LOCAL``), so a pooler's shared server connections keep none of it. (asyncpg's client-side
+    ``command_timeout`` also cut a COMMIT short that the server then made: the request log
+    wrote its batch again.)"""
+    ms = max(1, round(seconds * 1000))
+    sql = (
+        f"SELECT set_config('statement_timeout', '{ms}', true),"
+        f" set_config('lock_timeout', '{ms}', true)"
+    )
+
+    def bound(connection: sa.Connection) -> None:
+        connection.exec_driver_sql(sql)
+
+    return bound
+
+
 async def open_engine(
     url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
 ) -> AsyncEngine:
     """An engine on ``url`` with the schema migrated to the newest; ConfigError when the
     database cannot be opened (its message names ``[database] url``, the password masked).
-    On PostgreSQL, connecting and each statement fail after ``statement_timeout`` seconds."""
+    On PostgreSQL a statement or lock wait past ``statement_timeout`` seconds fails (0: none)."""
     parsed = _async_url(url)
     # A pooled connection to a server may have been dropped meanwhile: pinged at each checkout.
     # A SQLite file's never is: no ping (a statement and three driver-thread round trips each
     # time the log's writer, the admin API or the key cache's poll takes the connection).
     pool: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
-    if parsed.get_backend_name() != "sqlite":
-        # asyncpg's own bounds (client side: a silent server too), none by default: one
-        # statement waiting on a lock held the request log's writer, and with it a shutdown.
-        pool["connect_args"] = {"timeout": statement_timeout, "command_timeout": statement_timeout}
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).parent
         if not folder.is_dir():  # said plainly, before a driver thread starts for nothing
@@ -346,10 +362,11 @@ async def open_engine(
         sa.event.listen(engine.sync_engine, "do_connect", _open_sqlite_whole)
         sa.event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
         _bind_none_and_bools_directly()
-    # Migrating waits for another instance's migration and may itself take long (an index
-    # made on a large log): on a server, on a connection of its own with no statement bound.
     migrating = engine
-    if "connect_args" in pool:
+    if engine.dialect.name == "postgresql" and statement_timeout > 0:
+        sa.event.listen(engine.sync_engine, "begin", _bounds(statement_timeout))
+        # Migrating waits for another instance's migration and may itself take long (an index
+        # made on a large log): on a connection of its own, unbounded.
         migrating = create_async_engine(parsed, poolclass=sa.pool.NullPool)
     try:
         try:

@@ -112,7 +112,7 @@ class ControlPlane:
         its connections returned (others' too: a key reload the state plugin cancelled)."""
         self.closed = True
         await self._stop_poller()
-        await self.log.stop()
+        await self.log.stop(self.config.database.statement_timeout or None)
         await self._checked_out.all_returned(CLOSE_WAIT)
         await self.engine.dispose()
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..config import SpendConfig
 from . import rollup, schema
 from .cache import KeyCache
-from .engine import driver_message
+from .engine import CLOSE_WAIT, driver_message
 
 __all__ = ["LogRecord", "RequestLog"]
 
@@ -203,14 +203,27 @@ class RequestLog:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="aioproxy request log")
 
-    async def stop(self) -> None:
-        """Stop the writer once it has written what is queued (graceful shutdown). It is
-        never cancelled mid-write: that would leave its transaction holding the database."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the writer once it has written what is queued (graceful shutdown). It is not
+        cancelled mid-write while the database answers within ``timeout`` seconds (None: for
+        as long as it takes): a cut COMMIT the server then made would count its rows as not
+        written. Past it (a server gone silent, a COMMIT stalled, which no bound of the
+        server's ends), it is cancelled and what it held is reported not written."""
         task, self._task = self._task, None
         if task is not None:
             self._stopping = True
             self._wake.set()
-            await task
+            if timeout is None:
+                await task
+            elif not (await asyncio.wait({task}, timeout=timeout))[0]:
+                log.error(
+                    "request log: the database did not answer within %g s at shutdown: "
+                    "its write was abandoned",
+                    timeout,
+                )
+                task.cancel()
+                # Its rollback may wait on the silent server too: not for long.
+                await asyncio.wait({task}, timeout=CLOSE_WAIT)
         if self.buffer:
             log.error("request log: %d rows not written at shutdown", len(self.buffer))
         if self.dropped:
@@ -235,14 +248,21 @@ class RequestLog:
                 delay = self.settings.flush_interval
             except Exception as exc:  # noqa: BLE001 - any driver error: kept and retried
                 delay = min(max(delay * 2, 1.0), _RETRY_MAX)
-                log.warning(
-                    "request log: cannot write %d rows (retrying in %.0f s): %s",
-                    len(self.buffer),
-                    delay,
-                    driver_message(exc),
-                )
                 if self._stopping:
                     tries_left -= 1
+                    log.warning(
+                        "request log: cannot write %d rows at shutdown (%s): %s",
+                        len(self.buffer),
+                        "trying once more" if tries_left else "giving up",
+                        driver_message(exc),
+                    )
+                else:
+                    log.warning(
+                        "request log: cannot write %d rows (retrying in %.0f s): %s",
+                        len(self.buffer),
+                        delay,
+                        driver_message(exc),
+                    )
             if self._stopping and (not self.buffer or tries_left == 0):
                 return
 
@@ -390,7 +410,8 @@ class RequestLog:
         # with them: whole-day spend then equals the rows' however old the range (the roll-up
         # keeps its days until their last rows are gone).
         cutoff = rollup.day_start(now - days * rollup.DAY)
-        requests, most = schema.requests, self.expired_a_turn
+        # At least what a turn may write, or a log bigger a turn than that would never catch up.
+        requests, most = schema.requests, max(self.expired_a_turn, self.settings.batch_size)
         oldest = (
             sa.select(requests.c.seq)
             .where(requests.c.time < cutoff)
@@ -404,10 +425,12 @@ class RequestLog:
                     await connection.execute(sa.delete(requests).where(requests.c.seq.in_(oldest)))
                 ).rowcount
                 if deleted < most:
+                    # Unless another instance's deletion still has rows to go (its batches and
+                    # this one's can overlap): the roll-up keeps a day as long as its rows.
+                    rolled = schema.spend_days
+                    left = sa.exists().where(requests.c.time < cutoff)
                     await connection.execute(
-                        sa.delete(schema.spend_days).where(
-                            schema.spend_days.c.day < rollup.date_of(cutoff)
-                        )
+                        sa.delete(rolled).where(rolled.c.day < rollup.date_of(cutoff), ~left)
                     )
         except Exception as exc:  # noqa: BLE001 - the log's writes go on; tried again later
             log.warning(

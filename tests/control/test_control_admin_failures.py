@@ -128,12 +128,12 @@ async def test_a_lock_held_elsewhere_answers_503_after_statement_timeout(
     start_control: Any, db_url: str
 ) -> None:
     """PostgreSQL: a read waiting on a lock another session holds fails after ``[database]
-    statement_timeout`` (here a fifth of a second) as the database's 503, where it waited for
+    statement_timeout`` (here a second) as the database's 503, where it waited for
     as long as the lock; the lock gone, the server answers again. (SQLite's writers wait
     their busy timeout: ``test_an_unavailable_database_answers_503``.)"""
     if make_url(db_url).get_backend_name() == "sqlite":
         pytest.skip("SQLite's lock waits are its busy timeout's")
-    control = await start_control(database={"statement_timeout": 0.2})
+    control = await start_control(database={"statement_timeout": 1.0})
     holder = await asyncpg.connect(db_url)
     try:
         locking = holder.transaction()
