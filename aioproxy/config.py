@@ -278,7 +278,7 @@ class DatabaseConfig(Base, frozen=True):
     # another session holds then fails the statement instead of holding it: the request log
     # keeps its rows and tries again, the admin API answers 503, and a shutdown waits for the
     # log this long at most. (SQLite waits for a lock its own busy timeout, 5 s.)
-    statement_timeout: Annotated[float, Meta(ge=0)] = 30.0
+    statement_timeout: Annotated[float, Meta(ge=0, le=2_147_483)] = 30.0  # PostgreSQL's most
 
 
 class SpendConfig(Base, frozen=True):

@@ -436,7 +436,7 @@ async def _flush(plane: ControlPlane) -> None:
     the rows stay queued for the writer's retries and the answer is what is written: a batch
     the database refuses must not take the admin API down with the log."""
     try:
-        await plane.log.flush()
+        await plane.log.flush_shielded()
     except Exception as exc:  # noqa: BLE001 - any driver error: the writer retries it
         log.warning(
             "admin API: answering without the rows not yet written: %s", driver_message(exc)

@@ -330,7 +330,13 @@ def _bounds(seconds: float) -> Callable[[sa.Connection], None]:
     )
 
     def bound(connection: sa.Connection) -> None:
-        connection.exec_driver_sql(sql)
+        try:
+            connection.exec_driver_sql(sql)
+        except BaseException:
+            # SQLAlchemy runs this listener outside the begin's own clean-up: a connection
+            # whose bounds failed would never begin again. Closed instead, the error raised.
+            connection.invalidate()
+            raise
 
     return bound
 

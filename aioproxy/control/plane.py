@@ -112,9 +112,18 @@ class ControlPlane:
         its connections returned (others' too: a key reload the state plugin cancelled)."""
         self.closed = True
         await self._stop_poller()
-        await self.log.stop(self.config.database.statement_timeout or None)
+        # A server can fall silent (a SQLite file cannot): its writes then wait this long.
+        bound = self.config.database.statement_timeout
+        server = self.engine.dialect.name != "sqlite"
+        await self.log.stop(bound if server and bound else None)
         await self._checked_out.all_returned(CLOSE_WAIT)
-        await self.engine.dispose()
+        try:
+            # Each pooled connection's close waits for the server's goodbye: none from a
+            # silent one (TCP would give up after ~15 min, one connection after another).
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self.engine.dispose()
+        except TimeoutError:
+            log.error("database: its connections were still closing %g s on, left", CLOSE_WAIT)
 
     async def _stop_poller(self) -> None:
         """Cancel the poll and wait for it to end: a refresh cancelled mid-query ends once its

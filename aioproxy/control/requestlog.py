@@ -205,31 +205,50 @@ class RequestLog:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the writer once it has written what is queued (graceful shutdown). It is not
-        cancelled mid-write while the database answers within ``timeout`` seconds (None: for
-        as long as it takes): a cut COMMIT the server then made would count its rows as not
-        written. Past it (a server gone silent, a COMMIT stalled, which no bound of the
-        server's ends), it is cancelled and what it held is reported not written."""
+        cancelled mid-write while the database answers: a cut COMMIT the server then made
+        would count its rows as not written. ``timeout`` (None: none): when a write has moved
+        nothing on for that long (a server gone silent, a COMMIT stalled, which no bound of
+        the server's ends), it is cancelled and what it held is reported not written."""
         task, self._task = self._task, None
         if task is not None:
             self._stopping = True
             self._wake.set()
             if timeout is None:
                 await task
-            elif not (await asyncio.wait({task}, timeout=timeout))[0]:
-                log.error(
-                    "request log: the database did not answer within %g s at shutdown: "
-                    "its write was abandoned",
-                    timeout,
-                )
-                task.cancel()
-                # Its rollback may wait on the silent server too: not for long.
-                await asyncio.wait({task}, timeout=CLOSE_WAIT)
+            else:
+                await self._stop_within(task, timeout)
+        self._build_rows()  # requests the writer had yet to make rows of: counted below
         if self.buffer:
             log.error("request log: %d rows not written at shutdown", len(self.buffer))
         if self.dropped:
             log.error("request log: %d rows were dropped in all", self.dropped)
         if self.refused:
             log.error("request log: the database refused %d rows in all", self.refused)
+
+    async def _stop_within(self, task: asyncio.Task[None], timeout: float) -> None:
+        """Wait for the stopping writer while each ``timeout`` sees it write something (a
+        backlog after an outage takes as long as it takes), else abandon its write."""
+        written = -1
+        while self.written != written:
+            written = self.written
+            if (await asyncio.wait({task}, timeout=timeout))[0]:
+                task.result()  # a failure of its own is raised, as when awaited
+                return
+        log.error(
+            "request log: the database did not answer within %g s at shutdown: "
+            "its write was abandoned",
+            timeout,
+        )
+        task.cancel()
+        # Its rollback may wait on the silent server too: not for long.
+        if not (await asyncio.wait({task}, timeout=CLOSE_WAIT))[0]:
+            log.error("request log: its writer still runs %g s after it was cancelled", CLOSE_WAIT)
+
+    async def flush_shielded(self) -> None:
+        """``flush`` for a reader of the log (the admin API, the dashboard): its caller's
+        cancellation (a client gone, a shutdown's) does not cut the write, which goes on to its
+        end. Cut mid-COMMIT, a write the server made anyway would stay queued, written again."""
+        await asyncio.shield(self.flush())
 
     async def _run(self) -> None:
         delay = self.settings.flush_interval
@@ -244,7 +263,8 @@ class RequestLog:
             self._wake.clear()
             try:
                 await self.flush()
-                await self._expire()
+                if not self._stopping:  # a shutdown's turns write, they delete nothing
+                    await self._expire()
                 delay = self.settings.flush_interval
             except Exception as exc:  # noqa: BLE001 - any driver error: kept and retried
                 delay = min(max(delay * 2, 1.0), _RETRY_MAX)
@@ -410,7 +430,8 @@ class RequestLog:
         # with them: whole-day spend then equals the rows' however old the range (the roll-up
         # keeps its days until their last rows are gone).
         cutoff = rollup.day_start(now - days * rollup.DAY)
-        # At least what a turn may write, or a log bigger a turn than that would never catch up.
+        # At least a batch of writes (batch_size may be larger): retention keeps up with a
+        # log that grows by a batch a turn or more.
         requests, most = schema.requests, max(self.expired_a_turn, self.settings.batch_size)
         oldest = (
             sa.select(requests.c.seq)

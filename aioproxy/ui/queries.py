@@ -192,7 +192,7 @@ def _top(points: list[Point], name: str) -> list[dict[str, Any]]:
 
 async def overview(plane: ControlPlane, cache: PointCache, span: int, step: int) -> Overview:
     """The last ``span`` seconds in points of ``step`` seconds, the newest point ending now."""
-    await plane.log.flush()  # what this instance served so far is shown
+    await plane.log.flush_shielded()  # what this instance served so far is shown
     now = plane.clock.time()
     n = -(-span // step)
     start = (now // step + 1) * step - n * step  # points on whole steps: stable as time goes
@@ -238,7 +238,7 @@ async def overview(plane: ControlPlane, cache: PointCache, span: int, step: int)
 
 async def request_row(plane: ControlPlane, request_id: str) -> dict[str, Any] | None:
     """The request log's row for ``request_id`` (the newest, should an id repeat)."""
-    await plane.log.flush()
+    await plane.log.flush_shielded()
     query = (
         sa.select(schema.requests)
         .where(_log.request_id == request_id)

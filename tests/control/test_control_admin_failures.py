@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -139,7 +140,8 @@ async def test_a_lock_held_elsewhere_answers_503_after_statement_timeout(
         locking = holder.transaction()
         await locking.start()
         await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
-        refused = await control.admin("GET", "/admin/requests", status=503)
+        # A hang guard: without the bound the read waits for as long as the lock.
+        refused = await asyncio.wait_for(control.admin("GET", "/admin/requests", status=503), 60)
         assert_error(refused, None, "database_unavailable")
         await locking.rollback()
         assert (await control.admin("GET", "/admin/requests"))["object"] == "list"

@@ -450,21 +450,58 @@ async def test_a_silent_database_holds_a_shutdown_no_longer_than_statement_timeo
     engine = await open_engine(url.set(port=await relay.start()).render_as_string(False), 1.0)
     caplog.set_level("WARNING", "aioproxy")
     try:
-        log = RequestLog(engine, KeyCache(engine), SpendConfig(flush_interval=0.01))
+        settings = SpendConfig(flush_interval=0.01)
+        log = RequestLog(engine, KeyCache(engine), settings, build=lambda record: record)
         log.start()
         log.add(LogRecord.of(row(0), 0.5))
         await eventually(lambda: log.written == 1, within=30.0)  # through the relay
         relay.silent = True
         log.add(LogRecord.of(row(1), 0.5))
         await asyncio.wait_for(relay.held.wait(), 60.0)  # the write went; its answer held
+        # A request finished meanwhile, its row not made yet: reported too.
+        log.add_finished(LogRecord.of(row(2), 0.5))
         stopping = asyncio.ensure_future(log.stop(1.0))
         await asyncio.wait({stopping}, timeout=60.0)
         assert stopping.done(), "the shutdown still waits on the silent database"
         stopping.result()
         assert "the database did not answer within 1 s at shutdown" in caplog.text
-        assert "request log: 1 rows not written at shutdown" in caplog.text
+        assert "request log: 2 rows not written at shutdown" in caplog.text
     finally:
         await relay.close()
+        await engine.dispose()
+
+
+async def test_a_reader_s_flush_cancelled_mid_write_still_ends_its_write(db_url: str) -> None:
+    """The admin API and the dashboard write the queued rows before they read. A reader
+    cancelled meanwhile (its client gone) does not cut the write: cut mid-COMMIT, a batch the
+    server made anyway would stay queued and be written again. Here the write waits on a lock
+    when its reader is cancelled, and ends once the lock goes, with no flush after it."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's lock waits are its busy timeout's")
+    engine = await open_engine(db_url)
+    holder = await asyncpg.connect(db_url)
+    try:
+        locking = holder.transaction()
+        await locking.start()
+        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+        log = RequestLog(engine, KeyCache(engine), SpendConfig())  # no writer: the reader's
+        log.add(LogRecord.of(row(0), 0.5))
+        reading = asyncio.ensure_future(log.flush_shielded())
+
+        async def waiting() -> bool:
+            query = "SELECT count(*) FROM pg_locks WHERE relation IS NOT NULL AND NOT granted"
+            return bool(await holder.fetchval(query))
+
+        await eventually(waiting, within=30.0)  # the write is under way, on the lock
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await locking.rollback()
+        await eventually(lambda: log.written == 1, within=30.0)
+        assert not log.buffer
+        assert await count_rows(engine) == 1
+    finally:
+        await holder.close()
         await engine.dispose()
 
 
@@ -493,6 +530,7 @@ async def test_start_up_waits_for_another_instance_s_migration_past_statement_ti
         # right answer: however slow the machine, the wait goes on until the lock is let go).
         await asyncio.sleep(1.0)
         assert not opening.done(), opening
+        assert await waiting()  # still on the lock, not past it some other way
         await migrating.rollback()
         engine = await opening
         await engine.dispose()
