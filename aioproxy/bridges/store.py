@@ -47,6 +47,8 @@ _decode_turn = msgspec.json.Decoder(list[dict[str, Any]]).decode
 MAX_CHAIN = 10_000  # chained responses read back for one request; the walk stops there
 _IDS_PER_QUERY = 500  # ids in one ``IN (...)``: well under SQLite's bound on parameters
 
+# Rows a statement of the cleanup deletes at most (each its own transaction).
+CLEANUP_BATCH = 10_000
 _T = stored_responses
 _N = native_responses
 
@@ -107,6 +109,7 @@ class ResponseStore:
     ) -> None:
         self.url = database if isinstance(database, str) else None
         self.statement_timeout = statement_timeout  # of the engine it opens ([database]'s)
+        self.cleanup_batch = CLEANUP_BATCH
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.cleanup_interval = cleanup_interval
@@ -241,18 +244,24 @@ class ResponseStore:
 
     async def cleanup(self) -> int:
         """Delete expired responses, then the least recently used beyond ``max_bytes``; the
-        number deleted."""
-        cutoff, max_bytes = self._cutoff(), self.max_bytes
+        number deleted. A ``cleanup_batch`` of rows a statement, each in a transaction of its
+        own: a backlog (a long outage's expired responses) is never one statement past
+        ``[database] statement_timeout``, failing each cleanup for good."""
+        cutoff, most = self._cutoff(), self.cleanup_batch
+        params: dict[str, Any] = {"cutoff": cutoff, "most": most, "max_bytes": self.max_bytes}
+        # A native response's id is kept as long as a stored one would be.
+        statements = [_EXPIRED, _EXPIRED_NATIVE] + ([_EVICT] if self.max_bytes is not None else [])
+        deleted = 0
+        for statement in statements:
 
-        def cleanup(connection: sa.Connection) -> int:
-            deleted = connection.execute(_T.delete().where(_T.c.touched_at < cutoff)).rowcount
-            # A native response's id is kept as long as a stored one would be.
-            deleted += connection.execute(_N.delete().where(_N.c.created_at < cutoff)).rowcount
-            if max_bytes is not None:
-                deleted += connection.execute(_EVICT, {"max_bytes": max_bytes}).rowcount
-            return deleted
+            def delete(connection: sa.Connection, statement: sa.Delete = statement) -> int:
+                return int(connection.execute(statement, params).rowcount)
 
-        return await self._run(cleanup, write=True)
+            while (count := await self._run(delete, write=True)) > 0:
+                deleted += count
+                if count < most:
+                    break
+        return deleted
 
     # -- native responses: ids an upstream created, with their deployment and owner ------
 
@@ -406,12 +415,29 @@ def _touch_chain() -> sa.Update:
 
 def _evict() -> sa.Delete:
     """Keep the most recently touched while they fit (``max_bytes``); at equal times an earlier
-    row (one a later row may chain onto) is kept first, so no chain loses its middle."""
+    row (one a later row may chain onto) is kept first, so no chain loses its middle. At most
+    ``most`` rows, those kept least first: what a newer row keeps of the bound does not move
+    when an older one goes, so the next batch finds the rest."""
     kept = sa.func.sum(_T.c.size).over(order_by=(_T.c.touched_at.desc(), _T.c.seq.asc()))
     running = sa.select(_T.c.seq, kept.label("kept")).subquery("running")
-    return _T.delete().where(
-        _T.c.seq.in_(sa.select(running.c.seq).where(running.c.kept > sa.bindparam("max_bytes")))
+    over = (
+        sa.select(running.c.seq)
+        .where(running.c.kept > sa.bindparam("max_bytes"))
+        .order_by(running.c.kept.desc())
+        .limit(sa.bindparam("most"))
     )
+    return _T.delete().where(_T.c.seq.in_(over.scalar_subquery()))
+
+
+def _expired(table: sa.Table, key: sa.Column[Any], time: sa.Column[Any]) -> sa.Delete:
+    """The ``most`` oldest rows of ``table`` from before ``cutoff``."""
+    oldest = (
+        sa.select(key)
+        .where(time < sa.bindparam("cutoff"))
+        .order_by(time)
+        .limit(sa.bindparam("most"))
+    )
+    return table.delete().where(key.in_(oldest.scalar_subquery()))
 
 
 def _links() -> sa.Select[Any]:
@@ -459,6 +485,8 @@ _TURNS = sa.select(
 _INSERT = _T.insert()
 _TOUCH_CHAIN = _touch_chain()
 _EVICT = _evict()
+_EXPIRED = _expired(_T, _T.c.seq, _T.c.touched_at)
+_EXPIRED_NATIVE = _expired(_N, _N.c.id, _N.c.created_at)
 _LINKS = _links()
 
 

@@ -271,6 +271,29 @@ async def test_the_size_bound_never_cuts_a_chain_in_its_middle(engine: AsyncEngi
         assert found is not None and len(found[1]) == 4
 
 
+async def test_a_backlog_is_cleaned_a_batch_a_statement(engine: AsyncEngine) -> None:
+    """A backlog of expired responses and of responses over the size bound goes a batch
+    (``cleanup_batch`` rows) a statement, each in its own transaction, to the same end as one
+    statement: no statement holds more than a batch (none then runs past ``[database]
+    statement_timeout`` however long the outage was). Eviction takes the least recently used
+    first, so the next batch still finds the rest over the bound."""
+    async with on_a_fake_clock(engine, ttl=100, max_bytes=25_000) as (store, clock):
+        store.cleanup_batch = 2
+        for i in range(5):
+            await store.save(f"old_{i}", "alice", RESPONSE, turn(i))
+            await store.remember_native(f"native_{i}", "d", "alice")
+        clock.now += 200  # all ten expired
+        for i in range(5):  # five of ~10 KB, a second apart: the three oldest are over the bound
+            await store.save(f"resp_{i}", "alice", RESPONSE, turn(i, 10_000))
+            clock.now += 1
+        assert await store.cleanup() == 5 + 5 + 3
+        assert all([await store.response(f"old_{i}", "alice") is None for i in range(5)])
+        assert all([await store.lookup_native(f"native_{i}") is None for i in range(5)])
+        kept = [await store.response(f"resp_{i}", "alice") is not None for i in range(5)]
+        assert kept == [False, False, False, True, True]
+        assert await store.cleanup() == 0
+
+
 async def test_the_periodic_cleanup_runs_off_the_request_path(engine: AsyncEngine) -> None:
     """A timer (here a fake one, run by hand) starts each cleanup, which plans the next."""
     clock = FakeClock()
