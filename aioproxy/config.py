@@ -276,8 +276,9 @@ class DatabaseConfig(Base, frozen=True):
     # PostgreSQL: the longest a statement may run or wait for a lock (seconds; 0: no bound),
     # PostgreSQL's own statement_timeout and lock_timeout, set in each transaction. A lock
     # another session holds then fails the statement instead of holding it: the request log
-    # keeps its rows and tries again, the admin API answers 503, and a shutdown waits for the
-    # log this long at most. (SQLite waits for a lock its own busy timeout, 5 s.)
+    # keeps its rows and tries again, the admin API answers 503, and a shutdown gives up on
+    # the log once it has written nothing for this long (a silent server). (SQLite waits for
+    # a lock its own busy timeout, 5 s, and a shutdown for its log.)
     statement_timeout: Annotated[float, Meta(ge=0, le=2_147_483)] = 30.0  # PostgreSQL's most
 
 
