@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..control.engine import (
     DEFAULT_STATEMENT_TIMEOUT,
+    delete_oldest,
     dialect_insert,
     open_engine,
     tune_sqlite_connection,
@@ -253,11 +255,8 @@ class ResponseStore:
         statements = [_EXPIRED, _EXPIRED_NATIVE] + ([_EVICT] if self.max_bytes is not None else [])
         deleted = 0
         for statement in statements:
-
-            def delete(connection: sa.Connection, statement: sa.Delete = statement) -> int:
-                return int(connection.execute(statement, params).rowcount)
-
-            while (count := await self._run(delete, write=True)) > 0:
+            while True:
+                count = await self._run(functools.partial(_rowcount, statement, params), write=True)
                 deleted += count
                 if count < most:
                     break
@@ -413,6 +412,11 @@ def _touch_chain() -> sa.Update:
     )
 
 
+def _rowcount(statement: sa.Delete, params: dict[str, Any], connection: sa.Connection) -> int:
+    """The rows ``statement`` deleted (with ``params``) on ``connection``."""
+    return int(connection.execute(statement, params).rowcount)
+
+
 def _evict() -> sa.Delete:
     """Keep the most recently touched while they fit (``max_bytes``); at equal times an earlier
     row (one a later row may chain onto) is kept first, so no chain loses its middle. At most
@@ -427,17 +431,6 @@ def _evict() -> sa.Delete:
         .limit(sa.bindparam("most"))
     )
     return _T.delete().where(_T.c.seq.in_(over.scalar_subquery()))
-
-
-def _expired(table: sa.Table, key: sa.Column[Any], time: sa.Column[Any]) -> sa.Delete:
-    """The ``most`` oldest rows of ``table`` from before ``cutoff``."""
-    oldest = (
-        sa.select(key)
-        .where(time < sa.bindparam("cutoff"))
-        .order_by(time)
-        .limit(sa.bindparam("most"))
-    )
-    return table.delete().where(key.in_(oldest.scalar_subquery()))
 
 
 def _links() -> sa.Select[Any]:
@@ -485,8 +478,8 @@ _TURNS = sa.select(
 _INSERT = _T.insert()
 _TOUCH_CHAIN = _touch_chain()
 _EVICT = _evict()
-_EXPIRED = _expired(_T, _T.c.seq, _T.c.touched_at)
-_EXPIRED_NATIVE = _expired(_N, _N.c.id, _N.c.created_at)
+_EXPIRED = delete_oldest(_T, _T.c.seq, _T.c.touched_at)
+_EXPIRED_NATIVE = delete_oldest(_N, _N.c.id, _N.c.created_at)
 _LINKS = _links()
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "CLOSE_WAIT",
     "DEFAULT_STATEMENT_TIMEOUT",
     "SCHEMA_HEAD",
+    "delete_oldest",
     "dialect_insert",
     "driver_message",
     "mask_url",
@@ -91,6 +92,20 @@ def dialect_insert(dialect: str) -> Any:
     """``dialect``'s own ``insert`` (the one with ON CONFLICT): ``sqlite`` or ``postgresql``. The
     engine imported that dialect already; a process on SQLite never imports PostgreSQL's (~2 MiB)."""
     return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
+
+
+def delete_oldest(table: sa.Table, key: sa.Column[Any], time: sa.Column[Any]) -> sa.Delete:
+    """A DELETE of the ``most`` oldest rows of ``table`` (by ``time``) from before ``cutoff``
+    (both bound when it runs), found by ``key``: a backlog goes a batch a statement, so that
+    none runs past ``[database] statement_timeout`` (the request log's retention, the
+    Responses store's cleanup)."""
+    oldest = (
+        sa.select(key)
+        .where(time < sa.bindparam("cutoff"))
+        .order_by(time)
+        .limit(sa.bindparam("most"))
+    )
+    return table.delete().where(key.in_(oldest.scalar_subquery()))
 
 
 def _async_url(url: str) -> sa.URL:

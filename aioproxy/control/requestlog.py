@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..config import SpendConfig
 from . import rollup, schema
 from .cache import KeyCache
-from .engine import CLOSE_WAIT, driver_message
+from .engine import CLOSE_WAIT, delete_oldest, driver_message
 
 __all__ = ["LogRecord", "RequestLog"]
 
@@ -270,19 +270,15 @@ class RequestLog:
                 delay = min(max(delay * 2, 1.0), _RETRY_MAX)
                 if self._stopping:
                     tries_left -= 1
-                    log.warning(
-                        "request log: cannot write %d rows at shutdown (%s): %s",
-                        len(self.buffer),
-                        "trying once more" if tries_left else "giving up",
-                        driver_message(exc),
-                    )
+                    then = "at shutdown: " + ("trying once more" if tries_left else "giving up")
                 else:
-                    log.warning(
-                        "request log: cannot write %d rows (retrying in %.0f s): %s",
-                        len(self.buffer),
-                        delay,
-                        driver_message(exc),
-                    )
+                    then = f"retrying in {delay:.0f} s"
+                log.warning(
+                    "request log: cannot write %d rows (%s): %s",
+                    len(self.buffer),
+                    then,
+                    driver_message(exc),
+                )
             if self._stopping and (not self.buffer or tries_left == 0):
                 return
 
@@ -432,26 +428,16 @@ class RequestLog:
         cutoff = rollup.day_start(now - days * rollup.DAY)
         # At least a batch of writes (batch_size may be larger): retention keeps up with a
         # log that grows by a batch a turn or more.
-        requests, most = schema.requests, max(self.expired_a_turn, self.settings.batch_size)
-        oldest = (
-            sa.select(requests.c.seq)
-            .where(requests.c.time < cutoff)
-            .order_by(requests.c.time)
-            .limit(most)
-            .scalar_subquery()
-        )
+        most = max(self.expired_a_turn, self.settings.batch_size)
         try:
             async with self.engine.begin() as connection:
-                deleted = (
-                    await connection.execute(sa.delete(requests).where(requests.c.seq.in_(oldest)))
-                ).rowcount
+                bound = {"cutoff": cutoff, "most": most}
+                deleted = (await connection.execute(_EXPIRED_ROWS, bound)).rowcount
                 if deleted < most:
                     # Unless another instance's deletion still has rows to go (its batches and
                     # this one's can overlap): the roll-up keeps a day as long as its rows.
-                    rolled = schema.spend_days
-                    left = sa.exists().where(requests.c.time < cutoff)
                     await connection.execute(
-                        sa.delete(rolled).where(rolled.c.day < rollup.date_of(cutoff), ~left)
+                        _EXPIRED_DAYS, {"cutoff": cutoff, "day": rollup.date_of(cutoff)}
                     )
         except Exception as exc:  # noqa: BLE001 - the log's writes go on; tried again later
             log.warning(
@@ -465,6 +451,14 @@ class RequestLog:
         if not self._expiring:
             self._last_retention = now
 
+
+# Retention's statements, made once (``_expire``): a batch of the oldest rows past it, then
+# the roll-up's days past it once none of their rows is left.
+_EXPIRED_ROWS = delete_oldest(schema.requests, schema.requests.c.seq, schema.requests.c.time)
+_EXPIRED_DAYS = schema.spend_days.delete().where(
+    schema.spend_days.c.day < sa.bindparam("day"),
+    ~sa.exists().where(schema.requests.c.time < sa.bindparam("cutoff")),
+)
 
 # An update's values, bound per row (each statement is made once: SQLAlchemy then builds no
 # expression per batch, and finds the statement's compiled form in its cache by identity).

@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +310,31 @@ async def chat(server: TestServer, key: str, **overrides: Any) -> Any:
     """One chat completion through the official SDK with ``key``."""
     async with sdk(server, key) as client:
         return await client.chat.completions.create(**{**CHAT, **overrides})
+
+
+# --- another PostgreSQL session's locks, and waits with a hang guard ---
+
+
+async def lock_requests(holder: asyncpg.Connection) -> Any:
+    """``holder`` (another session) locks the request log (``LOCK TABLE requests``) until the
+    transaction returned is rolled back."""
+    locking = holder.transaction()
+    await locking.start()
+    await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+    return locking
+
+
+async def waiting_on(holder: asyncpg.Connection, locktype: str) -> bool:
+    """Whether a session waits for a lock of ``locktype`` (``relation``, ``advisory``)."""
+    query = "SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted"
+    return bool(await holder.fetchval(query, locktype))
+
+
+async def ended(coroutine: Coroutine[Any, Any, Any], what: str) -> asyncio.Future[Any]:
+    """``coroutine`` run to its end, its future returned (its result or exception to read): a
+    hang guard, the test failing with ``what`` if it still runs after 60 s (the bounds under
+    test are seconds)."""
+    running = asyncio.ensure_future(coroutine)
+    await asyncio.wait({running}, timeout=60.0)
+    assert running.done(), what
+    return running

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from tests.control.conftest import Control
+from tests.control.conftest import Control, ended, lock_requests
 from tests.control.test_control_admin import assert_error
 
 # A trigger that makes the database refuse the request log rows of one model, as PostgreSQL
@@ -137,11 +136,9 @@ async def test_a_lock_held_elsewhere_answers_503_after_statement_timeout(
     control = await start_control(database={"statement_timeout": 1.0})
     holder = await asyncpg.connect(db_url)
     try:
-        locking = holder.transaction()
-        await locking.start()
-        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
-        # A hang guard: without the bound the read waits for as long as the lock.
-        refused = await asyncio.wait_for(control.admin("GET", "/admin/requests", status=503), 60)
+        locking = await lock_requests(holder)
+        reading = control.admin("GET", "/admin/requests", status=503)
+        refused = (await ended(reading, "the read still waits on the lock")).result()
         assert_error(refused, None, "database_unavailable")
         await locking.rollback()
         assert (await control.admin("GET", "/admin/requests"))["object"] == "list"

@@ -29,6 +29,7 @@ from aioproxy.control.engine import (
 )
 from aioproxy.control.requestlog import LogRecord, RequestLog
 from aioproxy.testing import eventually
+from tests.control.conftest import ended, lock_requests, waiting_on
 
 
 def row(n: int, when: float = 1_900_000_000.0) -> dict[str, Any]:
@@ -350,23 +351,11 @@ async def test_a_lock_held_elsewhere_fails_the_write_and_holds_no_shutdown(
     engine = await open_engine(db_url, 1.0)
     holder = await asyncpg.connect(db_url)
     caplog.set_level("WARNING", "aioproxy")
-
-    async def lock_the_log() -> Any:
-        locking = holder.transaction()
-        await locking.start()
-        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
-        return locking
-
     try:
-        locking = await lock_the_log()
+        locking = await lock_requests(holder)
         log = RequestLog(engine, KeyCache(engine), SpendConfig(flush_interval=0.01))
         log.add(LogRecord.of(row(0), 0.5))
-        # Awaited with a bound, so that a write still waiting fails the test rather than
-        # holding the run (the statement's own bound is a second).
-        flushing = asyncio.ensure_future(log.flush())
-        await asyncio.wait({flushing}, timeout=60.0)
-        assert flushing.done(), "the write still waits on the lock"
-        failed = flushing.exception()
+        failed = (await ended(log.flush(), "the write still waits on the lock")).exception()
         assert isinstance(failed, sa.exc.DBAPIError) and "timeout" in str(failed), failed
         assert len(log.buffer) == 1 and log.written == 0  # kept for the next try
         log.start()
@@ -375,12 +364,9 @@ async def test_a_lock_held_elsewhere_fails_the_write_and_holds_no_shutdown(
         await eventually(lambda: log.written == 1, within=30.0)
         assert await count_rows(engine) == 1
 
-        locking = await lock_the_log()
+        locking = await lock_requests(holder)
         log.add(LogRecord.of(row(1), 0.5))
-        stopping = asyncio.ensure_future(log.stop(60.0))
-        await asyncio.wait({stopping}, timeout=60.0)
-        assert stopping.done(), "the shutdown still waits on the lock"
-        stopping.result()
+        (await ended(log.stop(60.0), "the shutdown still waits on the lock")).result()
         assert "request log: 1 rows not written at shutdown" in caplog.text
         await locking.rollback()
         assert await count_rows(engine) == 1  # the pool's connections still work
@@ -460,10 +446,7 @@ async def test_a_silent_database_holds_a_shutdown_no_longer_than_statement_timeo
         await asyncio.wait_for(relay.held.wait(), 60.0)  # the write went; its answer held
         # A request finished meanwhile, its row not made yet: reported too.
         log.add_finished(LogRecord.of(row(2), 0.5))
-        stopping = asyncio.ensure_future(log.stop(1.0))
-        await asyncio.wait({stopping}, timeout=60.0)
-        assert stopping.done(), "the shutdown still waits on the silent database"
-        stopping.result()
+        (await ended(log.stop(1.0), "the shutdown still waits on the silent database")).result()
         assert "the database did not answer within 1 s at shutdown" in caplog.text
         assert "request log: 2 rows not written at shutdown" in caplog.text
     finally:
@@ -481,18 +464,12 @@ async def test_a_reader_s_flush_cancelled_mid_write_still_ends_its_write(db_url:
     engine = await open_engine(db_url)
     holder = await asyncpg.connect(db_url)
     try:
-        locking = holder.transaction()
-        await locking.start()
-        await holder.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")
+        locking = await lock_requests(holder)
         log = RequestLog(engine, KeyCache(engine), SpendConfig())  # no writer: the reader's
         log.add(LogRecord.of(row(0), 0.5))
         reading = asyncio.ensure_future(log.flush_shielded())
-
-        async def waiting() -> bool:
-            query = "SELECT count(*) FROM pg_locks WHERE relation IS NOT NULL AND NOT granted"
-            return bool(await holder.fetchval(query))
-
-        await eventually(waiting, within=30.0)  # the write is under way, on the lock
+        # The write is under way, on the lock.
+        await eventually(lambda: waiting_on(holder, "relation"), within=30.0)
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reading
@@ -520,17 +497,12 @@ async def test_start_up_waits_for_another_instance_s_migration_past_statement_ti
         await migrating.start()
         await holder.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         opening = asyncio.ensure_future(open_engine(db_url, 0.2))
-
-        async def waiting() -> bool:
-            query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            return bool(await holder.fetchval(query))
-
-        await eventually(waiting, within=30.0)
+        await eventually(lambda: waiting_on(holder, "advisory"), within=30.0)
         # Past the statement bound: a bounded wait would have failed by now (no bound on the
         # right answer: however slow the machine, the wait goes on until the lock is let go).
         await asyncio.sleep(1.0)
         assert not opening.done(), opening
-        assert await waiting()  # still on the lock, not past it some other way
+        assert await waiting_on(holder, "advisory")  # still on the lock, not past it otherwise
         await migrating.rollback()
         engine = await opening
         await engine.dispose()

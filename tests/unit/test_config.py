@@ -286,6 +286,9 @@ def test_non_string_secret_is_a_config_error(raw: dict[str, Any], path: str) -> 
         ({"server": {"max_body_size": 1023}}, "$.server.max_body_size"),
         ({"upstream": {"timeouts": {"total": -5}}}, "$.upstream.timeouts.total"),
         ({"upstream": {"max_connections": -1}}, "$.upstream.max_connections"),
+        # PostgreSQL takes up to 2**31 - 1 ms; above, every transaction's bounds would fail.
+        ({"database": {"statement_timeout": -1}}, "$.database.statement_timeout"),
+        ({"database": {"statement_timeout": 2_147_484}}, "$.database.statement_timeout"),
     ],
 )
 def test_constraint_errors(raw: dict[str, Any], path: str) -> None:
@@ -295,6 +298,12 @@ def test_constraint_errors(raw: dict[str, Any], path: str) -> None:
 @pytest.mark.parametrize("port", [0, 65535])
 def test_port_bounds_accepted(port: int) -> None:
     assert parse({"server": {"port": port}}).server.port == port
+
+
+@pytest.mark.parametrize("seconds", [0, 2_147_483])
+def test_statement_timeout_bounds_accepted(seconds: int) -> None:
+    """0 is no bound; 2,147,483 s PostgreSQL's most."""
+    assert parse({"database": {"statement_timeout": seconds}}).database.statement_timeout == seconds
 
 
 def test_zero_weight_accepted() -> None:
